@@ -1,0 +1,443 @@
+"""`.cllm` checkpoint files (SPEC section 5).
+
+A `.cllm` file is a plain safetensors file:
+
+* the parameters under the names of SPEC section 1 (``wte``, ``wpe``, ``h.{l}.ln_1.weight``,
+  ...), float32, with the shapes of :func:`cllm_cli.config.param_shapes`;
+* the AdamW moments, when present, as ``adam.m.<name>`` and ``adam.v.<name>`` (same shapes);
+* string metadata (safetensors ``__metadata__``):
+
+  ``format``          ``"cllm"``
+  ``format_version``  ``"1"`` (:data:`FORMAT_VERSION`)
+  ``model_config``    JSON of ``CLLMConfig.to_dict()``
+  ``meta``            JSON of the caller's dict (training config, tokenizer kind, vocab hash,
+                      step, epoch, position in the epoch, generator state, ...)
+  ``checksum``        sha256 hex of all tensor bytes in the order they are stored in the file
+                      (that is the whole data section: safetensors leaves no gaps)
+  ``header_checksum`` sha256 hex of the rest of the header, so that a damaged metadata value
+                      (a step number, a learning rate) is caught too, not only damaged tensors.
+                      It is computed over ``json.dumps({"metadata": <all metadata except
+                      header_checksum>, "tensors": {name: {"dtype", "shape", "data_offsets"}}},
+                      sort_keys=True, separators=(",", ":"))`` encoded as UTF-8.
+
+Writes are atomic: the bytes go to a temporary file in the destination directory
+(``.<final name>.<random>.tmp``), which is flushed, fsync'ed and renamed over the final name,
+after which the directory is fsync'ed. A failed write (full disk, missing directory, ...)
+removes the temporary file and raises :class:`CheckpointError`; the final name then still holds
+the previous complete file, if there was one, and never a partial one.
+
+Loading checks the structure of the file, the format and its version, the header checksum,
+the model config, every tensor's name, dtype and shape, the vocab hash and the config the caller
+expects (when given), and the tensor checksum, and refuses with a one-line
+:class:`CheckpointError` naming the file and the problem. Tensors are read straight into the
+flat buffers (no intermediate copy of the whole file).
+"""
+import errno
+import hashlib
+import json
+import math
+import os
+import re
+import secrets
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import safetensors.numpy
+
+from .config import CLLMConfig, param_layout, param_shapes
+
+FORMAT_VERSION = 1
+FORMAT_NAME = "cllm"
+
+_STEP_RE = re.compile(r"checkpoint_step_(\d+)\.cllm")
+_MAX_HEADER_BYTES = 100 * 1024 * 1024     # safetensors' own limit
+_DTYPE_BYTES = {"F32": 4}
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be written or read; the message is one line naming file and problem."""
+
+
+def _one_line(text):
+    return " ".join(str(text).split())
+
+
+def _reason(exc):
+    """Short text for an OSError (or anything else) without the file name repeated."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return _one_line(exc) or type(exc).__name__
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
+
+
+def _header_digest(metadata, tensors):
+    """sha256 hex of the header content (all metadata but header_checksum, tensor index)."""
+    content = {
+        "metadata": {k: v for k, v in metadata.items() if k != "header_checksum"},
+        "tensors": {name: {"dtype": info["dtype"], "shape": list(info["shape"]),
+                           "data_offsets": list(info["data_offsets"])}
+                    for name, info in tensors.items()},
+    }
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _flat_views(what, flat, cfg):
+    """{name: view} of a flat float32 buffer laid out as param_layout(cfg)."""
+    if not isinstance(flat, np.ndarray):
+        raise ValueError(f"{what} must be a numpy array, got {type(flat).__name__}")
+    if flat.dtype != np.float32 or flat.ndim != 1:
+        raise ValueError(f"{what} must be a flat float32 array, got {flat.dtype} with shape "
+                         f"{flat.shape}")
+    layout = param_layout(cfg)
+    name, shape, offset = layout[-1]
+    total = offset + math.prod(shape)
+    if flat.size != total:
+        raise ValueError(f"{what} has {flat.size} elements, the model config needs {total}")
+    if not flat.flags.c_contiguous:
+        flat = np.ascontiguousarray(flat)
+    return {name: flat[offset:offset + math.prod(shape)].reshape(shape)
+            for name, shape, offset in layout}
+
+
+def save_checkpoint(path, cfg, params, adam_m, adam_v, meta):
+    """Write a `.cllm` file atomically.
+
+    ``params``, ``adam_m``, ``adam_v`` are flat float32 buffers laid out as
+    ``param_layout(cfg)``; ``adam_m`` / ``adam_v`` may be None (then they are not stored).
+    ``meta`` is any JSON-serialisable dict (numpy scalars and arrays are converted).
+    Raises CheckpointError on any I/O failure (no partial file is left under ``path``),
+    ValueError for buffers that do not match ``cfg`` or a ``meta`` that is not serialisable.
+    """
+    path = Path(path)
+    if not isinstance(cfg, CLLMConfig):
+        raise ValueError(f"cfg must be a CLLMConfig, got {type(cfg).__name__}")
+    if not isinstance(meta, dict):
+        raise ValueError(f"meta must be a dict, got {type(meta).__name__}")
+
+    tensors = dict(_flat_views("params", params, cfg))
+    for prefix, buf in (("adam.m.", adam_m), ("adam.v.", adam_v)):
+        if buf is not None:
+            for name, view in _flat_views(prefix.rstrip("."), buf, cfg).items():
+                tensors[prefix + name] = view
+
+    try:
+        meta_json = json.dumps(meta, default=_json_default)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"meta is not JSON serialisable: {exc}") from None
+
+    # The checksums depend on the bytes safetensors produces (tensor order, offsets), so the
+    # file is built with unique placeholders of the same length, which are then patched.
+    ph_data = secrets.token_hex(32)
+    ph_header = secrets.token_hex(32)
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "model_config": json.dumps(cfg.to_dict(), sort_keys=True),
+        "meta": meta_json,
+        "checksum": ph_data,
+        "header_checksum": ph_header,
+    }
+    blob = safetensors.numpy.save(tensors, metadata=metadata)
+    del tensors
+    view = memoryview(blob)
+    (header_len,) = struct.unpack("<Q", view[:8])
+    header_bytes = bytes(view[8:8 + header_len])
+    data = view[8 + header_len:]
+
+    data_digest = hashlib.sha256(data).hexdigest()
+    header = json.loads(header_bytes)
+    file_meta = header.pop("__metadata__")
+    file_meta["checksum"] = data_digest
+    header_digest = _header_digest(file_meta, header)
+    for placeholder, digest in ((ph_data, data_digest), (ph_header, header_digest)):
+        if header_bytes.count(placeholder.encode()) != 1:     # cannot happen: random 256 bits
+            raise RuntimeError("checksum placeholder not found exactly once in the header")
+        header_bytes = header_bytes.replace(placeholder.encode(), digest.encode())
+
+    _atomic_write(path, (view[:8], header_bytes, data))
+
+
+def _atomic_write(path, chunks):
+    directory = path.parent
+    tmp = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    fd = None
+    done = False
+    try:
+        if directory.exists() and not directory.is_dir():
+            raise CheckpointError(f"cannot write checkpoint {path}: {directory} is not a directory")
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            fd = None                       # owned by f now
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        done = True
+        _fsync_directory(directory)
+    except NotADirectoryError:
+        raise CheckpointError(f"cannot write checkpoint {path}: a parent of {directory} is not "
+                              "a directory") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot write checkpoint {path}: {_reason(exc)}") from None
+    finally:
+        if fd is not None:
+            os.close(fd)
+        if not done:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def _fsync_directory(directory):
+    try:
+        dfd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return                              # e.g. a platform without directory fds
+    try:
+        os.fsync(dfd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(dfd)
+
+
+# ----------------------------------------------------------------------------------- loading
+
+def _read_exact(f, buf):
+    """Fill the writable buffer ``buf`` from ``f``; return the number of bytes read."""
+    mv = memoryview(buf).cast("B")
+    got = 0
+    while got < len(mv):
+        n = f.readinto(mv[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def load_checkpoint(path, cfg=None, vocab_hash=None):
+    """Read and verify a `.cllm` file.
+
+    Returns ``{"config": CLLMConfig, "params": flat float32, "adam_m": flat or None,
+    "adam_v": flat or None, "meta": dict}``. With ``cfg`` the file's model config must equal
+    it; with ``vocab_hash`` the ``meta["vocab_hash"]`` stored in the file must equal it.
+    Raises CheckpointError (one line naming the file and the problem) otherwise.
+    """
+    path = Path(path)
+
+    def fail(problem):
+        return CheckpointError(f"cannot load checkpoint {path}: {_one_line(problem)}")
+
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise fail("no such file") from None
+    except IsADirectoryError:
+        raise fail("it is a directory, not a file") from None
+    except OSError as exc:
+        raise fail(_reason(exc)) from None
+    try:
+        with f:
+            return _load(f, path, fail, cfg, vocab_hash)
+    except OSError as exc:
+        raise fail(f"read error: {_reason(exc)}") from None
+
+
+def _load(f, path, fail, want_cfg, want_vocab_hash):
+    file_size = os.fstat(f.fileno()).st_size
+    if file_size < 8:
+        raise fail(f"file is {file_size} bytes, too short for a safetensors header "
+                   "(truncated or not a checkpoint)")
+    (header_len,) = struct.unpack("<Q", f.read(8))
+    if header_len > _MAX_HEADER_BYTES or header_len + 8 > file_size:
+        raise fail(f"header length {header_len} does not fit in the file of {file_size} bytes "
+                   "(truncated or not a safetensors file)")
+    header_bytes = f.read(header_len)
+    if len(header_bytes) != header_len:
+        raise fail("file shrank while reading the header")
+    try:
+        header = json.loads(header_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise fail("safetensors header is not valid JSON (corrupt or not a checkpoint)") from None
+    if not isinstance(header, dict):
+        raise fail("safetensors header is not a JSON object (corrupt or not a checkpoint)")
+
+    metadata = header.pop("__metadata__", None)
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise fail("no CLLM metadata in the safetensors header (not a .cllm checkpoint)")
+    if metadata.get("format") != FORMAT_NAME:
+        raise fail(f"format is {metadata.get('format')!r}, expected {FORMAT_NAME!r} "
+                   "(not a .cllm checkpoint)")
+    version = metadata.get("format_version")
+    if version != str(FORMAT_VERSION):
+        raise fail(f"unsupported format_version {version!r} (this program reads version "
+                   f"{FORMAT_VERSION})")
+
+    # Structure of the tensor index: dtype, shape, contiguous offsets covering the data.
+    data_len = file_size - 8 - header_len
+    spans = []
+    for name, info in header.items():
+        if (not isinstance(info, dict) or not isinstance(info.get("dtype"), str)
+                or not isinstance(info.get("shape"), list)
+                or not isinstance(info.get("data_offsets"), list)
+                or len(info["data_offsets"]) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                           for x in info["shape"] + info["data_offsets"])):
+            raise fail(f"malformed header entry for tensor {name!r}")
+        begin, end = info["data_offsets"]
+        if info["dtype"] not in _DTYPE_BYTES:
+            raise fail(f"tensor {name!r} has dtype {info['dtype']}, expected F32")
+        if end - begin != math.prod(info["shape"]) * _DTYPE_BYTES[info["dtype"]]:
+            raise fail(f"tensor {name!r}: shape {info['shape']} does not match its byte range "
+                       f"{begin}..{end} (corrupt header)")
+        spans.append((begin, end, name))
+    spans.sort()
+    position = 0
+    for begin, end, name in spans:
+        if begin != position:
+            raise fail(f"tensor {name!r} starts at byte {begin}, expected {position} "
+                       "(corrupt header)")
+        position = end
+    if position != data_len:
+        if position > data_len:
+            raise fail(f"data section is {data_len} bytes but the header describes {position} "
+                       "(file truncated)")
+        raise fail(f"{data_len - position} unexpected bytes after the tensor data (corrupt file)")
+
+    if metadata.get("header_checksum") != _header_digest(metadata, header):
+        raise fail("header checksum mismatch (the metadata or tensor index is corrupt)")
+
+    try:
+        config_dict = json.loads(metadata["model_config"])
+        config = CLLMConfig.from_dict(config_dict)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise fail(f"bad model_config in the metadata: {exc}") from None
+    try:
+        meta = json.loads(metadata["meta"])
+    except (KeyError, ValueError) as exc:
+        raise fail(f"bad meta in the metadata: {exc}") from None
+    if not isinstance(meta, dict):
+        raise fail("bad meta in the metadata: not a JSON object")
+    if "checksum" not in metadata:
+        raise fail("no tensor checksum in the metadata")
+
+    # Tensor names and shapes against the model config.
+    shapes = dict(param_shapes(config))
+    present = set(header)
+    kinds = {"params": ""}
+    for kind, prefix in (("adam_m", "adam.m."), ("adam_v", "adam.v.")):
+        if any(n.startswith(prefix) for n in present):
+            kinds[kind] = prefix
+    expected = {prefix + name: shape for prefix in kinds.values() for name, shape in shapes.items()}
+    missing = [n for n in expected if n not in present]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise fail(f"missing tensor {missing[0]!r}{more}")
+    extra = sorted(present - set(expected))
+    if extra:
+        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+        raise fail(f"unexpected tensor {extra[0]!r}{more}")
+    for name, shape in expected.items():
+        if tuple(header[name]["shape"]) != tuple(shape):
+            raise fail(f"tensor {name!r} has shape {tuple(header[name]['shape'])}, the model "
+                       f"config in the file needs {tuple(shape)}")
+
+    if want_cfg is not None and want_cfg != config:
+        diffs = ", ".join(f"{k} {v} != {getattr(want_cfg, k)}"
+                          for k, v in config.to_dict().items() if getattr(want_cfg, k) != v)
+        raise fail(f"checkpoint model config {config.to_dict()} does not match the expected "
+                   f"config {want_cfg.to_dict()} ({diffs})")
+    if want_vocab_hash is not None and meta.get("vocab_hash") != want_vocab_hash:
+        raise fail(f"vocab hash mismatch: checkpoint has {meta.get('vocab_hash')!r}, expected "
+                   f"{want_vocab_hash!r} (the vocabulary differs from the one it was trained "
+                   "with)")
+
+    # Data: read each tensor straight into its place in the flat buffers, in file order, and
+    # hash the bytes in the same order.
+    layout = {name: (offset, math.prod(shape)) for name, shape, offset in param_layout(config)}
+    n_total = sum(size for _, size in layout.values())
+    buffers = {kind: np.empty(n_total, dtype=np.float32) for kind in kinds}
+    targets = {}
+    for kind, prefix in kinds.items():
+        for name, (offset, size) in layout.items():
+            targets[prefix + name] = buffers[kind][offset:offset + size]
+    hasher = hashlib.sha256()
+    f.seek(8 + header_len)
+    for begin, end, name in spans:
+        dest = targets[name]
+        if _read_exact(f, dest) != end - begin:
+            raise fail("file shrank while reading the tensor data")
+        hasher.update(dest)
+    if hasher.hexdigest() != metadata["checksum"]:
+        raise fail("tensor data checksum mismatch (the file is corrupt)")
+    if sys.byteorder != "little":
+        for buf in buffers.values():
+            buf.byteswap(inplace=True)
+
+    return {"config": config, "params": buffers["params"], "adam_m": buffers.get("adam_m"),
+            "adam_v": buffers.get("adam_v"), "meta": meta}
+
+
+# ------------------------------------------------------------------------- checkpoint dirs
+
+def checkpoint_path(ckpt_dir, step):
+    """``ckpt_dir / "checkpoint_step_<step>.cllm"``."""
+    return Path(ckpt_dir) / f"checkpoint_step_{int(step)}.cllm"
+
+
+def list_checkpoints(ckpt_dir):
+    """[(step, path)] of the ``checkpoint_step_<N>.cllm`` files in ``ckpt_dir``, by step.
+
+    Temporary files and ``final_model.cllm`` are not listed; a missing directory gives [].
+    """
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        entries = list(ckpt_dir.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = []
+    for entry in entries:
+        m = _STEP_RE.fullmatch(entry.name)
+        if m and entry.is_file():
+            found.append((int(m.group(1)), entry))
+    found.sort(key=lambda item: (item[0], item[1].name))
+    return found
+
+
+def latest_checkpoint(ckpt_dir):
+    """Path of the step checkpoint with the highest step, or None."""
+    found = list_checkpoints(ckpt_dir)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(ckpt_dir, keep):
+    """Delete all but the newest ``keep`` step checkpoints (``keep <= 0`` keeps all).
+
+    ``final_model.cllm`` and other files are never touched.
+    """
+    if keep <= 0:
+        return
+    for _, path in list_checkpoints(ckpt_dir)[:-keep]:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise CheckpointError(f"cannot remove old checkpoint {path}: {_reason(exc)}") \
+                from None

@@ -1,0 +1,147 @@
+"""CLLMModel: the parameters in one flat float32 buffer, with named views (SPEC sections 1, 7)."""
+import math
+
+import numpy as np
+
+from . import _engine
+from .config import CLLMConfig, num_params, param_layout
+
+
+def engine_config(cfg):
+    """The (V, C, L, NH, F, T) tuple the engine takes."""
+    return (cfg.vocab_size, cfg.embed_dim, cfg.num_layers, cfg.num_heads, cfg.ff_dim, cfg.seq_len)
+
+
+def tensor_table(cfg):
+    """(offset, size, decay) per tensor for the optimiser: decay on 2-D tensors only."""
+    rows = [(off, math.prod(shape), int(len(shape) == 2)) for _, shape, off in param_layout(cfg)]
+    return np.array(rows, dtype=np.int64)
+
+
+def tensor_at(cfg, index):
+    """Name of the tensor holding flat element `index`."""
+    for name, shape, off in param_layout(cfg):
+        if off <= index < off + math.prod(shape):
+            return name
+    raise IndexError(index)
+
+
+def named_views(cfg, flat):
+    return {name: flat[off:off + math.prod(shape)].reshape(shape)
+            for name, shape, off in param_layout(cfg)}
+
+
+class CLLMModel:
+    """A CLLM model. `params` maps each SPEC name to a numpy view into `flat`."""
+
+    def __init__(self, config, seed=0):
+        if not isinstance(config, CLLMConfig):
+            raise TypeError("config must be a CLLMConfig")
+        self.config = config
+        self.flat = np.zeros(num_params(config), dtype=np.float32)
+        self.params = named_views(config, self.flat)
+        rng = np.random.default_rng(seed)
+        proj_std = 0.02 / math.sqrt(2 * config.num_layers)
+        for name, view in self.params.items():
+            if view.ndim == 2:   # weights N(0, 0.02); both c_proj weights N(0, 0.02/sqrt(2L))
+                std = proj_std if name.endswith("c_proj.weight") else 0.02
+                view[...] = rng.standard_normal(view.shape, dtype=np.float32) * np.float32(std)
+            elif name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "ln_f.weight":
+                view[...] = 1.0
+        self.meta = {}
+
+    @classmethod
+    def from_flat(cls, config, flat, meta=None):
+        model = cls.__new__(cls)
+        model.config = config
+        model.flat = np.ascontiguousarray(flat, dtype=np.float32)
+        model.params = named_views(config, model.flat)
+        model.meta = dict(meta or {})
+        return model
+
+    @classmethod
+    def load(cls, path):
+        """Loads the parameters of a .cllm checkpoint (CheckpointError when it is bad)."""
+        from .checkpoint import load_checkpoint
+        ckpt = load_checkpoint(path)
+        return cls.from_flat(ckpt["config"], ckpt["params"], ckpt["meta"])
+
+    def save(self, path, meta=None):
+        """Writes the parameters (no optimiser state) as a .cllm file, atomically."""
+        from .checkpoint import save_checkpoint
+        save_checkpoint(path, self.config, self.flat, None, None, dict(meta or self.meta))
+
+    def num_params(self):
+        return self.flat.size
+
+    def _tokens(self, array, name):
+        a = np.asarray(array)
+        if a.ndim == 1:
+            a = a[None, :]
+        if a.ndim != 2 or a.shape[1] < 1:
+            raise ValueError(f"{name} must have shape [B, n] with n >= 1")
+        if a.shape[1] > self.config.seq_len:
+            raise ValueError(f"{name}: sequence length {a.shape[1]} exceeds seq_len {self.config.seq_len}")
+        if a.size and (a.min() < 0 or a.max() >= self.config.vocab_size):
+            raise ValueError(f"{name} hold ids outside [0, {self.config.vocab_size})")
+        return np.ascontiguousarray(a, dtype=np.int32)
+
+    def loss_and_grads(self, inputs, targets):
+        """Mean loss over targets that are not <pad> and its gradient for every parameter.
+
+        Returns (loss, {name: gradient}); with no counted target the loss is 0 and so are the
+        gradients."""
+        inputs, targets = self._tokens(inputs, "inputs"), self._tokens(targets, "targets")
+        if inputs.shape != targets.shape:
+            raise ValueError("inputs and targets must have the same shape")
+        grads = np.zeros_like(self.flat)
+        loss_sum, counted = _engine.loss_and_grads(engine_config(self.config), self.flat,
+                                                   inputs, targets, grads)
+        if counted:
+            grads /= np.float32(counted)
+            loss_sum /= counted
+        return loss_sum, named_views(self.config, grads)
+
+    def logits(self, inputs):
+        """Logits [B, n, V] of every position."""
+        inputs = self._tokens(inputs, "inputs")
+        out = np.empty(inputs.shape + (self.config.vocab_size,), dtype=np.float32)
+        _engine.forward_logits(engine_config(self.config), self.flat, inputs, out)
+        return out
+
+    def generate(self, prompt_ids, max_tokens=50, temperature=1.0, top_k=0, top_p=1.0,
+                 seed=0, stop_ids=()):
+        """Yields sampled token ids one at a time. The context is the last seq_len ids.
+
+        temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters."""
+        if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+            raise ValueError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+        rng = np.random.default_rng(seed)
+        ids = [int(i) for i in prompt_ids] or [3]   # an empty prompt starts after <eos>
+        for _ in range(max_tokens):
+            row = self.logits(np.array(ids[-self.config.seq_len:]))[0, -1].astype(np.float64)
+            next_id = sample_from_logits(row, temperature, top_k, top_p, rng)
+            ids.append(next_id)
+            yield next_id
+            if next_id in stop_ids:
+                return
+
+
+def sample_from_logits(logits, temperature, top_k, top_p, rng):
+    """One id from float64 logits with temperature, top-k and nucleus (top-p) filtering."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    logits = logits / temperature
+    if top_k and top_k < logits.size:
+        cutoff = np.partition(logits, -top_k)[-top_k]
+        logits = np.where(logits < cutoff, -np.inf, logits)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    if top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        keep = np.cumsum(probs[order]) - probs[order] < top_p
+        mask = np.zeros_like(probs, dtype=bool)
+        mask[order[keep]] = True
+        probs = np.where(mask, probs, 0.0)
+        probs /= probs.sum()
+    return int(rng.choice(probs.size, p=probs))

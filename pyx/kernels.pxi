@@ -1,0 +1,234 @@
+# Forward/backward kernels of one micro-batch. Argument order: outputs, inputs, weights,
+# sizes. Backward kernels accumulate (+=) into parameter gradients.
+from libc.math cimport sqrtf, expf, tanhf, log, isfinite, NAN
+from libc.string cimport memset, memcpy
+
+cdef float LN_EPS = 1e-5
+cdef float GELU_SCALE = 0.7978845608028654  # sqrt(2/pi)
+
+
+cdef void encoder_forward(float* out, const int* inp, int stride, const float* wte,
+                          const float* wpe, int B, int n, int C) noexcept nogil:
+    # out[B*n, C] = wte[inp[b, t]] + wpe[t]; inp rows are `stride` apart
+    cdef int b, t, i
+    cdef float* o
+    cdef const float* we
+    cdef const float* pe
+    for b in range(B):
+        for t in range(n):
+            o = out + (<size_t>b * n + t) * C
+            we = wte + <size_t>inp[<size_t>b * stride + t] * C
+            pe = wpe + <size_t>t * C
+            for i in range(C):
+                o[i] = we[i] + pe[i]
+
+
+cdef void encoder_backward(float* dwte, float* dwpe, const float* dout, const int* inp,
+                           int stride, int B, int n, int C) noexcept nogil:
+    cdef int b, t, i
+    cdef const float* d
+    cdef float* dwe
+    cdef float* dpe
+    for b in range(B):
+        for t in range(n):
+            d = dout + (<size_t>b * n + t) * C
+            dwe = dwte + <size_t>inp[<size_t>b * stride + t] * C
+            dpe = dwpe + <size_t>t * C
+            for i in range(C):
+                dwe[i] += d[i]
+                dpe[i] += d[i]
+
+
+cdef void layernorm_forward(float* out, float* mean, float* rstd, const float* inp,
+                            const float* weight, const float* bias, int N, int C) noexcept nogil:
+    # out[N,C] = (inp - mean) * rstd * weight + bias, per row; biased variance
+    cdef int r, i
+    cdef float m, v, s, d
+    cdef const float* x
+    cdef float* o
+    for r in range(N):
+        x = inp + <size_t>r * C
+        m = 0.0
+        for i in range(C):
+            m += x[i]
+        m = m / C
+        v = 0.0
+        for i in range(C):
+            d = x[i] - m
+            v += d * d
+        v = v / C
+        s = 1.0 / sqrtf(v + LN_EPS)
+        o = out + <size_t>r * C
+        for i in range(C):
+            o[i] = (x[i] - m) * s * weight[i] + bias[i]
+        mean[r] = m
+        rstd[r] = s
+
+
+cdef void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* dout,
+                             const float* inp, const float* weight, const float* mean,
+                             const float* rstd, int N, int C) noexcept nogil:
+    # dinp[N,C] += gradient through the normalisation; dweight, dbias accumulate
+    cdef int r, i
+    cdef float m, s, norm, dnorm, dnorm_mean, dnorm_norm_mean
+    cdef const float* x
+    cdef const float* d
+    cdef float* dx
+    for r in range(N):
+        x = inp + <size_t>r * C
+        d = dout + <size_t>r * C
+        dx = dinp + <size_t>r * C
+        m = mean[r]
+        s = rstd[r]
+        dnorm_mean = 0.0
+        dnorm_norm_mean = 0.0
+        for i in range(C):
+            norm = (x[i] - m) * s
+            dnorm = weight[i] * d[i]
+            dnorm_mean += dnorm
+            dnorm_norm_mean += dnorm * norm
+        dnorm_mean = dnorm_mean / C
+        dnorm_norm_mean = dnorm_norm_mean / C
+        for i in range(C):
+            norm = (x[i] - m) * s
+            dnorm = weight[i] * d[i]
+            dbias[i] += d[i]
+            dweight[i] += norm * d[i]
+            dx[i] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s
+
+
+cdef void gelu_forward(float* out, const float* inp, size_t N) noexcept nogil:
+    # tanh approximation
+    cdef size_t i
+    cdef float x
+    for i in range(N):
+        x = inp[i]
+        out[i] = 0.5 * x * (1.0 + tanhf(GELU_SCALE * (x + 0.044715 * x * x * x)))
+
+
+cdef void gelu_backward(float* dinp, const float* inp, const float* dout, size_t N) noexcept nogil:
+    # dinp = dout * gelu'(inp); dinp may alias dout
+    cdef size_t i
+    cdef float x, u, th, sech2
+    for i in range(N):
+        x = inp[i]
+        u = GELU_SCALE * (x + 0.044715 * x * x * x)
+        th = tanhf(u)
+        sech2 = 1.0 - th * th
+        dinp[i] = dout[i] * (0.5 * (1.0 + th)
+                             + 0.5 * x * sech2 * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x))
+
+
+cdef void attention_forward(float* out, float* att, const float* qkv,
+                            int B, int n, int C, int NH) noexcept nogil:
+    # qkv[B*n, 3C] -> att[B, NH, n, n] (causal softmax), out[B*n, C]
+    cdef int hs = C // NH
+    cdef float scale = 1.0 / sqrtf(<float>hs)
+    cdef int b, h, t1, t2
+    cdef const float* q
+    cdef float* a
+    cdef float* row
+    cdef float mx, s
+    for b in range(B):
+        for h in range(NH):
+            q = qkv + <size_t>b * n * 3 * C + h * hs
+            a = att + (<size_t>b * NH + h) * n * n
+            # scores = scale * q @ k^T
+            sgemm_rm(False, True, n, n, hs, scale, q, 3 * C, q + C, 3 * C, 0.0, a, n)
+            for t1 in range(n):
+                row = a + <size_t>t1 * n
+                mx = row[0]
+                for t2 in range(1, t1 + 1):
+                    if row[t2] > mx:
+                        mx = row[t2]
+                s = 0.0
+                for t2 in range(t1 + 1):
+                    row[t2] = expf(row[t2] - mx)
+                    s += row[t2]
+                s = 1.0 / s
+                for t2 in range(t1 + 1):
+                    row[t2] = row[t2] * s
+                for t2 in range(t1 + 1, n):
+                    row[t2] = 0.0
+            # out_h = att @ v
+            sgemm_rm(False, False, n, hs, n, 1.0, a, n, q + 2 * C, 3 * C, 0.0,
+                     out + <size_t>b * n * C + h * hs, C)
+
+
+cdef void attention_backward(float* dqkv, float* datt, const float* dout, const float* qkv,
+                             const float* att, int B, int n, int C, int NH) noexcept nogil:
+    # dqkv[B*n, 3C] is overwritten; datt is an [n, n] scratch
+    cdef int hs = C // NH
+    cdef float scale = 1.0 / sqrtf(<float>hs)
+    cdef int b, h, t1, t2
+    cdef const float* q
+    cdef const float* a
+    cdef const float* arow
+    cdef const float* dout_h
+    cdef float* dq
+    cdef float* drow
+    cdef float dot
+    for b in range(B):
+        for h in range(NH):
+            q = qkv + <size_t>b * n * 3 * C + h * hs
+            dq = dqkv + <size_t>b * n * 3 * C + h * hs
+            a = att + (<size_t>b * NH + h) * n * n
+            dout_h = dout + <size_t>b * n * C + h * hs
+            # datt = dout_h @ v^T ; dv = att^T @ dout_h
+            sgemm_rm(False, True, n, n, hs, 1.0, dout_h, C, q + 2 * C, 3 * C, 0.0, datt, n)
+            sgemm_rm(True, False, n, hs, n, 1.0, a, n, dout_h, C, 0.0, dq + 2 * C, 3 * C)
+            # softmax backward, scaled: dpre = scale * att * (datt - sum(att * datt))
+            for t1 in range(n):
+                arow = a + <size_t>t1 * n
+                drow = datt + <size_t>t1 * n
+                dot = 0.0
+                for t2 in range(t1 + 1):
+                    dot += arow[t2] * drow[t2]
+                for t2 in range(t1 + 1):
+                    drow[t2] = scale * arow[t2] * (drow[t2] - dot)
+                for t2 in range(t1 + 1, n):
+                    drow[t2] = 0.0
+            # dq = dpre @ k ; dk = dpre^T @ q
+            sgemm_rm(False, False, n, hs, n, 1.0, datt, n, q + C, 3 * C, 0.0, dq, 3 * C)
+            sgemm_rm(True, False, n, hs, n, 1.0, datt, n, q, 3 * C, 0.0, dq + C, 3 * C)
+
+
+cdef double crossentropy_forward_backward(float* logits, int* counted, const int* targets,
+                                          int stride, int B, int n, int V,
+                                          bint want_grad) noexcept nogil:
+    # logits[B*n, V] -> sum of -log softmax[target] over targets != <pad>;
+    # with want_grad, logits is overwritten by d(sum)/dlogits = softmax - onehot (0 on pad rows)
+    cdef int b, t, i, tgt
+    cdef float mx, xt
+    cdef double s, total = 0.0
+    cdef float inv
+    cdef float* row
+    counted[0] = 0
+    for b in range(B):
+        for t in range(n):
+            row = logits + (<size_t>b * n + t) * V
+            tgt = targets[<size_t>b * stride + t]
+            if tgt == 0:
+                if want_grad:
+                    memset(row, 0, V * sizeof(float))
+                continue
+            mx = row[0]
+            for i in range(1, V):
+                if row[i] > mx:
+                    mx = row[i]
+            xt = row[tgt] - mx
+            s = 0.0
+            if want_grad:
+                for i in range(V):
+                    row[i] = expf(row[i] - mx)
+                    s += row[i]
+                inv = <float>(1.0 / s)
+                for i in range(V):
+                    row[i] = row[i] * inv
+                row[tgt] -= 1.0
+            else:
+                for i in range(V):
+                    s += expf(row[i] - mx)
+            total += log(s) - xt
+            counted[0] += 1
+    return total

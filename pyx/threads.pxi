@@ -1,0 +1,420 @@
+# The ThreadedTrainingSystem: spheres (pthreads) that each run whole micro-batches, an
+# ordered gradient accumulation, and the lock discipline model_lock -> gradient_lock.
+from libc.stdio cimport fprintf, stderr
+from libc.stdlib cimport abort
+from posix.time cimport timespec, clock_gettime, CLOCK_REALTIME, CLOCK_MONOTONIC
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef unsigned long pthread_t
+    ctypedef struct pthread_attr_t:
+        pass
+    ctypedef struct pthread_mutex_t:
+        pass
+    ctypedef struct pthread_mutexattr_t:
+        pass
+    ctypedef struct pthread_cond_t:
+        pass
+    ctypedef struct pthread_condattr_t:
+        pass
+    ctypedef struct pthread_rwlock_t:
+        pass
+    ctypedef struct pthread_rwlockattr_t:
+        pass
+    int pthread_create(pthread_t*, const pthread_attr_t*, void* (*)(void*) noexcept nogil, void*)
+    int pthread_join(pthread_t, void**)
+    int pthread_mutex_init(pthread_mutex_t*, const pthread_mutexattr_t*)
+    int pthread_mutex_destroy(pthread_mutex_t*)
+    int pthread_mutex_lock(pthread_mutex_t*)
+    int pthread_mutex_unlock(pthread_mutex_t*)
+    int pthread_cond_init(pthread_cond_t*, const pthread_condattr_t*)
+    int pthread_cond_destroy(pthread_cond_t*)
+    int pthread_cond_wait(pthread_cond_t*, pthread_mutex_t*)
+    int pthread_cond_timedwait(pthread_cond_t*, pthread_mutex_t*, const timespec*)
+    int pthread_cond_signal(pthread_cond_t*)
+    int pthread_cond_broadcast(pthread_cond_t*)
+    int pthread_rwlock_init(pthread_rwlock_t*, const pthread_rwlockattr_t*)
+    int pthread_rwlock_destroy(pthread_rwlock_t*)
+    int pthread_rwlock_rdlock(pthread_rwlock_t*)
+    int pthread_rwlock_wrlock(pthread_rwlock_t*)
+    int pthread_rwlock_unlock(pthread_rwlock_t*)
+
+
+cdef extern from *:
+    """
+    /* locks the calling thread holds, for the lock-order check */
+    static __thread int cllm_held_locks[2] = {0, 0};   /* model_lock, gradient_lock */
+    static inline int cllm_holding(int which) { return cllm_held_locks[which]; }
+    static inline void cllm_held(int which, int delta) { cllm_held_locks[which] += delta; }
+    static inline int cllm_claim(int *counter) {
+        return __atomic_fetch_add(counter, 1, __ATOMIC_SEQ_CST);
+    }
+    static inline int cllm_load(int *flag) { return __atomic_load_n(flag, __ATOMIC_SEQ_CST); }
+    static inline void cllm_store(int *flag, int v) { __atomic_store_n(flag, v, __ATOMIC_SEQ_CST); }
+    """
+    int cllm_holding(int which) nogil
+    void cllm_held(int which, int delta) nogil
+    int cllm_claim(int* counter) nogil
+    int cllm_load(int* flag) nogil
+    void cllm_store(int* flag, int v) nogil
+
+
+cdef enum:
+    LOCK_SHARED = 0
+    LOCK_EXCLUSIVE = 1
+    WORK_TRAIN = 0
+    WORK_EVAL = 1
+    MODEL_LOCK = 0
+    GRADIENT_LOCK = 1
+
+
+cdef struct MicroBatchResult:
+    double loss_sum      # summed token losses
+    int counted          # targets that are not <pad>
+    int sphere_id        # who computed it
+    int valid            # 1 when loss and gradient are finite
+    long long bad_index  # first non-finite gradient element, -1 when the loss itself was bad
+
+
+cdef struct SphereTrainingContext:
+    int sphere_id
+    int symmetry_group          # sphere_id % 12, as in the original
+    ThreadedTrainingSystem* system
+    float* local_gradients      # (gradient_size,) zero between micro-batches
+    Activations acts            # this sphere's own activations: nothing shared
+    int current_microbatch
+    double batch_loss           # summed loss of this sphere's micro-batches, all steps
+    long long batch_tokens      # counted targets behind batch_loss
+    long long batches_processed
+    double busy_seconds
+    pthread_mutex_t lock        # guards has_work / work_complete
+    pthread_cond_t work_ready
+    pthread_cond_t work_done
+    int has_work
+    int work_complete
+    pthread_t thread
+    int thread_started
+
+
+cdef struct ThreadedTrainingSystem:
+    ModelConfig cfg
+    float* params               # (gradient_size,) owned by the Python side
+    size_t gradient_size        # ALL parameters
+    float* accumulated_gradients
+    SphereTrainingContext* sphere_contexts
+    int num_worker_spheres
+    int sphere_id_counter
+    # batch iterator: the current step's windows, cut into micro-batches
+    const int* batch              # (batch_windows, stride) token windows
+    int batch_windows
+    int stride                    # window length: n + 1
+    int micro_batch
+    int num_microbatches
+    int next_microbatch           # claimed atomically
+    int work_kind                 # WORK_TRAIN or WORK_EVAL
+    MicroBatchResult* results     # (max micro-batches per step,)
+    int max_microbatches
+    int next_to_accumulate        # ordered accumulation turn; under gradient_lock
+    int accumulated_any           # accumulated_gradients holds a valid micro-batch
+    pthread_mutex_t gradient_lock
+    pthread_cond_t accumulate_turn
+    pthread_rwlock_t model_lock
+    int lock_mode
+    int debug_locks
+    int running
+    int abort_step
+    double epoch_loss
+    long long total_batches
+    # test hook: poison micro-batch inject_microbatch of the inject_step-th step
+    long long step_counter
+    long long inject_step
+    int inject_microbatch
+
+
+# --- locks, always taken in the order model_lock -> gradient_lock ---------------------------
+
+cdef void lock_order_violation(const char* taking, const char* holding) noexcept nogil:
+    fprintf(stderr, b"cllm: lock order violation: %s taken while holding %s "
+                    b"(the order is model_lock -> gradient_lock)\n", taking, holding)
+    abort()
+
+
+cdef inline void model_lock_acquire(ThreadedTrainingSystem* s, bint exclusive) noexcept nogil:
+    if s.debug_locks and cllm_holding(GRADIENT_LOCK):
+        lock_order_violation(b"model_lock", b"gradient_lock")
+    if exclusive:
+        pthread_rwlock_wrlock(&s.model_lock)
+    else:
+        pthread_rwlock_rdlock(&s.model_lock)
+    cllm_held(MODEL_LOCK, 1)
+
+
+cdef inline void model_lock_release(ThreadedTrainingSystem* s) noexcept nogil:
+    cllm_held(MODEL_LOCK, -1)
+    pthread_rwlock_unlock(&s.model_lock)
+
+
+cdef inline void gradient_lock_acquire(ThreadedTrainingSystem* s) noexcept nogil:
+    pthread_mutex_lock(&s.gradient_lock)
+    cllm_held(GRADIENT_LOCK, 1)
+
+
+cdef inline void gradient_lock_release(ThreadedTrainingSystem* s) noexcept nogil:
+    cllm_held(GRADIENT_LOCK, -1)
+    pthread_mutex_unlock(&s.gradient_lock)
+
+
+# --- one sphere --------------------------------------------------------------------------
+
+cdef double now_seconds() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef long long validate_gradients(const float* g, size_t size) noexcept nogil:
+    # index of the first NaN/Inf in g, or -1; x * 0 is NaN exactly when x is not finite
+    cdef size_t i, start, end
+    cdef size_t block = 4096
+    cdef float probe
+    start = 0
+    while start < size:
+        end = start + block if start + block < size else size
+        probe = 0.0
+        for i in range(start, end):
+            probe += g[i] * 0.0
+        if probe != probe:
+            for i in range(start, end):
+                if not isfinite(g[i]):
+                    return <long long>i
+        start = end
+    return -1
+
+
+cdef void accumulate_gradients(SphereTrainingContext* ctx, int mb, bint valid) noexcept nogil:
+    # Adds local_gradients into accumulated_gradients in micro-batch order, whichever sphere
+    # finished first, and leaves local_gradients zero for the next micro-batch.
+    cdef ThreadedTrainingSystem* s = ctx.system
+    cdef size_t i, size = s.gradient_size
+    cdef float* acc = s.accumulated_gradients
+    cdef float* loc = ctx.local_gradients
+    gradient_lock_acquire(s)
+    while s.next_to_accumulate != mb:
+        pthread_cond_wait(&s.accumulate_turn, &s.gradient_lock)
+    if valid and not s.accumulated_any:
+        memcpy(acc, loc, size * sizeof(float))
+        memset(loc, 0, size * sizeof(float))
+        s.accumulated_any = 1
+    elif valid:
+        for i in range(size):
+            acc[i] = acc[i] + loc[i]
+            loc[i] = 0.0
+    else:
+        memset(loc, 0, size * sizeof(float))
+    s.next_to_accumulate += 1
+    pthread_cond_broadcast(&s.accumulate_turn)
+    gradient_lock_release(s)
+
+
+cdef void sphere_process_batch(SphereTrainingContext* ctx, int mb) noexcept nogil:
+    # forward + loss (+ backward and ordered accumulation) of micro-batch mb
+    cdef ThreadedTrainingSystem* s = ctx.system
+    cdef int first = mb * s.micro_batch
+    cdef int B = s.batch_windows - first
+    cdef int n = s.stride - 1
+    cdef int counted = 0
+    cdef bint train = s.work_kind == WORK_TRAIN
+    cdef const int* windows = s.batch + <size_t>first * s.stride
+    cdef MicroBatchResult* r = &s.results[mb]
+    cdef double loss
+    cdef long long bad = -1
+    if B > s.micro_batch:
+        B = s.micro_batch
+    ctx.current_microbatch = mb
+    model_lock_acquire(s, s.lock_mode == LOCK_EXCLUSIVE)
+    loss = model_forward(&ctx.acts, &counted, s.params, &s.cfg, windows, windows + 1,
+                         s.stride, B, n, train)
+    if train:
+        model_backward(ctx.local_gradients, &ctx.acts, s.params, &s.cfg, windows, s.stride)
+    model_lock_release(s)
+    r.loss_sum = loss
+    r.counted = counted
+    r.sphere_id = ctx.sphere_id
+    r.valid = isfinite(loss)
+    r.bad_index = -1
+    if train:
+        if s.step_counter == s.inject_step and mb == s.inject_microbatch:
+            ctx.local_gradients[s.gradient_size // 2] = NAN
+        if r.valid:
+            bad = validate_gradients(ctx.local_gradients, s.gradient_size)
+            if bad >= 0:
+                r.valid = 0
+                r.bad_index = bad
+        accumulate_gradients(ctx, mb, r.valid)
+    if train:
+        if r.valid:
+            ctx.batch_loss += loss
+            ctx.batch_tokens += counted
+        ctx.batches_processed += 1
+
+
+cdef void* sphere_worker_thread(void* arg) noexcept nogil:
+    # Waits for a step, claims micro-batches in increasing order until none is left, reports.
+    cdef SphereTrainingContext* ctx = <SphereTrainingContext*>arg
+    cdef ThreadedTrainingSystem* s = ctx.system
+    cdef int mb
+    cdef double t0
+    while True:
+        pthread_mutex_lock(&ctx.lock)
+        while not ctx.has_work and cllm_load(&s.running):
+            pthread_cond_wait(&ctx.work_ready, &ctx.lock)
+        if not cllm_load(&s.running):
+            pthread_mutex_unlock(&ctx.lock)
+            break
+        ctx.has_work = 0
+        pthread_mutex_unlock(&ctx.lock)
+        t0 = now_seconds()
+        while not cllm_load(&s.abort_step):
+            mb = cllm_claim(&s.next_microbatch)
+            if mb >= s.num_microbatches:
+                break
+            sphere_process_batch(ctx, mb)
+        ctx.busy_seconds += now_seconds() - t0
+        pthread_mutex_lock(&ctx.lock)
+        ctx.work_complete = 1
+        pthread_cond_signal(&ctx.work_done)
+        pthread_mutex_unlock(&ctx.lock)
+    return NULL
+
+
+# --- the system ----------------------------------------------------------------------------
+
+cdef void threaded_system_destroy(ThreadedTrainingSystem* s) noexcept nogil:
+    # stops and joins every started sphere, then frees everything
+    cdef int i
+    cdef SphereTrainingContext* ctx
+    if s == NULL:
+        return
+    cllm_store(&s.running, 0)
+    for i in range(s.num_worker_spheres):
+        ctx = &s.sphere_contexts[i]
+        if ctx.thread_started:
+            pthread_mutex_lock(&ctx.lock)
+            pthread_cond_signal(&ctx.work_ready)
+            pthread_mutex_unlock(&ctx.lock)
+    for i in range(s.num_worker_spheres):
+        ctx = &s.sphere_contexts[i]
+        if ctx.thread_started:
+            pthread_join(ctx.thread, NULL)
+        pthread_mutex_destroy(&ctx.lock)
+        pthread_cond_destroy(&ctx.work_ready)
+        pthread_cond_destroy(&ctx.work_done)
+        activations_free(&ctx.acts)
+        free(ctx.local_gradients)
+    free(s.sphere_contexts)
+    free(s.accumulated_gradients)
+    free(s.results)
+    pthread_mutex_destroy(&s.gradient_lock)
+    pthread_cond_destroy(&s.accumulate_turn)
+    pthread_rwlock_destroy(&s.model_lock)
+    free(s)
+
+
+cdef ThreadedTrainingSystem* threaded_system_create(ModelConfig cfg, float* params,
+                                                    int num_spheres, int micro_batch,
+                                                    int max_microbatches, int lock_mode,
+                                                    int debug_locks) noexcept nogil:
+    # allocates the system and its spheres and starts one pthread per sphere; NULL on failure
+    cdef ThreadedTrainingSystem* s = <ThreadedTrainingSystem*>calloc(1, sizeof(ThreadedTrainingSystem))
+    cdef SphereTrainingContext* ctx
+    cdef int i
+    if s == NULL:
+        return NULL
+    s.cfg = cfg
+    s.params = params
+    s.gradient_size = model_size(&s.cfg)
+    s.micro_batch = micro_batch
+    s.max_microbatches = max_microbatches
+    s.lock_mode = lock_mode
+    s.debug_locks = debug_locks
+    s.running = 1
+    s.inject_step = -1
+    s.inject_microbatch = -1
+    pthread_mutex_init(&s.gradient_lock, NULL)
+    pthread_cond_init(&s.accumulate_turn, NULL)
+    pthread_rwlock_init(&s.model_lock, NULL)
+    s.accumulated_gradients = <float*>calloc(s.gradient_size, sizeof(float))
+    s.results = <MicroBatchResult*>calloc(max_microbatches, sizeof(MicroBatchResult))
+    s.sphere_contexts = <SphereTrainingContext*>calloc(num_spheres, sizeof(SphereTrainingContext))
+    if s.accumulated_gradients == NULL or s.results == NULL or s.sphere_contexts == NULL:
+        threaded_system_destroy(s)
+        return NULL
+    s.num_worker_spheres = num_spheres
+    for i in range(num_spheres):
+        ctx = &s.sphere_contexts[i]
+        pthread_mutex_init(&ctx.lock, NULL)
+        pthread_cond_init(&ctx.work_ready, NULL)
+        pthread_cond_init(&ctx.work_done, NULL)
+    for i in range(num_spheres):
+        ctx = &s.sphere_contexts[i]
+        ctx.sphere_id = s.sphere_id_counter
+        s.sphere_id_counter += 1
+        ctx.symmetry_group = ctx.sphere_id % 12
+        ctx.system = s
+        ctx.local_gradients = <float*>calloc(s.gradient_size, sizeof(float))
+        if ctx.local_gradients == NULL or activations_alloc(&ctx.acts, &s.cfg, micro_batch) != 0:
+            threaded_system_destroy(s)
+            return NULL
+        if pthread_create(&ctx.thread, NULL, sphere_worker_thread, ctx) != 0:
+            threaded_system_destroy(s)
+            return NULL
+        ctx.thread_started = 1
+    return s
+
+
+cdef void threaded_start_work(ThreadedTrainingSystem* s, const int* windows, int num_windows,
+                              int stride, int kind) noexcept nogil:
+    # hands the spheres one global batch (training) or a set of windows (evaluation)
+    cdef int i
+    cdef SphereTrainingContext* ctx
+    s.batch = windows
+    s.batch_windows = num_windows
+    s.stride = stride
+    s.work_kind = kind
+    s.num_microbatches = (num_windows + s.micro_batch - 1) // s.micro_batch
+    s.next_microbatch = 0
+    s.next_to_accumulate = 0
+    s.accumulated_any = 0
+    s.abort_step = 0
+    for i in range(s.num_worker_spheres):
+        ctx = &s.sphere_contexts[i]
+        pthread_mutex_lock(&ctx.lock)
+        ctx.work_complete = 0
+        ctx.has_work = 1
+        pthread_cond_signal(&ctx.work_ready)
+        pthread_mutex_unlock(&ctx.lock)
+
+
+cdef bint threaded_wait_work(ThreadedTrainingSystem* s, double timeout) noexcept nogil:
+    # True when every sphere has finished the current work, False after `timeout` seconds
+    cdef timespec deadline
+    cdef int i
+    cdef bint done = True
+    cdef SphereTrainingContext* ctx
+    clock_gettime(CLOCK_REALTIME, &deadline)
+    deadline.tv_sec += <long>timeout
+    deadline.tv_nsec += <long>((timeout - <long>timeout) * 1e9)
+    if deadline.tv_nsec >= 1000000000:
+        deadline.tv_sec += 1
+        deadline.tv_nsec -= 1000000000
+    for i in range(s.num_worker_spheres):
+        ctx = &s.sphere_contexts[i]
+        pthread_mutex_lock(&ctx.lock)
+        while not ctx.work_complete:
+            if pthread_cond_timedwait(&ctx.work_done, &ctx.lock, &deadline) != 0:
+                break
+        done = done and ctx.work_complete
+        pthread_mutex_unlock(&ctx.lock)
+        if not done:
+            return False
+    return True

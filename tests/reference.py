@@ -1,0 +1,335 @@
+"""Independent plain-numpy reference of the CLLM model (SPEC sections 1 and 2).
+
+Used by the tests to check the Cython engine. Everything model-related is float64 and
+written from the math: forward, a hand-written backward (manual backprop through every op,
+no numerical differentiation), and float32 references of the optimiser, the learning-rate
+schedule and gradient clipping.
+
+Shapes: B batch, n positions (n <= T), C = embed_dim, H heads, hs = C // H head size,
+F = ff_dim, V = vocab_size. Linear layers use [out, in] weights: y = u @ W.T + b.
+Target id 0 is <pad> and is not counted in the loss.
+"""
+import math
+
+import numpy as np
+
+from cllm_cli.config import param_layout, param_shapes
+
+LN_EPS = 1e-5
+GELU_SCALE = math.sqrt(2.0 / math.pi)
+GELU_CUBE = 0.044715
+
+
+# ----------------------------------------------------------------------------
+# parameters
+
+def init_params(cfg, seed, std=0.02):
+    """Deterministic float64 test init (not the training init): wte, wpe, linear weights and
+    biases N(0, std); LayerNorm weight 1 + N(0, 0.1) and bias N(0, 0.1), so that every
+    gradient term is exercised."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in param_shapes(cfg):
+        if name.startswith("ln_f.") or ".ln_" in name:
+            if name.endswith(".weight"):
+                params[name] = 1.0 + 0.1 * rng.standard_normal(shape)
+            else:
+                params[name] = 0.1 * rng.standard_normal(shape)
+        else:  # wte, wpe, linear weights and biases
+            params[name] = std * rng.standard_normal(shape)
+    return params
+
+
+def flatten(params, cfg, dtype=np.float32):
+    """Dict name -> array to one flat buffer in param_layout order."""
+    parts = [np.asarray(params[name], dtype=dtype).ravel() for name, _ in param_shapes(cfg)]
+    return np.concatenate(parts)
+
+
+def unflatten(flat, cfg):
+    """Flat buffer to dict name -> array (views) in param_layout order."""
+    out = {}
+    for name, shape, offset in param_layout(cfg):
+        size = int(np.prod(shape))
+        out[name] = flat[offset:offset + size].reshape(shape)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# layers: forward returns (out, cache), backward returns input grads (+ param grads)
+
+def layernorm_forward(inp, weight, bias):
+    """LayerNorm over the last axis, biased variance, eps 1e-5."""
+    mean = inp.mean(axis=-1, keepdims=True)
+    var = ((inp - mean) ** 2).mean(axis=-1, keepdims=True)
+    rstd = 1.0 / np.sqrt(var + LN_EPS)
+    xhat = (inp - mean) * rstd
+    out = xhat * weight + bias
+    return out, (xhat, rstd, weight)
+
+
+def layernorm_backward(dout, cache):
+    """Returns (dinp, dweight, dbias)."""
+    xhat, rstd, weight = cache
+    C = xhat.shape[-1]
+    dweight = (dout * xhat).reshape(-1, C).sum(axis=0)
+    dbias = dout.reshape(-1, C).sum(axis=0)
+    dxhat = dout * weight
+    # d/dx of (x - mean) * rstd, with mean and rstd depending on x
+    dinp = rstd * (dxhat
+                   - dxhat.mean(axis=-1, keepdims=True)
+                   - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+    return dinp, dweight, dbias
+
+
+def linear_forward(inp, weight, bias):
+    """y = inp @ weight.T + bias, weight [out, in]."""
+    return inp @ weight.T + bias
+
+
+def linear_backward(dout, inp, weight):
+    """Returns (dinp, dweight, dbias) for y = inp @ weight.T + bias."""
+    OC, IC = weight.shape
+    dout2 = dout.reshape(-1, OC)
+    inp2 = inp.reshape(-1, IC)
+    dweight = dout2.T @ inp2
+    dbias = dout2.sum(axis=0)
+    dinp = dout @ weight
+    return dinp, dweight, dbias
+
+
+def gelu_forward(u):
+    """tanh approximation: 0.5 u (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3)))."""
+    return 0.5 * u * (1.0 + np.tanh(GELU_SCALE * (u + GELU_CUBE * u ** 3)))
+
+
+def gelu_backward(dout, u):
+    """dinp of gelu_forward at u."""
+    th = np.tanh(GELU_SCALE * (u + GELU_CUBE * u ** 3))
+    dth = (1.0 - th * th) * GELU_SCALE * (1.0 + 3.0 * GELU_CUBE * u * u)
+    return dout * (0.5 * (1.0 + th) + 0.5 * u * dth)
+
+
+def attention_forward(qkv, H):
+    """Causal multi-head attention. qkv [B, n, 3C] -> out [B, n, C]."""
+    B, n, C3 = qkv.shape
+    C = C3 // 3
+    hs = C // H
+    # [B, n, C] -> [B, H, n, hs]: head h owns columns h*hs..(h+1)*hs-1 of q, k and v
+    q, k, v = (qkv[:, :, i * C:(i + 1) * C].reshape(B, n, H, hs).transpose(0, 2, 1, 3)
+               for i in range(3))
+    scale = 1.0 / math.sqrt(hs)
+    preatt = (q @ k.transpose(0, 1, 3, 2)) * scale          # [B, H, n, n]
+    causal = np.tril(np.ones((n, n), dtype=bool))
+    preatt = np.where(causal, preatt, -np.inf)
+    att = np.exp(preatt - preatt.max(axis=-1, keepdims=True))
+    att /= att.sum(axis=-1, keepdims=True)                  # masked entries are exactly 0
+    y = att @ v                                             # [B, H, n, hs]
+    out = y.transpose(0, 2, 1, 3).reshape(B, n, C)          # heads concatenated in order
+    return out, (q, k, v, att, scale, H)
+
+
+def attention_backward(dout, cache):
+    """dqkv [B, n, 3C] for attention_forward."""
+    q, k, v, att, scale, H = cache
+    B, _, n, hs = q.shape
+    C = H * hs
+    dy = dout.reshape(B, n, H, hs).transpose(0, 2, 1, 3)    # [B, H, n, hs]
+    datt = dy @ v.transpose(0, 1, 3, 2)                     # [B, H, n, n]
+    dv = att.transpose(0, 1, 3, 2) @ dy
+    # softmax backward; masked entries have att == 0 so they get no gradient
+    dpreatt = att * (datt - (datt * att).sum(axis=-1, keepdims=True))
+    dq = (dpreatt @ k) * scale
+    dk = (dpreatt.transpose(0, 1, 3, 2) @ q) * scale
+    dqkv = np.empty((B, n, 3 * C))
+    for i, d in enumerate((dq, dk, dv)):
+        dqkv[:, :, i * C:(i + 1) * C] = d.transpose(0, 2, 1, 3).reshape(B, n, C)
+    return dqkv
+
+
+# ----------------------------------------------------------------------------
+# model
+
+def _check_batch(cfg, inputs):
+    inputs = np.asarray(inputs)
+    if inputs.ndim != 2:
+        raise ValueError("inputs must be [B, n]")
+    if inputs.shape[1] > cfg.seq_len:
+        raise ValueError(f"n = {inputs.shape[1]} > seq_len {cfg.seq_len}")
+    return inputs.astype(np.int64)
+
+
+def _forward_hidden(params, cfg, inputs):
+    """Embeddings + blocks + ln_f. Returns (lnf [B, n, C], cache)."""
+    inputs = _check_batch(cfg, inputs)
+    B, n = inputs.shape
+    x = params["wte"][inputs] + params["wpe"][:n]
+    layers = []
+    for l in range(cfg.num_layers):
+        p = f"h.{l}."
+        lc = {"x_in": x}
+        ln1, lc["ln_1"] = layernorm_forward(x, params[p + "ln_1.weight"], params[p + "ln_1.bias"])
+        qkv = linear_forward(ln1, params[p + "attn.c_attn.weight"], params[p + "attn.c_attn.bias"])
+        atty, lc["attn"] = attention_forward(qkv, cfg.num_heads)
+        attproj = linear_forward(atty, params[p + "attn.c_proj.weight"], params[p + "attn.c_proj.bias"])
+        x = x + attproj
+        lc["x_mid"] = x
+        ln2, lc["ln_2"] = layernorm_forward(x, params[p + "ln_2.weight"], params[p + "ln_2.bias"])
+        fch = linear_forward(ln2, params[p + "mlp.c_fc.weight"], params[p + "mlp.c_fc.bias"])
+        fch_gelu = gelu_forward(fch)
+        fcproj = linear_forward(fch_gelu, params[p + "mlp.c_proj.weight"], params[p + "mlp.c_proj.bias"])
+        x = x + fcproj
+        lc.update(ln1=ln1, atty=atty, ln2=ln2, fch=fch, fch_gelu=fch_gelu)
+        layers.append(lc)
+    lnf, lnf_cache = layernorm_forward(x, params["ln_f.weight"], params["ln_f.bias"])
+    cache = {"inputs": inputs, "layers": layers, "lnf": lnf, "ln_f": lnf_cache}
+    return lnf, cache
+
+
+def logits(params, cfg, inputs):
+    """Forward only: logits [B, n, V] = ln_f(x) @ wte.T (tied output)."""
+    lnf, _ = _forward_hidden(params, cfg, inputs)
+    return lnf @ params["wte"].T
+
+
+def forward(params, cfg, inputs, targets):
+    """Returns (loss_sum, n_counted, cache): loss_sum is the SUM over positions with
+    target != 0 of -log softmax(logits)[target]; n_counted the number of such positions."""
+    lnf, cache = _forward_hidden(params, cfg, inputs)
+    targets = np.asarray(targets).astype(np.int64)
+    if targets.shape != cache["inputs"].shape:
+        raise ValueError("targets must have the shape of inputs")
+    lg = lnf @ params["wte"].T                              # [B, n, V]
+    lg_max = lg.max(axis=-1, keepdims=True)
+    lse = lg_max + np.log(np.exp(lg - lg_max).sum(axis=-1, keepdims=True))
+    logprobs = lg - lse
+    probs = np.exp(logprobs)
+    mask = targets != 0
+    nll = -np.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+    loss_sum = float(np.sum(nll[mask]))
+    cache.update(targets=targets, mask=mask, probs=probs)
+    return loss_sum, int(mask.sum()), cache
+
+
+def backward(params, cfg, cache):
+    """Hand-written gradient of loss_sum (the SUM, not the mean) for every parameter."""
+    grads = {name: np.zeros(shape) for name, shape in param_shapes(cfg)}
+    inputs, targets, mask, probs = cache["inputs"], cache["targets"], cache["mask"], cache["probs"]
+    B, n = inputs.shape
+    V = cfg.vocab_size
+    # cross-entropy + softmax: dlogits = probs - onehot(target) on counted positions
+    dlogits = probs.copy()
+    dlogits[np.arange(B)[:, None], np.arange(n)[None, :], targets] -= 1.0
+    dlogits *= mask[..., None]
+    # tied output projection logits = lnf @ wte.T
+    lnf = cache["lnf"]
+    grads["wte"] += dlogits.reshape(-1, V).T @ lnf.reshape(-1, lnf.shape[-1])
+    dlnf = dlogits @ params["wte"]
+    dx, dw, db = layernorm_backward(dlnf, cache["ln_f"])
+    grads["ln_f.weight"] += dw
+    grads["ln_f.bias"] += db
+    # blocks in reverse; dx is the gradient of the residual stream
+    for l in reversed(range(cfg.num_layers)):
+        p = f"h.{l}."
+        lc = cache["layers"][l]
+        # x = x_mid + c_proj(gelu(c_fc(ln_2(x_mid))))
+        dfch_gelu, dw, db = linear_backward(dx, lc["fch_gelu"], params[p + "mlp.c_proj.weight"])
+        grads[p + "mlp.c_proj.weight"] += dw
+        grads[p + "mlp.c_proj.bias"] += db
+        dfch = gelu_backward(dfch_gelu, lc["fch"])
+        dln2, dw, db = linear_backward(dfch, lc["ln2"], params[p + "mlp.c_fc.weight"])
+        grads[p + "mlp.c_fc.weight"] += dw
+        grads[p + "mlp.c_fc.bias"] += db
+        dres, dw, db = layernorm_backward(dln2, lc["ln_2"])
+        grads[p + "ln_2.weight"] += dw
+        grads[p + "ln_2.bias"] += db
+        dx = dx + dres
+        # x_mid = x_in + c_proj(attn(c_attn(ln_1(x_in))))
+        datty, dw, db = linear_backward(dx, lc["atty"], params[p + "attn.c_proj.weight"])
+        grads[p + "attn.c_proj.weight"] += dw
+        grads[p + "attn.c_proj.bias"] += db
+        dqkv = attention_backward(datty, lc["attn"])
+        dln1, dw, db = linear_backward(dqkv, lc["ln1"], params[p + "attn.c_attn.weight"])
+        grads[p + "attn.c_attn.weight"] += dw
+        grads[p + "attn.c_attn.bias"] += db
+        dres, dw, db = layernorm_backward(dln1, lc["ln_1"])
+        grads[p + "ln_1.weight"] += dw
+        grads[p + "ln_1.bias"] += db
+        dx = dx + dres
+    # embeddings: x = wte[inputs] + wpe[:n]
+    np.add.at(grads["wte"], inputs.ravel(), dx.reshape(-1, dx.shape[-1]))
+    grads["wpe"][:n] += dx.sum(axis=0)
+    return grads
+
+
+def loss_and_grads(params, cfg, inputs, targets):
+    """Convenience: (loss_sum, n_counted, grads) with grads of loss_sum."""
+    loss_sum, n_counted, cache = forward(params, cfg, inputs, targets)
+    return loss_sum, n_counted, backward(params, cfg, cache)
+
+
+# ----------------------------------------------------------------------------
+# optimisation references (float32, flat arrays)
+#
+# Conventions: hyper-parameter scalars (1 - lr*wd, 1 - beta1, the bias corrections
+# 1 - beta**t, the clip scale) are computed in float64 then cast to float32; every
+# array operation is float32, in the order written in SPEC section 2.
+
+def decay_mask(cfg):
+    """Flat bool array: True on the elements of 2-D tensors (wte, wpe, linear weights)."""
+    parts = [np.full(int(np.prod(shape)), len(shape) == 2) for _, shape in param_shapes(cfg)]
+    return np.concatenate(parts)
+
+
+def _decay(p, lr, weight_decay, mask):
+    """Decoupled weight decay p *= (1 - lr*wd) on mask, in place."""
+    if weight_decay != 0.0:
+        p[mask] *= np.float32(1.0 - lr * weight_decay)
+
+
+def adamw_reference(p, g, m, v, step, lr, weight_decay, decay_mask, beta1=0.9, beta2=0.95, eps=1e-8):
+    """One AdamW step (step = 1-based t). Returns new float32 (p, m, v); inputs untouched."""
+    f32 = np.float32
+    p, g, m, v = (np.array(a, dtype=f32) for a in (p, g, m, v))
+    mask = np.asarray(decay_mask, dtype=bool)
+    _decay(p, lr, weight_decay, mask)
+    m = f32(beta1) * m + f32(1.0 - beta1) * g
+    v = f32(beta2) * v + f32(1.0 - beta2) * g * g
+    mhat = m / f32(1.0 - beta1 ** step)
+    vhat = v / f32(1.0 - beta2 ** step)
+    p -= f32(lr) * mhat / (np.sqrt(vhat) + f32(eps))
+    return p, m, v
+
+
+def sgd_reference(p, g, lr, weight_decay, decay_mask):
+    """Plain SGD with decoupled decay: p *= (1 - lr*wd) on mask, then p -= lr*g."""
+    p = np.array(p, dtype=np.float32)
+    g = np.asarray(g, dtype=np.float32)
+    _decay(p, lr, weight_decay, np.asarray(decay_mask, dtype=bool))
+    p -= np.float32(lr) * g
+    return p
+
+
+def lr_at(step, total_steps, lr, warmup, min_lr_ratio, schedule):
+    """Learning rate at 0-based step: linear warm-up to lr over `warmup` steps, then
+    cosine from lr to min_lr_ratio*lr at the last step (total_steps - 1), or flat."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    if schedule != "cosine":
+        raise ValueError(f"unknown schedule {schedule!r}")
+    ratio = (step - warmup) / max(1, total_steps - 1 - warmup)
+    ratio = min(1.0, max(0.0, ratio))
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
+    lr_min = min_lr_ratio * lr
+    return lr_min + coeff * (lr - lr_min)
+
+
+def clip_reference(g, grad_clip):
+    """Global L2-norm clipping. Returns (g_clipped float32, norm before clipping)."""
+    g = np.array(g, dtype=np.float32)
+    norm = math.sqrt(float(np.sum(g.astype(np.float64) ** 2)))
+    if grad_clip > 0 and norm > grad_clip:
+        g *= np.float32(grad_clip / norm)
+    return g, norm
