@@ -38,7 +38,8 @@ Choices the SPEC leaves open, written down here:
       8  version     uint32   DATASET_VERSION
      12  dtype code  uint32   2 = uint16 ids, 4 = uint32 ids (the item size)
      16  n_tokens    uint64
-     24  key         32 bytes sha256 of the settings and the corpus bytes (see _corpus_key)
+     24  key         32 bytes sha256 of the settings, the corpus bytes and, for a given
+                              vocabulary, its hash (see prepare_dataset, _stream_key)
      56  vocab_len   uint32   number of ids in vocab.txt
      60  vocab_tag   4 bytes  first 4 bytes of the vocab hash
   The last two fields (the SPEC's padding) tie the stream to its vocab.txt: a vocab.txt that
@@ -485,11 +486,17 @@ def _dtype_for(vocab_len):
     return _DTYPES[2] if vocab_len <= 65535 else _DTYPES[4]
 
 
-def _settings(kind, vocab_size, encoding_errors, tokenizer):
-    vocab = tokenizer.vocab_hash if tokenizer is not None else "-"
-    size = len(tokenizer) if tokenizer is not None else vocab_size
-    return (f"CLLMDATA version={DATASET_VERSION} kind={kind} vocab_size={size} "
-            f"encoding_errors={encoding_errors} vocab={vocab}\n")
+def _settings(kind, vocab_size, encoding_errors):
+    return (f"CLLMDATA version={DATASET_VERSION} kind={kind} vocab_size={vocab_size} "
+            f"encoding_errors={encoding_errors}\n")
+
+
+def _stream_key(corpus_key, tokenizer):
+    """The key stored in dataset.bin: the corpus key for a vocabulary built from the corpus,
+    the corpus key combined with the vocab hash for a vocabulary given by the caller."""
+    if tokenizer is None:
+        return corpus_key
+    return hashlib.sha256(corpus_key + tokenizer.vocab_hash.encode("ascii")).digest()
 
 
 def dataset_header(path):
@@ -526,14 +533,19 @@ def load_dataset(path):
                      shape=(header["tokens"],))
 
 
-def _try_reuse(out_dir, key, kind, tokenizer):
-    """(tokenizer, memmap) if out_dir holds a dataset built with this key, else None."""
+def _try_reuse(out_dir, corpus_key, kind, tokenizer):
+    """(tokenizer, memmap) if out_dir holds the stream of this corpus, else None.
+
+    Without a tokenizer the stream must have been built from the corpus with the same
+    settings. With one, it may also have been built (a resumed run passes the vocabulary the
+    first run built), as long as vocab.txt is exactly that tokenizer's."""
     bin_path, vocab_path = out_dir / "dataset.bin", out_dir / "vocab.txt"
     if not (bin_path.is_file() and vocab_path.is_file()):
         return None
+    accepted = {corpus_key.hex(), _stream_key(corpus_key, tokenizer).hex()}
     try:
         header = dataset_header(bin_path)
-        if header["key"] != key.hex():
+        if header["key"] not in accepted:
             return None
         loaded = Tokenizer.load(vocab_path, kind)
     except DataError:
@@ -549,14 +561,22 @@ def prepare_dataset(files, out_dir, kind="word", vocab_size=10000, encoding_erro
     """Tokenise `files` into out_dir/vocab.txt and out_dir/dataset.bin.
 
     Each file is a document ending in EOS. With `tokenizer` given its vocabulary is used
-    (and `kind`, `vocab_size` are taken from it); otherwise one is built from the corpus.
-    If out_dir already holds a dataset made from the same bytes and settings it is reused
-    without tokenising. Returns (tokenizer, memmap of the ids, info) with info =
-    {"files", "bytes", "tokens", "reused", "key"}.
+    (and its kind overrides `kind`); otherwise one is built from the corpus. If out_dir
+    already holds the stream of the same bytes and settings it is reused without tokenising.
+    Returns (tokenizer, memmap of the ids, info) with info = {"files", "bytes", "tokens",
+    "reused", "key"}.
+
+    info["key"] is the corpus key: sha256 over the settings (format version, kind,
+    vocab_size, encoding_errors) and each file's length and bytes. It does not depend on
+    whether the vocabulary was built or given, so a resumed run that passes the saved
+    tokenizer gets the key the first run recorded. The vocabulary is identified by
+    tokenizer.vocab_hash; dataset.bin stores a stream key that also covers it when it was
+    given (see _stream_key), and a 4-byte tag of it, so a stream is never reused with a
+    vocabulary it was not encoded with.
     """
     files = [pathlib.Path(f) for f in files]
     if tokenizer is not None:
-        kind, vocab_size = tokenizer.kind, len(tokenizer)
+        kind = tokenizer.kind
     _check_kind(kind)
     _check_vocab_size(vocab_size)
     if encoding_errors not in ENCODING_ERRORS:
@@ -571,7 +591,7 @@ def prepare_dataset(files, out_dir, kind="word", vocab_size=10000, encoding_erro
         raise DataError(f"{out_dir}: cannot create directory ({e.strerror or e})") from None
 
     # Pass 1: hash the corpus; reuse the stored stream if nothing changed.
-    corpus = _Corpus(_settings(kind, vocab_size, encoding_errors, tokenizer), files)
+    corpus = _Corpus(_settings(kind, vocab_size, encoding_errors), files)
     for _ in corpus.raw():
         pass
     info = {"files": len(files), "bytes": corpus.bytes, "reused": False, "key": corpus.key.hex()}
@@ -644,7 +664,7 @@ def _encode_and_write(corpus, encoding_errors, tokenizer, out_dir):
                 n_words += ids.size
         _check_not_empty(n_words, corpus)
         f.seek(0)
-        f.write(_pack_header(dtype, n_tokens, corpus.key, tokenizer))
+        f.write(_pack_header(dtype, n_tokens, _stream_key(corpus.key, tokenizer), tokenizer))
     return n_tokens
 
 

@@ -314,8 +314,11 @@ def evaluate(engine, trainer, interrupted):
     return loss_sum / counted if counted else None
 
 
-def train(data, **options):
+def train(data, engine_hook=None, **options):
     """Trains on the files or directories in `data`; options are TrainConfig fields.
+
+    engine_hook, if given, is called with the Engine before the first step (tests use it to
+    inject a NaN: engine.inject_nan(step_index, micro_batch), step_index 0-based).
 
     Returns a dict with the final step, train loss, validation loss, model path and sphere
     statistics. Raises DataError, CheckpointError or UsageError on bad input, TrainingError
@@ -340,6 +343,8 @@ def train(data, **options):
     engine = _engine.Engine(engine_config(trainer.mcfg), trainer.model.flat, cfg.threads,
                             cfg.micro_batch, max(cfg.batch_size, 1), cfg.lock_mode,
                             cfg.debug_locks)
+    if engine_hook is not None:
+        engine_hook(engine)
     try:
         return _train_loop(trainer, engine, log, lambda: flag["interrupted"])
     finally:

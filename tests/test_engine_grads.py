@@ -1,0 +1,326 @@
+"""The Cython engine's forward and backward (SPEC sections 1 and 7) against the float64 numpy
+reference (tests/reference.py) and against finite differences taken on the engine itself;
+CLLMModel's mean loss, initialisation, parameter views and input checks."""
+import math
+
+import numpy as np
+import pytest
+
+import reference as ref
+from cllm_cli import _engine
+from cllm_cli.config import CLLMConfig, num_params, param_layout, param_shapes
+from cllm_cli.model import CLLMModel, engine_config
+
+CFG_A = CLLMConfig(vocab_size=11, embed_dim=8, num_layers=2, num_heads=2, ff_dim=12, seq_len=5)
+CFG_B = CLLMConfig(vocab_size=17, embed_dim=12, num_layers=1, num_heads=3, ff_dim=20, seq_len=7)
+CFG_C = CLLMConfig(vocab_size=9, embed_dim=6, num_layers=3, num_heads=3, ff_dim=10, seq_len=4)
+CONFIGS = {"A": CFG_A, "B": CFG_B, "C": CFG_C}
+
+REL_TOL = 1e-4     # float32 engine vs float64 reference, relative to a tensor's max |grad|
+
+
+def make_batch(cfg, B, n, seed, pad_frac=0.25, pad_rows=()):
+    """int32 inputs/targets [B, n]; about pad_frac of the targets are <pad> (0), rows in
+    pad_rows are all <pad>; at least one target stays counted."""
+    rng = np.random.default_rng(seed)
+    inputs = rng.integers(0, cfg.vocab_size, size=(B, n)).astype(np.int32)
+    targets = rng.integers(1, cfg.vocab_size, size=(B, n)).astype(np.int32)
+    targets[rng.random((B, n)) < pad_frac] = 0
+    for r in pad_rows:
+        targets[r] = 0
+    if not (targets != 0).any():
+        targets[B - 1, n - 1] = 1
+    return np.ascontiguousarray(inputs), np.ascontiguousarray(targets)
+
+
+def make_params(cfg, seed=0, std=0.3):
+    """(float32 flat buffer, float64 dict of exactly the same values)."""
+    flat = ref.flatten(ref.init_params(cfg, seed, std), cfg, dtype=np.float32)
+    return flat, {k: v.astype(np.float64) for k, v in ref.unflatten(flat, cfg).items()}
+
+
+
+
+def engine_grads(cfg, flat, inputs, targets):
+    grads = np.zeros_like(flat)
+    loss, counted = _engine.loss_and_grads(engine_config(cfg), flat, inputs, targets, grads)
+    return loss, counted, grads
+
+
+# (config, B, n, pad_rows): B=1 and B=3, n=T and n<T, some pad targets, all-pad rows
+CASES = [
+    ("A", 1, 5, ()), ("A", 3, 5, (1,)), ("A", 3, 3, ()), ("A", 1, 2, ()),
+    ("B", 1, 7, ()), ("B", 3, 7, (0,)), ("B", 3, 4, (2,)), ("B", 1, 1, ()),
+    ("C", 3, 4, (1,)), ("C", 1, 3, ()),
+]
+
+
+@pytest.mark.parametrize("key, B, n, pad_rows", CASES)
+def test_gradients_match_reference(key, B, n, pad_rows):
+    cfg = CONFIGS[key]
+    flat, p64 = make_params(cfg, seed=B * 10 + n)
+    inputs, targets = make_batch(cfg, B, n, seed=B * 100 + n, pad_rows=pad_rows)
+    loss, counted, grads = engine_grads(cfg, flat, inputs, targets)
+    rloss, rcount, rgrads = ref.loss_and_grads(p64, cfg, inputs, targets)
+    assert counted == rcount == int((targets != 0).sum())
+    assert loss == pytest.approx(rloss, rel=1e-5, abs=1e-5)
+    views = ref.unflatten(grads, cfg)
+    for name, shape in param_shapes(cfg):
+        g, r = views[name], rgrads[name]
+        assert g.shape == r.shape == shape
+        assert np.all(np.isfinite(g)), name
+        scale = np.abs(r).max()
+        if name == "wpe" and n < cfg.seq_len:
+            # positions n..T-1 are not used: their gradient is exactly zero
+            assert np.all(g[n:] == 0), f"{name}: unused positions got a gradient"
+        assert scale > 0, f"{name}: the reference gradient is zero, the case tests nothing"
+        err = np.abs(g - r).max()
+        assert err <= REL_TOL * scale, f"{name}: max error {err:.3g} vs max |grad| {scale:.3g}"
+
+
+def test_all_pad_rows_contribute_nothing():
+    """A batch whose extra rows are all <pad> has the same loss and gradient as without
+    them (gradients of the sum), and an all-pad batch has zero loss and zero gradient."""
+    cfg = CFG_A
+    flat, _ = make_params(cfg, seed=3)
+    inputs, targets = make_batch(cfg, 1, 5, seed=4)
+    extra_in = np.random.default_rng(5).integers(0, cfg.vocab_size, size=(2, 5)).astype(np.int32)
+    big_in = np.ascontiguousarray(np.concatenate([extra_in[:1], inputs, extra_in[1:]]))
+    big_tg = np.ascontiguousarray(np.concatenate([np.zeros((1, 5), np.int32), targets,
+                                                  np.zeros((1, 5), np.int32)]))
+    l1, c1, g1 = engine_grads(cfg, flat, inputs, targets)
+    l3, c3, g3 = engine_grads(cfg, flat, big_in, big_tg)
+    assert c1 == c3 and l1 == pytest.approx(l3, rel=1e-6)
+    np.testing.assert_allclose(g3, g1, rtol=1e-5, atol=1e-6 * np.abs(g1).max())
+    l0, c0, g0 = engine_grads(cfg, flat, inputs, np.zeros_like(targets))
+    assert c0 == 0 and l0 == 0.0 and not np.any(g0)
+
+
+def test_engine_adds_into_grads_out():
+    cfg = CFG_A
+    flat, _ = make_params(cfg, seed=6)
+    inputs, targets = make_batch(cfg, 2, 5, seed=7)
+    _, _, g = engine_grads(cfg, flat, inputs, targets)
+    acc = np.full_like(flat, 0.5)
+    _engine.loss_and_grads(engine_config(cfg), flat, inputs, targets, acc)
+    _engine.loss_and_grads(engine_config(cfg), flat, inputs, targets, acc)
+    np.testing.assert_allclose(acc, 0.5 + 2 * g, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------
+# finite differences on the engine itself (no reference involved)
+
+FD_CFG = CLLMConfig(vocab_size=11, embed_dim=8, num_layers=2, num_heads=2, ff_dim=12, seq_len=5)
+
+
+@pytest.mark.parametrize("n, pad_rows", [(5, (1,)), (3, ())])
+def test_gradients_match_finite_differences(n, pad_rows):
+    cfg = FD_CFG
+    flat, _ = make_params(cfg, seed=11, std=0.3)
+    inputs, targets = make_batch(cfg, 2, n, seed=12, pad_rows=pad_rows)
+    _, _, grads = engine_grads(cfg, flat, inputs, targets)
+    ecfg, scratch = engine_config(cfg), np.zeros_like(flat)
+    rng = np.random.default_rng(13)
+    eps = np.float32(1e-2)
+
+    def loss_at(buf):
+        return _engine.loss_and_grads(ecfg, buf, inputs, targets, scratch)[0]
+
+    checked = 0
+    for name, shape, off in param_layout(cfg):
+        size = math.prod(shape)
+        if name == "wpe":
+            # only the used positions have a non-trivial gradient
+            candidates = np.arange(n * cfg.embed_dim)
+        elif name == "wte":
+            # rows of tokens that occur as inputs get both input and output gradients
+            used = np.unique(inputs)
+            candidates = (used[:, None] * cfg.embed_dim + np.arange(cfg.embed_dim)).ravel()
+        else:
+            candidates = np.arange(size)
+        picks = rng.choice(candidates, size=min(4, candidates.size), replace=False)
+        for k in picks:
+            i = off + int(k)
+            buf = flat.copy()
+            old = buf[i]
+            buf[i] = old + eps
+            hi = float(buf[i])
+            lp = loss_at(buf)
+            buf[i] = old - eps
+            lo = float(buf[i])
+            lm = loss_at(buf)
+            numeric = (lp - lm) / (hi - lo)
+            analytic = float(grads[i])
+            assert abs(numeric - analytic) <= 2e-2 * abs(numeric) + 2e-3, \
+                f"{name}[{k}]: engine gradient {analytic:.6g}, finite difference {numeric:.6g}"
+            checked += 1
+    assert checked >= 4 * len(param_layout(cfg)) - 8
+
+
+# ----------------------------------------------------------------------------------------
+# logits
+
+@pytest.mark.parametrize("key, B, n", [("A", 1, 5), ("A", 3, 2), ("B", 2, 7), ("C", 3, 4)])
+def test_logits_match_reference(key, B, n):
+    cfg = CONFIGS[key]
+    flat, p64 = make_params(cfg, seed=20 + n)
+    inputs, _ = make_batch(cfg, B, n, seed=21)
+    out = np.empty((B, n, cfg.vocab_size), np.float32)
+    _engine.forward_logits(engine_config(cfg), flat, inputs, out)
+    expected = ref.logits(p64, cfg, inputs)
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+    model = CLLMModel.from_flat(cfg, flat)
+    np.testing.assert_array_equal(model.logits(inputs), out)
+
+
+def test_logits_are_causal():
+    """Changing a later token leaves the logits of earlier positions untouched."""
+    cfg = CFG_B
+    flat, _ = make_params(cfg, seed=30)
+    model = CLLMModel.from_flat(cfg, flat)
+    inputs, _ = make_batch(cfg, 1, 7, seed=31)
+    changed = inputs.copy()
+    changed[0, 4] = (changed[0, 4] + 1) % cfg.vocab_size
+    a, b = model.logits(inputs), model.logits(changed)
+    np.testing.assert_array_equal(a[:, :4], b[:, :4])
+    assert not np.allclose(a[:, 4:], b[:, 4:])
+
+
+# ----------------------------------------------------------------------------------------
+# CLLMModel
+
+def test_model_loss_and_grads_are_means():
+    cfg = CFG_A
+    flat, p64 = make_params(cfg, seed=40)
+    model = CLLMModel.from_flat(cfg, flat.copy())
+    inputs, targets = make_batch(cfg, 3, 5, seed=41, pad_rows=(2,))
+    loss, grads = model.loss_and_grads(inputs, targets)
+    rloss, count, rgrads = ref.loss_and_grads(p64, cfg, inputs, targets)
+    assert 1 < count < targets.size
+    assert loss == pytest.approx(rloss / count, rel=1e-5)
+    assert set(grads) == {name for name, _ in param_shapes(cfg)}
+    for name, shape in param_shapes(cfg):
+        assert grads[name].shape == shape
+        expected = rgrads[name] / count
+        scale = np.abs(expected).max()
+        assert np.abs(grads[name] - expected).max() <= REL_TOL * scale, name
+    # the model's parameters are not changed by computing gradients
+    np.testing.assert_array_equal(model.flat, flat)
+
+
+def test_model_loss_with_no_counted_target_is_zero():
+    cfg = CFG_A
+    model = CLLMModel(cfg, seed=1)
+    inputs, _ = make_batch(cfg, 2, 4, seed=42)
+    loss, grads = model.loss_and_grads(inputs, np.zeros_like(inputs))
+    assert loss == 0 and all(not np.any(g) for g in grads.values())
+
+
+def test_model_accepts_1d_and_int64_inputs():
+    cfg = CFG_B
+    model = CLLMModel(cfg, seed=2)
+    inputs, targets = make_batch(cfg, 1, 6, seed=43)
+    l2, g2 = model.loss_and_grads(inputs, targets)
+    l1, g1 = model.loss_and_grads(inputs[0].astype(np.int64), targets[0].astype(np.int64))
+    assert l1 == l2
+    for name in g2:
+        np.testing.assert_array_equal(g1[name], g2[name])
+
+
+def test_model_init_follows_spec():
+    cfg = CLLMConfig(vocab_size=300, embed_dim=64, num_layers=3, num_heads=4, seq_len=32)
+    model = CLLMModel(cfg, seed=7)
+    assert model.flat.dtype == np.float32 and model.flat.size == num_params(cfg)
+    assert set(model.params) == {name for name, _ in param_shapes(cfg)}
+    proj_std = 0.02 / math.sqrt(2 * cfg.num_layers)
+    for name, shape in param_shapes(cfg):
+        w = model.params[name]
+        assert w.shape == shape, name
+        if len(shape) == 2:
+            std = proj_std if name.endswith("c_proj.weight") else 0.02
+            assert abs(float(w.mean())) < 4 * std / math.sqrt(w.size), name
+            assert float(w.std()) == pytest.approx(std, rel=0.15), name
+        elif name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "ln_f.weight":
+            assert np.all(w == 1.0), name
+        else:
+            assert np.all(w == 0.0), name   # biases and LayerNorm biases
+    # the c_proj weights are really smaller than the others
+    assert model.params["h.0.mlp.c_proj.weight"].std() < 0.6 * model.params["h.0.mlp.c_fc.weight"].std()
+
+
+def test_model_init_is_seeded():
+    cfg = CFG_B
+    a, b, c = CLLMModel(cfg, seed=5), CLLMModel(cfg, seed=5), CLLMModel(cfg, seed=6)
+    np.testing.assert_array_equal(a.flat, b.flat)
+    assert not np.array_equal(a.flat, c.flat)
+    for name, shape in param_shapes(cfg):
+        if len(shape) == 2:
+            assert not np.array_equal(a.params[name], c.params[name]), name
+
+
+def test_params_are_views_into_flat():
+    cfg = CFG_A
+    model = CLLMModel(cfg, seed=0)
+    for name, shape, off in param_layout(cfg):
+        view = model.params[name]
+        assert np.shares_memory(view, model.flat), name
+        first = np.unravel_index(0, shape)
+        view[first] = 123.0
+        assert model.flat[off] == 123.0, name
+        model.flat[off + view.size - 1] = -7.0
+        assert view.reshape(-1)[-1] == -7.0, name
+    # and the engine sees a change made through a view
+    inputs, targets = make_batch(cfg, 1, 5, seed=50)
+    before = model.logits(inputs)
+    model.params["ln_f.bias"][:] += 1.0
+    after = model.logits(inputs)
+    assert not np.array_equal(before, after)
+
+
+@pytest.mark.parametrize("bad", ["id_high", "id_negative", "too_long", "target_high", "target_negative"])
+def test_bad_inputs_raise_value_error(bad):
+    cfg = CFG_A
+    model = CLLMModel(cfg, seed=0)
+    inputs, targets = make_batch(cfg, 2, 4, seed=60)
+    if bad == "id_high":
+        inputs[1, 2] = cfg.vocab_size
+    elif bad == "id_negative":
+        inputs[0, 0] = -1
+    elif bad == "too_long":
+        inputs = np.ones((2, cfg.seq_len + 1), np.int32)
+        targets = np.ones((2, cfg.seq_len + 1), np.int32)
+    elif bad == "target_high":
+        targets[0, 1] = cfg.vocab_size
+    else:
+        targets[1, 3] = -2
+    with pytest.raises(ValueError):
+        model.loss_and_grads(inputs, targets)
+    if bad in ("id_high", "id_negative", "too_long"):
+        with pytest.raises(ValueError):
+            model.logits(inputs)
+
+
+def test_engine_rejects_bad_inputs_directly():
+    cfg = CFG_A
+    ecfg = engine_config(cfg)
+    flat, _ = make_params(cfg)
+    grads = np.zeros_like(flat)
+    good = np.ones((1, 3), np.int32)
+    high = np.full((1, 3), cfg.vocab_size, np.int32)
+    long = np.ones((1, cfg.seq_len + 1), np.int32)
+    with pytest.raises(ValueError):
+        _engine.loss_and_grads(ecfg, flat, high, good, grads)
+    with pytest.raises(ValueError):
+        _engine.loss_and_grads(ecfg, flat, good, high, grads)
+    with pytest.raises(ValueError):
+        _engine.loss_and_grads(ecfg, flat, long, long, grads)
+    with pytest.raises(ValueError):
+        _engine.loss_and_grads(ecfg, flat, good, np.ones((1, 2), np.int32), grads)
+    with pytest.raises(ValueError):
+        _engine.loss_and_grads(ecfg, flat[:-1], good, good, grads[:-1])
+    with pytest.raises(ValueError):
+        _engine.forward_logits(ecfg, flat, high, np.empty((1, 3, cfg.vocab_size), np.float32))
+    with pytest.raises(ValueError):
+        _engine.forward_logits(ecfg, flat, long,
+                               np.empty((1, cfg.seq_len + 1, cfg.vocab_size), np.float32))
+    assert not np.any(grads)   # nothing was written by the refused calls
