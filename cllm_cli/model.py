@@ -12,9 +12,22 @@ def engine_config(cfg):
     return (cfg.vocab_size, cfg.embed_dim, cfg.num_layers, cfg.num_heads, cfg.ff_dim, cfg.seq_len)
 
 
-def tensor_table(cfg):
-    """(offset, size, decay) per tensor for the optimiser: decay on 2-D tensors only."""
-    rows = [(off, math.prod(shape), int(len(shape) == 2)) for _, shape, off in param_layout(cfg)]
+OPTIMIZER_CHUNK = 16384   # floats per unit of optimiser work (64 KiB)
+
+
+def optimizer_chunks(cfg):
+    """(offset, size, decay) rows covering the flat buffer: every tensor cut into pieces of at
+    most OPTIMIZER_CHUNK floats, decay on 2-D tensors only. Fixed by the config alone, so the
+    gradient norm (summed per chunk, then over chunks) never depends on the thread count.
+    cfg: a CLLMConfig or an engine config tuple."""
+    if not isinstance(cfg, CLLMConfig):
+        V, C, L, NH, F, T = cfg
+        cfg = CLLMConfig(vocab_size=V, embed_dim=C, num_layers=L, num_heads=NH, ff_dim=F, seq_len=T)
+    rows = []
+    for _, shape, off in param_layout(cfg):
+        size, decay = math.prod(shape), int(len(shape) == 2)
+        for start in range(0, size, OPTIMIZER_CHUNK):
+            rows.append((off + start, min(OPTIMIZER_CHUNK, size - start), decay))
     return np.array(rows, dtype=np.int64)
 
 

@@ -23,7 +23,7 @@ from .checkpoint import (CheckpointError, checkpoint_path, latest_checkpoint, lo
 from .config import CLLMConfig
 from .data import (EOS, DataError, Tokenizer, collect_files, epoch_order, eval_windows,
                    gather_windows, num_windows, prepare_dataset, split_stream)
-from .model import CLLMModel, engine_config, tensor_at, tensor_table
+from .model import CLLMModel, engine_config, optimizer_chunks, tensor_at
 
 WAIT_SLICE = 0.1     # seconds the main thread waits on the spheres before checking signals
 
@@ -216,7 +216,6 @@ class Trainer:
         self.steps_per_epoch = math.ceil(self.n_windows / cfg.batch_size)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.val = eval_windows(self.val_tokens, T)
-        self.tensors = tensor_table(self.mcfg)
         self._order = (None, None)
 
     def _make_checkpoint_dir(self):
@@ -342,7 +341,7 @@ def train(data, engine_hook=None, **options):
     log = Log(cfg, append=cfg.resume)
     engine = _engine.Engine(engine_config(trainer.mcfg), trainer.model.flat, cfg.threads,
                             cfg.micro_batch, max(cfg.batch_size, 1), cfg.lock_mode,
-                            cfg.debug_locks)
+                            cfg.debug_locks, optimizer_chunks(trainer.mcfg))
     if engine_hook is not None:
         engine_hook(engine)
     try:
@@ -455,7 +454,7 @@ def _apply(trainer, engine, results, lr, log):
         log.warn(f"step {st.step + 1}: no valid micro-batch; step skipped")
         return float("nan"), float("nan"), False
     norm, applied = engine.optimizer_step(
-        counted, trainer.tensors, trainer.adam_m, trainer.adam_v,
+        counted, trainer.adam_m, trainer.adam_v,
         adamw=cfg.optimizer == "adamw", lr=lr, weight_decay=cfg.weight_decay,
         grad_clip=cfg.grad_clip, t=st.adam_t + 1)
     if not applied:

@@ -22,8 +22,8 @@ import numpy as np
 include "blas.pxi"
 include "kernels.pxi"
 include "model.pxi"
-include "threads.pxi"
 include "optim.pxi"
+include "threads.pxi"
 
 
 cdef ModelConfig config_from(tuple cfg) except *:
@@ -68,8 +68,8 @@ def loss_and_grads(tuple cfg, const float[::1] params,          # IN
             with gil:
                 raise MemoryError("cannot allocate activations")
         loss = model_forward(&acts, &counted, <float*>&params[0], &c, &inputs[0, 0],
-                             &targets[0, 0], n, B, n, True)
-        model_backward(&grads[0], &acts, <float*>&params[0], &c, &inputs[0, 0], n)
+                             &targets[0, 0], n, B, n, True, NULL)
+        model_backward(&grads[0], &acts, <float*>&params[0], &c, &inputs[0, 0], n, NULL)
         activations_free(&acts)
     return loss, counted
 
@@ -90,7 +90,7 @@ def forward_logits(tuple cfg, const float[::1] params,          # IN
             with gil:
                 raise MemoryError("cannot allocate activations")
         model_forward(&acts, &counted, <float*>&params[0], &c, &inputs[0, 0], NULL, n, B, n,
-                      False)
+                      False, NULL)
         memcpy(&logits[0, 0, 0], acts.logits, <size_t>B * n * c.V * sizeof(float))
         activations_free(&acts)
 
@@ -99,26 +99,41 @@ cdef class Engine:
     """The ThreadedTrainingSystem of one run: spheres started in __init__, joined in close()."""
     cdef ThreadedTrainingSystem* system
     cdef object params_ref      # keeps the parameter buffer alive
+    cdef object chunks_ref      # the optimiser's chunk table
     cdef object work_ref        # keeps the current windows alive while spheres read them
     cdef readonly int num_spheres, micro_batch
 
     def __init__(self, tuple cfg, float[::1] params, int num_spheres, int micro_batch,
-                 int max_windows, str lock_mode="shared", bint debug_locks=False):
+                 int max_windows, str lock_mode="shared", bint debug_locks=False,
+                 const long long[:, ::1] chunks=None):
+        """chunks: (offset, size, decay) rows covering the buffer, the optimiser's units of
+        work; their boundaries fix how the gradient norm is summed."""
         cdef ModelConfig c = config_from(cfg)
+        if chunks is None:
+            from cllm_cli.model import optimizer_chunks
+            chunks = optimizer_chunks(cfg)
         if num_spheres < 1 or micro_batch < 1 or max_windows < 1:
             raise ValueError("num_spheres, micro_batch and max_windows must be >= 1")
         if lock_mode not in ("shared", "exclusive"):
             raise ValueError(f"lock_mode must be 'shared' or 'exclusive', not {lock_mode!r}")
         if params.shape[0] != model_size(&c):
             raise ValueError("parameter buffer does not match the config")
+        if chunks is None or chunks.shape[0] < 1 or chunks.shape[1] != 3:
+            raise ValueError("chunks must be an int64 array of (offset, size, decay) rows")
+        covered = np.asarray(chunks)
+        if covered[0, 0] != 0 or (covered[1:, 0] != covered[:-1, 0] + covered[:-1, 1]).any() \
+                or covered[-1, 0] + covered[-1, 1] != model_size(&c):
+            raise ValueError("chunks must cover the parameter buffer in order")
         self.params_ref = params
+        self.chunks_ref = chunks
         self.num_spheres = num_spheres
         self.micro_batch = micro_batch
         cdef int mode = LOCK_EXCLUSIVE if lock_mode == "exclusive" else LOCK_SHARED
         cdef int max_mb = (max_windows + micro_batch - 1) // micro_batch
         with nogil:
-            self.system = threaded_system_create(c, &params[0], num_spheres, micro_batch,
-                                                 max_mb, mode, debug_locks)
+            self.system = threaded_system_create(c, &params[0], &chunks[0, 0], chunks.shape[0],
+                                                 num_spheres, micro_batch, max_mb, mode,
+                                                 debug_locks)
         if self.system == NULL:
             raise MemoryError("cannot allocate or start the training spheres")
 
@@ -149,7 +164,7 @@ cdef class Engine:
         self.work_ref = windows
         s.step_counter = step
         with nogil:
-            threaded_start_work(s, &windows[0, 0], nw, stride, WORK_TRAIN if train else WORK_EVAL)
+            threaded_start_batch(s, &windows[0, 0], nw, stride, WORK_TRAIN if train else WORK_EVAL)
 
     def wait(self, double timeout):
         """True when the current work is finished; False after `timeout` seconds."""
@@ -173,8 +188,7 @@ cdef class Engine:
         return [(s.results[i].loss_sum, s.results[i].counted, s.results[i].sphere_id,
                  bool(s.results[i].valid), s.results[i].bad_index) for i in range(done)]
 
-    def optimizer_step(self, int count, const long long[:, ::1] tensors, float[::1] m,
-                       float[::1] v, *, bint adamw, double lr, double weight_decay,
+    def optimizer_step(self, int count, float[::1] m, float[::1] v, *, bint adamw, double lr, double weight_decay,
                        double grad_clip, long long t, double beta1=0.9, double beta2=0.95,
                        double eps=1e-8):
         """Applies the accumulated gradient divided by count; returns (grad_norm, applied)."""
@@ -195,8 +209,8 @@ cdef class Engine:
         o.eps = eps
         o.t = t
         with nogil:
-            applied = threaded_optimizer_step(s, count, &m[0], &v[0], &tensors[0, 0],
-                                              tensors.shape[0], &o, &norm)
+            applied = threaded_optimizer_step(s, count, &m[0] if adamw else NULL,
+                                              &v[0] if adamw else NULL, &o, &norm)
         return norm, bool(applied)
 
     def accumulated_gradients(self):
@@ -218,6 +232,22 @@ cdef class Engine:
                           "micro_batches": ctx.batches_processed, "loss_sum": ctx.batch_loss,
                           "tokens": ctx.batch_tokens, "busy_seconds": ctx.busy_seconds})
         return stats
+
+    def set_profile(self, bint on):
+        """Per-op timing in every sphere (a clock read around each op); resets the timers."""
+        cdef ThreadedTrainingSystem* s = self.live()
+        s.profile = on
+        for i in range(s.num_worker_spheres):
+            for k in range(NUM_OPS):
+                s.sphere_contexts[i].op_seconds[k] = 0.0
+
+    def profile(self):
+        """Seconds per op bucket, summed over spheres."""
+        cdef ThreadedTrainingSystem* s = self.live()
+        names = ("matmul", "attention", "softmax_loss", "layernorm", "gelu", "other",
+                 "accumulate", "turn_wait", "optimizer")
+        return {names[k]: sum(s.sphere_contexts[i].op_seconds[k]
+                              for i in range(s.num_worker_spheres)) for k in range(NUM_OPS)}
 
     def inject_nan(self, long long step, int microbatch):
         """Test hook: poisons the gradient of one micro-batch of one step with a NaN."""

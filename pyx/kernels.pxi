@@ -2,6 +2,13 @@
 # sizes. Backward kernels accumulate (+=) into parameter gradients.
 from libc.math cimport sqrtf, expf, tanhf, log, isfinite, NAN
 from libc.string cimport memset, memcpy
+from posix.time cimport timespec, clock_gettime, CLOCK_MONOTONIC
+
+cdef double now_seconds() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
 
 cdef float LN_EPS = 1e-5
 cdef float GELU_SCALE = 0.7978845608028654  # sqrt(2/pi)

@@ -140,50 +140,90 @@ cdef void activations_free(Activations* a) noexcept nogil:
     a.memory = NULL
 
 
+cdef enum:
+    # per-op time buckets of the optional profile
+    OP_MATMUL = 0
+    OP_ATTENTION = 1
+    OP_SOFTMAX = 2
+    OP_LAYERNORM = 3
+    OP_GELU = 4
+    OP_OTHER = 5         # embedding lookup, residual copies
+    OP_ACCUMULATE = 6    # gradient validation and ordered accumulation
+    OP_TURN_WAIT = 7     # waiting for this micro-batch's accumulation turn
+    OP_OPTIMIZER = 8     # mean, norm and update of this sphere's chunks
+    NUM_OPS = 9
+
+
+cdef inline void tock(double* timers, int op, double* t) noexcept nogil:
+    # adds the time since t to bucket op (no-op when profiling is off) and restarts t
+    cdef double now
+    if timers != NULL:
+        now = now_seconds()
+        timers[op] += now - t[0]
+        t[0] = now
+
+
 cdef double model_forward(Activations* a, int* counted, float* params, const ModelConfig* c,
                           const int* inp, const int* tgt, int stride, int B, int n,
-                          bint want_grad) noexcept nogil:
+                          bint want_grad, double* timers) noexcept nogil:
     # Forward pass of B sequences of n tokens (n <= T, B <= maxB) and the summed loss over
     # counted targets. With want_grad, a.logits holds dloss/dlogits afterwards. With
-    # tgt == NULL only the logits are computed (returns 0).
+    # tgt == NULL only the logits are computed (returns 0). timers: NULL or NUM_OPS buckets.
     cdef size_t N = <size_t>B * n, C = c.C, F = c.F
     cdef int l
     cdef LayerParams p
     cdef float* res
     cdef float* lnf = lnf_of(params, c)
+    cdef double t = now_seconds() if timers != NULL else 0.0
+    cdef double loss
     a.B = B
     a.n = n
+    counted[0] = 0
     encoder_forward(a.encoded, inp, stride, wte_of(params, c), wpe_of(params, c), B, n, c.C)
+    tock(timers, OP_OTHER, &t)
     res = a.encoded
     for l in range(c.L):
         layer_params(&p, params, c, l)
         layernorm_forward(a.ln1 + l * N * C, a.ln1_mean + l * N, a.ln1_rstd + l * N,
                           res, p.ln1w, p.ln1b, N, C)
+        tock(timers, OP_LAYERNORM, &t)
         linear_forward(a.qkv + l * N * 3 * C, a.ln1 + l * N * C, p.qkvw, p.qkvb, N, C, 3 * C, 0.0)
+        tock(timers, OP_MATMUL, &t)
         attention_forward(a.atty + l * N * C, a.att + l * <size_t>B * c.NH * n * n,
                           a.qkv + l * N * 3 * C, B, n, c.C, c.NH)
+        tock(timers, OP_ATTENTION, &t)
         # residual2 = res + atty @ attprojw^T + attprojb
         memcpy(a.residual2 + l * N * C, res, N * C * sizeof(float))
+        tock(timers, OP_OTHER, &t)
         linear_forward(a.residual2 + l * N * C, a.atty + l * N * C, p.attprojw, p.attprojb,
                        N, C, C, 1.0)
+        tock(timers, OP_MATMUL, &t)
         layernorm_forward(a.ln2 + l * N * C, a.ln2_mean + l * N, a.ln2_rstd + l * N,
                           a.residual2 + l * N * C, p.ln2w, p.ln2b, N, C)
+        tock(timers, OP_LAYERNORM, &t)
         linear_forward(a.fch + l * N * F, a.ln2 + l * N * C, p.fcw, p.fcb, N, C, F, 0.0)
+        tock(timers, OP_MATMUL, &t)
         gelu_forward(a.fch_gelu + l * N * F, a.fch + l * N * F, N * F)
+        tock(timers, OP_GELU, &t)
         memcpy(a.residual3 + l * N * C, a.residual2 + l * N * C, N * C * sizeof(float))
+        tock(timers, OP_OTHER, &t)
         linear_forward(a.residual3 + l * N * C, a.fch_gelu + l * N * F, p.fcprojw, p.fcprojb,
                        N, F, C, 1.0)
+        tock(timers, OP_MATMUL, &t)
         res = a.residual3 + l * N * C
     layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, res, lnf, lnf + C, N, C)
+    tock(timers, OP_LAYERNORM, &t)
     linear_forward(a.logits, a.lnf, wte_of(params, c), NULL, N, C, c.V, 0.0)
-    counted[0] = 0
+    tock(timers, OP_MATMUL, &t)
     if tgt == NULL:
         return 0.0
-    return crossentropy_forward_backward(a.logits, counted, tgt, stride, B, n, c.V, want_grad)
+    loss = crossentropy_forward_backward(a.logits, counted, tgt, stride, B, n, c.V, want_grad)
+    tock(timers, OP_SOFTMAX, &t)
+    return loss
 
 
 cdef void model_backward(float* grads, Activations* a, float* params, const ModelConfig* c,
-                         const int* inp, int stride) noexcept nogil:
+                         const int* inp, int stride, double* timers) noexcept nogil:
     # Accumulates d(summed loss)/d(params) into grads, after model_forward(want_grad=True).
     cdef int B = a.B, n = a.n
     cdef size_t N = <size_t>B * n, C = c.C, F = c.F
@@ -192,12 +232,15 @@ cdef void model_backward(float* grads, Activations* a, float* params, const Mode
     cdef const float* res_in
     cdef float* lnf = lnf_of(params, c)
     cdef float* dlnf = lnf_of(grads, c)
+    cdef double t = now_seconds() if timers != NULL else 0.0
     # logits = lnf @ wte^T
     linear_backward(a.dnarrow, wte_of(grads, c), NULL, a.logits, a.lnf, wte_of(params, c),
                     N, C, c.V)
+    tock(timers, OP_MATMUL, &t)
     memset(a.dresidual, 0, N * C * sizeof(float))
     layernorm_backward(a.dresidual, dlnf, dlnf + C, a.dnarrow,
                        a.residual3 + (c.L - 1) * N * C, lnf, a.lnf_mean, a.lnf_rstd, N, C)
+    tock(timers, OP_LAYERNORM, &t)
     for l in range(c.L - 1, -1, -1):
         layer_params(&p, params, c, l)
         layer_params(&g, grads, c, l)
@@ -205,17 +248,26 @@ cdef void model_backward(float* grads, Activations* a, float* params, const Mode
         # mlp: residual3 = residual2 + fcproj(gelu(fc(ln2(residual2))))
         linear_backward(a.dwide, g.fcprojw, g.fcprojb, a.dresidual, a.fch_gelu + l * N * F,
                         p.fcprojw, N, F, C)
+        tock(timers, OP_MATMUL, &t)
         gelu_backward(a.dwide, a.fch + l * N * F, a.dwide, N * F)
+        tock(timers, OP_GELU, &t)
         linear_backward(a.dnarrow, g.fcw, g.fcb, a.dwide, a.ln2 + l * N * C, p.fcw, N, C, F)
+        tock(timers, OP_MATMUL, &t)
         layernorm_backward(a.dresidual, g.ln2w, g.ln2b, a.dnarrow, a.residual2 + l * N * C,
                            p.ln2w, a.ln2_mean + l * N, a.ln2_rstd + l * N, N, C)
+        tock(timers, OP_LAYERNORM, &t)
         # attention: residual2 = res_in + attproj(attention(qkv(ln1(res_in))))
         linear_backward(a.dnarrow, g.attprojw, g.attprojb, a.dresidual, a.atty + l * N * C,
                         p.attprojw, N, C, C)
+        tock(timers, OP_MATMUL, &t)
         attention_backward(a.dwide, a.datt, a.dnarrow, a.qkv + l * N * 3 * C,
                            a.att + l * <size_t>B * c.NH * n * n, B, n, c.C, c.NH)
+        tock(timers, OP_ATTENTION, &t)
         linear_backward(a.dnarrow, g.qkvw, g.qkvb, a.dwide, a.ln1 + l * N * C, p.qkvw,
                         N, C, 3 * C)
+        tock(timers, OP_MATMUL, &t)
         layernorm_backward(a.dresidual, g.ln1w, g.ln1b, a.dnarrow, res_in, p.ln1w,
                            a.ln1_mean + l * N, a.ln1_rstd + l * N, N, C)
+        tock(timers, OP_LAYERNORM, &t)
     encoder_backward(wte_of(grads, c), wpe_of(grads, c), a.dresidual, inp, stride, B, n, c.C)
+    tock(timers, OP_OTHER, &t)

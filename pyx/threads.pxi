@@ -2,7 +2,7 @@
 # ordered gradient accumulation, and the lock discipline model_lock -> gradient_lock.
 from libc.stdio cimport fprintf, stderr
 from libc.stdlib cimport abort
-from posix.time cimport timespec, clock_gettime, CLOCK_REALTIME, CLOCK_MONOTONIC
+from posix.time cimport CLOCK_REALTIME
 
 
 cdef extern from "<pthread.h>" nogil:
@@ -21,6 +21,14 @@ cdef extern from "<pthread.h>" nogil:
         pass
     ctypedef struct pthread_rwlockattr_t:
         pass
+    ctypedef struct pthread_barrier_t:
+        pass
+    ctypedef struct pthread_barrierattr_t:
+        pass
+    enum: PTHREAD_BARRIER_SERIAL_THREAD
+    int pthread_barrier_init(pthread_barrier_t*, const pthread_barrierattr_t*, unsigned)
+    int pthread_barrier_destroy(pthread_barrier_t*)
+    int pthread_barrier_wait(pthread_barrier_t*)
     int pthread_create(pthread_t*, const pthread_attr_t*, void* (*)(void*) noexcept nogil, void*)
     int pthread_join(pthread_t, void**)
     int pthread_mutex_init(pthread_mutex_t*, const pthread_mutexattr_t*)
@@ -64,6 +72,7 @@ cdef enum:
     LOCK_EXCLUSIVE = 1
     WORK_TRAIN = 0
     WORK_EVAL = 1
+    WORK_OPTIMIZE = 2
     MODEL_LOCK = 0
     GRADIENT_LOCK = 1
 
@@ -94,6 +103,7 @@ cdef struct SphereTrainingContext:
     int work_complete
     pthread_t thread
     int thread_started
+    double op_seconds[NUM_OPS]  # profile, when the system's profile flag is set
 
 
 cdef struct ThreadedTrainingSystem:
@@ -121,8 +131,22 @@ cdef struct ThreadedTrainingSystem:
     pthread_rwlock_t model_lock
     int lock_mode
     int debug_locks
+    int profile
     int running
     int abort_step
+    # the optimiser step, run by all spheres over fixed chunks of the flat buffer
+    pthread_barrier_t batch_barrier   # between the norm and the update phases
+    const long long* chunks           # (num_chunks, 3): offset, size, decay
+    int num_chunks
+    double* chunk_sumsq               # (num_chunks,)
+    int next_chunk
+    OptimizerSettings opt
+    int opt_count                     # counted tokens behind the summed gradient
+    float* adam_m
+    float* adam_v
+    float opt_scale                   # clipping factor
+    double opt_norm
+    int opt_apply
     double epoch_loss
     long long total_batches
     # test hook: poison micro-batch inject_microbatch of the inject_step-th step
@@ -166,12 +190,6 @@ cdef inline void gradient_lock_release(ThreadedTrainingSystem* s) noexcept nogil
 
 # --- one sphere --------------------------------------------------------------------------
 
-cdef double now_seconds() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return ts.tv_sec + ts.tv_nsec * 1e-9
-
-
 cdef long long validate_gradients(const float* g, size_t size) noexcept nogil:
     # index of the first NaN/Inf in g, or -1; x * 0 is NaN exactly when x is not finite
     cdef size_t i, start, end
@@ -191,16 +209,19 @@ cdef long long validate_gradients(const float* g, size_t size) noexcept nogil:
     return -1
 
 
-cdef void accumulate_gradients(SphereTrainingContext* ctx, int mb, bint valid) noexcept nogil:
+cdef void accumulate_gradients(SphereTrainingContext* ctx, int mb, bint valid,
+                               double* timers) noexcept nogil:
     # Adds local_gradients into accumulated_gradients in micro-batch order, whichever sphere
     # finished first, and leaves local_gradients zero for the next micro-batch.
     cdef ThreadedTrainingSystem* s = ctx.system
     cdef size_t i, size = s.gradient_size
     cdef float* acc = s.accumulated_gradients
     cdef float* loc = ctx.local_gradients
+    cdef double t = now_seconds() if timers != NULL else 0.0
     gradient_lock_acquire(s)
     while s.next_to_accumulate != mb:
         pthread_cond_wait(&s.accumulate_turn, &s.gradient_lock)
+    tock(timers, OP_TURN_WAIT, &t)
     if valid and not s.accumulated_any:
         memcpy(acc, loc, size * sizeof(float))
         memset(loc, 0, size * sizeof(float))
@@ -211,9 +232,12 @@ cdef void accumulate_gradients(SphereTrainingContext* ctx, int mb, bint valid) n
             loc[i] = 0.0
     else:
         memset(loc, 0, size * sizeof(float))
+    if mb == s.num_microbatches - 1 and not s.accumulated_any:
+        memset(acc, 0, size * sizeof(float))   # no valid micro-batch: the sum is empty
     s.next_to_accumulate += 1
     pthread_cond_broadcast(&s.accumulate_turn)
     gradient_lock_release(s)
+    tock(timers, OP_ACCUMULATE, &t)
 
 
 cdef void sphere_process_batch(SphereTrainingContext* ctx, int mb) noexcept nogil:
@@ -226,40 +250,84 @@ cdef void sphere_process_batch(SphereTrainingContext* ctx, int mb) noexcept nogi
     cdef bint train = s.work_kind == WORK_TRAIN
     cdef const int* windows = s.batch + <size_t>first * s.stride
     cdef MicroBatchResult* r = &s.results[mb]
-    cdef double loss
+    cdef double* timers = ctx.op_seconds if s.profile else NULL
+    cdef double loss, t
     cdef long long bad = -1
     if B > s.micro_batch:
         B = s.micro_batch
     ctx.current_microbatch = mb
     model_lock_acquire(s, s.lock_mode == LOCK_EXCLUSIVE)
     loss = model_forward(&ctx.acts, &counted, s.params, &s.cfg, windows, windows + 1,
-                         s.stride, B, n, train)
+                         s.stride, B, n, train, timers)
     if train:
-        model_backward(ctx.local_gradients, &ctx.acts, s.params, &s.cfg, windows, s.stride)
+        model_backward(ctx.local_gradients, &ctx.acts, s.params, &s.cfg, windows, s.stride,
+                       timers)
     model_lock_release(s)
     r.loss_sum = loss
     r.counted = counted
     r.sphere_id = ctx.sphere_id
     r.valid = isfinite(loss)
     r.bad_index = -1
-    if train:
-        if s.step_counter == s.inject_step and mb == s.inject_microbatch:
-            ctx.local_gradients[s.gradient_size // 2] = NAN
-        if r.valid:
-            bad = validate_gradients(ctx.local_gradients, s.gradient_size)
-            if bad >= 0:
-                r.valid = 0
-                r.bad_index = bad
-        accumulate_gradients(ctx, mb, r.valid)
-    if train:
-        if r.valid:
-            ctx.batch_loss += loss
-            ctx.batch_tokens += counted
-        ctx.batches_processed += 1
+    if not train:
+        return
+    if s.step_counter == s.inject_step and mb == s.inject_microbatch:
+        ctx.local_gradients[s.gradient_size // 2] = NAN
+    t = now_seconds() if timers != NULL else 0.0
+    if r.valid:
+        bad = validate_gradients(ctx.local_gradients, s.gradient_size)
+        if bad >= 0:
+            r.valid = 0
+            r.bad_index = bad
+    tock(timers, OP_ACCUMULATE, &t)
+    accumulate_gradients(ctx, mb, r.valid, timers)
+    if r.valid:
+        ctx.batch_loss += loss
+        ctx.batch_tokens += counted
+    ctx.batches_processed += 1
+
+
+cdef void sphere_optimizer_phase(SphereTrainingContext* ctx) noexcept nogil:
+    # Every sphere takes part: (1) mean gradient and sum of squares per chunk, (2) one sphere
+    # adds the chunk sums in chunk order (the norm does not depend on the thread count) and
+    # sets the clipping factor, (3) AdamW/SGD update per chunk.
+    cdef ThreadedTrainingSystem* s = ctx.system
+    cdef double* timers = ctx.op_seconds if s.profile else NULL
+    cdef double t = now_seconds() if timers != NULL else 0.0
+    cdef double sumsq
+    cdef int k
+    cdef const long long* c
+    while True:
+        k = cllm_claim(&s.next_microbatch)
+        if k >= s.num_chunks:
+            break
+        c = s.chunks + 3 * k
+        s.chunk_sumsq[k] = mean_gradient_sumsq(s.accumulated_gradients + c[0], <size_t>c[1],
+                                               s.opt_count)
+    if pthread_barrier_wait(&s.batch_barrier) == PTHREAD_BARRIER_SERIAL_THREAD:
+        sumsq = 0.0
+        for k in range(s.num_chunks):
+            sumsq += s.chunk_sumsq[k]
+        s.opt_norm = sqrt(sumsq)
+        s.opt_apply = isfinite(s.opt_norm)
+        s.opt_scale = 1.0
+        if s.opt.grad_clip > 0 and s.opt_norm > s.opt.grad_clip:
+            s.opt_scale = <float>(s.opt.grad_clip / s.opt_norm)
+    pthread_barrier_wait(&s.batch_barrier)
+    while s.opt_apply:
+        k = cllm_claim(&s.next_chunk)
+        if k >= s.num_chunks:
+            break
+        c = s.chunks + 3 * k
+        optimizer_update(s.params + c[0], s.accumulated_gradients + c[0],
+                         s.adam_m + c[0] if s.opt.adamw else NULL,
+                         s.adam_v + c[0] if s.opt.adamw else NULL,
+                         <size_t>c[1], c[2] != 0, s.opt_scale, &s.opt)
+    tock(timers, OP_OPTIMIZER, &t)
 
 
 cdef void* sphere_worker_thread(void* arg) noexcept nogil:
-    # Waits for a step, claims micro-batches in increasing order until none is left, reports.
+    # Waits for work: claims micro-batches in increasing order until none is left, or takes
+    # its part of the optimiser step; then reports.
     cdef SphereTrainingContext* ctx = <SphereTrainingContext*>arg
     cdef ThreadedTrainingSystem* s = ctx.system
     cdef int mb
@@ -274,11 +342,14 @@ cdef void* sphere_worker_thread(void* arg) noexcept nogil:
         ctx.has_work = 0
         pthread_mutex_unlock(&ctx.lock)
         t0 = now_seconds()
-        while not cllm_load(&s.abort_step):
-            mb = cllm_claim(&s.next_microbatch)
-            if mb >= s.num_microbatches:
-                break
-            sphere_process_batch(ctx, mb)
+        if s.work_kind == WORK_OPTIMIZE:
+            sphere_optimizer_phase(ctx)
+        else:
+            while not cllm_load(&s.abort_step):
+                mb = cllm_claim(&s.next_microbatch)
+                if mb >= s.num_microbatches:
+                    break
+                sphere_process_batch(ctx, mb)
         ctx.busy_seconds += now_seconds() - t0
         pthread_mutex_lock(&ctx.lock)
         ctx.work_complete = 1
@@ -311,9 +382,12 @@ cdef void threaded_system_destroy(ThreadedTrainingSystem* s) noexcept nogil:
         pthread_cond_destroy(&ctx.work_done)
         activations_free(&ctx.acts)
         free(ctx.local_gradients)
+    if s.num_worker_spheres:
+        pthread_barrier_destroy(&s.batch_barrier)
     free(s.sphere_contexts)
     free(s.accumulated_gradients)
     free(s.results)
+    free(s.chunk_sumsq)
     pthread_mutex_destroy(&s.gradient_lock)
     pthread_cond_destroy(&s.accumulate_turn)
     pthread_rwlock_destroy(&s.model_lock)
@@ -321,6 +395,7 @@ cdef void threaded_system_destroy(ThreadedTrainingSystem* s) noexcept nogil:
 
 
 cdef ThreadedTrainingSystem* threaded_system_create(ModelConfig cfg, float* params,
+                                                    const long long* chunks, int num_chunks,
                                                     int num_spheres, int micro_batch,
                                                     int max_microbatches, int lock_mode,
                                                     int debug_locks) noexcept nogil:
@@ -333,6 +408,8 @@ cdef ThreadedTrainingSystem* threaded_system_create(ModelConfig cfg, float* para
     s.cfg = cfg
     s.params = params
     s.gradient_size = model_size(&s.cfg)
+    s.chunks = chunks
+    s.num_chunks = num_chunks
     s.micro_batch = micro_batch
     s.max_microbatches = max_microbatches
     s.lock_mode = lock_mode
@@ -345,11 +422,14 @@ cdef ThreadedTrainingSystem* threaded_system_create(ModelConfig cfg, float* para
     pthread_rwlock_init(&s.model_lock, NULL)
     s.accumulated_gradients = <float*>calloc(s.gradient_size, sizeof(float))
     s.results = <MicroBatchResult*>calloc(max_microbatches, sizeof(MicroBatchResult))
+    s.chunk_sumsq = <double*>calloc(num_chunks, sizeof(double))
     s.sphere_contexts = <SphereTrainingContext*>calloc(num_spheres, sizeof(SphereTrainingContext))
-    if s.accumulated_gradients == NULL or s.results == NULL or s.sphere_contexts == NULL:
+    if (s.accumulated_gradients == NULL or s.results == NULL or s.chunk_sumsq == NULL
+            or s.sphere_contexts == NULL):
         threaded_system_destroy(s)
         return NULL
     s.num_worker_spheres = num_spheres
+    pthread_barrier_init(&s.batch_barrier, NULL, num_spheres)
     for i in range(num_spheres):
         ctx = &s.sphere_contexts[i]
         pthread_mutex_init(&ctx.lock, NULL)
@@ -372,19 +452,15 @@ cdef ThreadedTrainingSystem* threaded_system_create(ModelConfig cfg, float* para
     return s
 
 
-cdef void threaded_start_work(ThreadedTrainingSystem* s, const int* windows, int num_windows,
-                              int stride, int kind) noexcept nogil:
-    # hands the spheres one global batch (training) or a set of windows (evaluation)
+cdef void threaded_start_work(ThreadedTrainingSystem* s, int kind) noexcept nogil:
+    # wakes every sphere for the work described in s (batch fields or optimiser settings)
     cdef int i
     cdef SphereTrainingContext* ctx
-    s.batch = windows
-    s.batch_windows = num_windows
-    s.stride = stride
     s.work_kind = kind
-    s.num_microbatches = (num_windows + s.micro_batch - 1) // s.micro_batch
     s.next_microbatch = 0
     s.next_to_accumulate = 0
     s.accumulated_any = 0
+    s.next_chunk = 0
     s.abort_step = 0
     for i in range(s.num_worker_spheres):
         ctx = &s.sphere_contexts[i]
@@ -393,6 +469,16 @@ cdef void threaded_start_work(ThreadedTrainingSystem* s, const int* windows, int
         ctx.has_work = 1
         pthread_cond_signal(&ctx.work_ready)
         pthread_mutex_unlock(&ctx.lock)
+
+
+cdef void threaded_start_batch(ThreadedTrainingSystem* s, const int* windows, int num_windows,
+                               int stride, int kind) noexcept nogil:
+    # hands the spheres one global batch (training) or a set of windows (evaluation)
+    s.batch = windows
+    s.batch_windows = num_windows
+    s.stride = stride
+    s.num_microbatches = (num_windows + s.micro_batch - 1) // s.micro_batch
+    threaded_start_work(s, kind)
 
 
 cdef bint threaded_wait_work(ThreadedTrainingSystem* s, double timeout) noexcept nogil:
@@ -418,3 +504,23 @@ cdef bint threaded_wait_work(ThreadedTrainingSystem* s, double timeout) noexcept
         if not done:
             return False
     return True
+
+
+cdef int threaded_optimizer_step(ThreadedTrainingSystem* s, int count, float* m, float* v,
+                                 const OptimizerSettings* o, double* norm) noexcept nogil:
+    # Applies the step's accumulated gradient (a sum over `count` tokens) with every sphere
+    # working on its chunks, under model_lock (write) then gradient_lock. Returns 1 when
+    # applied, 0 when skipped because the norm is not finite.
+    model_lock_acquire(s, True)
+    gradient_lock_acquire(s)
+    s.opt = o[0]
+    s.opt_count = count
+    s.adam_m = m
+    s.adam_v = v
+    threaded_start_work(s, WORK_OPTIMIZE)
+    while not threaded_wait_work(s, 1.0):
+        pass
+    norm[0] = s.opt_norm
+    gradient_lock_release(s)
+    model_lock_release(s)
+    return s.opt_apply

@@ -391,9 +391,46 @@ def test_prepare_dataset_with_given_tokenizer(tmp_path):
     assert np.array_equal(np.asarray(tokens), expected)
     assert Tokenizer.load(tmp_path / "ck" / "vocab.txt").vocab_hash == given.vocab_hash
     _, _, again = D.prepare_dataset(files, tmp_path / "ck", tokenizer=given)
-    assert again["reused"] is True
-    _, _, other = D.prepare_dataset(files, tmp_path / "ck", tokenizer=Tokenizer.build(["dog the"]))
+    assert again["reused"] is True and again["key"] == info["key"]
+    other_tok = Tokenizer.build(["dog the"])
+    _, tokens, other = D.prepare_dataset(files, tmp_path / "ck", tokenizer=other_tok)
     assert other["reused"] is False
+    assert np.array_equal(np.asarray(tokens), np.concatenate(
+        [other_tok.encode_document(D.read_text(f)) for f in files[:2]]))
+    # a stream encoded with a given vocabulary is not reused when building one
+    built, tokens, own = D.prepare_dataset(files, tmp_path / "ck")
+    assert own["reused"] is False and len(built) > len(other_tok)
+
+
+def test_prepare_dataset_resume_with_saved_tokenizer(tmp_path):
+    """A resumed run passes the vocabulary the first run built: same key, stream reused;
+    and if dataset.bin is gone, it is rebuilt under the same key."""
+    files = make_corpus(tmp_path)
+    out = tmp_path / "ck"
+    tok, tokens, first = D.prepare_dataset(files, out, "word", 100)
+    saved = Tokenizer.load(out / "vocab.txt")
+    _, again, info = D.prepare_dataset(files, out, "word", 100, tokenizer=saved)
+    assert info["reused"] is True and info["key"] == first["key"]
+    (out / "dataset.bin").unlink()
+    _, rebuilt, info = D.prepare_dataset(files, out, "word", 100, tokenizer=saved)
+    assert info["reused"] is False and info["key"] == first["key"]
+    assert np.array_equal(np.asarray(rebuilt), np.asarray(again))
+    # a changed corpus still changes the key
+    write(files[0], "The cat sat on the mat.")
+    _, _, info = D.prepare_dataset(files, out, "word", 100, tokenizer=saved)
+    assert info["key"] != first["key"]
+
+
+def test_prepare_dataset_built_stream_not_reused_with_other_vocab(tmp_path):
+    files = make_corpus(tmp_path)
+    out = tmp_path / "ck"
+    _, _, first = D.prepare_dataset(files, out, "word", 100)
+    other = Tokenizer.build(["cat dog"])
+    _, encoded, info = D.prepare_dataset(files, out, "word", 100, tokenizer=other)
+    assert info["reused"] is False and info["key"] == first["key"]
+    assert np.array_equal(np.asarray(encoded), np.concatenate(
+        [other.encode_document(D.read_text(f)) for f in files[:2]]))
+    assert Tokenizer.load(out / "vocab.txt").vocab_hash == other.vocab_hash
 
 
 def test_prepare_dataset_uint32_for_large_vocab(tmp_path):

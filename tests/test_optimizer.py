@@ -1,0 +1,475 @@
+"""One Engine step (SPEC sections 2 and 4): the accumulated gradient of the spheres against the
+float64 reference, the optimiser step (AdamW, SGD, clipping) against the float32 references
+of tests/reference.py applied to the engine's own mean gradient, NaN handling, bit-identical
+results whatever the number of spheres or the lock mode, and the learning-rate schedule."""
+import math
+import time
+
+import numpy as np
+import pytest
+
+import reference as ref
+from cllm_cli import _engine
+from cllm_cli.config import CLLMConfig, num_params, param_shapes
+from cllm_cli.model import engine_config
+from cllm_cli.train import TrainConfig, lr_at
+
+CFG = CLLMConfig(vocab_size=11, embed_dim=8, num_layers=2, num_heads=2, ff_dim=12, seq_len=5)
+CFG2 = CLLMConfig(vocab_size=13, embed_dim=12, num_layers=1, num_heads=3, ff_dim=16, seq_len=6)
+NP = num_params(CFG)
+MASK = ref.decay_mask(CFG)
+
+
+def make_params(cfg, seed=0, std=0.3):
+    return ref.flatten(ref.init_params(cfg, seed, std), cfg, dtype=np.float32)
+
+
+def make_windows(cfg, W, n, seed, pad_frac=0.2, pad_rows=()):
+    """int32 windows [W, n + 1]; some targets (columns 1..n) are <pad>."""
+    rng = np.random.default_rng(seed)
+    win = rng.integers(1, cfg.vocab_size, size=(W, n + 1)).astype(np.int32)
+    win[:, 1:][rng.random((W, n)) < pad_frac] = 0
+    for r in pad_rows:
+        win[r, 1:] = 0
+    return np.ascontiguousarray(win)
+
+
+def run(engine, windows, step=0, train=True):
+    engine.start(windows, train, step)
+    deadline = time.monotonic() + 30
+    while not engine.wait(0.5):
+        assert time.monotonic() < deadline, "the spheres did not finish within 30 s"
+    return engine.results()
+
+
+class engine_for:
+    """Context manager: an Engine on `flat` that is always closed."""
+
+    def __init__(self, cfg, flat, spheres=1, micro_batch=1, max_windows=16, lock_mode="shared"):
+        self.engine = _engine.Engine(engine_config(cfg), flat, spheres, micro_batch, max_windows,
+                                     lock_mode)
+
+    def __enter__(self):
+        return self.engine
+
+    def __exit__(self, *exc):
+        self.engine.close()
+
+
+def reference_sum_grads(cfg, flat, windows):
+    p64 = {k: v.astype(np.float64) for k, v in ref.unflatten(flat, cfg).items()}
+    return ref.loss_and_grads(p64, cfg, windows[:, :-1], windows[:, 1:])
+
+
+def assert_close_per_tensor(cfg, got_flat, expected, rel=1e-4):
+    got = ref.unflatten(got_flat, cfg)
+    for name, _ in param_shapes(cfg):
+        scale = np.abs(expected[name]).max()
+        assert scale > 0, f"{name}: reference gradient is zero"
+        err = np.abs(got[name] - expected[name]).max()
+        assert err <= rel * scale, f"{name}: max error {err:.3g} vs max |grad| {scale:.3g}"
+
+
+# ----------------------------------------------------------------------------------------
+# the accumulated gradient
+
+@pytest.mark.parametrize("cfg, W, n, micro_batch", [
+    (CFG, 5, 5, 1), (CFG, 5, 5, 2), (CFG, 5, 5, 3), (CFG, 5, 5, 5),
+    (CFG, 4, 3, 2),                     # n < T
+    (CFG2, 3, 6, 1), (CFG2, 3, 6, 3),
+])
+def test_accumulated_gradient_matches_reference(cfg, W, n, micro_batch):
+    flat = make_params(cfg, seed=W + n)
+    windows = make_windows(cfg, W, n, seed=micro_batch, pad_rows=(1,))
+    before = flat.copy()
+    with engine_for(cfg, flat, 1, micro_batch) as engine:
+        results = run(engine, windows)
+        acc = engine.accumulated_gradients()
+    np.testing.assert_array_equal(flat, before)          # a step without optimiser: untouched
+    loss, counted, grads = reference_sum_grads(cfg, flat, windows)
+    n_mb = -(-W // micro_batch)
+    assert len(results) == n_mb
+    for k, (mb_loss, mb_counted, sphere, valid, bad) in enumerate(results):
+        part = windows[k * micro_batch:(k + 1) * micro_batch]
+        assert valid and bad == -1 and sphere == 0
+        assert mb_counted == int((part[:, 1:] != 0).sum())
+        if mb_counted:
+            expected = reference_sum_grads(cfg, flat, part)[0]
+            assert mb_loss == pytest.approx(expected, rel=1e-5)
+        else:
+            assert mb_loss == 0
+    assert sum(r[1] for r in results) == counted
+    assert sum(r[0] for r in results) == pytest.approx(loss, rel=1e-5)
+    assert acc.dtype == np.float32 and acc.shape == (num_params(cfg),)
+    assert_close_per_tensor(cfg, acc, grads)
+
+
+def micro_batch_grads(cfg, flat, windows, micro_batch):
+    """Each micro-batch's summed gradient, from the plain engine function."""
+    parts = []
+    for k in range(0, len(windows), micro_batch):
+        part = windows[k:k + micro_batch]
+        g = np.zeros_like(flat)
+        _engine.loss_and_grads(engine_config(cfg), flat, np.ascontiguousarray(part[:, :-1]),
+                               np.ascontiguousarray(part[:, 1:]), g)
+        parts.append(g)
+    return parts
+
+
+def ordered_sum(parts):
+    acc = parts[0].copy()
+    for g in parts[1:]:
+        acc = acc + g                  # float32, element by element, in micro-batch order
+    return acc
+
+
+@pytest.mark.parametrize("micro_batch", [1, 2])
+def test_accumulation_is_the_ordered_float32_sum(micro_batch):
+    """(((g0 + g1) + g2) + ...) bit for bit; float32 addition is not associative, so another
+    order would show in the last bits."""
+    flat = make_params(CFG, seed=3)
+    windows = make_windows(CFG, 6, 5, seed=4)
+    parts = micro_batch_grads(CFG, flat, windows, micro_batch)
+    with engine_for(CFG, flat, 3, micro_batch) as engine:
+        run(engine, windows)
+        acc = engine.accumulated_gradients()
+    expected = ordered_sum(parts)
+    np.testing.assert_array_equal(acc, expected)
+    reversed_sum = ordered_sum(parts[::-1])
+    assert not np.array_equal(reversed_sum, expected), "the case cannot tell orders apart"
+
+
+def test_accumulation_restarts_each_step():
+    flat = make_params(CFG, seed=5)
+    w1, w2 = make_windows(CFG, 4, 5, seed=6), make_windows(CFG, 4, 5, seed=7)
+    with engine_for(CFG, flat, 2, 2) as engine:
+        run(engine, w1, step=0)
+        run(engine, w2, step=1)
+        acc = engine.accumulated_gradients()
+    np.testing.assert_array_equal(acc, ordered_sum(micro_batch_grads(CFG, flat, w2, 2)))
+
+
+def test_evaluation_reports_losses_and_leaves_weights():
+    flat = make_params(CFG, seed=8)
+    windows = make_windows(CFG, 5, 5, seed=9)
+    before = flat.copy()
+    with engine_for(CFG, flat, 2, 2) as engine:
+        results = run(engine, windows, step=-1, train=False)
+    loss, counted, _ = reference_sum_grads(CFG, flat, windows)
+    assert len(results) == 3 and all(r[3] for r in results)
+    assert sum(r[1] for r in results) == counted
+    assert sum(r[0] for r in results) == pytest.approx(loss, rel=1e-5)
+    np.testing.assert_array_equal(flat, before)
+
+
+# ----------------------------------------------------------------------------------------
+# the optimiser step, isolated: references applied to the engine's own mean gradient
+
+def accumulate(flat, windows, micro_batch=2, step=0):
+    """Returns (engine, results, accumulated sum, counted); the caller closes the engine."""
+    engine = _engine.Engine(engine_config(CFG), flat, 1, micro_batch, 16)
+    results = run(engine, windows, step=step)
+    return engine, results, engine.accumulated_gradients(), sum(r[1] for r in results)
+
+
+def assert_bit_equal(got, expected, what):
+    # the engine rounds every scalar to float32 once and follows the reference's order of
+    # operations, so the step agrees with the numpy reference exactly
+    np.testing.assert_array_equal(got, expected, err_msg=what)
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1e3, 0.05])
+def test_adamw_two_steps_match_reference(grad_clip):
+    flat = make_params(CFG, seed=10)
+    lr, wd = 1e-2, 0.1
+    m = np.zeros(NP, np.float32)
+    v = np.zeros(NP, np.float32)
+    p = flat.copy()
+    for t, seed in ((1, 11), (2, 12)):
+        windows = make_windows(CFG, 5, 5, seed=seed)
+        engine, results, acc, count = accumulate(flat, windows, step=t - 1)
+        try:
+            mean = acc / np.float32(count)
+            g, norm_ref = ref.clip_reference(mean, grad_clip)
+            if grad_clip == 0.05:
+                assert norm_ref > grad_clip * 2, "clipping is not active in this case"
+            elif grad_clip:
+                assert norm_ref < grad_clip
+            p_ref, m_ref, v_ref = ref.adamw_reference(p, g, m, v, t, lr, wd, MASK)
+            norm, applied = engine.optimizer_step(count, m, v, adamw=True, lr=lr,
+                                                  weight_decay=wd, grad_clip=grad_clip, t=t)
+        finally:
+            engine.close()
+        assert applied
+        assert norm == pytest.approx(norm_ref, rel=1e-12)
+        assert_bit_equal(m, m_ref, f"m at t={t}")
+        assert_bit_equal(v, v_ref, f"v at t={t}")
+        assert_bit_equal(flat, p_ref, f"params at t={t}")
+        assert not np.array_equal(flat, p), "the step changed nothing"
+        # continue from the engine's own state so each step is compared in isolation
+        p = flat.copy()
+
+
+def test_adamw_first_step_is_lr_times_sign():
+    """With t=1, no decay and no clipping, mhat/sqrt(vhat) = g/|g|: each weight moves by lr
+    (minus the eps effect) against its gradient. Checks the bias correction independently of
+    the reference."""
+    flat = make_params(CFG, seed=13)
+    p0 = flat.copy()
+    m = np.zeros(NP, np.float32)
+    v = np.zeros(NP, np.float32)
+    engine, _, acc, count = accumulate(flat, make_windows(CFG, 4, 5, seed=14))
+    try:
+        engine.optimizer_step(count, m, v, adamw=True, lr=1e-3, weight_decay=0.0,
+                              grad_clip=0.0, t=1)
+    finally:
+        engine.close()
+    g = acc / np.float32(count)
+    big = np.abs(g) > 1e-4
+    assert big.sum() > NP // 2
+    np.testing.assert_allclose((p0 - flat)[big], 1e-3 * np.sign(g[big]), rtol=2e-3)
+    np.testing.assert_allclose(m, np.float32(0.1) * g, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(v, np.float32(0.05) * g * g, rtol=1e-5, atol=1e-20)
+
+
+def test_sgd_lr_one_makes_the_gradient_visible():
+    flat = make_params(CFG, seed=15)
+    w0 = flat.copy()
+    m = np.zeros(NP, np.float32)
+    v = np.zeros(NP, np.float32)
+    windows = make_windows(CFG, 5, 5, seed=16)
+    engine, _, acc, count = accumulate(flat, windows)
+    try:
+        norm, applied = engine.optimizer_step(count, m, v, adamw=False, lr=1.0,
+                                              weight_decay=0.0, grad_clip=0.0, t=1)
+    finally:
+        engine.close()
+    mean = acc / np.float32(count)
+    assert applied and norm == pytest.approx(ref.clip_reference(mean, 0.0)[1], rel=1e-12)
+    np.testing.assert_array_equal(flat, ref.sgd_reference(w0, mean, 1.0, 0.0, MASK))
+    # w0 - w1 is the mean gradient (up to float32 rounding of w0 - g), and that mean is the
+    # reference gradient of the mean loss
+    np.testing.assert_allclose(w0 - flat, mean, rtol=0, atol=2 * np.spacing(np.abs(w0).max()))
+    _, ref_count, grads = reference_sum_grads(CFG, w0, windows)
+    assert ref_count == count
+    assert_close_per_tensor(CFG, w0 - flat, {k: g / count for k, g in grads.items()}, rel=2e-4)
+    assert not m.any() and not v.any(), "SGD has no optimiser state"
+
+
+@pytest.mark.parametrize("grad_clip, wd", [(0.0, 0.1), (0.05, 0.0), (0.05, 0.1), (1e3, 0.1)])
+def test_sgd_with_decay_and_clipping_matches_reference(grad_clip, wd):
+    flat = make_params(CFG, seed=17)
+    w0 = flat.copy()
+    lr = 0.5
+    m = np.zeros(NP, np.float32)
+    engine, _, acc, count = accumulate(flat, make_windows(CFG, 5, 5, seed=18), micro_batch=1)
+    try:
+        norm, applied = engine.optimizer_step(count, m, m.copy(), adamw=False, lr=lr,
+                                              weight_decay=wd, grad_clip=grad_clip, t=1)
+    finally:
+        engine.close()
+    g, norm_ref = ref.clip_reference(acc / np.float32(count), grad_clip)
+    if grad_clip == 0.05:
+        assert norm_ref > 2 * grad_clip
+    assert applied and norm == pytest.approx(norm_ref, rel=1e-12)
+    expected = ref.sgd_reference(w0, g, lr, wd, MASK)
+    assert_bit_equal(flat, expected, "params")
+    if wd:
+        # 1-D tensors (biases, LayerNorm) are not decayed: their change is the gradient alone
+        one_d = ~MASK
+        assert_bit_equal(flat[one_d], w0[one_d] - np.float32(lr) * g[one_d], "1-D tensors")
+
+
+def test_clipping_scales_to_grad_clip():
+    """After clipping, SGD with lr 1 moves the weights by a vector of norm grad_clip."""
+    flat = make_params(CFG, seed=19)
+    w0 = flat.copy()
+    z = np.zeros(NP, np.float32)
+    engine, _, acc, count = accumulate(flat, make_windows(CFG, 5, 5, seed=20))
+    try:
+        norm, _ = engine.optimizer_step(count, z, z.copy(), adamw=False, lr=1.0,
+                                        weight_decay=0.0, grad_clip=0.01, t=1)
+    finally:
+        engine.close()
+    mean = (acc / np.float32(count)).astype(np.float64)
+    assert norm == pytest.approx(np.linalg.norm(mean), rel=1e-6) and norm > 0.02
+    step = (w0 - flat).astype(np.float64)
+    assert np.linalg.norm(step) == pytest.approx(0.01, rel=1e-3)
+    cos = step @ mean / (np.linalg.norm(step) * np.linalg.norm(mean))
+    assert cos > 0.9999
+
+
+# ----------------------------------------------------------------------------------------
+# non-finite micro-batches
+
+@pytest.mark.parametrize("spheres, micro_batch, bad_mb", [
+    (1, 1, 0), (1, 1, 2), (1, 1, 4), (2, 2, 1), (3, 2, 0), (2, 1, 4),
+])
+def test_nan_micro_batch_is_left_out(spheres, micro_batch, bad_mb):
+    flat = make_params(CFG, seed=21)
+    windows = make_windows(CFG, 5, 5, seed=22)
+    parts = micro_batch_grads(CFG, flat, windows, micro_batch)
+    step = 7
+    with engine_for(CFG, flat, spheres, micro_batch) as engine:
+        engine.inject_nan(step, bad_mb)
+        results = run(engine, windows, step=step)
+        acc = engine.accumulated_gradients()
+        # the hook only poisons its own step: the next step is clean again
+        clean = run(engine, windows, step=step + 1)
+        acc_clean = engine.accumulated_gradients()
+    assert len(results) == len(parts)
+    for k, (_, _, _, valid, bad) in enumerate(results):
+        if k == bad_mb:
+            assert not valid and 0 <= bad < NP, results[k]
+        else:
+            assert valid and bad == -1, results[k]
+    expected = ordered_sum([g for k, g in enumerate(parts) if k != bad_mb])
+    assert np.all(np.isfinite(acc))
+    np.testing.assert_array_equal(acc, expected)
+    assert all(r[3] for r in clean)
+    np.testing.assert_array_equal(acc_clean, ordered_sum(parts))
+
+
+def test_nan_hook_for_another_step_does_nothing():
+    flat = make_params(CFG, seed=23)
+    windows = make_windows(CFG, 4, 5, seed=24)
+    with engine_for(CFG, flat, 2, 1) as engine:
+        engine.inject_nan(5, 1)
+        results = run(engine, windows, step=4)
+        acc = engine.accumulated_gradients()
+    assert all(r[3] and r[4] == -1 for r in results)
+    np.testing.assert_array_equal(acc, ordered_sum(micro_batch_grads(CFG, flat, windows, 1)))
+
+
+def test_no_valid_micro_batch_leaves_an_empty_sum():
+    flat = make_params(CFG, seed=25)
+    windows = make_windows(CFG, 3, 5, seed=26)
+    with engine_for(CFG, flat, 1, 3) as engine:
+        run(engine, windows, step=0)                 # a good step first
+        engine.inject_nan(1, 0)
+        results = run(engine, windows, step=1)       # its only micro-batch is bad
+        acc = engine.accumulated_gradients()
+    assert len(results) == 1 and not results[0][3]
+    assert not acc.any(), "the sum over no valid micro-batch should be zero"
+
+
+def test_non_finite_summed_gradient_skips_the_step():
+    """Two valid micro-batches whose gradients are finite but sum to Inf: optimizer_step
+    refuses the step (applied False) and leaves the weights and the AdamW state untouched.
+
+    ln_f.bias[j] = 2.5e38 with wte[:, j] = 0 keeps the logits finite, while the tied output
+    projection gives dwte[v, j] = (p_v - 1) * 2.5e38 for a counted target v: about -2.3e38
+    per micro-batch, -Inf once two are added."""
+    cfg, j, target = CFG, 2, 5
+    flat = make_params(cfg, seed=27, std=0.1)
+    views = ref.unflatten(flat, cfg)
+    views["wte"][:, j] = 0.0
+    views["ln_f.bias"][j] = np.float32(2.5e38)
+    windows = make_windows(cfg, 2, 5, seed=28)
+    windows[:, 1:] = 0
+    windows[:, 3] = target                      # exactly one counted target per window
+    before = flat.copy()
+    m = np.full(NP, 0.5, np.float32)
+    v = np.full(NP, 0.25, np.float32)
+    with engine_for(cfg, flat, 2, 1) as engine:
+        results = run(engine, windows)
+        assert [(r[1], r[3]) for r in results] == [(1, True), (1, True)], results
+        acc = engine.accumulated_gradients()
+        assert not np.all(np.isfinite(acc)), "the case did not overflow"
+        norm, applied = engine.optimizer_step(2, m, v, adamw=True, lr=1e-2,
+                                              weight_decay=0.1, grad_clip=1.0, t=1)
+    assert not applied and not math.isfinite(norm)
+    np.testing.assert_array_equal(flat, before)
+    assert np.all(m == 0.5) and np.all(v == 0.25)
+
+
+# ----------------------------------------------------------------------------------------
+# determinism: threads and lock mode change nothing
+
+@pytest.mark.parametrize("micro_batch", [1, 2])
+def test_bit_identical_across_spheres_and_lock_modes(micro_batch):
+    base = make_params(CFG, seed=29)
+    windows = [make_windows(CFG, 7, 5, seed=30 + s) for s in range(2)]
+    outcomes = []
+    for spheres, mode in [(1, "shared"), (2, "shared"), (3, "shared"), (5, "shared"),
+                          (1, "exclusive"), (3, "exclusive"), (5, "exclusive")]:
+        flat = base.copy()
+        m = np.zeros(NP, np.float32)
+        v = np.zeros(NP, np.float32)
+        accs, losses, norms = [], [], []
+        with engine_for(CFG, flat, spheres, micro_batch, lock_mode=mode) as engine:
+            for t, w in enumerate(windows, start=1):       # two full AdamW steps
+                results = run(engine, w, step=t - 1)
+                accs.append(engine.accumulated_gradients())
+                losses.append([(r[0], r[1], r[3]) for r in results])
+                count = sum(r[1] for r in results)
+                norms.append(engine.optimizer_step(count, m, v, adamw=True, lr=1e-2,
+                                                   weight_decay=0.1, grad_clip=1.0, t=t)[0])
+        outcomes.append(((spheres, mode), accs, losses, norms, flat, m, v))
+    (_, accs0, losses0, norms0, flat0, m0, v0) = outcomes[0]
+    assert not np.array_equal(flat0, base)
+    for (who, accs, losses, norms, flat, m, v) in outcomes[1:]:
+        for a, b in zip(accs, accs0):
+            np.testing.assert_array_equal(a, b, err_msg=f"{who}: accumulated gradient")
+        assert losses == losses0, who
+        assert norms == norms0, who
+        np.testing.assert_array_equal(flat, flat0, err_msg=f"{who}: parameters")
+        np.testing.assert_array_equal(m, m0, err_msg=f"{who}: m")
+        np.testing.assert_array_equal(v, v0, err_msg=f"{who}: v")
+
+
+def test_work_is_shared_between_spheres():
+    """With several spheres and many micro-batches, results name valid sphere ids."""
+    flat = make_params(CFG, seed=31)
+    windows = make_windows(CFG, 12, 5, seed=32)
+    with engine_for(CFG, flat, 3, 1) as engine:
+        results = run(engine, windows)
+    assert len(results) == 12
+    assert {r[2] for r in results} <= {0, 1, 2}
+
+
+# ----------------------------------------------------------------------------------------
+# learning-rate schedule
+
+def schedule_cfg(**kw):
+    base = dict(learning_rate=3e-3, warmup_steps=5, min_lr_ratio=0.1, lr_schedule="cosine")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("warmup, total, schedule, ratio", [
+    (5, 40, "cosine", 0.1), (0, 17, "cosine", 0.1), (3, 10, "cosine", 0.0),
+    (5, 40, "constant", 0.1), (0, 9, "constant", 0.1), (10, 10, "cosine", 0.1),
+])
+def test_lr_at_matches_reference(warmup, total, schedule, ratio):
+    cfg = schedule_cfg(warmup_steps=warmup, lr_schedule=schedule, min_lr_ratio=ratio)
+    for step in range(total):
+        got = lr_at(step, total, cfg)
+        want = ref.lr_at(step, total, 3e-3, warmup, ratio, schedule)
+        assert got == pytest.approx(want, rel=1e-12, abs=1e-15), step
+
+
+def test_lr_warmup_is_linear_from_zero():
+    cfg = schedule_cfg(warmup_steps=4)
+    lrs = [lr_at(s, 100, cfg) for s in range(4)]
+    assert lrs == pytest.approx([0.75e-3, 1.5e-3, 2.25e-3, 3e-3], rel=1e-12)
+    assert lr_at(4, 100, cfg) == pytest.approx(3e-3, rel=1e-12)   # cosine starts at the peak
+
+
+def test_lr_cosine_ends_at_min_ratio():
+    cfg = schedule_cfg(warmup_steps=5, min_lr_ratio=0.1)
+    total = 25
+    lrs = [lr_at(s, total, cfg) for s in range(total)]
+    assert lrs[-1] == pytest.approx(0.1 * 3e-3, rel=1e-12)
+    # half-way through the decay, the cosine is at the midpoint of peak and floor
+    mid_cfg = schedule_cfg(warmup_steps=5)
+    assert lr_at(15, 26, mid_cfg) == pytest.approx(0.55 * 3e-3, rel=1e-12)
+    decay = lrs[5:]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    assert min(lrs) >= 0.1 * 3e-3 * (1 - 1e-12)
+
+
+def test_lr_constant_is_flat_after_warmup():
+    cfg = schedule_cfg(lr_schedule="constant", warmup_steps=2)
+    assert [lr_at(s, 10, cfg) for s in range(10)] == pytest.approx(
+        [1.5e-3] + [3e-3] * 9, rel=1e-12)
