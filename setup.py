@@ -20,8 +20,11 @@ DIRECTIVES = {
     "cdivision": True,
     "embedsignature": True,
 }
-# -O3 without -march or -ffast-math: float results must not depend on the build machine.
-COMPILE_ARGS = ["-O0", "-g"] if DEBUG else ["-O3"]
+# -O3 and the build machine's vector instructions (CLLM_MARCH=x86-64 for a portable build);
+# never -ffast-math, and -ffp-contract=off so that no multiply-add is fused: every build
+# rounds the same operations the same way.
+MARCH = os.environ.get("CLLM_MARCH", "native")
+COMPILE_ARGS = ["-O0", "-g"] if DEBUG else ["-O3", f"-march={MARCH}"]
 COMPILE_ARGS += ["-fno-fast-math", "-ffp-contract=off", "-pthread"]
 
 
@@ -44,7 +47,7 @@ def extensions():
     from Cython.Build import cythonize
     found = gil_reacquiring_calls()
     exts = [Extension(f"cllm_cli._{name}", [f"pyx/{name}.pyx"],
-                      include_dirs=[numpy.get_include()],
+                      include_dirs=[numpy.get_include(), "pyx"],
                       extra_compile_args=COMPILE_ARGS, extra_link_args=["-pthread"])
             for name in MODULES]
     built = cythonize(exts, compiler_directives=DIRECTIVES, annotate=DEBUG,

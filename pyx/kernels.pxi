@@ -1,6 +1,12 @@
 # Forward/backward kernels of one micro-batch. Argument order: outputs, inputs, weights,
 # sizes. Backward kernels accumulate (+=) into parameter gradients.
-from libc.math cimport sqrtf, expf, tanhf, log, isfinite, NAN
+from libc.math cimport sqrtf, log, isfinite, NAN
+
+cdef extern from "fastmath.h" nogil:
+    float cllm_expf(float x)
+    float cllm_tanhf(float x)
+    float cllm_row_max(const float* x, int n)
+    double cllm_row_exp_sum(float* x, int n, float shift)
 from libc.string cimport memset, memcpy
 from posix.time cimport timespec, clock_gettime, CLOCK_MONOTONIC
 
@@ -104,26 +110,31 @@ cdef void layernorm_backward(float* dinp, float* dweight, float* dbias, const fl
             dx[i] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s
 
 
+# float constants: a bare literal would be a C double and drag the loops into double math
+cdef float GELU_CUBE = 0.044715
+cdef float GELU_CUBE3 = 3.0 * 0.044715
+cdef float HALF = 0.5
+cdef float ONE = 1.0
+
+
 cdef void gelu_forward(float* out, const float* inp, size_t N) noexcept nogil:
     # tanh approximation
     cdef size_t i
     cdef float x
     for i in range(N):
         x = inp[i]
-        out[i] = 0.5 * x * (1.0 + tanhf(GELU_SCALE * (x + 0.044715 * x * x * x)))
+        out[i] = HALF * x * (ONE + cllm_tanhf(GELU_SCALE * (x + GELU_CUBE * x * x * x)))
 
 
 cdef void gelu_backward(float* dinp, const float* inp, const float* dout, size_t N) noexcept nogil:
     # dinp = dout * gelu'(inp); dinp may alias dout
     cdef size_t i
-    cdef float x, u, th, sech2
+    cdef float x, th
     for i in range(N):
         x = inp[i]
-        u = GELU_SCALE * (x + 0.044715 * x * x * x)
-        th = tanhf(u)
-        sech2 = 1.0 - th * th
-        dinp[i] = dout[i] * (0.5 * (1.0 + th)
-                             + 0.5 * x * sech2 * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x))
+        th = cllm_tanhf(GELU_SCALE * (x + GELU_CUBE * x * x * x))
+        dinp[i] = dout[i] * (HALF * (ONE + th)
+                             + HALF * x * (ONE - th * th) * GELU_SCALE * (ONE + GELU_CUBE3 * x * x))
 
 
 cdef void attention_forward(float* out, float* att, const float* qkv,
@@ -144,15 +155,8 @@ cdef void attention_forward(float* out, float* att, const float* qkv,
             sgemm_rm(False, True, n, n, hs, scale, q, 3 * C, q + C, 3 * C, 0.0, a, n)
             for t1 in range(n):
                 row = a + <size_t>t1 * n
-                mx = row[0]
-                for t2 in range(1, t1 + 1):
-                    if row[t2] > mx:
-                        mx = row[t2]
-                s = 0.0
-                for t2 in range(t1 + 1):
-                    row[t2] = expf(row[t2] - mx)
-                    s += row[t2]
-                s = 1.0 / s
+                mx = cllm_row_max(row, t1 + 1)
+                s = <float>(1.0 / cllm_row_exp_sum(row, t1 + 1, mx))
                 for t2 in range(t1 + 1):
                     row[t2] = row[t2] * s
                 for t2 in range(t1 + 1, n):
@@ -203,12 +207,11 @@ cdef void attention_backward(float* dqkv, float* datt, const float* dout, const 
 cdef double crossentropy_forward_backward(float* logits, int* counted, const int* targets,
                                           int stride, int B, int n, int V,
                                           bint want_grad) noexcept nogil:
-    # logits[B*n, V] -> sum of -log softmax[target] over targets != <pad>;
-    # with want_grad, logits is overwritten by d(sum)/dlogits = softmax - onehot (0 on pad rows)
+    # logits[B*n, V] -> sum of -log softmax[target] over targets != <pad>; the logits are
+    # overwritten: with want_grad by d(sum)/dlogits = softmax - onehot (0 on pad rows)
     cdef int b, t, i, tgt
-    cdef float mx, xt
+    cdef float mx, xt, inv
     cdef double s, total = 0.0
-    cdef float inv
     cdef float* row
     counted[0] = 0
     for b in range(B):
@@ -219,23 +222,14 @@ cdef double crossentropy_forward_backward(float* logits, int* counted, const int
                 if want_grad:
                     memset(row, 0, V * sizeof(float))
                 continue
-            mx = row[0]
-            for i in range(1, V):
-                if row[i] > mx:
-                    mx = row[i]
+            mx = cllm_row_max(row, V)
             xt = row[tgt] - mx
-            s = 0.0
+            s = cllm_row_exp_sum(row, V, mx)
+            total += log(s) - xt
+            counted[0] += 1
             if want_grad:
-                for i in range(V):
-                    row[i] = expf(row[i] - mx)
-                    s += row[i]
                 inv = <float>(1.0 / s)
                 for i in range(V):
                     row[i] = row[i] * inv
-                row[tgt] -= 1.0
-            else:
-                for i in range(V):
-                    s += expf(row[i] - mx)
-            total += log(s) - xt
-            counted[0] += 1
+                row[tgt] -= ONE
     return total

@@ -1,0 +1,74 @@
+/* Vectorisable exp and tanh made only of IEEE float operations, so that every machine and
+ * every thread computes the same bits (no libm dispatch, no fast-math).
+ * cllm_expf: x = k ln2 + r with |r| <= ln2/2, e^r by its Taylor polynomial of degree 7
+ * (truncation error below 5e-9 relative), 2^k assembled in the exponent bits. */
+#ifndef CLLM_FASTMATH_H
+#define CLLM_FASTMATH_H
+#include <stdint.h>
+#include <string.h>
+
+static inline float cllm_expf(float x) {
+    const float round_magic = 12582912.0f;          /* 1.5 * 2^23: adds round-to-nearest */
+    x = x < -87.0f ? -87.0f : x;                    /* keeps 2^k a normal number; NaN passes */
+    x = x > 88.0f ? 88.0f : x;
+    float k = (x * 1.44269504088896341f + round_magic) - round_magic;
+    float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;   /* Cody-Waite ln2 = hi + lo */
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t bits = ((int32_t)k + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+static inline float cllm_tanhf(float x) {
+    /* 1 - 2 / (e^2x + 1): saturates to +-1 through the clamp of cllm_expf */
+    return 1.0f - 2.0f / (cllm_expf(2.0f * x) + 1.0f);
+}
+
+/* Row helpers for softmax. Reductions run in 16 fixed lanes (a GCC vector type), combined in
+ * a fixed order: they vectorise without letting the compiler reassociate, and give the same
+ * bits on every run. */
+typedef float cllm_v16 __attribute__((vector_size(64)));
+typedef int32_t cllm_i16 __attribute__((vector_size(64)));
+
+static inline cllm_v16 cllm_load16(const float *p) {
+    cllm_v16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline float cllm_row_max(const float *x, int n) {
+    int i = 0, j;
+    float m = x[0];
+    if (n >= 16) {
+        cllm_v16 lane = cllm_load16(x);
+        for (i = 16; i + 16 <= n; i += 16) {
+            cllm_v16 v = cllm_load16(x + i);
+            cllm_i16 take = v > lane;                  /* -1 where v is larger */
+            lane = (cllm_v16)(((cllm_i16)v & take) | ((cllm_i16)lane & ~take));
+        }
+        for (j = 0; j < 16; j++) m = lane[j] > m ? lane[j] : m;
+    }
+    for (; i < n; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
+/* x[i] = e^(x[i] - shift) in place; returns the sum of the results */
+static inline double cllm_row_exp_sum(float *x, int n, float shift) {
+    cllm_v16 lane = {0};
+    double s = 0.0;
+    int i, j;
+    for (i = 0; i < n; i++) x[i] = cllm_expf(x[i] - shift);
+    for (i = 0; i + 16 <= n; i += 16) lane += cllm_load16(x + i);
+    for (j = 0; j < 16; j++) s += lane[j];
+    for (; i < n; i++) s += x[i];
+    return s;
+}
+#endif

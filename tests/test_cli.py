@@ -1,0 +1,383 @@
+"""train_model on the command line (SPEC sections 3, 5 and 6): bad input, Ctrl-C, metrics.
+
+Bad input must give exactly one line on stderr starting with "train_model: error:", exit
+status 2 and no traceback. Most cases call cllm_cli.train.main(argv) in-process; the ones that
+need a real process (signals, what a user's terminal shows) run it as a subprocess.
+"""
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from cllm_cli.train import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+WORDS = ("the a an old young quiet brave tired small green red cold warm river hill town "
+         "village market baker miller fisher weaver smith king queen child dog cat horse "
+         "bird boat road bridge house garden door window table bread apple fish stone tree "
+         "walked ran saw found gave took made sang told asked carried opened closed watched "
+         "slowly quickly often never always today tomorrow there here and but because while "
+         "with under over near behind into from to of in on at").split()
+
+
+def corpus_text(n_sentences, seed=11):
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_sentences):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 11))]
+        words[0] = words[0].capitalize()
+        lines.append(" ".join(words) + rng.choice([".", ".", "!", "?"]))
+    return "\n".join(lines) + "\n"
+
+
+TINY = ["--embed-dim", "16", "--num-layers", "2", "--num-heads", "2", "--seq-len", "16",
+        "--batch-size", "8", "--micro-batch", "2", "--max-steps", "4", "--warmup-steps", "1",
+        "--vocab-size", "120", "--threads", "2", "--eval-interval", "0", "--quiet"]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    p = tmp_path / "corpus.txt"
+    p.write_text(corpus_text(120), encoding="utf-8")
+    return p
+
+
+def cli(capsys, *argv):
+    """Runs main(argv) in-process: (exit status, stdout, stderr)."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:      # argparse
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_error_line(code, err, *fragments):
+    assert code == 2, f"exit status {code}, stderr:\n{err}"
+    assert "Traceback" not in err, err
+    lines = err.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
+    assert lines[0].startswith("train_model: error:"), lines[0]
+    assert len(lines[0]) > len("train_model: error: ") + 10, lines[0]
+    for f in fragments:
+        assert str(f) in lines[0], f"{f!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def snapshot(directory):
+    """{name: bytes} of every file in a directory (to show nothing was damaged)."""
+    if not directory.is_dir():
+        return {}
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def tensors(path):
+    return safetensors.numpy.load_file(str(path))
+
+
+def assert_bit_identical(path_a, path_b):
+    a, b = tensors(path_a), tensors(path_b)
+    assert sorted(a) == sorted(b)
+    assert any(k.startswith("adam.m.") for k in a)
+    differ = [k for k in sorted(a) if a[k].dtype != b[k].dtype or a[k].shape != b[k].shape
+              or a[k].tobytes() != b[k].tobytes()]
+    assert not differ, f"{path_b} differs from {path_a} in {differ[:5]}"
+
+
+# --- bad input files ------------------------------------------------------------------------
+
+def test_missing_file(tmp_path, capsys):
+    missing = tmp_path / "no-such-corpus.txt"
+    code, _, err = cli(capsys, missing, "--checkpoint-dir", tmp_path / "ck", *TINY)
+    assert_one_error_line(code, err, "no-such-corpus.txt")
+
+
+def test_empty_file(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    code, _, err = cli(capsys, empty, "--checkpoint-dir", tmp_path / "ck", *TINY)
+    assert_one_error_line(code, err, "empty")
+
+
+def test_whitespace_only_file(tmp_path, capsys):
+    blank = tmp_path / "blank.txt"
+    blank.write_text("  \n\n\t \n")
+    code, _, err = cli(capsys, blank, "--checkpoint-dir", tmp_path / "ck", *TINY)
+    assert_one_error_line(code, err)
+
+
+def test_directory_without_txt_files(tmp_path, capsys):
+    d = tmp_path / "texts"
+    d.mkdir()
+    (d / "notes.md").write_text(corpus_text(50))
+    (d / "sub").mkdir()
+    code, _, err = cli(capsys, d, "--checkpoint-dir", tmp_path / "ck", *TINY)
+    assert_one_error_line(code, err, "texts")
+
+
+def test_binary_file(tmp_path, capsys):
+    data = corpus_text(60).encode()
+    offset = 1234
+    binary = tmp_path / "image.txt"
+    binary.write_bytes(data[:offset] + b"\x00\x01\x02" + data[offset:])
+    code, _, err = cli(capsys, binary, "--checkpoint-dir", tmp_path / "ck", *TINY)
+    line = assert_one_error_line(code, err, "image.txt", offset)
+    assert "text" in line.lower() or "nul" in line.lower()
+
+
+def non_utf8(tmp_path, offset=2345):
+    data = corpus_text(120).encode()
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(data[:offset] + "café".encode("latin-1") + data[offset:])
+    return bad, offset + 3       # the byte after "caf"
+
+
+def test_non_utf8_file_names_the_byte_offset(tmp_path, capsys):
+    bad, offset = non_utf8(tmp_path)
+    code, _, err = cli(capsys, bad, "--checkpoint-dir", tmp_path / "ck", *TINY)
+    line = assert_one_error_line(code, err, "latin1.txt", offset)
+    assert "utf-8" in line.lower()
+    assert not (tmp_path / "ck" / "dataset.bin").exists()
+
+
+def test_encoding_errors_replace_accepts_non_utf8(tmp_path, capsys):
+    bad, _ = non_utf8(tmp_path)
+    code, out, err = cli(capsys, bad, "--checkpoint-dir", tmp_path / "ck", *TINY,
+                         "--encoding-errors", "replace")
+    assert code == 0, err
+    assert (tmp_path / "ck" / "final_model.cllm").is_file()
+
+
+def test_corpus_shorter_than_one_window(tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words here.\n")
+    code, _, err = cli(capsys, short, "--checkpoint-dir", tmp_path / "ck", *TINY)
+    assert_one_error_line(code, err, "seq-len")
+
+
+# --- impossible option values -------------------------------------------------------------------
+
+def with_option(option, value):
+    """TINY with one option replaced (or added)."""
+    argv = list(TINY)
+    if option in argv:
+        argv[argv.index(option) + 1] = value
+    else:
+        argv += [option, value]
+    return argv
+
+
+@pytest.mark.parametrize("option,value,names", [
+    ("--threads", "0", "--threads"),
+    ("--threads", "-1", "--threads"),
+    ("--batch-size", "0", "--batch-size"),
+    ("--micro-batch", "0", "--micro-batch"),
+    ("--embed-dim", "15", "--num-heads"),
+    ("--learning-rate", "0", "--learning-rate"),
+    ("--learning-rate", "nan", "--learning-rate"),
+    ("--val-fraction", "1.5", "--val-fraction"),
+    ("--val-fraction", "-0.1", "--val-fraction"),
+    ("--seq-len", "0", "--seq-len"),
+    ("--vocab-size", "3", "--vocab-size"),
+])
+def test_impossible_option_values(corpus, tmp_path, capsys, option, value, names):
+    code, _, err = cli(capsys, corpus, "--checkpoint-dir", tmp_path / "ck",
+                       *with_option(option, value))
+    assert_one_error_line(code, err, names)
+    assert not (tmp_path / "ck" / "final_model.cllm").exists()
+
+
+@pytest.mark.parametrize("argv", [["--no-such-option"], ["--threads", "two"],
+                                  ["--tokenizer", "bpe"]])
+def test_argparse_errors_exit_2(corpus, tmp_path, capsys, argv):
+    code, _, err = cli(capsys, corpus, "--checkpoint-dir", tmp_path / "ck", *TINY, *argv)
+    assert code == 2
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith("train_model: error:"), err
+
+
+def test_unwritable_checkpoint_directory(corpus, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("a regular file\n")
+    code, _, err = cli(capsys, corpus, "--checkpoint-dir", afile / "ckpt", *TINY)
+    assert_one_error_line(code, err, "afile")
+    assert afile.read_text() == "a regular file\n"
+
+
+# --- --resume ---------------------------------------------------------------------------------
+
+def test_resume_without_checkpoint(corpus, tmp_path, capsys):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    code, _, err = cli(capsys, corpus, "--checkpoint-dir", ck, *TINY, "--resume")
+    assert_one_error_line(code, err, "resume")
+
+
+@pytest.fixture
+def trained(corpus, tmp_path, capsys):
+    """A finished 4-step run with checkpoints at steps 2 and 4."""
+    ck = tmp_path / "ck"
+    code, _, err = cli(capsys, corpus, "--checkpoint-dir", ck, *TINY, "--save-interval", "2")
+    assert code == 0, err
+    assert (ck / "checkpoint_step_2.cllm").is_file() and (ck / "checkpoint_step_4.cllm").is_file()
+    return ck
+
+
+def test_resume_with_truncated_newest_checkpoint(corpus, trained, capsys):
+    newest = trained / "checkpoint_step_4.cllm"
+    data = newest.read_bytes()
+    newest.write_bytes(data[:len(data) // 2])
+    before = snapshot(trained)
+    code, _, err = cli(capsys, corpus, "--checkpoint-dir", trained, *TINY, "--resume")
+    assert_one_error_line(code, err, "checkpoint_step_4.cllm")
+    assert snapshot(trained) == before, "a refused resume changed the checkpoint directory"
+
+
+def test_resume_after_corpus_changed(corpus, trained, capsys):
+    original = corpus.read_bytes()
+    ckpts = {k: v for k, v in snapshot(trained).items() if k.endswith(".cllm")}
+    corpus.write_bytes(original + b"An extra sentence about the river.\n")
+    code, _, err = cli(capsys, corpus, "--checkpoint-dir", trained, *TINY, "--resume")
+    assert_one_error_line(code, err, "corpus")
+    after = {k: v for k, v in snapshot(trained).items() if k.endswith(".cllm")}
+    assert after == ckpts
+    # with the original corpus back, the same directory resumes fine
+    corpus.write_bytes(original)
+    code, _, err = cli(capsys, corpus, "--checkpoint-dir", trained, *TINY, "--resume")
+    assert code == 0, err
+
+
+def test_checkpoint_directory_inside_the_data_directory(tmp_path, capsys):
+    """A directory input never includes the checkpoint directory (its vocab.txt would
+    otherwise become part of the corpus, and --resume would see a changed corpus)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "corpus.txt").write_text(corpus_text(120))
+    ck = data / "ck"
+    code, _, err = cli(capsys, data, "--checkpoint-dir", ck, *TINY, "--save-interval", "2",
+                       "--max-steps", "4")
+    assert code == 0, err
+    assert (ck / "vocab.txt").is_file()
+    code, out, err = cli(capsys, data, "--checkpoint-dir", ck,
+                         *[a for a in TINY if a != "--quiet"], "--resume")
+    assert code == 0, err
+    assert "1 file(s)" in out, out
+
+
+# --- metrics file -----------------------------------------------------------------------------
+
+def test_metrics_file_keys(corpus, tmp_path, capsys):
+    metrics = tmp_path / "m.jsonl"
+    code, _, err = cli(capsys, corpus, "--checkpoint-dir", tmp_path / "ck",
+                       *with_option("--eval-interval", "2"), "--metrics-file", metrics)
+    assert code == 0, err
+    rows = [json.loads(l) for l in metrics.read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "val_loss" in r]
+    assert len(steps) + len(evals) == len(rows)
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for r in steps:
+        assert set(r) == {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s"}, r
+        assert r["epoch"] >= 1
+        assert all(isinstance(r[k], (int, float)) and math.isfinite(r[k]) for k in r)
+        assert r["loss"] > 0 and r["lr"] > 0 and r["grad_norm"] > 0 and r["tokens_per_s"] > 0
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:
+        assert set(r) == {"step", "val_loss", "val_ppl"}, r
+        assert math.isfinite(r["val_loss"]) and r["val_loss"] > 0
+        assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]), rel=1e-9)
+
+
+# --- a real process -----------------------------------------------------------------------------
+
+def real_process(*argv, **kw):
+    return subprocess.run([sys.executable, "-m", "cllm_cli.train", *map(str, argv)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, **kw)
+
+
+def test_real_process_bad_input_is_one_line(tmp_path):
+    """What a user sees: `python -m cllm_cli.train` on a missing file prints one line."""
+    p = real_process(tmp_path / "missing.txt", "--checkpoint-dir", tmp_path / "ck", *TINY)
+    assert_one_error_line(p.returncode, p.stderr, "missing.txt")
+
+
+def test_console_script_entry_bad_input_is_one_line(tmp_path):
+    """The installed train_model script calls cllm_cli.train:main and exits with its value."""
+    code = "import sys; from cllm_cli.train import main; sys.exit(main())"
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "missing.txt"),
+                        "--threads", "0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert_one_error_line(p.returncode, p.stderr)
+
+
+# Steps of ~0.3 s (longer than the 0.1 s the main thread waits on the spheres between checks
+# for Ctrl-C), so the SIGINT lands inside a step and the abort path is the one tested.
+BIG_STEPS = 14
+BIG = ["--embed-dim", "96", "--num-layers", "2", "--num-heads", "2", "--seq-len", "32",
+       "--batch-size", "384", "--micro-batch", "4", "--max-steps", str(BIG_STEPS),
+       "--warmup-steps", "3", "--vocab-size", "120", "--eval-interval", "0", "--log-interval", "1",
+       "--seed", "5"]
+
+
+def test_ctrl_c_saves_and_resume_matches_a_straight_run(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(corpus_text(2400), encoding="utf-8")
+    straight_dir, ck = tmp_path / "straight", tmp_path / "ck"
+    metrics = tmp_path / "m.jsonl"
+    base = [sys.executable, "-m", "cllm_cli.train", str(corpus), *BIG]
+    # the straight run goes on alongside the interrupted one
+    straight = subprocess.Popen(base + ["--checkpoint-dir", str(straight_dir), "--threads", "1",
+                                        "--quiet"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+    started = time.monotonic()
+    run = subprocess.Popen(base + ["--checkpoint-dir", str(ck), "--threads", "2",
+                                   "--metrics-file", str(metrics)],
+                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for line in run.stdout:           # training has started (the SIGINT handler is set)
+            seen.append(line)
+            if line.startswith("step "):
+                break
+        assert run.poll() is None, f"the run ended before it could be interrupted:\n{''.join(seen)}"
+        time.sleep(max(0.0, 2.0 - (time.monotonic() - started)))
+        assert run.poll() is None, "the run is too short to be interrupted after 2 s"
+        sent = time.monotonic()
+        run.send_signal(signal.SIGINT)
+        out, err = run.communicate(timeout=15)
+        waited = time.monotonic() - sent
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 130, f"exit status {run.returncode}\n{err}"
+    assert waited < 5, f"took {waited:.1f} s to stop after SIGINT"
+    assert "Traceback" not in err, err
+    assert "interrupted" in err
+    saved = sorted(ck.glob("checkpoint_step_*.cllm"))
+    assert len(saved) == 1, saved
+    n = int(saved[0].stem.rsplit("_", 1)[1])
+    assert 0 < n < BIG_STEPS, n
+    assert f"step {n}" in out and str(saved[0].name) in out, out[-500:]
+    assert not (ck / "final_model.cllm").exists()
+    # resume (in-process, another thread count) to the end
+    code, _, err = cli(capsys, corpus, *BIG, "--checkpoint-dir", ck, "--threads", "3",
+                       "--resume", "--quiet", "--metrics-file", metrics)
+    assert code == 0, err
+    assert (ck / "final_model.cllm").is_file()
+    steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines()
+             if "loss" in json.loads(l)]
+    assert steps == list(range(1, BIG_STEPS + 1)), "metrics of the two parts should cover every step once"
+    assert straight.wait(timeout=120) == 0, straight.stderr.read()
+    straight.stderr.close()
+    assert_bit_identical(straight_dir / "final_model.cllm", ck / "final_model.cllm")
+    last = f"checkpoint_step_{BIG_STEPS}.cllm"
+    assert_bit_identical(straight_dir / last, ck / last)
