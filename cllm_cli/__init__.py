@@ -8,6 +8,14 @@ os.environ["OPENBLAS_NUM_THREADS"] = "1"
 from .config import CLLMConfig  # noqa: E402
 from .data import Tokenizer  # noqa: E402
 from .model import CLLMModel  # noqa: E402
-from .train import train  # noqa: E402
 
 __all__ = ["CLLMConfig", "CLLMModel", "Tokenizer", "train"]
+
+
+def __getattr__(name):
+    # train() is imported on first use, so that `python -m cllm_cli.trainer` runs the module
+    # without the package having imported it already
+    if name == "train":
+        from .trainer import train
+        return train
+    raise AttributeError(f"module 'cllm_cli' has no attribute {name!r}")

@@ -12,7 +12,7 @@ import reference as ref
 from cllm_cli import _engine
 from cllm_cli.config import CLLMConfig, num_params, param_shapes
 from cllm_cli.model import engine_config
-from cllm_cli.train import TrainConfig, lr_at
+from cllm_cli.trainer import TrainConfig, lr_at
 
 CFG = CLLMConfig(vocab_size=11, embed_dim=8, num_layers=2, num_heads=2, ff_dim=12, seq_len=5)
 CFG2 = CLLMConfig(vocab_size=13, embed_dim=12, num_layers=1, num_heads=3, ff_dim=16, seq_len=6)

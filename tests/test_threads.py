@@ -21,7 +21,7 @@ from cllm_cli import CLLMConfig, CLLMModel, train
 from cllm_cli.checkpoint import load_checkpoint
 from cllm_cli.config import param_layout
 from cllm_cli.data import epoch_order, gather_windows, load_dataset, num_windows, split_stream
-from cllm_cli.train import TrainingError
+from cllm_cli.trainer import TrainingError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -149,7 +149,7 @@ def test_debug_locks_run_is_clean_and_identical(reference, corpus, tmp_path):
     """--debug-locks checks every lock taken during a real run (in a subprocess, since a
     violation aborts the process) and changes nothing in the result."""
     ck = tmp_path / "ckpt"
-    argv = [sys.executable, "-m", "cllm_cli.train", str(corpus), "--checkpoint-dir", str(ck),
+    argv = [sys.executable, "-m", "cllm_cli.trainer", str(corpus), "--checkpoint-dir", str(ck),
             "--threads", "3", "--debug-locks"]
     for k, v in BASE.items():
         if k == "quiet":
@@ -162,7 +162,7 @@ def test_debug_locks_run_is_clean_and_identical(reference, corpus, tmp_path):
     assert_bit_identical(reference["dir"] / "final_model.cllm", ck / "final_model.cllm")
 
 
-@pytest.mark.parametrize("threads", [3, 1])
+@pytest.mark.parametrize("threads", [3, 8])
 def test_interrupted_and_resumed_run_is_bit_identical(reference, corpus, tmp_path, threads):
     """Resuming a straight run's step-4 checkpoint (in a fresh directory, another thread
     count) ends on the straight run's weights."""

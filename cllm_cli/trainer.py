@@ -78,7 +78,7 @@ class TrainConfig:
     seed: int = 1234
     max_bad_steps: int = 3
     # run (not part of the result)
-    threads: int = 0
+    threads: int = None      # None: every core
     lock_mode: str = "shared"
     checkpoint_dir: str = "checkpoints"
     save_interval: int = 0
@@ -328,7 +328,7 @@ def train(data, engine_hook=None, **options):
     if unknown:
         raise TypeError(f"unknown options: {', '.join(sorted(unknown))}")
     cfg = TrainConfig(**options)
-    if cfg.threads == 0:
+    if cfg.threads is None:
         cfg.threads = default_threads()
     trainer = Trainer(data, cfg)
     flag = {"interrupted": False}
