@@ -1,7 +1,8 @@
 """Builds the Cython engine of pyx/ into the cllm_cli package.
 
 CLLM_DEBUG=1 turns Cython's checks back on (bounds, wraparound, initialisation) and writes
-annotated HTML next to the sources. The build fails if Cython reports that an exception
+annotated HTML next to the sources. CLLM_SANITIZE=thread builds for ThreadSanitizer
+(`make racecheck`). The build fails if Cython reports that an exception
 check forces a nogil function to take the GIL back after a call.
 """
 import os
@@ -26,6 +27,11 @@ DIRECTIVES = {
 MARCH = os.environ.get("CLLM_MARCH", "native")
 COMPILE_ARGS = ["-O0", "-g"] if DEBUG else ["-O3", f"-march={MARCH}"]
 COMPILE_ARGS += ["-fno-fast-math", "-ffp-contract=off", "-pthread"]
+LINK_ARGS = ["-pthread"]
+SANITIZE = os.environ.get("CLLM_SANITIZE", "")
+if SANITIZE:
+    COMPILE_ARGS += [f"-fsanitize={SANITIZE}", "-g", "-fno-omit-frame-pointer"]
+    LINK_ARGS += [f"-fsanitize={SANITIZE}"]
 
 
 def gil_reacquiring_calls():
@@ -48,10 +54,10 @@ def extensions():
     found = gil_reacquiring_calls()
     exts = [Extension(f"cllm_cli._{name}", [f"pyx/{name}.pyx"],
                       include_dirs=[numpy.get_include(), "pyx"],
-                      extra_compile_args=COMPILE_ARGS, extra_link_args=["-pthread"])
+                      extra_compile_args=COMPILE_ARGS, extra_link_args=LINK_ARGS)
             for name in MODULES]
     built = cythonize(exts, compiler_directives=DIRECTIVES, annotate=DEBUG,
-                      force=True if DEBUG else None)
+                      force=True if DEBUG or SANITIZE else None)
     if found:
         sys.exit("error: exception checks re-acquire the GIL in engine code "
                  "(declare the functions noexcept): " + ", ".join(sorted(set(found))))
