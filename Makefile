@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-installed
 TRAIN_ARGS ?= --epochs 6 --eval-interval 100 --save-interval 200
 
-.PHONY: build debug test train bench man racecheck clean
+.PHONY: build debug test train bench man man-pages racecheck clean
 
 $(DEPS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,12 +15,38 @@ $(DEPS): pyproject.toml
 
 build: $(DEPS)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	@# an editable install leaves out data_files: put the man pages where `man` looks
+	@mkdir -p $(VENV)/share/man/man1 && cp man/*.1 $(VENV)/share/man/man1/
 
 debug: $(DEPS)
 	CLLM_DEBUG=1 $(PY) setup.py -q build_ext --inplace --force
 
 test: build
 	$(PY) -m pytest -q
+
+# Man pages, generated from the argparse parsers. They are committed (pip install puts them in
+# share/man/man1 without needing argparse-manpage); tests/test_tools.py runs man-pages into a
+# temporary directory and fails when a committed page differs from its parser.
+MAN_DIR ?= man
+ARGPARSE_MANPAGE ?= $(VENV)/bin/argparse-manpage
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+MANPAGE = COLUMNS=80 PYTHONPATH=. $(ARGPARSE_MANPAGE) --function build_parser --project-name cllm \
+	--version $(VERSION) --manual-title "CLLM Manual"
+
+man: build
+	@$(MAKE) --no-print-directory man-pages
+	@cp $(MAN_DIR)/*.1 $(VENV)/share/man/man1/
+
+man-pages:
+	@mkdir -p $(MAN_DIR)
+	$(MANPAGE) --module cllm_cli.trainer --prog train_model \
+		--description "train a small causal language model on plain text" --output $(MAN_DIR)/train_model.1
+	$(MANPAGE) --module cllm_cli.inference --prog cllm_inference \
+		--description "generate text with a trained CLLM model" --output $(MAN_DIR)/cllm_inference.1
+	$(MANPAGE) --module cllm_cli.tokenize_cli --prog cllm_tokenize \
+		--description "encode and decode text with a CLLM vocabulary, token statistics" --output $(MAN_DIR)/cllm_tokenize.1
+	$(MANPAGE) --module cllm_cli.plot --prog cllm_plot \
+		--description "plot the loss curves of a CLLM training run" --output $(MAN_DIR)/cllm_plot.1
 
 train: build
 	$(VENV)/bin/train_model data/corpus.txt --checkpoint-dir checkpoints $(TRAIN_ARGS)
@@ -39,4 +65,4 @@ racecheck: $(DEPS)
 	  test $$races -eq 0
 
 clean:
-	rm -rf build dist *.egg-info cllm_cli/*.so pyx/*.c pyx/*.html man .pytest_cache checkpoints
+	rm -rf build dist *.egg-info cllm_cli/*.so pyx/*.c pyx/*.html .pytest_cache checkpoints

@@ -140,7 +140,7 @@ def run(spec, cfg, flat, batches, burn_in_and_time):
             torch.nn.utils.clip_grad_norm_(params, spec["grad_clip"], foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
 
     t0 = time.perf_counter()
     try:

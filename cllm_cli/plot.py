@@ -140,8 +140,7 @@ def _save(fig, out_png):
 def plot_metrics(metrics_path, out_png, title=None):
     """Draws training loss (per step) and validation loss (per evaluation) against steps from
     a train_model --metrics-file into the PNG out_png. Raises PlotError (MissingDependency
-    without matplotlib)."""
-    require_matplotlib()
+    without matplotlib; the metrics are read first, so bad input is reported either way)."""
     train, val = read_metrics(metrics_path)
     draw(train, val, out_png, title or f"CLLM training: {os.path.basename(str(metrics_path))}")
     return out_png

@@ -161,17 +161,54 @@ class TrainState:
 
 
 class Log:
-    """Human output on stdout (unless quiet) and JSON lines in the metrics file."""
+    """Human output on stdout (unless quiet) and JSON lines in the metrics file. On a terminal
+    progress is one line rewritten in place (a few times a second); elsewhere it is a plain
+    line every log_interval steps."""
+
+    REFRESH = 0.2   # seconds between rewrites of the progress line
 
     def __init__(self, cfg, append):
         self.quiet = cfg.quiet
-        self.metrics = open(cfg.metrics_file, "a" if append else "w") if cfg.metrics_file else None
+        self.tty = sys.stdout.isatty()
+        self.log_interval = max(cfg.log_interval, 1)
+        self.showing = False     # a progress line is on screen
+        self.last_draw = 0.0
+        try:
+            self.metrics = open(cfg.metrics_file, "a" if append else "w") if cfg.metrics_file else None
+        except OSError as e:
+            raise DataError(f"cannot write --metrics-file {cfg.metrics_file}: {e.strerror or e}")
 
     def say(self, text, always=False):
         if always or not self.quiet:
+            self._clear()
             print(text, flush=True)
 
+    def progress(self, step, total, text):
+        if self.quiet:
+            return
+        if not self.tty:
+            if step % self.log_interval == 0 or step == total:
+                print(text, flush=True)
+            return
+        now = time.monotonic()
+        if step == total:              # the last state stays on screen
+            sys.stdout.write("\r" + text + "\x1b[K\n")
+            self.showing = False
+        elif now - self.last_draw >= self.REFRESH:
+            sys.stdout.write("\r" + text + "\x1b[K")
+            self.showing = True
+            self.last_draw = now
+        sys.stdout.flush()
+
+    def _clear(self):
+        # other output goes above the progress line, which is redrawn at the next step
+        if self.showing:
+            sys.stdout.write("\r\x1b[K")
+            self.showing = False
+            self.last_draw = 0.0
+
     def warn(self, text):
+        self._clear()
         print(f"train_model: warning: {text}", file=sys.stderr, flush=True)
 
     def record(self, **fields):
@@ -180,6 +217,7 @@ class Log:
             self.metrics.flush()
 
     def close(self):
+        self._clear()
         if self.metrics:
             self.metrics.close()
 
@@ -398,12 +436,12 @@ def _train_loop(trainer, engine, log, interrupted):
             tps = windows.shape[0] * (windows.shape[1] - 1) / dt
             log.record(step=st.step, epoch=epoch + 1, loss=loss, lr=lr, grad_norm=norm,
                        tokens_per_s=tps)
-            if st.step % max(cfg.log_interval, 1) == 0 or st.step == trainer.total_steps:
-                eta = (time.perf_counter() - t_start) / max(1, tokens_seen) * \
-                    (trainer.total_steps - st.step) * cfg.batch_size * trainer.mcfg.seq_len
-                log.say(f"step {st.step}/{trainer.total_steps} | epoch {epoch + 1} | loss "
-                        f"{_fmt(loss)} | lr {lr:.2e} | grad norm {_fmt(norm)} | "
-                        f"{tps:,.0f} tok/s | ETA {_duration(eta)}")
+            eta = (time.perf_counter() - t_start) / max(1, tokens_seen) * \
+                (trainer.total_steps - st.step) * cfg.batch_size * trainer.mcfg.seq_len
+            log.progress(st.step, trainer.total_steps,
+                         f"step {st.step}/{trainer.total_steps} | epoch {epoch + 1} | loss "
+                         f"{_fmt(loss)} | lr {lr:.2e} | grad norm {_fmt(norm)} | "
+                         f"{tps:,.0f} tok/s | ETA {_duration(eta)}")
             if st.bad_steps >= cfg.max_bad_steps:
                 path = trainer.save()
                 raise TrainingError(f"{st.bad_steps} steps in a row were skipped for non-finite "
@@ -428,10 +466,8 @@ def _train_loop(trainer, engine, log, interrupted):
     stats = sphere_table(engine.sphere_stats(), time.perf_counter() - t_start)
     log.say(stats["text"])
     elapsed = time.perf_counter() - t_start
-    log.say(f"done in {_duration(elapsed)}: train loss {_fmt(last_train_loss)}, "
-            f"val loss {_fmt(val_loss)}"
-            + (f" (ppl {math.exp(val_loss):.2f})" if val_loss is not None else "")
-            + f"; model saved to {final}", always=True)
+    log.say(f"done in {_duration(elapsed)}: train loss {_fmt(last_train_loss)}{_ppl(last_train_loss)}, "
+            f"val loss {_fmt(val_loss)}{_ppl(val_loss)}; model saved to {final}", always=True)
     return {"step": st.step, "train_loss": last_train_loss, "val_loss": val_loss,
             "final_model": final, "spheres": stats["rows"], "seconds": elapsed}
 
@@ -491,6 +527,10 @@ def sphere_table(stats, wall):
 
 def _fmt(x):
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+def _ppl(loss):
+    return "" if loss is None or math.isnan(loss) else f" (ppl {math.exp(min(loss, 700)):.2f})"
 
 
 def _duration(seconds):

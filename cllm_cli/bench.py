@@ -1,0 +1,504 @@
+"""Training speed of the CLLM engine, side by side with PyTorch: `python -m cllm_cli.bench`.
+
+In the spirit of nanoGPT's bench.py: burn-in steps, then timed steps, then one summary line
+(per config). Every measurement is one training step as train_model runs it (random token
+windows, forward + loss + backward in the spheres, ordered accumulation, AdamW with gradient
+clipping), timed from handing the windows to the spheres to the end of the optimiser step.
+
+- Configs: S (V 2000, d 128, L 4, H 4, F 512, T 64, batch 16) and D (V 10000, d 256, L 6,
+  H 8, F 1024, T 128, batch 32: the original's defaults and train_model's).
+- Threads: 1, 2, every core count up to os.cpu_count(), and twice the core count; lock mode
+  `shared` at each, `exclusive` at the largest listed count that does not exceed the cores
+  (what serialising the passes costs where it matters).
+- Figures: tokens/s and ms/step (median of the timed steps), achieved GFLOPS with the FLOP
+  count below, the share of the fp32 sgemm ceiling measured in the same run, the speed-up
+  against 1 thread, peak RSS, and the time per step in ordered accumulation and in the
+  optimiser, from one extra profiled pass (the per-op timers cost a clock read per op, so
+  the timed steps run without them).
+- FLOPs per token = 6 x L x (3d^2 + d^2 + 2dF)   (the matmul weights: forward 2, backward 4)
+                  + 6 x d x V                    (the tied output projection)
+                  + 12 x L x T x d               (attention scores and weighted values)
+- Every measurement runs in a fresh worker process (`--worker`), so the peak RSS is that of
+  one configuration, and threads left over by one run (PyTorch's OpenMP pool) cannot slow
+  the next one.
+- PyTorch: cllm_cli/bench_torch.py, eager and torch.compile, at torch.set_num_threads(N) for
+  the same N; skipped when torch is not installed or with --no-torch.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+from . import CLLMConfig, CLLMModel   # sets OPENBLAS_NUM_THREADS=1 before scipy loads it
+from .config import num_params
+
+CONFIGS = {
+    "S": dict(vocab_size=2000, embed_dim=128, num_layers=4, num_heads=4, ff_dim=512, seq_len=64,
+              batch=16, warmup=3, steps=10, profile_steps=4),
+    "D": dict(vocab_size=10000, embed_dim=256, num_layers=6, num_heads=8, ff_dim=1024,
+              seq_len=128, batch=32, warmup=2, steps=5, profile_steps=2),
+}
+LR = 1e-3
+WEIGHT_DECAY = 0.01
+GRAD_CLIP = 1.0
+SEED = 1234
+RESULT_MARK = "BENCH-RESULT "
+BUCKETS = ("matmul", "attention", "softmax_loss", "layernorm", "gelu", "other",
+           "accumulate", "turn_wait", "optimizer")
+FLOP_FORMULA = "FLOPs/token = 6*L*(3d^2 + d^2 + 2dF) + 6dV + 12LTd"
+RSS_FORMULA = ("peak RSS = baseline + 4 bytes x (4P + spheres x (P + A)): parameters, AdamW m "
+               "and v, accumulated gradient; per sphere its local gradient and activations")
+
+
+def model_config(name):
+    c = CONFIGS[name]
+    return CLLMConfig(vocab_size=c["vocab_size"], embed_dim=c["embed_dim"],
+                      num_layers=c["num_layers"], num_heads=c["num_heads"], ff_dim=c["ff_dim"],
+                      seq_len=c["seq_len"])
+
+
+def flops_per_token(cfg):
+    """The stated per-token training FLOPs (see the module docstring)."""
+    L, d, F, V, T = cfg.num_layers, cfg.embed_dim, cfg.ff_dim, cfg.vocab_size, cfg.seq_len
+    return 6 * L * (3 * d * d + d * d + 2 * d * F) + 6 * d * V + 12 * L * T * d
+
+
+def activation_floats(cfg, micro_batch):
+    """Floats one sphere's Activations hold: the sizes of activations_alloc in pyx/model.pxi
+    for micro_batch windows of T tokens, each piece rounded up to 16 floats, + 16 for the
+    alignment. Keep in step with that function."""
+    N, C, L, F, V, T, NH = (micro_batch * cfg.seq_len, cfg.embed_dim, cfg.num_layers,
+                            cfg.ff_dim, cfg.vocab_size, cfg.seq_len, cfg.num_heads)
+    wide = max(3 * C, F)
+    sizes = [N * C,                                   # encoded
+             L * N * C, L * N, L * N,                 # ln1, mean, rstd
+             L * N * 3 * C,                           # qkv
+             L * N * C,                               # atty
+             L * micro_batch * NH * T * T,            # att
+             L * N * C,                               # residual2
+             L * N * C, L * N, L * N,                 # ln2, mean, rstd
+             L * N * F, L * N * F,                    # fch, fch_gelu
+             L * N * C,                               # residual3
+             N * C, N, N,                             # lnf, mean, rstd
+             N * V,                                   # logits
+             N * C, N * wide, N * C,                  # backward scratch
+             T * T]                                   # datt
+    return sum((s + 15) & ~15 for s in sizes) + 16
+
+
+def rss_formula_bytes(cfg, spheres, micro_batch):
+    P = num_params(cfg)
+    return 4 * (4 * P + spheres * (P + activation_floats(cfg, micro_batch)))
+
+
+def default_micro_batch():
+    try:
+        from .trainer import TrainConfig
+        return TrainConfig.micro_batch
+    except (ImportError, AttributeError):
+        return 4
+
+
+def default_threads():
+    cores = os.cpu_count() or 1
+    return sorted({1, 2, *range(1, cores + 1), 2 * cores})
+
+
+def rss_now_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # kB on Linux
+
+
+def burn_in_and_time(step, warmup, steps):
+    """Runs step(0..warmup-1) untimed, then step(warmup..warmup+steps-1); returns the seconds
+    of each timed step."""
+    for i in range(warmup):
+        step(i)
+    times = []
+    for i in range(warmup, warmup + steps):
+        t0 = time.perf_counter()
+        step(i)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def make_batches(name, count):
+    """count global batches of random windows [B, T+1] (ids 4..V-1: every target counts)."""
+    c = CONFIGS[name]
+    rng = np.random.default_rng([SEED, ord(name)])
+    return [rng.integers(4, c["vocab_size"], size=(c["batch"], c["seq_len"] + 1), dtype=np.int32)
+            for _ in range(count)]
+
+
+# --- sgemm ceiling -------------------------------------------------------------------------
+
+def sgemm_ceiling(max_threads, n=2048, repeats=3):
+    """GFLOPS of a single-threaded n^3 float32 sgemm (scipy's BLAS, OPENBLAS_NUM_THREADS=1),
+    best of `repeats`; then the same sgemm run in k Python threads at once (scipy releases the
+    GIL) for k = 2..max_threads: the total GFLOPS the cores reach together."""
+    from scipy.linalg.blas import sgemm
+    rng = np.random.default_rng(0)
+    mats = [(np.asfortranarray(rng.standard_normal((n, n), dtype=np.float32)),
+             np.asfortranarray(rng.standard_normal((n, n), dtype=np.float32)))
+            for _ in range(max_threads)]
+    flops = 2.0 * n ** 3
+    sgemm(1.0, *mats[0])   # warm-up: buffers, page faults
+
+    def concurrent(k):
+        barrier = threading.Barrier(k + 1)
+        done = [0.0] * k
+
+        def work(j):
+            barrier.wait()
+            sgemm(1.0, *mats[j])
+            done[j] = time.perf_counter()
+        threads = [threading.Thread(target=work, args=(j,)) for j in range(k)]
+        for t in threads:
+            t.start()
+        barrier.wait()
+        t0 = time.perf_counter()
+        for t in threads:
+            t.join()
+        return k * flops / (max(done) - t0) / 1e9
+
+    measured = {}
+    for k in range(1, max_threads + 1):
+        measured[k] = max(concurrent(k) for _ in range(repeats))
+    return {"n": n, "single_core_gflops": measured[1], "measured_gflops": measured}
+
+
+# --- worker: one measurement in its own process ----------------------------------------------
+
+def worker(spec):
+    """Runs one measurement (spec: impl, config, threads, lock_mode, warmup, steps,
+    profile_steps, micro_batch) and returns its raw figures."""
+    name = spec["config"]
+    cfg = model_config(name)
+    profile_steps = spec.get("profile_steps", 0) if spec["impl"] == "cllm" else 0
+    batches = make_batches(name, spec["warmup"] + spec["steps"] + profile_steps)
+    if spec["impl"] != "cllm":
+        from . import bench_torch
+        flat = CLLMModel(cfg, SEED).flat
+        out = bench_torch.run(dict(spec, lr=LR, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP),
+                              cfg, flat, batches, burn_in_and_time)
+        out["peak_rss_bytes"] = peak_rss_bytes()
+        return out
+
+    from ._engine import Engine
+    from .model import engine_config
+    baseline = rss_now_bytes()
+    flat = CLLMModel(cfg, SEED).flat     # this process's own copy: updated in place
+    adam_m, adam_v = np.zeros_like(flat), np.zeros_like(flat)
+    engine = Engine(engine_config(cfg), flat, spec["threads"], spec["micro_batch"],
+                    CONFIGS[name]["batch"], lock_mode=spec["lock_mode"])
+    losses, skipped = [], 0
+
+    def step(i):
+        nonlocal skipped
+        engine.start(batches[i], True, i)
+        while not engine.wait(0.1):
+            pass
+        results = engine.results()
+        count = sum(r[1] for r in results)
+        losses.append(sum(r[0] for r in results) / count)
+        _, applied = engine.optimizer_step(count, adam_m, adam_v, adamw=True, lr=LR,
+                                           weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP,
+                                           t=i + 1)
+        skipped += not applied
+
+    try:
+        times = burn_in_and_time(step, spec["warmup"], spec["steps"])
+        profile = None
+        if profile_steps:
+            first = spec["warmup"] + spec["steps"]
+            engine.set_profile(True)
+            t0 = time.perf_counter()
+            for i in range(first, first + profile_steps):
+                step(i)
+            profile_wall = time.perf_counter() - t0
+            profile = engine.profile()
+            engine.set_profile(False)
+    finally:
+        engine.close()
+    out = {"times": times, "losses": losses, "skipped_steps": skipped,
+           "baseline_rss_bytes": baseline, "peak_rss_bytes": peak_rss_bytes()}
+    if profile is not None:
+        out.update(profile=profile, profile_steps=profile_steps, profile_wall=profile_wall)
+    return out
+
+
+def run_worker(spec):
+    """Runs worker(spec) in a fresh `python -m cllm_cli.bench --worker` process."""
+    env = dict(os.environ)
+    if spec["impl"] != "cllm":
+        env["OMP_NUM_THREADS"] = str(spec["threads"])
+    proc = subprocess.run([sys.executable, "-m", "cllm_cli.bench", "--worker", json.dumps(spec)],
+                          capture_output=True, text=True, env=env)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_MARK):
+            return json.loads(line[len(RESULT_MARK):])
+    tail = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+    return {"error": tail[:200]}
+
+
+# --- the report ----------------------------------------------------------------------------
+
+def derive(row, spec, cfg, ceiling, cores):
+    """Adds the figures of the table to a worker's raw result."""
+    tokens = CONFIGS[spec["config"]]["batch"] * cfg.seq_len
+    med = statistics.median(row["times"])
+    row["ms_per_step"] = 1000 * med
+    row["tokens_per_s"] = tokens / med
+    row["gflops"] = flops_per_token(cfg) * row["tokens_per_s"] / 1e9
+    row["ceiling_gflops"] = ceiling[min(spec["threads"], cores)]
+    row["ceiling_share"] = row["gflops"] / row["ceiling_gflops"]
+    if "profile" in row:
+        # per step, mean over spheres: comparable to the wall-clock ms/step
+        per = 1000 / (row["profile_steps"] * spec["threads"])
+        row["profile_ms_per_step"] = {k: v * per for k, v in row["profile"].items()}
+        row["accumulate_ms"] = row["profile_ms_per_step"]["accumulate"]
+        row["optimizer_ms"] = row["profile_ms_per_step"]["optimizer"]
+        row["rss_formula_bytes"] = (row["baseline_rss_bytes"]
+                                    + rss_formula_bytes(cfg, spec["threads"], spec["micro_batch"]))
+    return row
+
+
+HEADER = (f"{'cfg':<3} {'impl':<13} {'thr':>3} {'lock':<9} {'tok/s':>7} {'ms/step':>8} "
+          f"{'GFLOPS':>7} {'%ceil':>6} {'speedup':>7} {'accum':>6} {'optim':>6} "
+          f"{'RSS MB':>7} {'formula':>7}")
+
+
+def format_row(spec, row):
+    lead = f"{spec['config']:<3} {spec['impl']:<13} {spec['threads']:>3} {spec.get('lock_mode') or '-':<9}"
+    if "error" in row:
+        return f"{lead} failed: {row['error']}"
+    speed = f"{row['speedup']:.2f}x" if row.get("speedup") else "-"
+    accum = f"{row['accumulate_ms']:.1f}" if "accumulate_ms" in row else "-"
+    optim = f"{row['optimizer_ms']:.1f}" if "optimizer_ms" in row else "-"
+    formula = f"{row['rss_formula_bytes'] / 2**20:.0f}" if "rss_formula_bytes" in row else "-"
+    line = (f"{lead} {row['tokens_per_s']:>7.0f} {row['ms_per_step']:>8.1f} {row['gflops']:>7.1f} "
+            f"{100 * row['ceiling_share']:>5.1f}% {speed:>7} {accum:>6} {optim:>6} "
+            f"{row['peak_rss_bytes'] / 2**20:>7.0f} {formula:>7}")
+    if "first_step_seconds" in row and spec["impl"] == "torch-compile":
+        line += f"  (first step incl. compile {row['first_step_seconds']:.0f} s)"
+    return line
+
+
+def format_profile(spec, row):
+    per = row["profile_ms_per_step"]
+    busy = sum(per.values())
+    parts = [f"{k} {v:.1f} ({100 * v / busy:.0f}%)" for k, v in per.items()]
+    return "      per-op ms/step (mean per sphere): " + ", ".join(parts)
+
+
+def summarise(name, rows, cores):
+    """The one summary line of a config, and its figures for the JSON."""
+    def get(impl, threads, lock="shared"):
+        for spec, row in rows:
+            if (spec["impl"], spec["threads"], spec.get("lock_mode") or "shared") == \
+                    (impl, threads, lock) and "error" not in row:
+                return row
+        return None
+    listed = sorted({spec["threads"] for spec, _ in rows})
+    # the comparison point: 2 threads (the issue's), else the most threads within the cores
+    at = 2 if 2 in listed else max([t for t in listed if t <= cores] or [min(listed)])
+    figures = {"threads": at}
+    parts = []
+    one, ours = get("cllm", 1), get("cllm", at)
+    if ours:
+        figures.update(tokens_per_s=ours["tokens_per_s"], ceiling_share=ours["ceiling_share"])
+        parts.append(f"cllm {ours['tokens_per_s']:.0f} tok/s at {at} threads "
+                     f"({100 * ours['ceiling_share']:.0f}% of the sgemm ceiling)")
+    if one and ours and at != 1:
+        figures["speedup_1_to_%d" % at] = ours["tokens_per_s"] / one["tokens_per_s"]
+        parts.append(f"1->{at} threads {figures['speedup_1_to_%d' % at]:.2f}x")
+    for impl, label in (("torch-eager", "torch eager"), ("torch-compile", "torch compile")):
+        theirs = get(impl, at)
+        if ours and theirs:
+            figures[f"vs_{impl}"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
+            parts.append(f"{figures[f'vs_{impl}']:.2f}x {label}")
+    over = max(listed) if listed else at
+    more = get("cllm", over)
+    if ours and more and over > at:
+        figures[f"spheres_{over}_vs_{at}"] = more["tokens_per_s"] / ours["tokens_per_s"]
+        parts.append(f"{over} spheres {100 * (figures[f'spheres_{over}_vs_{at}'] - 1):+.1f}% vs {at}")
+    for spec, row in rows:
+        if spec.get("lock_mode") == "exclusive" and "error" not in row:
+            shared = get("cllm", spec["threads"])
+            if shared:
+                figures["exclusive_vs_shared"] = row["tokens_per_s"] / shared["tokens_per_s"]
+                parts.append(f"exclusive lock {figures['exclusive_vs_shared']:.2f}x shared "
+                             f"at {spec['threads']} threads")
+            if one:
+                figures["exclusive_vs_1_thread"] = row["tokens_per_s"] / one["tokens_per_s"]
+                parts.append(f"({figures['exclusive_vs_1_thread']:.2f}x one sphere)")
+    return f"{name}: " + ", ".join(parts), figures
+
+
+def machine_info():
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
+            "numpy": np.__version__, "platform": platform.platform()}
+
+
+def torch_version():
+    """torch's version without importing it here (the workers import it), or None."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+        return version("torch")
+    except PackageNotFoundError:
+        return None
+
+
+def parse_list(text, kind, what):
+    try:
+        items = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        items = []
+    if not items:
+        raise SystemExit(f"bench: error: --{what} needs a comma-separated list, got {text!r}")
+    return items
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(
+        prog="python -m cllm_cli.bench",
+        description="Training speed of the CLLM engine (and PyTorch, when installed) on configs "
+                    "S and D: tokens/s, GFLOPS, share of the sgemm ceiling, speed-up, peak RSS.")
+    ap.add_argument("--configs", default="S,D", help="comma-separated, from S and D (default: S,D)")
+    ap.add_argument("--threads", default=None,
+                    help="comma-separated sphere/thread counts (default: 1, 2, every core count, "
+                         "twice the cores: %s)" % ",".join(map(str, default_threads())))
+    ap.add_argument("--lock-modes", default="shared,exclusive",
+                    help="shared at every thread count; exclusive at the largest count that does "
+                         "not exceed the cores (default: shared,exclusive)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="timed steps per measurement; the median is reported (default: S %d, D %d)"
+                         % (CONFIGS["S"]["steps"], CONFIGS["D"]["steps"]))
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="burn-in steps before timing (default: S %d, D %d)"
+                         % (CONFIGS["S"]["warmup"], CONFIGS["D"]["warmup"]))
+    ap.add_argument("--micro-batch", type=int, default=default_micro_batch(),
+                    help="windows per micro-batch (default: train_model's, %(default)s)")
+    ap.add_argument("--profile", action="store_true",
+                    help="print every per-op bucket of the profiled pass")
+    ap.add_argument("--json", metavar="FILE", help="write every figure to FILE")
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.worker:
+        result = worker(json.loads(args.worker))
+        print(RESULT_MARK + json.dumps(result), flush=True)
+        return 0
+
+    configs = [c.upper() for c in parse_list(args.configs, str, "configs")]
+    threads = sorted(set(parse_list(args.threads, int, "threads"))) if args.threads else default_threads()
+    modes = parse_list(args.lock_modes, str, "lock-modes")
+    bad = [c for c in configs if c not in CONFIGS] + [m for m in modes if m not in ("shared", "exclusive")]
+    if bad or min(threads) < 1 or args.micro_batch < 1 or (args.steps is not None and args.steps < 1) \
+            or (args.warmup is not None and args.warmup < 0):
+        raise SystemExit(f"bench: error: bad arguments {bad or ''} (configs S, D; lock modes "
+                         "shared, exclusive; threads, steps and micro-batch >= 1, warmup >= 0)")
+    cores = os.cpu_count() or 1
+    tv = None if args.no_torch else torch_version()
+    impls = ["cllm"] + (["torch-eager", "torch-compile"] if tv else [])
+
+    info = machine_info()
+    print(f"CLLM benchmark: {info['cpu']}, {cores} cores, Python {info['python']}, "
+          f"numpy {info['numpy']}, torch {tv or ('skipped' if args.no_torch else 'not installed')}")
+    print(f"{FLOP_FORMULA}  ("
+          + ", ".join(f"{c}: {flops_per_token(model_config(c)) / 1e6:.2f} MFLOP" for c in configs) + ")")
+    t0 = time.perf_counter()
+    sg = sgemm_ceiling(cores)
+    ceiling = {k: sg["measured_gflops"][k] for k in sg["measured_gflops"]}
+    print(f"fp32 sgemm ceiling ({sg['n']}^3, scipy BLAS, 1 thread each): "
+          + ", ".join(f"{k} core{'s' if k > 1 else ''} {g:.1f} GFLOPS" for k, g in ceiling.items())
+          + f"  (N x 1 core: {cores * sg['single_core_gflops']:.1f})")
+    for c in configs:
+        cfg = model_config(c)
+        print(f"{c}: V {cfg.vocab_size}, d {cfg.embed_dim}, L {cfg.num_layers}, H {cfg.num_heads}, "
+              f"F {cfg.ff_dim}, T {cfg.seq_len}, batch {CONFIGS[c]['batch']}, micro-batch "
+              f"{args.micro_batch}, P {num_params(cfg):,}, A {activation_floats(cfg, args.micro_batch):,} "
+              f"activation floats per sphere")
+    print(RSS_FORMULA)
+    print("timed: median of the timed steps after burn-in; accum/optim: ms per step in ordered "
+          "accumulation / the optimiser (mean per sphere, profiled pass); RSS: peak of the run's process")
+    if not tv and not args.no_torch:
+        print("torch is not installed (pip install torch==2.13.0): PyTorch comparison skipped")
+    print(HEADER, flush=True)
+
+    exclusive_at = max([t for t in threads if t <= cores] or [min(threads)])
+    all_rows, summaries = [], {}
+    for c in configs:
+        cfg = model_config(c)
+        warmup = CONFIGS[c]["warmup"] if args.warmup is None else args.warmup
+        steps = CONFIGS[c]["steps"] if args.steps is None else args.steps
+        plan = []
+        for impl in impls:
+            for n in threads:
+                for mode in (modes if impl == "cllm" else [None]):
+                    if mode == "exclusive" and n != exclusive_at:
+                        continue
+                    plan.append({"impl": impl, "config": c, "threads": n, "lock_mode": mode,
+                                 "warmup": max(warmup, 1 if impl != "cllm" else 0), "steps": steps,
+                                 "profile_steps": CONFIGS[c]["profile_steps"],
+                                 "micro_batch": args.micro_batch})
+        rows = []
+        for spec in plan:
+            row = run_worker(spec)
+            if "error" not in row:
+                derive(row, spec, cfg, ceiling, cores)
+                base = next((r for s, r in rows if s["impl"] == spec["impl"] and s["threads"] == 1
+                             and s["lock_mode"] in (None, "shared") and "error" not in r), None)
+                if spec["threads"] == 1 and spec["lock_mode"] in (None, "shared"):
+                    base = row
+                row["speedup"] = row["tokens_per_s"] / base["tokens_per_s"] if base else None
+            rows.append((spec, row))
+            print(format_row(spec, row), flush=True)
+            if args.profile and "profile_ms_per_step" in row:
+                print(format_profile(spec, row), flush=True)
+        line, figures = summarise(c, rows, cores)
+        summaries[c] = {"line": line, **figures}
+        all_rows += rows
+
+    print(f"(total {time.perf_counter() - t0:.0f} s)")
+    for c in configs:
+        print(summaries[c]["line"])
+    if args.json:
+        doc = {"machine": info, "torch": tv, "flop_formula": FLOP_FORMULA,
+               "rss_formula": RSS_FORMULA, "sgemm": sg,
+               "configs": {c: dict(CONFIGS[c], flops_per_token=flops_per_token(model_config(c)),
+                                   params=num_params(model_config(c)),
+                                   activation_floats=activation_floats(model_config(c), args.micro_batch))
+                           for c in configs},
+               "micro_batch": args.micro_batch,
+               "runs": [dict(spec=spec, **row) for spec, row in all_rows],
+               "summary": summaries}
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
