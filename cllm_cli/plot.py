@@ -168,7 +168,7 @@ def main(argv=None):
     out = args.output or os.path.splitext(args.metrics)[0] + ".png"
     try:
         if os.path.abspath(out) == os.path.abspath(args.metrics):
-            raise PlotError(f"the output {out} would overwrite the metrics file; give -o")
+            raise PlotError(f"the output {out} is the metrics file itself; choose another -o")
         plot_metrics(args.metrics, out, args.title)
     except MissingDependency as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -135,8 +135,8 @@ def decode_files(tokenizer, names, as_json, out):
 
 def token_stats(tokenizer, names, top):
     """Counts over all files: {"files", "tokens", "unknown", "unknown_rate", "distinct",
-    "top": [[token, count], ...], "unknown_top": [[word, count], ...]}. Unknown words are
-    counted under their own spelling in unknown_top and as <unk> in top."""
+    "vocab_size", "top": [[token, count], ...], "unknown_top": [[word, count], ...]}. Unknown
+    words are counted under their own spelling in unknown_top and as <unk> in top."""
     counts = collections.Counter()
     missing = collections.Counter()
     for name in names:
@@ -200,7 +200,10 @@ def run(args, out):
         decode_files(tokenizer, args.data, args.json, out)
     elif args.stats:
         stats = token_stats(tokenizer, args.data, args.top)
-        out.write(json.dumps(stats, ensure_ascii=False) + "\n" if args.json else format_stats(stats))
+        if args.json:
+            out.write(json.dumps(stats, ensure_ascii=False) + "\n")
+        else:
+            out.write(format_stats(stats))
     else:
         encode_files(tokenizer, args.data, args.json, out)
     out.flush()

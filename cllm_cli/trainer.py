@@ -297,16 +297,12 @@ class Trainer:
         return tokens
 
     # -- data ------------------------------------------------------------------------------
-    def next_batch(self):
-        """The windows of the next global batch and the position after it."""
-        st = self.state
-        epoch, pos = st.epoch, st.batch_in_epoch
-        if pos >= self.steps_per_epoch:
-            epoch, pos = epoch + 1, 0
+    def batch(self, epoch, index):
+        """The windows of global batch `index` of `epoch` (the order is seeded by both)."""
         if self._order[0] != epoch:
             self._order = (epoch, epoch_order(self.cfg.seed, epoch, self.n_windows))
-        ids = self._order[1][pos * self.cfg.batch_size:(pos + 1) * self.cfg.batch_size]
-        return gather_windows(self.train_tokens, ids, self.mcfg.seq_len), epoch, pos + 1
+        ids = self._order[1][index * self.cfg.batch_size:(index + 1) * self.cfg.batch_size]
+        return gather_windows(self.train_tokens, ids, self.mcfg.seq_len)
 
     # -- checkpoints -------------------------------------------------------------------------
     def meta(self):
@@ -410,66 +406,91 @@ def _header(trainer, log):
         log.say(f"resumed from {trainer.resumed_from} at step {trainer.state.step}")
 
 
-def _train_loop(trainer, engine, log, interrupted):
+@dataclass
+class RunProgress:
+    """What the loop reports beyond the checkpointed state."""
+    t_start: float
+    tokens_seen: int = 0
+    last_train_loss: float = None
+    val_loss: float = None
+
+
+def threaded_train_epoch(trainer, engine, log, interrupted, run):
+    """Runs the rest of the current epoch (or of the run): for each global batch, the spheres'
+    pass, the optimiser step, logging, evaluation, samples and checkpoints. Returns the
+    epoch's mean training loss over the micro-batches that were kept."""
     cfg, st = trainer.cfg, trainer.state
+    if st.batch_in_epoch >= trainer.steps_per_epoch:
+        st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+    engine.begin_epoch()
+    while st.step < trainer.total_steps and st.batch_in_epoch < trainer.steps_per_epoch:
+        t0 = time.perf_counter()
+        windows = trainer.batch(st.epoch, st.batch_in_epoch)
+        results = run_work(engine, windows, True, st.step, interrupted)
+        lr = lr_at(st.step, trainer.total_steps, cfg)
+        loss, norm, applied = _apply(trainer, engine, results, lr, log)
+        st.step += 1
+        st.batch_in_epoch += 1
+        if applied:
+            st.adam_t += 1
+            st.bad_steps = 0
+            run.last_train_loss = loss
+        else:
+            st.bad_steps += 1
+        tokens = windows.shape[0] * (windows.shape[1] - 1)
+        run.tokens_seen += tokens
+        tps = tokens / (time.perf_counter() - t0)
+        log.record(step=st.step, epoch=st.epoch + 1, loss=loss, lr=lr, grad_norm=norm,
+                   tokens_per_s=tps)
+        eta = (time.perf_counter() - run.t_start) / run.tokens_seen * \
+            (trainer.total_steps - st.step) * cfg.batch_size * trainer.mcfg.seq_len
+        log.progress(st.step, trainer.total_steps,
+                     f"step {st.step}/{trainer.total_steps} | epoch {st.epoch + 1} | loss "
+                     f"{_fmt(loss)} | lr {lr:.2e} | grad norm {_fmt(norm)} | "
+                     f"{tps:,.0f} tok/s | ETA {_duration(eta)}")
+        if st.bad_steps >= cfg.max_bad_steps:
+            path = trainer.save()
+            raise TrainingError(f"{st.bad_steps} steps in a row were skipped for non-finite "
+                                f"values; stopped with the last good state in {path}")
+        if cfg.eval_interval and st.step % cfg.eval_interval == 0 and st.step < trainer.total_steps:
+            run.val_loss = evaluate(engine, trainer, interrupted)
+            _report_val(log, st.step, run.val_loss)
+        if cfg.sample_every and st.step % cfg.sample_every == 0:
+            text = sample_text(trainer.model, trainer.tokenizer, cfg.prompt, cfg.sample_tokens,
+                               cfg.seed + st.step)
+            log.say(f"sample: {text}")
+        if cfg.save_interval and st.step % cfg.save_interval == 0:
+            trainer.save()
+        if interrupted():
+            raise Interrupted()
+    loss_sum, tokens, _ = engine.epoch_stats()
+    return loss_sum / tokens if tokens else None
+
+
+def _train_loop(trainer, engine, log, interrupted):
+    st = trainer.state
     _header(trainer, log)
-    last_train_loss, val_loss = None, None
-    t_start = time.perf_counter()
-    tokens_seen = 0
+    run = RunProgress(t_start=time.perf_counter())
     try:
         while st.step < trainer.total_steps:
-            t0 = time.perf_counter()
-            windows, epoch, pos = trainer.next_batch()
-            results = run_work(engine, windows, True, st.step, interrupted)
-            lr = lr_at(st.step, trainer.total_steps, cfg)
-            loss, norm, applied = _apply(trainer, engine, results, lr, log)
-            st.step += 1
-            st.epoch, st.batch_in_epoch = epoch, pos
-            if applied:
-                st.adam_t += 1
-                st.bad_steps = 0
-                last_train_loss = loss
-            else:
-                st.bad_steps += 1
-            dt = time.perf_counter() - t0
-            tokens_seen += windows.shape[0] * (windows.shape[1] - 1)
-            tps = windows.shape[0] * (windows.shape[1] - 1) / dt
-            log.record(step=st.step, epoch=epoch + 1, loss=loss, lr=lr, grad_norm=norm,
-                       tokens_per_s=tps)
-            eta = (time.perf_counter() - t_start) / max(1, tokens_seen) * \
-                (trainer.total_steps - st.step) * cfg.batch_size * trainer.mcfg.seq_len
-            log.progress(st.step, trainer.total_steps,
-                         f"step {st.step}/{trainer.total_steps} | epoch {epoch + 1} | loss "
-                         f"{_fmt(loss)} | lr {lr:.2e} | grad norm {_fmt(norm)} | "
-                         f"{tps:,.0f} tok/s | ETA {_duration(eta)}")
-            if st.bad_steps >= cfg.max_bad_steps:
-                path = trainer.save()
-                raise TrainingError(f"{st.bad_steps} steps in a row were skipped for non-finite "
-                                    f"values; stopped with the last good state in {path}")
-            if cfg.eval_interval and st.step % cfg.eval_interval == 0 and st.step < trainer.total_steps:
-                val_loss = evaluate(engine, trainer, interrupted)
-                _report_val(log, st.step, val_loss)
-            if cfg.sample_every and st.step % cfg.sample_every == 0:
-                log.say(f"sample: {sample_text(trainer.model, trainer.tokenizer, cfg.prompt, cfg.sample_tokens, cfg.seed + st.step)}")
-            if cfg.save_interval and st.step % cfg.save_interval == 0:
-                trainer.save()
-            if interrupted():
-                raise Interrupted()
-        val_loss = evaluate(engine, trainer, interrupted)
-        _report_val(log, st.step, val_loss)
+            epoch_loss = threaded_train_epoch(trainer, engine, log, interrupted, run)
+            if st.batch_in_epoch >= trainer.steps_per_epoch:
+                log.say(f"epoch {st.epoch + 1} done: mean train loss {_fmt(epoch_loss)}")
+        run.val_loss = evaluate(engine, trainer, interrupted)
+        _report_val(log, st.step, run.val_loss)
         trainer.save()
         final = trainer.save(os.path.join(trainer.ckpt_dir, "final_model.cllm"))
     except Interrupted:
         path = trainer.save()
         log.say(f"interrupted: saved step {st.step} to {path}; --resume continues", always=True)
         raise
-    stats = sphere_table(engine.sphere_stats(), time.perf_counter() - t_start)
-    log.say(stats["text"])
-    elapsed = time.perf_counter() - t_start
-    log.say(f"done in {_duration(elapsed)}: train loss {_fmt(last_train_loss)}{_ppl(last_train_loss)}, "
-            f"val loss {_fmt(val_loss)}{_ppl(val_loss)}; model saved to {final}", always=True)
-    return {"step": st.step, "train_loss": last_train_loss, "val_loss": val_loss,
-            "final_model": final, "spheres": stats["rows"], "seconds": elapsed}
+    elapsed = time.perf_counter() - run.t_start
+    stats = threaded_training_print_stats(engine.sphere_stats(), elapsed, log)
+    log.say(f"done in {_duration(elapsed)}: train loss {_fmt(run.last_train_loss)}"
+            f"{_ppl(run.last_train_loss)}, val loss {_fmt(run.val_loss)}{_ppl(run.val_loss)}; "
+            f"model saved to {final}", always=True)
+    return {"step": st.step, "train_loss": run.last_train_loss, "val_loss": run.val_loss,
+            "final_model": final, "spheres": stats, "seconds": elapsed}
 
 
 def _apply(trainer, engine, results, lr, log):
@@ -512,8 +533,9 @@ def sample_text(model, tokenizer, prompt, max_tokens, seed):
     return tokenizer.decode(ids + out).strip()
 
 
-def sphere_table(stats, wall):
-    """Per-sphere statistics in the form of the original's threaded_training_print_stats."""
+def threaded_training_print_stats(stats, wall, log):
+    """Per-sphere statistics, as the original's threaded_training_print_stats (with correct
+    numbers): micro-batches, mean loss per counted token, share of the run spent working."""
     lines = ["sphere  group  micro-batches  mean loss  busy"]
     rows = []
     for s in stats:
@@ -522,7 +544,8 @@ def sphere_table(stats, wall):
         rows.append(dict(s, mean_loss=mean, busy_share=busy))
         lines.append(f"{s['sphere']:>6}  {s['symmetry_group']:>5}  {s['micro_batches']:>13}  "
                      f"{_fmt(mean):>9}  {busy:>4.0%}")
-    return {"rows": rows, "text": "\n".join(lines)}
+    log.say("\n".join(lines))
+    return rows
 
 
 def _fmt(x):

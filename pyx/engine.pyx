@@ -233,6 +233,18 @@ cdef class Engine:
                           "tokens": ctx.batch_tokens, "busy_seconds": ctx.busy_seconds})
         return stats
 
+    def begin_epoch(self):
+        """Restarts epoch_loss (call between steps)."""
+        cdef ThreadedTrainingSystem* s = self.live()
+        s.epoch_loss = 0.0
+        s.epoch_tokens = 0
+
+    def epoch_stats(self):
+        """(epoch_loss, epoch_tokens, total_batches): the summed training loss and counted
+        tokens of the valid micro-batches since begin_epoch(), micro-batches since the start."""
+        cdef ThreadedTrainingSystem* s = self.live()
+        return s.epoch_loss, s.epoch_tokens, s.total_batches
+
     def set_profile(self, bint on):
         """Per-op timing in every sphere (a clock read around each op); resets the timers."""
         cdef ThreadedTrainingSystem* s = self.live()

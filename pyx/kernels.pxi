@@ -137,12 +137,16 @@ cdef void gelu_backward(float* dinp, const float* inp, const float* dout, size_t
                              + HALF * x * (ONE - th * th) * GELU_SCALE * (ONE + GELU_CUBE3 * x * x))
 
 
+cdef enum:
+    ATT_BLOCK = 32   # query rows per block: a block only needs the keys up to its end
+
+
 cdef void attention_forward(float* out, float* att, const float* qkv,
                             int B, int n, int C, int NH) noexcept nogil:
-    # qkv[B*n, 3C] -> att[B, NH, n, n] (causal softmax), out[B*n, C]
+    # qkv[B*n, 3C] -> att[B, NH, n, n] (causal softmax, zero above the diagonal), out[B*n, C]
     cdef int hs = C // NH
     cdef float scale = 1.0 / sqrtf(<float>hs)
-    cdef int b, h, t1, t2
+    cdef int b, h, t1, t2, r0, rows, cols
     cdef const float* q
     cdef float* a
     cdef float* row
@@ -151,27 +155,34 @@ cdef void attention_forward(float* out, float* att, const float* qkv,
         for h in range(NH):
             q = qkv + <size_t>b * n * 3 * C + h * hs
             a = att + (<size_t>b * NH + h) * n * n
-            # scores = scale * q @ k^T
-            sgemm_rm(False, True, n, n, hs, scale, q, 3 * C, q + C, 3 * C, 0.0, a, n)
-            for t1 in range(n):
-                row = a + <size_t>t1 * n
-                mx = cllm_row_max(row, t1 + 1)
-                s = <float>(1.0 / cllm_row_exp_sum(row, t1 + 1, mx))
-                for t2 in range(t1 + 1):
-                    row[t2] = row[t2] * s
-                for t2 in range(t1 + 1, n):
-                    row[t2] = 0.0
-            # out_h = att @ v
-            sgemm_rm(False, False, n, hs, n, 1.0, a, n, q + 2 * C, 3 * C, 0.0,
-                     out + <size_t>b * n * C + h * hs, C)
+            r0 = 0
+            while r0 < n:
+                rows = min(ATT_BLOCK, n - r0)
+                cols = r0 + rows
+                # scores = scale * q @ k^T for these rows, keys 0..cols-1
+                sgemm_rm(False, True, rows, cols, hs, scale, q + <size_t>r0 * 3 * C, 3 * C,
+                         q + C, 3 * C, 0.0, a + <size_t>r0 * n, n)
+                for t1 in range(r0, r0 + rows):
+                    row = a + <size_t>t1 * n
+                    mx = cllm_row_max(row, t1 + 1)
+                    s = <float>(1.0 / cllm_row_exp_sum(row, t1 + 1, mx))
+                    for t2 in range(t1 + 1):
+                        row[t2] = row[t2] * s
+                    for t2 in range(t1 + 1, n):
+                        row[t2] = 0.0
+                # out_h = att @ v
+                sgemm_rm(False, False, rows, hs, cols, 1.0, a + <size_t>r0 * n, n, q + 2 * C,
+                         3 * C, 0.0, out + (<size_t>b * n + r0) * C + h * hs, C)
+                r0 += rows
 
 
 cdef void attention_backward(float* dqkv, float* datt, const float* dout, const float* qkv,
                              const float* att, int B, int n, int C, int NH) noexcept nogil:
-    # dqkv[B*n, 3C] is overwritten; datt is an [n, n] scratch
+    # dqkv[B*n, 3C] is overwritten; datt is an [n, n] scratch. Blocks of query rows as in
+    # attention_forward; dk and dv sum the blocks in order.
     cdef int hs = C // NH
     cdef float scale = 1.0 / sqrtf(<float>hs)
-    cdef int b, h, t1, t2
+    cdef int b, h, t, t1, t2, r0, rows, cols
     cdef const float* q
     cdef const float* a
     cdef const float* arow
@@ -185,23 +196,35 @@ cdef void attention_backward(float* dqkv, float* datt, const float* dout, const 
             dq = dqkv + <size_t>b * n * 3 * C + h * hs
             a = att + (<size_t>b * NH + h) * n * n
             dout_h = dout + <size_t>b * n * C + h * hs
-            # datt = dout_h @ v^T ; dv = att^T @ dout_h
-            sgemm_rm(False, True, n, n, hs, 1.0, dout_h, C, q + 2 * C, 3 * C, 0.0, datt, n)
-            sgemm_rm(True, False, n, hs, n, 1.0, a, n, dout_h, C, 0.0, dq + 2 * C, 3 * C)
-            # softmax backward, scaled: dpre = scale * att * (datt - sum(att * datt))
-            for t1 in range(n):
-                arow = a + <size_t>t1 * n
-                drow = datt + <size_t>t1 * n
-                dot = 0.0
-                for t2 in range(t1 + 1):
-                    dot += arow[t2] * drow[t2]
-                for t2 in range(t1 + 1):
-                    drow[t2] = scale * arow[t2] * (drow[t2] - dot)
-                for t2 in range(t1 + 1, n):
-                    drow[t2] = 0.0
-            # dq = dpre @ k ; dk = dpre^T @ q
-            sgemm_rm(False, False, n, hs, n, 1.0, datt, n, q + C, 3 * C, 0.0, dq, 3 * C)
-            sgemm_rm(True, False, n, hs, n, 1.0, datt, n, q, 3 * C, 0.0, dq + C, 3 * C)
+            for t in range(n):
+                memset(dq + <size_t>t * 3 * C + C, 0, hs * sizeof(float))
+                memset(dq + <size_t>t * 3 * C + 2 * C, 0, hs * sizeof(float))
+            r0 = 0
+            while r0 < n:
+                rows = min(ATT_BLOCK, n - r0)
+                cols = r0 + rows
+                # datt = dout_h @ v^T ; dv += att^T @ dout_h
+                sgemm_rm(False, True, rows, cols, hs, 1.0, dout_h + <size_t>r0 * C, C,
+                         q + 2 * C, 3 * C, 0.0, datt + <size_t>r0 * n, n)
+                sgemm_rm(True, False, cols, hs, rows, 1.0, a + <size_t>r0 * n, n,
+                         dout_h + <size_t>r0 * C, C, 1.0, dq + 2 * C, 3 * C)
+                # softmax backward, scaled: dpre = scale * att * (datt - sum(att * datt))
+                for t1 in range(r0, r0 + rows):
+                    arow = a + <size_t>t1 * n
+                    drow = datt + <size_t>t1 * n
+                    dot = 0.0
+                    for t2 in range(t1 + 1):
+                        dot += arow[t2] * drow[t2]
+                    for t2 in range(t1 + 1):
+                        drow[t2] = scale * arow[t2] * (drow[t2] - dot)
+                    for t2 in range(t1 + 1, cols):
+                        drow[t2] = 0.0
+                # dq = dpre @ k ; dk += dpre^T @ q
+                sgemm_rm(False, False, rows, hs, cols, 1.0, datt + <size_t>r0 * n, n, q + C,
+                         3 * C, 0.0, dq + <size_t>r0 * 3 * C, 3 * C)
+                sgemm_rm(True, False, cols, hs, rows, 1.0, datt + <size_t>r0 * n, n,
+                         q + <size_t>r0 * 3 * C, 3 * C, 1.0, dq + C, 3 * C)
+                r0 += rows
 
 
 cdef double crossentropy_forward_backward(float* logits, int* counted, const int* targets,

@@ -147,8 +147,9 @@ cdef struct ThreadedTrainingSystem:
     float opt_scale                   # clipping factor
     double opt_norm
     int opt_apply
-    double epoch_loss
-    long long total_batches
+    double epoch_loss             # summed loss of the valid micro-batches of this epoch
+    long long epoch_tokens        # counted targets behind epoch_loss
+    long long total_batches       # micro-batches accumulated since the start
     # test hook: poison micro-batch inject_microbatch of the inject_step-th step
     long long step_counter
     long long inject_step
@@ -209,7 +210,7 @@ cdef long long validate_gradients(const float* g, size_t size) noexcept nogil:
     return -1
 
 
-cdef void accumulate_gradients(SphereTrainingContext* ctx, int mb, bint valid,
+cdef void accumulate_gradients(SphereTrainingContext* ctx, int mb, const MicroBatchResult* r,
                                double* timers) noexcept nogil:
     # Adds local_gradients into accumulated_gradients in micro-batch order, whichever sphere
     # finished first, and leaves local_gradients zero for the next micro-batch.
@@ -217,6 +218,7 @@ cdef void accumulate_gradients(SphereTrainingContext* ctx, int mb, bint valid,
     cdef size_t i, size = s.gradient_size
     cdef float* acc = s.accumulated_gradients
     cdef float* loc = ctx.local_gradients
+    cdef bint valid = r.valid
     cdef double t = now_seconds() if timers != NULL else 0.0
     gradient_lock_acquire(s)
     while s.next_to_accumulate != mb:
@@ -234,6 +236,10 @@ cdef void accumulate_gradients(SphereTrainingContext* ctx, int mb, bint valid,
         memset(loc, 0, size * sizeof(float))
     if mb == s.num_microbatches - 1 and not s.accumulated_any:
         memset(acc, 0, size * sizeof(float))   # no valid micro-batch: the sum is empty
+    if valid:
+        s.epoch_loss += r.loss_sum
+        s.epoch_tokens += r.counted
+    s.total_batches += 1
     s.next_to_accumulate += 1
     pthread_cond_broadcast(&s.accumulate_turn)
     gradient_lock_release(s)
@@ -279,7 +285,7 @@ cdef void sphere_process_batch(SphereTrainingContext* ctx, int mb) noexcept nogi
             r.valid = 0
             r.bad_index = bad
     tock(timers, OP_ACCUMULATE, &t)
-    accumulate_gradients(ctx, mb, r.valid, timers)
+    accumulate_gradients(ctx, mb, r, timers)
     if r.valid:
         ctx.batch_loss += loss
         ctx.batch_tokens += counted

@@ -1,0 +1,471 @@
+"""The companion tools (SPEC section 6): cllm_inference, cllm_tokenize, cllm_plot, man pages.
+
+Bad input must give exactly one line on stderr starting with "<tool>: error:", exit status 2
+and no traceback. The commands run in-process through their main(argv); one case per tool
+runs a real process. The model is trained for a few steps once per module.
+"""
+import importlib.util
+import io
+import json
+import math
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from cllm_cli import inference, plot, tokenize_cli
+from cllm_cli.data import EOS, UNK, Tokenizer
+from cllm_cli.trainer import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+WORDS = ("the a old young quiet brave small green river hill town market baker miller king "
+         "queen child dog cat horse boat road bridge house door bread apple fish stone tree "
+         "walked ran saw found gave took made sang told carried opened watched slowly never "
+         "there here and but with under over near into from to of in on at").split()
+
+
+def corpus_text(n_sentences, seed=3):
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_sentences):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 10))]
+        lines.append(" ".join(words) + rng.choice([".", "!", "?"]))
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A checkpoint directory of a tiny model trained for a few steps."""
+    root = tmp_path_factory.mktemp("tools")
+    corpus = root / "corpus.txt"
+    corpus.write_text(corpus_text(150), encoding="utf-8")
+    ck = root / "ck"
+    train([str(corpus)], checkpoint_dir=str(ck), embed_dim=16, num_layers=1, num_heads=2,
+          seq_len=16, batch_size=8, micro_batch=4, max_steps=6, warmup_steps=1, threads=2,
+          eval_interval=3, metrics_file=str(root / "metrics.jsonl"), quiet=True)
+    return ck
+
+
+@pytest.fixture(scope="module")
+def tokenizer(run_dir):
+    return Tokenizer.load(run_dir / "vocab.txt", "word")
+
+
+def call(capsys, main, *argv):
+    """main(argv) in-process: (exit status, stdout, stderr)."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_error_line(code, err, prog, *fragments, status=2):
+    assert code == status, f"exit status {code}, stderr:\n{err}"
+    assert "Traceback" not in err, err
+    lines = err.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
+    assert lines[0].startswith(f"{prog}: error: "), lines[0]
+    for f in fragments:
+        assert str(f) in lines[0], f"{f!r} not in {lines[0]!r}"
+
+
+# --- cllm_inference ----------------------------------------------------------------------
+
+def generate(capsys, run_dir, *extra):
+    return call(capsys, inference.main, run_dir / "final_model.cllm", "--prompt", "the old miller",
+                "--max-tokens", "20", *extra)
+
+
+def test_same_seed_same_text_different_seed_different_text(capsys, run_dir):
+    code_a, a, err_a = generate(capsys, run_dir, "--seed", "5")
+    code_b, b, _ = generate(capsys, run_dir, "--seed", "5")
+    code_c, c, _ = generate(capsys, run_dir, "--seed", "6")
+    assert code_a == code_b == code_c == 0, err_a
+    assert err_a == ""
+    assert a == b
+    assert a != c
+    assert a.startswith("the old miller")
+    assert len(a.split()) > 3
+
+
+def test_greedy_is_deterministic_without_a_seed(capsys, run_dir):
+    _, a, _ = generate(capsys, run_dir, "--temperature", "0", "--seed", "1")
+    _, b, _ = generate(capsys, run_dir, "--temperature", "0", "--seed", "2")
+    assert a == b
+
+
+def test_output_ends_with_one_newline(capsys, run_dir):
+    code, out, _ = generate(capsys, run_dir)
+    assert code == 0
+    assert out.endswith("\n") and not out.endswith("\n\n")
+
+
+class Recorder:
+    """A stdout that remembers each write and whether it was flushed before the next one."""
+
+    def __init__(self):
+        self.writes, self.flushed = [], []
+
+    def write(self, text):
+        self.writes.append(text)
+        self.flushed.append(False)
+
+    def flush(self):
+        if self.flushed:
+            self.flushed[-1] = True
+
+
+def test_tokens_are_streamed_and_decoded_incrementally(run_dir, tokenizer):
+    from cllm_cli.model import CLLMModel
+    model = CLLMModel.load(run_dir / "final_model.cllm")
+    out = Recorder()
+    prompt = "The old miller "
+    ids = inference.stream(model, tokenizer, prompt, out, 15, 1.0, 0, 1.0, 9)
+    assert len(out.writes) >= 1 + len(ids)           # the prompt, then a piece per token
+    assert all(out.flushed), "every piece must be flushed as it is written"
+    prompt_ids = tokenizer.encode(prompt).tolist()
+    head = tokenizer.decode(prompt_ids)
+    continuation = tokenizer.decode(prompt_ids + ids)[len(head):]
+    assert "".join(out.writes) == "The old miller" + continuation + "\n"
+
+
+class FakeModel:
+    def __init__(self, ids):
+        self.ids = ids
+
+    def generate(self, prompt_ids, **kw):
+        yield from self.ids
+
+
+def test_generation_stops_at_eos(tokenizer):
+    a, b, c = (tokenizer.stoi[w] for w in ("the", "king", "river"))
+    out = io.StringIO()
+    ids = inference.stream(FakeModel([a, b, EOS, c]), tokenizer, "", out, 10, 1.0, 0, 1.0, 0)
+    assert ids == [a, b]
+    assert out.getvalue() == "the king\n"
+
+
+def test_punctuation_is_spaced_like_text(tokenizer):
+    ids = [tokenizer.stoi[w] for w in ("the", "dog", "ran", ".", "the", "cat", "!")]
+    out = io.StringIO()
+    inference.stream(FakeModel(ids), tokenizer, "", out, 10, 1.0, 0, 1.0, 0)
+    assert out.getvalue() == "the dog ran. the cat!\n"
+
+
+def test_unknown_prompt_words_warn_once_and_still_generate(capsys, run_dir):
+    code, out, err = call(capsys, inference.main, run_dir, "--prompt",
+                          "the zzyzx walked to qwerty and zzyzx", "--max-tokens", "5")
+    assert code == 0, err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("cllm_inference: warning:")
+    assert "'zzyzx'" in lines[0] and "'qwerty'" in lines[0]
+    assert lines[0].count("zzyzx") == 1
+    assert out.startswith("the zzyzx walked to qwerty and zzyzx")
+
+
+def test_checkpoint_directory_means_its_final_model(capsys, run_dir):
+    _, a, _ = generate(capsys, run_dir, "--seed", "3")
+    _, b, _ = call(capsys, inference.main, run_dir, "--prompt", "the old miller",
+                   "--max-tokens", "20", "--seed", "3")
+    assert a == b
+
+
+def test_vocabulary_of_another_run_is_refused(capsys, run_dir, tmp_path):
+    lines = (run_dir / "vocab.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    token, count = lines[10].rstrip("\n").split("\t")
+    lines[10] = f"{token}\t{int(count) + 1}\n"          # same tokens, other counts: other run
+    other = tmp_path / "vocab.txt"
+    other.write_text("".join(lines), encoding="utf-8")
+    code, out, err = call(capsys, inference.main, run_dir / "final_model.cllm", "--vocab", other)
+    assert_one_error_line(code, err, "cllm_inference", str(other), "not the vocabulary")
+    assert out == ""
+
+
+def test_missing_vocab_next_to_the_checkpoint(capsys, run_dir, tmp_path):
+    shutil.copy(run_dir / "final_model.cllm", tmp_path / "model.cllm")
+    code, _, err = call(capsys, inference.main, tmp_path / "model.cllm")
+    assert_one_error_line(code, err, "cllm_inference", "vocab.txt", "--vocab")
+
+
+def damaged(tmp_path, run_dir):
+    data = (run_dir / "final_model.cllm").read_bytes()
+    path = tmp_path / "damaged.cllm"
+    path.write_bytes(data[:len(data) // 2])
+    return path
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--temperature", "-1"], "--temperature"),
+    (["--temperature", "nan"], "--temperature"),
+    (["--top-p", "0"], "--top-p"),
+    (["--top-p", "1.5"], "--top-p"),
+    (["--top-k", "-1"], "--top-k"),
+    (["--max-tokens", "0"], "--max-tokens"),
+    (["--max-tokens", "many"], "--max-tokens"),
+    (["--seed", "-3"], "--seed"),
+    (["--no-such-option"], "--no-such-option"),
+    (["--vocab", "{tmp}/missing.txt"], "missing.txt"),
+    (["--vocab", "{tmp}/garbage.txt"], "garbage.txt"),
+])
+def test_bad_options_are_one_line(capsys, run_dir, tmp_path, argv, fragment):
+    (tmp_path / "garbage.txt").write_text("this is not a vocabulary\n", encoding="utf-8")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    code, out, err = call(capsys, inference.main, run_dir / "final_model.cllm", *argv)
+    assert_one_error_line(code, err, "cllm_inference", fragment)
+    assert out == ""
+
+
+@pytest.mark.parametrize("which", ["missing", "damaged", "empty directory", "not a model"])
+def test_bad_checkpoints_are_one_line(capsys, run_dir, tmp_path, which):
+    path = {"missing": lambda: tmp_path / "nope.cllm",
+            "damaged": lambda: damaged(tmp_path, run_dir),
+            "empty directory": lambda: tmp_path,
+            "not a model": lambda: run_dir / "vocab.txt"}[which]()
+    code, _, err = call(capsys, inference.main, path)
+    assert_one_error_line(code, err, "cllm_inference", path.name)
+
+
+def test_ctrl_c_exits_130_quietly(capsys, run_dir, monkeypatch):
+    def interrupted(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inference, "stream", interrupted)
+    code, _, err = generate(capsys, run_dir)
+    assert code == 130
+    assert err == ""
+
+
+def test_real_process_bad_input_is_one_line(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "cllm_cli.inference", str(tmp_path / "x.cllm")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert_one_error_line(p.returncode, p.stderr, "cllm_inference", "x.cllm")
+
+
+# --- cllm_tokenize -----------------------------------------------------------------------
+
+TEXT = "the old miller walked to the market. the king saw a dog!\n"
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    p = tmp_path / "text.txt"
+    p.write_text(TEXT, encoding="utf-8")
+    return p
+
+
+def test_tokenize_prints_ids_per_file(capsys, run_dir, tokenizer, text_file, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text("the river", encoding="utf-8")
+    code, out, err = call(capsys, tokenize_cli.main, text_file, other, "--vocab",
+                          run_dir / "vocab.txt")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 2
+    assert [int(i) for i in lines[0].split()] == tokenizer.encode(TEXT).tolist()
+    assert [int(i) for i in lines[1].split()] == tokenizer.encode("the river").tolist()
+
+
+def test_tokenize_json_and_decode_round_trip(capsys, run_dir, tokenizer, text_file, tmp_path,
+                                             monkeypatch):
+    vocab = run_dir / "vocab.txt"
+    code, out, _ = call(capsys, tokenize_cli.main, text_file, "--vocab", vocab, "--json")
+    assert code == 0
+    record = json.loads(out)
+    assert record == {"file": str(text_file), "ids": tokenizer.encode(TEXT).tolist()}
+    # plain ids from a file
+    ids_file = tmp_path / "ids.txt"
+    ids_file.write_text(" ".join(map(str, record["ids"])) + "\n", encoding="utf-8")
+    code, decoded, _ = call(capsys, tokenize_cli.main, ids_file, "--vocab", vocab, "--decode")
+    assert code == 0
+    assert decoded == tokenizer.decode(record["ids"]) + "\n"
+    # the --json output, on standard input
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(out.encode("utf-8"))))
+    code, again, _ = call(capsys, tokenize_cli.main, "-", "--vocab", vocab, "--decode")
+    assert code == 0
+    assert again == decoded
+
+
+def test_decoding_restores_normalised_text(capsys, run_dir, text_file):
+    vocab = run_dir / "vocab.txt"
+    _, ids, _ = call(capsys, tokenize_cli.main, text_file, "--vocab", vocab)
+    assert UNK not in map(int, ids.split())           # every word of TEXT is in the corpus
+    ids_file = text_file.with_name("ids.txt")
+    ids_file.write_text(ids, encoding="utf-8")
+    _, text, _ = call(capsys, tokenize_cli.main, ids_file, "--vocab", vocab, "--decode")
+    assert text == TEXT
+
+
+def test_tokenize_stats(capsys, run_dir, tokenizer, tmp_path):
+    p = tmp_path / "s.txt"
+    p.write_text("the the the king zzyzx zzyzx qqq.", encoding="utf-8")
+    vocab = run_dir / "vocab.txt"
+    code, out, _ = call(capsys, tokenize_cli.main, p, "--vocab", vocab, "--stats", "--json",
+                        "--top", "2")
+    assert code == 0
+    stats = json.loads(out)
+    n = len(tokenizer.tokens(p.read_text()))
+    unknown = sum(1 for t in tokenizer.tokens(p.read_text()) if t not in tokenizer.stoi)
+    assert stats["tokens"] == n
+    assert stats["unknown"] == unknown >= 3
+    assert math.isclose(stats["unknown_rate"], unknown / n)
+    assert len(stats["top"]) == 2
+    assert stats["top"][0][1] >= stats["top"][1][1]
+    assert ["zzyzx", 2] in stats["unknown_top"]
+    code, text, _ = call(capsys, tokenize_cli.main, p, "--vocab", vocab, "--stats")
+    assert code == 0
+    assert f"tokens:         {n}" in text
+    assert "unknown tokens:" in text and "zzyzx" in text
+
+
+def test_char_vocabulary_is_detected(capsys, tmp_path):
+    tok = Tokenizer.build(["Hello, World!\nhello again"], kind="char", vocab_size=100)
+    tok.save(tmp_path / "vocab.txt")
+    p = tmp_path / "t.txt"
+    p.write_text("Hello\n", encoding="utf-8")
+    _, out, _ = call(capsys, tokenize_cli.main, p, "--vocab", tmp_path / "vocab.txt")
+    assert [int(i) for i in out.split()] == tok.encode("Hello\n").tolist()
+    (tmp_path / "ids.txt").write_text(out, encoding="utf-8")
+    _, text, _ = call(capsys, tokenize_cli.main, tmp_path / "ids.txt", "--vocab",
+                      tmp_path / "vocab.txt", "--decode")
+    assert text == "Hello\n"
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("missing vocab", "missing-vocab.txt"),
+    ("missing file", "missing.txt"),
+    ("binary file", "blob.bin"),
+    ("bad id", "'seven'"),
+    ("id out of range", "99999"),
+    ("bad json", "not valid JSON"),
+    ("negative top", "--top"),
+    ("decode and stats", "--stats"),
+    ("no vocab option", "--vocab"),
+    ("stdin twice", "standard input"),
+])
+def test_tokenize_bad_input_is_one_line(capsys, run_dir, text_file, tmp_path, case, fragment):
+    vocab = ["--vocab", run_dir / "vocab.txt"]
+    (tmp_path / "blob.bin").write_bytes(b"\x00\x01\x02binary")
+    (tmp_path / "bad-ids.txt").write_text("4 5 seven 6", encoding="utf-8")
+    (tmp_path / "big-ids.txt").write_text("4 99999", encoding="utf-8")
+    (tmp_path / "bad.json").write_text('{"ids": [4, 5]\n', encoding="utf-8")
+    argv = {
+        "missing vocab": [text_file, "--vocab", tmp_path / "missing-vocab.txt"],
+        "missing file": [tmp_path / "missing.txt", *vocab],
+        "binary file": [tmp_path / "blob.bin", *vocab],
+        "bad id": [tmp_path / "bad-ids.txt", "--decode", *vocab],
+        "id out of range": [tmp_path / "big-ids.txt", "--decode", *vocab],
+        "bad json": [tmp_path / "bad.json", "--decode", *vocab],
+        "negative top": [text_file, "--stats", "--top", "-1", *vocab],
+        "decode and stats": [text_file, "--decode", "--stats", *vocab],
+        "no vocab option": [text_file],
+        "stdin twice": ["-", "-", *vocab],
+    }[case]
+    code, out, err = call(capsys, tokenize_cli.main, *argv)
+    assert_one_error_line(code, err, "cllm_tokenize", fragment)
+    assert out == ""
+
+
+# --- cllm_plot -----------------------------------------------------------------------------
+
+def test_plot_writes_a_png(capsys, run_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    metrics = run_dir.parent / "metrics.jsonl"
+    out = tmp_path / "loss.png"
+    assert plot.plot_metrics(metrics, out) == out
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    local = tmp_path / "m.jsonl"
+    shutil.copy(metrics, local)
+    code, stdout, err = call(capsys, plot.main, local)      # default: METRICS.png
+    assert code == 0, err
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_metrics_reading(tmp_path):
+    p = tmp_path / "m.jsonl"
+    rows = [{"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.0}, {"step": 2, "val_loss": 4.5},
+            {"step": 2, "loss": 3.9}, {"step": 3, "loss": float("nan")}]   # a resume repeats 2
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n", encoding="utf-8")
+    train_curve, val_curve = plot.read_metrics(p)
+    assert train_curve[:2] == [(1, 5.0), (2, 3.9)]
+    assert math.isnan(train_curve[2][1])
+    assert val_curve == [(2, 4.5)]
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("", "no training or validation loss"),
+    ('{"step": 1, "loss": 2.0}\nnot json\n', ":2:"),
+    ('{"loss": 2.0}\n', "step"),
+    ('{"step": 1, "loss": "low"}\n', "loss"),
+])
+def test_plot_bad_metrics_are_one_line(capsys, tmp_path, content, fragment):
+    p = tmp_path / "m.jsonl"
+    p.write_text(content, encoding="utf-8")
+    code, _, err = call(capsys, plot.main, p, "-o", tmp_path / "x.png")
+    assert_one_error_line(code, err, "cllm_plot", fragment)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_plot_missing_metrics_file(capsys, tmp_path):
+    code, _, err = call(capsys, plot.main, tmp_path / "none.jsonl")
+    assert_one_error_line(code, err, "cllm_plot", "none.jsonl")
+
+
+def test_plot_without_matplotlib(capsys, run_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)     # import matplotlib -> ImportError
+    with pytest.raises(plot.PlotError, match="pip install matplotlib"):
+        plot.require_matplotlib()
+    code, _, err = call(capsys, plot.main, run_dir.parent / "metrics.jsonl", "-o",
+                        tmp_path / "x.png")
+    assert_one_error_line(code, err, "cllm_plot", "matplotlib is not installed: "
+                          "pip install matplotlib", status=1)
+
+
+# --- help and man pages -----------------------------------------------------------------
+
+@pytest.mark.parametrize("module, groups, default", [
+    (inference, ["generation", "sampling", "files"], "(default: 0.95)"),
+    (tokenize_cli, ["vocabulary", "mode", "output"], "(default: 10)"),
+    (plot, ["output"], "(default: METRICS with the extension .png)"),
+])
+def test_help_groups_options_and_shows_defaults(module, groups, default):
+    text = " ".join(module.build_parser().format_help().split())
+    for g in groups:
+        assert f"{g}:" in text
+    assert default in text
+    assert "(default: None)" not in text
+
+
+def normalised(page):
+    """A man page without its generation date."""
+    return re.sub(r'^(\.TH \S+ "\d+") "[^"]*"', r'\1 "DATE"', page, count=1, flags=re.M)
+
+
+def test_man_pages_are_up_to_date(tmp_path):
+    """`make man` output for the current parsers equals the committed man/*.1 files."""
+    if importlib.util.find_spec("argparse_manpage") is None:
+        pytest.skip("argparse-manpage is not installed")
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+    runner = (f"{sys.executable} -c 'import sys; from argparse_manpage.cli import main; "
+              f"sys.exit(main())'")
+    p = subprocess.run([make, "-s", "-C", ROOT, "man-pages", f"MAN_DIR={tmp_path}",
+                        f"ARGPARSE_MANPAGE={runner}"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    made = sorted(f.name for f in tmp_path.iterdir())
+    assert made == ["cllm_inference.1", "cllm_plot.1", "cllm_tokenize.1", "train_model.1"]
+    committed = os.path.join(ROOT, "man")
+    assert sorted(os.listdir(committed)) == made, "man/ holds other files than `make man` makes"
+    stale = [name for name in made
+             if normalised((tmp_path / name).read_text(encoding="utf-8"))
+             != normalised(open(os.path.join(committed, name), encoding="utf-8").read())]
+    assert not stale, f"man pages out of date (run `make man`): {', '.join(stale)}"
