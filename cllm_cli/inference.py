@@ -25,6 +25,7 @@ import sys
 
 from .checkpoint import CheckpointError, latest_checkpoint
 from .data import EOS, DataError, Tokenizer
+from .cli import HelpFormatter, Parser
 from .model import CLLMModel
 
 PROG = "cllm_inference"
@@ -33,26 +34,6 @@ MAX_LISTED_UNKNOWN = 8      # unknown prompt words named in the warning
 
 class UsageError(Exception):
     """A bad option value or input (exit status 2)."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with its errors on one line (no usage block) and exit status 2.
-    Shared by the companion tools (cllm_inference, cllm_tokenize, cllm_plot)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows every default, except where the help text already says it and for defaults that
-    mean "not given" (None, empty, False). Help texts name their defaults themselves with
-    %(default)s where it matters, because argparse-manpage expands only that."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "(default" in text or action.default in (None, "", False):
-            return text
-        return super()._get_help_string(action)
 
 
 def build_parser():

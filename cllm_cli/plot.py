@@ -17,7 +17,7 @@ import os
 import sys
 import tempfile
 
-from .inference import HelpFormatter, Parser
+from .cli import HelpFormatter, Parser
 
 PROG = "cllm_plot"
 MISSING_MATPLOTLIB = "matplotlib is not installed: pip install matplotlib"

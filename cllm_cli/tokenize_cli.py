@@ -22,7 +22,7 @@ import os
 import sys
 
 from .data import UNK, DataError, Tokenizer, _decode, read_text
-from .inference import HelpFormatter, Parser
+from .cli import HelpFormatter, Parser
 
 PROG = "cllm_tokenize"
 STDIN = "-"

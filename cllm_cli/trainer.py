@@ -5,7 +5,6 @@ optimiser step, log, evaluate, sample, checkpoint. Python runs between steps; du
 the GIL is released and the main thread only waits on the spheres (with a time-out, so a
 Ctrl-C is seen within a fraction of a second).
 """
-import argparse
 import dataclasses
 import json
 import math
@@ -20,10 +19,12 @@ import numpy as np
 from . import _engine
 from .checkpoint import (CheckpointError, checkpoint_path, latest_checkpoint, load_checkpoint,
                          prune_checkpoints, save_checkpoint)
+from .cli import HelpFormatter, Parser, name_defaults
 from .config import CLLMConfig
 from .data import (EOS, DataError, Tokenizer, collect_files, epoch_order, eval_windows,
                    gather_windows, num_windows, prepare_dataset, split_stream)
 from .model import CLLMModel, engine_config, optimizer_chunks, tensor_at
+from .plot import PlotError, plot_metrics, require_matplotlib
 
 WAIT_SLICE = 0.1     # seconds the main thread waits on the spheres before checking signals
 
@@ -92,10 +93,11 @@ class TrainConfig:
     sample_tokens: int = 30
     quiet: bool = False
     debug_locks: bool = False
+    plot: str = ""
 
     RUN_FIELDS = ("threads", "lock_mode", "checkpoint_dir", "save_interval", "keep_checkpoints",
                   "resume", "eval_interval", "log_interval", "metrics_file", "sample_every",
-                  "prompt", "sample_tokens", "quiet", "debug_locks")
+                  "prompt", "sample_tokens", "quiet", "debug_locks", "plot")
 
     def validate(self):
         positive = ("vocab_size", "embed_dim", "num_layers", "num_heads", "seq_len", "batch_size",
@@ -364,6 +366,10 @@ def train(data, engine_hook=None, **options):
     cfg = TrainConfig(**options)
     if cfg.threads is None:
         cfg.threads = default_threads()
+    if cfg.plot:
+        require_matplotlib()     # fail now, not after a long run
+        if not cfg.metrics_file:
+            cfg.metrics_file = os.path.join(cfg.checkpoint_dir, "metrics.jsonl")
     trainer = Trainer(data, cfg)
     flag = {"interrupted": False}
 
@@ -379,12 +385,16 @@ def train(data, engine_hook=None, **options):
     if engine_hook is not None:
         engine_hook(engine)
     try:
-        return _train_loop(trainer, engine, log, lambda: flag["interrupted"])
+        result = _train_loop(trainer, engine, log, lambda: flag["interrupted"])
     finally:
         engine.close()
         log.close()
         if in_main:
             signal.signal(signal.SIGINT, previous)
+    if cfg.plot:
+        plot_metrics(cfg.metrics_file, cfg.plot)
+        log.say(f"loss plot: {cfg.plot}", always=True)
+    return result
 
 
 def _is_main_thread():
@@ -564,11 +574,11 @@ def _duration(seconds):
 
 def build_parser():
     d = TrainConfig()
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="train_model",
         description="Train a small causal language model (CLLM) on plain-text files, on every "
                     "CPU core. --threads changes speed, never results.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("data", nargs="+", metavar="DATA",
                    help="text files, or directories (every file matching --glob below them)")
     g = p.add_argument_group("data")
@@ -607,7 +617,7 @@ def build_parser():
     g.add_argument("--max-bad-steps", type=int, default=d.max_bad_steps,
                    help="stop after this many consecutive steps skipped for NaN/Inf")
     g = p.add_argument_group("threads")
-    g.add_argument("--threads", type=int, default=default_threads(),
+    g.add_argument("--threads", type=int, default=None,
                    help="worker spheres (default: all cores)")
     g.add_argument("--lock-mode", choices=("shared", "exclusive"), default=d.lock_mode,
                    help="shared: passes run in parallel; exclusive: one pass at a time, "
@@ -633,7 +643,11 @@ def build_parser():
     g.add_argument("--prompt", default=d.prompt, help="start of the samples")
     g.add_argument("--sample-tokens", type=int, default=d.sample_tokens)
     g.add_argument("--quiet", action="store_true", help="print only errors and the summary")
-    return p
+    g.add_argument("--plot", metavar="PNG", default=d.plot,
+                   help="after training, draw training and validation loss into this PNG "
+                        "(needs matplotlib; uses --metrics-file, by default "
+                        "CHECKPOINT_DIR/metrics.jsonl)")
+    return name_defaults(p)
 
 
 def main(argv=None):
@@ -646,7 +660,7 @@ def main(argv=None):
     except (UsageError, DataError, CheckpointError) as e:
         print(f"train_model: error: {e}", file=sys.stderr)
         return 2
-    except TrainingError as e:
+    except (TrainingError, PlotError) as e:
         print(f"train_model: error: {e}", file=sys.stderr)
         return 1
     except (Interrupted, KeyboardInterrupt):

@@ -381,3 +381,14 @@ def test_ctrl_c_saves_and_resume_matches_a_straight_run(tmp_path, capsys):
     assert_bit_identical(straight_dir / "final_model.cllm", ck / "final_model.cllm")
     last = f"checkpoint_step_{BIG_STEPS}.cllm"
     assert_bit_identical(straight_dir / last, ck / last)
+
+
+def test_plot_option_draws_the_losses(corpus, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "loss.png"
+    code, out, err = cli(capsys, corpus, "--checkpoint-dir", tmp_path / "ck", *TINY,
+                         "--eval-interval", "2", "--plot", png)
+    assert code == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "ck" / "metrics.jsonl").exists()    # the default metrics file
+    assert f"loss plot: {png}" in out
