@@ -129,6 +129,14 @@ def peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # kB on Linux
 
 
+def engine_sha1():
+    """Which build of the engine ran (the .so may be rebuilt while a benchmark runs)."""
+    import hashlib
+    from . import _engine
+    with open(_engine.__file__, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()
+
+
 def burn_in_and_time(step, warmup, steps):
     """Runs step(0..warmup-1) untimed, then step(warmup..warmup+steps-1); returns the seconds
     of each timed step."""
@@ -248,6 +256,7 @@ def worker(spec):
     finally:
         engine.close()
     out = {"times": times, "losses": losses, "skipped_steps": skipped,
+           "engine_sha1": engine_sha1(),
            "baseline_rss_bytes": baseline, "peak_rss_bytes": peak_rss_bytes()}
     if profile is not None:
         out.update(profile=profile, profile_steps=profile_steps, profile_wall=profile_wall)
@@ -318,6 +327,11 @@ def format_profile(spec, row):
     return "      per-op ms/step (mean per sphere): " + ", ".join(parts)
 
 
+# issue 4's targets for config D (at 2 threads; 1->2 speed-up; more spheres than cores)
+TARGETS = {"D": {"ceiling_share": 0.78, "vs_torch-eager": 1.3, "vs_torch-compile": 1.1,
+                 "speedup": 1.85, "oversubscribed": 0.95}}
+
+
 def summarise(name, rows, cores):
     """The one summary line of a config, and its figures for the JSON."""
     def get(impl, threads, lock="shared"):
@@ -326,6 +340,14 @@ def summarise(name, rows, cores):
                     (impl, threads, lock) and "error" not in row:
                 return row
         return None
+
+    targets = TARGETS.get(name, {})
+
+    def mark(key, value):
+        if key not in targets:
+            return ""
+        return f" [target {targets[key]:.2f}: {'met' if value >= targets[key] else 'MISSED'}]"
+
     listed = sorted({spec["threads"] for spec, _ in rows})
     # the comparison point: 2 threads (the issue's), else the most threads within the cores
     at = 2 if 2 in listed else max([t for t in listed if t <= cores] or [min(listed)])
@@ -334,31 +356,54 @@ def summarise(name, rows, cores):
     one, ours = get("cllm", 1), get("cllm", at)
     if ours:
         figures.update(tokens_per_s=ours["tokens_per_s"], ceiling_share=ours["ceiling_share"])
-        parts.append(f"cllm {ours['tokens_per_s']:.0f} tok/s at {at} threads "
-                     f"({100 * ours['ceiling_share']:.0f}% of the sgemm ceiling)")
+        parts.append(f"cllm {ours['tokens_per_s']:.0f} tok/s at {at} threads, "
+                     f"{ours['ceiling_share']:.2f} of the sgemm ceiling"
+                     + mark("ceiling_share", ours["ceiling_share"]))
     if one and ours and at != 1:
-        figures["speedup_1_to_%d" % at] = ours["tokens_per_s"] / one["tokens_per_s"]
-        parts.append(f"1->{at} threads {figures['speedup_1_to_%d' % at]:.2f}x")
-    for impl, label in (("torch-eager", "torch eager"), ("torch-compile", "torch compile")):
+        figures["speedup"] = ours["tokens_per_s"] / one["tokens_per_s"]
+        parts.append(f"1->{at} threads {figures['speedup']:.2f}x" + mark("speedup", figures["speedup"]))
+    for impl, label in (("torch-eager", "torch eager"), ("torch-compile", "torch.compile")):
         theirs = get(impl, at)
         if ours and theirs:
-            figures[f"vs_{impl}"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
-            parts.append(f"{figures[f'vs_{impl}']:.2f}x {label}")
-    over = max(listed) if listed else at
+            key = f"vs_{impl}"
+            figures[key] = ours["tokens_per_s"] / theirs["tokens_per_s"]
+            parts.append(f"{figures[key]:.2f}x {label}" + mark(key, figures[key]))
+    over = max(listed)
     more = get("cllm", over)
     if ours and more and over > at:
-        figures[f"spheres_{over}_vs_{at}"] = more["tokens_per_s"] / ours["tokens_per_s"]
-        parts.append(f"{over} spheres {100 * (figures[f'spheres_{over}_vs_{at}'] - 1):+.1f}% vs {at}")
+        figures["oversubscribed"] = more["tokens_per_s"] / ours["tokens_per_s"]
+        figures["oversubscribed_threads"] = over
+        parts.append(f"{over} spheres {figures['oversubscribed']:.2f}x {at}"
+                     + mark("oversubscribed", figures["oversubscribed"]))
     for spec, row in rows:
         if spec.get("lock_mode") == "exclusive" and "error" not in row:
             shared = get("cllm", spec["threads"])
+            text = f"exclusive lock at {spec['threads']} threads"
             if shared:
                 figures["exclusive_vs_shared"] = row["tokens_per_s"] / shared["tokens_per_s"]
-                parts.append(f"exclusive lock {figures['exclusive_vs_shared']:.2f}x shared "
-                             f"at {spec['threads']} threads")
+                text += f" {figures['exclusive_vs_shared']:.2f}x shared"
             if one:
                 figures["exclusive_vs_1_thread"] = row["tokens_per_s"] / one["tokens_per_s"]
-                parts.append(f"({figures['exclusive_vs_1_thread']:.2f}x one sphere)")
+                text += f" ({figures['exclusive_vs_1_thread']:.2f}x one sphere)"
+            parts.append(text)
+    # the determinism contract, as a by-product: every engine run saw the same batches
+    runs = [row for spec, row in rows if spec["impl"] == "cllm" and "error" not in row]
+    if len(runs) > 1:
+        n = min(len(r["losses"]) for r in runs)
+        figures["bit_identical_losses"] = all(r["losses"][:n] == runs[0]["losses"][:n] for r in runs)
+        if len({r.get("engine_sha1") for r in runs}) > 1:
+            figures["engine_rebuilt_during_run"] = True
+        parts.append("losses bit-identical across threads and lock modes"
+                     if figures["bit_identical_losses"] else
+                     "LOSSES DIFFER across threads/lock modes"
+                     + (" (the engine was rebuilt during the run)"
+                        if figures.get("engine_rebuilt_during_run") else ""))
+    torch_first = [row["losses"][0] for spec, row in rows
+                   if spec["impl"] != "cllm" and "error" not in row and row.get("losses")]
+    if runs and torch_first:
+        figures["first_loss_max_diff_vs_torch"] = max(abs(x - runs[0]["losses"][0]) for x in torch_first)
+        parts.append(f"first loss {runs[0]['losses'][0]:.5f}, torch's within "
+                     f"{figures['first_loss_max_diff_vs_torch']:.1e}")
     return f"{name}: " + ", ".join(parts), figures
 
 

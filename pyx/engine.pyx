@@ -68,8 +68,8 @@ def loss_and_grads(tuple cfg, const float[::1] params,          # IN
             with gil:
                 raise MemoryError("cannot allocate activations")
         loss = model_forward(&acts, &counted, <float*>&params[0], &c, &inputs[0, 0],
-                             &targets[0, 0], n, B, n, True, NULL)
-        model_backward(&grads[0], &acts, <float*>&params[0], &c, &inputs[0, 0], n, NULL)
+                             &targets[0, 0], n, B, n, True, NULL, NULL)
+        model_backward(&grads[0], &acts, <float*>&params[0], &c, &inputs[0, 0], n, NULL, NULL)
         activations_free(&acts)
     return loss, counted
 
@@ -90,7 +90,7 @@ def forward_logits(tuple cfg, const float[::1] params,          # IN
             with gil:
                 raise MemoryError("cannot allocate activations")
         model_forward(&acts, &counted, <float*>&params[0], &c, &inputs[0, 0], NULL, n, B, n,
-                      False, NULL)
+                      False, NULL, NULL)
         memcpy(&logits[0, 0, 0], acts.logits, <size_t>B * n * c.V * sizeof(float))
         activations_free(&acts)
 
@@ -177,8 +177,14 @@ cdef class Engine:
         return done
 
     def abort(self):
-        """Spheres finish the micro-batches they hold and claim no more."""
-        cllm_store(&self.live().abort_step, 1)
+        """Stops the current work: passes give up between layers, nothing more is claimed or
+        summed. The accumulated gradient is then meaningless until the next start()."""
+        cdef ThreadedTrainingSystem* s = self.live()
+        with nogil:
+            gradient_lock_acquire(s)
+            cllm_store(&s.abort_step, 1)
+            pthread_cond_broadcast(&s.accumulate_turn)
+            gradient_lock_release(s)
 
     def results(self):
         """[(loss_sum, counted, sphere_id, valid, bad_index)] per micro-batch, in order."""

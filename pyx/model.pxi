@@ -3,6 +3,24 @@
 from libc.stdlib cimport calloc, free
 
 
+cdef extern from *:
+    """
+    static inline int cllm_claim(int *counter) {
+        return __atomic_fetch_add(counter, 1, __ATOMIC_SEQ_CST);
+    }
+    static inline int cllm_load(const int *flag) { return __atomic_load_n(flag, __ATOMIC_SEQ_CST); }
+    static inline void cllm_store(int *flag, int v) { __atomic_store_n(flag, v, __ATOMIC_SEQ_CST); }
+    """
+    int cllm_claim(int* counter) nogil
+    int cllm_load(const int* flag) nogil
+    void cllm_store(int* flag, int v) nogil
+
+
+cdef inline bint stopped(const int* stop) noexcept nogil:
+    # another thread asked the pass to stop (Ctrl-C); NULL means never
+    return stop != NULL and cllm_load(stop)
+
+
 cdef struct ModelConfig:
     int V       # vocabulary
     int C       # embedding width
@@ -165,10 +183,11 @@ cdef inline void tock(double* timers, int op, double* t) noexcept nogil:
 
 cdef double model_forward(Activations* a, int* counted, float* params, const ModelConfig* c,
                           const int* inp, const int* tgt, int stride, int B, int n,
-                          bint want_grad, double* timers) noexcept nogil:
+                          bint want_grad, double* timers, const int* stop) noexcept nogil:
     # Forward pass of B sequences of n tokens (n <= T, B <= maxB) and the summed loss over
     # counted targets. With want_grad, a.logits holds dloss/dlogits afterwards. With
     # tgt == NULL only the logits are computed (returns 0). timers: NULL or NUM_OPS buckets.
+    # When *stop becomes set the pass gives up between layers and returns NaN.
     cdef size_t N = <size_t>B * n, C = c.C, F = c.F
     cdef int l
     cdef LayerParams p
@@ -183,6 +202,8 @@ cdef double model_forward(Activations* a, int* counted, float* params, const Mod
     tock(timers, OP_OTHER, &t)
     res = a.encoded
     for l in range(c.L):
+        if stopped(stop):
+            return NAN
         layer_params(&p, params, c, l)
         layernorm_forward(a.ln1 + l * N * C, a.ln1_mean + l * N, a.ln1_rstd + l * N,
                           res, p.ln1w, p.ln1b, N, C)
@@ -223,8 +244,10 @@ cdef double model_forward(Activations* a, int* counted, float* params, const Mod
 
 
 cdef void model_backward(float* grads, Activations* a, float* params, const ModelConfig* c,
-                         const int* inp, int stride, double* timers) noexcept nogil:
+                         const int* inp, int stride, double* timers,
+                         const int* stop) noexcept nogil:
     # Accumulates d(summed loss)/d(params) into grads, after model_forward(want_grad=True).
+    # When *stop becomes set it gives up between layers (grads are then partial).
     cdef int B = a.B, n = a.n
     cdef size_t N = <size_t>B * n, C = c.C, F = c.F
     cdef int l
@@ -242,6 +265,8 @@ cdef void model_backward(float* grads, Activations* a, float* params, const Mode
                        a.residual3 + (c.L - 1) * N * C, lnf, a.lnf_mean, a.lnf_rstd, N, C)
     tock(timers, OP_LAYERNORM, &t)
     for l in range(c.L - 1, -1, -1):
+        if stopped(stop):
+            return
         layer_params(&p, params, c, l)
         layer_params(&g, grads, c, l)
         res_in = a.encoded if l == 0 else a.residual3 + (l - 1) * N * C

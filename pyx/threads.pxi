@@ -54,17 +54,9 @@ cdef extern from *:
     static __thread int cllm_held_locks[2] = {0, 0};   /* model_lock, gradient_lock */
     static inline int cllm_holding(int which) { return cllm_held_locks[which]; }
     static inline void cllm_held(int which, int delta) { cllm_held_locks[which] += delta; }
-    static inline int cllm_claim(int *counter) {
-        return __atomic_fetch_add(counter, 1, __ATOMIC_SEQ_CST);
-    }
-    static inline int cllm_load(int *flag) { return __atomic_load_n(flag, __ATOMIC_SEQ_CST); }
-    static inline void cllm_store(int *flag, int v) { __atomic_store_n(flag, v, __ATOMIC_SEQ_CST); }
     """
     int cllm_holding(int which) nogil
     void cllm_held(int which, int delta) nogil
-    int cllm_claim(int* counter) nogil
-    int cllm_load(int* flag) nogil
-    void cllm_store(int* flag, int v) nogil
 
 
 cdef enum:
@@ -221,9 +213,13 @@ cdef void accumulate_gradients(SphereTrainingContext* ctx, int mb, const MicroBa
     cdef bint valid = r.valid
     cdef double t = now_seconds() if timers != NULL else 0.0
     gradient_lock_acquire(s)
-    while s.next_to_accumulate != mb:
+    while s.next_to_accumulate != mb and not s.abort_step:
         pthread_cond_wait(&s.accumulate_turn, &s.gradient_lock)
     tock(timers, OP_TURN_WAIT, &t)
+    if s.abort_step:             # the step is discarded: no sum, no turn to keep
+        memset(loc, 0, size * sizeof(float))
+        gradient_lock_release(s)
+        return
     if valid and not s.accumulated_any:
         memcpy(acc, loc, size * sizeof(float))
         memset(loc, 0, size * sizeof(float))
@@ -264,10 +260,10 @@ cdef void sphere_process_batch(SphereTrainingContext* ctx, int mb) noexcept nogi
     ctx.current_microbatch = mb
     model_lock_acquire(s, s.lock_mode == LOCK_EXCLUSIVE)
     loss = model_forward(&ctx.acts, &counted, s.params, &s.cfg, windows, windows + 1,
-                         s.stride, B, n, train, timers)
+                         s.stride, B, n, train, timers, &s.abort_step)
     if train:
         model_backward(ctx.local_gradients, &ctx.acts, s.params, &s.cfg, windows, s.stride,
-                       timers)
+                       timers, &s.abort_step)
     model_lock_release(s)
     r.loss_sum = loss
     r.counted = counted
