@@ -8,6 +8,27 @@ import tempfile
 from cllm_cli import _engine, train
 
 
+def abort_mid_step():
+    """Ctrl-C's path: abort() while spheres compute and wait for their turns."""
+    import time
+
+    import numpy as np
+
+    from cllm_cli import CLLMConfig, CLLMModel
+    from cllm_cli.model import engine_config
+    cfg = CLLMConfig(vocab_size=50, embed_dim=32, num_layers=4, num_heads=2, seq_len=32)
+    model = CLLMModel(cfg, seed=1)
+    windows = np.random.default_rng(2).integers(4, 50, (64, 33)).astype(np.int32)
+    engine = _engine.Engine(engine_config(cfg), model.flat, 4, 1, 64, debug_locks=True)
+    for delay in (0.0, 0.05, 0.2):
+        engine.start(windows, True, 0)
+        time.sleep(delay)
+        engine.abort()
+        while not engine.wait(0.1):
+            pass
+    engine.close()
+
+
 def main():
     if "--expect-engine" in sys.argv:
         # the TSan build must be the one imported, not an installed engine
@@ -29,6 +50,7 @@ def main():
                   num_heads=2, seq_len=16, batch_size=12, micro_batch=2, max_steps=6,
                   eval_interval=3, threads=4, lock_mode=lock_mode, debug_locks=True,
                   quiet=True)
+    abort_mid_step()
     print("racecheck run finished")
     return 0
 
