@@ -50,8 +50,6 @@ WEIGHT_DECAY = 0.01
 GRAD_CLIP = 1.0
 SEED = 1234
 RESULT_MARK = "BENCH-RESULT "
-BUCKETS = ("matmul", "attention", "softmax_loss", "layernorm", "gelu", "other",
-           "accumulate", "turn_wait", "optimizer")
 FLOP_FORMULA = "FLOPs/token = 6*L*(3d^2 + d^2 + 2dF) + 6dV + 12LTd"
 RSS_FORMULA = ("peak RSS = baseline + 4 bytes x (4P + spheres x (P + A)): parameters, AdamW m "
                "and v, accumulated gradient; per sphere its local gradient and activations")
@@ -294,6 +292,7 @@ def derive(row, spec, cfg, ceiling, cores):
         row["profile_ms_per_step"] = {k: v * per for k, v in row["profile"].items()}
         row["accumulate_ms"] = row["profile_ms_per_step"]["accumulate"]
         row["optimizer_ms"] = row["profile_ms_per_step"]["optimizer"]
+    if "baseline_rss_bytes" in row:
         row["rss_formula_bytes"] = (row["baseline_rss_bytes"]
                                     + rss_formula_bytes(cfg, spec["threads"], spec["micro_batch"]))
     return row
@@ -321,10 +320,13 @@ def format_row(spec, row):
 
 
 def format_profile(spec, row):
-    per = row["profile_ms_per_step"]
-    busy = sum(per.values())
-    parts = [f"{k} {v:.1f} ({100 * v / busy:.0f}%)" for k, v in per.items()]
-    return "      per-op ms/step (mean per sphere): " + ", ".join(parts)
+    """The per-op line of --profile: ms per step, mean per sphere, and the share of the wall
+    time; 'idle' is the rest (a sphere waiting for work, Python between steps)."""
+    per = dict(row["profile_ms_per_step"])
+    wall = 1000 * row["profile_wall"] / row["profile_steps"]
+    per["idle"] = max(wall - sum(per.values()), 0.0)
+    parts = [f"{k} {v:.1f} ({100 * v / wall:.0f}%)" for k, v in per.items()]
+    return f"      per-op ms/step, mean per sphere (profiled pass, {wall:.0f} ms/step): " + ", ".join(parts)
 
 
 # issue 4's targets for config D (at 2 threads; 1->2 speed-up; more spheres than cores)
@@ -346,7 +348,8 @@ def summarise(name, rows, cores):
     def mark(key, value):
         if key not in targets:
             return ""
-        return f" [target {targets[key]:.2f}: {'met' if value >= targets[key] else 'MISSED'}]"
+        goal = f"{100 * targets[key]:.0f}%" if key == "ceiling_share" else f"{targets[key]:.2f}x"
+        return f" [target {goal}: {'met' if value >= targets[key] else 'MISSED'}]"
 
     listed = sorted({spec["threads"] for spec, _ in rows})
     # the comparison point: 2 threads (the issue's), else the most threads within the cores
@@ -357,7 +360,7 @@ def summarise(name, rows, cores):
     if ours:
         figures.update(tokens_per_s=ours["tokens_per_s"], ceiling_share=ours["ceiling_share"])
         parts.append(f"cllm {ours['tokens_per_s']:.0f} tok/s at {at} threads, "
-                     f"{ours['ceiling_share']:.2f} of the sgemm ceiling"
+                     f"{100 * ours['ceiling_share']:.0f}% of the sgemm ceiling"
                      + mark("ceiling_share", ours["ceiling_share"]))
     if one and ours and at != 1:
         figures["speedup"] = ours["tokens_per_s"] / one["tokens_per_s"]
@@ -430,13 +433,13 @@ def torch_version():
         return None
 
 
-def parse_list(text, kind, what):
+def parse_list(ap, text, kind, what):
     try:
         items = [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
         items = []
     if not items:
-        raise SystemExit(f"bench: error: --{what} needs a comma-separated list, got {text!r}")
+        ap.error(f"--{what} needs a comma-separated list, got {text!r}")
     return items
 
 
@@ -472,19 +475,20 @@ def main(argv=None):
         print(RESULT_MARK + json.dumps(result), flush=True)
         return 0
 
-    configs = [c.upper() for c in parse_list(args.configs, str, "configs")]
-    threads = sorted(set(parse_list(args.threads, int, "threads"))) if args.threads else default_threads()
-    modes = parse_list(args.lock_modes, str, "lock-modes")
+    configs = [c.upper() for c in parse_list(ap, args.configs, str, "configs")]
+    threads = sorted(set(parse_list(ap, args.threads, int, "threads"))) if args.threads else default_threads()
+    modes = parse_list(ap, args.lock_modes, str, "lock-modes")
     bad = [c for c in configs if c not in CONFIGS] + [m for m in modes if m not in ("shared", "exclusive")]
     if bad or min(threads) < 1 or args.micro_batch < 1 or (args.steps is not None and args.steps < 1) \
             or (args.warmup is not None and args.warmup < 0):
-        raise SystemExit(f"bench: error: bad arguments {bad or ''} (configs S, D; lock modes "
-                         "shared, exclusive; threads, steps and micro-batch >= 1, warmup >= 0)")
+        ap.error(f"bad arguments {', '.join(bad)} (configs S, D; lock modes shared, exclusive; "
+                 "threads, steps and micro-batch >= 1, warmup >= 0)")
     cores = os.cpu_count() or 1
     tv = None if args.no_torch else torch_version()
     impls = ["cllm"] + (["torch-eager", "torch-compile"] if tv else [])
 
     info = machine_info()
+    load = os.getloadavg()[0]   # before the sgemm ceiling adds its own
     print(f"CLLM benchmark: {info['cpu']}, {cores} cores, Python {info['python']}, "
           f"numpy {info['numpy']}, torch {tv or ('skipped' if args.no_torch else 'not installed')}")
     print(f"{FLOP_FORMULA}  ("
@@ -496,7 +500,7 @@ def main(argv=None):
           f"{sg['single_core_gflops']:.1f} GFLOPS per core, N-core ceiling = N x that "
           f"({cores} cores: {ceiling[cores]:.1f}); measured with N processes at once: "
           + ", ".join(f"{k}: {g:.1f}" for k, g in sg["measured_gflops"].items() if k > 1)
-          + f"  [load average {os.getloadavg()[0]:.2f}]")
+          )
     for c in configs:
         cfg = model_config(c)
         print(f"{c}: V {cfg.vocab_size}, d {cfg.embed_dim}, L {cfg.num_layers}, H {cfg.num_heads}, "
@@ -508,6 +512,9 @@ def main(argv=None):
           "accumulation / the optimiser (mean per sphere, profiled pass); RSS: peak of the run's process")
     if not tv and not args.no_torch:
         print("torch is not installed (pip install torch==2.13.0): PyTorch comparison skipped")
+    if load > 0.5:
+        print(f"note: the machine is busy before the benchmark starts (load average {load:.2f}): "
+              "expect noisy figures")
     print(HEADER, flush=True)
 
     exclusive_at = max([t for t in threads if t <= cores] or [min(threads)])
@@ -544,11 +551,13 @@ def main(argv=None):
         summaries[c] = {"line": line, **figures}
         all_rows += rows
 
-    print(f"(total {time.perf_counter() - t0:.0f} s, load average now {os.getloadavg()[0]:.2f})")
+    load_end = os.getloadavg()[0]
+    print(f"(total {time.perf_counter() - t0:.0f} s, load average at the start {load:.2f}, "
+          f"at the end {load_end:.2f})")
     for c in configs:
         print(summaries[c]["line"])
     if args.json:
-        doc = {"machine": info, "torch": tv, "flop_formula": FLOP_FORMULA,
+        doc = {"machine": info, "torch": tv, "load_average": {"start": load, "end": load_end}, "flop_formula": FLOP_FORMULA,
                "rss_formula": RSS_FORMULA, "sgemm": sg,
                "configs": {c: dict(CONFIGS[c], flops_per_token=flops_per_token(model_config(c)),
                                    params=num_params(model_config(c)),
@@ -563,4 +572,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        sys.exit(130)

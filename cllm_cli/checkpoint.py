@@ -20,11 +20,12 @@ A `.cllm` file is a plain safetensors file:
                       header_checksum>, "tensors": {name: {"dtype", "shape", "data_offsets"}}},
                       sort_keys=True, separators=(",", ":"))`` encoded as UTF-8.
 
-Writes are atomic: the bytes go to a temporary file in the destination directory
-(``.<final name>.<random>.tmp``), which is flushed, fsync'ed and renamed over the final name,
-after which the directory is fsync'ed. A failed write (full disk, missing directory, ...)
-removes the temporary file and raises :class:`CheckpointError`; the final name then still holds
-the previous complete file, if there was one, and never a partial one.
+Writes are atomic (:func:`cllm_cli.atomic.atomic_file`): the bytes go to a temporary file in
+the destination directory (``.<final name>.<random>.tmp``), which is flushed, fsync'ed and
+renamed over the final name, after which the directory is fsync'ed. A missing directory is
+created. A failed write (full disk, a parent that is not a directory, ...) removes the temporary
+file and raises :class:`CheckpointError`; the final name then still holds the previous complete
+file, if there was one, and never a partial one.
 
 Loading checks the structure of the file, the format and its version, the header checksum,
 the model config, every tensor's name, dtype and shape, the vocab hash and the config the caller
@@ -32,7 +33,6 @@ expects (when given), and the tensor checksum, and refuses with a one-line
 :class:`CheckpointError` naming the file and the problem. Tensors are read straight into the
 flat buffers (no intermediate copy of the whole file).
 """
-import errno
 import hashlib
 import json
 import math
@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import safetensors.numpy
 
+from .atomic import atomic_file, reason as _reason
 from .config import CLLMConfig, param_layout, param_shapes
 
 FORMAT_VERSION = 1
@@ -62,13 +63,6 @@ class CheckpointError(Exception):
 
 def _one_line(text):
     return " ".join(str(text).split())
-
-
-def _reason(exc):
-    """Short text for an OSError (or anything else) without the file name repeated."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return _one_line(exc) or type(exc).__name__
 
 
 def _json_default(obj):
@@ -171,50 +165,18 @@ def save_checkpoint(path, cfg, params, adam_m, adam_v, meta):
 
 def _atomic_write(path, chunks):
     directory = path.parent
-    tmp = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    fd = None
-    done = False
     try:
         if directory.exists() and not directory.is_dir():
             raise CheckpointError(f"cannot write checkpoint {path}: {directory} is not a directory")
         directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            fd = None                       # owned by f now
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        done = True
-        _fsync_directory(directory)
     except NotADirectoryError:
         raise CheckpointError(f"cannot write checkpoint {path}: a parent of {directory} is not "
                               "a directory") from None
     except OSError as exc:
         raise CheckpointError(f"cannot write checkpoint {path}: {_reason(exc)}") from None
-    finally:
-        if fd is not None:
-            os.close(fd)
-        if not done:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-
-
-def _fsync_directory(directory):
-    try:
-        dfd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return                              # e.g. a platform without directory fds
-    try:
-        os.fsync(dfd)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(dfd)
+    with atomic_file(path, CheckpointError, "cannot write checkpoint {path}: {reason}") as f:
+        for chunk in chunks:
+            f.write(chunk)
 
 
 # ----------------------------------------------------------------------------------- loading

@@ -59,6 +59,8 @@ import tempfile
 
 import numpy as np
 
+from .atomic import atomic_file
+
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]
 KINDS = ("word", "char")
@@ -334,7 +336,7 @@ class Tokenizer:
 
     def save(self, path):
         """Write vocab.txt atomically."""
-        with _atomic_file(path) as f:
+        with atomic_file(pathlib.Path(path), DataError) as f:
             f.write(self._vocab_bytes())
 
     @classmethod
@@ -434,48 +436,6 @@ class _Scanner:
         remap[:n_special] = np.arange(n_special)
         remap[kept] = np.arange(n_special, n_special + len(kept))
         return tokenizer, remap
-
-
-# ---------------------------------------------------------------------------------------
-# Atomic files
-# ---------------------------------------------------------------------------------------
-
-def _fsync_dir(directory):
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def _atomic_file(path):
-    """Open a temporary file next to `path` for binary writing; on success fsync it and rename
-    it over `path`; on failure remove it, so `path` is never half written."""
-    path = pathlib.Path(path)
-    directory = path.parent
-    try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise DataError(f"{path}: cannot write ({e.strerror or e})") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise DataError(f"{path}: cannot write ({e.strerror or e})") from None
-        raise
-    _fsync_dir(directory)
 
 
 # ---------------------------------------------------------------------------------------
@@ -653,7 +613,7 @@ def _encode_and_write(corpus, encoding_errors, tokenizer, out_dir):
     """Encode every document with a given tokenizer straight into dataset.bin."""
     dtype = _dtype_for(len(tokenizer))
     tokenizer.save(out_dir / "vocab.txt")
-    with _atomic_file(out_dir / "dataset.bin") as f:
+    with atomic_file(out_dir / "dataset.bin", DataError) as f:
         f.write(bytes(HEADER_SIZE))              # placeholder until the count is known
         n_tokens = n_words = 0
         for text in corpus.documents(encoding_errors):
@@ -697,7 +657,7 @@ def _build_and_write(corpus, encoding_errors, kind, vocab_size, out_dir):
         dtype = _dtype_for(len(tokenizer))
         remap = remap.astype(dtype)
         tokenizer.save(out_dir / "vocab.txt")
-        with _atomic_file(out_dir / "dataset.bin") as f:
+        with atomic_file(out_dir / "dataset.bin", DataError) as f:
             f.write(_pack_header(dtype, n_tokens, corpus.key, tokenizer))
             for start in range(0, n_tokens, _CHUNK):
                 f.write(remap[provisional[start:start + _CHUNK]].tobytes())

@@ -18,22 +18,17 @@ Choices written down here:
 - Exit status: 0 done, 2 bad usage or input (one line on stderr), 1 a runtime failure,
   130 Ctrl-C.
 """
-import argparse
 import math
 import os
 import sys
 
 from .checkpoint import CheckpointError, latest_checkpoint
 from .data import EOS, DataError, Tokenizer
-from .cli import HelpFormatter, Parser
+from .cli import HelpFormatter, Parser, UsageError, run_main
 from .model import CLLMModel
 
 PROG = "cllm_inference"
 MAX_LISTED_UNKNOWN = 8      # unknown prompt words named in the warning
-
-
-class UsageError(Exception):
-    """A bad option value or input (exit status 2)."""
 
 
 def build_parser():
@@ -181,30 +176,19 @@ def run(args):
            args.top_k, args.top_p, args.seed)
 
 
+def end_line():
+    """After Ctrl-C: ends the line of text streamed so far."""
+    try:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (UsageError, DataError, CheckpointError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        try:
-            sys.stdout.write("\n")
-            sys.stdout.flush()
-        except (OSError, ValueError):
-            pass
-        return 130
-    except BrokenPipeError:
-        # the reader went away (`| head`): stop quietly, and keep Python's exit-time flush of
-        # stdout from failing too
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 1
-    except MemoryError as e:
-        print(f"{PROG}: error: out of memory ({e})", file=sys.stderr)
-        return 1
-    return 0
+    return run_main(PROG, lambda: run(args), {(UsageError, DataError, CheckpointError): 2},
+                    on_interrupt=end_line)
 
 
 if __name__ == "__main__":

@@ -7,17 +7,16 @@ the curve of the run that went on. A skipped step (loss NaN) leaves a gap in the
 
 matplotlib is an optional dependency, imported only when a plot is drawn; without it
 plot_metrics raises PlotError("matplotlib is not installed: pip install matplotlib").
-The PNG is written to a temporary file next to the destination and renamed over it, so a
-failed plot never leaves a damaged file.
+The PNG is written atomically (cllm_cli.atomic: a temporary file next to the destination,
+renamed over it), so a failed plot never leaves a damaged file.
 """
-import contextlib
 import json
 import math
 import os
 import sys
-import tempfile
 
-from .cli import HelpFormatter, Parser
+from .atomic import atomic_file
+from .cli import HelpFormatter, Parser, run_main
 
 PROG = "cllm_plot"
 MISSING_MATPLOTLIB = "matplotlib is not installed: pip install matplotlib"
@@ -115,26 +114,8 @@ def draw(train, val, out_png, title):
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper right")
-    _save(fig, out_png)
-
-
-def _save(fig, out_png):
-    directory = os.path.dirname(os.path.abspath(out_png))
-    try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(out_png)}.",
-                                   suffix=".tmp")
-    except OSError as e:
-        raise PlotError(f"{out_png}: cannot write ({e.strerror or e})") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, out_png)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise PlotError(f"{out_png}: cannot write ({e.strerror or e})") from None
-        raise
+    with atomic_file(out_png, PlotError) as f:
+        fig.savefig(f, format="png")
 
 
 def plot_metrics(metrics_path, out_png, title=None):
@@ -166,20 +147,14 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     out = args.output or os.path.splitext(args.metrics)[0] + ".png"
-    try:
+
+    def command():
         if os.path.abspath(out) == os.path.abspath(args.metrics):
             raise PlotError(f"the output {out} is the metrics file itself; choose another -o")
         plot_metrics(args.metrics, out, args.title)
-    except MissingDependency as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
-    except PlotError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    print(f"wrote {out}")
-    return 0
+        print(f"wrote {out}")
+
+    return run_main(PROG, command, {MissingDependency: 1, PlotError: 2})
 
 
 if __name__ == "__main__":

@@ -18,18 +18,13 @@ tokenizer sees it (lower-cased words, spacing by the decode rules). Exit status:
 """
 import collections
 import json
-import os
 import sys
 
 from .data import UNK, DataError, Tokenizer, _decode, read_text
-from .cli import HelpFormatter, Parser
+from .cli import HelpFormatter, Parser, UsageError, run_main
 
 PROG = "cllm_tokenize"
 STDIN = "-"
-
-
-class UsageError(Exception):
-    """A bad option value or input (exit status 2)."""
 
 
 def build_parser():
@@ -211,18 +206,7 @@ def run(args, out):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        run(args, sys.stdout)
-    except (UsageError, DataError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 1
-    return 0
+    return run_main(PROG, lambda: run(args, sys.stdout), {(UsageError, DataError): 2})
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import numpy as np
 from . import _engine
 from .checkpoint import (CheckpointError, checkpoint_path, latest_checkpoint, load_checkpoint,
                          prune_checkpoints, save_checkpoint)
-from .cli import HelpFormatter, Parser, name_defaults
+from .cli import HelpFormatter, Parser, UsageError, name_defaults, run_main
 from .config import CLLMConfig
 from .data import (EOS, DataError, Tokenizer, collect_files, epoch_order, eval_windows,
                    gather_windows, num_windows, prepare_dataset, split_stream)
@@ -27,10 +27,6 @@ from .model import CLLMModel, engine_config, optimizer_chunks, tensor_at
 from .plot import PlotError, plot_metrics, require_matplotlib
 
 WAIT_SLICE = 0.1     # seconds the main thread waits on the spheres before checking signals
-
-
-class UsageError(Exception):
-    """An impossible option value or combination (exit status 2)."""
 
 
 class TrainingError(Exception):
@@ -655,21 +651,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     options = vars(args)
     data = options.pop("data")
-    try:
-        train(data, **options)
-    except (UsageError, DataError, CheckpointError) as e:
-        print(f"train_model: error: {e}", file=sys.stderr)
-        return 2
-    except (TrainingError, PlotError) as e:
-        print(f"train_model: error: {e}", file=sys.stderr)
-        return 1
-    except (Interrupted, KeyboardInterrupt):
-        print("train_model: interrupted", file=sys.stderr)
-        return 130
-    except MemoryError as e:
-        print(f"train_model: error: out of memory ({e})", file=sys.stderr)
-        return 1
-    return 0
+    return run_main("train_model", lambda: train(data, **options),
+                    {(UsageError, DataError, CheckpointError): 2, (TrainingError, PlotError): 1},
+                    interrupts=(Interrupted,),
+                    on_interrupt=lambda: print("train_model: interrupted", file=sys.stderr))
 
 
 if __name__ == "__main__":

@@ -225,37 +225,37 @@ def backward(params, cfg, cache):
     lnf = cache["lnf"]
     grads["wte"] += dlogits.reshape(-1, V).T @ lnf.reshape(-1, lnf.shape[-1])
     dlnf = dlogits @ params["wte"]
-    dx, dw, db = layernorm_backward(dlnf, cache["ln_f"])
-    grads["ln_f.weight"] += dw
-    grads["ln_f.bias"] += db
+
+    def linear(dy, x, name):
+        """Backward of y = x @ W + b for the parameters name.weight, name.bias: adds their
+        gradients to grads and returns dx."""
+        dx, dw, db = linear_backward(dy, x, params[name + ".weight"])
+        grads[name + ".weight"] += dw
+        grads[name + ".bias"] += db
+        return dx
+
+    def layernorm(dy, ln_cache, name):
+        """Backward of a layer norm with the parameters name.weight, name.bias, likewise."""
+        dx, dw, db = layernorm_backward(dy, ln_cache)
+        grads[name + ".weight"] += dw
+        grads[name + ".bias"] += db
+        return dx
+
+    dx = layernorm(dlnf, cache["ln_f"], "ln_f")
     # blocks in reverse; dx is the gradient of the residual stream
     for l in reversed(range(cfg.num_layers)):
         p = f"h.{l}."
         lc = cache["layers"][l]
         # x = x_mid + c_proj(gelu(c_fc(ln_2(x_mid))))
-        dfch_gelu, dw, db = linear_backward(dx, lc["fch_gelu"], params[p + "mlp.c_proj.weight"])
-        grads[p + "mlp.c_proj.weight"] += dw
-        grads[p + "mlp.c_proj.bias"] += db
+        dfch_gelu = linear(dx, lc["fch_gelu"], p + "mlp.c_proj")
         dfch = gelu_backward(dfch_gelu, lc["fch"])
-        dln2, dw, db = linear_backward(dfch, lc["ln2"], params[p + "mlp.c_fc.weight"])
-        grads[p + "mlp.c_fc.weight"] += dw
-        grads[p + "mlp.c_fc.bias"] += db
-        dres, dw, db = layernorm_backward(dln2, lc["ln_2"])
-        grads[p + "ln_2.weight"] += dw
-        grads[p + "ln_2.bias"] += db
-        dx = dx + dres
+        dln2 = linear(dfch, lc["ln2"], p + "mlp.c_fc")
+        dx = dx + layernorm(dln2, lc["ln_2"], p + "ln_2")
         # x_mid = x_in + c_proj(attn(c_attn(ln_1(x_in))))
-        datty, dw, db = linear_backward(dx, lc["atty"], params[p + "attn.c_proj.weight"])
-        grads[p + "attn.c_proj.weight"] += dw
-        grads[p + "attn.c_proj.bias"] += db
+        datty = linear(dx, lc["atty"], p + "attn.c_proj")
         dqkv = attention_backward(datty, lc["attn"])
-        dln1, dw, db = linear_backward(dqkv, lc["ln1"], params[p + "attn.c_attn.weight"])
-        grads[p + "attn.c_attn.weight"] += dw
-        grads[p + "attn.c_attn.bias"] += db
-        dres, dw, db = layernorm_backward(dln1, lc["ln_1"])
-        grads[p + "ln_1.weight"] += dw
-        grads[p + "ln_1.bias"] += db
-        dx = dx + dres
+        dln1 = linear(dqkv, lc["ln1"], p + "attn.c_attn")
+        dx = dx + layernorm(dln1, lc["ln_1"], p + "ln_1")
     # embeddings: x = wte[inputs] + wpe[:n]
     np.add.at(grads["wte"], inputs.ravel(), dx.reshape(-1, dx.shape[-1]))
     grads["wpe"][:n] += dx.sum(axis=0)

@@ -6,8 +6,6 @@ need a real process (signals, what a user's terminal shows) run it as a subproce
 """
 import json
 import math
-import os
-import random
 import signal
 import subprocess
 import sys
@@ -15,28 +13,13 @@ import time
 
 import numpy as np
 import pytest
-import safetensors.numpy
 
 from cllm_cli.trainer import main
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-WORDS = ("the a an old young quiet brave tired small green red cold warm river hill town "
-         "village market baker miller fisher weaver smith king queen child dog cat horse "
-         "bird boat road bridge house garden door window table bread apple fish stone tree "
-         "walked ran saw found gave took made sang told asked carried opened closed watched "
-         "slowly quickly often never always today tomorrow there here and but because while "
-         "with under over near behind into from to of in on at").split()
+from helpers import ROOT, assert_bit_identical, assert_one_error_line, call, sentences
 
 
 def corpus_text(n_sentences, seed=11):
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(n_sentences):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 11))]
-        words[0] = words[0].capitalize()
-        lines.append(" ".join(words) + rng.choice([".", ".", "!", "?"]))
-    return "\n".join(lines) + "\n"
+    return sentences(n_sentences, seed, punct=(".", ".", "!", "?"))
 
 
 TINY = ["--embed-dim", "16", "--num-layers", "2", "--num-heads", "2", "--seq-len", "16",
@@ -52,25 +35,8 @@ def corpus(tmp_path):
 
 
 def cli(capsys, *argv):
-    """Runs main(argv) in-process: (exit status, stdout, stderr)."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:      # argparse
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_error_line(code, err, *fragments):
-    assert code == 2, f"exit status {code}, stderr:\n{err}"
-    assert "Traceback" not in err, err
-    lines = err.splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
-    assert lines[0].startswith("train_model: error:"), lines[0]
-    assert len(lines[0]) > len("train_model: error: ") + 10, lines[0]
-    for f in fragments:
-        assert str(f) in lines[0], f"{f!r} not in {lines[0]!r}"
-    return lines[0]
+    """train_model's main(argv) in-process: (exit status, stdout, stderr)."""
+    return call(capsys, main, *argv)
 
 
 def snapshot(directory):
@@ -80,39 +46,26 @@ def snapshot(directory):
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
 
 
-def tensors(path):
-    return safetensors.numpy.load_file(str(path))
-
-
-def assert_bit_identical(path_a, path_b):
-    a, b = tensors(path_a), tensors(path_b)
-    assert sorted(a) == sorted(b)
-    assert any(k.startswith("adam.m.") for k in a)
-    differ = [k for k in sorted(a) if a[k].dtype != b[k].dtype or a[k].shape != b[k].shape
-              or a[k].tobytes() != b[k].tobytes()]
-    assert not differ, f"{path_b} differs from {path_a} in {differ[:5]}"
-
-
 # --- bad input files ------------------------------------------------------------------------
 
 def test_missing_file(tmp_path, capsys):
     missing = tmp_path / "no-such-corpus.txt"
     code, _, err = cli(capsys, missing, "--checkpoint-dir", tmp_path / "ck", *TINY)
-    assert_one_error_line(code, err, "no-such-corpus.txt")
+    assert_one_error_line(code, err, "train_model", "no-such-corpus.txt")
 
 
 def test_empty_file(tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_bytes(b"")
     code, _, err = cli(capsys, empty, "--checkpoint-dir", tmp_path / "ck", *TINY)
-    assert_one_error_line(code, err, "empty")
+    assert_one_error_line(code, err, "train_model", "empty")
 
 
 def test_whitespace_only_file(tmp_path, capsys):
     blank = tmp_path / "blank.txt"
     blank.write_text("  \n\n\t \n")
     code, _, err = cli(capsys, blank, "--checkpoint-dir", tmp_path / "ck", *TINY)
-    assert_one_error_line(code, err)
+    assert_one_error_line(code, err, "train_model")
 
 
 def test_directory_without_txt_files(tmp_path, capsys):
@@ -121,7 +74,7 @@ def test_directory_without_txt_files(tmp_path, capsys):
     (d / "notes.md").write_text(corpus_text(50))
     (d / "sub").mkdir()
     code, _, err = cli(capsys, d, "--checkpoint-dir", tmp_path / "ck", *TINY)
-    assert_one_error_line(code, err, "texts")
+    assert_one_error_line(code, err, "train_model", "texts")
 
 
 def test_binary_file(tmp_path, capsys):
@@ -130,7 +83,7 @@ def test_binary_file(tmp_path, capsys):
     binary = tmp_path / "image.txt"
     binary.write_bytes(data[:offset] + b"\x00\x01\x02" + data[offset:])
     code, _, err = cli(capsys, binary, "--checkpoint-dir", tmp_path / "ck", *TINY)
-    line = assert_one_error_line(code, err, "image.txt", offset)
+    line = assert_one_error_line(code, err, "train_model", "image.txt", offset)
     assert "text" in line.lower() or "nul" in line.lower()
 
 
@@ -144,7 +97,7 @@ def non_utf8(tmp_path, offset=2345):
 def test_non_utf8_file_names_the_byte_offset(tmp_path, capsys):
     bad, offset = non_utf8(tmp_path)
     code, _, err = cli(capsys, bad, "--checkpoint-dir", tmp_path / "ck", *TINY)
-    line = assert_one_error_line(code, err, "latin1.txt", offset)
+    line = assert_one_error_line(code, err, "train_model", "latin1.txt", offset)
     assert "utf-8" in line.lower()
     assert not (tmp_path / "ck" / "dataset.bin").exists()
 
@@ -161,7 +114,7 @@ def test_corpus_shorter_than_one_window(tmp_path, capsys):
     short = tmp_path / "short.txt"
     short.write_text("just a few words here.\n")
     code, _, err = cli(capsys, short, "--checkpoint-dir", tmp_path / "ck", *TINY)
-    assert_one_error_line(code, err, "seq-len")
+    assert_one_error_line(code, err, "train_model", "seq-len")
 
 
 # --- impossible option values -------------------------------------------------------------------
@@ -192,7 +145,7 @@ def with_option(option, value):
 def test_impossible_option_values(corpus, tmp_path, capsys, option, value, names):
     code, _, err = cli(capsys, corpus, "--checkpoint-dir", tmp_path / "ck",
                        *with_option(option, value))
-    assert_one_error_line(code, err, names)
+    assert_one_error_line(code, err, "train_model", names)
     assert not (tmp_path / "ck" / "final_model.cllm").exists()
 
 
@@ -209,7 +162,7 @@ def test_unwritable_checkpoint_directory(corpus, tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("a regular file\n")
     code, _, err = cli(capsys, corpus, "--checkpoint-dir", afile / "ckpt", *TINY)
-    assert_one_error_line(code, err, "afile")
+    assert_one_error_line(code, err, "train_model", "afile")
     assert afile.read_text() == "a regular file\n"
 
 
@@ -219,7 +172,7 @@ def test_resume_without_checkpoint(corpus, tmp_path, capsys):
     ck = tmp_path / "ck"
     ck.mkdir()
     code, _, err = cli(capsys, corpus, "--checkpoint-dir", ck, *TINY, "--resume")
-    assert_one_error_line(code, err, "resume")
+    assert_one_error_line(code, err, "train_model", "resume")
 
 
 @pytest.fixture
@@ -238,7 +191,7 @@ def test_resume_with_truncated_newest_checkpoint(corpus, trained, capsys):
     newest.write_bytes(data[:len(data) // 2])
     before = snapshot(trained)
     code, _, err = cli(capsys, corpus, "--checkpoint-dir", trained, *TINY, "--resume")
-    assert_one_error_line(code, err, "checkpoint_step_4.cllm")
+    assert_one_error_line(code, err, "train_model", "checkpoint_step_4.cllm")
     assert snapshot(trained) == before, "a refused resume changed the checkpoint directory"
 
 
@@ -247,7 +200,7 @@ def test_resume_after_corpus_changed(corpus, trained, capsys):
     ckpts = {k: v for k, v in snapshot(trained).items() if k.endswith(".cllm")}
     corpus.write_bytes(original + b"An extra sentence about the river.\n")
     code, _, err = cli(capsys, corpus, "--checkpoint-dir", trained, *TINY, "--resume")
-    assert_one_error_line(code, err, "corpus")
+    assert_one_error_line(code, err, "train_model", "corpus")
     after = {k: v for k, v in snapshot(trained).items() if k.endswith(".cllm")}
     assert after == ckpts
     # with the original corpus back, the same directory resumes fine
@@ -307,7 +260,7 @@ def real_process(*argv, **kw):
 def test_real_process_bad_input_is_one_line(tmp_path):
     """What a user sees: `python -m cllm_cli.trainer` on a missing file prints one line."""
     p = real_process(tmp_path / "missing.txt", "--checkpoint-dir", tmp_path / "ck", *TINY)
-    assert_one_error_line(p.returncode, p.stderr, "missing.txt")
+    assert_one_error_line(p.returncode, p.stderr, "train_model", "missing.txt")
 
 
 def test_console_script_entry_bad_input_is_one_line(tmp_path):
@@ -315,7 +268,7 @@ def test_console_script_entry_bad_input_is_one_line(tmp_path):
     code = "import sys; from cllm_cli.trainer import main; sys.exit(main())"
     p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "missing.txt"),
                         "--threads", "0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert_one_error_line(p.returncode, p.stderr)
+    assert_one_error_line(p.returncode, p.stderr, "train_model")
 
 
 # Steps of ~0.3 s (longer than the 0.1 s the main thread waits on the spheres between checks

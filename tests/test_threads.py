@@ -7,42 +7,26 @@ any thread count tried, and 8 spheres are more than 5 micro-batches. The corpus 
 """
 import json
 import math
-import os
-import random
 import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-import safetensors.numpy
 
 from cllm_cli import CLLMConfig, CLLMModel, train
 from cllm_cli.checkpoint import load_checkpoint
 from cllm_cli.config import param_layout
 from cllm_cli.data import epoch_order, gather_windows, load_dataset, num_windows, split_stream
 from cllm_cli.trainer import TrainingError
+from helpers import ROOT, assert_bit_identical, sentences, tensors
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-WORDS = ("the a an old young quiet brave tired small green red cold warm river hill town "
-         "village market baker miller fisher weaver smith king queen child dog cat horse "
-         "bird boat road bridge house garden door window table bread apple fish stone tree "
-         "walked ran saw found gave took made sang told asked carried opened closed watched "
-         "slowly quickly often never always today tomorrow there here and but because while "
-         "with under over near behind into from to of in on at").split()
-PUNCT = [".", ".", ".", "!", "?", ","]
+PUNCT = (".", ".", ".", "!", "?", ",")
 
 
 def make_corpus(path, n_sentences, seed=7):
     """Seeded random sentences: a few KB of varied words and punctuation."""
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(n_sentences):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 11))]
-        words[0] = words[0].capitalize()
-        lines.append(" ".join(words) + rng.choice(PUNCT))
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.write_text(sentences(n_sentences, seed, punct=PUNCT), encoding="utf-8")
     return path
 
 
@@ -58,20 +42,6 @@ def run(data, ckpt_dir, engine_hook=None, **over):
     opts = dict(BASE, checkpoint_dir=str(ckpt_dir))
     opts.update(over)
     return train([str(data)], engine_hook=engine_hook, **opts)
-
-
-def tensors(path):
-    return safetensors.numpy.load_file(str(path))
-
-
-def assert_bit_identical(path_a, path_b):
-    a, b = tensors(path_a), tensors(path_b)
-    assert sorted(a) == sorted(b), f"{path_a} and {path_b} hold different tensor names"
-    assert any(k.startswith("adam.m.") for k in a) and any(k.startswith("adam.v.") for k in a)
-    differ = [k for k in sorted(a)
-              if a[k].dtype != b[k].dtype or a[k].shape != b[k].shape
-              or a[k].tobytes() != b[k].tobytes()]
-    assert not differ, f"{path_b} differs from {path_a} in {len(differ)} tensors: {differ[:5]}"
 
 
 def ckpt_files(d):

@@ -9,7 +9,6 @@ import io
 import json
 import math
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -20,8 +19,7 @@ import pytest
 from cllm_cli import inference, plot, tokenize_cli
 from cllm_cli.data import EOS, UNK, Tokenizer
 from cllm_cli.trainer import train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, assert_one_error_line, call, sentences
 
 WORDS = ("the a old young quiet brave small green river hill town market baker miller king "
          "queen child dog cat horse boat road bridge house door bread apple fish stone tree "
@@ -30,12 +28,8 @@ WORDS = ("the a old young quiet brave small green river hill town market baker m
 
 
 def corpus_text(n_sentences, seed=3):
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(n_sentences):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 10))]
-        lines.append(" ".join(words) + rng.choice([".", "!", "?"]))
-    return "\n".join(lines) + "\n"
+    return sentences(n_sentences, seed, punct=(".", "!", "?"), words=WORDS, max_words=10,
+                     capitalize=False)
 
 
 @pytest.fixture(scope="module")
@@ -54,26 +48,6 @@ def run_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tokenizer(run_dir):
     return Tokenizer.load(run_dir / "vocab.txt", "word")
-
-
-def call(capsys, main, *argv):
-    """main(argv) in-process: (exit status, stdout, stderr)."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_error_line(code, err, prog, *fragments, status=2):
-    assert code == status, f"exit status {code}, stderr:\n{err}"
-    assert "Traceback" not in err, err
-    lines = err.splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
-    assert lines[0].startswith(f"{prog}: error: "), lines[0]
-    for f in fragments:
-        assert str(f) in lines[0], f"{f!r} not in {lines[0]!r}"
 
 
 # --- cllm_inference ----------------------------------------------------------------------

@@ -1,0 +1,68 @@
+"""Helpers shared by the tests of the command-line tools and of training runs
+(test_cli, test_tools, test_threads): generated corpora, in-process calls of a tool's main(),
+the one-line error check and the bit-for-bit comparison of checkpoints."""
+import os
+import random
+
+import safetensors.numpy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+WORDS = ("the a an old young quiet brave tired small green red cold warm river hill town "
+         "village market baker miller fisher weaver smith king queen child dog cat horse "
+         "bird boat road bridge house garden door window table bread apple fish stone tree "
+         "walked ran saw found gave took made sang told asked carried opened closed watched "
+         "slowly quickly often never always today tomorrow there here and but because while "
+         "with under over near behind into from to of in on at").split()
+
+
+def sentences(n_sentences, seed, punct, words=WORDS, max_words=11, capitalize=True):
+    """Seeded random text: n_sentences lines of 4 to max_words words drawn from `words`, the
+    first capitalised (unless capitalize is False), each ending in a mark drawn from `punct`."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_sentences):
+        line = [rng.choice(words) for _ in range(rng.randint(4, max_words))]
+        if capitalize:
+            line[0] = line[0].capitalize()
+        lines.append(" ".join(line) + rng.choice(punct))
+    return "\n".join(lines) + "\n"
+
+
+def call(capsys, main, *argv):
+    """main(argv) in-process: (exit status, stdout, stderr)."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:      # argparse
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_error_line(code, err, prog, *fragments, status=2):
+    """The exit status is `status` and stderr is exactly one line "<prog>: error: <message>",
+    no traceback, naming every fragment. Returns the line."""
+    assert code == status, f"exit status {code}, stderr:\n{err}"
+    assert "Traceback" not in err, err
+    lines = err.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
+    assert lines[0].startswith(f"{prog}: error: "), lines[0]
+    assert len(lines[0]) > len(f"{prog}: error: ") + 10, lines[0]
+    for f in fragments:
+        assert str(f) in lines[0], f"{f!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def tensors(path):
+    return safetensors.numpy.load_file(str(path))
+
+
+def assert_bit_identical(path_a, path_b):
+    """Two checkpoints hold the same tensors (parameters and both AdamW moments), bit for bit."""
+    a, b = tensors(path_a), tensors(path_b)
+    assert sorted(a) == sorted(b), f"{path_a} and {path_b} hold different tensor names"
+    assert any(k.startswith("adam.m.") for k in a) and any(k.startswith("adam.v.") for k in a)
+    differ = [k for k in sorted(a)
+              if a[k].dtype != b[k].dtype or a[k].shape != b[k].shape
+              or a[k].tobytes() != b[k].tobytes()]
+    assert not differ, f"{path_b} differs from {path_a} in {len(differ)} tensors: {differ[:5]}"
