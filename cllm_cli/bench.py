@@ -135,17 +135,32 @@ def engine_sha1():
         return hashlib.sha1(f.read()).hexdigest()
 
 
+def cpu_seconds():
+    """(seconds the whole machine spent busy, seconds this process spent on a CPU)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    busy = sum(ticks[:8]) - ticks[3] - ticks[4]      # all but idle and iowait
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return busy / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
+
+
 def burn_in_and_time(step, warmup, steps):
-    """Runs step(0..warmup-1) untimed, then step(warmup..warmup+steps-1); returns the seconds
-    of each timed step."""
+    """Runs step(0..warmup-1) untimed, then step(warmup..warmup+steps-1). Returns the seconds
+    of each timed step, and the share of the machine's CPU time that other processes took
+    during them (a busy machine makes the figures noisy)."""
     for i in range(warmup):
         step(i)
     times = []
+    busy0, own0 = cpu_seconds()
+    t_start = time.perf_counter()
     for i in range(warmup, warmup + steps):
         t0 = time.perf_counter()
         step(i)
         times.append(time.perf_counter() - t0)
-    return times
+    busy1, own1 = cpu_seconds()
+    wall = time.perf_counter() - t_start
+    others = max(0.0, (busy1 - busy0) - (own1 - own0)) / (wall * (os.cpu_count() or 1))
+    return {"times": times, "others_cpu_share": others}
 
 
 def make_batches(name, count):
@@ -240,7 +255,7 @@ def worker(spec):
         skipped += not applied
 
     try:
-        times = burn_in_and_time(step, spec["warmup"], spec["steps"])
+        timed = burn_in_and_time(step, spec["warmup"], spec["steps"])
         profile = None
         if profile_steps:
             first = spec["warmup"] + spec["steps"]
@@ -253,7 +268,7 @@ def worker(spec):
             engine.set_profile(False)
     finally:
         engine.close()
-    out = {"times": times, "losses": losses, "skipped_steps": skipped,
+    out = {**timed, "losses": losses, "skipped_steps": skipped,
            "engine_sha1": engine_sha1(),
            "baseline_rss_bytes": baseline, "peak_rss_bytes": peak_rss_bytes()}
     if profile is not None:
@@ -300,7 +315,7 @@ def derive(row, spec, cfg, ceiling, cores):
 
 HEADER = (f"{'cfg':<3} {'impl':<13} {'thr':>3} {'lock':<9} {'tok/s':>7} {'ms/step':>8} "
           f"{'GFLOPS':>7} {'%ceil':>6} {'speedup':>7} {'accum':>6} {'optim':>6} "
-          f"{'RSS MB':>7} {'formula':>7}")
+          f"{'RSS MB':>7} {'formula':>7} {'others':>6}")
 
 
 def format_row(spec, row):
@@ -313,7 +328,7 @@ def format_row(spec, row):
     formula = f"{row['rss_formula_bytes'] / 2**20:.0f}" if "rss_formula_bytes" in row else "-"
     line = (f"{lead} {row['tokens_per_s']:>7.0f} {row['ms_per_step']:>8.1f} {row['gflops']:>7.1f} "
             f"{100 * row['ceiling_share']:>5.1f}% {speed:>7} {accum:>6} {optim:>6} "
-            f"{row['peak_rss_bytes'] / 2**20:>7.0f} {formula:>7}")
+            f"{row['peak_rss_bytes'] / 2**20:>7.0f} {formula:>7} {100 * row['others_cpu_share']:>5.0f}%")
     if "first_step_seconds" in row and spec["impl"] == "torch-compile":
         line += f"  (first step incl. compile {row['first_step_seconds']:.0f} s)"
     return line
@@ -509,7 +524,8 @@ def main(argv=None):
               f"activation floats per sphere")
     print(RSS_FORMULA)
     print("timed: median of the timed steps after burn-in; accum/optim: ms per step in ordered "
-          "accumulation / the optimiser (mean per sphere, profiled pass); RSS: peak of the run's process")
+          "accumulation / the optimiser (mean per sphere, profiled pass); RSS: peak of the run's "
+          "process; others: CPU share other processes took during the timed steps")
     if not tv and not args.no_torch:
         print("torch is not installed (pip install torch==2.13.0): PyTorch comparison skipped")
     if load > 0.5:

@@ -116,8 +116,9 @@ def run(spec, cfg, flat, batches, burn_in_and_time):
     """Times training steps of the PyTorch model. spec: {"impl": "torch-eager" |
     "torch-compile", "threads", "warmup", "steps", "lr", "weight_decay", "grad_clip"};
     batches: int32 [B, T+1] arrays, one per step; burn_in_and_time(step_fn, warmup, steps) is
-    bench.py's loop and returns the seconds of each timed step. The first burn-in step runs
-    (and compiles) separately so that its time is reported. Returns a dict of figures."""
+    bench.py's loop and returns {"times": seconds of each timed step, ...}. The first burn-in
+    step runs (and compiles) separately so that its time is reported. Returns a dict of
+    figures."""
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     model = TorchGPT(cfg)
@@ -148,7 +149,7 @@ def run(spec, cfg, flat, batches, burn_in_and_time):
     except Exception as exc:  # noqa: BLE001 - any compile failure is reported, not raised
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
     first_step = time.perf_counter() - t0
-    times = burn_in_and_time(lambda i: step(i + 1), max(spec["warmup"] - 1, 0), spec["steps"])
-    return {"times": times, "first_step_seconds": first_step, "losses": losses,
+    timed = burn_in_and_time(lambda i: step(i + 1), max(spec["warmup"] - 1, 0), spec["steps"])
+    return {**timed, "first_step_seconds": first_step, "losses": losses,
             "optimizer": opt_kind, "torch_version": torch.__version__,
             "torch_threads": torch.get_num_threads()}

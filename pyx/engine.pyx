@@ -48,8 +48,8 @@ def _check_tokens(const int[:, ::1] tokens, int V, str what):
 def loss_and_grads(tuple cfg, const float[::1] params,          # IN
                    const int[:, ::1] inputs,                     # IN  (B, n)
                    const int[:, ::1] targets,                    # IN  (B, n)
-                   float[::1] grads):                            # OUT (accumulated into)
-    """Summed loss over non-pad targets and its gradient, added into grads; returns
+                   float[::1] grads):                            # OUT (overwritten)
+    """Summed loss over non-pad targets and its gradient, written into grads; returns
     (loss_sum, counted)."""
     cdef ModelConfig c = config_from(cfg)
     cdef Activations acts

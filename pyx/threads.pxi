@@ -81,7 +81,7 @@ cdef struct SphereTrainingContext:
     int sphere_id
     int symmetry_group          # sphere_id % 12, as in the original
     ThreadedTrainingSystem* system
-    float* local_gradients      # (gradient_size,) zero between micro-batches
+    float* local_gradients      # (gradient_size,) written by each micro-batch's backward
     Activations acts            # this sphere's own activations: nothing shared
     int current_microbatch
     double batch_loss           # summed loss of this sphere's micro-batches, all steps
@@ -205,7 +205,7 @@ cdef long long validate_gradients(const float* g, size_t size) noexcept nogil:
 cdef void accumulate_gradients(SphereTrainingContext* ctx, int mb, const MicroBatchResult* r,
                                double* timers) noexcept nogil:
     # Adds local_gradients into accumulated_gradients in micro-batch order, whichever sphere
-    # finished first, and leaves local_gradients zero for the next micro-batch.
+    # finished first (the backward pass overwrites local_gradients: no zeroing needed).
     cdef ThreadedTrainingSystem* s = ctx.system
     cdef size_t i, size = s.gradient_size
     cdef float* acc = s.accumulated_gradients
@@ -217,19 +217,14 @@ cdef void accumulate_gradients(SphereTrainingContext* ctx, int mb, const MicroBa
         pthread_cond_wait(&s.accumulate_turn, &s.gradient_lock)
     tock(timers, OP_TURN_WAIT, &t)
     if s.abort_step:             # the step is discarded: no sum, no turn to keep
-        memset(loc, 0, size * sizeof(float))
         gradient_lock_release(s)
         return
     if valid and not s.accumulated_any:
         memcpy(acc, loc, size * sizeof(float))
-        memset(loc, 0, size * sizeof(float))
         s.accumulated_any = 1
     elif valid:
         for i in range(size):
             acc[i] = acc[i] + loc[i]
-            loc[i] = 0.0
-    else:
-        memset(loc, 0, size * sizeof(float))
     if mb == s.num_microbatches - 1 and not s.accumulated_any:
         memset(acc, 0, size * sizeof(float))   # no valid micro-batch: the sum is empty
     if valid:
