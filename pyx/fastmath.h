@@ -71,4 +71,90 @@ static inline double cllm_row_exp_sum(float *x, int n, float shift) {
     for (; i < n; i++) s += x[i];
     return s;
 }
+
+/* NaN when some x[i] is NaN or infinite (x * 0 is NaN exactly then), else 0 */
+static inline float cllm_nonfinite_probe(const float *x, size_t n) {
+    cllm_v16 lane = {0};
+    float probe = 0.0f;
+    size_t i = 0;
+    int j;
+    for (; i + 16 <= n; i += 16) lane += cllm_load16(x + i) * 0.0f;
+    for (j = 0; j < 16; j++) probe += lane[j];
+    for (; i < n; i++) probe += x[i] * 0.0f;
+    return probe;
+}
+
+/* g[i] /= c in place; returns the sum of the squares of the results, in double lanes */
+typedef double cllm_d8 __attribute__((vector_size(64)));
+
+static inline double cllm_divide_sumsq(float *g, size_t n, float c) {
+    cllm_d8 lane = {0};
+    double s = 0.0;
+    size_t i = 0;
+    int j;
+    for (; i + 8 <= n; i += 8) {
+        cllm_d8 v;
+        for (j = 0; j < 8; j++) {
+            g[i + j] = g[i + j] / c;
+            v[j] = (double)g[i + j];
+        }
+        lane += v * v;
+    }
+    for (j = 0; j < 8; j++) s += lane[j];
+    for (; i < n; i++) {
+        g[i] = g[i] / c;
+        s += (double)g[i] * g[i];
+    }
+    return s;
+}
+
+/* sum of x[i] and of (x[i] - shift)^2 over a row: layer norm's mean and variance */
+static inline float cllm_row_sum(const float *x, int n) {
+    cllm_v16 lane = {0};
+    float s = 0.0f;
+    int i = 0, j;
+    for (; i + 16 <= n; i += 16) lane += cllm_load16(x + i);
+    for (j = 0; j < 16; j++) s += lane[j];
+    for (; i < n; i++) s += x[i];
+    return s;
+}
+
+static inline float cllm_row_sq_dev(const float *x, int n, float shift) {
+    cllm_v16 lane = {0};
+    float s = 0.0f;
+    int i = 0, j;
+    for (; i + 16 <= n; i += 16) {
+        cllm_v16 d = cllm_load16(x + i) - shift;
+        lane += d * d;
+    }
+    for (j = 0; j < 16; j++) s += lane[j];
+    for (; i < n; i++) s += (x[i] - shift) * (x[i] - shift);
+    return s;
+}
+
+/* layer norm backward: sum of w*d and of w*d*(x - mean)*rstd over a row */
+static inline void cllm_ln_backward_sums(const float *x, const float *d, const float *w, int n,
+                                         float mean, float rstd, float *sum_wd,
+                                         float *sum_wd_norm) {
+    cllm_v16 a = {0}, b = {0};
+    float sa = 0.0f, sb = 0.0f;
+    int i = 0, j;
+    for (; i + 16 <= n; i += 16) {
+        cllm_v16 wd = cllm_load16(w + i) * cllm_load16(d + i);
+        cllm_v16 norm = (cllm_load16(x + i) - mean) * rstd;
+        a += wd;
+        b += wd * norm;
+    }
+    for (j = 0; j < 16; j++) {
+        sa += a[j];
+        sb += b[j];
+    }
+    for (; i < n; i++) {
+        float wd = w[i] * d[i];
+        sa += wd;
+        sb += wd * ((x[i] - mean) * rstd);
+    }
+    *sum_wd = sa;
+    *sum_wd_norm = sb;
+}
 #endif

@@ -7,6 +7,12 @@ cdef extern from "fastmath.h" nogil:
     float cllm_tanhf(float x)
     float cllm_row_max(const float* x, int n)
     double cllm_row_exp_sum(float* x, int n, float shift)
+    float cllm_nonfinite_probe(const float* x, size_t n)
+    double cllm_divide_sumsq(float* g, size_t n, float c)
+    float cllm_row_sum(const float* x, int n)
+    float cllm_row_sq_dev(const float* x, int n, float shift)
+    void cllm_ln_backward_sums(const float* x, const float* d, const float* w, int n,
+                               float mean, float rstd, float* sum_wd, float* sum_wd_norm)
 from libc.string cimport memset, memcpy
 from posix.time cimport timespec, clock_gettime, CLOCK_MONOTONIC
 
@@ -61,15 +67,8 @@ cdef void layernorm_forward(float* out, float* mean, float* rstd, const float* i
     cdef float* o
     for r in range(N):
         x = inp + <size_t>r * C
-        m = 0.0
-        for i in range(C):
-            m += x[i]
-        m = m / C
-        v = 0.0
-        for i in range(C):
-            d = x[i] - m
-            v += d * d
-        v = v / C
+        m = cllm_row_sum(x, C) / C
+        v = cllm_row_sq_dev(x, C, m) / C
         s = 1.0 / sqrtf(v + LN_EPS)
         o = out + <size_t>r * C
         for i in range(C):
@@ -97,13 +96,7 @@ cdef void layernorm_backward(float* dinp, float* dweight, float* dbias, const fl
         dx = dinp + <size_t>r * C
         m = mean[r]
         s = rstd[r]
-        dnorm_mean = 0.0
-        dnorm_norm_mean = 0.0
-        for i in range(C):
-            norm = (x[i] - m) * s
-            dnorm = weight[i] * d[i]
-            dnorm_mean += dnorm
-            dnorm_norm_mean += dnorm * norm
+        cllm_ln_backward_sums(x, d, weight, C, m, s, &dnorm_mean, &dnorm_norm_mean)
         dnorm_mean = dnorm_mean / C
         dnorm_norm_mean = dnorm_norm_mean / C
         for i in range(C):

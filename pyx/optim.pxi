@@ -14,15 +14,9 @@ cdef struct OptimizerSettings:
     long long t          # 1-based AdamW step (bias correction)
 
 
-cdef double mean_gradient_sumsq(float* g, size_t size, int count) noexcept nogil:
-    # g /= count in place; returns the sum of squares of the result (in order, in double)
-    cdef size_t i
-    cdef double sumsq = 0.0
-    cdef float c = <float>count
-    for i in range(size):
-        g[i] = g[i] / c
-        sumsq += <double>g[i] * g[i]
-    return sumsq
+cdef inline double mean_gradient_sumsq(float* g, size_t size, int count) noexcept nogil:
+    # g /= count in place; returns the sum of squares of the result (fixed lanes, in double)
+    return cllm_divide_sumsq(g, size, <float>count)
 
 
 cdef void optimizer_update(float* p, float* g, float* m, float* v, size_t size, bint decay,

@@ -184,17 +184,13 @@ cdef inline void gradient_lock_release(ThreadedTrainingSystem* s) noexcept nogil
 # --- one sphere --------------------------------------------------------------------------
 
 cdef long long validate_gradients(const float* g, size_t size) noexcept nogil:
-    # index of the first NaN/Inf in g, or -1; x * 0 is NaN exactly when x is not finite
+    # index of the first NaN/Inf in g, or -1; blocks are probed first, a bad one searched
     cdef size_t i, start, end
     cdef size_t block = 4096
-    cdef float probe
     start = 0
     while start < size:
         end = start + block if start + block < size else size
-        probe = 0.0
-        for i in range(start, end):
-            probe += g[i] * 0.0
-        if probe != probe:
+        if cllm_nonfinite_probe(g + start, end - start) != 0.0:
             for i in range(start, end):
                 if not isfinite(g[i]):
                     return <long long>i
