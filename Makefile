@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-installed
-TRAIN_ARGS ?= --epochs 6 --eval-interval 100 --save-interval 200
+TRAIN_ARGS ?= --epochs 10 --eval-interval 50 --save-interval 100 --sample-every 95 --prompt "the miller"
 
 .PHONY: build debug test train bench man man-pages racecheck clean
 
