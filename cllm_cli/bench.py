@@ -505,6 +505,25 @@ def parse_list(ap, text, kind, what):
     return items
 
 
+def tokenize_speed(size=12_000_000):
+    """Seconds to tokenise a generated corpus of `size` bytes (word tokenizer: read, count,
+    build the vocabulary, encode, write vocab.txt and dataset.bin) with train_model's code."""
+    import subprocess
+    import tempfile
+
+    from .data import prepare_dataset
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = os.path.join(tmp, "corpus.txt")
+        subprocess.run([sys.executable, os.path.join(root, "data", "make_corpus.py"),
+                        "--size", str(size), "--seed", "7", "--out", corpus],
+                       check=True, capture_output=True)
+        t = time.perf_counter()
+        _, tokens, info = prepare_dataset([corpus], os.path.join(tmp, "ck"), "word", 10000)
+        seconds = time.perf_counter() - t
+        return {"bytes": info["bytes"], "tokens": int(len(tokens)), "seconds": seconds}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(
         prog="python -m cllm_cli.bench",
@@ -634,13 +653,17 @@ def main(argv=None):
         all_rows += rows + [(dict(spec, round=r), row)
                             for r, found in enumerate(rounds, 2) for spec, row in found]
 
+    tok = tokenize_speed()
+    print(f"tokenize: {tok['bytes'] / 1e6:.1f} MB generated corpus, {tok['tokens']:,} tokens in "
+          f"{tok['seconds']:.2f} s (word tokenizer, vocab 10000, dataset.bin written) "
+          f"[target < 5 s: {'met' if tok['seconds'] < 5 else 'MISSED'}]")
     load_end = os.getloadavg()[0]
     print(f"(total {time.perf_counter() - t0:.0f} s, load average at the start {load:.2f}, "
           f"at the end {load_end:.2f})")
     for c in configs:
         print(summaries[c]["line"])
     if args.json:
-        doc = {"machine": info, "torch": tv, "load_average": {"start": load, "end": load_end}, "flop_formula": FLOP_FORMULA,
+        doc = {"machine": info, "torch": tv, "tokenize": tok, "load_average": {"start": load, "end": load_end}, "flop_formula": FLOP_FORMULA,
                "rss_formula": RSS_FORMULA, "sgemm": sg,
                "configs": {c: dict(CONFIGS[c], flops_per_token=flops_per_token(model_config(c)),
                                    params=num_params(model_config(c)),
