@@ -49,7 +49,7 @@ man-pages:
 		--description "plot the loss curves of a CLLM training run" --output $(MAN_DIR)/cllm_plot.1
 
 train: build
-	$(VENV)/bin/train_model data/corpus.txt --checkpoint-dir checkpoints $(TRAIN_ARGS)
+	$(VENV)/bin/train_model data/corpus.txt --checkpoint-dir checkpoints --overwrite $(TRAIN_ARGS)
 
 # Training speed on configs S and D (python -m cllm_cli.bench --help; extra options in
 # BENCH_ARGS). PyTorch, pinned to the CPU build's version, is only for the comparison: when it
@@ -72,4 +72,4 @@ racecheck: $(DEPS)
 	  test $$races -eq 0
 
 clean:
-	rm -rf build dist *.egg-info cllm_cli/*.so pyx/*.c pyx/*.html .pytest_cache checkpoints
+	rm -rf build dist *.egg-info cllm_cli/*.so pyx/*.c pyx/*.html .pytest_cache

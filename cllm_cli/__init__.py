@@ -7,7 +7,9 @@ os.environ["OPENBLAS_NUM_THREADS"] = "1"
 
 from .config import CLLMConfig  # noqa: E402
 from .data import Tokenizer  # noqa: E402
-from .model import CLLMModel  # noqa: E402
+from .model import CLLMModel, single_threaded_blas  # noqa: E402
+
+single_threaded_blas()    # also when scipy's BLAS was loaded before us
 
 __all__ = ["CLLMConfig", "CLLMModel", "Tokenizer", "train"]
 

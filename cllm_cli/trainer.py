@@ -5,6 +5,7 @@ optimiser step, log, evaluate, sample, checkpoint. Python runs between steps; du
 the GIL is released and the main thread only waits on the spheres (with a time-out, so a
 Ctrl-C is seen within a fraction of a second).
 """
+import contextlib
 import dataclasses
 import json
 import math
@@ -17,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _engine
-from .checkpoint import (CheckpointError, checkpoint_path, latest_checkpoint, load_checkpoint,
-                         prune_checkpoints, save_checkpoint)
+from .checkpoint import (CheckpointError, checkpoint_path, latest_checkpoint, list_checkpoints,
+                         load_checkpoint, prune_checkpoints, save_checkpoint)
 from .cli import HelpFormatter, Parser, UsageError, name_defaults, run_main
 from .config import CLLMConfig
 from .data import (EOS, DataError, Tokenizer, collect_files, epoch_order, eval_windows,
@@ -81,6 +82,7 @@ class TrainConfig:
     save_interval: int = 0
     keep_checkpoints: int = 3
     resume: bool = False
+    overwrite: bool = False
     eval_interval: int = 100
     log_interval: int = 10
     metrics_file: str = ""
@@ -92,7 +94,7 @@ class TrainConfig:
     plot: str = ""
 
     RUN_FIELDS = ("threads", "lock_mode", "checkpoint_dir", "save_interval", "keep_checkpoints",
-                  "resume", "eval_interval", "log_interval", "metrics_file", "sample_every",
+                  "resume", "overwrite", "eval_interval", "log_interval", "metrics_file", "sample_every",
                   "prompt", "sample_tokens", "quiet", "debug_locks", "plot")
 
     def validate(self):
@@ -105,6 +107,15 @@ class TrainConfig:
                      "eval_interval", "log_interval", "sample_every"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        for name in positive + ("ff_dim", "max_steps", "warmup_steps", "save_interval",
+                                "keep_checkpoints", "eval_interval", "log_interval",
+                                "sample_every", "seed"):
+            if getattr(self, name) > 2**31 - 1:
+                raise UsageError(f"--{name.replace('_', '-')} is too large: {getattr(self, name)}")
+        if self.seed < 0:
+            raise UsageError(f"--seed must not be negative, got {self.seed}")
+        if self.micro_batch > self.batch_size:
+            self.micro_batch = self.batch_size      # a micro-batch never exceeds the batch
         if self.vocab_size < 5:
             raise UsageError(f"--vocab-size must be at least 5 (4 special ids), got {self.vocab_size}")
         if self.embed_dim % self.num_heads:
@@ -210,14 +221,28 @@ class Log:
         print(f"train_model: warning: {text}", file=sys.stderr, flush=True)
 
     def record(self, **fields):
-        if self.metrics:
+        """One JSON line; NaN (a skipped step) is written as null. A failing metrics file is
+        reported once and dropped: it must not stop the training."""
+        if not self.metrics:
+            return
+        fields = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                  for k, v in fields.items()}
+        try:
             self.metrics.write(json.dumps(fields) + "\n")
             self.metrics.flush()
+        except OSError as e:
+            self.warn(f"cannot write the metrics file ({e.strerror or e}); metrics stop here")
+            self._drop_metrics()
+
+    def _drop_metrics(self):
+        with contextlib.suppress(OSError):
+            self.metrics.close()
+        self.metrics = None
 
     def close(self):
         self._clear()
         if self.metrics:
-            self.metrics.close()
+            self._drop_metrics()
 
 
 class Trainer:
@@ -233,6 +258,8 @@ class Trainer:
         resume_from = latest_checkpoint(self.ckpt_dir) if cfg.resume else None
         if cfg.resume and resume_from is None:
             raise UsageError(f"--resume: no checkpoint_step_<N>.cllm in {self.ckpt_dir}")
+        if not cfg.resume:
+            self._clear_previous_run()
         if resume_from is not None:
             tokens = self._restore(resume_from, files)
         else:
@@ -263,6 +290,20 @@ class Trainer:
             os.remove(probe)
         except OSError as e:
             raise DataError(f"checkpoint directory {self.ckpt_dir} is not writable: {e.strerror or e}")
+
+    def _clear_previous_run(self):
+        """A new run must not mix its checkpoints with an earlier run's: refuse, or with
+        --overwrite delete the earlier run's model files."""
+        previous = [p for _, p in list_checkpoints(self.ckpt_dir)]
+        final = os.path.join(self.ckpt_dir, "final_model.cllm")
+        if os.path.exists(final):
+            previous.append(final)
+        if previous and not self.cfg.overwrite:
+            raise UsageError(f"{self.ckpt_dir} holds an earlier run ({os.path.basename(previous[-1])}"
+                             f"); use --resume to continue it, --overwrite to start over, or "
+                             f"another --checkpoint-dir")
+        for path in previous:
+            os.remove(path)
 
     def _restore(self, path, files):
         """Model, optimiser state, position and training settings from a checkpoint."""
@@ -312,10 +353,14 @@ class Trainer:
                               "batch_in_epoch": self.state.batch_in_epoch}}
 
     def save(self, path=None):
+        """Writes a checkpoint (atomically); a failure to write is a runtime error."""
         path = path or checkpoint_path(self.ckpt_dir, self.state.step)
-        save_checkpoint(path, self.mcfg, self.model.flat, self.adam_m, self.adam_v, self.meta())
-        if path != os.path.join(self.ckpt_dir, "final_model.cllm"):
-            prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
+        try:
+            save_checkpoint(path, self.mcfg, self.model.flat, self.adam_m, self.adam_v, self.meta())
+            if path != os.path.join(self.ckpt_dir, "final_model.cllm"):
+                prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
+        except CheckpointError as e:
+            raise TrainingError(str(e)) from None
         return path
 
 
@@ -374,17 +419,20 @@ def train(data, engine_hook=None, **options):
 
     in_main = _is_main_thread()
     previous = signal.signal(signal.SIGINT, on_sigint) if in_main else None
-    log = Log(cfg, append=cfg.resume)
-    engine = _engine.Engine(engine_config(trainer.mcfg), trainer.model.flat, cfg.threads,
-                            cfg.micro_batch, max(cfg.batch_size, 1), cfg.lock_mode,
-                            cfg.debug_locks, optimizer_chunks(trainer.mcfg))
-    if engine_hook is not None:
-        engine_hook(engine)
+    log = engine = None
     try:
+        log = Log(cfg, append=cfg.resume)
+        engine = _engine.Engine(engine_config(trainer.mcfg), trainer.model.flat, cfg.threads,
+                                cfg.micro_batch, cfg.batch_size, cfg.lock_mode,
+                                cfg.debug_locks, optimizer_chunks(trainer.mcfg))
+        if engine_hook is not None:
+            engine_hook(engine)
         result = _train_loop(trainer, engine, log, lambda: flag["interrupted"])
     finally:
-        engine.close()
-        log.close()
+        if engine is not None:
+            engine.close()
+        if log is not None:
+            log.close()
         if in_main:
             signal.signal(signal.SIGINT, previous)
     if cfg.plot:
@@ -410,6 +458,9 @@ def _header(trainer, log):
             f"{cfg.threads} sphere(s), micro-batch {cfg.micro_batch}, lock mode {cfg.lock_mode}")
     if getattr(trainer, "resumed_from", None):
         log.say(f"resumed from {trainer.resumed_from} at step {trainer.state.step}")
+    if cfg.warmup_steps >= trainer.total_steps:
+        log.warn(f"--warmup-steps {cfg.warmup_steps} covers the whole run of "
+                 f"{trainer.total_steps} steps: the learning rate never reaches its peak")
 
 
 @dataclass
@@ -476,6 +527,12 @@ def threaded_train_epoch(trainer, engine, log, interrupted, run):
 def _train_loop(trainer, engine, log, interrupted):
     st = trainer.state
     _header(trainer, log)
+    final = os.path.join(trainer.ckpt_dir, "final_model.cllm")
+    if st.step >= trainer.total_steps:     # --resume of a finished run: nothing to redo
+        log.say(f"the run in {trainer.ckpt_dir} is already complete ({st.step} of "
+                f"{trainer.total_steps} steps); nothing to do", always=True)
+        return {"step": st.step, "train_loss": None, "val_loss": None, "final_model": final,
+                "spheres": [], "seconds": 0.0}
     run = RunProgress(t_start=time.perf_counter())
     try:
         while st.step < trainer.total_steps:
@@ -485,7 +542,7 @@ def _train_loop(trainer, engine, log, interrupted):
         run.val_loss = evaluate(engine, trainer, interrupted)
         _report_val(log, st.step, run.val_loss)
         trainer.save()
-        final = trainer.save(os.path.join(trainer.ckpt_dir, "final_model.cllm"))
+        trainer.save(final)
     except Interrupted:
         path = trainer.save()
         log.say(f"interrupted: saved step {st.step} to {path}; --resume continues", always=True)
@@ -509,8 +566,11 @@ def _apply(trainer, engine, results, lr, log):
             loss_sum += loss
             counted += n
         else:
-            where = ("the loss" if bad_index < 0 else
-                     f"gradient of {tensor_at(trainer.mcfg, bad_index)}")
+            where = [] if math.isfinite(loss) else ["the loss"]
+            if bad_index >= 0:
+                where.append(f"the gradient of {tensor_at(trainer.mcfg, bad_index)} "
+                             f"(first bad tensor)")
+            where = " and ".join(where)
             log.warn(f"step {st.step + 1}: micro-batch {index} (sphere {sphere}) has a "
                      f"non-finite value in {where}; left out of the step")
     if counted == 0:
@@ -627,7 +687,11 @@ def build_parser():
     g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
                    help="step checkpoints to keep (0 keeps all)")
     g.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in --checkpoint-dir")
+                   help="continue from the newest checkpoint in --checkpoint-dir (model and "
+                        "optimisation settings come from the checkpoint)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a --checkpoint-dir that holds an earlier run's "
+                        "checkpoints (they are deleted)")
     g = p.add_argument_group("output")
     g.add_argument("--log-interval", type=int, default=d.log_interval, help="steps between log lines")
     g.add_argument("--eval-interval", type=int, default=d.eval_interval,

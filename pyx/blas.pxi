@@ -32,17 +32,15 @@ cdef inline void linear_forward(float* out, const float* inp, const float* weigh
 
 cdef inline void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout,
                                  const float* inp, const float* weight,
-                                 int N, int C, int OC, float beta) noexcept nogil:
-    # dinp[N,C] = dout[N,OC] @ weight[OC,C]  (overwritten)
-    # dweight[OC,C] = beta * dweight + dout^T @ inp[N,C]; dbias[OC] likewise with the row sum
-    # of dout (beta is 0, overwrite, or 1, accumulate)
+                                 int N, int C, int OC) noexcept nogil:
+    # dinp[N,C] = dout[N,OC] @ weight[OC,C]; dweight[OC,C] = dout^T @ inp[N,C];
+    # dbias[OC] = sum over rows of dout (all three overwritten)
     cdef int i, o
     cdef const float* row
     sgemm_rm(False, False, N, C, OC, 1.0, dout, OC, weight, C, 0.0, dinp, C)
-    sgemm_rm(True, False, OC, C, N, 1.0, dout, OC, inp, C, beta, dweight, C)
+    sgemm_rm(True, False, OC, C, N, 1.0, dout, OC, inp, C, 0.0, dweight, C)
     if dbias != NULL:
-        if beta == 0.0:
-            memset(dbias, 0, OC * sizeof(float))
+        memset(dbias, 0, OC * sizeof(float))
         for i in range(N):
             row = dout + <size_t>i * OC
             for o in range(OC):

@@ -12,6 +12,7 @@ static inline float cllm_expf(float x) {
     x = x < -87.0f ? -87.0f : x;                    /* keeps 2^k a normal number; NaN passes */
     x = x > 88.0f ? 88.0f : x;
     float k = (x * 1.44269504088896341f + round_magic) - round_magic;
+    k = k != k ? 0.0f : k;                          /* NaN: keep the int conversion defined */
     float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;   /* Cody-Waite ln2 = hi + lo */
     float p = 1.0f / 5040.0f;
     p = p * r + 1.0f / 720.0f;

@@ -1,5 +1,6 @@
 # Forward/backward kernels of one micro-batch. Argument order: outputs, inputs, weights,
-# sizes. Backward kernels accumulate (+=) into parameter gradients.
+# sizes. Backward kernels write parameter gradients (the pass touches each tensor once), so
+# gradient buffers never need zeroing; input gradients say whether they add or overwrite.
 from libc.math cimport sqrtf, log, isfinite, NAN
 
 cdef extern from "fastmath.h" nogil:
@@ -79,17 +80,15 @@ cdef void layernorm_forward(float* out, float* mean, float* rstd, const float* i
 
 cdef void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* dout,
                              const float* inp, const float* weight, const float* mean,
-                             const float* rstd, int N, int C, bint overwrite) noexcept nogil:
-    # dinp[N,C] += gradient through the normalisation; dweight, dbias accumulate, or are
-    # overwritten with overwrite
+                             const float* rstd, int N, int C) noexcept nogil:
+    # dinp[N,C] += gradient through the normalisation; dweight, dbias are overwritten
     cdef int r, i
     cdef float m, s, norm, dnorm, dnorm_mean, dnorm_norm_mean
     cdef const float* x
     cdef const float* d
     cdef float* dx
-    if overwrite:
-        memset(dweight, 0, C * sizeof(float))
-        memset(dbias, 0, C * sizeof(float))
+    memset(dweight, 0, C * sizeof(float))
+    memset(dbias, 0, C * sizeof(float))
     for r in range(N):
         x = inp + <size_t>r * C
         d = dout + <size_t>r * C

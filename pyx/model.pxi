@@ -259,11 +259,11 @@ cdef void model_backward(float* grads, Activations* a, float* params, const Mode
     cdef double t = now_seconds() if timers != NULL else 0.0
     # logits = lnf @ wte^T
     linear_backward(a.dnarrow, wte_of(grads, c), NULL, a.logits, a.lnf, wte_of(params, c),
-                    N, C, c.V, 0.0)
+                    N, C, c.V)
     tock(timers, OP_MATMUL, &t)
     memset(a.dresidual, 0, N * C * sizeof(float))
     layernorm_backward(a.dresidual, dlnf, dlnf + C, a.dnarrow,
-                       a.residual3 + (c.L - 1) * N * C, lnf, a.lnf_mean, a.lnf_rstd, N, C, True)
+                       a.residual3 + (c.L - 1) * N * C, lnf, a.lnf_mean, a.lnf_rstd, N, C)
     tock(timers, OP_LAYERNORM, &t)
     for l in range(c.L - 1, -1, -1):
         if stopped(stop):
@@ -273,27 +273,27 @@ cdef void model_backward(float* grads, Activations* a, float* params, const Mode
         res_in = a.encoded if l == 0 else a.residual3 + (l - 1) * N * C
         # mlp: residual3 = residual2 + fcproj(gelu(fc(ln2(residual2))))
         linear_backward(a.dwide, g.fcprojw, g.fcprojb, a.dresidual, a.fch_gelu + l * N * F,
-                        p.fcprojw, N, F, C, 0.0)
+                        p.fcprojw, N, F, C)
         tock(timers, OP_MATMUL, &t)
         gelu_backward(a.dwide, a.fch + l * N * F, a.dwide, N * F)
         tock(timers, OP_GELU, &t)
-        linear_backward(a.dnarrow, g.fcw, g.fcb, a.dwide, a.ln2 + l * N * C, p.fcw, N, C, F, 0.0)
+        linear_backward(a.dnarrow, g.fcw, g.fcb, a.dwide, a.ln2 + l * N * C, p.fcw, N, C, F)
         tock(timers, OP_MATMUL, &t)
         layernorm_backward(a.dresidual, g.ln2w, g.ln2b, a.dnarrow, a.residual2 + l * N * C,
-                           p.ln2w, a.ln2_mean + l * N, a.ln2_rstd + l * N, N, C, True)
+                           p.ln2w, a.ln2_mean + l * N, a.ln2_rstd + l * N, N, C)
         tock(timers, OP_LAYERNORM, &t)
         # attention: residual2 = res_in + attproj(attention(qkv(ln1(res_in))))
         linear_backward(a.dnarrow, g.attprojw, g.attprojb, a.dresidual, a.atty + l * N * C,
-                        p.attprojw, N, C, C, 0.0)
+                        p.attprojw, N, C, C)
         tock(timers, OP_MATMUL, &t)
         attention_backward(a.dwide, a.datt, a.dnarrow, a.qkv + l * N * 3 * C,
                            a.att + l * <size_t>B * c.NH * n * n, B, n, c.C, c.NH)
         tock(timers, OP_ATTENTION, &t)
         linear_backward(a.dnarrow, g.qkvw, g.qkvb, a.dwide, a.ln1 + l * N * C, p.qkvw,
-                        N, C, 3 * C, 0.0)
+                        N, C, 3 * C)
         tock(timers, OP_MATMUL, &t)
         layernorm_backward(a.dresidual, g.ln1w, g.ln1b, a.dnarrow, res_in, p.ln1w,
-                           a.ln1_mean + l * N, a.ln1_rstd + l * N, N, C, True)
+                           a.ln1_mean + l * N, a.ln1_rstd + l * N, N, C)
         tock(timers, OP_LAYERNORM, &t)
     # wte's gradient was written by the logits' backward; wpe's starts here
     memset(wpe_of(grads, c), 0, <size_t>c.T * C * sizeof(float))

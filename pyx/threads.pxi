@@ -74,7 +74,7 @@ cdef struct MicroBatchResult:
     int counted          # targets that are not <pad>
     int sphere_id        # who computed it
     int valid            # 1 when loss and gradient are finite
-    long long bad_index  # first non-finite gradient element, -1 when the loss itself was bad
+    long long bad_index  # first non-finite gradient element, or -1
 
 
 cdef struct SphereTrainingContext:
@@ -131,7 +131,8 @@ cdef struct ThreadedTrainingSystem:
     const long long* chunks           # (num_chunks, 3): offset, size, decay
     int num_chunks
     double* chunk_sumsq               # (num_chunks,)
-    int next_chunk
+    int next_chunk                    # phase 1 (mean and norm) claims chunks here
+    int next_update_chunk             # phase 3 (update) here
     OptimizerSettings opt
     int opt_count                     # counted tokens behind the summed gradient
     float* adam_m
@@ -245,7 +246,6 @@ cdef void sphere_process_batch(SphereTrainingContext* ctx, int mb) noexcept nogi
     cdef MicroBatchResult* r = &s.results[mb]
     cdef double* timers = ctx.op_seconds if s.profile else NULL
     cdef double loss, t
-    cdef long long bad = -1
     if B > s.micro_batch:
         B = s.micro_batch
     ctx.current_microbatch = mb
@@ -266,11 +266,10 @@ cdef void sphere_process_batch(SphereTrainingContext* ctx, int mb) noexcept nogi
     if s.step_counter == s.inject_step and mb == s.inject_microbatch:
         ctx.local_gradients[s.gradient_size // 2] = NAN
     t = now_seconds() if timers != NULL else 0.0
-    if r.valid:
-        bad = validate_gradients(ctx.local_gradients, s.gradient_size)
-        if bad >= 0:
+    if not cllm_load(&s.abort_step):
+        r.bad_index = validate_gradients(ctx.local_gradients, s.gradient_size)
+        if r.bad_index >= 0:
             r.valid = 0
-            r.bad_index = bad
     tock(timers, OP_ACCUMULATE, &t)
     accumulate_gradients(ctx, mb, r, timers)
     if r.valid:
@@ -290,7 +289,7 @@ cdef void sphere_optimizer_phase(SphereTrainingContext* ctx) noexcept nogil:
     cdef int k
     cdef const long long* c
     while True:
-        k = cllm_claim(&s.next_microbatch)
+        k = cllm_claim(&s.next_chunk)
         if k >= s.num_chunks:
             break
         c = s.chunks + 3 * k
@@ -307,7 +306,7 @@ cdef void sphere_optimizer_phase(SphereTrainingContext* ctx) noexcept nogil:
             s.opt_scale = <float>(s.opt.grad_clip / s.opt_norm)
     pthread_barrier_wait(&s.batch_barrier)
     while s.opt_apply:
-        k = cllm_claim(&s.next_chunk)
+        k = cllm_claim(&s.next_update_chunk)
         if k >= s.num_chunks:
             break
         c = s.chunks + 3 * k
@@ -454,6 +453,7 @@ cdef void threaded_start_work(ThreadedTrainingSystem* s, int kind) noexcept nogi
     s.next_to_accumulate = 0
     s.accumulated_any = 0
     s.next_chunk = 0
+    s.next_update_chunk = 0
     s.abort_step = 0
     for i in range(s.num_worker_spheres):
         ctx = &s.sphere_contexts[i]

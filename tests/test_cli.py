@@ -345,3 +345,79 @@ def test_plot_option_draws_the_losses(corpus, tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "ck" / "metrics.jsonl").exists()    # the default metrics file
     assert f"loss plot: {png}" in out
+
+
+# --- an earlier run in the checkpoint directory ------------------------------------------------
+
+def test_new_run_refuses_a_directory_holding_an_earlier_run(corpus, trained, capsys):
+    before = snapshot(trained)
+    code, _, err = cli(capsys, corpus, "--checkpoint-dir", trained, *TINY, "--seed", "7")
+    assert_one_error_line(code, err, "train_model", "--resume", "--overwrite")
+    assert snapshot(trained) == before
+
+
+def test_overwrite_starts_over(corpus, trained, tmp_path, capsys):
+    code, _, err = cli(capsys, corpus, "--checkpoint-dir", trained, *TINY, "--seed", "7",
+                       "--max-steps", "3", "--overwrite")
+    assert code == 0, err
+    names = sorted(p.name for p in trained.glob("*.cllm"))
+    assert names == ["checkpoint_step_3.cllm", "final_model.cllm"]    # nothing of the old run
+    fresh = tmp_path / "fresh"
+    code, _, err = cli(capsys, corpus, "--checkpoint-dir", fresh, *TINY, "--seed", "7",
+                       "--max-steps", "3")
+    assert code == 0, err
+    assert_bit_identical(trained / "final_model.cllm", fresh / "final_model.cllm")
+
+
+def test_resume_of_a_finished_run_changes_nothing(corpus, trained, capsys):
+    before = snapshot(trained)
+    code, out, err = cli(capsys, corpus, "--checkpoint-dir", trained, *TINY, "--resume")
+    assert code == 0, err
+    assert "already complete" in out
+    assert snapshot(trained) == before
+
+
+# --- runtime failures -------------------------------------------------------------------------
+
+def test_unwritable_metrics_file_warns_once_and_training_goes_on(corpus, tmp_path, capsys):
+    code, _, err = cli(capsys, corpus, "--checkpoint-dir", tmp_path / "ck", *TINY,
+                       "--metrics-file", "/dev/full")
+    assert code == 0, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "metrics" in lines[0] and "Traceback" not in err
+    assert (tmp_path / "ck" / "final_model.cllm").is_file()
+
+
+def test_checkpoint_write_failure_is_a_runtime_error(corpus, tmp_path, capsys, monkeypatch):
+    import cllm_cli.checkpoint as checkpoint
+
+    def fail(*args, **kwargs):
+        raise checkpoint.CheckpointError("cannot write checkpoint x: No space left on device")
+
+    monkeypatch.setattr("cllm_cli.trainer.save_checkpoint", fail)
+    code, _, err = cli(capsys, corpus, "--checkpoint-dir", tmp_path / "ck", *TINY)
+    assert_one_error_line(code, err, "train_model", "No space left", status=1)
+
+
+@pytest.mark.parametrize("option, value", [("--seed", "-1"), ("--batch-size", "99999999999"),
+                                           ("--micro-batch", "99999999999")])
+def test_out_of_range_numbers(corpus, tmp_path, capsys, option, value):
+    code, _, err = cli(capsys, corpus, "--checkpoint-dir", tmp_path / "ck",
+                       *with_option(option, value))
+    assert_one_error_line(code, err, "train_model", option)
+
+
+def test_skipped_step_is_null_in_the_metrics(corpus, tmp_path, capsys):
+    from cllm_cli.trainer import train
+    metrics = tmp_path / "m.jsonl"
+    # one micro-batch per step: poisoning it leaves the step with nothing valid
+    train([str(corpus)], engine_hook=lambda e: e.inject_nan(1, 0),
+          checkpoint_dir=str(tmp_path / "ck"), embed_dim=16, num_layers=1, num_heads=2,
+          seq_len=16, batch_size=4, micro_batch=4, max_steps=3, metrics_file=str(metrics),
+          eval_interval=0, threads=2, quiet=True)
+    def no_nan(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    rows = [json.loads(line, parse_constant=no_nan) for line in metrics.read_text().splitlines()]
+    assert rows[1]["step"] == 2 and rows[1]["loss"] is None and rows[1]["grad_norm"] is None
+    assert rows[0]["loss"] is not None and rows[2]["loss"] is not None

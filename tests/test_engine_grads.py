@@ -14,7 +14,10 @@ from cllm_cli.model import CLLMModel, engine_config
 CFG_A = CLLMConfig(vocab_size=11, embed_dim=8, num_layers=2, num_heads=2, ff_dim=12, seq_len=5)
 CFG_B = CLLMConfig(vocab_size=17, embed_dim=12, num_layers=1, num_heads=3, ff_dim=20, seq_len=7)
 CFG_C = CLLMConfig(vocab_size=9, embed_dim=6, num_layers=3, num_heads=3, ff_dim=10, seq_len=4)
-CONFIGS = {"A": CFG_A, "B": CFG_B, "C": CFG_C}
+# D: long enough for several attention blocks of 32 query rows and wide enough (C >= 16) for
+# the 16-lane vector paths of layer norm and softmax, with a remainder in both
+CFG_D = CLLMConfig(vocab_size=37, embed_dim=48, num_layers=2, num_heads=3, ff_dim=40, seq_len=80)
+CONFIGS = {"A": CFG_A, "B": CFG_B, "C": CFG_C, "D": CFG_D}
 
 REL_TOL = 1e-4     # float32 engine vs float64 reference, relative to a tensor's max |grad|
 
@@ -52,6 +55,7 @@ CASES = [
     ("A", 1, 5, ()), ("A", 3, 5, (1,)), ("A", 3, 3, ()), ("A", 1, 2, ()),
     ("B", 1, 7, ()), ("B", 3, 7, (0,)), ("B", 3, 4, (2,)), ("B", 1, 1, ()),
     ("C", 3, 4, (1,)), ("C", 1, 3, ()),
+    ("D", 2, 80, ()), ("D", 1, 70, ()), ("D", 2, 33, (1,)),
 ]
 
 

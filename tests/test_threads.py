@@ -8,6 +8,7 @@ any thread count tried, and 8 spheres are more than 5 micro-batches. The corpus 
 import json
 import math
 import shutil
+import os
 import subprocess
 import sys
 
@@ -321,3 +322,20 @@ def test_sphere_statistics(corpus, layout, tmp_path, threads):
         assert 0.0 <= r["busy_share"] <= 1.0
         if r["micro_batches"]:
             assert math.isfinite(r["mean_loss"]) and r["mean_loss"] > 0
+
+
+def test_blas_runs_on_the_calling_thread_even_if_scipy_came_first():
+    # scipy's OpenBLAS loaded (with a thread per core) before cllm_cli is imported
+    code = ("import ctypes, glob, os, scipy, scipy.linalg.blas\n"
+            "lib = ctypes.CDLL(sorted(p for p in glob.glob(os.path.join(os.path.dirname("
+            "scipy.__file__) + '.libs', 'libscipy_openblas*')) if 'openblas64_' not in p)[0])\n"
+            "before = lib.scipy_openblas_get_num_threads()\n"
+            "import cllm_cli\n"
+            "print(before, lib.scipy_openblas_get_num_threads())\n")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, check=True).stdout
+    before, after = map(int, out.split())
+    if os.cpu_count() > 1:
+        assert before > 1, "premise: OpenBLAS starts with several threads"
+    assert after == 1
