@@ -268,7 +268,6 @@ class Trainer:
             self.model = CLLMModel(cfg.model_config(len(self.tokenizer)), cfg.seed)
             self.adam_m = np.zeros_like(self.model.flat)
             self.adam_v = np.zeros_like(self.model.flat)
-        self.files = files
         self.mcfg = self.model.config
         self.train_tokens, self.val_tokens = split_stream(tokens, cfg.val_fraction)
         T = self.mcfg.seq_len

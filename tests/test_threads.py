@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from cllm_cli import CLLMConfig, CLLMModel, train
+from cllm_cli import CLLMModel, train
 from cllm_cli.checkpoint import load_checkpoint
 from cllm_cli.config import param_layout
 from cllm_cli.data import epoch_order, gather_windows, load_dataset, num_windows, split_stream
