@@ -20,7 +20,7 @@ import collections
 import json
 import sys
 
-from .data import UNK, DataError, Tokenizer, _decode, read_text
+from .data import UNK, DataError, Tokenizer, _decode, collect_files, read_text
 from .cli import HelpFormatter, Parser, UsageError, run_main
 
 PROG = "cllm_tokenize"
@@ -35,8 +35,11 @@ def build_parser():
         epilog="Example: cllm_tokenize notes.txt --vocab checkpoints/vocab.txt --stats",
         formatter_class=HelpFormatter)
     p.add_argument("data", nargs="+", metavar="DATA",
-                   help="text files to encode, or files of ids with --decode ('-' reads "
-                        "standard input)")
+                   help="text files to encode, or files of ids with --decode; a directory "
+                        "means every file matching --glob below it, as for train_model ('-' "
+                        "reads standard input)")
+    p.add_argument("--glob", default="*.txt",
+                   help="file pattern inside directories (default: %(default)s)")
     g = p.add_argument_group("vocabulary")
     g.add_argument("--vocab", metavar="PATH", required=True,
                    help="vocab.txt of a training run (in its checkpoint directory)")
@@ -61,6 +64,14 @@ def build_parser():
 # ---------------------------------------------------------------------------------------
 # Input
 # ---------------------------------------------------------------------------------------
+
+def expand(names, pattern):
+    """DATA arguments as files: a directory becomes its matching files, in sorted order."""
+    files = []
+    for name in names:
+        files.extend([name] if name == STDIN else map(str, collect_files([name], pattern)))
+    return files
+
 
 def read_input(name):
     """Text of a DATA argument, read as train_model reads a corpus file."""
@@ -191,6 +202,7 @@ def run(args, out):
     if args.data.count(STDIN) > 1:
         raise UsageError("standard input ('-') can be read only once")
     tokenizer = load_tokenizer(args.vocab, args.tokenizer)
+    args.data = expand(args.data, args.glob)
     if args.decode:
         decode_files(tokenizer, args.data, args.json, out)
     elif args.stats:

@@ -247,6 +247,23 @@ def test_tokenize_prints_ids_per_file(capsys, run_dir, tokenizer, text_file, tmp
     assert [int(i) for i in lines[1].split()] == tokenizer.encode("the river").tolist()
 
 
+def test_tokenize_reads_directories_like_train_model(capsys, run_dir, tokenizer, tmp_path):
+    d = tmp_path / "docs"
+    (d / "sub").mkdir(parents=True)
+    (d / "b.txt").write_text("the river", encoding="utf-8")
+    (d / "sub" / "a.txt").write_text(TEXT, encoding="utf-8")
+    (d / "notes.md").write_text("the king", encoding="utf-8")
+    code, out, err = call(capsys, tokenize_cli.main, d, "--vocab", run_dir / "vocab.txt")
+    assert code == 0, err
+    # every *.txt below the directory, in sorted path order; notes.md is not read
+    assert [[int(i) for i in line.split()] for line in out.splitlines()] == [
+        tokenizer.encode("the river").tolist(), tokenizer.encode(TEXT).tolist()]
+    code, out, err = call(capsys, tokenize_cli.main, d, "--vocab", run_dir / "vocab.txt",
+                          "--glob", "*.md")
+    assert code == 0, err
+    assert [int(i) for i in out.split()] == tokenizer.encode("the king").tolist()
+
+
 def test_tokenize_json_and_decode_round_trip(capsys, run_dir, tokenizer, text_file, tmp_path,
                                              monkeypatch):
     vocab = run_dir / "vocab.txt"
