@@ -5,9 +5,7 @@ optimiser step, log, evaluate, sample, checkpoint. Python runs between steps; du
 the GIL is released and the main thread only waits on the spheres (with a time-out, so a
 Ctrl-C is seen within a fraction of a second).
 """
-import contextlib
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -24,6 +22,7 @@ from .cli import HelpFormatter, Parser, UsageError, name_defaults, run_main
 from .config import CLLMConfig
 from .data import (EOS, DataError, Tokenizer, collect_files, epoch_order, eval_windows,
                    gather_windows, num_windows, prepare_dataset, split_stream)
+from .log import Log, duration, fmt_loss, ppl_text
 from .model import CLLMModel, engine_config, optimizer_chunks, tensor_at
 from .plot import PlotError, plot_metrics, require_matplotlib
 
@@ -167,82 +166,6 @@ class TrainState:
     batch_in_epoch: int = 0    # global batches of this epoch already used
     adam_t: int = 0            # AdamW updates applied (bias correction)
     bad_steps: int = 0         # consecutive skipped steps
-
-
-class Log:
-    """Human output on stdout (unless quiet) and JSON lines in the metrics file. On a terminal
-    progress is one line rewritten in place (a few times a second); elsewhere it is a plain
-    line every log_interval steps."""
-
-    REFRESH = 0.2   # seconds between rewrites of the progress line
-
-    def __init__(self, cfg, append):
-        self.quiet = cfg.quiet
-        self.tty = sys.stdout.isatty()
-        self.log_interval = max(cfg.log_interval, 1)
-        self.showing = False     # a progress line is on screen
-        self.last_draw = 0.0
-        try:
-            self.metrics = open(cfg.metrics_file, "a" if append else "w") if cfg.metrics_file else None
-        except OSError as e:
-            raise DataError(f"cannot write --metrics-file {cfg.metrics_file}: {e.strerror or e}")
-
-    def say(self, text, always=False):
-        if always or not self.quiet:
-            self._clear()
-            print(text, flush=True)
-
-    def progress(self, step, total, text):
-        if self.quiet:
-            return
-        if not self.tty:
-            if step % self.log_interval == 0 or step == total:
-                print(text, flush=True)
-            return
-        now = time.monotonic()
-        if step == total:              # the last state stays on screen
-            sys.stdout.write("\r" + text + "\x1b[K\n")
-            self.showing = False
-        elif now - self.last_draw >= self.REFRESH:
-            sys.stdout.write("\r" + text + "\x1b[K")
-            self.showing = True
-            self.last_draw = now
-        sys.stdout.flush()
-
-    def _clear(self):
-        # other output goes above the progress line, which is redrawn at the next step
-        if self.showing:
-            sys.stdout.write("\r\x1b[K")
-            self.showing = False
-            self.last_draw = 0.0
-
-    def warn(self, text):
-        self._clear()
-        print(f"train_model: warning: {text}", file=sys.stderr, flush=True)
-
-    def record(self, **fields):
-        """One JSON line; NaN (a skipped step) is written as null. A failing metrics file is
-        reported once and dropped: it must not stop the training."""
-        if not self.metrics:
-            return
-        fields = {k: None if isinstance(v, float) and not math.isfinite(v) else v
-                  for k, v in fields.items()}
-        try:
-            self.metrics.write(json.dumps(fields) + "\n")
-            self.metrics.flush()
-        except OSError as e:
-            self.warn(f"cannot write the metrics file ({e.strerror or e}); metrics stop here")
-            self._drop_metrics()
-
-    def _drop_metrics(self):
-        with contextlib.suppress(OSError):
-            self.metrics.close()
-        self.metrics = None
-
-    def close(self):
-        self._clear()
-        if self.metrics:
-            self._drop_metrics()
 
 
 class Trainer:
@@ -502,8 +425,8 @@ def threaded_train_epoch(trainer, engine, log, interrupted, run):
             (trainer.total_steps - st.step) * cfg.batch_size * trainer.mcfg.seq_len
         log.progress(st.step, trainer.total_steps,
                      f"step {st.step}/{trainer.total_steps} | epoch {st.epoch + 1} | loss "
-                     f"{_fmt(loss)} | lr {lr:.2e} | grad norm {_fmt(norm)} | "
-                     f"{tps:,.0f} tok/s | ETA {_duration(eta)}")
+                     f"{fmt_loss(loss)} | lr {lr:.2e} | grad norm {fmt_loss(norm)} | "
+                     f"{tps:,.0f} tok/s | ETA {duration(eta)}")
         if st.bad_steps >= cfg.max_bad_steps:
             path = trainer.save()
             raise TrainingError(f"{st.bad_steps} steps in a row were skipped for non-finite "
@@ -537,7 +460,7 @@ def _train_loop(trainer, engine, log, interrupted):
         while st.step < trainer.total_steps:
             epoch_loss = threaded_train_epoch(trainer, engine, log, interrupted, run)
             if st.batch_in_epoch >= trainer.steps_per_epoch:
-                log.say(f"epoch {st.epoch + 1} done: mean train loss {_fmt(epoch_loss)}")
+                log.say(f"epoch {st.epoch + 1} done: mean train loss {fmt_loss(epoch_loss)}")
         run.val_loss = evaluate(engine, trainer, interrupted)
         _report_val(log, st.step, run.val_loss)
         trainer.save()
@@ -548,8 +471,8 @@ def _train_loop(trainer, engine, log, interrupted):
         raise
     elapsed = time.perf_counter() - run.t_start
     stats = threaded_training_print_stats(engine.sphere_stats(), elapsed, log)
-    log.say(f"done in {_duration(elapsed)}: train loss {_fmt(run.last_train_loss)}"
-            f"{_ppl(run.last_train_loss)}, val loss {_fmt(run.val_loss)}{_ppl(run.val_loss)}; "
+    log.say(f"done in {duration(elapsed)}: train loss {fmt_loss(run.last_train_loss)}"
+            f"{ppl_text(run.last_train_loss)}, val loss {fmt_loss(run.val_loss)}{ppl_text(run.val_loss)}; "
             f"model saved to {final}", always=True)
     return {"step": st.step, "train_loss": run.last_train_loss, "val_loss": run.val_loss,
             "final_model": final, "spheres": stats, "seconds": elapsed}
@@ -608,23 +531,9 @@ def threaded_training_print_stats(stats, wall, log):
         busy = s["busy_seconds"] / wall if wall > 0 else 0.0
         rows.append(dict(s, mean_loss=mean, busy_share=busy))
         lines.append(f"{s['sphere']:>6}  {s['symmetry_group']:>5}  {s['micro_batches']:>13}  "
-                     f"{_fmt(mean):>9}  {busy:>4.0%}")
+                     f"{fmt_loss(mean):>9}  {busy:>4.0%}")
     log.say("\n".join(lines))
     return rows
-
-
-def _fmt(x):
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
-
-
-def _ppl(loss):
-    return "" if loss is None or math.isnan(loss) else f" (ppl {math.exp(min(loss, 700)):.2f})"
-
-
-def _duration(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
-        else f"{seconds // 60}:{seconds % 60:02d}"
 
 
 def build_parser():

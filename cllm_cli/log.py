@@ -1,0 +1,99 @@
+"""What train_model shows: the live progress line or log lines, warnings, and the JSON lines
+of --metrics-file."""
+import contextlib
+import json
+import math
+import sys
+import time
+
+from .data import DataError
+
+
+class Log:
+    """Human output on stdout (unless quiet) and JSON lines in the metrics file. On a terminal
+    progress is one line rewritten in place (a few times a second); elsewhere it is a plain
+    line every log_interval steps."""
+
+    REFRESH = 0.2   # seconds between rewrites of the progress line
+
+    def __init__(self, cfg, append):
+        self.quiet = cfg.quiet
+        self.tty = sys.stdout.isatty()
+        self.log_interval = max(cfg.log_interval, 1)
+        self.showing = False     # a progress line is on screen
+        self.last_draw = 0.0
+        try:
+            self.metrics = open(cfg.metrics_file, "a" if append else "w") if cfg.metrics_file else None
+        except OSError as e:
+            raise DataError(f"cannot write --metrics-file {cfg.metrics_file}: {e.strerror or e}")
+
+    def say(self, text, always=False):
+        if always or not self.quiet:
+            self._clear()
+            print(text, flush=True)
+
+    def progress(self, step, total, text):
+        if self.quiet:
+            return
+        if not self.tty:
+            if step % self.log_interval == 0 or step == total:
+                print(text, flush=True)
+            return
+        now = time.monotonic()
+        if step == total:              # the last state stays on screen
+            sys.stdout.write("\r" + text + "\x1b[K\n")
+            self.showing = False
+        elif now - self.last_draw >= self.REFRESH:
+            sys.stdout.write("\r" + text + "\x1b[K")
+            self.showing = True
+            self.last_draw = now
+        sys.stdout.flush()
+
+    def _clear(self):
+        # other output goes above the progress line, which is redrawn at the next step
+        if self.showing:
+            sys.stdout.write("\r\x1b[K")
+            self.showing = False
+            self.last_draw = 0.0
+
+    def warn(self, text):
+        self._clear()
+        print(f"train_model: warning: {text}", file=sys.stderr, flush=True)
+
+    def record(self, **fields):
+        """One JSON line; NaN (a skipped step) is written as null. A failing metrics file is
+        reported once and dropped: it must not stop the training."""
+        if not self.metrics:
+            return
+        fields = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                  for k, v in fields.items()}
+        try:
+            self.metrics.write(json.dumps(fields) + "\n")
+            self.metrics.flush()
+        except OSError as e:
+            self.warn(f"cannot write the metrics file ({e.strerror or e}); metrics stop here")
+            self._drop_metrics()
+
+    def _drop_metrics(self):
+        with contextlib.suppress(OSError):
+            self.metrics.close()
+        self.metrics = None
+
+    def close(self):
+        self._clear()
+        if self.metrics:
+            self._drop_metrics()
+
+
+def fmt_loss(x):
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+def ppl_text(loss):
+    return "" if loss is None or math.isnan(loss) else f" (ppl {math.exp(min(loss, 700)):.2f})"
+
+
+def duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
+        else f"{seconds // 60}:{seconds % 60:02d}"
