@@ -420,3 +420,13 @@ def test_skipped_step_is_null_in_the_metrics(corpus, tmp_path, capsys):
     rows = [json.loads(line, parse_constant=no_nan) for line in metrics.read_text().splitlines()]
     assert rows[1]["step"] == 2 and rows[1]["loss"] is None and rows[1]["grad_norm"] is None
     assert rows[0]["loss"] is not None and rows[2]["loss"] is not None
+
+
+def test_sample_prompt_with_unknown_words_warns_and_samples(corpus, tmp_path, capsys):
+    code, out, err = cli(capsys, corpus, "--checkpoint-dir", tmp_path / "ck",
+                         *[a for a in TINY if a != "--quiet"], "--sample-every", "2",
+                         "--prompt", "the zzyzxq river")
+    assert code == 0, err
+    assert "'zzyzxq'" in err and len(err.strip().splitlines()) == 1
+    samples = [line for line in out.splitlines() if line.startswith("sample: ")]
+    assert len(samples) == 2 and all("<unk>" in line for line in samples)
