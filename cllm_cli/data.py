@@ -257,6 +257,10 @@ class Tokenizer:
             return _WORD_RE.findall(text.lower())
         return list(text)
 
+    def unknown_tokens(self, text):
+        """Distinct tokens of `text` missing from the vocabulary, in order of appearance."""
+        return list(dict.fromkeys(t for t in self.tokens(text) if t not in self.stoi))
+
     def encode(self, text):
         """Ids of `text` as int64; unknown tokens -> UNK; no <eos>."""
         if self.kind == "word":

@@ -118,15 +118,6 @@ def load(checkpoint, vocab_path=None):
     return model, tokenizer, vocab_path
 
 
-def unknown_tokens(tokenizer, text):
-    """Distinct tokens of `text` missing from the vocabulary, in order of appearance."""
-    seen = {}
-    for tok in tokenizer.tokens(text):
-        if tok not in tokenizer.stoi:
-            seen.setdefault(tok, None)
-    return list(seen)
-
-
 def unknown_warning(unknown):
     named = ", ".join(repr(t) for t in unknown[:MAX_LISTED_UNKNOWN])
     more = len(unknown) - MAX_LISTED_UNKNOWN
@@ -169,7 +160,7 @@ def stream(model, tokenizer, prompt, out, max_tokens, temperature, top_k, top_p,
 def run(args):
     check_options(args)
     model, tokenizer, _ = load(args.checkpoint, args.vocab)
-    unknown = unknown_tokens(tokenizer, args.prompt)
+    unknown = tokenizer.unknown_tokens(args.prompt)
     if unknown:
         print(unknown_warning(unknown), file=sys.stderr, flush=True)
     stream(model, tokenizer, args.prompt, sys.stdout, args.max_tokens, args.temperature,

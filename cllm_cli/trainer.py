@@ -22,7 +22,6 @@ from .cli import HelpFormatter, Parser, UsageError, name_defaults, run_main
 from .config import CLLMConfig
 from .data import (EOS, DataError, Tokenizer, collect_files, epoch_order, eval_windows,
                    gather_windows, num_windows, prepare_dataset, split_stream)
-from .inference import unknown_tokens
 from .log import Log, duration, fmt_loss, ppl_text
 from .model import CLLMModel, engine_config, optimizer_chunks, tensor_at
 from .plot import PlotError, plot_metrics, require_matplotlib
@@ -381,7 +380,7 @@ def _header(trainer, log):
             f"{cfg.threads} sphere(s), micro-batch {cfg.micro_batch}, lock mode {cfg.lock_mode}")
     if getattr(trainer, "resumed_from", None):
         log.say(f"resumed from {trainer.resumed_from} at step {trainer.state.step}")
-    missing = unknown_tokens(trainer.tokenizer, cfg.prompt) if cfg.sample_every else []
+    missing = trainer.tokenizer.unknown_tokens(cfg.prompt) if cfg.sample_every else []
     if missing:
         log.warn("--prompt tokens not in the vocabulary, read as <unk>: "
                  + ", ".join(repr(t) for t in missing[:8]) + (" ..." if len(missing) > 8 else ""))

@@ -9,8 +9,12 @@
 #   hands the spheres a global batch; each sphere claims micro-batches (atomic counter, in
 #   increasing order), runs forward + loss + backward into local_gradients, then adds them to
 #   accumulated_gradients when it is that micro-batch's turn (micro-batch index order), so the
-#   sum is (((g0 + g1) + g2) + ...) whatever the thread count. Worker threads never touch a
-#   Python object; the main thread waits with time-outs so Python can notice Ctrl-C.
+#   sum is (((g0 + g1) + g2) + ...) whatever the thread count. The backward pass overwrites
+#   every element of local_gradients, so nothing is zeroed between micro-batches. The
+#   optimiser step is run by all spheres over fixed chunks of the buffer: sums of squares per
+#   chunk, batch_barrier, the norm added up in chunk order by one sphere, batch_barrier, the
+#   update; the chunks never depend on the thread count. Worker threads never touch a Python
+#   object; the main thread waits with time-outs so Python can notice Ctrl-C.
 # - Locks. model_lock (rwlock): read by spheres around forward/backward (write in exclusive
 #   mode), write by the optimiser step. gradient_lock (mutex) guards accumulated_gradients and
 #   the accumulation turn. The order is always model_lock -> gradient_lock; never take

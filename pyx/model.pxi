@@ -115,7 +115,7 @@ cdef int activations_alloc(Activations* a, const ModelConfig* c, int maxB) noexc
     # returns 0 on success, -1 when out of memory
     cdef size_t N = <size_t>maxB * c.T, C = c.C, L = c.L, F = c.F
     cdef size_t wide = 3 * C if 3 * C > F else F
-    cdef size_t sizes[24]
+    cdef size_t sizes[22]
     cdef size_t total = 0
     cdef int i, k = 0
     sizes[0] = N * C                                 # encoded
