@@ -225,7 +225,10 @@ class Trainer:
                              f"); use --resume to continue it, --overwrite to start over, or "
                              f"another --checkpoint-dir")
         for path in previous:
-            os.remove(path)
+            try:
+                os.remove(path)
+            except OSError as e:
+                raise DataError(f"--overwrite: cannot remove {path}: {e.strerror or e}") from None
 
     def _restore(self, path, files):
         """Model, optimiser state, position and training settings from a checkpoint."""
