@@ -39,7 +39,7 @@ man: build
 
 man-pages:
 	@mkdir -p $(MAN_DIR)
-	$(MANPAGE) --module cllm_cli.trainer --prog train_model \
+	$(MANPAGE) --module cllm_cli.options --prog train_model \
 		--description "train a small causal language model on plain text" --output $(MAN_DIR)/train_model.1
 	$(MANPAGE) --module cllm_cli.inference --prog cllm_inference \
 		--description "generate text with a trained CLLM model" --output $(MAN_DIR)/cllm_inference.1

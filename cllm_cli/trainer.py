@@ -18,11 +18,11 @@ import numpy as np
 from . import _engine
 from .checkpoint import (CheckpointError, checkpoint_path, latest_checkpoint, list_checkpoints,
                          load_checkpoint, prune_checkpoints, save_checkpoint)
-from .cli import HelpFormatter, Parser, UsageError, name_defaults, run_main
-from .config import CLLMConfig
+from .cli import UsageError, run_main
 from .data import (EOS, DataError, Tokenizer, collect_files, epoch_order, eval_windows,
                    gather_windows, num_windows, prepare_dataset, split_stream)
 from .log import Log, duration, fmt_loss, ppl_text
+from .options import TrainConfig, parse_args
 from .model import CLLMModel, engine_config, optimizer_chunks, tensor_at
 from .plot import PlotError, plot_metrics, require_matplotlib
 
@@ -42,107 +42,6 @@ def default_threads():
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
-
-
-@dataclass
-class TrainConfig:
-    """Every option of train_model. Model and optimisation fields are stored in checkpoints
-    and taken from there on --resume; run fields (threads, logging, saving) are not."""
-    # model
-    vocab_size: int = 10000
-    embed_dim: int = 256
-    num_layers: int = 6
-    num_heads: int = 8
-    ff_dim: int = 0
-    seq_len: int = 128
-    # data
-    tokenizer: str = "word"
-    glob: str = "*.txt"
-    encoding_errors: str = "strict"
-    val_fraction: float = 0.05
-    # optimisation
-    optimizer: str = "adamw"
-    learning_rate: float = 1e-3
-    lr_schedule: str = "cosine"
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    batch_size: int = 32
-    micro_batch: int = 4
-    epochs: int = 1
-    max_steps: int = 0
-    seed: int = 1234
-    max_bad_steps: int = 3
-    # run (not part of the result)
-    threads: int = None      # None: every core
-    lock_mode: str = "shared"
-    checkpoint_dir: str = "checkpoints"
-    save_interval: int = 0
-    keep_checkpoints: int = 3
-    resume: bool = False
-    overwrite: bool = False
-    eval_interval: int = 100
-    log_interval: int = 10
-    metrics_file: str = ""
-    sample_every: int = 0
-    prompt: str = ""
-    sample_tokens: int = 30
-    quiet: bool = False
-    debug_locks: bool = False
-    plot: str = ""
-
-    RUN_FIELDS = ("threads", "lock_mode", "checkpoint_dir", "save_interval", "keep_checkpoints",
-                  "resume", "overwrite", "eval_interval", "log_interval", "metrics_file", "sample_every",
-                  "prompt", "sample_tokens", "quiet", "debug_locks", "plot")
-
-    def validate(self):
-        positive = ("vocab_size", "embed_dim", "num_layers", "num_heads", "seq_len", "batch_size",
-                    "micro_batch", "epochs", "max_bad_steps", "threads", "sample_tokens")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("ff_dim", "max_steps", "warmup_steps", "save_interval", "keep_checkpoints",
-                     "eval_interval", "log_interval", "sample_every"):
-            if getattr(self, name) < 0:
-                raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
-        for name in positive + ("ff_dim", "max_steps", "warmup_steps", "save_interval",
-                                "keep_checkpoints", "eval_interval", "log_interval",
-                                "sample_every", "seed"):
-            if getattr(self, name) > 2**31 - 1:
-                raise UsageError(f"--{name.replace('_', '-')} is too large: {getattr(self, name)}")
-        if self.seed < 0:
-            raise UsageError(f"--seed must not be negative, got {self.seed}")
-        if self.micro_batch > self.batch_size:
-            self.micro_batch = self.batch_size      # a micro-batch never exceeds the batch
-        if self.vocab_size < 5:
-            raise UsageError(f"--vocab-size must be at least 5 (4 special ids), got {self.vocab_size}")
-        if self.embed_dim % self.num_heads:
-            raise UsageError(f"--embed-dim {self.embed_dim} is not divisible by --num-heads {self.num_heads}")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise UsageError(f"--learning-rate must be a positive number, got {self.learning_rate}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise UsageError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if not (0 <= self.weight_decay < 1 / self.learning_rate):
-            raise UsageError(f"--weight-decay must be in [0, 1/lr), got {self.weight_decay}")
-        if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
-            raise UsageError(f"--grad-clip must be >= 0 (0 disables), got {self.grad_clip}")
-        if not 0 <= self.val_fraction < 1:
-            raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        choices = {"tokenizer": ("word", "char"), "encoding_errors": ("strict", "replace"),
-                   "optimizer": ("adamw", "sgd"), "lr_schedule": ("cosine", "constant"),
-                   "lock_mode": ("shared", "exclusive")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise UsageError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
-
-    def model_config(self, vocab_size):
-        return CLLMConfig(vocab_size=vocab_size, embed_dim=self.embed_dim,
-                          num_layers=self.num_layers, num_heads=self.num_heads,
-                          ff_dim=self.ff_dim, seq_len=self.seq_len)
-
-    def result_fields(self):
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RUN_FIELDS}
 
 
 def lr_at(step, total_steps, cfg):
@@ -237,7 +136,7 @@ class Trainer:
         try:
             saved = meta["train_config"]
             for name, value in saved.items():
-                if hasattr(self.cfg, name) and name not in TrainConfig.RUN_FIELDS:
+                if hasattr(self.cfg, name) and name not in TrainConfig.run_fields():
                     setattr(self.cfg, name, value)
             self.state = TrainState(**meta["state"])
             vocab_hash, dataset_key = meta["vocab_hash"], meta["dataset_key"]
@@ -543,93 +442,8 @@ def threaded_training_print_stats(stats, wall, log):
     return rows
 
 
-def build_parser():
-    d = TrainConfig()
-    p = Parser(
-        prog="train_model",
-        description="Train a small causal language model (CLLM) on plain-text files, on every "
-                    "CPU core. --threads changes speed, never results.",
-        formatter_class=HelpFormatter)
-    p.add_argument("data", nargs="+", metavar="DATA",
-                   help="text files, or directories (every file matching --glob below them)")
-    g = p.add_argument_group("data")
-    g.add_argument("--tokenizer", choices=("word", "char"), default=d.tokenizer)
-    g.add_argument("--vocab-size", type=int, default=d.vocab_size,
-                   help="largest vocabulary, the 4 special ids included")
-    g.add_argument("--glob", default=d.glob, help="file pattern inside directories")
-    g.add_argument("--encoding-errors", choices=("strict", "replace"), default=d.encoding_errors,
-                   help="refuse non-UTF-8 or binary files, or replace bad bytes with U+FFFD")
-    g.add_argument("--val-fraction", type=float, default=d.val_fraction,
-                   help="share of the token stream held out for validation")
-    g = p.add_argument_group("model")
-    g.add_argument("--embed-dim", type=int, default=d.embed_dim)
-    g.add_argument("--num-layers", type=int, default=d.num_layers)
-    g.add_argument("--num-heads", type=int, default=d.num_heads)
-    g.add_argument("--ff-dim", type=int, default=d.ff_dim, help="0 means 4 x embed-dim")
-    g.add_argument("--seq-len", type=int, default=d.seq_len, help="context length T")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--optimizer", choices=("adamw", "sgd"), default=d.optimizer)
-    g.add_argument("--learning-rate", type=float, default=d.learning_rate, help="peak learning rate")
-    g.add_argument("--lr-schedule", choices=("cosine", "constant"), default=d.lr_schedule)
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio,
-                   help="final learning rate as a share of the peak (cosine)")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
-                   help="decoupled weight decay on 2-D tensors")
-    g.add_argument("--grad-clip", type=float, default=d.grad_clip,
-                   help="global gradient norm limit (0 disables)")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per optimiser step")
-    g.add_argument("--micro-batch", type=int, default=d.micro_batch,
-                   help="windows per unit of sphere work")
-    g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument("--max-steps", type=int, default=d.max_steps,
-                   help="stop after this many steps (0: run --epochs)")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--max-bad-steps", type=int, default=d.max_bad_steps,
-                   help="stop after this many consecutive steps skipped for NaN/Inf")
-    g = p.add_argument_group("threads")
-    g.add_argument("--threads", type=int, default=None,
-                   help="worker spheres (default: all cores)")
-    g.add_argument("--lock-mode", choices=("shared", "exclusive"), default=d.lock_mode,
-                   help="shared: passes run in parallel; exclusive: one pass at a time, "
-                        "as the original's fix")
-    g.add_argument("--debug-locks", action="store_true",
-                   help="abort on a lock taken out of the order model_lock -> gradient_lock")
-    g = p.add_argument_group("checkpoints")
-    g.add_argument("--checkpoint-dir", default=d.checkpoint_dir)
-    g.add_argument("--save-interval", type=int, default=d.save_interval,
-                   help="save checkpoint_step_<N>.cllm every N steps (0: only at the end)")
-    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
-                   help="step checkpoints to keep (0 keeps all)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in --checkpoint-dir (model and "
-                        "optimisation settings come from the checkpoint)")
-    g.add_argument("--overwrite", action="store_true",
-                   help="start a new run in a --checkpoint-dir that holds an earlier run's "
-                        "checkpoints (they are deleted)")
-    g = p.add_argument_group("output")
-    g.add_argument("--log-interval", type=int, default=d.log_interval, help="steps between log lines")
-    g.add_argument("--eval-interval", type=int, default=d.eval_interval,
-                   help="steps between validation runs (0: only at the end)")
-    g.add_argument("--metrics-file", default=d.metrics_file,
-                   help="write one JSON object per step and per evaluation to this file")
-    g.add_argument("--sample-every", type=int, default=d.sample_every,
-                   help="print a sample every N steps (0: never)")
-    g.add_argument("--prompt", default=d.prompt, help="start of the samples")
-    g.add_argument("--sample-tokens", type=int, default=d.sample_tokens)
-    g.add_argument("--quiet", action="store_true", help="print only errors and the summary")
-    g.add_argument("--plot", metavar="PNG", default=d.plot,
-                   help="after training, draw training and validation loss into this PNG "
-                        "(needs matplotlib; uses --metrics-file, by default "
-                        "CHECKPOINT_DIR/metrics.jsonl)")
-    return name_defaults(p)
-
-
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    options = vars(args)
-    data = options.pop("data")
+    data, options = parse_args(argv)
     return run_main("train_model", lambda: train(data, **options),
                     {(UsageError, DataError, CheckpointError): 2, (TrainingError, PlotError): 1},
                     interrupts=(Interrupted,),

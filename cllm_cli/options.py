@@ -1,0 +1,171 @@
+"""train_model's options, declared once: TrainConfig's fields carry their group, help text,
+choices and range, and both the argparse parser and TrainConfig.validate are derived from them.
+
+Fields marked `run` are settings of one invocation (threads, logging, saving); the others shape
+the result and are stored in checkpoints, from where --resume takes them.
+"""
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from .cli import HelpFormatter, Parser, UsageError, name_defaults
+from .config import CLLMConfig
+from .data import ENCODING_ERRORS, KINDS as TOKENIZER_KINDS
+
+INT_MAX = 2**31 - 1
+GROUPS = ("data", "model", "optimisation", "threads", "checkpoints", "output")
+
+
+def option(default, group, help=None, *, choices=None, minimum=None, run=False, metavar=None):
+    """A TrainConfig field with what argparse and validate() need to know about it."""
+    assert group in GROUPS, group
+    return field(default=default, metadata=dict(group=group, help=help, choices=choices,
+                                                minimum=minimum, run=run, metavar=metavar))
+
+
+@dataclass
+class TrainConfig:
+    """Every option of train_model, in the order --help lists them."""
+    # data
+    tokenizer: str = option("word", "data", choices=TOKENIZER_KINDS)
+    vocab_size: int = option(10000, "data", "largest vocabulary, the 4 special ids included",
+                             minimum=5)
+    glob: str = option("*.txt", "data", "file pattern inside directories")
+    encoding_errors: str = option("strict", "data", "refuse non-UTF-8 or binary files, or replace "
+                                  "bad bytes with U+FFFD", choices=ENCODING_ERRORS)
+    val_fraction: float = option(0.05, "data", "share of the token stream held out for validation")
+    # model
+    embed_dim: int = option(256, "model", minimum=1)
+    num_layers: int = option(6, "model", minimum=1)
+    num_heads: int = option(8, "model", minimum=1)
+    ff_dim: int = option(0, "model", "0 means 4 x embed-dim", minimum=0)
+    seq_len: int = option(128, "model", "context length T", minimum=1)
+    # optimisation
+    optimizer: str = option("adamw", "optimisation", choices=("adamw", "sgd"))
+    learning_rate: float = option(1e-3, "optimisation", "peak learning rate")
+    lr_schedule: str = option("cosine", "optimisation", choices=("cosine", "constant"))
+    warmup_steps: int = option(20, "optimisation", minimum=0)
+    min_lr_ratio: float = option(0.1, "optimisation",
+                                 "final learning rate as a share of the peak (cosine)")
+    weight_decay: float = option(0.01, "optimisation", "decoupled weight decay on 2-D tensors")
+    grad_clip: float = option(1.0, "optimisation", "global gradient norm limit (0 disables)")
+    batch_size: int = option(32, "optimisation", "windows per optimiser step", minimum=1)
+    micro_batch: int = option(4, "optimisation", "windows per unit of sphere work", minimum=1)
+    epochs: int = option(1, "optimisation", minimum=1)
+    max_steps: int = option(0, "optimisation", "stop after this many steps (0: run --epochs)",
+                            minimum=0)
+    seed: int = option(1234, "optimisation", minimum=0)
+    max_bad_steps: int = option(3, "optimisation", "stop after this many consecutive steps "
+                                "skipped for NaN/Inf", minimum=1)
+    # threads
+    threads: int = option(None, "threads", "worker spheres (default: all cores)", minimum=1,
+                          run=True)
+    lock_mode: str = option("shared", "threads", "shared: passes run in parallel; exclusive: one "
+                            "pass at a time, as the original's fix",
+                            choices=("shared", "exclusive"), run=True)
+    debug_locks: bool = option(False, "threads", "abort on a lock taken out of the order "
+                               "model_lock -> gradient_lock", run=True)
+    # checkpoints
+    checkpoint_dir: str = option("checkpoints", "checkpoints", run=True)
+    save_interval: int = option(0, "checkpoints", "save checkpoint_step_<N>.cllm every N steps "
+                                "(0: only at the end)", minimum=0, run=True)
+    keep_checkpoints: int = option(3, "checkpoints", "step checkpoints to keep (0 keeps all)",
+                                   minimum=0, run=True)
+    resume: bool = option(False, "checkpoints", "continue from the newest checkpoint in "
+                          "--checkpoint-dir (model and optimisation settings come from the "
+                          "checkpoint)", run=True)
+    overwrite: bool = option(False, "checkpoints", "start a new run in a --checkpoint-dir that "
+                             "holds an earlier run's checkpoints (they are deleted)", run=True)
+    # output
+    log_interval: int = option(10, "output", "steps between log lines", minimum=0, run=True)
+    eval_interval: int = option(100, "output", "steps between validation runs (0: only at the "
+                                "end)", minimum=0, run=True)
+    metrics_file: str = option("", "output", "write one JSON object per step and per evaluation "
+                               "to this file", run=True)
+    sample_every: int = option(0, "output", "print a sample every N steps (0: never)", minimum=0,
+                               run=True)
+    prompt: str = option("", "output", "start of the samples", run=True)
+    sample_tokens: int = option(30, "output", minimum=1, run=True)
+    quiet: bool = option(False, "output", "print only errors and the summary", run=True)
+    plot: str = option("", "output", "after training, draw training and validation loss into "
+                       "this PNG (needs matplotlib; uses --metrics-file, by default "
+                       "CHECKPOINT_DIR/metrics.jsonl)", run=True, metavar="PNG")
+
+    @classmethod
+    def run_fields(cls):
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["run"])
+
+    def result_fields(self):
+        """The fields that shape the result: stored in checkpoints."""
+        run = self.run_fields()
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in run}
+
+    def model_config(self, vocab_size):
+        return CLLMConfig(vocab_size=vocab_size, embed_dim=self.embed_dim,
+                          num_layers=self.num_layers, num_heads=self.num_heads,
+                          ff_dim=self.ff_dim, seq_len=self.seq_len)
+
+    def validate(self):
+        """Raises UsageError naming the first bad option; clamps micro_batch to batch_size."""
+        for f in dataclasses.fields(self):
+            value, flag, meta = getattr(self, f.name), _flag(f.name), f.metadata
+            if value is None:
+                continue
+            if meta["choices"] is not None and value not in meta["choices"]:
+                raise UsageError(f"{flag} must be one of {', '.join(meta['choices'])}")
+            if f.type is int and not isinstance(value, bool) and isinstance(value, int):
+                if meta["minimum"] is not None and value < meta["minimum"]:
+                    raise UsageError(f"{flag} must be at least {meta['minimum']}, got {value}")
+                if value > INT_MAX:
+                    raise UsageError(f"{flag} is too large: {value}")
+        if self.micro_batch > self.batch_size:
+            self.micro_batch = self.batch_size      # a micro-batch never exceeds the batch
+        if self.embed_dim % self.num_heads:
+            raise UsageError(f"--embed-dim {self.embed_dim} is not divisible by --num-heads "
+                             f"{self.num_heads}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise UsageError(f"--learning-rate must be a positive number, got {self.learning_rate}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise UsageError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not (0 <= self.weight_decay < 1 / self.learning_rate):
+            raise UsageError(f"--weight-decay must be in [0, 1/lr), got {self.weight_decay}")
+        if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
+            raise UsageError(f"--grad-clip must be >= 0 (0 disables), got {self.grad_clip}")
+        if not 0 <= self.val_fraction < 1:
+            raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+
+
+def _flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def build_parser():
+    """train_model's argparse parser, one argument per TrainConfig field."""
+    p = Parser(
+        prog="train_model",
+        description="Train a small causal language model (CLLM) on plain-text files, on every "
+                    "CPU core. --threads changes speed, never results.",
+        formatter_class=HelpFormatter)
+    p.add_argument("data", nargs="+", metavar="DATA",
+                   help="text files, or directories (every file matching --glob below them)")
+    groups = {name: p.add_argument_group(name) for name in GROUPS}
+    for f in dataclasses.fields(TrainConfig):
+        meta, kwargs = f.metadata, {"default": f.default}
+        if f.type is bool:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["type"] = f.type
+        for key in ("choices", "metavar"):
+            if meta[key] is not None:
+                kwargs[key] = meta[key]
+        if meta["help"] is not None:
+            kwargs["help"] = meta["help"]
+        groups[meta["group"]].add_argument(_flag(f.name), **kwargs)
+    return name_defaults(p)
+
+
+def parse_args(argv=None):
+    """(data paths, {option: value}) from the command line."""
+    options = vars(build_parser().parse_args(argv))
+    return options.pop("data"), options
+
