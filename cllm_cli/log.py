@@ -3,6 +3,7 @@ of --metrics-file."""
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 
@@ -21,44 +22,68 @@ class Log:
         self.tty = sys.stdout.isatty()
         self.log_interval = max(cfg.log_interval, 1)
         self.showing = False     # a progress line is on screen
+        self.stdout_lost = False
         self.last_draw = 0.0
         try:
             self.metrics = open(cfg.metrics_file, "a" if append else "w") if cfg.metrics_file else None
         except OSError as e:
             raise DataError(f"cannot write --metrics-file {cfg.metrics_file}: {e.strerror or e}")
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def say(self, text, always=False):
         if always or not self.quiet:
             self._clear()
-            print(text, flush=True)
+            self._out(text + "\n")
 
     def progress(self, step, total, text):
         if self.quiet:
             return
         if not self.tty:
             if step % self.log_interval == 0 or step == total:
-                print(text, flush=True)
+                self._out(text + "\n")
             return
         now = time.monotonic()
         if step == total:              # the last state stays on screen
-            sys.stdout.write("\r" + text + "\x1b[K\n")
+            self._out("\r" + text + "\x1b[K\n")
             self.showing = False
         elif now - self.last_draw >= self.REFRESH:
-            sys.stdout.write("\r" + text + "\x1b[K")
+            self._out("\r" + text + "\x1b[K")
             self.showing = True
             self.last_draw = now
-        sys.stdout.flush()
 
     def _clear(self):
         # other output goes above the progress line, which is redrawn at the next step
         if self.showing:
-            sys.stdout.write("\r\x1b[K")
+            self._out("\r\x1b[K")
             self.showing = False
             self.last_draw = 0.0
 
+    def _out(self, text):
+        """Writes to stdout. Losing stdout (a full disk, a reader that went away) must not
+        lose the training: one warning, then stdout is silenced for the rest of the run."""
+        if self.stdout_lost:
+            return
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except OSError as e:
+            self.stdout_lost = True
+            with contextlib.suppress(OSError):      # nor fail again at exit
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+            self.warn(f"cannot write to standard output ({e.strerror or e}); training goes "
+                      f"on without progress output")
+
     def warn(self, text):
         self._clear()
-        print(f"train_model: warning: {text}", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):
+            print(f"train_model: warning: {text}", file=sys.stderr, flush=True)
 
     def record(self, **fields):
         """One JSON line; NaN (a skipped step) is written as null. A failing metrics file is

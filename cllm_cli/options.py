@@ -2,10 +2,15 @@
 choices and range, and both the argparse parser and TrainConfig.validate are derived from them.
 
 Fields marked `run` are settings of one invocation (threads, logging, saving); the others shape
-the result and are stored in checkpoints, from where --resume takes them.
+the result and are stored in checkpoints, from where --resume takes them. Of those, the ones
+marked `fixed` (model shape, tokenizer, corpus, batch layout, seed) cannot change on --resume;
+the rest (run length, learning-rate schedule, clipping, decay) may be given again and then
+replace the stored value.
 """
+import argparse
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass, field
 
 from .cli import HelpFormatter, Parser, UsageError, name_defaults
@@ -16,32 +21,34 @@ INT_MAX = 2**31 - 1
 GROUPS = ("data", "model", "optimisation", "threads", "checkpoints", "output")
 
 
-def option(default, group, help=None, *, choices=None, minimum=None, run=False, metavar=None):
+def option(default, group, help=None, *, choices=None, minimum=None, run=False, fixed=False,
+           metavar=None):
     """A TrainConfig field with what argparse and validate() need to know about it."""
     assert group in GROUPS, group
     return field(default=default, metadata=dict(group=group, help=help, choices=choices,
-                                                minimum=minimum, run=run, metavar=metavar))
+                                                minimum=minimum, run=run, fixed=fixed,
+                                                metavar=metavar))
 
 
 @dataclass
 class TrainConfig:
     """Every option of train_model, in the order --help lists them."""
     # data
-    tokenizer: str = option("word", "data", choices=TOKENIZER_KINDS)
+    tokenizer: str = option("word", "data", choices=TOKENIZER_KINDS, fixed=True)
     vocab_size: int = option(10000, "data", "largest vocabulary, the 4 special ids included",
-                             minimum=5)
-    glob: str = option("*.txt", "data", "file pattern inside directories")
+                             minimum=5, fixed=True)
+    glob: str = option("*.txt", "data", "file pattern inside directories", fixed=True)
     encoding_errors: str = option("strict", "data", "refuse non-UTF-8 or binary files, or replace "
-                                  "bad bytes with U+FFFD", choices=ENCODING_ERRORS)
-    val_fraction: float = option(0.05, "data", "share of the token stream held out for validation")
+                                  "bad bytes with U+FFFD", choices=ENCODING_ERRORS, fixed=True)
+    val_fraction: float = option(0.05, "data", "share of the token stream held out for validation", fixed=True)
     # model
-    embed_dim: int = option(256, "model", minimum=1)
-    num_layers: int = option(6, "model", minimum=1)
-    num_heads: int = option(8, "model", minimum=1)
-    ff_dim: int = option(0, "model", "0 means 4 x embed-dim", minimum=0)
-    seq_len: int = option(128, "model", "context length T", minimum=1)
+    embed_dim: int = option(256, "model", minimum=1, fixed=True)
+    num_layers: int = option(6, "model", minimum=1, fixed=True)
+    num_heads: int = option(8, "model", minimum=1, fixed=True)
+    ff_dim: int = option(0, "model", "0 means 4 x embed-dim", minimum=0, fixed=True)
+    seq_len: int = option(128, "model", "context length T", minimum=1, fixed=True)
     # optimisation
-    optimizer: str = option("adamw", "optimisation", choices=("adamw", "sgd"))
+    optimizer: str = option("adamw", "optimisation", choices=("adamw", "sgd"), fixed=True)
     learning_rate: float = option(1e-3, "optimisation", "peak learning rate")
     lr_schedule: str = option("cosine", "optimisation", choices=("cosine", "constant"))
     warmup_steps: int = option(20, "optimisation", minimum=0)
@@ -49,12 +56,12 @@ class TrainConfig:
                                  "final learning rate as a share of the peak (cosine)")
     weight_decay: float = option(0.01, "optimisation", "decoupled weight decay on 2-D tensors")
     grad_clip: float = option(1.0, "optimisation", "global gradient norm limit (0 disables)")
-    batch_size: int = option(32, "optimisation", "windows per optimiser step", minimum=1)
-    micro_batch: int = option(4, "optimisation", "windows per unit of sphere work", minimum=1)
+    batch_size: int = option(32, "optimisation", "windows per optimiser step", minimum=1, fixed=True)
+    micro_batch: int = option(4, "optimisation", "windows per unit of sphere work", minimum=1, fixed=True)
     epochs: int = option(1, "optimisation", minimum=1)
     max_steps: int = option(0, "optimisation", "stop after this many steps (0: run --epochs)",
                             minimum=0)
-    seed: int = option(1234, "optimisation", minimum=0)
+    seed: int = option(1234, "optimisation", minimum=0, fixed=True)
     max_bad_steps: int = option(3, "optimisation", "stop after this many consecutive steps "
                                 "skipped for NaN/Inf", minimum=1)
     # threads
@@ -72,8 +79,10 @@ class TrainConfig:
     keep_checkpoints: int = option(3, "checkpoints", "step checkpoints to keep (0 keeps all)",
                                    minimum=0, run=True)
     resume: bool = option(False, "checkpoints", "continue from the newest checkpoint in "
-                          "--checkpoint-dir (model and optimisation settings come from the "
-                          "checkpoint)", run=True)
+                          "--checkpoint-dir (the model, tokenizer and corpus come from the "
+                          "checkpoint; run length and learning-rate options may be given "
+                          "again); `--resume auto` starts a new run when there is none",
+                          run=True, metavar="auto")
     overwrite: bool = option(False, "checkpoints", "start a new run in a --checkpoint-dir that "
                              "holds an earlier run's checkpoints (they are deleted)", run=True)
     # output
@@ -94,6 +103,10 @@ class TrainConfig:
     @classmethod
     def run_fields(cls):
         return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["run"])
+
+    @classmethod
+    def fixed_fields(cls):
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["fixed"])
 
     def result_fields(self):
         """The fields that shape the result: stored in checkpoints."""
@@ -118,6 +131,8 @@ class TrainConfig:
                     raise UsageError(f"{flag} must be at least {meta['minimum']}, got {value}")
                 if value > INT_MAX:
                     raise UsageError(f"{flag} is too large: {value}")
+        if self.resume not in (False, True, "auto"):
+            raise UsageError(f"--resume takes no value or 'auto', got {self.resume!r}")
         if self.micro_batch > self.batch_size:
             self.micro_batch = self.batch_size      # a micro-batch never exceeds the batch
         if self.embed_dim % self.num_heads:
@@ -151,7 +166,9 @@ def build_parser():
     groups = {name: p.add_argument_group(name) for name in GROUPS}
     for f in dataclasses.fields(TrainConfig):
         meta, kwargs = f.metadata, {"default": f.default}
-        if f.type is bool:
+        if f.name == "resume":
+            kwargs.update(nargs="?", const=True, type=_resume_value)
+        elif f.type is bool:
             kwargs["action"] = "store_true"
         else:
             kwargs["type"] = f.type
@@ -164,8 +181,31 @@ def build_parser():
     return name_defaults(p)
 
 
+def _resume_value(text):
+    if text == "yes":
+        return True
+    if text != "auto":
+        raise argparse.ArgumentTypeError(f"invalid value {text!r} (--resume takes no value "
+                                         f"or 'auto')")
+    return "auto"
+
+
 def parse_args(argv=None):
-    """(data paths, {option: value}) from the command line."""
-    options = vars(build_parser().parse_args(argv))
+    """(data paths, {option: value}) of the options given on the command line; the others are
+    left out, so that --resume can tell what the user asked to change."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(argv):          # `--resume` never takes the next DATA path
+        if arg == "--resume":
+            argv[i] = "--resume=auto" if argv[i + 1:i + 2] == ["auto"] else "--resume=yes"
+            if argv[i] == "--resume=auto":
+                del argv[i + 1]
+            break
+        if arg == "--":
+            break
+    parser = build_parser()
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            action.default = argparse.SUPPRESS
+    options = vars(parser.parse_args(argv))
     return options.pop("data"), options
 

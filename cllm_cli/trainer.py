@@ -1,32 +1,41 @@
 """train_model: corpus -> tokens -> spheres -> optimiser -> checkpoints (SPEC sections 2-6).
 
-The loop reads top to bottom: lr_at(step), one global batch through the spheres, the
-optimiser step, log, evaluate, sample, checkpoint. Python runs between steps; during a step
-the GIL is released and the main thread only waits on the spheres (with a time-out, so a
-Ctrl-C is seen within a fraction of a second).
+Reads top to bottom, as nanoGPT's train.py: train() sets the run up (Trainer: the checkpoint
+directory and its lock, the tokenizer and token stream, the model and AdamW state, or all of
+them from a checkpoint) and starts the spheres; train_loop() runs the epochs and the final
+evaluation and checkpoint; threaded_train_epoch() is the step: the next global batch,
+lr_at(step), one engine.train_step (micro-batches through the spheres, ordered accumulation,
+optimiser), log, evaluate, sample, checkpoint. Python runs only between steps; during a step
+the GIL is released and the main thread waits on the spheres, looking at signals every 0.1 s.
+
+Signals: SIGINT, SIGTERM and SIGHUP during set-up stop at once (nothing to save; temporary
+files are removed); during training they let the current step finish, save it and exit with
+128 + the signal's number.
 """
 import dataclasses
 import math
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import _engine
+from . import _step_shim
 from .checkpoint import (CheckpointError, checkpoint_path, latest_checkpoint, list_checkpoints,
                          load_checkpoint, prune_checkpoints, save_checkpoint)
 from .cli import UsageError, run_main
 from .data import (EOS, DataError, Tokenizer, collect_files, epoch_order, eval_windows,
                    gather_windows, num_windows, prepare_dataset, split_stream)
 from .log import Log, duration, fmt_loss, ppl_text
+from .model import CLLMModel
 from .options import TrainConfig, parse_args
-from .model import CLLMModel, engine_config, optimizer_chunks, tensor_at
 from .plot import PlotError, plot_metrics, require_matplotlib
+from .rundir import DirectoryLock, remove_leftovers
 
-WAIT_SLICE = 0.1     # seconds the main thread waits on the spheres before checking signals
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class TrainingError(Exception):
@@ -34,7 +43,13 @@ class TrainingError(Exception):
 
 
 class Interrupted(Exception):
-    """Ctrl-C: the last good state has been saved (exit status 130)."""
+    """A stop signal: the last completed step has been saved (if training had started).
+    The exit status is 128 + the signal's number."""
+
+    def __init__(self, signum=signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.status = 128 + signum
 
 
 def default_threads():
@@ -46,7 +61,8 @@ def default_threads():
 
 def lr_at(step, total_steps, cfg):
     """Linear warm-up to the peak over warmup_steps, then cosine to min_lr_ratio x peak at the
-    last step (or flat with lr_schedule constant). step is 0-based."""
+    last step (or flat with lr_schedule constant). step is 0-based. A resumed run whose length
+    changed follows the schedule of the new length from its current step on."""
     lr = cfg.learning_rate
     if step < cfg.warmup_steps:
         return lr * (step + 1) / cfg.warmup_steps
@@ -68,33 +84,32 @@ class TrainState:
 
 
 class Trainer:
-    """One training run: owns the model, the optimiser state, the engine and the data."""
+    """One training run's set-up and state: the locked checkpoint directory, the tokenizer and
+    token stream, the model and its AdamW state, the position in the data. `given` names the
+    options the user set explicitly (--resume applies or refuses them)."""
 
-    def __init__(self, data_paths, cfg):
+    def __init__(self, data_paths, cfg, given=()):
         cfg.validate()
         self.cfg = cfg
         self.ckpt_dir = os.path.abspath(cfg.checkpoint_dir)
         self.state = TrainState()
+        self.changed = []          # options a resumed run changed: "--name old -> new"
+        self.resumed_from = None
         files = collect_files(data_paths, cfg.glob, exclude_dir=self.ckpt_dir)
         self._make_checkpoint_dir()
-        resume_from = latest_checkpoint(self.ckpt_dir) if cfg.resume else None
-        if cfg.resume and resume_from is None:
-            raise UsageError(f"--resume: no checkpoint_step_<N>.cllm in {self.ckpt_dir}")
-        if not cfg.resume:
-            self._clear_previous_run()
-        if resume_from is not None:
-            tokens = self._restore(resume_from, files)
-        else:
-            self.tokenizer, tokens, self.data_info = prepare_dataset(
-                files, self.ckpt_dir, cfg.tokenizer, cfg.vocab_size, cfg.encoding_errors)
-            self.model = CLLMModel(cfg.model_config(len(self.tokenizer)), cfg.seed)
-            self.adam_m = np.zeros_like(self.model.flat)
-            self.adam_v = np.zeros_like(self.model.flat)
+        self.lock = DirectoryLock(self.ckpt_dir)
+        try:
+            self.leftovers = remove_leftovers(self.ckpt_dir)
+            tokens = self._start_or_resume(files, set(given))
+        except BaseException:
+            self.close()
+            raise
         self.mcfg = self.model.config
         self.train_tokens, self.val_tokens = split_stream(tokens, cfg.val_fraction)
         T = self.mcfg.seq_len
         self.n_windows = num_windows(len(self.train_tokens), T)
         if self.n_windows == 0:
+            self.close()
             raise DataError(f"corpus too short: {len(self.train_tokens)} training tokens, "
                             f"a window needs {T + 1} (lower --seq-len or add text)")
         self.steps_per_epoch = math.ceil(self.n_windows / cfg.batch_size)
@@ -102,15 +117,40 @@ class Trainer:
         self.val = eval_windows(self.val_tokens, T)
         self._order = (None, None)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        """Releases the checkpoint directory."""
+        self.lock.close()
+
     def _make_checkpoint_dir(self):
         try:
             os.makedirs(self.ckpt_dir, exist_ok=True)
-            probe = os.path.join(self.ckpt_dir, f".write-test-{os.getpid()}")
+            probe = os.path.join(self.ckpt_dir, f".write-test-{os.getpid()}.tmp")
             with open(probe, "w"):
                 pass
             os.remove(probe)
         except OSError as e:
             raise DataError(f"checkpoint directory {self.ckpt_dir} is not writable: {e.strerror or e}")
+
+    def _start_or_resume(self, files, given):
+        cfg = self.cfg
+        resume_from = latest_checkpoint(self.ckpt_dir) if cfg.resume else None
+        if cfg.resume is True and resume_from is None:
+            raise UsageError(f"--resume: no checkpoint_step_<N>.cllm in {self.ckpt_dir}")
+        if resume_from is not None:
+            return self._restore(resume_from, files, given)
+        self._clear_previous_run()
+        self.tokenizer, tokens, self.data_info = prepare_dataset(
+            files, self.ckpt_dir, cfg.tokenizer, cfg.vocab_size, cfg.encoding_errors)
+        self.model = CLLMModel(cfg.model_config(len(self.tokenizer)), cfg.seed)
+        self.adam_m = np.zeros_like(self.model.flat)
+        self.adam_v = np.zeros_like(self.model.flat)
+        return tokens
 
     def _clear_previous_run(self):
         """A new run must not mix its checkpoints with an earlier run's: refuse, or with
@@ -129,21 +169,40 @@ class Trainer:
             except OSError as e:
                 raise DataError(f"--overwrite: cannot remove {path}: {e.strerror or e}") from None
 
-    def _restore(self, path, files):
-        """Model, optimiser state, position and training settings from a checkpoint."""
+    def _restore(self, path, files, given):
+        """Model, optimiser state, position and training settings from a checkpoint. Options
+        given again are applied when they may change and refused when they may not."""
         ckpt = load_checkpoint(path)
         meta = ckpt["meta"]
         try:
-            saved = meta["train_config"]
-            for name, value in saved.items():
-                if hasattr(self.cfg, name) and name not in TrainConfig.run_fields():
-                    setattr(self.cfg, name, value)
-            self.state = TrainState(**meta["state"])
+            saved = dict(meta["train_config"])
+            state = TrainState(**meta["state"])
             vocab_hash, dataset_key = meta["vocab_hash"], meta["dataset_key"]
         except (KeyError, TypeError) as e:
-            raise CheckpointError(f"{path}: checkpoint lacks training state ({e})")
+            raise CheckpointError(f"{path}: checkpoint lacks training state ({e})") from None
         if ckpt["adam_m"] is None:
             raise CheckpointError(f"{path}: checkpoint holds no optimiser state; cannot resume")
+        run, fixed = TrainConfig.run_fields(), TrainConfig.fixed_fields()
+        stored = dataclasses.replace(self.cfg, **{k: v for k, v in saved.items()
+                                                 if hasattr(self.cfg, k) and k not in run})
+        try:
+            stored.validate()
+        except UsageError as e:
+            raise CheckpointError(f"{path}: bad training setting in the checkpoint ({e})") from None
+        for name, value in saved.items():
+            if not hasattr(self.cfg, name) or name in run:
+                continue
+            mine = getattr(self.cfg, name)
+            flag = "--" + name.replace("_", "-")
+            if name in given and mine != value:
+                if name in fixed:
+                    raise UsageError(f"{flag} cannot change when resuming (the checkpoint has "
+                                     f"{value}, given {mine}); start a new run to change it")
+                self.changed.append(f"{flag} {value} -> {mine}")
+                continue
+            setattr(self.cfg, name, value)
+        self.cfg.validate()
+        self.state = state
         vocab_path = os.path.join(self.ckpt_dir, "vocab.txt")
         self.tokenizer = Tokenizer.load(vocab_path, self.cfg.tokenizer)
         if self.tokenizer.vocab_hash != vocab_hash:
@@ -168,6 +227,10 @@ class Trainer:
         return gather_windows(self.train_tokens, ids, self.mcfg.seq_len)
 
     # -- checkpoints -------------------------------------------------------------------------
+    @property
+    def final_path(self):
+        return os.path.join(self.ckpt_dir, "final_model.cllm")
+
     def meta(self):
         return {"train_config": self.cfg.result_fields(), "state": dataclasses.asdict(self.state),
                 "tokenizer": self.cfg.tokenizer, "vocab_hash": self.tokenizer.vocab_hash,
@@ -176,53 +239,39 @@ class Trainer:
                               "seed": self.cfg.seed, "epoch": self.state.epoch,
                               "batch_in_epoch": self.state.batch_in_epoch}}
 
-    def save(self, path=None):
-        """Writes a checkpoint (atomically); a failure to write is a runtime error."""
+    def save(self, path=None, prune=True):
+        """Writes a checkpoint (atomically) and prunes old step checkpoints; a failure to
+        write is a runtime error."""
         path = path or checkpoint_path(self.ckpt_dir, self.state.step)
         try:
             save_checkpoint(path, self.mcfg, self.model.flat, self.adam_m, self.adam_v, self.meta())
-            if path != os.path.join(self.ckpt_dir, "final_model.cllm"):
+            if prune and path != self.final_path:
                 prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
         except CheckpointError as e:
             raise TrainingError(str(e)) from None
         return path
 
-
-def run_work(engine, windows, train, step, interrupted):
-    """Runs windows through the spheres; returns the per-micro-batch results. On Ctrl-C the
-    spheres finish what they hold, and Interrupted is raised (nothing is applied)."""
-    engine.start(windows, train, step)
-    while not engine.wait(WAIT_SLICE):
-        if interrupted():
-            engine.abort()
-    if interrupted():
-        raise Interrupted()
-    return engine.results()
+    def final_model_ok(self):
+        """final_model.cllm exists and loads (a kill while writing it leaves none)."""
+        try:
+            load_checkpoint(self.final_path)
+        except CheckpointError:
+            return False
+        return True
 
 
-def evaluate(engine, trainer, interrupted):
-    """Mean validation loss over every validation window (None without validation data)."""
-    val = trainer.val
-    if len(val) == 0:
-        return None
-    loss_sum, counted = 0.0, 0
-    for start in range(0, len(val), trainer.cfg.batch_size):
-        for loss, n, _, valid, _ in run_work(engine, val[start:start + trainer.cfg.batch_size],
-                                              False, -1, interrupted):
-            loss_sum += loss
-            counted += n
-    return loss_sum / counted if counted else None
-
+# -- the run ------------------------------------------------------------------------------
 
 def train(data, engine_hook=None, **options):
-    """Trains on the files or directories in `data`; options are TrainConfig fields.
+    """Trains on the files or directories in `data`; options are TrainConfig fields (with
+    --resume, the ones given here are the ones the user asks to change).
 
     engine_hook, if given, is called with the Engine before the first step (tests use it to
     inject a NaN: engine.inject_nan(step_index, micro_batch), step_index 0-based).
 
     Returns a dict with the final step, train loss, validation loss, model path and sphere
     statistics. Raises DataError, CheckpointError or UsageError on bad input, TrainingError
-    when too many steps in a row are skipped, Interrupted on Ctrl-C (state saved)."""
+    when training cannot go on, Interrupted on SIGINT/SIGTERM/SIGHUP (state saved)."""
     if isinstance(data, (str, os.PathLike)):
         data = [data]
     unknown = set(options) - {f.name for f in dataclasses.fields(TrainConfig)}
@@ -235,60 +284,57 @@ def train(data, engine_hook=None, **options):
         require_matplotlib()     # fail now, not after a long run
         if not cfg.metrics_file:
             cfg.metrics_file = os.path.join(cfg.checkpoint_dir, "metrics.jsonl")
-    trainer = Trainer(data, cfg)
-    flag = {"interrupted": False}
-
-    def on_sigint(signum, frame):
-        flag["interrupted"] = True
-
-    in_main = _is_main_thread()
-    previous = signal.signal(signal.SIGINT, on_sigint) if in_main else None
-    log = engine = None
-    try:
-        log = Log(cfg, append=cfg.resume)
-        engine = _engine.Engine(engine_config(trainer.mcfg), trainer.model.flat, cfg.threads,
-                                cfg.micro_batch, cfg.batch_size, cfg.lock_mode,
-                                cfg.debug_locks, optimizer_chunks(trainer.mcfg))
-        if engine_hook is not None:
-            engine_hook(engine)
-        result = _train_loop(trainer, engine, log, lambda: flag["interrupted"])
-    finally:
-        if engine is not None:
-            engine.close()
-        if log is not None:
-            log.close()
-        if in_main:
-            signal.signal(signal.SIGINT, previous)
+    with StopSignals() as stop, Trainer(data, cfg, given=options) as trainer:
+        stop.defer()             # from here on a signal ends the run after the current step
+        with Log(cfg, append=bool(trainer.resumed_from)) as log, \
+                _step_shim.Engine(trainer.mcfg, trainer.model.flat, cfg.threads,
+                                  cfg.micro_batch, cfg.batch_size, cfg.lock_mode,
+                                  cfg.debug_locks) as engine:
+            if engine_hook is not None:
+                engine_hook(engine)
+            result = train_loop(trainer, engine, log, stop)
     if cfg.plot:
         plot_metrics(cfg.metrics_file, cfg.plot)
         log.say(f"loss plot: {cfg.plot}", always=True)
     return result
 
 
-def _is_main_thread():
-    import threading
-    return threading.current_thread() is threading.main_thread()
-
-
-def _header(trainer, log):
-    cfg, m, info = trainer.cfg, trainer.mcfg, trainer.data_info
-    log.say(f"corpus: {info['files']} file(s), {info['bytes'] / 1e6:.2f} MB, {info['tokens']:,} tokens"
-            f" ({'reused' if info['reused'] else 'tokenized'}: {trainer.ckpt_dir}/dataset.bin)")
-    log.say(f"vocab: {m.vocab_size:,} {cfg.tokenizer} tokens | model: d {m.embed_dim}, "
-            f"{m.num_layers} layers, {m.num_heads} heads, ff {m.ff_dim}, seq {m.seq_len}, "
-            f"{trainer.model.num_params():,} parameters")
-    log.say(f"training: {trainer.n_windows:,} windows, {trainer.steps_per_epoch} steps/epoch, "
-            f"{trainer.total_steps} steps of {cfg.batch_size} x {m.seq_len} tokens, "
-            f"{cfg.threads} sphere(s), micro-batch {cfg.micro_batch}, lock mode {cfg.lock_mode}")
-    if getattr(trainer, "resumed_from", None):
-        log.say(f"resumed from {trainer.resumed_from} at step {trainer.state.step}")
-    missing = trainer.tokenizer.unknown_tokens(cfg.prompt) if cfg.sample_every else []
-    if missing:
-        log.warn("--prompt tokens not in the vocabulary, read as <unk>: "
-                 + ", ".join(repr(t) for t in missing[:8]) + (" ..." if len(missing) > 8 else ""))
-    if cfg.warmup_steps >= trainer.total_steps:
-        log.warn(f"--warmup-steps {cfg.warmup_steps} covers the whole run of "
-                 f"{trainer.total_steps} steps: the learning rate never reaches its peak")
+def train_loop(trainer, engine, log, stop):
+    """The run: epochs of steps, then the final evaluation and checkpoints and the sphere
+    statistics. On a stop signal the last completed step is saved and Interrupted raised."""
+    st = trainer.state
+    print_header(trainer, log)
+    final = trainer.final_path
+    if st.step >= trainer.total_steps and trainer.final_model_ok():
+        log.say(f"the run in {trainer.ckpt_dir} is already complete ({st.step} of "
+                f"{trainer.total_steps} steps); nothing to do", always=True)
+        return {"step": st.step, "train_loss": None, "val_loss": None, "final_model": final,
+                "spheres": [], "seconds": 0.0}
+    if st.step >= trainer.total_steps:
+        log.say("the run's steps are done but final_model.cllm is missing: finishing it")
+    run = RunProgress(t_start=time.perf_counter())
+    try:
+        while st.step < trainer.total_steps:
+            epoch_loss = threaded_train_epoch(trainer, engine, log, stop, run)
+            if st.batch_in_epoch >= trainer.steps_per_epoch:
+                log.say(f"epoch {st.epoch + 1} done: mean train loss {fmt_loss(epoch_loss)}")
+        run.val_loss = evaluate(engine, trainer, stop)
+        report_val(log, st.step, run.val_loss)
+        trainer.save()
+        trainer.save(final)
+    except (Interrupted, _step_shim.StepAborted):
+        path = trainer.save()
+        log.say(f"interrupted ({stop.name()}): saved step {st.step} to {path}; --resume "
+                f"continues", always=True)
+        raise Interrupted(stop.signum) from None
+    elapsed = time.perf_counter() - run.t_start
+    stats = threaded_training_print_stats(engine.sphere_stats(), elapsed, log)
+    log.say(f"done in {duration(elapsed)}: train loss {fmt_loss(run.last_train_loss)}"
+            f"{ppl_text(run.last_train_loss)}, val loss {fmt_loss(run.val_loss)}{ppl_text(run.val_loss)}; "
+            f"model saved to {final}", always=True)
+    check_not_diverged(run, trainer.mcfg.vocab_size, final)
+    return {"step": st.step, "train_loss": run.last_train_loss, "val_loss": run.val_loss,
+            "final_model": final, "spheres": stats, "seconds": elapsed}
 
 
 @dataclass
@@ -300,10 +346,10 @@ class RunProgress:
     val_loss: float = None
 
 
-def threaded_train_epoch(trainer, engine, log, interrupted, run):
-    """Runs the rest of the current epoch (or of the run): for each global batch, the spheres'
-    pass, the optimiser step, logging, evaluation, samples and checkpoints. Returns the
-    epoch's mean training loss over the micro-batches that were kept."""
+def threaded_train_epoch(trainer, engine, log, stop, run):
+    """The rest of the current epoch (or of the run), one global batch per step: the batch,
+    lr_at(step), the engine's step (spheres, ordered accumulation, optimiser), log, evaluate,
+    sample, checkpoint. Returns the epoch's mean training loss over the kept micro-batches."""
     cfg, st = trainer.cfg, trainer.state
     if st.batch_in_epoch >= trainer.steps_per_epoch:
         st.epoch, st.batch_in_epoch = st.epoch + 1, 0
@@ -311,113 +357,128 @@ def threaded_train_epoch(trainer, engine, log, interrupted, run):
     while st.step < trainer.total_steps and st.batch_in_epoch < trainer.steps_per_epoch:
         t0 = time.perf_counter()
         windows = trainer.batch(st.epoch, st.batch_in_epoch)
-        results = run_work(engine, windows, True, st.step, interrupted)
         lr = lr_at(st.step, trainer.total_steps, cfg)
-        loss, norm, applied = _apply(trainer, engine, results, lr, log)
+        result = engine.train_step(windows, st.step, trainer.adam_m, trainer.adam_v,
+                                   adamw=cfg.optimizer == "adamw", lr=lr,
+                                   weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+                                   t=st.adam_t + 1, should_stop=stop)
+        report_skips(log, st.step + 1, result)
         st.step += 1
         st.batch_in_epoch += 1
-        if applied:
+        if result.applied:
             st.adam_t += 1
             st.bad_steps = 0
-            run.last_train_loss = loss
+            run.last_train_loss = result.loss
         else:
             st.bad_steps += 1
         tokens = windows.shape[0] * (windows.shape[1] - 1)
         run.tokens_seen += tokens
         tps = tokens / (time.perf_counter() - t0)
-        log.record(step=st.step, epoch=st.epoch + 1, loss=loss, lr=lr, grad_norm=norm,
-                   tokens_per_s=tps)
+        log.record(step=st.step, epoch=st.epoch + 1, loss=result.loss, lr=lr,
+                   grad_norm=result.grad_norm, tokens_per_s=tps)
         eta = (time.perf_counter() - run.t_start) / run.tokens_seen * \
             (trainer.total_steps - st.step) * cfg.batch_size * trainer.mcfg.seq_len
         log.progress(st.step, trainer.total_steps,
                      f"step {st.step}/{trainer.total_steps} | epoch {st.epoch + 1} | loss "
-                     f"{fmt_loss(loss)} | lr {lr:.2e} | grad norm {fmt_loss(norm)} | "
-                     f"{tps:,.0f} tok/s | ETA {duration(eta)}")
+                     f"{fmt_loss(result.loss)} | lr {lr:.2e} | grad norm "
+                     f"{fmt_loss(result.grad_norm)} | {tps:,.0f} tok/s | ETA {duration(eta)}")
         if st.bad_steps >= cfg.max_bad_steps:
-            path = trainer.save()
+            path = trainer.save(prune=False)     # keep the older, distinct states
             raise TrainingError(f"{st.bad_steps} steps in a row were skipped for non-finite "
                                 f"values; stopped with the last good state in {path}")
         if cfg.eval_interval and st.step % cfg.eval_interval == 0 and st.step < trainer.total_steps:
-            run.val_loss = evaluate(engine, trainer, interrupted)
-            _report_val(log, st.step, run.val_loss)
+            run.val_loss = evaluate(engine, trainer, stop)
+            report_val(log, st.step, run.val_loss)
         if cfg.sample_every and st.step % cfg.sample_every == 0:
             text = sample_text(trainer.model, trainer.tokenizer, cfg.prompt, cfg.sample_tokens,
                                cfg.seed + st.step)
             log.say(f"sample: {text}")
         if cfg.save_interval and st.step % cfg.save_interval == 0:
             trainer.save()
-        if interrupted():
-            raise Interrupted()
+        if stop():
+            raise Interrupted(stop.signum)
     loss_sum, tokens, _ = engine.epoch_stats()
     return loss_sum / tokens if tokens else None
 
 
-def _train_loop(trainer, engine, log, interrupted):
-    st = trainer.state
-    _header(trainer, log)
-    final = os.path.join(trainer.ckpt_dir, "final_model.cllm")
-    if st.step >= trainer.total_steps:     # --resume of a finished run: nothing to redo
-        log.say(f"the run in {trainer.ckpt_dir} is already complete ({st.step} of "
-                f"{trainer.total_steps} steps); nothing to do", always=True)
-        return {"step": st.step, "train_loss": None, "val_loss": None, "final_model": final,
-                "spheres": [], "seconds": 0.0}
-    run = RunProgress(t_start=time.perf_counter())
-    try:
-        while st.step < trainer.total_steps:
-            epoch_loss = threaded_train_epoch(trainer, engine, log, interrupted, run)
-            if st.batch_in_epoch >= trainer.steps_per_epoch:
-                log.say(f"epoch {st.epoch + 1} done: mean train loss {fmt_loss(epoch_loss)}")
-        run.val_loss = evaluate(engine, trainer, interrupted)
-        _report_val(log, st.step, run.val_loss)
-        trainer.save()
-        trainer.save(final)
-    except Interrupted:
-        path = trainer.save()
-        log.say(f"interrupted: saved step {st.step} to {path}; --resume continues", always=True)
-        raise
-    elapsed = time.perf_counter() - run.t_start
-    stats = threaded_training_print_stats(engine.sphere_stats(), elapsed, log)
-    log.say(f"done in {duration(elapsed)}: train loss {fmt_loss(run.last_train_loss)}"
-            f"{ppl_text(run.last_train_loss)}, val loss {fmt_loss(run.val_loss)}{ppl_text(run.val_loss)}; "
-            f"model saved to {final}", always=True)
-    return {"step": st.step, "train_loss": run.last_train_loss, "val_loss": run.val_loss,
-            "final_model": final, "spheres": stats, "seconds": elapsed}
+# -- what the loop calls ------------------------------------------------------------------
+
+class StopSignals:
+    """SIGINT, SIGTERM and SIGHUP. Until defer() a signal raises Interrupted at once (set-up:
+    nothing to save, and the atomic writes remove their temporary files); after it, a signal
+    only sets the flag that calling this object returns, and the loop stops after the current
+    step. Installed only on the main thread (signal handlers cannot be set elsewhere)."""
+
+    def __init__(self):
+        self.signum = None
+        self.deferred = False
+        self.previous = {}
+
+    def __call__(self):
+        return self.signum is not None
+
+    def name(self):
+        return signal.Signals(self.signum).name if self.signum else "stopped"
+
+    def defer(self):
+        self.deferred = True
+        if self.signum is not None:          # arrived between set-up and now
+            raise Interrupted(self.signum)
+
+    def _on_signal(self, signum, frame):
+        self.signum = signum
+        if not self.deferred:
+            raise Interrupted(signum)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
-def _apply(trainer, engine, results, lr, log):
-    """Sums the micro-batch results in order, reports bad ones, runs the optimiser step.
-    Returns (loss, grad_norm, applied)."""
-    cfg, st = trainer.cfg, trainer.state
-    loss_sum, counted = 0.0, 0
-    for index, (loss, n, sphere, valid, bad_index) in enumerate(results):
-        if valid:
-            loss_sum += loss
-            counted += n
-        else:
-            where = [] if math.isfinite(loss) else ["the loss"]
-            if bad_index >= 0:
-                where.append(f"the gradient of {tensor_at(trainer.mcfg, bad_index)} "
-                             f"(first bad tensor)")
-            where = " and ".join(where)
-            log.warn(f"step {st.step + 1}: micro-batch {index} (sphere {sphere}) has a "
-                     f"non-finite value in {where}; left out of the step")
-    if counted == 0:
-        log.warn(f"step {st.step + 1}: no valid micro-batch; step skipped")
-        return float("nan"), float("nan"), False
-    norm, applied = engine.optimizer_step(
-        counted, trainer.adam_m, trainer.adam_v,
-        adamw=cfg.optimizer == "adamw", lr=lr, weight_decay=cfg.weight_decay,
-        grad_clip=cfg.grad_clip, t=st.adam_t + 1)
-    if not applied:
-        log.warn(f"step {st.step + 1}: the summed gradient is not finite; step skipped")
-    return loss_sum / counted, norm, applied
+def evaluate(engine, trainer, stop):
+    """Mean validation loss over every validation window (None without validation data)."""
+    if len(trainer.val) == 0:
+        return None
+    loss_sum, counted = engine.evaluate(trainer.val, should_stop=stop)
+    return loss_sum / counted if counted else None
 
 
-def _report_val(log, step, val_loss):
+def report_skips(log, step, result):
+    """Warns about each micro-batch left out of the step and about a skipped step."""
+    for bad in result.bad:
+        where = [] if bad.loss_finite else ["the loss"]
+        if bad.tensor is not None:
+            where.append(f"the gradient of {bad.tensor} (first bad tensor)")
+        log.warn(f"step {step}: micro-batch {bad.index} (sphere {bad.sphere}) has a "
+                 f"non-finite value in {' and '.join(where)}; left out of the step")
+    if result.tokens == 0:
+        log.warn(f"step {step}: no valid micro-batch; step skipped")
+    elif not result.applied:
+        log.warn(f"step {step}: the summed gradient is not finite; step skipped")
+
+
+def report_val(log, step, val_loss):
     if val_loss is None:
         return
     log.say(f"step {step} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 700)):.2f}")
     log.record(step=step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 700)))
+
+
+def check_not_diverged(run, vocab_size, final):
+    """A run whose final loss is worse than twice uniform guessing (2 ln V) diverged: the
+    model is saved, but the run fails (status 1) so that scripts and schedulers notice."""
+    limit = 2 * math.log(vocab_size)
+    for what, loss in (("validation", run.val_loss), ("training", run.last_train_loss)):
+        if loss is not None and not loss <= limit:
+            raise TrainingError(f"training diverged: final {what} loss {fmt_loss(loss)} is above "
+                                f"2 ln(V) = {limit:.2f} (saved to {final}); lower "
+                                f"--learning-rate or raise --warmup-steps")
 
 
 def sample_text(model, tokenizer, prompt, max_tokens, seed):
@@ -425,6 +486,32 @@ def sample_text(model, tokenizer, prompt, max_tokens, seed):
     out = list(model.generate(ids, max_tokens=max_tokens, temperature=0.8, top_k=40, seed=seed,
                               stop_ids=(EOS,)))
     return tokenizer.decode(ids + out).strip()
+
+
+def print_header(trainer, log):
+    cfg, m, info = trainer.cfg, trainer.mcfg, trainer.data_info
+    files, size = trainer.leftovers
+    if files:
+        log.say(f"removed {files} temporary file(s) of interrupted runs ({size / 1e6:.1f} MB) "
+                f"from {trainer.ckpt_dir}")
+    log.say(f"corpus: {info['files']} file(s), {info['bytes'] / 1e6:.2f} MB, {info['tokens']:,} tokens"
+            f" ({'reused' if info['reused'] else 'tokenized'}: {trainer.ckpt_dir}/dataset.bin)")
+    log.say(f"vocab: {m.vocab_size:,} {cfg.tokenizer} tokens | model: d {m.embed_dim}, "
+            f"{m.num_layers} layers, {m.num_heads} heads, ff {m.ff_dim}, seq {m.seq_len}, "
+            f"{trainer.model.num_params():,} parameters")
+    log.say(f"training: {trainer.n_windows:,} windows, {trainer.steps_per_epoch} steps/epoch, "
+            f"{trainer.total_steps} steps of {cfg.batch_size} x {m.seq_len} tokens, "
+            f"{cfg.threads} sphere(s), micro-batch {cfg.micro_batch}, lock mode {cfg.lock_mode}")
+    if trainer.resumed_from:
+        changed = f"; changed: {', '.join(trainer.changed)}" if trainer.changed else ""
+        log.say(f"resumed from {trainer.resumed_from} at step {trainer.state.step}{changed}")
+    missing = trainer.tokenizer.unknown_tokens(cfg.prompt) if cfg.sample_every else []
+    if missing:
+        log.warn("--prompt tokens not in the vocabulary, read as <unk>: "
+                 + ", ".join(repr(t) for t in missing[:8]) + (" ..." if len(missing) > 8 else ""))
+    if cfg.warmup_steps >= trainer.total_steps:
+        log.warn(f"--warmup-steps {cfg.warmup_steps} covers the whole run of "
+                 f"{trainer.total_steps} steps: the learning rate never reaches its peak")
 
 
 def threaded_training_print_stats(stats, wall, log):
@@ -444,10 +531,18 @@ def threaded_training_print_stats(stats, wall, log):
 
 def main(argv=None):
     data, options = parse_args(argv)
-    return run_main("train_model", lambda: train(data, **options),
-                    {(UsageError, DataError, CheckpointError): 2, (TrainingError, PlotError): 1},
-                    interrupts=(Interrupted,),
-                    on_interrupt=lambda: print("train_model: interrupted", file=sys.stderr))
+    stopped = {}
+
+    def command():
+        try:
+            train(data, **options)
+        except Interrupted as e:
+            stopped["status"] = e.status
+            print(f"train_model: interrupted by {signal.Signals(e.signum).name}", file=sys.stderr)
+
+    status = run_main("train_model", command,
+                      {(UsageError, DataError, CheckpointError): 2, (TrainingError, PlotError): 1})
+    return stopped.get("status", status)
 
 
 if __name__ == "__main__":
