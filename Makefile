@@ -47,6 +47,8 @@ man-pages:
 		--description "encode and decode text with a CLLM vocabulary, token statistics" --output $(MAN_DIR)/cllm_tokenize.1
 	$(MANPAGE) --module cllm_cli.plot --prog cllm_plot \
 		--description "plot the loss curves of a CLLM training run" --output $(MAN_DIR)/cllm_plot.1
+	$(MANPAGE) --module cllm_cli.eval_cli --prog cllm_eval \
+		--description "loss, perplexity and bits per byte of a CLLM model on any text" --output $(MAN_DIR)/cllm_eval.1
 
 train: build
 	$(VENV)/bin/train_model data/corpus.txt --checkpoint-dir checkpoints --overwrite $(TRAIN_ARGS)

@@ -228,13 +228,19 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     @property
+    def bytes_per_token(self):
+        """UTF-8 bytes of the corpus per token: turns a loss per token into bits per byte."""
+        return self.data_info["bytes"] / self.data_info["tokens"]
+
+    @property
     def final_path(self):
         return os.path.join(self.ckpt_dir, "final_model.cllm")
 
     def meta(self):
         return {"train_config": self.cfg.result_fields(), "state": dataclasses.asdict(self.state),
                 "tokenizer": self.cfg.tokenizer, "vocab_hash": self.tokenizer.vocab_hash,
-                "dataset_key": self.data_info["key"],
+                "dataset_key": self.data_info["key"], "corpus_bytes": self.data_info["bytes"],
+                "corpus_tokens": self.data_info["tokens"],
                 "generator": {"kind": "numpy default_rng([seed, epoch]) permutation",
                               "seed": self.cfg.seed, "epoch": self.state.epoch,
                               "batch_in_epoch": self.state.batch_in_epoch}}
@@ -319,7 +325,7 @@ def train_loop(trainer, engine, log, stop):
             if st.batch_in_epoch >= trainer.steps_per_epoch:
                 log.say(f"epoch {st.epoch + 1} done: mean train loss {fmt_loss(epoch_loss)}")
         run.val_loss = evaluate(engine, trainer, stop)
-        report_val(log, st.step, run.val_loss)
+        report_val(log, st.step, run.val_loss, trainer.bytes_per_token)
         trainer.save()
         trainer.save(final)
     except (Interrupted, _step_shim.StepAborted):
@@ -330,7 +336,8 @@ def train_loop(trainer, engine, log, stop):
     elapsed = time.perf_counter() - run.t_start
     stats = threaded_training_print_stats(engine.sphere_stats(), elapsed, log)
     log.say(f"done in {duration(elapsed)}: train loss {fmt_loss(run.last_train_loss)}"
-            f"{ppl_text(run.last_train_loss)}, val loss {fmt_loss(run.val_loss)}{ppl_text(run.val_loss)}; "
+            f"{ppl_text(run.last_train_loss)}, val loss {fmt_loss(run.val_loss)}{ppl_text(run.val_loss)}"
+            f"{val_bpb_text(run.val_loss, trainer.bytes_per_token)}; "
             f"model saved to {final}", always=True)
     check_not_diverged(run, trainer.mcfg.vocab_size, final)
     return {"step": st.step, "train_loss": run.last_train_loss, "val_loss": run.val_loss,
@@ -388,7 +395,7 @@ def threaded_train_epoch(trainer, engine, log, stop, run):
                                 f"values; stopped with the last good state in {path}")
         if cfg.eval_interval and st.step % cfg.eval_interval == 0 and st.step < trainer.total_steps:
             run.val_loss = evaluate(engine, trainer, stop)
-            report_val(log, st.step, run.val_loss)
+            report_val(log, st.step, run.val_loss, trainer.bytes_per_token)
         if cfg.sample_every and st.step % cfg.sample_every == 0:
             text = sample_text(trainer.model, trainer.tokenizer, cfg.prompt, cfg.sample_tokens,
                                cfg.seed + st.step)
@@ -463,11 +470,23 @@ def report_skips(log, step, result):
         log.warn(f"step {step}: the summed gradient is not finite; step skipped")
 
 
-def report_val(log, step, val_loss):
+def bits_per_byte(loss, bytes_per_token):
+    """A loss in nats per token as bits per UTF-8 byte of text (compares tokenizers)."""
+    return loss / math.log(2) / bytes_per_token
+
+
+def report_val(log, step, val_loss, bytes_per_token):
     if val_loss is None:
         return
-    log.say(f"step {step} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 700)):.2f}")
-    log.record(step=step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 700)))
+    ppl, bpb = math.exp(min(val_loss, 700)), bits_per_byte(val_loss, bytes_per_token)
+    log.say(f"step {step} | val loss {val_loss:.4f} | val ppl {ppl:.2f} | val bpb {bpb:.4f}")
+    log.record(step=step, val_loss=val_loss, val_ppl=ppl, val_bpb=bpb)
+
+
+def val_bpb_text(val_loss, bytes_per_token):
+    if val_loss is None or not math.isfinite(val_loss):
+        return ""
+    return f", {bits_per_byte(val_loss, bytes_per_token):.4f} bits/byte"
 
 
 def check_not_diverged(run, vocab_size, final):
