@@ -244,7 +244,7 @@ def test_metrics_file_keys(corpus, tmp_path, capsys):
         assert r["loss"] > 0 and r["lr"] > 0 and r["grad_norm"] > 0 and r["tokens_per_s"] > 0
     assert [r["step"] for r in evals] == [2, 4]
     for r in evals:
-        assert set(r) == {"step", "val_loss", "val_ppl"}, r
+        assert set(r) == {"step", "val_loss", "val_ppl", "val_bpb"}, r
         assert math.isfinite(r["val_loss"]) and r["val_loss"] > 0
         assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]), rel=1e-9)
 
