@@ -89,6 +89,12 @@ class TrainConfig:
     log_interval: int = option(10, "output", "steps between log lines", minimum=0, run=True)
     eval_interval: int = option(100, "output", "steps between validation runs (0: only at the "
                                 "end)", minimum=0, run=True)
+    eval_tokens: int = option(None, "output", "validation tokens per periodic evaluation, an "
+                              "evenly spread fixed subset of the windows (default: a quarter of "
+                              "the tokens trained between two evaluations, so that evaluating "
+                              "costs under a tenth of the run; 0: all)", minimum=0, run=True)
+    final_eval_tokens: int = option(0, "output", "validation tokens of the final evaluation "
+                                    "(0: all)", minimum=0, run=True)
     metrics_file: str = option("", "output", "write one JSON object per step and per evaluation "
                                "to this file", run=True)
     sample_every: int = option(0, "output", "print a sample every N steps (0: never)", minimum=0,

@@ -36,7 +36,11 @@ class DirectoryLock:
 
     def close(self):
         if self.fd is not None:
-            os.close(self.fd)     # releases the lock; the file stays, harmless
+            try:
+                os.ftruncate(self.fd, 0)     # no holder any more; the empty file is harmless
+            except OSError:
+                pass
+            os.close(self.fd)                # releases the lock
             self.fd = None
 
 

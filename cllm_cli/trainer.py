@@ -115,6 +115,10 @@ class Trainer:
         self.steps_per_epoch = math.ceil(self.n_windows / cfg.batch_size)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.val = eval_windows(self.val_tokens, T)
+        every = cfg.eval_interval * cfg.batch_size * T // 4
+        self.val_periodic = spread_windows(self.val, every if cfg.eval_tokens is None
+                                           else cfg.eval_tokens)
+        self.val_final = spread_windows(self.val, cfg.final_eval_tokens)
         self._order = (None, None)
 
     def __enter__(self):
@@ -324,7 +328,7 @@ def train_loop(trainer, engine, log, stop):
             epoch_loss = threaded_train_epoch(trainer, engine, log, stop, run)
             if st.batch_in_epoch >= trainer.steps_per_epoch:
                 log.say(f"epoch {st.epoch + 1} done: mean train loss {fmt_loss(epoch_loss)}")
-        run.val_loss = evaluate(engine, trainer, stop)
+        run.val_loss = evaluate(engine, trainer.val_final, stop)
         report_val(log, st.step, run.val_loss, trainer.bytes_per_token)
         trainer.save()
         trainer.save(final)
@@ -394,7 +398,7 @@ def threaded_train_epoch(trainer, engine, log, stop, run):
             raise TrainingError(f"{st.bad_steps} steps in a row were skipped for non-finite "
                                 f"values; stopped with the last good state in {path}")
         if cfg.eval_interval and st.step % cfg.eval_interval == 0 and st.step < trainer.total_steps:
-            run.val_loss = evaluate(engine, trainer, stop)
+            run.val_loss = evaluate(engine, trainer.val_periodic, stop)
             report_val(log, st.step, run.val_loss, trainer.bytes_per_token)
         if cfg.sample_every and st.step % cfg.sample_every == 0:
             text = sample_text(trainer.model, trainer.tokenizer, cfg.prompt, cfg.sample_tokens,
@@ -448,11 +452,22 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def evaluate(engine, trainer, stop):
-    """Mean validation loss over every validation window (None without validation data)."""
-    if len(trainer.val) == 0:
+def spread_windows(windows, tokens):
+    """The validation windows an evaluation of about `tokens` tokens uses: that many windows'
+    worth, evenly spread over the split (fixed, so every evaluation sees the same ones); all
+    of them for 0 or more tokens than the split holds."""
+    per_window = max(1, windows.shape[1] - 1)
+    wanted = -(-tokens // per_window)
+    if tokens == 0 or wanted >= len(windows):
+        return windows
+    return windows[np.linspace(0, len(windows) - 1, wanted).round().astype(np.int64)]
+
+
+def evaluate(engine, windows, stop):
+    """Mean validation loss over `windows` (None without validation data)."""
+    if len(windows) == 0:
         return None
-    loss_sum, counted = engine.evaluate(trainer.val, should_stop=stop)
+    loss_sum, counted = engine.evaluate(windows, should_stop=stop)
     return loss_sum / counted if counted else None
 
 
@@ -521,6 +536,14 @@ def print_header(trainer, log):
     log.say(f"training: {trainer.n_windows:,} windows, {trainer.steps_per_epoch} steps/epoch, "
             f"{trainer.total_steps} steps of {cfg.batch_size} x {m.seq_len} tokens, "
             f"{cfg.threads} sphere(s), micro-batch {cfg.micro_batch}, lock mode {cfg.lock_mode}")
+    if len(trainer.val):
+        T, n = trainer.mcfg.seq_len, len(trainer.val)
+        periodic = len(trainer.val_periodic)
+        what = "all of them" if periodic == n else f"{periodic:,} of them, evenly spread"
+        final = "all" if len(trainer.val_final) == n else f"{len(trainer.val_final):,}"
+        when = f"every {cfg.eval_interval} steps" if cfg.eval_interval else "never"
+        log.say(f"validation: {len(trainer.val_tokens):,} tokens in {n:,} windows; evaluated "
+                f"{when} on {what}, at the end on {final}")
     if trainer.resumed_from:
         changed = f"; changed: {', '.join(trainer.changed)}" if trainer.changed else ""
         log.say(f"resumed from {trainer.resumed_from} at step {trainer.state.step}{changed}")

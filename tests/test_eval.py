@@ -90,3 +90,35 @@ def test_bad_input_is_one_line(run, tmp_path, capsys, argv, words):
     argv = [a.format(ck=ck, corpus=corpus, tmp=tmp_path) for a in argv]
     code, _, err = call(capsys, main, *argv)
     assert_one_error_line(code, err, "cllm_eval", *words)
+
+
+def test_spread_windows_is_a_fixed_even_subset():
+    from cllm_cli.trainer import spread_windows
+    windows = np.arange(10 * 5).reshape(10, 5)          # 10 windows of 4 targets
+    assert spread_windows(windows, 0) is windows
+    assert spread_windows(windows, 400) is windows
+    picked = spread_windows(windows, 12)                # 3 windows' worth
+    assert picked[:, 0].tolist() == [0, 20, 45]        # windows 0, 4, 9: first, middle, last
+    assert spread_windows(windows, 9)[:, 0].tolist() == [0, 20, 45]   # rounded up
+
+
+def test_periodic_evaluations_use_a_subset_and_the_final_one_all(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(sentences(200, 3, punct=(".", "!", "?")), encoding="utf-8")
+    runs = {}
+    for name, tokens in (("all", "0"), ("some", "32")):
+        metrics = tmp_path / f"{name}.jsonl"
+        code, out, err = call(capsys, train_main, corpus, *TINY[:-1], "--checkpoint-dir",
+                              tmp_path / name, "--metrics-file", metrics, "--val-fraction", "0.3",
+                              "--eval-interval", "2", "--eval-tokens", tokens)
+        assert code == 0, err
+        runs[name] = ([json.loads(l)["val_loss"] for l in metrics.read_text().splitlines()
+                       if "val_loss" in json.loads(l)], out)
+    (all_losses, out_all), (some_losses, out_some) = runs["all"], runs["some"]
+    assert "evaluated every 2 steps on all of them, at the end on all" in out_all
+    assert "evaluated every 2 steps on 2 of them, evenly spread, at the end on all" in out_some
+    assert all(a != b for a, b in zip(all_losses[:-1], some_losses[:-1]))
+    assert all_losses[-1] == some_losses[-1]           # the final evaluation covers the split
+    from helpers import assert_bit_identical
+    assert_bit_identical(tmp_path / "all" / "final_model.cllm",
+                         tmp_path / "some" / "final_model.cllm")
