@@ -11,6 +11,7 @@ $(DEPS): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "setuptools>=64" wheel "cython>=3.0" numpy scipy "safetensors>=0.4" pytest argparse-manpage matplotlib
+	$(PY) -m pip install -q "mpi4py>=4" mpich
 	touch $@
 
 build: $(DEPS)
