@@ -60,7 +60,7 @@ from .data import BOS, EOS, PAD, SPECIALS, UNK, Tokenizer
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
 LAYER_NORM_EPS = 1e-5
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-IGNORED_BUFFERS = ("attn.bias", "attn.masked_bias")   # causal masks old GPT-2 files carry
+IGNORED_BUFFERS = (".attn.bias", ".attn.masked_bias")   # causal masks old GPT-2 files carry
 GENERATION = {"do_sample": True, "temperature": 0.8, "top_k": 40, "top_p": 0.95}
 
 # Python's \w is letters, digits (numeric characters) and "_"; [^\w\s] every other non-space.
