@@ -167,8 +167,8 @@ class BPETokenizer:
         encoded = self._tk.encode_batch_fast(flat, add_special_tokens=False) if flat else []
         out, k = [], 0
         for ps in pieces:
-            ids = [i for e in encoded[k:k + len(ps)] for i in e.ids]
-            out.append(np.array(ids, dtype=np.int64))
+            out.append(np.concatenate([np.array(e.ids, dtype=np.int64)
+                                       for e in encoded[k:k + len(ps)]]))
             k += len(ps)
         return out
 

@@ -38,6 +38,7 @@ Choices written down here:
   widen to float32 exactly), and weights only in pytorch_model.bin (not read: unpickling can
   run code). The tokenizer is the directory's tokenizer.json (bpe kind).
 """
+import contextlib
 import json
 import math
 import os
@@ -54,7 +55,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers
 from .atomic import fsync_directory, reason
 from .bpe import BPETokenizer
 from .checkpoint import load_checkpoint
-from .config import CLLMConfig, param_layout
+from .config import CLLMConfig, num_params, param_layout
 from .data import BOS, EOS, PAD, SPECIALS, UNK, Tokenizer
 
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
@@ -239,6 +240,7 @@ def write_directory(outdir, files, force=False):
     tag = secrets.token_hex(6)
     tmp = parent / f".{outdir.name}.{tag}.tmp"
     old = parent / f".{outdir.name}.{tag}.old"
+    moved_aside = replaced = False
     try:
         os.mkdir(tmp)
         for name, data in files.items():
@@ -249,15 +251,19 @@ def write_directory(outdir, files, force=False):
         fsync_directory(tmp)
         if outdir.exists() and not _is_empty_dir(outdir):
             os.rename(outdir, old)
+            moved_aside = True
         os.rename(tmp, outdir)          # also replaces an empty directory
+        replaced = True
         fsync_directory(parent)
     except OSError as e:
-        if old.exists() and not outdir.exists():
-            os.rename(old, outdir)      # put the previous directory back
         raise ConversionError(f"cannot write {outdir}: {reason(e)}") from None
-    finally:
+    finally:                            # also after Ctrl-C
+        if moved_aside and not replaced:
+            with contextlib.suppress(OSError):
+                os.rename(old, outdir)  # put the previous directory back
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+        if replaced:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def export_pretrained(cfg, flat, tokenizer, outdir, force=False):
@@ -446,7 +452,7 @@ def _load_gpt2_directory(directory):
         if short.endswith(IGNORED_BUFFERS):
             continue
         files[short] = (name, *where)
-    flat = np.empty(sum(math.prod(s) for _, s, _ in param_layout(cfg)), dtype=np.float32)
+    flat = np.empty(num_params(cfg), dtype=np.float32)
     for name, shape, off in param_layout(cfg):
         key = gpt2_name(name)[len("transformer."):]
         if key not in files:

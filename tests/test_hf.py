@@ -403,3 +403,22 @@ def test_gguf_export_reads_back(text, tmp_path, capsys):
                         "--format", "gguf")
     assert_one_error_line(code, err, "cllm_export", "bpe tokenizer")
     assert not os.path.exists(tmp_path / "w.gguf")
+
+
+def test_gguf_lists_rows_beyond_the_tokenizer_as_unused(text, tmp_path, capsys):
+    import gguf
+    tok = make_tokenizer("bpe", text)
+    cfg = CLLMConfig(vocab_size=len(tok) + 3, embed_dim=16, num_layers=1, num_heads=2,
+                     seq_len=16)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    CLLMModel(cfg, seed=0).save(ckpt / "final_model.cllm",
+                                {"tokenizer": "bpe", "vocab_hash": tok.vocab_hash})
+    tok.save(ckpt / "tokenizer.json")
+    assert call(capsys, export_main, ckpt, tmp_path / "m.gguf", "--format", "gguf")[0] == 0
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    assert len(tokens) == cfg.vocab_size
+    assert tokens[-3:] == [f"[PAD{i}]" for i in range(len(tok), len(tok) + 3)]
+    assert types[-4:] == [1, 5, 5, 5]
