@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 import pytest
 import safetensors.numpy
+from hypothesis import given, settings, strategies as st
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
@@ -18,7 +19,7 @@ from cllm_cli import CLLMConfig, CLLMModel, Tokenizer
 from cllm_cli.bpe import BPETokenizer
 from cllm_cli.config import param_layout
 from cllm_cli.export import main as export_main
-from cllm_cli.hf import ConversionError, load_pretrained, to_gpt2_state
+from cllm_cli.hf import ConversionError, load_pretrained, to_gpt2_state, word_char_pipeline
 from helpers import assert_one_error_line, call, sentences
 
 SAMPLE = ('Maren said, "Don\'t go near the river today." The old woman, tired, walked '
@@ -115,6 +116,22 @@ def test_export_loads_in_transformers(kind, text, tmp_path, capsys):
                                       max_new_tokens=24, eos_token_id=None)[0, 8:].tolist()
     assert len(set(ours_greedy)) > 1
     assert hf_greedy == ours_greedy
+
+
+WORD_PIECES = ["the", "The", "OLD", "don't", "'", "''", "x'y", "é", "E\u0301", "\u0301", "ß", "İ",
+               "汉字", "🙂", "12", "3.5", "_", "a_b", "-", ".", ",", '"', "(", " ", "  ", "\t", "\n",
+               "\r\n", "\u00a0", "\u3000"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(WORD_PIECES), max_size=40).map("".join))
+def test_word_and_char_pipelines_give_our_ids(text):
+    """The exported WordLevel pipelines split and map text exactly as our tokenizers do."""
+    corpus = " ".join(WORD_PIECES[::2])       # half of the pieces known, the rest <unk>
+    for kind in ("word", "char"):
+        ours = Tokenizer.build([corpus], kind=kind, vocab_size=100)
+        pipeline = word_char_pipeline(ours)
+        assert pipeline.encode(text).ids == ours.encode(text).tolist()
 
 
 def test_exported_config_and_layout(text, tmp_path, capsys):
