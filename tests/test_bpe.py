@@ -201,9 +201,11 @@ def test_long_text_is_cut_and_encodes_the_same(tok, corpus, monkeypatch):
 
 TRAIN_SCRIPT = """
 import sys
-from cllm_cli.bpe import BPETokenizer
+from cllm_cli import bpe
 text = open(sys.argv[1], encoding="utf-8").read()
-sys.stdout.buffer.write(BPETokenizer.train([text, text.upper()], 900).json_bytes)
+tok = bpe.BPETokenizer.train([text, text.upper()], 900)
+bpe.CHUNK_CHARS = 1000                  # many pieces to encode in parallel
+sys.stdout.buffer.write(tok.json_bytes + b"\\0" + tok.encode(text).tobytes())   # JSON holds no NUL
 """
 
 
@@ -215,13 +217,15 @@ def train_in_subprocess(corpus_path, threads, parallel):
     return p.stdout
 
 
-def test_training_is_deterministic_across_thread_counts(tmp_path):
+def test_training_and_encoding_are_deterministic_across_thread_counts(tmp_path):
     corpus = sentences(3000, seed=11, punct=".!?,;") + "".join(AWKWARD) * 20
     path = tmp_path / "corpus.txt"
     path.write_text(corpus, encoding="utf-8")
     runs = [train_in_subprocess(path, threads, parallel)
             for threads, parallel in ((1, "false"), (1, "true"), (2, "true"), (2, "true"))]
-    assert len(json.loads(runs[0])["model"]["merges"]) > 500     # premise: real training
+    tokenizer_json, ids = runs[0].split(b"\0", 1)
+    assert len(json.loads(tokenizer_json)["model"]["merges"]) > 500     # premise: real training
+    assert len(ids) > 8 * 1000                                         # and real encoding
     assert all(r == runs[0] for r in runs[1:])
     other = tmp_path / "other.txt"
     other.write_text(corpus[::-1], encoding="utf-8")
