@@ -29,14 +29,18 @@ Choices written down here:
   (our decode has further rules for brackets, quotes and hyphens). The library lower-cases
   one character at a time, so a final capital sigma becomes σ where Python writes ς. char:
   every character is a token; a Fuse decoder gives the text back unchanged.
-  transformers matches the special tokens ("<eos>", ...) when they appear in text; ours never.
+  transformers reads special tokens ("<eos>", ...) typed in text as those tokens; our
+  tokenizers read them as text.
 - Loading refuses, with one line naming the setting, what our model cannot compute exactly:
   another model_type or architecture, another activation, layer_norm_epsilon other than
   1e-5, scale_attn_weights false, scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn,
-  cross-attention, n_ctx != n_positions, an lm_head.weight that differs from wte, a missing
-  tensor (GPT-2 without biases), an unexpected one, float64 weights (float16 and bfloat16
-  widen to float32 exactly), and weights only in pytorch_model.bin (not read: unpickling can
-  run code). The tokenizer is the directory's tokenizer.json (bpe kind).
+  cross-attention, n_ctx != n_positions, an lm_head.weight that differs from wte (one equal
+  to it is taken as tied), a missing tensor (GPT-2 without biases), an unexpected one,
+  float64 weights (float16 and bfloat16 widen to float32 exactly), and weights only in
+  pytorch_model.bin (not read: unpickling can run code). Tensor names may lack the
+  "transformer." prefix (files saved from GPT2Model, as GPT-2's own), sharded files
+  (model.safetensors.index.json) are read, and the causal-mask buffers old files carry are
+  left out. The tokenizer is the directory's tokenizer.json (bpe kind).
 """
 import contextlib
 import json
@@ -142,7 +146,7 @@ def gpt2_config(cfg, tokenizer):
     return config
 
 
-def generation_config(cfg, tokenizer):
+def generation_config(tokenizer):
     """generation_config.json (dict)."""
     ids = _special_ids(tokenizer)
     config = dict(GENERATION)
@@ -187,7 +191,7 @@ def tokenizer_files(tokenizer, model_max_length):
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": model_max_length,
-        "clean_up_tokenization_spaces": getattr(tokenizer, "kind", "") == "word",
+        "clean_up_tokenization_spaces": tokenizer.kind == "word",
         "add_bos_token": False,
         "add_eos_token": False,
         **specials,
@@ -204,7 +208,7 @@ def hf_files(cfg, flat, tokenizer):
                               f"{cfg.vocab_size}")
     files = {
         "config.json": _json_bytes(gpt2_config(cfg, tokenizer)),
-        "generation_config.json": _json_bytes(generation_config(cfg, tokenizer)),
+        "generation_config.json": _json_bytes(generation_config(tokenizer)),
         "model.safetensors": safetensors.numpy.save(to_gpt2_state(cfg, flat),
                                                     metadata={"format": "pt"}),
     }
