@@ -12,6 +12,9 @@ $(DEPS): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "setuptools>=64" wheel "cython>=3.0" numpy scipy "safetensors>=0.4" pytest argparse-manpage matplotlib
 	$(PY) -m pip install -q "mpi4py>=4" mpich
+	@# the interop tests' readers: torch first, pinned to its CPU build (else pip pulls CUDA)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q "tokenizers>=0.21" "transformers>=4.45" "hypothesis>=6" "gguf>=0.10"
 	touch $@
 
 build: $(DEPS)
@@ -50,6 +53,8 @@ man-pages:
 		--description "plot the loss curves of a CLLM training run" --output $(MAN_DIR)/cllm_plot.1
 	$(MANPAGE) --module cllm_cli.eval_cli --prog cllm_eval \
 		--description "loss, perplexity and bits per byte of a CLLM model on any text" --output $(MAN_DIR)/cllm_eval.1
+	$(MANPAGE) --module cllm_cli.export --prog cllm_export \
+		--description "convert a CLLM checkpoint for Hugging Face transformers or llama.cpp" --output $(MAN_DIR)/cllm_export.1
 
 train: build
 	$(VENV)/bin/train_model data/corpus.txt --checkpoint-dir checkpoints --overwrite $(TRAIN_ARGS)
