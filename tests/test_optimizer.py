@@ -10,13 +10,13 @@ import pytest
 
 import reference as ref
 from cllm_cli import _engine
-from cllm_cli.config import CLLMConfig, num_params, param_shapes
-from cllm_cli.model import engine_config
+from cllm_cli._engine import num_parameters, parameter_layout
+from cllm_cli.config import CLLMConfig
 from cllm_cli.trainer import TrainConfig, lr_at
 
 CFG = CLLMConfig(vocab_size=11, embed_dim=8, num_layers=2, num_heads=2, ff_dim=12, seq_len=5)
 CFG2 = CLLMConfig(vocab_size=13, embed_dim=12, num_layers=1, num_heads=3, ff_dim=16, seq_len=6)
-NP = num_params(CFG)
+NP = num_parameters(CFG)
 MASK = ref.decay_mask(CFG)
 
 
@@ -46,7 +46,7 @@ class engine_for:
     """Context manager: an Engine on `flat` that is always closed."""
 
     def __init__(self, cfg, flat, spheres=1, micro_batch=1, max_windows=16, lock_mode="shared"):
-        self.engine = _engine.Engine(engine_config(cfg), flat, spheres, micro_batch, max_windows,
+        self.engine = _engine.Engine(cfg, flat, spheres, micro_batch, max_windows,
                                      lock_mode)
 
     def __enter__(self):
@@ -63,7 +63,7 @@ def reference_sum_grads(cfg, flat, windows):
 
 def assert_close_per_tensor(cfg, got_flat, expected, rel=1e-4):
     got = ref.unflatten(got_flat, cfg)
-    for name, _ in param_shapes(cfg):
+    for name, _, _ in parameter_layout(cfg):
         scale = np.abs(expected[name]).max()
         assert scale > 0, f"{name}: reference gradient is zero"
         err = np.abs(got[name] - expected[name]).max()
@@ -100,7 +100,7 @@ def test_accumulated_gradient_matches_reference(cfg, W, n, micro_batch):
             assert mb_loss == 0
     assert sum(r[1] for r in results) == counted
     assert sum(r[0] for r in results) == pytest.approx(loss, rel=1e-5)
-    assert acc.dtype == np.float32 and acc.shape == (num_params(cfg),)
+    assert acc.dtype == np.float32 and acc.shape == (num_parameters(cfg),)
     assert_close_per_tensor(cfg, acc, grads)
 
 
@@ -110,7 +110,7 @@ def micro_batch_grads(cfg, flat, windows, micro_batch):
     for k in range(0, len(windows), micro_batch):
         part = windows[k:k + micro_batch]
         g = np.zeros_like(flat)
-        _engine.loss_and_grads(engine_config(cfg), flat, np.ascontiguousarray(part[:, :-1]),
+        _engine.loss_and_grads(cfg, flat, np.ascontiguousarray(part[:, :-1]),
                                np.ascontiguousarray(part[:, 1:]), g)
         parts.append(g)
     return parts
@@ -167,7 +167,7 @@ def test_evaluation_reports_losses_and_leaves_weights():
 
 def accumulate(flat, windows, micro_batch=2, step=0):
     """Returns (engine, results, accumulated sum, counted); the caller closes the engine."""
-    engine = _engine.Engine(engine_config(CFG), flat, 1, micro_batch, 16)
+    engine = _engine.Engine(CFG, flat, 1, micro_batch, 16)
     results = run(engine, windows, step=step)
     return engine, results, engine.accumulated_gradients(), sum(r[1] for r in results)
 
