@@ -328,3 +328,113 @@ def test_engine_rejects_bad_inputs_directly():
         _engine.forward_logits(cfg, flat, long,
                                np.empty((1, cfg.seq_len + 1, cfg.vocab_size), np.float32))
     assert not np.any(grads)   # nothing was written by the refused calls
+
+
+# ----------------------------------------------------------------------------------------
+# the engine's layout tables
+
+LAYOUT_CFG = CLLMConfig(vocab_size=13, embed_dim=8, num_layers=2, num_heads=2, ff_dim=20,
+                        seq_len=6)
+
+
+def test_parameter_layout_is_spec_section_1():
+    """SPEC section 1 written out by hand for LAYOUT_CFG (V 13, d 8, L 2, F 20, T 6): names,
+    shapes and buffer order. The one place the table is checked against the spec."""
+    spec = [("wte", (13, 8)), ("wpe", (6, 8))]
+    for l in range(2):
+        spec += [(f"h.{l}.ln_1.weight", (8,)), (f"h.{l}.ln_1.bias", (8,)),
+                 (f"h.{l}.attn.c_attn.weight", (24, 8)), (f"h.{l}.attn.c_attn.bias", (24,)),
+                 (f"h.{l}.attn.c_proj.weight", (8, 8)), (f"h.{l}.attn.c_proj.bias", (8,)),
+                 (f"h.{l}.ln_2.weight", (8,)), (f"h.{l}.ln_2.bias", (8,)),
+                 (f"h.{l}.mlp.c_fc.weight", (20, 8)), (f"h.{l}.mlp.c_fc.bias", (20,)),
+                 (f"h.{l}.mlp.c_proj.weight", (8, 20)), (f"h.{l}.mlp.c_proj.bias", (8,))]
+    spec += [("ln_f.weight", (8,)), ("ln_f.bias", (8,))]
+    offsets = np.cumsum([0] + [math.prod(shape) for _, shape in spec])
+    expected = [(name, shape, int(off)) for (name, shape), off in zip(spec, offsets)]
+    assert _engine.parameter_layout(LAYOUT_CFG) == expected
+    assert _engine.num_parameters(LAYOUT_CFG) == offsets[-1] == 1504
+
+
+def test_tensor_at_names_the_tensor_of_every_element():
+    cfg = LAYOUT_CFG
+    for name, shape, off in _engine.parameter_layout(cfg):
+        assert _engine.tensor_at(cfg, off) == name
+        assert _engine.tensor_at(cfg, off + math.prod(shape) - 1) == name
+    for outside in (-1, _engine.num_parameters(cfg)):
+        with pytest.raises(IndexError):
+            _engine.tensor_at(cfg, outside)
+
+
+def test_optimizer_chunks_cut_every_tensor_in_pieces():
+    """Pieces of at most 16384 floats that never cross a tensor, decay on 2-D tensors; wte
+    (300 x 64 = 19200 floats) takes two."""
+    cfg = CLLMConfig(vocab_size=300, embed_dim=64, num_layers=2, num_heads=4, seq_len=16)
+    chunks = _engine.optimizer_chunks(cfg)
+    assert chunks.dtype == np.int64 and chunks.ndim == 2 and chunks.shape[1] == 3
+    expected = []
+    for _, shape, off in _engine.parameter_layout(cfg):
+        size = math.prod(shape)
+        for start in range(0, size, 16384):
+            expected.append((off + start, min(16384, size - start), int(len(shape) == 2)))
+    assert [tuple(r) for r in chunks.tolist()] == expected
+    assert tuple(chunks[0]) == (0, 16384, 1) and tuple(chunks[1]) == (16384, 19200 - 16384, 1)
+    assert chunks[-1, 0] + chunks[-1, 1] == _engine.num_parameters(cfg)
+
+
+def test_activation_layout_and_allocation():
+    cfg = CLLMConfig(vocab_size=50, embed_dim=16, num_layers=3, num_heads=4, ff_dim=40,
+                     seq_len=10)
+    layout = _engine.activation_layout(cfg, 2)
+    sizes = dict(layout)
+    assert len(sizes) == len(layout), "activation names are unique"
+    N = 2 * 10
+    assert sizes["encoded"] == N * 16 and sizes["logits"] == N * 50
+    assert sizes["qkv"] == 3 * N * 3 * 16 and sizes["fch"] == 3 * N * 40
+    assert sizes["att"] == 3 * 2 * 4 * 10 * 10 and sizes["datt"] == 10 * 10
+    assert sizes["dwide"] == N * max(3 * 16, 40)
+    aligned = sum(-(-floats // 16) * 16 for _, floats in layout)
+    assert _engine.activation_allocation(cfg, 2) == aligned + 16
+    assert _engine.activation_allocation(cfg, 3) > _engine.activation_allocation(cfg, 2)
+
+
+def test_profile_buckets_name_the_profile():
+    buckets = _engine.PROFILE_BUCKETS
+    assert isinstance(buckets, tuple) and len(set(buckets)) == len(buckets)
+    assert {"accumulate", "turn_wait", "optimizer"} <= set(buckets)
+    cfg = CFG_A
+    flat, _ = make_params(cfg, seed=70)
+    windows = np.random.default_rng(71).integers(1, cfg.vocab_size, (4, 6)).astype(np.int32)
+    m = np.zeros_like(flat)
+    with _engine.Engine(cfg, flat, 2, 1, 4) as engine:
+        engine.set_profile(True)
+        engine.train_step(windows, 0, m, m.copy(), adamw=True, lr=1e-3, weight_decay=0.0,
+                          grad_clip=1.0, t=1)
+        profile = engine.profile()
+    assert tuple(profile) == buckets
+    assert all(s >= 0 for s in profile.values())
+    assert profile["block_forward"] > 0 and profile["block_backward"] > 0
+
+
+def test_engine_reads_any_config_object():
+    """The engine takes the config itself (no tuple, no import of cllm_cli): any object with
+    the six sizes, checked."""
+    from types import SimpleNamespace
+    sizes = dict(vocab_size=11, embed_dim=8, num_layers=2, num_heads=2, ff_dim=12, seq_len=5)
+    assert _engine.parameter_layout(SimpleNamespace(**sizes)) == _engine.parameter_layout(CFG_A)
+    with pytest.raises(TypeError):
+        _engine.num_parameters((11, 8, 2, 2, 12, 5))
+    with pytest.raises(ValueError):
+        _engine.num_parameters(SimpleNamespace(**dict(sizes, num_heads=3)))
+    with pytest.raises(ValueError):
+        _engine.num_parameters(SimpleNamespace(**dict(sizes, ff_dim=0)))
+
+
+def test_named_views_cover_the_buffer():
+    from cllm_cli.model import named_views
+    cfg = LAYOUT_CFG
+    flat = np.arange(_engine.num_parameters(cfg), dtype=np.float32)
+    views = named_views(cfg, flat)
+    assert [v.shape for v in views.values()] == [s for _, s, _ in _engine.parameter_layout(cfg)]
+    assert np.array_equal(np.concatenate([v.ravel() for v in views.values()]), flat)
+    with pytest.raises(ValueError):
+        named_views(cfg, flat[:-1])
