@@ -514,12 +514,12 @@ cdef class Engine:
         s.profile = on
         for i in range(s.num_worker_spheres):
             for k in range(NUM_PROFILE_BUCKETS):
-                s.sphere_contexts[i].op_seconds[k] = 0.0
+                s.sphere_contexts[i].profile_seconds[k] = 0.0
 
     def profile(self):
         """Seconds per PROFILE_BUCKETS name, summed over spheres."""
         cdef ThreadedTrainingSystem* s = self.live()
-        return {PROFILE_BUCKETS[k]: sum(s.sphere_contexts[i].op_seconds[k]
+        return {PROFILE_BUCKETS[k]: sum(s.sphere_contexts[i].profile_seconds[k]
                                         for i in range(s.num_worker_spheres))
                 for k in range(NUM_PROFILE_BUCKETS)}
 

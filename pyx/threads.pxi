@@ -103,7 +103,7 @@ cdef struct SphereTrainingContext:
     int work_complete
     pthread_t thread
     int thread_started
-    double op_seconds[NUM_PROFILE_BUCKETS]  # profile, when the system's profile flag is set
+    double profile_seconds[NUM_PROFILE_BUCKETS]  # profile, when the system's profile flag is set
 
 
 cdef struct ThreadedTrainingSystem:
@@ -250,7 +250,7 @@ cdef void sphere_process_batch(SphereTrainingContext* ctx, int mb) noexcept nogi
     cdef bint train = s.work_kind == WORK_TRAIN
     cdef const int* windows = s.batch + <size_t>first * s.stride
     cdef MicroBatchResult* r = &s.results[mb]
-    cdef double* timers = ctx.op_seconds if s.profile else NULL
+    cdef double* timers = ctx.profile_seconds if s.profile else NULL
     cdef double loss, t
     if B > s.micro_batch:
         B = s.micro_batch
@@ -285,7 +285,7 @@ cdef void sphere_optimizer_phase(SphereTrainingContext* ctx) noexcept nogil:
     # adds the chunk sums in chunk order (the norm does not depend on the thread count) and
     # sets the clipping factor, (3) AdamW/SGD update per chunk.
     cdef ThreadedTrainingSystem* s = ctx.system
-    cdef double* timers = ctx.op_seconds if s.profile else NULL
+    cdef double* timers = ctx.profile_seconds if s.profile else NULL
     cdef double t = now_seconds() if timers != NULL else 0.0
     cdef double sumsq
     cdef int k
@@ -518,7 +518,7 @@ cdef void tally_results(ThreadedTrainingSystem* s, StepTotals* totals) noexcept 
         r = &s.results[i]
         totals.micro_batches += 1
         if train:
-            ctx = &s.sphere_contexts[r.sphere_id]
+            ctx = &s.sphere_contexts[r.sphere_id]     # sphere ids are the context indices
             ctx.batches_processed += 1
             s.total_batches += 1
             if not r.valid:

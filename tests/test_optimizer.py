@@ -670,9 +670,12 @@ def test_engine_refuses_bad_arguments():
         m = np.zeros(NP - 1, np.float32)
         with pytest.raises(ValueError):
             engine.train_step(make_windows(CFG, 2, 5, seed=54), 0, m, m, t=1, **STEP)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError):     # more windows than max_windows
             engine.train_step(make_windows(CFG, 5, 5, seed=54), 0, None, None, t=1,
                               **dict(STEP, adamw=False))
+        # SGD has no optimiser state to pass
+        assert engine.train_step(make_windows(CFG, 4, 5, seed=54), 0, None, None, t=1,
+                                 **dict(STEP, adamw=False)).applied
     engine.close()
     with pytest.raises(RuntimeError):
         engine.evaluate(make_windows(CFG, 2, 5, seed=55))
