@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import param_layout
+from ._engine import parameter_layout
 
 PAD = 0
 
@@ -93,7 +93,7 @@ class TorchGPT(nn.Module):
         """Copies the parameters of a CLLM flat buffer (SPEC names and layout)."""
         own = dict(self.named_parameters())
         with torch.no_grad():
-            for name, shape, off in param_layout(cfg):
+            for name, shape, off in parameter_layout(cfg):
                 key = name + ".weight" if name in ("wte", "wpe") else name
                 src = flat[off:off + math.prod(shape)].reshape(shape)
                 own[key].copy_(torch.from_numpy(np.array(src)))

@@ -3,7 +3,7 @@
 A `.cllm` file is a plain safetensors file:
 
 * the parameters under the names of SPEC section 1 (``wte``, ``wpe``, ``h.{l}.ln_1.weight``,
-  ...), float32, with the shapes of :func:`cllm_cli.config.param_shapes`;
+  ...), float32, with the shapes of :func:`cllm_cli._engine.parameter_layout`;
 * the AdamW moments, when present, as ``adam.m.<name>`` and ``adam.v.<name>`` (same shapes);
 * string metadata (safetensors ``__metadata__``):
 
@@ -47,7 +47,9 @@ import numpy as np
 import safetensors.numpy
 
 from .atomic import atomic_file, reason as _reason
-from .config import CLLMConfig, param_layout, param_shapes
+from ._engine import num_parameters, parameter_layout
+from .config import CLLMConfig
+from .model import named_views
 
 FORMAT_VERSION = 1
 FORMAT_NAME = "cllm"
@@ -88,28 +90,25 @@ def _header_digest(metadata, tensors):
 
 
 def _flat_views(what, flat, cfg):
-    """{name: view} of a flat float32 buffer laid out as param_layout(cfg)."""
+    """{name: view} of a flat float32 buffer laid out as parameter_layout(cfg)."""
     if not isinstance(flat, np.ndarray):
         raise ValueError(f"{what} must be a numpy array, got {type(flat).__name__}")
     if flat.dtype != np.float32 or flat.ndim != 1:
         raise ValueError(f"{what} must be a flat float32 array, got {flat.dtype} with shape "
                          f"{flat.shape}")
-    layout = param_layout(cfg)
-    name, shape, offset = layout[-1]
-    total = offset + math.prod(shape)
+    total = num_parameters(cfg)
     if flat.size != total:
         raise ValueError(f"{what} has {flat.size} elements, the model config needs {total}")
     if not flat.flags.c_contiguous:
         flat = np.ascontiguousarray(flat)
-    return {name: flat[offset:offset + math.prod(shape)].reshape(shape)
-            for name, shape, offset in layout}
+    return named_views(cfg, flat)
 
 
 def save_checkpoint(path, cfg, params, adam_m, adam_v, meta):
     """Write a `.cllm` file atomically.
 
     ``params``, ``adam_m``, ``adam_v`` are flat float32 buffers laid out as
-    ``param_layout(cfg)``; ``adam_m`` / ``adam_v`` may be None (then they are not stored).
+    ``parameter_layout(cfg)``; ``adam_m`` / ``adam_v`` may be None (then they are not stored).
     ``meta`` is any JSON-serialisable dict (numpy scalars and arrays are converted).
     Raises CheckpointError on any I/O failure (no partial file is left under ``path``),
     ValueError for buffers that do not match ``cfg`` or a ``meta`` that is not serialisable.
@@ -300,7 +299,7 @@ def _load(f, path, fail, want_cfg, want_vocab_hash):
         raise fail("no tensor checksum in the metadata")
 
     # Tensor names and shapes against the model config.
-    shapes = dict(param_shapes(config))
+    shapes = {name: shape for name, shape, _ in parameter_layout(config)}
     present = set(header)
     kinds = {"params": ""}
     for kind, prefix in (("adam_m", "adam.m."), ("adam_v", "adam.v.")):
@@ -332,7 +331,7 @@ def _load(f, path, fail, want_cfg, want_vocab_hash):
 
     # Data: read each tensor straight into its place in the flat buffers, in file order, and
     # hash the bytes in the same order.
-    layout = {name: (offset, math.prod(shape)) for name, shape, offset in param_layout(config)}
+    layout = {name: (offset, math.prod(shape)) for name, shape, offset in parameter_layout(config)}
     n_total = sum(size for _, size in layout.values())
     buffers = {kind: np.empty(n_total, dtype=np.float32) for kind in kinds}
     targets = {}

@@ -1,4 +1,5 @@
-"""Model configuration and the layout of the flat parameter buffer (SPEC section 1)."""
+"""The model configuration (SPEC section 1). The layout of the flat parameter buffer is the
+engine's: cllm_cli._engine.parameter_layout(cfg), num_parameters(cfg)."""
 from dataclasses import asdict, dataclass
 
 
@@ -16,8 +17,8 @@ class CLLMConfig:
             object.__setattr__(self, "ff_dim", 4 * self.embed_dim)
         for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "ff_dim", "seq_len"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or not 1 <= value < 2 ** 31:
+                raise ValueError(f"{name} must be a positive integer below 2**31, got {value!r}")
         if self.vocab_size < 5:
             raise ValueError(f"vocab_size must be at least 5 (4 special ids + 1), got {self.vocab_size}")
         if self.embed_dim % self.num_heads:
@@ -32,36 +33,7 @@ class CLLMConfig:
                                               "num_heads", "ff_dim", "seq_len")})
 
 
-def param_shapes(cfg):
-    """[(name, shape)] in buffer order; [out, in] for linear weights."""
-    V, C, T, F = cfg.vocab_size, cfg.embed_dim, cfg.seq_len, cfg.ff_dim
-    shapes = [("wte", (V, C)), ("wpe", (T, C))]
-    for l in range(cfg.num_layers):
-        p = f"h.{l}."
-        shapes += [
-            (p + "ln_1.weight", (C,)), (p + "ln_1.bias", (C,)),
-            (p + "attn.c_attn.weight", (3 * C, C)), (p + "attn.c_attn.bias", (3 * C,)),
-            (p + "attn.c_proj.weight", (C, C)), (p + "attn.c_proj.bias", (C,)),
-            (p + "ln_2.weight", (C,)), (p + "ln_2.bias", (C,)),
-            (p + "mlp.c_fc.weight", (F, C)), (p + "mlp.c_fc.bias", (F,)),
-            (p + "mlp.c_proj.weight", (C, F)), (p + "mlp.c_proj.bias", (C,)),
-        ]
-    shapes += [("ln_f.weight", (C,)), ("ln_f.bias", (C,))]
-    return shapes
-
-
-def param_layout(cfg):
-    """[(name, shape, offset)] with offsets in float32 elements into the flat buffer."""
-    layout, offset = [], 0
-    for name, shape in param_shapes(cfg):
-        size = 1
-        for s in shape:
-            size *= s
-        layout.append((name, shape, offset))
-        offset += size
-    return layout
-
-
 def num_params(cfg):
-    name, shape, offset = param_layout(cfg)[-1]
-    return offset + shape[0]
+    """TEMPORARY, for bench.py until it calls _engine.num_parameters; delete then."""
+    from ._engine import num_parameters
+    return num_parameters(cfg)

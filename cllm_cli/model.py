@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from . import _engine
-from .config import CLLMConfig, num_params, param_layout
+from .config import CLLMConfig
 
 
 def blas_libraries():
@@ -35,41 +35,14 @@ def single_threaded_blas():
     return counts
 
 
-def engine_config(cfg):
-    """The (V, C, L, NH, F, T) tuple the engine takes."""
-    return (cfg.vocab_size, cfg.embed_dim, cfg.num_layers, cfg.num_heads, cfg.ff_dim, cfg.seq_len)
-
-
-OPTIMIZER_CHUNK = 16384   # floats per unit of optimiser work (64 KiB)
-
-
-def optimizer_chunks(cfg):
-    """(offset, size, decay) rows covering the flat buffer: every tensor cut into pieces of at
-    most OPTIMIZER_CHUNK floats, decay on 2-D tensors only. Fixed by the config alone, so the
-    gradient norm (summed per chunk, then over chunks) never depends on the thread count.
-    cfg: a CLLMConfig or an engine config tuple."""
-    if not isinstance(cfg, CLLMConfig):
-        V, C, L, NH, F, T = cfg
-        cfg = CLLMConfig(vocab_size=V, embed_dim=C, num_layers=L, num_heads=NH, ff_dim=F, seq_len=T)
-    rows = []
-    for _, shape, off in param_layout(cfg):
-        size, decay = math.prod(shape), int(len(shape) == 2)
-        for start in range(0, size, OPTIMIZER_CHUNK):
-            rows.append((off + start, min(OPTIMIZER_CHUNK, size - start), decay))
-    return np.array(rows, dtype=np.int64)
-
-
-def tensor_at(cfg, index):
-    """Name of the tensor holding flat element `index`."""
-    for name, shape, off in param_layout(cfg):
-        if off <= index < off + math.prod(shape):
-            return name
-    raise IndexError(index)
-
-
 def named_views(cfg, flat):
-    return {name: flat[off:off + math.prod(shape)].reshape(shape)
-            for name, shape, off in param_layout(cfg)}
+    """{SPEC name: view} of a flat float32 buffer laid out as _engine.parameter_layout(cfg)
+    (parameters, gradients and AdamW m/v alike)."""
+    if flat.ndim != 1 or flat.size != _engine.num_parameters(cfg):
+        raise ValueError(f"a flat buffer of {_engine.num_parameters(cfg)} elements is needed, "
+                         f"got shape {flat.shape}")
+    return {name: flat[offset:offset + math.prod(shape)].reshape(shape)
+            for name, shape, offset in _engine.parameter_layout(cfg)}
 
 
 class CLLMModel:
@@ -79,7 +52,7 @@ class CLLMModel:
         if not isinstance(config, CLLMConfig):
             raise TypeError("config must be a CLLMConfig")
         self.config = config
-        self.flat = np.zeros(num_params(config), dtype=np.float32)
+        self.flat = np.zeros(_engine.num_parameters(config), dtype=np.float32)
         self.params = named_views(config, self.flat)
         rng = np.random.default_rng(seed)
         proj_std = 0.02 / math.sqrt(2 * config.num_layers)
@@ -136,7 +109,7 @@ class CLLMModel:
         if inputs.shape != targets.shape:
             raise ValueError("inputs and targets must have the same shape")
         grads = np.empty_like(self.flat)     # the engine writes every element
-        loss_sum, counted = _engine.loss_and_grads(engine_config(self.config), self.flat,
+        loss_sum, counted = _engine.loss_and_grads(self.config, self.flat,
                                                    inputs, targets, grads)
         if counted:
             grads /= np.float32(counted)
@@ -147,7 +120,7 @@ class CLLMModel:
         """Logits [B, n, V] of every position."""
         inputs = self._tokens(inputs, "inputs")
         out = np.empty(inputs.shape + (self.config.vocab_size,), dtype=np.float32)
-        _engine.forward_logits(engine_config(self.config), self.flat, inputs, out)
+        _engine.forward_logits(self.config, self.flat, inputs, out)
         return out
 
     def generate(self, prompt_ids, max_tokens=50, temperature=1.0, top_k=0, top_p=1.0,
@@ -186,3 +159,13 @@ def sample_from_logits(logits, temperature, top_k, top_p, rng):
         probs = np.where(mask, probs, 0.0)
         probs /= probs.sum()
     return int(rng.choice(probs.size, p=probs))
+
+
+# TEMPORARY names for the callers written for the old engine API (trainer.py, bench.py); delete
+# when they call the engine directly.
+def engine_config(cfg):
+    return cfg
+
+
+optimizer_chunks = _engine.optimizer_chunks
+tensor_at = _engine.tensor_at

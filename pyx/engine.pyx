@@ -1,45 +1,149 @@
 """CLLM engine: the model's kernels and the ThreadedTrainingSystem, compiled as one module.
 
 # Design:
-# - Memory. Parameters live in one flat float32 buffer owned by the Python side (CLLMModel),
-#   laid out as SPEC section 1; gradients and AdamW m/v use the same layout, so the optimiser,
-#   clipping and NaN checks are flat loops. Each sphere owns its activations and its
-#   local_gradients: nothing a pass writes is shared between spheres.
-# - Threads. One pthread per sphere, created once per Engine and joined in close(). A step
-#   hands the spheres a global batch; each sphere claims micro-batches (atomic counter, in
-#   increasing order), runs forward + loss + backward into local_gradients, then adds them to
-#   accumulated_gradients when it is that micro-batch's turn (micro-batch index order), so the
-#   sum is (((g0 + g1) + g2) + ...) whatever the thread count. The backward pass overwrites
-#   every element of local_gradients, so nothing is zeroed between micro-batches. The
-#   optimiser step is run by all spheres over fixed chunks of the buffer: sums of squares per
-#   chunk, batch_barrier, the norm added up in chunk order by one sphere, batch_barrier, the
-#   update; the chunks never depend on the thread count. Worker threads never touch a Python
-#   object; the main thread waits with time-outs so Python can notice Ctrl-C.
+# - Layouts. Every layout is defined once, here: PARAMETER_TABLE (model.pxi) lists the
+#   tensors of SPEC section 1 in buffer order; offsets, the named views of the kernels
+#   (ModelParams, LayerParams), the optimiser's chunks and parameter_layout() derive from it.
+#   fill_in_activation_sizes / ACTIVATION_NAMES do the same for a sphere's activations
+#   (LayerActs names one block's slices), PROFILE_BUCKET_NAMES for the profile. The engine
+#   takes the model config object itself and imports nothing from cllm_cli.
+# - Memory. Parameters live in one flat float32 buffer owned by the Python side (CLLMModel);
+#   gradients and AdamW m/v use the same layout, so the optimiser, clipping and NaN checks are
+#   flat loops. Each sphere owns its activations and its local_gradients: nothing a pass
+#   writes is shared between spheres.
+# - Kernels. Every backward kernel adds (+=) into every gradient it produces; clearing is the
+#   caller's one explicit step: model_backward clears local_gradients once per micro-batch
+#   (a memset: about 1% of a micro-batch's time at the default model size) and each
+#   activation gradient before the kernels that add into it. The float operations and their
+#   order are fixed (deterministic_math.h, no fast-math, no fused multiply-add), so results
+#   are bit-identical from run to run.
+# - Threads. One pthread per sphere, created once per Engine and joined in close().
+#   train_step hands the spheres a global batch; each sphere claims micro-batches (atomic
+#   counter, in increasing order), runs forward + loss + backward into local_gradients, then
+#   adds them to accumulated_gradients when it is that micro-batch's turn (micro-batch index
+#   order), so the sum is (((g0 + g1) + g2) + ...) whatever the thread count. The main thread
+#   then adds up the micro-batch results once (tally_results: the step's loss, the epoch's
+#   and each sphere's statistics) and runs the optimiser step with all spheres over fixed
+#   chunks of the buffer: sums of squares per chunk, batch_barrier, the norm added up in
+#   chunk order by one sphere, batch_barrier, the update; the chunks never depend on the
+#   thread count. Worker threads never touch a Python object; the main thread waits without
+#   the GIL in slices of WAIT_SLICE seconds and asks should_stop() between them.
 # - Locks. model_lock (rwlock): read by spheres around forward/backward (write in exclusive
 #   mode), write by the optimiser step. gradient_lock (mutex) guards accumulated_gradients and
 #   the accumulation turn. The order is always model_lock -> gradient_lock; never take
 #   model_lock while holding gradient_lock. With debug_locks an out-of-order acquisition
 #   aborts with a message naming both locks.
 """
+import math
+
 import numpy as np
+from cpython.exc cimport PyErr_CheckSignals
 
 include "blas.pxi"
 include "kernels.pxi"
 include "model.pxi"
 include "optim.pxi"
 include "threads.pxi"
+include "op_wrappers.pxi"
+
+WAIT_SLICE = 0.1     # seconds the main thread waits for the spheres between should_stop() calls
+
+PROFILE_BUCKETS = tuple(PROFILE_BUCKET_NAMES[k].decode() for k in range(NUM_PROFILE_BUCKETS))
 
 
-cdef ModelConfig config_from(tuple cfg) except *:
-    # cfg = (V, C, L, NH, F, T)
+class StepAborted(Exception):
+    """should_stop() asked to stop while the spheres were working: the step (or evaluation)
+    was abandoned and nothing was applied."""
+
+
+cdef ModelConfig model_config(object cfg) except *:
+    """The engine's sizes, read from a model config (CLLMConfig or any object with its
+    attributes)."""
     cdef ModelConfig c
-    c.V, c.C, c.L, c.NH, c.F, c.T = cfg
+    names = ("vocab_size", "embed_dim", "num_layers", "num_heads", "ff_dim", "seq_len")
+    try:
+        values = [getattr(cfg, name).__index__() for name in names]
+    except AttributeError:
+        raise TypeError(f"cfg must be a model config with integer {', '.join(names)}, "
+                        f"not {type(cfg).__name__}") from None
+    for name, value in zip(names, values):
+        if not 1 <= value < 2 ** 31:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
+    c.V, c.C, c.L, c.NH, c.F, c.T = values
+    if c.C % c.NH:
+        raise ValueError(f"embed_dim {c.C} is not divisible by num_heads {c.NH}")
     return c
 
 
-def parameter_count(tuple cfg):
-    cdef ModelConfig c = config_from(cfg)
+cdef int check_pad_id(object pad_id, int V) except -2:
+    if not -1 <= pad_id < V:
+        raise ValueError(f"pad_id must be -1 (no id ignored) or an id in [0, {V}), got {pad_id}")
+    return pad_id
+
+
+def num_parameters(cfg):
+    """Floats in the flat parameter buffer."""
+    cdef ModelConfig c = model_config(cfg)
     return model_size(&c)
+
+
+def parameter_layout(cfg):
+    """[(name, shape, offset)] of every parameter tensor in buffer order (SPEC section 1),
+    offsets in floats; [out, in] shapes for linear weights."""
+    cdef ModelConfig c = model_config(cfg)
+    cdef int i, row, layer
+    layout = []
+    for i in range(num_tensors(&c)):
+        tensor_row(&c, i, &row, &layer)
+        spec = PARAMETER_TABLE[row]
+        name = spec.name.decode()
+        if layer >= 0:
+            name = f"h.{layer}.{name}"
+        shape = (dim_size(&c, spec.rows),)
+        if spec.cols != DIM_NONE:
+            shape += (dim_size(&c, spec.cols),)
+        layout.append((name, shape, tensor_offset(&c, row, layer)))
+    return layout
+
+
+def tensor_at(cfg, index):
+    """SPEC name of the parameter tensor holding flat element `index` (IndexError outside)."""
+    cdef ModelConfig c = model_config(cfg)
+    if not 0 <= index < model_size(&c):
+        raise IndexError(f"element {index} is outside the {model_size(&c)} parameters")
+    for name, shape, offset in parameter_layout(cfg):
+        if index < offset + math.prod(shape):
+            return name
+
+
+def optimizer_chunks(cfg):
+    """int64 [k, 3] rows (offset, size, decay) covering the buffer: the optimiser's units of
+    work, every tensor cut into pieces of at most 16384 floats, decay on 2-D tensors."""
+    cdef ModelConfig c = model_config(cfg)
+    out = np.empty((count_optimizer_chunks(&c), 3), dtype=np.int64)
+    cdef long long[:, ::1] rows = out
+    fill_in_optimizer_chunks(&rows[0, 0], &c)
+    return out
+
+
+def activation_layout(cfg, int micro_batch):
+    """[(name, floats)] of one sphere's activation tensors for micro-batches of micro_batch
+    windows, in allocation order."""
+    cdef ModelConfig c = model_config(cfg)
+    cdef size_t sizes[NUM_ACTIVATION_TENSORS]
+    if micro_batch < 1:
+        raise ValueError("micro_batch must be >= 1")
+    fill_in_activation_sizes(sizes, &c, micro_batch)
+    return [(ACTIVATION_NAMES[i].decode(), sizes[i]) for i in range(NUM_ACTIVATION_TENSORS)]
+
+
+def activation_allocation(cfg, int micro_batch):
+    """Floats one sphere allocates for its activations: activation_layout's tensors, each
+    rounded up to 64 bytes, plus room to align the start."""
+    cdef ModelConfig c = model_config(cfg)
+    if micro_batch < 1:
+        raise ValueError("micro_batch must be >= 1")
+    return activation_floats(&c, micro_batch)
 
 
 def _check_tokens(const int[:, ::1] tokens, int V, str what):
@@ -49,13 +153,14 @@ def _check_tokens(const int[:, ::1] tokens, int V, str what):
             raise ValueError(f"{what} hold ids outside [0, {V})")
 
 
-def loss_and_grads(tuple cfg, const float[::1] params,          # IN
+def loss_and_grads(cfg, const float[::1] params,                # IN
                    const int[:, ::1] inputs,                     # IN  (B, n)
                    const int[:, ::1] targets,                    # IN  (B, n)
-                   float[::1] grads):                            # OUT (overwritten)
-    """Summed loss over non-pad targets and its gradient, written into grads; returns
-    (loss_sum, counted)."""
-    cdef ModelConfig c = config_from(cfg)
+                   float[::1] grads,                             # OUT (overwritten)
+                   int pad_id=0):
+    """Summed loss over targets != pad_id (-1: every target counts) and its gradient, written
+    into grads; returns (loss_sum, counted)."""
+    cdef ModelConfig c = model_config(cfg)
     cdef Activations acts
     cdef int B = inputs.shape[0], n = inputs.shape[1], counted = 0
     cdef double loss
@@ -65,6 +170,7 @@ def loss_and_grads(tuple cfg, const float[::1] params,          # IN
         raise ValueError(f"sequence length must be 1..{c.T}, got {n}")
     if params.shape[0] != model_size(&c) or grads.shape[0] != model_size(&c):
         raise ValueError("parameter buffer does not match the config")
+    check_pad_id(pad_id, c.V)
     _check_tokens(inputs, c.V, "inputs")
     _check_tokens(targets, c.V, "targets")
     with nogil:
@@ -72,20 +178,22 @@ def loss_and_grads(tuple cfg, const float[::1] params,          # IN
             with gil:
                 raise MemoryError("cannot allocate activations")
         loss = model_forward(&acts, &counted, <float*>&params[0], &c, &inputs[0, 0],
-                             &targets[0, 0], n, B, n, True, NULL, NULL)
+                             &targets[0, 0], n, B, n, pad_id, True, NULL, NULL)
         model_backward(&grads[0], &acts, <float*>&params[0], &c, &inputs[0, 0], n, NULL, NULL)
         activations_free(&acts)
     return loss, counted
 
 
-def forward_logits(tuple cfg, const float[::1] params,          # IN
+def forward_logits(cfg, const float[::1] params,                # IN
                    const int[:, ::1] inputs,                     # IN  (B, n)
                    float[:, :, ::1] logits):                     # OUT (B, n, V)
-    cdef ModelConfig c = config_from(cfg)
+    cdef ModelConfig c = model_config(cfg)
     cdef Activations acts
     cdef int B = inputs.shape[0], n = inputs.shape[1], counted = 0
     if n < 1 or n > c.T or B < 1:
         raise ValueError(f"sequence length must be 1..{c.T}, got {n}")
+    if params.shape[0] != model_size(&c):
+        raise ValueError("parameter buffer does not match the config")
     if logits.shape[0] != B or logits.shape[1] != n or logits.shape[2] != c.V:
         raise ValueError("logits buffer has the wrong shape")
     _check_tokens(inputs, c.V, "inputs")
@@ -94,54 +202,97 @@ def forward_logits(tuple cfg, const float[::1] params,          # IN
             with gil:
                 raise MemoryError("cannot allocate activations")
         model_forward(&acts, &counted, <float*>&params[0], &c, &inputs[0, 0], NULL, n, B, n,
-                      False, NULL, NULL)
+                      -1, False, NULL, NULL)
         memcpy(&logits[0, 0, 0], acts.logits, <size_t>B * n * c.V * sizeof(float))
         activations_free(&acts)
+
+
+cdef class BadMicroBatch:
+    """A micro-batch left out of a step because its loss or gradient is not finite."""
+    cdef readonly long long step     # the step index given to train_step
+    cdef readonly int index          # micro-batch index within the step
+    cdef readonly int sphere         # the sphere that computed it
+    cdef readonly bint loss_finite
+    cdef readonly object tensor      # SPEC name of the first tensor with a non-finite gradient, or None
+
+    def __init__(self, long long step, int index, int sphere, bint loss_finite, tensor):
+        self.step, self.index, self.sphere = step, index, sphere
+        self.loss_finite, self.tensor = loss_finite, tensor
+
+    def __repr__(self):
+        return (f"BadMicroBatch(step={self.step}, index={self.index}, sphere={self.sphere}, "
+                f"loss_finite={self.loss_finite}, tensor={self.tensor!r})")
+
+
+cdef class StepResult:
+    """What one train_step did."""
+    cdef readonly double loss        # loss_sum / tokens; nan without a counted token
+    cdef readonly double loss_sum    # summed loss of the valid micro-batches
+    cdef readonly long long tokens   # counted targets of the valid micro-batches
+    cdef readonly int micro_batches  # micro-batches in the step, valid or not
+    cdef readonly double grad_norm   # of the mean gradient, before clipping; nan if not run
+    cdef readonly bint applied       # the optimiser changed the weights
+    cdef readonly list bad           # the BadMicroBatch left out, in micro-batch order
+
+    def __init__(self, double loss_sum, long long tokens, int micro_batches, double grad_norm,
+                 bint applied, list bad):
+        self.loss = loss_sum / tokens if tokens else math.nan
+        self.loss_sum, self.tokens, self.micro_batches = loss_sum, tokens, micro_batches
+        self.grad_norm, self.applied, self.bad = grad_norm, applied, bad
+
+    def __repr__(self):
+        return (f"StepResult(loss={self.loss!r}, tokens={self.tokens}, micro_batches="
+                f"{self.micro_batches}, grad_norm={self.grad_norm!r}, applied={self.applied}, "
+                f"bad={self.bad!r})")
 
 
 cdef class Engine:
     """The ThreadedTrainingSystem of one run: spheres started in __init__, joined in close()."""
     cdef ThreadedTrainingSystem* system
+    cdef object cfg
     cdef object params_ref      # keeps the parameter buffer alive
-    cdef object chunks_ref      # the optimiser's chunk table
     cdef object work_ref        # keeps the current windows alive while spheres read them
-    cdef readonly int num_spheres, micro_batch
+    cdef readonly int num_spheres, micro_batch, max_windows, pad_id
 
-    def __init__(self, tuple cfg, float[::1] params, int num_spheres, int micro_batch,
+    def __init__(self, cfg, float[::1] params, int num_spheres, int micro_batch,
                  int max_windows, str lock_mode="shared", bint debug_locks=False,
-                 const long long[:, ::1] chunks=None):
-        """chunks: (offset, size, decay) rows covering the buffer, the optimiser's units of
-        work; their boundaries fix how the gradient norm is summed."""
-        cdef ModelConfig c = config_from(cfg)
-        if chunks is None:
-            from cllm_cli.model import optimizer_chunks
-            chunks = optimizer_chunks(cfg)
+                 const long long[:, ::1] chunks=None, *, int pad_id=0):
+        """cfg: the model config (CLLMConfig); params: its flat buffer, updated in place by the
+        optimiser; max_windows: the most windows one call hands the spheres; pad_id: targets
+        equal to it are not counted (-1: every target counts).
+        chunks: TEMPORARY, accepted from callers written for the old API (trainer.py,
+        bench.py); it must equal optimizer_chunks(cfg), which the engine computes itself."""
+        cdef ModelConfig c = model_config(cfg)
         if num_spheres < 1 or micro_batch < 1 or max_windows < 1:
             raise ValueError("num_spheres, micro_batch and max_windows must be >= 1")
         if lock_mode not in ("shared", "exclusive"):
             raise ValueError(f"lock_mode must be 'shared' or 'exclusive', not {lock_mode!r}")
         if params.shape[0] != model_size(&c):
             raise ValueError("parameter buffer does not match the config")
-        if chunks is None or chunks.shape[0] < 1 or chunks.shape[1] != 3:
-            raise ValueError("chunks must be an int64 array of (offset, size, decay) rows")
-        covered = np.asarray(chunks)
-        if covered[0, 0] != 0 or (covered[1:, 0] != covered[:-1, 0] + covered[:-1, 1]).any() \
-                or covered[-1, 0] + covered[-1, 1] != model_size(&c):
-            raise ValueError("chunks must cover the parameter buffer in order")
+        check_pad_id(pad_id, c.V)
+        if chunks is not None and not np.array_equal(np.asarray(chunks), optimizer_chunks(cfg)):
+            raise ValueError("chunks differ from the engine's optimizer_chunks(cfg)")
+        self.cfg = cfg
         self.params_ref = params
-        self.chunks_ref = chunks
         self.num_spheres = num_spheres
         self.micro_batch = micro_batch
+        self.max_windows = max_windows
+        self.pad_id = pad_id
         cdef int mode = LOCK_EXCLUSIVE if lock_mode == "exclusive" else LOCK_SHARED
         cdef int max_mb = (max_windows + micro_batch - 1) // micro_batch
         with nogil:
-            self.system = threaded_system_create(c, &params[0], &chunks[0, 0], chunks.shape[0],
-                                                 num_spheres, micro_batch, max_mb, mode,
-                                                 debug_locks)
+            self.system = threaded_system_create(c, &params[0], num_spheres, micro_batch, max_mb,
+                                                 mode, debug_locks, pad_id)
         if self.system == NULL:
             raise MemoryError("cannot allocate or start the training spheres")
 
     def __dealloc__(self):
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
         self.close()
 
     def close(self):
@@ -156,8 +307,8 @@ cdef class Engine:
             raise RuntimeError("the engine is closed")
         return self.system
 
-    def start(self, const int[:, ::1] windows, bint train, long long step=0):
-        """Hands the spheres windows (num_windows, n + 1): a training step or an evaluation."""
+    cdef int hand_out(self, const int[:, ::1] windows, int kind, long long step) except -1:
+        # checks windows (num_windows, n + 1) and starts the spheres on them
         cdef ThreadedTrainingSystem* s = self.live()
         cdef int nw = windows.shape[0], stride = windows.shape[1]
         if nw < 1 or (nw + s.micro_batch - 1) // s.micro_batch > s.max_microbatches:
@@ -168,21 +319,118 @@ cdef class Engine:
         self.work_ref = windows
         s.step_counter = step
         with nogil:
-            threaded_start_batch(s, &windows[0, 0], nw, stride, WORK_TRAIN if train else WORK_EVAL)
+            threaded_start_batch(s, &windows[0, 0], nw, stride, kind)
+        return 0
+
+    cdef int run(self, const int[:, ::1] windows, int kind, long long step,
+                 object should_stop) except -1:
+        # hands out windows and waits until the spheres are done, in slices of WAIT_SLICE
+        # seconds without the GIL, asking should_stop() (and for signals) after each; a stop
+        # aborts the spheres and raises StepAborted, an exception from either is re-raised
+        cdef ThreadedTrainingSystem* s = self.live()
+        cdef bint done = False
+        cdef double slice_seconds = WAIT_SLICE
+        self.hand_out(windows, kind, step)
+        try:
+            while True:
+                with nogil:
+                    done = threaded_wait_work(s, slice_seconds)
+                PyErr_CheckSignals()
+                if should_stop is not None and should_stop():
+                    raise StepAborted()
+                if done:
+                    break
+        except BaseException:
+            self.abort()
+            with nogil:
+                while not threaded_wait_work(s, 1.0):
+                    pass
+            self.work_ref = None
+            raise
+        self.work_ref = None
+        return 0
+
+    def train_step(self, const int[:, ::1] windows, long long step, float[::1] adam_m,
+                   float[::1] adam_v, *, bint adamw, double lr, double weight_decay,
+                   double grad_clip, long long t, should_stop=None):
+        """One optimiser step on a global batch of windows (num_windows, n + 1): micro-batches
+        through the spheres, their gradients summed in micro-batch order, then AdamW (adam_m,
+        adam_v updated in place, t the 1-based AdamW step) or SGD with the mean gradient,
+        clipped to grad_clip (0: no clipping). Micro-batches with a non-finite loss or
+        gradient are left out; without a counted token the optimiser does not run. step is
+        the 0-based step index (reports, inject_nan). should_stop: a callable asked between
+        waits; when it returns True the step is abandoned and StepAborted raised."""
+        cdef ThreadedTrainingSystem* s = self.live()
+        cdef StepTotals totals
+        cdef OptimizerSettings o
+        cdef double norm = math.nan
+        cdef int applied = 0, i
+        cdef MicroBatchResult* r
+        if adamw and (adam_m is None or adam_v is None or adam_m.shape[0] != s.gradient_size
+                      or adam_v.shape[0] != s.gradient_size):
+            raise ValueError("optimizer state does not match the parameters")
+        self.run(windows, WORK_TRAIN, step, should_stop)
+        memset(&totals, 0, sizeof(totals))
+        tally_results(s, &totals)
+        bad = []
+        for i in range(s.num_microbatches):
+            r = &s.results[i]
+            if not r.valid:
+                bad.append(BadMicroBatch(step, i, r.sphere_id, isfinite(r.loss_sum),
+                                         tensor_at(self.cfg, r.bad_index)
+                                         if r.bad_index >= 0 else None))
+        if totals.tokens:
+            o.adamw = adamw
+            o.lr = lr
+            o.weight_decay = weight_decay
+            o.grad_clip = grad_clip
+            o.beta1 = 0.9
+            o.beta2 = 0.95
+            o.eps = 1e-8
+            o.t = t
+            with nogil:
+                applied = threaded_optimizer_step(s, totals.tokens,
+                                                  &adam_m[0] if adamw else NULL,
+                                                  &adam_v[0] if adamw else NULL, &o, &norm)
+        return StepResult(totals.loss_sum, totals.tokens, totals.micro_batches, norm,
+                          applied, bad)
+
+    def evaluate(self, const int[:, ::1] windows, should_stop=None):
+        """(loss_sum, tokens) of the windows (num_windows, n + 1), any number of them (run in
+        slices of at most max_windows), losses summed in micro-batch order; StepAborted when
+        should_stop() returns True."""
+        cdef ThreadedTrainingSystem* s = self.live()
+        cdef StepTotals totals
+        cdef int start
+        memset(&totals, 0, sizeof(totals))
+        for start in range(0, windows.shape[0], self.max_windows):
+            self.run(windows[start:start + self.max_windows], WORK_EVAL, -1, should_stop)
+            tally_results(s, &totals)
+        return totals.loss_sum, totals.tokens
+
+    # -- the step in parts (the API before train_step; trainer.py and bench.py still use it) --
+
+    def start(self, const int[:, ::1] windows, bint train, long long step=0):
+        """Hands the spheres windows (num_windows, n + 1): a training step or an evaluation."""
+        self.hand_out(windows, WORK_TRAIN if train else WORK_EVAL, step)
 
     def wait(self, double timeout):
         """True when the current work is finished; False after `timeout` seconds."""
         cdef ThreadedTrainingSystem* s = self.live()
+        cdef StepTotals totals
         cdef bint done
         with nogil:
             done = threaded_wait_work(s, timeout)
         if done:
             self.work_ref = None
+            if s.work_kind == WORK_TRAIN and not s.tallied and not s.abort_step:
+                memset(&totals, 0, sizeof(totals))
+                tally_results(s, &totals)
         return done
 
     def abort(self):
-        """Stops the current work: passes give up between layers, nothing more is claimed or
-        summed. The accumulated gradient is then meaningless until the next start()."""
+        """Stops the current work: passes give up between blocks, nothing more is claimed or
+        summed. The accumulated gradient is then meaningless until the next step."""
         cdef ThreadedTrainingSystem* s = self.live()
         with nogil:
             gradient_lock_acquire(s)
@@ -198,9 +446,9 @@ cdef class Engine:
         return [(s.results[i].loss_sum, s.results[i].counted, s.results[i].sphere_id,
                  bool(s.results[i].valid), s.results[i].bad_index) for i in range(done)]
 
-    def optimizer_step(self, int count, float[::1] m, float[::1] v, *, bint adamw, double lr, double weight_decay,
-                       double grad_clip, long long t, double beta1=0.9, double beta2=0.95,
-                       double eps=1e-8):
+    def optimizer_step(self, long long count, float[::1] m, float[::1] v, *, bint adamw,
+                       double lr, double weight_decay, double grad_clip, long long t,
+                       double beta1=0.9, double beta2=0.95, double eps=1e-8):
         """Applies the accumulated gradient divided by count; returns (grad_norm, applied)."""
         cdef ThreadedTrainingSystem* s = self.live()
         cdef OptimizerSettings o
@@ -223,8 +471,11 @@ cdef class Engine:
                                               &v[0] if adamw else NULL, &o, &norm)
         return norm, bool(applied)
 
+    # -- state and statistics ------------------------------------------------------------------
+
     def accumulated_gradients(self):
-        """A copy of accumulated_gradients (the step's summed gradient before optimizer_step)."""
+        """A copy of accumulated_gradients (the step's summed gradient before the optimiser
+        divides it)."""
         cdef ThreadedTrainingSystem* s = self.live()
         out = np.empty(s.gradient_size, dtype=np.float32)
         cdef float[::1] o = out
@@ -232,7 +483,8 @@ cdef class Engine:
         return out
 
     def sphere_stats(self):
-        """Per sphere: id, symmetry group, micro-batches, summed loss, counted tokens, busy s."""
+        """Per sphere: id, symmetry group, training micro-batches, summed loss and counted
+        tokens of the valid ones, busy seconds."""
         cdef ThreadedTrainingSystem* s = self.live()
         cdef SphereTrainingContext* ctx
         stats = []
@@ -256,20 +508,20 @@ cdef class Engine:
         return s.epoch_loss, s.epoch_tokens, s.total_batches
 
     def set_profile(self, bint on):
-        """Per-op timing in every sphere (a clock read around each op); resets the timers."""
+        """Per-bucket timing in every sphere (a clock read per block and per phase); resets
+        the timers."""
         cdef ThreadedTrainingSystem* s = self.live()
         s.profile = on
         for i in range(s.num_worker_spheres):
-            for k in range(NUM_OPS):
-                s.sphere_contexts[i].op_seconds[k] = 0.0
+            for k in range(NUM_PROFILE_BUCKETS):
+                s.sphere_contexts[i].profile_seconds[k] = 0.0
 
     def profile(self):
-        """Seconds per op bucket, summed over spheres."""
+        """Seconds per PROFILE_BUCKETS name, summed over spheres."""
         cdef ThreadedTrainingSystem* s = self.live()
-        names = ("matmul", "attention", "softmax_loss", "layernorm", "gelu", "other",
-                 "accumulate", "turn_wait", "optimizer")
-        return {names[k]: sum(s.sphere_contexts[i].op_seconds[k]
-                              for i in range(s.num_worker_spheres)) for k in range(NUM_OPS)}
+        return {PROFILE_BUCKETS[k]: sum(s.sphere_contexts[i].profile_seconds[k]
+                                        for i in range(s.num_worker_spheres))
+                for k in range(NUM_PROFILE_BUCKETS)}
 
     def inject_nan(self, long long step, int microbatch):
         """Test hook: poisons the gradient of one micro-batch of one step with a NaN."""

@@ -1,9 +1,16 @@
 # Forward/backward kernels of one micro-batch. Argument order: outputs, inputs, weights,
-# sizes. Backward kernels write parameter gradients (the pass touches each tensor once), so
-# gradient buffers never need zeroing; input gradients say whether they add or overwrite.
+# sizes; gradients carry a d prefix. N = B * n rows of the micro-batch.
+#
+# Write rule: every backward kernel ADDS (+=) into every gradient it produces, parameter and
+# input gradients alike; no kernel clears anything. Clearing is the caller's explicit step:
+# model_backward clears the parameter gradients once per micro-batch, and each activation
+# gradient buffer right before the kernels that add into it. So a tensor used twice (wte: the
+# token embedding and the tied output projection) gets the sum of both uses, whatever order
+# the calls come in. (crossentropy_forward_backward is the loss, not a backward kernel: it
+# turns the logits into dloss/dlogits in place.)
 from libc.math cimport sqrtf, log, isfinite, NAN
 
-cdef extern from "fastmath.h" nogil:
+cdef extern from "deterministic_math.h" nogil:
     float cllm_expf(float x)
     float cllm_tanhf(float x)
     float cllm_row_max(const float* x, int n)
@@ -21,6 +28,11 @@ cdef double now_seconds() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef inline void clear(float* buf, size_t n) noexcept nogil:
+    # the explicit step before kernels add into buf
+    memset(buf, 0, n * sizeof(float))
 
 
 cdef float LN_EPS = 1e-5
@@ -45,6 +57,7 @@ cdef void encoder_forward(float* out, const int* inp, int stride, const float* w
 
 cdef void encoder_backward(float* dwte, float* dwpe, const float* dout, const int* inp,
                            int stride, int B, int n, int C) noexcept nogil:
+    # dwte[inp[b, t]] += dout[b, t]; dwpe[t] += dout[b, t], in (b, t) order
     cdef int b, t, i
     cdef const float* d
     cdef float* dwe
@@ -81,14 +94,12 @@ cdef void layernorm_forward(float* out, float* mean, float* rstd, const float* i
 cdef void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* dout,
                              const float* inp, const float* weight, const float* mean,
                              const float* rstd, int N, int C) noexcept nogil:
-    # dinp[N,C] += gradient through the normalisation; dweight, dbias are overwritten
+    # dinp[N,C], dweight[C], dbias[C] += the gradients through out = layernorm(inp)
     cdef int r, i
     cdef float m, s, norm, dnorm, dnorm_mean, dnorm_norm_mean
     cdef const float* x
     cdef const float* d
     cdef float* dx
-    memset(dweight, 0, C * sizeof(float))
-    memset(dbias, 0, C * sizeof(float))
     for r in range(N):
         x = inp + <size_t>r * C
         d = dout + <size_t>r * C
@@ -106,6 +117,61 @@ cdef void layernorm_backward(float* dinp, float* dweight, float* dbias, const fl
             dx[i] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s
 
 
+cdef void linear_forward(float* out, const float* inp, const float* weight, const float* bias,
+                         int N, int C, int OC) noexcept nogil:
+    # out[N,OC] = inp[N,C] @ weight[OC,C]^T (+ bias[OC]): the sgemm adds onto the bias rows
+    cdef int i, o
+    cdef float* row
+    if bias == NULL:
+        sgemm_rm(False, True, N, OC, C, 1.0, inp, C, weight, C, 0.0, out, OC)
+        return
+    for i in range(N):
+        row = out + <size_t>i * OC
+        for o in range(OC):
+            row[o] = bias[o]
+    sgemm_rm(False, True, N, OC, C, 1.0, inp, C, weight, C, 1.0, out, OC)
+
+
+cdef void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout,
+                          const float* inp, const float* weight,
+                          int N, int C, int OC) noexcept nogil:
+    # dinp[N,C] += dout[N,OC] @ weight[OC,C]; dweight[OC,C] += dout^T @ inp[N,C];
+    # dbias[OC] += the sum over rows of dout (dbias may be NULL)
+    cdef int i, o
+    cdef const float* row
+    sgemm_rm(False, False, N, C, OC, 1.0, dout, OC, weight, C, 1.0, dinp, C)
+    sgemm_rm(True, False, OC, C, N, 1.0, dout, OC, inp, C, 1.0, dweight, C)
+    if dbias != NULL:
+        for i in range(N):
+            row = dout + <size_t>i * OC
+            for o in range(OC):
+                dbias[o] += row[o]
+
+
+cdef void residual_forward(float* out, const float* res, const float* inp, const float* weight,
+                           const float* bias, int N, int C, int OC) noexcept nogil:
+    # out[N,OC] = res[N,OC] + (inp[N,C] @ weight[OC,C]^T + bias[OC]): a projection added onto
+    # the residual stream. Rounded as (res + bias) + inp @ weight^T: the sgemm adds onto
+    # res + bias (beta 1), one rounding fewer than adding a separate projection.
+    cdef int i, o
+    cdef float* row
+    cdef const float* r
+    for i in range(N):
+        row = out + <size_t>i * OC
+        r = res + <size_t>i * OC
+        for o in range(OC):
+            row[o] = r[o] + bias[o]
+    sgemm_rm(False, True, N, OC, C, 1.0, inp, C, weight, C, 1.0, out, OC)
+
+
+cdef void residual_backward(float* dres, const float* dout, size_t size) noexcept nogil:
+    # dres += dout: the residual stream passes its gradient through; the projection's
+    # gradients come from linear_backward on the same dout
+    cdef size_t i
+    for i in range(size):
+        dres[i] += dout[i]
+
+
 # float constants: a bare literal would be a C double and drag the loops into double math
 cdef float GELU_CUBE = 0.044715
 cdef float GELU_CUBE3 = 3.0 * 0.044715
@@ -114,7 +180,7 @@ cdef float ONE = 1.0
 
 
 cdef void gelu_forward(float* out, const float* inp, size_t N) noexcept nogil:
-    # tanh approximation
+    # out[N] = gelu(inp), tanh approximation
     cdef size_t i
     cdef float x
     for i in range(N):
@@ -123,14 +189,14 @@ cdef void gelu_forward(float* out, const float* inp, size_t N) noexcept nogil:
 
 
 cdef void gelu_backward(float* dinp, const float* inp, const float* dout, size_t N) noexcept nogil:
-    # dinp = dout * gelu'(inp); dinp may alias dout
+    # dinp[N] += dout * gelu'(inp); dinp must not alias dout
     cdef size_t i
     cdef float x, th
     for i in range(N):
         x = inp[i]
         th = cllm_tanhf(GELU_SCALE * (x + GELU_CUBE * x * x * x))
-        dinp[i] = dout[i] * (HALF * (ONE + th)
-                             + HALF * x * (ONE - th * th) * GELU_SCALE * (ONE + GELU_CUBE3 * x * x))
+        dinp[i] += dout[i] * (HALF * (ONE + th)
+                              + HALF * x * (ONE - th * th) * GELU_SCALE * (ONE + GELU_CUBE3 * x * x))
 
 
 cdef enum:
@@ -174,11 +240,11 @@ cdef void attention_forward(float* out, float* att, const float* qkv,
 
 cdef void attention_backward(float* dqkv, float* datt, const float* dout, const float* qkv,
                              const float* att, int B, int n, int C, int NH) noexcept nogil:
-    # dqkv[B*n, 3C] is overwritten; datt is an [n, n] scratch. Blocks of query rows as in
-    # attention_forward; dk and dv sum the blocks in order.
+    # dqkv[B*n, 3C] += the gradient through attention_forward; datt is an [n, n] scratch.
+    # Blocks of query rows as in attention_forward; dk and dv add up the blocks in order.
     cdef int hs = C // NH
     cdef float scale = 1.0 / sqrtf(<float>hs)
-    cdef int b, h, t, t1, t2, r0, rows, cols
+    cdef int b, h, t1, t2, r0, rows, cols
     cdef const float* q
     cdef const float* a
     cdef const float* arow
@@ -192,9 +258,6 @@ cdef void attention_backward(float* dqkv, float* datt, const float* dout, const 
             dq = dqkv + <size_t>b * n * 3 * C + h * hs
             a = att + (<size_t>b * NH + h) * n * n
             dout_h = dout + <size_t>b * n * C + h * hs
-            for t in range(n):
-                memset(dq + <size_t>t * 3 * C + C, 0, hs * sizeof(float))
-                memset(dq + <size_t>t * 3 * C + 2 * C, 0, hs * sizeof(float))
             r0 = 0
             while r0 < n:
                 rows = min(ATT_BLOCK, n - r0)
@@ -215,19 +278,20 @@ cdef void attention_backward(float* dqkv, float* datt, const float* dout, const 
                         drow[t2] = scale * arow[t2] * (drow[t2] - dot)
                     for t2 in range(t1 + 1, cols):
                         drow[t2] = 0.0
-                # dq = dpre @ k ; dk += dpre^T @ q
+                # dq += dpre @ k ; dk += dpre^T @ q
                 sgemm_rm(False, False, rows, hs, cols, 1.0, datt + <size_t>r0 * n, n, q + C,
-                         3 * C, 0.0, dq + <size_t>r0 * 3 * C, 3 * C)
+                         3 * C, 1.0, dq + <size_t>r0 * 3 * C, 3 * C)
                 sgemm_rm(True, False, cols, hs, rows, 1.0, datt + <size_t>r0 * n, n,
                          q + <size_t>r0 * 3 * C, 3 * C, 1.0, dq + C, 3 * C)
                 r0 += rows
 
 
 cdef double crossentropy_forward_backward(float* logits, int* counted, const int* targets,
-                                          int stride, int B, int n, int V,
+                                          int stride, int B, int n, int V, int pad_id,
                                           bint want_grad) noexcept nogil:
-    # logits[B*n, V] -> sum of -log softmax[target] over targets != <pad>; the logits are
-    # overwritten: with want_grad by d(sum)/dlogits = softmax - onehot (0 on pad rows)
+    # logits[B*n, V] -> sum of -log softmax[target] over targets != pad_id (pad_id -1: all
+    # count); the logits are overwritten: with want_grad by d(sum)/dlogits = softmax - onehot
+    # (0 on rows that do not count)
     cdef int b, t, i, tgt
     cdef float mx, xt, inv
     cdef double s, total = 0.0
@@ -237,7 +301,7 @@ cdef double crossentropy_forward_backward(float* logits, int* counted, const int
         for t in range(n):
             row = logits + (<size_t>b * n + t) * V
             tgt = targets[<size_t>b * stride + t]
-            if tgt == 0:
+            if tgt == pad_id:
                 if want_grad:
                     memset(row, 0, V * sizeof(float))
                 continue

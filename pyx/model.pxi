@@ -1,5 +1,5 @@
-# The model of SPEC section 1 on one micro-batch: parameter views into the flat buffer,
-# per-sphere activation buffers, and the whole forward / backward pass.
+# The model of SPEC section 1 on one micro-batch: the layout tables (parameters, activations,
+# profile buckets), named views into the flat buffers, and the forward / backward pass.
 from libc.stdlib cimport calloc, free
 
 
@@ -30,7 +30,132 @@ cdef struct ModelConfig:
     int T       # maximum sequence length (rows of wpe)
 
 
+# --- parameters: one table, in buffer order --------------------------------------------------
+
+cdef enum Dim:
+    # the sizes a tensor's dimensions are made of
+    DIM_NONE = 0    # no second dimension: a 1-D tensor
+    DIM_V
+    DIM_T
+    DIM_C
+    DIM_3C
+    DIM_F
+
+
+cdef struct ParameterSpec:
+    const char* name    # SPEC section 1 name; block tensors are prefixed by h.{l}.
+    int rows            # Dim of the first dimension ([out, in] for linear weights)
+    int cols            # Dim of the second one, DIM_NONE for a 1-D tensor
+
+
+cdef enum:
+    # rows of PARAMETER_TABLE; rows FIRST_BLOCK_ROW .. END_BLOCK_ROW - 1 repeat for every block
+    PT_WTE = 0
+    PT_WPE = 1
+    FIRST_BLOCK_ROW = 2
+    TENSORS_PER_BLOCK = 12
+    END_BLOCK_ROW = 14
+    PT_LNFW = 14
+    PT_LNFB = 15
+    NUM_PARAMETER_ROWS = 16
+
+
+# SPEC section 1: the flat buffer holds these tensors in this order (parameters, gradients and
+# AdamW m/v alike). Everything else about the layout (offsets, sizes, views, optimiser chunks,
+# the tables exported to Python) is derived from it.
+cdef ParameterSpec PARAMETER_TABLE[NUM_PARAMETER_ROWS]
+PARAMETER_TABLE[:] = [
+    ParameterSpec(b"wte", DIM_V, DIM_C),
+    ParameterSpec(b"wpe", DIM_T, DIM_C),
+    ParameterSpec(b"ln_1.weight", DIM_C, DIM_NONE),
+    ParameterSpec(b"ln_1.bias", DIM_C, DIM_NONE),
+    ParameterSpec(b"attn.c_attn.weight", DIM_3C, DIM_C),
+    ParameterSpec(b"attn.c_attn.bias", DIM_3C, DIM_NONE),
+    ParameterSpec(b"attn.c_proj.weight", DIM_C, DIM_C),
+    ParameterSpec(b"attn.c_proj.bias", DIM_C, DIM_NONE),
+    ParameterSpec(b"ln_2.weight", DIM_C, DIM_NONE),
+    ParameterSpec(b"ln_2.bias", DIM_C, DIM_NONE),
+    ParameterSpec(b"mlp.c_fc.weight", DIM_F, DIM_C),
+    ParameterSpec(b"mlp.c_fc.bias", DIM_F, DIM_NONE),
+    ParameterSpec(b"mlp.c_proj.weight", DIM_C, DIM_F),
+    ParameterSpec(b"mlp.c_proj.bias", DIM_C, DIM_NONE),
+    ParameterSpec(b"ln_f.weight", DIM_C, DIM_NONE),
+    ParameterSpec(b"ln_f.bias", DIM_C, DIM_NONE),
+]
+
+
+cdef inline size_t dim_size(const ModelConfig* c, int dim) noexcept nogil:
+    if dim == DIM_V:
+        return c.V
+    if dim == DIM_T:
+        return c.T
+    if dim == DIM_C:
+        return c.C
+    if dim == DIM_3C:
+        return 3 * <size_t>c.C
+    if dim == DIM_F:
+        return c.F
+    return 1
+
+
+cdef inline size_t row_floats(const ModelConfig* c, int row) noexcept nogil:
+    return dim_size(c, PARAMETER_TABLE[row].rows) * dim_size(c, PARAMETER_TABLE[row].cols)
+
+
+cdef inline size_t rows_floats(const ModelConfig* c, int begin, int end) noexcept nogil:
+    # floats of table rows begin .. end - 1, once each
+    cdef size_t total = 0
+    cdef int row
+    for row in range(begin, end):
+        total += row_floats(c, row)
+    return total
+
+
+cdef inline size_t layer_size(const ModelConfig* c) noexcept nogil:
+    return rows_floats(c, FIRST_BLOCK_ROW, END_BLOCK_ROW)
+
+
+cdef inline size_t model_size(const ModelConfig* c) noexcept nogil:
+    return (rows_floats(c, 0, FIRST_BLOCK_ROW) + c.L * layer_size(c)
+            + rows_floats(c, END_BLOCK_ROW, NUM_PARAMETER_ROWS))
+
+
+cdef inline size_t tensor_offset(const ModelConfig* c, int row, int layer) noexcept nogil:
+    # offset in floats of table row `row` (in block `layer` for a block row)
+    cdef size_t head = rows_floats(c, 0, FIRST_BLOCK_ROW)
+    if row < FIRST_BLOCK_ROW:
+        return rows_floats(c, 0, row)
+    if row < END_BLOCK_ROW:
+        return head + layer * layer_size(c) + rows_floats(c, FIRST_BLOCK_ROW, row)
+    return head + c.L * layer_size(c) + rows_floats(c, END_BLOCK_ROW, row)
+
+
+cdef inline int num_tensors(const ModelConfig* c) noexcept nogil:
+    return NUM_PARAMETER_ROWS - TENSORS_PER_BLOCK + c.L * TENSORS_PER_BLOCK
+
+
+cdef inline void tensor_row(const ModelConfig* c, int index, int* row, int* layer) noexcept nogil:
+    # table row and block (-1 outside the blocks) of the index-th tensor in buffer order
+    cdef int after = index - FIRST_BLOCK_ROW - c.L * TENSORS_PER_BLOCK
+    if index < FIRST_BLOCK_ROW:
+        row[0], layer[0] = index, -1
+    elif after < 0:
+        row[0] = FIRST_BLOCK_ROW + (index - FIRST_BLOCK_ROW) % TENSORS_PER_BLOCK
+        layer[0] = (index - FIRST_BLOCK_ROW) // TENSORS_PER_BLOCK
+    else:
+        row[0], layer[0] = END_BLOCK_ROW + after, -1
+
+
+cdef struct ModelParams:
+    # the tensors outside the blocks; the same struct serves parameters and gradients
+    float* wte       # (V, C)
+    float* wpe       # (T, C)
+    float* lnfw      # (C,)
+    float* lnfb      # (C,)
+
+
 cdef struct LayerParams:
+    # one block's tensors, in PARAMETER_TABLE order
     float* ln1w      # (C,)
     float* ln1b      # (C,)
     float* qkvw      # (3C, C)
@@ -45,42 +170,40 @@ cdef struct LayerParams:
     float* fcprojb   # (C,)
 
 
-cdef inline size_t layer_size(const ModelConfig* c) noexcept nogil:
-    cdef size_t C = c.C, F = c.F
-    return 2 * C + 3 * C * C + 3 * C + C * C + C + 2 * C + F * C + F + C * F + C
-
-
-cdef inline size_t model_size(const ModelConfig* c) noexcept nogil:
-    return (<size_t>c.V + c.T) * c.C + c.L * layer_size(c) + 2 * <size_t>c.C
+cdef inline void model_params(ModelParams* p, float* base, const ModelConfig* c) noexcept nogil:
+    p.wte = base + tensor_offset(c, PT_WTE, -1)
+    p.wpe = base + tensor_offset(c, PT_WPE, -1)
+    p.lnfw = base + tensor_offset(c, PT_LNFW, -1)
+    p.lnfb = base + tensor_offset(c, PT_LNFB, -1)
 
 
 cdef inline void layer_params(LayerParams* p, float* base, const ModelConfig* c, int l) noexcept nogil:
-    # the same layout serves parameters and gradients
-    cdef size_t C = c.C, F = c.F
-    cdef float* q = base + (<size_t>c.V + c.T) * C + l * layer_size(c)
-    p.ln1w = q; q += C
-    p.ln1b = q; q += C
-    p.qkvw = q; q += 3 * C * C
-    p.qkvb = q; q += 3 * C
-    p.attprojw = q; q += C * C
-    p.attprojb = q; q += C
-    p.ln2w = q; q += C
-    p.ln2b = q; q += C
-    p.fcw = q; q += F * C
-    p.fcb = q; q += F
-    p.fcprojw = q; q += C * F
-    p.fcprojb = q
+    cdef float** slots[TENSORS_PER_BLOCK]
+    slots[:] = [&p.ln1w, &p.ln1b, &p.qkvw, &p.qkvb, &p.attprojw, &p.attprojb,
+                &p.ln2w, &p.ln2b, &p.fcw, &p.fcb, &p.fcprojw, &p.fcprojb]
+    cdef float* q = base + tensor_offset(c, FIRST_BLOCK_ROW, l)
+    cdef int k
+    for k in range(TENSORS_PER_BLOCK):
+        slots[k][0] = q
+        q += row_floats(c, FIRST_BLOCK_ROW + k)
 
 
-cdef inline float* wte_of(float* base, const ModelConfig* c) noexcept nogil:
-    return base
+# --- activations: one table of sizes ---------------------------------------------------------
 
-cdef inline float* wpe_of(float* base, const ModelConfig* c) noexcept nogil:
-    return base + <size_t>c.V * c.C
+cdef enum:
+    NUM_ACTIVATION_TENSORS = 24
+    ALIGN_BYTES = 64            # every tensor starts on a 64-byte boundary
+    ALIGN_FLOATS = 16
 
-cdef inline float* lnf_of(float* base, const ModelConfig* c) noexcept nogil:
-    # ln_f.weight, then ln_f.bias C floats later
-    return base + (<size_t>c.V + c.T) * c.C + c.L * layer_size(c)
+
+# in the order of fill_in_activation_sizes and of the Activations fields
+cdef const char* ACTIVATION_NAMES[NUM_ACTIVATION_TENSORS]
+ACTIVATION_NAMES[:] = [
+    b"encoded", b"ln1", b"ln1_mean", b"ln1_rstd", b"qkv", b"atty", b"att", b"residual2",
+    b"ln2", b"ln2_mean", b"ln2_rstd", b"fch", b"fch_gelu", b"residual3", b"lnf", b"lnf_mean",
+    b"lnf_rstd", b"logits", b"dresidual", b"dresidual_mid", b"dnarrow", b"dwide", b"dfch",
+    b"datt",
+]
 
 
 cdef struct Activations:
@@ -104,49 +227,68 @@ cdef struct Activations:
     float* lnf_mean     # (N,)
     float* lnf_rstd     # (N,)
     float* logits       # (N, V), then dlogits
-    float* dresidual    # (N, C) backward: gradient of the residual stream
-    float* dwide        # (N, max(3C, F)) backward scratch
-    float* dnarrow      # (N, C) backward scratch
-    float* datt         # (T, T) backward scratch
+    # backward: gradients of activations, reused block after block
+    float* dresidual    # (N, C) the residual stream at a block's output, then its input
+    float* dresidual_mid  # (N, C) the residual stream between a block's two residuals
+    float* dnarrow      # (N, C) at a layer norm's output or at the attention's output
+    float* dwide        # (N, max(3C, F)) at gelu's output, then at qkv
+    float* dfch         # (N, F) at c_fc's output
+    float* datt         # (T, T) attention backward scratch
     float* memory       # the single allocation all of the above point into
 
 
-cdef int activations_alloc(Activations* a, const ModelConfig* c, int maxB) noexcept nogil:
-    # returns 0 on success, -1 when out of memory
+cdef void fill_in_activation_sizes(size_t* sizes, const ModelConfig* c, int maxB) noexcept nogil:
+    # floats of each activation tensor for micro-batches of up to maxB sequences of T tokens
     cdef size_t N = <size_t>maxB * c.T, C = c.C, L = c.L, F = c.F
     cdef size_t wide = 3 * C if 3 * C > F else F
-    cdef size_t sizes[22]
-    cdef size_t total = 0
-    cdef int i, k = 0
     sizes[0] = N * C                                 # encoded
-    sizes[1] = L * N * C; sizes[2] = L * N; sizes[3] = L * N      # ln1
+    sizes[1] = L * N * C; sizes[2] = L * N; sizes[3] = L * N      # ln1, mean, rstd
     sizes[4] = L * N * 3 * C                         # qkv
     sizes[5] = L * N * C                             # atty
     sizes[6] = L * <size_t>maxB * c.NH * c.T * c.T   # att
     sizes[7] = L * N * C                             # residual2
-    sizes[8] = L * N * C; sizes[9] = L * N; sizes[10] = L * N     # ln2
+    sizes[8] = L * N * C; sizes[9] = L * N; sizes[10] = L * N     # ln2, mean, rstd
     sizes[11] = L * N * F; sizes[12] = L * N * F     # fch, fch_gelu
     sizes[13] = L * N * C                            # residual3
-    sizes[14] = N * C; sizes[15] = N; sizes[16] = N  # lnf
+    sizes[14] = N * C; sizes[15] = N; sizes[16] = N  # lnf, mean, rstd
     sizes[17] = N * <size_t>c.V                      # logits
-    sizes[18] = N * C; sizes[19] = N * wide; sizes[20] = N * C    # backward scratch
-    sizes[21] = <size_t>c.T * c.T                    # datt
-    for i in range(22):
-        total += (sizes[i] + 15) & ~(<size_t>15)     # 64-byte aligned pieces
-    a.memory = <float*>calloc(total + 16, sizeof(float))
+    sizes[18] = N * C; sizes[19] = N * C             # dresidual, dresidual_mid
+    sizes[20] = N * C; sizes[21] = N * wide; sizes[22] = N * F    # dnarrow, dwide, dfch
+    sizes[23] = <size_t>c.T * c.T                    # datt
+
+
+cdef inline size_t aligned_floats(size_t n) noexcept nogil:
+    return (n + ALIGN_FLOATS - 1) & ~(<size_t>ALIGN_FLOATS - 1)
+
+
+cdef size_t activation_floats(const ModelConfig* c, int maxB) noexcept nogil:
+    # floats activations_alloc allocates: every tensor aligned, and room to align the start
+    cdef size_t sizes[NUM_ACTIVATION_TENSORS]
+    cdef size_t total = ALIGN_FLOATS
+    cdef int i
+    fill_in_activation_sizes(sizes, c, maxB)
+    for i in range(NUM_ACTIVATION_TENSORS):
+        total += aligned_floats(sizes[i])
+    return total
+
+
+cdef int activations_alloc(Activations* a, const ModelConfig* c, int maxB) noexcept nogil:
+    # returns 0 on success, -1 when out of memory
+    cdef size_t sizes[NUM_ACTIVATION_TENSORS]
+    cdef float** slots[NUM_ACTIVATION_TENSORS]
+    cdef int i
+    fill_in_activation_sizes(sizes, c, maxB)
+    a.memory = <float*>calloc(activation_floats(c, maxB), sizeof(float))
     if a.memory == NULL:
         return -1
-    cdef float* p = <float*>((<size_t>a.memory + 63) & ~(<size_t>63))
-    cdef float** slots[22]
-    slots[0] = &a.encoded; slots[1] = &a.ln1; slots[2] = &a.ln1_mean; slots[3] = &a.ln1_rstd
-    slots[4] = &a.qkv; slots[5] = &a.atty; slots[6] = &a.att; slots[7] = &a.residual2
-    slots[8] = &a.ln2; slots[9] = &a.ln2_mean; slots[10] = &a.ln2_rstd
-    slots[11] = &a.fch; slots[12] = &a.fch_gelu; slots[13] = &a.residual3
-    slots[14] = &a.lnf; slots[15] = &a.lnf_mean; slots[16] = &a.lnf_rstd; slots[17] = &a.logits
-    slots[18] = &a.dresidual; slots[19] = &a.dwide; slots[20] = &a.dnarrow; slots[21] = &a.datt
-    for i in range(22):
+    slots[:] = [&a.encoded, &a.ln1, &a.ln1_mean, &a.ln1_rstd, &a.qkv, &a.atty, &a.att,
+                &a.residual2, &a.ln2, &a.ln2_mean, &a.ln2_rstd, &a.fch, &a.fch_gelu,
+                &a.residual3, &a.lnf, &a.lnf_mean, &a.lnf_rstd, &a.logits, &a.dresidual,
+                &a.dresidual_mid, &a.dnarrow, &a.dwide, &a.dfch, &a.datt]
+    cdef float* p = <float*>((<size_t>a.memory + ALIGN_BYTES - 1) & ~(<size_t>ALIGN_BYTES - 1))
+    for i in range(NUM_ACTIVATION_TENSORS):
         slots[i][0] = p
-        p += (sizes[i] + 15) & ~(<size_t>15)
+        p += aligned_floats(sizes[i])
     a.maxB = maxB
     a.B = 0
     a.n = 0
@@ -158,144 +300,195 @@ cdef void activations_free(Activations* a) noexcept nogil:
     a.memory = NULL
 
 
+cdef struct LayerActs:
+    # one block's slices of the activations, for the current micro-batch (N = B * n rows)
+    float* ln1          # (N, C)
+    float* ln1_mean     # (N,)
+    float* ln1_rstd     # (N,)
+    float* qkv          # (N, 3C)
+    float* atty         # (N, C)
+    float* att          # (B, NH, n, n)
+    float* residual2    # (N, C)
+    float* ln2          # (N, C)
+    float* ln2_mean     # (N,)
+    float* ln2_rstd     # (N,)
+    float* fch          # (N, F)
+    float* fch_gelu     # (N, F)
+    float* residual3    # (N, C)
+
+
+cdef inline void layer_acts(LayerActs* la, const Activations* a, const ModelConfig* c,
+                            int l) noexcept nogil:
+    cdef size_t N = <size_t>a.B * a.n, C = c.C, F = c.F
+    la.ln1 = a.ln1 + l * N * C
+    la.ln1_mean = a.ln1_mean + l * N
+    la.ln1_rstd = a.ln1_rstd + l * N
+    la.qkv = a.qkv + l * N * 3 * C
+    la.atty = a.atty + l * N * C
+    la.att = a.att + l * <size_t>a.B * c.NH * a.n * a.n
+    la.residual2 = a.residual2 + l * N * C
+    la.ln2 = a.ln2 + l * N * C
+    la.ln2_mean = a.ln2_mean + l * N
+    la.ln2_rstd = a.ln2_rstd + l * N
+    la.fch = a.fch + l * N * F
+    la.fch_gelu = a.fch_gelu + l * N * F
+    la.residual3 = a.residual3 + l * N * C
+
+
+# --- profile: one table of time buckets ------------------------------------------------------
+
 cdef enum:
-    # per-op time buckets of the optional profile
-    OP_MATMUL = 0
-    OP_ATTENTION = 1
-    OP_SOFTMAX = 2
-    OP_LAYERNORM = 3
-    OP_GELU = 4
-    OP_OTHER = 5         # embedding lookup, residual copies
-    OP_ACCUMULATE = 6    # gradient validation and ordered accumulation
-    OP_TURN_WAIT = 7     # waiting for this micro-batch's accumulation turn
-    OP_OPTIMIZER = 8     # mean, norm and update of this sphere's chunks
-    NUM_OPS = 9
+    PROFILE_EMBEDDING = 0           # token + position embedding, forward and backward
+    PROFILE_BLOCK_FORWARD = 1
+    PROFILE_CLASSIFIER_LOSS = 2     # ln_f, logits and cross-entropy
+    PROFILE_CLEAR = 3               # clearing the parameter gradients of a micro-batch
+    PROFILE_CLASSIFIER_BACKWARD = 4
+    PROFILE_BLOCK_BACKWARD = 5
+    PROFILE_ACCUMULATE = 6          # gradient validation and ordered accumulation
+    PROFILE_TURN_WAIT = 7           # waiting for the micro-batch's accumulation turn
+    PROFILE_OPTIMIZER = 8           # mean, norm and update of this sphere's chunks
+    NUM_PROFILE_BUCKETS = 9
+
+cdef const char* PROFILE_BUCKET_NAMES[NUM_PROFILE_BUCKETS]
+PROFILE_BUCKET_NAMES[:] = [b"embedding", b"block_forward", b"classifier_loss",
+                           b"clear_gradients", b"classifier_backward", b"block_backward",
+                           b"accumulate", b"turn_wait", b"optimizer"]
 
 
-cdef inline void tock(double* timers, int op, double* t) noexcept nogil:
-    # adds the time since t to bucket op (no-op when profiling is off) and restarts t
+cdef inline void tock(double* timers, int bucket, double* t) noexcept nogil:
+    # adds the time since t to a bucket (no-op when profiling is off) and restarts t
     cdef double now
     if timers != NULL:
         now = now_seconds()
-        timers[op] += now - t[0]
+        timers[bucket] += now - t[0]
         t[0] = now
 
 
+# --- the pass --------------------------------------------------------------------------------
+
+cdef void block_forward(LayerActs* a, const float* res, const LayerParams* p, int B, int n,
+                        const ModelConfig* c) noexcept nogil:
+    # one block on the residual stream res (N, C): a.residual3 = its output
+    cdef int N = B * n, C = c.C, F = c.F
+    # residual2 = res + c_proj(attention(c_attn(ln_1(res))))
+    layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, res, p.ln1w, p.ln1b, N, C)
+    linear_forward(a.qkv, a.ln1, p.qkvw, p.qkvb, N, C, 3 * C)
+    attention_forward(a.atty, a.att, a.qkv, B, n, C, c.NH)
+    residual_forward(a.residual2, res, a.atty, p.attprojw, p.attprojb, N, C, C)
+    # residual3 = residual2 + c_proj(gelu(c_fc(ln_2(residual2))))
+    layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.residual2, p.ln2w, p.ln2b, N, C)
+    linear_forward(a.fch, a.ln2, p.fcw, p.fcb, N, C, F)
+    gelu_forward(a.fch_gelu, a.fch, <size_t>N * F)
+    residual_forward(a.residual3, a.residual2, a.fch_gelu, p.fcprojw, p.fcprojb, N, F, C)
+
+
+cdef void block_backward(Activations* a, const LayerActs* la, const float* res, const LayerParams* p,
+                         LayerParams* g, const ModelConfig* c) noexcept nogil:
+    # gradient of one block whose input was res: a.dresidual holds d(output) on entry and
+    # d(res) on return; g += the gradients of the block's parameters
+    cdef int B = a.B, n = a.n, N = a.B * a.n, C = c.C, F = c.F
+    cdef size_t NC = <size_t>N * C
+    # residual3 = residual2 + c_proj(gelu(c_fc(ln_2(residual2))))
+    clear(a.dresidual_mid, NC)
+    residual_backward(a.dresidual_mid, a.dresidual, NC)
+    clear(a.dwide, <size_t>N * F)
+    linear_backward(a.dwide, g.fcprojw, g.fcprojb, a.dresidual, la.fch_gelu, p.fcprojw, N, F, C)
+    clear(a.dfch, <size_t>N * F)
+    gelu_backward(a.dfch, la.fch, a.dwide, <size_t>N * F)
+    clear(a.dnarrow, NC)
+    linear_backward(a.dnarrow, g.fcw, g.fcb, a.dfch, la.ln2, p.fcw, N, C, F)
+    layernorm_backward(a.dresidual_mid, g.ln2w, g.ln2b, a.dnarrow, la.residual2, p.ln2w,
+                       la.ln2_mean, la.ln2_rstd, N, C)
+    # residual2 = res + c_proj(attention(c_attn(ln_1(res))))
+    clear(a.dresidual, NC)
+    residual_backward(a.dresidual, a.dresidual_mid, NC)
+    clear(a.dnarrow, NC)
+    linear_backward(a.dnarrow, g.attprojw, g.attprojb, a.dresidual_mid, la.atty, p.attprojw,
+                    N, C, C)
+    clear(a.dwide, NC * 3)
+    attention_backward(a.dwide, a.datt, a.dnarrow, la.qkv, la.att, B, n, C, c.NH)
+    clear(a.dnarrow, NC)
+    linear_backward(a.dnarrow, g.qkvw, g.qkvb, a.dwide, la.ln1, p.qkvw, N, C, 3 * C)
+    layernorm_backward(a.dresidual, g.ln1w, g.ln1b, a.dnarrow, res, p.ln1w, la.ln1_mean,
+                       la.ln1_rstd, N, C)
+
+
 cdef double model_forward(Activations* a, int* counted, float* params, const ModelConfig* c,
-                          const int* inp, const int* tgt, int stride, int B, int n,
+                          const int* inp, const int* tgt, int stride, int B, int n, int pad_id,
                           bint want_grad, double* timers, const int* stop) noexcept nogil:
     # Forward pass of B sequences of n tokens (n <= T, B <= maxB) and the summed loss over
-    # counted targets. With want_grad, a.logits holds dloss/dlogits afterwards. With
-    # tgt == NULL only the logits are computed (returns 0). timers: NULL or NUM_OPS buckets.
-    # When *stop becomes set the pass gives up between layers and returns NaN.
-    cdef size_t N = <size_t>B * n, C = c.C, F = c.F
+    # targets != pad_id. With want_grad, a.logits holds dloss/dlogits afterwards. With
+    # tgt == NULL only the logits are computed (returns 0). timers: NULL or the profile
+    # buckets. When *stop becomes set the pass gives up between blocks and returns NaN.
+    cdef int N = B * n, C = c.C
     cdef int l
-    cdef LayerParams p
-    cdef float* res
-    cdef float* lnf = lnf_of(params, c)
+    cdef ModelParams p
+    cdef LayerParams lp
+    cdef LayerActs la
+    cdef const float* res
     cdef double t = now_seconds() if timers != NULL else 0.0
     cdef double loss
     a.B = B
     a.n = n
     counted[0] = 0
-    encoder_forward(a.encoded, inp, stride, wte_of(params, c), wpe_of(params, c), B, n, c.C)
-    tock(timers, OP_OTHER, &t)
+    model_params(&p, params, c)
+    encoder_forward(a.encoded, inp, stride, p.wte, p.wpe, B, n, C)
+    tock(timers, PROFILE_EMBEDDING, &t)
     res = a.encoded
     for l in range(c.L):
         if stopped(stop):
             return NAN
-        layer_params(&p, params, c, l)
-        layernorm_forward(a.ln1 + l * N * C, a.ln1_mean + l * N, a.ln1_rstd + l * N,
-                          res, p.ln1w, p.ln1b, N, C)
-        tock(timers, OP_LAYERNORM, &t)
-        linear_forward(a.qkv + l * N * 3 * C, a.ln1 + l * N * C, p.qkvw, p.qkvb, N, C, 3 * C, 0.0)
-        tock(timers, OP_MATMUL, &t)
-        attention_forward(a.atty + l * N * C, a.att + l * <size_t>B * c.NH * n * n,
-                          a.qkv + l * N * 3 * C, B, n, c.C, c.NH)
-        tock(timers, OP_ATTENTION, &t)
-        # residual2 = res + atty @ attprojw^T + attprojb
-        memcpy(a.residual2 + l * N * C, res, N * C * sizeof(float))
-        tock(timers, OP_OTHER, &t)
-        linear_forward(a.residual2 + l * N * C, a.atty + l * N * C, p.attprojw, p.attprojb,
-                       N, C, C, 1.0)
-        tock(timers, OP_MATMUL, &t)
-        layernorm_forward(a.ln2 + l * N * C, a.ln2_mean + l * N, a.ln2_rstd + l * N,
-                          a.residual2 + l * N * C, p.ln2w, p.ln2b, N, C)
-        tock(timers, OP_LAYERNORM, &t)
-        linear_forward(a.fch + l * N * F, a.ln2 + l * N * C, p.fcw, p.fcb, N, C, F, 0.0)
-        tock(timers, OP_MATMUL, &t)
-        gelu_forward(a.fch_gelu + l * N * F, a.fch + l * N * F, N * F)
-        tock(timers, OP_GELU, &t)
-        memcpy(a.residual3 + l * N * C, a.residual2 + l * N * C, N * C * sizeof(float))
-        tock(timers, OP_OTHER, &t)
-        linear_forward(a.residual3 + l * N * C, a.fch_gelu + l * N * F, p.fcprojw, p.fcprojb,
-                       N, F, C, 1.0)
-        tock(timers, OP_MATMUL, &t)
-        res = a.residual3 + l * N * C
-    layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, res, lnf, lnf + C, N, C)
-    tock(timers, OP_LAYERNORM, &t)
-    linear_forward(a.logits, a.lnf, wte_of(params, c), NULL, N, C, c.V, 0.0)
-    tock(timers, OP_MATMUL, &t)
-    if tgt == NULL:
-        return 0.0
-    loss = crossentropy_forward_backward(a.logits, counted, tgt, stride, B, n, c.V, want_grad)
-    tock(timers, OP_SOFTMAX, &t)
+        layer_params(&lp, params, c, l)
+        layer_acts(&la, a, c, l)
+        block_forward(&la, res, &lp, B, n, c)
+        res = la.residual3
+        tock(timers, PROFILE_BLOCK_FORWARD, &t)
+    layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, res, p.lnfw, p.lnfb, N, C)
+    linear_forward(a.logits, a.lnf, p.wte, NULL, N, C, c.V)
+    loss = 0.0
+    if tgt != NULL:
+        loss = crossentropy_forward_backward(a.logits, counted, tgt, stride, B, n, c.V, pad_id,
+                                             want_grad)
+    tock(timers, PROFILE_CLASSIFIER_LOSS, &t)
     return loss
 
 
 cdef void model_backward(float* grads, Activations* a, float* params, const ModelConfig* c,
                          const int* inp, int stride, double* timers,
                          const int* stop) noexcept nogil:
-    # Writes d(summed loss)/d(params) into grads (every element: grads need no zeroing),
-    # after model_forward(want_grad=True). When *stop becomes set it gives up between layers
+    # grads = d(summed loss)/d(params), after model_forward(want_grad=True): the one clear of
+    # grads, then every kernel adds into it. When *stop becomes set it gives up between blocks
     # (grads are then partial).
-    cdef int B = a.B, n = a.n
-    cdef size_t N = <size_t>B * n, C = c.C, F = c.F
+    cdef int B = a.B, n = a.n, N = a.B * a.n, C = c.C
     cdef int l
-    cdef LayerParams p, g
-    cdef const float* res_in
-    cdef float* lnf = lnf_of(params, c)
-    cdef float* dlnf = lnf_of(grads, c)
+    cdef ModelParams p, g
+    cdef LayerParams lp, lg
+    cdef LayerActs la
+    cdef const float* res
     cdef double t = now_seconds() if timers != NULL else 0.0
-    # logits = lnf @ wte^T
-    linear_backward(a.dnarrow, wte_of(grads, c), NULL, a.logits, a.lnf, wte_of(params, c),
-                    N, C, c.V)
-    tock(timers, OP_MATMUL, &t)
-    memset(a.dresidual, 0, N * C * sizeof(float))
-    layernorm_backward(a.dresidual, dlnf, dlnf + C, a.dnarrow,
-                       a.residual3 + (c.L - 1) * N * C, lnf, a.lnf_mean, a.lnf_rstd, N, C)
-    tock(timers, OP_LAYERNORM, &t)
+    clear(grads, model_size(c))
+    tock(timers, PROFILE_CLEAR, &t)
+    model_params(&p, params, c)
+    model_params(&g, grads, c)
+    layer_acts(&la, a, c, c.L - 1)
+    # logits = ln_f(residual3 of the last block) @ wte^T
+    clear(a.dnarrow, <size_t>N * C)
+    linear_backward(a.dnarrow, g.wte, NULL, a.logits, a.lnf, p.wte, N, C, c.V)
+    clear(a.dresidual, <size_t>N * C)
+    layernorm_backward(a.dresidual, g.lnfw, g.lnfb, a.dnarrow, la.residual3, p.lnfw,
+                       a.lnf_mean, a.lnf_rstd, N, C)
+    tock(timers, PROFILE_CLASSIFIER_BACKWARD, &t)
     for l in range(c.L - 1, -1, -1):
         if stopped(stop):
             return
-        layer_params(&p, params, c, l)
-        layer_params(&g, grads, c, l)
-        res_in = a.encoded if l == 0 else a.residual3 + (l - 1) * N * C
-        # mlp: residual3 = residual2 + fcproj(gelu(fc(ln2(residual2))))
-        linear_backward(a.dwide, g.fcprojw, g.fcprojb, a.dresidual, a.fch_gelu + l * N * F,
-                        p.fcprojw, N, F, C)
-        tock(timers, OP_MATMUL, &t)
-        gelu_backward(a.dwide, a.fch + l * N * F, a.dwide, N * F)
-        tock(timers, OP_GELU, &t)
-        linear_backward(a.dnarrow, g.fcw, g.fcb, a.dwide, a.ln2 + l * N * C, p.fcw, N, C, F)
-        tock(timers, OP_MATMUL, &t)
-        layernorm_backward(a.dresidual, g.ln2w, g.ln2b, a.dnarrow, a.residual2 + l * N * C,
-                           p.ln2w, a.ln2_mean + l * N, a.ln2_rstd + l * N, N, C)
-        tock(timers, OP_LAYERNORM, &t)
-        # attention: residual2 = res_in + attproj(attention(qkv(ln1(res_in))))
-        linear_backward(a.dnarrow, g.attprojw, g.attprojb, a.dresidual, a.atty + l * N * C,
-                        p.attprojw, N, C, C)
-        tock(timers, OP_MATMUL, &t)
-        attention_backward(a.dwide, a.datt, a.dnarrow, a.qkv + l * N * 3 * C,
-                           a.att + l * <size_t>B * c.NH * n * n, B, n, c.C, c.NH)
-        tock(timers, OP_ATTENTION, &t)
-        linear_backward(a.dnarrow, g.qkvw, g.qkvb, a.dwide, a.ln1 + l * N * C, p.qkvw,
-                        N, C, 3 * C)
-        tock(timers, OP_MATMUL, &t)
-        layernorm_backward(a.dresidual, g.ln1w, g.ln1b, a.dnarrow, res_in, p.ln1w,
-                           a.ln1_mean + l * N, a.ln1_rstd + l * N, N, C)
-        tock(timers, OP_LAYERNORM, &t)
-    # wte's gradient was written by the logits' backward; wpe's starts here
-    memset(wpe_of(grads, c), 0, <size_t>c.T * C * sizeof(float))
-    encoder_backward(wte_of(grads, c), wpe_of(grads, c), a.dresidual, inp, stride, B, n, c.C)
-    tock(timers, OP_OTHER, &t)
+        layer_params(&lp, params, c, l)
+        layer_params(&lg, grads, c, l)
+        res = a.encoded
+        if l > 0:
+            layer_acts(&la, a, c, l - 1)
+            res = la.residual3                 # the block's input: the previous output
+        layer_acts(&la, a, c, l)
+        block_backward(a, &la, res, &lp, &lg, c)
+        tock(timers, PROFILE_BLOCK_BACKWARD, &t)
+    encoder_backward(g.wte, g.wpe, a.dresidual, inp, stride, B, n, C)
+    tock(timers, PROFILE_EMBEDDING, &t)

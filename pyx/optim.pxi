@@ -14,7 +14,39 @@ cdef struct OptimizerSettings:
     long long t          # 1-based AdamW step (bias correction)
 
 
-cdef inline double mean_gradient_sumsq(float* g, size_t size, int count) noexcept nogil:
+cdef enum:
+    OPTIMIZER_CHUNK = 16384     # floats per unit of optimiser work (64 KiB)
+
+
+cdef size_t count_optimizer_chunks(const ModelConfig* c) noexcept nogil:
+    cdef size_t count = 0
+    cdef int i, row, layer
+    for i in range(num_tensors(c)):
+        tensor_row(c, i, &row, &layer)
+        count += (row_floats(c, row) + OPTIMIZER_CHUNK - 1) // OPTIMIZER_CHUNK
+    return count
+
+
+cdef void fill_in_optimizer_chunks(long long* chunks, const ModelConfig* c) noexcept nogil:
+    # (offset, size, decay) rows covering the flat buffer: every tensor cut into pieces of at
+    # most OPTIMIZER_CHUNK floats, decay on 2-D tensors only. Fixed by the config alone, so the
+    # gradient norm (summed per chunk, then over chunks) never depends on the thread count.
+    cdef size_t start, size, offset
+    cdef int i, row, layer
+    for i in range(num_tensors(c)):
+        tensor_row(c, i, &row, &layer)
+        size = row_floats(c, row)
+        offset = tensor_offset(c, row, layer)
+        start = 0
+        while start < size:
+            chunks[0] = offset + start
+            chunks[1] = OPTIMIZER_CHUNK if size - start > OPTIMIZER_CHUNK else size - start
+            chunks[2] = PARAMETER_TABLE[row].cols != DIM_NONE
+            chunks += 3
+            start += OPTIMIZER_CHUNK
+
+
+cdef inline double mean_gradient_sumsq(float* g, size_t size, long long count) noexcept nogil:
     # g /= count in place; returns the sum of squares of the result (fixed lanes, in double)
     return cllm_divide_sumsq(g, size, <float>count)
 

@@ -77,16 +77,24 @@ cdef struct MicroBatchResult:
     long long bad_index  # first non-finite gradient element, or -1
 
 
+cdef struct StepTotals:
+    double loss_sum      # summed loss, in micro-batch order
+    long long tokens     # counted targets behind loss_sum
+    int micro_batches    # micro-batches added up
+
+
 cdef struct SphereTrainingContext:
     int sphere_id
     int symmetry_group          # sphere_id % 12, as in the original
     ThreadedTrainingSystem* system
-    float* local_gradients      # (gradient_size,) written by each micro-batch's backward
+    float* local_gradients      # (gradient_size,) cleared and filled by each micro-batch's backward
     Activations acts            # this sphere's own activations: nothing shared
     int current_microbatch
-    double batch_loss           # summed loss of this sphere's micro-batches, all steps
+    # statistics of the valid training micro-batches this sphere computed, over all steps
+    # (kept by tally_results on the main thread)
+    double batch_loss           # summed loss
     long long batch_tokens      # counted targets behind batch_loss
-    long long batches_processed
+    long long batches_processed # every training micro-batch, valid or not
     double busy_seconds
     pthread_mutex_t lock        # guards has_work / work_complete
     pthread_cond_t work_ready
@@ -95,7 +103,7 @@ cdef struct SphereTrainingContext:
     int work_complete
     pthread_t thread
     int thread_started
-    double op_seconds[NUM_OPS]  # profile, when the system's profile flag is set
+    double profile_seconds[NUM_PROFILE_BUCKETS]  # profile, when the system's profile flag is set
 
 
 cdef struct ThreadedTrainingSystem:
@@ -114,8 +122,10 @@ cdef struct ThreadedTrainingSystem:
     int num_microbatches
     int next_microbatch           # claimed atomically
     int work_kind                 # WORK_TRAIN or WORK_EVAL
+    int pad_id                    # targets equal to it are not counted (-1: all count)
     MicroBatchResult* results     # (max micro-batches per step,)
     int max_microbatches
+    int tallied                   # the current work's results were added up (tally_results)
     int next_to_accumulate        # ordered accumulation turn; under gradient_lock
     int accumulated_any           # accumulated_gradients holds a valid micro-batch
     pthread_mutex_t gradient_lock
@@ -128,13 +138,13 @@ cdef struct ThreadedTrainingSystem:
     int abort_step
     # the optimiser step, run by all spheres over fixed chunks of the flat buffer
     pthread_barrier_t batch_barrier   # between the norm and the update phases
-    const long long* chunks           # (num_chunks, 3): offset, size, decay
+    long long* chunks                 # (num_chunks, 3): offset, size, decay
     int num_chunks
     double* chunk_sumsq               # (num_chunks,)
     int next_chunk                    # phase 1 (mean and norm) claims chunks here
     int next_update_chunk             # phase 3 (update) here
     OptimizerSettings opt
-    int opt_count                     # counted tokens behind the summed gradient
+    long long opt_count               # counted tokens behind the summed gradient
     float* adam_m
     float* adam_v
     float opt_scale                   # clipping factor
@@ -142,7 +152,7 @@ cdef struct ThreadedTrainingSystem:
     int opt_apply
     double epoch_loss             # summed loss of the valid micro-batches of this epoch
     long long epoch_tokens        # counted targets behind epoch_loss
-    long long total_batches       # micro-batches accumulated since the start
+    long long total_batches       # training micro-batches since the start
     # test hook: poison micro-batch inject_microbatch of the inject_step-th step
     long long step_counter
     long long inject_step
@@ -202,7 +212,7 @@ cdef long long validate_gradients(const float* g, size_t size) noexcept nogil:
 cdef void accumulate_gradients(SphereTrainingContext* ctx, int mb, const MicroBatchResult* r,
                                double* timers) noexcept nogil:
     # Adds local_gradients into accumulated_gradients in micro-batch order, whichever sphere
-    # finished first (the backward pass overwrites local_gradients: no zeroing needed).
+    # finished first.
     cdef ThreadedTrainingSystem* s = ctx.system
     cdef size_t i, size = s.gradient_size
     cdef float* acc = s.accumulated_gradients
@@ -212,7 +222,7 @@ cdef void accumulate_gradients(SphereTrainingContext* ctx, int mb, const MicroBa
     gradient_lock_acquire(s)
     while s.next_to_accumulate != mb and not s.abort_step:
         pthread_cond_wait(&s.accumulate_turn, &s.gradient_lock)
-    tock(timers, OP_TURN_WAIT, &t)
+    tock(timers, PROFILE_TURN_WAIT, &t)
     if s.abort_step:             # the step is discarded: no sum, no turn to keep
         gradient_lock_release(s)
         return
@@ -224,14 +234,10 @@ cdef void accumulate_gradients(SphereTrainingContext* ctx, int mb, const MicroBa
             acc[i] = acc[i] + loc[i]
     if mb == s.num_microbatches - 1 and not s.accumulated_any:
         memset(acc, 0, size * sizeof(float))   # no valid micro-batch: the sum is empty
-    if valid:
-        s.epoch_loss += r.loss_sum
-        s.epoch_tokens += r.counted
-    s.total_batches += 1
     s.next_to_accumulate += 1
     pthread_cond_broadcast(&s.accumulate_turn)
     gradient_lock_release(s)
-    tock(timers, OP_ACCUMULATE, &t)
+    tock(timers, PROFILE_ACCUMULATE, &t)
 
 
 cdef void sphere_process_batch(SphereTrainingContext* ctx, int mb) noexcept nogil:
@@ -244,14 +250,14 @@ cdef void sphere_process_batch(SphereTrainingContext* ctx, int mb) noexcept nogi
     cdef bint train = s.work_kind == WORK_TRAIN
     cdef const int* windows = s.batch + <size_t>first * s.stride
     cdef MicroBatchResult* r = &s.results[mb]
-    cdef double* timers = ctx.op_seconds if s.profile else NULL
+    cdef double* timers = ctx.profile_seconds if s.profile else NULL
     cdef double loss, t
     if B > s.micro_batch:
         B = s.micro_batch
     ctx.current_microbatch = mb
     model_lock_acquire(s, s.lock_mode == LOCK_EXCLUSIVE)
     loss = model_forward(&ctx.acts, &counted, s.params, &s.cfg, windows, windows + 1,
-                         s.stride, B, n, train, timers, &s.abort_step)
+                         s.stride, B, n, s.pad_id, train, timers, &s.abort_step)
     if train:
         model_backward(ctx.local_gradients, &ctx.acts, s.params, &s.cfg, windows, s.stride,
                        timers, &s.abort_step)
@@ -270,12 +276,8 @@ cdef void sphere_process_batch(SphereTrainingContext* ctx, int mb) noexcept nogi
         r.bad_index = validate_gradients(ctx.local_gradients, s.gradient_size)
         if r.bad_index >= 0:
             r.valid = 0
-    tock(timers, OP_ACCUMULATE, &t)
+    tock(timers, PROFILE_ACCUMULATE, &t)
     accumulate_gradients(ctx, mb, r, timers)
-    if r.valid:
-        ctx.batch_loss += loss
-        ctx.batch_tokens += counted
-    ctx.batches_processed += 1
 
 
 cdef void sphere_optimizer_phase(SphereTrainingContext* ctx) noexcept nogil:
@@ -283,7 +285,7 @@ cdef void sphere_optimizer_phase(SphereTrainingContext* ctx) noexcept nogil:
     # adds the chunk sums in chunk order (the norm does not depend on the thread count) and
     # sets the clipping factor, (3) AdamW/SGD update per chunk.
     cdef ThreadedTrainingSystem* s = ctx.system
-    cdef double* timers = ctx.op_seconds if s.profile else NULL
+    cdef double* timers = ctx.profile_seconds if s.profile else NULL
     cdef double t = now_seconds() if timers != NULL else 0.0
     cdef double sumsq
     cdef int k
@@ -314,7 +316,7 @@ cdef void sphere_optimizer_phase(SphereTrainingContext* ctx) noexcept nogil:
                          s.adam_m + c[0] if s.opt.adamw else NULL,
                          s.adam_v + c[0] if s.opt.adamw else NULL,
                          <size_t>c[1], c[2] != 0, s.opt_scale, &s.opt)
-    tock(timers, OP_OPTIMIZER, &t)
+    tock(timers, PROFILE_OPTIMIZER, &t)
 
 
 cdef void* sphere_worker_thread(void* arg) noexcept nogil:
@@ -380,6 +382,7 @@ cdef void threaded_system_destroy(ThreadedTrainingSystem* s) noexcept nogil:
     free(s.accumulated_gradients)
     free(s.results)
     free(s.chunk_sumsq)
+    free(s.chunks)
     pthread_mutex_destroy(&s.gradient_lock)
     pthread_cond_destroy(&s.accumulate_turn)
     pthread_rwlock_destroy(&s.model_lock)
@@ -387,10 +390,9 @@ cdef void threaded_system_destroy(ThreadedTrainingSystem* s) noexcept nogil:
 
 
 cdef ThreadedTrainingSystem* threaded_system_create(ModelConfig cfg, float* params,
-                                                    const long long* chunks, int num_chunks,
                                                     int num_spheres, int micro_batch,
                                                     int max_microbatches, int lock_mode,
-                                                    int debug_locks) noexcept nogil:
+                                                    int debug_locks, int pad_id) noexcept nogil:
     # allocates the system and its spheres and starts one pthread per sphere; NULL on failure
     cdef ThreadedTrainingSystem* s = <ThreadedTrainingSystem*>calloc(1, sizeof(ThreadedTrainingSystem))
     cdef SphereTrainingContext* ctx
@@ -400,9 +402,9 @@ cdef ThreadedTrainingSystem* threaded_system_create(ModelConfig cfg, float* para
     s.cfg = cfg
     s.params = params
     s.gradient_size = model_size(&s.cfg)
-    s.chunks = chunks
-    s.num_chunks = num_chunks
+    s.num_chunks = count_optimizer_chunks(&s.cfg)
     s.micro_batch = micro_batch
+    s.pad_id = pad_id
     s.max_microbatches = max_microbatches
     s.lock_mode = lock_mode
     s.debug_locks = debug_locks
@@ -414,12 +416,14 @@ cdef ThreadedTrainingSystem* threaded_system_create(ModelConfig cfg, float* para
     pthread_rwlock_init(&s.model_lock, NULL)
     s.accumulated_gradients = <float*>calloc(s.gradient_size, sizeof(float))
     s.results = <MicroBatchResult*>calloc(max_microbatches, sizeof(MicroBatchResult))
-    s.chunk_sumsq = <double*>calloc(num_chunks, sizeof(double))
+    s.chunks = <long long*>calloc(3 * <size_t>s.num_chunks, sizeof(long long))
+    s.chunk_sumsq = <double*>calloc(s.num_chunks, sizeof(double))
     s.sphere_contexts = <SphereTrainingContext*>calloc(num_spheres, sizeof(SphereTrainingContext))
-    if (s.accumulated_gradients == NULL or s.results == NULL or s.chunk_sumsq == NULL
-            or s.sphere_contexts == NULL):
+    if (s.accumulated_gradients == NULL or s.results == NULL or s.chunks == NULL
+            or s.chunk_sumsq == NULL or s.sphere_contexts == NULL):
         threaded_system_destroy(s)
         return NULL
+    fill_in_optimizer_chunks(s.chunks, &s.cfg)
     s.num_worker_spheres = num_spheres
     pthread_barrier_init(&s.batch_barrier, NULL, num_spheres)
     for i in range(num_spheres):
@@ -449,6 +453,7 @@ cdef void threaded_start_work(ThreadedTrainingSystem* s, int kind) noexcept nogi
     cdef int i
     cdef SphereTrainingContext* ctx
     s.work_kind = kind
+    s.tallied = 0
     s.next_microbatch = 0
     s.next_to_accumulate = 0
     s.accumulated_any = 0
@@ -499,7 +504,34 @@ cdef bint threaded_wait_work(ThreadedTrainingSystem* s, double timeout) noexcept
     return True
 
 
-cdef int threaded_optimizer_step(ThreadedTrainingSystem* s, int count, float* m, float* v,
+cdef void tally_results(ThreadedTrainingSystem* s, StepTotals* totals) noexcept nogil:
+    # The one place where micro-batch results are added up, in micro-batch order, onto
+    # totals; called by the main thread once the work is finished (not aborted). Training
+    # counts the valid micro-batches only, and also feeds epoch_loss and each sphere's
+    # statistics; evaluation counts every micro-batch (a non-finite loss shows in the sum).
+    cdef int i
+    cdef MicroBatchResult* r
+    cdef SphereTrainingContext* ctx
+    cdef bint train = s.work_kind == WORK_TRAIN
+    s.tallied = 1
+    for i in range(s.num_microbatches):
+        r = &s.results[i]
+        totals.micro_batches += 1
+        if train:
+            ctx = &s.sphere_contexts[r.sphere_id]     # sphere ids are the context indices
+            ctx.batches_processed += 1
+            s.total_batches += 1
+            if not r.valid:
+                continue
+            ctx.batch_loss += r.loss_sum
+            ctx.batch_tokens += r.counted
+            s.epoch_loss += r.loss_sum
+            s.epoch_tokens += r.counted
+        totals.loss_sum += r.loss_sum
+        totals.tokens += r.counted
+
+
+cdef int threaded_optimizer_step(ThreadedTrainingSystem* s, long long count, float* m, float* v,
                                  const OptimizerSettings* o, double* norm) noexcept nogil:
     # Applies the step's accumulated gradient (a sum over `count` tokens) with every sphere
     # working on its chunks, under model_lock (write) then gradient_lock. Returns 1 when

@@ -7,13 +7,17 @@ schedule and gradient clipping.
 
 Shapes: B batch, n positions (n <= T), C = embed_dim, H heads, hs = C // H head size,
 F = ff_dim, V = vocab_size. Linear layers use [out, in] weights: y = u @ W.T + b.
-Target id 0 is <pad> and is not counted in the loss.
+Targets equal to pad_id (0, <pad>, unless given) are not counted in the loss.
+
+The layout of the flat buffer is the engine's table (_engine.parameter_layout, checked against
+SPEC section 1 written out by hand in test_engine_grads.py); everything else is independent.
 """
 import math
 
 import numpy as np
 
-from cllm_cli.config import param_layout, param_shapes
+from cllm_cli._engine import parameter_layout
+from cllm_cli.model import named_views
 
 LN_EPS = 1e-5
 GELU_SCALE = math.sqrt(2.0 / math.pi)
@@ -29,7 +33,7 @@ def init_params(cfg, seed, std=0.02):
     gradient term is exercised."""
     rng = np.random.default_rng(seed)
     params = {}
-    for name, shape in param_shapes(cfg):
+    for name, shape, _ in parameter_layout(cfg):
         if name.startswith("ln_f.") or ".ln_" in name:
             if name.endswith(".weight"):
                 params[name] = 1.0 + 0.1 * rng.standard_normal(shape)
@@ -41,22 +45,32 @@ def init_params(cfg, seed, std=0.02):
 
 
 def flatten(params, cfg, dtype=np.float32):
-    """Dict name -> array to one flat buffer in param_layout order."""
-    parts = [np.asarray(params[name], dtype=dtype).ravel() for name, _ in param_shapes(cfg)]
+    """Dict name -> array to one flat buffer in parameter_layout order."""
+    parts = [np.asarray(params[name], dtype=dtype).ravel() for name, _, _ in parameter_layout(cfg)]
     return np.concatenate(parts)
 
 
 def unflatten(flat, cfg):
-    """Flat buffer to dict name -> array (views) in param_layout order."""
-    out = {}
-    for name, shape, offset in param_layout(cfg):
-        size = int(np.prod(shape))
-        out[name] = flat[offset:offset + size].reshape(shape)
-    return out
+    """Flat buffer to dict name -> array (views) in parameter_layout order."""
+    return named_views(cfg, flat)
 
 
 # ----------------------------------------------------------------------------
 # layers: forward returns (out, cache), backward returns input grads (+ param grads)
+
+def encoder_forward(inputs, wte, wpe):
+    """x[B, n, C] = wte[inputs] + wpe[:n]."""
+    return wte[inputs] + wpe[:inputs.shape[1]]
+
+
+def encoder_backward(dout, inputs, V, T):
+    """Returns (dwte [V, C], dwpe [T, C]) of encoder_forward."""
+    C = dout.shape[-1]
+    dwte = np.zeros((V, C))
+    np.add.at(dwte, inputs.ravel(), dout.reshape(-1, C))
+    dwpe = np.zeros((T, C))
+    dwpe[:inputs.shape[1]] = dout.sum(axis=0)
+    return dwte, dwpe
 
 def layernorm_forward(inp, weight, bias):
     """LayerNorm over the last axis, biased variance, eps 1e-5."""
@@ -96,6 +110,16 @@ def linear_backward(dout, inp, weight):
     dbias = dout2.sum(axis=0)
     dinp = dout @ weight
     return dinp, dweight, dbias
+
+
+def residual_forward(res, inp, weight, bias):
+    """res + (inp @ weight.T + bias): a projection added onto the residual stream."""
+    return res + linear_forward(inp, weight, bias)
+
+
+def residual_backward(dout, inp, weight):
+    """Returns (dres, dinp, dweight, dbias) for residual_forward."""
+    return (dout,) + linear_backward(dout, inp, weight)
 
 
 def gelu_forward(u):
@@ -147,6 +171,26 @@ def attention_backward(dout, cache):
     return dqkv
 
 
+def crossentropy_forward(logits, targets, pad_id=0):
+    """Returns (loss_sum, n_counted, cache): the SUM over positions with target != pad_id of
+    -log softmax(logits)[target] (pad_id -1: every position counts)."""
+    lg_max = logits.max(axis=-1, keepdims=True)
+    lse = lg_max + np.log(np.exp(logits - lg_max).sum(axis=-1, keepdims=True))
+    logprobs = logits - lse
+    mask = targets != pad_id
+    nll = -np.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+    return float(np.sum(nll[mask])), int(mask.sum()), (np.exp(logprobs), targets, mask)
+
+
+def crossentropy_backward(cache):
+    """dlogits of loss_sum: softmax - onehot(target) on counted positions, 0 elsewhere."""
+    probs, targets, mask = cache
+    dlogits = probs.copy()
+    np.put_along_axis(dlogits, targets[..., None],
+                      np.take_along_axis(dlogits, targets[..., None], axis=-1) - 1.0, axis=-1)
+    return dlogits * mask[..., None]
+
+
 # ----------------------------------------------------------------------------
 # model
 
@@ -162,8 +206,7 @@ def _check_batch(cfg, inputs):
 def _forward_hidden(params, cfg, inputs):
     """Embeddings + blocks + ln_f. Returns (lnf [B, n, C], cache)."""
     inputs = _check_batch(cfg, inputs)
-    B, n = inputs.shape
-    x = params["wte"][inputs] + params["wpe"][:n]
+    x = encoder_forward(inputs, params["wte"], params["wpe"])
     layers = []
     for l in range(cfg.num_layers):
         p = f"h.{l}."
@@ -171,14 +214,12 @@ def _forward_hidden(params, cfg, inputs):
         ln1, lc["ln_1"] = layernorm_forward(x, params[p + "ln_1.weight"], params[p + "ln_1.bias"])
         qkv = linear_forward(ln1, params[p + "attn.c_attn.weight"], params[p + "attn.c_attn.bias"])
         atty, lc["attn"] = attention_forward(qkv, cfg.num_heads)
-        attproj = linear_forward(atty, params[p + "attn.c_proj.weight"], params[p + "attn.c_proj.bias"])
-        x = x + attproj
+        x = residual_forward(x, atty, params[p + "attn.c_proj.weight"], params[p + "attn.c_proj.bias"])
         lc["x_mid"] = x
         ln2, lc["ln_2"] = layernorm_forward(x, params[p + "ln_2.weight"], params[p + "ln_2.bias"])
         fch = linear_forward(ln2, params[p + "mlp.c_fc.weight"], params[p + "mlp.c_fc.bias"])
         fch_gelu = gelu_forward(fch)
-        fcproj = linear_forward(fch_gelu, params[p + "mlp.c_proj.weight"], params[p + "mlp.c_proj.bias"])
-        x = x + fcproj
+        x = residual_forward(x, fch_gelu, params[p + "mlp.c_proj.weight"], params[p + "mlp.c_proj.bias"])
         lc.update(ln1=ln1, atty=atty, ln2=ln2, fch=fch, fch_gelu=fch_gelu)
         layers.append(lc)
     lnf, lnf_cache = layernorm_forward(x, params["ln_f.weight"], params["ln_f.bias"])
@@ -192,39 +233,36 @@ def logits(params, cfg, inputs):
     return lnf @ params["wte"].T
 
 
-def forward(params, cfg, inputs, targets):
+def forward(params, cfg, inputs, targets, pad_id=0):
     """Returns (loss_sum, n_counted, cache): loss_sum is the SUM over positions with
-    target != 0 of -log softmax(logits)[target]; n_counted the number of such positions."""
+    target != pad_id of -log softmax(logits)[target]; n_counted the number of such positions."""
     lnf, cache = _forward_hidden(params, cfg, inputs)
     targets = np.asarray(targets).astype(np.int64)
     if targets.shape != cache["inputs"].shape:
         raise ValueError("targets must have the shape of inputs")
     lg = lnf @ params["wte"].T                              # [B, n, V]
-    lg_max = lg.max(axis=-1, keepdims=True)
-    lse = lg_max + np.log(np.exp(lg - lg_max).sum(axis=-1, keepdims=True))
-    logprobs = lg - lse
-    probs = np.exp(logprobs)
-    mask = targets != 0
-    nll = -np.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
-    loss_sum = float(np.sum(nll[mask]))
-    cache.update(targets=targets, mask=mask, probs=probs)
-    return loss_sum, int(mask.sum()), cache
+    loss_sum, n_counted, cache["loss"] = crossentropy_forward(lg, targets, pad_id)
+    return loss_sum, n_counted, cache
 
 
 def backward(params, cfg, cache):
     """Hand-written gradient of loss_sum (the SUM, not the mean) for every parameter."""
-    grads = {name: np.zeros(shape) for name, shape in param_shapes(cfg)}
-    inputs, targets, mask, probs = cache["inputs"], cache["targets"], cache["mask"], cache["probs"]
-    B, n = inputs.shape
+    grads = {name: np.zeros(shape) for name, shape, _ in parameter_layout(cfg)}
+    inputs = cache["inputs"]
     V = cfg.vocab_size
-    # cross-entropy + softmax: dlogits = probs - onehot(target) on counted positions
-    dlogits = probs.copy()
-    dlogits[np.arange(B)[:, None], np.arange(n)[None, :], targets] -= 1.0
-    dlogits *= mask[..., None]
+    dlogits = crossentropy_backward(cache["loss"])
     # tied output projection logits = lnf @ wte.T
     lnf = cache["lnf"]
     grads["wte"] += dlogits.reshape(-1, V).T @ lnf.reshape(-1, lnf.shape[-1])
     dlnf = dlogits @ params["wte"]
+
+    def residual(dy, x, name):
+        """Backward of residual_forward with the projection name.weight, name.bias: adds its
+        gradients to grads and returns (dres, dx)."""
+        dres, dx, dw, db = residual_backward(dy, x, params[name + ".weight"])
+        grads[name + ".weight"] += dw
+        grads[name + ".bias"] += db
+        return dres, dx
 
     def linear(dy, x, name):
         """Backward of y = x @ W + b for the parameters name.weight, name.bias: adds their
@@ -247,24 +285,25 @@ def backward(params, cfg, cache):
         p = f"h.{l}."
         lc = cache["layers"][l]
         # x = x_mid + c_proj(gelu(c_fc(ln_2(x_mid))))
-        dfch_gelu = linear(dx, lc["fch_gelu"], p + "mlp.c_proj")
+        dx, dfch_gelu = residual(dx, lc["fch_gelu"], p + "mlp.c_proj")
         dfch = gelu_backward(dfch_gelu, lc["fch"])
         dln2 = linear(dfch, lc["ln2"], p + "mlp.c_fc")
         dx = dx + layernorm(dln2, lc["ln_2"], p + "ln_2")
         # x_mid = x_in + c_proj(attn(c_attn(ln_1(x_in))))
-        datty = linear(dx, lc["atty"], p + "attn.c_proj")
+        dx, datty = residual(dx, lc["atty"], p + "attn.c_proj")
         dqkv = attention_backward(datty, lc["attn"])
         dln1 = linear(dqkv, lc["ln1"], p + "attn.c_attn")
         dx = dx + layernorm(dln1, lc["ln_1"], p + "ln_1")
     # embeddings: x = wte[inputs] + wpe[:n]
-    np.add.at(grads["wte"], inputs.ravel(), dx.reshape(-1, dx.shape[-1]))
-    grads["wpe"][:n] += dx.sum(axis=0)
+    dwte, dwpe = encoder_backward(dx, inputs, V, cfg.seq_len)
+    grads["wte"] += dwte
+    grads["wpe"] += dwpe
     return grads
 
 
-def loss_and_grads(params, cfg, inputs, targets):
+def loss_and_grads(params, cfg, inputs, targets, pad_id=0):
     """Convenience: (loss_sum, n_counted, grads) with grads of loss_sum."""
-    loss_sum, n_counted, cache = forward(params, cfg, inputs, targets)
+    loss_sum, n_counted, cache = forward(params, cfg, inputs, targets, pad_id)
     return loss_sum, n_counted, backward(params, cfg, cache)
 
 
@@ -277,7 +316,7 @@ def loss_and_grads(params, cfg, inputs, targets):
 
 def decay_mask(cfg):
     """Flat bool array: True on the elements of 2-D tensors (wte, wpe, linear weights)."""
-    parts = [np.full(int(np.prod(shape)), len(shape) == 2) for _, shape in param_shapes(cfg)]
+    parts = [np.full(int(np.prod(shape)), len(shape) == 2) for _, shape, _ in parameter_layout(cfg)]
     return np.concatenate(parts)
 
 

@@ -14,12 +14,13 @@ from cllm_cli import checkpoint as ck
 from cllm_cli.checkpoint import (FORMAT_VERSION, CheckpointError, checkpoint_path,
                                  latest_checkpoint, list_checkpoints, load_checkpoint,
                                  prune_checkpoints, save_checkpoint)
-from cllm_cli.config import CLLMConfig, param_layout, param_shapes
+from cllm_cli._engine import parameter_layout
+from cllm_cli.config import CLLMConfig
 
 CFG = CLLMConfig(vocab_size=13, embed_dim=8, num_layers=2, num_heads=2, seq_len=6)
 
 # Section 1 of the spec, written out by hand for CFG (V=13, d=8, F=32, T=6, L=2) so that a
-# mistake shared by param_shapes and the checkpoint code would still be caught.
+# mistake shared by the engine's parameter table and the checkpoint code would still be caught.
 SPEC_SHAPES = {"wte": (13, 8), "wpe": (6, 8), "ln_f.weight": (8,), "ln_f.bias": (8,)}
 for _l in range(2):
     SPEC_SHAPES.update({
@@ -127,11 +128,6 @@ def spec_tensors(seed=0, adam=False):
 
 # ------------------------------------------------------------------------------ round trip
 
-def test_spec_shapes_agree_with_config():
-    assert dict(param_shapes(CFG)) == SPEC_SHAPES
-    assert [n for n, _ in param_shapes(CFG)][:2] == ["wte", "wpe"]
-
-
 def test_round_trip_bit_exact(saved):
     path, params, m, v = saved
     out = load_checkpoint(path)
@@ -199,7 +195,7 @@ def test_readable_by_plain_safetensors(saved):
     expected_names = (set(SPEC_SHAPES) | {"adam.m." + n for n in SPEC_SHAPES}
                       | {"adam.v." + n for n in SPEC_SHAPES})
     assert set(tensors) == expected_names
-    for name, shape, offset in param_layout(CFG):
+    for name, shape, offset in parameter_layout(CFG):
         size = int(np.prod(shape))
         for prefix, buf in (("", params), ("adam.m.", m), ("adam.v.", v)):
             t = tensors[prefix + name]
@@ -466,7 +462,7 @@ def test_custom_writer_is_accepted(tmp_path):
     t = spec_tensors(adam=True)
     write_custom(path, t, good_metadata())
     out = load_checkpoint(path, cfg=CFG)
-    for name, shape, offset in param_layout(CFG):
+    for name, shape, offset in parameter_layout(CFG):
         size = int(np.prod(shape))
         assert bits_equal(out["params"][offset:offset + size], t[name].reshape(-1))
         assert bits_equal(out["adam_v"][offset:offset + size], t["adam.v." + name].reshape(-1))

@@ -8,8 +8,9 @@ import pytest
 
 import reference as ref
 from cllm_cli import _engine
-from cllm_cli.config import CLLMConfig, num_params, param_layout, param_shapes
-from cllm_cli.model import CLLMModel, engine_config
+from cllm_cli._engine import num_parameters, parameter_layout
+from cllm_cli.config import CLLMConfig
+from cllm_cli.model import CLLMModel
 
 CFG_A = CLLMConfig(vocab_size=11, embed_dim=8, num_layers=2, num_heads=2, ff_dim=12, seq_len=5)
 CFG_B = CLLMConfig(vocab_size=17, embed_dim=12, num_layers=1, num_heads=3, ff_dim=20, seq_len=7)
@@ -46,7 +47,7 @@ def make_params(cfg, seed=0, std=0.3):
 
 def engine_grads(cfg, flat, inputs, targets):
     grads = np.zeros_like(flat)
-    loss, counted = _engine.loss_and_grads(engine_config(cfg), flat, inputs, targets, grads)
+    loss, counted = _engine.loss_and_grads(cfg, flat, inputs, targets, grads)
     return loss, counted, grads
 
 
@@ -69,7 +70,7 @@ def test_gradients_match_reference(key, B, n, pad_rows):
     assert counted == rcount == int((targets != 0).sum())
     assert loss == pytest.approx(rloss, rel=1e-5, abs=1e-5)
     views = ref.unflatten(grads, cfg)
-    for name, shape in param_shapes(cfg):
+    for name, shape, _ in parameter_layout(cfg):
         g, r = views[name], rgrads[name]
         assert g.shape == r.shape == shape
         assert np.all(np.isfinite(g)), name
@@ -107,7 +108,7 @@ def test_engine_overwrites_grads_out():
     inputs, targets = make_batch(cfg, 2, 5, seed=7)
     _, _, g = engine_grads(cfg, flat, inputs, targets)
     dirty = np.full_like(flat, np.nan)
-    _engine.loss_and_grads(engine_config(cfg), flat, inputs, targets, dirty)
+    _engine.loss_and_grads(cfg, flat, inputs, targets, dirty)
     np.testing.assert_array_equal(dirty, g)
 
 
@@ -123,15 +124,15 @@ def test_gradients_match_finite_differences(n, pad_rows):
     flat, _ = make_params(cfg, seed=11, std=0.3)
     inputs, targets = make_batch(cfg, 2, n, seed=12, pad_rows=pad_rows)
     _, _, grads = engine_grads(cfg, flat, inputs, targets)
-    ecfg, scratch = engine_config(cfg), np.zeros_like(flat)
+    scratch = np.zeros_like(flat)
     rng = np.random.default_rng(13)
     eps = np.float32(1e-2)
 
     def loss_at(buf):
-        return _engine.loss_and_grads(ecfg, buf, inputs, targets, scratch)[0]
+        return _engine.loss_and_grads(cfg, buf, inputs, targets, scratch)[0]
 
     checked = 0
-    for name, shape, off in param_layout(cfg):
+    for name, shape, off in parameter_layout(cfg):
         size = math.prod(shape)
         if name == "wpe":
             # only the used positions have a non-trivial gradient
@@ -158,7 +159,7 @@ def test_gradients_match_finite_differences(n, pad_rows):
             assert abs(numeric - analytic) <= 2e-2 * abs(numeric) + 2e-3, \
                 f"{name}[{k}]: engine gradient {analytic:.6g}, finite difference {numeric:.6g}"
             checked += 1
-    assert checked >= 4 * len(param_layout(cfg)) - 8
+    assert checked >= 4 * len(parameter_layout(cfg)) - 8
 
 
 # ----------------------------------------------------------------------------------------
@@ -170,7 +171,7 @@ def test_logits_match_reference(key, B, n):
     flat, p64 = make_params(cfg, seed=20 + n)
     inputs, _ = make_batch(cfg, B, n, seed=21)
     out = np.empty((B, n, cfg.vocab_size), np.float32)
-    _engine.forward_logits(engine_config(cfg), flat, inputs, out)
+    _engine.forward_logits(cfg, flat, inputs, out)
     expected = ref.logits(p64, cfg, inputs)
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
     model = CLLMModel.from_flat(cfg, flat)
@@ -202,8 +203,8 @@ def test_model_loss_and_grads_are_means():
     rloss, count, rgrads = ref.loss_and_grads(p64, cfg, inputs, targets)
     assert 1 < count < targets.size
     assert loss == pytest.approx(rloss / count, rel=1e-5)
-    assert set(grads) == {name for name, _ in param_shapes(cfg)}
-    for name, shape in param_shapes(cfg):
+    assert set(grads) == {name for name, _, _ in parameter_layout(cfg)}
+    for name, shape, _ in parameter_layout(cfg):
         assert grads[name].shape == shape
         expected = rgrads[name] / count
         scale = np.abs(expected).max()
@@ -234,10 +235,10 @@ def test_model_accepts_1d_and_int64_inputs():
 def test_model_init_follows_spec():
     cfg = CLLMConfig(vocab_size=300, embed_dim=64, num_layers=3, num_heads=4, seq_len=32)
     model = CLLMModel(cfg, seed=7)
-    assert model.flat.dtype == np.float32 and model.flat.size == num_params(cfg)
-    assert set(model.params) == {name for name, _ in param_shapes(cfg)}
+    assert model.flat.dtype == np.float32 and model.flat.size == num_parameters(cfg)
+    assert set(model.params) == {name for name, _, _ in parameter_layout(cfg)}
     proj_std = 0.02 / math.sqrt(2 * cfg.num_layers)
-    for name, shape in param_shapes(cfg):
+    for name, shape, _ in parameter_layout(cfg):
         w = model.params[name]
         assert w.shape == shape, name
         if len(shape) == 2:
@@ -257,7 +258,7 @@ def test_model_init_is_seeded():
     a, b, c = CLLMModel(cfg, seed=5), CLLMModel(cfg, seed=5), CLLMModel(cfg, seed=6)
     np.testing.assert_array_equal(a.flat, b.flat)
     assert not np.array_equal(a.flat, c.flat)
-    for name, shape in param_shapes(cfg):
+    for name, shape, _ in parameter_layout(cfg):
         if len(shape) == 2:
             assert not np.array_equal(a.params[name], c.params[name]), name
 
@@ -265,7 +266,7 @@ def test_model_init_is_seeded():
 def test_params_are_views_into_flat():
     cfg = CFG_A
     model = CLLMModel(cfg, seed=0)
-    for name, shape, off in param_layout(cfg):
+    for name, shape, off in parameter_layout(cfg):
         view = model.params[name]
         assert np.shares_memory(view, model.flat), name
         first = np.unravel_index(0, shape)
@@ -306,25 +307,134 @@ def test_bad_inputs_raise_value_error(bad):
 
 def test_engine_rejects_bad_inputs_directly():
     cfg = CFG_A
-    ecfg = engine_config(cfg)
     flat, _ = make_params(cfg)
     grads = np.zeros_like(flat)
     good = np.ones((1, 3), np.int32)
     high = np.full((1, 3), cfg.vocab_size, np.int32)
     long = np.ones((1, cfg.seq_len + 1), np.int32)
     with pytest.raises(ValueError):
-        _engine.loss_and_grads(ecfg, flat, high, good, grads)
+        _engine.loss_and_grads(cfg, flat, high, good, grads)
     with pytest.raises(ValueError):
-        _engine.loss_and_grads(ecfg, flat, good, high, grads)
+        _engine.loss_and_grads(cfg, flat, good, high, grads)
     with pytest.raises(ValueError):
-        _engine.loss_and_grads(ecfg, flat, long, long, grads)
+        _engine.loss_and_grads(cfg, flat, long, long, grads)
     with pytest.raises(ValueError):
-        _engine.loss_and_grads(ecfg, flat, good, np.ones((1, 2), np.int32), grads)
+        _engine.loss_and_grads(cfg, flat, good, np.ones((1, 2), np.int32), grads)
     with pytest.raises(ValueError):
-        _engine.loss_and_grads(ecfg, flat[:-1], good, good, grads[:-1])
+        _engine.loss_and_grads(cfg, flat[:-1], good, good, grads[:-1])
     with pytest.raises(ValueError):
-        _engine.forward_logits(ecfg, flat, high, np.empty((1, 3, cfg.vocab_size), np.float32))
+        _engine.forward_logits(cfg, flat, high, np.empty((1, 3, cfg.vocab_size), np.float32))
     with pytest.raises(ValueError):
-        _engine.forward_logits(ecfg, flat, long,
+        _engine.forward_logits(cfg, flat, long,
                                np.empty((1, cfg.seq_len + 1, cfg.vocab_size), np.float32))
     assert not np.any(grads)   # nothing was written by the refused calls
+
+
+# ----------------------------------------------------------------------------------------
+# the engine's layout tables
+
+LAYOUT_CFG = CLLMConfig(vocab_size=13, embed_dim=8, num_layers=2, num_heads=2, ff_dim=20,
+                        seq_len=6)
+
+
+def test_parameter_layout_is_spec_section_1():
+    """SPEC section 1 written out by hand for LAYOUT_CFG (V 13, d 8, L 2, F 20, T 6): names,
+    shapes and buffer order. The one place the table is checked against the spec."""
+    spec = [("wte", (13, 8)), ("wpe", (6, 8))]
+    for l in range(2):
+        spec += [(f"h.{l}.ln_1.weight", (8,)), (f"h.{l}.ln_1.bias", (8,)),
+                 (f"h.{l}.attn.c_attn.weight", (24, 8)), (f"h.{l}.attn.c_attn.bias", (24,)),
+                 (f"h.{l}.attn.c_proj.weight", (8, 8)), (f"h.{l}.attn.c_proj.bias", (8,)),
+                 (f"h.{l}.ln_2.weight", (8,)), (f"h.{l}.ln_2.bias", (8,)),
+                 (f"h.{l}.mlp.c_fc.weight", (20, 8)), (f"h.{l}.mlp.c_fc.bias", (20,)),
+                 (f"h.{l}.mlp.c_proj.weight", (8, 20)), (f"h.{l}.mlp.c_proj.bias", (8,))]
+    spec += [("ln_f.weight", (8,)), ("ln_f.bias", (8,))]
+    offsets = np.cumsum([0] + [math.prod(shape) for _, shape in spec])
+    expected = [(name, shape, int(off)) for (name, shape), off in zip(spec, offsets)]
+    assert _engine.parameter_layout(LAYOUT_CFG) == expected
+    assert _engine.num_parameters(LAYOUT_CFG) == offsets[-1] == 1504
+
+
+def test_tensor_at_names_the_tensor_of_every_element():
+    cfg = LAYOUT_CFG
+    for name, shape, off in _engine.parameter_layout(cfg):
+        assert _engine.tensor_at(cfg, off) == name
+        assert _engine.tensor_at(cfg, off + math.prod(shape) - 1) == name
+    for outside in (-1, _engine.num_parameters(cfg)):
+        with pytest.raises(IndexError):
+            _engine.tensor_at(cfg, outside)
+
+
+def test_optimizer_chunks_cut_every_tensor_in_pieces():
+    """Pieces of at most 16384 floats that never cross a tensor, decay on 2-D tensors; wte
+    (300 x 64 = 19200 floats) takes two."""
+    cfg = CLLMConfig(vocab_size=300, embed_dim=64, num_layers=2, num_heads=4, seq_len=16)
+    chunks = _engine.optimizer_chunks(cfg)
+    assert chunks.dtype == np.int64 and chunks.ndim == 2 and chunks.shape[1] == 3
+    expected = []
+    for _, shape, off in _engine.parameter_layout(cfg):
+        size = math.prod(shape)
+        for start in range(0, size, 16384):
+            expected.append((off + start, min(16384, size - start), int(len(shape) == 2)))
+    assert [tuple(r) for r in chunks.tolist()] == expected
+    assert tuple(chunks[0]) == (0, 16384, 1) and tuple(chunks[1]) == (16384, 19200 - 16384, 1)
+    assert chunks[-1, 0] + chunks[-1, 1] == _engine.num_parameters(cfg)
+
+
+def test_activation_layout_and_allocation():
+    cfg = CLLMConfig(vocab_size=50, embed_dim=16, num_layers=3, num_heads=4, ff_dim=40,
+                     seq_len=10)
+    layout = _engine.activation_layout(cfg, 2)
+    sizes = dict(layout)
+    assert len(sizes) == len(layout), "activation names are unique"
+    N = 2 * 10
+    assert sizes["encoded"] == N * 16 and sizes["logits"] == N * 50
+    assert sizes["qkv"] == 3 * N * 3 * 16 and sizes["fch"] == 3 * N * 40
+    assert sizes["att"] == 3 * 2 * 4 * 10 * 10 and sizes["datt"] == 10 * 10
+    assert sizes["dwide"] == N * max(3 * 16, 40)
+    aligned = sum(-(-floats // 16) * 16 for _, floats in layout)
+    assert _engine.activation_allocation(cfg, 2) == aligned + 16
+    assert _engine.activation_allocation(cfg, 3) > _engine.activation_allocation(cfg, 2)
+
+
+def test_profile_buckets_name_the_profile():
+    buckets = _engine.PROFILE_BUCKETS
+    assert isinstance(buckets, tuple) and len(set(buckets)) == len(buckets)
+    assert {"accumulate", "turn_wait", "optimizer"} <= set(buckets)
+    cfg = CFG_A
+    flat, _ = make_params(cfg, seed=70)
+    windows = np.random.default_rng(71).integers(1, cfg.vocab_size, (4, 6)).astype(np.int32)
+    m = np.zeros_like(flat)
+    with _engine.Engine(cfg, flat, 2, 1, 4) as engine:
+        engine.set_profile(True)
+        engine.train_step(windows, 0, m, m.copy(), adamw=True, lr=1e-3, weight_decay=0.0,
+                          grad_clip=1.0, t=1)
+        profile = engine.profile()
+    assert tuple(profile) == buckets
+    assert all(s >= 0 for s in profile.values())
+    assert profile["block_forward"] > 0 and profile["block_backward"] > 0
+
+
+def test_engine_reads_any_config_object():
+    """The engine takes the config itself (no tuple, no import of cllm_cli): any object with
+    the six sizes, checked."""
+    from types import SimpleNamespace
+    sizes = dict(vocab_size=11, embed_dim=8, num_layers=2, num_heads=2, ff_dim=12, seq_len=5)
+    assert _engine.parameter_layout(SimpleNamespace(**sizes)) == _engine.parameter_layout(CFG_A)
+    with pytest.raises(TypeError):
+        _engine.num_parameters((11, 8, 2, 2, 12, 5))
+    with pytest.raises(ValueError):
+        _engine.num_parameters(SimpleNamespace(**dict(sizes, num_heads=3)))
+    with pytest.raises(ValueError):
+        _engine.num_parameters(SimpleNamespace(**dict(sizes, ff_dim=0)))
+
+
+def test_named_views_cover_the_buffer():
+    from cllm_cli.model import named_views
+    cfg = LAYOUT_CFG
+    flat = np.arange(_engine.num_parameters(cfg), dtype=np.float32)
+    views = named_views(cfg, flat)
+    assert [v.shape for v in views.values()] == [s for _, s, _ in _engine.parameter_layout(cfg)]
+    assert np.array_equal(np.concatenate([v.ravel() for v in views.values()]), flat)
+    with pytest.raises(ValueError):
+        named_views(cfg, flat[:-1])

@@ -10,13 +10,13 @@ import pytest
 
 import reference as ref
 from cllm_cli import _engine
-from cllm_cli.config import CLLMConfig, num_params, param_shapes
-from cllm_cli.model import engine_config
+from cllm_cli._engine import num_parameters, parameter_layout
+from cllm_cli.config import CLLMConfig
 from cllm_cli.trainer import TrainConfig, lr_at
 
 CFG = CLLMConfig(vocab_size=11, embed_dim=8, num_layers=2, num_heads=2, ff_dim=12, seq_len=5)
 CFG2 = CLLMConfig(vocab_size=13, embed_dim=12, num_layers=1, num_heads=3, ff_dim=16, seq_len=6)
-NP = num_params(CFG)
+NP = num_parameters(CFG)
 MASK = ref.decay_mask(CFG)
 
 
@@ -46,7 +46,7 @@ class engine_for:
     """Context manager: an Engine on `flat` that is always closed."""
 
     def __init__(self, cfg, flat, spheres=1, micro_batch=1, max_windows=16, lock_mode="shared"):
-        self.engine = _engine.Engine(engine_config(cfg), flat, spheres, micro_batch, max_windows,
+        self.engine = _engine.Engine(cfg, flat, spheres, micro_batch, max_windows,
                                      lock_mode)
 
     def __enter__(self):
@@ -63,7 +63,7 @@ def reference_sum_grads(cfg, flat, windows):
 
 def assert_close_per_tensor(cfg, got_flat, expected, rel=1e-4):
     got = ref.unflatten(got_flat, cfg)
-    for name, _ in param_shapes(cfg):
+    for name, _, _ in parameter_layout(cfg):
         scale = np.abs(expected[name]).max()
         assert scale > 0, f"{name}: reference gradient is zero"
         err = np.abs(got[name] - expected[name]).max()
@@ -100,7 +100,7 @@ def test_accumulated_gradient_matches_reference(cfg, W, n, micro_batch):
             assert mb_loss == 0
     assert sum(r[1] for r in results) == counted
     assert sum(r[0] for r in results) == pytest.approx(loss, rel=1e-5)
-    assert acc.dtype == np.float32 and acc.shape == (num_params(cfg),)
+    assert acc.dtype == np.float32 and acc.shape == (num_parameters(cfg),)
     assert_close_per_tensor(cfg, acc, grads)
 
 
@@ -110,7 +110,7 @@ def micro_batch_grads(cfg, flat, windows, micro_batch):
     for k in range(0, len(windows), micro_batch):
         part = windows[k:k + micro_batch]
         g = np.zeros_like(flat)
-        _engine.loss_and_grads(engine_config(cfg), flat, np.ascontiguousarray(part[:, :-1]),
+        _engine.loss_and_grads(cfg, flat, np.ascontiguousarray(part[:, :-1]),
                                np.ascontiguousarray(part[:, 1:]), g)
         parts.append(g)
     return parts
@@ -167,7 +167,7 @@ def test_evaluation_reports_losses_and_leaves_weights():
 
 def accumulate(flat, windows, micro_batch=2, step=0):
     """Returns (engine, results, accumulated sum, counted); the caller closes the engine."""
-    engine = _engine.Engine(engine_config(CFG), flat, 1, micro_batch, 16)
+    engine = _engine.Engine(CFG, flat, 1, micro_batch, 16)
     results = run(engine, windows, step=step)
     return engine, results, engine.accumulated_gradients(), sum(r[1] for r in results)
 
@@ -473,3 +473,209 @@ def test_lr_constant_is_flat_after_warmup():
     cfg = schedule_cfg(lr_schedule="constant", warmup_steps=2)
     assert [lr_at(s, 10, cfg) for s in range(10)] == pytest.approx(
         [1.5e-3] + [3e-3] * 9, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------------
+# train_step and evaluate: the whole step in one call
+
+STEP = dict(adamw=True, lr=1e-2, weight_decay=0.1, grad_clip=1.0)
+
+
+def old_path_step(engine, windows, step, m, v, t):
+    """The step in parts (start/wait/results/optimizer_step), summed the way trainer.py does."""
+    results = run(engine, windows, step=step)
+    valid = [r for r in results if r[3]]
+    count = sum(r[1] for r in valid)
+    loss_sum = 0.0
+    for r in valid:
+        loss_sum += r[0]
+    norm, applied = engine.optimizer_step(count, m, v, t=t, **STEP) if count else (math.nan, False)
+    return results, loss_sum, count, norm, applied
+
+
+@pytest.mark.parametrize("spheres, micro_batch", [(1, 2), (3, 2), (2, 1)])
+def test_train_step_is_the_step_in_parts(spheres, micro_batch):
+    """train_step gives bit for bit the weights, AdamW state and figures of the old calls,
+    a poisoned micro-batch included."""
+    windows = [make_windows(CFG, 7, 5, seed=40 + s) for s in range(3)]
+    outcomes = []
+    for whole in (False, True):
+        flat = make_params(CFG, seed=39)
+        m, v = np.zeros(NP, np.float32), np.zeros(NP, np.float32)
+        figures = []
+        with engine_for(CFG, flat, spheres, micro_batch) as engine:
+            engine.inject_nan(1, 1)
+            for step, w in enumerate(windows):
+                if whole:
+                    r = engine.train_step(w, step, m, v, t=step + 1, **STEP)
+                    figures.append((r.loss_sum, r.tokens, r.grad_norm, r.applied,
+                                    [(b.step, b.index) for b in r.bad]))
+                    assert r.micro_batches == -(-7 // micro_batch)
+                    assert r.loss == r.loss_sum / r.tokens
+                else:
+                    results, loss_sum, count, norm, applied = old_path_step(
+                        engine, w, step, m, v, step + 1)
+                    figures.append((loss_sum, count, norm, applied,
+                                    [(step, k) for k, r in enumerate(results) if not r[3]]))
+        outcomes.append((flat, m, v, figures))
+    (flat0, m0, v0, fig0), (flat1, m1, v1, fig1) = outcomes
+    assert fig1 == fig0
+    assert fig1[1][4] == [(1, 1)] and all(f[3] for f in fig1)
+    np.testing.assert_array_equal(flat1, flat0)
+    np.testing.assert_array_equal(m1, m0)
+    np.testing.assert_array_equal(v1, v0)
+
+
+def test_train_step_reports_the_bad_micro_batch():
+    flat = make_params(CFG, seed=41)
+    windows = make_windows(CFG, 5, 5, seed=42)
+    m, v = np.zeros(NP, np.float32), np.zeros(NP, np.float32)
+    with engine_for(CFG, flat, 2, 2) as engine:
+        engine.inject_nan(3, 2)
+        result = engine.train_step(windows, 3, m, v, t=1, **STEP)
+    assert result.applied and math.isfinite(result.grad_norm)
+    [bad] = result.bad
+    assert (bad.step, bad.index, bad.loss_finite) == (3, 2, True) and bad.sphere in (0, 1)
+    # inject_nan poisons the element in the middle of the buffer
+    assert bad.tensor == _engine.tensor_at(CFG, NP // 2)
+    _, counted, _ = reference_sum_grads(CFG, flat, windows[:4])     # micro-batches 0 and 1
+    assert result.tokens == counted and result.micro_batches == 3
+
+
+def test_train_step_without_a_valid_micro_batch_changes_nothing():
+    flat = make_params(CFG, seed=43)
+    windows = make_windows(CFG, 3, 5, seed=44)
+    before = flat.copy()
+    m, v = np.full(NP, 0.5, np.float32), np.full(NP, 0.25, np.float32)
+    with engine_for(CFG, flat, 2, 3) as engine:
+        engine.inject_nan(0, 0)
+        result = engine.train_step(windows, 0, m, v, t=1, **STEP)
+        # a step whose micro-batches are valid but count no target: the optimiser does not run
+        padded = windows.copy()
+        padded[:, 1:] = 0
+        empty = engine.train_step(padded, 1, m, v, t=1, **STEP)
+    assert not result.applied and result.tokens == 0 and len(result.bad) == 1
+    assert math.isnan(result.loss) and math.isnan(result.grad_norm)
+    assert not empty.applied and empty.tokens == 0 and not empty.bad
+    assert math.isnan(empty.loss) and math.isnan(empty.grad_norm)
+    np.testing.assert_array_equal(flat, before)
+    assert np.all(m == 0.5) and np.all(v == 0.25)
+
+
+def test_train_step_stops_when_asked_and_the_engine_stays_usable():
+    flat = make_params(CFG, seed=45)
+    windows = make_windows(CFG, 8, 5, seed=46)
+    before = flat.copy()
+    m, v = np.zeros(NP, np.float32), np.zeros(NP, np.float32)
+    asked = []
+
+    def stop():
+        asked.append(1)
+        return True
+
+    with engine_for(CFG, flat, 2, 1) as engine:
+        with pytest.raises(_engine.StepAborted):
+            engine.train_step(windows, 0, m, v, t=1, should_stop=stop, **STEP)
+        assert asked and not m.any() and not v.any()
+        np.testing.assert_array_equal(flat, before)
+
+        def fail():
+            raise KeyError("from should_stop")
+
+        with pytest.raises(KeyError):
+            engine.train_step(windows, 0, m, v, t=1, should_stop=fail, **STEP)
+        np.testing.assert_array_equal(flat, before)
+        with pytest.raises(_engine.StepAborted):
+            engine.evaluate(windows, should_stop=stop)
+        # the next step is a normal one
+        result = engine.train_step(windows, 0, m, v, t=1, should_stop=lambda: False, **STEP)
+    fresh = make_params(CFG, seed=45)
+    m2, v2 = np.zeros(NP, np.float32), np.zeros(NP, np.float32)
+    with engine_for(CFG, fresh, 2, 1) as engine:
+        expected = engine.train_step(windows, 0, m2, v2, t=1, **STEP)
+    assert result.applied and result.loss_sum == expected.loss_sum
+    np.testing.assert_array_equal(flat, fresh)
+
+
+def test_evaluate_runs_any_number_of_windows_in_slices():
+    flat = make_params(CFG, seed=47)
+    windows = make_windows(CFG, 11, 5, seed=48)
+    before = flat.copy()
+    with engine_for(CFG, flat, 2, 2, max_windows=4) as engine:
+        loss_sum, tokens = engine.evaluate(windows)
+        # the same sum as the slices run one by one, losses added in micro-batch order
+        expected = 0.0
+        for start in range(0, 11, 4):
+            for r in run(engine, windows[start:start + 4], step=-1, train=False):
+                expected += r[0]
+        assert engine.evaluate(windows[:0]) == (0.0, 0)
+        assert engine.epoch_stats() == (0.0, 0, 0), "evaluation is not training"
+    ref_loss, ref_count, _ = reference_sum_grads(CFG, flat, windows)
+    assert tokens == ref_count and loss_sum == expected
+    assert loss_sum == pytest.approx(ref_loss, rel=1e-5)
+    np.testing.assert_array_equal(flat, before)
+
+
+def test_epoch_and_sphere_statistics_come_from_the_step_results():
+    flat = make_params(CFG, seed=49)
+    m, v = np.zeros(NP, np.float32), np.zeros(NP, np.float32)
+    with engine_for(CFG, flat, 3, 2) as engine:
+        engine.inject_nan(1, 0)
+        engine.begin_epoch()
+        results = [engine.train_step(make_windows(CFG, 7, 5, seed=50 + s), s, m, v, t=s + 1,
+                                     **STEP) for s in range(3)]
+        epoch_loss, epoch_tokens, total = engine.epoch_stats()
+        spheres = engine.sphere_stats()
+    assert total == sum(r.micro_batches for r in results) == 12
+    assert epoch_tokens == sum(r.tokens for r in results)
+    assert epoch_loss == pytest.approx(sum(r.loss_sum for r in results), rel=1e-12)
+    assert sum(s["micro_batches"] for s in spheres) == total
+    assert sum(s["tokens"] for s in spheres) == epoch_tokens
+    assert sum(s["loss_sum"] for s in spheres) == pytest.approx(epoch_loss, rel=1e-12)
+
+
+@pytest.mark.parametrize("pad_id", [-1, 0, 4])
+def test_pad_id_sets_the_ignored_target(pad_id):
+    """pad_id -1 counts every target (id 0 is a real token in GPT-2's vocabulary)."""
+    flat = make_params(CFG, seed=51)
+    windows = make_windows(CFG, 4, 5, seed=52, pad_frac=0.3)
+    windows[0, 2] = 4
+    m, v = np.zeros(NP, np.float32), np.zeros(NP, np.float32)
+    engine = _engine.Engine(CFG, flat.copy(), 2, 2, 4, pad_id=pad_id)
+    try:
+        result = engine.train_step(windows, 0, m, v, t=1, **STEP)
+        loss_sum, tokens = engine.evaluate(windows)
+    finally:
+        engine.close()
+    p64 = {k: g.astype(np.float64) for k, g in ref.unflatten(flat, CFG).items()}
+    ref_loss, ref_count, _ = ref.loss_and_grads(p64, CFG, windows[:, :-1], windows[:, 1:], pad_id)
+    assert ref_count == int((windows[:, 1:] != pad_id).sum())
+    assert result.tokens == tokens == ref_count
+    assert result.loss_sum == pytest.approx(ref_loss, rel=1e-5)
+    grads = np.zeros_like(flat)
+    direct = _engine.loss_and_grads(CFG, flat, np.ascontiguousarray(windows[:, :-1]),
+                                    np.ascontiguousarray(windows[:, 1:]), grads, pad_id)
+    assert direct[1] == ref_count and direct[0] == pytest.approx(ref_loss, rel=1e-5)
+
+
+def test_engine_refuses_bad_arguments():
+    flat = make_params(CFG, seed=53)
+    with pytest.raises(ValueError):
+        _engine.Engine(CFG, flat, 1, 1, 4, pad_id=CFG.vocab_size)
+    with pytest.raises(ValueError):
+        _engine.Engine(CFG, flat[:-1], 1, 1, 4)
+    with pytest.raises(TypeError):
+        _engine.Engine((11, 8, 2, 2, 12, 5), flat, 1, 1, 4)
+    with engine_for(CFG, flat, 1, 1, max_windows=4) as engine:
+        m = np.zeros(NP - 1, np.float32)
+        with pytest.raises(ValueError):
+            engine.train_step(make_windows(CFG, 2, 5, seed=54), 0, m, m, t=1, **STEP)
+        with pytest.raises(ValueError):     # more windows than max_windows
+            engine.train_step(make_windows(CFG, 5, 5, seed=54), 0, None, None, t=1,
+                              **dict(STEP, adamw=False))
+        # SGD has no optimiser state to pass
+        assert engine.train_step(make_windows(CFG, 4, 5, seed=54), 0, None, None, t=1,
+                                 **dict(STEP, adamw=False)).applied
+    engine.close()
+    with pytest.raises(RuntimeError):
+        engine.evaluate(make_windows(CFG, 2, 5, seed=55))

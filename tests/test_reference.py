@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import reference as ref
-from cllm_cli.config import CLLMConfig, param_shapes
-from cllm_cli.config import num_params
+from cllm_cli._engine import num_parameters, parameter_layout
+from cllm_cli.config import CLLMConfig
 
 TINY = CLLMConfig(vocab_size=11, embed_dim=8, num_layers=2, num_heads=2, ff_dim=12, seq_len=5)
 
@@ -26,7 +26,7 @@ def numerical_grads(params, cfg, inputs, targets, eps=3e-5):
     """Central finite differences of loss_sum for every element of every tensor.
     eps 3e-5 balances round-off (~1e-16 * loss / eps) and truncation (~eps^2) error."""
     grads = {}
-    for name, _ in param_shapes(cfg):
+    for name, _, _ in parameter_layout(cfg):
         w = params[name]
         g = np.zeros_like(w)
         for idx in np.ndindex(w.shape):
@@ -52,8 +52,8 @@ def test_backward_matches_finite_differences(n, n_pad, std):
     loss, count, grads = ref.loss_and_grads(params, cfg, inputs, targets)
     assert count == 2 * n - n_pad and loss > 0
     num = numerical_grads(params, cfg, inputs, targets)
-    assert set(grads) == {name for name, _ in param_shapes(cfg)}
-    for name, shape in param_shapes(cfg):
+    assert set(grads) == {name for name, _, _ in parameter_layout(cfg)}
+    for name, shape, _ in parameter_layout(cfg):
         g, gn = grads[name], num[name]
         assert g.shape == shape and g.dtype == np.float64
         scale = np.abs(g).max()
@@ -177,15 +177,15 @@ def test_sequence_longer_than_seq_len_is_refused():
 
 def test_decay_mask_marks_2d_tensors():
     mask = ref.decay_mask(TINY)
-    assert mask.dtype == bool and mask.size == num_params(TINY)
+    assert mask.dtype == bool and mask.size == num_parameters(TINY)
     flat = ref.unflatten(mask, TINY)
-    for name, shape in param_shapes(TINY):
+    for name, shape, _ in parameter_layout(TINY):
         assert flat[name].all() == (len(shape) == 2) and flat[name].any() == (len(shape) == 2), name
 
 
 def test_sgd_step_is_minus_gradient_with_lr_1():
     rng = np.random.default_rng(0)
-    p = rng.standard_normal(num_params(TINY)).astype(np.float32)
+    p = rng.standard_normal(num_parameters(TINY)).astype(np.float32)
     g = rng.standard_normal(p.size).astype(np.float32)
     mask = ref.decay_mask(TINY)
     np.testing.assert_array_equal(p - ref.sgd_reference(p, g, 1.0, 0.0, mask), p - (p - g))
@@ -196,7 +196,7 @@ def test_sgd_step_is_minus_gradient_with_lr_1():
 
 def test_adamw_first_step_and_decay():
     rng = np.random.default_rng(1)
-    size = num_params(TINY)
+    size = num_parameters(TINY)
     p = rng.standard_normal(size).astype(np.float32)
     g = rng.standard_normal(size).astype(np.float32)
     z = np.zeros(size, np.float32)

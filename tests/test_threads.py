@@ -17,7 +17,7 @@ import pytest
 
 from cllm_cli import CLLMModel, train
 from cllm_cli.checkpoint import load_checkpoint
-from cllm_cli.config import param_layout
+from cllm_cli._engine import parameter_layout
 from cllm_cli.data import epoch_order, gather_windows, load_dataset, num_windows, split_stream
 from cllm_cli.trainer import TrainingError
 from helpers import ROOT, assert_bit_identical, sentences, tensors
@@ -162,8 +162,8 @@ def test_resume_without_the_dataset_cache_is_bit_identical(reference, corpus, tm
 
 def expected_bad_tensor(cfg):
     """The tensor holding flat element size // 2, where inject_nan puts its NaN."""
-    size = sum(math.prod(shape) for _, shape, _ in param_layout(cfg))
-    for name, shape, off in param_layout(cfg):
+    size = sum(math.prod(shape) for _, shape, _ in parameter_layout(cfg))
+    for name, shape, off in parameter_layout(cfg):
         if off <= size // 2 < off + math.prod(shape):
             return name
 
@@ -240,7 +240,7 @@ def test_nan_step_uses_exactly_the_other_micro_batches(corpus, tmp_path, capfd):
     def grad(rows):
         model = CLLMModel.from_flat(cfg, w0.copy())
         _, g = model.loss_and_grads(windows[rows, :-1], windows[rows, 1:])
-        return np.concatenate([g[name].ravel() for name, _, _ in param_layout(cfg)])
+        return np.concatenate([g[name].ravel() for name, _, _ in parameter_layout(cfg)])
 
     g_valid, g_all = grad(keep), grad(list(range(BATCH)))
     scale = np.abs(g_valid).max()
@@ -281,10 +281,10 @@ LOCK_SCRIPT = """
 import sys
 from cllm_cli import _engine
 from cllm_cli.config import CLLMConfig
-from cllm_cli.model import CLLMModel, engine_config
+from cllm_cli.model import CLLMModel
 cfg = CLLMConfig(vocab_size=10, embed_dim=8, num_layers=1, num_heads=2, seq_len=4)
 model = CLLMModel(cfg, 0)
-engine = _engine.Engine(engine_config(cfg), model.flat, 2, 1, 4, "shared", {debug})
+engine = _engine.Engine(cfg, model.flat, 2, 1, 4, "shared", {debug})
 engine.violate_lock_order()
 print("returned", flush=True)
 engine.close()

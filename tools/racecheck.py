@@ -9,24 +9,36 @@ from cllm_cli import _engine, train
 
 
 def abort_mid_step():
-    """Ctrl-C's path: abort() while spheres compute and wait for their turns."""
+    """Ctrl-C's path: a step stopped while spheres compute and wait for their turns, in both
+    APIs (abort() between start() and wait(); should_stop() of train_step and evaluate)."""
+    import itertools
     import time
 
     import numpy as np
 
     from cllm_cli import CLLMConfig, CLLMModel
-    from cllm_cli.model import engine_config
     cfg = CLLMConfig(vocab_size=50, embed_dim=32, num_layers=4, num_heads=2, seq_len=32)
     model = CLLMModel(cfg, seed=1)
     windows = np.random.default_rng(2).integers(4, 50, (64, 33)).astype(np.int32)
-    engine = _engine.Engine(engine_config(cfg), model.flat, 4, 1, 64, debug_locks=True)
-    for delay in (0.0, 0.05, 0.2):
-        engine.start(windows, True, 0)
-        time.sleep(delay)
-        engine.abort()
-        while not engine.wait(0.1):
-            pass
-    engine.close()
+    m, v = np.zeros_like(model.flat), np.zeros_like(model.flat)
+    with _engine.Engine(cfg, model.flat, 4, 1, 64, debug_locks=True) as engine:
+        for delay in (0.0, 0.05, 0.2):
+            engine.start(windows, True, 0)
+            time.sleep(delay)
+            engine.abort()
+            while not engine.wait(0.1):
+                pass
+        steps = (lambda stop: engine.train_step(windows, 0, m, v, adamw=True, lr=1e-3,
+                                                weight_decay=0.0, grad_clip=1.0, t=1,
+                                                should_stop=stop),
+                 lambda stop: engine.evaluate(windows, should_stop=stop))
+        for slices in (0, 1, 3):      # should_stop answers True after this many slices
+            for run in steps:
+                calls = itertools.count()
+                try:
+                    run(lambda: next(calls) >= slices)
+                except _engine.StepAborted:
+                    pass
 
 
 def main():

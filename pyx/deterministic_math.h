@@ -1,9 +1,10 @@
-/* Vectorisable exp and tanh made only of IEEE float operations, so that every machine and
- * every thread computes the same bits (no libm dispatch, no fast-math).
+/* Deterministic float math: exp, tanh and the row reductions of the kernels, made only of IEEE
+ * float operations in a fixed order, so that every machine and every thread computes the same
+ * bits (no libm dispatch, no fast-math, no reassociation by the compiler).
  * cllm_expf: x = k ln2 + r with |r| <= ln2/2, e^r by its Taylor polynomial of degree 7
  * (truncation error below 5e-9 relative), 2^k assembled in the exponent bits. */
-#ifndef CLLM_FASTMATH_H
-#define CLLM_FASTMATH_H
+#ifndef CLLM_DETERMINISTIC_MATH_H
+#define CLLM_DETERMINISTIC_MATH_H
 #include <stdint.h>
 #include <string.h>
 

@@ -1,0 +1,174 @@
+# Test-only Python wrappers of the kernels, one per forward and backward, so that each op can
+# be checked on its own (tests/test_kernels.py). Arrays are C-contiguous float32 / int32; a
+# forward returns new arrays, a backward adds into the gradient arrays it is given (the write
+# rule of kernels.pxi). They check shapes, not values.
+
+
+def _expect(bint ok, str what):
+    if not ok:
+        raise ValueError(what)
+
+
+def op_encoder_forward(const int[:, ::1] inputs, const float[:, ::1] wte,
+                       const float[:, ::1] wpe):
+    """out[B, n, C] = wte[inputs] + wpe[:n]."""
+    cdef int B = inputs.shape[0], n = inputs.shape[1], C = wte.shape[1]
+    _expect(wpe.shape[1] == C and 1 <= n <= wpe.shape[0] and B >= 1, "shapes do not match")
+    _check_tokens(inputs, wte.shape[0], "inputs")
+    out = np.empty((B, n, C), np.float32)
+    cdef float[:, :, ::1] o = out
+    encoder_forward(&o[0, 0, 0], &inputs[0, 0], n, &wte[0, 0], &wpe[0, 0], B, n, C)
+    return out
+
+
+def op_encoder_backward(float[:, ::1] dwte, float[:, ::1] dwpe, const float[:, :, ::1] dout,
+                        const int[:, ::1] inputs):
+    """dwte[inputs] += dout; dwpe[:n] += dout summed over the batch."""
+    cdef int B = inputs.shape[0], n = inputs.shape[1], C = dwte.shape[1]
+    _expect(dout.shape[0] == B and dout.shape[1] == n and dout.shape[2] == C
+            and dwpe.shape[1] == C and 1 <= n <= dwpe.shape[0] and B >= 1, "shapes do not match")
+    _check_tokens(inputs, dwte.shape[0], "inputs")
+    encoder_backward(&dwte[0, 0], &dwpe[0, 0], &dout[0, 0, 0], &inputs[0, 0], n, B, n, C)
+
+
+def op_layernorm_forward(const float[:, ::1] inp, const float[::1] weight,
+                         const float[::1] bias):
+    """(out[N, C], mean[N], rstd[N])."""
+    cdef int N = inp.shape[0], C = inp.shape[1]
+    _expect(weight.shape[0] == C and bias.shape[0] == C and N >= 1, "shapes do not match")
+    out = np.empty((N, C), np.float32)
+    mean = np.empty(N, np.float32)
+    rstd = np.empty(N, np.float32)
+    cdef float[:, ::1] o = out
+    cdef float[::1] m = mean, r = rstd
+    layernorm_forward(&o[0, 0], &m[0], &r[0], &inp[0, 0], &weight[0], &bias[0], N, C)
+    return out, mean, rstd
+
+
+def op_layernorm_backward(float[:, ::1] dinp, float[::1] dweight, float[::1] dbias,
+                          const float[:, ::1] dout, const float[:, ::1] inp,
+                          const float[::1] weight, const float[::1] mean,
+                          const float[::1] rstd):
+    cdef int N = inp.shape[0], C = inp.shape[1]
+    _expect(dinp.shape[0] == N and dinp.shape[1] == C and dout.shape[0] == N
+            and dout.shape[1] == C and dweight.shape[0] == C and dbias.shape[0] == C
+            and weight.shape[0] == C and mean.shape[0] == N and rstd.shape[0] == N and N >= 1,
+            "shapes do not match")
+    layernorm_backward(&dinp[0, 0], &dweight[0], &dbias[0], &dout[0, 0], &inp[0, 0],
+                       &weight[0], &mean[0], &rstd[0], N, C)
+
+
+def op_linear_forward(const float[:, ::1] inp, const float[:, ::1] weight,
+                      const float[::1] bias=None):
+    """out[N, OC] = inp[N, C] @ weight[OC, C]^T (+ bias)."""
+    cdef int N = inp.shape[0], C = inp.shape[1], OC = weight.shape[0]
+    _expect(weight.shape[1] == C and (bias is None or bias.shape[0] == OC) and N >= 1,
+            "shapes do not match")
+    out = np.empty((N, OC), np.float32)
+    cdef float[:, ::1] o = out
+    cdef const float* b = NULL
+    if bias is not None:
+        b = &bias[0]
+    linear_forward(&o[0, 0], &inp[0, 0], &weight[0, 0], b, N, C, OC)
+    return out
+
+
+def op_linear_backward(float[:, ::1] dinp, float[:, ::1] dweight, float[::1] dbias,
+                       const float[:, ::1] dout, const float[:, ::1] inp,
+                       const float[:, ::1] weight):
+    """dbias may be None."""
+    cdef int N = inp.shape[0], C = inp.shape[1], OC = weight.shape[0]
+    _expect(weight.shape[1] == C and dinp.shape[0] == N and dinp.shape[1] == C
+            and dweight.shape[0] == OC and dweight.shape[1] == C and dout.shape[0] == N
+            and dout.shape[1] == OC and (dbias is None or dbias.shape[0] == OC) and N >= 1,
+            "shapes do not match")
+    cdef float* db = NULL
+    if dbias is not None:
+        db = &dbias[0]
+    linear_backward(&dinp[0, 0], &dweight[0, 0], db, &dout[0, 0], &inp[0, 0], &weight[0, 0],
+                    N, C, OC)
+
+
+def op_residual_forward(const float[:, ::1] res, const float[:, ::1] inp,
+                        const float[:, ::1] weight, const float[::1] bias):
+    """out[N, OC] = res + inp[N, C] @ weight[OC, C]^T + bias."""
+    cdef int N = inp.shape[0], C = inp.shape[1], OC = weight.shape[0]
+    _expect(weight.shape[1] == C and bias.shape[0] == OC and res.shape[0] == N
+            and res.shape[1] == OC and N >= 1, "shapes do not match")
+    out = np.empty((N, OC), np.float32)
+    cdef float[:, ::1] o = out
+    residual_forward(&o[0, 0], &res[0, 0], &inp[0, 0], &weight[0, 0], &bias[0], N, C, OC)
+    return out
+
+
+def op_residual_backward(float[::1] dres, const float[::1] dout):
+    """dres += dout (the projection's part is op_linear_backward)."""
+    _expect(dres.shape[0] == dout.shape[0] >= 1, "shapes do not match")
+    residual_backward(&dres[0], &dout[0], dres.shape[0])
+
+
+def op_gelu_forward(const float[::1] inp):
+    _expect(inp.shape[0] >= 1, "empty input")
+    out = np.empty(inp.shape[0], np.float32)
+    cdef float[::1] o = out
+    gelu_forward(&o[0], &inp[0], inp.shape[0])
+    return out
+
+
+def op_gelu_backward(float[::1] dinp, const float[::1] inp, const float[::1] dout):
+    _expect(dinp.shape[0] == inp.shape[0] == dout.shape[0] >= 1, "shapes do not match")
+    gelu_backward(&dinp[0], &inp[0], &dout[0], inp.shape[0])
+
+
+def op_attention_forward(const float[:, :, ::1] qkv, int num_heads):
+    """qkv[B, n, 3C] -> (out[B, n, C], att[B, NH, n, n])."""
+    cdef int B = qkv.shape[0], n = qkv.shape[1], C = qkv.shape[2] // 3
+    _expect(qkv.shape[2] == 3 * C and num_heads >= 1 and C % num_heads == 0 and B >= 1
+            and n >= 1, "shapes do not match")
+    out = np.empty((B, n, C), np.float32)
+    att = np.empty((B, num_heads, n, n), np.float32)
+    cdef float[:, :, ::1] o = out
+    cdef float[:, :, :, ::1] a = att
+    attention_forward(&o[0, 0, 0], &a[0, 0, 0, 0], &qkv[0, 0, 0], B, n, C, num_heads)
+    return out, att
+
+
+def op_attention_backward(float[:, :, ::1] dqkv, const float[:, :, ::1] dout,
+                          const float[:, :, ::1] qkv, const float[:, :, :, ::1] att):
+    cdef int B = qkv.shape[0], n = qkv.shape[1], C = qkv.shape[2] // 3, NH = att.shape[1]
+    _expect(dqkv.shape[0] == B and dqkv.shape[1] == n and dqkv.shape[2] == 3 * C
+            and dout.shape[0] == B and dout.shape[1] == n and dout.shape[2] == C
+            and att.shape[0] == B and att.shape[2] == n and att.shape[3] == n
+            and NH >= 1 and C % NH == 0, "shapes do not match")
+    scratch = np.empty((n, n), np.float32)
+    cdef float[:, ::1] datt = scratch
+    attention_backward(&dqkv[0, 0, 0], &datt[0, 0], &dout[0, 0, 0], &qkv[0, 0, 0],
+                       &att[0, 0, 0, 0], B, n, C, NH)
+
+
+def op_crossentropy_forward(const float[:, :, ::1] logits, const int[:, ::1] targets,
+                            int pad_id=0):
+    """(sum of -log softmax(logits)[target] over targets != pad_id, counted)."""
+    cdef int B = logits.shape[0], n = logits.shape[1], V = logits.shape[2], counted = 0
+    _expect(targets.shape[0] == B and targets.shape[1] == n and B >= 1 and n >= 1,
+            "shapes do not match")
+    _check_tokens(targets, V, "targets")
+    work = np.array(logits, dtype=np.float32)        # the kernel overwrites its logits
+    cdef float[:, :, ::1] w = work
+    loss = crossentropy_forward_backward(&w[0, 0, 0], &counted, &targets[0, 0], n, B, n, V,
+                                         pad_id, False)
+    return loss, counted
+
+
+def op_crossentropy_backward(const float[:, :, ::1] logits, const int[:, ::1] targets,
+                             int pad_id=0):
+    """dlogits[B, n, V] of the summed loss (0 on rows that do not count)."""
+    cdef int B = logits.shape[0], n = logits.shape[1], V = logits.shape[2], counted = 0
+    _expect(targets.shape[0] == B and targets.shape[1] == n and B >= 1 and n >= 1,
+            "shapes do not match")
+    _check_tokens(targets, V, "targets")
+    dlogits = np.array(logits, dtype=np.float32)
+    cdef float[:, :, ::1] d = dlogits
+    crossentropy_forward_backward(&d[0, 0, 0], &counted, &targets[0, 0], n, B, n, V, pad_id,
+                                  True)
+    return dlogits
