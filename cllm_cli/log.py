@@ -6,7 +6,7 @@ import math
 import sys
 import time
 
-from .data import DataError
+from .files import DataError
 
 
 class Log:

@@ -20,8 +20,10 @@ from .checkpoint import (CheckpointError, checkpoint_path, latest_checkpoint, li
                          load_checkpoint, prune_checkpoints, save_checkpoint)
 from .cli import HelpFormatter, Parser, UsageError, name_defaults, run_main
 from .config import CLLMConfig
-from .data import (EOS, DataError, Tokenizer, collect_files, epoch_order, eval_windows,
-                   gather_windows, num_windows, prepare_dataset, split_stream)
+from .batches import epoch_order, eval_windows, gather_windows, num_windows, split_stream
+from .dataset import prepare_dataset
+from .files import DataError, collect_files
+from .tokenizers import EOS, Tokenizer
 from .log import Log, duration, fmt_loss, ppl_text
 from .model import CLLMModel, engine_config, optimizer_chunks, tensor_at
 from .plot import PlotError, plot_metrics, require_matplotlib
