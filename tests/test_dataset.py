@@ -272,6 +272,35 @@ def test_damaged_dataset_is_refused_and_rebuilt(tmp_path, how, reason):
     assert again["reused"] is True and again["rebuilt_reason"] is None
 
 
+def test_every_bit_flip_and_truncation_is_refused_or_harmless(tmp_path):
+    """load_dataset of a dataset.bin with any one bit flipped, or cut at any length, raises
+    DataError with one line naming the file, or returns the very ids that were written (a
+    flip in the key or the vocab tag, which only prepare_dataset's reuse looks at)."""
+    files = make_corpus(tmp_path)
+    _, tokens, _ = D.prepare_dataset(files, tmp_path / "ck", vocab_size=100)
+    expected = np.asarray(tokens).copy()
+    good = (tmp_path / "ck" / "dataset.bin").read_bytes()
+    path = tmp_path / "damaged.bin"
+    variants = [good[:n] for n in range(len(good))]
+    for pos in range(len(good)):
+        for bit in range(8):
+            flipped = bytearray(good)
+            flipped[pos] ^= 1 << bit
+            variants.append(bytes(flipped))
+    harmless = set()
+    for raw in variants:
+        path.write_bytes(raw)
+        try:
+            ids = D.load_dataset(path)
+        except DataError as e:
+            assert str(e).startswith(f"{path}: ") and "\n" not in str(e)
+            continue
+        assert np.array_equal(np.asarray(ids), expected)
+        harmless.add(next(i for i in range(len(raw)) if raw[i] != good[i]))
+        del ids
+    assert harmless <= set(range(24, 64))            # key, vocab_len, vocab_tag
+
+
 def test_ids_beyond_the_vocabulary_with_a_valid_checksum_are_refused(tmp_path):
     """A crafted file whose checksum matches its ids: the id range is checked too."""
     files = make_corpus(tmp_path)
