@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-installed
 TRAIN_ARGS ?= --epochs 10 --eval-interval 50 --save-interval 100 --sample-every 95 --prompt "the miller"
 
-.PHONY: build debug test train bench man man-pages racecheck clean
+.PHONY: build debug test test-fast train bench man man-pages racecheck clean
 
 $(DEPS): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,12 @@ build: $(DEPS)
 debug: $(DEPS)
 	CLLM_DEBUG=1 $(PY) setup.py -q build_ext --inplace --force
 
+# make test runs every test; make test-fast leaves out those marked slow (pyproject.toml)
 test: build
 	$(PY) -m pytest -q
+
+test-fast: build
+	$(PY) -m pytest -q -m "not slow"
 
 # Man pages, generated from the argparse parsers. They are committed (pip install puts them in
 # share/man/man1 without needing argparse-manpage); tests/test_tools.py runs man-pages into a

@@ -6,7 +6,7 @@ import os
 os.environ["OPENBLAS_NUM_THREADS"] = "1"
 
 from .config import CLLMConfig  # noqa: E402
-from .data import Tokenizer  # noqa: E402
+from .tokenizers import Tokenizer  # noqa: E402
 from .model import CLLMModel, single_threaded_blas  # noqa: E402
 
 single_threaded_blas()    # also when scipy's BLAS was loaded before us

@@ -1,73 +1,40 @@
 """Training speed of the CLLM engine, side by side with PyTorch: `python -m cllm_cli.bench`.
 
 In the spirit of nanoGPT's bench.py: burn-in steps, then timed steps, then one summary line
-(per config). Every measurement is one training step as train_model runs it (random token
-windows, forward + loss + backward in the spheres, ordered accumulation, AdamW with gradient
-clipping), timed from handing the windows to the spheres to the end of the optimiser step.
+(per config). This module is the command and its report; what is measured and how (configs,
+worker processes, timing, the sgemm ceiling, RSS) is in bench_measure.py.
 
-- Configs: S (V 2000, d 128, L 4, H 4, F 512, T 64, batch 16) and D (V 10000, d 256, L 6,
-  H 8, F 1024, T 128, batch 32: the original's defaults and train_model's).
 - Threads: 1, 2, every core count up to os.cpu_count(), and twice the core count; lock mode
   `shared` at each, `exclusive` at the largest listed count that does not exceed the cores
   (what serialising the passes costs where it matters).
-- Figures: tokens/s and ms/step (median of the timed steps), achieved GFLOPS with the FLOP
-  count below, the share of the fp32 sgemm ceiling measured in the same run, the speed-up
-  against 1 thread, peak RSS, and the time per step in ordered accumulation and in the
-  optimiser, from one extra profiled pass (the per-op timers cost a clock read per op, so
-  the timed steps run without them).
+- Figures (derive): tokens/s and ms/step (median of the timed steps), achieved GFLOPS with
+  the FLOP count below, the share of the fp32 sgemm ceiling measured in the same run, the
+  speed-up against 1 thread, peak RSS against the formula below, and the time per step in
+  ordered accumulation and in the optimiser, from the profiled pass.
 - FLOPs per token = 6 x L x (3d^2 + d^2 + 2dF)   (the matmul weights: forward 2, backward 4)
                   + 6 x d x V                    (the tied output projection)
                   + 12 x L x T x d               (attention scores and weighted values)
-- The sgemm ceiling: a 2048^3 float32 sgemm through scipy's BLAS (the engine's) on one
-  thread; the N-core ceiling is N times that (the same sgemm in N processes at once is
-  printed too).
 - Peak RSS (VmHWM) against baseline + 4 bytes x (4P + spheres x (P + A)): P parameters, each
   for the weights, AdamW m and v and accumulated_gradients; per sphere local_gradients and A
   activation floats (activations_alloc of pyx/model.pxi for micro_batch windows).
-- Every measurement runs in a fresh worker process (`--worker`), so the peak RSS is that of
-  one configuration, and threads left over by one run (PyTorch's OpenMP pool) cannot slow
-  the next one. The column `others` is the CPU share other processes took during the timed
-  steps; above 10% the measurement is repeated once and the quieter run kept.
-- PyTorch: cllm_cli/bench_torch.py, eager and torch.compile, at torch.set_num_threads(N) for
-  the same N; skipped when torch is not installed or with --no-torch.
+- Rounds: the comparison point is measured --rounds times, interleaved; its ratios are the
+  median of the per-round ratios. The summary marks each against issue 4's targets (TARGETS).
+- PyTorch (bench_torch.py) is skipped when torch is not installed or with --no-torch.
 """
 import argparse
 import json
 import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 
-import numpy as np
+from .bench_measure import (BUSY_RETRY, CONFIGS, machine_info, measure, model_config,
+                            sgemm_ceiling, tokenize_speed, torch_version)
+from ._engine import activation_allocation, num_parameters
 
-from . import CLLMConfig, CLLMModel   # sets OPENBLAS_NUM_THREADS=1 before scipy loads it
-from .config import num_params
-
-CONFIGS = {
-    "S": dict(vocab_size=2000, embed_dim=128, num_layers=4, num_heads=4, ff_dim=512, seq_len=64,
-              batch=16, warmup=3, steps=10, profile_steps=4),
-    "D": dict(vocab_size=10000, embed_dim=256, num_layers=6, num_heads=8, ff_dim=1024,
-              seq_len=128, batch=32, warmup=2, steps=5, profile_steps=2),
-}
-LR = 1e-3
-WEIGHT_DECAY = 0.01
-GRAD_CLIP = 1.0
-SEED = 1234
-RESULT_MARK = "BENCH-RESULT "
-BUSY_RETRY = 0.10     # re-measure once when other processes took more than this CPU share
 FLOP_FORMULA = "FLOPs/token = 6*L*(3d^2 + d^2 + 2dF) + 6dV + 12LTd"
 RSS_FORMULA = ("peak RSS = baseline + 4 bytes x (4P + spheres x (P + A)): parameters, AdamW m "
                "and v, accumulated gradient; per sphere its local gradient and activations")
-
-
-def model_config(name):
-    c = CONFIGS[name]
-    return CLLMConfig(vocab_size=c["vocab_size"], embed_dim=c["embed_dim"],
-                      num_layers=c["num_layers"], num_heads=c["num_heads"], ff_dim=c["ff_dim"],
-                      seq_len=c["seq_len"])
 
 
 def flops_per_token(cfg):
@@ -77,30 +44,12 @@ def flops_per_token(cfg):
 
 
 def activation_floats(cfg, micro_batch):
-    """Floats one sphere's Activations hold: the sizes of activations_alloc in pyx/model.pxi
-    for micro_batch windows of T tokens, each piece rounded up to 16 floats, + 16 for the
-    alignment. Keep in step with that function."""
-    N, C, L, F, V, T, NH = (micro_batch * cfg.seq_len, cfg.embed_dim, cfg.num_layers,
-                            cfg.ff_dim, cfg.vocab_size, cfg.seq_len, cfg.num_heads)
-    wide = max(3 * C, F)
-    sizes = [N * C,                                   # encoded
-             L * N * C, L * N, L * N,                 # ln1, mean, rstd
-             L * N * 3 * C,                           # qkv
-             L * N * C,                               # atty
-             L * micro_batch * NH * T * T,            # att
-             L * N * C,                               # residual2
-             L * N * C, L * N, L * N,                 # ln2, mean, rstd
-             L * N * F, L * N * F,                    # fch, fch_gelu
-             L * N * C,                               # residual3
-             N * C, N, N,                             # lnf, mean, rstd
-             N * V,                                   # logits
-             N * C, N * wide, N * C,                  # backward scratch
-             T * T]                                   # datt
-    return sum((s + 15) & ~15 for s in sizes) + 16
+    """Floats one sphere's Activations hold (the engine's activation table, as allocated)."""
+    return activation_allocation(cfg, micro_batch)
 
 
 def rss_formula_bytes(cfg, spheres, micro_batch):
-    P = num_params(cfg)
+    P = num_parameters(cfg)
     return 4 * (4 * P + spheres * (P + activation_floats(cfg, micro_batch)))
 
 
@@ -117,198 +66,9 @@ def default_threads():
     return sorted({1, 2, *range(1, cores + 1), 2 * cores})
 
 
-def rss_now_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes():
-    """This process's peak RSS. VmHWM, not getrusage's ru_maxrss: after a vfork + exec (how
-    subprocess starts the workers) ru_maxrss carries the parent's peak over."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # kB on Linux
-
-
-def engine_sha1():
-    """Which build of the engine ran (the .so may be rebuilt while a benchmark runs)."""
-    import hashlib
-    from . import _engine
-    with open(_engine.__file__, "rb") as f:
-        return hashlib.sha1(f.read()).hexdigest()
-
-
-def cpu_seconds():
-    """(seconds the whole machine spent busy, seconds this process spent on a CPU)."""
-    with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:]]
-    busy = sum(ticks[:8]) - ticks[3] - ticks[4]      # all but idle and iowait
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    return busy / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
-
-
-def burn_in_and_time(step, warmup, steps):
-    """Runs step(0..warmup-1) untimed, then step(warmup..warmup+steps-1). Returns the seconds
-    of each timed step, and the share of the machine's CPU time that other processes took
-    during them (a busy machine makes the figures noisy)."""
-    for i in range(warmup):
-        step(i)
-    times = []
-    busy0, own0 = cpu_seconds()
-    t_start = time.perf_counter()
-    for i in range(warmup, warmup + steps):
-        t0 = time.perf_counter()
-        step(i)
-        times.append(time.perf_counter() - t0)
-    busy1, own1 = cpu_seconds()
-    wall = time.perf_counter() - t_start
-    others = max(0.0, (busy1 - busy0) - (own1 - own0)) / (wall * (os.cpu_count() or 1))
-    return {"times": times, "others_cpu_share": others}
-
-
-def make_batches(name, count):
-    """count global batches of random windows [B, T+1] (ids 4..V-1: every target counts)."""
-    c = CONFIGS[name]
-    rng = np.random.default_rng([SEED, ord(name)])
-    return [rng.integers(4, c["vocab_size"], size=(c["batch"], c["seq_len"] + 1), dtype=np.int32)
-            for _ in range(count)]
-
-
-# --- sgemm ceiling -------------------------------------------------------------------------
-
-def sgemm_ceiling(max_cores, n=2048, repeats=5):
-    """The fp32 ceiling, with scipy's BLAS (the engine's) single-threaded
-    (OPENBLAS_NUM_THREADS=1): GFLOPS of an n^3 sgemm on one core, best of `repeats`; and the
-    same sgemm in k processes at once for k = 2..max_cores (scipy.linalg.blas holds the GIL,
-    so threads would take turns), the total GFLOPS the cores reach together. The ceiling used
-    for the shares is k x the one-core figure: background load on the machine then lowers
-    the measured k-core figure, not the ceiling."""
-    import multiprocessing
-    from scipy.linalg.blas import sgemm
-    rng = np.random.default_rng(0)
-    a = np.asfortranarray(rng.standard_normal((n, n), dtype=np.float32))
-    b = np.asfortranarray(rng.standard_normal((n, n), dtype=np.float32))
-    flops = 2.0 * n ** 3
-    sgemm(1.0, a, b)   # warm-up: buffers, page faults
-    best = 0.0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sgemm(1.0, a, b)
-        best = max(best, flops / (time.perf_counter() - t0) / 1e9)
-    measured = {1: best}
-    ctx = multiprocessing.get_context("fork")   # the children share a and b copy-on-write
-
-    def child(barrier, seconds, j):
-        barrier.wait()
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            sgemm(1.0, a, b)
-        seconds[j] = time.perf_counter() - t0
-
-    for k in range(2, max_cores + 1):
-        barrier, seconds = ctx.Barrier(k), ctx.Array("d", k)
-        procs = [ctx.Process(target=child, args=(barrier, seconds, j)) for j in range(k)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
-        if all(p.exitcode == 0 for p in procs):
-            measured[k] = k * repeats * flops / max(seconds) / 1e9
-    return {"n": n, "single_core_gflops": best, "measured_gflops": measured,
-            "ceiling_gflops": {k: k * best for k in range(1, max_cores + 1)}}
-
-
-# --- worker: one measurement in its own process ----------------------------------------------
-
-def worker(spec):
-    """Runs one measurement (spec: impl, config, threads, lock_mode, warmup, steps,
-    profile_steps, micro_batch) and returns its raw figures."""
-    name = spec["config"]
-    cfg = model_config(name)
-    profile_steps = spec.get("profile_steps", 0) if spec["impl"] == "cllm" else 0
-    batches = make_batches(name, spec["warmup"] + spec["steps"] + profile_steps)
-    if spec["impl"] != "cllm":
-        from . import bench_torch
-        flat = CLLMModel(cfg, SEED).flat
-        out = bench_torch.run(dict(spec, lr=LR, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP),
-                              cfg, flat, batches, burn_in_and_time)
-        out["peak_rss_bytes"] = peak_rss_bytes()
-        return out
-
-    from ._engine import Engine
-    from .model import engine_config
-    baseline = rss_now_bytes()
-    flat = CLLMModel(cfg, SEED).flat     # this process's own copy: updated in place
-    adam_m, adam_v = np.zeros_like(flat), np.zeros_like(flat)
-    engine = Engine(engine_config(cfg), flat, spec["threads"], spec["micro_batch"],
-                    CONFIGS[name]["batch"], lock_mode=spec["lock_mode"])
-    losses, skipped = [], 0
-
-    def step(i):
-        nonlocal skipped
-        engine.start(batches[i], True, i)
-        while not engine.wait(0.1):
-            pass
-        results = engine.results()
-        count = sum(r[1] for r in results)
-        losses.append(sum(r[0] for r in results) / count)
-        _, applied = engine.optimizer_step(count, adam_m, adam_v, adamw=True, lr=LR,
-                                           weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP,
-                                           t=i + 1)
-        skipped += not applied
-
-    try:
-        timed = burn_in_and_time(step, spec["warmup"], spec["steps"])
-        profile = None
-        if profile_steps:
-            first = spec["warmup"] + spec["steps"]
-            engine.set_profile(True)
-            t0 = time.perf_counter()
-            for i in range(first, first + profile_steps):
-                step(i)
-            profile_wall = time.perf_counter() - t0
-            profile = engine.profile()
-            engine.set_profile(False)
-    finally:
-        engine.close()
-    out = {**timed, "losses": losses, "skipped_steps": skipped,
-           "engine_sha1": engine_sha1(),
-           "baseline_rss_bytes": baseline, "peak_rss_bytes": peak_rss_bytes()}
-    if profile is not None:
-        out.update(profile=profile, profile_steps=profile_steps, profile_wall=profile_wall)
-    return out
-
-
-def run_worker(spec):
-    """Runs worker(spec) in a fresh `python -m cllm_cli.bench --worker` process."""
-    env = dict(os.environ)
-    if spec["impl"] != "cllm":
-        env["OMP_NUM_THREADS"] = str(spec["threads"])
-    proc = subprocess.run([sys.executable, "-m", "cllm_cli.bench", "--worker", json.dumps(spec)],
-                          capture_output=True, text=True, env=env)
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_MARK):
-            return json.loads(line[len(RESULT_MARK):])
-    tail = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
-    return {"error": tail[:200]}
-
-
-# --- the report ----------------------------------------------------------------------------
-
-def measure(spec, cfg, ceiling, cores):
-    """run_worker, once more when other processes took more than BUSY_RETRY of the CPU
-    (keeping the quieter run), then derive."""
-    row = run_worker(spec)
-    if row.get("others_cpu_share", 0) > BUSY_RETRY:
-        again = run_worker(spec)
-        if "error" not in again and again["others_cpu_share"] < row["others_cpu_share"]:
-            again["retried_busy"] = row["others_cpu_share"]
-            row = again
+def measured(spec, cfg, ceiling, cores):
+    """One measurement (bench_measure.measure) with the figures of the table derived."""
+    row = measure(spec)
     if "error" not in row:
         derive(row, spec, cfg, ceiling, cores)
     return row
@@ -472,29 +232,6 @@ def summarise(name, rows, rounds, cores):
     return f"{name}: " + ", ".join(parts), figures
 
 
-def machine_info():
-    model = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
-            "numpy": np.__version__, "platform": platform.platform()}
-
-
-def torch_version():
-    """torch's version without importing it here (the workers import it), or None."""
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-        return version("torch")
-    except PackageNotFoundError:
-        return None
-
-
 def parse_list(ap, text, kind, what):
     try:
         items = [kind(x) for x in text.split(",") if x.strip()]
@@ -503,25 +240,6 @@ def parse_list(ap, text, kind, what):
     if not items:
         ap.error(f"--{what} needs a comma-separated list, got {text!r}")
     return items
-
-
-def tokenize_speed(size=12_000_000):
-    """Seconds to tokenise a generated corpus of `size` bytes (word tokenizer: read, count,
-    build the vocabulary, encode, write vocab.txt and dataset.bin) with train_model's code."""
-    import subprocess
-    import tempfile
-
-    from .data import prepare_dataset
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = os.path.join(tmp, "corpus.txt")
-        subprocess.run([sys.executable, os.path.join(root, "data", "make_corpus.py"),
-                        "--size", str(size), "--seed", "7", "--out", corpus],
-                       check=True, capture_output=True)
-        t = time.perf_counter()
-        _, tokens, info = prepare_dataset([corpus], os.path.join(tmp, "ck"), "word", 10000)
-        seconds = time.perf_counter() - t
-        return {"bytes": info["bytes"], "tokens": int(len(tokens)), "seconds": seconds}
 
 
 def main(argv=None):
@@ -552,13 +270,7 @@ def main(argv=None):
                     help="print every per-op bucket of the profiled pass")
     ap.add_argument("--json", metavar="FILE", help="write every figure to FILE")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-
-    if args.worker:
-        result = worker(json.loads(args.worker))
-        print(RESULT_MARK + json.dumps(result), flush=True)
-        return 0
 
     configs = [c.upper() for c in parse_list(ap, args.configs, str, "configs")]
     threads = sorted(set(parse_list(ap, args.threads, int, "threads"))) if args.threads else default_threads()
@@ -590,7 +302,7 @@ def main(argv=None):
         cfg = model_config(c)
         print(f"{c}: V {cfg.vocab_size}, d {cfg.embed_dim}, L {cfg.num_layers}, H {cfg.num_heads}, "
               f"F {cfg.ff_dim}, T {cfg.seq_len}, batch {CONFIGS[c]['batch']}, micro-batch "
-              f"{args.micro_batch}, P {num_params(cfg):,}, A {activation_floats(cfg, args.micro_batch):,} "
+              f"{args.micro_batch}, P {num_parameters(cfg):,}, A {activation_floats(cfg, args.micro_batch):,} "
               f"activation floats per sphere")
     print(RSS_FORMULA)
     print("timed: median of the timed steps after burn-in; accum/optim: ms per step in ordered "
@@ -622,7 +334,7 @@ def main(argv=None):
                                  "micro_batch": args.micro_batch})
         rows = []
         for spec in plan:
-            row = measure(spec, cfg, ceiling, cores)
+            row = measured(spec, cfg, ceiling, cores)
             if "error" not in row:
                 base = next((r for s, r in rows if s["impl"] == spec["impl"] and s["threads"] == 1
                              and s["lock_mode"] in (None, "shared") and "error" not in r), None)
@@ -640,7 +352,7 @@ def main(argv=None):
                  and (spec["threads"] == at or (spec["impl"] == "cllm" and spec["threads"] == 1))]
         rounds = []
         for r in range(2, args.rounds + 1):
-            found = [(spec, measure(spec, cfg, ceiling, cores)) for spec in again]
+            found = [(spec, measured(spec, cfg, ceiling, cores)) for spec in again]
             rounds.append(found)
             print(f"    {c} round {r}: " + ", ".join(
                 f"{spec['impl']} {spec['threads']}: "
@@ -666,7 +378,7 @@ def main(argv=None):
         doc = {"machine": info, "torch": tv, "tokenize": tok, "load_average": {"start": load, "end": load_end}, "flop_formula": FLOP_FORMULA,
                "rss_formula": RSS_FORMULA, "sgemm": sg,
                "configs": {c: dict(CONFIGS[c], flops_per_token=flops_per_token(model_config(c)),
-                                   params=num_params(model_config(c)),
+                                   params=num_parameters(model_config(c)),
                                    activation_floats=activation_floats(model_config(c), args.micro_batch))
                            for c in configs},
                "micro_batch": args.micro_batch,

@@ -1,5 +1,5 @@
 """The PyTorch side of `python -m cllm_cli.bench`: the same model, loss and optimiser, written
-the way a PyTorch user would write them, timed the way bench.py times the engine.
+the way a PyTorch user would write them, timed the way bench_measure.py times the engine.
 
 The model is SPEC section 1 in nanoGPT's form: tied `wte`, learned `wpe`, pre-LN blocks,
 causal attention through F.scaled_dot_product_attention(is_causal=True), tanh GELU, no
@@ -9,8 +9,8 @@ cross-entropy over non-<pad> targets, backward, global gradient clipping to 1.0,
 torch.optim.AdamW(betas=(0.9, 0.95), eps=1e-8, weight decay on 2-D tensors only) with its
 fused CPU kernel (falling back to foreach), zero_grad(set_to_none=True).
 
-Imported only by bench.py's worker processes, and only when torch is installed: torch is a
-benchmark comparison, not a dependency of CLLM.
+Imported only by the worker processes of bench_measure.py, and only when torch is installed:
+torch is a benchmark comparison, not a dependency of CLLM.
 """
 import math
 import time
@@ -116,9 +116,9 @@ def run(spec, cfg, flat, batches, burn_in_and_time):
     """Times training steps of the PyTorch model. spec: {"impl": "torch-eager" |
     "torch-compile", "threads", "warmup", "steps", "lr", "weight_decay", "grad_clip"};
     batches: int32 [B, T+1] arrays, one per step; burn_in_and_time(step_fn, warmup, steps) is
-    bench.py's loop and returns {"times": seconds of each timed step, ...}. The first burn-in
-    step runs (and compiles) separately so that its time is reported. Returns a dict of
-    figures."""
+    bench_measure.py's loop and returns {"times": seconds of each timed step, ...}. The first
+    burn-in step runs (and compiles) separately so that its time is reported. Returns a dict
+    of figures."""
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     model = TorchGPT(cfg)

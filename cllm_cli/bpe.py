@@ -47,7 +47,8 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from .atomic import atomic_file
-from .data import SPECIALS, DataError
+from .files import DataError
+from .tokenizers import SPECIALS, Tokenizer
 
 N_BYTES = 256
 MIN_VOCAB_SIZE = len(SPECIALS) + N_BYTES
@@ -79,13 +80,14 @@ def _cut_points(text, size):
     return cuts
 
 
-class BPETokenizer:
+class BPETokenizer(Tokenizer):
     """A tokenizer.json run by the `tokenizers` library; kind "bpe".
 
-    Built by train() (byte-level BPE with <pad> <unk> <bos> <eos> at ids 0..3) or load()
+    Built by train() (byte-level BPE with <pad> <unk> <bos> <eos> at ids 0..3) or read()
     (that, or any other tokenizer.json, such as GPT-2's)."""
 
     kind = "bpe"
+    file_name = "tokenizer.json"
 
     def __init__(self, json_bytes):
         """From the bytes of a tokenizer.json; ValueError (one line) when they are not one."""
@@ -127,13 +129,17 @@ class BPETokenizer:
     # -- building -----------------------------------------------------------------------
 
     @classmethod
-    def train(cls, documents, vocab_size):
-        """Byte-level BPE trained on `documents` (an iterable of str) with at most vocab_size
-        ids, the 4 special ids and the 256 bytes included."""
+    def check_vocab_size(cls, vocab_size):
         if (not isinstance(vocab_size, (int, np.integer)) or isinstance(vocab_size, bool)
                 or vocab_size < MIN_VOCAB_SIZE):
             raise DataError(f"vocab_size must be at least {MIN_VOCAB_SIZE} for bpe "
                             f"({len(SPECIALS)} special ids + {N_BYTES} bytes), got {vocab_size}")
+
+    @classmethod
+    def train(cls, documents, vocab_size):
+        """Byte-level BPE trained on `documents` (an iterable of str) with at most vocab_size
+        ids, the 4 special ids and the 256 bytes included."""
+        cls.check_vocab_size(vocab_size)
         tk = tokenizers.Tokenizer(models.BPE())
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tk.decoder = decoders.ByteLevel()
@@ -231,7 +237,7 @@ class BPETokenizer:
             f.write(self._json)
 
     @classmethod
-    def load(cls, path):
+    def read(cls, path):
         """Read a tokenizer.json; DataError (one line naming the file) when it is not usable."""
         try:
             with open(path, "rb") as f:

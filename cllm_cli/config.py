@@ -32,8 +32,3 @@ class CLLMConfig:
         return cls(**{k: int(d[k]) for k in ("vocab_size", "embed_dim", "num_layers",
                                               "num_heads", "ff_dim", "seq_len")})
 
-
-def num_params(cfg):
-    """TEMPORARY, for bench.py until it calls _engine.num_parameters; delete then."""
-    from ._engine import num_parameters
-    return num_parameters(cfg)

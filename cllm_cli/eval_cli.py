@@ -22,11 +22,12 @@ import math
 import os
 import sys
 
-from . import _step_shim
+from . import _engine
 from .checkpoint import CheckpointError
 from .cli import HelpFormatter, Parser, UsageError, run_main
-from .data import (ENCODING_ERRORS, DataError, _stream_key, collect_files, dataset_header,
-                   eval_windows, load_dataset, read_text, split_stream)
+from .batches import eval_windows, split_stream
+from .dataset import _stream_key, dataset_header, load_dataset
+from .files import ENCODING_ERRORS, DataError, collect_files, read_text
 from .inference import load
 from .log import fmt_loss
 
@@ -96,13 +97,13 @@ def split_of_run(checkpoint_path, model, tokenizer, split):
     return part, bytes_per_token
 
 
-def evaluate_stream(model, stream, threads, batch_size, micro_batch):
+def evaluate_stream(model, stream, threads, batch_size, micro_batch, pad_id):
     """(summed loss, counted targets, windows) of the validation windows of `stream`."""
     windows = eval_windows(stream, model.config.seq_len)
     if len(windows) == 0:
         raise DataError(f"too little text: {len(stream)} token(s), need at least 2")
-    with _step_shim.Engine(model.config, model.flat, threads, min(micro_batch, batch_size),
-                           batch_size, "shared", False) as engine:
+    with _engine.Engine(model.config, model.flat, threads, min(micro_batch, batch_size),
+                        batch_size, pad_id=pad_id) as engine:
         loss_sum, counted = engine.evaluate(windows)
     return loss_sum, counted, len(windows)
 
@@ -128,7 +129,7 @@ def run(args, out):
     threads = args.threads or len(os.sched_getaffinity(0))
     loss_sum, counted, n_windows = evaluate_stream(
         model, stream, threads, int(config.get("batch_size", 32)),
-        int(config.get("micro_batch", 4)))
+        int(config.get("micro_batch", 4)), getattr(tokenizer, "pad_id", 0))
     loss = loss_sum / counted if counted else float("nan")
     ppl = math.exp(min(loss, 700)) if counted else float("nan")
     bpb = loss / math.log(2) / bytes_per_token if counted and bytes_per_token else None

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError
 from .cli import HelpFormatter, Parser, UsageError, name_defaults, run_main
-from .data import DataError
+from .files import DataError
 from .hf import TOKENIZER_FILES, ConversionError, export_pretrained, load_checkpoint_with_tokenizer
 from .inference import resolve_checkpoint
 

@@ -24,7 +24,7 @@ import gguf
 
 from .atomic import fsync_directory, reason
 from .bpe import BPETokenizer
-from .config import param_layout
+from ._engine import parameter_layout
 from .hf import LAYER_NORM_EPS, ConversionError
 
 ARCH = "gpt2"
@@ -101,7 +101,7 @@ def write_gguf(cfg, flat, tokenizer, path, force=False):
         if getattr(tokenizer, key) >= 0:
             add(getattr(tokenizer, key))
     writer.add_add_bos_token(False)
-    for name, shape, off in param_layout(cfg):
+    for name, shape, off in parameter_layout(cfg):
         writer.add_tensor(gguf_name(name), flat[off:off + math.prod(shape)].reshape(shape))
     writer.add_tensor("output.weight", flat[:cfg.vocab_size * cfg.embed_dim]
                       .reshape(cfg.vocab_size, cfg.embed_dim))

@@ -59,8 +59,9 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers
 from .atomic import fsync_directory, reason
 from .bpe import BPETokenizer
 from .checkpoint import load_checkpoint
-from .config import CLLMConfig, num_params, param_layout
-from .data import BOS, EOS, PAD, SPECIALS, UNK, Tokenizer
+from ._engine import num_parameters, parameter_layout
+from .config import CLLMConfig
+from .tokenizers import BOS, EOS, PAD, SPECIALS, UNK, Tokenizer
 
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
 LAYER_NORM_EPS = 1e-5
@@ -94,7 +95,7 @@ def _is_conv1d(name):
 def to_gpt2_state(cfg, flat):
     """{GPT-2 name: float32 array in GPT-2's layout} of the flat parameters."""
     state = {}
-    for name, shape, off in param_layout(cfg):
+    for name, shape, off in parameter_layout(cfg):
         t = flat[off:off + math.prod(shape)].reshape(shape)
         state[gpt2_name(name)] = np.ascontiguousarray(t.T if _is_conv1d(name) else t)
     return state
@@ -456,8 +457,8 @@ def _load_gpt2_directory(directory):
         if short.endswith(IGNORED_BUFFERS):
             continue
         files[short] = (name, *where)
-    flat = np.empty(num_params(cfg), dtype=np.float32)
-    for name, shape, off in param_layout(cfg):
+    flat = np.empty(num_parameters(cfg), dtype=np.float32)
+    for name, shape, off in parameter_layout(cfg):
         key = gpt2_name(name)[len("transformer."):]
         if key not in files:
             raise ConversionError(f"{directory}: missing tensor {gpt2_name(name)} (a GPT-2 "

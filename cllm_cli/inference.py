@@ -23,7 +23,8 @@ import os
 import sys
 
 from .checkpoint import CheckpointError, latest_checkpoint
-from .data import EOS, DataError, Tokenizer
+from .files import DataError
+from .tokenizers import EOS, Tokenizer
 from .cli import HelpFormatter, Parser, UsageError, run_main
 from .model import CLLMModel
 

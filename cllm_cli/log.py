@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from .data import DataError
+from .files import DataError
 
 
 class Log:

@@ -160,12 +160,3 @@ def sample_from_logits(logits, temperature, top_k, top_p, rng):
         probs /= probs.sum()
     return int(rng.choice(probs.size, p=probs))
 
-
-# TEMPORARY names for the callers written for the old engine API (trainer.py, bench.py); delete
-# when they call the engine directly.
-def engine_config(cfg):
-    return cfg
-
-
-optimizer_chunks = _engine.optimizer_chunks
-tensor_at = _engine.tensor_at

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 from .cli import HelpFormatter, Parser, UsageError, name_defaults
 from .config import CLLMConfig
-from .data import ENCODING_ERRORS, KINDS as TOKENIZER_KINDS
+from .files import ENCODING_ERRORS
+from .tokenizers import TOKENIZER_KINDS
 
 INT_MAX = 2**31 - 1
 GROUPS = ("data", "model", "optimisation", "threads", "checkpoints", "output")

@@ -20,7 +20,9 @@ import collections
 import json
 import sys
 
-from .data import UNK, DataError, Tokenizer, _decode, collect_files, read_text
+from .files import DataError, collect_files, read_text
+from .files import decode_text as _decode
+from .tokenizers import UNK, Tokenizer
 from .cli import HelpFormatter, Parser, UsageError, run_main
 
 PROG = "cllm_tokenize"

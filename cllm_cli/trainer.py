@@ -23,12 +23,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _step_shim
+from . import _engine
 from .checkpoint import (CheckpointError, checkpoint_path, latest_checkpoint, list_checkpoints,
                          load_checkpoint, prune_checkpoints, save_checkpoint)
+from .batches import epoch_order, eval_windows, gather_windows, num_windows, split_stream
 from .cli import UsageError, run_main
-from .data import (EOS, DataError, Tokenizer, collect_files, epoch_order, eval_windows,
-                   gather_windows, num_windows, prepare_dataset, split_stream)
+from .dataset import prepare_dataset
+from .files import DataError, collect_files
+from .tokenizers import EOS, Tokenizer
 from .log import Log, duration, fmt_loss, ppl_text
 from .model import CLLMModel
 from .options import TrainConfig, parse_args
@@ -232,6 +234,11 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     @property
+    def tokenizer_pad_id(self):
+        """The id whose targets are not counted (-1 for a vocabulary without <pad>)."""
+        return getattr(self.tokenizer, "pad_id", 0)
+
+    @property
     def bytes_per_token(self):
         """UTF-8 bytes of the corpus per token: turns a loss per token into bits per byte."""
         return self.data_info["bytes"] / self.data_info["tokens"]
@@ -297,9 +304,9 @@ def train(data, engine_hook=None, **options):
     with StopSignals() as stop, Trainer(data, cfg, given=options) as trainer:
         stop.defer()             # from here on a signal ends the run after the current step
         with Log(cfg, append=bool(trainer.resumed_from)) as log, \
-                _step_shim.Engine(trainer.mcfg, trainer.model.flat, cfg.threads,
-                                  cfg.micro_batch, cfg.batch_size, cfg.lock_mode,
-                                  cfg.debug_locks) as engine:
+                _engine.Engine(trainer.mcfg, trainer.model.flat, cfg.threads, cfg.micro_batch,
+                               cfg.batch_size, cfg.lock_mode, cfg.debug_locks,
+                               trainer.tokenizer_pad_id) as engine:
             if engine_hook is not None:
                 engine_hook(engine)
             result = train_loop(trainer, engine, log, stop)
@@ -332,7 +339,7 @@ def train_loop(trainer, engine, log, stop):
         report_val(log, st.step, run.val_loss, trainer.bytes_per_token)
         trainer.save()
         trainer.save(final)
-    except (Interrupted, _step_shim.StepAborted):
+    except (Interrupted, _engine.StepAborted):
         path = trainer.save()
         log.say(f"interrupted ({stop.name()}): saved step {st.step} to {path}; --resume "
                 f"continues", always=True)

@@ -256,12 +256,10 @@ cdef class Engine:
 
     def __init__(self, cfg, float[::1] params, int num_spheres, int micro_batch,
                  int max_windows, str lock_mode="shared", bint debug_locks=False,
-                 const long long[:, ::1] chunks=None, *, int pad_id=0):
+                 int pad_id=0):
         """cfg: the model config (CLLMConfig); params: its flat buffer, updated in place by the
         optimiser; max_windows: the most windows one call hands the spheres; pad_id: targets
-        equal to it are not counted (-1: every target counts).
-        chunks: TEMPORARY, accepted from callers written for the old API (trainer.py,
-        bench.py); it must equal optimizer_chunks(cfg), which the engine computes itself."""
+        equal to it are not counted (-1: every target counts)."""
         cdef ModelConfig c = model_config(cfg)
         if num_spheres < 1 or micro_batch < 1 or max_windows < 1:
             raise ValueError("num_spheres, micro_batch and max_windows must be >= 1")
@@ -270,8 +268,6 @@ cdef class Engine:
         if params.shape[0] != model_size(&c):
             raise ValueError("parameter buffer does not match the config")
         check_pad_id(pad_id, c.V)
-        if chunks is not None and not np.array_equal(np.asarray(chunks), optimizer_chunks(cfg)):
-            raise ValueError("chunks differ from the engine's optimizer_chunks(cfg)")
         self.cfg = cfg
         self.params_ref = params
         self.num_spheres = num_spheres

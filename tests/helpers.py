@@ -1,6 +1,5 @@
-"""Helpers shared by the tests of the command-line tools and of training runs
-(test_cli, test_tools, test_threads): generated corpora, in-process calls of a tool's main(),
-the one-line error check and the bit-for-bit comparison of checkpoints."""
+"""Helpers shared by the tests: files written in one call, generated corpora, in-process calls
+of a tool's main(), the one-line error check and the bit-for-bit comparison of checkpoints."""
 import os
 import random
 
@@ -14,6 +13,15 @@ WORDS = ("the a an old young quiet brave tired small green red cold warm river h
          "walked ran saw found gave took made sang told asked carried opened closed watched "
          "slowly quickly often never always today tomorrow there here and but because while "
          "with under over near behind into from to of in on at").split()
+
+
+def write(path, content):
+    """Write `content` (str as UTF-8, or bytes) to `path`, creating its directory; returns path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, str):
+        content = content.encode("utf-8")
+    path.write_bytes(content)
+    return path
 
 
 def sentences(n_sentences, seed, punct, words=WORDS, max_words=11, capitalize=True):

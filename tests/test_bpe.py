@@ -15,7 +15,8 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from cllm_cli import bpe
 from cllm_cli.bpe import BPETokenizer
-from cllm_cli.data import SPECIALS, DataError, Tokenizer
+from cllm_cli.files import DataError
+from cllm_cli.tokenizers import SPECIALS, Tokenizer
 from cllm_cli.hf import word_char_pipeline
 from helpers import ROOT, sentences
 

@@ -385,6 +385,7 @@ def test_flipped_byte_in_tensor_data(saved):
     load_checkpoint(path)           # the original still loads
 
 
+@pytest.mark.slow
 def test_flipped_byte_anywhere_in_header(saved):
     """Every single-bit flip in the length prefix and the JSON header is refused, including
     flips that keep the JSON valid (a digit of the step number, a letter of a name)."""
@@ -581,8 +582,9 @@ def test_prune(tmp_path, keep, left):
     assert set(files_in(tmp_path)) - {f"checkpoint_step_{s}.cllm" for s in left} == others
 
 
-def test_prune_missing_directory(tmp_path):
+def test_prune_missing_directory_is_left_missing(tmp_path):
     prune_checkpoints(tmp_path / "missing", 3)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_real_checkpoints_listed_and_pruned(tmp_path):

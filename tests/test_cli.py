@@ -6,10 +6,10 @@ need a real process (signals, what a user's terminal shows) run it as a subproce
 """
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -279,6 +279,7 @@ BIG = ["--embed-dim", "96", "--num-layers", "2", "--num-heads", "2", "--seq-len"
        "--seed", "5"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_resume_matches_a_straight_run(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(corpus_text(2400), encoding="utf-8")
@@ -289,35 +290,32 @@ def test_ctrl_c_saves_and_resume_matches_a_straight_run(tmp_path, capsys):
     straight = subprocess.Popen(base + ["--checkpoint-dir", str(straight_dir), "--threads", "1",
                                         "--quiet"], cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
-    started = time.monotonic()
     run = subprocess.Popen(base + ["--checkpoint-dir", str(ck), "--threads", "2",
                                    "--metrics-file", str(metrics)],
                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        # wait for the first progress line: training has started (the SIGINT handler is set)
+        # and the next step is under way, so the SIGINT lands inside it
         seen = []
-        for line in run.stdout:           # training has started (the SIGINT handler is set)
+        for line in run.stdout:
             seen.append(line)
             if line.startswith("step "):
                 break
         assert run.poll() is None, f"the run ended before it could be interrupted:\n{''.join(seen)}"
-        time.sleep(max(0.0, 2.0 - (time.monotonic() - started)))
-        assert run.poll() is None, "the run is too short to be interrupted after 2 s"
-        sent = time.monotonic()
+        first = int(re.match(r"step (\d+)", line).group(1))       # steps done before the signal
         run.send_signal(signal.SIGINT)
-        out, err = run.communicate(timeout=15)
-        waited = time.monotonic() - sent
+        out, err = run.communicate(timeout=60)     # only a guard against a hang
     finally:
         if run.poll() is None:
             run.kill()
             run.wait()
     assert run.returncode == 130, f"exit status {run.returncode}\n{err}"
-    assert waited < 5, f"took {waited:.1f} s to stop after SIGINT"
     assert "Traceback" not in err, err
     assert "interrupted" in err
     saved = sorted(ck.glob("checkpoint_step_*.cllm"))
     assert len(saved) == 1, saved
     n = int(saved[0].stem.rsplit("_", 1)[1])
-    assert 0 < n < BIG_STEPS, n
+    assert first <= n < BIG_STEPS, (first, n)
     assert f"step {n}" in out and str(saved[0].name) in out, out[-500:]
     assert not (ck / "final_model.cllm").exists()
     # resume (in-process, another thread count) to the end

@@ -52,7 +52,8 @@ def test_loss_on_a_file_matches_the_model_api(run, tmp_path, capsys):
     other.write_text(sentences(30, 99, punct=(".",)), encoding="utf-8")
     got = evaluate(capsys, ck, other, "--json")
     model = CLLMModel.load(ck / "final_model.cllm")
-    from cllm_cli.data import Tokenizer, eval_windows
+    from cllm_cli.batches import eval_windows
+    from cllm_cli.tokenizers import Tokenizer
     tok = Tokenizer.load(ck / "vocab.txt", "word")
     stream = tok.encode_document(other.read_text())
     windows = eval_windows(stream, model.config.seq_len)

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from cllm_cli import CLLMConfig, CLLMModel, Tokenizer
 from cllm_cli.bpe import BPETokenizer
-from cllm_cli.config import param_layout
+from cllm_cli._engine import parameter_layout
 from cllm_cli.export import main as export_main
 from cllm_cli.hf import ConversionError, load_pretrained, to_gpt2_state, word_char_pipeline
 from helpers import assert_one_error_line, call, sentences
@@ -152,7 +152,7 @@ def test_exported_config_and_layout(text, tmp_path, capsys):
     assert tensors["transformer.h.1.attn.c_attn.weight"].shape == (cfg.embed_dim, 3 * cfg.embed_dim)
     assert np.array_equal(tensors["transformer.h.1.attn.c_attn.weight"], c_attn.T)
     assert np.array_equal(tensors["transformer.wte.weight"], model.params["wte"])
-    assert len(tensors) == len(param_layout(cfg))
+    assert len(tensors) == len(parameter_layout(cfg))
 
 
 def test_export_refusals(text, tmp_path, capsys):
@@ -218,7 +218,7 @@ def test_load_pretrained_matches_transformers(text, tmp_path):
     cfg, flat, loaded_tok = load_pretrained(tmp_path / "gpt2")
     assert cfg == CLLMConfig(vocab_size=len(tok), embed_dim=32, num_layers=2, num_heads=4,
                              ff_dim=72, seq_len=40)
-    assert flat.dtype == np.float32 and flat.size == sum(np.prod(s) for _, s, _ in param_layout(cfg))
+    assert flat.dtype == np.float32 and flat.size == sum(np.prod(s) for _, s, _ in parameter_layout(cfg))
     assert loaded_tok.vocab_hash == tok.vocab_hash and loaded_tok.kind == "bpe"
     ids = tok.encode(SAMPLE)[:40]
     with torch.no_grad():
@@ -253,7 +253,7 @@ def test_load_pretrained_widens_half_precision_exactly(text, tmp_path):
         _, flat, _ = load_pretrained(tmp_path / str(dtype))
         want = np.concatenate([
             torch.from_numpy(flat32[o:o + int(np.prod(s))]).to(dtype).float().numpy()
-            for _, s, o in param_layout(cfg)])
+            for _, s, o in parameter_layout(cfg)])
         assert not np.array_equal(want, flat32)            # premise: rounding happened
         assert flat.tobytes() == want.tobytes()
 
@@ -361,7 +361,7 @@ def test_to_gpt2_state_is_transformers_state_dict(text):
              if k != "lm_head.weight"}
     cfg = CLLMConfig(vocab_size=hf_model.config.vocab_size, embed_dim=32, num_layers=2,
                      num_heads=4, ff_dim=72, seq_len=40)
-    flat = np.zeros(sum(int(np.prod(s)) for _, s, _ in param_layout(cfg)), np.float32)
+    flat = np.zeros(sum(int(np.prod(s)) for _, s, _ in parameter_layout(cfg)), np.float32)
     ours = to_gpt2_state(cfg, flat)
     assert sorted(ours) == sorted(state)
     assert all(ours[k].shape == state[k].shape for k in state)
@@ -398,7 +398,7 @@ def test_gguf_export_reads_back(text, tmp_path, capsys):
             field("tokenizer.ggml.padding_token_id")) == (3, 2, 0)
 
     tensors = {t.name: t for t in reader.tensors}
-    assert len(tensors) == len(param_layout(cfg)) + 1
+    assert len(tensors) == len(parameter_layout(cfg)) + 1
     expect = {"token_embd.weight": "wte", "position_embd.weight": "wpe",
               "output.weight": "wte", "output_norm.bias": "ln_f.bias",
               "blk.1.attn_qkv.weight": "h.1.attn.c_attn.weight",

@@ -2,6 +2,8 @@
 must come close to that rate (the best any model can do) from above."""
 import math
 
+import pytest
+
 from cllm_cli import train
 from markov import make_markov_corpus
 
@@ -16,6 +18,7 @@ LOWER_MARGIN = 0.03
 UPPER_MARGIN = 0.06
 
 
+@pytest.mark.slow
 def test_validation_loss_reaches_entropy_rate(tmp_path):
     text, H = make_markov_corpus(n_words=40, n_tokens=80000, seed=7, branching=4)
     corpus = tmp_path / "markov.txt"

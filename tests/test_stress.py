@@ -6,10 +6,13 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from cllm_cli import train
 from helpers import ROOT
 
 
+@pytest.mark.slow
 def test_eight_spheres_hundreds_of_steps(tmp_path):
     corpus = tmp_path / "big.txt"
     subprocess.run([sys.executable, f"{ROOT}/data/make_corpus.py", "--size", "3000000",

@@ -18,7 +18,8 @@ import pytest
 from cllm_cli import CLLMModel, train
 from cllm_cli.checkpoint import load_checkpoint
 from cllm_cli._engine import parameter_layout
-from cllm_cli.data import epoch_order, gather_windows, load_dataset, num_windows, split_stream
+from cllm_cli.batches import epoch_order, gather_windows, num_windows, split_stream
+from cllm_cli.dataset import load_dataset
 from cllm_cli.trainer import TrainingError
 from helpers import ROOT, assert_bit_identical, sentences, tensors
 

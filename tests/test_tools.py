@@ -17,7 +17,7 @@ import sys
 import pytest
 
 from cllm_cli import inference, plot, tokenize_cli
-from cllm_cli.data import EOS, UNK, Tokenizer
+from cllm_cli.tokenizers import EOS, UNK, Tokenizer
 from cllm_cli.trainer import train
 from helpers import ROOT, assert_one_error_line, call, sentences
 

@@ -1,0 +1,344 @@
+"""The token array: a corpus tokenised once into dataset.bin and memory-mapped (SPEC sections
+3 and 5). Third stage of the data's path: files -> tokenizers -> dataset -> batches.
+
+    prepare_dataset    files -> vocabulary file + dataset.bin (built once, reused while the
+                       corpus and settings are unchanged and the file is intact)
+    load_dataset       dataset.bin -> read-only np.memmap of ids, checked
+    dataset_header     the header of dataset.bin as a dict
+
+Choices the SPEC leaves open, written down here:
+
+- Documents: each file is one document ending in <eos>. A file holding no token at all
+  (empty or only white space) adds nothing to the stream, not even an <eos>.
+- dataset.bin: a 96-byte little-endian header, then the ids:
+      0  magic       8 bytes  b"CLLMDATA"
+      8  version     uint32   DATASET_VERSION
+     12  dtype code  uint32   2 = uint16 ids, 4 = uint32 ids (the item size)
+     16  n_tokens    uint64
+     24  key         32 bytes sha256 of the settings, the corpus bytes and, for a given
+                              vocabulary, its hash (see prepare_dataset, _stream_key)
+     56  vocab_len   uint32   number of ids in the vocabulary
+     60  vocab_tag   4 bytes  first 4 bytes of the vocab hash
+     64  ids_sha256  32 bytes sha256 of the id bytes that follow the header
+  vocab_len and vocab_tag tie the stream to its vocabulary file: one that does not belong to
+  the stream (an interrupted rebuild, a hand edit) is never reused. ids_sha256 and vocab_len
+  catch damaged ids: a stream whose ids do not hash to it, or hold an id >= vocab_len, is
+  refused by load_dataset and rebuilt by prepare_dataset (info["rebuilt_reason"] says why).
+  Checking costs one read of the ids: about 0.15 s for 100 MB (50M uint16 ids) on one core.
+  A file of another format version is rebuilt too.
+- Preparing a dataset holds one file's text at a time. While a new vocabulary is being built,
+  provisional ids (4 bytes a token) are spilled to a temporary file next to dataset.bin,
+  so memory does not grow with the corpus.
+"""
+import contextlib
+import hashlib
+import os
+import pathlib
+import struct
+import tempfile
+
+import numpy as np
+
+from .atomic import atomic_file
+from .files import DataError, check_encoding_errors, decode_text, read_bytes
+from .tokenizers import EOS, tokenizer_class
+
+DATASET_MAGIC = b"CLLMDATA"
+DATASET_VERSION = 2
+HEADER_SIZE = 96
+_HEADER = struct.Struct("<8sIIQ32sI4s32s")
+assert _HEADER.size == HEADER_SIZE
+_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+# The recipe of the corpus key (settings line, then each file's length and bytes). It names
+# a token stream, not a file layout: it changes only when the same corpus and settings would
+# give other ids, so that checkpoints keep matching their corpus across format versions.
+_KEY_VERSION = 1
+_CHUNK = 1 << 22                      # tokens per chunk when streaming ids between files
+
+
+def _dtype_for(vocab_len):
+    return _DTYPES[2] if vocab_len <= 65535 else _DTYPES[4]
+
+
+def _settings(kind, vocab_size, encoding_errors):
+    return (f"CLLMDATA version={_KEY_VERSION} kind={kind} vocab_size={vocab_size} "
+            f"encoding_errors={encoding_errors}\n")
+
+
+def _stream_key(corpus_key, tokenizer):
+    """The key stored in dataset.bin: the corpus key for a vocabulary built from the corpus,
+    the corpus key combined with the vocab hash for a vocabulary given by the caller."""
+    if tokenizer is None:
+        return corpus_key
+    return hashlib.sha256(corpus_key + tokenizer.vocab_hash.encode("ascii")).digest()
+
+
+# ---------------------------------------------------------------------------------------
+# Reading dataset.bin
+# ---------------------------------------------------------------------------------------
+
+def dataset_header(path):
+    """The header of dataset.bin as a dict; DataError if it is not a valid dataset file (the
+    ids are not read: load_dataset checks them)."""
+    path = pathlib.Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_SIZE)
+            size = os.fstat(f.fileno()).st_size
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    if len(raw) < 12:
+        raise DataError(f"{path}: not a CLLM dataset (file too short for the header)")
+    if raw[:8] != DATASET_MAGIC:
+        raise DataError(f"{path}: not a CLLM dataset (bad magic)")
+    version = int.from_bytes(raw[8:12], "little")
+    if version != DATASET_VERSION:
+        raise DataError(f"{path}: dataset format version {version}, expected {DATASET_VERSION}")
+    if len(raw) < HEADER_SIZE:
+        raise DataError(f"{path}: not a CLLM dataset (file too short for the header)")
+    _, _, code, n_tokens, key, vocab_len, vocab_tag, ids_sha256 = _HEADER.unpack(raw)
+    if code not in _DTYPES:
+        raise DataError(f"{path}: unknown id type code {code}")
+    expected = HEADER_SIZE + n_tokens * code
+    if size != expected:
+        raise DataError(f"{path}: truncated or damaged ({size} bytes, header says {expected})")
+    if n_tokens == 0:
+        raise DataError(f"{path}: dataset holds no tokens")
+    return {"version": version, "dtype": _DTYPES[code], "tokens": n_tokens, "key": key.hex(),
+            "vocab_len": vocab_len, "vocab_tag": vocab_tag.hex(), "ids_sha256": ids_sha256.hex()}
+
+
+def _memmap(path, header):
+    return np.memmap(path, dtype=header["dtype"], mode="r", offset=HEADER_SIZE,
+                     shape=(header["tokens"],))
+
+
+def _checked_ids(path, header):
+    """The ids of dataset.bin after checking them against the header: their sha256, and
+    every id below vocab_len. DataError (one line) when either fails."""
+    ids = _memmap(path, header)
+    h, top = hashlib.sha256(), 0
+    for start in range(0, len(ids), _CHUNK):
+        chunk = ids[start:start + _CHUNK]
+        h.update(chunk)
+        top = max(top, int(chunk.max()))
+    if h.hexdigest() != header["ids_sha256"]:
+        raise DataError(f"{path}: damaged (the token ids do not match the header's checksum)")
+    if top >= header["vocab_len"]:
+        where = int(np.argmax(ids >= header["vocab_len"]))
+        raise DataError(f"{path}: damaged (token id {top} at position {where} is beyond the "
+                        f"vocabulary of {header['vocab_len']} ids)")
+    return ids
+
+
+def load_dataset(path):
+    """Memory-map the ids of dataset.bin (read-only, uint16 or uint32), checked as the
+    module docstring says; DataError (one line) for a damaged or foreign file."""
+    return _checked_ids(path, dataset_header(path))
+
+
+def _try_reuse(out_dir, corpus_key, kind, tokenizer):
+    """((tokenizer, memmap) or None, reason or None): the stored stream if out_dir holds the
+    stream of this corpus, intact.
+
+    Without a tokenizer the stream must have been built from the corpus with the same
+    settings. With one, it may also have been built (a resumed run passes the vocabulary the
+    first run built), as long as the vocabulary file is exactly that tokenizer's. reason is
+    one line when a stored stream is not reused because it is damaged (or of another format
+    version); a stream of another corpus, other settings or another vocabulary is no damage.
+    """
+    vocab_name = tokenizer_class(kind).file_name
+    bin_path, vocab_path = out_dir / "dataset.bin", out_dir / vocab_name
+    if not bin_path.is_file():
+        return None, None
+    accepted = {corpus_key.hex(), _stream_key(corpus_key, tokenizer).hex()}
+    try:
+        header = dataset_header(bin_path)
+        if header["key"] not in accepted:
+            return None, None
+        if not vocab_path.is_file():
+            return None, f"{vocab_path}: missing"
+        loaded = tokenizer_class(kind).read(vocab_path)
+        if len(loaded) != header["vocab_len"] or loaded.vocab_hash[:8] != header["vocab_tag"]:
+            return None, f"{vocab_path} does not belong to {bin_path}"
+        if tokenizer is not None and loaded.vocab_hash != tokenizer.vocab_hash:
+            return None, None
+        return ((tokenizer or loaded), _checked_ids(bin_path, header)), None
+    except DataError as e:
+        return None, str(e)
+
+
+# ---------------------------------------------------------------------------------------
+# Writing dataset.bin
+# ---------------------------------------------------------------------------------------
+
+def prepare_dataset(files, out_dir, kind="word", vocab_size=10000, encoding_errors="strict",
+                    tokenizer=None):
+    """Tokenise `files` into out_dir's vocabulary file (vocab.txt) and out_dir/dataset.bin.
+
+    Each file is a document ending in EOS. With `tokenizer` given its vocabulary is used
+    (and its kind overrides `kind`); otherwise one is built from the corpus. If out_dir
+    already holds the stream of the same bytes and settings, intact, it is reused without
+    tokenising. Returns (tokenizer, memmap of the ids, info) with info = {"files", "bytes",
+    "tokens", "reused", "key", "rebuilt_reason"}; rebuilt_reason is None, or one line saying
+    why a stored stream of this corpus was found damaged and rebuilt.
+
+    info["key"] is the corpus key: sha256 over the settings (key version, kind, vocab_size,
+    encoding_errors) and each file's length and bytes. It does not depend on whether the
+    vocabulary was built or given, so a resumed run that passes the saved tokenizer gets the
+    key the first run recorded. The vocabulary is identified by tokenizer.vocab_hash;
+    dataset.bin stores a stream key that also covers it when it was given (see _stream_key),
+    and a 4-byte tag of it, so a stream is never reused with a vocabulary it was not encoded
+    with.
+    """
+    files = [pathlib.Path(f) for f in files]
+    if tokenizer is not None:
+        kind = tokenizer.kind
+    cls = tokenizer_class(kind)
+    cls.check_vocab_size(vocab_size)
+    check_encoding_errors(encoding_errors)
+    if not files:
+        raise DataError("corpus is empty: no input files")
+    out_dir = pathlib.Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{out_dir}: cannot create directory ({e.strerror or e})") from None
+
+    # Pass 1: hash the corpus; reuse the stored stream if nothing changed.
+    corpus = _Corpus(_settings(kind, vocab_size, encoding_errors), files)
+    for _ in corpus.raw():
+        pass
+    reused, reason = _try_reuse(out_dir, corpus.key, kind, tokenizer)
+    info = {"files": len(files), "bytes": corpus.bytes, "reused": False, "key": corpus.key.hex(),
+            "rebuilt_reason": reason}
+    if reused is not None:
+        tokenizer, tokens = reused
+        info.update(tokens=len(tokens), reused=True)
+        return tokenizer, tokens, info
+
+    # Pass 2: tokenise. The key is hashed again from the bytes actually tokenised.
+    scanner = cls.scanner()
+    if tokenizer is not None:
+        n_tokens = _encode_and_write(corpus, encoding_errors, tokenizer, out_dir, given=True)
+    elif scanner is not None:
+        tokenizer, n_tokens = _build_and_write(corpus, encoding_errors, scanner, vocab_size,
+                                               out_dir)
+    else:
+        # a kind learned otherwise than by counting: learn it, then encode (two passes)
+        tokenizer = cls.train(corpus.documents(encoding_errors), vocab_size)
+        n_tokens = _encode_and_write(corpus, encoding_errors, tokenizer, out_dir, given=False)
+    info.update(bytes=corpus.bytes, tokens=n_tokens, key=corpus.key.hex())
+    # the checksum was taken from the bytes as they were written: no need to read them back
+    path = out_dir / "dataset.bin"
+    return tokenizer, _memmap(path, dataset_header(path)), info
+
+
+class _Corpus:
+    """The files of a corpus read in order, their bytes hashed into the dataset key.
+
+    key = sha256 over the settings line, then each file's length (8 bytes) and bytes. File
+    names do not enter the key: renaming a file does not change the stream. key and bytes
+    are complete once an iteration of raw() or documents() has run to the end."""
+
+    def __init__(self, settings, files):
+        self.settings, self.files = settings, files
+        self.key, self.bytes = None, 0
+
+    def raw(self):
+        h = hashlib.sha256(self.settings.encode("utf-8"))
+        self.key, self.bytes = None, 0
+        for path in self.files:
+            data = read_bytes(path)
+            h.update(struct.pack("<Q", len(data)))
+            h.update(data)
+            self.bytes += len(data)
+            yield path, data
+        self.key = h.digest()
+
+    def documents(self, encoding_errors):
+        for path, data in self.raw():
+            yield decode_text(path, data, encoding_errors)
+
+
+def _check_not_empty(n_words, corpus):
+    if n_words == 0:
+        n = len(corpus.files)
+        raise DataError(f"corpus is empty: no tokens in {n} file{'s' if n != 1 else ''} "
+                        f"({corpus.bytes} bytes), first {corpus.files[0]}")
+
+
+def _pack_header(dtype, n_tokens, key, tokenizer, ids_sha256):
+    return _HEADER.pack(DATASET_MAGIC, DATASET_VERSION, dtype.itemsize, n_tokens, key,
+                        len(tokenizer), bytes.fromhex(tokenizer.vocab_hash[:8]), ids_sha256)
+
+
+def _encode_and_write(corpus, encoding_errors, tokenizer, out_dir, given):
+    """Encode every document with `tokenizer` straight into dataset.bin. given: the
+    vocabulary came from the caller, not from this corpus (see _stream_key)."""
+    dtype = _dtype_for(len(tokenizer))
+    tokenizer.save(out_dir / tokenizer.file_name)
+    with atomic_file(out_dir / "dataset.bin", DataError) as f:
+        f.write(bytes(HEADER_SIZE))              # placeholder until the count is known
+        h = hashlib.sha256()
+        n_tokens = n_words = 0
+        for text in corpus.documents(encoding_errors):
+            ids = tokenizer.encode_document(text)
+            if ids.size > 1:                      # more than the end of the document
+                data = ids.astype(dtype).tobytes()
+                f.write(data)
+                h.update(data)
+                n_tokens += ids.size
+                n_words += ids.size - 1
+        _check_not_empty(n_words, corpus)
+        key = _stream_key(corpus.key, tokenizer if given else None)
+        f.seek(0)
+        f.write(_pack_header(dtype, n_tokens, key, tokenizer, h.digest()))
+    return n_tokens
+
+
+def _build_and_write(corpus, encoding_errors, scanner, vocab_size, out_dir):
+    """Build the vocabulary and the stream with one tokenising pass: provisional ids (see
+    tokenizers._Scanner) go to a spill file, are counted, then mapped to the final ids into
+    dataset.bin."""
+    eos = np.array([EOS], dtype=np.int32).tobytes()
+    try:
+        fd, spill_path = tempfile.mkstemp(dir=out_dir, prefix=".dataset.ids.", suffix=".tmp")
+    except OSError as e:
+        raise DataError(f"{out_dir}: cannot write ({e.strerror or e})") from None
+    try:
+        with os.fdopen(fd, "wb") as spill:
+            n_tokens = n_words = 0
+            for text in corpus.documents(encoding_errors):
+                ids = scanner.ids(text)
+                if ids.size:
+                    spill.write(ids.tobytes())
+                    spill.write(eos)
+                    n_tokens += ids.size + 1
+                    n_words += ids.size
+        _check_not_empty(n_words, corpus)
+        provisional = np.memmap(spill_path, dtype=np.int32, mode="r", shape=(n_tokens,))
+        n_prov = scanner.n_provisional()
+        counts = np.zeros(n_prov, dtype=np.int64)
+        for start in range(0, n_tokens, _CHUNK):
+            counts += np.bincount(provisional[start:start + _CHUNK], minlength=n_prov)
+        tokenizer, remap = scanner.finish(counts, vocab_size)
+        dtype = _dtype_for(len(tokenizer))
+        remap = remap.astype(dtype)
+        tokenizer.save(out_dir / tokenizer.file_name)
+        with atomic_file(out_dir / "dataset.bin", DataError) as f:
+            f.write(bytes(HEADER_SIZE))          # placeholder until the checksum is known
+            h = hashlib.sha256()
+            for start in range(0, n_tokens, _CHUNK):
+                data = remap[provisional[start:start + _CHUNK]].tobytes()
+                f.write(data)
+                h.update(data)
+            f.seek(0)
+            f.write(_pack_header(dtype, n_tokens, corpus.key, tokenizer, h.digest()))
+        del provisional
+    except OSError as e:
+        raise DataError(f"{out_dir}: cannot write ({e.strerror or e})") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(spill_path)
+    return tokenizer, n_tokens
