@@ -10,7 +10,7 @@ TRAIN_ARGS ?= --epochs 10 --eval-interval 50 --save-interval 100 --sample-every 
 $(DEPS): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "setuptools>=64" wheel "cython>=3.0" numpy scipy "safetensors>=0.4" pytest argparse-manpage matplotlib
+	$(PY) -m pip install -q "setuptools>=64" wheel "cython>=3.0" numpy scipy "safetensors>=0.4" pytest hypothesis argparse-manpage matplotlib
 	touch $@
 
 build: $(DEPS)
