@@ -122,7 +122,7 @@ def run_main(prog, command, statuses, interrupts=(), on_interrupt=None, stop_wit
 
     statuses maps exception classes (or tuples of them) to exit statuses, tried in order: such
     an exception prints the one line "prog: error: <message>" on stderr. For every tool alike,
-    out of memory prints "prog: error: out of memory (...)" and gives 1; Ctrl-C
+    out of memory prints "prog: error: out of memory" and gives 1; Ctrl-C
     (KeyboardInterrupt, or one of `interrupts`) gives 130 after on_interrupt(), when given.
 
     A standard output that fails (a full disk, `| head`) never gives a traceback. With
@@ -146,7 +146,7 @@ def run_main(prog, command, statuses, interrupts=(), on_interrupt=None, stop_wit
                 on_interrupt()
         return 130
     except MemoryError as e:
-        _say(f"{prog}: error: out of memory ({e})")
+        _say(f"{prog}: error: out of memory" + (f" ({e})" if str(e) else ""))
         return 1
     except Exception as e:
         for classes, status in statuses.items():
