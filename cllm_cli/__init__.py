@@ -5,6 +5,27 @@ import os
 # This has to happen before scipy's OpenBLAS is loaded.
 os.environ["OPENBLAS_NUM_THREADS"] = "1"
 
+
+def _engine_not_loadable(error):
+    """ImportError saying how to build the compiled engine (cllm_cli/_engine*.so)."""
+    import glob
+    import importlib.machinery
+    here = os.path.dirname(os.path.abspath(__file__))
+    built = [p for suffix in importlib.machinery.EXTENSION_SUFFIXES
+             for p in glob.glob(os.path.join(here, "_engine*" + suffix))]
+    how = "run `make build` or `pip install -e .` in the source checkout"
+    if not built:
+        return ImportError(f"the compiled engine of cllm_cli (cllm_cli._engine) is not built for "
+                           f"this Python in {here}: {how}")
+    return ImportError(f"the compiled engine {built[0]} cannot be loaded ({error}): rebuild it: "
+                       f"{how}")
+
+
+try:
+    from . import _engine  # noqa: E402,F401
+except ImportError as _error:
+    raise _engine_not_loadable(_error) from None
+
 from .config import CLLMConfig  # noqa: E402
 from .tokenizers import Tokenizer  # noqa: E402
 from .model import CLLMModel, single_threaded_blas  # noqa: E402

@@ -27,11 +27,31 @@ created. A failed write (full disk, a parent that is not a directory, ...) remov
 file and raises :class:`CheckpointError`; the final name then still holds the previous complete
 file, if there was one, and never a partial one.
 
-Loading checks the structure of the file, the format and its version, the header checksum,
-the model config, every tensor's name, dtype and shape, the vocab hash and the config the caller
-expects (when given), and the tensor checksum, and refuses with a one-line
-:class:`CheckpointError` naming the file and the problem. Tensors are read straight into the
-flat buffers (no intermediate copy of the whole file).
+Only finite states are written or read: saving parameters or AdamW moments that hold NaN or
+Inf raises :class:`CheckpointError` naming the first such tensor (nothing is written), and so
+does loading them (also from a hand-made file with valid checksums), or a negative ``adam.v``.
+
+Loading opens only regular files (a FIFO, a device or a directory is refused at once, never
+read) and checks the structure of the file, the format and its version, the header checksum,
+the model config, every tensor's name, dtype and shape, the metadata fields below, the vocab
+hash and the config the caller expects (when given), the tensor checksum and that every value
+is finite, and refuses with a one-line :class:`CheckpointError` naming the file and the
+problem (and the field or tensor). Tensors are read straight into the flat buffers (no
+intermediate copy of the whole file).
+
+``meta`` fields that are checked when present (others are the caller's business):
+
+  ``state``          object; ``step``, ``epoch``, ``batch_in_epoch``, ``adam_t`` and
+                     ``bad_steps`` are required in it, integers in 0 .. 2**63 - 1
+  ``generator``      object; ``seed``, ``epoch``, ``batch_in_epoch`` integers >= 0 when present
+  ``tokenizer``      one of the tokenizer kinds (:data:`cllm_cli.tokenizers.TOKENIZER_KINDS`)
+  ``vocab_hash``     64 lower-case hex digits (sha256)
+  ``dataset_key``    64 lower-case hex digits (sha256)
+  ``train_config``   object (its settings are checked by the trainer)
+
+``model_config`` must hold ``vocab_size`` (>= 5), ``embed_dim``, ``num_layers``,
+``num_heads``, ``ff_dim`` and ``seq_len`` as integers >= 1, with ``embed_dim`` divisible by
+``num_heads``.
 """
 import hashlib
 import json
@@ -48,8 +68,10 @@ import safetensors.numpy
 
 from .atomic import atomic_file, reason as _reason
 from ._engine import num_parameters, parameter_layout
+from .cli import open_regular
 from .config import CLLMConfig
 from .model import named_views
+from .tokenizers import TOKENIZER_KINDS
 
 FORMAT_VERSION = 1
 FORMAT_NAME = "cllm"
@@ -57,6 +79,11 @@ FORMAT_NAME = "cllm"
 _STEP_RE = re.compile(r"checkpoint_step_(\d+)\.cllm")
 _MAX_HEADER_BYTES = 100 * 1024 * 1024     # safetensors' own limit
 _DTYPE_BYTES = {"F32": 4}
+_MODEL_FIELDS = ("vocab_size", "embed_dim", "num_layers", "num_heads", "ff_dim", "seq_len")
+_STATE_FIELDS = ("step", "epoch", "batch_in_epoch", "adam_t", "bad_steps")
+_GENERATOR_FIELDS = ("seed", "epoch", "batch_in_epoch")
+_MAX_COUNT = 2**63 - 1
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class CheckpointError(Exception):
@@ -110,8 +137,9 @@ def save_checkpoint(path, cfg, params, adam_m, adam_v, meta):
     ``params``, ``adam_m``, ``adam_v`` are flat float32 buffers laid out as
     ``parameter_layout(cfg)``; ``adam_m`` / ``adam_v`` may be None (then they are not stored).
     ``meta`` is any JSON-serialisable dict (numpy scalars and arrays are converted).
-    Raises CheckpointError on any I/O failure (no partial file is left under ``path``),
-    ValueError for buffers that do not match ``cfg`` or a ``meta`` that is not serialisable.
+    Raises CheckpointError on any I/O failure (no partial file is left under ``path``) and
+    for parameters or moments holding NaN or Inf (nothing is written), ValueError for buffers
+    that do not match ``cfg`` or a ``meta`` that is not serialisable.
     """
     path = Path(path)
     if not isinstance(cfg, CLLMConfig):
@@ -124,6 +152,11 @@ def save_checkpoint(path, cfg, params, adam_m, adam_v, meta):
         if buf is not None:
             for name, view in _flat_views(prefix.rstrip("."), buf, cfg).items():
                 tensors[prefix + name] = view
+
+    bad = _first_non_finite(tensors)
+    if bad:
+        raise CheckpointError(f"cannot write checkpoint {path}: {bad}; a non-finite state is "
+                              "never saved")
 
     try:
         meta_json = json.dumps(meta, default=_json_default)
@@ -160,6 +193,18 @@ def save_checkpoint(path, cfg, params, adam_m, adam_v, meta):
         header_bytes = header_bytes.replace(placeholder.encode(), digest.encode())
 
     _atomic_write(path, (view[:8], header_bytes, data))
+
+
+def _first_non_finite(tensors):
+    """Text naming the first tensor of {name: array} holding NaN or Inf, or None."""
+    for name, values in tensors.items():
+        finite = np.isfinite(values)
+        if not finite.all():
+            nan = int(np.isnan(values).sum())
+            inf = values.size - int(finite.sum()) - nan
+            return (f"tensor {name!r} holds non-finite values ({nan} NaN, {inf} Inf of "
+                    f"{values.size})")
+    return None
 
 
 def _atomic_write(path, chunks):
@@ -206,7 +251,7 @@ def load_checkpoint(path, cfg=None, vocab_hash=None):
         return CheckpointError(f"cannot load checkpoint {path}: {_one_line(problem)}")
 
     try:
-        f = open(path, "rb")
+        f = open_regular(path)
     except FileNotFoundError:
         raise fail("no such file") from None
     except IsADirectoryError:
@@ -234,7 +279,7 @@ def _load(f, path, fail, want_cfg, want_vocab_hash):
         raise fail("file shrank while reading the header")
     try:
         header = json.loads(header_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise fail("safetensors header is not valid JSON (corrupt or not a checkpoint)") from None
     if not isinstance(header, dict):
         raise fail("safetensors header is not a JSON object (corrupt or not a checkpoint)")
@@ -284,17 +329,14 @@ def _load(f, path, fail, want_cfg, want_vocab_hash):
     if metadata.get("header_checksum") != _header_digest(metadata, header):
         raise fail("header checksum mismatch (the metadata or tensor index is corrupt)")
 
-    try:
-        config_dict = json.loads(metadata["model_config"])
-        config = CLLMConfig.from_dict(config_dict)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise fail(f"bad model_config in the metadata: {exc}") from None
+    config = _model_config(metadata, fail, n_tensors=len(header))
     try:
         meta = json.loads(metadata["meta"])
-    except (KeyError, ValueError) as exc:
+    except (KeyError, ValueError, RecursionError) as exc:
         raise fail(f"bad meta in the metadata: {exc}") from None
     if not isinstance(meta, dict):
         raise fail("bad meta in the metadata: not a JSON object")
+    _check_meta(meta, fail)
     if "checksum" not in metadata:
         raise fail("no tensor checksum in the metadata")
 
@@ -351,8 +393,76 @@ def _load(f, path, fail, want_cfg, want_vocab_hash):
         for buf in buffers.values():
             buf.byteswap(inplace=True)
 
+    bad = _first_non_finite({prefix + name: targets[prefix + name]
+                             for prefix in kinds.values() for name in layout})
+    if bad:
+        raise fail(f"{bad}; the state is not usable")
+    if "adam_v" in buffers and (buffers["adam_v"] < 0).any():
+        name = next(n for n in layout if (targets["adam.v." + n] < 0).any())
+        raise fail(f"tensor 'adam.v.{name}' holds negative values (a second moment is never "
+                   "negative)")
+
     return {"config": config, "params": buffers["params"], "adam_m": buffers.get("adam_m"),
             "adam_v": buffers.get("adam_v"), "meta": meta}
+
+
+def _model_config(metadata, fail, n_tensors):
+    """The CLLMConfig of the metadata, each field checked for type and range."""
+    try:
+        fields = json.loads(metadata["model_config"])
+    except KeyError:
+        raise fail("bad model_config in the metadata: missing") from None
+    except (ValueError, RecursionError) as exc:
+        raise fail(f"bad model_config in the metadata: {exc}") from None
+    if not isinstance(fields, dict):
+        raise fail("bad model_config in the metadata: not a JSON object")
+    for name in _MODEL_FIELDS:
+        value = fields.get(name)
+        if not _is_count(value) or value < 1:
+            raise fail(f"bad model_config in the metadata: {name} must be an integer >= 1, "
+                       f"got {value!r}")
+    # every layer has 12 tensors: a num_layers this large cannot match (and listing its
+    # tensor names would take forever)
+    if fields["num_layers"] > n_tensors:
+        raise fail(f"bad model_config in the metadata: num_layers {fields['num_layers']} "
+                   f"cannot match the {n_tensors} tensors in the file")
+    try:
+        return CLLMConfig.from_dict(fields)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise fail(f"bad model_config in the metadata: {exc}") from None
+
+
+def _is_count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_COUNT
+
+
+def _check_meta(meta, fail):
+    """The meta fields listed in the module docstring, for type and range."""
+    def bad(field, expected, value):
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        return fail(f"bad meta field {field}: expected {expected}, got {shown}")
+
+    for group, fields, required in (("state", _STATE_FIELDS, True),
+                                    ("generator", _GENERATOR_FIELDS, False)):
+        if group not in meta:
+            continue
+        values = meta[group]
+        if not isinstance(values, dict):
+            raise bad(group, "an object", values)
+        for name in fields:
+            if name not in values:
+                if required:
+                    raise fail(f"bad meta field {group}.{name}: missing")
+            elif not _is_count(values[name]):
+                raise bad(f"{group}.{name}", f"an integer in 0..{_MAX_COUNT}", values[name])
+    if "tokenizer" in meta and meta["tokenizer"] not in TOKENIZER_KINDS:
+        raise bad("tokenizer", f"one of {', '.join(TOKENIZER_KINDS)}", meta["tokenizer"])
+    for name in ("vocab_hash", "dataset_key"):
+        if name in meta and not (isinstance(meta[name], str)
+                                 and _SHA256_HEX.fullmatch(meta[name])):
+            raise bad(name, "64 lower-case hex digits", meta[name])
+    if "train_config" in meta and not isinstance(meta["train_config"], dict):
+        raise bad("train_config", "an object", meta["train_config"])
 
 
 # ------------------------------------------------------------------------- checkpoint dirs

@@ -1,7 +1,11 @@
 """What the command-line tools share: one-line argparse errors, help that shows defaults,
-UsageError and the mapping of failures to one line on stderr and an exit status (run_main)."""
+UsageError, opening a user's file for reading (open_regular) and the mapping of failures to one
+line on stderr and an exit status (run_main), including a standard output that fails."""
 import argparse
+import contextlib
+import errno
 import os
+import stat
 import sys
 
 
@@ -9,36 +13,149 @@ class UsageError(Exception):
     """A bad option value, combination or input (exit status 2)."""
 
 
-def run_main(prog, command, statuses, interrupts=(), on_interrupt=None):
+class NotRegularFile(OSError):
+    """A path the user gave is a FIFO, a device or a socket: reading it could block forever
+    or never end."""
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def open_regular(path):
+    """Opens `path` for binary reading if it is a regular file (symbolic links followed).
+    A directory raises IsADirectoryError, a FIFO, device or socket NotRegularFile; the open
+    never blocks, whatever the path is."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "it is a directory, not a file")
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _KINDS if test(mode)), "a special file")
+            raise NotRegularFile(errno.EINVAL, f"it is {kind}, not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_regular(path, what):
+    """UsageError naming `what` unless `path` opens as a regular file (open_regular)."""
+    try:
+        open_regular(path).close()
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path}: no such file") from None
+    except OSError as e:
+        raise UsageError(f"{what} {path}: {e.strerror or e}") from None
+
+
+class OutputLost(Exception):
+    """Standard output failed (a full disk, a reader that went away) in a tool whose output is
+    its work. Not an OSError, so that no handler of file errors mistakes it for one."""
+
+    def __init__(self, error):
+        super().__init__(error.strerror or str(error))
+        self.errno = error.errno
+
+
+class _GuardedStdout:
+    """Standard output for the duration of run_main. Its first failure points file descriptor
+    1 at /dev/null (so that nothing, not even the exit-time flush, fails again); then every
+    write raises OutputLost (stop=True), or one warning goes to stderr and later output is
+    discarded (stop=False)."""
+
+    def __init__(self, prog, stream, stop):
+        self.prog, self.stream, self.stop = prog, stream, stop
+        self.lost = None        # the OSError that lost the output
+
+    def write(self, text):
+        self._call("write", text)
+        return len(text)
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def flush(self):
+        self._call("flush")
+
+    def isatty(self):
+        return self.stream is not None and self.stream.isatty()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+    def _call(self, method, *args):
+        if self.lost is None:
+            try:
+                if self.stream is None:         # started with file descriptor 1 closed
+                    raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+                getattr(self.stream, method)(*args)
+                return
+            except OSError as e:
+                self._lose(e)
+        if self.stop:
+            raise OutputLost(self.lost)
+
+    def _lose(self, error):
+        self.lost = error
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+        if not self.stop:
+            _say(f"{self.prog}: warning: cannot write to standard output "
+                 f"({error.strerror or error}); going on without it")
+
+
+def _say(line):
+    """One line on stderr, unless stderr fails too."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        print(line, file=sys.stderr, flush=True)
+
+
+def run_main(prog, command, statuses, interrupts=(), on_interrupt=None, stop_without_output=False):
     """Runs command() as the body of a tool's main() and returns the exit status: 0 when it
     returns.
 
     statuses maps exception classes (or tuples of them) to exit statuses, tried in order: such
     an exception prints the one line "prog: error: <message>" on stderr. For every tool alike,
-    out of memory prints "prog: error: out of memory (...)" and gives 1; Ctrl-C
-    (KeyboardInterrupt, or one of `interrupts`) gives 130 after on_interrupt(), when given; and
-    a reader that went away (`| head`) ends the run quietly with 1. Anything else propagates.
+    out of memory prints "prog: error: out of memory" and gives 1; Ctrl-C
+    (KeyboardInterrupt, or one of `interrupts`) gives 130 after on_interrupt(), when given.
+
+    A standard output that fails (a full disk, `| head`) never gives a traceback. With
+    stop_without_output (tools whose output is their work) the run ends with status 1 and
+    "prog: error: cannot write output: <reason>", quietly for a reader that went away.
+    Otherwise (train_model: losing the log must not lose the training) one warning is printed
+    and the command goes on with its output discarded. Anything else propagates.
     """
+    real_stdout = sys.stdout
+    sys.stdout = out = _GuardedStdout(prog, real_stdout, stop_without_output)
     try:
         command()
+        out.flush()
+    except OutputLost as e:
+        if e.errno != errno.EPIPE:
+            _say(f"{prog}: error: cannot write output: {e}")
+        return 1
     except (KeyboardInterrupt, *interrupts):
         if on_interrupt is not None:
-            on_interrupt()
+            with contextlib.suppress(OutputLost):
+                on_interrupt()
         return 130
-    except BrokenPipeError:
-        # stop quietly, and keep Python's exit-time flush of stdout from failing too
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 1
     except MemoryError as e:
-        print(f"{prog}: error: out of memory ({e})", file=sys.stderr)
+        _say(f"{prog}: error: out of memory" + (f" ({e})" if str(e) else ""))
         return 1
     except Exception as e:
         for classes, status in statuses.items():
             if isinstance(e, classes):
-                print(f"{prog}: error: {e}", file=sys.stderr)
+                _say(f"{prog}: error: {e}")
                 return status
         raise
+    finally:
+        sys.stdout = real_stdout
     return 0
 
 

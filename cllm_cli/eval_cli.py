@@ -29,7 +29,7 @@ from .batches import eval_windows, split_stream
 from .dataset import _stream_key, dataset_header, load_dataset
 from .files import ENCODING_ERRORS, DataError, collect_files, read_text
 from .inference import load
-from .log import fmt_loss
+from .log import fmt_loss, perplexity
 
 PROG = "cllm_eval"
 
@@ -131,12 +131,13 @@ def run(args, out):
         model, stream, threads, int(config.get("batch_size", 32)),
         int(config.get("micro_batch", 4)), getattr(tokenizer, "pad_id", 0))
     loss = loss_sum / counted if counted else float("nan")
-    ppl = math.exp(min(loss, 700)) if counted else float("nan")
+    ppl = perplexity(loss) if counted else float("nan")
     bpb = loss / math.log(2) / bytes_per_token if counted and bytes_per_token else None
     result = {"what": what, "files": n_files, "tokens": int(len(stream)), "windows": n_windows,
               "counted": counted, "loss": loss, "ppl": ppl, "bpb": bpb}
     if args.json:
-        out.write(json.dumps(result) + "\n")
+        out.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                              for k, v in result.items()}) + "\n")
     else:
         out.write(f"{'evaluated':<14} {'tokens':>10} {'windows':>8} {'loss':>8} {'ppl':>10} "
                   f"{'bits/byte':>9}\n")
@@ -148,7 +149,8 @@ def run(args, out):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     return run_main(PROG, lambda: run(args, sys.stdout),
-                    {(UsageError, DataError, CheckpointError): 2})
+                    {(UsageError, DataError, CheckpointError): 2},
+                    stop_without_output=True)
 
 
 if __name__ == "__main__":

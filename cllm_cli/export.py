@@ -90,7 +90,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     return run_main(PROG, lambda: run(args),
                     {(UsageError, DataError, CheckpointError, ConversionError): 2,
-                     MissingDependency: 1})
+                     MissingDependency: 1}, stop_without_output=True)
 
 
 if __name__ == "__main__":

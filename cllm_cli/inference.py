@@ -15,8 +15,8 @@ Choices written down here:
   ever has to be taken back.
 - Generation stops at <eos> (not printed) or after --max-tokens; the output ends with one
   newline. The same checkpoint, prompt, options and --seed give the same text.
-- Exit status: 0 done, 2 bad usage or input (one line on stderr), 1 a runtime failure,
-  130 Ctrl-C.
+- Exit status: 0 done, 2 bad usage or input (one line on stderr), 1 a runtime failure
+  (standard output lost, a model whose logits are NaN everywhere), 130 Ctrl-C.
 """
 import math
 import os
@@ -25,8 +25,9 @@ import sys
 from .checkpoint import CheckpointError, latest_checkpoint
 from .files import DataError
 from .tokenizers import EOS, Tokenizer
-from .cli import HelpFormatter, Parser, UsageError, run_main
+from .cli import HelpFormatter, Parser, UsageError, check_regular, run_main
 from .model import CLLMModel
+from .sampling import SamplingError
 
 PROG = "cllm_inference"
 MAX_LISTED_UNKNOWN = 8      # unknown prompt words named in the warning
@@ -106,6 +107,7 @@ def load(checkpoint, vocab_path=None):
         if not os.path.exists(vocab_path):
             raise UsageError(f"no vocab.txt next to {path} (looked for {vocab_path}); "
                              f"give the training run's vocab.txt with --vocab")
+    check_regular(vocab_path, "vocabulary")
     kind = meta.get("tokenizer", "word")
     tokenizer = Tokenizer.load(vocab_path, kind)
     want = meta.get("vocab_hash")
@@ -170,17 +172,15 @@ def run(args):
 
 def end_line():
     """After Ctrl-C: ends the line of text streamed so far."""
-    try:
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-    except (OSError, ValueError):
-        pass
+    sys.stdout.write("\n")
+    sys.stdout.flush()
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return run_main(PROG, lambda: run(args), {(UsageError, DataError, CheckpointError): 2},
-                    on_interrupt=end_line)
+    return run_main(PROG, lambda: run(args),
+                    {(UsageError, DataError, CheckpointError): 2, SamplingError: 1},
+                    on_interrupt=end_line, stop_without_output=True)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import numpy as np
 
 from . import _engine
 from .config import CLLMConfig
+from .sampling import sample_from_logits
 
 
 def blas_libraries():
@@ -139,24 +140,3 @@ class CLLMModel:
             yield next_id
             if next_id in stop_ids:
                 return
-
-
-def sample_from_logits(logits, temperature, top_k, top_p, rng):
-    """One id from float64 logits with temperature, top-k and nucleus (top-p) filtering."""
-    if temperature == 0:
-        return int(np.argmax(logits))
-    logits = logits / temperature
-    if top_k and top_k < logits.size:
-        cutoff = np.partition(logits, -top_k)[-top_k]
-        logits = np.where(logits < cutoff, -np.inf, logits)
-    probs = np.exp(logits - logits.max())
-    probs /= probs.sum()
-    if top_p < 1.0:
-        order = np.argsort(-probs, kind="stable")
-        keep = np.cumsum(probs[order]) - probs[order] < top_p
-        mask = np.zeros_like(probs, dtype=bool)
-        mask[order[keep]] = True
-        probs = np.where(mask, probs, 0.0)
-        probs /= probs.sum()
-    return int(rng.choice(probs.size, p=probs))
-

@@ -16,7 +16,8 @@ import os
 import sys
 
 from .atomic import atomic_file
-from .cli import HelpFormatter, Parser, run_main
+from .cli import HelpFormatter, Parser, open_regular, run_main
+from .log import fmt_ppl
 
 PROG = "cllm_plot"
 MISSING_MATPLOTLIB = "matplotlib is not installed: pip install matplotlib"
@@ -42,8 +43,8 @@ def require_matplotlib():
 def read_metrics(path):
     """(train, val): lists of (step, value) sorted by step, from a metrics JSON-lines file."""
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        with open_regular(path) as f:
+            lines = f.read().decode("utf-8").splitlines()
     except OSError as e:
         raise PlotError(f"{path}: cannot read ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
@@ -106,7 +107,7 @@ def draw(train, val, out_png, title):
     if val:
         steps, losses = zip(*val)
         last = losses[-1]
-        ppl = f", ppl {math.exp(min(last, 700)):.1f}" if math.isfinite(last) else ""
+        ppl = f", ppl {fmt_ppl(last, 1)}" if math.isfinite(last) else ""
         ax.plot(steps, losses, color="tab:orange", marker="o", markersize=4, linewidth=1.8,
                 label=f"validation loss (last {last:.3f}{ppl})")
     ax.set_xlabel("optimiser step")
@@ -154,7 +155,7 @@ def main(argv=None):
         plot_metrics(args.metrics, out, args.title)
         print(f"wrote {out}")
 
-    return run_main(PROG, command, {MissingDependency: 1, PlotError: 2})
+    return run_main(PROG, command, {MissingDependency: 1, PlotError: 2}, stop_without_output=True)
 
 
 if __name__ == "__main__":

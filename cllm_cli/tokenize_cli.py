@@ -12,10 +12,12 @@ Modes (one per run):
                       object)
 
 DATA "-" is standard input. Text is read as train_model reads it (strict UTF-8, BOM dropped,
-line ends normalised); encoding adds no <eos>, so decoding the ids gives the text back as the
-tokenizer sees it (lower-cased words, spacing by the decode rules). Exit status: 0 done,
-2 bad usage or input (one line on stderr), 130 Ctrl-C.
+line ends normalised; binary input is refused as soon as it arrives); encoding adds no <eos>,
+so decoding the ids gives the text back as the tokenizer sees it (lower-cased words, spacing by
+the decode rules). --vocab must be a regular file. Exit status: 0 done, 2 bad usage or input
+(one line on stderr), 1 standard output lost, 130 Ctrl-C.
 """
+import codecs
 import collections
 import json
 import sys
@@ -23,10 +25,11 @@ import sys
 from .files import DataError, collect_files, read_text
 from .files import decode_text as _decode
 from .tokenizers import UNK, Tokenizer
-from .cli import HelpFormatter, Parser, UsageError, run_main
+from .cli import HelpFormatter, Parser, UsageError, check_regular, run_main
 
 PROG = "cllm_tokenize"
 STDIN = "-"
+STDIN_CHUNK = 1 << 16     # bytes read from standard input at a time
 
 
 def build_parser():
@@ -78,8 +81,27 @@ def expand(names, pattern):
 def read_input(name):
     """Text of a DATA argument, read as train_model reads a corpus file."""
     if name == STDIN:
-        return _decode("<stdin>", sys.stdin.buffer.read(), "strict")
+        if sys.stdin is None:
+            raise UsageError("standard input is closed")
+        return read_stdin(sys.stdin.buffer)
     return read_text(name)
+
+
+def read_stdin(stream):
+    """Standard input as text, checked chunk by chunk: binary input (a NUL byte, invalid
+    UTF-8) is refused as soon as it arrives, so that `- < /dev/zero` ends at once."""
+    data = bytearray()
+    checker = codecs.getincrementaldecoder("utf-8")("strict")
+    while chunk := stream.read(STDIN_CHUNK):
+        try:
+            checker.decode(chunk)
+            binary = b"\x00" in chunk
+        except UnicodeDecodeError:
+            binary = True
+        data += chunk
+        if binary:
+            break       # _decode names the first bad byte and its offset
+    return _decode("<stdin>", bytes(data), "strict")
 
 
 def parse_ids(name, text, vocab_len):
@@ -190,6 +212,7 @@ def _show(token):
 
 
 def load_tokenizer(path, kind):
+    check_regular(path, "--vocab")
     if kind != "auto":
         return Tokenizer.load(path, kind)
     tokenizer = Tokenizer.load(path, "word")
@@ -220,7 +243,8 @@ def run(args, out):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return run_main(PROG, lambda: run(args, sys.stdout), {(UsageError, DataError): 2})
+    return run_main(PROG, lambda: run(args, sys.stdout), {(UsageError, DataError): 2},
+                    stop_without_output=True)
 
 
 if __name__ == "__main__":

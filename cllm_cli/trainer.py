@@ -31,7 +31,7 @@ from .cli import UsageError, run_main
 from .dataset import prepare_dataset
 from .files import DataError, collect_files
 from .tokenizers import EOS, Tokenizer
-from .log import Log, duration, fmt_loss, ppl_text
+from .log import Log, duration, fmt_loss, fmt_ppl, perplexity, ppl_text
 from .model import CLLMModel
 from .options import TrainConfig, parse_args
 from .plot import PlotError, plot_metrics, require_matplotlib
@@ -500,9 +500,10 @@ def bits_per_byte(loss, bytes_per_token):
 def report_val(log, step, val_loss, bytes_per_token):
     if val_loss is None:
         return
-    ppl, bpb = math.exp(min(val_loss, 700)), bits_per_byte(val_loss, bytes_per_token)
-    log.say(f"step {step} | val loss {val_loss:.4f} | val ppl {ppl:.2f} | val bpb {bpb:.4f}")
-    log.record(step=step, val_loss=val_loss, val_ppl=ppl, val_bpb=bpb)
+    bpb = bits_per_byte(val_loss, bytes_per_token)
+    log.say(f"step {step} | val loss {fmt_loss(val_loss)} | val ppl {fmt_ppl(val_loss)} | val bpb "
+            f"{bpb:.4f}")
+    log.record(step=step, val_loss=val_loss, val_ppl=perplexity(val_loss), val_bpb=bpb)
 
 
 def val_bpb_text(val_loss, bytes_per_token):
