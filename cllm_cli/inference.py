@@ -24,7 +24,7 @@ import sys
 
 from .checkpoint import CheckpointError, latest_checkpoint
 from .files import DataError
-from .tokenizers import EOS, Tokenizer
+from .tokenizers import EOS, Tokenizer, tokenizer_class
 from .cli import HelpFormatter, Parser, UsageError, check_regular, run_main
 from .model import CLLMModel
 from .sampling import SamplingError
@@ -102,13 +102,14 @@ def load(checkpoint, vocab_path=None):
     path = resolve_checkpoint(checkpoint)
     model = CLLMModel.load(path)
     meta = model.meta or {}
-    if vocab_path is None:
-        vocab_path = os.path.join(os.path.dirname(os.path.abspath(path)), "vocab.txt")
-        if not os.path.exists(vocab_path):
-            raise UsageError(f"no vocab.txt next to {path} (looked for {vocab_path}); "
-                             f"give the training run's vocab.txt with --vocab")
-    check_regular(vocab_path, "vocabulary")
     kind = meta.get("tokenizer", "word")
+    if vocab_path is None:
+        name = tokenizer_class(kind).file_name
+        vocab_path = os.path.join(os.path.dirname(os.path.abspath(path)), name)
+        if not os.path.exists(vocab_path):
+            raise UsageError(f"no {name} next to {path} (looked for {vocab_path}); "
+                             f"give the training run's {name} with --vocab")
+    check_regular(vocab_path, "vocabulary")
     tokenizer = Tokenizer.load(vocab_path, kind)
     want = meta.get("vocab_hash")
     if want is not None and tokenizer.vocab_hash != want:

@@ -30,7 +30,7 @@ from .batches import epoch_order, eval_windows, gather_windows, num_windows, spl
 from .cli import UsageError, run_main
 from .dataset import prepare_dataset
 from .files import DataError, collect_files
-from .tokenizers import EOS, Tokenizer
+from .tokenizers import EOS, Tokenizer, tokenizer_class
 from .log import Log, duration, fmt_loss, fmt_ppl, perplexity, ppl_text
 from .model import CLLMModel
 from .options import TrainConfig, parse_args
@@ -209,7 +209,7 @@ class Trainer:
             setattr(self.cfg, name, value)
         self.cfg.validate()
         self.state = state
-        vocab_path = os.path.join(self.ckpt_dir, "vocab.txt")
+        vocab_path = os.path.join(self.ckpt_dir, tokenizer_class(self.cfg.tokenizer).file_name)
         self.tokenizer = Tokenizer.load(vocab_path, self.cfg.tokenizer)
         if self.tokenizer.vocab_hash != vocab_hash:
             raise CheckpointError(f"{vocab_path} does not match the checkpoint's vocabulary")
