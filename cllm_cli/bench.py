@@ -246,8 +246,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(
         prog="python -m cllm_cli.bench",
         description="Training speed of the CLLM engine (and PyTorch, when installed) on configs "
-                    "S and D: tokens/s, GFLOPS, share of the sgemm ceiling, speed-up, peak RSS.")
-    ap.add_argument("--configs", default="S,D", help="comma-separated, from S and D (default: S,D)")
+                    "S, D and G: tokens/s, GFLOPS, share of the sgemm ceiling, speed-up, peak RSS.")
+    ap.add_argument("--configs", default="S,D", help="comma-separated, from S, D and G (GPT-2 small's shape) (default: S,D)")
     ap.add_argument("--threads", default=None,
                     help="comma-separated sphere/thread counts (default: 1, 2, every core count, "
                          "twice the cores: %s)" % ",".join(map(str, default_threads())))
@@ -278,7 +278,7 @@ def main(argv=None):
     bad = [c for c in configs if c not in CONFIGS] + [m for m in modes if m not in ("shared", "exclusive")]
     if bad or min(threads) < 1 or args.micro_batch < 1 or args.rounds < 1 or (args.steps is not None and args.steps < 1) \
             or (args.warmup is not None and args.warmup < 0):
-        ap.error(f"bad arguments {', '.join(bad)} (configs S, D; lock modes shared, exclusive; "
+        ap.error(f"bad arguments {', '.join(bad)} (configs S, D, G; lock modes shared, exclusive; "
                  "threads, steps, rounds and micro-batch >= 1, warmup >= 0)")
     cores = os.cpu_count() or 1
     tv = None if args.no_torch else torch_version()

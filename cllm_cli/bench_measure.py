@@ -39,6 +39,9 @@ CONFIGS = {
               batch=16, warmup=3, steps=10, profile_steps=4),
     "D": dict(vocab_size=10000, embed_dim=256, num_layers=6, num_heads=8, ff_dim=1024,
               seq_len=128, batch=32, warmup=2, steps=5, profile_steps=2),
+    # GPT-2 small's shape (124 M parameters): the scale issue's memory and speed point
+    "G": dict(vocab_size=50257, embed_dim=768, num_layers=12, num_heads=12, ff_dim=3072,
+              seq_len=512, batch=8, warmup=1, steps=2, profile_steps=1),
 }
 LR = 1e-3
 WEIGHT_DECAY = 0.01
