@@ -129,7 +129,7 @@ def run(args, out):
     threads = args.threads or len(os.sched_getaffinity(0))
     loss_sum, counted, n_windows = evaluate_stream(
         model, stream, threads, int(config.get("batch_size", 32)),
-        int(config.get("micro_batch", 4)), getattr(tokenizer, "pad_id", 0))
+        int(config.get("micro_batch", 4)), tokenizer.pad_id)
     loss = loss_sum / counted if counted else float("nan")
     ppl = perplexity(loss) if counted else float("nan")
     bpb = loss / math.log(2) / bytes_per_token if counted and bytes_per_token else None

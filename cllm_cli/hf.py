@@ -61,7 +61,7 @@ from .bpe import BPETokenizer
 from .checkpoint import load_checkpoint
 from ._engine import num_parameters, parameter_layout
 from .config import CLLMConfig
-from .tokenizers import BOS, EOS, PAD, SPECIALS, UNK, Tokenizer
+from .tokenizers import SPECIALS, UNK, Tokenizer
 
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
 LAYER_NORM_EPS = 1e-5
@@ -103,10 +103,8 @@ def to_gpt2_state(cfg, flat):
 
 def _special_ids(tokenizer):
     """{"pad", "unk", "bos", "eos"}: ids, -1 where the tokenizer has none."""
-    if isinstance(tokenizer, BPETokenizer):
-        return {"pad": tokenizer.pad_id, "unk": tokenizer.unk_id, "bos": tokenizer.bos_id,
-                "eos": tokenizer.eos_id}
-    return {"pad": PAD, "unk": UNK, "bos": BOS, "eos": EOS}
+    return {"pad": tokenizer.pad_id, "unk": tokenizer.unk_id, "bos": tokenizer.bos_id,
+            "eos": tokenizer.eos_id}
 
 
 def _token(tokenizer, i):

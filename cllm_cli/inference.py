@@ -24,7 +24,7 @@ import sys
 
 from .checkpoint import CheckpointError, latest_checkpoint
 from .files import DataError
-from .tokenizers import EOS, Tokenizer, tokenizer_class
+from .tokenizers import Tokenizer, tokenizer_class
 from .cli import HelpFormatter, Parser, UsageError, check_regular, run_main
 from .model import CLLMModel
 from .sampling import SamplingError
@@ -116,7 +116,7 @@ def load(checkpoint, vocab_path=None):
         raise UsageError(f"{vocab_path} is not the vocabulary {path} was trained with "
                          f"(vocab hash {tokenizer.vocab_hash[:12]}, checkpoint expects "
                          f"{str(want)[:12]}); give the training run's vocab.txt with --vocab")
-    if len(tokenizer) != model.config.vocab_size:
+    if len(tokenizer) > model.config.vocab_size:
         raise UsageError(f"{vocab_path} has {len(tokenizer)} tokens but the model in {path} "
                          f"has a vocabulary of {model.config.vocab_size}")
     return model, tokenizer, vocab_path
@@ -133,7 +133,9 @@ def unknown_warning(unknown):
 
 def stream(model, tokenizer, prompt, out, max_tokens, temperature, top_k, top_p, seed):
     """Writes the prompt and its continuation to `out` as the tokens arrive; returns the
-    generated ids (without a final <eos>)."""
+    generated ids (without the final end of text). A byte-level token may end inside a
+    multi-byte character: what decodes to U+FFFD at the end is held back until the
+    character is complete (or the text ends)."""
     prompt_ids = [int(i) for i in tokenizer.encode(prompt)]
     shown = prompt.rstrip() if tokenizer.kind == "word" else prompt
     out.write(shown)
@@ -142,23 +144,30 @@ def stream(model, tokenizer, prompt, out, max_tokens, temperature, top_k, top_p,
     printed = len(tokenizer.decode(ids))      # characters of the decoded text already shown
     ends_line = shown.endswith("\n") or not shown
     generated = []
+    eos = tokenizer.eos_id
     for next_id in model.generate(prompt_ids, max_tokens=max_tokens, temperature=temperature,
-                                  top_k=top_k, top_p=top_p, seed=seed, stop_ids=(EOS,)):
-        if next_id == EOS:
+                                  top_k=top_k, top_p=top_p, seed=seed, stop_ids=(eos,)):
+        if next_id == eos:
             break
         ids.append(next_id)
         generated.append(next_id)
-        text = tokenizer.decode(ids)
-        piece = text[printed:]
-        printed = len(text)
-        if piece:
-            out.write(piece)
-            out.flush()
-            ends_line = piece.endswith("\n")
+        printed, ends_line = _show_new(out, tokenizer.decode(ids).rstrip("\ufffd"), printed,
+                                       ends_line)
+    printed, ends_line = _show_new(out, tokenizer.decode(ids), printed, ends_line)
     if not ends_line:
         out.write("\n")
     out.flush()
     return generated
+
+
+def _show_new(out, text, printed, ends_line):
+    """Writes text[printed:]; returns the new (printed, ends_line)."""
+    piece = text[printed:]
+    if not piece:
+        return printed, ends_line
+    out.write(piece)
+    out.flush()
+    return len(text), piece.endswith("\n")
 
 
 def run(args):

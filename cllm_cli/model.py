@@ -1,5 +1,6 @@
 """CLLMModel: the parameters in one flat float32 buffer, with named views (SPEC sections 1, 7)."""
 import ctypes
+import dataclasses
 import math
 import os
 
@@ -44,6 +45,17 @@ def named_views(cfg, flat):
                          f"got shape {flat.shape}")
     return {name: flat[offset:offset + math.prod(shape)].reshape(shape)
             for name, shape, offset in _engine.parameter_layout(cfg)}
+
+
+def shorten_positions(config, flat, seq_len):
+    """(config, flat) of the same model with a position table of seq_len rows (its first
+    ones): exact for every context of at most seq_len tokens."""
+    short = dataclasses.replace(config, seq_len=seq_len)
+    out = np.empty(_engine.num_parameters(short), dtype=np.float32)
+    src, dst = named_views(config, flat), named_views(short, out)
+    for name, view in dst.items():
+        view[...] = src[name][:seq_len] if name == "wpe" else src[name]
+    return short, out
 
 
 class CLLMModel:

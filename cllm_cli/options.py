@@ -36,6 +36,10 @@ class TrainConfig:
     """Every option of train_model, in the order --help lists them."""
     # data
     tokenizer: str = option("word", "data", choices=TOKENIZER_KINDS, fixed=True)
+    tokenizer_file: str = option("", "data", "use this tokenizer.json (GPT-2's, or any other "
+                                 "the tokenizers library reads) instead of training one; "
+                                 "implies --tokenizer bpe and the file's vocabulary size",
+                                 fixed=True, metavar="PATH")
     vocab_size: int = option(10000, "data", "largest vocabulary, the 4 special ids included",
                              minimum=5, fixed=True)
     glob: str = option("*.txt", "data", "file pattern inside directories", fixed=True)
@@ -43,6 +47,11 @@ class TrainConfig:
                                   "bad bytes with U+FFFD", choices=ENCODING_ERRORS, fixed=True)
     val_fraction: float = option(0.05, "data", "share of the token stream held out for validation", fixed=True)
     # model
+    init_from: str = option("", "model", "start from a Hugging Face GPT-2-family directory "
+                            "(config.json, model.safetensors, tokenizer.json) or a .cllm file: "
+                            "its weights, shape and tokenizer are taken, the optimiser starts "
+                            "afresh; --seq-len may shorten its position table", fixed=True,
+                            metavar="DIR")
     embed_dim: int = option(256, "model", minimum=1, fixed=True)
     num_layers: int = option(6, "model", minimum=1, fixed=True)
     num_heads: int = option(8, "model", minimum=1, fixed=True)
@@ -153,6 +162,9 @@ class TrainConfig:
             raise UsageError(f"--weight-decay must be in [0, 1/lr), got {self.weight_decay}")
         if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
             raise UsageError(f"--grad-clip must be >= 0 (0 disables), got {self.grad_clip}")
+        if self.tokenizer_file and self.init_from:
+            raise UsageError("--tokenizer-file and --init-from cannot be combined (--init-from "
+                             "takes the model's own tokenizer)")
         if not 0 <= self.val_fraction < 1:
             raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
 

@@ -1,4 +1,5 @@
-"""cllm_tokenize: text -> ids, ids -> text, and token statistics with a vocab.txt.
+"""cllm_tokenize: text -> ids, ids -> text, and token statistics with a training run's
+vocabulary (vocab.txt, or tokenizer.json for bpe and for files such as GPT-2's).
 
 Modes (one per run):
 
@@ -14,7 +15,7 @@ Modes (one per run):
 DATA "-" is standard input. Text is read as train_model reads it (strict UTF-8, BOM dropped,
 line ends normalised; binary input is refused as soon as it arrives); encoding adds no <eos>,
 so decoding the ids gives the text back as the tokenizer sees it (lower-cased words, spacing by
-the decode rules). --vocab must be a regular file. Exit status: 0 done, 2 bad usage or input
+the decode rules; bpe gives the text back exactly). --vocab must be a regular file. Exit status: 0 done, 2 bad usage or input
 (one line on stderr), 1 standard output lost, 130 Ctrl-C.
 """
 import codecs
@@ -24,7 +25,7 @@ import sys
 
 from .files import DataError, collect_files, read_text
 from .files import decode_text as _decode
-from .tokenizers import UNK, Tokenizer
+from .tokenizers import TOKENIZER_KINDS, Tokenizer
 from .cli import HelpFormatter, Parser, UsageError, check_regular, run_main
 
 PROG = "cllm_tokenize"
@@ -35,7 +36,8 @@ STDIN_CHUNK = 1 << 16     # bytes read from standard input at a time
 def build_parser():
     p = Parser(
         prog=PROG,
-        description="Encode text into token ids with a vocab.txt written by train_model, "
+        description="Encode text into token ids with the vocabulary of a training run "
+                    "(vocab.txt, or tokenizer.json), "
                     "decode ids back into text, or count tokens and unknown words.",
         epilog="Example: cllm_tokenize notes.txt --vocab checkpoints/vocab.txt --stats",
         formatter_class=HelpFormatter)
@@ -47,11 +49,12 @@ def build_parser():
                    help="file pattern inside directories (default: %(default)s)")
     g = p.add_argument_group("vocabulary")
     g.add_argument("--vocab", metavar="PATH", required=True,
-                   help="vocab.txt of a training run (in its checkpoint directory)")
-    g.add_argument("--tokenizer", choices=("auto", "word", "char"), default="auto",
-                   help="tokenizer the vocabulary was built with; auto: char when the "
-                        "vocabulary holds a white-space token (a word vocabulary never does), "
-                        "else word (default: %(default)s)")
+                   help="vocab.txt or tokenizer.json of a training run (in its checkpoint "
+                        "directory), or any tokenizer.json")
+    g.add_argument("--tokenizer", choices=("auto",) + TOKENIZER_KINDS, default="auto",
+                   help="tokenizer the vocabulary was built with; auto: bpe for a JSON file "
+                        "(tokenizer.json), char when the vocabulary holds a white-space token "
+                        "(a word vocabulary never does), else word (default: %(default)s)")
     g = p.add_argument_group("mode")
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--decode", action="store_true",
@@ -173,15 +176,15 @@ def token_stats(tokenizer, names, top):
         text = read_input(name)
         ids = tokenizer.encode(text)
         counts.update(ids.tolist())
-        if (ids == UNK).any():
+        if (ids == tokenizer.unk_id).any():
             missing.update(t for t in tokenizer.tokens(text) if t not in tokenizer.stoi)
     total = sum(counts.values())
-    unknown = counts.get(UNK, 0)
+    unknown = counts.get(tokenizer.unk_id, 0)
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
     return {"files": list(names), "tokens": total, "unknown": unknown,
             "unknown_rate": unknown / total if total else 0.0,
             "distinct": len(counts), "vocab_size": len(tokenizer),
-            "top": [[tokenizer.itos[i], c] for i, c in ranked],
+            "top": [[tokenizer.id_to_token(i), c] for i, c in ranked],
             "unknown_top": [[t, c] for t, c in missing.most_common(top)]}
 
 
@@ -215,6 +218,13 @@ def load_tokenizer(path, kind):
     check_regular(path, "--vocab")
     if kind != "auto":
         return Tokenizer.load(path, kind)
+    try:
+        with open(path, "rb") as f:
+            start = f.read(64)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    if start.lstrip().startswith(b"{"):
+        return Tokenizer.load(path, "bpe")
     tokenizer = Tokenizer.load(path, "word")
     if any(t.isspace() for t in tokenizer.itos):
         return Tokenizer.load(path, "char")

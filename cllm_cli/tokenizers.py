@@ -54,6 +54,8 @@ class Tokenizer:
 
     kind = None            # its name in TOKENIZERS
     file_name = None       # the file save() writes in a checkpoint directory
+    # special ids: those of SPECIALS; a tokenizer.json may lack <pad> (-1) or put them elsewhere
+    pad_id, unk_id, bos_id, eos_id = PAD, UNK, BOS, EOS
 
     # -- choosing a kind: `kind` names it; left out, it is the class's own ("word" on Tokenizer)
 
@@ -194,6 +196,10 @@ class VocabTokenizer(Tokenizer):
     def tokens(self, text):
         """Split `text` into token strings (no ids, no <eos>)."""
         raise NotImplementedError
+
+    def id_to_token(self, i):
+        """The vocabulary's string for id i."""
+        return self.itos[i]
 
     def unknown_tokens(self, text):
         return list(dict.fromkeys(t for t in self.tokens(text) if t not in self.stoi))

@@ -26,13 +26,15 @@ import numpy as np
 from . import _engine
 from .checkpoint import (CheckpointError, checkpoint_path, latest_checkpoint, list_checkpoints,
                          load_checkpoint, prune_checkpoints, save_checkpoint)
+from .bpe import BPETokenizer
 from .batches import epoch_order, eval_windows, gather_windows, num_windows, split_stream
-from .cli import UsageError, run_main
+from .cli import UsageError, check_regular, run_main
 from .dataset import prepare_dataset
 from .files import DataError, collect_files
-from .tokenizers import EOS, Tokenizer, tokenizer_class
+from .tokenizers import Tokenizer, tokenizer_class
 from .log import Log, duration, fmt_loss, fmt_ppl, perplexity, ppl_text
-from .model import CLLMModel
+from .hf import ConversionError, load_pretrained
+from .model import CLLMModel, shorten_positions
 from .options import TrainConfig, parse_args
 from .plot import PlotError, plot_metrics, require_matplotlib
 from .rundir import DirectoryLock, remove_leftovers
@@ -73,6 +75,14 @@ def lr_at(step, total_steps, cfg):
     ratio = min(1.0, max(0.0, (step - cfg.warmup_steps) / max(1, total_steps - 1 - cfg.warmup_steps)))
     lr_min = cfg.min_lr_ratio * lr
     return lr_min + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - lr_min)
+
+
+@dataclass
+class Pretrained:
+    """What --init-from starts from."""
+    config: object
+    flat: np.ndarray
+    tokenizer: Tokenizer
 
 
 @dataclass
@@ -151,12 +161,60 @@ class Trainer:
         if resume_from is not None:
             return self._restore(resume_from, files, given)
         self._clear_previous_run()
+        tokenizer = start = None
+        if cfg.init_from:
+            start = self._pretrained(given)
+            tokenizer = start.tokenizer
+        elif cfg.tokenizer_file:
+            tokenizer = self._tokenizer_file(given)
         self.tokenizer, tokens, self.data_info = prepare_dataset(
-            files, self.ckpt_dir, cfg.tokenizer, cfg.vocab_size, cfg.encoding_errors)
-        self.model = CLLMModel(cfg.model_config(len(self.tokenizer)), cfg.seed)
+            files, self.ckpt_dir, cfg.tokenizer, cfg.vocab_size, cfg.encoding_errors,
+            tokenizer=tokenizer)
+        if start is None:
+            self.model = CLLMModel(cfg.model_config(len(self.tokenizer)), cfg.seed)
+        else:
+            self.model = CLLMModel.from_flat(start.config, start.flat)
         self.adam_m = np.zeros_like(self.model.flat)
         self.adam_v = np.zeros_like(self.model.flat)
         return tokens
+
+    def _take(self, name, value, given, source):
+        """Sets option `name` to what `source` prescribes; refuses a different value given."""
+        mine = getattr(self.cfg, name)
+        if name == "ff_dim" and mine == 0:
+            mine = 4 * self.cfg.embed_dim
+        if name in given and mine != value:
+            raise UsageError(f"--{name.replace('_', '-')} {mine} differs from {source}'s {value}"
+                             f"; leave it out to take it from there")
+        setattr(self.cfg, name, value)
+
+    def _tokenizer_file(self, given):
+        """The tokenizer.json of --tokenizer-file; the run takes its kind and size."""
+        cfg, source = self.cfg, f"--tokenizer-file {self.cfg.tokenizer_file}"
+        if "tokenizer" in given and cfg.tokenizer != "bpe":
+            raise UsageError(f"--tokenizer {cfg.tokenizer} cannot read {source} (a tokenizer.json "
+                             f"is --tokenizer bpe)")
+        check_regular(cfg.tokenizer_file, "--tokenizer-file")
+        tokenizer = BPETokenizer.read(cfg.tokenizer_file)
+        self._take("tokenizer", "bpe", given, source)
+        self._take("vocab_size", len(tokenizer), given, source)
+        return tokenizer
+
+    def _pretrained(self, given):
+        """The model and tokenizer of --init-from; the run takes their shape and kind. A
+        smaller --seq-len keeps the first rows of the position table."""
+        cfg, source = self.cfg, f"--init-from {self.cfg.init_from}"
+        try:
+            mcfg, flat, tokenizer = load_pretrained(cfg.init_from)
+        except ConversionError as e:
+            raise DataError(f"--init-from: {e}") from None
+        if "seq_len" in given and cfg.seq_len < mcfg.seq_len:
+            mcfg, flat = shorten_positions(mcfg, flat, cfg.seq_len)
+        for name in ("embed_dim", "num_layers", "num_heads", "ff_dim", "seq_len", "vocab_size"):
+            self._take(name, getattr(mcfg, name), given, source)
+        self._take("tokenizer", tokenizer.kind, given, source)
+        cfg.validate()
+        return Pretrained(mcfg, flat, tokenizer)
 
     def _clear_previous_run(self):
         """A new run must not mix its checkpoints with an earlier run's: refuse, or with
@@ -234,11 +292,6 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     @property
-    def tokenizer_pad_id(self):
-        """The id whose targets are not counted (-1 for a vocabulary without <pad>)."""
-        return getattr(self.tokenizer, "pad_id", 0)
-
-    @property
     def bytes_per_token(self):
         """UTF-8 bytes of the corpus per token: turns a loss per token into bits per byte."""
         return self.data_info["bytes"] / self.data_info["tokens"]
@@ -306,7 +359,7 @@ def train(data, engine_hook=None, **options):
         with Log(cfg, append=bool(trainer.resumed_from)) as log, \
                 _engine.Engine(trainer.mcfg, trainer.model.flat, cfg.threads, cfg.micro_batch,
                                cfg.batch_size, cfg.lock_mode, cfg.debug_locks,
-                               trainer.tokenizer_pad_id) as engine:
+                               trainer.tokenizer.pad_id) as engine:
             if engine_hook is not None:
                 engine_hook(engine)
             result = train_loop(trainer, engine, log, stop)
@@ -526,7 +579,7 @@ def check_not_diverged(run, vocab_size, final):
 def sample_text(model, tokenizer, prompt, max_tokens, seed):
     ids = list(tokenizer.encode(prompt)) if prompt else []
     out = list(model.generate(ids, max_tokens=max_tokens, temperature=0.8, top_k=40, seed=seed,
-                              stop_ids=(EOS,)))
+                              stop_ids=(tokenizer.eos_id,)))
     return tokenizer.decode(ids + out).strip()
 
 
@@ -552,6 +605,10 @@ def print_header(trainer, log):
         when = f"every {cfg.eval_interval} steps" if cfg.eval_interval else "never"
         log.say(f"validation: {len(trainer.val_tokens):,} tokens in {n:,} windows; evaluated "
                 f"{when} on {what}, at the end on {final}")
+    if cfg.init_from and not trainer.resumed_from:
+        log.say(f"initialised from {cfg.init_from} (AdamW state starts at zero)")
+    elif cfg.tokenizer_file and not trainer.resumed_from:
+        log.say(f"tokenizer: {cfg.tokenizer_file}")
     if trainer.resumed_from:
         changed = f"; changed: {', '.join(trainer.changed)}" if trainer.changed else ""
         log.say(f"resumed from {trainer.resumed_from} at step {trainer.state.step}{changed}")
