@@ -269,22 +269,37 @@ def torch_version():
         return None
 
 
-def tokenize_speed(size=12_000_000):
-    """Seconds to tokenise a generated corpus of `size` bytes (word tokenizer: read, count,
-    build the vocabulary, encode, write vocab.txt and dataset.bin) with train_model's code."""
+def tokenize_speed(kinds=("word", "bpe"), size=12_000_000):
+    """{kind: figures} of tokenising a generated corpus of `size` bytes with train_model's code
+    (read, build the vocabulary, encode, write the vocabulary file and dataset.bin; vocab
+    10000). For bpe the BPE training and the encoding are also timed apart."""
     import tempfile
 
+    from .bpe import BPETokenizer
     from .dataset import prepare_dataset
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         corpus = os.path.join(tmp, "corpus.txt")
         subprocess.run([sys.executable, os.path.join(root, "data", "make_corpus.py"),
                         "--size", str(size), "--seed", "7", "--out", corpus],
                        check=True, capture_output=True)
-        t = time.perf_counter()
-        _, tokens, info = prepare_dataset([corpus], os.path.join(tmp, "ck"), "word", 10000)
-        seconds = time.perf_counter() - t
-        return {"bytes": info["bytes"], "tokens": int(len(tokens)), "seconds": seconds}
+        for kind in kinds:
+            t = time.perf_counter()
+            _, tokens, info = prepare_dataset([corpus], os.path.join(tmp, kind), kind, 10000)
+            row = {"bytes": info["bytes"], "tokens": int(len(tokens)),
+                   "seconds": time.perf_counter() - t}
+            if kind == "bpe":
+                with open(corpus, encoding="utf-8") as f:
+                    text = f.read()
+                t = time.perf_counter()
+                tokenizer = BPETokenizer.train([text], 10000)
+                row["train_seconds"] = time.perf_counter() - t
+                t = time.perf_counter()
+                tokenizer.encode_document(text)
+                row["encode_seconds"] = time.perf_counter() - t
+            results[kind] = row
+    return results
 
 
 if __name__ == "__main__":
