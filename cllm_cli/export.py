@@ -24,7 +24,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 from .cli import HelpFormatter, Parser, UsageError, name_defaults, run_main
 from .files import DataError
-from .hf import TOKENIZER_FILES, ConversionError, export_pretrained, load_checkpoint_with_tokenizer
+from .hf import ConversionError, export_pretrained, load_checkpoint_with_tokenizer
 from .inference import resolve_checkpoint
 
 PROG = "cllm_export"
@@ -71,7 +71,7 @@ def run(args):
     if not os.path.isfile(checkpoint):
         raise UsageError(f"{checkpoint}: no such checkpoint file")
     cfg, flat, tokenizer, _ = load_checkpoint_with_tokenizer(checkpoint, args.vocab)
-    tokenizer_file = args.vocab or Path(checkpoint).resolve().parent / TOKENIZER_FILES[tokenizer.kind]
+    tokenizer_file = args.vocab or Path(checkpoint).resolve().parent / tokenizer.file_name
     for source in (checkpoint, tokenizer_file):
         if _inside(source, args.out):
             raise UsageError(f"{args.out} holds {source}: choose another OUT")

@@ -61,7 +61,7 @@ from .bpe import BPETokenizer
 from .checkpoint import load_checkpoint
 from ._engine import num_parameters, parameter_layout
 from .config import CLLMConfig
-from .tokenizers import SPECIALS, UNK, Tokenizer
+from .tokenizers import SPECIALS, TOKENIZER_KINDS, UNK, Tokenizer, tokenizer_class
 
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
 LAYER_NORM_EPS = 1e-5
@@ -278,16 +278,6 @@ def export_pretrained(cfg, flat, tokenizer, outdir, force=False):
 # Checkpoints with their tokenizer
 # ---------------------------------------------------------------------------------------
 
-TOKENIZER_FILES = {"word": "vocab.txt", "char": "vocab.txt", "bpe": "tokenizer.json"}
-
-
-def load_tokenizer(kind, path):
-    """The tokenizer of `kind` stored at `path` (vocab.txt or tokenizer.json)."""
-    if kind == "bpe":
-        return BPETokenizer.load(path)
-    return Tokenizer.load(path, kind)
-
-
 def load_checkpoint_with_tokenizer(path, tokenizer_path=None):
     """(CLLMConfig, flat params, tokenizer, meta) of a .cllm file.
 
@@ -297,14 +287,15 @@ def load_checkpoint_with_tokenizer(path, tokenizer_path=None):
     ckpt = load_checkpoint(path)
     cfg, meta = ckpt["config"], ckpt["meta"]
     kind = meta.get("tokenizer", "word")
-    if kind not in TOKENIZER_FILES:
+    if kind not in TOKENIZER_KINDS:
         raise ConversionError(f"{path}: unknown tokenizer kind {kind!r} in the checkpoint")
     if tokenizer_path is None:
-        tokenizer_path = Path(path).resolve().parent / TOKENIZER_FILES[kind]
+        name = tokenizer_class(kind).file_name
+        tokenizer_path = Path(path).resolve().parent / name
         if not tokenizer_path.exists():
-            raise ConversionError(f"no {TOKENIZER_FILES[kind]} next to {path} (looked for "
+            raise ConversionError(f"no {name} next to {path} (looked for "
                                   f"{tokenizer_path})")
-    tokenizer = load_tokenizer(kind, tokenizer_path)
+    tokenizer = Tokenizer.load(tokenizer_path, kind)
     want = meta.get("vocab_hash")
     if want is not None and tokenizer.vocab_hash != want:
         raise ConversionError(f"{tokenizer_path} is not the tokenizer {path} was trained with "
