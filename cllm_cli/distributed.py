@@ -32,6 +32,21 @@ class DistributedError(Exception):
     """MPI was asked for but cannot be used (exit status 2)."""
 
 
+class AllRanksStop(Exception):
+    """Every rank stops here with `status`; rank 0 has said why."""
+
+    def __init__(self, status):
+        super().__init__(f"stopped with rank 0 (status {status})")
+        self.status = status
+
+
+def on_all_ranks(error):
+    """Marks an exception that every rank raises at the same point of the run (so that each
+    ends normally); returns it."""
+    error.all_ranks = True
+    return error
+
+
 def launched_by_mpi():
     if any(v in os.environ for v in LAUNCHER_VARS):
         return True
@@ -77,8 +92,11 @@ def fold_into(acc, grads, valid, started):
 
 class Solo:
     """One process: every collective is the identity."""
-    rank, size = 0, 1
+    rank, size, local_size = 0, 1, 1
     is_root = True
+
+    def share(self, array):
+        pass
 
     def barrier(self):
         pass
@@ -104,9 +122,11 @@ class World:
     gradients go through buffers (capitalised calls)."""
 
     def __init__(self, comm):
+        from mpi4py import MPI
         self.comm = comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.is_root = self.rank == 0
+        self.local_size = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size()   # on this host
         self.bytes_sent = 0             # gradient bytes this rank sent in the last fold
         self.bytes_received = 0
         self.seconds = 0.0              # time spent in the last fold (waiting included)
@@ -119,6 +139,10 @@ class World:
 
     def allgather(self, obj):
         return self.comm.allgather(obj)
+
+    def share(self, array):
+        """Rank 0's contents of a numpy array, into the same array on every rank."""
+        self.comm.Bcast(array, root=0)
 
     def any(self, flag):
         """True on every rank when any rank passes True (a stop signal, a failure)."""
