@@ -149,8 +149,10 @@ class World:
         return any(self.comm.allgather(bool(flag)))
 
     def abort(self, status):
-        """Ends every rank of the job (no rank is left waiting in a collective)."""
+        """Ends this process and, through the launcher, every rank of the job at once (no rank
+        is left waiting in a collective); MPI prints one line naming the rank."""
         self.comm.Abort(status)
+        os._exit(status)
 
     def ordered_fold(self, grads, valid, first_valid_before, out):
         """The step's gradient (((g0 + g1) + g2) + ...) over every rank's micro-batches, into

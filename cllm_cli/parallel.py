@@ -51,9 +51,10 @@ class RankRefused(DataError):
 
 # -- set-up ----------------------------------------------------------------------------------
 
-def open_trainer(world, make_trainer, exit_status):
-    """The run's Trainer on this rank (see the module docstring). exit_status(exception) gives
-    the status every rank ends with when rank 0's set-up fails."""
+def open_trainer(world, make_trainer, checkpoint_dir, exit_status):
+    """The run's Trainer on this rank (see the module docstring); checkpoint_dir: this rank's
+    --checkpoint-dir. exit_status(exception) gives the status every rank ends with when rank
+    0's set-up fails."""
     if world.size == 1:
         return make_trainer()
     if world.is_root:
@@ -70,7 +71,7 @@ def open_trainer(world, make_trainer, exit_status):
             raise on_all_ranks(AllRanksStop(plan))
         trainer, refusal = None, None
         try:
-            trainer = FollowerTrainer(plan)
+            trainer = FollowerTrainer(plan, checkpoint_dir)
         except (DataError, CheckpointError, OSError, ValueError) as e:
             refusal = str(e)
         refusals = world.allgather(refusal)
@@ -90,8 +91,7 @@ def open_trainer(world, make_trainer, exit_status):
 def follower_plan(trainer):
     """What rank 0 decided in set-up that the other ranks take as it is."""
     bin_path = os.path.join(trainer.ckpt_dir, "dataset.bin")
-    return {"cfg": trainer.cfg, "state": trainer.state, "ckpt_dir": trainer.ckpt_dir,
-            "changed": trainer.changed, "resumed_from": trainer.resumed_from,
+    return {"cfg": trainer.cfg, "state": trainer.state, "changed": trainer.changed, "resumed_from": trainer.resumed_from,
             "data_info": trainer.data_info, "model_config": trainer.mcfg,
             "vocab_hash": trainer.tokenizer.vocab_hash,
             "stream_key": dataset_header(bin_path)["key"],
@@ -108,8 +108,10 @@ def describe_layout(world, threads):
 class FollowerTrainer(Trainer):
     """A Trainer's data and state on a rank other than 0: read, never written."""
 
-    def __init__(self, plan):
-        self.cfg, self.state, self.ckpt_dir = plan["cfg"], plan["state"], plan["ckpt_dir"]
+    def __init__(self, plan, own_checkpoint_dir):
+        self.cfg, self.state = plan["cfg"], plan["state"]
+        self.ckpt_dir = os.path.abspath(own_checkpoint_dir)     # the same one, when shared
+        self.cfg.checkpoint_dir = own_checkpoint_dir
         self.changed, self.resumed_from = plan["changed"], plan["resumed_from"]
         self.data_info, self.leftovers = plan["data_info"], (0, 0)
         self._final_model_ok = plan["final_model_ok"]
@@ -118,11 +120,11 @@ class FollowerTrainer(Trainer):
         bin_path = os.path.join(self.ckpt_dir, "dataset.bin")
         if not os.path.isfile(bin_path) or not os.path.isfile(vocab_path):
             raise DataError(f"{bin_path} or {vocab_path} is missing here{hint}")
+        if dataset_header(bin_path)["key"] != plan["stream_key"]:
+            raise DataError(f"{bin_path} has another dataset key than rank 0's{hint}")
         self.tokenizer = Tokenizer.load(vocab_path, self.cfg.tokenizer)
         if self.tokenizer.vocab_hash != plan["vocab_hash"]:
             raise DataError(f"{vocab_path} is not rank 0's vocabulary{hint}")
-        if dataset_header(bin_path)["key"] != plan["stream_key"]:
-            raise DataError(f"{bin_path} has another dataset key than rank 0's{hint}")
         tokens = load_dataset(bin_path)
         config = self.cfg.model_config(len(self.tokenizer))
         if config != plan["model_config"]:
@@ -342,4 +344,4 @@ def run_rank(world, body, exit_status, prog="train_model"):
                 print(line, file=sys.stderr, flush=True)
             except (OSError, ValueError):
                 pass
-        os._exit(exit_status(e))
+        world.abort(exit_status(e))

@@ -313,7 +313,8 @@ def train(data, engine_hook=None, world=None, **options):
         if not cfg.metrics_file:
             cfg.metrics_file = os.path.join(cfg.checkpoint_dir, "metrics.jsonl")
     with StopSignals() as local_stop, \
-            open_rank_trainer(world, lambda: Trainer(data, cfg, given=options)) as trainer:
+            open_rank_trainer(world, lambda: Trainer(data, cfg, given=options),
+                              cfg.checkpoint_dir) as trainer:
         stop = rank_stop(world, local_stop)
         stop.defer()             # from here on a signal ends the run after the current step
         with rank_log(world, trainer) as log, \
@@ -609,11 +610,11 @@ def exit_status(error):
     return next((status for classes, status in STATUSES.items() if isinstance(error, classes)), 1)
 
 
-def open_rank_trainer(world, make_trainer):
+def open_rank_trainer(world, make_trainer, checkpoint_dir):
     if world.size == 1:
         return make_trainer()
     from . import parallel
-    return parallel.open_trainer(world, make_trainer, exit_status)
+    return parallel.open_trainer(world, make_trainer, checkpoint_dir, exit_status)
 
 
 def rank_stop(world, stop):
