@@ -61,7 +61,7 @@ def world():
         from mpi4py import MPI
     except ImportError:
         raise DistributedError("started by an MPI launcher, but mpi4py is not installed: "
-                               "pip install 'cllm[mpi]' (or mpi4py built against your MPI)") from None
+                               "pip install '.[mpi]' in CLLM's source (or mpi4py built against your MPI)") from None
     if MPI.COMM_WORLD.Get_size() == 1:
         return Solo()
     return World(MPI.COMM_WORLD)
@@ -98,20 +98,11 @@ class Solo:
     def share(self, array):
         pass
 
-    def barrier(self):
-        pass
-
     def bcast(self, obj):
         return obj
 
     def allgather(self, obj):
         return [obj]
-
-    def any(self, flag):
-        return bool(flag)
-
-    def abort(self, status):
-        pass
 
     def ordered_fold(self, grads, valid, first_valid_before, out):
         fold_into(out, grads, valid, started=False)
@@ -131,9 +122,6 @@ class World:
         self.bytes_received = 0
         self.seconds = 0.0              # time spent in the last fold (waiting included)
 
-    def barrier(self):
-        self.comm.Barrier()
-
     def bcast(self, obj):
         return self.comm.bcast(obj, root=0)
 
@@ -143,10 +131,6 @@ class World:
     def share(self, array):
         """Rank 0's contents of a numpy array, into the same array on every rank."""
         self.comm.Bcast(array, root=0)
-
-    def any(self, flag):
-        """True on every rank when any rank passes True (a stop signal, a failure)."""
-        return any(self.comm.allgather(bool(flag)))
 
     def abort(self, status):
         """Ends this process and, through the launcher, every rank of the job at once (no rank
