@@ -61,7 +61,8 @@ def world():
         from mpi4py import MPI
     except ImportError:
         raise DistributedError("started by an MPI launcher, but mpi4py is not installed: "
-                               "pip install '.[mpi]' in CLLM's source (or mpi4py built against your MPI)") from None
+                               "pip install '.[mpi]' in CLLM's source (or mpi4py built "
+                               "against your MPI)") from None
     if MPI.COMM_WORLD.Get_size() == 1:
         return Solo()
     return World(MPI.COMM_WORLD)

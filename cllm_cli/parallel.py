@@ -91,8 +91,9 @@ def open_trainer(world, make_trainer, checkpoint_dir, exit_status):
 def follower_plan(trainer):
     """What rank 0 decided in set-up that the other ranks take as it is."""
     bin_path = os.path.join(trainer.ckpt_dir, "dataset.bin")
-    return {"cfg": trainer.cfg, "state": trainer.state, "changed": trainer.changed, "resumed_from": trainer.resumed_from,
-            "data_info": trainer.data_info, "model_config": trainer.mcfg,
+    return {"cfg": trainer.cfg, "state": trainer.state, "changed": trainer.changed,
+            "resumed_from": trainer.resumed_from, "data_info": trainer.data_info,
+            "model_config": trainer.mcfg,
             "vocab_hash": trainer.tokenizer.vocab_hash,
             "stream_key": dataset_header(bin_path)["key"],
             "final_model_ok": trainer.final_model_ok()}

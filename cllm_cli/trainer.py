@@ -533,9 +533,9 @@ def check_not_diverged(run, vocab_size, final):
     limit = 2 * math.log(vocab_size)
     for what, loss in (("validation", run.val_loss), ("training", run.last_train_loss)):
         if loss is not None and not loss <= limit:
-            raise on_all_ranks(TrainingError(f"training diverged: final {what} loss {fmt_loss(loss)} is above "
-                                f"2 ln(V) = {limit:.2f} (saved to {final}); lower "
-                                f"--learning-rate or raise --warmup-steps"))
+            raise on_all_ranks(TrainingError(
+                f"training diverged: final {what} loss {fmt_loss(loss)} is above 2 ln(V) = "
+                f"{limit:.2f} (saved to {final}); lower --learning-rate or raise --warmup-steps"))
 
 
 def sample_text(model, tokenizer, prompt, max_tokens, seed):

@@ -28,6 +28,11 @@
 #   chunk order by one sphere, batch_barrier, the update; the chunks never depend on the
 #   thread count. Worker threads never touch a Python object; the main thread waits without
 #   the GIL in slices of WAIT_SLICE seconds and asks should_stop() between them.
+# - Many processes (cllm_cli/parallel.py). A rank hands the spheres its block of a step's
+#   micro-batches with first_microbatch, their global index within the step (inject_nan and
+#   anything keyed per micro-batch use first_microbatch + mb), and kept_gradients: each
+#   micro-batch's backward then writes into a row of its own and nothing is accumulated; the
+#   ranks fold the rows in order, and optimizer_step(gradients=) applies the folded sum.
 # - Locks. model_lock (rwlock): read by spheres around forward/backward (write in exclusive
 #   mode), write by the optimiser step. gradient_lock (mutex) guards accumulated_gradients and
 #   the accumulation turn. The order is always model_lock -> gradient_lock; never take

@@ -159,7 +159,7 @@ def test_a_killed_rank_stops_every_rank_and_the_last_checkpoint_stays_usable(cor
     out, err = finish(proc, timeout=30)
     assert time.monotonic() - killed < 10, "the other ranks did not stop within seconds"
     assert proc.returncode != 0
-    assert f"PID {pid}" in out + err, out[-600:] + err   # the launcher names it; the header its rank
+    assert f"PID {pid}" in out + err, out[-600:] + err     # the launcher's; the header's rank
     for path in ck.glob("checkpoint_step_*.cllm"):
         load_checkpoint(path)
 
