@@ -113,6 +113,18 @@ def test_every_layout_gives_the_checkpoints_of_one_process(corpus, one_process, 
                    for r in metrics(ck / "m.jsonl") if "loss" in r)
 
 
+def test_more_ranks_than_micro_batches_leaves_ranks_idle_and_the_result_alike(corpus, tmp_path):
+    few = [*TINY, "--batch-size", "4", "--eval-tokens", "40"]       # 2 micro-batches, 3 ranks
+    out = {}
+    for ranks in (1, 3):
+        ck = tmp_path / f"ck{ranks}"
+        p = run(ranks, 1, corpus, *few, "--checkpoint-dir", ck, "--metrics-file", ck / "m.jsonl")
+        assert p.returncode == 0, p.stderr
+        out[ranks] = ck
+    assert_bit_identical(out[1] / "final_model.cllm", out[3] / "final_model.cllm")
+    assert results(out[1] / "m.jsonl") == results(out[3] / "m.jsonl")
+
+
 def test_a_nan_is_left_out_by_every_rank_alike(corpus, tmp_path):
     """Global micro-batch 3 of step 1 is poisoned on whichever rank owns it; the step's sum
     leaves it out on every rank, as one process does."""
