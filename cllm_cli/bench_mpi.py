@@ -12,7 +12,7 @@ section of `python -m cllm_cli.bench` (`make bench`).
 - Exchange alone: the ordered fold of config D's P floats on 2, 3 and 4 ranks with each
   rank's block of kept gradients, median of --exchange-repeats; 3 and 4 ranks oversubscribe
   two cores. These are the inputs of the cost model (README, "Many processes"):
-      step(K) = compute / K + (K - 1 + S) x (l + s / b) + bcast(4P bytes, K)
+      step(K) = compute / K + (K - 1 + S) x (l + s / b) + 2 (K - 1) / K x 4P / b + log2(K) l
   with S = ceil(P / SEGMENT_FLOATS) segments of s = 4 x SEGMENT_FLOATS bytes, link latency l
   and bandwidth b; its predictions for 4, 16 and 64 nodes on 10 and 100 Gb/s are printed.
 """
@@ -105,12 +105,15 @@ def launch(ranks, *argv, timeout=1800):
 
 def predict(compute, params, nodes, bandwidth, latency):
     """The cost model's step time (seconds) on `nodes` nodes: see the module docstring. The
-    broadcast is taken as a binary tree of whole buffers."""
+    broadcast of a large buffer is MPI's scatter + allgather (each node receives about twice
+    the buffer)."""
     from .distributed import SEGMENT_FLOATS
+    if nodes == 1:
+        return compute
     segments = math.ceil(params / SEGMENT_FLOATS)
     seg_bytes = 4 * min(params, SEGMENT_FLOATS)
     chain = (nodes - 1 + segments) * (latency + seg_bytes / bandwidth)
-    bcast = math.ceil(math.log2(nodes)) * (latency + 4 * params / bandwidth)
+    bcast = 2 * (nodes - 1) / nodes * 4 * params / bandwidth + math.ceil(math.log2(nodes)) * latency
     return compute / nodes + chain + bcast
 
 
