@@ -139,22 +139,31 @@ def test_a_nan_is_left_out_by_every_rank_alike(corpus, tmp_path):
     assert_bit_identical(out[1] / "final_model.cllm", out[3] / "final_model.cllm")
 
 
-def test_ctrl_c_under_mpiexec_saves_and_resumes_with_another_layout(corpus, tmp_path):
-    straight = tmp_path / "straight"
-    p = run(1, 2, corpus, *BIG, "--checkpoint-dir", straight, "--quiet")
+@pytest.fixture(scope="module")
+def big_straight(corpus, tmp_path_factory):
+    """The BIG run in one process: what every interrupted and resumed run must equal."""
+    ck = tmp_path_factory.mktemp("straight") / "ck"
+    p = run(1, 2, corpus, *BIG, "--checkpoint-dir", ck, "--quiet")
     assert p.returncode == 0, p.stderr
+    return ck
+
+
+@pytest.mark.parametrize("sig, resume_layout", [(signal.SIGINT, (3, 1)),
+                                                (signal.SIGTERM, (1, 2))])
+def test_a_signal_to_mpiexec_saves_and_resumes_with_another_layout(corpus, big_straight,
+                                                                   tmp_path, sig, resume_layout):
     ck = tmp_path / "ck"
     proc = start(2, 1, corpus, *BIG, "--checkpoint-dir", ck)
     header_and_first_step(proc)
-    proc.send_signal(signal.SIGINT)                  # mpiexec passes it to every rank
+    proc.send_signal(sig)                            # mpiexec passes it to every rank
     out, err = finish(proc)
-    assert proc.returncode == 130, err
-    assert "train_model: interrupted by SIGINT" in err and "Traceback" not in err, err
+    assert proc.returncode == 128 + sig, err
+    assert f"train_model: interrupted by {sig.name}" in err and "Traceback" not in err, err
     saved = sorted(ck.glob("checkpoint_step_*.cllm"))
     assert len(saved) == 1 and saved[0].name in out, (saved, out[-300:])
-    p = run(3, 1, corpus, *BIG, "--checkpoint-dir", ck, "--resume", "--quiet")
+    p = run(*resume_layout, corpus, *BIG, "--checkpoint-dir", ck, "--resume", "--quiet")
     assert p.returncode == 0, p.stderr
-    assert_bit_identical(straight / "final_model.cllm", ck / "final_model.cllm")
+    assert_bit_identical(big_straight / "final_model.cllm", ck / "final_model.cllm")
 
 
 def test_a_killed_rank_stops_every_rank_and_the_last_checkpoint_stays_usable(corpus, tmp_path):
