@@ -370,12 +370,13 @@ def main(argv=None):
         all_rows += rows + [(dict(spec, round=r), row)
                             for r, found in enumerate(rounds, 2) for spec, row in found]
 
+    mpi = None if args.no_mpi else bench_mpi.report("D" if "D" in configs else configs[0],
+                                                     args.micro_batch, args.rounds)
+
     tok = tokenize_speed()
     print(f"tokenize: {tok['bytes'] / 1e6:.1f} MB generated corpus, {tok['tokens']:,} tokens in "
           f"{tok['seconds']:.2f} s (word tokenizer, vocab 10000, dataset.bin written) "
           f"[target < 5 s: {'met' if tok['seconds'] < 5 else 'MISSED'}]")
-    mpi = None if args.no_mpi else bench_mpi.report("D" if "D" in configs else configs[0],
-                                                     args.micro_batch, args.rounds)
     load_end = os.getloadavg()[0]
     print(f"(total {time.perf_counter() - t0:.0f} s, load average at the start {load:.2f}, "
           f"at the end {load_end:.2f})")
