@@ -20,6 +20,9 @@ worker processes, timing, the sgemm ceiling, RSS) is in bench_measure.py.
 - Rounds: the comparison point is measured --rounds times, interleaved; its ratios are the
   median of the per-round ratios. The summary marks each against issue 4's targets (TARGETS).
 - PyTorch (bench_torch.py) is skipped when torch is not installed or with --no-torch.
+- Many processes (bench_mpi.py): 2 ranks x 1 thread against 1 rank x 2 threads, the exchange
+  on 2, 3 and 4 ranks and the cost model's predictions, on D (else the first config); skipped
+  without mpiexec or with --no-mpi.
 """
 import argparse
 import json
@@ -28,6 +31,7 @@ import statistics
 import sys
 import time
 
+from . import bench_mpi
 from .bench_measure import (BUSY_RETRY, CONFIGS, machine_info, measure, model_config,
                             sgemm_ceiling, tokenize_speed, torch_version)
 from ._engine import activation_allocation, num_parameters
@@ -270,6 +274,7 @@ def main(argv=None):
                     help="print every per-op bucket of the profiled pass")
     ap.add_argument("--json", metavar="FILE", help="write every figure to FILE")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    ap.add_argument("--no-mpi", action="store_true", help="skip the many-process comparison")
     args = ap.parse_args(argv)
 
     configs = [c.upper() for c in parse_list(ap, args.configs, str, "configs")]
@@ -365,6 +370,9 @@ def main(argv=None):
         all_rows += rows + [(dict(spec, round=r), row)
                             for r, found in enumerate(rounds, 2) for spec, row in found]
 
+    mpi = None if args.no_mpi else bench_mpi.report("D" if "D" in configs else configs[0],
+                                                     args.micro_batch, args.rounds)
+
     tok = tokenize_speed()
     for kind, row in tok.items():
         parts = (f" (BPE training {row['train_seconds']:.2f} s, encoding "
@@ -386,7 +394,7 @@ def main(argv=None):
                            for c in configs},
                "micro_batch": args.micro_batch,
                "runs": [dict(spec=spec, **row) for spec, row in all_rows],
-               "summary": summaries}
+               "summary": summaries, "mpi": mpi}
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)
     return 0

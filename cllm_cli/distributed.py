@@ -32,6 +32,21 @@ class DistributedError(Exception):
     """MPI was asked for but cannot be used (exit status 2)."""
 
 
+class AllRanksStop(Exception):
+    """Every rank stops here with `status`; rank 0 has said why."""
+
+    def __init__(self, status):
+        super().__init__(f"stopped with rank 0 (status {status})")
+        self.status = status
+
+
+def on_all_ranks(error):
+    """Marks an exception that every rank raises at the same point of the run (so that each
+    ends normally); returns it."""
+    error.all_ranks = True
+    return error
+
+
 def launched_by_mpi():
     if any(v in os.environ for v in LAUNCHER_VARS):
         return True
@@ -46,7 +61,8 @@ def world():
         from mpi4py import MPI
     except ImportError:
         raise DistributedError("started by an MPI launcher, but mpi4py is not installed: "
-                               "pip install 'cllm[mpi]' (or mpi4py built against your MPI)") from None
+                               "pip install '.[mpi]' in CLLM's source (or mpi4py built "
+                               "against your MPI)") from None
     if MPI.COMM_WORLD.Get_size() == 1:
         return Solo()
     return World(MPI.COMM_WORLD)
@@ -77,10 +93,10 @@ def fold_into(acc, grads, valid, started):
 
 class Solo:
     """One process: every collective is the identity."""
-    rank, size = 0, 1
+    rank, size, local_size = 0, 1, 1
     is_root = True
 
-    def barrier(self):
+    def share(self, array):
         pass
 
     def bcast(self, obj):
@@ -88,12 +104,6 @@ class Solo:
 
     def allgather(self, obj):
         return [obj]
-
-    def any(self, flag):
-        return bool(flag)
-
-    def abort(self, status):
-        pass
 
     def ordered_fold(self, grads, valid, first_valid_before, out):
         fold_into(out, grads, valid, started=False)
@@ -104,15 +114,14 @@ class World:
     gradients go through buffers (capitalised calls)."""
 
     def __init__(self, comm):
+        from mpi4py import MPI
         self.comm = comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.is_root = self.rank == 0
+        self.local_size = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size()   # on this host
         self.bytes_sent = 0             # gradient bytes this rank sent in the last fold
         self.bytes_received = 0
         self.seconds = 0.0              # time spent in the last fold (waiting included)
-
-    def barrier(self):
-        self.comm.Barrier()
 
     def bcast(self, obj):
         return self.comm.bcast(obj, root=0)
@@ -120,13 +129,15 @@ class World:
     def allgather(self, obj):
         return self.comm.allgather(obj)
 
-    def any(self, flag):
-        """True on every rank when any rank passes True (a stop signal, a failure)."""
-        return any(self.comm.allgather(bool(flag)))
+    def share(self, array):
+        """Rank 0's contents of a numpy array, into the same array on every rank."""
+        self.comm.Bcast(array, root=0)
 
     def abort(self, status):
-        """Ends every rank of the job (no rank is left waiting in a collective)."""
+        """Ends this process and, through the launcher, every rank of the job at once (no rank
+        is left waiting in a collective); MPI prints one line naming the rank."""
         self.comm.Abort(status)
+        os._exit(status)
 
     def ordered_fold(self, grads, valid, first_valid_before, out):
         """The step's gradient (((g0 + g1) + g2) + ...) over every rank's micro-batches, into

@@ -30,6 +30,7 @@ from .bpe import BPETokenizer
 from .batches import epoch_order, eval_windows, gather_windows, num_windows, split_stream
 from .cli import UsageError, check_regular, run_main
 from .dataset import prepare_dataset
+from .distributed import AllRanksStop, DistributedError, Solo, on_all_ranks, world as mpi_world
 from .files import DataError, collect_files
 from .tokenizers import Tokenizer, tokenizer_class
 from .log import Log, duration, fmt_loss, fmt_ppl, perplexity, ppl_text
@@ -100,6 +101,8 @@ class Trainer:
     token stream, the model and its AdamW state, the position in the data. `given` names the
     options the user set explicitly (--resume applies or refuses them)."""
 
+    layout = None              # "K ranks x N sphere(s) (...)" on many processes
+
     def __init__(self, data_paths, cfg, given=()):
         cfg.validate()
         self.cfg = cfg
@@ -113,15 +116,19 @@ class Trainer:
         try:
             self.leftovers = remove_leftovers(self.ckpt_dir)
             tokens = self._start_or_resume(files, set(given))
+            self.plan(tokens)
         except BaseException:
             self.close()
             raise
+
+    def plan(self, tokens):
+        """The splits, windows and run length, from the token stream and the settings."""
+        cfg = self.cfg
         self.mcfg = self.model.config
         self.train_tokens, self.val_tokens = split_stream(tokens, cfg.val_fraction)
         T = self.mcfg.seq_len
         self.n_windows = num_windows(len(self.train_tokens), T)
         if self.n_windows == 0:
-            self.close()
             raise DataError(f"corpus too short: {len(self.train_tokens)} training tokens, "
                             f"a window needs {T + 1} (lower --seq-len or add text)")
         self.steps_per_epoch = math.ceil(self.n_windows / cfg.batch_size)
@@ -332,7 +339,7 @@ class Trainer:
 
 # -- the run ------------------------------------------------------------------------------
 
-def train(data, engine_hook=None, **options):
+def train(data, engine_hook=None, world=None, **options):
     """Trains on the files or directories in `data`; options are TrainConfig fields (with
     --resume, the ones given here are the ones the user asks to change).
 
@@ -341,29 +348,36 @@ def train(data, engine_hook=None, **options):
 
     Returns a dict with the final step, train loss, validation loss, model path and sphere
     statistics. Raises DataError, CheckpointError or UsageError on bad input, TrainingError
-    when training cannot go on, Interrupted on SIGINT/SIGTERM/SIGHUP (state saved)."""
+    when training cannot go on, Interrupted on SIGINT/SIGTERM/SIGHUP (state saved).
+
+    world: the MPI ranks of a many-process run (distributed.World; SPEC section 8), each
+    calling train() with the same arguments; None or Solo: one process."""
     if isinstance(data, (str, os.PathLike)):
         data = [data]
     unknown = set(options) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:
         raise TypeError(f"unknown options: {', '.join(sorted(unknown))}")
     cfg = TrainConfig(**options)
+    world = world or Solo()
     if cfg.threads is None:
-        cfg.threads = default_threads()
+        cfg.threads = max(1, default_threads() // world.local_size)
     if cfg.plot:
         require_matplotlib()     # fail now, not after a long run
         if not cfg.metrics_file:
             cfg.metrics_file = os.path.join(cfg.checkpoint_dir, "metrics.jsonl")
-    with StopSignals() as stop, Trainer(data, cfg, given=options) as trainer:
+    with StopSignals() as local_stop, \
+            open_rank_trainer(world, lambda: Trainer(data, cfg, given=options),
+                              cfg.checkpoint_dir) as trainer:
+        stop = rank_stop(world, local_stop)
         stop.defer()             # from here on a signal ends the run after the current step
-        with Log(cfg, append=bool(trainer.resumed_from)) as log, \
+        with rank_log(world, trainer) as log, \
                 _engine.Engine(trainer.mcfg, trainer.model.flat, cfg.threads, cfg.micro_batch,
                                cfg.batch_size, cfg.lock_mode, cfg.debug_locks,
                                trainer.tokenizer.pad_id) as engine:
             if engine_hook is not None:
                 engine_hook(engine)
-            result = train_loop(trainer, engine, log, stop)
-    if cfg.plot:
+            result = train_loop(trainer, rank_engine(world, engine, trainer), log, stop)
+    if cfg.plot and world.is_root:
         plot_metrics(cfg.metrics_file, cfg.plot)
         log.say(f"loss plot: {cfg.plot}", always=True)
     return result
@@ -396,7 +410,7 @@ def train_loop(trainer, engine, log, stop):
         path = trainer.save()
         log.say(f"interrupted ({stop.name()}): saved step {st.step} to {path}; --resume "
                 f"continues", always=True)
-        raise Interrupted(stop.signum) from None
+        raise on_all_ranks(Interrupted(stop.signum)) from None
     elapsed = time.perf_counter() - run.t_start
     stats = threaded_training_print_stats(engine.sphere_stats(), elapsed, log)
     log.say(f"done in {duration(elapsed)}: train loss {fmt_loss(run.last_train_loss)}"
@@ -446,7 +460,7 @@ def threaded_train_epoch(trainer, engine, log, stop, run):
         run.tokens_seen += tokens
         tps = tokens / (time.perf_counter() - t0)
         log.record(step=st.step, epoch=st.epoch + 1, loss=result.loss, lr=lr,
-                   grad_norm=result.grad_norm, tokens_per_s=tps)
+                   grad_norm=result.grad_norm, tokens_per_s=tps, **getattr(engine, "exchange", {}))
         eta = (time.perf_counter() - run.t_start) / run.tokens_seen * \
             (trainer.total_steps - st.step) * cfg.batch_size * trainer.mcfg.seq_len
         log.progress(st.step, trainer.total_steps,
@@ -455,8 +469,9 @@ def threaded_train_epoch(trainer, engine, log, stop, run):
                      f"{fmt_loss(result.grad_norm)} | {tps:,.0f} tok/s | ETA {duration(eta)}")
         if st.bad_steps >= cfg.max_bad_steps:
             path = trainer.save(prune=False)     # keep the older, distinct states
-            raise TrainingError(f"{st.bad_steps} steps in a row were skipped for non-finite "
-                                f"values; stopped with the last good state in {path}")
+            raise on_all_ranks(TrainingError(
+                f"{st.bad_steps} steps in a row were skipped for non-finite values; stopped "
+                f"with the last good state in {path}"))
         if cfg.eval_interval and st.step % cfg.eval_interval == 0 and st.step < trainer.total_steps:
             run.val_loss = evaluate(engine, trainer.val_periodic, stop)
             report_val(log, st.step, run.val_loss, trainer.bytes_per_token)
@@ -571,9 +586,9 @@ def check_not_diverged(run, vocab_size, final):
     limit = 2 * math.log(vocab_size)
     for what, loss in (("validation", run.val_loss), ("training", run.last_train_loss)):
         if loss is not None and not loss <= limit:
-            raise TrainingError(f"training diverged: final {what} loss {fmt_loss(loss)} is above "
-                                f"2 ln(V) = {limit:.2f} (saved to {final}); lower "
-                                f"--learning-rate or raise --warmup-steps")
+            raise on_all_ranks(TrainingError(
+                f"training diverged: final {what} loss {fmt_loss(loss)} is above 2 ln(V) = "
+                f"{limit:.2f} (saved to {final}); lower --learning-rate or raise --warmup-steps"))
 
 
 def sample_text(model, tokenizer, prompt, max_tokens, seed):
@@ -596,7 +611,8 @@ def print_header(trainer, log):
             f"{trainer.model.num_params():,} parameters")
     log.say(f"training: {trainer.n_windows:,} windows, {trainer.steps_per_epoch} steps/epoch, "
             f"{trainer.total_steps} steps of {cfg.batch_size} x {m.seq_len} tokens, "
-            f"{cfg.threads} sphere(s), micro-batch {cfg.micro_batch}, lock mode {cfg.lock_mode}")
+            f"{trainer.layout or f'{cfg.threads} sphere(s)'}, micro-batch {cfg.micro_batch}, "
+            f"lock mode {cfg.lock_mode}")
     if len(trainer.val):
         T, n = trainer.mcfg.seq_len, len(trainer.val)
         periodic = len(trainer.val_periodic)
@@ -636,19 +652,71 @@ def threaded_training_print_stats(stats, wall, log):
     return rows
 
 
+# -- many processes (SPEC section 8; the pieces are in parallel.py) -------------------------
+
+STATUSES = {(UsageError, DataError, CheckpointError, DistributedError): 2,
+            (TrainingError, PlotError): 1}
+
+
+def exit_status(error):
+    """The status train_model ends with after `error`."""
+    if isinstance(error, (Interrupted, AllRanksStop)):
+        return error.status
+    if isinstance(error, KeyboardInterrupt):
+        return 130
+    return next((status for classes, status in STATUSES.items() if isinstance(error, classes)), 1)
+
+
+def open_rank_trainer(world, make_trainer, checkpoint_dir):
+    if world.size == 1:
+        return make_trainer()
+    from . import parallel
+    return parallel.open_trainer(world, make_trainer, checkpoint_dir, exit_status)
+
+
+def rank_stop(world, stop):
+    if world.size == 1:
+        return stop
+    from . import parallel
+    return parallel.AgreedStop(stop)
+
+
+def rank_log(world, trainer):
+    if world.is_root:
+        return Log(trainer.cfg, append=bool(trainer.resumed_from))
+    from . import parallel
+    return parallel.SilentLog()
+
+
+def rank_engine(world, engine, trainer):
+    if world.size == 1:
+        return engine
+    from . import parallel
+    return parallel.DataParallelEngine(engine, world, trainer.mcfg, trainer.cfg.batch_size)
+
+
+def run_on_ranks(world, body):
+    if world.size == 1:
+        return body()
+    from . import parallel
+    return parallel.run_rank(world, body, exit_status)
+
+
 def main(argv=None):
     data, options = parse_args(argv)
     stopped = {}
 
     def command():
+        world = mpi_world()
         try:
-            train(data, **options)
+            run_on_ranks(world, lambda: train(data, world=world, **options))
         except Interrupted as e:
             stopped["status"] = e.status
             print(f"train_model: interrupted by {signal.Signals(e.signum).name}", file=sys.stderr)
+        except AllRanksStop as e:
+            stopped["status"] = e.status      # rank 0 said why
 
-    status = run_main("train_model", command,
-                      {(UsageError, DataError, CheckpointError): 2, (TrainingError, PlotError): 1})
+    status = run_main("train_model", command, STATUSES)
     return stopped.get("status", status)
 
 

@@ -28,6 +28,11 @@
 #   chunk order by one sphere, batch_barrier, the update; the chunks never depend on the
 #   thread count. Worker threads never touch a Python object; the main thread waits without
 #   the GIL in slices of WAIT_SLICE seconds and asks should_stop() between them.
+# - Many processes (cllm_cli/parallel.py). A rank hands the spheres its block of a step's
+#   micro-batches with first_microbatch, their global index within the step (inject_nan and
+#   anything keyed per micro-batch use first_microbatch + mb), and kept_gradients: each
+#   micro-batch's backward then writes into a row of its own and nothing is accumulated; the
+#   ranks fold the rows in order, and optimizer_step(gradients=) applies the folded sum.
 # - Locks. model_lock (rwlock): read by spheres around forward/backward (write in exclusive
 #   mode), write by the optimiser step. gradient_lock (mutex) guards accumulated_gradients and
 #   the accumulation turn. The order is always model_lock -> gradient_lock; never take
@@ -303,19 +308,36 @@ cdef class Engine:
             raise RuntimeError("the engine is closed")
         return self.system
 
-    cdef int hand_out(self, const int[:, ::1] windows, int kind, long long step) except -1:
-        # checks windows (num_windows, n + 1) and starts the spheres on them
+    cdef int hand_out(self, const int[:, ::1] windows, int kind, long long step,
+                      long long first_microbatch=0, kept=None) except -1:
+        # checks windows (num_windows, n + 1) and kept (None, or one gradient row per
+        # micro-batch) and starts the spheres on them
         cdef ThreadedTrainingSystem* s = self.live()
         cdef int nw = windows.shape[0], stride = windows.shape[1]
-        if nw < 1 or (nw + s.micro_batch - 1) // s.micro_batch > s.max_microbatches:
+        cdef int n_micro = (nw + s.micro_batch - 1) // s.micro_batch
+        cdef float[:, :] rows = None
+        cdef float* kept_start = NULL
+        cdef size_t kept_stride = 0
+        if nw < 1 or n_micro > s.max_microbatches:
             raise ValueError(f"cannot run {nw} windows at once")
         if stride < 2 or stride - 1 > s.cfg.T:
             raise ValueError(f"windows must hold 2..{s.cfg.T + 1} tokens")
+        if first_microbatch < 0:
+            raise ValueError("first_microbatch must be >= 0")
+        if kept is not None:
+            rows = kept
+            if (kind != WORK_TRAIN or rows.shape[0] < n_micro or rows.shape[1] != s.gradient_size
+                    or rows.strides[1] != sizeof(float) or rows.strides[0] % sizeof(float)):
+                raise ValueError(f"kept_gradients must be a training step's float32 "
+                                 f"({n_micro}, {s.gradient_size}) rows")
+            kept_start = &rows[0, 0]
+            kept_stride = rows.strides[0] // sizeof(float)
         _check_tokens(windows, s.cfg.V, "windows")
-        self.work_ref = windows
+        self.work_ref = (windows, kept)
         s.step_counter = step
         with nogil:
-            threaded_start_batch(s, &windows[0, 0], nw, stride, kind)
+            threaded_start_batch(s, &windows[0, 0], nw, stride, kind, first_microbatch,
+                                 kept_start, kept_stride)
         return 0
 
     cdef int run(self, const int[:, ::1] windows, int kind, long long step,
@@ -385,7 +407,7 @@ cdef class Engine:
             o.eps = 1e-8
             o.t = t
             with nogil:
-                applied = threaded_optimizer_step(s, totals.tokens,
+                applied = threaded_optimizer_step(s, s.accumulated_gradients, totals.tokens,
                                                   &adam_m[0] if adamw else NULL,
                                                   &adam_v[0] if adamw else NULL, &o, &norm)
         return StepResult(totals.loss_sum, totals.tokens, totals.micro_batches, norm,
@@ -404,11 +426,18 @@ cdef class Engine:
             tally_results(s, &totals)
         return totals.loss_sum, totals.tokens
 
-    # -- the step in parts (the API before train_step; trainer.py and bench.py still use it) --
+    # -- the step in parts (a rank of a many-process run: cllm_cli/parallel.py) --------------
 
-    def start(self, const int[:, ::1] windows, bint train, long long step=0):
-        """Hands the spheres windows (num_windows, n + 1): a training step or an evaluation."""
-        self.hand_out(windows, WORK_TRAIN if train else WORK_EVAL, step)
+    def start(self, const int[:, ::1] windows, bint train, long long step=0,
+              long long first_microbatch=0, kept_gradients=None):
+        """Hands the spheres windows (num_windows, n + 1): a training step or an evaluation.
+        first_microbatch: the global index, within the step, of the windows' first
+        micro-batch (a rank of a many-process run hands its block; inject_nan counts in
+        global indices). kept_gradients: None (the gradients are accumulated in order), or
+        float32 rows (at least one per micro-batch, each of num_parameters floats, C order
+        within a row) that receive each micro-batch's gradient, unsummed."""
+        self.hand_out(windows, WORK_TRAIN if train else WORK_EVAL, step, first_microbatch,
+                      kept_gradients)
 
     def wait(self, double timeout):
         """True when the current work is finished; False after `timeout` seconds."""
@@ -444,14 +473,22 @@ cdef class Engine:
 
     def optimizer_step(self, long long count, float[::1] m, float[::1] v, *, bint adamw,
                        double lr, double weight_decay, double grad_clip, long long t,
-                       double beta1=0.9, double beta2=0.95, double eps=1e-8):
-        """Applies the accumulated gradient divided by count; returns (grad_norm, applied)."""
+                       double beta1=0.9, double beta2=0.95, double eps=1e-8,
+                       float[::1] gradients=None):
+        """Applies a summed gradient divided by count: the accumulated gradient, or
+        `gradients` (the step's sum over many processes; divided in place). Returns
+        (grad_norm, applied)."""
         cdef ThreadedTrainingSystem* s = self.live()
         cdef OptimizerSettings o
         cdef double norm = 0.0
         cdef int applied
+        cdef float* g = s.accumulated_gradients
         if count < 1:
             raise ValueError("count must be >= 1")
+        if gradients is not None:
+            if gradients.shape[0] != s.gradient_size:
+                raise ValueError("gradients do not match the parameters")
+            g = &gradients[0]
         if adamw and (m.shape[0] != s.gradient_size or v.shape[0] != s.gradient_size):
             raise ValueError("optimizer state does not match the parameters")
         o.adamw = adamw
@@ -463,7 +500,7 @@ cdef class Engine:
         o.eps = eps
         o.t = t
         with nogil:
-            applied = threaded_optimizer_step(s, count, &m[0] if adamw else NULL,
+            applied = threaded_optimizer_step(s, g, count, &m[0] if adamw else NULL,
                                               &v[0] if adamw else NULL, &o, &norm)
         return norm, bool(applied)
 
@@ -519,8 +556,9 @@ cdef class Engine:
                                         for i in range(s.num_worker_spheres))
                 for k in range(NUM_PROFILE_BUCKETS)}
 
-    def inject_nan(self, long long step, int microbatch):
-        """Test hook: poisons the gradient of one micro-batch of one step with a NaN."""
+    def inject_nan(self, long long step, long long microbatch):
+        """Test hook: poisons the gradient of one micro-batch (its global index within the
+        step) of one step with a NaN."""
         cdef ThreadedTrainingSystem* s = self.live()
         s.inject_step = step
         s.inject_microbatch = microbatch

@@ -122,6 +122,10 @@ cdef struct ThreadedTrainingSystem:
     int num_microbatches
     int next_microbatch           # claimed atomically
     int work_kind                 # WORK_TRAIN or WORK_EVAL
+    long long first_microbatch    # global index of micro-batch 0 (a rank's block starts later)
+    float* kept_gradients         # NULL: ordered accumulation; else (num_microbatches,
+                                  # kept_stride) floats, micro-batch mb's gradient in row mb
+    size_t kept_stride
     int pad_id                    # targets equal to it are not counted (-1: all count)
     MicroBatchResult* results     # (max micro-batches per step,)
     int max_microbatches
@@ -145,6 +149,7 @@ cdef struct ThreadedTrainingSystem:
     int next_update_chunk             # phase 3 (update) here
     OptimizerSettings opt
     long long opt_count               # counted tokens behind the summed gradient
+    float* opt_gradients              # the summed gradient the step applies (divided in place)
     float* adam_m
     float* adam_v
     float opt_scale                   # clipping factor
@@ -153,10 +158,10 @@ cdef struct ThreadedTrainingSystem:
     double epoch_loss             # summed loss of the valid micro-batches of this epoch
     long long epoch_tokens        # counted targets behind epoch_loss
     long long total_batches       # training micro-batches since the start
-    # test hook: poison micro-batch inject_microbatch of the inject_step-th step
+    # test hook: poison micro-batch inject_microbatch (global index) of the inject_step-th step
     long long step_counter
     long long inject_step
-    int inject_microbatch
+    long long inject_microbatch
 
 
 # --- locks, always taken in the order model_lock -> gradient_lock ---------------------------
@@ -241,7 +246,8 @@ cdef void accumulate_gradients(SphereTrainingContext* ctx, int mb, const MicroBa
 
 
 cdef void sphere_process_batch(SphereTrainingContext* ctx, int mb) noexcept nogil:
-    # forward + loss (+ backward and ordered accumulation) of micro-batch mb
+    # forward + loss (+ backward, then ordered accumulation or the gradient kept in its row)
+    # of micro-batch mb
     cdef ThreadedTrainingSystem* s = ctx.system
     cdef int first = mb * s.micro_batch
     cdef int B = s.batch_windows - first
@@ -251,7 +257,10 @@ cdef void sphere_process_batch(SphereTrainingContext* ctx, int mb) noexcept nogi
     cdef const int* windows = s.batch + <size_t>first * s.stride
     cdef MicroBatchResult* r = &s.results[mb]
     cdef double* timers = ctx.profile_seconds if s.profile else NULL
+    cdef float* grads = ctx.local_gradients
     cdef double loss, t
+    if s.kept_gradients != NULL:
+        grads = s.kept_gradients + <size_t>mb * s.kept_stride
     if B > s.micro_batch:
         B = s.micro_batch
     ctx.current_microbatch = mb
@@ -259,8 +268,8 @@ cdef void sphere_process_batch(SphereTrainingContext* ctx, int mb) noexcept nogi
     loss = model_forward(&ctx.acts, &counted, s.params, &s.cfg, windows, windows + 1,
                          s.stride, B, n, s.pad_id, train, timers, &s.abort_step)
     if train:
-        model_backward(ctx.local_gradients, &ctx.acts, s.params, &s.cfg, windows, s.stride,
-                       timers, &s.abort_step)
+        model_backward(grads, &ctx.acts, s.params, &s.cfg, windows, s.stride, timers,
+                       &s.abort_step)
     model_lock_release(s)
     r.loss_sum = loss
     r.counted = counted
@@ -269,15 +278,16 @@ cdef void sphere_process_batch(SphereTrainingContext* ctx, int mb) noexcept nogi
     r.bad_index = -1
     if not train:
         return
-    if s.step_counter == s.inject_step and mb == s.inject_microbatch:
-        ctx.local_gradients[s.gradient_size // 2] = NAN
+    if s.step_counter == s.inject_step and s.first_microbatch + mb == s.inject_microbatch:
+        grads[s.gradient_size // 2] = NAN
     t = now_seconds() if timers != NULL else 0.0
     if not cllm_load(&s.abort_step):
-        r.bad_index = validate_gradients(ctx.local_gradients, s.gradient_size)
+        r.bad_index = validate_gradients(grads, s.gradient_size)
         if r.bad_index >= 0:
             r.valid = 0
     tock(timers, PROFILE_ACCUMULATE, &t)
-    accumulate_gradients(ctx, mb, r, timers)
+    if s.kept_gradients == NULL:
+        accumulate_gradients(ctx, mb, r, timers)
 
 
 cdef void sphere_optimizer_phase(SphereTrainingContext* ctx) noexcept nogil:
@@ -295,7 +305,7 @@ cdef void sphere_optimizer_phase(SphereTrainingContext* ctx) noexcept nogil:
         if k >= s.num_chunks:
             break
         c = s.chunks + 3 * k
-        s.chunk_sumsq[k] = mean_gradient_sumsq(s.accumulated_gradients + c[0], <size_t>c[1],
+        s.chunk_sumsq[k] = mean_gradient_sumsq(s.opt_gradients + c[0], <size_t>c[1],
                                                s.opt_count)
     if pthread_barrier_wait(&s.batch_barrier) == PTHREAD_BARRIER_SERIAL_THREAD:
         sumsq = 0.0
@@ -312,7 +322,7 @@ cdef void sphere_optimizer_phase(SphereTrainingContext* ctx) noexcept nogil:
         if k >= s.num_chunks:
             break
         c = s.chunks + 3 * k
-        optimizer_update(s.params + c[0], s.accumulated_gradients + c[0],
+        optimizer_update(s.params + c[0], s.opt_gradients + c[0],
                          s.adam_m + c[0] if s.opt.adamw else NULL,
                          s.adam_v + c[0] if s.opt.adamw else NULL,
                          <size_t>c[1], c[2] != 0, s.opt_scale, &s.opt)
@@ -470,9 +480,15 @@ cdef void threaded_start_work(ThreadedTrainingSystem* s, int kind) noexcept nogi
 
 
 cdef void threaded_start_batch(ThreadedTrainingSystem* s, const int* windows, int num_windows,
-                               int stride, int kind) noexcept nogil:
-    # hands the spheres one global batch (training) or a set of windows (evaluation)
+                               int stride, int kind, long long first_microbatch,
+                               float* kept, size_t kept_stride) noexcept nogil:
+    # hands the spheres one global batch (training) or a set of windows (evaluation);
+    # first_microbatch: the global index of its first micro-batch; kept: NULL, or where each
+    # micro-batch's gradient is kept instead of being accumulated
     s.batch = windows
+    s.first_microbatch = first_microbatch
+    s.kept_gradients = kept
+    s.kept_stride = kept_stride
     s.batch_windows = num_windows
     s.stride = stride
     s.num_microbatches = (num_windows + s.micro_batch - 1) // s.micro_batch
@@ -531,15 +547,18 @@ cdef void tally_results(ThreadedTrainingSystem* s, StepTotals* totals) noexcept 
         totals.tokens += r.counted
 
 
-cdef int threaded_optimizer_step(ThreadedTrainingSystem* s, long long count, float* m, float* v,
-                                 const OptimizerSettings* o, double* norm) noexcept nogil:
-    # Applies the step's accumulated gradient (a sum over `count` tokens) with every sphere
-    # working on its chunks, under model_lock (write) then gradient_lock. Returns 1 when
-    # applied, 0 when skipped because the norm is not finite.
+cdef int threaded_optimizer_step(ThreadedTrainingSystem* s, float* gradients, long long count,
+                                 float* m, float* v, const OptimizerSettings* o,
+                                 double* norm) noexcept nogil:
+    # Applies a summed gradient over `count` tokens (accumulated_gradients, or the sum of a
+    # step shared by many processes), divided in place, with every sphere working on its
+    # chunks, under model_lock (write) then gradient_lock. Returns 1 when applied, 0 when
+    # skipped because the norm is not finite.
     model_lock_acquire(s, True)
     gradient_lock_acquire(s)
     s.opt = o[0]
     s.opt_count = count
+    s.opt_gradients = gradients
     s.adam_m = m
     s.adam_v = v
     threaded_start_work(s, WORK_OPTIMIZE)

@@ -1,0 +1,31 @@
+"""train_model with a test hook, run under mpiexec (or alone) by tests/test_mpi_training.py.
+argv: HOOK TRAIN_MODEL_ARGS...; HOOK is
+  nan:STEP:MICRO   a NaN in the gradient of global micro-batch MICRO of step STEP (0-based)
+  fail:RANK:STEP   rank RANK raises RuntimeError at step STEP (a failure of that rank alone)
+"""
+import sys
+
+from cllm_cli import trainer
+
+kind, a, b = sys.argv[1].split(":")
+a, b = int(a), int(b)
+make_engine = trainer.rank_engine
+
+
+def hooked(world, engine, run):
+    if kind == "nan":
+        engine.inject_nan(a, b)
+    wrapped = make_engine(world, engine, run)
+    if kind == "fail" and world.rank == a:
+        step = wrapped.train_step
+
+        def failing_step(windows, index, *args, **kw):
+            if index == b:
+                raise RuntimeError(f"injected failure at step {index}")
+            return step(windows, index, *args, **kw)
+        wrapped.train_step = failing_step
+    return wrapped
+
+
+trainer.rank_engine = hooked
+sys.exit(trainer.main(sys.argv[2:]))

@@ -1,0 +1,229 @@
+"""train_model on many processes (SPEC section 8, issue 9), under the mpich wheel's mpiexec:
+bit-identical checkpoints for every layout K ranks x N threads, resumed with another layout,
+NaN decisions taken globally, one writer, refused set-ups, a failing and a killed rank, and the
+missing-mpi4py message. Two cores are oversubscribed: the runs are tiny."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cllm_cli.checkpoint import load_checkpoint
+from cllm_cli.trainer import main
+from helpers import ROOT, assert_bit_identical, assert_one_error_line, call, sentences
+
+MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+# 9 windows a step in micro-batches of 2: 5 micro-batches, the last one short; evaluation
+# slices of 9 windows
+TINY = ["--embed-dim", "16", "--num-layers", "2", "--num-heads", "2", "--seq-len", "16",
+        "--batch-size", "9", "--micro-batch", "2", "--max-steps", "5", "--warmup-steps", "2",
+        "--vocab-size", "120", "--eval-interval", "2", "--eval-tokens", "400", "--seed", "4",
+        "--log-interval", "1", "--save-interval", "2", "--keep-checkpoints", "3"]
+# steps long enough (a few tenths of a second) for a signal to land inside the run
+BIG = ["--embed-dim", "96", "--num-layers", "2", "--num-heads", "2", "--seq-len", "32",
+       "--batch-size", "384", "--micro-batch", "4", "--max-steps", "12", "--warmup-steps", "3",
+       "--vocab-size", "120", "--eval-interval", "0", "--log-interval", "1", "--seed", "5"]
+HOOKED = os.path.join(ROOT, "tests", "mpi", "train_hooked.py")
+
+
+def command(ranks, threads, *argv, hook=None):
+    """train_model on `ranks` processes (a plain process for 1) of `threads` spheres each."""
+    program = [HOOKED, hook] if hook else ["-m", "cllm_cli.trainer"]
+    line = [sys.executable, *program, *map(str, argv), "--threads", str(threads)]
+    if ranks == 1:
+        return line
+    assert os.path.exists(MPIEXEC), "mpiexec missing: make installs the mpich wheel"
+    return [MPIEXEC, "-n", str(ranks), *line]
+
+
+def run(ranks, threads, *argv, hook=None, timeout=180):
+    return subprocess.run(command(ranks, threads, *argv, hook=hook), cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start(ranks, threads, *argv):
+    return subprocess.Popen(command(ranks, threads, *argv), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc, timeout=120):
+    try:
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def header_and_first_step(proc):
+    """stdout up to the first progress line (training has started)."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("step "):
+            return "".join(seen)
+    raise AssertionError(f"the run ended before training started:\n{''.join(seen)}")
+
+
+def metrics(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def results(path):
+    """The figures of a metrics file that must not depend on the layout."""
+    keep = ("step", "loss", "grad_norm", "lr", "val_loss")
+    return [{k: r[k] for k in keep if k in r} for r in metrics(path)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    p = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    p.write_text(sentences(400, 7, punct=(".", "!", "?")), encoding="utf-8")
+    return p
+
+
+@pytest.fixture(scope="module")
+def one_process(corpus, tmp_path_factory):
+    ck = tmp_path_factory.mktemp("one") / "ck"
+    p = run(1, 1, corpus, *TINY, "--checkpoint-dir", ck, "--metrics-file", ck / "m.jsonl")
+    assert p.returncode == 0, p.stderr
+    return ck
+
+
+@pytest.mark.parametrize("ranks, threads", [(1, 2), (2, 1), (2, 2), (3, 1), (4, 1), (3, 2)])
+def test_every_layout_gives_the_checkpoints_of_one_process(corpus, one_process, tmp_path,
+                                                           ranks, threads):
+    ck = tmp_path / "ck"
+    p = run(ranks, threads, corpus, *TINY, "--checkpoint-dir", ck, "--metrics-file",
+            ck / "m.jsonl")
+    assert p.returncode == 0, p.stderr
+    assert "Traceback" not in p.stderr and "warning" not in p.stderr, p.stderr
+    for name in ("checkpoint_step_2.cllm", "checkpoint_step_4.cllm", "final_model.cllm"):
+        assert_bit_identical(one_process / name, ck / name)
+    assert results(ck / "m.jsonl") == results(one_process / "m.jsonl")
+    assert p.stdout.count("corpus: ") == 1, "one rank prints"
+    if ranks > 1:
+        assert f"{ranks} ranks x {threads} sphere(s)" in p.stdout
+        assert all("exchange_bytes" in r and "exchange_seconds" in r
+                   for r in metrics(ck / "m.jsonl") if "loss" in r)
+
+
+def test_more_ranks_than_micro_batches_leaves_ranks_idle_and_the_result_alike(corpus, tmp_path):
+    few = [*TINY, "--batch-size", "4", "--eval-tokens", "40"]       # 2 micro-batches, 3 ranks
+    out = {}
+    for ranks in (1, 3):
+        ck = tmp_path / f"ck{ranks}"
+        p = run(ranks, 1, corpus, *few, "--checkpoint-dir", ck, "--metrics-file", ck / "m.jsonl")
+        assert p.returncode == 0, p.stderr
+        out[ranks] = ck
+    assert_bit_identical(out[1] / "final_model.cllm", out[3] / "final_model.cllm")
+    assert results(out[1] / "m.jsonl") == results(out[3] / "m.jsonl")
+
+
+def test_a_nan_is_left_out_by_every_rank_alike(corpus, tmp_path):
+    """Global micro-batch 3 of step 1 is poisoned on whichever rank owns it; the step's sum
+    leaves it out on every rank, as one process does."""
+    out = {}
+    for ranks, threads in ((1, 2), (3, 1)):
+        ck = tmp_path / f"ck{ranks}"
+        p = run(ranks, threads, corpus, *TINY, "--checkpoint-dir", ck, hook="nan:1:3")
+        assert p.returncode == 0, p.stderr
+        warnings = [line for line in p.stderr.splitlines() if "micro-batch 3" in line]
+        assert len(warnings) == 1 and "step 2:" in warnings[0], p.stderr
+        out[ranks] = ck
+    assert_bit_identical(out[1] / "final_model.cllm", out[3] / "final_model.cllm")
+
+
+@pytest.fixture(scope="module")
+def big_straight(corpus, tmp_path_factory):
+    """The BIG run in one process: what every interrupted and resumed run must equal."""
+    ck = tmp_path_factory.mktemp("straight") / "ck"
+    p = run(1, 2, corpus, *BIG, "--checkpoint-dir", ck, "--quiet")
+    assert p.returncode == 0, p.stderr
+    return ck
+
+
+@pytest.mark.parametrize("sig, resume_layout", [(signal.SIGINT, (3, 1)),
+                                                (signal.SIGTERM, (1, 2))])
+def test_a_signal_to_mpiexec_saves_and_resumes_with_another_layout(corpus, big_straight,
+                                                                   tmp_path, sig, resume_layout):
+    ck = tmp_path / "ck"
+    proc = start(2, 1, corpus, *BIG, "--checkpoint-dir", ck)
+    header_and_first_step(proc)
+    proc.send_signal(sig)                            # mpiexec passes it to every rank
+    out, err = finish(proc)
+    assert proc.returncode == 128 + sig, err
+    assert f"train_model: interrupted by {sig.name}" in err and "Traceback" not in err, err
+    saved = sorted(ck.glob("checkpoint_step_*.cllm"))
+    assert len(saved) == 1 and saved[0].name in out, (saved, out[-300:])
+    p = run(*resume_layout, corpus, *BIG, "--checkpoint-dir", ck, "--resume", "--quiet")
+    assert p.returncode == 0, p.stderr
+    assert_bit_identical(big_straight / "final_model.cllm", ck / "final_model.cllm")
+
+
+def test_a_killed_rank_stops_every_rank_and_the_last_checkpoint_stays_usable(corpus, tmp_path):
+    ck = tmp_path / "ck"
+    proc = start(3, 1, corpus, *BIG, "--checkpoint-dir", ck, "--save-interval", "1")
+    header = header_and_first_step(proc)
+    pid = int(re.search(r"rank 1 pid (\d+)", header).group(1))
+    deadline = time.monotonic() + 60
+    while not list(ck.glob("checkpoint_step_*.cllm")):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    out, err = finish(proc, timeout=30)
+    assert time.monotonic() - killed < 10, "the other ranks did not stop within seconds"
+    assert proc.returncode != 0
+    assert f"PID {pid}" in out + err, out[-600:] + err     # the launcher's; the header's rank
+    for path in ck.glob("checkpoint_step_*.cllm"):
+        load_checkpoint(path)
+
+
+def test_an_exception_on_one_rank_stops_every_rank_with_one_line_naming_it(corpus, tmp_path):
+    ck = tmp_path / "ck"
+    t0 = time.monotonic()
+    p = run(3, 1, corpus, *TINY, "--checkpoint-dir", ck, "--save-interval", "1",
+            hook="fail:2:3", timeout=60)
+    assert time.monotonic() - t0 < 60
+    assert p.returncode == 1, p.stderr
+    ours = [line for line in p.stderr.splitlines() if line.startswith("train_model:")]
+    assert ours == ["train_model: error: rank 2 of 3: RuntimeError: injected failure at step 3"], \
+        p.stderr
+    assert "Traceback" not in p.stderr
+    saved = sorted(ck.glob("checkpoint_step_*.cllm"))
+    assert saved and saved[0].name == "checkpoint_step_1.cllm", saved
+    for path in saved:                  # rank 0 may have been ended while writing step 3's
+        load_checkpoint(path)
+
+
+def test_a_rank_that_sees_another_directory_stops_every_rank(corpus, tmp_path):
+    """As on a cluster whose checkpoint directory is not shared: rank 1 finds no dataset.bin
+    (then a dataset.bin of another corpus) where rank 0 wrote its own."""
+    ck, elsewhere = tmp_path / "ck", tmp_path / "elsewhere"
+    other = tmp_path / "other.txt"
+    other.write_text(sentences(300, 99, punct=(".",)), encoding="utf-8")
+    for case in ("missing", "another corpus"):
+        if case == "another corpus":
+            p = run(1, 1, other, *TINY, "--checkpoint-dir", elsewhere, "--max-steps", "1")
+            assert p.returncode == 0, p.stderr
+        line = [MPIEXEC, "-n", "1", *command(1, 1, corpus, *TINY, "--checkpoint-dir", ck,
+                                             "--overwrite"),
+                ":", "-n", "1", *command(1, 1, corpus, *TINY, "--checkpoint-dir", elsewhere)]
+        p = subprocess.run(line, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        fragment = "missing here" if case == "missing" else "another dataset key"
+        assert_one_error_line(p.returncode, p.stderr, "train_model", "rank 1 of 2", fragment,
+                              "shares")
+        assert not list(ck.glob("checkpoint_step_*"))
+
+
+def test_a_launcher_without_mpi4py_says_how_to_install_it(corpus, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.setitem(sys.modules, "mpi4py", None)          # import mpi4py fails
+    code, _, err = call(capsys, main, corpus, *TINY, "--checkpoint-dir", tmp_path / "ck")
+    assert_one_error_line(code, err, "train_model", "mpi4py", "pip install")
