@@ -30,17 +30,22 @@ Choices the SPEC leaves open, written down here:
   provisional ids (4 bytes a token) are spilled to a temporary file next to dataset.bin,
   so memory does not grow with the corpus.
 """
+import collections
+import concurrent.futures
 import contextlib
 import hashlib
+import multiprocessing
 import os
 import pathlib
+import signal
 import struct
 import tempfile
 
 import numpy as np
 
 from .atomic import atomic_file
-from .files import DataError, check_encoding_errors, decode_text, read_bytes
+from .files import BLOCK_BYTES, DataError, check_encoding_errors, decode_block, read_blocks
+from .log import ByteProgress
 from .tokenizers import EOS, tokenizer_class
 
 DATASET_MAGIC = b"CLLMDATA"
@@ -173,7 +178,7 @@ def _try_reuse(out_dir, corpus_key, kind, tokenizer):
 # ---------------------------------------------------------------------------------------
 
 def prepare_dataset(files, out_dir, kind="word", vocab_size=10000, encoding_errors="strict",
-                    tokenizer=None):
+                    tokenizer=None, block_size=BLOCK_BYTES, workers=None):
     """Tokenise `files` into out_dir's vocabulary file (vocab.txt) and out_dir/dataset.bin.
 
     Each file is a document ending in EOS. With `tokenizer` given its vocabulary is used
@@ -190,6 +195,10 @@ def prepare_dataset(files, out_dir, kind="word", vocab_size=10000, encoding_erro
     dataset.bin stores a stream key that also covers it when it was given (see _stream_key),
     and a 4-byte tag of it, so a stream is never reused with a vocabulary it was not encoded
     with.
+
+    Files are read in blocks of about `block_size` bytes and tokenized by `workers` processes
+    (None: one per core the process may use, fewer for a small corpus; 1: in this process);
+    neither changes the result. On a terminal each pass shows a progress line on stderr.
     """
     files = [pathlib.Path(f) for f in files]
     if tokenizer is not None:
@@ -206,9 +215,12 @@ def prepare_dataset(files, out_dir, kind="word", vocab_size=10000, encoding_erro
         raise DataError(f"{out_dir}: cannot create directory ({e.strerror or e})") from None
 
     # Pass 1: hash the corpus; reuse the stored stream if nothing changed.
-    corpus = _Corpus(_settings(kind, vocab_size, encoding_errors), files)
-    for _ in corpus.raw():
-        pass
+    corpus = _Corpus(_settings(kind, vocab_size, encoding_errors), files, block_size)
+    total = sum(_size(path) for path in files)
+    with ByteProgress("reading", total) as progress:
+        for _, _, data, _ in corpus.blocks(len):
+            progress.add(len(data))
+        progress.done()
     reused, reason = _try_reuse(out_dir, corpus.key, kind, tokenizer)
     info = {"files": len(files), "bytes": corpus.bytes, "reused": False, "key": corpus.key.hex(),
             "rebuilt_reason": reason}
@@ -218,47 +230,151 @@ def prepare_dataset(files, out_dir, kind="word", vocab_size=10000, encoding_erro
         return tokenizer, tokens, info
 
     # Pass 2: tokenise. The key is hashed again from the bytes actually tokenised.
+    total = corpus.bytes
+    if workers is None:
+        workers = min(len(os.sched_getaffinity(0)), total // block_size + 1)
+    run = _BlockRunner(corpus, encoding_errors, total, workers)
     scanner = cls.scanner()
     if tokenizer is not None:
-        n_tokens = _encode_and_write(corpus, encoding_errors, tokenizer, out_dir, given=True)
+        n_tokens = _encode_and_write(run, tokenizer, out_dir, given=True)
     elif scanner is not None:
-        tokenizer, n_tokens = _build_and_write(corpus, encoding_errors, scanner, vocab_size,
-                                               out_dir)
+        tokenizer, n_tokens = _build_and_write(run, cls, scanner, vocab_size, out_dir)
     else:
         # a kind learned otherwise than by counting: learn it, then encode (two passes)
-        tokenizer = cls.train(corpus.documents(encoding_errors), vocab_size)
-        n_tokens = _encode_and_write(corpus, encoding_errors, tokenizer, out_dir, given=False)
+        with ByteProgress("learning the vocabulary", total) as progress:
+            texts = (text for text, _ in run.texts(cls.block_cut, progress))
+            tokenizer = cls.train(texts, vocab_size)
+            progress.done()
+        n_tokens = _encode_and_write(run, tokenizer, out_dir, given=False)
     info.update(bytes=corpus.bytes, tokens=n_tokens, key=corpus.key.hex())
     # the checksum was taken from the bytes as they were written: no need to read them back
     path = out_dir / "dataset.bin"
     return tokenizer, _memmap(path, dataset_header(path)), info
 
 
+def _size(path):
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0                          # read_blocks reports the file
+
+
 class _Corpus:
-    """The files of a corpus read in order, their bytes hashed into the dataset key.
+    """The files of a corpus read in order, in blocks, their bytes hashed into the dataset key.
 
     key = sha256 over the settings line, then each file's length (8 bytes) and bytes. File
     names do not enter the key: renaming a file does not change the stream. key and bytes
-    are complete once an iteration of raw() or documents() has run to the end."""
+    are complete once an iteration of blocks() has run to the end."""
 
-    def __init__(self, settings, files):
-        self.settings, self.files = settings, files
+    def __init__(self, settings, files, block_size):
+        self.settings, self.files, self.block_size = settings, files, block_size
         self.key, self.bytes = None, 0
 
-    def raw(self):
+    def blocks(self, cut):
+        """(path, offset, data, last) of every block of every file, cut by cut(data) (see
+        files.read_blocks); last marks a file's last block."""
         h = hashlib.sha256(self.settings.encode("utf-8"))
         self.key, self.bytes = None, 0
         for path in self.files:
-            data = read_bytes(path)
-            h.update(struct.pack("<Q", len(data)))
-            h.update(data)
-            self.bytes += len(data)
-            yield path, data
+            for offset, data, size, last in read_blocks(path, cut, self.block_size):
+                if offset == 0:
+                    h.update(struct.pack("<Q", size))
+                h.update(data)
+                self.bytes += len(data)
+                yield path, offset, data, last
         self.key = h.digest()
 
-    def documents(self, encoding_errors):
-        for path, data in self.raw():
-            yield decode_text(path, data, encoding_errors)
+
+class _BlockRunner:
+    """Pass 2 over a corpus: the text of each block, decoded and turned into a result by a
+    function (a scanner's scan, a tokenizer's encode) in this process or in worker processes,
+    the results handed back in block order."""
+
+    def __init__(self, corpus, encoding_errors, total, workers):
+        self.corpus, self.encoding_errors = corpus, encoding_errors
+        self.total, self.workers = total, workers
+
+    def texts(self, cut, progress):
+        """(text, last) of every block, decoded in this process."""
+        for path, offset, data, last in self.corpus.blocks(cut):
+            yield decode_block(path, data, offset, self.encoding_errors), last
+            progress.add(len(data))
+
+    def results(self, cut, work, progress, tokenizer=None):
+        """(work(text), last) of every block in order. work=None: tokenizer.encode."""
+        if self.workers <= 1:
+            work = tokenizer.encode if work is None else work
+            for text, last in self.texts(cut, progress):
+                yield work(text), last
+            return
+        pending = collections.deque()
+        with _WorkerPool(self.workers, tokenizer) as pool:
+            def collect():
+                future, nbytes, last = pending.popleft()
+                result = pool.result(future)
+                progress.add(nbytes)
+                return result, last
+
+            for path, offset, data, last in self.corpus.blocks(cut):
+                task = (work or _encode_in_worker, path, offset, data, self.encoding_errors)
+                pending.append((pool.submit(task), len(data), last))
+                if len(pending) > 2 * self.workers:        # bounded read-ahead
+                    yield collect()
+            while pending:
+                yield collect()
+
+
+# Worker processes: started by spawn (a clean interpreter: no threads or library state
+# inherited), Ctrl-C left to the parent, which ends them at once when it stops.
+
+_worker_tokenizer = None
+
+
+def _start_worker(tokenizer):
+    global _worker_tokenizer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _worker_tokenizer = tokenizer
+
+
+def _encode_in_worker(text):
+    return _worker_tokenizer.encode(text)
+
+
+def _decode_and_work(task):
+    work, path, offset, data, encoding_errors = task
+    return work(decode_block(path, data, offset, encoding_errors))
+
+
+class _WorkerPool:
+    """A process pool whose workers are killed, not waited for, when it is left."""
+
+    def __init__(self, workers, tokenizer):
+        self.executor = concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_worker, initargs=(tokenizer,))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        processes = list((getattr(self.executor, "_processes", None) or {}).values())
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            with contextlib.suppress(OSError, ValueError):
+                process.terminate()
+        for process in processes:
+            with contextlib.suppress(OSError, ValueError, AssertionError):
+                process.join()
+
+    def submit(self, task):
+        return self.executor.submit(_decode_and_work, task)
+
+    @staticmethod
+    def result(future):
+        try:
+            return future.result()
+        except concurrent.futures.process.BrokenProcessPool:
+            raise DataError("a tokenizing worker process died (out of memory?)") from None
 
 
 def _check_not_empty(n_words, corpus):
@@ -273,31 +389,39 @@ def _pack_header(dtype, n_tokens, key, tokenizer, ids_sha256):
                         len(tokenizer), bytes.fromhex(tokenizer.vocab_hash[:8]), ids_sha256)
 
 
-def _encode_and_write(corpus, encoding_errors, tokenizer, out_dir, given):
-    """Encode every document with `tokenizer` straight into dataset.bin. given: the
+def _encode_and_write(run, tokenizer, out_dir, given):
+    """Encode every block with `tokenizer` straight into dataset.bin. given: the
     vocabulary came from the caller, not from this corpus (see _stream_key)."""
     dtype = _dtype_for(len(tokenizer))
+    eos = tokenizer.encode_document("")[-1:].astype(dtype).tobytes()
+    if tokenizer.encodes_on_all_cores:
+        run.workers = 1
     tokenizer.save(out_dir / tokenizer.file_name)
-    with atomic_file(out_dir / "dataset.bin", DataError) as f:
+    with atomic_file(out_dir / "dataset.bin", DataError) as f, \
+            ByteProgress("tokenizing", run.total) as progress:
         f.write(bytes(HEADER_SIZE))              # placeholder until the count is known
         h = hashlib.sha256()
-        n_tokens = n_words = 0
-        for text in corpus.documents(encoding_errors):
-            ids = tokenizer.encode_document(text)
-            if ids.size > 1:                      # more than the end of the document
+        n_tokens = in_file = 0
+        for ids, last in run.results(tokenizer.block_cut, None, progress, tokenizer):
+            if ids.size:
                 data = ids.astype(dtype).tobytes()
                 f.write(data)
                 h.update(data)
-                n_tokens += ids.size
-                n_words += ids.size - 1
-        _check_not_empty(n_words, corpus)
-        key = _stream_key(corpus.key, tokenizer if given else None)
+                in_file += ids.size
+            if last and in_file:                 # a document with tokens ends in EOS
+                f.write(eos)
+                h.update(eos)
+                n_tokens += in_file + 1
+                in_file = 0
+        _check_not_empty(n_tokens, run.corpus)
+        key = _stream_key(run.corpus.key, tokenizer if given else None)
         f.seek(0)
         f.write(_pack_header(dtype, n_tokens, key, tokenizer, h.digest()))
+        progress.done()
     return n_tokens
 
 
-def _build_and_write(corpus, encoding_errors, scanner, vocab_size, out_dir):
+def _build_and_write(run, cls, scanner, vocab_size, out_dir):
     """Build the vocabulary and the stream with one tokenising pass: provisional ids (see
     tokenizers._Scanner) go to a spill file, are counted, then mapped to the final ids into
     dataset.bin."""
@@ -307,16 +431,19 @@ def _build_and_write(corpus, encoding_errors, scanner, vocab_size, out_dir):
     except OSError as e:
         raise DataError(f"{out_dir}: cannot write ({e.strerror or e})") from None
     try:
-        with os.fdopen(fd, "wb") as spill:
-            n_tokens = n_words = 0
-            for text in corpus.documents(encoding_errors):
-                ids = scanner.ids(text)
+        with os.fdopen(fd, "wb") as spill, ByteProgress("tokenizing", run.total) as progress:
+            n_tokens = in_file = 0
+            for scanned, last in run.results(cls.block_cut, scanner.scan, progress):
+                ids = scanner.merge(scanned)
                 if ids.size:
                     spill.write(ids.tobytes())
+                    in_file += ids.size
+                if last and in_file:             # a document with tokens ends in EOS
                     spill.write(eos)
-                    n_tokens += ids.size + 1
-                    n_words += ids.size
-        _check_not_empty(n_words, corpus)
+                    n_tokens += in_file + 1
+                    in_file = 0
+            progress.done()
+        _check_not_empty(n_tokens, run.corpus)
         provisional = np.memmap(spill_path, dtype=np.int32, mode="r", shape=(n_tokens,))
         n_prov = scanner.n_provisional()
         counts = np.zeros(n_prov, dtype=np.int64)
@@ -334,7 +461,7 @@ def _build_and_write(corpus, encoding_errors, scanner, vocab_size, out_dir):
                 f.write(data)
                 h.update(data)
             f.seek(0)
-            f.write(_pack_header(dtype, n_tokens, corpus.key, tokenizer, h.digest()))
+            f.write(_pack_header(dtype, n_tokens, run.corpus.key, tokenizer, h.digest()))
         del provisional
     except OSError as e:
         raise DataError(f"{out_dir}: cannot write ({e.strerror or e})") from None

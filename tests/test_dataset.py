@@ -436,3 +436,69 @@ def test_a_new_kind_needs_only_its_class_and_a_registry_entry(tmp_path, monkeypa
     assert info["reused"] is True and np.array_equal(np.asarray(again), expected)
     _, _, info = D.prepare_dataset(files, out, kind="space", vocab_size=100, tokenizer=loaded)
     assert info["reused"] is True
+
+
+# ---------------------------------------------------------------------------------------
+# Blocks and workers: the same files whatever the block size and the number of workers
+# ---------------------------------------------------------------------------------------
+
+def awkward_corpus(tmp_path):
+    """Files whose small blocks get cut inside words, multi-byte characters and CRLFs."""
+    d = tmp_path / "corpus"
+    write(d / "a.txt", "\ufeff" + sentences(60, seed=1, punct=".,;!?").replace(". ", ".\r\n"))
+    write(d / "b.txt", "ΟΔΟΣ ΣΑΣ café's naïve 汉字🙂\r\rdon't\n\nstop.\r\n\r\nend" * 7)
+    write(d / "c.txt", " \n\t")                       # no tokens for word
+    write(d / "d.txt", "")
+    write(d / "e.txt", "Παράγραφος ένα.\n\nParagraph two, 12 apples!\r\n\r\n" * 30)
+    return collect_files([d])
+
+
+def prepared(files, out, kind, **kwargs):
+    vocab_size = 300 if kind == "bpe" else 60
+    tok, tokens, info = D.prepare_dataset(files, out, kind=kind, vocab_size=vocab_size, **kwargs)
+    names = sorted(p.name for p in out.iterdir())
+    return {name: (out / name).read_bytes() for name in names}, info
+
+
+@pytest.mark.parametrize("kind", ["word", "char", "bpe"])
+def test_blocks_and_workers_give_the_same_files(tmp_path, kind):
+    """dataset.bin and the vocabulary file are the same bytes for every block size, from 7
+    bytes (cut inside nearly every word and character) to whole files, and with 2 worker
+    processes."""
+    files = awkward_corpus(tmp_path)
+    whole, info = prepared(files, tmp_path / "whole", kind, block_size=1 << 20, workers=1)
+    assert set(whole) == {"dataset.bin", TOKENIZERS[kind].file_name}
+    for size, workers in ((7, 1), (64, 1), (1000, 1), (64, 2)):
+        got, info_b = prepared(files, tmp_path / f"b{size}.{workers}", kind, block_size=size,
+                               workers=workers)
+        assert got == whole, (size, workers)
+        assert info_b == info
+
+
+@pytest.mark.parametrize("kind", ["word", "char", "bpe"])
+def test_given_vocabulary_encodes_the_same_in_blocks(tmp_path, kind):
+    files = awkward_corpus(tmp_path)
+    tok, _, _ = D.prepare_dataset(files, tmp_path / "first", kind=kind,
+                                  vocab_size=300 if kind == "bpe" else 40)
+    whole = D.prepare_dataset(files, tmp_path / "whole", tokenizer=tok, block_size=1 << 20,
+                              workers=1)[1]
+    for size, workers in ((5, 1), (64, 2)):
+        again = D.prepare_dataset(files, tmp_path / f"b{size}", tokenizer=tok,
+                                  block_size=size, workers=workers)[1]
+        assert np.array_equal(np.asarray(again), np.asarray(whole))
+        assert (tmp_path / f"b{size}" / "dataset.bin").read_bytes() == \
+            (tmp_path / "whole" / "dataset.bin").read_bytes()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_fault_in_a_later_block_is_reported_by_its_offset(tmp_path, workers):
+    files = awkward_corpus(tmp_path)
+    bad = files[2]
+    bad.write_bytes(("word " * 300).encode() + b"\xc3(" + b" more" * 10)
+    with pytest.raises(DataError) as whole:
+        read_text(bad)
+    assert "offset 1500" in str(whole.value)
+    with pytest.raises(DataError) as blocked:
+        D.prepare_dataset(files, tmp_path / "ck", block_size=16, workers=workers)
+    assert str(blocked.value) == str(whole.value)
+    assert not [p for p in (tmp_path / "ck").iterdir() if p.name.endswith(".tmp")]
