@@ -26,9 +26,18 @@ Choices the SPEC leaves open, written down here:
   refused by load_dataset and rebuilt by prepare_dataset (info["rebuilt_reason"] says why).
   Checking costs one read of the ids: about 0.15 s for 100 MB (50M uint16 ids) on one core.
   A file of another format version is rebuilt too.
-- Preparing a dataset holds one file's text at a time. While a new vocabulary is being built,
-  provisional ids (4 bytes a token) are spilled to a temporary file next to dataset.bin,
-  so memory does not grow with the corpus.
+- Preparing a dataset reads each file in blocks of about BLOCK_BYTES (4 MiB; files.py says
+  where a block may end), so memory depends on neither the corpus nor its largest file.
+  The blocks are decoded and tokenized by worker processes (spawned, one per usable core;
+  none for a corpus of one block, and none for bpe, whose library encodes on every core
+  itself), at most 2 blocks per worker in flight, the results taken in block order, so the
+  stream is the same whatever the block size and the number of workers. While a new
+  vocabulary is being built, provisional ids (4 bytes a token) are spilled to a temporary
+  file next to dataset.bin, then counted and mapped to the final ids 4 Mi tokens at a time.
+  A word build keeps its distinct words in memory, a bpe build the library's word counts.
+- On a terminal (stderr a tty) each pass over the corpus (reading it for its key,
+  tokenizing, learning a bpe vocabulary) shows a progress line on stderr with the bytes
+  done, MB/s and the time left; nothing is shown elsewhere.
 """
 import collections
 import concurrent.futures

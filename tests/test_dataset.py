@@ -1,6 +1,9 @@
 """Tests of cllm_cli/dataset.py: the dataset.bin cache, its reuse, and damaged files on disk."""
 import hashlib
 import os
+import pty
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -502,3 +505,43 @@ def test_fault_in_a_later_block_is_reported_by_its_offset(tmp_path, workers):
         D.prepare_dataset(files, tmp_path / "ck", block_size=16, workers=workers)
     assert str(blocked.value) == str(whole.value)
     assert not [p for p in (tmp_path / "ck").iterdir() if p.name.endswith(".tmp")]
+
+
+PROGRESS_SCRIPT = """
+import sys
+from cllm_cli.dataset import prepare_dataset
+from cllm_cli.log import ByteProgress
+ByteProgress.REFRESH = 0.0          # draw at every block: the corpus is read in well under 0.2 s
+prepare_dataset([sys.argv[1]], sys.argv[2], block_size=1 << 16, workers=1)
+"""
+
+
+def run_with_stderr(stderr, corpus, out):
+    return subprocess.run([sys.executable, "-c", PROGRESS_SCRIPT, str(corpus), str(out)],
+                          stderr=stderr, stdout=subprocess.DEVNULL, timeout=120)
+
+
+def test_progress_line_on_a_terminal_only(tmp_path):
+    corpus = write(tmp_path / "big.txt", sentences(4000, seed=3, punct="."))
+    master, slave = pty.openpty()
+    try:
+        assert run_with_stderr(slave, corpus, tmp_path / "a").returncode == 0
+        os.close(slave)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(master, 1 << 16)
+            except OSError:                   # the other end is closed: all read
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(master)
+    shown = shown.decode()
+    assert "\rtokenizing: " in shown and " MB/s, ETA " in shown, shown
+    lines = shown.replace("\r\n", "\n").split("\n")
+    assert any(line.rsplit("\r", 1)[-1].startswith("tokenizing: ") and " MB in " in line
+               for line in lines), shown
+    piped = run_with_stderr(subprocess.PIPE, corpus, tmp_path / "b")
+    assert piped.returncode == 0 and piped.stderr == b""
