@@ -445,10 +445,14 @@ class _Scanner:
 
 
 class _FirstSeen(dict):
-    """token -> provisional id, numbered from 4 in order of first appearance."""
+    """token -> number, from `start` on in order of first appearance."""
+
+    def __init__(self, start):
+        super().__init__()
+        self.start = start
 
     def __missing__(self, token):
-        i = self[token] = len(self) + len(SPECIALS)
+        i = self[token] = len(self) + self.start
         return i
 
 
@@ -458,16 +462,15 @@ class _WordScanner(_Scanner):
     tokenizer_class = WordTokenizer
 
     def __init__(self):
-        self.first_seen = _FirstSeen()
+        self.first_seen = _FirstSeen(len(SPECIALS))
 
     @staticmethod
     def scan(text):
         """(local ids, distinct words): each word of `text` numbered from 0 in order of first
         appearance in the text."""
         toks = _WORD_RE.findall(text.lower())
-        local = {}
-        ids = np.fromiter((local.setdefault(t, len(local)) for t in toks), dtype=np.int32,
-                          count=len(toks))
+        local = _FirstSeen(0)
+        ids = np.fromiter(map(local.__getitem__, toks), dtype=np.int32, count=len(toks))
         return ids, list(local)
 
     def merge(self, scanned):
