@@ -241,7 +241,8 @@ def prepare_dataset(files, out_dir, kind="word", vocab_size=10000, encoding_erro
     # Pass 2: tokenise. The key is hashed again from the bytes actually tokenised.
     total = corpus.bytes
     if workers is None:
-        workers = min(len(os.sched_getaffinity(0)), total // block_size + 1)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        workers = min(cores or os.cpu_count() or 1, total // block_size + 1)
     run = _BlockRunner(corpus, encoding_errors, total, workers)
     scanner = cls.scanner()
     if tokenizer is not None:
@@ -411,17 +412,19 @@ def _encode_and_write(run, tokenizer, out_dir, given):
         f.write(bytes(HEADER_SIZE))              # placeholder until the count is known
         h = hashlib.sha256()
         n_tokens = in_file = 0
-        for ids, last in run.results(tokenizer.block_cut, None, progress, tokenizer):
-            if ids.size:
-                data = ids.astype(dtype).tobytes()
-                f.write(data)
-                h.update(data)
-                in_file += ids.size
-            if last and in_file:                 # a document with tokens ends in EOS
-                f.write(eos)
-                h.update(eos)
-                n_tokens += in_file + 1
-                in_file = 0
+        blocks = run.results(tokenizer.block_cut, None, progress, tokenizer)
+        with contextlib.closing(blocks):         # workers end at once on a fault or signal
+            for ids, last in blocks:
+                if ids.size:
+                    data = ids.astype(dtype).tobytes()
+                    f.write(data)
+                    h.update(data)
+                    in_file += ids.size
+                if last and in_file:             # a document with tokens ends in EOS
+                    f.write(eos)
+                    h.update(eos)
+                    n_tokens += in_file + 1
+                    in_file = 0
         _check_not_empty(n_tokens, run.corpus)
         key = _stream_key(run.corpus.key, tokenizer if given else None)
         f.seek(0)
@@ -442,15 +445,17 @@ def _build_and_write(run, cls, scanner, vocab_size, out_dir):
     try:
         with os.fdopen(fd, "wb") as spill, ByteProgress("tokenizing", run.total) as progress:
             n_tokens = in_file = 0
-            for scanned, last in run.results(cls.block_cut, scanner.scan, progress):
-                ids = scanner.merge(scanned)
-                if ids.size:
-                    spill.write(ids.tobytes())
-                    in_file += ids.size
-                if last and in_file:             # a document with tokens ends in EOS
-                    spill.write(eos)
-                    n_tokens += in_file + 1
-                    in_file = 0
+            blocks = run.results(cls.block_cut, scanner.scan, progress)
+            with contextlib.closing(blocks):     # workers end at once on a fault or signal
+                for scanned, last in blocks:
+                    ids = scanner.merge(scanned)
+                    if ids.size:
+                        spill.write(ids.tobytes())
+                        in_file += ids.size
+                    if last and in_file:         # a document with tokens ends in EOS
+                        spill.write(eos)
+                        n_tokens += in_file + 1
+                        in_file = 0
             progress.done()
         _check_not_empty(n_tokens, run.corpus)
         provisional = np.memmap(spill_path, dtype=np.int32, mode="r", shape=(n_tokens,))
