@@ -57,10 +57,10 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 from .atomic import fsync_directory, reason
 from .bpe import BPETokenizer
+from .tensorfile import safetensors_header, write_tensors
 from .checkpoint import load_checkpoint
 from ._engine import num_parameters, parameter_layout
 from .config import CLLMConfig
-from .tensorfile import safetensors_header, write_tensors
 from .tokenizers import BOS, EOS, PAD, SPECIALS, UNK, Tokenizer
 
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
