@@ -545,3 +545,40 @@ def test_progress_line_on_a_terminal_only(tmp_path):
                for line in lines), shown
     piped = run_with_stderr(subprocess.PIPE, corpus, tmp_path / "b")
     assert piped.returncode == 0 and piped.stderr == b""
+
+
+class FakeTerminal:
+    def __init__(self, tty):
+        self.tty, self.text = tty, ""
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, text):
+        self.text += text
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_progress_line_is_left_done_or_wiped(monkeypatch, finished):
+    from cllm_cli.log import ByteProgress
+    monkeypatch.setattr(ByteProgress, "REFRESH", 0.0)
+    screen = FakeTerminal(True)
+    with ByteProgress("tokenizing", 3_000_000, screen) as progress:
+        progress.add(1_000_000)
+        assert screen.text.startswith("\rtokenizing: 1.0 of 3.0 MB, ") and "ETA" in screen.text
+        progress.add(2_000_000)
+        if finished:
+            progress.done()
+    last = screen.text.rsplit("\r", 1)[-1]
+    if finished:
+        assert last.startswith("tokenizing: 3.0 MB in 0:00, ") and last.endswith("MB/s\x1b[K\n")
+    else:
+        assert last == "\x1b[K"                      # a fault or a signal: the line is wiped
+    piped = FakeTerminal(False)
+    with ByteProgress("tokenizing", 10, piped) as progress:
+        progress.add(10)
+        progress.done()
+    assert piped.text == ""
