@@ -28,7 +28,7 @@ Choices the SPEC leaves open, written down here:
   A file of another format version is rebuilt too.
 - Preparing a dataset reads each file in blocks of about BLOCK_BYTES (4 MiB; files.py says
   where a block may end), so memory depends on neither the corpus nor its largest file.
-  The blocks are decoded and tokenized by worker processes (spawned, one per usable core;
+  The blocks are decoded and tokenized by worker processes (forked, one per usable core;
   none for a corpus of one block, and none for bpe, whose library encodes on every core
   itself), at most 2 blocks per worker in flight, the results taken in block order, so the
   stream is the same whatever the block size and the number of workers. While a new
@@ -334,8 +334,10 @@ class _BlockRunner:
                 yield collect()
 
 
-# Worker processes: started by spawn (a clean interpreter: no threads or library state
-# inherited), Ctrl-C left to the parent, which ends them at once when it stops.
+# Worker processes: forked where the platform can (spawn would run the caller's main script
+# again in each worker: a script without the `if __name__ == "__main__":` guard would start
+# its work over), spawned elsewhere. Ctrl-C is left to the parent, which ends them at once
+# when it stops; the parent's stop handlers are not inherited.
 
 _worker_tokenizer = None
 
@@ -343,6 +345,8 @@ _worker_tokenizer = None
 def _start_worker(tokenizer):
     global _worker_tokenizer
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
     _worker_tokenizer = tokenizer
 
 
@@ -359,8 +363,9 @@ class _WorkerPool:
     """A process pool whose workers are killed, not waited for, when it is left."""
 
     def __init__(self, workers, tokenizer):
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         self.executor = concurrent.futures.ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("spawn"),
+            workers, mp_context=multiprocessing.get_context(method),
             initializer=_start_worker, initargs=(tokenizer,))
 
     def __enter__(self):

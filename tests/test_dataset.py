@@ -582,3 +582,21 @@ def test_progress_line_is_left_done_or_wiped(monkeypatch, finished):
         progress.add(10)
         progress.done()
     assert piped.text == ""
+
+
+def test_workers_from_a_script_without_a_main_guard(tmp_path):
+    """The Python API from a plain script (no `if __name__ == "__main__":`): the workers must
+    not run the script again."""
+    corpus = write(tmp_path / "c.txt", sentences(300, seed=4, punct="."))
+    script = write(tmp_path / "plain.py", (
+        "import sys\n"
+        "from cllm_cli.dataset import prepare_dataset\n"
+        "_, ids, _ = prepare_dataset([sys.argv[1]], sys.argv[2], block_size=512, workers=2)\n"
+        "print(len(ids))\n"))
+    done = subprocess.run([sys.executable, str(script), str(corpus), str(tmp_path / "ck")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    whole = D.prepare_dataset([corpus], tmp_path / "whole", workers=1)[1]
+    assert int(done.stdout) == len(whole)
+    assert (tmp_path / "ck" / "dataset.bin").read_bytes() == \
+        (tmp_path / "whole" / "dataset.bin").read_bytes()
