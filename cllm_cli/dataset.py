@@ -32,8 +32,9 @@ Choices the SPEC leaves open, written down here:
   none for a corpus of one block, and none for bpe, whose library encodes on every core
   itself), at most 2 blocks per worker in flight, the results taken in block order, so the
   stream is the same whatever the block size and the number of workers. While a new
-  vocabulary is being built, provisional ids (4 bytes a token) are spilled to a temporary
-  file next to dataset.bin, then counted and mapped to the final ids 4 Mi tokens at a time.
+  vocabulary is being built, provisional ids (4 bytes a token) are counted and spilled to a
+  temporary file next to dataset.bin, then read back (not memory-mapped) and mapped to the
+  final ids 4 Mi tokens at a time.
   A word build keeps its distinct words in memory, a bpe build the library's word counts.
 - On a terminal (stderr a tty) each pass over the corpus (reading it for its key,
   tokenizing, learning a bpe vocabulary) shows a progress line on stderr with the bytes
@@ -440,48 +441,49 @@ def _encode_and_write(run, tokenizer, out_dir, given):
 
 def _build_and_write(run, cls, scanner, vocab_size, out_dir):
     """Build the vocabulary and the stream with one tokenising pass: provisional ids (see
-    tokenizers._Scanner) go to a spill file, are counted, then mapped to the final ids into
-    dataset.bin."""
-    eos = np.array([EOS], dtype=np.int32).tobytes()
+    tokenizers._Scanner) are counted and go to a spill file, which is then read back in
+    chunks (not mapped: its pages would count as the process's memory) and mapped to the
+    final ids into dataset.bin."""
+    eos = np.array([EOS], dtype=np.int32)
     try:
         fd, spill_path = tempfile.mkstemp(dir=out_dir, prefix=".dataset.ids.", suffix=".tmp")
     except OSError as e:
         raise DataError(f"{out_dir}: cannot write ({e.strerror or e})") from None
     try:
+        counts = np.zeros(0, dtype=np.int64)
         with os.fdopen(fd, "wb") as spill, ByteProgress("tokenizing", run.total) as progress:
             n_tokens = in_file = 0
             blocks = run.results(cls.block_cut, scanner.scan, progress)
             with contextlib.closing(blocks):     # workers end at once on a fault or signal
                 for scanned, last in blocks:
                     ids = scanner.merge(scanned)
+                    if last and (in_file or ids.size):   # a document with tokens ends in EOS
+                        ids = np.concatenate([ids, eos])
                     if ids.size:
                         spill.write(ids.tobytes())
+                        block_counts = np.bincount(ids)
+                        if len(block_counts) > len(counts):
+                            counts = np.pad(counts, (0, len(block_counts) - len(counts)))
+                        counts[:len(block_counts)] += block_counts
                         in_file += ids.size
-                    if last and in_file:         # a document with tokens ends in EOS
-                        spill.write(eos)
-                        n_tokens += in_file + 1
+                    if last:
+                        n_tokens += in_file
                         in_file = 0
             progress.done()
         _check_not_empty(n_tokens, run.corpus)
-        provisional = np.memmap(spill_path, dtype=np.int32, mode="r", shape=(n_tokens,))
-        n_prov = scanner.n_provisional()
-        counts = np.zeros(n_prov, dtype=np.int64)
-        for start in range(0, n_tokens, _CHUNK):
-            counts += np.bincount(provisional[start:start + _CHUNK], minlength=n_prov)
         tokenizer, remap = scanner.finish(counts, vocab_size)
         dtype = _dtype_for(len(tokenizer))
         remap = remap.astype(dtype)
         tokenizer.save(out_dir / tokenizer.file_name)
-        with atomic_file(out_dir / "dataset.bin", DataError) as f:
+        with atomic_file(out_dir / "dataset.bin", DataError) as f, open(spill_path, "rb") as spill:
             f.write(bytes(HEADER_SIZE))          # placeholder until the checksum is known
             h = hashlib.sha256()
-            for start in range(0, n_tokens, _CHUNK):
-                data = remap[provisional[start:start + _CHUNK]].tobytes()
+            while (chunk := np.fromfile(spill, dtype=np.int32, count=_CHUNK)).size:
+                data = remap[chunk].tobytes()
                 f.write(data)
                 h.update(data)
             f.seek(0)
             f.write(_pack_header(dtype, n_tokens, run.corpus.key, tokenizer, h.digest()))
-        del provisional
     except OSError as e:
         raise DataError(f"{out_dir}: cannot write ({e.strerror or e})") from None
     finally:
