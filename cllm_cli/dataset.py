@@ -35,7 +35,9 @@ Choices the SPEC leaves open, written down here:
   vocabulary is being built, provisional ids (4 bytes a token) are counted and spilled to a
   temporary file next to dataset.bin, then read back (not memory-mapped) and mapped to the
   final ids 4 Mi tokens at a time.
-  A word build keeps its distinct words in memory, a bpe build the library's word counts.
+  A word build keeps its distinct words in memory. A bpe build holds what the library's
+  trainer holds, which does grow with the corpus (measured: 1.7 GB at 12 MB, 20 GB at
+  120 MB); encoding with a given or learned bpe vocabulary is bounded like the rest.
 - On a terminal (stderr a tty) each pass over the corpus (reading it for its key,
   tokenizing, learning a bpe vocabulary) shows a progress line on stderr with the bytes
   done, MB/s and the time left; nothing is shown elsewhere.
