@@ -20,7 +20,11 @@ A `.cllm` file is a plain safetensors file:
                       header_checksum>, "tensors": {name: {"dtype", "shape", "data_offsets"}}},
                       sort_keys=True, separators=(",", ":"))`` encoded as UTF-8.
 
-Writes are atomic (:func:`cllm_cli.atomic.atomic_file`): the bytes go to a temporary file in
+The file is streamed from the caller's buffers tensor by tensor (tensorfile.py), in the
+layout of safetensors' own serializer, so saving adds no copy of the state to memory; its
+header is written first with placeholder checksums and rewritten once the tensor bytes have
+been hashed on their way out. Writes are atomic (:func:`cllm_cli.atomic.atomic_file`): the
+bytes go to a temporary file in
 the destination directory (``.<final name>.<random>.tmp``), which is flushed, fsync'ed and
 renamed over the final name, after which the directory is fsync'ed. A missing directory is
 created. A failed write (full disk, a parent that is not a directory, ...) removes the temporary
@@ -58,19 +62,18 @@ import json
 import math
 import os
 import re
-import secrets
 import struct
 import sys
 from pathlib import Path
 
 import numpy as np
-import safetensors.numpy
 
 from .atomic import atomic_file, reason as _reason
 from ._engine import num_parameters, parameter_layout
 from .cli import open_regular
 from .config import CLLMConfig
 from .model import named_views
+from .tensorfile import safetensors_header, write_tensors
 from .tokenizers import TOKENIZER_KINDS
 
 FORMAT_VERSION = 1
@@ -83,6 +86,7 @@ _MODEL_FIELDS = ("vocab_size", "embed_dim", "num_layers", "num_heads", "ff_dim",
 _STATE_FIELDS = ("step", "epoch", "batch_in_epoch", "adam_t", "bad_steps")
 _GENERATOR_FIELDS = ("seed", "epoch", "batch_in_epoch")
 _MAX_COUNT = 2**63 - 1
+_FINITE_CHUNK = 1 << 20
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -163,51 +167,56 @@ def save_checkpoint(path, cfg, params, adam_m, adam_v, meta):
     except (TypeError, ValueError) as exc:
         raise ValueError(f"meta is not JSON serialisable: {exc}") from None
 
-    # The checksums depend on the bytes safetensors produces (tensor order, offsets), so the
-    # file is built with unique placeholders of the same length, which are then patched.
-    ph_data = secrets.token_hex(32)
-    ph_header = secrets.token_hex(32)
+    # The file is streamed tensor by tensor from the buffers (no copy of the state): the
+    # header goes first with checksums of the right length but unknown value, is rewritten
+    # once the tensor bytes have been hashed on their way to the file.
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
         "model_config": json.dumps(cfg.to_dict(), sort_keys=True),
         "meta": meta_json,
-        "checksum": ph_data,
-        "header_checksum": ph_header,
+        "checksum": "0" * 64,
+        "header_checksum": "0" * 64,
     }
-    blob = safetensors.numpy.save(tensors, metadata=metadata)
-    del tensors
-    view = memoryview(blob)
-    (header_len,) = struct.unpack("<Q", view[:8])
-    header_bytes = bytes(view[8:8 + header_len])
-    data = view[8 + header_len:]
+    placeholder, names = safetensors_header(tensors, metadata)
 
-    data_digest = hashlib.sha256(data).hexdigest()
-    header = json.loads(header_bytes)
-    file_meta = header.pop("__metadata__")
-    file_meta["checksum"] = data_digest
-    header_digest = _header_digest(file_meta, header)
-    for placeholder, digest in ((ph_data, data_digest), (ph_header, header_digest)):
-        if header_bytes.count(placeholder.encode()) != 1:     # cannot happen: random 256 bits
-            raise RuntimeError("checksum placeholder not found exactly once in the header")
-        header_bytes = header_bytes.replace(placeholder.encode(), digest.encode())
+    def write(f):
+        f.write(placeholder)
+        hasher = hashlib.sha256()
+        write_tensors(f, tensors, names, hasher.update)
+        metadata["checksum"] = hasher.hexdigest()
+        index = json.loads(placeholder[8:])
+        del index["__metadata__"]
+        metadata["header_checksum"] = _header_digest(metadata, index)
+        header, _ = safetensors_header(tensors, metadata)
+        if len(header) != len(placeholder):       # cannot happen: hex digests of fixed length
+            raise RuntimeError("checkpoint header changed length")
+        f.seek(0)
+        f.write(header)
 
-    _atomic_write(path, (view[:8], header_bytes, data))
+    _atomic_write(path, write)
 
 
 def _first_non_finite(tensors):
-    """Text naming the first tensor of {name: array} holding NaN or Inf, or None."""
+    """Text naming the first tensor of {name: array} holding NaN or Inf, or None. Looks at
+    _FINITE_CHUNK values at a time, so that no temporary is as large as a tensor."""
     for name, values in tensors.items():
-        finite = np.isfinite(values)
-        if not finite.all():
-            nan = int(np.isnan(values).sum())
-            inf = values.size - int(finite.sum()) - nan
+        flat = values.reshape(-1)
+        nan = inf = 0
+        for start in range(0, flat.size, _FINITE_CHUNK):
+            part = flat[start:start + _FINITE_CHUNK]
+            if not np.isfinite(part).all():
+                nan += int(np.isnan(part).sum())
+                inf += int(np.isinf(part).sum())
+        if nan or inf:
             return (f"tensor {name!r} holds non-finite values ({nan} NaN, {inf} Inf of "
                     f"{values.size})")
     return None
 
 
-def _atomic_write(path, chunks):
+def _atomic_write(path, write):
+    """write(f) into a temporary file renamed over `path` (atomic_file), creating the
+    directory; CheckpointError for any failure."""
     directory = path.parent
     try:
         if directory.exists() and not directory.is_dir():
@@ -219,8 +228,7 @@ def _atomic_write(path, chunks):
     except OSError as exc:
         raise CheckpointError(f"cannot write checkpoint {path}: {_reason(exc)}") from None
     with atomic_file(path, CheckpointError, "cannot write checkpoint {path}: {reason}") as f:
-        for chunk in chunks:
-            f.write(chunk)
+        write(f)
 
 
 # ----------------------------------------------------------------------------------- loading

@@ -52,12 +52,12 @@ import struct
 from pathlib import Path
 
 import numpy as np
-import safetensors.numpy
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 from .atomic import fsync_directory, reason
 from .bpe import BPETokenizer
+from .tensorfile import safetensors_header, write_tensors
 from .checkpoint import load_checkpoint
 from ._engine import num_parameters, parameter_layout
 from .config import CLLMConfig
@@ -93,12 +93,21 @@ def _is_conv1d(name):
 
 
 def to_gpt2_state(cfg, flat):
-    """{GPT-2 name: float32 array in GPT-2's layout} of the flat parameters."""
+    """{GPT-2 name: float32 array in GPT-2's layout} of the flat parameters: views of `flat`
+    (transposed ones for the Conv1D weights), no copies."""
     state = {}
     for name, shape, off in parameter_layout(cfg):
         t = flat[off:off + math.prod(shape)].reshape(shape)
-        state[gpt2_name(name)] = np.ascontiguousarray(t.T if _is_conv1d(name) else t)
+        state[gpt2_name(name)] = t.T if _is_conv1d(name) else t
     return state
+
+
+def write_safetensors(f, tensors, metadata):
+    """{name: array} as a safetensors file in the open file f, streamed tensor by tensor
+    (tensorfile.py): equal to safetensors.numpy.save's bytes, without a copy of the model."""
+    header, names = safetensors_header(tensors, metadata)
+    f.write(header)
+    write_tensors(f, tensors, names)
 
 
 def _special_ids(tokenizer):
@@ -201,15 +210,16 @@ def tokenizer_files(tokenizer, model_max_length):
 
 
 def hf_files(cfg, flat, tokenizer):
-    """{file name: bytes} of the transformers directory of a model."""
+    """{file name: bytes, or a function writing the file to an open file} of the
+    transformers directory of a model."""
     if len(tokenizer) > cfg.vocab_size:
         raise ConversionError(f"the tokenizer has {len(tokenizer)} tokens but the model only "
                               f"{cfg.vocab_size}")
     files = {
         "config.json": _json_bytes(gpt2_config(cfg, tokenizer)),
         "generation_config.json": _json_bytes(generation_config(tokenizer)),
-        "model.safetensors": safetensors.numpy.save(to_gpt2_state(cfg, flat),
-                                                    metadata={"format": "pt"}),
+        "model.safetensors": lambda f: write_safetensors(f, to_gpt2_state(cfg, flat),
+                                                         {"format": "pt"}),
     }
     files.update(tokenizer_files(tokenizer, cfg.seq_len))
     return files
@@ -225,7 +235,7 @@ def _is_empty_dir(path):
 
 
 def write_directory(outdir, files, force=False):
-    """Writes {name: bytes} as the directory `outdir`, all or nothing.
+    """Writes {name: bytes or write(f)} as the directory `outdir`, all or nothing.
 
     The files go to a temporary directory next to outdir (each fsync'ed), which is then
     renamed to outdir. An existing empty outdir is replaced; a non-empty one only with force
@@ -248,7 +258,10 @@ def write_directory(outdir, files, force=False):
         os.mkdir(tmp)
         for name, data in files.items():
             with open(tmp / name, "wb") as f:
-                f.write(data)
+                if callable(data):
+                    data(f)
+                else:
+                    f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
         fsync_directory(tmp)

@@ -11,7 +11,8 @@ The ids 0..3 are <pad> <unk> <bos> <eos> for every kind; a document ends in <eos
 
 A new kind is a class with the interface of Tokenizer (kind, file_name, train, read,
 check_vocab_size, encode, decode, unknown_tokens, __len__, vocab_hash, save) and one entry in
-TOKENIZERS; nothing else changes. prepare_dataset (dataset.py) builds a kind's vocabulary with
+TOKENIZERS; nothing else changes. Its block_cut (where a corpus file may be cut into blocks)
+is optional: without it each file is tokenized whole. prepare_dataset (dataset.py) builds a kind's vocabulary with
 train() and then encodes the corpus, or, when the kind gives a scanner() (word and char do),
 builds vocabulary and token stream in one pass over the corpus.
 
@@ -41,7 +42,7 @@ import re
 import numpy as np
 
 from .atomic import atomic_file
-from .files import DataError, read_bytes
+from .files import DataError, char_cut, read_bytes
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]
@@ -96,6 +97,17 @@ class Tokenizer:
     def scanner(cls):
         """A scanner for the one-pass build of prepare_dataset (see _Scanner), or None."""
         return None
+
+    # True when encode() itself runs on all cores (then prepare_dataset uses no workers)
+    encodes_on_all_cores = False
+
+    @classmethod
+    def block_cut(cls, data):
+        """Where bytes `data` of a corpus file may end a block (files.read_blocks): a place
+        0 < i <= len(data) such that data[:i] and what follows decode and tokenize to the
+        whole text's tokens, or 0 when there is none (here: a kind that does not say reads
+        each file whole)."""
+        return 0
 
     def __len__(self):
         raise NotImplementedError
@@ -295,6 +307,12 @@ class WordTokenizer(VocabTokenizer):
     def tokens(self, text):
         return _WORD_RE.findall(text.lower())
 
+    @classmethod
+    def block_cut(cls, data):
+        # after the last space or line end: no token, and no lower-casing context (a final
+        # sigma), goes across white space
+        return max(data.rfind(b" "), data.rfind(b"\n")) + 1
+
     def encode(self, text):
         toks = self.tokens(text)
         return np.fromiter(map(self.stoi.get, toks, itertools.repeat(UNK)),
@@ -351,6 +369,10 @@ class CharTokenizer(VocabTokenizer):
     def tokens(self, text):
         return list(text)
 
+    @classmethod
+    def block_cut(cls, data):
+        return char_cut(data)
+
     def encode(self, text):
         # code points through a lookup table, no Python loop over characters
         cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
@@ -385,12 +407,23 @@ class _Scanner:
     (each subclass says how). Ids 0..3 keep their special meaning, so a stream of provisional
     ids with EOS appended is mapped to the final ids by one table look-up, which finish()
     returns with the tokenizer.
+
+    ids(text) is merge(scan(text)): scan, a static method, does the work that needs no state
+    (prepare_dataset runs it in worker processes, a block of text each), merge turns its
+    result into provisional ids in block order.
     """
 
     tokenizer_class = None
 
-    def ids(self, text):
+    @staticmethod
+    def scan(text):
         raise NotImplementedError
+
+    def merge(self, scanned):
+        raise NotImplementedError
+
+    def ids(self, text):
+        return self.merge(self.scan(text))
 
     def n_provisional(self):
         """Provisional ids given so far: the length of the counts finish() takes."""
@@ -418,10 +451,14 @@ class _Scanner:
 
 
 class _FirstSeen(dict):
-    """token -> provisional id, numbered from 4 in order of first appearance."""
+    """token -> number, from `start` on in order of first appearance."""
+
+    def __init__(self, start):
+        super().__init__()
+        self.start = start
 
     def __missing__(self, token):
-        i = self[token] = len(self) + len(SPECIALS)
+        i = self[token] = len(self) + self.start
         return i
 
 
@@ -431,12 +468,22 @@ class _WordScanner(_Scanner):
     tokenizer_class = WordTokenizer
 
     def __init__(self):
-        self.first_seen = _FirstSeen()
+        self.first_seen = _FirstSeen(len(SPECIALS))
 
-    def ids(self, text):
+    @staticmethod
+    def scan(text):
+        """(local ids, distinct words): each word of `text` numbered from 0 in order of first
+        appearance in the text."""
         toks = _WORD_RE.findall(text.lower())
-        return np.fromiter(map(self.first_seen.__getitem__, toks), dtype=np.int32,
-                           count=len(toks))
+        local = _FirstSeen(0)
+        ids = np.fromiter(map(local.__getitem__, toks), dtype=np.int32, count=len(toks))
+        return ids, list(local)
+
+    def merge(self, scanned):
+        ids, words = scanned
+        table = np.fromiter(map(self.first_seen.__getitem__, words), dtype=np.int32,
+                            count=len(words))
+        return table[ids]
 
     def n_provisional(self):
         return len(SPECIALS) + len(self.first_seen)
@@ -454,8 +501,11 @@ class _CharScanner(_Scanner):
     def __init__(self):
         self.max_cp = -1
 
-    def ids(self, text):
-        cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+    @staticmethod
+    def scan(text):
+        return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+
+    def merge(self, cps):
         if cps.size:
             self.max_cp = max(self.max_cp, int(cps.max()))
         return cps.astype(np.int32) + len(SPECIALS)

@@ -15,7 +15,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from cllm_cli import bpe
 from cllm_cli.bpe import BPETokenizer
-from cllm_cli.files import DataError
+from cllm_cli.files import DataError, decode_block
 from cllm_cli.tokenizers import SPECIALS, Tokenizer
 from cllm_cli.hf import word_char_pipeline
 from helpers import ROOT, sentences
@@ -187,6 +187,27 @@ def test_cut_texts_encode_as_the_whole_text(tok, text):
     finally:
         bpe.CHUNK_CHARS = saved
     assert ids.tolist() == whole.encode(text, add_special_tokens=False).ids
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(PIECES, st.just("\r")), max_size=60).map("".join))
+def test_every_block_cut_of_a_file_encodes_as_the_whole_file(tok, text):
+    """A corpus file cut into two blocks at any place block_cut may choose: the two blocks'
+    texts (line ends normalised as files.decode_block does) encode to the whole file's ids."""
+    data = text.encode("utf-8")
+    whole = tok.encode(decode_block("f", data)).tolist()
+    for m in bpe._BLOCK_CUT.finditer(data):
+        place = m.start(1)
+        assert tok.block_cut(data[:place + 1 + len(m.group(1))]) >= place  # a place it finds
+        head, tail = decode_block("f", data[:place]), decode_block("f", data[place:], place)
+        assert tok.encode(head).tolist() + tok.encode(tail).tolist() == whole
+
+
+def test_a_tokenizer_that_cannot_be_cut_reads_files_whole(tok):
+    spec = json.loads(tok.json_bytes)
+    spec["normalizer"] = {"type": "Lowercase"}
+    lowered = BPETokenizer(json.dumps(spec).encode())
+    assert tok.block_cut(b"one.\ntwo") == 4 and lowered.block_cut(b"one.\ntwo") == 0
 
 
 def test_long_text_is_cut_and_encodes_the_same(tok, corpus, monkeypatch):

@@ -597,3 +597,24 @@ def test_real_checkpoints_listed_and_pruned(tmp_path):
     prune_checkpoints(tmp_path, 1)
     assert files_in(tmp_path) == ["checkpoint_step_30.cllm", "final_model.cllm"]
     assert load_checkpoint(latest_checkpoint(tmp_path))["meta"]["step"] == 30
+
+
+def test_streamed_file_is_what_safetensors_writes(saved):
+    """The streamed checkpoint equals safetensors' own serializer's file of the same tensors
+    and metadata (what this module wrote before it streamed): same header length, same
+    tensor index in the same order, same metadata, same data bytes. Only the order of the
+    metadata keys may differ: safetensors takes it from a hash map."""
+    path, *_ = saved
+    ours = path.read_bytes()
+    tensors = safetensors.numpy.load_file(str(path))
+    with safe_open(str(path), framework="numpy") as f:
+        metadata = f.metadata()
+    theirs = safetensors.numpy.save(tensors, metadata=metadata)
+    assert len(theirs) == len(ours)
+    n_ours, header_ours, body_ours = split_file(ours)
+    n_theirs, header_theirs, body_theirs = split_file(theirs)
+    assert n_ours == n_theirs and body_ours == body_theirs
+    assert header_ours == header_theirs
+    assert list(header_ours) == list(header_theirs)         # tensor order
+    assert list(header_ours["__metadata__"]) == ["format", "format_version", "model_config",
+                                                 "meta", "checksum", "header_checksum"]

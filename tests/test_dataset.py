@@ -1,6 +1,9 @@
 """Tests of cllm_cli/dataset.py: the dataset.bin cache, its reuse, and damaged files on disk."""
 import hashlib
 import os
+import pty
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -436,3 +439,164 @@ def test_a_new_kind_needs_only_its_class_and_a_registry_entry(tmp_path, monkeypa
     assert info["reused"] is True and np.array_equal(np.asarray(again), expected)
     _, _, info = D.prepare_dataset(files, out, kind="space", vocab_size=100, tokenizer=loaded)
     assert info["reused"] is True
+
+
+# ---------------------------------------------------------------------------------------
+# Blocks and workers: the same files whatever the block size and the number of workers
+# ---------------------------------------------------------------------------------------
+
+def awkward_corpus(tmp_path):
+    """Files whose small blocks get cut inside words, multi-byte characters and CRLFs."""
+    d = tmp_path / "corpus"
+    write(d / "a.txt", "\ufeff" + sentences(60, seed=1, punct=".,;!?").replace(". ", ".\r\n"))
+    write(d / "b.txt", "ΟΔΟΣ ΣΑΣ café's naïve 汉字🙂\r\rdon't\n\nstop.\r\n\r\nend" * 7)
+    write(d / "c.txt", " \n\t")                       # no tokens for word
+    write(d / "d.txt", "")
+    write(d / "e.txt", "Παράγραφος ένα.\n\nParagraph two, 12 apples!\r\n\r\n" * 30)
+    return collect_files([d])
+
+
+def prepared(files, out, kind, **kwargs):
+    vocab_size = 300 if kind == "bpe" else 60
+    tok, tokens, info = D.prepare_dataset(files, out, kind=kind, vocab_size=vocab_size, **kwargs)
+    names = sorted(p.name for p in out.iterdir())
+    return {name: (out / name).read_bytes() for name in names}, info
+
+
+@pytest.mark.parametrize("kind", ["word", "char", "bpe"])
+def test_blocks_and_workers_give_the_same_files(tmp_path, kind):
+    """dataset.bin and the vocabulary file are the same bytes for every block size, from 7
+    bytes (cut inside nearly every word and character) to whole files, and with 2 worker
+    processes."""
+    files = awkward_corpus(tmp_path)
+    whole, info = prepared(files, tmp_path / "whole", kind, block_size=1 << 20, workers=1)
+    assert set(whole) == {"dataset.bin", TOKENIZERS[kind].file_name}
+    for size, workers in ((7, 1), (64, 1), (1000, 1), (64, 2)):
+        got, info_b = prepared(files, tmp_path / f"b{size}.{workers}", kind, block_size=size,
+                               workers=workers)
+        assert got == whole, (size, workers)
+        assert info_b == info
+
+
+@pytest.mark.parametrize("kind", ["word", "char", "bpe"])
+def test_given_vocabulary_encodes_the_same_in_blocks(tmp_path, kind):
+    files = awkward_corpus(tmp_path)
+    tok, _, _ = D.prepare_dataset(files, tmp_path / "first", kind=kind,
+                                  vocab_size=300 if kind == "bpe" else 40)
+    whole = D.prepare_dataset(files, tmp_path / "whole", tokenizer=tok, block_size=1 << 20,
+                              workers=1)[1]
+    for size, workers in ((5, 1), (64, 2)):
+        again = D.prepare_dataset(files, tmp_path / f"b{size}", tokenizer=tok,
+                                  block_size=size, workers=workers)[1]
+        assert np.array_equal(np.asarray(again), np.asarray(whole))
+        assert (tmp_path / f"b{size}" / "dataset.bin").read_bytes() == \
+            (tmp_path / "whole" / "dataset.bin").read_bytes()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_fault_in_a_later_block_is_reported_by_its_offset(tmp_path, workers):
+    files = awkward_corpus(tmp_path)
+    bad = files[2]
+    bad.write_bytes(("word " * 300).encode() + b"\xc3(" + b" more" * 10)
+    with pytest.raises(DataError) as whole:
+        read_text(bad)
+    assert "offset 1500" in str(whole.value)
+    with pytest.raises(DataError) as blocked:
+        D.prepare_dataset(files, tmp_path / "ck", block_size=16, workers=workers)
+    assert str(blocked.value) == str(whole.value)
+    assert not [p for p in (tmp_path / "ck").iterdir() if p.name.endswith(".tmp")]
+
+
+PROGRESS_SCRIPT = """
+import sys
+from cllm_cli.dataset import prepare_dataset
+from cllm_cli.log import ByteProgress
+ByteProgress.REFRESH = 0.0          # draw at every block: the corpus is read in well under 0.2 s
+prepare_dataset([sys.argv[1]], sys.argv[2], block_size=1 << 16, workers=1)
+"""
+
+
+def run_with_stderr(stderr, corpus, out):
+    return subprocess.run([sys.executable, "-c", PROGRESS_SCRIPT, str(corpus), str(out)],
+                          stderr=stderr, stdout=subprocess.DEVNULL, timeout=120)
+
+
+def test_progress_line_on_a_terminal_only(tmp_path):
+    corpus = write(tmp_path / "big.txt", sentences(4000, seed=3, punct="."))
+    master, slave = pty.openpty()
+    try:
+        assert run_with_stderr(slave, corpus, tmp_path / "a").returncode == 0
+        os.close(slave)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(master, 1 << 16)
+            except OSError:                   # the other end is closed: all read
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(master)
+    shown = shown.decode()
+    assert "\rtokenizing: " in shown and " MB/s, ETA " in shown, shown
+    lines = shown.replace("\r\n", "\n").split("\n")
+    assert any(line.rsplit("\r", 1)[-1].startswith("tokenizing: ") and " MB in " in line
+               for line in lines), shown
+    piped = run_with_stderr(subprocess.PIPE, corpus, tmp_path / "b")
+    assert piped.returncode == 0 and piped.stderr == b""
+
+
+class FakeTerminal:
+    def __init__(self, tty):
+        self.tty, self.text = tty, ""
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, text):
+        self.text += text
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_progress_line_is_left_done_or_wiped(monkeypatch, finished):
+    from cllm_cli.log import ByteProgress
+    monkeypatch.setattr(ByteProgress, "REFRESH", 0.0)
+    screen = FakeTerminal(True)
+    with ByteProgress("tokenizing", 3_000_000, screen) as progress:
+        progress.add(1_000_000)
+        assert screen.text.startswith("\rtokenizing: 1.0 of 3.0 MB, ") and "ETA" in screen.text
+        progress.add(2_000_000)
+        if finished:
+            progress.done()
+    last = screen.text.rsplit("\r", 1)[-1]
+    if finished:
+        assert last.startswith("tokenizing: 3.0 MB in 0:00, ") and last.endswith("MB/s\x1b[K\n")
+    else:
+        assert last == "\x1b[K"                      # a fault or a signal: the line is wiped
+    piped = FakeTerminal(False)
+    with ByteProgress("tokenizing", 10, piped) as progress:
+        progress.add(10)
+        progress.done()
+    assert piped.text == ""
+
+
+def test_workers_from_a_script_without_a_main_guard(tmp_path):
+    """The Python API from a plain script (no `if __name__ == "__main__":`): the workers must
+    not run the script again."""
+    corpus = write(tmp_path / "c.txt", sentences(300, seed=4, punct="."))
+    script = write(tmp_path / "plain.py", (
+        "import sys\n"
+        "from cllm_cli.dataset import prepare_dataset\n"
+        "_, ids, _ = prepare_dataset([sys.argv[1]], sys.argv[2], block_size=512, workers=2)\n"
+        "print(len(ids))\n"))
+    done = subprocess.run([sys.executable, str(script), str(corpus), str(tmp_path / "ck")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    whole = D.prepare_dataset([corpus], tmp_path / "whole", workers=1)[1]
+    assert int(done.stdout) == len(whole)
+    assert (tmp_path / "ck" / "dataset.bin").read_bytes() == \
+        (tmp_path / "whole" / "dataset.bin").read_bytes()

@@ -114,3 +114,89 @@ def test_read_text_unreadable(tmp_path):
         read_text(tmp_path)           # a directory
     with pytest.raises(DataError, match="cannot read"):
         read_text(tmp_path / "missing.txt")
+
+
+# --- reading in blocks ----------------------------------------------------------------------
+
+from cllm_cli.files import char_cut, decode_block, read_blocks  # noqa: E402
+from cllm_cli.tokenizers import TOKENIZERS  # noqa: E402
+
+AWKWARD = ("\ufeffThe café's ΟΔΟΣ ΣΑΣ\r\ndon't\r\rstop:\n\n汉字🙂 a\tb\r\n\r\n"
+           "x\u2028y\u00a0z  end\r").encode("utf-8")
+
+
+def blocks_of(path, cut, size):
+    return list(read_blocks(path, cut, size))
+
+
+@pytest.mark.parametrize("kind", ["word", "char", "bpe"])
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 7, 11, 64])
+def test_blocks_join_to_the_whole_text(tmp_path, kind, size):
+    """Every raw read boundary of sizes 1..11 falls somewhere inside a word, a multi-byte
+    character and a CRLF of AWKWARD; the blocks' texts still join to the whole file's text,
+    and no block ends between "\\r" and "\\n" or inside a character."""
+    path = write(tmp_path / "a.txt", "")
+    path.write_bytes(AWKWARD)
+    blocks = blocks_of(path, TOKENIZERS[kind].block_cut, size)
+    assert b"".join(data for _, data, _, _ in blocks) == AWKWARD
+    assert [last for *_, last in blocks] == [False] * (len(blocks) - 1) + [True]
+    texts = [decode_block(path, data, offset) for offset, data, _, _ in blocks]
+    assert "".join(texts) == read_text(path)
+    for offset, data, _, last in blocks:
+        end = offset + len(data)
+        if not last:
+            assert not (AWKWARD[end - 1:end] == b"\r" and AWKWARD[end:end + 1] == b"\n")
+            assert not 0x80 <= AWKWARD[end] < 0xC0
+    if kind == "word":      # cut after white space only
+        assert all(data[-1:] in (b" ", b"\n") for _, data, _, last in blocks if not last)
+    if size <= 4:
+        assert len(blocks) >= 3, "premise: the file is cut"
+
+
+def test_a_raw_boundary_inside_a_character_or_crlf_moves_back(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_bytes("ab\r\nc汉d".encode("utf-8"))        # 汉 is bytes 5..7
+    assert [data for _, data, _, _ in blocks_of(path, char_cut, 3)] == \
+        [b"ab", b"\r\n", b"c", "汉".encode(), b"d"]
+    assert [data for _, data, _, _ in blocks_of(path, char_cut, 7)] == \
+        [b"ab\r\nc", "汉".encode(), b"d"]
+
+
+@pytest.mark.parametrize("kind", ["word", "char", "bpe"])
+@pytest.mark.parametrize("fault", [b"\x00", b"\xff", b"\xe2\x82", b"\xc3(", b"\xed\xa0\x80"])
+def test_faults_in_a_later_block_keep_their_offset(tmp_path, kind, fault):
+    """A NUL or bad UTF-8 far into the file, read in small blocks, is reported as reading the
+    whole file reports it; with a NUL and a bad byte, the first one wins."""
+    text = ("word é " * 50 + "\n\n").encode("utf-8")
+    path = tmp_path / "a.txt"
+    for data in (text + fault + text, text + fault + b"\x00" + text,
+                 text + b"\x00" + text + fault):
+        path.write_bytes(data)
+        with pytest.raises(DataError) as whole:
+            read_text(path)
+        for size in (3, 16, 100):
+            with pytest.raises(DataError) as blocked:
+                for offset, block, _, _ in read_blocks(path, TOKENIZERS[kind].block_cut, size):
+                    decode_block(path, block, offset)
+            assert str(blocked.value) == str(whole.value)
+        replaced = "".join(decode_block(path, block, offset, "replace") for offset, block, _, _
+                           in read_blocks(path, TOKENIZERS[kind].block_cut, 5))
+        assert replaced == read_text(path, "replace")
+
+
+def test_block_size_is_kept_where_the_text_allows(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_bytes(b"one two three four\n" * 5000)
+    blocks = blocks_of(path, TOKENIZERS["word"].block_cut, 4096)
+    assert len(blocks) > 20 and max(len(d) for _, d, _, _ in blocks) <= 4096
+
+
+def test_a_file_that_changes_while_read_is_refused(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_bytes(b"one two\n" * 100)
+    reader = read_blocks(path, len, 16)
+    next(reader)
+    with open(path, "ab") as f:
+        f.write(b"more\n")
+    with pytest.raises(DataError, match="changed while being read"):
+        list(reader)

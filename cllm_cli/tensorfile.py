@@ -1,0 +1,63 @@
+"""safetensors files written tensor by tensor, straight from the caller's arrays: `.cllm`
+checkpoints (checkpoint.py) and the model.safetensors of an export (hf.py).
+
+    safetensors_header   {name: array} + metadata -> (header bytes, tensor names in file order)
+    write_tensors        the tensors' bytes in file order to an open file, through at most
+                         one small buffer (only for an array that is not contiguous)
+    tensor_chunks        those bytes as a sequence of buffers (hashing, writing)
+
+The layout is the one safetensors' own serializer writes (safetensors.numpy.save), so that a
+file written here equals one written there byte for byte: 8 bytes of little-endian header
+length, then the header, compact JSON padded with spaces to a multiple of 8 bytes, holding
+"__metadata__" (when given) and then the tensors sorted by name, each with its dtype, shape
+and data_offsets, then the tensor bytes in that order with no gaps. One difference: the
+serializer lists metadata keys in an order of its own (a hash map's, not the same from one
+run to the next); here they keep the order of the caller's dict.
+"""
+import json
+import struct
+
+import numpy as np
+
+DTYPES = {np.dtype("<f4"): "F32", np.dtype("<f2"): "F16", np.dtype("<u2"): "U16"}
+CHUNK_BYTES = 1 << 23       # the buffer a non-contiguous array is copied through
+
+
+def safetensors_header(tensors, metadata=None):
+    """(header bytes with its 8-byte length in front, names in file order) for {name: array}."""
+    names = sorted(tensors)
+    index = {}
+    if metadata is not None:
+        index["__metadata__"] = metadata
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        nbytes = t.size * t.dtype.itemsize
+        index[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape),
+                       "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(index, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, names
+
+
+def tensor_chunks(array):
+    """The bytes of `array` in C order: the array itself when contiguous, else copies of a few
+    rows at a time (at most about CHUNK_BYTES)."""
+    if array.flags.c_contiguous:
+        yield array.reshape(-1).view(np.uint8)
+        return
+    row_bytes = max(1, array[0].size * array.dtype.itemsize)
+    step = max(1, CHUNK_BYTES // row_bytes)
+    for start in range(0, array.shape[0], step):
+        yield np.ascontiguousarray(array[start:start + step]).reshape(-1).view(np.uint8)
+
+
+def write_tensors(f, tensors, names, update=None):
+    """Writes the bytes of tensors[name] for each name in order; update(chunk) sees each
+    chunk as it is written (a hash)."""
+    for name in names:
+        for chunk in tensor_chunks(tensors[name]):
+            f.write(chunk)
+            if update is not None:
+                update(chunk)
