@@ -126,6 +126,15 @@ def optimizer_chunks(cfg):
     return out
 
 
+def classifier_block_rows(cfg, int micro_batch):
+    """Rows per block of the classifier and the loss for micro-batches of micro_batch windows:
+    as many as 32 MB of logits hold (CLASSIFIER_FLOATS), at most a whole micro-batch."""
+    cdef ModelConfig c = model_config(cfg)
+    if micro_batch < 1:
+        raise ValueError("micro_batch must be >= 1")
+    return classifier_rows(&c, micro_batch, 0)
+
+
 def activation_layout(cfg, int micro_batch):
     """[(name, floats)] of one sphere's activation tensors for micro-batches of micro_batch
     windows, in allocation order."""
@@ -133,7 +142,7 @@ def activation_layout(cfg, int micro_batch):
     cdef size_t sizes[NUM_ACTIVATION_TENSORS]
     if micro_batch < 1:
         raise ValueError("micro_batch must be >= 1")
-    fill_in_activation_sizes(sizes, &c, micro_batch)
+    fill_in_activation_sizes(sizes, &c, micro_batch, classifier_rows(&c, micro_batch, 0))
     return [(ACTIVATION_NAMES[i].decode(), sizes[i]) for i in range(NUM_ACTIVATION_TENSORS)]
 
 
@@ -143,7 +152,7 @@ def activation_allocation(cfg, int micro_batch):
     cdef ModelConfig c = model_config(cfg)
     if micro_batch < 1:
         raise ValueError("micro_batch must be >= 1")
-    return activation_floats(&c, micro_batch)
+    return activation_floats(&c, micro_batch, classifier_rows(&c, micro_batch, 0))
 
 
 def _check_tokens(const int[:, ::1] tokens, int V, str what):
@@ -157,9 +166,10 @@ def loss_and_grads(cfg, const float[::1] params,                # IN
                    const int[:, ::1] inputs,                     # IN  (B, n)
                    const int[:, ::1] targets,                    # IN  (B, n)
                    float[::1] grads,                             # OUT (overwritten)
-                   int pad_id=0):
+                   int pad_id=0, int block_rows=0):
     """Summed loss over targets != pad_id (-1: every target counts) and its gradient, written
-    into grads; returns (loss_sum, counted)."""
+    into grads; returns (loss_sum, counted). block_rows: rows per block of the
+    classifier and the loss (0: the engine's choice, classifier_block_rows)."""
     cdef ModelConfig c = model_config(cfg)
     cdef Activations acts
     cdef int B = inputs.shape[0], n = inputs.shape[1], counted = 0
@@ -173,12 +183,14 @@ def loss_and_grads(cfg, const float[::1] params,                # IN
     check_pad_id(pad_id, c.V)
     _check_tokens(inputs, c.V, "inputs")
     _check_tokens(targets, c.V, "targets")
+    if block_rows < 0:
+        raise ValueError("block_rows must be >= 0")
     with nogil:
-        if activations_alloc(&acts, &c, B) != 0:
+        if activations_alloc(&acts, &c, B, classifier_rows(&c, B, block_rows)) != 0:
             with gil:
                 raise MemoryError("cannot allocate activations")
         loss = model_forward(&acts, &counted, <float*>&params[0], &c, &inputs[0, 0],
-                             &targets[0, 0], n, B, n, pad_id, True, NULL, NULL)
+                             &targets[0, 0], n, B, n, pad_id, &grads[0], NULL, NULL, NULL)
         model_backward(&grads[0], &acts, <float*>&params[0], &c, &inputs[0, 0], n, NULL, NULL)
         activations_free(&acts)
     return loss, counted
@@ -198,12 +210,11 @@ def forward_logits(cfg, const float[::1] params,                # IN
         raise ValueError("logits buffer has the wrong shape")
     _check_tokens(inputs, c.V, "inputs")
     with nogil:
-        if activations_alloc(&acts, &c, B) != 0:
+        if activations_alloc(&acts, &c, B, classifier_rows(&c, B, 0)) != 0:
             with gil:
                 raise MemoryError("cannot allocate activations")
         model_forward(&acts, &counted, <float*>&params[0], &c, &inputs[0, 0], NULL, n, B, n,
-                      -1, False, NULL, NULL)
-        memcpy(&logits[0, 0, 0], acts.logits, <size_t>B * n * c.V * sizeof(float))
+                      -1, NULL, &logits[0, 0, 0], NULL, NULL)
         activations_free(&acts)
 
 
