@@ -72,23 +72,36 @@ cdef void encoder_backward(float* dwte, float* dwpe, const float* dout, const in
                 dpe[i] += d[i]
 
 
-cdef void layernorm_forward(float* out, float* mean, float* rstd, const float* inp,
-                            const float* weight, const float* bias, int N, int C) noexcept nogil:
-    # out[N,C] = (inp - mean) * rstd * weight + bias, per row; biased variance
+cdef void layernorm_apply(float* out, const float* inp, const float* mean, const float* rstd,
+                          const float* weight, const float* bias, int N, int C) noexcept nogil:
+    # out[N,C] = (inp - mean) * rstd * weight + bias with a row's saved mean and rstd: the
+    # forward's own expression, so that the backward recomputes its output bit for bit
     cdef int r, i
-    cdef float m, v, s, d
+    cdef float m, s
     cdef const float* x
     cdef float* o
     for r in range(N):
         x = inp + <size_t>r * C
-        m = cllm_row_sum(x, C) / C
-        v = cllm_row_sq_dev(x, C, m) / C
-        s = 1.0 / sqrtf(v + LN_EPS)
         o = out + <size_t>r * C
+        m = mean[r]
+        s = rstd[r]
         for i in range(C):
             o[i] = (x[i] - m) * s * weight[i] + bias[i]
+
+
+cdef void layernorm_forward(float* out, float* mean, float* rstd, const float* inp,
+                            const float* weight, const float* bias, int N, int C) noexcept nogil:
+    # out[N,C] = (inp - mean) * rstd * weight + bias, per row; biased variance
+    cdef int r
+    cdef float m, v
+    cdef const float* x
+    for r in range(N):
+        x = inp + <size_t>r * C
+        m = cllm_row_sum(x, C) / C
+        v = cllm_row_sq_dev(x, C, m) / C
         mean[r] = m
-        rstd[r] = s
+        rstd[r] = 1.0 / sqrtf(v + LN_EPS)
+    layernorm_apply(out, inp, mean, rstd, weight, bias, N, C)
 
 
 cdef void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* dout,

@@ -191,7 +191,7 @@ cdef inline void layer_params(LayerParams* p, float* base, const ModelConfig* c,
 # --- activations: one table of sizes ---------------------------------------------------------
 
 cdef enum:
-    NUM_ACTIVATION_TENSORS = 26
+    NUM_ACTIVATION_TENSORS = 25
     ALIGN_BYTES = 64            # every tensor starts on a 64-byte boundary
     ALIGN_FLOATS = 16
     CLASSIFIER_FLOATS = 1 << 23 # logits of one row block of the classifier: at most 32 MB
@@ -200,9 +200,9 @@ cdef enum:
 # in the order of fill_in_activation_sizes and of the Activations fields
 cdef const char* ACTIVATION_NAMES[NUM_ACTIVATION_TENSORS]
 ACTIVATION_NAMES[:] = [
-    b"encoded", b"ln1", b"ln1_mean", b"ln1_rstd", b"qkv", b"atty", b"att_max", b"att_scale",
-    b"residual2", b"ln2", b"ln2_mean", b"ln2_rstd", b"fch", b"fch_gelu", b"residual3",
-    b"lnf_rows", b"lnf_mean", b"lnf_rstd", b"logits_rows", b"dresidual", b"dresidual_mid",
+    b"encoded", b"ln1_mean", b"ln1_rstd", b"qkv", b"atty", b"att_max", b"att_scale",
+    b"residual2", b"ln2_mean", b"ln2_rstd", b"fch", b"residual3", b"lnf_rows", b"lnf_mean",
+    b"lnf_rstd", b"logits_rows", b"ln", b"fch_gelu", b"dresidual", b"dresidual_mid",
     b"dnarrow", b"dwide", b"dfch", b"att_probs", b"att_dprobs",
 ]
 
@@ -211,8 +211,8 @@ cdef struct Activations:
     int maxB            # capacity in sequences of length T
     int cls_rows        # R: rows per block of the classifier and the loss
     int B, n            # shape of the current micro-batch
+    # kept from forward to backward, per block: what backward cannot recompute cheaply
     float* encoded      # (N, C)
-    float* ln1          # (L, N, C)
     float* ln1_mean     # (L, N)
     float* ln1_rstd     # (L, N)
     float* qkv          # (L, N, 3C)
@@ -220,17 +220,19 @@ cdef struct Activations:
     float* att_max      # (L, B, NH, n) each attention row's max score
     float* att_scale    # (L, B, NH, n) and 1 / its sum of exponentials
     float* residual2    # (L, N, C)
-    float* ln2          # (L, N, C)
     float* ln2_mean     # (L, N)
     float* ln2_rstd     # (L, N)
     float* fch          # (L, N, F)
-    float* fch_gelu     # (L, N, F)
     float* residual3    # (L, N, C)
     # the classifier, one block of R rows at a time (forward and backward fused)
     float* lnf_rows     # (R, C) ln_f's output
     float* lnf_mean     # (R,)
     float* lnf_rstd     # (R,)
     float* logits_rows  # (R, V), then dlogits
+    # one block's outputs of ln_1 / ln_2 and of gelu, recomputed in backward (the same float
+    # operations from the saved mean, rstd and fch, so the same bits)
+    float* ln           # (N, C)
+    float* fch_gelu     # (N, F)
     # backward: gradients of activations, reused block after block
     float* dresidual    # (N, C) the residual stream at a block's output, then its input
     float* dresidual_mid  # (N, C) the residual stream between a block's two residuals
@@ -260,19 +262,20 @@ cdef void fill_in_activation_sizes(size_t* sizes, const ModelConfig* c, int maxB
     cdef size_t N = <size_t>maxB * c.T, C = c.C, L = c.L, F = c.F, R = cls_rows
     cdef size_t wide = 3 * C if 3 * C > F else F
     sizes[0] = N * C                                 # encoded
-    sizes[1] = L * N * C; sizes[2] = L * N; sizes[3] = L * N      # ln1, mean, rstd
-    sizes[4] = L * N * 3 * C                         # qkv
-    sizes[5] = L * N * C                             # atty
-    sizes[6] = L * N * c.NH; sizes[7] = L * N * c.NH # att_max, att_scale
-    sizes[8] = L * N * C                             # residual2
-    sizes[9] = L * N * C; sizes[10] = L * N; sizes[11] = L * N    # ln2, mean, rstd
-    sizes[12] = L * N * F; sizes[13] = L * N * F     # fch, fch_gelu
-    sizes[14] = L * N * C                            # residual3
-    sizes[15] = R * C; sizes[16] = R; sizes[17] = R  # lnf_rows, mean, rstd
-    sizes[18] = R * c.V                              # logits_rows
-    sizes[19] = N * C; sizes[20] = N * C             # dresidual, dresidual_mid
-    sizes[21] = N * C; sizes[22] = N * wide; sizes[23] = N * F    # dnarrow, dwide, dfch
-    sizes[24] = <size_t>ATT_BLOCK * c.T; sizes[25] = <size_t>ATT_BLOCK * c.T  # att_(d)probs
+    sizes[1] = L * N; sizes[2] = L * N               # ln1_mean, ln1_rstd
+    sizes[3] = L * N * 3 * C                         # qkv
+    sizes[4] = L * N * C                             # atty
+    sizes[5] = L * N * c.NH; sizes[6] = L * N * c.NH # att_max, att_scale
+    sizes[7] = L * N * C                             # residual2
+    sizes[8] = L * N; sizes[9] = L * N               # ln2_mean, ln2_rstd
+    sizes[10] = L * N * F                            # fch
+    sizes[11] = L * N * C                            # residual3
+    sizes[12] = R * C; sizes[13] = R; sizes[14] = R  # lnf_rows, mean, rstd
+    sizes[15] = R * c.V                              # logits_rows
+    sizes[16] = N * C; sizes[17] = N * F             # ln, fch_gelu
+    sizes[18] = N * C; sizes[19] = N * C             # dresidual, dresidual_mid
+    sizes[20] = N * C; sizes[21] = N * wide; sizes[22] = N * F    # dnarrow, dwide, dfch
+    sizes[23] = <size_t>ATT_BLOCK * c.T; sizes[24] = <size_t>ATT_BLOCK * c.T  # att_(d)probs
 
 
 cdef inline size_t aligned_floats(size_t n) noexcept nogil:
@@ -301,11 +304,11 @@ cdef int activations_alloc(Activations* a, const ModelConfig* c, int maxB,
     a.memory = <float*>calloc(activation_floats(c, maxB, cls_rows), sizeof(float))
     if a.memory == NULL:
         return -1
-    slots[:] = [&a.encoded, &a.ln1, &a.ln1_mean, &a.ln1_rstd, &a.qkv, &a.atty, &a.att_max,
-                &a.att_scale, &a.residual2, &a.ln2, &a.ln2_mean, &a.ln2_rstd, &a.fch,
-                &a.fch_gelu, &a.residual3, &a.lnf_rows, &a.lnf_mean, &a.lnf_rstd,
-                &a.logits_rows, &a.dresidual, &a.dresidual_mid, &a.dnarrow, &a.dwide, &a.dfch,
-                &a.att_probs, &a.att_dprobs]
+    slots[:] = [&a.encoded, &a.ln1_mean, &a.ln1_rstd, &a.qkv, &a.atty, &a.att_max,
+                &a.att_scale, &a.residual2, &a.ln2_mean, &a.ln2_rstd, &a.fch, &a.residual3,
+                &a.lnf_rows, &a.lnf_mean, &a.lnf_rstd, &a.logits_rows, &a.ln, &a.fch_gelu,
+                &a.dresidual, &a.dresidual_mid, &a.dnarrow, &a.dwide, &a.dfch, &a.att_probs,
+                &a.att_dprobs]
     cdef float* p = <float*>((<size_t>a.memory + ALIGN_BYTES - 1) & ~(<size_t>ALIGN_BYTES - 1))
     for i in range(NUM_ACTIVATION_TENSORS):
         slots[i][0] = p
@@ -324,7 +327,6 @@ cdef void activations_free(Activations* a) noexcept nogil:
 
 cdef struct LayerActs:
     # one block's slices of the activations, for the current micro-batch (N = B * n rows)
-    float* ln1          # (N, C)
     float* ln1_mean     # (N,)
     float* ln1_rstd     # (N,)
     float* qkv          # (N, 3C)
@@ -332,20 +334,20 @@ cdef struct LayerActs:
     float* att_max      # (B, NH, n)
     float* att_scale    # (B, NH, n)
     float* residual2    # (N, C)
-    float* ln2          # (N, C)
     float* ln2_mean     # (N,)
     float* ln2_rstd     # (N,)
     float* fch          # (N, F)
-    float* fch_gelu     # (N, F)
     float* residual3    # (N, C)
-    float* att_probs    # the sphere's attention scratches (not per block)
+    # the sphere's scratches, shared by all blocks
+    float* ln           # (N, C)
+    float* fch_gelu     # (N, F)
+    float* att_probs    # (ATT_BLOCK, n)
     float* att_dprobs
 
 
 cdef inline void layer_acts(LayerActs* la, const Activations* a, const ModelConfig* c,
                             int l) noexcept nogil:
     cdef size_t N = <size_t>a.B * a.n, C = c.C, F = c.F
-    la.ln1 = a.ln1 + l * N * C
     la.ln1_mean = a.ln1_mean + l * N
     la.ln1_rstd = a.ln1_rstd + l * N
     la.qkv = a.qkv + l * N * 3 * C
@@ -353,12 +355,12 @@ cdef inline void layer_acts(LayerActs* la, const Activations* a, const ModelConf
     la.att_max = a.att_max + l * N * c.NH
     la.att_scale = a.att_scale + l * N * c.NH
     la.residual2 = a.residual2 + l * N * C
-    la.ln2 = a.ln2 + l * N * C
     la.ln2_mean = a.ln2_mean + l * N
     la.ln2_rstd = a.ln2_rstd + l * N
     la.fch = a.fch + l * N * F
-    la.fch_gelu = a.fch_gelu + l * N * F
     la.residual3 = a.residual3 + l * N * C
+    la.ln = a.ln
+    la.fch_gelu = a.fch_gelu
     la.att_probs = a.att_probs
     la.att_dprobs = a.att_dprobs
 
@@ -399,13 +401,13 @@ cdef void block_forward(LayerActs* a, const float* res, const LayerParams* p, in
     # one block on the residual stream res (N, C): a.residual3 = its output
     cdef int N = B * n, C = c.C, F = c.F
     # residual2 = res + c_proj(attention(c_attn(ln_1(res))))
-    layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, res, p.ln1w, p.ln1b, N, C)
-    linear_forward(a.qkv, a.ln1, p.qkvw, p.qkvb, N, C, 3 * C)
+    layernorm_forward(a.ln, a.ln1_mean, a.ln1_rstd, res, p.ln1w, p.ln1b, N, C)
+    linear_forward(a.qkv, a.ln, p.qkvw, p.qkvb, N, C, 3 * C)
     attention_forward(a.atty, a.att_max, a.att_scale, a.att_probs, a.qkv, B, n, C, c.NH)
     residual_forward(a.residual2, res, a.atty, p.attprojw, p.attprojb, N, C, C)
     # residual3 = residual2 + c_proj(gelu(c_fc(ln_2(residual2))))
-    layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.residual2, p.ln2w, p.ln2b, N, C)
-    linear_forward(a.fch, a.ln2, p.fcw, p.fcb, N, C, F)
+    layernorm_forward(a.ln, a.ln2_mean, a.ln2_rstd, a.residual2, p.ln2w, p.ln2b, N, C)
+    linear_forward(a.fch, a.ln, p.fcw, p.fcb, N, C, F)
     gelu_forward(a.fch_gelu, a.fch, <size_t>N * F)
     residual_forward(a.residual3, a.residual2, a.fch_gelu, p.fcprojw, p.fcprojb, N, F, C)
 
@@ -419,12 +421,14 @@ cdef void block_backward(Activations* a, const LayerActs* la, const float* res, 
     # residual3 = residual2 + c_proj(gelu(c_fc(ln_2(residual2))))
     clear(a.dresidual_mid, NC)
     residual_backward(a.dresidual_mid, a.dresidual, NC)
+    gelu_forward(la.fch_gelu, la.fch, <size_t>N * F)
     clear(a.dwide, <size_t>N * F)
     linear_backward(a.dwide, g.fcprojw, g.fcprojb, a.dresidual, la.fch_gelu, p.fcprojw, N, F, C)
     clear(a.dfch, <size_t>N * F)
     gelu_backward(a.dfch, la.fch, a.dwide, <size_t>N * F)
+    layernorm_apply(la.ln, la.residual2, la.ln2_mean, la.ln2_rstd, p.ln2w, p.ln2b, N, C)
     clear(a.dnarrow, NC)
-    linear_backward(a.dnarrow, g.fcw, g.fcb, a.dfch, la.ln2, p.fcw, N, C, F)
+    linear_backward(a.dnarrow, g.fcw, g.fcb, a.dfch, la.ln, p.fcw, N, C, F)
     layernorm_backward(a.dresidual_mid, g.ln2w, g.ln2b, a.dnarrow, la.residual2, p.ln2w,
                        la.ln2_mean, la.ln2_rstd, N, C)
     # residual2 = res + c_proj(attention(c_attn(ln_1(res))))
@@ -436,8 +440,9 @@ cdef void block_backward(Activations* a, const LayerActs* la, const float* res, 
     clear(a.dwide, NC * 3)
     attention_backward(a.dwide, la.att_probs, la.att_dprobs, a.dnarrow, la.qkv, la.att_max,
                        la.att_scale, B, n, C, c.NH)
+    layernorm_apply(la.ln, res, la.ln1_mean, la.ln1_rstd, p.ln1w, p.ln1b, N, C)
     clear(a.dnarrow, NC)
-    linear_backward(a.dnarrow, g.qkvw, g.qkvb, a.dwide, la.ln1, p.qkvw, N, C, 3 * C)
+    linear_backward(a.dnarrow, g.qkvw, g.qkvb, a.dwide, la.ln, p.qkvw, N, C, 3 * C)
     layernorm_backward(a.dresidual, g.ln1w, g.ln1b, a.dnarrow, res, p.ln1w, la.ln1_mean,
                        la.ln1_rstd, N, C)
 

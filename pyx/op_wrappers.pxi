@@ -45,6 +45,18 @@ def op_layernorm_forward(const float[:, ::1] inp, const float[::1] weight,
     return out, mean, rstd
 
 
+def op_layernorm_apply(const float[:, ::1] inp, const float[::1] mean, const float[::1] rstd,
+                       const float[::1] weight, const float[::1] bias):
+    """out[N, C] from saved per-row mean and rstd."""
+    cdef int N = inp.shape[0], C = inp.shape[1]
+    _expect(mean.shape[0] == N and rstd.shape[0] == N and weight.shape[0] == C
+            and bias.shape[0] == C and N >= 1, "shapes do not match")
+    out = np.empty((N, C), np.float32)
+    cdef float[:, ::1] o = out
+    layernorm_apply(&o[0, 0], &inp[0, 0], &mean[0], &rstd[0], &weight[0], &bias[0], N, C)
+    return out
+
+
 def op_layernorm_backward(float[:, ::1] dinp, float[::1] dweight, float[::1] dbias,
                           const float[:, ::1] dout, const float[:, ::1] inp,
                           const float[::1] weight, const float[::1] mean,

@@ -401,6 +401,9 @@ def test_activation_layout_and_allocation():
     N = 2 * 10
     assert sizes["encoded"] == N * 16 and sizes["logits_rows"] == N * 50
     assert sizes["qkv"] == 3 * N * 3 * 16 and sizes["fch"] == 3 * N * 40
+    # layer norms' and gelu's outputs are recomputed in backward: one block's worth
+    assert sizes["ln"] == N * 16 and sizes["fch_gelu"] == N * 40
+    assert sizes["ln1_mean"] == sizes["ln2_rstd"] == 3 * N
     # attention keeps two floats per row and head, and one block of 32 query rows of scratch
     assert sizes["att_max"] == sizes["att_scale"] == 3 * N * 4
     assert sizes["att_probs"] == sizes["att_dprobs"] == 32 * 10
