@@ -11,6 +11,15 @@
 #   gradients and AdamW m/v use the same layout, so the optimiser, clipping and NaN checks are
 #   flat loops. Each sphere owns its activations and its local_gradients: nothing a pass
 #   writes is shared between spheres.
+# - Activation memory. A sphere keeps from forward to backward only what backward cannot
+#   recompute cheaply: per block the residual streams, qkv, the attention output, fch, and
+#   per row the layer norms' mean and rstd and each attention row's max and 1/sum. Three
+#   things are never held whole: the B x T x V logits (the classifier and the loss run in
+#   blocks of at most 32 MB of logits, each block's backward fused with its forward:
+#   classifier_forward), the T x T attention probabilities (one block of 32 query rows at a
+#   time in a scratch, recomputed in backward from the row statistics), and the outputs of
+#   ln_1, ln_2 and gelu (one block's worth, recomputed in backward). Every recomputation
+#   repeats the forward's float operations, so it gives the forward's bits.
 # - Kernels. Every backward kernel adds (+=) into every gradient it produces; clearing is the
 #   caller's one explicit step: model_backward clears local_gradients once per micro-batch
 #   (a memset: about 1% of a micro-batch's time at the default model size) and each
