@@ -267,7 +267,9 @@ cdef void attention_probs(float* probs, const float* q, const float* row_max,
                           const float* row_scale, int r0, int rows, int n, int C,
                           int hs, float scale) noexcept nogil:
     # the probabilities of query rows r0 .. r0+rows-1 of one head, as attention_forward had
-    # them: the same scores, e^(score - max) * (1/sum) with the saved max and 1/sum
+    # them: the same scores, e^(score - max) * (1/sum) with the saved max and 1/sum. Anything
+    # the forward applies to a block of probabilities (a dropout mask) is applied again to
+    # this block by the backward, right after this call.
     cdef int t1, t2
     cdef float* row
     cdef float mx, sc
