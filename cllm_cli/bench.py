@@ -16,7 +16,9 @@ worker processes, timing, the sgemm ceiling, RSS) is in bench_measure.py.
                   + 12 x L x T x d               (attention scores and weighted values)
 - Peak RSS (VmHWM) against baseline + 4 bytes x (4P + spheres x (P + A)): P parameters, each
   for the weights, AdamW m and v and accumulated_gradients; per sphere local_gradients and A
-  activation floats (activations_alloc of pyx/model.pxi for micro_batch windows).
+  activation floats (activations_alloc of pyx/model.pxi for micro_batch windows: what each
+  block keeps for backward, one classifier block of logits, one block's scratches; never
+  the B x T x V logits or the T x T attention probabilities).
 - Rounds: the comparison point is measured --rounds times, interleaved; its ratios are the
   median of the per-round ratios. The summary marks each against issue 4's targets (TARGETS).
 - PyTorch (bench_torch.py) is skipped when torch is not installed or with --no-torch.
@@ -38,7 +40,8 @@ from ._engine import activation_allocation, num_parameters
 
 FLOP_FORMULA = "FLOPs/token = 6*L*(3d^2 + d^2 + 2dF) + 6dV + 12LTd"
 RSS_FORMULA = ("peak RSS = baseline + 4 bytes x (4P + spheres x (P + A)): parameters, AdamW m "
-               "and v, accumulated gradient; per sphere its local gradient and activations")
+               "and v, accumulated gradient; per sphere its local gradient and activations "
+               "(kept per block, one classifier block of logits, scratches)")
 
 
 def flops_per_token(cfg):

@@ -11,6 +11,15 @@
 #   gradients and AdamW m/v use the same layout, so the optimiser, clipping and NaN checks are
 #   flat loops. Each sphere owns its activations and its local_gradients: nothing a pass
 #   writes is shared between spheres.
+# - Activation memory. A sphere keeps from forward to backward only what backward cannot
+#   recompute cheaply: per block the residual streams, qkv, the attention output, fch, and
+#   per row the layer norms' mean and rstd and each attention row's max and 1/sum. Three
+#   things are never held whole: the B x T x V logits (the classifier and the loss run in
+#   blocks of at most 32 MB of logits, each block's backward fused with its forward:
+#   classifier_forward), the T x T attention probabilities (one block of 32 query rows at a
+#   time in a scratch, recomputed in backward from the row statistics), and the outputs of
+#   ln_1, ln_2 and gelu (one block's worth, recomputed in backward). Every recomputation
+#   repeats the forward's float operations, so it gives the forward's bits.
 # - Kernels. Every backward kernel adds (+=) into every gradient it produces; clearing is the
 #   caller's one explicit step: model_backward clears local_gradients once per micro-batch
 #   (a memset: about 1% of a micro-batch's time at the default model size) and each
@@ -131,6 +140,15 @@ def optimizer_chunks(cfg):
     return out
 
 
+def classifier_block_rows(cfg, int micro_batch):
+    """Rows per block of the classifier and the loss for micro-batches of micro_batch windows:
+    as many as 32 MB of logits hold (CLASSIFIER_FLOATS), at most a whole micro-batch."""
+    cdef ModelConfig c = model_config(cfg)
+    if micro_batch < 1:
+        raise ValueError("micro_batch must be >= 1")
+    return classifier_rows(&c, micro_batch, 0)
+
+
 def activation_layout(cfg, int micro_batch):
     """[(name, floats)] of one sphere's activation tensors for micro-batches of micro_batch
     windows, in allocation order."""
@@ -138,7 +156,7 @@ def activation_layout(cfg, int micro_batch):
     cdef size_t sizes[NUM_ACTIVATION_TENSORS]
     if micro_batch < 1:
         raise ValueError("micro_batch must be >= 1")
-    fill_in_activation_sizes(sizes, &c, micro_batch)
+    fill_in_activation_sizes(sizes, &c, micro_batch, classifier_rows(&c, micro_batch, 0))
     return [(ACTIVATION_NAMES[i].decode(), sizes[i]) for i in range(NUM_ACTIVATION_TENSORS)]
 
 
@@ -148,7 +166,7 @@ def activation_allocation(cfg, int micro_batch):
     cdef ModelConfig c = model_config(cfg)
     if micro_batch < 1:
         raise ValueError("micro_batch must be >= 1")
-    return activation_floats(&c, micro_batch)
+    return activation_floats(&c, micro_batch, classifier_rows(&c, micro_batch, 0))
 
 
 def _check_tokens(const int[:, ::1] tokens, int V, str what):
@@ -162,9 +180,10 @@ def loss_and_grads(cfg, const float[::1] params,                # IN
                    const int[:, ::1] inputs,                     # IN  (B, n)
                    const int[:, ::1] targets,                    # IN  (B, n)
                    float[::1] grads,                             # OUT (overwritten)
-                   int pad_id=0):
+                   int pad_id=0, int block_rows=0):
     """Summed loss over targets != pad_id (-1: every target counts) and its gradient, written
-    into grads; returns (loss_sum, counted)."""
+    into grads; returns (loss_sum, counted). block_rows: rows per block of the
+    classifier and the loss (0: the engine's choice, classifier_block_rows)."""
     cdef ModelConfig c = model_config(cfg)
     cdef Activations acts
     cdef int B = inputs.shape[0], n = inputs.shape[1], counted = 0
@@ -178,12 +197,14 @@ def loss_and_grads(cfg, const float[::1] params,                # IN
     check_pad_id(pad_id, c.V)
     _check_tokens(inputs, c.V, "inputs")
     _check_tokens(targets, c.V, "targets")
+    if block_rows < 0:
+        raise ValueError("block_rows must be >= 0")
     with nogil:
-        if activations_alloc(&acts, &c, B) != 0:
+        if activations_alloc(&acts, &c, B, classifier_rows(&c, B, block_rows)) != 0:
             with gil:
                 raise MemoryError("cannot allocate activations")
         loss = model_forward(&acts, &counted, <float*>&params[0], &c, &inputs[0, 0],
-                             &targets[0, 0], n, B, n, pad_id, True, NULL, NULL)
+                             &targets[0, 0], n, B, n, pad_id, &grads[0], NULL, NULL, NULL)
         model_backward(&grads[0], &acts, <float*>&params[0], &c, &inputs[0, 0], n, NULL, NULL)
         activations_free(&acts)
     return loss, counted
@@ -203,12 +224,11 @@ def forward_logits(cfg, const float[::1] params,                # IN
         raise ValueError("logits buffer has the wrong shape")
     _check_tokens(inputs, c.V, "inputs")
     with nogil:
-        if activations_alloc(&acts, &c, B) != 0:
+        if activations_alloc(&acts, &c, B, classifier_rows(&c, B, 0)) != 0:
             with gil:
                 raise MemoryError("cannot allocate activations")
         model_forward(&acts, &counted, <float*>&params[0], &c, &inputs[0, 0], NULL, n, B, n,
-                      -1, False, NULL, NULL)
-        memcpy(&logits[0, 0, 0], acts.logits, <size_t>B * n * c.V * sizeof(float))
+                      -1, NULL, &logits[0, 0, 0], NULL, NULL)
         activations_free(&acts)
 
 

@@ -72,23 +72,36 @@ cdef void encoder_backward(float* dwte, float* dwpe, const float* dout, const in
                 dpe[i] += d[i]
 
 
-cdef void layernorm_forward(float* out, float* mean, float* rstd, const float* inp,
-                            const float* weight, const float* bias, int N, int C) noexcept nogil:
-    # out[N,C] = (inp - mean) * rstd * weight + bias, per row; biased variance
+cdef void layernorm_apply(float* out, const float* inp, const float* mean, const float* rstd,
+                          const float* weight, const float* bias, int N, int C) noexcept nogil:
+    # out[N,C] = (inp - mean) * rstd * weight + bias with a row's saved mean and rstd: the
+    # forward's own expression, so that the backward recomputes its output bit for bit
     cdef int r, i
-    cdef float m, v, s, d
+    cdef float m, s
     cdef const float* x
     cdef float* o
     for r in range(N):
         x = inp + <size_t>r * C
-        m = cllm_row_sum(x, C) / C
-        v = cllm_row_sq_dev(x, C, m) / C
-        s = 1.0 / sqrtf(v + LN_EPS)
         o = out + <size_t>r * C
+        m = mean[r]
+        s = rstd[r]
         for i in range(C):
             o[i] = (x[i] - m) * s * weight[i] + bias[i]
+
+
+cdef void layernorm_forward(float* out, float* mean, float* rstd, const float* inp,
+                            const float* weight, const float* bias, int N, int C) noexcept nogil:
+    # out[N,C] = (inp - mean) * rstd * weight + bias, per row; biased variance
+    cdef int r
+    cdef float m, v
+    cdef const float* x
+    for r in range(N):
+        x = inp + <size_t>r * C
+        m = cllm_row_sum(x, C) / C
+        v = cllm_row_sq_dev(x, C, m) / C
         mean[r] = m
-        rstd[r] = s
+        rstd[r] = 1.0 / sqrtf(v + LN_EPS)
+    layernorm_apply(out, inp, mean, rstd, weight, bias, N, C)
 
 
 cdef void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* dout,
@@ -203,50 +216,85 @@ cdef enum:
     ATT_BLOCK = 32   # query rows per block: a block only needs the keys up to its end
 
 
-cdef void attention_forward(float* out, float* att, const float* qkv,
-                            int B, int n, int C, int NH) noexcept nogil:
-    # qkv[B*n, 3C] -> att[B, NH, n, n] (causal softmax, zero above the diagonal), out[B*n, C]
+cdef void attention_scores(float* probs, const float* q, int r0, int rows, int n, int C,
+                           int hs, float scale) noexcept nogil:
+    # probs[rows, ld n] = scale * q[r0 .. r0+rows-1] @ k[0 .. r0+rows-1]^T for one head
+    sgemm_rm(False, True, rows, r0 + rows, hs, scale, q + <size_t>r0 * 3 * C, 3 * C,
+             q + C, 3 * C, 0.0, probs, n)
+
+
+cdef void attention_forward(float* out, float* row_max, float* row_scale, float* probs,
+                            const float* qkv, int B, int n, int C, int NH) noexcept nogil:
+    # qkv[B*n, 3C] -> out[B*n, C], causal softmax attention. The probabilities are never kept
+    # whole: one block of ATT_BLOCK query rows at a time lives in the scratch probs
+    # [ATT_BLOCK, n]; each row's max and 1/sum go to row_max, row_scale [B, NH, n], from which
+    # attention_probs recomputes the block bit for bit.
     cdef int hs = C // NH
     cdef float scale = 1.0 / sqrtf(<float>hs)
     cdef int b, h, t1, t2, r0, rows, cols
     cdef const float* q
-    cdef float* a
     cdef float* row
-    cdef float mx, s
+    cdef float* mx
+    cdef float* sc
+    cdef float m, s
     for b in range(B):
         for h in range(NH):
             q = qkv + <size_t>b * n * 3 * C + h * hs
-            a = att + (<size_t>b * NH + h) * n * n
+            mx = row_max + (<size_t>b * NH + h) * n
+            sc = row_scale + (<size_t>b * NH + h) * n
             r0 = 0
             while r0 < n:
                 rows = min(ATT_BLOCK, n - r0)
                 cols = r0 + rows
-                # scores = scale * q @ k^T for these rows, keys 0..cols-1
-                sgemm_rm(False, True, rows, cols, hs, scale, q + <size_t>r0 * 3 * C, 3 * C,
-                         q + C, 3 * C, 0.0, a + <size_t>r0 * n, n)
-                for t1 in range(r0, r0 + rows):
-                    row = a + <size_t>t1 * n
-                    mx = cllm_row_max(row, t1 + 1)
-                    s = <float>(1.0 / cllm_row_exp_sum(row, t1 + 1, mx))
+                attention_scores(probs, q, r0, rows, n, C, hs, scale)
+                for t1 in range(r0, cols):
+                    row = probs + <size_t>(t1 - r0) * n
+                    m = cllm_row_max(row, t1 + 1)
+                    s = <float>(1.0 / cllm_row_exp_sum(row, t1 + 1, m))
                     for t2 in range(t1 + 1):
                         row[t2] = row[t2] * s
-                    for t2 in range(t1 + 1, n):
+                    mx[t1] = m
+                    sc[t1] = s
+                    for t2 in range(t1 + 1, cols):
                         row[t2] = 0.0
                 # out_h = att @ v
-                sgemm_rm(False, False, rows, hs, cols, 1.0, a + <size_t>r0 * n, n, q + 2 * C,
-                         3 * C, 0.0, out + (<size_t>b * n + r0) * C + h * hs, C)
+                sgemm_rm(False, False, rows, hs, cols, 1.0, probs, n, q + 2 * C, 3 * C, 0.0,
+                         out + (<size_t>b * n + r0) * C + h * hs, C)
                 r0 += rows
 
 
-cdef void attention_backward(float* dqkv, float* datt, const float* dout, const float* qkv,
-                             const float* att, int B, int n, int C, int NH) noexcept nogil:
-    # dqkv[B*n, 3C] += the gradient through attention_forward; datt is an [n, n] scratch.
-    # Blocks of query rows as in attention_forward; dk and dv add up the blocks in order.
+cdef void attention_probs(float* probs, const float* q, const float* row_max,
+                          const float* row_scale, int r0, int rows, int n, int C,
+                          int hs, float scale) noexcept nogil:
+    # the probabilities of query rows r0 .. r0+rows-1 of one head, as attention_forward had
+    # them: the same scores, e^(score - max) * (1/sum) with the saved max and 1/sum. Anything
+    # the forward applies to a block of probabilities (a dropout mask) is applied again to
+    # this block by the backward, right after this call.
+    cdef int t1, t2
+    cdef float* row
+    cdef float mx, sc
+    attention_scores(probs, q, r0, rows, n, C, hs, scale)
+    for t1 in range(r0, r0 + rows):
+        row = probs + <size_t>(t1 - r0) * n
+        mx = row_max[t1]
+        sc = row_scale[t1]
+        for t2 in range(t1 + 1):
+            row[t2] = cllm_expf(row[t2] - mx) * sc
+        for t2 in range(t1 + 1, r0 + rows):
+            row[t2] = 0.0
+
+
+cdef void attention_backward(float* dqkv, float* probs, float* dprobs, const float* dout,
+                             const float* qkv, const float* row_max, const float* row_scale,
+                             int B, int n, int C, int NH) noexcept nogil:
+    # dqkv[B*n, 3C] += the gradient through attention_forward, whose row_max and row_scale
+    # [B, NH, n] it takes; probs and dprobs are [ATT_BLOCK, n] scratches. Blocks of query rows
+    # as in attention_forward, each block's probabilities recomputed; dk and dv add up the
+    # blocks in order.
     cdef int hs = C // NH
     cdef float scale = 1.0 / sqrtf(<float>hs)
     cdef int b, h, t1, t2, r0, rows, cols
     cdef const float* q
-    cdef const float* a
     cdef const float* arow
     cdef const float* dout_h
     cdef float* dq
@@ -256,21 +304,22 @@ cdef void attention_backward(float* dqkv, float* datt, const float* dout, const 
         for h in range(NH):
             q = qkv + <size_t>b * n * 3 * C + h * hs
             dq = dqkv + <size_t>b * n * 3 * C + h * hs
-            a = att + (<size_t>b * NH + h) * n * n
             dout_h = dout + <size_t>b * n * C + h * hs
             r0 = 0
             while r0 < n:
                 rows = min(ATT_BLOCK, n - r0)
                 cols = r0 + rows
+                attention_probs(probs, q, row_max + (<size_t>b * NH + h) * n,
+                                row_scale + (<size_t>b * NH + h) * n, r0, rows, n, C, hs, scale)
                 # datt = dout_h @ v^T ; dv += att^T @ dout_h
                 sgemm_rm(False, True, rows, cols, hs, 1.0, dout_h + <size_t>r0 * C, C,
-                         q + 2 * C, 3 * C, 0.0, datt + <size_t>r0 * n, n)
-                sgemm_rm(True, False, cols, hs, rows, 1.0, a + <size_t>r0 * n, n,
+                         q + 2 * C, 3 * C, 0.0, dprobs, n)
+                sgemm_rm(True, False, cols, hs, rows, 1.0, probs, n,
                          dout_h + <size_t>r0 * C, C, 1.0, dq + 2 * C, 3 * C)
                 # softmax backward, scaled: dpre = scale * att * (datt - sum(att * datt))
-                for t1 in range(r0, r0 + rows):
-                    arow = a + <size_t>t1 * n
-                    drow = datt + <size_t>t1 * n
+                for t1 in range(r0, cols):
+                    arow = probs + <size_t>(t1 - r0) * n
+                    drow = dprobs + <size_t>(t1 - r0) * n
                     dot = 0.0
                     for t2 in range(t1 + 1):
                         dot += arow[t2] * drow[t2]
@@ -279,40 +328,40 @@ cdef void attention_backward(float* dqkv, float* datt, const float* dout, const 
                     for t2 in range(t1 + 1, cols):
                         drow[t2] = 0.0
                 # dq += dpre @ k ; dk += dpre^T @ q
-                sgemm_rm(False, False, rows, hs, cols, 1.0, datt + <size_t>r0 * n, n, q + C,
+                sgemm_rm(False, False, rows, hs, cols, 1.0, dprobs, n, q + C,
                          3 * C, 1.0, dq + <size_t>r0 * 3 * C, 3 * C)
-                sgemm_rm(True, False, cols, hs, rows, 1.0, datt + <size_t>r0 * n, n,
+                sgemm_rm(True, False, cols, hs, rows, 1.0, dprobs, n,
                          q + <size_t>r0 * 3 * C, 3 * C, 1.0, dq + C, 3 * C)
                 r0 += rows
 
 
-cdef double crossentropy_forward_backward(float* logits, int* counted, const int* targets,
-                                          int stride, int B, int n, int V, int pad_id,
-                                          bint want_grad) noexcept nogil:
-    # logits[B*n, V] -> sum of -log softmax[target] over targets != pad_id (pad_id -1: all
-    # count); the logits are overwritten: with want_grad by d(sum)/dlogits = softmax - onehot
-    # (0 on rows that do not count)
-    cdef int b, t, i, tgt
+cdef void crossentropy_forward_backward(float* logits, double* total, int* counted,
+                                        const int* targets, int stride, int n, int r0,
+                                        int rows, int V, int pad_id,
+                                        bint want_grad) noexcept nogil:
+    # logits[rows, V] of rows r0 .. r0+rows-1 of the micro-batch (row r is position r % n of
+    # sequence r / n, whose targets are `stride` apart): total += -log softmax[target] and
+    # counted += 1 for each target != pad_id (pad_id -1: all count), row after row. The logits
+    # are overwritten: with want_grad by d(sum)/dlogits = softmax - onehot (0 on rows that do
+    # not count)
+    cdef int r, i, tgt
     cdef float mx, xt, inv
-    cdef double s, total = 0.0
+    cdef double s
     cdef float* row
-    counted[0] = 0
-    for b in range(B):
-        for t in range(n):
-            row = logits + (<size_t>b * n + t) * V
-            tgt = targets[<size_t>b * stride + t]
-            if tgt == pad_id:
-                if want_grad:
-                    memset(row, 0, V * sizeof(float))
-                continue
-            mx = cllm_row_max(row, V)
-            xt = row[tgt] - mx
-            s = cllm_row_exp_sum(row, V, mx)
-            total += log(s) - xt
-            counted[0] += 1
+    for r in range(rows):
+        row = logits + <size_t>r * V
+        tgt = targets[<size_t>((r0 + r) // n) * stride + (r0 + r) % n]
+        if tgt == pad_id:
             if want_grad:
-                inv = <float>(1.0 / s)
-                for i in range(V):
-                    row[i] = row[i] * inv
-                row[tgt] -= ONE
-    return total
+                memset(row, 0, V * sizeof(float))
+            continue
+        mx = cllm_row_max(row, V)
+        xt = row[tgt] - mx
+        s = cllm_row_exp_sum(row, V, mx)
+        total[0] += log(s) - xt
+        counted[0] += 1
+        if want_grad:
+            inv = <float>(1.0 / s)
+            for i in range(V):
+                row[i] = row[i] * inv
+            row[tgt] -= ONE

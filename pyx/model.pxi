@@ -191,105 +191,130 @@ cdef inline void layer_params(LayerParams* p, float* base, const ModelConfig* c,
 # --- activations: one table of sizes ---------------------------------------------------------
 
 cdef enum:
-    NUM_ACTIVATION_TENSORS = 24
+    NUM_ACTIVATION_TENSORS = 25
     ALIGN_BYTES = 64            # every tensor starts on a 64-byte boundary
     ALIGN_FLOATS = 16
+    CLASSIFIER_FLOATS = 1 << 23 # logits of one row block of the classifier: at most 32 MB
 
 
 # in the order of fill_in_activation_sizes and of the Activations fields
 cdef const char* ACTIVATION_NAMES[NUM_ACTIVATION_TENSORS]
 ACTIVATION_NAMES[:] = [
-    b"encoded", b"ln1", b"ln1_mean", b"ln1_rstd", b"qkv", b"atty", b"att", b"residual2",
-    b"ln2", b"ln2_mean", b"ln2_rstd", b"fch", b"fch_gelu", b"residual3", b"lnf", b"lnf_mean",
-    b"lnf_rstd", b"logits", b"dresidual", b"dresidual_mid", b"dnarrow", b"dwide", b"dfch",
-    b"datt",
+    b"encoded", b"ln1_mean", b"ln1_rstd", b"qkv", b"atty", b"att_max", b"att_scale",
+    b"residual2", b"ln2_mean", b"ln2_rstd", b"fch", b"residual3", b"lnf_rows", b"lnf_mean",
+    b"lnf_rstd", b"logits_rows", b"ln", b"fch_gelu", b"dresidual", b"dresidual_mid",
+    b"dnarrow", b"dwide", b"dfch", b"att_probs", b"att_dprobs",
 ]
 
 
 cdef struct Activations:
     int maxB            # capacity in sequences of length T
+    int cls_rows        # R: rows per block of the classifier and the loss
     int B, n            # shape of the current micro-batch
+    # kept from forward to backward, per block: what backward cannot recompute cheaply
     float* encoded      # (N, C)
-    float* ln1          # (L, N, C)
     float* ln1_mean     # (L, N)
     float* ln1_rstd     # (L, N)
     float* qkv          # (L, N, 3C)
     float* atty         # (L, N, C)
-    float* att          # (L, B, NH, n, n)
+    float* att_max      # (L, B, NH, n) each attention row's max score
+    float* att_scale    # (L, B, NH, n) and 1 / its sum of exponentials
     float* residual2    # (L, N, C)
-    float* ln2          # (L, N, C)
     float* ln2_mean     # (L, N)
     float* ln2_rstd     # (L, N)
     float* fch          # (L, N, F)
-    float* fch_gelu     # (L, N, F)
     float* residual3    # (L, N, C)
-    float* lnf          # (N, C)
-    float* lnf_mean     # (N,)
-    float* lnf_rstd     # (N,)
-    float* logits       # (N, V), then dlogits
+    # the classifier, one block of R rows at a time (forward and backward fused)
+    float* lnf_rows     # (R, C) ln_f's output
+    float* lnf_mean     # (R,)
+    float* lnf_rstd     # (R,)
+    float* logits_rows  # (R, V), then dlogits
+    # one block's outputs of ln_1 / ln_2 and of gelu, recomputed in backward (the same float
+    # operations from the saved mean, rstd and fch, so the same bits)
+    float* ln           # (N, C)
+    float* fch_gelu     # (N, F)
     # backward: gradients of activations, reused block after block
     float* dresidual    # (N, C) the residual stream at a block's output, then its input
     float* dresidual_mid  # (N, C) the residual stream between a block's two residuals
     float* dnarrow      # (N, C) at a layer norm's output or at the attention's output
     float* dwide        # (N, max(3C, F)) at gelu's output, then at qkv
     float* dfch         # (N, F) at c_fc's output
-    float* datt         # (T, T) attention backward scratch
+    # attention: one block of query rows' probabilities and their gradient, (ATT_BLOCK, T)
+    float* att_probs
+    float* att_dprobs
     float* memory       # the single allocation all of the above point into
 
 
-cdef void fill_in_activation_sizes(size_t* sizes, const ModelConfig* c, int maxB) noexcept nogil:
+cdef inline int classifier_rows(const ModelConfig* c, int maxB, int requested) noexcept nogil:
+    # rows per classifier block: `requested` when > 0, else as many as CLASSIFIER_FLOATS of
+    # logits hold; never more than a micro-batch has
+    cdef size_t rows = <size_t>requested if requested > 0 else CLASSIFIER_FLOATS // <size_t>c.V
+    cdef size_t N = <size_t>maxB * c.T
+    if rows < 1:
+        rows = 1
+    return <int>(rows if rows < N else N)
+
+
+cdef void fill_in_activation_sizes(size_t* sizes, const ModelConfig* c, int maxB,
+                                   int cls_rows) noexcept nogil:
     # floats of each activation tensor for micro-batches of up to maxB sequences of T tokens
-    cdef size_t N = <size_t>maxB * c.T, C = c.C, L = c.L, F = c.F
+    # and classifier blocks of cls_rows rows (classifier_rows)
+    cdef size_t N = <size_t>maxB * c.T, C = c.C, L = c.L, F = c.F, R = cls_rows
     cdef size_t wide = 3 * C if 3 * C > F else F
     sizes[0] = N * C                                 # encoded
-    sizes[1] = L * N * C; sizes[2] = L * N; sizes[3] = L * N      # ln1, mean, rstd
-    sizes[4] = L * N * 3 * C                         # qkv
-    sizes[5] = L * N * C                             # atty
-    sizes[6] = L * <size_t>maxB * c.NH * c.T * c.T   # att
+    sizes[1] = L * N; sizes[2] = L * N               # ln1_mean, ln1_rstd
+    sizes[3] = L * N * 3 * C                         # qkv
+    sizes[4] = L * N * C                             # atty
+    sizes[5] = L * N * c.NH; sizes[6] = L * N * c.NH # att_max, att_scale
     sizes[7] = L * N * C                             # residual2
-    sizes[8] = L * N * C; sizes[9] = L * N; sizes[10] = L * N     # ln2, mean, rstd
-    sizes[11] = L * N * F; sizes[12] = L * N * F     # fch, fch_gelu
-    sizes[13] = L * N * C                            # residual3
-    sizes[14] = N * C; sizes[15] = N; sizes[16] = N  # lnf, mean, rstd
-    sizes[17] = N * <size_t>c.V                      # logits
+    sizes[8] = L * N; sizes[9] = L * N               # ln2_mean, ln2_rstd
+    sizes[10] = L * N * F                            # fch
+    sizes[11] = L * N * C                            # residual3
+    sizes[12] = R * C; sizes[13] = R; sizes[14] = R  # lnf_rows, mean, rstd
+    sizes[15] = R * c.V                              # logits_rows
+    sizes[16] = N * C; sizes[17] = N * F             # ln, fch_gelu
     sizes[18] = N * C; sizes[19] = N * C             # dresidual, dresidual_mid
     sizes[20] = N * C; sizes[21] = N * wide; sizes[22] = N * F    # dnarrow, dwide, dfch
-    sizes[23] = <size_t>c.T * c.T                    # datt
+    sizes[23] = <size_t>ATT_BLOCK * c.T; sizes[24] = <size_t>ATT_BLOCK * c.T  # att_(d)probs
 
 
 cdef inline size_t aligned_floats(size_t n) noexcept nogil:
     return (n + ALIGN_FLOATS - 1) & ~(<size_t>ALIGN_FLOATS - 1)
 
 
-cdef size_t activation_floats(const ModelConfig* c, int maxB) noexcept nogil:
+cdef size_t activation_floats(const ModelConfig* c, int maxB, int cls_rows) noexcept nogil:
     # floats activations_alloc allocates: every tensor aligned, and room to align the start
     cdef size_t sizes[NUM_ACTIVATION_TENSORS]
     cdef size_t total = ALIGN_FLOATS
     cdef int i
-    fill_in_activation_sizes(sizes, c, maxB)
+    fill_in_activation_sizes(sizes, c, maxB, cls_rows)
     for i in range(NUM_ACTIVATION_TENSORS):
         total += aligned_floats(sizes[i])
     return total
 
 
-cdef int activations_alloc(Activations* a, const ModelConfig* c, int maxB) noexcept nogil:
-    # returns 0 on success, -1 when out of memory
+cdef int activations_alloc(Activations* a, const ModelConfig* c, int maxB,
+                           int cls_rows) noexcept nogil:
+    # returns 0 on success, -1 when out of memory; cls_rows: rows per classifier block
+    # (classifier_rows)
     cdef size_t sizes[NUM_ACTIVATION_TENSORS]
     cdef float** slots[NUM_ACTIVATION_TENSORS]
     cdef int i
-    fill_in_activation_sizes(sizes, c, maxB)
-    a.memory = <float*>calloc(activation_floats(c, maxB), sizeof(float))
+    fill_in_activation_sizes(sizes, c, maxB, cls_rows)
+    a.memory = <float*>calloc(activation_floats(c, maxB, cls_rows), sizeof(float))
     if a.memory == NULL:
         return -1
-    slots[:] = [&a.encoded, &a.ln1, &a.ln1_mean, &a.ln1_rstd, &a.qkv, &a.atty, &a.att,
-                &a.residual2, &a.ln2, &a.ln2_mean, &a.ln2_rstd, &a.fch, &a.fch_gelu,
-                &a.residual3, &a.lnf, &a.lnf_mean, &a.lnf_rstd, &a.logits, &a.dresidual,
-                &a.dresidual_mid, &a.dnarrow, &a.dwide, &a.dfch, &a.datt]
+    slots[:] = [&a.encoded, &a.ln1_mean, &a.ln1_rstd, &a.qkv, &a.atty, &a.att_max,
+                &a.att_scale, &a.residual2, &a.ln2_mean, &a.ln2_rstd, &a.fch, &a.residual3,
+                &a.lnf_rows, &a.lnf_mean, &a.lnf_rstd, &a.logits_rows, &a.ln, &a.fch_gelu,
+                &a.dresidual, &a.dresidual_mid, &a.dnarrow, &a.dwide, &a.dfch, &a.att_probs,
+                &a.att_dprobs]
     cdef float* p = <float*>((<size_t>a.memory + ALIGN_BYTES - 1) & ~(<size_t>ALIGN_BYTES - 1))
     for i in range(NUM_ACTIVATION_TENSORS):
         slots[i][0] = p
         p += aligned_floats(sizes[i])
     a.maxB = maxB
+    a.cls_rows = cls_rows
     a.B = 0
     a.n = 0
     return 0
@@ -302,37 +327,42 @@ cdef void activations_free(Activations* a) noexcept nogil:
 
 cdef struct LayerActs:
     # one block's slices of the activations, for the current micro-batch (N = B * n rows)
-    float* ln1          # (N, C)
     float* ln1_mean     # (N,)
     float* ln1_rstd     # (N,)
     float* qkv          # (N, 3C)
     float* atty         # (N, C)
-    float* att          # (B, NH, n, n)
+    float* att_max      # (B, NH, n)
+    float* att_scale    # (B, NH, n)
     float* residual2    # (N, C)
-    float* ln2          # (N, C)
     float* ln2_mean     # (N,)
     float* ln2_rstd     # (N,)
     float* fch          # (N, F)
-    float* fch_gelu     # (N, F)
     float* residual3    # (N, C)
+    # the sphere's scratches, shared by all blocks
+    float* ln           # (N, C)
+    float* fch_gelu     # (N, F)
+    float* att_probs    # (ATT_BLOCK, n)
+    float* att_dprobs
 
 
 cdef inline void layer_acts(LayerActs* la, const Activations* a, const ModelConfig* c,
                             int l) noexcept nogil:
     cdef size_t N = <size_t>a.B * a.n, C = c.C, F = c.F
-    la.ln1 = a.ln1 + l * N * C
     la.ln1_mean = a.ln1_mean + l * N
     la.ln1_rstd = a.ln1_rstd + l * N
     la.qkv = a.qkv + l * N * 3 * C
     la.atty = a.atty + l * N * C
-    la.att = a.att + l * <size_t>a.B * c.NH * a.n * a.n
+    la.att_max = a.att_max + l * N * c.NH
+    la.att_scale = a.att_scale + l * N * c.NH
     la.residual2 = a.residual2 + l * N * C
-    la.ln2 = a.ln2 + l * N * C
     la.ln2_mean = a.ln2_mean + l * N
     la.ln2_rstd = a.ln2_rstd + l * N
     la.fch = a.fch + l * N * F
-    la.fch_gelu = a.fch_gelu + l * N * F
     la.residual3 = a.residual3 + l * N * C
+    la.ln = a.ln
+    la.fch_gelu = a.fch_gelu
+    la.att_probs = a.att_probs
+    la.att_dprobs = a.att_dprobs
 
 
 # --- profile: one table of time buckets ------------------------------------------------------
@@ -371,13 +401,13 @@ cdef void block_forward(LayerActs* a, const float* res, const LayerParams* p, in
     # one block on the residual stream res (N, C): a.residual3 = its output
     cdef int N = B * n, C = c.C, F = c.F
     # residual2 = res + c_proj(attention(c_attn(ln_1(res))))
-    layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, res, p.ln1w, p.ln1b, N, C)
-    linear_forward(a.qkv, a.ln1, p.qkvw, p.qkvb, N, C, 3 * C)
-    attention_forward(a.atty, a.att, a.qkv, B, n, C, c.NH)
+    layernorm_forward(a.ln, a.ln1_mean, a.ln1_rstd, res, p.ln1w, p.ln1b, N, C)
+    linear_forward(a.qkv, a.ln, p.qkvw, p.qkvb, N, C, 3 * C)
+    attention_forward(a.atty, a.att_max, a.att_scale, a.att_probs, a.qkv, B, n, C, c.NH)
     residual_forward(a.residual2, res, a.atty, p.attprojw, p.attprojb, N, C, C)
     # residual3 = residual2 + c_proj(gelu(c_fc(ln_2(residual2))))
-    layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.residual2, p.ln2w, p.ln2b, N, C)
-    linear_forward(a.fch, a.ln2, p.fcw, p.fcb, N, C, F)
+    layernorm_forward(a.ln, a.ln2_mean, a.ln2_rstd, a.residual2, p.ln2w, p.ln2b, N, C)
+    linear_forward(a.fch, a.ln, p.fcw, p.fcb, N, C, F)
     gelu_forward(a.fch_gelu, a.fch, <size_t>N * F)
     residual_forward(a.residual3, a.residual2, a.fch_gelu, p.fcprojw, p.fcprojb, N, F, C)
 
@@ -391,12 +421,14 @@ cdef void block_backward(Activations* a, const LayerActs* la, const float* res, 
     # residual3 = residual2 + c_proj(gelu(c_fc(ln_2(residual2))))
     clear(a.dresidual_mid, NC)
     residual_backward(a.dresidual_mid, a.dresidual, NC)
+    gelu_forward(la.fch_gelu, la.fch, <size_t>N * F)
     clear(a.dwide, <size_t>N * F)
     linear_backward(a.dwide, g.fcprojw, g.fcprojb, a.dresidual, la.fch_gelu, p.fcprojw, N, F, C)
     clear(a.dfch, <size_t>N * F)
     gelu_backward(a.dfch, la.fch, a.dwide, <size_t>N * F)
+    layernorm_apply(la.ln, la.residual2, la.ln2_mean, la.ln2_rstd, p.ln2w, p.ln2b, N, C)
     clear(a.dnarrow, NC)
-    linear_backward(a.dnarrow, g.fcw, g.fcb, a.dfch, la.ln2, p.fcw, N, C, F)
+    linear_backward(a.dnarrow, g.fcw, g.fcb, a.dfch, la.ln, p.fcw, N, C, F)
     layernorm_backward(a.dresidual_mid, g.ln2w, g.ln2b, a.dnarrow, la.residual2, p.ln2w,
                        la.ln2_mean, la.ln2_rstd, N, C)
     # residual2 = res + c_proj(attention(c_attn(ln_1(res))))
@@ -406,33 +438,73 @@ cdef void block_backward(Activations* a, const LayerActs* la, const float* res, 
     linear_backward(a.dnarrow, g.attprojw, g.attprojb, a.dresidual_mid, la.atty, p.attprojw,
                     N, C, C)
     clear(a.dwide, NC * 3)
-    attention_backward(a.dwide, a.datt, a.dnarrow, la.qkv, la.att, B, n, C, c.NH)
+    attention_backward(a.dwide, la.att_probs, la.att_dprobs, a.dnarrow, la.qkv, la.att_max,
+                       la.att_scale, B, n, C, c.NH)
+    layernorm_apply(la.ln, res, la.ln1_mean, la.ln1_rstd, p.ln1w, p.ln1b, N, C)
     clear(a.dnarrow, NC)
-    linear_backward(a.dnarrow, g.qkvw, g.qkvb, a.dwide, la.ln1, p.qkvw, N, C, 3 * C)
+    linear_backward(a.dnarrow, g.qkvw, g.qkvb, a.dwide, la.ln, p.qkvw, N, C, 3 * C)
     layernorm_backward(a.dresidual, g.ln1w, g.ln1b, a.dnarrow, res, p.ln1w, la.ln1_mean,
                        la.ln1_rstd, N, C)
 
 
+cdef bint classifier_forward(Activations* a, double* loss, int* counted, const ModelParams* p,
+                             ModelParams* g, const float* res, const ModelConfig* c,
+                             const int* tgt, int stride, int pad_id, float* logits_out,
+                             double* timers, double* t, const int* stop) noexcept nogil:
+    # logits = ln_f(res) @ wte^T and the loss, in blocks of a.cls_rows rows, so that the
+    # logits are never held whole. With tgt, loss and counted get the sum over the targets
+    # != pad_id (row order). With g (gradients), each block's dlogits go back through the
+    # classifier at once: g.wte, g.lnfw, g.lnfb += their part and a.dresidual = d(res).
+    # logits_out: NULL, or (N, V) rows to write the logits into. False when *stop was set.
+    cdef int N = a.B * a.n, C = c.C, V = c.V
+    cdef int r0 = 0, rows
+    cdef float* logits
+    cdef float* dln
+    while r0 < N:
+        if stopped(stop):
+            return False
+        rows = min(a.cls_rows, N - r0)
+        layernorm_forward(a.lnf_rows, a.lnf_mean, a.lnf_rstd, res + <size_t>r0 * C, p.lnfw,
+                          p.lnfb, rows, C)
+        logits = logits_out + <size_t>r0 * V if logits_out != NULL else a.logits_rows
+        linear_forward(logits, a.lnf_rows, p.wte, NULL, rows, C, V)
+        if tgt != NULL:
+            crossentropy_forward_backward(logits, loss, counted, tgt, stride, a.n, r0, rows, V,
+                                          pad_id, g != NULL)
+        tock(timers, PROFILE_CLASSIFIER_LOSS, t)
+        if g != NULL:
+            dln = a.dnarrow + <size_t>r0 * C
+            clear(dln, <size_t>rows * C)
+            linear_backward(dln, g.wte, NULL, logits, a.lnf_rows, p.wte, rows, C, V)
+            clear(a.dresidual + <size_t>r0 * C, <size_t>rows * C)
+            layernorm_backward(a.dresidual + <size_t>r0 * C, g.lnfw, g.lnfb, dln,
+                               res + <size_t>r0 * C, p.lnfw, a.lnf_mean, a.lnf_rstd, rows, C)
+            tock(timers, PROFILE_CLASSIFIER_BACKWARD, t)
+        r0 += rows
+    return True
+
+
 cdef double model_forward(Activations* a, int* counted, float* params, const ModelConfig* c,
                           const int* inp, const int* tgt, int stride, int B, int n, int pad_id,
-                          bint want_grad, double* timers, const int* stop) noexcept nogil:
+                          float* grads, float* logits_out, double* timers,
+                          const int* stop) noexcept nogil:
     # Forward pass of B sequences of n tokens (n <= T, B <= maxB) and the summed loss over
-    # targets != pad_id. With want_grad, a.logits holds dloss/dlogits afterwards. With
-    # tgt == NULL only the logits are computed (returns 0). timers: NULL or the profile
-    # buckets. When *stop becomes set the pass gives up between blocks and returns NaN.
-    cdef int N = B * n, C = c.C
+    # targets != pad_id (0 with tgt == NULL). With grads (training), it clears grads and runs
+    # the classifier's backward fused with its forward (classifier_forward); model_backward
+    # does the rest. logits_out: NULL or (B*n, V) to receive the logits. timers: NULL or the
+    # profile buckets. When *stop becomes set the pass gives up between blocks and returns NaN.
     cdef int l
-    cdef ModelParams p
+    cdef ModelParams p, g
     cdef LayerParams lp
     cdef LayerActs la
     cdef const float* res
     cdef double t = now_seconds() if timers != NULL else 0.0
-    cdef double loss
+    cdef double loss = 0.0
     a.B = B
     a.n = n
     counted[0] = 0
     model_params(&p, params, c)
-    encoder_forward(a.encoded, inp, stride, p.wte, p.wpe, B, n, C)
+    encoder_forward(a.encoded, inp, stride, p.wte, p.wpe, B, n, c.C)
     tock(timers, PROFILE_EMBEDDING, &t)
     res = a.encoded
     for l in range(c.L):
@@ -443,41 +515,31 @@ cdef double model_forward(Activations* a, int* counted, float* params, const Mod
         block_forward(&la, res, &lp, B, n, c)
         res = la.residual3
         tock(timers, PROFILE_BLOCK_FORWARD, &t)
-    layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, res, p.lnfw, p.lnfb, N, C)
-    linear_forward(a.logits, a.lnf, p.wte, NULL, N, C, c.V)
-    loss = 0.0
-    if tgt != NULL:
-        loss = crossentropy_forward_backward(a.logits, counted, tgt, stride, B, n, c.V, pad_id,
-                                             want_grad)
-    tock(timers, PROFILE_CLASSIFIER_LOSS, &t)
+    if grads != NULL:
+        clear(grads, model_size(c))
+        model_params(&g, grads, c)
+        tock(timers, PROFILE_CLEAR, &t)
+    if not classifier_forward(a, &loss, counted, &p, &g if grads != NULL else NULL, res, c,
+                              tgt, stride, pad_id, logits_out, timers, &t, stop):
+        return NAN
     return loss
 
 
 cdef void model_backward(float* grads, Activations* a, float* params, const ModelConfig* c,
                          const int* inp, int stride, double* timers,
                          const int* stop) noexcept nogil:
-    # grads = d(summed loss)/d(params), after model_forward(want_grad=True): the one clear of
-    # grads, then every kernel adds into it. When *stop becomes set it gives up between blocks
-    # (grads are then partial).
-    cdef int B = a.B, n = a.n, N = a.B * a.n, C = c.C
+    # grads += d(summed loss)/d(params) of the blocks and the embeddings, after
+    # model_forward(grads) left a.dresidual = d(last block's output) and the classifier's
+    # part in grads. When *stop becomes set it gives up between blocks (grads are then
+    # partial).
+    cdef int B = a.B, n = a.n, C = c.C
     cdef int l
-    cdef ModelParams p, g
+    cdef ModelParams g
     cdef LayerParams lp, lg
     cdef LayerActs la
     cdef const float* res
     cdef double t = now_seconds() if timers != NULL else 0.0
-    clear(grads, model_size(c))
-    tock(timers, PROFILE_CLEAR, &t)
-    model_params(&p, params, c)
     model_params(&g, grads, c)
-    layer_acts(&la, a, c, c.L - 1)
-    # logits = ln_f(residual3 of the last block) @ wte^T
-    clear(a.dnarrow, <size_t>N * C)
-    linear_backward(a.dnarrow, g.wte, NULL, a.logits, a.lnf, p.wte, N, C, c.V)
-    clear(a.dresidual, <size_t>N * C)
-    layernorm_backward(a.dresidual, g.lnfw, g.lnfb, a.dnarrow, la.residual3, p.lnfw,
-                       a.lnf_mean, a.lnf_rstd, N, C)
-    tock(timers, PROFILE_CLASSIFIER_BACKWARD, &t)
     for l in range(c.L - 1, -1, -1):
         if stopped(stop):
             return

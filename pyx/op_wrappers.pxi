@@ -45,6 +45,18 @@ def op_layernorm_forward(const float[:, ::1] inp, const float[::1] weight,
     return out, mean, rstd
 
 
+def op_layernorm_apply(const float[:, ::1] inp, const float[::1] mean, const float[::1] rstd,
+                       const float[::1] weight, const float[::1] bias):
+    """out[N, C] from saved per-row mean and rstd."""
+    cdef int N = inp.shape[0], C = inp.shape[1]
+    _expect(mean.shape[0] == N and rstd.shape[0] == N and weight.shape[0] == C
+            and bias.shape[0] == C and N >= 1, "shapes do not match")
+    out = np.empty((N, C), np.float32)
+    cdef float[:, ::1] o = out
+    layernorm_apply(&o[0, 0], &inp[0, 0], &mean[0], &rstd[0], &weight[0], &bias[0], N, C)
+    return out
+
+
 def op_layernorm_backward(float[:, ::1] dinp, float[::1] dweight, float[::1] dbias,
                           const float[:, ::1] dout, const float[:, ::1] inp,
                           const float[::1] weight, const float[::1] mean,
@@ -121,29 +133,58 @@ def op_gelu_backward(float[::1] dinp, const float[::1] inp, const float[::1] dou
 
 
 def op_attention_forward(const float[:, :, ::1] qkv, int num_heads):
-    """qkv[B, n, 3C] -> (out[B, n, C], att[B, NH, n, n])."""
+    """qkv[B, n, 3C] -> (out[B, n, C], row_max[B, NH, n], row_scale[B, NH, n])."""
     cdef int B = qkv.shape[0], n = qkv.shape[1], C = qkv.shape[2] // 3
     _expect(qkv.shape[2] == 3 * C and num_heads >= 1 and C % num_heads == 0 and B >= 1
             and n >= 1, "shapes do not match")
     out = np.empty((B, n, C), np.float32)
-    att = np.empty((B, num_heads, n, n), np.float32)
-    cdef float[:, :, ::1] o = out
-    cdef float[:, :, :, ::1] a = att
-    attention_forward(&o[0, 0, 0], &a[0, 0, 0, 0], &qkv[0, 0, 0], B, n, C, num_heads)
-    return out, att
+    row_max = np.empty((B, num_heads, n), np.float32)
+    row_scale = np.empty((B, num_heads, n), np.float32)
+    scratch = np.empty((ATT_BLOCK, n), np.float32)
+    cdef float[:, :, ::1] o = out, m = row_max, sc = row_scale
+    cdef float[:, ::1] probs = scratch
+    attention_forward(&o[0, 0, 0], &m[0, 0, 0], &sc[0, 0, 0], &probs[0, 0], &qkv[0, 0, 0],
+                      B, n, C, num_heads)
+    return out, row_max, row_scale
+
+
+def op_attention_probs(const float[:, :, ::1] qkv, const float[:, :, ::1] row_max,
+                       const float[:, :, ::1] row_scale):
+    """att[B, NH, n, n]: every block of probabilities as the backward recomputes them (zero
+    above the diagonal)."""
+    cdef int B = qkv.shape[0], n = qkv.shape[1], C = qkv.shape[2] // 3, NH = row_max.shape[1]
+    _expect(qkv.shape[2] == 3 * C and NH >= 1 and C % NH == 0 and row_max.shape[0] == B
+            and row_max.shape[2] == n and row_scale.shape[0] == B and row_scale.shape[1] == NH
+            and row_scale.shape[2] == n,
+            "shapes do not match")
+    att = np.zeros((B, NH, n, n), np.float32)
+    scratch = np.empty((ATT_BLOCK, n), np.float32)
+    cdef float[:, ::1] probs = scratch
+    cdef int b, h, r0, rows, hs = C // NH
+    for b in range(B):
+        for h in range(NH):
+            for r0 in range(0, n, ATT_BLOCK):
+                rows = min(ATT_BLOCK, n - r0)
+                attention_probs(&probs[0, 0], &qkv[b, 0, 0] + h * hs, &row_max[b, h, 0],
+                                &row_scale[b, h, 0], r0, rows, n, C, hs,
+                                1.0 / sqrtf(<float>hs))
+                att[b, h, r0:r0 + rows, :r0 + rows] = scratch[:rows, :r0 + rows]
+    return att
 
 
 def op_attention_backward(float[:, :, ::1] dqkv, const float[:, :, ::1] dout,
-                          const float[:, :, ::1] qkv, const float[:, :, :, ::1] att):
-    cdef int B = qkv.shape[0], n = qkv.shape[1], C = qkv.shape[2] // 3, NH = att.shape[1]
+                          const float[:, :, ::1] qkv, const float[:, :, ::1] row_max,
+                          const float[:, :, ::1] row_scale):
+    cdef int B = qkv.shape[0], n = qkv.shape[1], C = qkv.shape[2] // 3, NH = row_max.shape[1]
     _expect(dqkv.shape[0] == B and dqkv.shape[1] == n and dqkv.shape[2] == 3 * C
             and dout.shape[0] == B and dout.shape[1] == n and dout.shape[2] == C
-            and att.shape[0] == B and att.shape[2] == n and att.shape[3] == n
+            and row_max.shape[0] == B and row_max.shape[2] == n and row_scale.shape[0] == B
+            and row_scale.shape[1] == NH and row_scale.shape[2] == n
             and NH >= 1 and C % NH == 0, "shapes do not match")
-    scratch = np.empty((n, n), np.float32)
-    cdef float[:, ::1] datt = scratch
-    attention_backward(&dqkv[0, 0, 0], &datt[0, 0], &dout[0, 0, 0], &qkv[0, 0, 0],
-                       &att[0, 0, 0, 0], B, n, C, NH)
+    scratch = np.empty((2, ATT_BLOCK, n), np.float32)
+    cdef float[:, :, ::1] work = scratch
+    attention_backward(&dqkv[0, 0, 0], &work[0, 0, 0], &work[1, 0, 0], &dout[0, 0, 0],
+                       &qkv[0, 0, 0], &row_max[0, 0, 0], &row_scale[0, 0, 0], B, n, C, NH)
 
 
 def op_crossentropy_forward(const float[:, :, ::1] logits, const int[:, ::1] targets,
@@ -155,8 +196,9 @@ def op_crossentropy_forward(const float[:, :, ::1] logits, const int[:, ::1] tar
     _check_tokens(targets, V, "targets")
     work = np.array(logits, dtype=np.float32)        # the kernel overwrites its logits
     cdef float[:, :, ::1] w = work
-    loss = crossentropy_forward_backward(&w[0, 0, 0], &counted, &targets[0, 0], n, B, n, V,
-                                         pad_id, False)
+    cdef double loss = 0.0
+    crossentropy_forward_backward(&w[0, 0, 0], &loss, &counted, &targets[0, 0], n, n, 0, B * n,
+                                  V, pad_id, False)
     return loss, counted
 
 
@@ -169,6 +211,7 @@ def op_crossentropy_backward(const float[:, :, ::1] logits, const int[:, ::1] ta
     _check_tokens(targets, V, "targets")
     dlogits = np.array(logits, dtype=np.float32)
     cdef float[:, :, ::1] d = dlogits
-    crossentropy_forward_backward(&d[0, 0, 0], &counted, &targets[0, 0], n, B, n, V, pad_id,
-                                  True)
+    cdef double loss = 0.0
+    crossentropy_forward_backward(&d[0, 0, 0], &loss, &counted, &targets[0, 0], n, n, 0, B * n,
+                                  V, pad_id, True)
     return dlogits

@@ -266,7 +266,8 @@ cdef void sphere_process_batch(SphereTrainingContext* ctx, int mb) noexcept nogi
     ctx.current_microbatch = mb
     model_lock_acquire(s, s.lock_mode == LOCK_EXCLUSIVE)
     loss = model_forward(&ctx.acts, &counted, s.params, &s.cfg, windows, windows + 1,
-                         s.stride, B, n, s.pad_id, train, timers, &s.abort_step)
+                         s.stride, B, n, s.pad_id, ctx.local_gradients if train else NULL,
+                         NULL, timers, &s.abort_step)
     if train:
         model_backward(grads, &ctx.acts, s.params, &s.cfg, windows, s.stride, timers,
                        &s.abort_step)
@@ -448,7 +449,8 @@ cdef ThreadedTrainingSystem* threaded_system_create(ModelConfig cfg, float* para
         ctx.symmetry_group = ctx.sphere_id % 12
         ctx.system = s
         ctx.local_gradients = <float*>calloc(s.gradient_size, sizeof(float))
-        if ctx.local_gradients == NULL or activations_alloc(&ctx.acts, &s.cfg, micro_batch) != 0:
+        if ctx.local_gradients == NULL or activations_alloc(&ctx.acts, &s.cfg, micro_batch,
+                                                             classifier_rows(&s.cfg, micro_batch, 0)) != 0:
             threaded_system_destroy(s)
             return NULL
         if pthread_create(&ctx.thread, NULL, sphere_worker_thread, ctx) != 0:

@@ -18,7 +18,11 @@ CFG_C = CLLMConfig(vocab_size=9, embed_dim=6, num_layers=3, num_heads=3, ff_dim=
 # D: long enough for several attention blocks of 32 query rows and wide enough (C >= 16) for
 # the 16-lane vector paths of layer norm and softmax, with a remainder in both
 CFG_D = CLLMConfig(vocab_size=37, embed_dim=48, num_layers=2, num_heads=3, ff_dim=40, seq_len=80)
-CONFIGS = {"A": CFG_A, "B": CFG_B, "C": CFG_C, "D": CFG_D}
+# E: a vocabulary so wide that the classifier's default row blocks (32 MB of logits: 419
+# rows here) do not cover a micro-batch, with a short last block (B * n = 450 or 900 rows)
+CFG_E = CLLMConfig(vocab_size=20000, embed_dim=8, num_layers=1, num_heads=2, ff_dim=12,
+                   seq_len=450)
+CONFIGS = {"A": CFG_A, "B": CFG_B, "C": CFG_C, "D": CFG_D, "E": CFG_E}
 
 REL_TOL = 1e-4     # float32 engine vs float64 reference, relative to a tensor's max |grad|
 
@@ -45,9 +49,10 @@ def make_params(cfg, seed=0, std=0.3):
 
 
 
-def engine_grads(cfg, flat, inputs, targets):
+def engine_grads(cfg, flat, inputs, targets, block_rows=0):
     grads = np.zeros_like(flat)
-    loss, counted = _engine.loss_and_grads(cfg, flat, inputs, targets, grads)
+    loss, counted = _engine.loss_and_grads(cfg, flat, inputs, targets, grads,
+                                           block_rows=block_rows)
     return loss, counted, grads
 
 
@@ -57,15 +62,20 @@ CASES = [
     ("B", 1, 7, ()), ("B", 3, 7, (0,)), ("B", 3, 4, (2,)), ("B", 1, 1, ()),
     ("C", 3, 4, (1,)), ("C", 1, 3, ()),
     ("D", 2, 80, ()), ("D", 1, 70, ()), ("D", 2, 33, (1,)),
+    ("E", 1, 450, ()), ("E", 2, 450, (0,)),
 ]
+# rows per classifier block: the engine's choice (0), and 7, which divides none of the
+# cases' B * n (e.g. 160 rows of D in 22 full blocks and one of 6)
+BLOCK_ROWS = [0, 7]
 
 
+@pytest.mark.parametrize("block_rows", BLOCK_ROWS)
 @pytest.mark.parametrize("key, B, n, pad_rows", CASES)
-def test_gradients_match_reference(key, B, n, pad_rows):
+def test_gradients_match_reference(key, B, n, pad_rows, block_rows):
     cfg = CONFIGS[key]
     flat, p64 = make_params(cfg, seed=B * 10 + n)
     inputs, targets = make_batch(cfg, B, n, seed=B * 100 + n, pad_rows=pad_rows)
-    loss, counted, grads = engine_grads(cfg, flat, inputs, targets)
+    loss, counted, grads = engine_grads(cfg, flat, inputs, targets, block_rows)
     rloss, rcount, rgrads = ref.loss_and_grads(p64, cfg, inputs, targets)
     assert counted == rcount == int((targets != 0).sum())
     assert loss == pytest.approx(rloss, rel=1e-5, abs=1e-5)
@@ -165,7 +175,8 @@ def test_gradients_match_finite_differences(n, pad_rows):
 # ----------------------------------------------------------------------------------------
 # logits
 
-@pytest.mark.parametrize("key, B, n", [("A", 1, 5), ("A", 3, 2), ("B", 2, 7), ("C", 3, 4)])
+@pytest.mark.parametrize("key, B, n", [("A", 1, 5), ("A", 3, 2), ("B", 2, 7), ("C", 3, 4),
+                                       ("E", 1, 450)])
 def test_logits_match_reference(key, B, n):
     cfg = CONFIGS[key]
     flat, p64 = make_params(cfg, seed=20 + n)
@@ -388,13 +399,27 @@ def test_activation_layout_and_allocation():
     sizes = dict(layout)
     assert len(sizes) == len(layout), "activation names are unique"
     N = 2 * 10
-    assert sizes["encoded"] == N * 16 and sizes["logits"] == N * 50
+    assert sizes["encoded"] == N * 16 and sizes["logits_rows"] == N * 50
     assert sizes["qkv"] == 3 * N * 3 * 16 and sizes["fch"] == 3 * N * 40
-    assert sizes["att"] == 3 * 2 * 4 * 10 * 10 and sizes["datt"] == 10 * 10
+    # layer norms' and gelu's outputs are recomputed in backward: one block's worth
+    assert sizes["ln"] == N * 16 and sizes["fch_gelu"] == N * 40
+    assert sizes["ln1_mean"] == sizes["ln2_rstd"] == 3 * N
+    # attention keeps two floats per row and head, and one block of 32 query rows of scratch
+    assert sizes["att_max"] == sizes["att_scale"] == 3 * N * 4
+    assert sizes["att_probs"] == sizes["att_dprobs"] == 32 * 10
     assert sizes["dwide"] == N * max(3 * 16, 40)
     aligned = sum(-(-floats // 16) * 16 for _, floats in layout)
     assert _engine.activation_allocation(cfg, 2) == aligned + 16
     assert _engine.activation_allocation(cfg, 3) > _engine.activation_allocation(cfg, 2)
+
+
+def test_classifier_blocks_hold_at_most_32_mb_of_logits():
+    gpt2 = CLLMConfig(vocab_size=50257, embed_dim=768, num_layers=12, num_heads=12,
+                      ff_dim=3072, seq_len=512)
+    assert _engine.classifier_block_rows(gpt2, 4) == (1 << 23) // 50257 == 166
+    assert dict(_engine.activation_layout(gpt2, 4))["logits_rows"] == 166 * 50257
+    assert _engine.classifier_block_rows(CFG_E, 1) == 419
+    assert _engine.classifier_block_rows(CFG_A, 2) == 2 * 5     # a whole micro-batch
 
 
 def test_profile_buckets_name_the_profile():

@@ -74,6 +74,8 @@ def test_layernorm(N, C):
     check(out, rout, "layernorm_forward out")
     check(mean, x64.mean(axis=-1), "layernorm_forward mean")
     check(rstd, cache[1][:, 0], "layernorm_forward rstd")
+    # the backward recomputes the output from the saved mean and rstd: the same bits
+    np.testing.assert_array_equal(_engine.op_layernorm_apply(inp, mean, rstd, weight, bias), out)
     dout = f32(rng.standard_normal((N, C)))
     dinp0, dw0, db0 = prefilled(rng, (N, C)), prefilled(rng, C), prefilled(rng, C)
     dinp, dw, db = dinp0.copy(), dw0.copy(), db0.copy()
@@ -145,22 +147,30 @@ def test_gelu():
 
 
 # ----------------------------------------------------------------------------------------
-# causal attention (blocks of 32 query rows: n 40 and 70 take several)
+# causal attention (blocks of 32 query rows: n 40 and 70 take several). The forward keeps
+# each row's max score and 1/sum only; the backward recomputes the probabilities from them.
 
 @pytest.mark.parametrize("B, n, C, NH", [(2, 5, 12, 3), (1, 40, 8, 2), (2, 70, 6, 1),
                                          (1, 1, 4, 2)])
 def test_attention(B, n, C, NH):
     rng = np.random.default_rng(B * n + C)
     qkv = f32(rng.standard_normal((B, n, 3 * C)))
-    out, att = _engine.op_attention_forward(qkv, NH)
+    out, row_max, row_scale = _engine.op_attention_forward(qkv, NH)
     rout, cache = ref.attention_forward(qkv.astype(np.float64), NH)
     check(out, rout, "attention_forward out")
-    check(att, cache[3], "attention_forward att")
+    att = _engine.op_attention_probs(qkv, row_max, row_scale)
+    check(att, cache[3], "attention probabilities recomputed")
     assert not np.triu(att, k=1).any(), "attention above the diagonal"
+    q, k, scale = cache[0], cache[1], cache[4]
+    scores = np.where(np.tril(np.ones((n, n), bool)), (q @ k.transpose(0, 1, 3, 2)) * scale,
+                      -np.inf)
+    check(row_max, scores.max(-1), "attention_forward row max")
+    check(row_scale, 1.0 / np.exp(scores - scores.max(-1, keepdims=True)).sum(-1),
+          "attention_forward row 1/sum")
     dout = f32(rng.standard_normal((B, n, C)))
     dqkv0 = prefilled(rng, (B, n, 3 * C))
     dqkv = dqkv0.copy()
-    _engine.op_attention_backward(dqkv, dout, qkv, att)
+    _engine.op_attention_backward(dqkv, dout, qkv, row_max, row_scale)
     rdqkv = ref.attention_backward(dout.astype(np.float64), cache)
     got = added(dqkv, dqkv0)
     if n == 1:

@@ -139,6 +139,24 @@ def test_accumulation_is_the_ordered_float32_sum(micro_batch):
     assert not np.array_equal(reversed_sum, expected), "the case cannot tell orders apart"
 
 
+# a vocabulary wide enough that a micro-batch of 2 windows (600 rows) takes two classifier
+# blocks (419 + 181 rows), and windows longer than an attention block (32 query rows)
+CFG_WIDE = CLLMConfig(vocab_size=20000, embed_dim=8, num_layers=1, num_heads=2, ff_dim=12,
+                      seq_len=300)
+
+
+def test_blocked_classifier_is_identical_for_every_thread_count_and_lock_mode():
+    assert _engine.classifier_block_rows(CFG_WIDE, 2) == 419 < 2 * 300
+    flat = make_params(CFG_WIDE, seed=10)
+    windows = make_windows(CFG_WIDE, 5, 300, seed=11)
+    expected = ordered_sum(micro_batch_grads(CFG_WIDE, flat, windows, 2))
+    for spheres, lock_mode in [(1, "shared"), (2, "shared"), (3, "shared"), (2, "exclusive")]:
+        with engine_for(CFG_WIDE, flat, spheres, 2, lock_mode=lock_mode) as engine:
+            run(engine, windows)
+            np.testing.assert_array_equal(engine.accumulated_gradients(), expected,
+                                          err_msg=f"{spheres} spheres, {lock_mode}")
+
+
 def test_accumulation_restarts_each_step():
     flat = make_params(CFG, seed=5)
     w1, w2 = make_windows(CFG, 4, 5, seed=6), make_windows(CFG, 4, 5, seed=7)
