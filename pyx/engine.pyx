@@ -21,7 +21,7 @@
 #   ln_1, ln_2 and gelu (one block's worth, recomputed in backward). Every recomputation
 #   repeats the forward's float operations, so it gives the forward's bits.
 # - Kernels. Every backward kernel adds (+=) into every gradient it produces; clearing is the
-#   caller's one explicit step: model_backward clears local_gradients once per micro-batch
+#   caller's one explicit step: model_forward clears the micro-batch's gradient once
 #   (a memset: about 1% of a micro-batch's time at the default model size) and each
 #   activation gradient before the kernels that add into it. The float operations and their
 #   order are fixed (deterministic_math.h, no fast-math, no fused multiply-add), so results

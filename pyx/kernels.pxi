@@ -3,7 +3,7 @@
 #
 # Write rule: every backward kernel ADDS (+=) into every gradient it produces, parameter and
 # input gradients alike; no kernel clears anything. Clearing is the caller's explicit step:
-# model_backward clears the parameter gradients once per micro-batch, and each activation
+# model_forward(grads) clears the parameter gradients once per micro-batch, and each activation
 # gradient buffer right before the kernels that add into it. So a tensor used twice (wte: the
 # token embedding and the tied output projection) gets the sum of both uses, whatever order
 # the calls come in. (crossentropy_forward_backward is the loss, not a backward kernel: it

@@ -266,7 +266,7 @@ cdef void sphere_process_batch(SphereTrainingContext* ctx, int mb) noexcept nogi
     ctx.current_microbatch = mb
     model_lock_acquire(s, s.lock_mode == LOCK_EXCLUSIVE)
     loss = model_forward(&ctx.acts, &counted, s.params, &s.cfg, windows, windows + 1,
-                         s.stride, B, n, s.pad_id, ctx.local_gradients if train else NULL,
+                         s.stride, B, n, s.pad_id, grads if train else NULL,
                          NULL, timers, &s.abort_step)
     if train:
         model_backward(grads, &ctx.acts, s.params, &s.cfg, windows, s.stride, timers,
