@@ -35,9 +35,10 @@ Choices the SPEC leaves open, written down here:
   vocabulary is being built, provisional ids (4 bytes a token) are counted and spilled to a
   temporary file next to dataset.bin, then read back (not memory-mapped) and mapped to the
   final ids 4 Mi tokens at a time.
-  A word build keeps its distinct words in memory. A bpe build holds what the library's
-  trainer holds, which does grow with the corpus (measured: 1.7 GB at 12 MB, 20 GB at
-  120 MB); encoding with a given or learned bpe vocabulary is bounded like the rest.
+  A word build keeps its distinct words in memory. A bpe vocabulary is learned from at most
+  the kind's train_bytes of evenly spread blocks (bpe.py: the library's trainer grows with
+  what it learns from: 1.7 GB at 12 MB, 20 GB at 120 MB), so its peak is bounded too;
+  encoding with a given or learned bpe vocabulary is bounded like the rest.
 - On a terminal (stderr a tty) each pass over the corpus (reading it for its key,
   tokenizing, learning a bpe vocabulary) shows a progress line on stderr with the bytes
   done, MB/s and the time left; nothing is shown elsewhere.
@@ -46,6 +47,7 @@ import collections
 import concurrent.futures
 import contextlib
 import hashlib
+import math
 import multiprocessing
 import os
 import pathlib
@@ -254,8 +256,10 @@ def prepare_dataset(files, out_dir, kind="word", vocab_size=10000, encoding_erro
         tokenizer, n_tokens = _build_and_write(run, cls, scanner, vocab_size, out_dir)
     else:
         # a kind learned otherwise than by counting: learn it, then encode (two passes)
+        every = math.ceil(total / cls.train_bytes) if cls.train_bytes else 1
         with ByteProgress("learning the vocabulary", total) as progress:
-            texts = (text for text, _ in run.texts(cls.block_cut, progress))
+            texts = (text for i, (text, _) in enumerate(run.texts(cls.block_cut, progress))
+                     if i % every == 0)
             tokenizer = cls.train(texts, vocab_size)
             progress.done()
         n_tokens = _encode_and_write(run, tokenizer, out_dir, given=False)

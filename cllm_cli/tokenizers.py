@@ -100,6 +100,9 @@ class Tokenizer:
 
     # True when encode() itself runs on all cores (then prepare_dataset uses no workers)
     encodes_on_all_cores = False
+    # bytes of the corpus a kind learned otherwise than by counting (bpe) learns from at most:
+    # evenly spread blocks (prepare_dataset); None learns from all of it
+    train_bytes = None
 
     @classmethod
     def block_cut(cls, data):

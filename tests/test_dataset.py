@@ -600,3 +600,27 @@ def test_workers_from_a_script_without_a_main_guard(tmp_path):
     assert int(done.stdout) == len(whole)
     assert (tmp_path / "ck" / "dataset.bin").read_bytes() == \
         (tmp_path / "whole" / "dataset.bin").read_bytes()
+
+
+def test_bpe_learns_from_evenly_spread_blocks_of_a_large_corpus(tmp_path, monkeypatch):
+    """A corpus over BPETokenizer.train_bytes teaches the vocabulary every k-th block only
+    (k = ceil(bytes / train_bytes)), so the library's trainer does not grow with the corpus;
+    every block is still encoded."""
+    from cllm_cli.bpe import BPETokenizer
+    from cllm_cli.files import decode_block, read_blocks
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
+    lines = [" ".join(words[(i * 7 + j * 3) % len(words)] + str(i % (j + 2)) for j in range(8))
+             for i in range(400)]
+    corpus = write(tmp_path / "big.txt", "\n".join(lines) + "\n")
+    block = 1500
+    blocks = [decode_block(corpus, data, offset)
+              for offset, data, _, _ in read_blocks(corpus, BPETokenizer.block_cut, block)]
+    monkeypatch.setattr(BPETokenizer, "train_bytes", 4 * block)
+    every = -(-corpus.stat().st_size // (4 * block))
+    assert every >= 3 and len(blocks) > 2 * every, "the premise: a corpus of many samples"
+    tokenizer, tokens, _ = D.prepare_dataset([corpus], tmp_path / "ck", "bpe", 400,
+                                             block_size=block, workers=1)
+    sampled = BPETokenizer.train(blocks[::every], 400)
+    assert tokenizer.json_bytes == sampled.json_bytes
+    assert tokenizer.json_bytes != BPETokenizer.train(blocks, 400).json_bytes
+    assert np.array_equal(np.asarray(tokens)[:-1], sampled.encode("".join(blocks)))
