@@ -63,6 +63,8 @@ class TrainConfig:
     max_steps: int = option(0, "optimisation", "stop after this many steps (0: run --epochs)",
                             minimum=0)
     seed: int = option(1234, "optimisation", minimum=0, fixed=True)
+    dropout: float = option(0.0, "optimisation", "dropout probability at GPT-2's sites, in "
+                            "training only (0: none); may change on --resume")
     max_bad_steps: int = option(3, "optimisation", "stop after this many consecutive steps "
                                 "skipped for NaN/Inf", minimum=1)
     # threads
@@ -153,6 +155,8 @@ class TrainConfig:
             raise UsageError(f"--weight-decay must be in [0, 1/lr), got {self.weight_decay}")
         if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
             raise UsageError(f"--grad-clip must be >= 0 (0 disables), got {self.grad_clip}")
+        if not 0 <= self.dropout < 1:
+            raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.val_fraction < 1:
             raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
 

@@ -306,7 +306,7 @@ def train(data, engine_hook=None, **options):
         with Log(cfg, append=bool(trainer.resumed_from)) as log, \
                 _engine.Engine(trainer.mcfg, trainer.model.flat, cfg.threads, cfg.micro_batch,
                                cfg.batch_size, cfg.lock_mode, cfg.debug_locks,
-                               trainer.tokenizer_pad_id) as engine:
+                               trainer.tokenizer_pad_id, cfg.dropout, cfg.seed) as engine:
             if engine_hook is not None:
                 engine_hook(engine)
             result = train_loop(trainer, engine, log, stop)

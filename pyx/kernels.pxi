@@ -22,6 +22,12 @@ cdef extern from "deterministic_math.h" nogil:
     void cllm_ln_backward_sums(const float* x, const float* d, const float* w, int n,
                                float mean, float rstd, float* sum_wd, float* sum_wd_norm)
 from libc.string cimport memset, memcpy
+from libc.stdint cimport uint32_t, uint64_t, int64_t
+
+cdef extern from "dropout.h" nogil:
+    uint64_t cllm_dropout_key(uint64_t seed, int64_t step, int64_t microbatch, int layer,
+                              int site)
+    int cllm_dropout_keep(uint64_t key, uint64_t index, uint32_t threshold)
 from posix.time cimport timespec, clock_gettime, CLOCK_MONOTONIC
 
 cdef double now_seconds() noexcept nogil:
@@ -33,6 +39,51 @@ cdef double now_seconds() noexcept nogil:
 cdef inline void clear(float* buf, size_t n) noexcept nogil:
     # the explicit step before kernels add into buf
     memset(buf, 0, n * sizeof(float))
+
+
+cdef enum:
+    # dropout sites, GPT-2's: the embedding sum, the attention probabilities, the outputs of
+    # the attention's and the MLP's c_proj (before their residual adds)
+    DROP_EMBEDDING = 0
+    DROP_ATTENTION = 1
+    DROP_ATTN_PROJ = 2
+    DROP_MLP_PROJ = 3
+
+
+cdef struct Dropout:
+    # inverted dropout of one training micro-batch (dropout.h draws the masks)
+    uint32_t threshold      # round(p * 2^32): an element is dropped when its draw is below it
+    float scale             # 1 / (1 - p), applied to kept values
+    uint64_t seed
+    long long step
+    long long microbatch    # the micro-batch's index in the global batch
+
+
+cdef inline bint dropout_on(const Dropout* d) noexcept nogil:
+    # NULL and p = 0 both mean no dropout: the kernels then run exactly as without it
+    return d != NULL and d.threshold != 0
+
+
+cdef inline uint64_t dropout_key(const Dropout* d, int layer, int site) noexcept nogil:
+    return cllm_dropout_key(d.seed, d.step, d.microbatch, layer, site)
+
+
+cdef void dropout_apply(float* dst, const float* src, size_t count, const Dropout* d,
+                        uint64_t key, uint64_t first) noexcept nogil:
+    # dst[i] = src[i] * scale where element first + i of the site is kept, else 0; dst may be
+    # src. Forward (on values) and backward (on their gradients) use the same call.
+    cdef size_t i
+    for i in range(count):
+        if cllm_dropout_keep(key, first + i, d.threshold):
+            dst[i] = src[i] * d.scale
+        else:
+            dst[i] = 0.0
+
+
+cdef inline uint64_t attention_mask_index(int b, int h, int row, int col, int NH,
+                                          int n) noexcept nogil:
+    # the element of the attention-probability site at (window b, head h, query row, key col)
+    return ((<uint64_t>b * NH + h) * n + row) * n + col
 
 
 cdef float LN_EPS = 1e-5
@@ -164,6 +215,18 @@ cdef void residual_forward(float* out, const float* res, const float* inp, const
     sgemm_rm(False, True, N, OC, C, 1.0, inp, C, weight, C, 1.0, out, OC)
 
 
+cdef void residual_dropout_forward(float* out, const float* res, const float* inp,
+                                   const float* weight, const float* bias, int N, int C, int OC,
+                                   const Dropout* d, uint64_t key) noexcept nogil:
+    # out[N,OC] = res + dropout(inp @ weight^T + bias): the projection is dropped before it is
+    # added onto the residual stream (element index: row * OC + column)
+    cdef size_t i, size = <size_t>N * OC
+    linear_forward(out, inp, weight, bias, N, C, OC)
+    dropout_apply(out, out, size, d, key, 0)
+    for i in range(size):
+        out[i] = res[i] + out[i]
+
+
 cdef void residual_backward(float* dres, const float* dout, size_t size) noexcept nogil:
     # dres += dout: the residual stream passes its gradient through; the projection's
     # gradients come from linear_backward on the same dout
@@ -203,16 +266,22 @@ cdef enum:
     ATT_BLOCK = 32   # query rows per block: a block only needs the keys up to its end
 
 
-cdef void attention_forward(float* out, float* att, const float* qkv,
-                            int B, int n, int C, int NH) noexcept nogil:
-    # qkv[B*n, 3C] -> att[B, NH, n, n] (causal softmax, zero above the diagonal), out[B*n, C]
+cdef void attention_forward(float* out, float* att, float* dropped, const float* qkv,
+                            int B, int n, int C, int NH, const Dropout* d,
+                            int layer) noexcept nogil:
+    # qkv[B*n, 3C] -> att[B, NH, n, n] (causal softmax, zero above the diagonal), out[B*n, C].
+    # With dropout, out = dropout(att) @ v: the dropped probabilities of one (b, h) go to the
+    # [n, n] scratch `dropped`; att keeps the softmax itself (its backward needs it).
     cdef int hs = C // NH
     cdef float scale = 1.0 / sqrtf(<float>hs)
     cdef int b, h, t1, t2, r0, rows, cols
     cdef const float* q
     cdef float* a
     cdef float* row
+    cdef const float* probs
     cdef float mx, s
+    cdef bint drop = dropout_on(d)
+    cdef uint64_t key = dropout_key(d, layer, DROP_ATTENTION) if drop else 0
     for b in range(B):
         for h in range(NH):
             q = qkv + <size_t>b * n * 3 * C + h * hs
@@ -232,16 +301,34 @@ cdef void attention_forward(float* out, float* att, const float* qkv,
                         row[t2] = row[t2] * s
                     for t2 in range(t1 + 1, n):
                         row[t2] = 0.0
+                probs = a + <size_t>r0 * n
+                if drop:
+                    attention_dropout_rows(dropped, a, b, h, r0, rows, cols, n, NH, d, key)
+                    probs = dropped + <size_t>r0 * n
                 # out_h = att @ v
-                sgemm_rm(False, False, rows, hs, cols, 1.0, a + <size_t>r0 * n, n, q + 2 * C,
+                sgemm_rm(False, False, rows, hs, cols, 1.0, probs, n, q + 2 * C,
                          3 * C, 0.0, out + (<size_t>b * n + r0) * C + h * hs, C)
                 r0 += rows
 
 
-cdef void attention_backward(float* dqkv, float* datt, const float* dout, const float* qkv,
-                             const float* att, int B, int n, int C, int NH) noexcept nogil:
-    # dqkv[B*n, 3C] += the gradient through attention_forward; datt is an [n, n] scratch.
-    # Blocks of query rows as in attention_forward; dk and dv add up the blocks in order.
+cdef void attention_dropout_rows(float* dropped, const float* att, int b, int h, int r0,
+                                 int rows, int cols, int n, int NH, const Dropout* d,
+                                 uint64_t key) noexcept nogil:
+    # dropped = dropout(att) on query rows r0 .. r0 + rows - 1, key columns 0 .. cols - 1 of
+    # one (b, h); att and dropped are [n, n]
+    cdef int t1
+    for t1 in range(r0, r0 + rows):
+        dropout_apply(dropped + <size_t>t1 * n, att + <size_t>t1 * n, cols, d, key,
+                      attention_mask_index(b, h, t1, 0, NH, n))
+
+
+cdef void attention_backward(float* dqkv, float* datt, float* dropped, const float* dout,
+                             const float* qkv, const float* att, int B, int n, int C, int NH,
+                             const Dropout* d, int layer) noexcept nogil:
+    # dqkv[B*n, 3C] += the gradient through attention_forward; datt and dropped are [n, n]
+    # scratch. Blocks of query rows as in attention_forward; dk and dv add up the blocks in
+    # order. With dropout the mask is drawn again: dv from dropout(att), and the gradient
+    # reaching the softmax is dropped like its output was.
     cdef int hs = C // NH
     cdef float scale = 1.0 / sqrtf(<float>hs)
     cdef int b, h, t1, t2, r0, rows, cols
@@ -249,9 +336,12 @@ cdef void attention_backward(float* dqkv, float* datt, const float* dout, const 
     cdef const float* a
     cdef const float* arow
     cdef const float* dout_h
+    cdef const float* probs
     cdef float* dq
     cdef float* drow
     cdef float dot
+    cdef bint drop = dropout_on(d)
+    cdef uint64_t key = dropout_key(d, layer, DROP_ATTENTION) if drop else 0
     for b in range(B):
         for h in range(NH):
             q = qkv + <size_t>b * n * 3 * C + h * hs
@@ -265,12 +355,19 @@ cdef void attention_backward(float* dqkv, float* datt, const float* dout, const 
                 # datt = dout_h @ v^T ; dv += att^T @ dout_h
                 sgemm_rm(False, True, rows, cols, hs, 1.0, dout_h + <size_t>r0 * C, C,
                          q + 2 * C, 3 * C, 0.0, datt + <size_t>r0 * n, n)
-                sgemm_rm(True, False, cols, hs, rows, 1.0, a + <size_t>r0 * n, n,
+                probs = a + <size_t>r0 * n
+                if drop:
+                    attention_dropout_rows(dropped, a, b, h, r0, rows, cols, n, NH, d, key)
+                    probs = dropped + <size_t>r0 * n
+                sgemm_rm(True, False, cols, hs, rows, 1.0, probs, n,
                          dout_h + <size_t>r0 * C, C, 1.0, dq + 2 * C, 3 * C)
                 # softmax backward, scaled: dpre = scale * att * (datt - sum(att * datt))
                 for t1 in range(r0, r0 + rows):
                     arow = a + <size_t>t1 * n
                     drow = datt + <size_t>t1 * n
+                    if drop:
+                        dropout_apply(drow, drow, t1 + 1, d, key,
+                                      attention_mask_index(b, h, t1, 0, NH, n))
                     dot = 0.0
                     for t2 in range(t1 + 1):
                         dot += arow[t2] * drow[t2]

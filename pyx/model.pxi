@@ -191,7 +191,7 @@ cdef inline void layer_params(LayerParams* p, float* base, const ModelConfig* c,
 # --- activations: one table of sizes ---------------------------------------------------------
 
 cdef enum:
-    NUM_ACTIVATION_TENSORS = 24
+    NUM_ACTIVATION_TENSORS = 25
     ALIGN_BYTES = 64            # every tensor starts on a 64-byte boundary
     ALIGN_FLOATS = 16
 
@@ -202,7 +202,7 @@ ACTIVATION_NAMES[:] = [
     b"encoded", b"ln1", b"ln1_mean", b"ln1_rstd", b"qkv", b"atty", b"att", b"residual2",
     b"ln2", b"ln2_mean", b"ln2_rstd", b"fch", b"fch_gelu", b"residual3", b"lnf", b"lnf_mean",
     b"lnf_rstd", b"logits", b"dresidual", b"dresidual_mid", b"dnarrow", b"dwide", b"dfch",
-    b"datt",
+    b"datt", b"attdrop",
 ]
 
 
@@ -234,6 +234,7 @@ cdef struct Activations:
     float* dwide        # (N, max(3C, F)) at gelu's output, then at qkv
     float* dfch         # (N, F) at c_fc's output
     float* datt         # (T, T) attention backward scratch
+    float* attdrop      # (T, T) dropped attention probabilities of one (b, h), with dropout
     float* memory       # the single allocation all of the above point into
 
 
@@ -255,6 +256,7 @@ cdef void fill_in_activation_sizes(size_t* sizes, const ModelConfig* c, int maxB
     sizes[18] = N * C; sizes[19] = N * C             # dresidual, dresidual_mid
     sizes[20] = N * C; sizes[21] = N * wide; sizes[22] = N * F    # dnarrow, dwide, dfch
     sizes[23] = <size_t>c.T * c.T                    # datt
+    sizes[24] = <size_t>c.T * c.T                    # attdrop
 
 
 cdef inline size_t aligned_floats(size_t n) noexcept nogil:
@@ -284,7 +286,7 @@ cdef int activations_alloc(Activations* a, const ModelConfig* c, int maxB) noexc
     slots[:] = [&a.encoded, &a.ln1, &a.ln1_mean, &a.ln1_rstd, &a.qkv, &a.atty, &a.att,
                 &a.residual2, &a.ln2, &a.ln2_mean, &a.ln2_rstd, &a.fch, &a.fch_gelu,
                 &a.residual3, &a.lnf, &a.lnf_mean, &a.lnf_rstd, &a.logits, &a.dresidual,
-                &a.dresidual_mid, &a.dnarrow, &a.dwide, &a.dfch, &a.datt]
+                &a.dresidual_mid, &a.dnarrow, &a.dwide, &a.dfch, &a.datt, &a.attdrop]
     cdef float* p = <float*>((<size_t>a.memory + ALIGN_BYTES - 1) & ~(<size_t>ALIGN_BYTES - 1))
     for i in range(NUM_ACTIVATION_TENSORS):
         slots[i][0] = p
@@ -366,31 +368,46 @@ cdef inline void tock(double* timers, int bucket, double* t) noexcept nogil:
 
 # --- the pass --------------------------------------------------------------------------------
 
-cdef void block_forward(LayerActs* a, const float* res, const LayerParams* p, int B, int n,
-                        const ModelConfig* c) noexcept nogil:
-    # one block on the residual stream res (N, C): a.residual3 = its output
+cdef void block_forward(LayerActs* a, float* attdrop, const float* res, const LayerParams* p,
+                        int B, int n, const ModelConfig* c, const Dropout* d,
+                        int l) noexcept nogil:
+    # block l on the residual stream res (N, C): a.residual3 = its output; attdrop is the
+    # attention's (T, T) scratch for dropout (d: NULL or p = 0 for none)
     cdef int N = B * n, C = c.C, F = c.F
-    # residual2 = res + c_proj(attention(c_attn(ln_1(res))))
+    cdef bint drop = dropout_on(d)
+    # residual2 = res + dropout(c_proj(attention(c_attn(ln_1(res)))))
     layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, res, p.ln1w, p.ln1b, N, C)
     linear_forward(a.qkv, a.ln1, p.qkvw, p.qkvb, N, C, 3 * C)
-    attention_forward(a.atty, a.att, a.qkv, B, n, C, c.NH)
-    residual_forward(a.residual2, res, a.atty, p.attprojw, p.attprojb, N, C, C)
-    # residual3 = residual2 + c_proj(gelu(c_fc(ln_2(residual2))))
+    attention_forward(a.atty, a.att, attdrop, a.qkv, B, n, C, c.NH, d, l)
+    if drop:
+        residual_dropout_forward(a.residual2, res, a.atty, p.attprojw, p.attprojb, N, C, C, d,
+                                 dropout_key(d, l, DROP_ATTN_PROJ))
+    else:
+        residual_forward(a.residual2, res, a.atty, p.attprojw, p.attprojb, N, C, C)
+    # residual3 = residual2 + dropout(c_proj(gelu(c_fc(ln_2(residual2)))))
     layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.residual2, p.ln2w, p.ln2b, N, C)
     linear_forward(a.fch, a.ln2, p.fcw, p.fcb, N, C, F)
     gelu_forward(a.fch_gelu, a.fch, <size_t>N * F)
-    residual_forward(a.residual3, a.residual2, a.fch_gelu, p.fcprojw, p.fcprojb, N, F, C)
+    if drop:
+        residual_dropout_forward(a.residual3, a.residual2, a.fch_gelu, p.fcprojw, p.fcprojb,
+                                 N, F, C, d, dropout_key(d, l, DROP_MLP_PROJ))
+    else:
+        residual_forward(a.residual3, a.residual2, a.fch_gelu, p.fcprojw, p.fcprojb, N, F, C)
 
 
 cdef void block_backward(Activations* a, const LayerActs* la, const float* res, const LayerParams* p,
-                         LayerParams* g, const ModelConfig* c) noexcept nogil:
-    # gradient of one block whose input was res: a.dresidual holds d(output) on entry and
-    # d(res) on return; g += the gradients of the block's parameters
+                         LayerParams* g, const ModelConfig* c, const Dropout* d,
+                         int l) noexcept nogil:
+    # gradient of block l whose input was res: a.dresidual holds d(output) on entry and
+    # d(res) on return; g += the gradients of the block's parameters. d: the forward's dropout
     cdef int B = a.B, n = a.n, N = a.B * a.n, C = c.C, F = c.F
     cdef size_t NC = <size_t>N * C
-    # residual3 = residual2 + c_proj(gelu(c_fc(ln_2(residual2))))
+    cdef bint drop = dropout_on(d)
+    # residual3 = residual2 + dropout(c_proj(gelu(c_fc(ln_2(residual2)))))
     clear(a.dresidual_mid, NC)
     residual_backward(a.dresidual_mid, a.dresidual, NC)
+    if drop:     # the projection's gradient is dropped as its output was
+        dropout_apply(a.dresidual, a.dresidual, NC, d, dropout_key(d, l, DROP_MLP_PROJ), 0)
     clear(a.dwide, <size_t>N * F)
     linear_backward(a.dwide, g.fcprojw, g.fcprojb, a.dresidual, la.fch_gelu, p.fcprojw, N, F, C)
     clear(a.dfch, <size_t>N * F)
@@ -399,14 +416,18 @@ cdef void block_backward(Activations* a, const LayerActs* la, const float* res, 
     linear_backward(a.dnarrow, g.fcw, g.fcb, a.dfch, la.ln2, p.fcw, N, C, F)
     layernorm_backward(a.dresidual_mid, g.ln2w, g.ln2b, a.dnarrow, la.residual2, p.ln2w,
                        la.ln2_mean, la.ln2_rstd, N, C)
-    # residual2 = res + c_proj(attention(c_attn(ln_1(res))))
+    # residual2 = res + dropout(c_proj(attention(c_attn(ln_1(res)))))
     clear(a.dresidual, NC)
     residual_backward(a.dresidual, a.dresidual_mid, NC)
+    if drop:
+        dropout_apply(a.dresidual_mid, a.dresidual_mid, NC, d,
+                      dropout_key(d, l, DROP_ATTN_PROJ), 0)
     clear(a.dnarrow, NC)
     linear_backward(a.dnarrow, g.attprojw, g.attprojb, a.dresidual_mid, la.atty, p.attprojw,
                     N, C, C)
     clear(a.dwide, NC * 3)
-    attention_backward(a.dwide, a.datt, a.dnarrow, la.qkv, la.att, B, n, C, c.NH)
+    attention_backward(a.dwide, a.datt, a.attdrop, a.dnarrow, la.qkv, la.att, B, n, C, c.NH,
+                       d, l)
     clear(a.dnarrow, NC)
     linear_backward(a.dnarrow, g.qkvw, g.qkvb, a.dwide, la.ln1, p.qkvw, N, C, 3 * C)
     layernorm_backward(a.dresidual, g.ln1w, g.ln1b, a.dnarrow, res, p.ln1w, la.ln1_mean,
@@ -415,11 +436,13 @@ cdef void block_backward(Activations* a, const LayerActs* la, const float* res, 
 
 cdef double model_forward(Activations* a, int* counted, float* params, const ModelConfig* c,
                           const int* inp, const int* tgt, int stride, int B, int n, int pad_id,
-                          bint want_grad, double* timers, const int* stop) noexcept nogil:
+                          bint want_grad, const Dropout* d, double* timers,
+                          const int* stop) noexcept nogil:
     # Forward pass of B sequences of n tokens (n <= T, B <= maxB) and the summed loss over
     # targets != pad_id. With want_grad, a.logits holds dloss/dlogits afterwards. With
-    # tgt == NULL only the logits are computed (returns 0). timers: NULL or the profile
-    # buckets. When *stop becomes set the pass gives up between blocks and returns NaN.
+    # tgt == NULL only the logits are computed (returns 0). d: the micro-batch's dropout
+    # (NULL: none). timers: NULL or the profile buckets. When *stop becomes set the pass
+    # gives up between blocks and returns NaN.
     cdef int N = B * n, C = c.C
     cdef int l
     cdef ModelParams p
@@ -433,6 +456,8 @@ cdef double model_forward(Activations* a, int* counted, float* params, const Mod
     counted[0] = 0
     model_params(&p, params, c)
     encoder_forward(a.encoded, inp, stride, p.wte, p.wpe, B, n, C)
+    if dropout_on(d):
+        dropout_apply(a.encoded, a.encoded, <size_t>N * C, d, dropout_key(d, 0, DROP_EMBEDDING), 0)
     tock(timers, PROFILE_EMBEDDING, &t)
     res = a.encoded
     for l in range(c.L):
@@ -440,7 +465,7 @@ cdef double model_forward(Activations* a, int* counted, float* params, const Mod
             return NAN
         layer_params(&lp, params, c, l)
         layer_acts(&la, a, c, l)
-        block_forward(&la, res, &lp, B, n, c)
+        block_forward(&la, a.attdrop, res, &lp, B, n, c, d, l)
         res = la.residual3
         tock(timers, PROFILE_BLOCK_FORWARD, &t)
     layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, res, p.lnfw, p.lnfb, N, C)
@@ -454,11 +479,11 @@ cdef double model_forward(Activations* a, int* counted, float* params, const Mod
 
 
 cdef void model_backward(float* grads, Activations* a, float* params, const ModelConfig* c,
-                         const int* inp, int stride, double* timers,
+                         const int* inp, int stride, const Dropout* d, double* timers,
                          const int* stop) noexcept nogil:
-    # grads = d(summed loss)/d(params), after model_forward(want_grad=True): the one clear of
-    # grads, then every kernel adds into it. When *stop becomes set it gives up between blocks
-    # (grads are then partial).
+    # grads = d(summed loss)/d(params), after model_forward(want_grad=True) with the same d:
+    # the one clear of grads, then every kernel adds into it. When *stop becomes set it gives
+    # up between blocks (grads are then partial).
     cdef int B = a.B, n = a.n, N = a.B * a.n, C = c.C
     cdef int l
     cdef ModelParams p, g
@@ -488,7 +513,10 @@ cdef void model_backward(float* grads, Activations* a, float* params, const Mode
             layer_acts(&la, a, c, l - 1)
             res = la.residual3                 # the block's input: the previous output
         layer_acts(&la, a, c, l)
-        block_backward(a, &la, res, &lp, &lg, c)
+        block_backward(a, &la, res, &lp, &lg, c, d, l)
         tock(timers, PROFILE_BLOCK_BACKWARD, &t)
+    if dropout_on(d):
+        dropout_apply(a.dresidual, a.dresidual, <size_t>N * C, d,
+                      dropout_key(d, 0, DROP_EMBEDDING), 0)
     encoder_backward(g.wte, g.wpe, a.dresidual, inp, stride, B, n, C)
     tock(timers, PROFILE_EMBEDDING, &t)

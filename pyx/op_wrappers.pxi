@@ -129,7 +129,8 @@ def op_attention_forward(const float[:, :, ::1] qkv, int num_heads):
     att = np.empty((B, num_heads, n, n), np.float32)
     cdef float[:, :, ::1] o = out
     cdef float[:, :, :, ::1] a = att
-    attention_forward(&o[0, 0, 0], &a[0, 0, 0, 0], &qkv[0, 0, 0], B, n, C, num_heads)
+    attention_forward(&o[0, 0, 0], &a[0, 0, 0, 0], NULL, &qkv[0, 0, 0], B, n, C, num_heads,
+                      NULL, 0)
     return out, att
 
 
@@ -142,8 +143,8 @@ def op_attention_backward(float[:, :, ::1] dqkv, const float[:, :, ::1] dout,
             and NH >= 1 and C % NH == 0, "shapes do not match")
     scratch = np.empty((n, n), np.float32)
     cdef float[:, ::1] datt = scratch
-    attention_backward(&dqkv[0, 0, 0], &datt[0, 0], &dout[0, 0, 0], &qkv[0, 0, 0],
-                       &att[0, 0, 0, 0], B, n, C, NH)
+    attention_backward(&dqkv[0, 0, 0], &datt[0, 0], NULL, &dout[0, 0, 0], &qkv[0, 0, 0],
+                       &att[0, 0, 0, 0], B, n, C, NH, NULL, 0)
 
 
 def op_crossentropy_forward(const float[:, :, ::1] logits, const int[:, ::1] targets,

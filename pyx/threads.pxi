@@ -153,6 +153,10 @@ cdef struct ThreadedTrainingSystem:
     double epoch_loss             # summed loss of the valid micro-batches of this epoch
     long long epoch_tokens        # counted targets behind epoch_loss
     long long total_batches       # training micro-batches since the start
+    # dropout of training micro-batches: threshold, scale and seed (threshold 0: none); each
+    # micro-batch adds its step and its index in the global batch, first_microbatch + mb
+    Dropout dropout
+    long long first_microbatch
     # test hook: poison micro-batch inject_microbatch of the inject_step-th step
     long long step_counter
     long long inject_step
@@ -252,15 +256,21 @@ cdef void sphere_process_batch(SphereTrainingContext* ctx, int mb) noexcept nogi
     cdef MicroBatchResult* r = &s.results[mb]
     cdef double* timers = ctx.profile_seconds if s.profile else NULL
     cdef double loss, t
+    cdef Dropout drop = s.dropout
+    cdef const Dropout* d = NULL
     if B > s.micro_batch:
         B = s.micro_batch
+    if train and drop.threshold:
+        drop.step = s.step_counter
+        drop.microbatch = s.first_microbatch + mb
+        d = &drop
     ctx.current_microbatch = mb
     model_lock_acquire(s, s.lock_mode == LOCK_EXCLUSIVE)
     loss = model_forward(&ctx.acts, &counted, s.params, &s.cfg, windows, windows + 1,
-                         s.stride, B, n, s.pad_id, train, timers, &s.abort_step)
+                         s.stride, B, n, s.pad_id, train, d, timers, &s.abort_step)
     if train:
         model_backward(ctx.local_gradients, &ctx.acts, s.params, &s.cfg, windows, s.stride,
-                       timers, &s.abort_step)
+                       d, timers, &s.abort_step)
     model_lock_release(s)
     r.loss_sum = loss
     r.counted = counted
