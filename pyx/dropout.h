@@ -6,7 +6,8 @@
  * coordinates in one after another, each through the finaliser; an element's draw is the
  * finaliser of key + (index + 1) * golden ratio, its top 32 bits compared with
  * threshold = round(p * 2^32): kept when the draw is >= threshold, i.e. with probability
- * 1 - p (to 2^-32). The same arithmetic in Python is tests/reference.py's independent copy. */
+ * 1 - p (to 2^-32). _engine.dropout_mask exports it to Python (tests/reference.py uses it);
+ * tests/test_dropout.py writes the same arithmetic again in Python integers. */
 #ifndef CLLM_DROPOUT_H
 #define CLLM_DROPOUT_H
 

@@ -28,6 +28,12 @@
 #   chunk order by one sphere, batch_barrier, the update; the chunks never depend on the
 #   thread count. Worker threads never touch a Python object; the main thread waits without
 #   the GIL in slices of WAIT_SLICE seconds and asks should_stop() between them.
+# - Dropout (training steps only). A micro-batch's masks are a pure function of (seed, step,
+#   its index in the global batch, layer, site, element) (dropout.h, a counter-based hash),
+#   drawn again in backward rather than stored, so they never depend on which sphere runs
+#   the micro-batch. p = 0 (Dropout NULL or threshold 0) runs exactly the kernels without it.
+# - Generation. Decoder keeps every layer's qkv rows of the positions so far and runs the
+#   model on one new position: the same kernels on one row.
 # - Locks. model_lock (rwlock): read by spheres around forward/backward (write in exclusive
 #   mode), write by the optimiser step. gradient_lock (mutex) guards accumulated_gradients and
 #   the accumulation turn. The order is always model_lock -> gradient_lock; never take
