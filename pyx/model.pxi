@@ -263,34 +263,49 @@ cdef inline size_t aligned_floats(size_t n) noexcept nogil:
     return (n + ALIGN_FLOATS - 1) & ~(<size_t>ALIGN_FLOATS - 1)
 
 
-cdef size_t activation_floats(const ModelConfig* c, int maxB) noexcept nogil:
-    # floats activations_alloc allocates: every tensor aligned, and room to align the start
-    cdef size_t sizes[NUM_ACTIVATION_TENSORS]
+cdef size_t carved_floats(const size_t* sizes, int count) noexcept nogil:
+    # floats carve allocates for tensors of these sizes: each aligned, and room to align the start
     cdef size_t total = ALIGN_FLOATS
     cdef int i
-    fill_in_activation_sizes(sizes, c, maxB)
-    for i in range(NUM_ACTIVATION_TENSORS):
+    for i in range(count):
         total += aligned_floats(sizes[i])
     return total
+
+
+cdef float* carve(float*** slots, const size_t* sizes, int count) noexcept nogil:
+    # one zeroed allocation cut into `count` aligned tensors, *slots[i] pointing at the i-th;
+    # returns the allocation (to free), NULL when out of memory
+    cdef float* memory = <float*>calloc(carved_floats(sizes, count), sizeof(float))
+    cdef float* p
+    cdef int i
+    if memory == NULL:
+        return NULL
+    p = <float*>((<size_t>memory + ALIGN_BYTES - 1) & ~(<size_t>ALIGN_BYTES - 1))
+    for i in range(count):
+        slots[i][0] = p
+        p += aligned_floats(sizes[i])
+    return memory
+
+
+cdef size_t activation_floats(const ModelConfig* c, int maxB) noexcept nogil:
+    # floats activations_alloc allocates
+    cdef size_t sizes[NUM_ACTIVATION_TENSORS]
+    fill_in_activation_sizes(sizes, c, maxB)
+    return carved_floats(sizes, NUM_ACTIVATION_TENSORS)
 
 
 cdef int activations_alloc(Activations* a, const ModelConfig* c, int maxB) noexcept nogil:
     # returns 0 on success, -1 when out of memory
     cdef size_t sizes[NUM_ACTIVATION_TENSORS]
     cdef float** slots[NUM_ACTIVATION_TENSORS]
-    cdef int i
     fill_in_activation_sizes(sizes, c, maxB)
-    a.memory = <float*>calloc(activation_floats(c, maxB), sizeof(float))
-    if a.memory == NULL:
-        return -1
     slots[:] = [&a.encoded, &a.ln1, &a.ln1_mean, &a.ln1_rstd, &a.qkv, &a.atty, &a.att,
                 &a.residual2, &a.ln2, &a.ln2_mean, &a.ln2_rstd, &a.fch, &a.fch_gelu,
                 &a.residual3, &a.lnf, &a.lnf_mean, &a.lnf_rstd, &a.logits, &a.dresidual,
                 &a.dresidual_mid, &a.dnarrow, &a.dwide, &a.dfch, &a.datt, &a.attdrop]
-    cdef float* p = <float*>((<size_t>a.memory + ALIGN_BYTES - 1) & ~(<size_t>ALIGN_BYTES - 1))
-    for i in range(NUM_ACTIVATION_TENSORS):
-        slots[i][0] = p
-        p += aligned_floats(sizes[i])
+    a.memory = carve(slots, sizes, NUM_ACTIVATION_TENSORS)
+    if a.memory == NULL:
+        return -1
     a.maxB = maxB
     a.B = 0
     a.n = 0
@@ -545,19 +560,11 @@ cdef int decode_cache_alloc(DecodeCache* d, const ModelConfig* c) noexcept nogil
     cdef size_t C = c.C, F = c.F, T = c.T
     cdef size_t sizes[9]
     cdef float** slots[9]
-    cdef size_t total = 0
-    cdef int i
     sizes[:] = [<size_t>c.L * T * 3 * C, C, C, C, C, F, F, T, <size_t>c.V]
     slots[:] = [&d.qkv, &d.x, &d.mid, &d.ln, &d.atty, &d.fch, &d.fch_gelu, &d.scores, &d.logits]
-    for i in range(9):
-        total += aligned_floats(sizes[i])
-    d.memory = <float*>calloc(total + ALIGN_FLOATS, sizeof(float))
+    d.memory = carve(slots, sizes, 9)
     if d.memory == NULL:
         return -1
-    cdef float* p = <float*>((<size_t>d.memory + ALIGN_BYTES - 1) & ~(<size_t>ALIGN_BYTES - 1))
-    for i in range(9):
-        slots[i][0] = p
-        p += aligned_floats(sizes[i])
     d.n = 0
     return 0
 
