@@ -543,7 +543,8 @@ def print_header(trainer, log):
             f"{trainer.model.num_params():,} parameters")
     log.say(f"training: {trainer.n_windows:,} windows, {trainer.steps_per_epoch} steps/epoch, "
             f"{trainer.total_steps} steps of {cfg.batch_size} x {m.seq_len} tokens, "
-            f"{cfg.threads} sphere(s), micro-batch {cfg.micro_batch}, lock mode {cfg.lock_mode}")
+            f"{cfg.threads} sphere(s), micro-batch {cfg.micro_batch}, lock mode {cfg.lock_mode}"
+            + (f", dropout {cfg.dropout:g}" if cfg.dropout else ""))
     if len(trainer.val):
         T, n = trainer.mcfg.seq_len, len(trainer.val)
         periodic = len(trainer.val_periodic)

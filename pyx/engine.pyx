@@ -163,7 +163,8 @@ DROPOUT_SITES = ("embedding", "attention", "attn_proj", "mlp_proj")   # site num
 
 
 cdef int dropout_settings(Dropout* d, double p, unsigned long long seed) except -1:
-    # threshold and scale of inverted dropout with probability p; step and micro-batch unset
+    # threshold and scale of inverted dropout with probability p (below 2^-33 it rounds to
+    # threshold 0: no dropout); step and micro-batch unset
     if not 0 <= p < 1:
         raise ValueError(f"dropout must be in [0, 1), got {p}")
     d.threshold = <uint32_t>min(round(p * 2.0 ** 32), 2 ** 32 - 1)

@@ -266,6 +266,17 @@ cdef enum:
     ATT_BLOCK = 32   # query rows per block: a block only needs the keys up to its end
 
 
+cdef void attention_dropout_rows(float* dropped, const float* att, int b, int h, int r0,
+                                 int rows, int cols, int n, int NH, const Dropout* d,
+                                 uint64_t key) noexcept nogil:
+    # dropped = dropout(att) on query rows r0 .. r0 + rows - 1, key columns 0 .. cols - 1 of
+    # one (b, h); att and dropped are [n, n]
+    cdef int t1
+    for t1 in range(r0, r0 + rows):
+        dropout_apply(dropped + <size_t>t1 * n, att + <size_t>t1 * n, cols, d, key,
+                      attention_mask_index(b, h, t1, 0, NH, n))
+
+
 cdef void attention_forward(float* out, float* att, float* dropped, const float* qkv,
                             int B, int n, int C, int NH, const Dropout* d,
                             int layer) noexcept nogil:
@@ -309,17 +320,6 @@ cdef void attention_forward(float* out, float* att, float* dropped, const float*
                 sgemm_rm(False, False, rows, hs, cols, 1.0, probs, n, q + 2 * C,
                          3 * C, 0.0, out + (<size_t>b * n + r0) * C + h * hs, C)
                 r0 += rows
-
-
-cdef void attention_dropout_rows(float* dropped, const float* att, int b, int h, int r0,
-                                 int rows, int cols, int n, int NH, const Dropout* d,
-                                 uint64_t key) noexcept nogil:
-    # dropped = dropout(att) on query rows r0 .. r0 + rows - 1, key columns 0 .. cols - 1 of
-    # one (b, h); att and dropped are [n, n]
-    cdef int t1
-    for t1 in range(r0, r0 + rows):
-        dropout_apply(dropped + <size_t>t1 * n, att + <size_t>t1 * n, cols, d, key,
-                      attention_mask_index(b, h, t1, 0, NH, n))
 
 
 cdef void attention_backward(float* dqkv, float* datt, float* dropped, const float* dout,

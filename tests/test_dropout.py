@@ -256,9 +256,10 @@ def test_resumed_dropout_run_is_bit_identical(straight, corpus, tmp_path):
     assert_bit_identical(straight[0] / "final_model.cllm", d / "final_model.cllm")
 
 
-def test_dropout_may_change_on_resume(straight, corpus, tmp_path):
+def test_dropout_may_change_on_resume(straight, corpus, tmp_path, capsys):
     d = resume_from_step(straight, tmp_path)
-    run(corpus, d, threads=2, resume=True, dropout=0.0)
+    run(corpus, d, threads=2, resume=True, dropout=0.0, quiet=False)
+    assert "changed: --dropout 0.2 -> 0.0" in capsys.readouterr().out
     meta = load_checkpoint(d / "final_model.cllm")["meta"]
     assert meta["train_config"]["dropout"] == 0.0
     with open(straight[0] / "final_model.cllm", "rb") as a, open(d / "final_model.cllm", "rb") as b:
