@@ -4,8 +4,8 @@ whole context run again for every token, as before the cache) for several temper
 top-k, top-p, seeds, and contexts that make the window slide.
 
 The cached logits are not always bit-identical to the full pass: OpenBLAS's sgemm sums a row
-that it handles together with 3, 7 or 11 others (the full pass's rows) differently from a row
-alone (the cache's one new position), in the last bits. The full pass itself gives a
+that it handles in a group of 4 to 16 rows (the full pass's rows) differently from a row alone
+(the cache's one new position), in the last bits. The full pass itself gives a
 position different bits depending on how many positions follow it. So the tests below check
 the logits to float32 rounding and the tokens exactly."""
 import numpy as np
