@@ -13,6 +13,9 @@ Choices written down here:
   sequence is decoded again and only what was not yet printed is written, so the spacing
   rules of Tokenizer.decode hold across tokens. Decoding is prefix-stable, so nothing printed
   ever has to be taken back.
+- Tokens come from CLLMModel.generate: a key/value cache runs the model on the new position
+  only while the context fits in seq_len; once the window slides, every token runs the whole
+  window again. The tokens are those of generation without the cache.
 - Generation stops at <eos> (not printed) or after --max-tokens; the output ends with one
   newline. The same checkpoint, prompt, options and --seed give the same text.
 - Exit status: 0 done, 2 bad usage or input (one line on stderr), 1 a runtime failure

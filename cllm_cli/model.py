@@ -140,14 +140,24 @@ class CLLMModel:
                  seed=0, stop_ids=()):
         """Yields sampled token ids one at a time. The context is the last seq_len ids.
 
-        temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters."""
+        temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters.
+
+        While the context fits in seq_len, a key/value cache (_engine.Decoder) runs the model
+        on the new position only. Once it no longer fits, the window slides: every position
+        moves, so no cached key or value is valid any more, and each token runs the model on
+        the whole window again (as without a cache)."""
         if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
             raise ValueError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
         rng = np.random.default_rng(seed)
         ids = [int(i) for i in prompt_ids] or [3]   # an empty prompt starts after <eos>
+        decoder = _engine.Decoder(self.config, self.flat)
         for _ in range(max_tokens):
-            row = self.logits(np.array(ids[-self.config.seq_len:]))[0, -1].astype(np.float64)
-            next_id = sample_from_logits(row, temperature, top_k, top_p, rng)
+            if len(ids) <= self.config.seq_len:
+                for token in ids[decoder.length:]:
+                    row = decoder.feed(token)
+            else:
+                row = self.logits(np.array(ids[-self.config.seq_len:]))[0, -1]
+            next_id = sample_from_logits(row.astype(np.float64), temperature, top_k, top_p, rng)
             ids.append(next_id)
             yield next_id
             if next_id in stop_ids:

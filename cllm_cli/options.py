@@ -72,6 +72,8 @@ class TrainConfig:
     max_steps: int = option(0, "optimisation", "stop after this many steps (0: run --epochs)",
                             minimum=0)
     seed: int = option(1234, "optimisation", minimum=0, fixed=True)
+    dropout: float = option(0.0, "optimisation", "dropout probability at GPT-2's sites, in "
+                            "training only (0: none); may change on --resume")
     max_bad_steps: int = option(3, "optimisation", "stop after this many consecutive steps "
                                 "skipped for NaN/Inf", minimum=1)
     # threads
@@ -165,6 +167,8 @@ class TrainConfig:
         if self.tokenizer_file and self.init_from:
             raise UsageError("--tokenizer-file and --init-from cannot be combined (--init-from "
                              "takes the model's own tokenizer)")
+        if not 0 <= self.dropout < 1:
+            raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.val_fraction < 1:
             raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
 

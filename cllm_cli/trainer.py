@@ -373,7 +373,7 @@ def train(data, engine_hook=None, world=None, **options):
         with rank_log(world, trainer) as log, \
                 _engine.Engine(trainer.mcfg, trainer.model.flat, cfg.threads, cfg.micro_batch,
                                cfg.batch_size, cfg.lock_mode, cfg.debug_locks,
-                               trainer.tokenizer.pad_id) as engine:
+                               trainer.tokenizer.pad_id, cfg.dropout, cfg.seed) as engine:
             if engine_hook is not None:
                 engine_hook(engine)
             result = train_loop(trainer, rank_engine(world, engine, trainer), log, stop)
@@ -612,7 +612,7 @@ def print_header(trainer, log):
     log.say(f"training: {trainer.n_windows:,} windows, {trainer.steps_per_epoch} steps/epoch, "
             f"{trainer.total_steps} steps of {cfg.batch_size} x {m.seq_len} tokens, "
             f"{trainer.layout or f'{cfg.threads} sphere(s)'}, micro-batch {cfg.micro_batch}, "
-            f"lock mode {cfg.lock_mode}")
+            f"lock mode {cfg.lock_mode}" + (f", dropout {cfg.dropout:g}" if cfg.dropout else ""))
     if len(trainer.val):
         T, n = trainer.mcfg.seq_len, len(trainer.val)
         periodic = len(trainer.val_periodic)

@@ -42,6 +42,12 @@
 #   anything keyed per micro-batch use first_microbatch + mb), and kept_gradients: each
 #   micro-batch's backward then writes into a row of its own and nothing is accumulated; the
 #   ranks fold the rows in order, and optimizer_step(gradients=) applies the folded sum.
+# - Dropout (training steps only). A micro-batch's masks are a pure function of (seed, step,
+#   its index in the global batch, layer, site, element) (dropout.h, a counter-based hash),
+#   drawn again in backward rather than stored, so they never depend on which sphere runs
+#   the micro-batch. p = 0 (Dropout NULL or threshold 0) runs exactly the kernels without it.
+# - Generation. Decoder keeps every layer's qkv rows of the positions so far and runs the
+#   model on one new position: the same kernels on one row.
 # - Locks. model_lock (rwlock): read by spheres around forward/backward (write in exclusive
 #   mode), write by the optimiser step. gradient_lock (mutex) guards accumulated_gradients and
 #   the accumulation turn. The order is always model_lock -> gradient_lock; never take
@@ -176,16 +182,57 @@ def _check_tokens(const int[:, ::1] tokens, int V, str what):
             raise ValueError(f"{what} hold ids outside [0, {V})")
 
 
+DROPOUT_SITES = ("embedding", "attention", "attn_proj", "mlp_proj")   # site numbers 0..3
+
+
+cdef int dropout_settings(Dropout* d, double p, unsigned long long seed) except -1:
+    # threshold and scale of inverted dropout with probability p (below 2^-33 it rounds to
+    # threshold 0: no dropout); step and micro-batch unset
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {p}")
+    d.threshold = <uint32_t>min(round(p * 2.0 ** 32), 2 ** 32 - 1)
+    d.scale = <float>(1.0 / (1.0 - p))
+    d.seed = seed
+    d.step = 0
+    d.microbatch = 0
+    return 0
+
+
+def dropout_mask(double p, unsigned long long seed, long long step, long long microbatch,
+                 int layer, int site, size_t count):
+    """float32 [count]: the factor (0 or 1 / (1 - p)) of elements 0..count-1 of one dropout
+    site (DROPOUT_SITES index; the embedding site uses layer 0), as the kernels apply it.
+    Element order: row * width + column for the embedding and projection sites, and
+    ((b * NH + head) * n + row) * n + col for the attention probabilities."""
+    cdef Dropout d
+    dropout_settings(&d, p, seed)
+    d.step = step
+    d.microbatch = microbatch
+    if not 0 <= site < len(DROPOUT_SITES):
+        raise ValueError(f"site must be in 0..{len(DROPOUT_SITES) - 1}")
+    out = np.ones(count, dtype=np.float32)
+    cdef float[::1] o = out
+    if count and d.threshold:
+        dropout_apply(&o[0], &o[0], count, &d, dropout_key(&d, layer, site), 0)
+    return out
+
+
 def loss_and_grads(cfg, const float[::1] params,                # IN
                    const int[:, ::1] inputs,                     # IN  (B, n)
                    const int[:, ::1] targets,                    # IN  (B, n)
                    float[::1] grads,                             # OUT (overwritten)
-                   int pad_id=0, int block_rows=0):
+                   int pad_id=0, int block_rows=0, double dropout=0.0,
+                   unsigned long long seed=0, long long step=0, long long microbatch=0):
     """Summed loss over targets != pad_id (-1: every target counts) and its gradient, written
     into grads; returns (loss_sum, counted). block_rows: rows per block of the
-    classifier and the loss (0: the engine's choice, classifier_block_rows)."""
+    classifier and the loss (0: the engine's choice, classifier_block_rows). With dropout > 0
+    the inputs are one training micro-batch: the masks of (seed, step, microbatch)."""
     cdef ModelConfig c = model_config(cfg)
     cdef Activations acts
+    cdef Dropout d
+    dropout_settings(&d, dropout, seed)
+    d.step = step
+    d.microbatch = microbatch
     cdef int B = inputs.shape[0], n = inputs.shape[1], counted = 0
     cdef double loss
     if targets.shape[0] != B or targets.shape[1] != n:
@@ -204,8 +251,10 @@ def loss_and_grads(cfg, const float[::1] params,                # IN
             with gil:
                 raise MemoryError("cannot allocate activations")
         loss = model_forward(&acts, &counted, <float*>&params[0], &c, &inputs[0, 0],
-                             &targets[0, 0], n, B, n, pad_id, &grads[0], NULL, NULL, NULL)
-        model_backward(&grads[0], &acts, <float*>&params[0], &c, &inputs[0, 0], n, NULL, NULL)
+                             &targets[0, 0], n, B, n, pad_id, &grads[0], NULL, &d, NULL,
+                             NULL)
+        model_backward(&grads[0], &acts, <float*>&params[0], &c, &inputs[0, 0], n, &d, NULL,
+                       NULL)
         activations_free(&acts)
     return loss, counted
 
@@ -228,7 +277,7 @@ def forward_logits(cfg, const float[::1] params,                # IN
             with gil:
                 raise MemoryError("cannot allocate activations")
         model_forward(&acts, &counted, <float*>&params[0], &c, &inputs[0, 0], NULL, n, B, n,
-                      -1, NULL, &logits[0, 0, 0], NULL, NULL)
+                      -1, NULL, &logits[0, 0, 0], NULL, NULL, NULL)
         activations_free(&acts)
 
 
@@ -281,11 +330,14 @@ cdef class Engine:
 
     def __init__(self, cfg, float[::1] params, int num_spheres, int micro_batch,
                  int max_windows, str lock_mode="shared", bint debug_locks=False,
-                 int pad_id=0):
+                 int pad_id=0, double dropout=0.0, unsigned long long seed=0):
         """cfg: the model config (CLLMConfig); params: its flat buffer, updated in place by the
         optimiser; max_windows: the most windows one call hands the spheres; pad_id: targets
-        equal to it are not counted (-1: every target counts)."""
+        equal to it are not counted (-1: every target counts); dropout: its probability in
+        training steps (never in evaluate), masks keyed by seed, step and micro-batch."""
         cdef ModelConfig c = model_config(cfg)
+        cdef Dropout d
+        dropout_settings(&d, dropout, seed)
         if num_spheres < 1 or micro_batch < 1 or max_windows < 1:
             raise ValueError("num_spheres, micro_batch and max_windows must be >= 1")
         if lock_mode not in ("shared", "exclusive"):
@@ -306,6 +358,7 @@ cdef class Engine:
                                                  mode, debug_locks, pad_id)
         if self.system == NULL:
             raise MemoryError("cannot allocate or start the training spheres")
+        self.system.dropout = d
 
     def __dealloc__(self):
         self.close()
@@ -361,14 +414,14 @@ cdef class Engine:
         return 0
 
     cdef int run(self, const int[:, ::1] windows, int kind, long long step,
-                 object should_stop) except -1:
+                 object should_stop, long long first_microbatch=0) except -1:
         # hands out windows and waits until the spheres are done, in slices of WAIT_SLICE
         # seconds without the GIL, asking should_stop() (and for signals) after each; a stop
         # aborts the spheres and raises StepAborted, an exception from either is re-raised
         cdef ThreadedTrainingSystem* s = self.live()
         cdef bint done = False
         cdef double slice_seconds = WAIT_SLICE
-        self.hand_out(windows, kind, step)
+        self.hand_out(windows, kind, step, first_microbatch)
         try:
             while True:
                 with nogil:
@@ -390,14 +443,18 @@ cdef class Engine:
 
     def train_step(self, const int[:, ::1] windows, long long step, float[::1] adam_m,
                    float[::1] adam_v, *, bint adamw, double lr, double weight_decay,
-                   double grad_clip, long long t, should_stop=None):
+                   double grad_clip, long long t, should_stop=None,
+                   long long first_microbatch=0):
         """One optimiser step on a global batch of windows (num_windows, n + 1): micro-batches
         through the spheres, their gradients summed in micro-batch order, then AdamW (adam_m,
         adam_v updated in place, t the 1-based AdamW step) or SGD with the mean gradient,
         clipped to grad_clip (0: no clipping). Micro-batches with a non-finite loss or
         gradient are left out; without a counted token the optimiser does not run. step is
         the 0-based step index (reports, inject_nan). should_stop: a callable asked between
-        waits; when it returns True the step is abandoned and StepAborted raised."""
+        waits; when it returns True the step is abandoned and StepAborted raised.
+        first_microbatch: the global-batch index of these windows' first micro-batch, for a
+        process that hands its spheres a slice of the global batch (dropout masks are keyed
+        by the global index)."""
         cdef ThreadedTrainingSystem* s = self.live()
         cdef StepTotals totals
         cdef OptimizerSettings o
@@ -407,7 +464,9 @@ cdef class Engine:
         if adamw and (adam_m is None or adam_v is None or adam_m.shape[0] != s.gradient_size
                       or adam_v.shape[0] != s.gradient_size):
             raise ValueError("optimizer state does not match the parameters")
-        self.run(windows, WORK_TRAIN, step, should_stop)
+        if first_microbatch < 0:
+            raise ValueError("first_microbatch must be >= 0")
+        self.run(windows, WORK_TRAIN, step, should_stop, first_microbatch)
         memset(&totals, 0, sizeof(totals))
         tally_results(s, &totals)
         bad = []
@@ -591,3 +650,51 @@ cdef class Engine:
             model_lock_acquire(s, False)
             model_lock_release(s)
             gradient_lock_release(s)
+
+
+cdef class Decoder:
+    """Generation with a key/value cache: feed(token) runs the model on one more position
+    and returns its logits; the cost of a position does not grow with the positions before
+    it, apart from the attention over them. Holds up to seq_len positions (a sliding window
+    shifts every position, which makes the cache useless: reset() and start again)."""
+    cdef DecodeCache cache
+    cdef ModelConfig c
+    cdef object params_ref      # keeps the parameter buffer alive
+    cdef float* params
+
+    def __cinit__(self):
+        self.cache.memory = NULL
+
+    def __init__(self, cfg, float[::1] params):
+        self.c = model_config(cfg)
+        if params.shape[0] != model_size(&self.c):
+            raise ValueError("parameter buffer does not match the config")
+        self.params_ref = params
+        self.params = &params[0]
+        if decode_cache_alloc(&self.cache, &self.c) != 0:
+            raise MemoryError("cannot allocate the key/value cache")
+
+    def __dealloc__(self):
+        decode_cache_free(&self.cache)
+
+    @property
+    def length(self):
+        """Positions in the cache."""
+        return self.cache.n
+
+    def reset(self):
+        """Empties the cache."""
+        self.cache.n = 0
+
+    def feed(self, int token):
+        """float32 [V]: the logits after `token` at the next position."""
+        if self.cache.n >= self.c.T:
+            raise ValueError(f"the cache is full ({self.c.T} positions)")
+        if not 0 <= token < self.c.V:
+            raise ValueError(f"token {token} is outside [0, {self.c.V})")
+        with nogil:
+            decode_forward(&self.cache, self.params, &self.c, token)
+        out = np.empty(self.c.V, dtype=np.float32)
+        cdef float[::1] o = out
+        memcpy(&o[0], self.cache.logits, self.c.V * sizeof(float))
+        return out

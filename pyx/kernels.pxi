@@ -22,6 +22,12 @@ cdef extern from "deterministic_math.h" nogil:
     void cllm_ln_backward_sums(const float* x, const float* d, const float* w, int n,
                                float mean, float rstd, float* sum_wd, float* sum_wd_norm)
 from libc.string cimport memset, memcpy
+from libc.stdint cimport uint32_t, uint64_t, int64_t
+
+cdef extern from "dropout.h" nogil:
+    uint64_t cllm_dropout_key(uint64_t seed, int64_t step, int64_t microbatch, int layer,
+                              int site)
+    int cllm_dropout_keep(uint64_t key, uint64_t index, uint32_t threshold)
 from posix.time cimport timespec, clock_gettime, CLOCK_MONOTONIC
 
 cdef double now_seconds() noexcept nogil:
@@ -33,6 +39,51 @@ cdef double now_seconds() noexcept nogil:
 cdef inline void clear(float* buf, size_t n) noexcept nogil:
     # the explicit step before kernels add into buf
     memset(buf, 0, n * sizeof(float))
+
+
+cdef enum:
+    # dropout sites, GPT-2's: the embedding sum, the attention probabilities, the outputs of
+    # the attention's and the MLP's c_proj (before their residual adds)
+    DROP_EMBEDDING = 0
+    DROP_ATTENTION = 1
+    DROP_ATTN_PROJ = 2
+    DROP_MLP_PROJ = 3
+
+
+cdef struct Dropout:
+    # inverted dropout of one training micro-batch (dropout.h draws the masks)
+    uint32_t threshold      # round(p * 2^32): an element is dropped when its draw is below it
+    float scale             # 1 / (1 - p), applied to kept values
+    uint64_t seed
+    long long step
+    long long microbatch    # the micro-batch's index in the global batch
+
+
+cdef inline bint dropout_on(const Dropout* d) noexcept nogil:
+    # NULL and p = 0 both mean no dropout: the kernels then run exactly as without it
+    return d != NULL and d.threshold != 0
+
+
+cdef inline uint64_t dropout_key(const Dropout* d, int layer, int site) noexcept nogil:
+    return cllm_dropout_key(d.seed, d.step, d.microbatch, layer, site)
+
+
+cdef void dropout_apply(float* dst, const float* src, size_t count, const Dropout* d,
+                        uint64_t key, uint64_t first) noexcept nogil:
+    # dst[i] = src[i] * scale where element first + i of the site is kept, else 0; dst may be
+    # src. Forward (on values) and backward (on their gradients) use the same call.
+    cdef size_t i
+    for i in range(count):
+        if cllm_dropout_keep(key, first + i, d.threshold):
+            dst[i] = src[i] * d.scale
+        else:
+            dst[i] = 0.0
+
+
+cdef inline uint64_t attention_mask_index(int b, int h, int row, int col, int NH,
+                                          int n) noexcept nogil:
+    # the element of the attention-probability site at (window b, head h, query row, key col)
+    return ((<uint64_t>b * NH + h) * n + row) * n + col
 
 
 cdef float LN_EPS = 1e-5
@@ -177,6 +228,18 @@ cdef void residual_forward(float* out, const float* res, const float* inp, const
     sgemm_rm(False, True, N, OC, C, 1.0, inp, C, weight, C, 1.0, out, OC)
 
 
+cdef void residual_dropout_forward(float* out, const float* res, const float* inp,
+                                   const float* weight, const float* bias, int N, int C, int OC,
+                                   const Dropout* d, uint64_t key) noexcept nogil:
+    # out[N,OC] = res + dropout(inp @ weight^T + bias): the projection is dropped before it is
+    # added onto the residual stream (element index: row * OC + column)
+    cdef size_t i, size = <size_t>N * OC
+    linear_forward(out, inp, weight, bias, N, C, OC)
+    dropout_apply(out, out, size, d, key, 0)
+    for i in range(size):
+        out[i] = res[i] + out[i]
+
+
 cdef void residual_backward(float* dres, const float* dout, size_t size) noexcept nogil:
     # dres += dout: the residual stream passes its gradient through; the projection's
     # gradients come from linear_backward on the same dout
@@ -223,12 +286,38 @@ cdef void attention_scores(float* probs, const float* q, int r0, int rows, int n
              q + C, 3 * C, 0.0, probs, n)
 
 
+cdef inline void attention_softmax_row(float* row, int count, float* row_max,
+                                       float* row_scale) noexcept nogil:
+    # row[0..count-1] = softmax of its scores in place; *row_max, *row_scale = the max and
+    # 1/sum attention_probs recomputes it from
+    cdef int t2
+    cdef float m = cllm_row_max(row, count)
+    cdef float s = <float>(1.0 / cllm_row_exp_sum(row, count, m))
+    for t2 in range(count):
+        row[t2] = row[t2] * s
+    row_max[0] = m
+    row_scale[0] = s
+
+
+cdef void attention_dropout_rows(float* dropped, const float* probs, int b, int h, int r0,
+                                 int rows, int n, int NH, const Dropout* d,
+                                 uint64_t key) noexcept nogil:
+    # dropped = dropout(probs) for the block of query rows r0 .. r0+rows-1 of one (b, h) and
+    # its key columns 0 .. r0+rows-1, both [rows, ld n] (dropped may be probs)
+    cdef int t1
+    for t1 in range(r0, r0 + rows):
+        dropout_apply(dropped + <size_t>(t1 - r0) * n, probs + <size_t>(t1 - r0) * n,
+                      r0 + rows, d, key, attention_mask_index(b, h, t1, 0, NH, n))
+
+
 cdef void attention_forward(float* out, float* row_max, float* row_scale, float* probs,
-                            const float* qkv, int B, int n, int C, int NH) noexcept nogil:
+                            const float* qkv, int B, int n, int C, int NH, const Dropout* d,
+                            int layer) noexcept nogil:
     # qkv[B*n, 3C] -> out[B*n, C], causal softmax attention. The probabilities are never kept
     # whole: one block of ATT_BLOCK query rows at a time lives in the scratch probs
     # [ATT_BLOCK, n]; each row's max and 1/sum go to row_max, row_scale [B, NH, n], from which
-    # attention_probs recomputes the block bit for bit.
+    # attention_probs recomputes the block bit for bit. With dropout (d on; layer keys the
+    # masks) out = dropout(probs) @ v, the block dropped in place.
     cdef int hs = C // NH
     cdef float scale = 1.0 / sqrtf(<float>hs)
     cdef int b, h, t1, t2, r0, rows, cols
@@ -236,7 +325,8 @@ cdef void attention_forward(float* out, float* row_max, float* row_scale, float*
     cdef float* row
     cdef float* mx
     cdef float* sc
-    cdef float m, s
+    cdef bint drop = dropout_on(d)
+    cdef uint64_t key = dropout_key(d, layer, DROP_ATTENTION) if drop else 0
     for b in range(B):
         for h in range(NH):
             q = qkv + <size_t>b * n * 3 * C + h * hs
@@ -249,14 +339,11 @@ cdef void attention_forward(float* out, float* row_max, float* row_scale, float*
                 attention_scores(probs, q, r0, rows, n, C, hs, scale)
                 for t1 in range(r0, cols):
                     row = probs + <size_t>(t1 - r0) * n
-                    m = cllm_row_max(row, t1 + 1)
-                    s = <float>(1.0 / cllm_row_exp_sum(row, t1 + 1, m))
-                    for t2 in range(t1 + 1):
-                        row[t2] = row[t2] * s
-                    mx[t1] = m
-                    sc[t1] = s
+                    attention_softmax_row(row, t1 + 1, mx + t1, sc + t1)
                     for t2 in range(t1 + 1, cols):
                         row[t2] = 0.0
+                if drop:
+                    attention_dropout_rows(probs, probs, b, h, r0, rows, n, NH, d, key)
                 # out_h = att @ v
                 sgemm_rm(False, False, rows, hs, cols, 1.0, probs, n, q + 2 * C, 3 * C, 0.0,
                          out + (<size_t>b * n + r0) * C + h * hs, C)
@@ -267,9 +354,8 @@ cdef void attention_probs(float* probs, const float* q, const float* row_max,
                           const float* row_scale, int r0, int rows, int n, int C,
                           int hs, float scale) noexcept nogil:
     # the probabilities of query rows r0 .. r0+rows-1 of one head, as attention_forward had
-    # them: the same scores, e^(score - max) * (1/sum) with the saved max and 1/sum. Anything
-    # the forward applies to a block of probabilities (a dropout mask) is applied again to
-    # this block by the backward, right after this call.
+    # them: the same scores, e^(score - max) * (1/sum) with the saved max and 1/sum, before
+    # any dropout (attention_backward draws the forward's mask again).
     cdef int t1, t2
     cdef float* row
     cdef float mx, sc
@@ -286,11 +372,14 @@ cdef void attention_probs(float* probs, const float* q, const float* row_max,
 
 cdef void attention_backward(float* dqkv, float* probs, float* dprobs, const float* dout,
                              const float* qkv, const float* row_max, const float* row_scale,
-                             int B, int n, int C, int NH) noexcept nogil:
+                             int B, int n, int C, int NH, const Dropout* d,
+                             int layer) noexcept nogil:
     # dqkv[B*n, 3C] += the gradient through attention_forward, whose row_max and row_scale
-    # [B, NH, n] it takes; probs and dprobs are [ATT_BLOCK, n] scratches. Blocks of query rows
-    # as in attention_forward, each block's probabilities recomputed; dk and dv add up the
-    # blocks in order.
+    # [B, NH, n] and dropout (d, layer) it takes; probs and dprobs are [ATT_BLOCK, n]
+    # scratches. Blocks of query rows as in attention_forward, each block's probabilities
+    # recomputed; dk and dv add up the blocks in order. With dropout the block's mask is drawn
+    # again: dv from the dropped probabilities (held in dprobs until datt overwrites them),
+    # and datt is dropped as the probabilities were before the softmax's backward.
     cdef int hs = C // NH
     cdef float scale = 1.0 / sqrtf(<float>hs)
     cdef int b, h, t1, t2, r0, rows, cols
@@ -299,7 +388,10 @@ cdef void attention_backward(float* dqkv, float* probs, float* dprobs, const flo
     cdef const float* dout_h
     cdef float* dq
     cdef float* drow
+    cdef const float* used
     cdef float dot
+    cdef bint drop = dropout_on(d)
+    cdef uint64_t key = dropout_key(d, layer, DROP_ATTENTION) if drop else 0
     for b in range(B):
         for h in range(NH):
             q = qkv + <size_t>b * n * 3 * C + h * hs
@@ -311,11 +403,17 @@ cdef void attention_backward(float* dqkv, float* probs, float* dprobs, const flo
                 cols = r0 + rows
                 attention_probs(probs, q, row_max + (<size_t>b * NH + h) * n,
                                 row_scale + (<size_t>b * NH + h) * n, r0, rows, n, C, hs, scale)
-                # datt = dout_h @ v^T ; dv += att^T @ dout_h
+                # dv += dropout(att)^T @ dout_h ; datt = dout_h @ v^T
+                used = probs
+                if drop:
+                    attention_dropout_rows(dprobs, probs, b, h, r0, rows, n, NH, d, key)
+                    used = dprobs
+                sgemm_rm(True, False, cols, hs, rows, 1.0, used, n,
+                         dout_h + <size_t>r0 * C, C, 1.0, dq + 2 * C, 3 * C)
                 sgemm_rm(False, True, rows, cols, hs, 1.0, dout_h + <size_t>r0 * C, C,
                          q + 2 * C, 3 * C, 0.0, dprobs, n)
-                sgemm_rm(True, False, cols, hs, rows, 1.0, probs, n,
-                         dout_h + <size_t>r0 * C, C, 1.0, dq + 2 * C, 3 * C)
+                if drop:
+                    attention_dropout_rows(dprobs, dprobs, b, h, r0, rows, n, NH, d, key)
                 # softmax backward, scaled: dpre = scale * att * (datt - sum(att * datt))
                 for t1 in range(r0, cols):
                     arow = probs + <size_t>(t1 - r0) * n

@@ -282,15 +282,35 @@ cdef inline size_t aligned_floats(size_t n) noexcept nogil:
     return (n + ALIGN_FLOATS - 1) & ~(<size_t>ALIGN_FLOATS - 1)
 
 
-cdef size_t activation_floats(const ModelConfig* c, int maxB, int cls_rows) noexcept nogil:
-    # floats activations_alloc allocates: every tensor aligned, and room to align the start
-    cdef size_t sizes[NUM_ACTIVATION_TENSORS]
+cdef size_t carved_floats(const size_t* sizes, int count) noexcept nogil:
+    # floats carve allocates for tensors of these sizes: each aligned, and room to align the start
     cdef size_t total = ALIGN_FLOATS
     cdef int i
-    fill_in_activation_sizes(sizes, c, maxB, cls_rows)
-    for i in range(NUM_ACTIVATION_TENSORS):
+    for i in range(count):
         total += aligned_floats(sizes[i])
     return total
+
+
+cdef float* carve(float*** slots, const size_t* sizes, int count) noexcept nogil:
+    # one zeroed allocation cut into `count` aligned tensors, *slots[i] pointing at the i-th;
+    # returns the allocation (to free), NULL when out of memory
+    cdef float* memory = <float*>calloc(carved_floats(sizes, count), sizeof(float))
+    cdef float* p
+    cdef int i
+    if memory == NULL:
+        return NULL
+    p = <float*>((<size_t>memory + ALIGN_BYTES - 1) & ~(<size_t>ALIGN_BYTES - 1))
+    for i in range(count):
+        slots[i][0] = p
+        p += aligned_floats(sizes[i])
+    return memory
+
+
+cdef size_t activation_floats(const ModelConfig* c, int maxB, int cls_rows) noexcept nogil:
+    # floats activations_alloc allocates
+    cdef size_t sizes[NUM_ACTIVATION_TENSORS]
+    fill_in_activation_sizes(sizes, c, maxB, cls_rows)
+    return carved_floats(sizes, NUM_ACTIVATION_TENSORS)
 
 
 cdef int activations_alloc(Activations* a, const ModelConfig* c, int maxB,
@@ -299,20 +319,15 @@ cdef int activations_alloc(Activations* a, const ModelConfig* c, int maxB,
     # (classifier_rows)
     cdef size_t sizes[NUM_ACTIVATION_TENSORS]
     cdef float** slots[NUM_ACTIVATION_TENSORS]
-    cdef int i
     fill_in_activation_sizes(sizes, c, maxB, cls_rows)
-    a.memory = <float*>calloc(activation_floats(c, maxB, cls_rows), sizeof(float))
-    if a.memory == NULL:
-        return -1
     slots[:] = [&a.encoded, &a.ln1_mean, &a.ln1_rstd, &a.qkv, &a.atty, &a.att_max,
                 &a.att_scale, &a.residual2, &a.ln2_mean, &a.ln2_rstd, &a.fch, &a.residual3,
                 &a.lnf_rows, &a.lnf_mean, &a.lnf_rstd, &a.logits_rows, &a.ln, &a.fch_gelu,
                 &a.dresidual, &a.dresidual_mid, &a.dnarrow, &a.dwide, &a.dfch, &a.att_probs,
                 &a.att_dprobs]
-    cdef float* p = <float*>((<size_t>a.memory + ALIGN_BYTES - 1) & ~(<size_t>ALIGN_BYTES - 1))
-    for i in range(NUM_ACTIVATION_TENSORS):
-        slots[i][0] = p
-        p += aligned_floats(sizes[i])
+    a.memory = carve(slots, sizes, NUM_ACTIVATION_TENSORS)
+    if a.memory == NULL:
+        return -1
     a.maxB = maxB
     a.cls_rows = cls_rows
     a.B = 0
@@ -397,30 +412,44 @@ cdef inline void tock(double* timers, int bucket, double* t) noexcept nogil:
 # --- the pass --------------------------------------------------------------------------------
 
 cdef void block_forward(LayerActs* a, const float* res, const LayerParams* p, int B, int n,
-                        const ModelConfig* c) noexcept nogil:
-    # one block on the residual stream res (N, C): a.residual3 = its output
+                        const ModelConfig* c, const Dropout* d, int l) noexcept nogil:
+    # block l on the residual stream res (N, C): a.residual3 = its output (d: NULL or p = 0
+    # for no dropout)
     cdef int N = B * n, C = c.C, F = c.F
-    # residual2 = res + c_proj(attention(c_attn(ln_1(res))))
+    cdef bint drop = dropout_on(d)
+    # residual2 = res + dropout(c_proj(attention(c_attn(ln_1(res)))))
     layernorm_forward(a.ln, a.ln1_mean, a.ln1_rstd, res, p.ln1w, p.ln1b, N, C)
     linear_forward(a.qkv, a.ln, p.qkvw, p.qkvb, N, C, 3 * C)
-    attention_forward(a.atty, a.att_max, a.att_scale, a.att_probs, a.qkv, B, n, C, c.NH)
-    residual_forward(a.residual2, res, a.atty, p.attprojw, p.attprojb, N, C, C)
-    # residual3 = residual2 + c_proj(gelu(c_fc(ln_2(residual2))))
+    attention_forward(a.atty, a.att_max, a.att_scale, a.att_probs, a.qkv, B, n, C, c.NH, d, l)
+    if drop:
+        residual_dropout_forward(a.residual2, res, a.atty, p.attprojw, p.attprojb, N, C, C, d,
+                                 dropout_key(d, l, DROP_ATTN_PROJ))
+    else:
+        residual_forward(a.residual2, res, a.atty, p.attprojw, p.attprojb, N, C, C)
+    # residual3 = residual2 + dropout(c_proj(gelu(c_fc(ln_2(residual2)))))
     layernorm_forward(a.ln, a.ln2_mean, a.ln2_rstd, a.residual2, p.ln2w, p.ln2b, N, C)
     linear_forward(a.fch, a.ln, p.fcw, p.fcb, N, C, F)
     gelu_forward(a.fch_gelu, a.fch, <size_t>N * F)
-    residual_forward(a.residual3, a.residual2, a.fch_gelu, p.fcprojw, p.fcprojb, N, F, C)
+    if drop:
+        residual_dropout_forward(a.residual3, a.residual2, a.fch_gelu, p.fcprojw, p.fcprojb,
+                                 N, F, C, d, dropout_key(d, l, DROP_MLP_PROJ))
+    else:
+        residual_forward(a.residual3, a.residual2, a.fch_gelu, p.fcprojw, p.fcprojb, N, F, C)
 
 
 cdef void block_backward(Activations* a, const LayerActs* la, const float* res, const LayerParams* p,
-                         LayerParams* g, const ModelConfig* c) noexcept nogil:
-    # gradient of one block whose input was res: a.dresidual holds d(output) on entry and
-    # d(res) on return; g += the gradients of the block's parameters
+                         LayerParams* g, const ModelConfig* c, const Dropout* d,
+                         int l) noexcept nogil:
+    # gradient of block l whose input was res: a.dresidual holds d(output) on entry and
+    # d(res) on return; g += the gradients of the block's parameters. d: the forward's dropout
     cdef int B = a.B, n = a.n, N = a.B * a.n, C = c.C, F = c.F
     cdef size_t NC = <size_t>N * C
-    # residual3 = residual2 + c_proj(gelu(c_fc(ln_2(residual2))))
+    cdef bint drop = dropout_on(d)
+    # residual3 = residual2 + dropout(c_proj(gelu(c_fc(ln_2(residual2)))))
     clear(a.dresidual_mid, NC)
     residual_backward(a.dresidual_mid, a.dresidual, NC)
+    if drop:     # the projection's gradient is dropped as its output was
+        dropout_apply(a.dresidual, a.dresidual, NC, d, dropout_key(d, l, DROP_MLP_PROJ), 0)
     gelu_forward(la.fch_gelu, la.fch, <size_t>N * F)
     clear(a.dwide, <size_t>N * F)
     linear_backward(a.dwide, g.fcprojw, g.fcprojb, a.dresidual, la.fch_gelu, p.fcprojw, N, F, C)
@@ -431,15 +460,18 @@ cdef void block_backward(Activations* a, const LayerActs* la, const float* res, 
     linear_backward(a.dnarrow, g.fcw, g.fcb, a.dfch, la.ln, p.fcw, N, C, F)
     layernorm_backward(a.dresidual_mid, g.ln2w, g.ln2b, a.dnarrow, la.residual2, p.ln2w,
                        la.ln2_mean, la.ln2_rstd, N, C)
-    # residual2 = res + c_proj(attention(c_attn(ln_1(res))))
+    # residual2 = res + dropout(c_proj(attention(c_attn(ln_1(res)))))
     clear(a.dresidual, NC)
     residual_backward(a.dresidual, a.dresidual_mid, NC)
+    if drop:
+        dropout_apply(a.dresidual_mid, a.dresidual_mid, NC, d,
+                      dropout_key(d, l, DROP_ATTN_PROJ), 0)
     clear(a.dnarrow, NC)
     linear_backward(a.dnarrow, g.attprojw, g.attprojb, a.dresidual_mid, la.atty, p.attprojw,
                     N, C, C)
     clear(a.dwide, NC * 3)
     attention_backward(a.dwide, la.att_probs, la.att_dprobs, a.dnarrow, la.qkv, la.att_max,
-                       la.att_scale, B, n, C, c.NH)
+                       la.att_scale, B, n, C, c.NH, d, l)
     layernorm_apply(la.ln, res, la.ln1_mean, la.ln1_rstd, p.ln1w, p.ln1b, N, C)
     clear(a.dnarrow, NC)
     linear_backward(a.dnarrow, g.qkvw, g.qkvb, a.dwide, la.ln, p.qkvw, N, C, 3 * C)
@@ -486,13 +518,13 @@ cdef bint classifier_forward(Activations* a, double* loss, int* counted, const M
 
 cdef double model_forward(Activations* a, int* counted, float* params, const ModelConfig* c,
                           const int* inp, const int* tgt, int stride, int B, int n, int pad_id,
-                          float* grads, float* logits_out, double* timers,
+                          float* grads, float* logits_out, const Dropout* d, double* timers,
                           const int* stop) noexcept nogil:
     # Forward pass of B sequences of n tokens (n <= T, B <= maxB) and the summed loss over
     # targets != pad_id (0 with tgt == NULL). With grads (training), it clears grads and runs
     # the classifier's backward fused with its forward (classifier_forward); model_backward
-    # does the rest. logits_out: NULL or (B*n, V) to receive the logits. timers: NULL or the
-    # profile buckets. When *stop becomes set the pass gives up between blocks and returns NaN.
+    # does the rest. logits_out: NULL or (B*n, V) to receive the logits. d: the micro-batch's
+    # dropout (NULL: none). timers: NULL or the profile buckets. When *stop becomes set the pass gives up between blocks and returns NaN.
     cdef int l
     cdef ModelParams p, g
     cdef LayerParams lp
@@ -505,6 +537,9 @@ cdef double model_forward(Activations* a, int* counted, float* params, const Mod
     counted[0] = 0
     model_params(&p, params, c)
     encoder_forward(a.encoded, inp, stride, p.wte, p.wpe, B, n, c.C)
+    if dropout_on(d):
+        dropout_apply(a.encoded, a.encoded, <size_t>B * n * c.C, d,
+                      dropout_key(d, 0, DROP_EMBEDDING), 0)
     tock(timers, PROFILE_EMBEDDING, &t)
     res = a.encoded
     for l in range(c.L):
@@ -512,7 +547,7 @@ cdef double model_forward(Activations* a, int* counted, float* params, const Mod
             return NAN
         layer_params(&lp, params, c, l)
         layer_acts(&la, a, c, l)
-        block_forward(&la, res, &lp, B, n, c)
+        block_forward(&la, res, &lp, B, n, c, d, l)
         res = la.residual3
         tock(timers, PROFILE_BLOCK_FORWARD, &t)
     if grads != NULL:
@@ -526,10 +561,10 @@ cdef double model_forward(Activations* a, int* counted, float* params, const Mod
 
 
 cdef void model_backward(float* grads, Activations* a, float* params, const ModelConfig* c,
-                         const int* inp, int stride, double* timers,
+                         const int* inp, int stride, const Dropout* d, double* timers,
                          const int* stop) noexcept nogil:
     # grads += d(summed loss)/d(params) of the blocks and the embeddings, after
-    # model_forward(grads) left a.dresidual = d(last block's output) and the classifier's
+    # model_forward(grads) with the same d left a.dresidual = d(last block's output) and the classifier's
     # part in grads. When *stop becomes set it gives up between blocks (grads are then
     # partial).
     cdef int B = a.B, n = a.n, C = c.C
@@ -550,7 +585,94 @@ cdef void model_backward(float* grads, Activations* a, float* params, const Mode
             layer_acts(&la, a, c, l - 1)
             res = la.residual3                 # the block's input: the previous output
         layer_acts(&la, a, c, l)
-        block_backward(a, &la, res, &lp, &lg, c)
+        block_backward(a, &la, res, &lp, &lg, c, d, l)
         tock(timers, PROFILE_BLOCK_BACKWARD, &t)
+    if dropout_on(d):
+        dropout_apply(a.dresidual, a.dresidual, <size_t>B * n * C, d,
+                      dropout_key(d, 0, DROP_EMBEDDING), 0)
     encoder_backward(g.wte, g.wpe, a.dresidual, inp, stride, B, n, C)
     tock(timers, PROFILE_EMBEDDING, &t)
+
+
+# --- generation: one position at a time, with a key/value cache ---------------------------
+
+cdef struct DecodeCache:
+    # the state of one generated sequence: every layer's qkv rows of the positions so far
+    # (their keys and values are what later positions attend to), and one position's scratch
+    int n               # positions cached (< T to take another)
+    float* qkv          # (L, T, 3C)
+    float* x            # (C,) the residual stream of the new position
+    float* mid          # (C,) the stream between a block's two residual adds
+    float* ln           # (C,) a layer norm's output
+    float* atty         # (C,)
+    float* fch          # (F,)
+    float* fch_gelu     # (F,)
+    float* scores       # (T,) one head's attention row
+    float* logits       # (V,)
+    float* memory
+
+
+cdef int decode_cache_alloc(DecodeCache* d, const ModelConfig* c) noexcept nogil:
+    # returns 0 on success, -1 when out of memory
+    cdef size_t C = c.C, F = c.F, T = c.T
+    cdef size_t sizes[9]
+    cdef float** slots[9]
+    sizes[:] = [<size_t>c.L * T * 3 * C, C, C, C, C, F, F, T, <size_t>c.V]
+    slots[:] = [&d.qkv, &d.x, &d.mid, &d.ln, &d.atty, &d.fch, &d.fch_gelu, &d.scores, &d.logits]
+    d.memory = carve(slots, sizes, 9)
+    if d.memory == NULL:
+        return -1
+    d.n = 0
+    return 0
+
+
+cdef void decode_cache_free(DecodeCache* d) noexcept nogil:
+    free(d.memory)
+    d.memory = NULL
+
+
+cdef void attention_row(float* out, float* scores, const float* qkv, int t, int C, int NH,
+                        int T) noexcept nogil:
+    # out[C] = causal attention of position t over the cached qkv rows 0..t (3C apart):
+    # attention_forward's operations on a block of one query row, t
+    cdef int hs = C // NH
+    cdef float scale = 1.0 / sqrtf(<float>hs)
+    cdef int h
+    cdef float mx, s
+    for h in range(NH):
+        attention_scores(scores, qkv + h * hs, t, 1, T, C, hs, scale)
+        attention_softmax_row(scores, t + 1, &mx, &s)
+        sgemm_rm(False, False, 1, hs, t + 1, 1.0, scores, T, qkv + 2 * C + h * hs, 3 * C,
+                 0.0, out + h * hs, C)
+
+
+cdef void decode_forward(DecodeCache* d, float* params, const ModelConfig* c,
+                         int token) noexcept nogil:
+    # the model on one more position (d.n < T): its qkv rows join the cache and d.logits
+    # holds its logits; the same kernels as model_forward, on one row
+    cdef int C = c.C, F = c.F, t = d.n, l, i
+    cdef ModelParams p
+    cdef LayerParams lp
+    cdef float mean, rstd
+    cdef const float* we
+    cdef const float* pe
+    cdef float* qkv
+    model_params(&p, params, c)
+    we = p.wte + <size_t>token * C
+    pe = p.wpe + <size_t>t * C
+    for i in range(C):
+        d.x[i] = we[i] + pe[i]
+    for l in range(c.L):
+        layer_params(&lp, params, c, l)
+        qkv = d.qkv + <size_t>l * c.T * 3 * C
+        layernorm_forward(d.ln, &mean, &rstd, d.x, lp.ln1w, lp.ln1b, 1, C)
+        linear_forward(qkv + <size_t>t * 3 * C, d.ln, lp.qkvw, lp.qkvb, 1, C, 3 * C)
+        attention_row(d.atty, d.scores, qkv, t, C, c.NH, c.T)
+        residual_forward(d.mid, d.x, d.atty, lp.attprojw, lp.attprojb, 1, C, C)
+        layernorm_forward(d.ln, &mean, &rstd, d.mid, lp.ln2w, lp.ln2b, 1, C)
+        linear_forward(d.fch, d.ln, lp.fcw, lp.fcb, 1, C, F)
+        gelu_forward(d.fch_gelu, d.fch, F)
+        residual_forward(d.x, d.mid, d.fch_gelu, lp.fcprojw, lp.fcprojb, 1, F, C)
+    layernorm_forward(d.ln, &mean, &rstd, d.x, p.lnfw, p.lnfb, 1, C)
+    linear_forward(d.logits, d.ln, p.wte, NULL, 1, C, c.V)
+    d.n = t + 1

@@ -144,7 +144,7 @@ def op_attention_forward(const float[:, :, ::1] qkv, int num_heads):
     cdef float[:, :, ::1] o = out, m = row_max, sc = row_scale
     cdef float[:, ::1] probs = scratch
     attention_forward(&o[0, 0, 0], &m[0, 0, 0], &sc[0, 0, 0], &probs[0, 0], &qkv[0, 0, 0],
-                      B, n, C, num_heads)
+                      B, n, C, num_heads, NULL, 0)
     return out, row_max, row_scale
 
 
@@ -184,7 +184,8 @@ def op_attention_backward(float[:, :, ::1] dqkv, const float[:, :, ::1] dout,
     scratch = np.empty((2, ATT_BLOCK, n), np.float32)
     cdef float[:, :, ::1] work = scratch
     attention_backward(&dqkv[0, 0, 0], &work[0, 0, 0], &work[1, 0, 0], &dout[0, 0, 0],
-                       &qkv[0, 0, 0], &row_max[0, 0, 0], &row_scale[0, 0, 0], B, n, C, NH)
+                       &qkv[0, 0, 0], &row_max[0, 0, 0], &row_scale[0, 0, 0], B, n, C, NH,
+                       NULL, 0)
 
 
 def op_crossentropy_forward(const float[:, :, ::1] logits, const int[:, ::1] targets,

@@ -158,6 +158,9 @@ cdef struct ThreadedTrainingSystem:
     double epoch_loss             # summed loss of the valid micro-batches of this epoch
     long long epoch_tokens        # counted targets behind epoch_loss
     long long total_batches       # training micro-batches since the start
+    # dropout of training micro-batches: threshold, scale and seed (threshold 0: none); each
+    # micro-batch adds its step and its global index, first_microbatch + mb
+    Dropout dropout
     # test hook: poison micro-batch inject_microbatch (global index) of the inject_step-th step
     long long step_counter
     long long inject_step
@@ -259,17 +262,23 @@ cdef void sphere_process_batch(SphereTrainingContext* ctx, int mb) noexcept nogi
     cdef double* timers = ctx.profile_seconds if s.profile else NULL
     cdef float* grads = ctx.local_gradients
     cdef double loss, t
+    cdef Dropout drop = s.dropout
+    cdef const Dropout* d = NULL
     if s.kept_gradients != NULL:
         grads = s.kept_gradients + <size_t>mb * s.kept_stride
     if B > s.micro_batch:
         B = s.micro_batch
+    if train and drop.threshold:
+        drop.step = s.step_counter
+        drop.microbatch = s.first_microbatch + mb
+        d = &drop
     ctx.current_microbatch = mb
     model_lock_acquire(s, s.lock_mode == LOCK_EXCLUSIVE)
     loss = model_forward(&ctx.acts, &counted, s.params, &s.cfg, windows, windows + 1,
                          s.stride, B, n, s.pad_id, grads if train else NULL,
-                         NULL, timers, &s.abort_step)
+                         NULL, d, timers, &s.abort_step)
     if train:
-        model_backward(grads, &ctx.acts, s.params, &s.cfg, windows, s.stride, timers,
+        model_backward(grads, &ctx.acts, s.params, &s.cfg, windows, s.stride, d, timers,
                        &s.abort_step)
     model_lock_release(s)
     r.loss_sum = loss

@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from cllm_cli._engine import parameter_layout
+from cllm_cli._engine import DROPOUT_SITES, dropout_mask, parameter_layout
 from cllm_cli.model import named_views
 
 LN_EPS = 1e-5
@@ -134,8 +134,9 @@ def gelu_backward(dout, u):
     return dout * (0.5 * (1.0 + th) + 0.5 * u * dth)
 
 
-def attention_forward(qkv, H):
-    """Causal multi-head attention. qkv [B, n, 3C] -> out [B, n, C]."""
+def attention_forward(qkv, H, mask=None):
+    """Causal multi-head attention. qkv [B, n, 3C] -> out [B, n, C]. mask: None, or the
+    dropout factors [B, H, n, n] of the probabilities."""
     B, n, C3 = qkv.shape
     C = C3 // 3
     hs = C // H
@@ -148,19 +149,24 @@ def attention_forward(qkv, H):
     preatt = np.where(causal, preatt, -np.inf)
     att = np.exp(preatt - preatt.max(axis=-1, keepdims=True))
     att /= att.sum(axis=-1, keepdims=True)                  # masked entries are exactly 0
-    y = att @ v                                             # [B, H, n, hs]
+    used = att if mask is None else att * mask
+    y = used @ v                                            # [B, H, n, hs]
     out = y.transpose(0, 2, 1, 3).reshape(B, n, C)          # heads concatenated in order
-    return out, (q, k, v, att, scale, H)
+    return out, (q, k, v, att, scale, H, mask)
 
 
 def attention_backward(dout, cache):
     """dqkv [B, n, 3C] for attention_forward."""
-    q, k, v, att, scale, H = cache
+    q, k, v, att, scale, H, mask = cache
     B, _, n, hs = q.shape
     C = H * hs
     dy = dout.reshape(B, n, H, hs).transpose(0, 2, 1, 3)    # [B, H, n, hs]
     datt = dy @ v.transpose(0, 1, 3, 2)                     # [B, H, n, n]
-    dv = att.transpose(0, 1, 3, 2) @ dy
+    used = att
+    if mask is not None:        # y = (att * mask) @ v
+        used = att * mask
+        datt = datt * mask
+    dv = used.transpose(0, 1, 3, 2) @ dy
     # softmax backward; masked entries have att == 0 so they get no gradient
     dpreatt = att * (datt - (datt * att).sum(axis=-1, keepdims=True))
     dq = (dpreatt @ k) * scale
@@ -203,27 +209,52 @@ def _check_batch(cfg, inputs):
     return inputs.astype(np.int64)
 
 
-def _forward_hidden(params, cfg, inputs):
-    """Embeddings + blocks + ln_f. Returns (lnf [B, n, C], cache)."""
+def dropout_masks(p, seed, step, microbatch):
+    """masks(layer, site name, shape) -> float64 factors (0 or 1 / (1 - p)) of one dropout
+    site of one training micro-batch: the engine's generator, read through its shim."""
+    def masks(layer, site, shape):
+        flat = dropout_mask(p, seed, step, microbatch, layer, DROPOUT_SITES.index(site),
+                            math.prod(shape))
+        return flat.astype(np.float64).reshape(shape)
+    return masks
+
+
+def _forward_hidden(params, cfg, inputs, masks=None):
+    """Embeddings + blocks + ln_f. Returns (lnf [B, n, C], cache). masks: None (no dropout)
+    or dropout_masks(...): GPT-2's sites, the embedding sum, the attention probabilities and
+    both projections before their residual adds."""
     inputs = _check_batch(cfg, inputs)
+    B, n = inputs.shape
     x = encoder_forward(inputs, params["wte"], params["wpe"])
+    drop = {}
+
+    def dropped(u, layer, site, key):
+        if masks is None:
+            return u
+        drop[key] = masks(layer, site, u.shape)
+        return u * drop[key]
+
+    x = dropped(x, 0, "embedding", "embedding")
     layers = []
     for l in range(cfg.num_layers):
         p = f"h.{l}."
         lc = {"x_in": x}
         ln1, lc["ln_1"] = layernorm_forward(x, params[p + "ln_1.weight"], params[p + "ln_1.bias"])
         qkv = linear_forward(ln1, params[p + "attn.c_attn.weight"], params[p + "attn.c_attn.bias"])
-        atty, lc["attn"] = attention_forward(qkv, cfg.num_heads)
-        x = residual_forward(x, atty, params[p + "attn.c_proj.weight"], params[p + "attn.c_proj.bias"])
+        att_mask = None if masks is None else masks(l, "attention", (B, cfg.num_heads, n, n))
+        atty, lc["attn"] = attention_forward(qkv, cfg.num_heads, att_mask)
+        proj = linear_forward(atty, params[p + "attn.c_proj.weight"], params[p + "attn.c_proj.bias"])
+        x = x + dropped(proj, l, "attn_proj", (l, "attn_proj"))
         lc["x_mid"] = x
         ln2, lc["ln_2"] = layernorm_forward(x, params[p + "ln_2.weight"], params[p + "ln_2.bias"])
         fch = linear_forward(ln2, params[p + "mlp.c_fc.weight"], params[p + "mlp.c_fc.bias"])
         fch_gelu = gelu_forward(fch)
-        x = residual_forward(x, fch_gelu, params[p + "mlp.c_proj.weight"], params[p + "mlp.c_proj.bias"])
+        proj = linear_forward(fch_gelu, params[p + "mlp.c_proj.weight"], params[p + "mlp.c_proj.bias"])
+        x = x + dropped(proj, l, "mlp_proj", (l, "mlp_proj"))
         lc.update(ln1=ln1, atty=atty, ln2=ln2, fch=fch, fch_gelu=fch_gelu)
         layers.append(lc)
     lnf, lnf_cache = layernorm_forward(x, params["ln_f.weight"], params["ln_f.bias"])
-    cache = {"inputs": inputs, "layers": layers, "lnf": lnf, "ln_f": lnf_cache}
+    cache = {"inputs": inputs, "layers": layers, "lnf": lnf, "ln_f": lnf_cache, "drop": drop}
     return lnf, cache
 
 
@@ -233,10 +264,11 @@ def logits(params, cfg, inputs):
     return lnf @ params["wte"].T
 
 
-def forward(params, cfg, inputs, targets, pad_id=0):
+def forward(params, cfg, inputs, targets, pad_id=0, masks=None):
     """Returns (loss_sum, n_counted, cache): loss_sum is the SUM over positions with
-    target != pad_id of -log softmax(logits)[target]; n_counted the number of such positions."""
-    lnf, cache = _forward_hidden(params, cfg, inputs)
+    target != pad_id of -log softmax(logits)[target]; n_counted the number of such positions.
+    masks: the dropout of a training micro-batch (dropout_masks), None for none."""
+    lnf, cache = _forward_hidden(params, cfg, inputs, masks)
     targets = np.asarray(targets).astype(np.int64)
     if targets.shape != cache["inputs"].shape:
         raise ValueError("targets must have the shape of inputs")
@@ -256,13 +288,17 @@ def backward(params, cfg, cache):
     grads["wte"] += dlogits.reshape(-1, V).T @ lnf.reshape(-1, lnf.shape[-1])
     dlnf = dlogits @ params["wte"]
 
-    def residual(dy, x, name):
-        """Backward of residual_forward with the projection name.weight, name.bias: adds its
-        gradients to grads and returns (dres, dx)."""
-        dres, dx, dw, db = residual_backward(dy, x, params[name + ".weight"])
+    drop = cache["drop"]
+
+    def residual(dy, x, name, key):
+        """Backward of x_out = res + dropout(x @ W.T + b) with the projection name.weight,
+        name.bias: adds its gradients to grads and returns (dres, dx)."""
+        mask = drop.get(key)     # the projection's gradient is dropped like its output
+        dx, dw, db = linear_backward(dy if mask is None else dy * mask, x,
+                                     params[name + ".weight"])
         grads[name + ".weight"] += dw
         grads[name + ".bias"] += db
-        return dres, dx
+        return dy, dx
 
     def linear(dy, x, name):
         """Backward of y = x @ W + b for the parameters name.weight, name.bias: adds their
@@ -285,25 +321,27 @@ def backward(params, cfg, cache):
         p = f"h.{l}."
         lc = cache["layers"][l]
         # x = x_mid + c_proj(gelu(c_fc(ln_2(x_mid))))
-        dx, dfch_gelu = residual(dx, lc["fch_gelu"], p + "mlp.c_proj")
+        dx, dfch_gelu = residual(dx, lc["fch_gelu"], p + "mlp.c_proj", (l, "mlp_proj"))
         dfch = gelu_backward(dfch_gelu, lc["fch"])
         dln2 = linear(dfch, lc["ln2"], p + "mlp.c_fc")
         dx = dx + layernorm(dln2, lc["ln_2"], p + "ln_2")
         # x_mid = x_in + c_proj(attn(c_attn(ln_1(x_in))))
-        dx, datty = residual(dx, lc["atty"], p + "attn.c_proj")
+        dx, datty = residual(dx, lc["atty"], p + "attn.c_proj", (l, "attn_proj"))
         dqkv = attention_backward(datty, lc["attn"])
         dln1 = linear(dqkv, lc["ln1"], p + "attn.c_attn")
         dx = dx + layernorm(dln1, lc["ln_1"], p + "ln_1")
-    # embeddings: x = wte[inputs] + wpe[:n]
+    # embeddings: x = dropout(wte[inputs] + wpe[:n])
+    if "embedding" in drop:
+        dx = dx * drop["embedding"]
     dwte, dwpe = encoder_backward(dx, inputs, V, cfg.seq_len)
     grads["wte"] += dwte
     grads["wpe"] += dwpe
     return grads
 
 
-def loss_and_grads(params, cfg, inputs, targets, pad_id=0):
+def loss_and_grads(params, cfg, inputs, targets, pad_id=0, masks=None):
     """Convenience: (loss_sum, n_counted, grads) with grads of loss_sum."""
-    loss_sum, n_counted, cache = forward(params, cfg, inputs, targets, pad_id)
+    loss_sum, n_counted, cache = forward(params, cfg, inputs, targets, pad_id, masks)
     return loss_sum, n_counted, backward(params, cfg, cache)
 
 

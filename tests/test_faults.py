@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from cllm_cli import inference, tokenize_cli
+from cllm_cli import _engine, inference, tokenize_cli
 from cllm_cli.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cllm_cli._engine import parameter_layout as param_layout
 from cllm_cli.config import CLLMConfig
@@ -147,8 +147,20 @@ def test_inference_with_a_tiny_temperature_is_greedy(capsys, model_dir):
     assert runs[0][0] == 0 and runs[0][2] == ""
 
 
+class NaNDecoder:
+    """A key/value cache whose forward pass overflows: NaN logits at every position."""
+
+    def __init__(self, cfg, flat):
+        self.vocab_size, self.length = cfg.vocab_size, 0
+
+    def feed(self, token):
+        self.length += 1
+        return np.full(self.vocab_size, np.nan, dtype=np.float32)
+
+
 def test_inference_with_nan_logits_everywhere_is_one_line(capsys, model_dir, monkeypatch):
     """Finite weights whose forward pass overflows: no id can be drawn."""
+    monkeypatch.setattr(_engine, "Decoder", NaNDecoder)
     monkeypatch.setattr(CLLMModel, "logits", lambda self, ids: np.full(
         (1, len(ids), self.config.vocab_size), np.nan, dtype=np.float32))
     code, _, err = call(capsys, inference.main, model_dir / "final_model.cllm", "--prompt", "the")

@@ -113,6 +113,24 @@ def test_every_layout_gives_the_checkpoints_of_one_process(corpus, one_process, 
                    for r in metrics(ck / "m.jsonl") if "loss" in r)
 
 
+def test_dropout_masks_follow_the_global_micro_batch_on_every_layout(corpus, one_process,
+                                                                      tmp_path):
+    """With --dropout 0.1, rank 1 of 2 runs global micro-batches 3 and 4 as its local 0 and 1:
+    it draws their masks, so 2 ranks x 1 sphere gives the checkpoints of 1 x 2."""
+    out = {}
+    for ranks, threads in ((1, 2), (2, 1)):
+        ck = tmp_path / f"ck{ranks}x{threads}"
+        p = run(ranks, threads, corpus, *TINY, "--dropout", "0.1", "--checkpoint-dir", ck,
+                "--metrics-file", ck / "m.jsonl")
+        assert p.returncode == 0, p.stderr
+        out[ranks, threads] = ck
+    for name in ("checkpoint_step_2.cllm", "checkpoint_step_4.cllm", "final_model.cllm"):
+        assert_bit_identical(out[1, 2] / name, out[2, 1] / name)
+    assert results(out[1, 2] / "m.jsonl") == results(out[2, 1] / "m.jsonl")
+    assert results(out[2, 1] / "m.jsonl") != results(one_process / "m.jsonl"), \
+        "dropout should change the run"
+
+
 def test_more_ranks_than_micro_batches_leaves_ranks_idle_and_the_result_alike(corpus, tmp_path):
     few = [*TINY, "--batch-size", "4", "--eval-tokens", "40"]       # 2 micro-batches, 3 ranks
     out = {}

@@ -1,0 +1,118 @@
+"""Generation with the key/value cache (_engine.Decoder, CLLMModel.generate): its logits
+against the full forward pass, and the sampled tokens against generation without a cache (the
+whole context run again for every token, as before the cache) for several temperatures,
+top-k, top-p, seeds, and contexts that make the window slide.
+
+The cached logits are not always bit-identical to the full pass: OpenBLAS's sgemm sums a row
+that it handles in a group of 4 to 16 rows (the full pass's rows) differently from a row alone
+(the cache's one new position), in the last bits. The full pass itself gives a
+position different bits depending on how many positions follow it. So the tests below check
+the logits to float32 rounding and the tokens exactly."""
+import numpy as np
+import pytest
+
+from cllm_cli import _engine
+from cllm_cli.config import CLLMConfig
+from cllm_cli.model import CLLMModel
+from cllm_cli.sampling import sample_from_logits
+
+CFG = CLLMConfig(vocab_size=120, embed_dim=32, num_layers=2, num_heads=4, ff_dim=64, seq_len=16)
+# D: more than one block of 32 attention rows
+CFG_D = CLLMConfig(vocab_size=37, embed_dim=48, num_layers=2, num_heads=3, ff_dim=40, seq_len=80)
+
+
+def peaked_model(cfg, seed=1):
+    """A model whose next-token distributions are far from uniform, as a trained one's."""
+    model = CLLMModel(cfg, seed=seed)
+    rng = np.random.default_rng(seed)
+    model.flat += rng.standard_normal(model.flat.size).astype(np.float32) * np.float32(0.15)
+    return model
+
+
+def generate_without_cache(model, prompt_ids, max_tokens, temperature, top_k, top_p, seed,
+                           stop_ids=()):
+    """Generation as before the cache: the logits of the whole last-seq_len context."""
+    rng = np.random.default_rng(seed)
+    ids = [int(i) for i in prompt_ids] or [3]
+    out = []
+    for _ in range(max_tokens):
+        row = model.logits(np.array(ids[-model.config.seq_len:]))[0, -1].astype(np.float64)
+        next_id = sample_from_logits(row, temperature, top_k, top_p, rng)
+        ids.append(next_id)
+        out.append(next_id)
+        if next_id in stop_ids:
+            break
+    return out
+
+
+@pytest.mark.parametrize("cfg", [CFG, CFG_D], ids=["small", "two-blocks"])
+def test_decoder_logits_match_the_full_pass(cfg):
+    model = peaked_model(cfg)
+    ids = np.random.default_rng(2).integers(0, cfg.vocab_size, cfg.seq_len)
+    decoder = _engine.Decoder(cfg, model.flat)
+    for t in range(cfg.seq_len):
+        row = decoder.feed(int(ids[t]))
+        full = model.logits(ids[None, :t + 1])[0, -1]
+        np.testing.assert_allclose(row, full, rtol=0, atol=2e-6 * np.abs(full).max())
+    assert decoder.length == cfg.seq_len
+
+
+def test_decoder_reset_full_and_bad_token():
+    model = peaked_model(CFG)
+    decoder = _engine.Decoder(CFG, model.flat)
+    first = [decoder.feed(t) for t in (5, 6, 7)]
+    decoder.reset()
+    assert decoder.length == 0
+    again = [decoder.feed(t) for t in (5, 6, 7)]
+    for a, b in zip(first, again):
+        assert np.array_equal(a, b)
+    for t in range(3, CFG.seq_len):
+        decoder.feed(t)
+    with pytest.raises(ValueError, match="full"):
+        decoder.feed(1)
+    decoder.reset()
+    for bad in (-1, CFG.vocab_size):
+        with pytest.raises(ValueError, match="outside"):
+            decoder.feed(bad)
+    with pytest.raises(ValueError, match="does not match"):
+        _engine.Decoder(CFG, model.flat[:-1])
+
+
+SAMPLING = [(0.0, 0, 1.0), (0.5, 0, 1.0), (0.8, 40, 0.95), (1.0, 0, 1.0), (1.0, 5, 1.0),
+            (1.0, 0, 0.5), (1.5, 10, 0.9), (2.0, 0, 1.0)]
+# (prompt length, tokens): inside the window, filling it and sliding on, longer than it
+CONTEXTS = [(1, 10), (4, 30), (15, 8), (16, 5), (40, 6)]
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", SAMPLING)
+@pytest.mark.parametrize("prompt_len, max_tokens", CONTEXTS)
+def test_tokens_are_those_of_generation_without_cache(temperature, top_k, top_p, prompt_len,
+                                                      max_tokens):
+    model = peaked_model(CFG)
+    prompt = np.random.default_rng(prompt_len).integers(4, CFG.vocab_size, prompt_len).tolist()
+    for seed in (0, 7):
+        got = list(model.generate(prompt, max_tokens=max_tokens, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, seed=seed))
+        want = generate_without_cache(model, prompt, max_tokens, temperature, top_k, top_p, seed)
+        assert got == want
+
+
+def test_tokens_match_over_two_attention_blocks_and_stop_ids():
+    model = peaked_model(CFG_D, seed=3)
+    prompt = [5, 9, 11]
+    for seed in (1, 2):
+        got = list(model.generate(prompt, max_tokens=90, temperature=0.9, top_k=20, seed=seed))
+        want = generate_without_cache(model, prompt, 90, 0.9, 20, 1.0, seed)
+        assert got == want and len(got) == 90
+    stop = want[10]
+    got = list(model.generate(prompt, max_tokens=90, temperature=0.9, top_k=20, seed=2,
+                              stop_ids=(stop,)))
+    assert got == want[:want.index(stop) + 1]
+
+
+def test_empty_prompt_and_bad_prompt_ids():
+    model = peaked_model(CFG)
+    got = list(model.generate([], max_tokens=5, temperature=0.7, seed=4))
+    assert got == generate_without_cache(model, [], 5, 0.7, 0, 1.0, 4)
+    with pytest.raises(ValueError):
+        list(model.generate([CFG.vocab_size], max_tokens=1))
