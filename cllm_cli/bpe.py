@@ -62,7 +62,7 @@ N_BYTES = 256
 MIN_VOCAB_SIZE = len(SPECIALS) + N_BYTES
 MIN_FREQUENCY = 2
 CHUNK_CHARS = 1 << 16
-TRAIN_BYTES = 32 << 20
+TRAIN_BYTES = 8 << 20
 
 EOS_NAMES = ("<eos>", "<|endoftext|>", "</s>")
 BOS_NAMES = ("<bos>", "<s>")

@@ -43,6 +43,7 @@ from .trainer import Interrupted, Trainer
 
 WAIT_SLICE = 0.1       # seconds between waits on the spheres (Python signal handlers run)
 ALIGN_FLOATS = 16      # kept gradient rows start on 64-byte boundaries, as the spheres' own
+ABORT_GRACE = 0.5      # seconds a failing rank waits after its error line, before MPI_Abort
 
 
 class RankRefused(DataError):
@@ -345,4 +346,5 @@ def run_rank(world, body, exit_status, prog="train_model"):
                 print(line, file=sys.stderr, flush=True)
             except (OSError, ValueError):
                 pass
+            time.sleep(ABORT_GRACE)      # the launcher forwards the line before it ends the job
         world.abort(exit_status(e))
