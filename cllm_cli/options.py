@@ -35,7 +35,7 @@ def option(default, group, help=None, *, choices=None, minimum=None, run=False, 
 class TrainConfig:
     """Every option of train_model, in the order --help lists them."""
     # data
-    tokenizer: str = option("word", "data", choices=TOKENIZER_KINDS, fixed=True)
+    tokenizer: str = option("bpe", "data", choices=TOKENIZER_KINDS, fixed=True)
     tokenizer_file: str = option("", "data", "use this tokenizer.json (GPT-2's, or any other "
                                  "the tokenizers library reads) instead of training one; "
                                  "implies --tokenizer bpe and the file's vocabulary size",

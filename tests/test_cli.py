@@ -23,7 +23,7 @@ def corpus_text(n_sentences, seed=11):
 
 TINY = ["--embed-dim", "16", "--num-layers", "2", "--num-heads", "2", "--seq-len", "16",
         "--batch-size", "8", "--micro-batch", "2", "--max-steps", "4", "--warmup-steps", "1",
-        "--vocab-size", "120", "--threads", "2", "--eval-interval", "0", "--quiet"]
+        "--tokenizer", "word", "--vocab-size", "120", "--threads", "2", "--eval-interval", "0", "--quiet"]
 
 
 @pytest.fixture
@@ -275,7 +275,7 @@ def test_console_script_entry_bad_input_is_one_line(tmp_path):
 BIG_STEPS = 14
 BIG = ["--embed-dim", "96", "--num-layers", "2", "--num-heads", "2", "--seq-len", "32",
        "--batch-size", "384", "--micro-batch", "4", "--max-steps", str(BIG_STEPS),
-       "--warmup-steps", "3", "--vocab-size", "120", "--eval-interval", "0", "--log-interval", "1",
+       "--warmup-steps", "3", "--tokenizer", "word", "--vocab-size", "120", "--eval-interval", "0", "--log-interval", "1",
        "--seed", "5"]
 
 

@@ -361,8 +361,8 @@ def test_training_on_a_damaged_cache_uses_the_corpus(tmp_path):
     """train_model after the ids of its cached dataset.bin were overwritten: the cache is
     rebuilt, and the model is the one the undamaged data gives."""
     corpus = write(tmp_path / "corpus.txt", sentences(150, 3, punct=(".", "!")))
-    options = dict(embed_dim=16, num_layers=1, num_heads=2, seq_len=16, batch_size=8,
-                   micro_batch=2, max_steps=3, warmup_steps=1, vocab_size=60, threads=1, eval_interval=0,
+    options = dict(tokenizer="word", embed_dim=16, num_layers=1, num_heads=2, seq_len=16,
+                   batch_size=8, micro_batch=2, max_steps=3, warmup_steps=1, vocab_size=60, threads=1, eval_interval=0,
                    quiet=True)
     first = train([str(corpus)], checkpoint_dir=str(tmp_path / "a"), **options)
     ck = tmp_path / "b"

@@ -195,7 +195,7 @@ def test_engine_refuses_bad_dropout():
 # train_model with --dropout: determinism contract, checkpoint, resume
 
 BATCH, MICRO, STEPS, SAVE = 9, 2, 6, 3
-BASE = dict(vocab_size=120, embed_dim=16, num_layers=2, num_heads=2, seq_len=16,
+BASE = dict(tokenizer="word", vocab_size=120, embed_dim=16, num_layers=2, num_heads=2, seq_len=16,
             batch_size=BATCH, micro_batch=MICRO, max_steps=STEPS, warmup_steps=2,
             learning_rate=3e-3, save_interval=SAVE, keep_checkpoints=0, eval_interval=3,
             log_interval=1, seed=99, quiet=True, dropout=0.2)

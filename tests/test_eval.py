@@ -13,7 +13,7 @@ from helpers import assert_one_error_line, call, sentences
 
 TINY = ["--embed-dim", "16", "--num-layers", "2", "--num-heads", "2", "--seq-len", "16",
         "--batch-size", "8", "--micro-batch", "2", "--max-steps", "6", "--warmup-steps", "1",
-        "--vocab-size", "120", "--threads", "2", "--quiet"]
+        "--tokenizer", "word", "--vocab-size", "120", "--threads", "2", "--quiet"]
 
 
 @pytest.fixture(scope="module")

@@ -305,7 +305,7 @@ def trained(tmp_path, capsys):
     ck = tmp_path / "ck"
     argv = [corpus, "--embed-dim", "16", "--num-layers", "1", "--num-heads", "2", "--seq-len",
             "16", "--batch-size", "8", "--micro-batch", "4", "--max-steps", "4",
-            "--warmup-steps", "1", "--vocab-size", "120", "--threads", "2", "--quiet",
+            "--warmup-steps", "1", "--tokenizer", "word", "--vocab-size", "120", "--threads", "2", "--quiet",
             "--checkpoint-dir", ck]
     assert call(capsys, train_main, *argv)[0] == 0
     return argv, ck
@@ -409,7 +409,7 @@ def test_plot_on_a_full_disk_still_writes_the_png(tmp_path):
 
 TRAIN = ["--embed-dim", "16", "--num-layers", "1", "--num-heads", "2", "--seq-len", "16",
          "--batch-size", "8", "--micro-batch", "4", "--max-steps", "30", "--warmup-steps", "1",
-         "--vocab-size", "120", "--threads", "2", "--log-interval", "1"]
+         "--tokenizer", "word", "--vocab-size", "120", "--threads", "2", "--log-interval", "1"]
 
 
 @pytest.mark.parametrize("output", ["/dev/full", "closed pipe"])

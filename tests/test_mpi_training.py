@@ -21,12 +21,12 @@ MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 # slices of 9 windows
 TINY = ["--embed-dim", "16", "--num-layers", "2", "--num-heads", "2", "--seq-len", "16",
         "--batch-size", "9", "--micro-batch", "2", "--max-steps", "5", "--warmup-steps", "2",
-        "--vocab-size", "120", "--eval-interval", "2", "--eval-tokens", "400", "--seed", "4",
+        "--tokenizer", "word", "--vocab-size", "120", "--eval-interval", "2", "--eval-tokens", "400", "--seed", "4",
         "--log-interval", "1", "--save-interval", "2", "--keep-checkpoints", "3"]
 # steps long enough (a few tenths of a second) for a signal to land inside the run
 BIG = ["--embed-dim", "96", "--num-layers", "2", "--num-heads", "2", "--seq-len", "32",
        "--batch-size", "384", "--micro-batch", "4", "--max-steps", "12", "--warmup-steps", "3",
-       "--vocab-size", "120", "--eval-interval", "0", "--log-interval", "1", "--seed", "5"]
+       "--tokenizer", "word", "--vocab-size", "120", "--eval-interval", "0", "--log-interval", "1", "--seed", "5"]
 HOOKED = os.path.join(ROOT, "tests", "mpi", "train_hooked.py")
 
 

@@ -17,12 +17,12 @@ from helpers import ROOT, assert_bit_identical, assert_one_error_line, call, sen
 
 TINY = ["--embed-dim", "16", "--num-layers", "2", "--num-heads", "2", "--seq-len", "16",
         "--batch-size", "8", "--micro-batch", "2", "--max-steps", "4", "--warmup-steps", "1",
-        "--vocab-size", "120", "--threads", "2", "--eval-interval", "0", "--quiet"]
+        "--tokenizer", "word", "--vocab-size", "120", "--threads", "2", "--eval-interval", "0", "--quiet"]
 # steps long enough (a few tenths of a second) for a signal to land inside the run
 BIG_STEPS = 12
 BIG = ["--embed-dim", "96", "--num-layers", "2", "--num-heads", "2", "--seq-len", "32",
        "--batch-size", "384", "--micro-batch", "4", "--max-steps", str(BIG_STEPS),
-       "--warmup-steps", "3", "--vocab-size", "120", "--eval-interval", "0", "--log-interval",
+       "--warmup-steps", "3", "--tokenizer", "word", "--vocab-size", "120", "--eval-interval", "0", "--log-interval",
        "1", "--seed", "5"]
 
 

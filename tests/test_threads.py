@@ -34,7 +34,7 @@ def make_corpus(path, n_sentences, seed=7):
 
 BATCH, MICRO, STEPS, SAVE = 9, 2, 8, 4
 MB_PER_FULL_STEP = math.ceil(BATCH / MICRO)           # 5
-BASE = dict(vocab_size=120, embed_dim=16, num_layers=2, num_heads=2, seq_len=16,
+BASE = dict(tokenizer="word", vocab_size=120, embed_dim=16, num_layers=2, num_heads=2, seq_len=16,
             batch_size=BATCH, micro_batch=MICRO, max_steps=STEPS, warmup_steps=2,
             learning_rate=3e-3, save_interval=SAVE, keep_checkpoints=0, eval_interval=4,
             log_interval=1, seed=99, quiet=True)

@@ -39,7 +39,7 @@ def run_dir(tmp_path_factory):
     corpus = root / "corpus.txt"
     corpus.write_text(corpus_text(150), encoding="utf-8")
     ck = root / "ck"
-    train([str(corpus)], checkpoint_dir=str(ck), embed_dim=16, num_layers=1, num_heads=2,
+    train([str(corpus)], checkpoint_dir=str(ck), tokenizer="word", embed_dim=16, num_layers=1, num_heads=2,
           seq_len=16, batch_size=8, micro_batch=4, max_steps=6, warmup_steps=1, threads=2,
           eval_interval=3, metrics_file=str(root / "metrics.jsonl"), quiet=True)
     return ck
