@@ -28,7 +28,7 @@ DIRECTIVES = {
 MARCH = os.environ.get("CLLM_MARCH", "native")
 COMPILE_ARGS = ["-O0", "-g"] if DEBUG else ["-O3", f"-march={MARCH}"]
 COMPILE_ARGS += ["-fno-fast-math", "-ffp-contract=off", "-pthread"]
-LINK_ARGS = ["-pthread"]
+LINK_ARGS = ["-pthread", "-ldl"]
 SANITIZE = os.environ.get("CLLM_SANITIZE", "")
 if SANITIZE:
     COMPILE_ARGS += [f"-fsanitize={SANITIZE}", "-g", "-fno-omit-frame-pointer"]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _engine
+from . import _engine, precision
 from .checkpoint import (CheckpointError, checkpoint_path, latest_checkpoint, list_checkpoints,
                          load_checkpoint, prune_checkpoints, save_checkpoint)
 from .bpe import BPETokenizer
@@ -32,6 +32,7 @@ from .cli import UsageError, check_regular, run_main
 from .dataset import prepare_dataset
 from .distributed import AllRanksStop, DistributedError, Solo, on_all_ranks, world as mpi_world
 from .files import DataError, collect_files
+from .precision import PrecisionError
 from .tokenizers import Tokenizer, tokenizer_class
 from .log import Log, duration, fmt_loss, fmt_ppl, perplexity, ppl_text
 from .hf import ConversionError, load_pretrained
@@ -361,6 +362,7 @@ def train(data, engine_hook=None, world=None, **options):
     world = world or Solo()
     if cfg.threads is None:
         cfg.threads = max(1, default_threads() // world.local_size)
+    precision.require(cfg.precision)   # fail now, not after tokenizing
     if cfg.plot:
         require_matplotlib()     # fail now, not after a long run
         if not cfg.metrics_file:
@@ -370,10 +372,12 @@ def train(data, engine_hook=None, world=None, **options):
                               cfg.checkpoint_dir) as trainer:
         stop = rank_stop(world, local_stop)
         stop.defer()             # from here on a signal ends the run after the current step
+        precision.require(trainer.cfg.precision)     # a resumed run's may be the checkpoint's
         with rank_log(world, trainer) as log, \
                 _engine.Engine(trainer.mcfg, trainer.model.flat, cfg.threads, cfg.micro_batch,
                                cfg.batch_size, cfg.lock_mode, cfg.debug_locks,
-                               trainer.tokenizer.pad_id, cfg.dropout, cfg.seed) as engine:
+                               trainer.tokenizer.pad_id, cfg.dropout, cfg.seed,
+                               trainer.cfg.precision) as engine:
             if engine_hook is not None:
                 engine_hook(engine)
             result = train_loop(trainer, rank_engine(world, engine, trainer), log, stop)
@@ -612,7 +616,8 @@ def print_header(trainer, log):
     log.say(f"training: {trainer.n_windows:,} windows, {trainer.steps_per_epoch} steps/epoch, "
             f"{trainer.total_steps} steps of {cfg.batch_size} x {m.seq_len} tokens, "
             f"{trainer.layout or f'{cfg.threads} sphere(s)'}, micro-batch {cfg.micro_batch}, "
-            f"lock mode {cfg.lock_mode}" + (f", dropout {cfg.dropout:g}" if cfg.dropout else ""))
+            f"lock mode {cfg.lock_mode}" + (f", dropout {cfg.dropout:g}" if cfg.dropout else "")
+            + (f", precision {cfg.precision}" if cfg.precision != "fp32" else ""))
     if len(trainer.val):
         T, n = trainer.mcfg.seq_len, len(trainer.val)
         periodic = len(trainer.val_periodic)
@@ -654,7 +659,7 @@ def threaded_training_print_stats(stats, wall, log):
 
 # -- many processes (SPEC section 8; the pieces are in parallel.py) -------------------------
 
-STATUSES = {(UsageError, DataError, CheckpointError, DistributedError): 2,
+STATUSES = {(UsageError, DataError, CheckpointError, DistributedError, PrecisionError): 2,
             (TrainingError, PlotError): 1}
 
 

@@ -217,16 +217,65 @@ def dropout_mask(double p, unsigned long long seed, long long step, long long mi
     return out
 
 
+def load_bf16(str path):
+    """Loads oneDNN (libdnnl.so.3 of the onednn-cpu-gomp wheel) for precision "bf16";
+    OSError with the loader's reason when it cannot."""
+    cdef char err[512]
+    if bf16_library_load(path.encode(), err, sizeof(err)) != 0:
+        raise OSError(err.decode(errors="replace"))
+
+
+cdef bint check_precision(str precision) except -1:
+    # True for "bf16", False for "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', not {precision!r}")
+    if precision == "bf16" and not bf16_library_loaded():
+        raise RuntimeError("precision bf16 needs oneDNN: call load_bf16 first")
+    return precision == "bf16"
+
+
+cdef int check_products(int status) except -1:
+    if status == -1 or status == 1:     # ours, or oneDNN's dnnl_out_of_memory
+        raise MemoryError("a bf16 matrix product could not get its memory")
+    if status != 0:
+        raise RuntimeError(f"a bf16 matrix product failed (oneDNN status {status})")
+    return 0
+
+
+cdef class _Bf16Weights:
+    # bf16(params) for one call of loss_and_grads / forward_logits
+    cdef uint16_t* data
+    def __dealloc__(self):
+        free(self.data)
+
+
+cdef int use_precision(Activations* a, const ModelConfig* c, const float* params,
+                       _Bf16Weights w, bint bf16) except -1:
+    # after activations_alloc: a's products in bf16 when asked (w keeps the rounded weights)
+    cdef size_t size = model_size(c)
+    if not bf16:
+        return 0
+    w.data = <uint16_t*>malloc(size * sizeof(uint16_t))
+    if w.data == NULL or activations_use_bf16(a, c, params, w.data) != 0:
+        activations_free(a)
+        raise MemoryError("cannot allocate the bf16 state")
+    with nogil:
+        bf16_round_rows(w.data, params, 1, size, size)
+    return 0
+
+
 def loss_and_grads(cfg, const float[::1] params,                # IN
                    const int[:, ::1] inputs,                     # IN  (B, n)
                    const int[:, ::1] targets,                    # IN  (B, n)
                    float[::1] grads,                             # OUT (overwritten)
                    int pad_id=0, int block_rows=0, double dropout=0.0,
-                   unsigned long long seed=0, long long step=0, long long microbatch=0):
+                   unsigned long long seed=0, long long step=0, long long microbatch=0,
+                   str precision="fp32"):
     """Summed loss over targets != pad_id (-1: every target counts) and its gradient, written
     into grads; returns (loss_sum, counted). block_rows: rows per block of the
     classifier and the loss (0: the engine's choice, classifier_block_rows). With dropout > 0
-    the inputs are one training micro-batch: the masks of (seed, step, microbatch)."""
+    the inputs are one training micro-batch: the masks of (seed, step, microbatch).
+    precision: as Engine's."""
     cdef ModelConfig c = model_config(cfg)
     cdef Activations acts
     cdef Dropout d
@@ -246,22 +295,27 @@ def loss_and_grads(cfg, const float[::1] params,                # IN
     _check_tokens(targets, c.V, "targets")
     if block_rows < 0:
         raise ValueError("block_rows must be >= 0")
+    cdef bint bf16 = check_precision(precision)
+    cdef _Bf16Weights w = _Bf16Weights()
+    if activations_alloc(&acts, &c, B, classifier_rows(&c, B, block_rows)) != 0:
+        raise MemoryError("cannot allocate activations")
+    use_precision(&acts, &c, &params[0], w, bf16)
     with nogil:
-        if activations_alloc(&acts, &c, B, classifier_rows(&c, B, block_rows)) != 0:
-            with gil:
-                raise MemoryError("cannot allocate activations")
         loss = model_forward(&acts, &counted, <float*>&params[0], &c, &inputs[0, 0],
                              &targets[0, 0], n, B, n, pad_id, &grads[0], NULL, &d, NULL,
                              NULL)
         model_backward(&grads[0], &acts, <float*>&params[0], &c, &inputs[0, 0], n, &d, NULL,
                        NULL)
-        activations_free(&acts)
+    cdef int status = acts.bf16.ctx.status if acts.bf16 != NULL else 0
+    activations_free(&acts)
+    check_products(status)
     return loss, counted
 
 
 def forward_logits(cfg, const float[::1] params,                # IN
                    const int[:, ::1] inputs,                     # IN  (B, n)
-                   float[:, :, ::1] logits):                     # OUT (B, n, V)
+                   float[:, :, ::1] logits,                      # OUT (B, n, V)
+                   str precision="fp32"):
     cdef ModelConfig c = model_config(cfg)
     cdef Activations acts
     cdef int B = inputs.shape[0], n = inputs.shape[1], counted = 0
@@ -272,13 +326,17 @@ def forward_logits(cfg, const float[::1] params,                # IN
     if logits.shape[0] != B or logits.shape[1] != n or logits.shape[2] != c.V:
         raise ValueError("logits buffer has the wrong shape")
     _check_tokens(inputs, c.V, "inputs")
+    cdef bint bf16 = check_precision(precision)
+    cdef _Bf16Weights w = _Bf16Weights()
+    if activations_alloc(&acts, &c, B, classifier_rows(&c, B, 0)) != 0:
+        raise MemoryError("cannot allocate activations")
+    use_precision(&acts, &c, &params[0], w, bf16)
     with nogil:
-        if activations_alloc(&acts, &c, B, classifier_rows(&c, B, 0)) != 0:
-            with gil:
-                raise MemoryError("cannot allocate activations")
         model_forward(&acts, &counted, <float*>&params[0], &c, &inputs[0, 0], NULL, n, B, n,
                       -1, NULL, &logits[0, 0, 0], NULL, NULL, NULL)
-        activations_free(&acts)
+    cdef int status = acts.bf16.ctx.status if acts.bf16 != NULL else 0
+    activations_free(&acts)
+    check_products(status)
 
 
 cdef class BadMicroBatch:
@@ -330,11 +388,13 @@ cdef class Engine:
 
     def __init__(self, cfg, float[::1] params, int num_spheres, int micro_batch,
                  int max_windows, str lock_mode="shared", bint debug_locks=False,
-                 int pad_id=0, double dropout=0.0, unsigned long long seed=0):
+                 int pad_id=0, double dropout=0.0, unsigned long long seed=0,
+                 str precision="fp32"):
         """cfg: the model config (CLLMConfig); params: its flat buffer, updated in place by the
         optimiser; max_windows: the most windows one call hands the spheres; pad_id: targets
         equal to it are not counted (-1: every target counts); dropout: its probability in
-        training steps (never in evaluate), masks keyed by seed, step and micro-batch."""
+        training steps (never in evaluate), masks keyed by seed, step and micro-batch;
+        precision: "fp32", or "bf16" (weight products on bf16 inputs; load_bf16 first)."""
         cdef ModelConfig c = model_config(cfg)
         cdef Dropout d
         dropout_settings(&d, dropout, seed)
@@ -345,6 +405,7 @@ cdef class Engine:
         if params.shape[0] != model_size(&c):
             raise ValueError("parameter buffer does not match the config")
         check_pad_id(pad_id, c.V)
+        cdef bint bf16 = check_precision(precision)
         self.cfg = cfg
         self.params_ref = params
         self.num_spheres = num_spheres
@@ -355,7 +416,7 @@ cdef class Engine:
         cdef int max_mb = (max_windows + micro_batch - 1) // micro_batch
         with nogil:
             self.system = threaded_system_create(c, &params[0], num_spheres, micro_batch, max_mb,
-                                                 mode, debug_locks, pad_id)
+                                                 mode, debug_locks, pad_id, bf16)
         if self.system == NULL:
             raise MemoryError("cannot allocate or start the training spheres")
         self.system.dropout = d
@@ -439,6 +500,7 @@ cdef class Engine:
             self.work_ref = None
             raise
         self.work_ref = None
+        check_products(threaded_bf16_status(s))
         return 0
 
     def train_step(self, const int[:, ::1] windows, long long step, float[::1] adam_m,
@@ -527,6 +589,7 @@ cdef class Engine:
             done = threaded_wait_work(s, timeout)
         if done:
             self.work_ref = None
+            check_products(threaded_bf16_status(s))
             if s.work_kind == WORK_TRAIN and not s.tallied and not s.abort_step:
                 memset(&totals, 0, sizeof(totals))
                 tally_results(s, &totals)

@@ -22,13 +22,43 @@ cdef extern from "deterministic_math.h" nogil:
     void cllm_ln_backward_sums(const float* x, const float* d, const float* w, int n,
                                float mean, float rstd, float* sum_wd, float* sum_wd_norm)
 from libc.string cimport memset, memcpy
-from libc.stdint cimport uint32_t, uint64_t, int64_t
+from libc.stdint cimport uint16_t, uint32_t, uint64_t, int64_t
 
 cdef extern from "dropout.h" nogil:
     uint64_t cllm_dropout_key(uint64_t seed, int64_t step, int64_t microbatch, int layer,
                               int site)
     int cllm_dropout_keep(uint64_t key, uint64_t index, uint32_t threshold)
 from posix.time cimport timespec, clock_gettime, CLOCK_MONOTONIC
+
+cdef extern from "bf16_gemm.h" nogil:
+    ctypedef struct bf16_context:
+        int status          # 0, or the first failure's oneDNN status (-1: out of memory)
+        int num_plans
+    int bf16_library_load(const char* path, char* err, size_t err_size)
+    bint bf16_library_loaded()
+    int bf16_context_init(bf16_context* g)
+    void bf16_context_free(bf16_context* g)
+    uint16_t bf16_round(float x)
+    float bf16_to_float(uint16_t h)
+    void bf16_round_rows(uint16_t* dst, const float* src, size_t rows, size_t cols, size_t ld)
+    void bf16_gemm(bf16_context* g, int trans_a, int trans_b, int M, int N, int K,
+                   const uint16_t* A, int lda, const uint16_t* B, int ldb, int accumulate,
+                   float* C, int ldc)
+    const char* bf16_plan_impl(bf16_context* g, int index)
+
+
+cdef struct Bf16Products:
+    # a sphere's state for --precision bf16: the weight products take bf16 inputs
+    bf16_context ctx
+    const float* master         # the parameters whose rounded copy `weights` is
+    const uint16_t* weights     # bf16(master), same offsets: shared, read-only while spheres run
+    uint16_t* inputs            # scratch: one product's activation input, rounded
+    uint16_t* grads             # scratch: one product's output gradient, rounded
+
+
+cdef inline const uint16_t* bf16_weight(const Bf16Products* b, const float* w) noexcept nogil:
+    return b.weights + (w - b.master)
+
 
 cdef double now_seconds() noexcept nogil:
     cdef timespec ts
@@ -181,30 +211,51 @@ cdef void layernorm_backward(float* dinp, float* dweight, float* dbias, const fl
             dx[i] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s
 
 
-cdef void linear_forward(float* out, const float* inp, const float* weight, const float* bias,
-                         int N, int C, int OC) noexcept nogil:
-    # out[N,OC] = inp[N,C] @ weight[OC,C]^T (+ bias[OC]): the sgemm adds onto the bias rows
+cdef inline void weight_product(Bf16Products* b, float* out, const float* inp,
+                                const float* weight, int N, int C, int OC,
+                                bint accumulate) noexcept nogil:
+    # out[N,OC] (+)= inp[N,C] @ weight[OC,C]^T, in fp32 (b NULL) or on bf16 inputs
+    if b == NULL:
+        sgemm_rm(False, True, N, OC, C, 1.0, inp, C, weight, C, 1.0 if accumulate else 0.0,
+                 out, OC)
+        return
+    bf16_round_rows(b.inputs, inp, N, C, C)
+    bf16_gemm(&b.ctx, False, True, N, OC, C, b.inputs, C, bf16_weight(b, weight), C,
+              accumulate, out, OC)
+
+
+cdef void linear_forward(Bf16Products* b, float* out, const float* inp, const float* weight,
+                         const float* bias, int N, int C, int OC) noexcept nogil:
+    # out[N,OC] = inp[N,C] @ weight[OC,C]^T (+ bias[OC]): the product adds onto the bias rows.
+    # b: NULL for fp32, else the sphere's bf16 state (in every kernel that takes it)
     cdef int i, o
     cdef float* row
     if bias == NULL:
-        sgemm_rm(False, True, N, OC, C, 1.0, inp, C, weight, C, 0.0, out, OC)
+        weight_product(b, out, inp, weight, N, C, OC, False)
         return
     for i in range(N):
         row = out + <size_t>i * OC
         for o in range(OC):
             row[o] = bias[o]
-    sgemm_rm(False, True, N, OC, C, 1.0, inp, C, weight, C, 1.0, out, OC)
+    weight_product(b, out, inp, weight, N, C, OC, True)
 
 
-cdef void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout,
-                          const float* inp, const float* weight,
+cdef void linear_backward(Bf16Products* b, float* dinp, float* dweight, float* dbias,
+                          const float* dout, const float* inp, const float* weight,
                           int N, int C, int OC) noexcept nogil:
     # dinp[N,C] += dout[N,OC] @ weight[OC,C]; dweight[OC,C] += dout^T @ inp[N,C];
     # dbias[OC] += the sum over rows of dout (dbias may be NULL)
     cdef int i, o
     cdef const float* row
-    sgemm_rm(False, False, N, C, OC, 1.0, dout, OC, weight, C, 1.0, dinp, C)
-    sgemm_rm(True, False, OC, C, N, 1.0, dout, OC, inp, C, 1.0, dweight, C)
+    if b == NULL:
+        sgemm_rm(False, False, N, C, OC, 1.0, dout, OC, weight, C, 1.0, dinp, C)
+        sgemm_rm(True, False, OC, C, N, 1.0, dout, OC, inp, C, 1.0, dweight, C)
+    else:
+        bf16_round_rows(b.grads, dout, N, OC, OC)
+        bf16_round_rows(b.inputs, inp, N, C, C)
+        bf16_gemm(&b.ctx, False, False, N, C, OC, b.grads, OC, bf16_weight(b, weight), C,
+                  True, dinp, C)
+        bf16_gemm(&b.ctx, True, False, OC, C, N, b.grads, OC, b.inputs, C, True, dweight, C)
     if dbias != NULL:
         for i in range(N):
             row = dout + <size_t>i * OC
@@ -212,11 +263,12 @@ cdef void linear_backward(float* dinp, float* dweight, float* dbias, const float
                 dbias[o] += row[o]
 
 
-cdef void residual_forward(float* out, const float* res, const float* inp, const float* weight,
-                           const float* bias, int N, int C, int OC) noexcept nogil:
+cdef void residual_forward(Bf16Products* b, float* out, const float* res, const float* inp,
+                           const float* weight, const float* bias, int N, int C,
+                           int OC) noexcept nogil:
     # out[N,OC] = res[N,OC] + (inp[N,C] @ weight[OC,C]^T + bias[OC]): a projection added onto
-    # the residual stream. Rounded as (res + bias) + inp @ weight^T: the sgemm adds onto
-    # res + bias (beta 1), one rounding fewer than adding a separate projection.
+    # the residual stream. Rounded as (res + bias) + inp @ weight^T: the product adds onto
+    # res + bias, one rounding fewer than adding a separate projection.
     cdef int i, o
     cdef float* row
     cdef const float* r
@@ -225,16 +277,17 @@ cdef void residual_forward(float* out, const float* res, const float* inp, const
         r = res + <size_t>i * OC
         for o in range(OC):
             row[o] = r[o] + bias[o]
-    sgemm_rm(False, True, N, OC, C, 1.0, inp, C, weight, C, 1.0, out, OC)
+    weight_product(b, out, inp, weight, N, C, OC, True)
 
 
-cdef void residual_dropout_forward(float* out, const float* res, const float* inp,
-                                   const float* weight, const float* bias, int N, int C, int OC,
-                                   const Dropout* d, uint64_t key) noexcept nogil:
+cdef void residual_dropout_forward(Bf16Products* b, float* out, const float* res,
+                                   const float* inp, const float* weight, const float* bias,
+                                   int N, int C, int OC, const Dropout* d,
+                                   uint64_t key) noexcept nogil:
     # out[N,OC] = res + dropout(inp @ weight^T + bias): the projection is dropped before it is
     # added onto the residual stream (element index: row * OC + column)
     cdef size_t i, size = <size_t>N * OC
-    linear_forward(out, inp, weight, bias, N, C, OC)
+    linear_forward(b, out, inp, weight, bias, N, C, OC)
     dropout_apply(out, out, size, d, key, 0)
     for i in range(size):
         out[i] = res[i] + out[i]

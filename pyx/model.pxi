@@ -1,6 +1,6 @@
 # The model of SPEC section 1 on one micro-batch: the layout tables (parameters, activations,
 # profile buckets), named views into the flat buffers, and the forward / backward pass.
-from libc.stdlib cimport calloc, free
+from libc.stdlib cimport calloc, malloc, free
 
 
 cdef extern from *:
@@ -243,6 +243,7 @@ cdef struct Activations:
     float* att_probs
     float* att_dprobs
     float* memory       # the single allocation all of the above point into
+    Bf16Products* bf16  # NULL for fp32, else the bf16 state of the weight products (owned)
 
 
 cdef inline int classifier_rows(const ModelConfig* c, int maxB, int requested) noexcept nogil:
@@ -332,12 +333,42 @@ cdef int activations_alloc(Activations* a, const ModelConfig* c, int maxB,
     a.cls_rows = cls_rows
     a.B = 0
     a.n = 0
+    a.bf16 = NULL
+    return 0
+
+
+cdef int activations_use_bf16(Activations* a, const ModelConfig* c, const float* master,
+                              const uint16_t* weights) noexcept nogil:
+    # switches a's weight products to bf16 inputs, with weights = bf16(master) (kept by the
+    # caller); 0 on success, -1 when out of memory or oneDNN cannot start
+    cdef size_t N = <size_t>a.maxB * c.T, C = c.C, F = c.F, R = a.cls_rows
+    cdef size_t widest_in = max(N * max(C, F), R * C)
+    cdef size_t widest_out = max(N * max(3 * C, F), R * <size_t>c.V)
+    cdef Bf16Products* b = <Bf16Products*>calloc(1, sizeof(Bf16Products))
+    if b == NULL:
+        return -1
+    b.inputs = <uint16_t*>malloc(widest_in * sizeof(uint16_t))
+    b.grads = <uint16_t*>malloc(widest_out * sizeof(uint16_t))
+    if b.inputs == NULL or b.grads == NULL or bf16_context_init(&b.ctx) != 0:
+        free(b.inputs)
+        free(b.grads)
+        free(b)
+        return -1
+    b.master = master
+    b.weights = weights
+    a.bf16 = b
     return 0
 
 
 cdef void activations_free(Activations* a) noexcept nogil:
     free(a.memory)
     a.memory = NULL
+    if a.bf16 != NULL:
+        bf16_context_free(&a.bf16.ctx)
+        free(a.bf16.inputs)
+        free(a.bf16.grads)
+        free(a.bf16)
+        a.bf16 = NULL
 
 
 cdef struct LayerActs:
@@ -358,6 +389,7 @@ cdef struct LayerActs:
     float* fch_gelu     # (N, F)
     float* att_probs    # (ATT_BLOCK, n)
     float* att_dprobs
+    Bf16Products* bf16  # the sphere's bf16 state, or NULL
 
 
 cdef inline void layer_acts(LayerActs* la, const Activations* a, const ModelConfig* c,
@@ -378,6 +410,7 @@ cdef inline void layer_acts(LayerActs* la, const Activations* a, const ModelConf
     la.fch_gelu = a.fch_gelu
     la.att_probs = a.att_probs
     la.att_dprobs = a.att_dprobs
+    la.bf16 = a.bf16
 
 
 # --- profile: one table of time buckets ------------------------------------------------------
@@ -419,22 +452,22 @@ cdef void block_forward(LayerActs* a, const float* res, const LayerParams* p, in
     cdef bint drop = dropout_on(d)
     # residual2 = res + dropout(c_proj(attention(c_attn(ln_1(res)))))
     layernorm_forward(a.ln, a.ln1_mean, a.ln1_rstd, res, p.ln1w, p.ln1b, N, C)
-    linear_forward(a.qkv, a.ln, p.qkvw, p.qkvb, N, C, 3 * C)
+    linear_forward(a.bf16, a.qkv, a.ln, p.qkvw, p.qkvb, N, C, 3 * C)
     attention_forward(a.atty, a.att_max, a.att_scale, a.att_probs, a.qkv, B, n, C, c.NH, d, l)
     if drop:
-        residual_dropout_forward(a.residual2, res, a.atty, p.attprojw, p.attprojb, N, C, C, d,
+        residual_dropout_forward(a.bf16, a.residual2, res, a.atty, p.attprojw, p.attprojb, N, C, C, d,
                                  dropout_key(d, l, DROP_ATTN_PROJ))
     else:
-        residual_forward(a.residual2, res, a.atty, p.attprojw, p.attprojb, N, C, C)
+        residual_forward(a.bf16, a.residual2, res, a.atty, p.attprojw, p.attprojb, N, C, C)
     # residual3 = residual2 + dropout(c_proj(gelu(c_fc(ln_2(residual2)))))
     layernorm_forward(a.ln, a.ln2_mean, a.ln2_rstd, a.residual2, p.ln2w, p.ln2b, N, C)
-    linear_forward(a.fch, a.ln, p.fcw, p.fcb, N, C, F)
+    linear_forward(a.bf16, a.fch, a.ln, p.fcw, p.fcb, N, C, F)
     gelu_forward(a.fch_gelu, a.fch, <size_t>N * F)
     if drop:
-        residual_dropout_forward(a.residual3, a.residual2, a.fch_gelu, p.fcprojw, p.fcprojb,
+        residual_dropout_forward(a.bf16, a.residual3, a.residual2, a.fch_gelu, p.fcprojw, p.fcprojb,
                                  N, F, C, d, dropout_key(d, l, DROP_MLP_PROJ))
     else:
-        residual_forward(a.residual3, a.residual2, a.fch_gelu, p.fcprojw, p.fcprojb, N, F, C)
+        residual_forward(a.bf16, a.residual3, a.residual2, a.fch_gelu, p.fcprojw, p.fcprojb, N, F, C)
 
 
 cdef void block_backward(Activations* a, const LayerActs* la, const float* res, const LayerParams* p,
@@ -452,12 +485,12 @@ cdef void block_backward(Activations* a, const LayerActs* la, const float* res, 
         dropout_apply(a.dresidual, a.dresidual, NC, d, dropout_key(d, l, DROP_MLP_PROJ), 0)
     gelu_forward(la.fch_gelu, la.fch, <size_t>N * F)
     clear(a.dwide, <size_t>N * F)
-    linear_backward(a.dwide, g.fcprojw, g.fcprojb, a.dresidual, la.fch_gelu, p.fcprojw, N, F, C)
+    linear_backward(a.bf16, a.dwide, g.fcprojw, g.fcprojb, a.dresidual, la.fch_gelu, p.fcprojw, N, F, C)
     clear(a.dfch, <size_t>N * F)
     gelu_backward(a.dfch, la.fch, a.dwide, <size_t>N * F)
     layernorm_apply(la.ln, la.residual2, la.ln2_mean, la.ln2_rstd, p.ln2w, p.ln2b, N, C)
     clear(a.dnarrow, NC)
-    linear_backward(a.dnarrow, g.fcw, g.fcb, a.dfch, la.ln, p.fcw, N, C, F)
+    linear_backward(a.bf16, a.dnarrow, g.fcw, g.fcb, a.dfch, la.ln, p.fcw, N, C, F)
     layernorm_backward(a.dresidual_mid, g.ln2w, g.ln2b, a.dnarrow, la.residual2, p.ln2w,
                        la.ln2_mean, la.ln2_rstd, N, C)
     # residual2 = res + dropout(c_proj(attention(c_attn(ln_1(res)))))
@@ -467,14 +500,14 @@ cdef void block_backward(Activations* a, const LayerActs* la, const float* res, 
         dropout_apply(a.dresidual_mid, a.dresidual_mid, NC, d,
                       dropout_key(d, l, DROP_ATTN_PROJ), 0)
     clear(a.dnarrow, NC)
-    linear_backward(a.dnarrow, g.attprojw, g.attprojb, a.dresidual_mid, la.atty, p.attprojw,
+    linear_backward(a.bf16, a.dnarrow, g.attprojw, g.attprojb, a.dresidual_mid, la.atty, p.attprojw,
                     N, C, C)
     clear(a.dwide, NC * 3)
     attention_backward(a.dwide, la.att_probs, la.att_dprobs, a.dnarrow, la.qkv, la.att_max,
                        la.att_scale, B, n, C, c.NH, d, l)
     layernorm_apply(la.ln, res, la.ln1_mean, la.ln1_rstd, p.ln1w, p.ln1b, N, C)
     clear(a.dnarrow, NC)
-    linear_backward(a.dnarrow, g.qkvw, g.qkvb, a.dwide, la.ln, p.qkvw, N, C, 3 * C)
+    linear_backward(a.bf16, a.dnarrow, g.qkvw, g.qkvb, a.dwide, la.ln, p.qkvw, N, C, 3 * C)
     layernorm_backward(a.dresidual, g.ln1w, g.ln1b, a.dnarrow, res, p.ln1w, la.ln1_mean,
                        la.ln1_rstd, N, C)
 
@@ -499,7 +532,7 @@ cdef bint classifier_forward(Activations* a, double* loss, int* counted, const M
         layernorm_forward(a.lnf_rows, a.lnf_mean, a.lnf_rstd, res + <size_t>r0 * C, p.lnfw,
                           p.lnfb, rows, C)
         logits = logits_out + <size_t>r0 * V if logits_out != NULL else a.logits_rows
-        linear_forward(logits, a.lnf_rows, p.wte, NULL, rows, C, V)
+        linear_forward(a.bf16, logits, a.lnf_rows, p.wte, NULL, rows, C, V)
         if tgt != NULL:
             crossentropy_forward_backward(logits, loss, counted, tgt, stride, a.n, r0, rows, V,
                                           pad_id, g != NULL)
@@ -507,7 +540,7 @@ cdef bint classifier_forward(Activations* a, double* loss, int* counted, const M
         if g != NULL:
             dln = a.dnarrow + <size_t>r0 * C
             clear(dln, <size_t>rows * C)
-            linear_backward(dln, g.wte, NULL, logits, a.lnf_rows, p.wte, rows, C, V)
+            linear_backward(a.bf16, dln, g.wte, NULL, logits, a.lnf_rows, p.wte, rows, C, V)
             clear(a.dresidual + <size_t>r0 * C, <size_t>rows * C)
             layernorm_backward(a.dresidual + <size_t>r0 * C, g.lnfw, g.lnfb, dln,
                                res + <size_t>r0 * C, p.lnfw, a.lnf_mean, a.lnf_rstd, rows, C)
@@ -666,13 +699,13 @@ cdef void decode_forward(DecodeCache* d, float* params, const ModelConfig* c,
         layer_params(&lp, params, c, l)
         qkv = d.qkv + <size_t>l * c.T * 3 * C
         layernorm_forward(d.ln, &mean, &rstd, d.x, lp.ln1w, lp.ln1b, 1, C)
-        linear_forward(qkv + <size_t>t * 3 * C, d.ln, lp.qkvw, lp.qkvb, 1, C, 3 * C)
+        linear_forward(NULL, qkv + <size_t>t * 3 * C, d.ln, lp.qkvw, lp.qkvb, 1, C, 3 * C)
         attention_row(d.atty, d.scores, qkv, t, C, c.NH, c.T)
-        residual_forward(d.mid, d.x, d.atty, lp.attprojw, lp.attprojb, 1, C, C)
+        residual_forward(NULL, d.mid, d.x, d.atty, lp.attprojw, lp.attprojb, 1, C, C)
         layernorm_forward(d.ln, &mean, &rstd, d.mid, lp.ln2w, lp.ln2b, 1, C)
-        linear_forward(d.fch, d.ln, lp.fcw, lp.fcb, 1, C, F)
+        linear_forward(NULL, d.fch, d.ln, lp.fcw, lp.fcb, 1, C, F)
         gelu_forward(d.fch_gelu, d.fch, F)
-        residual_forward(d.x, d.mid, d.fch_gelu, lp.fcprojw, lp.fcprojb, 1, F, C)
+        residual_forward(NULL, d.x, d.mid, d.fch_gelu, lp.fcprojw, lp.fcprojb, 1, F, C)
     layernorm_forward(d.ln, &mean, &rstd, d.x, p.lnfw, p.lnfb, 1, C)
-    linear_forward(d.logits, d.ln, p.wte, NULL, 1, C, c.V)
+    linear_forward(NULL, d.logits, d.ln, p.wte, NULL, 1, C, c.V)
     d.n = t + 1

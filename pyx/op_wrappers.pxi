@@ -81,7 +81,7 @@ def op_linear_forward(const float[:, ::1] inp, const float[:, ::1] weight,
     cdef const float* b = NULL
     if bias is not None:
         b = &bias[0]
-    linear_forward(&o[0, 0], &inp[0, 0], &weight[0, 0], b, N, C, OC)
+    linear_forward(NULL, &o[0, 0], &inp[0, 0], &weight[0, 0], b, N, C, OC)
     return out
 
 
@@ -97,7 +97,7 @@ def op_linear_backward(float[:, ::1] dinp, float[:, ::1] dweight, float[::1] dbi
     cdef float* db = NULL
     if dbias is not None:
         db = &dbias[0]
-    linear_backward(&dinp[0, 0], &dweight[0, 0], db, &dout[0, 0], &inp[0, 0], &weight[0, 0],
+    linear_backward(NULL, &dinp[0, 0], &dweight[0, 0], db, &dout[0, 0], &inp[0, 0], &weight[0, 0],
                     N, C, OC)
 
 
@@ -109,7 +109,7 @@ def op_residual_forward(const float[:, ::1] res, const float[:, ::1] inp,
             and res.shape[1] == OC and N >= 1, "shapes do not match")
     out = np.empty((N, OC), np.float32)
     cdef float[:, ::1] o = out
-    residual_forward(&o[0, 0], &res[0, 0], &inp[0, 0], &weight[0, 0], &bias[0], N, C, OC)
+    residual_forward(NULL, &o[0, 0], &res[0, 0], &inp[0, 0], &weight[0, 0], &bias[0], N, C, OC)
     return out
 
 
@@ -216,3 +216,38 @@ def op_crossentropy_backward(const float[:, :, ::1] logits, const int[:, ::1] ta
     crossentropy_forward_backward(&d[0, 0, 0], &loss, &counted, &targets[0, 0], n, n, 0, B * n,
                                   V, pad_id, True)
     return dlogits
+
+
+def op_bf16_round(const float[::1] x):
+    """bf16(x) (round to nearest even) as uint16 bit patterns."""
+    out = np.empty(x.shape[0], np.uint16)
+    cdef uint16_t[::1] o = out
+    if x.shape[0]:
+        bf16_round_rows(&o[0], &x[0], 1, x.shape[0], x.shape[0])
+    return out
+
+
+def op_bf16_gemm(const uint16_t[:, ::1] a, const uint16_t[:, ::1] b, float[:, ::1] c,
+                 bint trans_a=False, bint trans_b=False, bint accumulate=False):
+    """c (+)= op(a) @ op(b) on bf16 bit patterns, through a fresh sphere context (load_bf16
+    first). Returns the name of the implementation oneDNN chose."""
+    cdef int M = c.shape[0], N = c.shape[1]
+    cdef int K = a.shape[0] if trans_a else a.shape[1]
+    cdef bf16_context g
+    cdef int status
+    _expect(M >= 1 and N >= 1 and K >= 1
+            and (a.shape[1] if trans_a else a.shape[0]) == M
+            and (b.shape[1] if trans_b else b.shape[0]) == K
+            and (b.shape[0] if trans_b else b.shape[1]) == N, "shapes do not match")
+    check_precision("bf16")
+    if bf16_context_init(&g) != 0:
+        raise MemoryError("oneDNN cannot start")
+    with nogil:
+        bf16_gemm(&g, trans_a, trans_b, M, N, K, &a[0, 0], a.shape[1], &b[0, 0], b.shape[1],
+                  accumulate, &c[0, 0], N)
+    status = g.status
+    impl = bf16_plan_impl(&g, 0) if status == 0 else NULL
+    name = impl.decode() if impl != NULL else None
+    bf16_context_free(&g)
+    check_products(status)
+    return name

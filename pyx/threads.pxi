@@ -158,6 +158,8 @@ cdef struct ThreadedTrainingSystem:
     double epoch_loss             # summed loss of the valid micro-batches of this epoch
     long long epoch_tokens        # counted targets behind epoch_loss
     long long total_batches       # training micro-batches since the start
+    # --precision bf16: bf16(params), rounded when a batch is handed out; NULL for fp32
+    uint16_t* bf16_weights
     # dropout of training micro-batches: threshold, scale and seed (threshold 0: none); each
     # micro-batch adds its step and its global index, first_microbatch + mb
     Dropout dropout
@@ -399,6 +401,7 @@ cdef void threaded_system_destroy(ThreadedTrainingSystem* s) noexcept nogil:
     if s.num_worker_spheres:
         pthread_barrier_destroy(&s.batch_barrier)
     free(s.sphere_contexts)
+    free(s.bf16_weights)
     free(s.accumulated_gradients)
     free(s.results)
     free(s.chunk_sumsq)
@@ -412,8 +415,10 @@ cdef void threaded_system_destroy(ThreadedTrainingSystem* s) noexcept nogil:
 cdef ThreadedTrainingSystem* threaded_system_create(ModelConfig cfg, float* params,
                                                     int num_spheres, int micro_batch,
                                                     int max_microbatches, int lock_mode,
-                                                    int debug_locks, int pad_id) noexcept nogil:
-    # allocates the system and its spheres and starts one pthread per sphere; NULL on failure
+                                                    int debug_locks, int pad_id,
+                                                    bint bf16) noexcept nogil:
+    # allocates the system and its spheres and starts one pthread per sphere; NULL on failure.
+    # bf16: the spheres' weight products take bf16 inputs (oneDNN must be loaded)
     cdef ThreadedTrainingSystem* s = <ThreadedTrainingSystem*>calloc(1, sizeof(ThreadedTrainingSystem))
     cdef SphereTrainingContext* ctx
     cdef int i
@@ -439,8 +444,11 @@ cdef ThreadedTrainingSystem* threaded_system_create(ModelConfig cfg, float* para
     s.chunks = <long long*>calloc(3 * <size_t>s.num_chunks, sizeof(long long))
     s.chunk_sumsq = <double*>calloc(s.num_chunks, sizeof(double))
     s.sphere_contexts = <SphereTrainingContext*>calloc(num_spheres, sizeof(SphereTrainingContext))
+    if bf16:
+        s.bf16_weights = <uint16_t*>malloc(s.gradient_size * sizeof(uint16_t))
     if (s.accumulated_gradients == NULL or s.results == NULL or s.chunks == NULL
-            or s.chunk_sumsq == NULL or s.sphere_contexts == NULL):
+            or s.chunk_sumsq == NULL or s.sphere_contexts == NULL
+            or (bf16 and s.bf16_weights == NULL)):
         threaded_system_destroy(s)
         return NULL
     fill_in_optimizer_chunks(s.chunks, &s.cfg)
@@ -460,6 +468,9 @@ cdef ThreadedTrainingSystem* threaded_system_create(ModelConfig cfg, float* para
         ctx.local_gradients = <float*>calloc(s.gradient_size, sizeof(float))
         if ctx.local_gradients == NULL or activations_alloc(&ctx.acts, &s.cfg, micro_batch,
                                                              classifier_rows(&s.cfg, micro_batch, 0)) != 0:
+            threaded_system_destroy(s)
+            return NULL
+        if bf16 and activations_use_bf16(&ctx.acts, &s.cfg, s.params, s.bf16_weights) != 0:
             threaded_system_destroy(s)
             return NULL
         if pthread_create(&ctx.thread, NULL, sphere_worker_thread, ctx) != 0:
@@ -503,7 +514,20 @@ cdef void threaded_start_batch(ThreadedTrainingSystem* s, const int* windows, in
     s.batch_windows = num_windows
     s.stride = stride
     s.num_microbatches = (num_windows + s.micro_batch - 1) // s.micro_batch
+    if s.bf16_weights != NULL:     # the weights as the products see them, this batch
+        bf16_round_rows(s.bf16_weights, s.params, 1, s.gradient_size, s.gradient_size)
     threaded_start_work(s, kind)
+
+
+cdef int threaded_bf16_status(ThreadedTrainingSystem* s) noexcept nogil:
+    # 0, or the first sphere's failed bf16 product status (its output was set to NaN)
+    cdef int i
+    cdef Bf16Products* b
+    for i in range(s.num_worker_spheres):
+        b = s.sphere_contexts[i].acts.bf16
+        if b != NULL and b.ctx.status != 0:
+            return b.ctx.status
+    return 0
 
 
 cdef bint threaded_wait_work(ThreadedTrainingSystem* s, double timeout) noexcept nogil:
