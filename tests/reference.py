@@ -96,19 +96,33 @@ def layernorm_backward(dout, cache):
     return dinp, dweight, dbias
 
 
+def product_input(x):
+    """What a weight product (linear layers, the tied classifier) sees of an input: x itself.
+    Tests of --precision bf16 swap in round_bf16."""
+    return x
+
+
+def round_bf16(x):
+    """x as float32, then rounded to bf16 (nearest, ties to even), as float64."""
+    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    up = ((u & 0xFFFF) > 0x8000) | (((u & 0xFFFF) == 0x8000) & ((u >> 16) & 1 == 1))
+    r = ((u >> 16) + up.astype(np.uint64)) << 16
+    return r.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
 def linear_forward(inp, weight, bias):
     """y = inp @ weight.T + bias, weight [out, in]."""
-    return inp @ weight.T + bias
+    return product_input(inp) @ product_input(weight).T + bias
 
 
 def linear_backward(dout, inp, weight):
     """Returns (dinp, dweight, dbias) for y = inp @ weight.T + bias."""
     OC, IC = weight.shape
-    dout2 = dout.reshape(-1, OC)
-    inp2 = inp.reshape(-1, IC)
+    dout2 = product_input(dout.reshape(-1, OC))
+    inp2 = product_input(inp.reshape(-1, IC))
     dweight = dout2.T @ inp2
-    dbias = dout2.sum(axis=0)
-    dinp = dout @ weight
+    dbias = dout.reshape(-1, OC).sum(axis=0)
+    dinp = product_input(dout) @ product_input(weight)
     return dinp, dweight, dbias
 
 
@@ -261,7 +275,7 @@ def _forward_hidden(params, cfg, inputs, masks=None):
 def logits(params, cfg, inputs):
     """Forward only: logits [B, n, V] = ln_f(x) @ wte.T (tied output)."""
     lnf, _ = _forward_hidden(params, cfg, inputs)
-    return lnf @ params["wte"].T
+    return product_input(lnf) @ product_input(params["wte"]).T
 
 
 def forward(params, cfg, inputs, targets, pad_id=0, masks=None):
@@ -272,7 +286,7 @@ def forward(params, cfg, inputs, targets, pad_id=0, masks=None):
     targets = np.asarray(targets).astype(np.int64)
     if targets.shape != cache["inputs"].shape:
         raise ValueError("targets must have the shape of inputs")
-    lg = lnf @ params["wte"].T                              # [B, n, V]
+    lg = product_input(lnf) @ product_input(params["wte"]).T    # [B, n, V]
     loss_sum, n_counted, cache["loss"] = crossentropy_forward(lg, targets, pad_id)
     return loss_sum, n_counted, cache
 
@@ -285,8 +299,9 @@ def backward(params, cfg, cache):
     dlogits = crossentropy_backward(cache["loss"])
     # tied output projection logits = lnf @ wte.T
     lnf = cache["lnf"]
-    grads["wte"] += dlogits.reshape(-1, V).T @ lnf.reshape(-1, lnf.shape[-1])
-    dlnf = dlogits @ params["wte"]
+    grads["wte"] += (product_input(dlogits.reshape(-1, V)).T
+                     @ product_input(lnf.reshape(-1, lnf.shape[-1])))
+    dlnf = product_input(dlogits) @ product_input(params["wte"])
 
     drop = cache["drop"]
 

@@ -1,0 +1,277 @@
+"""--precision bf16 (SPEC section 1): the rounding, oneDNN's products, gradients against the
+float64 reference, the determinism contract within bf16, learning, and the refusals.
+
+Tolerances. bf16 keeps 8 significant bits, so rounding one input has relative error at most
+u = 2^-8; a product term a*b of two rounded inputs is off by at most ~2u relative.
+- Against a reference that rounds the same inputs (reference.round_bf16 swapped in for
+  reference.product_input), the engine differs only where a float64 activation and the
+  engine's float32 one fall on two sides of a bf16 rounding boundary (a chance of about
+  2^-24 / 2^-9 = 2^-15 per element). The small configs A, B, C have too few elements for any
+  such flip, so they must match as fp32 does (1e-5, REL_TOL_SAME); D and E have ~1e5 rounded
+  elements, a few flip, and each flip moves a value by one bf16 step: 2u = 8e-3 bounds that,
+  with headroom for a flip to feed later layers (2e-2, REL_TOL_FLIPS).
+- Against the plain float64 reference, every product is off by up to 2u relative and the
+  errors add along the dozen products between a weight and the loss and back in these
+  two-layer models: about 25u = 0.1 of a tensor's largest gradient (REL_TOL_PLAIN), and
+  2.5u = 1e-2 on the loss, which passes through four products forward. A wrong transpose or
+  an unrounded input is an O(1) error and fails either way.
+"""
+import math
+
+import numpy as np
+import pytest
+
+import reference as ref
+from cllm_cli import _engine, precision, train
+from cllm_cli._engine import parameter_layout
+from cllm_cli.checkpoint import load_checkpoint
+from cllm_cli.trainer import main as train_main
+from helpers import assert_bit_identical, assert_one_error_line, call
+from markov import make_markov_corpus
+from test_engine_grads import CASES, CONFIGS, make_batch, make_params
+from test_threads import BASE, ckpt_files, make_corpus
+
+U = 2.0 ** -8
+REL_TOL_SAME = 1e-5
+REL_TOL_FLIPS = 2e-2
+REL_TOL_PLAIN = 0.1
+LOSS_TOL_PLAIN = 1e-2
+
+precision.require("bf16")      # a CPU without bf16, or no oneDNN: every test here fails
+
+
+def bf16_values(bits):
+    return (np.asarray(bits, np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def nearest_bf16(x):
+    """The bf16 nearest to float32 x, ties to the even significand, found by comparing the
+    two neighbours in float64 (an independent route to op_bf16_round's answer)."""
+    u = int(np.float32(x).view(np.uint32))
+    if math.isnan(x):
+        return None
+    down = u >> 16
+    up = down + 1
+    if math.isinf(x):
+        return down
+    lo, hi = bf16_values([down, up])
+    if math.isinf(hi):      # rounding sees the step past the largest finite bf16 as 2^128
+        hi = math.copysign(2.0 ** 128, hi)
+    # distances in float64 are exact for float32 inputs
+    d_lo, d_hi = abs(float(np.float32(x)) - lo), abs(float(np.float32(x)) - hi)
+    if d_lo != d_hi:
+        return down if d_lo < d_hi else up
+    return down if down % 2 == 0 else up
+
+
+def test_rounding_is_nearest_even_on_every_kind_of_float():
+    rng = np.random.default_rng(0)
+    bits = np.concatenate([
+        rng.integers(0, 2**32, 20000, dtype=np.uint64),
+        # ties: the low half exactly 0x8000, with both parities of the kept part
+        (rng.integers(0, 2**16, 2000, dtype=np.uint64) << 16) | 0x8000,
+        np.array([0, 0x80000000, 0x00000001, 0x00008000, 0x007FFFFF, 0x7F7FFFFF, 0xFF7FFFFF,
+                  0x7F800000, 0xFF800000, 0x3F808000, 0x3F818000], np.uint64),
+    ]).astype(np.uint32)
+    x = bits.view(np.float32)
+    got = _engine.op_bf16_round(x)
+    for xi, gi in zip(x, got):
+        want = nearest_bf16(float(xi))
+        if want is None:
+            assert gi & 0x7F80 == 0x7F80 and gi & 0x7F, f"NaN {xi!r} became {gi:#06x}"
+        else:
+            assert gi == want, f"{float(xi)!r}: got {gi:#06x}, want {want:#06x}"
+
+
+@pytest.mark.parametrize("trans_a, trans_b", [(False, True), (False, False), (True, False)])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_gemm_is_the_exact_product_of_the_rounded_inputs(trans_a, trans_b, accumulate):
+    """The three products a linear layer runs (forward, input and weight gradients), with
+    and without adding onto C: within fp32 summation error of the float64 product."""
+    rng = np.random.default_rng(1)
+    M, N, K = 67, 45, 131
+    a = _engine.op_bf16_round(rng.standard_normal(M * K).astype(np.float32))
+    b = _engine.op_bf16_round(rng.standard_normal(K * N).astype(np.float32))
+    a = a.reshape((K, M) if trans_a else (M, K))
+    b = b.reshape((N, K) if trans_b else (K, N))
+    c0 = rng.standard_normal((M, N)).astype(np.float32)
+    c = c0.copy()
+    impl = _engine.op_bf16_gemm(a, b, c, trans_a, trans_b, accumulate)
+    av, bv = bf16_values(a), bf16_values(b)
+    want = (av.T if trans_a else av) @ (bv.T if trans_b else bv)
+    bound = (np.abs(av.T if trans_a else av) @ np.abs(bv.T if trans_b else bv))
+    if accumulate:
+        want = want + c0
+        bound = bound + np.abs(c0)
+    assert np.all(np.abs(c - want) <= K * 2.0 ** -24 * bound + 1e-30)
+    assert "bf16" in impl, f"oneDNN fell back to {impl}"
+
+
+def engine_and_reference(key, B, n, pad_rows, rounded):
+    cfg = CONFIGS[key]
+    flat, p64 = make_params(cfg, seed=B * 10 + n)
+    inputs, targets = make_batch(cfg, B, n, seed=B * 100 + n, pad_rows=pad_rows)
+    grads = np.zeros_like(flat)
+    loss, counted = _engine.loss_and_grads(cfg, flat, inputs, targets, grads, precision="bf16")
+    original = ref.product_input
+    ref.product_input = ref.round_bf16 if rounded else original
+    try:
+        rloss, rcount, rgrads = ref.loss_and_grads(p64, cfg, inputs, targets)
+    finally:
+        ref.product_input = original
+    assert counted == rcount
+    views = ref.unflatten(grads, cfg)
+    errors = {}
+    for name, shape, _ in parameter_layout(cfg):
+        g, r = views[name], rgrads[name]
+        assert np.all(np.isfinite(g)), name
+        scale = np.abs(r).max()
+        assert scale > 0, f"{name}: the reference gradient is zero, the case tests nothing"
+        errors[name] = np.abs(g - r).max() / scale
+    return abs(loss - rloss) / abs(rloss), errors
+
+
+@pytest.mark.parametrize("key, B, n, pad_rows", CASES)
+def test_gradients_match_a_reference_that_rounds_the_same_inputs(key, B, n, pad_rows):
+    loss_err, errors = engine_and_reference(key, B, n, pad_rows, rounded=True)
+    tol = REL_TOL_SAME if key in "ABC" else REL_TOL_FLIPS
+    assert loss_err <= tol
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= tol, f"{worst}: {errors[worst]:.3g} of its max |grad|"
+
+
+@pytest.mark.parametrize("key, B, n, pad_rows", CASES)
+def test_gradients_match_the_float64_reference_within_bf16_error(key, B, n, pad_rows):
+    loss_err, errors = engine_and_reference(key, B, n, pad_rows, rounded=False)
+    assert loss_err <= LOSS_TOL_PLAIN
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= REL_TOL_PLAIN, f"{worst}: {errors[worst]:.3g} of its max |grad|"
+
+
+def test_bf16_differs_from_fp32():
+    """The precision is really applied: the same batch gives other bits in bf16."""
+    cfg = CONFIGS["D"]
+    flat, _ = make_params(cfg, seed=3)
+    inputs, targets = make_batch(cfg, 2, 40, seed=4)
+    g32, g16 = np.zeros_like(flat), np.zeros_like(flat)
+    l32, _ = _engine.loss_and_grads(cfg, flat, inputs, targets, g32)
+    l16, _ = _engine.loss_and_grads(cfg, flat, inputs, targets, g16, precision="bf16")
+    assert l32 != l16 and not np.array_equal(g32, g16)
+    assert abs(l32 - l16) <= LOSS_TOL_PLAIN * abs(l32)
+
+
+def test_logits_in_bf16_match_the_rounded_reference():
+    cfg = CONFIGS["B"]
+    flat, p64 = make_params(cfg, seed=5)
+    inputs, _ = make_batch(cfg, 2, 7, seed=6)
+    out = np.zeros((2, 7, cfg.vocab_size), np.float32)
+    _engine.forward_logits(cfg, flat, inputs, out, precision="bf16")
+    original = ref.product_input
+    ref.product_input = ref.round_bf16
+    try:
+        want = ref.logits(p64, cfg, inputs)
+    finally:
+        ref.product_input = original
+    assert np.abs(out - want).max() <= REL_TOL_SAME * np.abs(want).max()
+
+
+# -- the determinism contract within bf16, through train() ------------------------------------
+
+def run(data, ckpt_dir, **over):
+    opts = dict(BASE, checkpoint_dir=str(ckpt_dir), precision="bf16")
+    opts.update(over)
+    return train([str(data)], **opts)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt", 95)
+
+
+@pytest.fixture(scope="module")
+def bf16_reference(corpus, tmp_path_factory):
+    d = tmp_path_factory.mktemp("bf16") / "ckpt"
+    return {"dir": d, "result": run(corpus, d, threads=1)}
+
+
+@pytest.mark.parametrize("threads, lock_mode", [(2, "shared"), (3, "exclusive"), (8, "shared")])
+def test_bf16_runs_are_bit_identical_across_threads_and_lock_modes(bf16_reference, corpus,
+                                                                   tmp_path, threads, lock_mode):
+    result = run(corpus, tmp_path / "ckpt", threads=threads, lock_mode=lock_mode)
+    for f in ckpt_files(tmp_path / "ckpt"):
+        assert_bit_identical(bf16_reference["dir"] / f, tmp_path / "ckpt" / f)
+    assert result["val_loss"] == bf16_reference["result"]["val_loss"]
+
+
+def test_bf16_resumed_run_equals_the_straight_run(bf16_reference, corpus, tmp_path):
+    """Resumed from step 4 without naming the precision: the checkpoint's bf16 is kept."""
+    import shutil
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    for f in ("checkpoint_step_4.cllm", "vocab.txt", "dataset.bin"):
+        shutil.copy2(bf16_reference["dir"] / f, d / f)
+    opts = dict(BASE, checkpoint_dir=str(d), threads=2, resume=True)
+    train([str(corpus)], **opts)
+    for f in ckpt_files(d):
+        assert_bit_identical(bf16_reference["dir"] / f, d / f)
+
+
+def test_checkpoint_records_bf16_and_keeps_fp32_weights(bf16_reference, corpus, tmp_path):
+    ck = load_checkpoint(bf16_reference["dir"] / "final_model.cllm")
+    assert ck["meta"]["train_config"]["precision"] == "bf16"
+    assert ck["params"].dtype == np.float32
+    # not bf16 values: the master weights keep their fp32 low bits
+    assert np.any(ck["params"].view(np.uint32) & 0xFFFF)
+    fp32 = train([str(corpus)], **dict(BASE, checkpoint_dir=str(tmp_path / "fp32"), threads=1))
+    assert fp32["val_loss"] != bf16_reference["result"]["val_loss"]
+    assert abs(fp32["val_loss"] - bf16_reference["result"]["val_loss"]) < 0.05
+
+
+def test_resume_refuses_another_precision(bf16_reference, corpus, tmp_path, capsys):
+    import shutil
+    d = tmp_path / "ckpt"
+    shutil.copytree(bf16_reference["dir"], d)
+    argv = [corpus, "--checkpoint-dir", d, "--resume", "--precision", "fp32", "--quiet"]
+    code, _, err = call(capsys, train_main, *argv)
+    assert_one_error_line(code, err, "train_model", "--precision", "bf16", "fp32")
+
+
+def test_missing_onednn_is_one_line(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(precision, "library_path", lambda: None)
+    monkeypatch.setattr(_engine, "load_bf16", lambda path: pytest.fail("loaded"))
+    argv = [corpus, "--checkpoint-dir", tmp_path / "ck", "--precision", "bf16", "--quiet"]
+    code, _, err = call(capsys, train_main, *argv)
+    assert_one_error_line(code, err, "train_model", "oneDNN", "bf16")
+    assert not (tmp_path / "ck").exists()
+
+
+def test_cpu_without_bf16_is_one_line(corpus, tmp_path, capsys, monkeypatch):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n")
+    assert not precision.cpu_has_bf16(str(cpuinfo))
+    assert precision.cpu_has_bf16()      # this machine
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    argv = [corpus, "--checkpoint-dir", tmp_path / "ck", "--precision", "bf16", "--quiet"]
+    code, _, err = call(capsys, train_main, *argv)
+    assert_one_error_line(code, err, "train_model", "avx512_bf16")
+
+
+def test_engine_refuses_an_unknown_precision():
+    cfg = CONFIGS["A"]
+    flat, _ = make_params(cfg)
+    with pytest.raises(ValueError, match="precision"):
+        _engine.Engine(cfg, flat, 1, 1, 1, precision="fp16")
+
+
+@pytest.mark.slow
+def test_bf16_learns_the_markov_source(tmp_path):
+    """test_learning's run and margins, in bf16."""
+    from test_learning import LOWER_MARGIN, UPPER_MARGIN
+    text, H = make_markov_corpus(n_words=40, n_tokens=80000, seed=7, branching=4)
+    corpus = tmp_path / "markov.txt"
+    corpus.write_text(text)
+    result = train([str(corpus)], checkpoint_dir=str(tmp_path / "ckpt"), tokenizer="word",
+                   embed_dim=32, num_layers=1, num_heads=2, seq_len=32, batch_size=16,
+                   micro_batch=4, max_steps=1000, learning_rate=3e-3, warmup_steps=20,
+                   eval_interval=0, val_fraction=0.1, threads=2, quiet=True, precision="bf16")
+    assert H - LOWER_MARGIN < result["val_loss"] < H + UPPER_MARGIN, (result["val_loss"], H)
