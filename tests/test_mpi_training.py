@@ -131,6 +131,22 @@ def test_dropout_masks_follow_the_global_micro_batch_on_every_layout(corpus, one
         "dropout should change the run"
 
 
+def test_bf16_runs_alike_on_every_layout(corpus, one_process, tmp_path):
+    """--precision bf16 over 2 ranks x 1 sphere gives the checkpoints of 1 x 2 (and other
+    bits than fp32)."""
+    out = {}
+    for ranks, threads in ((1, 2), (2, 1)):
+        ck = tmp_path / f"ck{ranks}x{threads}"
+        p = run(ranks, threads, corpus, *TINY, "--precision", "bf16", "--checkpoint-dir", ck,
+                "--metrics-file", ck / "m.jsonl")
+        assert p.returncode == 0, p.stderr
+        out[ranks, threads] = ck
+    for name in ("checkpoint_step_2.cllm", "checkpoint_step_4.cllm", "final_model.cllm"):
+        assert_bit_identical(out[1, 2] / name, out[2, 1] / name)
+    assert results(out[2, 1] / "m.jsonl") != results(one_process / "m.jsonl"), \
+        "bf16 should change the run"
+
+
 def test_more_ranks_than_micro_batches_leaves_ranks_idle_and_the_result_alike(corpus, tmp_path):
     few = [*TINY, "--batch-size", "4", "--eval-tokens", "40"]       # 2 micro-batches, 3 ranks
     out = {}
