@@ -349,9 +349,12 @@ cdef int activations_use_bf16(Activations* a, const ModelConfig* c, const float*
         return -1
     b.inputs = <uint16_t*>malloc(widest_in * sizeof(uint16_t))
     b.grads = <uint16_t*>malloc(widest_out * sizeof(uint16_t))
-    if b.inputs == NULL or b.grads == NULL or bf16_context_init(&b.ctx) != 0:
+    b.block = <uint16_t*>malloc(<size_t>ATT_BLOCK * c.T * sizeof(uint16_t))
+    if (b.inputs == NULL or b.grads == NULL or b.block == NULL
+            or bf16_context_init(&b.ctx) != 0):
         free(b.inputs)
         free(b.grads)
+        free(b.block)
         free(b)
         return -1
     b.master = master
@@ -367,6 +370,7 @@ cdef void activations_free(Activations* a) noexcept nogil:
         bf16_context_free(&a.bf16.ctx)
         free(a.bf16.inputs)
         free(a.bf16.grads)
+        free(a.bf16.block)
         free(a.bf16)
         a.bf16 = NULL
 
@@ -453,7 +457,7 @@ cdef void block_forward(LayerActs* a, const float* res, const LayerParams* p, in
     # residual2 = res + dropout(c_proj(attention(c_attn(ln_1(res)))))
     layernorm_forward(a.ln, a.ln1_mean, a.ln1_rstd, res, p.ln1w, p.ln1b, N, C)
     linear_forward(a.bf16, a.qkv, a.ln, p.qkvw, p.qkvb, N, C, 3 * C)
-    attention_forward(a.atty, a.att_max, a.att_scale, a.att_probs, a.qkv, B, n, C, c.NH, d, l)
+    attention_forward(a.bf16, a.atty, a.att_max, a.att_scale, a.att_probs, a.qkv, B, n, C, c.NH, d, l)
     if drop:
         residual_dropout_forward(a.bf16, a.residual2, res, a.atty, p.attprojw, p.attprojb, N, C, C, d,
                                  dropout_key(d, l, DROP_ATTN_PROJ))
@@ -503,7 +507,7 @@ cdef void block_backward(Activations* a, const LayerActs* la, const float* res, 
     linear_backward(a.bf16, a.dnarrow, g.attprojw, g.attprojb, a.dresidual_mid, la.atty, p.attprojw,
                     N, C, C)
     clear(a.dwide, NC * 3)
-    attention_backward(a.dwide, la.att_probs, la.att_dprobs, a.dnarrow, la.qkv, la.att_max,
+    attention_backward(a.bf16, a.dwide, la.att_probs, la.att_dprobs, a.dnarrow, la.qkv, la.att_max,
                        la.att_scale, B, n, C, c.NH, d, l)
     layernorm_apply(la.ln, res, la.ln1_mean, la.ln1_rstd, p.ln1w, p.ln1b, N, C)
     clear(a.dnarrow, NC)
@@ -673,7 +677,7 @@ cdef void attention_row(float* out, float* scores, const float* qkv, int t, int 
     cdef int h
     cdef float mx, s
     for h in range(NH):
-        attention_scores(scores, qkv + h * hs, t, 1, T, C, hs, scale)
+        attention_scores(NULL, scores, qkv + h * hs, NULL, t, 1, T, C, hs, scale)
         attention_softmax_row(scores, t + 1, &mx, &s)
         sgemm_rm(False, False, 1, hs, t + 1, 1.0, scores, T, qkv + 2 * C + h * hs, 3 * C,
                  0.0, out + h * hs, C)

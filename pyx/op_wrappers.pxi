@@ -143,7 +143,7 @@ def op_attention_forward(const float[:, :, ::1] qkv, int num_heads):
     scratch = np.empty((ATT_BLOCK, n), np.float32)
     cdef float[:, :, ::1] o = out, m = row_max, sc = row_scale
     cdef float[:, ::1] probs = scratch
-    attention_forward(&o[0, 0, 0], &m[0, 0, 0], &sc[0, 0, 0], &probs[0, 0], &qkv[0, 0, 0],
+    attention_forward(NULL, &o[0, 0, 0], &m[0, 0, 0], &sc[0, 0, 0], &probs[0, 0], &qkv[0, 0, 0],
                       B, n, C, num_heads, NULL, 0)
     return out, row_max, row_scale
 
@@ -165,7 +165,7 @@ def op_attention_probs(const float[:, :, ::1] qkv, const float[:, :, ::1] row_ma
         for h in range(NH):
             for r0 in range(0, n, ATT_BLOCK):
                 rows = min(ATT_BLOCK, n - r0)
-                attention_probs(&probs[0, 0], &qkv[b, 0, 0] + h * hs, &row_max[b, h, 0],
+                attention_probs(NULL, &probs[0, 0], &qkv[b, 0, 0] + h * hs, NULL, &row_max[b, h, 0],
                                 &row_scale[b, h, 0], r0, rows, n, C, hs,
                                 1.0 / sqrtf(<float>hs))
                 att[b, h, r0:r0 + rows, :r0 + rows] = scratch[:rows, :r0 + rows]
@@ -183,7 +183,7 @@ def op_attention_backward(float[:, :, ::1] dqkv, const float[:, :, ::1] dout,
             and NH >= 1 and C % NH == 0, "shapes do not match")
     scratch = np.empty((2, ATT_BLOCK, n), np.float32)
     cdef float[:, :, ::1] work = scratch
-    attention_backward(&dqkv[0, 0, 0], &work[0, 0, 0], &work[1, 0, 0], &dout[0, 0, 0],
+    attention_backward(NULL, &dqkv[0, 0, 0], &work[0, 0, 0], &work[1, 0, 0], &dout[0, 0, 0],
                        &qkv[0, 0, 0], &row_max[0, 0, 0], &row_scale[0, 0, 0], B, n, C, NH,
                        NULL, 0)
 

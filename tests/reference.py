@@ -158,13 +158,14 @@ def attention_forward(qkv, H, mask=None):
     q, k, v = (qkv[:, :, i * C:(i + 1) * C].reshape(B, n, H, hs).transpose(0, 2, 1, 3)
                for i in range(3))
     scale = 1.0 / math.sqrt(hs)
-    preatt = (q @ k.transpose(0, 1, 3, 2)) * scale          # [B, H, n, n]
+    pi = product_input
+    preatt = (pi(q) @ pi(k).transpose(0, 1, 3, 2)) * scale  # [B, H, n, n]
     causal = np.tril(np.ones((n, n), dtype=bool))
     preatt = np.where(causal, preatt, -np.inf)
     att = np.exp(preatt - preatt.max(axis=-1, keepdims=True))
     att /= att.sum(axis=-1, keepdims=True)                  # masked entries are exactly 0
     used = att if mask is None else att * mask
-    y = used @ v                                            # [B, H, n, hs]
+    y = pi(used) @ pi(v)                                    # [B, H, n, hs]
     out = y.transpose(0, 2, 1, 3).reshape(B, n, C)          # heads concatenated in order
     return out, (q, k, v, att, scale, H, mask)
 
@@ -174,17 +175,18 @@ def attention_backward(dout, cache):
     q, k, v, att, scale, H, mask = cache
     B, _, n, hs = q.shape
     C = H * hs
+    pi = product_input
     dy = dout.reshape(B, n, H, hs).transpose(0, 2, 1, 3)    # [B, H, n, hs]
-    datt = dy @ v.transpose(0, 1, 3, 2)                     # [B, H, n, n]
+    datt = pi(dy) @ pi(v).transpose(0, 1, 3, 2)             # [B, H, n, n]
     used = att
     if mask is not None:        # y = (att * mask) @ v
         used = att * mask
         datt = datt * mask
-    dv = used.transpose(0, 1, 3, 2) @ dy
-    # softmax backward; masked entries have att == 0 so they get no gradient
-    dpreatt = att * (datt - (datt * att).sum(axis=-1, keepdims=True))
-    dq = (dpreatt @ k) * scale
-    dk = (dpreatt.transpose(0, 1, 3, 2) @ q) * scale
+    dv = pi(used).transpose(0, 1, 3, 2) @ pi(dy)
+    # softmax backward, scaled; masked entries have att == 0 so they get no gradient
+    dpreatt = scale * att * (datt - (datt * att).sum(axis=-1, keepdims=True))
+    dq = pi(dpreatt) @ pi(k)
+    dk = pi(dpreatt).transpose(0, 1, 3, 2) @ pi(q)
     dqkv = np.empty((B, n, 3 * C))
     for i, d in enumerate((dq, dk, dv)):
         dqkv[:, :, i * C:(i + 1) * C] = d.transpose(0, 2, 1, 3).reshape(B, n, C)
