@@ -16,13 +16,15 @@ Choices written down here:
   as train_model reports it. It compares models whatever their tokenizer.
 - The batch size and micro-batch (how the loss is grouped) are the checkpoint's training
   settings; --threads only changes speed.
+- The matrix products run in the precision the model was trained in (--precision to choose),
+  so a bf16 run's `--split val` is its validation loss too.
 """
 import json
 import math
 import os
 import sys
 
-from . import _engine
+from . import _engine, precision
 from .checkpoint import CheckpointError
 from .cli import HelpFormatter, Parser, UsageError, run_main
 from .batches import eval_windows, split_stream
@@ -58,6 +60,8 @@ def build_parser():
                    help="vocab.txt the model was trained with (default: vocab.txt next to the "
                         "checkpoint)")
     p.add_argument("--threads", type=int, default=None, help="worker spheres (default: all cores)")
+    p.add_argument("--precision", choices=precision.PRECISIONS, default=None,
+                   help="of the matrix products (default: the one the model was trained in)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p
 
@@ -97,13 +101,13 @@ def split_of_run(checkpoint_path, model, tokenizer, split):
     return part, bytes_per_token
 
 
-def evaluate_stream(model, stream, threads, batch_size, micro_batch, pad_id):
+def evaluate_stream(model, stream, threads, batch_size, micro_batch, pad_id, precision="fp32"):
     """(summed loss, counted targets, windows) of the validation windows of `stream`."""
     windows = eval_windows(stream, model.config.seq_len)
     if len(windows) == 0:
         raise DataError(f"too little text: {len(stream)} token(s), need at least 2")
     with _engine.Engine(model.config, model.flat, threads, min(micro_batch, batch_size),
-                        batch_size, pad_id=pad_id) as engine:
+                        batch_size, pad_id=pad_id, precision=precision) as engine:
         loss_sum, counted = engine.evaluate(windows)
     return loss_sum, counted, len(windows)
 
@@ -127,9 +131,11 @@ def run(args, out):
         bytes_per_token = size / len(stream)
         what, n_files = f"{len(files)} file(s)", len(files)
     threads = args.threads or len(os.sched_getaffinity(0))
+    products = args.precision or config.get("precision", "fp32")
+    precision.require(products)
     loss_sum, counted, n_windows = evaluate_stream(
         model, stream, threads, int(config.get("batch_size", 32)),
-        int(config.get("micro_batch", 4)), tokenizer.pad_id)
+        int(config.get("micro_batch", 4)), tokenizer.pad_id, products)
     loss = loss_sum / counted if counted else float("nan")
     ppl = perplexity(loss) if counted else float("nan")
     bpb = loss / math.log(2) / bytes_per_token if counted and bytes_per_token else None
@@ -149,7 +155,7 @@ def run(args, out):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     return run_main(PROG, lambda: run(args, sys.stdout),
-                    {(UsageError, DataError, CheckpointError): 2},
+                    {(UsageError, DataError, CheckpointError, precision.PrecisionError): 2},
                     stop_without_output=True)
 
 

@@ -275,3 +275,20 @@ def test_bf16_learns_the_markov_source(tmp_path):
                    micro_batch=4, max_steps=1000, learning_rate=3e-3, warmup_steps=20,
                    eval_interval=0, val_fraction=0.1, threads=2, quiet=True, precision="bf16")
     assert H - LOWER_MARGIN < result["val_loss"] < H + UPPER_MARGIN, (result["val_loss"], H)
+
+
+def test_cllm_eval_uses_the_runs_precision(bf16_reference, capsys):
+    """cllm_eval --split val on the bf16 run gives train_model's final val loss exactly (the
+    checkpoint's precision by default), and --precision fp32 another."""
+    import json
+    from cllm_cli.eval_cli import main as eval_main
+    final = bf16_reference["dir"] / "final_model.cllm"
+    code, out, err = call(capsys, eval_main, final, "--split", "val", "--json", "--threads", "2")
+    assert code == 0, err
+    assert json.loads(out)["loss"] == bf16_reference["result"]["val_loss"]
+    code, out, err = call(capsys, eval_main, final, "--split", "val", "--json",
+                          "--precision", "fp32")
+    assert code == 0, err
+    fp32 = json.loads(out)["loss"]
+    assert fp32 != bf16_reference["result"]["val_loss"]
+    assert abs(fp32 - bf16_reference["result"]["val_loss"]) < 0.01
