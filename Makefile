@@ -67,11 +67,13 @@ train: build
 	$(VENV)/bin/train_model data/corpus.txt --checkpoint-dir checkpoints --overwrite $(TRAIN_ARGS)
 
 # Training speed on configs S and D (python -m cllm_cli.bench --help; extra options in
-# BENCH_ARGS). PyTorch, pinned to the CPU build's version, is only for the comparison: when it
-# cannot be installed the benchmark runs without it.
+# BENCH_ARGS), then bf16 against fp32 on D and GPT-2 small's shape (python -m
+# cllm_cli.bench_bf16 --help; options in BF16_BENCH_ARGS). PyTorch, pinned to the CPU build's
+# version, is only for the comparison: when it cannot be installed the benchmark runs without it.
 bench: build
 	@$(PY) -m pip install -q torch==2.13.0 || echo "bench: torch==2.13.0 not installed, PyTorch comparison skipped"
 	$(PY) -m cllm_cli.bench $(BENCH_ARGS)
+	$(PY) -m cllm_cli.bench_bf16 $(BF16_BENCH_ARGS)
 
 # ThreadSanitizer over a short multi-sphere training of a TSan build kept in build/tsan
 # (no suppressions are needed: the interpreter reports nothing either)

@@ -181,11 +181,14 @@ def worker(spec):
         return out
 
     from ._engine import Engine
+    from .precision import require
+    require(spec.get("precision", "fp32"))
     baseline = rss_now_bytes()
     flat = CLLMModel(cfg, SEED).flat     # this process's own copy: updated in place
     adam_m, adam_v = np.zeros_like(flat), np.zeros_like(flat)
     engine = Engine(cfg, flat, spec["threads"], spec["micro_batch"],
-                    CONFIGS[name]["batch"], lock_mode=spec["lock_mode"])
+                    CONFIGS[name]["batch"], lock_mode=spec["lock_mode"],
+                    precision=spec.get("precision", "fp32"))
     losses, skipped = [], 0
 
     def step(i):

@@ -133,9 +133,12 @@ def run(spec, cfg, flat, batches, burn_in_and_time):
             for b in batches]
     losses = []
 
+    autocast = spec.get("precision") == "bf16"
+
     def step(i):
         x, y = data[i]
-        loss = forward(x, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = forward(x, y)
         loss.backward()
         if spec["grad_clip"] > 0:
             torch.nn.utils.clip_grad_norm_(params, spec["grad_clip"], foreach=True)
