@@ -113,14 +113,13 @@ def test_every_layout_gives_the_checkpoints_of_one_process(corpus, one_process, 
                    for r in metrics(ck / "m.jsonl") if "loss" in r)
 
 
-def test_dropout_masks_follow_the_global_micro_batch_on_every_layout(corpus, one_process,
-                                                                      tmp_path):
-    """With --dropout 0.1, rank 1 of 2 runs global micro-batches 3 and 4 as its local 0 and 1:
-    it draws their masks, so 2 ranks x 1 sphere gives the checkpoints of 1 x 2."""
+def assert_2x1_equals_1x2(corpus, one_process, tmp_path, *options):
+    """A run with `options` over 2 ranks x 1 sphere ends on the checkpoints and figures of
+    1 x 2, and differs from the plain run."""
     out = {}
     for ranks, threads in ((1, 2), (2, 1)):
         ck = tmp_path / f"ck{ranks}x{threads}"
-        p = run(ranks, threads, corpus, *TINY, "--dropout", "0.1", "--checkpoint-dir", ck,
+        p = run(ranks, threads, corpus, *TINY, *options, "--checkpoint-dir", ck,
                 "--metrics-file", ck / "m.jsonl")
         assert p.returncode == 0, p.stderr
         out[ranks, threads] = ck
@@ -128,23 +127,18 @@ def test_dropout_masks_follow_the_global_micro_batch_on_every_layout(corpus, one
         assert_bit_identical(out[1, 2] / name, out[2, 1] / name)
     assert results(out[1, 2] / "m.jsonl") == results(out[2, 1] / "m.jsonl")
     assert results(out[2, 1] / "m.jsonl") != results(one_process / "m.jsonl"), \
-        "dropout should change the run"
+        f"{options} should change the run"
+
+
+def test_dropout_masks_follow_the_global_micro_batch_on_every_layout(corpus, one_process,
+                                                                      tmp_path):
+    """With --dropout 0.1, rank 1 of 2 runs global micro-batches 3 and 4 as its local 0 and 1:
+    it draws their masks, so 2 ranks x 1 sphere gives the checkpoints of 1 x 2."""
+    assert_2x1_equals_1x2(corpus, one_process, tmp_path, "--dropout", "0.1")
 
 
 def test_bf16_runs_alike_on_every_layout(corpus, one_process, tmp_path):
-    """--precision bf16 over 2 ranks x 1 sphere gives the checkpoints of 1 x 2 (and other
-    bits than fp32)."""
-    out = {}
-    for ranks, threads in ((1, 2), (2, 1)):
-        ck = tmp_path / f"ck{ranks}x{threads}"
-        p = run(ranks, threads, corpus, *TINY, "--precision", "bf16", "--checkpoint-dir", ck,
-                "--metrics-file", ck / "m.jsonl")
-        assert p.returncode == 0, p.stderr
-        out[ranks, threads] = ck
-    for name in ("checkpoint_step_2.cllm", "checkpoint_step_4.cllm", "final_model.cllm"):
-        assert_bit_identical(out[1, 2] / name, out[2, 1] / name)
-    assert results(out[2, 1] / "m.jsonl") != results(one_process / "m.jsonl"), \
-        "bf16 should change the run"
+    assert_2x1_equals_1x2(corpus, one_process, tmp_path, "--precision", "bf16")
 
 
 def test_more_ranks_than_micro_batches_leaves_ranks_idle_and_the_result_alike(corpus, tmp_path):
