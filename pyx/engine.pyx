@@ -46,6 +46,12 @@
 #   its index in the global batch, layer, site, element) (dropout.h, a counter-based hash),
 #   drawn again in backward rather than stored, so they never depend on which sphere runs
 #   the micro-batch. p = 0 (Dropout NULL or threshold 0) runs exactly the kernels without it.
+# - Precision bf16 (bf16_gemm.h, loaded with load_bf16). Every matrix product rounds its
+#   inputs to bf16 and runs on oneDNN's matmul with fp32 accumulation and output; each
+#   sphere's Bf16Products (in its Activations; NULL for fp32) owns its oneDNN engine, stream,
+#   primitives and scratchpad, and the system rounds the weights into bf16_weights when it
+#   hands out a batch. A product's bits depend only on its shape and inputs, so the thread
+#   count changes nothing here either.
 # - Generation. Decoder keeps every layer's qkv rows of the positions so far and runs the
 #   model on one new position: the same kernels on one row.
 # - Locks. model_lock (rwlock): read by spheres around forward/backward (write in exclusive
