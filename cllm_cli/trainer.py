@@ -248,6 +248,7 @@ class Trainer:
         meta = ckpt["meta"]
         try:
             saved = dict(meta["train_config"])
+            saved.setdefault("precision", "fp32")     # checkpoints from before --precision
             state = TrainState(**meta["state"])
             vocab_hash, dataset_key = meta["vocab_hash"], meta["dataset_key"]
         except (KeyError, TypeError) as e:
