@@ -155,7 +155,8 @@ def run(args, out):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     return run_main(PROG, lambda: run(args, sys.stdout),
-                    {(UsageError, DataError, CheckpointError, precision.PrecisionError): 2},
+                    {(UsageError, DataError, CheckpointError, precision.PrecisionError): 2,
+                     _engine.ProductError: 1},
                     stop_without_output=True)
 
 

@@ -74,7 +74,7 @@ class TrainConfig:
     seed: int = option(1234, "optimisation", minimum=0, fixed=True)
     dropout: float = option(0.0, "optimisation", "dropout probability at GPT-2's sites, in "
                             "training only (0: none); may change on --resume")
-    precision: str = option("fp32", "optimisation", "the inputs of the weight products: fp32, "
+    precision: str = option("fp32", "optimisation", "the inputs of every matrix product: fp32, "
                             "or bf16 rounded (fp32 sums, master weights and optimiser; needs "
                             "the bf16 extra)", choices=("fp32", "bf16"), fixed=True)
     max_bad_steps: int = option(3, "optimisation", "stop after this many consecutive steps "

@@ -661,7 +661,7 @@ def threaded_training_print_stats(stats, wall, log):
 # -- many processes (SPEC section 8; the pieces are in parallel.py) -------------------------
 
 STATUSES = {(UsageError, DataError, CheckpointError, DistributedError, PrecisionError): 2,
-            (TrainingError, PlotError): 1}
+            (TrainingError, PlotError, _engine.ProductError): 1}
 
 
 def exit_status(error):

@@ -240,11 +240,15 @@ cdef bint check_precision(str precision) except -1:
     return precision == "bf16"
 
 
+class ProductError(RuntimeError):
+    """A bf16 matrix product failed in oneDNN (its output was NaN): the engine is unusable."""
+
+
 cdef int check_products(int status) except -1:
     if status == -1 or status == 1:     # ours, or oneDNN's dnnl_out_of_memory
         raise MemoryError("a bf16 matrix product could not get its memory")
     if status != 0:
-        raise RuntimeError(f"a bf16 matrix product failed (oneDNN status {status})")
+        raise ProductError(f"a bf16 matrix product failed (oneDNN status {status})")
     return 0
 
 
@@ -400,7 +404,7 @@ cdef class Engine:
         optimiser; max_windows: the most windows one call hands the spheres; pad_id: targets
         equal to it are not counted (-1: every target counts); dropout: its probability in
         training steps (never in evaluate), masks keyed by seed, step and micro-batch;
-        precision: "fp32", or "bf16" (weight products on bf16 inputs; load_bf16 first)."""
+        precision: "fp32", or "bf16" (every matrix product on bf16 inputs; load_bf16 first)."""
         cdef ModelConfig c = model_config(cfg)
         cdef Dropout d
         dropout_settings(&d, dropout, seed)

@@ -48,7 +48,7 @@ cdef extern from "bf16_gemm.h" nogil:
 
 
 cdef struct Bf16Products:
-    # a sphere's state for --precision bf16: the weight products take bf16 inputs
+    # a sphere's state for --precision bf16: every matrix product takes bf16 inputs
     bf16_context ctx
     const float* master         # the parameters whose rounded copy `weights` is
     const uint16_t* weights     # bf16(master), same offsets: shared, read-only while spheres run
