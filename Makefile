@@ -51,30 +51,30 @@ man: build
 
 man-pages:
 	@mkdir -p $(MAN_DIR)
-	$(MANPAGE) --module cllm_cli.options --prog train_model \
+	$(MANPAGE) --module cllm_cli.cli.train --prog train_model \
 		--description "train a small causal language model on plain text" --output $(MAN_DIR)/train_model.1
-	$(MANPAGE) --module cllm_cli.inference --prog cllm_inference \
+	$(MANPAGE) --module cllm_cli.cli.inference --prog cllm_inference \
 		--description "generate text with a trained CLLM model" --output $(MAN_DIR)/cllm_inference.1
-	$(MANPAGE) --module cllm_cli.tokenize_cli --prog cllm_tokenize \
+	$(MANPAGE) --module cllm_cli.cli.tokenize --prog cllm_tokenize \
 		--description "encode and decode text with a CLLM vocabulary, token statistics" --output $(MAN_DIR)/cllm_tokenize.1
-	$(MANPAGE) --module cllm_cli.plot --prog cllm_plot \
+	$(MANPAGE) --module cllm_cli.cli.plot --prog cllm_plot \
 		--description "plot the loss curves of a CLLM training run" --output $(MAN_DIR)/cllm_plot.1
-	$(MANPAGE) --module cllm_cli.eval_cli --prog cllm_eval \
+	$(MANPAGE) --module cllm_cli.cli.evaluate --prog cllm_eval \
 		--description "loss, perplexity and bits per byte of a CLLM model on any text" --output $(MAN_DIR)/cllm_eval.1
-	$(MANPAGE) --module cllm_cli.export --prog cllm_export \
+	$(MANPAGE) --module cllm_cli.cli.export --prog cllm_export \
 		--description "convert a CLLM checkpoint for Hugging Face transformers or llama.cpp" --output $(MAN_DIR)/cllm_export.1
 
 train: build
 	$(VENV)/bin/train_model data/corpus.txt --checkpoint-dir checkpoints --overwrite $(TRAIN_ARGS)
 
-# Training speed on configs S and D (python -m cllm_cli.bench --help; extra options in
+# Training speed on configs S and D (python -m benchmarks.bench --help; extra options in
 # BENCH_ARGS), then bf16 against fp32 on D and GPT-2 small's shape (python -m
-# cllm_cli.bench_bf16 --help; options in BF16_BENCH_ARGS). PyTorch, pinned to the CPU build's
+# benchmarks.bf16 --help; options in BF16_BENCH_ARGS). PyTorch, pinned to the CPU build's
 # version, is only for the comparison: when it cannot be installed the benchmark runs without it.
 bench: build
 	@$(PY) -m pip install -q torch==2.13.0 || echo "bench: torch==2.13.0 not installed, PyTorch comparison skipped"
-	$(PY) -m cllm_cli.bench $(BENCH_ARGS)
-	$(PY) -m cllm_cli.bench_bf16 $(BF16_BENCH_ARGS)
+	$(PY) -m benchmarks.bench $(BENCH_ARGS)
+	$(PY) -m benchmarks.bf16 $(BF16_BENCH_ARGS)
 
 # ThreadSanitizer over a short multi-sphere training of a TSan build kept in build/tsan
 # (no suppressions are needed: the interpreter reports nothing either)

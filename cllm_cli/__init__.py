@@ -22,13 +22,13 @@ def _engine_not_loadable(error):
 
 
 try:
-    from . import _engine  # noqa: E402,F401
+    from cllm_cli import _engine  # noqa: E402,F401
 except ImportError as _error:
     raise _engine_not_loadable(_error) from None
 
-from .config import CLLMConfig  # noqa: E402
-from .tokenizers import Tokenizer  # noqa: E402
-from .model import CLLMModel, single_threaded_blas  # noqa: E402
+from cllm_cli.config import CLLMConfig
+from cllm_cli.tokenizers.base import Tokenizer  # noqa: E402
+from cllm_cli.model.cllm import CLLMModel, single_threaded_blas  # noqa: E402
 
 single_threaded_blas()    # also when scipy's BLAS was loaded before us
 
@@ -36,9 +36,9 @@ __all__ = ["CLLMConfig", "CLLMModel", "Tokenizer", "train"]
 
 
 def __getattr__(name):
-    # train() is imported on first use, so that `python -m cllm_cli.trainer` runs the module
+    # train() is imported on first use, so that `python -m cllm_cli.cli.train` runs the module
     # without the package having imported it already
     if name == "train":
-        from .trainer import train
+        from cllm_cli.training.loop import train
         return train
     raise AttributeError(f"module 'cllm_cli' has no attribute {name!r}")

@@ -529,10 +529,6 @@ cdef class Engine:
         by the global index)."""
         cdef ThreadedTrainingSystem* s = self.live()
         cdef StepTotals totals
-        cdef OptimizerSettings o
-        cdef double norm = math.nan
-        cdef int applied = 0, i
-        cdef MicroBatchResult* r
         if adamw and (adam_m is None or adam_v is None or adam_m.shape[0] != s.gradient_size
                       or adam_v.shape[0] != s.gradient_size):
             raise ValueError("optimizer state does not match the parameters")
@@ -540,29 +536,35 @@ cdef class Engine:
             raise ValueError("first_microbatch must be >= 0")
         self.run(windows, WORK_TRAIN, step, should_stop, first_microbatch)
         memset(&totals, 0, sizeof(totals))
-        tally_results(s, &totals)
+        tally_results(s, &totals)           # the epoch's and the spheres' statistics
+        return self.apply_step(step, self.results(), adam_m, adam_v, adamw=adamw, lr=lr,
+                               weight_decay=weight_decay, grad_clip=grad_clip, t=t)
+
+    def apply_step(self, long long step, list results, float[::1] adam_m, float[::1] adam_v,
+                   *, bint adamw, double lr, double weight_decay, double grad_clip,
+                   long long t, float[::1] gradients=None):
+        """The end of every training step, of one process or of a rank of many: `results`,
+        one (loss_sum, counted, sphere, valid, bad_index) per micro-batch in micro-batch
+        order, added up over the valid ones; the others reported as BadMicroBatch; then the
+        optimiser on the summed gradient (the accumulated one, or `gradients`) divided by
+        the counted tokens, when there are any. Returns the StepResult."""
+        cdef double loss_sum = 0.0, norm = math.nan
+        cdef long long tokens = 0
+        cdef bint applied = False
         bad = []
-        for i in range(s.num_microbatches):
-            r = &s.results[i]
-            if not r.valid:
-                bad.append(BadMicroBatch(step, i, r.sphere_id, isfinite(r.loss_sum),
-                                         tensor_at(self.cfg, r.bad_index)
-                                         if r.bad_index >= 0 else None))
-        if totals.tokens:
-            o.adamw = adamw
-            o.lr = lr
-            o.weight_decay = weight_decay
-            o.grad_clip = grad_clip
-            o.beta1 = 0.9
-            o.beta2 = 0.95
-            o.eps = 1e-8
-            o.t = t
-            with nogil:
-                applied = threaded_optimizer_step(s, s.accumulated_gradients, totals.tokens,
-                                                  &adam_m[0] if adamw else NULL,
-                                                  &adam_v[0] if adamw else NULL, &o, &norm)
-        return StepResult(totals.loss_sum, totals.tokens, totals.micro_batches, norm,
-                          applied, bad)
+        for index, (loss, counted, sphere, valid, bad_index) in enumerate(results):
+            if not valid:
+                bad.append(BadMicroBatch(step, index, sphere, isfinite(loss),
+                                         tensor_at(self.cfg, bad_index)
+                                         if bad_index >= 0 else None))
+                continue
+            loss_sum += loss
+            tokens += counted
+        if tokens:
+            norm, applied = self.optimizer_step(tokens, adam_m, adam_v, adamw=adamw, lr=lr,
+                                                weight_decay=weight_decay,
+                                                grad_clip=grad_clip, t=t, gradients=gradients)
+        return StepResult(loss_sum, tokens, len(results), norm, applied, bad)
 
     def evaluate(self, const int[:, ::1] windows, should_stop=None):
         """(loss_sum, tokens) of the windows (num_windows, n + 1), any number of them (run in

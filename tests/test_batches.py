@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from cllm_cli import batches as B
-from cllm_cli.dataset import prepare_dataset
-from cllm_cli.files import DataError
+from cllm_cli.corpus import batches as B
+from cllm_cli.corpus.dataset import prepare_dataset
+from cllm_cli.errors import DataError
 from helpers import write
 
 

@@ -13,11 +13,12 @@ import tokenizers
 from hypothesis import given, settings, strategies as st
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from cllm_cli import bpe
-from cllm_cli.bpe import BPETokenizer
-from cllm_cli.files import DataError, decode_block
-from cllm_cli.tokenizers import SPECIALS, Tokenizer
-from cllm_cli.hf import word_char_pipeline
+from cllm_cli.tokenizers import bpe
+from cllm_cli.tokenizers.bpe import BPETokenizer
+from cllm_cli.corpus.files import decode_block
+from cllm_cli.errors import DataError
+from cllm_cli.tokenizers.base import SPECIALS, Tokenizer
+from cllm_cli.formats.hf import word_char_pipeline
 from helpers import ROOT, sentences
 
 AWKWARD = [
@@ -223,7 +224,7 @@ def test_long_text_is_cut_and_encodes_the_same(tok, corpus, monkeypatch):
 
 TRAIN_SCRIPT = """
 import sys
-from cllm_cli import bpe
+from cllm_cli.tokenizers import bpe
 text = open(sys.argv[1], encoding="utf-8").read()
 tok = bpe.BPETokenizer.train([text, text.upper()], 900)
 bpe.CHUNK_CHARS = 1000                  # many pieces to encode in parallel

@@ -10,10 +10,9 @@ import pytest
 import safetensors.numpy
 from safetensors import safe_open
 
-from cllm_cli import checkpoint as ck
-from cllm_cli.checkpoint import (FORMAT_VERSION, CheckpointError, checkpoint_path,
-                                 latest_checkpoint, list_checkpoints, load_checkpoint,
-                                 prune_checkpoints, save_checkpoint)
+from cllm_cli.formats import checkpoint as ck
+from cllm_cli.formats.checkpoint import FORMAT_VERSION, checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from cllm_cli.errors import CheckpointError
 from cllm_cli._engine import parameter_layout
 from cllm_cli.config import CLLMConfig
 

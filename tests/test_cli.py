@@ -1,7 +1,7 @@
 """train_model on the command line (SPEC sections 3, 5 and 6): bad input, Ctrl-C, metrics.
 
 Bad input must give exactly one line on stderr starting with "train_model: error:", exit
-status 2 and no traceback. Most cases call cllm_cli.trainer.main(argv) in-process; the ones that
+status 2 and no traceback. Most cases call cllm_cli.cli.train.main(argv) in-process; the ones that
 need a real process (signals, what a user's terminal shows) run it as a subprocess.
 """
 import json
@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from cllm_cli.trainer import main
+from cllm_cli.cli.train import main
 from helpers import ROOT, assert_bit_identical, assert_one_error_line, call, sentences
 
 
@@ -252,19 +252,19 @@ def test_metrics_file_keys(corpus, tmp_path, capsys):
 # --- a real process -----------------------------------------------------------------------------
 
 def real_process(*argv, **kw):
-    return subprocess.run([sys.executable, "-m", "cllm_cli.trainer", *map(str, argv)], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "cllm_cli.cli.train", *map(str, argv)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120, **kw)
 
 
 def test_real_process_bad_input_is_one_line(tmp_path):
-    """What a user sees: `python -m cllm_cli.trainer` on a missing file prints one line."""
+    """What a user sees: `python -m cllm_cli.cli.train` on a missing file prints one line."""
     p = real_process(tmp_path / "missing.txt", "--checkpoint-dir", tmp_path / "ck", *TINY)
     assert_one_error_line(p.returncode, p.stderr, "train_model", "missing.txt")
 
 
 def test_console_script_entry_bad_input_is_one_line(tmp_path):
-    """The installed train_model script calls cllm_cli.trainer:main and exits with its value."""
-    code = "import sys; from cllm_cli.trainer import main; sys.exit(main())"
+    """The installed train_model script calls cllm_cli.cli.train:main and exits with its value."""
+    code = "import sys; from cllm_cli.cli.train import main; sys.exit(main())"
     p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "missing.txt"),
                         "--threads", "0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert_one_error_line(p.returncode, p.stderr, "train_model")
@@ -285,7 +285,7 @@ def test_ctrl_c_saves_and_resume_matches_a_straight_run(tmp_path, capsys):
     corpus.write_text(corpus_text(2400), encoding="utf-8")
     straight_dir, ck = tmp_path / "straight", tmp_path / "ck"
     metrics = tmp_path / "m.jsonl"
-    base = [sys.executable, "-m", "cllm_cli.trainer", str(corpus), *BIG]
+    base = [sys.executable, "-m", "cllm_cli.cli.train", str(corpus), *BIG]
     # the straight run goes on alongside the interrupted one
     straight = subprocess.Popen(base + ["--checkpoint-dir", str(straight_dir), "--threads", "1",
                                         "--quiet"], cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -386,12 +386,12 @@ def test_unwritable_metrics_file_warns_once_and_training_goes_on(corpus, tmp_pat
 
 
 def test_checkpoint_write_failure_is_a_runtime_error(corpus, tmp_path, capsys, monkeypatch):
-    import cllm_cli.checkpoint as checkpoint
+    import cllm_cli.formats.checkpoint as checkpoint
 
     def fail(*args, **kwargs):
         raise checkpoint.CheckpointError("cannot write checkpoint x: No space left on device")
 
-    monkeypatch.setattr("cllm_cli.trainer.save_checkpoint", fail)
+    monkeypatch.setattr("cllm_cli.training.trainer.save_checkpoint", fail)
     code, _, err = cli(capsys, corpus, "--checkpoint-dir", tmp_path / "ck", *TINY)
     assert_one_error_line(code, err, "train_model", "No space left", status=1)
 
@@ -405,7 +405,7 @@ def test_out_of_range_numbers(corpus, tmp_path, capsys, option, value):
 
 
 def test_skipped_step_is_null_in_the_metrics(corpus, tmp_path, capsys):
-    from cllm_cli.trainer import train
+    from cllm_cli.training.loop import train
     metrics = tmp_path / "m.jsonl"
     # one micro-batch per step: poisoning it leaves the step with nothing valid
     train([str(corpus)], engine_hook=lambda e: e.inject_nan(1, 0),

@@ -8,10 +8,11 @@ import sys
 import numpy as np
 import pytest
 
-from cllm_cli import dataset as D
+from cllm_cli.corpus import dataset as D
 from cllm_cli import train
-from cllm_cli.files import DataError, collect_files, read_text
-from cllm_cli.tokenizers import EOS, SPECIALS, TOKENIZERS, Tokenizer, WordTokenizer
+from cllm_cli.corpus.files import collect_files, read_text
+from cllm_cli.errors import DataError
+from cllm_cli.tokenizers.base import EOS, SPECIALS, TOKENIZERS, Tokenizer, WordTokenizer
 from helpers import sentences, tensors, write
 
 
@@ -509,8 +510,8 @@ def test_fault_in_a_later_block_is_reported_by_its_offset(tmp_path, workers):
 
 PROGRESS_SCRIPT = """
 import sys
-from cllm_cli.dataset import prepare_dataset
-from cllm_cli.log import ByteProgress
+from cllm_cli.corpus.dataset import prepare_dataset
+from cllm_cli.training.log import ByteProgress
 ByteProgress.REFRESH = 0.0          # draw at every block: the corpus is read in well under 0.2 s
 prepare_dataset([sys.argv[1]], sys.argv[2], block_size=1 << 16, workers=1)
 """
@@ -563,7 +564,7 @@ class FakeTerminal:
 
 @pytest.mark.parametrize("finished", [True, False])
 def test_progress_line_is_left_done_or_wiped(monkeypatch, finished):
-    from cllm_cli.log import ByteProgress
+    from cllm_cli.training.log import ByteProgress
     monkeypatch.setattr(ByteProgress, "REFRESH", 0.0)
     screen = FakeTerminal(True)
     with ByteProgress("tokenizing", 3_000_000, screen) as progress:
@@ -590,7 +591,7 @@ def test_workers_from_a_script_without_a_main_guard(tmp_path):
     corpus = write(tmp_path / "c.txt", sentences(300, seed=4, punct="."))
     script = write(tmp_path / "plain.py", (
         "import sys\n"
-        "from cllm_cli.dataset import prepare_dataset\n"
+        "from cllm_cli.corpus.dataset import prepare_dataset\n"
         "_, ids, _ = prepare_dataset([sys.argv[1]], sys.argv[2], block_size=512, workers=2)\n"
         "print(len(ids))\n"))
     done = subprocess.run([sys.executable, str(script), str(corpus), str(tmp_path / "ck")],
@@ -606,8 +607,8 @@ def test_bpe_learns_from_evenly_spread_blocks_of_a_large_corpus(tmp_path, monkey
     """A corpus over BPETokenizer.train_bytes teaches the vocabulary every k-th block only
     (k = ceil(bytes / train_bytes)), so the library's trainer does not grow with the corpus;
     every block is still encoded."""
-    from cllm_cli.bpe import BPETokenizer
-    from cllm_cli.files import decode_block, read_blocks
+    from cllm_cli.tokenizers.bpe import BPETokenizer
+    from cllm_cli.corpus.files import decode_block, read_blocks
     words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
     lines = [" ".join(words[(i * 7 + j * 3) % len(words)] + str(i % (j + 2)) for j in range(8))
              for i in range(400)]

@@ -1,13 +1,12 @@
 """The MPI layer (SPEC section 8): blocks of micro-batches per rank and the ordered fold across
 ranks, run under a real mpiexec (the mpich wheel's)."""
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from cllm_cli.distributed import Solo, block_of, world
+from cllm_cli.distributed.world import Solo, block_of, world
 from helpers import ROOT
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")

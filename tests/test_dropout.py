@@ -10,9 +10,8 @@ import pytest
 import reference as ref
 from cllm_cli import _engine, train
 from cllm_cli._engine import DROPOUT_SITES, dropout_mask, parameter_layout
-from cllm_cli.checkpoint import load_checkpoint
-from cllm_cli.cli import UsageError
-from cllm_cli.config import CLLMConfig
+from cllm_cli.formats.checkpoint import load_checkpoint
+from cllm_cli.errors import UsageError
 from helpers import assert_bit_identical, sentences
 from test_engine_grads import CONFIGS, REL_TOL, make_batch, make_params
 

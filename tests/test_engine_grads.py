@@ -10,7 +10,7 @@ import reference as ref
 from cllm_cli import _engine
 from cllm_cli._engine import num_parameters, parameter_layout
 from cllm_cli.config import CLLMConfig
-from cllm_cli.model import CLLMModel
+from cllm_cli.model.cllm import CLLMModel
 
 CFG_A = CLLMConfig(vocab_size=11, embed_dim=8, num_layers=2, num_heads=2, ff_dim=12, seq_len=5)
 CFG_B = CLLMConfig(vocab_size=17, embed_dim=12, num_layers=1, num_heads=3, ff_dim=20, seq_len=7)
@@ -455,7 +455,7 @@ def test_engine_reads_any_config_object():
 
 
 def test_named_views_cover_the_buffer():
-    from cllm_cli.model import named_views
+    from cllm_cli.layout import named_views
     cfg = LAYOUT_CFG
     flat = np.arange(_engine.num_parameters(cfg), dtype=np.float32)
     views = named_views(cfg, flat)

@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from cllm_cli.eval_cli import main
-from cllm_cli.model import CLLMModel
-from cllm_cli.trainer import main as train_main
+from cllm_cli.cli.evaluate import main
+from cllm_cli.model.cllm import CLLMModel
+from cllm_cli.cli.train import main as train_main
 from helpers import assert_one_error_line, call, sentences
 
 TINY = ["--embed-dim", "16", "--num-layers", "2", "--num-heads", "2", "--seq-len", "16",
@@ -52,8 +52,8 @@ def test_loss_on_a_file_matches_the_model_api(run, tmp_path, capsys):
     other.write_text(sentences(30, 99, punct=(".",)), encoding="utf-8")
     got = evaluate(capsys, ck, other, "--json")
     model = CLLMModel.load(ck / "final_model.cllm")
-    from cllm_cli.batches import eval_windows
-    from cllm_cli.tokenizers import Tokenizer
+    from cllm_cli.corpus.batches import eval_windows
+    from cllm_cli.tokenizers.base import Tokenizer
     tok = Tokenizer.load(ck / "vocab.txt", "word")
     stream = tok.encode_document(other.read_text())
     windows = eval_windows(stream, model.config.seq_len)
@@ -94,7 +94,7 @@ def test_bad_input_is_one_line(run, tmp_path, capsys, argv, words):
 
 
 def test_spread_windows_is_a_fixed_even_subset():
-    from cllm_cli.trainer import spread_windows
+    from cllm_cli.corpus.batches import spread_windows
     windows = np.arange(10 * 5).reshape(10, 5)          # 10 windows of 4 targets
     assert spread_windows(windows, 0) is windows
     assert spread_windows(windows, 400) is windows

@@ -16,15 +16,21 @@ import sys
 import numpy as np
 import pytest
 
-from cllm_cli import _engine, inference, tokenize_cli
-from cllm_cli.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cllm_cli import _engine
+
+from cllm_cli.cli import inference
+
+from cllm_cli.cli import tokenize as tokenize_cli
+from cllm_cli.formats.checkpoint import load_checkpoint, save_checkpoint
+from cllm_cli.errors import CheckpointError
 from cllm_cli._engine import parameter_layout as param_layout
 from cllm_cli.config import CLLMConfig
-from cllm_cli.tokenizers import Tokenizer
-from cllm_cli.log import fmt_loss, fmt_ppl, ppl_text
-from cllm_cli.model import CLLMModel
-from cllm_cli.sampling import SamplingError, sample_from_logits
-from cllm_cli.trainer import main as train_main
+from cllm_cli.tokenizers.base import Tokenizer
+from cllm_cli.training.log import fmt_loss, fmt_ppl, ppl_text
+from cllm_cli.model.cllm import CLLMModel
+from cllm_cli.model.sampling import sample_from_logits
+from cllm_cli.errors import SamplingError
+from cllm_cli.cli.train import main as train_main
 from helpers import ROOT, assert_one_error_line, call, sentences
 from test_checkpoint import CFG, good_metadata, spec_tensors, write_custom
 
@@ -32,7 +38,7 @@ MEMORY_LIMIT = 2 << 30     # bytes of address space for a process that must not 
 
 
 def run_tool(module, *argv, memory_limit=None, **kwargs):
-    """`python -m cllm_cli.<module> argv` as a real process, its output captured unless
+    """`python -m cllm_cli.cli.<module> argv` as a real process, its output captured unless
     redirected (the timeout guards hangs, memory_limit unbounded reads)."""
     def limit():
         if memory_limit:
@@ -41,7 +47,7 @@ def run_tool(module, *argv, memory_limit=None, **kwargs):
         kwargs["capture_output"] = True
     kwargs.setdefault("text", True)
     kwargs.setdefault("timeout", 120)
-    return subprocess.run([sys.executable, "-m", f"cllm_cli.{module}", *map(str, argv)],
+    return subprocess.run([sys.executable, "-m", f"cllm_cli.cli.{module}", *map(str, argv)],
                           cwd=ROOT, preexec_fn=limit, **kwargs)
 
 
@@ -332,7 +338,7 @@ def not_regular_cases(model_dir, fifo, tmp_path):
         "checkpoint": ("inference", "cllm_inference", [fifo], [ckpt]),
         "inference --vocab": ("inference", "cllm_inference", [ckpt, "--vocab", fifo],
                               [ckpt, "--vocab", vocab]),
-        "tokenize --vocab": ("tokenize_cli", "cllm_tokenize", [text, "--vocab", fifo],
+        "tokenize --vocab": ("tokenize", "cllm_tokenize", [text, "--vocab", fifo],
                              [text, "--vocab", vocab]),
         "plot metrics": ("plot", "cllm_plot", [fifo, "-o", tmp_path / "x.png"], None),
     }
@@ -360,11 +366,11 @@ def tool_argv(model_dir, tmp_path):
     text.write_text(sentences(200, seed=2, punct=".!?"), encoding="utf-8")
     return {"inference": ("cllm_inference", [model_dir / "final_model.cllm", "--prompt", "the",
                                              "--max-tokens", "200"]),
-            "tokenize_cli": ("cllm_tokenize", [text, text, text, "--vocab",
+            "tokenize": ("cllm_tokenize", [text, text, text, "--vocab",
                                                model_dir / "vocab.txt"])}
 
 
-@pytest.mark.parametrize("module", ["inference", "tokenize_cli"])
+@pytest.mark.parametrize("module", ["inference", "tokenize"])
 def test_full_disk_on_stdout_is_one_line(model_dir, tmp_path, module):
     prog, argv = tool_argv(model_dir, tmp_path)[module]
     with open("/dev/full", "w") as full:
@@ -373,7 +379,7 @@ def test_full_disk_on_stdout_is_one_line(model_dir, tmp_path, module):
                           "No space left on device", status=1)
 
 
-@pytest.mark.parametrize("module", ["inference", "tokenize_cli"])
+@pytest.mark.parametrize("module", ["inference", "tokenize"])
 def test_closed_pipe_ends_quietly(model_dir, tmp_path, module):
     _, argv = tool_argv(model_dir, tmp_path)[module]
     read_end, write_end = os.pipe()
@@ -388,7 +394,7 @@ def test_closed_pipe_ends_quietly(model_dir, tmp_path, module):
 def test_closed_stdout_is_one_line(model_dir, tmp_path):
     """`cllm_inference ... >&-`: the process starts without file descriptor 1."""
     prog, argv = tool_argv(model_dir, tmp_path)["inference"]
-    p = subprocess.run([sys.executable, "-m", "cllm_cli.inference", *map(str, argv)], cwd=ROOT,
+    p = subprocess.run([sys.executable, "-m", "cllm_cli.cli.inference", *map(str, argv)], cwd=ROOT,
                        stderr=subprocess.PIPE, text=True, timeout=120,
                        preexec_fn=lambda: os.close(1))
     assert_one_error_line(p.returncode, p.stderr, prog, "cannot write output",
@@ -424,7 +430,7 @@ def test_lost_stdout_never_loses_the_training(tmp_path, output):
         read_end, stdout = os.pipe()
         os.close(read_end)
     try:
-        p = run_tool("trainer", *argv, stdout=stdout, stderr=subprocess.PIPE)
+        p = run_tool("train", *argv, stdout=stdout, stderr=subprocess.PIPE)
     finally:
         os.close(stdout)
     reason = "No space left on device" if output == "/dev/full" else "Broken pipe"
@@ -447,7 +453,7 @@ def test_huge_losses_and_perplexities_stay_short():
 
 def test_binary_standard_input_is_refused_at_once(model_dir):
     with open("/dev/zero", "rb") as zero:
-        p = run_tool("tokenize_cli", "-", "--vocab", model_dir / "vocab.txt", stdin=zero,
+        p = run_tool("tokenize", "-", "--vocab", model_dir / "vocab.txt", stdin=zero,
                      memory_limit=MEMORY_LIMIT)
     assert_one_error_line(p.returncode, p.stderr, "cllm_tokenize", "<stdin>", "NUL byte at offset 0")
 
@@ -456,7 +462,7 @@ def test_binary_standard_input_is_refused_at_once(model_dir):
     (b"the king\n" * 10000 + b"\x00", "not a text file (NUL byte at offset 90000)"),
     (b"the king \xff\x00", "not valid UTF-8 (bad byte at offset 9)")])
 def test_binary_standard_input_names_the_first_bad_byte(model_dir, data, fragment):
-    p = run_tool("tokenize_cli", "-", "--vocab", model_dir / "vocab.txt", input=data,
+    p = run_tool("tokenize", "-", "--vocab", model_dir / "vocab.txt", input=data,
                  text=False)
     assert_one_error_line(p.returncode, p.stderr.decode(), "cllm_tokenize", fragment)
 
@@ -475,7 +481,7 @@ def test_standard_input_text_is_encoded(capsys, model_dir, monkeypatch):
 
 
 def test_unknown_prompt_word_warning_comes_first_on_its_own_line(model_dir):
-    p = subprocess.run([sys.executable, "-m", "cllm_cli.inference",
+    p = subprocess.run([sys.executable, "-m", "cllm_cli.cli.inference",
                         str(model_dir / "final_model.cllm"), "--prompt", "the zzyzx",
                         "--max-tokens", "8"], cwd=ROOT, stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, text=True, timeout=120)

@@ -13,8 +13,8 @@ import pytest
 
 from cllm_cli import _engine
 from cllm_cli.config import CLLMConfig
-from cllm_cli.model import CLLMModel
-from cllm_cli.sampling import sample_from_logits
+from cllm_cli.model.cllm import CLLMModel
+from cllm_cli.model.sampling import sample_from_logits
 
 CFG = CLLMConfig(vocab_size=120, embed_dim=32, num_layers=2, num_heads=4, ff_dim=64, seq_len=16)
 # D: more than one block of 32 attention rows

@@ -16,10 +16,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from cllm_cli import CLLMConfig, CLLMModel, Tokenizer
-from cllm_cli.bpe import BPETokenizer
+from cllm_cli.tokenizers.bpe import BPETokenizer
 from cllm_cli._engine import parameter_layout
-from cllm_cli.export import main as export_main
-from cllm_cli.hf import ConversionError, load_pretrained, to_gpt2_state, word_char_pipeline
+from cllm_cli.cli.export import main as export_main
+from cllm_cli.formats.hf import load_pretrained, to_gpt2_state, word_char_pipeline
+from cllm_cli.errors import ConversionError
 from helpers import assert_one_error_line, call, sentences
 
 SAMPLE = ('Maren said, "Don\'t go near the river today." The old woman, tired, walked '

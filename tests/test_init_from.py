@@ -12,11 +12,12 @@ from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from cllm_cli import CLLMModel
-from cllm_cli.bpe import BPETokenizer
-from cllm_cli.inference import main as inference_main, stream
-from cllm_cli.options import TrainConfig
-from cllm_cli.tokenize_cli import main as tokenize_main
-from cllm_cli.trainer import Trainer, main as train_main
+from cllm_cli.tokenizers.bpe import BPETokenizer
+from cllm_cli.cli.inference import main as inference_main, stream
+from cllm_cli.training.config import TrainConfig
+from cllm_cli.cli.tokenize import main as tokenize_main
+from cllm_cli.training.trainer import Trainer
+from cllm_cli.cli.train import main as train_main
 from helpers import assert_bit_identical, assert_one_error_line, call, sentences, tensors
 
 TINY_RUN = ["--batch-size", "8", "--micro-batch", "2", "--max-steps", "3", "--warmup-steps", "1",

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from cllm_cli.checkpoint import load_checkpoint
-from cllm_cli.trainer import main
+from cllm_cli.formats.checkpoint import load_checkpoint
+from cllm_cli.cli.train import main
 from helpers import ROOT, assert_bit_identical, assert_one_error_line, call, sentences
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
@@ -32,7 +32,7 @@ HOOKED = os.path.join(ROOT, "tests", "mpi", "train_hooked.py")
 
 def command(ranks, threads, *argv, hook=None):
     """train_model on `ranks` processes (a plain process for 1) of `threads` spheres each."""
-    program = [HOOKED, hook] if hook else ["-m", "cllm_cli.trainer"]
+    program = [HOOKED, hook] if hook else ["-m", "cllm_cli.cli.train"]
     line = [sys.executable, *program, *map(str, argv), "--threads", str(threads)]
     if ranks == 1:
         return line

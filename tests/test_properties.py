@@ -13,13 +13,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cllm_cli import tokenize_cli
-from cllm_cli.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cllm_cli.cli import tokenize as tokenize_cli
+from cllm_cli.formats.checkpoint import load_checkpoint, save_checkpoint
+from cllm_cli.errors import CheckpointError
 from cllm_cli._engine import num_parameters as num_params
 from cllm_cli.config import CLLMConfig
-from cllm_cli.files import DataError
-from cllm_cli.tokenizers import Tokenizer
-from cllm_cli.sampling import SamplingError, sample_from_logits
+from cllm_cli.errors import DataError
+from cllm_cli.tokenizers.base import Tokenizer
+from cllm_cli.model.sampling import sample_from_logits
+from cllm_cli.errors import SamplingError
 from helpers import call, sentences
 from test_checkpoint import good_metadata, spec_tensors, write_custom
 

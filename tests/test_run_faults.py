@@ -1,18 +1,17 @@
 """What train_model does under faults (issue 11): stop signals, a second run on the same
 directory, leftovers of killed runs, a missing final model, options given with --resume,
 crafted checkpoints, a diverged run, and lost standard output. Signals go to real processes."""
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
-from cllm_cli.checkpoint import load_checkpoint, save_checkpoint
-from cllm_cli.trainer import main, train
+from cllm_cli.formats.checkpoint import load_checkpoint, save_checkpoint
+from cllm_cli.training.loop import train
+from cllm_cli.cli.train import main
 from helpers import ROOT, assert_bit_identical, assert_one_error_line, call, sentences
 
 TINY = ["--embed-dim", "16", "--num-layers", "2", "--num-heads", "2", "--seq-len", "16",
@@ -43,7 +42,7 @@ def cli(capsys, *argv):
 
 def start(*argv, **kw):
     """train_model as a real process, stdout and stderr piped."""
-    return subprocess.Popen([sys.executable, "-m", "cllm_cli.trainer", *map(str, argv)],
+    return subprocess.Popen([sys.executable, "-m", "cllm_cli.cli.train", *map(str, argv)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             **kw)
 
@@ -79,7 +78,7 @@ def big_straight(tmp_path_factory):
     d = tmp_path_factory.mktemp("straight")
     corpus = d / "corpus.txt"
     corpus.write_text(text(2400), encoding="utf-8")
-    p = subprocess.run([sys.executable, "-m", "cllm_cli.trainer", str(corpus), *BIG,
+    p = subprocess.run([sys.executable, "-m", "cllm_cli.cli.train", str(corpus), *BIG,
                         "--checkpoint-dir", str(d / "ck"), "--threads", "1", "--quiet"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
@@ -266,7 +265,7 @@ def test_a_diverged_run_fails_after_saving(corpus, tmp_path, capsys):
 def test_full_stdout_does_not_stop_training(corpus, tmp_path):
     ck = tmp_path / "ck"
     with open("/dev/full", "w") as full:
-        p = subprocess.run([sys.executable, "-m", "cllm_cli.trainer", str(corpus),
+        p = subprocess.run([sys.executable, "-m", "cllm_cli.cli.train", str(corpus),
                             *[a for a in TINY if a != "--quiet"], "--checkpoint-dir", str(ck)],
                            cwd=ROOT, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
     assert p.returncode == 0, p.stderr

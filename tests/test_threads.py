@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 from cllm_cli import CLLMModel, train
-from cllm_cli.checkpoint import load_checkpoint
+from cllm_cli.formats.checkpoint import load_checkpoint
 from cllm_cli._engine import parameter_layout
-from cllm_cli.batches import epoch_order, gather_windows, num_windows, split_stream
-from cllm_cli.dataset import load_dataset
-from cllm_cli.trainer import TrainingError
+from cllm_cli.corpus.batches import epoch_order, gather_windows, num_windows, split_stream
+from cllm_cli.corpus.dataset import load_dataset
+from cllm_cli.errors import TrainingError
 from helpers import ROOT, assert_bit_identical, sentences, tensors
 
 PUNCT = (".", ".", ".", "!", "?", ",")
@@ -121,7 +121,7 @@ def test_debug_locks_run_is_clean_and_identical(reference, corpus, tmp_path):
     """--debug-locks checks every lock taken during a real run (in a subprocess, since a
     violation aborts the process) and changes nothing in the result."""
     ck = tmp_path / "ckpt"
-    argv = [sys.executable, "-m", "cllm_cli.trainer", str(corpus), "--checkpoint-dir", str(ck),
+    argv = [sys.executable, "-m", "cllm_cli.cli.train", str(corpus), "--checkpoint-dir", str(ck),
             "--threads", "3", "--debug-locks"]
     for k, v in BASE.items():
         if k == "quiet":
@@ -282,7 +282,7 @@ LOCK_SCRIPT = """
 import sys
 from cllm_cli import _engine
 from cllm_cli.config import CLLMConfig
-from cllm_cli.model import CLLMModel
+from cllm_cli.model.cllm import CLLMModel
 cfg = CLLMConfig(vocab_size=10, embed_dim=8, num_layers=1, num_heads=2, seq_len=4)
 model = CLLMModel(cfg, 0)
 engine = _engine.Engine(cfg, model.flat, 2, 1, 4, "shared", {debug})

@@ -4,8 +4,8 @@ import hashlib
 import numpy as np
 import pytest
 
-from cllm_cli.files import DataError
-from cllm_cli.tokenizers import (BOS, EOS, PAD, SPECIALS, TOKENIZER_KINDS, TOKENIZERS, UNK,
+from cllm_cli.errors import DataError
+from cllm_cli.tokenizers.base import (BOS, EOS, PAD, SPECIALS, TOKENIZER_KINDS, TOKENIZERS, UNK,
                                  CharTokenizer, Tokenizer, WordTokenizer)
 from helpers import write
 

@@ -16,9 +16,15 @@ import sys
 
 import pytest
 
-from cllm_cli import inference, plot, tokenize_cli
-from cllm_cli.tokenizers import EOS, UNK, Tokenizer
-from cllm_cli.trainer import train
+from cllm_cli.cli import inference
+
+from cllm_cli.cli import plot as plot_cli
+from cllm_cli.errors import MissingDependency
+from cllm_cli.training import plot
+
+from cllm_cli.cli import tokenize as tokenize_cli
+from cllm_cli.tokenizers.base import EOS, UNK, Tokenizer
+from cllm_cli.training.loop import train
 from helpers import ROOT, assert_one_error_line, call, sentences
 
 WORDS = ("the a old young quiet brave small green river hill town market baker miller king "
@@ -97,7 +103,7 @@ class Recorder:
 
 
 def test_tokens_are_streamed_and_decoded_incrementally(run_dir, tokenizer):
-    from cllm_cli.model import CLLMModel
+    from cllm_cli.model.cllm import CLLMModel
     model = CLLMModel.load(run_dir / "final_model.cllm")
     out = Recorder()
     prompt = "The old miller "
@@ -218,7 +224,7 @@ def test_ctrl_c_exits_130_quietly(capsys, run_dir, monkeypatch):
 
 
 def test_real_process_bad_input_is_one_line(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "cllm_cli.inference", str(tmp_path / "x.cllm")],
+    p = subprocess.run([sys.executable, "-m", "cllm_cli.cli.inference", str(tmp_path / "x.cllm")],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert_one_error_line(p.returncode, p.stderr, "cllm_inference", "x.cllm")
 
@@ -374,7 +380,7 @@ def test_plot_writes_a_png(capsys, run_dir, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     local = tmp_path / "m.jsonl"
     shutil.copy(metrics, local)
-    code, stdout, err = call(capsys, plot.main, local)      # default: METRICS.png
+    code, stdout, err = call(capsys, plot_cli.main, local)      # default: METRICS.png
     assert code == 0, err
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
@@ -400,21 +406,21 @@ def test_metrics_reading(tmp_path):
 def test_plot_bad_metrics_are_one_line(capsys, tmp_path, content, fragment):
     p = tmp_path / "m.jsonl"
     p.write_text(content, encoding="utf-8")
-    code, _, err = call(capsys, plot.main, p, "-o", tmp_path / "x.png")
+    code, _, err = call(capsys, plot_cli.main, p, "-o", tmp_path / "x.png")
     assert_one_error_line(code, err, "cllm_plot", fragment)
     assert not (tmp_path / "x.png").exists()
 
 
 def test_plot_missing_metrics_file(capsys, tmp_path):
-    code, _, err = call(capsys, plot.main, tmp_path / "none.jsonl")
+    code, _, err = call(capsys, plot_cli.main, tmp_path / "none.jsonl")
     assert_one_error_line(code, err, "cllm_plot", "none.jsonl")
 
 
 def test_plot_without_matplotlib(capsys, run_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)     # import matplotlib -> ImportError
-    with pytest.raises(plot.PlotError, match="pip install matplotlib"):
+    with pytest.raises(MissingDependency, match="pip install matplotlib"):
         plot.require_matplotlib()
-    code, _, err = call(capsys, plot.main, run_dir.parent / "metrics.jsonl", "-o",
+    code, _, err = call(capsys, plot_cli.main, run_dir.parent / "metrics.jsonl", "-o",
                         tmp_path / "x.png")
     assert_one_error_line(code, err, "cllm_plot", "matplotlib is not installed: "
                           "pip install matplotlib", status=1)
@@ -425,7 +431,7 @@ def test_plot_without_matplotlib(capsys, run_dir, tmp_path, monkeypatch):
 @pytest.mark.parametrize("module, groups, default", [
     (inference, ["generation", "sampling", "files"], "(default: 0.95)"),
     (tokenize_cli, ["vocabulary", "mode", "output"], "(default: 10)"),
-    (plot, ["output"], "(default: METRICS with the extension .png)"),
+    (plot_cli, ["output"], "(default: METRICS with the extension .png)"),
 ])
 def test_help_groups_options_and_shows_defaults(module, groups, default):
     text = " ".join(module.build_parser().format_help().split())

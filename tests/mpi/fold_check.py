@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 
-from cllm_cli import distributed
+from cllm_cli.distributed import world as distributed
 
 n_micro, size, seed = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[4])
 invalid = set() if sys.argv[3] == "-" else {int(i) for i in sys.argv[3].split(",")}

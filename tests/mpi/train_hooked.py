@@ -5,11 +5,12 @@ argv: HOOK TRAIN_MODEL_ARGS...; HOOK is
 """
 import sys
 
-from cllm_cli import trainer
+from cllm_cli.cli import train as train_cli
+from cllm_cli.training import loop
 
 kind, a, b = sys.argv[1].split(":")
 a, b = int(a), int(b)
-make_engine = trainer.rank_engine
+make_engine = loop.rank_engine
 
 
 def hooked(world, engine, run):
@@ -27,5 +28,5 @@ def hooked(world, engine, run):
     return wrapped
 
 
-trainer.rank_engine = hooked
-sys.exit(trainer.main(sys.argv[2:]))
+loop.rank_engine = hooked
+sys.exit(train_cli.main(sys.argv[2:]))

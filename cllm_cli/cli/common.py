@@ -1,0 +1,151 @@
+"""What the command-line tools share: one-line argparse errors, help that shows defaults, and
+the mapping of failures to one line on stderr and an exit status (run_main), including a
+standard output that fails."""
+import argparse
+import contextlib
+import errno
+import os
+import sys
+
+from cllm_cli.errors import STATUSES
+
+
+class OutputLost(Exception):
+    """Standard output failed (a full disk, a reader that went away) in a tool whose output is
+    its work. Not an OSError, so that no handler of file errors mistakes it for one."""
+
+    def __init__(self, error):
+        super().__init__(error.strerror or str(error))
+        self.errno = error.errno
+
+
+class _GuardedStdout:
+    """Standard output for the duration of run_main. Its first failure points file descriptor
+    1 at /dev/null (so that nothing, not even the exit-time flush, fails again); then every
+    write raises OutputLost (stop=True), or one warning goes to stderr and later output is
+    discarded (stop=False)."""
+
+    def __init__(self, prog, stream, stop):
+        self.prog, self.stream, self.stop = prog, stream, stop
+        self.lost = None        # the OSError that lost the output
+
+    def write(self, text):
+        self._call("write", text)
+        return len(text)
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def flush(self):
+        self._call("flush")
+
+    def isatty(self):
+        return self.stream is not None and self.stream.isatty()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+    def _call(self, method, *args):
+        if self.lost is None:
+            try:
+                if self.stream is None:         # started with file descriptor 1 closed
+                    raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+                getattr(self.stream, method)(*args)
+                return
+            except OSError as e:
+                self._lose(e)
+        if self.stop:
+            raise OutputLost(self.lost)
+
+    def _lose(self, error):
+        self.lost = error
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+        if not self.stop:
+            _say(f"{self.prog}: warning: cannot write to standard output "
+                 f"({error.strerror or error}); going on without it")
+
+
+def _say(line):
+    """One line on stderr, unless stderr fails too."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        print(line, file=sys.stderr, flush=True)
+
+
+def run_main(prog, command, statuses=None, interrupts=(), on_interrupt=None,
+             stop_without_output=False):
+    """Runs command() as the body of a tool's main() and returns the exit status: 0 when it
+    returns.
+
+    statuses maps exception classes (or tuples of them) to exit statuses, tried in order before
+    errors.STATUSES: such an exception prints the one line "prog: error: <message>" on stderr. For every tool alike,
+    out of memory prints "prog: error: out of memory" and gives 1; Ctrl-C
+    (KeyboardInterrupt, or one of `interrupts`) gives 130 after on_interrupt(), when given.
+
+    A standard output that fails (a full disk, `| head`) never gives a traceback. With
+    stop_without_output (tools whose output is their work) the run ends with status 1 and
+    "prog: error: cannot write output: <reason>", quietly for a reader that went away.
+    Otherwise (train_model: losing the log must not lose the training) one warning is printed
+    and the command goes on with its output discarded. Anything else propagates.
+    """
+    real_stdout = sys.stdout
+    sys.stdout = out = _GuardedStdout(prog, real_stdout, stop_without_output)
+    try:
+        command()
+        out.flush()
+    except OutputLost as e:
+        if e.errno != errno.EPIPE:
+            _say(f"{prog}: error: cannot write output: {e}")
+        return 1
+    except (KeyboardInterrupt, *interrupts):
+        if on_interrupt is not None:
+            with contextlib.suppress(OutputLost):
+                on_interrupt()
+        return 130
+    except MemoryError as e:
+        _say(f"{prog}: error: out of memory" + (f" ({e})" if str(e) else ""))
+        return 1
+    except Exception as e:
+        for classes, status in [*(statuses or {}).items(), *STATUSES.items()]:
+            if isinstance(e, classes):
+                _say(f"{prog}: error: {e}")
+                return status
+        raise
+    finally:
+        sys.stdout = real_stdout
+    return 0
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage block) and exit status 2.
+    Shared by every tool (train_model, cllm_inference, cllm_tokenize, cllm_plot)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every default, except where the help text already says it and for defaults that
+    mean "not given" (None, empty, False). Help texts name their defaults themselves with
+    %(default)s where it matters, because argparse-manpage expands only that."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or action.default in (None, "", False):
+            return text
+        return super()._get_help_string(action)
+
+
+def name_defaults(parser):
+    """Writes each option's default into its help text as %(default)s, the only form
+    argparse-manpage expands, so that --help and the man page both show it."""
+    for action in parser._actions:
+        if action.help in (None, argparse.SUPPRESS) or "(default" in action.help:
+            continue
+        if action.default in (None, "", False, argparse.SUPPRESS) or action.option_strings == []:
+            continue
+        action.help = f"{action.help} (default: %(default)s)" if action.help else "(default: %(default)s)"
+    return parser

@@ -1,0 +1,168 @@
+"""cllm_eval: loss, perplexity and bits per byte of a trained model on any text.
+
+    checkpoint + its vocabulary -> text files (read and checked as train_model reads DATA)
+    -> token stream (each file a document ending in <eos>) -> windows of T+1 tokens (as for
+    validation) -> the spheres -> loss summed in micro-batch order
+
+Choices written down here:
+
+- `--split val` (or `train`) evaluates a run's own split, read from the dataset.bin next to
+  the checkpoint and cut with the run's --val-fraction. The windows, the batch size and the
+  micro-batch are the run's, so `--split val` reproduces train_model's validation loss
+  exactly.
+- Bits per byte = (summed loss / ln 2) / counted targets x tokens / bytes of the evaluated
+  text: the loss in bits per token, spread over the bytes the tokens stand for. For files the
+  bytes are the UTF-8 bytes read; for a split of a run they are the corpus's bytes per token,
+  as train_model reports it. It compares models whatever their tokenizer.
+- The batch size and micro-batch (how the loss is grouped) are the checkpoint's training
+  settings; --threads only changes speed.
+- The matrix products run in the precision the model was trained in (--precision to choose),
+  so a bf16 run's `--split val` is its validation loss too.
+"""
+import json
+import math
+import os
+import sys
+
+from cllm_cli import _engine
+
+from cllm_cli.model import precision
+from cllm_cli.errors import CheckpointError
+from cllm_cli.cli.common import HelpFormatter, Parser, run_main
+from cllm_cli.errors import UsageError
+from cllm_cli.corpus.batches import eval_windows, split_stream
+from cllm_cli.corpus.dataset import _stream_key, dataset_header, load_dataset
+from cllm_cli.corpus.files import ENCODING_ERRORS, collect_files, read_text
+from cllm_cli.errors import DataError
+from cllm_cli.cli.inference import load
+from cllm_cli.training.log import fmt_loss, perplexity
+
+PROG = "cllm_eval"
+
+
+def build_parser():
+    p = Parser(
+        prog=PROG,
+        description="Loss, perplexity and bits per byte of a model trained by train_model, on "
+                    "any text files or on its run's own validation split.",
+        epilog="Example: cllm_eval checkpoints/final_model.cllm notes/*.txt --json",
+        formatter_class=HelpFormatter)
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="a .cllm file, or a checkpoint directory (its final_model.cllm, else "
+                        "its newest checkpoint_step_<N>.cllm)")
+    p.add_argument("data", nargs="*", metavar="DATA",
+                   help="text files, or directories (every file matching --glob below them)")
+    p.add_argument("--split", choices=("val", "train"), default=None,
+                   help="evaluate the run's own validation or training split (dataset.bin next "
+                        "to the checkpoint) instead of DATA")
+    p.add_argument("--glob", default="*.txt", help="file pattern inside directories "
+                   "(default: %(default)s)")
+    p.add_argument("--encoding-errors", choices=ENCODING_ERRORS, default="strict",
+                   help="refuse non-UTF-8 or binary files, or replace bad bytes with U+FFFD "
+                        "(default: %(default)s)")
+    p.add_argument("--vocab", metavar="PATH", default=None,
+                   help="vocab.txt the model was trained with (default: vocab.txt next to the "
+                        "checkpoint)")
+    p.add_argument("--threads", type=int, default=None, help="worker spheres (default: all cores)")
+    p.add_argument("--precision", choices=precision.PRECISIONS, default=None,
+                   help="of the matrix products (default: the one the model was trained in)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return p
+
+
+def text_stream(tokenizer, files, encoding_errors):
+    """(ids of every file, each a document ending in <eos>; bytes read)."""
+    import numpy as np
+    parts, size = [], 0
+    for path in files:
+        text = read_text(path, encoding_errors)
+        size += len(text.encode("utf-8", "surrogatepass"))
+        ids = tokenizer.encode(text)
+        if ids.size:
+            parts.append(tokenizer.encode_document(text))
+    if not parts:
+        raise DataError(f"no tokens in {len(files)} file(s) ({size} bytes)")
+    return np.concatenate(parts), size
+
+
+def split_of_run(checkpoint_path, model, tokenizer, split):
+    """(token stream of the run's split, bytes per token of the run's corpus)."""
+    meta = model.meta or {}
+    config = meta.get("train_config") or {}
+    directory = os.path.dirname(os.path.abspath(checkpoint_path))
+    path = os.path.join(directory, "dataset.bin")
+    if not os.path.isfile(path):
+        raise UsageError(f"--split: no dataset.bin next to {checkpoint_path}")
+    header = dataset_header(path)
+    key = meta.get("dataset_key")
+    if key is None or header["key"] not in (key, _stream_key(bytes.fromhex(key), tokenizer).hex()):
+        raise UsageError(f"--split: {path} is not the token stream {checkpoint_path} was trained on")
+    tokens = load_dataset(path)
+    train_part, val_part = split_stream(tokens, config.get("val_fraction", 0.05))
+    part = val_part if split == "val" else train_part
+    corpus_bytes = meta.get("corpus_bytes")
+    bytes_per_token = corpus_bytes / len(tokens) if corpus_bytes else None
+    return part, bytes_per_token
+
+
+def evaluate_stream(model, stream, threads, batch_size, micro_batch, pad_id, precision="fp32"):
+    """(summed loss, counted targets, windows) of the validation windows of `stream`."""
+    windows = eval_windows(stream, model.config.seq_len)
+    if len(windows) == 0:
+        raise DataError(f"too little text: {len(stream)} token(s), need at least 2")
+    with _engine.Engine(model.config, model.flat, threads, min(micro_batch, batch_size),
+                        batch_size, pad_id=pad_id, precision=precision) as engine:
+        loss_sum, counted = engine.evaluate(windows)
+    return loss_sum, counted, len(windows)
+
+
+def run(args, out):
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {args.threads}")
+    if bool(args.data) == bool(args.split):
+        raise UsageError("give DATA files or --split, not both" if args.data
+                         else "nothing to evaluate: give DATA files or --split val")
+    model, tokenizer, _ = load(args.checkpoint, args.vocab)
+    config = (model.meta or {}).get("train_config") or {}
+    if args.split:
+        from cllm_cli.cli.inference import resolve_checkpoint
+        stream, bytes_per_token = split_of_run(resolve_checkpoint(args.checkpoint), model,
+                                               tokenizer, args.split)
+        what, n_files = f"{args.split} split", None
+    else:
+        files = collect_files(args.data, args.glob)
+        stream, size = text_stream(tokenizer, files, args.encoding_errors)
+        bytes_per_token = size / len(stream)
+        what, n_files = f"{len(files)} file(s)", len(files)
+    threads = args.threads or len(os.sched_getaffinity(0))
+    products = args.precision or config.get("precision", "fp32")
+    precision.require(products)
+    loss_sum, counted, n_windows = evaluate_stream(
+        model, stream, threads, int(config.get("batch_size", 32)),
+        int(config.get("micro_batch", 4)), tokenizer.pad_id, products)
+    loss = loss_sum / counted if counted else float("nan")
+    ppl = perplexity(loss) if counted else float("nan")
+    bpb = loss / math.log(2) / bytes_per_token if counted and bytes_per_token else None
+    result = {"what": what, "files": n_files, "tokens": int(len(stream)), "windows": n_windows,
+              "counted": counted, "loss": loss, "ppl": ppl, "bpb": bpb}
+    if args.json:
+        out.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                              for k, v in result.items()}) + "\n")
+    else:
+        out.write(f"{'evaluated':<14} {'tokens':>10} {'windows':>8} {'loss':>8} {'ppl':>10} "
+                  f"{'bits/byte':>9}\n")
+        out.write(f"{what:<14} {len(stream):>10,} {n_windows:>8,} {fmt_loss(loss):>8} "
+                  f"{ppl:>10.2f} {'n/a' if bpb is None else f'{bpb:.4f}':>9}\n")
+    out.flush()
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return run_main(PROG, lambda: run(args, sys.stdout),
+                    {(UsageError, DataError, CheckpointError, precision.PrecisionError): 2,
+                     _engine.ProductError: 1},
+                    stop_without_output=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

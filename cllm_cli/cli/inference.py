@@ -1,0 +1,203 @@
+"""cllm_inference: text from a trained checkpoint, streamed while it is generated.
+
+    checkpoint + vocab.txt -> Tokenizer, CLLMModel -> prompt ids -> model.generate -> stdout
+
+Choices written down here:
+
+- CHECKPOINT may be a .cllm file or a checkpoint directory (its final_model.cllm, else its
+  newest checkpoint_step_<N>.cllm). The vocabulary is the vocab.txt next to the checkpoint
+  unless --vocab says otherwise; it must be the one the model was trained with (its hash is
+  compared with the one the checkpoint records), and the tokenizer kind is the checkpoint's.
+- The prompt is echoed as typed (for the word tokenizer without trailing white space), then
+  the continuation follows. Text is decoded incrementally: after each token the whole
+  sequence is decoded again and only what was not yet printed is written, so the spacing
+  rules of Tokenizer.decode hold across tokens. Decoding is prefix-stable, so nothing printed
+  ever has to be taken back.
+- Tokens come from CLLMModel.generate: a key/value cache runs the model on the new position
+  only while the context fits in seq_len; once the window slides, every token runs the whole
+  window again. The tokens are those of generation without the cache.
+- Generation stops at <eos> (not printed) or after --max-tokens; the output ends with one
+  newline. The same checkpoint, prompt, options and --seed give the same text.
+- Exit status: 0 done, 2 bad usage or input (one line on stderr), 1 a runtime failure
+  (standard output lost, a model whose logits are NaN everywhere), 130 Ctrl-C.
+"""
+import math
+import os
+import sys
+
+from cllm_cli.formats.checkpoint import latest_checkpoint
+from cllm_cli.errors import CheckpointError
+from cllm_cli.errors import DataError
+from cllm_cli.tokenizers.base import Tokenizer, tokenizer_class
+from cllm_cli.cli.common import HelpFormatter, Parser, run_main
+from cllm_cli.errors import UsageError
+from cllm_cli.fileio import check_regular
+from cllm_cli.model.cllm import CLLMModel
+from cllm_cli.errors import SamplingError
+
+PROG = "cllm_inference"
+MAX_LISTED_UNKNOWN = 8      # unknown prompt words named in the warning
+
+
+def build_parser():
+    p = Parser(
+        prog=PROG,
+        description="Generate text with a model trained by train_model, printing each token "
+                    "as it is produced. The same seed gives the same text.",
+        epilog="Example: cllm_inference checkpoints/final_model.cllm --prompt 'the old king' "
+               "--max-tokens 40 --seed 7",
+        formatter_class=HelpFormatter)
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="a .cllm file, or a checkpoint directory (its final_model.cllm, else "
+                        "its newest checkpoint_step_<N>.cllm)")
+    g = p.add_argument_group("generation")
+    g.add_argument("--prompt", metavar="TEXT", default="",
+                   help="text the model continues (empty: start of a new document)")
+    g.add_argument("--max-tokens", metavar="N", type=int, default=50,
+                   help="tokens to generate at most; generation also stops at <eos> "
+                        "(default: %(default)s)")
+    g.add_argument("--seed", metavar="N", type=int, default=0,
+                   help="seed of the sampler; the same seed gives the same text "
+                        "(default: %(default)s)")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", metavar="T", type=float, default=0.8,
+                   help="divides the logits; lower is more conservative, 0 is greedy "
+                        "(default: %(default)s)")
+    g.add_argument("--top-k", metavar="K", type=int, default=40,
+                   help="sample among the k most likely tokens only (0: all) "
+                        "(default: %(default)s)")
+    g.add_argument("--top-p", metavar="P", type=float, default=0.95,
+                   help="sample among the most likely tokens whose probabilities add up to p "
+                        "(nucleus sampling; 1: all) (default: %(default)s)")
+    g = p.add_argument_group("files")
+    g.add_argument("--vocab", metavar="PATH", default=None,
+                   help="vocab.txt the model was trained with (default: vocab.txt next to the "
+                        "checkpoint)")
+    return p
+
+
+def check_options(args):
+    if args.max_tokens < 1:
+        raise UsageError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if not (args.temperature >= 0 and math.isfinite(args.temperature)):
+        raise UsageError(f"--temperature must be a number >= 0 (0: greedy), got {args.temperature}")
+    if args.top_k < 0:
+        raise UsageError(f"--top-k must be >= 0 (0: no limit), got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+
+
+def resolve_checkpoint(path):
+    """The .cllm file CHECKPOINT stands for."""
+    if os.path.isdir(path):
+        final = os.path.join(path, "final_model.cllm")
+        if os.path.isfile(final):
+            return final
+        newest = latest_checkpoint(path)
+        if newest is None:
+            raise UsageError(f"{path}: directory holds no final_model.cllm or "
+                             f"checkpoint_step_<N>.cllm")
+        return newest
+    return path
+
+
+def load(checkpoint, vocab_path=None):
+    """(model, tokenizer, vocab path) after checking that the vocabulary is the model's."""
+    path = resolve_checkpoint(checkpoint)
+    model = CLLMModel.load(path)
+    meta = model.meta or {}
+    kind = meta.get("tokenizer", "word")
+    if vocab_path is None:
+        name = tokenizer_class(kind).file_name
+        vocab_path = os.path.join(os.path.dirname(os.path.abspath(path)), name)
+        if not os.path.exists(vocab_path):
+            raise UsageError(f"no {name} next to {path} (looked for {vocab_path}); "
+                             f"give the training run's {name} with --vocab")
+    check_regular(vocab_path, "vocabulary")
+    tokenizer = Tokenizer.load(vocab_path, kind)
+    want = meta.get("vocab_hash")
+    if want is not None and tokenizer.vocab_hash != want:
+        raise UsageError(f"{vocab_path} is not the vocabulary {path} was trained with "
+                         f"(vocab hash {tokenizer.vocab_hash[:12]}, checkpoint expects "
+                         f"{str(want)[:12]}); give the training run's vocab.txt with --vocab")
+    if len(tokenizer) > model.config.vocab_size:
+        raise UsageError(f"{vocab_path} has {len(tokenizer)} tokens but the model in {path} "
+                         f"has a vocabulary of {model.config.vocab_size}")
+    return model, tokenizer, vocab_path
+
+
+def unknown_warning(unknown):
+    named = ", ".join(repr(t) for t in unknown[:MAX_LISTED_UNKNOWN])
+    more = len(unknown) - MAX_LISTED_UNKNOWN
+    if more > 0:
+        named += f" and {more} more"
+    s = "s" if len(unknown) > 1 else ""
+    return f"{PROG}: warning: prompt token{s} not in the vocabulary, read as <unk>: {named}"
+
+
+def stream(model, tokenizer, prompt, out, max_tokens, temperature, top_k, top_p, seed):
+    """Writes the prompt and its continuation to `out` as the tokens arrive; returns the
+    generated ids (without the final end of text). A byte-level token may end inside a
+    multi-byte character: what decodes to U+FFFD at the end is held back until the
+    character is complete (or the text ends)."""
+    prompt_ids = [int(i) for i in tokenizer.encode(prompt)]
+    shown = prompt.rstrip() if tokenizer.kind == "word" else prompt
+    out.write(shown)
+    out.flush()
+    ids = list(prompt_ids)
+    printed = len(tokenizer.decode(ids))      # characters of the decoded text already shown
+    ends_line = shown.endswith("\n") or not shown
+    generated = []
+    eos = tokenizer.eos_id
+    for next_id in model.generate(prompt_ids, max_tokens=max_tokens, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, seed=seed, stop_ids=(eos,)):
+        if next_id == eos:
+            break
+        ids.append(next_id)
+        generated.append(next_id)
+        printed, ends_line = _show_new(out, tokenizer.decode(ids).rstrip("\ufffd"), printed,
+                                       ends_line)
+    printed, ends_line = _show_new(out, tokenizer.decode(ids), printed, ends_line)
+    if not ends_line:
+        out.write("\n")
+    out.flush()
+    return generated
+
+
+def _show_new(out, text, printed, ends_line):
+    """Writes text[printed:]; returns the new (printed, ends_line)."""
+    piece = text[printed:]
+    if not piece:
+        return printed, ends_line
+    out.write(piece)
+    out.flush()
+    return len(text), piece.endswith("\n")
+
+
+def run(args):
+    check_options(args)
+    model, tokenizer, _ = load(args.checkpoint, args.vocab)
+    unknown = tokenizer.unknown_tokens(args.prompt)
+    if unknown:
+        print(unknown_warning(unknown), file=sys.stderr, flush=True)
+    stream(model, tokenizer, args.prompt, sys.stdout, args.max_tokens, args.temperature,
+           args.top_k, args.top_p, args.seed)
+
+
+def end_line():
+    """After Ctrl-C: ends the line of text streamed so far."""
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return run_main(PROG, lambda: run(args),
+                    {(UsageError, DataError, CheckpointError): 2, SamplingError: 1},
+                    on_interrupt=end_line, stop_without_output=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

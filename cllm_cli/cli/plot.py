@@ -1,0 +1,43 @@
+"""cllm_plot: the loss curves of a train_model --metrics-file as a PNG."""
+import os
+import sys
+
+from cllm_cli.cli.common import HelpFormatter, Parser, run_main
+from cllm_cli.errors import MissingDependency, PlotError
+from cllm_cli.training.plot import plot_metrics
+
+PROG = "cllm_plot"
+
+
+def build_parser():
+    p = Parser(
+        prog=PROG,
+        description="Plot training and validation loss against steps from the metrics file "
+                    "of train_model --metrics-file. Needs matplotlib (pip install matplotlib).",
+        epilog="Example: cllm_plot metrics.jsonl -o loss.png",
+        formatter_class=HelpFormatter)
+    p.add_argument("metrics", metavar="METRICS",
+                   help="JSON-lines file written by train_model --metrics-file")
+    g = p.add_argument_group("output")
+    g.add_argument("-o", "--output", metavar="PNG", default=None,
+                   help="image to write (default: METRICS with the extension .png)")
+    g.add_argument("--title", default=None,
+                   help="title above the plot (default: the name of METRICS)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    out = args.output or os.path.splitext(args.metrics)[0] + ".png"
+
+    def command():
+        if os.path.abspath(out) == os.path.abspath(args.metrics):
+            raise PlotError(f"the output {out} is the metrics file itself; choose another -o")
+        plot_metrics(args.metrics, out, args.title)
+        print(f"wrote {out}")
+
+    return run_main(PROG, command, {MissingDependency: 1, PlotError: 2}, stop_without_output=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

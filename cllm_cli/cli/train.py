@@ -1,0 +1,91 @@
+"""train_model: the command line of training (the training itself is cllm_cli.training)."""
+import argparse
+import dataclasses
+import signal
+import sys
+
+from cllm_cli.cli.common import HelpFormatter, Parser, name_defaults, run_main
+from cllm_cli.distributed.world import world as mpi_world
+from cllm_cli.errors import AllRanksStop, Interrupted
+from cllm_cli.training.config import GROUPS, TrainConfig, flag
+from cllm_cli.training.loop import STATUSES, run_on_ranks, train
+
+
+def build_parser():
+    """train_model's argparse parser, one argument per TrainConfig field."""
+    p = Parser(
+        prog="train_model",
+        description="Train a small causal language model (CLLM) on plain-text files, on every "
+                    "CPU core. --threads changes speed, never results.",
+        formatter_class=HelpFormatter)
+    p.add_argument("data", nargs="+", metavar="DATA",
+                   help="text files, or directories (every file matching --glob below them)")
+    groups = {name: p.add_argument_group(name) for name in GROUPS}
+    for f in dataclasses.fields(TrainConfig):
+        meta, kwargs = f.metadata, {"default": f.default}
+        if f.name == "resume":
+            kwargs.update(nargs="?", const=True, type=_resume_value)
+        elif f.type is bool:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["type"] = f.type
+        for key in ("choices", "metavar"):
+            if meta[key] is not None:
+                kwargs[key] = meta[key]
+        if meta["help"] is not None:
+            kwargs["help"] = meta["help"]
+        groups[meta["group"]].add_argument(flag(f.name), **kwargs)
+    return name_defaults(p)
+
+
+def _resume_value(text):
+    if text == "yes":
+        return True
+    if text != "auto":
+        raise argparse.ArgumentTypeError(f"invalid value {text!r} (--resume takes no value "
+                                         f"or 'auto')")
+    return "auto"
+
+
+def parse_args(argv=None):
+    """(data paths, {option: value}) of the options given on the command line; the others are
+    left out, so that --resume can tell what the user asked to change."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(argv):          # `--resume` never takes the next DATA path
+        if arg == "--resume":
+            argv[i] = "--resume=auto" if argv[i + 1:i + 2] == ["auto"] else "--resume=yes"
+            if argv[i] == "--resume=auto":
+                del argv[i + 1]
+            break
+        if arg == "--":
+            break
+    data = build_parser().parse_args(argv).data     # --help and bad values end here
+    given = build_parser()
+    for action in given._actions:
+        if action.option_strings and action.dest != "help":
+            action.default = argparse.SUPPRESS
+    options = vars(given.parse_args(argv))
+    del options["data"]
+    return data, options
+
+
+def main(argv=None):
+    data, options = parse_args(argv)
+    stopped = {}
+
+    def command():
+        world = mpi_world()
+        try:
+            run_on_ranks(world, lambda: train(data, world=world, **options))
+        except Interrupted as e:
+            stopped["status"] = e.status
+            print(f"train_model: interrupted by {signal.Signals(e.signum).name}", file=sys.stderr)
+        except AllRanksStop as e:
+            stopped["status"] = e.status      # rank 0 said why
+
+    status = run_main("train_model", command, STATUSES)
+    return stopped.get("status", status)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

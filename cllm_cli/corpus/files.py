@@ -1,0 +1,171 @@
+"""The corpus on disk: which files to read, and their text (SPEC section 3). First stage of
+the data's path: files -> tokenizers -> dataset (token array) -> batches (windows).
+
+    collect_files   paths given by the user -> list of text files (sorted, deduplicated)
+    read_text       one file -> str (strict UTF-8, or U+FFFD replacement)
+    read_blocks     one file -> blocks of bytes cut where the tokenizer allows (bounded memory)
+    decode_block    one block -> str, checked as read_text checks a whole file
+
+Choices the SPEC leaves open, written down here:
+
+- A file is taken whatever its name; a directory stands for every file below it matching a
+  pattern, in sorted path order, never inside the checkpoint directory.
+- Reading text: a leading UTF-8 byte-order mark is dropped and line ends are normalised to
+  "\\n" ("\\r\\n" and a lone "\\r"), as Python's text mode does. With encoding_errors="strict"
+  the first bad byte wins: a NUL byte is reported as "not a text file", an invalid UTF-8
+  sequence as "not valid UTF-8", each with its byte offset in the file.
+- Large files are read in blocks of about BLOCK_BYTES (read_blocks). A block ends only where
+  cutting changes nothing: never inside a UTF-8 character or a "\\r\\n", and never where the
+  tokenizer would read the text differently (each kind's block_cut says where), so the blocks'
+  texts and tokens joined are exactly those of the whole file, and a fault is reported with
+  the same offset. A block grows past BLOCK_BYTES only while it holds no such place (a word
+  corpus without a space or a line end, a bpe corpus without a line break between two
+  printable ASCII characters).
+"""
+import os
+import pathlib
+from cllm_cli.errors import DataError
+
+ENCODING_ERRORS = ("strict", "replace")
+BLOCK_BYTES = 1 << 22          # bytes read at a time by read_blocks (about)
+
+
+def collect_files(paths, pattern="*.txt", exclude_dir=None):
+    """Expand the user's paths into the list of files to read.
+
+    A file is taken whatever its name. A directory stands for every file below it whose name
+    matches `pattern` (searched recursively), sorted by path components, leaving out anything
+    inside `exclude_dir` (the checkpoint directory, which holds vocab.txt). A file reached
+    twice is kept at its first place.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    excluded = pathlib.Path(exclude_dir).resolve() if exclude_dir is not None else None
+    files, seen = [], set()
+
+    def add(path):
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            files.append(path)
+
+    for raw in paths:
+        path = pathlib.Path(raw)
+        if not path.exists():
+            raise DataError(f"no such file or directory: {raw}")
+        if path.is_file():
+            add(path)
+        elif path.is_dir():
+            found = []
+            for match in path.rglob(pattern):
+                if not match.is_file():
+                    continue
+                resolved = match.resolve()
+                if excluded is not None and (resolved == excluded or excluded in resolved.parents):
+                    continue
+                found.append(match)
+            if not found:
+                where = f" outside {exclude_dir}" if excluded is not None else ""
+                raise DataError(f"{raw}: no files matching '{pattern}'{where}")
+            for match in sorted(found, key=lambda p: p.parts):
+                add(match)
+        else:
+            raise DataError(f"{raw}: not a regular file or directory")
+    return files
+
+
+def read_bytes(path):
+    """All bytes of `path`; DataError (one line) when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def check_encoding_errors(encoding_errors):
+    if encoding_errors not in ENCODING_ERRORS:
+        raise DataError(f"encoding_errors must be one of {', '.join(ENCODING_ERRORS)}, "
+                        f"got {encoding_errors!r}")
+
+
+def decode_block(path, data, offset=0, encoding_errors="strict"):
+    """The bytes `data` found at `offset` in `path` (named in errors) -> text, checked as
+    read_text does; offsets in errors count from the start of the file. A byte-order mark is
+    dropped only at offset 0. A block cut where read_blocks cuts decodes to exactly its part
+    of the whole file's text."""
+    check_encoding_errors(encoding_errors)
+    if encoding_errors == "strict":
+        nul = data.find(b"\x00")
+        try:
+            text = data.decode("utf-8")
+            bad = -1
+        except UnicodeDecodeError as e:
+            text, bad = None, e.start
+        if nul >= 0 and (bad < 0 or nul < bad):
+            raise DataError(f"{path}: not a text file (NUL byte at offset {offset + nul})")
+        if bad >= 0:
+            raise DataError(f"{path}: not valid UTF-8 (bad byte at offset {offset + bad})")
+    else:
+        text = data.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
+    if offset == 0 and text.startswith("\ufeff"):
+        text = text[1:]
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text
+
+
+def decode_text(path, data, encoding_errors="strict"):
+    """All bytes `data` of `path` -> text (decode_block of a whole file)."""
+    return decode_block(path, data, 0, encoding_errors)
+
+
+def char_cut(data):
+    """Where a block ending in `data` may be cut without splitting a UTF-8 character or a
+    "\r\n": before the last of its last 4 bytes that starts a character (other than a "\n"
+    after a "\r"), else at its end (those bytes are stray continuation bytes: no character
+    goes on past them). 0 when that place is the start of `data`."""
+    for j in range(len(data) - 1, max(len(data) - 5, -1), -1):
+        byte = data[j]
+        if 0x80 <= byte < 0xC0 or (byte == 0x0A and j > 0 and data[j - 1] == 0x0D):
+            continue
+        return j
+    return len(data)
+
+
+def read_blocks(path, cut, block_size=BLOCK_BYTES):
+    """The bytes of `path` as (offset, data, size, last): blocks of about block_size bytes,
+    each but the last ending at cut(data), the place (0 < place <= len(data), or 0 for none:
+    the block then grows) where the caller's tokenizer may split the text; size is the
+    file's size. An empty file gives one empty block. DataError (one line) when the file
+    cannot be read or changes size while read."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            offset, data, last = 0, b"", False
+            while not last:
+                # a block holds block_size bytes, unless it had no place to be cut
+                chunk = f.read(block_size - len(data) if len(data) < block_size else block_size)
+                last = not chunk
+                data += chunk
+                if last:
+                    end = len(data)
+                else:
+                    end = cut(data)
+                    if end <= 0:
+                        continue                    # no place to cut yet: read further
+                if offset + end > size or (last and offset + end != size):
+                    raise DataError(f"{path}: changed while being read")
+                yield offset, data[:end], size, last
+                offset, data = offset + end, data[end:]
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def read_text(path, encoding_errors="strict"):
+    """Read one corpus file as text.
+
+    strict: a NUL byte or invalid UTF-8 raises DataError with the offset of the first bad
+    byte. replace: bad sequences and NUL bytes become U+FFFD.
+    """
+    return decode_text(path, read_bytes(path), encoding_errors)

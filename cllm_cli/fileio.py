@@ -1,0 +1,127 @@
+"""Files on disk: atomic writes (every file CLLM writes) and opening a file the user named.
+
+Atomic writes: the bytes go to a temporary file in the destination directory (``.<final name>.<random>.tmp``),
+which is flushed, fsync'ed and renamed over the final name, after which the directory is
+fsync'ed. A failure at any point removes the temporary file, so the final name holds either
+the previous complete file (if there was one) or the new complete file, never a partial one.
+"""
+import contextlib
+import errno
+import os
+import secrets
+import stat
+
+from cllm_cli.errors import UsageError
+
+
+def reason(exc):
+    """Short text for an OSError (or anything else) without the file name repeated."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def fsync_directory(directory):
+    """Makes a rename in `directory` durable. Platforms and file systems that cannot fsync a
+    directory are let be; any other failure raises OSError."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return                              # e.g. a platform without directory fds
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _replacing(path, error, message):
+    """Yields a temporary name next to `path`; when the block (which creates, writes and
+    fsyncs that file) ends without an exception, renames it over `path` and fsyncs the
+    directory. OSError -> error(message); the temporary file is gone either way."""
+    directory = os.path.dirname(os.fspath(path)) or os.curdir
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    renamed = False
+    try:
+        yield tmp
+        os.replace(tmp, path)
+        renamed = True
+        fsync_directory(directory)
+    except OSError as exc:
+        raise error(message.format(path=path, reason=reason(exc))) from None
+    finally:
+        if not renamed:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_path(path, error, message="{path}: cannot write ({reason})"):
+    """Yields the name of a temporary file next to `path` for the block to create and write
+    (for writers that take a file name); then as atomic_file: fsync'ed and renamed over
+    `path`, OSError -> error(message), the temporary file gone either way."""
+    with _replacing(path, error, message) as tmp:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_file(path, error, message="{path}: cannot write ({reason})"):
+    """Opens a temporary file next to `path` for binary writing and, when the block ends
+    without an exception, renames it over `path` (see the module docstring). An OSError
+    becomes error(message) with {path} and {reason} filled in; any other exception (one the
+    block raises, KeyboardInterrupt) passes through unchanged. Either way the temporary file
+    is gone. The directory of `path` must exist."""
+    with _replacing(path, error, message) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            f = os.fdopen(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            raise
+        with f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class NotRegularFile(OSError):
+    """A path the user gave is a FIFO, a device or a socket: reading it could block forever
+    or never end."""
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def open_regular(path):
+    """Opens `path` for binary reading if it is a regular file (symbolic links followed).
+    A directory raises IsADirectoryError, a FIFO, device or socket NotRegularFile; the open
+    never blocks, whatever the path is."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "it is a directory, not a file")
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _KINDS if test(mode)), "a special file")
+            raise NotRegularFile(errno.EINVAL, f"it is {kind}, not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_regular(path, what):
+    """UsageError naming `what` unless `path` opens as a regular file (open_regular)."""
+    try:
+        open_regular(path).close()
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path}: no such file") from None
+    except OSError as e:
+        raise UsageError(f"{what} {path}: {e.strerror or e}") from None

@@ -1,0 +1,110 @@
+"""A CLLM model as a GGUF file for llama.cpp (its `gpt2` architecture), written with the
+`gguf` package (an optional dependency: pip install gguf).
+
+Names and layouts are those llama.cpp's own GPT-2 converter writes: `token_embd`,
+`position_embd`, `blk.{l}.attn_norm`, `blk.{l}.attn_qkv`, `blk.{l}.attn_output`,
+`blk.{l}.ffn_norm`, `blk.{l}.ffn_up`, `blk.{l}.ffn_down`, `output_norm` (each .weight and
+.bias), and `output.weight`, a copy of the token embedding (the tie). Linear weights keep our
+[out, in] layout, which is what llama.cpp reads (GGUF lists dimensions innermost first, so a
+[3d, d] array shows as (d, 3d) there). All tensors stay float32 (file type ALL_F32).
+
+The tokenizer must be byte-level BPE (llama.cpp's "gpt2" tokenizer model with GPT-2's
+pre-tokenizer): tokens, merges, token types (special ids are CONTROL) and the special ids go
+into the tokenizer.ggml.* keys. llama.cpp has no word-level tokenizer, so word and char
+models are refused. When the model has more rows than the tokenizer has tokens, the rest are
+listed as "[PAD<id>]" of type UNUSED, as llama.cpp's converter does.
+"""
+import json
+import os
+
+import gguf
+
+from cllm_cli.tokenizers.bpe import BPETokenizer
+from cllm_cli.fileio import atomic_path
+from cllm_cli.layout import named_views
+from cllm_cli.formats.hf import LAYER_NORM_EPS
+from cllm_cli.errors import ConversionError
+
+ARCH = "gpt2"
+_BLOCK_NAMES = {
+    "ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
+    "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down",
+}
+
+
+def gguf_name(name):
+    """llama.cpp's GPT-2 tensor name of our parameter `name`."""
+    if name == "wte":
+        return "token_embd.weight"
+    if name == "wpe":
+        return "position_embd.weight"
+    if name.startswith("ln_f."):
+        return "output_norm." + name.split(".")[-1]
+    _, layer, rest = name.split(".", 2)
+    module, kind = rest.rsplit(".", 1)
+    return f"blk.{layer}.{_BLOCK_NAMES[module]}.{kind}"
+
+
+def _bpe_vocabulary(tokenizer, vocab_size):
+    """(tokens, token types, merges) for the tokenizer.ggml keys."""
+    if not isinstance(tokenizer, BPETokenizer):
+        raise ConversionError(f"--format gguf needs a bpe tokenizer; llama.cpp has no "
+                              f"{tokenizer.kind}-level tokenizer")
+    spec = json.loads(tokenizer.json_bytes)
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel":
+        raise ConversionError("--format gguf needs a byte-level BPE tokenizer.json (model BPE, "
+                              "pre-tokenizer ByteLevel)")
+    special = {t["id"] for t in spec.get("added_tokens") or [] if t.get("special")}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        token = tokenizer.id_to_token(i) if i < len(tokenizer) else None
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            tokens.append(token)
+            types.append(gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    return tokens, types, merges
+
+
+def write_gguf(cfg, flat, tokenizer, path, force=False):
+    """Writes the model as a GGUF file at `path`, atomically (a temporary file next to it,
+    renamed over it). An existing `path` is refused unless force. ConversionError (one line)
+    when the model or tokenizer cannot be expressed or the file cannot be written."""
+    path = os.fspath(path)
+    if os.path.lexists(path) and (not force or os.path.isdir(path)):
+        what = "is a directory" if os.path.isdir(path) else "exists (--force replaces it)"
+        raise ConversionError(f"{path} {what}")
+    tokens, types, merges = _bpe_vocabulary(tokenizer, cfg.vocab_size)
+    with atomic_path(path, ConversionError, "cannot write {path}: {reason}") as tmp:
+        writer = gguf.GGUFWriter(tmp, ARCH)
+        try:
+            writer.add_name("cllm")
+            writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+            writer.add_context_length(cfg.seq_len)
+            writer.add_embedding_length(cfg.embed_dim)
+            writer.add_feed_forward_length(cfg.ff_dim)
+            writer.add_block_count(cfg.num_layers)
+            writer.add_head_count(cfg.num_heads)
+            writer.add_layer_norm_eps(LAYER_NORM_EPS)
+            writer.add_tokenizer_model("gpt2")
+            writer.add_tokenizer_pre("gpt-2")
+            writer.add_token_list(tokens)
+            writer.add_token_types(types)
+            writer.add_token_merges(merges)
+            for key, add in (("bos_id", writer.add_bos_token_id), ("eos_id", writer.add_eos_token_id),
+                             ("unk_id", writer.add_unk_token_id), ("pad_id", writer.add_pad_token_id)):
+                if getattr(tokenizer, key) >= 0:
+                    add(getattr(tokenizer, key))
+            writer.add_add_bos_token(False)
+            for name, tensor in named_views(cfg, flat).items():
+                writer.add_tensor(gguf_name(name), tensor)
+            writer.add_tensor("output.weight", flat[:cfg.vocab_size * cfg.embed_dim]
+                              .reshape(cfg.vocab_size, cfg.embed_dim))
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()

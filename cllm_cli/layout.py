@@ -1,0 +1,33 @@
+"""The one flat parameter buffer and its named tensors.
+
+Parameters, gradients and AdamW's m and v are each one contiguous float32 buffer laid out as
+the engine's parameter_layout(cfg): (name, shape, offset) per tensor, in the order of the model
+(wte, wpe, then per block ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj, and
+ln_f). Every module that needs a tensor of such a buffer takes it from named_views.
+"""
+import math
+
+import numpy as np
+
+from cllm_cli import _engine
+
+
+def named_views(cfg, flat, what="the buffer", dtype=None):
+    """{name: view of its tensor in `flat`}, in layout order; `flat` must be a 1-D numpy
+    array of num_parameters(cfg) elements, of `dtype` when given (ValueError naming `what`
+    otherwise)."""
+    if not isinstance(flat, np.ndarray):
+        raise ValueError(f"{what} must be a numpy array, got {type(flat).__name__}")
+    if flat.ndim != 1 or (dtype is not None and flat.dtype != dtype):
+        raise ValueError(f"{what} must be a flat {np.dtype(dtype or flat.dtype)} array, got {flat.dtype} with shape "
+                         f"{flat.shape}")
+    total = _engine.num_parameters(cfg)
+    if flat.size != total:
+        raise ValueError(f"{what} has {flat.size} elements, the model config needs {total}")
+    return {name: flat[offset:offset + math.prod(shape)].reshape(shape)
+            for name, shape, offset in _engine.parameter_layout(cfg)}
+
+
+def tensor_shapes(cfg):
+    """{name: shape} of every tensor, in layout order."""
+    return {name: tuple(shape) for name, shape, _ in _engine.parameter_layout(cfg)}

@@ -1,0 +1,155 @@
+"""CLLMModel: the parameters in one flat float32 buffer, with named views (SPEC sections 1, 7)."""
+import ctypes
+import dataclasses
+import math
+import os
+
+import numpy as np
+
+from cllm_cli import _engine
+from cllm_cli.config import CLLMConfig
+from cllm_cli.layout import named_views
+from cllm_cli.model.sampling import sample_from_logits
+
+
+def blas_libraries():
+    """Paths of the loaded OpenBLAS copies of scipy (the one cython_blas calls). numpy's own
+    copy (libscipy_openblas64_) is left alone."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "libscipy_openblas" in line}
+    except OSError:
+        return []
+    return sorted(p for p in paths if "openblas64_" not in os.path.basename(p))
+
+
+def single_threaded_blas():
+    """The spheres are the parallelism: scipy's OpenBLAS must run each call on the calling
+    thread. OPENBLAS_NUM_THREADS=1 (set by cllm_cli) covers a fresh process; this covers a
+    process that loaded scipy's BLAS before importing cllm_cli. Returns the thread counts."""
+    counts = []
+    for path in blas_libraries():
+        lib = ctypes.CDLL(path)
+        set_threads = getattr(lib, "scipy_openblas_set_num_threads", None)
+        get_threads = getattr(lib, "scipy_openblas_get_num_threads", None)
+        if set_threads is not None and get_threads is not None:
+            set_threads(1)
+            counts.append(get_threads())
+    return counts
+
+
+def shorten_positions(config, flat, seq_len):
+    """(config, flat) of the same model with a position table of seq_len rows (its first
+    ones): exact for every context of at most seq_len tokens."""
+    short = dataclasses.replace(config, seq_len=seq_len)
+    out = np.empty(_engine.num_parameters(short), dtype=np.float32)
+    src, dst = named_views(config, flat), named_views(short, out)
+    for name, view in dst.items():
+        view[...] = src[name][:seq_len] if name == "wpe" else src[name]
+    return short, out
+
+
+class CLLMModel:
+    """A CLLM model. `params` maps each SPEC name to a numpy view into `flat`."""
+
+    def __init__(self, config, seed=0):
+        if not isinstance(config, CLLMConfig):
+            raise TypeError("config must be a CLLMConfig")
+        self.config = config
+        self.flat = np.zeros(_engine.num_parameters(config), dtype=np.float32)
+        self.params = named_views(config, self.flat)
+        rng = np.random.default_rng(seed)
+        proj_std = 0.02 / math.sqrt(2 * config.num_layers)
+        for name, view in self.params.items():
+            if view.ndim == 2:   # weights N(0, 0.02); both c_proj weights N(0, 0.02/sqrt(2L))
+                std = proj_std if name.endswith("c_proj.weight") else 0.02
+                view[...] = rng.standard_normal(view.shape, dtype=np.float32) * np.float32(std)
+            elif name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "ln_f.weight":
+                view[...] = 1.0
+        self.meta = {}
+
+    @classmethod
+    def from_flat(cls, config, flat, meta=None):
+        model = cls.__new__(cls)
+        model.config = config
+        model.flat = np.ascontiguousarray(flat, dtype=np.float32)
+        model.params = named_views(config, model.flat)
+        model.meta = dict(meta or {})
+        return model
+
+    @classmethod
+    def load(cls, path):
+        """Loads the parameters of a .cllm checkpoint (CheckpointError when it is bad)."""
+        from cllm_cli.formats.checkpoint import load_checkpoint
+        ckpt = load_checkpoint(path)
+        return cls.from_flat(ckpt["config"], ckpt["params"], ckpt["meta"])
+
+    def save(self, path, meta=None):
+        """Writes the parameters (no optimiser state) as a .cllm file, atomically."""
+        from cllm_cli.formats.checkpoint import save_checkpoint
+        save_checkpoint(path, self.config, self.flat, None, None, dict(meta or self.meta))
+
+    def num_params(self):
+        return self.flat.size
+
+    def _tokens(self, array, name):
+        a = np.asarray(array)
+        if a.ndim == 1:
+            a = a[None, :]
+        if a.ndim != 2 or a.shape[1] < 1:
+            raise ValueError(f"{name} must have shape [B, n] with n >= 1")
+        if a.shape[1] > self.config.seq_len:
+            raise ValueError(f"{name}: sequence length {a.shape[1]} exceeds seq_len {self.config.seq_len}")
+        if a.size and (a.min() < 0 or a.max() >= self.config.vocab_size):
+            raise ValueError(f"{name} hold ids outside [0, {self.config.vocab_size})")
+        return np.ascontiguousarray(a, dtype=np.int32)
+
+    def loss_and_grads(self, inputs, targets):
+        """Mean loss over targets that are not <pad> and its gradient for every parameter.
+
+        Returns (loss, {name: gradient}); with no counted target the loss is 0 and so are the
+        gradients."""
+        inputs, targets = self._tokens(inputs, "inputs"), self._tokens(targets, "targets")
+        if inputs.shape != targets.shape:
+            raise ValueError("inputs and targets must have the same shape")
+        grads = np.empty_like(self.flat)     # the engine writes every element
+        loss_sum, counted = _engine.loss_and_grads(self.config, self.flat,
+                                                   inputs, targets, grads)
+        if counted:
+            grads /= np.float32(counted)
+            loss_sum /= counted
+        return loss_sum, named_views(self.config, grads)
+
+    def logits(self, inputs):
+        """Logits [B, n, V] of every position."""
+        inputs = self._tokens(inputs, "inputs")
+        out = np.empty(inputs.shape + (self.config.vocab_size,), dtype=np.float32)
+        _engine.forward_logits(self.config, self.flat, inputs, out)
+        return out
+
+    def generate(self, prompt_ids, max_tokens=50, temperature=1.0, top_k=0, top_p=1.0,
+                 seed=0, stop_ids=()):
+        """Yields sampled token ids one at a time. The context is the last seq_len ids.
+
+        temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters.
+
+        While the context fits in seq_len, a key/value cache (_engine.Decoder) runs the model
+        on the new position only. Once it no longer fits, the window slides: every position
+        moves, so no cached key or value is valid any more, and each token runs the model on
+        the whole window again (as without a cache)."""
+        if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+            raise ValueError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+        rng = np.random.default_rng(seed)
+        ids = [int(i) for i in prompt_ids] or [3]   # an empty prompt starts after <eos>
+        decoder = _engine.Decoder(self.config, self.flat)
+        for _ in range(max_tokens):
+            if len(ids) <= self.config.seq_len:
+                for token in ids[decoder.length:]:
+                    row = decoder.feed(token)
+            else:
+                row = self.logits(np.array(ids[-self.config.seq_len:]))[0, -1]
+            next_id = sample_from_logits(row.astype(np.float64), temperature, top_k, top_p, rng)
+            ids.append(next_id)
+            yield next_id
+            if next_id in stop_ids:
+                return

@@ -1,0 +1,57 @@
+"""--precision bf16: the CPU check and oneDNN, loaded only when a run asks for bf16.
+
+oneDNN comes from the `onednn-cpu-gomp` wheel (the `bf16` extra: pip install '.[bf16]'); its
+libdnnl.so.3 lands in <prefix>/lib. fp32 never imports or loads it.
+"""
+import importlib.metadata
+import os
+import sys
+
+from cllm_cli import _engine
+from cllm_cli.errors import PrecisionError
+
+DISTRIBUTION = "onednn-cpu-gomp"
+LIBRARY = "libdnnl.so.3"
+CPU_FLAGS = ("avx512_bf16", "amx_bf16")     # what oneDNN's native bf16 kernels need
+PRECISIONS = ("fp32", "bf16")
+
+
+def cpu_has_bf16(cpuinfo="/proc/cpuinfo"):
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return any(flag in flags for flag in CPU_FLAGS)
+
+
+def library_path():
+    """Where the installed wheel put libdnnl.so.3, or None."""
+    try:
+        files = importlib.metadata.files(DISTRIBUTION) or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for f in files:
+        if f.name == LIBRARY:
+            return str(f.locate())
+    candidate = os.path.join(sys.prefix, "lib", LIBRARY)
+    return candidate if os.path.exists(candidate) else None
+
+
+def require(precision):
+    """Makes `precision` runnable: loads oneDNN for bf16; PrecisionError with one line when
+    it cannot."""
+    if precision != "bf16":
+        return
+    if not cpu_has_bf16():
+        raise PrecisionError("--precision bf16 needs a CPU with bf16 instructions "
+                             f"({' or '.join(CPU_FLAGS)}); this one has neither: use fp32")
+    path = library_path()
+    if path is None:
+        raise PrecisionError(f"--precision bf16 needs oneDNN: pip install '.[bf16]' "
+                             f"({DISTRIBUTION}==2023.2.0)")
+    try:
+        _engine.load_bf16(path)
+    except OSError as e:
+        raise PrecisionError(f"--precision bf16: cannot load oneDNN from {path}: {e}") from None

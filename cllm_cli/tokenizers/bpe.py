@@ -1,0 +1,287 @@
+"""Byte-level BPE tokenizer (SPEC sections 3 and 9), trained and run by the `tokenizers`
+library; the file format is the library's standard tokenizer.json.
+
+    BPETokenizer.train(documents, vocab_size)   corpus -> merges (the library's BpeTrainer)
+    BPETokenizer.load(path) / save(path)        tokenizer.json (ours, GPT-2's, any other)
+    encode / encode_document / encode_batch     text -> int64 ids, on all cores
+    decode                                      ids -> text
+
+Choices written down here:
+
+- The pipeline is GPT-2's: no normalizer, the ByteLevel pre-tokenizer (GPT-2's split regex,
+  no prefix space) and the ByteLevel decoder. Every byte is in the alphabet, so no text is
+  ever <unk>, case and white space are kept and decode(encode(text)) == text.
+- Ids 0..3 are <pad> <unk> <bos> <eos>, as for the word and char tokenizers, then the 256
+  byte tokens, then the merges; vocab_size counts all of them (at least 260). A corpus too
+  small to give that many merges gives a smaller vocabulary. A pair is merged only when it
+  occurs at least twice (MIN_FREQUENCY).
+- Special tokens are never read from text: "<eos>" typed in a document is the five characters,
+  encoded as text. (transformers' own tokenizer does match them in text.)
+- Determinism: the same corpus gives the same tokenizer.json bytes, and the same ids, whatever
+  RAYON_NUM_THREADS / TOKENIZERS_PARALLELISM say: word counts are sums and the library breaks
+  ties between merges by the pairs' ids. tests/test_bpe.py checks 1 and 2 threads in
+  separate processes.
+- Parallelism: a long text is cut into pieces of about CHUNK_CHARS characters before the
+  last newline of a run of newlines between two letters, digits or ASCII punctuation marks
+  (a paragraph or line break). GPT-2's regex gives that newline a piece of its own, so the
+  pieces encode to exactly the ids of the whole text; they then go through the library's
+  batch encoder on all cores (12 MB: 3.6 s on 2 cores, against 15 s for one call on the
+  whole text). Only tokenizers with that pre-tokenizer and no normalizer are cut; any other
+  tokenizer.json is encoded one whole text per call (several texts still in parallel).
+  Corpus files are read in blocks cut at the same places (block_cut, restricted to printable
+  ASCII on either side so that it can look at bytes); a tokenizer that cannot be cut reads
+  each file whole.
+- Bounded memory: the library's trainer holds every distinct word of what it learns from, with
+  its pairs (12 MB of generated text: 0.8 GB; 120 MB: 20 GB). So the vocabulary is learned
+  from at most TRAIN_BYTES of the corpus: every k-th block, k = ceil(corpus / TRAIN_BYTES),
+  the same blocks whatever the thread count; a corpus up to TRAIN_BYTES is learned whole.
+  Encoding covers the whole corpus.
+- A loaded tokenizer.json may lack <pad> or name its end of text differently: pad_id is the
+  id of <pad> (-1 if none), eos_id that of <eos>, <|endoftext|> or </s> (GPT-2: 50256),
+  bos_id that of <bos> or <s>, else eos_id. A file without an end-of-text token is refused,
+  since documents end in one. vocab_hash is the sha256 of the file's bytes, and save() writes
+  those same bytes back.
+- Decoding skips <pad> and <bos> (when it differs from <eos>) and turns the end-of-text token
+  into a newline, as the other kinds do. Ids that stop inside a multi-byte UTF-8 character
+  decode that partial character as U+FFFD.
+"""
+import hashlib
+import json
+import os
+import re
+
+import numpy as np
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from cllm_cli.fileio import atomic_file
+from cllm_cli.errors import DataError
+from cllm_cli.tokenizers.base import SPECIALS, Tokenizer
+
+N_BYTES = 256
+MIN_VOCAB_SIZE = len(SPECIALS) + N_BYTES
+MIN_FREQUENCY = 2
+CHUNK_CHARS = 1 << 16
+TRAIN_BYTES = 8 << 20
+
+EOS_NAMES = ("<eos>", "<|endoftext|>", "</s>")
+BOS_NAMES = ("<bos>", "<s>")
+
+# A run of newlines between two characters that are letters, digits or ASCII punctuation
+# (white space neither for Python nor for the library's regex): safe to cut before its last
+# newline (group 1).
+_CUT = re.compile(r"[\w!-~]\n*(\n)[\w!-~]")
+# The same places in a file's bytes, for blocks (files.read_blocks): a run of line ends
+# ("\r\n", "\n" or a lone "\r", which become "\n") between two printable ASCII characters,
+# cut before its last line end (group 1).
+_BLOCK_CUT = re.compile(rb"[!-~](?:\r\n|\n|\r(?!\n))*(\r\n|\n|\r(?!\n))(?=[!-~])")
+
+
+def _one_line(text):
+    return " ".join(str(text).split())
+
+
+def _whole_file(data):
+    """block_cut of a tokenizer whose texts cannot be cut: no place."""
+    return 0
+
+
+def _cut_points(text, size):
+    """Offsets (after 0, before len) where `text` may be cut into pieces of about `size`."""
+    cuts, start = [], size
+    while start < len(text):
+        m = _CUT.search(text, start)
+        if m is None:
+            break
+        cuts.append(m.start(1))
+        start = m.start(1) + size
+    return cuts
+
+
+class BPETokenizer(Tokenizer):
+    """A tokenizer.json run by the `tokenizers` library; kind "bpe".
+
+    Built by train() (byte-level BPE with <pad> <unk> <bos> <eos> at ids 0..3) or read()
+    (that, or any other tokenizer.json, such as GPT-2's)."""
+
+    kind = "bpe"
+    file_name = "tokenizer.json"
+    train_bytes = TRAIN_BYTES
+
+    def __init__(self, json_bytes):
+        """From the bytes of a tokenizer.json; ValueError (one line) when they are not one."""
+        self._json = bytes(json_bytes)
+        try:
+            text = self._json.decode("utf-8")
+            spec = json.loads(text)
+            self._tk = tokenizers.Tokenizer.from_str(text)
+        except Exception as e:      # UnicodeDecodeError, JSON errors, the library's Exception
+            raise ValueError(f"not a tokenizer.json ({_one_line(e)[:200]})") from None
+        self._tk.encode_special_tokens = True       # "<eos>" in text is text
+        self._hash = hashlib.sha256(self._json).hexdigest()
+        vocab = self._tk.get_vocab(with_added_tokens=True)
+        self._size = max(vocab.values(), default=-1) + 1
+
+        def first_id(names):
+            return next((vocab[n] for n in names if n in vocab), -1)
+
+        self.pad_id = first_id(("<pad>",))
+        self.unk_id = first_id(("<unk>",))
+        self.eos_id = first_id(EOS_NAMES)
+        self.bos_id = first_id(BOS_NAMES)
+        if self.bos_id < 0:
+            self.bos_id = self.eos_id
+        if self.eos_id < 0:
+            raise ValueError(f"no end-of-text token ({', '.join(EOS_NAMES)}) in its vocabulary")
+        added = [t.get("content", "") for t in spec.get("added_tokens") or []]
+        pre = spec.get("pre_tokenizer") or {}
+        self._cuttable = (spec.get("normalizer") is None and pre.get("type") == "ByteLevel"
+                          and pre.get("use_regex", True) and not pre.get("add_prefix_space")
+                          and not any("\n" in t for t in added))
+        if not self._cuttable:
+            self.block_cut = _whole_file
+
+    def __len__(self):
+        return self._size
+
+    def __repr__(self):
+        return f"BPETokenizer(size={len(self)})"
+
+    encodes_on_all_cores = True
+
+    @classmethod
+    def block_cut(cls, data):
+        """The last _BLOCK_CUT place in `data`, looked for near its end first (a tokenizer
+        that cannot be cut replaces this by _whole_file)."""
+        window = CHUNK_CHARS
+        while True:
+            start = max(0, len(data) - window)
+            place = 0
+            for m in _BLOCK_CUT.finditer(data, start):
+                place = m.start(1)
+            if place or start == 0:
+                return place
+            window *= 8
+
+    # -- building -----------------------------------------------------------------------
+
+    @classmethod
+    def check_vocab_size(cls, vocab_size):
+        if (not isinstance(vocab_size, (int, np.integer)) or isinstance(vocab_size, bool)
+                or vocab_size < MIN_VOCAB_SIZE):
+            raise DataError(f"vocab_size must be at least {MIN_VOCAB_SIZE} for bpe "
+                            f"({len(SPECIALS)} special ids + {N_BYTES} bytes), got {vocab_size}")
+
+    @classmethod
+    def train(cls, documents, vocab_size):
+        """Byte-level BPE trained on `documents` (an iterable of str) with at most vocab_size
+        ids, the 4 special ids and the 256 bytes included."""
+        cls.check_vocab_size(vocab_size)
+        tk = tokenizers.Tokenizer(models.BPE())
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tk.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=int(vocab_size), min_frequency=MIN_FREQUENCY, show_progress=False,
+            special_tokens=list(SPECIALS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+
+        def pieces():
+            for doc in documents:
+                start = 0
+                for cut in _cut_points(doc, CHUNK_CHARS):
+                    yield doc[start:cut]
+                    start = cut
+                yield doc[start:]
+
+        tk.train_from_iterator(pieces(), trainer)
+        return cls(tk.to_str().encode("utf-8"))
+
+    # -- text <-> ids ---------------------------------------------------------------------
+
+    def _pieces(self, text):
+        if not self._cuttable:
+            return [text]
+        bounds = [0, *_cut_points(text, CHUNK_CHARS), len(text)]
+        return [text[a:b] for a, b in zip(bounds, bounds[1:])]
+
+    def encode_batch(self, texts):
+        """[int64 ids of each text]; all pieces of all texts in one parallel library call."""
+        texts = list(texts)
+        pieces = [self._pieces(t) for t in texts]
+        flat = [p for ps in pieces for p in ps]
+        encoded = self._tk.encode_batch_fast(flat, add_special_tokens=False) if flat else []
+        out, k = [], 0
+        for ps in pieces:
+            out.append(np.concatenate([np.array(e.ids, dtype=np.int64)
+                                       for e in encoded[k:k + len(ps)]]))
+            k += len(ps)
+        return out
+
+    def encode(self, text):
+        """Ids of `text` as int64, no <eos>."""
+        return self.encode_batch([text])[0]
+
+    def encode_document(self, text):
+        """encode(text) followed by the end-of-text id."""
+        return np.append(self.encode(text), np.int64(self.eos_id))
+
+    def unknown_tokens(self, text):
+        """Distinct pieces of `text` read as <unk>, in order of appearance (byte-level: none)."""
+        if self.unk_id < 0:
+            return []
+        enc = self._tk.encode(text, add_special_tokens=False)
+        return list(dict.fromkeys(text[a:b] for i, (a, b) in zip(enc.ids, enc.offsets)
+                                  if i == self.unk_id))
+
+    def decode(self, ids):
+        """Ids -> text: <pad> and <bos> skipped, end of text -> newline."""
+        ids = np.asarray(ids).reshape(-1).tolist()
+        V = len(self)
+        skip = {self.pad_id, self.bos_id} - {self.eos_id, -1}
+        out, run = [], []
+        for i in ids:
+            if not 0 <= i < V:
+                raise ValueError(f"token id {i} is outside the vocabulary (0..{V - 1})")
+            if i in skip:
+                continue
+            if i == self.eos_id:
+                out.append(self._tk.decode(run, skip_special_tokens=False) + "\n")
+                run = []
+            else:
+                run.append(i)
+        out.append(self._tk.decode(run, skip_special_tokens=False))
+        return "".join(out)
+
+    def id_to_token(self, i):
+        """The vocabulary's string for id i (byte-level tokens show bytes as GPT-2's
+        printable characters)."""
+        return self._tk.id_to_token(int(i))
+
+    # -- tokenizer.json ---------------------------------------------------------------------
+
+    @property
+    def json_bytes(self):
+        """The tokenizer.json bytes save() writes."""
+        return self._json
+
+    @property
+    def vocab_hash(self):
+        """sha256 hex digest of tokenizer.json as save() writes it."""
+        return self._hash
+
+    def save(self, path):
+        """Write tokenizer.json atomically."""
+        with atomic_file(os.fspath(path), DataError) as f:
+            f.write(self._json)
+
+    @classmethod
+    def read(cls, path):
+        """Read a tokenizer.json; DataError (one line naming the file) when it is not usable."""
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+        try:
+            return cls(data)
+        except ValueError as e:
+            raise DataError(f"{path}: {e}") from None

@@ -1,0 +1,179 @@
+"""train_model's options, declared once: TrainConfig's fields carry their group, help text,
+choices and range, and both the argparse parser and TrainConfig.validate are derived from them.
+
+Fields marked `run` are settings of one invocation (threads, logging, saving); the others shape
+the result and are stored in checkpoints, from where --resume takes them. Of those, the ones
+marked `fixed` (model shape, tokenizer, corpus, batch layout, seed) cannot change on --resume;
+the rest (run length, learning-rate schedule, clipping, decay) may be given again and then
+replace the stored value.
+"""
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from cllm_cli.errors import UsageError
+from cllm_cli.config import CLLMConfig
+from cllm_cli.corpus.files import ENCODING_ERRORS
+from cllm_cli.tokenizers.base import TOKENIZER_KINDS
+
+INT_MAX = 2**31 - 1
+GROUPS = ("data", "model", "optimisation", "threads", "checkpoints", "output")
+
+
+def option(default, group, help=None, *, choices=None, minimum=None, run=False, fixed=False,
+           metavar=None):
+    """A TrainConfig field with what argparse and validate() need to know about it."""
+    assert group in GROUPS, group
+    return field(default=default, metadata=dict(group=group, help=help, choices=choices,
+                                                minimum=minimum, run=run, fixed=fixed,
+                                                metavar=metavar))
+
+
+@dataclass
+class TrainConfig:
+    """Every option of train_model, in the order --help lists them."""
+    # data
+    tokenizer: str = option("bpe", "data", choices=TOKENIZER_KINDS, fixed=True)
+    tokenizer_file: str = option("", "data", "use this tokenizer.json (GPT-2's, or any other "
+                                 "the tokenizers library reads) instead of training one; "
+                                 "implies --tokenizer bpe and the file's vocabulary size",
+                                 fixed=True, metavar="PATH")
+    vocab_size: int = option(10000, "data", "largest vocabulary, the 4 special ids included",
+                             minimum=5, fixed=True)
+    glob: str = option("*.txt", "data", "file pattern inside directories", fixed=True)
+    encoding_errors: str = option("strict", "data", "refuse non-UTF-8 or binary files, or replace "
+                                  "bad bytes with U+FFFD", choices=ENCODING_ERRORS, fixed=True)
+    val_fraction: float = option(0.05, "data", "share of the token stream held out for validation", fixed=True)
+    # model
+    init_from: str = option("", "model", "start from a Hugging Face GPT-2-family directory "
+                            "(config.json, model.safetensors, tokenizer.json) or a .cllm file: "
+                            "its weights, shape and tokenizer are taken, the optimiser starts "
+                            "afresh; --seq-len may shorten its position table", fixed=True,
+                            metavar="DIR")
+    embed_dim: int = option(256, "model", minimum=1, fixed=True)
+    num_layers: int = option(6, "model", minimum=1, fixed=True)
+    num_heads: int = option(8, "model", minimum=1, fixed=True)
+    ff_dim: int = option(0, "model", "0 means 4 x embed-dim", minimum=0, fixed=True)
+    seq_len: int = option(128, "model", "context length T", minimum=1, fixed=True)
+    # optimisation
+    optimizer: str = option("adamw", "optimisation", choices=("adamw", "sgd"), fixed=True)
+    learning_rate: float = option(1e-3, "optimisation", "peak learning rate")
+    lr_schedule: str = option("cosine", "optimisation", choices=("cosine", "constant"))
+    warmup_steps: int = option(20, "optimisation", minimum=0)
+    min_lr_ratio: float = option(0.1, "optimisation",
+                                 "final learning rate as a share of the peak (cosine)")
+    weight_decay: float = option(0.01, "optimisation", "decoupled weight decay on 2-D tensors")
+    grad_clip: float = option(1.0, "optimisation", "global gradient norm limit (0 disables)")
+    batch_size: int = option(32, "optimisation", "windows per optimiser step", minimum=1, fixed=True)
+    micro_batch: int = option(4, "optimisation", "windows per unit of sphere work", minimum=1, fixed=True)
+    epochs: int = option(1, "optimisation", minimum=1)
+    max_steps: int = option(0, "optimisation", "stop after this many steps (0: run --epochs)",
+                            minimum=0)
+    seed: int = option(1234, "optimisation", minimum=0, fixed=True)
+    dropout: float = option(0.0, "optimisation", "dropout probability at GPT-2's sites, in "
+                            "training only (0: none); may change on --resume")
+    precision: str = option("fp32", "optimisation", "the inputs of every matrix product: fp32, "
+                            "or bf16 rounded (fp32 sums, master weights and optimiser; needs "
+                            "the bf16 extra)", choices=("fp32", "bf16"), fixed=True)
+    max_bad_steps: int = option(3, "optimisation", "stop after this many consecutive steps "
+                                "skipped for NaN/Inf", minimum=1)
+    # threads
+    threads: int = option(None, "threads", "worker spheres (default: all cores)", minimum=1,
+                          run=True)
+    lock_mode: str = option("shared", "threads", "shared: passes run in parallel; exclusive: one "
+                            "pass at a time, as the original's fix",
+                            choices=("shared", "exclusive"), run=True)
+    debug_locks: bool = option(False, "threads", "abort on a lock taken out of the order "
+                               "model_lock -> gradient_lock", run=True)
+    # checkpoints
+    checkpoint_dir: str = option("checkpoints", "checkpoints", run=True)
+    save_interval: int = option(0, "checkpoints", "save checkpoint_step_<N>.cllm every N steps "
+                                "(0: only at the end)", minimum=0, run=True)
+    keep_checkpoints: int = option(3, "checkpoints", "step checkpoints to keep (0 keeps all)",
+                                   minimum=0, run=True)
+    resume: bool = option(False, "checkpoints", "continue from the newest checkpoint in "
+                          "--checkpoint-dir (the model, tokenizer and corpus come from the "
+                          "checkpoint; run length and learning-rate options may be given "
+                          "again); `--resume auto` starts a new run when there is none",
+                          run=True, metavar="auto")
+    overwrite: bool = option(False, "checkpoints", "start a new run in a --checkpoint-dir that "
+                             "holds an earlier run's checkpoints (they are deleted)", run=True)
+    # output
+    log_interval: int = option(10, "output", "steps between log lines", minimum=0, run=True)
+    eval_interval: int = option(100, "output", "steps between validation runs (0: only at the "
+                                "end)", minimum=0, run=True)
+    eval_tokens: int = option(None, "output", "validation tokens per periodic evaluation, an "
+                              "evenly spread fixed subset of the windows (default: a quarter of "
+                              "the tokens trained between two evaluations, so that evaluating "
+                              "costs under a tenth of the run; 0: all)", minimum=0, run=True)
+    final_eval_tokens: int = option(0, "output", "validation tokens of the final evaluation "
+                                    "(0: all)", minimum=0, run=True)
+    metrics_file: str = option("", "output", "write one JSON object per step and per evaluation "
+                               "to this file", run=True)
+    sample_every: int = option(0, "output", "print a sample every N steps (0: never)", minimum=0,
+                               run=True)
+    prompt: str = option("", "output", "start of the samples", run=True)
+    sample_tokens: int = option(30, "output", minimum=1, run=True)
+    quiet: bool = option(False, "output", "print only errors and the summary", run=True)
+    plot: str = option("", "output", "after training, draw training and validation loss into "
+                       "this PNG (needs matplotlib; uses --metrics-file, by default "
+                       "CHECKPOINT_DIR/metrics.jsonl)", run=True, metavar="PNG")
+
+    @classmethod
+    def run_fields(cls):
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["run"])
+
+    @classmethod
+    def fixed_fields(cls):
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["fixed"])
+
+    def result_fields(self):
+        """The fields that shape the result: stored in checkpoints."""
+        run = self.run_fields()
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in run}
+
+    def model_config(self, vocab_size):
+        return CLLMConfig(vocab_size=vocab_size, embed_dim=self.embed_dim,
+                          num_layers=self.num_layers, num_heads=self.num_heads,
+                          ff_dim=self.ff_dim, seq_len=self.seq_len)
+
+    def validate(self):
+        """Raises UsageError naming the first bad option; clamps micro_batch to batch_size."""
+        for f in dataclasses.fields(self):
+            value, option_flag, meta = getattr(self, f.name), flag(f.name), f.metadata
+            if value is None:
+                continue
+            if meta["choices"] is not None and value not in meta["choices"]:
+                raise UsageError(f"{option_flag} must be one of {', '.join(meta['choices'])}")
+            if f.type is int and not isinstance(value, bool) and isinstance(value, int):
+                if meta["minimum"] is not None and value < meta["minimum"]:
+                    raise UsageError(f"{option_flag} must be at least {meta['minimum']}, got {value}")
+                if value > INT_MAX:
+                    raise UsageError(f"{option_flag} is too large: {value}")
+        if self.resume not in (False, True, "auto"):
+            raise UsageError(f"--resume takes no value or 'auto', got {self.resume!r}")
+        if self.micro_batch > self.batch_size:
+            self.micro_batch = self.batch_size      # a micro-batch never exceeds the batch
+        if self.embed_dim % self.num_heads:
+            raise UsageError(f"--embed-dim {self.embed_dim} is not divisible by --num-heads "
+                             f"{self.num_heads}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise UsageError(f"--learning-rate must be a positive number, got {self.learning_rate}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise UsageError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not (0 <= self.weight_decay < 1 / self.learning_rate):
+            raise UsageError(f"--weight-decay must be in [0, 1/lr), got {self.weight_decay}")
+        if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
+            raise UsageError(f"--grad-clip must be >= 0 (0 disables), got {self.grad_clip}")
+        if self.tokenizer_file and self.init_from:
+            raise UsageError("--tokenizer-file and --init-from cannot be combined (--init-from "
+                             "takes the model's own tokenizer)")
+        if not 0 <= self.dropout < 1:
+            raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.val_fraction < 1:
+            raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+
+
+def flag(name):
+    """The command-line option of TrainConfig field `name`."""
+    return "--" + name.replace("_", "-")

@@ -1,0 +1,219 @@
+"""What train_model shows: the live progress line or log lines, warnings, and the JSON lines
+of --metrics-file."""
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+
+from cllm_cli.errors import DataError
+
+
+class Log:
+    """Human output on stdout (unless quiet) and JSON lines in the metrics file. On a terminal
+    progress is one line rewritten in place (a few times a second); elsewhere it is a plain
+    line every log_interval steps."""
+
+    REFRESH = 0.2   # seconds between rewrites of the progress line
+
+    def __init__(self, cfg, append):
+        self.quiet = cfg.quiet
+        self.tty = sys.stdout.isatty()
+        self.log_interval = max(cfg.log_interval, 1)
+        self.showing = False     # a progress line is on screen
+        self.stdout_lost = False
+        self.last_draw = 0.0
+        try:
+            self.metrics = open(cfg.metrics_file, "a" if append else "w") if cfg.metrics_file else None
+        except OSError as e:
+            raise DataError(f"cannot write --metrics-file {cfg.metrics_file}: {e.strerror or e}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def say(self, text, always=False):
+        if always or not self.quiet:
+            self._clear()
+            self._out(text + "\n")
+
+    def progress(self, step, total, text):
+        if self.quiet:
+            return
+        if not self.tty:
+            if step % self.log_interval == 0 or step == total:
+                self._out(text + "\n")
+            return
+        now = time.monotonic()
+        if step == total:              # the last state stays on screen
+            self._out("\r" + text + "\x1b[K\n")
+            self.showing = False
+        elif now - self.last_draw >= self.REFRESH:
+            self._out("\r" + text + "\x1b[K")
+            self.showing = True
+            self.last_draw = now
+
+    def _clear(self):
+        # other output goes above the progress line, which is redrawn at the next step
+        if self.showing:
+            self._out("\r\x1b[K")
+            self.showing = False
+            self.last_draw = 0.0
+
+    def _out(self, text):
+        """Writes to stdout. Losing stdout (a full disk, a reader that went away) must not
+        lose the training: one warning, then stdout is silenced for the rest of the run."""
+        if self.stdout_lost:
+            return
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except OSError as e:
+            self.stdout_lost = True
+            with contextlib.suppress(OSError):      # nor fail again at exit
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+            self.warn(f"cannot write to standard output ({e.strerror or e}); training goes "
+                      f"on without progress output")
+
+    def warn(self, text):
+        self._clear()
+        with contextlib.suppress(OSError):
+            print(f"train_model: warning: {text}", file=sys.stderr, flush=True)
+
+    def record(self, **fields):
+        """One JSON line; NaN (a skipped step) is written as null. A failing metrics file is
+        reported once and dropped: it must not stop the training."""
+        if not self.metrics:
+            return
+        fields = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                  for k, v in fields.items()}
+        try:
+            self.metrics.write(json.dumps(fields) + "\n")
+            self.metrics.flush()
+        except OSError as e:
+            self.warn(f"cannot write the metrics file ({e.strerror or e}); metrics stop here")
+            self._drop_metrics()
+
+    def _drop_metrics(self):
+        with contextlib.suppress(OSError):
+            self.metrics.close()
+        self.metrics = None
+
+    def close(self):
+        self._clear()
+        if self.metrics:
+            self._drop_metrics()
+
+
+LARGE = 1e6     # from here on losses and perplexities are shown as 1.234e+07
+
+
+def fmt_loss(x):
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.4g}" if abs(x) >= LARGE else f"{x:.4f}"
+
+
+def perplexity(loss):
+    """exp(loss), inf where it overflows."""
+    return math.exp(loss) if loss < math.log(sys.float_info.max) else math.inf
+
+
+def fmt_ppl(loss, decimals=2):
+    """The perplexity of `loss`: fixed-point below LARGE, then 1.23e+07 style, "inf" past
+    the float range (a diverged run)."""
+    ppl = perplexity(loss)
+    return f"{ppl:.{decimals}f}" if ppl < LARGE else f"{ppl:.3g}"
+
+
+def ppl_text(loss):
+    return "" if loss is None or math.isnan(loss) else f" (ppl {fmt_ppl(loss)})"
+
+
+def duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
+        else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class ByteProgress:
+    """The progress line of a long pass over a corpus, on stderr and only when stderr is a
+    terminal: "tokenizing: 412.0 of 1228.8 MB, 85.3 MB/s, ETA 0:09", rewritten a few times a
+    second; done() leaves "tokenizing: 1228.8 MB in 0:14, 85.9 MB/s" on screen, close()
+    without done() (a fault, a signal) wipes the line."""
+
+    REFRESH = 0.2
+
+    def __init__(self, label, total, stream=None):
+        self.stream = sys.stderr if stream is None else stream
+        self.label, self.total = label, total
+        try:
+            self.tty = self.stream is not None and self.stream.isatty()
+        except (AttributeError, ValueError, OSError):
+            self.tty = False
+        self.done_bytes = 0
+        self.start = self.last_draw = time.monotonic()
+        self.showing = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def add(self, nbytes):
+        self.done_bytes += nbytes
+        now = time.monotonic()
+        if self.tty and now - self.last_draw >= self.REFRESH:
+            rate = self.done_bytes / max(now - self.start, 1e-9)
+            left = duration((self.total - self.done_bytes) / rate) if rate > 0 else "?"
+            self._out(f"\r{self.label}: {self.done_bytes / 1e6:.1f} of {self.total / 1e6:.1f} "
+                      f"MB, {rate / 1e6:.1f} MB/s, ETA {left}\x1b[K")
+            self.last_draw = now
+
+    def done(self):
+        if self.showing:
+            seconds = time.monotonic() - self.start
+            self._out(f"\r{self.label}: {self.done_bytes / 1e6:.1f} MB in {duration(seconds)}, "
+                      f"{self.done_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s\x1b[K\n")
+            self.showing = False
+
+    def close(self):
+        if self.showing:
+            self._out("\r\x1b[K")
+            self.showing = False
+
+    def _out(self, text):
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+            self.showing = not text.endswith("\n")
+        except (OSError, ValueError):
+            self.tty = self.showing = False
+
+
+class SilentLog:
+    """The Log of a rank other than 0: rank 0 prints and writes the metrics for all."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def say(self, text, always=False):
+        pass
+
+    def progress(self, step, total, text):
+        pass
+
+    def warn(self, text):
+        pass
+
+    def record(self, **fields):
+        pass

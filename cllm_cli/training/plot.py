@@ -1,0 +1,119 @@
+"""Loss curves from a train_model --metrics-file: plot_metrics() and the cllm_plot command.
+
+The metrics file holds JSON lines: one per optimiser step ({"step", "loss", ...}) and one per
+evaluation ({"step", "val_loss", ...}). A file that a resumed run appended to may repeat
+steps (those after the checkpoint it resumed from); the last record of a step wins, which is
+the curve of the run that went on. A skipped step (loss NaN) leaves a gap in the line.
+
+matplotlib is an optional dependency, imported only when a plot is drawn; without it
+plot_metrics raises PlotError("matplotlib is not installed: pip install matplotlib").
+The PNG is written atomically (cllm_cli.fileio: a temporary file next to the destination,
+renamed over it), so a failed plot never leaves a damaged file.
+"""
+import json
+import math
+import os
+
+from cllm_cli.fileio import atomic_file
+from cllm_cli.fileio import open_regular
+from cllm_cli.training.log import fmt_ppl
+from cllm_cli.errors import MissingDependency, PlotError
+
+MISSING_MATPLOTLIB = "matplotlib is not installed: pip install matplotlib"
+
+
+def require_matplotlib():
+    """Raises MissingDependency unless matplotlib can be imported. train_model calls it before
+    training starts, so that --plot does not fail only at the end of a long run."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise MissingDependency(MISSING_MATPLOTLIB) from None
+
+
+def read_metrics(path):
+    """(train, val): lists of (step, value) sorted by step, from a metrics JSON-lines file."""
+    try:
+        with open_regular(path) as f:
+            lines = f.read().decode("utf-8").splitlines()
+    except OSError as e:
+        raise PlotError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise PlotError(f"{path}: not valid UTF-8 (bad byte at offset {e.start})") from None
+    train, val = {}, {}
+    for k, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise PlotError(f"{path}:{k}: not a JSON object") from None
+        if not isinstance(record, dict) or not _number(record.get("step")):
+            raise PlotError(f"{path}:{k}: expected an object with a \"step\" number")
+        step = int(record["step"])
+        for key, curve in (("loss", train), ("val_loss", val)):
+            if key in record:
+                if not _number(record[key]):
+                    raise PlotError(f"{path}:{k}: \"{key}\" is not a number")
+                curve[step] = float(record[key])
+    if not train and not val:
+        raise PlotError(f"{path}: no training or validation loss records "
+                        f"(is it a train_model --metrics-file?)")
+    return sorted(train.items()), sorted(val.items())
+
+
+def _number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def smoothed(values, window):
+    """Centred mean over `window` values, NaN left out (NaN where a window holds none)."""
+    import numpy as np
+    values = np.asarray(values, dtype=np.float64)
+    ok = ~np.isnan(values)
+    kernel = np.ones(window)
+    sums = np.convolve(np.where(ok, values, 0.0), kernel, mode="same")
+    counts = np.convolve(ok.astype(np.float64), kernel, mode="same")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / counts, np.nan)
+
+
+def draw(train, val, out_png, title):
+    """Draws the curves into out_png (atomically)."""
+    require_matplotlib()
+    from matplotlib.figure import Figure   # no pyplot: no global state, no GUI backend
+
+    fig = Figure(figsize=(8, 4.5), dpi=120, layout="constrained")
+    ax = fig.add_subplot()
+    if train:
+        steps, losses = zip(*train)
+        window = len(losses) // 25 | 1          # odd, so that the mean is centred
+        if len(losses) >= 100:
+            ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8,
+                    label="training loss (per step)")
+            ax.plot(steps, smoothed(losses, window), color="tab:blue", linewidth=1.8,
+                    label=f"training loss (mean of {window} steps)")
+        else:
+            ax.plot(steps, losses, color="tab:blue", linewidth=1.5, label="training loss")
+    if val:
+        steps, losses = zip(*val)
+        last = losses[-1]
+        ppl = f", ppl {fmt_ppl(last, 1)}" if math.isfinite(last) else ""
+        ax.plot(steps, losses, color="tab:orange", marker="o", markersize=4, linewidth=1.8,
+                label=f"validation loss (last {last:.3f}{ppl})")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("cross-entropy loss (nats per token)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper right")
+    with atomic_file(out_png, PlotError) as f:
+        fig.savefig(f, format="png")
+
+
+def plot_metrics(metrics_path, out_png, title=None):
+    """Draws training loss (per step) and validation loss (per evaluation) against steps from
+    a train_model --metrics-file into the PNG out_png. Raises PlotError (MissingDependency
+    without matplotlib; the metrics are read first, so bad input is reported either way)."""
+    train, val = read_metrics(metrics_path)
+    draw(train, val, out_png, title or f"CLLM training: {os.path.basename(str(metrics_path))}")
+    return out_png

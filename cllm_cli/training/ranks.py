@@ -1,0 +1,121 @@
+"""Setting a run up on many processes: rank 0 alone, the others following.
+
+open_trainer: rank 0 sets the run up alone (directory lock, tokenizing, resuming) and
+broadcasts what it decided; every other rank becomes a FollowerTrainer that reads the
+vocabulary and memory-maps dataset.bin from the same checkpoint directory, checks that it sees
+rank 0's dataset key, vocabulary and model config, and receives the weights and AdamW state
+from rank 0. A rank that sees something else stops every rank (one line naming it).
+"""
+import os
+import socket
+
+import numpy as np
+
+from cllm_cli import _engine
+from cllm_cli.corpus.dataset import dataset_header, load_dataset
+from cllm_cli.distributed.world import on_all_ranks
+from cllm_cli.errors import AllRanksStop, CheckpointError, DataError
+from cllm_cli.formats.checkpoint import checkpoint_path
+from cllm_cli.model.cllm import CLLMModel
+from cllm_cli.tokenizers.base import Tokenizer, tokenizer_class
+from cllm_cli.training.trainer import Trainer
+
+
+class RankRefused(DataError):
+    """A rank other than 0 does not see the run rank 0 set up (exit status 2)."""
+
+
+def open_trainer(world, make_trainer, checkpoint_dir, exit_status):
+    """The run's Trainer on this rank (see the module docstring); checkpoint_dir: this rank's
+    --checkpoint-dir. exit_status(exception) gives the status every rank ends with when rank
+    0's set-up fails."""
+    if world.size == 1:
+        return make_trainer()
+    if world.is_root:
+        try:
+            trainer = make_trainer()
+        except BaseException as e:
+            world.bcast(exit_status(e))
+            raise on_all_ranks(e)
+        world.bcast(follower_plan(trainer))
+        refusals = world.allgather(None)
+    else:
+        plan = world.bcast(None)
+        if not isinstance(plan, dict):
+            raise on_all_ranks(AllRanksStop(plan))
+        trainer, refusal = None, None
+        try:
+            trainer = FollowerTrainer(plan, checkpoint_dir)
+        except (DataError, CheckpointError, OSError, ValueError) as e:
+            refusal = str(e)
+        refusals = world.allgather(refusal)
+    refused = [(rank, why) for rank, why in enumerate(refusals) if why]
+    if refused:
+        if world.is_root:
+            trainer.close()
+            rank, why = refused[0]
+            raise on_all_ranks(RankRefused(f"rank {rank} of {world.size}: {why}"))
+        raise on_all_ranks(AllRanksStop(2))
+    for buffer in (trainer.model.flat, trainer.adam_m, trainer.adam_v):
+        world.share(buffer)
+    trainer.layout = describe_layout(world, trainer.cfg.threads)
+    return trainer
+
+
+def follower_plan(trainer):
+    """What rank 0 decided in set-up that the other ranks take as it is."""
+    bin_path = os.path.join(trainer.ckpt_dir, "dataset.bin")
+    return {"cfg": trainer.cfg, "state": trainer.state, "changed": trainer.changed,
+            "resumed_from": trainer.resumed_from, "data_info": trainer.data_info,
+            "model_config": trainer.mcfg,
+            "vocab_hash": trainer.tokenizer.vocab_hash,
+            "stream_key": dataset_header(bin_path)["key"],
+            "final_model_ok": trainer.final_model_ok()}
+
+
+def describe_layout(world, threads):
+    """'K ranks x N sphere(s)' and where each rank runs (the launcher names a rank that dies
+    by its pid)."""
+    where = world.allgather(f"rank {world.rank} pid {os.getpid()} on {socket.gethostname()}")
+    return f"{world.size} ranks x {threads} sphere(s) ({', '.join(where)})"
+
+
+class FollowerTrainer(Trainer):
+    """A Trainer's data and state on a rank other than 0: read, never written."""
+
+    def __init__(self, plan, own_checkpoint_dir):
+        self.cfg, self.state = plan["cfg"], plan["state"]
+        self.ckpt_dir = os.path.abspath(own_checkpoint_dir)     # the same one, when shared
+        self.cfg.checkpoint_dir = own_checkpoint_dir
+        self.changed, self.resumed_from = plan["changed"], plan["resumed_from"]
+        self.data_info, self.leftovers = plan["data_info"], (0, 0)
+        self._final_model_ok = plan["final_model_ok"]
+        hint = f" (is {self.ckpt_dir} on a filesystem every rank shares?)"
+        vocab_path = os.path.join(self.ckpt_dir, tokenizer_class(self.cfg.tokenizer).file_name)
+        bin_path = os.path.join(self.ckpt_dir, "dataset.bin")
+        if not os.path.isfile(bin_path) or not os.path.isfile(vocab_path):
+            raise DataError(f"{bin_path} or {vocab_path} is missing here{hint}")
+        if dataset_header(bin_path)["key"] != plan["stream_key"]:
+            raise DataError(f"{bin_path} has another dataset key than rank 0's{hint}")
+        self.tokenizer = Tokenizer.load(vocab_path, self.cfg.tokenizer)
+        if self.tokenizer.vocab_hash != plan["vocab_hash"]:
+            raise DataError(f"{vocab_path} is not rank 0's vocabulary{hint}")
+        tokens = load_dataset(bin_path)
+        config = self.cfg.model_config(len(self.tokenizer))
+        if config != plan["model_config"]:
+            raise DataError(f"model config {config} differs from rank 0's {plan['model_config']}")
+        self.model = CLLMModel.from_flat(config, np.zeros(_engine.num_parameters(config),
+                                                          dtype=np.float32))
+        self.adam_m = np.zeros_like(self.model.flat)
+        self.adam_v = np.zeros_like(self.model.flat)
+        self.plan(tokens)
+
+    def close(self):
+        pass
+
+    def save(self, path=None, prune=True):
+        """Rank 0 writes; the path it writes to."""
+        return path or checkpoint_path(self.ckpt_dir, self.state.step)
+
+    def final_model_ok(self):
+        return self._final_model_ok

@@ -1,0 +1,115 @@
+"""What the training loop prints: the header, validation results, skipped micro-batches,
+samples, the per-sphere statistics and the divergence check."""
+import math
+
+
+from cllm_cli.distributed.world import on_all_ranks
+from cllm_cli.errors import (TrainingError)
+from cllm_cli.training.log import fmt_loss, fmt_ppl, perplexity
+
+
+def report_skips(log, step, result):
+    """Warns about each micro-batch left out of the step and about a skipped step."""
+    for bad in result.bad:
+        where = [] if bad.loss_finite else ["the loss"]
+        if bad.tensor is not None:
+            where.append(f"the gradient of {bad.tensor} (first bad tensor)")
+        log.warn(f"step {step}: micro-batch {bad.index} (sphere {bad.sphere}) has a "
+                 f"non-finite value in {' and '.join(where)}; left out of the step")
+    if result.tokens == 0:
+        log.warn(f"step {step}: no valid micro-batch; step skipped")
+    elif not result.applied:
+        log.warn(f"step {step}: the summed gradient is not finite; step skipped")
+
+
+def bits_per_byte(loss, bytes_per_token):
+    """A loss in nats per token as bits per UTF-8 byte of text (compares tokenizers)."""
+    return loss / math.log(2) / bytes_per_token
+
+
+def report_val(log, step, val_loss, bytes_per_token):
+    if val_loss is None:
+        return
+    bpb = bits_per_byte(val_loss, bytes_per_token)
+    log.say(f"step {step} | val loss {fmt_loss(val_loss)} | val ppl {fmt_ppl(val_loss)} | val bpb "
+            f"{bpb:.4f}")
+    log.record(step=step, val_loss=val_loss, val_ppl=perplexity(val_loss), val_bpb=bpb)
+
+
+def val_bpb_text(val_loss, bytes_per_token):
+    if val_loss is None or not math.isfinite(val_loss):
+        return ""
+    return f", {bits_per_byte(val_loss, bytes_per_token):.4f} bits/byte"
+
+
+def check_not_diverged(run, vocab_size, final):
+    """A run whose final loss is worse than twice uniform guessing (2 ln V) diverged: the
+    model is saved, but the run fails (status 1) so that scripts and schedulers notice."""
+    limit = 2 * math.log(vocab_size)
+    for what, loss in (("validation", run.val_loss), ("training", run.last_train_loss)):
+        if loss is not None and not loss <= limit:
+            raise on_all_ranks(TrainingError(
+                f"training diverged: final {what} loss {fmt_loss(loss)} is above 2 ln(V) = "
+                f"{limit:.2f} (saved to {final}); lower --learning-rate or raise --warmup-steps"))
+
+
+def sample_text(model, tokenizer, prompt, max_tokens, seed):
+    ids = list(tokenizer.encode(prompt)) if prompt else []
+    out = list(model.generate(ids, max_tokens=max_tokens, temperature=0.8, top_k=40, seed=seed,
+                              stop_ids=(tokenizer.eos_id,)))
+    return tokenizer.decode(ids + out).strip()
+
+
+def print_header(trainer, log):
+    cfg, m, info = trainer.cfg, trainer.mcfg, trainer.data_info
+    files, size = trainer.leftovers
+    if files:
+        log.say(f"removed {files} temporary file(s) of interrupted runs ({size / 1e6:.1f} MB) "
+                f"from {trainer.ckpt_dir}")
+    log.say(f"corpus: {info['files']} file(s), {info['bytes'] / 1e6:.2f} MB, {info['tokens']:,} tokens"
+            f" ({'reused' if info['reused'] else 'tokenized'}: {trainer.ckpt_dir}/dataset.bin)")
+    log.say(f"vocab: {m.vocab_size:,} {cfg.tokenizer} tokens | model: d {m.embed_dim}, "
+            f"{m.num_layers} layers, {m.num_heads} heads, ff {m.ff_dim}, seq {m.seq_len}, "
+            f"{trainer.model.num_params():,} parameters")
+    log.say(f"training: {trainer.n_windows:,} windows, {trainer.steps_per_epoch} steps/epoch, "
+            f"{trainer.total_steps} steps of {cfg.batch_size} x {m.seq_len} tokens, "
+            f"{trainer.layout or f'{cfg.threads} sphere(s)'}, micro-batch {cfg.micro_batch}, "
+            f"lock mode {cfg.lock_mode}" + (f", dropout {cfg.dropout:g}" if cfg.dropout else "")
+            + (f", precision {cfg.precision}" if cfg.precision != "fp32" else ""))
+    if len(trainer.val):
+        n = len(trainer.val)
+        periodic = len(trainer.val_periodic)
+        what = "all of them" if periodic == n else f"{periodic:,} of them, evenly spread"
+        final = "all" if len(trainer.val_final) == n else f"{len(trainer.val_final):,}"
+        when = f"every {cfg.eval_interval} steps" if cfg.eval_interval else "never"
+        log.say(f"validation: {len(trainer.val_tokens):,} tokens in {n:,} windows; evaluated "
+                f"{when} on {what}, at the end on {final}")
+    if cfg.init_from and not trainer.resumed_from:
+        log.say(f"initialised from {cfg.init_from} (AdamW state starts at zero)")
+    elif cfg.tokenizer_file and not trainer.resumed_from:
+        log.say(f"tokenizer: {cfg.tokenizer_file}")
+    if trainer.resumed_from:
+        changed = f"; changed: {', '.join(trainer.changed)}" if trainer.changed else ""
+        log.say(f"resumed from {trainer.resumed_from} at step {trainer.state.step}{changed}")
+    missing = trainer.tokenizer.unknown_tokens(cfg.prompt) if cfg.sample_every else []
+    if missing:
+        log.warn("--prompt tokens not in the vocabulary, read as <unk>: "
+                 + ", ".join(repr(t) for t in missing[:8]) + (" ..." if len(missing) > 8 else ""))
+    if cfg.warmup_steps >= trainer.total_steps:
+        log.warn(f"--warmup-steps {cfg.warmup_steps} covers the whole run of "
+                 f"{trainer.total_steps} steps: the learning rate never reaches its peak")
+
+
+def threaded_training_print_stats(stats, wall, log):
+    """Per-sphere statistics, as the original's threaded_training_print_stats (with correct
+    numbers): micro-batches, mean loss per counted token, share of the run spent working."""
+    lines = ["sphere  group  micro-batches  mean loss  busy"]
+    rows = []
+    for s in stats:
+        mean = s["loss_sum"] / s["tokens"] if s["tokens"] else float("nan")
+        busy = s["busy_seconds"] / wall if wall > 0 else 0.0
+        rows.append(dict(s, mean_loss=mean, busy_share=busy))
+        lines.append(f"{s['sphere']:>6}  {s['symmetry_group']:>5}  {s['micro_batches']:>13}  "
+                     f"{fmt_loss(mean):>9}  {busy:>4.0%}")
+    log.say("\n".join(lines))
+    return rows

@@ -1,0 +1,46 @@
+"""Stop signals during a run: SIGINT, SIGTERM and SIGHUP."""
+import signal
+import threading
+
+
+from cllm_cli.errors import Interrupted
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class StopSignals:
+    """SIGINT, SIGTERM and SIGHUP. Until defer() a signal raises Interrupted at once (set-up:
+    nothing to save, and the atomic writes remove their temporary files); after it, a signal
+    only sets the flag that calling this object returns, and the loop stops after the current
+    step. Installed only on the main thread (signal handlers cannot be set elsewhere)."""
+
+    def __init__(self):
+        self.signum = None
+        self.deferred = False
+        self.previous = {}
+
+    def __call__(self):
+        return self.signum is not None
+
+    def name(self):
+        return signal.Signals(self.signum).name if self.signum else "stopped"
+
+    def defer(self):
+        self.deferred = True
+        if self.signum is not None:          # arrived between set-up and now
+            raise Interrupted(self.signum)
+
+    def _on_signal(self, signum, frame):
+        self.signum = signum
+        if not self.deferred:
+            raise Interrupted(signum)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

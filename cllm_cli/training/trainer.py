@@ -1,0 +1,294 @@
+"""A training run's set-up and state: the Trainer.
+
+Trainer takes the locked checkpoint directory, then either starts a new run (the corpus
+tokenized into dataset.bin, a model initialised, or taken from --init-from or a
+--tokenizer-file) or resumes one from its newest checkpoint (the options a resumed run may
+change are applied, the others refused), and plans the run: the splits, windows and steps.
+It saves checkpoints; the loop (loop.py) only calls it.
+"""
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from cllm_cli.corpus.batches import epoch_order, eval_windows, gather_windows, num_windows, split_stream, spread_windows
+from cllm_cli.corpus.dataset import prepare_dataset
+from cllm_cli.corpus.files import collect_files
+from cllm_cli.errors import (CheckpointError, ConversionError, DataError, TrainingError, UsageError)
+from cllm_cli.fileio import check_regular
+from cllm_cli.formats.checkpoint import (checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint)
+from cllm_cli.formats.hf import load_pretrained
+from cllm_cli.model.cllm import CLLMModel, shorten_positions
+from cllm_cli.tokenizers.base import Tokenizer, tokenizer_class
+from cllm_cli.tokenizers.bpe import BPETokenizer
+from cllm_cli.training.config import TrainConfig
+from cllm_cli.training.rundir import DirectoryLock, remove_leftovers
+
+
+def default_threads():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+@dataclass
+class Pretrained:
+    """What --init-from starts from."""
+    config: object
+    flat: np.ndarray
+    tokenizer: Tokenizer
+
+
+@dataclass
+class TrainState:
+    """Where the run is: saved in every checkpoint, restored by --resume."""
+    step: int = 0              # optimiser steps attempted (the next step's index)
+    epoch: int = 0
+    batch_in_epoch: int = 0    # global batches of this epoch already used
+    adam_t: int = 0            # AdamW updates applied (bias correction)
+    bad_steps: int = 0         # consecutive skipped steps
+
+
+class Trainer:
+    """One training run's set-up and state: the locked checkpoint directory, the tokenizer and
+    token stream, the model and its AdamW state, the position in the data. `given` names the
+    options the user set explicitly (--resume applies or refuses them)."""
+
+    layout = None              # "K ranks x N sphere(s) (...)" on many processes
+
+    def __init__(self, data_paths, cfg, given=()):
+        cfg.validate()
+        self.cfg = cfg
+        self.ckpt_dir = os.path.abspath(cfg.checkpoint_dir)
+        self.state = TrainState()
+        self.changed = []          # options a resumed run changed: "--name old -> new"
+        self.resumed_from = None
+        files = collect_files(data_paths, cfg.glob, exclude_dir=self.ckpt_dir)
+        self._make_checkpoint_dir()
+        self.lock = DirectoryLock(self.ckpt_dir)
+        try:
+            self.leftovers = remove_leftovers(self.ckpt_dir)
+            tokens = self._start_or_resume(files, set(given))
+            self.plan(tokens)
+        except BaseException:
+            self.close()
+            raise
+
+    def plan(self, tokens):
+        """The splits, windows and run length, from the token stream and the settings."""
+        cfg = self.cfg
+        self.mcfg = self.model.config
+        self.train_tokens, self.val_tokens = split_stream(tokens, cfg.val_fraction)
+        T = self.mcfg.seq_len
+        self.n_windows = num_windows(len(self.train_tokens), T)
+        if self.n_windows == 0:
+            raise DataError(f"corpus too short: {len(self.train_tokens)} training tokens, "
+                            f"a window needs {T + 1} (lower --seq-len or add text)")
+        self.steps_per_epoch = math.ceil(self.n_windows / cfg.batch_size)
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self.val = eval_windows(self.val_tokens, T)
+        every = cfg.eval_interval * cfg.batch_size * T // 4
+        self.val_periodic = spread_windows(self.val, every if cfg.eval_tokens is None
+                                           else cfg.eval_tokens)
+        self.val_final = spread_windows(self.val, cfg.final_eval_tokens)
+        self._order = (None, None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        """Releases the checkpoint directory."""
+        self.lock.close()
+
+    def _make_checkpoint_dir(self):
+        try:
+            os.makedirs(self.ckpt_dir, exist_ok=True)
+            probe = os.path.join(self.ckpt_dir, f".write-test-{os.getpid()}.tmp")
+            with open(probe, "w"):
+                pass
+            os.remove(probe)
+        except OSError as e:
+            raise DataError(f"checkpoint directory {self.ckpt_dir} is not writable: {e.strerror or e}")
+
+    def _start_or_resume(self, files, given):
+        cfg = self.cfg
+        resume_from = latest_checkpoint(self.ckpt_dir) if cfg.resume else None
+        if cfg.resume is True and resume_from is None:
+            raise UsageError(f"--resume: no checkpoint_step_<N>.cllm in {self.ckpt_dir}")
+        if resume_from is not None:
+            return self._restore(resume_from, files, given)
+        self._clear_previous_run()
+        tokenizer = start = None
+        if cfg.init_from:
+            start = self._pretrained(given)
+            tokenizer = start.tokenizer
+        elif cfg.tokenizer_file:
+            tokenizer = self._tokenizer_file(given)
+        self.tokenizer, tokens, self.data_info = prepare_dataset(
+            files, self.ckpt_dir, cfg.tokenizer, cfg.vocab_size, cfg.encoding_errors,
+            tokenizer=tokenizer)
+        if start is None:
+            self.model = CLLMModel(cfg.model_config(len(self.tokenizer)), cfg.seed)
+        else:
+            self.model = CLLMModel.from_flat(start.config, start.flat)
+        self.adam_m = np.zeros_like(self.model.flat)
+        self.adam_v = np.zeros_like(self.model.flat)
+        return tokens
+
+    def _take(self, name, value, given, source):
+        """Sets option `name` to what `source` prescribes; refuses a different value given."""
+        mine = getattr(self.cfg, name)
+        if name == "ff_dim" and mine == 0:
+            mine = 4 * self.cfg.embed_dim
+        if name in given and mine != value:
+            raise UsageError(f"--{name.replace('_', '-')} {mine} differs from {source}'s {value}"
+                             f"; leave it out to take it from there")
+        setattr(self.cfg, name, value)
+
+    def _tokenizer_file(self, given):
+        """The tokenizer.json of --tokenizer-file; the run takes its kind and size."""
+        cfg, source = self.cfg, f"--tokenizer-file {self.cfg.tokenizer_file}"
+        if "tokenizer" in given and cfg.tokenizer != "bpe":
+            raise UsageError(f"--tokenizer {cfg.tokenizer} cannot read {source} (a tokenizer.json "
+                             f"is --tokenizer bpe)")
+        check_regular(cfg.tokenizer_file, "--tokenizer-file")
+        tokenizer = BPETokenizer.read(cfg.tokenizer_file)
+        self._take("tokenizer", "bpe", given, source)
+        self._take("vocab_size", len(tokenizer), given, source)
+        return tokenizer
+
+    def _pretrained(self, given):
+        """The model and tokenizer of --init-from; the run takes their shape and kind. A
+        smaller --seq-len keeps the first rows of the position table."""
+        cfg, source = self.cfg, f"--init-from {self.cfg.init_from}"
+        try:
+            mcfg, flat, tokenizer = load_pretrained(cfg.init_from)
+        except ConversionError as e:
+            raise DataError(f"--init-from: {e}") from None
+        if "seq_len" in given and cfg.seq_len < mcfg.seq_len:
+            mcfg, flat = shorten_positions(mcfg, flat, cfg.seq_len)
+        for name in ("embed_dim", "num_layers", "num_heads", "ff_dim", "seq_len", "vocab_size"):
+            self._take(name, getattr(mcfg, name), given, source)
+        self._take("tokenizer", tokenizer.kind, given, source)
+        cfg.validate()
+        return Pretrained(mcfg, flat, tokenizer)
+
+    def _clear_previous_run(self):
+        """A new run must not mix its checkpoints with an earlier run's: refuse, or with
+        --overwrite delete the earlier run's model files."""
+        previous = [p for _, p in list_checkpoints(self.ckpt_dir)]
+        final = os.path.join(self.ckpt_dir, "final_model.cllm")
+        if os.path.exists(final):
+            previous.append(final)
+        if previous and not self.cfg.overwrite:
+            raise UsageError(f"{self.ckpt_dir} holds an earlier run ({os.path.basename(previous[-1])}"
+                             f"); use --resume to continue it, --overwrite to start over, or "
+                             f"another --checkpoint-dir")
+        for path in previous:
+            try:
+                os.remove(path)
+            except OSError as e:
+                raise DataError(f"--overwrite: cannot remove {path}: {e.strerror or e}") from None
+
+    def _restore(self, path, files, given):
+        """Model, optimiser state, position and training settings from a checkpoint. Options
+        given again are applied when they may change and refused when they may not."""
+        ckpt = load_checkpoint(path)
+        meta = ckpt["meta"]
+        try:
+            saved = dict(meta["train_config"])
+            saved.setdefault("precision", "fp32")     # checkpoints from before --precision
+            state = TrainState(**meta["state"])
+            vocab_hash, dataset_key = meta["vocab_hash"], meta["dataset_key"]
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: checkpoint lacks training state ({e})") from None
+        if ckpt["adam_m"] is None:
+            raise CheckpointError(f"{path}: checkpoint holds no optimiser state; cannot resume")
+        run, fixed = TrainConfig.run_fields(), TrainConfig.fixed_fields()
+        stored = dataclasses.replace(self.cfg, **{k: v for k, v in saved.items()
+                                                 if hasattr(self.cfg, k) and k not in run})
+        try:
+            stored.validate()
+        except UsageError as e:
+            raise CheckpointError(f"{path}: bad training setting in the checkpoint ({e})") from None
+        for name, value in saved.items():
+            if not hasattr(self.cfg, name) or name in run:
+                continue
+            mine = getattr(self.cfg, name)
+            flag = "--" + name.replace("_", "-")
+            if name in given and mine != value:
+                if name in fixed:
+                    raise UsageError(f"{flag} cannot change when resuming (the checkpoint has "
+                                     f"{value}, given {mine}); start a new run to change it")
+                self.changed.append(f"{flag} {value} -> {mine}")
+                continue
+            setattr(self.cfg, name, value)
+        self.cfg.validate()
+        self.state = state
+        vocab_path = os.path.join(self.ckpt_dir, tokenizer_class(self.cfg.tokenizer).file_name)
+        self.tokenizer = Tokenizer.load(vocab_path, self.cfg.tokenizer)
+        if self.tokenizer.vocab_hash != vocab_hash:
+            raise CheckpointError(f"{vocab_path} does not match the checkpoint's vocabulary")
+        self.tokenizer, tokens, self.data_info = prepare_dataset(
+            files, self.ckpt_dir, self.cfg.tokenizer, self.cfg.vocab_size,
+            self.cfg.encoding_errors, tokenizer=self.tokenizer)
+        if self.data_info["key"] != dataset_key:
+            raise DataError("the corpus differs from the one the checkpoint was trained on; "
+                            "resume with the same files or start a new --checkpoint-dir")
+        self.model = CLLMModel.from_flat(ckpt["config"], ckpt["params"])
+        self.adam_m, self.adam_v = ckpt["adam_m"], ckpt["adam_v"]
+        self.resumed_from = path
+        return tokens
+
+    # -- data ------------------------------------------------------------------------------
+    def batch(self, epoch, index):
+        """The windows of global batch `index` of `epoch` (the order is seeded by both)."""
+        if self._order[0] != epoch:
+            self._order = (epoch, epoch_order(self.cfg.seed, epoch, self.n_windows))
+        ids = self._order[1][index * self.cfg.batch_size:(index + 1) * self.cfg.batch_size]
+        return gather_windows(self.train_tokens, ids, self.mcfg.seq_len)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    @property
+    def bytes_per_token(self):
+        """UTF-8 bytes of the corpus per token: turns a loss per token into bits per byte."""
+        return self.data_info["bytes"] / self.data_info["tokens"]
+
+    @property
+    def final_path(self):
+        return os.path.join(self.ckpt_dir, "final_model.cllm")
+
+    def meta(self):
+        return {"train_config": self.cfg.result_fields(), "state": dataclasses.asdict(self.state),
+                "tokenizer": self.cfg.tokenizer, "vocab_hash": self.tokenizer.vocab_hash,
+                "dataset_key": self.data_info["key"], "corpus_bytes": self.data_info["bytes"],
+                "corpus_tokens": self.data_info["tokens"],
+                "generator": {"kind": "numpy default_rng([seed, epoch]) permutation",
+                              "seed": self.cfg.seed, "epoch": self.state.epoch,
+                              "batch_in_epoch": self.state.batch_in_epoch}}
+
+    def save(self, path=None, prune=True):
+        """Writes a checkpoint (atomically) and prunes old step checkpoints; a failure to
+        write is a runtime error."""
+        path = path or checkpoint_path(self.ckpt_dir, self.state.step)
+        try:
+            save_checkpoint(path, self.mcfg, self.model.flat, self.adam_m, self.adam_v, self.meta())
+            if prune and path != self.final_path:
+                prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
+        except CheckpointError as e:
+            raise TrainingError(str(e)) from None
+        return path
+
+    def final_model_ok(self):
+        """final_model.cllm exists and loads (a kill while writing it leaves none)."""
+        try:
+            load_checkpoint(self.final_path)
+        except CheckpointError:
+            return False
+        return True
