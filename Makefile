@@ -8,7 +8,7 @@ DEPS := $(VENV)/.deps-installed
 BF16_BENCH_ARGS ?= --val-loss
 TRAIN_ARGS ?= --tokenizer word --dropout 0 --epochs 10 --eval-interval 50 --save-interval 100 --sample-every 95 --prompt "the miller"
 
-.PHONY: build debug test test-fast train bench man man-pages racecheck clean
+.PHONY: build debug lint test test-fast train bench man man-pages racecheck clean
 
 $(DEPS): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,7 @@ $(DEPS): pyproject.toml Makefile
 	@# the interop tests' readers: torch first, pinned to its CPU build (else pip pulls CUDA)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q "tokenizers>=0.21" "transformers>=4.45" "hypothesis>=6" "gguf>=0.10"
+	$(PY) -m pip install -q pytest-timeout import-linter ruff cython-lint pycodestyle
 	touch $@
 
 build: $(DEPS)
@@ -29,8 +30,15 @@ build: $(DEPS)
 debug: $(DEPS)
 	CLLM_DEBUG=1 $(PY) setup.py -q build_ext --inplace --force
 
-# make test runs every test; make test-fast leaves out those marked slow (pyproject.toml)
-test: build
+# The import layers (pyproject.toml: [tool.importlinter]), ruff and cython-lint
+lint: $(DEPS)
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check .
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/cython-lint pyx/
+
+# make test runs the linters and every test; make test-fast leaves out those marked slow
+# (pyproject.toml)
+test: build lint
 	$(PY) -m pytest -q
 
 test-fast: build

@@ -34,8 +34,16 @@ import sys
 import time
 
 from benchmarks import mpi as bench_mpi
-from benchmarks.measure import (BUSY_RETRY, CONFIGS, machine_info, measure, model_config,
-                            sgemm_ceiling, tokenize_speed, torch_version)
+from benchmarks.measure import (
+    BUSY_RETRY,
+    CONFIGS,
+    machine_info,
+    measure,
+    model_config,
+    sgemm_ceiling,
+    tokenize_speed,
+    torch_version,
+)
 from cllm_cli._engine import activation_allocation, num_parameters
 
 FLOP_FORMULA = "FLOPs/token = 6*L*(3d^2 + d^2 + 2dF) + 6dV + 12LTd"

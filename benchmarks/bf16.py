@@ -95,8 +95,8 @@ def main(argv=None):
                     help="also train make train's run in both precisions (about 4 minutes)")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
-    from cllm_cli.model.precision import require
     from cllm_cli.errors import PrecisionError
+    from cllm_cli.model.precision import require
     try:
         require("bf16")
     except PrecisionError as e:

@@ -33,8 +33,7 @@ import time
 import numpy as np
 
 from cllm_cli.config import CLLMConfig
-
-from cllm_cli.model.cllm import CLLMModel   # sets OPENBLAS_NUM_THREADS=1 before scipy loads it
+from cllm_cli.model.cllm import CLLMModel  # sets OPENBLAS_NUM_THREADS=1 before scipy loads it
 
 CONFIGS = {
     "S": dict(vocab_size=2000, embed_dim=128, num_layers=4, num_heads=4, ff_dim=512, seq_len=64,
@@ -81,6 +80,7 @@ def peak_rss_bytes():
 def engine_sha1():
     """Which build of the engine ran (the .so may be rebuilt while a benchmark runs)."""
     import hashlib
+
     from cllm_cli import _engine
     with open(_engine.__file__, "rb") as f:
         return hashlib.sha1(f.read()).hexdigest()
@@ -131,6 +131,7 @@ def sgemm_ceiling(max_cores, n=2048, repeats=5):
     for the shares is k x the one-core figure: background load on the machine then lowers
     the measured k-core figure, not the ceiling."""
     import multiprocessing
+
     from scipy.linalg.blas import sgemm
     rng = np.random.default_rng(0)
     a = np.asfortranarray(rng.standard_normal((n, n), dtype=np.float32))
@@ -280,8 +281,8 @@ def tokenize_speed(kinds=("word", "bpe"), size=12_000_000):
     10000). For bpe the BPE training and the encoding are also timed apart."""
     import tempfile
 
-    from cllm_cli.tokenizers.bpe import BPETokenizer
     from cllm_cli.corpus.dataset import prepare_dataset
+    from cllm_cli.tokenizers.bpe import BPETokenizer
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

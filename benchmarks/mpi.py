@@ -40,8 +40,8 @@ NODES = (4, 16, 64)
 def worker(config, threads, warmup, steps, micro_batch):
     """One layout's measurement, on every rank of the job; rank 0 prints the figures."""
     from cllm_cli import _engine
-    from cllm_cli.distributed.world import world as distributed
     from cllm_cli.distributed.world import step as parallel
+    from cllm_cli.distributed.world import world as distributed
     world = distributed.world()
     cfg = model_config(config)
     batch = CONFIGS[config]["batch"]

@@ -26,9 +26,9 @@ try:
 except ImportError as _error:
     raise _engine_not_loadable(_error) from None
 
-from cllm_cli.config import CLLMConfig
-from cllm_cli.tokenizers.base import Tokenizer  # noqa: E402
+from cllm_cli.config import CLLMConfig  # noqa: E402
 from cllm_cli.model.cllm import CLLMModel, single_threaded_blas  # noqa: E402
+from cllm_cli.tokenizers.base import Tokenizer  # noqa: E402
 
 single_threaded_blas()    # also when scipy's BLAS was loaded before us
 

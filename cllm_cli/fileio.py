@@ -11,7 +11,7 @@ import os
 import secrets
 import stat
 
-from cllm_cli.errors import UsageError
+from cllm_cli.errors import DataError, UsageError
 
 
 def reason(exc):
@@ -125,3 +125,25 @@ def check_regular(path, what):
         raise UsageError(f"{what} {path}: no such file") from None
     except OSError as e:
         raise UsageError(f"{what} {path}: {e.strerror or e}") from None
+
+
+def read_bytes(path):
+    """All bytes of `path`; DataError (one line) when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def char_cut(data):
+    """Where a block ending in `data` may be cut without splitting a UTF-8 character or a
+    "\r\n": before the last of its last 4 bytes that starts a character (other than a "\n"
+    after a "\r"), else at its end (those bytes are stray continuation bytes: no character
+    goes on past them). 0 when that place is the start of `data`."""
+    for j in range(len(data) - 1, max(len(data) - 5, -1), -1):
+        byte = data[j]
+        if 0x80 <= byte < 0xC0 or (byte == 0x0A and j > 0 and data[j - 1] == 0x0D):
+            continue
+        return j
+    return len(data)

@@ -1,12 +1,11 @@
 """Tests of cllm_cli/batches.py: the train/validation split, windows and epochs."""
 import numpy as np
 import pytest
+from helpers import write
 
 from cllm_cli.corpus import batches as B
 from cllm_cli.corpus.dataset import prepare_dataset
 from cllm_cli.errors import DataError
-from helpers import write
-
 
 # ---------------------------------------------------------------------------------------
 # Split, windows, epochs

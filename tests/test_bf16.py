@@ -20,18 +20,18 @@ import math
 
 import numpy as np
 import pytest
-
 import reference as ref
-from cllm_cli import _engine
-from cllm_cli.model import precision
-from cllm_cli.training.loop import train
-from cllm_cli._engine import parameter_layout
-from cllm_cli.formats.checkpoint import load_checkpoint
-from cllm_cli.cli.train import main as train_main
 from helpers import assert_bit_identical, assert_one_error_line, call
 from markov import make_markov_corpus
 from test_engine_grads import CASES, CONFIGS, make_batch, make_params
 from test_threads import BASE, ckpt_files, make_corpus
+
+from cllm_cli import _engine
+from cllm_cli._engine import parameter_layout
+from cllm_cli.cli.train import main as train_main
+from cllm_cli.formats.checkpoint import load_checkpoint
+from cllm_cli.model import precision
+from cllm_cli.training.loop import train
 
 U = 2.0 ** -8
 REL_TOL_SAME = 1e-5
@@ -283,6 +283,7 @@ def test_cllm_eval_uses_the_runs_precision(bf16_reference, capsys):
     """cllm_eval --split val on the bf16 run gives train_model's final val loss exactly (the
     checkpoint's precision by default), and --precision fp32 another."""
     import json
+
     from cllm_cli.cli.evaluate import main as eval_main
     final = bf16_reference["dir"] / "final_model.cllm"
     code, out, err = call(capsys, eval_main, final, "--split", "val", "--json", "--threads", "2")

@@ -10,16 +10,17 @@ import sys
 import numpy as np
 import pytest
 import tokenizers
-from hypothesis import given, settings, strategies as st
+from helpers import ROOT, sentences
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from cllm_cli.tokenizers import bpe
-from cllm_cli.tokenizers.bpe import BPETokenizer
 from cllm_cli.corpus.files import decode_block
 from cllm_cli.errors import DataError
-from cllm_cli.tokenizers.base import SPECIALS, Tokenizer
 from cllm_cli.formats.hf import word_char_pipeline
-from helpers import ROOT, sentences
+from cllm_cli.tokenizers import bpe
+from cllm_cli.tokenizers.base import SPECIALS, Tokenizer
+from cllm_cli.tokenizers.bpe import BPETokenizer
 
 AWKWARD = [
     "",

@@ -10,11 +10,19 @@ import pytest
 import safetensors.numpy
 from safetensors import safe_open
 
-from cllm_cli.formats import checkpoint as ck
-from cllm_cli.formats.checkpoint import FORMAT_VERSION, checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
-from cllm_cli.errors import CheckpointError
 from cllm_cli._engine import parameter_layout
 from cllm_cli.config import CLLMConfig
+from cllm_cli.errors import CheckpointError
+from cllm_cli.formats import checkpoint as ck
+from cllm_cli.formats.checkpoint import (
+    FORMAT_VERSION,
+    checkpoint_path,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 
 CFG = CLLMConfig(vocab_size=13, embed_dim=8, num_layers=2, num_heads=2, seq_len=6)
 

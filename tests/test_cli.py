@@ -12,9 +12,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers import ROOT, assert_bit_identical, assert_one_error_line, call, sentences
 
 from cllm_cli.cli.train import main
-from helpers import ROOT, assert_bit_identical, assert_one_error_line, call, sentences
 
 
 def corpus_text(n_sentences, seed=11):

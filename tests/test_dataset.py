@@ -7,14 +7,13 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import sentences, tensors, write
 
-from cllm_cli.corpus import dataset as D
 from cllm_cli import train
+from cllm_cli.corpus import dataset as D
 from cllm_cli.corpus.files import collect_files, read_text
 from cllm_cli.errors import DataError
 from cllm_cli.tokenizers.base import EOS, SPECIALS, TOKENIZERS, Tokenizer, WordTokenizer
-from helpers import sentences, tensors, write
-
 
 # ---------------------------------------------------------------------------------------
 # prepare_dataset / dataset.bin
@@ -511,7 +510,7 @@ def test_fault_in_a_later_block_is_reported_by_its_offset(tmp_path, workers):
 PROGRESS_SCRIPT = """
 import sys
 from cllm_cli.corpus.dataset import prepare_dataset
-from cllm_cli.training.log import ByteProgress
+from cllm_cli.progress import ByteProgress
 ByteProgress.REFRESH = 0.0          # draw at every block: the corpus is read in well under 0.2 s
 prepare_dataset([sys.argv[1]], sys.argv[2], block_size=1 << 16, workers=1)
 """
@@ -564,7 +563,7 @@ class FakeTerminal:
 
 @pytest.mark.parametrize("finished", [True, False])
 def test_progress_line_is_left_done_or_wiped(monkeypatch, finished):
-    from cllm_cli.training.log import ByteProgress
+    from cllm_cli.progress import ByteProgress
     monkeypatch.setattr(ByteProgress, "REFRESH", 0.0)
     screen = FakeTerminal(True)
     with ByteProgress("tokenizing", 3_000_000, screen) as progress:
@@ -607,8 +606,8 @@ def test_bpe_learns_from_evenly_spread_blocks_of_a_large_corpus(tmp_path, monkey
     """A corpus over BPETokenizer.train_bytes teaches the vocabulary every k-th block only
     (k = ceil(bytes / train_bytes)), so the library's trainer does not grow with the corpus;
     every block is still encoded."""
-    from cllm_cli.tokenizers.bpe import BPETokenizer
     from cllm_cli.corpus.files import decode_block, read_blocks
+    from cllm_cli.tokenizers.bpe import BPETokenizer
     words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
     lines = [" ".join(words[(i * 7 + j * 3) % len(words)] + str(i % (j + 2)) for j in range(8))
              for i in range(400)]

@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers import ROOT
 
 from cllm_cli.distributed.world import Solo, block_of, world
-from helpers import ROOT
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 

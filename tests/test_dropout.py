@@ -6,14 +6,14 @@ import shutil
 
 import numpy as np
 import pytest
-
 import reference as ref
-from cllm_cli import _engine, train
-from cllm_cli._engine import DROPOUT_SITES, dropout_mask, parameter_layout
-from cllm_cli.formats.checkpoint import load_checkpoint
-from cllm_cli.errors import UsageError
 from helpers import assert_bit_identical, sentences
 from test_engine_grads import CONFIGS, REL_TOL, make_batch, make_params
+
+from cllm_cli import _engine, train
+from cllm_cli._engine import DROPOUT_SITES, dropout_mask, parameter_layout
+from cllm_cli.errors import UsageError
+from cllm_cli.formats.checkpoint import load_checkpoint
 
 MASK64 = (1 << 64) - 1
 GOLDEN = 0x9E3779B97F4A7C15

@@ -5,8 +5,8 @@ import math
 
 import numpy as np
 import pytest
-
 import reference as ref
+
 from cllm_cli import _engine
 from cllm_cli._engine import num_parameters, parameter_layout
 from cllm_cli.config import CLLMConfig

@@ -15,24 +15,21 @@ import sys
 
 import numpy as np
 import pytest
-
-from cllm_cli import _engine
-
-from cllm_cli.cli import inference
-
-from cllm_cli.cli import tokenize as tokenize_cli
-from cllm_cli.formats.checkpoint import load_checkpoint, save_checkpoint
-from cllm_cli.errors import CheckpointError
-from cllm_cli._engine import parameter_layout as param_layout
-from cllm_cli.config import CLLMConfig
-from cllm_cli.tokenizers.base import Tokenizer
-from cllm_cli.training.log import fmt_loss, fmt_ppl, ppl_text
-from cllm_cli.model.cllm import CLLMModel
-from cllm_cli.model.sampling import sample_from_logits
-from cllm_cli.errors import SamplingError
-from cllm_cli.cli.train import main as train_main
 from helpers import ROOT, assert_one_error_line, call, sentences
 from test_checkpoint import CFG, good_metadata, spec_tensors, write_custom
+
+from cllm_cli import _engine
+from cllm_cli._engine import parameter_layout as param_layout
+from cllm_cli.cli import inference
+from cllm_cli.cli import tokenize as tokenize_cli
+from cllm_cli.cli.train import main as train_main
+from cllm_cli.config import CLLMConfig
+from cllm_cli.errors import CheckpointError, SamplingError
+from cllm_cli.formats.checkpoint import load_checkpoint, save_checkpoint
+from cllm_cli.model.cllm import CLLMModel
+from cllm_cli.model.sampling import sample_from_logits
+from cllm_cli.tokenizers.base import Tokenizer
+from cllm_cli.training.log import fmt_loss, fmt_ppl, ppl_text
 
 MEMORY_LIMIT = 2 << 30     # bytes of address space for a process that must not read forever
 

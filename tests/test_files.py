@@ -1,10 +1,11 @@
 """Tests of cllm_cli/files.py: which files a corpus is made of, and reading their text."""
 import pytest
-
-from cllm_cli.corpus.files import collect_files, read_text
-from cllm_cli.errors import DataError
 from helpers import write
 
+from cllm_cli.corpus.files import collect_files, decode_block, read_blocks, read_text
+from cllm_cli.errors import DataError
+from cllm_cli.fileio import char_cut
+from cllm_cli.tokenizers.base import TOKENIZERS
 
 # ---------------------------------------------------------------------------------------
 # collect_files
@@ -119,8 +120,6 @@ def test_read_text_unreadable(tmp_path):
 
 # --- reading in blocks ----------------------------------------------------------------------
 
-from cllm_cli.corpus.files import char_cut, decode_block, read_blocks  # noqa: E402
-from cllm_cli.tokenizers.base import TOKENIZERS  # noqa: E402
 
 AWKWARD = ("\ufeffThe café's ΟΔΟΣ ΣΑΣ\r\ndon't\r\rstop:\n\n汉字🙂 a\tb\r\n\r\n"
            "x\u2028y\u00a0z  end\r").encode("utf-8")

@@ -11,17 +11,18 @@ import shutil
 import numpy as np
 import pytest
 import safetensors.numpy
-from hypothesis import given, settings, strategies as st
 import torch
+from helpers import assert_one_error_line, call, sentences
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from cllm_cli import CLLMConfig, CLLMModel, Tokenizer
-from cllm_cli.tokenizers.bpe import BPETokenizer
 from cllm_cli._engine import parameter_layout
 from cllm_cli.cli.export import main as export_main
-from cllm_cli.formats.hf import load_pretrained, to_gpt2_state, word_char_pipeline
 from cllm_cli.errors import ConversionError
-from helpers import assert_one_error_line, call, sentences
+from cllm_cli.formats.hf import load_pretrained, to_gpt2_state, word_char_pipeline
+from cllm_cli.tokenizers.bpe import BPETokenizer
 
 SAMPLE = ('Maren said, "Don\'t go near the river today." The old woman, tired, walked '
           'home; 12 apples cost 3.50! Zyxwv qat?')

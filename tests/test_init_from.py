@@ -8,17 +8,19 @@ import json
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+from helpers import assert_bit_identical, assert_one_error_line, call, sentences, tensors
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from cllm_cli import CLLMModel
-from cllm_cli.tokenizers.bpe import BPETokenizer
-from cllm_cli.cli.inference import main as inference_main, stream
-from cllm_cli.training.config import TrainConfig
+from cllm_cli.cli.inference import main as inference_main
+from cllm_cli.cli.inference import stream
 from cllm_cli.cli.tokenize import main as tokenize_main
-from cllm_cli.training.trainer import Trainer
 from cllm_cli.cli.train import main as train_main
-from helpers import assert_bit_identical, assert_one_error_line, call, sentences, tensors
+from cllm_cli.tokenizers.bpe import BPETokenizer
+from cllm_cli.training.config import TrainConfig
+from cllm_cli.training.trainer import Trainer
 
 TINY_RUN = ["--batch-size", "8", "--micro-batch", "2", "--max-steps", "3", "--warmup-steps", "1",
             "--eval-interval", "0", "--quiet", "--learning-rate", "3e-3"]

@@ -6,8 +6,8 @@ pyx/kernels.pxi): every backward case starts from buffers that already hold valu
 that the kernel added exactly its gradient to them."""
 import numpy as np
 import pytest
-
 import reference as ref
+
 from cllm_cli import _engine
 
 REL_TOL = 1e-4     # float32 kernel vs float64 reference, relative to a tensor's max |value|

@@ -3,9 +3,9 @@ must come close to that rate (the best any model can do) from above."""
 import math
 
 import pytest
+from markov import make_markov_corpus
 
 from cllm_cli import train
-from markov import make_markov_corpus
 
 # 40 words, 4 successors each. A first-order chain: every prediction the model makes has the
 # previous word in its context, so the optimal expected loss is exactly the entropy rate H.

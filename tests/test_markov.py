@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from markov import (build_chain, entropy_rate, make_markov_corpus,  # noqa: E402
-                    stationary_distribution)
+from markov import build_chain, entropy_rate, make_markov_corpus, stationary_distribution  # noqa: E402
 
 
 def empirical_conditional_entropy(words):

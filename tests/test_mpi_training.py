@@ -11,10 +11,10 @@ import sys
 import time
 
 import pytest
-
-from cllm_cli.formats.checkpoint import load_checkpoint
-from cllm_cli.cli.train import main
 from helpers import ROOT, assert_bit_identical, assert_one_error_line, call, sentences
+
+from cllm_cli.cli.train import main
+from cllm_cli.formats.checkpoint import load_checkpoint
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 # 9 windows a step in micro-batches of 2: 5 micro-batches, the last one short; evaluation

@@ -7,13 +7,13 @@ import time
 
 import numpy as np
 import pytest
-
 import reference as ref
+
 from cllm_cli import _engine
 from cllm_cli._engine import num_parameters, parameter_layout
 from cllm_cli.config import CLLMConfig
-from cllm_cli.training.loop import lr_at
 from cllm_cli.training.config import TrainConfig
+from cllm_cli.training.loop import lr_at
 
 CFG = CLLMConfig(vocab_size=11, embed_dim=8, num_layers=2, num_heads=2, ff_dim=12, seq_len=5)
 CFG2 = CLLMConfig(vocab_size=13, embed_dim=12, num_layers=1, num_heads=3, ff_dim=16, seq_len=6)

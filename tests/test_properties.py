@@ -10,20 +10,18 @@ import math
 
 import numpy as np
 import pytest
+from helpers import call, sentences
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from cllm_cli.cli import tokenize as tokenize_cli
-from cllm_cli.formats.checkpoint import load_checkpoint, save_checkpoint
-from cllm_cli.errors import CheckpointError
-from cllm_cli._engine import num_parameters as num_params
-from cllm_cli.config import CLLMConfig
-from cllm_cli.errors import DataError
-from cllm_cli.tokenizers.base import Tokenizer
-from cllm_cli.model.sampling import sample_from_logits
-from cllm_cli.errors import SamplingError
-from helpers import call, sentences
 from test_checkpoint import good_metadata, spec_tensors, write_custom
+
+from cllm_cli._engine import num_parameters as num_params
+from cllm_cli.cli import tokenize as tokenize_cli
+from cllm_cli.config import CLLMConfig
+from cllm_cli.errors import CheckpointError, DataError, SamplingError
+from cllm_cli.formats.checkpoint import load_checkpoint, save_checkpoint
+from cllm_cli.model.sampling import sample_from_logits
+from cllm_cli.tokenizers.base import Tokenizer
 
 CFG = CLLMConfig(vocab_size=7, embed_dim=4, num_layers=1, num_heads=2, seq_len=3)
 PROPERTY = settings(derandomize=True, deadline=None, database=None, max_examples=150,

@@ -8,11 +8,11 @@ import sys
 import time
 
 import pytest
+from helpers import ROOT, assert_bit_identical, assert_one_error_line, call, sentences
 
+from cllm_cli.cli.train import main
 from cllm_cli.formats.checkpoint import load_checkpoint, save_checkpoint
 from cllm_cli.training.loop import train
-from cllm_cli.cli.train import main
-from helpers import ROOT, assert_bit_identical, assert_one_error_line, call, sentences
 
 TINY = ["--embed-dim", "16", "--num-layers", "2", "--num-heads", "2", "--seq-len", "16",
         "--batch-size", "8", "--micro-batch", "2", "--max-steps", "4", "--warmup-steps", "1",

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers import ROOT
 
 from cllm_cli import train
-from helpers import ROOT
 
 
 @pytest.mark.slow

@@ -7,21 +7,21 @@ any thread count tried, and 8 spheres are more than 5 micro-batches. The corpus 
 """
 import json
 import math
-import shutil
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from helpers import ROOT, assert_bit_identical, sentences, tensors
 
 from cllm_cli import CLLMModel, train
-from cllm_cli.formats.checkpoint import load_checkpoint
 from cllm_cli._engine import parameter_layout
 from cllm_cli.corpus.batches import epoch_order, gather_windows, num_windows, split_stream
 from cllm_cli.corpus.dataset import load_dataset
 from cllm_cli.errors import TrainingError
-from helpers import ROOT, assert_bit_identical, sentences, tensors
+from cllm_cli.formats.checkpoint import load_checkpoint
 
 PUNCT = (".", ".", ".", "!", "?", ",")
 

@@ -3,12 +3,21 @@ import hashlib
 
 import numpy as np
 import pytest
-
-from cllm_cli.errors import DataError
-from cllm_cli.tokenizers.base import (BOS, EOS, PAD, SPECIALS, TOKENIZER_KINDS, TOKENIZERS, UNK,
-                                 CharTokenizer, Tokenizer, WordTokenizer)
 from helpers import write
 
+from cllm_cli.errors import DataError
+from cllm_cli.tokenizers.base import (
+    BOS,
+    EOS,
+    PAD,
+    SPECIALS,
+    TOKENIZER_KINDS,
+    TOKENIZERS,
+    UNK,
+    CharTokenizer,
+    Tokenizer,
+    WordTokenizer,
+)
 
 # ---------------------------------------------------------------------------------------
 # Word tokenizer

@@ -15,17 +15,15 @@ import subprocess
 import sys
 
 import pytest
+from helpers import ROOT, assert_one_error_line, call, sentences
 
 from cllm_cli.cli import inference
-
 from cllm_cli.cli import plot as plot_cli
-from cllm_cli.errors import MissingDependency
-from cllm_cli.training import plot
-
 from cllm_cli.cli import tokenize as tokenize_cli
+from cllm_cli.errors import MissingDependency
 from cllm_cli.tokenizers.base import EOS, UNK, Tokenizer
+from cllm_cli.training import plot
 from cllm_cli.training.loop import train
-from helpers import ROOT, assert_one_error_line, call, sentences
 
 WORDS = ("the a old young quiet brave small green river hill town market baker miller king "
          "queen child dog cat horse boat road bridge house door bread apple fish stone tree "

@@ -25,16 +25,13 @@ import os
 import sys
 
 from cllm_cli import _engine
-
-from cllm_cli.model import precision
-from cllm_cli.errors import CheckpointError
 from cllm_cli.cli.common import HelpFormatter, Parser, run_main
-from cllm_cli.errors import UsageError
+from cllm_cli.cli.inference import load
 from cllm_cli.corpus.batches import eval_windows, split_stream
 from cllm_cli.corpus.dataset import _stream_key, dataset_header, load_dataset
 from cllm_cli.corpus.files import ENCODING_ERRORS, collect_files, read_text
-from cllm_cli.errors import DataError
-from cllm_cli.cli.inference import load
+from cllm_cli.errors import CheckpointError, DataError, UsageError
+from cllm_cli.model import precision
 from cllm_cli.training.log import fmt_loss, perplexity
 
 PROG = "cllm_eval"

@@ -21,14 +21,10 @@ import os
 import sys
 from pathlib import Path
 
-from cllm_cli.errors import CheckpointError
 from cllm_cli.cli.common import HelpFormatter, Parser, name_defaults, run_main
-from cllm_cli.errors import UsageError
-from cllm_cli.errors import DataError
-from cllm_cli.formats.hf import export_pretrained, load_checkpoint_with_tokenizer
-from cllm_cli.errors import ConversionError
 from cllm_cli.cli.inference import resolve_checkpoint
-from cllm_cli.errors import MissingDependency
+from cllm_cli.errors import CheckpointError, ConversionError, DataError, MissingDependency, UsageError
+from cllm_cli.formats.hf import export_pretrained, load_checkpoint_with_tokenizer
 
 PROG = "cllm_export"
 FORMATS = ("hf", "gguf")

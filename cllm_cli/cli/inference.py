@@ -25,15 +25,12 @@ import math
 import os
 import sys
 
-from cllm_cli.formats.checkpoint import latest_checkpoint
-from cllm_cli.errors import CheckpointError
-from cllm_cli.errors import DataError
-from cllm_cli.tokenizers.base import Tokenizer, tokenizer_class
 from cllm_cli.cli.common import HelpFormatter, Parser, run_main
-from cllm_cli.errors import UsageError
+from cllm_cli.errors import CheckpointError, DataError, SamplingError, UsageError
 from cllm_cli.fileio import check_regular
+from cllm_cli.formats.checkpoint import latest_checkpoint
 from cllm_cli.model.cllm import CLLMModel
-from cllm_cli.errors import SamplingError
+from cllm_cli.tokenizers.base import Tokenizer, tokenizer_class
 
 PROG = "cllm_inference"
 MAX_LISTED_UNKNOWN = 8      # unknown prompt words named in the warning

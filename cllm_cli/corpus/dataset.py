@@ -57,10 +57,10 @@ import tempfile
 
 import numpy as np
 
-from cllm_cli.fileio import atomic_file
 from cllm_cli.corpus.files import BLOCK_BYTES, check_encoding_errors, decode_block, read_blocks
 from cllm_cli.errors import DataError
-from cllm_cli.training.log import ByteProgress
+from cllm_cli.fileio import atomic_file
+from cllm_cli.progress import ByteProgress
 from cllm_cli.tokenizers.base import EOS, tokenizer_class
 
 DATASET_MAGIC = b"CLLMDATA"

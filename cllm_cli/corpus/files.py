@@ -24,7 +24,9 @@ Choices the SPEC leaves open, written down here:
 """
 import os
 import pathlib
+
 from cllm_cli.errors import DataError
+from cllm_cli.fileio import read_bytes
 
 ENCODING_ERRORS = ("strict", "replace")
 BLOCK_BYTES = 1 << 22          # bytes read at a time by read_blocks (about)
@@ -74,15 +76,6 @@ def collect_files(paths, pattern="*.txt", exclude_dir=None):
     return files
 
 
-def read_bytes(path):
-    """All bytes of `path`; DataError (one line) when it cannot be read."""
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
-
-
 def check_encoding_errors(encoding_errors):
     if encoding_errors not in ENCODING_ERRORS:
         raise DataError(f"encoding_errors must be one of {', '.join(ENCODING_ERRORS)}, "
@@ -118,19 +111,6 @@ def decode_block(path, data, offset=0, encoding_errors="strict"):
 def decode_text(path, data, encoding_errors="strict"):
     """All bytes `data` of `path` -> text (decode_block of a whole file)."""
     return decode_block(path, data, 0, encoding_errors)
-
-
-def char_cut(data):
-    """Where a block ending in `data` may be cut without splitting a UTF-8 character or a
-    "\r\n": before the last of its last 4 bytes that starts a character (other than a "\n"
-    after a "\r"), else at its end (those bytes are stray continuation bytes: no character
-    goes on past them). 0 when that place is the start of `data`."""
-    for j in range(len(data) - 1, max(len(data) - 5, -1), -1):
-        byte = data[j]
-        if 0x80 <= byte < 0xC0 or (byte == 0x0A and j > 0 and data[j - 1] == 0x0D):
-            continue
-        return j
-    return len(data)
 
 
 def read_blocks(path, cut, block_size=BLOCK_BYTES):

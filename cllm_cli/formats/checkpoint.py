@@ -68,14 +68,14 @@ from pathlib import Path
 
 import numpy as np
 
-from cllm_cli.fileio import atomic_file, reason as _reason
 from cllm_cli._engine import num_parameters
-from cllm_cli.layout import named_views, tensor_shapes
-from cllm_cli.fileio import open_regular
 from cllm_cli.config import CLLMConfig
-from cllm_cli.formats.tensorfile import safetensors_header, write_tensors
-from cllm_cli.tokenizers.base import TOKENIZER_KINDS
 from cllm_cli.errors import CheckpointError
+from cllm_cli.fileio import atomic_file, open_regular
+from cllm_cli.fileio import reason as _reason
+from cllm_cli.formats.tensorfile import safetensors_header, write_tensors
+from cllm_cli.layout import named_views, tensor_shapes
+from cllm_cli.tokenizers.base import TOKENIZER_KINDS
 
 FORMAT_VERSION = 1
 FORMAT_NAME = "cllm"

@@ -55,15 +55,15 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
-from cllm_cli.fileio import fsync_directory, reason
-from cllm_cli.tokenizers.bpe import BPETokenizer
-from cllm_cli.formats.tensorfile import safetensors_header, write_tensors
-from cllm_cli.formats.checkpoint import load_checkpoint
 from cllm_cli._engine import num_parameters
-from cllm_cli.layout import named_views
 from cllm_cli.config import CLLMConfig
-from cllm_cli.tokenizers.base import SPECIALS, TOKENIZER_KINDS, UNK, Tokenizer, tokenizer_class
 from cllm_cli.errors import ConversionError
+from cllm_cli.fileio import fsync_directory, reason
+from cllm_cli.formats.checkpoint import load_checkpoint
+from cllm_cli.formats.tensorfile import safetensors_header, write_tensors
+from cllm_cli.layout import named_views
+from cllm_cli.tokenizers.base import SPECIALS, TOKENIZER_KINDS, UNK, Tokenizer, tokenizer_class
+from cllm_cli.tokenizers.bpe import BPETokenizer
 
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
 LAYER_NORM_EPS = 1e-5

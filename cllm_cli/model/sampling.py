@@ -15,6 +15,7 @@ import math
 import numbers
 
 import numpy as np
+
 from cllm_cli.errors import SamplingError
 
 

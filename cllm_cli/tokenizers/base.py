@@ -41,9 +41,8 @@ import re
 
 import numpy as np
 
-from cllm_cli.fileio import atomic_file
-from cllm_cli.corpus.files import char_cut, read_bytes
 from cllm_cli.errors import DataError
+from cllm_cli.fileio import atomic_file, char_cut, read_bytes
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]

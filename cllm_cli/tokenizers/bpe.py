@@ -54,8 +54,8 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from cllm_cli.fileio import atomic_file
 from cllm_cli.errors import DataError
+from cllm_cli.fileio import atomic_file
 from cllm_cli.tokenizers.base import SPECIALS, Tokenizer
 
 N_BYTES = 256

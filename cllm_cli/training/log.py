@@ -27,7 +27,7 @@ class Log:
         try:
             self.metrics = open(cfg.metrics_file, "a" if append else "w") if cfg.metrics_file else None
         except OSError as e:
-            raise DataError(f"cannot write --metrics-file {cfg.metrics_file}: {e.strerror or e}")
+            raise DataError(f"cannot write --metrics-file {cfg.metrics_file}: {e.strerror or e}") from None
 
     def __enter__(self):
         return self
@@ -133,68 +133,6 @@ def fmt_ppl(loss, decimals=2):
 
 def ppl_text(loss):
     return "" if loss is None or math.isnan(loss) else f" (ppl {fmt_ppl(loss)})"
-
-
-def duration(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
-        else f"{seconds // 60}:{seconds % 60:02d}"
-
-
-class ByteProgress:
-    """The progress line of a long pass over a corpus, on stderr and only when stderr is a
-    terminal: "tokenizing: 412.0 of 1228.8 MB, 85.3 MB/s, ETA 0:09", rewritten a few times a
-    second; done() leaves "tokenizing: 1228.8 MB in 0:14, 85.9 MB/s" on screen, close()
-    without done() (a fault, a signal) wipes the line."""
-
-    REFRESH = 0.2
-
-    def __init__(self, label, total, stream=None):
-        self.stream = sys.stderr if stream is None else stream
-        self.label, self.total = label, total
-        try:
-            self.tty = self.stream is not None and self.stream.isatty()
-        except (AttributeError, ValueError, OSError):
-            self.tty = False
-        self.done_bytes = 0
-        self.start = self.last_draw = time.monotonic()
-        self.showing = False
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def add(self, nbytes):
-        self.done_bytes += nbytes
-        now = time.monotonic()
-        if self.tty and now - self.last_draw >= self.REFRESH:
-            rate = self.done_bytes / max(now - self.start, 1e-9)
-            left = duration((self.total - self.done_bytes) / rate) if rate > 0 else "?"
-            self._out(f"\r{self.label}: {self.done_bytes / 1e6:.1f} of {self.total / 1e6:.1f} "
-                      f"MB, {rate / 1e6:.1f} MB/s, ETA {left}\x1b[K")
-            self.last_draw = now
-
-    def done(self):
-        if self.showing:
-            seconds = time.monotonic() - self.start
-            self._out(f"\r{self.label}: {self.done_bytes / 1e6:.1f} MB in {duration(seconds)}, "
-                      f"{self.done_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s\x1b[K\n")
-            self.showing = False
-
-    def close(self):
-        if self.showing:
-            self._out("\r\x1b[K")
-            self.showing = False
-
-    def _out(self, text):
-        try:
-            self.stream.write(text)
-            self.stream.flush()
-            self.showing = not text.endswith("\n")
-        except (OSError, ValueError):
-            self.tty = self.showing = False
 
 
 class SilentLog:

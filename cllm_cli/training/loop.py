@@ -23,22 +23,27 @@ import os
 import time
 from dataclasses import dataclass
 
-
 from cllm_cli import _engine, errors
 from cllm_cli.distributed.step import AgreedStop, DataParallelEngine
-from cllm_cli.distributed.world import run_rank
-from cllm_cli.training.log import SilentLog
+from cllm_cli.distributed.world import Solo, on_all_ranks, run_rank
+from cllm_cli.errors import Interrupted, PlotError, TrainingError
+from cllm_cli.model import precision
+from cllm_cli.progress import duration
+from cllm_cli.training.config import TrainConfig
+from cllm_cli.training.log import Log, SilentLog, fmt_loss, ppl_text
+from cllm_cli.training.plot import plot_metrics, require_matplotlib
 from cllm_cli.training.ranks import open_trainer
+from cllm_cli.training.report import (
+    check_not_diverged,
+    print_header,
+    report_skips,
+    report_val,
+    sample_text,
+    threaded_training_print_stats,
+    val_bpb_text,
+)
 from cllm_cli.training.signals import StopSignals
 from cllm_cli.training.trainer import Trainer, default_threads
-from cllm_cli.training.report import (check_not_diverged, print_header, report_skips, report_val,
-                                      sample_text, threaded_training_print_stats, val_bpb_text)
-from cllm_cli.distributed.world import Solo, on_all_ranks
-from cllm_cli.errors import (Interrupted, TrainingError, PlotError)
-from cllm_cli.model import precision
-from cllm_cli.training.config import TrainConfig
-from cllm_cli.training.log import Log, duration, fmt_loss, ppl_text
-from cllm_cli.training.plot import plot_metrics, require_matplotlib
 
 
 def lr_at(step, total_steps, cfg):

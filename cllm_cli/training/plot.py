@@ -14,10 +14,9 @@ import json
 import math
 import os
 
-from cllm_cli.fileio import atomic_file
-from cllm_cli.fileio import open_regular
-from cllm_cli.training.log import fmt_ppl
 from cllm_cli.errors import MissingDependency, PlotError
+from cllm_cli.fileio import atomic_file, open_regular
+from cllm_cli.training.log import fmt_ppl
 
 MISSING_MATPLOTLIB = "matplotlib is not installed: pip install matplotlib"
 
@@ -81,7 +80,7 @@ def smoothed(values, window):
 def draw(train, val, out_png, title):
     """Draws the curves into out_png (atomically)."""
     require_matplotlib()
-    from matplotlib.figure import Figure   # no pyplot: no global state, no GUI backend
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
     fig = Figure(figsize=(8, 4.5), dpi=120, layout="constrained")
     ax = fig.add_subplot()

@@ -36,7 +36,7 @@ def open_trainer(world, make_trainer, checkpoint_dir, exit_status):
             trainer = make_trainer()
         except BaseException as e:
             world.bcast(exit_status(e))
-            raise on_all_ranks(e)
+            raise on_all_ranks(e)  # noqa: B904 (the error itself, marked, goes on)
         world.bcast(follower_plan(trainer))
         refusals = world.allgather(None)
     else:

@@ -2,7 +2,6 @@
 import signal
 import threading
 
-
 from cllm_cli.errors import Interrupted
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

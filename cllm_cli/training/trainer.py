@@ -13,12 +13,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cllm_cli.corpus.batches import epoch_order, eval_windows, gather_windows, num_windows, split_stream, spread_windows
+from cllm_cli.corpus.batches import (
+    epoch_order,
+    eval_windows,
+    gather_windows,
+    num_windows,
+    split_stream,
+    spread_windows,
+)
 from cllm_cli.corpus.dataset import prepare_dataset
 from cllm_cli.corpus.files import collect_files
-from cllm_cli.errors import (CheckpointError, ConversionError, DataError, TrainingError, UsageError)
+from cllm_cli.errors import CheckpointError, ConversionError, DataError, TrainingError, UsageError
 from cllm_cli.fileio import check_regular
-from cllm_cli.formats.checkpoint import (checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint)
+from cllm_cli.formats.checkpoint import (
+    checkpoint_path,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from cllm_cli.formats.hf import load_pretrained
 from cllm_cli.model.cllm import CLLMModel, shorten_positions
 from cllm_cli.tokenizers.base import Tokenizer, tokenizer_class
@@ -114,7 +128,8 @@ class Trainer:
                 pass
             os.remove(probe)
         except OSError as e:
-            raise DataError(f"checkpoint directory {self.ckpt_dir} is not writable: {e.strerror or e}")
+            raise DataError(f"checkpoint directory {self.ckpt_dir} is not writable: "
+                            f"{e.strerror or e}") from None
 
     def _start_or_resume(self, files, given):
         cfg = self.cfg
