@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-installed
 # --dropout 0: in these 190 steps the model does not overfit yet and dropout only slows it
-# (README, "Dropout on the bundled corpus")
+# (docs/usage.md, dropout on the bundled corpus)
 BF16_BENCH_ARGS ?= --val-loss
 TRAIN_ARGS ?= --tokenizer word --dropout 0 --epochs 10 --eval-interval 50 --save-interval 100 --sample-every 95 --prompt "the miller"
 

@@ -20,7 +20,7 @@ worker processes, timing, the sgemm ceiling, RSS) is in measure.py.
   block keeps for backward, one classifier block of logits, one block's scratches; never
   the B x T x V logits or the T x T attention probabilities).
 - Rounds: the comparison point is measured --rounds times, interleaved; its ratios are the
-  median of the per-round ratios. The summary marks each against issue 4's targets (TARGETS).
+  median of the per-round ratios. The summary marks each against the project's speed targets (TARGETS).
 - PyTorch (torch_model.py) is skipped when torch is not installed or with --no-torch.
 - Many processes (mpi.py): 2 ranks x 1 thread against 1 rank x 2 threads, the exchange
   on 2, 3 and 4 ranks and the cost model's predictions, on D (else the first config); skipped
@@ -143,7 +143,7 @@ def format_profile(spec, row):
     return f"      per-op ms/step, mean per sphere (profiled pass, {wall:.0f} ms/step): " + ", ".join(parts)
 
 
-# issue 4's targets for config D (at 2 threads; 1->2 speed-up; more spheres than cores)
+# the speed targets for config D (at 2 threads; 1->2 speed-up; more spheres than cores)
 TARGETS = {"D": {"ceiling_share": 0.78, "vs_torch-eager": 1.3, "vs_torch-compile": 1.1,
                  "speedup": 1.85, "oversubscribed": 0.95}}
 

@@ -2,7 +2,7 @@
 the raw figures into the report (derived figures, table, summary, targets).
 
 - Configs: S (V 2000, d 128, L 4, H 4, F 512, T 64, batch 16) and D (V 10000, d 256, L 6,
-  H 8, F 1024, T 128, batch 32: the original's defaults and train_model's).
+  H 8, F 1024, T 128, batch 32: the C trainer's defaults and train_model's).
 - A measurement is one training step as train_model runs it (random token windows,
   forward + loss + backward in the spheres, ordered accumulation, AdamW with gradient
   clipping), timed from handing the windows to the spheres to the end of the optimiser step:
@@ -10,7 +10,7 @@ the raw figures into the report (derived figures, table, summary, targets).
   profiled pass (the per-op timers cost a clock read per op, so the timed steps run without
   them).
 - Worker protocol: every measurement runs in a fresh process, `python -m
-  benchmarks.measure SPEC` (run_worker), which prints one line RESULT_MARK + JSON of its
+  benchmarks.measure JSON` (run_worker), which prints one line RESULT_MARK + JSON of its
   raw figures; so the peak RSS is that of one configuration, and threads left over by one
   run (PyTorch's OpenMP pool) cannot slow the next one. others_cpu_share is the CPU share
   other processes took during the timed steps; above BUSY_RETRY the measurement is repeated

@@ -1,4 +1,4 @@
-"""Training speed on many processes (issue 9): `python -m benchmarks.mpi`, and the last
+"""Training speed on many processes: `python -m benchmarks.mpi`, and the last
 section of `python -m benchmarks.bench` (`make bench`).
 
 - Layouts: K ranks x N threads on the same global batches as bench_measure (config D by
@@ -11,7 +11,7 @@ section of `python -m benchmarks.bench` (`make bench`).
   rank's own compute to the folded sum (waiting for slower ranks included), on rank 0.
 - Exchange alone: the ordered fold of config D's P floats on 2, 3 and 4 ranks with each
   rank's block of kept gradients, median of --exchange-repeats; 3 and 4 ranks oversubscribe
-  two cores. These are the inputs of the cost model (README, "Many processes"):
+  two cores. These are the inputs of the cost model (docs/distributed.md):
       step(K) = compute / K + (K - 1 + S) x (l + s / b) + 2 (K - 1) / K x 4P / b + log2(K) l
   with S = ceil(P / SEGMENT_FLOATS) segments of s = 4 x SEGMENT_FLOATS bytes, link latency l
   and bandwidth b; its predictions for 4, 16 and 64 nodes on 10 and 100 Gb/s are printed.

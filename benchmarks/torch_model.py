@@ -1,9 +1,9 @@
 """The PyTorch side of `python -m benchmarks.bench`: the same model, loss and optimiser, written
 the way a PyTorch user would write them, timed the way measure.py times the engine.
 
-The model is SPEC section 1 in nanoGPT's form: tied `wte`, learned `wpe`, pre-LN blocks,
+The model is CLLM's GPT-2 form written as nanoGPT writes it: tied `wte`, learned `wpe`, pre-LN blocks,
 causal attention through F.scaled_dot_product_attention(is_causal=True), tanh GELU, no
-dropout, float32. Module names match the SPEC parameter names, so the model starts from the
+dropout, float32. Module names match CLLM's parameter names, so the model starts from the
 very parameters of a CLLMModel (its first loss then equals ours). The step is: mean
 cross-entropy over non-<pad> targets, backward, global gradient clipping to 1.0,
 torch.optim.AdamW(betas=(0.9, 0.95), eps=1e-8, weight decay on 2-D tensors only) with its
@@ -89,7 +89,7 @@ class TorchGPT(nn.Module):
                                ignore_index=PAD)
 
     def load_flat(self, cfg, flat):
-        """Copies the parameters of a CLLM flat buffer (SPEC names and layout)."""
+        """Copies the parameters of a CLLM flat buffer (its names and layout)."""
         own = dict(self.named_parameters())
         with torch.no_grad():
             for name, src in named_views(cfg, flat).items():
@@ -98,7 +98,7 @@ class TorchGPT(nn.Module):
 
 
 def make_optimizer(model, lr, weight_decay):
-    """AdamW as SPEC section 2: decay on 2-D tensors only; the fused CPU kernel when this
+    """AdamW as CLLM's: decay on 2-D tensors only; the fused CPU kernel when this
     torch has it, else foreach. Returns (optimizer, kind)."""
     decay = [p for p in model.parameters() if p.dim() == 2]
     no_decay = [p for p in model.parameters() if p.dim() != 2]

@@ -1,5 +1,5 @@
-"""The model configuration (SPEC section 1). The layout of the flat parameter buffer is the
-engine's: cllm_cli._engine.parameter_layout(cfg), num_parameters(cfg)."""
+"""The model configuration: vocabulary, width, depth, heads, feed-forward width, context.
+The layout of the flat parameter buffer is the engine's (layout.py)."""
 from dataclasses import asdict, dataclass
 
 

@@ -5,9 +5,13 @@ import argparse
 import contextlib
 import errno
 import os
+import select
+import signal
+import stat
 import sys
+import threading
 
-from cllm_cli.errors import STATUSES
+from cllm_cli.errors import STATUSES, Interrupted
 
 
 class OutputLost(Exception):
@@ -69,6 +73,20 @@ class _GuardedStdout:
                  f"({error.strerror or error}); going on without it")
 
 
+def _reader_gone(stream):
+    """True when `stream` is a pipe whose reading end is closed: output still in the pipe
+    (written, never read) is then lost, although every write succeeded."""
+    try:
+        fd = stream.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _say(line):
     """One line on stderr, unless stderr fails too."""
     with contextlib.suppress(OSError, ValueError, AttributeError):
@@ -76,7 +94,7 @@ def _say(line):
 
 
 def run_main(prog, command, statuses=None, interrupts=(), on_interrupt=None,
-             stop_without_output=False):
+             stop_without_output=False, announce_signals=False):
     """Runs command() as the body of a tool's main() and returns the exit status: 0 when it
     returns.
 
@@ -90,17 +108,27 @@ def run_main(prog, command, statuses=None, interrupts=(), on_interrupt=None,
     "prog: error: cannot write output: <reason>", quietly for a reader that went away.
     Otherwise (train_model: losing the log must not lose the training) one warning is printed
     and the command goes on with its output discarded. Anything else propagates.
+
+    With announce_signals, SIGINT, SIGTERM and SIGHUP end the command with the line
+    "prog: interrupted by SIGxxx" and status 128 + the signal's number.
     """
     real_stdout = sys.stdout
     sys.stdout = out = _GuardedStdout(prog, real_stdout, stop_without_output)
+    previous = _raise_on_signals() if announce_signals else {}
     try:
         command()
         out.flush()
+        if stop_without_output and _reader_gone(real_stdout):
+            raise OutputLost(OSError(errno.EPIPE, os.strerror(errno.EPIPE)))
     except OutputLost as e:
         if e.errno != errno.EPIPE:
             _say(f"{prog}: error: cannot write output: {e}")
         return 1
-    except (KeyboardInterrupt, *interrupts):
+    except (KeyboardInterrupt, Interrupted, *interrupts) as e:
+        if announce_signals:
+            signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+            _say(f"{prog}: interrupted by {signal.Signals(signum).name}")
+            return 128 + signum
         if on_interrupt is not None:
             with contextlib.suppress(OutputLost):
                 on_interrupt()
@@ -116,7 +144,19 @@ def run_main(prog, command, statuses=None, interrupts=(), on_interrupt=None,
         raise
     finally:
         sys.stdout = real_stdout
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0
+
+
+def _raise_on_signals():
+    """SIGTERM and SIGHUP raise Interrupted (SIGINT raises KeyboardInterrupt already);
+    returns the handlers they had."""
+    def interrupted(signum, frame):
+        raise Interrupted(signum)
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.signal(signum, interrupted) for signum in (signal.SIGTERM, signal.SIGHUP)}
 
 
 class Parser(argparse.ArgumentParser):

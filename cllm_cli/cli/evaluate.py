@@ -30,7 +30,7 @@ from cllm_cli.cli.inference import load
 from cllm_cli.corpus.batches import eval_windows, split_stream
 from cllm_cli.corpus.dataset import _stream_key, dataset_header, load_dataset
 from cllm_cli.corpus.files import ENCODING_ERRORS, collect_files, read_text
-from cllm_cli.errors import CheckpointError, DataError, UsageError
+from cllm_cli.errors import DataError, UsageError
 from cllm_cli.model import precision
 from cllm_cli.training.log import fmt_loss, perplexity
 
@@ -155,10 +155,8 @@ def run(args, out):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return run_main(PROG, lambda: run(args, sys.stdout),
-                    {(UsageError, DataError, CheckpointError, precision.PrecisionError): 2,
-                     _engine.ProductError: 1},
-                    stop_without_output=True)
+    return run_main(PROG, lambda: run(args, sys.stdout), stop_without_output=True,
+                    announce_signals=True)
 
 
 if __name__ == "__main__":

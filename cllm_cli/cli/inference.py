@@ -26,7 +26,7 @@ import os
 import sys
 
 from cllm_cli.cli.common import HelpFormatter, Parser, run_main
-from cllm_cli.errors import CheckpointError, DataError, SamplingError, UsageError
+from cllm_cli.errors import UsageError
 from cllm_cli.fileio import check_regular
 from cllm_cli.formats.checkpoint import latest_checkpoint
 from cllm_cli.model.cllm import CLLMModel
@@ -191,9 +191,7 @@ def end_line():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return run_main(PROG, lambda: run(args),
-                    {(UsageError, DataError, CheckpointError): 2, SamplingError: 1},
-                    on_interrupt=end_line, stop_without_output=True)
+    return run_main(PROG, lambda: run(args), on_interrupt=end_line, stop_without_output=True)
 
 
 if __name__ == "__main__":

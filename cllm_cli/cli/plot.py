@@ -3,7 +3,7 @@ import os
 import sys
 
 from cllm_cli.cli.common import HelpFormatter, Parser, run_main
-from cllm_cli.errors import MissingDependency, PlotError
+from cllm_cli.errors import PlotError
 from cllm_cli.training.plot import plot_metrics
 
 PROG = "cllm_plot"
@@ -36,7 +36,7 @@ def main(argv=None):
         plot_metrics(args.metrics, out, args.title)
         print(f"wrote {out}")
 
-    return run_main(PROG, command, {MissingDependency: 1, PlotError: 2}, stop_without_output=True)
+    return run_main(PROG, command, stop_without_output=True)
 
 
 if __name__ == "__main__":

@@ -255,8 +255,7 @@ def run(args, out):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return run_main(PROG, lambda: run(args, sys.stdout), {(UsageError, DataError): 2},
-                    stop_without_output=True)
+    return run_main(PROG, lambda: run(args, sys.stdout), stop_without_output=True)
 
 
 if __name__ == "__main__":

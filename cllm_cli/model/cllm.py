@@ -1,4 +1,5 @@
-"""CLLMModel: the parameters in one flat float32 buffer, with named views (SPEC sections 1, 7)."""
+"""CLLMModel: the parameters in one flat float32 buffer, with named views; initialisation,
+loss and gradients, logits, generation, loading and saving."""
 import ctypes
 import dataclasses
 import math
@@ -50,7 +51,7 @@ def shorten_positions(config, flat, seq_len):
 
 
 class CLLMModel:
-    """A CLLM model. `params` maps each SPEC name to a numpy view into `flat`."""
+    """A CLLM model. `params` maps each tensor's name (layout.py) to a numpy view into `flat`."""
 
     def __init__(self, config, seed=0):
         if not isinstance(config, CLLMConfig):

@@ -81,7 +81,7 @@ class TrainConfig:
     threads: int = option(None, "threads", "worker spheres (default: all cores)", minimum=1,
                           run=True)
     lock_mode: str = option("shared", "threads", "shared: passes run in parallel; exclusive: one "
-                            "pass at a time, as the original's fix",
+                            "pass at a time (the serialised form; same results)",
                             choices=("shared", "exclusive"), run=True)
     debug_locks: bool = option(False, "threads", "abort on a lock taken out of the order "
                                "model_lock -> gradient_lock", run=True)

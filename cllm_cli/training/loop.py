@@ -71,7 +71,7 @@ def train(data, engine_hook=None, world=None, **options):
     statistics. Raises DataError, CheckpointError or UsageError on bad input, TrainingError
     when training cannot go on, Interrupted on SIGINT/SIGTERM/SIGHUP (state saved).
 
-    world: the MPI ranks of a many-process run (distributed.World; SPEC section 8), each
+    world: the MPI ranks of a many-process run (distributed.world.World), each
     calling train() with the same arguments; None or Solo: one process."""
     if isinstance(data, (str, os.PathLike)):
         data = [data]

@@ -67,6 +67,8 @@ def print_header(trainer, log):
                 f"from {trainer.ckpt_dir}")
     log.say(f"corpus: {info['files']} file(s), {info['bytes'] / 1e6:.2f} MB, {info['tokens']:,} tokens"
             f" ({'reused' if info['reused'] else 'tokenized'}: {trainer.ckpt_dir}/dataset.bin)")
+    if info.get("rebuilt_reason"):
+        log.warn(f"{trainer.ckpt_dir}/dataset.bin was rebuilt: {info['rebuilt_reason']}")
     log.say(f"vocab: {m.vocab_size:,} {cfg.tokenizer} tokens | model: d {m.embed_dim}, "
             f"{m.num_layers} layers, {m.num_heads} heads, ff {m.ff_dim}, seq {m.seq_len}, "
             f"{trainer.model.num_params():,} parameters")
@@ -100,7 +102,7 @@ def print_header(trainer, log):
 
 
 def threaded_training_print_stats(stats, wall, log):
-    """Per-sphere statistics, as the original's threaded_training_print_stats (with correct
+    """Per-sphere statistics, as the C trainer's threaded_training_print_stats (with correct
     numbers): micro-batches, mean loss per counted token, share of the run spent working."""
     lines = ["sphere  group  micro-batches  mean loss  busy"]
     rows = []

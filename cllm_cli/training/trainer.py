@@ -103,6 +103,10 @@ class Trainer:
                             f"a window needs {T + 1} (lower --seq-len or add text)")
         self.steps_per_epoch = math.ceil(self.n_windows / cfg.batch_size)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        if self.state.step > self.total_steps:
+            raise UsageError(f"the checkpoint is at step {self.state.step}, past the "
+                             f"{self.total_steps} steps of the run as given (--max-steps, "
+                             f"--epochs); give more steps, or start a new run")
         self.val = eval_windows(self.val_tokens, T)
         every = cfg.eval_interval * cfg.batch_size * T // 4
         self.val_periodic = spread_windows(self.val, every if cfg.eval_tokens is None

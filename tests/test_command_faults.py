@@ -1,0 +1,125 @@
+"""Faults at the command line, each as a user meets it: help, a reader that goes away, a
+resumed run shortened below its step, a damaged dataset.bin on --resume, and stop signals to
+cllm_eval. Real processes where the fault is a process's (pipes, signals)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cllm_cli.cli.train import main as train_main
+from helpers import ROOT, assert_one_error_line, sentences, write
+
+TINY = ["--tokenizer", "word", "--vocab-size", "200", "--embed-dim", "16", "--num-layers", "1",
+        "--num-heads", "2", "--seq-len", "16", "--batch-size", "4", "--threads", "1", "--quiet"]
+
+
+def bin_of(name):
+    return os.path.join(os.path.dirname(sys.executable), name)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished 6-step run on a small corpus, with a step checkpoint every 3 steps."""
+    base = tmp_path_factory.mktemp("tiny")
+    corpus = write(base / "corpus.txt", sentences(400, 5, ".!?"))
+    ckpt = base / "run"
+    assert train_main([str(corpus), *TINY, "--max-steps", "6", "--save-interval", "3",
+                       "--checkpoint-dir", str(ckpt)]) == 0
+    return corpus, ckpt
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_train_model_help_shows_every_group_and_default(flag):
+    p = subprocess.run([bin_of("train_model"), flag], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == ""
+    text = " ".join(p.stdout.split())
+    assert text.startswith("usage: train_model")
+    for group in ("data:", "model:", "optimisation:", "threads:", "checkpoints:", "output:"):
+        assert group in text
+    assert "--learning-rate LEARNING_RATE peak learning rate (default: 0.001)" in text
+    assert "--vocab-size VOCAB_SIZE largest vocabulary, the 4 special ids included (default: 10000)" in text
+
+
+def test_help_options_given_still_tell_resume_what_changed(tiny_run, tmp_path):
+    """Parsing twice (once for help and errors, once for what was given) keeps --resume's
+    view: an option left out is taken from the checkpoint, not from the default."""
+    from cllm_cli.cli.train import parse_args
+    data, given = parse_args(["x.txt", "--resume", "--max-steps", "9"])
+    assert data == ["x.txt"] and given == {"resume": True, "max_steps": 9}
+
+
+def test_tokenize_into_a_pipe_closed_early_is_status_1(tiny_run, tmp_path):
+    """One long line of ids, of which the reader takes 5 bytes: the output is lost although
+    the write into the pipe went through."""
+    _, ckpt = tiny_run
+    big = write(tmp_path / "big.txt", sentences(8000, 3, ".!?"))
+    p = subprocess.run(f"{bin_of('cllm_tokenize')} {big} --vocab {ckpt / 'vocab.txt'} | head -c 5",
+                       shell=True, capture_output=True, text=True, executable="/bin/bash",
+                       env=dict(os.environ, SHELLOPTS="pipefail"))
+    assert p.returncode == 1, p.stderr
+    assert p.stderr == ""            # a reader that went away is not an error to report
+
+
+def test_tokenize_into_a_pipe_read_to_the_end_is_status_0(tiny_run):
+    corpus, ckpt = tiny_run
+    p = subprocess.run(f"{bin_of('cllm_tokenize')} {corpus} --vocab {ckpt / 'vocab.txt'} | cat",
+                       shell=True, capture_output=True, text=True,
+                       executable="/bin/bash", env=dict(os.environ, SHELLOPTS="pipefail"))
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split()[0].isdigit()
+
+
+def test_resume_with_max_steps_below_the_checkpoint_is_refused(tiny_run, tmp_path, capsys):
+    corpus, ckpt = tiny_run
+    run = tmp_path / "run"
+    os.makedirs(run)
+    for name in ("vocab.txt", "dataset.bin", "checkpoint_step_6.cllm"):
+        (run / name).write_bytes((ckpt / name).read_bytes())
+    code = train_main([str(corpus), "--resume", "--max-steps", "4", "--checkpoint-dir", str(run)])
+    err = capsys.readouterr().err
+    assert_one_error_line(code, err, "train_model", "step 6", "4 steps")
+    assert not (run / "final_model.cllm").exists()
+
+
+def test_damaged_dataset_bin_on_resume_says_it_was_rebuilt(tiny_run, tmp_path, capsys):
+    corpus, ckpt = tiny_run
+    run = tmp_path / "run"
+    os.makedirs(run)
+    for name in ("vocab.txt", "dataset.bin", "checkpoint_step_3.cllm"):
+        (run / name).write_bytes((ckpt / name).read_bytes())
+    data = bytearray((run / "dataset.bin").read_bytes())
+    data[-3] ^= 0xFF                 # a flipped token id: the stream's checksum no longer holds
+    (run / "dataset.bin").write_bytes(bytes(data))
+    code = train_main([str(corpus), "--resume", "--checkpoint-dir", str(run)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if "dataset.bin was rebuilt" in line]
+    assert len(lines) == 1 and lines[0].startswith("train_model: warning: "), err
+    assert (run / "final_model.cllm").read_bytes() == (ckpt / "final_model.cllm").read_bytes()
+
+
+def spheres_started(pid, threads):
+    """True once the process runs more threads than its own: the engine's spheres."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/task")) > threads
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_cllm_eval_interrupted_says_so(tiny_run, tmp_path, signum):
+    corpus, ckpt = tiny_run
+    text = write(tmp_path / "long.txt", sentences(200_000, 9, ".!?"))
+    p = subprocess.Popen([bin_of("cllm_eval"), str(ckpt / "final_model.cllm"), str(text),
+                          "--threads", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    while not spheres_started(p.pid, 2) and p.poll() is None:
+        time.sleep(0.01)             # polls the process's state, nothing is timed
+    p.send_signal(signum)
+    out, err = p.communicate()
+    assert p.returncode == 128 + signum, err
+    assert err.strip() == f"cllm_eval: interrupted by {signal.Signals(signum).name}"
