@@ -8,9 +8,9 @@ import sys
 import time
 
 import pytest
+from helpers import ROOT, assert_one_error_line, sentences, write
 
 from cllm_cli.cli.train import main as train_main
-from helpers import ROOT, assert_one_error_line, sentences, write
 
 TINY = ["--tokenizer", "word", "--vocab-size", "200", "--embed-dim", "16", "--num-layers", "1",
         "--num-heads", "2", "--seq-len", "16", "--batch-size", "4", "--threads", "1", "--quiet"]
