@@ -106,8 +106,10 @@ class TrainConfig:
                               "evenly spread fixed subset of the windows (default: a quarter of "
                               "the tokens trained between two evaluations, so that evaluating "
                               "costs under a tenth of the run; 0: all)", minimum=0, run=True)
-    final_eval_tokens: int = option(0, "output", "validation tokens of the final evaluation "
-                                    "(0: all)", minimum=0, run=True)
+    final_eval_tokens: int = option(1_000_000, "output", "validation tokens of the final "
+                                    "evaluation, an evenly spread fixed subset of the windows, "
+                                    "as nanoGPT evaluates a fixed number of batches (0: all)",
+                                    minimum=0, run=True)
     metrics_file: str = option("", "output", "write one JSON object per step and per evaluation "
                                "to this file", run=True)
     sample_every: int = option(0, "output", "print a sample every N steps (0: never)", minimum=0,

@@ -35,6 +35,7 @@ from cllm_cli.training.plot import plot_metrics, require_matplotlib
 from cllm_cli.training.ranks import open_trainer
 from cllm_cli.training.report import (
     check_not_diverged,
+    final_share,
     print_header,
     report_skips,
     report_val,
@@ -126,10 +127,11 @@ def train_loop(trainer, engine, log, stop):
             epoch_loss = threaded_train_epoch(trainer, engine, log, stop, run)
             if st.batch_in_epoch >= trainer.steps_per_epoch:
                 log.say(f"epoch {st.epoch + 1} done: mean train loss {fmt_loss(epoch_loss)}")
-        run.val_loss = evaluate(engine, trainer.val_final, stop)
-        report_val(log, st.step, run.val_loss, trainer.bytes_per_token)
         trainer.save()
-        trainer.save(final)
+        trainer.save(final)              # before the final evaluation: a stop there loses nothing
+        run.val_loss = evaluate(engine, trainer.val_final, stop)
+        report_val(log, st.step, run.val_loss, trainer.bytes_per_token,
+                   final_share(trainer.val_final, trainer.val))
     except (Interrupted, _engine.StepAborted):
         path = trainer.save()
         log.say(f"interrupted ({stop.name()}): saved step {st.step} to {path}; --resume "

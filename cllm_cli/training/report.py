@@ -26,12 +26,19 @@ def bits_per_byte(loss, bytes_per_token):
     return loss / math.log(2) / bytes_per_token
 
 
-def report_val(log, step, val_loss, bytes_per_token):
+def final_share(used, windows):
+    """The share of the validation windows an evaluation covers."""
+    return len(used) / len(windows) if len(windows) else 1.0
+
+
+def report_val(log, step, val_loss, bytes_per_token, share=None):
+    """The validation line; `share` (the final evaluation's) is named when it is not all."""
     if val_loss is None:
         return
     bpb = bits_per_byte(val_loss, bytes_per_token)
+    part = f" | on {share:.1%} of the validation split" if share is not None and share < 1 else ""
     log.say(f"step {step} | val loss {fmt_loss(val_loss)} | val ppl {fmt_ppl(val_loss)} | val bpb "
-            f"{bpb:.4f}")
+            f"{bpb:.4f}{part}")
     log.record(step=step, val_loss=val_loss, val_ppl=perplexity(val_loss), val_bpb=bpb)
 
 
@@ -81,7 +88,8 @@ def print_header(trainer, log):
         n = len(trainer.val)
         periodic = len(trainer.val_periodic)
         what = "all of them" if periodic == n else f"{periodic:,} of them, evenly spread"
-        final = "all" if len(trainer.val_final) == n else f"{len(trainer.val_final):,}"
+        final = "all" if len(trainer.val_final) == n else \
+            f"{len(trainer.val_final):,} ({final_share(trainer.val_final, trainer.val):.1%} of them)"
         when = f"every {cfg.eval_interval} steps" if cfg.eval_interval else "never"
         log.say(f"validation: {len(trainer.val_tokens):,} tokens in {n:,} windows; evaluated "
                 f"{when} on {what}, at the end on {final}")
