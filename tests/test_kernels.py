@@ -2,8 +2,8 @@
 matching float64 forward/backward of tests/reference.py, so that a failure names the op.
 
 Backward kernels add into the gradient buffers they are given (the write rule of
-pyx/kernels.pxi): every backward case starts from buffers that already hold values and checks
-that the kernel added exactly its gradient to them."""
+pyx/kernels_common.pxi): every backward case starts from buffers that already hold values and
+checks that the kernel added exactly its gradient to them."""
 import numpy as np
 import pytest
 import reference as ref

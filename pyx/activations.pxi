@@ -1,0 +1,230 @@
+# A sphere's activations: one table of sizes, carved out of one allocation, and the named
+# slices of one block (LayerActs).
+
+# --- activations: one table of sizes ---------------------------------------------------------
+
+cdef enum:
+    NUM_ACTIVATION_TENSORS = 25
+    ALIGN_BYTES = 64            # every tensor starts on a 64-byte boundary
+    ALIGN_FLOATS = 16
+    CLASSIFIER_FLOATS = 1 << 23  # logits of one row block of the classifier: at most 32 MB
+
+
+# in the order of fill_in_activation_sizes and of the Activations fields
+cdef const char* ACTIVATION_NAMES[NUM_ACTIVATION_TENSORS]
+ACTIVATION_NAMES[:] = [
+    b"encoded", b"ln1_mean", b"ln1_rstd", b"qkv", b"atty", b"att_max", b"att_scale",
+    b"residual2", b"ln2_mean", b"ln2_rstd", b"fch", b"residual3", b"lnf_rows", b"lnf_mean",
+    b"lnf_rstd", b"logits_rows", b"ln", b"fch_gelu", b"dresidual", b"dresidual_mid",
+    b"dnarrow", b"dwide", b"dfch", b"att_probs", b"att_dprobs",
+]
+
+
+cdef struct Activations:
+    int maxB            # capacity in sequences of length T
+    int cls_rows        # R: rows per block of the classifier and the loss
+    int B, n            # shape of the current micro-batch
+    # kept from forward to backward, per block: what backward cannot recompute cheaply
+    float* encoded      # (N, C)
+    float* ln1_mean     # (L, N)
+    float* ln1_rstd     # (L, N)
+    float* qkv          # (L, N, 3C)
+    float* atty         # (L, N, C)
+    float* att_max      # (L, B, NH, n) each attention row's max score
+    float* att_scale    # (L, B, NH, n) and 1 / its sum of exponentials
+    float* residual2    # (L, N, C)
+    float* ln2_mean     # (L, N)
+    float* ln2_rstd     # (L, N)
+    float* fch          # (L, N, F)
+    float* residual3    # (L, N, C)
+    # the classifier, one block of R rows at a time (forward and backward fused)
+    float* lnf_rows     # (R, C) ln_f's output
+    float* lnf_mean     # (R,)
+    float* lnf_rstd     # (R,)
+    float* logits_rows  # (R, V), then dlogits
+    # one block's outputs of ln_1 / ln_2 and of gelu, recomputed in backward (the same float
+    # operations from the saved mean, rstd and fch, so the same bits)
+    float* ln           # (N, C)
+    float* fch_gelu     # (N, F)
+    # backward: gradients of activations, reused block after block
+    float* dresidual    # (N, C) the residual stream at a block's output, then its input
+    float* dresidual_mid  # (N, C) the residual stream between a block's two residuals
+    float* dnarrow      # (N, C) at a layer norm's output or at the attention's output
+    float* dwide        # (N, max(3C, F)) at gelu's output, then at qkv
+    float* dfch         # (N, F) at c_fc's output
+    # attention: one block of query rows' probabilities and their gradient, (ATT_BLOCK, T)
+    float* att_probs
+    float* att_dprobs
+    float* memory       # the single allocation all of the above point into
+    Bf16Products* bf16  # NULL for fp32, else the bf16 state of the weight products (owned)
+
+
+cdef inline int classifier_rows(const ModelConfig* c, int maxB, int requested) noexcept nogil:
+    # rows per classifier block: `requested` when > 0, else as many as CLASSIFIER_FLOATS of
+    # logits hold; never more than a micro-batch has
+    cdef size_t rows = <size_t>requested if requested > 0 else CLASSIFIER_FLOATS // <size_t>c.V
+    cdef size_t N = <size_t>maxB * c.T
+    if rows < 1:
+        rows = 1
+    return <int>(rows if rows < N else N)
+
+
+cdef void fill_in_activation_sizes(size_t* sizes, const ModelConfig* c, int maxB,
+                                   int cls_rows) noexcept nogil:
+    # floats of each activation tensor for micro-batches of up to maxB sequences of T tokens
+    # and classifier blocks of cls_rows rows (classifier_rows)
+    cdef size_t N = <size_t>maxB * c.T, C = c.C, L = c.L, F = c.F, R = cls_rows
+    cdef size_t wide = 3 * C if 3 * C > F else F
+    sizes[0] = N * C                                 # encoded
+    sizes[1] = L * N; sizes[2] = L * N               # ln1_mean, ln1_rstd
+    sizes[3] = L * N * 3 * C                         # qkv
+    sizes[4] = L * N * C                             # atty
+    sizes[5] = L * N * c.NH; sizes[6] = L * N * c.NH  # att_max, att_scale
+    sizes[7] = L * N * C                             # residual2
+    sizes[8] = L * N; sizes[9] = L * N               # ln2_mean, ln2_rstd
+    sizes[10] = L * N * F                            # fch
+    sizes[11] = L * N * C                            # residual3
+    sizes[12] = R * C; sizes[13] = R; sizes[14] = R  # lnf_rows, mean, rstd
+    sizes[15] = R * c.V                              # logits_rows
+    sizes[16] = N * C; sizes[17] = N * F             # ln, fch_gelu
+    sizes[18] = N * C; sizes[19] = N * C             # dresidual, dresidual_mid
+    sizes[20] = N * C; sizes[21] = N * wide; sizes[22] = N * F    # dnarrow, dwide, dfch
+    sizes[23] = <size_t>ATT_BLOCK * c.T; sizes[24] = <size_t>ATT_BLOCK * c.T  # att_(d)probs
+
+
+cdef inline size_t aligned_floats(size_t n) noexcept nogil:
+    return (n + ALIGN_FLOATS - 1) & ~(<size_t>ALIGN_FLOATS - 1)
+
+
+cdef size_t carved_floats(const size_t* sizes, int count) noexcept nogil:
+    # floats carve allocates for tensors of these sizes: each aligned, and room to align the start
+    cdef size_t total = ALIGN_FLOATS
+    cdef int i
+    for i in range(count):
+        total += aligned_floats(sizes[i])
+    return total
+
+
+cdef float* carve(float*** slots, const size_t* sizes, int count) noexcept nogil:
+    # one zeroed allocation cut into `count` aligned tensors, *slots[i] pointing at the i-th;
+    # returns the allocation (to free), NULL when out of memory
+    cdef float* memory = <float*>calloc(carved_floats(sizes, count), sizeof(float))
+    cdef float* p
+    cdef int i
+    if memory == NULL:
+        return NULL
+    p = <float*>((<size_t>memory + ALIGN_BYTES - 1) & ~(<size_t>ALIGN_BYTES - 1))
+    for i in range(count):
+        slots[i][0] = p
+        p += aligned_floats(sizes[i])
+    return memory
+
+
+cdef size_t activation_floats(const ModelConfig* c, int maxB, int cls_rows) noexcept nogil:
+    # floats activations_alloc allocates
+    cdef size_t sizes[NUM_ACTIVATION_TENSORS]
+    fill_in_activation_sizes(sizes, c, maxB, cls_rows)
+    return carved_floats(sizes, NUM_ACTIVATION_TENSORS)
+
+
+cdef int activations_alloc(Activations* a, const ModelConfig* c, int maxB,
+                           int cls_rows) noexcept nogil:
+    # returns 0 on success, -1 when out of memory; cls_rows: rows per classifier block
+    # (classifier_rows)
+    cdef size_t sizes[NUM_ACTIVATION_TENSORS]
+    cdef float** slots[NUM_ACTIVATION_TENSORS]
+    fill_in_activation_sizes(sizes, c, maxB, cls_rows)
+    slots[:] = [&a.encoded, &a.ln1_mean, &a.ln1_rstd, &a.qkv, &a.atty, &a.att_max,
+                &a.att_scale, &a.residual2, &a.ln2_mean, &a.ln2_rstd, &a.fch, &a.residual3,
+                &a.lnf_rows, &a.lnf_mean, &a.lnf_rstd, &a.logits_rows, &a.ln, &a.fch_gelu,
+                &a.dresidual, &a.dresidual_mid, &a.dnarrow, &a.dwide, &a.dfch, &a.att_probs,
+                &a.att_dprobs]
+    a.memory = carve(slots, sizes, NUM_ACTIVATION_TENSORS)
+    if a.memory == NULL:
+        return -1
+    a.maxB = maxB
+    a.cls_rows = cls_rows
+    a.B = 0
+    a.n = 0
+    a.bf16 = NULL
+    return 0
+
+
+cdef int activations_use_bf16(Activations* a, const ModelConfig* c, const float* master,
+                              const uint16_t* weights) noexcept nogil:
+    # switches a's weight products to bf16 inputs, with weights = bf16(master) (kept by the
+    # caller); 0 on success, -1 when out of memory or oneDNN cannot start
+    cdef size_t N = <size_t>a.maxB * c.T, C = c.C, F = c.F, R = a.cls_rows
+    cdef size_t widest_in = max(N * max(C, F), R * C)
+    cdef size_t widest_out = max(N * max(3 * C, F), R * <size_t>c.V)
+    cdef Bf16Products* b = <Bf16Products*>calloc(1, sizeof(Bf16Products))
+    if b == NULL:
+        return -1
+    b.inputs = <uint16_t*>malloc(widest_in * sizeof(uint16_t))
+    b.grads = <uint16_t*>malloc(widest_out * sizeof(uint16_t))
+    b.block = <uint16_t*>malloc(<size_t>ATT_BLOCK * c.T * sizeof(uint16_t))
+    if (b.inputs == NULL or b.grads == NULL or b.block == NULL
+            or bf16_context_init(&b.ctx) != 0):
+        free(b.inputs)
+        free(b.grads)
+        free(b.block)
+        free(b)
+        return -1
+    b.master = master
+    b.weights = weights
+    a.bf16 = b
+    return 0
+
+
+cdef void activations_free(Activations* a) noexcept nogil:
+    free(a.memory)
+    a.memory = NULL
+    if a.bf16 != NULL:
+        bf16_context_free(&a.bf16.ctx)
+        free(a.bf16.inputs)
+        free(a.bf16.grads)
+        free(a.bf16.block)
+        free(a.bf16)
+        a.bf16 = NULL
+
+
+cdef struct LayerActs:
+    # one block's slices of the activations, for the current micro-batch (N = B * n rows)
+    float* ln1_mean     # (N,)
+    float* ln1_rstd     # (N,)
+    float* qkv          # (N, 3C)
+    float* atty         # (N, C)
+    float* att_max      # (B, NH, n)
+    float* att_scale    # (B, NH, n)
+    float* residual2    # (N, C)
+    float* ln2_mean     # (N,)
+    float* ln2_rstd     # (N,)
+    float* fch          # (N, F)
+    float* residual3    # (N, C)
+    # the sphere's scratches, shared by all blocks
+    float* ln           # (N, C)
+    float* fch_gelu     # (N, F)
+    float* att_probs    # (ATT_BLOCK, n)
+    float* att_dprobs
+    Bf16Products* bf16  # the sphere's bf16 state, or NULL
+
+
+cdef inline void layer_acts(LayerActs* la, const Activations* a, const ModelConfig* c,
+                            int l) noexcept nogil:
+    cdef size_t N = <size_t>a.B * a.n, C = c.C, F = c.F
+    la.ln1_mean = a.ln1_mean + l * N
+    la.ln1_rstd = a.ln1_rstd + l * N
+    la.qkv = a.qkv + l * N * 3 * C
+    la.atty = a.atty + l * N * C
+    la.att_max = a.att_max + l * N * c.NH
+    la.att_scale = a.att_scale + l * N * c.NH
+    la.residual2 = a.residual2 + l * N * C
+    la.ln2_mean = a.ln2_mean + l * N
+    la.ln2_rstd = a.ln2_rstd + l * N
+    la.fch = a.fch + l * N * F
+    la.residual3 = a.residual3 + l * N * C
+    la.ln = a.ln
+    la.fch_gelu = a.fch_gelu
+    la.att_probs = a.att_probs
+    la.att_dprobs = a.att_dprobs
+    la.bf16 = a.bf16
