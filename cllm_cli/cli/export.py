@@ -24,7 +24,8 @@ from pathlib import Path
 from cllm_cli.cli.common import HelpFormatter, Parser, name_defaults, run_main
 from cllm_cli.cli.inference import resolve_checkpoint
 from cllm_cli.errors import CheckpointError, ConversionError, DataError, MissingDependency, UsageError
-from cllm_cli.formats.hf import export_pretrained, load_checkpoint_with_tokenizer
+from cllm_cli.formats.hf_export import export_pretrained
+from cllm_cli.formats.hf_import import load_checkpoint_with_tokenizer
 
 PROG = "cllm_export"
 FORMATS = ("hf", "gguf")

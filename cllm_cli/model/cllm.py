@@ -1,4 +1,4 @@
-"""CLLMModel: the parameters in one flat float32 buffer, with named views (SPEC sections 1, 7)."""
+"""CLLMModel: the parameters in one flat float32 buffer, with named views."""
 import ctypes
 import dataclasses
 import math
@@ -50,7 +50,8 @@ def shorten_positions(config, flat, seq_len):
 
 
 class CLLMModel:
-    """A CLLM model. `params` maps each SPEC name to a numpy view into `flat`."""
+    """A CLLM model. `params` maps each parameter name (wte, h.{l}.attn.c_attn.weight, ...)
+    to a numpy view into `flat`."""
 
     def __init__(self, config, seed=0):
         if not isinstance(config, CLLMConfig):
@@ -80,7 +81,7 @@ class CLLMModel:
     @classmethod
     def load(cls, path):
         """Loads the parameters of a .cllm checkpoint (CheckpointError when it is bad)."""
-        from cllm_cli.formats.checkpoint import load_checkpoint
+        from cllm_cli.formats.checkpoint_load import load_checkpoint
         ckpt = load_checkpoint(path)
         return cls.from_flat(ckpt["config"], ckpt["params"], ckpt["meta"])
 
