@@ -1,4 +1,4 @@
-"""--precision bf16 (SPEC section 1): the rounding, oneDNN's products, gradients against the
+"""--precision bf16: the rounding, oneDNN's products, gradients against the
 float64 reference, the determinism contract within bf16, learning, and the refusals.
 
 Tolerances. bf16 keeps 8 significant bits, so rounding one input has relative error at most
@@ -29,7 +29,7 @@ from test_threads import BASE, ckpt_files, make_corpus
 from cllm_cli import _engine
 from cllm_cli._engine import parameter_layout
 from cllm_cli.cli.train import main as train_main
-from cllm_cli.formats.checkpoint import load_checkpoint
+from cllm_cli.formats.checkpoint_load import load_checkpoint
 from cllm_cli.model import precision
 from cllm_cli.training.loop import train
 

@@ -1,4 +1,4 @@
-"""The byte-level BPE tokenizer (cllm_cli/bpe.py, SPEC sections 3 and 9): exact round trip on
+"""The byte-level BPE tokenizer (cllm_cli/tokenizers/bpe.py): exact round trip on
 any text, special ids, tokenizer.json files (ours and GPT-2's layout), determinism across the
 library's thread counts, and the parallel encoding of cut texts."""
 import hashlib
@@ -17,7 +17,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from cllm_cli.corpus.files import decode_block
 from cllm_cli.errors import DataError
-from cllm_cli.formats.hf import word_char_pipeline
+from cllm_cli.formats.hf_export import word_char_pipeline
 from cllm_cli.tokenizers import bpe
 from cllm_cli.tokenizers.base import SPECIALS, Tokenizer
 from cllm_cli.tokenizers.bpe import BPETokenizer

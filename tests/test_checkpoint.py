@@ -1,4 +1,5 @@
-"""Tests of the .cllm checkpoint format (SPEC section 5): cllm_cli/checkpoint.py."""
+"""Tests of the .cllm checkpoint format: writing (cllm_cli/formats/checkpoint.py) and reading
+(cllm_cli/formats/checkpoint_load.py)."""
 import errno
 import hashlib
 import json
@@ -19,14 +20,14 @@ from cllm_cli.formats.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
     list_checkpoints,
-    load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
 )
+from cllm_cli.formats.checkpoint_load import load_checkpoint
 
 CFG = CLLMConfig(vocab_size=13, embed_dim=8, num_layers=2, num_heads=2, seq_len=6)
 
-# Section 1 of the spec, written out by hand for CFG (V=13, d=8, F=32, T=6, L=2) so that a
+# The parameter shapes of the model, written out by hand for CFG (V=13, d=8, F=32, T=6, L=2) so that a
 # mistake shared by the engine's parameter table and the checkpoint code would still be caught.
 SPEC_SHAPES = {"wte": (13, 8), "wpe": (6, 8), "ln_f.weight": (8,), "ln_f.bias": (8,)}
 for _l in range(2):

@@ -1,4 +1,4 @@
-"""Dropout (SPEC sections 1 and 4): the counter-based masks, exact gradients with dropout on
+"""Dropout: the counter-based masks, exact gradients with dropout on
 (against the float64 reference given the engine's masks, and by finite differences), masks
 keyed by the global micro-batch index, evaluation without dropout, and the determinism
 contract with dropout on: every thread count, both lock modes, resumed == straight."""
@@ -13,7 +13,7 @@ from test_engine_grads import CONFIGS, REL_TOL, make_batch, make_params
 from cllm_cli import _engine, train
 from cllm_cli._engine import DROPOUT_SITES, dropout_mask, parameter_layout
 from cllm_cli.errors import UsageError
-from cllm_cli.formats.checkpoint import load_checkpoint
+from cllm_cli.formats.checkpoint_load import load_checkpoint
 
 MASK64 = (1 << 64) - 1
 GOLDEN = 0x9E3779B97F4A7C15

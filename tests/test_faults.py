@@ -1,4 +1,4 @@
-"""Faults a hostile user or a failing machine can cause in the loaders and the tools (issue 11):
+"""Faults a hostile user or a failing machine can cause in the loaders and the tools:
 non-finite states, crafted checkpoints, non-regular files, lost standard output, binary
 standard input, huge perplexities and a package whose engine is not built.
 
@@ -25,7 +25,8 @@ from cllm_cli.cli import tokenize as tokenize_cli
 from cllm_cli.cli.train import main as train_main
 from cllm_cli.config import CLLMConfig
 from cllm_cli.errors import CheckpointError, SamplingError
-from cllm_cli.formats.checkpoint import load_checkpoint, save_checkpoint
+from cllm_cli.formats.checkpoint import save_checkpoint
+from cllm_cli.formats.checkpoint_load import load_checkpoint
 from cllm_cli.model.cllm import CLLMModel
 from cllm_cli.model.sampling import sample_from_logits
 from cllm_cli.tokenizers.base import Tokenizer

@@ -6,9 +6,10 @@ import subprocess
 import sys
 import time
 
+from helpers import ROOT, sentences, write
+
 from cllm_cli.cli.train import main as train_main
 from cllm_cli.training.config import TrainConfig
-from helpers import ROOT, sentences, write
 
 TINY = ["--tokenizer", "word", "--vocab-size", "200", "--embed-dim", "16", "--num-layers", "1",
         "--num-heads", "2", "--seq-len", "16", "--batch-size", "4", "--threads", "1"]

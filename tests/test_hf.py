@@ -1,4 +1,4 @@
-"""Hugging Face interop (SPEC section 9), checked with the real readers: cllm_export's
+"""Hugging Face interop, checked with the real readers: cllm_export's
 directory loaded by transformers (AutoModelForCausalLM, AutoTokenizer) gives our ids, our
 logits and our greedy text; load_pretrained reads a transformers GPT-2 directory into our
 layout and refuses, by name, what it cannot represent; --format gguf is read back with gguf's
@@ -21,7 +21,8 @@ from cllm_cli import CLLMConfig, CLLMModel, Tokenizer
 from cllm_cli._engine import parameter_layout
 from cllm_cli.cli.export import main as export_main
 from cllm_cli.errors import ConversionError
-from cllm_cli.formats.hf import load_pretrained, to_gpt2_state, word_char_pipeline
+from cllm_cli.formats.hf_export import to_gpt2_state, word_char_pipeline
+from cllm_cli.formats.hf_import import load_pretrained
 from cllm_cli.tokenizers.bpe import BPETokenizer
 
 SAMPLE = ('Maren said, "Don\'t go near the river today." The old woman, tired, walked '
@@ -182,7 +183,7 @@ def test_export_refusals(text, tmp_path, capsys):
     other = tmp_path / "other_vocab.txt"
     Tokenizer.build(["a different corpus entirely"], "word", 50).save(other)
     code, _, err = call(capsys, export_main, ckpt, tmp_path / "o2", "--vocab", other)
-    assert_one_error_line(code, err, "cllm_export", "not the tokenizer")
+    assert_one_error_line(code, err, "cllm_export", "not the vocabulary")
 
     lonely = tmp_path / "lonely"
     lonely.mkdir()

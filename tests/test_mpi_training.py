@@ -1,4 +1,4 @@
-"""train_model on many processes (SPEC section 8, issue 9), under the mpich wheel's mpiexec:
+"""train_model on many processes, under the mpich wheel's mpiexec:
 bit-identical checkpoints for every layout K ranks x N threads, resumed with another layout,
 NaN decisions taken globally, one writer, refused set-ups, a failing and a killed rank, and the
 missing-mpi4py message. Two cores are oversubscribed: the runs are tiny."""
@@ -14,7 +14,7 @@ import pytest
 from helpers import ROOT, assert_bit_identical, assert_one_error_line, call, sentences
 
 from cllm_cli.cli.train import main
-from cllm_cli.formats.checkpoint import load_checkpoint
+from cllm_cli.formats.checkpoint_load import load_checkpoint
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 # 9 windows a step in micro-batches of 2: 5 micro-batches, the last one short; evaluation

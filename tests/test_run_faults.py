@@ -1,4 +1,4 @@
-"""What train_model does under faults (issue 11): stop signals, a second run on the same
+"""What train_model does under faults: stop signals, a second run on the same
 directory, leftovers of killed runs, a missing final model, options given with --resume,
 crafted checkpoints, a diverged run, and lost standard output. Signals go to real processes."""
 import os
@@ -11,7 +11,8 @@ import pytest
 from helpers import ROOT, assert_bit_identical, assert_one_error_line, call, sentences
 
 from cllm_cli.cli.train import main
-from cllm_cli.formats.checkpoint import load_checkpoint, save_checkpoint
+from cllm_cli.formats.checkpoint import save_checkpoint
+from cllm_cli.formats.checkpoint_load import load_checkpoint
 from cllm_cli.training.loop import train
 
 TINY = ["--embed-dim", "16", "--num-layers", "2", "--num-heads", "2", "--seq-len", "16",

@@ -1,4 +1,5 @@
-"""The spheres and the determinism contract (SPEC sections 2 and 4), through train().
+"""The spheres and the determinism contract (the same bits for every thread count and
+micro-batching), through train().
 
 Every run here uses a tiny model on a small generated corpus. The batch of 9 windows is cut
 into 5 micro-batches of 2 (the last one holds a single window), which is not a multiple of
@@ -21,7 +22,7 @@ from cllm_cli._engine import parameter_layout
 from cllm_cli.corpus.batches import epoch_order, gather_windows, num_windows, split_stream
 from cllm_cli.corpus.dataset import load_dataset
 from cllm_cli.errors import TrainingError
-from cllm_cli.formats.checkpoint import load_checkpoint
+from cllm_cli.formats.checkpoint_load import load_checkpoint
 
 PUNCT = (".", ".", ".", "!", "?", ",")
 

@@ -23,8 +23,9 @@ from pathlib import Path
 
 from cllm_cli.cli.common import HelpFormatter, Parser, name_defaults, run_main
 from cllm_cli.cli.inference import resolve_checkpoint
-from cllm_cli.errors import MissingDependency, UsageError
-from cllm_cli.formats.hf import export_pretrained, load_checkpoint_with_tokenizer
+from cllm_cli.errors import CheckpointError, ConversionError, DataError, MissingDependency, UsageError
+from cllm_cli.formats.hf_export import export_pretrained
+from cllm_cli.formats.hf_import import load_checkpoint_with_tokenizer
 
 PROG = "cllm_export"
 FORMATS = ("hf", "gguf")
@@ -83,7 +84,9 @@ def run(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return run_main(PROG, lambda: run(args), stop_without_output=True)
+    return run_main(PROG, lambda: run(args),
+                    {(UsageError, DataError, CheckpointError, ConversionError): 2,
+                     MissingDependency: 1}, stop_without_output=True)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from cllm_cli.cli.common import HelpFormatter, Parser, run_main
 from cllm_cli.errors import UsageError
 from cllm_cli.fileio import check_regular
 from cllm_cli.formats.checkpoint import latest_checkpoint
+from cllm_cli.formats.checkpoint_load import check_vocabulary
 from cllm_cli.model.cllm import CLLMModel
 from cllm_cli.tokenizers.base import Tokenizer, tokenizer_class
 
@@ -114,11 +115,11 @@ def load(checkpoint, vocab_path=None):
                              f"give the training run's {name} with --vocab")
     check_regular(vocab_path, "vocabulary")
     tokenizer = Tokenizer.load(vocab_path, kind)
-    want = meta.get("vocab_hash")
-    if want is not None and tokenizer.vocab_hash != want:
-        raise UsageError(f"{vocab_path} is not the vocabulary {path} was trained with "
-                         f"(vocab hash {tokenizer.vocab_hash[:12]}, checkpoint expects "
-                         f"{str(want)[:12]}); give the training run's vocab.txt with --vocab")
+    if meta.get("vocab_hash") is not None:      # files saved without one are taken as they are
+        try:
+            check_vocabulary(tokenizer.vocab_hash, vocab_path, meta["vocab_hash"], path)
+        except CheckpointError as e:
+            raise UsageError(f"{e}; give the training run's vocab.txt with --vocab") from None
     if len(tokenizer) > model.config.vocab_size:
         raise UsageError(f"{vocab_path} has {len(tokenizer)} tokens but the model in {path} "
                          f"has a vocabulary of {model.config.vocab_size}")

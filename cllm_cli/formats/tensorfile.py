@@ -1,5 +1,5 @@
 """safetensors files written tensor by tensor, straight from the caller's arrays: `.cllm`
-checkpoints (checkpoint.py) and the model.safetensors of an export (hf.py).
+checkpoints (checkpoint.py) and the model.safetensors of an export (hf_export.py).
 
     safetensors_header   {name: array} + metadata -> (header bytes, tensor names in file order)
     write_tensors        the tensors' bytes in file order to an open file, through at most

@@ -11,7 +11,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from cllm_cli.config import CLLMConfig
+from cllm_cli.config import MODEL_FIELDS, CLLMConfig, model_config_problem
 from cllm_cli.corpus.files import ENCODING_ERRORS
 from cllm_cli.errors import UsageError
 from cllm_cli.tokenizers.base import TOKENIZER_KINDS
@@ -156,9 +156,11 @@ class TrainConfig:
             raise UsageError(f"--resume takes no value or 'auto', got {self.resume!r}")
         if self.micro_batch > self.batch_size:
             self.micro_batch = self.batch_size      # a micro-batch never exceeds the batch
-        if self.embed_dim % self.num_heads:
-            raise UsageError(f"--embed-dim {self.embed_dim} is not divisible by --num-heads "
-                             f"{self.num_heads}")
+        # the model sizes given (ff_dim 0 stands for 4 x embed-dim), in the model's own check
+        problem = model_config_problem({k: getattr(self, k) for k in MODEL_FIELDS
+                                        if getattr(self, k)}, name=flag)
+        if problem:
+            raise UsageError(problem)
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise UsageError(f"--learning-rate must be a positive number, got {self.learning_rate}")
         if not 0 <= self.min_lr_ratio <= 1:

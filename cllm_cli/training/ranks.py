@@ -16,6 +16,7 @@ from cllm_cli.corpus.dataset import dataset_header, load_dataset
 from cllm_cli.distributed.world import on_all_ranks
 from cllm_cli.errors import AllRanksStop, CheckpointError, DataError
 from cllm_cli.formats.checkpoint import checkpoint_path
+from cllm_cli.formats.checkpoint_load import check_vocabulary
 from cllm_cli.model.cllm import CLLMModel
 from cllm_cli.tokenizers.base import Tokenizer, tokenizer_class
 from cllm_cli.training.trainer import Trainer
@@ -98,8 +99,11 @@ class FollowerTrainer(Trainer):
         if dataset_header(bin_path)["key"] != plan["stream_key"]:
             raise DataError(f"{bin_path} has another dataset key than rank 0's{hint}")
         self.tokenizer = Tokenizer.load(vocab_path, self.cfg.tokenizer)
-        if self.tokenizer.vocab_hash != plan["vocab_hash"]:
-            raise DataError(f"{vocab_path} is not rank 0's vocabulary{hint}")
+        try:
+            check_vocabulary(self.tokenizer.vocab_hash, vocab_path, plan["vocab_hash"],
+                             "rank 0's run")
+        except CheckpointError as e:
+            raise DataError(f"{e}{hint}") from None
         tokens = load_dataset(bin_path)
         config = self.cfg.model_config(len(self.tokenizer))
         if config != plan["model_config"]:

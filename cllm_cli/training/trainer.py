@@ -29,11 +29,11 @@ from cllm_cli.formats.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
     list_checkpoints,
-    load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
 )
-from cllm_cli.formats.hf import load_pretrained
+from cllm_cli.formats.checkpoint_load import check_vocabulary, load_checkpoint
+from cllm_cli.formats.hf_import import load_pretrained
 from cllm_cli.model.cllm import CLLMModel, shorten_positions
 from cllm_cli.tokenizers.base import Tokenizer, tokenizer_class
 from cllm_cli.tokenizers.bpe import BPETokenizer
@@ -252,8 +252,7 @@ class Trainer:
         self.state = state
         vocab_path = os.path.join(self.ckpt_dir, tokenizer_class(self.cfg.tokenizer).file_name)
         self.tokenizer = Tokenizer.load(vocab_path, self.cfg.tokenizer)
-        if self.tokenizer.vocab_hash != vocab_hash:
-            raise CheckpointError(f"{vocab_path} does not match the checkpoint's vocabulary")
+        check_vocabulary(self.tokenizer.vocab_hash, vocab_path, vocab_hash, path)
         self.tokenizer, tokens, self.data_info = prepare_dataset(
             files, self.ckpt_dir, self.cfg.tokenizer, self.cfg.vocab_size,
             self.cfg.encoding_errors, tokenizer=self.tokenizer)

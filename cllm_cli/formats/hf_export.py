@@ -1,0 +1,247 @@
+"""CLLM models as `transformers` GPT-2 directories: export_pretrained writes the parameters
+and tokenizer as a directory that AutoModelForCausalLM / AutoTokenizer.from_pretrained load.
+The parameter names are GPT-2's (gpt2_names.py); no `lm_head.weight` is written, the output
+projection being tied to `wte`. hf_import.py reads such directories back.
+
+Choices written down here:
+
+- config.json: model_type gpt2, activation gelu_new (tanh GELU), layer_norm_epsilon 1e-5,
+  n_positions = n_ctx = seq_len, n_inner = ff_dim, tied embeddings, dropout 0 (export is for
+  inference; set the *_pdrop fields to fine-tune with dropout), the tokenizer's special ids.
+  generation_config.json: cllm_inference's sampling defaults (temperature 0.8, top-k 40, top-p
+  0.95). GPT-2 has no position past seq_len, so prompt + new tokens must fit in it (our
+  generate slides its window instead).
+- Tokenizers: bpe copies its tokenizer.json. word and char become `tokenizers` WordLevel
+  pipelines giving our ids, with <unk> for what the vocabulary lacks. word: Lowercase
+  normalizer, then a Split pre-tokenizer keeping `[\\p{L}\\p{N}_]+(?:'[\\p{L}\\p{N}_]+)*|
+  [^\\p{L}\\p{N}_\\s]` (Python's `\\w+(?:'\\w+)*|[^\\w\\s]`; the library's own `\\w` would also take
+  combining marks); no decoder, so transformers joins words with single spaces, and
+  clean_up_tokenization_spaces removes the space before . , ! ? and n't 's 'm 've 're
+  (our decode has further rules for brackets, quotes and hyphens). The library lower-cases
+  one character at a time, so a final capital sigma becomes σ where Python writes ς. char:
+  every character is a token; a Fuse decoder gives the text back unchanged.
+  transformers reads special tokens ("<eos>", ...) typed in text as those tokens; our
+  tokenizers read them as text.
+- The directory is written all or nothing (write_directory).
+"""
+import contextlib
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+import tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers
+
+from cllm_cli.errors import ConversionError
+from cllm_cli.fileio import fsync_directory, reason
+from cllm_cli.formats.gpt2_names import LAYER_NORM_EPS, gpt2_name, is_conv1d
+from cllm_cli.formats.tensorfile import safetensors_header, write_tensors
+from cllm_cli.layout import named_views
+from cllm_cli.tokenizers.base import SPECIALS, UNK
+from cllm_cli.tokenizers.bpe import BPETokenizer
+
+GENERATION = {"do_sample": True, "temperature": 0.8, "top_k": 40, "top_p": 0.95}
+
+# Python's \w is letters, digits (numeric characters) and "_"; [^\w\s] every other non-space.
+WORD_PATTERN = r"[\p{L}\p{N}_]+(?:'[\p{L}\p{N}_]+)*|[^\p{L}\p{N}_\s]"
+
+
+# ---------------------------------------------------------------------------------------
+# Layouts
+# ---------------------------------------------------------------------------------------
+
+def to_gpt2_state(cfg, flat):
+    """{GPT-2 name: float32 array in GPT-2's layout} of the flat parameters: views of `flat`
+    (transposed ones for the Conv1D weights), no copies."""
+    state = {}
+    for name, t in named_views(cfg, flat).items():
+        state[gpt2_name(name)] = t.T if is_conv1d(name) else t
+    return state
+
+
+def write_safetensors(f, tensors, metadata):
+    """{name: array} as a safetensors file in the open file f, streamed tensor by tensor
+    (tensorfile.py): equal to safetensors.numpy.save's bytes, without a copy of the model."""
+    header, names = safetensors_header(tensors, metadata)
+    f.write(header)
+    write_tensors(f, tensors, names)
+
+
+def _special_ids(tokenizer):
+    """{"pad", "unk", "bos", "eos"}: ids, -1 where the tokenizer has none."""
+    return {"pad": tokenizer.pad_id, "unk": tokenizer.unk_id, "bos": tokenizer.bos_id,
+            "eos": tokenizer.eos_id}
+
+
+def _token(tokenizer, i):
+    if isinstance(tokenizer, BPETokenizer):
+        return tokenizer.id_to_token(i)
+    return tokenizer.itos[i]
+
+
+def gpt2_config(cfg, tokenizer):
+    """config.json of our model as a transformers GPT-2 (dict)."""
+    ids = _special_ids(tokenizer)
+    config = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.seq_len,
+        "n_ctx": cfg.seq_len,
+        "n_embd": cfg.embed_dim,
+        "n_layer": cfg.num_layers,
+        "n_head": cfg.num_heads,
+        "n_inner": cfg.ff_dim,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": LAYER_NORM_EPS,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "dtype": "float32",
+    }
+    for key in ("bos", "eos", "pad"):
+        if ids[key] >= 0:
+            config[f"{key}_token_id"] = ids[key]
+    return config
+
+
+def generation_config(tokenizer):
+    """generation_config.json (dict)."""
+    ids = _special_ids(tokenizer)
+    config = dict(GENERATION)
+    for key in ("bos", "eos", "pad"):
+        if ids[key] >= 0:
+            config[f"{key}_token_id"] = ids[key]
+    return config
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenizer files
+# ---------------------------------------------------------------------------------------
+
+def word_char_pipeline(tokenizer):
+    """A `tokenizers` WordLevel pipeline giving the ids of a word or char Tokenizer."""
+    vocab = {t: i for i, t in enumerate(tokenizer.itos)}
+    tk = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token=SPECIALS[UNK]))
+    if tokenizer.kind == "word":
+        tk.normalizer = normalizers.Lowercase()
+        tk.pre_tokenizer = pre_tokenizers.Split(tokenizers.Regex(WORD_PATTERN),
+                                                behavior="removed", invert=True)
+    else:
+        tk.pre_tokenizer = pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), behavior="isolated")
+        tk.decoder = decoders.Fuse()
+    tk.add_special_tokens([tokenizers.AddedToken(s, special=True, normalized=False)
+                           for s in SPECIALS])
+    return tk
+
+
+def _json_bytes(obj):
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def tokenizer_files(tokenizer, model_max_length):
+    """{file name: bytes}: tokenizer.json, tokenizer_config.json, special_tokens_map.json."""
+    if isinstance(tokenizer, BPETokenizer):
+        tokenizer_json = tokenizer.json_bytes
+    else:
+        tokenizer_json = word_char_pipeline(tokenizer).to_str().encode("utf-8")
+    specials = {f"{key}_token": _token(tokenizer, i)
+                for key, i in _special_ids(tokenizer).items() if i >= 0}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": tokenizer.kind == "word",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        **specials,
+    }
+    return {"tokenizer.json": tokenizer_json,
+            "tokenizer_config.json": _json_bytes(config),
+            "special_tokens_map.json": _json_bytes(specials)}
+
+
+def hf_files(cfg, flat, tokenizer):
+    """{file name: bytes, or a function writing the file to an open file} of the
+    transformers directory of a model."""
+    if len(tokenizer) > cfg.vocab_size:
+        raise ConversionError(f"the tokenizer has {len(tokenizer)} tokens but the model only "
+                              f"{cfg.vocab_size}")
+    files = {
+        "config.json": _json_bytes(gpt2_config(cfg, tokenizer)),
+        "generation_config.json": _json_bytes(generation_config(tokenizer)),
+        "model.safetensors": lambda f: write_safetensors(f, to_gpt2_state(cfg, flat),
+                                                         {"format": "pt"}),
+    }
+    files.update(tokenizer_files(tokenizer, cfg.seq_len))
+    return files
+
+
+# ---------------------------------------------------------------------------------------
+# Writing a directory atomically
+# ---------------------------------------------------------------------------------------
+
+def _is_empty_dir(path):
+    with os.scandir(path) as it:
+        return next(it, None) is None
+
+
+def write_directory(outdir, files, force=False):
+    """Writes {name: bytes or write(f)} as the directory `outdir`, all or nothing.
+
+    The files go to a temporary directory next to outdir (each fsync'ed), which is then
+    renamed to outdir. An existing empty outdir is replaced; a non-empty one only with force
+    (it is moved aside, the new one renamed in, then the old one removed). ConversionError
+    (one line) when outdir cannot be written; no temporary directory is left behind."""
+    outdir = Path(outdir)
+    parent = outdir.parent
+    if outdir.exists() or outdir.is_symlink():
+        if not outdir.is_dir() or outdir.is_symlink():
+            raise ConversionError(f"{outdir} exists and is not a directory")
+        if not force and not _is_empty_dir(outdir):
+            raise ConversionError(f"{outdir} exists and is not empty (--force replaces it)")
+    if not parent.is_dir():
+        raise ConversionError(f"cannot write {outdir}: {parent} is not a directory")
+    tag = secrets.token_hex(6)
+    tmp = parent / f".{outdir.name}.{tag}.tmp"
+    old = parent / f".{outdir.name}.{tag}.old"
+    moved_aside = replaced = False
+    try:
+        os.mkdir(tmp)
+        for name, data in files.items():
+            with open(tmp / name, "wb") as f:
+                if callable(data):
+                    data(f)
+                else:
+                    f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        fsync_directory(tmp)
+        if outdir.exists() and not _is_empty_dir(outdir):
+            os.rename(outdir, old)
+            moved_aside = True
+        os.rename(tmp, outdir)          # also replaces an empty directory
+        replaced = True
+        fsync_directory(parent)
+    except OSError as e:
+        raise ConversionError(f"cannot write {outdir}: {reason(e)}") from None
+    finally:                            # also after Ctrl-C
+        if moved_aside and not replaced:
+            with contextlib.suppress(OSError):
+                os.rename(old, outdir)  # put the previous directory back
+        shutil.rmtree(tmp, ignore_errors=True)
+        if replaced:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def export_pretrained(cfg, flat, tokenizer, outdir, force=False):
+    """Writes the transformers GPT-2 directory of a model (see the module docstring)."""
+    write_directory(outdir, hf_files(cfg, flat, tokenizer), force)
+
