@@ -26,7 +26,7 @@ import os
 import sys
 
 from cllm_cli.cli.common import HelpFormatter, Parser, run_main
-from cllm_cli.errors import UsageError
+from cllm_cli.errors import CheckpointError, UsageError
 from cllm_cli.fileio import check_regular
 from cllm_cli.formats.checkpoint import latest_checkpoint
 from cllm_cli.formats.checkpoint_load import check_vocabulary
