@@ -1,6 +1,6 @@
 """Hugging Face interop, checked with the real readers: cllm_export's
 directory loaded by transformers (AutoModelForCausalLM, AutoTokenizer) gives our ids, our
-logits and our greedy text; load_pretrained reads a transformers GPT-2 directory into our
+logits and our greedy text; load_model_files reads a transformers GPT-2 directory into our
 layout and refuses, by name, what it cannot represent; --format gguf is read back with gguf's
 reader. Every model is built here, small and random; nothing is downloaded."""
 import copy
@@ -22,7 +22,7 @@ from cllm_cli._engine import parameter_layout
 from cllm_cli.cli.export import main as export_main
 from cllm_cli.errors import ConversionError
 from cllm_cli.formats.hf_export import to_gpt2_state, word_char_pipeline
-from cllm_cli.formats.hf_import import load_pretrained
+from cllm_cli.formats.model_files import load_model_files
 from cllm_cli.tokenizers.bpe import BPETokenizer
 
 SAMPLE = ('Maren said, "Don\'t go near the river today." The old woman, tired, walked '
@@ -218,7 +218,7 @@ def gpt2_directory(path, text, seed=0, save=True, **overrides):
 
 def test_load_pretrained_matches_transformers(text, tmp_path):
     hf_model, tok = gpt2_directory(tmp_path / "gpt2", text)
-    cfg, flat, loaded_tok = load_pretrained(tmp_path / "gpt2")
+    cfg, flat, loaded_tok = load_model_files(tmp_path / "gpt2")[:3]
     assert cfg == CLLMConfig(vocab_size=len(tok), embed_dim=32, num_layers=2, num_heads=4,
                              ff_dim=72, seq_len=40)
     assert flat.dtype == np.float32 and flat.size == sum(np.prod(s) for _, s, _ in parameter_layout(cfg))
@@ -227,13 +227,13 @@ def test_load_pretrained_matches_transformers(text, tmp_path):
     with torch.no_grad():
         theirs = hf_model(torch.tensor(ids[None])).logits[0].numpy()
     ours = CLLMModel.from_flat(cfg, flat).logits(ids[None])[0]
-    record("load_pretrained", relative_difference(ours, theirs))
+    record("load_model_files", relative_difference(ours, theirs))
 
 
 def test_round_trip_through_transformers_is_exact(text, tmp_path, capsys):
     model, tok = make_checkpoint(tmp_path / "ckpt", "bpe", text)
     assert call(capsys, export_main, tmp_path / "ckpt", tmp_path / "out")[0] == 0
-    cfg, flat, loaded_tok = load_pretrained(tmp_path / "out")
+    cfg, flat, loaded_tok = load_model_files(tmp_path / "out")[:3]
     assert cfg == model.config
     assert flat.tobytes() == model.flat.tobytes()
     assert loaded_tok.vocab_hash == tok.vocab_hash
@@ -241,19 +241,19 @@ def test_round_trip_through_transformers_is_exact(text, tmp_path, capsys):
 
 def test_load_pretrained_of_a_cllm_file(text, tmp_path):
     model, tok = make_checkpoint(tmp_path / "ckpt", "char", text)
-    cfg, flat, loaded_tok = load_pretrained(tmp_path / "ckpt" / "final_model.cllm")
+    cfg, flat, loaded_tok = load_model_files(tmp_path / "ckpt" / "final_model.cllm")[:3]
     assert cfg == model.config and flat.tobytes() == model.flat.tobytes()
     assert loaded_tok.kind == "char" and loaded_tok.vocab_hash == tok.vocab_hash
 
 
 def test_load_pretrained_widens_half_precision_exactly(text, tmp_path):
     hf_model, _ = gpt2_directory(tmp_path / "gpt2", text)
-    cfg, flat32, _ = load_pretrained(tmp_path / "gpt2")
+    cfg, flat32, _ = load_model_files(tmp_path / "gpt2")[:3]
     for dtype in (torch.float16, torch.bfloat16):
         half = copy.deepcopy(hf_model).to(dtype)
         half.save_pretrained(tmp_path / str(dtype))
         shutil.copy(tmp_path / "gpt2" / "tokenizer.json", tmp_path / str(dtype))
-        _, flat, _ = load_pretrained(tmp_path / str(dtype))
+        _, flat, _ = load_model_files(tmp_path / str(dtype))[:3]
         want = np.concatenate([
             torch.from_numpy(flat32[o:o + int(np.prod(s))]).to(dtype).float().numpy()
             for _, s, o in parameter_layout(cfg)])
@@ -306,11 +306,11 @@ REFUSALS = {
 @pytest.mark.parametrize("case", sorted(REFUSALS))
 def test_load_pretrained_refuses_by_name(case, text, tmp_path):
     gpt2_directory(tmp_path / "gpt2", text)
-    load_pretrained(tmp_path / "gpt2")                    # premise: loads before the change
+    load_model_files(tmp_path / "gpt2")                    # premise: loads before the change
     change, name = REFUSALS[case]
     change(tmp_path / "gpt2")
     with pytest.raises(ConversionError) as e:
-        load_pretrained(tmp_path / "gpt2")
+        load_model_files(tmp_path / "gpt2")
     message = str(e.value)
     assert name in message and "\n" not in message
 
@@ -320,22 +320,22 @@ def test_untied_output_layer(text, tmp_path):
     hf_model, _ = gpt2_directory(tmp_path / "gpt2", text, tie_word_embeddings=False)
     assert not torch.equal(hf_model.lm_head.weight, hf_model.transformer.wte.weight)
     with pytest.raises(ConversionError, match="lm_head.weight differs"):
-        load_pretrained(tmp_path / "gpt2")
+        load_model_files(tmp_path / "gpt2")
     edit_tensors(tmp_path / "gpt2", lambda t: t.update(
         {"lm_head.weight": t["transformer.wte.weight"].copy()}))
-    cfg, flat, _ = load_pretrained(tmp_path / "gpt2")
+    cfg, flat, _ = load_model_files(tmp_path / "gpt2")[:3]
     assert np.array_equal(flat[:cfg.vocab_size * cfg.embed_dim],
                           hf_model.transformer.wte.weight.detach().numpy().reshape(-1))
     edit_tensors(tmp_path / "gpt2", lambda t: t.pop("lm_head.weight"))
     with pytest.raises(ConversionError, match="tie_word_embeddings"):
-        load_pretrained(tmp_path / "gpt2")
+        load_model_files(tmp_path / "gpt2")
 
 
 def test_gpt2_names_without_prefix(text, tmp_path):
     """Files saved from GPT2Model (as GPT-2's own) name tensors without "transformer." and
     may carry the causal masks as buffers, which are left out."""
     hf_model, _ = gpt2_directory(tmp_path / "gpt2", text)
-    cfg, flat, _ = load_pretrained(tmp_path / "gpt2")
+    cfg, flat, _ = load_model_files(tmp_path / "gpt2")[:3]
 
     def strip_prefix(t):
         t.update({k[len("transformer."):]: t.pop(k) for k in list(t)})
@@ -344,18 +344,18 @@ def test_gpt2_names_without_prefix(text, tmp_path):
     edit_tensors(tmp_path / "gpt2", strip_prefix)
     assert all(not k.startswith("transformer.") for k in
                safetensors.numpy.load_file(str(tmp_path / "gpt2" / "model.safetensors")))
-    assert load_pretrained(tmp_path / "gpt2")[1].tobytes() == flat.tobytes()
+    assert load_model_files(tmp_path / "gpt2")[1].tobytes() == flat.tobytes()
 
 
 def test_sharded_safetensors(text, tmp_path):
     hf_model, _ = gpt2_directory(tmp_path / "gpt2", text)
-    _, flat, _ = load_pretrained(tmp_path / "gpt2")
+    _, flat, _ = load_model_files(tmp_path / "gpt2")[:3]
     hf_model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
     shutil.copy(tmp_path / "gpt2" / "tokenizer.json", tmp_path / "sharded")
     names = os.listdir(tmp_path / "sharded")
     assert "model.safetensors.index.json" in names and "model.safetensors" not in names
     assert len([n for n in names if n.endswith(".safetensors")]) > 1
-    assert load_pretrained(tmp_path / "sharded")[1].tobytes() == flat.tobytes()
+    assert load_model_files(tmp_path / "sharded")[1].tobytes() == flat.tobytes()
 
 
 def test_to_gpt2_state_is_transformers_state_dict(text):

@@ -31,6 +31,7 @@ from cllm_cli.corpus.batches import eval_windows, split_stream
 from cllm_cli.corpus.dataset import _stream_key, dataset_header, load_dataset
 from cllm_cli.corpus.files import ENCODING_ERRORS, collect_files, read_text
 from cllm_cli.errors import DataError, UsageError
+from cllm_cli.formats.model_files import resolve_checkpoint
 from cllm_cli.model import precision
 from cllm_cli.training.log import fmt_loss, perplexity
 
@@ -122,7 +123,6 @@ def run(args, out):
     model, tokenizer, _ = load(args.checkpoint, args.vocab)
     config = (model.meta or {}).get("train_config") or {}
     if args.split:
-        from cllm_cli.cli.inference import resolve_checkpoint
         stream, bytes_per_token = split_of_run(resolve_checkpoint(args.checkpoint), model,
                                                tokenizer, args.split)
         what, n_files = f"{args.split} split", None

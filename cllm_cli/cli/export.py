@@ -17,15 +17,13 @@ Choices written down here:
 - Exit status: 0 done, 2 bad usage or input (one line on stderr), 1 a missing optional
   package (gguf), 130 Ctrl-C.
 """
-import os
 import sys
 from pathlib import Path
 
 from cllm_cli.cli.common import HelpFormatter, Parser, name_defaults, run_main
-from cllm_cli.cli.inference import resolve_checkpoint
 from cllm_cli.errors import CheckpointError, ConversionError, DataError, MissingDependency, UsageError
 from cllm_cli.formats.hf_export import export_pretrained
-from cllm_cli.formats.hf_import import load_checkpoint_with_tokenizer
+from cllm_cli.formats.model_files import load_model_files
 
 PROG = "cllm_export"
 FORMATS = ("hf", "gguf")
@@ -63,12 +61,8 @@ def _inside(path, directory):
 
 
 def run(args):
-    checkpoint = resolve_checkpoint(args.checkpoint)
-    if not os.path.isfile(checkpoint):
-        raise UsageError(f"{checkpoint}: no such checkpoint file")
-    cfg, flat, tokenizer, _ = load_checkpoint_with_tokenizer(checkpoint, args.vocab)
-    tokenizer_file = args.vocab or Path(checkpoint).resolve().parent / tokenizer.file_name
-    for source in (checkpoint, tokenizer_file):
+    cfg, flat, tokenizer, _, tokenizer_file = load_model_files(args.checkpoint, args.vocab)
+    for source in (args.checkpoint, tokenizer_file):
         if _inside(source, args.out):
             raise UsageError(f"{args.out} holds {source}: choose another OUT")
     if args.format == "hf":

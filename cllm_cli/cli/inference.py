@@ -22,16 +22,12 @@ Choices written down here:
   (standard output lost, a model whose logits are NaN everywhere), 130 Ctrl-C.
 """
 import math
-import os
 import sys
 
 from cllm_cli.cli.common import HelpFormatter, Parser, run_main
-from cllm_cli.errors import CheckpointError, UsageError
-from cllm_cli.fileio import check_regular
-from cllm_cli.formats.checkpoint import latest_checkpoint
-from cllm_cli.formats.checkpoint_load import check_vocabulary
+from cllm_cli.errors import UsageError
+from cllm_cli.formats.model_files import load_model_files
 from cllm_cli.model.cllm import CLLMModel
-from cllm_cli.tokenizers.base import Tokenizer, tokenizer_class
 
 PROG = "cllm_inference"
 MAX_LISTED_UNKNOWN = 8      # unknown prompt words named in the warning
@@ -87,43 +83,11 @@ def check_options(args):
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
 
 
-def resolve_checkpoint(path):
-    """The .cllm file CHECKPOINT stands for."""
-    if os.path.isdir(path):
-        final = os.path.join(path, "final_model.cllm")
-        if os.path.isfile(final):
-            return final
-        newest = latest_checkpoint(path)
-        if newest is None:
-            raise UsageError(f"{path}: directory holds no final_model.cllm or "
-                             f"checkpoint_step_<N>.cllm")
-        return newest
-    return path
-
-
 def load(checkpoint, vocab_path=None):
-    """(model, tokenizer, vocab path) after checking that the vocabulary is the model's."""
-    path = resolve_checkpoint(checkpoint)
-    model = CLLMModel.load(path)
-    meta = model.meta or {}
-    kind = meta.get("tokenizer", "word")
-    if vocab_path is None:
-        name = tokenizer_class(kind).file_name
-        vocab_path = os.path.join(os.path.dirname(os.path.abspath(path)), name)
-        if not os.path.exists(vocab_path):
-            raise UsageError(f"no {name} next to {path} (looked for {vocab_path}); "
-                             f"give the training run's {name} with --vocab")
-    check_regular(vocab_path, "vocabulary")
-    tokenizer = Tokenizer.load(vocab_path, kind)
-    if meta.get("vocab_hash") is not None:      # files saved without one are taken as they are
-        try:
-            check_vocabulary(tokenizer.vocab_hash, vocab_path, meta["vocab_hash"], path)
-        except CheckpointError as e:
-            raise UsageError(f"{e}; give the training run's vocab.txt with --vocab") from None
-    if len(tokenizer) > model.config.vocab_size:
-        raise UsageError(f"{vocab_path} has {len(tokenizer)} tokens but the model in {path} "
-                         f"has a vocabulary of {model.config.vocab_size}")
-    return model, tokenizer, vocab_path
+    """(model, tokenizer, vocab path) of a .cllm file, a run directory or a transformers GPT-2
+    directory, after checking that the vocabulary is the model's."""
+    cfg, flat, tokenizer, meta, vocab_path = load_model_files(checkpoint, vocab_path)
+    return CLLMModel.from_flat(cfg, flat, meta), tokenizer, vocab_path
 
 
 def unknown_warning(unknown):

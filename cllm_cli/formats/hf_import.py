@@ -1,10 +1,5 @@
-"""CLLM models from `transformers` GPT-2 directories, and .cllm checkpoints with their
-tokenizer.
-
-    load_pretrained     a GPT-2-family directory, or a .cllm file -> (CLLMConfig, flat
-                        float32 parameters in the engine's layout, tokenizer)
-    load_checkpoint_with_tokenizer
-                        a .cllm file and the tokenizer it was trained with
+"""CLLM models from `transformers` GPT-2 directories: load_gpt2_directory -> (CLLMConfig,
+flat float32 parameters in the engine's layout, tokenizer).
 
 The tensor names are GPT-2's (gpt2_names.py). Loading refuses, with one line naming the
 setting, what our model cannot compute exactly: another model_type or architecture, another
@@ -30,10 +25,8 @@ from cllm_cli._engine import num_parameters
 from cllm_cli.config import CLLMConfig, model_config_problem
 from cllm_cli.errors import ConversionError
 from cllm_cli.fileio import reason
-from cllm_cli.formats.checkpoint_load import check_vocabulary, load_checkpoint
 from cllm_cli.formats.gpt2_names import LAYER_NORM_EPS, gpt2_name, is_conv1d
 from cllm_cli.layout import named_views
-from cllm_cli.tokenizers.base import TOKENIZER_KINDS, Tokenizer, tokenizer_class
 from cllm_cli.tokenizers.bpe import BPETokenizer
 
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
@@ -43,36 +36,6 @@ _SIZES = {"vocab_size": ("vocab_size", 50257), "embed_dim": ("n_embd", 768),
           "num_layers": ("n_layer", 12), "num_heads": ("n_head", 12), "ff_dim": ("n_inner", 0),
           "seq_len": ("n_positions", 1024)}
 _WIDEN = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
-
-
-# ---------------------------------------------------------------------------------------
-# Checkpoints with their tokenizer
-# ---------------------------------------------------------------------------------------
-
-def load_checkpoint_with_tokenizer(path, tokenizer_path=None):
-    """(CLLMConfig, flat params, tokenizer, meta) of a .cllm file.
-
-    The tokenizer is the checkpoint's kind, read from tokenizer_path or from the file next
-    to the checkpoint (vocab.txt, or tokenizer.json for bpe); its hash must be the one the
-    checkpoint records. CheckpointError, DataError or ConversionError (one line) otherwise."""
-    ckpt = load_checkpoint(path)
-    cfg, meta = ckpt["config"], ckpt["meta"]
-    kind = meta.get("tokenizer", "word")
-    if kind not in TOKENIZER_KINDS:
-        raise ConversionError(f"{path}: unknown tokenizer kind {kind!r} in the checkpoint")
-    if tokenizer_path is None:
-        name = tokenizer_class(kind).file_name
-        tokenizer_path = Path(path).resolve().parent / name
-        if not tokenizer_path.exists():
-            raise ConversionError(f"no {name} next to {path} (looked for "
-                                  f"{tokenizer_path})")
-    tokenizer = Tokenizer.load(tokenizer_path, kind)
-    if meta.get("vocab_hash") is not None:      # files saved without one are taken as they are
-        check_vocabulary(tokenizer.vocab_hash, tokenizer_path, meta["vocab_hash"], path)
-    if len(tokenizer) > cfg.vocab_size:
-        raise ConversionError(f"{tokenizer_path} has {len(tokenizer)} tokens but the model in "
-                              f"{path} has a vocabulary of {cfg.vocab_size}")
-    return cfg, ckpt["params"], tokenizer, meta
 
 
 # ---------------------------------------------------------------------------------------
@@ -205,7 +168,7 @@ def _check_gpt2_config(path, config):
         refuse(f"model size not supported: {e}")
 
 
-def _load_gpt2_directory(directory):
+def load_gpt2_directory(directory):
     directory = Path(directory)
     config_path = directory / "config.json"
     config = _read_json(config_path)
@@ -255,21 +218,4 @@ def _load_gpt2_directory(directory):
     if len(tokenizer) > cfg.vocab_size:
         raise ConversionError(f"{tokenizer_path} has {len(tokenizer)} tokens but config.json "
                               f"has vocab_size {cfg.vocab_size}")
-    return cfg, flat, tokenizer
-
-
-def load_pretrained(path):
-    """(CLLMConfig, flat float32 params in the engine's layout, tokenizer) of a
-    transformers GPT-2-family directory (config.json, model.safetensors, tokenizer.json) or a
-    .cllm file (with the tokenizer next to it). Raises ConversionError, CheckpointError or
-    DataError with one line naming the file and the setting that cannot be represented."""
-    path = Path(path)
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise ConversionError(f"{path}: no config.json (not a transformers model "
-                                  f"directory; give a .cllm file for a CLLM checkpoint)")
-        return _load_gpt2_directory(path)
-    if not path.exists():
-        raise ConversionError(f"{path}: no such file or directory")
-    cfg, flat, tokenizer, _ = load_checkpoint_with_tokenizer(path)
     return cfg, flat, tokenizer

@@ -9,6 +9,8 @@ import numpy as np
 
 from cllm_cli import _engine
 from cllm_cli.config import CLLMConfig
+from cllm_cli.formats.checkpoint import save_checkpoint
+from cllm_cli.formats.checkpoint_load import load_checkpoint
 from cllm_cli.layout import named_views
 from cllm_cli.model.sampling import sample_from_logits
 
@@ -81,13 +83,11 @@ class CLLMModel:
     @classmethod
     def load(cls, path):
         """Loads the parameters of a .cllm checkpoint (CheckpointError when it is bad)."""
-        from cllm_cli.formats.checkpoint import load_checkpoint
         ckpt = load_checkpoint(path)
         return cls.from_flat(ckpt["config"], ckpt["params"], ckpt["meta"])
 
     def save(self, path, meta=None):
         """Writes the parameters (no optimiser state) as a .cllm file, atomically."""
-        from cllm_cli.formats.checkpoint import save_checkpoint
         save_checkpoint(path, self.config, self.flat, None, None, dict(meta or self.meta))
 
     def num_params(self):

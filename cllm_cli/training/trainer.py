@@ -33,7 +33,7 @@ from cllm_cli.formats.checkpoint import (
     save_checkpoint,
 )
 from cllm_cli.formats.checkpoint_load import check_vocabulary, load_checkpoint
-from cllm_cli.formats.hf_import import load_pretrained
+from cllm_cli.formats.model_files import load_model_files
 from cllm_cli.model.cllm import CLLMModel, shorten_positions
 from cllm_cli.tokenizers.base import Tokenizer, tokenizer_class
 from cllm_cli.tokenizers.bpe import BPETokenizer
@@ -187,7 +187,7 @@ class Trainer:
         smaller --seq-len keeps the first rows of the position table."""
         cfg, source = self.cfg, f"--init-from {self.cfg.init_from}"
         try:
-            mcfg, flat, tokenizer = load_pretrained(cfg.init_from)
+            mcfg, flat, tokenizer, _, _ = load_model_files(cfg.init_from)
         except ConversionError as e:
             raise DataError(f"--init-from: {e}") from None
         if "seq_len" in given and cfg.seq_len < mcfg.seq_len:

@@ -1,0 +1,80 @@
+"""A model and its tokenizer from what a user names: a .cllm file, a training run's checkpoint
+directory, or a transformers GPT-2 directory. Every command that reads a model reads it here.
+
+    resolve_checkpoint   a run directory -> its final_model.cllm, else its newest
+                         checkpoint_step_<N>.cllm; anything else is taken as it is
+    load_with_tokenizer  a .cllm file and the tokenizer it was trained with
+    load_model_files     any of the three -> (config, flat parameters, tokenizer, meta,
+                         tokenizer path)
+"""
+from pathlib import Path
+
+from cllm_cli.errors import ConversionError, UsageError
+from cllm_cli.fileio import check_regular
+from cllm_cli.formats.checkpoint import latest_checkpoint
+from cllm_cli.formats.checkpoint_load import check_vocabulary, load_checkpoint
+from cllm_cli.formats.hf_import import load_gpt2_directory
+from cllm_cli.tokenizers.base import TOKENIZER_KINDS, Tokenizer, tokenizer_class
+
+
+def is_transformers_directory(path):
+    return Path(path).is_dir() and (Path(path) / "config.json").exists()
+
+
+def resolve_checkpoint(path):
+    """The .cllm file a run directory stands for (a file path is returned as it is)."""
+    path = Path(path)
+    if path.is_dir():
+        final = path / "final_model.cllm"
+        if final.is_file():
+            return final
+        newest = latest_checkpoint(path)
+        if newest is None:
+            raise UsageError(f"{path}: directory holds no final_model.cllm or "
+                             f"checkpoint_step_<N>.cllm (nor a transformers config.json)")
+        return Path(newest)
+    return path
+
+
+def load_with_tokenizer(path, tokenizer_path=None):
+    """(CLLMConfig, flat params, tokenizer, meta, tokenizer path) of a .cllm file.
+
+    The tokenizer is the checkpoint's kind, read from tokenizer_path or from the file next
+    to the checkpoint (vocab.txt, or tokenizer.json for bpe); its hash must be the one the
+    checkpoint records. CheckpointError or UsageError (one line) otherwise."""
+    ckpt = load_checkpoint(path)
+    cfg, meta = ckpt["config"], ckpt["meta"]
+    kind = meta.get("tokenizer", "word")
+    if kind not in TOKENIZER_KINDS:
+        raise ConversionError(f"{path}: unknown tokenizer kind {kind!r} in the checkpoint")
+    name = tokenizer_class(kind).file_name
+    if tokenizer_path is None:
+        tokenizer_path = Path(path).resolve().parent / name
+        if not tokenizer_path.exists():
+            raise UsageError(f"no {name} next to {path} (looked for {tokenizer_path}); give "
+                             f"the training run's {name} with --vocab")
+    check_regular(tokenizer_path, "vocabulary")
+    tokenizer = Tokenizer.load(tokenizer_path, kind)
+    if meta.get("vocab_hash") is not None:      # files saved without one are taken as they are
+        check_vocabulary(tokenizer.vocab_hash, tokenizer_path, meta["vocab_hash"], path)
+    if len(tokenizer) > cfg.vocab_size:
+        raise UsageError(f"{tokenizer_path} has {len(tokenizer)} tokens but the model in {path} "
+                         f"has a vocabulary of {cfg.vocab_size}")
+    return cfg, ckpt["params"], tokenizer, meta, tokenizer_path
+
+
+def load_model_files(path, tokenizer_path=None):
+    """(CLLMConfig, flat params, tokenizer, meta, tokenizer path) of a .cllm file, a run
+    directory or a transformers GPT-2 directory (whose tokenizer is its tokenizer.json, and
+    meta empty). One line (CheckpointError, ConversionError, UsageError) when it cannot be
+    read."""
+    if is_transformers_directory(path):
+        if tokenizer_path is not None:
+            raise UsageError(f"{path} is a transformers directory: its tokenizer.json is used, "
+                             f"--vocab does not apply")
+        cfg, flat, tokenizer = load_gpt2_directory(Path(path))
+        return cfg, flat, tokenizer, {}, Path(path) / "tokenizer.json"
+    path = resolve_checkpoint(path)
+    if not path.exists():
+        raise UsageError(f"{path}: no such file or directory")
+    return load_with_tokenizer(path, tokenizer_path)
