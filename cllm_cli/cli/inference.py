@@ -30,7 +30,7 @@ from cllm_cli.errors import CheckpointError, DataError, SamplingError, UsageErro
 from cllm_cli.fileio import check_regular
 from cllm_cli.formats.checkpoint import latest_checkpoint
 from cllm_cli.model.cllm import CLLMModel
-from cllm_cli.tokenizers.base import Tokenizer, tokenizer_class
+from cllm_cli.tokenizers import Tokenizer, tokenizer_class
 
 PROG = "cllm_inference"
 MAX_LISTED_UNKNOWN = 8      # unknown prompt words named in the warning

@@ -48,7 +48,7 @@ intermediate copy of the whole file).
   ``state``          object; ``step``, ``epoch``, ``batch_in_epoch``, ``adam_t`` and
                      ``bad_steps`` are required in it, integers in 0 .. 2**63 - 1
   ``generator``      object; ``seed``, ``epoch``, ``batch_in_epoch`` integers >= 0 when present
-  ``tokenizer``      one of the tokenizer kinds (:data:`cllm_cli.tokenizers.base.TOKENIZER_KINDS`)
+  ``tokenizer``      one of the tokenizer kinds (:data:`cllm_cli.tokenizers.TOKENIZER_KINDS`)
   ``vocab_hash``     64 lower-case hex digits (sha256)
   ``dataset_key``    64 lower-case hex digits (sha256)
   ``train_config``   object (its settings are checked by the trainer)
@@ -75,7 +75,7 @@ from cllm_cli.fileio import atomic_file, open_regular
 from cllm_cli.fileio import reason as _reason
 from cllm_cli.formats.tensorfile import safetensors_header, write_tensors
 from cllm_cli.layout import named_views, tensor_shapes
-from cllm_cli.tokenizers.base import TOKENIZER_KINDS
+from cllm_cli.tokenizers import TOKENIZER_KINDS
 
 FORMAT_VERSION = 1
 FORMAT_NAME = "cllm"

@@ -62,8 +62,7 @@ from cllm_cli.fileio import fsync_directory, reason
 from cllm_cli.formats.checkpoint import load_checkpoint
 from cllm_cli.formats.tensorfile import safetensors_header, write_tensors
 from cllm_cli.layout import named_views
-from cllm_cli.tokenizers.base import SPECIALS, TOKENIZER_KINDS, UNK, Tokenizer, tokenizer_class
-from cllm_cli.tokenizers.bpe import BPETokenizer
+from cllm_cli.tokenizers import SPECIALS, TOKENIZER_KINDS, UNK, BPETokenizer, Tokenizer, tokenizer_class
 
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
 LAYER_NORM_EPS = 1e-5
