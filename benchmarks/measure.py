@@ -282,7 +282,7 @@ def tokenize_speed(kinds=("word", "bpe"), size=12_000_000):
     import tempfile
 
     from cllm_cli.corpus.dataset import prepare_dataset
-    from cllm_cli.tokenizers.bpe import BPETokenizer
+    from cllm_cli.tokenizers import BPETokenizer
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -28,7 +28,7 @@ except ImportError as _error:
 
 from cllm_cli.config import CLLMConfig  # noqa: E402
 from cllm_cli.model.cllm import CLLMModel, single_threaded_blas  # noqa: E402
-from cllm_cli.tokenizers.base import Tokenizer  # noqa: E402
+from cllm_cli.tokenizers import Tokenizer  # noqa: E402
 
 single_threaded_blas()    # also when scipy's BLAS was loaded before us
 

@@ -18,9 +18,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from cllm_cli.corpus.files import decode_block
 from cllm_cli.errors import DataError
 from cllm_cli.formats.hf_export import word_char_pipeline
-from cllm_cli.tokenizers import bpe
-from cllm_cli.tokenizers.base import SPECIALS, Tokenizer
-from cllm_cli.tokenizers.bpe import BPETokenizer
+from cllm_cli.tokenizers import SPECIALS, BPETokenizer, Tokenizer, bpe
 
 AWKWARD = [
     "",

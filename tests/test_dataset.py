@@ -1,4 +1,5 @@
-"""Tests of cllm_cli/dataset.py: the dataset.bin cache, its reuse, and damaged files on disk."""
+"""Tests of cllm_cli/corpus/dataset.py and corpus/workers.py: the dataset.bin cache, its
+reuse, and damaged files on disk."""
 import hashlib
 import os
 import pty
@@ -13,7 +14,7 @@ from cllm_cli import train
 from cllm_cli.corpus import dataset as D
 from cllm_cli.corpus.files import collect_files, read_text
 from cllm_cli.errors import DataError
-from cllm_cli.tokenizers.base import EOS, SPECIALS, TOKENIZERS, Tokenizer, WordTokenizer
+from cllm_cli.tokenizers import EOS, SPECIALS, TOKENIZERS, Tokenizer, WordTokenizer
 
 # ---------------------------------------------------------------------------------------
 # prepare_dataset / dataset.bin
@@ -607,7 +608,7 @@ def test_bpe_learns_from_evenly_spread_blocks_of_a_large_corpus(tmp_path, monkey
     (k = ceil(bytes / train_bytes)), so the library's trainer does not grow with the corpus;
     every block is still encoded."""
     from cllm_cli.corpus.files import decode_block, read_blocks
-    from cllm_cli.tokenizers.bpe import BPETokenizer
+    from cllm_cli.tokenizers import BPETokenizer
     words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
     lines = [" ".join(words[(i * 7 + j * 3) % len(words)] + str(i % (j + 2)) for j in range(8))
              for i in range(400)]

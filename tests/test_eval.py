@@ -53,7 +53,7 @@ def test_loss_on_a_file_matches_the_model_api(run, tmp_path, capsys):
     got = evaluate(capsys, ck, other, "--json")
     model = CLLMModel.load(ck / "final_model.cllm")
     from cllm_cli.corpus.batches import eval_windows
-    from cllm_cli.tokenizers.base import Tokenizer
+    from cllm_cli.tokenizers import Tokenizer
     tok = Tokenizer.load(ck / "vocab.txt", "word")
     stream = tok.encode_document(other.read_text())
     windows = eval_windows(stream, model.config.seq_len)

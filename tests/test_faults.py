@@ -29,7 +29,7 @@ from cllm_cli.formats.checkpoint import save_checkpoint
 from cllm_cli.formats.checkpoint_load import load_checkpoint
 from cllm_cli.model.cllm import CLLMModel
 from cllm_cli.model.sampling import sample_from_logits
-from cllm_cli.tokenizers.base import Tokenizer
+from cllm_cli.tokenizers import Tokenizer
 from cllm_cli.training.log import fmt_loss, fmt_ppl, ppl_text
 
 MEMORY_LIMIT = 2 << 30     # bytes of address space for a process that must not read forever

@@ -5,7 +5,7 @@ from helpers import write
 from cllm_cli.corpus.files import collect_files, decode_block, read_blocks, read_text
 from cllm_cli.errors import DataError
 from cllm_cli.fileio import char_cut
-from cllm_cli.tokenizers.base import TOKENIZERS
+from cllm_cli.tokenizers import TOKENIZERS
 
 # ---------------------------------------------------------------------------------------
 # collect_files

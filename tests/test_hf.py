@@ -23,7 +23,7 @@ from cllm_cli.cli.export import main as export_main
 from cllm_cli.errors import ConversionError
 from cllm_cli.formats.hf_export import to_gpt2_state, word_char_pipeline
 from cllm_cli.formats.model_files import load_model_files
-from cllm_cli.tokenizers.bpe import BPETokenizer
+from cllm_cli.tokenizers import BPETokenizer
 
 SAMPLE = ('Maren said, "Don\'t go near the river today." The old woman, tired, walked '
           'home; 12 apples cost 3.50! Zyxwv qat?')

@@ -22,7 +22,7 @@ from cllm_cli.errors import CheckpointError, DataError, SamplingError
 from cllm_cli.formats.checkpoint import save_checkpoint
 from cllm_cli.formats.checkpoint_load import load_checkpoint
 from cllm_cli.model.sampling import sample_from_logits
-from cllm_cli.tokenizers.base import Tokenizer
+from cllm_cli.tokenizers import Tokenizer
 
 CFG = CLLMConfig(vocab_size=7, embed_dim=4, num_layers=1, num_heads=2, seq_len=3)
 PROPERTY = settings(derandomize=True, deadline=None, database=None, max_examples=150,

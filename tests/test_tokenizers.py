@@ -1,4 +1,5 @@
-"""Tests of cllm_cli/tokenizers.py: the word and char tokenizers, vocab.txt, the registry of kinds."""
+"""Tests of cllm_cli/tokenizers (base, vocab, word, char): the word and char tokenizers,
+vocab.txt, the registry of kinds."""
 import hashlib
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 from helpers import write
 
 from cllm_cli.errors import DataError
-from cllm_cli.tokenizers.base import (
+from cllm_cli.tokenizers import (
     BOS,
     EOS,
     PAD,

@@ -21,7 +21,7 @@ from cllm_cli.cli import inference
 from cllm_cli.cli import plot as plot_cli
 from cllm_cli.cli import tokenize as tokenize_cli
 from cllm_cli.errors import MissingDependency
-from cllm_cli.tokenizers.base import EOS, UNK, Tokenizer
+from cllm_cli.tokenizers import EOS, UNK, Tokenizer
 from cllm_cli.training import plot
 from cllm_cli.training.loop import train
 

@@ -28,7 +28,7 @@ from cllm_cli.corpus.files import collect_files, read_text
 from cllm_cli.corpus.files import decode_text as _decode
 from cllm_cli.errors import DataError, UsageError
 from cllm_cli.fileio import check_regular
-from cllm_cli.tokenizers.base import TOKENIZER_KINDS, Tokenizer
+from cllm_cli.tokenizers import TOKENIZER_KINDS, Tokenizer
 
 PROG = "cllm_tokenize"
 STDIN = "-"

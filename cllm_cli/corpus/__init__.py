@@ -1,0 +1,27 @@
+"""The corpus: text files -> token array -> training windows.
+
+    collect_files      paths given by the user -> list of text files (files.py)
+    prepare_dataset    files -> vocabulary file + dataset.bin, built once and reused (dataset.py)
+    load_dataset       dataset.bin -> read-only np.memmap of ids, checked
+    dataset_header     the header of dataset.bin as a dict
+    split_stream, num_windows, epoch_order, gather_windows, eval_windows, spread_windows
+                       the token array cut into windows (batches.py)
+
+The modules below import one another directly, never this package face.
+"""
+from cllm_cli.corpus.batches import (
+    epoch_order,
+    eval_windows,
+    gather_windows,
+    num_windows,
+    split_stream,
+    spread_windows,
+)
+from cllm_cli.corpus.dataset import dataset_header, load_dataset, prepare_dataset
+from cllm_cli.corpus.files import collect_files
+
+__all__ = [
+    "collect_files", "dataset_header", "load_dataset", "prepare_dataset",
+    "epoch_order", "eval_windows", "gather_windows", "num_windows", "split_stream",
+    "spread_windows",
+]

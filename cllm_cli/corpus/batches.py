@@ -1,5 +1,5 @@
-"""The token array cut into what the spheres train on (SPEC section 3). Last stage of the
-data's path: files -> tokenizers -> dataset -> batches.
+"""The token array cut into what the spheres train on. Last stage of the data's path:
+files -> tokenizers -> dataset -> batches.
 
     split_stream    stream -> (train, val) views
     num_windows     how many windows of T+1 tokens a stream holds

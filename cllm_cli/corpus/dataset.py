@@ -1,12 +1,12 @@
-"""The token array: a corpus tokenised once into dataset.bin and memory-mapped (SPEC sections
-3 and 5). Third stage of the data's path: files -> tokenizers -> dataset -> batches.
+"""The token array: a corpus tokenised once into dataset.bin and memory-mapped. Third stage
+of the data's path: files -> tokenizers -> dataset -> batches.
 
     prepare_dataset    files -> vocabulary file + dataset.bin (built once, reused while the
                        corpus and settings are unchanged and the file is intact)
     load_dataset       dataset.bin -> read-only np.memmap of ids, checked
     dataset_header     the header of dataset.bin as a dict
 
-Choices the SPEC leaves open, written down here:
+How it is done, and why:
 
 - Documents: each file is one document ending in <eos>. A file holding no token at all
   (empty or only white space) adds nothing to the stream, not even an <eos>.
@@ -28,9 +28,9 @@ Choices the SPEC leaves open, written down here:
   A file of another format version is rebuilt too.
 - Preparing a dataset reads each file in blocks of about BLOCK_BYTES (4 MiB; files.py says
   where a block may end), so memory depends on neither the corpus nor its largest file.
-  The blocks are decoded and tokenized by worker processes (forked, one per usable core;
-  none for a corpus of one block, and none for bpe, whose library encodes on every core
-  itself), at most 2 blocks per worker in flight, the results taken in block order, so the
+  The blocks are decoded and tokenized by worker processes (workers.py: one per usable
+  core; none for a corpus of one block, and none for bpe, whose library encodes on every
+  core itself), at most 2 blocks per worker in flight, the results taken in block order, so the
   stream is the same whatever the block size and the number of workers. While a new
   vocabulary is being built, provisional ids (4 bytes a token) are counted and spilled to a
   temporary file next to dataset.bin, then read back (not memory-mapped) and mapped to the
@@ -43,25 +43,22 @@ Choices the SPEC leaves open, written down here:
   tokenizing, learning a bpe vocabulary) shows a progress line on stderr with the bytes
   done, MB/s and the time left; nothing is shown elsewhere.
 """
-import collections
-import concurrent.futures
 import contextlib
 import hashlib
 import math
-import multiprocessing
 import os
 import pathlib
-import signal
 import struct
 import tempfile
 
 import numpy as np
 
-from cllm_cli.corpus.files import BLOCK_BYTES, check_encoding_errors, decode_block, read_blocks
+from cllm_cli.corpus.files import BLOCK_BYTES, check_encoding_errors, read_blocks
+from cllm_cli.corpus.workers import BlockRunner
 from cllm_cli.errors import DataError
 from cllm_cli.fileio import atomic_file
 from cllm_cli.progress import ByteProgress
-from cllm_cli.tokenizers.base import EOS, tokenizer_class
+from cllm_cli.tokenizers import EOS, tokenizer_class
 
 DATASET_MAGIC = b"CLLMDATA"
 DATASET_VERSION = 2
@@ -249,7 +246,7 @@ def prepare_dataset(files, out_dir, kind="word", vocab_size=10000, encoding_erro
     if workers is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
         workers = min(cores or os.cpu_count() or 1, total // block_size + 1)
-    run = _BlockRunner(corpus, encoding_errors, total, workers)
+    run = BlockRunner(corpus, encoding_errors, total, workers)
     scanner = cls.scanner()
     if tokenizer is not None:
         n_tokens = _encode_and_write(run, tokenizer, out_dir, given=True)
@@ -303,103 +300,6 @@ class _Corpus:
         self.key = h.digest()
 
 
-class _BlockRunner:
-    """Pass 2 over a corpus: the text of each block, decoded and turned into a result by a
-    function (a scanner's scan, a tokenizer's encode) in this process or in worker processes,
-    the results handed back in block order."""
-
-    def __init__(self, corpus, encoding_errors, total, workers):
-        self.corpus, self.encoding_errors = corpus, encoding_errors
-        self.total, self.workers = total, workers
-
-    def texts(self, cut, progress):
-        """(text, last) of every block, decoded in this process."""
-        for path, offset, data, last in self.corpus.blocks(cut):
-            yield decode_block(path, data, offset, self.encoding_errors), last
-            progress.add(len(data))
-
-    def results(self, cut, work, progress, tokenizer=None):
-        """(work(text), last) of every block in order. work=None: tokenizer.encode."""
-        if self.workers <= 1:
-            work = tokenizer.encode if work is None else work
-            for text, last in self.texts(cut, progress):
-                yield work(text), last
-            return
-        pending = collections.deque()
-        with _WorkerPool(self.workers, tokenizer) as pool:
-            def collect():
-                future, nbytes, last = pending.popleft()
-                result = pool.result(future)
-                progress.add(nbytes)
-                return result, last
-
-            for path, offset, data, last in self.corpus.blocks(cut):
-                task = (work or _encode_in_worker, path, offset, data, self.encoding_errors)
-                pending.append((pool.submit(task), len(data), last))
-                if len(pending) > 2 * self.workers:        # bounded read-ahead
-                    yield collect()
-            while pending:
-                yield collect()
-
-
-# Worker processes: forked where the platform can (spawn would run the caller's main script
-# again in each worker: a script without the `if __name__ == "__main__":` guard would start
-# its work over), spawned elsewhere. Ctrl-C is left to the parent, which ends them at once
-# when it stops; the parent's stop handlers are not inherited.
-
-_worker_tokenizer = None
-
-
-def _start_worker(tokenizer):
-    global _worker_tokenizer
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
-    _worker_tokenizer = tokenizer
-
-
-def _encode_in_worker(text):
-    return _worker_tokenizer.encode(text)
-
-
-def _decode_and_work(task):
-    work, path, offset, data, encoding_errors = task
-    return work(decode_block(path, data, offset, encoding_errors))
-
-
-class _WorkerPool:
-    """A process pool whose workers are killed, not waited for, when it is left."""
-
-    def __init__(self, workers, tokenizer):
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        self.executor = concurrent.futures.ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context(method),
-            initializer=_start_worker, initargs=(tokenizer,))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        processes = list((getattr(self.executor, "_processes", None) or {}).values())
-        self.executor.shutdown(wait=False, cancel_futures=True)
-        for process in processes:
-            with contextlib.suppress(OSError, ValueError):
-                process.terminate()
-        for process in processes:
-            with contextlib.suppress(OSError, ValueError, AssertionError):
-                process.join()
-
-    def submit(self, task):
-        return self.executor.submit(_decode_and_work, task)
-
-    @staticmethod
-    def result(future):
-        try:
-            return future.result()
-        except concurrent.futures.process.BrokenProcessPool:
-            raise DataError("a tokenizing worker process died (out of memory?)") from None
-
-
 def _check_not_empty(n_words, corpus):
     if n_words == 0:
         n = len(corpus.files)
@@ -448,8 +348,8 @@ def _encode_and_write(run, tokenizer, out_dir, given):
 
 def _build_and_write(run, cls, scanner, vocab_size, out_dir):
     """Build the vocabulary and the stream with one tokenising pass: provisional ids (see
-    tokenizers._Scanner) are counted and go to a spill file, which is then read back in
-    chunks (not mapped: its pages would count as the process's memory) and mapped to the
+    cllm_cli.tokenizers.vocab.Scanner) are counted and go to a spill file, which is then read
+    back in chunks (not mapped: its pages would count as the process's memory) and mapped to the
     final ids into dataset.bin."""
     eos = np.array([EOS], dtype=np.int32)
     try:

@@ -1,4 +1,4 @@
-"""The corpus on disk: which files to read, and their text (SPEC section 3). First stage of
+"""The corpus on disk: which files to read, and their text. First stage of
 the data's path: files -> tokenizers -> dataset (token array) -> batches (windows).
 
     collect_files   paths given by the user -> list of text files (sorted, deduplicated)
@@ -6,7 +6,7 @@ the data's path: files -> tokenizers -> dataset (token array) -> batches (window
     read_blocks     one file -> blocks of bytes cut where the tokenizer allows (bounded memory)
     decode_block    one block -> str, checked as read_text checks a whole file
 
-Choices the SPEC leaves open, written down here:
+How it is done, and why:
 
 - A file is taken whatever its name; a directory stands for every file below it matching a
   pattern, in sorted path order, never inside the checkpoint directory.

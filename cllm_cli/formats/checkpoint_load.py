@@ -14,7 +14,7 @@ are read straight into the flat buffers (no intermediate copy of the whole file)
   ``state``          object; ``step``, ``epoch``, ``batch_in_epoch``, ``adam_t`` and
                      ``bad_steps`` are required in it, integers in 0 .. 2**63 - 1
   ``generator``      object; ``seed``, ``epoch``, ``batch_in_epoch`` integers >= 0 when present
-  ``tokenizer``      one of the tokenizer kinds (:data:`cllm_cli.tokenizers.base.TOKENIZER_KINDS`)
+  ``tokenizer``      one of the tokenizer kinds (:data:`cllm_cli.tokenizers.TOKENIZER_KINDS`)
   ``vocab_hash``     64 lower-case hex digits (sha256)
   ``dataset_key``    64 lower-case hex digits (sha256)
   ``train_config``   object (its settings are checked by the trainer)

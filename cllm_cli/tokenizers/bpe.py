@@ -1,5 +1,5 @@
-"""Byte-level BPE tokenizer (SPEC sections 3 and 9), trained and run by the `tokenizers`
-library; the file format is the library's standard tokenizer.json.
+"""Byte-level BPE tokenizer, trained and run by the `tokenizers` library; the file format
+is the library's standard tokenizer.json.
 
     BPETokenizer.train(documents, vocab_size)   corpus -> merges (the library's BpeTrainer)
     BPETokenizer.load(path) / save(path)        tokenizer.json (ours, GPT-2's, any other)

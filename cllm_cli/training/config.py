@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from cllm_cli.config import MODEL_FIELDS, CLLMConfig, model_config_problem
 from cllm_cli.corpus.files import ENCODING_ERRORS
 from cllm_cli.errors import UsageError
-from cllm_cli.tokenizers.base import TOKENIZER_KINDS
+from cllm_cli.tokenizers import TOKENIZER_KINDS
 
 INT_MAX = 2**31 - 1
 GROUPS = ("data", "model", "optimisation", "threads", "checkpoints", "output")

@@ -18,7 +18,7 @@ from cllm_cli.errors import AllRanksStop, CheckpointError, DataError
 from cllm_cli.formats.checkpoint import checkpoint_path
 from cllm_cli.formats.checkpoint_load import check_vocabulary
 from cllm_cli.model.cllm import CLLMModel
-from cllm_cli.tokenizers.base import Tokenizer, tokenizer_class
+from cllm_cli.tokenizers import Tokenizer, tokenizer_class
 from cllm_cli.training.trainer import Trainer
 
 

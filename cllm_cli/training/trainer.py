@@ -35,8 +35,7 @@ from cllm_cli.formats.checkpoint import (
 from cllm_cli.formats.checkpoint_load import check_vocabulary, load_checkpoint
 from cllm_cli.formats.model_files import load_model_files
 from cllm_cli.model.cllm import CLLMModel, shorten_positions
-from cllm_cli.tokenizers.base import Tokenizer, tokenizer_class
-from cllm_cli.tokenizers.bpe import BPETokenizer
+from cllm_cli.tokenizers import BPETokenizer, Tokenizer, tokenizer_class
 from cllm_cli.training.config import TrainConfig
 from cllm_cli.training.rundir import DirectoryLock, remove_leftovers
 

@@ -1,0 +1,116 @@
+"""Pass 2 over a corpus in worker processes: each block of text decoded and turned into a
+result (a scanner's scan, a tokenizer's encode) by a pool of processes, the results handed
+back in block order, so the stream is the same whatever the number of workers.
+
+    BlockRunner        the blocks of a corpus -> (result, last) in order, in this process
+                       (workers <= 1) or in a pool of at most `workers` processes
+
+At most 2 blocks per worker are in flight (bounded read-ahead). The pool's processes are
+killed, not waited for, when the runner's iteration ends or is closed early (a fault, a
+signal), so a stopped build leaves no worker behind.
+"""
+import collections
+import concurrent.futures
+import contextlib
+import multiprocessing
+import signal
+
+from cllm_cli.corpus.files import decode_block
+from cllm_cli.errors import DataError
+
+
+class BlockRunner:
+    """Pass 2 over a corpus: the text of each block, decoded and turned into a result by a
+    function (a scanner's scan, a tokenizer's encode) in this process or in worker processes,
+    the results handed back in block order."""
+
+    def __init__(self, corpus, encoding_errors, total, workers):
+        self.corpus, self.encoding_errors = corpus, encoding_errors
+        self.total, self.workers = total, workers
+
+    def texts(self, cut, progress):
+        """(text, last) of every block, decoded in this process."""
+        for path, offset, data, last in self.corpus.blocks(cut):
+            yield decode_block(path, data, offset, self.encoding_errors), last
+            progress.add(len(data))
+
+    def results(self, cut, work, progress, tokenizer=None):
+        """(work(text), last) of every block in order. work=None: tokenizer.encode."""
+        if self.workers <= 1:
+            work = tokenizer.encode if work is None else work
+            for text, last in self.texts(cut, progress):
+                yield work(text), last
+            return
+        pending = collections.deque()
+        with _WorkerPool(self.workers, tokenizer) as pool:
+            def collect():
+                future, nbytes, last = pending.popleft()
+                result = pool.result(future)
+                progress.add(nbytes)
+                return result, last
+
+            for path, offset, data, last in self.corpus.blocks(cut):
+                task = (work or _encode_in_worker, path, offset, data, self.encoding_errors)
+                pending.append((pool.submit(task), len(data), last))
+                if len(pending) > 2 * self.workers:        # bounded read-ahead
+                    yield collect()
+            while pending:
+                yield collect()
+
+
+# Worker processes: forked where the platform can (spawn would run the caller's main script
+# again in each worker: a script without the `if __name__ == "__main__":` guard would start
+# its work over), spawned elsewhere. Ctrl-C is left to the parent, which ends them at once
+# when it stops; the parent's stop handlers are not inherited.
+
+_worker_tokenizer = None
+
+
+def _start_worker(tokenizer):
+    global _worker_tokenizer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    _worker_tokenizer = tokenizer
+
+
+def _encode_in_worker(text):
+    return _worker_tokenizer.encode(text)
+
+
+def _decode_and_work(task):
+    work, path, offset, data, encoding_errors = task
+    return work(decode_block(path, data, offset, encoding_errors))
+
+
+class _WorkerPool:
+    """A process pool whose workers are killed, not waited for, when it is left."""
+
+    def __init__(self, workers, tokenizer):
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        self.executor = concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context(method),
+            initializer=_start_worker, initargs=(tokenizer,))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        processes = list((getattr(self.executor, "_processes", None) or {}).values())
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            with contextlib.suppress(OSError, ValueError):
+                process.terminate()
+        for process in processes:
+            with contextlib.suppress(OSError, ValueError, AssertionError):
+                process.join()
+
+    def submit(self, task):
+        return self.executor.submit(_decode_and_work, task)
+
+    @staticmethod
+    def result(future):
+        try:
+            return future.result()
+        except concurrent.futures.process.BrokenProcessPool:
+            raise DataError("a tokenizing worker process died (out of memory?)") from None

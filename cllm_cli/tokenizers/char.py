@@ -1,0 +1,86 @@
+"""The "char" tokenizer: every distinct character, no lower-casing.
+
+- The vocabulary lists every distinct character of the corpus, sorted by code point. When
+  there are more distinct characters than vocab_size - 4, the most frequent ones are kept
+  (ties: lower code point first), still listed in code-point order; the rest map to <unk>.
+- Decoding skips <pad> and <bos>, turns <eos> into a newline and writes <unk> as "<unk>".
+"""
+import numpy as np
+
+from cllm_cli.fileio import char_cut
+from cllm_cli.tokenizers.base import BOS, EOS, PAD, SPECIALS, UNK
+from cllm_cli.tokenizers.vocab import Scanner, VocabTokenizer
+
+
+class CharTokenizer(VocabTokenizer):
+    """Every distinct character, in code-point order; no lower-casing."""
+
+    kind = "char"
+
+    def __init__(self, itos, counts):
+        super().__init__(itos, counts)
+        self._lut = None
+
+    @classmethod
+    def scanner(cls):
+        return CharScanner()
+
+    @classmethod
+    def _token_error(cls, token):
+        if len(token) != 1:
+            return f"char vocabulary token is not one character: {token!r}"
+        return None
+
+    def tokens(self, text):
+        return list(text)
+
+    @classmethod
+    def block_cut(cls, data):
+        return char_cut(data)
+
+    def encode(self, text):
+        # code points through a lookup table, no Python loop over characters
+        cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+        lut = self._code_point_ids()
+        out = np.full(cps.shape, UNK, dtype=np.int64)
+        inside = cps < len(lut)
+        out[inside] = lut[cps[inside]]
+        return out
+
+    def decode(self, ids):
+        return "".join("\n" if i == EOS else self.itos[i]
+                       for i in self._check_ids(ids) if i != PAD and i != BOS)
+
+    def _code_point_ids(self):
+        """code point -> id table."""
+        if self._lut is None:
+            cps = [ord(t) for t in self.itos[len(SPECIALS):]]
+            lut = np.full(max(cps, default=0) + 1, UNK, dtype=np.int64)
+            lut[cps] = np.arange(len(SPECIALS), len(self.itos))
+            self._lut = lut
+        return self._lut
+
+
+class CharScanner(Scanner):
+    """Provisional id of a character: 4 + its code point."""
+
+    tokenizer_class = CharTokenizer
+
+    def __init__(self):
+        self.max_cp = -1
+
+    @staticmethod
+    def scan(text):
+        return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+
+    def merge(self, cps):
+        if cps.size:
+            self.max_cp = max(self.max_cp, int(cps.max()))
+        return cps.astype(np.int32) + len(SPECIALS)
+
+    def n_provisional(self):
+        return len(SPECIALS) + self.max_cp + 1
+
+    def _itos(self, kept):
+        kept = np.sort(kept)                        # code-point order
+        return [chr(p - len(SPECIALS)) for p in kept.tolist()], kept

@@ -1,0 +1,109 @@
+"""The "word" tokenizer: lower-cased words and single punctuation marks.
+
+- The text is lower-cased, then `\\w+(?:'\\w+)*|[^\\w\\s]` is applied (words with inner
+  apostrophes such as "don't" stay whole; every other non-space character is a token of its
+  own). Ids 4.. go to the most frequent tokens, ties broken by first appearance in the corpus
+  (files in order). vocab_size counts the 4 special ids.
+- Decoding skips <pad> and <bos>, turns <eos> into a newline and writes <unk> as "<unk>". It
+  puts single spaces between tokens except: none before . , ; : ! ? % ' and closing brackets,
+  none after opening brackets, none around - and / (hyphenated words come back whole), and
+  double quotes alternate between opening (space before, none after) and closing (no space
+  before). The text stays lower-case.
+"""
+import itertools
+import re
+
+import numpy as np
+
+from cllm_cli.tokenizers.base import BOS, EOS, PAD, SPECIALS, UNK
+from cllm_cli.tokenizers.vocab import FirstSeen, Scanner, VocabTokenizer
+
+_WORD_RE = re.compile(r"\w+(?:'\w+)*|[^\w\s]")
+
+# Word decoding: which tokens hug their neighbours.
+_NO_SPACE_BEFORE = frozenset(".,;:!?%')]}\u2026")
+_NO_SPACE_AFTER = frozenset("([{")
+_JOINERS = frozenset("-/")          # no space on either side: "well-known", "and/or"
+
+
+class WordTokenizer(VocabTokenizer):
+    """Lower-cased words and single punctuation marks (rules in the module docstring)."""
+
+    kind = "word"
+
+    @classmethod
+    def scanner(cls):
+        return WordScanner()
+
+    def tokens(self, text):
+        return _WORD_RE.findall(text.lower())
+
+    @classmethod
+    def block_cut(cls, data):
+        # after the last space or line end: no token, and no lower-casing context (a final
+        # sigma), goes across white space
+        return max(data.rfind(b" "), data.rfind(b"\n")) + 1
+
+    def encode(self, text):
+        toks = self.tokens(text)
+        return np.fromiter(map(self.stoi.get, toks, itertools.repeat(UNK)),
+                           dtype=np.int64, count=len(toks))
+
+    def decode(self, ids):
+        out = []
+        glue = True            # no space before the next token
+        quote_open = False
+        for i in self._check_ids(ids):
+            if i == PAD or i == BOS:
+                continue
+            if i == EOS:
+                out.append("\n")
+                glue, quote_open = True, False
+                continue
+            tok = self.itos[i]
+            if tok == '"':
+                if quote_open:                  # closing quote hugs the text before it
+                    out.append(tok)
+                    glue = False
+                else:                           # opening quote hugs the text after it
+                    out.append(tok if glue else ' "')
+                    glue = True
+                quote_open = not quote_open
+                continue
+            if glue or tok in _NO_SPACE_BEFORE or tok in _JOINERS:
+                out.append(tok)
+            else:
+                out.append(" " + tok)
+            glue = tok in _NO_SPACE_AFTER or tok in _JOINERS
+        return "".join(out)
+
+
+class WordScanner(Scanner):
+    """Provisional id of a word: 4 + its order of first appearance."""
+
+    tokenizer_class = WordTokenizer
+
+    def __init__(self):
+        self.first_seen = FirstSeen(len(SPECIALS))
+
+    @staticmethod
+    def scan(text):
+        """(local ids, distinct words): each word of `text` numbered from 0 in order of first
+        appearance in the text."""
+        toks = _WORD_RE.findall(text.lower())
+        local = FirstSeen(0)
+        ids = np.fromiter(map(local.__getitem__, toks), dtype=np.int32, count=len(toks))
+        return ids, list(local)
+
+    def merge(self, scanned):
+        ids, words = scanned
+        table = np.fromiter(map(self.first_seen.__getitem__, words), dtype=np.int32,
+                            count=len(words))
+        return table[ids]
+
+    def n_provisional(self):
+        return len(SPECIALS) + len(self.first_seen)
+
+    def _itos(self, kept):
+        table = list(self.first_seen)
+        return [table[p - len(SPECIALS)] for p in kept.tolist()], kept
