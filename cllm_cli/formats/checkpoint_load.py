@@ -44,7 +44,7 @@ from cllm_cli.formats.checkpoint import (
     header_digest,
 )
 from cllm_cli.layout import named_views, tensor_shapes
-from cllm_cli.tokenizers.base import TOKENIZER_KINDS
+from cllm_cli.tokenizers import TOKENIZER_KINDS
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024     # safetensors' own limit
 _DTYPE_BYTES = {"F32": 4}

@@ -27,7 +27,7 @@ from cllm_cli.errors import ConversionError
 from cllm_cli.fileio import reason
 from cllm_cli.formats.gpt2_names import LAYER_NORM_EPS, gpt2_name, is_conv1d
 from cllm_cli.layout import named_views
-from cllm_cli.tokenizers.bpe import BPETokenizer
+from cllm_cli.tokenizers import BPETokenizer
 
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
 IGNORED_BUFFERS = (".attn.bias", ".attn.masked_bias")   # causal masks old GPT-2 files carry

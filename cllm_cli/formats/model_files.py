@@ -14,7 +14,7 @@ from cllm_cli.fileio import check_regular
 from cllm_cli.formats.checkpoint import latest_checkpoint
 from cllm_cli.formats.checkpoint_load import check_vocabulary, load_checkpoint
 from cllm_cli.formats.hf_import import load_gpt2_directory
-from cllm_cli.tokenizers.base import TOKENIZER_KINDS, Tokenizer, tokenizer_class
+from cllm_cli.tokenizers import TOKENIZER_KINDS, Tokenizer, tokenizer_class
 
 
 def is_transformers_directory(path):
