@@ -1,4 +1,4 @@
-"""Hugging Face interop (SPEC section 9), checked with the real readers: cllm_export's
+"""Hugging Face interop, checked with the real readers: cllm_export's
 directory loaded by transformers (AutoModelForCausalLM, AutoTokenizer) gives our ids, our
 logits and our greedy text; load_pretrained reads a transformers GPT-2 directory into our
 layout and refuses, by name, what it cannot represent; --format gguf is read back with gguf's
