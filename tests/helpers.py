@@ -7,6 +7,12 @@ import safetensors.numpy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# train_model's options for a tiny word-level run of 4 steps on two spheres, quiet
+TINY_RUN = ["--embed-dim", "16", "--num-layers", "2", "--num-heads", "2", "--seq-len", "16",
+            "--batch-size", "8", "--micro-batch", "2", "--max-steps", "4", "--warmup-steps", "1",
+            "--tokenizer", "word", "--vocab-size", "120", "--threads", "2", "--eval-interval", "0",
+            "--quiet"]
+
 WORDS = ("the a an old young quiet brave tired small green red cold warm river hill town "
          "village market baker miller fisher weaver smith king queen child dog cat horse "
          "bird boat road bridge house garden door window table bread apple fish stone tree "
@@ -35,6 +41,21 @@ def sentences(n_sentences, seed, punct, words=WORDS, max_words=11, capitalize=Tr
             line[0] = line[0].capitalize()
         lines.append(" ".join(line) + rng.choice(punct))
     return "\n".join(lines) + "\n"
+
+
+# the mix of sentence ends of the corpora below
+CORPUS_PUNCT = (".", ".", "!", "?")
+WINDOW_PUNCT = (".", ".", ".", "!", "?", ",")
+
+
+def corpus_text(n_sentences, seed=11):
+    """Seeded random sentences ending in ".", "!" or "?" (about 50 bytes each)."""
+    return sentences(n_sentences, seed, punct=CORPUS_PUNCT)
+
+
+def window_text(n_sentences, seed=7):
+    """Seeded random sentences: a few KB of varied words and punctuation."""
+    return sentences(n_sentences, seed, punct=WINDOW_PUNCT)
 
 
 def call(capsys, main, *argv):

@@ -1,4 +1,5 @@
-"""Independent plain-numpy reference of the CLLM model (SPEC sections 1 and 2).
+"""Independent plain-numpy reference of the CLLM model: the GPT-2 forward and backward, and the
+optimiser, learning-rate schedule and clipping.
 
 Used by the tests to check the Cython engine. Everything model-related is float64 and
 written from the math: forward, a hand-written backward (manual backprop through every op,
@@ -10,7 +11,7 @@ F = ff_dim, V = vocab_size. Linear layers use [out, in] weights: y = u @ W.T + b
 Targets equal to pad_id (0, <pad>, unless given) are not counted in the loss.
 
 The layout of the flat buffer is the engine's table (_engine.parameter_layout, checked against
-SPEC section 1 written out by hand in test_engine_grads.py); everything else is independent.
+the tensor names, shapes and order written out by hand in test_engine_grads.py); everything else is independent.
 """
 import math
 
@@ -367,7 +368,7 @@ def loss_and_grads(params, cfg, inputs, targets, pad_id=0, masks=None):
 #
 # Conventions: hyper-parameter scalars (1 - lr*wd, 1 - beta1, the bias corrections
 # 1 - beta**t, the clip scale) are computed in float64 then cast to float32; every
-# array operation is float32, in the order written in SPEC section 2.
+# array operation is float32, in the order the engine's optimiser step takes them.
 
 def decay_mask(cfg):
     """Flat bool array: True on the elements of 2-D tensors (wte, wpe, linear weights)."""

@@ -21,10 +21,10 @@ import math
 import numpy as np
 import pytest
 import reference as ref
+from engine_cases import CASES, CONFIGS, make_batch, make_params
 from helpers import assert_bit_identical, assert_one_error_line, call
-from markov import make_markov_corpus
-from test_engine_grads import CASES, CONFIGS, make_batch, make_params
-from test_threads import BASE, ckpt_files, make_corpus
+from markov import LOWER_MARGIN, UPPER_MARGIN, make_markov_corpus
+from sphere_runs import BASE, ckpt_files
 
 from cllm_cli import _engine
 from cllm_cli._engine import parameter_layout
@@ -186,26 +186,21 @@ def run(data, ckpt_dir, **over):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt", 95)
-
-
-@pytest.fixture(scope="module")
-def bf16_reference(corpus, tmp_path_factory):
+def bf16_reference(window_corpus, tmp_path_factory):
     d = tmp_path_factory.mktemp("bf16") / "ckpt"
-    return {"dir": d, "result": run(corpus, d, threads=1)}
+    return {"dir": d, "result": run(window_corpus, d, threads=1)}
 
 
 @pytest.mark.parametrize("threads, lock_mode", [(2, "shared"), (3, "exclusive"), (8, "shared")])
-def test_bf16_runs_are_bit_identical_across_threads_and_lock_modes(bf16_reference, corpus,
+def test_bf16_runs_are_bit_identical_across_threads_and_lock_modes(bf16_reference, window_corpus,
                                                                    tmp_path, threads, lock_mode):
-    result = run(corpus, tmp_path / "ckpt", threads=threads, lock_mode=lock_mode)
+    result = run(window_corpus, tmp_path / "ckpt", threads=threads, lock_mode=lock_mode)
     for f in ckpt_files(tmp_path / "ckpt"):
         assert_bit_identical(bf16_reference["dir"] / f, tmp_path / "ckpt" / f)
     assert result["val_loss"] == bf16_reference["result"]["val_loss"]
 
 
-def test_bf16_resumed_run_equals_the_straight_run(bf16_reference, corpus, tmp_path):
+def test_bf16_resumed_run_equals_the_straight_run(bf16_reference, window_corpus, tmp_path):
     """Resumed from step 4 without naming the precision: the checkpoint's bf16 is kept."""
     import shutil
     d = tmp_path / "ckpt"
@@ -213,47 +208,47 @@ def test_bf16_resumed_run_equals_the_straight_run(bf16_reference, corpus, tmp_pa
     for f in ("checkpoint_step_4.cllm", "vocab.txt", "dataset.bin"):
         shutil.copy2(bf16_reference["dir"] / f, d / f)
     opts = dict(BASE, checkpoint_dir=str(d), threads=2, resume=True)
-    train([str(corpus)], **opts)
+    train([str(window_corpus)], **opts)
     for f in ckpt_files(d):
         assert_bit_identical(bf16_reference["dir"] / f, d / f)
 
 
-def test_checkpoint_records_bf16_and_keeps_fp32_weights(bf16_reference, corpus, tmp_path):
+def test_checkpoint_records_bf16_and_keeps_fp32_weights(bf16_reference, window_corpus, tmp_path):
     ck = load_checkpoint(bf16_reference["dir"] / "final_model.cllm")
     assert ck["meta"]["train_config"]["precision"] == "bf16"
     assert ck["params"].dtype == np.float32
     # not bf16 values: the master weights keep their fp32 low bits
     assert np.any(ck["params"].view(np.uint32) & 0xFFFF)
-    fp32 = train([str(corpus)], **dict(BASE, checkpoint_dir=str(tmp_path / "fp32"), threads=1))
+    fp32 = train([str(window_corpus)], **dict(BASE, checkpoint_dir=str(tmp_path / "fp32"), threads=1))
     assert fp32["val_loss"] != bf16_reference["result"]["val_loss"]
     assert abs(fp32["val_loss"] - bf16_reference["result"]["val_loss"]) < 0.05
 
 
-def test_resume_refuses_another_precision(bf16_reference, corpus, tmp_path, capsys):
+def test_resume_refuses_another_precision(bf16_reference, window_corpus, tmp_path, capsys):
     import shutil
     d = tmp_path / "ckpt"
     shutil.copytree(bf16_reference["dir"], d)
-    argv = [corpus, "--checkpoint-dir", d, "--resume", "--precision", "fp32", "--quiet"]
+    argv = [window_corpus, "--checkpoint-dir", d, "--resume", "--precision", "fp32", "--quiet"]
     code, _, err = call(capsys, train_main, *argv)
     assert_one_error_line(code, err, "train_model", "--precision", "bf16", "fp32")
 
 
-def test_missing_onednn_is_one_line(corpus, tmp_path, capsys, monkeypatch):
+def test_missing_onednn_is_one_line(window_corpus, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(precision, "library_path", lambda: None)
     monkeypatch.setattr(_engine, "load_bf16", lambda path: pytest.fail("loaded"))
-    argv = [corpus, "--checkpoint-dir", tmp_path / "ck", "--precision", "bf16", "--quiet"]
+    argv = [window_corpus, "--checkpoint-dir", tmp_path / "ck", "--precision", "bf16", "--quiet"]
     code, _, err = call(capsys, train_main, *argv)
     assert_one_error_line(code, err, "train_model", "oneDNN", "bf16")
     assert not (tmp_path / "ck").exists()
 
 
-def test_cpu_without_bf16_is_one_line(corpus, tmp_path, capsys, monkeypatch):
+def test_cpu_without_bf16_is_one_line(window_corpus, tmp_path, capsys, monkeypatch):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n")
     assert not precision.cpu_has_bf16(str(cpuinfo))
     assert precision.cpu_has_bf16()      # this machine
     monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
-    argv = [corpus, "--checkpoint-dir", tmp_path / "ck", "--precision", "bf16", "--quiet"]
+    argv = [window_corpus, "--checkpoint-dir", tmp_path / "ck", "--precision", "bf16", "--quiet"]
     code, _, err = call(capsys, train_main, *argv)
     assert_one_error_line(code, err, "train_model", "avx512_bf16")
 
@@ -267,8 +262,7 @@ def test_engine_refuses_an_unknown_precision():
 
 @pytest.mark.slow
 def test_bf16_learns_the_markov_source(tmp_path):
-    """test_learning's run and margins, in bf16."""
-    from test_learning import LOWER_MARGIN, UPPER_MARGIN
+    """The learning run and its margins around the entropy rate, in bf16."""
     text, H = make_markov_corpus(n_words=40, n_tokens=80000, seed=7, branching=4)
     corpus = tmp_path / "markov.txt"
     corpus.write_text(text)

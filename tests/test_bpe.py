@@ -37,13 +37,14 @@ AWKWARD = [
 
 
 @pytest.fixture(scope="module")
-def corpus():
+def awkward_text():
+    """Seeded sentences followed by every awkward text above: what the tokenizer is trained on."""
     return sentences(400, seed=3, punct=".!?") + "".join(AWKWARD)
 
 
 @pytest.fixture(scope="module")
-def tok(corpus):
-    return BPETokenizer.train([corpus], 500)
+def tok(awkward_text):
+    return BPETokenizer.train([awkward_text], 500)
 
 
 @pytest.mark.parametrize("text", AWKWARD)
@@ -81,20 +82,20 @@ def test_special_ids_and_documents(tok):
         tok.decode([len(tok)])
 
 
-def test_vocab_size_counts_the_special_ids(corpus):
+def test_vocab_size_counts_the_special_ids(awkward_text):
     for size in (260, 300, 555):
-        t = BPETokenizer.train([corpus], size)
+        t = BPETokenizer.train([awkward_text], size)
         assert len(t) == size
         assert t.kind == "bpe"
     small = BPETokenizer.train(["tiny text"], 5000)       # too little text for 5000 merges
     assert 260 <= len(small) < 5000
     with pytest.raises(DataError, match="at least 260"):
-        BPETokenizer.train([corpus], 259)
+        BPETokenizer.train([awkward_text], 259)
 
 
-def test_merges_make_tokens_longer_than_bytes(tok, corpus):
-    ids = tok.encode(corpus)
-    assert len(ids) < len(corpus.encode("utf-8")) / 2
+def test_merges_make_tokens_longer_than_bytes(tok, awkward_text):
+    ids = tok.encode(awkward_text)
+    assert len(ids) < len(awkward_text.encode("utf-8")) / 2
 
 
 def test_save_load_and_hash(tok, tmp_path):
@@ -126,12 +127,12 @@ def test_load_refuses_bad_files(tmp_path):
         BPETokenizer.load(path)
 
 
-def gpt2_layout(corpus, path):
+def gpt2_layout(awkward_text, path):
     """A tokenizer.json laid out as GPT-2's: byte-level BPE, <|endoftext|> its only special."""
     tk = tokenizers.Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator([corpus], trainers.BpeTrainer(
+    tk.train_from_iterator([awkward_text], trainers.BpeTrainer(
         vocab_size=400, special_tokens=[], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
     tk.add_special_tokens(["<|endoftext|>"])
@@ -139,8 +140,8 @@ def gpt2_layout(corpus, path):
     return tk
 
 
-def test_gpt2_layout_tokenizer_json(corpus, tmp_path):
-    lib = gpt2_layout(corpus, tmp_path / "tokenizer.json")
+def test_gpt2_layout_tokenizer_json(awkward_text, tmp_path):
+    lib = gpt2_layout(awkward_text, tmp_path / "tokenizer.json")
     t = BPETokenizer.load(tmp_path / "tokenizer.json")
     end = lib.token_to_id("<|endoftext|>")
     assert end == 400 and len(t) == 401
@@ -210,8 +211,8 @@ def test_a_tokenizer_that_cannot_be_cut_reads_files_whole(tok):
     assert tok.block_cut(b"one.\ntwo") == 4 and lowered.block_cut(b"one.\ntwo") == 0
 
 
-def test_long_text_is_cut_and_encodes_the_same(tok, corpus, monkeypatch):
-    text = corpus * 3
+def test_long_text_is_cut_and_encodes_the_same(tok, awkward_text, monkeypatch):
+    text = awkward_text * 3
     assert len(bpe._cut_points(text, 1000)) > 10             # premise: the text is cut
     monkeypatch.setattr(bpe, "CHUNK_CHARS", 1000)
     whole = tokenizers.Tokenizer.from_str(tok.json_bytes.decode("utf-8"))

@@ -1,5 +1,6 @@
-"""Tests of the .cllm checkpoint format: writing (cllm_cli/formats/checkpoint.py) and reading
-(cllm_cli/formats/checkpoint_load.py)."""
+"""The .cllm checkpoint format, written by cllm_cli/formats/checkpoint.py and read by
+cllm_cli/formats/checkpoint_load.py: bit-exact round trips, atomic writes, and one-line
+refusals of damaged, crafted or mismatched files."""
 import errno
 import hashlib
 import json
@@ -9,6 +10,15 @@ import struct
 import numpy as np
 import pytest
 import safetensors.numpy
+from checkpoint_files import (
+    CFG,
+    LAYOUT_SHAPES,
+    N_PARAMS,
+    good_metadata,
+    layout_tensors,
+    split_file,
+    write_custom,
+)
 from safetensors import safe_open
 
 from cllm_cli._engine import parameter_layout
@@ -24,22 +34,6 @@ from cllm_cli.formats.checkpoint import (
     save_checkpoint,
 )
 from cllm_cli.formats.checkpoint_load import load_checkpoint
-
-CFG = CLLMConfig(vocab_size=13, embed_dim=8, num_layers=2, num_heads=2, seq_len=6)
-
-# The parameter shapes of the model, written out by hand for CFG (V=13, d=8, F=32, T=6, L=2) so that a
-# mistake shared by the engine's parameter table and the checkpoint code would still be caught.
-SPEC_SHAPES = {"wte": (13, 8), "wpe": (6, 8), "ln_f.weight": (8,), "ln_f.bias": (8,)}
-for _l in range(2):
-    SPEC_SHAPES.update({
-        f"h.{_l}.ln_1.weight": (8,), f"h.{_l}.ln_1.bias": (8,),
-        f"h.{_l}.attn.c_attn.weight": (24, 8), f"h.{_l}.attn.c_attn.bias": (24,),
-        f"h.{_l}.attn.c_proj.weight": (8, 8), f"h.{_l}.attn.c_proj.bias": (8,),
-        f"h.{_l}.ln_2.weight": (8,), f"h.{_l}.ln_2.bias": (8,),
-        f"h.{_l}.mlp.c_fc.weight": (32, 8), f"h.{_l}.mlp.c_fc.bias": (32,),
-        f"h.{_l}.mlp.c_proj.weight": (8, 32), f"h.{_l}.mlp.c_proj.bias": (8,),
-    })
-N_PARAMS = sum(int(np.prod(s)) for s in SPEC_SHAPES.values())
 
 
 def flat_buffer(seed):
@@ -90,49 +84,6 @@ def refused(path, *words, **kwargs):
     for word in words:
         assert word.lower() in msg.lower(), msg
     return msg
-
-
-def split_file(data):
-    n = struct.unpack("<Q", data[:8])[0]
-    return n, json.loads(data[8:8 + n]), data[8 + n:]
-
-
-def write_custom(path, tensors, metadata, fix_checksums=True):
-    """Write a safetensors file with arbitrary tensors/metadata, with VALID checksums computed
-    as the module docstring documents, so the loader must refuse it for another reason."""
-    md = dict(metadata)
-    md.setdefault("checksum", "0" * 64)
-    md.setdefault("header_checksum", "1" * 64)
-    data = safetensors.numpy.save(tensors, metadata=md)
-    if fix_checksums:
-        n, header, body = split_file(data)
-        meta = header.pop("__metadata__")
-        old_sum, old_hsum = meta["checksum"], meta["header_checksum"]
-        meta["checksum"] = hashlib.sha256(body).hexdigest()
-        content = {"metadata": {k: v for k, v in meta.items() if k != "header_checksum"},
-                   "tensors": header}
-        hsum = hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":"))
-                              .encode()).hexdigest()
-        head = data[8:8 + n].replace(old_sum.encode(), meta["checksum"].encode())
-        head = head.replace(old_hsum.encode(), hsum.encode())
-        data = data[:8] + head + body
-    path.write_bytes(data)
-
-
-def good_metadata(cfg=CFG, meta=None, version=FORMAT_VERSION, fmt="cllm"):
-    return {"format": fmt, "format_version": str(version),
-            "model_config": json.dumps(cfg.to_dict()),
-            "meta": json.dumps(meta if meta is not None else {"step": 1})}
-
-
-def spec_tensors(seed=0, adam=False):
-    rng = np.random.default_rng(seed)
-    t = {n: rng.standard_normal(s).astype(np.float32) for n, s in SPEC_SHAPES.items()}
-    if adam:
-        for n, s in SPEC_SHAPES.items():
-            t["adam.m." + n] = rng.standard_normal(s).astype(np.float32)
-            t["adam.v." + n] = np.abs(rng.standard_normal(s)).astype(np.float32)
-    return t
 
 
 # ------------------------------------------------------------------------------ round trip
@@ -201,14 +152,14 @@ def test_save_rejects_wrong_buffers(tmp_path):
 def test_readable_by_plain_safetensors(saved):
     path, params, m, v = saved
     tensors = safetensors.numpy.load_file(str(path))
-    expected_names = (set(SPEC_SHAPES) | {"adam.m." + n for n in SPEC_SHAPES}
-                      | {"adam.v." + n for n in SPEC_SHAPES})
+    expected_names = (set(LAYOUT_SHAPES) | {"adam.m." + n for n in LAYOUT_SHAPES}
+                      | {"adam.v." + n for n in LAYOUT_SHAPES})
     assert set(tensors) == expected_names
     for name, shape, offset in parameter_layout(CFG):
         size = int(np.prod(shape))
         for prefix, buf in (("", params), ("adam.m.", m), ("adam.v.", v)):
             t = tensors[prefix + name]
-            assert t.dtype == np.float32 and t.shape == SPEC_SHAPES[name]
+            assert t.dtype == np.float32 and t.shape == LAYOUT_SHAPES[name]
             assert bits_equal(t.reshape(-1), buf[offset:offset + size]), prefix + name
     with safe_open(str(path), framework="numpy") as f:
         md = f.metadata()
@@ -448,9 +399,9 @@ def test_text_file(tmp_path):
 
 def test_plain_safetensors_without_cllm_metadata(tmp_path):
     path = tmp_path / "plain.cllm"
-    safetensors.numpy.save_file(spec_tensors(), str(path))
+    safetensors.numpy.save_file(layout_tensors(), str(path))
     refused(path, "not a .cllm")
-    safetensors.numpy.save_file(spec_tensors(), str(path), metadata={"format": "pt"})
+    safetensors.numpy.save_file(layout_tensors(), str(path), metadata={"format": "pt"})
     refused(path, "format", "not a .cllm")
 
 
@@ -461,7 +412,7 @@ def test_wrong_format_version(tmp_path, monkeypatch):
     monkeypatch.undo()
     refused(path, "unsupported format_version", "'2'")
     for version in ("0", "1.0", "x"):
-        write_custom(path, spec_tensors(), good_metadata(version=version))
+        write_custom(path, layout_tensors(), good_metadata(version=version))
         refused(path, "unsupported format_version")
 
 
@@ -469,7 +420,7 @@ def test_custom_writer_is_accepted(tmp_path):
     """Guard for the tests below: a well-formed hand-made file does load, so they fail for
     the reason they name."""
     path = tmp_path / "ok.cllm"
-    t = spec_tensors(adam=True)
+    t = layout_tensors(adam=True)
     write_custom(path, t, good_metadata())
     out = load_checkpoint(path, cfg=CFG)
     for name, shape, offset in parameter_layout(CFG):
@@ -480,12 +431,12 @@ def test_custom_writer_is_accepted(tmp_path):
 
 def test_shape_mismatch(tmp_path):
     path = tmp_path / "bad.cllm"
-    t = spec_tensors()
+    t = layout_tensors()
     t["h.1.mlp.c_fc.weight"] = np.zeros((32, 9), np.float32)
     write_custom(path, t, good_metadata())
     refused(path, "h.1.mlp.c_fc.weight", "shape")
     # tensors of a bigger model under a config that says smaller
-    t = spec_tensors()
+    t = layout_tensors()
     write_custom(path, t, good_metadata(cfg=CLLMConfig(vocab_size=14, embed_dim=8, num_layers=2,
                                                        num_heads=2, seq_len=6)))
     refused(path, "wte", "shape")
@@ -493,22 +444,22 @@ def test_shape_mismatch(tmp_path):
 
 def test_missing_extra_and_wrong_dtype_tensors(tmp_path):
     path = tmp_path / "bad.cllm"
-    t = spec_tensors()
+    t = layout_tensors()
     del t["ln_f.bias"]
     write_custom(path, t, good_metadata())
     refused(path, "missing tensor", "ln_f.bias")
 
-    t = spec_tensors()
+    t = layout_tensors()
     t["h.2.ln_1.weight"] = np.ones(8, np.float32)
     write_custom(path, t, good_metadata())
     refused(path, "unexpected tensor", "h.2.ln_1.weight")
 
-    t = spec_tensors()
+    t = layout_tensors()
     t["wpe"] = t["wpe"].astype(np.float64)
     write_custom(path, t, good_metadata())
     refused(path, "wpe", "dtype")
 
-    t = spec_tensors(adam=True)
+    t = layout_tensors(adam=True)
     del t["adam.v.h.0.attn.c_proj.bias"]
     write_custom(path, t, good_metadata())
     refused(path, "missing tensor", "adam.v.h.0.attn.c_proj.bias")
@@ -518,19 +469,19 @@ def test_bad_model_config(tmp_path):
     path = tmp_path / "bad.cllm"
     md = good_metadata()
     md["model_config"] = json.dumps(dict(CFG.to_dict(), num_heads=3))
-    write_custom(path, spec_tensors(), md)
+    write_custom(path, layout_tensors(), md)
     refused(path, "model_config")
     md["model_config"] = "{not json"
-    write_custom(path, spec_tensors(), md)
+    write_custom(path, layout_tensors(), md)
     refused(path, "model_config")
     del md["model_config"]
-    write_custom(path, spec_tensors(), md)
+    write_custom(path, layout_tensors(), md)
     refused(path, "model_config")
 
 
 def test_wrong_checksums_in_hand_made_file(tmp_path):
     path = tmp_path / "bad.cllm"
-    write_custom(path, spec_tensors(), good_metadata(), fix_checksums=False)
+    write_custom(path, layout_tensors(), good_metadata(), fix_checksums=False)
     refused(path, "checksum")
 
 

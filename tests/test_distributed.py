@@ -1,4 +1,4 @@
-"""The MPI layer (SPEC section 8): blocks of micro-batches per rank and the ordered fold across
+"""The MPI layer: blocks of micro-batches per rank and the ordered fold across
 ranks, run under a real mpiexec (the mpich wheel's)."""
 import os
 import subprocess
@@ -12,10 +12,10 @@ from cllm_cli.distributed.world import Solo, block_of, world
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 
 
-def mpiexec(n, *argv, timeout=120):
+def mpiexec(n, *argv):
     assert os.path.exists(MPIEXEC), "mpiexec missing: make installs the mpich wheel"
     return subprocess.run([MPIEXEC, "-n", str(n), sys.executable, *map(str, argv)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout,
+                          capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=ROOT))
 
 

@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import pytest
 import reference as ref
+from engine_cases import CONFIGS, REL_TOL, make_batch, make_params
 from helpers import assert_bit_identical, sentences
-from test_engine_grads import CONFIGS, REL_TOL, make_batch, make_params
 
 from cllm_cli import _engine, train
 from cllm_cli._engine import DROPOUT_SITES, dropout_mask, parameter_layout
@@ -208,32 +208,33 @@ def run(data, ckpt_dir, **over):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def dropout_corpus(tmp_path_factory):
+    """The dropout runs' own seeded sentences (ends drawn evenly from . ! ? and ,)."""
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text(sentences(95, 7, punct=(".", "!", "?", ",")), encoding="utf-8")
     return path
 
 
 @pytest.fixture(scope="module")
-def straight(corpus, tmp_path_factory):
+def straight(dropout_corpus, tmp_path_factory):
     d = tmp_path_factory.mktemp("straight") / "ckpt"
-    return d, run(corpus, d, threads=1)
+    return d, run(dropout_corpus, d, threads=1)
 
 
-def test_dropout_run_records_p_and_differs_from_no_dropout(straight, corpus, tmp_path):
+def test_dropout_run_records_p_and_differs_from_no_dropout(straight, dropout_corpus, tmp_path):
     d, result = straight
     meta = load_checkpoint(d / "final_model.cllm")["meta"]
     assert meta["train_config"]["dropout"] == 0.2
-    plain = run(corpus, tmp_path / "plain", threads=1, dropout=0.0)
+    plain = run(dropout_corpus, tmp_path / "plain", threads=1, dropout=0.0)
     assert plain["train_loss"] != result["train_loss"]
 
 
 @pytest.mark.parametrize("threads, lock_mode", [(2, "shared"), (3, "shared"), (8, "shared"),
                                                 (1, "exclusive"), (3, "exclusive")])
-def test_dropout_run_is_bit_identical_across_threads_and_lock_modes(straight, corpus, tmp_path,
+def test_dropout_run_is_bit_identical_across_threads_and_lock_modes(straight, dropout_corpus, tmp_path,
                                                                      threads, lock_mode):
     d, result = straight
-    other = run(corpus, tmp_path / "ckpt", threads=threads, lock_mode=lock_mode)
+    other = run(dropout_corpus, tmp_path / "ckpt", threads=threads, lock_mode=lock_mode)
     for name in ("final_model.cllm", f"checkpoint_step_{SAVE}.cllm"):
         assert_bit_identical(d / name, tmp_path / "ckpt" / name)
     assert other["train_loss"] == result["train_loss"]
@@ -248,16 +249,16 @@ def resume_from_step(straight, tmp_path):
     return d
 
 
-def test_resumed_dropout_run_is_bit_identical(straight, corpus, tmp_path):
+def test_resumed_dropout_run_is_bit_identical(straight, dropout_corpus, tmp_path):
     """The resumed run keeps the checkpoint's p (given nothing) and its masks continue."""
     d = resume_from_step(straight, tmp_path)
-    run(corpus, d, threads=2, resume=True, dropout=None)
+    run(dropout_corpus, d, threads=2, resume=True, dropout=None)
     assert_bit_identical(straight[0] / "final_model.cllm", d / "final_model.cllm")
 
 
-def test_dropout_may_change_on_resume(straight, corpus, tmp_path, capsys):
+def test_dropout_may_change_on_resume(straight, dropout_corpus, tmp_path, capsys):
     d = resume_from_step(straight, tmp_path)
-    run(corpus, d, threads=2, resume=True, dropout=0.0, quiet=False)
+    run(dropout_corpus, d, threads=2, resume=True, dropout=0.0, quiet=False)
     assert "changed: --dropout 0.2 -> 0.0" in capsys.readouterr().out
     meta = load_checkpoint(d / "final_model.cllm")["meta"]
     assert meta["train_config"]["dropout"] == 0.0
@@ -265,7 +266,7 @@ def test_dropout_may_change_on_resume(straight, corpus, tmp_path, capsys):
         assert a.read() != b.read()
 
 
-def test_bad_dropout_option_is_a_usage_error(corpus, tmp_path):
+def test_bad_dropout_option_is_a_usage_error(dropout_corpus, tmp_path):
     for p in (-0.1, 1.0):
         with pytest.raises(UsageError, match="--dropout"):
-            run(corpus, tmp_path / "ckpt", dropout=p)
+            run(dropout_corpus, tmp_path / "ckpt", dropout=p)

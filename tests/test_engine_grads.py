@@ -1,4 +1,4 @@
-"""The Cython engine's forward and backward (SPEC sections 1 and 7) against the float64 numpy
+"""The Cython engine's forward and backward against the float64 numpy
 reference (tests/reference.py) and against finite differences taken on the engine itself;
 CLLMModel's mean loss, initialisation, parameter views and input checks."""
 import math
@@ -6,64 +6,13 @@ import math
 import numpy as np
 import pytest
 import reference as ref
+from engine_cases import CASES, CFG_A, CFG_B, CFG_E, CONFIGS, REL_TOL, engine_grads, make_batch, make_params
 
 from cllm_cli import _engine
 from cllm_cli._engine import num_parameters, parameter_layout
 from cllm_cli.config import CLLMConfig
 from cllm_cli.model.cllm import CLLMModel
 
-CFG_A = CLLMConfig(vocab_size=11, embed_dim=8, num_layers=2, num_heads=2, ff_dim=12, seq_len=5)
-CFG_B = CLLMConfig(vocab_size=17, embed_dim=12, num_layers=1, num_heads=3, ff_dim=20, seq_len=7)
-CFG_C = CLLMConfig(vocab_size=9, embed_dim=6, num_layers=3, num_heads=3, ff_dim=10, seq_len=4)
-# D: long enough for several attention blocks of 32 query rows and wide enough (C >= 16) for
-# the 16-lane vector paths of layer norm and softmax, with a remainder in both
-CFG_D = CLLMConfig(vocab_size=37, embed_dim=48, num_layers=2, num_heads=3, ff_dim=40, seq_len=80)
-# E: a vocabulary so wide that the classifier's default row blocks (32 MB of logits: 419
-# rows here) do not cover a micro-batch, with a short last block (B * n = 450 or 900 rows)
-CFG_E = CLLMConfig(vocab_size=20000, embed_dim=8, num_layers=1, num_heads=2, ff_dim=12,
-                   seq_len=450)
-CONFIGS = {"A": CFG_A, "B": CFG_B, "C": CFG_C, "D": CFG_D, "E": CFG_E}
-
-REL_TOL = 1e-4     # float32 engine vs float64 reference, relative to a tensor's max |grad|
-
-
-def make_batch(cfg, B, n, seed, pad_frac=0.25, pad_rows=()):
-    """int32 inputs/targets [B, n]; about pad_frac of the targets are <pad> (0), rows in
-    pad_rows are all <pad>; at least one target stays counted."""
-    rng = np.random.default_rng(seed)
-    inputs = rng.integers(0, cfg.vocab_size, size=(B, n)).astype(np.int32)
-    targets = rng.integers(1, cfg.vocab_size, size=(B, n)).astype(np.int32)
-    targets[rng.random((B, n)) < pad_frac] = 0
-    for r in pad_rows:
-        targets[r] = 0
-    if not (targets != 0).any():
-        targets[B - 1, n - 1] = 1
-    return np.ascontiguousarray(inputs), np.ascontiguousarray(targets)
-
-
-def make_params(cfg, seed=0, std=0.3):
-    """(float32 flat buffer, float64 dict of exactly the same values)."""
-    flat = ref.flatten(ref.init_params(cfg, seed, std), cfg, dtype=np.float32)
-    return flat, {k: v.astype(np.float64) for k, v in ref.unflatten(flat, cfg).items()}
-
-
-
-
-def engine_grads(cfg, flat, inputs, targets, block_rows=0):
-    grads = np.zeros_like(flat)
-    loss, counted = _engine.loss_and_grads(cfg, flat, inputs, targets, grads,
-                                           block_rows=block_rows)
-    return loss, counted, grads
-
-
-# (config, B, n, pad_rows): B=1 and B=3, n=T and n<T, some pad targets, all-pad rows
-CASES = [
-    ("A", 1, 5, ()), ("A", 3, 5, (1,)), ("A", 3, 3, ()), ("A", 1, 2, ()),
-    ("B", 1, 7, ()), ("B", 3, 7, (0,)), ("B", 3, 4, (2,)), ("B", 1, 1, ()),
-    ("C", 3, 4, (1,)), ("C", 1, 3, ()),
-    ("D", 2, 80, ()), ("D", 1, 70, ()), ("D", 2, 33, (1,)),
-    ("E", 1, 450, ()), ("E", 2, 450, (0,)),
-]
 # rows per classifier block: the engine's choice (0), and 7, which divides none of the
 # cases' B * n (e.g. 160 rows of D in 22 full blocks and one of 6)
 BLOCK_ROWS = [0, 7]
@@ -125,12 +74,9 @@ def test_engine_overwrites_grads_out():
 # ----------------------------------------------------------------------------------------
 # finite differences on the engine itself (no reference involved)
 
-FD_CFG = CLLMConfig(vocab_size=11, embed_dim=8, num_layers=2, num_heads=2, ff_dim=12, seq_len=5)
-
-
 @pytest.mark.parametrize("n, pad_rows", [(5, (1,)), (3, ())])
-def test_gradients_match_finite_differences(n, pad_rows):
-    cfg = FD_CFG
+def test_gradients_match_finite_differences(n, pad_rows, tiny_config):
+    cfg = tiny_config
     flat, _ = make_params(cfg, seed=11, std=0.3)
     inputs, targets = make_batch(cfg, 2, n, seed=12, pad_rows=pad_rows)
     _, _, grads = engine_grads(cfg, flat, inputs, targets)
@@ -274,9 +220,8 @@ def test_model_init_is_seeded():
             assert not np.array_equal(a.params[name], c.params[name]), name
 
 
-def test_params_are_views_into_flat():
-    cfg = CFG_A
-    model = CLLMModel(cfg, seed=0)
+def test_params_are_views_into_flat(tiny_config, tiny_model):
+    cfg, model = tiny_config, tiny_model
     for name, shape, off in parameter_layout(cfg):
         view = model.params[name]
         assert np.shares_memory(view, model.flat), name
@@ -294,9 +239,8 @@ def test_params_are_views_into_flat():
 
 
 @pytest.mark.parametrize("bad", ["id_high", "id_negative", "too_long", "target_high", "target_negative"])
-def test_bad_inputs_raise_value_error(bad):
-    cfg = CFG_A
-    model = CLLMModel(cfg, seed=0)
+def test_bad_inputs_raise_value_error(bad, tiny_config, tiny_model):
+    cfg, model = tiny_config, tiny_model
     inputs, targets = make_batch(cfg, 2, 4, seed=60)
     if bad == "id_high":
         inputs[1, 2] = cfg.vocab_size
@@ -349,8 +293,9 @@ LAYOUT_CFG = CLLMConfig(vocab_size=13, embed_dim=8, num_layers=2, num_heads=2, f
 
 
 def test_parameter_layout_is_spec_section_1():
-    """SPEC section 1 written out by hand for LAYOUT_CFG (V 13, d 8, L 2, F 20, T 6): names,
-    shapes and buffer order. The one place the table is checked against the spec."""
+    """The GPT-2 parameter tensors written out by hand for LAYOUT_CFG (V 13, d 8, L 2, F 20,
+    T 6): names, shapes and buffer order. The one place the engine's table is checked against
+    a list not derived from it."""
     spec = [("wte", (13, 8)), ("wpe", (6, 8))]
     for l in range(2):
         spec += [(f"h.{l}.ln_1.weight", (8,)), (f"h.{l}.ln_1.bias", (8,)),

@@ -1,4 +1,4 @@
-"""cllm_eval (issue 12): a model's loss, perplexity and bits per byte on any text, and exactly
+"""cllm_eval: a model's loss, perplexity and bits per byte on any text, and exactly
 train_model's validation figures on a run's own split."""
 import json
 import math

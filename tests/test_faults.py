@@ -2,8 +2,8 @@
 non-finite states, crafted checkpoints, non-regular files, lost standard output, binary
 standard input, huge perplexities and a package whose engine is not built.
 
-Hangs are guarded by running the command in a real process with a timeout; unbounded reads by
-a memory limit on that process.
+The commands run in a real process, so that a memory limit on that process catches unbounded
+reads.
 """
 import json
 import math
@@ -15,8 +15,8 @@ import sys
 
 import numpy as np
 import pytest
+from checkpoint_files import CFG, good_metadata, layout_tensors, write_custom
 from helpers import ROOT, assert_one_error_line, call, sentences
-from test_checkpoint import CFG, good_metadata, spec_tensors, write_custom
 
 from cllm_cli import _engine
 from cllm_cli._engine import parameter_layout as param_layout
@@ -37,14 +37,13 @@ MEMORY_LIMIT = 2 << 30     # bytes of address space for a process that must not 
 
 def run_tool(module, *argv, memory_limit=None, **kwargs):
     """`python -m cllm_cli.cli.<module> argv` as a real process, its output captured unless
-    redirected (the timeout guards hangs, memory_limit unbounded reads)."""
+    redirected (memory_limit catches unbounded reads)."""
     def limit():
         if memory_limit:
             resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
     if "stdout" not in kwargs and "stderr" not in kwargs:
         kwargs["capture_output"] = True
     kwargs.setdefault("text", True)
-    kwargs.setdefault("timeout", 120)
     return subprocess.run([sys.executable, "-m", f"cllm_cli.cli.{module}", *map(str, argv)],
                           cwd=ROOT, preexec_fn=limit, **kwargs)
 
@@ -198,7 +197,7 @@ def test_non_finite_state_is_never_saved(tmp_path, which, prefix, value):
                                     "adam.v.h.0.attn.c_attn.weight"])
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 def test_hand_made_file_with_non_finite_values_is_refused(tmp_path, tensor, value):
-    t = spec_tensors(adam=True)
+    t = layout_tensors(adam=True)
     t[tensor].reshape(-1)[-1] = value
     path = tmp_path / "bad.cllm"
     write_custom(path, t, good_metadata())          # valid checksums
@@ -209,7 +208,7 @@ def test_hand_made_file_with_non_finite_values_is_refused(tmp_path, tensor, valu
 
 
 def test_negative_second_moment_is_refused(tmp_path):
-    t = spec_tensors(adam=True)
+    t = layout_tensors(adam=True)
     t["adam.v.wpe"][2, 3] = -1e-3
     path = tmp_path / "bad.cllm"
     write_custom(path, t, good_metadata())
@@ -255,7 +254,7 @@ def test_crafted_meta_field_is_refused_by_name(tmp_path, field, value):
     target = meta[groups[0]] if groups else meta
     target[last] = value
     path = tmp_path / "crafted.cllm"
-    write_custom(path, spec_tensors(adam=True), good_metadata(meta=meta))
+    write_custom(path, layout_tensors(adam=True), good_metadata(meta=meta))
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(path)
     msg = str(info.value)
@@ -266,14 +265,14 @@ def test_missing_state_field_is_refused(tmp_path):
     meta = good_meta()
     del meta["state"]["adam_t"]
     path = tmp_path / "crafted.cllm"
-    write_custom(path, spec_tensors(adam=True), good_metadata(meta=meta))
+    write_custom(path, layout_tensors(adam=True), good_metadata(meta=meta))
     with pytest.raises(CheckpointError, match="bad meta field state.adam_t: missing"):
         load_checkpoint(path)
 
 
 def test_well_formed_meta_loads(tmp_path):
     path = tmp_path / "ok.cllm"
-    write_custom(path, spec_tensors(adam=True), good_metadata(meta=good_meta()))
+    write_custom(path, layout_tensors(adam=True), good_metadata(meta=good_meta()))
     assert load_checkpoint(path)["meta"] == good_meta()
 
 
@@ -285,7 +284,7 @@ def test_crafted_model_config_is_refused_by_name(tmp_path, field, value):
     md = good_metadata()
     md["model_config"] = json.dumps(dict(CFG.to_dict(), **{field: value}))
     path = tmp_path / "crafted.cllm"
-    write_custom(path, spec_tensors(), md)
+    write_custom(path, layout_tensors(), md)
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(path)
     msg = str(info.value)
@@ -297,7 +296,7 @@ def test_deeply_nested_json_is_refused(tmp_path, key):
     md = good_metadata()
     md[key] = "[" * 100000 + "]" * 100000
     path = tmp_path / "nested.cllm"
-    write_custom(path, spec_tensors(), md)
+    write_custom(path, layout_tensors(), md)
     with pytest.raises(CheckpointError, match=f"bad {key}"):
         load_checkpoint(path)
 
@@ -353,7 +352,7 @@ def test_non_regular_files_are_refused_at_once(model_dir, fifo, tmp_path, case, 
         expected = "no final_model.cllm"        # a directory means the checkpoint it holds
     else:
         expected = f"{kind}, not"
-    p = run_tool(module, *argv, timeout=60, memory_limit=MEMORY_LIMIT)
+    p = run_tool(module, *argv, memory_limit=MEMORY_LIMIT)
     assert_one_error_line(p.returncode, p.stderr, prog, str(other), expected)
 
 
@@ -393,7 +392,7 @@ def test_closed_stdout_is_one_line(model_dir, tmp_path):
     """`cllm_inference ... >&-`: the process starts without file descriptor 1."""
     prog, argv = tool_argv(model_dir, tmp_path)["inference"]
     p = subprocess.run([sys.executable, "-m", "cllm_cli.cli.inference", *map(str, argv)], cwd=ROOT,
-                       stderr=subprocess.PIPE, text=True, timeout=120,
+                       stderr=subprocess.PIPE, text=True,
                        preexec_fn=lambda: os.close(1))
     assert_one_error_line(p.returncode, p.stderr, prog, "cannot write output",
                           "Bad file descriptor", status=1)
@@ -482,7 +481,7 @@ def test_unknown_prompt_word_warning_comes_first_on_its_own_line(model_dir):
     p = subprocess.run([sys.executable, "-m", "cllm_cli.cli.inference",
                         str(model_dir / "final_model.cllm"), "--prompt", "the zzyzx",
                         "--max-tokens", "8"], cwd=ROOT, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, text=True, timeout=120)
+                       stderr=subprocess.STDOUT, text=True)
     lines = p.stdout.splitlines()
     assert p.returncode == 0
     assert lines[0] == ("cllm_inference: warning: prompt token not in the vocabulary, read as "
@@ -498,7 +497,7 @@ def test_unbuilt_engine_gives_a_clear_import_error(tmp_path):
     site_packages = os.path.dirname(os.path.dirname(np.__file__))
     p = subprocess.run([sys.executable, "-S", "-c", "import cllm_cli"], cwd=tmp_path,
                        env=dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{site_packages}"),
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True)
     assert p.returncode != 0
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError: ") and "not built" in last

@@ -1,4 +1,4 @@
-"""Starting points other than a seeded model (SPEC section 9, issue 10): train_model
+"""Starting points other than a seeded model: train_model
 --init-from (a transformers GPT-2 directory or a .cllm file) and --tokenizer-file (an existing
 tokenizer.json), a bpe run resumed, and cllm_inference streaming byte-level tokens. Every model
 and tokenizer is built here, small and random; nothing is downloaded."""
@@ -32,7 +32,8 @@ def text():
 
 
 @pytest.fixture
-def corpus(tmp_path, text):
+def unicode_corpus(tmp_path, text):
+    """`text` (seeded sentences and a line of non-ASCII text, tabs and CRLF) as corpus.txt."""
     path = tmp_path / "corpus.txt"
     path.write_text(text, encoding="utf-8")
     return path
@@ -77,10 +78,10 @@ def transformers_logits(directory, ids):
         return model(torch.tensor(ids)).logits.numpy()
 
 
-def starting_model(corpus, tmp_path, **options):
+def starting_model(unicode_corpus, tmp_path, **options):
     """The model a run with these options starts from (before any step)."""
     cfg = TrainConfig(checkpoint_dir=str(tmp_path / "start"), threads=1, **options)
-    with Trainer([corpus], cfg, given=set(options)) as trainer:
+    with Trainer([unicode_corpus], cfg, given=set(options)) as trainer:
         return trainer.model, trainer.tokenizer, trainer.cfg
 
 
@@ -88,8 +89,8 @@ def relative(ours, theirs):
     return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
-def test_init_from_a_transformers_directory_starts_from_its_logits(corpus, tmp_path, gpt2_dir):
-    model, tokenizer, cfg = starting_model(corpus, tmp_path, init_from=str(gpt2_dir))
+def test_init_from_a_transformers_directory_starts_from_its_logits(unicode_corpus, tmp_path, gpt2_dir):
+    model, tokenizer, cfg = starting_model(unicode_corpus, tmp_path, init_from=str(gpt2_dir))
     assert (cfg.embed_dim, cfg.num_layers, cfg.num_heads, cfg.seq_len) == (32, 2, 4, 32)
     assert cfg.tokenizer == "bpe" and tokenizer.eos_id == tokenizer._tk.token_to_id("<|endoftext|>")
     assert tokenizer.pad_id == -1        # GPT-2's vocabulary has no <pad>: every target counts
@@ -98,12 +99,12 @@ def test_init_from_a_transformers_directory_starts_from_its_logits(corpus, tmp_p
     assert relative(model.logits(ids), theirs) <= 1e-4
 
 
-def test_init_from_fine_tunes_bit_identically_for_1_and_2_threads(corpus, tmp_path, gpt2_dir,
+def test_init_from_fine_tunes_bit_identically_for_1_and_2_threads(unicode_corpus, tmp_path, gpt2_dir,
                                                                   capsys):
     finals = []
     for threads in (1, 2):
         ck = tmp_path / f"ck{threads}"
-        code, _, err = call(capsys, train_main, corpus, "--init-from", gpt2_dir,
+        code, _, err = call(capsys, train_main, unicode_corpus, "--init-from", gpt2_dir,
                             "--checkpoint-dir", ck, "--threads", threads, *TINY_RUN)
         assert code == 0, err
         finals.append(ck / "final_model.cllm")
@@ -116,21 +117,21 @@ def test_init_from_fine_tunes_bit_identically_for_1_and_2_threads(corpus, tmp_pa
     assert meta["tokenizer"] == "bpe" and meta["train_config"]["init_from"] == str(gpt2_dir)
 
 
-def test_init_from_with_a_shorter_seq_len_keeps_the_first_positions(corpus, tmp_path, gpt2_dir):
-    model, tokenizer, cfg = starting_model(corpus, tmp_path, init_from=str(gpt2_dir), seq_len=16)
+def test_init_from_with_a_shorter_seq_len_keeps_the_first_positions(unicode_corpus, tmp_path, gpt2_dir):
+    model, tokenizer, cfg = starting_model(unicode_corpus, tmp_path, init_from=str(gpt2_dir), seq_len=16)
     assert cfg.seq_len == model.config.seq_len == 16
     ids = tokenizer.encode("the king saw a small boat near the bridge")[None, :16]
     assert relative(model.logits(ids), transformers_logits(gpt2_dir, ids)) <= 1e-4
 
 
-def test_init_from_a_cllm_file(corpus, tmp_path, capsys):
+def test_init_from_a_cllm_file(unicode_corpus, tmp_path, capsys):
     ck = tmp_path / "first"
-    code, _, err = call(capsys, train_main, corpus, "--checkpoint-dir", ck, "--tokenizer", "char",
+    code, _, err = call(capsys, train_main, unicode_corpus, "--checkpoint-dir", ck, "--tokenizer", "char",
                         "--embed-dim", "16", "--num-layers", "1", "--num-heads", "2",
                         "--seq-len", "16", *TINY_RUN)
     assert code == 0, err
     first = CLLMModel.load(ck / "final_model.cllm")
-    model, tokenizer, cfg = starting_model(corpus, tmp_path,
+    model, tokenizer, cfg = starting_model(unicode_corpus, tmp_path,
                                            init_from=str(ck / "final_model.cllm"))
     assert cfg.tokenizer == "char" and cfg.embed_dim == 16 and cfg.num_layers == 1
     assert model.flat.tobytes() == first.flat.tobytes()
@@ -142,14 +143,14 @@ def test_init_from_a_cllm_file(corpus, tmp_path, capsys):
     (["--tokenizer", "word"], ["--tokenizer word", "bpe"]),
     (["--tokenizer-file", "x.json"], ["--tokenizer-file", "--init-from"]),
 ])
-def test_init_from_refuses_options_it_cannot_honour(corpus, tmp_path, gpt2_dir, capsys, argv,
+def test_init_from_refuses_options_it_cannot_honour(unicode_corpus, ckpt_dir, gpt2_dir, capsys, argv,
                                                     fragments):
-    code, _, err = call(capsys, train_main, corpus, "--init-from", gpt2_dir, "--checkpoint-dir",
-                        tmp_path / "ck", *TINY_RUN, *argv)
+    code, _, err = call(capsys, train_main, unicode_corpus, "--init-from", gpt2_dir, "--checkpoint-dir",
+                        ckpt_dir, *TINY_RUN, *argv)
     assert_one_error_line(code, err, "train_model", *fragments)
 
 
-def test_init_from_refuses_a_model_it_cannot_represent(corpus, tmp_path, gpt2_dir, capsys):
+def test_init_from_refuses_a_model_it_cannot_represent(unicode_corpus, tmp_path, gpt2_dir, capsys):
     other = tmp_path / "relu"
     other.mkdir()
     for f in gpt2_dir.iterdir():
@@ -157,10 +158,10 @@ def test_init_from_refuses_a_model_it_cannot_represent(corpus, tmp_path, gpt2_di
     config = json.loads((other / "config.json").read_text())
     config["activation_function"] = "relu"
     (other / "config.json").write_text(json.dumps(config))
-    code, _, err = call(capsys, train_main, corpus, "--init-from", other, "--checkpoint-dir",
+    code, _, err = call(capsys, train_main, unicode_corpus, "--init-from", other, "--checkpoint-dir",
                         tmp_path / "ck", *TINY_RUN)
     assert_one_error_line(code, err, "train_model", "activation_function", "relu")
-    code, _, err = call(capsys, train_main, corpus, "--init-from", tmp_path / "nothing",
+    code, _, err = call(capsys, train_main, unicode_corpus, "--init-from", tmp_path / "nothing",
                         "--checkpoint-dir", tmp_path / "ck", *TINY_RUN)
     assert_one_error_line(code, err, "train_model", "nothing")
 
@@ -168,12 +169,12 @@ def test_init_from_refuses_a_model_it_cannot_represent(corpus, tmp_path, gpt2_di
 TINY_MODEL = ["--embed-dim", "16", "--num-layers", "2", "--num-heads", "2", "--seq-len", "16"]
 
 
-def test_tokenizer_file_trains_resumes_and_serves_every_tool(corpus, tmp_path, text, capsys):
+def test_tokenizer_file_trains_resumes_and_serves_every_tool(unicode_corpus, tmp_path, text, capsys):
     tokenizer_json = tmp_path / "gpt2-like.json"
     tokenizer_json.write_text(gpt2_style_tokenizer_json(text, 280), encoding="utf-8")
     given = BPETokenizer.read(tokenizer_json)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    code, _, err = call(capsys, train_main, corpus, "--tokenizer-file", tokenizer_json,
+    code, _, err = call(capsys, train_main, unicode_corpus, "--tokenizer-file", tokenizer_json,
                         "--checkpoint-dir", straight, *TINY_MODEL, *TINY_RUN, "--max-steps", "4")
     assert code == 0, err
     assert (straight / "tokenizer.json").read_bytes() == tokenizer_json.read_bytes()
@@ -181,11 +182,11 @@ def test_tokenizer_file_trains_resumes_and_serves_every_tool(corpus, tmp_path, t
     assert model.config.vocab_size == len(given)
     assert model.meta["vocab_hash"] == given.vocab_hash
 
-    code, _, err = call(capsys, train_main, corpus, "--tokenizer-file", tokenizer_json,
+    code, _, err = call(capsys, train_main, unicode_corpus, "--tokenizer-file", tokenizer_json,
                         "--checkpoint-dir", resumed, *TINY_MODEL, *TINY_RUN, "--max-steps", "2",
                         "--save-interval", "2")
     assert code == 0, err
-    code, _, err = call(capsys, train_main, corpus, "--checkpoint-dir", resumed, "--resume",
+    code, _, err = call(capsys, train_main, unicode_corpus, "--checkpoint-dir", resumed, "--resume",
                         "--max-steps", "4", "--quiet")
     assert code == 0, err
     assert_bit_identical(straight / "final_model.cllm", resumed / "final_model.cllm")
@@ -204,27 +205,27 @@ def test_tokenizer_file_trains_resumes_and_serves_every_tool(corpus, tmp_path, t
     assert code == 0 and "unknown tokens: 0" in out, err
 
 
-def test_tokenizer_file_refusals(corpus, tmp_path, capsys):
+def test_tokenizer_file_refusals(unicode_corpus, tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("{ not json", encoding="utf-8")
-    code, _, err = call(capsys, train_main, corpus, "--tokenizer-file", bad, "--checkpoint-dir",
+    code, _, err = call(capsys, train_main, unicode_corpus, "--tokenizer-file", bad, "--checkpoint-dir",
                         tmp_path / "ck", *TINY_MODEL, *TINY_RUN)
     assert_one_error_line(code, err, "train_model", "bad.json")
-    code, _, err = call(capsys, train_main, corpus, "--tokenizer-file", tmp_path, "--checkpoint-dir",
+    code, _, err = call(capsys, train_main, unicode_corpus, "--tokenizer-file", tmp_path, "--checkpoint-dir",
                         tmp_path / "ck", *TINY_MODEL, *TINY_RUN)
     assert_one_error_line(code, err, "train_model", "--tokenizer-file")
 
 
-def test_bpe_run_resumed_equals_straight(corpus, tmp_path, capsys):
+def test_bpe_run_resumed_equals_straight(unicode_corpus, tmp_path, capsys):
     args = ["--tokenizer", "bpe", "--vocab-size", "300", *TINY_MODEL, *TINY_RUN]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    code, _, err = call(capsys, train_main, corpus, "--checkpoint-dir", straight, *args,
+    code, _, err = call(capsys, train_main, unicode_corpus, "--checkpoint-dir", straight, *args,
                         "--max-steps", "4")
     assert code == 0, err
-    code, _, err = call(capsys, train_main, corpus, "--checkpoint-dir", resumed, *args,
+    code, _, err = call(capsys, train_main, unicode_corpus, "--checkpoint-dir", resumed, *args,
                         "--max-steps", "2", "--save-interval", "2")
     assert code == 0, err
-    code, _, err = call(capsys, train_main, corpus, "--checkpoint-dir", resumed, "--resume",
+    code, _, err = call(capsys, train_main, unicode_corpus, "--checkpoint-dir", resumed, "--resume",
                         "--max-steps", "4", "--quiet")
     assert code == 0, err
     assert_bit_identical(straight / "final_model.cllm", resumed / "final_model.cllm")

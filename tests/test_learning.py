@@ -3,19 +3,9 @@ must come close to that rate (the best any model can do) from above."""
 import math
 
 import pytest
-from markov import make_markov_corpus
+from markov import LOWER_MARGIN, UPPER_MARGIN, make_markov_corpus
 
 from cllm_cli import train
-
-# 40 words, 4 successors each. A first-order chain: every prediction the model makes has the
-# previous word in its context, so the optimal expected loss is exactly the entropy rate H.
-# Margins: the validation set holds ~8,000 tokens with a per-token loss spread below 1 nat,
-# so its mean is within ~0.01 of its expectation (0.03 is 3 standard errors). The model
-# reaches H + 0.028 after 1,000 steps (measured); H + 0.06 leaves room for other seeds while
-# staying far below the unigram entropy (~3.6) and ln(V) (~3.8) that a model ignoring the
-# context would be stuck at.
-LOWER_MARGIN = 0.03
-UPPER_MARGIN = 0.06
 
 
 @pytest.mark.slow

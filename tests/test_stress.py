@@ -1,6 +1,6 @@
-"""The original's stress plan: 8 spheres, a few hundred steps on a multi-megabyte generated
-corpus. No step may turn non-finite (the original's gradients went NaN with 2+ threads), and
-the loss must fall."""
+"""Stress: 8 spheres, a few hundred steps on a multi-megabyte generated corpus. No step may
+turn non-finite (a race between spheres shows up as NaN gradients with 2+ threads), every
+sphere takes part, and the loss must fall."""
 import json
 import math
 import subprocess

@@ -1,5 +1,5 @@
-"""The spheres and the determinism contract (the same bits for every thread count and
-micro-batching), through train().
+"""The spheres and the determinism contract through train(): any thread count and lock mode,
+resumed or not, gives the same bits; NaN micro-batches are dropped the same way everywhere.
 
 Every run here uses a tiny model on a small generated corpus. The batch of 9 windows is cut
 into 5 micro-batches of 2 (the last one holds a single window), which is not a multiple of
@@ -15,7 +15,8 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import ROOT, assert_bit_identical, sentences, tensors
+from helpers import ROOT, assert_bit_identical, tensors
+from sphere_runs import BASE, BATCH, MB_PER_FULL_STEP, MICRO, STEPS, ckpt_files
 
 from cllm_cli import CLLMModel, train
 from cllm_cli._engine import parameter_layout
@@ -24,22 +25,6 @@ from cllm_cli.corpus.dataset import load_dataset
 from cllm_cli.errors import TrainingError
 from cllm_cli.formats.checkpoint_load import load_checkpoint
 
-PUNCT = (".", ".", ".", "!", "?", ",")
-
-
-def make_corpus(path, n_sentences, seed=7):
-    """Seeded random sentences: a few KB of varied words and punctuation."""
-    path.write_text(sentences(n_sentences, seed, punct=PUNCT), encoding="utf-8")
-    return path
-
-
-BATCH, MICRO, STEPS, SAVE = 9, 2, 8, 4
-MB_PER_FULL_STEP = math.ceil(BATCH / MICRO)           # 5
-BASE = dict(tokenizer="word", vocab_size=120, embed_dim=16, num_layers=2, num_heads=2, seq_len=16,
-            batch_size=BATCH, micro_batch=MICRO, max_steps=STEPS, warmup_steps=2,
-            learning_rate=3e-3, save_interval=SAVE, keep_checkpoints=0, eval_interval=4,
-            log_interval=1, seed=99, quiet=True)
-
 
 def run(data, ckpt_dir, engine_hook=None, **over):
     opts = dict(BASE, checkpoint_dir=str(ckpt_dir))
@@ -47,22 +32,12 @@ def run(data, ckpt_dir, engine_hook=None, **over):
     return train([str(data)], engine_hook=engine_hook, **opts)
 
 
-def ckpt_files(d):
-    return ["final_model.cllm"] + [f"checkpoint_step_{s}.cllm" for s in range(SAVE, STEPS + 1, SAVE)]
-
-
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    return make_corpus(d / "corpus.txt", 95)
-
-
-@pytest.fixture(scope="module")
-def reference(corpus, tmp_path_factory):
+def reference(window_corpus, tmp_path_factory):
     """The straight single-sphere run every other run is compared with."""
     d = tmp_path_factory.mktemp("ref")
     metrics = d / "metrics.jsonl"
-    result = run(corpus, d / "ckpt", threads=1, lock_mode="shared", metrics_file=str(metrics))
+    result = run(window_corpus, d / "ckpt", threads=1, lock_mode="shared", metrics_file=str(metrics))
     return {"dir": d / "ckpt", "result": result, "metrics": metrics}
 
 
@@ -107,9 +82,9 @@ def test_reference_run_is_a_meaningful_setting(reference, layout):
 @pytest.mark.parametrize("threads,lock_mode", [
     (1, "exclusive"), (2, "shared"), (3, "shared"), (4, "shared"), (8, "shared"),
     (2, "exclusive"), (3, "exclusive"), (8, "exclusive")])
-def test_bit_identical_across_threads_and_lock_modes(reference, corpus, tmp_path, threads,
+def test_bit_identical_across_threads_and_lock_modes(reference, window_corpus, tmp_path, threads,
                                                       lock_mode):
-    result = run(corpus, tmp_path / "ckpt", threads=threads, lock_mode=lock_mode)
+    result = run(window_corpus, tmp_path / "ckpt", threads=threads, lock_mode=lock_mode)
     assert result["step"] == STEPS
     assert len(result["spheres"]) == threads
     for f in ckpt_files(tmp_path / "ckpt"):
@@ -118,45 +93,45 @@ def test_bit_identical_across_threads_and_lock_modes(reference, corpus, tmp_path
     assert result["val_loss"] == reference["result"]["val_loss"]
 
 
-def test_debug_locks_run_is_clean_and_identical(reference, corpus, tmp_path):
+def test_debug_locks_run_is_clean_and_identical(reference, window_corpus, tmp_path):
     """--debug-locks checks every lock taken during a real run (in a subprocess, since a
     violation aborts the process) and changes nothing in the result."""
     ck = tmp_path / "ckpt"
-    argv = [sys.executable, "-m", "cllm_cli.cli.train", str(corpus), "--checkpoint-dir", str(ck),
+    argv = [sys.executable, "-m", "cllm_cli.cli.train", str(window_corpus), "--checkpoint-dir", str(ck),
             "--threads", "3", "--debug-locks"]
     for k, v in BASE.items():
         if k == "quiet":
             argv.append("--quiet")
         else:
             argv += [f"--{k.replace('_', '-')}", str(v)]
-    p = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert "lock order" not in p.stderr
     assert_bit_identical(reference["dir"] / "final_model.cllm", ck / "final_model.cllm")
 
 
 @pytest.mark.parametrize("threads", [3, 8])
-def test_interrupted_and_resumed_run_is_bit_identical(reference, corpus, tmp_path, threads):
+def test_interrupted_and_resumed_run_is_bit_identical(reference, window_corpus, tmp_path, threads):
     """Resuming a straight run's step-4 checkpoint (in a fresh directory, another thread
     count) ends on the straight run's weights."""
     d = tmp_path / "ckpt"
     d.mkdir()
     for f in ("checkpoint_step_4.cllm", "vocab.txt", "dataset.bin"):
         shutil.copy2(reference["dir"] / f, d / f)
-    result = run(corpus, d, threads=threads, resume=True)
+    result = run(window_corpus, d, threads=threads, resume=True)
     assert result["step"] == STEPS
     for f in ckpt_files(d):
         assert_bit_identical(reference["dir"] / f, d / f)
 
 
-def test_resume_without_the_dataset_cache_is_bit_identical(reference, corpus, tmp_path):
+def test_resume_without_the_dataset_cache_is_bit_identical(reference, window_corpus, tmp_path):
     """dataset.bin is a cache: resuming with only vocab.txt and the checkpoint re-tokenizes
     the corpus to the same stream."""
     d = tmp_path / "ckpt"
     d.mkdir()
     for f in ("checkpoint_step_4.cllm", "vocab.txt"):
         shutil.copy2(reference["dir"] / f, d / f)
-    run(corpus, d, threads=2, resume=True)
+    run(window_corpus, d, threads=2, resume=True)
     assert_bit_identical(reference["dir"] / "final_model.cllm", d / "final_model.cllm")
 
 
@@ -178,19 +153,19 @@ INJECT_STEP, INJECT_MB = 2, 1      # 0-based step index; reported as step 3
 
 
 @pytest.fixture(scope="module")
-def injected_reference(corpus, tmp_path_factory):
+def injected_reference(window_corpus, tmp_path_factory):
     d = tmp_path_factory.mktemp("nan1") / "ckpt"
-    result = run(corpus, d, threads=1,
+    result = run(window_corpus, d, threads=1,
                  engine_hook=lambda e: e.inject_nan(INJECT_STEP, INJECT_MB))
     return {"dir": d, "result": result}
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_nan_injection_is_reported_skipped_and_deterministic(reference, injected_reference,
-                                                             layout, corpus, tmp_path, capfd,
+                                                             layout, window_corpus, tmp_path, capfd,
                                                              threads):
     d = tmp_path / "ckpt"
-    result = run(corpus, d, threads=threads,
+    result = run(window_corpus, d, threads=threads,
                  engine_hook=lambda e: e.inject_nan(INJECT_STEP, INJECT_MB))
     err = capfd.readouterr().err
     assert result["step"] == STEPS
@@ -219,13 +194,13 @@ def test_nan_injection_is_reported_skipped_and_deterministic(reference, injected
         assert_bit_identical(injected_reference["dir"] / f, d / f)
 
 
-def test_nan_step_uses_exactly_the_other_micro_batches(corpus, tmp_path, capfd):
+def test_nan_step_uses_exactly_the_other_micro_batches(window_corpus, tmp_path, capfd):
     """With SGD, lr 1, no clipping and no decay, w0 - w1 of a single step is the step's
     gradient: the mean-loss gradient over the windows of the valid micro-batches only."""
     d = tmp_path / "ckpt"
     sgd = dict(optimizer="sgd", learning_rate=1.0, lr_schedule="constant", warmup_steps=0,
                weight_decay=0.0, grad_clip=0.0, max_steps=1, save_interval=0, eval_interval=0)
-    run(corpus, d, threads=3, engine_hook=lambda e: e.inject_nan(0, 1), **sgd)
+    run(window_corpus, d, threads=3, engine_hook=lambda e: e.inject_nan(0, 1), **sgd)
     assert "micro-batch 1" in capfd.readouterr().err
     ck = load_checkpoint(d / "final_model.cllm")
     cfg = ck["config"]
@@ -251,16 +226,16 @@ def test_nan_step_uses_exactly_the_other_micro_batches(corpus, tmp_path, capfd):
     assert not np.allclose(step, g_all, rtol=1e-4, atol=1e-6 * scale)
 
 
-def test_step_without_valid_micro_batch_stops_with_last_good_state(corpus, tmp_path, capfd):
+def test_step_without_valid_micro_batch_stops_with_last_good_state(window_corpus, tmp_path, capfd):
     """micro-batch = batch: poisoning it leaves no valid micro-batch; with --max-bad-steps 1
     train() raises TrainingError after saving the state of the last good step."""
     bad = 3        # 0-based: steps 0, 1, 2 are good, step index 3 ("step 4") is skipped
     clean = tmp_path / "clean"
-    run(corpus, clean, threads=2, micro_batch=BATCH, save_interval=1, eval_interval=0)
+    run(window_corpus, clean, threads=2, micro_batch=BATCH, save_interval=1, eval_interval=0)
     capfd.readouterr()
     d = tmp_path / "ckpt"
     with pytest.raises(TrainingError) as info:
-        run(corpus, d, threads=2, micro_batch=BATCH, save_interval=0, eval_interval=0,
+        run(window_corpus, d, threads=2, micro_batch=BATCH, save_interval=0, eval_interval=0,
             max_bad_steps=1, engine_hook=lambda e: e.inject_nan(bad, 0))
     err = capfd.readouterr().err
     assert "step 4" in err and "micro-batch 0" in err, err
@@ -295,7 +270,7 @@ engine.close()
 
 def test_lock_order_violation_aborts_in_debug_mode():
     p = subprocess.run([sys.executable, "-c", LOCK_SCRIPT.format(debug=True)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True)
     assert p.returncode == -6, (p.returncode, p.stderr)
     assert "returned" not in p.stdout
     assert any("model_lock" in l and "gradient_lock" in l for l in p.stderr.splitlines()), p.stderr
@@ -303,7 +278,7 @@ def test_lock_order_violation_aborts_in_debug_mode():
 
 def test_lock_order_violation_is_not_checked_without_debug_mode():
     p = subprocess.run([sys.executable, "-c", LOCK_SCRIPT.format(debug=False)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert "returned" in p.stdout
 
@@ -311,8 +286,8 @@ def test_lock_order_violation_is_not_checked_without_debug_mode():
 # --- per-sphere statistics --------------------------------------------------------------------
 
 @pytest.mark.parametrize("threads", [3, 14])
-def test_sphere_statistics(corpus, layout, tmp_path, threads):
-    result = run(corpus, tmp_path / "ckpt", threads=threads)
+def test_sphere_statistics(window_corpus, layout, tmp_path, threads):
+    result = run(window_corpus, tmp_path / "ckpt", threads=threads)
     rows = result["spheres"]
     assert [r["sphere"] for r in rows] == list(range(threads))
     assert all(r["symmetry_group"] == r["sphere"] % 12 for r in rows)
