@@ -70,7 +70,7 @@ def rss_formula_bytes(cfg, spheres, micro_batch):
 
 def default_micro_batch():
     try:
-        from cllm_cli.training.config import TrainConfig
+        from cllm_cli.training import TrainConfig
         return TrainConfig.micro_batch
     except (ImportError, AttributeError):
         return 4

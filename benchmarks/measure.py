@@ -33,7 +33,7 @@ import time
 import numpy as np
 
 from cllm_cli.config import CLLMConfig
-from cllm_cli.model.cllm import CLLMModel  # sets OPENBLAS_NUM_THREADS=1 before scipy loads it
+from cllm_cli.model import CLLMModel
 
 CONFIGS = {
     "S": dict(vocab_size=2000, embed_dim=128, num_layers=4, num_heads=4, ff_dim=512, seq_len=64,
@@ -281,7 +281,7 @@ def tokenize_speed(kinds=("word", "bpe"), size=12_000_000):
     10000). For bpe the BPE training and the encoding are also timed apart."""
     import tempfile
 
-    from cllm_cli.corpus.dataset import prepare_dataset
+    from cllm_cli.corpus import prepare_dataset
     from cllm_cli.tokenizers import BPETokenizer
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     results = {}

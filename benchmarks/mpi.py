@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from benchmarks.measure import CONFIGS, GRAD_CLIP, LR, SEED, WEIGHT_DECAY, make_batches, model_config
-from cllm_cli.model.cllm import CLLMModel
+from cllm_cli.model import CLLMModel
 
 MARK = "BENCH-MPI "
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
@@ -40,8 +40,8 @@ NODES = (4, 16, 64)
 def worker(config, threads, warmup, steps, micro_batch):
     """One layout's measurement, on every rank of the job; rank 0 prints the figures."""
     from cllm_cli import _engine
+    from cllm_cli.distributed import world as distributed
     from cllm_cli.distributed.world import step as parallel
-    from cllm_cli.distributed.world import world as distributed
     world = distributed.world()
     cfg = model_config(config)
     batch = CONFIGS[config]["batch"]
@@ -73,7 +73,7 @@ def worker(config, threads, warmup, steps, micro_batch):
 def exchange_worker(config, micro_batch, repeats):
     """The ordered fold alone: config's P floats, each rank with its block of gradients."""
     from cllm_cli import _engine
-    from cllm_cli.distributed.world import world as distributed
+    from cllm_cli.distributed import world as distributed
     world = distributed.world()
     size = _engine.num_parameters(model_config(config))
     n_micro = -(-CONFIGS[config]["batch"] // micro_batch)

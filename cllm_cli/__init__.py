@@ -27,7 +27,7 @@ except ImportError as _error:
     raise _engine_not_loadable(_error) from None
 
 from cllm_cli.config import CLLMConfig  # noqa: E402
-from cllm_cli.model.cllm import CLLMModel, single_threaded_blas  # noqa: E402
+from cllm_cli.model import CLLMModel, single_threaded_blas  # noqa: E402
 from cllm_cli.tokenizers import Tokenizer  # noqa: E402
 
 single_threaded_blas()    # also when scipy's BLAS was loaded before us
@@ -39,6 +39,6 @@ def __getattr__(name):
     # train() is imported on first use, so that `python -m cllm_cli.cli.train` runs the module
     # without the package having imported it already
     if name == "train":
-        from cllm_cli.training.loop import train
+        from cllm_cli.training import train
         return train
     raise AttributeError(f"module 'cllm_cli' has no attribute {name!r}")

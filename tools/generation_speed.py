@@ -12,7 +12,7 @@ import numpy as np
 
 from cllm_cli import _engine
 from cllm_cli.config import CLLMConfig
-from cllm_cli.model.cllm import CLLMModel
+from cllm_cli.model import CLLMModel
 
 DEFAULT = CLLMConfig(vocab_size=10000, embed_dim=256, num_layers=6, num_heads=8, ff_dim=1024,
                      seq_len=128)

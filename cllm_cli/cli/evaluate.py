@@ -27,11 +27,11 @@ import sys
 from cllm_cli import _engine
 from cllm_cli.cli.common import HelpFormatter, Parser, run_main
 from cllm_cli.cli.inference import load
-from cllm_cli.corpus.batches import eval_windows, split_stream
-from cllm_cli.corpus.dataset import _stream_key, dataset_header, load_dataset
-from cllm_cli.corpus.files import ENCODING_ERRORS, collect_files, read_text
+from cllm_cli.corpus import collect_files, dataset_header, eval_windows, load_dataset, split_stream
+from cllm_cli.corpus.dataset import _stream_key
+from cllm_cli.corpus.files import ENCODING_ERRORS, read_text
 from cllm_cli.errors import DataError, UsageError
-from cllm_cli.formats.model_files import resolve_checkpoint
+from cllm_cli.formats import resolve_checkpoint
 from cllm_cli.model import precision
 from cllm_cli.training.log import fmt_loss, perplexity
 

@@ -22,8 +22,7 @@ from pathlib import Path
 
 from cllm_cli.cli.common import HelpFormatter, Parser, name_defaults, run_main
 from cllm_cli.errors import CheckpointError, ConversionError, DataError, MissingDependency, UsageError
-from cllm_cli.formats.hf_export import export_pretrained
-from cllm_cli.formats.model_files import load_model_files
+from cllm_cli.formats import export_pretrained, load_model_files
 
 PROG = "cllm_export"
 FORMATS = ("hf", "gguf")

@@ -26,8 +26,8 @@ import sys
 
 from cllm_cli.cli.common import HelpFormatter, Parser, run_main
 from cllm_cli.errors import UsageError
-from cllm_cli.formats.model_files import load_model_files
-from cllm_cli.model.cllm import CLLMModel
+from cllm_cli.formats import load_model_files
+from cllm_cli.model import CLLMModel
 
 PROG = "cllm_inference"
 MAX_LISTED_UNKNOWN = 8      # unknown prompt words named in the warning

@@ -24,8 +24,9 @@ import json
 import sys
 
 from cllm_cli.cli.common import HelpFormatter, Parser, run_main
-from cllm_cli.corpus.files import collect_files, read_text
+from cllm_cli.corpus import collect_files
 from cllm_cli.corpus.files import decode_text as _decode
+from cllm_cli.corpus.files import read_text
 from cllm_cli.errors import DataError, UsageError
 from cllm_cli.fileio import check_regular
 from cllm_cli.tokenizers import TOKENIZER_KINDS, Tokenizer

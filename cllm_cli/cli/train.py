@@ -7,8 +7,9 @@ import sys
 from cllm_cli.cli.common import HelpFormatter, Parser, name_defaults, run_main
 from cllm_cli.distributed.world import world as mpi_world
 from cllm_cli.errors import AllRanksStop, Interrupted
-from cllm_cli.training.config import GROUPS, TrainConfig, flag
-from cllm_cli.training.loop import STATUSES, run_on_ranks, train
+from cllm_cli.training import TrainConfig, train
+from cllm_cli.training.config import GROUPS, flag
+from cllm_cli.training.loop import STATUSES, run_on_ranks
 
 
 def build_parser():

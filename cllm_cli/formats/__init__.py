@@ -1,0 +1,17 @@
+"""What CLLM writes and reads: .cllm checkpoints, safetensors streams, transformers GPT-2
+directories, GGUF files, and the one loader of a model named by a user (model_files)."""
+from cllm_cli.formats.checkpoint import (
+    FORMAT_VERSION,
+    checkpoint_path,
+    latest_checkpoint,
+    list_checkpoints,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from cllm_cli.formats.checkpoint_load import check_vocabulary, load_checkpoint
+from cllm_cli.formats.hf_export import export_pretrained
+from cllm_cli.formats.model_files import load_model_files, resolve_checkpoint
+
+__all__ = ["FORMAT_VERSION", "check_vocabulary", "checkpoint_path", "export_pretrained",
+           "latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_model_files",
+           "prune_checkpoints", "resolve_checkpoint", "save_checkpoint"]

@@ -9,8 +9,7 @@ import numpy as np
 
 from cllm_cli import _engine
 from cllm_cli.config import CLLMConfig
-from cllm_cli.formats.checkpoint import save_checkpoint
-from cllm_cli.formats.checkpoint_load import load_checkpoint
+from cllm_cli.formats import load_checkpoint, save_checkpoint
 from cllm_cli.layout import named_views
 from cllm_cli.model.sampling import sample_from_logits
 

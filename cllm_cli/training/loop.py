@@ -24,8 +24,7 @@ import time
 from dataclasses import dataclass
 
 from cllm_cli import _engine, errors
-from cllm_cli.distributed.step import AgreedStop, DataParallelEngine
-from cllm_cli.distributed.world import Solo, on_all_ranks, run_rank
+from cllm_cli.distributed import AgreedStop, DataParallelEngine, Solo, on_all_ranks, run_rank
 from cllm_cli.errors import Interrupted, PlotError, TrainingError
 from cllm_cli.model import precision
 from cllm_cli.progress import duration

@@ -12,12 +12,11 @@ import socket
 import numpy as np
 
 from cllm_cli import _engine
-from cllm_cli.corpus.dataset import dataset_header, load_dataset
-from cllm_cli.distributed.world import on_all_ranks
+from cllm_cli.corpus import dataset_header, load_dataset
+from cllm_cli.distributed import on_all_ranks
 from cllm_cli.errors import AllRanksStop, CheckpointError, DataError
-from cllm_cli.formats.checkpoint import checkpoint_path
-from cllm_cli.formats.checkpoint_load import check_vocabulary
-from cllm_cli.model.cllm import CLLMModel
+from cllm_cli.formats import check_vocabulary, checkpoint_path
+from cllm_cli.model import CLLMModel
 from cllm_cli.tokenizers import Tokenizer, tokenizer_class
 from cllm_cli.training.trainer import Trainer
 

@@ -2,7 +2,7 @@
 samples, the per-sphere statistics and the divergence check."""
 import math
 
-from cllm_cli.distributed.world import on_all_ranks
+from cllm_cli.distributed import on_all_ranks
 from cllm_cli.errors import TrainingError
 from cllm_cli.training.log import fmt_loss, fmt_ppl, perplexity
 

@@ -13,28 +13,29 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cllm_cli.corpus.batches import (
+from cllm_cli.corpus import (
+    collect_files,
     epoch_order,
     eval_windows,
     gather_windows,
     num_windows,
+    prepare_dataset,
     split_stream,
     spread_windows,
 )
-from cllm_cli.corpus.dataset import prepare_dataset
-from cllm_cli.corpus.files import collect_files
 from cllm_cli.errors import CheckpointError, ConversionError, DataError, TrainingError, UsageError
 from cllm_cli.fileio import check_regular
-from cllm_cli.formats.checkpoint import (
+from cllm_cli.formats import (
+    check_vocabulary,
     checkpoint_path,
     latest_checkpoint,
     list_checkpoints,
+    load_checkpoint,
+    load_model_files,
     prune_checkpoints,
     save_checkpoint,
 )
-from cllm_cli.formats.checkpoint_load import check_vocabulary, load_checkpoint
-from cllm_cli.formats.model_files import load_model_files
-from cllm_cli.model.cllm import CLLMModel, shorten_positions
+from cllm_cli.model import CLLMModel, shorten_positions
 from cllm_cli.tokenizers import BPETokenizer, Tokenizer, tokenizer_class
 from cllm_cli.training.config import TrainConfig
 from cllm_cli.training.rundir import DirectoryLock, remove_leftovers
