@@ -4,6 +4,7 @@ buffer is the engine's (layout.py).
 model_config_problem is the one check of model sizes: CLLMConfig runs it on construction, the
 checkpoint reader on the raw JSON of a file's model_config, and the training options on the
 sizes given on the command line (each naming the fields its own way)."""
+import os
 from dataclasses import asdict, dataclass
 
 MODEL_FIELDS = ("vocab_size", "embed_dim", "num_layers", "num_heads", "ff_dim", "seq_len")
@@ -58,3 +59,11 @@ class CLLMConfig:
     @classmethod
     def from_dict(cls, d):
         return cls(**{k: int(d[k]) for k in MODEL_FIELDS})
+
+
+def default_threads():
+    """The cores this process may run on: the default number of threads."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1

@@ -1,84 +1,338 @@
-# Generation: the model on one new position, with every layer's qkv rows cached.
+# Generation: a prompt as one batched forward pass that fills the key/value cache (prefill),
+# then one position at a time (decode_step), its matrix-vector products split by output rows
+# over the decoder's threads.
+#
+# Threads. A DecodeCache owns `threads` workers: worker 0 is the caller's thread, the others
+# are pthreads created with the cache and joined when it is freed. A position runs in phases
+# separated by a barrier: qkv rows, attention heads, the attention projection's rows, the
+# MLP's rows, its projection's rows, and at the end the classifier's rows. Each worker takes a
+# fixed contiguous range of rows (or heads) of each phase and computes every row with
+# cllm_matvec_rows, whose result does not depend on the range, so the logits are the same bits
+# for any thread count. The layer norms are computed by every worker into its own buffer (a
+# row of C floats: cheaper than a barrier). Worker threads touch no Python object.
+#
+# Prefill runs the positions of a prompt as rows of the engine's matrix products (sgemm), with
+# causal attention over the cache in one block per head, and writes every layer's qkv rows into
+# the cache; the rows go in fixed blocks of PREFILL_ROWS, each worker taking whole blocks (and
+# whole heads of the attention), so no product's shape depends on the thread count; the last
+# position's logits then go through the same classifier rows as a decoded position. Its logits agree with feeding the positions one by
+# one to float rounding (the sums are grouped differently), not bit for bit.
 
-# --- generation: one position at a time, with a key/value cache ---------------------------
+cdef extern from "decode_math.h" nogil:
+    void cllm_matvec_rows(float* out, const float* W, const float* x, int r0, int r1, int n)
+
+cdef enum:
+    DECODE_STEP = 0
+    DECODE_CLASSIFY = 1
+    DECODE_PREFILL = 2
+    DECODE_QUIT = 3
+    PREFILL_ROWS = 64       # prompt rows per matrix product in prefill
+
+
+cdef struct DecodeWorker:
+    void* cache         # the DecodeCache this worker belongs to
+    int id
+    float* ln           # (C,) this worker's layer-norm output
+    float* scores       # (T,) one head's attention row
+    float* pscores      # (T, T) one head's scores of the prompt's rows (prefill)
+    pthread_t thread
+    int started
+
 
 cdef struct DecodeCache:
-    # the state of one generated sequence: every layer's qkv rows of the positions so far
-    # (their keys and values are what later positions attend to), and one position's scratch
+    ModelConfig c
+    const float* params
     int n               # positions cached (< T to take another)
-    float* qkv          # (L, T, 3C)
+    float* qkv          # (L, T, 3C) every layer's qkv rows of the positions so far
     float* x            # (C,) the residual stream of the new position
     float* mid          # (C,) the stream between a block's two residual adds
-    float* ln           # (C,) a layer norm's output
     float* atty         # (C,)
-    float* fch          # (F,)
-    float* fch_gelu     # (F,)
-    float* scores       # (T,) one head's attention row
+    float* fch          # (F,) gelu(c_fc(ln_2(mid)))
     float* logits       # (V,)
+    # prefill: up to T positions at once
+    float* px           # (T, C)
+    float* pmid         # (T, C)
+    float* pln          # (T, C)
+    float* patty        # (T, C)
+    float* pfch         # (T, F)
+    float* pmean        # (T,)
+    float* prstd        # (T,)
+    const int* ptokens  # the prompt's ids being prefilled, pn of them
+    int pn
     float* memory
+    # the workers
+    int threads
+    int mode            # DECODE_STEP, DECODE_CLASSIFY or DECODE_QUIT, set before the start barrier
+    DecodeWorker* workers
+    pthread_barrier_t barrier
+    int barrier_ready
 
 
-cdef int decode_cache_alloc(DecodeCache* d, const ModelConfig* c) noexcept nogil:
-    # returns 0 on success, -1 when out of memory
+cdef inline void rows_of(int total, int w, int threads, int* r0, int* r1) noexcept nogil:
+    # the fixed share [r0, r1) of `total` rows that worker w of `threads` computes
+    r0[0] = <int>((<long long>total * w) // threads)
+    r1[0] = <int>((<long long>total * (w + 1)) // threads)
+
+
+cdef inline void decode_sync(DecodeCache* d) noexcept nogil:
+    if d.threads > 1:
+        pthread_barrier_wait(&d.barrier)
+
+
+cdef void decode_attention_head(float* out, float* scores, const float* qkv, int t, int C,
+                                int hs, int h, int T) noexcept nogil:
+    # out[hs] = causal attention of head h of position t over the cached qkv rows 0..t
+    cdef float scale = 1.0 / sqrtf(<float>hs)
+    cdef float mx, s
+    attention_scores(NULL, scores, qkv + h * hs, NULL, t, 1, T, C, hs, scale)
+    attention_softmax_row(scores, t + 1, &mx, &s)
+    sgemm_rm(False, False, 1, hs, t + 1, 1.0, scores, T, qkv + 2 * C + h * hs, 3 * C,
+             0.0, out, C)
+
+
+cdef void decode_classify(DecodeCache* d, DecodeWorker* w, const float* x) noexcept nogil:
+    # logits rows of this worker: wte rows . ln_f(x), x the last position's stream
+    cdef const ModelConfig* c = &d.c
+    cdef ModelParams p
+    cdef float mean, rstd
+    cdef int r0, r1
+    model_params(&p, <float*>d.params, c)
+    layernorm_forward(w.ln, &mean, &rstd, x, p.lnfw, p.lnfb, 1, c.C)
+    rows_of(c.V, w.id, d.threads, &r0, &r1)
+    cllm_matvec_rows(d.logits + r0, p.wte, w.ln, r0, r1, c.C)
+
+
+cdef void decode_step(DecodeCache* d, DecodeWorker* w) noexcept nogil:
+    # worker w's part of one position (d.n) whose embedding is in d.x; every worker returns
+    # after the last barrier, with d.logits complete
+    cdef const ModelConfig* c = &d.c
+    cdef int C = c.C, F = c.F, t = d.n, hs = c.C // c.NH, l, r, r0, r1
+    cdef LayerParams lp
+    cdef float mean, rstd
+    cdef float* qkv
+    for l in range(c.L):
+        layer_params(&lp, <float*>d.params, c, l)
+        qkv = d.qkv + <size_t>l * c.T * 3 * C
+        # qkv rows of position t = c_attn(ln_1(x))
+        layernorm_forward(w.ln, &mean, &rstd, d.x, lp.ln1w, lp.ln1b, 1, C)
+        rows_of(3 * C, w.id, d.threads, &r0, &r1)
+        cllm_matvec_rows(qkv + <size_t>t * 3 * C + r0, lp.qkvw, w.ln, r0, r1, C)
+        for r in range(r0, r1):
+            qkv[<size_t>t * 3 * C + r] += lp.qkvb[r]
+        decode_sync(d)
+        # attention, by heads
+        rows_of(c.NH, w.id, d.threads, &r0, &r1)
+        for r in range(r0, r1):
+            decode_attention_head(d.atty + r * hs, w.scores, qkv, t, C, hs, r, c.T)
+        decode_sync(d)
+        # mid = x + c_proj(atty), by rows (rounded as (x + bias) + product, as the engine's)
+        rows_of(C, w.id, d.threads, &r0, &r1)
+        cllm_matvec_rows(d.mid + r0, lp.attprojw, d.atty, r0, r1, C)
+        for r in range(r0, r1):
+            d.mid[r] = (d.x[r] + lp.attprojb[r]) + d.mid[r]
+        decode_sync(d)
+        # fch = gelu(c_fc(ln_2(mid))), by rows
+        layernorm_forward(w.ln, &mean, &rstd, d.mid, lp.ln2w, lp.ln2b, 1, C)
+        rows_of(F, w.id, d.threads, &r0, &r1)
+        cllm_matvec_rows(d.fch + r0, lp.fcw, w.ln, r0, r1, C)
+        for r in range(r0, r1):
+            d.fch[r] += lp.fcb[r]
+        gelu_forward(d.fch + r0, d.fch + r0, r1 - r0)
+        decode_sync(d)
+        # x = mid + c_proj(fch), by rows
+        rows_of(C, w.id, d.threads, &r0, &r1)
+        cllm_matvec_rows(d.x + r0, lp.fcprojw, d.fch, r0, r1, F)
+        for r in range(r0, r1):
+            d.x[r] = (d.mid[r] + lp.fcprojb[r]) + d.x[r]
+        decode_sync(d)
+    decode_classify(d, w, d.x)
+    decode_sync(d)
+
+
+cdef void* decode_worker_thread(void* arg) noexcept nogil:
+    # a worker other than 0: runs its part of each position the caller starts
+    cdef DecodeWorker* w = <DecodeWorker*>arg
+    cdef DecodeCache* d = <DecodeCache*>w.cache
+    while True:
+        pthread_barrier_wait(&d.barrier)        # the caller has set d.mode and the input
+        if d.mode == DECODE_QUIT:
+            return NULL
+        if d.mode == DECODE_STEP:
+            decode_step(d, w)
+        else:
+            decode_prefill_part(d, w)
+
+
+cdef void decode_run(DecodeCache* d, int mode) noexcept nogil:
+    # the caller's thread starts the workers on `mode` and does worker 0's part
+    d.mode = mode
+    decode_sync(d)
+    if mode == DECODE_STEP:
+        decode_step(d, &d.workers[0])
+    else:
+        decode_prefill_part(d, &d.workers[0])
+
+
+cdef void decode_embed(DecodeCache* d, float* out, int token, int t) noexcept nogil:
+    # out[C] = wte[token] + wpe[t]
+    cdef ModelParams p
+    cdef int i
+    model_params(&p, <float*>d.params, &d.c)
+    for i in range(d.c.C):
+        out[i] = p.wte[<size_t>token * d.c.C + i] + p.wpe[<size_t>t * d.c.C + i]
+
+
+cdef void decode_forward(DecodeCache* d, int token) noexcept nogil:
+    # the model on one more position (d.n < T): its qkv rows join the cache and d.logits holds
+    # its logits
+    decode_embed(d, d.x, token, d.n)
+    decode_run(d, DECODE_STEP)
+    d.n += 1
+
+
+cdef void prefill_attention_input(DecodeCache* d, LayerParams* lp, float* qkv, int a,
+                                  int b) noexcept nogil:
+    # rows a..b-1 of the prompt: their qkv rows of this layer = c_attn(ln_1(x))
+    cdef int C = d.c.C, t0 = d.n
+    layernorm_forward(d.pln + <size_t>a * C, d.pmean + a, d.prstd + a, d.px + <size_t>a * C,
+                      lp.ln1w, lp.ln1b, b - a, C)
+    linear_forward(NULL, qkv + <size_t>(t0 + a) * 3 * C, d.pln + <size_t>a * C, lp.qkvw,
+                   lp.qkvb, b - a, C, 3 * C)
+
+
+cdef void prefill_block_output(DecodeCache* d, LayerParams* lp, int a, int b) noexcept nogil:
+    # rows a..b-1 of the prompt: x = block output from x and the attention output atty
+    cdef int C = d.c.C, F = d.c.F, rows = b - a
+    residual_forward(NULL, d.pmid + <size_t>a * C, d.px + <size_t>a * C,
+                     d.patty + <size_t>a * C, lp.attprojw, lp.attprojb, rows, C, C)
+    layernorm_forward(d.pln + <size_t>a * C, d.pmean + a, d.prstd + a,
+                      d.pmid + <size_t>a * C, lp.ln2w, lp.ln2b, rows, C)
+    linear_forward(NULL, d.pfch + <size_t>a * F, d.pln + <size_t>a * C, lp.fcw, lp.fcb,
+                   rows, C, F)
+    gelu_forward(d.pfch + <size_t>a * F, d.pfch + <size_t>a * F, <size_t>rows * F)
+    residual_forward(NULL, d.px + <size_t>a * C, d.pmid + <size_t>a * C,
+                     d.pfch + <size_t>a * F, lp.fcprojw, lp.fcprojb, rows, F, C)
+
+
+cdef void decode_prefill_part(DecodeCache* d, DecodeWorker* w) noexcept nogil:
+    # worker w's part of prefilling d.pn positions from d.n on: its blocks of PREFILL_ROWS
+    # rows in every row-wise step (embedding, layer norms, the linear layers, gelu), its heads
+    # of the attention, then its rows of the classifier on the last position. The blocks are
+    # fixed by the prompt alone, and a matrix product's bits depend on its shape (BLAS takes
+    # other paths for small products), so the thread count changes no bit.
+    cdef const ModelConfig* c = &d.c
+    cdef int C = c.C, t0 = d.n, n = d.pn, hs = c.C // c.NH, span = t0 + n
+    cdef int blocks = (n + PREFILL_ROWS - 1) // PREFILL_ROWS
+    cdef int l, h, i, j, k, k0, k1, h0, h1
+    cdef LayerParams lp
+    cdef float* qkv
+    cdef float* row
+    cdef float mx, s
+    cdef float scale = 1.0 / sqrtf(<float>hs)
+    rows_of(blocks, w.id, d.threads, &k0, &k1)
+    rows_of(c.NH, w.id, d.threads, &h0, &h1)
+    for i in range(k0 * PREFILL_ROWS, min(n, k1 * PREFILL_ROWS)):
+        decode_embed(d, d.px + <size_t>i * C, d.ptokens[i], t0 + i)
+    for l in range(c.L):
+        layer_params(&lp, <float*>d.params, c, l)
+        qkv = d.qkv + <size_t>l * c.T * 3 * C
+        for k in range(k0, k1):
+            prefill_attention_input(d, &lp, qkv, k * PREFILL_ROWS, min(n, (k + 1) * PREFILL_ROWS))
+        decode_sync(d)
+        for h in range(h0, h1):
+            # scores of the n new rows against every cached row 0 .. span-1, causal
+            sgemm_rm(False, True, n, span, hs, scale, qkv + <size_t>t0 * 3 * C + h * hs,
+                     3 * C, qkv + C + h * hs, 3 * C, 0.0, w.pscores, span)
+            for i in range(n):
+                row = w.pscores + <size_t>i * span
+                attention_softmax_row(row, t0 + i + 1, &mx, &s)
+                for j in range(t0 + i + 1, span):
+                    row[j] = 0.0
+            sgemm_rm(False, False, n, hs, span, 1.0, w.pscores, span,
+                     qkv + 2 * C + h * hs, 3 * C, 0.0, d.patty + h * hs, C)
+        decode_sync(d)
+        for k in range(k0, k1):
+            prefill_block_output(d, &lp, k * PREFILL_ROWS, min(n, (k + 1) * PREFILL_ROWS))
+    decode_sync(d)
+    decode_classify(d, w, d.px + <size_t>(n - 1) * C)
+    decode_sync(d)
+
+
+cdef void decode_prefill(DecodeCache* d, const int* tokens, int n) noexcept nogil:
+    # the model on n more positions d.n .. d.n+n-1 (d.n + n <= T) as one batched pass: their
+    # qkv rows join the cache and d.logits holds the last one's logits
+    d.ptokens = tokens
+    d.pn = n
+    decode_run(d, DECODE_PREFILL)
+    d.n += n
+
+
+cdef int decode_cache_alloc(DecodeCache* d, const ModelConfig* c, const float* params,
+                            int threads) noexcept nogil:
+    # returns 0 on success, -1 when out of memory, -2 when a thread cannot be started
     cdef size_t C = c.C, F = c.F, T = c.T
-    cdef size_t sizes[9]
-    cdef float** slots[9]
-    sizes[:] = [<size_t>c.L * T * 3 * C, C, C, C, C, F, F, T, <size_t>c.V]
-    slots[:] = [&d.qkv, &d.x, &d.mid, &d.ln, &d.atty, &d.fch, &d.fch_gelu, &d.scores, &d.logits]
-    d.memory = carve(slots, sizes, 9)
-    if d.memory == NULL:
+    cdef size_t sizes[13]
+    cdef float** slots[13]
+    cdef int i
+    memset(d, 0, sizeof(DecodeCache))
+    d.c = c[0]
+    d.params = params
+    d.threads = threads
+    sizes[:] = [<size_t>c.L * T * 3 * C, C, C, C, F, <size_t>c.V,
+                T * C, T * C, T * C, T * C, T * F, T, T]
+    slots[:] = [&d.qkv, &d.x, &d.mid, &d.atty, &d.fch, &d.logits,
+                &d.px, &d.pmid, &d.pln, &d.patty, &d.pfch, &d.pmean, &d.prstd]
+    d.memory = carve(slots, sizes, 13)
+    d.workers = <DecodeWorker*>calloc(threads, sizeof(DecodeWorker))
+    if d.memory == NULL or d.workers == NULL:
+        decode_cache_free(d)
         return -1
-    d.n = 0
+    for i in range(threads):
+        d.workers[i].cache = d
+        d.workers[i].id = i
+        d.workers[i].ln = <float*>calloc(C, sizeof(float))
+        d.workers[i].scores = <float*>calloc(T, sizeof(float))
+        d.workers[i].pscores = <float*>calloc(T * T, sizeof(float))
+        if d.workers[i].ln == NULL or d.workers[i].scores == NULL or d.workers[i].pscores == NULL:
+            decode_cache_free(d)
+            return -1
+    if threads > 1:
+        if pthread_barrier_init(&d.barrier, NULL, threads) != 0:
+            decode_cache_free(d)
+            return -2
+        d.barrier_ready = 1
+        for i in range(1, threads):
+            if pthread_create(&d.workers[i].thread, NULL, decode_worker_thread,
+                              &d.workers[i]) != 0:
+                decode_cache_free(d)
+                return -2
+            d.workers[i].started = 1
     return 0
 
 
 cdef void decode_cache_free(DecodeCache* d) noexcept nogil:
+    # stops and joins the workers (all of them wait at the start barrier between positions)
+    cdef int i, running = 0
+    if d.workers != NULL:
+        for i in range(1, d.threads):
+            running += d.workers[i].started
+    if running and running < d.threads - 1:
+        return      # some threads failed to start: the others wait forever; nothing is freed
+    if running:
+        d.mode = DECODE_QUIT
+        pthread_barrier_wait(&d.barrier)
+        for i in range(1, d.threads):
+            pthread_join(d.workers[i].thread, NULL)
+            d.workers[i].started = 0
+    if d.barrier_ready:
+        pthread_barrier_destroy(&d.barrier)
+        d.barrier_ready = 0
+    if d.workers != NULL:
+        for i in range(d.threads):
+            free(d.workers[i].ln)
+            free(d.workers[i].scores)
+            free(d.workers[i].pscores)
     free(d.memory)
+    free(d.workers)
     d.memory = NULL
-
-
-cdef void attention_row(float* out, float* scores, const float* qkv, int t, int C, int NH,
-                        int T) noexcept nogil:
-    # out[C] = causal attention of position t over the cached qkv rows 0..t (3C apart):
-    # attention_forward's operations on a block of one query row, t
-    cdef int hs = C // NH
-    cdef float scale = 1.0 / sqrtf(<float>hs)
-    cdef int h
-    cdef float mx, s
-    for h in range(NH):
-        attention_scores(NULL, scores, qkv + h * hs, NULL, t, 1, T, C, hs, scale)
-        attention_softmax_row(scores, t + 1, &mx, &s)
-        sgemm_rm(False, False, 1, hs, t + 1, 1.0, scores, T, qkv + 2 * C + h * hs, 3 * C,
-                 0.0, out + h * hs, C)
-
-
-cdef void decode_forward(DecodeCache* d, float* params, const ModelConfig* c,
-                         int token) noexcept nogil:
-    # the model on one more position (d.n < T): its qkv rows join the cache and d.logits
-    # holds its logits; the same kernels as model_forward, on one row
-    cdef int C = c.C, F = c.F, t = d.n, l, i
-    cdef ModelParams p
-    cdef LayerParams lp
-    cdef float mean, rstd
-    cdef const float* we
-    cdef const float* pe
-    cdef float* qkv
-    model_params(&p, params, c)
-    we = p.wte + <size_t>token * C
-    pe = p.wpe + <size_t>t * C
-    for i in range(C):
-        d.x[i] = we[i] + pe[i]
-    for l in range(c.L):
-        layer_params(&lp, params, c, l)
-        qkv = d.qkv + <size_t>l * c.T * 3 * C
-        layernorm_forward(d.ln, &mean, &rstd, d.x, lp.ln1w, lp.ln1b, 1, C)
-        linear_forward(NULL, qkv + <size_t>t * 3 * C, d.ln, lp.qkvw, lp.qkvb, 1, C, 3 * C)
-        attention_row(d.atty, d.scores, qkv, t, C, c.NH, c.T)
-        residual_forward(NULL, d.mid, d.x, d.atty, lp.attprojw, lp.attprojb, 1, C, C)
-        layernorm_forward(d.ln, &mean, &rstd, d.mid, lp.ln2w, lp.ln2b, 1, C)
-        linear_forward(NULL, d.fch, d.ln, lp.fcw, lp.fcb, 1, C, F)
-        gelu_forward(d.fch_gelu, d.fch, F)
-        residual_forward(NULL, d.x, d.mid, d.fch_gelu, lp.fcprojw, lp.fcprojb, 1, F, C)
-    layernorm_forward(d.ln, &mean, &rstd, d.x, p.lnfw, p.lnfb, 1, C)
-    linear_forward(NULL, d.logits, d.ln, p.wte, NULL, 1, C, c.V)
-    d.n = t + 1
+    d.workers = NULL

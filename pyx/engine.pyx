@@ -52,8 +52,11 @@
 #   primitives and scratchpad, and the system rounds the weights into bf16_weights when it
 #   hands out a batch. A product's bits depend only on its shape and inputs, so the thread
 #   count changes nothing here either.
-# - Generation. Decoder keeps every layer's qkv rows of the positions so far and runs the
-#   model on one new position: the same kernels on one row.
+# - Generation. Decoder keeps every layer's qkv rows of the positions so far. A prompt runs
+#   as one batched pass through the matrix products (prefill); each later position runs its
+#   matrix-vector products split by output rows over the decoder's threads, every row summed
+#   in the same fixed order whichever thread computes it (decode_math.h), so the thread count
+#   changes nothing.
 # - Locks. model_lock (rwlock): read by spheres around forward/backward (write in exclusive
 #   mode), write by the optimiser step. gradient_lock (mutex) guards accumulated_gradients and
 #   the accumulation turn. The order is always model_lock -> gradient_lock; never take
@@ -73,11 +76,11 @@ include "kernels_loss.pxi"         # cross-entropy
 include "model_layout.pxi"         # ModelConfig, PARAMETER_TABLE and the parameter views
 include "activations.pxi"          # a sphere's activations and their named slices
 include "model_pass.pxi"           # profile buckets, block and model forward / backward
-include "decode.pxi"               # one position at a time with a key/value cache
 include "optim.pxi"                # AdamW over chunks of the flat buffer
 include "threads_structs.pxi"      # pthread declarations, the system's structs, the locks
 include "sphere_worker.pxi"        # one sphere: micro-batches, accumulation, optimiser share
 include "threads_system.pxi"       # the system: create, hand out work, wait, tally, step
+include "decode.pxi"               # generation: prefill, then positions split over threads
 include "op_wrappers.pxi"          # test-only Python wrappers, one per kernel
 
 WAIT_SLICE = 0.1     # seconds the main thread waits for the spheres between should_stop() calls

@@ -153,11 +153,15 @@ def test_inference_with_a_tiny_temperature_is_greedy(capsys, model_dir):
 class NaNDecoder:
     """A key/value cache whose forward pass overflows: NaN logits at every position."""
 
-    def __init__(self, cfg, flat):
+    def __init__(self, cfg, flat, threads=1):
         self.vocab_size, self.length = cfg.vocab_size, 0
 
     def feed(self, token):
         self.length += 1
+        return np.full(self.vocab_size, np.nan, dtype=np.float32)
+
+    def prefill(self, tokens):
+        self.length += len(tokens)
         return np.full(self.vocab_size, np.nan, dtype=np.float32)
 
 

@@ -27,6 +27,7 @@ import sys
 from cllm_cli import _engine
 from cllm_cli.cli.common import HelpFormatter, Parser, run_main
 from cllm_cli.cli.inference import load
+from cllm_cli.config import default_threads
 from cllm_cli.corpus import collect_files, dataset_header, eval_windows, load_dataset, split_stream
 from cllm_cli.corpus.dataset import _stream_key
 from cllm_cli.corpus.files import ENCODING_ERRORS, read_text
@@ -131,7 +132,7 @@ def run(args, out):
         stream, size = text_stream(tokenizer, files, args.encoding_errors)
         bytes_per_token = size / len(stream)
         what, n_files = f"{len(files)} file(s)", len(files)
-    threads = args.threads or len(os.sched_getaffinity(0))
+    threads = args.threads or default_threads()
     products = args.precision or config.get("precision", "fp32")
     precision.require(products)
     loss_sum, counted, n_windows = evaluate_stream(

@@ -25,6 +25,7 @@ import math
 import sys
 
 from cllm_cli.cli.common import HelpFormatter, Parser, run_main
+from cllm_cli.config import default_threads
 from cllm_cli.errors import UsageError
 from cllm_cli.formats import load_model_files
 from cllm_cli.model import CLLMModel
@@ -63,6 +64,9 @@ def build_parser():
     g.add_argument("--top-p", metavar="P", type=float, default=0.95,
                    help="sample among the most likely tokens whose probabilities add up to p "
                         "(nucleus sampling; 1: all) (default: %(default)s)")
+    g.add_argument("--threads", metavar="N", type=int, default=None,
+                   help="threads that share each token's work (default: all cores); the text "
+                        "does not depend on it")
     g = p.add_argument_group("files")
     g.add_argument("--vocab", metavar="PATH", default=None,
                    help="vocab.txt the model was trained with (default: vocab.txt next to the "
@@ -71,6 +75,8 @@ def build_parser():
 
 
 def check_options(args):
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {args.threads}")
     if args.max_tokens < 1:
         raise UsageError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     if not (args.temperature >= 0 and math.isfinite(args.temperature)):
@@ -99,7 +105,8 @@ def unknown_warning(unknown):
     return f"{PROG}: warning: prompt token{s} not in the vocabulary, read as <unk>: {named}"
 
 
-def stream(model, tokenizer, prompt, out, max_tokens, temperature, top_k, top_p, seed):
+def stream(model, tokenizer, prompt, out, max_tokens, temperature, top_k, top_p, seed,
+           threads=1):
     """Writes the prompt and its continuation to `out` as the tokens arrive; returns the
     generated ids (without the final end of text). A byte-level token may end inside a
     multi-byte character: what decodes to U+FFFD at the end is held back until the
@@ -114,7 +121,8 @@ def stream(model, tokenizer, prompt, out, max_tokens, temperature, top_k, top_p,
     generated = []
     eos = tokenizer.eos_id
     for next_id in model.generate(prompt_ids, max_tokens=max_tokens, temperature=temperature,
-                                  top_k=top_k, top_p=top_p, seed=seed, stop_ids=(eos,)):
+                                  top_k=top_k, top_p=top_p, seed=seed, stop_ids=(eos,),
+                                  start_id=eos, threads=threads):
         if next_id == eos:
             break
         ids.append(next_id)
@@ -145,7 +153,7 @@ def run(args):
     if unknown:
         print(unknown_warning(unknown), file=sys.stderr, flush=True)
     stream(model, tokenizer, args.prompt, sys.stdout, args.max_tokens, args.temperature,
-           args.top_k, args.top_p, args.seed)
+           args.top_k, args.top_p, args.seed, args.threads or default_threads())
 
 
 def end_line():

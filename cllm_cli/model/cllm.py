@@ -128,26 +128,38 @@ class CLLMModel:
         return out
 
     def generate(self, prompt_ids, max_tokens=50, temperature=1.0, top_k=0, top_p=1.0,
-                 seed=0, stop_ids=()):
+                 seed=0, stop_ids=(), start_id=None, threads=1):
         """Yields sampled token ids one at a time. The context is the last seq_len ids.
 
-        temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters.
+        temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters. An empty
+        prompt starts after start_id: the tokenizer's end-of-text (or begin-of-text) id.
+        threads: how many threads share each position's work; the ids do not depend on it.
 
-        While the context fits in seq_len, a key/value cache (_engine.Decoder) runs the model
-        on the new position only. Once it no longer fits, the window slides: every position
-        moves, so no cached key or value is valid any more, and each token runs the model on
-        the whole window again (as without a cache)."""
+        The prompt runs as one batched pass that fills a key/value cache (_engine.Decoder),
+        then each new token runs the model on its position only. Once the context no longer
+        fits in seq_len, the window slides: every position moves, so no cached key or value is
+        valid any more, and each token runs the whole window again as one batched pass."""
         if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
             raise ValueError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+        ids = [int(i) for i in prompt_ids]
+        if not ids:
+            if start_id is None:
+                raise ValueError("an empty prompt needs start_id (the tokenizer's "
+                                 "end-of-text id)")
+            ids = [int(start_id)]
+        if min(ids) < 0 or max(ids) >= self.config.vocab_size:
+            raise ValueError(f"prompt ids must be in [0, {self.config.vocab_size})")
         rng = np.random.default_rng(seed)
-        ids = [int(i) for i in prompt_ids] or [3]   # an empty prompt starts after <eos>
-        decoder = _engine.Decoder(self.config, self.flat)
+        T = self.config.seq_len
+        decoder = _engine.Decoder(self.config, self.flat, threads)
         for _ in range(max_tokens):
-            if len(ids) <= self.config.seq_len:
-                for token in ids[decoder.length:]:
-                    row = decoder.feed(token)
+            if len(ids) > T:
+                decoder.reset()
+                row = decoder.prefill(ids[-T:])
+            elif decoder.length == len(ids) - 1 and decoder.length:
+                row = decoder.feed(ids[-1])
             else:
-                row = self.logits(np.array(ids[-self.config.seq_len:]))[0, -1]
+                row = decoder.prefill(ids[decoder.length:])
             next_id = sample_from_logits(row.astype(np.float64), temperature, top_k, top_p, rng)
             ids.append(next_id)
             yield next_id

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 
 from cllm_cli import _engine, errors
+from cllm_cli.config import default_threads
 from cllm_cli.distributed import AgreedStop, DataParallelEngine, Solo, on_all_ranks, run_rank
 from cllm_cli.errors import Interrupted, PlotError, TrainingError
 from cllm_cli.model import precision
@@ -43,7 +44,7 @@ from cllm_cli.training.report import (
     val_bpb_text,
 )
 from cllm_cli.training.signals import StopSignals
-from cllm_cli.training.trainer import Trainer, default_threads
+from cllm_cli.training.trainer import Trainer
 
 
 def lr_at(step, total_steps, cfg):

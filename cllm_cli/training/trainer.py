@@ -41,13 +41,6 @@ from cllm_cli.training.config import TrainConfig
 from cllm_cli.training.rundir import DirectoryLock, remove_leftovers
 
 
-def default_threads():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 @dataclass
 class Pretrained:
     """What --init-from starts from."""

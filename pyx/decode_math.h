@@ -1,0 +1,54 @@
+/* The matrix-vector products of generation: one output row is the dot product of a weight row
+ * with the input vector, summed in 16 fixed lanes (a GCC vector type: the loop vectorises
+ * without the compiler reassociating anything) which are then added in a fixed order. A row's
+ * result therefore depends only on its weights and the input, never on which other rows are
+ * computed with it or by which thread: generation gives the same bits for any thread count.
+ * Four rows go through together, so that each load of the input serves four weight rows and
+ * the weights stream through the cache once, in the order they are laid out. */
+#ifndef CLLM_DECODE_MATH_H
+#define CLLM_DECODE_MATH_H
+#include <string.h>
+
+typedef float cllm_dv16 __attribute__((vector_size(64)));
+
+static inline cllm_dv16 cllm_dload16(const float *p) {
+    cllm_dv16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline float cllm_dlanes(cllm_dv16 lane, const float *w, const float *x, int i, int n) {
+    float s = 0.0f;
+    int j;
+    for (j = 0; j < 16; j++) s += lane[j];
+    for (; i < n; i++) s += w[i] * x[i];
+    return s;
+}
+
+/* out[r - r0] = dot(W[r, :], x) for the rows r0 <= r < r1 of the row-major W[., n] */
+static inline void cllm_matvec_rows(float *out, const float *W, const float *x, int r0, int r1,
+                                    int n) {
+    int r = r0, i;
+    for (; r + 4 <= r1; r += 4) {
+        const float *w0 = W + (size_t)r * n, *w1 = w0 + n, *w2 = w1 + n, *w3 = w2 + n;
+        cllm_dv16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        for (i = 0; i + 16 <= n; i += 16) {
+            cllm_dv16 v = cllm_dload16(x + i);
+            a0 += cllm_dload16(w0 + i) * v;
+            a1 += cllm_dload16(w1 + i) * v;
+            a2 += cllm_dload16(w2 + i) * v;
+            a3 += cllm_dload16(w3 + i) * v;
+        }
+        out[r - r0] = cllm_dlanes(a0, w0, x, i, n);
+        out[r - r0 + 1] = cllm_dlanes(a1, w1, x, i, n);
+        out[r - r0 + 2] = cllm_dlanes(a2, w2, x, i, n);
+        out[r - r0 + 3] = cllm_dlanes(a3, w3, x, i, n);
+    }
+    for (; r < r1; r++) {
+        const float *w = W + (size_t)r * n;
+        cllm_dv16 a = {0};
+        for (i = 0; i + 16 <= n; i += 16) a += cllm_dload16(w + i) * cllm_dload16(x + i);
+        out[r - r0] = cllm_dlanes(a, w, x, i, n);
+    }
+}
+#endif
