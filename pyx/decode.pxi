@@ -15,8 +15,9 @@
 # causal attention over the cache in one block per head, and writes every layer's qkv rows into
 # the cache; the rows go in fixed blocks of PREFILL_ROWS, each worker taking whole blocks (and
 # whole heads of the attention), so no product's shape depends on the thread count; the last
-# position's logits then go through the same classifier rows as a decoded position. Its logits agree with feeding the positions one by
-# one to float rounding (the sums are grouped differently), not bit for bit.
+# position's logits then go through the same classifier rows as a decoded position. Its
+# logits agree with feeding the positions one by one to float rounding (the sums are grouped
+# differently), not bit for bit.
 
 cdef extern from "decode_math.h" nogil:
     void cllm_matvec_rows(float* out, const float* W, const float* x, int r0, int r1, int n)
