@@ -60,6 +60,10 @@ class Interrupted(Exception):
         self.status = 128 + signum
 
 
+class RankLost(Exception):
+    """Another rank of the job died (exit status 1); this one stops the job."""
+
+
 class AllRanksStop(Exception):
     """Every rank stops here with `status`; rank 0 has said why."""
 
@@ -72,7 +76,7 @@ class AllRanksStop(Exception):
 STATUSES = {
     (UsageError, DataError, CheckpointError, ConversionError, DistributedError, PrecisionError,
      PlotError): 2,
-    (TrainingError, MissingDependency, SamplingError, _engine.ProductError): 1,
+    (TrainingError, MissingDependency, SamplingError, RankLost, _engine.ProductError): 1,
 }
 
 

@@ -7,13 +7,19 @@ back in block order, so the stream is the same whatever the number of workers.
 
 At most 2 blocks per worker are in flight (bounded read-ahead). The pool's processes are
 killed, not waited for, when the runner's iteration ends or is closed early (a fault, a
-signal), so a stopped build leaves no worker behind.
+signal), so a stopped build leaves no worker behind. A parent killed outright (kill -9) takes
+its workers with it: on Linux each worker asks the kernel for SIGKILL when its parent dies
+(prctl PR_SET_PDEATHSIG), then ends at once if the parent is already gone (it died before
+the prctl). Elsewhere a worker notices only when it next reads its parent's pipe.
 """
 import collections
 import concurrent.futures
 import contextlib
+import ctypes
 import multiprocessing
+import os
 import signal
+import sys
 
 from cllm_cli.corpus.files import decode_block
 from cllm_cli.errors import DataError
@@ -64,10 +70,23 @@ class BlockRunner:
 # when it stops; the parent's stop handlers are not inherited.
 
 _worker_tokenizer = None
+_PR_SET_PDEATHSIG = 1
 
 
-def _start_worker(tokenizer):
+def _die_with_parent(parent):
+    """SIGKILL for this process when its parent dies; ends it now if `parent` (the pid that
+    started it) is no longer its parent."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL),
+                                                     0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _start_worker(tokenizer, parent):
     global _worker_tokenizer
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
@@ -90,7 +109,7 @@ class _WorkerPool:
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         self.executor = concurrent.futures.ProcessPoolExecutor(
             workers, mp_context=multiprocessing.get_context(method),
-            initializer=_start_worker, initargs=(tokenizer,))
+            initializer=_start_worker, initargs=(tokenizer, os.getpid()))
 
     def __enter__(self):
         return self

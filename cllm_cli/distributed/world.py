@@ -24,18 +24,29 @@ the agreed stop, too many skipped steps, divergence) ends each rank normally, ra
 the one line. A failure of one rank alone prints "train_model: error: rank R: ..." and ends
 that process at once: the launcher then ends the others within a second, with that status,
 and no rank is left waiting in a collective.
+
+Waiting for rank 0 (from_root): while rank 0 sets the run up alone (tokenizing can take
+minutes), the other ranks do not wait in a blocking MPI call, which busy-polls a core and does
+not notice a dead peer: they poll for rank 0's message every POLL_SECONDS and sleep in
+between, and check that rank 0 still lives (its pid, exchanged at start-up, when it runs on the
+same host and is visible there; else that the launcher's process that started this rank is
+still its parent). A rank that finds rank 0 gone says so in one line and ends the job
+(MPI_Abort), status 1.
 """
 import os
+import socket
 import sys
 import time
 
 import numpy as np
 
-from cllm_cli.errors import AllRanksStop, CheckpointError, DataError, DistributedError, Interrupted
+from cllm_cli.errors import AllRanksStop, CheckpointError, DataError, DistributedError, Interrupted, RankLost
 
 LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
 SEGMENT_FLOATS = 1 << 20            # 4 MiB per message down the chain
 ABORT_GRACE = 0.5      # seconds a failing rank waits after its error line, before MPI_Abort
+POLL_SECONDS = 0.05    # between two polls of a rank waiting for rank 0 (from_root)
+FROM_ROOT_TAG = 0x5E7
 
 
 def on_all_ranks(error):
@@ -100,6 +111,9 @@ class Solo:
     def bcast(self, obj):
         return obj
 
+    def from_root(self, obj):
+        return obj
+
     def allgather(self, obj):
         return [obj]
 
@@ -120,9 +134,36 @@ class World:
         self.bytes_sent = 0             # gradient bytes this rank sent in the last fold
         self.bytes_received = 0
         self.seconds = 0.0              # time spent in the last fold (waiting included)
+        self.parent = os.getppid()      # the launcher's process that started this rank
+        self.root_host, self.root_pid = comm.bcast((socket.gethostname(), os.getpid()), root=0)
+        self.root_visible = (self.root_host == socket.gethostname()
+                             and _process_alive(self.root_pid))
 
     def bcast(self, obj):
         return self.comm.bcast(obj, root=0)
+
+    def from_root(self, obj):
+        """Rank 0's `obj` on every rank, for a wait that may be long (see the module
+        docstring): the other ranks sleep between polls, and raise RankLost when rank 0
+        has died."""
+        if self.is_root:
+            for rank in range(1, self.size):
+                self.comm.send(obj, dest=rank, tag=FROM_ROOT_TAG)
+            return obj
+        while not self.comm.Iprobe(source=0, tag=FROM_ROOT_TAG):
+            self.check_root()
+            time.sleep(POLL_SECONDS)
+        return self.comm.recv(source=0, tag=FROM_ROOT_TAG)
+
+    def check_root(self):
+        """RankLost when rank 0's process (or, when it cannot be seen from here, the
+        launcher's process that started this one) has ended."""
+        if self.root_visible:
+            if not _process_alive(self.root_pid):
+                raise RankLost(f"rank 0 (pid {self.root_pid} on {self.root_host}) died; "
+                               f"stopping the job")
+        elif os.getppid() != self.parent:
+            raise RankLost("the MPI launcher that started this rank died; stopping the job")
 
     def allgather(self, obj):
         return self.comm.allgather(obj)
@@ -165,6 +206,23 @@ class World:
         self.seconds = time.perf_counter() - t0
 
 
+def _process_alive(pid):
+    """Whether process `pid` exists and has not ended (a zombie has)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):           # no /proc here: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            pass
+        return True
+
+
 # -- how a rank ends -------------------------------------------------------------------------
 
 def run_rank(world, body, exit_status, prog="train_model"):
@@ -182,7 +240,7 @@ def run_rank(world, body, exit_status, prog="train_model"):
                 raise
             raise AllRanksStop(exit_status(e)) from None
         if not isinstance(e, Interrupted):
-            message = str(e) if isinstance(e, (DataError, CheckpointError, OSError)) \
+            message = str(e) if isinstance(e, (DataError, CheckpointError, OSError, RankLost)) \
                 else f"{type(e).__name__}: {e}"
             line = f"{prog}: error: rank {world.rank} of {world.size}: {message}"
             try:

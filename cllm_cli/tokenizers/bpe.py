@@ -31,6 +31,16 @@ Choices written down here:
   Corpus files are read in blocks cut at the same places (block_cut, restricted to printable
   ASCII on either side so that it can look at bytes); a tokenizer that cannot be cut reads
   each file whole.
+- Long lines: where no such newline comes within LINE_CHARS characters (a file without line
+  breaks), a piece or a block is cut right after an ASCII letter followed by an ASCII
+  character that is not a letter, or after an ASCII digit followed by an ASCII character that
+  is not a digit (the end of a word or a number: "dog| ran", "dog|, ", "42| ", "x|9"). GPT-2's
+  regex ends a piece there whatever follows, and BPE never merges across its pieces, so these
+  cuts do not change the ids either. So a line of any length is encoded in pieces of bounded
+  size (memory: the library needed 12 GB for one call on a 50 MB line), block by block, and a
+  stop signal acts between two blocks. Text with no such place (one "word" of non-ASCII
+  letters megabytes long) is still encoded whole. A tokenizer.json with added tokens that
+  are not special (the library matches them in text, across any cut) is not cut.
 - Bounded memory: the library's trainer holds every distinct word of what it learns from, with
   its pairs (12 MB of generated text: 0.8 GB; 120 MB: 20 GB). So the vocabulary is learned
   from at most TRAIN_BYTES of the corpus: every k-th block, k = ceil(corpus / TRAIN_BYTES),
@@ -62,6 +72,7 @@ N_BYTES = 256
 MIN_VOCAB_SIZE = len(SPECIALS) + N_BYTES
 MIN_FREQUENCY = 2
 CHUNK_CHARS = 1 << 16
+LINE_CHARS = 1 << 18        # no newline place within this: cut at the end of a word instead
 TRAIN_BYTES = 8 << 20
 
 EOS_NAMES = ("<eos>", "<|endoftext|>", "</s>")
@@ -75,6 +86,10 @@ _CUT = re.compile(r"[\w!-~]\n*(\n)[\w!-~]")
 # ("\r\n", "\n" or a lone "\r", which become "\n") between two printable ASCII characters,
 # cut before its last line end (group 1).
 _BLOCK_CUT = re.compile(rb"[!-~](?:\r\n|\n|\r(?!\n))*(\r\n|\n|\r(?!\n))(?=[!-~])")
+# The end of a word or number: after an ASCII letter followed by an ASCII non-letter, or an
+# ASCII digit followed by an ASCII non-digit (GPT-2's regex always ends a piece there).
+_WORD_CUT = re.compile(r"[A-Za-z](?=[\x00-@\[-`{-\x7f])|[0-9](?=[\x00-/:-\x7f])")
+_BLOCK_WORD_CUT = re.compile(rb"[A-Za-z](?=[\x00-@\[-`{-\x7f])|[0-9](?=[\x00-/:-\x7f])")
 
 
 def _one_line(text):
@@ -90,12 +105,30 @@ def _cut_points(text, size):
     """Offsets (after 0, before len) where `text` may be cut into pieces of about `size`."""
     cuts, start = [], size
     while start < len(text):
-        m = _CUT.search(text, start)
-        if m is None:
-            break
-        cuts.append(m.start(1))
-        start = m.start(1) + size
+        m = _CUT.search(text, start, start + LINE_CHARS)
+        if m is not None:
+            cut = m.start(1)
+        else:                            # a long line: the end of a word
+            m = _WORD_CUT.search(text, start)
+            if m is None:
+                break
+            cut = m.end()
+        cuts.append(cut)
+        start = cut + size
     return cuts
+
+
+def _last_place(data, pattern, place_of):
+    """The last place of `pattern` in `data` (0: none), looked for near its end first."""
+    window = CHUNK_CHARS
+    while True:
+        start = max(0, len(data) - window)
+        place = 0
+        for m in pattern.finditer(data, start):
+            place = place_of(m)
+        if place or start == 0:
+            return place
+        window *= 8
 
 
 class BPETokenizer(Tokenizer):
@@ -133,11 +166,12 @@ class BPETokenizer(Tokenizer):
             self.bos_id = self.eos_id
         if self.eos_id < 0:
             raise ValueError(f"no end-of-text token ({', '.join(EOS_NAMES)}) in its vocabulary")
-        added = [t.get("content", "") for t in spec.get("added_tokens") or []]
+        added = [t.get("content", "") for t in spec.get("added_tokens") or []
+                 if not t.get("special")]
         pre = spec.get("pre_tokenizer") or {}
         self._cuttable = (spec.get("normalizer") is None and pre.get("type") == "ByteLevel"
                           and pre.get("use_regex", True) and not pre.get("add_prefix_space")
-                          and not any("\n" in t for t in added))
+                          and not added)
         if not self._cuttable:
             self.block_cut = _whole_file
 
@@ -151,17 +185,11 @@ class BPETokenizer(Tokenizer):
 
     @classmethod
     def block_cut(cls, data):
-        """The last _BLOCK_CUT place in `data`, looked for near its end first (a tokenizer
-        that cannot be cut replaces this by _whole_file)."""
-        window = CHUNK_CHARS
-        while True:
-            start = max(0, len(data) - window)
-            place = 0
-            for m in _BLOCK_CUT.finditer(data, start):
-                place = m.start(1)
-            if place or start == 0:
-                return place
-            window *= 8
+        """The last _BLOCK_CUT place in `data`, looked for near its end first; without one,
+        the last end of a word (_BLOCK_WORD_CUT: a file without line breaks). A tokenizer
+        that cannot be cut replaces this by _whole_file."""
+        return (_last_place(data, _BLOCK_CUT, lambda m: m.start(1))
+                or _last_place(data, _BLOCK_WORD_CUT, lambda m: m.end()))
 
     # -- building -----------------------------------------------------------------------
 

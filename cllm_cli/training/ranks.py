@@ -1,7 +1,8 @@
 """Setting a run up on many processes: rank 0 alone, the others following.
 
 open_trainer: rank 0 sets the run up alone (directory lock, tokenizing, resuming) and
-broadcasts what it decided; every other rank becomes a FollowerTrainer that reads the
+sends what it decided (world.from_root: the others wait without spinning a core and stop the
+job if rank 0 dies meanwhile); every other rank becomes a FollowerTrainer that reads the
 vocabulary and memory-maps dataset.bin from the same checkpoint directory, checks that it sees
 rank 0's dataset key, vocabulary and model config, and receives the weights and AdamW state
 from rank 0. A rank that sees something else stops every rank (one line naming it).
@@ -35,12 +36,12 @@ def open_trainer(world, make_trainer, checkpoint_dir, exit_status):
         try:
             trainer = make_trainer()
         except BaseException as e:
-            world.bcast(exit_status(e))
+            world.from_root(exit_status(e))
             raise on_all_ranks(e)  # noqa: B904 (the error itself, marked, goes on)
-        world.bcast(follower_plan(trainer))
+        world.from_root(follower_plan(trainer))
         refusals = world.allgather(None)
     else:
-        plan = world.bcast(None)
+        plan = world.from_root(None)        # sleeps between polls; stops if rank 0 dies
         if not isinstance(plan, dict):
             raise on_all_ranks(AllRanksStop(plan))
         trainer, refusal = None, None

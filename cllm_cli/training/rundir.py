@@ -4,6 +4,9 @@ removes what killed runs left behind.
 The lock is `.lock` in the directory, held with flock(2) for as long as the run lives: the
 kernel releases it when the process ends, however it ends, so a lock left by a dead process
 never blocks. The file records who holds it (pid, host, start time) for the refusal message.
+A child forked while the lock is held (a tokenizing worker) closes its copy of the lock's
+descriptor at once, so that a child outliving its run never keeps the directory locked; the
+descriptor is close-on-exec, so programs the run starts do not get it either.
 """
 import fcntl
 import os
@@ -13,6 +16,23 @@ import time
 from cllm_cli.errors import UsageError
 
 LOCK_NAME = ".lock"
+_held = set()          # the DirectoryLocks this process holds
+
+
+def _close_in_child():
+    """After fork, in the child: its copies of the held locks' descriptors are closed (the
+    lock stays with the parent's)."""
+    for lock in list(_held):
+        try:
+            os.close(lock.fd)
+        except OSError:
+            pass
+        lock.fd = None
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)
 
 
 class DirectoryLock:
@@ -30,11 +50,13 @@ class DirectoryLock:
             self.fd = None
             raise UsageError(f"{directory} is in use by another run ({holder}); wait for it "
                              f"to end or use another --checkpoint-dir") from None
+        _held.add(self)
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}, started "
                            f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
 
     def close(self):
+        _held.discard(self)
         if self.fd is not None:
             try:
                 os.ftruncate(self.fd, 0)     # no holder any more; the empty file is harmless
