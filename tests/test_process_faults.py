@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -74,7 +75,7 @@ def wait_until(condition, proc):
     """Polls `condition` until it holds; fails if `proc` ends first."""
     while not (result := condition()):
         assert proc.poll() is None, f"the run ended first:\n{proc.communicate()}"
-        os.sched_yield()
+        time.sleep(0.01)   # a pause between polls of a real condition
     return result
 
 
@@ -107,7 +108,7 @@ def test_killed_run_leaves_no_tokenizing_worker_and_no_lock(tmp_path):
         proc.wait()
         for pid in workers:                     # the workers die with their parent
             while alive(pid):
-                os.sched_yield()
+                time.sleep(0.01)   # a pause between polls of a real condition
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -171,7 +172,7 @@ def test_rank_0_killed_while_tokenizing_ends_the_job_and_rank_1_waits_without_sp
         waiting, working = cpu_ticks(pids[1]), sum(map(cpu_ticks, workers))
         while sum(map(cpu_ticks, workers)) - working < hz:
             assert all(map(alive, workers)), "tokenizing ended too soon"
-            os.sched_yield()
+            time.sleep(0.01)   # a pause between polls of a real condition
         spent = cpu_ticks(pids[1]) - waiting
         assert spent < 0.25 * hz, f"rank 1 used {spent / hz:.2f} s of CPU while waiting"
 
@@ -181,7 +182,7 @@ def test_rank_0_killed_while_tokenizing_ends_the_job_and_rank_1_waits_without_sp
         assert "Traceback" not in err, err
         for pid in everyone:                    # no process is left
             while alive(pid):
-                os.sched_yield()
+                time.sleep(0.01)   # a pause between polls of a real condition
     finally:
         for pid in everyone + descendants(proc.pid):
             if alive(pid):
