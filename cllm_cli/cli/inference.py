@@ -114,7 +114,8 @@ def stream(model, tokenizer, prompt, out, max_tokens, temperature, top_k, top_p,
     generated = []
     eos = tokenizer.eos_id
     for next_id in model.generate(prompt_ids, max_tokens=max_tokens, temperature=temperature,
-                                  top_k=top_k, top_p=top_p, seed=seed, stop_ids=(eos,)):
+                                  top_k=top_k, top_p=top_p, seed=seed, stop_ids=(eos,),
+                                  num_tokens=len(tokenizer)):
         if next_id == eos:
             break
         ids.append(next_id)

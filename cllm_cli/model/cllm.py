@@ -129,10 +129,12 @@ class CLLMModel:
         return out
 
     def generate(self, prompt_ids, max_tokens=50, temperature=1.0, top_k=0, top_p=1.0,
-                 seed=0, stop_ids=()):
+                 seed=0, stop_ids=(), num_tokens=None):
         """Yields sampled token ids one at a time. The context is the last seq_len ids.
 
         temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters.
+        num_tokens (the tokenizer's size, when the model's vocabulary is padded beyond it):
+        no id >= num_tokens is ever yielded (their logits count as -inf).
 
         While the context fits in seq_len, a key/value cache (_engine.Decoder) runs the model
         on the new position only. Once it no longer fits, the window slides: every position
@@ -149,7 +151,8 @@ class CLLMModel:
                     row = decoder.feed(token)
             else:
                 row = self.logits(np.array(ids[-self.config.seq_len:]))[0, -1]
-            next_id = sample_from_logits(row.astype(np.float64), temperature, top_k, top_p, rng)
+            next_id = sample_from_logits(row.astype(np.float64), temperature, top_k, top_p, rng,
+                                         num_tokens)
             ids.append(next_id)
             yield next_id
             if next_id in stop_ids:

@@ -62,7 +62,7 @@ def check_not_diverged(run, vocab_size, final):
 def sample_text(model, tokenizer, prompt, max_tokens, seed):
     ids = list(tokenizer.encode(prompt)) if prompt else []
     out = list(model.generate(ids, max_tokens=max_tokens, temperature=0.8, top_k=40, seed=seed,
-                              stop_ids=(tokenizer.eos_id,)))
+                              stop_ids=(tokenizer.eos_id,), num_tokens=len(tokenizer)))
     return tokenizer.decode(ids + out).strip()
 
 

@@ -1,0 +1,148 @@
+"""Input faults that once crashed a tool or left a file behind, each checked with real
+processes and real readers: a transformers model with a padded vocabulary (config.json's
+vocab_size above the tokenizer's size), one with a NaN weight, an export killed by SIGKILL,
+an absurd bpe --vocab-size, an empty corpus with bpe, and a prompt holding a byte that is
+not UTF-8. Every model and tokenizer is built here, small and random; nothing is downloaded."""
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from helpers import ROOT, assert_one_error_line, call, sentences
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+from cllm_cli import CLLMModel
+from cllm_cli.cli.export import main as export_main
+from cllm_cli.cli.inference import main as inference_main
+from cllm_cli.cli.train import main as train_main
+from cllm_cli.errors import ConversionError
+from cllm_cli.formats.model_files import load_model_files
+from cllm_cli.tokenizers import BPETokenizer
+
+BIN = os.path.join(ROOT, ".venv", "bin")
+TINY_RUN = ["--batch-size", "4", "--micro-batch", "2", "--warmup-steps", "1",
+            "--eval-interval", "0", "--quiet", "--learning-rate", "3e-3", "--threads", "1"]
+PADDED = 350        # config.json's vocab_size; the tokenizer has 300 tokens
+
+
+@pytest.fixture(scope="module")
+def text():
+    return sentences(300, seed=13, punct=".,!?") + "Ünïcödé, 世界 and emoji 🙂\n"
+
+
+@pytest.fixture
+def corpus(tmp_path, text):
+    path = tmp_path / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def gpt2_directory(path, text, vocab_size=None, seed=0, change=None):
+    """A small random GPT2LMHeadModel saved by transformers with a 300-token byte-level BPE
+    tokenizer.json; vocab_size above 300 pads the embedding as real models do. change(model)
+    may edit the weights before saving."""
+    tok = BPETokenizer.train([text], 300)
+    assert len(tok) == 300
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab_size or len(tok), n_positions=32, n_embd=32, n_layer=2,
+                        n_head=4, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    model = GPT2LMHeadModel(config).eval()
+    if vocab_size:
+        with torch.no_grad():   # padding rows that attract the argmax, as untrained rows may
+            model.transformer.wte.weight[len(tok):] *= 50
+    if change is not None:
+        with torch.no_grad():
+            change(model)
+    model.save_pretrained(path)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    return path
+
+
+def run_tool(name, *argv, timeout=300):
+    return subprocess.run([os.path.join(BIN, name), *[os.fsdecode(a) if isinstance(a, bytes)
+                                                      else str(a) for a in argv]],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# --- 4: padded vocabularies ---------------------------------------------------------------
+
+def test_padded_vocabulary_trains_samples_runs_and_exports(corpus, text, tmp_path, capsys):
+    src = gpt2_directory(tmp_path / "padded", text, vocab_size=PADDED)
+    cfg, flat, tok = load_model_files(src)[:3]
+    assert cfg.vocab_size == PADDED and len(tok) == 300
+    logits = CLLMModel.from_flat(cfg, flat).logits(np.array([tok.encode("the old")]))[0, -1]
+    assert int(np.argmax(logits)) >= len(tok)       # premise: an unmasked argmax is padding
+
+    ck = tmp_path / "ck"
+    code, out, err = call(capsys, train_main, corpus, "--init-from", src, "--checkpoint-dir", ck,
+                          "--max-steps", "2", "--sample-every", "1", "--prompt", "The old",
+                          *TINY_RUN)
+    assert code == 0, err
+    assert "Traceback" not in err
+    model = CLLMModel.load(ck / "final_model.cllm")
+    assert model.config.vocab_size == PADDED          # the padding rows are kept
+
+    for temperature in ("0", "1.0"):
+        code, out, err = call(capsys, inference_main, ck, "--prompt", "The old",
+                              "--max-tokens", "20", "--temperature", temperature, "--top-k", "0",
+                              "--top-p", "1")
+        assert code == 0, err
+        assert out.startswith("The old") and "Traceback" not in err
+    ids = list(model.generate(tok.encode("The old"), max_tokens=50, temperature=0, seed=1,
+                              num_tokens=len(tok)))
+    ids += list(model.generate(tok.encode("The old"), max_tokens=50, temperature=5.0, seed=2,
+                               num_tokens=len(tok)))
+    assert ids and max(ids) < len(tok)
+
+    code, _, err = call(capsys, export_main, ck, tmp_path / "hf")
+    assert code == 0, err
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"] == PADDED
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert hf.get_input_embeddings().weight.shape[0] == PADDED
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    prompt = hf_tok("The old woman")["input_ids"]
+    with torch.no_grad():
+        theirs = hf(torch.tensor([prompt])).logits[0].numpy()
+    ours = model.logits(np.array([prompt]))[0]
+    assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
+
+    code, _, err = call(capsys, export_main, ck, tmp_path / "model.gguf", "--format", "gguf")
+    assert code == 0, err
+    import gguf
+    reader = gguf.GGUFReader(str(tmp_path / "model.gguf"))
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    assert len(tokens.data) == PADDED
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    assert PADDED in [int(n) for n in embd.shape]
+
+
+# --- 13: NaN or Inf weights in a transformers directory -----------------------------------
+
+def _poison(model):
+    model.transformer.h[1].mlp.c_fc.weight[3, 5] = float("nan")
+
+
+def test_init_from_a_model_with_a_nan_weight_is_refused_at_load(corpus, text, tmp_path, capsys):
+    src = gpt2_directory(tmp_path / "nan", text, change=_poison)
+    capsys.readouterr()         # transformers' progress bar
+    with pytest.raises(ConversionError) as e:
+        load_model_files(src)
+    assert "transformer.h.1.mlp.c_fc.weight" in str(e.value) and "NaN" in str(e.value)
+    ck = tmp_path / "ck"
+    code, out, err = call(capsys, train_main, corpus, "--init-from", src, "--checkpoint-dir", ck,
+                          "--max-steps", "3", *TINY_RUN)
+    assert_one_error_line(code, err, "train_model", "transformer.h.1.mlp.c_fc.weight", "NaN")
+    assert not (ck / "final_model.cllm").exists()
+    assert "skipped" not in out + err
+
+
+def test_an_inf_weight_is_refused_by_inference(text, tmp_path, capsys):
+    def inf(model):
+        model.transformer.wpe.weight[0, 0] = float("inf")
+    src = gpt2_directory(tmp_path / "inf", text, change=inf)
+    capsys.readouterr()
+    code, out, err = call(capsys, inference_main, src, "--prompt", "The", "--max-tokens", "3")
+    assert_one_error_line(code, err, "cllm_inference", "transformer.wpe.weight", "Inf")
+    assert out == ""
