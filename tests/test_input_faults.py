@@ -146,3 +146,56 @@ def test_an_inf_weight_is_refused_by_inference(text, tmp_path, capsys):
     code, out, err = call(capsys, inference_main, src, "--prompt", "The", "--max-tokens", "3")
     assert_one_error_line(code, err, "cllm_inference", "transformer.wpe.weight", "Inf")
     assert out == ""
+
+
+# --- 5: an absurd bpe --vocab-size --------------------------------------------------------
+
+def test_absurd_bpe_vocab_size_is_refused_before_training(corpus, tmp_path):
+    ck = tmp_path / "ck"
+    result = run_tool("train_model", corpus, "--vocab-size", "1000000000", "--checkpoint-dir", ck,
+                      "--max-steps", "1", *TINY_RUN, timeout=120)
+    assert_one_error_line(result.returncode, result.stderr, "train_model", "--vocab-size",
+                          "1,000,000", "1,000,000,000")
+    assert not ck.exists()
+    assert "1,000,000" in run_tool("train_model", "--help").stdout.replace("\n", " ")
+
+
+def test_bpe_vocab_size_bound_in_the_tokenizer_itself(text):
+    from cllm_cli.errors import DataError
+    with pytest.raises(DataError, match="at most 1,000,000"):
+        BPETokenizer.train([text], 10**9)
+    # capped by what the text can give: the largest allowed size costs nothing and learns
+    # the same merges as any size above what the text holds
+    small = text[:3000]
+    assert (BPETokenizer.train([small], 1_000_000).vocab_hash
+            == BPETokenizer.train([small], 260 + 3 * len(small)).vocab_hash)
+
+
+# --- 6: an empty corpus with bpe ----------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["one empty file", "a directory of empty files"])
+def test_empty_corpus_with_bpe_says_so(layout, tmp_path, capsys):
+    if layout == "one empty file":
+        data = tmp_path / "empty.txt"
+        data.write_bytes(b"")
+    else:
+        data = tmp_path / "texts"
+        data.mkdir()
+        for name in ("a.txt", "b.txt"):
+            (data / name).write_bytes(b"")
+    ck = tmp_path / "ck"
+    code, _, err = call(capsys, train_main, data, "--checkpoint-dir", ck, "--max-steps", "1",
+                        *TINY_RUN)
+    assert_one_error_line(code, err, "train_model", "corpus is empty", "0 bytes")
+    assert not (ck / "tokenizer.json").exists() and not (ck / "dataset.bin").exists()
+    assert not [n for n in os.listdir(ck) if n != ".lock"]
+
+
+def test_empty_corpus_with_a_given_tokenizer_leaves_no_file(text, tmp_path, capsys):
+    BPETokenizer.train([text], 300).save(tmp_path / "given.json")
+    (tmp_path / "empty.txt").write_bytes(b"")
+    ck = tmp_path / "ck"
+    code, _, err = call(capsys, train_main, tmp_path / "empty.txt", "--tokenizer-file",
+                        tmp_path / "given.json", "--checkpoint-dir", ck, *TINY_RUN)
+    assert_one_error_line(code, err, "train_model", "corpus is empty")
+    assert not [n for n in os.listdir(ck) if n != ".lock"]

@@ -15,6 +15,13 @@ Choices written down here:
   byte tokens, then the merges; vocab_size counts all of them (at least 260). A corpus too
   small to give that many merges gives a smaller vocabulary. A pair is merged only when it
   occurs at least twice (MIN_FREQUENCY).
+- vocab_size is at most MAX_VOCAB_SIZE (1,000,000; GPT-2 has 50,257 ids, the largest
+  common vocabularies about 256,000): the library's trainer reserves memory in proportion to
+  the size asked for before it looks at the text, and aborts the whole process (SIGABRT)
+  when that allocation fails (1e9 asks for some 70 GB). Below that bound the size handed to
+  the library is also capped by what the text can give: each merge removes at least one
+  symbol, so a text of n UTF-8 bytes gives at most n merges (the result is the same, only
+  the reservation is smaller).
 - Special tokens are never read from text: "<eos>" typed in a document is the five characters,
   encoded as text. (transformers' own tokenizer does match them in text.)
 - Determinism: the same corpus gives the same tokenizer.json bytes, and the same ids, whatever
@@ -60,6 +67,7 @@ from cllm_cli.tokenizers.base import SPECIALS, Tokenizer
 
 N_BYTES = 256
 MIN_VOCAB_SIZE = len(SPECIALS) + N_BYTES
+MAX_VOCAB_SIZE = 1_000_000
 MIN_FREQUENCY = 2
 CHUNK_CHARS = 1 << 16
 TRAIN_BYTES = 8 << 20
@@ -107,6 +115,8 @@ class BPETokenizer(Tokenizer):
     kind = "bpe"
     file_name = "tokenizer.json"
     train_bytes = TRAIN_BYTES
+    min_vocab_size = MIN_VOCAB_SIZE
+    max_vocab_size = MAX_VOCAB_SIZE
 
     def __init__(self, json_bytes):
         """From the bytes of a tokenizer.json; ValueError (one line) when they are not one."""
@@ -171,12 +181,19 @@ class BPETokenizer(Tokenizer):
                 or vocab_size < MIN_VOCAB_SIZE):
             raise DataError(f"vocab_size must be at least {MIN_VOCAB_SIZE} for bpe "
                             f"({len(SPECIALS)} special ids + {N_BYTES} bytes), got {vocab_size}")
+        if vocab_size > MAX_VOCAB_SIZE:
+            raise DataError(f"vocab_size must be at most {MAX_VOCAB_SIZE:,} for bpe (the "
+                            f"tokenizers library reserves memory in proportion to it), got "
+                            f"{vocab_size:,}")
 
     @classmethod
     def train(cls, documents, vocab_size):
         """Byte-level BPE trained on `documents` (an iterable of str) with at most vocab_size
         ids, the 4 special ids and the 256 bytes included."""
         cls.check_vocab_size(vocab_size)
+        documents = list(documents)           # at most TRAIN_BYTES when a corpus is read
+        n_bytes = sum(len(doc.encode("utf-8", "surrogatepass")) for doc in documents)
+        vocab_size = min(vocab_size, MIN_VOCAB_SIZE + n_bytes)   # no more merges than bytes
         tk = tokenizers.Tokenizer(models.BPE())
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tk.decoder = decoders.ByteLevel()
