@@ -199,3 +199,52 @@ def test_empty_corpus_with_a_given_tokenizer_leaves_no_file(text, tmp_path, caps
                         tmp_path / "given.json", "--checkpoint-dir", ck, *TINY_RUN)
     assert_one_error_line(code, err, "train_model", "corpus is empty")
     assert not [n for n in os.listdir(ck) if n != ".lock"]
+
+
+# --- 7: a prompt holding bytes that are not UTF-8 -----------------------------------------
+
+BAD_PROMPT = b"The ab\xff"        # what a shell passes for $'The ab\xff'
+SMALL_MODEL = ["--embed-dim", "16", "--num-layers", "1", "--num-heads", "2", "--seq-len", "16"]
+
+
+def run_bytes(name, *argv):
+    """A tool run with argv given as bytes (so that a byte that is not UTF-8 reaches it as
+    it would from a shell); stdout and stderr as bytes."""
+    args = [os.fsencode(os.path.join(BIN, name))]
+    args += [a if isinstance(a, bytes) else os.fsencode(str(a)) for a in argv]
+    env = dict(os.environ, LC_ALL="C.UTF-8")
+    return subprocess.run(args, capture_output=True, timeout=300, env=env)
+
+
+def test_replace_undecodable():
+    from cllm_cli.tokenizers import replace_undecodable
+    assert replace_undecodable("plain é") == ("plain é", [])
+    argv_text = os.fsdecode(b"a\xffb\xe4\xb8")     # one bad byte, one cut character
+    assert replace_undecodable(argv_text) == (b"a\xffb\xe4\xb8".decode("utf-8", "replace"),
+                                              [b"\xff", b"\xe4\xb8"])
+    assert replace_undecodable("x\ud800") == ("x\ufffd", ["\ud800"])
+
+
+def test_bpe_prompt_with_a_byte_that_is_not_utf8(corpus, tmp_path):
+    ck = tmp_path / "ck"
+    result = run_bytes("train_model", corpus, "--checkpoint-dir", ck, "--vocab-size", "300",
+                       "--max-steps", "2", "--sample-every", "1", "--prompt", BAD_PROMPT,
+                       "--sample-tokens", "8", *SMALL_MODEL, *TINY_RUN)
+    err = result.stderr.decode("utf-8")         # every line the tool writes is UTF-8
+    assert result.returncode == 0, err
+    assert "Traceback" not in err
+    warnings = [line for line in err.splitlines() if "not UTF-8" in line]
+    assert warnings == ["train_model: warning: --prompt holds bytes that are not UTF-8, read as "
+                        "U+FFFD: b'\\xff'"]
+    assert (ck / "final_model.cllm").exists()
+
+    result = run_bytes("cllm_inference", ck, "--prompt", BAD_PROMPT, "--max-tokens", "8",
+                       "--seed", "3")
+    err = result.stderr.decode("utf-8")
+    assert result.returncode == 0, err
+    assert err.splitlines() == ["cllm_inference: warning: the prompt holds bytes that are not "
+                                "UTF-8, read as U+FFFD: b'\\xff'"]
+    out = result.stdout.decode("utf-8")          # valid UTF-8: the byte is shown as U+FFFD
+    assert out.startswith("The ab\ufffd")
+    tok = BPETokenizer.load(ck / "tokenizer.json")
+    assert list(tok.encode(os.fsdecode(BAD_PROMPT))) == list(tok.encode("The ab\ufffd"))

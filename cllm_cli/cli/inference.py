@@ -28,6 +28,7 @@ from cllm_cli.cli.common import HelpFormatter, Parser, run_main
 from cllm_cli.errors import UsageError
 from cllm_cli.formats.model_files import load_model_files
 from cllm_cli.model.cllm import CLLMModel
+from cllm_cli.tokenizers import replace_undecodable
 
 PROG = "cllm_inference"
 MAX_LISTED_UNKNOWN = 8      # unknown prompt words named in the warning
@@ -99,12 +100,22 @@ def unknown_warning(unknown):
     return f"{PROG}: warning: prompt token{s} not in the vocabulary, read as <unk>: {named}"
 
 
+def replaced_warning(replaced):
+    """The warning for prompt bytes that are not UTF-8 (after "<tool>: warning: ")."""
+    named = ", ".join(repr(b) for b in replaced[:MAX_LISTED_UNKNOWN])
+    more = len(replaced) - MAX_LISTED_UNKNOWN
+    if more > 0:
+        named += f" and {more} more"
+    return f"the prompt holds bytes that are not UTF-8, read as U+FFFD: {named}"
+
+
 def stream(model, tokenizer, prompt, out, max_tokens, temperature, top_k, top_p, seed):
     """Writes the prompt and its continuation to `out` as the tokens arrive; returns the
     generated ids (without the final end of text). A byte-level token may end inside a
     multi-byte character: what decodes to U+FFFD at the end is held back until the
     character is complete (or the text ends)."""
     prompt_ids = [int(i) for i in tokenizer.encode(prompt)]
+    prompt = replace_undecodable(prompt)[0]     # bytes that are not UTF-8 shown as U+FFFD
     shown = prompt.rstrip() if tokenizer.kind == "word" else prompt
     out.write(shown)
     out.flush()
@@ -145,6 +156,9 @@ def run(args):
     unknown = tokenizer.unknown_tokens(args.prompt)
     if unknown:
         print(unknown_warning(unknown), file=sys.stderr, flush=True)
+    replaced = tokenizer.replaced_bytes(args.prompt)
+    if replaced:
+        print(f"{PROG}: warning: {replaced_warning(replaced)}", file=sys.stderr, flush=True)
     stream(model, tokenizer, args.prompt, sys.stdout, args.max_tokens, args.temperature,
            args.top_k, args.top_p, args.seed)
 

@@ -22,6 +22,10 @@ Choices written down here:
   the library is also capped by what the text can give: each merge removes at least one
   symbol, so a text of n UTF-8 bytes gives at most n merges (the result is the same, only
   the reservation is smaller).
+- Text that is not Unicode text, the lone surrogates by which Python carries bytes that are
+  not UTF-8 (a prompt typed as $'ab\\xff' reaches sys.argv so), is encoded with those bytes
+  replaced by U+FFFD, as the corpus reader's --encoding-errors replace does; replaced_bytes()
+  names them so that the tools can warn.
 - Special tokens are never read from text: "<eos>" typed in a document is the five characters,
   encoded as text. (transformers' own tokenizer does match them in text.)
 - Determinism: the same corpus gives the same tokenizer.json bytes, and the same ids, whatever
@@ -63,7 +67,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from cllm_cli.errors import DataError
 from cllm_cli.fileio import atomic_file
-from cllm_cli.tokenizers.base import SPECIALS, Tokenizer
+from cllm_cli.tokenizers.base import SPECIALS, Tokenizer, replace_undecodable
 
 N_BYTES = 256
 MIN_VOCAB_SIZE = len(SPECIALS) + N_BYTES
@@ -222,7 +226,7 @@ class BPETokenizer(Tokenizer):
 
     def encode_batch(self, texts):
         """[int64 ids of each text]; all pieces of all texts in one parallel library call."""
-        texts = list(texts)
+        texts = [replace_undecodable(t)[0] for t in texts]   # bytes not UTF-8 -> U+FFFD
         pieces = [self._pieces(t) for t in texts]
         flat = [p for ps in pieces for p in ps]
         encoded = self._tk.encode_batch_fast(flat, add_special_tokens=False) if flat else []
@@ -245,9 +249,15 @@ class BPETokenizer(Tokenizer):
         """Distinct pieces of `text` read as <unk>, in order of appearance (byte-level: none)."""
         if self.unk_id < 0:
             return []
+        text = replace_undecodable(text)[0]
         enc = self._tk.encode(text, add_special_tokens=False)
         return list(dict.fromkeys(text[a:b] for i, (a, b) in zip(enc.ids, enc.offsets)
                                   if i == self.unk_id))
+
+    def replaced_bytes(self, text):
+        """The distinct bytes of `text` that are not UTF-8 (lone surrogates, as sys.argv
+        carries them), which encode reads as U+FFFD."""
+        return replace_undecodable(text)[1]
 
     def decode(self, ids):
         """Ids -> text: <pad> and <bos> skipped, end of text -> newline."""

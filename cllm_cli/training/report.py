@@ -104,6 +104,10 @@ def print_header(trainer, log):
     if missing:
         log.warn("--prompt tokens not in the vocabulary, read as <unk>: "
                  + ", ".join(repr(t) for t in missing[:8]) + (" ..." if len(missing) > 8 else ""))
+    replaced = trainer.tokenizer.replaced_bytes(cfg.prompt) if cfg.sample_every else []
+    if replaced:
+        log.warn("--prompt holds bytes that are not UTF-8, read as U+FFFD: "
+                 + ", ".join(repr(b) for b in replaced[:8]) + (" ..." if len(replaced) > 8 else ""))
     if cfg.warmup_steps >= trainer.total_steps:
         log.warn(f"--warmup-steps {cfg.warmup_steps} covers the whole run of "
                  f"{trainer.total_steps} steps: the learning rate never reaches its peak")
