@@ -5,7 +5,9 @@ an absurd bpe --vocab-size, an empty corpus with bpe, and a prompt holding a byt
 not UTF-8. Every model and tokenizer is built here, small and random; nothing is downloaded."""
 import json
 import os
+import signal
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -248,3 +250,76 @@ def test_bpe_prompt_with_a_byte_that_is_not_utf8(corpus, tmp_path):
     assert out.startswith("The ab\ufffd")
     tok = BPETokenizer.load(ck / "tokenizer.json")
     assert list(tok.encode(os.fsdecode(BAD_PROMPT))) == list(tok.encode("The ab\ufffd"))
+
+
+# --- 10: an export killed by SIGKILL ------------------------------------------------------
+
+def big_checkpoint(directory, text):
+    """A run directory with a model of some 100 MB, so that writing it takes a while."""
+    from cllm_cli import CLLMConfig
+    tok = BPETokenizer.train([text], 300)
+    cfg = CLLMConfig(vocab_size=len(tok), embed_dim=512, num_layers=8, num_heads=8, seq_len=64)
+    model = CLLMModel(cfg, seed=1)
+    directory.mkdir()
+    model.save(directory / "final_model.cllm", {"tokenizer": "bpe", "vocab_hash": tok.vocab_hash})
+    tok.save(directory / "tokenizer.json")
+    return model
+
+
+def leftovers(parent, name):
+    return sorted(n for n in os.listdir(parent) if n.startswith(f".{name}."))
+
+
+def test_a_killed_export_is_cleaned_up_by_the_next(text, tmp_path, capsys):
+    model = big_checkpoint(tmp_path / "run", text)
+    out = tmp_path / "exported"
+    proc = subprocess.Popen([os.path.join(BIN, "cllm_export"), str(tmp_path / "run"), str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = None
+    deadline = time.monotonic() + 120
+    while partial is None and proc.poll() is None and time.monotonic() < deadline:
+        for name in leftovers(tmp_path, "exported"):
+            weights = tmp_path / name / "model.safetensors"
+            if weights.exists() and weights.stat().st_size > 0:
+                partial = tmp_path / name
+                break
+        else:
+            time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert partial is not None, "the export ended before it could be killed"
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()
+    assert leftovers(tmp_path, "exported") == [partial.name]      # premise: the leftover
+    assert f".{proc.pid}." in partial.name                         # the writer's pid in its name
+    size = (partial / "model.safetensors").stat().st_size
+    assert size < os.path.getsize(tmp_path / "run" / "final_model.cllm")
+
+    # a live writer's directory is never touched
+    alive = tmp_path / f".exported.{os.getpid()}.{partial.name.split('.')[3]}.abcdef.tmp"
+    alive.mkdir()
+    code, _, err = call(capsys, export_main, tmp_path / "run", out)
+    assert code == 0, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cllm_export: cleaned up 1 temporary "
+                                                   "directory of killed exports"), err
+    assert partial.name in lines[0] and str(proc.pid) in lines[0]
+    assert leftovers(tmp_path, "exported") == [alive.name]
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    assert hf.get_input_embeddings().weight.shape == (model.config.vocab_size, 512)
+
+
+def test_a_previous_export_moved_aside_by_a_killed_writer_is_put_back(tmp_path):
+    from cllm_cli.formats.hf_export import _host_tag, remove_stale
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    aside = tmp_path / f".exported.{dead.pid}.{_host_tag()}.0123456789ab.old"
+    newer = tmp_path / f".exported.{dead.pid}.{_host_tag()}.0123456789ab.tmp"
+    other_host = tmp_path / f".exported.{dead.pid}.ffffffff.0123456789ab.tmp"
+    for d in (aside, newer, other_host):
+        d.mkdir()
+    (aside / "config.json").write_text("{}")
+    done = remove_stale(tmp_path / "exported")
+    assert sorted(what for _, _, what in done) == ["put back", "removed"]
+    assert (tmp_path / "exported" / "config.json").exists()
+    assert leftovers(tmp_path, "exported") == [other_host.name]     # another host's: kept
