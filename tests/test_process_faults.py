@@ -12,8 +12,7 @@ import time
 
 import numpy as np
 import pytest
-
-from tests.helpers import ROOT, WORDS, sentences, write
+from helpers import ROOT, WORDS, sentences, write
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 SMALL = ["--embed-dim", "16", "--num-layers", "1", "--num-heads", "2", "--seq-len", "16",
@@ -159,12 +158,12 @@ def test_rank_0_killed_while_tokenizing_ends_the_job_and_rank_1_waits_without_sp
                 continue
             if rank is not None and is_train:
                 found[int(rank)] = pid
-        return found if len(found) == 2 and children(found[0]) else None
+        return found if len(found) == 2 else None
 
     everyone = []
     try:
         pids = wait_until(ranks, proc)
-        workers = children(pids[0])
+        workers = wait_until(lambda: children(pids[0]), proc)
         everyone = descendants(proc.pid)
         # rank 1 waits for rank 0 without spinning: while rank 0's workers use 1 s of CPU
         # between them, rank 1 uses a small part of that (a blocking MPI wait used a core)

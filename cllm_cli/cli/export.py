@@ -14,6 +14,8 @@ Choices written down here:
   place); an existing non-empty OUT is refused unless --force, which replaces it. For --format
   gguf OUT is a file, written atomically, refused when it exists unless --force. OUT may
   never hold the checkpoint or its tokenizer.
+- A temporary directory left by an export killed outright (kill -9) next to OUT is removed
+  by the next export of OUT, saying so in one line on stderr (hf_export.remove_stale).
 - Exit status: 0 done, 2 bad usage or input (one line on stderr), 1 a missing optional
   package (gguf), 130 Ctrl-C.
 """
@@ -65,7 +67,12 @@ def run(args):
         if _inside(source, args.out):
             raise UsageError(f"{args.out} holds {source}: choose another OUT")
     if args.format == "hf":
-        export_pretrained(cfg, flat, tokenizer, args.out, force=args.force)
+        stale = export_pretrained(cfg, flat, tokenizer, args.out, force=args.force)
+        if stale:
+            named = ", ".join(f"{path.name} ({done}, pid {pid})" for path, pid, done in stale)
+            print(f"{PROG}: cleaned up {len(stale)} temporary director"
+                  f"{'y' if len(stale) == 1 else 'ies'} of killed exports of {args.out}: {named}",
+                  file=sys.stderr, flush=True)
     else:
         try:
             from cllm_cli.formats.gguf_export import write_gguf

@@ -29,6 +29,7 @@ from cllm_cli.config import default_threads
 from cllm_cli.errors import UsageError
 from cllm_cli.formats import load_model_files
 from cllm_cli.model import CLLMModel
+from cllm_cli.tokenizers import replace_undecodable
 
 PROG = "cllm_inference"
 MAX_LISTED_UNKNOWN = 8      # unknown prompt words named in the warning
@@ -105,6 +106,15 @@ def unknown_warning(unknown):
     return f"{PROG}: warning: prompt token{s} not in the vocabulary, read as <unk>: {named}"
 
 
+def replaced_warning(replaced):
+    """The warning for prompt bytes that are not UTF-8 (after "<tool>: warning: ")."""
+    named = ", ".join(repr(b) for b in replaced[:MAX_LISTED_UNKNOWN])
+    more = len(replaced) - MAX_LISTED_UNKNOWN
+    if more > 0:
+        named += f" and {more} more"
+    return f"the prompt holds bytes that are not UTF-8, read as U+FFFD: {named}"
+
+
 def stream(model, tokenizer, prompt, out, max_tokens, temperature, top_k, top_p, seed,
            threads=1):
     """Writes the prompt and its continuation to `out` as the tokens arrive; returns the
@@ -112,6 +122,7 @@ def stream(model, tokenizer, prompt, out, max_tokens, temperature, top_k, top_p,
     multi-byte character: what decodes to U+FFFD at the end is held back until the
     character is complete (or the text ends)."""
     prompt_ids = [int(i) for i in tokenizer.encode(prompt)]
+    prompt = replace_undecodable(prompt)[0]     # bytes that are not UTF-8 shown as U+FFFD
     shown = prompt.rstrip() if tokenizer.kind == "word" else prompt
     out.write(shown)
     out.flush()
@@ -122,7 +133,8 @@ def stream(model, tokenizer, prompt, out, max_tokens, temperature, top_k, top_p,
     eos = tokenizer.eos_id
     for next_id in model.generate(prompt_ids, max_tokens=max_tokens, temperature=temperature,
                                   top_k=top_k, top_p=top_p, seed=seed, stop_ids=(eos,),
-                                  start_id=eos, threads=threads):
+                                  start_id=eos, threads=threads,
+                                  num_tokens=len(tokenizer)):
         if next_id == eos:
             break
         ids.append(next_id)
@@ -152,6 +164,9 @@ def run(args):
     unknown = tokenizer.unknown_tokens(args.prompt)
     if unknown:
         print(unknown_warning(unknown), file=sys.stderr, flush=True)
+    replaced = tokenizer.replaced_bytes(args.prompt)
+    if replaced:
+        print(f"{PROG}: warning: {replaced_warning(replaced)}", file=sys.stderr, flush=True)
     stream(model, tokenizer, args.prompt, sys.stdout, args.max_tokens, args.temperature,
            args.top_k, args.top_p, args.seed, args.threads or default_threads())
 

@@ -254,6 +254,7 @@ def prepare_dataset(files, out_dir, kind="word", vocab_size=10000, encoding_erro
         tokenizer, n_tokens = _build_and_write(run, cls, scanner, vocab_size, out_dir)
     else:
         # a kind learned otherwise than by counting: learn it, then encode (two passes)
+        _check_not_empty(total, corpus)    # no byte: nothing to learn from, no token
         every = math.ceil(total / cls.train_bytes) if cls.train_bytes else 1
         with ByteProgress("learning the vocabulary", total) as progress:
             texts = (text for i, (text, _) in enumerate(run.texts(cls.block_cut, progress))
@@ -319,7 +320,6 @@ def _encode_and_write(run, tokenizer, out_dir, given):
     eos = tokenizer.encode_document("")[-1:].astype(dtype).tobytes()
     if tokenizer.encodes_on_all_cores:
         run.workers = 1
-    tokenizer.save(out_dir / tokenizer.file_name)
     with atomic_file(out_dir / "dataset.bin", DataError) as f, \
             ByteProgress("tokenizing", run.total) as progress:
         f.write(bytes(HEADER_SIZE))              # placeholder until the count is known
@@ -339,6 +339,7 @@ def _encode_and_write(run, tokenizer, out_dir, given):
                     n_tokens += in_file + 1
                     in_file = 0
         _check_not_empty(n_tokens, run.corpus)
+        tokenizer.save(out_dir / tokenizer.file_name)   # only once there is a stream
         key = _stream_key(run.corpus.key, tokenizer if given else None)
         f.seek(0)
         f.write(_pack_header(dtype, n_tokens, key, tokenizer, h.digest()))

@@ -22,13 +22,21 @@ Choices written down here:
   every character is a token; a Fuse decoder gives the text back unchanged.
   transformers reads special tokens ("<eos>", ...) typed in text as those tokens; our
   tokenizers read them as text.
-- The directory is written all or nothing (write_directory).
+- The directory is written all or nothing (write_directory). Its temporary directories are
+  named `.OUT.<pid>.<host>.<hex>.tmp` (and `.old` for the directory --force replaces): the
+  writer's process id and a tag of its host name. A writer killed outright (kill -9, power
+  loss) leaves them behind; the next export of the same OUT on the same host removes those
+  whose process is gone (and says so), and puts back an `.old` directory when OUT itself is
+  missing (the writer died between its two renames), so that no earlier export is lost.
 """
 import contextlib
+import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
+import socket
 from pathlib import Path
 
 import tokenizers
@@ -192,15 +200,65 @@ def _is_empty_dir(path):
         return next(it, None) is None
 
 
+def _host_tag():
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+
+
+def _process_gone(pid):
+    """True when no process `pid` runs on this host (a zombie counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:                     # EPERM: it runs, as another user
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def remove_stale(outdir):
+    """Removes the temporary directories of earlier writes of `outdir` on this host whose
+    writer is gone (.OUT.<pid>.<host>.<hex>.tmp / .old); an .old one is renamed back to outdir
+    when outdir is missing. Returns [(path, pid, what was done)]."""
+    outdir = Path(outdir)
+    pattern = re.compile(rf"\.{re.escape(outdir.name)}\.(\d+)\.{_host_tag()}\.[0-9a-f]+"
+                         rf"\.(tmp|old)")
+    try:
+        names = sorted(os.listdir(outdir.parent))
+    except OSError:
+        return []
+    done = []
+    for name in names:
+        m = pattern.fullmatch(name)
+        if m is None or not _process_gone(int(m.group(1))):
+            continue
+        path = outdir.parent / name
+        if m.group(2) == "old" and not (outdir.exists() or outdir.is_symlink()):
+            with contextlib.suppress(OSError):
+                os.rename(path, outdir)
+                done.append((path, int(m.group(1)), "put back"))
+                continue
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            done.append((path, int(m.group(1)), "removed"))
+    return done
+
+
 def write_directory(outdir, files, force=False):
     """Writes {name: bytes or write(f)} as the directory `outdir`, all or nothing.
 
     The files go to a temporary directory next to outdir (each fsync'ed), which is then
     renamed to outdir. An existing empty outdir is replaced; a non-empty one only with force
     (it is moved aside, the new one renamed in, then the old one removed). ConversionError
-    (one line) when outdir cannot be written; no temporary directory is left behind."""
+    (one line) when outdir cannot be written; no temporary directory is left behind, and
+    those of earlier writers killed outright are cleaned up first (remove_stale). Returns
+    what remove_stale did."""
     outdir = Path(outdir)
     parent = outdir.parent
+    stale = remove_stale(outdir) if parent.is_dir() else []
     if outdir.exists() or outdir.is_symlink():
         if not outdir.is_dir() or outdir.is_symlink():
             raise ConversionError(f"{outdir} exists and is not a directory")
@@ -208,7 +266,7 @@ def write_directory(outdir, files, force=False):
             raise ConversionError(f"{outdir} exists and is not empty (--force replaces it)")
     if not parent.is_dir():
         raise ConversionError(f"cannot write {outdir}: {parent} is not a directory")
-    tag = secrets.token_hex(6)
+    tag = f"{os.getpid()}.{_host_tag()}.{secrets.token_hex(6)}"
     tmp = parent / f".{outdir.name}.{tag}.tmp"
     old = parent / f".{outdir.name}.{tag}.old"
     moved_aside = replaced = False
@@ -238,9 +296,11 @@ def write_directory(outdir, files, force=False):
         shutil.rmtree(tmp, ignore_errors=True)
         if replaced:
             shutil.rmtree(old, ignore_errors=True)
+    return stale
 
 
 def export_pretrained(cfg, flat, tokenizer, outdir, force=False):
-    """Writes the transformers GPT-2 directory of a model (see the module docstring)."""
-    write_directory(outdir, hf_files(cfg, flat, tokenizer), force)
+    """Writes the transformers GPT-2 directory of a model (see the module docstring); returns
+    the leftovers of killed exports it cleaned up (remove_stale)."""
+    return write_directory(outdir, hf_files(cfg, flat, tokenizer), force)
 

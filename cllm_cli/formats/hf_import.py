@@ -7,7 +7,8 @@ activation, layer_norm_epsilon other than 1e-5, scale_attn_weights false,
 scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn, cross-attention, n_ctx !=
 n_positions, model sizes CLLMConfig refuses, an lm_head.weight that differs from wte (one
 equal to it is taken as tied), a missing tensor (GPT-2 without biases), an unexpected one,
-float64 weights (float16 and bfloat16 widen to float32 exactly), and weights only in
+float64 weights (float16 and bfloat16 widen to float32 exactly), a tensor holding NaN or
+Inf (named), and weights only in
 pytorch_model.bin (not read: unpickling can run code). Tensor names may lack the
 "transformer." prefix (files saved from GPT2Model, as GPT-2's own), sharded files
 (model.safetensors.index.json) are read, and the causal-mask buffers old files carry are left
@@ -25,6 +26,7 @@ from cllm_cli._engine import num_parameters
 from cllm_cli.config import CLLMConfig, model_config_problem
 from cllm_cli.errors import ConversionError
 from cllm_cli.fileio import reason
+from cllm_cli.formats.checkpoint import first_non_finite
 from cllm_cli.formats.gpt2_names import LAYER_NORM_EPS, gpt2_name, is_conv1d
 from cllm_cli.layout import named_views
 from cllm_cli.tokenizers import BPETokenizer
@@ -194,6 +196,10 @@ def load_gpt2_directory(directory):
             raise ConversionError(f"{path}: tensor {full} has shape {list(entry[1])}, "
                                   f"config.json needs {list(hf_shape)}")
         t = _read_tensor(path, full, entry)
+        bad = first_non_finite({full: t})
+        if bad:
+            raise ConversionError(f"{path}: {bad}; a model with NaN or Inf weights cannot be "
+                                  f"trained or run")
         view[...] = t.T if is_conv1d(name) else t
     head = files.pop("lm_head.weight", None)
     if head is not None:

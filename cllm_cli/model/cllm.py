@@ -128,12 +128,14 @@ class CLLMModel:
         return out
 
     def generate(self, prompt_ids, max_tokens=50, temperature=1.0, top_k=0, top_p=1.0,
-                 seed=0, stop_ids=(), start_id=None, threads=1):
+                 seed=0, stop_ids=(), start_id=None, threads=1, num_tokens=None):
         """Yields sampled token ids one at a time. The context is the last seq_len ids.
 
         temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters. An empty
         prompt starts after start_id: the tokenizer's end-of-text (or begin-of-text) id.
         threads: how many threads share each position's work; the ids do not depend on it.
+        num_tokens (the tokenizer's size, when the model's vocabulary is padded beyond it):
+        no id >= num_tokens is ever yielded (their logits count as -inf).
 
         The prompt runs as one batched pass that fills a key/value cache (_engine.Decoder),
         then each new token runs the model on its position only. Once the context no longer
@@ -160,7 +162,8 @@ class CLLMModel:
                 row = decoder.feed(ids[-1])
             else:
                 row = decoder.prefill(ids[decoder.length:])
-            next_id = sample_from_logits(row.astype(np.float64), temperature, top_k, top_p, rng)
+            next_id = sample_from_logits(row.astype(np.float64), temperature, top_k, top_p, rng,
+                                         num_tokens)
             ids.append(next_id)
             yield next_id
             if next_id in stop_ids:

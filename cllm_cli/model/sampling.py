@@ -10,6 +10,11 @@ Every accepted option gives an id, whatever the logits hold:
   logit counts as -inf (never chosen); +inf logits share all the probability.
 - Temperature 0 is greedy: the first of the highest logits.
 - Logits that are all NaN or -inf have no token to choose: SamplingError.
+- num_tokens (the tokenizer's size) below the row's length: ids >= num_tokens are never
+  chosen, as if their logits were -inf. A model may have more rows than its tokenizer has
+  tokens (transformers models pad the vocabulary to a multiple of 64 or 128); those rows
+  cannot be decoded. The row is cut to its first num_tokens logits, so that the draw is the
+  one of a model without the padding.
 """
 import math
 import numbers
@@ -31,11 +36,16 @@ def check_options(temperature, top_k, top_p):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
-def sample_from_logits(logits, temperature, top_k, top_p, rng):
+def sample_from_logits(logits, temperature, top_k, top_p, rng, num_tokens=None):
     """One id from float64 logits with temperature, top-k and nucleus (top-p) filtering,
-    drawn with the numpy Generator rng (see the module docstring)."""
+    drawn with the numpy Generator rng; never an id >= num_tokens (see the module
+    docstring)."""
     check_options(temperature, top_k, top_p)
     logits = np.asarray(logits, dtype=np.float64)
+    if num_tokens is not None:
+        if not 0 < num_tokens:
+            raise ValueError(f"num_tokens must be at least 1, got {num_tokens!r}")
+        logits = logits[:num_tokens]      # the padding rows beyond the tokenizer: -inf
     finite = bool(np.isfinite(logits).all())
     if temperature == 0:
         if finite:

@@ -7,6 +7,7 @@ the data's path: files -> tokenizers -> dataset -> batches.
     BPETokenizer       "bpe": byte-level BPE of the `tokenizers` library (bpe.py)
     TOKENIZERS         kind name -> class; TOKENIZER_KINDS are its keys, in order
     tokenizer_class    the class of a kind, DataError for an unknown one
+    replace_undecodable  text with the bytes that are not UTF-8 (lone surrogates) -> U+FFFD
 
 Import from here. The modules below import only base.py and vocab.py, never this package
 face, so none of them imports a module that imports it back; the registry, which names every
@@ -20,6 +21,7 @@ from cllm_cli.tokenizers.base import (
     TOKENIZERS,
     UNK,
     Tokenizer,
+    replace_undecodable,
     tokenizer_class,
 )
 from cllm_cli.tokenizers.bpe import BPETokenizer
@@ -33,5 +35,5 @@ TOKENIZER_KINDS = tuple(TOKENIZERS)
 __all__ = [
     "BOS", "EOS", "PAD", "SPECIALS", "UNK", "TOKENIZERS", "TOKENIZER_KINDS",
     "BPETokenizer", "CharTokenizer", "Tokenizer", "VocabTokenizer", "WordTokenizer",
-    "tokenizer_class",
+    "replace_undecodable", "tokenizer_class",
 ]

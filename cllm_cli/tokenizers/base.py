@@ -19,6 +19,8 @@ scanner() (word and char do), builds vocabulary and token stream in one pass ove
 Every kind decodes alike around the special ids: <pad> and <bos> are skipped, <eos> becomes a
 newline.
 """
+import re
+
 import numpy as np
 
 from cllm_cli.errors import DataError
@@ -29,6 +31,29 @@ SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]
 # kind name -> class, in the order the kinds are offered (word, char, bpe). Filled by the
 # package's __init__.py; a test may add a kind of its own for a while.
 TOKENIZERS = {}
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]+")
+
+
+def replace_undecodable(text):
+    """(text, bad): text with its lone surrogates replaced by U+FFFD, and the distinct bytes
+    (or surrogates) they stood for, in order of appearance.
+
+    Python carries bytes that are not UTF-8 (in sys.argv, os.fsdecode) as lone surrogates
+    U+DC80..U+DCFF (surrogateescape), which are not text: no UTF-8 encoder or tokenizers
+    library takes them. They are replaced as bytes.decode("utf-8", "replace") replaces those
+    bytes, the way the corpus reader's --encoding-errors replace does; other lone surrogates
+    become one U+FFFD each. Text without any is returned as it is."""
+    if _SURROGATES.search(text) is None:
+        return text, []
+    bad = list(dict.fromkeys(m.group() for m in _SURROGATES.finditer(text)))
+    try:
+        fixed = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        bad = [run.encode("utf-8", "surrogateescape") for run in bad]
+    except UnicodeEncodeError:              # a surrogate that stands for no byte
+        fixed = _SURROGATES.sub(lambda m: "\ufffd" * len(m.group()), text)
+    return fixed, bad
 
 
 class Tokenizer:
@@ -113,6 +138,12 @@ class Tokenizer:
     def unknown_tokens(self, text):
         """Distinct pieces of `text` that would be encoded as <unk>, in order of appearance."""
         raise NotImplementedError
+
+    def replaced_bytes(self, text):
+        """What encode(text) reads as U+FFFD: the distinct bytes that are not UTF-8 (see
+        replace_undecodable). Kinds with <unk> read them as <unk> instead (unknown_tokens
+        names them), so this is empty for them."""
+        return []
 
     @property
     def vocab_hash(self):

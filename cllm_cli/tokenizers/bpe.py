@@ -15,6 +15,17 @@ Choices written down here:
   byte tokens, then the merges; vocab_size counts all of them (at least 260). A corpus too
   small to give that many merges gives a smaller vocabulary. A pair is merged only when it
   occurs at least twice (MIN_FREQUENCY).
+- vocab_size is at most MAX_VOCAB_SIZE (1,000,000; GPT-2 has 50,257 ids, the largest
+  common vocabularies about 256,000): the library's trainer reserves memory in proportion to
+  the size asked for before it looks at the text, and aborts the whole process (SIGABRT)
+  when that allocation fails (1e9 asks for some 70 GB). Below that bound the size handed to
+  the library is also capped by what the text can give: each merge removes at least one
+  symbol, so a text of n UTF-8 bytes gives at most n merges (the result is the same, only
+  the reservation is smaller).
+- Text that is not Unicode text, the lone surrogates by which Python carries bytes that are
+  not UTF-8 (a prompt typed as $'ab\\xff' reaches sys.argv so), is encoded with those bytes
+  replaced by U+FFFD, as the corpus reader's --encoding-errors replace does; replaced_bytes()
+  names them so that the tools can warn.
 - Special tokens are never read from text: "<eos>" typed in a document is the five characters,
   encoded as text. (transformers' own tokenizer does match them in text.)
 - Determinism: the same corpus gives the same tokenizer.json bytes, and the same ids, whatever
@@ -66,10 +77,11 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from cllm_cli.errors import DataError
 from cllm_cli.fileio import atomic_file
-from cllm_cli.tokenizers.base import SPECIALS, Tokenizer
+from cllm_cli.tokenizers.base import SPECIALS, Tokenizer, replace_undecodable
 
 N_BYTES = 256
 MIN_VOCAB_SIZE = len(SPECIALS) + N_BYTES
+MAX_VOCAB_SIZE = 1_000_000
 MIN_FREQUENCY = 2
 CHUNK_CHARS = 1 << 16
 LINE_CHARS = 1 << 18        # no newline place within this: cut at the end of a word instead
@@ -140,6 +152,8 @@ class BPETokenizer(Tokenizer):
     kind = "bpe"
     file_name = "tokenizer.json"
     train_bytes = TRAIN_BYTES
+    min_vocab_size = MIN_VOCAB_SIZE
+    max_vocab_size = MAX_VOCAB_SIZE
 
     def __init__(self, json_bytes):
         """From the bytes of a tokenizer.json; ValueError (one line) when they are not one."""
@@ -199,12 +213,19 @@ class BPETokenizer(Tokenizer):
                 or vocab_size < MIN_VOCAB_SIZE):
             raise DataError(f"vocab_size must be at least {MIN_VOCAB_SIZE} for bpe "
                             f"({len(SPECIALS)} special ids + {N_BYTES} bytes), got {vocab_size}")
+        if vocab_size > MAX_VOCAB_SIZE:
+            raise DataError(f"vocab_size must be at most {MAX_VOCAB_SIZE:,} for bpe (the "
+                            f"tokenizers library reserves memory in proportion to it), got "
+                            f"{vocab_size:,}")
 
     @classmethod
     def train(cls, documents, vocab_size):
         """Byte-level BPE trained on `documents` (an iterable of str) with at most vocab_size
         ids, the 4 special ids and the 256 bytes included."""
         cls.check_vocab_size(vocab_size)
+        documents = list(documents)           # at most TRAIN_BYTES when a corpus is read
+        n_bytes = sum(len(doc.encode("utf-8", "surrogatepass")) for doc in documents)
+        vocab_size = min(vocab_size, MIN_VOCAB_SIZE + n_bytes)   # no more merges than bytes
         tk = tokenizers.Tokenizer(models.BPE())
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tk.decoder = decoders.ByteLevel()
@@ -233,7 +254,7 @@ class BPETokenizer(Tokenizer):
 
     def encode_batch(self, texts):
         """[int64 ids of each text]; all pieces of all texts in one parallel library call."""
-        texts = list(texts)
+        texts = [replace_undecodable(t)[0] for t in texts]   # bytes not UTF-8 -> U+FFFD
         pieces = [self._pieces(t) for t in texts]
         flat = [p for ps in pieces for p in ps]
         encoded = self._tk.encode_batch_fast(flat, add_special_tokens=False) if flat else []
@@ -256,9 +277,15 @@ class BPETokenizer(Tokenizer):
         """Distinct pieces of `text` read as <unk>, in order of appearance (byte-level: none)."""
         if self.unk_id < 0:
             return []
+        text = replace_undecodable(text)[0]
         enc = self._tk.encode(text, add_special_tokens=False)
         return list(dict.fromkeys(text[a:b] for i, (a, b) in zip(enc.ids, enc.offsets)
                                   if i == self.unk_id))
+
+    def replaced_bytes(self, text):
+        """The distinct bytes of `text` that are not UTF-8 (lone surrogates, as sys.argv
+        carries them), which encode reads as U+FFFD."""
+        return replace_undecodable(text)[1]
 
     def decode(self, ids):
         """Ids -> text: <pad> and <bos> skipped, end of text -> newline."""

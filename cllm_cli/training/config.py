@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from cllm_cli.config import MODEL_FIELDS, CLLMConfig, model_config_problem
 from cllm_cli.corpus.files import ENCODING_ERRORS
 from cllm_cli.errors import UsageError
-from cllm_cli.tokenizers import TOKENIZER_KINDS
+from cllm_cli.tokenizers import TOKENIZER_KINDS, BPETokenizer
 
 INT_MAX = 2**31 - 1
 GROUPS = ("data", "model", "optimisation", "threads", "checkpoints", "output")
@@ -38,7 +38,11 @@ class TrainConfig:
                                  "the tokenizers library reads) instead of training one; "
                                  "implies --tokenizer bpe and the file's vocabulary size",
                                  fixed=True, metavar="PATH")
-    vocab_size: int = option(10000, "data", "largest vocabulary, the 4 special ids included",
+    vocab_size: int = option(10000, "data", "largest vocabulary, the 4 special ids included; "
+                             f"for bpe {BPETokenizer.min_vocab_size} to {BPETokenizer.max_vocab_size:,} (the "
+                             "tokenizers "
+                             "library reserves memory in proportion to it and aborts when "
+                             "that fails)",
                              minimum=5, fixed=True)
     glob: str = option("*.txt", "data", "file pattern inside directories", fixed=True)
     encoding_errors: str = option("strict", "data", "refuse non-UTF-8 or binary files, or replace "
@@ -172,6 +176,11 @@ class TrainConfig:
         if self.tokenizer_file and self.init_from:
             raise UsageError("--tokenizer-file and --init-from cannot be combined (--init-from "
                              "takes the model's own tokenizer)")
+        if (self.tokenizer == "bpe" and not (self.tokenizer_file or self.init_from)
+                and self.vocab_size > BPETokenizer.max_vocab_size):
+            raise UsageError(f"--vocab-size must be at most {BPETokenizer.max_vocab_size:,} for "
+                             f"--tokenizer bpe (the tokenizers library reserves memory in "
+                             f"proportion to it), got {self.vocab_size:,}")
         if not 0 <= self.dropout < 1:
             raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.val_fraction < 1:

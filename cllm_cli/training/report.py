@@ -62,7 +62,8 @@ def check_not_diverged(run, vocab_size, final):
 def sample_text(model, tokenizer, prompt, max_tokens, seed):
     ids = list(tokenizer.encode(prompt)) if prompt else []
     out = list(model.generate(ids, max_tokens=max_tokens, temperature=0.8, top_k=40, seed=seed,
-                              stop_ids=(tokenizer.eos_id,), start_id=tokenizer.eos_id))
+                              stop_ids=(tokenizer.eos_id,), start_id=tokenizer.eos_id,
+                              num_tokens=len(tokenizer)))
     return tokenizer.decode(ids + out).strip()
 
 
@@ -104,6 +105,10 @@ def print_header(trainer, log):
     if missing:
         log.warn("--prompt tokens not in the vocabulary, read as <unk>: "
                  + ", ".join(repr(t) for t in missing[:8]) + (" ..." if len(missing) > 8 else ""))
+    replaced = trainer.tokenizer.replaced_bytes(cfg.prompt) if cfg.sample_every else []
+    if replaced:
+        log.warn("--prompt holds bytes that are not UTF-8, read as U+FFFD: "
+                 + ", ".join(repr(b) for b in replaced[:8]) + (" ..." if len(replaced) > 8 else ""))
     if cfg.warmup_steps >= trainer.total_steps:
         log.warn(f"--warmup-steps {cfg.warmup_steps} covers the whole run of "
                  f"{trainer.total_steps} steps: the learning rate never reaches its peak")
