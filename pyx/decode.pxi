@@ -21,6 +21,10 @@
 
 cdef extern from "decode_math.h" nogil:
     void cllm_matvec_rows(float* out, const float* W, const float* x, int r0, int r1, int n)
+    ctypedef struct cllm_spin_barrier:
+        pass
+    void cllm_spin_init(cllm_spin_barrier* b, int n)
+    void cllm_spin_wait(cllm_spin_barrier* b, int* local_sense)
 
 cdef enum:
     DECODE_STEP = 0
@@ -36,6 +40,7 @@ cdef struct DecodeWorker:
     float* ln           # (C,) this worker's layer-norm output
     float* scores       # (T,) one head's attention row
     float* pscores      # (T, T) one head's scores of the prompt's rows (prefill)
+    int sense           # this worker's sense of the phase barrier
     pthread_t thread
     int started
 
@@ -65,8 +70,9 @@ cdef struct DecodeCache:
     int threads
     int mode            # DECODE_STEP, DECODE_CLASSIFY or DECODE_QUIT, set before the start barrier
     DecodeWorker* workers
-    pthread_barrier_t barrier
+    pthread_barrier_t barrier       # the start of a position: workers sleep here in between
     int barrier_ready
+    cllm_spin_barrier phase         # between the phases of a position
 
 
 cdef inline void rows_of(int total, int w, int threads, int* r0, int* r1) noexcept nogil:
@@ -75,7 +81,14 @@ cdef inline void rows_of(int total, int w, int threads, int* r0, int* r1) noexce
     r1[0] = <int>((<long long>total * (w + 1)) // threads)
 
 
-cdef inline void decode_sync(DecodeCache* d) noexcept nogil:
+cdef inline void decode_sync(DecodeCache* d, DecodeWorker* w) noexcept nogil:
+    # the end of a phase: every worker waits for the others
+    if d.threads > 1:
+        cllm_spin_wait(&d.phase, &w.sense)
+
+
+cdef inline void decode_start(DecodeCache* d) noexcept nogil:
+    # the start of a position (or of a prefill): the sleeping workers wake up
     if d.threads > 1:
         pthread_barrier_wait(&d.barrier)
 
@@ -120,18 +133,18 @@ cdef void decode_step(DecodeCache* d, DecodeWorker* w) noexcept nogil:
         cllm_matvec_rows(qkv + <size_t>t * 3 * C + r0, lp.qkvw, w.ln, r0, r1, C)
         for r in range(r0, r1):
             qkv[<size_t>t * 3 * C + r] += lp.qkvb[r]
-        decode_sync(d)
+        decode_sync(d, w)
         # attention, by heads
         rows_of(c.NH, w.id, d.threads, &r0, &r1)
         for r in range(r0, r1):
             decode_attention_head(d.atty + r * hs, w.scores, qkv, t, C, hs, r, c.T)
-        decode_sync(d)
+        decode_sync(d, w)
         # mid = x + c_proj(atty), by rows (rounded as (x + bias) + product, as the engine's)
         rows_of(C, w.id, d.threads, &r0, &r1)
         cllm_matvec_rows(d.mid + r0, lp.attprojw, d.atty, r0, r1, C)
         for r in range(r0, r1):
             d.mid[r] = (d.x[r] + lp.attprojb[r]) + d.mid[r]
-        decode_sync(d)
+        decode_sync(d, w)
         # fch = gelu(c_fc(ln_2(mid))), by rows
         layernorm_forward(w.ln, &mean, &rstd, d.mid, lp.ln2w, lp.ln2b, 1, C)
         rows_of(F, w.id, d.threads, &r0, &r1)
@@ -139,15 +152,15 @@ cdef void decode_step(DecodeCache* d, DecodeWorker* w) noexcept nogil:
         for r in range(r0, r1):
             d.fch[r] += lp.fcb[r]
         gelu_forward(d.fch + r0, d.fch + r0, r1 - r0)
-        decode_sync(d)
+        decode_sync(d, w)
         # x = mid + c_proj(fch), by rows
         rows_of(C, w.id, d.threads, &r0, &r1)
         cllm_matvec_rows(d.x + r0, lp.fcprojw, d.fch, r0, r1, F)
         for r in range(r0, r1):
             d.x[r] = (d.mid[r] + lp.fcprojb[r]) + d.x[r]
-        decode_sync(d)
+        decode_sync(d, w)
     decode_classify(d, w, d.x)
-    decode_sync(d)
+    decode_sync(d, w)
 
 
 cdef void* decode_worker_thread(void* arg) noexcept nogil:
@@ -155,7 +168,7 @@ cdef void* decode_worker_thread(void* arg) noexcept nogil:
     cdef DecodeWorker* w = <DecodeWorker*>arg
     cdef DecodeCache* d = <DecodeCache*>w.cache
     while True:
-        pthread_barrier_wait(&d.barrier)        # the caller has set d.mode and the input
+        decode_start(d)                         # the caller has set d.mode and the input
         if d.mode == DECODE_QUIT:
             return NULL
         if d.mode == DECODE_STEP:
@@ -167,7 +180,7 @@ cdef void* decode_worker_thread(void* arg) noexcept nogil:
 cdef void decode_run(DecodeCache* d, int mode) noexcept nogil:
     # the caller's thread starts the workers on `mode` and does worker 0's part
     d.mode = mode
-    decode_sync(d)
+    decode_start(d)
     if mode == DECODE_STEP:
         decode_step(d, &d.workers[0])
     else:
@@ -239,7 +252,7 @@ cdef void decode_prefill_part(DecodeCache* d, DecodeWorker* w) noexcept nogil:
         qkv = d.qkv + <size_t>l * c.T * 3 * C
         for k in range(k0, k1):
             prefill_attention_input(d, &lp, qkv, k * PREFILL_ROWS, min(n, (k + 1) * PREFILL_ROWS))
-        decode_sync(d)
+        decode_sync(d, w)
         for h in range(h0, h1):
             # scores of the n new rows against every cached row 0 .. span-1, causal
             sgemm_rm(False, True, n, span, hs, scale, qkv + <size_t>t0 * 3 * C + h * hs,
@@ -251,12 +264,12 @@ cdef void decode_prefill_part(DecodeCache* d, DecodeWorker* w) noexcept nogil:
                     row[j] = 0.0
             sgemm_rm(False, False, n, hs, span, 1.0, w.pscores, span,
                      qkv + 2 * C + h * hs, 3 * C, 0.0, d.patty + h * hs, C)
-        decode_sync(d)
+        decode_sync(d, w)
         for k in range(k0, k1):
             prefill_block_output(d, &lp, k * PREFILL_ROWS, min(n, (k + 1) * PREFILL_ROWS))
-    decode_sync(d)
+    decode_sync(d, w)
     decode_classify(d, w, d.px + <size_t>(n - 1) * C)
-    decode_sync(d)
+    decode_sync(d, w)
 
 
 cdef void decode_prefill(DecodeCache* d, const int* tokens, int n) noexcept nogil:
@@ -302,6 +315,7 @@ cdef int decode_cache_alloc(DecodeCache* d, const ModelConfig* c, const float* p
             decode_cache_free(d)
             return -2
         d.barrier_ready = 1
+        cllm_spin_init(&d.phase, threads)
         for i in range(1, threads):
             if pthread_create(&d.workers[i].thread, NULL, decode_worker_thread,
                               &d.workers[i]) != 0:

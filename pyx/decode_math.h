@@ -52,3 +52,39 @@ static inline void cllm_matvec_rows(float *out, const float *W, const float *x, 
     }
 }
 #endif
+
+/* A barrier for the phases of one decoded position: the threads arrive within microseconds
+ * of each other, so they spin (with a pause) instead of sleeping in the kernel, which would
+ * cost tens of microseconds per phase; after many spins a waiter yields its core, so that more
+ * threads than cores still make progress. Sense-reversing: each thread keeps its own sense. */
+#ifndef CLLM_SPIN_BARRIER
+#define CLLM_SPIN_BARRIER
+#include <sched.h>
+typedef struct {
+    int count;      /* threads arrived in the current phase */
+    int sense;      /* flips when the last one arrives */
+    int n;
+} cllm_spin_barrier;
+
+static inline void cllm_spin_init(cllm_spin_barrier *b, int n) {
+    b->count = 0;
+    b->sense = 0;
+    b->n = n;
+}
+
+static inline void cllm_spin_wait(cllm_spin_barrier *b, int *local_sense) {
+    int sense = !*local_sense, spins = 0;
+    *local_sense = sense;
+    if (__atomic_fetch_add(&b->count, 1, __ATOMIC_ACQ_REL) == b->n - 1) {
+        __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&b->sense, sense, __ATOMIC_RELEASE);
+        return;
+    }
+    while (__atomic_load_n(&b->sense, __ATOMIC_ACQUIRE) != sense) {
+        if (++spins < 20000)
+            __builtin_ia32_pause();
+        else
+            sched_yield();
+    }
+}
+#endif
