@@ -75,12 +75,17 @@ def test_tokenize_into_a_pipe_read_to_the_end_is_status_0(tiny_run):
     assert p.stdout.split()[0].isdigit()
 
 
+def copy_of_run(ckpt, run, checkpoint):
+    """A run directory holding the run's vocabulary, dataset and one step checkpoint."""
+    os.makedirs(run)
+    for name in ("vocab.txt", "dataset.bin", checkpoint):
+        (run / name).write_bytes((ckpt / name).read_bytes())
+    return run
+
+
 def test_resume_with_max_steps_below_the_checkpoint_is_refused(tiny_run, tmp_path, capsys):
     corpus, ckpt = tiny_run
-    run = tmp_path / "run"
-    os.makedirs(run)
-    for name in ("vocab.txt", "dataset.bin", "checkpoint_step_6.cllm"):
-        (run / name).write_bytes((ckpt / name).read_bytes())
+    run = copy_of_run(ckpt, tmp_path / "run", "checkpoint_step_6.cllm")
     code = train_main([str(corpus), "--resume", "--max-steps", "4", "--checkpoint-dir", str(run)])
     err = capsys.readouterr().err
     assert_one_error_line(code, err, "train_model", "step 6", "4 steps")
@@ -89,10 +94,7 @@ def test_resume_with_max_steps_below_the_checkpoint_is_refused(tiny_run, tmp_pat
 
 def test_damaged_dataset_bin_on_resume_says_it_was_rebuilt(tiny_run, tmp_path, capsys):
     corpus, ckpt = tiny_run
-    run = tmp_path / "run"
-    os.makedirs(run)
-    for name in ("vocab.txt", "dataset.bin", "checkpoint_step_3.cllm"):
-        (run / name).write_bytes((ckpt / name).read_bytes())
+    run = copy_of_run(ckpt, tmp_path / "run", "checkpoint_step_3.cllm")
     data = bytearray((run / "dataset.bin").read_bytes())
     data[-3] ^= 0xFF                 # a flipped token id: the stream's checksum no longer holds
     (run / "dataset.bin").write_bytes(bytes(data))

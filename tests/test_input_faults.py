@@ -7,12 +7,13 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, assert_one_error_line, call, sentences
+from helpers import assert_one_error_line, call, sentences
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from cllm_cli import CLLMModel
@@ -23,7 +24,7 @@ from cllm_cli.errors import ConversionError
 from cllm_cli.formats.model_files import load_model_files
 from cllm_cli.tokenizers import BPETokenizer
 
-BIN = os.path.join(ROOT, ".venv", "bin")
+BIN = os.path.dirname(sys.executable)
 TINY_RUN = ["--batch-size", "4", "--micro-batch", "2", "--warmup-steps", "1",
             "--eval-interval", "0", "--quiet", "--learning-rate", "3e-3", "--threads", "1"]
 PADDED = 350        # config.json's vocab_size; the tokenizer has 300 tokens
