@@ -311,7 +311,7 @@ def test_ctrl_c_saves_and_resume_matches_a_straight_run(tmp_path, capsys):
 
 
 def test_plot_option_draws_the_losses(corpus, tmp_path, capsys):
-    pytest.importorskip("matplotlib")
+    assert importlib.util.find_spec("matplotlib"), "matplotlib: make installs it"
     png = tmp_path / "loss.png"
     code, out, err = cli(capsys, corpus, "--checkpoint-dir", tmp_path / "ck", *TINY,
                          "--eval-interval", "2", "--plot", png)
