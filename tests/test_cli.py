@@ -5,6 +5,7 @@ Bad input must give exactly one line on stderr starting with "train_model: error
 status 2 and no traceback. Most cases call cllm_cli.cli.train.main(argv) in-process; the ones that
 need a real process (signals, what a user's terminal shows) run it as a subprocess.
 """
+import importlib.util
 import json
 import math
 import re
