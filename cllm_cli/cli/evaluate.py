@@ -60,8 +60,9 @@ def build_parser():
                    help="refuse non-UTF-8 or binary files, or replace bad bytes with U+FFFD "
                         "(default: %(default)s)")
     p.add_argument("--vocab", metavar="PATH", default=None,
-                   help="vocab.txt the model was trained with (default: vocab.txt next to the "
-                        "checkpoint)")
+help="tokenizer file (vocab.txt or tokenizer.json; for bpe also GPT-2's "
+                        "vocab.json with merges.txt next to it, or their directory) the model "
+                        "was trained with (default: the one next to the checkpoint)")
     p.add_argument("--threads", type=int, default=None, help="worker spheres (default: all cores)")
     p.add_argument("--precision", choices=precision.PRECISIONS, default=None,
                    help="of the matrix products (default: the one the model was trained in)")

@@ -10,6 +10,10 @@ Choices written down here:
   newest checkpoint_step_<N>.cllm), as for cllm_inference. The tokenizer is the file next to
   the checkpoint (vocab.txt, or tokenizer.json for bpe) unless --vocab says otherwise; its
   hash must be the one the checkpoint records.
+- The format is --format, else OUT's name: a name ending in .gguf is a GGUF file, any other
+  a transformers directory. Success prints on stdout what was written, where, and how to load
+  it (the Python lines for transformers, the llama-cli line for GGUF, with the context length:
+  neither runtime can look past seq_len tokens).
 - OUT is a directory for --format hf, written all at once (a temporary directory renamed into
   place); an existing non-empty OUT is refused unless --force, which replaces it. For --format
   gguf OUT is a file, written atomically, refused when it exists unless --force. OUT may
@@ -45,13 +49,14 @@ def build_parser():
                         "its newest checkpoint_step_<N>.cllm)")
     p.add_argument("out", metavar="OUT",
                    help="directory to create (--format hf), or file (--format gguf)")
-    p.add_argument("--format", choices=FORMATS, default="hf",
+    p.add_argument("--format", choices=FORMATS, default=None,
                    help="hf: a transformers GPT-2 directory; gguf: one file for llama.cpp "
-                        "(bpe tokenizer only)")
+                        "(bpe tokenizer only). Default: gguf when OUT ends in .gguf, else hf")
     p.add_argument("--force", action="store_true",
                    help="replace OUT when it exists (and, for a directory, is not empty)")
     p.add_argument("--vocab", metavar="PATH", default=None,
-                   help="the training run's vocab.txt, or tokenizer.json for bpe (default: the "
+                   help="the training run's tokenizer file (vocab.txt or tokenizer.json; for "
+                        "bpe also GPT-2's vocab.json with merges.txt next to it) (default: the "
                         "one next to the checkpoint)")
     return name_defaults(p)
 
@@ -61,7 +66,28 @@ def _inside(path, directory):
     return path == directory or directory in path.parents
 
 
+def output_format(args):
+    """--format, else what OUT's name says: gguf for a name ending in .gguf, else hf."""
+    if args.format is not None:
+        return args.format
+    return "gguf" if Path(args.out).suffix.lower() == ".gguf" else "hf"
+
+
+def how_to_load(fmt, out, cfg):
+    """What success prints on stdout: what was written, where, and how to load it."""
+    if fmt == "gguf":
+        return (f"wrote a GGUF file (llama.cpp) to {out}; context length {cfg.seq_len} tokens\n"
+                f"run it with: llama-cli -m {out} -c {cfg.seq_len}\n")
+    return (f"wrote a transformers GPT-2 directory to {out}; context length {cfg.seq_len} "
+            f"tokens (n_positions)\n"
+            f"load it in Python with:\n"
+            f"  from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            f"  model, tokenizer = AutoModelForCausalLM.from_pretrained({str(out)!r}), "
+            f"AutoTokenizer.from_pretrained({str(out)!r})\n")
+
+
 def run(args):
+    fmt = args.format = output_format(args)
     cfg, flat, tokenizer, _, tokenizer_file = load_model_files(args.checkpoint, args.vocab)
     for source in (args.checkpoint, tokenizer_file):
         if _inside(source, args.out):
@@ -80,6 +106,8 @@ def run(args):
             raise MissingDependency(f"--format gguf needs the gguf package ({e}): "
                                     f"pip install gguf") from None
         write_gguf(cfg, flat, tokenizer, args.out, force=args.force)
+    sys.stdout.write(how_to_load(fmt, args.out, cfg))
+    sys.stdout.flush()
 
 
 def main(argv=None):

@@ -1,12 +1,12 @@
 """cllm_inference: text from a trained checkpoint, streamed while it is generated.
 
-    checkpoint + vocab.txt -> Tokenizer, CLLMModel -> prompt ids -> model.generate -> stdout
+    checkpoint + tokenizer file -> Tokenizer, CLLMModel -> prompt ids -> model.generate -> stdout
 
 Choices written down here:
 
 - CHECKPOINT may be a .cllm file or a checkpoint directory (its final_model.cllm, else its
-  newest checkpoint_step_<N>.cllm). The vocabulary is the vocab.txt next to the checkpoint
-  unless --vocab says otherwise; it must be the one the model was trained with (its hash is
+  newest checkpoint_step_<N>.cllm). The vocabulary is the tokenizer file next to the
+  checkpoint (vocab.txt or tokenizer.json) unless --vocab says otherwise; it must be the one the model was trained with (its hash is
   compared with the one the checkpoint records), and the tokenizer kind is the checkpoint's.
 - The prompt is echoed as typed (for the word tokenizer without trailing white space), then
   the continuation follows. Text is decoded incrementally: after each token the whole
@@ -70,8 +70,9 @@ def build_parser():
                         "does not depend on it")
     g = p.add_argument_group("files")
     g.add_argument("--vocab", metavar="PATH", default=None,
-                   help="vocab.txt the model was trained with (default: vocab.txt next to the "
-                        "checkpoint)")
+help="tokenizer file (vocab.txt or tokenizer.json; for bpe also GPT-2's "
+                        "vocab.json with merges.txt next to it, or their directory) the model "
+                        "was trained with (default: the one next to the checkpoint)")
     return p
 
 

@@ -22,6 +22,7 @@ import codecs
 import collections
 import json
 import sys
+from pathlib import Path
 
 from cllm_cli.cli.common import HelpFormatter, Parser, run_main
 from cllm_cli.corpus import collect_files
@@ -29,7 +30,7 @@ from cllm_cli.corpus.files import decode_text as _decode
 from cllm_cli.corpus.files import read_text
 from cllm_cli.errors import DataError, UsageError
 from cllm_cli.fileio import check_regular
-from cllm_cli.tokenizers import TOKENIZER_KINDS, Tokenizer
+from cllm_cli.tokenizers import TOKENIZER_KINDS, BPETokenizer, Tokenizer
 
 PROG = "cllm_tokenize"
 STDIN = "-"
@@ -40,7 +41,8 @@ def build_parser():
     p = Parser(
         prog=PROG,
         description="Encode text into token ids with the vocabulary of a training run "
-                    "(vocab.txt, or tokenizer.json), "
+                    "(tokenizer file: vocab.txt or tokenizer.json, or GPT-2's vocab.json + "
+                    "merges.txt), "
                     "decode ids back into text, or count tokens and unknown words.",
         epilog="Example: cllm_tokenize notes.txt --vocab checkpoints/vocab.txt --stats",
         formatter_class=HelpFormatter)
@@ -52,11 +54,12 @@ def build_parser():
                    help="file pattern inside directories (default: %(default)s)")
     g = p.add_argument_group("vocabulary")
     g.add_argument("--vocab", metavar="PATH", required=True,
-                   help="vocab.txt or tokenizer.json of a training run (in its checkpoint "
-                        "directory), or any tokenizer.json")
+                   help="tokenizer file (vocab.txt or tokenizer.json) of a training run (in "
+                        "its checkpoint directory), any tokenizer.json, or GPT-2's vocab.json "
+                        "with merges.txt next to it (or their directory)")
     g.add_argument("--tokenizer", choices=("auto",) + TOKENIZER_KINDS, default="auto",
                    help="tokenizer the vocabulary was built with; auto: bpe for a JSON file "
-                        "(tokenizer.json), char when the vocabulary holds a white-space token "
+                        "(tokenizer.json, vocab.json) or a directory, char when the vocabulary holds a white-space token "
                         "(a word vocabulary never does), else word (default: %(default)s)")
     g = p.add_argument_group("mode")
     mode = g.add_mutually_exclusive_group()
@@ -187,7 +190,7 @@ def token_stats(tokenizer, names, top):
     return {"files": list(names), "tokens": total, "unknown": unknown,
             "unknown_rate": unknown / total if total else 0.0,
             "distinct": len(counts), "vocab_size": len(tokenizer),
-            "top": [[tokenizer.id_to_token(i), c] for i, c in ranked],
+            "top": [[tokenizer.token_text(i), c] for i, c in ranked],
             "unknown_top": [[t, c] for t, c in missing.most_common(top)]}
 
 
@@ -213,11 +216,14 @@ def format_stats(stats):
 def _show(token):
     """A token as one visible cell: white space and control characters escaped."""
     if token.isprintable() and not token.isspace():
-        return token
+        return token if token == token.strip() else repr(token)    # " the" -> ' the'
     return repr(token)[1:-1] if token != " " else "' '"
 
 
 def load_tokenizer(path, kind):
+    if kind == "bpe" or (kind == "auto" and (Path(path).is_dir() or Path(path).suffix == ".json")):
+        BPETokenizer.check_files(path, "--vocab")     # tokenizer.json, or vocab.json + merges.txt
+        return Tokenizer.load(path, "bpe")
     check_regular(path, "--vocab")
     if kind != "auto":
         return Tokenizer.load(path, kind)

@@ -24,7 +24,7 @@ import numpy as np
 
 from cllm_cli._engine import num_parameters
 from cllm_cli.config import CLLMConfig, model_config_problem
-from cllm_cli.errors import ConversionError
+from cllm_cli.errors import ConversionError, DataError
 from cllm_cli.fileio import reason
 from cllm_cli.formats.checkpoint import first_non_finite
 from cllm_cli.formats.gpt2_names import LAYER_NORM_EPS, gpt2_name, is_conv1d
@@ -217,10 +217,11 @@ def load_gpt2_directory(directory):
         more = f" and {len(names) - 1} more" if len(names) > 1 else ""
         raise ConversionError(f"{directory}: unexpected tensor {names[0]}{more}")
 
-    tokenizer_path = directory / "tokenizer.json"
-    if not tokenizer_path.exists():
-        raise ConversionError(f"{directory}: no tokenizer.json (a fast tokenizer file is needed)")
-    tokenizer = BPETokenizer.load(tokenizer_path)
+    try:
+        tokenizer_path = BPETokenizer.source(directory)[0]
+    except DataError as e:
+        raise ConversionError(str(e)) from None
+    tokenizer = BPETokenizer.read(directory)
     if len(tokenizer) > cfg.vocab_size:
         raise ConversionError(f"{tokenizer_path} has {len(tokenizer)} tokens but config.json "
                               f"has vocab_size {cfg.vocab_size}")

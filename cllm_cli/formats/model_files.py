@@ -14,7 +14,7 @@ from cllm_cli.fileio import check_regular
 from cllm_cli.formats.checkpoint import latest_checkpoint
 from cllm_cli.formats.checkpoint_load import check_vocabulary, load_checkpoint
 from cllm_cli.formats.hf_import import load_gpt2_directory
-from cllm_cli.tokenizers import TOKENIZER_KINDS, Tokenizer, tokenizer_class
+from cllm_cli.tokenizers import TOKENIZER_KINDS, BPETokenizer, Tokenizer, tokenizer_class
 
 
 def is_transformers_directory(path):
@@ -53,7 +53,10 @@ def load_with_tokenizer(path, tokenizer_path=None):
         if not tokenizer_path.exists():
             raise UsageError(f"no {name} next to {path} (looked for {tokenizer_path}); give "
                              f"the training run's {name} with --vocab")
-    check_regular(tokenizer_path, "vocabulary")
+    if kind == "bpe":       # a tokenizer.json, or GPT-2's vocab.json + merges.txt
+        BPETokenizer.check_files(tokenizer_path, "vocabulary")
+    else:
+        check_regular(tokenizer_path, "vocabulary")
     tokenizer = Tokenizer.load(tokenizer_path, kind)
     if meta.get("vocab_hash") is not None:      # files saved without one are taken as they are
         check_vocabulary(tokenizer.vocab_hash, tokenizer_path, meta["vocab_hash"], path)
@@ -65,15 +68,16 @@ def load_with_tokenizer(path, tokenizer_path=None):
 
 def load_model_files(path, tokenizer_path=None):
     """(CLLMConfig, flat params, tokenizer, meta, tokenizer path) of a .cllm file, a run
-    directory or a transformers GPT-2 directory (whose tokenizer is its tokenizer.json, and
+    directory or a transformers GPT-2 directory (whose tokenizer is its tokenizer.json, or
+    its vocab.json + merges.txt, and
     meta empty). One line (CheckpointError, ConversionError, UsageError) when it cannot be
     read."""
     if is_transformers_directory(path):
         if tokenizer_path is not None:
-            raise UsageError(f"{path} is a transformers directory: its tokenizer.json is used, "
+            raise UsageError(f"{path} is a transformers directory: its own tokenizer is used, "
                              f"--vocab does not apply")
         cfg, flat, tokenizer = load_gpt2_directory(Path(path))
-        return cfg, flat, tokenizer, {}, Path(path) / "tokenizer.json"
+        return cfg, flat, tokenizer, {}, BPETokenizer.source(path)[0]
     path = resolve_checkpoint(path)
     if not path.exists():
         raise UsageError(f"{path}: no such file or directory")

@@ -104,9 +104,11 @@ class CLLMModel:
             raise ValueError(f"{name} hold ids outside [0, {self.config.vocab_size})")
         return np.ascontiguousarray(a, dtype=np.int32)
 
-    def loss_and_grads(self, inputs, targets):
-        """Mean loss over targets that are not <pad> and its gradient for every parameter.
+    def loss_and_grads(self, inputs, targets, pad_id=None):
+        """Mean loss over the counted targets and its gradient for every parameter.
 
+        pad_id: the id whose targets are left out (the tokenizer's pad_id; -1 or None: every
+        target counts; no id is assumed to be a pad, GPT-2's id 0 is "!").
         Returns (loss, {name: gradient}); with no counted target the loss is 0 and so are the
         gradients."""
         inputs, targets = self._tokens(inputs, "inputs"), self._tokens(targets, "targets")
@@ -114,7 +116,8 @@ class CLLMModel:
             raise ValueError("inputs and targets must have the same shape")
         grads = np.empty_like(self.flat)     # the engine writes every element
         loss_sum, counted = _engine.loss_and_grads(self.config, self.flat,
-                                                   inputs, targets, grads)
+                                                   inputs, targets, grads,
+                                                   pad_id=-1 if pad_id is None else int(pad_id))
         if counted:
             grads /= np.float32(counted)
             loss_sum /= counted

@@ -123,6 +123,11 @@ class Tokenizer:
     def __len__(self):
         raise NotImplementedError
 
+    def token_text(self, i):
+        """The text id i stands for, as cllm_tokenize --stats shows it (bpe: the decoded token,
+        not its byte-level symbols); here the vocabulary's string."""
+        return self.id_to_token(i)
+
     def encode(self, text):
         """Ids of `text` as int64, no <eos>."""
         raise NotImplementedError

@@ -3,6 +3,8 @@ is the library's standard tokenizer.json.
 
     BPETokenizer.train(documents, vocab_size)   corpus -> merges (the library's BpeTrainer)
     BPETokenizer.load(path) / save(path)        tokenizer.json (ours, GPT-2's, any other)
+    BPETokenizer.read(path)                     also GPT-2's classic vocab.json + merges.txt
+                                                (given as the vocab.json or their directory)
     encode / encode_document / encode_batch     text -> int64 ids, on all cores
     decode                                      ids -> text
 
@@ -70,13 +72,14 @@ import hashlib
 import json
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from cllm_cli.errors import DataError
-from cllm_cli.fileio import atomic_file
+from cllm_cli.fileio import atomic_file, check_regular
 from cllm_cli.tokenizers.base import SPECIALS, Tokenizer, replace_undecodable
 
 N_BYTES = 256
@@ -89,6 +92,8 @@ TRAIN_BYTES = 8 << 20
 
 EOS_NAMES = ("<eos>", "<|endoftext|>", "</s>")
 BOS_NAMES = ("<bos>", "<s>")
+# what a path that holds no tokenizer lacks (BPETokenizer.source)
+MISSING = "a tokenizer is a tokenizer.json, or a vocab.json with merges.txt next to it"
 
 # A run of newlines between two characters that are letters, digits or ASCII punctuation
 # (white space neither for Python nor for the library's regex): safe to cut before its last
@@ -106,6 +111,33 @@ _BLOCK_WORD_CUT = re.compile(rb"[A-Za-z](?=[\x00-@\[-`{-\x7f])|[0-9](?=[\x00-/:-
 
 def _one_line(text):
     return " ".join(str(text).split())
+
+
+def _byte_symbols():
+    """GPT-2's byte-level alphabet: the printable character standing for each byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+_BYTE_OF = {c: b for b, c in _byte_symbols().items()}     # byte-level symbol -> byte
+
+
+def _is_vocab_json(path):
+    """True when `path` is a JSON object of token -> id (vocab.json), not a tokenizer.json
+    (whose "model" is an object; GPT-2's vocab.json has a token "model" too)."""
+    try:
+        with open(path, "rb") as f:
+            spec = json.loads(f.read())
+    except (OSError, ValueError):
+        return False
+    return isinstance(spec, dict) and not isinstance(spec.get("model"), dict)
 
 
 def _whole_file(data):
@@ -311,6 +343,26 @@ class BPETokenizer(Tokenizer):
         printable characters)."""
         return self._tk.id_to_token(int(i))
 
+    def token_text(self, i):
+        """The text id i stands for, as a reader would see it (" the", "\\n"): the decoded
+        token; special tokens by name; a token that stops inside a UTF-8 character shows its
+        bytes as \\xNN escapes."""
+        i = int(i)
+        if i in self._special_ids():
+            return self.id_to_token(i)
+        text = self._tk.decode([i], skip_special_tokens=False)
+        symbol = self.id_to_token(i) or ""
+        if "\ufffd" in text and symbol and all(c in _BYTE_OF for c in symbol):
+            text = bytes(_BYTE_OF[c] for c in symbol).decode("utf-8", "backslashreplace")
+        return text
+
+    def _special_ids(self):
+        ids = getattr(self, "_specials", None)
+        if ids is None:
+            added = self._tk.get_added_tokens_decoder()
+            ids = self._specials = {k for k, t in added.items() if t.special}
+        return ids
+
     # -- tokenizer.json ---------------------------------------------------------------------
 
     @property
@@ -329,14 +381,76 @@ class BPETokenizer(Tokenizer):
             f.write(self._json)
 
     @classmethod
-    def read(cls, path):
-        """Read a tokenizer.json; DataError (one line naming the file) when it is not usable."""
+    def from_vocab_merges(cls, vocab_path, merges_path):
+        """GPT-2's classic layout: vocab.json (token -> id) and merges.txt, run as GPT-2's
+        byte-level BPE (ByteLevel pre-tokenizer without prefix space, ByteLevel decoder); the
+        end-of-text, begin-of-text, <pad> and <unk> tokens present in the vocabulary are special
+        tokens. ValueError (one line) when the files are not such a pair."""
         try:
-            with open(path, "rb") as f:
+            vocab, merges = models.BPE.read_file(os.fspath(vocab_path), os.fspath(merges_path))
+            tk = tokenizers.Tokenizer(models.BPE(vocab, merges))
+        except Exception as e:      # the library's Exception
+            raise ValueError(f"not a vocab.json and merges.txt pair ({_one_line(e)[:200]})") from None
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tk.decoder = decoders.ByteLevel()
+        specials = [name for name in ("<pad>", "<unk>", *BOS_NAMES, *EOS_NAMES) if name in vocab]
+        specials.sort(key=vocab.get)
+        tk.add_special_tokens([tokenizers.AddedToken(name, special=True, normalized=False)
+                               for name in specials])
+        return cls(tk.to_str().encode("utf-8"))
+
+    @staticmethod
+    def source(path, what=None):
+        """(tokenizer.json, None) or (vocab.json, merges.txt) that `path` names: a
+        tokenizer.json, a vocab.json with merges.txt next to it, or a directory holding either
+        (tokenizer.json first). DataError (one line: `what` and `path`, what is missing and
+        MISSING) when there is neither."""
+        path = Path(path)
+        named = f"{what} {path}" if what else str(path)
+        if path.is_dir():
+            if (path / "tokenizer.json").exists():
+                return path / "tokenizer.json", None
+            vocab = path / "vocab.json"
+        elif path.suffix == ".json" and path.name != "tokenizer.json" and _is_vocab_json(path):
+            vocab = path
+        else:
+            return path, None
+        merges = vocab.parent / "merges.txt"
+        if path.is_dir() and not vocab.is_file():
+            raise DataError(f"{named}: a directory, not a tokenizer file, and it holds none; "
+                            f"{MISSING}")
+        if not merges.is_file():
+            raise DataError(f"{named}: no merges.txt next to {vocab.name}; {MISSING}")
+        return vocab, merges
+
+    @classmethod
+    def check_files(cls, path, what):
+        """The file read() reads for `path` (tokenizer.json or vocab.json), after checking that
+        it (and merges.txt) open as regular files: UsageError naming `what` otherwise,
+        DataError when `path` holds no tokenizer."""
+        first, merges = cls.source(path, what)
+        for name in (first, merges):
+            if name is not None:
+                check_regular(name, what)
+        return first
+
+    @classmethod
+    def read(cls, path):
+        """Read a tokenizer: a tokenizer.json, a vocab.json (merges.txt next to it) or a
+        directory holding either (source); DataError (one line naming the file) when it is not
+        usable."""
+        first, merges = cls.source(path)
+        if merges is not None:
+            try:
+                return cls.from_vocab_merges(first, merges)
+            except ValueError as e:
+                raise DataError(f"{first}: {e}") from None
+        try:
+            with open(first, "rb") as f:
                 data = f.read()
         except OSError as e:
-            raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+            raise DataError(f"{first}: cannot read ({e.strerror or e})") from None
         try:
             return cls(data)
         except ValueError as e:
-            raise DataError(f"{path}: {e}") from None
+            raise DataError(f"{first}: {e}") from None

@@ -35,7 +35,9 @@ class TrainConfig:
     # data
     tokenizer: str = option("bpe", "data", choices=TOKENIZER_KINDS, fixed=True)
     tokenizer_file: str = option("", "data", "use this tokenizer.json (GPT-2's, or any other "
-                                 "the tokenizers library reads) instead of training one; "
+                                 "the tokenizers library reads), or GPT-2's vocab.json with "
+                                 "merges.txt next to it (or their directory), instead of "
+                                 "training one; "
                                  "implies --tokenizer bpe and the file's vocabulary size",
                                  fixed=True, metavar="PATH")
     vocab_size: int = option(10000, "data", "largest vocabulary, the 4 special ids included; "
@@ -50,8 +52,8 @@ class TrainConfig:
     val_fraction: float = option(0.05, "data", "share of the token stream held out for validation", fixed=True)
     # model
     init_from: str = option("", "model", "start from a Hugging Face GPT-2-family directory "
-                            "(config.json, model.safetensors, tokenizer.json) or a .cllm file: "
-                            "its weights, shape and tokenizer are taken, the optimiser starts "
+                            "(config.json, model.safetensors, tokenizer.json or vocab.json + "
+                            "merges.txt) or a .cllm file: its weights, shape and tokenizer are taken, the optimiser starts "
                             "afresh; --seq-len may shorten its position table", fixed=True,
                             metavar="DIR")
     embed_dim: int = option(256, "model", minimum=1, fixed=True)

@@ -24,7 +24,6 @@ from cllm_cli.corpus import (
     spread_windows,
 )
 from cllm_cli.errors import CheckpointError, ConversionError, DataError, TrainingError, UsageError
-from cllm_cli.fileio import check_regular
 from cllm_cli.formats import (
     check_vocabulary,
     checkpoint_path,
@@ -164,12 +163,13 @@ class Trainer:
         setattr(self.cfg, name, value)
 
     def _tokenizer_file(self, given):
-        """The tokenizer.json of --tokenizer-file; the run takes its kind and size."""
+        """The tokenizer of --tokenizer-file (a tokenizer.json, or GPT-2's vocab.json + merges.txt
+        given as the vocab.json or their directory); the run takes its kind and size."""
         cfg, source = self.cfg, f"--tokenizer-file {self.cfg.tokenizer_file}"
         if "tokenizer" in given and cfg.tokenizer != "bpe":
             raise UsageError(f"--tokenizer {cfg.tokenizer} cannot read {source} (a tokenizer.json "
                              f"is --tokenizer bpe)")
-        check_regular(cfg.tokenizer_file, "--tokenizer-file")
+        BPETokenizer.check_files(cfg.tokenizer_file, "--tokenizer-file")
         tokenizer = BPETokenizer.read(cfg.tokenizer_file)
         self._take("tokenizer", "bpe", given, source)
         self._take("vocab_size", len(tokenizer), given, source)
