@@ -18,7 +18,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from cllm_cli.corpus.files import decode_block
 from cllm_cli.errors import DataError
 from cllm_cli.formats.hf_export import word_char_pipeline
-from cllm_cli.tokenizers import SPECIALS, BPETokenizer, Tokenizer, bpe
+from cllm_cli.tokenizers import SPECIALS, BPETokenizer, Tokenizer, bpe, bpe_cuts
 
 AWKWARD = [
     "",
@@ -197,7 +197,7 @@ def test_every_block_cut_of_a_file_encodes_as_the_whole_file(tok, text):
     texts (line ends normalised as files.decode_block does) encode to the whole file's ids."""
     data = text.encode("utf-8")
     whole = tok.encode(decode_block("f", data)).tolist()
-    for m in bpe._BLOCK_CUT.finditer(data):
+    for m in bpe_cuts.BLOCK_CUT.finditer(data):
         place = m.start(1)
         assert tok.block_cut(data[:place + 1 + len(m.group(1))]) >= place  # a place it finds
         head, tail = decode_block("f", data[:place]), decode_block("f", data[place:], place)
@@ -213,7 +213,7 @@ def test_a_tokenizer_that_cannot_be_cut_reads_files_whole(tok):
 
 def test_long_text_is_cut_and_encodes_the_same(tok, awkward_text, monkeypatch):
     text = awkward_text * 3
-    assert len(bpe._cut_points(text, 1000)) > 10             # premise: the text is cut
+    assert len(bpe_cuts.cut_points(text, 1000)) > 10             # premise: the text is cut
     monkeypatch.setattr(bpe, "CHUNK_CHARS", 1000)
     whole = tokenizers.Tokenizer.from_str(tok.json_bytes.decode("utf-8"))
     whole.encode_special_tokens = True

@@ -71,7 +71,6 @@ Choices written down here:
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -81,33 +80,25 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from cllm_cli.errors import DataError
 from cllm_cli.fileio import atomic_file, check_regular
 from cllm_cli.tokenizers.base import SPECIALS, Tokenizer, replace_undecodable
+from cllm_cli.tokenizers.bpe_cuts import (
+    BLOCK_CUT,
+    BLOCK_WORD_CUT,
+    cut_points,
+    last_place,
+    whole_file,
+)
 
 N_BYTES = 256
 MIN_VOCAB_SIZE = len(SPECIALS) + N_BYTES
 MAX_VOCAB_SIZE = 1_000_000
 MIN_FREQUENCY = 2
 CHUNK_CHARS = 1 << 16
-LINE_CHARS = 1 << 18        # no newline place within this: cut at the end of a word instead
 TRAIN_BYTES = 8 << 20
 
 EOS_NAMES = ("<eos>", "<|endoftext|>", "</s>")
 BOS_NAMES = ("<bos>", "<s>")
 # what a path that holds no tokenizer lacks (BPETokenizer.source)
 MISSING = "a tokenizer is a tokenizer.json, or a vocab.json with merges.txt next to it"
-
-# A run of newlines between two characters that are letters, digits or ASCII punctuation
-# (white space neither for Python nor for the library's regex): safe to cut before its last
-# newline (group 1).
-_CUT = re.compile(r"[\w!-~]\n*(\n)[\w!-~]")
-# The same places in a file's bytes, for blocks (files.read_blocks): a run of line ends
-# ("\r\n", "\n" or a lone "\r", which become "\n") between two printable ASCII characters,
-# cut before its last line end (group 1).
-_BLOCK_CUT = re.compile(rb"[!-~](?:\r\n|\n|\r(?!\n))*(\r\n|\n|\r(?!\n))(?=[!-~])")
-# The end of a word or number: after an ASCII letter followed by an ASCII non-letter, or an
-# ASCII digit followed by an ASCII non-digit (GPT-2's regex always ends a piece there).
-_WORD_CUT = re.compile(r"[A-Za-z](?=[\x00-@\[-`{-\x7f])|[0-9](?=[\x00-/:-\x7f])")
-_BLOCK_WORD_CUT = re.compile(rb"[A-Za-z](?=[\x00-@\[-`{-\x7f])|[0-9](?=[\x00-/:-\x7f])")
-
 
 def _one_line(text):
     return " ".join(str(text).split())
@@ -138,41 +129,6 @@ def _is_vocab_json(path):
     except (OSError, ValueError):
         return False
     return isinstance(spec, dict) and not isinstance(spec.get("model"), dict)
-
-
-def _whole_file(data):
-    """block_cut of a tokenizer whose texts cannot be cut: no place."""
-    return 0
-
-
-def _cut_points(text, size):
-    """Offsets (after 0, before len) where `text` may be cut into pieces of about `size`."""
-    cuts, start = [], size
-    while start < len(text):
-        m = _CUT.search(text, start, start + LINE_CHARS)
-        if m is not None:
-            cut = m.start(1)
-        else:                            # a long line: the end of a word
-            m = _WORD_CUT.search(text, start)
-            if m is None:
-                break
-            cut = m.end()
-        cuts.append(cut)
-        start = cut + size
-    return cuts
-
-
-def _last_place(data, pattern, place_of):
-    """The last place of `pattern` in `data` (0: none), looked for near its end first."""
-    window = CHUNK_CHARS
-    while True:
-        start = max(0, len(data) - window)
-        place = 0
-        for m in pattern.finditer(data, start):
-            place = place_of(m)
-        if place or start == 0:
-            return place
-        window *= 8
 
 
 class BPETokenizer(Tokenizer):
@@ -219,7 +175,7 @@ class BPETokenizer(Tokenizer):
                           and pre.get("use_regex", True) and not pre.get("add_prefix_space")
                           and not added)
         if not self._cuttable:
-            self.block_cut = _whole_file
+            self.block_cut = whole_file
 
     def __len__(self):
         return self._size
@@ -231,11 +187,11 @@ class BPETokenizer(Tokenizer):
 
     @classmethod
     def block_cut(cls, data):
-        """The last _BLOCK_CUT place in `data`, looked for near its end first; without one,
-        the last end of a word (_BLOCK_WORD_CUT: a file without line breaks). A tokenizer
-        that cannot be cut replaces this by _whole_file."""
-        return (_last_place(data, _BLOCK_CUT, lambda m: m.start(1))
-                or _last_place(data, _BLOCK_WORD_CUT, lambda m: m.end()))
+        """The last BLOCK_CUT place in `data`, looked for near its end first; without one,
+        the last end of a word (BLOCK_WORD_CUT: a file without line breaks). A tokenizer
+        that cannot be cut replaces this by whole_file."""
+        return (last_place(data, BLOCK_CUT, lambda m: m.start(1), CHUNK_CHARS)
+                or last_place(data, BLOCK_WORD_CUT, lambda m: m.end(), CHUNK_CHARS))
 
     # -- building -----------------------------------------------------------------------
 
@@ -268,7 +224,7 @@ class BPETokenizer(Tokenizer):
         def pieces():
             for doc in documents:
                 start = 0
-                for cut in _cut_points(doc, CHUNK_CHARS):
+                for cut in cut_points(doc, CHUNK_CHARS):
                     yield doc[start:cut]
                     start = cut
                 yield doc[start:]
@@ -281,7 +237,7 @@ class BPETokenizer(Tokenizer):
     def _pieces(self, text):
         if not self._cuttable:
             return [text]
-        bounds = [0, *_cut_points(text, CHUNK_CHARS), len(text)]
+        bounds = [0, *cut_points(text, CHUNK_CHARS), len(text)]
         return [text[a:b] for a, b in zip(bounds, bounds[1:])]
 
     def encode_batch(self, texts):
