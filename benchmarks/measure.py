@@ -33,6 +33,7 @@ import time
 import numpy as np
 
 from cllm_cli.config import CLLMConfig
+from cllm_cli.lora import LoraSpec, init_adapters
 from cllm_cli.model import CLLMModel
 
 CONFIGS = {
@@ -188,10 +189,16 @@ def worker(spec):
     require(spec.get("precision", "fp32"))
     baseline = rss_now_bytes()
     flat = CLLMModel(cfg, SEED).flat     # this process's own copy: updated in place
-    adam_m, adam_v = np.zeros_like(flat), np.zeros_like(flat)
+    adapters = lora = None
+    if spec.get("lora"):                 # [rank, sites]: adapters train, the model is frozen
+        lora = LoraSpec(spec["lora"][0], 2.0 * spec["lora"][0], 0.0, tuple(spec["lora"][1]))
+        adapters = init_adapters(cfg, lora, SEED)
+    trained = flat if adapters is None else adapters
+    adam_m, adam_v = np.zeros_like(trained), np.zeros_like(trained)
     engine = Engine(cfg, flat, spec["threads"], spec["micro_batch"],
                     CONFIGS[name]["batch"], lock_mode=spec["lock_mode"],
-                    precision=spec.get("precision", "fp32"))
+                    precision=spec.get("precision", "fp32"), adapters=adapters,
+                    lora=lora and lora.engine_args)
     losses, skipped = [], 0
 
     def step(i):

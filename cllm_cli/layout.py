@@ -5,6 +5,7 @@ the engine's parameter_layout(cfg): (name, shape, offset) per tensor, in the ord
 (wte, wpe, then per block ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj, and
 ln_f). Every module that needs a tensor of such a buffer takes it from named_views.
 """
+import dataclasses
 import math
 
 import numpy as np
@@ -31,3 +32,14 @@ def named_views(cfg, flat, what="the buffer", dtype=None):
 def tensor_shapes(cfg):
     """{name: shape} of every tensor, in layout order."""
     return {name: tuple(shape) for name, shape, _ in _engine.parameter_layout(cfg)}
+
+
+def shorten_positions(config, flat, seq_len):
+    """(config, flat) of the same model with a position table of seq_len rows (its first
+    ones): exact for every context of at most seq_len tokens."""
+    short = dataclasses.replace(config, seq_len=seq_len)
+    out = np.empty(_engine.num_parameters(short), dtype=np.float32)
+    src, dst = named_views(config, flat), named_views(short, out)
+    for name, view in dst.items():
+        view[...] = src[name][:seq_len] if name == "wpe" else src[name]
+    return short, out

@@ -57,6 +57,12 @@ cdef struct Activations:
     float* att_dprobs
     float* memory       # the single allocation all of the above point into
     Bf16Products* bf16  # NULL for fp32, else the bf16 state of the weight products (owned)
+    # adapters (activations_use_lora): NULL without
+    const Lora* lora    # the adapters' settings and weights (not owned)
+    float* lora_h       # (L, LORA_SITES, N, r) each adapter's x' A^T, kept for the backward
+    float* lora_dh      # (N, r) its gradient, one site at a time
+    float* lora_x       # (N, max(C, F)) an adapter's dropped input, or a gradient through it
+    float* lora_memory  # the allocation of the three
 
 
 cdef inline int classifier_rows(const ModelConfig* c, int maxB, int requested) noexcept nogil:
@@ -147,6 +153,26 @@ cdef int activations_alloc(Activations* a, const ModelConfig* c, int maxB,
     a.B = 0
     a.n = 0
     a.bf16 = NULL
+    a.lora = NULL
+    a.lora_memory = NULL
+    return 0
+
+
+cdef int activations_use_lora(Activations* a, const ModelConfig* c,
+                              const Lora* lo) noexcept nogil:
+    # gives a's passes the adapters lo, with room for their activations; 0 on success, -1
+    # when out of memory
+    cdef size_t N = <size_t>a.maxB * c.T
+    cdef size_t sizes[3]
+    cdef float** slots[3]
+    sizes[0] = <size_t>c.L * LORA_SITES * N * lo.rank
+    sizes[1] = N * lo.rank
+    sizes[2] = N * max(c.C, c.F)
+    slots[:] = [&a.lora_h, &a.lora_dh, &a.lora_x]
+    a.lora_memory = carve(slots, sizes, 3)
+    if a.lora_memory == NULL:
+        return -1
+    a.lora = lo
     return 0
 
 
@@ -179,6 +205,9 @@ cdef int activations_use_bf16(Activations* a, const ModelConfig* c, const float*
 cdef void activations_free(Activations* a) noexcept nogil:
     free(a.memory)
     a.memory = NULL
+    free(a.lora_memory)
+    a.lora_memory = NULL
+    a.lora = NULL
     if a.bf16 != NULL:
         bf16_context_free(&a.bf16.ctx)
         free(a.bf16.inputs)
@@ -207,6 +236,10 @@ cdef struct LayerActs:
     float* att_probs    # (ATT_BLOCK, n)
     float* att_dprobs
     Bf16Products* bf16  # the sphere's bf16 state, or NULL
+    const Lora* lora    # the adapters, or NULL
+    float* lora_h       # (LORA_SITES, N, r) this block's
+    float* lora_dh      # (N, r)
+    float* lora_x       # (N, max(C, F))
 
 
 cdef inline void layer_acts(LayerActs* la, const Activations* a, const ModelConfig* c,
@@ -228,3 +261,7 @@ cdef inline void layer_acts(LayerActs* la, const Activations* a, const ModelConf
     la.att_probs = a.att_probs
     la.att_dprobs = a.att_dprobs
     la.bf16 = a.bf16
+    la.lora = a.lora
+    la.lora_h = a.lora_h + l * LORA_SITES * N * (a.lora.rank if a.lora != NULL else 0)
+    la.lora_dh = a.lora_dh
+    la.lora_x = a.lora_x

@@ -74,6 +74,7 @@ include "kernels_layers.pxi"       # embedding, layer norm, linear, residual, GE
 include "kernels_attention.pxi"    # causal attention in blocks of query rows
 include "kernels_loss.pxi"         # cross-entropy
 include "model_layout.pxi"         # ModelConfig, PARAMETER_TABLE and the parameter views
+include "lora.pxi"                 # LoRA adapters: their layout, forward and backward
 include "activations.pxi"          # a sphere's activations and their named slices
 include "model_pass.pxi"           # profile buckets, block and model forward / backward
 include "optim.pxi"                # AdamW over chunks of the flat buffer
@@ -158,10 +159,76 @@ def optimizer_chunks(cfg):
     """int64 [k, 3] rows (offset, size, decay) covering the buffer: the optimiser's units of
     work, every tensor cut into pieces of at most 16384 floats, decay on 2-D tensors."""
     cdef ModelConfig c = model_config(cfg)
-    out = np.empty((count_optimizer_chunks(&c), 3), dtype=np.int64)
+    out = np.empty((count_optimizer_chunks(&c, NULL), 3), dtype=np.int64)
     cdef long long[:, ::1] rows = out
-    fill_in_optimizer_chunks(&rows[0, 0], &c)
+    fill_in_optimizer_chunks(&rows[0, 0], &c, NULL)
     return out
+
+
+LORA_TARGETS = tuple(LORA_SITE_NAMES[k].decode() for k in range(LORA_SITES))  # bit k: site k
+
+
+cdef int lora_settings(Lora* lo, object lora) except -1:
+    # lo from (rank, targets, alpha, dropout): targets a bit mask over LORA_TARGETS; the
+    # adapters' buffer is the caller's to set
+    rank, targets, alpha, dropout = lora
+    cdef Dropout d
+    if not 1 <= rank < 2 ** 16:
+        raise ValueError(f"LoRA rank must be in 1..65535, got {rank}")
+    if not 0 < targets < 1 << LORA_SITES:
+        raise ValueError(f"LoRA targets must be a non-empty mask of {len(LORA_TARGETS)} bits, "
+                         f"got {targets}")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"LoRA alpha must be positive, got {alpha}")
+    dropout_settings(&d, dropout, 0)
+    lo.rank, lo.targets, lo.scale = rank, targets, <float>(alpha / rank)
+    lo.drop_threshold, lo.drop_scale = d.threshold, d.scale
+    lo.params = NULL
+    return 0
+
+
+def adapter_layout(cfg, int rank, int targets):
+    """[(name, shape, offset)] of the adapters of (rank, targets) in buffer order: per block,
+    per adapted site (LORA_TARGETS order), h.{l}.{site}.lora_A (rank, in) then lora_B
+    (out, rank)."""
+    cdef ModelConfig c = model_config(cfg)
+    cdef Lora lo
+    lora_settings(&lo, (rank, targets, 1.0, 0.0))
+    layout = []
+    for l in range(c.L):
+        for site in range(LORA_SITES):
+            if lora_on(&lo, site):
+                offset = lora_offset(&lo, &c, l, site)
+                name = f"h.{l}.{LORA_TARGETS[site]}"
+                layout.append((name + ".lora_A", (rank, site_in(&c, site)), offset))
+                layout.append((name + ".lora_B", (site_out(&c, site), rank),
+                               offset + rank * site_in(&c, site)))
+    return layout
+
+
+def num_adapter_parameters(cfg, int rank, int targets):
+    """Floats in the flat adapter buffer of (rank, targets)."""
+    cdef ModelConfig c = model_config(cfg)
+    cdef Lora lo
+    lora_settings(&lo, (rank, targets, 1.0, 0.0))
+    return lora_size(&lo, &c)
+
+
+cdef int use_lora(Activations* a, const ModelConfig* c, Lora* lo, object lora,
+                  float[::1] adapters) except -1:
+    # after activations_alloc: a's passes with the adapters (lora, adapters), or as they are
+    # when lora is None
+    if lora is None:
+        return 0
+    lora_settings(lo, lora)
+    if adapters is None or adapters.shape[0] != lora_size(lo, c):
+        activations_free(a)
+        raise ValueError("adapter buffer does not match the LoRA settings")
+    lo.params = &adapters[0]
+    if activations_use_lora(a, c, lo) != 0:
+        activations_free(a)
+        raise MemoryError("cannot allocate the adapters' activations")
+    return 0
 
 
 def classifier_block_rows(cfg, int micro_batch):

@@ -47,19 +47,26 @@ cdef class Engine:
     cdef ThreadedTrainingSystem* system
     cdef object cfg
     cdef object params_ref      # keeps the parameter buffer alive
+    cdef object adapters_ref    # and the adapters'
     cdef object work_ref        # keeps the current windows alive while spheres read them
+    cdef object layout          # [(name, shape, offset)] of the trained buffer
     cdef readonly int num_spheres, micro_batch, max_windows, pad_id
 
     def __init__(self, cfg, float[::1] params, int num_spheres, int micro_batch,
                  int max_windows, str lock_mode="shared", bint debug_locks=False,
                  int pad_id=0, double dropout=0.0, unsigned long long seed=0,
-                 str precision="fp32"):
+                 str precision="fp32", float[::1] adapters=None, lora=None):
         """cfg: the model config (CLLMConfig); params: its flat buffer, updated in place by the
         optimiser; max_windows: the most windows one call hands the spheres; pad_id: targets
         equal to it are not counted (-1: every target counts); dropout: its probability in
         training steps (never in evaluate), masks keyed by seed, step and micro-batch;
-        precision: "fp32", or "bf16" (every matrix product on bf16 inputs; load_bf16 first)."""
+        precision: "fp32", or "bf16" (every matrix product on bf16 inputs; load_bf16 first).
+        lora: None, or (rank, targets, alpha, dropout) of `adapters` (adapter_layout): then
+        the optimiser updates the adapters, and params stay frozen; gradients, optimiser
+        state and kept rows are the adapters' size (gradient_size)."""
         cdef ModelConfig c = model_config(cfg)
+        cdef Lora lo
+        cdef Lora* lora_ptr = NULL
         cdef Dropout d
         dropout_settings(&d, dropout, seed)
         if num_spheres < 1 or micro_batch < 1 or max_windows < 1:
@@ -70,8 +77,17 @@ cdef class Engine:
             raise ValueError("parameter buffer does not match the config")
         check_pad_id(pad_id, c.V)
         cdef bint bf16 = check_precision(precision)
+        self.layout = parameter_layout(cfg)
+        if lora is not None:
+            lora_settings(&lo, lora)
+            if adapters is None or adapters.shape[0] != lora_size(&lo, &c):
+                raise ValueError("adapter buffer does not match the LoRA settings")
+            lo.params = &adapters[0]
+            lora_ptr = &lo
+            self.layout = adapter_layout(cfg, lora[0], lora[1])
         self.cfg = cfg
         self.params_ref = params
+        self.adapters_ref = adapters
         self.num_spheres = num_spheres
         self.micro_batch = micro_batch
         self.max_windows = max_windows
@@ -80,7 +96,7 @@ cdef class Engine:
         cdef int max_mb = (max_windows + micro_batch - 1) // micro_batch
         with nogil:
             self.system = threaded_system_create(c, &params[0], num_spheres, micro_batch, max_mb,
-                                                 mode, debug_locks, pad_id, bf16)
+                                                 mode, debug_locks, pad_id, bf16, lora_ptr)
         if self.system == NULL:
             raise MemoryError("cannot allocate or start the training spheres")
         self.system.dropout = d
@@ -209,7 +225,7 @@ cdef class Engine:
         for index, (loss, counted, sphere, valid, bad_index) in enumerate(results):
             if not valid:
                 bad.append(BadMicroBatch(step, index, sphere, isfinite(loss),
-                                         tensor_at(self.cfg, bad_index)
+                                         self.tensor_at(bad_index)
                                          if bad_index >= 0 else None))
                 continue
             loss_sum += loss
@@ -219,6 +235,20 @@ cdef class Engine:
                                                 weight_decay=weight_decay,
                                                 grad_clip=grad_clip, t=t, gradients=gradients)
         return StepResult(loss_sum, tokens, len(results), norm, applied, bad)
+
+    @property
+    def gradient_size(self):
+        """Floats of the gradient, of the optimiser state and of a kept row: the
+        parameters', or the adapters' when adapters are trained."""
+        return self.live().gradient_size
+
+    def tensor_at(self, index):
+        """Name of the trained tensor (a parameter, or an adapter) holding element `index`
+        of the gradient."""
+        for name, shape, offset in self.layout:
+            if index < offset + math.prod(shape):
+                return name
+        raise IndexError(f"element {index} is outside the {self.gradient_size} trained values")
 
     def evaluate(self, const int[:, ::1] windows, should_stop=None):
         """(loss_sum, tokens) of the windows (num_windows, n + 1), any number of them (run in
@@ -241,7 +271,7 @@ cdef class Engine:
         first_microbatch: the global index, within the step, of the windows' first
         micro-batch (a rank of a many-process run hands its block; inject_nan counts in
         global indices). kept_gradients: None (the gradients are accumulated in order), or
-        float32 rows (at least one per micro-batch, each of num_parameters floats, C order
+        float32 rows (at least one per micro-batch, each of gradient_size floats, C order
         within a row) that receive each micro-batch's gradient, unsummed."""
         self.hand_out(windows, WORK_TRAIN if train else WORK_EVAL, step, first_microbatch,
                       kept_gradients)

@@ -74,7 +74,8 @@ cdef void layernorm_forward(float* out, float* mean, float* rstd, const float* i
 cdef void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* dout,
                              const float* inp, const float* weight, const float* mean,
                              const float* rstd, int N, int C) noexcept nogil:
-    # dinp[N,C], dweight[C], dbias[C] += the gradients through out = layernorm(inp)
+    # dinp[N,C], dweight[C], dbias[C] += the gradients through out = layernorm(inp);
+    # dweight and dbias NULL: frozen, only dinp
     cdef int r, i
     cdef float m, s, norm, dnorm, dnorm_mean, dnorm_norm_mean
     cdef const float* x
@@ -89,6 +90,11 @@ cdef void layernorm_backward(float* dinp, float* dweight, float* dbias, const fl
         cllm_ln_backward_sums(x, d, weight, C, m, s, &dnorm_mean, &dnorm_norm_mean)
         dnorm_mean = dnorm_mean / C
         dnorm_norm_mean = dnorm_norm_mean / C
+        if dweight == NULL:
+            for i in range(C):
+                norm = (x[i] - m) * s
+                dx[i] += (weight[i] * d[i] - dnorm_mean - norm * dnorm_norm_mean) * s
+            continue
         for i in range(C):
             norm = (x[i] - m) * s
             dnorm = weight[i] * d[i]
@@ -130,18 +136,21 @@ cdef void linear_backward(Bf16Products* b, float* dinp, float* dweight, float* d
                           const float* dout, const float* inp, const float* weight,
                           int N, int C, int OC) noexcept nogil:
     # dinp[N,C] += dout[N,OC] @ weight[OC,C]; dweight[OC,C] += dout^T @ inp[N,C];
-    # dbias[OC] += the sum over rows of dout (dbias may be NULL)
+    # dbias[OC] += the sum over rows of dout (dbias may be NULL; dweight NULL: a frozen
+    # weight, whose gradient product is skipped)
     cdef int i, o
     cdef const float* row
     if b == NULL:
         sgemm_rm(False, False, N, C, OC, 1.0, dout, OC, weight, C, 1.0, dinp, C)
-        sgemm_rm(True, False, OC, C, N, 1.0, dout, OC, inp, C, 1.0, dweight, C)
+        if dweight != NULL:
+            sgemm_rm(True, False, OC, C, N, 1.0, dout, OC, inp, C, 1.0, dweight, C)
     else:
         bf16_round_rows(b.grads, dout, N, OC, OC)
-        bf16_round_rows(b.inputs, inp, N, C, C)
         bf16_gemm(&b.ctx, False, False, N, C, OC, b.grads, OC, bf16_weight(b, weight), C,
                   True, dinp, C)
-        bf16_gemm(&b.ctx, True, False, OC, C, N, b.grads, OC, b.inputs, C, True, dweight, C)
+        if dweight != NULL:
+            bf16_round_rows(b.inputs, inp, N, C, C)
+            bf16_gemm(&b.ctx, True, False, OC, C, N, b.grads, OC, b.inputs, C, True, dweight, C)
     if dbias != NULL:
         for i in range(N):
             row = dout + <size_t>i * OC

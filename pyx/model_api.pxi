@@ -8,14 +8,16 @@ def loss_and_grads(cfg, const float[::1] params,                # IN
                    float[::1] grads,                             # OUT (overwritten)
                    int pad_id=0, int block_rows=0, double dropout=0.0,
                    unsigned long long seed=0, long long step=0, long long microbatch=0,
-                   str precision="fp32"):
+                   str precision="fp32", float[::1] adapters=None, lora=None):
     """Summed loss over targets != pad_id (-1: every target counts) and its gradient, written
     into grads; returns (loss_sum, counted). block_rows: rows per block of the
     classifier and the loss (0: the engine's choice, classifier_block_rows). With dropout > 0
-    the inputs are one training micro-batch: the masks of (seed, step, microbatch).
-    precision: as Engine's."""
+    (or the adapters' dropout) the inputs are one training micro-batch: the masks of (seed,
+    step, microbatch). precision: as Engine's. lora: None, or (rank, targets, alpha, dropout)
+    of `adapters`; then the parameters are frozen and grads is the adapters' gradient."""
     cdef ModelConfig c = model_config(cfg)
     cdef Activations acts
+    cdef Lora lo
     cdef Dropout d
     dropout_settings(&d, dropout, seed)
     d.step = step
@@ -26,8 +28,11 @@ def loss_and_grads(cfg, const float[::1] params,                # IN
         raise ValueError("inputs and targets must have the same shape")
     if n < 1 or n > c.T or B < 1:
         raise ValueError(f"sequence length must be 1..{c.T}, got {n}")
-    if params.shape[0] != model_size(&c) or grads.shape[0] != model_size(&c):
+    if params.shape[0] != model_size(&c):
         raise ValueError("parameter buffer does not match the config")
+    if grads.shape[0] != (adapters.shape[0] if lora is not None and adapters is not None
+                          else model_size(&c)):
+        raise ValueError("gradient buffer does not match what is trained")
     check_pad_id(pad_id, c.V)
     _check_tokens(inputs, c.V, "inputs")
     _check_tokens(targets, c.V, "targets")
@@ -38,6 +43,7 @@ def loss_and_grads(cfg, const float[::1] params,                # IN
     if activations_alloc(&acts, &c, B, classifier_rows(&c, B, block_rows)) != 0:
         raise MemoryError("cannot allocate activations")
     use_precision(&acts, &c, &params[0], w, bf16)
+    use_lora(&acts, &c, &lo, lora, adapters)
     with nogil:
         loss = model_forward(&acts, &counted, <float*>&params[0], &c, &inputs[0, 0],
                              &targets[0, 0], n, B, n, pad_id, &grads[0], NULL, &d, NULL,
@@ -53,8 +59,11 @@ def loss_and_grads(cfg, const float[::1] params,                # IN
 def forward_logits(cfg, const float[::1] params,                # IN
                    const int[:, ::1] inputs,                     # IN  (B, n)
                    float[:, :, ::1] logits,                      # OUT (B, n, V)
-                   str precision="fp32"):
+                   str precision="fp32", float[::1] adapters=None, lora=None):
+    """logits of every position; lora: None, or (rank, targets, alpha, dropout) of
+    `adapters`, applied as they are (no dropout)."""
     cdef ModelConfig c = model_config(cfg)
+    cdef Lora lo
     cdef Activations acts
     cdef int B = inputs.shape[0], n = inputs.shape[1], counted = 0
     if n < 1 or n > c.T or B < 1:
@@ -69,6 +78,7 @@ def forward_logits(cfg, const float[::1] params,                # IN
     if activations_alloc(&acts, &c, B, classifier_rows(&c, B, 0)) != 0:
         raise MemoryError("cannot allocate activations")
     use_precision(&acts, &c, &params[0], w, bf16)
+    use_lora(&acts, &c, &lo, lora, adapters)
     with nogil:
         model_forward(&acts, &counted, <float*>&params[0], &c, &inputs[0, 0], NULL, n, B, n,
                       -1, NULL, &logits[0, 0, 0], NULL, NULL, NULL)

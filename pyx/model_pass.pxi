@@ -31,6 +31,26 @@ cdef inline void tock(double* timers, int bucket, double* t) noexcept nogil:
 
 # --- the pass --------------------------------------------------------------------------------
 
+cdef inline float* site_h(const LayerActs* a, int site, int N) noexcept nogil:
+    # where block a keeps the adapter of `site`'s x' A^T
+    return a.lora_h + <size_t>site * N * a.lora.rank
+
+
+cdef void adapted_residual_forward(LayerActs* a, float* out, const float* res, const float* inp,
+                                   const float* weight, const float* bias, int N, int C,
+                                   int OC, const ModelConfig* c, const Dropout* d, int l,
+                                   int site, int drop_site) noexcept nogil:
+    # out[N,OC] = res + dropout(inp @ weight^T + bias + the site's adapter): a projection
+    # with an adapter, added onto the residual stream
+    cdef size_t i, size = <size_t>N * OC
+    linear_forward(a.bf16, out, inp, weight, bias, N, C, OC)
+    lora_forward(a.lora, c, out, site_h(a, site, N), a.lora_x, inp, N, d, l, site)
+    if dropout_on(d):
+        dropout_apply(out, out, size, d, dropout_key(d, l, drop_site), 0)
+    for i in range(size):
+        out[i] = res[i] + out[i]
+
+
 cdef void block_forward(LayerActs* a, const float* res, const LayerParams* p, int B, int n,
                         const ModelConfig* c, const Dropout* d, int l) noexcept nogil:
     # block l on the residual stream res (N, C): a.residual3 = its output (d: NULL or p = 0
@@ -40,8 +60,13 @@ cdef void block_forward(LayerActs* a, const float* res, const LayerParams* p, in
     # residual2 = res + dropout(c_proj(attention(c_attn(ln_1(res)))))
     layernorm_forward(a.ln, a.ln1_mean, a.ln1_rstd, res, p.ln1w, p.ln1b, N, C)
     linear_forward(a.bf16, a.qkv, a.ln, p.qkvw, p.qkvb, N, C, 3 * C)
+    if lora_on(a.lora, LORA_QKV):
+        lora_forward(a.lora, c, a.qkv, site_h(a, LORA_QKV, N), a.lora_x, a.ln, N, d, l, LORA_QKV)
     attention_forward(a.bf16, a.atty, a.att_max, a.att_scale, a.att_probs, a.qkv, B, n, C, c.NH, d, l)
-    if drop:
+    if lora_on(a.lora, LORA_ATTPROJ):
+        adapted_residual_forward(a, a.residual2, res, a.atty, p.attprojw, p.attprojb, N, C, C,
+                                 c, d, l, LORA_ATTPROJ, DROP_ATTN_PROJ)
+    elif drop:
         residual_dropout_forward(a.bf16, a.residual2, res, a.atty, p.attprojw, p.attprojb, N, C, C, d,
                                  dropout_key(d, l, DROP_ATTN_PROJ))
     else:
@@ -49,19 +74,34 @@ cdef void block_forward(LayerActs* a, const float* res, const LayerParams* p, in
     # residual3 = residual2 + dropout(c_proj(gelu(c_fc(ln_2(residual2)))))
     layernorm_forward(a.ln, a.ln2_mean, a.ln2_rstd, a.residual2, p.ln2w, p.ln2b, N, C)
     linear_forward(a.bf16, a.fch, a.ln, p.fcw, p.fcb, N, C, F)
+    if lora_on(a.lora, LORA_FC):
+        lora_forward(a.lora, c, a.fch, site_h(a, LORA_FC, N), a.lora_x, a.ln, N, d, l, LORA_FC)
     gelu_forward(a.fch_gelu, a.fch, <size_t>N * F)
-    if drop:
+    if lora_on(a.lora, LORA_FCPROJ):
+        adapted_residual_forward(a, a.residual3, a.residual2, a.fch_gelu, p.fcprojw, p.fcprojb,
+                                 N, F, C, c, d, l, LORA_FCPROJ, DROP_MLP_PROJ)
+    elif drop:
         residual_dropout_forward(a.bf16, a.residual3, a.residual2, a.fch_gelu, p.fcprojw, p.fcprojb,
                                  N, F, C, d, dropout_key(d, l, DROP_MLP_PROJ))
     else:
         residual_forward(a.bf16, a.residual3, a.residual2, a.fch_gelu, p.fcprojw, p.fcprojb, N, F, C)
 
 
+cdef inline void site_backward(const LayerActs* la, const ModelConfig* c, float* lora_grads,
+                               float* dx, const float* dy, const float* x, int N,
+                               const Dropout* d, int l, int site) noexcept nogil:
+    # the adapter of `site` (if it has one): its gradients into lora_grads, its part of d(x)
+    if lora_on(la.lora, site):
+        lora_backward(la.lora, c, lora_grads, dx, dy, site_h(la, site, N), la.lora_dh,
+                      la.lora_x, x, N, d, l, site)
+
+
 cdef void block_backward(Activations* a, const LayerActs* la, const float* res, const LayerParams* p,
-                         LayerParams* g, const ModelConfig* c, const Dropout* d,
-                         int l) noexcept nogil:
+                         LayerParams* g, float* lora_grads, const ModelConfig* c,
+                         const Dropout* d, int l) noexcept nogil:
     # gradient of block l whose input was res: a.dresidual holds d(output) on entry and
-    # d(res) on return; g += the gradients of the block's parameters. d: the forward's dropout
+    # d(res) on return; g += the gradients of the block's parameters (NULL fields: frozen),
+    # lora_grads += the adapters' (with adapters). d: the forward's dropout
     cdef int B = a.B, n = a.n, N = a.B * a.n, C = c.C, F = c.F
     cdef size_t NC = <size_t>N * C
     cdef bint drop = dropout_on(d)
@@ -73,11 +113,13 @@ cdef void block_backward(Activations* a, const LayerActs* la, const float* res, 
     gelu_forward(la.fch_gelu, la.fch, <size_t>N * F)
     clear(a.dwide, <size_t>N * F)
     linear_backward(a.bf16, a.dwide, g.fcprojw, g.fcprojb, a.dresidual, la.fch_gelu, p.fcprojw, N, F, C)
+    site_backward(la, c, lora_grads, a.dwide, a.dresidual, la.fch_gelu, N, d, l, LORA_FCPROJ)
     clear(a.dfch, <size_t>N * F)
     gelu_backward(a.dfch, la.fch, a.dwide, <size_t>N * F)
     layernorm_apply(la.ln, la.residual2, la.ln2_mean, la.ln2_rstd, p.ln2w, p.ln2b, N, C)
     clear(a.dnarrow, NC)
     linear_backward(a.bf16, a.dnarrow, g.fcw, g.fcb, a.dfch, la.ln, p.fcw, N, C, F)
+    site_backward(la, c, lora_grads, a.dnarrow, a.dfch, la.ln, N, d, l, LORA_FC)
     layernorm_backward(a.dresidual_mid, g.ln2w, g.ln2b, a.dnarrow, la.residual2, p.ln2w,
                        la.ln2_mean, la.ln2_rstd, N, C)
     # residual2 = res + dropout(c_proj(attention(c_attn(ln_1(res)))))
@@ -89,12 +131,14 @@ cdef void block_backward(Activations* a, const LayerActs* la, const float* res, 
     clear(a.dnarrow, NC)
     linear_backward(a.bf16, a.dnarrow, g.attprojw, g.attprojb, a.dresidual_mid, la.atty, p.attprojw,
                     N, C, C)
+    site_backward(la, c, lora_grads, a.dnarrow, a.dresidual_mid, la.atty, N, d, l, LORA_ATTPROJ)
     clear(a.dwide, NC * 3)
     attention_backward(a.bf16, a.dwide, la.att_probs, la.att_dprobs, a.dnarrow, la.qkv, la.att_max,
                        la.att_scale, B, n, C, c.NH, d, l)
     layernorm_apply(la.ln, res, la.ln1_mean, la.ln1_rstd, p.ln1w, p.ln1b, N, C)
     clear(a.dnarrow, NC)
     linear_backward(a.bf16, a.dnarrow, g.qkvw, g.qkvb, a.dwide, la.ln, p.qkvw, N, C, 3 * C)
+    site_backward(la, c, lora_grads, a.dnarrow, a.dwide, la.ln, N, d, l, LORA_QKV)
     layernorm_backward(a.dresidual, g.ln1w, g.ln1b, a.dnarrow, res, p.ln1w, la.ln1_mean,
                        la.ln1_rstd, N, C)
 
@@ -136,12 +180,27 @@ cdef bint classifier_forward(Activations* a, double* loss, int* counted, const M
     return True
 
 
+cdef inline size_t trained_size(const Activations* a, const ModelConfig* c) noexcept nogil:
+    # floats of the gradient a pass produces: the adapters', or the parameters'
+    return lora_size(a.lora, c) if a.lora != NULL else model_size(c)
+
+
+cdef inline void frozen_or_trained(ModelParams* g, float* grads, const Activations* a,
+                                   const ModelConfig* c) noexcept nogil:
+    # g: the views of grads, or all NULL when adapters are trained (the parameters are frozen)
+    if a.lora != NULL:
+        memset(g, 0, sizeof(ModelParams))
+    else:
+        model_params(g, grads, c)
+
+
 cdef double model_forward(Activations* a, int* counted, float* params, const ModelConfig* c,
                           const int* inp, const int* tgt, int stride, int B, int n, int pad_id,
                           float* grads, float* logits_out, const Dropout* d, double* timers,
                           const int* stop) noexcept nogil:
     # Forward pass of B sequences of n tokens (n <= T, B <= maxB) and the summed loss over
-    # targets != pad_id (0 with tgt == NULL). With grads (training), it clears grads and runs
+    # targets != pad_id (0 with tgt == NULL). With grads (training: the parameters', or with
+    # adapters (a.lora) the adapters' only, trained_size floats), it clears grads and runs
     # the classifier's backward fused with its forward (classifier_forward); model_backward
     # does the rest. logits_out: NULL or (B*n, V) to receive the logits. d: the micro-batch's
     # dropout (NULL: none). timers: NULL or the profile buckets. When *stop becomes set the
@@ -172,8 +231,8 @@ cdef double model_forward(Activations* a, int* counted, float* params, const Mod
         res = la.residual3
         tock(timers, PROFILE_BLOCK_FORWARD, &t)
     if grads != NULL:
-        clear(grads, model_size(c))
-        model_params(&g, grads, c)
+        clear(grads, trained_size(a, c))
+        frozen_or_trained(&g, grads, a, c)
         tock(timers, PROFILE_CLEAR, &t)
     if not classifier_forward(a, &loss, counted, &p, &g if grads != NULL else NULL, res, c,
                               tgt, stride, pad_id, logits_out, timers, &t, stop):
@@ -195,19 +254,24 @@ cdef void model_backward(float* grads, Activations* a, float* params, const Mode
     cdef LayerActs la
     cdef const float* res
     cdef double t = now_seconds() if timers != NULL else 0.0
-    model_params(&g, grads, c)
+    cdef float* lora_grads = grads if a.lora != NULL else NULL
+    frozen_or_trained(&g, grads, a, c)
+    memset(&lg, 0, sizeof(lg))
     for l in range(c.L - 1, -1, -1):
         if stopped(stop):
             return
         layer_params(&lp, params, c, l)
-        layer_params(&lg, grads, c, l)
+        if lora_grads == NULL:
+            layer_params(&lg, grads, c, l)
         res = a.encoded
         if l > 0:
             layer_acts(&la, a, c, l - 1)
             res = la.residual3                 # the block's input: the previous output
         layer_acts(&la, a, c, l)
-        block_backward(a, &la, res, &lp, &lg, c, d, l)
+        block_backward(a, &la, res, &lp, &lg, lora_grads, c, d, l)
         tock(timers, PROFILE_BLOCK_BACKWARD, &t)
+    if lora_grads != NULL:       # the embeddings are frozen
+        return
     if dropout_on(d):
         dropout_apply(a.dresidual, a.dresidual, <size_t>B * n * C, d,
                       dropout_key(d, 0, DROP_EMBEDDING), 0)

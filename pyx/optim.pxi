@@ -18,32 +18,66 @@ cdef enum:
     OPTIMIZER_CHUNK = 16384     # floats per unit of optimiser work (64 KiB)
 
 
-cdef size_t count_optimizer_chunks(const ModelConfig* c) noexcept nogil:
-    cdef size_t count = 0
-    cdef int i, row, layer
-    for i in range(num_tensors(c)):
-        tensor_row(c, i, &row, &layer)
-        count += (row_floats(c, row) + OPTIMIZER_CHUNK - 1) // OPTIMIZER_CHUNK
+cdef int trained_tensor(const ModelConfig* c, const Lora* lo, int index, size_t* offset,
+                        size_t* size) noexcept nogil:
+    # offset and size of the index-th trained tensor: the parameters' (lo NULL) or the
+    # adapters' (each A, then its B); returns whether it decays (2-D tensors), -1 past the end
+    cdef int row, layer, per_layer = 0, s, k
+    if lo == NULL:
+        if index >= num_tensors(c):
+            return -1
+        tensor_row(c, index, &row, &layer)
+        offset[0] = tensor_offset(c, row, layer)
+        size[0] = row_floats(c, row)
+        return PARAMETER_TABLE[row].cols != DIM_NONE
+    for s in range(LORA_SITES):
+        per_layer += 2 * lora_on(lo, s)
+    if index >= c.L * per_layer:
+        return -1
+    layer = index // per_layer
+    k = index % per_layer
+    for s in range(LORA_SITES):
+        if not lora_on(lo, s):
+            continue
+        if k < 2:
+            offset[0] = lora_offset(lo, c, layer, s)
+            size[0] = <size_t>lo.rank * (site_in(c, s) if k == 0 else site_out(c, s))
+            if k == 1:
+                offset[0] += <size_t>lo.rank * site_in(c, s)
+            return 1
+        k -= 2
+    return -1
+
+
+cdef size_t count_optimizer_chunks(const ModelConfig* c, const Lora* lo) noexcept nogil:
+    cdef size_t count = 0, offset, size
+    cdef int i = 0
+    while trained_tensor(c, lo, i, &offset, &size) >= 0:
+        count += (size + OPTIMIZER_CHUNK - 1) // OPTIMIZER_CHUNK
+        i += 1
     return count
 
 
-cdef void fill_in_optimizer_chunks(long long* chunks, const ModelConfig* c) noexcept nogil:
-    # (offset, size, decay) rows covering the flat buffer: every tensor cut into pieces of at
-    # most OPTIMIZER_CHUNK floats, decay on 2-D tensors only. Fixed by the config alone, so the
-    # gradient norm (summed per chunk, then over chunks) never depends on the thread count.
+cdef void fill_in_optimizer_chunks(long long* chunks, const ModelConfig* c,
+                                   const Lora* lo) noexcept nogil:
+    # (offset, size, decay) rows covering the trained buffer (the parameters, or with lo the
+    # adapters): every tensor cut into pieces of at most OPTIMIZER_CHUNK floats, decay on 2-D
+    # tensors only. Fixed by the config alone, so the gradient norm (summed per chunk, then
+    # over chunks) never depends on the thread count.
     cdef size_t start, size, offset
-    cdef int i, row, layer
-    for i in range(num_tensors(c)):
-        tensor_row(c, i, &row, &layer)
-        size = row_floats(c, row)
-        offset = tensor_offset(c, row, layer)
+    cdef int i = 0, decay
+    while True:
+        decay = trained_tensor(c, lo, i, &offset, &size)
+        if decay < 0:
+            return
         start = 0
         while start < size:
             chunks[0] = offset + start
             chunks[1] = OPTIMIZER_CHUNK if size - start > OPTIMIZER_CHUNK else size - start
-            chunks[2] = PARAMETER_TABLE[row].cols != DIM_NONE
+            chunks[2] = decay
             chunks += 3
             start += OPTIMIZER_CHUNK
+        i += 1
 
 
 cdef inline double mean_gradient_sumsq(float* g, size_t size, long long count) noexcept nogil:

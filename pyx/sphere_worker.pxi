@@ -69,7 +69,7 @@ cdef void sphere_process_batch(SphereTrainingContext* ctx, int mb) noexcept nogi
         grads = s.kept_gradients + <size_t>mb * s.kept_stride
     if B > s.micro_batch:
         B = s.micro_batch
-    if train and drop.threshold:
+    if train and (drop.threshold or s.lora.drop_threshold):
         drop.step = s.step_counter
         drop.microbatch = s.first_microbatch + mb
         d = &drop
@@ -133,7 +133,7 @@ cdef void sphere_optimizer_phase(SphereTrainingContext* ctx) noexcept nogil:
         if k >= s.num_chunks:
             break
         c = s.chunks + 3 * k
-        optimizer_update(s.params + c[0], s.opt_gradients + c[0],
+        optimizer_update(s.trained + c[0], s.opt_gradients + c[0],
                          s.adam_m + c[0] if s.opt.adamw else NULL,
                          s.adam_v + c[0] if s.opt.adamw else NULL,
                          <size_t>c[1], c[2] != 0, s.opt_scale, &s.opt)

@@ -110,8 +110,10 @@ cdef struct SphereTrainingContext:
 
 cdef struct ThreadedTrainingSystem:
     ModelConfig cfg
-    float* params               # (gradient_size,) owned by the Python side
-    size_t gradient_size        # ALL parameters
+    float* params               # the model's parameters, owned by the Python side
+    Lora lora                   # the adapters (lora.params NULL: none, the parameters train)
+    float* trained              # what the optimiser updates: params, or lora.params
+    size_t gradient_size        # floats of trained: every parameter, or every adapter
     float* accumulated_gradients
     SphereTrainingContext* sphere_contexts
     int num_worker_spheres

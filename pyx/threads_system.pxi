@@ -39,13 +39,19 @@ cdef void threaded_system_destroy(ThreadedTrainingSystem* s) noexcept nogil:
     free(s)
 
 
+cdef inline const Lora* trained_lora(const ThreadedTrainingSystem* s) noexcept nogil:
+    # the adapters the system trains, or NULL when it trains the parameters
+    return &s.lora if s.lora.params != NULL else NULL
+
+
 cdef ThreadedTrainingSystem* threaded_system_create(ModelConfig cfg, float* params,
                                                     int num_spheres, int micro_batch,
                                                     int max_microbatches, int lock_mode,
                                                     int debug_locks, int pad_id,
-                                                    bint bf16) noexcept nogil:
+                                                    bint bf16, const Lora* lora) noexcept nogil:
     # allocates the system and its spheres and starts one pthread per sphere; NULL on failure.
-    # bf16: the spheres' weight products take bf16 inputs (oneDNN must be loaded)
+    # bf16: the spheres' weight products take bf16 inputs (oneDNN must be loaded); lora: NULL,
+    # or adapters to train while params stay frozen
     cdef ThreadedTrainingSystem* s = <ThreadedTrainingSystem*>calloc(1, sizeof(ThreadedTrainingSystem))
     cdef SphereTrainingContext* ctx
     cdef int i
@@ -53,8 +59,13 @@ cdef ThreadedTrainingSystem* threaded_system_create(ModelConfig cfg, float* para
         return NULL
     s.cfg = cfg
     s.params = params
+    s.trained = params
     s.gradient_size = model_size(&s.cfg)
-    s.num_chunks = count_optimizer_chunks(&s.cfg)
+    if lora != NULL:
+        s.lora = lora[0]
+        s.trained = s.lora.params
+        s.gradient_size = lora_size(&s.lora, &s.cfg)
+    s.num_chunks = count_optimizer_chunks(&s.cfg, trained_lora(s))
     s.micro_batch = micro_batch
     s.pad_id = pad_id
     s.max_microbatches = max_microbatches
@@ -72,13 +83,13 @@ cdef ThreadedTrainingSystem* threaded_system_create(ModelConfig cfg, float* para
     s.chunk_sumsq = <double*>calloc(s.num_chunks, sizeof(double))
     s.sphere_contexts = <SphereTrainingContext*>calloc(num_spheres, sizeof(SphereTrainingContext))
     if bf16:
-        s.bf16_weights = <uint16_t*>malloc(s.gradient_size * sizeof(uint16_t))
+        s.bf16_weights = <uint16_t*>malloc(model_size(&s.cfg) * sizeof(uint16_t))
     if (s.accumulated_gradients == NULL or s.results == NULL or s.chunks == NULL
             or s.chunk_sumsq == NULL or s.sphere_contexts == NULL
             or (bf16 and s.bf16_weights == NULL)):
         threaded_system_destroy(s)
         return NULL
-    fill_in_optimizer_chunks(s.chunks, &s.cfg)
+    fill_in_optimizer_chunks(s.chunks, &s.cfg, trained_lora(s))
     s.num_worker_spheres = num_spheres
     pthread_barrier_init(&s.batch_barrier, NULL, num_spheres)
     for i in range(num_spheres):
@@ -98,6 +109,9 @@ cdef ThreadedTrainingSystem* threaded_system_create(ModelConfig cfg, float* para
             threaded_system_destroy(s)
             return NULL
         if bf16 and activations_use_bf16(&ctx.acts, &s.cfg, s.params, s.bf16_weights) != 0:
+            threaded_system_destroy(s)
+            return NULL
+        if lora != NULL and activations_use_lora(&ctx.acts, &s.cfg, &s.lora) != 0:
             threaded_system_destroy(s)
             return NULL
         if pthread_create(&ctx.thread, NULL, sphere_worker_thread, ctx) != 0:
@@ -142,7 +156,7 @@ cdef void threaded_start_batch(ThreadedTrainingSystem* s, const int* windows, in
     s.stride = stride
     s.num_microbatches = (num_windows + s.micro_batch - 1) // s.micro_batch
     if s.bf16_weights != NULL:     # the weights as the products see them, this batch
-        bf16_round_rows(s.bf16_weights, s.params, 1, s.gradient_size, s.gradient_size)
+        bf16_round_rows(s.bf16_weights, s.params, 1, model_size(&s.cfg), model_size(&s.cfg))
     threaded_start_work(s, kind)
 
 

@@ -4,6 +4,10 @@ import os
 import random
 
 import safetensors.numpy
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from cllm_cli.tokenizers import BPETokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,3 +99,24 @@ def assert_bit_identical(path_a, path_b):
               if a[k].dtype != b[k].dtype or a[k].shape != b[k].shape
               or a[k].tobytes() != b[k].tobytes()]
     assert not differ, f"{path_b} differs from {path_a} in {len(differ)} tensors: {differ[:5]}"
+
+
+def gpt2_directory(path, text, vocab_size=None, seed=0, change=None):
+    """A small random GPT2LMHeadModel saved by transformers with a 300-token byte-level BPE
+    tokenizer.json; vocab_size above 300 pads the embedding as real models do. change(model)
+    may edit the weights before saving."""
+    tok = BPETokenizer.train([text], 300)
+    assert len(tok) == 300
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab_size or len(tok), n_positions=32, n_embd=32, n_layer=2,
+                        n_head=4, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    model = GPT2LMHeadModel(config).eval()
+    if vocab_size:
+        with torch.no_grad():   # padding rows that attract the argmax, as untrained rows may
+            model.transformer.wte.weight[len(tok):] *= 50
+    if change is not None:
+        with torch.no_grad():
+            change(model)
+    model.save_pretrained(path)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    return path

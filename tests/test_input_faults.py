@@ -13,8 +13,8 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import assert_one_error_line, call, sentences
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from helpers import assert_one_error_line, call, gpt2_directory, sentences
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cllm_cli import CLLMModel
 from cllm_cli.cli.export import main as export_main
@@ -39,27 +39,6 @@ def text():
 def corpus(tmp_path, text):
     path = tmp_path / "corpus.txt"
     path.write_text(text, encoding="utf-8")
-    return path
-
-
-def gpt2_directory(path, text, vocab_size=None, seed=0, change=None):
-    """A small random GPT2LMHeadModel saved by transformers with a 300-token byte-level BPE
-    tokenizer.json; vocab_size above 300 pads the embedding as real models do. change(model)
-    may edit the weights before saving."""
-    tok = BPETokenizer.train([text], 300)
-    assert len(tok) == 300
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab_size or len(tok), n_positions=32, n_embd=32, n_layer=2,
-                        n_head=4, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-    model = GPT2LMHeadModel(config).eval()
-    if vocab_size:
-        with torch.no_grad():   # padding rows that attract the argmax, as untrained rows may
-            model.transformer.wte.weight[len(tok):] *= 50
-    if change is not None:
-        with torch.no_grad():
-            change(model)
-    model.save_pretrained(path)
-    tok.save(os.path.join(path, "tokenizer.json"))
     return path
 
 

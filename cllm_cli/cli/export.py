@@ -1,8 +1,9 @@
-"""cllm_export: a trained checkpoint as a Hugging Face `transformers` model directory, or as a
-GGUF file for llama.cpp.
+"""cllm_export: a trained checkpoint as a Hugging Face `transformers` model directory, as a
+GGUF file for llama.cpp, or a LoRA run's adapters as a PEFT adapter directory.
 
     checkpoint + its tokenizer file -> hf.export_pretrained   (--format hf, the default)
                                     -> gguf_export.write_gguf (--format gguf)
+    LoRA checkpoint                 -> peft_export.export_peft (--format peft)
 
 Choices written down here:
 
@@ -20,6 +21,10 @@ Choices written down here:
   never hold the checkpoint or its tokenizer.
 - A temporary directory left by an export killed outright (kill -9) next to OUT is removed
   by the next export of OUT, saying so in one line on stderr (hf_export.remove_stale).
+- A LoRA checkpoint exports as its base with the adapters merged in (hf, gguf), or as the
+  adapters alone (--format peft), whose adapter_config.json names the base the run started
+  from; PEFT loads them onto that base as a transformers model (a .cllm base must be exported
+  with --format hf first: the printed lines say so).
 - Exit status: 0 done, 2 bad usage or input (one line on stderr), 1 a missing optional
   package (gguf), 130 Ctrl-C.
 """
@@ -28,10 +33,17 @@ from pathlib import Path
 
 from cllm_cli.cli.common import HelpFormatter, Parser, name_defaults, run_main
 from cllm_cli.errors import CheckpointError, ConversionError, DataError, MissingDependency, UsageError
-from cllm_cli.formats import export_pretrained, load_model_files
+from cllm_cli.formats import (
+    export_peft,
+    export_pretrained,
+    load_checkpoint,
+    load_model_files,
+    resolve_checkpoint,
+)
+from cllm_cli.formats.model_files import is_transformers_directory
 
 PROG = "cllm_export"
-FORMATS = ("hf", "gguf")
+FORMATS = ("hf", "gguf", "peft")
 
 
 def build_parser():
@@ -48,10 +60,12 @@ def build_parser():
                    help="a .cllm file, or a checkpoint directory (its final_model.cllm, else "
                         "its newest checkpoint_step_<N>.cllm)")
     p.add_argument("out", metavar="OUT",
-                   help="directory to create (--format hf), or file (--format gguf)")
+                   help="directory to create (--format hf or peft), or file (--format gguf)")
     p.add_argument("--format", choices=FORMATS, default=None,
-                   help="hf: a transformers GPT-2 directory; gguf: one file for llama.cpp "
-                        "(bpe tokenizer only). Default: gguf when OUT ends in .gguf, else hf")
+                   help="hf: a transformers GPT-2 directory (a LoRA run's adapters merged "
+                        "in); gguf: one file for llama.cpp (bpe tokenizer only); peft: a LoRA "
+                        "run's adapters alone, as a PEFT adapter directory. Default: gguf when "
+                        "OUT ends in .gguf, else hf")
     p.add_argument("--force", action="store_true",
                    help="replace OUT when it exists (and, for a directory, is not empty)")
     p.add_argument("--vocab", metavar="PATH", default=None,
@@ -73,8 +87,20 @@ def output_format(args):
     return "gguf" if Path(args.out).suffix.lower() == ".gguf" else "hf"
 
 
-def how_to_load(fmt, out, cfg):
-    """What success prints on stdout: what was written, where, and how to load it."""
+def how_to_load(fmt, out, cfg, base=None):
+    """What success prints on stdout: what was written, where, and how to load it (base:
+    the base model of a PEFT adapter directory)."""
+    if fmt == "peft":
+        hf_base = base if is_transformers_directory(base) else "BASE-HF"
+        first = "" if hf_base == base else (
+            f"its base {base} is a .cllm model: export it first with\n"
+            f"  cllm_export {base} BASE-HF\n")
+        return (f"wrote a PEFT LoRA adapter directory to {out}\n{first}"
+                f"load it in Python with:\n"
+                f"  from transformers import AutoModelForCausalLM\n"
+                f"  from peft import PeftModel\n"
+                f"  model = PeftModel.from_pretrained("
+                f"AutoModelForCausalLM.from_pretrained({hf_base!r}), {str(out)!r})\n")
     if fmt == "gguf":
         return (f"wrote a GGUF file (llama.cpp) to {out}; context length {cfg.seq_len} tokens\n"
                 f"run it with: llama-cli -m {out} -c {cfg.seq_len}\n")
@@ -86,8 +112,27 @@ def how_to_load(fmt, out, cfg):
             f"AutoTokenizer.from_pretrained({str(out)!r})\n")
 
 
+def run_peft(args):
+    """--format peft: the adapters of a LoRA checkpoint."""
+    if is_transformers_directory(args.checkpoint):
+        raise UsageError(f"{args.checkpoint} is a transformers directory, not a LoRA run's "
+                         f"checkpoint: --format peft writes adapters")
+    path = resolve_checkpoint(args.checkpoint)
+    ckpt = load_checkpoint(path)
+    if ckpt["lora"] is None:
+        raise UsageError(f"{path} holds no LoRA adapters (train with --lora-rank); "
+                         f"--format hf or gguf exports the whole model")
+    if _inside(path, args.out):
+        raise UsageError(f"{args.out} holds {path}: choose another OUT")
+    export_peft(ckpt["config"], ckpt["lora"], ckpt["params"], args.out, force=args.force)
+    sys.stdout.write(how_to_load("peft", args.out, ckpt["config"], ckpt["lora"]["base_path"]))
+    sys.stdout.flush()
+
+
 def run(args):
     fmt = args.format = output_format(args)
+    if fmt == "peft":
+        return run_peft(args)
     cfg, flat, tokenizer, _, tokenizer_file = load_model_files(args.checkpoint, args.vocab)
     for source in (args.checkpoint, tokenizer_file):
         if _inside(source, args.out):

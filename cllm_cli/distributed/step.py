@@ -17,7 +17,6 @@ import time
 
 import numpy as np
 
-from cllm_cli import _engine
 from cllm_cli.distributed.world import block_of
 
 WAIT_SLICE = 0.1       # seconds between waits on the spheres (Python signal handlers run)
@@ -69,7 +68,7 @@ class DataParallelEngine:
         self.engine, self.world, self.model_config = engine, world, model_config
         n_micro = -(-batch_size // engine.micro_batch)
         first, end = block_of(0, world.size, n_micro)          # rank 0's block is the longest
-        size = _engine.num_parameters(model_config)
+        size = engine.gradient_size
         self.kept = aligned_rows(end - first, size)
         self.total = np.empty(size, dtype=np.float32)
         self.epoch_loss, self.epoch_tokens, self.total_batches = 0.0, 0, 0

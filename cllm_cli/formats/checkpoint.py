@@ -6,6 +6,9 @@ A `.cllm` file is a plain safetensors file:
 * the parameters under the engine's names (``wte``, ``wpe``, ``h.{l}.ln_1.weight``, ...),
   float32, with the shapes of :func:`cllm_cli._engine.parameter_layout`;
 * the AdamW moments, when present, as ``adam.m.<name>`` and ``adam.v.<name>`` (same shapes);
+* or, for a LoRA run, the adapters instead of the parameters (``h.{l}.attn.c_attn.lora_A``, ...,
+  the shapes of :func:`cllm_cli._engine.adapter_layout`) and their moments: the base
+  parameters are not stored, the ``lora`` metadata names them;
 * string metadata (safetensors ``__metadata__``):
 
   ``format``          ``"cllm"``
@@ -13,6 +16,10 @@ A `.cllm` file is a plain safetensors file:
   ``model_config``    JSON of ``CLLMConfig.to_dict()``
   ``meta``            JSON of the caller's dict (training config, tokenizer kind, vocab hash,
                       step, epoch, position in the epoch, generator state, ...)
+  ``lora``            (LoRA runs only) JSON of the adapters' settings (``rank``, ``alpha``,
+                      ``dropout``, ``sites``) and their base: ``base_sha256``, the sha256 of
+                      the base parameters' bytes (:func:`cllm_cli.lora.content_hash`), and
+                      ``base_path``, where the run read them
   ``checksum``        sha256 hex of all tensor bytes in the order they are stored in the file
                       (that is the whole data section: safetensors leaves no gaps)
   ``header_checksum`` sha256 hex of the rest of the header, so that a damaged metadata value
@@ -47,6 +54,7 @@ from cllm_cli.fileio import atomic_file
 from cllm_cli.fileio import reason as _reason
 from cllm_cli.formats.tensorfile import safetensors_header, write_tensors
 from cllm_cli.layout import named_views
+from cllm_cli.lora import LoraSpec, adapter_views
 
 FORMAT_VERSION = 1
 FORMAT_NAME = "cllm"
@@ -77,19 +85,24 @@ def header_digest(metadata, tensors):
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _flat_views(what, flat, cfg):
-    """{name: view} of a flat float32 buffer (a contiguous copy when it is not contiguous)."""
+def _flat_views(what, flat, cfg, spec):
+    """{name: view} of a flat float32 buffer (a contiguous copy when it is not contiguous):
+    the parameters', or with spec (a LoraSpec) the adapters'."""
     if isinstance(flat, np.ndarray) and not flat.flags.c_contiguous:
         flat = np.ascontiguousarray(flat)
+    if spec is not None:
+        return adapter_views(cfg, spec, flat, what)
     return named_views(cfg, flat, what, np.float32)
 
 
-def save_checkpoint(path, cfg, params, adam_m, adam_v, meta):
+def save_checkpoint(path, cfg, params, adam_m, adam_v, meta, lora=None):
     """Write a `.cllm` file atomically.
 
     ``params``, ``adam_m``, ``adam_v`` are flat float32 buffers laid out as
     ``parameter_layout(cfg)``; ``adam_m`` / ``adam_v`` may be None (then they are not stored).
     ``meta`` is any JSON-serialisable dict (numpy scalars and arrays are converted).
+    ``lora``: None, or the ``lora`` metadata of a LoRA run (LoraSpec.to_dict() with
+    ``base_sha256`` and ``base_path``); then the buffers are the adapters'.
     Raises CheckpointError on any I/O failure (no partial file is left under ``path``) and
     for parameters or moments holding NaN or Inf (nothing is written), ValueError for buffers
     that do not match ``cfg`` or a ``meta`` that is not serialisable.
@@ -100,10 +113,11 @@ def save_checkpoint(path, cfg, params, adam_m, adam_v, meta):
     if not isinstance(meta, dict):
         raise ValueError(f"meta must be a dict, got {type(meta).__name__}")
 
-    tensors = dict(_flat_views("params", params, cfg))
+    spec = LoraSpec.from_dict(lora) if lora is not None else None
+    tensors = dict(_flat_views("params", params, cfg, spec))
     for prefix, buf in (("adam.m.", adam_m), ("adam.v.", adam_v)):
         if buf is not None:
-            for name, view in _flat_views(prefix.rstrip("."), buf, cfg).items():
+            for name, view in _flat_views(prefix.rstrip("."), buf, cfg, spec).items():
                 tensors[prefix + name] = view
 
     bad = first_non_finite(tensors)
@@ -124,6 +138,7 @@ def save_checkpoint(path, cfg, params, adam_m, adam_v, meta):
         "format_version": str(FORMAT_VERSION),
         "model_config": json.dumps(cfg.to_dict(), sort_keys=True),
         "meta": meta_json,
+        **({"lora": json.dumps(lora, sort_keys=True)} if lora is not None else {}),
         "checksum": "0" * 64,
         "header_checksum": "0" * 64,
     }

@@ -44,6 +44,7 @@ from cllm_cli.formats.checkpoint import (
     header_digest,
 )
 from cllm_cli.layout import named_views, tensor_shapes
+from cllm_cli.lora import LoraSpec, adapter_shapes, adapter_views, num_adapter_parameters
 from cllm_cli.tokenizers import TOKENIZER_KINDS
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024     # safetensors' own limit
@@ -88,7 +89,9 @@ def load_checkpoint(path, cfg=None, vocab_hash=None):
     """Read and verify a `.cllm` file.
 
     Returns ``{"config": CLLMConfig, "params": flat float32, "adam_m": flat or None,
-    "adam_v": flat or None, "meta": dict}``. With ``cfg`` the file's model config must equal
+    "adam_v": flat or None, "meta": dict, "lora": None or dict}``; for a LoRA checkpoint
+    "lora" is its ``lora`` metadata with "spec" (a LoraSpec) added, and the buffers are the
+    adapters'. With ``cfg`` the file's model config must equal
     it; with ``vocab_hash`` the ``meta["vocab_hash"]`` stored in the file must equal it.
     Raises CheckpointError (one line naming the file and the problem) otherwise.
     """
@@ -187,8 +190,9 @@ def _load(f, path, fail, want_cfg, want_vocab_hash):
     if "checksum" not in metadata:
         raise fail("no tensor checksum in the metadata")
 
+    lora = _lora_metadata(metadata, fail)
     # Tensor names and shapes against the model config.
-    shapes = tensor_shapes(config)
+    shapes = tensor_shapes(config) if lora is None else adapter_shapes(config, lora["spec"])
     present = set(header)
     kinds = {"params": ""}
     for kind, prefix in (("adam_m", "adam.m."), ("adam_v", "adam.v.")):
@@ -222,10 +226,13 @@ def _load(f, path, fail, want_cfg, want_vocab_hash):
 
     # Data: read each tensor straight into its place in the flat buffers, in file order, and
     # hash the bytes in the same order.
-    buffers = {kind: np.empty(num_parameters(config), dtype=np.float32) for kind in kinds}
+    size = num_parameters(config) if lora is None else num_adapter_parameters(config, lora["spec"])
+    buffers = {kind: np.empty(size, dtype=np.float32) for kind in kinds}
     targets = {}
     for kind, prefix in kinds.items():
-        for name, view in named_views(config, buffers[kind]).items():
+        views = (named_views(config, buffers[kind]) if lora is None
+                 else adapter_views(config, lora["spec"], buffers[kind]))
+        for name, view in views.items():
             targets[prefix + name] = view
     hasher = hashlib.sha256()
     f.seek(8 + header_len)
@@ -250,7 +257,24 @@ def _load(f, path, fail, want_cfg, want_vocab_hash):
                    "negative)")
 
     return {"config": config, "params": buffers["params"], "adam_m": buffers.get("adam_m"),
-            "adam_v": buffers.get("adam_v"), "meta": meta}
+            "adam_v": buffers.get("adam_v"), "meta": meta, "lora": lora}
+
+
+def _lora_metadata(metadata, fail):
+    """The ``lora`` metadata (with "spec", its LoraSpec), or None for a full checkpoint."""
+    if "lora" not in metadata:
+        return None
+    try:
+        lora = json.loads(metadata["lora"])
+        spec = LoraSpec.from_dict(lora)
+    except (ValueError, RecursionError) as exc:
+        raise fail(f"bad lora in the metadata: {exc}") from None
+    if not (isinstance(lora.get("base_sha256"), str) and _SHA256_HEX.fullmatch(lora["base_sha256"])
+            and isinstance(lora.get("base_path"), str)):
+        raise fail("bad lora in the metadata: base_sha256 (64 hex digits) and base_path "
+                   "(a string) are needed")
+    lora["spec"] = spec
+    return lora
 
 
 def _model_config(metadata, fail, n_tensors):

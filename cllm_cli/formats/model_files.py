@@ -6,14 +6,20 @@ directory, or a transformers GPT-2 directory. Every command that reads a model r
     load_with_tokenizer  a .cllm file and the tokenizer it was trained with
     load_model_files     any of the three -> (config, flat parameters, tokenizer, meta,
                          tokenizer path)
+    load_lora_base       the base parameters a LoRA checkpoint names, checked by hash
+
+A LoRA checkpoint loads as its base with the adapters merged in: every reader of a model
+(inference, evaluation, export, --init-from) gets the fine-tuned model.
 """
 from pathlib import Path
 
-from cllm_cli.errors import ConversionError, UsageError
+from cllm_cli.errors import CheckpointError, ConversionError, UsageError
 from cllm_cli.fileio import check_regular
 from cllm_cli.formats.checkpoint import latest_checkpoint
 from cllm_cli.formats.checkpoint_load import check_vocabulary, load_checkpoint
 from cllm_cli.formats.hf_import import load_gpt2_directory
+from cllm_cli.layout import shorten_positions
+from cllm_cli.lora import content_hash, merge_adapters
 from cllm_cli.tokenizers import TOKENIZER_KINDS, BPETokenizer, Tokenizer, tokenizer_class
 
 
@@ -63,7 +69,31 @@ def load_with_tokenizer(path, tokenizer_path=None):
     if len(tokenizer) > cfg.vocab_size:
         raise UsageError(f"{tokenizer_path} has {len(tokenizer)} tokens but the model in {path} "
                          f"has a vocabulary of {cfg.vocab_size}")
-    return cfg, ckpt["params"], tokenizer, meta, tokenizer_path
+    flat = ckpt["params"]
+    if ckpt["lora"] is not None:
+        flat = merge_adapters(cfg, load_lora_base(ckpt["lora"], cfg, path), ckpt["lora"]["spec"],
+                              flat)
+    return cfg, flat, tokenizer, meta, tokenizer_path
+
+
+def load_lora_base(lora, cfg, checkpoint):
+    """The base parameters of a LoRA checkpoint (`lora`: its lora metadata, `cfg`: its model
+    config): read from base_path (any model load_model_files reads), cut to cfg's seq_len as
+    the run cut them, and checked against base_sha256. CheckpointError (one line) when the
+    base cannot be read or is another model."""
+    base = lora["base_path"]
+    try:
+        base_cfg, flat, _, _, _ = load_model_files(base)
+    except (CheckpointError, ConversionError, UsageError) as e:
+        raise CheckpointError(f"{checkpoint} holds LoRA adapters; its base model {base} cannot "
+                              f"be read: {e}") from None
+    if base_cfg.seq_len > cfg.seq_len:
+        base_cfg, flat = shorten_positions(base_cfg, flat, cfg.seq_len)
+    if base_cfg != cfg or content_hash(flat) != lora["base_sha256"]:
+        raise CheckpointError(f"{checkpoint} holds LoRA adapters for a base with sha256 "
+                              f"{lora['base_sha256'][:12]}, but {base} is another model "
+                              f"(sha256 {content_hash(flat)[:12]})")
+    return flat
 
 
 def load_model_files(path, tokenizer_path=None):

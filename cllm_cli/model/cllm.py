@@ -1,7 +1,6 @@
 """CLLMModel: the parameters in one flat float32 buffer, with named views; initialisation,
 loss and gradients, logits, generation, loading and saving."""
 import ctypes
-import dataclasses
 import math
 import os
 
@@ -9,8 +8,9 @@ import numpy as np
 
 from cllm_cli import _engine
 from cllm_cli.config import CLLMConfig
-from cllm_cli.formats import load_checkpoint, save_checkpoint
+from cllm_cli.formats import load_checkpoint, load_lora_base, save_checkpoint
 from cllm_cli.layout import named_views
+from cllm_cli.lora import merge_adapters
 from cllm_cli.model.sampling import sample_from_logits
 
 
@@ -38,17 +38,6 @@ def single_threaded_blas():
             set_threads(1)
             counts.append(get_threads())
     return counts
-
-
-def shorten_positions(config, flat, seq_len):
-    """(config, flat) of the same model with a position table of seq_len rows (its first
-    ones): exact for every context of at most seq_len tokens."""
-    short = dataclasses.replace(config, seq_len=seq_len)
-    out = np.empty(_engine.num_parameters(short), dtype=np.float32)
-    src, dst = named_views(config, flat), named_views(short, out)
-    for name, view in dst.items():
-        view[...] = src[name][:seq_len] if name == "wpe" else src[name]
-    return short, out
 
 
 class CLLMModel:
@@ -81,9 +70,14 @@ class CLLMModel:
 
     @classmethod
     def load(cls, path):
-        """Loads the parameters of a .cllm checkpoint (CheckpointError when it is bad)."""
+        """Loads the parameters of a .cllm checkpoint (CheckpointError when it is bad); a LoRA
+        checkpoint's adapters are merged into its base."""
         ckpt = load_checkpoint(path)
-        return cls.from_flat(ckpt["config"], ckpt["params"], ckpt["meta"])
+        flat, lora = ckpt["params"], ckpt["lora"]
+        if lora is not None:
+            flat = merge_adapters(ckpt["config"], load_lora_base(lora, ckpt["config"], path),
+                                  lora["spec"], flat)
+        return cls.from_flat(ckpt["config"], flat, ckpt["meta"])
 
     def save(self, path, meta=None):
         """Writes the parameters (no optimiser state) as a .cllm file, atomically."""

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from cllm_cli.config import MODEL_FIELDS, CLLMConfig, model_config_problem
 from cllm_cli.corpus.files import ENCODING_ERRORS
 from cllm_cli.errors import UsageError
+from cllm_cli.lora import TARGET_GROUPS, LoraSpec, parse_targets
 from cllm_cli.tokenizers import TOKENIZER_KINDS, BPETokenizer
 
 INT_MAX = 2**31 - 1
-GROUPS = ("data", "model", "optimisation", "threads", "checkpoints", "output")
+GROUPS = ("data", "model", "fine-tuning", "optimisation", "threads", "checkpoints", "output")
 
 
 def option(default, group, help=None, *, choices=None, minimum=None, run=False, fixed=False,
@@ -61,6 +62,19 @@ class TrainConfig:
     num_heads: int = option(8, "model", minimum=1, fixed=True)
     ff_dim: int = option(0, "model", "0 means 4 x embed-dim", minimum=0, fixed=True)
     seq_len: int = option(128, "model", "context length T", minimum=1, fixed=True)
+    # fine-tuning
+    lora_rank: int = option(0, "fine-tuning", "train rank-R LoRA adapters on the --lora-targets "
+                            "layers of the --init-from model, whose own weights stay frozen "
+                            "(0: train every weight)", minimum=0, fixed=True, metavar="R")
+    lora_alpha: float = option(None, "fine-tuning", "the adapters' scale: each adds "
+                               "alpha/R x B A to its weight (default: 2R)", fixed=True,
+                               metavar="ALPHA")
+    lora_dropout: float = option(0.0, "fine-tuning", "dropout on the adapters' inputs, in "
+                                 "training only", fixed=True, metavar="P")
+    lora_targets: str = option("attn", "fine-tuning", "the layers with adapters, comma-separated: "
+                               "attn (the attention's c_attn), proj (the attention's c_proj), "
+                               "mlp (the MLP's c_fc and c_proj)", fixed=True,
+                               metavar=",".join(TARGET_GROUPS))
     # optimisation
     optimizer: str = option("adamw", "optimisation", choices=("adamw", "sgd"), fixed=True)
     learning_rate: float = option(1e-3, "optimisation", "peak learning rate")
@@ -187,6 +201,37 @@ class TrainConfig:
             raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.val_fraction < 1:
             raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        self._validate_lora()
+
+    def _validate_lora(self):
+        if not self.lora_rank:
+            given = [flag(name) for name, unset in (("lora_alpha", None), ("lora_dropout", 0.0),
+                                                    ("lora_targets", "attn"))
+                     if getattr(self, name) != unset]
+            if given:
+                raise UsageError(f"{given[0]} needs --lora-rank")
+            return
+        if not self.init_from and not self.resume:      # a resumed run takes the stored one
+            raise UsageError("--lora-rank needs --init-from: adapters fine-tune a trained model")
+        if self.lora_rank >= 2**16:
+            raise UsageError(f"--lora-rank must be below 65536, got {self.lora_rank}")
+        if self.lora_alpha is not None and not (self.lora_alpha > 0
+                                                and math.isfinite(self.lora_alpha)):
+            raise UsageError(f"--lora-alpha must be a positive number, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise UsageError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        try:
+            parse_targets(self.lora_targets)
+        except ValueError as e:
+            raise UsageError(f"--lora-targets: {e}") from None
+
+    def lora_spec(self):
+        """The adapters' LoraSpec, or None when every weight trains."""
+        if not self.lora_rank:
+            return None
+        alpha = 2.0 * self.lora_rank if self.lora_alpha is None else float(self.lora_alpha)
+        return LoraSpec(self.lora_rank, alpha, float(self.lora_dropout),
+                        parse_targets(self.lora_targets))
 
 
 def flag(name):

@@ -98,7 +98,8 @@ def train(data, engine_hook=None, world=None, **options):
                 _engine.Engine(trainer.mcfg, trainer.model.flat, cfg.threads, cfg.micro_batch,
                                cfg.batch_size, cfg.lock_mode, cfg.debug_locks,
                                trainer.tokenizer.pad_id, cfg.dropout, cfg.seed,
-                               trainer.cfg.precision) as engine:
+                               trainer.cfg.precision, adapters=trainer.adapters,
+                               lora=trainer.lora and trainer.lora.engine_args) as engine:
             if engine_hook is not None:
                 engine_hook(engine)
             result = train_loop(trainer, rank_engine(world, engine, trainer), log, stop)
@@ -202,7 +203,7 @@ def threaded_train_epoch(trainer, engine, log, stop, run):
             run.val_loss = evaluate(engine, trainer.val_periodic, stop)
             report_val(log, st.step, run.val_loss, trainer.bytes_per_token)
         if cfg.sample_every and st.step % cfg.sample_every == 0:
-            text = sample_text(trainer.model, trainer.tokenizer, cfg.prompt, cfg.sample_tokens,
+            text = sample_text(trainer.tuned_model(), trainer.tokenizer, cfg.prompt, cfg.sample_tokens,
                                cfg.seed + st.step)
             log.say(f"sample: {text}")
         if cfg.save_interval and st.step % cfg.save_interval == 0:

@@ -17,6 +17,7 @@ from cllm_cli.corpus import dataset_header, load_dataset
 from cllm_cli.distributed import on_all_ranks
 from cllm_cli.errors import AllRanksStop, CheckpointError, DataError
 from cllm_cli.formats import check_vocabulary, checkpoint_path
+from cllm_cli.lora import num_adapter_parameters
 from cllm_cli.model import CLLMModel
 from cllm_cli.tokenizers import Tokenizer, tokenizer_class
 from cllm_cli.training.trainer import Trainer
@@ -57,7 +58,7 @@ def open_trainer(world, make_trainer, checkpoint_dir, exit_status):
             rank, why = refused[0]
             raise on_all_ranks(RankRefused(f"rank {rank} of {world.size}: {why}"))
         raise on_all_ranks(AllRanksStop(2))
-    for buffer in (trainer.model.flat, trainer.adam_m, trainer.adam_v):
+    for buffer in (trainer.model.flat, trainer.trained, trainer.adam_m, trainer.adam_v):
         world.share(buffer)
     trainer.layout = describe_layout(world, trainer.cfg.threads)
     return trainer
@@ -110,8 +111,11 @@ class FollowerTrainer(Trainer):
             raise DataError(f"model config {config} differs from rank 0's {plan['model_config']}")
         self.model = CLLMModel.from_flat(config, np.zeros(_engine.num_parameters(config),
                                                           dtype=np.float32))
-        self.adam_m = np.zeros_like(self.model.flat)
-        self.adam_v = np.zeros_like(self.model.flat)
+        self.lora = self.cfg.lora_spec()
+        if self.lora is not None:
+            self.adapters = np.zeros(num_adapter_parameters(config, self.lora), dtype=np.float32)
+        self.adam_m = np.zeros_like(self.trained)
+        self.adam_v = np.zeros_like(self.trained)
         self.plan(tokens)
 
     def close(self):

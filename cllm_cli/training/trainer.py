@@ -5,6 +5,10 @@ tokenized into dataset.bin, a model initialised, or taken from --init-from or a
 --tokenizer-file) or resumes one from its newest checkpoint (the options a resumed run may
 change are applied, the others refused), and plans the run: the splits, windows and steps.
 It saves checkpoints; the loop (loop.py) only calls it.
+
+With --lora-rank the --init-from model is the frozen base and the adapters are what trains
+(`trained`, with the optimiser state): checkpoints hold the adapters and name the base by
+the sha256 of its parameters and by its path; --resume reads the base from there again.
 """
 import dataclasses
 import math
@@ -30,11 +34,14 @@ from cllm_cli.formats import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    load_lora_base,
     load_model_files,
     prune_checkpoints,
     save_checkpoint,
 )
-from cllm_cli.model import CLLMModel, shorten_positions
+from cllm_cli.layout import shorten_positions
+from cllm_cli.lora import content_hash, init_adapters, merge_adapters
+from cllm_cli.model import CLLMModel
 from cllm_cli.tokenizers import BPETokenizer, Tokenizer, tokenizer_class
 from cllm_cli.training.config import TrainConfig
 from cllm_cli.training.rundir import DirectoryLock, remove_leftovers
@@ -64,6 +71,9 @@ class Trainer:
     options the user set explicitly (--resume applies or refuses them)."""
 
     layout = None              # "K ranks x N sphere(s) (...)" on many processes
+    lora = None                # the adapters' LoraSpec, when adapters train
+    adapters = None            # their flat buffer
+    base = None                # the lora metadata naming the base (base_sha256, base_path)
 
     def __init__(self, data_paths, cfg, given=()):
         cfg.validate()
@@ -148,9 +158,31 @@ class Trainer:
             self.model = CLLMModel(cfg.model_config(len(self.tokenizer)), cfg.seed)
         else:
             self.model = CLLMModel.from_flat(start.config, start.flat)
-        self.adam_m = np.zeros_like(self.model.flat)
-        self.adam_v = np.zeros_like(self.model.flat)
+        self.lora = cfg.lora_spec()
+        if self.lora is not None and start is None:
+            raise UsageError("--lora-rank needs --init-from: adapters fine-tune a trained model")
+        if self.lora is not None:
+            self.adapters = init_adapters(self.model.config, self.lora, cfg.seed)
+            self.base = {"base_sha256": content_hash(self.model.flat),
+                         "base_path": os.path.abspath(cfg.init_from)}
+        self.adam_m = np.zeros_like(self.trained)
+        self.adam_v = np.zeros_like(self.trained)
         return tokens
+
+    @property
+    def trained(self):
+        """The buffer the optimiser updates: the adapters, or every parameter."""
+        return self.adapters if self.lora is not None else self.model.flat
+
+    def tuned_model(self):
+        """The model as trained so far: with the adapters merged in, when they train."""
+        if self.lora is None:
+            return self.model
+        return CLLMModel.from_flat(self.mcfg, merge_adapters(self.mcfg, self.model.flat,
+                                                             self.lora, self.adapters))
+
+    def lora_metadata(self):
+        return None if self.lora is None else {**self.lora.to_dict(), **self.base}
 
     def _take(self, name, value, given, source):
         """Sets option `name` to what `source` prescribes; refuses a different value given."""
@@ -252,7 +284,17 @@ class Trainer:
         if self.data_info["key"] != dataset_key:
             raise DataError("the corpus differs from the one the checkpoint was trained on; "
                             "resume with the same files or start a new --checkpoint-dir")
-        self.model = CLLMModel.from_flat(ckpt["config"], ckpt["params"])
+        lora = ckpt["lora"]
+        if (lora is None) != (self.cfg.lora_rank == 0):
+            raise CheckpointError(f"{path}: its training settings and its tensors disagree on "
+                                  f"LoRA adapters")
+        if lora is None:
+            self.model = CLLMModel.from_flat(ckpt["config"], ckpt["params"])
+        else:
+            self.model = CLLMModel.from_flat(ckpt["config"],
+                                             load_lora_base(lora, ckpt["config"], path))
+            self.lora, self.adapters = lora["spec"], ckpt["params"]
+            self.base = {"base_sha256": lora["base_sha256"], "base_path": lora["base_path"]}
         self.adam_m, self.adam_v = ckpt["adam_m"], ckpt["adam_v"]
         self.resumed_from = path
         return tokens
@@ -289,7 +331,8 @@ class Trainer:
         write is a runtime error."""
         path = path or checkpoint_path(self.ckpt_dir, self.state.step)
         try:
-            save_checkpoint(path, self.mcfg, self.model.flat, self.adam_m, self.adam_v, self.meta())
+            save_checkpoint(path, self.mcfg, self.trained, self.adam_m, self.adam_v, self.meta(),
+                            lora=self.lora_metadata())
             if prune and path != self.final_path:
                 prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
         except CheckpointError as e:

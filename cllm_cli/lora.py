@@ -1,0 +1,139 @@
+"""LoRA adapters: what they are (LoraSpec), their flat buffer and its named tensors, their
+initialisation, and merging them into a model's parameters.
+
+An adapter on a linear layer W (out, in) of every block adds scale * B A, A (rank, in) and
+B (out, rank), scale = alpha / rank, to W; only the adapters train. The flat buffer is laid
+out as the engine's adapter_layout: per block, per adapted layer (site) in the order
+attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj, its lora_A then its lora_B.
+
+--lora-targets names groups of sites: ``attn`` (the attention's c_attn, PEFT's default for
+GPT-2), ``proj`` (the attention's c_proj) and ``mlp`` (the MLP's c_fc and c_proj).
+"""
+import dataclasses
+import hashlib
+import math
+
+import numpy as np
+
+from cllm_cli import _engine
+from cllm_cli.layout import named_views
+
+TARGET_GROUPS = {"attn": ("attn.c_attn",), "proj": ("attn.c_proj",),
+                 "mlp": ("mlp.c_fc", "mlp.c_proj")}
+SITES = _engine.LORA_TARGETS       # every site, in buffer order
+
+
+def parse_targets(text):
+    """The sites of a --lora-targets value such as "attn,mlp", in buffer order (ValueError
+    naming the unknown group)."""
+    sites = set()
+    for group in (part.strip() for part in str(text).split(",")):
+        if group not in TARGET_GROUPS:
+            raise ValueError(f"unknown LoRA target {group!r} (choose from "
+                             f"{', '.join(TARGET_GROUPS)}, comma-separated)")
+        sites.update(TARGET_GROUPS[group])
+    return tuple(site for site in SITES if site in sites)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """Adapters of `rank` on `sites` (SITES names), scaled by alpha / rank, their inputs
+    dropped with probability `dropout` in training."""
+    rank: int
+    alpha: float
+    dropout: float
+    sites: tuple
+
+    @property
+    def mask(self):
+        return sum(1 << SITES.index(site) for site in self.sites)
+
+    @property
+    def scale(self):
+        return self.alpha / self.rank
+
+    @property
+    def engine_args(self):
+        """(rank, targets, alpha, dropout) as the engine takes them."""
+        return (self.rank, self.mask, float(self.alpha), float(self.dropout))
+
+    def to_dict(self):
+        return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
+                "sites": list(self.sites)}
+
+    @classmethod
+    def from_dict(cls, fields):
+        """The spec stored in a checkpoint; ValueError when a field is missing or wrong."""
+        try:
+            rank, alpha = fields["rank"], fields["alpha"]
+            dropout, sites = fields["dropout"], tuple(fields["sites"])
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"bad LoRA settings ({e})") from None
+        if not (isinstance(rank, int) and not isinstance(rank, bool) and 1 <= rank < 2**16):
+            raise ValueError(f"bad LoRA rank {rank!r}")
+        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"bad LoRA alpha {alpha!r}")
+        if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+            raise ValueError(f"bad LoRA dropout {dropout!r}")
+        if not sites or any(site not in SITES for site in sites) or len(set(sites)) != len(sites):
+            raise ValueError(f"bad LoRA sites {list(sites)!r}")
+        return cls(rank, float(alpha), float(dropout),
+                   tuple(site for site in SITES if site in sites))
+
+
+def adapter_shapes(cfg, spec):
+    """{name: shape} of the adapter tensors, in buffer order."""
+    return {name: tuple(shape) for name, shape, _ in
+            _engine.adapter_layout(cfg, spec.rank, spec.mask)}
+
+
+def num_adapter_parameters(cfg, spec):
+    return _engine.num_adapter_parameters(cfg, spec.rank, spec.mask)
+
+
+def adapter_views(cfg, spec, flat, what="the adapter buffer"):
+    """{name: view of its tensor in `flat`}, a 1-D float32 array of num_adapter_parameters
+    elements (ValueError naming `what` otherwise)."""
+    total = num_adapter_parameters(cfg, spec)
+    if not isinstance(flat, np.ndarray) or flat.ndim != 1 or flat.dtype != np.float32 \
+            or flat.size != total:
+        raise ValueError(f"{what} must be a flat float32 array of {total} elements")
+    return {name: flat[offset:offset + math.prod(shape)].reshape(shape)
+            for name, shape, offset in _engine.adapter_layout(cfg, spec.rank, spec.mask)}
+
+
+def init_adapters(cfg, spec, seed):
+    """A fresh adapter buffer: every B zero (the adapted model starts as the base), every A
+    uniform in +-1/sqrt(in), the bound of PEFT's default (Kaiming-uniform with a = sqrt(5)),
+    drawn from numpy's generator seeded with `seed` in buffer order."""
+    flat = np.zeros(num_adapter_parameters(cfg, spec), dtype=np.float32)
+    rng = np.random.default_rng([seed, 0x10FA])
+    for name, view in adapter_views(cfg, spec, flat).items():
+        if name.endswith("lora_A"):
+            bound = 1.0 / math.sqrt(view.shape[1])
+            view[...] = rng.uniform(-bound, bound, view.shape).astype(np.float32)
+    return flat
+
+
+def merge_adapters(cfg, params, spec, adapters):
+    """A new parameter buffer: params with scale * B A added to every adapted weight."""
+    merged = np.array(params, dtype=np.float32, copy=True)
+    weights = named_views(cfg, merged)
+    views = adapter_views(cfg, spec, adapters)
+    for name, a in views.items():
+        if name.endswith(".lora_A"):
+            site = name[:-len(".lora_A")]
+            b = views[site + ".lora_B"]
+            weights[site + ".weight"] += np.float32(spec.scale) * (b @ a)
+    return merged
+
+
+def content_hash(params):
+    """sha256 hex of a parameter buffer's bytes (float32, little-endian, layout order): what
+    a LoRA checkpoint names its base by."""
+    data = np.ascontiguousarray(params, dtype="<f4")
+    hasher = hashlib.sha256()
+    step = 1 << 24
+    for start in range(0, data.size, step):
+        hasher.update(data[start:start + step])
+    return hasher.hexdigest()
