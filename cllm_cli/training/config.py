@@ -150,9 +150,11 @@ class TrainConfig:
         return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["fixed"])
 
     def result_fields(self):
-        """The fields that shape the result: stored in checkpoints."""
+        """The fields that shape the result: stored in checkpoints (the LoRA settings only
+        when adapters train, so that a full run's checkpoint is what it was before them)."""
         run = self.run_fields()
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in run}
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in run and (self.lora_rank or not k.startswith("lora_"))}
 
     def model_config(self, vocab_size):
         return CLLMConfig(vocab_size=vocab_size, embed_dim=self.embed_dim,
