@@ -228,8 +228,9 @@ STATUSES = {PlotError: 1}
 
 
 def exit_status(error):
-    """The status train_model ends with after `error`."""
-    return errors.exit_status(error, STATUSES)
+    """The status train_model ends with after `error`: its own STATUSES first, then the
+    statuses of every command (errors.STATUSES), as run_main tries them."""
+    return errors.exit_status(error, {**STATUSES, **errors.STATUSES})
 
 
 def open_rank_trainer(world, make_trainer, checkpoint_dir):
