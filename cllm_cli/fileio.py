@@ -37,6 +37,16 @@ def fsync_directory(directory):
         os.close(fd)
 
 
+def writable_directory(path):
+    """Creates directory `path` if needed and checks that a file can be created in it (a
+    probe file, removed again); raises OSError when either fails."""
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, f".write-test-{os.getpid()}.tmp")
+    with open(probe, "w"):
+        pass
+    os.remove(probe)
+
+
 @contextlib.contextmanager
 def _replacing(path, error, message):
     """Yields a temporary name next to `path`; when the block (which creates, writes and

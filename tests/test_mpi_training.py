@@ -250,6 +250,11 @@ def test_a_rank_that_sees_another_directory_stops_every_rank(long_corpus, tmp_pa
         assert not list(ck.glob("checkpoint_step_*"))
 
 
+def test_a_set_up_refused_on_rank_0_ends_every_rank_with_its_status(tmp_path):
+    p = run(2, 1, tmp_path / "missing.txt", *TINY, "--checkpoint-dir", tmp_path / "ck")
+    assert_one_error_line(p.returncode, p.stderr, "train_model", "missing.txt", status=2)
+
+
 def test_a_launcher_without_mpi4py_says_how_to_install_it(long_corpus, ckpt_dir, monkeypatch, capsys):
     monkeypatch.setenv("PMI_SIZE", "2")
     monkeypatch.setitem(sys.modules, "mpi4py", None)          # import mpi4py fails

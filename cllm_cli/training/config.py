@@ -132,6 +132,11 @@ class TrainConfig:
                                     minimum=0, run=True)
     metrics_file: str = option("", "output", "write one JSON object per step and per evaluation "
                                "to this file", run=True)
+    tensorboard: str = option("", "output", "also write what the metrics file holds (losses, "
+                              "bits per byte, learning rate, gradient norm, tokens/s), and the "
+                              "samples as text, as TensorBoard event files in DIR, the global "
+                              "step as their step (needs the tensorboard extra: tensorboardX)",
+                              run=True, metavar="DIR")
     sample_every: int = option(0, "output", "print a sample every N steps (0: never)", minimum=0,
                                run=True)
     prompt: str = option("", "output", "start of the samples", run=True)

@@ -1,5 +1,5 @@
-"""What train_model shows: the live progress line or log lines, warnings, and the JSON lines
-of --metrics-file."""
+"""What train_model shows: the live progress line or log lines, warnings, the JSON lines
+of --metrics-file and the TensorBoard events of --tensorboard."""
 import contextlib
 import json
 import math
@@ -8,6 +8,7 @@ import sys
 import time
 
 from cllm_cli.errors import DataError
+from cllm_cli.training.tensorboard import EventWriter
 
 
 class Log:
@@ -17,7 +18,7 @@ class Log:
 
     REFRESH = 0.2   # seconds between rewrites of the progress line
 
-    def __init__(self, cfg, append):
+    def __init__(self, cfg, append, first_step=0):
         self.quiet = cfg.quiet
         self.tty = sys.stdout.isatty()
         self.log_interval = max(cfg.log_interval, 1)
@@ -28,6 +29,13 @@ class Log:
             self.metrics = open(cfg.metrics_file, "a" if append else "w") if cfg.metrics_file else None
         except OSError as e:
             raise DataError(f"cannot write --metrics-file {cfg.metrics_file}: {e.strerror or e}") from None
+        self.events = None
+        if cfg.tensorboard:
+            try:
+                self.events = EventWriter(cfg.tensorboard, first_step)
+            except BaseException:
+                self.close()
+                raise
 
     def __enter__(self):
         return self
@@ -86,8 +94,10 @@ class Log:
             print(f"train_model: warning: {text}", file=sys.stderr, flush=True)
 
     def record(self, **fields):
-        """One JSON line; NaN (a skipped step) is written as null. A failing metrics file is
-        reported once and dropped: it must not stop the training."""
+        """One JSON line; NaN (a skipped step) is written as null. With --tensorboard the same
+        numbers as scalars. A failing metrics or event file is reported once and dropped: it
+        must not stop the training."""
+        self._to_events("record", fields)
         if not self.metrics:
             return
         fields = {k: None if isinstance(v, float) and not math.isfinite(v) else v
@@ -99,6 +109,23 @@ class Log:
             self.warn(f"cannot write the metrics file ({e.strerror or e}); metrics stop here")
             self._drop_metrics()
 
+    def sample(self, step, text):
+        """A sample of the model at `step`: shown, and with --tensorboard written as text."""
+        self.say(f"sample: {text}")
+        self._to_events("text", step, "sample", text)
+
+    def _to_events(self, method, *args):
+        if not self.events:
+            return
+        try:
+            getattr(self.events, method)(*args)
+        except OSError as e:
+            self.warn(f"cannot write the TensorBoard events {self.events.path} ({e.strerror or e}); "
+                      f"events stop here")
+            with contextlib.suppress(OSError):
+                self.events.close()
+            self.events = None
+
     def _drop_metrics(self):
         with contextlib.suppress(OSError):
             self.metrics.close()
@@ -108,6 +135,8 @@ class Log:
         self._clear()
         if self.metrics:
             self._drop_metrics()
+        self._to_events("close")
+        self.events = None
 
 
 LARGE = 1e6     # from here on losses and perplexities are shown as 1.234e+07
@@ -154,4 +183,7 @@ class SilentLog:
         pass
 
     def record(self, **fields):
+        pass
+
+    def sample(self, step, text):
         pass

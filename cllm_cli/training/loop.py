@@ -44,6 +44,7 @@ from cllm_cli.training.report import (
     val_bpb_text,
 )
 from cllm_cli.training.signals import StopSignals
+from cllm_cli.training.tensorboard import check_tensorboard
 from cllm_cli.training.trainer import Trainer
 
 
@@ -88,9 +89,14 @@ def train(data, engine_hook=None, world=None, **options):
         require_matplotlib()     # fail now, not after a long run
         if not cfg.metrics_file:
             cfg.metrics_file = os.path.join(cfg.checkpoint_dir, "metrics.jsonl")
+
+    def set_up():                # rank 0's, on many processes
+        if cfg.tensorboard:
+            check_tensorboard(cfg.tensorboard)     # fail now, not after tokenizing
+        return Trainer(data, cfg, given=options)
+
     with StopSignals() as local_stop, \
-            open_rank_trainer(world, lambda: Trainer(data, cfg, given=options),
-                              cfg.checkpoint_dir) as trainer:
+            open_rank_trainer(world, set_up, cfg.checkpoint_dir) as trainer:
         stop = rank_stop(world, local_stop)
         stop.defer()             # from here on a signal ends the run after the current step
         precision.require(trainer.cfg.precision)     # a resumed run's may be the checkpoint's
@@ -205,7 +211,7 @@ def threaded_train_epoch(trainer, engine, log, stop, run):
         if cfg.sample_every and st.step % cfg.sample_every == 0:
             text = sample_text(trainer.tuned_model(), trainer.tokenizer, cfg.prompt, cfg.sample_tokens,
                                cfg.seed + st.step)
-            log.say(f"sample: {text}")
+            log.sample(st.step, text)
         if cfg.save_interval and st.step % cfg.save_interval == 0:
             trainer.save()
         if stop():
@@ -229,8 +235,9 @@ STATUSES = {PlotError: 1}
 
 
 def exit_status(error):
-    """The status train_model ends with after `error`."""
-    return errors.exit_status(error, STATUSES)
+    """The status train_model ends with after `error`: its own STATUSES first, then the
+    statuses of every command (errors.STATUSES), as run_main tries them."""
+    return errors.exit_status(error, {**STATUSES, **errors.STATUSES})
 
 
 def open_rank_trainer(world, make_trainer, checkpoint_dir):
@@ -244,7 +251,9 @@ def rank_stop(world, stop):
 
 
 def rank_log(world, trainer):
-    return Log(trainer.cfg, append=bool(trainer.resumed_from)) if world.is_root else SilentLog()
+    if not world.is_root:
+        return SilentLog()
+    return Log(trainer.cfg, append=bool(trainer.resumed_from), first_step=trainer.state.step)
 
 
 def rank_engine(world, engine, trainer):

@@ -28,6 +28,7 @@ from cllm_cli.corpus import (
     spread_windows,
 )
 from cllm_cli.errors import CheckpointError, ConversionError, DataError, TrainingError, UsageError
+from cllm_cli.fileio import writable_directory
 from cllm_cli.formats import (
     check_vocabulary,
     checkpoint_path,
@@ -128,11 +129,7 @@ class Trainer:
 
     def _make_checkpoint_dir(self):
         try:
-            os.makedirs(self.ckpt_dir, exist_ok=True)
-            probe = os.path.join(self.ckpt_dir, f".write-test-{os.getpid()}.tmp")
-            with open(probe, "w"):
-                pass
-            os.remove(probe)
+            writable_directory(self.ckpt_dir)
         except OSError as e:
             raise DataError(f"checkpoint directory {self.ckpt_dir} is not writable: "
                             f"{e.strerror or e}") from None

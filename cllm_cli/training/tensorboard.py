@@ -1,0 +1,115 @@
+"""--tensorboard: the run's metrics as TensorBoard event files, written by rank 0.
+
+What goes in is what the metrics file holds (Log.record): every number of a record becomes a
+scalar at the record's global step, tagged val/<name> for val_loss, val_ppl and val_bpb
+(val/loss, val/ppl, val/bpb) and train/<name> for the others (train/loss, train/lr,
+train/grad_norm, train/tokens_per_s, train/epoch; on many processes train/exchange_bytes and
+train/exchange_seconds). A value that is not finite (the loss of a skipped step, null in the
+metrics file) is left out: a gap in the curve. Samples go in as text, tagged sample.
+
+tensorboardX (the `tensorboard` extra) builds the events and frames them as TFRecords; it is
+imported only when --tensorboard is given. Its SummaryWriter hands events to a thread whose
+flush() leaves the ones still queued unwritten, so the events are written here, in the
+loop's thread, through tensorboardX's RecordWriter: flushed (and fsync'ed) after every
+evaluation and closed at the end of the run, a stop signal included.
+
+Each run, and each resumption, writes a file of its own, events.out.tfevents.<time>.<host>.<pid>.
+It starts with the file version and a session start at the step after the one the run starts
+from: TensorBoard then drops what earlier files of the directory hold from that step on (the
+steps a stopped run logged after its last checkpoint, or an earlier run in the same DIR).
+"""
+import contextlib
+import math
+import os
+import socket
+import time
+
+from cllm_cli.errors import DataError, MissingExtra
+from cllm_cli.fileio import reason, writable_directory
+
+INSTALL = "pip install '.[tensorboard]' in CLLM's source (or pip install tensorboardX)"
+
+
+def require_tensorboardx():
+    """The tensorboardX package; MissingExtra (one line naming the extra) without it."""
+    try:
+        import tensorboardX
+    except ImportError:
+        raise MissingExtra(f"--tensorboard needs tensorboardX, which is not installed: "
+                           f"{INSTALL}") from None
+    return tensorboardX
+
+
+def check_tensorboard(directory):
+    """Before the corpus is read: tensorboardX can be imported and a file can be created in
+    `directory` (made if missing). MissingExtra or DataError with one line when not."""
+    require_tensorboardx()
+    try:
+        writable_directory(directory)
+    except OSError as e:
+        raise DataError(f"cannot write --tensorboard {directory}: {reason(e)}") from None
+
+
+def tag(key):
+    """The TensorBoard tag of a metrics-file key: val_loss -> val/loss, lr -> train/lr."""
+    return "val/" + key[len("val_"):] if key.startswith("val_") else "train/" + key
+
+
+def event_file_name(directory):
+    """A new file's path: TensorBoard reads the files whose name holds "tfevents", in name
+    order; a name already taken (the same process within the same second) gets a counter."""
+    base = os.path.join(directory, f"events.out.tfevents.{int(time.time())}."
+                                   f"{socket.gethostname()}.{os.getpid()}")
+    path, n = base, 0
+    while os.path.exists(path):
+        n += 1
+        path = f"{base}.{n}"
+    return path
+
+
+class EventWriter:
+    """One event file of a run that starts (or resumes) after step `first_step`. record(),
+    text() and flush() raise OSError when the file cannot be written; the Log reports it."""
+
+    def __init__(self, directory, first_step):
+        tensorboardX = require_tensorboardx()
+        from tensorboardX import summary
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+        self._summary, self._event = summary, Event
+        self.path = event_file_name(directory)
+        try:
+            self._records = tensorboardX.RecordWriter(self.path)
+        except OSError as e:
+            raise DataError(f"cannot write --tensorboard {directory}: {reason(e)}") from None
+        try:
+            self._write(Event(file_version="brain.Event:2"))
+            self._write(Event(step=first_step + 1,
+                              session_log=SessionLog(status=SessionLog.START)))
+            self.flush()
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                self.close()
+            raise DataError(f"cannot write --tensorboard {directory}: {reason(e)}") from None
+
+    def _write(self, event):
+        event.wall_time = time.time()
+        self._records.write(event.SerializeToString())
+
+    def record(self, fields):
+        """One record of the metrics file: its numbers as scalars at its step. An evaluation's
+        record is flushed to disk at once."""
+        step = fields["step"]
+        for key, value in fields.items():
+            if key != "step" and value is not None and math.isfinite(value):
+                self._write(self._event(step=step, summary=self._summary.scalar(tag(key), value)))
+        if any(key.startswith("val_") for key in fields):
+            self.flush()
+
+    def text(self, step, name, text):
+        self._write(self._event(step=step, summary=self._summary.text(name, text)))
+
+    def flush(self):
+        self._records.flush()
+
+    def close(self):
+        self._records.close()
