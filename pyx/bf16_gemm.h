@@ -145,14 +145,14 @@ static int bf16_library_load(const char* path, char* err, size_t err_size) {
 
 static inline int bf16_library_loaded(void) { return cllm_dnnl.library != NULL; }
 
-/* fp32 -> bf16, round to nearest even; a NaN stays a (quiet) NaN */
+/* fp32 -> bf16, round to nearest even; a NaN stays a (quiet) NaN. Both results are computed
+   and one is selected, without a branch, so that loops over it vectorise. */
 static inline uint16_t bf16_round(float x) {
     uint32_t u;
     memcpy(&u, &x, sizeof(u));
-    if ((u & 0x7fffffffu) > 0x7f800000u)
-        return (uint16_t)((u >> 16) | 0x0040u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
+    uint32_t quiet = (u >> 16) | 0x0040u;
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? quiet : rounded);
 }
 
 static inline float bf16_to_float(uint16_t h) {
@@ -163,6 +163,7 @@ static inline float bf16_to_float(uint16_t h) {
 }
 
 /* dst[i, j] = bf16(src[i * ld + j]) for a rows x cols block; dst is dense (leading dim cols) */
+__attribute__((noinline))   /* a function of its own in profiles (benchmarks.profile_ops) */
 static void bf16_round_rows(uint16_t* dst, const float* src, size_t rows, size_t cols, size_t ld) {
     size_t i, j;
     for (i = 0; i < rows; i++) {
