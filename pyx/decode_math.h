@@ -51,6 +51,66 @@ static inline void cllm_matvec_rows(float *out, const float *W, const float *x, 
         out[r - r0] = cllm_dlanes(a, w, x, i, n);
     }
 }
+
+/* The same products on bf16 weights (generation with --precision bf16: half the bytes to
+ * read). A weight row is 16-bit bf16 values, widened exactly to float (the bits go to the high
+ * half); the input is already rounded to bf16 by the caller, so every product is exact in
+ * float and only the sums round, in the same 16 fixed lanes. */
+typedef unsigned short cllm_du16 __attribute__((vector_size(32)));
+typedef unsigned int cllm_du32 __attribute__((vector_size(64)));
+
+static inline cllm_dv16 cllm_dload16_bf16(const unsigned short *p) {
+    cllm_du16 h;
+    cllm_du32 u;
+    cllm_dv16 v;
+    memcpy(&h, p, sizeof h);
+    u = __builtin_convertvector(h, cllm_du32) << 16;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
+static inline float cllm_bf16_value(unsigned short h) {
+    unsigned int u = (unsigned int)h << 16;
+    float x;
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
+
+static inline float cllm_dlanes_bf16(cllm_dv16 lane, const unsigned short *w, const float *x,
+                                     int i, int n) {
+    float s = 0.0f;
+    int j;
+    for (j = 0; j < 16; j++) s += lane[j];
+    for (; i < n; i++) s += cllm_bf16_value(w[i]) * x[i];
+    return s;
+}
+
+/* out[r - r0] = dot(W[r, :], x) for rows r0 <= r < r1 of the row-major bf16 W[., n] */
+static inline void cllm_matvec_rows_bf16(float *out, const unsigned short *W, const float *x,
+                                         int r0, int r1, int n) {
+    int r = r0, i;
+    for (; r + 4 <= r1; r += 4) {
+        const unsigned short *w0 = W + (size_t)r * n, *w1 = w0 + n, *w2 = w1 + n, *w3 = w2 + n;
+        cllm_dv16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        for (i = 0; i + 16 <= n; i += 16) {
+            cllm_dv16 v = cllm_dload16(x + i);
+            a0 += cllm_dload16_bf16(w0 + i) * v;
+            a1 += cllm_dload16_bf16(w1 + i) * v;
+            a2 += cllm_dload16_bf16(w2 + i) * v;
+            a3 += cllm_dload16_bf16(w3 + i) * v;
+        }
+        out[r - r0] = cllm_dlanes_bf16(a0, w0, x, i, n);
+        out[r - r0 + 1] = cllm_dlanes_bf16(a1, w1, x, i, n);
+        out[r - r0 + 2] = cllm_dlanes_bf16(a2, w2, x, i, n);
+        out[r - r0 + 3] = cllm_dlanes_bf16(a3, w3, x, i, n);
+    }
+    for (; r < r1; r++) {
+        const unsigned short *w = W + (size_t)r * n;
+        cllm_dv16 a = {0};
+        for (i = 0; i + 16 <= n; i += 16) a += cllm_dload16_bf16(w + i) * cllm_dload16(x + i);
+        out[r - r0] = cllm_dlanes_bf16(a, w, x, i, n);
+    }
+}
 #endif
 
 /* A barrier for the phases of one decoded position: the threads arrive within microseconds
