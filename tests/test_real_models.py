@@ -253,7 +253,7 @@ def test_export_gguf_by_name(gpt2_run, tmp_path, capsys):
     assert out.is_file()
     reader = gguf.GGUFReader(str(out))
     assert reader.fields["gpt2.context_length"].contents() == 16
-    assert f"llama-cli -m {out} -c 16" in stdout
+    assert f"llama-completion -m {out} -c 16" in stdout
     # --format still wins over the name
     code, _, err = call(capsys, export_main, ck, tmp_path / "dir.gguf", "--format", "hf")
     assert code == 0, err
@@ -262,7 +262,7 @@ def test_export_gguf_by_name(gpt2_run, tmp_path, capsys):
 
 def test_docs_state_the_context_length():
     doc = (ROOT / "docs" / "tokenizers-and-interop.md").read_text(encoding="utf-8")
-    for words in ("cannot see past seq-len", "IndexError", "assertion", "llama-cli -m",
+    for words in ("cannot see past seq-len", "IndexError", "assertion", "llama-completion -m",
                   "n_positions", "context_length", "vocab.json"):
         assert words in doc, words
 

@@ -13,7 +13,7 @@ Choices written down here:
   hash must be the one the checkpoint records.
 - The format is --format, else OUT's name: a name ending in .gguf is a GGUF file, any other
   a transformers directory. Success prints on stdout what was written, where, and how to load
-  it (the Python lines for transformers, the llama-cli line for GGUF, with the context length:
+  it (the Python lines for transformers, the llama-completion line for GGUF, with the context length:
   neither runtime can look past seq_len tokens).
 - OUT is a directory for --format hf, written all at once (a temporary directory renamed into
   place); an existing non-empty OUT is refused unless --force, which replaces it. For --format
@@ -103,7 +103,7 @@ def how_to_load(fmt, out, cfg, base=None):
                 f"AutoModelForCausalLM.from_pretrained({hf_base!r}), {str(out)!r})\n")
     if fmt == "gguf":
         return (f"wrote a GGUF file (llama.cpp) to {out}; context length {cfg.seq_len} tokens\n"
-                f"run it with: llama-cli -m {out} -c {cfg.seq_len}\n")
+                f"run it with: llama-completion -m {out} -c {cfg.seq_len} -no-cnv -p '...'\n")
     return (f"wrote a transformers GPT-2 directory to {out}; context length {cfg.seq_len} "
             f"tokens (n_positions)\n"
             f"load it in Python with:\n"
