@@ -31,6 +31,7 @@ cdef enum:
     DECODE_CLASSIFY = 1
     DECODE_PREFILL = 2
     DECODE_QUIT = 3
+    DECODE_SCORE = 4
     PREFILL_ROWS = 64       # prompt rows per matrix product in prefill
 
 
@@ -65,10 +66,16 @@ cdef struct DecodeCache:
     float* prstd        # (T,)
     const int* ptokens  # the prompt's ids being prefilled, pn of them
     int pn
+    # scoring (decode_score.pxi): the last pk of the pn positions, their targets and results
+    const int* ptargets
+    int pk
+    double* plogp       # (pk,) log-probability of each target
+    unsigned char* pgreedy  # (pk,) 1 where the target is the first argmax of its logits
+    float* slogits      # (SCORE_ROWS, V) logits of a block of scored rows, allocated on first use
     float* memory
     # the workers
     int threads
-    int mode            # DECODE_STEP, DECODE_CLASSIFY or DECODE_QUIT, set before the start barrier
+    int mode            # DECODE_STEP, _PREFILL, _SCORE or _QUIT, set before the start barrier
     DecodeWorker* workers
     pthread_barrier_t barrier       # the start of a position: workers sleep here in between
     int barrier_ready
@@ -171,20 +178,24 @@ cdef void* decode_worker_thread(void* arg) noexcept nogil:
         decode_start(d)                         # the caller has set d.mode and the input
         if d.mode == DECODE_QUIT:
             return NULL
-        if d.mode == DECODE_STEP:
-            decode_step(d, w)
-        else:
-            decode_prefill_part(d, w)
+        decode_work(d, w)
+
+
+cdef void decode_work(DecodeCache* d, DecodeWorker* w) noexcept nogil:
+    # worker w's part of the work d.mode names
+    if d.mode == DECODE_STEP:
+        decode_step(d, w)
+    elif d.mode == DECODE_PREFILL:
+        decode_prefill_part(d, w)
+    else:
+        decode_score_part(d, w)
 
 
 cdef void decode_run(DecodeCache* d, int mode) noexcept nogil:
     # the caller's thread starts the workers on `mode` and does worker 0's part
     d.mode = mode
     decode_start(d)
-    if mode == DECODE_STEP:
-        decode_step(d, &d.workers[0])
-    else:
-        decode_prefill_part(d, &d.workers[0])
+    decode_work(d, &d.workers[0])
 
 
 cdef void decode_embed(DecodeCache* d, float* out, int token, int t) noexcept nogil:
@@ -229,11 +240,19 @@ cdef void prefill_block_output(DecodeCache* d, LayerParams* lp, int a, int b) no
 
 
 cdef void decode_prefill_part(DecodeCache* d, DecodeWorker* w) noexcept nogil:
-    # worker w's part of prefilling d.pn positions from d.n on: its blocks of PREFILL_ROWS
-    # rows in every row-wise step (embedding, layer norms, the linear layers, gelu), its heads
-    # of the attention, then its rows of the classifier on the last position. The blocks are
-    # fixed by the prompt alone, and a matrix product's bits depend on its shape (BLAS takes
-    # other paths for small products), so the thread count changes no bit.
+    # worker w's part of prefilling d.pn positions from d.n on (prefill_layers), then its rows
+    # of the classifier on the last position
+    prefill_layers(d, w)
+    decode_classify(d, w, d.px + <size_t>(d.pn - 1) * d.c.C)
+    decode_sync(d, w)
+
+
+cdef void prefill_layers(DecodeCache* d, DecodeWorker* w) noexcept nogil:
+    # worker w's part of running d.pn positions from d.n on through every block, leaving their
+    # residual streams in d.px: its blocks of PREFILL_ROWS rows in every row-wise step
+    # (embedding, layer norms, the linear layers, gelu), its heads of the attention. The
+    # blocks are fixed by the prompt alone, and a matrix product's bits depend on its shape
+    # (BLAS takes other paths for small products), so the thread count changes no bit.
     cdef const ModelConfig* c = &d.c
     cdef int C = c.C, t0 = d.n, n = d.pn, hs = c.C // c.NH, span = t0 + n
     cdef int blocks = (n + PREFILL_ROWS - 1) // PREFILL_ROWS
@@ -267,8 +286,6 @@ cdef void decode_prefill_part(DecodeCache* d, DecodeWorker* w) noexcept nogil:
         decode_sync(d, w)
         for k in range(k0, k1):
             prefill_block_output(d, &lp, k * PREFILL_ROWS, min(n, (k + 1) * PREFILL_ROWS))
-    decode_sync(d, w)
-    decode_classify(d, w, d.px + <size_t>(n - 1) * C)
     decode_sync(d, w)
 
 
@@ -349,5 +366,7 @@ cdef void decode_cache_free(DecodeCache* d) noexcept nogil:
             free(d.workers[i].pscores)
     free(d.memory)
     free(d.workers)
+    free(d.slogits)
     d.memory = NULL
     d.workers = NULL
+    d.slogits = NULL
