@@ -340,6 +340,16 @@ def test_lambada_matches_the_reference(hf_model, task_files):
     assert result.perplexity_stderr == pytest.approx(result.perplexity * stderr_ll, rel=1e-9)
 
 
+def test_lambada_jsonl_is_read_as_its_text_lines(hf_model, task_files, tmp_path):
+    """lambada_openai's own form: {"text": passage} per line, other keys ignored."""
+    lines = task_files[1].read_text(encoding="utf-8").splitlines()
+    jsonl = tmp_path / "lambada_test.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t, "domain": None}) + "\n" for t in lines),
+                     encoding="utf-8")
+    assert [(i.context, i.word) for i in read_lambada(jsonl)] == \
+        [(i.context, i.word) for i in read_lambada(task_files[1])]
+
+
 def test_results_are_the_same_bits_for_every_thread_count(hf_model, task_files):
     model, tokenizer = load(hf_model[0])
     items = read_hellaswag(task_files[0])
@@ -505,15 +515,22 @@ def test_malformed_hellaswag_item(hf_model, tmp_path, capsys, case):
 
 
 LAMBADA_FAULTS = {
-    "one word": (b"the old king walked home\n\n   alone  \nthe end\n", 3, "at least two words"),
-    "not UTF-8": (b"the old king\nthe caf\xc3 was closed\n", 2, "not UTF-8"),
+    "one word": ("txt", b"the old king walked home\n\n   alone  \nthe end\n", 3,
+                 "at least two words"),
+    "not UTF-8": ("txt", b"the old king\nthe caf\xc3 was closed\n", 2, "not UTF-8"),
+    "jsonl without text": ("jsonl", b'{"text": "a b"}\n{"passage": "a b"}\n', 2,
+                           "missing key text"),
+    "jsonl text not a string": ("jsonl", b'{"text": "a b"}\n{"text": 7}\n', 2,
+                                "text must be a string"),
+    "jsonl invalid": ("jsonl", b'{"text": "a b"}\n\n{"text": "a b\n', 3, "not valid JSON"),
+    "jsonl one word": ("jsonl", b'{"text": "alone"}\n', 1, "at least two words"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(LAMBADA_FAULTS))
 def test_malformed_lambada_passage(hf_model, tmp_path, capsys, case):
-    data, line, fragment = LAMBADA_FAULTS[case]
-    path = tmp_path / "passages.txt"
+    suffix, data, line, fragment = LAMBADA_FAULTS[case]
+    path = tmp_path / f"passages.{suffix}"
     path.write_bytes(data)
     code, _, err = call(capsys, eval_main, hf_model[0], "--task", "lambada", path)
     assert_one_error_line(code, err, "cllm_eval", f"{path}:{line}:", fragment)

@@ -4,7 +4,9 @@
                 non-empty strings), "label" (an integer index into endings); other keys are
                 ignored (the dataset's own jsonl has ind, activity_label, ctx_a, ctx_b, ...)
     LAMBADA     a passage per line; the target is its last word: what follows the last space,
-                as lm-evaluation-harness's lambada_openai splits text on " "
+                as lm-evaluation-harness's lambada_openai splits text on " ". A file named
+                *.jsonl holds a JSON object per line instead, the passage in "text" (the form
+                lambada_openai's own lambada_test.jsonl has)
 
 Lines holding only white space are skipped. Every fault is one DataError naming the file and
 the line: text that is not UTF-8, invalid JSON, a missing key or one of the wrong type, a label
@@ -73,19 +75,25 @@ def _nonempty(items, path, what):
     return items
 
 
-def hellaswag_item(line, where):
-    """The HellaSwagItem of one jsonl line (DataError naming `where` otherwise)."""
+def _json_object(line, where, keys, what):
+    """The JSON object on `line`, holding every one of `keys`."""
     try:
         doc = json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(doc, dict):
-        raise DataError(f"{where}: expected a JSON object with ctx, endings and label, got "
+        raise DataError(f"{where}: expected a JSON object with {', '.join(keys)}, got "
                         f"{type(doc).__name__}")
-    missing = [key for key in ("ctx", "endings", "label") if key not in doc]
+    missing = [key for key in keys if key not in doc]
     if missing:
         raise DataError(f"{where}: missing key{'s' if len(missing) > 1 else ''} "
-                        f"{', '.join(missing)} (a HellaSwag item has ctx, endings and label)")
+                        f"{', '.join(missing)} ({what} has {', '.join(keys)})")
+    return doc
+
+
+def hellaswag_item(line, where):
+    """The HellaSwagItem of one jsonl line (DataError naming `where` otherwise)."""
+    doc = _json_object(line, where, ("ctx", "endings", "label"), "a HellaSwag item")
     context, endings, label = doc["ctx"], doc["endings"], doc["label"]
     if not isinstance(context, str):
         raise DataError(f"{where}: ctx must be a string, got {type(context).__name__}")
@@ -111,7 +119,20 @@ def read_hellaswag(path):
                      path, "HellaSwag items")
 
 
+def lambada_passage(line, where, jsonl):
+    """The passage of one line: the line itself, or for jsonl its object's "text"."""
+    if not jsonl:
+        return line
+    text = _json_object(line, where, ("text",), "a LAMBADA jsonl line")["text"]
+    if not isinstance(text, str):
+        raise DataError(f"{where}: text must be a string, got {type(text).__name__}")
+    return text
+
+
 def read_lambada(path):
-    """[LambadaItem] of a file of passages, one per line."""
-    return _nonempty([LambadaItem.from_passage(line, f"{path}:{number}")
+    """[LambadaItem] of a file of passages, one per line (or one {"text": ...} object per
+    line in a *.jsonl file)."""
+    jsonl = str(path).endswith(".jsonl")
+    return _nonempty([LambadaItem.from_passage(lambada_passage(line, f"{path}:{number}", jsonl),
+                                               f"{path}:{number}")
                       for number, line in _lines(path)], path, "LAMBADA passages")
