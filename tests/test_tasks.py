@@ -545,6 +545,17 @@ def test_a_file_without_items(hf_model, tmp_path, capsys, task, data):
     assert_one_error_line(code, err, "cllm_eval", str(path), "no ", "in the file")
 
 
+@pytest.mark.parametrize("make, fragment", [(None, "No such file"),
+                                            (os.mkdir, "it is a directory")],
+                         ids=["missing", "directory"])
+def test_a_task_file_that_cannot_be_read(hf_model, tmp_path, capsys, make, fragment):
+    path = tmp_path / "items.jsonl"
+    if make is not None:
+        make(path)
+    code, _, err = call(capsys, eval_main, hf_model[0], "--task", "hellaswag", path)
+    assert_one_error_line(code, err, "cllm_eval", f"{path}: cannot read", fragment)
+
+
 def test_a_malformed_item_in_a_real_process(hf_model, tmp_path):
     path = tmp_path / "items.jsonl"
     path.write_bytes(GOOD.encode() + b"\n" + GOOD.encode() + b"\n{oops\n")
