@@ -69,7 +69,7 @@ man-pages:
 	$(MANPAGE) --module cllm_cli.cli.plot --prog cllm_plot \
 		--description "plot the loss curves of a CLLM training run" --output $(MAN_DIR)/cllm_plot.1
 	$(MANPAGE) --module cllm_cli.cli.evaluate --prog cllm_eval \
-		--description "loss, perplexity and bits per byte of a CLLM model on any text" --output $(MAN_DIR)/cllm_eval.1
+		--description "loss, perplexity and bits per byte of a CLLM model on any text; zero-shot HellaSwag and LAMBADA" --output $(MAN_DIR)/cllm_eval.1
 	$(MANPAGE) --module cllm_cli.cli.export --prog cllm_export \
 		--description "convert a CLLM checkpoint for Hugging Face transformers or llama.cpp" --output $(MAN_DIR)/cllm_export.1
 

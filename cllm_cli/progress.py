@@ -1,5 +1,5 @@
-"""Time left and bytes done: the duration format every command prints and the progress line
-of a long pass over a corpus."""
+"""Time left and work done: the duration format every command prints and the progress line
+of a long pass over a corpus (bytes) or over a task's items."""
 import sys
 import time
 
@@ -14,7 +14,7 @@ class ByteProgress:
     """The progress line of a long pass over a corpus, on stderr and only when stderr is a
     terminal: "tokenizing: 412.0 of 1228.8 MB, 85.3 MB/s, ETA 0:09", rewritten a few times a
     second; done() leaves "tokenizing: 1228.8 MB in 0:14, 85.9 MB/s" on screen, close()
-    without done() (a fault, a signal) wipes the line."""
+    without done() (a fault, a signal) wipes the line. ItemProgress counts items instead."""
 
     REFRESH = 0.2
 
@@ -41,16 +41,22 @@ class ByteProgress:
         if self.tty and now - self.last_draw >= self.REFRESH:
             rate = self.done_bytes / max(now - self.start, 1e-9)
             left = duration((self.total - self.done_bytes) / rate) if rate > 0 else "?"
-            self._out(f"\r{self.label}: {self.done_bytes / 1e6:.1f} of {self.total / 1e6:.1f} "
-                      f"MB, {rate / 1e6:.1f} MB/s, ETA {left}\x1b[K")
+            self._out(f"\r{self.label}: {self.progress_text(rate)}, ETA {left}\x1b[K")
             self.last_draw = now
 
     def done(self):
         if self.showing:
             seconds = time.monotonic() - self.start
-            self._out(f"\r{self.label}: {self.done_bytes / 1e6:.1f} MB in {duration(seconds)}, "
-                      f"{self.done_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s\x1b[K\n")
+            self._out(f"\r{self.label}: {self.final_text(seconds)}\x1b[K\n")
             self.showing = False
+
+    def progress_text(self, rate):
+        return (f"{self.done_bytes / 1e6:.1f} of {self.total / 1e6:.1f} MB, "
+                f"{rate / 1e6:.1f} MB/s")
+
+    def final_text(self, seconds):
+        return (f"{self.done_bytes / 1e6:.1f} MB in {duration(seconds)}, "
+                f"{self.done_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s")
 
     def close(self):
         if self.showing:
@@ -64,3 +70,16 @@ class ByteProgress:
             self.showing = not text.endswith("\n")
         except (OSError, ValueError):
             self.tty = self.showing = False
+
+
+class ItemProgress(ByteProgress):
+    """The same line for a pass over items: "hellaswag: 120 of 10042 items, 0.45 s per item,
+    ETA 1:14:10"; done() leaves "hellaswag: 10042 items in 1:15:02, 0.45 s per item". add(n)
+    counts n more items."""
+
+    def progress_text(self, rate):
+        return f"{self.done_bytes} of {self.total} items, {1 / rate:.3g} s per item"
+
+    def final_text(self, seconds):
+        per = seconds / max(self.done_bytes, 1)
+        return f"{self.done_bytes} items in {duration(seconds)}, {per:.3g} s per item"

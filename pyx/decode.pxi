@@ -13,11 +13,12 @@
 #
 # Prefill runs the positions of a prompt as rows of the engine's matrix products (sgemm), with
 # causal attention over the cache in one block per head, and writes every layer's qkv rows into
-# the cache; the rows go in fixed blocks of PREFILL_ROWS, each worker taking whole blocks (and
-# whole heads of the attention), so no product's shape depends on the thread count; the last
-# position's logits then go through the same classifier rows as a decoded position. Its
-# logits agree with feeding the positions one by one to float rounding (the sums are grouped
-# differently), not bit for bit.
+# the cache; each product is cut into fixed chunks of PREFILL_COLS output columns over all the
+# prompt's rows, each worker taking whole chunks (and whole heads of the attention), so no
+# product's shape depends on the thread count and a prompt of a few tokens keeps every thread
+# busy; the last position's logits then go through the same classifier rows as a decoded
+# position. Its logits agree with feeding the positions one by one to float rounding (the
+# sums are grouped differently), not bit for bit.
 
 cdef extern from "decode_math.h" nogil:
     void cllm_matvec_rows(float* out, const float* W, const float* x, int r0, int r1, int n)
@@ -31,7 +32,8 @@ cdef enum:
     DECODE_CLASSIFY = 1
     DECODE_PREFILL = 2
     DECODE_QUIT = 3
-    PREFILL_ROWS = 64       # prompt rows per matrix product in prefill
+    DECODE_SCORE = 4
+    PREFILL_COLS = 128      # output columns per matrix product in prefill
 
 
 cdef struct DecodeWorker:
@@ -65,10 +67,16 @@ cdef struct DecodeCache:
     float* prstd        # (T,)
     const int* ptokens  # the prompt's ids being prefilled, pn of them
     int pn
+    # scoring (decode_score.pxi): the last pk of the pn positions, their targets and results
+    const int* ptargets
+    int pk
+    double* plogp       # (pk,) log-probability of each target
+    unsigned char* pgreedy  # (pk,) 1 where the target is the first argmax of its logits
+    float* slogits      # (SCORE_ROWS, V) logits of a block of scored rows, allocated on first use
     float* memory
     # the workers
     int threads
-    int mode            # DECODE_STEP, DECODE_CLASSIFY or DECODE_QUIT, set before the start barrier
+    int mode            # DECODE_STEP, _PREFILL, _SCORE or _QUIT, set before the start barrier
     DecodeWorker* workers
     pthread_barrier_t barrier       # the start of a position: workers sleep here in between
     int barrier_ready
@@ -171,20 +179,24 @@ cdef void* decode_worker_thread(void* arg) noexcept nogil:
         decode_start(d)                         # the caller has set d.mode and the input
         if d.mode == DECODE_QUIT:
             return NULL
-        if d.mode == DECODE_STEP:
-            decode_step(d, w)
-        else:
-            decode_prefill_part(d, w)
+        decode_work(d, w)
+
+
+cdef void decode_work(DecodeCache* d, DecodeWorker* w) noexcept nogil:
+    # worker w's part of the work d.mode names
+    if d.mode == DECODE_STEP:
+        decode_step(d, w)
+    elif d.mode == DECODE_PREFILL:
+        decode_prefill_part(d, w)
+    else:
+        decode_score_part(d, w)
 
 
 cdef void decode_run(DecodeCache* d, int mode) noexcept nogil:
     # the caller's thread starts the workers on `mode` and does worker 0's part
     d.mode = mode
     decode_start(d)
-    if mode == DECODE_STEP:
-        decode_step(d, &d.workers[0])
-    else:
-        decode_prefill_part(d, &d.workers[0])
+    decode_work(d, &d.workers[0])
 
 
 cdef void decode_embed(DecodeCache* d, float* out, int token, int t) noexcept nogil:
@@ -204,54 +216,72 @@ cdef void decode_forward(DecodeCache* d, int token) noexcept nogil:
     d.n += 1
 
 
-cdef void prefill_attention_input(DecodeCache* d, LayerParams* lp, float* qkv, int a,
-                                  int b) noexcept nogil:
-    # rows a..b-1 of the prompt: their qkv rows of this layer = c_attn(ln_1(x))
-    cdef int C = d.c.C, t0 = d.n
-    layernorm_forward(d.pln + <size_t>a * C, d.pmean + a, d.prstd + a, d.px + <size_t>a * C,
-                      lp.ln1w, lp.ln1b, b - a, C)
-    linear_forward(NULL, qkv + <size_t>(t0 + a) * 3 * C, d.pln + <size_t>a * C, lp.qkvw,
-                   lp.qkvb, b - a, C, 3 * C)
-
-
-cdef void prefill_block_output(DecodeCache* d, LayerParams* lp, int a, int b) noexcept nogil:
-    # rows a..b-1 of the prompt: x = block output from x and the attention output atty
-    cdef int C = d.c.C, F = d.c.F, rows = b - a
-    residual_forward(NULL, d.pmid + <size_t>a * C, d.px + <size_t>a * C,
-                     d.patty + <size_t>a * C, lp.attprojw, lp.attprojb, rows, C, C)
-    layernorm_forward(d.pln + <size_t>a * C, d.pmean + a, d.prstd + a,
-                      d.pmid + <size_t>a * C, lp.ln2w, lp.ln2b, rows, C)
-    linear_forward(NULL, d.pfch + <size_t>a * F, d.pln + <size_t>a * C, lp.fcw, lp.fcb,
-                   rows, C, F)
-    gelu_forward(d.pfch + <size_t>a * F, d.pfch + <size_t>a * F, <size_t>rows * F)
-    residual_forward(NULL, d.px + <size_t>a * C, d.pmid + <size_t>a * C,
-                     d.pfch + <size_t>a * F, lp.fcprojw, lp.fcprojb, rows, F, C)
+cdef void prefill_columns(DecodeCache* d, DecodeWorker* w, float* out, int ldo,
+                          const float* inp, int K, const float* weight, const float* bias,
+                          const float* res, int OC, bint gelu) noexcept nogil:
+    # worker w's chunks of PREFILL_COLS columns of out[n, OC] (row stride ldo) for the d.pn
+    # prompt rows: (res +) bias + inp[n, K] @ weight[OC, K]^T, then gelu when asked. The sum
+    # is rounded as linear_forward and residual_forward round it: the product adds onto
+    # bias (or res + bias); res, when given, has the stride of out.
+    cdef int n = d.pn, chunks = (OC + PREFILL_COLS - 1) // PREFILL_COLS
+    cdef int q, q0, q1, c0, c1, i, o
+    cdef float* row
+    rows_of(chunks, w.id, d.threads, &q0, &q1)
+    for q in range(q0, q1):
+        c0 = q * PREFILL_COLS
+        c1 = min(OC, c0 + PREFILL_COLS)
+        for i in range(n):
+            row = out + <size_t>i * ldo
+            if res == NULL:
+                for o in range(c0, c1):
+                    row[o] = bias[o]
+            else:
+                for o in range(c0, c1):
+                    row[o] = res[<size_t>i * ldo + o] + bias[o]
+        sgemm_rm(False, True, n, c1 - c0, K, 1.0, inp, K, weight + <size_t>c0 * K, K, 1.0,
+                 out + c0, ldo)
+        if gelu:
+            for i in range(n):
+                gelu_forward(out + <size_t>i * ldo + c0, out + <size_t>i * ldo + c0, c1 - c0)
 
 
 cdef void decode_prefill_part(DecodeCache* d, DecodeWorker* w) noexcept nogil:
-    # worker w's part of prefilling d.pn positions from d.n on: its blocks of PREFILL_ROWS
-    # rows in every row-wise step (embedding, layer norms, the linear layers, gelu), its heads
-    # of the attention, then its rows of the classifier on the last position. The blocks are
-    # fixed by the prompt alone, and a matrix product's bits depend on its shape (BLAS takes
-    # other paths for small products), so the thread count changes no bit.
+    # worker w's part of prefilling d.pn positions from d.n on (prefill_layers), then its rows
+    # of the classifier on the last position
+    prefill_layers(d, w)
+    decode_classify(d, w, d.px + <size_t>(d.pn - 1) * d.c.C)
+    decode_sync(d, w)
+
+
+cdef void prefill_layers(DecodeCache* d, DecodeWorker* w) noexcept nogil:
+    # worker w's part of running d.pn positions from d.n on through every block, leaving their
+    # residual streams in d.px: its share of the rows in the row-wise steps (embedding, layer
+    # norms), its chunks of PREFILL_COLS output columns of each linear layer (all rows at
+    # once: a short prompt keeps every thread busy too), its heads of the attention, with a
+    # barrier between steps. The chunks are fixed by the model's sizes and the rows by the
+    # prompt alone, and a matrix product's bits depend on its shape (BLAS takes other paths
+    # for small products), so the thread count changes no bit.
     cdef const ModelConfig* c = &d.c
-    cdef int C = c.C, t0 = d.n, n = d.pn, hs = c.C // c.NH, span = t0 + n
-    cdef int blocks = (n + PREFILL_ROWS - 1) // PREFILL_ROWS
-    cdef int l, h, i, j, k, k0, k1, h0, h1
+    cdef int C = c.C, F = c.F, t0 = d.n, n = d.pn, hs = c.C // c.NH, span = t0 + n
+    cdef int l, h, i, j, r0, r1, h0, h1
     cdef LayerParams lp
     cdef float* qkv
     cdef float* row
     cdef float mx, s
     cdef float scale = 1.0 / sqrtf(<float>hs)
-    rows_of(blocks, w.id, d.threads, &k0, &k1)
+    rows_of(n, w.id, d.threads, &r0, &r1)
     rows_of(c.NH, w.id, d.threads, &h0, &h1)
-    for i in range(k0 * PREFILL_ROWS, min(n, k1 * PREFILL_ROWS)):
+    for i in range(r0, r1):
         decode_embed(d, d.px + <size_t>i * C, d.ptokens[i], t0 + i)
     for l in range(c.L):
         layer_params(&lp, <float*>d.params, c, l)
         qkv = d.qkv + <size_t>l * c.T * 3 * C
-        for k in range(k0, k1):
-            prefill_attention_input(d, &lp, qkv, k * PREFILL_ROWS, min(n, (k + 1) * PREFILL_ROWS))
+        # qkv rows = c_attn(ln_1(x)), written into the cache
+        layernorm_forward(d.pln + <size_t>r0 * C, d.pmean + r0, d.prstd + r0,
+                          d.px + <size_t>r0 * C, lp.ln1w, lp.ln1b, r1 - r0, C)
+        decode_sync(d, w)
+        prefill_columns(d, w, qkv + <size_t>t0 * 3 * C, 3 * C, d.pln, C, lp.qkvw, lp.qkvb,
+                        NULL, 3 * C, False)
         decode_sync(d, w)
         for h in range(h0, h1):
             # scores of the n new rows against every cached row 0 .. span-1, causal
@@ -265,11 +295,16 @@ cdef void decode_prefill_part(DecodeCache* d, DecodeWorker* w) noexcept nogil:
             sgemm_rm(False, False, n, hs, span, 1.0, w.pscores, span,
                      qkv + 2 * C + h * hs, 3 * C, 0.0, d.patty + h * hs, C)
         decode_sync(d, w)
-        for k in range(k0, k1):
-            prefill_block_output(d, &lp, k * PREFILL_ROWS, min(n, (k + 1) * PREFILL_ROWS))
-    decode_sync(d, w)
-    decode_classify(d, w, d.px + <size_t>(n - 1) * C)
-    decode_sync(d, w)
+        # mid = x + c_proj(atty); fch = gelu(c_fc(ln_2(mid))); x = mid + c_proj(fch)
+        prefill_columns(d, w, d.pmid, C, d.patty, C, lp.attprojw, lp.attprojb, d.px, C, False)
+        decode_sync(d, w)
+        layernorm_forward(d.pln + <size_t>r0 * C, d.pmean + r0, d.prstd + r0,
+                          d.pmid + <size_t>r0 * C, lp.ln2w, lp.ln2b, r1 - r0, C)
+        decode_sync(d, w)
+        prefill_columns(d, w, d.pfch, F, d.pln, C, lp.fcw, lp.fcb, NULL, F, True)
+        decode_sync(d, w)
+        prefill_columns(d, w, d.px, C, d.pfch, F, lp.fcprojw, lp.fcprojb, d.pmid, C, False)
+        decode_sync(d, w)
 
 
 cdef void decode_prefill(DecodeCache* d, const int* tokens, int n) noexcept nogil:
@@ -349,5 +384,7 @@ cdef void decode_cache_free(DecodeCache* d) noexcept nogil:
             free(d.workers[i].pscores)
     free(d.memory)
     free(d.workers)
+    free(d.slogits)
     d.memory = NULL
     d.workers = NULL
+    d.slogits = NULL

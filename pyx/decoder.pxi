@@ -4,8 +4,11 @@
 cdef class Decoder:
     """Generation with a key/value cache. prefill(tokens) runs a prompt as one batched pass
     and feed(token) one more position; each fills the cache and returns the logits of the last
-    position. A position's matrix-vector products are split by output rows over `threads`
-    threads; the logits are the same bits for any thread count. Holds up to seq_len positions
+    position. score(tokens, targets) runs a batched pass too and returns the log-probabilities
+    of given targets instead; truncate(n) cuts the cache back to its first n positions, so that
+    several continuations of one context reuse its cached positions. A position's
+    matrix-vector products are split by output rows over `threads` threads; the logits and the
+    log-probabilities are the same bits for any thread count. Holds up to seq_len positions
     (a sliding window shifts every position, which makes the cache useless: reset() and
     prefill the window again)."""
     cdef DecodeCache cache
@@ -49,6 +52,13 @@ cdef class Decoder:
         """Empties the cache."""
         self.cache.n = 0
 
+    def truncate(self, int length):
+        """Keeps the first `length` cached positions (0 <= length <= self.length) and forgets
+        the others: the next prefill, score or feed continues at position `length`."""
+        if not 0 <= length <= self.cache.n:
+            raise ValueError(f"cannot truncate {self.cache.n} cached positions to {length}")
+        self.cache.n = length
+
     cdef object last_logits(self):
         out = np.empty(self.c.V, dtype=np.float32)
         cdef float[::1] o = out
@@ -79,3 +89,37 @@ cdef class Decoder:
         with nogil:
             decode_prefill(&self.cache, &ids[0], n)
         return self.last_logits()
+
+    def score(self, tokens, targets):
+        """(logp float64 [k], greedy bool [k]) for the k = len(targets) <= len(tokens) last of
+        `tokens`, which take the next positions as in prefill: logp[i] is the log-probability,
+        log softmax of the logits over the whole vocabulary, of targets[i] at the position of
+        tokens[n - k + i], and greedy[i] says whether targets[i] is the (first) argmax of those
+        logits. The classifier runs on those k positions only (none when k is 0: the tokens
+        only fill the cache). Does not change what prefill and feed returned last."""
+        cdef int[::1] ids = np.ascontiguousarray(tokens, dtype=np.int32).reshape(-1)
+        cdef int[::1] tgt = np.ascontiguousarray(targets, dtype=np.int32).reshape(-1)
+        cdef int n = ids.shape[0], k = tgt.shape[0]
+        if n < 1:
+            raise ValueError("score needs at least one token")
+        if k > n:
+            raise ValueError(f"{k} targets for {n} tokens: at most one target per token")
+        if self.cache.n + n > self.c.T:
+            raise ValueError(f"the cache is full ({self.c.T} positions): {self.cache.n} cached, "
+                             f"{n} more given")
+        _check_tokens(np.asarray(ids).reshape(1, -1), self.c.V, "tokens")
+        _check_tokens(np.asarray(tgt).reshape(1, -1), self.c.V, "targets")
+        if k and self.cache.slogits == NULL:
+            self.cache.slogits = <float*>malloc(<size_t>SCORE_ROWS * self.c.V * sizeof(float))
+            if self.cache.slogits == NULL:
+                raise MemoryError("cannot allocate the logits of the scored rows")
+        logp = np.zeros(k, dtype=np.float64)
+        greedy = np.zeros(k, dtype=np.uint8)
+        cdef double[::1] lp = logp
+        cdef unsigned char[::1] gr = greedy
+        cdef int* tp = &tgt[0] if k else NULL
+        cdef double* lpp = &lp[0] if k else NULL
+        cdef unsigned char* grp = &gr[0] if k else NULL
+        with nogil:
+            decode_score(&self.cache, &ids[0], n, tp, k, lpp, grp)
+        return logp, greedy.astype(bool)

@@ -53,10 +53,13 @@
 #   hands out a batch. A product's bits depend only on its shape and inputs, so the thread
 #   count changes nothing here either.
 # - Generation. Decoder keeps every layer's qkv rows of the positions so far. A prompt runs
-#   as one batched pass through the matrix products (prefill); each later position runs its
-#   matrix-vector products split by output rows over the decoder's threads, every row summed
-#   in the same fixed order whichever thread computes it (decode_math.h), so the thread count
-#   changes nothing.
+#   as one batched pass through the matrix products (prefill), each product cut into fixed
+#   chunks of output columns shared out over the decoder's threads; each later position runs
+#   its matrix-vector products split by output rows, every row summed in the same fixed order
+#   whichever thread computes it (decode_math.h), so the thread count changes nothing. A
+#   scored prefill (decode_score.pxi) runs the classifier on the positions asked for only, in
+#   fixed vocabulary chunks, and returns the log-probabilities of given targets; the cache
+#   can be cut back (truncate) so that the continuations of one context share its positions.
 # - Locks. model_lock (rwlock): read by spheres around forward/backward (write in exclusive
 #   mode), write by the optimiser step. gradient_lock (mutex) guards accumulated_gradients and
 #   the accumulation turn. The order is always model_lock -> gradient_lock; never take
@@ -82,6 +85,7 @@ include "threads_structs.pxi"      # pthread declarations, the system's structs,
 include "sphere_worker.pxi"        # one sphere: micro-batches, accumulation, optimiser share
 include "threads_system.pxi"       # the system: create, hand out work, wait, tally, step
 include "decode.pxi"               # generation: prefill, then positions split over threads
+include "decode_score.pxi"         # scoring: log-probabilities of targets after a prefill
 include "op_wrappers.pxi"          # test-only Python wrappers, one per kernel
 
 WAIT_SLICE = 0.1     # seconds the main thread waits for the spheres between should_stop() calls

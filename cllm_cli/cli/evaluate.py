@@ -1,8 +1,12 @@
-"""cllm_eval: loss, perplexity and bits per byte of a trained model on any text.
+"""cllm_eval: loss, perplexity and bits per byte of a trained model on any text, or its
+zero-shot accuracy on HellaSwag or LAMBADA (--task).
 
     checkpoint + its vocabulary -> text files (read and checked as train_model reads DATA)
     -> token stream (each file a document ending in <eos>) -> windows of T+1 tokens (as for
     validation) -> the spheres -> loss summed in micro-batch order
+
+    --task: model + tokenizer -> the task file's items (cllm_cli/tasks) -> each candidate
+    continuation's summed log-probability through the Decoder -> acc, acc_norm or perplexity
 
 Choices written down here:
 
@@ -18,6 +22,9 @@ Choices written down here:
   settings; --threads only changes speed.
 - The matrix products run in the precision the model was trained in (--precision to choose),
   so a bf16 run's `--split val` is its validation loss too.
+- --task scores in fp32 (the Decoder's precision) whatever the model was trained in, and
+  takes exactly one file; what is scored and how is written down in cllm_cli/tasks. The
+  progress line (stderr, only on a terminal) counts items; --json prints one object.
 """
 import json
 import math
@@ -34,6 +41,8 @@ from cllm_cli.corpus.files import ENCODING_ERRORS, read_text
 from cllm_cli.errors import DataError, UsageError
 from cllm_cli.formats import resolve_checkpoint
 from cllm_cli.model import precision
+from cllm_cli.progress import ItemProgress, duration
+from cllm_cli.tasks import TASKS, evaluate_task, read_items
 from cllm_cli.training.log import fmt_loss, perplexity
 
 PROG = "cllm_eval"
@@ -43,14 +52,23 @@ def build_parser():
     p = Parser(
         prog=PROG,
         description="Loss, perplexity and bits per byte of a model trained by train_model, on "
-                    "any text files or on its run's own validation split.",
-        epilog="Example: cllm_eval checkpoints/final_model.cllm notes/*.txt --json",
+                    "any text files or on its run's own validation split; or its zero-shot "
+                    "accuracy on HellaSwag or LAMBADA, scored as lm-evaluation-harness does.",
+        epilog="Examples: cllm_eval checkpoints/final_model.cllm notes/*.txt --json; "
+               "cllm_eval gpt2/ --task hellaswag hellaswag_val.jsonl",
         formatter_class=HelpFormatter)
     p.add_argument("checkpoint", metavar="CHECKPOINT",
-                   help="a .cllm file, or a checkpoint directory (its final_model.cllm, else "
-                        "its newest checkpoint_step_<N>.cllm)")
+                   help="a .cllm file, a checkpoint directory (its final_model.cllm, else "
+                        "its newest checkpoint_step_<N>.cllm) or a transformers GPT-2 "
+                        "directory")
     p.add_argument("data", nargs="*", metavar="DATA",
-                   help="text files, or directories (every file matching --glob below them)")
+                   help="text files, or directories (every file matching --glob below them); "
+                        "with --task, the one task file")
+    p.add_argument("--task", choices=TASKS, default=None,
+                   help="score the zero-shot task in DATA instead: hellaswag (a jsonl file of "
+                        "ctx, endings, label: acc and acc_norm) or lambada (a passage per line, "
+                        "or a file named *.jsonl of {\"text\": passage}; the target is its "
+                        "last word: acc and perplexity)")
     p.add_argument("--split", choices=("val", "train"), default=None,
                    help="evaluate the run's own validation or training split (dataset.bin next "
                         "to the checkpoint) instead of DATA")
@@ -63,7 +81,9 @@ def build_parser():
 help="tokenizer file (vocab.txt or tokenizer.json; for bpe also GPT-2's "
                         "vocab.json with merges.txt next to it, or their directory) the model "
                         "was trained with (default: the one next to the checkpoint)")
-    p.add_argument("--threads", type=int, default=None, help="worker spheres (default: all cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="worker spheres, or with --task the threads that share each pass "
+                        "(default: all cores); the results do not depend on it")
     p.add_argument("--precision", choices=precision.PRECISIONS, default=None,
                    help="of the matrix products (default: the one the model was trained in)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -116,9 +136,48 @@ def evaluate_stream(model, stream, threads, batch_size, micro_batch, pad_id, pre
     return loss_sum, counted, len(windows)
 
 
+def check_task_options(args):
+    if len(args.data) != 1:
+        raise UsageError(f"--task {args.task} takes one task file, got {len(args.data)}")
+    given = [name for name, value, default in (
+        ("--split", args.split, None), ("--glob", args.glob, "*.txt"),
+        ("--encoding-errors", args.encoding_errors, "strict"),
+        ("--precision", args.precision, None)) if value != default]
+    if given:
+        raise UsageError(f"{given[0]} does not apply with --task (task files are UTF-8 and "
+                         f"scored in fp32)")
+
+
+def run_task(args, out):
+    check_task_options(args)
+    items = read_items(args.task, args.data[0])
+    model, tokenizer, _ = load(args.checkpoint, args.vocab)
+    result = evaluate_task(args.task, model, tokenizer, items,
+                           args.threads or default_threads(),
+                           lambda total: ItemProgress(args.task, total))
+    summary = result.summary(args.checkpoint)
+    if args.json:
+        out.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                              for k, v in summary.items()}) + "\n")
+    else:
+        out.write(f"{args.task}: {result.items:,} items in {duration(result.seconds)} "
+                  f"({result.seconds_per_item:.3g} s per item)\n")
+        rows = [("acc", result.acc, result.acc_stderr)]
+        if args.task == "hellaswag":
+            rows.append(("acc_norm", result.acc_norm, result.acc_norm_stderr))
+        else:
+            rows.append(("perplexity", result.perplexity, result.perplexity_stderr))
+        for name, value, stderr in rows:
+            spread = "" if stderr is None else f" ± {stderr:.4f}"
+            out.write(f"{name:<11} {value:.4f}{spread}\n")
+    out.flush()
+
+
 def run(args, out):
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {args.threads}")
+    if args.task:
+        return run_task(args, out)
     if bool(args.data) == bool(args.split):
         raise UsageError("give DATA files or --split, not both" if args.data
                          else "nothing to evaluate: give DATA files or --split val")
@@ -156,7 +215,8 @@ def run(args, out):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    # intermixed: DATA may follow options (cllm_eval MODEL --task lambada FILE)
+    args = build_parser().parse_intermixed_args(argv)
     return run_main(PROG, lambda: run(args, sys.stdout), stop_without_output=True,
                     announce_signals=True)
 
