@@ -8,9 +8,11 @@
   and 2 threads (--threads); each figure the median of --repeats runs.
 - Prompt cost: the seconds CLLMModel.generate takes for 100 tokens after a 393-token prompt
   against a 4-token one (D, T 512, greedy, at the largest thread count).
+- --precision bf16: the weights' bf16 copy (Decoder precision "bf16"), 2 bytes per parameter
+  read per decoded token.
 - Ceilings of this host, so that figures from two hosts compare: the memory bandwidth of a
   streaming read (numpy sum of a 512 MB array, one process per thread, at once) against the
-  bytes a decoded token reads (every weight once: 4 bytes per parameter), and the fp32 sgemm
+  bytes a decoded token reads (every weight once: 4 bytes per parameter, 2 in bf16), and the fp32 sgemm
   rate (one 2048^3 product per thread) against the FLOPs of a prompt token (2 per weight of
   the blocks, attention aside).
 """
@@ -64,12 +66,12 @@ def block_weights(cfg):
     return cfg.num_layers * (3 * C * C + C * C + 2 * C * F)
 
 
-def measure(cfg, threads, repeats):
+def measure(cfg, threads, repeats, precision="fp32"):
     model = CLLMModel(cfg, seed=0)
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, PROMPT + GENERATED)
     pp, tg = [], []
     for _ in range(repeats):
-        decoder = _engine.Decoder(cfg, model.flat, threads)
+        decoder = _engine.Decoder(cfg, model.flat, threads, precision)
         t0 = time.perf_counter()
         decoder.prefill(ids[:PROMPT])
         t1 = time.perf_counter()
@@ -88,9 +90,14 @@ def main(argv=None):
     ap.add_argument("--configs", default="D,G", help="comma-separated, from D and G")
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    ap.add_argument("--no-prompt-cost", action="store_true")
     args = ap.parse_args(argv)
+    if args.precision == "bf16":
+        from cllm_cli.model.precision import require
+        require("bf16")
     threads = [int(t) for t in args.threads.split(",")]
-    print(f"CLLM generation benchmark: {os.cpu_count()} cores, load average "
+    print(f"CLLM generation benchmark ({args.precision}): {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.2f}")
     bandwidth = {n: ceiling(_read_bandwidth, n) for n in threads}
     sgemm = {n: ceiling(_sgemm_rate, n) for n in threads}
@@ -102,11 +109,13 @@ def main(argv=None):
     for name in args.configs.split(","):
         cfg = CONFIGS[name]
         for n in threads:
-            pp, tg, params = measure(cfg, n, args.repeats)
+            pp, tg, params = measure(cfg, n, args.repeats, args.precision)
             flops = 2 * block_weights(cfg) * pp
-            read = 4 * params * tg
+            read = (2 if args.precision == "bf16" else 4) * params * tg
             print(f"{name:<4}{n:>4}{pp:>13,.1f}{flops / sgemm[n]:>9.0%}{tg:>13,.1f}"
                   f"{read / 1e9:>11.1f}{read / bandwidth[n]:>13.0%}", flush=True)
+    if args.no_prompt_cost:
+        return
     short, long = prompt_cost(max(threads), args.repeats)
     print(f"D, {max(threads)} thread(s): 100 tokens after a 4-token prompt {short:.2f} s, after "
           f"a 393-token prompt {long:.2f} s ({long / short:.2f}x)")

@@ -22,6 +22,8 @@
 
 cdef extern from "decode_math.h" nogil:
     void cllm_matvec_rows(float* out, const float* W, const float* x, int r0, int r1, int n)
+    void cllm_matvec_rows_bf16(float* out, const uint16_t* W, const float* x, int r0, int r1,
+                               int n)
     ctypedef struct cllm_spin_barrier:
         pass
     void cllm_spin_init(cllm_spin_barrier* b, int n)
@@ -45,6 +47,10 @@ cdef struct DecodeWorker:
     int sense           # this worker's sense of the phase barrier
     pthread_t thread
     int started
+    # precision bf16 (NULL for fp32): the worker's oneDNN state for prefill's products, and
+    # the input of a matrix-vector product rounded to bf16 values
+    Bf16Products* b
+    float* xr           # (max(C, F),)
 
 
 cdef struct DecodeCache:
@@ -112,6 +118,19 @@ cdef void decode_attention_head(float* out, float* scores, const float* qkv, int
              0.0, out, C)
 
 
+cdef void decode_matvec(DecodeWorker* w, float* out, const float* W, const float* x, int r0,
+                        int r1, int n) noexcept nogil:
+    # out[r - r0] = dot(W[r, :], x) for rows r0 <= r < r1 of W[., n]: in fp32, or with bf16
+    # the weights' bf16 copy and x rounded to bf16 (products exact, fp32 sums)
+    cdef int i
+    if w.b == NULL:
+        cllm_matvec_rows(out, W, x, r0, r1, n)
+        return
+    for i in range(n):
+        w.xr[i] = bf16_to_float(bf16_round(x[i]))
+    cllm_matvec_rows_bf16(out, bf16_weight(w.b, W), w.xr, r0, r1, n)
+
+
 cdef void decode_classify(DecodeCache* d, DecodeWorker* w, const float* x) noexcept nogil:
     # logits rows of this worker: wte rows . ln_f(x), x the last position's stream
     cdef const ModelConfig* c = &d.c
@@ -121,7 +140,7 @@ cdef void decode_classify(DecodeCache* d, DecodeWorker* w, const float* x) noexc
     model_params(&p, <float*>d.params, c)
     layernorm_forward(w.ln, &mean, &rstd, x, p.lnfw, p.lnfb, 1, c.C)
     rows_of(c.V, w.id, d.threads, &r0, &r1)
-    cllm_matvec_rows(d.logits + r0, p.wte, w.ln, r0, r1, c.C)
+    decode_matvec(w, d.logits + r0, p.wte, w.ln, r0, r1, c.C)
 
 
 cdef void decode_step(DecodeCache* d, DecodeWorker* w) noexcept nogil:
@@ -138,7 +157,7 @@ cdef void decode_step(DecodeCache* d, DecodeWorker* w) noexcept nogil:
         # qkv rows of position t = c_attn(ln_1(x))
         layernorm_forward(w.ln, &mean, &rstd, d.x, lp.ln1w, lp.ln1b, 1, C)
         rows_of(3 * C, w.id, d.threads, &r0, &r1)
-        cllm_matvec_rows(qkv + <size_t>t * 3 * C + r0, lp.qkvw, w.ln, r0, r1, C)
+        decode_matvec(w, qkv + <size_t>t * 3 * C + r0, lp.qkvw, w.ln, r0, r1, C)
         for r in range(r0, r1):
             qkv[<size_t>t * 3 * C + r] += lp.qkvb[r]
         decode_sync(d, w)
@@ -149,21 +168,21 @@ cdef void decode_step(DecodeCache* d, DecodeWorker* w) noexcept nogil:
         decode_sync(d, w)
         # mid = x + c_proj(atty), by rows (rounded as (x + bias) + product, as the engine's)
         rows_of(C, w.id, d.threads, &r0, &r1)
-        cllm_matvec_rows(d.mid + r0, lp.attprojw, d.atty, r0, r1, C)
+        decode_matvec(w, d.mid + r0, lp.attprojw, d.atty, r0, r1, C)
         for r in range(r0, r1):
             d.mid[r] = (d.x[r] + lp.attprojb[r]) + d.mid[r]
         decode_sync(d, w)
         # fch = gelu(c_fc(ln_2(mid))), by rows
         layernorm_forward(w.ln, &mean, &rstd, d.mid, lp.ln2w, lp.ln2b, 1, C)
         rows_of(F, w.id, d.threads, &r0, &r1)
-        cllm_matvec_rows(d.fch + r0, lp.fcw, w.ln, r0, r1, C)
+        decode_matvec(w, d.fch + r0, lp.fcw, w.ln, r0, r1, C)
         for r in range(r0, r1):
             d.fch[r] += lp.fcb[r]
         gelu_forward(d.fch + r0, d.fch + r0, r1 - r0)
         decode_sync(d, w)
         # x = mid + c_proj(fch), by rows
         rows_of(C, w.id, d.threads, &r0, &r1)
-        cllm_matvec_rows(d.x + r0, lp.fcprojw, d.fch, r0, r1, F)
+        decode_matvec(w, d.x + r0, lp.fcprojw, d.fch, r0, r1, F)
         for r in range(r0, r1):
             d.x[r] = (d.mid[r] + lp.fcprojb[r]) + d.x[r]
         decode_sync(d, w)
@@ -227,6 +246,8 @@ cdef void prefill_columns(DecodeCache* d, DecodeWorker* w, float* out, int ldo,
     cdef int q, q0, q1, c0, c1, i, o
     cdef float* row
     rows_of(chunks, w.id, d.threads, &q0, &q1)
+    if w.b != NULL and q1 > q0:         # bf16: the input rounded once for the worker's chunks
+        bf16_round_rows(w.b.inputs, inp, n, K, K)
     for q in range(q0, q1):
         c0 = q * PREFILL_COLS
         c1 = min(OC, c0 + PREFILL_COLS)
@@ -238,8 +259,12 @@ cdef void prefill_columns(DecodeCache* d, DecodeWorker* w, float* out, int ldo,
             else:
                 for o in range(c0, c1):
                     row[o] = res[<size_t>i * ldo + o] + bias[o]
-        sgemm_rm(False, True, n, c1 - c0, K, 1.0, inp, K, weight + <size_t>c0 * K, K, 1.0,
-                 out + c0, ldo)
+        if w.b == NULL:
+            sgemm_rm(False, True, n, c1 - c0, K, 1.0, inp, K, weight + <size_t>c0 * K, K, 1.0,
+                     out + c0, ldo)
+        else:
+            bf16_gemm(&w.b.ctx, False, True, n, c1 - c0, K, w.b.inputs, K,
+                      bf16_weight(w.b, weight) + <size_t>c0 * K, K, True, out + c0, ldo)
         if gelu:
             for i in range(n):
                 gelu_forward(out + <size_t>i * ldo + c0, out + <size_t>i * ldo + c0, c1 - c0)
@@ -316,9 +341,39 @@ cdef void decode_prefill(DecodeCache* d, const int* tokens, int n) noexcept nogi
     d.n += n
 
 
+cdef int decode_worker_bf16(DecodeWorker* w, const ModelConfig* c, const float* params,
+                            const uint16_t* weights) noexcept nogil:
+    # w's products on bf16 inputs, weights = bf16(params); 0, or -1 when out of memory or
+    # oneDNN cannot start
+    cdef size_t widest = max(c.C, c.F)
+    w.xr = <float*>calloc(widest, sizeof(float))
+    w.b = <Bf16Products*>calloc(1, sizeof(Bf16Products))
+    if w.xr == NULL or w.b == NULL:
+        return -1
+    w.b.inputs = <uint16_t*>malloc(<size_t>c.T * widest * sizeof(uint16_t))
+    if w.b.inputs == NULL or bf16_context_init(&w.b.ctx) != 0:
+        free(w.b.inputs)
+        free(w.b)
+        w.b = NULL
+        return -1
+    w.b.master = params
+    w.b.weights = weights
+    return 0
+
+
+cdef int decode_products_status(DecodeCache* d) noexcept nogil:
+    # 0, or the first worker's failed bf16 product status (its output was set to NaN)
+    cdef int i
+    for i in range(d.threads):
+        if d.workers[i].b != NULL and d.workers[i].b.ctx.status != 0:
+            return d.workers[i].b.ctx.status
+    return 0
+
+
 cdef int decode_cache_alloc(DecodeCache* d, const ModelConfig* c, const float* params,
-                            int threads) noexcept nogil:
-    # returns 0 on success, -1 when out of memory, -2 when a thread cannot be started
+                            int threads, const uint16_t* bf16) noexcept nogil:
+    # returns 0 on success, -1 when out of memory, -2 when a thread cannot be started;
+    # bf16: NULL (fp32), or bf16(params), for products on bf16 weights and inputs
     cdef size_t C = c.C, F = c.F, T = c.T
     cdef size_t sizes[13]
     cdef float** slots[13]
@@ -343,6 +398,9 @@ cdef int decode_cache_alloc(DecodeCache* d, const ModelConfig* c, const float* p
         d.workers[i].scores = <float*>calloc(T, sizeof(float))
         d.workers[i].pscores = <float*>calloc(T * T, sizeof(float))
         if d.workers[i].ln == NULL or d.workers[i].scores == NULL or d.workers[i].pscores == NULL:
+            decode_cache_free(d)
+            return -1
+        if bf16 != NULL and decode_worker_bf16(&d.workers[i], c, params, bf16) != 0:
             decode_cache_free(d)
             return -1
     if threads > 1:
@@ -382,6 +440,11 @@ cdef void decode_cache_free(DecodeCache* d) noexcept nogil:
             free(d.workers[i].ln)
             free(d.workers[i].scores)
             free(d.workers[i].pscores)
+            free(d.workers[i].xr)
+            if d.workers[i].b != NULL:
+                bf16_context_free(&d.workers[i].b.ctx)
+                free(d.workers[i].b.inputs)
+                free(d.workers[i].b)
     free(d.memory)
     free(d.workers)
     free(d.slogits)

@@ -14,23 +14,40 @@ cdef class Decoder:
     cdef DecodeCache cache
     cdef ModelConfig c
     cdef object params_ref      # keeps the parameter buffer alive
+    cdef _Bf16Weights bf16      # bf16(params) for precision bf16
     cdef readonly int threads
+    cdef readonly str precision
     cdef bint ready
 
     def __cinit__(self):
         self.ready = False
 
-    def __init__(self, cfg, float[::1] params, int threads=1):
+    def __init__(self, cfg, float[::1] params, int threads=1, str precision="fp32"):
+        """precision: "fp32", or "bf16": every product with a weight on the weights' bf16
+        copy (half the bytes to read per token) and bf16-rounded inputs, with fp32 sums; the
+        attention and everything else stay fp32 (load_bf16 first: prefill's products run on
+        oneDNN)."""
         self.c = model_config(cfg)
         if params.shape[0] != model_size(&self.c):
             raise ValueError("parameter buffer does not match the config")
         if threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
+        cdef bint bf16 = check_precision(precision)
+        cdef size_t size = model_size(&self.c)
         self.params_ref = params
         self.threads = threads
+        self.precision = precision
+        self.bf16 = _Bf16Weights()
+        if bf16:
+            self.bf16.data = <uint16_t*>malloc(size * sizeof(uint16_t))
+            if self.bf16.data == NULL:
+                raise MemoryError("cannot allocate the bf16 weights")
+            with nogil:
+                bf16_round_rows(self.bf16.data, &params[0], 1, size, size)
         cdef int status
         with nogil:
-            status = decode_cache_alloc(&self.cache, &self.c, &params[0], threads)
+            status = decode_cache_alloc(&self.cache, &self.c, &params[0], threads,
+                                        self.bf16.data)
         if status == -1:
             raise MemoryError("cannot allocate the key/value cache")
         if status != 0:
@@ -73,6 +90,7 @@ cdef class Decoder:
             raise ValueError(f"token {token} is outside [0, {self.c.V})")
         with nogil:
             decode_forward(&self.cache, token)
+        check_products(decode_products_status(&self.cache))
         return self.last_logits()
 
     def prefill(self, tokens):
@@ -88,6 +106,7 @@ cdef class Decoder:
         _check_tokens(np.asarray(ids).reshape(1, -1), self.c.V, "tokens")
         with nogil:
             decode_prefill(&self.cache, &ids[0], n)
+        check_products(decode_products_status(&self.cache))
         return self.last_logits()
 
     def score(self, tokens, targets):
@@ -102,6 +121,8 @@ cdef class Decoder:
         cdef int n = ids.shape[0], k = tgt.shape[0]
         if n < 1:
             raise ValueError("score needs at least one token")
+        if self.precision != "fp32":
+            raise ValueError("scoring runs in fp32: make the Decoder with precision 'fp32'")
         if k > n:
             raise ValueError(f"{k} targets for {n} tokens: at most one target per token")
         if self.cache.n + n > self.c.T:

@@ -16,6 +16,9 @@ Choices written down here:
 - Tokens come from CLLMModel.generate: a key/value cache runs the model on the new position
   only while the context fits in seq_len; once the window slides, every token runs the whole
   window again. The tokens are those of generation without the cache.
+- --precision bf16 reads the weights' bf16 copy (half the bytes per token) and rounds the
+  inputs of every product with a weight to bf16, with fp32 sums; the attention stays fp32.
+  The default is the precision the model was trained in (fp32 for a transformers directory).
 - Generation stops at <eos> (not printed) or after --max-tokens; the output ends with one
   newline. The same checkpoint, prompt, options and --seed give the same text.
 - Exit status: 0 done, 2 bad usage or input (one line on stderr), 1 a runtime failure
@@ -28,7 +31,7 @@ from cllm_cli.cli.common import HelpFormatter, Parser, run_main
 from cllm_cli.config import default_threads
 from cllm_cli.errors import UsageError
 from cllm_cli.formats import load_model_files
-from cllm_cli.model import CLLMModel
+from cllm_cli.model import CLLMModel, precision
 from cllm_cli.tokenizers import replace_undecodable
 
 PROG = "cllm_inference"
@@ -68,6 +71,10 @@ def build_parser():
     g.add_argument("--threads", metavar="N", type=int, default=None,
                    help="threads that share each token's work (default: all cores); the text "
                         "does not depend on it")
+    g.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="the weights as products read them: fp32, or their bf16 copy (half "
+                        "the bytes to read per token; needs the bf16 extra) (default: the "
+                        "precision the model was trained in)")
     g = p.add_argument_group("files")
     g.add_argument("--vocab", metavar="PATH", default=None,
 help="tokenizer file (vocab.txt or tokenizer.json; for bpe also GPT-2's "
@@ -117,7 +124,7 @@ def replaced_warning(replaced):
 
 
 def stream(model, tokenizer, prompt, out, max_tokens, temperature, top_k, top_p, seed,
-           threads=1):
+           threads=1, precision="fp32"):
     """Writes the prompt and its continuation to `out` as the tokens arrive; returns the
     generated ids (without the final end of text). A byte-level token may end inside a
     multi-byte character: what decodes to U+FFFD at the end is held back until the
@@ -135,7 +142,7 @@ def stream(model, tokenizer, prompt, out, max_tokens, temperature, top_k, top_p,
     for next_id in model.generate(prompt_ids, max_tokens=max_tokens, temperature=temperature,
                                   top_k=top_k, top_p=top_p, seed=seed, stop_ids=(eos,),
                                   start_id=eos, threads=threads,
-                                  num_tokens=len(tokenizer)):
+                                  num_tokens=len(tokenizer), precision=precision):
         if next_id == eos:
             break
         ids.append(next_id)
@@ -162,6 +169,8 @@ def _show_new(out, text, printed, ends_line):
 def run(args):
     check_options(args)
     model, tokenizer, _ = load(args.checkpoint, args.vocab)
+    products = args.precision or model.meta.get("train_config", {}).get("precision", "fp32")
+    precision.require(products)
     unknown = tokenizer.unknown_tokens(args.prompt)
     if unknown:
         print(unknown_warning(unknown), file=sys.stderr, flush=True)
@@ -169,7 +178,7 @@ def run(args):
     if replaced:
         print(f"{PROG}: warning: {replaced_warning(replaced)}", file=sys.stderr, flush=True)
     stream(model, tokenizer, args.prompt, sys.stdout, args.max_tokens, args.temperature,
-           args.top_k, args.top_p, args.seed, args.threads or default_threads())
+           args.top_k, args.top_p, args.seed, args.threads or default_threads(), products)
 
 
 def end_line():

@@ -125,7 +125,8 @@ class CLLMModel:
         return out
 
     def generate(self, prompt_ids, max_tokens=50, temperature=1.0, top_k=0, top_p=1.0,
-                 seed=0, stop_ids=(), start_id=None, threads=1, num_tokens=None):
+                 seed=0, stop_ids=(), start_id=None, threads=1, num_tokens=None,
+                 precision="fp32"):
         """Yields sampled token ids one at a time. The context is the last seq_len ids.
 
         temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters. An empty
@@ -133,6 +134,8 @@ class CLLMModel:
         threads: how many threads share each position's work; the ids do not depend on it.
         num_tokens (the tokenizer's size, when the model's vocabulary is padded beyond it):
         no id >= num_tokens is ever yielded (their logits count as -inf).
+        precision: "fp32", or "bf16" (the weights' bf16 copy, bf16-rounded product inputs,
+        fp32 sums; load it first with model.precision.require("bf16")).
 
         The prompt runs as one batched pass that fills a key/value cache (_engine.Decoder),
         then each new token runs the model on its position only. Once the context no longer
@@ -150,7 +153,7 @@ class CLLMModel:
             raise ValueError(f"prompt ids must be in [0, {self.config.vocab_size})")
         rng = np.random.default_rng(seed)
         T = self.config.seq_len
-        decoder = _engine.Decoder(self.config, self.flat, threads)
+        decoder = _engine.Decoder(self.config, self.flat, threads, precision)
         for _ in range(max_tokens):
             if len(ids) > T:
                 decoder.reset()
