@@ -22,8 +22,9 @@
 
 cdef extern from "decode_math.h" nogil:
     void cllm_matvec_rows(float* out, const float* W, const float* x, int r0, int r1, int n)
-    void cllm_matvec_rows_bf16(float* out, const uint16_t* W, const float* x, int r0, int r1,
+    void cllm_matvec_rows_bf16(float* out, const uint16_t* W, const float* xs, int r0, int r1,
                                int n)
+    void cllm_bf16_split(float* xs, const float* x, int n)
     ctypedef struct cllm_spin_barrier:
         pass
     void cllm_spin_init(cllm_spin_barrier* b, int n)
@@ -50,7 +51,7 @@ cdef struct DecodeWorker:
     # precision bf16 (NULL for fp32): the worker's oneDNN state for prefill's products, and
     # the input of a matrix-vector product rounded to bf16 values
     Bf16Products* b
-    float* xr           # (max(C, F),)
+    float* xr           # (max(C, F),) the input rounded and split (cllm_bf16_split)
 
 
 cdef struct DecodeCache:
@@ -122,12 +123,10 @@ cdef void decode_matvec(DecodeWorker* w, float* out, const float* W, const float
                         int r1, int n) noexcept nogil:
     # out[r - r0] = dot(W[r, :], x) for rows r0 <= r < r1 of W[., n]: in fp32, or with bf16
     # the weights' bf16 copy and x rounded to bf16 (products exact, fp32 sums)
-    cdef int i
     if w.b == NULL:
         cllm_matvec_rows(out, W, x, r0, r1, n)
         return
-    for i in range(n):
-        w.xr[i] = bf16_to_float(bf16_round(x[i]))
+    cllm_bf16_split(w.xr, x, n)
     cllm_matvec_rows_bf16(out, bf16_weight(w.b, W), w.xr, r0, r1, n)
 
 

@@ -53,18 +53,22 @@ static inline void cllm_matvec_rows(float *out, const float *W, const float *x, 
 }
 
 /* The same products on bf16 weights (generation with --precision bf16: half the bytes to
- * read). A weight row is 16-bit bf16 values, widened exactly to float (the bits go to the high
- * half); the input is already rounded to bf16 by the caller, so every product is exact in
- * float and only the sums round, in the same 16 fixed lanes. */
-typedef unsigned short cllm_du16 __attribute__((vector_size(32)));
+ * read). A load of 64 bytes holds 32 bf16 weights, two in each 32-bit lane: the one in the low
+ * half becomes a float by a shift, the one in the high half by masking the low half off, so no
+ * widening is needed. The input comes already rounded to bf16 and split the same way
+ * (cllm_bf16_split): for each block of 32, its 16 even elements, then its 16 odd ones; the
+ * elements past the last whole block stay in order. Every product is exact in float; only the
+ * sums round, in 16 fixed lanes (even elements first, then odd ones, block after block). */
 typedef unsigned int cllm_du32 __attribute__((vector_size(64)));
 
-static inline cllm_dv16 cllm_dload16_bf16(const unsigned short *p) {
-    cllm_du16 h;
+static inline cllm_du32 cllm_dload32_bf16(const unsigned short *p) {
     cllm_du32 u;
+    memcpy(&u, p, sizeof u);
+    return u;
+}
+
+static inline cllm_dv16 cllm_du32_as_float(cllm_du32 u) {
     cllm_dv16 v;
-    memcpy(&h, p, sizeof h);
-    u = __builtin_convertvector(h, cllm_du32) << 16;
     memcpy(&v, &u, sizeof v);
     return v;
 }
@@ -76,39 +80,58 @@ static inline float cllm_bf16_value(unsigned short h) {
     return x;
 }
 
-static inline float cllm_dlanes_bf16(cllm_dv16 lane, const unsigned short *w, const float *x,
+/* xs = x rounded to bf16 (as floats) and split for cllm_matvec_rows_bf16 */
+static inline void cllm_bf16_split(float *xs, const float *x, int n) {
+    int b, k, i;
+    for (b = 0; b + 32 <= n; b += 32)
+        for (k = 0; k < 16; k++) {
+            xs[b + k] = cllm_bf16_value(bf16_round(x[b + 2 * k]));
+            xs[b + 16 + k] = cllm_bf16_value(bf16_round(x[b + 2 * k + 1]));
+        }
+    for (i = b; i < n; i++) xs[i] = cllm_bf16_value(bf16_round(x[i]));
+}
+
+static inline float cllm_dlanes_bf16(cllm_dv16 lane, const unsigned short *w, const float *xs,
                                      int i, int n) {
     float s = 0.0f;
     int j;
     for (j = 0; j < 16; j++) s += lane[j];
-    for (; i < n; i++) s += cllm_bf16_value(w[i]) * x[i];
+    for (; i < n; i++) s += cllm_bf16_value(w[i]) * xs[i];
     return s;
 }
 
-/* out[r - r0] = dot(W[r, :], x) for rows r0 <= r < r1 of the row-major bf16 W[., n] */
-static inline void cllm_matvec_rows_bf16(float *out, const unsigned short *W, const float *x,
+#define CLLM_BF16_TERM(acc, u, xe, xo) do { \
+        acc = acc + cllm_du32_as_float((u) << 16) * (xe); \
+        acc = acc + cllm_du32_as_float((u) & 0xffff0000u) * (xo); \
+    } while (0)
+
+/* out[r - r0] = dot(W[r, :], x) for rows r0 <= r < r1 of the row-major bf16 W[., n], with
+ * xs = cllm_bf16_split(x) */
+static inline void cllm_matvec_rows_bf16(float *out, const unsigned short *W, const float *xs,
                                          int r0, int r1, int n) {
     int r = r0, i;
     for (; r + 4 <= r1; r += 4) {
         const unsigned short *w0 = W + (size_t)r * n, *w1 = w0 + n, *w2 = w1 + n, *w3 = w2 + n;
         cllm_dv16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-        for (i = 0; i + 16 <= n; i += 16) {
-            cllm_dv16 v = cllm_dload16(x + i);
-            a0 += cllm_dload16_bf16(w0 + i) * v;
-            a1 += cllm_dload16_bf16(w1 + i) * v;
-            a2 += cllm_dload16_bf16(w2 + i) * v;
-            a3 += cllm_dload16_bf16(w3 + i) * v;
+        for (i = 0; i + 32 <= n; i += 32) {
+            cllm_dv16 xe = cllm_dload16(xs + i), xo = cllm_dload16(xs + i + 16);
+            CLLM_BF16_TERM(a0, cllm_dload32_bf16(w0 + i), xe, xo);
+            CLLM_BF16_TERM(a1, cllm_dload32_bf16(w1 + i), xe, xo);
+            CLLM_BF16_TERM(a2, cllm_dload32_bf16(w2 + i), xe, xo);
+            CLLM_BF16_TERM(a3, cllm_dload32_bf16(w3 + i), xe, xo);
         }
-        out[r - r0] = cllm_dlanes_bf16(a0, w0, x, i, n);
-        out[r - r0 + 1] = cllm_dlanes_bf16(a1, w1, x, i, n);
-        out[r - r0 + 2] = cllm_dlanes_bf16(a2, w2, x, i, n);
-        out[r - r0 + 3] = cllm_dlanes_bf16(a3, w3, x, i, n);
+        out[r - r0] = cllm_dlanes_bf16(a0, w0, xs, i, n);
+        out[r - r0 + 1] = cllm_dlanes_bf16(a1, w1, xs, i, n);
+        out[r - r0 + 2] = cllm_dlanes_bf16(a2, w2, xs, i, n);
+        out[r - r0 + 3] = cllm_dlanes_bf16(a3, w3, xs, i, n);
     }
     for (; r < r1; r++) {
         const unsigned short *w = W + (size_t)r * n;
         cllm_dv16 a = {0};
-        for (i = 0; i + 16 <= n; i += 16) a += cllm_dload16_bf16(w + i) * cllm_dload16(x + i);
-        out[r - r0] = cllm_dlanes_bf16(a, w, x, i, n);
+        for (i = 0; i + 32 <= n; i += 32)
+            CLLM_BF16_TERM(a, cllm_dload32_bf16(w + i), cllm_dload16(xs + i),
+                           cllm_dload16(xs + i + 16));
+        out[r - r0] = cllm_dlanes_bf16(a, w, xs, i, n);
     }
 }
 #endif
