@@ -85,6 +85,7 @@ include "threads_structs.pxi"      # pthread declarations, the system's structs,
 include "sphere_worker.pxi"        # one sphere: micro-batches, accumulation, optimiser share
 include "threads_system.pxi"       # the system: create, hand out work, wait, tally, step
 include "decode.pxi"               # generation: prefill, then positions split over threads
+include "prefill.pxi"              # generation: the prompt as one batched pass
 include "decode_score.pxi"         # scoring: log-probabilities of targets after a prefill
 include "op_wrappers.pxi"          # test-only Python wrappers, one per kernel
 

@@ -120,3 +120,13 @@ def gpt2_directory(path, text, vocab_size=None, seed=0, change=None):
     model.save_pretrained(path)
     tok.save(os.path.join(path, "tokenizer.json"))
     return path
+
+
+def finish(proc):
+    """(stdout, stderr) of a started process; killed if it is still running afterwards."""
+    try:
+        return proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

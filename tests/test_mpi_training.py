@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from helpers import ROOT, assert_bit_identical, assert_one_error_line, call, sentences
+from helpers import ROOT, assert_bit_identical, assert_one_error_line, call, finish, sentences
 
 from cllm_cli.cli.train import main
 from cllm_cli.formats.checkpoint_load import load_checkpoint
@@ -48,15 +48,6 @@ def run(ranks, threads, *argv, hook=None):
 def start(ranks, threads, *argv):
     return subprocess.Popen(command(ranks, threads, *argv), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-
-
-def finish(proc):
-    try:
-        return proc.communicate()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def header_and_first_step(proc):

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import ROOT, TINY_RUN, assert_bit_identical, assert_one_error_line, call, corpus_text
+from helpers import ROOT, TINY_RUN, assert_bit_identical, assert_one_error_line, call, corpus_text, finish
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 
 from cllm_cli.cli.train import main
@@ -341,15 +341,6 @@ def read_until(proc, pattern):
             return seen
     proc.wait()
     raise AssertionError(f"the run ended first:\n{''.join(seen)}{proc.stderr.read()}")
-
-
-def finish(proc):
-    try:
-        return proc.communicate()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.mark.slow

@@ -148,6 +148,12 @@ def check_task_options(args):
                          f"scored in fp32)")
 
 
+def write_json(out, record):
+    """One JSON object on a line; a number that is not finite becomes null."""
+    out.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                          for k, v in record.items()}) + "\n")
+
+
 def run_task(args, out):
     check_task_options(args)
     items = read_items(args.task, args.data[0])
@@ -157,8 +163,7 @@ def run_task(args, out):
                            lambda total: ItemProgress(args.task, total))
     summary = result.summary(args.checkpoint)
     if args.json:
-        out.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
-                              for k, v in summary.items()}) + "\n")
+        write_json(out, summary)
     else:
         out.write(f"{args.task}: {result.items:,} items in {duration(result.seconds)} "
                   f"({result.seconds_per_item:.3g} s per item)\n")
@@ -204,8 +209,7 @@ def run(args, out):
     result = {"what": what, "files": n_files, "tokens": int(len(stream)), "windows": n_windows,
               "counted": counted, "loss": loss, "ppl": ppl, "bpb": bpb}
     if args.json:
-        out.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
-                              for k, v in result.items()}) + "\n")
+        write_json(out, result)
     else:
         out.write(f"{'evaluated':<14} {'tokens':>10} {'windows':>8} {'loss':>8} {'ppl':>10} "
                   f"{'bits/byte':>9}\n")
