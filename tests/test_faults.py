@@ -153,7 +153,7 @@ def test_inference_with_a_tiny_temperature_is_greedy(capsys, model_dir):
 class NaNDecoder:
     """A key/value cache whose forward pass overflows: NaN logits at every position."""
 
-    def __init__(self, cfg, flat, threads=1):
+    def __init__(self, cfg, flat, threads=1, precision="fp32"):
         self.vocab_size, self.length = cfg.vocab_size, 0
 
     def feed(self, token):
