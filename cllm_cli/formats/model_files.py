@@ -6,6 +6,7 @@ directory, or a transformers GPT-2 directory. Every command that reads a model r
     load_with_tokenizer  a .cllm file and the tokenizer it was trained with
     load_model_files     any of the three -> (config, flat parameters, tokenizer, meta,
                          tokenizer path)
+    checkpoint_params    a loaded checkpoint's parameters (a LoRA one's merged into its base)
     load_lora_base       the base parameters a LoRA checkpoint names, checked by hash
 
 A LoRA checkpoint loads as its base with the adapters merged in: every reader of a model
@@ -69,11 +70,17 @@ def load_with_tokenizer(path, tokenizer_path=None):
     if len(tokenizer) > cfg.vocab_size:
         raise UsageError(f"{tokenizer_path} has {len(tokenizer)} tokens but the model in {path} "
                          f"has a vocabulary of {cfg.vocab_size}")
-    flat = ckpt["params"]
-    if ckpt["lora"] is not None:
-        flat = merge_adapters(cfg, load_lora_base(ckpt["lora"], cfg, path), ckpt["lora"]["spec"],
-                              flat)
-    return cfg, flat, tokenizer, meta, tokenizer_path
+    return cfg, checkpoint_params(ckpt, path), tokenizer, meta, tokenizer_path
+
+
+def checkpoint_params(ckpt, path):
+    """The parameters of a loaded checkpoint (`path`: its file): its own, or for a LoRA
+    checkpoint its base with the adapters merged in."""
+    lora = ckpt["lora"]
+    if lora is None:
+        return ckpt["params"]
+    base = load_lora_base(lora, ckpt["config"], path)
+    return merge_adapters(ckpt["config"], base, lora["spec"], ckpt["params"])
 
 
 def load_lora_base(lora, cfg, checkpoint):

@@ -8,9 +8,8 @@ import numpy as np
 
 from cllm_cli import _engine
 from cllm_cli.config import CLLMConfig
-from cllm_cli.formats import load_checkpoint, load_lora_base, save_checkpoint
+from cllm_cli.formats import checkpoint_params, load_checkpoint, save_checkpoint
 from cllm_cli.layout import named_views
-from cllm_cli.lora import merge_adapters
 from cllm_cli.model.sampling import sample_from_logits
 
 
@@ -73,11 +72,7 @@ class CLLMModel:
         """Loads the parameters of a .cllm checkpoint (CheckpointError when it is bad); a LoRA
         checkpoint's adapters are merged into its base."""
         ckpt = load_checkpoint(path)
-        flat, lora = ckpt["params"], ckpt["lora"]
-        if lora is not None:
-            flat = merge_adapters(ckpt["config"], load_lora_base(lora, ckpt["config"], path),
-                                  lora["spec"], flat)
-        return cls.from_flat(ckpt["config"], flat, ckpt["meta"])
+        return cls.from_flat(ckpt["config"], checkpoint_params(ckpt, path), ckpt["meta"])
 
     def save(self, path, meta=None):
         """Writes the parameters (no optimiser state) as a .cllm file, atomically."""
