@@ -142,6 +142,16 @@ def test_lambada_jsonl_is_read_as_its_text_lines(hf_model, task_files, tmp_path)
         [(i.context, i.word) for i in read_lambada(task_files[1])]
 
 
+def test_hellaswag_labels_as_digit_strings_are_read_as_numbers(task_files, tmp_path):
+    """Hugging Face's copy of HellaSwag writes each label as a string: "2" reads as 2."""
+    lines = task_files[0].read_text(encoding="utf-8").splitlines()
+    strings = tmp_path / "hf_hellaswag.jsonl"
+    strings.write_text("".join(json.dumps({**json.loads(line), "label": str(json.loads(line)["label"])})
+                               + "\n" for line in lines), encoding="utf-8")
+    assert [(i.context, i.endings, i.label) for i in read_hellaswag(strings)] == \
+        [(i.context, i.endings, i.label) for i in read_hellaswag(task_files[0])]
+
+
 def test_results_are_the_same_bits_for_every_thread_count(hf_model, task_files):
     model, tokenizer = load(hf_model[0])
     items = read_hellaswag(task_files[0])

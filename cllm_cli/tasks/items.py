@@ -1,8 +1,9 @@
 """The items of a task file, read and checked line by line.
 
     HellaSwag   a JSON object per line: "ctx" (a string), "endings" (a non-empty list of
-                non-empty strings), "label" (an integer index into endings); other keys are
-                ignored (the dataset's own jsonl has ind, activity_label, ctx_a, ctx_b, ...)
+                non-empty strings), "label" (an integer index into endings, or its decimal
+                digits as a string, as Hugging Face's copy of the dataset writes it); other
+                keys are ignored (the dataset's own jsonl has ind, activity_label, ctx_a, ...)
     LAMBADA     a passage per line; the target is its last word: what follows the last space,
                 as lm-evaluation-harness's lambada_openai splits text on " ". A file named
                 *.jsonl holds a JSON object per line instead, the passage in "text" (the form
@@ -104,6 +105,8 @@ def hellaswag_item(line, where):
         if not isinstance(ending, str) or not ending.strip():
             raise DataError(f"{where}: ending {i} is {'empty' if isinstance(ending, str) else 'not a string'}"
                             f" ({_short(json.dumps(ending))})")
+    if isinstance(label, str) and label.isascii() and label.isdigit():
+        label = int(label)
     if isinstance(label, bool) or not isinstance(label, int):
         raise DataError(f"{where}: label must be an integer (the index of the right ending), "
                         f"got {_short(json.dumps(label))}")
