@@ -219,17 +219,28 @@ def num_adapter_parameters(cfg, int rank, int targets):
     return lora_size(&lo, &c)
 
 
+cdef int bind_lora(Lora* lo, const ModelConfig* c, object lora,
+                   float[::1] adapters) except -1:
+    # lo from lora = (rank, targets, alpha, dropout), pointing at `adapters`, whose size must
+    # be that of the adapters of those settings
+    lora_settings(lo, lora)
+    if adapters is None or adapters.shape[0] != lora_size(lo, c):
+        raise ValueError("adapter buffer does not match the LoRA settings")
+    lo.params = &adapters[0]
+    return 0
+
+
 cdef int use_lora(Activations* a, const ModelConfig* c, Lora* lo, object lora,
                   float[::1] adapters) except -1:
     # after activations_alloc: a's passes with the adapters (lora, adapters), or as they are
     # when lora is None
     if lora is None:
         return 0
-    lora_settings(lo, lora)
-    if adapters is None or adapters.shape[0] != lora_size(lo, c):
+    try:
+        bind_lora(lo, c, lora, adapters)
+    except ValueError:
         activations_free(a)
-        raise ValueError("adapter buffer does not match the LoRA settings")
-    lo.params = &adapters[0]
+        raise
     if activations_use_lora(a, c, lo) != 0:
         activations_free(a)
         raise MemoryError("cannot allocate the adapters' activations")

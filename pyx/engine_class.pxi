@@ -77,14 +77,12 @@ cdef class Engine:
             raise ValueError("parameter buffer does not match the config")
         check_pad_id(pad_id, c.V)
         cdef bint bf16 = check_precision(precision)
-        self.layout = parameter_layout(cfg)
         if lora is not None:
-            lora_settings(&lo, lora)
-            if adapters is None or adapters.shape[0] != lora_size(&lo, &c):
-                raise ValueError("adapter buffer does not match the LoRA settings")
-            lo.params = &adapters[0]
+            bind_lora(&lo, &c, lora, adapters)
             lora_ptr = &lo
             self.layout = adapter_layout(cfg, lora[0], lora[1])
+        else:
+            self.layout = parameter_layout(cfg)
         self.cfg = cfg
         self.params_ref = params
         self.adapters_ref = adapters

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import assert_bit_identical, assert_one_error_line, call, sentences, tensors
+from helpers import assert_bit_identical, assert_one_error_line, call, sentences, tensors, write
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -34,9 +34,7 @@ def text():
 @pytest.fixture
 def unicode_corpus(tmp_path, text):
     """`text` (seeded sentences and a line of non-ASCII text, tabs and CRLF) as corpus.txt."""
-    path = tmp_path / "corpus.txt"
-    path.write_text(text, encoding="utf-8")
-    return path
+    return write(tmp_path / "corpus.txt", text)
 
 
 def gpt2_style_tokenizer_json(text, vocab_size=300):

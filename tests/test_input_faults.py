@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import assert_one_error_line, call, gpt2_directory, sentences
+from helpers import assert_one_error_line, call, gpt2_directory, sentences, write
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cllm_cli import CLLMModel
@@ -37,9 +37,7 @@ def text():
 
 @pytest.fixture
 def corpus(tmp_path, text):
-    path = tmp_path / "corpus.txt"
-    path.write_text(text, encoding="utf-8")
-    return path
+    return write(tmp_path / "corpus.txt", text)
 
 
 def run_tool(name, *argv, timeout=300):

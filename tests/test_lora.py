@@ -21,6 +21,7 @@ from helpers import (
     gpt2_directory,
     sentences,
     tensors,
+    write,
 )
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import GPT2LMHeadModel
@@ -54,9 +55,7 @@ def base_dir(tmp_path_factory, text):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, text):
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text(text, encoding="utf-8")
-    return path
+    return write(tmp_path_factory.mktemp("corpus") / "corpus.txt", text)
 
 
 def train(capsys, corpus, base_dir, out, *extra):
