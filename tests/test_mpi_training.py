@@ -5,6 +5,7 @@ missing-mpi4py message. Two cores are oversubscribed: the runs are tiny."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,8 +131,26 @@ def test_dropout_masks_follow_the_global_micro_batch_on_every_layout(long_corpus
     assert_2x1_equals_1x2(long_corpus, one_process, tmp_path, "--dropout", "0.1")
 
 
+@pytest.mark.bf16
 def test_bf16_runs_alike_on_every_layout(long_corpus, one_process, tmp_path):
     assert_2x1_equals_1x2(long_corpus, one_process, tmp_path, "--precision", "bf16")
+
+
+def test_a_resume_on_many_processes_takes_the_runs_settings_from_the_checkpoint(long_corpus,
+                                                                                tmp_path):
+    """Resumed under mpiexec with only --resume, every rank trains with the settings stored in
+    the checkpoint (micro-batch, seed, dropout differ from the defaults here), not with its
+    own command line's defaults: the run ends on the straight run's checkpoint, bit for bit."""
+    straight = tmp_path / "straight"
+    p = run(1, 2, long_corpus, *TINY, "--dropout", "0.1", "--checkpoint-dir", straight)
+    assert p.returncode == 0, p.stderr
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    for name in ("vocab.txt", "dataset.bin", "checkpoint_step_2.cllm"):
+        shutil.copyfile(straight / name, resumed / name)
+    p = run(2, 1, long_corpus, "--checkpoint-dir", resumed, "--resume", "--quiet")
+    assert p.returncode == 0, p.stderr
+    assert_bit_identical(straight / "final_model.cllm", resumed / "final_model.cllm")
 
 
 def test_more_ranks_than_micro_batches_leaves_ranks_idle_and_the_result_alike(long_corpus, tmp_path):
