@@ -40,10 +40,10 @@ lint: $(DEPS)
 # make test runs the linters and every test; make test-fast leaves out those marked slow
 # (pyproject.toml)
 test: build lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 test-fast: build
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -rs -m "not slow"
 
 # Man pages, generated from the argparse parsers. They are committed (pip install puts them in
 # share/man/man1 without needing argparse-manpage); tests/test_tools.py runs man-pages into a

@@ -1,7 +1,10 @@
 """Fixtures shared by the test modules: the small corpora, GPT-2's tokenizer files, a tiny
 model, a run directory and a finished tiny training run.
 
-A module whose data must differ from these keeps its own fixture, named for what differs."""
+A module whose data must differ from these keeps its own fixture, named for what differs.
+
+Tests marked bf16 need a CPU with bf16 instructions: on one without they are skipped with the
+reason (the one kind of skip the suite has); with one, oneDNN must load or they fail."""
 import importlib.util
 import shutil
 from pathlib import Path
@@ -11,7 +14,19 @@ from engine_cases import CFG_A
 from helpers import TINY_RUN, call, corpus_text, window_text
 
 from cllm_cli.cli.train import main as train_main
+from cllm_cli.model import precision
 from cllm_cli.model.cllm import CLLMModel
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("bf16") is None:
+        return
+    if not precision.cpu_has_bf16():
+        why = f"{precision.HIDE_SWITCH} is set" if precision.bf16_hidden() else "this one has neither"
+        pytest.skip(f"needs a CPU with bf16 instructions ({' or '.join(precision.CPU_FLAGS)}): "
+                    f"{why}")
+    precision.require("bf16")
 
 
 @pytest.fixture

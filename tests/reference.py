@@ -111,6 +111,11 @@ def round_bf16(x):
     return r.astype(np.uint32).view(np.float32).astype(np.float64)
 
 
+def bf16_values(bits):
+    """bf16 bit patterns (uint16) as float64."""
+    return (np.asarray(bits, np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
 def linear_forward(inp, weight, bias):
     """y = inp @ weight.T + bias, weight [out, in]."""
     return product_input(inp) @ product_input(weight).T + bias

@@ -16,7 +16,6 @@ u = 2^-8; a product term a*b of two rounded inputs is off by at most ~2u relativ
   2.5u = 1e-2 on the loss, which passes through four products forward. A wrong transpose or
   an unrounded input is an O(1) error and fails either way.
 """
-import math
 
 import numpy as np
 import pytest
@@ -30,7 +29,6 @@ from cllm_cli import _engine
 from cllm_cli._engine import parameter_layout
 from cllm_cli.cli.train import main as train_main
 from cllm_cli.formats.checkpoint_load import load_checkpoint
-from cllm_cli.model import precision
 from cllm_cli.training.loop import train
 
 U = 2.0 ** -8
@@ -39,50 +37,9 @@ REL_TOL_FLIPS = 2e-2
 REL_TOL_PLAIN = 0.1
 LOSS_TOL_PLAIN = 1e-2
 
-precision.require("bf16")      # a CPU without bf16, or no oneDNN: every test here fails
-
-
-def bf16_values(bits):
-    return (np.asarray(bits, np.uint32) << 16).view(np.float32).astype(np.float64)
-
-
-def nearest_bf16(x):
-    """The bf16 nearest to float32 x, ties to the even significand, found by comparing the
-    two neighbours in float64 (an independent route to op_bf16_round's answer)."""
-    u = int(np.float32(x).view(np.uint32))
-    if math.isnan(x):
-        return None
-    down = u >> 16
-    up = down + 1
-    if math.isinf(x):
-        return down
-    lo, hi = bf16_values([down, up])
-    if math.isinf(hi):      # rounding sees the step past the largest finite bf16 as 2^128
-        hi = math.copysign(2.0 ** 128, hi)
-    # distances in float64 are exact for float32 inputs
-    d_lo, d_hi = abs(float(np.float32(x)) - lo), abs(float(np.float32(x)) - hi)
-    if d_lo != d_hi:
-        return down if d_lo < d_hi else up
-    return down if down % 2 == 0 else up
-
-
-def test_rounding_is_nearest_even_on_every_kind_of_float():
-    rng = np.random.default_rng(0)
-    bits = np.concatenate([
-        rng.integers(0, 2**32, 20000, dtype=np.uint64),
-        # ties: the low half exactly 0x8000, with both parities of the kept part
-        (rng.integers(0, 2**16, 2000, dtype=np.uint64) << 16) | 0x8000,
-        np.array([0, 0x80000000, 0x00000001, 0x00008000, 0x007FFFFF, 0x7F7FFFFF, 0xFF7FFFFF,
-                  0x7F800000, 0xFF800000, 0x3F808000, 0x3F818000], np.uint64),
-    ]).astype(np.uint32)
-    x = bits.view(np.float32)
-    got = _engine.op_bf16_round(x)
-    for xi, gi in zip(x, got):
-        want = nearest_bf16(float(xi))
-        if want is None:
-            assert gi & 0x7F80 == 0x7F80 and gi & 0x7F, f"NaN {xi!r} became {gi:#06x}"
-        else:
-            assert gi == want, f"{float(xi)!r}: got {gi:#06x}, want {want:#06x}"
+# every test needs a CPU with bf16 instructions (skipped on one without) and oneDNN (a test
+# fails without it): tests/conftest.py
+pytestmark = pytest.mark.bf16
 
 
 @pytest.mark.parametrize("trans_a, trans_b", [(False, True), (False, False), (True, False)])
@@ -99,14 +56,17 @@ def test_gemm_is_the_exact_product_of_the_rounded_inputs(trans_a, trans_b, accum
     c0 = rng.standard_normal((M, N)).astype(np.float32)
     c = c0.copy()
     impl = _engine.op_bf16_gemm(a, b, c, trans_a, trans_b, accumulate)
-    av, bv = bf16_values(a), bf16_values(b)
+    av, bv = ref.bf16_values(a), ref.bf16_values(b)
     want = (av.T if trans_a else av) @ (bv.T if trans_b else bv)
     bound = (np.abs(av.T if trans_a else av) @ np.abs(bv.T if trans_b else bv))
     if accumulate:
         want = want + c0
         bound = bound + np.abs(c0)
     assert np.all(np.abs(c - want) <= K * 2.0 ** -24 * bound + 1e-30)
-    assert "bf16" in impl, f"oneDNN fell back to {impl}"
+    # a native bf16 kernel: avx512_core_bf16 (Zen 4, Cooper Lake) or the AMX tiles
+    # (avx512_core_amx, Sapphire Rapids on), never the reference implementation
+    assert ("bf16" in impl or "amx" in impl) and not impl.startswith("ref"), \
+        f"oneDNN fell back to {impl}"
 
 
 def engine_and_reference(key, B, n, pad_rows, rounded):
@@ -231,33 +191,6 @@ def test_resume_refuses_another_precision(bf16_reference, window_corpus, tmp_pat
     argv = [window_corpus, "--checkpoint-dir", d, "--resume", "--precision", "fp32", "--quiet"]
     code, _, err = call(capsys, train_main, *argv)
     assert_one_error_line(code, err, "train_model", "--precision", "bf16", "fp32")
-
-
-def test_missing_onednn_is_one_line(window_corpus, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(precision, "library_path", lambda: None)
-    monkeypatch.setattr(_engine, "load_bf16", lambda path: pytest.fail("loaded"))
-    argv = [window_corpus, "--checkpoint-dir", tmp_path / "ck", "--precision", "bf16", "--quiet"]
-    code, _, err = call(capsys, train_main, *argv)
-    assert_one_error_line(code, err, "train_model", "oneDNN", "bf16")
-    assert not (tmp_path / "ck").exists()
-
-
-def test_cpu_without_bf16_is_one_line(window_corpus, tmp_path, capsys, monkeypatch):
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n")
-    assert not precision.cpu_has_bf16(str(cpuinfo))
-    assert precision.cpu_has_bf16()      # this machine
-    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
-    argv = [window_corpus, "--checkpoint-dir", tmp_path / "ck", "--precision", "bf16", "--quiet"]
-    code, _, err = call(capsys, train_main, *argv)
-    assert_one_error_line(code, err, "train_model", "avx512_bf16")
-
-
-def test_engine_refuses_an_unknown_precision():
-    cfg = CONFIGS["A"]
-    flat, _ = make_params(cfg)
-    with pytest.raises(ValueError, match="precision"):
-        _engine.Engine(cfg, flat, 1, 1, 1, precision="fp16")
 
 
 @pytest.mark.slow

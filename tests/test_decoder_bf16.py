@@ -9,9 +9,8 @@ from helpers import call
 
 from cllm_cli import CLLMConfig, CLLMModel, _engine
 from cllm_cli.cli.inference import main as inference_main
-from cllm_cli.model import precision
 
-precision.require("bf16")      # a CPU without bf16, or no oneDNN: every test here fails
+pytestmark = pytest.mark.bf16     # a CPU with bf16 instructions, and oneDNN: tests/conftest.py
 
 CFG = CLLMConfig(vocab_size=60, embed_dim=32, num_layers=2, num_heads=4, ff_dim=64, seq_len=16)
 

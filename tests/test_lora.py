@@ -33,7 +33,6 @@ from cllm_cli.cli.inference import main as inference_main
 from cllm_cli.cli.train import main as train_main
 from cllm_cli.formats import load_checkpoint, load_model_files
 from cllm_cli.lora import LoraSpec, adapter_views, content_hash, init_adapters, merge_adapters
-from cllm_cli.model import precision
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 LORA_RUN = ["--lora-rank", "4", "--lora-targets", "attn,proj,mlp", "--lora-dropout", "0.1",
@@ -220,10 +219,8 @@ def test_a_nan_micro_batch_is_named_by_its_adapter_and_left_out(tiny_model):
     assert result.bad[0].tensor == owner and "lora_" in owner
 
 
-@pytest.mark.parametrize("precision_name", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision_name", ["fp32", pytest.param("bf16", marks=pytest.mark.bf16)])
 def test_adapter_steps_do_not_depend_on_the_thread_count(tiny_model, precision_name):
-    if precision_name == "bf16":
-        precision.require("bf16")
     cfg = tiny_model.config
     spec = LoraSpec(rank=3, alpha=6.0, dropout=0.1, sites=ALL_SITES)
     results = []

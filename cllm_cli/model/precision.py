@@ -2,6 +2,9 @@
 
 oneDNN comes from the `onednn-cpu-gomp` wheel (the `bf16` extra: pip install '.[bf16]'); its
 libdnnl.so.3 lands in <prefix>/lib. fp32 never imports or loads it.
+
+CLLM_NO_BF16=1 in the environment makes a CPU with bf16 instructions count as one without, so
+that one host can show both behaviours (the tests run that way once in CI).
 """
 import importlib.metadata
 import os
@@ -14,9 +17,17 @@ DISTRIBUTION = "onednn-cpu-gomp"
 LIBRARY = "libdnnl.so.3"
 CPU_FLAGS = ("avx512_bf16", "amx_bf16")     # what oneDNN's native bf16 kernels need
 PRECISIONS = ("fp32", "bf16")
+HIDE_SWITCH = "CLLM_NO_BF16"
+
+
+def bf16_hidden():
+    """The environment asks to treat this CPU as one without bf16."""
+    return os.environ.get(HIDE_SWITCH, "") not in ("", "0")
 
 
 def cpu_has_bf16(cpuinfo="/proc/cpuinfo"):
+    if bf16_hidden():
+        return False
     try:
         with open(cpuinfo, encoding="ascii", errors="replace") as f:
             flags = next((line.split(":", 1)[1].split() for line in f
@@ -45,8 +56,9 @@ def require(precision):
     if precision != "bf16":
         return
     if not cpu_has_bf16():
+        hidden = f" ({HIDE_SWITCH} is set)" if bf16_hidden() else ""
         raise PrecisionError("--precision bf16 needs a CPU with bf16 instructions "
-                             f"({' or '.join(CPU_FLAGS)}); this one has neither: use fp32")
+                             f"({' or '.join(CPU_FLAGS)}); this one has neither{hidden}: use fp32")
     path = library_path()
     if path is None:
         raise PrecisionError(f"--precision bf16 needs oneDNN: pip install '.[bf16]' "
