@@ -31,7 +31,7 @@ from cllm_cli.cli.evaluate import main as eval_main
 from cllm_cli.cli.export import main as export_main
 from cllm_cli.cli.inference import main as inference_main
 from cllm_cli.cli.train import main as train_main
-from cllm_cli.formats import load_checkpoint, load_model_files
+from cllm_cli.formats import load_checkpoint, load_model_files, save_checkpoint
 from cllm_cli.lora import LoraSpec, adapter_views, content_hash, init_adapters, merge_adapters
 from cllm_cli.model import precision
 
@@ -374,15 +374,58 @@ def test_a_changed_or_missing_base_is_refused(capsys, tmp_path, lora_run, base_d
     gpt2_directory(tmp_path / "other", text, seed=5)
     shutil.copyfile(tmp_path / "other" / "model.safetensors", base_dir / "model.safetensors")
     capsys.readouterr()                  # transformers' progress bar while saving "other"
+    adapter_dir = tmp_path / "adapter"
     try:
         code, _, err = call(capsys, inference_main, final, "--max-tokens", "2")
         assert_one_error_line(code, err, "cllm_inference", "another model")
+        code, _, err = call(capsys, export_main, final, adapter_dir, "--format", "peft")
+        assert_one_error_line(code, err, "cllm_export", "another model")
+        assert not adapter_dir.exists()
         shutil.rmtree(base_dir)
         code, _, err = call(capsys, inference_main, final, "--max-tokens", "2")
         assert_one_error_line(code, err, "cllm_inference", "its base model", str(base_dir))
+        code, _, err = call(capsys, export_main, final, adapter_dir, "--format", "peft")
+        assert_one_error_line(code, err, "cllm_export", "its base model", str(base_dir))
+        assert not adapter_dir.exists()
     finally:
         shutil.rmtree(base_dir, ignore_errors=True)
         shutil.copytree(moved, base_dir)
+
+
+def renamed_base(run, base_path):
+    """Every checkpoint of `run` rewritten to name `base_path` as its base (the same hash)."""
+    for path in run.glob("*.cllm"):
+        ckpt = load_checkpoint(path)
+        lora = {**ckpt["lora"]["spec"].to_dict(), "base_sha256": ckpt["lora"]["base_sha256"],
+                "base_path": str(base_path)}
+        save_checkpoint(path, ckpt["config"], ckpt["params"], ckpt["adam_m"], ckpt["adam_v"],
+                        ckpt["meta"], lora=lora)
+    return run
+
+
+@pytest.mark.parametrize("loop", ["itself", "a copy naming it"])
+def test_a_base_that_is_a_lora_run_is_refused(capsys, tmp_path, corpus, lora_run, loop):
+    """A LoRA run whose recorded base holds a LoRA run (itself, or a copy of it naming the
+    first: a loop) is refused by every reader in one line, not followed from base to base."""
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    if loop == "itself":
+        renamed_base(run, run)
+    else:
+        shutil.copytree(lora_run, tmp_path / "copy")
+        renamed_base(run, renamed_base(tmp_path / "copy", run))
+    before = sorted(os.listdir(run))
+    for prog, main, argv in (
+            ("cllm_inference", inference_main, [run, "--max-tokens", "2"]),
+            ("cllm_eval", eval_main, [run, corpus]),
+            ("cllm_export", export_main, [run, tmp_path / "hf"]),
+            ("cllm_export", export_main, [run, tmp_path / "peft", "--format", "peft"]),
+            ("train_model", train_main, [corpus, "--checkpoint-dir", run, "--resume",
+                                         "--max-steps", "6", "--quiet"])):
+        code, _, err = call(capsys, main, *argv)
+        assert_one_error_line(code, err, prog, "holds LoRA adapters, not a full model")
+    assert sorted(os.listdir(run)) == before
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "peft").exists()
 
 
 def test_resume_refuses_another_rank(capsys, tmp_path, corpus, lora_run):
