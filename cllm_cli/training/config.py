@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from cllm_cli.config import MODEL_FIELDS, CLLMConfig, model_config_problem
 from cllm_cli.corpus.files import ENCODING_ERRORS
 from cllm_cli.errors import UsageError
-from cllm_cli.lora import TARGET_GROUPS, LoraSpec, parse_targets
+from cllm_cli.lora import MAX_LORA_SCALE, TARGET_GROUPS, LoraSpec, parse_targets
 from cllm_cli.tokenizers import TOKENIZER_KINDS, BPETokenizer
 
 INT_MAX = 2**31 - 1
@@ -67,8 +67,8 @@ class TrainConfig:
                             "layers of the --init-from model, whose own weights stay frozen "
                             "(0: train every weight)", minimum=0, fixed=True, metavar="R")
     lora_alpha: float = option(None, "fine-tuning", "the adapters' scale: each adds "
-                               "alpha/R x B A to its weight (default: 2R)", fixed=True,
-                               metavar="ALPHA")
+                               "alpha/R x B A to its weight (default: 2R; at most 1024R)",
+                               fixed=True, metavar="ALPHA")
     lora_dropout: float = option(0.0, "fine-tuning", "dropout on the adapters' inputs, in "
                                  "training only", fixed=True, metavar="P")
     lora_targets: str = option("attn", "fine-tuning", "the layers with adapters, comma-separated: "
@@ -166,8 +166,10 @@ class TrainConfig:
                           num_layers=self.num_layers, num_heads=self.num_heads,
                           ff_dim=self.ff_dim, seq_len=self.seq_len)
 
-    def validate(self):
-        """Raises UsageError naming the first bad option; clamps micro_batch to batch_size."""
+    def validate(self, resuming=None):
+        """Raises UsageError naming the first bad option; clamps micro_batch to batch_size.
+        resuming: whether the run continues a checkpoint, which supplies the options it does
+        not restate (None: not known yet; it may when --resume is given)."""
         for f in dataclasses.fields(self):
             value, option_flag, meta = getattr(self, f.name), flag(f.name), f.metadata
             if value is None:
@@ -208,20 +210,10 @@ class TrainConfig:
             raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.val_fraction < 1:
             raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        self._validate_lora()
+        self._validate_lora(bool(self.resume) if resuming is None else resuming)
 
-    def _validate_lora(self):
-        if not self.lora_rank:
-            given = [flag(name) for name, unset in (("lora_alpha", None), ("lora_dropout", 0.0),
-                                                    ("lora_targets", "attn"))
-                     if getattr(self, name) != unset]
-            if given:
-                raise UsageError(f"{given[0]} needs --lora-rank")
-            return
-        if not self.init_from and not self.resume:      # a resumed run takes the stored one
-            raise UsageError("--lora-rank needs --init-from: adapters fine-tune a trained model")
-        if self.lora_rank >= 2**16:
-            raise UsageError(f"--lora-rank must be below 65536, got {self.lora_rank}")
+    def _validate_lora(self, resuming):
+        """The LoRA options; a resumed run takes its rank, and the base, from the checkpoint."""
         if self.lora_alpha is not None and not (self.lora_alpha > 0
                                                 and math.isfinite(self.lora_alpha)):
             raise UsageError(f"--lora-alpha must be a positive number, got {self.lora_alpha}")
@@ -231,6 +223,21 @@ class TrainConfig:
             parse_targets(self.lora_targets)
         except ValueError as e:
             raise UsageError(f"--lora-targets: {e}") from None
+        if not self.lora_rank:
+            given = [flag(name) for name, unset in (("lora_alpha", None), ("lora_dropout", 0.0),
+                                                    ("lora_targets", "attn"))
+                     if getattr(self, name) != unset]
+            if given and not resuming:
+                raise UsageError(f"{given[0]} needs --lora-rank")
+            return
+        if not self.init_from and not resuming:
+            raise UsageError("--lora-rank needs --init-from: adapters fine-tune a trained model")
+        if self.lora_rank >= 2**16:
+            raise UsageError(f"--lora-rank must be below 65536, got {self.lora_rank}")
+        if self.lora_alpha is not None and self.lora_alpha > MAX_LORA_SCALE * self.lora_rank:
+            raise UsageError(f"--lora-alpha must be at most {MAX_LORA_SCALE:g} x --lora-rank "
+                             f"(a scale alpha/R of at most {MAX_LORA_SCALE:g}), got "
+                             f"{self.lora_alpha:g}")
 
     def lora_spec(self):
         """The adapters' LoraSpec, or None when every weight trains."""
