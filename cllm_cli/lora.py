@@ -121,15 +121,17 @@ def init_adapters(cfg, spec, seed):
 
 
 def merge_adapters(cfg, params, spec, adapters):
-    """A new parameter buffer: params with scale * B A added to every adapted weight."""
+    """A new parameter buffer: params with scale * B A added to every adapted weight (an
+    overflow gives Inf quietly: the caller checks the result)."""
     merged = np.array(params, dtype=np.float32, copy=True)
     weights = named_views(cfg, merged)
     views = adapter_views(cfg, spec, adapters)
-    for name, a in views.items():
-        if name.endswith(".lora_A"):
-            site = name[:-len(".lora_A")]
-            b = views[site + ".lora_B"]
-            weights[site + ".weight"] += np.float32(spec.scale) * (b @ a)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for name, a in views.items():
+            if name.endswith(".lora_A"):
+                site = name[:-len(".lora_A")]
+                b = views[site + ".lora_B"]
+                weights[site + ".weight"] += np.float32(spec.scale) * (b @ a)
     return merged
 
 

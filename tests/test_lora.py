@@ -27,6 +27,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import GPT2LMHeadModel
 
 from cllm_cli import CLLMConfig, CLLMModel, _engine
+from cllm_cli import lora as lora_module
 from cllm_cli.cli.evaluate import main as eval_main
 from cllm_cli.cli.export import main as export_main
 from cllm_cli.cli.inference import main as inference_main
@@ -352,11 +353,52 @@ def test_peft_loads_the_exported_adapters(capsys, tmp_path, lora_run, base_dir):
     (["--init-from", "BASE", "--lora-rank", "4", "--lora-targets", "attn,ffn"],
      "unknown LoRA target 'ffn'"),
     (["--init-from", "BASE", "--lora-rank", "4", "--lora-dropout", "1.5"], "--lora-dropout"),
+    (["--init-from", "BASE", "--lora-rank", "4", "--lora-alpha", "1e38"],
+     "--lora-alpha must be at most 1024 x --lora-rank"),
+    (["--init-from", "BASE", "--lora-rank", "4", "--lora-alpha", "4097"], "got 4097"),
 ])
 def test_bad_lora_options_are_one_line(capsys, tmp_path, corpus, base_dir, options, fragment):
     options = [str(base_dir) if o == "BASE" else o for o in options]
     code, _, err = call(capsys, train_main, corpus, "--checkpoint-dir", tmp_path / "ck", *options)
     assert_one_error_line(code, err, "train_model", fragment)
+    assert not (tmp_path / "ck").exists()
+
+
+def test_adapters_on_a_lora_run_are_refused(capsys, tmp_path, corpus, lora_run):
+    """A LoRA run as the base of new adapters: refused before anything is written (its
+    merged model may start a full run)."""
+    code, _, err = call(capsys, train_main, corpus, "--init-from", lora_run, "--checkpoint-dir",
+                        tmp_path / "ck", *LORA_RUN)
+    assert_one_error_line(code, err, "train_model", "holds LoRA adapters, not a full model")
+    assert not (tmp_path / "ck").exists()
+
+
+def test_merged_weights_that_are_not_finite_are_refused(capsys, tmp_path, corpus, lora_run,
+                                                        monkeypatch):
+    """Finite adapters whose product overflows, and a stored alpha above the bound (as a
+    program without it wrote): every reader refuses the checkpoint in one line."""
+    for case in ("overflow", "alpha"):
+        monkeypatch.setattr(lora_module, "MAX_LORA_SCALE", math.inf)     # as the writer checks
+        run = tmp_path / case
+        shutil.copytree(lora_run, run)
+        ckpt = load_checkpoint(run / "final_model.cllm")
+        lora = {**ckpt["lora"]["spec"].to_dict(), "base_sha256": ckpt["lora"]["base_sha256"],
+                "base_path": ckpt["lora"]["base_path"]}
+        if case == "overflow":
+            ckpt["params"][:] = 1e30
+        else:
+            lora["alpha"] = 1e38
+        save_checkpoint(run / "final_model.cllm", ckpt["config"], ckpt["params"],
+                        ckpt["adam_m"], ckpt["adam_v"], ckpt["meta"], lora=lora)
+        monkeypatch.undo()
+        fragment = "non-finite" if case == "overflow" else "bad LoRA alpha"
+        for prog, main, argv in (
+                ("cllm_inference", inference_main, [run, "--max-tokens", "2"]),
+                ("cllm_eval", eval_main, [run, corpus]),
+                ("cllm_export", export_main, [run, tmp_path / "hf"])):
+            code, _, err = call(capsys, main, *argv)
+            assert_one_error_line(code, err, prog, fragment)
+        assert not (tmp_path / "hf").exists()
 
 
 def test_peft_export_of_a_full_model_is_refused(capsys, tmp_path, base_dir):
@@ -434,3 +476,33 @@ def test_resume_refuses_another_rank(capsys, tmp_path, corpus, lora_run):
     code, _, err = call(capsys, train_main, corpus, "--checkpoint-dir", out, "--resume",
                         "--lora-rank", "8", "--max-steps", "6")
     assert_one_error_line(code, err, "train_model", "--lora-rank cannot change")
+
+
+@pytest.mark.parametrize("options, fragment", [
+    (["--lora-alpha", "16"], "--lora-alpha cannot change when resuming (the checkpoint has "
+                             "the default, given 16.0)"),
+    (["--lora-dropout", "0.2"], "--lora-dropout cannot change when resuming"),
+    (["--lora-targets", "attn"], "--lora-targets cannot change when resuming"),
+    (["--lora-rank", "0"], "LoRA cannot be switched off when resuming"),
+])
+def test_resume_refuses_a_changed_lora_setting(capsys, tmp_path, corpus, lora_run, options,
+                                               fragment):
+    out = tmp_path / "resumed"
+    shutil.copytree(lora_run, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, _, err = call(capsys, train_main, corpus, "--checkpoint-dir", out, "--resume",
+                        "--max-steps", "6", *options)
+    assert_one_error_line(code, err, "train_model", fragment)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_resume_accepts_the_lora_settings_restated(capsys, tmp_path, corpus, lora_run):
+    """The run's own settings given again (alpha as its default 2R, the targets in another
+    order) are no change."""
+    out = tmp_path / "resumed"
+    shutil.copytree(lora_run, out)
+    code, _, err = call(capsys, train_main, corpus, "--checkpoint-dir", out, "--resume",
+                        "--max-steps", "5", "--quiet", "--lora-rank", "4", "--lora-alpha", "8",
+                        "--lora-dropout", "0.1", "--lora-targets", "mlp, proj,attn")
+    assert code == 0, err
+    assert load_checkpoint(out / "final_model.cllm")["meta"]["state"]["step"] == 5
