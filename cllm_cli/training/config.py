@@ -18,15 +18,17 @@ from cllm_cli.lora import MAX_LORA_SCALE, TARGET_GROUPS, LoraSpec, parse_targets
 from cllm_cli.tokenizers import TOKENIZER_KINDS, BPETokenizer
 
 INT_MAX = 2**31 - 1
+MAX_THREADS = 1024           # spheres of one process
+MAX_LEARNING_RATE = 100.0    # far above any that trains, far below one that overflows at once
 GROUPS = ("data", "model", "fine-tuning", "optimisation", "threads", "checkpoints", "output")
 
 
-def option(default, group, help=None, *, choices=None, minimum=None, run=False, fixed=False,
-           metavar=None):
+def option(default, group, help=None, *, choices=None, minimum=None, maximum=None, run=False,
+           fixed=False, metavar=None):
     """A TrainConfig field with what argparse and validate() need to know about it."""
     assert group in GROUPS, group
     return field(default=default, metadata=dict(group=group, help=help, choices=choices,
-                                                minimum=minimum, run=run, fixed=fixed,
+                                                minimum=minimum, maximum=maximum, run=run, fixed=fixed,
                                                 metavar=metavar))
 
 
@@ -77,7 +79,7 @@ class TrainConfig:
                                metavar=",".join(TARGET_GROUPS))
     # optimisation
     optimizer: str = option("adamw", "optimisation", choices=("adamw", "sgd"), fixed=True)
-    learning_rate: float = option(1e-3, "optimisation", "peak learning rate")
+    learning_rate: float = option(1e-3, "optimisation", "peak learning rate (at most 100)")
     lr_schedule: str = option("cosine", "optimisation", choices=("cosine", "constant"))
     warmup_steps: int = option(20, "optimisation", minimum=0)
     min_lr_ratio: float = option(0.1, "optimisation",
@@ -98,8 +100,9 @@ class TrainConfig:
     max_bad_steps: int = option(3, "optimisation", "stop after this many consecutive steps "
                                 "skipped for NaN/Inf", minimum=1)
     # threads
-    threads: int = option(None, "threads", "worker spheres (default: all cores)", minimum=1,
-                          run=True)
+    threads: int = option(None, "threads", "worker spheres (default: all cores; at most "
+                          f"{MAX_THREADS})", minimum=1,
+                          maximum=MAX_THREADS, run=True)
     lock_mode: str = option("shared", "threads", "shared: passes run in parallel; exclusive: one "
                             "pass at a time (the serialised form; same results)",
                             choices=("shared", "exclusive"), run=True)
@@ -179,6 +182,8 @@ class TrainConfig:
             if f.type is int and not isinstance(value, bool) and isinstance(value, int):
                 if meta["minimum"] is not None and value < meta["minimum"]:
                     raise UsageError(f"{option_flag} must be at least {meta['minimum']}, got {value}")
+                if meta["maximum"] is not None and value > meta["maximum"]:
+                    raise UsageError(f"{option_flag} must be at most {meta['maximum']}, got {value}")
                 if value > INT_MAX:
                     raise UsageError(f"{option_flag} is too large: {value}")
         if self.resume not in (False, True, "auto"):
@@ -190,8 +195,15 @@ class TrainConfig:
                                         if getattr(self, k)}, name=flag)
         if problem:
             raise UsageError(problem)
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise UsageError(f"--learning-rate must be a positive number, got {self.learning_rate}")
+        if not self.ff_dim and 4 * self.embed_dim >= INT_MAX:
+            raise UsageError(f"--embed-dim {self.embed_dim} is too large for the default --ff-dim "
+                             f"(4 x embed-dim must be below 2**31)")
+        if self.batch_size * (self.seq_len + 1) > INT_MAX:
+            raise UsageError(f"--batch-size {self.batch_size} of --seq-len {self.seq_len} windows "
+                             f"is too large: a batch must hold fewer than 2**31 tokens")
+        if not 0 < self.learning_rate <= MAX_LEARNING_RATE:
+            raise UsageError(f"--learning-rate must be a positive number of at most "
+                             f"{MAX_LEARNING_RATE:g}, got {self.learning_rate}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise UsageError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not (0 <= self.weight_decay < 1 / self.learning_rate):
