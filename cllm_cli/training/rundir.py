@@ -122,7 +122,11 @@ class RunDirectory:
         """Removes the files added since the directory was taken, the lock file and the
         directories when this run created them (and they are empty), and releases it."""
         if self.lock.fd is not None:             # files are removed only under the lock
-            for name in set(os.listdir(self.path)) - self.found:
+            try:
+                added = set(os.listdir(self.path)) - self.found
+            except OSError:
+                added = set()
+            for name in added:
                 try:
                     os.unlink(os.path.join(self.path, name))
                 except OSError:

@@ -4,7 +4,8 @@ Trainer takes the locked checkpoint directory, then either starts a new run (the
 tokenized into dataset.bin, a model initialised, or taken from --init-from or a
 --tokenizer-file) or resumes one from its newest checkpoint (the options a resumed run may
 change are applied, the others refused), and plans the run: the splits, windows and steps.
-It saves checkpoints; the loop (loop.py) only calls it.
+A set-up that fails leaves the directory as it was (RunDirectory.discard). It saves
+checkpoints; the loop (loop.py) only calls it.
 
 With --lora-rank the --init-from model is the frozen base and the adapters are what trains
 (`trained`, with the optimiser state): checkpoints hold the adapters and name the base by
