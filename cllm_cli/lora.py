@@ -21,6 +21,9 @@ from cllm_cli.layout import named_views
 TARGET_GROUPS = {"attn": ("attn.c_attn",), "proj": ("attn.c_proj",),
                  "mlp": ("mlp.c_fc", "mlp.c_proj")}
 SITES = _engine.LORA_TARGETS       # every site, in buffer order
+# the largest scale alpha / rank: far above the common 1 to 16, low enough that trained
+# adapters stay far from float32's range
+MAX_LORA_SCALE = 1024.0
 
 
 def parse_targets(text):
@@ -71,8 +74,10 @@ class LoraSpec:
             raise ValueError(f"bad LoRA settings ({e})") from None
         if not (isinstance(rank, int) and not isinstance(rank, bool) and 1 <= rank < 2**16):
             raise ValueError(f"bad LoRA rank {rank!r}")
-        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
-            raise ValueError(f"bad LoRA alpha {alpha!r}")
+        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha)
+                and 0 < alpha <= MAX_LORA_SCALE * rank):
+            raise ValueError(f"bad LoRA alpha {alpha!r} (at most {MAX_LORA_SCALE:g} x the "
+                             f"rank {rank})")
         if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
             raise ValueError(f"bad LoRA dropout {dropout!r}")
         if not sites or any(site not in SITES for site in sites) or len(set(sites)) != len(sites):
@@ -116,15 +121,17 @@ def init_adapters(cfg, spec, seed):
 
 
 def merge_adapters(cfg, params, spec, adapters):
-    """A new parameter buffer: params with scale * B A added to every adapted weight."""
+    """A new parameter buffer: params with scale * B A added to every adapted weight (an
+    overflow gives Inf quietly: the caller checks the result)."""
     merged = np.array(params, dtype=np.float32, copy=True)
     weights = named_views(cfg, merged)
     views = adapter_views(cfg, spec, adapters)
-    for name, a in views.items():
-        if name.endswith(".lora_A"):
-            site = name[:-len(".lora_A")]
-            b = views[site + ".lora_B"]
-            weights[site + ".weight"] += np.float32(spec.scale) * (b @ a)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for name, a in views.items():
+            if name.endswith(".lora_A"):
+                site = name[:-len(".lora_A")]
+                b = views[site + ".lora_B"]
+                weights[site + ".weight"] += np.float32(spec.scale) * (b @ a)
     return merged
 
 

@@ -146,6 +146,29 @@ def test_init_from_refuses_options_it_cannot_honour(unicode_corpus, ckpt_dir, gp
     code, _, err = call(capsys, train_main, unicode_corpus, "--init-from", gpt2_dir, "--checkpoint-dir",
                         ckpt_dir, *TINY_RUN, *argv)
     assert_one_error_line(code, err, "train_model", *fragments)
+    assert not ckpt_dir.exists()
+
+
+@pytest.mark.parametrize("lora", [[], ["--lora-rank", "2"]])
+@pytest.mark.parametrize("named", ["the directory", "its final model", "a link to it"])
+def test_init_from_the_directory_a_new_run_would_clear_is_refused(unicode_corpus, tmp_path,
+                                                                  capsys, lora, named):
+    """--init-from a model inside the --checkpoint-dir that --overwrite would clear: refused
+    before anything is deleted (paths compared after following links)."""
+    ck = tmp_path / "run"
+    code, _, err = call(capsys, train_main, unicode_corpus, "--checkpoint-dir", ck,
+                        "--tokenizer", "char", "--embed-dim", "16", "--num-layers", "1",
+                        "--num-heads", "2", "--seq-len", "16", *TINY_RUN)
+    assert code == 0, err
+    (tmp_path / "link").symlink_to(ck)
+    model = {"the directory": ck, "its final model": ck / "final_model.cllm",
+             "a link to it": tmp_path / "link"}[named]
+    before = {p.name: p.read_bytes() for p in ck.iterdir()}
+    code, _, err = call(capsys, train_main, unicode_corpus, "--init-from", model,
+                        "--checkpoint-dir", ck, "--overwrite", *TINY_RUN, *lora)
+    assert_one_error_line(code, err, "train_model", "the --init-from model",
+                          "use another --checkpoint-dir")
+    assert {p.name: p.read_bytes() for p in ck.iterdir()} == before
 
 
 def test_init_from_refuses_a_model_it_cannot_represent(unicode_corpus, tmp_path, gpt2_dir, capsys):
@@ -162,6 +185,7 @@ def test_init_from_refuses_a_model_it_cannot_represent(unicode_corpus, tmp_path,
     code, _, err = call(capsys, train_main, unicode_corpus, "--init-from", tmp_path / "nothing",
                         "--checkpoint-dir", tmp_path / "ck", *TINY_RUN)
     assert_one_error_line(code, err, "train_model", "nothing")
+    assert not (tmp_path / "ck").exists()
 
 
 TINY_MODEL = ["--embed-dim", "16", "--num-layers", "2", "--num-heads", "2", "--seq-len", "16"]

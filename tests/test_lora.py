@@ -27,11 +27,12 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import GPT2LMHeadModel
 
 from cllm_cli import CLLMConfig, CLLMModel, _engine
+from cllm_cli import lora as lora_module
 from cllm_cli.cli.evaluate import main as eval_main
 from cllm_cli.cli.export import main as export_main
 from cllm_cli.cli.inference import main as inference_main
 from cllm_cli.cli.train import main as train_main
-from cllm_cli.formats import load_checkpoint, load_model_files
+from cllm_cli.formats import load_checkpoint, load_model_files, save_checkpoint
 from cllm_cli.lora import LoraSpec, adapter_views, content_hash, init_adapters, merge_adapters
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
@@ -349,11 +350,52 @@ def test_peft_loads_the_exported_adapters(capsys, tmp_path, lora_run, base_dir):
     (["--init-from", "BASE", "--lora-rank", "4", "--lora-targets", "attn,ffn"],
      "unknown LoRA target 'ffn'"),
     (["--init-from", "BASE", "--lora-rank", "4", "--lora-dropout", "1.5"], "--lora-dropout"),
+    (["--init-from", "BASE", "--lora-rank", "4", "--lora-alpha", "1e38"],
+     "--lora-alpha must be at most 1024 x --lora-rank"),
+    (["--init-from", "BASE", "--lora-rank", "4", "--lora-alpha", "4097"], "got 4097"),
 ])
 def test_bad_lora_options_are_one_line(capsys, tmp_path, corpus, base_dir, options, fragment):
     options = [str(base_dir) if o == "BASE" else o for o in options]
     code, _, err = call(capsys, train_main, corpus, "--checkpoint-dir", tmp_path / "ck", *options)
     assert_one_error_line(code, err, "train_model", fragment)
+    assert not (tmp_path / "ck").exists()
+
+
+def test_adapters_on_a_lora_run_are_refused(capsys, tmp_path, corpus, lora_run):
+    """A LoRA run as the base of new adapters: refused before anything is written (its
+    merged model may start a full run)."""
+    code, _, err = call(capsys, train_main, corpus, "--init-from", lora_run, "--checkpoint-dir",
+                        tmp_path / "ck", *LORA_RUN)
+    assert_one_error_line(code, err, "train_model", "holds LoRA adapters, not a full model")
+    assert not (tmp_path / "ck").exists()
+
+
+def test_merged_weights_that_are_not_finite_are_refused(capsys, tmp_path, corpus, lora_run,
+                                                        monkeypatch):
+    """Finite adapters whose product overflows, and a stored alpha above the bound (as a
+    program without it wrote): every reader refuses the checkpoint in one line."""
+    for case in ("overflow", "alpha"):
+        monkeypatch.setattr(lora_module, "MAX_LORA_SCALE", math.inf)     # as the writer checks
+        run = tmp_path / case
+        shutil.copytree(lora_run, run)
+        ckpt = load_checkpoint(run / "final_model.cllm")
+        lora = {**ckpt["lora"]["spec"].to_dict(), "base_sha256": ckpt["lora"]["base_sha256"],
+                "base_path": ckpt["lora"]["base_path"]}
+        if case == "overflow":
+            ckpt["params"][:] = 1e30
+        else:
+            lora["alpha"] = 1e38
+        save_checkpoint(run / "final_model.cllm", ckpt["config"], ckpt["params"],
+                        ckpt["adam_m"], ckpt["adam_v"], ckpt["meta"], lora=lora)
+        monkeypatch.undo()
+        fragment = "non-finite" if case == "overflow" else "bad LoRA alpha"
+        for prog, main, argv in (
+                ("cllm_inference", inference_main, [run, "--max-tokens", "2"]),
+                ("cllm_eval", eval_main, [run, corpus]),
+                ("cllm_export", export_main, [run, tmp_path / "hf"])):
+            code, _, err = call(capsys, main, *argv)
+            assert_one_error_line(code, err, prog, fragment)
+        assert not (tmp_path / "hf").exists()
 
 
 def test_peft_export_of_a_full_model_is_refused(capsys, tmp_path, base_dir):
@@ -371,15 +413,58 @@ def test_a_changed_or_missing_base_is_refused(capsys, tmp_path, lora_run, base_d
     gpt2_directory(tmp_path / "other", text, seed=5)
     shutil.copyfile(tmp_path / "other" / "model.safetensors", base_dir / "model.safetensors")
     capsys.readouterr()                  # transformers' progress bar while saving "other"
+    adapter_dir = tmp_path / "adapter"
     try:
         code, _, err = call(capsys, inference_main, final, "--max-tokens", "2")
         assert_one_error_line(code, err, "cllm_inference", "another model")
+        code, _, err = call(capsys, export_main, final, adapter_dir, "--format", "peft")
+        assert_one_error_line(code, err, "cllm_export", "another model")
+        assert not adapter_dir.exists()
         shutil.rmtree(base_dir)
         code, _, err = call(capsys, inference_main, final, "--max-tokens", "2")
         assert_one_error_line(code, err, "cllm_inference", "its base model", str(base_dir))
+        code, _, err = call(capsys, export_main, final, adapter_dir, "--format", "peft")
+        assert_one_error_line(code, err, "cllm_export", "its base model", str(base_dir))
+        assert not adapter_dir.exists()
     finally:
         shutil.rmtree(base_dir, ignore_errors=True)
         shutil.copytree(moved, base_dir)
+
+
+def renamed_base(run, base_path):
+    """Every checkpoint of `run` rewritten to name `base_path` as its base (the same hash)."""
+    for path in run.glob("*.cllm"):
+        ckpt = load_checkpoint(path)
+        lora = {**ckpt["lora"]["spec"].to_dict(), "base_sha256": ckpt["lora"]["base_sha256"],
+                "base_path": str(base_path)}
+        save_checkpoint(path, ckpt["config"], ckpt["params"], ckpt["adam_m"], ckpt["adam_v"],
+                        ckpt["meta"], lora=lora)
+    return run
+
+
+@pytest.mark.parametrize("loop", ["itself", "a copy naming it"])
+def test_a_base_that_is_a_lora_run_is_refused(capsys, tmp_path, corpus, lora_run, loop):
+    """A LoRA run whose recorded base holds a LoRA run (itself, or a copy of it naming the
+    first: a loop) is refused by every reader in one line, not followed from base to base."""
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    if loop == "itself":
+        renamed_base(run, run)
+    else:
+        shutil.copytree(lora_run, tmp_path / "copy")
+        renamed_base(run, renamed_base(tmp_path / "copy", run))
+    before = sorted(os.listdir(run))
+    for prog, main, argv in (
+            ("cllm_inference", inference_main, [run, "--max-tokens", "2"]),
+            ("cllm_eval", eval_main, [run, corpus]),
+            ("cllm_export", export_main, [run, tmp_path / "hf"]),
+            ("cllm_export", export_main, [run, tmp_path / "peft", "--format", "peft"]),
+            ("train_model", train_main, [corpus, "--checkpoint-dir", run, "--resume",
+                                         "--max-steps", "6", "--quiet"])):
+        code, _, err = call(capsys, main, *argv)
+        assert_one_error_line(code, err, prog, "holds LoRA adapters, not a full model")
+    assert sorted(os.listdir(run)) == before
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "peft").exists()
 
 
 def test_resume_refuses_another_rank(capsys, tmp_path, corpus, lora_run):
@@ -388,3 +473,33 @@ def test_resume_refuses_another_rank(capsys, tmp_path, corpus, lora_run):
     code, _, err = call(capsys, train_main, corpus, "--checkpoint-dir", out, "--resume",
                         "--lora-rank", "8", "--max-steps", "6")
     assert_one_error_line(code, err, "train_model", "--lora-rank cannot change")
+
+
+@pytest.mark.parametrize("options, fragment", [
+    (["--lora-alpha", "16"], "--lora-alpha cannot change when resuming (the checkpoint has "
+                             "the default, given 16.0)"),
+    (["--lora-dropout", "0.2"], "--lora-dropout cannot change when resuming"),
+    (["--lora-targets", "attn"], "--lora-targets cannot change when resuming"),
+    (["--lora-rank", "0"], "LoRA cannot be switched off when resuming"),
+])
+def test_resume_refuses_a_changed_lora_setting(capsys, tmp_path, corpus, lora_run, options,
+                                               fragment):
+    out = tmp_path / "resumed"
+    shutil.copytree(lora_run, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, _, err = call(capsys, train_main, corpus, "--checkpoint-dir", out, "--resume",
+                        "--max-steps", "6", *options)
+    assert_one_error_line(code, err, "train_model", fragment)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_resume_accepts_the_lora_settings_restated(capsys, tmp_path, corpus, lora_run):
+    """The run's own settings given again (alpha as its default 2R, the targets in another
+    order) are no change."""
+    out = tmp_path / "resumed"
+    shutil.copytree(lora_run, out)
+    code, _, err = call(capsys, train_main, corpus, "--checkpoint-dir", out, "--resume",
+                        "--max-steps", "5", "--quiet", "--lora-rank", "4", "--lora-alpha", "8",
+                        "--lora-dropout", "0.1", "--lora-targets", "mlp, proj,attn")
+    assert code == 0, err
+    assert load_checkpoint(out / "final_model.cllm")["meta"]["state"]["step"] == 5

@@ -94,8 +94,8 @@ def test_term_and_hup_save_and_resume_matches_a_straight_run(big_straight, ckpt_
 
 
 def test_signal_during_set_up_stops_cleanly(tmp_path):
-    """SIGTERM while a large corpus is tokenized: exit 143 at once, one line, no temporary
-    file left behind."""
+    """SIGTERM while a large corpus is tokenized: exit 143 at once, one line, and the
+    directory the run created is gone again (no temporary file, no partial stream)."""
     corpus = tmp_path / "big.txt"
     corpus.write_text(corpus_text(4000) * 60, encoding="utf-8")        # ~20 MB: seconds to tokenize
     ck = tmp_path / "ck"
@@ -107,8 +107,7 @@ def test_signal_during_set_up_stops_cleanly(tmp_path):
     out, err = finish(run)
     assert run.returncode == 143, err
     assert err.strip() == "train_model: interrupted by SIGTERM", err
-    assert not (ck / "dataset.bin").exists(), "the signal came after tokenizing: corpus too small"
-    assert leftovers(ck) == []
+    assert not ck.exists()
 
 
 def test_second_run_on_a_directory_is_refused_and_a_dead_holder_does_not_block(corpus, tmp_path,
@@ -185,6 +184,66 @@ def test_resume_refuses_options_that_cannot_change(corpus, trained_every_step, c
                        option, value)
     assert_one_error_line(code, err, "train_model", option, "cannot change when resuming")
     assert {p.name: p.read_bytes() for p in trained_every_step.iterdir() if p.is_file()} == before
+
+
+def test_resume_accepts_a_restated_value_and_shows_an_empty_one(corpus, trained_every_step,
+                                                                capsys):
+    """--ff-dim 64 is what the checkpoint's 0 stands for (4 x embed-dim 16): accepted; a
+    --tokenizer-file the run did not have is refused, the stored empty value shown as none."""
+    before = {p.name: p.read_bytes() for p in trained_every_step.iterdir() if p.is_file()}
+    code, _, err = cli(capsys, corpus, *TINY, "--checkpoint-dir", trained_every_step, "--resume",
+                       "--tokenizer-file", "given.json")
+    assert_one_error_line(code, err, "train_model", "--tokenizer-file cannot change when "
+                          "resuming (the checkpoint has none, given given.json)")
+    assert {p.name: p.read_bytes() for p in trained_every_step.iterdir() if p.is_file()} == before
+    argv = [*TINY, "--checkpoint-dir", trained_every_step, "--resume", "--ff-dim", "64"]
+    argv[argv.index("--max-steps") + 1] = "5"
+    code, _, err = cli(capsys, corpus, *argv)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("option", [["--lora-rank", "2"], ["--lora-alpha", "4"]])
+def test_resume_refuses_to_switch_lora_on(corpus, trained_every_step, capsys, option):
+    before = {p.name: p.read_bytes() for p in trained_every_step.iterdir() if p.is_file()}
+    code, _, err = cli(capsys, corpus, *TINY, "--checkpoint-dir", trained_every_step, "--resume",
+                       *option)
+    assert_one_error_line(code, err, "train_model", "LoRA cannot be switched on when resuming")
+    assert {p.name: p.read_bytes() for p in trained_every_step.iterdir() if p.is_file()} == before
+
+
+def files_in(directory):
+    """{name: bytes} of every file in `directory` (hidden ones included), None when it does
+    not exist."""
+    if not directory.exists():
+        return None
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--resume"], "--resume: no checkpoint_step_<N>.cllm"),
+    (["--resume", "auto", "--lora-rank", "2"], "--lora-rank needs --init-from"),
+    (["--init-from", "NOTHING"], "NOTHING"),
+    (["--tokenizer", "bpe", "--tokenizer-file", "NOTHING"], "NOTHING"),
+    (["--seq-len", "4000"], "corpus too short"),
+])
+@pytest.mark.parametrize("found", ["absent", "absent parents", "present", "present with a lock"])
+def test_a_refused_set_up_leaves_the_directory_as_it_was(corpus, tmp_path, capsys, argv,
+                                                         fragment, found):
+    """Refusals found once the directory is locked (and, for a corpus too short, after
+    tokenizing): one line, and the directory as it was: absent (its missing parents too), or
+    holding the same files, a lock file of an earlier run included."""
+    top = tmp_path / "runs"
+    ck = top / "a" / "ck" if found == "absent parents" else top
+    if found.startswith("present"):
+        top.mkdir()
+        (top / "notes.txt").write_text("mine\n")
+    if found == "present with a lock":
+        (top / ".lock").write_bytes(b"")
+    before = files_in(top)
+    argv = [str(tmp_path / "nothing") if a == "NOTHING" else a for a in argv]
+    code, _, err = cli(capsys, corpus, *TINY, "--checkpoint-dir", ck, *argv)
+    assert_one_error_line(code, err, "train_model", fragment.replace("NOTHING", "nothing"))
+    assert files_in(top) == before
 
 
 def test_resume_auto_starts_then_continues(corpus, ckpt_dir, capsys):

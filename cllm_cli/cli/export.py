@@ -23,7 +23,7 @@ Choices written down here:
   by the next export of OUT, saying so in one line on stderr (hf_export.remove_stale).
 - A LoRA checkpoint exports as its base with the adapters merged in (hf, gguf), or as the
   adapters alone (--format peft), whose adapter_config.json names the base the run started
-  from; PEFT loads them onto that base as a transformers model (a .cllm base must be exported
+  from, which must still be there, the same model (checked by its hash as every reader does); PEFT loads them onto that base as a transformers model (a .cllm base must be exported
   with --format hf first: the printed lines say so).
 - Exit status: 0 done, 2 bad usage or input (one line on stderr), 1 a missing optional
   package (gguf), 130 Ctrl-C.
@@ -37,6 +37,7 @@ from cllm_cli.formats import (
     export_peft,
     export_pretrained,
     load_checkpoint,
+    load_lora_base,
     load_model_files,
     resolve_checkpoint,
 )
@@ -124,6 +125,7 @@ def run_peft(args):
                          f"--format hf or gguf exports the whole model")
     if _inside(path, args.out):
         raise UsageError(f"{args.out} holds {path}: choose another OUT")
+    load_lora_base(ckpt["lora"], ckpt["config"], path)    # the base the adapters name is there
     export_peft(ckpt["config"], ckpt["lora"], ckpt["params"], args.out, force=args.force)
     sys.stdout.write(how_to_load("peft", args.out, ckpt["config"], ckpt["lora"]["base_path"]))
     sys.stdout.flush()

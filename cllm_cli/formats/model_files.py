@@ -10,16 +10,18 @@ directory, or a transformers GPT-2 directory. Every command that reads a model r
     load_lora_base       the base parameters a LoRA checkpoint names, checked by hash
 
 A LoRA checkpoint loads as its base with the adapters merged in: every reader of a model
-(inference, evaluation, export, --init-from) gets the fine-tuned model.
+(inference, evaluation, export, --init-from) gets the fine-tuned model. The base of a LoRA
+checkpoint is a full model (a transformers directory or a full .cllm), never another LoRA
+checkpoint, so that reading a base never leads to another base (nor back to itself).
 """
 from pathlib import Path
 
 from cllm_cli.errors import CheckpointError, ConversionError, UsageError
 from cllm_cli.fileio import check_regular
-from cllm_cli.formats.checkpoint import latest_checkpoint
+from cllm_cli.formats.checkpoint import first_non_finite, latest_checkpoint
 from cllm_cli.formats.checkpoint_load import check_vocabulary, load_checkpoint
 from cllm_cli.formats.hf_import import load_gpt2_directory
-from cllm_cli.layout import shorten_positions
+from cllm_cli.layout import named_views, shorten_positions
 from cllm_cli.lora import content_hash, merge_adapters
 from cllm_cli.tokenizers import TOKENIZER_KINDS, BPETokenizer, Tokenizer, tokenizer_class
 
@@ -43,13 +45,16 @@ def resolve_checkpoint(path):
     return path
 
 
-def load_with_tokenizer(path, tokenizer_path=None):
+def load_with_tokenizer(path, tokenizer_path=None, full=False):
     """(CLLMConfig, flat params, tokenizer, meta, tokenizer path) of a .cllm file.
 
     The tokenizer is the checkpoint's kind, read from tokenizer_path or from the file next
     to the checkpoint (vocab.txt, or tokenizer.json for bpe); its hash must be the one the
-    checkpoint records. CheckpointError or UsageError (one line) otherwise."""
+    checkpoint records. With `full` a LoRA checkpoint is refused (UsageError) instead of
+    merged. CheckpointError or UsageError (one line) otherwise."""
     ckpt = load_checkpoint(path)
+    if full and ckpt["lora"] is not None:
+        raise UsageError(f"{path} holds LoRA adapters, not a full model")
     cfg, meta = ckpt["config"], ckpt["meta"]
     kind = meta.get("tokenizer", "word")
     if kind not in TOKENIZER_KINDS:
@@ -80,17 +85,22 @@ def checkpoint_params(ckpt, path):
     if lora is None:
         return ckpt["params"]
     base = load_lora_base(lora, ckpt["config"], path)
-    return merge_adapters(ckpt["config"], base, lora["spec"], ckpt["params"])
+    merged = merge_adapters(ckpt["config"], base, lora["spec"], ckpt["params"])
+    bad = first_non_finite(named_views(ckpt["config"], merged))
+    if bad:
+        raise CheckpointError(f"{path} holds LoRA adapters that, merged into its base, give "
+                              f"non-finite weights: {bad}")
+    return merged
 
 
 def load_lora_base(lora, cfg, checkpoint):
     """The base parameters of a LoRA checkpoint (`lora`: its lora metadata, `cfg`: its model
-    config): read from base_path (any model load_model_files reads), cut to cfg's seq_len as
-    the run cut them, and checked against base_sha256. CheckpointError (one line) when the
-    base cannot be read or is another model."""
+    config): read from base_path (a full model load_model_files reads), cut to cfg's seq_len
+    as the run cut them, and checked against base_sha256. CheckpointError (one line) when the
+    base cannot be read, is a LoRA checkpoint, or is another model."""
     base = lora["base_path"]
     try:
-        base_cfg, flat, _, _, _ = load_model_files(base)
+        base_cfg, flat, _, _, _ = load_model_files(base, full=True)
     except (CheckpointError, ConversionError, UsageError) as e:
         raise CheckpointError(f"{checkpoint} holds LoRA adapters; its base model {base} cannot "
                               f"be read: {e}") from None
@@ -103,12 +113,11 @@ def load_lora_base(lora, cfg, checkpoint):
     return flat
 
 
-def load_model_files(path, tokenizer_path=None):
+def load_model_files(path, tokenizer_path=None, full=False):
     """(CLLMConfig, flat params, tokenizer, meta, tokenizer path) of a .cllm file, a run
     directory or a transformers GPT-2 directory (whose tokenizer is its tokenizer.json, or
-    its vocab.json + merges.txt, and
-    meta empty). One line (CheckpointError, ConversionError, UsageError) when it cannot be
-    read."""
+    its vocab.json + merges.txt, and meta empty); with `full` a LoRA checkpoint is refused.
+    One line (CheckpointError, ConversionError, UsageError) when it cannot be read."""
     if is_transformers_directory(path):
         if tokenizer_path is not None:
             raise UsageError(f"{path} is a transformers directory: its own tokenizer is used, "
@@ -118,4 +127,4 @@ def load_model_files(path, tokenizer_path=None):
     path = resolve_checkpoint(path)
     if not path.exists():
         raise UsageError(f"{path}: no such file or directory")
-    return load_with_tokenizer(path, tokenizer_path)
+    return load_with_tokenizer(path, tokenizer_path, full)

@@ -14,19 +14,21 @@ from dataclasses import dataclass, field
 from cllm_cli.config import MODEL_FIELDS, CLLMConfig, model_config_problem
 from cllm_cli.corpus.files import ENCODING_ERRORS
 from cllm_cli.errors import UsageError
-from cllm_cli.lora import TARGET_GROUPS, LoraSpec, parse_targets
+from cllm_cli.lora import MAX_LORA_SCALE, TARGET_GROUPS, LoraSpec, parse_targets
 from cllm_cli.tokenizers import TOKENIZER_KINDS, BPETokenizer
 
 INT_MAX = 2**31 - 1
+MAX_THREADS = 1024           # spheres of one process
+MAX_LEARNING_RATE = 100.0    # far above any that trains, far below one that overflows at once
 GROUPS = ("data", "model", "fine-tuning", "optimisation", "threads", "checkpoints", "output")
 
 
-def option(default, group, help=None, *, choices=None, minimum=None, run=False, fixed=False,
-           metavar=None):
+def option(default, group, help=None, *, choices=None, minimum=None, maximum=None, run=False,
+           fixed=False, metavar=None):
     """A TrainConfig field with what argparse and validate() need to know about it."""
     assert group in GROUPS, group
     return field(default=default, metadata=dict(group=group, help=help, choices=choices,
-                                                minimum=minimum, run=run, fixed=fixed,
+                                                minimum=minimum, maximum=maximum, run=run, fixed=fixed,
                                                 metavar=metavar))
 
 
@@ -67,8 +69,8 @@ class TrainConfig:
                             "layers of the --init-from model, whose own weights stay frozen "
                             "(0: train every weight)", minimum=0, fixed=True, metavar="R")
     lora_alpha: float = option(None, "fine-tuning", "the adapters' scale: each adds "
-                               "alpha/R x B A to its weight (default: 2R)", fixed=True,
-                               metavar="ALPHA")
+                               "alpha/R x B A to its weight (default: 2R; at most 1024R)",
+                               fixed=True, metavar="ALPHA")
     lora_dropout: float = option(0.0, "fine-tuning", "dropout on the adapters' inputs, in "
                                  "training only", fixed=True, metavar="P")
     lora_targets: str = option("attn", "fine-tuning", "the layers with adapters, comma-separated: "
@@ -77,7 +79,7 @@ class TrainConfig:
                                metavar=",".join(TARGET_GROUPS))
     # optimisation
     optimizer: str = option("adamw", "optimisation", choices=("adamw", "sgd"), fixed=True)
-    learning_rate: float = option(1e-3, "optimisation", "peak learning rate")
+    learning_rate: float = option(1e-3, "optimisation", "peak learning rate (at most 100)")
     lr_schedule: str = option("cosine", "optimisation", choices=("cosine", "constant"))
     warmup_steps: int = option(20, "optimisation", minimum=0)
     min_lr_ratio: float = option(0.1, "optimisation",
@@ -98,8 +100,9 @@ class TrainConfig:
     max_bad_steps: int = option(3, "optimisation", "stop after this many consecutive steps "
                                 "skipped for NaN/Inf", minimum=1)
     # threads
-    threads: int = option(None, "threads", "worker spheres (default: all cores)", minimum=1,
-                          run=True)
+    threads: int = option(None, "threads", "worker spheres (default: all cores; at most "
+                          f"{MAX_THREADS})", minimum=1,
+                          maximum=MAX_THREADS, run=True)
     lock_mode: str = option("shared", "threads", "shared: passes run in parallel; exclusive: one "
                             "pass at a time (the serialised form; same results)",
                             choices=("shared", "exclusive"), run=True)
@@ -166,8 +169,10 @@ class TrainConfig:
                           num_layers=self.num_layers, num_heads=self.num_heads,
                           ff_dim=self.ff_dim, seq_len=self.seq_len)
 
-    def validate(self):
-        """Raises UsageError naming the first bad option; clamps micro_batch to batch_size."""
+    def validate(self, resuming=None):
+        """Raises UsageError naming the first bad option; clamps micro_batch to batch_size.
+        resuming: whether the run continues a checkpoint, which supplies the options it does
+        not restate (None: not known yet; it may when --resume is given)."""
         for f in dataclasses.fields(self):
             value, option_flag, meta = getattr(self, f.name), flag(f.name), f.metadata
             if value is None:
@@ -177,6 +182,8 @@ class TrainConfig:
             if f.type is int and not isinstance(value, bool) and isinstance(value, int):
                 if meta["minimum"] is not None and value < meta["minimum"]:
                     raise UsageError(f"{option_flag} must be at least {meta['minimum']}, got {value}")
+                if meta["maximum"] is not None and value > meta["maximum"]:
+                    raise UsageError(f"{option_flag} must be at most {meta['maximum']}, got {value}")
                 if value > INT_MAX:
                     raise UsageError(f"{option_flag} is too large: {value}")
         if self.resume not in (False, True, "auto"):
@@ -188,8 +195,15 @@ class TrainConfig:
                                         if getattr(self, k)}, name=flag)
         if problem:
             raise UsageError(problem)
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise UsageError(f"--learning-rate must be a positive number, got {self.learning_rate}")
+        if not self.ff_dim and 4 * self.embed_dim >= INT_MAX:
+            raise UsageError(f"--embed-dim {self.embed_dim} is too large for the default --ff-dim "
+                             f"(4 x embed-dim must be below 2**31)")
+        if self.batch_size * (self.seq_len + 1) > INT_MAX:
+            raise UsageError(f"--batch-size {self.batch_size} of --seq-len {self.seq_len} windows "
+                             f"is too large: a batch must hold fewer than 2**31 tokens")
+        if not 0 < self.learning_rate <= MAX_LEARNING_RATE:
+            raise UsageError(f"--learning-rate must be a positive number of at most "
+                             f"{MAX_LEARNING_RATE:g}, got {self.learning_rate}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise UsageError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not (0 <= self.weight_decay < 1 / self.learning_rate):
@@ -208,20 +222,10 @@ class TrainConfig:
             raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.val_fraction < 1:
             raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        self._validate_lora()
+        self._validate_lora(bool(self.resume) if resuming is None else resuming)
 
-    def _validate_lora(self):
-        if not self.lora_rank:
-            given = [flag(name) for name, unset in (("lora_alpha", None), ("lora_dropout", 0.0),
-                                                    ("lora_targets", "attn"))
-                     if getattr(self, name) != unset]
-            if given:
-                raise UsageError(f"{given[0]} needs --lora-rank")
-            return
-        if not self.init_from and not self.resume:      # a resumed run takes the stored one
-            raise UsageError("--lora-rank needs --init-from: adapters fine-tune a trained model")
-        if self.lora_rank >= 2**16:
-            raise UsageError(f"--lora-rank must be below 65536, got {self.lora_rank}")
+    def _validate_lora(self, resuming):
+        """The LoRA options; a resumed run takes its rank, and the base, from the checkpoint."""
         if self.lora_alpha is not None and not (self.lora_alpha > 0
                                                 and math.isfinite(self.lora_alpha)):
             raise UsageError(f"--lora-alpha must be a positive number, got {self.lora_alpha}")
@@ -231,6 +235,21 @@ class TrainConfig:
             parse_targets(self.lora_targets)
         except ValueError as e:
             raise UsageError(f"--lora-targets: {e}") from None
+        if not self.lora_rank:
+            given = [flag(name) for name, unset in (("lora_alpha", None), ("lora_dropout", 0.0),
+                                                    ("lora_targets", "attn"))
+                     if getattr(self, name) != unset]
+            if given and not resuming:
+                raise UsageError(f"{given[0]} needs --lora-rank")
+            return
+        if not self.init_from and not resuming:
+            raise UsageError("--lora-rank needs --init-from: adapters fine-tune a trained model")
+        if self.lora_rank >= 2**16:
+            raise UsageError(f"--lora-rank must be below 65536, got {self.lora_rank}")
+        if self.lora_alpha is not None and self.lora_alpha > MAX_LORA_SCALE * self.lora_rank:
+            raise UsageError(f"--lora-alpha must be at most {MAX_LORA_SCALE:g} x --lora-rank "
+                             f"(a scale alpha/R of at most {MAX_LORA_SCALE:g}), got "
+                             f"{self.lora_alpha:g}")
 
     def lora_spec(self):
         """The adapters' LoraSpec, or None when every weight trains."""

@@ -1,5 +1,5 @@
-"""The checkpoint directory of a run: one run at a time holds it (a lock), and the holder
-removes what killed runs left behind.
+"""The checkpoint directory of a run: one run at a time holds it (a lock), the holder
+removes what killed runs left behind, and a run whose set-up fails takes back what it added.
 
 The lock is `.lock` in the directory, held with flock(2) for as long as the run lives: the
 kernel releases it when the process ends, however it ends, so a lock left by a dead process
@@ -7,13 +7,18 @@ never blocks. The file records who holds it (pid, host, start time) for the refu
 A child forked while the lock is held (a tokenizing worker) closes its copy of the lock's
 descriptor at once, so that a child outliving its run never keeps the directory locked; the
 descriptor is close-on-exec, so programs the run starts do not get it either.
+
+A run refused during set-up removes the lock file too when it created it, while it still
+holds the lock; a run that had opened that file meanwhile finds, once it has the lock, that
+the name no longer leads to the file it locked, and locks the file now there instead.
 """
 import fcntl
 import os
 import socket
 import time
 
-from cllm_cli.errors import UsageError
+from cllm_cli.errors import DataError, UsageError
+from cllm_cli.fileio import writable_directory
 
 LOCK_NAME = ".lock"
 _held = set()          # the DirectoryLocks this process holds
@@ -37,19 +42,23 @@ if hasattr(os, "register_at_fork"):
 
 class DirectoryLock:
     """Holds `directory`'s lock until close(); UsageError naming the holder when another
-    process has it."""
+    process has it. `created`: this process created the lock file."""
 
     def __init__(self, directory):
         self.path = os.path.join(directory, LOCK_NAME)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = _read_holder(self.fd)
-            os.close(self.fd)
-            self.fd = None
-            raise UsageError(f"{directory} is in use by another run ({holder}); wait for it "
-                             f"to end or use another --checkpoint-dir") from None
+        while True:
+            self.fd, self.created = _open_lock_file(self.path)
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = _read_holder(self.fd)
+                os.close(self.fd)
+                self.fd = None
+                raise UsageError(f"{directory} is in use by another run ({holder}); wait for "
+                                 f"it to end or use another --checkpoint-dir") from None
+            if _same_file(self.fd, self.path):
+                break
+            os.close(self.fd)        # removed by a refused run meanwhile: lock the new one
         _held.add(self)
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}, started "
@@ -64,6 +73,98 @@ class DirectoryLock:
                 pass
             os.close(self.fd)                # releases the lock
             self.fd = None
+
+
+def _open_lock_file(path):
+    """(descriptor, created) of the lock file at `path`, created when missing."""
+    while True:
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            pass
+        try:
+            return os.open(path, os.O_RDWR), False
+        except FileNotFoundError:
+            continue                 # removed between the two opens: create it
+
+
+def _same_file(fd, path):
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
+
+
+class RunDirectory:
+    """The checkpoint directory `path` taken for a run: created when missing (DataError when
+    it cannot be created or written), locked (DirectoryLock), and what it held then noted.
+    discard() takes back what the run added, for a run whose set-up failed; close() keeps it."""
+
+    def __init__(self, path):
+        self.path = path
+        self.created = _first_missing(path)      # the topmost directory this run creates
+        try:
+            writable_directory(path)
+        except OSError as e:
+            self._remove_created()
+            raise DataError(f"checkpoint directory {path} is not writable: "
+                            f"{e.strerror or e}") from None
+        self.lock = DirectoryLock(path)
+        self.found = set(os.listdir(path))
+
+    def close(self):
+        """Releases the directory."""
+        self.lock.close()
+
+    def discard(self):
+        """Removes the files added since the directory was taken, the lock file and the
+        directories when this run created them (and they are empty), and releases it."""
+        if self.lock.fd is not None:             # files are removed only under the lock
+            try:
+                added = set(os.listdir(self.path)) - self.found
+            except OSError:
+                added = set()
+            for name in added:
+                try:
+                    os.unlink(os.path.join(self.path, name))
+                except OSError:
+                    pass
+            if self.lock.created:
+                try:
+                    os.unlink(self.lock.path)
+                except OSError:
+                    pass
+        self.close()
+        self._remove_created()
+
+    def _remove_created(self):
+        """Removes the directories this run created, from `path` up, while they are empty."""
+        if self.created is None:
+            return
+        path = self.path
+        while True:
+            try:
+                os.rmdir(path)
+            except OSError:
+                return                           # not empty: someone else's now
+            if path == self.created:
+                return
+            path = os.path.dirname(path)
+
+
+def _first_missing(path):
+    """The topmost directory on the way to `path` (itself included) that does not exist, or
+    None when `path` exists."""
+    missing = None
+    while not os.path.lexists(path):
+        missing = path
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
 
 
 def _read_holder(fd):

@@ -4,7 +4,8 @@ Trainer takes the locked checkpoint directory, then either starts a new run (the
 tokenized into dataset.bin, a model initialised, or taken from --init-from or a
 --tokenizer-file) or resumes one from its newest checkpoint (the options a resumed run may
 change are applied, the others refused), and plans the run: the splits, windows and steps.
-It saves checkpoints; the loop (loop.py) only calls it.
+A set-up that fails leaves the directory as it was (RunDirectory.discard). It saves
+checkpoints; the loop (loop.py) only calls it.
 
 With --lora-rank the --init-from model is the frozen base and the adapters are what trains
 (`trained`, with the optimiser state): checkpoints hold the adapters and name the base by
@@ -28,7 +29,6 @@ from cllm_cli.corpus import (
     spread_windows,
 )
 from cllm_cli.errors import CheckpointError, ConversionError, DataError, TrainingError, UsageError
-from cllm_cli.fileio import writable_directory
 from cllm_cli.formats import (
     check_vocabulary,
     checkpoint_path,
@@ -41,11 +41,11 @@ from cllm_cli.formats import (
     save_checkpoint,
 )
 from cllm_cli.layout import shorten_positions
-from cllm_cli.lora import content_hash, init_adapters, merge_adapters
+from cllm_cli.lora import content_hash, init_adapters, merge_adapters, parse_targets
 from cllm_cli.model import CLLMModel
 from cllm_cli.tokenizers import BPETokenizer, Tokenizer, tokenizer_class
 from cllm_cli.training.config import TrainConfig
-from cllm_cli.training.rundir import DirectoryLock, remove_leftovers
+from cllm_cli.training.rundir import RunDirectory, remove_leftovers
 
 
 @dataclass
@@ -84,14 +84,13 @@ class Trainer:
         self.changed = []          # options a resumed run changed: "--name old -> new"
         self.resumed_from = None
         files = collect_files(data_paths, cfg.glob, exclude_dir=self.ckpt_dir)
-        self._make_checkpoint_dir()
-        self.lock = DirectoryLock(self.ckpt_dir)
+        self.run_dir = RunDirectory(self.ckpt_dir)
         try:
             self.leftovers = remove_leftovers(self.ckpt_dir)
             tokens = self._start_or_resume(files, set(given))
             self.plan(tokens)
         except BaseException:
-            self.close()
+            self.run_dir.discard()       # a run that never started leaves the directory as it was
             raise
 
     def plan(self, tokens):
@@ -125,14 +124,7 @@ class Trainer:
 
     def close(self):
         """Releases the checkpoint directory."""
-        self.lock.close()
-
-    def _make_checkpoint_dir(self):
-        try:
-            writable_directory(self.ckpt_dir)
-        except OSError as e:
-            raise DataError(f"checkpoint directory {self.ckpt_dir} is not writable: "
-                            f"{e.strerror or e}") from None
+        self.run_dir.close()
 
     def _start_or_resume(self, files, given):
         cfg = self.cfg
@@ -141,13 +133,15 @@ class Trainer:
             raise UsageError(f"--resume: no checkpoint_step_<N>.cllm in {self.ckpt_dir}")
         if resume_from is not None:
             return self._restore(resume_from, files, given)
-        self._clear_previous_run()
+        cfg.validate(resuming=False)
+        previous = self._previous_run()
         tokenizer = start = None
         if cfg.init_from:
             start = self._pretrained(given)
             tokenizer = start.tokenizer
         elif cfg.tokenizer_file:
             tokenizer = self._tokenizer_file(given)
+        self._remove_previous_run(previous)
         self.tokenizer, tokens, self.data_info = prepare_dataset(
             files, self.ckpt_dir, cfg.tokenizer, cfg.vocab_size, cfg.encoding_errors,
             tokenizer=tokenizer)
@@ -156,8 +150,6 @@ class Trainer:
         else:
             self.model = CLLMModel.from_flat(start.config, start.flat)
         self.lora = cfg.lora_spec()
-        if self.lora is not None and start is None:
-            raise UsageError("--lora-rank needs --init-from: adapters fine-tune a trained model")
         if self.lora is not None:
             self.adapters = init_adapters(self.model.config, self.lora, cfg.seed)
             self.base = {"base_sha256": content_hash(self.model.flat),
@@ -208,8 +200,9 @@ class Trainer:
         """The model and tokenizer of --init-from; the run takes their shape and kind. A
         smaller --seq-len keeps the first rows of the position table."""
         cfg, source = self.cfg, f"--init-from {self.cfg.init_from}"
-        try:
-            mcfg, flat, tokenizer, _, _ = load_model_files(cfg.init_from)
+        try:        # the base of adapters is a full model: a LoRA checkpoint is refused
+            mcfg, flat, tokenizer, _, _ = load_model_files(cfg.init_from,
+                                                           full=bool(cfg.lora_rank))
         except ConversionError as e:
             raise DataError(f"--init-from: {e}") from None
         if "seq_len" in given and cfg.seq_len < mcfg.seq_len:
@@ -217,20 +210,28 @@ class Trainer:
         for name in ("embed_dim", "num_layers", "num_heads", "ff_dim", "seq_len", "vocab_size"):
             self._take(name, getattr(mcfg, name), given, source)
         self._take("tokenizer", tokenizer.kind, given, source)
-        cfg.validate()
+        cfg.validate(resuming=False)
         return Pretrained(mcfg, flat, tokenizer)
 
-    def _clear_previous_run(self):
-        """A new run must not mix its checkpoints with an earlier run's: refuse, or with
-        --overwrite delete the earlier run's model files."""
+    def _previous_run(self):
+        """The model files of an earlier run in the directory, which a new run must not mix
+        its checkpoints with: refused, unless --overwrite (then _remove_previous_run deletes
+        them), and never when the --init-from model is among what would be deleted."""
         previous = [p for _, p in list_checkpoints(self.ckpt_dir)]
         final = os.path.join(self.ckpt_dir, "final_model.cllm")
         if os.path.exists(final):
             previous.append(final)
+        if previous and self.cfg.init_from and _inside(self.cfg.init_from, self.ckpt_dir):
+            raise UsageError(f"{self.ckpt_dir} holds an earlier run and the --init-from model "
+                             f"{self.cfg.init_from}: starting over there would delete the "
+                             f"model; use another --checkpoint-dir")
         if previous and not self.cfg.overwrite:
             raise UsageError(f"{self.ckpt_dir} holds an earlier run ({os.path.basename(previous[-1])}"
                              f"); use --resume to continue it, --overwrite to start over, or "
                              f"another --checkpoint-dir")
+        return previous
+
+    def _remove_previous_run(self, previous):
         for path in previous:
             try:
                 os.remove(path)
@@ -251,6 +252,8 @@ class Trainer:
             raise CheckpointError(f"{path}: checkpoint lacks training state ({e})") from None
         if ckpt["adam_m"] is None:
             raise CheckpointError(f"{path}: checkpoint holds no optimiser state; cannot resume")
+        lora = ckpt["lora"]
+        _check_lora_kept(lora, self.cfg, given, path)
         run, fixed = TrainConfig.run_fields(), TrainConfig.fixed_fields()
         stored = dataclasses.replace(self.cfg, **{k: v for k, v in saved.items()
                                                  if hasattr(self.cfg, k) and k not in run})
@@ -263,11 +266,12 @@ class Trainer:
                 continue
             mine = getattr(self.cfg, name)
             flag = "--" + name.replace("_", "-")
-            if name in given and mine != value:
+            if name in given and _acting(name, mine, saved) != _acting(name, value, saved):
                 if name in fixed:
                     raise UsageError(f"{flag} cannot change when resuming (the checkpoint has "
-                                     f"{value}, given {mine}); start a new run to change it")
-                self.changed.append(f"{flag} {value} -> {mine}")
+                                     f"{_shown(value)}, given {_shown(mine)}); start a new run "
+                                     f"to change it")
+                self.changed.append(f"{flag} {_shown(value)} -> {_shown(mine)}")
                 continue
             setattr(self.cfg, name, value)
         self.cfg.validate()
@@ -281,7 +285,6 @@ class Trainer:
         if self.data_info["key"] != dataset_key:
             raise DataError("the corpus differs from the one the checkpoint was trained on; "
                             "resume with the same files or start a new --checkpoint-dir")
-        lora = ckpt["lora"]
         if (lora is None) != (self.cfg.lora_rank == 0):
             raise CheckpointError(f"{path}: its training settings and its tensors disagree on "
                                   f"LoRA adapters")
@@ -343,3 +346,43 @@ class Trainer:
         except CheckpointError:
             return False
         return True
+
+
+def _inside(path, directory):
+    """`path` is `directory` or lies below it (their real paths: links followed)."""
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def _check_lora_kept(lora, cfg, given, path):
+    """UsageError when the options given switch LoRA adapters on for a full run's checkpoint
+    (`lora` None), or off (--lora-rank 0) for a LoRA run's."""
+    others = {name for name in given if name.startswith("lora_")} - {"lora_rank"}
+    if lora is None and (cfg.lora_rank or others):
+        raise UsageError(f"LoRA cannot be switched on when resuming: {path} is a full run's "
+                         f"checkpoint; start a new run (--init-from {path} --lora-rank R) to "
+                         f"train adapters on it")
+    if lora is not None and "lora_rank" in given and cfg.lora_rank == 0:
+        raise UsageError(f"LoRA cannot be switched off when resuming: {path} holds rank-"
+                         f"{lora['spec'].rank} adapters; start a new run (--init-from {path}) "
+                         f"to train every weight of the adapted model")
+
+
+def _acting(name, value, settings):
+    """A setting's value as it acts, given the run's `settings`: --lora-alpha's default as 2R,
+    --lora-targets as the sites it names (in any order), --ff-dim 0 as 4 x embed-dim."""
+    if name == "lora_alpha" and value is None and "lora_rank" in settings:
+        return 2.0 * settings["lora_rank"]
+    if name == "lora_targets":
+        return parse_targets(value)
+    if name == "ff_dim" and value == 0 and "embed_dim" in settings:
+        return 4 * settings["embed_dim"]
+    return value
+
+
+def _shown(value):
+    """A setting's value as a message shows it: an unset one (None) as `the default`, an
+    empty one as `none`."""
+    if value is None:
+        return "the default"
+    return "none" if value == "" else value
