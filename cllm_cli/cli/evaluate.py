@@ -67,7 +67,8 @@ def build_parser():
     p.add_argument("--task", choices=TASKS, default=None,
                    help="score the zero-shot task in DATA instead: hellaswag (a jsonl file of "
                         "ctx, endings, label: acc and acc_norm) or lambada (a passage per line, "
-                        "or a file named *.jsonl of {\"text\": passage}; the target is its "
+                        "or JSON lines of {\"text\": passage}: a file named *.jsonl or *.json, "
+                        "or whose first line is a JSON object; the target is its "
                         "last word: acc and perplexity)")
     p.add_argument("--split", choices=("val", "train"), default=None,
                    help="evaluate the run's own validation or training split (dataset.bin next "

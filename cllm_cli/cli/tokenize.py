@@ -30,6 +30,7 @@ from cllm_cli.corpus.files import decode_text as _decode
 from cllm_cli.corpus.files import read_text
 from cllm_cli.errors import DataError, UsageError
 from cllm_cli.fileio import check_regular
+from cllm_cli.jsonfile import JSONError, loads
 from cllm_cli.tokenizers import TOKENIZER_KINDS, BPETokenizer, Tokenizer
 
 PROG = "cllm_tokenize"
@@ -124,9 +125,9 @@ def parse_ids(name, text, vocab_len):
             if not line.strip():
                 continue
             try:
-                item = json.loads(line)
-            except ValueError:
-                raise UsageError(f"{label}:{k}: not valid JSON") from None
+                item = loads(line)
+            except JSONError as e:
+                raise UsageError(f"{label}:{k}: {e}") from None
             if isinstance(item, dict):
                 item = item.get("ids")
             if not isinstance(item, list):
