@@ -56,7 +56,7 @@ def build_parser():
     g = p.add_argument_group("vocabulary")
     g.add_argument("--vocab", metavar="PATH", required=True,
                    help="tokenizer file (vocab.txt or tokenizer.json) of a training run (in "
-                        "its checkpoint directory), any tokenizer.json, or GPT-2's vocab.json "
+                        "its checkpoint directory), any BPE tokenizer.json, or GPT-2's vocab.json "
                         "with merges.txt next to it (or their directory)")
     g.add_argument("--tokenizer", choices=("auto",) + TOKENIZER_KINDS, default="auto",
                    help="tokenizer the vocabulary was built with; auto: bpe for a JSON file "

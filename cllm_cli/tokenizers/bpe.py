@@ -144,7 +144,7 @@ class BPETokenizer(Tokenizer):
     """A tokenizer.json run by the `tokenizers` library; kind "bpe".
 
     Built by train() (byte-level BPE with <pad> <unk> <bos> <eos> at ids 0..3) or read()
-    (that, or any other tokenizer.json, such as GPT-2's)."""
+    (that, or another BPE or WordLevel tokenizer.json, such as GPT-2's)."""
 
     kind = "bpe"
     file_name = "tokenizer.json"

@@ -35,8 +35,8 @@ class TrainConfig:
     """Every option of train_model, in the order --help lists them."""
     # data
     tokenizer: str = option("bpe", "data", choices=TOKENIZER_KINDS, fixed=True)
-    tokenizer_file: str = option("", "data", "use this tokenizer.json (GPT-2's, or any other "
-                                 "the tokenizers library reads), or GPT-2's vocab.json with "
+    tokenizer_file: str = option("", "data", "use this tokenizer.json (GPT-2's, or another "
+                                 "BPE one the tokenizers library reads), or GPT-2's vocab.json with "
                                  "merges.txt next to it (or their directory), instead of "
                                  "training one; "
                                  "implies --tokenizer bpe and the file's vocabulary size",
