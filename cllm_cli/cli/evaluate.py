@@ -32,7 +32,7 @@ import os
 import sys
 
 from cllm_cli import _engine
-from cllm_cli.cli.common import HelpFormatter, Parser, run_main
+from cllm_cli.cli.common import HelpFormatter, Parser, run_main, threads_option, warn_threads
 from cllm_cli.cli.inference import load
 from cllm_cli.config import default_threads
 from cllm_cli.corpus import collect_files, dataset_header, eval_windows, load_dataset, split_stream
@@ -82,7 +82,7 @@ def build_parser():
 help="tokenizer file (vocab.txt or tokenizer.json; for bpe also GPT-2's "
                         "vocab.json with merges.txt next to it, or their directory) the model "
                         "was trained with (default: the one next to the checkpoint)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=threads_option, default=None,
                    help="worker spheres, or with --task the threads that share each pass "
                         "(default: all cores); the results do not depend on it")
     p.add_argument("--precision", choices=precision.PRECISIONS, default=None,
@@ -180,8 +180,7 @@ def run_task(args, out):
 
 
 def run(args, out):
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be at least 1, got {args.threads}")
+    warn_threads(PROG, args.threads)
     if args.task:
         return run_task(args, out)
     if bool(args.data) == bool(args.split):

@@ -24,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-from cllm_cli.cli.common import HelpFormatter, Parser, run_main
+from cllm_cli.cli.common import HelpFormatter, Parser, int_option, run_main
 from cllm_cli.corpus import collect_files
 from cllm_cli.corpus.files import decode_text as _decode
 from cllm_cli.corpus.files import read_text
@@ -71,7 +71,7 @@ def build_parser():
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true",
                    help="one JSON object per file (per run with --stats)")
-    g.add_argument("--top", metavar="N", type=int, default=10,
+    g.add_argument("--top", metavar="N", type=int_option(0, None), default=10,
                    help="most frequent tokens listed by --stats (default: %(default)s)")
     return p
 
@@ -242,8 +242,6 @@ def load_tokenizer(path, kind):
 
 
 def run(args, out):
-    if args.top < 0:
-        raise UsageError(f"--top must be >= 0, got {args.top}")
     if args.data.count(STDIN) > 1:
         raise UsageError("standard input ('-') can be read only once")
     tokenizer = load_tokenizer(args.vocab, args.tokenizer)

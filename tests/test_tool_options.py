@@ -1,0 +1,90 @@
+"""The options every tool shares: --threads bounded alike (1 to MAX_THREADS, one line and
+status 2 beyond, never an OverflowError) and a warning above the usable cores, the integer
+options that reach the engine bounded by a C int, and --version."""
+import json
+import os
+
+import pytest
+from helpers import assert_one_error_line, call, sentences, write
+
+from cllm_cli.cli import evaluate, export, inference, plot, tokenize, train
+from cllm_cli.config import MAX_THREADS
+
+TOOLS = {"train_model": train, "cllm_inference": inference, "cllm_eval": evaluate,
+         "cllm_export": export, "cllm_tokenize": tokenize, "cllm_plot": plot}
+TINY = ["--tokenizer", "word", "--vocab-size", "200", "--embed-dim", "16", "--num-layers", "1",
+        "--num-heads", "2", "--seq-len", "16", "--batch-size", "4", "--max-steps", "1",
+        "--warmup-steps", "0", "--eval-interval", "0", "--threads", "1", "--quiet"]
+CORES = len(os.sched_getaffinity(0))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """(corpus, a finished one-step word-level run, a HellaSwag file of two items)."""
+    base = tmp_path_factory.mktemp("options")
+    corpus = write(base / "corpus.txt", sentences(200, 8, ".!?"))
+    assert train.main([str(corpus), *TINY, "--checkpoint-dir", str(base / "ck")]) == 0
+    items = "".join(json.dumps({"ctx": "the old king", "endings": ["walked home", "sang"],
+                                "label": 0}) + "\n" for _ in range(2))
+    return corpus, base / "ck", write(base / "hellaswag.jsonl", items)
+
+
+def commands(run, new_run):
+    """Each tool that has --threads: (main, argv without --threads); train_model writes
+    into `new_run`."""
+    corpus, ck, items = run
+    return {"train_model": (train.main, [corpus, *TINY[:-3], "--quiet", "--checkpoint-dir",
+                                         new_run]),
+            "cllm_inference": (inference.main, [ck, "--prompt", "the", "--max-tokens", "2"]),
+            "cllm_eval": (evaluate.main, [ck, corpus]),
+            "cllm_eval --task": (evaluate.main, [ck, "--task", "hellaswag", items])}
+
+
+@pytest.mark.parametrize("value", ["0", str(MAX_THREADS + 1), "2147483647", "3000000000",
+                                   "99999999999"])
+@pytest.mark.parametrize("tool", ["train_model", "cllm_inference", "cllm_eval",
+                                  "cllm_eval --task"])
+def test_threads_out_of_range_is_one_line(run, tmp_path, capsys, tool, value):
+    main, argv = commands(run, tmp_path / "new")[tool]
+    code, out, err = call(capsys, main, *argv, "--threads", value)
+    assert_one_error_line(code, err, tool.split()[0], "--threads",
+                          f"must be an integer from 1 to {MAX_THREADS}, got {value}")
+    assert out == "" and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("tool", ["train_model", "cllm_inference", "cllm_eval",
+                                  "cllm_eval --task"])
+def test_threads_above_the_cores_warn_once(run, tmp_path, capsys, tool):
+    main, argv = commands(run, tmp_path / "first")[tool]
+    code, out, err = call(capsys, main, *argv, "--threads", CORES + 1)
+    assert code == 0, err
+    prog = tool.split()[0]
+    warnings = [line for line in err.splitlines() if line.startswith(f"{prog}: warning: ")]
+    assert warnings == [f"{prog}: warning: --threads {CORES + 1} is more than the {CORES} "
+                        f"core{'' if CORES == 1 else 's'} this process may run on: the threads "
+                        f"take turns, which is slower (the results are the same)"], err
+    main, argv = commands(run, tmp_path / "second")[tool]
+    code, _, err = call(capsys, main, *argv, "--threads", CORES)
+    assert code == 0 and "--threads" not in err, err
+
+
+@pytest.mark.parametrize("option, value, bound", [
+    ("--max-tokens", "0", "from 1 to 2147483647"),
+    ("--max-tokens", "3000000000", "from 1 to 2147483647"),
+    ("--top-k", "-1", "from 0 to 2147483647"),
+    ("--top-k", "99999999999", "from 0 to 2147483647"),
+    ("--seed", "-3", "at least 0"),
+])
+def test_integer_options_of_inference_are_bounded(run, capsys, option, value, bound):
+    _, ck, _ = run
+    code, out, err = call(capsys, inference.main, ck, option, value)
+    assert_one_error_line(code, err, "cllm_inference", option, f"must be an integer {bound}")
+    assert out == ""
+
+
+@pytest.mark.parametrize("prog", sorted(TOOLS))
+def test_version(prog, capsys):
+    from importlib.metadata import version
+    code, out, err = call(capsys, TOOLS[prog].main, "--version")
+    assert code == 0 and err == ""
+    assert out == f"{prog} {version('cllm')}\n"
