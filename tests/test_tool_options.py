@@ -88,3 +88,27 @@ def test_version(prog, capsys):
     code, out, err = call(capsys, TOOLS[prog].main, "--version")
     assert code == 0 and err == ""
     assert out == f"{prog} {version('cllm')}\n"
+
+
+def test_export_force_replaces_only_the_kind_the_format_writes(run, tmp_path, capsys):
+    corpus, ck, _ = run
+    afile = write(tmp_path / "model-out", "a file of mine\n")
+    adir = tmp_path / "dir.gguf"
+    write(adir / "keep.txt", "mine\n")
+    for out, fmt in ((afile, "hf"), (afile, "peft"), (adir, "gguf")):
+        code, stdout, err = call(capsys, export.main, ck, out, "--format", fmt, "--force")
+        found, written = ("a directory", "a file") if fmt == "gguf" else ("a file", "a directory")
+        assert_one_error_line(code, err, "cllm_export", f"{out} is {found}",
+                              f"--force replaces only {written}")
+        assert stdout == ""
+    assert afile.read_text() == "a file of mine\n" and os.listdir(adir) == ["keep.txt"]
+    help_text = " ".join(export.build_parser().format_help().split())
+    assert "A file is never replaced by a directory, nor a directory by a file" in help_text
+
+    bpe = tmp_path / "bpe"
+    assert train.main([str(corpus), *TINY[2:], "--vocab-size", "300", "--checkpoint-dir",
+                       str(bpe)]) == 0
+    gguf_file = write(tmp_path / "model.gguf", "an old export\n")
+    code, _, err = call(capsys, export.main, bpe, gguf_file, "--force")
+    assert code == 0, err
+    assert gguf_file.read_bytes()[:4] == b"GGUF"
