@@ -112,3 +112,42 @@ def test_export_force_replaces_only_the_kind_the_format_writes(run, tmp_path, ca
     code, _, err = call(capsys, export.main, bpe, gguf_file, "--force")
     assert code == 0, err
     assert gguf_file.read_bytes()[:4] == b"GGUF"
+
+
+def test_a_count_of_one_is_singular(run, tmp_path, capsys):
+    corpus, ck, items = run
+    one = write(tmp_path / "one.jsonl", items.read_text().splitlines()[0] + "\n")
+    code, out, err = call(capsys, evaluate.main, ck, "--task", "hellaswag", one)
+    assert code == 0, err
+    assert out.startswith("hellaswag: 1 item in "), out
+    code, out, err = call(capsys, evaluate.main, ck, corpus)
+    assert code == 0 and out.splitlines()[1].startswith("1 file "), out
+    code, out, err = call(capsys, train.main, corpus, *TINY[:-1], "--warmup-steps", "5",
+                          "--checkpoint-dir", tmp_path / "new")
+    assert code == 0, err
+    assert "covers the whole run of 1 step: " in err, err
+    assert "corpus: 1 file, " in out and " 1 step of 4 x 16 tokens, 1 sphere, " in out, out
+
+
+def test_item_progress_counts_in_the_singular_too():
+    from cllm_cli.progress import ItemProgress
+
+    class Screen:
+        text = ""
+
+        def isatty(self):
+            return True
+
+        def write(self, text):
+            self.text += text
+
+        def flush(self):
+            pass
+
+    screen = Screen()
+    with ItemProgress("evaluating", 1, screen, unit="window") as progress:
+        progress.REFRESH = 0.0
+        progress.add(1)
+        progress.done()
+    assert "\revaluating: 1 of 1 window, " in screen.text, screen.text
+    assert "\revaluating: 1 window in 0:00, " in screen.text, screen.text

@@ -41,7 +41,7 @@ from cllm_cli.corpus.files import ENCODING_ERRORS, read_text
 from cllm_cli.errors import DataError, UsageError
 from cllm_cli.formats import resolve_checkpoint
 from cllm_cli.model import precision
-from cllm_cli.progress import ItemProgress, duration
+from cllm_cli.progress import ItemProgress, duration, plural
 from cllm_cli.tasks import TASKS, evaluate_task, read_items
 from cllm_cli.training.log import fmt_loss, perplexity
 
@@ -102,7 +102,8 @@ def text_stream(tokenizer, files, encoding_errors):
         if ids.size:
             parts.append(tokenizer.encode_document(text))
     if not parts:
-        raise DataError(f"no tokens in {len(files)} file(s) ({size} bytes)")
+        raise DataError(f"no tokens in {len(files)} {plural(len(files), 'file')} ({size} "
+                        f"{plural(size, 'byte')})")
     return np.concatenate(parts), size
 
 
@@ -130,7 +131,8 @@ def evaluate_stream(model, stream, threads, batch_size, micro_batch, pad_id, pre
     """(summed loss, counted targets, windows) of the validation windows of `stream`."""
     windows = eval_windows(stream, model.config.seq_len)
     if len(windows) == 0:
-        raise DataError(f"too little text: {len(stream)} token(s), need at least 2")
+        raise DataError(f"too little text: {len(stream)} {plural(len(stream), 'token')}, need "
+                        f"at least 2")
     with _engine.Engine(model.config, model.flat, threads, min(micro_batch, batch_size),
                         batch_size, pad_id=pad_id, precision=precision) as engine:
         loss_sum, counted = engine.evaluate(windows)
@@ -166,7 +168,8 @@ def run_task(args, out):
     if args.json:
         write_json(out, summary)
     else:
-        out.write(f"{args.task}: {result.items:,} items in {duration(result.seconds)} "
+        out.write(f"{args.task}: {result.items:,} {plural(result.items, 'item')} in "
+                  f"{duration(result.seconds)} "
                   f"({result.seconds_per_item:.3g} s per item)\n")
         rows = [("acc", result.acc, result.acc_stderr)]
         if args.task == "hellaswag":
@@ -196,7 +199,7 @@ def run(args, out):
         files = collect_files(args.data, args.glob)
         stream, size = text_stream(tokenizer, files, args.encoding_errors)
         bytes_per_token = size / len(stream)
-        what, n_files = f"{len(files)} file(s)", len(files)
+        what, n_files = f"{len(files)} {plural(len(files), 'file')}", len(files)
     threads = args.threads or default_threads()
     products = args.precision or config.get("precision", "fp32")
     precision.require(products)

@@ -45,6 +45,7 @@ from cllm_cli.formats.checkpoint import (
 from cllm_cli.jsonfile import JSONError, loads
 from cllm_cli.layout import named_views, tensor_shapes
 from cllm_cli.lora import LoraSpec, adapter_shapes, adapter_views, num_adapter_parameters
+from cllm_cli.progress import plural
 from cllm_cli.tokenizers import TOKENIZER_KINDS
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024     # safetensors' own limit
@@ -118,7 +119,7 @@ def load_checkpoint(path, cfg=None, vocab_hash=None):
 def _load(f, path, fail, want_cfg, want_vocab_hash):
     file_size = os.fstat(f.fileno()).st_size
     if file_size < 8:
-        raise fail(f"file is {file_size} bytes, too short for a safetensors header "
+        raise fail(f"file is {file_size} {plural(file_size, 'byte')}, too short for a safetensors header "
                    "(truncated or not a checkpoint)")
     (header_len,) = struct.unpack("<Q", f.read(8))
     if header_len > _MAX_HEADER_BYTES or header_len + 8 > file_size:

@@ -21,6 +21,7 @@ import os
 from cllm_cli.errors import DataError
 from cllm_cli.fileio import open_regular, reason
 from cllm_cli.jsonfile import JSONError, loads
+from cllm_cli.progress import plural
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +116,8 @@ def hellaswag_item(line, where):
                         f"got {_short(json.dumps(label))}")
     if not 0 <= label < len(endings):
         raise DataError(f"{where}: label {label} is not the index of one of the "
-                        f"{len(endings)} endings (0 to {len(endings) - 1})")
+                        f"{len(endings)} {plural(len(endings), 'ending')} (0 to "
+                        f"{len(endings) - 1})")
     return HellaSwagItem(context, tuple(endings), label, where)
 
 
