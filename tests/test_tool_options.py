@@ -3,6 +3,10 @@ status 2 beyond, never an OverflowError) and a warning above the usable cores, t
 options that reach the engine bounded by a C int, and --version."""
 import json
 import os
+import pty
+import re
+import subprocess
+import sys
 
 import pytest
 from helpers import assert_one_error_line, call, sentences, write
@@ -151,3 +155,84 @@ def test_item_progress_counts_in_the_singular_too():
         progress.done()
     assert "\revaluating: 1 of 1 window, " in screen.text, screen.text
     assert "\revaluating: 1 window in 0:00, " in screen.text, screen.text
+
+
+def option_lines(parser):
+    """{option: its rendered --help entry, white space collapsed} of every optional action."""
+    formatter = parser._get_formatter()
+    return {action.option_strings[-1]: " ".join(formatter._format_action(action).split())
+            for action in parser._actions if action.option_strings}
+
+
+@pytest.mark.parametrize("prog", sorted(TOOLS))
+def test_every_option_has_help_and_shows_its_default(prog):
+    parser = TOOLS[prog].build_parser()
+    for action in parser._actions:
+        said = re.sub(r"\(default: [^)]*\)", "", action.help or "").strip()
+        assert said, f"{prog}: {action.option_strings or action.dest} has no help text"
+    required = {a.option_strings[-1] for a in parser._actions if a.option_strings and a.required}
+    missing = [option for option, line in option_lines(parser).items()
+               if option not in ("--help", "--version", *required)
+               and not any(word in line for word in ("(default: ", "Default: "))]
+    assert not missing, f"{prog} --help shows no default for {', '.join(missing)}"
+    assert "(default: None)" not in parser.format_help()
+    assert "(default: False)" not in parser.format_help()
+
+
+# cllm_eval with a progress line drawn at every batch: the text is evaluated in well under the
+# 0.2 s between two redraws
+EVAL_SCRIPT = """
+import sys
+from cllm_cli.progress import ByteProgress
+ByteProgress.REFRESH = 0.0
+from cllm_cli.cli.evaluate import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def eval_stderr_on_a_terminal(argv):
+    """(status, everything cllm_eval wrote to its stderr, a pseudo-terminal)."""
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", EVAL_SCRIPT, *map(str, argv)],
+                                stdout=subprocess.DEVNULL, stderr=slave)
+        os.close(slave)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(master, 1 << 16)
+            except OSError:                   # the other end is closed: all read
+                break
+            if not chunk:
+                break
+            shown += chunk
+        return proc.wait(), shown.decode()
+    finally:
+        os.close(master)
+
+
+def test_cllm_eval_shows_a_progress_line_on_a_terminal_only(run):
+    corpus, ck, _ = run
+    status, shown = eval_stderr_on_a_terminal([ck, corpus, "--threads", "1"])
+    assert status == 0, shown
+    assert "\revaluating: 4 of " in shown and " windows, " in shown and "ETA" in shown, shown
+    last = shown.replace("\r\n", "\n").rstrip("\n").rsplit("\r", 1)[-1]
+    assert last.startswith("evaluating: ") and " windows in 0:0" in last, shown
+    piped = subprocess.run([sys.executable, "-c", EVAL_SCRIPT, str(ck), str(corpus),
+                            "--threads", "1"], capture_output=True, text=True)
+    assert piped.returncode == 0 and piped.stderr == "", piped.stderr
+
+
+def test_evaluation_in_batches_is_the_engines_sum_to_the_bit(run):
+    from cllm_cli import _engine
+    from cllm_cli.cli.evaluate import evaluate_stream, load, text_stream
+    from cllm_cli.corpus import eval_windows
+    corpus, ck, _ = run
+    model, tokenizer, _ = load(ck)
+    stream, _ = text_stream(tokenizer, [corpus], "strict")
+    windows = eval_windows(stream, model.config.seq_len)
+    assert len(windows) > 3 * 4, "several batches of 4 windows"
+    with _engine.Engine(model.config, model.flat, 2, 2, 4, pad_id=tokenizer.pad_id) as engine:
+        whole = engine.evaluate(windows)
+    loss_sum, counted, n = evaluate_stream(model, stream, 2, 4, 2, tokenizer.pad_id)
+    assert (loss_sum, counted, n) == (*whole, len(windows))

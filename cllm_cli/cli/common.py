@@ -198,13 +198,18 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def name_defaults(parser):
     """Writes each option's default into its help text as %(default)s, the only form
-    argparse-manpage expands, so that --help and the man page both show it."""
+    argparse-manpage expands, so that --help and the man page both show it; a flag's
+    default is "off". Options whose default means "not given" (None, empty) say in their
+    help text what that means, as "(default: ...)"."""
     for action in parser._actions:
         if action.help in (None, argparse.SUPPRESS) or "(default" in action.help:
             continue
-        if action.default in (None, "", False, argparse.SUPPRESS) or action.option_strings == []:
+        if action.option_strings == [] or action.default is argparse.SUPPRESS:
             continue
-        action.help = f"{action.help} (default: %(default)s)" if action.help else "(default: %(default)s)"
+        if action.default is False:             # a flag, or --resume
+            action.help += " (default: off)"
+        elif action.default not in (None, ""):
+            action.help += " (default: %(default)s)"
     return parser
 
 

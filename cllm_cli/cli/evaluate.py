@@ -24,7 +24,8 @@ Choices written down here:
   so a bf16 run's `--split val` is its validation loss too.
 - --task scores in fp32 (the Decoder's precision) whatever the model was trained in, and
   takes exactly one file; what is scored and how is written down in cllm_cli/tasks. The
-  progress line (stderr, only on a terminal) counts items; --json prints one object.
+  progress line (stderr, only on a terminal) counts items, and without --task the windows
+  evaluated; --json prints one object.
 """
 import json
 import math
@@ -32,9 +33,16 @@ import os
 import sys
 
 from cllm_cli import _engine
-from cllm_cli.cli.common import HelpFormatter, Parser, run_main, threads_option, warn_threads
+from cllm_cli.cli.common import (
+    HelpFormatter,
+    Parser,
+    name_defaults,
+    run_main,
+    threads_option,
+    warn_threads,
+)
 from cllm_cli.cli.inference import load
-from cllm_cli.config import default_threads
+from cllm_cli.config import MAX_THREADS, default_threads
 from cllm_cli.corpus import collect_files, dataset_header, eval_windows, load_dataset, split_stream
 from cllm_cli.corpus.dataset import _stream_key
 from cllm_cli.corpus.files import ENCODING_ERRORS, read_text
@@ -64,31 +72,36 @@ def build_parser():
     p.add_argument("data", nargs="*", metavar="DATA",
                    help="text files, or directories (every file matching --glob below them); "
                         "with --task, the one task file")
-    p.add_argument("--task", choices=TASKS, default=None,
+    g = p.add_argument_group("what is evaluated")
+    g.add_argument("--task", choices=TASKS, default=None,
                    help="score the zero-shot task in DATA instead: hellaswag (a jsonl file of "
                         "ctx, endings, label: acc and acc_norm) or lambada (a passage per line, "
                         "or JSON lines of {\"text\": passage}: a file named *.jsonl or *.json, "
                         "or whose first line is a JSON object; the target is its "
-                        "last word: acc and perplexity)")
-    p.add_argument("--split", choices=("val", "train"), default=None,
+                        "last word: acc and perplexity) (default: none: the loss on DATA)")
+    g.add_argument("--split", choices=("val", "train"), default=None,
                    help="evaluate the run's own validation or training split (dataset.bin next "
-                        "to the checkpoint) instead of DATA")
-    p.add_argument("--glob", default="*.txt", help="file pattern inside directories "
+                        "to the checkpoint) instead of DATA (default: none: DATA)")
+    g = p.add_argument_group("text files")
+    g.add_argument("--glob", default="*.txt", help="file pattern inside directories "
                    "(default: %(default)s)")
-    p.add_argument("--encoding-errors", choices=ENCODING_ERRORS, default="strict",
+    g.add_argument("--encoding-errors", choices=ENCODING_ERRORS, default="strict",
                    help="refuse non-UTF-8 or binary files, or replace bad bytes with U+FFFD "
                         "(default: %(default)s)")
-    p.add_argument("--vocab", metavar="PATH", default=None,
-help="tokenizer file (vocab.txt or tokenizer.json; for bpe also GPT-2's "
+    g = p.add_argument_group("model")
+    g.add_argument("--vocab", metavar="PATH", default=None,
+                   help="tokenizer file (vocab.txt or tokenizer.json; for bpe also GPT-2's "
                         "vocab.json with merges.txt next to it, or their directory) the model "
                         "was trained with (default: the one next to the checkpoint)")
-    p.add_argument("--threads", type=threads_option, default=None,
-                   help="worker spheres, or with --task the threads that share each pass "
-                        "(default: all cores); the results do not depend on it")
-    p.add_argument("--precision", choices=precision.PRECISIONS, default=None,
+    g.add_argument("--threads", metavar="N", type=threads_option, default=None,
+                   help="worker spheres, or with --task the threads that share each pass, 1 "
+                        "to %d (default: all cores); the results do not depend on it"
+                        % MAX_THREADS)
+    g.add_argument("--precision", choices=precision.PRECISIONS, default=None,
                    help="of the matrix products (default: the one the model was trained in)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    return p
+    g = p.add_argument_group("output")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return name_defaults(p)
 
 
 def text_stream(tokenizer, files, encoding_errors):
@@ -128,14 +141,26 @@ def split_of_run(checkpoint_path, model, tokenizer, split):
 
 
 def evaluate_stream(model, stream, threads, batch_size, micro_batch, pad_id, precision="fp32"):
-    """(summed loss, counted targets, windows) of the validation windows of `stream`."""
+    """(summed loss, counted targets, windows) of the validation windows of `stream`. The
+    windows go to the engine a batch at a time, as Engine.evaluate hands them out, and the
+    micro-batch losses are added up in the same order, so the sum is Engine.evaluate's to
+    the bit; between two batches the progress line (on a terminal) counts the windows."""
     windows = eval_windows(stream, model.config.seq_len)
     if len(windows) == 0:
         raise DataError(f"too little text: {len(stream)} {plural(len(stream), 'token')}, need "
                         f"at least 2")
+    loss_sum, counted = 0.0, 0
     with _engine.Engine(model.config, model.flat, threads, min(micro_batch, batch_size),
-                        batch_size, pad_id=pad_id, precision=precision) as engine:
-        loss_sum, counted = engine.evaluate(windows)
+                        batch_size, pad_id=pad_id, precision=precision) as engine, \
+            ItemProgress("evaluating", len(windows), unit="window") as progress:
+        for start in range(0, len(windows), engine.max_windows):
+            part = windows[start:start + engine.max_windows]
+            engine.evaluate(part)
+            for loss, tokens, *_ in engine.results():
+                loss_sum += loss
+                counted += tokens
+            progress.add(len(part))
+        progress.done()
     return loss_sum, counted, len(windows)
 
 

@@ -31,11 +31,12 @@ from cllm_cli.cli.common import (
     HelpFormatter,
     Parser,
     int_option,
+    name_defaults,
     run_main,
     threads_option,
     warn_threads,
 )
-from cllm_cli.config import default_threads
+from cllm_cli.config import MAX_THREADS, default_threads
 from cllm_cli.errors import UsageError
 from cllm_cli.formats import load_model_files
 from cllm_cli.model import CLLMModel, precision
@@ -58,7 +59,8 @@ def build_parser():
                         "its newest checkpoint_step_<N>.cllm)")
     g = p.add_argument_group("generation")
     g.add_argument("--prompt", metavar="TEXT", default="",
-                   help="text the model continues (empty: start of a new document)")
+                   help="text the model continues (default: empty: the start of a new "
+                        "document)")
     g.add_argument("--max-tokens", metavar="N", type=int_option(1), default=50,
                    help="tokens to generate at most; generation also stops at <eos> "
                         "(default: %(default)s)")
@@ -76,8 +78,8 @@ def build_parser():
                    help="sample among the most likely tokens whose probabilities add up to p "
                         "(nucleus sampling; 1: all) (default: %(default)s)")
     g.add_argument("--threads", metavar="N", type=threads_option, default=None,
-                   help="threads that share each token's work (default: all cores); the text "
-                        "does not depend on it")
+                   help="threads that share each token's work, 1 to %d (default: all "
+                        "cores); the text does not depend on it" % MAX_THREADS)
     g.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                    help="the weights as products read them: fp32, or their bf16 copy (half "
                         "the bytes to read per token; needs the bf16 extra) (default: the "
@@ -87,7 +89,7 @@ def build_parser():
 help="tokenizer file (vocab.txt or tokenizer.json; for bpe also GPT-2's "
                         "vocab.json with merges.txt next to it, or their directory) the model "
                         "was trained with (default: the one next to the checkpoint)")
-    return p
+    return name_defaults(p)
 
 
 def check_options(args):

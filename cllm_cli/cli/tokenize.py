@@ -24,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-from cllm_cli.cli.common import HelpFormatter, Parser, int_option, run_main
+from cllm_cli.cli.common import HelpFormatter, Parser, int_option, name_defaults, run_main
 from cllm_cli.corpus import collect_files
 from cllm_cli.corpus.files import decode_text as _decode
 from cllm_cli.corpus.files import read_text
@@ -73,7 +73,7 @@ def build_parser():
                    help="one JSON object per file (per run with --stats)")
     g.add_argument("--top", metavar="N", type=int_option(0, None), default=10,
                    help="most frequent tokens listed by --stats (default: %(default)s)")
-    return p
+    return name_defaults(p)
 
 
 # ---------------------------------------------------------------------------------------
