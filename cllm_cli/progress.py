@@ -4,6 +4,11 @@ import sys
 import time
 
 
+def plural(n, noun, nouns=None):
+    """`noun` when n is 1, else `nouns` (by default `noun` + "s"): f"{n} {plural(n, 'item')}"."""
+    return noun if n == 1 else nouns or noun + "s"
+
+
 def duration(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
@@ -75,11 +80,17 @@ class ByteProgress:
 class ItemProgress(ByteProgress):
     """The same line for a pass over items: "hellaswag: 120 of 10042 items, 0.45 s per item,
     ETA 1:14:10"; done() leaves "hellaswag: 10042 items in 1:15:02, 0.45 s per item". add(n)
-    counts n more items."""
+    counts n more items; `unit` names them ("window": "evaluating: 12 of 80 windows, ...")."""
+
+    def __init__(self, label, total, stream=None, unit="item"):
+        super().__init__(label, total, stream)
+        self.unit = unit
 
     def progress_text(self, rate):
-        return f"{self.done_bytes} of {self.total} items, {1 / rate:.3g} s per item"
+        return (f"{self.done_bytes} of {self.total} {plural(self.total, self.unit)}, "
+                f"{1 / rate:.3g} s per {self.unit}")
 
     def final_text(self, seconds):
         per = seconds / max(self.done_bytes, 1)
-        return f"{self.done_bytes} items in {duration(seconds)}, {per:.3g} s per item"
+        return (f"{self.done_bytes} {plural(self.done_bytes, self.unit)} in {duration(seconds)}, "
+                f"{per:.3g} s per {self.unit}")

@@ -114,7 +114,7 @@ def test_save_load_and_hash(tok, tmp_path):
 def test_load_refuses_bad_files(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(DataError, match="not a tokenizer.json") as e:
+    with pytest.raises(DataError, match=":1: not valid JSON") as e:
         BPETokenizer.load(bad)
     assert "\n" not in str(e.value) and str(bad) in str(e.value)
     with pytest.raises(DataError, match="cannot read"):

@@ -204,7 +204,7 @@ def test_checkpoint_directory_inside_the_data_directory(tmp_path, capsys):
     code, out, err = cli(capsys, data, "--checkpoint-dir", ck,
                          *[a for a in TINY if a != "--quiet"], "--resume")
     assert code == 0, err
-    assert "1 file(s)" in out, out
+    assert "corpus: 1 file, " in out, out
 
 
 # --- metrics file -----------------------------------------------------------------------------

@@ -141,7 +141,7 @@ def test_leftover_temporary_files_are_removed(corpus, ckpt_dir, capsys):
     code, out, err = cli(capsys, corpus, *[a for a in TINY if a != "--quiet"],
                          "--checkpoint-dir", ck)
     assert code == 0, err
-    assert "removed 2 temporary file(s)" in out
+    assert "removed 2 temporary files" in out
     assert leftovers(ck) == ["notes.tmp"]
 
 

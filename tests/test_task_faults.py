@@ -138,7 +138,7 @@ def test_a_malformed_item_in_a_real_process(model_dir, tmp_path):
     (["--split", "val"], "--split does not apply with --task"),
     (["--precision", "fp32"], "--precision does not apply"),
     (["--glob", "*.md"], "--glob does not apply"),
-    (["--threads", "0"], "--threads must be at least 1"),
+    (["--threads", "0"], "--threads: must be an integer from 1"),
 ])
 def test_task_usage_errors(model_dir, passages, capsys, extra, fragment):
     code, _, err = call(capsys, eval_main, model_dir, "--task", "lambada", passages,

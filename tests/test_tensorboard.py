@@ -234,15 +234,17 @@ def test_without_tensorboardx_the_option_names_the_extra(corpus, tmp_path):
     assert not ck.exists() and not tb.exists(), "refused before anything is written"
 
 
-@pytest.mark.parametrize("where", ["a file", "below a file"])
+@pytest.mark.parametrize("where, why", [("a file", "it is a file, not a directory"),
+                                        ("below a file", "Not a directory")])
 def test_an_unwritable_directory_is_refused_before_the_corpus_is_read(corpus, tmp_path, capsys,
-                                                                       where):
+                                                                       where, why):
     afile = tmp_path / "afile"
     afile.write_text("a regular file\n")
     tb = afile if where == "a file" else afile / "tb"
     ck = tmp_path / "ck"
     code, _, err = call(capsys, main, corpus, "--checkpoint-dir", ck, *TINY_RUN, "--tensorboard", tb)
-    assert_one_error_line(code, err, "train_model", f"cannot write --tensorboard {tb}", status=2)
+    assert_one_error_line(code, err, "train_model", f"cannot write --tensorboard {tb}: {why}",
+                          status=2)
     assert not ck.exists(), "refused before the checkpoint directory is made"
     assert afile.read_text() == "a regular file\n"
 

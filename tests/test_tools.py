@@ -17,6 +17,7 @@ import sys
 import pytest
 from helpers import ROOT, assert_one_error_line, call, sentences
 
+from cllm_cli.cli import evaluate as evaluate_cli
 from cllm_cli.cli import inference
 from cllm_cli.cli import plot as plot_cli
 from cllm_cli.cli import tokenize as tokenize_cli
@@ -430,6 +431,8 @@ def test_plot_without_matplotlib(capsys, run_dir, tmp_path, monkeypatch):
     (inference, ["generation", "sampling", "files"], "(default: 0.95)"),
     (tokenize_cli, ["vocabulary", "mode", "output"], "(default: 10)"),
     (plot_cli, ["output"], "(default: METRICS with the extension .png)"),
+    (evaluate_cli, ["what is evaluated", "text files", "model", "output"],
+     "(default: *.txt)"),
 ])
 def test_help_groups_options_and_shows_defaults(module, groups, default):
     text = " ".join(module.build_parser().format_help().split())

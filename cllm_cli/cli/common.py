@@ -4,6 +4,7 @@ standard output that fails."""
 import argparse
 import contextlib
 import errno
+import importlib.metadata
 import os
 import select
 import signal
@@ -11,7 +12,10 @@ import stat
 import sys
 import threading
 
+from cllm_cli.config import MAX_THREADS, threads_warning
 from cllm_cli.errors import STATUSES, Interrupted
+
+INT_MAX = 2**31 - 1         # the largest value of a C int, which the engine's counts are
 
 
 class OutputLost(Exception):
@@ -159,9 +163,22 @@ def _raise_on_signals():
     return {signum: signal.signal(signum, interrupted) for signum in (signal.SIGTERM, signal.SIGHUP)}
 
 
+def package_version():
+    """CLLM's version, from the installed package's metadata (pyproject.toml's)."""
+    try:
+        return importlib.metadata.version("cllm")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse with its errors on one line (no usage block) and exit status 2.
-    Shared by every tool (train_model, cllm_inference, cllm_tokenize, cllm_plot)."""
+    """argparse with its errors on one line (no usage block) and exit status 2, and
+    --version ("<tool> <version>"). Shared by every tool."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--version", action="version", version=f"{self.prog} {package_version()}",
+                          help="print the tool's name and CLLM's version, and exit")
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -181,11 +198,45 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def name_defaults(parser):
     """Writes each option's default into its help text as %(default)s, the only form
-    argparse-manpage expands, so that --help and the man page both show it."""
+    argparse-manpage expands, so that --help and the man page both show it; a flag's
+    default is "off". Options whose default means "not given" (None, empty) say in their
+    help text what that means, as "(default: ...)"."""
     for action in parser._actions:
         if action.help in (None, argparse.SUPPRESS) or "(default" in action.help:
             continue
-        if action.default in (None, "", False, argparse.SUPPRESS) or action.option_strings == []:
+        if action.option_strings == [] or action.default is argparse.SUPPRESS:
             continue
-        action.help = f"{action.help} (default: %(default)s)" if action.help else "(default: %(default)s)"
+        if action.default is False:             # a flag, or --resume
+            action.help += " (default: off)"
+        elif action.default not in (None, ""):
+            action.help += " (default: %(default)s)"
     return parser
+
+
+def int_option(minimum, maximum=INT_MAX):
+    """The argparse type of an integer option from `minimum` to `maximum` (None: no upper
+    bound). Every tool's integer options that reach the engine (threads, token counts) use
+    it, so that a value out of range is one line and status 2 before anything runs."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"at least {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {value}")
+        return value
+    parse.__name__ = "integer"      # what argparse calls the type in its messages
+    return parse
+
+
+# --threads of every tool: the spheres or decoding threads, at most MAX_THREADS
+threads_option = int_option(1, MAX_THREADS)
+
+
+def warn_threads(prog, threads, ranks=1):
+    """One warning line on stderr when `threads` (per process, `ranks` processes on this
+    host) exceed the cores this process may run on."""
+    warning = threads_warning(threads, ranks) if threads is not None else None
+    if warning:
+        _say(f"{prog}: warning: {warning}")

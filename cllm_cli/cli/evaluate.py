@@ -24,7 +24,8 @@ Choices written down here:
   so a bf16 run's `--split val` is its validation loss too.
 - --task scores in fp32 (the Decoder's precision) whatever the model was trained in, and
   takes exactly one file; what is scored and how is written down in cllm_cli/tasks. The
-  progress line (stderr, only on a terminal) counts items; --json prints one object.
+  progress line (stderr, only on a terminal) counts items, and without --task the windows
+  evaluated; --json prints one object.
 """
 import json
 import math
@@ -32,16 +33,23 @@ import os
 import sys
 
 from cllm_cli import _engine
-from cllm_cli.cli.common import HelpFormatter, Parser, run_main
+from cllm_cli.cli.common import (
+    HelpFormatter,
+    Parser,
+    name_defaults,
+    run_main,
+    threads_option,
+    warn_threads,
+)
 from cllm_cli.cli.inference import load
-from cllm_cli.config import default_threads
+from cllm_cli.config import MAX_THREADS, default_threads
 from cllm_cli.corpus import collect_files, dataset_header, eval_windows, load_dataset, split_stream
 from cllm_cli.corpus.dataset import _stream_key
 from cllm_cli.corpus.files import ENCODING_ERRORS, read_text
 from cllm_cli.errors import DataError, UsageError
 from cllm_cli.formats import resolve_checkpoint
 from cllm_cli.model import precision
-from cllm_cli.progress import ItemProgress, duration
+from cllm_cli.progress import ItemProgress, duration, plural
 from cllm_cli.tasks import TASKS, evaluate_task, read_items
 from cllm_cli.training.log import fmt_loss, perplexity
 
@@ -64,30 +72,36 @@ def build_parser():
     p.add_argument("data", nargs="*", metavar="DATA",
                    help="text files, or directories (every file matching --glob below them); "
                         "with --task, the one task file")
-    p.add_argument("--task", choices=TASKS, default=None,
+    g = p.add_argument_group("what is evaluated")
+    g.add_argument("--task", choices=TASKS, default=None,
                    help="score the zero-shot task in DATA instead: hellaswag (a jsonl file of "
                         "ctx, endings, label: acc and acc_norm) or lambada (a passage per line, "
-                        "or a file named *.jsonl of {\"text\": passage}; the target is its "
-                        "last word: acc and perplexity)")
-    p.add_argument("--split", choices=("val", "train"), default=None,
+                        "or JSON lines of {\"text\": passage}: a file named *.jsonl or *.json, "
+                        "or whose first line is a JSON object; the target is its "
+                        "last word: acc and perplexity) (default: none: the loss on DATA)")
+    g.add_argument("--split", choices=("val", "train"), default=None,
                    help="evaluate the run's own validation or training split (dataset.bin next "
-                        "to the checkpoint) instead of DATA")
-    p.add_argument("--glob", default="*.txt", help="file pattern inside directories "
+                        "to the checkpoint) instead of DATA (default: none: DATA)")
+    g = p.add_argument_group("text files")
+    g.add_argument("--glob", default="*.txt", help="file pattern inside directories "
                    "(default: %(default)s)")
-    p.add_argument("--encoding-errors", choices=ENCODING_ERRORS, default="strict",
+    g.add_argument("--encoding-errors", choices=ENCODING_ERRORS, default="strict",
                    help="refuse non-UTF-8 or binary files, or replace bad bytes with U+FFFD "
                         "(default: %(default)s)")
-    p.add_argument("--vocab", metavar="PATH", default=None,
-help="tokenizer file (vocab.txt or tokenizer.json; for bpe also GPT-2's "
+    g = p.add_argument_group("model")
+    g.add_argument("--vocab", metavar="PATH", default=None,
+                   help="tokenizer file (vocab.txt or tokenizer.json; for bpe also GPT-2's "
                         "vocab.json with merges.txt next to it, or their directory) the model "
                         "was trained with (default: the one next to the checkpoint)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="worker spheres, or with --task the threads that share each pass "
-                        "(default: all cores); the results do not depend on it")
-    p.add_argument("--precision", choices=precision.PRECISIONS, default=None,
+    g.add_argument("--threads", metavar="N", type=threads_option, default=None,
+                   help="worker spheres, or with --task the threads that share each pass, 1 "
+                        "to %d (default: all cores); the results do not depend on it"
+                        % MAX_THREADS)
+    g.add_argument("--precision", choices=precision.PRECISIONS, default=None,
                    help="of the matrix products (default: the one the model was trained in)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    return p
+    g = p.add_argument_group("output")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return name_defaults(p)
 
 
 def text_stream(tokenizer, files, encoding_errors):
@@ -101,7 +115,8 @@ def text_stream(tokenizer, files, encoding_errors):
         if ids.size:
             parts.append(tokenizer.encode_document(text))
     if not parts:
-        raise DataError(f"no tokens in {len(files)} file(s) ({size} bytes)")
+        raise DataError(f"no tokens in {len(files)} {plural(len(files), 'file')} ({size} "
+                        f"{plural(size, 'byte')})")
     return np.concatenate(parts), size
 
 
@@ -126,13 +141,26 @@ def split_of_run(checkpoint_path, model, tokenizer, split):
 
 
 def evaluate_stream(model, stream, threads, batch_size, micro_batch, pad_id, precision="fp32"):
-    """(summed loss, counted targets, windows) of the validation windows of `stream`."""
+    """(summed loss, counted targets, windows) of the validation windows of `stream`. The
+    windows go to the engine a batch at a time, as Engine.evaluate hands them out, and the
+    micro-batch losses are added up in the same order, so the sum is Engine.evaluate's to
+    the bit; between two batches the progress line (on a terminal) counts the windows."""
     windows = eval_windows(stream, model.config.seq_len)
     if len(windows) == 0:
-        raise DataError(f"too little text: {len(stream)} token(s), need at least 2")
+        raise DataError(f"too little text: {len(stream)} {plural(len(stream), 'token')}, need "
+                        f"at least 2")
+    loss_sum, counted = 0.0, 0
     with _engine.Engine(model.config, model.flat, threads, min(micro_batch, batch_size),
-                        batch_size, pad_id=pad_id, precision=precision) as engine:
-        loss_sum, counted = engine.evaluate(windows)
+                        batch_size, pad_id=pad_id, precision=precision) as engine, \
+            ItemProgress("evaluating", len(windows), unit="window") as progress:
+        for start in range(0, len(windows), engine.max_windows):
+            part = windows[start:start + engine.max_windows]
+            engine.evaluate(part)
+            for loss, tokens, *_ in engine.results():
+                loss_sum += loss
+                counted += tokens
+            progress.add(len(part))
+        progress.done()
     return loss_sum, counted, len(windows)
 
 
@@ -165,7 +193,8 @@ def run_task(args, out):
     if args.json:
         write_json(out, summary)
     else:
-        out.write(f"{args.task}: {result.items:,} items in {duration(result.seconds)} "
+        out.write(f"{args.task}: {result.items:,} {plural(result.items, 'item')} in "
+                  f"{duration(result.seconds)} "
                   f"({result.seconds_per_item:.3g} s per item)\n")
         rows = [("acc", result.acc, result.acc_stderr)]
         if args.task == "hellaswag":
@@ -179,8 +208,7 @@ def run_task(args, out):
 
 
 def run(args, out):
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be at least 1, got {args.threads}")
+    warn_threads(PROG, args.threads)
     if args.task:
         return run_task(args, out)
     if bool(args.data) == bool(args.split):
@@ -196,7 +224,7 @@ def run(args, out):
         files = collect_files(args.data, args.glob)
         stream, size = text_stream(tokenizer, files, args.encoding_errors)
         bytes_per_token = size / len(stream)
-        what, n_files = f"{len(files)} file(s)", len(files)
+        what, n_files = f"{len(files)} {plural(len(files), 'file')}", len(files)
     threads = args.threads or default_threads()
     products = args.precision or config.get("precision", "fp32")
     precision.require(products)

@@ -17,8 +17,9 @@ Choices written down here:
   neither runtime can look past seq_len tokens).
 - OUT is a directory for --format hf, written all at once (a temporary directory renamed into
   place); an existing non-empty OUT is refused unless --force, which replaces it. For --format
-  gguf OUT is a file, written atomically, refused when it exists unless --force. OUT may
-  never hold the checkpoint or its tokenizer.
+  gguf OUT is a file, written atomically, refused when it exists unless --force. --force
+  replaces a directory by a directory and a file by a file only: an OUT of the other kind is
+  refused whatever --force says. OUT may never hold the checkpoint or its tokenizer.
 - A temporary directory left by an export killed outright (kill -9) next to OUT is removed
   by the next export of OUT, saying so in one line on stderr (hf_export.remove_stale).
 - A LoRA checkpoint exports as its base with the adapters merged in (hf, gguf), or as the
@@ -28,6 +29,7 @@ Choices written down here:
 - Exit status: 0 done, 2 bad usage or input (one line on stderr), 1 a missing optional
   package (gguf), 130 Ctrl-C.
 """
+import os
 import sys
 from pathlib import Path
 
@@ -68,7 +70,9 @@ def build_parser():
                         "run's adapters alone, as a PEFT adapter directory. Default: gguf when "
                         "OUT ends in .gguf, else hf")
     p.add_argument("--force", action="store_true",
-                   help="replace OUT when it exists (and, for a directory, is not empty)")
+                   help="replace an existing OUT of the kind the format writes: a directory "
+                        "(--format hf or peft; a non-empty one too) or a file (--format gguf). "
+                        "A file is never replaced by a directory, nor a directory by a file")
     p.add_argument("--vocab", metavar="PATH", default=None,
                    help="the training run's tokenizer file (vocab.txt or tokenizer.json; for "
                         "bpe also GPT-2's vocab.json with merges.txt next to it) (default: the "
@@ -79,6 +83,20 @@ def build_parser():
 def _inside(path, directory):
     path, directory = Path(path).resolve(), Path(directory).resolve()
     return path == directory or directory in path.parents
+
+
+def check_out_kind(fmt, out):
+    """UsageError when OUT exists as the other kind of path than `fmt` writes (--force
+    replaces only a directory by a directory, a file by a file)."""
+    if not os.path.lexists(out):
+        return
+    if fmt == "gguf" and os.path.isdir(out):
+        raise UsageError(f"{out} is a directory: --format gguf writes a file, and --force "
+                         f"replaces only a file")
+    if fmt != "gguf" and not os.path.isdir(out):
+        raise UsageError(f"{out} is a file: --format {fmt} writes a directory, and --force "
+                         f"replaces only a directory (--format gguf, or an OUT ending in "
+                         f".gguf, writes a file)")
 
 
 def output_format(args):
@@ -133,6 +151,7 @@ def run_peft(args):
 
 def run(args):
     fmt = args.format = output_format(args)
+    check_out_kind(fmt, args.out)
     if fmt == "peft":
         return run_peft(args)
     cfg, flat, tokenizer, _, tokenizer_file = load_model_files(args.checkpoint, args.vocab)

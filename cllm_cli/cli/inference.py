@@ -27,8 +27,16 @@ Choices written down here:
 import math
 import sys
 
-from cllm_cli.cli.common import HelpFormatter, Parser, run_main
-from cllm_cli.config import default_threads
+from cllm_cli.cli.common import (
+    HelpFormatter,
+    Parser,
+    int_option,
+    name_defaults,
+    run_main,
+    threads_option,
+    warn_threads,
+)
+from cllm_cli.config import MAX_THREADS, default_threads
 from cllm_cli.errors import UsageError
 from cllm_cli.formats import load_model_files
 from cllm_cli.model import CLLMModel, precision
@@ -51,26 +59,27 @@ def build_parser():
                         "its newest checkpoint_step_<N>.cllm)")
     g = p.add_argument_group("generation")
     g.add_argument("--prompt", metavar="TEXT", default="",
-                   help="text the model continues (empty: start of a new document)")
-    g.add_argument("--max-tokens", metavar="N", type=int, default=50,
+                   help="text the model continues (default: empty: the start of a new "
+                        "document)")
+    g.add_argument("--max-tokens", metavar="N", type=int_option(1), default=50,
                    help="tokens to generate at most; generation also stops at <eos> "
                         "(default: %(default)s)")
-    g.add_argument("--seed", metavar="N", type=int, default=0,
+    g.add_argument("--seed", metavar="N", type=int_option(0, None), default=0,
                    help="seed of the sampler; the same seed gives the same text "
                         "(default: %(default)s)")
     g = p.add_argument_group("sampling")
     g.add_argument("--temperature", metavar="T", type=float, default=0.8,
                    help="divides the logits; lower is more conservative, 0 is greedy "
                         "(default: %(default)s)")
-    g.add_argument("--top-k", metavar="K", type=int, default=40,
+    g.add_argument("--top-k", metavar="K", type=int_option(0), default=40,
                    help="sample among the k most likely tokens only (0: all) "
                         "(default: %(default)s)")
     g.add_argument("--top-p", metavar="P", type=float, default=0.95,
                    help="sample among the most likely tokens whose probabilities add up to p "
                         "(nucleus sampling; 1: all) (default: %(default)s)")
-    g.add_argument("--threads", metavar="N", type=int, default=None,
-                   help="threads that share each token's work (default: all cores); the text "
-                        "does not depend on it")
+    g.add_argument("--threads", metavar="N", type=threads_option, default=None,
+                   help="threads that share each token's work, 1 to %d (default: all "
+                        "cores); the text does not depend on it" % MAX_THREADS)
     g.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                    help="the weights as products read them: fp32, or their bf16 copy (half "
                         "the bytes to read per token; needs the bf16 extra) (default: the "
@@ -80,22 +89,14 @@ def build_parser():
 help="tokenizer file (vocab.txt or tokenizer.json; for bpe also GPT-2's "
                         "vocab.json with merges.txt next to it, or their directory) the model "
                         "was trained with (default: the one next to the checkpoint)")
-    return p
+    return name_defaults(p)
 
 
 def check_options(args):
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be at least 1, got {args.threads}")
-    if args.max_tokens < 1:
-        raise UsageError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     if not (args.temperature >= 0 and math.isfinite(args.temperature)):
         raise UsageError(f"--temperature must be a number >= 0 (0: greedy), got {args.temperature}")
-    if args.top_k < 0:
-        raise UsageError(f"--top-k must be >= 0 (0: no limit), got {args.top_k}")
     if not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {args.seed}")
 
 
 def load(checkpoint, vocab_path=None):
@@ -168,6 +169,7 @@ def _show_new(out, text, printed, ends_line):
 
 def run(args):
     check_options(args)
+    warn_threads(PROG, args.threads)
     model, tokenizer, _ = load(args.checkpoint, args.vocab)
     products = args.precision or model.meta.get("train_config", {}).get("precision", "fp32")
     precision.require(products)

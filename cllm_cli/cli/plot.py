@@ -2,7 +2,7 @@
 import os
 import sys
 
-from cllm_cli.cli.common import HelpFormatter, Parser, run_main
+from cllm_cli.cli.common import HelpFormatter, Parser, name_defaults, run_main
 from cllm_cli.errors import PlotError
 from cllm_cli.training.plot import plot_metrics
 
@@ -23,7 +23,7 @@ def build_parser():
                    help="image to write (default: METRICS with the extension .png)")
     g.add_argument("--title", default=None,
                    help="title above the plot (default: the name of METRICS)")
-    return p
+    return name_defaults(p)
 
 
 def main(argv=None):

@@ -24,12 +24,13 @@ import json
 import sys
 from pathlib import Path
 
-from cllm_cli.cli.common import HelpFormatter, Parser, run_main
+from cllm_cli.cli.common import HelpFormatter, Parser, int_option, name_defaults, run_main
 from cllm_cli.corpus import collect_files
 from cllm_cli.corpus.files import decode_text as _decode
 from cllm_cli.corpus.files import read_text
 from cllm_cli.errors import DataError, UsageError
 from cllm_cli.fileio import check_regular
+from cllm_cli.jsonfile import JSONError, loads
 from cllm_cli.tokenizers import TOKENIZER_KINDS, BPETokenizer, Tokenizer
 
 PROG = "cllm_tokenize"
@@ -55,7 +56,7 @@ def build_parser():
     g = p.add_argument_group("vocabulary")
     g.add_argument("--vocab", metavar="PATH", required=True,
                    help="tokenizer file (vocab.txt or tokenizer.json) of a training run (in "
-                        "its checkpoint directory), any tokenizer.json, or GPT-2's vocab.json "
+                        "its checkpoint directory), any BPE tokenizer.json, or GPT-2's vocab.json "
                         "with merges.txt next to it (or their directory)")
     g.add_argument("--tokenizer", choices=("auto",) + TOKENIZER_KINDS, default="auto",
                    help="tokenizer the vocabulary was built with; auto: bpe for a JSON file "
@@ -70,9 +71,9 @@ def build_parser():
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true",
                    help="one JSON object per file (per run with --stats)")
-    g.add_argument("--top", metavar="N", type=int, default=10,
+    g.add_argument("--top", metavar="N", type=int_option(0, None), default=10,
                    help="most frequent tokens listed by --stats (default: %(default)s)")
-    return p
+    return name_defaults(p)
 
 
 # ---------------------------------------------------------------------------------------
@@ -124,9 +125,9 @@ def parse_ids(name, text, vocab_len):
             if not line.strip():
                 continue
             try:
-                item = json.loads(line)
-            except ValueError:
-                raise UsageError(f"{label}:{k}: not valid JSON") from None
+                item = loads(line)
+            except JSONError as e:
+                raise UsageError(f"{label}:{k}: {e}") from None
             if isinstance(item, dict):
                 item = item.get("ids")
             if not isinstance(item, list):
@@ -241,8 +242,6 @@ def load_tokenizer(path, kind):
 
 
 def run(args, out):
-    if args.top < 0:
-        raise UsageError(f"--top must be >= 0, got {args.top}")
     if args.data.count(STDIN) > 1:
         raise UsageError("standard input ('-') can be read only once")
     tokenizer = load_tokenizer(args.vocab, args.tokenizer)

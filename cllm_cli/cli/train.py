@@ -4,7 +4,14 @@ import dataclasses
 import signal
 import sys
 
-from cllm_cli.cli.common import HelpFormatter, Parser, name_defaults, run_main
+from cllm_cli.cli.common import (
+    HelpFormatter,
+    Parser,
+    name_defaults,
+    run_main,
+    threads_option,
+    warn_threads,
+)
 from cllm_cli.distributed.world import world as mpi_world
 from cllm_cli.errors import AllRanksStop, Interrupted
 from cllm_cli.training import TrainConfig, train
@@ -28,6 +35,8 @@ def build_parser():
             kwargs.update(nargs="?", const=True, type=_resume_value)
         elif f.type is bool:
             kwargs["action"] = "store_true"
+        elif f.name == "threads":
+            kwargs["type"] = threads_option       # the bound every tool's --threads has
         else:
             kwargs["type"] = f.type
         for key in ("choices", "metavar"):
@@ -76,6 +85,8 @@ def main(argv=None):
 
     def command():
         world = mpi_world()
+        if world.rank == 0:
+            warn_threads("train_model", options.get("threads"), world.local_size)
         try:
             run_on_ranks(world, lambda: train(data, world=world, **options))
         except Interrupted as e:

@@ -22,7 +22,6 @@ are read straight into the flat buffers (no intermediate copy of the whole file)
 ``model_config`` must hold sizes that :func:`cllm_cli.config.model_config_problem` accepts.
 """
 import hashlib
-import json
 import math
 import os
 import re
@@ -43,8 +42,10 @@ from cllm_cli.formats.checkpoint import (
     first_non_finite,
     header_digest,
 )
+from cllm_cli.jsonfile import JSONError, loads
 from cllm_cli.layout import named_views, tensor_shapes
 from cllm_cli.lora import LoraSpec, adapter_shapes, adapter_views, num_adapter_parameters
+from cllm_cli.progress import plural
 from cllm_cli.tokenizers import TOKENIZER_KINDS
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024     # safetensors' own limit
@@ -118,7 +119,7 @@ def load_checkpoint(path, cfg=None, vocab_hash=None):
 def _load(f, path, fail, want_cfg, want_vocab_hash):
     file_size = os.fstat(f.fileno()).st_size
     if file_size < 8:
-        raise fail(f"file is {file_size} bytes, too short for a safetensors header "
+        raise fail(f"file is {file_size} {plural(file_size, 'byte')}, too short for a safetensors header "
                    "(truncated or not a checkpoint)")
     (header_len,) = struct.unpack("<Q", f.read(8))
     if header_len > _MAX_HEADER_BYTES or header_len + 8 > file_size:
@@ -128,8 +129,8 @@ def _load(f, path, fail, want_cfg, want_vocab_hash):
     if len(header_bytes) != header_len:
         raise fail("file shrank while reading the header")
     try:
-        header = json.loads(header_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        header = loads(header_bytes)
+    except JSONError:
         raise fail("safetensors header is not valid JSON (corrupt or not a checkpoint)") from None
     if not isinstance(header, dict):
         raise fail("safetensors header is not a JSON object (corrupt or not a checkpoint)")
@@ -181,8 +182,8 @@ def _load(f, path, fail, want_cfg, want_vocab_hash):
 
     config = _model_config(metadata, fail, n_tensors=len(header))
     try:
-        meta = json.loads(metadata["meta"])
-    except (KeyError, ValueError, RecursionError) as exc:
+        meta = loads(metadata["meta"])
+    except (KeyError, JSONError) as exc:
         raise fail(f"bad meta in the metadata: {exc}") from None
     if not isinstance(meta, dict):
         raise fail("bad meta in the metadata: not a JSON object")
@@ -265,9 +266,9 @@ def _lora_metadata(metadata, fail):
     if "lora" not in metadata:
         return None
     try:
-        lora = json.loads(metadata["lora"])
+        lora = loads(metadata["lora"])
         spec = LoraSpec.from_dict(lora)
-    except (ValueError, RecursionError) as exc:
+    except ValueError as exc:      # JSONError, or settings LoraSpec refuses
         raise fail(f"bad lora in the metadata: {exc}") from None
     if not (isinstance(lora.get("base_sha256"), str) and _SHA256_HEX.fullmatch(lora["base_sha256"])
             and isinstance(lora.get("base_path"), str)):
@@ -281,10 +282,10 @@ def _model_config(metadata, fail, n_tensors):
     """The CLLMConfig of the metadata; its raw JSON values must pass model_config_problem
     (so that a string or a float is refused, not converted)."""
     try:
-        fields = json.loads(metadata["model_config"])
+        fields = loads(metadata["model_config"])
     except KeyError:
         raise fail("bad model_config in the metadata: missing") from None
-    except (ValueError, RecursionError) as exc:
+    except JSONError as exc:
         raise fail(f"bad model_config in the metadata: {exc}") from None
     if not isinstance(fields, dict):
         raise fail("bad model_config in the metadata: not a JSON object")

@@ -28,6 +28,7 @@ from cllm_cli.errors import ConversionError, DataError
 from cllm_cli.fileio import reason
 from cllm_cli.formats.checkpoint import first_non_finite
 from cllm_cli.formats.gpt2_names import LAYER_NORM_EPS, gpt2_name, is_conv1d
+from cllm_cli.jsonfile import JSONError, loads, read_json
 from cllm_cli.layout import named_views
 from cllm_cli.tokenizers import BPETokenizer
 
@@ -45,13 +46,7 @@ _WIDEN = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"
 # ---------------------------------------------------------------------------------------
 
 def _read_json(path):
-    try:
-        with open(path, "rb") as f:
-            obj = json.loads(f.read().decode("utf-8"))
-    except OSError as e:
-        raise ConversionError(f"{path}: cannot read ({reason(e)})") from None
-    except ValueError as e:
-        raise ConversionError(f"{path}: not valid JSON ({' '.join(str(e).split())})") from None
+    obj = read_json(path, ConversionError)
     if not isinstance(obj, dict):
         raise ConversionError(f"{path}: not a JSON object")
     return obj
@@ -66,11 +61,17 @@ def _safetensors_index(path):
             n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
             if not 0 < n <= size - 8:
                 raise ValueError("bad header length")
-            header = json.loads(f.read(n).decode("utf-8"))
+            raw = f.read(n)
     except OSError as e:
         raise ConversionError(f"{path}: cannot read ({reason(e)})") from None
-    except (ValueError, UnicodeDecodeError):
+    except ValueError:
         raise ConversionError(f"{path}: not a safetensors file (bad header)") from None
+    try:
+        header = loads(raw)
+    except JSONError as e:
+        raise ConversionError(f"{path}: not a safetensors file (bad header: {e})") from None
+    if not isinstance(header, dict):
+        raise ConversionError(f"{path}: not a safetensors file (bad header)")
     header.pop("__metadata__", None)
     index = {}
     for name, info in header.items():

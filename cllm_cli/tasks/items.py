@@ -6,7 +6,8 @@
                 keys are ignored (the dataset's own jsonl has ind, activity_label, ctx_a, ...)
     LAMBADA     a passage per line; the target is its last word: what follows the last space,
                 as lm-evaluation-harness's lambada_openai splits text on " ". A file named
-                *.jsonl holds a JSON object per line instead, the passage in "text" (the form
+                *.jsonl or *.json (in any case), or whose first line is a JSON object, holds a
+                JSON object per line instead, the passage in "text" (the form
                 lambada_openai's own lambada_test.jsonl has)
 
 Lines holding only white space are skipped. Every fault is one DataError naming the file and
@@ -15,9 +16,12 @@ outside the endings, an empty ending, a passage of one word, a file without any 
 """
 import dataclasses
 import json
+import os
 
 from cllm_cli.errors import DataError
 from cllm_cli.fileio import open_regular, reason
+from cllm_cli.jsonfile import JSONError, loads
+from cllm_cli.progress import plural
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +83,9 @@ def _nonempty(items, path, what):
 def _json_object(line, where, keys, what):
     """The JSON object on `line`, holding every one of `keys`."""
     try:
-        doc = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        doc = loads(line)
+    except JSONError as e:
+        raise DataError(f"{where}: {e}") from None
     if not isinstance(doc, dict):
         raise DataError(f"{where}: expected a JSON object with {', '.join(keys)}, got "
                         f"{type(doc).__name__}")
@@ -112,7 +116,8 @@ def hellaswag_item(line, where):
                         f"got {_short(json.dumps(label))}")
     if not 0 <= label < len(endings):
         raise DataError(f"{where}: label {label} is not the index of one of the "
-                        f"{len(endings)} endings (0 to {len(endings) - 1})")
+                        f"{len(endings)} {plural(len(endings), 'ending')} (0 to "
+                        f"{len(endings) - 1})")
     return HellaSwagItem(context, tuple(endings), label, where)
 
 
@@ -132,10 +137,20 @@ def lambada_passage(line, where, jsonl):
     return text
 
 
+def is_json_lines(path, first_line):
+    """True when a task file holds JSON lines: its name ends in .jsonl or .json (in any
+    case), or its first line that is not blank is a JSON object ({...})."""
+    if os.path.splitext(str(path))[1].lower() in (".jsonl", ".json"):
+        return True
+    first = first_line.strip()
+    return first.startswith("{") and first.endswith("}")
+
+
 def read_lambada(path):
-    """[LambadaItem] of a file of passages, one per line (or one {"text": ...} object per
-    line in a *.jsonl file)."""
-    jsonl = str(path).endswith(".jsonl")
+    """[LambadaItem] of a file of passages, one per line, or of {"text": ...} objects, one
+    per line (is_json_lines)."""
+    lines = list(_lines(path))
+    jsonl = bool(lines) and is_json_lines(path, lines[0][1])
     return _nonempty([LambadaItem.from_passage(lambada_passage(line, f"{path}:{number}", jsonl),
                                                f"{path}:{number}")
-                      for number, line in _lines(path)], path, "LAMBADA passages")
+                      for number, line in lines], path, "LAMBADA passages")

@@ -59,6 +59,10 @@ Choices written down here:
   from at most TRAIN_BYTES of the corpus: every k-th block, k = ceil(corpus / TRAIN_BYTES),
   the same blocks whatever the thread count; a corpus up to TRAIN_BYTES is learned whole.
   Encoding covers the whole corpus.
+- A tokenizer.json is read when its model is BPE, or WordLevel (the form cllm_export gives
+  word and char vocabularies, decoded as those kinds decode). Any other model type
+  (Unigram, WordPiece) is refused, naming it: its pieces joined as bpe joins them would give
+  wrong text ("T o   b e ,").
 - A loaded tokenizer.json may lack <pad> or name its end of text differently: pad_id is the
   id of <pad> (-1 if none), eos_id that of <eos>, <|endoftext|> or </s> (GPT-2: 50256),
   bos_id that of <bos> or <s>, else eos_id. A file without an end-of-text token is refused,
@@ -69,7 +73,6 @@ Choices written down here:
   decode that partial character as U+FFFD.
 """
 import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -79,6 +82,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from cllm_cli.errors import DataError
 from cllm_cli.fileio import atomic_file, check_regular
+from cllm_cli.jsonfile import JSONError, loads, parse_json
 from cllm_cli.tokenizers.base import SPECIALS, Tokenizer, replace_undecodable
 from cllm_cli.tokenizers.bpe_cuts import (
     BLOCK_CUT,
@@ -96,6 +100,8 @@ CHUNK_CHARS = 1 << 16
 TRAIN_BYTES = 8 << 20
 
 EOS_NAMES = ("<eos>", "<|endoftext|>", "</s>")
+# the tokenizer.json model types read: BPE, and WordLevel (cllm_export's word and char files)
+MODEL_TYPES = ("BPE", "WordLevel")
 BOS_NAMES = ("<bos>", "<s>")
 # what a path that holds no tokenizer lacks (BPETokenizer.source)
 MISSING = "a tokenizer is a tokenizer.json, or a vocab.json with merges.txt next to it"
@@ -122,12 +128,15 @@ _BYTE_OF = {c: b for b, c in _byte_symbols().items()}     # byte-level symbol ->
 
 def _is_vocab_json(path):
     """True when `path` is a JSON object of token -> id (vocab.json), not a tokenizer.json
-    (whose "model" is an object; GPT-2's vocab.json has a token "model" too)."""
+    (whose "model" is an object; GPT-2's vocab.json has a token "model" too). A file that
+    cannot be read is left to the reader to report; DataError (one line) when it is not
+    JSON."""
     try:
         with open(path, "rb") as f:
-            spec = json.loads(f.read())
-    except (OSError, ValueError):
+            data = f.read()
+    except OSError:
         return False
+    spec = parse_json(data, path)
     return isinstance(spec, dict) and not isinstance(spec.get("model"), dict)
 
 
@@ -135,7 +144,7 @@ class BPETokenizer(Tokenizer):
     """A tokenizer.json run by the `tokenizers` library; kind "bpe".
 
     Built by train() (byte-level BPE with <pad> <unk> <bos> <eos> at ids 0..3) or read()
-    (that, or any other tokenizer.json, such as GPT-2's)."""
+    (that, or another BPE or WordLevel tokenizer.json, such as GPT-2's)."""
 
     kind = "bpe"
     file_name = "tokenizer.json"
@@ -146,12 +155,16 @@ class BPETokenizer(Tokenizer):
     def __init__(self, json_bytes):
         """From the bytes of a tokenizer.json; ValueError (one line) when they are not one."""
         self._json = bytes(json_bytes)
+        spec = loads(self._json)        # JSONError (a ValueError) naming the line
         try:
-            text = self._json.decode("utf-8")
-            spec = json.loads(text)
-            self._tk = tokenizers.Tokenizer.from_str(text)
-        except Exception as e:      # UnicodeDecodeError, JSON errors, the library's Exception
+            self._tk = tokenizers.Tokenizer.from_str(self._json.decode("utf-8"))
+        except Exception as e:      # the library's Exception
             raise ValueError(f"not a tokenizer.json ({_one_line(e)[:200]})") from None
+        model = type(self._tk.model).__name__
+        if model not in MODEL_TYPES:
+            raise ValueError(f"a {model} tokenizer (model type {model}): only BPE tokenizers "
+                             f"(and the WordLevel ones cllm_export writes for word and char "
+                             f"models) can be read")
         self._tk.encode_special_tokens = True       # "<eos>" in text is text
         self._hash = hashlib.sha256(self._json).hexdigest()
         vocab = self._tk.get_vocab(with_added_tokens=True)
@@ -408,5 +421,7 @@ class BPETokenizer(Tokenizer):
             raise DataError(f"{first}: cannot read ({e.strerror or e})") from None
         try:
             return cls(data)
+        except JSONError as e:
+            raise DataError(f"{first}:{e.line}: {e}") from None
         except ValueError as e:
             raise DataError(f"{first}: {e}") from None

@@ -21,6 +21,7 @@ import numpy as np
 
 from cllm_cli.errors import DataError
 from cllm_cli.fileio import atomic_file, read_bytes
+from cllm_cli.progress import plural
 from cllm_cli.tokenizers.base import SPECIALS, UNK, Tokenizer
 
 _ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
@@ -151,7 +152,7 @@ class VocabTokenizer(Tokenizer):
             itos.append(token)
             counts.append(int(count))
         if len(itos) < len(SPECIALS):
-            raise DataError(f"{path}: vocabulary has {len(itos)} lines, "
+            raise DataError(f"{path}: vocabulary has {len(itos)} {plural(len(itos), 'line')}, "
                             f"needs at least the {len(SPECIALS)} special tokens")
         return cls(itos, counts)
 

@@ -11,14 +11,13 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from cllm_cli.config import MODEL_FIELDS, CLLMConfig, model_config_problem
+from cllm_cli.config import MAX_THREADS, MODEL_FIELDS, CLLMConfig, model_config_problem
 from cllm_cli.corpus.files import ENCODING_ERRORS
 from cllm_cli.errors import UsageError
 from cllm_cli.lora import MAX_LORA_SCALE, TARGET_GROUPS, LoraSpec, parse_targets
 from cllm_cli.tokenizers import TOKENIZER_KINDS, BPETokenizer
 
 INT_MAX = 2**31 - 1
-MAX_THREADS = 1024           # spheres of one process
 MAX_LEARNING_RATE = 100.0    # far above any that trains, far below one that overflows at once
 GROUPS = ("data", "model", "fine-tuning", "optimisation", "threads", "checkpoints", "output")
 
@@ -36,12 +35,15 @@ def option(default, group, help=None, *, choices=None, minimum=None, maximum=Non
 class TrainConfig:
     """Every option of train_model, in the order --help lists them."""
     # data
-    tokenizer: str = option("bpe", "data", choices=TOKENIZER_KINDS, fixed=True)
-    tokenizer_file: str = option("", "data", "use this tokenizer.json (GPT-2's, or any other "
-                                 "the tokenizers library reads), or GPT-2's vocab.json with "
+    tokenizer: str = option("bpe", "data", "how text becomes ids: word (lower-cased words and "
+                            "punctuation marks), char (characters) or bpe (byte-level BPE "
+                            "learned from the corpus)", choices=TOKENIZER_KINDS, fixed=True)
+    tokenizer_file: str = option("", "data", "use this tokenizer.json (GPT-2's, or another "
+                                 "BPE one the tokenizers library reads), or GPT-2's vocab.json with "
                                  "merges.txt next to it (or their directory), instead of "
                                  "training one; "
-                                 "implies --tokenizer bpe and the file's vocabulary size",
+                                 "implies --tokenizer bpe and the file's vocabulary size "
+                                 "(default: none: learn one from the corpus)",
                                  fixed=True, metavar="PATH")
     vocab_size: int = option(10000, "data", "largest vocabulary, the 4 special ids included; "
                              f"for bpe {BPETokenizer.min_vocab_size} to {BPETokenizer.max_vocab_size:,} (the "
@@ -57,11 +59,13 @@ class TrainConfig:
     init_from: str = option("", "model", "start from a Hugging Face GPT-2-family directory "
                             "(config.json, model.safetensors, tokenizer.json or vocab.json + "
                             "merges.txt) or a .cllm file: its weights, shape and tokenizer are taken, the optimiser starts "
-                            "afresh; --seq-len may shorten its position table", fixed=True,
+                            "afresh; --seq-len may shorten its position table (default: none: random "
+                            "weights)", fixed=True,
                             metavar="DIR")
-    embed_dim: int = option(256, "model", minimum=1, fixed=True)
-    num_layers: int = option(6, "model", minimum=1, fixed=True)
-    num_heads: int = option(8, "model", minimum=1, fixed=True)
+    embed_dim: int = option(256, "model", "width of the model (embedding size d); a multiple of "
+                            "--num-heads", minimum=1, fixed=True)
+    num_layers: int = option(6, "model", "transformer blocks", minimum=1, fixed=True)
+    num_heads: int = option(8, "model", "attention heads per block", minimum=1, fixed=True)
     ff_dim: int = option(0, "model", "0 means 4 x embed-dim", minimum=0, fixed=True)
     seq_len: int = option(128, "model", "context length T", minimum=1, fixed=True)
     # fine-tuning
@@ -78,20 +82,26 @@ class TrainConfig:
                                "mlp (the MLP's c_fc and c_proj)", fixed=True,
                                metavar=",".join(TARGET_GROUPS))
     # optimisation
-    optimizer: str = option("adamw", "optimisation", choices=("adamw", "sgd"), fixed=True)
+    optimizer: str = option("adamw", "optimisation", "adamw (with decoupled weight decay) or "
+                            "plain sgd", choices=("adamw", "sgd"), fixed=True)
     learning_rate: float = option(1e-3, "optimisation", "peak learning rate (at most 100)")
-    lr_schedule: str = option("cosine", "optimisation", choices=("cosine", "constant"))
-    warmup_steps: int = option(20, "optimisation", minimum=0)
+    lr_schedule: str = option("cosine", "optimisation", "after the warm-up: cosine decay to "
+                              "--min-lr-ratio x the peak, or constant at the peak",
+                              choices=("cosine", "constant"))
+    warmup_steps: int = option(20, "optimisation", "steps of linear warm-up from 0 to the peak "
+                               "learning rate", minimum=0)
     min_lr_ratio: float = option(0.1, "optimisation",
                                  "final learning rate as a share of the peak (cosine)")
     weight_decay: float = option(0.01, "optimisation", "decoupled weight decay on 2-D tensors")
     grad_clip: float = option(1.0, "optimisation", "global gradient norm limit (0 disables)")
     batch_size: int = option(32, "optimisation", "windows per optimiser step", minimum=1, fixed=True)
     micro_batch: int = option(4, "optimisation", "windows per unit of sphere work", minimum=1, fixed=True)
-    epochs: int = option(1, "optimisation", minimum=1)
+    epochs: int = option(1, "optimisation", "passes over the training windows (unless "
+                         "--max-steps says otherwise)", minimum=1)
     max_steps: int = option(0, "optimisation", "stop after this many steps (0: run --epochs)",
                             minimum=0)
-    seed: int = option(1234, "optimisation", minimum=0, fixed=True)
+    seed: int = option(1234, "optimisation", "seed of the initial weights, the order of the "
+                       "windows, dropout and the samples", minimum=0, fixed=True)
     dropout: float = option(0.0, "optimisation", "dropout probability at GPT-2's sites, in "
                             "training only (0: none); may change on --resume")
     precision: str = option("fp32", "optimisation", "the inputs of every matrix product: fp32, "
@@ -100,16 +110,16 @@ class TrainConfig:
     max_bad_steps: int = option(3, "optimisation", "stop after this many consecutive steps "
                                 "skipped for NaN/Inf", minimum=1)
     # threads
-    threads: int = option(None, "threads", "worker spheres (default: all cores; at most "
-                          f"{MAX_THREADS})", minimum=1,
-                          maximum=MAX_THREADS, run=True)
+    threads: int = option(None, "threads", f"worker spheres, 1 to {MAX_THREADS} (default: all "
+                          "cores)", minimum=1, maximum=MAX_THREADS, run=True)
     lock_mode: str = option("shared", "threads", "shared: passes run in parallel; exclusive: one "
                             "pass at a time (the serialised form; same results)",
                             choices=("shared", "exclusive"), run=True)
     debug_locks: bool = option(False, "threads", "abort on a lock taken out of the order "
                                "model_lock -> gradient_lock", run=True)
     # checkpoints
-    checkpoint_dir: str = option("checkpoints", "checkpoints", run=True)
+    checkpoint_dir: str = option("checkpoints", "checkpoints", "directory of the run: its "
+                                 "checkpoints, vocabulary and dataset.bin", run=True)
     save_interval: int = option(0, "checkpoints", "save checkpoint_step_<N>.cllm every N steps "
                                 "(0: only at the end)", minimum=0, run=True)
     keep_checkpoints: int = option(3, "checkpoints", "step checkpoints to keep (0 keeps all)",
@@ -134,20 +144,23 @@ class TrainConfig:
                                     "as nanoGPT evaluates a fixed number of batches (0: all)",
                                     minimum=0, run=True)
     metrics_file: str = option("", "output", "write one JSON object per step and per evaluation "
-                               "to this file", run=True)
+                               "to this file (default: none)", run=True)
     tensorboard: str = option("", "output", "also write what the metrics file holds (losses, "
                               "bits per byte, learning rate, gradient norm, tokens/s), and the "
                               "samples as text, as TensorBoard event files in DIR, the global "
-                              "step as their step (needs the tensorboard extra: tensorboardX)",
+                              "step as their step (needs the tensorboard extra: tensorboardX) "
+                              "(default: none)",
                               run=True, metavar="DIR")
     sample_every: int = option(0, "output", "print a sample every N steps (0: never)", minimum=0,
                                run=True)
-    prompt: str = option("", "output", "start of the samples", run=True)
-    sample_tokens: int = option(30, "output", minimum=1, run=True)
+    prompt: str = option("", "output", "start of the samples (default: empty: the start of a "
+                         "new document)", run=True)
+    sample_tokens: int = option(30, "output", "tokens per sample (--sample-every)", minimum=1,
+                                run=True)
     quiet: bool = option(False, "output", "print only errors and the summary", run=True)
     plot: str = option("", "output", "after training, draw training and validation loss into "
                        "this PNG (needs matplotlib; uses --metrics-file, by default "
-                       "CHECKPOINT_DIR/metrics.jsonl)", run=True, metavar="PNG")
+                       "CHECKPOINT_DIR/metrics.jsonl) (default: none)", run=True, metavar="PNG")
 
     @classmethod
     def run_fields(cls):

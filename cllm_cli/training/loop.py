@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 
 from cllm_cli import _engine, errors
-from cllm_cli.config import default_threads
+from cllm_cli.config import MAX_THREADS, default_threads
 from cllm_cli.distributed import AgreedStop, DataParallelEngine, Solo, on_all_ranks, run_rank
 from cllm_cli.errors import Interrupted, PlotError, TrainingError
 from cllm_cli.model import precision
@@ -83,7 +83,7 @@ def train(data, engine_hook=None, world=None, **options):
     cfg = TrainConfig(**options)
     world = world or Solo()
     if cfg.threads is None:
-        cfg.threads = max(1, default_threads() // world.local_size)
+        cfg.threads = max(1, min(MAX_THREADS, default_threads() // world.local_size))
     precision.require(cfg.precision)   # fail now, not after tokenizing
     if cfg.plot:
         require_matplotlib()     # fail now, not after a long run

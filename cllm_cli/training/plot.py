@@ -10,12 +10,12 @@ plot_metrics raises PlotError("matplotlib is not installed: pip install matplotl
 The PNG is written atomically (cllm_cli.fileio: a temporary file next to the destination,
 renamed over it), so a failed plot never leaves a damaged file.
 """
-import json
 import math
 import os
 
 from cllm_cli.errors import MissingDependency, PlotError
 from cllm_cli.fileio import atomic_file, open_regular
+from cllm_cli.jsonfile import JSONError, loads
 from cllm_cli.training.log import fmt_ppl
 
 MISSING_MATPLOTLIB = "matplotlib is not installed: pip install matplotlib"
@@ -44,9 +44,9 @@ def read_metrics(path):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except ValueError:
-            raise PlotError(f"{path}:{k}: not a JSON object") from None
+            record = loads(line)
+        except JSONError as e:
+            raise PlotError(f"{path}:{k}: {e}") from None
         if not isinstance(record, dict) or not _number(record.get("step")):
             raise PlotError(f"{path}:{k}: expected an object with a \"step\" number")
         step = int(record["step"])

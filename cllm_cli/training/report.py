@@ -4,6 +4,7 @@ import math
 
 from cllm_cli.distributed import on_all_ranks
 from cllm_cli.errors import TrainingError
+from cllm_cli.progress import plural
 from cllm_cli.training.log import fmt_loss, fmt_ppl, perplexity
 
 
@@ -71,18 +72,22 @@ def print_header(trainer, log):
     cfg, m, info = trainer.cfg, trainer.mcfg, trainer.data_info
     files, size = trainer.leftovers
     if files:
-        log.say(f"removed {files} temporary file(s) of interrupted runs ({size / 1e6:.1f} MB) "
+        log.say(f"removed {files} temporary {plural(files, 'file')} of interrupted runs ({size / 1e6:.1f} MB) "
                 f"from {trainer.ckpt_dir}")
-    log.say(f"corpus: {info['files']} file(s), {info['bytes'] / 1e6:.2f} MB, {info['tokens']:,} tokens"
+    log.say(f"corpus: {info['files']} {plural(info['files'], 'file')}, {info['bytes'] / 1e6:.2f} MB, "
+            f"{info['tokens']:,} {plural(info['tokens'], 'token')}"
             f" ({'reused' if info['reused'] else 'tokenized'}: {trainer.ckpt_dir}/dataset.bin)")
     if info.get("rebuilt_reason"):
         log.warn(f"{trainer.ckpt_dir}/dataset.bin was rebuilt: {info['rebuilt_reason']}")
     log.say(f"vocab: {m.vocab_size:,} {cfg.tokenizer} tokens | model: d {m.embed_dim}, "
             f"{m.num_layers} layers, {m.num_heads} heads, ff {m.ff_dim}, seq {m.seq_len}, "
             f"{trainer.model.num_params():,} parameters")
-    log.say(f"training: {trainer.n_windows:,} windows, {trainer.steps_per_epoch} steps/epoch, "
-            f"{trainer.total_steps} steps of {cfg.batch_size} x {m.seq_len} tokens, "
-            f"{trainer.layout or f'{cfg.threads} sphere(s)'}, micro-batch {cfg.micro_batch}, "
+    spheres = f"{cfg.threads} {plural(cfg.threads, 'sphere')}"
+    log.say(f"training: {trainer.n_windows:,} {plural(trainer.n_windows, 'window')}, "
+            f"{trainer.steps_per_epoch} steps/epoch, "
+            f"{trainer.total_steps} {plural(trainer.total_steps, 'step')} of {cfg.batch_size} x "
+            f"{m.seq_len} tokens, "
+            f"{trainer.layout or spheres}, micro-batch {cfg.micro_batch}, "
             f"lock mode {cfg.lock_mode}" + (f", dropout {cfg.dropout:g}" if cfg.dropout else "")
             + (f", precision {cfg.precision}" if cfg.precision != "fp32" else ""))
     if len(trainer.val):
@@ -91,8 +96,10 @@ def print_header(trainer, log):
         what = "all of them" if periodic == n else f"{periodic:,} of them, evenly spread"
         final = "all" if len(trainer.val_final) == n else \
             f"{len(trainer.val_final):,} ({final_share(trainer.val_final, trainer.val):.1%} of them)"
-        when = f"every {cfg.eval_interval} steps" if cfg.eval_interval else "never"
-        log.say(f"validation: {len(trainer.val_tokens):,} tokens in {n:,} windows; evaluated "
+        when = (f"every {cfg.eval_interval} {plural(cfg.eval_interval, 'step')}"
+                if cfg.eval_interval else "never")
+        log.say(f"validation: {len(trainer.val_tokens):,} {plural(len(trainer.val_tokens), 'token')} "
+                f"in {n:,} {plural(n, 'window')}; evaluated "
                 f"{when} on {what}, at the end on {final}")
     if cfg.init_from and not trainer.resumed_from:
         log.say(f"initialised from {cfg.init_from} (AdamW state starts at zero)")
@@ -111,7 +118,8 @@ def print_header(trainer, log):
                  + ", ".join(repr(b) for b in replaced[:8]) + (" ..." if len(replaced) > 8 else ""))
     if cfg.warmup_steps >= trainer.total_steps:
         log.warn(f"--warmup-steps {cfg.warmup_steps} covers the whole run of "
-                 f"{trainer.total_steps} steps: the learning rate never reaches its peak")
+                 f"{trainer.total_steps} {plural(trainer.total_steps, 'step')}: the learning "
+                 f"rate never reaches its peak")
 
 
 def threaded_training_print_stats(stats, wall, log):

@@ -44,6 +44,9 @@ def check_tensorboard(directory):
     """Before the corpus is read: tensorboardX can be imported and a file can be created in
     `directory` (made if missing). MissingExtra or DataError with one line when not."""
     require_tensorboardx()
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise DataError(f"cannot write --tensorboard {directory}: it is a file, not a "
+                        f"directory")
     try:
         writable_directory(directory)
     except OSError as e:
