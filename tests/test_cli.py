@@ -128,7 +128,7 @@ def with_option(option, value):
     ("--val-fraction", "-0.1", "--val-fraction"),
     ("--seq-len", "0", "--seq-len"),
     ("--vocab-size", "3", "--vocab-size"),
-    ("--threads", "100000", "--threads must be at most 1024"),
+    ("--threads", "100000", "from 1 to 1024"),
     ("--learning-rate", "1e30", "--learning-rate must be a positive number of at most 100"),
     ("--batch-size", "200000000", "fewer than 2**31 tokens"),
     ("--embed-dim", "1000000000", "too large for the default --ff-dim"),
