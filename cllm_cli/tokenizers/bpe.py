@@ -77,7 +77,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from cllm_cli.errors import DataError
+from cllm_cli.errors import DataError, WriteFailed
 from cllm_cli.fileio import atomic_file, check_regular
 from cllm_cli.tokenizers.base import SPECIALS, Tokenizer, replace_undecodable
 from cllm_cli.tokenizers.bpe_cuts import (
@@ -333,7 +333,7 @@ class BPETokenizer(Tokenizer):
 
     def save(self, path):
         """Write tokenizer.json atomically."""
-        with atomic_file(os.fspath(path), DataError) as f:
+        with atomic_file(os.fspath(path), DataError, storage_error=WriteFailed) as f:
             f.write(self._json)
 
     @classmethod
