@@ -15,9 +15,11 @@ Choices written down here:
   pipelines giving our ids, with <unk> for what the vocabulary lacks. word: Lowercase
   normalizer, then a Split pre-tokenizer keeping `[\\p{L}\\p{N}_]+(?:'[\\p{L}\\p{N}_]+)*|
   [^\\p{L}\\p{N}_\\s]` (Python's `\\w+(?:'\\w+)*|[^\\w\\s]`; the library's own `\\w` would also take
-  combining marks); no decoder, so transformers joins words with single spaces, and
-  clean_up_tokenization_spaces removes the space before . , ! ? and n't 's 'm 've 're
-  (our decode has further rules for brackets, quotes and hyphens). The library lower-cases
+  combining marks); a decoder that gives the text our decode gives (WORD_DECODING: the
+  tokens joined by single spaces, then the spaces our rules leave out removed by regular
+  expressions; clean_up_tokenization_spaces is off, as it would undo some). Its quote rule
+  counts the quotes before each one on the line, a cost that grows with the square of a
+  line's length (a line of 20 KB decodes in about 0.1 s). The library lower-cases
   one character at a time, so a final capital sigma becomes σ where Python writes ς. char:
   every character is a token; a Fuse decoder gives the text back unchanged.
   transformers reads special tokens ("<eos>", ...) typed in text as those tokens; our
@@ -55,6 +57,23 @@ GENERATION = {"do_sample": True, "temperature": 0.8, "top_k": 40, "top_p": 0.95}
 
 # Python's \w is letters, digits (numeric characters) and "_"; [^\w\s] every other non-space.
 WORD_PATTERN = r"[\p{L}\p{N}_]+(?:'[\p{L}\p{N}_]+)*|[^\p{L}\p{N}_\s]"
+
+# The word tokenizer's decoding (tokenizers/word.py) as replacements in the text of the tokens
+# joined by single spaces. No token holds a space, so every space lies between two tokens and
+# the characters either side of it are the ends of those tokens. _LINE is the text of a line
+# outside quotes; a quote with an odd number of quotes before it on its line (itself
+# included) opens, the next one closes. The cheap look-arounds first keep the counting to
+# the spaces next to a quote.
+_LINE = r'[^"\n]*'
+WORD_DECODING = (
+    (r" <(?:pad|bos)>", ""),                                         # skipped,
+    (r"^<(?:pad|bos)> ?", ""),                                       # also first on a line
+    (r" ?<eos> ?", "\n"),                                           # a line end
+    (rf'(?<=")(?<=^(?:{_LINE}"{_LINE}")*{_LINE}") ', ""),           # after an opening quote
+    (rf' (?=")(?<=^(?:{_LINE}"{_LINE}")*{_LINE}"{_LINE} )', ""),    # before a closing quote
+    (r" (?=[.,;:!?%')\]}\u2026/-])", ""),                           # before . , ) - / ...
+    (r"(?<=[(\[{/-]) ", ""),                                         # after ( [ { - /
+)
 
 
 # ---------------------------------------------------------------------------------------
@@ -144,6 +163,10 @@ def word_char_pipeline(tokenizer):
         tk.normalizer = normalizers.Lowercase()
         tk.pre_tokenizer = pre_tokenizers.Split(tokenizers.Regex(WORD_PATTERN),
                                                 behavior="removed", invert=True)
+        # WordPiece with a prefix no token has: the tokens joined by single spaces
+        tk.decoder = decoders.Sequence(
+            [decoders.WordPiece(prefix="\x00", cleanup=False), decoders.Fuse()]
+            + [decoders.Replace(tokenizers.Regex(pattern), text) for pattern, text in WORD_DECODING])
     else:
         tk.pre_tokenizer = pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), behavior="isolated")
         tk.decoder = decoders.Fuse()
@@ -167,7 +190,7 @@ def tokenizer_files(tokenizer, model_max_length):
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": model_max_length,
-        "clean_up_tokenization_spaces": tokenizer.kind == "word",
+        "clean_up_tokenization_spaces": False,
         "add_bos_token": False,
         "add_eos_token": False,
         **specials,

@@ -183,6 +183,12 @@ class BPETokenizer(Tokenizer):
     def __repr__(self):
         return f"BPETokenizer(size={len(self)})"
 
+    @property
+    def model_name(self):
+        """The library's name of the file's model: "BPE", or "WordLevel" for a word or char
+        vocabulary that cllm_export wrote, ..."""
+        return type(self._tk.model).__name__
+
     encodes_on_all_cores = True
 
     @classmethod
