@@ -81,16 +81,25 @@ def writable_directory(path):
 
 
 @contextlib.contextmanager
-def _replacing(path, error, message, storage_error):
+def _replacing(path, error, message, storage_error, exclusive=False):
     """Yields a temporary name next to `path`; when the block (which creates, writes and
     fsyncs that file) ends without an exception, renames it over `path` and fsyncs the
-    directory. OSError -> error(message) (storage_error(message) for a storage failure, when
-    given); the temporary file is gone either way."""
+    directory. With exclusive, `path` must not exist then: it is created empty (O_EXCL, which
+    fails when anything is there) and the file renamed over that claim, so that a file that
+    appeared meanwhile is never replaced. OSError -> error(message) (storage_error(message)
+    for a storage failure, when given); the temporary file is gone either way."""
     directory = os.path.dirname(os.fspath(path)) or os.curdir
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-    renamed = False
+    claimed = renamed = False
     try:
         yield tmp
+        if exclusive:
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            except FileExistsError:
+                raise error(f"{path} appeared while this file was written (another writer?); "
+                            f"it is left as it is") from None
+            claimed = True
         os.replace(tmp, path)
         renamed = True
         fsync_directory(directory)
@@ -101,14 +110,19 @@ def _replacing(path, error, message, storage_error):
         if not renamed:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+            if claimed:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
 
 
 @contextlib.contextmanager
-def atomic_path(path, error, message="{path}: cannot write ({reason})", storage_error=None):
+def atomic_path(path, error, message="{path}: cannot write ({reason})", storage_error=None,
+                exclusive=False):
     """Yields the name of a temporary file next to `path` for the block to create and write
     (for writers that take a file name); then as atomic_file: fsync'ed and renamed over
-    `path`, OSError -> error(message) (or storage_error), the temporary file gone either way."""
-    with _replacing(path, error, message, storage_error) as tmp:
+    `path` (with exclusive, only while no file is there: see _replacing), OSError ->
+    error(message) (or storage_error), the temporary file gone either way."""
+    with _replacing(path, error, message, storage_error, exclusive) as tmp:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

@@ -130,6 +130,15 @@ def test_force_replaces_only_the_directory_found_at_the_start(run_dir, tmp_path)
     assert temporaries(tmp_path, "exported") == []
 
 
+def test_a_file_appearing_at_a_gguf_out_is_never_replaced(run_dir, tmp_path):
+    out = tmp_path / "model.gguf"
+    proc = stopped_export(run_dir, out)
+    out.write_text("mine")
+    code, _, err = resume(proc)
+    assert_one_error_line(code, err, "cllm_export", str(out), "appeared")
+    assert out.read_text() == "mine" and temporaries(tmp_path, "model.gguf") == []
+
+
 # --- signals ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])

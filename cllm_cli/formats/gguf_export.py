@@ -82,16 +82,19 @@ def _no_space_left(path):
 
 def write_gguf(cfg, flat, tokenizer, path, force=False):
     """Writes the model as a GGUF file at `path`, atomically (a temporary file next to it,
-    renamed over it). An existing `path` is refused unless force. ConversionError (one line)
+    renamed over it). An existing `path` is refused unless force, and one that appears while
+    the file is written is never replaced (refused then). ConversionError (one line)
     when the model or tokenizer cannot be expressed or the file cannot be written,
     WriteFailed when the storage fails (a full disk)."""
     path = os.fspath(path)
-    if os.path.lexists(path) and (not force or os.path.isdir(path)):
+    existed = os.path.lexists(path)
+    if existed and (not force or os.path.isdir(path)):
         what = "is a directory" if os.path.isdir(path) else "exists (--force replaces it)"
         raise ConversionError(f"{path} {what}")
     tokens, types, merges = _bpe_vocabulary(tokenizer, cfg.vocab_size)
+    # a file that appears at `path` while this one is written is never replaced
     with atomic_path(path, ConversionError, "cannot write {path}: {reason}",
-                     storage_error=WriteFailed) as tmp:
+                     storage_error=WriteFailed, exclusive=not existed) as tmp:
         writer = gguf.GGUFWriter(tmp, ARCH)
         try:
             writer.add_name("cllm")
