@@ -5,6 +5,7 @@ tmpfs, mounted in a private mount namespace) ends the export, or the tokenizing 
 with status 1 and nothing partial. An export is stopped with SIGSTOP as soon as its temporary
 directory appears, so that what happens meanwhile happens at a known point."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,6 +122,13 @@ def test_force_replaces_only_the_directory_found_at_the_start(run_dir, tmp_path)
     assert_one_error_line(code, err, "cllm_export", "appeared")
     assert snapshot(out) == second
     assert temporaries(tmp_path, "exported") == []
+
+    # OUT removed meanwhile: nothing is left to replace, the export goes in
+    proc = stopped_export(run_dir, out, "--force")
+    shutil.rmtree(out)
+    code, _, err = resume(proc)
+    assert code == 0, err
+    assert "config.json" in os.listdir(out) and temporaries(tmp_path, "exported") == []
 
     # with nobody else at work, --force replaces what it found
     write(out / "old.txt", "again")

@@ -309,7 +309,8 @@ def _over_previous(tmp, outdir, old, previous):
     try:
         os.rename(outdir, old)
     except FileNotFoundError:              # gone meanwhile: nothing left to replace
-        return _into_free_name(tmp, outdir, claim=True)
+        _into_free_name(tmp, outdir, claim=True)
+        return
     try:
         if _identity(old) != previous:
             raise _appeared(outdir)
@@ -319,7 +320,6 @@ def _over_previous(tmp, outdir, old, previous):
             os.rename(old, outdir)          # put the directory back
         raise
     shutil.rmtree(old, ignore_errors=True)
-    return None
 
 
 def write_directory(outdir, files, force=False):
