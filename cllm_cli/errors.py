@@ -50,6 +50,11 @@ class MissingDependency(Exception):
     input is fine, the setup is not)."""
 
 
+class WriteFailed(Exception):
+    """A file could not be written because the storage failed (no space left, quota, file too
+    large, an I/O error): the work could not go on (exit status 1); nothing partial is left."""
+
+
 class MissingExtra(Exception):
     """An option needs an optional extra that is not installed (exit status 2, as --precision
     bf16 and an MPI launch without theirs): the run is refused before anything is read."""
@@ -81,7 +86,8 @@ class AllRanksStop(Exception):
 STATUSES = {
     (UsageError, DataError, CheckpointError, ConversionError, DistributedError, PrecisionError,
      PlotError, MissingExtra): 2,
-    (TrainingError, MissingDependency, SamplingError, RankLost, _engine.ProductError): 1,
+    (TrainingError, MissingDependency, SamplingError, RankLost, _engine.ProductError,
+     WriteFailed): 1,
 }
 
 

@@ -4,14 +4,23 @@ Atomic writes: the bytes go to a temporary file in the destination directory (``
 which is flushed, fsync'ed and renamed over the final name, after which the directory is
 fsync'ed. A failure at any point removes the temporary file, so the final name holds either
 the previous complete file (if there was one) or the new complete file, never a partial one.
+A failure of the storage itself (no space, quota, file too large, I/O error) may be raised as
+its own class (storage_error), as the work could not go on; other failures (no permission, not
+a directory) are the path's fault.
 """
 import contextlib
 import errno
 import os
 import secrets
+import signal
 import stat
+import threading
 
 from cllm_cli.errors import DataError, UsageError
+
+# errnos of storage that failed, rather than of a path that cannot be written
+STORAGE_FAILURES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def reason(exc):
@@ -19,6 +28,30 @@ def reason(exc):
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def write_error(exc, error, message, storage_error=None):
+    """The exception to raise for OSError `exc` met while writing: storage_error (when given)
+    for a storage failure (STORAGE_FAILURES), else error; with message."""
+    if storage_error is not None and exc.errno in STORAGE_FAILURES:
+        return storage_error(message)
+    return error(message)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Delays SIGINT, SIGTERM and SIGHUP until the block ends, so that a handler that raises
+    cannot cut a few renames or a clean-up short (in the main thread, where Python runs
+    its handlers; elsewhere the block runs as it is)."""
+    if threading.current_thread() is not threading.main_thread() \
+            or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def fsync_directory(directory):
@@ -48,45 +81,62 @@ def writable_directory(path):
 
 
 @contextlib.contextmanager
-def _replacing(path, error, message):
+def _replacing(path, error, message, storage_error, exclusive=False):
     """Yields a temporary name next to `path`; when the block (which creates, writes and
     fsyncs that file) ends without an exception, renames it over `path` and fsyncs the
-    directory. OSError -> error(message); the temporary file is gone either way."""
+    directory. With exclusive, `path` must not exist then: it is created empty (O_EXCL, which
+    fails when anything is there) and the file renamed over that claim, so that a file that
+    appeared meanwhile is never replaced. OSError -> error(message) (storage_error(message)
+    for a storage failure, when given); the temporary file is gone either way."""
     directory = os.path.dirname(os.fspath(path)) or os.curdir
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-    renamed = False
+    claimed = renamed = False
     try:
         yield tmp
+        if exclusive:
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            except FileExistsError:
+                raise error(f"{path} appeared while this file was written (another writer?); "
+                            f"it is left as it is") from None
+            claimed = True
         os.replace(tmp, path)
         renamed = True
         fsync_directory(directory)
     except OSError as exc:
-        raise error(message.format(path=path, reason=reason(exc))) from None
+        text = message.format(path=path, reason=reason(exc))
+        raise write_error(exc, error, text, storage_error) from None
     finally:
         if not renamed:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+            if claimed:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
 
 
 @contextlib.contextmanager
-def atomic_path(path, error, message="{path}: cannot write ({reason})"):
+def atomic_path(path, error, message="{path}: cannot write ({reason})", storage_error=None,
+                exclusive=False):
     """Yields the name of a temporary file next to `path` for the block to create and write
     (for writers that take a file name); then as atomic_file: fsync'ed and renamed over
-    `path`, OSError -> error(message), the temporary file gone either way."""
-    with _replacing(path, error, message) as tmp:
+    `path` (with exclusive, only while no file is there: see _replacing), OSError ->
+    error(message) (or storage_error), the temporary file gone either way."""
+    with _replacing(path, error, message, storage_error, exclusive) as tmp:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
 
 
 @contextlib.contextmanager
-def atomic_file(path, error, message="{path}: cannot write ({reason})"):
+def atomic_file(path, error, message="{path}: cannot write ({reason})", storage_error=None):
     """Opens a temporary file next to `path` for binary writing and, when the block ends
     without an exception, renames it over `path` (see the module docstring). An OSError
-    becomes error(message) with {path} and {reason} filled in; any other exception (one the
+    becomes error(message) with {path} and {reason} filled in (storage_error(message) for a
+    storage failure, when given); any other exception (one the
     block raises, KeyboardInterrupt) passes through unchanged. Either way the temporary file
     is gone. The directory of `path` must exist."""
-    with _replacing(path, error, message) as tmp:
+    with _replacing(path, error, message, storage_error) as tmp:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             f = os.fdopen(fd, "wb")

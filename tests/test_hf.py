@@ -98,6 +98,7 @@ def test_export_loads_in_transformers(kind, text, tmp_path, capsys):
     assert hf_tok(SAMPLE)["input_ids"] == ours
     if kind == "word":
         assert 1 in ours                        # premise: the sample has unknown words
+    assert hf_tok.decode(ours) == tok.decode(ours)          # the text our decode gives
     if kind != "word":
         assert hf_tok.decode(ours) == SAMPLE
 
@@ -135,6 +136,20 @@ def test_word_and_char_pipelines_give_our_ids(text):
         ours = Tokenizer.build([corpus], kind=kind, vocab_size=100)
         pipeline = word_char_pipeline(ours)
         assert pipeline.encode(text).ids == ours.encode(text).tolist()
+
+
+DECODED_PIECES = ['"', "(", ")", "[", "]", "{", "}", "-", "/", ".", ",", ";", ":", "!", "?", "%",
+                  "'", "\u2026", "the", "don't", "x", "12", "é", "汉字"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, len(DECODED_PIECES) + 3), max_size=40))
+def test_the_word_pipeline_decodes_as_we_do(ids):
+    """Any ids, the special ones too (<eos> a line end, <pad> and <bos> skipped), and any
+    quotes, odd or even in number: the exported decoder gives our decode's text."""
+    ours = Tokenizer.build([" ".join(DECODED_PIECES)], kind="word", vocab_size=100)
+    assert len(ours) == len(DECODED_PIECES) + 4
+    assert word_char_pipeline(ours).decode(ids, skip_special_tokens=False) == ours.decode(ids)
 
 
 def test_exported_config_and_layout(text, tmp_path, capsys):

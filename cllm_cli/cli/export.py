@@ -16,7 +16,9 @@ Choices written down here:
   it (the Python lines for transformers, the llama-completion line for GGUF, with the context length:
   neither runtime can look past seq_len tokens).
 - OUT is a directory for --format hf, written all at once (a temporary directory renamed into
-  place); an existing non-empty OUT is refused unless --force, which replaces it. For --format
+  place); an existing non-empty OUT is refused unless --force, which replaces it. What
+  appears at OUT while the export writes (another export's directory) is never replaced:
+  the export is refused then, the other's files left as they are. For --format
   gguf OUT is a file, written atomically, refused when it exists unless --force. --force
   replaces a directory by a directory and a file by a file only: an OUT of the other kind is
   refused whatever --force says. OUT may never hold the checkpoint or its tokenizer.
@@ -27,7 +29,8 @@ Choices written down here:
   from, which must still be there, the same model (checked by its hash as every reader does); PEFT loads them onto that base as a transformers model (a .cllm base must be exported
   with --format hf first: the printed lines say so).
 - Exit status: 0 done, 2 bad usage or input (one line on stderr), 1 a missing optional
-  package (gguf), 130 Ctrl-C.
+  package (gguf) or storage that fails (a full disk), 128 + the signal's number after
+  SIGINT, SIGTERM or SIGHUP (one line; no temporary file or directory is left).
 """
 import os
 import sys
@@ -180,7 +183,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     return run_main(PROG, lambda: run(args),
                     {(UsageError, DataError, CheckpointError, ConversionError): 2,
-                     MissingDependency: 1}, stop_without_output=True)
+                     MissingDependency: 1}, stop_without_output=True, announce_signals=True)
 
 
 if __name__ == "__main__":

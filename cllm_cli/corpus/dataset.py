@@ -55,8 +55,8 @@ import numpy as np
 
 from cllm_cli.corpus.files import BLOCK_BYTES, check_encoding_errors, read_blocks
 from cllm_cli.corpus.workers import BlockRunner
-from cllm_cli.errors import DataError
-from cllm_cli.fileio import atomic_file
+from cllm_cli.errors import DataError, WriteFailed
+from cllm_cli.fileio import atomic_file, write_error
 from cllm_cli.progress import ByteProgress
 from cllm_cli.tokenizers import EOS, tokenizer_class
 
@@ -320,7 +320,7 @@ def _encode_and_write(run, tokenizer, out_dir, given):
     eos = tokenizer.encode_document("")[-1:].astype(dtype).tobytes()
     if tokenizer.encodes_on_all_cores:
         run.workers = 1
-    with atomic_file(out_dir / "dataset.bin", DataError) as f, \
+    with atomic_file(out_dir / "dataset.bin", DataError, storage_error=WriteFailed) as f, \
             ByteProgress("tokenizing", run.total) as progress:
         f.write(bytes(HEADER_SIZE))              # placeholder until the count is known
         h = hashlib.sha256()
@@ -383,7 +383,8 @@ def _build_and_write(run, cls, scanner, vocab_size, out_dir):
         dtype = _dtype_for(len(tokenizer))
         remap = remap.astype(dtype)
         tokenizer.save(out_dir / tokenizer.file_name)
-        with atomic_file(out_dir / "dataset.bin", DataError) as f, open(spill_path, "rb") as spill:
+        with atomic_file(out_dir / "dataset.bin", DataError, storage_error=WriteFailed) as f, \
+                open(spill_path, "rb") as spill:
             f.write(bytes(HEADER_SIZE))          # placeholder until the checksum is known
             h = hashlib.sha256()
             while (chunk := np.fromfile(spill, dtype=np.int32, count=_CHUNK)).size:
@@ -393,7 +394,8 @@ def _build_and_write(run, cls, scanner, vocab_size, out_dir):
             f.seek(0)
             f.write(_pack_header(dtype, n_tokens, run.corpus.key, tokenizer, h.digest()))
     except OSError as e:
-        raise DataError(f"{out_dir}: cannot write ({e.strerror or e})") from None
+        raise write_error(e, DataError, f"{out_dir}: cannot write ({e.strerror or e})",
+                          WriteFailed) from None
     finally:
         with contextlib.suppress(OSError):
             os.unlink(spill_path)

@@ -14,12 +14,13 @@ into the tokenizer.ggml.* keys. llama.cpp has no word-level tokenizer, so word a
 models are refused. When the model has more rows than the tokenizer has tokens, the rest are
 listed as "[PAD<id>]" of type UNUSED, as llama.cpp's converter does.
 """
+import errno
 import json
 import os
 
 import gguf
 
-from cllm_cli.errors import ConversionError
+from cllm_cli.errors import ConversionError, WriteFailed
 from cllm_cli.fileio import atomic_path
 from cllm_cli.formats.gpt2_names import LAYER_NORM_EPS
 from cllm_cli.layout import named_views
@@ -69,16 +70,31 @@ def _bpe_vocabulary(tokenizer, vocab_size):
     return tokens, types, merges
 
 
+def _no_space_left(path):
+    """True when the file system of `path` has no block left for it. numpy's tofile, which
+    GGUFWriter writes the tensors with, reports a short write without the system's errno;
+    on a file system with no space left that was a full disk."""
+    try:
+        return os.statvfs(path).f_bavail == 0
+    except OSError:
+        return False
+
+
 def write_gguf(cfg, flat, tokenizer, path, force=False):
     """Writes the model as a GGUF file at `path`, atomically (a temporary file next to it,
-    renamed over it). An existing `path` is refused unless force. ConversionError (one line)
-    when the model or tokenizer cannot be expressed or the file cannot be written."""
+    renamed over it). An existing `path` is refused unless force, and one that appears while
+    the file is written is never replaced (refused then). ConversionError (one line)
+    when the model or tokenizer cannot be expressed or the file cannot be written,
+    WriteFailed when the storage fails (a full disk)."""
     path = os.fspath(path)
-    if os.path.lexists(path) and (not force or os.path.isdir(path)):
+    existed = os.path.lexists(path)
+    if existed and (not force or os.path.isdir(path)):
         what = "is a directory" if os.path.isdir(path) else "exists (--force replaces it)"
         raise ConversionError(f"{path} {what}")
     tokens, types, merges = _bpe_vocabulary(tokenizer, cfg.vocab_size)
-    with atomic_path(path, ConversionError, "cannot write {path}: {reason}") as tmp:
+    # a file that appears at `path` while this one is written is never replaced
+    with atomic_path(path, ConversionError, "cannot write {path}: {reason}",
+                     storage_error=WriteFailed, exclusive=not existed) as tmp:
         writer = gguf.GGUFWriter(tmp, ARCH)
         try:
             writer.add_name("cllm")
@@ -106,5 +122,9 @@ def write_gguf(cfg, flat, tokenizer, path, force=False):
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
+        except OSError as e:
+            if e.errno is None and _no_space_left(tmp):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
+            raise
         finally:
             writer.close()

@@ -15,14 +15,17 @@ Choices written down here:
   pipelines giving our ids, with <unk> for what the vocabulary lacks. word: Lowercase
   normalizer, then a Split pre-tokenizer keeping `[\\p{L}\\p{N}_]+(?:'[\\p{L}\\p{N}_]+)*|
   [^\\p{L}\\p{N}_\\s]` (Python's `\\w+(?:'\\w+)*|[^\\w\\s]`; the library's own `\\w` would also take
-  combining marks); no decoder, so transformers joins words with single spaces, and
-  clean_up_tokenization_spaces removes the space before . , ! ? and n't 's 'm 've 're
-  (our decode has further rules for brackets, quotes and hyphens). The library lower-cases
+  combining marks); a decoder that gives the text our decode gives (WORD_DECODING: the
+  tokens joined by single spaces, then the spaces our rules leave out removed by regular
+  expressions; clean_up_tokenization_spaces is off, as it would undo some). Its quote rule
+  counts the quotes before each one on the line, a cost that grows with the square of a
+  line's length (a line of 20 KB decodes in about 0.1 s). The library lower-cases
   one character at a time, so a final capital sigma becomes σ where Python writes ς. char:
   every character is a token; a Fuse decoder gives the text back unchanged.
   transformers reads special tokens ("<eos>", ...) typed in text as those tokens; our
   tokenizers read them as text.
-- The directory is written all or nothing (write_directory). Its temporary directories are
+- The directory is written all or nothing (write_directory), and never over a directory that
+  appears at OUT while it is written (another export's, a user's). Its temporary directories are
   named `.OUT.<pid>.<host>.<hex>.tmp` (and `.old` for the directory --force replaces): the
   writer's process id and a tag of its host name. A writer killed outright (kill -9, power
   loss) leaves them behind; the next export of the same OUT on the same host removes those
@@ -30,6 +33,7 @@ Choices written down here:
   missing (the writer died between its two renames), so that no earlier export is lost.
 """
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -42,8 +46,8 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
-from cllm_cli.errors import ConversionError
-from cllm_cli.fileio import fsync_directory, reason
+from cllm_cli.errors import ConversionError, WriteFailed
+from cllm_cli.fileio import fsync_directory, reason, signals_held, write_error
 from cllm_cli.formats.gpt2_names import LAYER_NORM_EPS, gpt2_name, is_conv1d
 from cllm_cli.formats.tensorfile import safetensors_header, write_tensors
 from cllm_cli.layout import named_views
@@ -53,6 +57,23 @@ GENERATION = {"do_sample": True, "temperature": 0.8, "top_k": 40, "top_p": 0.95}
 
 # Python's \w is letters, digits (numeric characters) and "_"; [^\w\s] every other non-space.
 WORD_PATTERN = r"[\p{L}\p{N}_]+(?:'[\p{L}\p{N}_]+)*|[^\p{L}\p{N}_\s]"
+
+# The word tokenizer's decoding (tokenizers/word.py) as replacements in the text of the tokens
+# joined by single spaces. No token holds a space, so every space lies between two tokens and
+# the characters either side of it are the ends of those tokens. _LINE is the text of a line
+# outside quotes; a quote with an odd number of quotes before it on its line (itself
+# included) opens, the next one closes. The cheap look-arounds first keep the counting to
+# the spaces next to a quote.
+_LINE = r'[^"\n]*'
+WORD_DECODING = (
+    (r" <(?:pad|bos)>", ""),                                         # skipped,
+    (r"^<(?:pad|bos)> ?", ""),                                       # also first on a line
+    (r" ?<eos> ?", "\n"),                                           # a line end
+    (rf'(?<=")(?<=^(?:{_LINE}"{_LINE}")*{_LINE}") ', ""),           # after an opening quote
+    (rf' (?=")(?<=^(?:{_LINE}"{_LINE}")*{_LINE}"{_LINE} )', ""),    # before a closing quote
+    (r" (?=[.,;:!?%')\]}\u2026/-])", ""),                           # before . , ) - / ...
+    (r"(?<=[(\[{/-]) ", ""),                                         # after ( [ { - /
+)
 
 
 # ---------------------------------------------------------------------------------------
@@ -142,6 +163,10 @@ def word_char_pipeline(tokenizer):
         tk.normalizer = normalizers.Lowercase()
         tk.pre_tokenizer = pre_tokenizers.Split(tokenizers.Regex(WORD_PATTERN),
                                                 behavior="removed", invert=True)
+        # WordPiece with a prefix no token has: the tokens joined by single spaces
+        tk.decoder = decoders.Sequence(
+            [decoders.WordPiece(prefix="\x00", cleanup=False), decoders.Fuse()]
+            + [decoders.Replace(tokenizers.Regex(pattern), text) for pattern, text in WORD_DECODING])
     else:
         tk.pre_tokenizer = pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), behavior="isolated")
         tk.decoder = decoders.Fuse()
@@ -165,7 +190,7 @@ def tokenizer_files(tokenizer, model_max_length):
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": model_max_length,
-        "clean_up_tokenization_spaces": tokenizer.kind == "word",
+        "clean_up_tokenization_spaces": False,
         "add_bos_token": False,
         "add_eos_token": False,
         **specials,
@@ -247,29 +272,85 @@ def remove_stale(outdir):
     return done
 
 
+def _identity(path):
+    st = os.lstat(path)
+    return st.st_dev, st.st_ino
+
+
+def _appeared(outdir):
+    return ConversionError(f"{outdir} appeared while this export was writing it (another "
+                           f"export?); it is left as it is: choose another OUT or try again")
+
+
+def _into_free_name(tmp, outdir, claim):
+    """Renames directory tmp to outdir and never over anything that holds files: rename(2)
+    replaces an empty directory but fails on a non-empty one or a file. With claim (outdir was
+    absent at the start) outdir is first created empty here, and the rename goes over that
+    one: mkdir fails when anything has appeared there meanwhile, even an empty directory."""
+    created = False
+    try:
+        if claim:
+            os.mkdir(outdir)
+            created = True
+        os.rename(tmp, outdir)
+    except OSError as e:
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(outdir)            # still the empty one made here: remove it
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise _appeared(outdir) from None
+        raise
+
+
+def _over_previous(tmp, outdir, old, previous):
+    """Replaces the directory `previous` (its identity) at outdir with tmp: outdir moved
+    aside to `old`, tmp renamed in, `old` removed. When outdir is no longer that directory
+    (another export replaced it meanwhile), it is put back and nothing is replaced."""
+    try:
+        os.rename(outdir, old)
+    except FileNotFoundError:              # gone meanwhile: nothing left to replace
+        _into_free_name(tmp, outdir, claim=True)
+        return
+    try:
+        if _identity(old) != previous:
+            raise _appeared(outdir)
+        _into_free_name(tmp, outdir, claim=True)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.rename(old, outdir)          # put the directory back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def write_directory(outdir, files, force=False):
     """Writes {name: bytes or write(f)} as the directory `outdir`, all or nothing.
 
     The files go to a temporary directory next to outdir (each fsync'ed), which is then
-    renamed to outdir. An existing empty outdir is replaced; a non-empty one only with force
-    (it is moved aside, the new one renamed in, then the old one removed). ConversionError
-    (one line) when outdir cannot be written; no temporary directory is left behind, and
-    those of earlier writers killed outright are cleaned up first (remove_stale). Returns
-    what remove_stale did."""
+    renamed to outdir. An existing empty outdir is replaced; a non-empty one only with force,
+    and only the directory found there at the start (it is moved aside, the new one renamed
+    in, then the old one removed). Anything else found at outdir when the files are written
+    (another export's directory, a user's files) is never replaced: ConversionError, the
+    other's files left as they are. ConversionError (one line) when outdir cannot be written,
+    WriteFailed when the storage fails (a full disk); no temporary directory is left behind,
+    also after SIGINT, SIGTERM or SIGHUP, and those of earlier writers killed outright are
+    cleaned up first (remove_stale). Returns what remove_stale did."""
     outdir = Path(outdir)
     parent = outdir.parent
     stale = remove_stale(outdir) if parent.is_dir() else []
-    if outdir.exists() or outdir.is_symlink():
+    previous = None                     # the identity of a non-empty outdir to replace
+    absent = not (outdir.exists() or outdir.is_symlink())
+    if not absent:
         if not outdir.is_dir() or outdir.is_symlink():
             raise ConversionError(f"{outdir} exists and is not a directory")
-        if not force and not _is_empty_dir(outdir):
-            raise ConversionError(f"{outdir} exists and is not empty (--force replaces it)")
+        if not _is_empty_dir(outdir):
+            if not force:
+                raise ConversionError(f"{outdir} exists and is not empty (--force replaces it)")
+            previous = _identity(outdir)
     if not parent.is_dir():
         raise ConversionError(f"cannot write {outdir}: {parent} is not a directory")
     tag = f"{os.getpid()}.{_host_tag()}.{secrets.token_hex(6)}"
     tmp = parent / f".{outdir.name}.{tag}.tmp"
     old = parent / f".{outdir.name}.{tag}.old"
-    moved_aside = replaced = False
     try:
         os.mkdir(tmp)
         for name, data in files.items():
@@ -281,21 +362,18 @@ def write_directory(outdir, files, force=False):
                 f.flush()
                 os.fsync(f.fileno())
         fsync_directory(tmp)
-        if outdir.exists() and not _is_empty_dir(outdir):
-            os.rename(outdir, old)
-            moved_aside = True
-        os.rename(tmp, outdir)          # also replaces an empty directory
-        replaced = True
+        with signals_held():
+            if previous is None:
+                _into_free_name(tmp, outdir, claim=absent)
+            else:
+                _over_previous(tmp, outdir, old, previous)
         fsync_directory(parent)
     except OSError as e:
-        raise ConversionError(f"cannot write {outdir}: {reason(e)}") from None
-    finally:                            # also after Ctrl-C
-        if moved_aside and not replaced:
-            with contextlib.suppress(OSError):
-                os.rename(old, outdir)  # put the previous directory back
-        shutil.rmtree(tmp, ignore_errors=True)
-        if replaced:
-            shutil.rmtree(old, ignore_errors=True)
+        raise write_error(e, ConversionError, f"cannot write {outdir}: {reason(e)}",
+                          WriteFailed) from None
+    finally:                            # also after a signal: the partial files go
+        with signals_held():
+            shutil.rmtree(tmp, ignore_errors=True)
     return stale
 
 

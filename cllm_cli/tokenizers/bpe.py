@@ -80,7 +80,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from cllm_cli.errors import DataError
+from cllm_cli.errors import DataError, WriteFailed
 from cllm_cli.fileio import atomic_file, check_regular
 from cllm_cli.jsonfile import JSONError, loads, parse_json
 from cllm_cli.tokenizers.base import SPECIALS, Tokenizer, replace_undecodable
@@ -195,6 +195,12 @@ class BPETokenizer(Tokenizer):
 
     def __repr__(self):
         return f"BPETokenizer(size={len(self)})"
+
+    @property
+    def model_name(self):
+        """The library's name of the file's model: "BPE", or "WordLevel" for a word or char
+        vocabulary that cllm_export wrote, ..."""
+        return type(self._tk.model).__name__
 
     encodes_on_all_cores = True
 
@@ -346,7 +352,7 @@ class BPETokenizer(Tokenizer):
 
     def save(self, path):
         """Write tokenizer.json atomically."""
-        with atomic_file(os.fspath(path), DataError) as f:
+        with atomic_file(os.fspath(path), DataError, storage_error=WriteFailed) as f:
             f.write(self._json)
 
     @classmethod

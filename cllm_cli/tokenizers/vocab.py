@@ -19,7 +19,7 @@ import re
 
 import numpy as np
 
-from cllm_cli.errors import DataError
+from cllm_cli.errors import DataError, WriteFailed
 from cllm_cli.fileio import atomic_file, read_bytes
 from cllm_cli.progress import plural
 from cllm_cli.tokenizers.base import SPECIALS, UNK, Tokenizer
@@ -108,7 +108,7 @@ class VocabTokenizer(Tokenizer):
         return self._hash
 
     def save(self, path):
-        with atomic_file(pathlib.Path(path), DataError) as f:
+        with atomic_file(pathlib.Path(path), DataError, storage_error=WriteFailed) as f:
             f.write(self._vocab_bytes())
 
     @classmethod

@@ -2,10 +2,39 @@
 samples, the per-sphere statistics and the divergence check."""
 import math
 
+import numpy as np
+
 from cllm_cli.distributed import on_all_ranks
 from cllm_cli.errors import TrainingError
 from cllm_cli.progress import plural
 from cllm_cli.training.log import fmt_loss, fmt_ppl, perplexity
+
+UNKNOWN_WARNING = 0.01     # the share of <unk> in the corpus above which the header warns
+
+
+def unknown_count(tokens, unk_id, chunk=1 << 24):
+    """How many of `tokens` are unk_id, counted a chunk at a time (a memory-mapped corpus is
+    never copied whole)."""
+    return sum(int(np.count_nonzero(tokens[i:i + chunk] == unk_id))
+               for i in range(0, len(tokens), chunk))
+
+
+def vocabulary_name(cfg, tokenizer):
+    """What the header calls the vocabulary: its kind, or for a tokenizer.json whose model is
+    not BPE (a word or char model exported by cllm_export) the library's name of that model."""
+    model = getattr(tokenizer, "model_name", "BPE")
+    return cfg.tokenizer if model == "BPE" else f"{model} (tokenizer.json)"
+
+
+def lora_line(trainer):
+    """The header's line of a LoRA run: rank, alpha, dropout, targets, and the trained
+    parameters against all of them."""
+    spec = trainer.lora
+    base, trained = trainer.model.num_params(), trainer.adapters.size
+    total = base + trained
+    return (f"lora: rank {spec.rank}, alpha {spec.alpha:g}, dropout {spec.dropout:g}, targets "
+            f"{', '.join(spec.sites)}; {trained:,} trained parameters of {total:,} "
+            f"({trained / total:.2%}), the base model's {base:,} frozen")
 
 
 def report_skips(log, step, result):
@@ -79,9 +108,20 @@ def print_header(trainer, log):
             f" ({'reused' if info['reused'] else 'tokenized'}: {trainer.ckpt_dir}/dataset.bin)")
     if info.get("rebuilt_reason"):
         log.warn(f"{trainer.ckpt_dir}/dataset.bin was rebuilt: {info['rebuilt_reason']}")
-    log.say(f"vocab: {m.vocab_size:,} {cfg.tokenizer} tokens | model: d {m.embed_dim}, "
-            f"{m.num_layers} layers, {m.num_heads} heads, ff {m.ff_dim}, seq {m.seq_len}, "
-            f"{trainer.model.num_params():,} parameters")
+    log.say(f"vocab: {m.vocab_size:,} {vocabulary_name(cfg, trainer.tokenizer)} tokens | model: "
+            f"d {m.embed_dim}, {m.num_layers} layers, {m.num_heads} heads, ff {m.ff_dim}, "
+            f"seq {m.seq_len}, {trainer.model.num_params():,} parameters")
+    if trainer.lora is not None:
+        log.say(lora_line(trainer))
+    unk_id = trainer.tokenizer.unk_id
+    if unk_id >= 0:
+        n = len(trainer.train_tokens) + len(trainer.val_tokens)
+        unknown = unknown_count(trainer.train_tokens, unk_id) + unknown_count(trainer.val_tokens,
+                                                                              unk_id)
+        if n and unknown > UNKNOWN_WARNING * n:
+            log.warn(f"{unknown / n:.1%} of the corpus's {n:,} tokens are <unk> (not in the "
+                     f"vocabulary of {len(trainer.tokenizer):,}): the model learns little from "
+                     f"them; raise --vocab-size, or use --tokenizer bpe, which has no <unk>")
     spheres = f"{cfg.threads} {plural(cfg.threads, 'sphere')}"
     log.say(f"training: {trainer.n_windows:,} {plural(trainer.n_windows, 'window')}, "
             f"{trainer.steps_per_epoch} steps/epoch, "
