@@ -40,7 +40,7 @@ def test_train_model_help_shows_every_group_and_default(flag):
     assert text.startswith("usage: train_model")
     for group in ("data:", "model:", "optimisation:", "threads:", "checkpoints:", "output:"):
         assert group in text
-    assert "--learning-rate LEARNING_RATE peak learning rate (default: 0.001)" in text
+    assert "--learning-rate LEARNING_RATE peak learning rate (at most 100) (default: 0.001)" in text
     assert ("--vocab-size VOCAB_SIZE largest vocabulary, the 4 special ids included; for bpe 260 "
             "to 1,000,000 (the tokenizers library reserves memory in proportion to it and aborts "
             "when that fails) (default: 10000)") in text
