@@ -6,7 +6,7 @@ exit_status(), so that each class has one status wherever it is raised.
 """
 import signal
 
-from cllm_cli import _engine
+from cllm_cli._engine import ProductError
 
 
 class UsageError(Exception):
@@ -86,7 +86,7 @@ class AllRanksStop(Exception):
 STATUSES = {
     (UsageError, DataError, CheckpointError, ConversionError, DistributedError, PrecisionError,
      PlotError, MissingExtra): 2,
-    (TrainingError, MissingDependency, SamplingError, RankLost, _engine.ProductError,
+    (TrainingError, MissingDependency, SamplingError, RankLost, ProductError,
      WriteFailed): 1,
 }
 

@@ -13,9 +13,9 @@ import pytest
 from engine_cases import CFG_A
 from helpers import TINY_RUN, call, corpus_text, window_text
 
+from cllm_cli.api import CLLMModel
 from cllm_cli.cli.train import main as train_main
 from cllm_cli.model import precision
-from cllm_cli.model.cllm import CLLMModel
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -22,7 +22,6 @@ from checkpoint_files import (
 from safetensors import safe_open
 
 from cllm_cli._engine import parameter_layout
-from cllm_cli.config import CLLMConfig
 from cllm_cli.errors import CheckpointError
 from cllm_cli.formats import checkpoint as ck
 from cllm_cli.formats.checkpoint import (
@@ -34,6 +33,7 @@ from cllm_cli.formats.checkpoint import (
     save_checkpoint,
 )
 from cllm_cli.formats.checkpoint_load import load_checkpoint
+from cllm_cli.model import CLLMConfig
 
 
 def flat_buffer(seed):

@@ -18,16 +18,15 @@ import pytest
 from checkpoint_files import CFG, good_metadata, layout_tensors, write_custom
 from helpers import ROOT, assert_one_error_line, call, sentences
 
-from cllm_cli import _engine
 from cllm_cli._engine import parameter_layout as param_layout
+from cllm_cli.api import CLLMModel
 from cllm_cli.cli import inference
 from cllm_cli.cli import tokenize as tokenize_cli
 from cllm_cli.cli.train import main as train_main
-from cllm_cli.config import CLLMConfig
 from cllm_cli.errors import CheckpointError, SamplingError
 from cllm_cli.formats.checkpoint import save_checkpoint
 from cllm_cli.formats.checkpoint_load import load_checkpoint
-from cllm_cli.model.cllm import CLLMModel
+from cllm_cli.model import CLLMConfig
 from cllm_cli.model.sampling import sample_from_logits
 from cllm_cli.tokenizers import Tokenizer
 from cllm_cli.training.log import fmt_loss, fmt_ppl, ppl_text
@@ -167,7 +166,7 @@ class NaNDecoder:
 
 def test_inference_with_nan_logits_everywhere_is_one_line(capsys, model_dir, monkeypatch):
     """Finite weights whose forward pass overflows: no id can be drawn."""
-    monkeypatch.setattr(_engine, "Decoder", NaNDecoder)
+    monkeypatch.setattr("cllm_cli.api.Decoder", NaNDecoder)
     monkeypatch.setattr(CLLMModel, "logits", lambda self, ids: np.full(
         (1, len(ids), self.config.vocab_size), np.nan, dtype=np.float32))
     code, _, err = call(capsys, inference.main, model_dir / "final_model.cllm", "--prompt", "the")

@@ -27,13 +27,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import GPT2LMHeadModel
 
 from cllm_cli import CLLMConfig, CLLMModel, _engine
-from cllm_cli import lora as lora_module
 from cllm_cli.cli.evaluate import main as eval_main
 from cllm_cli.cli.export import main as export_main
 from cllm_cli.cli.inference import main as inference_main
 from cllm_cli.cli.train import main as train_main
 from cllm_cli.formats import load_checkpoint, load_model_files, save_checkpoint
-from cllm_cli.lora import LoraSpec, adapter_views, content_hash, init_adapters, merge_adapters
+from cllm_cli.model import LoraSpec, adapter_views, content_hash, init_adapters, merge_adapters
+from cllm_cli.model import lora as lora_module
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 LORA_RUN = ["--lora-rank", "4", "--lora-targets", "attn,proj,mlp", "--lora-dropout", "0.1",

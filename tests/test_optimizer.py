@@ -10,7 +10,7 @@ import reference as ref
 
 from cllm_cli import _engine
 from cllm_cli._engine import num_parameters, parameter_layout
-from cllm_cli.config import CLLMConfig
+from cllm_cli.model import CLLMConfig
 from cllm_cli.training.config import TrainConfig
 from cllm_cli.training.loop import lr_at
 

@@ -59,7 +59,7 @@ def test_rounding_is_nearest_even_on_every_kind_of_float():
 def test_missing_onednn_is_one_line(window_corpus, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
     monkeypatch.setattr(precision, "library_path", lambda: None)
-    monkeypatch.setattr(_engine, "load_bf16", lambda path: pytest.fail("loaded"))
+    monkeypatch.setattr(precision, "load_bf16", lambda path: pytest.fail("loaded"))
     argv = [window_corpus, "--checkpoint-dir", tmp_path / "ck", "--precision", "bf16", "--quiet"]
     code, _, err = call(capsys, train_main, *argv)
     assert_one_error_line(code, err, "train_model", "oneDNN", "bf16")

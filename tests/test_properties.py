@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 
 from cllm_cli._engine import num_parameters as num_params
 from cllm_cli.cli import tokenize as tokenize_cli
-from cllm_cli.config import CLLMConfig
 from cllm_cli.errors import CheckpointError, DataError, SamplingError
 from cllm_cli.formats.checkpoint import save_checkpoint
 from cllm_cli.formats.checkpoint_load import load_checkpoint
+from cllm_cli.model import CLLMConfig
 from cllm_cli.model.sampling import sample_from_logits
 from cllm_cli.tokenizers import Tokenizer
 

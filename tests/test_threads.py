@@ -257,8 +257,8 @@ def test_step_without_valid_micro_batch_stops_with_last_good_state(window_corpus
 LOCK_SCRIPT = """
 import sys
 from cllm_cli import _engine
-from cllm_cli.config import CLLMConfig
-from cllm_cli.model.cllm import CLLMModel
+from cllm_cli.model import CLLMConfig
+from cllm_cli.api import CLLMModel
 cfg = CLLMConfig(vocab_size=10, embed_dim=8, num_layers=1, num_heads=2, seq_len=4)
 model = CLLMModel(cfg, 0)
 engine = _engine.Engine(cfg, model.flat, 2, 1, 4, "shared", {debug})

@@ -12,7 +12,7 @@ import pytest
 from helpers import assert_one_error_line, call, sentences, write
 
 from cllm_cli.cli import evaluate, export, inference, plot, tokenize, train
-from cllm_cli.config import MAX_THREADS
+from cllm_cli.threads import MAX_THREADS
 
 TOOLS = {"train_model": train, "cllm_inference": inference, "cllm_eval": evaluate,
          "cllm_export": export, "cllm_tokenize": tokenize, "cllm_plot": plot}

@@ -102,7 +102,7 @@ class Recorder:
 
 
 def test_tokens_are_streamed_and_decoded_incrementally(run_dir, tokenizer):
-    from cllm_cli.model.cllm import CLLMModel
+    from cllm_cli.api import CLLMModel
     model = CLLMModel.load(run_dir / "final_model.cllm")
     out = Recorder()
     prompt = "The old miller "

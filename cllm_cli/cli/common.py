@@ -12,8 +12,8 @@ import stat
 import sys
 import threading
 
-from cllm_cli.config import MAX_THREADS, threads_warning
 from cllm_cli.errors import STATUSES, Interrupted
+from cllm_cli.threads import MAX_THREADS, threads_warning
 
 INT_MAX = 2**31 - 1         # the largest value of a C int, which the engine's counts are
 

@@ -32,7 +32,7 @@ import math
 import os
 import sys
 
-from cllm_cli import _engine
+from cllm_cli._engine import Engine
 from cllm_cli.cli.common import (
     HelpFormatter,
     Parser,
@@ -42,7 +42,6 @@ from cllm_cli.cli.common import (
     warn_threads,
 )
 from cllm_cli.cli.inference import load
-from cllm_cli.config import MAX_THREADS, default_threads
 from cllm_cli.corpus import collect_files, dataset_header, eval_windows, load_dataset, split_stream
 from cllm_cli.corpus.dataset import _stream_key
 from cllm_cli.corpus.files import ENCODING_ERRORS, read_text
@@ -51,6 +50,7 @@ from cllm_cli.formats import resolve_checkpoint
 from cllm_cli.model import precision
 from cllm_cli.progress import ItemProgress, duration, plural
 from cllm_cli.tasks import TASKS, evaluate_task, read_items
+from cllm_cli.threads import MAX_THREADS, default_threads
 from cllm_cli.training.log import fmt_loss, perplexity
 
 PROG = "cllm_eval"
@@ -150,7 +150,7 @@ def evaluate_stream(model, stream, threads, batch_size, micro_batch, pad_id, pre
         raise DataError(f"too little text: {len(stream)} {plural(len(stream), 'token')}, need "
                         f"at least 2")
     loss_sum, counted = 0.0, 0
-    with _engine.Engine(model.config, model.flat, threads, min(micro_batch, batch_size),
+    with Engine(model.config, model.flat, threads, min(micro_batch, batch_size),
                         batch_size, pad_id=pad_id, precision=precision) as engine, \
             ItemProgress("evaluating", len(windows), unit="window") as progress:
         for start in range(0, len(windows), engine.max_windows):

@@ -27,6 +27,7 @@ Choices written down here:
 import math
 import sys
 
+from cllm_cli.api import CLLMModel
 from cllm_cli.cli.common import (
     HelpFormatter,
     Parser,
@@ -36,10 +37,10 @@ from cllm_cli.cli.common import (
     threads_option,
     warn_threads,
 )
-from cllm_cli.config import MAX_THREADS, default_threads
 from cllm_cli.errors import UsageError
 from cllm_cli.formats import load_model_files
-from cllm_cli.model import CLLMModel, precision
+from cllm_cli.model import precision
+from cllm_cli.threads import MAX_THREADS, default_threads
 from cllm_cli.tokenizers import replace_undecodable
 
 PROG = "cllm_inference"

@@ -48,13 +48,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cllm_cli.config import CLLMConfig
 from cllm_cli.errors import CheckpointError
 from cllm_cli.fileio import atomic_file
 from cllm_cli.fileio import reason as _reason
 from cllm_cli.formats.tensorfile import safetensors_header, write_tensors
-from cllm_cli.layout import named_views
-from cllm_cli.lora import LoraSpec, adapter_views
+from cllm_cli.model import CLLMConfig, LoraSpec, adapter_views, named_views
 
 FORMAT_VERSION = 1
 FORMAT_NAME = "cllm"

@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 
 from cllm_cli._engine import num_parameters
-from cllm_cli.config import MODEL_FIELDS, CLLMConfig, model_config_problem
 from cllm_cli.errors import CheckpointError
 from cllm_cli.fileio import open_regular
 from cllm_cli.fileio import reason as _reason
@@ -43,8 +42,17 @@ from cllm_cli.formats.checkpoint import (
     header_digest,
 )
 from cllm_cli.jsonfile import JSONError, loads
-from cllm_cli.layout import named_views, tensor_shapes
-from cllm_cli.lora import LoraSpec, adapter_shapes, adapter_views, num_adapter_parameters
+from cllm_cli.model import (
+    MODEL_FIELDS,
+    CLLMConfig,
+    LoraSpec,
+    adapter_shapes,
+    adapter_views,
+    model_config_problem,
+    named_views,
+    num_adapter_parameters,
+    tensor_shapes,
+)
 from cllm_cli.progress import plural
 from cllm_cli.tokenizers import TOKENIZER_KINDS
 

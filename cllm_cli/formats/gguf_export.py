@@ -23,7 +23,7 @@ import gguf
 from cllm_cli.errors import ConversionError, WriteFailed
 from cllm_cli.fileio import atomic_path
 from cllm_cli.formats.gpt2_names import LAYER_NORM_EPS
-from cllm_cli.layout import named_views
+from cllm_cli.model import named_views
 from cllm_cli.tokenizers import BPETokenizer
 
 ARCH = "gpt2"

@@ -50,7 +50,7 @@ from cllm_cli.errors import ConversionError, WriteFailed
 from cllm_cli.fileio import fsync_directory, reason, signals_held, write_error
 from cllm_cli.formats.gpt2_names import LAYER_NORM_EPS, gpt2_name, is_conv1d
 from cllm_cli.formats.tensorfile import safetensors_header, write_tensors
-from cllm_cli.layout import named_views
+from cllm_cli.model import named_views
 from cllm_cli.tokenizers import SPECIALS, UNK, BPETokenizer
 
 GENERATION = {"do_sample": True, "temperature": 0.8, "top_k": 40, "top_p": 0.95}

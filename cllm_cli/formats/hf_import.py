@@ -23,13 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from cllm_cli._engine import num_parameters
-from cllm_cli.config import CLLMConfig, model_config_problem
 from cllm_cli.errors import ConversionError, DataError
 from cllm_cli.fileio import reason
 from cllm_cli.formats.checkpoint import first_non_finite
 from cllm_cli.formats.gpt2_names import LAYER_NORM_EPS, gpt2_name, is_conv1d
 from cllm_cli.jsonfile import JSONError, loads, read_json
-from cllm_cli.layout import named_views
+from cllm_cli.model import CLLMConfig, model_config_problem, named_views
 from cllm_cli.tokenizers import BPETokenizer
 
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")

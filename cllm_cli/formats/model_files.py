@@ -21,8 +21,7 @@ from cllm_cli.fileio import check_regular
 from cllm_cli.formats.checkpoint import first_non_finite, latest_checkpoint
 from cllm_cli.formats.checkpoint_load import check_vocabulary, load_checkpoint
 from cllm_cli.formats.hf_import import load_gpt2_directory
-from cllm_cli.layout import named_views, shorten_positions
-from cllm_cli.lora import content_hash, merge_adapters
+from cllm_cli.model import content_hash, merge_adapters, named_views, shorten_positions
 from cllm_cli.tokenizers import TOKENIZER_KINDS, BPETokenizer, Tokenizer, tokenizer_class
 
 

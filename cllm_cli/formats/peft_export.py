@@ -16,7 +16,7 @@ PEFT adds (lora_alpha / r) * B A to each adapted weight, as the engine does.
 import json
 
 from cllm_cli.formats.hf_export import write_directory, write_safetensors
-from cllm_cli.lora import adapter_views
+from cllm_cli.model import adapter_views
 
 PEFT_PREFIX = "base_model.model.transformer."
 

@@ -10,7 +10,7 @@ import importlib.metadata
 import os
 import sys
 
-from cllm_cli import _engine
+from cllm_cli._engine import load_bf16
 from cllm_cli.errors import PrecisionError
 
 DISTRIBUTION = "onednn-cpu-gomp"
@@ -64,6 +64,6 @@ def require(precision):
         raise PrecisionError(f"--precision bf16 needs oneDNN: pip install '.[bf16]' "
                              f"({DISTRIBUTION}==2023.2.0)")
     try:
-        _engine.load_bf16(path)
+        load_bf16(path)
     except OSError as e:
         raise PrecisionError(f"--precision bf16: cannot load oneDNN from {path}: {e}") from None

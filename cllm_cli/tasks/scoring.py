@@ -24,7 +24,7 @@ Choices written down here:
   over a continuation is a float64 sum. They do not depend on the thread count, nor on which
   other items were scored before (a cached prefix is the same bits as one computed again).
 """
-from cllm_cli import _engine
+from cllm_cli._engine import Decoder
 from cllm_cli.errors import DataError
 
 
@@ -53,7 +53,7 @@ class Scorer:
     def __init__(self, model, tokenizer, threads=1):
         self.tokenizer = tokenizer
         self.seq_len = model.config.seq_len
-        self.decoder = _engine.Decoder(model.config, model.flat, threads)
+        self.decoder = Decoder(model.config, model.flat, threads)
         self.cached = ()        # the ids whose positions the cache holds
 
     def loglikelihoods(self, context, continuations, where="item"):

@@ -11,10 +11,18 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from cllm_cli.config import MAX_THREADS, MODEL_FIELDS, CLLMConfig, model_config_problem
 from cllm_cli.corpus.files import ENCODING_ERRORS
 from cllm_cli.errors import UsageError
-from cllm_cli.lora import MAX_LORA_SCALE, TARGET_GROUPS, LoraSpec, parse_targets
+from cllm_cli.model import (
+    MAX_LORA_SCALE,
+    MODEL_FIELDS,
+    TARGET_GROUPS,
+    CLLMConfig,
+    LoraSpec,
+    model_config_problem,
+    parse_targets,
+)
+from cllm_cli.threads import MAX_THREADS
 from cllm_cli.tokenizers import TOKENIZER_KINDS, BPETokenizer
 
 INT_MAX = 2**31 - 1

@@ -23,12 +23,13 @@ import os
 import time
 from dataclasses import dataclass
 
-from cllm_cli import _engine, errors
-from cllm_cli.config import MAX_THREADS, default_threads
+from cllm_cli import errors
+from cllm_cli._engine import Engine, StepAborted
 from cllm_cli.distributed import AgreedStop, DataParallelEngine, Solo, on_all_ranks, run_rank
 from cllm_cli.errors import Interrupted, PlotError, TrainingError
 from cllm_cli.model import precision
 from cllm_cli.progress import duration
+from cllm_cli.threads import MAX_THREADS, default_threads
 from cllm_cli.training.config import TrainConfig
 from cllm_cli.training.log import Log, SilentLog, fmt_loss, ppl_text
 from cllm_cli.training.plot import plot_metrics, require_matplotlib
@@ -137,7 +138,7 @@ class EngineSettings:
 
     def engine(self, trainer):
         """The run's Engine over the trainer's model (and adapters)."""
-        return _engine.Engine(trainer.mcfg, trainer.model.flat, self.threads, self.micro_batch,
+        return Engine(trainer.mcfg, trainer.model.flat, self.threads, self.micro_batch,
                               self.batch_size, self.lock_mode, self.debug_locks, self.pad_id,
                               self.dropout, self.seed, self.precision, adapters=trainer.adapters,
                               lora=trainer.lora and trainer.lora.engine_args)
@@ -167,7 +168,7 @@ def train_loop(trainer, engine, log, stop):
         run.val_loss = evaluate(engine, trainer.val_final, stop)
         report_val(log, st.step, run.val_loss, trainer.bytes_per_token,
                    final_share(trainer.val_final, trainer.val))
-    except (Interrupted, _engine.StepAborted):
+    except (Interrupted, StepAborted):
         path = trainer.save()
         log.say(f"interrupted ({stop.name()}): saved step {st.step} to {path}; --resume "
                 f"continues", always=True)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cllm_cli.api import CLLMModel
 from cllm_cli.corpus import (
     collect_files,
     epoch_order,
@@ -40,9 +41,7 @@ from cllm_cli.formats import (
     prune_checkpoints,
     save_checkpoint,
 )
-from cllm_cli.layout import shorten_positions
-from cllm_cli.lora import content_hash, init_adapters, merge_adapters, parse_targets
-from cllm_cli.model import CLLMModel
+from cllm_cli.model import content_hash, init_adapters, merge_adapters, parse_targets, shorten_positions
 from cllm_cli.tokenizers import BPETokenizer, Tokenizer, tokenizer_class
 from cllm_cli.training.config import TrainConfig
 from cllm_cli.training.rundir import RunDirectory, remove_leftovers

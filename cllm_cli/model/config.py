@@ -1,13 +1,11 @@
 """The model configuration: the sizes of a GPT-2-form decoder. The layout of the flat parameter
-buffer is the engine's (layout.py).
+buffer is the engine's (model/layout.py).
 
 model_config_problem is the one check of model sizes: CLLMConfig runs it on construction, the
 checkpoint reader on the raw JSON of a file's model_config, and the training options on the
 sizes given on the command line (each naming the fields its own way)."""
-import os
 from dataclasses import asdict, dataclass
 
-MAX_THREADS = 1024          # more threads than this only take turns on the cores
 MODEL_FIELDS = ("vocab_size", "embed_dim", "num_layers", "num_heads", "ff_dim", "seq_len")
 MAX_SIZE = 2 ** 31          # every size must fit the engine's int32 indices
 MIN_VOCAB = 5               # 4 special ids + 1
@@ -60,24 +58,3 @@ class CLLMConfig:
     @classmethod
     def from_dict(cls, d):
         return cls(**{k: int(d[k]) for k in MODEL_FIELDS})
-
-
-def default_threads():
-    """The cores this process may run on (os.sched_getaffinity): the default number of
-    threads, and the most that run at once."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def threads_warning(threads, ranks=1):
-    """The warning (after "<tool>: warning: ") when `threads` threads in each of `ranks`
-    processes on this host are more than the cores this process may run on, else None."""
-    cores = default_threads()
-    if threads * ranks <= cores:
-        return None
-    each = f" in each of {ranks} processes" if ranks > 1 else ""
-    return (f"--threads {threads}{each} is more than the {cores} core"
-            f"{'' if cores == 1 else 's'} this process may run on: the threads take turns, "
-            f"which is slower (the results are the same)")

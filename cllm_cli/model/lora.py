@@ -15,12 +15,13 @@ import math
 
 import numpy as np
 
-from cllm_cli import _engine
-from cllm_cli.layout import named_views
+from cllm_cli._engine import LORA_TARGETS, adapter_layout
+from cllm_cli._engine import num_adapter_parameters as engine_adapter_parameters
+from cllm_cli.model.layout import named_views
 
 TARGET_GROUPS = {"attn": ("attn.c_attn",), "proj": ("attn.c_proj",),
                  "mlp": ("mlp.c_fc", "mlp.c_proj")}
-SITES = _engine.LORA_TARGETS       # every site, in buffer order
+SITES = LORA_TARGETS       # every site, in buffer order
 # the largest scale alpha / rank: far above the common 1 to 16, low enough that trained
 # adapters stay far from float32's range
 MAX_LORA_SCALE = 1024.0
@@ -89,11 +90,11 @@ class LoraSpec:
 def adapter_shapes(cfg, spec):
     """{name: shape} of the adapter tensors, in buffer order."""
     return {name: tuple(shape) for name, shape, _ in
-            _engine.adapter_layout(cfg, spec.rank, spec.mask)}
+            adapter_layout(cfg, spec.rank, spec.mask)}
 
 
 def num_adapter_parameters(cfg, spec):
-    return _engine.num_adapter_parameters(cfg, spec.rank, spec.mask)
+    return engine_adapter_parameters(cfg, spec.rank, spec.mask)
 
 
 def adapter_views(cfg, spec, flat, what="the adapter buffer"):
@@ -104,7 +105,7 @@ def adapter_views(cfg, spec, flat, what="the adapter buffer"):
             or flat.size != total:
         raise ValueError(f"{what} must be a flat float32 array of {total} elements")
     return {name: flat[offset:offset + math.prod(shape)].reshape(shape)
-            for name, shape, offset in _engine.adapter_layout(cfg, spec.rank, spec.mask)}
+            for name, shape, offset in adapter_layout(cfg, spec.rank, spec.mask)}
 
 
 def init_adapters(cfg, spec, seed):

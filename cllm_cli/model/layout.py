@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from cllm_cli import _engine
+from cllm_cli._engine import num_parameters, parameter_layout
 
 
 def named_views(cfg, flat, what="the buffer", dtype=None):
@@ -22,23 +22,23 @@ def named_views(cfg, flat, what="the buffer", dtype=None):
     if flat.ndim != 1 or (dtype is not None and flat.dtype != dtype):
         raise ValueError(f"{what} must be a flat {np.dtype(dtype or flat.dtype)} array, got {flat.dtype} with shape "
                          f"{flat.shape}")
-    total = _engine.num_parameters(cfg)
+    total = num_parameters(cfg)
     if flat.size != total:
         raise ValueError(f"{what} has {flat.size} elements, the model config needs {total}")
     return {name: flat[offset:offset + math.prod(shape)].reshape(shape)
-            for name, shape, offset in _engine.parameter_layout(cfg)}
+            for name, shape, offset in parameter_layout(cfg)}
 
 
 def tensor_shapes(cfg):
     """{name: shape} of every tensor, in layout order."""
-    return {name: tuple(shape) for name, shape, _ in _engine.parameter_layout(cfg)}
+    return {name: tuple(shape) for name, shape, _ in parameter_layout(cfg)}
 
 
 def shorten_positions(config, flat, seq_len):
     """(config, flat) of the same model with a position table of seq_len rows (its first
     ones): exact for every context of at most seq_len tokens."""
     short = dataclasses.replace(config, seq_len=seq_len)
-    out = np.empty(_engine.num_parameters(short), dtype=np.float32)
+    out = np.empty(num_parameters(short), dtype=np.float32)
     src, dst = named_views(config, flat), named_views(short, out)
     for name, view in dst.items():
         view[...] = src[name][:seq_len] if name == "wpe" else src[name]

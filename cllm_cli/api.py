@@ -1,42 +1,13 @@
 """CLLMModel: the parameters in one flat float32 buffer, with named views; initialisation,
 loss and gradients, logits, generation, loading and saving."""
-import ctypes
 import math
-import os
 
 import numpy as np
 
-from cllm_cli import _engine
-from cllm_cli.config import CLLMConfig
+from cllm_cli._engine import Decoder, forward_logits, loss_and_grads, num_parameters
 from cllm_cli.formats import checkpoint_params, load_checkpoint, save_checkpoint
-from cllm_cli.layout import named_views
+from cllm_cli.model import CLLMConfig, named_views
 from cllm_cli.model.sampling import sample_from_logits
-
-
-def blas_libraries():
-    """Paths of the loaded OpenBLAS copies of scipy (the one cython_blas calls). numpy's own
-    copy (libscipy_openblas64_) is left alone."""
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "libscipy_openblas" in line}
-    except OSError:
-        return []
-    return sorted(p for p in paths if "openblas64_" not in os.path.basename(p))
-
-
-def single_threaded_blas():
-    """The spheres are the parallelism: scipy's OpenBLAS must run each call on the calling
-    thread. OPENBLAS_NUM_THREADS=1 (set by cllm_cli) covers a fresh process; this covers a
-    process that loaded scipy's BLAS before importing cllm_cli. Returns the thread counts."""
-    counts = []
-    for path in blas_libraries():
-        lib = ctypes.CDLL(path)
-        set_threads = getattr(lib, "scipy_openblas_set_num_threads", None)
-        get_threads = getattr(lib, "scipy_openblas_get_num_threads", None)
-        if set_threads is not None and get_threads is not None:
-            set_threads(1)
-            counts.append(get_threads())
-    return counts
 
 
 class CLLMModel:
@@ -46,7 +17,7 @@ class CLLMModel:
         if not isinstance(config, CLLMConfig):
             raise TypeError("config must be a CLLMConfig")
         self.config = config
-        self.flat = np.zeros(_engine.num_parameters(config), dtype=np.float32)
+        self.flat = np.zeros(num_parameters(config), dtype=np.float32)
         self.params = named_views(config, self.flat)
         rng = np.random.default_rng(seed)
         proj_std = 0.02 / math.sqrt(2 * config.num_layers)
@@ -104,7 +75,7 @@ class CLLMModel:
         if inputs.shape != targets.shape:
             raise ValueError("inputs and targets must have the same shape")
         grads = np.empty_like(self.flat)     # the engine writes every element
-        loss_sum, counted = _engine.loss_and_grads(self.config, self.flat,
+        loss_sum, counted = loss_and_grads(self.config, self.flat,
                                                    inputs, targets, grads,
                                                    pad_id=-1 if pad_id is None else int(pad_id))
         if counted:
@@ -116,7 +87,7 @@ class CLLMModel:
         """Logits [B, n, V] of every position."""
         inputs = self._tokens(inputs, "inputs")
         out = np.empty(inputs.shape + (self.config.vocab_size,), dtype=np.float32)
-        _engine.forward_logits(self.config, self.flat, inputs, out)
+        forward_logits(self.config, self.flat, inputs, out)
         return out
 
     def generate(self, prompt_ids, max_tokens=50, temperature=1.0, top_k=0, top_p=1.0,
@@ -132,7 +103,7 @@ class CLLMModel:
         precision: "fp32", or "bf16" (the weights' bf16 copy, bf16-rounded product inputs,
         fp32 sums; load it first with model.precision.require("bf16")).
 
-        The prompt runs as one batched pass that fills a key/value cache (_engine.Decoder),
+        The prompt runs as one batched pass that fills a key/value cache (Decoder),
         then each new token runs the model on its position only. Once the context no longer
         fits in seq_len, the window slides: every position moves, so no cached key or value is
         valid any more, and each token runs the whole window again as one batched pass."""
@@ -148,7 +119,7 @@ class CLLMModel:
             raise ValueError(f"prompt ids must be in [0, {self.config.vocab_size})")
         rng = np.random.default_rng(seed)
         T = self.config.seq_len
-        decoder = _engine.Decoder(self.config, self.flat, threads, precision)
+        decoder = Decoder(self.config, self.flat, threads, precision)
         for _ in range(max_tokens):
             if len(ids) > T:
                 decoder.reset()
