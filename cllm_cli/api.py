@@ -1,17 +1,24 @@
-"""CLLMModel: the parameters in one flat float32 buffer, with named views; initialisation,
-loss and gradients, logits, generation, loading and saving."""
+"""The Python API's model: CLLMModel, the parameters in one flat float32 buffer with named
+views; initialisation, loss and gradients, logits and generation (through the model core,
+cllm_cli.model), loading and saving (through cllm_cli.formats); and load_model, a model and
+its tokenizer from whatever a user names (a .cllm file, a run directory, a transformers
+directory), as every command reads one."""
 import math
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from cllm_cli._engine import Decoder, forward_logits, loss_and_grads, num_parameters
-from cllm_cli.formats import checkpoint_params, load_checkpoint, save_checkpoint
+from cllm_cli._engine import forward_logits, loss_and_grads, num_parameters
+from cllm_cli.formats import checkpoint_params, load_checkpoint, load_model_files, save_checkpoint
 from cllm_cli.model import CLLMConfig, named_views
-from cllm_cli.model.sampling import sample_from_logits
+from cllm_cli.model.generation import generate_ids
+from cllm_cli.tokenizers import Tokenizer
 
 
 class CLLMModel:
-    """A CLLM model. `params` maps each tensor's name (layout.py) to a numpy view into `flat`."""
+    """A CLLM model. `params` maps each tensor's name (model/layout.py) to a numpy view into
+    `flat`."""
 
     def __init__(self, config, seed=0):
         if not isinstance(config, CLLMConfig):
@@ -107,30 +114,21 @@ class CLLMModel:
         then each new token runs the model on its position only. Once the context no longer
         fits in seq_len, the window slides: every position moves, so no cached key or value is
         valid any more, and each token runs the whole window again as one batched pass."""
-        if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-            raise ValueError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
-        ids = [int(i) for i in prompt_ids]
-        if not ids:
-            if start_id is None:
-                raise ValueError("an empty prompt needs start_id (the tokenizer's "
-                                 "end-of-text id)")
-            ids = [int(start_id)]
-        if min(ids) < 0 or max(ids) >= self.config.vocab_size:
-            raise ValueError(f"prompt ids must be in [0, {self.config.vocab_size})")
-        rng = np.random.default_rng(seed)
-        T = self.config.seq_len
-        decoder = Decoder(self.config, self.flat, threads, precision)
-        for _ in range(max_tokens):
-            if len(ids) > T:
-                decoder.reset()
-                row = decoder.prefill(ids[-T:])
-            elif decoder.length == len(ids) - 1 and decoder.length:
-                row = decoder.feed(ids[-1])
-            else:
-                row = decoder.prefill(ids[decoder.length:])
-            next_id = sample_from_logits(row.astype(np.float64), temperature, top_k, top_p, rng,
-                                         num_tokens)
-            ids.append(next_id)
-            yield next_id
-            if next_id in stop_ids:
-                return
+        return generate_ids(self.config, self.flat, prompt_ids, max_tokens, temperature, top_k,
+                            top_p, seed, stop_ids, start_id, threads, num_tokens, precision)
+
+
+class LoadedModel(NamedTuple):
+    """A model as a command reads it: the model, the tokenizer it was trained with, and the
+    file that tokenizer came from."""
+    model: CLLMModel
+    tokenizer: Tokenizer
+    tokenizer_path: Path
+
+
+def load_model(checkpoint, vocab_path=None):
+    """The LoadedModel of a .cllm file, a run directory or a transformers directory, after
+    checking that the vocabulary is the model's (formats.load_model_files)."""
+    files = load_model_files(checkpoint, vocab_path)
+    return LoadedModel(CLLMModel.from_flat(files.config, files.flat, files.meta), files.tokenizer,
+                       files.tokenizer_path)

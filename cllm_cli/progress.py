@@ -1,5 +1,6 @@
-"""Time left and work done: the duration format every command prints and the progress line
-of a long pass over a corpus (bytes) or over a task's items."""
+"""Time left and work done: the duration, loss and perplexity formats every command prints and
+the progress line of a long pass over a corpus (bytes) or over a task's items."""
+import math
 import sys
 import time
 
@@ -13,6 +14,31 @@ def duration(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
         else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+LARGE = 1e6     # from here on losses and perplexities are shown as 1.234e+07
+
+
+def fmt_loss(x):
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.4g}" if abs(x) >= LARGE else f"{x:.4f}"
+
+
+def perplexity(loss):
+    """exp(loss), inf where it overflows."""
+    return math.exp(loss) if loss < math.log(sys.float_info.max) else math.inf
+
+
+def fmt_ppl(loss, decimals=2):
+    """The perplexity of `loss`: fixed-point below LARGE, then 1.23e+07 style, "inf" past
+    the float range (a diverged run)."""
+    ppl = perplexity(loss)
+    return f"{ppl:.{decimals}f}" if ppl < LARGE else f"{ppl:.3g}"
+
+
+def ppl_text(loss):
+    return "" if loss is None or math.isnan(loss) else f" (ppl {fmt_ppl(loss)})"
 
 
 class ByteProgress:

@@ -28,8 +28,8 @@ from cllm_cli.formats.checkpoint import save_checkpoint
 from cllm_cli.formats.checkpoint_load import load_checkpoint
 from cllm_cli.model import CLLMConfig
 from cllm_cli.model.sampling import sample_from_logits
+from cllm_cli.progress import fmt_loss, fmt_ppl, ppl_text
 from cllm_cli.tokenizers import Tokenizer
-from cllm_cli.training.log import fmt_loss, fmt_ppl, ppl_text
 
 MEMORY_LIMIT = 2 << 30     # bytes of address space for a process that must not read forever
 
@@ -166,7 +166,7 @@ class NaNDecoder:
 
 def test_inference_with_nan_logits_everywhere_is_one_line(capsys, model_dir, monkeypatch):
     """Finite weights whose forward pass overflows: no id can be drawn."""
-    monkeypatch.setattr("cllm_cli.api.Decoder", NaNDecoder)
+    monkeypatch.setattr("cllm_cli.model.generation.Decoder", NaNDecoder)
     monkeypatch.setattr(CLLMModel, "logits", lambda self, ids: np.full(
         (1, len(ids), self.config.vocab_size), np.nan, dtype=np.float32))
     code, _, err = call(capsys, inference.main, model_dir / "final_model.cllm", "--prompt", "the")

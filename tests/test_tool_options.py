@@ -225,10 +225,11 @@ def test_cllm_eval_shows_a_progress_line_on_a_terminal_only(run):
 
 def test_evaluation_in_batches_is_the_engines_sum_to_the_bit(run):
     from cllm_cli import _engine
-    from cllm_cli.cli.evaluate import evaluate_stream, load, text_stream
+    from cllm_cli.api import load_model
     from cllm_cli.corpus import eval_windows
+    from cllm_cli.evaluation import evaluate_stream, text_stream
     corpus, ck, _ = run
-    model, tokenizer, _ = load(ck)
+    model, tokenizer, _ = load_model(ck)
     stream, _ = text_stream(tokenizer, [corpus], "strict")
     windows = eval_windows(stream, model.config.seq_len)
     assert len(windows) > 3 * 4, "several batches of 4 windows"

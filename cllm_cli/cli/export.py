@@ -157,8 +157,9 @@ def run(args):
     check_out_kind(fmt, args.out)
     if fmt == "peft":
         return run_peft(args)
-    cfg, flat, tokenizer, _, tokenizer_file = load_model_files(args.checkpoint, args.vocab)
-    for source in (args.checkpoint, tokenizer_file):
+    files = load_model_files(args.checkpoint, args.vocab)
+    cfg, flat, tokenizer = files.config, files.flat, files.tokenizer
+    for source in (args.checkpoint, files.tokenizer_path):
         if _inside(source, args.out):
             raise UsageError(f"{args.out} holds {source}: choose another OUT")
     if args.format == "hf":

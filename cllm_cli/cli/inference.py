@@ -27,7 +27,7 @@ Choices written down here:
 import math
 import sys
 
-from cllm_cli.api import CLLMModel
+from cllm_cli.api import load_model
 from cllm_cli.cli.common import (
     HelpFormatter,
     Parser,
@@ -38,10 +38,9 @@ from cllm_cli.cli.common import (
     warn_threads,
 )
 from cllm_cli.errors import UsageError
-from cllm_cli.formats import load_model_files
 from cllm_cli.model import precision
+from cllm_cli.model.generation import stream
 from cllm_cli.threads import MAX_THREADS, default_threads
-from cllm_cli.tokenizers import replace_undecodable
 
 PROG = "cllm_inference"
 MAX_LISTED_UNKNOWN = 8      # unknown prompt words named in the warning
@@ -100,13 +99,6 @@ def check_options(args):
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
 
 
-def load(checkpoint, vocab_path=None):
-    """(model, tokenizer, vocab path) of a .cllm file, a run directory or a transformers GPT-2
-    directory, after checking that the vocabulary is the model's."""
-    cfg, flat, tokenizer, meta, vocab_path = load_model_files(checkpoint, vocab_path)
-    return CLLMModel.from_flat(cfg, flat, meta), tokenizer, vocab_path
-
-
 def unknown_warning(unknown):
     named = ", ".join(repr(t) for t in unknown[:MAX_LISTED_UNKNOWN])
     more = len(unknown) - MAX_LISTED_UNKNOWN
@@ -125,53 +117,10 @@ def replaced_warning(replaced):
     return f"the prompt holds bytes that are not UTF-8, read as U+FFFD: {named}"
 
 
-def stream(model, tokenizer, prompt, out, max_tokens, temperature, top_k, top_p, seed,
-           threads=1, precision="fp32"):
-    """Writes the prompt and its continuation to `out` as the tokens arrive; returns the
-    generated ids (without the final end of text). A byte-level token may end inside a
-    multi-byte character: what decodes to U+FFFD at the end is held back until the
-    character is complete (or the text ends)."""
-    prompt_ids = [int(i) for i in tokenizer.encode(prompt)]
-    prompt = replace_undecodable(prompt)[0]     # bytes that are not UTF-8 shown as U+FFFD
-    shown = prompt.rstrip() if tokenizer.kind == "word" else prompt
-    out.write(shown)
-    out.flush()
-    ids = list(prompt_ids)
-    printed = len(tokenizer.decode(ids))      # characters of the decoded text already shown
-    ends_line = shown.endswith("\n") or not shown
-    generated = []
-    eos = tokenizer.eos_id
-    for next_id in model.generate(prompt_ids, max_tokens=max_tokens, temperature=temperature,
-                                  top_k=top_k, top_p=top_p, seed=seed, stop_ids=(eos,),
-                                  start_id=eos, threads=threads,
-                                  num_tokens=len(tokenizer), precision=precision):
-        if next_id == eos:
-            break
-        ids.append(next_id)
-        generated.append(next_id)
-        printed, ends_line = _show_new(out, tokenizer.decode(ids).rstrip("\ufffd"), printed,
-                                       ends_line)
-    printed, ends_line = _show_new(out, tokenizer.decode(ids), printed, ends_line)
-    if not ends_line:
-        out.write("\n")
-    out.flush()
-    return generated
-
-
-def _show_new(out, text, printed, ends_line):
-    """Writes text[printed:]; returns the new (printed, ends_line)."""
-    piece = text[printed:]
-    if not piece:
-        return printed, ends_line
-    out.write(piece)
-    out.flush()
-    return len(text), piece.endswith("\n")
-
-
 def run(args):
     check_options(args)
     warn_threads(PROG, args.threads)
-    model, tokenizer, _ = load(args.checkpoint, args.vocab)
+    model, tokenizer, _ = load_model(args.checkpoint, args.vocab)
     products = args.precision or model.meta.get("train_config", {}).get("precision", "fp32")
     precision.require(products)
     unknown = tokenizer.unknown_tokens(args.prompt)

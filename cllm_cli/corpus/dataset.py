@@ -16,7 +16,7 @@ How it is done, and why:
      12  dtype code  uint32   2 = uint16 ids, 4 = uint32 ids (the item size)
      16  n_tokens    uint64
      24  key         32 bytes sha256 of the settings, the corpus bytes and, for a given
-                              vocabulary, its hash (see prepare_dataset, _stream_key)
+                              vocabulary, its hash (see prepare_dataset, stream_key)
      56  vocab_len   uint32   number of ids in the vocabulary
      60  vocab_tag   4 bytes  first 4 bytes of the vocab hash
      64  ids_sha256  32 bytes sha256 of the id bytes that follow the header
@@ -82,7 +82,7 @@ def _settings(kind, vocab_size, encoding_errors):
             f"encoding_errors={encoding_errors}\n")
 
 
-def _stream_key(corpus_key, tokenizer):
+def stream_key(corpus_key, tokenizer):
     """The key stored in dataset.bin: the corpus key for a vocabulary built from the corpus,
     the corpus key combined with the vocab hash for a vocabulary given by the caller."""
     if tokenizer is None:
@@ -168,7 +168,7 @@ def _try_reuse(out_dir, corpus_key, kind, tokenizer):
     bin_path, vocab_path = out_dir / "dataset.bin", out_dir / vocab_name
     if not bin_path.is_file():
         return None, None
-    accepted = {corpus_key.hex(), _stream_key(corpus_key, tokenizer).hex()}
+    accepted = {corpus_key.hex(), stream_key(corpus_key, tokenizer).hex()}
     try:
         header = dataset_header(bin_path)
         if header["key"] not in accepted:
@@ -204,7 +204,7 @@ def prepare_dataset(files, out_dir, kind="word", vocab_size=10000, encoding_erro
     encoding_errors) and each file's length and bytes. It does not depend on whether the
     vocabulary was built or given, so a resumed run that passes the saved tokenizer gets the
     key the first run recorded. The vocabulary is identified by tokenizer.vocab_hash;
-    dataset.bin stores a stream key that also covers it when it was given (see _stream_key),
+    dataset.bin stores a stream key that also covers it when it was given (see stream_key),
     and a 4-byte tag of it, so a stream is never reused with a vocabulary it was not encoded
     with.
 
@@ -315,7 +315,7 @@ def _pack_header(dtype, n_tokens, key, tokenizer, ids_sha256):
 
 def _encode_and_write(run, tokenizer, out_dir, given):
     """Encode every block with `tokenizer` straight into dataset.bin. given: the
-    vocabulary came from the caller, not from this corpus (see _stream_key)."""
+    vocabulary came from the caller, not from this corpus (see stream_key)."""
     dtype = _dtype_for(len(tokenizer))
     eos = tokenizer.encode_document("")[-1:].astype(dtype).tobytes()
     if tokenizer.encodes_on_all_cores:
@@ -340,7 +340,7 @@ def _encode_and_write(run, tokenizer, out_dir, given):
                     in_file = 0
         _check_not_empty(n_tokens, run.corpus)
         tokenizer.save(out_dir / tokenizer.file_name)   # only once there is a stream
-        key = _stream_key(run.corpus.key, tokenizer if given else None)
+        key = stream_key(run.corpus.key, tokenizer if given else None)
         f.seek(0)
         f.write(_pack_header(dtype, n_tokens, key, tokenizer, h.digest()))
         progress.done()

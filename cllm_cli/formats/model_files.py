@@ -4,8 +4,8 @@ directory, or a transformers GPT-2 directory. Every command that reads a model r
     resolve_checkpoint   a run directory -> its final_model.cllm, else its newest
                          checkpoint_step_<N>.cllm; anything else is taken as it is
     load_with_tokenizer  a .cllm file and the tokenizer it was trained with
-    load_model_files     any of the three -> (config, flat parameters, tokenizer, meta,
-                         tokenizer path)
+    load_model_files     any of the three -> ModelFiles (config, flat parameters, tokenizer,
+                         meta, tokenizer path)
     checkpoint_params    a loaded checkpoint's parameters (a LoRA one's merged into its base)
     load_lora_base       the base parameters a LoRA checkpoint names, checked by hash
 
@@ -15,14 +15,28 @@ checkpoint is a full model (a transformers directory or a full .cllm), never ano
 checkpoint, so that reading a base never leads to another base (nor back to itself).
 """
 from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
 
 from cllm_cli.errors import CheckpointError, ConversionError, UsageError
 from cllm_cli.fileio import check_regular
 from cllm_cli.formats.checkpoint import first_non_finite, latest_checkpoint
 from cllm_cli.formats.checkpoint_load import check_vocabulary, load_checkpoint
 from cllm_cli.formats.hf_import import load_gpt2_directory
-from cllm_cli.model import content_hash, merge_adapters, named_views, shorten_positions
+from cllm_cli.model import CLLMConfig, content_hash, merge_adapters, named_views, shorten_positions
 from cllm_cli.tokenizers import TOKENIZER_KINDS, BPETokenizer, Tokenizer, tokenizer_class
+
+
+class ModelFiles(NamedTuple):
+    """What load_model_files read: the model's config and flat float32 parameters, the
+    tokenizer it was trained with, the checkpoint's metadata ({} for a transformers directory)
+    and the file the tokenizer came from."""
+    config: CLLMConfig
+    flat: np.ndarray
+    tokenizer: Tokenizer
+    meta: dict
+    tokenizer_path: Path
 
 
 def is_transformers_directory(path):
@@ -74,7 +88,7 @@ def load_with_tokenizer(path, tokenizer_path=None, full=False):
     if len(tokenizer) > cfg.vocab_size:
         raise UsageError(f"{tokenizer_path} has {len(tokenizer)} tokens but the model in {path} "
                          f"has a vocabulary of {cfg.vocab_size}")
-    return cfg, checkpoint_params(ckpt, path), tokenizer, meta, tokenizer_path
+    return ModelFiles(cfg, checkpoint_params(ckpt, path), tokenizer, meta, tokenizer_path)
 
 
 def checkpoint_params(ckpt, path):
@@ -99,10 +113,11 @@ def load_lora_base(lora, cfg, checkpoint):
     base cannot be read, is a LoRA checkpoint, or is another model."""
     base = lora["base_path"]
     try:
-        base_cfg, flat, _, _, _ = load_model_files(base, full=True)
+        base_model = load_model_files(base, full=True)
     except (CheckpointError, ConversionError, UsageError) as e:
         raise CheckpointError(f"{checkpoint} holds LoRA adapters; its base model {base} cannot "
                               f"be read: {e}") from None
+    base_cfg, flat = base_model.config, base_model.flat
     if base_cfg.seq_len > cfg.seq_len:
         base_cfg, flat = shorten_positions(base_cfg, flat, cfg.seq_len)
     if base_cfg != cfg or content_hash(flat) != lora["base_sha256"]:
@@ -113,7 +128,7 @@ def load_lora_base(lora, cfg, checkpoint):
 
 
 def load_model_files(path, tokenizer_path=None, full=False):
-    """(CLLMConfig, flat params, tokenizer, meta, tokenizer path) of a .cllm file, a run
+    """The ModelFiles (config, flat params, tokenizer, meta, tokenizer path) of a .cllm file, a run
     directory or a transformers GPT-2 directory (whose tokenizer is its tokenizer.json, or
     its vocab.json + merges.txt, and meta empty); with `full` a LoRA checkpoint is refused.
     One line (CheckpointError, ConversionError, UsageError) when it cannot be read."""
@@ -122,7 +137,7 @@ def load_model_files(path, tokenizer_path=None, full=False):
             raise UsageError(f"{path} is a transformers directory: its own tokenizer is used, "
                              f"--vocab does not apply")
         cfg, flat, tokenizer = load_gpt2_directory(Path(path))
-        return cfg, flat, tokenizer, {}, BPETokenizer.source(path)[0]
+        return ModelFiles(cfg, flat, tokenizer, {}, BPETokenizer.source(path)[0])
     path = resolve_checkpoint(path)
     if not path.exists():
         raise UsageError(f"{path}: no such file or directory")

@@ -139,31 +139,6 @@ class Log:
         self.events = None
 
 
-LARGE = 1e6     # from here on losses and perplexities are shown as 1.234e+07
-
-
-def fmt_loss(x):
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    return f"{x:.4g}" if abs(x) >= LARGE else f"{x:.4f}"
-
-
-def perplexity(loss):
-    """exp(loss), inf where it overflows."""
-    return math.exp(loss) if loss < math.log(sys.float_info.max) else math.inf
-
-
-def fmt_ppl(loss, decimals=2):
-    """The perplexity of `loss`: fixed-point below LARGE, then 1.23e+07 style, "inf" past
-    the float range (a diverged run)."""
-    ppl = perplexity(loss)
-    return f"{ppl:.{decimals}f}" if ppl < LARGE else f"{ppl:.3g}"
-
-
-def ppl_text(loss):
-    return "" if loss is None or math.isnan(loss) else f" (ppl {fmt_ppl(loss)})"
-
-
 class SilentLog:
     """The Log of a rank other than 0: rank 0 prints and writes the metrics for all."""
 

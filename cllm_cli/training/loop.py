@@ -28,10 +28,10 @@ from cllm_cli._engine import Engine, StepAborted
 from cllm_cli.distributed import AgreedStop, DataParallelEngine, Solo, on_all_ranks, run_rank
 from cllm_cli.errors import Interrupted, PlotError, TrainingError
 from cllm_cli.model import precision
-from cllm_cli.progress import duration
+from cllm_cli.progress import duration, fmt_loss, ppl_text
 from cllm_cli.threads import MAX_THREADS, default_threads
 from cllm_cli.training.config import TrainConfig
-from cllm_cli.training.log import Log, SilentLog, fmt_loss, ppl_text
+from cllm_cli.training.log import Log, SilentLog
 from cllm_cli.training.plot import plot_metrics, require_matplotlib
 from cllm_cli.training.ranks import open_trainer
 from cllm_cli.training.report import (

@@ -16,7 +16,7 @@ import os
 from cllm_cli.errors import MissingDependency, PlotError
 from cllm_cli.fileio import atomic_file, open_regular
 from cllm_cli.jsonfile import JSONError, loads
-from cllm_cli.training.log import fmt_ppl
+from cllm_cli.progress import fmt_ppl
 
 MISSING_MATPLOTLIB = "matplotlib is not installed: pip install matplotlib"
 

@@ -6,8 +6,7 @@ import numpy as np
 
 from cllm_cli.distributed import on_all_ranks
 from cllm_cli.errors import TrainingError
-from cllm_cli.progress import plural
-from cllm_cli.training.log import fmt_loss, fmt_ppl, perplexity
+from cllm_cli.progress import fmt_loss, fmt_ppl, perplexity, plural
 
 UNKNOWN_WARNING = 0.01     # the share of <unk> in the corpus above which the header warns
 

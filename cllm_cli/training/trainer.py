@@ -200,10 +200,10 @@ class Trainer:
         smaller --seq-len keeps the first rows of the position table."""
         cfg, source = self.cfg, f"--init-from {self.cfg.init_from}"
         try:        # the base of adapters is a full model: a LoRA checkpoint is refused
-            mcfg, flat, tokenizer, _, _ = load_model_files(cfg.init_from,
-                                                           full=bool(cfg.lora_rank))
+            start = load_model_files(cfg.init_from, full=bool(cfg.lora_rank))
         except ConversionError as e:
             raise DataError(f"--init-from: {e}") from None
+        mcfg, flat, tokenizer = start.config, start.flat, start.tokenizer
         if "seq_len" in given and cfg.seq_len < mcfg.seq_len:
             mcfg, flat = shorten_positions(mcfg, flat, cfg.seq_len)
         for name in ("embed_dim", "num_layers", "num_heads", "ff_dim", "seq_len", "vocab_size"):
