@@ -19,19 +19,16 @@ the decode rules; bpe gives the text back exactly). --vocab must be a regular fi
 (one line on stderr), 1 standard output lost, 130 Ctrl-C.
 """
 import codecs
-import collections
 import json
 import sys
-from pathlib import Path
 
 from cllm_cli.cli.common import HelpFormatter, Parser, int_option, name_defaults, run_main
 from cllm_cli.corpus import collect_files
 from cllm_cli.corpus.files import decode_text as _decode
 from cllm_cli.corpus.files import read_text
-from cllm_cli.errors import DataError, UsageError
-from cllm_cli.fileio import check_regular
+from cllm_cli.errors import UsageError
 from cllm_cli.jsonfile import JSONError, loads
-from cllm_cli.tokenizers import TOKENIZER_KINDS, BPETokenizer, Tokenizer
+from cllm_cli.tokenizers import TOKENIZER_KINDS, load_tokenizer, token_stats
 
 PROG = "cllm_tokenize"
 STDIN = "-"
@@ -173,28 +170,6 @@ def decode_files(tokenizer, names, as_json, out):
             out.write(text if text.endswith("\n") else text + "\n")
 
 
-def token_stats(tokenizer, names, top):
-    """Counts over all files: {"files", "tokens", "unknown", "unknown_rate", "distinct",
-    "vocab_size", "top": [[token, count], ...], "unknown_top": [[word, count], ...]}. Unknown
-    words are counted under their own spelling in unknown_top and as <unk> in top."""
-    counts = collections.Counter()
-    missing = collections.Counter()
-    for name in names:
-        text = read_input(name)
-        ids = tokenizer.encode(text)
-        counts.update(ids.tolist())
-        if (ids == tokenizer.unk_id).any():
-            missing.update(t for t in tokenizer.tokens(text) if t not in tokenizer.stoi)
-    total = sum(counts.values())
-    unknown = counts.get(tokenizer.unk_id, 0)
-    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
-    return {"files": list(names), "tokens": total, "unknown": unknown,
-            "unknown_rate": unknown / total if total else 0.0,
-            "distinct": len(counts), "vocab_size": len(tokenizer),
-            "top": [[tokenizer.token_text(i), c] for i, c in ranked],
-            "unknown_top": [[t, c] for t, c in missing.most_common(top)]}
-
-
 def format_stats(stats):
     lines = [f"files:          {len(stats['files'])}",
              f"tokens:         {stats['tokens']:,}",
@@ -221,35 +196,16 @@ def _show(token):
     return repr(token)[1:-1] if token != " " else "' '"
 
 
-def load_tokenizer(path, kind):
-    if kind == "bpe" or (kind == "auto" and (Path(path).is_dir() or Path(path).suffix == ".json")):
-        BPETokenizer.check_files(path, "--vocab")     # tokenizer.json, or vocab.json + merges.txt
-        return Tokenizer.load(path, "bpe")
-    check_regular(path, "--vocab")
-    if kind != "auto":
-        return Tokenizer.load(path, kind)
-    try:
-        with open(path, "rb") as f:
-            start = f.read(64)
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
-    if start.lstrip().startswith(b"{"):
-        return Tokenizer.load(path, "bpe")
-    tokenizer = Tokenizer.load(path, "word")
-    if any(t.isspace() for t in tokenizer.itos):
-        return Tokenizer.load(path, "char")
-    return tokenizer
-
-
 def run(args, out):
     if args.data.count(STDIN) > 1:
         raise UsageError("standard input ('-') can be read only once")
-    tokenizer = load_tokenizer(args.vocab, args.tokenizer)
+    tokenizer = load_tokenizer(args.vocab, args.tokenizer, "--vocab")
     args.data = expand(args.data, args.glob)
     if args.decode:
         decode_files(tokenizer, args.data, args.json, out)
     elif args.stats:
-        stats = token_stats(tokenizer, args.data, args.top)
+        stats = token_stats(tokenizer, ((name, read_input(name)) for name in args.data),
+                            args.top)
         if args.json:
             out.write(json.dumps(stats, ensure_ascii=False) + "\n")
         else:

@@ -11,19 +11,10 @@ Choices written down here:
   generation_config.json: cllm_inference's sampling defaults (temperature 0.8, top-k 40, top-p
   0.95). GPT-2 has no position past seq_len, so prompt + new tokens must fit in it (our
   generate slides its window instead).
-- Tokenizers: bpe copies its tokenizer.json. word and char become `tokenizers` WordLevel
-  pipelines giving our ids, with <unk> for what the vocabulary lacks. word: Lowercase
-  normalizer, then a Split pre-tokenizer keeping `[\\p{L}\\p{N}_]+(?:'[\\p{L}\\p{N}_]+)*|
-  [^\\p{L}\\p{N}_\\s]` (Python's `\\w+(?:'\\w+)*|[^\\w\\s]`; the library's own `\\w` would also take
-  combining marks); a decoder that gives the text our decode gives (WORD_DECODING: the
-  tokens joined by single spaces, then the spaces our rules leave out removed by regular
-  expressions; clean_up_tokenization_spaces is off, as it would undo some). Its quote rule
-  counts the quotes before each one on the line, a cost that grows with the square of a
-  line's length (a line of 20 KB decodes in about 0.1 s). The library lower-cases
-  one character at a time, so a final capital sigma becomes σ where Python writes ς. char:
-  every character is a token; a Fuse decoder gives the text back unchanged.
-  transformers reads special tokens ("<eos>", ...) typed in text as those tokens; our
-  tokenizers read them as text.
+- Tokenizers: each kind writes its own tokenizer.json (Tokenizer.tokenizer_json): bpe copies
+  its file; word and char build `tokenizers` WordLevel pipelines that give our ids and our
+  decoding (tokenizers/word.py and char.py say how). transformers reads special tokens
+  ("<eos>", ...) typed in text as those tokens; our tokenizers read them as text.
 - The directory is written all or nothing (write_directory), and never over a directory that
   appears at OUT while it is written (another export's, a user's). Its temporary directories are
   named `.OUT.<pid>.<host>.<hex>.tmp` (and `.old` for the directory --force replaces): the
@@ -43,38 +34,13 @@ import shutil
 import socket
 from pathlib import Path
 
-import tokenizers
-from tokenizers import decoders, models, normalizers, pre_tokenizers
-
 from cllm_cli.errors import ConversionError, WriteFailed
 from cllm_cli.fileio import fsync_directory, reason, signals_held, write_error
 from cllm_cli.formats.gpt2_names import LAYER_NORM_EPS, gpt2_name, is_conv1d
 from cllm_cli.formats.tensorfile import safetensors_header, write_tensors
 from cllm_cli.model import named_views
-from cllm_cli.tokenizers import SPECIALS, UNK, BPETokenizer
 
 GENERATION = {"do_sample": True, "temperature": 0.8, "top_k": 40, "top_p": 0.95}
-
-# Python's \w is letters, digits (numeric characters) and "_"; [^\w\s] every other non-space.
-WORD_PATTERN = r"[\p{L}\p{N}_]+(?:'[\p{L}\p{N}_]+)*|[^\p{L}\p{N}_\s]"
-
-# The word tokenizer's decoding (tokenizers/word.py) as replacements in the text of the tokens
-# joined by single spaces. No token holds a space, so every space lies between two tokens and
-# the characters either side of it are the ends of those tokens. _LINE is the text of a line
-# outside quotes; a quote with an odd number of quotes before it on its line (itself
-# included) opens, the next one closes. The cheap look-arounds first keep the counting to
-# the spaces next to a quote.
-_LINE = r'[^"\n]*'
-WORD_DECODING = (
-    (r" <(?:pad|bos)>", ""),                                         # skipped,
-    (r"^<(?:pad|bos)> ?", ""),                                       # also first on a line
-    (r" ?<eos> ?", "\n"),                                           # a line end
-    (rf'(?<=")(?<=^(?:{_LINE}"{_LINE}")*{_LINE}") ', ""),           # after an opening quote
-    (rf' (?=")(?<=^(?:{_LINE}"{_LINE}")*{_LINE}"{_LINE} )', ""),    # before a closing quote
-    (r" (?=[.,;:!?%')\]}\u2026/-])", ""),                           # before . , ) - / ...
-    (r"(?<=[(\[{/-]) ", ""),                                         # after ( [ { - /
-)
-
 
 # ---------------------------------------------------------------------------------------
 # Layouts
@@ -104,9 +70,7 @@ def _special_ids(tokenizer):
 
 
 def _token(tokenizer, i):
-    if isinstance(tokenizer, BPETokenizer):
-        return tokenizer.id_to_token(i)
-    return tokenizer.itos[i]
+    return tokenizer.id_to_token(i)
 
 
 def gpt2_config(cfg, tokenizer):
@@ -155,36 +119,13 @@ def generation_config(tokenizer):
 # Tokenizer files
 # ---------------------------------------------------------------------------------------
 
-def word_char_pipeline(tokenizer):
-    """A `tokenizers` WordLevel pipeline giving the ids of a word or char Tokenizer."""
-    vocab = {t: i for i, t in enumerate(tokenizer.itos)}
-    tk = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token=SPECIALS[UNK]))
-    if tokenizer.kind == "word":
-        tk.normalizer = normalizers.Lowercase()
-        tk.pre_tokenizer = pre_tokenizers.Split(tokenizers.Regex(WORD_PATTERN),
-                                                behavior="removed", invert=True)
-        # WordPiece with a prefix no token has: the tokens joined by single spaces
-        tk.decoder = decoders.Sequence(
-            [decoders.WordPiece(prefix="\x00", cleanup=False), decoders.Fuse()]
-            + [decoders.Replace(tokenizers.Regex(pattern), text) for pattern, text in WORD_DECODING])
-    else:
-        tk.pre_tokenizer = pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), behavior="isolated")
-        tk.decoder = decoders.Fuse()
-    tk.add_special_tokens([tokenizers.AddedToken(s, special=True, normalized=False)
-                           for s in SPECIALS])
-    return tk
-
-
 def _json_bytes(obj):
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 def tokenizer_files(tokenizer, model_max_length):
     """{file name: bytes}: tokenizer.json, tokenizer_config.json, special_tokens_map.json."""
-    if isinstance(tokenizer, BPETokenizer):
-        tokenizer_json = tokenizer.json_bytes
-    else:
-        tokenizer_json = word_char_pipeline(tokenizer).to_str().encode("utf-8")
+    tokenizer_json = tokenizer.tokenizer_json()
     specials = {f"{key}_token": _token(tokenizer, i)
                 for key, i in _special_ids(tokenizer).items() if i >= 0}
     config = {

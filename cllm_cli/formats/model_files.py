@@ -20,12 +20,11 @@ from typing import NamedTuple
 import numpy as np
 
 from cllm_cli.errors import CheckpointError, ConversionError, UsageError
-from cllm_cli.fileio import check_regular
 from cllm_cli.formats.checkpoint import first_non_finite, latest_checkpoint
 from cllm_cli.formats.checkpoint_load import check_vocabulary, load_checkpoint
 from cllm_cli.formats.hf_import import load_gpt2_directory
 from cllm_cli.model import CLLMConfig, content_hash, merge_adapters, named_views, shorten_positions
-from cllm_cli.tokenizers import TOKENIZER_KINDS, BPETokenizer, Tokenizer, tokenizer_class
+from cllm_cli.tokenizers import TOKENIZER_KINDS, BPETokenizer, Tokenizer, load_tokenizer, tokenizer_class
 
 
 class ModelFiles(NamedTuple):
@@ -78,11 +77,7 @@ def load_with_tokenizer(path, tokenizer_path=None, full=False):
         if not tokenizer_path.exists():
             raise UsageError(f"no {name} next to {path} (looked for {tokenizer_path}); give "
                              f"the training run's {name} with --vocab")
-    if kind == "bpe":       # a tokenizer.json, or GPT-2's vocab.json + merges.txt
-        BPETokenizer.check_files(tokenizer_path, "vocabulary")
-    else:
-        check_regular(tokenizer_path, "vocabulary")
-    tokenizer = Tokenizer.load(tokenizer_path, kind)
+    tokenizer = load_tokenizer(tokenizer_path, kind, "vocabulary")
     if meta.get("vocab_hash") is not None:      # files saved without one are taken as they are
         check_vocabulary(tokenizer.vocab_hash, tokenizer_path, meta["vocab_hash"], path)
     if len(tokenizer) > cfg.vocab_size:

@@ -54,7 +54,7 @@ def stream(model, tokenizer, prompt, out, max_tokens, temperature, top_k, top_p,
     character is complete (or the text ends)."""
     prompt_ids = [int(i) for i in tokenizer.encode(prompt)]
     prompt = replace_undecodable(prompt)[0]     # bytes that are not UTF-8 shown as U+FFFD
-    shown = prompt.rstrip() if tokenizer.kind == "word" else prompt
+    shown = tokenizer.shown_prompt(prompt)
     out.write(shown)
     out.flush()
     ids = list(prompt_ids)

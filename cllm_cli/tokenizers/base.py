@@ -10,8 +10,9 @@ those modules are imported. Importing anything under cllm_cli.tokenizers runs __
 first, so the registry is complete before any caller can reach it.
 
 A new kind is a class with the interface of Tokenizer (kind, file_name, train, read,
-check_vocab_size, encode, decode, unknown_tokens, __len__, vocab_hash, save) and one entry in
-TOKENIZERS; nothing else changes. Its block_cut (where a corpus file may be cut into blocks)
+check_vocab_size, encode, decode, unknown_tokens, __len__, vocab_hash, save, and for reading a
+file of unknown kind and exporting: recognises, detect_rank, check_files, tokenizer_json) and
+one entry in TOKENIZERS; nothing else changes: no other module names a kind. Its block_cut (where a corpus file may be cut into blocks)
 is optional: without it each file is tokenized whole. prepare_dataset (corpus/dataset.py)
 builds a kind's vocabulary with train() and then encodes the corpus, or, when the kind gives a
 scanner() (word and char do), builds vocabulary and token stream in one pass over the corpus.
@@ -24,6 +25,7 @@ import re
 import numpy as np
 
 from cllm_cli.errors import DataError
+from cllm_cli.fileio import check_regular
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]
@@ -56,6 +58,21 @@ def replace_undecodable(text):
     return fixed, bad
 
 
+def load_tokenizer(path, kind="auto", what="--vocab"):
+    """The tokenizer in `path` (a file, or a directory where a kind reads one): of `kind`, or
+    with "auto" of the first kind, by detect_rank, that recognises it. One line (DataError,
+    UsageError naming `what`) when it cannot be read."""
+    if kind == "auto":
+        ranked = sorted(TOKENIZERS.values(), key=lambda c: c.detect_rank)
+        kind = next((c.kind for c in ranked if c.recognises(path, what)), None)
+        if kind is None:
+            raise DataError(f"{what} {path}: not a tokenizer file of any kind "
+                            f"({', '.join(TOKENIZERS)})")
+    cls = tokenizer_class(kind)
+    cls.check_files(path, what)
+    return cls.read(path)
+
+
 class Tokenizer:
     """The interface of every tokenizer kind; the trainer, inference and the dataset cache use
     nothing else. Build one with Tokenizer.build(documents, kind, vocab_size) or read one with
@@ -63,6 +80,7 @@ class Tokenizer:
 
     kind = None            # its name in TOKENIZERS
     file_name = None       # the file save() writes in a checkpoint directory
+    detect_rank = 0        # load_tokenizer(kind="auto") asks the kinds in this order
     # special ids: those of SPECIALS; a tokenizer.json may lack <pad> (-1) or put them elsewhere
     pad_id, unk_id, bos_id, eos_id = PAD, UNK, BOS, EOS
 
@@ -99,6 +117,27 @@ class Tokenizer:
     @classmethod
     def read(cls, path):
         """The tokenizer save() wrote to `path`; DataError (one line) if the file is bad."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_files(cls, path, what):
+        """The file read() reads for `path`, checked to open as a regular file: UsageError
+        naming `what` otherwise."""
+        check_regular(path, what)
+        return path
+
+    @classmethod
+    def recognises(cls, path, what):
+        """Whether `path` holds a tokenizer of this kind (load_tokenizer with kind "auto")."""
+        return False
+
+    def shown_prompt(self, prompt):
+        """The prompt as generation echoes it before the continuation."""
+        return prompt
+
+    def tokenizer_json(self):
+        """This tokenizer as a `tokenizers` tokenizer.json (bytes), for a transformers
+        directory."""
         raise NotImplementedError
 
     @classmethod

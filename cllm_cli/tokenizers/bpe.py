@@ -148,6 +148,7 @@ class BPETokenizer(Tokenizer):
 
     kind = "bpe"
     file_name = "tokenizer.json"
+    detect_rank = 0         # a directory, a .json file, or a file that starts as JSON
     train_bytes = TRAIN_BYTES
     min_vocab_size = MIN_VOCAB_SIZE
     max_vocab_size = MAX_VOCAB_SIZE
@@ -397,6 +398,22 @@ class BPETokenizer(Tokenizer):
         if not merges.is_file():
             raise DataError(f"{named}: no merges.txt next to {vocab.name}; {MISSING}")
         return vocab, merges
+
+    @classmethod
+    def recognises(cls, path, what):
+        path = Path(path)
+        if path.is_dir() or path.suffix == ".json":
+            return True
+        check_regular(path, what)
+        try:
+            with open(path, "rb") as f:
+                start = f.read(64)
+        except OSError as e:
+            raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+        return start.lstrip().startswith(b"{")
+
+    def tokenizer_json(self):
+        return self.json_bytes
 
     @classmethod
     def check_files(cls, path, what):

@@ -4,18 +4,24 @@
   there are more distinct characters than vocab_size - 4, the most frequent ones are kept
   (ties: lower code point first), still listed in code-point order; the rest map to <unk>.
 - Decoding skips <pad> and <bos>, turns <eos> into a newline and writes <unk> as "<unk>".
+- As a tokenizer.json (tokenizer_json): a `tokenizers` WordLevel pipeline in which every
+  character is a token; a Fuse decoder gives the text back unchanged.
 """
 import numpy as np
+import tokenizers
+from tokenizers import decoders, pre_tokenizers
 
+from cllm_cli.errors import DataError
 from cllm_cli.fileio import char_cut
 from cllm_cli.tokenizers.base import BOS, EOS, PAD, SPECIALS, UNK
-from cllm_cli.tokenizers.vocab import Scanner, VocabTokenizer
+from cllm_cli.tokenizers.vocab import Scanner, VocabTokenizer, word_level_pipeline
 
 
 class CharTokenizer(VocabTokenizer):
     """Every distinct character, in code-point order; no lower-casing."""
 
     kind = "char"
+    detect_rank = 1         # a vocab.txt that lists white space as tokens
 
     def __init__(self, itos, counts):
         super().__init__(itos, counts)
@@ -24,6 +30,20 @@ class CharTokenizer(VocabTokenizer):
     @classmethod
     def scanner(cls):
         return CharScanner()
+
+    @classmethod
+    def recognises(cls, path, what):
+        try:
+            vocabulary = cls.read(path)
+        except DataError:
+            return False
+        return any(token.isspace() for token in vocabulary.itos)
+
+    def tokenizer_json(self):
+        tk = word_level_pipeline(self)
+        tk.pre_tokenizer = pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), behavior="isolated")
+        tk.decoder = decoders.Fuse()
+        return tk.to_str().encode("utf-8")
 
     @classmethod
     def _token_error(cls, token):

@@ -18,6 +18,8 @@ import pathlib
 import re
 
 import numpy as np
+import tokenizers
+from tokenizers import models
 
 from cllm_cli.errors import DataError, WriteFailed
 from cllm_cli.fileio import atomic_file, read_bytes
@@ -37,6 +39,17 @@ def _escape(token):
 
 def _unescape(field):
     return _ESCAPE_SEQ.sub(lambda m: _UNESCAPES[m.group(1)], field)
+
+
+def word_level_pipeline(vocabulary):
+    """A `tokenizers` WordLevel model over a VocabTokenizer's tokens (our ids, <unk> for what
+    the vocabulary lacks) with the special tokens added; each kind adds its normalizer,
+    pre-tokenizer and decoder (tokenizer_json)."""
+    tk = tokenizers.Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocabulary.itos)},
+                                               unk_token=SPECIALS[UNK]))
+    tk.add_special_tokens([tokenizers.AddedToken(s, special=True, normalized=False)
+                           for s in SPECIALS])
+    return tk
 
 
 class VocabTokenizer(Tokenizer):

@@ -9,14 +9,26 @@
   none after opening brackets, none around - and / (hyphenated words come back whole), and
   double quotes alternate between opening (space before, none after) and closing (no space
   before). The text stays lower-case.
+- As a tokenizer.json (tokenizer_json, for a transformers directory): a `tokenizers`
+  WordLevel pipeline giving our ids, with <unk> for what the vocabulary lacks: a Lowercase
+  normalizer, then a Split pre-tokenizer keeping `[\\p{L}\\p{N}_]+(?:'[\\p{L}\\p{N}_]+)*|
+  [^\\p{L}\\p{N}_\\s]` (Python's `\\w+(?:'\\w+)*|[^\\w\\s]`; the library's own `\\w` would also
+  take combining marks); a decoder that gives the text our decode gives (WORD_DECODING: the
+  tokens joined by single spaces, then the spaces our rules leave out removed by regular
+  expressions; clean_up_tokenization_spaces is off, as it would undo some). Its quote rule
+  counts the quotes before each one on the line, a cost that grows with the square of a
+  line's length (a line of 20 KB decodes in about 0.1 s). The library lower-cases one
+  character at a time, so a final capital sigma becomes σ where Python writes ς.
 """
 import itertools
 import re
 
 import numpy as np
+import tokenizers
+from tokenizers import decoders, normalizers, pre_tokenizers
 
 from cllm_cli.tokenizers.base import BOS, EOS, PAD, SPECIALS, UNK
-from cllm_cli.tokenizers.vocab import FirstSeen, Scanner, VocabTokenizer
+from cllm_cli.tokenizers.vocab import FirstSeen, Scanner, VocabTokenizer, word_level_pipeline
 
 _WORD_RE = re.compile(r"\w+(?:'\w+)*|[^\w\s]")
 
@@ -25,15 +37,54 @@ _NO_SPACE_BEFORE = frozenset(".,;:!?%')]}\u2026")
 _NO_SPACE_AFTER = frozenset("([{")
 _JOINERS = frozenset("-/")          # no space on either side: "well-known", "and/or"
 
+# Python's \w is letters, digits (numeric characters) and "_"; [^\w\s] every other non-space.
+WORD_PATTERN = r"[\p{L}\p{N}_]+(?:'[\p{L}\p{N}_]+)*|[^\p{L}\p{N}_\s]"
+
+# The word tokenizer's decoding (tokenizers/word.py) as replacements in the text of the tokens
+# joined by single spaces. No token holds a space, so every space lies between two tokens and
+# the characters either side of it are the ends of those tokens. _LINE is the text of a line
+# outside quotes; a quote with an odd number of quotes before it on its line (itself
+# included) opens, the next one closes. The cheap look-arounds first keep the counting to
+# the spaces next to a quote.
+_LINE = r'[^"\n]*'
+WORD_DECODING = (
+    (r" <(?:pad|bos)>", ""),                                         # skipped,
+    (r"^<(?:pad|bos)> ?", ""),                                       # also first on a line
+    (r" ?<eos> ?", "\n"),                                           # a line end
+    (rf'(?<=")(?<=^(?:{_LINE}"{_LINE}")*{_LINE}") ', ""),           # after an opening quote
+    (rf' (?=")(?<=^(?:{_LINE}"{_LINE}")*{_LINE}"{_LINE} )', ""),    # before a closing quote
+    (r" (?=[.,;:!?%')\]}\u2026/-])", ""),                           # before . , ) - / ...
+    (r"(?<=[(\[{/-]) ", ""),                                         # after ( [ { - /
+)
+
 
 class WordTokenizer(VocabTokenizer):
     """Lower-cased words and single punctuation marks (rules in the module docstring)."""
 
     kind = "word"
+    detect_rank = 2         # any vocab.txt that no other kind recognises
 
     @classmethod
     def scanner(cls):
         return WordScanner()
+
+    @classmethod
+    def recognises(cls, path, what):
+        return True
+
+    def shown_prompt(self, prompt):
+        return prompt.rstrip()
+
+    def tokenizer_json(self):
+        tk = word_level_pipeline(self)
+        tk.normalizer = normalizers.Lowercase()
+        tk.pre_tokenizer = pre_tokenizers.Split(tokenizers.Regex(WORD_PATTERN),
+                                                behavior="removed", invert=True)
+        # WordPiece with a prefix no token has: the tokens joined by single spaces
+        tk.decoder = decoders.Sequence(
+            [decoders.WordPiece(prefix="\x00", cleanup=False), decoders.Fuse()]
+            + [decoders.Replace(tokenizers.Regex(pattern), text) for pattern, text in WORD_DECODING])
+        return tk.to_str().encode("utf-8")
 
     def tokens(self, text):
         return _WORD_RE.findall(text.lower())
