@@ -236,7 +236,7 @@ def test_an_exception_on_one_rank_stops_every_rank_with_one_line_naming_it(long_
     p = run(3, 1, long_corpus, *TINY, "--checkpoint-dir", ck, "--save-interval", "1",
             hook="fail:2:3")
     assert p.returncode == 1, p.stderr
-    ours = [line for line in p.stderr.splitlines() if line.startswith("train_model:")]
+    ours = [line for line in p.stderr.splitlines() if line.startswith("train_model: error:")]
     assert ours == ["train_model: error: rank 2 of 3: RuntimeError: injected failure at step 3"], \
         p.stderr
     assert "Traceback" not in p.stderr

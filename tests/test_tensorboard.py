@@ -10,6 +10,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -346,6 +347,18 @@ def read_until(proc, pattern):
 
 
 @pytest.mark.slow
+def test_a_new_event_file_sorts_after_every_earlier_one(tmp_path):
+    """TensorBoard reads a directory's event files in name order: a resume started within the
+    same second as the run it continues (or with a clock behind it), whose pid sorts first,
+    must still come after it."""
+    from cllm_cli.training.tensorboard import event_file_name
+    later = int(time.time()) + 100
+    earlier_run = tmp_path / f"events.out.tfevents.{later}.host.99999999"
+    earlier_run.write_bytes(b"")
+    new = event_file_name(str(tmp_path))
+    assert sorted([str(earlier_run), new])[-1] == new
+
+
 def test_sigterm_closes_the_file_and_resume_continues(long_corpus, tmp_path, capsys):
     ck, tb, m = tmp_path / "ck", tmp_path / "tb", tmp_path / "m.jsonl"
     proc = start(long_corpus, ck, tb, m)

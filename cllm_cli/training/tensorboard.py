@@ -21,6 +21,7 @@ steps a stopped run logged after its last checkpoint, or an earlier run in the s
 import contextlib
 import math
 import os
+import re
 import socket
 import time
 
@@ -60,8 +61,15 @@ def tag(key):
 
 def event_file_name(directory):
     """A new file's path: TensorBoard reads the files whose name holds "tfevents", in name
-    order; a name already taken (the same process within the same second) gets a counter."""
-    base = os.path.join(directory, f"events.out.tfevents.{int(time.time())}."
+    order, so the new file's time stamp is later than every earlier file's in the directory
+    (a resume within the same second as the run it continues, another process's pid sorting
+    first, still comes after it); a name already taken gets a counter."""
+    stamp = int(time.time())
+    for name in os.listdir(directory):
+        match = re.match(r"events\.out\.tfevents\.(\d+)\.", name)
+        if match:
+            stamp = max(stamp, int(match.group(1)) + 1)
+    base = os.path.join(directory, f"events.out.tfevents.{stamp}."
                                    f"{socket.gethostname()}.{os.getpid()}")
     path, n = base, 0
     while os.path.exists(path):
