@@ -4,6 +4,8 @@ Input and usage faults end with status 2, faults of the run or of the set-up wit
 signal with 128 + its number. The command-line tools map exceptions to statuses with
 exit_status(), so that each class has one status wherever it is raised.
 """
+from __future__ import annotations
+
 import signal
 
 from cllm_cli._engine import ProductError
@@ -64,7 +66,7 @@ class Interrupted(Exception):
     """A stop signal: the last completed step has been saved (if training had started).
     The exit status is 128 + the signal's number."""
 
-    def __init__(self, signum=signal.SIGINT):
+    def __init__(self, signum: int = signal.SIGINT) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
         self.status = 128 + signum
@@ -77,13 +79,13 @@ class RankLost(Exception):
 class AllRanksStop(Exception):
     """Every rank stops here with `status`; rank 0 has said why."""
 
-    def __init__(self, status):
+    def __init__(self, status: int) -> None:
         super().__init__(f"stopped with rank 0 (status {status})")
         self.status = status
 
 
 # Tried in order: the first class an error is an instance of gives its status.
-STATUSES = {
+STATUSES: dict[tuple[type[BaseException], ...], int] = {
     (UsageError, DataError, CheckpointError, ConversionError, DistributedError, PrecisionError,
      PlotError, MissingExtra): 2,
     (TrainingError, MissingDependency, SamplingError, RankLost, ProductError,
@@ -91,7 +93,8 @@ STATUSES = {
 }
 
 
-def exit_status(error, statuses=STATUSES):
+def exit_status(error: BaseException,
+                statuses: dict[tuple[type[BaseException], ...], int] = STATUSES) -> int:
     """The status a command ends with after `error` (1 for anything not listed)."""
     if isinstance(error, (Interrupted, AllRanksStop)):
         return error.status
