@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Iterable, Sequence
+from typing import Any, ClassVar, Iterable, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -86,7 +86,7 @@ class Tokenizer:
     Tokenizer.load(path, kind)."""
 
     kind: str | None = None            # its name in TOKENIZERS
-    file_name: str | None = None       # the file save() writes in a checkpoint directory
+    file_name: ClassVar[str]            # the file save() writes in a checkpoint directory
     detect_rank = 0        # load_tokenizer(kind="auto") asks the kinds in this order
     # special ids: those of SPECIALS; a tokenizer.json may lack <pad> (-1) or put them elsewhere
     pad_id, unk_id, bos_id, eos_id = PAD, UNK, BOS, EOS
@@ -214,10 +214,10 @@ class Tokenizer:
         return f"{type(self).__name__}(size={len(self)})"
 
 
-def tokenizer_class(kind: str) -> type[Tokenizer]:
+def tokenizer_class(kind: str | None) -> type[Tokenizer]:
     """The class of tokenizer `kind`; DataError for an unknown kind."""
     try:
-        return TOKENIZERS[kind]
+        return TOKENIZERS[kind]        # type: ignore[index]  # None: the KeyError below
     except (KeyError, TypeError):
         raise DataError(f"tokenizer kind must be one of {', '.join(TOKENIZERS)}, "
                         f"got {kind!r}") from None
