@@ -14,13 +14,17 @@ pytorch_model.bin (not read: unpickling can run code). Tensor names may lack the
 (model.safetensors.index.json) are read, and the causal-mask buffers old files carry are left
 out. The tokenizer is the directory's tokenizer.json (bpe kind).
 """
+from __future__ import annotations
+
 import json
 import math
 import os
 import struct
 from pathlib import Path
+from typing import Any, Mapping, NoReturn
 
 import numpy as np
+from numpy.typing import NDArray
 
 from cllm_cli._engine import num_parameters
 from cllm_cli.errors import ConversionError, DataError
@@ -37,21 +41,24 @@ IGNORED_BUFFERS = (".attn.bias", ".attn.masked_bias")   # causal masks old GPT-2
 _SIZES = {"vocab_size": ("vocab_size", 50257), "embed_dim": ("n_embd", 768),
           "num_layers": ("n_layer", 12), "num_heads": ("n_head", 12), "ff_dim": ("n_inner", 0),
           "seq_len": ("n_positions", 1024)}
-_WIDEN = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+# a tensor in a safetensors file: (dtype, shape, absolute byte offset, byte length)
+_Entry = tuple[str, tuple[int, ...], int, int]
+
+_WIDEN: dict[str, np.dtype] = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
 
 
 # ---------------------------------------------------------------------------------------
 # Loading a transformers GPT-2 directory
 # ---------------------------------------------------------------------------------------
 
-def _read_json(path):
+def _read_json(path: str | os.PathLike) -> dict[str, Any]:
     obj = read_json(path, ConversionError)
     if not isinstance(obj, dict):
         raise ConversionError(f"{path}: not a JSON object")
     return obj
 
 
-def _safetensors_index(path):
+def _safetensors_index(path: str | os.PathLike) -> dict[str, _Entry]:
     """{tensor name: (dtype, shape, absolute byte offset, byte length)} of one file."""
     try:
         size = os.path.getsize(path)
@@ -72,7 +79,7 @@ def _safetensors_index(path):
     if not isinstance(header, dict):
         raise ConversionError(f"{path}: not a safetensors file (bad header)")
     header.pop("__metadata__", None)
-    index = {}
+    index: dict[str, _Entry] = {}
     for name, info in header.items():
         try:
             begin, end = info["data_offsets"]
@@ -83,7 +90,7 @@ def _safetensors_index(path):
     return index
 
 
-def _read_tensor(path, name, entry):
+def _read_tensor(path: str | os.PathLike, name: str, entry: _Entry) -> NDArray[np.float32]:
     """float32 array of one tensor; float16 and bfloat16 widen exactly."""
     dtype, shape, offset, length = entry
     if dtype not in _WIDEN:
@@ -104,7 +111,7 @@ def _read_tensor(path, name, entry):
     return raw.astype(np.float32).reshape(shape)
 
 
-def _weight_files(directory):
+def _weight_files(directory: Path) -> dict[str, tuple[Path, _Entry]]:
     """{tensor name: (file, index entry)} of model.safetensors or its shards."""
     single = directory / "model.safetensors"
     index_path = directory / "model.safetensors.index.json"
@@ -114,7 +121,7 @@ def _weight_files(directory):
         weight_map = _read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ConversionError(f"{index_path}: no weight_map")
-        found = {}
+        found: dict[str, tuple[Path, _Entry]] = {}
         for shard in sorted(set(weight_map.values())):
             for name, e in _safetensors_index(directory / shard).items():
                 found[name] = (directory / shard, e)
@@ -126,13 +133,13 @@ def _weight_files(directory):
     raise ConversionError(f"{directory}: no model.safetensors")
 
 
-def _setting(config, key, default):
+def _setting(config: Mapping[str, Any], key: str, default: Any) -> Any:
     return config[key] if config.get(key) is not None else default
 
 
-def _check_gpt2_config(path, config):
+def _check_gpt2_config(path: str | os.PathLike, config: Mapping[str, Any]) -> CLLMConfig:
     """Refuses a config.json our model cannot compute exactly; returns the CLLMConfig."""
-    def refuse(what):
+    def refuse(what: str) -> NoReturn:
         raise ConversionError(f"{path}: {what}")
 
     model_type = config.get("model_type")
@@ -170,14 +177,14 @@ def _check_gpt2_config(path, config):
         refuse(f"model size not supported: {e}")
 
 
-def load_gpt2_directory(directory):
+def load_gpt2_directory(directory: str | os.PathLike) -> tuple[CLLMConfig, NDArray[np.float32], BPETokenizer]:
     directory = Path(directory)
     config_path = directory / "config.json"
     config = _read_json(config_path)
     cfg = _check_gpt2_config(config_path, config)
     tied = _setting(config, "tie_word_embeddings", True)
 
-    files = {}
+    files: dict[str, tuple[str, Path, _Entry]] = {}
     for name, where in _weight_files(directory).items():
         short = name[len("transformer."):] if name.startswith("transformer.") else name
         if short.endswith(IGNORED_BUFFERS):
