@@ -7,6 +7,7 @@ exit_status(), so that each class has one status wherever it is raised.
 from __future__ import annotations
 
 import signal
+from typing import Dict, Tuple, Type, Union
 
 from cllm_cli._engine import ProductError
 
@@ -85,7 +86,10 @@ class AllRanksStop(Exception):
 
 
 # Tried in order: the first class an error is an instance of gives its status.
-STATUSES: dict[tuple[type[BaseException], ...], int] = {
+# exception classes (a class or a tuple of them) -> the exit status they end a command with
+Statuses = Dict[Union[Type[BaseException], Tuple[Type[BaseException], ...]], int]
+
+STATUSES: Statuses = {
     (UsageError, DataError, CheckpointError, ConversionError, DistributedError, PrecisionError,
      PlotError, MissingExtra): 2,
     (TrainingError, MissingDependency, SamplingError, RankLost, ProductError,
@@ -93,8 +97,7 @@ STATUSES: dict[tuple[type[BaseException], ...], int] = {
 }
 
 
-def exit_status(error: BaseException,
-                statuses: dict[tuple[type[BaseException], ...], int] = STATUSES) -> int:
+def exit_status(error: BaseException, statuses: Statuses = STATUSES) -> int:
     """The status a command ends with after `error` (1 for anything not listed)."""
     if isinstance(error, (Interrupted, AllRanksStop)):
         return error.status
