@@ -85,10 +85,10 @@ class TrainConfig:
                                fixed=True, metavar="ALPHA")
     lora_dropout: float = option(0.0, "fine-tuning", "dropout on the adapters' inputs, in "
                                  "training only", fixed=True, metavar="P")
-    lora_targets: str = option("attn", "fine-tuning", "the layers with adapters, comma-separated: "
-                               "attn (the attention's c_attn), proj (the attention's c_proj), "
-                               "mlp (the MLP's c_fc and c_proj)", fixed=True,
-                               metavar=",".join(target_groups()))
+    lora_targets: str = option("attn", "fine-tuning", "the layers with adapters, comma-separated "
+                               "groups: " + ", ".join(f"{group} ({', '.join(layers)})" for
+                                                      group, layers in target_groups().items()),
+                               fixed=True, metavar=",".join(target_groups()))
     # optimisation
     optimizer: str = option("adamw", "optimisation", "adamw (with decoupled weight decay) or "
                             "plain sgd", choices=("adamw", "sgd"), fixed=True)
