@@ -38,9 +38,11 @@ build: $(BASE)
 	@mkdir -p $(VENV)/share/man/man1 && cp man/*.1 $(VENV)/share/man/man1/
 
 # cllm_cli._engine_testing, the engine with its test hooks (kernel wrappers, inject_nan,
-# violate_lock_order), built in place for the tests only: no install or wheel holds it
+# violate_lock_order), built in place for the tests only; its build directory is its own, so
+# that no install or wheel (which take build/lib whole) holds it
 test-build: build
-	CLLM_TEST_BUILD=1 $(PY) setup.py -q build_ext --inplace
+	CLLM_TEST_BUILD=1 $(PY) setup.py -q build_ext --inplace --build-lib build/testing \
+	  --build-temp build/testing-tmp
 
 debug: $(BASE)
 	CLLM_DEBUG=1 $(PY) setup.py -q build_ext --inplace --force
@@ -117,6 +119,7 @@ bench: test-build $(DEPS)
 racecheck: $(BASE)
 	rm -rf build/tsan && mkdir -p build/tsan && cp -r cllm_cli build/tsan/
 	rm -f build/tsan/cllm_cli/*.so
+	CLLM_SANITIZE=thread $(PY) setup.py -q build_ext --build-lib build/tsan --build-temp build/tsan-tmp
 	CLLM_SANITIZE=thread CLLM_TEST_BUILD=1 $(PY) setup.py -q build_ext --build-lib build/tsan \
 	  --build-temp build/tsan-tmp
 	PYTHONPATH=$(CURDIR)/build/tsan LD_PRELOAD=$$(gcc -print-file-name=libtsan.so) \

@@ -2,9 +2,9 @@
 
 CLLM_DEBUG=1 turns Cython's checks back on (bounds, wraparound, initialisation) and writes
 annotated HTML next to the sources. CLLM_SANITIZE=thread builds for ThreadSanitizer
-(`make racecheck`). CLLM_TEST_BUILD=1 also builds cllm_cli._engine_testing, the engine with
-its test hooks, which only the tests use (the Makefile's test targets build it in place; an
-install or a wheel never holds it). The build fails if Cython reports that an exception
+(`make racecheck`). CLLM_TEST_BUILD=1 builds cllm_cli._engine_testing instead, the engine with
+its test hooks, which only the tests use: `make test-build` builds it in place, through a
+build directory of its own (build/testing), so that no install or wheel ever holds it. The build fails if Cython reports that an exception
 check forces a nogil function to take the GIL back after a call.
 """
 import glob
@@ -16,9 +16,7 @@ from setuptools import Extension, setup
 DEBUG = os.environ.get("CLLM_DEBUG", "") not in ("", "0")
 TEST_BUILD = os.environ.get("CLLM_TEST_BUILD", "") not in ("", "0")
 # cllm_cli._<name> from pyx/<source>; every file a module includes is found from pyx/
-MODULES = {"engine": "engine.pyx"}
-if TEST_BUILD:
-    MODULES["engine_testing"] = "testing/engine_testing.pyx"
+MODULES = {"engine_testing": "testing/engine_testing.pyx"} if TEST_BUILD else {"engine": "engine.pyx"}
 
 DIRECTIVES = {
     "language_level": 3,
