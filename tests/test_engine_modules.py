@@ -9,7 +9,8 @@ import pytest
 from helpers import ROOT
 
 from cllm_cli import _engine, _engine_testing
-from cllm_cli.model import CLLMConfig, CLLMModel
+from cllm_cli.api import CLLMModel
+from cllm_cli.model import CLLMConfig
 
 HOOKS = ("inject_nan", "violate_lock_order")
 
