@@ -5,7 +5,6 @@ its tokenizer from whatever a user names (a .cllm file, a run directory, a trans
 directory), as every command reads one."""
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Container, Iterable, Iterator, Mapping, NamedTuple
 
@@ -14,7 +13,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from cllm_cli._engine import forward_logits, loss_and_grads, num_parameters
 from cllm_cli.formats import checkpoint_params, load_checkpoint, load_model_files, save_checkpoint
-from cllm_cli.model import CLLMConfig, named_views
+from cllm_cli.model import CLLMConfig, family_of, named_views
 from cllm_cli.model.generation import generate_ids
 from cllm_cli.tokenizers import Tokenizer
 
@@ -29,14 +28,7 @@ class CLLMModel:
         self.config = config
         self.flat = np.zeros(num_parameters(config), dtype=np.float32)
         self.params = named_views(config, self.flat)
-        rng = np.random.default_rng(seed)
-        proj_std = 0.02 / math.sqrt(2 * config.num_layers)
-        for name, view in self.params.items():
-            if view.ndim == 2:   # weights N(0, 0.02); both c_proj weights N(0, 0.02/sqrt(2L))
-                std = proj_std if name.endswith("c_proj.weight") else 0.02
-                view[...] = rng.standard_normal(view.shape, dtype=np.float32) * np.float32(std)
-            elif name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "ln_f.weight":
-                view[...] = 1.0
+        family_of(config).init_parameters(config, self.params, np.random.default_rng(seed))
         self.meta: dict[str, Any] = {}
 
     @classmethod

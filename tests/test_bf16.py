@@ -25,7 +25,7 @@ from helpers import assert_bit_identical, assert_one_error_line, call
 from markov import LOWER_MARGIN, UPPER_MARGIN, make_markov_corpus
 from sphere_runs import BASE, ckpt_files
 
-from cllm_cli import _engine
+from cllm_cli import _engine, _engine_testing
 from cllm_cli._engine import parameter_layout
 from cllm_cli.cli.train import main as train_main
 from cllm_cli.formats.checkpoint_load import load_checkpoint
@@ -49,13 +49,13 @@ def test_gemm_is_the_exact_product_of_the_rounded_inputs(trans_a, trans_b, accum
     and without adding onto C: within fp32 summation error of the float64 product."""
     rng = np.random.default_rng(1)
     M, N, K = 67, 45, 131
-    a = _engine.op_bf16_round(rng.standard_normal(M * K).astype(np.float32))
-    b = _engine.op_bf16_round(rng.standard_normal(K * N).astype(np.float32))
+    a = _engine_testing.op_bf16_round(rng.standard_normal(M * K).astype(np.float32))
+    b = _engine_testing.op_bf16_round(rng.standard_normal(K * N).astype(np.float32))
     a = a.reshape((K, M) if trans_a else (M, K))
     b = b.reshape((N, K) if trans_b else (K, N))
     c0 = rng.standard_normal((M, N)).astype(np.float32)
     c = c0.copy()
-    impl = _engine.op_bf16_gemm(a, b, c, trans_a, trans_b, accumulate)
+    impl = _engine_testing.op_bf16_gemm(a, b, c, trans_a, trans_b, accumulate)
     av, bv = ref.bf16_values(a), ref.bf16_values(b)
     want = (av.T if trans_a else av) @ (bv.T if trans_b else bv)
     bound = (np.abs(av.T if trans_a else av) @ np.abs(bv.T if trans_b else bv))

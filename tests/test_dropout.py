@@ -26,7 +26,7 @@ def mix64(z):
 
 
 def kept(p, seed, step, microbatch, layer, site, index):
-    """dropout.h written again in Python integers."""
+    """kernels/dropout.h written again in Python integers."""
     k = mix64((seed + GOLDEN) & MASK64)
     for part in (step, microbatch, layer, site):
         k = mix64(k ^ (part & MASK64))

@@ -22,7 +22,7 @@ from cllm_cli import CLLMConfig, CLLMModel, Tokenizer
 from cllm_cli._engine import parameter_layout
 from cllm_cli.cli.export import main as export_main
 from cllm_cli.errors import ConversionError
-from cllm_cli.formats.hf_export import to_gpt2_state
+from cllm_cli.formats.hf_export import to_hf_state
 from cllm_cli.formats.model_files import load_model_files
 from cllm_cli.tokenizers import BPETokenizer
 
@@ -374,14 +374,14 @@ def test_sharded_safetensors(text, tmp_path):
     assert load_model_files(tmp_path / "sharded")[1].tobytes() == flat.tobytes()
 
 
-def test_to_gpt2_state_is_transformers_state_dict(text):
+def test_to_hf_state_is_transformers_state_dict(text):
     hf_model, _ = gpt2_directory(None, text, save=False)
     state = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()
              if k != "lm_head.weight"}
     cfg = CLLMConfig(vocab_size=hf_model.config.vocab_size, embed_dim=32, num_layers=2,
                      num_heads=4, ff_dim=72, seq_len=40)
     flat = np.zeros(sum(int(np.prod(s)) for _, s, _ in parameter_layout(cfg)), np.float32)
-    ours = to_gpt2_state(cfg, flat)
+    ours = to_hf_state(cfg, flat)
     assert sorted(ours) == sorted(state)
     assert all(ours[k].shape == state[k].shape for k in state)
 

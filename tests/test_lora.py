@@ -26,7 +26,7 @@ from helpers import (
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import GPT2LMHeadModel
 
-from cllm_cli import CLLMConfig, CLLMModel, _engine
+from cllm_cli import CLLMConfig, CLLMModel, _engine, _engine_testing
 from cllm_cli.cli.evaluate import main as eval_main
 from cllm_cli.cli.export import main as export_main
 from cllm_cli.cli.inference import main as inference_main
@@ -186,12 +186,13 @@ def engine_step(cfg, flat, adapters, spec, threads, step=0, precision_name="fp32
     windows = np.random.default_rng(11).integers(0, cfg.vocab_size,
                                                  (6, cfg.seq_len + 1)).astype(np.int32)
     m, v = np.zeros_like(adapters), np.zeros_like(adapters)
-    with _engine.Engine(cfg, flat, threads, 2, 6, pad_id=-1, dropout=0.1, seed=2,
-                        precision=precision_name, adapters=adapters,
-                        lora=spec.engine_args) as engine:
+    module = _engine if nan is None else _engine_testing    # the testing one injects the NaN
+    with module.Engine(cfg, flat, threads, 2, 6, pad_id=-1, dropout=0.1, seed=2,
+                       precision=precision_name, adapters=adapters,
+                       lora=spec.engine_args) as engine:
         assert engine.gradient_size == adapters.size
         if nan is not None:
-            engine.inject_nan(step, nan)
+            _engine_testing.inject_nan(engine, step, nan)
         return engine.train_step(windows, step, m, v, adamw=True, lr=1e-2, weight_decay=0.01,
                                  grad_clip=1.0, t=1)
 

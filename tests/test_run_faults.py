@@ -10,6 +10,7 @@ import time
 import pytest
 from helpers import ROOT, TINY_RUN, assert_bit_identical, assert_one_error_line, call, corpus_text
 
+from cllm_cli import _engine_testing
 from cllm_cli.cli.train import main
 from cllm_cli.formats.checkpoint import save_checkpoint
 from cllm_cli.formats.checkpoint_load import load_checkpoint
@@ -289,7 +290,8 @@ def test_failing_resume_keeps_the_older_checkpoints(corpus, ckpt_dir, capsys):
     i = argv.index("--max-steps")
     argv[i + 1] = "6"
     with pytest.raises(Exception) as failed:
-        train([str(corpus)], engine_hook=lambda e: e.inject_nan(4, 0), resume=True,
+        train([str(corpus)], engine_class=_engine_testing.Engine,
+              engine_hook=lambda e: _engine_testing.inject_nan(e, 4, 0), resume=True,
               checkpoint_dir=str(ck), max_steps=6, max_bad_steps=1, quiet=True, threads=2)
     assert "steps in a row were skipped" in str(failed.value)
     after = sorted(p.name for p in ck.glob("checkpoint_step_*.cllm"))

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import assert_one_error_line, call, sentences, write
+from helpers import assert_one_error_line, call, read_terminal, sentences, write
 
 from cllm_cli.cli import evaluate, export, inference, plot, tokenize, train
 from cllm_cli.threads import MAX_THREADS
@@ -197,16 +197,8 @@ def eval_stderr_on_a_terminal(argv):
         proc = subprocess.Popen([sys.executable, "-c", EVAL_SCRIPT, *map(str, argv)],
                                 stdout=subprocess.DEVNULL, stderr=slave)
         os.close(slave)
-        shown = b""
-        while True:
-            try:
-                chunk = os.read(master, 1 << 16)
-            except OSError:                   # the other end is closed: all read
-                break
-            if not chunk:
-                break
-            shown += chunk
-        return proc.wait(), shown.decode()
+        shown = read_terminal(master)
+        return proc.wait(), shown
     finally:
         os.close(master)
 

@@ -1,16 +1,17 @@
-"""CLLM models as `transformers` GPT-2 directories: export_pretrained writes the parameters
-and tokenizer as a directory that AutoModelForCausalLM / AutoTokenizer.from_pretrained load.
-The parameter names are GPT-2's (gpt2_names.py); no `lm_head.weight` is written, the output
-projection being tied to `wte`. hf_import.py reads such directories back.
+"""CLLM models as `transformers` directories: export_pretrained writes the parameters and
+tokenizer as a directory of the model family's transformers class (model/family.py; GPT-2's:
+GPT2LMHeadModel) that AutoModelForCausalLM / AutoTokenizer.from_pretrained load. The tensor
+names, their layout and config.json's model fields are the family's; a tied output layer is
+not written. hf_import.py reads such directories back.
 
 Choices written down here:
 
-- config.json: model_type gpt2, activation gelu_new (tanh GELU), layer_norm_epsilon 1e-5,
-  n_positions = n_ctx = seq_len, n_inner = ff_dim, tied embeddings, dropout 0 (export is for
-  inference; set the *_pdrop fields to fine-tune with dropout), the tokenizer's special ids.
-  generation_config.json: cllm_inference's sampling defaults (temperature 0.8, top-k 40, top-p
-  0.95). GPT-2 has no position past seq_len, so prompt + new tokens must fit in it (our
-  generate slides its window instead).
+- config.json: the family's fields (GPT-2: model_type gpt2, activation gelu_new (tanh GELU),
+  layer_norm_epsilon 1e-5, n_positions = n_ctx = seq_len, n_inner = ff_dim, tied embeddings,
+  dropout 0: export is for inference; set the *_pdrop fields to fine-tune with dropout), and
+  the tokenizer's special ids. generation_config.json: cllm_inference's sampling defaults
+  (temperature 0.8, top-k 40, top-p 0.95). A model with learned positions has none past
+  seq_len, so prompt + new tokens must fit in it (our generate slides its window instead).
 - Tokenizers: each kind writes its own tokenizer.json (Tokenizer.tokenizer_json): bpe copies
   its file; word and char build `tokenizers` WordLevel pipelines that give our ids and our
   decoding (tokenizers/word.py and char.py say how). transformers reads special tokens
@@ -42,9 +43,8 @@ from numpy.typing import NDArray
 
 from cllm_cli.errors import ConversionError, WriteFailed
 from cllm_cli.fileio import fsync_directory, reason, signals_held, write_error
-from cllm_cli.formats.gpt2_names import LAYER_NORM_EPS, gpt2_name, is_conv1d
 from cllm_cli.formats.tensorfile import safetensors_header, write_tensors
-from cllm_cli.model import CLLMConfig, named_views
+from cllm_cli.model import CLLMConfig, family_of, named_views
 from cllm_cli.tokenizers import Tokenizer
 
 # a file of a directory write_directory writes: its bytes, or a function writing them to it
@@ -56,13 +56,13 @@ GENERATION: dict[str, Any] = {"do_sample": True, "temperature": 0.8, "top_k": 40
 # Layouts
 # ---------------------------------------------------------------------------------------
 
-def to_gpt2_state(cfg: CLLMConfig, flat: NDArray[np.float32]) -> dict[str, np.ndarray]:
-    """{GPT-2 name: float32 array in GPT-2's layout} of the flat parameters: views of `flat`
-    (transposed ones for the Conv1D weights), no copies."""
-    state: dict[str, np.ndarray] = {}
-    for name, t in named_views(cfg, flat).items():
-        state[gpt2_name(name)] = t.T if is_conv1d(name) else t
-    return state
+def to_hf_state(cfg: CLLMConfig, flat: NDArray[np.float32]) -> dict[str, np.ndarray]:
+    """{transformers name: float32 array in transformers' layout} of the flat parameters:
+    views of `flat` (transposed ones where the family's transformers class stores [in, out]),
+    no copies."""
+    family = family_of(cfg)
+    return {family.hf_name(name): t.T if family.hf_transposed(name) else t
+            for name, t in named_views(cfg, flat).items()}
 
 
 def write_safetensors(f: BinaryIO, tensors: Mapping[str, np.ndarray],
@@ -84,32 +84,11 @@ def _token(tokenizer: Tokenizer, i: int) -> str | None:
     return tokenizer.id_to_token(i)
 
 
-def gpt2_config(cfg: CLLMConfig, tokenizer: Tokenizer) -> dict[str, Any]:
-    """config.json of our model as a transformers GPT-2 (dict)."""
+def hf_config(cfg: CLLMConfig, tokenizer: Tokenizer) -> dict[str, Any]:
+    """config.json of our model as its family's transformers class (dict), with the
+    tokenizer's special ids."""
     ids = _special_ids(tokenizer)
-    config: dict[str, Any] = {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": cfg.vocab_size,
-        "n_positions": cfg.seq_len,
-        "n_ctx": cfg.seq_len,
-        "n_embd": cfg.embed_dim,
-        "n_layer": cfg.num_layers,
-        "n_head": cfg.num_heads,
-        "n_inner": cfg.ff_dim,
-        "activation_function": "gelu_new",
-        "layer_norm_epsilon": LAYER_NORM_EPS,
-        "resid_pdrop": 0.0,
-        "embd_pdrop": 0.0,
-        "attn_pdrop": 0.0,
-        "initializer_range": 0.02,
-        "scale_attn_weights": True,
-        "scale_attn_by_inverse_layer_idx": False,
-        "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": True,
-        "use_cache": True,
-        "dtype": "float32",
-    }
+    config: dict[str, Any] = family_of(cfg).hf_config(cfg)
     for key in ("bos", "eos", "pad"):
         if ids[key] >= 0:
             config[f"{key}_token_id"] = ids[key]
@@ -159,9 +138,9 @@ def hf_files(cfg: CLLMConfig, flat: NDArray[np.float32], tokenizer: Tokenizer) -
         raise ConversionError(f"the tokenizer has {len(tokenizer)} tokens but the model only "
                               f"{cfg.vocab_size}")
     files: dict[str, FileContent] = {
-        "config.json": _json_bytes(gpt2_config(cfg, tokenizer)),
+        "config.json": _json_bytes(hf_config(cfg, tokenizer)),
         "generation_config.json": _json_bytes(generation_config(tokenizer)),
-        "model.safetensors": lambda f: write_safetensors(f, to_gpt2_state(cfg, flat),
+        "model.safetensors": lambda f: write_safetensors(f, to_hf_state(cfg, flat),
                                                          {"format": "pt"}),
     }
     files.update(tokenizer_files(tokenizer, cfg.seq_len))
@@ -330,9 +309,9 @@ def write_directory(outdir: str | os.PathLike, files: Mapping[str, FileContent],
     return stale
 
 
-def export_pretrained(cfg: CLLMConfig, flat: NDArray[np.float32], tokenizer: Tokenizer, outdir: str | os.PathLike,
-                      force: bool = False) -> list[tuple[Path, int, str]]:
-    """Writes the transformers GPT-2 directory of a model (see the module docstring); returns
+def export_pretrained(cfg: CLLMConfig, flat: NDArray[np.float32], tokenizer: Tokenizer,
+                      outdir: str | os.PathLike, force: bool = False) -> list[tuple[Path, int, str]]:
+    """Writes the transformers directory of a model (see the module docstring); returns
     the leftovers of killed exports it cleaned up (remove_stale)."""
     return write_directory(outdir, hf_files(cfg, flat, tokenizer), force)
 

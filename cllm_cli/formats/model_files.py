@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 from cllm_cli.errors import CheckpointError, ConversionError, UsageError
 from cllm_cli.formats.checkpoint import first_non_finite, latest_checkpoint
 from cllm_cli.formats.checkpoint_load import check_vocabulary, load_checkpoint
-from cllm_cli.formats.hf_import import load_gpt2_directory
+from cllm_cli.formats.hf_import import load_transformers_directory
 from cllm_cli.model import CLLMConfig, content_hash, merge_adapters, named_views, shorten_positions
 from cllm_cli.tokenizers import TOKENIZER_KINDS, BPETokenizer, Tokenizer, load_tokenizer, tokenizer_class
 
@@ -138,7 +138,7 @@ def load_model_files(path: str | os.PathLike, tokenizer_path: str | os.PathLike 
         if tokenizer_path is not None:
             raise UsageError(f"{path} is a transformers directory: its own tokenizer is used, "
                              f"--vocab does not apply")
-        cfg, flat, tokenizer = load_gpt2_directory(Path(path))
+        cfg, flat, tokenizer = load_transformers_directory(Path(path))
         return ModelFiles(cfg, flat, tokenizer, {}, BPETokenizer.source(path)[0])
     path = resolve_checkpoint(path)
     if not path.exists():

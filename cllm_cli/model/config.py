@@ -44,6 +44,7 @@ class CLLMConfig:
     num_heads: int = 8
     ff_dim: int = 0          # 0 means 4 * embed_dim
     seq_len: int = 128
+    family = "gpt2"          # its model family (model/family.py); the only one so far
 
     def __post_init__(self) -> None:
         if self.ff_dim == 0:

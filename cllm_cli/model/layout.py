@@ -2,8 +2,9 @@
 
 Parameters, gradients and AdamW's m and v are each one contiguous float32 buffer laid out as
 the engine's parameter_layout(cfg): (name, shape, offset) per tensor, in the order of the model
-(wte, wpe, then per block ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj, and
-ln_f). Every module that needs a tensor of such a buffer takes it from named_views.
+(for GPT-2: wte, wpe, then per block ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc,
+mlp.c_proj, and ln_f). Every module that needs a tensor of such a buffer takes it from
+named_views.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from numpy.typing import DTypeLike, NDArray
 
 from cllm_cli._engine import num_parameters, parameter_layout
 from cllm_cli.model.config import CLLMConfig
+from cllm_cli.model.family import family_of
 
 
 def named_views(cfg: CLLMConfig, flat: np.ndarray, what: str = "the buffer",
@@ -46,6 +48,7 @@ def shorten_positions(config: CLLMConfig, flat: NDArray[np.float32],
     short = dataclasses.replace(config, seq_len=seq_len)
     out = np.empty(num_parameters(short), dtype=np.float32)
     src, dst = named_views(config, flat), named_views(short, out)
+    positions = family_of(config).position_table
     for name, view in dst.items():
-        view[...] = src[name][:seq_len] if name == "wpe" else src[name]
+        view[...] = src[name][:seq_len] if name == positions else src[name]
     return short, out

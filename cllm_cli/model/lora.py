@@ -6,8 +6,9 @@ B (out, rank), scale = alpha / rank, to W; only the adapters train. The flat buf
 out as the engine's adapter_layout: per block, per adapted layer (site) in the order
 attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj, its lora_A then its lora_B.
 
---lora-targets names groups of sites: ``attn`` (the attention's c_attn, PEFT's default for
-GPT-2), ``proj`` (the attention's c_proj) and ``mlp`` (the MLP's c_fc and c_proj).
+--lora-targets names groups of sites, which the model family declares (Family.lora_targets;
+for GPT-2 ``attn``: the attention's c_attn, PEFT's default for GPT-2, ``proj``: the attention's
+c_proj, ``mlp``: the MLP's c_fc and c_proj).
 """
 from __future__ import annotations
 
@@ -22,25 +23,30 @@ from numpy.typing import NDArray
 from cllm_cli._engine import LORA_TARGETS, adapter_layout
 from cllm_cli._engine import num_adapter_parameters as engine_adapter_parameters
 from cllm_cli.model.config import CLLMConfig
+from cllm_cli.model.family import Family, family_of
 from cllm_cli.model.layout import named_views
 
-TARGET_GROUPS = {"attn": ("attn.c_attn",), "proj": ("attn.c_proj",),
-                 "mlp": ("mlp.c_fc", "mlp.c_proj")}
 SITES = LORA_TARGETS       # every site, in buffer order
 # the largest scale alpha / rank: far above the common 1 to 16, low enough that trained
 # adapters stay far from float32's range
 MAX_LORA_SCALE = 1024.0
 
 
-def parse_targets(text: object) -> tuple[str, ...]:
+def target_groups(family: Family | None = None) -> dict[str, tuple[str, ...]]:
+    """{--lora-targets group: its sites} of a Family (by default the default config's)."""
+    return (family or family_of(CLLMConfig)).lora_targets
+
+
+def parse_targets(text: object, family: Family | None = None) -> tuple[str, ...]:
     """The sites of a --lora-targets value such as "attn,mlp", in buffer order (ValueError
     naming the unknown group)."""
+    groups = target_groups(family)
     sites: set[str] = set()
     for group in (part.strip() for part in str(text).split(",")):
-        if group not in TARGET_GROUPS:
+        if group not in groups:
             raise ValueError(f"unknown LoRA target {group!r} (choose from "
-                             f"{', '.join(TARGET_GROUPS)}, comma-separated)")
-        sites.update(TARGET_GROUPS[group])
+                             f"{', '.join(groups)}, comma-separated)")
+        sites.update(groups[group])
     return tuple(site for site in SITES if site in sites)
 
 

@@ -17,11 +17,11 @@ from cllm_cli.errors import UsageError
 from cllm_cli.model import (
     MAX_LORA_SCALE,
     MODEL_FIELDS,
-    TARGET_GROUPS,
     CLLMConfig,
     LoraSpec,
     model_config_problem,
     parse_targets,
+    target_groups,
 )
 from cllm_cli.threads import MAX_THREADS
 from cllm_cli.tokenizers import TOKENIZER_KINDS, BPETokenizer
@@ -88,10 +88,10 @@ class TrainConfig:
                                fixed=True, metavar="ALPHA")
     lora_dropout: float = option(0.0, "fine-tuning", "dropout on the adapters' inputs, in "
                                  "training only", fixed=True, metavar="P")
-    lora_targets: str = option("attn", "fine-tuning", "the layers with adapters, comma-separated: "
-                               "attn (the attention's c_attn), proj (the attention's c_proj), "
-                               "mlp (the MLP's c_fc and c_proj)", fixed=True,
-                               metavar=",".join(TARGET_GROUPS))
+    lora_targets: str = option("attn", "fine-tuning", "the layers with adapters, comma-separated "
+                               "groups: " + ", ".join(f"{group} ({', '.join(layers)})" for
+                                                      group, layers in target_groups().items()),
+                               fixed=True, metavar=",".join(target_groups()))
     # optimisation
     optimizer: str = option("adamw", "optimisation", "adamw (with decoupled weight decay) or "
                             "plain sgd", choices=("adamw", "sgd"), fixed=True)

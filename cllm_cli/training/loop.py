@@ -64,12 +64,16 @@ def lr_at(step, total_steps, cfg):
     return lr_min + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - lr_min)
 
 
-def train(data, engine_hook=None, world=None, **options):
+def train(data, engine_hook=None, world=None, engine_class=Engine, **options):
     """Trains on the files or directories in `data`; options are TrainConfig fields (with
     --resume, the ones given here are the ones the user asks to change).
 
-    engine_hook, if given, is called with the Engine before the first step (tests use it to
-    inject a NaN: engine.inject_nan(step_index, micro_batch), step_index 0-based).
+    engine_class: the Engine the run uses, cllm_cli._engine's. Tests pass
+    cllm_cli._engine_testing.Engine (the same engine with its test hooks, built by the
+    Makefile's test targets only) and an engine_hook, which is called with the Engine before
+    the first step:
+    engine_hook=lambda e: _engine_testing.inject_nan(e, step_index, micro_batch) puts a NaN in
+    a gradient (step_index 0-based).
 
     Returns a dict with the final step, train loss, validation loss, model path and sphere
     statistics. Raises DataError, CheckpointError or UsageError on bad input, TrainingError
@@ -103,7 +107,7 @@ def train(data, engine_hook=None, world=None, **options):
         stop.defer()             # from here on a signal ends the run after the current step
         precision.require(trainer.cfg.precision)     # a resumed run's may be the checkpoint's
         settings = EngineSettings.of_run(trainer, cfg.threads)
-        with rank_log(world, trainer) as log, settings.engine(trainer) as engine:
+        with rank_log(world, trainer) as log, settings.engine(trainer, engine_class) as engine:
             if engine_hook is not None:
                 engine_hook(engine)
             result = train_loop(trainer, rank_engine(world, engine, trainer), log, stop)
@@ -137,12 +141,12 @@ class EngineSettings:
                    pad_id=trainer.tokenizer.pad_id, dropout=run.dropout, seed=run.seed,
                    precision=run.precision)
 
-    def engine(self, trainer):
-        """The run's Engine over the trainer's model (and adapters)."""
-        return Engine(trainer.mcfg, trainer.model.flat, self.threads, self.micro_batch,
-                              self.batch_size, self.lock_mode, self.debug_locks, self.pad_id,
-                              self.dropout, self.seed, self.precision, adapters=trainer.adapters,
-                              lora=trainer.lora and trainer.lora.engine_args)
+    def engine(self, trainer, engine_class=Engine):
+        """The run's Engine (an engine_class) over the trainer's model (and adapters)."""
+        return engine_class(trainer.mcfg, trainer.model.flat, self.threads, self.micro_batch,
+                            self.batch_size, self.lock_mode, self.debug_locks, self.pad_id,
+                            self.dropout, self.seed, self.precision, adapters=trainer.adapters,
+                            lora=trainer.lora and trainer.lora.engine_args)
 
 
 def train_loop(trainer, engine, log, stop):
