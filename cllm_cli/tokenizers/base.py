@@ -10,7 +10,7 @@ those modules are imported. Importing anything under cllm_cli.tokenizers runs __
 first, so the registry is complete before any caller can reach it.
 
 A new kind is a class with the interface of Tokenizer (kind, file_name, train, read,
-check_vocab_size, encode, decode, unknown_tokens, __len__, vocab_hash, save, and for reading a
+check_vocab_size, encode, decode, unknown_pieces, __len__, vocab_hash, save, and for reading a
 file of unknown kind and exporting: recognises, detect_rank, check_files, tokenizer_json) and
 one entry in TOKENIZERS; nothing else changes: no other module names a kind. Its block_cut (where a corpus file may be cut into blocks)
 is optional: without it each file is tokenized whole. prepare_dataset (corpus/dataset.py)
@@ -191,9 +191,13 @@ class Tokenizer:
         """Ids -> readable text; ValueError for an id outside the vocabulary."""
         raise NotImplementedError
 
+    def unknown_pieces(self, text: str) -> list[str]:
+        """Every piece of `text` that would be encoded as <unk>, in order, repeats included."""
+        raise NotImplementedError
+
     def unknown_tokens(self, text: str) -> list[str]:
         """Distinct pieces of `text` that would be encoded as <unk>, in order of appearance."""
-        raise NotImplementedError
+        return list(dict.fromkeys(self.unknown_pieces(text)))
 
     def replaced_bytes(self, text: str) -> Sequence[str | bytes]:
         """What encode(text) reads as U+FFFD: the distinct bytes that are not UTF-8 (see

@@ -287,14 +287,13 @@ class BPETokenizer(Tokenizer):
         """encode(text) followed by the end-of-text id."""
         return np.append(self.encode(text), np.int64(self.eos_id))
 
-    def unknown_tokens(self, text: str) -> list[str]:
-        """Distinct pieces of `text` read as <unk>, in order of appearance (byte-level: none)."""
+    def unknown_pieces(self, text: str) -> list[str]:
+        """The pieces of `text` read as <unk>, in order (byte-level: none)."""
         if self.unk_id < 0:
             return []
         text = replace_undecodable(text)[0]
         enc = self._tk.encode(text, add_special_tokens=False)
-        return list(dict.fromkeys(text[a:b] for i, (a, b) in zip(enc.ids, enc.offsets)
-                                  if i == self.unk_id))
+        return [text[a:b] for i, (a, b) in zip(enc.ids, enc.offsets) if i == self.unk_id]
 
     def replaced_bytes(self, text: str) -> Sequence[str | bytes]:
         """The distinct bytes of `text` that are not UTF-8 (lone surrogates, as sys.argv

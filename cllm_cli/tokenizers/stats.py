@@ -21,8 +21,7 @@ def token_stats(tokenizer: Tokenizer, texts: Iterable[tuple[str, str]],
         ids = tokenizer.encode(text)
         counts.update(ids.tolist())
         if (ids == tokenizer.unk_id).any():
-            missing.update(t for t in tokenizer.tokens(text)      # type: ignore[attr-defined]
-                           if t not in tokenizer.stoi)                # type: ignore[attr-defined]
+            missing.update(tokenizer.unknown_pieces(text))
     total = sum(counts.values())
     unknown = counts.get(tokenizer.unk_id, 0)
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]

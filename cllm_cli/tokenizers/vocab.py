@@ -101,8 +101,8 @@ class VocabTokenizer(Tokenizer):
         """The vocabulary's string for id i."""
         return self.itos[i]
 
-    def unknown_tokens(self, text: str) -> list[str]:
-        return list(dict.fromkeys(t for t in self.tokens(text) if t not in self.stoi))
+    def unknown_pieces(self, text: str) -> list[str]:
+        return [t for t in self.tokens(text) if t not in self.stoi]
 
     def _check_ids(self, ids: ArrayLike) -> list[int]:
         """ids as a list of ints, each checked to be in the vocabulary."""
