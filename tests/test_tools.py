@@ -321,6 +321,25 @@ def test_tokenize_stats(capsys, run_dir, tokenizer, tmp_path):
     assert "unknown tokens:" in text and "zzyzx" in text
 
 
+def test_tokenize_stats_of_an_exported_word_tokenizer(capsys, tmp_path):
+    """A word model's tokenizer.json (what cllm_export writes) counts the words it reads as
+    <unk> under their own spelling, as the vocab.txt it came from does."""
+    words = Tokenizer.build(["the cat sat on the mat."], "word", 100)
+    (tmp_path / "tokenizer.json").write_bytes(words.tokenizer_json())
+    words.save(tmp_path / "vocab.txt")
+    p = tmp_path / "s.txt"
+    p.write_text("The dog sat, the dog sat.", encoding="utf-8")
+    stats = {}
+    for vocab in ("vocab.txt", "tokenizer.json"):
+        code, out, err = call(capsys, tokenize_cli.main, p, "--vocab", tmp_path / vocab,
+                              "--stats", "--json")
+        assert code == 0, err
+        stats[vocab] = json.loads(out)
+    assert stats["tokenizer.json"]["unknown_top"] == [["dog", 2], [",", 1]]
+    assert stats["tokenizer.json"]["unknown_top"] == stats["vocab.txt"]["unknown_top"]
+    assert stats["tokenizer.json"]["unknown"] == stats["vocab.txt"]["unknown"] == 3
+
+
 def test_char_vocabulary_is_detected(capsys, tmp_path):
     tok = Tokenizer.build(["Hello, World!\nhello again"], kind="char", vocab_size=100)
     tok.save(tmp_path / "vocab.txt")

@@ -27,10 +27,14 @@ Choices written down here:
   progress line (stderr, only on a terminal) counts items, and without --task the windows
   evaluated; --json prints one object.
 """
+from __future__ import annotations
+
+import argparse
 import dataclasses
 import json
 import math
 import sys
+from typing import Any, Mapping, Sequence, TextIO
 
 from cllm_cli.api import load_model
 from cllm_cli.cli.common import (
@@ -61,7 +65,7 @@ from cllm_cli.threads import MAX_THREADS, default_threads
 PROG = "cllm_eval"
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog=PROG,
         description="Loss, perplexity and bits per byte of a model trained by train_model, on "
@@ -109,7 +113,7 @@ def build_parser():
     return name_defaults(p)
 
 
-def check_task_options(args):
+def check_task_options(args: argparse.Namespace) -> None:
     if len(args.data) != 1:
         raise UsageError(f"--task {args.task} takes one task file, got {len(args.data)}")
     given = [name for name, value, default in (
@@ -121,13 +125,13 @@ def check_task_options(args):
                          f"scored in fp32)")
 
 
-def write_json(out, record):
+def write_json(out: TextIO, record: Mapping[str, Any]) -> None:
     """One JSON object on a line; a number that is not finite becomes null."""
     out.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
                           for k, v in record.items()}) + "\n")
 
 
-def run_task(args, out):
+def run_task(args: argparse.Namespace, out: TextIO) -> None:
     check_task_options(args)
     items = read_items(args.task, args.data[0])
     model, tokenizer, _ = load_model(args.checkpoint, args.vocab)
@@ -147,7 +151,7 @@ def run_task(args, out):
     out.flush()
 
 
-def run(args, out):
+def run(args: argparse.Namespace, out: TextIO) -> None:
     warn_threads(PROG, args.threads)
     if args.task:
         return run_task(args, out)
@@ -184,7 +188,7 @@ def run(args, out):
     out.flush()
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     # intermixed: DATA may follow options (cllm_eval MODEL --task lambada FILE)
     args = build_parser().parse_intermixed_args(argv)
     return run_main(PROG, lambda: run(args, sys.stdout), stop_without_output=True,

@@ -24,8 +24,12 @@ Choices written down here:
 - Exit status: 0 done, 2 bad usage or input (one line on stderr), 1 a runtime failure
   (standard output lost, a model whose logits are NaN everywhere), 130 Ctrl-C.
 """
+from __future__ import annotations
+
+import argparse
 import math
 import sys
+from typing import Sequence
 
 from cllm_cli.api import load_model
 from cllm_cli.cli.common import (
@@ -46,7 +50,7 @@ PROG = "cllm_inference"
 MAX_LISTED_UNKNOWN = 8      # unknown prompt words named in the warning
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog=PROG,
         description="Generate text with a model trained by train_model, printing each token "
@@ -92,14 +96,14 @@ help="tokenizer file (vocab.txt or tokenizer.json; for bpe also GPT-2's "
     return name_defaults(p)
 
 
-def check_options(args):
+def check_options(args: argparse.Namespace) -> None:
     if not (args.temperature >= 0 and math.isfinite(args.temperature)):
         raise UsageError(f"--temperature must be a number >= 0 (0: greedy), got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
 
 
-def unknown_warning(unknown):
+def unknown_warning(unknown: Sequence[str]) -> str:
     named = ", ".join(repr(t) for t in unknown[:MAX_LISTED_UNKNOWN])
     more = len(unknown) - MAX_LISTED_UNKNOWN
     if more > 0:
@@ -108,7 +112,7 @@ def unknown_warning(unknown):
     return f"{PROG}: warning: prompt token{s} not in the vocabulary, read as <unk>: {named}"
 
 
-def replaced_warning(replaced):
+def replaced_warning(replaced: Sequence[str | bytes]) -> str:
     """The warning for prompt bytes that are not UTF-8 (after "<tool>: warning: ")."""
     named = ", ".join(repr(b) for b in replaced[:MAX_LISTED_UNKNOWN])
     more = len(replaced) - MAX_LISTED_UNKNOWN
@@ -117,7 +121,7 @@ def replaced_warning(replaced):
     return f"the prompt holds bytes that are not UTF-8, read as U+FFFD: {named}"
 
 
-def run(args):
+def run(args: argparse.Namespace) -> None:
     check_options(args)
     warn_threads(PROG, args.threads)
     model, tokenizer, _ = load_model(args.checkpoint, args.vocab)
@@ -133,13 +137,13 @@ def run(args):
            args.top_k, args.top_p, args.seed, args.threads or default_threads(), products)
 
 
-def end_line():
+def end_line() -> None:
     """After Ctrl-C: ends the line of text streamed so far."""
     sys.stdout.write("\n")
     sys.stdout.flush()
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_main(PROG, lambda: run(args), on_interrupt=end_line, stop_without_output=True)
 

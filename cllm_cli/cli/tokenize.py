@@ -18,9 +18,13 @@ so decoding the ids gives the text back as the tokenizer sees it (lower-cased wo
 the decode rules; bpe gives the text back exactly). --vocab must be a regular file. Exit status: 0 done, 2 bad usage or input
 (one line on stderr), 1 standard output lost, 130 Ctrl-C.
 """
+from __future__ import annotations
+
+import argparse
 import codecs
 import json
 import sys
+from typing import Any, BinaryIO, Iterable, Mapping, Sequence, TextIO
 
 from cllm_cli.cli.common import HelpFormatter, Parser, int_option, name_defaults, run_main
 from cllm_cli.corpus import collect_files
@@ -28,14 +32,14 @@ from cllm_cli.corpus.files import decode_text as _decode
 from cllm_cli.corpus.files import read_text
 from cllm_cli.errors import UsageError
 from cllm_cli.jsonfile import JSONError, loads
-from cllm_cli.tokenizers import TOKENIZER_KINDS, load_tokenizer, token_stats
+from cllm_cli.tokenizers import TOKENIZER_KINDS, Tokenizer, load_tokenizer, token_stats
 
 PROG = "cllm_tokenize"
 STDIN = "-"
 STDIN_CHUNK = 1 << 16     # bytes read from standard input at a time
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog=PROG,
         description="Encode text into token ids with the vocabulary of a training run "
@@ -77,15 +81,15 @@ def build_parser():
 # Input
 # ---------------------------------------------------------------------------------------
 
-def expand(names, pattern):
+def expand(names: Iterable[str], pattern: str) -> list[str]:
     """DATA arguments as files: a directory becomes its matching files, in sorted order."""
-    files = []
+    files: list[str] = []
     for name in names:
         files.extend([name] if name == STDIN else map(str, collect_files([name], pattern)))
     return files
 
 
-def read_input(name):
+def read_input(name: str) -> str:
     """Text of a DATA argument, read as train_model reads a corpus file."""
     if name == STDIN:
         if sys.stdin is None:
@@ -94,7 +98,7 @@ def read_input(name):
     return read_text(name)
 
 
-def read_stdin(stream):
+def read_stdin(stream: BinaryIO) -> str:
     """Standard input as text, checked chunk by chunk: binary input (a NUL byte, invalid
     UTF-8) is refused as soon as it arrives, so that `- < /dev/zero` ends at once."""
     data = bytearray()
@@ -111,7 +115,7 @@ def read_stdin(stream):
     return _decode("<stdin>", bytes(data), "strict")
 
 
-def parse_ids(name, text, vocab_len):
+def parse_ids(name: str, text: str, vocab_len: int) -> list[int]:
     """The ids in `text`: integers separated by white space, or JSON lines holding arrays of
     ids or objects with an "ids" array."""
     label = "<stdin>" if name == STDIN else name
@@ -152,7 +156,7 @@ def parse_ids(name, text, vocab_len):
 # Modes
 # ---------------------------------------------------------------------------------------
 
-def encode_files(tokenizer, names, as_json, out):
+def encode_files(tokenizer: Tokenizer, names: Iterable[str], as_json: bool, out: TextIO) -> None:
     for name in names:
         ids = tokenizer.encode(read_input(name)).tolist()
         if as_json:
@@ -161,7 +165,7 @@ def encode_files(tokenizer, names, as_json, out):
             out.write(" ".join(map(str, ids)) + "\n")
 
 
-def decode_files(tokenizer, names, as_json, out):
+def decode_files(tokenizer: Tokenizer, names: Iterable[str], as_json: bool, out: TextIO) -> None:
     for name in names:
         text = tokenizer.decode(parse_ids(name, read_input(name), len(tokenizer)))
         if as_json:
@@ -170,7 +174,7 @@ def decode_files(tokenizer, names, as_json, out):
             out.write(text if text.endswith("\n") else text + "\n")
 
 
-def format_stats(stats):
+def format_stats(stats: Mapping[str, Any]) -> str:
     lines = [f"files:          {len(stats['files'])}",
              f"tokens:         {stats['tokens']:,}",
              f"unknown tokens: {stats['unknown']:,} ({100 * stats['unknown_rate']:.3g}%)",
@@ -189,14 +193,14 @@ def format_stats(stats):
     return "\n".join(lines) + "\n"
 
 
-def _show(token):
+def _show(token: str) -> str:
     """A token as one visible cell: white space and control characters escaped."""
     if token.isprintable() and not token.isspace():
         return token if token == token.strip() else repr(token)    # " the" -> ' the'
     return repr(token)[1:-1] if token != " " else "' '"
 
 
-def run(args, out):
+def run(args: argparse.Namespace, out: TextIO) -> None:
     if args.data.count(STDIN) > 1:
         raise UsageError("standard input ('-') can be read only once")
     tokenizer = load_tokenizer(args.vocab, args.tokenizer, "--vocab")
@@ -215,7 +219,7 @@ def run(args, out):
     out.flush()
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_main(PROG, lambda: run(args, sys.stdout), stop_without_output=True)
 

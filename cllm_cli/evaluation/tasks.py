@@ -21,25 +21,38 @@ Choices written down here:
   ctx and endings to reproduce its prompts exactly.
 - seconds counts the scoring (tokenizing included), not the loading of the model or the file.
 """
+from __future__ import annotations
+
 import dataclasses
 import math
+import os
 import time
-from typing import NamedTuple, Optional
+from typing import Any, Callable, ClassVar, Dict, List, NamedTuple, Optional, Protocol, Tuple
 
 import numpy as np
+from numpy.typing import ArrayLike
 
+from cllm_cli.api import CLLMModel
 from cllm_cli.errors import UsageError
-from cllm_cli.evaluation.items import read_hellaswag, read_lambada
+from cllm_cli.evaluation.items import HellaSwagItem, LambadaItem, read_hellaswag, read_lambada
 from cllm_cli.evaluation.scoring import Scorer
+from cllm_cli.progress import ItemProgress
+from cllm_cli.tokenizers import Tokenizer
 
 
-def mean_stderr(values):
+def mean_stderr(values: ArrayLike) -> float | None:
     """Standard error of the mean of `values` (sample standard deviation over sqrt(n)); None
     for fewer than two values."""
-    values = np.asarray(values, dtype=np.float64)
-    if values.size < 2:
+    array = np.asarray(values, dtype=np.float64)
+    if array.size < 2:
         return None
-    return float(np.std(values, ddof=1) / math.sqrt(values.size))
+    return float(np.std(array, ddof=1) / math.sqrt(array.size))
+
+
+class Progress(Protocol):
+    """What Task.score tells of its progress: add(n) after each item (an ItemProgress)."""
+
+    def add(self, n: int) -> None: ...
 
 
 class Figure(NamedTuple):
@@ -57,18 +70,18 @@ class TaskResult:
     task: str
     items: int
     seconds: float
-    figures: dict
-    loglikelihoods: list
-    correct: list
-    per_item: dict = dataclasses.field(default_factory=dict)
+    figures: dict[str, Figure]
+    loglikelihoods: list[Any]
+    correct: list[bool]
+    per_item: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
 
     @property
-    def seconds_per_item(self):
+    def seconds_per_item(self) -> float:
         return self.seconds / self.items
 
-    def summary(self, model=None):
+    def summary(self, model: object = None) -> dict[str, Any]:
         """The figures `cllm_eval --json` prints, as a dict."""
-        out = {"task": self.task, "items": self.items}
+        out: dict[str, Any] = {"task": self.task, "items": self.items}
         for name, figure in self.figures.items():
             out[name], out[f"{name}_stderr"] = figure
         out.update(seconds=self.seconds, seconds_per_item=self.seconds_per_item)
@@ -77,19 +90,25 @@ class TaskResult:
         return out
 
 
+# what Task.score_items returns: figures, per-item log-likelihoods, per-item correctness,
+# the task's other per-item values
+Scores = Tuple[Dict[str, Figure], List[Any], List[bool], Dict[str, List[Any]]]
+
+
 class Task:
     """A zero-shot task: its name, how its file is read (read), and how its items are scored
     (score_items: a Scorer and the items -> figures, per-item log-likelihoods, per-item
     correctness, other per-item values). A new task is a subclass and an entry in TASKS."""
-    name = None
+    name: ClassVar[str]
 
-    def read(self, path):
+    def read(self, path: str | os.PathLike) -> list[Any]:
         raise NotImplementedError
 
-    def score_items(self, scorer, items, progress):
+    def score_items(self, scorer: Scorer, items: list[Any], progress: Progress | None) -> Scores:
         raise NotImplementedError
 
-    def score(self, model, tokenizer, items, threads=1, progress=None):
+    def score(self, model: CLLMModel, tokenizer: Tokenizer, items: list[Any], threads: int = 1,
+              progress: Progress | None = None) -> TaskResult:
         """TaskResult of `items`. progress: None or an object whose add(1) is called after
         each item."""
         if not items:
@@ -104,11 +123,14 @@ class Task:
 class HellaSwag(Task):
     name = "hellaswag"
 
-    def read(self, path):
+    def read(self, path: str | os.PathLike) -> list[HellaSwagItem]:
         return read_hellaswag(path)
 
-    def score_items(self, scorer, items, progress):
-        lls, correct, correct_norm = [], [], []
+    def score_items(self, scorer: Scorer, items: list[HellaSwagItem],
+                    progress: Progress | None) -> Scores:
+        lls: list[list[float]] = []
+        correct: list[bool] = []
+        correct_norm: list[bool] = []
         for item in items:
             sums = [s for s, _ in scorer.loglikelihoods(item.context,
                                                         [" " + e for e in item.endings],
@@ -127,11 +149,13 @@ class HellaSwag(Task):
 class Lambada(Task):
     name = "lambada"
 
-    def read(self, path):
+    def read(self, path: str | os.PathLike) -> list[LambadaItem]:
         return read_lambada(path)
 
-    def score_items(self, scorer, items, progress):
-        lls, greedy = [], []
+    def score_items(self, scorer: Scorer, items: list[LambadaItem],
+                    progress: Progress | None) -> Scores:
+        lls: list[float] = []
+        greedy: list[bool] = []
         for item in items:
             [(ll, is_greedy)] = scorer.loglikelihoods(item.context, [" " + item.word],
                                                       item.where)
@@ -151,26 +175,28 @@ class Lambada(Task):
 TASKS = {task.name: task for task in (HellaSwag(), Lambada())}
 
 
-def task_named(name):
+def task_named(name: str) -> Task:
     """The Task called `name`; UsageError naming the known ones otherwise."""
     if name not in TASKS:
         raise UsageError(f"unknown task {name!r} (known: {', '.join(TASKS)})")
     return TASKS[name]
 
 
-def read_items(task, path):
+def read_items(task: str, path: str | os.PathLike) -> list[Any]:
     """The items of the task file at `path`."""
     return task_named(task).read(path)
 
 
-def evaluate_task(task, model, tokenizer, items, threads=1, progress=None):
+def evaluate_task(task: str, model: CLLMModel, tokenizer: Tokenizer, items: list[Any],
+                  threads: int = 1,
+                  progress: Callable[[int], ItemProgress] | None = None) -> TaskResult:
     """TaskResult of `items` (read_items) of `task`. progress: None, or a callable taking the
     number of items and returning an object with add(n) and done(), used as a context
     manager."""
-    task = task_named(task)
+    scored = task_named(task)
     if progress is None:
-        return task.score(model, tokenizer, items, threads)
+        return scored.score(model, tokenizer, items, threads)
     with progress(len(items)) as shown:
-        result = task.score(model, tokenizer, items, threads, shown)
+        result = scored.score(model, tokenizer, items, threads, shown)
         shown.done()
     return result

@@ -9,23 +9,30 @@
     evaluate_stream  a token stream -> (summed loss, counted targets, windows)
     TextLoss         the figures cllm_eval reports: loss, perplexity, bits per byte
 """
+from __future__ import annotations
+
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
+from numpy.typing import NDArray
 
 from cllm_cli._engine import Engine
+from cllm_cli.api import CLLMModel
 from cllm_cli.corpus import dataset_header, eval_windows, load_dataset, split_stream, stream_key
 from cllm_cli.corpus.files import read_text
 from cllm_cli.errors import DataError, UsageError
 from cllm_cli.progress import ItemProgress, perplexity, plural
+from cllm_cli.tokenizers import Tokenizer
 
 
-def text_stream(tokenizer, files, encoding_errors):
+def text_stream(tokenizer: Tokenizer, files: Sequence[str | os.PathLike],
+                encoding_errors: str) -> tuple[NDArray[np.int64], int]:
     """(ids of every file, each a document ending in <eos>; bytes read)."""
-    parts, size = [], 0
+    parts: list[NDArray[np.int64]] = []
+    size = 0
     for path in files:
         text = read_text(path, encoding_errors)
         size += len(text.encode("utf-8", "surrogatepass"))
@@ -38,7 +45,8 @@ def text_stream(tokenizer, files, encoding_errors):
     return np.concatenate(parts), size
 
 
-def split_of_run(checkpoint_path, model, tokenizer, split):
+def split_of_run(checkpoint_path: str | os.PathLike, model: CLLMModel, tokenizer: Tokenizer,
+                 split: str) -> tuple[np.ndarray, float | None]:
     """(token stream of the run's split, bytes per token of the run's corpus)."""
     meta = model.meta or {}
     config = meta.get("train_config") or {}
@@ -58,7 +66,8 @@ def split_of_run(checkpoint_path, model, tokenizer, split):
     return part, bytes_per_token
 
 
-def evaluate_stream(model, stream, threads, batch_size, micro_batch, pad_id, precision="fp32"):
+def evaluate_stream(model: CLLMModel, stream: np.ndarray, threads: int, batch_size: int,
+                    micro_batch: int, pad_id: int, precision: str = "fp32") -> tuple[float, int, int]:
     """(summed loss, counted targets, windows) of the validation windows of `stream`. The
     windows go to the engine a batch at a time, as Engine.evaluate hands them out, and the
     micro-batch losses are added up in the same order, so the sum is Engine.evaluate's to
@@ -98,7 +107,8 @@ class TextLoss:
     bpb: Optional[float]
 
     @classmethod
-    def of(cls, what, files, tokens, loss_sum, counted, windows, bytes_per_token):
+    def of(cls, what: str, files: int | None, tokens: int, loss_sum: float, counted: int,
+           windows: int, bytes_per_token: float | None) -> TextLoss:
         loss = loss_sum / counted if counted else math.nan
         ppl = perplexity(loss) if counted else math.nan
         bpb = loss / math.log(2) / bytes_per_token if counted and bytes_per_token else None

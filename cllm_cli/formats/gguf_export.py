@@ -14,19 +14,24 @@ into the tokenizer.ggml.* keys. llama.cpp has no word-level tokenizer, so word a
 models are refused. When the model has more rows than the tokenizer has tokens, the rest are
 listed as "[PAD<id>]" of type UNUSED, as llama.cpp's converter does.
 """
+from __future__ import annotations
+
 import errno
 import json
 import os
+from typing import Any
 
 import gguf
+import numpy as np
+from numpy.typing import NDArray
 
 from cllm_cli.errors import ConversionError, WriteFailed
 from cllm_cli.fileio import atomic_path
-from cllm_cli.model import family_of, named_views
-from cllm_cli.tokenizers import BPETokenizer
+from cllm_cli.model import CLLMConfig, family_of, named_views
+from cllm_cli.tokenizers import BPETokenizer, Tokenizer
 
 
-def _bpe_vocabulary(tokenizer, vocab_size):
+def _bpe_vocabulary(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], list[Any], list[str]]:
     """(tokens, token types, merges) for the tokenizer.ggml keys."""
     if not isinstance(tokenizer, BPETokenizer):
         raise ConversionError(f"--format gguf needs a bpe tokenizer; llama.cpp has no "
@@ -37,7 +42,8 @@ def _bpe_vocabulary(tokenizer, vocab_size):
         raise ConversionError("--format gguf needs a byte-level BPE tokenizer.json (model BPE, "
                               "pre-tokenizer ByteLevel)")
     special = {t["id"] for t in spec.get("added_tokens") or [] if t.get("special")}
-    tokens, types = [], []
+    tokens: list[str] = []
+    types: list[Any] = []
     for i in range(vocab_size):
         token = tokenizer.id_to_token(i) if i < len(tokenizer) else None
         if token is None:
@@ -50,7 +56,7 @@ def _bpe_vocabulary(tokenizer, vocab_size):
     return tokens, types, merges
 
 
-def _no_space_left(path):
+def _no_space_left(path: str | os.PathLike) -> bool:
     """True when the file system of `path` has no block left for it. numpy's tofile, which
     GGUFWriter writes the tensors with, reports a short write without the system's errno;
     on a file system with no space left that was a full disk."""
@@ -60,7 +66,8 @@ def _no_space_left(path):
         return False
 
 
-def write_gguf(cfg, flat, tokenizer, path, force=False):
+def write_gguf(cfg: CLLMConfig, flat: NDArray[np.float32], tokenizer: Tokenizer, path: str | os.PathLike,
+               force: bool = False) -> None:
     """Writes the model as a GGUF file at `path`, atomically (a temporary file next to it,
     renamed over it). An existing `path` is refused unless force, and one that appears while
     the file is written is never replaced (refused then). ConversionError (one line)

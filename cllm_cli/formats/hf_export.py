@@ -24,6 +24,8 @@ Choices written down here:
   whose process is gone (and says so), and puts back an `.old` directory when OUT itself is
   missing (the writer died between its two renames), so that no earlier export is lost.
 """
+from __future__ import annotations
+
 import contextlib
 import errno
 import hashlib
@@ -34,19 +36,27 @@ import secrets
 import shutil
 import socket
 from pathlib import Path
+from typing import Any, BinaryIO, Callable, Mapping, Union
+
+import numpy as np
+from numpy.typing import NDArray
 
 from cllm_cli.errors import ConversionError, WriteFailed
 from cllm_cli.fileio import fsync_directory, reason, signals_held, write_error
 from cllm_cli.formats.tensorfile import safetensors_header, write_tensors
-from cllm_cli.model import family_of, named_views
+from cllm_cli.model import CLLMConfig, family_of, named_views
+from cllm_cli.tokenizers import Tokenizer
 
-GENERATION = {"do_sample": True, "temperature": 0.8, "top_k": 40, "top_p": 0.95}
+# a file of a directory write_directory writes: its bytes, or a function writing them to it
+FileContent = Union[bytes, Callable[[BinaryIO], None]]
+
+GENERATION: dict[str, Any] = {"do_sample": True, "temperature": 0.8, "top_k": 40, "top_p": 0.95}
 
 # ---------------------------------------------------------------------------------------
 # Layouts
 # ---------------------------------------------------------------------------------------
 
-def to_hf_state(cfg, flat):
+def to_hf_state(cfg: CLLMConfig, flat: NDArray[np.float32]) -> dict[str, np.ndarray]:
     """{transformers name: float32 array in transformers' layout} of the flat parameters:
     views of `flat` (transposed ones where the family's transformers class stores [in, out]),
     no copies."""
@@ -55,7 +65,8 @@ def to_hf_state(cfg, flat):
             for name, t in named_views(cfg, flat).items()}
 
 
-def write_safetensors(f, tensors, metadata):
+def write_safetensors(f: BinaryIO, tensors: Mapping[str, np.ndarray],
+                      metadata: Mapping[str, str] | None) -> None:
     """{name: array} as a safetensors file in the open file f, streamed tensor by tensor
     (tensorfile.py): equal to safetensors.numpy.save's bytes, without a copy of the model."""
     header, names = safetensors_header(tensors, metadata)
@@ -63,28 +74,28 @@ def write_safetensors(f, tensors, metadata):
     write_tensors(f, tensors, names)
 
 
-def _special_ids(tokenizer):
+def _special_ids(tokenizer: Tokenizer) -> dict[str, int]:
     """{"pad", "unk", "bos", "eos"}: ids, -1 where the tokenizer has none."""
     return {"pad": tokenizer.pad_id, "unk": tokenizer.unk_id, "bos": tokenizer.bos_id,
             "eos": tokenizer.eos_id}
 
 
-def _token(tokenizer, i):
+def _token(tokenizer: Tokenizer, i: int) -> str | None:
     return tokenizer.id_to_token(i)
 
 
-def hf_config(cfg, tokenizer):
+def hf_config(cfg: CLLMConfig, tokenizer: Tokenizer) -> dict[str, Any]:
     """config.json of our model as its family's transformers class (dict), with the
     tokenizer's special ids."""
     ids = _special_ids(tokenizer)
-    config = family_of(cfg).hf_config(cfg)
+    config: dict[str, Any] = family_of(cfg).hf_config(cfg)
     for key in ("bos", "eos", "pad"):
         if ids[key] >= 0:
             config[f"{key}_token_id"] = ids[key]
     return config
 
 
-def generation_config(tokenizer):
+def generation_config(tokenizer: Tokenizer) -> dict[str, Any]:
     """generation_config.json (dict)."""
     ids = _special_ids(tokenizer)
     config = dict(GENERATION)
@@ -98,11 +109,11 @@ def generation_config(tokenizer):
 # Tokenizer files
 # ---------------------------------------------------------------------------------------
 
-def _json_bytes(obj):
+def _json_bytes(obj: object) -> bytes:
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def tokenizer_files(tokenizer, model_max_length):
+def tokenizer_files(tokenizer: Tokenizer, model_max_length: int) -> dict[str, bytes]:
     """{file name: bytes}: tokenizer.json, tokenizer_config.json, special_tokens_map.json."""
     tokenizer_json = tokenizer.tokenizer_json()
     specials = {f"{key}_token": _token(tokenizer, i)
@@ -120,13 +131,13 @@ def tokenizer_files(tokenizer, model_max_length):
             "special_tokens_map.json": _json_bytes(specials)}
 
 
-def hf_files(cfg, flat, tokenizer):
+def hf_files(cfg: CLLMConfig, flat: NDArray[np.float32], tokenizer: Tokenizer) -> dict[str, FileContent]:
     """{file name: bytes, or a function writing the file to an open file} of the
     transformers directory of a model."""
     if len(tokenizer) > cfg.vocab_size:
         raise ConversionError(f"the tokenizer has {len(tokenizer)} tokens but the model only "
                               f"{cfg.vocab_size}")
-    files = {
+    files: dict[str, FileContent] = {
         "config.json": _json_bytes(hf_config(cfg, tokenizer)),
         "generation_config.json": _json_bytes(generation_config(tokenizer)),
         "model.safetensors": lambda f: write_safetensors(f, to_hf_state(cfg, flat),
@@ -140,16 +151,16 @@ def hf_files(cfg, flat, tokenizer):
 # Writing a directory atomically
 # ---------------------------------------------------------------------------------------
 
-def _is_empty_dir(path):
+def _is_empty_dir(path: Path) -> bool:
     with os.scandir(path) as it:
         return next(it, None) is None
 
 
-def _host_tag():
+def _host_tag() -> str:
     return hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
 
 
-def _process_gone(pid):
+def _process_gone(pid: int) -> bool:
     """True when no process `pid` runs on this host (a zombie counts as gone)."""
     try:
         os.kill(pid, 0)
@@ -164,7 +175,7 @@ def _process_gone(pid):
         return False
 
 
-def remove_stale(outdir):
+def remove_stale(outdir: str | os.PathLike) -> list[tuple[Path, int, str]]:
     """Removes the temporary directories of earlier writes of `outdir` on this host whose
     writer is gone (.OUT.<pid>.<host>.<hex>.tmp / .old); an .old one is renamed back to outdir
     when outdir is missing. Returns [(path, pid, what was done)]."""
@@ -175,7 +186,7 @@ def remove_stale(outdir):
         names = sorted(os.listdir(outdir.parent))
     except OSError:
         return []
-    done = []
+    done: list[tuple[Path, int, str]] = []
     for name in names:
         m = pattern.fullmatch(name)
         if m is None or not _process_gone(int(m.group(1))):
@@ -192,17 +203,17 @@ def remove_stale(outdir):
     return done
 
 
-def _identity(path):
+def _identity(path: str | os.PathLike) -> tuple[int, int]:
     st = os.lstat(path)
     return st.st_dev, st.st_ino
 
 
-def _appeared(outdir):
+def _appeared(outdir: str | os.PathLike) -> ConversionError:
     return ConversionError(f"{outdir} appeared while this export was writing it (another "
                            f"export?); it is left as it is: choose another OUT or try again")
 
 
-def _into_free_name(tmp, outdir, claim):
+def _into_free_name(tmp: str | os.PathLike, outdir: str | os.PathLike, claim: bool) -> None:
     """Renames directory tmp to outdir and never over anything that holds files: rename(2)
     replaces an empty directory but fails on a non-empty one or a file. With claim (outdir was
     absent at the start) outdir is first created empty here, and the rename goes over that
@@ -222,7 +233,7 @@ def _into_free_name(tmp, outdir, claim):
         raise
 
 
-def _over_previous(tmp, outdir, old, previous):
+def _over_previous(tmp: str | os.PathLike, outdir: str | os.PathLike, old: str | os.PathLike, previous: tuple[int, int]) -> None:
     """Replaces the directory `previous` (its identity) at outdir with tmp: outdir moved
     aside to `old`, tmp renamed in, `old` removed. When outdir is no longer that directory
     (another export replaced it meanwhile), it is put back and nothing is replaced."""
@@ -242,7 +253,8 @@ def _over_previous(tmp, outdir, old, previous):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_directory(outdir, files, force=False):
+def write_directory(outdir: str | os.PathLike, files: Mapping[str, FileContent],
+                    force: bool = False) -> list[tuple[Path, int, str]]:
     """Writes {name: bytes or write(f)} as the directory `outdir`, all or nothing.
 
     The files go to a temporary directory next to outdir (each fsync'ed), which is then
@@ -257,7 +269,7 @@ def write_directory(outdir, files, force=False):
     outdir = Path(outdir)
     parent = outdir.parent
     stale = remove_stale(outdir) if parent.is_dir() else []
-    previous = None                     # the identity of a non-empty outdir to replace
+    previous: tuple[int, int] | None = None     # the identity of a non-empty outdir to replace
     absent = not (outdir.exists() or outdir.is_symlink())
     if not absent:
         if not outdir.is_dir() or outdir.is_symlink():
@@ -297,7 +309,8 @@ def write_directory(outdir, files, force=False):
     return stale
 
 
-def export_pretrained(cfg, flat, tokenizer, outdir, force=False):
+def export_pretrained(cfg: CLLMConfig, flat: NDArray[np.float32], tokenizer: Tokenizer,
+                      outdir: str | os.PathLike, force: bool = False) -> list[tuple[Path, int, str]]:
     """Writes the transformers directory of a model (see the module docstring); returns
     the leftovers of killed exports it cleaned up (remove_stale)."""
     return write_directory(outdir, hf_files(cfg, flat, tokenizer), force)

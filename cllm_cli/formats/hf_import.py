@@ -15,36 +15,43 @@ read: unpickling can run code). Tensor names may lack the family's prefix (GPT-2
 (model.safetensors.index.json) are read, and the buffers the family names (GPT-2's causal
 masks in old files) are left out. The tokenizer is the directory's tokenizer.json (bpe kind).
 """
+from __future__ import annotations
+
 import math
 import os
 import struct
 from pathlib import Path
+from typing import Any, Mapping, NoReturn
 
 import numpy as np
+from numpy.typing import NDArray
 
 from cllm_cli._engine import num_parameters
 from cllm_cli.errors import ConversionError, DataError
 from cllm_cli.fileio import reason
 from cllm_cli.formats.checkpoint import first_non_finite
 from cllm_cli.jsonfile import JSONError, loads, read_json
-from cllm_cli.model import FAMILIES, named_views
+from cllm_cli.model import FAMILIES, CLLMConfig, Family, named_views
 from cllm_cli.tokenizers import BPETokenizer
 
-_WIDEN = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+# a tensor in a safetensors file: (dtype, shape, absolute byte offset, byte length)
+_Entry = tuple[str, tuple[int, ...], int, int]
+
+_WIDEN: dict[str, np.dtype] = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
 
 
 # ---------------------------------------------------------------------------------------
 # Loading a transformers GPT-2 directory
 # ---------------------------------------------------------------------------------------
 
-def _read_json(path):
+def _read_json(path: str | os.PathLike) -> dict[str, Any]:
     obj = read_json(path, ConversionError)
     if not isinstance(obj, dict):
         raise ConversionError(f"{path}: not a JSON object")
     return obj
 
 
-def _safetensors_index(path):
+def _safetensors_index(path: str | os.PathLike) -> dict[str, _Entry]:
     """{tensor name: (dtype, shape, absolute byte offset, byte length)} of one file."""
     try:
         size = os.path.getsize(path)
@@ -65,7 +72,7 @@ def _safetensors_index(path):
     if not isinstance(header, dict):
         raise ConversionError(f"{path}: not a safetensors file (bad header)")
     header.pop("__metadata__", None)
-    index = {}
+    index: dict[str, _Entry] = {}
     for name, info in header.items():
         try:
             begin, end = info["data_offsets"]
@@ -76,7 +83,7 @@ def _safetensors_index(path):
     return index
 
 
-def _read_tensor(path, name, entry):
+def _read_tensor(path: str | os.PathLike, name: str, entry: _Entry) -> NDArray[np.float32]:
     """float32 array of one tensor; float16 and bfloat16 widen exactly."""
     dtype, shape, offset, length = entry
     if dtype not in _WIDEN:
@@ -97,7 +104,7 @@ def _read_tensor(path, name, entry):
     return raw.astype(np.float32).reshape(shape)
 
 
-def _weight_files(directory):
+def _weight_files(directory: Path) -> dict[str, tuple[Path, _Entry]]:
     """{tensor name: (file, index entry)} of model.safetensors or its shards."""
     single = directory / "model.safetensors"
     index_path = directory / "model.safetensors.index.json"
@@ -107,7 +114,7 @@ def _weight_files(directory):
         weight_map = _read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ConversionError(f"{index_path}: no weight_map")
-        found = {}
+        found: dict[str, tuple[Path, _Entry]] = {}
         for shard in sorted(set(weight_map.values())):
             for name, e in _safetensors_index(directory / shard).items():
                 found[name] = (directory / shard, e)
@@ -119,15 +126,16 @@ def _weight_files(directory):
     raise ConversionError(f"{directory}: no model.safetensors")
 
 
-def _setting(config, key, default):
+def _setting(config: Mapping[str, Any], key: str, default: Any) -> Any:
     return config[key] if config.get(key) is not None else default
 
 
-def _check_config(path, config):
+def _check_config(path: str | os.PathLike,
+                  config: Mapping[str, Any]) -> tuple[Family, CLLMConfig]:
     """(Family, CLLMConfig) of a config.json; refuses, with one line naming the setting, a
     model_type or architecture of no family, and what the family's model cannot compute
     exactly."""
-    def refuse(what):
+    def refuse(what: str) -> NoReturn:
         raise ConversionError(f"{path}: {what}")
 
     model_type = config.get("model_type")
@@ -142,7 +150,8 @@ def _check_config(path, config):
     return family, family.config_from_hf(config, refuse)
 
 
-def load_transformers_directory(directory):
+def load_transformers_directory(directory: str | os.PathLike,
+                                ) -> tuple[CLLMConfig, NDArray[np.float32], BPETokenizer]:
     """(CLLMConfig, flat float32 parameters, tokenizer) of a transformers directory of a model
     family we compute (see the module docstring for what is refused)."""
     directory = Path(directory)
@@ -152,7 +161,7 @@ def load_transformers_directory(directory):
     tied = _setting(config, "tie_word_embeddings", True)
     prefix = family.hf_prefix
 
-    files = {}
+    files: dict[str, tuple[str, Path, _Entry]] = {}
     for name, where in _weight_files(directory).items():
         short = name[len(prefix):] if name.startswith(prefix) else name
         if short.endswith(family.hf_ignored):

@@ -14,10 +14,14 @@ A LoRA checkpoint loads as its base with the adapters merged in: every reader of
 checkpoint is a full model (a transformers directory or a full .cllm), never another LoRA
 checkpoint, so that reading a base never leads to another base (nor back to itself).
 """
+from __future__ import annotations
+
+import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
+from numpy.typing import NDArray
 
 from cllm_cli.errors import CheckpointError, ConversionError, UsageError
 from cllm_cli.formats.checkpoint import first_non_finite, latest_checkpoint
@@ -34,15 +38,15 @@ class ModelFiles(NamedTuple):
     config: CLLMConfig
     flat: np.ndarray
     tokenizer: Tokenizer
-    meta: dict
-    tokenizer_path: Path
+    meta: dict[str, Any]
+    tokenizer_path: str | os.PathLike      # a Path, or the one the caller gave
 
 
-def is_transformers_directory(path):
+def is_transformers_directory(path: str | os.PathLike) -> bool:
     return Path(path).is_dir() and (Path(path) / "config.json").exists()
 
 
-def resolve_checkpoint(path):
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """The .cllm file a run directory stands for (a file path is returned as it is)."""
     path = Path(path)
     if path.is_dir():
@@ -57,7 +61,8 @@ def resolve_checkpoint(path):
     return path
 
 
-def load_with_tokenizer(path, tokenizer_path=None, full=False):
+def load_with_tokenizer(path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None,
+                        full: bool = False) -> ModelFiles:
     """(CLLMConfig, flat params, tokenizer, meta, tokenizer path) of a .cllm file.
 
     The tokenizer is the checkpoint's kind, read from tokenizer_path or from the file next
@@ -86,7 +91,7 @@ def load_with_tokenizer(path, tokenizer_path=None, full=False):
     return ModelFiles(cfg, checkpoint_params(ckpt, path), tokenizer, meta, tokenizer_path)
 
 
-def checkpoint_params(ckpt, path):
+def checkpoint_params(ckpt: Mapping[str, Any], path: str | os.PathLike) -> NDArray[np.float32]:
     """The parameters of a loaded checkpoint (`path`: its file): its own, or for a LoRA
     checkpoint its base with the adapters merged in."""
     lora = ckpt["lora"]
@@ -101,7 +106,8 @@ def checkpoint_params(ckpt, path):
     return merged
 
 
-def load_lora_base(lora, cfg, checkpoint):
+def load_lora_base(lora: Mapping[str, Any], cfg: CLLMConfig,
+                   checkpoint: str | os.PathLike) -> NDArray[np.float32]:
     """The base parameters of a LoRA checkpoint (`lora`: its lora metadata, `cfg`: its model
     config): read from base_path (a full model load_model_files reads), cut to cfg's seq_len
     as the run cut them, and checked against base_sha256. CheckpointError (one line) when the
@@ -122,7 +128,8 @@ def load_lora_base(lora, cfg, checkpoint):
     return flat
 
 
-def load_model_files(path, tokenizer_path=None, full=False):
+def load_model_files(path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None,
+                     full: bool = False) -> ModelFiles:
     """The ModelFiles (config, flat params, tokenizer, meta, tokenizer path) of a .cllm file, a run
     directory or a transformers GPT-2 directory (whose tokenizer is its tokenizer.json, or
     its vocab.json + merges.txt, and meta empty); with `full` a LoRA checkpoint is refused.

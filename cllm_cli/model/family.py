@@ -18,36 +18,45 @@ the engine's for the family (pyx/, model/layout.py reads the table from it).
 FAMILIES (name -> Family) is filled by the package face (model/__init__.py) once the family
 modules are imported; family_of(config) is the family of a model config.
 """
-from dataclasses import dataclass
-from typing import Callable, Optional
+from __future__ import annotations
 
-FAMILIES = {}
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NoReturn, Optional
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from cllm_cli.model.config import CLLMConfig
+
+FAMILIES: dict[str, Family] = {}
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
-    init_parameters: Callable       # (config, {name: view}, numpy Generator): fills them
+    # fills the named views of a new model's buffer, from a numpy Generator
+    init_parameters: Callable[[CLLMConfig, Mapping[str, np.ndarray], np.random.Generator], None]
     embedding: str                  # the token embedding (the tied output layer's weight)
     position_table: Optional[str]   # the tensor of one row per position, or None
-    lora_targets: dict              # --lora-targets group -> layer names
-    hf_architectures: tuple         # transformers classes read; the first one is written
+    lora_targets: dict[str, tuple[str, ...]]   # --lora-targets group -> layer names
+    hf_architectures: tuple[str, ...]          # transformers classes read; the first is written
     hf_model_type: str
-    hf_name: Callable               # our tensor name -> transformers' checkpoint name
-    hf_transposed: Callable         # our tensor name -> stored [in, out] by transformers
-    hf_config: Callable             # config -> config.json's model fields (dict)
-    config_from_hf: Callable        # (config.json dict, refuse(message)) -> CLLMConfig
+    hf_name: Callable[[str], str]              # our tensor name -> transformers' checkpoint name
+    hf_transposed: Callable[[str], bool]       # our tensor name -> stored [in, out]
+    hf_config: Callable[[CLLMConfig], dict[str, Any]]    # config.json's model fields
+    # (config.json, refuse(message)) -> our config
+    config_from_hf: Callable[[Mapping[str, Any], Callable[[str], NoReturn]], CLLMConfig]
     hf_head: str                    # the output layer's checkpoint name (tied: not written)
     hf_prefix: str                  # the prefix of the base model's names, optional in files
-    hf_ignored: tuple               # name endings of buffers that are not parameters
+    hf_ignored: tuple[str, ...]     # name endings of buffers that are not parameters
     gguf_architecture: str
-    gguf_name: Callable             # our tensor name -> llama.cpp's
-    gguf_hparams: Callable          # (GGUFWriter, config): writes the family's settings
+    gguf_name: Callable[[str], str]            # our tensor name -> llama.cpp's
+    gguf_hparams: Callable[[Any, CLLMConfig], None]   # (GGUFWriter, config): its settings
     gguf_output: str                # llama.cpp's name of the output layer (the embedding's copy)
     peft_prefix: str                # PEFT's prefix of an adapted layer's name
     peft_fan_in_fan_out: bool       # the adapted layers store W as [in, out]
 
 
-def family_of(config):
+def family_of(config: CLLMConfig | type[CLLMConfig]) -> Family:
     """The Family of a model config (its `family` name)."""
     return FAMILIES[config.family]

@@ -5,16 +5,33 @@ streamed to a terminal as the tokens arrive.
     generate_ids   prompt ids -> sampled ids, one at a time (CLLMModel.generate)
     stream         prompt text -> its continuation written to a stream (cllm_inference)
 """
+from __future__ import annotations
+
+from typing import Container, Iterable, Iterator, Protocol, TextIO
+
 import numpy as np
+from numpy.typing import NDArray
 
 from cllm_cli._engine import Decoder
+from cllm_cli.model.config import CLLMConfig
 from cllm_cli.model.sampling import sample_from_logits
-from cllm_cli.tokenizers import replace_undecodable
+from cllm_cli.tokenizers import Tokenizer, replace_undecodable
 
 
-def generate_ids(config, flat, prompt_ids, max_tokens=50, temperature=1.0, top_k=0, top_p=1.0,
-                 seed=0, stop_ids=(), start_id=None, threads=1, num_tokens=None,
-                 precision="fp32"):
+class IdGenerator(Protocol):
+    """What stream needs of a model: CLLMModel.generate."""
+
+    def generate(self, prompt_ids: Iterable[int], max_tokens: int = ..., temperature: float = ...,
+                 top_k: int = ..., top_p: float = ..., seed: int = ...,
+                 stop_ids: Container[int] = ..., start_id: int | None = ..., threads: int = ...,
+                 num_tokens: int | None = ..., precision: str = ...) -> Iterator[int]: ...
+
+
+def generate_ids(config: CLLMConfig, flat: NDArray[np.float32], prompt_ids: Iterable[int],
+                 max_tokens: int = 50, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, stop_ids: Container[int] = (),
+                 start_id: int | None = None, threads: int = 1, num_tokens: int | None = None,
+                 precision: str = "fp32") -> Iterator[int]:
     """Yields sampled token ids one at a time: CLLMModel.generate, whose docstring says what
     each argument does."""
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
@@ -46,8 +63,9 @@ def generate_ids(config, flat, prompt_ids, max_tokens=50, temperature=1.0, top_k
             return
 
 
-def stream(model, tokenizer, prompt, out, max_tokens, temperature, top_k, top_p, seed,
-           threads=1, precision="fp32"):
+def stream(model: IdGenerator, tokenizer: Tokenizer, prompt: str, out: TextIO, max_tokens: int,
+           temperature: float, top_k: int, top_p: float, seed: int, threads: int = 1,
+           precision: str = "fp32") -> list[int]:
     """Writes the prompt and its continuation to `out` as the tokens arrive; returns the
     generated ids (without the final end of text). A byte-level token may end inside a
     multi-byte character: what decodes to U+FFFD at the end is held back until the
@@ -79,7 +97,7 @@ def stream(model, tokenizer, prompt, out, max_tokens, temperature, top_k, top_p,
     return generated
 
 
-def _show_new(out, text, printed, ends_line):
+def _show_new(out: TextIO, text: str, printed: int, ends_line: bool) -> tuple[int, bool]:
     """Writes text[printed:]; returns the new (printed, ends_line)."""
     piece = text[printed:]
     if not piece:

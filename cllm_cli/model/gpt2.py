@@ -14,8 +14,11 @@ projection is tied to `wte`.
 - PEFT: `base_model.model.transformer.h.{l}.<layer>.lora_A/B.weight`, fan_in_fan_out (the
   Conv1D layout).
 """
+from __future__ import annotations
+
 import json
 import math
+from typing import Any, Callable, Mapping, NoReturn
 
 import numpy as np
 
@@ -35,7 +38,8 @@ GGUF_BLOCK = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "at
               "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
 
 
-def init_parameters(config, params, rng):
+def init_parameters(config: CLLMConfig, params: Mapping[str, np.ndarray],
+                    rng: np.random.Generator) -> None:
     """GPT-2's initialisation: weights N(0, 0.02), both c_proj weights N(0, 0.02/sqrt(2L)),
     biases 0, layer-norm weights 1 (the buffer starts at 0)."""
     proj_std = 0.02 / math.sqrt(2 * config.num_layers)
@@ -47,17 +51,17 @@ def init_parameters(config, params, rng):
             view[...] = 1.0
 
 
-def hf_name(name):
+def hf_name(name: str) -> str:
     """transformers' GPT2LMHeadModel name of our tensor `name`."""
     return HF_PREFIX + name + ("" if name.startswith(("h.", "ln_f.")) else ".weight")
 
 
-def hf_transposed(name):
+def hf_transposed(name: str) -> bool:
     """Whether GPT-2 stores our tensor `name` transposed (a Conv1D weight)."""
     return name.endswith(CONV1D)
 
 
-def hf_config(config):
+def hf_config(config: CLLMConfig) -> dict[str, Any]:
     """config.json's model fields of our model as a transformers GPT-2."""
     return {
         "architectures": ["GPT2LMHeadModel"],
@@ -84,11 +88,12 @@ def hf_config(config):
     }
 
 
-def _setting(config, key, default):
+def _setting(config: Mapping[str, Any], key: str, default: Any) -> Any:
     return config[key] if config.get(key) is not None else default
 
 
-def config_from_hf(config, refuse):
+def config_from_hf(config: Mapping[str, Any],
+                   refuse: Callable[[str], NoReturn]) -> CLLMConfig:
     """The CLLMConfig of a transformers GPT-2 config.json (dict); refuse(message) for what our
     model cannot compute exactly (another activation, epsilon, attention scaling, cross
     attention, n_ctx != n_positions, sizes CLLMConfig refuses)."""
@@ -119,7 +124,7 @@ def config_from_hf(config, refuse):
         refuse(f"model size not supported: {e}")
 
 
-def gguf_name(name):
+def gguf_name(name: str) -> str:
     """llama.cpp's GPT-2 tensor name of our tensor `name`."""
     if name == "wte":
         return "token_embd.weight"
@@ -132,7 +137,7 @@ def gguf_name(name):
     return f"blk.{layer}.{GGUF_BLOCK[module]}.{kind}"
 
 
-def gguf_hparams(writer, config):
+def gguf_hparams(writer: Any, config: CLLMConfig) -> None:
     """llama.cpp's gpt2 settings of a model, on a gguf.GGUFWriter."""
     writer.add_context_length(config.seq_len)
     writer.add_embedding_length(config.embed_dim)

@@ -6,16 +6,21 @@ the engine's parameter_layout(cfg): (name, shape, offset) per tensor, in the ord
 mlp.c_proj, and ln_f). Every module that needs a tensor of such a buffer takes it from
 named_views.
 """
+from __future__ import annotations
+
 import dataclasses
 import math
 
 import numpy as np
+from numpy.typing import DTypeLike, NDArray
 
 from cllm_cli._engine import num_parameters, parameter_layout
+from cllm_cli.model.config import CLLMConfig
 from cllm_cli.model.family import family_of
 
 
-def named_views(cfg, flat, what="the buffer", dtype=None):
+def named_views(cfg: CLLMConfig, flat: np.ndarray, what: str = "the buffer",
+                dtype: DTypeLike = None) -> dict[str, np.ndarray]:
     """{name: view of its tensor in `flat`}, in layout order; `flat` must be a 1-D numpy
     array of num_parameters(cfg) elements, of `dtype` when given (ValueError naming `what`
     otherwise)."""
@@ -31,12 +36,13 @@ def named_views(cfg, flat, what="the buffer", dtype=None):
             for name, shape, offset in parameter_layout(cfg)}
 
 
-def tensor_shapes(cfg):
+def tensor_shapes(cfg: CLLMConfig) -> dict[str, tuple[int, ...]]:
     """{name: shape} of every tensor, in layout order."""
     return {name: tuple(shape) for name, shape, _ in parameter_layout(cfg)}
 
 
-def shorten_positions(config, flat, seq_len):
+def shorten_positions(config: CLLMConfig, flat: NDArray[np.float32],
+                      seq_len: int) -> tuple[CLLMConfig, NDArray[np.float32]]:
     """(config, flat) of the same model with a position table of seq_len rows (its first
     ones): exact for every context of at most seq_len tokens."""
     short = dataclasses.replace(config, seq_len=seq_len)

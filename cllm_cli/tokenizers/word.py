@@ -20,11 +20,15 @@
   line's length (a line of 20 KB decodes in about 0.1 s). The library lower-cases one
   character at a time, so a final capital sigma becomes σ where Python writes ς.
 """
+from __future__ import annotations
+
 import itertools
+import os
 import re
 
 import numpy as np
 import tokenizers
+from numpy.typing import ArrayLike, NDArray
 from tokenizers import decoders, normalizers, pre_tokenizers
 
 from cllm_cli.tokenizers.base import BOS, EOS, PAD, SPECIALS, UNK
@@ -65,17 +69,17 @@ class WordTokenizer(VocabTokenizer):
     detect_rank = 2         # any vocab.txt that no other kind recognises
 
     @classmethod
-    def scanner(cls):
+    def scanner(cls) -> WordScanner:
         return WordScanner()
 
     @classmethod
-    def recognises(cls, path, what):
+    def recognises(cls, path: str | os.PathLike, what: str) -> bool:
         return True
 
-    def shown_prompt(self, prompt):
+    def shown_prompt(self, prompt: str) -> str:
         return prompt.rstrip()
 
-    def tokenizer_json(self):
+    def tokenizer_json(self) -> bytes:
         tk = word_level_pipeline(self)
         tk.normalizer = normalizers.Lowercase()
         tk.pre_tokenizer = pre_tokenizers.Split(tokenizers.Regex(WORD_PATTERN),
@@ -86,22 +90,22 @@ class WordTokenizer(VocabTokenizer):
             + [decoders.Replace(tokenizers.Regex(pattern), text) for pattern, text in WORD_DECODING])
         return tk.to_str().encode("utf-8")
 
-    def tokens(self, text):
+    def tokens(self, text: str) -> list[str]:
         return _WORD_RE.findall(text.lower())
 
     @classmethod
-    def block_cut(cls, data):
+    def block_cut(cls, data: bytes) -> int:
         # after the last space or line end: no token, and no lower-casing context (a final
         # sigma), goes across white space
         return max(data.rfind(b" "), data.rfind(b"\n")) + 1
 
-    def encode(self, text):
+    def encode(self, text: str) -> NDArray[np.int64]:
         toks = self.tokens(text)
         return np.fromiter(map(self.stoi.get, toks, itertools.repeat(UNK)),
                            dtype=np.int64, count=len(toks))
 
-    def decode(self, ids):
-        out = []
+    def decode(self, ids: ArrayLike) -> str:
+        out: list[str] = []
         glue = True            # no space before the next token
         quote_open = False
         for i in self._check_ids(ids):
@@ -134,11 +138,11 @@ class WordScanner(Scanner):
 
     tokenizer_class = WordTokenizer
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.first_seen = FirstSeen(len(SPECIALS))
 
     @staticmethod
-    def scan(text):
+    def scan(text: str) -> tuple[NDArray[np.int32], list[str]]:
         """(local ids, distinct words): each word of `text` numbered from 0 in order of first
         appearance in the text."""
         toks = _WORD_RE.findall(text.lower())
@@ -146,15 +150,15 @@ class WordScanner(Scanner):
         ids = np.fromiter(map(local.__getitem__, toks), dtype=np.int32, count=len(toks))
         return ids, list(local)
 
-    def merge(self, scanned):
+    def merge(self, scanned: tuple[NDArray[np.int32], list[str]]) -> NDArray[np.int32]:
         ids, words = scanned
         table = np.fromiter(map(self.first_seen.__getitem__, words), dtype=np.int32,
                             count=len(words))
         return table[ids]
 
-    def n_provisional(self):
+    def n_provisional(self) -> int:
         return len(SPECIALS) + len(self.first_seen)
 
-    def _itos(self, kept):
+    def _itos(self, kept: NDArray[np.intp]) -> tuple[list[str], NDArray[np.intp]]:
         table = list(self.first_seen)
         return [table[p - len(SPECIALS)] for p in kept.tolist()], kept

@@ -10,6 +10,7 @@ replace the stored value.
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from cllm_cli.corpus.files import ENCODING_ERRORS
 from cllm_cli.errors import UsageError
@@ -30,8 +31,10 @@ MAX_LEARNING_RATE = 100.0    # far above any that trains, far below one that ove
 GROUPS = ("data", "model", "fine-tuning", "optimisation", "threads", "checkpoints", "output")
 
 
-def option(default, group, help=None, *, choices=None, minimum=None, maximum=None, run=False,
-           fixed=False, metavar=None):
+def option(default: Any, group: str, help: Optional[str] = None, *,
+           choices: Optional[Sequence[Any]] = None, minimum: Optional[float] = None,
+           maximum: Optional[float] = None, run: bool = False, fixed: bool = False,
+           metavar: Optional[str] = None) -> Any:
     """A TrainConfig field with what argparse and validate() need to know about it."""
     assert group in GROUPS, group
     return field(default=default, metadata=dict(group=group, help=help, choices=choices,
@@ -171,26 +174,26 @@ class TrainConfig:
                        "CHECKPOINT_DIR/metrics.jsonl) (default: none)", run=True, metavar="PNG")
 
     @classmethod
-    def run_fields(cls):
+    def run_fields(cls) -> Tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["run"])
 
     @classmethod
-    def fixed_fields(cls):
+    def fixed_fields(cls) -> Tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["fixed"])
 
-    def result_fields(self):
+    def result_fields(self) -> Dict[str, Any]:
         """The fields that shape the result: stored in checkpoints (the LoRA settings only
         when adapters train, so that a full run's checkpoint is what it was before them)."""
         run = self.run_fields()
         return {k: v for k, v in dataclasses.asdict(self).items()
                 if k not in run and (self.lora_rank or not k.startswith("lora_"))}
 
-    def model_config(self, vocab_size):
+    def model_config(self, vocab_size: int) -> CLLMConfig:
         return CLLMConfig(vocab_size=vocab_size, embed_dim=self.embed_dim,
                           num_layers=self.num_layers, num_heads=self.num_heads,
                           ff_dim=self.ff_dim, seq_len=self.seq_len)
 
-    def validate(self, resuming=None):
+    def validate(self, resuming: Optional[bool] = None) -> None:
         """Raises UsageError naming the first bad option; clamps micro_batch to batch_size.
         resuming: whether the run continues a checkpoint, which supplies the options it does
         not restate (None: not known yet; it may when --resume is given)."""
@@ -272,7 +275,7 @@ class TrainConfig:
                              f"(a scale alpha/R of at most {MAX_LORA_SCALE:g}), got "
                              f"{self.lora_alpha:g}")
 
-    def lora_spec(self):
+    def lora_spec(self) -> Optional[LoraSpec]:
         """The adapters' LoraSpec, or None when every weight trains."""
         if not self.lora_rank:
             return None
@@ -281,6 +284,6 @@ class TrainConfig:
                         parse_targets(self.lora_targets))
 
 
-def flag(name):
+def flag(name: str) -> str:
     """The command-line option of TrainConfig field `name`."""
     return "--" + name.replace("_", "-")

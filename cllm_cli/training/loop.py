@@ -22,6 +22,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 from cllm_cli import errors
 from cllm_cli._engine import Engine, StepAborted
@@ -193,8 +194,8 @@ class RunProgress:
     """What the loop reports beyond the checkpointed state."""
     t_start: float
     tokens_seen: int = 0
-    last_train_loss: float = None
-    val_loss: float = None
+    last_train_loss: Optional[float] = None
+    val_loss: Optional[float] = None
 
 
 def threaded_train_epoch(trainer, engine, log, stop, run):
@@ -264,7 +265,7 @@ def evaluate(engine, windows, stop):
 # -- one process or many: the pieces a rank of a many-process run uses instead ----------------
 
 # train_model's statuses beyond errors.STATUSES: a failure of the run itself
-STATUSES = {PlotError: 1}
+STATUSES: errors.Statuses = {PlotError: 1}
 
 
 def exit_status(error):
