@@ -46,7 +46,7 @@ class CLLMModel:
         """Loads the parameters of a .cllm checkpoint (CheckpointError when it is bad); a LoRA
         checkpoint's adapters are merged into its base."""
         ckpt = load_checkpoint(path)
-        return cls.from_flat(ckpt["config"], checkpoint_params(ckpt, path), ckpt["meta"])
+        return cls.from_flat(ckpt.config, checkpoint_params(ckpt, path), ckpt.meta)
 
     def save(self, path: str | os.PathLike, meta: Mapping[str, Any] | None = None) -> None:
         """Writes the parameters (no optimiser state) as a .cllm file, atomically."""

@@ -175,10 +175,10 @@ def test_bf16_resumed_run_equals_the_straight_run(bf16_reference, window_corpus,
 
 def test_checkpoint_records_bf16_and_keeps_fp32_weights(bf16_reference, window_corpus, tmp_path):
     ck = load_checkpoint(bf16_reference["dir"] / "final_model.cllm")
-    assert ck["meta"]["train_config"]["precision"] == "bf16"
-    assert ck["params"].dtype == np.float32
+    assert ck.meta["train_config"]["precision"] == "bf16"
+    assert ck.params.dtype == np.float32
     # not bf16 values: the master weights keep their fp32 low bits
-    assert np.any(ck["params"].view(np.uint32) & 0xFFFF)
+    assert np.any(ck.params.view(np.uint32) & 0xFFFF)
     fp32 = train([str(window_corpus)], **dict(BASE, checkpoint_dir=str(tmp_path / "fp32"), threads=1))
     assert fp32["val_loss"] != bf16_reference["result"]["val_loss"]
     assert abs(fp32["val_loss"] - bf16_reference["result"]["val_loss"]) < 0.05

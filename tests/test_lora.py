@@ -240,21 +240,21 @@ def test_adapter_steps_do_not_depend_on_the_thread_count(tiny_model, precision_n
 def test_a_lora_checkpoint_is_small_and_names_its_base(lora_run, base_dir):
     final = lora_run / "final_model.cllm"
     ckpt = load_checkpoint(final)
-    assert ckpt["lora"]["spec"] == LoraSpec(4, 8.0, 0.1, ALL_SITES)
+    assert ckpt.lora["spec"] == LoraSpec(4, 8.0, 0.1, ALL_SITES)
     base_cfg, base_flat, _, _, _ = load_model_files(base_dir)
-    assert ckpt["lora"]["base_sha256"] == content_hash(base_flat)
-    assert ckpt["lora"]["base_path"] == str(base_dir)
+    assert ckpt.lora["base_sha256"] == content_hash(base_flat)
+    assert ckpt.lora["base_path"] == str(base_dir)
     assert set(tensors(final)) == {prefix + name for prefix in ("", "adam.m.", "adam.v.")
-                                   for name in adapter_views(base_cfg, ckpt["lora"]["spec"],
-                                                             ckpt["params"])}
+                                   for name in adapter_views(base_cfg, ckpt.lora["spec"],
+                                                             ckpt.params)}
     # the adapters and their two moments, no base: 3 x 4 bytes an adapter value, a header
-    assert os.path.getsize(final) < 12 * ckpt["params"].size + 16384
-    assert ckpt["params"].size < 0.15 * base_flat.size
-    assert any(v.any() for name, v in adapter_views(base_cfg, ckpt["lora"]["spec"],
-                                                    ckpt["params"]).items() if "lora_B" in name)
+    assert os.path.getsize(final) < 12 * ckpt.params.size + 16384
+    assert ckpt.params.size < 0.15 * base_flat.size
+    assert any(v.any() for name, v in adapter_views(base_cfg, ckpt.lora["spec"],
+                                                    ckpt.params).items() if "lora_B" in name)
     # loaded as a model: the base with the adapters merged in
     model = CLLMModel.load(final)
-    expected = merge_adapters(base_cfg, base_flat, ckpt["lora"]["spec"], ckpt["params"])
+    expected = merge_adapters(base_cfg, base_flat, ckpt.lora["spec"], ckpt.params)
     assert model.flat.tobytes() == expected.tobytes()
 
 
@@ -380,14 +380,14 @@ def test_merged_weights_that_are_not_finite_are_refused(capsys, tmp_path, corpus
         run = tmp_path / case
         shutil.copytree(lora_run, run)
         ckpt = load_checkpoint(run / "final_model.cllm")
-        lora = {**ckpt["lora"]["spec"].to_dict(), "base_sha256": ckpt["lora"]["base_sha256"],
-                "base_path": ckpt["lora"]["base_path"]}
+        lora = {**ckpt.lora["spec"].to_dict(), "base_sha256": ckpt.lora["base_sha256"],
+                "base_path": ckpt.lora["base_path"]}
         if case == "overflow":
-            ckpt["params"][:] = 1e30
+            ckpt.params[:] = 1e30
         else:
             lora["alpha"] = 1e38
-        save_checkpoint(run / "final_model.cllm", ckpt["config"], ckpt["params"],
-                        ckpt["adam_m"], ckpt["adam_v"], ckpt["meta"], lora=lora)
+        save_checkpoint(run / "final_model.cllm", ckpt.config, ckpt.params,
+                        ckpt.adam_m, ckpt.adam_v, ckpt.meta, lora=lora)
         monkeypatch.undo()
         fragment = "non-finite" if case == "overflow" else "bad LoRA alpha"
         for prog, main, argv in (
@@ -436,10 +436,10 @@ def renamed_base(run, base_path):
     """Every checkpoint of `run` rewritten to name `base_path` as its base (the same hash)."""
     for path in run.glob("*.cllm"):
         ckpt = load_checkpoint(path)
-        lora = {**ckpt["lora"]["spec"].to_dict(), "base_sha256": ckpt["lora"]["base_sha256"],
+        lora = {**ckpt.lora["spec"].to_dict(), "base_sha256": ckpt.lora["base_sha256"],
                 "base_path": str(base_path)}
-        save_checkpoint(path, ckpt["config"], ckpt["params"], ckpt["adam_m"], ckpt["adam_v"],
-                        ckpt["meta"], lora=lora)
+        save_checkpoint(path, ckpt.config, ckpt.params, ckpt.adam_m, ckpt.adam_v,
+                        ckpt.meta, lora=lora)
     return run
 
 
@@ -503,4 +503,4 @@ def test_resume_accepts_the_lora_settings_restated(capsys, tmp_path, corpus, lor
                         "--max-steps", "5", "--quiet", "--lora-rank", "4", "--lora-alpha", "8",
                         "--lora-dropout", "0.1", "--lora-targets", "mlp, proj,attn")
     assert code == 0, err
-    assert load_checkpoint(out / "final_model.cllm")["meta"]["state"]["step"] == 5
+    assert load_checkpoint(out / "final_model.cllm").meta["state"]["step"] == 5

@@ -67,7 +67,7 @@ def load_bytes(path, data):
 
 
 def assert_same_state(ckpt, buffers):
-    for got, want in zip((ckpt["params"], ckpt["adam_m"], ckpt["adam_v"]), buffers):
+    for got, want in zip((ckpt.params, ckpt.adam_m, ckpt.adam_v), buffers):
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
@@ -125,7 +125,7 @@ def test_any_meta_with_valid_checksums_loads_or_is_refused_by_field(workdir, met
         one_line_error(e)
         assert "bad meta field" in str(e)
         return
-    assert loaded["meta"] == json.loads(json.dumps(meta))
+    assert loaded.meta == json.loads(json.dumps(meta))
 
 
 # --- vocab.txt ---------------------------------------------------------------------------

@@ -170,7 +170,7 @@ def test_resume_extends_a_finished_run_and_names_the_change(corpus, trained_ever
                          "--learning-rate", "5e-4")
     assert code == 0, err
     assert "changed: --learning-rate 0.001 -> 0.0005, --max-steps 4 -> 7" in out, out
-    meta = load_checkpoint(trained_every_step / "final_model.cllm")["meta"]
+    meta = load_checkpoint(trained_every_step / "final_model.cllm").meta
     assert meta["state"]["step"] == 7
     assert meta["train_config"]["max_steps"] == 7
     assert meta["train_config"]["learning_rate"] == 5e-4
@@ -271,9 +271,9 @@ def test_crafted_training_settings_are_refused(corpus, trained_every_step, capsy
     """A checkpoint with valid checksums but impossible settings: one line, status 2."""
     path = sorted(trained_every_step.glob("checkpoint_step_*.cllm"))[-1]
     ckpt = load_checkpoint(path)
-    ckpt["meta"]["train_config"][field] = value
-    save_checkpoint(path, ckpt["config"], ckpt["params"], ckpt["adam_m"], ckpt["adam_v"],
-                    ckpt["meta"])
+    ckpt.meta["train_config"][field] = value
+    save_checkpoint(path, ckpt.config, ckpt.params, ckpt.adam_m, ckpt.adam_v,
+                    ckpt.meta)
     code, _, err = cli(capsys, corpus, *TINY[:-1], "--checkpoint-dir", trained_every_step, "--resume")
     assert_one_error_line(code, err, "train_model", path.name, "--" + field.replace("_", "-"))
 
@@ -317,7 +317,7 @@ def test_full_stdout_does_not_stop_training(corpus, ckpt_dir):
     assert p.returncode == 0, p.stderr
     assert "Traceback" not in p.stderr
     assert "cannot write to standard output (No space left on device)" in p.stderr
-    assert load_checkpoint(ck / "final_model.cllm")["meta"]["state"]["step"] == 4
+    assert load_checkpoint(ck / "final_model.cllm").meta["state"]["step"] == 4
 
 
 def test_closed_pipe_does_not_stop_training(corpus, ckpt_dir):
@@ -331,4 +331,4 @@ def test_closed_pipe_does_not_stop_training(corpus, ckpt_dir):
     err = run.stderr.read()
     assert run.wait() == 0, err
     assert "Traceback" not in err, err
-    assert load_checkpoint(ck / "final_model.cllm")["meta"]["state"]["step"] == 40
+    assert load_checkpoint(ck / "final_model.cllm").meta["state"]["step"] == 40

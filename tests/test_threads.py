@@ -47,7 +47,7 @@ def reference(window_corpus, tmp_path_factory):
 def layout(reference):
     """Facts about the reference run's data: windows, batches, micro-batches per step."""
     ck = load_checkpoint(reference["dir"] / "final_model.cllm")
-    cfg = ck["config"]
+    cfg = ck.config
     tokens = load_dataset(str(reference["dir"] / "dataset.bin"))
     if isinstance(tokens, tuple):
         tokens = tokens[0]
@@ -74,9 +74,9 @@ def test_reference_run_is_a_meaningful_setting(reference, layout):
               if "epoch" in json.loads(l)]
     assert epochs[0] == 1 and epochs[-1] == 2
     final = load_checkpoint(reference["dir"] / "final_model.cllm")
-    init = CLLMModel(final["config"], BASE["seed"]).flat
-    assert np.all(np.isfinite(final["params"]))
-    assert not np.array_equal(init, final["params"])
+    init = CLLMModel(final.config, BASE["seed"]).flat
+    assert np.all(np.isfinite(final.params))
+    assert not np.array_equal(init, final.params)
     for f in ckpt_files(reference["dir"]):
         assert (reference["dir"] / f).is_file(), f
 
@@ -182,7 +182,7 @@ def test_nan_injection_is_reported_skipped_and_deterministic(reference, injected
     other = [l for l in err.splitlines() if "warning" in l and l not in lines]
     assert not other, f"unexpected warnings: {other}"
     # the step was applied from the other micro-batches: every step counts for AdamW
-    meta = load_checkpoint(d / "final_model.cllm")["meta"]
+    meta = load_checkpoint(d / "final_model.cllm").meta
     assert meta["state"]["adam_t"] == STEPS and meta["state"]["bad_steps"] == 0
     final = tensors(d / "final_model.cllm")
     assert all(np.all(np.isfinite(v)) for v in final.values())
@@ -205,9 +205,9 @@ def test_nan_step_uses_exactly_the_other_micro_batches(window_corpus, tmp_path, 
     run(window_corpus, d, threads=3, engine_hook=lambda e: _engine_testing.inject_nan(e, 0, 1), **sgd)
     assert "micro-batch 1" in capfd.readouterr().err
     ck = load_checkpoint(d / "final_model.cllm")
-    cfg = ck["config"]
+    cfg = ck.config
     w0 = CLLMModel(cfg, BASE["seed"]).flat
-    step = w0 - ck["params"]
+    step = w0 - ck.params
     tokens = load_dataset(str(d / "dataset.bin"))
     if isinstance(tokens, tuple):
         tokens = tokens[0]
@@ -246,7 +246,7 @@ def test_step_without_valid_micro_batch_stops_with_last_good_state(window_corpus
     assert saved, "no checkpoint of the last good state"
     assert str(saved[-1].name) in str(info.value) or str(saved[-1]) in str(info.value)
     last = load_checkpoint(saved[-1])
-    assert last["meta"]["state"]["adam_t"] == bad
+    assert last.meta["state"]["adam_t"] == bad
     # the skipped step left weights and optimiser state untouched: the newest checkpoint
     # holds exactly the clean run's state after step 3
     a, b = tensors(clean / "checkpoint_step_3.cllm"), tensors(saved[-1])

@@ -146,14 +146,14 @@ def run_peft(args: argparse.Namespace) -> None:
                          f"checkpoint: --format peft writes adapters")
     path = resolve_checkpoint(args.checkpoint)
     ckpt = load_checkpoint(path)
-    if ckpt["lora"] is None:
+    if ckpt.lora is None:
         raise UsageError(f"{path} holds no LoRA adapters (train with --lora-rank); "
                          f"--format hf or gguf exports the whole model")
     if _inside(path, args.out):
         raise UsageError(f"{args.out} holds {path}: choose another OUT")
-    load_lora_base(ckpt["lora"], ckpt["config"], path)    # the base the adapters name is there
-    export_peft(ckpt["config"], ckpt["lora"], ckpt["params"], args.out, force=args.force)
-    sys.stdout.write(how_to_load("peft", args.out, ckpt["config"], ckpt["lora"]["base_path"]))
+    load_lora_base(ckpt.lora, ckpt.config, path)    # the base the adapters name is there
+    export_peft(ckpt.config, ckpt.lora, ckpt.params, args.out, force=args.force)
+    sys.stdout.write(how_to_load("peft", args.out, ckpt.config, ckpt.lora["base_path"]))
     sys.stdout.flush()
 
 

@@ -30,10 +30,12 @@ import os
 import re
 import struct
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
+from numpy.typing import NDArray
 
 from cllm_cli._engine import num_parameters
 from cllm_cli.errors import CheckpointError
@@ -99,8 +101,21 @@ def _read_exact(f: io.BufferedReader, buf: np.ndarray) -> int:
     return got
 
 
+@dataclass
+class Checkpoint:
+    """A loaded .cllm file: its model config, the trained parameters (a LoRA checkpoint's
+    adapters), AdamW's m and v (None in a file saved without them), the metadata, and the
+    lora metadata with its LoraSpec under "spec" (None for a full model)."""
+    config: CLLMConfig
+    params: NDArray[np.float32]
+    adam_m: Optional[NDArray[np.float32]]
+    adam_v: Optional[NDArray[np.float32]]
+    meta: dict[str, Any]
+    lora: Optional[dict[str, Any]]
+
+
 def load_checkpoint(path: str | os.PathLike, cfg: CLLMConfig | None = None,
-                    vocab_hash: str | None = None) -> dict[str, Any]:
+                    vocab_hash: str | None = None) -> Checkpoint:
     """Read and verify a `.cllm` file.
 
     Returns ``{"config": CLLMConfig, "params": flat float32, "adam_m": flat or None,
@@ -131,7 +146,7 @@ def load_checkpoint(path: str | os.PathLike, cfg: CLLMConfig | None = None,
 
 
 def _load(f: io.BufferedReader, path: Path, fail: Callable[[object], CheckpointError],
-          want_cfg: CLLMConfig | None, want_vocab_hash: str | None) -> dict[str, Any]:
+          want_cfg: CLLMConfig | None, want_vocab_hash: str | None) -> Checkpoint:
     file_size = os.fstat(f.fileno()).st_size
     if file_size < 8:
         raise fail(f"file is {file_size} {plural(file_size, 'byte')}, too short for a safetensors header "
@@ -272,8 +287,8 @@ def _load(f: io.BufferedReader, path: Path, fail: Callable[[object], CheckpointE
         raise fail(f"tensor 'adam.v.{name}' holds negative values (a second moment is never "
                    "negative)")
 
-    return {"config": config, "params": buffers["params"], "adam_m": buffers.get("adam_m"),
-            "adam_v": buffers.get("adam_v"), "meta": meta, "lora": lora}
+    return Checkpoint(config, buffers["params"], buffers.get("adam_m"), buffers.get("adam_v"),
+                      meta, lora)
 
 
 def _lora_metadata(metadata: Mapping[str, str],

@@ -25,7 +25,7 @@ from numpy.typing import NDArray
 
 from cllm_cli.errors import CheckpointError, ConversionError, UsageError
 from cllm_cli.formats.checkpoint import first_non_finite, latest_checkpoint
-from cllm_cli.formats.checkpoint_load import check_vocabulary, load_checkpoint
+from cllm_cli.formats.checkpoint_load import Checkpoint, check_vocabulary, load_checkpoint
 from cllm_cli.formats.hf_import import load_transformers_directory
 from cllm_cli.model import CLLMConfig, content_hash, merge_adapters, named_views, shorten_positions
 from cllm_cli.tokenizers import TOKENIZER_KINDS, BPETokenizer, Tokenizer, load_tokenizer, tokenizer_class
@@ -70,9 +70,9 @@ def load_with_tokenizer(path: str | os.PathLike, tokenizer_path: str | os.PathLi
     checkpoint records. With `full` a LoRA checkpoint is refused (UsageError) instead of
     merged. CheckpointError or UsageError (one line) otherwise."""
     ckpt = load_checkpoint(path)
-    if full and ckpt["lora"] is not None:
+    if full and ckpt.lora is not None:
         raise UsageError(f"{path} holds LoRA adapters, not a full model")
-    cfg, meta = ckpt["config"], ckpt["meta"]
+    cfg, meta = ckpt.config, ckpt.meta
     kind = meta.get("tokenizer", "word")
     if kind not in TOKENIZER_KINDS:
         raise ConversionError(f"{path}: unknown tokenizer kind {kind!r} in the checkpoint")
@@ -91,15 +91,15 @@ def load_with_tokenizer(path: str | os.PathLike, tokenizer_path: str | os.PathLi
     return ModelFiles(cfg, checkpoint_params(ckpt, path), tokenizer, meta, tokenizer_path)
 
 
-def checkpoint_params(ckpt: Mapping[str, Any], path: str | os.PathLike) -> NDArray[np.float32]:
+def checkpoint_params(ckpt: Checkpoint, path: str | os.PathLike) -> NDArray[np.float32]:
     """The parameters of a loaded checkpoint (`path`: its file): its own, or for a LoRA
     checkpoint its base with the adapters merged in."""
-    lora = ckpt["lora"]
+    lora = ckpt.lora
     if lora is None:
-        return ckpt["params"]
-    base = load_lora_base(lora, ckpt["config"], path)
-    merged = merge_adapters(ckpt["config"], base, lora["spec"], ckpt["params"])
-    bad = first_non_finite(named_views(ckpt["config"], merged))
+        return ckpt.params
+    base = load_lora_base(lora, ckpt.config, path)
+    merged = merge_adapters(ckpt.config, base, lora["spec"], ckpt.params)
+    bad = first_non_finite(named_views(ckpt.config, merged))
     if bad:
         raise CheckpointError(f"{path} holds LoRA adapters that, merged into its base, give "
                               f"non-finite weights: {bad}")

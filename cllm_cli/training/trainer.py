@@ -256,7 +256,7 @@ class Trainer:
         """Model, optimiser state, position and training settings from a checkpoint. Options
         given again are applied when they may change and refused when they may not."""
         ckpt = load_checkpoint(path)
-        meta = ckpt["meta"]
+        meta = ckpt.meta
         try:
             saved = dict(meta["train_config"])
             saved.setdefault("precision", "fp32")     # checkpoints from before --precision
@@ -264,9 +264,9 @@ class Trainer:
             vocab_hash, dataset_key = meta["vocab_hash"], meta["dataset_key"]
         except (KeyError, TypeError) as e:
             raise CheckpointError(f"{path}: checkpoint lacks training state ({e})") from None
-        if ckpt["adam_m"] is None:
+        if ckpt.adam_m is None:
             raise CheckpointError(f"{path}: checkpoint holds no optimiser state; cannot resume")
-        lora = ckpt["lora"]
+        lora = ckpt.lora
         _check_lora_kept(lora, self.cfg, given, path)
         run, fixed = TrainConfig.run_fields(), TrainConfig.fixed_fields()
         stored = dataclasses.replace(self.cfg, **{k: v for k, v in saved.items()
@@ -303,13 +303,13 @@ class Trainer:
             raise CheckpointError(f"{path}: its training settings and its tensors disagree on "
                                   f"LoRA adapters")
         if lora is None:
-            self.model = CLLMModel.from_flat(ckpt["config"], ckpt["params"])
+            self.model = CLLMModel.from_flat(ckpt.config, ckpt.params)
         else:
-            self.model = CLLMModel.from_flat(ckpt["config"],
-                                             load_lora_base(lora, ckpt["config"], path))
-            self.lora, self.adapters = lora["spec"], ckpt["params"]
+            self.model = CLLMModel.from_flat(ckpt.config,
+                                             load_lora_base(lora, ckpt.config, path))
+            self.lora, self.adapters = lora["spec"], ckpt.params
             self.base = {"base_sha256": lora["base_sha256"], "base_path": lora["base_path"]}
-        self.adam_m, self.adam_v = ckpt["adam_m"], ckpt["adam_v"]
+        self.adam_m, self.adam_v = ckpt.adam_m, ckpt.adam_v
         self.resumed_from = path
         return tokens
 
