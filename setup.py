@@ -2,7 +2,9 @@
 
 CLLM_DEBUG=1 turns Cython's checks back on (bounds, wraparound, initialisation) and writes
 annotated HTML next to the sources. CLLM_SANITIZE=thread builds for ThreadSanitizer
-(`make racecheck`). The build fails if Cython reports that an exception
+(`make racecheck`). CLLM_TEST_BUILD=1 builds cllm_cli._engine_testing instead, the engine with
+its test hooks, which only the tests use: `make test-build` builds it in place, through a
+build directory of its own (build/testing), so that no install or wheel ever holds it. The build fails if Cython reports that an exception
 check forces a nogil function to take the GIL back after a call.
 """
 import glob
@@ -12,7 +14,9 @@ import sys
 from setuptools import Extension, setup
 
 DEBUG = os.environ.get("CLLM_DEBUG", "") not in ("", "0")
-MODULES = ["engine"]   # pyx/<name>.pyx -> cllm_cli._<name>
+TEST_BUILD = os.environ.get("CLLM_TEST_BUILD", "") not in ("", "0")
+# cllm_cli._<name> from pyx/<source>; every file a module includes is found from pyx/
+MODULES = {"engine_testing": "testing/engine_testing.pyx"} if TEST_BUILD else {"engine": "engine.pyx"}
 
 DIRECTIVES = {
     "language_level": 3,
@@ -53,10 +57,10 @@ def extensions():
     import numpy
     from Cython.Build import cythonize
     found = gil_reacquiring_calls()
-    exts = [Extension(f"cllm_cli._{name}", [f"pyx/{name}.pyx"],
+    exts = [Extension(f"cllm_cli._{name}", [f"pyx/{source}"],
                       include_dirs=[numpy.get_include(), "pyx"],
                       extra_compile_args=COMPILE_ARGS, extra_link_args=LINK_ARGS)
-            for name in MODULES]
+            for name, source in MODULES.items()]
     built = cythonize(exts, compiler_directives=DIRECTIVES, annotate=DEBUG,
                       force=True if DEBUG or SANITIZE else None)
     if found:

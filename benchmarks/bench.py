@@ -16,7 +16,7 @@ worker processes, timing, the sgemm ceiling, RSS) is in measure.py.
                   + 12 x L x T x d               (attention scores and weighted values)
 - Peak RSS (VmHWM) against baseline + 4 bytes x (4P + spheres x (P + A)): P parameters, each
   for the weights, AdamW m and v and accumulated_gradients; per sphere local_gradients and A
-  activation floats (activations_alloc of pyx/activations.pxi for micro_batch windows: what each
+  activation floats (activations_alloc of pyx/model/activations.pxi for micro_batch windows: what each
   block keeps for backward, one classifier block of logits, one block's scratches; never
   the B x T x V logits or the T x T attention probabilities).
 - Rounds: the comparison point is measured --rounds times, interleaved; its ratios are the

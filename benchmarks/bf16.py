@@ -29,17 +29,17 @@ IMPLS = (("cllm", "fp32"), ("cllm", "bf16"), ("torch-eager", "fp32"), ("torch-ea
 def bf16_ceiling(n=CEILING_N, repeats=5):
     """GFLOPS of one n^3 bf16 product (fp32 output) on one core through op_bf16_gemm, best of
     `repeats` (each call also builds its primitive, so this slightly under-states the peak)."""
-    from cllm_cli import _engine
+    from cllm_cli import _engine_testing
     from cllm_cli.model.precision import require
     require("bf16")
     rng = np.random.default_rng(0)
-    a = _engine.op_bf16_round(rng.standard_normal(n * n).astype(np.float32)).reshape(n, n)
-    b = _engine.op_bf16_round(rng.standard_normal(n * n).astype(np.float32)).reshape(n, n)
+    a = _engine_testing.op_bf16_round(rng.standard_normal(n * n).astype(np.float32)).reshape(n, n)
+    b = _engine_testing.op_bf16_round(rng.standard_normal(n * n).astype(np.float32)).reshape(n, n)
     c = np.zeros((n, n), np.float32)
     best = 0.0
     for _ in range(repeats):
         t0 = time.perf_counter()
-        _engine.op_bf16_gemm(a, b, c)
+        _engine_testing.op_bf16_gemm(a, b, c)
         best = max(best, 2.0 * n ** 3 / (time.perf_counter() - t0) / 1e9)
     return best
 

@@ -25,8 +25,8 @@ import time
 import numpy as np
 
 from cllm_cli import _engine
-from cllm_cli.config import CLLMConfig
-from cllm_cli.model import CLLMModel
+from cllm_cli.api import CLLMModel
+from cllm_cli.model import CLLMConfig
 
 CONFIGS = {
     "D": CLLMConfig(vocab_size=10000, embed_dim=256, num_layers=6, num_heads=8, seq_len=512),

@@ -32,9 +32,8 @@ import time
 
 import numpy as np
 
-from cllm_cli.config import CLLMConfig
-from cllm_cli.lora import LoraSpec, init_adapters
-from cllm_cli.model import CLLMModel
+from cllm_cli.api import CLLMModel
+from cllm_cli.model import CLLMConfig, LoraSpec, init_adapters
 
 CONFIGS = {
     "S": dict(vocab_size=2000, embed_dim=128, num_layers=4, num_heads=4, ff_dim=512, seq_len=64,

@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from benchmarks.measure import CONFIGS, GRAD_CLIP, LR, SEED, WEIGHT_DECAY, make_batches, model_config
-from cllm_cli.model import CLLMModel
+from cllm_cli.api import CLLMModel
 
 MARK = "BENCH-MPI "
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")

@@ -41,7 +41,7 @@ GROUPS = (
 def run_steps(precision_name, name, threads, steps):
     """The engine on `name`'s random batches; returns a function running the next step."""
     from cllm_cli._engine import Engine
-    from cllm_cli.model import CLLMModel
+    from cllm_cli.api import CLLMModel
     from cllm_cli.model.precision import require
     require(precision_name)
     cfg = model_config(name)

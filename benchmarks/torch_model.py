@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cllm_cli.layout import named_views
+from cllm_cli.model import named_views
 
 PAD = 0
 

@@ -1,4 +1,8 @@
-"""CLLM: train a small causal language model on plain text, on every CPU core."""
+"""CLLM: train a small causal language model on plain text, on every CPU core.
+
+The package's face: CLLMConfig, CLLMModel, Tokenizer and train, each imported on first use,
+so that importing one module of the package (or `python -m cllm_cli.cli.train`) runs only
+what that module needs."""
 import os
 
 # The spheres call BLAS from their own threads: OpenBLAS must not start threads of its own.
@@ -22,13 +26,11 @@ def _engine_not_loadable(error):
 
 
 try:
-    from cllm_cli import _engine  # noqa: E402,F401
+    import cllm_cli._engine  # noqa: F401  (every module of the package needs it)
 except ImportError as _error:
     raise _engine_not_loadable(_error) from None
 
-from cllm_cli.config import CLLMConfig  # noqa: E402
-from cllm_cli.model import CLLMModel, single_threaded_blas  # noqa: E402
-from cllm_cli.tokenizers import Tokenizer  # noqa: E402
+from cllm_cli.blas import single_threaded_blas  # noqa: E402
 
 single_threaded_blas()    # also when scipy's BLAS was loaded before us
 
@@ -36,8 +38,15 @@ __all__ = ["CLLMConfig", "CLLMModel", "Tokenizer", "train"]
 
 
 def __getattr__(name):
-    # train() is imported on first use, so that `python -m cllm_cli.cli.train` runs the module
-    # without the package having imported it already
+    if name == "CLLMConfig":
+        from cllm_cli.model import CLLMConfig
+        return CLLMConfig
+    if name == "CLLMModel":
+        from cllm_cli.api import CLLMModel
+        return CLLMModel
+    if name == "Tokenizer":
+        from cllm_cli.tokenizers import Tokenizer
+        return Tokenizer
     if name == "train":
         from cllm_cli.training import train
         return train

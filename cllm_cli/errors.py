@@ -4,9 +4,12 @@ Input and usage faults end with status 2, faults of the run or of the set-up wit
 signal with 128 + its number. The command-line tools map exceptions to statuses with
 exit_status(), so that each class has one status wherever it is raised.
 """
-import signal
+from __future__ import annotations
 
-from cllm_cli import _engine
+import signal
+from typing import Dict, Tuple, Type, Union
+
+from cllm_cli._engine import ProductError
 
 
 class UsageError(Exception):
@@ -64,7 +67,7 @@ class Interrupted(Exception):
     """A stop signal: the last completed step has been saved (if training had started).
     The exit status is 128 + the signal's number."""
 
-    def __init__(self, signum=signal.SIGINT):
+    def __init__(self, signum: int = signal.SIGINT) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
         self.status = 128 + signum
@@ -77,21 +80,24 @@ class RankLost(Exception):
 class AllRanksStop(Exception):
     """Every rank stops here with `status`; rank 0 has said why."""
 
-    def __init__(self, status):
+    def __init__(self, status: int) -> None:
         super().__init__(f"stopped with rank 0 (status {status})")
         self.status = status
 
 
 # Tried in order: the first class an error is an instance of gives its status.
-STATUSES = {
+# exception classes (a class or a tuple of them) -> the exit status they end a command with
+Statuses = Dict[Union[Type[BaseException], Tuple[Type[BaseException], ...]], int]
+
+STATUSES: Statuses = {
     (UsageError, DataError, CheckpointError, ConversionError, DistributedError, PrecisionError,
      PlotError, MissingExtra): 2,
-    (TrainingError, MissingDependency, SamplingError, RankLost, _engine.ProductError,
+    (TrainingError, MissingDependency, SamplingError, RankLost, ProductError,
      WriteFailed): 1,
 }
 
 
-def exit_status(error, statuses=STATUSES):
+def exit_status(error: BaseException, statuses: Statuses = STATUSES) -> int:
     """The status a command ends with after `error` (1 for anything not listed)."""
     if isinstance(error, (Interrupted, AllRanksStop)):
         return error.status

@@ -8,13 +8,17 @@ A failure of the storage itself (no space, quota, file too large, I/O error) may
 its own class (storage_error), as the work could not go on; other failures (no permission, not
 a directory) are the path's fault.
 """
+from __future__ import annotations
+
 import contextlib
 import errno
+import io
 import os
 import secrets
 import signal
 import stat
 import threading
+from typing import BinaryIO, Callable, Iterator
 
 from cllm_cli.errors import DataError, UsageError
 
@@ -23,14 +27,15 @@ STORAGE_FAILURES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def reason(exc):
+def reason(exc: BaseException) -> str:
     """Short text for an OSError (or anything else) without the file name repeated."""
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def write_error(exc, error, message, storage_error=None):
+def write_error(exc: OSError, error: Callable[[str], Exception], message: str,
+                storage_error: Callable[[str], Exception] | None = None) -> Exception:
     """The exception to raise for OSError `exc` met while writing: storage_error (when given)
     for a storage failure (STORAGE_FAILURES), else error; with message."""
     if storage_error is not None and exc.errno in STORAGE_FAILURES:
@@ -39,7 +44,7 @@ def write_error(exc, error, message, storage_error=None):
 
 
 @contextlib.contextmanager
-def signals_held():
+def signals_held() -> Iterator[None]:
     """Delays SIGINT, SIGTERM and SIGHUP until the block ends, so that a handler that raises
     cannot cut a few renames or a clean-up short (in the main thread, where Python runs
     its handlers; elsewhere the block runs as it is)."""
@@ -54,7 +59,7 @@ def signals_held():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def fsync_directory(directory):
+def fsync_directory(directory: str | os.PathLike) -> None:
     """Makes a rename in `directory` durable. Platforms and file systems that cannot fsync a
     directory are let be; any other failure raises OSError."""
     try:
@@ -70,7 +75,7 @@ def fsync_directory(directory):
         os.close(fd)
 
 
-def writable_directory(path):
+def writable_directory(path: str | os.PathLike) -> None:
     """Creates directory `path` if needed and checks that a file can be created in it (a
     probe file, removed again); raises OSError when either fails."""
     os.makedirs(path, exist_ok=True)
@@ -81,7 +86,9 @@ def writable_directory(path):
 
 
 @contextlib.contextmanager
-def _replacing(path, error, message, storage_error, exclusive=False):
+def _replacing(path: str | os.PathLike, error: Callable[[str], Exception], message: str,
+               storage_error: Callable[[str], Exception] | None,
+               exclusive: bool = False) -> Iterator[str]:
     """Yields a temporary name next to `path`; when the block (which creates, writes and
     fsyncs that file) ends without an exception, renames it over `path` and fsyncs the
     directory. With exclusive, `path` must not exist then: it is created empty (O_EXCL, which
@@ -116,8 +123,10 @@ def _replacing(path, error, message, storage_error, exclusive=False):
 
 
 @contextlib.contextmanager
-def atomic_path(path, error, message="{path}: cannot write ({reason})", storage_error=None,
-                exclusive=False):
+def atomic_path(path: str | os.PathLike, error: Callable[[str], Exception],
+                message: str = "{path}: cannot write ({reason})",
+                storage_error: Callable[[str], Exception] | None = None,
+                exclusive: bool = False) -> Iterator[str]:
     """Yields the name of a temporary file next to `path` for the block to create and write
     (for writers that take a file name); then as atomic_file: fsync'ed and renamed over
     `path` (with exclusive, only while no file is there: see _replacing), OSError ->
@@ -129,7 +138,9 @@ def atomic_path(path, error, message="{path}: cannot write ({reason})", storage_
 
 
 @contextlib.contextmanager
-def atomic_file(path, error, message="{path}: cannot write ({reason})", storage_error=None):
+def atomic_file(path: str | os.PathLike, error: Callable[[str], Exception],
+                message: str = "{path}: cannot write ({reason})",
+                storage_error: Callable[[str], Exception] | None = None) -> Iterator[BinaryIO]:
     """Opens a temporary file next to `path` for binary writing and, when the block ends
     without an exception, renames it over `path` (see the module docstring). An OSError
     becomes error(message) with {path} and {reason} filled in (storage_error(message) for a
@@ -158,7 +169,7 @@ _KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
-def open_regular(path):
+def open_regular(path: str | os.PathLike) -> io.BufferedReader:
     """Opens `path` for binary reading if it is a regular file (symbolic links followed).
     A directory raises IsADirectoryError, a FIFO, device or socket NotRegularFile; the open
     never blocks, whatever the path is."""
@@ -177,7 +188,7 @@ def open_regular(path):
         raise
 
 
-def check_regular(path, what):
+def check_regular(path: str | os.PathLike, what: str) -> None:
     """UsageError naming `what` unless `path` opens as a regular file (open_regular)."""
     try:
         open_regular(path).close()
@@ -187,7 +198,7 @@ def check_regular(path, what):
         raise UsageError(f"{what} {path}: {e.strerror or e}") from None
 
 
-def read_bytes(path):
+def read_bytes(path: str | os.PathLike) -> bytes:
     """All bytes of `path`; DataError (one line) when it cannot be read."""
     try:
         with open(path, "rb") as f:
@@ -196,7 +207,7 @@ def read_bytes(path):
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
-def char_cut(data):
+def char_cut(data: bytes) -> int:
     """Where a block ending in `data` may be cut without splitting a UTF-8 character or a
     "\r\n": before the last of its last 4 bytes that starts a character (other than a "\n"
     after a "\r"), else at its end (those bytes are stray continuation bytes: no character

@@ -11,8 +11,12 @@ A fault is one line: text that is not UTF-8, invalid JSON (the parser's message 
 or a document nested so deeply that Python's parser cannot follow it (a line of 100,000 "["):
 that one names the line where the nesting is deepest, instead of a RecursionError.
 """
+from __future__ import annotations
+
 import json
+import os
 import re
+from typing import Any, Callable
 
 from cllm_cli.errors import DataError
 from cllm_cli.fileio import open_regular, reason
@@ -24,12 +28,12 @@ _STRING_OR_BRACKET = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
 class JSONError(ValueError):
     """A document that cannot be parsed; the message says why (one line), `line` where."""
 
-    def __init__(self, message, line):
+    def __init__(self, message: str, line: int) -> None:
         super().__init__(message)
         self.line = line
 
 
-def _deepest(text):
+def _deepest(text: str) -> tuple[int, int]:
     """(depth, line) of the deepest nesting in `text`, brackets inside strings not counted."""
     depth = deepest = 0
     where = 0
@@ -44,7 +48,7 @@ def _deepest(text):
     return deepest, text.count("\n", 0, where) + 1
 
 
-def loads(text):
+def loads(text: str | bytes | bytearray | memoryview) -> Any:
     """The JSON document `text` (str, or bytes holding UTF-8); JSONError otherwise."""
     if isinstance(text, (bytes, bytearray, memoryview)):
         data = bytes(text)
@@ -64,7 +68,8 @@ def loads(text):
         raise JSONError(f"JSON nested too deeply to read ({depth:,} levels)", line) from None
 
 
-def parse_json(text, name, error=DataError):
+def parse_json(text: str | bytes, name: str | os.PathLike,
+               error: Callable[[str], Exception] = DataError) -> Any:
     """The JSON document `text` read from file `name`. A fault raises error() with one line
     "<name>:<line>: <fault>", the line of the document where it goes wrong."""
     try:
@@ -73,7 +78,7 @@ def parse_json(text, name, error=DataError):
         raise error(f"{name}:{e.line}: {e}") from None
 
 
-def read_json(path, error=DataError):
+def read_json(path: str | os.PathLike, error: Callable[[str], Exception] = DataError) -> Any:
     """The JSON document in the regular file `path` (parse_json); a file that cannot be read
     raises error("<path>: cannot read (<reason>)")."""
     try:

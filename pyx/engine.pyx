@@ -1,7 +1,7 @@
 """CLLM engine: the model's kernels and the ThreadedTrainingSystem, compiled as one module.
 
 # Design:
-# - Layouts. Every layout is defined once, here: PARAMETER_TABLE (model_layout.pxi) lists the
+# - Layouts. Every layout is defined once, here: PARAMETER_TABLE (model/layout.pxi) lists the
 #   model's parameter tensors in buffer order; offsets, the named views of the kernels
 #   (ModelParams, LayerParams), the optimiser's chunks and parameter_layout() derive from it.
 #   fill_in_activation_sizes / ACTIVATION_NAMES do the same for a sphere's activations
@@ -24,8 +24,8 @@
 #   caller's one explicit step: model_forward clears the micro-batch's gradient once
 #   (a memset: about 1% of a micro-batch's time at the default model size) and each
 #   activation gradient before the kernels that add into it. The float operations and their
-#   order are fixed (deterministic_math.h, no fast-math, no fused multiply-add), so results
-#   are bit-identical from run to run.
+#   order are fixed (kernels/deterministic_math.h, no fast-math, no fused multiply-add), so
+#   results are bit-identical from run to run.
 # - Threads. One pthread per sphere, created once per Engine and joined in close().
 #   train_step hands the spheres a global batch; each sphere claims micro-batches (atomic
 #   counter, in increasing order), runs forward + loss + backward into local_gradients, then
@@ -37,17 +37,18 @@
 #   chunk order by one sphere, batch_barrier, the update; the chunks never depend on the
 #   thread count. Worker threads never touch a Python object; the main thread waits without
 #   the GIL in slices of WAIT_SLICE seconds and asks should_stop() between them.
-# - Many processes (cllm_cli/parallel.py). A rank hands the spheres its block of a step's
-#   micro-batches with first_microbatch, their global index within the step (inject_nan and
-#   anything keyed per micro-batch use first_microbatch + mb), and kept_gradients: each
-#   micro-batch's backward then writes into a row of its own and nothing is accumulated; the
-#   ranks fold the rows in order, and optimizer_step(gradients=) applies the folded sum.
+# - Many processes (cllm_cli/distributed/). A rank hands the spheres its block of a step's
+#   micro-batches with first_microbatch, their global index within the step (dropout, the
+#   testing extension's inject_nan and anything keyed per micro-batch use
+#   first_microbatch + mb), and kept_gradients: each micro-batch's backward then writes into
+#   a row of its own and nothing is accumulated; the ranks fold the rows in order, and
+#   optimizer_step(gradients=) applies the folded sum.
 # - Dropout (training steps only). A micro-batch's masks are a pure function of (seed, step,
-#   its index in the global batch, layer, site, element) (dropout.h, a counter-based hash),
-#   drawn again in backward rather than stored, so they never depend on which sphere runs
+#   its index in the global batch, layer, site, element) (kernels/dropout.h, a counter-based
+#   hash), drawn again in backward rather than stored, so they never depend on which sphere runs
 #   the micro-batch. p = 0 (Dropout NULL or threshold 0) runs exactly the kernels without it.
-# - Precision bf16 (bf16_gemm.h, loaded with load_bf16). Every matrix product rounds its
-#   inputs to bf16 and runs on oneDNN's matmul with fp32 accumulation and output; each
+# - Precision bf16 (kernels/bf16_gemm.h, loaded with load_bf16). Every matrix product rounds
+#   its inputs to bf16 and runs on oneDNN's matmul with fp32 accumulation and output; each
 #   sphere's Bf16Products (in its Activations; NULL for fp32) owns its oneDNN engine, stream,
 #   primitives and scratchpad, and the system rounds the weights into bf16_weights when it
 #   hands out a batch. A product's bits depend only on its shape and inputs, so the thread
@@ -56,38 +57,47 @@
 #   as one batched pass through the matrix products (prefill), each product cut into fixed
 #   chunks of output columns shared out over the decoder's threads; each later position runs
 #   its matrix-vector products split by output rows, every row summed in the same fixed order
-#   whichever thread computes it (decode_math.h), so the thread count changes nothing. A
-#   scored prefill (decode_score.pxi) runs the classifier on the positions asked for only, in
-#   fixed vocabulary chunks, and returns the log-probabilities of given targets; the cache
-#   can be cut back (truncate) so that the continuations of one context share its positions.
+#   whichever thread computes it (decoding/matvec.h), so the thread count changes nothing.
+#   A scored prefill (decoding/scoring.pxi) runs the classifier on the positions asked for
+#   only, in fixed vocabulary chunks, and returns the log-probabilities of given targets; the
+#   cache can be cut back (truncate) so that the continuations of one context share its
+#   positions.
 # - Locks. model_lock (rwlock): read by spheres around forward/backward (write in exclusive
 #   mode), write by the optimiser step. gradient_lock (mutex) guards accumulated_gradients and
 #   the accumulation turn. The order is always model_lock -> gradient_lock; never take
 #   model_lock while holding gradient_lock. With debug_locks an out-of-order acquisition
 #   aborts with a message naming both locks.
+# - Files. pyx/kernels/ holds the kernels of one micro-batch and their C headers, pyx/model/
+#   the parameter and activation layouts, LoRA and the pass of a whole model, pyx/training/
+#   the spheres, the system and Engine, pyx/decoding/ generation and scoring; this file
+#   includes them all and holds the Python-facing helpers between them.
+# - Test hooks. This module has none. testing/engine_testing.pyx compiles these same files
+#   again into cllm_cli._engine_testing, for the tests only (setup.py builds it when
+#   CLLM_TEST_BUILD=1; no install holds it): with CLLM_TESTING defined, so that a sphere can
+#   poison a micro-batch's gradient (inject_nan), plus a Python wrapper of each kernel and
+#   violate_lock_order.
 """
 import math
 
 import numpy as np
 
-# The included files, each after everything it uses.
-include "blas.pxi"                 # the BLAS matrix product
-include "kernels_common.pxi"       # C helpers (exact math, dropout, bf16), Bf16Products, Dropout
-include "kernels_layers.pxi"       # embedding, layer norm, linear, residual, GELU
-include "kernels_attention.pxi"    # causal attention in blocks of query rows
-include "kernels_loss.pxi"         # cross-entropy
-include "model_layout.pxi"         # ModelConfig, PARAMETER_TABLE and the parameter views
-include "lora.pxi"                 # LoRA adapters: their layout, forward and backward
-include "activations.pxi"          # a sphere's activations and their named slices
-include "model_pass.pxi"           # profile buckets, block and model forward / backward
-include "optim.pxi"                # AdamW over chunks of the flat buffer
-include "threads_structs.pxi"      # pthread declarations, the system's structs, the locks
-include "sphere_worker.pxi"        # one sphere: micro-batches, accumulation, optimiser share
-include "threads_system.pxi"       # the system: create, hand out work, wait, tally, step
-include "decode.pxi"               # generation: prefill, then positions split over threads
-include "prefill.pxi"              # generation: the prompt as one batched pass
-include "decode_score.pxi"         # scoring: log-probabilities of targets after a prefill
-include "op_wrappers.pxi"          # test-only Python wrappers, one per kernel
+# The included files (paths under pyx/), each after everything it uses.
+include "kernels/blas.pxi"               # the BLAS matrix product
+include "kernels/common.pxi"             # C helpers (exact math, dropout, bf16), Bf16Products
+include "kernels/layers.pxi"             # embedding, layer norm, linear, residual, GELU
+include "kernels/attention.pxi"          # causal attention in blocks of query rows
+include "kernels/loss.pxi"               # cross-entropy
+include "model/layout.pxi"               # ModelConfig, PARAMETER_TABLE and the parameter views
+include "model/lora.pxi"                 # LoRA adapters: their layout, forward and backward
+include "model/activations.pxi"          # a sphere's activations and their named slices
+include "model/forward_backward.pxi"     # profile buckets, block and model forward / backward
+include "training/optimizer.pxi"         # AdamW over chunks of the flat buffer
+include "training/system_structs.pxi"    # pthread declarations, the system's structs, the locks
+include "training/sphere.pxi"            # one sphere: micro-batches, accumulation, optimiser share
+include "training/system.pxi"            # the system: create, hand out work, wait, tally, step
+include "decoding/kv_cache.pxi"          # generation: the cache, its threads, one position
+include "decoding/prefill.pxi"           # generation: the prompt as one batched pass
+include "decoding/scoring.pxi"           # scoring: log-probabilities of targets after a prefill
 
 WAIT_SLICE = 0.1     # seconds the main thread waits for the spheres between should_stop() calls
 
@@ -371,6 +381,6 @@ cdef int use_precision(Activations* a, const ModelConfig* c, const float* params
 
 
 # The Python classes and passes, which use the helpers above.
-include "model_api.pxi"            # loss_and_grads, forward_logits
-include "engine_class.pxi"         # BadMicroBatch, StepResult, Engine
-include "decoder.pxi"              # Decoder
+include "model/one_pass.pxi"             # loss_and_grads, forward_logits
+include "training/engine_class.pxi"      # BadMicroBatch, StepResult, Engine
+include "decoding/decoder_class.pxi"     # Decoder

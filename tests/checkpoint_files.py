@@ -8,8 +8,8 @@ import struct
 import numpy as np
 import safetensors.numpy
 
-from cllm_cli.config import CLLMConfig
 from cllm_cli.formats.checkpoint import FORMAT_VERSION
+from cllm_cli.model import CLLMConfig
 
 CFG = CLLMConfig(vocab_size=13, embed_dim=8, num_layers=2, num_heads=2, seq_len=6)
 

@@ -13,9 +13,10 @@ import pytest
 from engine_cases import CFG_A
 from helpers import TINY_RUN, call, corpus_text, window_text
 
+from cllm_cli import _engine_testing
+from cllm_cli.api import CLLMModel
 from cllm_cli.cli.train import main as train_main
 from cllm_cli.model import precision
-from cllm_cli.model.cllm import CLLMModel
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -27,6 +28,8 @@ def pytest_runtest_setup(item):
         pytest.skip(f"needs a CPU with bf16 instructions ({' or '.join(precision.CPU_FLAGS)}): "
                     f"{why}")
     precision.require("bf16")
+    # the testing extension keeps its own handle on oneDNN, as it keeps all its C state
+    _engine_testing.load_bf16(precision.library_path())
 
 
 @pytest.fixture

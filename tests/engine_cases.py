@@ -4,7 +4,7 @@ import numpy as np
 import reference as ref
 
 from cllm_cli import _engine
-from cllm_cli.config import CLLMConfig
+from cllm_cli.model import CLLMConfig
 
 CFG_A = CLLMConfig(vocab_size=11, embed_dim=8, num_layers=2, num_heads=2, ff_dim=12, seq_len=5)
 CFG_B = CLLMConfig(vocab_size=17, embed_dim=12, num_layers=1, num_heads=3, ff_dim=20, seq_len=7)

@@ -130,3 +130,18 @@ def finish(proc):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def read_terminal(master):
+    """Everything written to a pseudo-terminal until its other end is closed (by every
+    process that held it), as text."""
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(master, 1 << 16)
+        except OSError:                   # the other end is closed: all read
+            break
+        if not chunk:
+            break
+        shown += chunk
+    return shown.decode()

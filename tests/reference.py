@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from cllm_cli._engine import DROPOUT_SITES, dropout_mask, parameter_layout
-from cllm_cli.layout import named_views
+from cllm_cli.model import named_views
 
 LN_EPS = 1e-5
 GELU_SCALE = math.sqrt(2.0 / math.pi)

@@ -13,8 +13,8 @@ import torch
 from helpers import WORDS
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
+from cllm_cli.api import CLLMModel
 from cllm_cli.formats import load_model_files
-from cllm_cli.model import CLLMModel
 
 N_POSITIONS = 48        # the transformers model's context: some items below are longer
 EOT = 50256             # GPT-2's end of text, the harness's prefix for an empty context

@@ -25,7 +25,7 @@ from helpers import assert_bit_identical, assert_one_error_line, call
 from markov import LOWER_MARGIN, UPPER_MARGIN, make_markov_corpus
 from sphere_runs import BASE, ckpt_files
 
-from cllm_cli import _engine
+from cllm_cli import _engine, _engine_testing
 from cllm_cli._engine import parameter_layout
 from cllm_cli.cli.train import main as train_main
 from cllm_cli.formats.checkpoint_load import load_checkpoint
@@ -49,13 +49,13 @@ def test_gemm_is_the_exact_product_of_the_rounded_inputs(trans_a, trans_b, accum
     and without adding onto C: within fp32 summation error of the float64 product."""
     rng = np.random.default_rng(1)
     M, N, K = 67, 45, 131
-    a = _engine.op_bf16_round(rng.standard_normal(M * K).astype(np.float32))
-    b = _engine.op_bf16_round(rng.standard_normal(K * N).astype(np.float32))
+    a = _engine_testing.op_bf16_round(rng.standard_normal(M * K).astype(np.float32))
+    b = _engine_testing.op_bf16_round(rng.standard_normal(K * N).astype(np.float32))
     a = a.reshape((K, M) if trans_a else (M, K))
     b = b.reshape((N, K) if trans_b else (K, N))
     c0 = rng.standard_normal((M, N)).astype(np.float32)
     c = c0.copy()
-    impl = _engine.op_bf16_gemm(a, b, c, trans_a, trans_b, accumulate)
+    impl = _engine_testing.op_bf16_gemm(a, b, c, trans_a, trans_b, accumulate)
     av, bv = ref.bf16_values(a), ref.bf16_values(b)
     want = (av.T if trans_a else av) @ (bv.T if trans_b else bv)
     bound = (np.abs(av.T if trans_a else av) @ np.abs(bv.T if trans_b else bv))
@@ -175,10 +175,10 @@ def test_bf16_resumed_run_equals_the_straight_run(bf16_reference, window_corpus,
 
 def test_checkpoint_records_bf16_and_keeps_fp32_weights(bf16_reference, window_corpus, tmp_path):
     ck = load_checkpoint(bf16_reference["dir"] / "final_model.cllm")
-    assert ck["meta"]["train_config"]["precision"] == "bf16"
-    assert ck["params"].dtype == np.float32
+    assert ck.meta["train_config"]["precision"] == "bf16"
+    assert ck.params.dtype == np.float32
     # not bf16 values: the master weights keep their fp32 low bits
-    assert np.any(ck["params"].view(np.uint32) & 0xFFFF)
+    assert np.any(ck.params.view(np.uint32) & 0xFFFF)
     fp32 = train([str(window_corpus)], **dict(BASE, checkpoint_dir=str(tmp_path / "fp32"), threads=1))
     assert fp32["val_loss"] != bf16_reference["result"]["val_loss"]
     assert abs(fp32["val_loss"] - bf16_reference["result"]["val_loss"]) < 0.05

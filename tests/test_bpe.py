@@ -17,7 +17,6 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from cllm_cli.corpus.files import decode_block
 from cllm_cli.errors import DataError
-from cllm_cli.formats.hf_export import word_char_pipeline
 from cllm_cli.tokenizers import SPECIALS, BPETokenizer, Tokenizer, bpe, bpe_cuts
 
 AWKWARD = [
@@ -158,7 +157,7 @@ def test_unknown_tokens_of_a_word_level_file(tmp_path):
     """Any tokenizer.json loads; one with <unk> reports the pieces it cannot read."""
     words = Tokenizer.build(["the cat sat on the mat."], "word", 100)
     path = tmp_path / "tokenizer.json"
-    path.write_text(word_char_pipeline(words).to_str())
+    path.write_bytes(words.tokenizer_json())
     t = BPETokenizer.load(path)
     assert t.unknown_tokens("The dog sat, the bird sat.") == ["dog", ",", "bird"]
     assert t.encode("the cat").tolist() == words.encode("the cat").tolist()

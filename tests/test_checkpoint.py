@@ -22,7 +22,6 @@ from checkpoint_files import (
 from safetensors import safe_open
 
 from cllm_cli._engine import parameter_layout
-from cllm_cli.config import CLLMConfig
 from cllm_cli.errors import CheckpointError
 from cllm_cli.formats import checkpoint as ck
 from cllm_cli.formats.checkpoint import (
@@ -34,6 +33,7 @@ from cllm_cli.formats.checkpoint import (
     save_checkpoint,
 )
 from cllm_cli.formats.checkpoint_load import load_checkpoint
+from cllm_cli.model import CLLMConfig
 
 
 def flat_buffer(seed):
@@ -91,16 +91,16 @@ def refused(path, *words, **kwargs):
 def test_round_trip_bit_exact(saved):
     path, params, m, v = saved
     out = load_checkpoint(path)
-    assert out["config"] == CFG
+    assert out.config == CFG
     for key, ref in (("params", params), ("adam_m", m), ("adam_v", v)):
-        got = out[key]
+        got = getattr(out, key)
         assert got.ndim == 1 and got.dtype == np.float32 and got.flags.c_contiguous
         assert got.flags.writeable
         assert bits_equal(got, ref), key
     expected_meta = json.loads(json.dumps(make_meta(), default=lambda o: o.item()))
-    assert out["meta"] == expected_meta
-    assert out["meta"]["rng_state"]["state"]["state"] > 2 ** 64     # big ints survive
-    assert out["meta"]["training"]["corpus"][0] == "données.txt"
+    assert out.meta == expected_meta
+    assert out.meta["rng_state"]["state"]["state"] > 2 ** 64     # big ints survive
+    assert out.meta["training"]["corpus"][0] == "données.txt"
 
 
 def test_round_trip_without_adam(tmp_path):
@@ -108,9 +108,9 @@ def test_round_trip_without_adam(tmp_path):
     path = tmp_path / "final_model.cllm"
     save_checkpoint(path, CFG, params, None, None, {"step": 7})
     out = load_checkpoint(path, cfg=CFG)
-    assert bits_equal(out["params"], params)
-    assert out["adam_m"] is None and out["adam_v"] is None
-    assert out["meta"] == {"step": 7}
+    assert bits_equal(out.params, params)
+    assert out.adam_m is None and out.adam_v is None
+    assert out.meta == {"step": 7}
     with safe_open(str(path), framework="numpy") as f:
         assert not any(k.startswith("adam.") for k in f.keys())
 
@@ -118,10 +118,10 @@ def test_round_trip_without_adam(tmp_path):
 def test_params_are_not_views_of_each_other(saved):
     path, params, m, v = saved
     out = load_checkpoint(path)
-    out["params"][:] = 0
-    assert bits_equal(out["adam_m"], m) and bits_equal(out["adam_v"], v)
+    out.params[:] = 0
+    assert bits_equal(out.adam_m, m) and bits_equal(out.adam_v, v)
     again = load_checkpoint(path)
-    assert bits_equal(again["params"], params)
+    assert bits_equal(again.params, params)
 
 
 def test_overwrite_replaces_whole_file(tmp_path):
@@ -129,8 +129,8 @@ def test_overwrite_replaces_whole_file(tmp_path):
     save_checkpoint(path, CFG, flat_buffer(1), flat_buffer(2), flat_buffer(3), {"step": 1})
     save_checkpoint(path, CFG, flat_buffer(9), None, None, {"step": 2})
     out = load_checkpoint(path)
-    assert bits_equal(out["params"], flat_buffer(9)) and out["adam_m"] is None
-    assert out["meta"]["step"] == 2
+    assert bits_equal(out.params, flat_buffer(9)) and out.adam_m is None
+    assert out.meta["step"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.cllm"]
 
 
@@ -241,7 +241,7 @@ def test_failed_save_keeps_previous_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert files_in(tmp_path) == ["final_model.cllm"]
-    assert load_checkpoint(path)["meta"] == {"step": 1}
+    assert load_checkpoint(path).meta == {"step": 1}
 
 
 def test_final_name_untouched_until_rename(tmp_path, monkeypatch):
@@ -273,7 +273,7 @@ def test_final_name_untouched_until_rename(tmp_path, monkeypatch):
     assert ("replace", True, True) in seen
     assert seen.index(("replace", True, True)) > 0                    # fsync before rename
     assert files_in(tmp_path) == [path.name]
-    assert load_checkpoint(path)["meta"] == {"step": 2}
+    assert load_checkpoint(path).meta == {"step": 2}
 
 
 def test_interrupted_save_removes_temp_file(tmp_path, monkeypatch):
@@ -425,8 +425,8 @@ def test_custom_writer_is_accepted(tmp_path):
     out = load_checkpoint(path, cfg=CFG)
     for name, shape, offset in parameter_layout(CFG):
         size = int(np.prod(shape))
-        assert bits_equal(out["params"][offset:offset + size], t[name].reshape(-1))
-        assert bits_equal(out["adam_v"][offset:offset + size], t["adam.v." + name].reshape(-1))
+        assert bits_equal(out.params[offset:offset + size], t[name].reshape(-1))
+        assert bits_equal(out.adam_v[offset:offset + size], t["adam.v." + name].reshape(-1))
 
 
 def test_shape_mismatch(tmp_path):
@@ -497,7 +497,7 @@ def test_config_mismatch(saved):
 def test_vocab_hash_mismatch(saved):
     path, *_ = saved
     refused(path, "vocab hash", vocab_hash="cd" * 32)
-    assert load_checkpoint(path, vocab_hash="ab" * 32)["meta"]["step"] == 42
+    assert load_checkpoint(path, vocab_hash="ab" * 32).meta["step"] == 42
     no_hash = path.parent / "nohash.cllm"
     save_checkpoint(no_hash, CFG, flat_buffer(1), None, None, {"step": 1})
     refused(no_hash, "vocab hash", vocab_hash="ab" * 32)
@@ -555,7 +555,7 @@ def test_real_checkpoints_listed_and_pruned(tmp_path):
     save_checkpoint(tmp_path / "final_model.cllm", CFG, flat_buffer(0), None, None, {})
     prune_checkpoints(tmp_path, 1)
     assert files_in(tmp_path) == ["checkpoint_step_30.cllm", "final_model.cllm"]
-    assert load_checkpoint(latest_checkpoint(tmp_path))["meta"]["step"] == 30
+    assert load_checkpoint(latest_checkpoint(tmp_path)).meta["step"] == 30
 
 
 def test_streamed_file_is_what_safetensors_writes(saved):

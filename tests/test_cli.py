@@ -387,10 +387,12 @@ def test_out_of_range_numbers(corpus, ckpt_dir, capsys, option, value):
 
 
 def test_skipped_step_is_null_in_the_metrics(corpus, tmp_path, capsys):
+    from cllm_cli import _engine_testing
     from cllm_cli.training.loop import train
     metrics = tmp_path / "m.jsonl"
     # one micro-batch per step: poisoning it leaves the step with nothing valid
-    train([str(corpus)], engine_hook=lambda e: e.inject_nan(1, 0),
+    train([str(corpus)], engine_class=_engine_testing.Engine,
+          engine_hook=lambda e: _engine_testing.inject_nan(e, 1, 0),
           checkpoint_dir=str(tmp_path / "ck"), embed_dim=16, num_layers=1, num_heads=2,
           seq_len=16, batch_size=4, micro_batch=4, max_steps=3, metrics_file=str(metrics),
           eval_interval=0, threads=2, quiet=True)

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import sentences, tensors, write
+from helpers import read_terminal, sentences, tensors, write
 
 from cllm_cli import train
 from cllm_cli.corpus import dataset as D
@@ -528,18 +528,9 @@ def test_progress_line_on_a_terminal_only(tmp_path):
     try:
         assert run_with_stderr(slave, corpus, tmp_path / "a").returncode == 0
         os.close(slave)
-        shown = b""
-        while True:
-            try:
-                chunk = os.read(master, 1 << 16)
-            except OSError:                   # the other end is closed: all read
-                break
-            if not chunk:
-                break
-            shown += chunk
+        shown = read_terminal(master)
     finally:
         os.close(master)
-    shown = shown.decode()
     assert "\rtokenizing: " in shown and " MB/s, ETA " in shown, shown
     lines = shown.replace("\r\n", "\n").split("\n")
     assert any(line.rsplit("\r", 1)[-1].startswith("tokenizing: ") and " MB in " in line

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from cllm_cli import _engine
-from cllm_cli.config import CLLMConfig
-from cllm_cli.model import CLLMModel
+from cllm_cli.api import CLLMModel
+from cllm_cli.model import CLLMConfig
 
 # more vocabulary columns than one classifier chunk, more scored rows than one block
 CFG = CLLMConfig(vocab_size=2500, embed_dim=48, num_layers=2, num_heads=3, ff_dim=40,

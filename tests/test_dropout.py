@@ -26,7 +26,7 @@ def mix64(z):
 
 
 def kept(p, seed, step, microbatch, layer, site, index):
-    """dropout.h written again in Python integers."""
+    """kernels/dropout.h written again in Python integers."""
     k = mix64((seed + GOLDEN) & MASK64)
     for part in (step, microbatch, layer, site):
         k = mix64(k ^ (part & MASK64))
@@ -223,7 +223,7 @@ def straight(dropout_corpus, tmp_path_factory):
 
 def test_dropout_run_records_p_and_differs_from_no_dropout(straight, dropout_corpus, tmp_path):
     d, result = straight
-    meta = load_checkpoint(d / "final_model.cllm")["meta"]
+    meta = load_checkpoint(d / "final_model.cllm").meta
     assert meta["train_config"]["dropout"] == 0.2
     plain = run(dropout_corpus, tmp_path / "plain", threads=1, dropout=0.0)
     assert plain["train_loss"] != result["train_loss"]
@@ -260,7 +260,7 @@ def test_dropout_may_change_on_resume(straight, dropout_corpus, tmp_path, capsys
     d = resume_from_step(straight, tmp_path)
     run(dropout_corpus, d, threads=2, resume=True, dropout=0.0, quiet=False)
     assert "changed: --dropout 0.2 -> 0.0" in capsys.readouterr().out
-    meta = load_checkpoint(d / "final_model.cllm")["meta"]
+    meta = load_checkpoint(d / "final_model.cllm").meta
     assert meta["train_config"]["dropout"] == 0.0
     with open(straight[0] / "final_model.cllm", "rb") as a, open(d / "final_model.cllm", "rb") as b:
         assert a.read() != b.read()

@@ -10,8 +10,8 @@ from engine_cases import CASES, CFG_A, CFG_B, CFG_E, CONFIGS, REL_TOL, engine_gr
 
 from cllm_cli import _engine
 from cllm_cli._engine import num_parameters, parameter_layout
-from cllm_cli.config import CLLMConfig
-from cllm_cli.model.cllm import CLLMModel
+from cllm_cli.api import CLLMModel
+from cllm_cli.model import CLLMConfig
 
 # rows per classifier block: the engine's choice (0), and 7, which divides none of the
 # cases' B * n (e.g. 160 rows of D in 22 full blocks and one of 6)
@@ -400,7 +400,7 @@ def test_engine_reads_any_config_object():
 
 
 def test_named_views_cover_the_buffer():
-    from cllm_cli.layout import named_views
+    from cllm_cli.model import named_views
     cfg = LAYOUT_CFG
     flat = np.arange(_engine.num_parameters(cfg), dtype=np.float32)
     views = named_views(cfg, flat)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from helpers import assert_one_error_line, call, sentences
 
+from cllm_cli.api import CLLMModel
 from cllm_cli.cli.evaluate import main
 from cllm_cli.cli.train import main as train_main
-from cllm_cli.model.cllm import CLLMModel
 
 TINY = ["--embed-dim", "16", "--num-layers", "2", "--num-heads", "2", "--seq-len", "16",
         "--batch-size", "8", "--micro-batch", "2", "--max-steps", "6", "--warmup-steps", "1",

@@ -18,19 +18,18 @@ import pytest
 from checkpoint_files import CFG, good_metadata, layout_tensors, write_custom
 from helpers import ROOT, assert_one_error_line, call, sentences
 
-from cllm_cli import _engine
 from cllm_cli._engine import parameter_layout as param_layout
+from cllm_cli.api import CLLMModel
 from cllm_cli.cli import inference
 from cllm_cli.cli import tokenize as tokenize_cli
 from cllm_cli.cli.train import main as train_main
-from cllm_cli.config import CLLMConfig
 from cllm_cli.errors import CheckpointError, SamplingError
 from cllm_cli.formats.checkpoint import save_checkpoint
 from cllm_cli.formats.checkpoint_load import load_checkpoint
-from cllm_cli.model.cllm import CLLMModel
+from cllm_cli.model import CLLMConfig
 from cllm_cli.model.sampling import sample_from_logits
+from cllm_cli.progress import fmt_loss, fmt_ppl, ppl_text
 from cllm_cli.tokenizers import Tokenizer
-from cllm_cli.training.log import fmt_loss, fmt_ppl, ppl_text
 
 MEMORY_LIMIT = 2 << 30     # bytes of address space for a process that must not read forever
 
@@ -167,7 +166,7 @@ class NaNDecoder:
 
 def test_inference_with_nan_logits_everywhere_is_one_line(capsys, model_dir, monkeypatch):
     """Finite weights whose forward pass overflows: no id can be drawn."""
-    monkeypatch.setattr(_engine, "Decoder", NaNDecoder)
+    monkeypatch.setattr("cllm_cli.model.generation.Decoder", NaNDecoder)
     monkeypatch.setattr(CLLMModel, "logits", lambda self, ids: np.full(
         (1, len(ids), self.config.vocab_size), np.nan, dtype=np.float32))
     code, _, err = call(capsys, inference.main, model_dir / "final_model.cllm", "--prompt", "the")
@@ -222,11 +221,11 @@ def test_negative_second_moment_is_refused(tmp_path):
 
 def test_inference_refuses_a_nan_model_in_one_line(model_dir, tmp_path):
     ckpt = load_checkpoint(model_dir / "final_model.cllm")
-    layout = param_layout(ckpt["config"])
+    layout = param_layout(ckpt.config)
     name, _, offset = layout[3]
-    ckpt["params"][offset] = np.nan
-    t = {n: ckpt["params"][o:o + math.prod(s)].reshape(s) for n, s, o in layout}
-    md = good_metadata(cfg=ckpt["config"], meta=ckpt["meta"])
+    ckpt.params[offset] = np.nan
+    t = {n: ckpt.params[o:o + math.prod(s)].reshape(s) for n, s, o in layout}
+    md = good_metadata(cfg=ckpt.config, meta=ckpt.meta)
     write_custom(tmp_path / "final_model.cllm", t, md)
     shutil.copy(model_dir / "vocab.txt", tmp_path / "vocab.txt")
     p = run_tool("inference", tmp_path / "final_model.cllm", "--max-tokens", "3")
@@ -277,7 +276,7 @@ def test_missing_state_field_is_refused(tmp_path):
 def test_well_formed_meta_loads(tmp_path):
     path = tmp_path / "ok.cllm"
     write_custom(path, layout_tensors(adam=True), good_metadata(meta=good_meta()))
-    assert load_checkpoint(path)["meta"] == good_meta()
+    assert load_checkpoint(path).meta == good_meta()
 
 
 @pytest.mark.parametrize("field, value", [("num_heads", "2"), ("embed_dim", 0), ("seq_len", -6),
@@ -322,9 +321,9 @@ def test_resume_from_a_negative_step_is_one_line(trained, capsys):
     argv, ck = trained
     path = sorted(ck.glob("checkpoint_step_*.cllm"))[-1]
     ckpt = load_checkpoint(path)
-    ckpt["meta"]["state"]["step"] = -5
-    save_checkpoint(path, ckpt["config"], ckpt["params"], ckpt["adam_m"], ckpt["adam_v"],
-                    ckpt["meta"])                           # valid checksums
+    ckpt.meta["state"]["step"] = -5
+    save_checkpoint(path, ckpt.config, ckpt.params, ckpt.adam_m, ckpt.adam_v,
+                    ckpt.meta)                           # valid checksums
     code, _, err = call(capsys, train_main, *argv, "--resume")
     assert_one_error_line(code, err, "train_model", path.name, "state.step", "-5")
 
@@ -438,7 +437,7 @@ def test_lost_stdout_never_loses_the_training(tmp_path, output):
     assert "Traceback" not in p.stderr, p.stderr
     assert f"cannot write to standard output ({reason})" in p.stderr
     assert p.returncode == 0, p.stderr
-    assert load_checkpoint(ck / "final_model.cllm")["meta"]["state"]["step"] == 30
+    assert load_checkpoint(ck / "final_model.cllm").meta["state"]["step"] == 30
 
 
 # --- small ones --------------------------------------------------------------------------

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from cllm_cli import _engine
-from cllm_cli.config import CLLMConfig
-from cllm_cli.model.cllm import CLLMModel
+from cllm_cli.api import CLLMModel
+from cllm_cli.model import CLLMConfig
 from cllm_cli.model.sampling import sample_from_logits
 
 CFG = CLLMConfig(vocab_size=120, embed_dim=32, num_layers=2, num_heads=4, ff_dim=64, seq_len=16)

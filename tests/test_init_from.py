@@ -15,9 +15,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from cllm_cli import CLLMModel
 from cllm_cli.cli.inference import main as inference_main
-from cllm_cli.cli.inference import stream
 from cllm_cli.cli.tokenize import main as tokenize_main
 from cllm_cli.cli.train import main as train_main
+from cllm_cli.model.generation import stream
 from cllm_cli.tokenizers import BPETokenizer
 from cllm_cli.training.config import TrainConfig
 from cllm_cli.training.trainer import Trainer

@@ -16,8 +16,8 @@ from cllm_cli.cli.plot import main as plot_main
 from cllm_cli.cli.tokenize import main as tokenize_main
 from cllm_cli.cli.train import main as train_main
 from cllm_cli.errors import DataError
+from cllm_cli.evaluation import read_items
 from cllm_cli.jsonfile import JSONError, loads, parse_json
-from cllm_cli.tasks import read_items
 
 DEEP = "[" * 100_000 + "\n"
 TRAIN = ["--embed-dim", "16", "--num-layers", "1", "--num-heads", "2", "--seq-len", "16",

@@ -1,14 +1,14 @@
-"""Each kernel of the engine on its own (the test-only _engine.op_* wrappers) against the
+"""Each kernel of the engine on its own (the test-only _engine_testing.op_* wrappers) against the
 matching float64 forward/backward of tests/reference.py, so that a failure names the op.
 
 Backward kernels add into the gradient buffers they are given (the write rule of
-pyx/kernels_common.pxi): every backward case starts from buffers that already hold values and
+pyx/kernels/common.pxi): every backward case starts from buffers that already hold values and
 checks that the kernel added exactly its gradient to them."""
 import numpy as np
 import pytest
 import reference as ref
 
-from cllm_cli import _engine
+from cllm_cli import _engine_testing
 
 REL_TOL = 1e-4     # float32 kernel vs float64 reference, relative to a tensor's max |value|
 
@@ -47,13 +47,13 @@ def test_encoder(B, n, V, T, C):
     inputs = rng.integers(0, V, (B, n)).astype(np.int32)
     inputs[0, 0] = inputs[-1, -1]           # a token used twice: its gradients add up
     wte, wpe = rng.standard_normal((V, C)), rng.standard_normal((T, C))
-    check(_engine.op_encoder_forward(inputs, f32(wte), f32(wpe)),
+    check(_engine_testing.op_encoder_forward(inputs, f32(wte), f32(wpe)),
           ref.encoder_forward(inputs, f32(wte).astype(np.float64), f32(wpe).astype(np.float64)),
           "encoder_forward")
     dout = f32(rng.standard_normal((B, n, C)))
     dwte0, dwpe0 = prefilled(rng, (V, C)), prefilled(rng, (T, C))
     dwte, dwpe = dwte0.copy(), dwpe0.copy()
-    _engine.op_encoder_backward(dwte, dwpe, dout, inputs)
+    _engine_testing.op_encoder_backward(dwte, dwpe, dout, inputs)
     rwte, rwpe = ref.encoder_backward(dout.astype(np.float64), inputs, V, T)
     check(added(dwte, dwte0), rwte, "encoder_backward dwte")
     check(added(dwpe[:n], dwpe0[:n]), rwpe[:n], "encoder_backward dwpe")
@@ -68,18 +68,18 @@ def test_layernorm(N, C):
     rng = np.random.default_rng(N * 100 + C)
     inp = f32(rng.standard_normal((N, C)) * 2.0 + 0.5)
     weight, bias = f32(1.0 + 0.3 * rng.standard_normal(C)), f32(0.3 * rng.standard_normal(C))
-    out, mean, rstd = _engine.op_layernorm_forward(inp, weight, bias)
+    out, mean, rstd = _engine_testing.op_layernorm_forward(inp, weight, bias)
     x64 = inp.astype(np.float64)
     rout, cache = ref.layernorm_forward(x64, weight.astype(np.float64), bias.astype(np.float64))
     check(out, rout, "layernorm_forward out")
     check(mean, x64.mean(axis=-1), "layernorm_forward mean")
     check(rstd, cache[1][:, 0], "layernorm_forward rstd")
     # the backward recomputes the output from the saved mean and rstd: the same bits
-    np.testing.assert_array_equal(_engine.op_layernorm_apply(inp, mean, rstd, weight, bias), out)
+    np.testing.assert_array_equal(_engine_testing.op_layernorm_apply(inp, mean, rstd, weight, bias), out)
     dout = f32(rng.standard_normal((N, C)))
     dinp0, dw0, db0 = prefilled(rng, (N, C)), prefilled(rng, C), prefilled(rng, C)
     dinp, dw, db = dinp0.copy(), dw0.copy(), db0.copy()
-    _engine.op_layernorm_backward(dinp, dw, db, dout, inp, weight, mean, rstd)
+    _engine_testing.op_layernorm_backward(dinp, dw, db, dout, inp, weight, mean, rstd)
     rdinp, rdw, rdb = ref.layernorm_backward(dout.astype(np.float64), cache)
     check(added(dinp, dinp0), rdinp, "layernorm_backward dinp")
     check(added(dw, dw0), rdw, "layernorm_backward dweight")
@@ -95,7 +95,7 @@ def test_linear(N, C, OC, with_bias):
     rng = np.random.default_rng(N + C + OC)
     inp, weight = f32(rng.standard_normal((N, C))), f32(rng.standard_normal((OC, C)))
     bias = f32(rng.standard_normal(OC)) if with_bias else None
-    out = _engine.op_linear_forward(inp, weight, bias)
+    out = _engine_testing.op_linear_forward(inp, weight, bias)
     b64 = bias.astype(np.float64) if with_bias else 0.0
     check(out, ref.linear_forward(inp.astype(np.float64), weight.astype(np.float64), b64),
           "linear_forward")
@@ -104,7 +104,7 @@ def test_linear(N, C, OC, with_bias):
     db0 = prefilled(rng, OC) if with_bias else None
     dinp, dw = dinp0.copy(), dw0.copy()
     db = db0.copy() if with_bias else None
-    _engine.op_linear_backward(dinp, dw, db, dout, inp, weight)
+    _engine_testing.op_linear_backward(dinp, dw, db, dout, inp, weight)
     rdinp, rdw, rdb = ref.linear_backward(dout.astype(np.float64), inp.astype(np.float64),
                                           weight.astype(np.float64))
     check(added(dinp, dinp0), rdinp, "linear_backward dinp")
@@ -118,13 +118,13 @@ def test_residual(N, C, OC):
     rng = np.random.default_rng(N * C)
     res, inp = f32(rng.standard_normal((N, OC))), f32(rng.standard_normal((N, C)))
     weight, bias = f32(rng.standard_normal((OC, C))), f32(rng.standard_normal(OC))
-    out = _engine.op_residual_forward(res, inp, weight, bias)
+    out = _engine_testing.op_residual_forward(res, inp, weight, bias)
     check(out, ref.residual_forward(*(a.astype(np.float64) for a in (res, inp, weight, bias))),
           "residual_forward")
     dout = f32(rng.standard_normal((N, OC)))
     dres0 = prefilled(rng, (N, OC))
     dres = dres0.copy()
-    _engine.op_residual_backward(dres.reshape(-1), dout.reshape(-1))
+    _engine_testing.op_residual_backward(dres.reshape(-1), dout.reshape(-1))
     rdres = ref.residual_backward(dout.astype(np.float64), inp.astype(np.float64),
                                   weight.astype(np.float64))[0]
     check(added(dres, dres0), rdres, "residual_backward dres")
@@ -137,11 +137,11 @@ def test_gelu():
     rng = np.random.default_rng(5)
     # around 0, the bend, and far out where tanh saturates
     u = f32(np.concatenate([np.linspace(-6, 6, 97), rng.standard_normal(60), [0.0, -20.0, 20.0]]))
-    check(_engine.op_gelu_forward(u), ref.gelu_forward(u.astype(np.float64)), "gelu_forward")
+    check(_engine_testing.op_gelu_forward(u), ref.gelu_forward(u.astype(np.float64)), "gelu_forward")
     dout = f32(rng.standard_normal(u.size))
     dinp0 = prefilled(rng, u.size)
     dinp = dinp0.copy()
-    _engine.op_gelu_backward(dinp, u, dout)
+    _engine_testing.op_gelu_backward(dinp, u, dout)
     check(added(dinp, dinp0), ref.gelu_backward(dout.astype(np.float64), u.astype(np.float64)),
           "gelu_backward")
 
@@ -155,10 +155,10 @@ def test_gelu():
 def test_attention(B, n, C, NH):
     rng = np.random.default_rng(B * n + C)
     qkv = f32(rng.standard_normal((B, n, 3 * C)))
-    out, row_max, row_scale = _engine.op_attention_forward(qkv, NH)
+    out, row_max, row_scale = _engine_testing.op_attention_forward(qkv, NH)
     rout, cache = ref.attention_forward(qkv.astype(np.float64), NH)
     check(out, rout, "attention_forward out")
-    att = _engine.op_attention_probs(qkv, row_max, row_scale)
+    att = _engine_testing.op_attention_probs(qkv, row_max, row_scale)
     check(att, cache[3], "attention probabilities recomputed")
     assert not np.triu(att, k=1).any(), "attention above the diagonal"
     q, k, scale = cache[0], cache[1], cache[4]
@@ -170,7 +170,7 @@ def test_attention(B, n, C, NH):
     dout = f32(rng.standard_normal((B, n, C)))
     dqkv0 = prefilled(rng, (B, n, 3 * C))
     dqkv = dqkv0.copy()
-    _engine.op_attention_backward(dqkv, dout, qkv, row_max, row_scale)
+    _engine_testing.op_attention_backward(dqkv, dout, qkv, row_max, row_scale)
     rdqkv = ref.attention_backward(dout.astype(np.float64), cache)
     got = added(dqkv, dqkv0)
     if n == 1:
@@ -194,12 +194,12 @@ def test_crossentropy(pad_id):
     targets = rng.integers(0, V, (B, n)).astype(np.int32)
     targets[0, 1] = 0
     targets[1, 2] = 3
-    loss, counted = _engine.op_crossentropy_forward(logits, targets, pad_id)
+    loss, counted = _engine_testing.op_crossentropy_forward(logits, targets, pad_id)
     rloss, rcount, cache = ref.crossentropy_forward(logits.astype(np.float64),
                                                     targets.astype(np.int64), pad_id)
     assert counted == rcount == int((targets != pad_id).sum())
     assert 0 < counted, "no counted target"
     assert loss == pytest.approx(rloss, rel=1e-5)
-    dlogits = _engine.op_crossentropy_backward(logits, targets, pad_id)
+    dlogits = _engine_testing.op_crossentropy_backward(logits, targets, pad_id)
     check(dlogits, ref.crossentropy_backward(cache), "crossentropy_backward")
     assert not dlogits[targets == pad_id].any(), "a row that does not count has a gradient"

@@ -26,14 +26,14 @@ from helpers import (
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import GPT2LMHeadModel
 
-from cllm_cli import CLLMConfig, CLLMModel, _engine
-from cllm_cli import lora as lora_module
+from cllm_cli import CLLMConfig, CLLMModel, _engine, _engine_testing
 from cllm_cli.cli.evaluate import main as eval_main
 from cllm_cli.cli.export import main as export_main
 from cllm_cli.cli.inference import main as inference_main
 from cllm_cli.cli.train import main as train_main
 from cllm_cli.formats import load_checkpoint, load_model_files, save_checkpoint
-from cllm_cli.lora import LoraSpec, adapter_views, content_hash, init_adapters, merge_adapters
+from cllm_cli.model import LoraSpec, adapter_views, content_hash, init_adapters, merge_adapters
+from cllm_cli.model import lora as lora_module
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 LORA_RUN = ["--lora-rank", "4", "--lora-targets", "attn,proj,mlp", "--lora-dropout", "0.1",
@@ -186,12 +186,13 @@ def engine_step(cfg, flat, adapters, spec, threads, step=0, precision_name="fp32
     windows = np.random.default_rng(11).integers(0, cfg.vocab_size,
                                                  (6, cfg.seq_len + 1)).astype(np.int32)
     m, v = np.zeros_like(adapters), np.zeros_like(adapters)
-    with _engine.Engine(cfg, flat, threads, 2, 6, pad_id=-1, dropout=0.1, seed=2,
-                        precision=precision_name, adapters=adapters,
-                        lora=spec.engine_args) as engine:
+    module = _engine if nan is None else _engine_testing    # the testing one injects the NaN
+    with module.Engine(cfg, flat, threads, 2, 6, pad_id=-1, dropout=0.1, seed=2,
+                       precision=precision_name, adapters=adapters,
+                       lora=spec.engine_args) as engine:
         assert engine.gradient_size == adapters.size
         if nan is not None:
-            engine.inject_nan(step, nan)
+            _engine_testing.inject_nan(engine, step, nan)
         return engine.train_step(windows, step, m, v, adamw=True, lr=1e-2, weight_decay=0.01,
                                  grad_clip=1.0, t=1)
 
@@ -239,21 +240,21 @@ def test_adapter_steps_do_not_depend_on_the_thread_count(tiny_model, precision_n
 def test_a_lora_checkpoint_is_small_and_names_its_base(lora_run, base_dir):
     final = lora_run / "final_model.cllm"
     ckpt = load_checkpoint(final)
-    assert ckpt["lora"]["spec"] == LoraSpec(4, 8.0, 0.1, ALL_SITES)
+    assert ckpt.lora["spec"] == LoraSpec(4, 8.0, 0.1, ALL_SITES)
     base_cfg, base_flat, _, _, _ = load_model_files(base_dir)
-    assert ckpt["lora"]["base_sha256"] == content_hash(base_flat)
-    assert ckpt["lora"]["base_path"] == str(base_dir)
+    assert ckpt.lora["base_sha256"] == content_hash(base_flat)
+    assert ckpt.lora["base_path"] == str(base_dir)
     assert set(tensors(final)) == {prefix + name for prefix in ("", "adam.m.", "adam.v.")
-                                   for name in adapter_views(base_cfg, ckpt["lora"]["spec"],
-                                                             ckpt["params"])}
+                                   for name in adapter_views(base_cfg, ckpt.lora["spec"],
+                                                             ckpt.params)}
     # the adapters and their two moments, no base: 3 x 4 bytes an adapter value, a header
-    assert os.path.getsize(final) < 12 * ckpt["params"].size + 16384
-    assert ckpt["params"].size < 0.15 * base_flat.size
-    assert any(v.any() for name, v in adapter_views(base_cfg, ckpt["lora"]["spec"],
-                                                    ckpt["params"]).items() if "lora_B" in name)
+    assert os.path.getsize(final) < 12 * ckpt.params.size + 16384
+    assert ckpt.params.size < 0.15 * base_flat.size
+    assert any(v.any() for name, v in adapter_views(base_cfg, ckpt.lora["spec"],
+                                                    ckpt.params).items() if "lora_B" in name)
     # loaded as a model: the base with the adapters merged in
     model = CLLMModel.load(final)
-    expected = merge_adapters(base_cfg, base_flat, ckpt["lora"]["spec"], ckpt["params"])
+    expected = merge_adapters(base_cfg, base_flat, ckpt.lora["spec"], ckpt.params)
     assert model.flat.tobytes() == expected.tobytes()
 
 
@@ -379,14 +380,14 @@ def test_merged_weights_that_are_not_finite_are_refused(capsys, tmp_path, corpus
         run = tmp_path / case
         shutil.copytree(lora_run, run)
         ckpt = load_checkpoint(run / "final_model.cllm")
-        lora = {**ckpt["lora"]["spec"].to_dict(), "base_sha256": ckpt["lora"]["base_sha256"],
-                "base_path": ckpt["lora"]["base_path"]}
+        lora = {**ckpt.lora["spec"].to_dict(), "base_sha256": ckpt.lora["base_sha256"],
+                "base_path": ckpt.lora["base_path"]}
         if case == "overflow":
-            ckpt["params"][:] = 1e30
+            ckpt.params[:] = 1e30
         else:
             lora["alpha"] = 1e38
-        save_checkpoint(run / "final_model.cllm", ckpt["config"], ckpt["params"],
-                        ckpt["adam_m"], ckpt["adam_v"], ckpt["meta"], lora=lora)
+        save_checkpoint(run / "final_model.cllm", ckpt.config, ckpt.params,
+                        ckpt.adam_m, ckpt.adam_v, ckpt.meta, lora=lora)
         monkeypatch.undo()
         fragment = "non-finite" if case == "overflow" else "bad LoRA alpha"
         for prog, main, argv in (
@@ -435,10 +436,10 @@ def renamed_base(run, base_path):
     """Every checkpoint of `run` rewritten to name `base_path` as its base (the same hash)."""
     for path in run.glob("*.cllm"):
         ckpt = load_checkpoint(path)
-        lora = {**ckpt["lora"]["spec"].to_dict(), "base_sha256": ckpt["lora"]["base_sha256"],
+        lora = {**ckpt.lora["spec"].to_dict(), "base_sha256": ckpt.lora["base_sha256"],
                 "base_path": str(base_path)}
-        save_checkpoint(path, ckpt["config"], ckpt["params"], ckpt["adam_m"], ckpt["adam_v"],
-                        ckpt["meta"], lora=lora)
+        save_checkpoint(path, ckpt.config, ckpt.params, ckpt.adam_m, ckpt.adam_v,
+                        ckpt.meta, lora=lora)
     return run
 
 
@@ -502,4 +503,4 @@ def test_resume_accepts_the_lora_settings_restated(capsys, tmp_path, corpus, lor
                         "--max-steps", "5", "--quiet", "--lora-rank", "4", "--lora-alpha", "8",
                         "--lora-dropout", "0.1", "--lora-targets", "mlp, proj,attn")
     assert code == 0, err
-    assert load_checkpoint(out / "final_model.cllm")["meta"]["state"]["step"] == 5
+    assert load_checkpoint(out / "final_model.cllm").meta["state"]["step"] == 5

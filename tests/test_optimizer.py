@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import reference as ref
 
-from cllm_cli import _engine
+from cllm_cli import _engine, _engine_testing
 from cllm_cli._engine import num_parameters, parameter_layout
-from cllm_cli.config import CLLMConfig
+from cllm_cli.model import CLLMConfig
 from cllm_cli.training.config import TrainConfig
 from cllm_cli.training.loop import lr_at
 
@@ -42,11 +42,13 @@ def run(engine, windows, step=0, train=True):
 
 
 class engine_for:
-    """Context manager: an Engine on `flat` that is always closed."""
+    """Context manager: an Engine on `flat` that is always closed; with faults, of the testing
+    extension, for _engine_testing.inject_nan."""
 
-    def __init__(self, cfg, flat, spheres=1, micro_batch=1, max_windows=16, lock_mode="shared"):
-        self.engine = _engine.Engine(cfg, flat, spheres, micro_batch, max_windows,
-                                     lock_mode)
+    def __init__(self, cfg, flat, spheres=1, micro_batch=1, max_windows=16, lock_mode="shared",
+                 faults=False):
+        module = _engine_testing if faults else _engine
+        self.engine = module.Engine(cfg, flat, spheres, micro_batch, max_windows, lock_mode)
 
     def __enter__(self):
         return self.engine
@@ -327,8 +329,8 @@ def test_nan_micro_batch_is_left_out(spheres, micro_batch, bad_mb):
     windows = make_windows(CFG, 5, 5, seed=22)
     parts = micro_batch_grads(CFG, flat, windows, micro_batch)
     step = 7
-    with engine_for(CFG, flat, spheres, micro_batch) as engine:
-        engine.inject_nan(step, bad_mb)
+    with engine_for(CFG, flat, spheres, micro_batch, faults=True) as engine:
+        _engine_testing.inject_nan(engine, step, bad_mb)
         results = run(engine, windows, step=step)
         acc = engine.accumulated_gradients()
         # the hook only poisons its own step: the next step is clean again
@@ -350,8 +352,8 @@ def test_nan_micro_batch_is_left_out(spheres, micro_batch, bad_mb):
 def test_nan_hook_for_another_step_does_nothing():
     flat = make_params(CFG, seed=23)
     windows = make_windows(CFG, 4, 5, seed=24)
-    with engine_for(CFG, flat, 2, 1) as engine:
-        engine.inject_nan(5, 1)
+    with engine_for(CFG, flat, 2, 1, faults=True) as engine:
+        _engine_testing.inject_nan(engine, 5, 1)
         results = run(engine, windows, step=4)
         acc = engine.accumulated_gradients()
     assert all(r[3] and r[4] == -1 for r in results)
@@ -361,9 +363,9 @@ def test_nan_hook_for_another_step_does_nothing():
 def test_no_valid_micro_batch_leaves_an_empty_sum():
     flat = make_params(CFG, seed=25)
     windows = make_windows(CFG, 3, 5, seed=26)
-    with engine_for(CFG, flat, 1, 3) as engine:
+    with engine_for(CFG, flat, 1, 3, faults=True) as engine:
         run(engine, windows, step=0)                 # a good step first
-        engine.inject_nan(1, 0)
+        _engine_testing.inject_nan(engine, 1, 0)
         results = run(engine, windows, step=1)       # its only micro-batch is bad
         acc = engine.accumulated_gradients()
     assert len(results) == 1 and not results[0][3]
@@ -520,8 +522,8 @@ def test_train_step_is_the_step_in_parts(spheres, micro_batch):
         flat = make_params(CFG, seed=39)
         m, v = np.zeros(NP, np.float32), np.zeros(NP, np.float32)
         figures = []
-        with engine_for(CFG, flat, spheres, micro_batch) as engine:
-            engine.inject_nan(1, 1)
+        with engine_for(CFG, flat, spheres, micro_batch, faults=True) as engine:
+            _engine_testing.inject_nan(engine, 1, 1)
             for step, w in enumerate(windows):
                 if whole:
                     r = engine.train_step(w, step, m, v, t=step + 1, **STEP)
@@ -547,8 +549,8 @@ def test_train_step_reports_the_bad_micro_batch():
     flat = make_params(CFG, seed=41)
     windows = make_windows(CFG, 5, 5, seed=42)
     m, v = np.zeros(NP, np.float32), np.zeros(NP, np.float32)
-    with engine_for(CFG, flat, 2, 2) as engine:
-        engine.inject_nan(3, 2)
+    with engine_for(CFG, flat, 2, 2, faults=True) as engine:
+        _engine_testing.inject_nan(engine, 3, 2)
         result = engine.train_step(windows, 3, m, v, t=1, **STEP)
     assert result.applied and math.isfinite(result.grad_norm)
     [bad] = result.bad
@@ -564,8 +566,8 @@ def test_train_step_without_a_valid_micro_batch_changes_nothing():
     windows = make_windows(CFG, 3, 5, seed=44)
     before = flat.copy()
     m, v = np.full(NP, 0.5, np.float32), np.full(NP, 0.25, np.float32)
-    with engine_for(CFG, flat, 2, 3) as engine:
-        engine.inject_nan(0, 0)
+    with engine_for(CFG, flat, 2, 3, faults=True) as engine:
+        _engine_testing.inject_nan(engine, 0, 0)
         result = engine.train_step(windows, 0, m, v, t=1, **STEP)
         # a step whose micro-batches are valid but count no target: the optimiser does not run
         padded = windows.copy()
@@ -636,8 +638,8 @@ def test_evaluate_runs_any_number_of_windows_in_slices():
 def test_epoch_and_sphere_statistics_come_from_the_step_results():
     flat = make_params(CFG, seed=49)
     m, v = np.zeros(NP, np.float32), np.zeros(NP, np.float32)
-    with engine_for(CFG, flat, 3, 2) as engine:
-        engine.inject_nan(1, 0)
+    with engine_for(CFG, flat, 3, 2, faults=True) as engine:
+        _engine_testing.inject_nan(engine, 1, 0)
         engine.begin_epoch()
         results = [engine.train_step(make_windows(CFG, 7, 5, seed=50 + s), s, m, v, t=s + 1,
                                      **STEP) for s in range(3)]

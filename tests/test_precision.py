@@ -12,7 +12,7 @@ import reference as ref
 from engine_cases import CONFIGS, make_params
 from helpers import ROOT, assert_one_error_line, call
 
-from cllm_cli import _engine
+from cllm_cli import _engine, _engine_testing
 from cllm_cli.cli.train import main as train_main
 from cllm_cli.model import precision
 
@@ -47,7 +47,7 @@ def test_rounding_is_nearest_even_on_every_kind_of_float():
                   0x7F800000, 0xFF800000, 0x3F808000, 0x3F818000], np.uint64),
     ]).astype(np.uint32)
     x = bits.view(np.float32)
-    got = _engine.op_bf16_round(x)
+    got = _engine_testing.op_bf16_round(x)
     for xi, gi in zip(x, got):
         want = nearest_bf16(float(xi))
         if want is None:
@@ -59,7 +59,7 @@ def test_rounding_is_nearest_even_on_every_kind_of_float():
 def test_missing_onednn_is_one_line(window_corpus, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
     monkeypatch.setattr(precision, "library_path", lambda: None)
-    monkeypatch.setattr(_engine, "load_bf16", lambda path: pytest.fail("loaded"))
+    monkeypatch.setattr(precision, "load_bf16", lambda path: pytest.fail("loaded"))
     argv = [window_corpus, "--checkpoint-dir", tmp_path / "ck", "--precision", "bf16", "--quiet"]
     code, _, err = call(capsys, train_main, *argv)
     assert_one_error_line(code, err, "train_model", "oneDNN", "bf16")

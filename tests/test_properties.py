@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 
 from cllm_cli._engine import num_parameters as num_params
 from cllm_cli.cli import tokenize as tokenize_cli
-from cllm_cli.config import CLLMConfig
 from cllm_cli.errors import CheckpointError, DataError, SamplingError
 from cllm_cli.formats.checkpoint import save_checkpoint
 from cllm_cli.formats.checkpoint_load import load_checkpoint
+from cllm_cli.model import CLLMConfig
 from cllm_cli.model.sampling import sample_from_logits
 from cllm_cli.tokenizers import Tokenizer
 
@@ -67,7 +67,7 @@ def load_bytes(path, data):
 
 
 def assert_same_state(ckpt, buffers):
-    for got, want in zip((ckpt["params"], ckpt["adam_m"], ckpt["adam_v"]), buffers):
+    for got, want in zip((ckpt.params, ckpt.adam_m, ckpt.adam_v), buffers):
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
@@ -125,7 +125,7 @@ def test_any_meta_with_valid_checksums_loads_or_is_refused_by_field(workdir, met
         one_line_error(e)
         assert "bad meta field" in str(e)
         return
-    assert loaded["meta"] == json.loads(json.dumps(meta))
+    assert loaded.meta == json.loads(json.dumps(meta))
 
 
 # --- vocab.txt ---------------------------------------------------------------------------

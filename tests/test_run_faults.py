@@ -10,6 +10,7 @@ import time
 import pytest
 from helpers import ROOT, TINY_RUN, assert_bit_identical, assert_one_error_line, call, corpus_text
 
+from cllm_cli import _engine_testing
 from cllm_cli.cli.train import main
 from cllm_cli.formats.checkpoint import save_checkpoint
 from cllm_cli.formats.checkpoint_load import load_checkpoint
@@ -169,7 +170,7 @@ def test_resume_extends_a_finished_run_and_names_the_change(corpus, trained_ever
                          "--learning-rate", "5e-4")
     assert code == 0, err
     assert "changed: --learning-rate 0.001 -> 0.0005, --max-steps 4 -> 7" in out, out
-    meta = load_checkpoint(trained_every_step / "final_model.cllm")["meta"]
+    meta = load_checkpoint(trained_every_step / "final_model.cllm").meta
     assert meta["state"]["step"] == 7
     assert meta["train_config"]["max_steps"] == 7
     assert meta["train_config"]["learning_rate"] == 5e-4
@@ -270,9 +271,9 @@ def test_crafted_training_settings_are_refused(corpus, trained_every_step, capsy
     """A checkpoint with valid checksums but impossible settings: one line, status 2."""
     path = sorted(trained_every_step.glob("checkpoint_step_*.cllm"))[-1]
     ckpt = load_checkpoint(path)
-    ckpt["meta"]["train_config"][field] = value
-    save_checkpoint(path, ckpt["config"], ckpt["params"], ckpt["adam_m"], ckpt["adam_v"],
-                    ckpt["meta"])
+    ckpt.meta["train_config"][field] = value
+    save_checkpoint(path, ckpt.config, ckpt.params, ckpt.adam_m, ckpt.adam_v,
+                    ckpt.meta)
     code, _, err = cli(capsys, corpus, *TINY[:-1], "--checkpoint-dir", trained_every_step, "--resume")
     assert_one_error_line(code, err, "train_model", path.name, "--" + field.replace("_", "-"))
 
@@ -289,7 +290,8 @@ def test_failing_resume_keeps_the_older_checkpoints(corpus, ckpt_dir, capsys):
     i = argv.index("--max-steps")
     argv[i + 1] = "6"
     with pytest.raises(Exception) as failed:
-        train([str(corpus)], engine_hook=lambda e: e.inject_nan(4, 0), resume=True,
+        train([str(corpus)], engine_class=_engine_testing.Engine,
+              engine_hook=lambda e: _engine_testing.inject_nan(e, 4, 0), resume=True,
               checkpoint_dir=str(ck), max_steps=6, max_bad_steps=1, quiet=True, threads=2)
     assert "steps in a row were skipped" in str(failed.value)
     after = sorted(p.name for p in ck.glob("checkpoint_step_*.cllm"))
@@ -315,7 +317,7 @@ def test_full_stdout_does_not_stop_training(corpus, ckpt_dir):
     assert p.returncode == 0, p.stderr
     assert "Traceback" not in p.stderr
     assert "cannot write to standard output (No space left on device)" in p.stderr
-    assert load_checkpoint(ck / "final_model.cllm")["meta"]["state"]["step"] == 4
+    assert load_checkpoint(ck / "final_model.cllm").meta["state"]["step"] == 4
 
 
 def test_closed_pipe_does_not_stop_training(corpus, ckpt_dir):
@@ -329,4 +331,4 @@ def test_closed_pipe_does_not_stop_training(corpus, ckpt_dir):
     err = run.stderr.read()
     assert run.wait() == 0, err
     assert "Traceback" not in err, err
-    assert load_checkpoint(ck / "final_model.cllm")["meta"]["state"]["step"] == 40
+    assert load_checkpoint(ck / "final_model.cllm").meta["state"]["step"] == 40

@@ -1,4 +1,4 @@
-"""Zero-shot task evaluation (cllm_eval --task, cllm_cli.tasks): per-item log-probabilities,
+"""Zero-shot task evaluation (cllm_eval --task, cllm_cli.evaluation): per-item log-probabilities,
 acc and acc_norm against the reference of task_cases.py (a random GPT-2 with GPT-2's
 vocabulary, transformers and torch), the harness's pair split and standard errors, the same
 bits for every thread count, the JSON and the text report, a model trained by train_model.
@@ -26,8 +26,8 @@ from task_cases import (
 )
 
 from cllm_cli.cli.evaluate import main as eval_main
-from cllm_cli.progress import ItemProgress
-from cllm_cli.tasks import (
+from cllm_cli.evaluation import (
+    TASKS,
     HellaSwagItem,
     LambadaItem,
     Scorer,
@@ -35,9 +35,8 @@ from cllm_cli.tasks import (
     mean_stderr,
     read_hellaswag,
     read_lambada,
-    score_hellaswag,
-    score_lambada,
 )
+from cllm_cli.progress import ItemProgress
 
 BIN = os.path.dirname(sys.executable)
 TOLERANCE = 1e-4        # per-item summed log-probability against the reference
@@ -99,17 +98,17 @@ def test_hellaswag_matches_the_reference(hf_model, task_files):
     assert len(items) == 12 and items[3].where == f"{task_files[0]}:4"
     # the premise of the truncation check: some contexts do not fit in the model's context
     assert max(len(tokenizer.encode(item.context)) for item in items) > N_POSITIONS
-    result = score_hellaswag(model, tokenizer, items, threads=2)
+    result = TASKS["hellaswag"].score(model, tokenizer, items, threads=2)
     lls, acc, acc_norm = reference_hellaswag(hf_model, task_files[0])
     np.testing.assert_allclose(np.array(result.loglikelihoods), np.array(lls), rtol=0,
                                atol=TOLERANCE)
-    assert abs(sum(result.correct) - acc) <= 1 and abs(sum(result.correct_norm) - acc_norm) <= 1
-    assert result.acc == pytest.approx(sum(result.correct) / 12)
-    assert result.acc_stderr == pytest.approx(mean_stderr(result.correct))
-    assert result.acc_norm_stderr == pytest.approx(mean_stderr(result.correct_norm))
+    assert abs(sum(result.correct) - acc) <= 1 and abs(sum(result.per_item["correct_norm"]) - acc_norm) <= 1
+    assert result.figures["acc"].value == pytest.approx(sum(result.correct) / 12)
+    assert result.figures["acc"].stderr == pytest.approx(mean_stderr(result.correct))
+    assert result.figures["acc_norm"].stderr == pytest.approx(mean_stderr(result.per_item["correct_norm"]))
     # acc and acc_norm from the sums, as the harness takes them
     for item, sums, right, right_norm in zip(items, result.loglikelihoods, result.correct,
-                                            result.correct_norm):
+                                            result.per_item["correct_norm"]):
         assert right == (int(np.argmax(sums)) == item.label)
         lengths = [len(e) for e in item.endings]
         assert right_norm == (int(np.argmax(np.array(sums) / lengths)) == item.label)
@@ -119,17 +118,17 @@ def test_lambada_matches_the_reference(hf_model, task_files):
     model, tokenizer = load(hf_model[0])
     items = read_lambada(task_files[1])
     assert len(items) == 12
-    result = score_lambada(model, tokenizer, items, threads=3)
+    result = TASKS["lambada"].score(model, tokenizer, items, threads=3)
     reference = reference_lambada(hf_model, task_files[1])
     np.testing.assert_allclose(result.loglikelihoods, [ll for ll, _ in reference], rtol=0,
                                atol=TOLERANCE)
-    assert result.greedy == [g for _, g in reference]
-    assert sum(result.greedy) >= 3                 # the greedy passages are found greedy
-    assert result.acc == pytest.approx(sum(result.greedy) / 12)
+    assert result.per_item["greedy"] == [g for _, g in reference]
+    assert sum(result.per_item["greedy"]) >= 3                 # the greedy passages are found greedy
+    assert result.figures["acc"].value == pytest.approx(sum(result.per_item["greedy"]) / 12)
     mean_ll = np.mean([ll for ll, _ in reference])
-    assert result.perplexity == pytest.approx(np.exp(-mean_ll), rel=1e-4)
+    assert result.figures["perplexity"].value == pytest.approx(np.exp(-mean_ll), rel=1e-4)
     stderr_ll = np.std(result.loglikelihoods, ddof=1) / np.sqrt(12)
-    assert result.perplexity_stderr == pytest.approx(result.perplexity * stderr_ll, rel=1e-9)
+    assert result.figures["perplexity"].stderr == pytest.approx(result.figures["perplexity"].value * stderr_ll, rel=1e-9)
 
 
 def test_lambada_jsonl_is_read_as_its_text_lines(hf_model, task_files, tmp_path):
@@ -155,11 +154,11 @@ def test_hellaswag_labels_as_digit_strings_are_read_as_numbers(task_files, tmp_p
 def test_results_are_the_same_bits_for_every_thread_count(hf_model, task_files):
     model, tokenizer = load(hf_model[0])
     items = read_hellaswag(task_files[0])
-    runs = [score_hellaswag(model, tokenizer, items, threads=t) for t in (1, 2, 3)]
+    runs = [TASKS["hellaswag"].score(model, tokenizer, items, threads=t) for t in (1, 2, 3)]
     assert runs[0].loglikelihoods == runs[1].loglikelihoods == runs[2].loglikelihoods
     passages = read_lambada(task_files[1])
-    runs = [score_lambada(model, tokenizer, passages, threads=t) for t in (1, 3)]
-    assert runs[0].loglikelihoods == runs[1].loglikelihoods and runs[0].greedy == runs[1].greedy
+    runs = [TASKS["lambada"].score(model, tokenizer, passages, threads=t) for t in (1, 3)]
+    assert runs[0].loglikelihoods == runs[1].loglikelihoods and runs[0].per_item == runs[1].per_item
 
 
 def test_an_item_scores_alike_whatever_came_before(hf_model, task_files):
@@ -167,8 +166,8 @@ def test_an_item_scores_alike_whatever_came_before(hf_model, task_files):
     model, tokenizer = load(hf_model[0])
     items = read_hellaswag(task_files[0])
     twice = [items[2], items[2], items[7]]
-    together = score_hellaswag(model, tokenizer, twice).loglikelihoods
-    alone = score_hellaswag(model, tokenizer, [items[7]]).loglikelihoods
+    together = TASKS["hellaswag"].score(model, tokenizer, twice).loglikelihoods
+    alone = TASKS["hellaswag"].score(model, tokenizer, [items[7]]).loglikelihoods
     assert together[0] == together[1] and together[2] == alone[0]
 
 
@@ -187,16 +186,18 @@ def test_cllm_eval_json_is_the_api_result(hf_model, task_files, task):
     out = json.loads(line)
     model, tokenizer = load(hf_model[0])
     if task == "hellaswag":
-        api = score_hellaswag(model, tokenizer, read_hellaswag(path))
+        api = TASKS["hellaswag"].score(model, tokenizer, read_hellaswag(path))
         keys = {"acc_norm", "acc_norm_stderr"}
     else:
-        api = score_lambada(model, tokenizer, read_lambada(path))
+        api = TASKS["lambada"].score(model, tokenizer, read_lambada(path))
         keys = {"perplexity", "perplexity_stderr"}
     assert set(out) == {"task", "items", "acc", "acc_stderr", "seconds", "seconds_per_item",
                         "model"} | keys
     assert out["task"] == task and out["items"] == 12 and out["model"] == str(hf_model[0])
     for key in {"acc", "acc_stderr"} | keys:
-        assert out[key] == getattr(api, key), key
+        assert out[key] == api.summary()[key], key
+    for name, (value, stderr) in api.figures.items():
+        assert (out[name], out[f"{name}_stderr"]) == (value, stderr)
     assert out["seconds"] > 0 and out["seconds_per_item"] == pytest.approx(out["seconds"] / 12)
 
 
@@ -251,8 +252,8 @@ def test_a_trained_cllm_model(trained, tmp_path, capsys):
                           "hellaswag", hs, "--json", "--threads", "3")
     assert code == 0, err
     out = json.loads(out)
-    result = score_hellaswag(model, tokenizer, read_hellaswag(hs))
-    assert out["items"] == 8 and out["acc"] == result.acc and out["acc_norm"] == result.acc_norm
+    result = TASKS["hellaswag"].score(model, tokenizer, read_hellaswag(hs))
+    assert out["items"] == 8 and out["acc"] == result.figures["acc"].value and out["acc_norm"] == result.figures["acc_norm"].value
 
     def encode(text):
         return [int(i) for i in tokenizer.encode(text)]
@@ -271,8 +272,8 @@ def test_items_can_be_made_in_python(hf_model):
     """The Python API without files: items built directly, the Scorer on its own."""
     model, tokenizer = load(hf_model[0])
     item = HellaSwagItem("The dog", ("barked.", "sang opera."), 0)
-    result = score_hellaswag(model, tokenizer, [item])
-    assert result.items == 1 and result.acc_stderr is None and len(result.loglikelihoods[0]) == 2
+    result = TASKS["hellaswag"].score(model, tokenizer, [item])
+    assert result.items == 1 and result.figures["acc"].stderr is None and len(result.loglikelihoods[0]) == 2
     scorer = Scorer(model, tokenizer)
     pairs = scorer.loglikelihoods("The dog", [" barked.", " sang opera."])
     assert [s for s, _ in pairs] == result.loglikelihoods[0]

@@ -71,11 +71,11 @@ def test_exported_model_safetensors_is_what_safetensors_writes():
     """cllm_export's model.safetensors, streamed from views of the flat parameters (the
     Conv1D weights transposed on the way), equals safetensors' file of the copied state."""
     from cllm_cli import CLLMConfig, CLLMModel
-    from cllm_cli.formats.hf_export import to_gpt2_state, write_safetensors
+    from cllm_cli.formats.hf_export import to_hf_state, write_safetensors
     cfg = CLLMConfig(vocab_size=11, embed_dim=8, num_layers=2, num_heads=2, ff_dim=24,
                      seq_len=5)
     flat = CLLMModel(cfg, seed=3).flat
-    state = to_gpt2_state(cfg, flat)
+    state = to_hf_state(cfg, flat)
     assert all(np.shares_memory(t, flat) for t in state.values())       # no copies
     theirs = safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in state.items()},
                                     metadata={"format": "pt"})

@@ -18,7 +18,7 @@ import pytest
 from helpers import ROOT, assert_bit_identical, tensors
 from sphere_runs import BASE, BATCH, MB_PER_FULL_STEP, MICRO, STEPS, ckpt_files
 
-from cllm_cli import CLLMModel, train
+from cllm_cli import CLLMModel, _engine_testing, train
 from cllm_cli._engine import parameter_layout
 from cllm_cli.corpus.batches import epoch_order, gather_windows, num_windows, split_stream
 from cllm_cli.corpus.dataset import load_dataset
@@ -27,9 +27,11 @@ from cllm_cli.formats.checkpoint_load import load_checkpoint
 
 
 def run(data, ckpt_dir, engine_hook=None, **over):
+    """train() with the testing engine (its hooks for engine_hook; it computes what the
+    production engine does)."""
     opts = dict(BASE, checkpoint_dir=str(ckpt_dir))
     opts.update(over)
-    return train([str(data)], engine_hook=engine_hook, **opts)
+    return train([str(data)], engine_hook=engine_hook, engine_class=_engine_testing.Engine, **opts)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def reference(window_corpus, tmp_path_factory):
 def layout(reference):
     """Facts about the reference run's data: windows, batches, micro-batches per step."""
     ck = load_checkpoint(reference["dir"] / "final_model.cllm")
-    cfg = ck["config"]
+    cfg = ck.config
     tokens = load_dataset(str(reference["dir"] / "dataset.bin"))
     if isinstance(tokens, tuple):
         tokens = tokens[0]
@@ -72,9 +74,9 @@ def test_reference_run_is_a_meaningful_setting(reference, layout):
               if "epoch" in json.loads(l)]
     assert epochs[0] == 1 and epochs[-1] == 2
     final = load_checkpoint(reference["dir"] / "final_model.cllm")
-    init = CLLMModel(final["config"], BASE["seed"]).flat
-    assert np.all(np.isfinite(final["params"]))
-    assert not np.array_equal(init, final["params"])
+    init = CLLMModel(final.config, BASE["seed"]).flat
+    assert np.all(np.isfinite(final.params))
+    assert not np.array_equal(init, final.params)
     for f in ckpt_files(reference["dir"]):
         assert (reference["dir"] / f).is_file(), f
 
@@ -156,7 +158,7 @@ INJECT_STEP, INJECT_MB = 2, 1      # 0-based step index; reported as step 3
 def injected_reference(window_corpus, tmp_path_factory):
     d = tmp_path_factory.mktemp("nan1") / "ckpt"
     result = run(window_corpus, d, threads=1,
-                 engine_hook=lambda e: e.inject_nan(INJECT_STEP, INJECT_MB))
+                 engine_hook=lambda e: _engine_testing.inject_nan(e, INJECT_STEP, INJECT_MB))
     return {"dir": d, "result": result}
 
 
@@ -166,7 +168,7 @@ def test_nan_injection_is_reported_skipped_and_deterministic(reference, injected
                                                              threads):
     d = tmp_path / "ckpt"
     result = run(window_corpus, d, threads=threads,
-                 engine_hook=lambda e: e.inject_nan(INJECT_STEP, INJECT_MB))
+                 engine_hook=lambda e: _engine_testing.inject_nan(e, INJECT_STEP, INJECT_MB))
     err = capfd.readouterr().err
     assert result["step"] == STEPS
     lines = warnings_about(err, INJECT_STEP + 1)
@@ -180,7 +182,7 @@ def test_nan_injection_is_reported_skipped_and_deterministic(reference, injected
     other = [l for l in err.splitlines() if "warning" in l and l not in lines]
     assert not other, f"unexpected warnings: {other}"
     # the step was applied from the other micro-batches: every step counts for AdamW
-    meta = load_checkpoint(d / "final_model.cllm")["meta"]
+    meta = load_checkpoint(d / "final_model.cllm").meta
     assert meta["state"]["adam_t"] == STEPS and meta["state"]["bad_steps"] == 0
     final = tensors(d / "final_model.cllm")
     assert all(np.all(np.isfinite(v)) for v in final.values())
@@ -200,12 +202,12 @@ def test_nan_step_uses_exactly_the_other_micro_batches(window_corpus, tmp_path, 
     d = tmp_path / "ckpt"
     sgd = dict(optimizer="sgd", learning_rate=1.0, lr_schedule="constant", warmup_steps=0,
                weight_decay=0.0, grad_clip=0.0, max_steps=1, save_interval=0, eval_interval=0)
-    run(window_corpus, d, threads=3, engine_hook=lambda e: e.inject_nan(0, 1), **sgd)
+    run(window_corpus, d, threads=3, engine_hook=lambda e: _engine_testing.inject_nan(e, 0, 1), **sgd)
     assert "micro-batch 1" in capfd.readouterr().err
     ck = load_checkpoint(d / "final_model.cllm")
-    cfg = ck["config"]
+    cfg = ck.config
     w0 = CLLMModel(cfg, BASE["seed"]).flat
-    step = w0 - ck["params"]
+    step = w0 - ck.params
     tokens = load_dataset(str(d / "dataset.bin"))
     if isinstance(tokens, tuple):
         tokens = tokens[0]
@@ -236,7 +238,7 @@ def test_step_without_valid_micro_batch_stops_with_last_good_state(window_corpus
     d = tmp_path / "ckpt"
     with pytest.raises(TrainingError) as info:
         run(window_corpus, d, threads=2, micro_batch=BATCH, save_interval=0, eval_interval=0,
-            max_bad_steps=1, engine_hook=lambda e: e.inject_nan(bad, 0))
+            max_bad_steps=1, engine_hook=lambda e: _engine_testing.inject_nan(e, bad, 0))
     err = capfd.readouterr().err
     assert "step 4" in err and "micro-batch 0" in err, err
     assert not (d / "final_model.cllm").exists()
@@ -244,7 +246,7 @@ def test_step_without_valid_micro_batch_stops_with_last_good_state(window_corpus
     assert saved, "no checkpoint of the last good state"
     assert str(saved[-1].name) in str(info.value) or str(saved[-1]) in str(info.value)
     last = load_checkpoint(saved[-1])
-    assert last["meta"]["state"]["adam_t"] == bad
+    assert last.meta["state"]["adam_t"] == bad
     # the skipped step left weights and optimiser state untouched: the newest checkpoint
     # holds exactly the clean run's state after step 3
     a, b = tensors(clean / "checkpoint_step_3.cllm"), tensors(saved[-1])
@@ -256,13 +258,13 @@ def test_step_without_valid_micro_batch_stops_with_last_good_state(window_corpus
 
 LOCK_SCRIPT = """
 import sys
-from cllm_cli import _engine
-from cllm_cli.config import CLLMConfig
-from cllm_cli.model.cllm import CLLMModel
+from cllm_cli import _engine_testing
+from cllm_cli.api import CLLMModel
+from cllm_cli.model import CLLMConfig
 cfg = CLLMConfig(vocab_size=10, embed_dim=8, num_layers=1, num_heads=2, seq_len=4)
 model = CLLMModel(cfg, 0)
-engine = _engine.Engine(cfg, model.flat, 2, 1, 4, "shared", {debug})
-engine.violate_lock_order()
+engine = _engine_testing.Engine(cfg, model.flat, 2, 1, 4, "shared", {debug})
+_engine_testing.violate_lock_order(engine)
 print("returned", flush=True)
 engine.close()
 """

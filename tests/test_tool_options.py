@@ -9,10 +9,10 @@ import subprocess
 import sys
 
 import pytest
-from helpers import assert_one_error_line, call, sentences, write
+from helpers import assert_one_error_line, call, read_terminal, sentences, write
 
 from cllm_cli.cli import evaluate, export, inference, plot, tokenize, train
-from cllm_cli.config import MAX_THREADS
+from cllm_cli.threads import MAX_THREADS
 
 TOOLS = {"train_model": train, "cllm_inference": inference, "cllm_eval": evaluate,
          "cllm_export": export, "cllm_tokenize": tokenize, "cllm_plot": plot}
@@ -197,16 +197,8 @@ def eval_stderr_on_a_terminal(argv):
         proc = subprocess.Popen([sys.executable, "-c", EVAL_SCRIPT, *map(str, argv)],
                                 stdout=subprocess.DEVNULL, stderr=slave)
         os.close(slave)
-        shown = b""
-        while True:
-            try:
-                chunk = os.read(master, 1 << 16)
-            except OSError:                   # the other end is closed: all read
-                break
-            if not chunk:
-                break
-            shown += chunk
-        return proc.wait(), shown.decode()
+        shown = read_terminal(master)
+        return proc.wait(), shown
     finally:
         os.close(master)
 
@@ -225,10 +217,11 @@ def test_cllm_eval_shows_a_progress_line_on_a_terminal_only(run):
 
 def test_evaluation_in_batches_is_the_engines_sum_to_the_bit(run):
     from cllm_cli import _engine
-    from cllm_cli.cli.evaluate import evaluate_stream, load, text_stream
+    from cllm_cli.api import load_model
     from cllm_cli.corpus import eval_windows
+    from cllm_cli.evaluation import evaluate_stream, text_stream
     corpus, ck, _ = run
-    model, tokenizer, _ = load(ck)
+    model, tokenizer, _ = load_model(ck)
     stream, _ = text_stream(tokenizer, [corpus], "strict")
     windows = eval_windows(stream, model.config.seq_len)
     assert len(windows) > 3 * 4, "several batches of 4 windows"

@@ -102,7 +102,7 @@ class Recorder:
 
 
 def test_tokens_are_streamed_and_decoded_incrementally(run_dir, tokenizer):
-    from cllm_cli.model.cllm import CLLMModel
+    from cllm_cli.api import CLLMModel
     model = CLLMModel.load(run_dir / "final_model.cllm")
     out = Recorder()
     prompt = "The old miller "
@@ -319,6 +319,25 @@ def test_tokenize_stats(capsys, run_dir, tokenizer, tmp_path):
     assert code == 0
     assert f"tokens:         {n}" in text
     assert "unknown tokens:" in text and "zzyzx" in text
+
+
+def test_tokenize_stats_of_an_exported_word_tokenizer(capsys, tmp_path):
+    """A word model's tokenizer.json (what cllm_export writes) counts the words it reads as
+    <unk> under their own spelling, as the vocab.txt it came from does."""
+    words = Tokenizer.build(["the cat sat on the mat."], "word", 100)
+    (tmp_path / "tokenizer.json").write_bytes(words.tokenizer_json())
+    words.save(tmp_path / "vocab.txt")
+    p = tmp_path / "s.txt"
+    p.write_text("The dog sat, the dog sat.", encoding="utf-8")
+    stats = {}
+    for vocab in ("vocab.txt", "tokenizer.json"):
+        code, out, err = call(capsys, tokenize_cli.main, p, "--vocab", tmp_path / vocab,
+                              "--stats", "--json")
+        assert code == 0, err
+        stats[vocab] = json.loads(out)
+    assert stats["tokenizer.json"]["unknown_top"] == [["dog", 2], [",", 1]]
+    assert stats["tokenizer.json"]["unknown_top"] == stats["vocab.txt"]["unknown_top"]
+    assert stats["tokenizer.json"]["unknown"] == stats["vocab.txt"]["unknown"] == 3
 
 
 def test_char_vocabulary_is_detected(capsys, tmp_path):

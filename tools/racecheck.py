@@ -1,11 +1,13 @@
 """A short multi-sphere training for `make racecheck`: 4 spheres (more than cores and than
 some steps' micro-batches), both lock modes, the lock-order check on, evaluation and a NaN
-micro-batch, so every path that shares memory between threads runs under ThreadSanitizer."""
+micro-batch, so every path that shares memory between threads runs under ThreadSanitizer. The engine
+is the testing extension (cllm_cli._engine_testing), for its NaN injection; the word tokenizer
+keeps the tokenizers library's own (uninstrumented) threads out of the check."""
 import os
 import sys
 import tempfile
 
-from cllm_cli import _engine, train
+from cllm_cli import _engine, _engine_testing, train
 
 
 def abort_mid_step():
@@ -45,10 +47,11 @@ def main():
     if "--expect-engine" in sys.argv:
         # the TSan build must be the one imported, not an installed engine
         expected = os.path.abspath(sys.argv[sys.argv.index("--expect-engine") + 1])
-        if not os.path.abspath(_engine.__file__).startswith(expected):
-            print(f"racecheck: imported {_engine.__file__}, not the build in {expected}")
-            return 1
-    print(f"racecheck: engine {_engine.__file__}")
+        for module in (_engine, _engine_testing):
+            if not os.path.abspath(module.__file__).startswith(expected):
+                print(f"racecheck: imported {module.__file__}, not the build in {expected}")
+                return 1
+    print(f"racecheck: engine {_engine_testing.__file__}")
     words = ("the valley river stone bread loom weaver miller boat hill market lamp "
              "quiet early green old small warm said asked gave took walked").split()
     text = " ".join(words[(i * 7 + i // 5) % len(words)] for i in range(6000))
@@ -57,8 +60,9 @@ def main():
         with open(corpus, "w") as f:
             f.write(text)
         for lock_mode in ("shared", "exclusive"):
-            train([corpus], engine_hook=lambda e: e.inject_nan(2, 1),
-                  checkpoint_dir=f"{tmp}/ck-{lock_mode}", embed_dim=16, num_layers=2,
+            train([corpus], engine_class=_engine_testing.Engine,
+                  engine_hook=lambda e: _engine_testing.inject_nan(e, 2, 1),
+                  checkpoint_dir=f"{tmp}/ck-{lock_mode}", tokenizer="word", embed_dim=16, num_layers=2,
                   num_heads=2, seq_len=16, batch_size=12, micro_batch=2, max_steps=6,
                   eval_interval=3, threads=4, lock_mode=lock_mode, debug_locks=True,
                   quiet=True)

@@ -1,6 +1,8 @@
 """What the command-line tools share: one-line argparse errors, help that shows defaults, and
 the mapping of failures to one line on stderr and an exit status (run_main), including a
 standard output that fails."""
+from __future__ import annotations
+
 import argparse
 import contextlib
 import errno
@@ -11,18 +13,23 @@ import signal
 import stat
 import sys
 import threading
+from types import FrameType
+from typing import Any, Callable, Iterable, NoReturn, TextIO, TypeVar
 
-from cllm_cli.config import MAX_THREADS, threads_warning
-from cllm_cli.errors import STATUSES, Interrupted
+from cllm_cli.errors import STATUSES, Interrupted, Statuses
+from cllm_cli.threads import MAX_THREADS, threads_warning
 
 INT_MAX = 2**31 - 1         # the largest value of a C int, which the engine's counts are
+
+
+_Parser = TypeVar("_Parser", bound=argparse.ArgumentParser)
 
 
 class OutputLost(Exception):
     """Standard output failed (a full disk, a reader that went away) in a tool whose output is
     its work. Not an OSError, so that no handler of file errors mistakes it for one."""
 
-    def __init__(self, error):
+    def __init__(self, error: OSError) -> None:
         super().__init__(error.strerror or str(error))
         self.errno = error.errno
 
@@ -33,28 +40,28 @@ class _GuardedStdout:
     write raises OutputLost (stop=True), or one warning goes to stderr and later output is
     discarded (stop=False)."""
 
-    def __init__(self, prog, stream, stop):
+    def __init__(self, prog: str, stream: TextIO | None, stop: bool) -> None:
         self.prog, self.stream, self.stop = prog, stream, stop
-        self.lost = None        # the OSError that lost the output
+        self.lost: OSError | None = None        # the OSError that lost the output
 
-    def write(self, text):
+    def write(self, text: str) -> int:
         self._call("write", text)
         return len(text)
 
-    def writelines(self, lines):
+    def writelines(self, lines: Iterable[str]) -> None:
         for line in lines:
             self.write(line)
 
-    def flush(self):
+    def flush(self) -> None:
         self._call("flush")
 
-    def isatty(self):
+    def isatty(self) -> bool:
         return self.stream is not None and self.stream.isatty()
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self.stream, name)
 
-    def _call(self, method, *args):
+    def _call(self, method: str, *args: Any) -> None:
         if self.lost is None:
             try:
                 if self.stream is None:         # started with file descriptor 1 closed
@@ -64,20 +71,20 @@ class _GuardedStdout:
             except OSError as e:
                 self._lose(e)
         if self.stop:
-            raise OutputLost(self.lost)
+            raise OutputLost(self.lost)         # type: ignore[arg-type]  # lost by now
 
-    def _lose(self, error):
+    def _lose(self, error: OSError) -> None:
         self.lost = error
         with contextlib.suppress(OSError, ValueError, AttributeError):
             devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, self.stream.fileno())
+            os.dup2(devnull, self.stream.fileno())     # type: ignore[union-attr]  # None: AttributeError
             os.close(devnull)
         if not self.stop:
             _say(f"{self.prog}: warning: cannot write to standard output "
                  f"({error.strerror or error}); going on without it")
 
 
-def _reader_gone(stream):
+def _reader_gone(stream: TextIO) -> bool:
     """True when `stream` is a pipe whose reading end is closed: output still in the pipe
     (written, never read) is then lost, although every write succeeded."""
     try:
@@ -91,14 +98,17 @@ def _reader_gone(stream):
         return False
 
 
-def _say(line):
+def _say(line: str) -> None:
     """One line on stderr, unless stderr fails too."""
     with contextlib.suppress(OSError, ValueError, AttributeError):
         print(line, file=sys.stderr, flush=True)
 
 
-def run_main(prog, command, statuses=None, interrupts=(), on_interrupt=None,
-             stop_without_output=False, announce_signals=False):
+def run_main(prog: str, command: Callable[[], object],
+             statuses: Statuses | None = None,
+             interrupts: tuple[type[BaseException], ...] = (),
+             on_interrupt: Callable[[], object] | None = None, stop_without_output: bool = False,
+             announce_signals: bool = False) -> int:
     """Runs command() as the body of a tool's main() and returns the exit status: 0 when it
     returns.
 
@@ -128,7 +138,7 @@ def run_main(prog, command, statuses=None, interrupts=(), on_interrupt=None,
         if e.errno != errno.EPIPE:
             _say(f"{prog}: error: cannot write output: {e}")
         return 1
-    except (KeyboardInterrupt, Interrupted, *interrupts) as e:
+    except (KeyboardInterrupt, Interrupted, *interrupts) as e:      # type: ignore[misc]
         if announce_signals:
             signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
             _say(f"{prog}: interrupted by {signal.Signals(signum).name}")
@@ -153,17 +163,17 @@ def run_main(prog, command, statuses=None, interrupts=(), on_interrupt=None,
     return 0
 
 
-def _raise_on_signals():
+def _raise_on_signals() -> dict[int, Any]:
     """SIGTERM and SIGHUP raise Interrupted (SIGINT raises KeyboardInterrupt already);
     returns the handlers they had."""
-    def interrupted(signum, frame):
+    def interrupted(signum: int, frame: FrameType | None) -> None:
         raise Interrupted(signum)
     if threading.current_thread() is not threading.main_thread():
         return {}
     return {signum: signal.signal(signum, interrupted) for signum in (signal.SIGTERM, signal.SIGHUP)}
 
 
-def package_version():
+def package_version() -> str:
     """CLLM's version, from the installed package's metadata (pyproject.toml's)."""
     try:
         return importlib.metadata.version("cllm")
@@ -175,12 +185,12 @@ class Parser(argparse.ArgumentParser):
     """argparse with its errors on one line (no usage block) and exit status 2, and
     --version ("<tool> <version>"). Shared by every tool."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.add_argument("--version", action="version", version=f"{self.prog} {package_version()}",
                           help="print the tool's name and CLLM's version, and exit")
 
-    def error(self, message):
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -189,20 +199,20 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     mean "not given" (None, empty, False). Help texts name their defaults themselves with
     %(default)s where it matters, because argparse-manpage expands only that."""
 
-    def _get_help_string(self, action):
+    def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         if "(default" in text or action.default in (None, "", False):
             return text
         return super()._get_help_string(action)
 
 
-def name_defaults(parser):
+def name_defaults(parser: _Parser) -> _Parser:
     """Writes each option's default into its help text as %(default)s, the only form
     argparse-manpage expands, so that --help and the man page both show it; a flag's
     default is "off". Options whose default means "not given" (None, empty) say in their
     help text what that means, as "(default: ...)"."""
     for action in parser._actions:
-        if action.help in (None, argparse.SUPPRESS) or "(default" in action.help:
+        if action.help is None or action.help == argparse.SUPPRESS or "(default" in action.help:
             continue
         if action.option_strings == [] or action.default is argparse.SUPPRESS:
             continue
@@ -213,11 +223,11 @@ def name_defaults(parser):
     return parser
 
 
-def int_option(minimum, maximum=INT_MAX):
+def int_option(minimum: int, maximum: int | None = INT_MAX) -> Callable[[str], int]:
     """The argparse type of an integer option from `minimum` to `maximum` (None: no upper
     bound). Every tool's integer options that reach the engine (threads, token counts) use
     it, so that a value out of range is one line and status 2 before anything runs."""
-    def parse(text):
+    def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
@@ -234,7 +244,7 @@ def int_option(minimum, maximum=INT_MAX):
 threads_option = int_option(1, MAX_THREADS)
 
 
-def warn_threads(prog, threads, ranks=1):
+def warn_threads(prog: str, threads: int | None, ranks: int = 1) -> None:
     """One warning line on stderr when `threads` (per process, `ranks` processes on this
     host) exceed the cores this process may run on."""
     warning = threads_warning(threads, ranks) if threads is not None else None

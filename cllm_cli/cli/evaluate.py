@@ -27,12 +27,16 @@ Choices written down here:
   progress line (stderr, only on a terminal) counts items, and without --task the windows
   evaluated; --json prints one object.
 """
+from __future__ import annotations
+
+import argparse
+import dataclasses
 import json
 import math
-import os
 import sys
+from typing import Any, Mapping, Sequence, TextIO
 
-from cllm_cli import _engine
+from cllm_cli.api import load_model
 from cllm_cli.cli.common import (
     HelpFormatter,
     Parser,
@@ -41,22 +45,27 @@ from cllm_cli.cli.common import (
     threads_option,
     warn_threads,
 )
-from cllm_cli.cli.inference import load
-from cllm_cli.config import MAX_THREADS, default_threads
-from cllm_cli.corpus import collect_files, dataset_header, eval_windows, load_dataset, split_stream
-from cllm_cli.corpus.dataset import _stream_key
-from cllm_cli.corpus.files import ENCODING_ERRORS, read_text
-from cllm_cli.errors import DataError, UsageError
+from cllm_cli.corpus import collect_files
+from cllm_cli.corpus.files import ENCODING_ERRORS
+from cllm_cli.errors import UsageError
+from cllm_cli.evaluation import (
+    TASKS,
+    TextLoss,
+    evaluate_stream,
+    evaluate_task,
+    read_items,
+    split_of_run,
+    text_stream,
+)
 from cllm_cli.formats import resolve_checkpoint
 from cllm_cli.model import precision
-from cllm_cli.progress import ItemProgress, duration, plural
-from cllm_cli.tasks import TASKS, evaluate_task, read_items
-from cllm_cli.training.log import fmt_loss, perplexity
+from cllm_cli.progress import ItemProgress, duration, fmt_loss, plural
+from cllm_cli.threads import MAX_THREADS, default_threads
 
 PROG = "cllm_eval"
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog=PROG,
         description="Loss, perplexity and bits per byte of a model trained by train_model, on "
@@ -73,7 +82,7 @@ def build_parser():
                    help="text files, or directories (every file matching --glob below them); "
                         "with --task, the one task file")
     g = p.add_argument_group("what is evaluated")
-    g.add_argument("--task", choices=TASKS, default=None,
+    g.add_argument("--task", choices=tuple(TASKS), default=None,
                    help="score the zero-shot task in DATA instead: hellaswag (a jsonl file of "
                         "ctx, endings, label: acc and acc_norm) or lambada (a passage per line, "
                         "or JSON lines of {\"text\": passage}: a file named *.jsonl or *.json, "
@@ -104,67 +113,7 @@ def build_parser():
     return name_defaults(p)
 
 
-def text_stream(tokenizer, files, encoding_errors):
-    """(ids of every file, each a document ending in <eos>; bytes read)."""
-    import numpy as np
-    parts, size = [], 0
-    for path in files:
-        text = read_text(path, encoding_errors)
-        size += len(text.encode("utf-8", "surrogatepass"))
-        ids = tokenizer.encode(text)
-        if ids.size:
-            parts.append(tokenizer.encode_document(text))
-    if not parts:
-        raise DataError(f"no tokens in {len(files)} {plural(len(files), 'file')} ({size} "
-                        f"{plural(size, 'byte')})")
-    return np.concatenate(parts), size
-
-
-def split_of_run(checkpoint_path, model, tokenizer, split):
-    """(token stream of the run's split, bytes per token of the run's corpus)."""
-    meta = model.meta or {}
-    config = meta.get("train_config") or {}
-    directory = os.path.dirname(os.path.abspath(checkpoint_path))
-    path = os.path.join(directory, "dataset.bin")
-    if not os.path.isfile(path):
-        raise UsageError(f"--split: no dataset.bin next to {checkpoint_path}")
-    header = dataset_header(path)
-    key = meta.get("dataset_key")
-    if key is None or header["key"] not in (key, _stream_key(bytes.fromhex(key), tokenizer).hex()):
-        raise UsageError(f"--split: {path} is not the token stream {checkpoint_path} was trained on")
-    tokens = load_dataset(path)
-    train_part, val_part = split_stream(tokens, config.get("val_fraction", 0.05))
-    part = val_part if split == "val" else train_part
-    corpus_bytes = meta.get("corpus_bytes")
-    bytes_per_token = corpus_bytes / len(tokens) if corpus_bytes else None
-    return part, bytes_per_token
-
-
-def evaluate_stream(model, stream, threads, batch_size, micro_batch, pad_id, precision="fp32"):
-    """(summed loss, counted targets, windows) of the validation windows of `stream`. The
-    windows go to the engine a batch at a time, as Engine.evaluate hands them out, and the
-    micro-batch losses are added up in the same order, so the sum is Engine.evaluate's to
-    the bit; between two batches the progress line (on a terminal) counts the windows."""
-    windows = eval_windows(stream, model.config.seq_len)
-    if len(windows) == 0:
-        raise DataError(f"too little text: {len(stream)} {plural(len(stream), 'token')}, need "
-                        f"at least 2")
-    loss_sum, counted = 0.0, 0
-    with _engine.Engine(model.config, model.flat, threads, min(micro_batch, batch_size),
-                        batch_size, pad_id=pad_id, precision=precision) as engine, \
-            ItemProgress("evaluating", len(windows), unit="window") as progress:
-        for start in range(0, len(windows), engine.max_windows):
-            part = windows[start:start + engine.max_windows]
-            engine.evaluate(part)
-            for loss, tokens, *_ in engine.results():
-                loss_sum += loss
-                counted += tokens
-            progress.add(len(part))
-        progress.done()
-    return loss_sum, counted, len(windows)
-
-
-def check_task_options(args):
+def check_task_options(args: argparse.Namespace) -> None:
     if len(args.data) != 1:
         raise UsageError(f"--task {args.task} takes one task file, got {len(args.data)}")
     given = [name for name, value, default in (
@@ -176,16 +125,16 @@ def check_task_options(args):
                          f"scored in fp32)")
 
 
-def write_json(out, record):
+def write_json(out: TextIO, record: Mapping[str, Any]) -> None:
     """One JSON object on a line; a number that is not finite becomes null."""
     out.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
                           for k, v in record.items()}) + "\n")
 
 
-def run_task(args, out):
+def run_task(args: argparse.Namespace, out: TextIO) -> None:
     check_task_options(args)
     items = read_items(args.task, args.data[0])
-    model, tokenizer, _ = load(args.checkpoint, args.vocab)
+    model, tokenizer, _ = load_model(args.checkpoint, args.vocab)
     result = evaluate_task(args.task, model, tokenizer, items,
                            args.threads or default_threads(),
                            lambda total: ItemProgress(args.task, total))
@@ -196,25 +145,20 @@ def run_task(args, out):
         out.write(f"{args.task}: {result.items:,} {plural(result.items, 'item')} in "
                   f"{duration(result.seconds)} "
                   f"({result.seconds_per_item:.3g} s per item)\n")
-        rows = [("acc", result.acc, result.acc_stderr)]
-        if args.task == "hellaswag":
-            rows.append(("acc_norm", result.acc_norm, result.acc_norm_stderr))
-        else:
-            rows.append(("perplexity", result.perplexity, result.perplexity_stderr))
-        for name, value, stderr in rows:
+        for name, (value, stderr) in result.figures.items():
             spread = "" if stderr is None else f" ± {stderr:.4f}"
             out.write(f"{name:<11} {value:.4f}{spread}\n")
     out.flush()
 
 
-def run(args, out):
+def run(args: argparse.Namespace, out: TextIO) -> None:
     warn_threads(PROG, args.threads)
     if args.task:
         return run_task(args, out)
     if bool(args.data) == bool(args.split):
         raise UsageError("give DATA files or --split, not both" if args.data
                          else "nothing to evaluate: give DATA files or --split val")
-    model, tokenizer, _ = load(args.checkpoint, args.vocab)
+    model, tokenizer, _ = load_model(args.checkpoint, args.vocab)
     config = (model.meta or {}).get("train_config") or {}
     if args.split:
         stream, bytes_per_token = split_of_run(resolve_checkpoint(args.checkpoint), model,
@@ -231,22 +175,20 @@ def run(args, out):
     loss_sum, counted, n_windows = evaluate_stream(
         model, stream, threads, int(config.get("batch_size", 32)),
         int(config.get("micro_batch", 4)), tokenizer.pad_id, products)
-    loss = loss_sum / counted if counted else float("nan")
-    ppl = perplexity(loss) if counted else float("nan")
-    bpb = loss / math.log(2) / bytes_per_token if counted and bytes_per_token else None
-    result = {"what": what, "files": n_files, "tokens": int(len(stream)), "windows": n_windows,
-              "counted": counted, "loss": loss, "ppl": ppl, "bpb": bpb}
+    result = TextLoss.of(what, n_files, len(stream), loss_sum, counted, n_windows,
+                         bytes_per_token)
     if args.json:
-        write_json(out, result)
+        write_json(out, dataclasses.asdict(result))
     else:
         out.write(f"{'evaluated':<14} {'tokens':>10} {'windows':>8} {'loss':>8} {'ppl':>10} "
                   f"{'bits/byte':>9}\n")
-        out.write(f"{what:<14} {len(stream):>10,} {n_windows:>8,} {fmt_loss(loss):>8} "
-                  f"{ppl:>10.2f} {'n/a' if bpb is None else f'{bpb:.4f}':>9}\n")
+        bpb = 'n/a' if result.bpb is None else f'{result.bpb:.4f}'
+        out.write(f"{what:<14} {result.tokens:>10,} {n_windows:>8,} {fmt_loss(result.loss):>8} "
+                  f"{result.ppl:>10.2f} {bpb:>9}\n")
     out.flush()
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     # intermixed: DATA may follow options (cllm_eval MODEL --task lambada FILE)
     args = build_parser().parse_intermixed_args(argv)
     return run_main(PROG, lambda: run(args, sys.stdout), stop_without_output=True,

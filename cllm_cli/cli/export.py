@@ -32,9 +32,13 @@ Choices written down here:
   package (gguf) or storage that fails (a full disk), 128 + the signal's number after
   SIGINT, SIGTERM or SIGHUP (one line; no temporary file or directory is left).
 """
+from __future__ import annotations
+
+import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Sequence
 
 from cllm_cli.cli.common import HelpFormatter, Parser, name_defaults, run_main
 from cllm_cli.errors import CheckpointError, ConversionError, DataError, MissingDependency, UsageError
@@ -47,12 +51,13 @@ from cllm_cli.formats import (
     resolve_checkpoint,
 )
 from cllm_cli.formats.model_files import is_transformers_directory
+from cllm_cli.model import CLLMConfig
 
 PROG = "cllm_export"
 FORMATS = ("hf", "gguf", "peft")
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog=PROG,
         description="Convert a model trained by train_model into a Hugging Face transformers "
@@ -83,12 +88,12 @@ def build_parser():
     return name_defaults(p)
 
 
-def _inside(path, directory):
-    path, directory = Path(path).resolve(), Path(directory).resolve()
-    return path == directory or directory in path.parents
+def _inside(path: str | os.PathLike, directory: str | os.PathLike) -> bool:
+    real, top = Path(path).resolve(), Path(directory).resolve()
+    return real == top or top in real.parents
 
 
-def check_out_kind(fmt, out):
+def check_out_kind(fmt: str, out: str) -> None:
     """UsageError when OUT exists as the other kind of path than `fmt` writes (--force
     replaces only a directory by a directory, a file by a file)."""
     if not os.path.lexists(out):
@@ -102,18 +107,18 @@ def check_out_kind(fmt, out):
                          f".gguf, writes a file)")
 
 
-def output_format(args):
+def output_format(args: argparse.Namespace) -> str:
     """--format, else what OUT's name says: gguf for a name ending in .gguf, else hf."""
     if args.format is not None:
         return args.format
     return "gguf" if Path(args.out).suffix.lower() == ".gguf" else "hf"
 
 
-def how_to_load(fmt, out, cfg, base=None):
+def how_to_load(fmt: str, out: str, cfg: CLLMConfig, base: str | None = None) -> str:
     """What success prints on stdout: what was written, where, and how to load it (base:
     the base model of a PEFT adapter directory)."""
     if fmt == "peft":
-        hf_base = base if is_transformers_directory(base) else "BASE-HF"
+        hf_base = base if is_transformers_directory(base) else "BASE-HF"   # type: ignore[arg-type]
         first = "" if hf_base == base else (
             f"its base {base} is a .cllm model: export it first with\n"
             f"  cllm_export {base} BASE-HF\n")
@@ -134,31 +139,32 @@ def how_to_load(fmt, out, cfg, base=None):
             f"AutoTokenizer.from_pretrained({str(out)!r})\n")
 
 
-def run_peft(args):
+def run_peft(args: argparse.Namespace) -> None:
     """--format peft: the adapters of a LoRA checkpoint."""
     if is_transformers_directory(args.checkpoint):
         raise UsageError(f"{args.checkpoint} is a transformers directory, not a LoRA run's "
                          f"checkpoint: --format peft writes adapters")
     path = resolve_checkpoint(args.checkpoint)
     ckpt = load_checkpoint(path)
-    if ckpt["lora"] is None:
+    if ckpt.lora is None:
         raise UsageError(f"{path} holds no LoRA adapters (train with --lora-rank); "
                          f"--format hf or gguf exports the whole model")
     if _inside(path, args.out):
         raise UsageError(f"{args.out} holds {path}: choose another OUT")
-    load_lora_base(ckpt["lora"], ckpt["config"], path)    # the base the adapters name is there
-    export_peft(ckpt["config"], ckpt["lora"], ckpt["params"], args.out, force=args.force)
-    sys.stdout.write(how_to_load("peft", args.out, ckpt["config"], ckpt["lora"]["base_path"]))
+    load_lora_base(ckpt.lora, ckpt.config, path)    # the base the adapters name is there
+    export_peft(ckpt.config, ckpt.lora, ckpt.params, args.out, force=args.force)
+    sys.stdout.write(how_to_load("peft", args.out, ckpt.config, ckpt.lora["base_path"]))
     sys.stdout.flush()
 
 
-def run(args):
+def run(args: argparse.Namespace) -> None:
     fmt = args.format = output_format(args)
     check_out_kind(fmt, args.out)
     if fmt == "peft":
         return run_peft(args)
-    cfg, flat, tokenizer, _, tokenizer_file = load_model_files(args.checkpoint, args.vocab)
-    for source in (args.checkpoint, tokenizer_file):
+    files = load_model_files(args.checkpoint, args.vocab)
+    cfg, flat, tokenizer = files.config, files.flat, files.tokenizer
+    for source in (args.checkpoint, files.tokenizer_path):
         if _inside(source, args.out):
             raise UsageError(f"{args.out} holds {source}: choose another OUT")
     if args.format == "hf":
@@ -179,7 +185,7 @@ def run(args):
     sys.stdout.flush()
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_main(PROG, lambda: run(args),
                     {(UsageError, DataError, CheckpointError, ConversionError): 2,

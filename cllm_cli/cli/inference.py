@@ -24,9 +24,14 @@ Choices written down here:
 - Exit status: 0 done, 2 bad usage or input (one line on stderr), 1 a runtime failure
   (standard output lost, a model whose logits are NaN everywhere), 130 Ctrl-C.
 """
+from __future__ import annotations
+
+import argparse
 import math
 import sys
+from typing import Sequence
 
+from cllm_cli.api import load_model
 from cllm_cli.cli.common import (
     HelpFormatter,
     Parser,
@@ -36,17 +41,16 @@ from cllm_cli.cli.common import (
     threads_option,
     warn_threads,
 )
-from cllm_cli.config import MAX_THREADS, default_threads
 from cllm_cli.errors import UsageError
-from cllm_cli.formats import load_model_files
-from cllm_cli.model import CLLMModel, precision
-from cllm_cli.tokenizers import replace_undecodable
+from cllm_cli.model import precision
+from cllm_cli.model.generation import stream
+from cllm_cli.threads import MAX_THREADS, default_threads
 
 PROG = "cllm_inference"
 MAX_LISTED_UNKNOWN = 8      # unknown prompt words named in the warning
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog=PROG,
         description="Generate text with a model trained by train_model, printing each token "
@@ -92,21 +96,14 @@ help="tokenizer file (vocab.txt or tokenizer.json; for bpe also GPT-2's "
     return name_defaults(p)
 
 
-def check_options(args):
+def check_options(args: argparse.Namespace) -> None:
     if not (args.temperature >= 0 and math.isfinite(args.temperature)):
         raise UsageError(f"--temperature must be a number >= 0 (0: greedy), got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
 
 
-def load(checkpoint, vocab_path=None):
-    """(model, tokenizer, vocab path) of a .cllm file, a run directory or a transformers GPT-2
-    directory, after checking that the vocabulary is the model's."""
-    cfg, flat, tokenizer, meta, vocab_path = load_model_files(checkpoint, vocab_path)
-    return CLLMModel.from_flat(cfg, flat, meta), tokenizer, vocab_path
-
-
-def unknown_warning(unknown):
+def unknown_warning(unknown: Sequence[str]) -> str:
     named = ", ".join(repr(t) for t in unknown[:MAX_LISTED_UNKNOWN])
     more = len(unknown) - MAX_LISTED_UNKNOWN
     if more > 0:
@@ -115,7 +112,7 @@ def unknown_warning(unknown):
     return f"{PROG}: warning: prompt token{s} not in the vocabulary, read as <unk>: {named}"
 
 
-def replaced_warning(replaced):
+def replaced_warning(replaced: Sequence[str | bytes]) -> str:
     """The warning for prompt bytes that are not UTF-8 (after "<tool>: warning: ")."""
     named = ", ".join(repr(b) for b in replaced[:MAX_LISTED_UNKNOWN])
     more = len(replaced) - MAX_LISTED_UNKNOWN
@@ -124,53 +121,10 @@ def replaced_warning(replaced):
     return f"the prompt holds bytes that are not UTF-8, read as U+FFFD: {named}"
 
 
-def stream(model, tokenizer, prompt, out, max_tokens, temperature, top_k, top_p, seed,
-           threads=1, precision="fp32"):
-    """Writes the prompt and its continuation to `out` as the tokens arrive; returns the
-    generated ids (without the final end of text). A byte-level token may end inside a
-    multi-byte character: what decodes to U+FFFD at the end is held back until the
-    character is complete (or the text ends)."""
-    prompt_ids = [int(i) for i in tokenizer.encode(prompt)]
-    prompt = replace_undecodable(prompt)[0]     # bytes that are not UTF-8 shown as U+FFFD
-    shown = prompt.rstrip() if tokenizer.kind == "word" else prompt
-    out.write(shown)
-    out.flush()
-    ids = list(prompt_ids)
-    printed = len(tokenizer.decode(ids))      # characters of the decoded text already shown
-    ends_line = shown.endswith("\n") or not shown
-    generated = []
-    eos = tokenizer.eos_id
-    for next_id in model.generate(prompt_ids, max_tokens=max_tokens, temperature=temperature,
-                                  top_k=top_k, top_p=top_p, seed=seed, stop_ids=(eos,),
-                                  start_id=eos, threads=threads,
-                                  num_tokens=len(tokenizer), precision=precision):
-        if next_id == eos:
-            break
-        ids.append(next_id)
-        generated.append(next_id)
-        printed, ends_line = _show_new(out, tokenizer.decode(ids).rstrip("\ufffd"), printed,
-                                       ends_line)
-    printed, ends_line = _show_new(out, tokenizer.decode(ids), printed, ends_line)
-    if not ends_line:
-        out.write("\n")
-    out.flush()
-    return generated
-
-
-def _show_new(out, text, printed, ends_line):
-    """Writes text[printed:]; returns the new (printed, ends_line)."""
-    piece = text[printed:]
-    if not piece:
-        return printed, ends_line
-    out.write(piece)
-    out.flush()
-    return len(text), piece.endswith("\n")
-
-
-def run(args):
+def run(args: argparse.Namespace) -> None:
     check_options(args)
     warn_threads(PROG, args.threads)
-    model, tokenizer, _ = load(args.checkpoint, args.vocab)
+    model, tokenizer, _ = load_model(args.checkpoint, args.vocab)
     products = args.precision or model.meta.get("train_config", {}).get("precision", "fp32")
     precision.require(products)
     unknown = tokenizer.unknown_tokens(args.prompt)
@@ -183,13 +137,13 @@ def run(args):
            args.top_k, args.top_p, args.seed, args.threads or default_threads(), products)
 
 
-def end_line():
+def end_line() -> None:
     """After Ctrl-C: ends the line of text streamed so far."""
     sys.stdout.write("\n")
     sys.stdout.flush()
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_main(PROG, lambda: run(args), on_interrupt=end_line, stop_without_output=True)
 

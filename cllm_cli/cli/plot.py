@@ -1,6 +1,10 @@
 """cllm_plot: the loss curves of a train_model --metrics-file as a PNG."""
+from __future__ import annotations
+
+import argparse
 import os
 import sys
+from typing import Sequence
 
 from cllm_cli.cli.common import HelpFormatter, Parser, name_defaults, run_main
 from cllm_cli.errors import PlotError
@@ -9,7 +13,7 @@ from cllm_cli.training.plot import plot_metrics
 PROG = "cllm_plot"
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog=PROG,
         description="Plot training and validation loss against steps from the metrics file "
@@ -26,11 +30,11 @@ def build_parser():
     return name_defaults(p)
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = args.output or os.path.splitext(args.metrics)[0] + ".png"
 
-    def command():
+    def command() -> None:
         if os.path.abspath(out) == os.path.abspath(args.metrics):
             raise PlotError(f"the output {out} is the metrics file itself; choose another -o")
         plot_metrics(args.metrics, out, args.title)

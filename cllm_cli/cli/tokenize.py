@@ -18,27 +18,28 @@ so decoding the ids gives the text back as the tokenizer sees it (lower-cased wo
 the decode rules; bpe gives the text back exactly). --vocab must be a regular file. Exit status: 0 done, 2 bad usage or input
 (one line on stderr), 1 standard output lost, 130 Ctrl-C.
 """
+from __future__ import annotations
+
+import argparse
 import codecs
-import collections
 import json
 import sys
-from pathlib import Path
+from typing import Any, BinaryIO, Iterable, Mapping, Sequence, TextIO
 
 from cllm_cli.cli.common import HelpFormatter, Parser, int_option, name_defaults, run_main
 from cllm_cli.corpus import collect_files
 from cllm_cli.corpus.files import decode_text as _decode
 from cllm_cli.corpus.files import read_text
-from cllm_cli.errors import DataError, UsageError
-from cllm_cli.fileio import check_regular
+from cllm_cli.errors import UsageError
 from cllm_cli.jsonfile import JSONError, loads
-from cllm_cli.tokenizers import TOKENIZER_KINDS, BPETokenizer, Tokenizer
+from cllm_cli.tokenizers import TOKENIZER_KINDS, Tokenizer, load_tokenizer, token_stats
 
 PROG = "cllm_tokenize"
 STDIN = "-"
 STDIN_CHUNK = 1 << 16     # bytes read from standard input at a time
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog=PROG,
         description="Encode text into token ids with the vocabulary of a training run "
@@ -80,15 +81,15 @@ def build_parser():
 # Input
 # ---------------------------------------------------------------------------------------
 
-def expand(names, pattern):
+def expand(names: Iterable[str], pattern: str) -> list[str]:
     """DATA arguments as files: a directory becomes its matching files, in sorted order."""
-    files = []
+    files: list[str] = []
     for name in names:
         files.extend([name] if name == STDIN else map(str, collect_files([name], pattern)))
     return files
 
 
-def read_input(name):
+def read_input(name: str) -> str:
     """Text of a DATA argument, read as train_model reads a corpus file."""
     if name == STDIN:
         if sys.stdin is None:
@@ -97,7 +98,7 @@ def read_input(name):
     return read_text(name)
 
 
-def read_stdin(stream):
+def read_stdin(stream: BinaryIO) -> str:
     """Standard input as text, checked chunk by chunk: binary input (a NUL byte, invalid
     UTF-8) is refused as soon as it arrives, so that `- < /dev/zero` ends at once."""
     data = bytearray()
@@ -114,7 +115,7 @@ def read_stdin(stream):
     return _decode("<stdin>", bytes(data), "strict")
 
 
-def parse_ids(name, text, vocab_len):
+def parse_ids(name: str, text: str, vocab_len: int) -> list[int]:
     """The ids in `text`: integers separated by white space, or JSON lines holding arrays of
     ids or objects with an "ids" array."""
     label = "<stdin>" if name == STDIN else name
@@ -155,7 +156,7 @@ def parse_ids(name, text, vocab_len):
 # Modes
 # ---------------------------------------------------------------------------------------
 
-def encode_files(tokenizer, names, as_json, out):
+def encode_files(tokenizer: Tokenizer, names: Iterable[str], as_json: bool, out: TextIO) -> None:
     for name in names:
         ids = tokenizer.encode(read_input(name)).tolist()
         if as_json:
@@ -164,7 +165,7 @@ def encode_files(tokenizer, names, as_json, out):
             out.write(" ".join(map(str, ids)) + "\n")
 
 
-def decode_files(tokenizer, names, as_json, out):
+def decode_files(tokenizer: Tokenizer, names: Iterable[str], as_json: bool, out: TextIO) -> None:
     for name in names:
         text = tokenizer.decode(parse_ids(name, read_input(name), len(tokenizer)))
         if as_json:
@@ -173,29 +174,7 @@ def decode_files(tokenizer, names, as_json, out):
             out.write(text if text.endswith("\n") else text + "\n")
 
 
-def token_stats(tokenizer, names, top):
-    """Counts over all files: {"files", "tokens", "unknown", "unknown_rate", "distinct",
-    "vocab_size", "top": [[token, count], ...], "unknown_top": [[word, count], ...]}. Unknown
-    words are counted under their own spelling in unknown_top and as <unk> in top."""
-    counts = collections.Counter()
-    missing = collections.Counter()
-    for name in names:
-        text = read_input(name)
-        ids = tokenizer.encode(text)
-        counts.update(ids.tolist())
-        if (ids == tokenizer.unk_id).any():
-            missing.update(t for t in tokenizer.tokens(text) if t not in tokenizer.stoi)
-    total = sum(counts.values())
-    unknown = counts.get(tokenizer.unk_id, 0)
-    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
-    return {"files": list(names), "tokens": total, "unknown": unknown,
-            "unknown_rate": unknown / total if total else 0.0,
-            "distinct": len(counts), "vocab_size": len(tokenizer),
-            "top": [[tokenizer.token_text(i), c] for i, c in ranked],
-            "unknown_top": [[t, c] for t, c in missing.most_common(top)]}
-
-
-def format_stats(stats):
+def format_stats(stats: Mapping[str, Any]) -> str:
     lines = [f"files:          {len(stats['files'])}",
              f"tokens:         {stats['tokens']:,}",
              f"unknown tokens: {stats['unknown']:,} ({100 * stats['unknown_rate']:.3g}%)",
@@ -214,42 +193,23 @@ def format_stats(stats):
     return "\n".join(lines) + "\n"
 
 
-def _show(token):
+def _show(token: str) -> str:
     """A token as one visible cell: white space and control characters escaped."""
     if token.isprintable() and not token.isspace():
         return token if token == token.strip() else repr(token)    # " the" -> ' the'
     return repr(token)[1:-1] if token != " " else "' '"
 
 
-def load_tokenizer(path, kind):
-    if kind == "bpe" or (kind == "auto" and (Path(path).is_dir() or Path(path).suffix == ".json")):
-        BPETokenizer.check_files(path, "--vocab")     # tokenizer.json, or vocab.json + merges.txt
-        return Tokenizer.load(path, "bpe")
-    check_regular(path, "--vocab")
-    if kind != "auto":
-        return Tokenizer.load(path, kind)
-    try:
-        with open(path, "rb") as f:
-            start = f.read(64)
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
-    if start.lstrip().startswith(b"{"):
-        return Tokenizer.load(path, "bpe")
-    tokenizer = Tokenizer.load(path, "word")
-    if any(t.isspace() for t in tokenizer.itos):
-        return Tokenizer.load(path, "char")
-    return tokenizer
-
-
-def run(args, out):
+def run(args: argparse.Namespace, out: TextIO) -> None:
     if args.data.count(STDIN) > 1:
         raise UsageError("standard input ('-') can be read only once")
-    tokenizer = load_tokenizer(args.vocab, args.tokenizer)
+    tokenizer = load_tokenizer(args.vocab, args.tokenizer, "--vocab")
     args.data = expand(args.data, args.glob)
     if args.decode:
         decode_files(tokenizer, args.data, args.json, out)
     elif args.stats:
-        stats = token_stats(tokenizer, args.data, args.top)
+        stats = token_stats(tokenizer, ((name, read_input(name)) for name in args.data),
+                            args.top)
         if args.json:
             out.write(json.dumps(stats, ensure_ascii=False) + "\n")
         else:
@@ -259,7 +219,7 @@ def run(args, out):
     out.flush()
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_main(PROG, lambda: run(args, sys.stdout), stop_without_output=True)
 

@@ -1,8 +1,11 @@
 """train_model: the command line of training (the training itself is cllm_cli.training)."""
+from __future__ import annotations
+
 import argparse
 import dataclasses
 import signal
 import sys
+from typing import Any, Sequence
 
 from cllm_cli.cli.common import (
     HelpFormatter,
@@ -19,7 +22,7 @@ from cllm_cli.training.config import GROUPS, flag
 from cllm_cli.training.loop import STATUSES, run_on_ranks
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     """train_model's argparse parser, one argument per TrainConfig field."""
     p = Parser(
         prog="train_model",
@@ -30,7 +33,8 @@ def build_parser():
                    help="text files, or directories (every file matching --glob below them)")
     groups = {name: p.add_argument_group(name) for name in GROUPS}
     for f in dataclasses.fields(TrainConfig):
-        meta, kwargs = f.metadata, {"default": f.default}
+        meta = f.metadata
+        kwargs: dict[str, Any] = {"default": f.default}
         if f.name == "resume":
             kwargs.update(nargs="?", const=True, type=_resume_value)
         elif f.type is bool:
@@ -48,7 +52,7 @@ def build_parser():
     return name_defaults(p)
 
 
-def _resume_value(text):
+def _resume_value(text: str) -> bool | str:
     if text == "yes":
         return True
     if text != "auto":
@@ -57,7 +61,7 @@ def _resume_value(text):
     return "auto"
 
 
-def parse_args(argv=None):
+def parse_args(argv: Sequence[str] | None = None) -> tuple[list[str], dict[str, Any]]:
     """(data paths, {option: value}) of the options given on the command line; the others are
     left out, so that --resume can tell what the user asked to change."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -79,11 +83,11 @@ def parse_args(argv=None):
     return data, options
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     data, options = parse_args(argv)
-    stopped = {}
+    stopped: dict[str, int] = {}
 
-    def command():
+    def command() -> None:
         world = mpi_world()
         if world.rank == 0:
             warn_threads("train_model", options.get("threads"), world.local_size)

@@ -4,6 +4,7 @@
     prepare_dataset    files -> vocabulary file + dataset.bin, built once and reused (dataset.py)
     load_dataset       dataset.bin -> read-only np.memmap of ids, checked
     dataset_header     the header of dataset.bin as a dict
+    stream_key         the key dataset.bin records for a corpus tokenized with a given vocabulary
     split_stream, num_windows, epoch_order, gather_windows, eval_windows, spread_windows
                        the token array cut into windows (batches.py)
 
@@ -17,11 +18,11 @@ from cllm_cli.corpus.batches import (
     split_stream,
     spread_windows,
 )
-from cllm_cli.corpus.dataset import dataset_header, load_dataset, prepare_dataset
+from cllm_cli.corpus.dataset import dataset_header, load_dataset, prepare_dataset, stream_key
 from cllm_cli.corpus.files import collect_files
 
 __all__ = [
-    "collect_files", "dataset_header", "load_dataset", "prepare_dataset",
+    "collect_files", "dataset_header", "load_dataset", "prepare_dataset", "stream_key",
     "epoch_order", "eval_windows", "gather_windows", "num_windows", "split_stream",
     "spread_windows",
 ]

@@ -16,7 +16,7 @@ How it is done, and why:
      12  dtype code  uint32   2 = uint16 ids, 4 = uint32 ids (the item size)
      16  n_tokens    uint64
      24  key         32 bytes sha256 of the settings, the corpus bytes and, for a given
-                              vocabulary, its hash (see prepare_dataset, _stream_key)
+                              vocabulary, its hash (see prepare_dataset, stream_key)
      56  vocab_len   uint32   number of ids in the vocabulary
      60  vocab_tag   4 bytes  first 4 bytes of the vocab hash
      64  ids_sha256  32 bytes sha256 of the id bytes that follow the header
@@ -43,6 +43,8 @@ How it is done, and why:
   tokenizing, learning a bpe vocabulary) shows a progress line on stderr with the bytes
   done, MB/s and the time left; nothing is shown elsewhere.
 """
+from __future__ import annotations
+
 import contextlib
 import hashlib
 import math
@@ -50,22 +52,25 @@ import os
 import pathlib
 import struct
 import tempfile
+from typing import Any, Callable, Iterable, Iterator, cast
 
 import numpy as np
+from numpy.typing import NDArray
 
 from cllm_cli.corpus.files import BLOCK_BYTES, check_encoding_errors, read_blocks
 from cllm_cli.corpus.workers import BlockRunner
 from cllm_cli.errors import DataError, WriteFailed
 from cllm_cli.fileio import atomic_file, write_error
 from cllm_cli.progress import ByteProgress
-from cllm_cli.tokenizers import EOS, tokenizer_class
+from cllm_cli.tokenizers import EOS, Tokenizer, tokenizer_class
+from cllm_cli.tokenizers.vocab import Scanner
 
 DATASET_MAGIC = b"CLLMDATA"
 DATASET_VERSION = 2
 HEADER_SIZE = 96
 _HEADER = struct.Struct("<8sIIQ32sI4s32s")
 assert _HEADER.size == HEADER_SIZE
-_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+_DTYPES: dict[int, np.dtype] = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 # The recipe of the corpus key (settings line, then each file's length and bytes). It names
 # a token stream, not a file layout: it changes only when the same corpus and settings would
 # give other ids, so that checkpoints keep matching their corpus across format versions.
@@ -73,16 +78,16 @@ _KEY_VERSION = 1
 _CHUNK = 1 << 22                      # tokens per chunk when streaming ids between files
 
 
-def _dtype_for(vocab_len):
+def _dtype_for(vocab_len: int) -> np.dtype:
     return _DTYPES[2] if vocab_len <= 65535 else _DTYPES[4]
 
 
-def _settings(kind, vocab_size, encoding_errors):
+def _settings(kind: str | None, vocab_size: int, encoding_errors: str) -> str:
     return (f"CLLMDATA version={_KEY_VERSION} kind={kind} vocab_size={vocab_size} "
             f"encoding_errors={encoding_errors}\n")
 
 
-def _stream_key(corpus_key, tokenizer):
+def stream_key(corpus_key: bytes, tokenizer: Tokenizer | None) -> bytes:
     """The key stored in dataset.bin: the corpus key for a vocabulary built from the corpus,
     the corpus key combined with the vocab hash for a vocabulary given by the caller."""
     if tokenizer is None:
@@ -94,7 +99,7 @@ def _stream_key(corpus_key, tokenizer):
 # Reading dataset.bin
 # ---------------------------------------------------------------------------------------
 
-def dataset_header(path):
+def dataset_header(path: str | os.PathLike) -> dict[str, Any]:
     """The header of dataset.bin as a dict; DataError if it is not a valid dataset file (the
     ids are not read: load_dataset checks them)."""
     path = pathlib.Path(path)
@@ -125,19 +130,19 @@ def dataset_header(path):
             "vocab_len": vocab_len, "vocab_tag": vocab_tag.hex(), "ids_sha256": ids_sha256.hex()}
 
 
-def _memmap(path, header):
+def _memmap(path: str | os.PathLike, header: dict[str, Any]) -> np.memmap:
     return np.memmap(path, dtype=header["dtype"], mode="r", offset=HEADER_SIZE,
                      shape=(header["tokens"],))
 
 
-def _checked_ids(path, header):
+def _checked_ids(path: str | os.PathLike, header: dict[str, Any]) -> np.memmap:
     """The ids of dataset.bin after checking them against the header: their sha256, and
     every id below vocab_len. DataError (one line) when either fails."""
     ids = _memmap(path, header)
     h, top = hashlib.sha256(), 0
     for start in range(0, len(ids), _CHUNK):
         chunk = ids[start:start + _CHUNK]
-        h.update(chunk)
+        h.update(chunk)          # type: ignore[arg-type]  # an ndarray is a buffer
         top = max(top, int(chunk.max()))
     if h.hexdigest() != header["ids_sha256"]:
         raise DataError(f"{path}: damaged (the token ids do not match the header's checksum)")
@@ -148,13 +153,14 @@ def _checked_ids(path, header):
     return ids
 
 
-def load_dataset(path):
+def load_dataset(path: str | os.PathLike) -> np.memmap:
     """Memory-map the ids of dataset.bin (read-only, uint16 or uint32), checked as the
     module docstring says; DataError (one line) for a damaged or foreign file."""
     return _checked_ids(path, dataset_header(path))
 
 
-def _try_reuse(out_dir, corpus_key, kind, tokenizer):
+def _try_reuse(out_dir: pathlib.Path, corpus_key: bytes, kind: str | None, tokenizer: Tokenizer | None
+               ) -> tuple[tuple[Tokenizer, np.memmap] | None, str | None]:
     """((tokenizer, memmap) or None, reason or None): the stored stream if out_dir holds the
     stream of this corpus, intact.
 
@@ -168,7 +174,7 @@ def _try_reuse(out_dir, corpus_key, kind, tokenizer):
     bin_path, vocab_path = out_dir / "dataset.bin", out_dir / vocab_name
     if not bin_path.is_file():
         return None, None
-    accepted = {corpus_key.hex(), _stream_key(corpus_key, tokenizer).hex()}
+    accepted = {corpus_key.hex(), stream_key(corpus_key, tokenizer).hex()}
     try:
         header = dataset_header(bin_path)
         if header["key"] not in accepted:
@@ -189,8 +195,10 @@ def _try_reuse(out_dir, corpus_key, kind, tokenizer):
 # Writing dataset.bin
 # ---------------------------------------------------------------------------------------
 
-def prepare_dataset(files, out_dir, kind="word", vocab_size=10000, encoding_errors="strict",
-                    tokenizer=None, block_size=BLOCK_BYTES, workers=None):
+def prepare_dataset(files: Iterable[str | os.PathLike], out_dir: str | os.PathLike, kind: str | None = "word",
+                    vocab_size: int = 10000, encoding_errors: str = "strict",
+                    tokenizer: Tokenizer | None = None, block_size: int = BLOCK_BYTES,
+                    workers: int | None = None) -> tuple[Tokenizer, np.memmap, dict[str, Any]]:
     """Tokenise `files` into out_dir's vocabulary file (vocab.txt) and out_dir/dataset.bin.
 
     Each file is a document ending in EOS. With `tokenizer` given its vocabulary is used
@@ -204,7 +212,7 @@ def prepare_dataset(files, out_dir, kind="word", vocab_size=10000, encoding_erro
     encoding_errors) and each file's length and bytes. It does not depend on whether the
     vocabulary was built or given, so a resumed run that passes the saved tokenizer gets the
     key the first run recorded. The vocabulary is identified by tokenizer.vocab_hash;
-    dataset.bin stores a stream key that also covers it when it was given (see _stream_key),
+    dataset.bin stores a stream key that also covers it when it was given (see stream_key),
     and a 4-byte tag of it, so a stream is never reused with a vocabulary it was not encoded
     with.
 
@@ -212,13 +220,13 @@ def prepare_dataset(files, out_dir, kind="word", vocab_size=10000, encoding_erro
     (None: one per core the process may use, fewer for a small corpus; 1: in this process);
     neither changes the result. On a terminal each pass shows a progress line on stderr.
     """
-    files = [pathlib.Path(f) for f in files]
+    paths = [pathlib.Path(f) for f in files]
     if tokenizer is not None:
         kind = tokenizer.kind
     cls = tokenizer_class(kind)
     cls.check_vocab_size(vocab_size)
     check_encoding_errors(encoding_errors)
-    if not files:
+    if not paths:
         raise DataError("corpus is empty: no input files")
     out_dir = pathlib.Path(out_dir)
     try:
@@ -227,14 +235,15 @@ def prepare_dataset(files, out_dir, kind="word", vocab_size=10000, encoding_erro
         raise DataError(f"{out_dir}: cannot create directory ({e.strerror or e})") from None
 
     # Pass 1: hash the corpus; reuse the stored stream if nothing changed.
-    corpus = _Corpus(_settings(kind, vocab_size, encoding_errors), files, block_size)
-    total = sum(_size(path) for path in files)
+    corpus = _Corpus(_settings(kind, vocab_size, encoding_errors), paths, block_size)
+    total = sum(_size(path) for path in paths)
     with ByteProgress("reading", total) as progress:
         for _, _, data, _ in corpus.blocks(len):
             progress.add(len(data))
         progress.done()
-    reused, reason = _try_reuse(out_dir, corpus.key, kind, tokenizer)
-    info = {"files": len(files), "bytes": corpus.bytes, "reused": False, "key": corpus.key.hex(),
+    reused, reason = _try_reuse(out_dir, corpus.finished_key(), kind, tokenizer)
+    info: dict[str, Any] = {"files": len(paths), "bytes": corpus.bytes, "reused": False,
+            "key": corpus.finished_key().hex(),
             "rebuilt_reason": reason}
     if reused is not None:
         tokenizer, tokens = reused
@@ -262,13 +271,13 @@ def prepare_dataset(files, out_dir, kind="word", vocab_size=10000, encoding_erro
             tokenizer = cls.train(texts, vocab_size)
             progress.done()
         n_tokens = _encode_and_write(run, tokenizer, out_dir, given=False)
-    info.update(bytes=corpus.bytes, tokens=n_tokens, key=corpus.key.hex())
+    info.update(bytes=corpus.bytes, tokens=n_tokens, key=corpus.finished_key().hex())
     # the checksum was taken from the bytes as they were written: no need to read them back
     path = out_dir / "dataset.bin"
     return tokenizer, _memmap(path, dataset_header(path)), info
 
 
-def _size(path):
+def _size(path: pathlib.Path) -> int:
     try:
         return os.stat(path).st_size
     except OSError:
@@ -282,11 +291,12 @@ class _Corpus:
     names do not enter the key: renaming a file does not change the stream. key and bytes
     are complete once an iteration of blocks() has run to the end."""
 
-    def __init__(self, settings, files, block_size):
+    def __init__(self, settings: str, files: list[pathlib.Path], block_size: int) -> None:
         self.settings, self.files, self.block_size = settings, files, block_size
-        self.key, self.bytes = None, 0
+        self.key: bytes | None = None
+        self.bytes = 0
 
-    def blocks(self, cut):
+    def blocks(self, cut: Callable[[bytes], int]) -> Iterator[tuple[pathlib.Path, int, bytes, bool]]:
         """(path, offset, data, last) of every block of every file, cut by cut(data) (see
         files.read_blocks); last marks a file's last block."""
         h = hashlib.sha256(self.settings.encode("utf-8"))
@@ -300,22 +310,31 @@ class _Corpus:
                 yield path, offset, data, last
         self.key = h.digest()
 
+    def finished_key(self) -> bytes:
+        """key, once an iteration of blocks() has run to the end."""
+        if self.key is None:
+            raise RuntimeError("the corpus key is read before the corpus")
+        return self.key
 
-def _check_not_empty(n_words, corpus):
+
+def _check_not_empty(n_words: int, corpus: _Corpus) -> None:
     if n_words == 0:
         n = len(corpus.files)
         raise DataError(f"corpus is empty: no tokens in {n} file{'s' if n != 1 else ''} "
                         f"({corpus.bytes} bytes), first {corpus.files[0]}")
 
 
-def _pack_header(dtype, n_tokens, key, tokenizer, ids_sha256):
+def _pack_header(dtype: np.dtype, n_tokens: int, key: bytes, tokenizer: Tokenizer,
+                 ids_sha256: bytes) -> bytes:
     return _HEADER.pack(DATASET_MAGIC, DATASET_VERSION, dtype.itemsize, n_tokens, key,
                         len(tokenizer), bytes.fromhex(tokenizer.vocab_hash[:8]), ids_sha256)
 
 
-def _encode_and_write(run, tokenizer, out_dir, given):
+def _encode_and_write(run: BlockRunner, tokenizer: Tokenizer, out_dir: pathlib.Path,
+                      given: bool) -> int:
     """Encode every block with `tokenizer` straight into dataset.bin. given: the
-    vocabulary came from the caller, not from this corpus (see _stream_key)."""
+    vocabulary came from the caller, not from this corpus (see stream_key)."""
+    corpus = cast(_Corpus, run.corpus)
     dtype = _dtype_for(len(tokenizer))
     eos = tokenizer.encode_document("")[-1:].astype(dtype).tobytes()
     if tokenizer.encodes_on_all_cores:
@@ -338,27 +357,29 @@ def _encode_and_write(run, tokenizer, out_dir, given):
                     h.update(eos)
                     n_tokens += in_file + 1
                     in_file = 0
-        _check_not_empty(n_tokens, run.corpus)
+        _check_not_empty(n_tokens, corpus)
         tokenizer.save(out_dir / tokenizer.file_name)   # only once there is a stream
-        key = _stream_key(run.corpus.key, tokenizer if given else None)
+        key = stream_key(corpus.finished_key(), tokenizer if given else None)
         f.seek(0)
         f.write(_pack_header(dtype, n_tokens, key, tokenizer, h.digest()))
         progress.done()
     return n_tokens
 
 
-def _build_and_write(run, cls, scanner, vocab_size, out_dir):
+def _build_and_write(run: BlockRunner, cls: type[Tokenizer], scanner: Scanner, vocab_size: int,
+                     out_dir: pathlib.Path) -> tuple[Tokenizer, int]:
     """Build the vocabulary and the stream with one tokenising pass: provisional ids (see
     cllm_cli.tokenizers.vocab.Scanner) are counted and go to a spill file, which is then read
     back in chunks (not mapped: its pages would count as the process's memory) and mapped to the
     final ids into dataset.bin."""
+    corpus = cast(_Corpus, run.corpus)
     eos = np.array([EOS], dtype=np.int32)
     try:
         fd, spill_path = tempfile.mkstemp(dir=out_dir, prefix=".dataset.ids.", suffix=".tmp")
     except OSError as e:
         raise DataError(f"{out_dir}: cannot write ({e.strerror or e})") from None
     try:
-        counts = np.zeros(0, dtype=np.int64)
+        counts: NDArray[np.int64] = np.zeros(0, dtype=np.int64)
         with os.fdopen(fd, "wb") as spill, ByteProgress("tokenizing", run.total) as progress:
             n_tokens = in_file = 0
             blocks = run.results(cls.block_cut, scanner.scan, progress)
@@ -378,7 +399,7 @@ def _build_and_write(run, cls, scanner, vocab_size, out_dir):
                         n_tokens += in_file
                         in_file = 0
             progress.done()
-        _check_not_empty(n_tokens, run.corpus)
+        _check_not_empty(n_tokens, corpus)
         tokenizer, remap = scanner.finish(counts, vocab_size)
         dtype = _dtype_for(len(tokenizer))
         remap = remap.astype(dtype)
@@ -392,7 +413,7 @@ def _build_and_write(run, cls, scanner, vocab_size, out_dir):
                 f.write(data)
                 h.update(data)
             f.seek(0)
-            f.write(_pack_header(dtype, n_tokens, run.corpus.key, tokenizer, h.digest()))
+            f.write(_pack_header(dtype, n_tokens, corpus.finished_key(), tokenizer, h.digest()))
     except OSError as e:
         raise write_error(e, DataError, f"{out_dir}: cannot write ({e.strerror or e})",
                           WriteFailed) from None

@@ -22,8 +22,11 @@ How it is done, and why:
   corpus without a space or a line end, a bpe corpus without a line break between two
   printable ASCII characters).
 """
+from __future__ import annotations
+
 import os
 import pathlib
+from typing import Callable, Iterable, Iterator
 
 from cllm_cli.errors import DataError
 from cllm_cli.fileio import read_bytes
@@ -32,7 +35,8 @@ ENCODING_ERRORS = ("strict", "replace")
 BLOCK_BYTES = 1 << 22          # bytes read at a time by read_blocks (about)
 
 
-def collect_files(paths, pattern="*.txt", exclude_dir=None):
+def collect_files(paths: str | os.PathLike | Iterable[str | os.PathLike], pattern: str = "*.txt",
+                  exclude_dir: str | os.PathLike | None = None) -> list[pathlib.Path]:
     """Expand the user's paths into the list of files to read.
 
     A file is taken whatever its name. A directory stands for every file below it whose name
@@ -40,25 +44,25 @@ def collect_files(paths, pattern="*.txt", exclude_dir=None):
     inside `exclude_dir` (the checkpoint directory, which holds vocab.txt). A file reached
     twice is kept at its first place.
     """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
+    given: Iterable[str | os.PathLike] = [paths] if isinstance(paths, (str, os.PathLike)) else paths
     excluded = pathlib.Path(exclude_dir).resolve() if exclude_dir is not None else None
-    files, seen = [], set()
+    files: list[pathlib.Path] = []
+    seen: set[pathlib.Path] = set()
 
-    def add(path):
+    def add(path: pathlib.Path) -> None:
         key = path.resolve()
         if key not in seen:
             seen.add(key)
             files.append(path)
 
-    for raw in paths:
+    for raw in given:
         path = pathlib.Path(raw)
         if not path.exists():
             raise DataError(f"no such file or directory: {raw}")
         if path.is_file():
             add(path)
         elif path.is_dir():
-            found = []
+            found: list[pathlib.Path] = []
             for match in path.rglob(pattern):
                 if not match.is_file():
                     continue
@@ -76,13 +80,14 @@ def collect_files(paths, pattern="*.txt", exclude_dir=None):
     return files
 
 
-def check_encoding_errors(encoding_errors):
+def check_encoding_errors(encoding_errors: str) -> None:
     if encoding_errors not in ENCODING_ERRORS:
         raise DataError(f"encoding_errors must be one of {', '.join(ENCODING_ERRORS)}, "
                         f"got {encoding_errors!r}")
 
 
-def decode_block(path, data, offset=0, encoding_errors="strict"):
+def decode_block(path: str | os.PathLike, data: bytes, offset: int = 0,
+                 encoding_errors: str = "strict") -> str:
     """The bytes `data` found at `offset` in `path` (named in errors) -> text, checked as
     read_text does; offsets in errors count from the start of the file. A byte-order mark is
     dropped only at offset 0. A block cut where read_blocks cuts decodes to exactly its part
@@ -94,7 +99,7 @@ def decode_block(path, data, offset=0, encoding_errors="strict"):
             text = data.decode("utf-8")
             bad = -1
         except UnicodeDecodeError as e:
-            text, bad = None, e.start
+            text, bad = "", e.start
         if nul >= 0 and (bad < 0 or nul < bad):
             raise DataError(f"{path}: not a text file (NUL byte at offset {offset + nul})")
         if bad >= 0:
@@ -108,12 +113,13 @@ def decode_block(path, data, offset=0, encoding_errors="strict"):
     return text
 
 
-def decode_text(path, data, encoding_errors="strict"):
+def decode_text(path: str | os.PathLike, data: bytes, encoding_errors: str = "strict") -> str:
     """All bytes `data` of `path` -> text (decode_block of a whole file)."""
     return decode_block(path, data, 0, encoding_errors)
 
 
-def read_blocks(path, cut, block_size=BLOCK_BYTES):
+def read_blocks(path: str | os.PathLike, cut: Callable[[bytes], int],
+                block_size: int = BLOCK_BYTES) -> Iterator[tuple[int, bytes, int, bool]]:
     """The bytes of `path` as (offset, data, size, last): blocks of about block_size bytes,
     each but the last ending at cut(data), the place (0 < place <= len(data), or 0 for none:
     the block then grows) where the caller's tokenizer may split the text; size is the
@@ -142,7 +148,7 @@ def read_blocks(path, cut, block_size=BLOCK_BYTES):
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
-def read_text(path, encoding_errors="strict"):
+def read_text(path: str | os.PathLike, encoding_errors: str = "strict") -> str:
     """Read one corpus file as text.
 
     strict: a NUL byte or invalid UTF-8 raises DataError with the offset of the first bad

@@ -12,6 +12,8 @@ its workers with it: on Linux each worker asks the kernel for SIGKILL when its p
 (prctl PR_SET_PDEATHSIG), then ends at once if the parent is already gone (it died before
 the prctl). Elsewhere a worker notices only when it next reads its parent's pipe.
 """
+from __future__ import annotations
+
 import collections
 import concurrent.futures
 import contextlib
@@ -20,9 +22,19 @@ import multiprocessing
 import os
 import signal
 import sys
+from pathlib import Path
+from typing import Any, Callable, Generator, Iterator, Protocol
 
 from cllm_cli.corpus.files import decode_block
 from cllm_cli.errors import DataError
+from cllm_cli.progress import ByteProgress
+from cllm_cli.tokenizers import Tokenizer
+
+
+class Blocks(Protocol):
+    """A corpus read in blocks (dataset._Corpus)."""
+
+    def blocks(self, cut: Callable[[bytes], int]) -> Iterator[tuple[Path, int, bytes, bool]]: ...
 
 
 class BlockRunner:
@@ -30,26 +42,29 @@ class BlockRunner:
     function (a scanner's scan, a tokenizer's encode) in this process or in worker processes,
     the results handed back in block order."""
 
-    def __init__(self, corpus, encoding_errors, total, workers):
+    def __init__(self, corpus: Blocks, encoding_errors: str, total: int, workers: int) -> None:
         self.corpus, self.encoding_errors = corpus, encoding_errors
         self.total, self.workers = total, workers
 
-    def texts(self, cut, progress):
+    def texts(self, cut: Callable[[bytes], int],
+              progress: ByteProgress) -> Generator[tuple[str, bool], None, None]:
         """(text, last) of every block, decoded in this process."""
         for path, offset, data, last in self.corpus.blocks(cut):
             yield decode_block(path, data, offset, self.encoding_errors), last
             progress.add(len(data))
 
-    def results(self, cut, work, progress, tokenizer=None):
+    def results(self, cut: Callable[[bytes], int], work: Callable[[str], Any] | None,
+                progress: ByteProgress,
+                tokenizer: Tokenizer | None = None) -> Generator[tuple[Any, bool], None, None]:
         """(work(text), last) of every block in order. work=None: tokenizer.encode."""
         if self.workers <= 1:
-            work = tokenizer.encode if work is None else work
+            work = tokenizer.encode if work is None else work     # type: ignore[union-attr]
             for text, last in self.texts(cut, progress):
                 yield work(text), last
             return
-        pending = collections.deque()
+        pending: collections.deque[tuple[concurrent.futures.Future, int, bool]] = collections.deque()
         with _WorkerPool(self.workers, tokenizer) as pool:
-            def collect():
+            def collect() -> tuple[Any, bool]:
                 future, nbytes, last = pending.popleft()
                 result = pool.result(future)
                 progress.add(nbytes)
@@ -69,11 +84,11 @@ class BlockRunner:
 # its work over), spawned elsewhere. Ctrl-C is left to the parent, which ends them at once
 # when it stops; the parent's stop handlers are not inherited.
 
-_worker_tokenizer = None
+_worker_tokenizer: Any = None          # the worker's Tokenizer (_start_worker)
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent(parent):
+def _die_with_parent(parent: int) -> None:
     """SIGKILL for this process when its parent dies; ends it now if `parent` (the pid that
     started it) is no longer its parent."""
     if sys.platform.startswith("linux"):
@@ -84,7 +99,7 @@ def _die_with_parent(parent):
         os._exit(1)
 
 
-def _start_worker(tokenizer, parent):
+def _start_worker(tokenizer: Tokenizer | None, parent: int) -> None:
     global _worker_tokenizer
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -93,11 +108,11 @@ def _start_worker(tokenizer, parent):
     _worker_tokenizer = tokenizer
 
 
-def _encode_in_worker(text):
+def _encode_in_worker(text: str) -> Any:
     return _worker_tokenizer.encode(text)
 
 
-def _decode_and_work(task):
+def _decode_and_work(task: tuple[Callable[[str], Any], Path, int, bytes, str]) -> Any:
     work, path, offset, data, encoding_errors = task
     return work(decode_block(path, data, offset, encoding_errors))
 
@@ -105,16 +120,16 @@ def _decode_and_work(task):
 class _WorkerPool:
     """A process pool whose workers are killed, not waited for, when it is left."""
 
-    def __init__(self, workers, tokenizer):
+    def __init__(self, workers: int, tokenizer: Tokenizer | None) -> None:
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         self.executor = concurrent.futures.ProcessPoolExecutor(
             workers, mp_context=multiprocessing.get_context(method),
             initializer=_start_worker, initargs=(tokenizer, os.getpid()))
 
-    def __enter__(self):
+    def __enter__(self) -> _WorkerPool:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         processes = list((getattr(self.executor, "_processes", None) or {}).values())
         self.executor.shutdown(wait=False, cancel_futures=True)
         for process in processes:
@@ -124,11 +139,11 @@ class _WorkerPool:
             with contextlib.suppress(OSError, ValueError, AssertionError):
                 process.join()
 
-    def submit(self, task):
+    def submit(self, task: tuple[Callable[[str], Any], Path, int, bytes, str]) -> concurrent.futures.Future:
         return self.executor.submit(_decode_and_work, task)
 
     @staticmethod
-    def result(future):
+    def result(future: concurrent.futures.Future) -> Any:
         try:
             return future.result()
         except concurrent.futures.process.BrokenProcessPool:

@@ -13,11 +13,16 @@ these pieces in place of the single-process ones:
 - AgreedStop: a stop signal counts from the step at which the ranks learn of it (sent with
   the step's results), so every rank stops after the same step; rank 0 saves.
 """
+from __future__ import annotations
+
 import time
+from typing import Any, Callable, Iterable
 
 import numpy as np
+from numpy.typing import NDArray
 
-from cllm_cli.distributed.world import block_of
+from cllm_cli.distributed.world import World, block_of
+from cllm_cli.model import CLLMConfig
 
 WAIT_SLICE = 0.1       # seconds between waits on the spheres (Python signal handlers run)
 ALIGN_FLOATS = 16      # kept gradient rows start on 64-byte boundaries, as the spheres' own
@@ -30,29 +35,31 @@ class AgreedStop:
     ranks exchange it with a step's or an evaluation's results; from then on every rank
     answers True, with the first rank's signal."""
 
-    def __init__(self, local):
+    def __init__(self, local: Any) -> None:
+        """local: this process's StopSignals."""
         self.local = local
-        self.signum = None
+        self.signum: int | None = None
 
-    def __call__(self):
+    def __call__(self) -> bool:
         return self.signum is not None
 
-    def defer(self):
+    def defer(self) -> None:
         self.local.defer()
 
-    def name(self):
+    def name(self) -> str:
         self.local.signum = self.signum
         return self.local.name()
 
-    def pending(self):
+    def pending(self) -> int | None:
         return self.local.signum
 
-    def agree(self, signums):
+    def agree(self, signums: Iterable[int | None]) -> None:
         if self.signum is None:
             self.signum = next((s for s in signums if s is not None), None)
 
 
-def exchange_stop(should_stop, gathered):
+def exchange_stop(should_stop: Callable[[], bool] | None,
+                  gathered: Iterable[tuple[Any, int | None]]) -> None:
     """Feeds the pending signals the ranks sent with their results to an AgreedStop."""
     if isinstance(should_stop, AgreedStop):
         should_stop.agree([signum for _, signum in gathered])
@@ -64,7 +71,8 @@ class DataParallelEngine:
     """An Engine's training step and evaluation spread over the ranks of `world`, with the
     results of one process (see the module docstring). Delegates everything else."""
 
-    def __init__(self, engine, world, model_config, batch_size):
+    def __init__(self, engine: Any, world: World, model_config: CLLMConfig,
+                 batch_size: int) -> None:
         self.engine, self.world, self.model_config = engine, world, model_config
         n_micro = -(-batch_size // engine.micro_batch)
         first, end = block_of(0, world.size, n_micro)          # rank 0's block is the longest
@@ -72,12 +80,13 @@ class DataParallelEngine:
         self.kept = aligned_rows(end - first, size)
         self.total = np.empty(size, dtype=np.float32)
         self.epoch_loss, self.epoch_tokens, self.total_batches = 0.0, 0, 0
-        self.exchange = {}
+        self.exchange: dict[str, float] = {}
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self.engine, name)
 
-    def _run(self, windows, train, step=0, first=0):
+    def _run(self, windows: NDArray[np.int32], train: bool, step: int = 0,
+             first: int = 0) -> list[Any]:
         """This rank's windows through its spheres; their per-micro-batch results."""
         if len(windows) == 0:
             return []
@@ -86,8 +95,9 @@ class DataParallelEngine:
             pass
         return self.engine.results()
 
-    def train_step(self, windows, step, adam_m, adam_v, *, adamw, lr, weight_decay, grad_clip,
-                   t, should_stop=None):
+    def train_step(self, windows: NDArray[np.int32], step: int, adam_m: NDArray[np.float32],
+                   adam_v: NDArray[np.float32], *, adamw: bool, lr: float, weight_decay: float,
+                   grad_clip: float, t: int, should_stop: Callable[[], bool] | None = None) -> Any:
         """Engine.train_step over every rank: the same StepResult and weights on each. A stop
         signal does not abandon the step; it is agreed with the step's results."""
         mb, rank = self.engine.micro_batch, self.world.rank
@@ -118,7 +128,8 @@ class DataParallelEngine:
                          "exchange_seconds": gather_seconds + self.world.seconds}
         return result
 
-    def evaluate(self, windows, should_stop=None):
+    def evaluate(self, windows: NDArray[np.int32],
+                 should_stop: Callable[[], bool] | None = None) -> tuple[float, int]:
         """Engine.evaluate over every rank: the micro-batches one process would run (slices
         of max_windows, each cut into micro-batches), in contiguous blocks; their losses
         added up in micro-batch order on every rank."""
@@ -127,7 +138,7 @@ class DataParallelEngine:
                   for start in range(0, len(windows), step)]
         micro = [(a, min(a + mb, end)) for start, end in pieces for a in range(start, end, mb)]
         first, end = block_of(self.world.rank, self.world.size, len(micro))
-        mine = []
+        mine: list[Any] = []
         for start, stop in pieces:
             inside = [m for m in micro[first:end] if start <= m[0] < stop]
             if inside:
@@ -142,23 +153,23 @@ class DataParallelEngine:
                 tokens += counted
         return loss_sum, tokens
 
-    def begin_epoch(self):
+    def begin_epoch(self) -> None:
         self.engine.begin_epoch()
         self.epoch_loss, self.epoch_tokens = 0.0, 0
 
-    def epoch_stats(self):
+    def epoch_stats(self) -> tuple[float, int, int]:
         return self.epoch_loss, self.epoch_tokens, self.total_batches
 
-    def sphere_stats(self):
+    def sphere_stats(self) -> list[dict[str, Any]]:
         """Every rank's spheres, numbered rank x threads + sphere."""
         threads = self.engine.num_spheres
-        stats = []
+        stats: list[dict[str, Any]] = []
         for rank, mine in enumerate(self.world.allgather(self.engine.sphere_stats())):
             stats += [dict(s, sphere=rank * threads + s["sphere"], rank=rank) for s in mine]
         return stats
 
 
-def aligned_rows(rows, size):
+def aligned_rows(rows: int, size: int) -> NDArray[np.float32]:
     """float32 (rows, size) whose rows each start on a 64-byte boundary."""
     stride = -(-size // ALIGN_FLOATS) * ALIGN_FLOATS
     raw = np.empty(rows * stride + ALIGN_FLOATS, dtype=np.float32)

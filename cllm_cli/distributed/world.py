@@ -33,14 +33,21 @@ same host and is visible there; else that the launcher's process that started th
 still its parent). A rank that finds rank 0 gone says so in one line and ends the job
 (MPI_Abort), status 1.
 """
+from __future__ import annotations
+
 import os
 import socket
 import sys
 import time
+from typing import Any, Callable, Iterable, NoReturn, Sequence, TypeVar, cast
 
 import numpy as np
+from numpy.typing import NDArray
 
 from cllm_cli.errors import AllRanksStop, CheckpointError, DataError, DistributedError, Interrupted, RankLost
+
+_T = TypeVar("_T")
+_Error = TypeVar("_Error", bound=BaseException)
 
 LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
 SEGMENT_FLOATS = 1 << 20            # 4 MiB per message down the chain
@@ -49,20 +56,20 @@ POLL_SECONDS = 0.05    # between two polls of a rank waiting for rank 0 (from_ro
 FROM_ROOT_TAG = 0x5E7
 
 
-def on_all_ranks(error):
+def on_all_ranks(error: _Error) -> _Error:
     """Marks an exception that every rank raises at the same point of the run (so that each
     ends normally); returns it."""
-    error.all_ranks = True
+    error.all_ranks = True      # type: ignore[attr-defined]  # read by run_rank
     return error
 
 
-def launched_by_mpi():
+def launched_by_mpi() -> bool:
     if any(v in os.environ for v in LAUNCHER_VARS):
         return True
     return int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1
 
 
-def world():
+def world() -> Solo | World:
     """The MPI world when launched by an MPI launcher with more than one process, else Solo."""
     if not launched_by_mpi():
         return Solo()
@@ -77,7 +84,7 @@ def world():
     return World(MPI.COMM_WORLD)
 
 
-def block_of(rank, size, n_micro):
+def block_of(rank: int, size: int, n_micro: int) -> tuple[int, int]:
     """[first, end) micro-batch indices of `rank`: contiguous blocks, the first n % size ranks
     one longer."""
     base, extra = divmod(n_micro, size)
@@ -85,7 +92,8 @@ def block_of(rank, size, n_micro):
     return first, first + base + (1 if rank < extra else 0)
 
 
-def fold_into(acc, grads, valid, started):
+def fold_into(acc: NDArray[np.float32], grads: Iterable[np.ndarray], valid: Iterable[bool],
+              started: bool) -> None:
     """acc = (((acc + g_a) + g_a+1) + ...) over the valid grads, in order; when not `started`
     the first valid one is copied (nothing valid leaves acc as it is, zeros if it was)."""
     for g, ok in zip(grads, valid):
@@ -105,19 +113,20 @@ class Solo:
     rank, size, local_size = 0, 1, 1
     is_root = True
 
-    def share(self, array):
+    def share(self, array: np.ndarray) -> None:
         pass
 
-    def bcast(self, obj):
+    def bcast(self, obj: _T) -> _T:
         return obj
 
-    def from_root(self, obj):
+    def from_root(self, obj: _T) -> _T:
         return obj
 
-    def allgather(self, obj):
+    def allgather(self, obj: _T) -> list[_T]:
         return [obj]
 
-    def ordered_fold(self, grads, valid, first_valid_before, out):
+    def ordered_fold(self, grads: Sequence[np.ndarray], valid: Sequence[bool], first_valid_before: bool,
+                     out: NDArray[np.float32]) -> None:
         fold_into(out, grads, valid, started=False)
 
 
@@ -125,7 +134,7 @@ class World:
     """The ranks of one MPI job. Small control messages are pickled (lower-case mpi4py calls);
     gradients go through buffers (capitalised calls)."""
 
-    def __init__(self, comm):
+    def __init__(self, comm: Any) -> None:
         from mpi4py import MPI
         self.comm = comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
@@ -139,10 +148,10 @@ class World:
         self.root_visible = (self.root_host == socket.gethostname()
                              and _process_alive(self.root_pid))
 
-    def bcast(self, obj):
+    def bcast(self, obj: _T) -> _T:
         return self.comm.bcast(obj, root=0)
 
-    def from_root(self, obj):
+    def from_root(self, obj: _T) -> _T:
         """Rank 0's `obj` on every rank, for a wait that may be long (see the module
         docstring): the other ranks sleep between polls, and raise RankLost when rank 0
         has died."""
@@ -155,7 +164,7 @@ class World:
             time.sleep(POLL_SECONDS)
         return self.comm.recv(source=0, tag=FROM_ROOT_TAG)
 
-    def check_root(self):
+    def check_root(self) -> None:
         """RankLost when rank 0's process (or, when it cannot be seen from here, the
         launcher's process that started this one) has ended."""
         if self.root_visible:
@@ -165,20 +174,21 @@ class World:
         elif os.getppid() != self.parent:
             raise RankLost("the MPI launcher that started this rank died; stopping the job")
 
-    def allgather(self, obj):
+    def allgather(self, obj: _T) -> list[_T]:
         return self.comm.allgather(obj)
 
-    def share(self, array):
+    def share(self, array: np.ndarray) -> None:
         """Rank 0's contents of a numpy array, into the same array on every rank."""
         self.comm.Bcast(array, root=0)
 
-    def abort(self, status):
+    def abort(self, status: int) -> NoReturn:
         """Ends this process and, through the launcher, every rank of the job at once (no rank
         is left waiting in a collective); MPI prints one line naming the rank."""
         self.comm.Abort(status)
         os._exit(status)
 
-    def ordered_fold(self, grads, valid, first_valid_before, out):
+    def ordered_fold(self, grads: Sequence[np.ndarray], valid: Sequence[bool], first_valid_before: bool,
+                     out: NDArray[np.float32]) -> None:
         """The step's gradient (((g0 + g1) + g2) + ...) over every rank's micro-batches, into
         `out` on every rank. grads: this rank's micro-batch gradients (float32, in order);
         valid: which of them enter the sum; first_valid_before: whether any micro-batch of a
@@ -206,7 +216,7 @@ class World:
         self.seconds = time.perf_counter() - t0
 
 
-def _process_alive(pid):
+def _process_alive(pid: int) -> bool:
     """Whether process `pid` exists and has not ended (a zombie has)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -225,7 +235,8 @@ def _process_alive(pid):
 
 # -- how a rank ends -------------------------------------------------------------------------
 
-def run_rank(world, body, exit_status, prog="train_model"):
+def run_rank(world: Solo | World, body: Callable[[], _T], exit_status: Callable[[BaseException], int],
+             prog: str = "train_model") -> _T:
     """body() on this rank, and its result. When every rank stops together, rank 0 raises
     the exception (reported as usual) and the others AllRanksStop with its status. A failure
     of this rank alone: one line naming the rank, then the process ends at once with its
@@ -249,4 +260,4 @@ def run_rank(world, body, exit_status, prog="train_model"):
             except (OSError, ValueError):
                 pass
             time.sleep(ABORT_GRACE)      # the launcher forwards the line before it ends the job
-        world.abort(exit_status(e))
+        cast(World, world).abort(exit_status(e))        # size > 1: a World

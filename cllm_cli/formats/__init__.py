@@ -8,9 +8,10 @@ from cllm_cli.formats.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from cllm_cli.formats.checkpoint_load import check_vocabulary, load_checkpoint
+from cllm_cli.formats.checkpoint_load import Checkpoint, check_vocabulary, load_checkpoint
 from cllm_cli.formats.hf_export import export_pretrained
 from cllm_cli.formats.model_files import (
+    ModelFiles,
     checkpoint_params,
     load_lora_base,
     load_model_files,
@@ -18,7 +19,7 @@ from cllm_cli.formats.model_files import (
 )
 from cllm_cli.formats.peft_export import export_peft
 
-__all__ = ["FORMAT_VERSION", "check_vocabulary", "checkpoint_params", "checkpoint_path",
+__all__ = ["FORMAT_VERSION", "Checkpoint", "ModelFiles", "check_vocabulary", "checkpoint_params", "checkpoint_path",
            "export_peft", "export_pretrained", "latest_checkpoint", "list_checkpoints",
            "load_checkpoint", "load_lora_base", "load_model_files", "prune_checkpoints",
            "resolve_checkpoint", "save_checkpoint"]

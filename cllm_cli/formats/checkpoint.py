@@ -41,20 +41,23 @@ then still holds the previous complete file, if there was one, and never a parti
 Only finite states are written: saving parameters or AdamW moments that hold NaN or Inf
 raises :class:`CheckpointError` naming the first such tensor (nothing is written).
 """
+from __future__ import annotations
+
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
+from typing import Any, BinaryIO, Callable, Mapping
 
 import numpy as np
+from numpy.typing import NDArray
 
-from cllm_cli.config import CLLMConfig
 from cllm_cli.errors import CheckpointError
 from cllm_cli.fileio import atomic_file
 from cllm_cli.fileio import reason as _reason
 from cllm_cli.formats.tensorfile import safetensors_header, write_tensors
-from cllm_cli.layout import named_views
-from cllm_cli.lora import LoraSpec, adapter_views
+from cllm_cli.model import CLLMConfig, LoraSpec, adapter_views, named_views
 
 FORMAT_VERSION = 1
 FORMAT_NAME = "cllm"
@@ -63,7 +66,7 @@ _STEP_RE = re.compile(r"checkpoint_step_(\d+)\.cllm")
 _FINITE_CHUNK = 1 << 20
 
 
-def _json_default(obj):
+def _json_default(obj: object) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
@@ -73,7 +76,7 @@ def _json_default(obj):
     raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
 
 
-def header_digest(metadata, tensors):
+def header_digest(metadata: Mapping[str, Any], tensors: Mapping[str, Mapping[str, Any]]) -> str:
     """sha256 hex of the header content (all metadata but header_checksum, tensor index)."""
     content = {
         "metadata": {k: v for k, v in metadata.items() if k != "header_checksum"},
@@ -85,7 +88,8 @@ def header_digest(metadata, tensors):
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _flat_views(what, flat, cfg, spec):
+def _flat_views(what: str, flat: NDArray[np.float32], cfg: CLLMConfig,
+                spec: LoraSpec | None) -> dict[str, np.ndarray]:
     """{name: view} of a flat float32 buffer (a contiguous copy when it is not contiguous):
     the parameters', or with spec (a LoraSpec) the adapters'."""
     if isinstance(flat, np.ndarray) and not flat.flags.c_contiguous:
@@ -95,7 +99,9 @@ def _flat_views(what, flat, cfg, spec):
     return named_views(cfg, flat, what, np.float32)
 
 
-def save_checkpoint(path, cfg, params, adam_m, adam_v, meta, lora=None):
+def save_checkpoint(path: str | os.PathLike, cfg: CLLMConfig, params: NDArray[np.float32], adam_m: NDArray[np.float32] | None,
+                    adam_v: NDArray[np.float32] | None, meta: dict[str, Any],
+                    lora: dict[str, Any] | None = None) -> None:
     """Write a `.cllm` file atomically.
 
     ``params``, ``adam_m``, ``adam_v`` are flat float32 buffers laid out as
@@ -144,7 +150,7 @@ def save_checkpoint(path, cfg, params, adam_m, adam_v, meta, lora=None):
     }
     placeholder, names = safetensors_header(tensors, metadata)
 
-    def write(f):
+    def write(f: BinaryIO) -> None:
         f.write(placeholder)
         hasher = hashlib.sha256()
         write_tensors(f, tensors, names, hasher.update)
@@ -161,7 +167,7 @@ def save_checkpoint(path, cfg, params, adam_m, adam_v, meta, lora=None):
     _atomic_write(path, write)
 
 
-def first_non_finite(tensors):
+def first_non_finite(tensors: Mapping[str, np.ndarray]) -> str | None:
     """Text naming the first tensor of {name: array} holding NaN or Inf, or None. Looks at
     _FINITE_CHUNK values at a time, so that no temporary is as large as a tensor."""
     for name, values in tensors.items():
@@ -178,7 +184,7 @@ def first_non_finite(tensors):
     return None
 
 
-def _atomic_write(path, write):
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """write(f) into a temporary file renamed over `path` (atomic_file), creating the
     directory; CheckpointError for any failure."""
     directory = path.parent
@@ -198,12 +204,12 @@ def _atomic_write(path, write):
 
 # ------------------------------------------------------------------------- checkpoint dirs
 
-def checkpoint_path(ckpt_dir, step):
+def checkpoint_path(ckpt_dir: str | os.PathLike, step: int) -> Path:
     """``ckpt_dir / "checkpoint_step_<step>.cllm"``."""
     return Path(ckpt_dir) / f"checkpoint_step_{int(step)}.cllm"
 
 
-def list_checkpoints(ckpt_dir):
+def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """[(step, path)] of the ``checkpoint_step_<N>.cllm`` files in ``ckpt_dir``, by step.
 
     Temporary files and ``final_model.cllm`` are not listed; a missing directory gives [].
@@ -213,7 +219,7 @@ def list_checkpoints(ckpt_dir):
         entries = list(ckpt_dir.iterdir())
     except (FileNotFoundError, NotADirectoryError):
         return []
-    found = []
+    found: list[tuple[int, Path]] = []
     for entry in entries:
         m = _STEP_RE.fullmatch(entry.name)
         if m and entry.is_file():
@@ -222,13 +228,13 @@ def list_checkpoints(ckpt_dir):
     return found
 
 
-def latest_checkpoint(ckpt_dir):
+def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
     """Path of the step checkpoint with the highest step, or None."""
     found = list_checkpoints(ckpt_dir)
     return found[-1][1] if found else None
 
 
-def prune_checkpoints(ckpt_dir, keep):
+def prune_checkpoints(ckpt_dir: str | os.PathLike, keep: int) -> None:
     """Delete all but the newest ``keep`` step checkpoints (``keep <= 0`` keeps all).
 
     ``final_model.cllm`` and other files are never touched.

@@ -21,18 +21,23 @@ are read straight into the flat buffers (no intermediate copy of the whole file)
 
 ``model_config`` must hold sizes that :func:`cllm_cli.config.model_config_problem` accepts.
 """
+from __future__ import annotations
+
 import hashlib
+import io
 import math
 import os
 import re
 import struct
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
+from numpy.typing import NDArray
 
 from cllm_cli._engine import num_parameters
-from cllm_cli.config import MODEL_FIELDS, CLLMConfig, model_config_problem
 from cllm_cli.errors import CheckpointError
 from cllm_cli.fileio import open_regular
 from cllm_cli.fileio import reason as _reason
@@ -43,8 +48,17 @@ from cllm_cli.formats.checkpoint import (
     header_digest,
 )
 from cllm_cli.jsonfile import JSONError, loads
-from cllm_cli.layout import named_views, tensor_shapes
-from cllm_cli.lora import LoraSpec, adapter_shapes, adapter_views, num_adapter_parameters
+from cllm_cli.model import (
+    MODEL_FIELDS,
+    CLLMConfig,
+    LoraSpec,
+    adapter_shapes,
+    adapter_views,
+    model_config_problem,
+    named_views,
+    num_adapter_parameters,
+    tensor_shapes,
+)
 from cllm_cli.progress import plural
 from cllm_cli.tokenizers import TOKENIZER_KINDS
 
@@ -56,15 +70,16 @@ _MAX_COUNT = 2**63 - 1
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
-def _one_line(text):
+def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-def _short_hash(value):
+def _short_hash(value: object) -> str:
     return str(value)[:12] if value is not None else "none"
 
 
-def check_vocabulary(vocab_hash, vocabulary, expected_hash, checkpoint):
+def check_vocabulary(vocab_hash: str | None, vocabulary: object, expected_hash: str | None,
+                     checkpoint: object) -> None:
     """CheckpointError unless vocab_hash, the hash of `vocabulary` (a tokenizer file, or
     words saying whose it is), is expected_hash, the one `checkpoint` records (a file or words
     saying who expects it). The one message of every "is this the model's vocabulary" check."""
@@ -74,9 +89,9 @@ def check_vocabulary(vocab_hash, vocabulary, expected_hash, checkpoint):
                               f"{_short_hash(expected_hash)})")
 
 
-def _read_exact(f, buf):
+def _read_exact(f: io.BufferedReader, buf: np.ndarray) -> int:
     """Fill the writable buffer ``buf`` from ``f``; return the number of bytes read."""
-    mv = memoryview(buf).cast("B")
+    mv = memoryview(buf).cast("B")     # type: ignore[arg-type]  # an ndarray is a buffer
     got = 0
     while got < len(mv):
         n = f.readinto(mv[got:])
@@ -86,7 +101,21 @@ def _read_exact(f, buf):
     return got
 
 
-def load_checkpoint(path, cfg=None, vocab_hash=None):
+@dataclass
+class Checkpoint:
+    """A loaded .cllm file: its model config, the trained parameters (a LoRA checkpoint's
+    adapters), AdamW's m and v (None in a file saved without them), the metadata, and the
+    lora metadata with its LoraSpec under "spec" (None for a full model)."""
+    config: CLLMConfig
+    params: NDArray[np.float32]
+    adam_m: Optional[NDArray[np.float32]]
+    adam_v: Optional[NDArray[np.float32]]
+    meta: dict[str, Any]
+    lora: Optional[dict[str, Any]]
+
+
+def load_checkpoint(path: str | os.PathLike, cfg: CLLMConfig | None = None,
+                    vocab_hash: str | None = None) -> Checkpoint:
     """Read and verify a `.cllm` file.
 
     Returns ``{"config": CLLMConfig, "params": flat float32, "adam_m": flat or None,
@@ -98,7 +127,7 @@ def load_checkpoint(path, cfg=None, vocab_hash=None):
     """
     path = Path(path)
 
-    def fail(problem):
+    def fail(problem: object) -> CheckpointError:
         return CheckpointError(f"cannot load checkpoint {path}: {_one_line(problem)}")
 
     try:
@@ -116,7 +145,8 @@ def load_checkpoint(path, cfg=None, vocab_hash=None):
         raise fail(f"read error: {_reason(exc)}") from None
 
 
-def _load(f, path, fail, want_cfg, want_vocab_hash):
+def _load(f: io.BufferedReader, path: Path, fail: Callable[[object], CheckpointError],
+          want_cfg: CLLMConfig | None, want_vocab_hash: str | None) -> Checkpoint:
     file_size = os.fstat(f.fileno()).st_size
     if file_size < 8:
         raise fail(f"file is {file_size} {plural(file_size, 'byte')}, too short for a safetensors header "
@@ -148,7 +178,7 @@ def _load(f, path, fail, want_cfg, want_vocab_hash):
 
     # Structure of the tensor index: dtype, shape, contiguous offsets covering the data.
     data_len = file_size - 8 - header_len
-    spans = []
+    spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
         if (not isinstance(info, dict) or not isinstance(info.get("dtype"), str)
                 or not isinstance(info.get("shape"), list)
@@ -229,7 +259,7 @@ def _load(f, path, fail, want_cfg, want_vocab_hash):
     # hash the bytes in the same order.
     size = num_parameters(config) if lora is None else num_adapter_parameters(config, lora["spec"])
     buffers = {kind: np.empty(size, dtype=np.float32) for kind in kinds}
-    targets = {}
+    targets: dict[str, np.ndarray] = {}
     for kind, prefix in kinds.items():
         views = (named_views(config, buffers[kind]) if lora is None
                  else adapter_views(config, lora["spec"], buffers[kind]))
@@ -241,7 +271,7 @@ def _load(f, path, fail, want_cfg, want_vocab_hash):
         dest = targets[name]
         if _read_exact(f, dest) != end - begin:
             raise fail("file shrank while reading the tensor data")
-        hasher.update(dest)
+        hasher.update(dest)      # type: ignore[arg-type]  # an ndarray is a buffer
     if hasher.hexdigest() != metadata["checksum"]:
         raise fail("tensor data checksum mismatch (the file is corrupt)")
     if sys.byteorder != "little":
@@ -257,11 +287,12 @@ def _load(f, path, fail, want_cfg, want_vocab_hash):
         raise fail(f"tensor 'adam.v.{name}' holds negative values (a second moment is never "
                    "negative)")
 
-    return {"config": config, "params": buffers["params"], "adam_m": buffers.get("adam_m"),
-            "adam_v": buffers.get("adam_v"), "meta": meta, "lora": lora}
+    return Checkpoint(config, buffers["params"], buffers.get("adam_m"), buffers.get("adam_v"),
+                      meta, lora)
 
 
-def _lora_metadata(metadata, fail):
+def _lora_metadata(metadata: Mapping[str, str],
+                   fail: Callable[[object], CheckpointError]) -> dict[str, Any] | None:
     """The ``lora`` metadata (with "spec", its LoraSpec), or None for a full checkpoint."""
     if "lora" not in metadata:
         return None
@@ -278,7 +309,8 @@ def _lora_metadata(metadata, fail):
     return lora
 
 
-def _model_config(metadata, fail, n_tensors):
+def _model_config(metadata: Mapping[str, str], fail: Callable[[object], CheckpointError],
+                  n_tensors: int) -> CLLMConfig:
     """The CLLMConfig of the metadata; its raw JSON values must pass model_config_problem
     (so that a string or a float is refused, not converted)."""
     try:
@@ -300,13 +332,13 @@ def _model_config(metadata, fail, n_tensors):
     return CLLMConfig.from_dict(fields)
 
 
-def _is_count(value):
+def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_COUNT
 
 
-def _check_meta(meta, fail):
+def _check_meta(meta: Mapping[str, Any], fail: Callable[[object], CheckpointError]) -> None:
     """The meta fields listed in the module docstring, for type and range."""
-    def bad(field, expected, value):
+    def bad(field: str, expected: str, value: object) -> CheckpointError:
         shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
         return fail(f"bad meta field {field}: expected {expected}, got {shown}")
 

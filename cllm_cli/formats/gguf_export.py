@@ -1,12 +1,12 @@
-"""A CLLM model as a GGUF file for llama.cpp (its `gpt2` architecture), written with the
-`gguf` package (an optional dependency: pip install gguf).
+"""A CLLM model as a GGUF file for llama.cpp, written with the `gguf` package (an optional
+dependency: pip install gguf).
 
-Names and layouts are those llama.cpp's own GPT-2 converter writes: `token_embd`,
-`position_embd`, `blk.{l}.attn_norm`, `blk.{l}.attn_qkv`, `blk.{l}.attn_output`,
-`blk.{l}.ffn_norm`, `blk.{l}.ffn_up`, `blk.{l}.ffn_down`, `output_norm` (each .weight and
-.bias), and `output.weight`, a copy of the token embedding (the tie). Linear weights keep our
-[out, in] layout, which is what llama.cpp reads (GGUF lists dimensions innermost first, so a
-[3d, d] array shows as (d, 3d) there). All tensors stay float32 (file type ALL_F32).
+The architecture, its settings and the tensor names are the model family's (model/family.py),
+those llama.cpp's own converter writes (for GPT-2, model/gpt2.py: architecture `gpt2`,
+`token_embd`, `position_embd`, `blk.{l}.attn_qkv`, ...), plus the output layer as a copy of
+the token embedding (the tie). Linear weights keep our [out, in] layout, which is what
+llama.cpp reads (GGUF lists dimensions innermost first, so a [3d, d] array shows as (d, 3d)
+there). All tensors stay float32 (file type ALL_F32).
 
 The tokenizer must be byte-level BPE (llama.cpp's "gpt2" tokenizer model with GPT-2's
 pre-tokenizer): tokens, merges, token types (special ids are CONTROL) and the special ids go
@@ -14,39 +14,24 @@ into the tokenizer.ggml.* keys. llama.cpp has no word-level tokenizer, so word a
 models are refused. When the model has more rows than the tokenizer has tokens, the rest are
 listed as "[PAD<id>]" of type UNUSED, as llama.cpp's converter does.
 """
+from __future__ import annotations
+
 import errno
 import json
 import os
+from typing import Any
 
 import gguf
+import numpy as np
+from numpy.typing import NDArray
 
 from cllm_cli.errors import ConversionError, WriteFailed
 from cllm_cli.fileio import atomic_path
-from cllm_cli.formats.gpt2_names import LAYER_NORM_EPS
-from cllm_cli.layout import named_views
-from cllm_cli.tokenizers import BPETokenizer
-
-ARCH = "gpt2"
-_BLOCK_NAMES = {
-    "ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
-    "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down",
-}
+from cllm_cli.model import CLLMConfig, family_of, named_views
+from cllm_cli.tokenizers import BPETokenizer, Tokenizer
 
 
-def gguf_name(name):
-    """llama.cpp's GPT-2 tensor name of our parameter `name`."""
-    if name == "wte":
-        return "token_embd.weight"
-    if name == "wpe":
-        return "position_embd.weight"
-    if name.startswith("ln_f."):
-        return "output_norm." + name.split(".")[-1]
-    _, layer, rest = name.split(".", 2)
-    module, kind = rest.rsplit(".", 1)
-    return f"blk.{layer}.{_BLOCK_NAMES[module]}.{kind}"
-
-
-def _bpe_vocabulary(tokenizer, vocab_size):
+def _bpe_vocabulary(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], list[Any], list[str]]:
     """(tokens, token types, merges) for the tokenizer.ggml keys."""
     if not isinstance(tokenizer, BPETokenizer):
         raise ConversionError(f"--format gguf needs a bpe tokenizer; llama.cpp has no "
@@ -57,7 +42,8 @@ def _bpe_vocabulary(tokenizer, vocab_size):
         raise ConversionError("--format gguf needs a byte-level BPE tokenizer.json (model BPE, "
                               "pre-tokenizer ByteLevel)")
     special = {t["id"] for t in spec.get("added_tokens") or [] if t.get("special")}
-    tokens, types = [], []
+    tokens: list[str] = []
+    types: list[Any] = []
     for i in range(vocab_size):
         token = tokenizer.id_to_token(i) if i < len(tokenizer) else None
         if token is None:
@@ -70,7 +56,7 @@ def _bpe_vocabulary(tokenizer, vocab_size):
     return tokens, types, merges
 
 
-def _no_space_left(path):
+def _no_space_left(path: str | os.PathLike) -> bool:
     """True when the file system of `path` has no block left for it. numpy's tofile, which
     GGUFWriter writes the tensors with, reports a short write without the system's errno;
     on a file system with no space left that was a full disk."""
@@ -80,7 +66,8 @@ def _no_space_left(path):
         return False
 
 
-def write_gguf(cfg, flat, tokenizer, path, force=False):
+def write_gguf(cfg: CLLMConfig, flat: NDArray[np.float32], tokenizer: Tokenizer, path: str | os.PathLike,
+               force: bool = False) -> None:
     """Writes the model as a GGUF file at `path`, atomically (a temporary file next to it,
     renamed over it). An existing `path` is refused unless force, and one that appears while
     the file is written is never replaced (refused then). ConversionError (one line)
@@ -92,19 +79,15 @@ def write_gguf(cfg, flat, tokenizer, path, force=False):
         what = "is a directory" if os.path.isdir(path) else "exists (--force replaces it)"
         raise ConversionError(f"{path} {what}")
     tokens, types, merges = _bpe_vocabulary(tokenizer, cfg.vocab_size)
+    family = family_of(cfg)
     # a file that appears at `path` while this one is written is never replaced
     with atomic_path(path, ConversionError, "cannot write {path}: {reason}",
                      storage_error=WriteFailed, exclusive=not existed) as tmp:
-        writer = gguf.GGUFWriter(tmp, ARCH)
+        writer = gguf.GGUFWriter(tmp, family.gguf_architecture)
         try:
             writer.add_name("cllm")
             writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-            writer.add_context_length(cfg.seq_len)
-            writer.add_embedding_length(cfg.embed_dim)
-            writer.add_feed_forward_length(cfg.ff_dim)
-            writer.add_block_count(cfg.num_layers)
-            writer.add_head_count(cfg.num_heads)
-            writer.add_layer_norm_eps(LAYER_NORM_EPS)
+            family.gguf_hparams(writer, cfg)
             writer.add_tokenizer_model("gpt2")
             writer.add_tokenizer_pre("gpt-2")
             writer.add_token_list(tokens)
@@ -115,10 +98,10 @@ def write_gguf(cfg, flat, tokenizer, path, force=False):
                 if getattr(tokenizer, key) >= 0:
                     add(getattr(tokenizer, key))
             writer.add_add_bos_token(False)
-            for name, tensor in named_views(cfg, flat).items():
-                writer.add_tensor(gguf_name(name), tensor)
-            writer.add_tensor("output.weight", flat[:cfg.vocab_size * cfg.embed_dim]
-                              .reshape(cfg.vocab_size, cfg.embed_dim))
+            tensors = named_views(cfg, flat)
+            for name, tensor in tensors.items():
+                writer.add_tensor(family.gguf_name(name), tensor)
+            writer.add_tensor(family.gguf_output, tensors[family.embedding])
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()

@@ -1,29 +1,21 @@
-"""CLLM models as `transformers` GPT-2 directories: export_pretrained writes the parameters
-and tokenizer as a directory that AutoModelForCausalLM / AutoTokenizer.from_pretrained load.
-The parameter names are GPT-2's (gpt2_names.py); no `lm_head.weight` is written, the output
-projection being tied to `wte`. hf_import.py reads such directories back.
+"""CLLM models as `transformers` directories: export_pretrained writes the parameters and
+tokenizer as a directory of the model family's transformers class (model/family.py; GPT-2's:
+GPT2LMHeadModel) that AutoModelForCausalLM / AutoTokenizer.from_pretrained load. The tensor
+names, their layout and config.json's model fields are the family's; a tied output layer is
+not written. hf_import.py reads such directories back.
 
 Choices written down here:
 
-- config.json: model_type gpt2, activation gelu_new (tanh GELU), layer_norm_epsilon 1e-5,
-  n_positions = n_ctx = seq_len, n_inner = ff_dim, tied embeddings, dropout 0 (export is for
-  inference; set the *_pdrop fields to fine-tune with dropout), the tokenizer's special ids.
-  generation_config.json: cllm_inference's sampling defaults (temperature 0.8, top-k 40, top-p
-  0.95). GPT-2 has no position past seq_len, so prompt + new tokens must fit in it (our
-  generate slides its window instead).
-- Tokenizers: bpe copies its tokenizer.json. word and char become `tokenizers` WordLevel
-  pipelines giving our ids, with <unk> for what the vocabulary lacks. word: Lowercase
-  normalizer, then a Split pre-tokenizer keeping `[\\p{L}\\p{N}_]+(?:'[\\p{L}\\p{N}_]+)*|
-  [^\\p{L}\\p{N}_\\s]` (Python's `\\w+(?:'\\w+)*|[^\\w\\s]`; the library's own `\\w` would also take
-  combining marks); a decoder that gives the text our decode gives (WORD_DECODING: the
-  tokens joined by single spaces, then the spaces our rules leave out removed by regular
-  expressions; clean_up_tokenization_spaces is off, as it would undo some). Its quote rule
-  counts the quotes before each one on the line, a cost that grows with the square of a
-  line's length (a line of 20 KB decodes in about 0.1 s). The library lower-cases
-  one character at a time, so a final capital sigma becomes σ where Python writes ς. char:
-  every character is a token; a Fuse decoder gives the text back unchanged.
-  transformers reads special tokens ("<eos>", ...) typed in text as those tokens; our
-  tokenizers read them as text.
+- config.json: the family's fields (GPT-2: model_type gpt2, activation gelu_new (tanh GELU),
+  layer_norm_epsilon 1e-5, n_positions = n_ctx = seq_len, n_inner = ff_dim, tied embeddings,
+  dropout 0: export is for inference; set the *_pdrop fields to fine-tune with dropout), and
+  the tokenizer's special ids. generation_config.json: cllm_inference's sampling defaults
+  (temperature 0.8, top-k 40, top-p 0.95). A model with learned positions has none past
+  seq_len, so prompt + new tokens must fit in it (our generate slides its window instead).
+- Tokenizers: each kind writes its own tokenizer.json (Tokenizer.tokenizer_json): bpe copies
+  its file; word and char build `tokenizers` WordLevel pipelines that give our ids and our
+  decoding (tokenizers/word.py and char.py say how). transformers reads special tokens
+  ("<eos>", ...) typed in text as those tokens; our tokenizers read them as text.
 - The directory is written all or nothing (write_directory), and never over a directory that
   appears at OUT while it is written (another export's, a user's). Its temporary directories are
   named `.OUT.<pid>.<host>.<hex>.tmp` (and `.old` for the directory --force replaces): the
@@ -32,6 +24,8 @@ Choices written down here:
   whose process is gone (and says so), and puts back an `.old` directory when OUT itself is
   missing (the writer died between its two renames), so that no earlier export is lost.
 """
+from __future__ import annotations
+
 import contextlib
 import errno
 import hashlib
@@ -42,54 +36,37 @@ import secrets
 import shutil
 import socket
 from pathlib import Path
+from typing import Any, BinaryIO, Callable, Mapping, Union
 
-import tokenizers
-from tokenizers import decoders, models, normalizers, pre_tokenizers
+import numpy as np
+from numpy.typing import NDArray
 
 from cllm_cli.errors import ConversionError, WriteFailed
 from cllm_cli.fileio import fsync_directory, reason, signals_held, write_error
-from cllm_cli.formats.gpt2_names import LAYER_NORM_EPS, gpt2_name, is_conv1d
 from cllm_cli.formats.tensorfile import safetensors_header, write_tensors
-from cllm_cli.layout import named_views
-from cllm_cli.tokenizers import SPECIALS, UNK, BPETokenizer
+from cllm_cli.model import CLLMConfig, family_of, named_views
+from cllm_cli.tokenizers import Tokenizer
 
-GENERATION = {"do_sample": True, "temperature": 0.8, "top_k": 40, "top_p": 0.95}
+# a file of a directory write_directory writes: its bytes, or a function writing them to it
+FileContent = Union[bytes, Callable[[BinaryIO], None]]
 
-# Python's \w is letters, digits (numeric characters) and "_"; [^\w\s] every other non-space.
-WORD_PATTERN = r"[\p{L}\p{N}_]+(?:'[\p{L}\p{N}_]+)*|[^\p{L}\p{N}_\s]"
-
-# The word tokenizer's decoding (tokenizers/word.py) as replacements in the text of the tokens
-# joined by single spaces. No token holds a space, so every space lies between two tokens and
-# the characters either side of it are the ends of those tokens. _LINE is the text of a line
-# outside quotes; a quote with an odd number of quotes before it on its line (itself
-# included) opens, the next one closes. The cheap look-arounds first keep the counting to
-# the spaces next to a quote.
-_LINE = r'[^"\n]*'
-WORD_DECODING = (
-    (r" <(?:pad|bos)>", ""),                                         # skipped,
-    (r"^<(?:pad|bos)> ?", ""),                                       # also first on a line
-    (r" ?<eos> ?", "\n"),                                           # a line end
-    (rf'(?<=")(?<=^(?:{_LINE}"{_LINE}")*{_LINE}") ', ""),           # after an opening quote
-    (rf' (?=")(?<=^(?:{_LINE}"{_LINE}")*{_LINE}"{_LINE} )', ""),    # before a closing quote
-    (r" (?=[.,;:!?%')\]}\u2026/-])", ""),                           # before . , ) - / ...
-    (r"(?<=[(\[{/-]) ", ""),                                         # after ( [ { - /
-)
-
+GENERATION: dict[str, Any] = {"do_sample": True, "temperature": 0.8, "top_k": 40, "top_p": 0.95}
 
 # ---------------------------------------------------------------------------------------
 # Layouts
 # ---------------------------------------------------------------------------------------
 
-def to_gpt2_state(cfg, flat):
-    """{GPT-2 name: float32 array in GPT-2's layout} of the flat parameters: views of `flat`
-    (transposed ones for the Conv1D weights), no copies."""
-    state = {}
-    for name, t in named_views(cfg, flat).items():
-        state[gpt2_name(name)] = t.T if is_conv1d(name) else t
-    return state
+def to_hf_state(cfg: CLLMConfig, flat: NDArray[np.float32]) -> dict[str, np.ndarray]:
+    """{transformers name: float32 array in transformers' layout} of the flat parameters:
+    views of `flat` (transposed ones where the family's transformers class stores [in, out]),
+    no copies."""
+    family = family_of(cfg)
+    return {family.hf_name(name): t.T if family.hf_transposed(name) else t
+            for name, t in named_views(cfg, flat).items()}
 
 
-def write_safetensors(f, tensors, metadata):
+def write_safetensors(f: BinaryIO, tensors: Mapping[str, np.ndarray],
+                      metadata: Mapping[str, str] | None) -> None:
     """{name: array} as a safetensors file in the open file f, streamed tensor by tensor
     (tensorfile.py): equal to safetensors.numpy.save's bytes, without a copy of the model."""
     header, names = safetensors_header(tensors, metadata)
@@ -97,51 +74,28 @@ def write_safetensors(f, tensors, metadata):
     write_tensors(f, tensors, names)
 
 
-def _special_ids(tokenizer):
+def _special_ids(tokenizer: Tokenizer) -> dict[str, int]:
     """{"pad", "unk", "bos", "eos"}: ids, -1 where the tokenizer has none."""
     return {"pad": tokenizer.pad_id, "unk": tokenizer.unk_id, "bos": tokenizer.bos_id,
             "eos": tokenizer.eos_id}
 
 
-def _token(tokenizer, i):
-    if isinstance(tokenizer, BPETokenizer):
-        return tokenizer.id_to_token(i)
-    return tokenizer.itos[i]
+def _token(tokenizer: Tokenizer, i: int) -> str | None:
+    return tokenizer.id_to_token(i)
 
 
-def gpt2_config(cfg, tokenizer):
-    """config.json of our model as a transformers GPT-2 (dict)."""
+def hf_config(cfg: CLLMConfig, tokenizer: Tokenizer) -> dict[str, Any]:
+    """config.json of our model as its family's transformers class (dict), with the
+    tokenizer's special ids."""
     ids = _special_ids(tokenizer)
-    config = {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": cfg.vocab_size,
-        "n_positions": cfg.seq_len,
-        "n_ctx": cfg.seq_len,
-        "n_embd": cfg.embed_dim,
-        "n_layer": cfg.num_layers,
-        "n_head": cfg.num_heads,
-        "n_inner": cfg.ff_dim,
-        "activation_function": "gelu_new",
-        "layer_norm_epsilon": LAYER_NORM_EPS,
-        "resid_pdrop": 0.0,
-        "embd_pdrop": 0.0,
-        "attn_pdrop": 0.0,
-        "initializer_range": 0.02,
-        "scale_attn_weights": True,
-        "scale_attn_by_inverse_layer_idx": False,
-        "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": True,
-        "use_cache": True,
-        "dtype": "float32",
-    }
+    config: dict[str, Any] = family_of(cfg).hf_config(cfg)
     for key in ("bos", "eos", "pad"):
         if ids[key] >= 0:
             config[f"{key}_token_id"] = ids[key]
     return config
 
 
-def generation_config(tokenizer):
+def generation_config(tokenizer: Tokenizer) -> dict[str, Any]:
     """generation_config.json (dict)."""
     ids = _special_ids(tokenizer)
     config = dict(GENERATION)
@@ -155,36 +109,13 @@ def generation_config(tokenizer):
 # Tokenizer files
 # ---------------------------------------------------------------------------------------
 
-def word_char_pipeline(tokenizer):
-    """A `tokenizers` WordLevel pipeline giving the ids of a word or char Tokenizer."""
-    vocab = {t: i for i, t in enumerate(tokenizer.itos)}
-    tk = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token=SPECIALS[UNK]))
-    if tokenizer.kind == "word":
-        tk.normalizer = normalizers.Lowercase()
-        tk.pre_tokenizer = pre_tokenizers.Split(tokenizers.Regex(WORD_PATTERN),
-                                                behavior="removed", invert=True)
-        # WordPiece with a prefix no token has: the tokens joined by single spaces
-        tk.decoder = decoders.Sequence(
-            [decoders.WordPiece(prefix="\x00", cleanup=False), decoders.Fuse()]
-            + [decoders.Replace(tokenizers.Regex(pattern), text) for pattern, text in WORD_DECODING])
-    else:
-        tk.pre_tokenizer = pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), behavior="isolated")
-        tk.decoder = decoders.Fuse()
-    tk.add_special_tokens([tokenizers.AddedToken(s, special=True, normalized=False)
-                           for s in SPECIALS])
-    return tk
-
-
-def _json_bytes(obj):
+def _json_bytes(obj: object) -> bytes:
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def tokenizer_files(tokenizer, model_max_length):
+def tokenizer_files(tokenizer: Tokenizer, model_max_length: int) -> dict[str, bytes]:
     """{file name: bytes}: tokenizer.json, tokenizer_config.json, special_tokens_map.json."""
-    if isinstance(tokenizer, BPETokenizer):
-        tokenizer_json = tokenizer.json_bytes
-    else:
-        tokenizer_json = word_char_pipeline(tokenizer).to_str().encode("utf-8")
+    tokenizer_json = tokenizer.tokenizer_json()
     specials = {f"{key}_token": _token(tokenizer, i)
                 for key, i in _special_ids(tokenizer).items() if i >= 0}
     config = {
@@ -200,16 +131,16 @@ def tokenizer_files(tokenizer, model_max_length):
             "special_tokens_map.json": _json_bytes(specials)}
 
 
-def hf_files(cfg, flat, tokenizer):
+def hf_files(cfg: CLLMConfig, flat: NDArray[np.float32], tokenizer: Tokenizer) -> dict[str, FileContent]:
     """{file name: bytes, or a function writing the file to an open file} of the
     transformers directory of a model."""
     if len(tokenizer) > cfg.vocab_size:
         raise ConversionError(f"the tokenizer has {len(tokenizer)} tokens but the model only "
                               f"{cfg.vocab_size}")
-    files = {
-        "config.json": _json_bytes(gpt2_config(cfg, tokenizer)),
+    files: dict[str, FileContent] = {
+        "config.json": _json_bytes(hf_config(cfg, tokenizer)),
         "generation_config.json": _json_bytes(generation_config(tokenizer)),
-        "model.safetensors": lambda f: write_safetensors(f, to_gpt2_state(cfg, flat),
+        "model.safetensors": lambda f: write_safetensors(f, to_hf_state(cfg, flat),
                                                          {"format": "pt"}),
     }
     files.update(tokenizer_files(tokenizer, cfg.seq_len))
@@ -220,16 +151,16 @@ def hf_files(cfg, flat, tokenizer):
 # Writing a directory atomically
 # ---------------------------------------------------------------------------------------
 
-def _is_empty_dir(path):
+def _is_empty_dir(path: Path) -> bool:
     with os.scandir(path) as it:
         return next(it, None) is None
 
 
-def _host_tag():
+def _host_tag() -> str:
     return hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
 
 
-def _process_gone(pid):
+def _process_gone(pid: int) -> bool:
     """True when no process `pid` runs on this host (a zombie counts as gone)."""
     try:
         os.kill(pid, 0)
@@ -244,7 +175,7 @@ def _process_gone(pid):
         return False
 
 
-def remove_stale(outdir):
+def remove_stale(outdir: str | os.PathLike) -> list[tuple[Path, int, str]]:
     """Removes the temporary directories of earlier writes of `outdir` on this host whose
     writer is gone (.OUT.<pid>.<host>.<hex>.tmp / .old); an .old one is renamed back to outdir
     when outdir is missing. Returns [(path, pid, what was done)]."""
@@ -255,7 +186,7 @@ def remove_stale(outdir):
         names = sorted(os.listdir(outdir.parent))
     except OSError:
         return []
-    done = []
+    done: list[tuple[Path, int, str]] = []
     for name in names:
         m = pattern.fullmatch(name)
         if m is None or not _process_gone(int(m.group(1))):
@@ -272,17 +203,17 @@ def remove_stale(outdir):
     return done
 
 
-def _identity(path):
+def _identity(path: str | os.PathLike) -> tuple[int, int]:
     st = os.lstat(path)
     return st.st_dev, st.st_ino
 
 
-def _appeared(outdir):
+def _appeared(outdir: str | os.PathLike) -> ConversionError:
     return ConversionError(f"{outdir} appeared while this export was writing it (another "
                            f"export?); it is left as it is: choose another OUT or try again")
 
 
-def _into_free_name(tmp, outdir, claim):
+def _into_free_name(tmp: str | os.PathLike, outdir: str | os.PathLike, claim: bool) -> None:
     """Renames directory tmp to outdir and never over anything that holds files: rename(2)
     replaces an empty directory but fails on a non-empty one or a file. With claim (outdir was
     absent at the start) outdir is first created empty here, and the rename goes over that
@@ -302,7 +233,7 @@ def _into_free_name(tmp, outdir, claim):
         raise
 
 
-def _over_previous(tmp, outdir, old, previous):
+def _over_previous(tmp: str | os.PathLike, outdir: str | os.PathLike, old: str | os.PathLike, previous: tuple[int, int]) -> None:
     """Replaces the directory `previous` (its identity) at outdir with tmp: outdir moved
     aside to `old`, tmp renamed in, `old` removed. When outdir is no longer that directory
     (another export replaced it meanwhile), it is put back and nothing is replaced."""
@@ -322,7 +253,8 @@ def _over_previous(tmp, outdir, old, previous):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_directory(outdir, files, force=False):
+def write_directory(outdir: str | os.PathLike, files: Mapping[str, FileContent],
+                    force: bool = False) -> list[tuple[Path, int, str]]:
     """Writes {name: bytes or write(f)} as the directory `outdir`, all or nothing.
 
     The files go to a temporary directory next to outdir (each fsync'ed), which is then
@@ -337,7 +269,7 @@ def write_directory(outdir, files, force=False):
     outdir = Path(outdir)
     parent = outdir.parent
     stale = remove_stale(outdir) if parent.is_dir() else []
-    previous = None                     # the identity of a non-empty outdir to replace
+    previous: tuple[int, int] | None = None     # the identity of a non-empty outdir to replace
     absent = not (outdir.exists() or outdir.is_symlink())
     if not absent:
         if not outdir.is_dir() or outdir.is_symlink():
@@ -377,8 +309,9 @@ def write_directory(outdir, files, force=False):
     return stale
 
 
-def export_pretrained(cfg, flat, tokenizer, outdir, force=False):
-    """Writes the transformers GPT-2 directory of a model (see the module docstring); returns
+def export_pretrained(cfg: CLLMConfig, flat: NDArray[np.float32], tokenizer: Tokenizer,
+                      outdir: str | os.PathLike, force: bool = False) -> list[tuple[Path, int, str]]:
+    """Writes the transformers directory of a model (see the module docstring); returns
     the leftovers of killed exports it cleaned up (remove_stale)."""
     return write_directory(outdir, hf_files(cfg, flat, tokenizer), force)
 

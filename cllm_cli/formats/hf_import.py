@@ -1,58 +1,57 @@
-"""CLLM models from `transformers` GPT-2 directories: load_gpt2_directory -> (CLLMConfig,
+"""CLLM models from `transformers` directories: load_transformers_directory -> (CLLMConfig,
 flat float32 parameters in the engine's layout, tokenizer).
 
-The tensor names are GPT-2's (gpt2_names.py). Loading refuses, with one line naming the
-setting, what our model cannot compute exactly: another model_type or architecture, another
-activation, layer_norm_epsilon other than 1e-5, scale_attn_weights false,
-scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn, cross-attention, n_ctx !=
-n_positions, model sizes CLLMConfig refuses, an lm_head.weight that differs from wte (one
-equal to it is taken as tied), a missing tensor (GPT-2 without biases), an unexpected one,
-float64 weights (float16 and bfloat16 widen to float32 exactly), a tensor holding NaN or
-Inf (named), and weights only in
-pytorch_model.bin (not read: unpickling can run code). Tensor names may lack the
-"transformer." prefix (files saved from GPT2Model, as GPT-2's own), sharded files
-(model.safetensors.index.json) are read, and the causal-mask buffers old files carry are left
-out. The tokenizer is the directory's tokenizer.json (bpe kind).
+config.json's model_type picks the model family (model/family.py); the tensor names, their
+layout and the config's meaning are the family's. Loading refuses, with one line naming the
+setting, what our model cannot compute exactly: a model_type or architecture of no family,
+what the family refuses (for GPT-2: another activation, layer_norm_epsilon other than 1e-5,
+scale_attn_weights false, scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn,
+cross-attention, n_ctx != n_positions), model sizes CLLMConfig refuses, an output layer that
+differs from the embedding (one equal to it is taken as tied), a missing tensor (GPT-2
+without biases), an unexpected one, float64 weights (float16 and bfloat16 widen to float32
+exactly), a tensor holding NaN or Inf (named), and weights only in pytorch_model.bin (not
+read: unpickling can run code). Tensor names may lack the family's prefix (GPT-2's
+"transformer.": files saved from GPT2Model, as GPT-2's own), sharded files
+(model.safetensors.index.json) are read, and the buffers the family names (GPT-2's causal
+masks in old files) are left out. The tokenizer is the directory's tokenizer.json (bpe kind).
 """
-import json
+from __future__ import annotations
+
 import math
 import os
 import struct
 from pathlib import Path
+from typing import Any, Mapping, NoReturn
 
 import numpy as np
+from numpy.typing import NDArray
 
 from cllm_cli._engine import num_parameters
-from cllm_cli.config import CLLMConfig, model_config_problem
 from cllm_cli.errors import ConversionError, DataError
 from cllm_cli.fileio import reason
 from cllm_cli.formats.checkpoint import first_non_finite
-from cllm_cli.formats.gpt2_names import LAYER_NORM_EPS, gpt2_name, is_conv1d
 from cllm_cli.jsonfile import JSONError, loads, read_json
-from cllm_cli.layout import named_views
+from cllm_cli.model import FAMILIES, CLLMConfig, Family, named_views
 from cllm_cli.tokenizers import BPETokenizer
 
-GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
-IGNORED_BUFFERS = (".attn.bias", ".attn.masked_bias")   # causal masks old GPT-2 files carry
+# a tensor in a safetensors file: (dtype, shape, absolute byte offset, byte length)
+_Entry = tuple[str, tuple[int, ...], int, int]
 
-_SIZES = {"vocab_size": ("vocab_size", 50257), "embed_dim": ("n_embd", 768),
-          "num_layers": ("n_layer", 12), "num_heads": ("n_head", 12), "ff_dim": ("n_inner", 0),
-          "seq_len": ("n_positions", 1024)}
-_WIDEN = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+_WIDEN: dict[str, np.dtype] = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
 
 
 # ---------------------------------------------------------------------------------------
 # Loading a transformers GPT-2 directory
 # ---------------------------------------------------------------------------------------
 
-def _read_json(path):
+def _read_json(path: str | os.PathLike) -> dict[str, Any]:
     obj = read_json(path, ConversionError)
     if not isinstance(obj, dict):
         raise ConversionError(f"{path}: not a JSON object")
     return obj
 
 
-def _safetensors_index(path):
+def _safetensors_index(path: str | os.PathLike) -> dict[str, _Entry]:
     """{tensor name: (dtype, shape, absolute byte offset, byte length)} of one file."""
     try:
         size = os.path.getsize(path)
@@ -73,7 +72,7 @@ def _safetensors_index(path):
     if not isinstance(header, dict):
         raise ConversionError(f"{path}: not a safetensors file (bad header)")
     header.pop("__metadata__", None)
-    index = {}
+    index: dict[str, _Entry] = {}
     for name, info in header.items():
         try:
             begin, end = info["data_offsets"]
@@ -84,7 +83,7 @@ def _safetensors_index(path):
     return index
 
 
-def _read_tensor(path, name, entry):
+def _read_tensor(path: str | os.PathLike, name: str, entry: _Entry) -> NDArray[np.float32]:
     """float32 array of one tensor; float16 and bfloat16 widen exactly."""
     dtype, shape, offset, length = entry
     if dtype not in _WIDEN:
@@ -105,7 +104,7 @@ def _read_tensor(path, name, entry):
     return raw.astype(np.float32).reshape(shape)
 
 
-def _weight_files(directory):
+def _weight_files(directory: Path) -> dict[str, tuple[Path, _Entry]]:
     """{tensor name: (file, index entry)} of model.safetensors or its shards."""
     single = directory / "model.safetensors"
     index_path = directory / "model.safetensors.index.json"
@@ -115,7 +114,7 @@ def _weight_files(directory):
         weight_map = _read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ConversionError(f"{index_path}: no weight_map")
-        found = {}
+        found: dict[str, tuple[Path, _Entry]] = {}
         for shard in sorted(set(weight_map.values())):
             for name, e in _safetensors_index(directory / shard).items():
                 found[name] = (directory / shard, e)
@@ -127,72 +126,58 @@ def _weight_files(directory):
     raise ConversionError(f"{directory}: no model.safetensors")
 
 
-def _setting(config, key, default):
+def _setting(config: Mapping[str, Any], key: str, default: Any) -> Any:
     return config[key] if config.get(key) is not None else default
 
 
-def _check_gpt2_config(path, config):
-    """Refuses a config.json our model cannot compute exactly; returns the CLLMConfig."""
-    def refuse(what):
+def _check_config(path: str | os.PathLike,
+                  config: Mapping[str, Any]) -> tuple[Family, CLLMConfig]:
+    """(Family, CLLMConfig) of a config.json; refuses, with one line naming the setting, a
+    model_type or architecture of no family, and what the family's model cannot compute
+    exactly."""
+    def refuse(what: str) -> NoReturn:
         raise ConversionError(f"{path}: {what}")
 
     model_type = config.get("model_type")
-    if model_type != "gpt2":
-        refuse(f"model_type {model_type!r} is not supported (only gpt2)")
+    families = {f.hf_model_type: f for f in FAMILIES.values()}
+    if model_type not in families:
+        refuse(f"model_type {model_type!r} is not supported (only {', '.join(families)})")
+    family = families[model_type]
     for arch in config.get("architectures") or []:
-        if arch not in ("GPT2LMHeadModel", "GPT2Model"):
-            refuse(f"architectures {arch!r} is not supported (only GPT2LMHeadModel)")
-    act = _setting(config, "activation_function", "gelu_new")
-    if act not in GELU_TANH:
-        refuse(f"activation_function {act!r} is not supported (only tanh GELU: "
-               f"{', '.join(GELU_TANH)})")
-    eps = _setting(config, "layer_norm_epsilon", LAYER_NORM_EPS)
-    if eps != LAYER_NORM_EPS:
-        refuse(f"layer_norm_epsilon {eps} is not supported (only {LAYER_NORM_EPS})")
-    for key, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                      ("reorder_and_upcast_attn", False), ("add_cross_attention", False)):
-        value = _setting(config, key, want)
-        if value != want:
-            refuse(f"{key} {json.dumps(value)} is not supported (only {json.dumps(want)})")
-    n_positions = _setting(config, "n_positions", 1024)
-    if config.get("n_ctx") is not None and config["n_ctx"] != n_positions:
-        refuse(f"n_ctx {config['n_ctx']} differs from n_positions {n_positions}")
-    # our size fields, each with its config.json key and GPT-2's default; n_inner 0 or
-    # missing is GPT-2's 4 x n_embd, as ff_dim 0 is ours
-    values = {field: _setting(config, key, default) for field, (key, default) in _SIZES.items()}
-    values["seq_len"] = n_positions
-    given = {k: v for k, v in values.items() if not (k == "ff_dim" and v == 0)}
-    problem = model_config_problem(given, name=lambda field: _SIZES[field][0])
-    if problem:
-        refuse(f"model size not supported: {problem}")
-    try:
-        return CLLMConfig(**values)
-    except ValueError as e:          # 4 x n_embd out of range
-        refuse(f"model size not supported: {e}")
+        if arch not in family.hf_architectures:
+            refuse(f"architectures {arch!r} is not supported (only "
+                   f"{family.hf_architectures[0]})")
+    return family, family.config_from_hf(config, refuse)
 
 
-def load_gpt2_directory(directory):
+def load_transformers_directory(directory: str | os.PathLike,
+                                ) -> tuple[CLLMConfig, NDArray[np.float32], BPETokenizer]:
+    """(CLLMConfig, flat float32 parameters, tokenizer) of a transformers directory of a model
+    family we compute (see the module docstring for what is refused)."""
     directory = Path(directory)
     config_path = directory / "config.json"
     config = _read_json(config_path)
-    cfg = _check_gpt2_config(config_path, config)
+    family, cfg = _check_config(config_path, config)
     tied = _setting(config, "tie_word_embeddings", True)
+    prefix = family.hf_prefix
 
-    files = {}
+    files: dict[str, tuple[str, Path, _Entry]] = {}
     for name, where in _weight_files(directory).items():
-        short = name[len("transformer."):] if name.startswith("transformer.") else name
-        if short.endswith(IGNORED_BUFFERS):
+        short = name[len(prefix):] if name.startswith(prefix) else name
+        if short.endswith(family.hf_ignored):
             continue
         files[short] = (name, *where)
     flat = np.empty(num_parameters(cfg), dtype=np.float32)
     for name, view in named_views(cfg, flat).items():
         shape = view.shape
-        key = gpt2_name(name)[len("transformer."):]
+        hf_name = family.hf_name(name)
+        key = hf_name[len(prefix):] if hf_name.startswith(prefix) else hf_name
         if key not in files:
-            raise ConversionError(f"{directory}: missing tensor {gpt2_name(name)} (a GPT-2 "
-                                  f"without it cannot be represented)")
+            raise ConversionError(f"{directory}: missing tensor {hf_name} (a "
+                                  f"{family.hf_architectures[0]} without it cannot be "
+                                  f"represented)")
         full, path, entry = files.pop(key)
-        hf_shape = shape[::-1] if is_conv1d(name) else shape
+        hf_shape = shape[::-1] if family.hf_transposed(name) else shape
         if entry[1] != tuple(hf_shape):
             raise ConversionError(f"{path}: tensor {full} has shape {list(entry[1])}, "
                                   f"config.json needs {list(hf_shape)}")
@@ -201,18 +186,19 @@ def load_gpt2_directory(directory):
         if bad:
             raise ConversionError(f"{path}: {bad}; a model with NaN or Inf weights cannot be "
                                   f"trained or run")
-        view[...] = t.T if is_conv1d(name) else t
-    head = files.pop("lm_head.weight", None)
+        view[...] = t.T if family.hf_transposed(name) else t
+    head = files.pop(family.hf_head, None)
+    embedding = named_views(cfg, flat)[family.embedding]
     if head is not None:
         full, path, entry = head
-        wte = flat[:cfg.vocab_size * cfg.embed_dim]
-        if (entry[1] != (cfg.vocab_size, cfg.embed_dim)
-                or not np.array_equal(_read_tensor(path, full, entry).reshape(-1), wte)):
-            raise ConversionError(f"{path}: lm_head.weight differs from transformer.wte.weight "
-                                  f"(untied output layer is not supported)")
+        if (entry[1] != embedding.shape
+                or not np.array_equal(_read_tensor(path, full, entry), embedding)):
+            raise ConversionError(f"{path}: {family.hf_head} differs from "
+                                  f"{family.hf_name(family.embedding)} (untied output layer is "
+                                  f"not supported)")
     elif not tied:
-        raise ConversionError(f"{config_path}: tie_word_embeddings false and no lm_head.weight "
-                              f"(untied output layer is not supported)")
+        raise ConversionError(f"{config_path}: tie_word_embeddings false and no "
+                              f"{family.hf_head} (untied output layer is not supported)")
     if files:
         names = sorted(full for full, _, _ in files.values())
         more = f" and {len(names) - 1} more" if len(names) > 1 else ""

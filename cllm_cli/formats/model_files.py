@@ -4,8 +4,8 @@ directory, or a transformers GPT-2 directory. Every command that reads a model r
     resolve_checkpoint   a run directory -> its final_model.cllm, else its newest
                          checkpoint_step_<N>.cllm; anything else is taken as it is
     load_with_tokenizer  a .cllm file and the tokenizer it was trained with
-    load_model_files     any of the three -> (config, flat parameters, tokenizer, meta,
-                         tokenizer path)
+    load_model_files     any of the three -> ModelFiles (config, flat parameters, tokenizer,
+                         meta, tokenizer path)
     checkpoint_params    a loaded checkpoint's parameters (a LoRA one's merged into its base)
     load_lora_base       the base parameters a LoRA checkpoint names, checked by hash
 
@@ -14,23 +14,39 @@ A LoRA checkpoint loads as its base with the adapters merged in: every reader of
 checkpoint is a full model (a transformers directory or a full .cllm), never another LoRA
 checkpoint, so that reading a base never leads to another base (nor back to itself).
 """
+from __future__ import annotations
+
+import os
 from pathlib import Path
+from typing import Any, Mapping, NamedTuple
+
+import numpy as np
+from numpy.typing import NDArray
 
 from cllm_cli.errors import CheckpointError, ConversionError, UsageError
-from cllm_cli.fileio import check_regular
 from cllm_cli.formats.checkpoint import first_non_finite, latest_checkpoint
-from cllm_cli.formats.checkpoint_load import check_vocabulary, load_checkpoint
-from cllm_cli.formats.hf_import import load_gpt2_directory
-from cllm_cli.layout import named_views, shorten_positions
-from cllm_cli.lora import content_hash, merge_adapters
-from cllm_cli.tokenizers import TOKENIZER_KINDS, BPETokenizer, Tokenizer, tokenizer_class
+from cllm_cli.formats.checkpoint_load import Checkpoint, check_vocabulary, load_checkpoint
+from cllm_cli.formats.hf_import import load_transformers_directory
+from cllm_cli.model import CLLMConfig, content_hash, merge_adapters, named_views, shorten_positions
+from cllm_cli.tokenizers import TOKENIZER_KINDS, BPETokenizer, Tokenizer, load_tokenizer, tokenizer_class
 
 
-def is_transformers_directory(path):
+class ModelFiles(NamedTuple):
+    """What load_model_files read: the model's config and flat float32 parameters, the
+    tokenizer it was trained with, the checkpoint's metadata ({} for a transformers directory)
+    and the file the tokenizer came from."""
+    config: CLLMConfig
+    flat: np.ndarray
+    tokenizer: Tokenizer
+    meta: dict[str, Any]
+    tokenizer_path: str | os.PathLike      # a Path, or the one the caller gave
+
+
+def is_transformers_directory(path: str | os.PathLike) -> bool:
     return Path(path).is_dir() and (Path(path) / "config.json").exists()
 
 
-def resolve_checkpoint(path):
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """The .cllm file a run directory stands for (a file path is returned as it is)."""
     path = Path(path)
     if path.is_dir():
@@ -45,7 +61,8 @@ def resolve_checkpoint(path):
     return path
 
 
-def load_with_tokenizer(path, tokenizer_path=None, full=False):
+def load_with_tokenizer(path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None,
+                        full: bool = False) -> ModelFiles:
     """(CLLMConfig, flat params, tokenizer, meta, tokenizer path) of a .cllm file.
 
     The tokenizer is the checkpoint's kind, read from tokenizer_path or from the file next
@@ -53,9 +70,9 @@ def load_with_tokenizer(path, tokenizer_path=None, full=False):
     checkpoint records. With `full` a LoRA checkpoint is refused (UsageError) instead of
     merged. CheckpointError or UsageError (one line) otherwise."""
     ckpt = load_checkpoint(path)
-    if full and ckpt["lora"] is not None:
+    if full and ckpt.lora is not None:
         raise UsageError(f"{path} holds LoRA adapters, not a full model")
-    cfg, meta = ckpt["config"], ckpt["meta"]
+    cfg, meta = ckpt.config, ckpt.meta
     kind = meta.get("tokenizer", "word")
     if kind not in TOKENIZER_KINDS:
         raise ConversionError(f"{path}: unknown tokenizer kind {kind!r} in the checkpoint")
@@ -65,45 +82,43 @@ def load_with_tokenizer(path, tokenizer_path=None, full=False):
         if not tokenizer_path.exists():
             raise UsageError(f"no {name} next to {path} (looked for {tokenizer_path}); give "
                              f"the training run's {name} with --vocab")
-    if kind == "bpe":       # a tokenizer.json, or GPT-2's vocab.json + merges.txt
-        BPETokenizer.check_files(tokenizer_path, "vocabulary")
-    else:
-        check_regular(tokenizer_path, "vocabulary")
-    tokenizer = Tokenizer.load(tokenizer_path, kind)
+    tokenizer = load_tokenizer(tokenizer_path, kind, "vocabulary")
     if meta.get("vocab_hash") is not None:      # files saved without one are taken as they are
         check_vocabulary(tokenizer.vocab_hash, tokenizer_path, meta["vocab_hash"], path)
     if len(tokenizer) > cfg.vocab_size:
         raise UsageError(f"{tokenizer_path} has {len(tokenizer)} tokens but the model in {path} "
                          f"has a vocabulary of {cfg.vocab_size}")
-    return cfg, checkpoint_params(ckpt, path), tokenizer, meta, tokenizer_path
+    return ModelFiles(cfg, checkpoint_params(ckpt, path), tokenizer, meta, tokenizer_path)
 
 
-def checkpoint_params(ckpt, path):
+def checkpoint_params(ckpt: Checkpoint, path: str | os.PathLike) -> NDArray[np.float32]:
     """The parameters of a loaded checkpoint (`path`: its file): its own, or for a LoRA
     checkpoint its base with the adapters merged in."""
-    lora = ckpt["lora"]
+    lora = ckpt.lora
     if lora is None:
-        return ckpt["params"]
-    base = load_lora_base(lora, ckpt["config"], path)
-    merged = merge_adapters(ckpt["config"], base, lora["spec"], ckpt["params"])
-    bad = first_non_finite(named_views(ckpt["config"], merged))
+        return ckpt.params
+    base = load_lora_base(lora, ckpt.config, path)
+    merged = merge_adapters(ckpt.config, base, lora["spec"], ckpt.params)
+    bad = first_non_finite(named_views(ckpt.config, merged))
     if bad:
         raise CheckpointError(f"{path} holds LoRA adapters that, merged into its base, give "
                               f"non-finite weights: {bad}")
     return merged
 
 
-def load_lora_base(lora, cfg, checkpoint):
+def load_lora_base(lora: Mapping[str, Any], cfg: CLLMConfig,
+                   checkpoint: str | os.PathLike) -> NDArray[np.float32]:
     """The base parameters of a LoRA checkpoint (`lora`: its lora metadata, `cfg`: its model
     config): read from base_path (a full model load_model_files reads), cut to cfg's seq_len
     as the run cut them, and checked against base_sha256. CheckpointError (one line) when the
     base cannot be read, is a LoRA checkpoint, or is another model."""
     base = lora["base_path"]
     try:
-        base_cfg, flat, _, _, _ = load_model_files(base, full=True)
+        base_model = load_model_files(base, full=True)
     except (CheckpointError, ConversionError, UsageError) as e:
         raise CheckpointError(f"{checkpoint} holds LoRA adapters; its base model {base} cannot "
                               f"be read: {e}") from None
+    base_cfg, flat = base_model.config, base_model.flat
     if base_cfg.seq_len > cfg.seq_len:
         base_cfg, flat = shorten_positions(base_cfg, flat, cfg.seq_len)
     if base_cfg != cfg or content_hash(flat) != lora["base_sha256"]:
@@ -113,8 +128,9 @@ def load_lora_base(lora, cfg, checkpoint):
     return flat
 
 
-def load_model_files(path, tokenizer_path=None, full=False):
-    """(CLLMConfig, flat params, tokenizer, meta, tokenizer path) of a .cllm file, a run
+def load_model_files(path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None,
+                     full: bool = False) -> ModelFiles:
+    """The ModelFiles (config, flat params, tokenizer, meta, tokenizer path) of a .cllm file, a run
     directory or a transformers GPT-2 directory (whose tokenizer is its tokenizer.json, or
     its vocab.json + merges.txt, and meta empty); with `full` a LoRA checkpoint is refused.
     One line (CheckpointError, ConversionError, UsageError) when it cannot be read."""
@@ -122,8 +138,8 @@ def load_model_files(path, tokenizer_path=None, full=False):
         if tokenizer_path is not None:
             raise UsageError(f"{path} is a transformers directory: its own tokenizer is used, "
                              f"--vocab does not apply")
-        cfg, flat, tokenizer = load_gpt2_directory(Path(path))
-        return cfg, flat, tokenizer, {}, BPETokenizer.source(path)[0]
+        cfg, flat, tokenizer = load_transformers_directory(Path(path))
+        return ModelFiles(cfg, flat, tokenizer, {}, BPETokenizer.source(path)[0])
     path = resolve_checkpoint(path)
     if not path.exists():
         raise UsageError(f"{path}: no such file or directory")

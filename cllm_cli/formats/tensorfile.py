@@ -14,19 +14,24 @@ and data_offsets, then the tensor bytes in that order with no gaps. One differen
 serializer lists metadata keys in an order of its own (a hash map's, not the same from one
 run to the next); here they keep the order of the caller's dict.
 """
+from __future__ import annotations
+
 import json
 import struct
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
+from numpy.typing import NDArray
 
-DTYPES = {np.dtype("<f4"): "F32", np.dtype("<f2"): "F16", np.dtype("<u2"): "U16"}
+DTYPES: dict[np.dtype, str] = {np.dtype("<f4"): "F32", np.dtype("<f2"): "F16", np.dtype("<u2"): "U16"}
 CHUNK_BYTES = 1 << 23       # the buffer a non-contiguous array is copied through
 
 
-def safetensors_header(tensors, metadata=None):
+def safetensors_header(tensors: Mapping[str, np.ndarray],
+                       metadata: Mapping[str, str] | None = None) -> tuple[bytes, list[str]]:
     """(header bytes with its 8-byte length in front, names in file order) for {name: array}."""
     names = sorted(tensors)
-    index = {}
+    index: dict[str, Any] = {}
     if metadata is not None:
         index["__metadata__"] = metadata
     offset = 0
@@ -41,7 +46,7 @@ def safetensors_header(tensors, metadata=None):
     return struct.pack("<Q", len(text)) + text, names
 
 
-def tensor_chunks(array):
+def tensor_chunks(array: np.ndarray) -> Iterator[NDArray[np.uint8]]:
     """The bytes of `array` in C order: the array itself when contiguous, else copies of a few
     rows at a time (at most about CHUNK_BYTES)."""
     if array.flags.c_contiguous:
@@ -53,7 +58,8 @@ def tensor_chunks(array):
         yield np.ascontiguousarray(array[start:start + step]).reshape(-1).view(np.uint8)
 
 
-def write_tensors(f, tensors, names, update=None):
+def write_tensors(f: BinaryIO, tensors: Mapping[str, np.ndarray], names: Iterable[str],
+                  update: Callable[[NDArray[np.uint8]], object] | None = None) -> None:
     """Writes the bytes of tensors[name] for each name in order; update(chunk) sees each
     chunk as it is written (a hash)."""
     for name in names:

@@ -6,11 +6,13 @@ libdnnl.so.3 lands in <prefix>/lib. fp32 never imports or loads it.
 CLLM_NO_BF16=1 in the environment makes a CPU with bf16 instructions count as one without, so
 that one host can show both behaviours (the tests run that way once in CI).
 """
+from __future__ import annotations
+
 import importlib.metadata
 import os
 import sys
 
-from cllm_cli import _engine
+from cllm_cli._engine import load_bf16
 from cllm_cli.errors import PrecisionError
 
 DISTRIBUTION = "onednn-cpu-gomp"
@@ -20,12 +22,12 @@ PRECISIONS = ("fp32", "bf16")
 HIDE_SWITCH = "CLLM_NO_BF16"
 
 
-def bf16_hidden():
+def bf16_hidden() -> bool:
     """The environment asks to treat this CPU as one without bf16."""
     return os.environ.get(HIDE_SWITCH, "") not in ("", "0")
 
 
-def cpu_has_bf16(cpuinfo="/proc/cpuinfo"):
+def cpu_has_bf16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
     if bf16_hidden():
         return False
     try:
@@ -37,7 +39,7 @@ def cpu_has_bf16(cpuinfo="/proc/cpuinfo"):
     return any(flag in flags for flag in CPU_FLAGS)
 
 
-def library_path():
+def library_path() -> str | None:
     """Where the installed wheel put libdnnl.so.3, or None."""
     try:
         files = importlib.metadata.files(DISTRIBUTION) or []
@@ -50,7 +52,7 @@ def library_path():
     return candidate if os.path.exists(candidate) else None
 
 
-def require(precision):
+def require(precision: str) -> None:
     """Makes `precision` runnable: loads oneDNN for bf16; PrecisionError with one line when
     it cannot."""
     if precision != "bf16":
@@ -64,6 +66,6 @@ def require(precision):
         raise PrecisionError(f"--precision bf16 needs oneDNN: pip install '.[bf16]' "
                              f"({DISTRIBUTION}==2023.2.0)")
     try:
-        _engine.load_bf16(path)
+        load_bf16(path)
     except OSError as e:
         raise PrecisionError(f"--precision bf16: cannot load oneDNN from {path}: {e}") from None

@@ -16,15 +16,18 @@ Every accepted option gives an id, whatever the logits hold:
   cannot be decoded. The row is cut to its first num_tokens logits, so that the draw is the
   one of a model without the padding.
 """
+from __future__ import annotations
+
 import math
 import numbers
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from cllm_cli.errors import SamplingError
 
 
-def check_options(temperature, top_k, top_p):
+def check_options(temperature: float, top_k: int, top_p: float) -> None:
     """ValueError unless temperature is a finite number >= 0, top_k an int >= 0 and
     0 < top_p <= 1."""
     if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature)
@@ -36,7 +39,8 @@ def check_options(temperature, top_k, top_p):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
-def sample_from_logits(logits, temperature, top_k, top_p, rng, num_tokens=None):
+def sample_from_logits(logits: ArrayLike, temperature: float, top_k: int, top_p: float,
+                       rng: np.random.Generator, num_tokens: int | None = None) -> int:
     """One id from float64 logits with temperature, top-k and nucleus (top-p) filtering,
     drawn with the numpy Generator rng; never an id >= num_tokens (see the module
     docstring)."""
@@ -66,7 +70,7 @@ def sample_from_logits(logits, temperature, top_k, top_p, rng, num_tokens=None):
     return _draw(shifted, top_k, top_p, rng)
 
 
-def _usable(logits):
+def _usable(logits: NDArray[np.float64]) -> NDArray[np.float64]:
     """NaN -> -inf; SamplingError when no logit is finite or +inf."""
     clean = np.where(np.isnan(logits), -np.inf, logits)
     if not (clean > -np.inf).any():
@@ -75,7 +79,8 @@ def _usable(logits):
     return clean
 
 
-def _draw(scaled, top_k, top_p, rng):
+def _draw(scaled: NDArray[np.float64], top_k: int, top_p: float,
+          rng: np.random.Generator) -> int:
     """Draws from softmax(scaled); scaled holds no NaN and a finite maximum."""
     if top_k and top_k < scaled.size:
         cutoff = np.partition(scaled, -top_k)[-top_k]

@@ -7,6 +7,8 @@ the data's path: files -> tokenizers -> dataset -> batches.
     BPETokenizer       "bpe": byte-level BPE of the `tokenizers` library (bpe.py)
     TOKENIZERS         kind name -> class; TOKENIZER_KINDS are its keys, in order
     tokenizer_class    the class of a kind, DataError for an unknown one
+    load_tokenizer     a tokenizer file of a given kind, or of the kind that recognises it
+    token_stats        token counts of texts (stats.py)
     replace_undecodable  text with the bytes that are not UTF-8 (lone surrogates) -> U+FFFD
 
 Import from here. The modules below import only base.py and vocab.py, never this package
@@ -21,11 +23,13 @@ from cllm_cli.tokenizers.base import (
     TOKENIZERS,
     UNK,
     Tokenizer,
+    load_tokenizer,
     replace_undecodable,
     tokenizer_class,
 )
 from cllm_cli.tokenizers.bpe import BPETokenizer
 from cllm_cli.tokenizers.char import CharTokenizer
+from cllm_cli.tokenizers.stats import token_stats
 from cllm_cli.tokenizers.vocab import VocabTokenizer
 from cllm_cli.tokenizers.word import WordTokenizer
 
@@ -35,5 +39,5 @@ TOKENIZER_KINDS = tuple(TOKENIZERS)
 __all__ = [
     "BOS", "EOS", "PAD", "SPECIALS", "UNK", "TOKENIZERS", "TOKENIZER_KINDS",
     "BPETokenizer", "CharTokenizer", "Tokenizer", "VocabTokenizer", "WordTokenizer",
-    "replace_undecodable", "tokenizer_class",
+    "load_tokenizer", "replace_undecodable", "token_stats", "tokenizer_class",
 ]

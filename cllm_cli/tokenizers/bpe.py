@@ -72,12 +72,16 @@ Choices written down here:
   into a newline, as the other kinds do. Ids that stop inside a multi-byte UTF-8 character
   decode that partial character as U+FFFD.
 """
+from __future__ import annotations
+
 import hashlib
 import os
 from pathlib import Path
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import tokenizers
+from numpy.typing import ArrayLike, NDArray
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from cllm_cli.errors import DataError, WriteFailed
@@ -106,14 +110,15 @@ BOS_NAMES = ("<bos>", "<s>")
 # what a path that holds no tokenizer lacks (BPETokenizer.source)
 MISSING = "a tokenizer is a tokenizer.json, or a vocab.json with merges.txt next to it"
 
-def _one_line(text):
+def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-def _byte_symbols():
+def _byte_symbols() -> dict[int, str]:
     """GPT-2's byte-level alphabet: the printable character standing for each byte."""
     keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    chars, extra = {}, 0
+    chars: dict[int, str] = {}
+    extra = 0
     for b in range(256):
         if b in keep:
             chars[b] = chr(b)
@@ -126,7 +131,7 @@ def _byte_symbols():
 _BYTE_OF = {c: b for b, c in _byte_symbols().items()}     # byte-level symbol -> byte
 
 
-def _is_vocab_json(path):
+def _is_vocab_json(path: str | os.PathLike) -> bool:
     """True when `path` is a JSON object of token -> id (vocab.json), not a tokenizer.json
     (whose "model" is an object; GPT-2's vocab.json has a token "model" too). A file that
     cannot be read is left to the reader to report; DataError (one line) when it is not
@@ -148,11 +153,12 @@ class BPETokenizer(Tokenizer):
 
     kind = "bpe"
     file_name = "tokenizer.json"
+    detect_rank = 0         # a directory, a .json file, or a file that starts as JSON
     train_bytes = TRAIN_BYTES
     min_vocab_size = MIN_VOCAB_SIZE
     max_vocab_size = MAX_VOCAB_SIZE
 
-    def __init__(self, json_bytes):
+    def __init__(self, json_bytes: bytes) -> None:
         """From the bytes of a tokenizer.json; ValueError (one line) when they are not one."""
         self._json = bytes(json_bytes)
         spec = loads(self._json)        # JSONError (a ValueError) naming the line
@@ -170,7 +176,7 @@ class BPETokenizer(Tokenizer):
         vocab = self._tk.get_vocab(with_added_tokens=True)
         self._size = max(vocab.values(), default=-1) + 1
 
-        def first_id(names):
+        def first_id(names: Iterable[str]) -> int:
             return next((vocab[n] for n in names if n in vocab), -1)
 
         self.pad_id = first_id(("<pad>",))
@@ -188,16 +194,16 @@ class BPETokenizer(Tokenizer):
                           and pre.get("use_regex", True) and not pre.get("add_prefix_space")
                           and not added)
         if not self._cuttable:
-            self.block_cut = whole_file
+            self.block_cut = whole_file    # type: ignore[method-assign]
 
-    def __len__(self):
+    def __len__(self) -> int:
         return self._size
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"BPETokenizer(size={len(self)})"
 
     @property
-    def model_name(self):
+    def model_name(self) -> str:
         """The library's name of the file's model: "BPE", or "WordLevel" for a word or char
         vocabulary that cllm_export wrote, ..."""
         return type(self._tk.model).__name__
@@ -205,7 +211,7 @@ class BPETokenizer(Tokenizer):
     encodes_on_all_cores = True
 
     @classmethod
-    def block_cut(cls, data):
+    def block_cut(cls, data: bytes) -> int:
         """The last BLOCK_CUT place in `data`, looked for near its end first; without one,
         the last end of a word (BLOCK_WORD_CUT: a file without line breaks). A tokenizer
         that cannot be cut replaces this by whole_file."""
@@ -215,7 +221,7 @@ class BPETokenizer(Tokenizer):
     # -- building -----------------------------------------------------------------------
 
     @classmethod
-    def check_vocab_size(cls, vocab_size):
+    def check_vocab_size(cls, vocab_size: int) -> None:
         if (not isinstance(vocab_size, (int, np.integer)) or isinstance(vocab_size, bool)
                 or vocab_size < MIN_VOCAB_SIZE):
             raise DataError(f"vocab_size must be at least {MIN_VOCAB_SIZE} for bpe "
@@ -226,7 +232,7 @@ class BPETokenizer(Tokenizer):
                             f"{vocab_size:,}")
 
     @classmethod
-    def train(cls, documents, vocab_size):
+    def train(cls, documents: Iterable[str], vocab_size: int) -> BPETokenizer:
         """Byte-level BPE trained on `documents` (an iterable of str) with at most vocab_size
         ids, the 4 special ids and the 256 bytes included."""
         cls.check_vocab_size(vocab_size)
@@ -240,7 +246,7 @@ class BPETokenizer(Tokenizer):
             vocab_size=int(vocab_size), min_frequency=MIN_FREQUENCY, show_progress=False,
             special_tokens=list(SPECIALS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
 
-        def pieces():
+        def pieces() -> Iterator[str]:
             for doc in documents:
                 start = 0
                 for cut in cut_points(doc, CHUNK_CHARS):
@@ -253,54 +259,54 @@ class BPETokenizer(Tokenizer):
 
     # -- text <-> ids ---------------------------------------------------------------------
 
-    def _pieces(self, text):
+    def _pieces(self, text: str) -> list[str]:
         if not self._cuttable:
             return [text]
         bounds = [0, *cut_points(text, CHUNK_CHARS), len(text)]
         return [text[a:b] for a, b in zip(bounds, bounds[1:])]
 
-    def encode_batch(self, texts):
+    def encode_batch(self, texts: Iterable[str]) -> list[NDArray[np.int64]]:
         """[int64 ids of each text]; all pieces of all texts in one parallel library call."""
         texts = [replace_undecodable(t)[0] for t in texts]   # bytes not UTF-8 -> U+FFFD
         pieces = [self._pieces(t) for t in texts]
         flat = [p for ps in pieces for p in ps]
         encoded = self._tk.encode_batch_fast(flat, add_special_tokens=False) if flat else []
-        out, k = [], 0
+        out: list[NDArray[np.int64]] = []
+        k = 0
         for ps in pieces:
             out.append(np.concatenate([np.array(e.ids, dtype=np.int64)
                                        for e in encoded[k:k + len(ps)]]))
             k += len(ps)
         return out
 
-    def encode(self, text):
+    def encode(self, text: str) -> NDArray[np.int64]:
         """Ids of `text` as int64, no <eos>."""
         return self.encode_batch([text])[0]
 
-    def encode_document(self, text):
+    def encode_document(self, text: str) -> NDArray[np.int64]:
         """encode(text) followed by the end-of-text id."""
         return np.append(self.encode(text), np.int64(self.eos_id))
 
-    def unknown_tokens(self, text):
-        """Distinct pieces of `text` read as <unk>, in order of appearance (byte-level: none)."""
+    def unknown_pieces(self, text: str) -> list[str]:
+        """The pieces of `text` read as <unk>, in order (byte-level: none)."""
         if self.unk_id < 0:
             return []
         text = replace_undecodable(text)[0]
         enc = self._tk.encode(text, add_special_tokens=False)
-        return list(dict.fromkeys(text[a:b] for i, (a, b) in zip(enc.ids, enc.offsets)
-                                  if i == self.unk_id))
+        return [text[a:b] for i, (a, b) in zip(enc.ids, enc.offsets) if i == self.unk_id]
 
-    def replaced_bytes(self, text):
+    def replaced_bytes(self, text: str) -> Sequence[str | bytes]:
         """The distinct bytes of `text` that are not UTF-8 (lone surrogates, as sys.argv
         carries them), which encode reads as U+FFFD."""
         return replace_undecodable(text)[1]
 
-    def decode(self, ids):
+    def decode(self, ids: ArrayLike) -> str:
         """Ids -> text: <pad> and <bos> skipped, end of text -> newline."""
-        ids = np.asarray(ids).reshape(-1).tolist()
         V = len(self)
         skip = {self.pad_id, self.bos_id} - {self.eos_id, -1}
-        out, run = [], []
-        for i in ids:
+        out: list[str] = []
+        run: list[int] = []
+        for i in np.asarray(ids).reshape(-1).tolist():
             if not 0 <= i < V:
                 raise ValueError(f"token id {i} is outside the vocabulary (0..{V - 1})")
             if i in skip:
@@ -313,12 +319,12 @@ class BPETokenizer(Tokenizer):
         out.append(self._tk.decode(run, skip_special_tokens=False))
         return "".join(out)
 
-    def id_to_token(self, i):
+    def id_to_token(self, i: int) -> str | None:
         """The vocabulary's string for id i (byte-level tokens show bytes as GPT-2's
         printable characters)."""
         return self._tk.id_to_token(int(i))
 
-    def token_text(self, i):
+    def token_text(self, i: int) -> str | None:
         """The text id i stands for, as a reader would see it (" the", "\\n"): the decoded
         token; special tokens by name; a token that stops inside a UTF-8 character shows its
         bytes as \\xNN escapes."""
@@ -331,7 +337,7 @@ class BPETokenizer(Tokenizer):
             text = bytes(_BYTE_OF[c] for c in symbol).decode("utf-8", "backslashreplace")
         return text
 
-    def _special_ids(self):
+    def _special_ids(self) -> set[int]:
         ids = getattr(self, "_specials", None)
         if ids is None:
             added = self._tk.get_added_tokens_decoder()
@@ -341,22 +347,22 @@ class BPETokenizer(Tokenizer):
     # -- tokenizer.json ---------------------------------------------------------------------
 
     @property
-    def json_bytes(self):
+    def json_bytes(self) -> bytes:
         """The tokenizer.json bytes save() writes."""
         return self._json
 
     @property
-    def vocab_hash(self):
+    def vocab_hash(self) -> str:
         """sha256 hex digest of tokenizer.json as save() writes it."""
         return self._hash
 
-    def save(self, path):
+    def save(self, path: str | os.PathLike) -> None:
         """Write tokenizer.json atomically."""
         with atomic_file(os.fspath(path), DataError, storage_error=WriteFailed) as f:
             f.write(self._json)
 
     @classmethod
-    def from_vocab_merges(cls, vocab_path, merges_path):
+    def from_vocab_merges(cls, vocab_path: str | os.PathLike, merges_path: str | os.PathLike) -> BPETokenizer:
         """GPT-2's classic layout: vocab.json (token -> id) and merges.txt, run as GPT-2's
         byte-level BPE (ByteLevel pre-tokenizer without prefix space, ByteLevel decoder); the
         end-of-text, begin-of-text, <pad> and <unk> tokens present in the vocabulary are special
@@ -369,13 +375,13 @@ class BPETokenizer(Tokenizer):
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tk.decoder = decoders.ByteLevel()
         specials = [name for name in ("<pad>", "<unk>", *BOS_NAMES, *EOS_NAMES) if name in vocab]
-        specials.sort(key=vocab.get)
+        specials.sort(key=vocab.__getitem__)
         tk.add_special_tokens([tokenizers.AddedToken(name, special=True, normalized=False)
                                for name in specials])
         return cls(tk.to_str().encode("utf-8"))
 
     @staticmethod
-    def source(path, what=None):
+    def source(path: str | os.PathLike, what: str | None = None) -> tuple[Path, Path | None]:
         """(tokenizer.json, None) or (vocab.json, merges.txt) that `path` names: a
         tokenizer.json, a vocab.json with merges.txt next to it, or a directory holding either
         (tokenizer.json first). DataError (one line: `what` and `path`, what is missing and
@@ -399,7 +405,23 @@ class BPETokenizer(Tokenizer):
         return vocab, merges
 
     @classmethod
-    def check_files(cls, path, what):
+    def recognises(cls, path: str | os.PathLike, what: str) -> bool:
+        path = Path(path)
+        if path.is_dir() or path.suffix == ".json":
+            return True
+        check_regular(path, what)
+        try:
+            with open(path, "rb") as f:
+                start = f.read(64)
+        except OSError as e:
+            raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+        return start.lstrip().startswith(b"{")
+
+    def tokenizer_json(self) -> bytes:
+        return self.json_bytes
+
+    @classmethod
+    def check_files(cls, path: str | os.PathLike, what: str) -> Path:
         """The file read() reads for `path` (tokenizer.json or vocab.json), after checking that
         it (and merges.txt) open as regular files: UsageError naming `what` otherwise,
         DataError when `path` holds no tokenizer."""
@@ -410,7 +432,7 @@ class BPETokenizer(Tokenizer):
         return first
 
     @classmethod
-    def read(cls, path):
+    def read(cls, path: str | os.PathLike) -> BPETokenizer:
         """Read a tokenizer: a tokenizer.json, a vocab.json (merges.txt next to it) or a
         directory holding either (source); DataError (one line naming the file) when it is not
         usable."""

@@ -2,7 +2,10 @@
 text: between lines (a run of newlines between printable characters), and in a line longer
 than LINE_CHARS at the end of a word or number, where GPT-2's pre-tokenizer always ends a
 piece. The same places in a file's bytes cut it into blocks (corpus/files.read_blocks)."""
+from __future__ import annotations
+
 import re
+from typing import Callable
 
 LINE_CHARS = 1 << 18        # no newline place within this: cut at the end of a word instead
 
@@ -20,12 +23,12 @@ WORD_CUT = re.compile(r"[A-Za-z](?=[\x00-@\[-`{-\x7f])|[0-9](?=[\x00-/:-\x7f])")
 BLOCK_WORD_CUT = re.compile(rb"[A-Za-z](?=[\x00-@\[-`{-\x7f])|[0-9](?=[\x00-/:-\x7f])")
 
 
-def whole_file(data):
+def whole_file(data: bytes) -> int:
     """block_cut of a tokenizer whose texts cannot be cut: no place."""
     return 0
 
 
-def cut_points(text, size):
+def cut_points(text: str, size: int) -> list[int]:
     """Offsets (after 0, before len) where `text` may be cut into pieces of about `size`."""
     cuts, start = [], size
     while start < len(text):
@@ -42,7 +45,8 @@ def cut_points(text, size):
     return cuts
 
 
-def last_place(data, pattern, place_of, window):
+def last_place(data: bytes, pattern: re.Pattern[bytes],
+               place_of: Callable[[re.Match[bytes]], int], window: int) -> int:
     """The last place of `pattern` in `data` (0: none), looked for near its end first."""
     while True:
         start = max(0, len(data) - window)

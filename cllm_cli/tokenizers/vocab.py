@@ -13,11 +13,18 @@ Which tokens a counted vocabulary keeps (Scanner.finish): the most frequent, tie
 the order of the provisional ids (first appearance for words, code point for characters);
 vocab_size counts the 4 special ids.
 """
+from __future__ import annotations
+
 import hashlib
+import os
 import pathlib
 import re
+from typing import Any, ClassVar, Dict, Iterable, Sequence
 
 import numpy as np
+import tokenizers
+from numpy.typing import ArrayLike, NDArray
+from tokenizers import models
 
 from cllm_cli.errors import DataError, WriteFailed
 from cllm_cli.fileio import atomic_file, read_bytes
@@ -31,12 +38,23 @@ _VALID_ESCAPED = re.compile(r"(?:[^\\]|\\[\\tnr])+", re.S)
 _ESCAPE_SEQ = re.compile(r"\\([\\tnr])")
 
 
-def _escape(token):
+def _escape(token: str) -> str:
     return _NEEDS_ESCAPE.sub(lambda m: _ESCAPES[m.group()], token)
 
 
-def _unescape(field):
+def _unescape(field: str) -> str:
     return _ESCAPE_SEQ.sub(lambda m: _UNESCAPES[m.group(1)], field)
+
+
+def word_level_pipeline(vocabulary: VocabTokenizer) -> tokenizers.Tokenizer:
+    """A `tokenizers` WordLevel model over a VocabTokenizer's tokens (our ids, <unk> for what
+    the vocabulary lacks) with the special tokens added; each kind adds its normalizer,
+    pre-tokenizer and decoder (tokenizer_json)."""
+    tk = tokenizers.Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocabulary.itos)},
+                                               unk_token=SPECIALS[UNK]))
+    tk.add_special_tokens([tokenizers.AddedToken(s, special=True, normalized=False)
+                           for s in SPECIALS])
+    return tk
 
 
 class VocabTokenizer(Tokenizer):
@@ -49,7 +67,7 @@ class VocabTokenizer(Tokenizer):
 
     file_name = "vocab.txt"
 
-    def __init__(self, itos, counts):
+    def __init__(self, itos: Sequence[str], counts: Sequence[int]) -> None:
         if list(itos[:len(SPECIALS)]) != SPECIALS:
             raise ValueError(f"the first ids must be {SPECIALS}")
         if len(counts) != len(itos):
@@ -59,65 +77,65 @@ class VocabTokenizer(Tokenizer):
         self.stoi = {t: i for i, t in enumerate(self.itos)}
         if len(self.stoi) != len(self.itos):
             raise ValueError("duplicate token in itos")
-        self._hash = None
+        self._hash: str | None = None
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.itos)
 
     @classmethod
-    def train(cls, documents, vocab_size):
+    def train(cls, documents: Iterable[str], vocab_size: int) -> VocabTokenizer:
         """Count the tokens of `documents` (an iterable of str) and keep the most frequent."""
         cls.check_vocab_size(vocab_size)
         scanner = cls.scanner()
-        ids = [scanner.ids(doc) for doc in documents]
-        ids = np.concatenate(ids) if ids else np.zeros(0, np.int32)
+        blocks = [scanner.ids(doc) for doc in documents]
+        ids = np.concatenate(blocks) if blocks else np.zeros(0, np.int32)
         counts = np.bincount(ids, minlength=scanner.n_provisional())
         tokenizer, _ = scanner.finish(counts, vocab_size)
         return tokenizer
 
-    def tokens(self, text):
+    def tokens(self, text: str) -> list[str]:
         """Split `text` into token strings (no ids, no <eos>)."""
         raise NotImplementedError
 
-    def id_to_token(self, i):
+    def id_to_token(self, i: int) -> str:
         """The vocabulary's string for id i."""
         return self.itos[i]
 
-    def unknown_tokens(self, text):
-        return list(dict.fromkeys(t for t in self.tokens(text) if t not in self.stoi))
+    def unknown_pieces(self, text: str) -> list[str]:
+        return [t for t in self.tokens(text) if t not in self.stoi]
 
-    def _check_ids(self, ids):
+    def _check_ids(self, ids: ArrayLike) -> list[int]:
         """ids as a list of ints, each checked to be in the vocabulary."""
-        ids = np.asarray(ids).reshape(-1).tolist()
+        checked: list[int] = np.asarray(ids).reshape(-1).tolist()
         V = len(self.itos)
-        for i in ids:
+        for i in checked:
             if not 0 <= i < V:
                 raise ValueError(f"token id {i} is outside the vocabulary (0..{V - 1})")
-        return ids
+        return checked
 
     # -- vocab.txt --------------------------------------------------------------------------
 
-    def _vocab_bytes(self):
+    def _vocab_bytes(self) -> bytes:
         return "".join(f"{_escape(t)}\t{c}\n" for t, c in zip(self.itos, self.counts)).encode(
             "utf-8", "surrogatepass")
 
     @property
-    def vocab_hash(self):
+    def vocab_hash(self) -> str:
         if self._hash is None:
             self._hash = hashlib.sha256(self._vocab_bytes()).hexdigest()
         return self._hash
 
-    def save(self, path):
+    def save(self, path: str | os.PathLike) -> None:
         with atomic_file(pathlib.Path(path), DataError, storage_error=WriteFailed) as f:
             f.write(self._vocab_bytes())
 
     @classmethod
-    def _token_error(cls, token):
+    def _token_error(cls, token: str) -> str | None:
         """Why `token` (not a special one) cannot be in this kind's vocabulary, or None."""
         return None
 
     @classmethod
-    def read(cls, path):
+    def read(cls, path: str | os.PathLike) -> VocabTokenizer:
         """Read a vocab.txt written by save(); DataError with the line number if malformed."""
         data = read_bytes(path)
         try:
@@ -127,7 +145,9 @@ class VocabTokenizer(Tokenizer):
         lines = text.split("\n")
         if lines and lines[-1] == "":
             lines.pop()
-        itos, counts, seen = [], [], set()
+        itos: list[str] = []
+        counts: list[int] = []
+        seen: set[str] = set()
         for k, line in enumerate(lines, start=1):
             where = f"{path}:{k}"
             if line.endswith("\r"):
@@ -170,28 +190,29 @@ class Scanner:
     result into provisional ids in block order.
     """
 
-    tokenizer_class = None
+    tokenizer_class: ClassVar[type[VocabTokenizer]]     # the kind it builds
 
     @staticmethod
-    def scan(text):
+    def scan(text: str) -> Any:
         raise NotImplementedError
 
-    def merge(self, scanned):
+    def merge(self, scanned: Any) -> NDArray[np.int32]:
         raise NotImplementedError
 
-    def ids(self, text):
+    def ids(self, text: str) -> NDArray[np.int32]:
         return self.merge(self.scan(text))
 
-    def n_provisional(self):
+    def n_provisional(self) -> int:
         """Provisional ids given so far: the length of the counts finish() takes."""
         raise NotImplementedError
 
-    def _itos(self, kept):
+    def _itos(self, kept: NDArray[np.intp]) -> tuple[list[str], NDArray[np.intp]]:
         """The tokens of the provisional ids `kept` (most frequent first), in id order, with
         those ids in the same order."""
         raise NotImplementedError
 
-    def finish(self, counts, vocab_size):
+    def finish(self, counts: ArrayLike,
+               vocab_size: int) -> tuple[VocabTokenizer, NDArray[np.int64]]:
         """counts[provisional id] -> (tokenizer, provisional-to-final id table)."""
         n_special = len(SPECIALS)
         counts = np.asarray(counts, dtype=np.int64).copy()
@@ -201,19 +222,19 @@ class Scanner:
         itos, kept = self._itos(by_freq[:vocab_size - n_special])
         tokenizer = self.tokenizer_class(SPECIALS + itos,
                                          [0] * n_special + counts[kept].tolist())
-        remap = np.full(max(len(counts), n_special), UNK, dtype=np.int64)
+        remap: NDArray[np.int64] = np.full(max(len(counts), n_special), UNK, dtype=np.int64)
         remap[:n_special] = np.arange(n_special)
         remap[kept] = np.arange(n_special, n_special + len(kept))
         return tokenizer, remap
 
 
-class FirstSeen(dict):
+class FirstSeen(Dict[Any, int]):
     """token -> number, from `start` on in order of first appearance."""
 
-    def __init__(self, start):
+    def __init__(self, start: int) -> None:
         super().__init__()
         self.start = start
 
-    def __missing__(self, token):
+    def __missing__(self, token: Any) -> int:
         i = self[token] = len(self) + self.start
         return i

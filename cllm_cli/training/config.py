@@ -10,11 +10,20 @@ replace the stored value.
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence, Tuple
 
-from cllm_cli.config import MAX_THREADS, MODEL_FIELDS, CLLMConfig, model_config_problem
 from cllm_cli.corpus.files import ENCODING_ERRORS
 from cllm_cli.errors import UsageError
-from cllm_cli.lora import MAX_LORA_SCALE, TARGET_GROUPS, LoraSpec, parse_targets
+from cllm_cli.model import (
+    MAX_LORA_SCALE,
+    MODEL_FIELDS,
+    CLLMConfig,
+    LoraSpec,
+    model_config_problem,
+    parse_targets,
+    target_groups,
+)
+from cllm_cli.threads import MAX_THREADS
 from cllm_cli.tokenizers import TOKENIZER_KINDS, BPETokenizer
 
 INT_MAX = 2**31 - 1
@@ -22,8 +31,10 @@ MAX_LEARNING_RATE = 100.0    # far above any that trains, far below one that ove
 GROUPS = ("data", "model", "fine-tuning", "optimisation", "threads", "checkpoints", "output")
 
 
-def option(default, group, help=None, *, choices=None, minimum=None, maximum=None, run=False,
-           fixed=False, metavar=None):
+def option(default: Any, group: str, help: Optional[str] = None, *,
+           choices: Optional[Sequence[Any]] = None, minimum: Optional[float] = None,
+           maximum: Optional[float] = None, run: bool = False, fixed: bool = False,
+           metavar: Optional[str] = None) -> Any:
     """A TrainConfig field with what argparse and validate() need to know about it."""
     assert group in GROUPS, group
     return field(default=default, metadata=dict(group=group, help=help, choices=choices,
@@ -77,10 +88,10 @@ class TrainConfig:
                                fixed=True, metavar="ALPHA")
     lora_dropout: float = option(0.0, "fine-tuning", "dropout on the adapters' inputs, in "
                                  "training only", fixed=True, metavar="P")
-    lora_targets: str = option("attn", "fine-tuning", "the layers with adapters, comma-separated: "
-                               "attn (the attention's c_attn), proj (the attention's c_proj), "
-                               "mlp (the MLP's c_fc and c_proj)", fixed=True,
-                               metavar=",".join(TARGET_GROUPS))
+    lora_targets: str = option("attn", "fine-tuning", "the layers with adapters, comma-separated "
+                               "groups: " + ", ".join(f"{group} ({', '.join(layers)})" for
+                                                      group, layers in target_groups().items()),
+                               fixed=True, metavar=",".join(target_groups()))
     # optimisation
     optimizer: str = option("adamw", "optimisation", "adamw (with decoupled weight decay) or "
                             "plain sgd", choices=("adamw", "sgd"), fixed=True)
@@ -163,26 +174,26 @@ class TrainConfig:
                        "CHECKPOINT_DIR/metrics.jsonl) (default: none)", run=True, metavar="PNG")
 
     @classmethod
-    def run_fields(cls):
+    def run_fields(cls) -> Tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["run"])
 
     @classmethod
-    def fixed_fields(cls):
+    def fixed_fields(cls) -> Tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["fixed"])
 
-    def result_fields(self):
+    def result_fields(self) -> Dict[str, Any]:
         """The fields that shape the result: stored in checkpoints (the LoRA settings only
         when adapters train, so that a full run's checkpoint is what it was before them)."""
         run = self.run_fields()
         return {k: v for k, v in dataclasses.asdict(self).items()
                 if k not in run and (self.lora_rank or not k.startswith("lora_"))}
 
-    def model_config(self, vocab_size):
+    def model_config(self, vocab_size: int) -> CLLMConfig:
         return CLLMConfig(vocab_size=vocab_size, embed_dim=self.embed_dim,
                           num_layers=self.num_layers, num_heads=self.num_heads,
                           ff_dim=self.ff_dim, seq_len=self.seq_len)
 
-    def validate(self, resuming=None):
+    def validate(self, resuming: Optional[bool] = None) -> None:
         """Raises UsageError naming the first bad option; clamps micro_batch to batch_size.
         resuming: whether the run continues a checkpoint, which supplies the options it does
         not restate (None: not known yet; it may when --resume is given)."""
@@ -264,7 +275,7 @@ class TrainConfig:
                              f"(a scale alpha/R of at most {MAX_LORA_SCALE:g}), got "
                              f"{self.lora_alpha:g}")
 
-    def lora_spec(self):
+    def lora_spec(self) -> Optional[LoraSpec]:
         """The adapters' LoraSpec, or None when every weight trains."""
         if not self.lora_rank:
             return None
@@ -273,6 +284,6 @@ class TrainConfig:
                         parse_targets(self.lora_targets))
 
 
-def flag(name):
+def flag(name: str) -> str:
     """The command-line option of TrainConfig field `name`."""
     return "--" + name.replace("_", "-")

@@ -1,13 +1,17 @@
 """What train_model shows: the live progress line or log lines, warnings, the JSON lines
 of --metrics-file and the TensorBoard events of --tensorboard."""
+from __future__ import annotations
+
 import contextlib
 import json
 import math
 import os
 import sys
 import time
+from typing import Any, Union
 
 from cllm_cli.errors import DataError
+from cllm_cli.training.config import TrainConfig
 from cllm_cli.training.tensorboard import EventWriter
 
 
@@ -18,7 +22,7 @@ class Log:
 
     REFRESH = 0.2   # seconds between rewrites of the progress line
 
-    def __init__(self, cfg, append, first_step=0):
+    def __init__(self, cfg: TrainConfig, append: bool, first_step: int = 0) -> None:
         self.quiet = cfg.quiet
         self.tty = sys.stdout.isatty()
         self.log_interval = max(cfg.log_interval, 1)
@@ -29,7 +33,7 @@ class Log:
             self.metrics = open(cfg.metrics_file, "a" if append else "w") if cfg.metrics_file else None
         except OSError as e:
             raise DataError(f"cannot write --metrics-file {cfg.metrics_file}: {e.strerror or e}") from None
-        self.events = None
+        self.events: EventWriter | None = None
         if cfg.tensorboard:
             try:
                 self.events = EventWriter(cfg.tensorboard, first_step)
@@ -37,18 +41,18 @@ class Log:
                 self.close()
                 raise
 
-    def __enter__(self):
+    def __enter__(self) -> Log:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def say(self, text, always=False):
+    def say(self, text: str, always: bool = False) -> None:
         if always or not self.quiet:
             self._clear()
             self._out(text + "\n")
 
-    def progress(self, step, total, text):
+    def progress(self, step: int, total: int, text: str) -> None:
         if self.quiet:
             return
         if not self.tty:
@@ -64,14 +68,14 @@ class Log:
             self.showing = True
             self.last_draw = now
 
-    def _clear(self):
+    def _clear(self) -> None:
         # other output goes above the progress line, which is redrawn at the next step
         if self.showing:
             self._out("\r\x1b[K")
             self.showing = False
             self.last_draw = 0.0
 
-    def _out(self, text):
+    def _out(self, text: str) -> None:
         """Writes to stdout. Losing stdout (a full disk, a reader that went away) must not
         lose the training: one warning, then stdout is silenced for the rest of the run."""
         if self.stdout_lost:
@@ -88,12 +92,12 @@ class Log:
             self.warn(f"cannot write to standard output ({e.strerror or e}); training goes "
                       f"on without progress output")
 
-    def warn(self, text):
+    def warn(self, text: str) -> None:
         self._clear()
         with contextlib.suppress(OSError):
             print(f"train_model: warning: {text}", file=sys.stderr, flush=True)
 
-    def record(self, **fields):
+    def record(self, **fields: Any) -> None:
         """One JSON line; NaN (a skipped step) is written as null. With --tensorboard the same
         numbers as scalars. A failing metrics or event file is reported once and dropped: it
         must not stop the training."""
@@ -109,12 +113,12 @@ class Log:
             self.warn(f"cannot write the metrics file ({e.strerror or e}); metrics stop here")
             self._drop_metrics()
 
-    def sample(self, step, text):
+    def sample(self, step: int, text: str) -> None:
         """A sample of the model at `step`: shown, and with --tensorboard written as text."""
         self.say(f"sample: {text}")
         self._to_events("text", step, "sample", text)
 
-    def _to_events(self, method, *args):
+    def _to_events(self, method: str, *args: Any) -> None:
         if not self.events:
             return
         try:
@@ -126,12 +130,12 @@ class Log:
                 self.events.close()
             self.events = None
 
-    def _drop_metrics(self):
+    def _drop_metrics(self) -> None:
         with contextlib.suppress(OSError):
-            self.metrics.close()
+            self.metrics.close()      # type: ignore[union-attr]  # called while there is one
         self.metrics = None
 
-    def close(self):
+    def close(self) -> None:
         self._clear()
         if self.metrics:
             self._drop_metrics()
@@ -139,51 +143,30 @@ class Log:
         self.events = None
 
 
-LARGE = 1e6     # from here on losses and perplexities are shown as 1.234e+07
-
-
-def fmt_loss(x):
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    return f"{x:.4g}" if abs(x) >= LARGE else f"{x:.4f}"
-
-
-def perplexity(loss):
-    """exp(loss), inf where it overflows."""
-    return math.exp(loss) if loss < math.log(sys.float_info.max) else math.inf
-
-
-def fmt_ppl(loss, decimals=2):
-    """The perplexity of `loss`: fixed-point below LARGE, then 1.23e+07 style, "inf" past
-    the float range (a diverged run)."""
-    ppl = perplexity(loss)
-    return f"{ppl:.{decimals}f}" if ppl < LARGE else f"{ppl:.3g}"
-
-
-def ppl_text(loss):
-    return "" if loss is None or math.isnan(loss) else f" (ppl {fmt_ppl(loss)})"
-
-
 class SilentLog:
     """The Log of a rank other than 0: rank 0 prints and writes the metrics for all."""
 
-    def __enter__(self):
+    def __enter__(self) -> SilentLog:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         pass
 
-    def say(self, text, always=False):
+    def say(self, text: str, always: bool = False) -> None:
         pass
 
-    def progress(self, step, total, text):
+    def progress(self, step: int, total: int, text: str) -> None:
         pass
 
-    def warn(self, text):
+    def warn(self, text: str) -> None:
         pass
 
-    def record(self, **fields):
+    def record(self, **fields: Any) -> None:
         pass
 
-    def sample(self, step, text):
+    def sample(self, step: int, text: str) -> None:
         pass
+
+
+# the log of a rank: rank 0's Log, the others' SilentLog
+RunLog = Union[Log, SilentLog]

@@ -22,15 +22,17 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from typing import Optional
 
-from cllm_cli import _engine, errors
-from cllm_cli.config import MAX_THREADS, default_threads
+from cllm_cli import errors
+from cllm_cli._engine import Engine, StepAborted
 from cllm_cli.distributed import AgreedStop, DataParallelEngine, Solo, on_all_ranks, run_rank
 from cllm_cli.errors import Interrupted, PlotError, TrainingError
 from cllm_cli.model import precision
-from cllm_cli.progress import duration
+from cllm_cli.progress import duration, fmt_loss, ppl_text
+from cllm_cli.threads import MAX_THREADS, default_threads
 from cllm_cli.training.config import TrainConfig
-from cllm_cli.training.log import Log, SilentLog, fmt_loss, ppl_text
+from cllm_cli.training.log import Log, SilentLog
 from cllm_cli.training.plot import plot_metrics, require_matplotlib
 from cllm_cli.training.ranks import open_trainer
 from cllm_cli.training.report import (
@@ -62,12 +64,16 @@ def lr_at(step, total_steps, cfg):
     return lr_min + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - lr_min)
 
 
-def train(data, engine_hook=None, world=None, **options):
+def train(data, engine_hook=None, world=None, engine_class=Engine, **options):
     """Trains on the files or directories in `data`; options are TrainConfig fields (with
     --resume, the ones given here are the ones the user asks to change).
 
-    engine_hook, if given, is called with the Engine before the first step (tests use it to
-    inject a NaN: engine.inject_nan(step_index, micro_batch), step_index 0-based).
+    engine_class: the Engine the run uses, cllm_cli._engine's. Tests pass
+    cllm_cli._engine_testing.Engine (the same engine with its test hooks, built by the
+    Makefile's test targets only) and an engine_hook, which is called with the Engine before
+    the first step:
+    engine_hook=lambda e: _engine_testing.inject_nan(e, step_index, micro_batch) puts a NaN in
+    a gradient (step_index 0-based).
 
     Returns a dict with the final step, train loss, validation loss, model path and sphere
     statistics. Raises DataError, CheckpointError or UsageError on bad input, TrainingError
@@ -101,7 +107,7 @@ def train(data, engine_hook=None, world=None, **options):
         stop.defer()             # from here on a signal ends the run after the current step
         precision.require(trainer.cfg.precision)     # a resumed run's may be the checkpoint's
         settings = EngineSettings.of_run(trainer, cfg.threads)
-        with rank_log(world, trainer) as log, settings.engine(trainer) as engine:
+        with rank_log(world, trainer) as log, settings.engine(trainer, engine_class) as engine:
             if engine_hook is not None:
                 engine_hook(engine)
             result = train_loop(trainer, rank_engine(world, engine, trainer), log, stop)
@@ -135,12 +141,12 @@ class EngineSettings:
                    pad_id=trainer.tokenizer.pad_id, dropout=run.dropout, seed=run.seed,
                    precision=run.precision)
 
-    def engine(self, trainer):
-        """The run's Engine over the trainer's model (and adapters)."""
-        return _engine.Engine(trainer.mcfg, trainer.model.flat, self.threads, self.micro_batch,
-                              self.batch_size, self.lock_mode, self.debug_locks, self.pad_id,
-                              self.dropout, self.seed, self.precision, adapters=trainer.adapters,
-                              lora=trainer.lora and trainer.lora.engine_args)
+    def engine(self, trainer, engine_class=Engine):
+        """The run's Engine (an engine_class) over the trainer's model (and adapters)."""
+        return engine_class(trainer.mcfg, trainer.model.flat, self.threads, self.micro_batch,
+                            self.batch_size, self.lock_mode, self.debug_locks, self.pad_id,
+                            self.dropout, self.seed, self.precision, adapters=trainer.adapters,
+                            lora=trainer.lora and trainer.lora.engine_args)
 
 
 def train_loop(trainer, engine, log, stop):
@@ -167,7 +173,7 @@ def train_loop(trainer, engine, log, stop):
         run.val_loss = evaluate(engine, trainer.val_final, stop)
         report_val(log, st.step, run.val_loss, trainer.bytes_per_token,
                    final_share(trainer.val_final, trainer.val))
-    except (Interrupted, _engine.StepAborted):
+    except (Interrupted, StepAborted):
         path = trainer.save()
         log.say(f"interrupted ({stop.name()}): saved step {st.step} to {path}; --resume "
                 f"continues", always=True)
@@ -188,8 +194,8 @@ class RunProgress:
     """What the loop reports beyond the checkpointed state."""
     t_start: float
     tokens_seen: int = 0
-    last_train_loss: float = None
-    val_loss: float = None
+    last_train_loss: Optional[float] = None
+    val_loss: Optional[float] = None
 
 
 def threaded_train_epoch(trainer, engine, log, stop, run):
@@ -259,7 +265,7 @@ def evaluate(engine, windows, stop):
 # -- one process or many: the pieces a rank of a many-process run uses instead ----------------
 
 # train_model's statuses beyond errors.STATUSES: a failure of the run itself
-STATUSES = {PlotError: 1}
+STATUSES: errors.Statuses = {PlotError: 1}
 
 
 def exit_status(error):

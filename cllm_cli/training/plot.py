@@ -10,18 +10,28 @@ plot_metrics raises PlotError("matplotlib is not installed: pip install matplotl
 The PNG is written atomically (cllm_cli.fileio: a temporary file next to the destination,
 renamed over it), so a failed plot never leaves a damaged file.
 """
+from __future__ import annotations
+
 import math
 import os
+from typing import TYPE_CHECKING, List, Sequence, Tuple, TypeVar
 
 from cllm_cli.errors import MissingDependency, PlotError
 from cllm_cli.fileio import atomic_file, open_regular
 from cllm_cli.jsonfile import JSONError, loads
-from cllm_cli.training.log import fmt_ppl
+from cllm_cli.progress import fmt_ppl
+
+if TYPE_CHECKING:
+    import numpy as np  # imported where it is used: the plot alone needs it
+
+# a curve of the plot: (step, loss) pairs, by step
+Curve = List[Tuple[int, float]]
+_Path = TypeVar("_Path", str, os.PathLike)
 
 MISSING_MATPLOTLIB = "matplotlib is not installed: pip install matplotlib"
 
 
-def require_matplotlib():
+def require_matplotlib() -> None:
     """Raises MissingDependency unless matplotlib can be imported. train_model calls it before
     training starts, so that --plot does not fail only at the end of a long run."""
     try:
@@ -30,7 +40,7 @@ def require_matplotlib():
         raise MissingDependency(MISSING_MATPLOTLIB) from None
 
 
-def read_metrics(path):
+def read_metrics(path: str | os.PathLike) -> tuple[Curve, Curve]:
     """(train, val): lists of (step, value) sorted by step, from a metrics JSON-lines file."""
     try:
         with open_regular(path) as f:
@@ -39,7 +49,8 @@ def read_metrics(path):
         raise PlotError(f"{path}: cannot read ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
         raise PlotError(f"{path}: not valid UTF-8 (bad byte at offset {e.start})") from None
-    train, val = {}, {}
+    train: dict[int, float] = {}
+    val: dict[int, float] = {}
     for k, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -61,23 +72,23 @@ def read_metrics(path):
     return sorted(train.items()), sorted(val.items())
 
 
-def _number(x):
+def _number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def smoothed(values, window):
+def smoothed(values: Sequence[float], window: int) -> np.ndarray:
     """Centred mean over `window` values, NaN left out (NaN where a window holds none)."""
     import numpy as np
-    values = np.asarray(values, dtype=np.float64)
-    ok = ~np.isnan(values)
+    array = np.asarray(values, dtype=np.float64)
+    ok = ~np.isnan(array)
     kernel = np.ones(window)
-    sums = np.convolve(np.where(ok, values, 0.0), kernel, mode="same")
+    sums = np.convolve(np.where(ok, array, 0.0), kernel, mode="same")
     counts = np.convolve(ok.astype(np.float64), kernel, mode="same")
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(counts > 0, sums / counts, np.nan)
 
 
-def draw(train, val, out_png, title):
+def draw(train: Curve, val: Curve, out_png: str | os.PathLike, title: str) -> None:
     """Draws the curves into out_png (atomically)."""
     require_matplotlib()
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
@@ -109,7 +120,8 @@ def draw(train, val, out_png, title):
         fig.savefig(f, format="png")
 
 
-def plot_metrics(metrics_path, out_png, title=None):
+def plot_metrics(metrics_path: str | os.PathLike, out_png: _Path,
+                 title: str | None = None) -> _Path:
     """Draws training loss (per step) and validation loss (per evaluation) against steps from
     a train_model --metrics-file into the PNG out_png. Raises PlotError (MissingDependency
     without matplotlib; the metrics are read first, so bad input is reported either way)."""

@@ -12,13 +12,13 @@ import socket
 
 import numpy as np
 
-from cllm_cli import _engine
+from cllm_cli._engine import num_parameters
+from cllm_cli.api import CLLMModel
 from cllm_cli.corpus import dataset_header, load_dataset
 from cllm_cli.distributed import on_all_ranks
 from cllm_cli.errors import AllRanksStop, CheckpointError, DataError
 from cllm_cli.formats import check_vocabulary, checkpoint_path
-from cllm_cli.lora import num_adapter_parameters
-from cllm_cli.model import CLLMModel
+from cllm_cli.model import num_adapter_parameters
 from cllm_cli.tokenizers import Tokenizer, tokenizer_class
 from cllm_cli.training.trainer import Trainer
 
@@ -109,7 +109,7 @@ class FollowerTrainer(Trainer):
         config = self.cfg.model_config(len(self.tokenizer))
         if config != plan["model_config"]:
             raise DataError(f"model config {config} differs from rank 0's {plan['model_config']}")
-        self.model = CLLMModel.from_flat(config, np.zeros(_engine.num_parameters(config),
+        self.model = CLLMModel.from_flat(config, np.zeros(num_parameters(config),
                                                           dtype=np.float32))
         self.lora = self.cfg.lora_spec()
         if self.lora is not None:

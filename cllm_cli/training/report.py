@@ -1,43 +1,52 @@
 """What the training loop prints: the header, validation results, skipped micro-batches,
 samples, the per-sphere statistics and the divergence check."""
+from __future__ import annotations
+
 import math
+import os
+from typing import Any, Iterable, Mapping, Sized, cast
 
 import numpy as np
 
+from cllm_cli.api import CLLMModel
 from cllm_cli.distributed import on_all_ranks
 from cllm_cli.errors import TrainingError
-from cllm_cli.progress import plural
-from cllm_cli.training.log import fmt_loss, fmt_ppl, perplexity
+from cllm_cli.model import LoraSpec
+from cllm_cli.progress import fmt_loss, fmt_ppl, perplexity, plural
+from cllm_cli.tokenizers import Tokenizer
+from cllm_cli.training.config import TrainConfig
+from cllm_cli.training.log import RunLog
+from cllm_cli.training.trainer import Trainer
 
 UNKNOWN_WARNING = 0.01     # the share of <unk> in the corpus above which the header warns
 
 
-def unknown_count(tokens, unk_id, chunk=1 << 24):
+def unknown_count(tokens: np.ndarray, unk_id: int, chunk: int = 1 << 24) -> int:
     """How many of `tokens` are unk_id, counted a chunk at a time (a memory-mapped corpus is
     never copied whole)."""
     return sum(int(np.count_nonzero(tokens[i:i + chunk] == unk_id))
                for i in range(0, len(tokens), chunk))
 
 
-def vocabulary_name(cfg, tokenizer):
+def vocabulary_name(cfg: TrainConfig, tokenizer: Tokenizer) -> str:
     """What the header calls the vocabulary: its kind, or for a tokenizer.json whose model is
     not BPE (a word or char model exported by cllm_export) the library's name of that model."""
     model = getattr(tokenizer, "model_name", "BPE")
     return cfg.tokenizer if model == "BPE" else f"{model} (tokenizer.json)"
 
 
-def lora_line(trainer):
+def lora_line(trainer: Trainer) -> str:
     """The header's line of a LoRA run: rank, alpha, dropout, targets, and the trained
     parameters against all of them."""
-    spec = trainer.lora
-    base, trained = trainer.model.num_params(), trainer.adapters.size
+    spec = cast(LoraSpec, trainer.lora)                  # a LoRA run's
+    base, trained = trainer.model.num_params(), cast(np.ndarray, trainer.adapters).size
     total = base + trained
     return (f"lora: rank {spec.rank}, alpha {spec.alpha:g}, dropout {spec.dropout:g}, targets "
             f"{', '.join(spec.sites)}; {trained:,} trained parameters of {total:,} "
             f"({trained / total:.2%}), the base model's {base:,} frozen")
 
 
-def report_skips(log, step, result):
+def report_skips(log: RunLog, step: int, result: Any) -> None:
     """Warns about each micro-batch left out of the step and about a skipped step."""
     for bad in result.bad:
         where = [] if bad.loss_finite else ["the loss"]
@@ -51,17 +60,18 @@ def report_skips(log, step, result):
         log.warn(f"step {step}: the summed gradient is not finite; step skipped")
 
 
-def bits_per_byte(loss, bytes_per_token):
+def bits_per_byte(loss: float, bytes_per_token: float) -> float:
     """A loss in nats per token as bits per UTF-8 byte of text (compares tokenizers)."""
     return loss / math.log(2) / bytes_per_token
 
 
-def final_share(used, windows):
+def final_share(used: Sized, windows: Sized) -> float:
     """The share of the validation windows an evaluation covers."""
     return len(used) / len(windows) if len(windows) else 1.0
 
 
-def report_val(log, step, val_loss, bytes_per_token, share=None):
+def report_val(log: RunLog, step: int, val_loss: float | None, bytes_per_token: float,
+               share: float | None = None) -> None:
     """The validation line; `share` (the final evaluation's) is named when it is not all."""
     if val_loss is None:
         return
@@ -72,13 +82,13 @@ def report_val(log, step, val_loss, bytes_per_token, share=None):
     log.record(step=step, val_loss=val_loss, val_ppl=perplexity(val_loss), val_bpb=bpb)
 
 
-def val_bpb_text(val_loss, bytes_per_token):
+def val_bpb_text(val_loss: float | None, bytes_per_token: float) -> str:
     if val_loss is None or not math.isfinite(val_loss):
         return ""
     return f", {bits_per_byte(val_loss, bytes_per_token):.4f} bits/byte"
 
 
-def check_not_diverged(run, vocab_size, final):
+def check_not_diverged(run: Any, vocab_size: int, final: str | os.PathLike) -> None:
     """A run whose final loss is worse than twice uniform guessing (2 ln V) diverged: the
     model is saved, but the run fails (status 1) so that scripts and schedulers notice."""
     limit = 2 * math.log(vocab_size)
@@ -89,7 +99,8 @@ def check_not_diverged(run, vocab_size, final):
                 f"{limit:.2f} (saved to {final}); lower --learning-rate or raise --warmup-steps"))
 
 
-def sample_text(model, tokenizer, prompt, max_tokens, seed):
+def sample_text(model: CLLMModel, tokenizer: Tokenizer, prompt: str, max_tokens: int,
+                seed: int) -> str:
     ids = list(tokenizer.encode(prompt)) if prompt else []
     out = list(model.generate(ids, max_tokens=max_tokens, temperature=0.8, top_k=40, seed=seed,
                               stop_ids=(tokenizer.eos_id,), start_id=tokenizer.eos_id,
@@ -97,7 +108,7 @@ def sample_text(model, tokenizer, prompt, max_tokens, seed):
     return tokenizer.decode(ids + out).strip()
 
 
-def print_header(trainer, log):
+def print_header(trainer: Trainer, log: RunLog) -> None:
     cfg, m, info = trainer.cfg, trainer.mcfg, trainer.data_info
     files, size = trainer.leftovers
     if files:
@@ -162,11 +173,12 @@ def print_header(trainer, log):
                  f"rate never reaches its peak")
 
 
-def threaded_training_print_stats(stats, wall, log):
+def threaded_training_print_stats(stats: Iterable[Mapping[str, Any]], wall: float,
+                                  log: RunLog) -> list[dict[str, Any]]:
     """Per-sphere statistics, as the C trainer's threaded_training_print_stats (with correct
     numbers): micro-batches, mean loss per counted token, share of the run spent working."""
     lines = ["sphere  group  micro-batches  mean loss  busy"]
-    rows = []
+    rows: list[dict[str, Any]] = []
     for s in stats:
         mean = s["loss_sum"] / s["tokens"] if s["tokens"] else float("nan")
         busy = s["busy_seconds"] / wall if wall > 0 else 0.0

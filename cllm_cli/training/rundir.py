@@ -12,6 +12,8 @@ A run refused during set-up removes the lock file too when it created it, while 
 holds the lock; a run that had opened that file meanwhile finds, once it has the lock, that
 the name no longer leads to the file it locked, and locks the file now there instead.
 """
+from __future__ import annotations
+
 import fcntl
 import os
 import socket
@@ -21,15 +23,15 @@ from cllm_cli.errors import DataError, UsageError
 from cllm_cli.fileio import writable_directory
 
 LOCK_NAME = ".lock"
-_held = set()          # the DirectoryLocks this process holds
+_held: set[DirectoryLock] = set()          # the DirectoryLocks this process holds
 
 
-def _close_in_child():
+def _close_in_child() -> None:
     """After fork, in the child: its copies of the held locks' descriptors are closed (the
     lock stays with the parent's)."""
     for lock in list(_held):
         try:
-            os.close(lock.fd)
+            os.close(lock.fd)       # type: ignore[arg-type]  # a held lock has its descriptor
         except OSError:
             pass
         lock.fd = None
@@ -44,8 +46,9 @@ class DirectoryLock:
     """Holds `directory`'s lock until close(); UsageError naming the holder when another
     process has it. `created`: this process created the lock file."""
 
-    def __init__(self, directory):
+    def __init__(self, directory: str) -> None:
         self.path = os.path.join(directory, LOCK_NAME)
+        self.fd: int | None
         while True:
             self.fd, self.created = _open_lock_file(self.path)
             try:
@@ -64,7 +67,7 @@ class DirectoryLock:
         os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}, started "
                            f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
 
-    def close(self):
+    def close(self) -> None:
         _held.discard(self)
         if self.fd is not None:
             try:
@@ -75,7 +78,7 @@ class DirectoryLock:
             self.fd = None
 
 
-def _open_lock_file(path):
+def _open_lock_file(path: str) -> tuple[int, bool]:
     """(descriptor, created) of the lock file at `path`, created when missing."""
     while True:
         try:
@@ -88,7 +91,7 @@ def _open_lock_file(path):
             continue                 # removed between the two opens: create it
 
 
-def _same_file(fd, path):
+def _same_file(fd: int, path: str) -> bool:
     try:
         named = os.stat(path)
     except FileNotFoundError:
@@ -102,7 +105,7 @@ class RunDirectory:
     it cannot be created or written), locked (DirectoryLock), and what it held then noted.
     discard() takes back what the run added, for a run whose set-up failed; close() keeps it."""
 
-    def __init__(self, path):
+    def __init__(self, path: str) -> None:
         self.path = path
         self.created = _first_missing(path)      # the topmost directory this run creates
         try:
@@ -114,11 +117,11 @@ class RunDirectory:
         self.lock = DirectoryLock(path)
         self.found = set(os.listdir(path))
 
-    def close(self):
+    def close(self) -> None:
         """Releases the directory."""
         self.lock.close()
 
-    def discard(self):
+    def discard(self) -> None:
         """Removes the files added since the directory was taken, the lock file and the
         directories when this run created them (and they are empty), and releases it."""
         if self.lock.fd is not None:             # files are removed only under the lock
@@ -139,7 +142,7 @@ class RunDirectory:
         self.close()
         self._remove_created()
 
-    def _remove_created(self):
+    def _remove_created(self) -> None:
         """Removes the directories this run created, from `path` up, while they are empty."""
         if self.created is None:
             return
@@ -154,7 +157,7 @@ class RunDirectory:
             path = os.path.dirname(path)
 
 
-def _first_missing(path):
+def _first_missing(path: str) -> str | None:
     """The topmost directory on the way to `path` (itself included) that does not exist, or
     None when `path` exists."""
     missing = None
@@ -167,7 +170,7 @@ def _first_missing(path):
     return missing
 
 
-def _read_holder(fd):
+def _read_holder(fd: int) -> str:
     try:
         text = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
     except OSError:
@@ -175,7 +178,7 @@ def _read_holder(fd):
     return text or "holder unknown"
 
 
-def remove_leftovers(directory):
+def remove_leftovers(directory: str) -> tuple[int, int]:
     """Deletes the temporary files of interrupted writes (`.<name>.<random>.tmp`, spill files
     of a tokenisation). Call only while holding the lock. Returns (files, bytes) removed."""
     count = size = 0

@@ -1,6 +1,10 @@
 """Stop signals during a run: SIGINT, SIGTERM and SIGHUP."""
+from __future__ import annotations
+
 import signal
 import threading
+from types import FrameType
+from typing import Any
 
 from cllm_cli.errors import Interrupted
 
@@ -13,33 +17,33 @@ class StopSignals:
     only sets the flag that calling this object returns, and the loop stops after the current
     step. Installed only on the main thread (signal handlers cannot be set elsewhere)."""
 
-    def __init__(self):
-        self.signum = None
+    def __init__(self) -> None:
+        self.signum: int | None = None
         self.deferred = False
-        self.previous = {}
+        self.previous: dict[int, Any] = {}
 
-    def __call__(self):
+    def __call__(self) -> bool:
         return self.signum is not None
 
-    def name(self):
+    def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else "stopped"
 
-    def defer(self):
+    def defer(self) -> None:
         self.deferred = True
         if self.signum is not None:          # arrived between set-up and now
             raise Interrupted(self.signum)
 
-    def _on_signal(self, signum, frame):
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.signum = signum
         if not self.deferred:
             raise Interrupted(signum)
 
-    def __enter__(self):
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self.previous[sig] = signal.signal(sig, self._on_signal)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)

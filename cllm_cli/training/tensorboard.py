@@ -18,12 +18,16 @@ It starts with the file version and a session start at the step after the one th
 from: TensorBoard then drops what earlier files of the directory hold from that step on (the
 steps a stopped run logged after its last checkpoint, or an earlier run in the same DIR).
 """
+from __future__ import annotations
+
 import contextlib
 import math
 import os
 import re
 import socket
 import time
+from types import ModuleType
+from typing import Any, Mapping
 
 from cllm_cli.errors import DataError, MissingExtra
 from cllm_cli.fileio import reason, writable_directory
@@ -31,7 +35,7 @@ from cllm_cli.fileio import reason, writable_directory
 INSTALL = "pip install '.[tensorboard]' in CLLM's source (or pip install tensorboardX)"
 
 
-def require_tensorboardx():
+def require_tensorboardx() -> ModuleType:
     """The tensorboardX package; MissingExtra (one line naming the extra) without it."""
     try:
         import tensorboardX
@@ -41,7 +45,7 @@ def require_tensorboardx():
     return tensorboardX
 
 
-def check_tensorboard(directory):
+def check_tensorboard(directory: str | os.PathLike) -> None:
     """Before the corpus is read: tensorboardX can be imported and a file can be created in
     `directory` (made if missing). MissingExtra or DataError with one line when not."""
     require_tensorboardx()
@@ -54,12 +58,12 @@ def check_tensorboard(directory):
         raise DataError(f"cannot write --tensorboard {directory}: {reason(e)}") from None
 
 
-def tag(key):
+def tag(key: str) -> str:
     """The TensorBoard tag of a metrics-file key: val_loss -> val/loss, lr -> train/lr."""
     return "val/" + key[len("val_"):] if key.startswith("val_") else "train/" + key
 
 
-def event_file_name(directory):
+def event_file_name(directory: str | os.PathLike) -> str:
     """A new file's path: TensorBoard reads the files whose name holds "tfevents", in name
     order, so the new file's time stamp is later than every earlier file's in the directory
     (a resume within the same second as the run it continues, another process's pid sorting
@@ -82,7 +86,7 @@ class EventWriter:
     """One event file of a run that starts (or resumes) after step `first_step`. record(),
     text() and flush() raise OSError when the file cannot be written; the Log reports it."""
 
-    def __init__(self, directory, first_step):
+    def __init__(self, directory: str | os.PathLike, first_step: int) -> None:
         tensorboardX = require_tensorboardx()
         from tensorboardX import summary
         from tensorboardX.proto.event_pb2 import Event, SessionLog
@@ -102,11 +106,11 @@ class EventWriter:
                 self.close()
             raise DataError(f"cannot write --tensorboard {directory}: {reason(e)}") from None
 
-    def _write(self, event):
+    def _write(self, event: Any) -> None:
         event.wall_time = time.time()
         self._records.write(event.SerializeToString())
 
-    def record(self, fields):
+    def record(self, fields: Mapping[str, Any]) -> None:
         """One record of the metrics file: its numbers as scalars at its step. An evaluation's
         record is flushed to disk at once."""
         step = fields["step"]
@@ -116,11 +120,11 @@ class EventWriter:
         if any(key.startswith("val_") for key in fields):
             self.flush()
 
-    def text(self, step, name, text):
+    def text(self, step: int, name: str, text: str) -> None:
         self._write(self._event(step=step, summary=self._summary.text(name, text)))
 
-    def flush(self):
+    def flush(self) -> None:
         self._records.flush()
 
-    def close(self):
+    def close(self) -> None:
         self._records.close()

@@ -11,13 +11,19 @@ With --lora-rank the --init-from model is the frozen base and the adapters are w
 (`trained`, with the optimiser state): checkpoints hold the adapters and name the base by
 the sha256 of its parameters and by its path; --resume reads the base from there again.
 """
+from __future__ import annotations
+
 import dataclasses
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Container, Iterable, Mapping
 
 import numpy as np
+from numpy.typing import NDArray
 
+from cllm_cli.api import CLLMModel
 from cllm_cli.corpus import (
     collect_files,
     epoch_order,
@@ -40,9 +46,15 @@ from cllm_cli.formats import (
     prune_checkpoints,
     save_checkpoint,
 )
-from cllm_cli.layout import shorten_positions
-from cllm_cli.lora import content_hash, init_adapters, merge_adapters, parse_targets
-from cllm_cli.model import CLLMModel
+from cllm_cli.model import (
+    CLLMConfig,
+    LoraSpec,
+    content_hash,
+    init_adapters,
+    merge_adapters,
+    parse_targets,
+    shorten_positions,
+)
 from cllm_cli.tokenizers import BPETokenizer, Tokenizer, tokenizer_class
 from cllm_cli.training.config import TrainConfig
 from cllm_cli.training.rundir import RunDirectory, remove_leftovers
@@ -51,8 +63,8 @@ from cllm_cli.training.rundir import RunDirectory, remove_leftovers
 @dataclass
 class Pretrained:
     """What --init-from starts from."""
-    config: object
-    flat: np.ndarray
+    config: CLLMConfig
+    flat: NDArray[np.float32]
     tokenizer: Tokenizer
 
 
@@ -71,18 +83,19 @@ class Trainer:
     token stream, the model and its AdamW state, the position in the data. `given` names the
     options the user set explicitly (--resume applies or refuses them)."""
 
-    layout = None              # "K ranks x N sphere(s) (...)" on many processes
-    lora = None                # the adapters' LoraSpec, when adapters train
-    adapters = None            # their flat buffer
-    base = None                # the lora metadata naming the base (base_sha256, base_path)
+    layout: str | None = None              # "K ranks x N sphere(s) (...)" on many processes
+    lora: LoraSpec | None = None           # the adapters' LoraSpec, when adapters train
+    adapters: NDArray[np.float32] | None = None    # their flat buffer
+    base: dict[str, str] | None = None     # the lora metadata naming the base (base_sha256, base_path)
 
-    def __init__(self, data_paths, cfg, given=()):
+    def __init__(self, data_paths: str | os.PathLike | Iterable[str | os.PathLike], cfg: TrainConfig,
+                 given: Iterable[str] = ()) -> None:
         cfg.validate()
         self.cfg = cfg
         self.ckpt_dir = os.path.abspath(cfg.checkpoint_dir)
         self.state = TrainState()
-        self.changed = []          # options a resumed run changed: "--name old -> new"
-        self.resumed_from = None
+        self.changed: list[str] = []          # options a resumed run changed: "--name old -> new"
+        self.resumed_from: str | os.PathLike | None = None
         files = collect_files(data_paths, cfg.glob, exclude_dir=self.ckpt_dir)
         self.run_dir = RunDirectory(self.ckpt_dir)
         try:
@@ -93,7 +106,7 @@ class Trainer:
             self.run_dir.discard()       # a run that never started leaves the directory as it was
             raise
 
-    def plan(self, tokens):
+    def plan(self, tokens: np.ndarray) -> None:
         """The splits, windows and run length, from the token stream and the settings."""
         cfg = self.cfg
         self.mcfg = self.model.config
@@ -114,19 +127,19 @@ class Trainer:
         self.val_periodic = spread_windows(self.val, every if cfg.eval_tokens is None
                                            else cfg.eval_tokens)
         self.val_final = spread_windows(self.val, cfg.final_eval_tokens)
-        self._order = (None, None)
+        self._order: tuple[int | None, Any] = (None, None)     # (epoch, its window order)
 
-    def __enter__(self):
+    def __enter__(self) -> Trainer:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def close(self):
+    def close(self) -> None:
         """Releases the checkpoint directory."""
         self.run_dir.close()
 
-    def _start_or_resume(self, files, given):
+    def _start_or_resume(self, files: list[Path], given: set[str]) -> np.ndarray:
         cfg = self.cfg
         resume_from = latest_checkpoint(self.ckpt_dir) if cfg.resume else None
         if cfg.resume is True and resume_from is None:
@@ -135,7 +148,8 @@ class Trainer:
             return self._restore(resume_from, files, given)
         cfg.validate(resuming=False)
         previous = self._previous_run()
-        tokenizer = start = None
+        tokenizer: Tokenizer | None = None
+        start: Pretrained | None = None
         if cfg.init_from:
             start = self._pretrained(given)
             tokenizer = start.tokenizer
@@ -159,21 +173,21 @@ class Trainer:
         return tokens
 
     @property
-    def trained(self):
+    def trained(self) -> NDArray[np.float32]:
         """The buffer the optimiser updates: the adapters, or every parameter."""
         return self.adapters if self.lora is not None else self.model.flat
 
-    def tuned_model(self):
+    def tuned_model(self) -> CLLMModel:
         """The model as trained so far: with the adapters merged in, when they train."""
         if self.lora is None:
             return self.model
         return CLLMModel.from_flat(self.mcfg, merge_adapters(self.mcfg, self.model.flat,
                                                              self.lora, self.adapters))
 
-    def lora_metadata(self):
-        return None if self.lora is None else {**self.lora.to_dict(), **self.base}
+    def lora_metadata(self) -> dict[str, Any] | None:
+        return None if self.lora is None else {**self.lora.to_dict(), **self.base}  # type: ignore[dict-item]
 
-    def _take(self, name, value, given, source):
+    def _take(self, name: str, value: object, given: Container[str], source: str) -> None:
         """Sets option `name` to what `source` prescribes; refuses a different value given."""
         mine = getattr(self.cfg, name)
         if name == "ff_dim" and mine == 0:
@@ -183,7 +197,7 @@ class Trainer:
                              f"; leave it out to take it from there")
         setattr(self.cfg, name, value)
 
-    def _tokenizer_file(self, given):
+    def _tokenizer_file(self, given: Container[str]) -> BPETokenizer:
         """The tokenizer of --tokenizer-file (a tokenizer.json, or GPT-2's vocab.json + merges.txt
         given as the vocab.json or their directory); the run takes its kind and size."""
         cfg, source = self.cfg, f"--tokenizer-file {self.cfg.tokenizer_file}"
@@ -196,15 +210,15 @@ class Trainer:
         self._take("vocab_size", len(tokenizer), given, source)
         return tokenizer
 
-    def _pretrained(self, given):
+    def _pretrained(self, given: Container[str]) -> Pretrained:
         """The model and tokenizer of --init-from; the run takes their shape and kind. A
         smaller --seq-len keeps the first rows of the position table."""
         cfg, source = self.cfg, f"--init-from {self.cfg.init_from}"
         try:        # the base of adapters is a full model: a LoRA checkpoint is refused
-            mcfg, flat, tokenizer, _, _ = load_model_files(cfg.init_from,
-                                                           full=bool(cfg.lora_rank))
+            start = load_model_files(cfg.init_from, full=bool(cfg.lora_rank))
         except ConversionError as e:
             raise DataError(f"--init-from: {e}") from None
+        mcfg, flat, tokenizer = start.config, start.flat, start.tokenizer
         if "seq_len" in given and cfg.seq_len < mcfg.seq_len:
             mcfg, flat = shorten_positions(mcfg, flat, cfg.seq_len)
         for name in ("embed_dim", "num_layers", "num_heads", "ff_dim", "seq_len", "vocab_size"):
@@ -213,11 +227,11 @@ class Trainer:
         cfg.validate(resuming=False)
         return Pretrained(mcfg, flat, tokenizer)
 
-    def _previous_run(self):
+    def _previous_run(self) -> list[str | Path]:
         """The model files of an earlier run in the directory, which a new run must not mix
         its checkpoints with: refused, unless --overwrite (then _remove_previous_run deletes
         them), and never when the --init-from model is among what would be deleted."""
-        previous = [p for _, p in list_checkpoints(self.ckpt_dir)]
+        previous: list[str | Path] = [p for _, p in list_checkpoints(self.ckpt_dir)]
         final = os.path.join(self.ckpt_dir, "final_model.cllm")
         if os.path.exists(final):
             previous.append(final)
@@ -231,18 +245,18 @@ class Trainer:
                              f"another --checkpoint-dir")
         return previous
 
-    def _remove_previous_run(self, previous):
+    def _remove_previous_run(self, previous: Iterable[str | Path]) -> None:
         for path in previous:
             try:
                 os.remove(path)
             except OSError as e:
                 raise DataError(f"--overwrite: cannot remove {path}: {e.strerror or e}") from None
 
-    def _restore(self, path, files, given):
+    def _restore(self, path: Path, files: list[Path], given: set[str]) -> np.ndarray:
         """Model, optimiser state, position and training settings from a checkpoint. Options
         given again are applied when they may change and refused when they may not."""
         ckpt = load_checkpoint(path)
-        meta = ckpt["meta"]
+        meta = ckpt.meta
         try:
             saved = dict(meta["train_config"])
             saved.setdefault("precision", "fp32")     # checkpoints from before --precision
@@ -250,9 +264,9 @@ class Trainer:
             vocab_hash, dataset_key = meta["vocab_hash"], meta["dataset_key"]
         except (KeyError, TypeError) as e:
             raise CheckpointError(f"{path}: checkpoint lacks training state ({e})") from None
-        if ckpt["adam_m"] is None:
+        if ckpt.adam_m is None:
             raise CheckpointError(f"{path}: checkpoint holds no optimiser state; cannot resume")
-        lora = ckpt["lora"]
+        lora = ckpt.lora
         _check_lora_kept(lora, self.cfg, given, path)
         run, fixed = TrainConfig.run_fields(), TrainConfig.fixed_fields()
         stored = dataclasses.replace(self.cfg, **{k: v for k, v in saved.items()
@@ -289,18 +303,18 @@ class Trainer:
             raise CheckpointError(f"{path}: its training settings and its tensors disagree on "
                                   f"LoRA adapters")
         if lora is None:
-            self.model = CLLMModel.from_flat(ckpt["config"], ckpt["params"])
+            self.model = CLLMModel.from_flat(ckpt.config, ckpt.params)
         else:
-            self.model = CLLMModel.from_flat(ckpt["config"],
-                                             load_lora_base(lora, ckpt["config"], path))
-            self.lora, self.adapters = lora["spec"], ckpt["params"]
+            self.model = CLLMModel.from_flat(ckpt.config,
+                                             load_lora_base(lora, ckpt.config, path))
+            self.lora, self.adapters = lora["spec"], ckpt.params
             self.base = {"base_sha256": lora["base_sha256"], "base_path": lora["base_path"]}
-        self.adam_m, self.adam_v = ckpt["adam_m"], ckpt["adam_v"]
+        self.adam_m, self.adam_v = ckpt.adam_m, ckpt.adam_v
         self.resumed_from = path
         return tokens
 
     # -- data ------------------------------------------------------------------------------
-    def batch(self, epoch, index):
+    def batch(self, epoch: int, index: int) -> NDArray[np.int32]:
         """The windows of global batch `index` of `epoch` (the order is seeded by both)."""
         if self._order[0] != epoch:
             self._order = (epoch, epoch_order(self.cfg.seed, epoch, self.n_windows))
@@ -309,15 +323,15 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     @property
-    def bytes_per_token(self):
+    def bytes_per_token(self) -> float:
         """UTF-8 bytes of the corpus per token: turns a loss per token into bits per byte."""
         return self.data_info["bytes"] / self.data_info["tokens"]
 
     @property
-    def final_path(self):
+    def final_path(self) -> str:
         return os.path.join(self.ckpt_dir, "final_model.cllm")
 
-    def meta(self):
+    def meta(self) -> dict[str, Any]:
         return {"train_config": self.cfg.result_fields(), "state": dataclasses.asdict(self.state),
                 "tokenizer": self.cfg.tokenizer, "vocab_hash": self.tokenizer.vocab_hash,
                 "dataset_key": self.data_info["key"], "corpus_bytes": self.data_info["bytes"],
@@ -326,7 +340,7 @@ class Trainer:
                               "seed": self.cfg.seed, "epoch": self.state.epoch,
                               "batch_in_epoch": self.state.batch_in_epoch}}
 
-    def save(self, path=None, prune=True):
+    def save(self, path: str | os.PathLike | None = None, prune: bool = True) -> str | os.PathLike:
         """Writes a checkpoint (atomically) and prunes old step checkpoints; a failure to
         write is a runtime error."""
         path = path or checkpoint_path(self.ckpt_dir, self.state.step)
@@ -339,7 +353,7 @@ class Trainer:
             raise TrainingError(str(e)) from None
         return path
 
-    def final_model_ok(self):
+    def final_model_ok(self) -> bool:
         """final_model.cllm exists and loads (a kill while writing it leaves none)."""
         try:
             load_checkpoint(self.final_path)
@@ -348,13 +362,14 @@ class Trainer:
         return True
 
 
-def _inside(path, directory):
+def _inside(path: str | os.PathLike, directory: str | os.PathLike) -> bool:
     """`path` is `directory` or lies below it (their real paths: links followed)."""
-    path, directory = os.path.realpath(path), os.path.realpath(directory)
-    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+    real, top = os.path.realpath(path), os.path.realpath(directory)
+    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
 
 
-def _check_lora_kept(lora, cfg, given, path):
+def _check_lora_kept(lora: Mapping[str, Any] | None, cfg: TrainConfig, given: Iterable[str],
+                     path: str | os.PathLike) -> None:
     """UsageError when the options given switch LoRA adapters on for a full run's checkpoint
     (`lora` None), or off (--lora-rank 0) for a LoRA run's."""
     others = {name for name in given if name.startswith("lora_")} - {"lora_rank"}
@@ -368,7 +383,7 @@ def _check_lora_kept(lora, cfg, given, path):
                          f"to train every weight of the adapted model")
 
 
-def _acting(name, value, settings):
+def _acting(name: str, value: Any, settings: Mapping[str, Any]) -> Any:
     """A setting's value as it acts, given the run's `settings`: --lora-alpha's default as 2R,
     --lora-targets as the sites it names (in any order), --ff-dim 0 as 4 x embed-dim."""
     if name == "lora_alpha" and value is None and "lora_rank" in settings:
@@ -380,7 +395,7 @@ def _acting(name, value, settings):
     return value
 
 
-def _shown(value):
+def _shown(value: object) -> object:
     """A setting's value as a message shows it: an unset one (None) as `the default`, an
     empty one as `none`."""
     if value is None:

@@ -1,6 +1,6 @@
 # What the forward/backward kernels of one micro-batch share: their conventions, the C helpers
-# they call (deterministic_math.h, dropout.h, bf16_gemm.h), Bf16Products and Dropout. The
-# kernels are in kernels_layers.pxi, kernels_attention.pxi and kernels_loss.pxi.
+# they call (deterministic_math.h, dropout.h, bf16_gemm.h, beside this file), Bf16Products and
+# Dropout. The kernels are in layers.pxi, attention.pxi and loss.pxi of this folder.
 #
 # Argument order: outputs, inputs, weights, sizes; gradients carry a d prefix. N = B * n rows
 # of the micro-batch.
@@ -14,7 +14,7 @@
 # turns the logits into dloss/dlogits in place.)
 from libc.math cimport sqrtf, log, isfinite, NAN
 
-cdef extern from "deterministic_math.h" nogil:
+cdef extern from "kernels/deterministic_math.h" nogil:
     float cllm_expf(float x)
     float cllm_tanhf(float x)
     float cllm_row_max(const float* x, int n)
@@ -28,13 +28,13 @@ cdef extern from "deterministic_math.h" nogil:
 from libc.string cimport memset, memcpy
 from libc.stdint cimport uint16_t, uint32_t, uint64_t, int64_t
 
-cdef extern from "dropout.h" nogil:
+cdef extern from "kernels/dropout.h" nogil:
     uint64_t cllm_dropout_key(uint64_t seed, int64_t step, int64_t microbatch, int layer,
                               int site)
     int cllm_dropout_keep(uint64_t key, uint64_t index, uint32_t threshold)
 from posix.time cimport timespec, clock_gettime, CLOCK_MONOTONIC
 
-cdef extern from "bf16_gemm.h" nogil:
+cdef extern from "kernels/bf16_gemm.h" nogil:
     ctypedef struct bf16_context:
         int status          # 0, or the first failure's oneDNN status (-1: out of memory)
         int num_plans

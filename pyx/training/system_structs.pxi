@@ -1,7 +1,7 @@
 # The ThreadedTrainingSystem's declarations: pthreads, the structs of the system and of its
 # spheres (pthreads that each run whole micro-batches), and the lock discipline
-# model_lock -> gradient_lock. The spheres' work is in sphere_worker.pxi, the system's
-# operations in threads_system.pxi.
+# model_lock -> gradient_lock. The spheres' work is in sphere.pxi, the system's
+# operations in system.pxi.
 from libc.stdio cimport fprintf, stderr
 from libc.stdlib cimport abort
 from posix.time cimport CLOCK_REALTIME
@@ -168,10 +168,22 @@ cdef struct ThreadedTrainingSystem:
     # dropout of training micro-batches: threshold, scale and seed (threshold 0: none); each
     # micro-batch adds its step and its global index, first_microbatch + mb
     Dropout dropout
-    # test hook: poison micro-batch inject_microbatch (global index) of the inject_step-th step
-    long long step_counter
+    long long step_counter            # the 0-based index of the step handed out
+    # the testing extension's inject_nan: poison micro-batch inject_microbatch (global index)
+    # of step inject_step (read only where CLLM_TESTING is 1)
     long long inject_step
     long long inject_microbatch
+
+
+cdef extern from *:
+    """
+    /* 1 in cllm_cli._engine_testing (testing/engine_testing.pyx defines it first), else 0: the
+       sphere's fault injection is compiled into the testing extension only. */
+    #ifndef CLLM_TESTING
+    #define CLLM_TESTING 0
+    #endif
+    """
+    enum: CLLM_TESTING
 
 
 # --- locks, always taken in the order model_lock -> gradient_lock ---------------------------

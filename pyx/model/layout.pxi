@@ -1,6 +1,7 @@
 # The model's parameter layout: its sizes (ModelConfig), the one table of parameter tensors in
 # buffer order, and the named views into the flat buffers (ModelParams, LayerParams). The
-# activations, the pass and generation follow in activations.pxi, model_pass.pxi, decode.pxi.
+# activations and the pass follow in activations.pxi and forward_backward.pxi of this folder,
+# generation in decoding/.
 from libc.stdlib cimport calloc, malloc, free
 
 

@@ -14,9 +14,12 @@ Lines holding only white space are skipped. Every fault is one DataError naming 
 the line: text that is not UTF-8, invalid JSON, a missing key or one of the wrong type, a label
 outside the endings, an empty ending, a passage of one word, a file without any item.
 """
+from __future__ import annotations
+
 import dataclasses
 import json
 import os
+from typing import Any, Iterator, Sequence, TypeVar
 
 from cllm_cli.errors import DataError
 from cllm_cli.fileio import open_regular, reason
@@ -29,7 +32,7 @@ class HellaSwagItem:
     """A context, its candidate endings and the index of the right one. `where` ("file:line")
     names the item in messages."""
     context: str
-    endings: tuple
+    endings: tuple[str, ...]
     label: int
     where: str = "item"
 
@@ -42,7 +45,7 @@ class LambadaItem:
     where: str = "item"
 
     @classmethod
-    def from_passage(cls, text, where="item"):
+    def from_passage(cls, text: str, where: str = "item") -> LambadaItem:
         """The item of a passage: the target is what follows the last space."""
         text = text.strip()
         context, space, word = text.rpartition(" ")
@@ -52,11 +55,14 @@ class LambadaItem:
         return cls(context, word, where)
 
 
-def _short(text, limit=60):
+_Item = TypeVar("_Item")
+
+
+def _short(text: str, limit: int = 60) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
-def _lines(path):
+def _lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
     """(line number, text) of every line of `path` that is not blank; DataError for a file
     that cannot be read and for a line that is not UTF-8."""
     try:
@@ -74,13 +80,13 @@ def _lines(path):
             yield number, line
 
 
-def _nonempty(items, path, what):
+def _nonempty(items: list[_Item], path: str | os.PathLike, what: str) -> list[_Item]:
     if not items:
         raise DataError(f"{path}: no {what} in the file (it is empty or blank)")
     return items
 
 
-def _json_object(line, where, keys, what):
+def _json_object(line: str, where: str, keys: Sequence[str], what: str) -> dict[str, Any]:
     """The JSON object on `line`, holding every one of `keys`."""
     try:
         doc = loads(line)
@@ -96,7 +102,7 @@ def _json_object(line, where, keys, what):
     return doc
 
 
-def hellaswag_item(line, where):
+def hellaswag_item(line: str, where: str) -> HellaSwagItem:
     """The HellaSwagItem of one jsonl line (DataError naming `where` otherwise)."""
     doc = _json_object(line, where, ("ctx", "endings", "label"), "a HellaSwag item")
     context, endings, label = doc["ctx"], doc["endings"], doc["label"]
@@ -121,13 +127,13 @@ def hellaswag_item(line, where):
     return HellaSwagItem(context, tuple(endings), label, where)
 
 
-def read_hellaswag(path):
+def read_hellaswag(path: str | os.PathLike) -> list[HellaSwagItem]:
     """[HellaSwagItem] of a HellaSwag jsonl file."""
     return _nonempty([hellaswag_item(line, f"{path}:{number}") for number, line in _lines(path)],
                      path, "HellaSwag items")
 
 
-def lambada_passage(line, where, jsonl):
+def lambada_passage(line: str, where: str, jsonl: bool) -> str:
     """The passage of one line: the line itself, or for jsonl its object's "text"."""
     if not jsonl:
         return line
@@ -137,7 +143,7 @@ def lambada_passage(line, where, jsonl):
     return text
 
 
-def is_json_lines(path, first_line):
+def is_json_lines(path: str | os.PathLike, first_line: str) -> bool:
     """True when a task file holds JSON lines: its name ends in .jsonl or .json (in any
     case), or its first line that is not blank is a JSON object ({...})."""
     if os.path.splitext(str(path))[1].lower() in (".jsonl", ".json"):
@@ -146,7 +152,7 @@ def is_json_lines(path, first_line):
     return first.startswith("{") and first.endswith("}")
 
 
-def read_lambada(path):
+def read_lambada(path: str | os.PathLike) -> list[LambadaItem]:
     """[LambadaItem] of a file of passages, one per line, or of {"text": ...} objects, one
     per line (is_json_lines)."""
     lines = list(_lines(path))

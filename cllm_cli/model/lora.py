@@ -6,35 +6,47 @@ B (out, rank), scale = alpha / rank, to W; only the adapters train. The flat buf
 out as the engine's adapter_layout: per block, per adapted layer (site) in the order
 attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj, its lora_A then its lora_B.
 
---lora-targets names groups of sites: ``attn`` (the attention's c_attn, PEFT's default for
-GPT-2), ``proj`` (the attention's c_proj) and ``mlp`` (the MLP's c_fc and c_proj).
+--lora-targets names groups of sites, which the model family declares (Family.lora_targets;
+for GPT-2 ``attn``: the attention's c_attn, PEFT's default for GPT-2, ``proj``: the attention's
+c_proj, ``mlp``: the MLP's c_fc and c_proj).
 """
+from __future__ import annotations
+
 import dataclasses
 import hashlib
 import math
+from typing import Any, Mapping
 
 import numpy as np
+from numpy.typing import NDArray
 
-from cllm_cli import _engine
-from cllm_cli.layout import named_views
+from cllm_cli._engine import LORA_TARGETS, adapter_layout
+from cllm_cli._engine import num_adapter_parameters as engine_adapter_parameters
+from cllm_cli.model.config import CLLMConfig
+from cllm_cli.model.family import Family, family_of
+from cllm_cli.model.layout import named_views
 
-TARGET_GROUPS = {"attn": ("attn.c_attn",), "proj": ("attn.c_proj",),
-                 "mlp": ("mlp.c_fc", "mlp.c_proj")}
-SITES = _engine.LORA_TARGETS       # every site, in buffer order
+SITES = LORA_TARGETS       # every site, in buffer order
 # the largest scale alpha / rank: far above the common 1 to 16, low enough that trained
 # adapters stay far from float32's range
 MAX_LORA_SCALE = 1024.0
 
 
-def parse_targets(text):
+def target_groups(family: Family | None = None) -> dict[str, tuple[str, ...]]:
+    """{--lora-targets group: its sites} of a Family (by default the default config's)."""
+    return (family or family_of(CLLMConfig)).lora_targets
+
+
+def parse_targets(text: object, family: Family | None = None) -> tuple[str, ...]:
     """The sites of a --lora-targets value such as "attn,mlp", in buffer order (ValueError
     naming the unknown group)."""
-    sites = set()
+    groups = target_groups(family)
+    sites: set[str] = set()
     for group in (part.strip() for part in str(text).split(",")):
-        if group not in TARGET_GROUPS:
+        if group not in groups:
             raise ValueError(f"unknown LoRA target {group!r} (choose from "
-                             f"{', '.join(TARGET_GROUPS)}, comma-separated)")
-        sites.update(TARGET_GROUPS[group])
+                             f"{', '.join(groups)}, comma-separated)")
+        sites.update(groups[group])
     return tuple(site for site in SITES if site in sites)
 
 
@@ -45,27 +57,27 @@ class LoraSpec:
     rank: int
     alpha: float
     dropout: float
-    sites: tuple
+    sites: tuple[str, ...]
 
     @property
-    def mask(self):
+    def mask(self) -> int:
         return sum(1 << SITES.index(site) for site in self.sites)
 
     @property
-    def scale(self):
+    def scale(self) -> float:
         return self.alpha / self.rank
 
     @property
-    def engine_args(self):
+    def engine_args(self) -> tuple[int, int, float, float]:
         """(rank, targets, alpha, dropout) as the engine takes them."""
         return (self.rank, self.mask, float(self.alpha), float(self.dropout))
 
-    def to_dict(self):
+    def to_dict(self) -> dict[str, Any]:
         return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
                 "sites": list(self.sites)}
 
     @classmethod
-    def from_dict(cls, fields):
+    def from_dict(cls, fields: Mapping[str, Any]) -> LoraSpec:
         """The spec stored in a checkpoint; ValueError when a field is missing or wrong."""
         try:
             rank, alpha = fields["rank"], fields["alpha"]
@@ -86,17 +98,18 @@ class LoraSpec:
                    tuple(site for site in SITES if site in sites))
 
 
-def adapter_shapes(cfg, spec):
+def adapter_shapes(cfg: CLLMConfig, spec: LoraSpec) -> dict[str, tuple[int, ...]]:
     """{name: shape} of the adapter tensors, in buffer order."""
     return {name: tuple(shape) for name, shape, _ in
-            _engine.adapter_layout(cfg, spec.rank, spec.mask)}
+            adapter_layout(cfg, spec.rank, spec.mask)}
 
 
-def num_adapter_parameters(cfg, spec):
-    return _engine.num_adapter_parameters(cfg, spec.rank, spec.mask)
+def num_adapter_parameters(cfg: CLLMConfig, spec: LoraSpec) -> int:
+    return engine_adapter_parameters(cfg, spec.rank, spec.mask)
 
 
-def adapter_views(cfg, spec, flat, what="the adapter buffer"):
+def adapter_views(cfg: CLLMConfig, spec: LoraSpec, flat: NDArray[np.float32],
+                  what: str = "the adapter buffer") -> dict[str, NDArray[np.float32]]:
     """{name: view of its tensor in `flat`}, a 1-D float32 array of num_adapter_parameters
     elements (ValueError naming `what` otherwise)."""
     total = num_adapter_parameters(cfg, spec)
@@ -104,10 +117,10 @@ def adapter_views(cfg, spec, flat, what="the adapter buffer"):
             or flat.size != total:
         raise ValueError(f"{what} must be a flat float32 array of {total} elements")
     return {name: flat[offset:offset + math.prod(shape)].reshape(shape)
-            for name, shape, offset in _engine.adapter_layout(cfg, spec.rank, spec.mask)}
+            for name, shape, offset in adapter_layout(cfg, spec.rank, spec.mask)}
 
 
-def init_adapters(cfg, spec, seed):
+def init_adapters(cfg: CLLMConfig, spec: LoraSpec, seed: int) -> NDArray[np.float32]:
     """A fresh adapter buffer: every B zero (the adapted model starts as the base), every A
     uniform in +-1/sqrt(in), the bound of PEFT's default (Kaiming-uniform with a = sqrt(5)),
     drawn from numpy's generator seeded with `seed` in buffer order."""
@@ -120,7 +133,8 @@ def init_adapters(cfg, spec, seed):
     return flat
 
 
-def merge_adapters(cfg, params, spec, adapters):
+def merge_adapters(cfg: CLLMConfig, params: NDArray[np.float32], spec: LoraSpec,
+                   adapters: NDArray[np.float32]) -> NDArray[np.float32]:
     """A new parameter buffer: params with scale * B A added to every adapted weight (an
     overflow gives Inf quietly: the caller checks the result)."""
     merged = np.array(params, dtype=np.float32, copy=True)
@@ -135,7 +149,7 @@ def merge_adapters(cfg, params, spec, adapters):
     return merged
 
 
-def content_hash(params):
+def content_hash(params: NDArray[np.float32]) -> str:
     """sha256 hex of a parameter buffer's bytes (float32, little-endian, layout order): what
     a LoRA checkpoint names its base by."""
     data = np.ascontiguousarray(params, dtype="<f4")

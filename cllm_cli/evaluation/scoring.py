@@ -24,11 +24,18 @@ Choices written down here:
   over a continuation is a float64 sum. They do not depend on the thread count, nor on which
   other items were scored before (a cached prefix is the same bits as one computed again).
 """
-from cllm_cli import _engine
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+from cllm_cli._engine import Decoder
+from cllm_cli.api import CLLMModel
 from cllm_cli.errors import DataError
+from cllm_cli.tokenizers import Tokenizer
 
 
-def encode_pair(tokenizer, context, continuation):
+def encode_pair(tokenizer: Tokenizer, context: str,
+                continuation: str) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) as lists of ints."""
     if context == "":
         return [int(tokenizer.eos_id)], [int(i) for i in tokenizer.encode(continuation)]
@@ -50,13 +57,14 @@ class Scorer:
     scored one): the next continuation of the same context is cut back to them and runs only
     its own positions."""
 
-    def __init__(self, model, tokenizer, threads=1):
+    def __init__(self, model: CLLMModel, tokenizer: Tokenizer, threads: int = 1) -> None:
         self.tokenizer = tokenizer
         self.seq_len = model.config.seq_len
-        self.decoder = _engine.Decoder(model.config, model.flat, threads)
-        self.cached = ()        # the ids whose positions the cache holds
+        self.decoder = Decoder(model.config, model.flat, threads)
+        self.cached: tuple[int, ...] = ()        # the ids whose positions the cache holds
 
-    def loglikelihoods(self, context, continuations, where="item"):
+    def loglikelihoods(self, context: str, continuations: Iterable[str],
+                       where: str = "item") -> list[tuple[float, bool]]:
         """[(summed log-probability, every token greedy)] of each continuation string after
         the context string; DataError naming `where` for a continuation that encodes to no id
         or to more than seq_len."""
@@ -64,7 +72,8 @@ class Scorer:
                                where=where, what=continuation)
                 for continuation in continuations]
 
-    def score_ids(self, context_ids, continuation_ids, where="item", what=None):
+    def score_ids(self, context_ids: Sequence[int], continuation_ids: Sequence[int],
+                  where: str = "item", what: str | None = None) -> tuple[float, bool]:
         """(summed log-probability, every token greedy) of the ids continuation_ids after
         context_ids (at least one id)."""
         n, T = len(continuation_ids), self.seq_len

@@ -1,19 +1,21 @@
 """The model configuration: the sizes of a GPT-2-form decoder. The layout of the flat parameter
-buffer is the engine's (layout.py).
+buffer is the engine's (model/layout.py).
 
 model_config_problem is the one check of model sizes: CLLMConfig runs it on construction, the
 checkpoint reader on the raw JSON of a file's model_config, and the training options on the
 sizes given on the command line (each naming the fields its own way)."""
-import os
-from dataclasses import asdict, dataclass
+from __future__ import annotations
 
-MAX_THREADS = 1024          # more threads than this only take turns on the cores
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Mapping
+
 MODEL_FIELDS = ("vocab_size", "embed_dim", "num_layers", "num_heads", "ff_dim", "seq_len")
 MAX_SIZE = 2 ** 31          # every size must fit the engine's int32 indices
 MIN_VOCAB = 5               # 4 special ids + 1
 
 
-def model_config_problem(values, name=str):
+def model_config_problem(values: Mapping[str, Any],
+                         name: Callable[[str], str] = str) -> str | None:
     """The first reason the model sizes `values` ({field: value}, any subset of MODEL_FIELDS)
     cannot make a model, as one line, or None. Every size is an integer (not a bool) in
     1 .. 2**31 - 1, vocab_size at least 5, and embed_dim divisible by num_heads.
@@ -42,42 +44,22 @@ class CLLMConfig:
     num_heads: int = 8
     ff_dim: int = 0          # 0 means 4 * embed_dim
     seq_len: int = 128
+    family = "gpt2"          # its model family (model/family.py); the only one so far
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.ff_dim == 0:
             object.__setattr__(self, "ff_dim", 4 * self.embed_dim)
         self.validate()
 
-    def validate(self):
+    def validate(self) -> None:
         """ValueError (one line) unless the sizes make a model (model_config_problem)."""
         problem = model_config_problem(self.to_dict())
         if problem:
             raise ValueError(problem)
 
-    def to_dict(self):
+    def to_dict(self) -> dict[str, int]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d):
+    def from_dict(cls, d: Mapping[str, Any]) -> CLLMConfig:
         return cls(**{k: int(d[k]) for k in MODEL_FIELDS})
-
-
-def default_threads():
-    """The cores this process may run on (os.sched_getaffinity): the default number of
-    threads, and the most that run at once."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def threads_warning(threads, ranks=1):
-    """The warning (after "<tool>: warning: ") when `threads` threads in each of `ranks`
-    processes on this host are more than the cores this process may run on, else None."""
-    cores = default_threads()
-    if threads * ranks <= cores:
-        return None
-    each = f" in each of {ranks} processes" if ranks > 1 else ""
-    return (f"--threads {threads}{each} is more than the {cores} core"
-            f"{'' if cores == 1 else 's'} this process may run on: the threads take turns, "
-            f"which is slower (the results are the same)")

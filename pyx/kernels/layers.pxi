@@ -1,5 +1,5 @@
 # Kernels of the transformer's layers: token + position embedding, layer norm, linear
-# (matrix product + bias), residual add, GELU. The write rule of kernels_common.pxi holds.
+# (matrix product + bias), residual add, GELU. The write rule of common.pxi holds.
 
 
 cdef float LN_EPS = 1e-5

@@ -1,6 +1,6 @@
-# Generation: a prompt as one batched forward pass that fills the key/value cache (prefill),
-# then one position at a time (decode_step), its matrix-vector products split by output rows
-# over the decoder's threads.
+# Generation's key/value cache (DecodeCache) and its workers, and one position at a time
+# (decode_step): its matrix-vector products split by output rows over the decoder's threads.
+# A prompt first fills the cache in one batched forward pass (prefill.pxi).
 #
 # Threads. A DecodeCache owns `threads` workers: worker 0 is the caller's thread, the others
 # are pthreads created with the cache and joined when it is freed. A position runs in phases
@@ -20,7 +20,7 @@
 # position. Its logits agree with feeding the positions one by one to float rounding (the
 # sums are grouped differently), not bit for bit.
 
-cdef extern from "decode_math.h" nogil:
+cdef extern from "decoding/matvec.h" nogil:
     void cllm_matvec_rows(float* out, const float* W, const float* x, int r0, int r1, int n)
     void cllm_matvec_rows_bf16(float* out, const uint16_t* W, const float* xs, int r0, int r1,
                                int n)
@@ -74,7 +74,7 @@ cdef struct DecodeCache:
     float* prstd        # (T,)
     const int* ptokens  # the prompt's ids being prefilled, pn of them
     int pn
-    # scoring (decode_score.pxi): the last pk of the pn positions, their targets and results
+    # scoring (scoring.pxi): the last pk of the pn positions, their targets and results
     const int* ptargets
     int pk
     double* plogp       # (pk,) log-probability of each target

@@ -1,6 +1,6 @@
 # Prefill: the positions of a prompt as one batched pass through the engine's matrix
 # products, in fp32 or on the weights' bf16 copy (the scheme is described at the top of
-# decode.pxi).
+# kv_cache.pxi).
 
 cdef void prefill_columns(DecodeCache* d, DecodeWorker* w, float* out, int ldo,
                           const float* inp, int K, const float* weight, const float* bias,

@@ -190,8 +190,9 @@ cdef class Engine:
         adam_v updated in place, t the 1-based AdamW step) or SGD with the mean gradient,
         clipped to grad_clip (0: no clipping). Micro-batches with a non-finite loss or
         gradient are left out; without a counted token the optimiser does not run. step is
-        the 0-based step index (reports, inject_nan). should_stop: a callable asked between
-        waits; when it returns True the step is abandoned and StepAborted raised.
+        the 0-based step index (reports, dropout; the testing extension's inject_nan).
+        should_stop: a callable asked between waits; when it returns True the step is
+        abandoned and StepAborted raised.
         first_microbatch: the global-batch index of these windows' first micro-batch, for a
         process that hands its spheres a slice of the global batch (dropout masks are keyed
         by the global index)."""
@@ -261,16 +262,17 @@ cdef class Engine:
             tally_results(s, &totals)
         return totals.loss_sum, totals.tokens
 
-    # -- the step in parts (a rank of a many-process run: cllm_cli/parallel.py) --------------
+    # -- the step in parts (a rank of a many-process run: cllm_cli/distributed/) --------------
 
     def start(self, const int[:, ::1] windows, bint train, long long step=0,
               long long first_microbatch=0, kept_gradients=None):
         """Hands the spheres windows (num_windows, n + 1): a training step or an evaluation.
         first_microbatch: the global index, within the step, of the windows' first
-        micro-batch (a rank of a many-process run hands its block; inject_nan counts in
-        global indices). kept_gradients: None (the gradients are accumulated in order), or
-        float32 rows (at least one per micro-batch, each of gradient_size floats, C order
-        within a row) that receive each micro-batch's gradient, unsummed."""
+        micro-batch (a rank of a many-process run hands its block; the testing extension's
+        inject_nan counts in global indices). kept_gradients: None (the gradients are
+        accumulated in order), or float32 rows (at least one per micro-batch, each of
+        gradient_size floats, C order within a row) that receive each micro-batch's gradient,
+        unsummed."""
         self.hand_out(windows, WORK_TRAIN if train else WORK_EVAL, step, first_microbatch,
                       kept_gradients)
 
@@ -391,19 +393,3 @@ cdef class Engine:
         return {PROFILE_BUCKETS[k]: sum(s.sphere_contexts[i].profile_seconds[k]
                                         for i in range(s.num_worker_spheres))
                 for k in range(NUM_PROFILE_BUCKETS)}
-
-    def inject_nan(self, long long step, long long microbatch):
-        """Test hook: poisons the gradient of one micro-batch (its global index within the
-        step) of one step with a NaN."""
-        cdef ThreadedTrainingSystem* s = self.live()
-        s.inject_step = step
-        s.inject_microbatch = microbatch
-
-    def violate_lock_order(self):
-        """Test hook: takes gradient_lock, then model_lock; aborts the process in debug mode."""
-        cdef ThreadedTrainingSystem* s = self.live()
-        with nogil:
-            gradient_lock_acquire(s)
-            model_lock_acquire(s, False)
-            model_lock_release(s)
-            gradient_lock_release(s)

@@ -1,7 +1,8 @@
-# Test-only Python wrappers of the kernels, one per forward and backward, so that each op can
+# Python wrappers of the kernels, one per forward and backward, so that each op can
 # be checked on its own (tests/test_kernels.py). Arrays are C-contiguous float32 / int32; a
 # forward returns new arrays, a backward adds into the gradient arrays it is given (the write
-# rule of kernels_common.pxi). They check shapes, not values.
+# rule of kernels/common.pxi). They check shapes, not values. Only cllm_cli._engine_testing has
+# them.
 
 
 def _expect(bint ok, str what):

@@ -89,7 +89,9 @@ cdef void sphere_process_batch(SphereTrainingContext* ctx, int mb) noexcept nogi
     r.bad_index = -1
     if not train:
         return
-    if s.step_counter == s.inject_step and s.first_microbatch + mb == s.inject_microbatch:
+    # compiled into the testing extension only: CLLM_TESTING is 0 in the production one
+    if (CLLM_TESTING and s.step_counter == s.inject_step
+            and s.first_microbatch + mb == s.inject_microbatch):
         grads[s.gradient_size // 2] = NAN
     t = now_seconds() if timers != NULL else 0.0
     if not cllm_load(&s.abort_step):

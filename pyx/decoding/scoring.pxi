@@ -6,8 +6,8 @@
 # blocks of SCORE_ROWS rows: a block's logits [rows, V] are computed in fixed chunks of
 # SCORE_COLS vocabulary columns, each worker taking whole chunks (one sgemm each), and after a
 # barrier each worker reduces whole rows: max, first argmax, log of the sum of exponentials, as
-# the loss kernel does (deterministic_math.h). Neither the chunks nor the blocks depend on the
-# thread count, so neither do the results.
+# the loss kernel does (kernels/deterministic_math.h). Neither the chunks nor the blocks depend
+# on the thread count, so neither do the results.
 
 cdef enum:
     SCORE_ROWS = 32         # scored rows whose logits are held at once

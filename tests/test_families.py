@@ -1,0 +1,84 @@
+"""Model families: GPT-2's declaration checked against the real readers (transformers' own
+GPT2LMHeadModel, gguf's table of llama.cpp's gpt2 tensors), and the seam itself: no module but
+the family's own names its tensors."""
+import ast
+import pathlib
+
+import gguf
+import pytest
+import torch
+import transformers
+
+from cllm_cli.model import FAMILIES, CLLMConfig, family_of, tensor_shapes
+from cllm_cli.model.gpt2 import GPT2
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CFG = CLLMConfig(vocab_size=50, embed_dim=16, num_layers=2, num_heads=2, ff_dim=24, seq_len=12)
+
+
+def test_every_config_has_a_registered_family():
+    assert family_of(CFG) is GPT2 and FAMILIES == {"gpt2": GPT2}
+
+
+def test_gpt2_names_and_layout_are_those_of_transformers():
+    """Every tensor's transformers name and shape (transposed where GPT-2's Conv1D stores
+    [in, out]) is a parameter of transformers' GPT2LMHeadModel built from our config.json,
+    and every parameter of it is ours or the tied output layer."""
+    config = transformers.GPT2Config(**GPT2.hf_config(CFG))
+    torch.manual_seed(0)
+    state = transformers.GPT2LMHeadModel(config).state_dict()
+    theirs = {name: tuple(t.shape) for name, t in state.items()
+              if not name.endswith(GPT2.hf_ignored)}
+    ours = {GPT2.hf_name(name): shape[::-1] if GPT2.hf_transposed(name) else shape
+            for name, shape in tensor_shapes(CFG).items()}
+    assert theirs.pop(GPT2.hf_head) == tensor_shapes(CFG)[GPT2.embedding]
+    assert ours == theirs
+
+
+def test_gpt2_config_json_reads_back_as_the_same_config():
+    refused = []
+    assert GPT2.config_from_hf(GPT2.hf_config(CFG), refused.append) == CFG
+    assert refused == []
+
+
+def test_gguf_names_are_llama_cpps_gpt2_tensors():
+    arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == GPT2.gguf_architecture)
+    known = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[arch]}
+    names = [GPT2.gguf_name(name) for name in tensor_shapes(CFG)]
+    for name in names:
+        base = name.rsplit(".", 1)[0]
+        if base.startswith("blk."):
+            _, _, rest = base.split(".", 2)
+            base = "blk.{bid}." + rest
+        assert base in known, name
+    assert GPT2.gguf_output.rsplit(".", 1)[0] in known
+    assert len(set(names)) == len(names)
+
+
+def string_constants(path):
+    """The string literals of a module that are not docstrings."""
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)
+                  and isinstance(node.body[0].value, ast.Constant)}
+    return [node.value for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and id(node) not in docstrings]
+
+
+@pytest.mark.parametrize("family", FAMILIES.values(), ids=lambda f: f.name)
+def test_only_the_family_module_names_its_tensors(family):
+    own = ROOT / "cllm_cli" / "model" / f"{family.name}.py"
+    layers = {layer.split(".")[-1] for group in family.lora_targets.values() for layer in group}
+    names = {family.embedding, family.position_table, family.hf_head, family.hf_prefix,
+             *family.hf_architectures, family.gguf_output, *layers}
+    names.discard(None)
+    assert own.exists() and names
+    found = []
+    for path in sorted((ROOT / "cllm_cli").rglob("*.py")):
+        if path == own:
+            continue
+        for text in string_constants(path):
+            found += [f"{path.relative_to(ROOT)}: {text!r}" for name in names if name in text]
+    assert found == []
