@@ -5,7 +5,7 @@ zero-shot accuracy on HellaSwag or LAMBADA (--task).
     -> token stream (each file a document ending in <eos>) -> windows of T+1 tokens (as for
     validation) -> the spheres -> loss summed in micro-batch order
 
-    --task: model + tokenizer -> the task file's items (cllm_cli/tasks) -> each candidate
+    --task: model + tokenizer -> the task file's items (cllm_cli/evaluation) -> each candidate
     continuation's summed log-probability through the Decoder -> acc, acc_norm or perplexity
 
 Choices written down here:
@@ -23,7 +23,7 @@ Choices written down here:
 - The matrix products run in the precision the model was trained in (--precision to choose),
   so a bf16 run's `--split val` is its validation loss too.
 - --task scores in fp32 (the Decoder's precision) whatever the model was trained in, and
-  takes exactly one file; what is scored and how is written down in cllm_cli/tasks. The
+  takes exactly one file; what is scored and how is written down in cllm_cli/evaluation. The
   progress line (stderr, only on a terminal) counts items, and without --task the windows
   evaluated; --json prints one object.
 """

@@ -32,7 +32,7 @@ from cllm_cli.fileio import reason
 from cllm_cli.formats.checkpoint import first_non_finite
 from cllm_cli.jsonfile import JSONError, loads, read_json
 from cllm_cli.model import FAMILIES, CLLMConfig, Family, named_views
-from cllm_cli.tokenizers import BPETokenizer
+from cllm_cli.tokenizers import BPETokenizer, tokenizer_source
 
 # a tensor in a safetensors file: (dtype, shape, absolute byte offset, byte length)
 _Entry = tuple[str, tuple[int, ...], int, int]
@@ -205,7 +205,7 @@ def load_transformers_directory(directory: str | os.PathLike,
         raise ConversionError(f"{directory}: unexpected tensor {names[0]}{more}")
 
     try:
-        tokenizer_path = BPETokenizer.source(directory)[0]
+        tokenizer_path = tokenizer_source(directory)[0]
     except DataError as e:
         raise ConversionError(str(e)) from None
     tokenizer = BPETokenizer.read(directory)

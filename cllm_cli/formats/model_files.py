@@ -28,7 +28,13 @@ from cllm_cli.formats.checkpoint import first_non_finite, latest_checkpoint
 from cllm_cli.formats.checkpoint_load import Checkpoint, check_vocabulary, load_checkpoint
 from cllm_cli.formats.hf_import import load_transformers_directory
 from cllm_cli.model import CLLMConfig, content_hash, merge_adapters, named_views, shorten_positions
-from cllm_cli.tokenizers import TOKENIZER_KINDS, BPETokenizer, Tokenizer, load_tokenizer, tokenizer_class
+from cllm_cli.tokenizers import (
+    TOKENIZER_KINDS,
+    Tokenizer,
+    load_tokenizer,
+    tokenizer_class,
+    tokenizer_source,
+)
 
 
 class ModelFiles(NamedTuple):
@@ -139,7 +145,7 @@ def load_model_files(path: str | os.PathLike, tokenizer_path: str | os.PathLike 
             raise UsageError(f"{path} is a transformers directory: its own tokenizer is used, "
                              f"--vocab does not apply")
         cfg, flat, tokenizer = load_transformers_directory(Path(path))
-        return ModelFiles(cfg, flat, tokenizer, {}, BPETokenizer.source(path)[0])
+        return ModelFiles(cfg, flat, tokenizer, {}, tokenizer_source(path)[0])
     path = resolve_checkpoint(path)
     if not path.exists():
         raise UsageError(f"{path}: no such file or directory")

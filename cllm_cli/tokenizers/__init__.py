@@ -8,6 +8,7 @@ the data's path: files -> tokenizers -> dataset -> batches.
     TOKENIZERS         kind name -> class; TOKENIZER_KINDS are its keys, in order
     tokenizer_class    the class of a kind, DataError for an unknown one
     load_tokenizer     a tokenizer file of a given kind, or of the kind that recognises it
+    tokenizer_source   where a BPE tokenizer's files are: tokenizer.json, or vocab.json + merges.txt
     token_stats        token counts of texts (stats.py)
     replace_undecodable  text with the bytes that are not UTF-8 (lone surrogates) -> U+FFFD
 
@@ -28,6 +29,7 @@ from cllm_cli.tokenizers.base import (
     tokenizer_class,
 )
 from cllm_cli.tokenizers.bpe import BPETokenizer
+from cllm_cli.tokenizers.bpe_files import tokenizer_source
 from cllm_cli.tokenizers.char import CharTokenizer
 from cllm_cli.tokenizers.stats import token_stats
 from cllm_cli.tokenizers.vocab import VocabTokenizer
@@ -39,5 +41,5 @@ TOKENIZER_KINDS = tuple(TOKENIZERS)
 __all__ = [
     "BOS", "EOS", "PAD", "SPECIALS", "UNK", "TOKENIZERS", "TOKENIZER_KINDS",
     "BPETokenizer", "CharTokenizer", "Tokenizer", "VocabTokenizer", "WordTokenizer",
-    "load_tokenizer", "replace_undecodable", "token_stats", "tokenizer_class",
+    "load_tokenizer", "replace_undecodable", "token_stats", "tokenizer_class", "tokenizer_source",
 ]

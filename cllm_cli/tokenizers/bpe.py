@@ -4,7 +4,8 @@ is the library's standard tokenizer.json.
     BPETokenizer.train(documents, vocab_size)   corpus -> merges (the library's BpeTrainer)
     BPETokenizer.load(path) / save(path)        tokenizer.json (ours, GPT-2's, any other)
     BPETokenizer.read(path)                     also GPT-2's classic vocab.json + merges.txt
-                                                (given as the vocab.json or their directory)
+                                                (given as the vocab.json or their directory:
+                                                bpe_files.py)
     encode / encode_document / encode_batch     text -> int64 ids, on all cores
     decode                                      ids -> text
 
@@ -86,7 +87,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from cllm_cli.errors import DataError, WriteFailed
 from cllm_cli.fileio import atomic_file, check_regular
-from cllm_cli.jsonfile import JSONError, loads, parse_json
+from cllm_cli.jsonfile import JSONError, loads
 from cllm_cli.tokenizers.base import SPECIALS, Tokenizer, replace_undecodable
 from cllm_cli.tokenizers.bpe_cuts import (
     BLOCK_CUT,
@@ -95,6 +96,7 @@ from cllm_cli.tokenizers.bpe_cuts import (
     last_place,
     whole_file,
 )
+from cllm_cli.tokenizers.bpe_files import BOS_NAMES, EOS_NAMES, tokenizer_source, vocab_merges_json
 
 N_BYTES = 256
 MIN_VOCAB_SIZE = len(SPECIALS) + N_BYTES
@@ -103,12 +105,9 @@ MIN_FREQUENCY = 2
 CHUNK_CHARS = 1 << 16
 TRAIN_BYTES = 8 << 20
 
-EOS_NAMES = ("<eos>", "<|endoftext|>", "</s>")
 # the tokenizer.json model types read: BPE, and WordLevel (cllm_export's word and char files)
 MODEL_TYPES = ("BPE", "WordLevel")
-BOS_NAMES = ("<bos>", "<s>")
-# what a path that holds no tokenizer lacks (BPETokenizer.source)
-MISSING = "a tokenizer is a tokenizer.json, or a vocab.json with merges.txt next to it"
+
 
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())
@@ -129,20 +128,6 @@ def _byte_symbols() -> dict[int, str]:
 
 
 _BYTE_OF = {c: b for b, c in _byte_symbols().items()}     # byte-level symbol -> byte
-
-
-def _is_vocab_json(path: str | os.PathLike) -> bool:
-    """True when `path` is a JSON object of token -> id (vocab.json), not a tokenizer.json
-    (whose "model" is an object; GPT-2's vocab.json has a token "model" too). A file that
-    cannot be read is left to the reader to report; DataError (one line) when it is not
-    JSON."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
-        return False
-    spec = parse_json(data, path)
-    return isinstance(spec, dict) and not isinstance(spec.get("model"), dict)
 
 
 class BPETokenizer(Tokenizer):
@@ -362,47 +347,11 @@ class BPETokenizer(Tokenizer):
             f.write(self._json)
 
     @classmethod
-    def from_vocab_merges(cls, vocab_path: str | os.PathLike, merges_path: str | os.PathLike) -> BPETokenizer:
-        """GPT-2's classic layout: vocab.json (token -> id) and merges.txt, run as GPT-2's
-        byte-level BPE (ByteLevel pre-tokenizer without prefix space, ByteLevel decoder); the
-        end-of-text, begin-of-text, <pad> and <unk> tokens present in the vocabulary are special
-        tokens. ValueError (one line) when the files are not such a pair."""
-        try:
-            vocab, merges = models.BPE.read_file(os.fspath(vocab_path), os.fspath(merges_path))
-            tk = tokenizers.Tokenizer(models.BPE(vocab, merges))
-        except Exception as e:      # the library's Exception
-            raise ValueError(f"not a vocab.json and merges.txt pair ({_one_line(e)[:200]})") from None
-        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        tk.decoder = decoders.ByteLevel()
-        specials = [name for name in ("<pad>", "<unk>", *BOS_NAMES, *EOS_NAMES) if name in vocab]
-        specials.sort(key=vocab.__getitem__)
-        tk.add_special_tokens([tokenizers.AddedToken(name, special=True, normalized=False)
-                               for name in specials])
-        return cls(tk.to_str().encode("utf-8"))
-
-    @staticmethod
-    def source(path: str | os.PathLike, what: str | None = None) -> tuple[Path, Path | None]:
-        """(tokenizer.json, None) or (vocab.json, merges.txt) that `path` names: a
-        tokenizer.json, a vocab.json with merges.txt next to it, or a directory holding either
-        (tokenizer.json first). DataError (one line: `what` and `path`, what is missing and
-        MISSING) when there is neither."""
-        path = Path(path)
-        named = f"{what} {path}" if what else str(path)
-        if path.is_dir():
-            if (path / "tokenizer.json").exists():
-                return path / "tokenizer.json", None
-            vocab = path / "vocab.json"
-        elif path.suffix == ".json" and path.name != "tokenizer.json" and _is_vocab_json(path):
-            vocab = path
-        else:
-            return path, None
-        merges = vocab.parent / "merges.txt"
-        if path.is_dir() and not vocab.is_file():
-            raise DataError(f"{named}: a directory, not a tokenizer file, and it holds none; "
-                            f"{MISSING}")
-        if not merges.is_file():
-            raise DataError(f"{named}: no merges.txt next to {vocab.name}; {MISSING}")
-        return vocab, merges
+    def from_vocab_merges(cls, vocab_path: str | os.PathLike,
+                          merges_path: str | os.PathLike) -> BPETokenizer:
+        """GPT-2's classic layout, vocab.json and merges.txt, as a tokenizer (vocab_merges_json
+        says how); ValueError (one line) when the files are not such a pair."""
+        return cls(vocab_merges_json(vocab_path, merges_path))
 
     @classmethod
     def recognises(cls, path: str | os.PathLike, what: str) -> bool:
@@ -425,7 +374,7 @@ class BPETokenizer(Tokenizer):
         """The file read() reads for `path` (tokenizer.json or vocab.json), after checking that
         it (and merges.txt) open as regular files: UsageError naming `what` otherwise,
         DataError when `path` holds no tokenizer."""
-        first, merges = cls.source(path, what)
+        first, merges = tokenizer_source(path, what)
         for name in (first, merges):
             if name is not None:
                 check_regular(name, what)
@@ -436,7 +385,7 @@ class BPETokenizer(Tokenizer):
         """Read a tokenizer: a tokenizer.json, a vocab.json (merges.txt next to it) or a
         directory holding either (source); DataError (one line naming the file) when it is not
         usable."""
-        first, merges = cls.source(path)
+        first, merges = tokenizer_source(path)
         if merges is not None:
             try:
                 return cls.from_vocab_merges(first, merges)
