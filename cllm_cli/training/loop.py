@@ -106,8 +106,8 @@ def train(data, engine_hook=None, world=None, engine_class=Engine, **options):
         stop = rank_stop(world, local_stop)
         stop.defer()             # from here on a signal ends the run after the current step
         precision.require(trainer.cfg.precision)     # a resumed run's may be the checkpoint's
-        settings = EngineSettings.of_run(trainer, cfg.threads)
-        with rank_log(world, trainer) as log, settings.engine(trainer, engine_class) as engine:
+        with rank_log(world, trainer) as log, \
+                trainer.engine_settings.engine(trainer, cfg.threads, engine_class) as engine:
             if engine_hook is not None:
                 engine_hook(engine)
             result = train_loop(trainer, rank_engine(world, engine, trainer), log, stop)
@@ -115,38 +115,6 @@ def train(data, engine_hook=None, world=None, engine_class=Engine, **options):
         plot_metrics(cfg.metrics_file, cfg.plot)
         log.say(f"loss plot: {cfg.plot}", always=True)
     return result
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """What the engine of a run is built with: the run's settings as set-up resolved them
-    (rank 0's on many processes, where --resume has filled in the checkpoint's values), and
-    this process's own sphere count, which changes speed and never results. Built once, so
-    that no rank builds its engine from the options on its own command line."""
-    threads: int
-    micro_batch: int
-    batch_size: int
-    lock_mode: str
-    debug_locks: bool
-    pad_id: int
-    dropout: float
-    seed: int
-    precision: str
-
-    @classmethod
-    def of_run(cls, trainer, threads):
-        run = trainer.cfg
-        return cls(threads=threads, micro_batch=run.micro_batch, batch_size=run.batch_size,
-                   lock_mode=run.lock_mode, debug_locks=run.debug_locks,
-                   pad_id=trainer.tokenizer.pad_id, dropout=run.dropout, seed=run.seed,
-                   precision=run.precision)
-
-    def engine(self, trainer, engine_class=Engine):
-        """The run's Engine (an engine_class) over the trainer's model (and adapters)."""
-        return engine_class(trainer.mcfg, trainer.model.flat, self.threads, self.micro_batch,
-                            self.batch_size, self.lock_mode, self.debug_locks, self.pad_id,
-                            self.dropout, self.seed, self.precision, adapters=trainer.adapters,
-                            lora=trainer.lora and trainer.lora.engine_args)
 
 
 def train_loop(trainer, engine, log, stop):

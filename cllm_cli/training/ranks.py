@@ -9,6 +9,8 @@ from rank 0. A rank that sees something else stops every rank (one line naming i
 """
 import os
 import socket
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -18,9 +20,11 @@ from cllm_cli.corpus import dataset_header, load_dataset
 from cllm_cli.distributed import on_all_ranks
 from cllm_cli.errors import AllRanksStop, CheckpointError, DataError
 from cllm_cli.formats import check_vocabulary, checkpoint_path
-from cllm_cli.model import num_adapter_parameters
+from cllm_cli.model import CLLMConfig, num_adapter_parameters
 from cllm_cli.tokenizers import Tokenizer, tokenizer_class
-from cllm_cli.training.trainer import Trainer
+from cllm_cli.training.config import TrainConfig
+from cllm_cli.training.engine_settings import EngineSettings
+from cllm_cli.training.trainer import Trainer, TrainState
 
 
 class RankRefused(DataError):
@@ -43,7 +47,7 @@ def open_trainer(world, make_trainer, checkpoint_dir, exit_status):
         refusals = world.allgather(None)
     else:
         plan = world.from_root(None)        # sleeps between polls; stops if rank 0 dies
-        if not isinstance(plan, dict):
+        if not isinstance(plan, FollowerPlan):
             raise on_all_ranks(AllRanksStop(plan))
         trainer, refusal = None, None
         try:
@@ -64,15 +68,32 @@ def open_trainer(world, make_trainer, checkpoint_dir, exit_status):
     return trainer
 
 
+@dataclass(frozen=True)
+class FollowerPlan:
+    """What rank 0 decided in set-up that the other ranks take as it is: the run's resolved
+    settings and the engine's, where the run is, and what each rank checks it sees too (the
+    dataset key, the vocabulary, the model config)."""
+    cfg: TrainConfig
+    engine_settings: EngineSettings
+    state: TrainState
+    changed: list
+    resumed_from: Optional[str]
+    data_info: dict
+    model_config: CLLMConfig
+    vocab_hash: str
+    stream_key: str
+    final_model_ok: bool
+
+
 def follower_plan(trainer):
-    """What rank 0 decided in set-up that the other ranks take as it is."""
+    """The FollowerPlan of rank 0's trainer."""
     bin_path = os.path.join(trainer.ckpt_dir, "dataset.bin")
-    return {"cfg": trainer.cfg, "state": trainer.state, "changed": trainer.changed,
-            "resumed_from": trainer.resumed_from, "data_info": trainer.data_info,
-            "model_config": trainer.mcfg,
-            "vocab_hash": trainer.tokenizer.vocab_hash,
-            "stream_key": dataset_header(bin_path)["key"],
-            "final_model_ok": trainer.final_model_ok()}
+    return FollowerPlan(cfg=trainer.cfg, engine_settings=trainer.engine_settings,
+                        state=trainer.state, changed=trainer.changed,
+                        resumed_from=trainer.resumed_from, data_info=trainer.data_info,
+                        model_config=trainer.mcfg, vocab_hash=trainer.tokenizer.vocab_hash,
+                        stream_key=dataset_header(bin_path)["key"],
+                        final_model_ok=trainer.final_model_ok())
 
 
 def describe_layout(world, threads):
@@ -86,29 +107,30 @@ class FollowerTrainer(Trainer):
     """A Trainer's data and state on a rank other than 0: read, never written."""
 
     def __init__(self, plan, own_checkpoint_dir):
-        self.cfg, self.state = plan["cfg"], plan["state"]
+        self.cfg, self.state = plan.cfg, plan.state
+        self.engine_settings = plan.engine_settings
         self.ckpt_dir = os.path.abspath(own_checkpoint_dir)     # the same one, when shared
         self.cfg.checkpoint_dir = own_checkpoint_dir
-        self.changed, self.resumed_from = plan["changed"], plan["resumed_from"]
-        self.data_info, self.leftovers = plan["data_info"], (0, 0)
-        self._final_model_ok = plan["final_model_ok"]
+        self.changed, self.resumed_from = plan.changed, plan.resumed_from
+        self.data_info, self.leftovers = plan.data_info, (0, 0)
+        self._final_model_ok = plan.final_model_ok
         hint = f" (is {self.ckpt_dir} on a filesystem every rank shares?)"
         vocab_path = os.path.join(self.ckpt_dir, tokenizer_class(self.cfg.tokenizer).file_name)
         bin_path = os.path.join(self.ckpt_dir, "dataset.bin")
         if not os.path.isfile(bin_path) or not os.path.isfile(vocab_path):
             raise DataError(f"{bin_path} or {vocab_path} is missing here{hint}")
-        if dataset_header(bin_path)["key"] != plan["stream_key"]:
+        if dataset_header(bin_path)["key"] != plan.stream_key:
             raise DataError(f"{bin_path} has another dataset key than rank 0's{hint}")
         self.tokenizer = Tokenizer.load(vocab_path, self.cfg.tokenizer)
         try:
-            check_vocabulary(self.tokenizer.vocab_hash, vocab_path, plan["vocab_hash"],
+            check_vocabulary(self.tokenizer.vocab_hash, vocab_path, plan.vocab_hash,
                              "rank 0's run")
         except CheckpointError as e:
             raise DataError(f"{e}{hint}") from None
         tokens = load_dataset(bin_path)
         config = self.cfg.model_config(len(self.tokenizer))
-        if config != plan["model_config"]:
-            raise DataError(f"model config {config} differs from rank 0's {plan['model_config']}")
+        if config != plan.model_config:
+            raise DataError(f"model config {config} differs from rank 0's {plan.model_config}")
         self.model = CLLMModel.from_flat(config, np.zeros(num_parameters(config),
                                                           dtype=np.float32))
         self.lora = self.cfg.lora_spec()

@@ -57,6 +57,7 @@ from cllm_cli.model import (
 )
 from cllm_cli.tokenizers import BPETokenizer, Tokenizer, tokenizer_class
 from cllm_cli.training.config import TrainConfig
+from cllm_cli.training.engine_settings import EngineSettings
 from cllm_cli.training.rundir import RunDirectory, remove_leftovers
 
 
@@ -105,6 +106,7 @@ class Trainer:
         except BaseException:
             self.run_dir.discard()       # a run that never started leaves the directory as it was
             raise
+        self.engine_settings = EngineSettings.of_run(self.cfg, self.tokenizer.pad_id)
 
     def plan(self, tokens: np.ndarray) -> None:
         """The splits, windows and run length, from the token stream and the settings."""
