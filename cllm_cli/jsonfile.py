@@ -7,8 +7,8 @@ files, checkpoint headers, files of ids).
     parse_json(text, name, error)   the document, or error("<name>:<line>: <fault>")
     read_json(path, error)          parse_json of a regular file's bytes
 
-A fault is one line: text that is not UTF-8, invalid JSON (the parser's message and column),
-or a document nested so deeply that Python's parser cannot follow it (a line of 100,000 "["):
+A fault is one line: text that is not UTF-8, invalid JSON (the parser's message and column; a
+number too long for Python to convert), or a document nested so deeply that Python's parser cannot follow it (a line of 100,000 "["):
 that one names the line where the nesting is deepest, instead of a RecursionError.
 """
 from __future__ import annotations
@@ -21,6 +21,8 @@ from typing import Any, Callable
 from cllm_cli.errors import DataError
 from cllm_cli.fileio import open_regular, reason
 
+# a run of digits longer than Python converts to an int (sys.get_int_max_str_digits)
+_LONG_NUMBER = re.compile(r"\d{4301,}")
 # a JSON string (escapes included) or one bracket: what the nesting depth is counted over
 _STRING_OR_BRACKET = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
 
@@ -66,6 +68,10 @@ def loads(text: str | bytes | bytearray | memoryview) -> Any:
     except RecursionError:
         depth, line = _deepest(text)
         raise JSONError(f"JSON nested too deeply to read ({depth:,} levels)", line) from None
+    except ValueError as e:         # a number Python will not convert (over 4,300 digits)
+        long_number = _LONG_NUMBER.search(text)
+        line = text.count("\n", 0, long_number.start()) + 1 if long_number else 1
+        raise JSONError(f"not valid JSON ({e})", line) from None
 
 
 def parse_json(text: str | bytes, name: str | os.PathLike,

@@ -68,6 +68,24 @@ def test_loads_names_the_line_of_each_fault():
         parse_json("{\"a\":\n" + DEEP, "f.json")
 
 
+def test_a_number_too_long_to_read_is_one_line(model_dir, tmp_path, capsys):
+    """Python refuses to read an integer of more than 4,300 digits (a ValueError that is not a
+    JSONDecodeError): the readers of task files, checkpoints' headers and transformers
+    directories report it in one line too."""
+    huge = "1" * 5000
+    with pytest.raises(JSONError, match="not valid JSON") as fault:
+        loads('{"a": 1,\n "b": ' + huge + "}")
+    assert fault.value.line == 2
+    items = write(tmp_path / "hs.jsonl", '{"ctx": "a", "endings": ["b"], "label": ' + huge + "}\n")
+    code, _, err = call(capsys, eval_main, model_dir, "--task", "hellaswag", items)
+    assert_one_error_line(code, err, "cllm_eval", f"{items}:1: not valid JSON")
+    copy = shutil.copytree(model_dir, tmp_path / "model")
+    config = (copy / "config.json").read_text()
+    (copy / "config.json").write_text(config.replace('"n_layer": ', '"big": ' + huge + ', "n_layer": '))
+    code, _, err = call(capsys, eval_main, copy, items)
+    assert_one_error_line(code, err, "cllm_eval", "config.json", "not valid JSON")
+
+
 @pytest.mark.parametrize("task, name", [("hellaswag", "deep.jsonl"), ("lambada", "deep.jsonl"),
                                         ("lambada", "deep.json")])
 def test_deep_task_file_is_one_line(model_dir, tmp_path, capsys, task, name):

@@ -18,7 +18,7 @@ A `.cllm` file is a plain safetensors file:
                       step, epoch, position in the epoch, generator state, ...)
   ``lora``            (LoRA runs only) JSON of the adapters' settings (``rank``, ``alpha``,
                       ``dropout``, ``sites``) and their base: ``base_sha256``, the sha256 of
-                      the base parameters' bytes (:func:`cllm_cli.lora.content_hash`), and
+                      the base parameters' bytes (:func:`cllm_cli.model.lora.content_hash`), and
                       ``base_path``, where the run read them
   ``checksum``        sha256 hex of all tensor bytes in the order they are stored in the file
                       (that is the whole data section: safetensors leaves no gaps)

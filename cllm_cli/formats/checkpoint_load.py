@@ -19,7 +19,7 @@ are read straight into the flat buffers (no intermediate copy of the whole file)
   ``dataset_key``    64 lower-case hex digits (sha256)
   ``train_config``   object (its settings are checked by the trainer)
 
-``model_config`` must hold sizes that :func:`cllm_cli.config.model_config_problem` accepts.
+``model_config`` must hold sizes that :func:`cllm_cli.model.config.model_config_problem` accepts.
 """
 from __future__ import annotations
 

@@ -140,7 +140,7 @@ def _check_config(path: str | os.PathLike,
 
     model_type = config.get("model_type")
     families = {f.hf_model_type: f for f in FAMILIES.values()}
-    if model_type not in families:
+    if not isinstance(model_type, str) or model_type not in families:
         refuse(f"model_type {model_type!r} is not supported (only {', '.join(families)})")
     family = families[model_type]
     for arch in config.get("architectures") or []:
