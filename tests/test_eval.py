@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 import pytest
-from helpers import assert_one_error_line, call, sentences
+from helpers import assert_one_error_line, call, gpt2_directory, sentences
 
 from cllm_cli.api import CLLMModel
 from cllm_cli.cli.evaluate import main
@@ -91,6 +91,13 @@ def test_bad_input_is_one_line(run, tmp_path, capsys, argv, words):
     argv = [a.format(ck=ck, corpus=corpus, tmp=tmp_path) for a in argv]
     code, _, err = call(capsys, main, *argv)
     assert_one_error_line(code, err, "cllm_eval", *words)
+
+
+def test_split_of_a_transformers_directory_is_refused_as_such(tmp_path, capsys):
+    directory = gpt2_directory(tmp_path / "gpt2", sentences(40, seed=3, punct="."))
+    code, _, err = call(capsys, main, directory, "--split", "val")
+    assert_one_error_line(code, err, "cllm_eval", "--split", "transformers directory",
+                          "DATA")
 
 
 def test_spread_windows_is_a_fixed_even_subset():

@@ -161,6 +161,9 @@ def run(args: argparse.Namespace, out: TextIO) -> None:
     model, tokenizer, _ = load_model(args.checkpoint, args.vocab)
     config = (model.meta or {}).get("train_config") or {}
     if args.split:
+        if not model.meta:
+            raise UsageError(f"--split evaluates a training run's own split, and "
+                             f"{args.checkpoint} is a transformers directory: give DATA files")
         stream, bytes_per_token = split_of_run(resolve_checkpoint(args.checkpoint), model,
                                                tokenizer, args.split)
         what, n_files = f"{args.split} split", None
