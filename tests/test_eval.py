@@ -95,6 +95,7 @@ def test_bad_input_is_one_line(run, tmp_path, capsys, argv, words):
 
 def test_split_of_a_transformers_directory_is_refused_as_such(tmp_path, capsys):
     directory = gpt2_directory(tmp_path / "gpt2", sentences(40, seed=3, punct="."))
+    capsys.readouterr()                  # what transformers printed while saving it
     code, _, err = call(capsys, main, directory, "--split", "val")
     assert_one_error_line(code, err, "cllm_eval", "--split", "transformers directory",
                           "DATA")
