@@ -69,10 +69,13 @@ class TrainConfig:
     # model
     init_from: str = option("", "model", "start from a Hugging Face GPT-2-family directory "
                             "(config.json, model.safetensors, tokenizer.json or vocab.json + "
-                            "merges.txt) or a .cllm file: its weights, shape and tokenizer are taken, the optimiser starts "
-                            "afresh; --seq-len may shorten its position table (default: none: random "
-                            "weights)", fixed=True,
-                            metavar="DIR")
+                            "merges.txt), a model on the Hugging Face Hub by name (gpt2, "
+                            "ORG/NAME: the `hub` extra, its cache and HF_HUB_OFFLINE) or a "
+                            ".cllm file: its weights, shape and tokenizer are taken, the optimiser "
+                            "starts afresh; --seq-len may shorten its position table (default: "
+                            "none: random weights)", fixed=True, metavar="DIR")
+    revision: str = option("", "model", "with --init-from a Hub name: its branch, tag or commit "
+                           "(default: none: the repository's main)", run=True, metavar="REV")
     embed_dim: int = option(256, "model", "width of the model (embedding size d); a multiple of "
                             "--num-heads", minimum=1, fixed=True)
     num_layers: int = option(6, "model", "transformer blocks", minimum=1, fixed=True)

@@ -153,7 +153,8 @@ def print_header(trainer: Trainer, log: RunLog) -> None:
                 f"in {n:,} {plural(n, 'window')}; evaluated "
                 f"{when} on {what}, at the end on {final}")
     if cfg.init_from and not trainer.resumed_from:
-        log.say(f"initialised from {cfg.init_from} (AdamW state starts at zero)")
+        cached = f" (from {trainer.init_path})" if trainer.init_path != cfg.init_from else ""
+        log.say(f"initialised from {cfg.init_from}{cached} (AdamW state starts at zero)")
     elif cfg.tokenizer_file and not trainer.resumed_from:
         log.say(f"tokenizer: {cfg.tokenizer_file}")
     if trainer.resumed_from:

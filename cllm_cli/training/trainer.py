@@ -43,6 +43,7 @@ from cllm_cli.formats import (
     load_checkpoint,
     load_lora_base,
     load_model_files,
+    model_source,
     prune_checkpoints,
     save_checkpoint,
 )
@@ -88,6 +89,7 @@ class Trainer:
     lora: LoraSpec | None = None           # the adapters' LoraSpec, when adapters train
     adapters: NDArray[np.float32] | None = None    # their flat buffer
     base: dict[str, str] | None = None     # the lora metadata naming the base (base_sha256, base_path)
+    init_path: str = ""                    # the local path of --init-from (a Hub name's cache)
 
     def __init__(self, data_paths: str | os.PathLike | Iterable[str | os.PathLike], cfg: TrainConfig,
                  given: Iterable[str] = ()) -> None:
@@ -149,6 +151,10 @@ class Trainer:
         if resume_from is not None:
             return self._restore(resume_from, files, given)
         cfg.validate(resuming=False)
+        if cfg.init_from:
+            self.init_path = model_source(cfg.init_from, cfg.revision)
+        elif cfg.revision:
+            raise UsageError("--revision needs --init-from with a Hugging Face Hub name")
         previous = self._previous_run()
         tokenizer: Tokenizer | None = None
         start: Pretrained | None = None
@@ -169,7 +175,7 @@ class Trainer:
         if self.lora is not None:
             self.adapters = init_adapters(self.model.config, self.lora, cfg.seed)
             self.base = {"base_sha256": content_hash(self.model.flat),
-                         "base_path": os.path.abspath(cfg.init_from)}
+                         "base_path": os.path.abspath(self.init_path)}
         self.adam_m = np.zeros_like(self.trained)
         self.adam_v = np.zeros_like(self.trained)
         return tokens
@@ -217,7 +223,7 @@ class Trainer:
         smaller --seq-len keeps the first rows of the position table."""
         cfg, source = self.cfg, f"--init-from {self.cfg.init_from}"
         try:        # the base of adapters is a full model: a LoRA checkpoint is refused
-            start = load_model_files(cfg.init_from, full=bool(cfg.lora_rank))
+            start = load_model_files(self.init_path, full=bool(cfg.lora_rank))
         except ConversionError as e:
             raise DataError(f"--init-from: {e}") from None
         mcfg, flat, tokenizer = start.config, start.flat, start.tokenizer
@@ -237,7 +243,7 @@ class Trainer:
         final = os.path.join(self.ckpt_dir, "final_model.cllm")
         if os.path.exists(final):
             previous.append(final)
-        if previous and self.cfg.init_from and _inside(self.cfg.init_from, self.ckpt_dir):
+        if previous and self.cfg.init_from and _inside(self.init_path, self.ckpt_dir):
             raise UsageError(f"{self.ckpt_dir} holds an earlier run and the --init-from model "
                              f"{self.cfg.init_from}: starting over there would delete the "
                              f"model; use another --checkpoint-dir")
