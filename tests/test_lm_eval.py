@@ -201,6 +201,14 @@ def harness(tmp_path, *argv, module="cllm_cli.lm_eval"):
                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
 
 
+def sample_loglikelihoods(out_dir):
+    """Each document's [log-likelihood of each choice] from lm-eval's --log_samples file."""
+    (path,) = glob.glob(str(out_dir / "**" / "samples_cllm_tiny_choice_*.jsonl"), recursive=True)
+    with open(path, encoding="utf-8") as f:
+        samples = sorted((json.loads(line) for line in f), key=lambda s: s["doc_id"])
+    return np.array([[float(r[0]) for r in s["filtered_resps"]] for s in samples])
+
+
 def figures(out_dir):
     (path,) = glob.glob(str(out_dir / "**" / "results_*.json"), recursive=True)
     with open(path, encoding="utf-8") as f:
@@ -223,14 +231,16 @@ def test_command_line_figures_equal_the_hf_model_on_the_export(run, task_dir, tm
     assert call(capsys, export_main, run, tmp_path / "hf")[0] == 0
     ours = harness(tmp_path, "run", "--model", "cllm", "--model_args", f"pretrained={run}",
                    "--tasks", "cllm_tiny_choice", "--include_path", task_dir,
-                   "--output_path", tmp_path / "ours")
+                   "--output_path", tmp_path / "ours", "--log_samples")
     assert ours.returncode == 0, ours.stderr[-3000:]
     theirs = harness(tmp_path, "run", "--model", "hf", "--model_args",
                      f"pretrained={tmp_path / 'hf'},dtype=float32", "--device", "cpu",
                      "--tasks", "cllm_tiny_choice", "--include_path", task_dir,
-                     "--output_path", tmp_path / "theirs", module="lm_eval")
+                     "--output_path", tmp_path / "theirs", "--log_samples", module="lm_eval")
     assert theirs.returncode == 0, theirs.stderr[-3000:]
     assert figures(tmp_path / "ours") == figures(tmp_path / "theirs")
+    ours, theirs = sample_loglikelihoods(tmp_path / "ours"), sample_loglikelihoods(tmp_path / "theirs")
+    assert ours.shape == (6, 3) and np.allclose(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
 def test_command_line_without_lm_eval_says_how_to_install_it(tmp_path):
