@@ -10,6 +10,9 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
+from cllm_cli.cli.common import run_main
+from cllm_cli.errors import MissingExtra
+
 PROG = "cllm_cli.lm_eval"
 
 try:
@@ -22,18 +25,24 @@ else:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs lm-eval's command line on argv (sys.argv[1:] when None); its exit status."""
-    if MISSING is not None:
-        print(f"{PROG}: error: lm-evaluation-harness is not installed ({MISSING}): "
-              "pip install '.[lm-eval]'", file=sys.stderr)
-        return 2
-    from lm_eval.__main__ import cli_evaluate
-    sys.argv = [PROG, *(sys.argv[1:] if argv is None else argv)]
-    try:
-        cli_evaluate()
-    except SystemExit as stop:
-        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-    return 0
+    """Runs lm-eval's command line on argv (sys.argv[1:] when None); its exit status. A fault
+    of ours (a model that cannot be read, a continuation longer than the model's context)
+    ends it with one line, as every command does."""
+    status = 0
+
+    def evaluate() -> None:
+        nonlocal status
+        if MISSING is not None:
+            raise MissingExtra(f"lm-evaluation-harness is not installed ({MISSING}): "
+                               "pip install '.[lm-eval]'")
+        from lm_eval.__main__ import cli_evaluate
+        sys.argv = [PROG, *(sys.argv[1:] if argv is None else argv)]
+        try:
+            cli_evaluate()
+        except SystemExit as stop:
+            status = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+
+    return run_main(PROG, evaluate, stop_without_output=True) or status
 
 
 if __name__ == "__main__":

@@ -198,7 +198,7 @@ def harness(tmp_path, *argv, module="cllm_cli.lm_eval"):
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
                HF_HOME=str(tmp_path / "hf_home"), TOKENIZERS_PARALLELISM="false")
     return subprocess.run([sys.executable, "-m", module, *map(str, argv)], env=env,
-                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+                          capture_output=True, text=True, cwd=tmp_path)
 
 
 def sample_loglikelihoods(out_dir):
@@ -247,7 +247,17 @@ def test_command_line_without_lm_eval_says_how_to_install_it(tmp_path):
     hide = ("import runpy, sys; sys.modules['lm_eval'] = None; "
             "sys.argv = ['cllm_cli.lm_eval', 'run']; "
             "runpy.run_module('cllm_cli.lm_eval', run_name='__main__')")
-    proc = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True)
     assert_one_error_line(proc.returncode, proc.stderr, "cllm_cli.lm_eval",
                           "pip install '.[lm-eval]'")
+
+
+def test_a_model_that_cannot_be_read_ends_the_run_in_one_line(task_dir, tmp_path):
+    """lm-eval logs its own progress on stderr; the run ends with our one line, no traceback."""
+    missing = tmp_path / "no-such-run"
+    proc = harness(tmp_path, "run", "--model", "cllm", "--model_args", f"pretrained={missing}",
+                   "--tasks", "cllm_tiny_choice", "--include_path", task_dir)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("cllm_cli.lm_eval: error: ") and str(missing) in last, last
