@@ -252,12 +252,15 @@ def test_command_line_without_lm_eval_says_how_to_install_it(tmp_path):
                           "pip install '.[lm-eval]'")
 
 
-def test_a_model_that_cannot_be_read_ends_the_run_in_one_line(task_dir, tmp_path):
+@pytest.mark.parametrize("model_args, fragment", [("pretrained={missing}", "{missing}"),
+                                                  ("pretrained={run},threads=two", "threads")])
+def test_a_model_that_cannot_be_read_ends_the_run_in_one_line(run, task_dir, tmp_path,
+                                                              model_args, fragment):
     """lm-eval logs its own progress on stderr; the run ends with our one line, no traceback."""
-    missing = tmp_path / "no-such-run"
-    proc = harness(tmp_path, "run", "--model", "cllm", "--model_args", f"pretrained={missing}",
+    names = {"missing": tmp_path / "no-such-run", "run": run}
+    proc = harness(tmp_path, "run", "--model", "cllm", "--model_args", model_args.format(**names),
                    "--tasks", "cllm_tiny_choice", "--include_path", task_dir)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("cllm_cli.lm_eval: error: ") and str(missing) in last, last
+    assert last.startswith("cllm_cli.lm_eval: error: ") and fragment.format(**names) in last, last

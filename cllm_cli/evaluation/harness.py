@@ -33,6 +33,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from cllm_cli.api import load_model
+from cllm_cli.errors import UsageError
 from cllm_cli.evaluation.scoring import Scorer
 
 DEFAULT_MAX_GEN_TOKS = 256       # the harness's default for its own models
@@ -51,15 +52,15 @@ class HarnessModel(LM):
                  vocab: str | None = None, batch_size: Any = None, max_batch_size: Any = None,
                  device: Any = None) -> None:
         super().__init__()
-        self.threads = _positive(threads, "threads")
+        self.threads = _whole(threads, "threads")
         self.model, self.tokenizer, _ = load_model(str(pretrained), vocab)
         seq_len = self.model.config.seq_len
-        self.max_length = seq_len if max_length is None else _positive(max_length, "max_length")
+        self.max_length = seq_len if max_length is None else _whole(max_length, "max_length")
         if self.max_length > seq_len:
-            raise ValueError(f"max_length {self.max_length} is more than the model's context "
+            raise UsageError(f"max_length {self.max_length} is more than the model's context "
                              f"of {seq_len}")
-        self.max_gen_toks = _positive(max_gen_toks, "max_gen_toks")
-        self.seed = int(seed)
+        self.max_gen_toks = _whole(max_gen_toks, "max_gen_toks")
+        self.seed = _whole(seed, "seed", minimum=0)
         self.eot_token_id = int(self.tokenizer.eos_id)
         self.scorer = Scorer(self.model, self.tokenizer, self.threads, self.max_length)
 
@@ -133,8 +134,14 @@ class HarnessModel(LM):
         return text
 
 
-def _positive(value: int | str, name: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise ValueError(f"{name} must be at least 1, not {value}")
+def _whole(value: int | str, name: str, minimum: int = 1) -> int:
+    """A --model_args value that must be a whole number of at least `minimum` (UsageError
+    otherwise)."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = minimum - 1
+    if number < minimum:
+        raise UsageError(f"--model_args {name} must be a whole number of at least {minimum}, "
+                         f"not {value}")
     return number
