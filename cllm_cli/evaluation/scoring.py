@@ -50,16 +50,18 @@ def encode_pair(tokenizer: Tokenizer, context: str,
 
 
 class Scorer:
-    """Scores continuations with one Decoder of `model` (a CLLMModel) on `threads` threads.
+    """Scores continuations with one Decoder of `model` (a CLLMModel) on `threads` threads,
+    with at most `max_length` positions (the model's seq_len when None).
 
     For each pair the model sees context[-kept:] + continuation[:-1] and the targets are the
     continuation's ids. The cache holds the context's positions but its last (the first
     scored one): the next continuation of the same context is cut back to them and runs only
     its own positions."""
 
-    def __init__(self, model: CLLMModel, tokenizer: Tokenizer, threads: int = 1) -> None:
+    def __init__(self, model: CLLMModel, tokenizer: Tokenizer, threads: int = 1,
+                 max_length: int | None = None) -> None:
         self.tokenizer = tokenizer
-        self.seq_len = model.config.seq_len
+        self.seq_len = model.config.seq_len if max_length is None else max_length
         self.decoder = Decoder(model.config, model.flat, threads)
         self.cached: tuple[int, ...] = ()        # the ids whose positions the cache holds
 
