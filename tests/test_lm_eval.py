@@ -56,6 +56,12 @@ class Reference(TemplateLM):
     def eot_token_id(self):
         return int(self.tokenizer.eos_id)
 
+    @property
+    def prefix_token_id(self):
+        """As lm-eval's `hf` model: the begin-of-text id (ours is the end-of-text id when the
+        tokenizer has none)."""
+        return int(self.tokenizer.bos_id)
+
     def tok_encode(self, string, add_special_tokens=None, **kwargs):
         return [int(i) for i in self.tokenizer.encode(string)]
 
@@ -71,12 +77,12 @@ class Reference(TemplateLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm=False):
         """Each token scored once: blocks of seq_len tokens, each with the seq_len ids that
-        end just before its last token (the end-of-text id first)."""
+        end just before its last token (the prefix id first)."""
         T = self.model.config.seq_len
         out = []
         for (text,) in (r.args for r in requests):
             ids = self.tok_encode(text)
-            full = [self.eot_token_id] + ids
+            full = [self.prefix_token_id] + ids
             total = 0.0
             for start in range(0, len(ids), T):
                 end = min(start + T, len(ids))
@@ -178,6 +184,39 @@ metric_list:
 """
 
 
+ROLLING_TASK = """task: cllm_tiny_rolling
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {items}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+"""
+
+GENERATE_TASK = """task: cllm_tiny_generate
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {items}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["."]
+  max_gen_toks: 6
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+
+
 @pytest.fixture
 def task_dir(tmp_path):
     """A local multiple-choice task of 6 items (lm-eval's json dataset) in tmp_path/task."""
@@ -191,6 +230,17 @@ def task_dir(tmp_path):
                                 "label": i % 3}) + "\n")
     (tmp_path / "task").mkdir()
     (tmp_path / "task" / "cllm_tiny_choice.yaml").write_text(TASK.format(items=items))
+    # texts longer than the context (rolling windows), short prompts (generation within it)
+    texts, prompts = tmp_path / "texts.jsonl", tmp_path / "prompts.jsonl"
+    texts.write_text("".join(json.dumps({"text": corpus_text(4, seed=40 + i)}) + "\n"
+                             for i in range(3)), encoding="utf-8")
+    prompts.write_text("".join(json.dumps({"context": " ".join(corpus_text(1, seed=50 + i)
+                                                                .split()[:3]),
+                                           "answer": "x"}) + "\n" for i in range(4)),
+                       encoding="utf-8")
+    (tmp_path / "task" / "cllm_tiny_rolling.yaml").write_text(ROLLING_TASK.format(items=texts))
+    (tmp_path / "task" / "cllm_tiny_generate.yaml").write_text(
+        GENERATE_TASK.format(items=prompts))
     return tmp_path / "task"
 
 
@@ -201,19 +251,25 @@ def harness(tmp_path, *argv, module="cllm_cli.lm_eval"):
                           capture_output=True, text=True, cwd=tmp_path)
 
 
+def samples(out_dir, task):
+    """The documents' filtered responses of `task` from lm-eval's --log_samples file."""
+    (path,) = glob.glob(str(out_dir / "**" / f"samples_{task}_*.jsonl"), recursive=True)
+    with open(path, encoding="utf-8") as f:
+        return [s["filtered_resps"] for s in sorted((json.loads(line) for line in f),
+                                                    key=lambda s: s["doc_id"])]
+
+
 def sample_loglikelihoods(out_dir):
     """Each document's [log-likelihood of each choice] from lm-eval's --log_samples file."""
-    (path,) = glob.glob(str(out_dir / "**" / "samples_cllm_tiny_choice_*.jsonl"), recursive=True)
-    with open(path, encoding="utf-8") as f:
-        samples = sorted((json.loads(line) for line in f), key=lambda s: s["doc_id"])
-    return np.array([[float(r[0]) for r in s["filtered_resps"]] for s in samples])
+    return np.array([[float(r[0]) for r in resps]
+                     for resps in samples(out_dir, "cllm_tiny_choice")])
 
 
-def figures(out_dir):
+def figures(out_dir, task="cllm_tiny_choice", names=("acc,none", "acc_norm,none")):
     (path,) = glob.glob(str(out_dir / "**" / "results_*.json"), recursive=True)
     with open(path, encoding="utf-8") as f:
-        result = json.load(f)["results"]["cllm_tiny_choice"]
-    return {k: result[k] for k in ("acc,none", "acc_norm,none")}
+        result = json.load(f)["results"][task]
+    return {k: result[k] for k in names}
 
 
 def test_command_line_runs_a_local_task_offline(run, task_dir, tmp_path):
@@ -241,6 +297,32 @@ def test_command_line_figures_equal_the_hf_model_on_the_export(run, task_dir, tm
     assert figures(tmp_path / "ours") == figures(tmp_path / "theirs")
     ours, theirs = sample_loglikelihoods(tmp_path / "ours"), sample_loglikelihoods(tmp_path / "theirs")
     assert ours.shape == (6, 3) and np.allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_rolling_and_generated_figures_equal_the_hf_model_on_the_export(run, task_dir, tmp_path,
+                                                                        capsys):
+    """byte_perplexity (and word perplexity, bits per byte) of texts longer than the context,
+    and the greedy strings of generate_until, from `cllm` and from lm-eval's `hf` model on
+    our transformers export."""
+    assert call(capsys, export_main, run, tmp_path / "hf")[0] == 0
+    tasks = "cllm_tiny_rolling,cllm_tiny_generate"
+    ours = harness(tmp_path, "run", "--model", "cllm", "--model_args", f"pretrained={run}",
+                   "--tasks", tasks, "--include_path", task_dir, "--output_path",
+                   tmp_path / "ours", "--log_samples")
+    assert ours.returncode == 0, ours.stderr[-3000:]
+    theirs = harness(tmp_path, "run", "--model", "hf", "--model_args",
+                     f"pretrained={tmp_path / 'hf'},dtype=float32", "--device", "cpu",
+                     "--tasks", tasks, "--include_path", task_dir,
+                     "--output_path", tmp_path / "theirs", "--log_samples", module="lm_eval")
+    assert theirs.returncode == 0, theirs.stderr[-3000:]
+    rolling = ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none")
+    got = figures(tmp_path / "ours", "cllm_tiny_rolling", rolling)
+    want = figures(tmp_path / "theirs", "cllm_tiny_rolling", rolling)
+    assert got == pytest.approx(want, rel=1e-5)
+    strings = samples(tmp_path / "ours", "cllm_tiny_generate")
+    assert strings == samples(tmp_path / "theirs", "cllm_tiny_generate")
+    assert any(s[0] for s in strings), "something was generated"
 
 
 def test_command_line_without_lm_eval_says_how_to_install_it(tmp_path):

@@ -9,15 +9,15 @@ Choices written down here:
 - Tokens as the harness's causal models take them: a (context, continuation) pair is split
   with white space at the end of the context moved to the continuation, the continuation's
   ids being those of encode(context + continuation) after the first len(encode(context)); an
-  empty context is the end-of-text id (or, when the continuation starts with that id, its
-  first id). Contexts are cut on the left so that every continuation token is scored with at
+  empty context is the begin-of-text id, or the end-of-text id for a tokenizer without one
+  (or, when the continuation starts with that id, its first id), as the `hf` model takes it. Contexts are cut on the left so that every continuation token is scored with at
   most max_length positions (the model's seq_len unless smaller).
 - Requests are scored one at a time in the order of their context ids, so that requests of
   one context follow each other and reuse the context's cached positions (Scorer); the
   answers come back in the requests' order. They do not depend on `threads`.
 - Rolling log-likelihoods: the harness's own windows (get_rolling_token_windows with
-  context_len 1, made disjoint), the end-of-text id the first context: every token is scored
-  once, with the longest context that fits.
+  context_len 1, made disjoint), the same begin-of-text id the first context: every token is
+  scored once, with the longest context that fits.
 - Generation: the context is cut on the left to max_length - max_gen_toks ids (as the `hf`
   model does; to max_length when that is not positive), then max_gen_toks tokens at most,
   stopping at the end-of-text id or once the text holds a stop string, and the text is cut at
@@ -62,6 +62,9 @@ class HarnessModel(LM):
         self.max_gen_toks = _whole(max_gen_toks, "max_gen_toks")
         self.seed = _whole(seed, "seed", minimum=0)
         self.eot_token_id = int(self.tokenizer.eos_id)
+        # what an empty context and the first rolling window start from: the begin-of-text
+        # id (our tokenizers give the end-of-text id when they have none), as `hf` takes it
+        self.prefix_token_id = int(self.tokenizer.bos_id)
         self.scorer = Scorer(self.model, self.tokenizer, self.threads, self.max_length)
 
     def tok_encode(self, text: str) -> list[int]:
@@ -71,9 +74,9 @@ class HarnessModel(LM):
         """(context ids, continuation ids) as the harness's causal models split a pair."""
         if context == "":
             ids = self.tok_encode(continuation)
-            if ids and ids[0] == self.eot_token_id:
+            if ids and ids[0] == self.prefix_token_id:
                 return ids[:1], ids[1:]
-            return [self.eot_token_id], ids
+            return [self.prefix_token_id], ids
         stripped = context.rstrip()
         context, continuation = stripped, context[len(stripped):] + continuation
         context_ids = self.tok_encode(context)
@@ -96,7 +99,7 @@ class HarnessModel(LM):
         for request in requests:
             (text,) = request.args
             windows = [make_disjoint_window(window) for window in get_rolling_token_windows(
-                token_list=self.tok_encode(text), prefix_token=self.eot_token_id,
+                token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
                 max_seq_len=self.max_length, context_len=1)]
             totals.append(sum(logp for logp, _ in self.score_pairs(windows)))
         return totals
