@@ -80,10 +80,6 @@ def _special_ids(tokenizer: Tokenizer) -> dict[str, int]:
             "eos": tokenizer.eos_id}
 
 
-def _token(tokenizer: Tokenizer, i: int) -> str | None:
-    return tokenizer.id_to_token(i)
-
-
 def hf_config(cfg: CLLMConfig, tokenizer: Tokenizer) -> dict[str, Any]:
     """config.json of our model as its family's transformers class (dict), with the
     tokenizer's special ids."""
@@ -116,7 +112,7 @@ def _json_bytes(obj: object) -> bytes:
 def tokenizer_files(tokenizer: Tokenizer, model_max_length: int) -> dict[str, bytes]:
     """{file name: bytes}: tokenizer.json, tokenizer_config.json, special_tokens_map.json."""
     tokenizer_json = tokenizer.tokenizer_json()
-    specials = {f"{key}_token": _token(tokenizer, i)
+    specials = {f"{key}_token": tokenizer.id_to_token(i)
                 for key, i in _special_ids(tokenizer).items() if i >= 0}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",

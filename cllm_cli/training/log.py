@@ -21,6 +21,7 @@ class Log:
     line every log_interval steps."""
 
     REFRESH = 0.2   # seconds between rewrites of the progress line
+    shown = True    # what it is told reaches the user (warnings at least)
 
     def __init__(self, cfg: TrainConfig, append: bool, first_step: int = 0) -> None:
         self.quiet = cfg.quiet
@@ -145,6 +146,8 @@ class Log:
 
 class SilentLog:
     """The Log of a rank other than 0: rank 0 prints and writes the metrics for all."""
+
+    shown = False
 
     def __enter__(self) -> SilentLog:
         return self

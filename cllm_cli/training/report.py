@@ -125,7 +125,7 @@ def print_header(trainer: Trainer, log: RunLog) -> None:
     if trainer.lora is not None:
         log.say(lora_line(trainer))
     unk_id = trainer.tokenizer.unk_id
-    if unk_id >= 0:
+    if unk_id >= 0 and log.shown:          # a pass over the corpus: only where it is printed
         n = len(trainer.train_tokens) + len(trainer.val_tokens)
         unknown = unknown_count(trainer.train_tokens, unk_id) + unknown_count(trainer.val_tokens,
                                                                               unk_id)
