@@ -1,8 +1,8 @@
 """CLLM engine: the model's kernels and the ThreadedTrainingSystem, compiled as one module.
 
 # Design:
-# - Layouts. Every layout is defined once, here: PARAMETER_TABLE (model/layout.pxi) lists the
-#   model's parameter tensors in buffer order; offsets, the named views of the kernels
+# - Layouts. Every layout is defined once, here: a family's table (model/layout.pxi: GPT2_ROWS,
+#   LLAMA_ROWS) lists the model's parameter tensors in buffer order; offsets, the named views of the kernels
 #   (ModelParams, LayerParams), the optimiser's chunks and parameter_layout() derive from it.
 #   fill_in_activation_sizes / ACTIVATION_NAMES do the same for a sphere's activations
 #   (LayerActs names one block's slices), PROFILE_BUCKET_NAMES for the profile. The engine
@@ -85,11 +85,13 @@ import numpy as np
 include "kernels/blas.pxi"               # the BLAS matrix product
 include "kernels/common.pxi"             # C helpers (exact math, dropout, bf16), Bf16Products
 include "kernels/layers.pxi"             # embedding, layer norm, linear, residual, GELU
+include "kernels/llama_layers.pxi"       # RMSNorm, rotary positions, SwiGLU
 include "kernels/attention.pxi"          # causal attention in blocks of query rows
 include "kernels/loss.pxi"               # cross-entropy
-include "model/layout.pxi"               # ModelConfig, PARAMETER_TABLE and the parameter views
+include "model/layout.pxi"               # ModelConfig, the families' tables, the parameter views
 include "model/lora.pxi"                 # LoRA adapters: their layout, forward and backward
 include "model/activations.pxi"          # a sphere's activations and their named slices
+include "model/llama_block.pxi"          # the Llama form's block, forward and backward
 include "model/forward_backward.pxi"     # profile buckets, block and model forward / backward
 include "training/optimizer.pxi"         # AdamW over chunks of the flat buffer
 include "training/system_structs.pxi"    # pthread declarations, the system's structs, the locks
@@ -109,11 +111,21 @@ class StepAborted(Exception):
     was abandoned and nothing was applied."""
 
 
+FAMILY_NAMES = ("gpt2", "llama")      # ModelConfig.family: FAMILY_GPT2, FAMILY_LLAMA
+
+
 cdef ModelConfig model_config(object cfg) except *:
     """The engine's sizes, read from a model config (CLLMConfig or any object with its
-    attributes)."""
+    attributes; `family` "gpt2" when it has none). A Llama-form config adds num_kv_heads,
+    rope_theta, tie_embeddings, attention_bias and rms_norm_eps."""
     cdef ModelConfig c
     names = ("vocab_size", "embed_dim", "num_layers", "num_heads", "ff_dim", "seq_len")
+    family = getattr(cfg, "family", "gpt2")
+    if family not in FAMILY_NAMES:
+        raise ValueError(f"model family must be one of {', '.join(FAMILY_NAMES)}, "
+                         f"not {family!r}")
+    if family == "llama":
+        names += ("num_kv_heads",)
     try:
         values = [getattr(cfg, name).__index__() for name in names]
     except AttributeError:
@@ -122,9 +134,31 @@ cdef ModelConfig model_config(object cfg) except *:
     for name, value in zip(names, values):
         if not 1 <= value < 2 ** 31:
             raise ValueError(f"{name} must be a positive integer, got {value}")
-    c.V, c.C, c.L, c.NH, c.F, c.T = values
+    c.family = FAMILY_NAMES.index(family)
+    c.V, c.C, c.L, c.NH, c.F, c.T = values[:6]
     if c.C % c.NH:
         raise ValueError(f"embed_dim {c.C} is not divisible by num_heads {c.NH}")
+    c.KVH, c.W, c.FW, c.tied, c.qkv_bias = c.NH, 3 * c.C, c.F, True, True
+    c.norm_eps, c.rope_theta = 0.0, 0.0
+    if family == "llama":
+        c.KVH = values[6]
+        if c.NH % c.KVH:
+            raise ValueError(f"num_heads {c.NH} is not divisible by num_kv_heads {c.KVH}")
+        if (c.C // c.NH) % 2:
+            raise ValueError(f"the head size {c.C // c.NH} must be even (rotary positions "
+                             f"rotate pairs)")
+        c.W = c.C + 2 * c.KVH * (c.C // c.NH)
+        c.FW = 2 * c.F
+        if c.FW >= 2 ** 31:
+            raise ValueError(f"ff_dim {c.F} is too large")
+        c.tied = bool(cfg.tie_embeddings)
+        c.qkv_bias = bool(cfg.attention_bias)
+        c.norm_eps = cfg.rms_norm_eps
+        c.rope_theta = cfg.rope_theta
+        if not (c.norm_eps > 0 and math.isfinite(c.norm_eps)):
+            raise ValueError(f"rms_norm_eps must be positive, got {cfg.rms_norm_eps}")
+        if not (c.rope_theta > 1 and math.isfinite(c.rope_theta)):
+            raise ValueError(f"rope_theta must be above 1, got {cfg.rope_theta}")
     return c
 
 
@@ -141,17 +175,20 @@ def num_parameters(cfg):
 
 
 def parameter_layout(cfg):
-    """[(name, shape, offset)] of every parameter tensor in buffer order (PARAMETER_TABLE),
-    offsets in floats; [out, in] shapes for linear weights."""
+    """[(name, shape, offset)] of every parameter tensor in buffer order (the family's table,
+    model/layout.pxi), offsets in floats; [out, in] shapes for linear weights."""
     cdef ModelConfig c = model_config(cfg)
     cdef int i, row, layer
     layout = []
+    prefix = family_table(&c).block_prefix.decode()
     for i in range(num_tensors(&c)):
         tensor_row(&c, i, &row, &layer)
-        spec = PARAMETER_TABLE[row]
+        if row_floats(&c, row) == 0:        # absent from this model
+            continue
+        spec = table_row(&c, row)[0]
         name = spec.name.decode()
         if layer >= 0:
-            name = f"h.{layer}.{name}"
+            name = f"{prefix}{layer}.{name}"
         shape = (dim_size(&c, spec.rows),)
         if spec.cols != DIM_NONE:
             shape += (dim_size(&c, spec.cols),)
@@ -208,6 +245,7 @@ def adapter_layout(cfg, int rank, int targets):
     (out, rank)."""
     cdef ModelConfig c = model_config(cfg)
     cdef Lora lo
+    check_lora_family(&c)
     lora_settings(&lo, (rank, targets, 1.0, 0.0))
     layout = []
     for l in range(c.L):
@@ -225,14 +263,23 @@ def num_adapter_parameters(cfg, int rank, int targets):
     """Floats in the flat adapter buffer of (rank, targets)."""
     cdef ModelConfig c = model_config(cfg)
     cdef Lora lo
+    check_lora_family(&c)
     lora_settings(&lo, (rank, targets, 1.0, 0.0))
     return lora_size(&lo, &c)
+
+
+cdef int check_lora_family(const ModelConfig* c) except -1:
+    if c.family != FAMILY_GPT2:
+        raise ValueError(f"LoRA adapters are not available for the {FAMILY_NAMES[c.family]} "
+                         f"family yet")
+    return 0
 
 
 cdef int bind_lora(Lora* lo, const ModelConfig* c, object lora,
                    float[::1] adapters) except -1:
     # lo from lora = (rank, targets, alpha, dropout), pointing at `adapters`, whose size must
     # be that of the adapters of those settings
+    check_lora_family(c)
     lora_settings(lo, lora)
     if adapters is None or adapters.shape[0] != lora_size(lo, c):
         raise ValueError("adapter buffer does not match the LoRA settings")

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name == "resume":
             kwargs.update(nargs="?", const=True, type=_resume_value)
         elif f.type is bool:
-            kwargs["action"] = "store_true"
+            kwargs["action"] = argparse.BooleanOptionalAction if f.default else "store_true"
         elif f.name == "threads":
             kwargs["type"] = threads_option       # the bound every tool's --threads has
         else:

@@ -139,7 +139,7 @@ def _check_config(path: str | os.PathLike,
         raise ConversionError(f"{path}: {what}")
 
     model_type = config.get("model_type")
-    families = {f.hf_model_type: f for f in FAMILIES.values()}
+    families = {kind: f for f in FAMILIES.values() for kind in f.hf_model_types}
     if not isinstance(model_type, str) or model_type not in families:
         refuse(f"model_type {model_type!r} is not supported (only {', '.join(families)})")
     family = families[model_type]
@@ -158,7 +158,6 @@ def load_transformers_directory(directory: str | os.PathLike,
     config_path = directory / "config.json"
     config = _read_json(config_path)
     family, cfg = _check_config(config_path, config)
-    tied = _setting(config, "tie_word_embeddings", True)
     prefix = family.hf_prefix
 
     files: dict[str, tuple[str, Path, _Entry]] = {}
@@ -187,9 +186,14 @@ def load_transformers_directory(directory: str | os.PathLike,
             raise ConversionError(f"{path}: {bad}; a model with NaN or Inf weights cannot be "
                                   f"trained or run")
         view[...] = t.T if family.hf_transposed(name) else t
-    head = files.pop(family.hf_head, None)
-    embedding = named_views(cfg, flat)[family.embedding]
-    if head is not None:
+    views = named_views(cfg, flat)
+    untied = any(family.hf_name(name) == family.hf_head for name in views)
+    head = None if untied else files.pop(family.hf_head, None)
+    embedding = views[family.embedding]
+    tied = _setting(config, "tie_word_embeddings", True)
+    if untied:
+        pass            # the output layer is a tensor of the model, read above
+    elif head is not None:
         full, path, entry = head
         if (entry[1] != embedding.shape
                 or not np.array_equal(_read_tensor(path, full, entry), embedding)):

@@ -40,7 +40,7 @@ class Family:
     position_table: Optional[str]   # the tensor of one row per position, or None
     lora_targets: dict[str, tuple[str, ...]]   # --lora-targets group -> layer names
     hf_architectures: tuple[str, ...]          # transformers classes read; the first is written
-    hf_model_type: str
+    hf_model_types: tuple[str, ...]            # config.json model_type values read
     hf_name: Callable[[str], str]              # our tensor name -> transformers' checkpoint name
     hf_transposed: Callable[[str], bool]       # our tensor name -> stored [in, out]
     hf_config: Callable[[CLLMConfig], dict[str, Any]]    # config.json's model fields

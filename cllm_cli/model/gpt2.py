@@ -155,7 +155,7 @@ GPT2 = Family(
     lora_targets={"attn": ("attn.c_attn",), "proj": ("attn.c_proj",),
                   "mlp": ("mlp.c_fc", "mlp.c_proj")},
     hf_architectures=("GPT2LMHeadModel", "GPT2Model"),
-    hf_model_type="gpt2",
+    hf_model_types=("gpt2",),
     hf_name=hf_name,
     hf_transposed=hf_transposed,
     hf_config=hf_config,

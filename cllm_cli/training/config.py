@@ -18,7 +18,9 @@ from cllm_cli.model import (
     MAX_LORA_SCALE,
     MODEL_FIELDS,
     CLLMConfig,
+    LlamaConfig,
     LoraSpec,
+    llama_config_problem,
     model_config_problem,
     parse_targets,
     target_groups,
@@ -28,6 +30,10 @@ from cllm_cli.tokenizers import TOKENIZER_KINDS, BPETokenizer
 
 INT_MAX = 2**31 - 1
 MAX_LEARNING_RATE = 100.0    # far above any that trains, far below one that overflows at once
+ARCHITECTURES = ("gpt2", "llama")
+# options of the Llama form alone: stored with a llama run only, so that a GPT-2 run's
+# checkpoint is what it was before families
+LLAMA_OPTIONS = ("arch", "num_kv_heads", "rope_theta", "tie_embeddings")
 GROUPS = ("data", "model", "fine-tuning", "optimisation", "threads", "checkpoints", "output")
 
 
@@ -76,12 +82,24 @@ class TrainConfig:
                             "none: random weights)", fixed=True, metavar="DIR")
     revision: str = option("", "model", "with --init-from a Hub name: its branch, tag or commit "
                            "(default: none: the repository's main)", run=True, metavar="REV")
+    arch: str = option("gpt2", "model", "the model family of a model from scratch: gpt2, or "
+                       "llama (RMSNorm, rotary positions, SwiGLU, grouped-query attention); "
+                       "--init-from takes its model's", choices=ARCHITECTURES, fixed=True)
     embed_dim: int = option(256, "model", "width of the model (embedding size d); a multiple of "
                             "--num-heads", minimum=1, fixed=True)
     num_layers: int = option(6, "model", "transformer blocks", minimum=1, fixed=True)
     num_heads: int = option(8, "model", "attention heads per block", minimum=1, fixed=True)
-    ff_dim: int = option(0, "model", "0 means 4 x embed-dim", minimum=0, fixed=True)
+    ff_dim: int = option(0, "model", "0 means 4 x embed-dim (gpt2), or 8/3 x embed-dim rounded "
+                         "up to a multiple of 64 (llama)", minimum=0, fixed=True)
     seq_len: int = option(128, "model", "context length T", minimum=1, fixed=True)
+    num_kv_heads: int = option(0, "model", "llama: key/value heads, each shared by a group of "
+                               "query heads; divides --num-heads (0: --num-heads)", minimum=0,
+                               fixed=True)
+    rope_theta: float = option(10000.0, "model", "llama: base of the rotary positions",
+                               fixed=True)
+    tie_embeddings: bool = option(True, "model", "llama: the output layer is the token "
+                                  "embedding (--no-tie-embeddings: a layer of its own)",
+                                  fixed=True)
     # fine-tuning
     lora_rank: int = option(0, "fine-tuning", "train rank-R LoRA adapters on the --lora-targets "
                             "layers of the --init-from model, whose own weights stay frozen "
@@ -189,12 +207,17 @@ class TrainConfig:
         when adapters train, so that a full run's checkpoint is what it was before them)."""
         run = self.run_fields()
         return {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in run and (self.lora_rank or not k.startswith("lora_"))}
+                if k not in run and (self.lora_rank or not k.startswith("lora_"))
+                and (self.arch == "llama" or k not in LLAMA_OPTIONS)}
 
     def model_config(self, vocab_size: int) -> CLLMConfig:
-        return CLLMConfig(vocab_size=vocab_size, embed_dim=self.embed_dim,
-                          num_layers=self.num_layers, num_heads=self.num_heads,
-                          ff_dim=self.ff_dim, seq_len=self.seq_len)
+        """The config of a model from scratch of these options."""
+        sizes = dict(vocab_size=vocab_size, embed_dim=self.embed_dim, num_layers=self.num_layers,
+                     num_heads=self.num_heads, ff_dim=self.ff_dim, seq_len=self.seq_len)
+        if self.arch == "llama":
+            return LlamaConfig(**sizes, num_kv_heads=self.num_kv_heads,
+                               rope_theta=self.rope_theta, tie_embeddings=self.tie_embeddings)
+        return CLLMConfig(**sizes)
 
     def validate(self, resuming: Optional[bool] = None) -> None:
         """Raises UsageError naming the first bad option; clamps micro_batch to batch_size.
@@ -222,6 +245,7 @@ class TrainConfig:
                                         if getattr(self, k)}, name=flag)
         if problem:
             raise UsageError(problem)
+        self._validate_architecture()
         if not self.ff_dim and 4 * self.embed_dim >= INT_MAX:
             raise UsageError(f"--embed-dim {self.embed_dim} is too large for the default --ff-dim "
                              f"(4 x embed-dim must be below 2**31)")
@@ -250,6 +274,21 @@ class TrainConfig:
         if not 0 <= self.val_fraction < 1:
             raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         self._validate_lora(bool(self.resume) if resuming is None else resuming)
+
+    def _validate_architecture(self) -> None:
+        """The Llama form's options: given only with --arch llama, and a model they can make."""
+        if self.arch != "llama":
+            given = [flag(name) for name in LLAMA_OPTIONS[1:]
+                     if getattr(self, name) != TrainConfig.__dataclass_fields__[name].default]
+            if given and not self.init_from:
+                raise UsageError(f"{given[0]} needs --arch llama")
+            return
+        problem = llama_config_problem(
+            {"num_heads": self.num_heads, "embed_dim": self.embed_dim,
+             "num_kv_heads": self.num_kv_heads or self.num_heads, "rope_theta": self.rope_theta},
+            name=flag)
+        if problem:
+            raise UsageError(problem)
 
     def _validate_lora(self, resuming):
         """The LoRA options; a resumed run takes its rank, and the base, from the checkpoint."""

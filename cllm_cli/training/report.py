@@ -11,7 +11,7 @@ import numpy as np
 from cllm_cli.api import CLLMModel
 from cllm_cli.distributed import on_all_ranks
 from cllm_cli.errors import TrainingError
-from cllm_cli.model import LoraSpec
+from cllm_cli.model import CLLMConfig, LlamaConfig, LoraSpec
 from cllm_cli.progress import fmt_loss, fmt_ppl, perplexity, plural
 from cllm_cli.tokenizers import Tokenizer
 from cllm_cli.training.config import TrainConfig
@@ -33,6 +33,17 @@ def vocabulary_name(cfg: TrainConfig, tokenizer: Tokenizer) -> str:
     not BPE (a word or char model exported by cllm_export) the library's name of that model."""
     model = getattr(tokenizer, "model_name", "BPE")
     return cfg.tokenizer if model == "BPE" else f"{model} (tokenizer.json)"
+
+
+def family_shape(m: CLLMConfig) -> str:
+    """A model's family and shape as the run header gives them: GPT-2's as it always was."""
+    if not isinstance(m, LlamaConfig):
+        return (f"d {m.embed_dim}, {m.num_layers} layers, {m.num_heads} heads, ff {m.ff_dim}, "
+                f"seq {m.seq_len}")
+    return (f"{m.hf_model_type}, d {m.embed_dim}, {m.num_layers} layers, {m.num_heads} heads "
+            f"over {m.num_kv_heads} key/value heads, SwiGLU ff {m.ff_dim}, seq {m.seq_len}, "
+            f"rope theta {m.rope_theta:g}, {'tied' if m.tie_embeddings else 'untied'} output layer"
+            f"{', q/k/v biases' if m.attention_bias else ''}")
 
 
 def lora_line(trainer: Trainer) -> str:
@@ -120,8 +131,7 @@ def print_header(trainer: Trainer, log: RunLog) -> None:
     if info.get("rebuilt_reason"):
         log.warn(f"{trainer.ckpt_dir}/dataset.bin was rebuilt: {info['rebuilt_reason']}")
     log.say(f"vocab: {m.vocab_size:,} {vocabulary_name(cfg, trainer.tokenizer)} tokens | model: "
-            f"d {m.embed_dim}, {m.num_layers} layers, {m.num_heads} heads, ff {m.ff_dim}, "
-            f"seq {m.seq_len}, {trainer.model.num_params():,} parameters")
+            f"{family_shape(m)}, {trainer.model.num_params():,} parameters")
     if trainer.lora is not None:
         log.say(lora_line(trainer))
     unk_id = trainer.tokenizer.unk_id

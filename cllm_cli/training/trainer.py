@@ -49,8 +49,10 @@ from cllm_cli.formats import (
 )
 from cllm_cli.model import (
     CLLMConfig,
+    LlamaConfig,
     LoraSpec,
     content_hash,
+    default_ff_dim,
     init_adapters,
     merge_adapters,
     parse_targets,
@@ -199,7 +201,7 @@ class Trainer:
         """Sets option `name` to what `source` prescribes; refuses a different value given."""
         mine = getattr(self.cfg, name)
         if name == "ff_dim" and mine == 0:
-            mine = 4 * self.cfg.embed_dim
+            mine = default_ff_dim(self.cfg.arch, self.cfg.embed_dim)
         if name in given and mine != value:
             raise UsageError(f"--{name.replace('_', '-')} {mine} differs from {source}'s {value}"
                              f"; leave it out to take it from there")
@@ -229,8 +231,16 @@ class Trainer:
         mcfg, flat, tokenizer = start.config, start.flat, start.tokenizer
         if "seq_len" in given and cfg.seq_len < mcfg.seq_len:
             mcfg, flat = shorten_positions(mcfg, flat, cfg.seq_len)
+        self._take("arch", mcfg.family, given, source)
         for name in ("embed_dim", "num_layers", "num_heads", "ff_dim", "seq_len", "vocab_size"):
             self._take(name, getattr(mcfg, name), given, source)
+        if isinstance(mcfg, LlamaConfig):
+            self._take("num_kv_heads", mcfg.num_kv_heads, given, source)
+            self._take("rope_theta", mcfg.rope_theta, given, source)
+            self._take("tie_embeddings", mcfg.tie_embeddings, given, source)
+            if cfg.lora_rank:
+                raise UsageError("--lora-rank: LoRA adapters are not available for the llama "
+                                 "family yet")
         self._take("tokenizer", tokenizer.kind, given, source)
         cfg.validate(resuming=False)
         return Pretrained(mcfg, flat, tokenizer)
@@ -399,7 +409,7 @@ def _acting(name: str, value: Any, settings: Mapping[str, Any]) -> Any:
     if name == "lora_targets":
         return parse_targets(value)
     if name == "ff_dim" and value == 0 and "embed_dim" in settings:
-        return 4 * settings["embed_dim"]
+        return default_ff_dim(settings.get("arch", "gpt2"), settings["embed_dim"])
     return value
 
 

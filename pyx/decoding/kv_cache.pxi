@@ -113,7 +113,8 @@ cdef void decode_attention_head(float* out, float* scores, const float* qkv, int
     # out[hs] = causal attention of head h of position t over the cached qkv rows 0..t
     cdef float scale = 1.0 / sqrtf(<float>hs)
     cdef float mx, s
-    attention_scores(NULL, scores, qkv + h * hs, NULL, t, 1, T, C, hs, scale)
+    attention_scores(NULL, scores, qkv + h * hs, qkv + C + h * hs, NULL, NULL, t, 1, T, 3 * C,
+                     hs, scale)
     attention_softmax_row(scores, t + 1, &mx, &s)
     sgemm_rm(False, False, 1, hs, t + 1, 1.0, scores, T, qkv + 2 * C + h * hs, 3 * C,
              0.0, out, C)

@@ -8,7 +8,8 @@ cdef float GELU_SCALE = 0.7978845608028654  # sqrt(2/pi)
 
 cdef void encoder_forward(float* out, const int* inp, int stride, const float* wte,
                           const float* wpe, int B, int n, int C) noexcept nogil:
-    # out[B*n, C] = wte[inp[b, t]] + wpe[t]; inp rows are `stride` apart
+    # out[B*n, C] = wte[inp[b, t]] + wpe[t] (wpe NULL: no position table); inp rows are
+    # `stride` apart
     cdef int b, t, i
     cdef float* o
     cdef const float* we
@@ -17,6 +18,9 @@ cdef void encoder_forward(float* out, const int* inp, int stride, const float* w
         for t in range(n):
             o = out + (<size_t>b * n + t) * C
             we = wte + <size_t>inp[<size_t>b * stride + t] * C
+            if wpe == NULL:
+                memcpy(o, we, C * sizeof(float))
+                continue
             pe = wpe + <size_t>t * C
             for i in range(C):
                 o[i] = we[i] + pe[i]
@@ -24,7 +28,7 @@ cdef void encoder_forward(float* out, const int* inp, int stride, const float* w
 
 cdef void encoder_backward(float* dwte, float* dwpe, const float* dout, const int* inp,
                            int stride, int B, int n, int C) noexcept nogil:
-    # dwte[inp[b, t]] += dout[b, t]; dwpe[t] += dout[b, t], in (b, t) order
+    # dwte[inp[b, t]] += dout[b, t]; dwpe[t] += dout[b, t] (dwpe NULL: none), in (b, t) order
     cdef int b, t, i
     cdef const float* d
     cdef float* dwe
@@ -33,6 +37,10 @@ cdef void encoder_backward(float* dwte, float* dwpe, const float* dout, const in
         for t in range(n):
             d = dout + (<size_t>b * n + t) * C
             dwe = dwte + <size_t>inp[<size_t>b * stride + t] * C
+            if dwpe == NULL:
+                for i in range(C):
+                    dwe[i] += d[i]
+                continue
             dpe = dwpe + <size_t>t * C
             for i in range(C):
                 dwe[i] += d[i]
@@ -163,10 +171,14 @@ cdef void residual_forward(Bf16Products* b, float* out, const float* res, const 
                            int OC) noexcept nogil:
     # out[N,OC] = res[N,OC] + (inp[N,C] @ weight[OC,C]^T + bias[OC]): a projection added onto
     # the residual stream. Rounded as (res + bias) + inp @ weight^T: the product adds onto
-    # res + bias, one rounding fewer than adding a separate projection.
+    # res + bias, one rounding fewer than adding a separate projection. bias NULL: none.
     cdef int i, o
     cdef float* row
     cdef const float* r
+    if bias == NULL:
+        memcpy(out, res, <size_t>N * OC * sizeof(float))
+        weight_product(b, out, inp, weight, N, C, OC, True)
+        return
     for i in range(N):
         row = out + <size_t>i * OC
         r = res + <size_t>i * OC

@@ -4,7 +4,7 @@
 # --- activations: one table of sizes ---------------------------------------------------------
 
 cdef enum:
-    NUM_ACTIVATION_TENSORS = 25
+    NUM_ACTIVATION_TENSORS = 27
     ALIGN_BYTES = 64            # every tensor starts on a 64-byte boundary
     ALIGN_FLOATS = 16
     CLASSIFIER_FLOATS = 1 << 23  # logits of one row block of the classifier: at most 32 MB
@@ -16,7 +16,7 @@ ACTIVATION_NAMES[:] = [
     b"encoded", b"ln1_mean", b"ln1_rstd", b"qkv", b"atty", b"att_max", b"att_scale",
     b"residual2", b"ln2_mean", b"ln2_rstd", b"fch", b"residual3", b"lnf_rows", b"lnf_mean",
     b"lnf_rstd", b"logits_rows", b"ln", b"fch_gelu", b"dresidual", b"dresidual_mid",
-    b"dnarrow", b"dwide", b"dfch", b"att_probs", b"att_dprobs",
+    b"dnarrow", b"dwide", b"dfch", b"att_probs", b"att_dprobs", b"rope_cos", b"rope_sin",
 ]
 
 
@@ -28,33 +28,37 @@ cdef struct Activations:
     float* encoded      # (N, C)
     float* ln1_mean     # (L, N)
     float* ln1_rstd     # (L, N)
-    float* qkv          # (L, N, 3C)
+    float* qkv          # (L, N, W) q, k, v (Llama: after the rotary positions)
     float* atty         # (L, N, C)
     float* att_max      # (L, B, NH, n) each attention row's max score
     float* att_scale    # (L, B, NH, n) and 1 / its sum of exponentials
     float* residual2    # (L, N, C)
     float* ln2_mean     # (L, N)
     float* ln2_rstd     # (L, N)
-    float* fch          # (L, N, F)
+    float* fch          # (L, N, FW) c_fc's output (Llama: gate_proj's, up_proj's)
     float* residual3    # (L, N, C)
     # the classifier, one block of R rows at a time (forward and backward fused)
     float* lnf_rows     # (R, C) ln_f's output
     float* lnf_mean     # (R,)
     float* lnf_rstd     # (R,)
     float* logits_rows  # (R, V), then dlogits
-    # one block's outputs of ln_1 / ln_2 and of gelu, recomputed in backward (the same float
-    # operations from the saved mean, rstd and fch, so the same bits)
+    # one block's outputs of ln_1 / ln_2 and of gelu (Llama: the RMSNorms', silu(gate) * up),
+    # recomputed in backward (the same float operations from the saved mean, rstd and fch, so
+    # the same bits)
     float* ln           # (N, C)
     float* fch_gelu     # (N, F)
     # backward: gradients of activations, reused block after block
     float* dresidual    # (N, C) the residual stream at a block's output, then its input
     float* dresidual_mid  # (N, C) the residual stream between a block's two residuals
     float* dnarrow      # (N, C) at a layer norm's output or at the attention's output
-    float* dwide        # (N, max(3C, F)) at gelu's output, then at qkv
-    float* dfch         # (N, F) at c_fc's output
+    float* dwide        # (N, max(W, F)) at gelu's output, then at qkv
+    float* dfch         # (N, FW) at c_fc's output
     # attention: one block of query rows' probabilities and their gradient, (ATT_BLOCK, T)
     float* att_probs
     float* att_dprobs
+    # Llama: the rotary positions' cos and sin, (T, hs/2) each; 0 floats in GPT-2
+    float* rope_cos
+    float* rope_sin
     float* memory       # the single allocation all of the above point into
     Bf16Products* bf16  # NULL for fp32, else the bf16 state of the weight products (owned)
     # adapters (activations_use_lora): NULL without
@@ -80,22 +84,25 @@ cdef void fill_in_activation_sizes(size_t* sizes, const ModelConfig* c, int maxB
     # floats of each activation tensor for micro-batches of up to maxB sequences of T tokens
     # and classifier blocks of cls_rows rows (classifier_rows)
     cdef size_t N = <size_t>maxB * c.T, C = c.C, L = c.L, F = c.F, R = cls_rows
-    cdef size_t wide = 3 * C if 3 * C > F else F
+    cdef size_t W = c.W, FW = c.FW
+    cdef size_t wide = W if W > F else F
+    cdef size_t rope = <size_t>c.T * (head_size(c) // 2) if c.family == FAMILY_LLAMA else 0
     sizes[0] = N * C                                 # encoded
     sizes[1] = L * N; sizes[2] = L * N               # ln1_mean, ln1_rstd
-    sizes[3] = L * N * 3 * C                         # qkv
+    sizes[3] = L * N * W                             # qkv
     sizes[4] = L * N * C                             # atty
     sizes[5] = L * N * c.NH; sizes[6] = L * N * c.NH  # att_max, att_scale
     sizes[7] = L * N * C                             # residual2
     sizes[8] = L * N; sizes[9] = L * N               # ln2_mean, ln2_rstd
-    sizes[10] = L * N * F                            # fch
+    sizes[10] = L * N * FW                           # fch
     sizes[11] = L * N * C                            # residual3
     sizes[12] = R * C; sizes[13] = R; sizes[14] = R  # lnf_rows, mean, rstd
     sizes[15] = R * c.V                              # logits_rows
     sizes[16] = N * C; sizes[17] = N * F             # ln, fch_gelu
     sizes[18] = N * C; sizes[19] = N * C             # dresidual, dresidual_mid
-    sizes[20] = N * C; sizes[21] = N * wide; sizes[22] = N * F    # dnarrow, dwide, dfch
+    sizes[20] = N * C; sizes[21] = N * wide; sizes[22] = N * FW   # dnarrow, dwide, dfch
     sizes[23] = <size_t>ATT_BLOCK * c.T; sizes[24] = <size_t>ATT_BLOCK * c.T  # att_(d)probs
+    sizes[25] = rope; sizes[26] = rope               # rope_cos, rope_sin
 
 
 cdef inline size_t aligned_floats(size_t n) noexcept nogil:
@@ -144,10 +151,12 @@ cdef int activations_alloc(Activations* a, const ModelConfig* c, int maxB,
                 &a.att_scale, &a.residual2, &a.ln2_mean, &a.ln2_rstd, &a.fch, &a.residual3,
                 &a.lnf_rows, &a.lnf_mean, &a.lnf_rstd, &a.logits_rows, &a.ln, &a.fch_gelu,
                 &a.dresidual, &a.dresidual_mid, &a.dnarrow, &a.dwide, &a.dfch, &a.att_probs,
-                &a.att_dprobs]
+                &a.att_dprobs, &a.rope_cos, &a.rope_sin]
     a.memory = carve(slots, sizes, NUM_ACTIVATION_TENSORS)
     if a.memory == NULL:
         return -1
+    if c.family == FAMILY_LLAMA:
+        rope_tables(a.rope_cos, a.rope_sin, c.T, head_size(c), c.rope_theta)
     a.maxB = maxB
     a.cls_rows = cls_rows
     a.B = 0
@@ -182,7 +191,7 @@ cdef int activations_use_bf16(Activations* a, const ModelConfig* c, const float*
     # caller); 0 on success, -1 when out of memory or oneDNN cannot start
     cdef size_t N = <size_t>a.maxB * c.T, C = c.C, F = c.F, R = a.cls_rows
     cdef size_t widest_in = max(N * max(C, F), R * C)
-    cdef size_t widest_out = max(N * max(3 * C, F), R * <size_t>c.V)
+    cdef size_t widest_out = max(N * max(<size_t>c.W, <size_t>c.FW), R * <size_t>c.V)
     cdef Bf16Products* b = <Bf16Products*>calloc(1, sizeof(Bf16Products))
     if b == NULL:
         return -1
@@ -221,20 +230,22 @@ cdef struct LayerActs:
     # one block's slices of the activations, for the current micro-batch (N = B * n rows)
     float* ln1_mean     # (N,)
     float* ln1_rstd     # (N,)
-    float* qkv          # (N, 3C)
+    float* qkv          # (N, W)
     float* atty         # (N, C)
     float* att_max      # (B, NH, n)
     float* att_scale    # (B, NH, n)
     float* residual2    # (N, C)
     float* ln2_mean     # (N,)
     float* ln2_rstd     # (N,)
-    float* fch          # (N, F)
+    float* fch          # (N, FW)
     float* residual3    # (N, C)
     # the sphere's scratches, shared by all blocks
     float* ln           # (N, C)
     float* fch_gelu     # (N, F)
     float* att_probs    # (ATT_BLOCK, n)
     float* att_dprobs
+    const float* rope_cos   # Llama's rotary tables, (T, hs/2)
+    const float* rope_sin
     Bf16Products* bf16  # the sphere's bf16 state, or NULL
     const Lora* lora    # the adapters, or NULL
     float* lora_h       # (LORA_SITES, N, r) this block's
@@ -244,22 +255,24 @@ cdef struct LayerActs:
 
 cdef inline void layer_acts(LayerActs* la, const Activations* a, const ModelConfig* c,
                             int l) noexcept nogil:
-    cdef size_t N = <size_t>a.B * a.n, C = c.C, F = c.F
+    cdef size_t N = <size_t>a.B * a.n, C = c.C
     la.ln1_mean = a.ln1_mean + l * N
     la.ln1_rstd = a.ln1_rstd + l * N
-    la.qkv = a.qkv + l * N * 3 * C
+    la.qkv = a.qkv + l * N * c.W
     la.atty = a.atty + l * N * C
     la.att_max = a.att_max + l * N * c.NH
     la.att_scale = a.att_scale + l * N * c.NH
     la.residual2 = a.residual2 + l * N * C
     la.ln2_mean = a.ln2_mean + l * N
     la.ln2_rstd = a.ln2_rstd + l * N
-    la.fch = a.fch + l * N * F
+    la.fch = a.fch + l * N * c.FW
     la.residual3 = a.residual3 + l * N * C
     la.ln = a.ln
     la.fch_gelu = a.fch_gelu
     la.att_probs = a.att_probs
     la.att_dprobs = a.att_dprobs
+    la.rope_cos = a.rope_cos
+    la.rope_sin = a.rope_sin
     la.bf16 = a.bf16
     la.lora = a.lora
     la.lora_h = a.lora_h + l * LORA_SITES * N * (a.lora.rank if a.lora != NULL else 0)

@@ -5,7 +5,7 @@
 cdef enum:
     PROFILE_EMBEDDING = 0           # token + position embedding, forward and backward
     PROFILE_BLOCK_FORWARD = 1
-    PROFILE_CLASSIFIER_LOSS = 2     # ln_f, logits and cross-entropy
+    PROFILE_CLASSIFIER_LOSS = 2     # the final norm, logits and cross-entropy
     PROFILE_CLEAR = 3               # clearing the parameter gradients of a micro-batch
     PROFILE_CLASSIFIER_BACKWARD = 4
     PROFILE_BLOCK_BACKWARD = 5
@@ -62,7 +62,8 @@ cdef void block_forward(LayerActs* a, const float* res, const LayerParams* p, in
     linear_forward(a.bf16, a.qkv, a.ln, p.qkvw, p.qkvb, N, C, 3 * C)
     if lora_on(a.lora, LORA_QKV):
         lora_forward(a.lora, c, a.qkv, site_h(a, LORA_QKV, N), a.lora_x, a.ln, N, d, l, LORA_QKV)
-    attention_forward(a.bf16, a.atty, a.att_max, a.att_scale, a.att_probs, a.qkv, B, n, C, c.NH, d, l)
+    attention_forward(a.bf16, a.atty, a.att_max, a.att_scale, a.att_probs, a.qkv, B, n, C, c.NH,
+                      c.NH, d, l)
     if lora_on(a.lora, LORA_ATTPROJ):
         adapted_residual_forward(a, a.residual2, res, a.atty, p.attprojw, p.attprojb, N, C, C,
                                  c, d, l, LORA_ATTPROJ, DROP_ATTN_PROJ)
@@ -134,7 +135,7 @@ cdef void block_backward(Activations* a, const LayerActs* la, const float* res, 
     site_backward(la, c, lora_grads, a.dnarrow, a.dresidual_mid, la.atty, N, d, l, LORA_ATTPROJ)
     clear(a.dwide, NC * 3)
     attention_backward(a.bf16, a.dwide, la.att_probs, la.att_dprobs, a.dnarrow, la.qkv, la.att_max,
-                       la.att_scale, B, n, C, c.NH, d, l)
+                       la.att_scale, B, n, C, c.NH, c.NH, d, l)
     layernorm_apply(la.ln, res, la.ln1_mean, la.ln1_rstd, p.ln1w, p.ln1b, N, C)
     clear(a.dnarrow, NC)
     linear_backward(a.bf16, a.dnarrow, g.qkvw, g.qkvb, a.dwide, la.ln, p.qkvw, N, C, 3 * C)
@@ -147,10 +148,11 @@ cdef bint classifier_forward(Activations* a, double* loss, int* counted, const M
                              ModelParams* g, const float* res, const ModelConfig* c,
                              const int* tgt, int stride, int pad_id, float* logits_out,
                              double* timers, double* t, const int* stop) noexcept nogil:
-    # logits = ln_f(res) @ wte^T and the loss, in blocks of a.cls_rows rows, so that the
-    # logits are never held whole. With tgt, loss and counted get the sum over the targets
-    # != pad_id (row order). With g (gradients), each block's dlogits go back through the
-    # classifier at once: g.wte, g.lnfw, g.lnfb += their part and a.dresidual = d(res).
+    # logits = norm_f(res) @ lm_head^T and the loss, in blocks of a.cls_rows rows, so that the
+    # logits are never held whole (norm_f: GPT-2's ln_f, Llama's RMSNorm; lm_head: wte when
+    # tied). With tgt, loss and counted get the sum over the targets != pad_id (row order).
+    # With g (gradients), each block's dlogits go back through the classifier at once:
+    # g.lm_head, g.lnfw, g.lnfb += their part and a.dresidual = d(res).
     # logits_out: NULL, or (N, V) rows to write the logits into. False when *stop was set.
     cdef int N = a.B * a.n, C = c.C, V = c.V
     cdef int r0 = 0, rows
@@ -160,10 +162,14 @@ cdef bint classifier_forward(Activations* a, double* loss, int* counted, const M
         if stopped(stop):
             return False
         rows = min(a.cls_rows, N - r0)
-        layernorm_forward(a.lnf_rows, a.lnf_mean, a.lnf_rstd, res + <size_t>r0 * C, p.lnfw,
-                          p.lnfb, rows, C)
+        if c.family == FAMILY_LLAMA:
+            rmsnorm_forward(a.lnf_rows, a.lnf_rstd, res + <size_t>r0 * C, p.lnfw, rows, C,
+                            c.norm_eps)
+        else:
+            layernorm_forward(a.lnf_rows, a.lnf_mean, a.lnf_rstd, res + <size_t>r0 * C, p.lnfw,
+                              p.lnfb, rows, C)
         logits = logits_out + <size_t>r0 * V if logits_out != NULL else a.logits_rows
-        linear_forward(a.bf16, logits, a.lnf_rows, p.wte, NULL, rows, C, V)
+        linear_forward(a.bf16, logits, a.lnf_rows, p.lm_head, NULL, rows, C, V)
         if tgt != NULL:
             crossentropy_forward_backward(logits, loss, counted, tgt, stride, a.n, r0, rows, V,
                                           pad_id, g != NULL)
@@ -171,10 +177,15 @@ cdef bint classifier_forward(Activations* a, double* loss, int* counted, const M
         if g != NULL:
             dln = a.dnarrow + <size_t>r0 * C
             clear(dln, <size_t>rows * C)
-            linear_backward(a.bf16, dln, g.wte, NULL, logits, a.lnf_rows, p.wte, rows, C, V)
+            linear_backward(a.bf16, dln, g.lm_head, NULL, logits, a.lnf_rows, p.lm_head, rows,
+                            C, V)
             clear(a.dresidual + <size_t>r0 * C, <size_t>rows * C)
-            layernorm_backward(a.dresidual + <size_t>r0 * C, g.lnfw, g.lnfb, dln,
-                               res + <size_t>r0 * C, p.lnfw, a.lnf_mean, a.lnf_rstd, rows, C)
+            if c.family == FAMILY_LLAMA:
+                rmsnorm_backward(a.dresidual + <size_t>r0 * C, g.lnfw, dln, res + <size_t>r0 * C,
+                                 p.lnfw, a.lnf_rstd, rows, C)
+            else:
+                layernorm_backward(a.dresidual + <size_t>r0 * C, g.lnfw, g.lnfb, dln,
+                                   res + <size_t>r0 * C, p.lnfw, a.lnf_mean, a.lnf_rstd, rows, C)
             tock(timers, PROFILE_CLASSIFIER_BACKWARD, t)
         r0 += rows
     return True
@@ -217,7 +228,7 @@ cdef double model_forward(Activations* a, int* counted, float* params, const Mod
     counted[0] = 0
     model_params(&p, params, c)
     encoder_forward(a.encoded, inp, stride, p.wte, p.wpe, B, n, c.C)
-    if dropout_on(d):
+    if dropout_on(d) and c.family == FAMILY_GPT2:
         dropout_apply(a.encoded, a.encoded, <size_t>B * n * c.C, d,
                       dropout_key(d, 0, DROP_EMBEDDING), 0)
     tock(timers, PROFILE_EMBEDDING, &t)
@@ -227,7 +238,10 @@ cdef double model_forward(Activations* a, int* counted, float* params, const Mod
             return NAN
         layer_params(&lp, params, c, l)
         layer_acts(&la, a, c, l)
-        block_forward(&la, res, &lp, B, n, c, d, l)
+        if c.family == FAMILY_LLAMA:
+            llama_block_forward(&la, res, &lp, B, n, c, d, l)
+        else:
+            block_forward(&la, res, &lp, B, n, c, d, l)
         res = la.residual3
         tock(timers, PROFILE_BLOCK_FORWARD, &t)
     if grads != NULL:
@@ -268,11 +282,14 @@ cdef void model_backward(float* grads, Activations* a, float* params, const Mode
             layer_acts(&la, a, c, l - 1)
             res = la.residual3                 # the block's input: the previous output
         layer_acts(&la, a, c, l)
-        block_backward(a, &la, res, &lp, &lg, lora_grads, c, d, l)
+        if c.family == FAMILY_LLAMA:
+            llama_block_backward(a, &la, res, &lp, &lg, c, d, l)
+        else:
+            block_backward(a, &la, res, &lp, &lg, lora_grads, c, d, l)
         tock(timers, PROFILE_BLOCK_BACKWARD, &t)
     if lora_grads != NULL:       # the embeddings are frozen
         return
-    if dropout_on(d):
+    if dropout_on(d) and c.family == FAMILY_GPT2:
         dropout_apply(a.dresidual, a.dresidual, <size_t>B * n * C, d,
                       dropout_key(d, 0, DROP_EMBEDDING), 0)
     encoder_backward(g.wte, g.wpe, a.dresidual, inp, stride, B, n, C)

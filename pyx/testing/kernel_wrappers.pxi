@@ -133,11 +133,22 @@ def op_gelu_backward(float[::1] dinp, const float[::1] inp, const float[::1] dou
     gelu_backward(&dinp[0], &inp[0], &dout[0], inp.shape[0])
 
 
-def op_attention_forward(const float[:, :, ::1] qkv, int num_heads):
-    """qkv[B, n, 3C] -> (out[B, n, C], row_max[B, NH, n], row_scale[B, NH, n])."""
-    cdef int B = qkv.shape[0], n = qkv.shape[1], C = qkv.shape[2] // 3
-    _expect(qkv.shape[2] == 3 * C and num_heads >= 1 and C % num_heads == 0 and B >= 1
-            and n >= 1, "shapes do not match")
+cdef int attention_width(int W, int NH, int KVH) except -1:
+    # C of qkv rows W wide with NH query heads over KVH key/value heads (KVH 0: NH)
+    KVH = KVH or NH
+    _expect(NH >= 1 and KVH >= 1 and NH % KVH == 0 and W * NH % (NH + 2 * KVH) == 0,
+            "shapes do not match")
+    C = W * NH // (NH + 2 * KVH)
+    _expect(C % NH == 0 and C >= NH, "shapes do not match")
+    return C
+
+
+def op_attention_forward(const float[:, :, ::1] qkv, int num_heads, int num_kv_heads=0):
+    """qkv[B, n, W] -> (out[B, n, C], row_max[B, NH, n], row_scale[B, NH, n]); W = C + 2 *
+    KVH * C / NH (num_kv_heads 0: NH, W = 3C)."""
+    cdef int B = qkv.shape[0], n = qkv.shape[1]
+    cdef int C = attention_width(qkv.shape[2], num_heads, num_kv_heads)
+    _expect(B >= 1 and n >= 1, "shapes do not match")
     out = np.empty((B, n, C), np.float32)
     row_max = np.empty((B, num_heads, n), np.float32)
     row_scale = np.empty((B, num_heads, n), np.float32)
@@ -145,7 +156,7 @@ def op_attention_forward(const float[:, :, ::1] qkv, int num_heads):
     cdef float[:, :, ::1] o = out, m = row_max, sc = row_scale
     cdef float[:, ::1] probs = scratch
     attention_forward(NULL, &o[0, 0, 0], &m[0, 0, 0], &sc[0, 0, 0], &probs[0, 0], &qkv[0, 0, 0],
-                      B, n, C, num_heads, NULL, 0)
+                      B, n, C, num_heads, num_kv_heads or num_heads, NULL, 0)
     return out, row_max, row_scale
 
 
@@ -166,8 +177,9 @@ def op_attention_probs(const float[:, :, ::1] qkv, const float[:, :, ::1] row_ma
         for h in range(NH):
             for r0 in range(0, n, ATT_BLOCK):
                 rows = min(ATT_BLOCK, n - r0)
-                attention_probs(NULL, &probs[0, 0], &qkv[b, 0, 0] + h * hs, NULL, &row_max[b, h, 0],
-                                &row_scale[b, h, 0], r0, rows, n, C, hs,
+                attention_probs(NULL, &probs[0, 0], &qkv[b, 0, 0] + h * hs,
+                                &qkv[b, 0, 0] + C + h * hs, NULL, NULL, &row_max[b, h, 0],
+                                &row_scale[b, h, 0], r0, rows, n, 3 * C, hs,
                                 1.0 / sqrtf(<float>hs))
                 att[b, h, r0:r0 + rows, :r0 + rows] = scratch[:rows, :r0 + rows]
     return att
@@ -175,18 +187,18 @@ def op_attention_probs(const float[:, :, ::1] qkv, const float[:, :, ::1] row_ma
 
 def op_attention_backward(float[:, :, ::1] dqkv, const float[:, :, ::1] dout,
                           const float[:, :, ::1] qkv, const float[:, :, ::1] row_max,
-                          const float[:, :, ::1] row_scale):
-    cdef int B = qkv.shape[0], n = qkv.shape[1], C = qkv.shape[2] // 3, NH = row_max.shape[1]
-    _expect(dqkv.shape[0] == B and dqkv.shape[1] == n and dqkv.shape[2] == 3 * C
+                          const float[:, :, ::1] row_scale, int num_kv_heads=0):
+    cdef int B = qkv.shape[0], n = qkv.shape[1], NH = row_max.shape[1]
+    cdef int C = attention_width(qkv.shape[2], NH, num_kv_heads)
+    _expect(dqkv.shape[0] == B and dqkv.shape[1] == n and dqkv.shape[2] == qkv.shape[2]
             and dout.shape[0] == B and dout.shape[1] == n and dout.shape[2] == C
             and row_max.shape[0] == B and row_max.shape[2] == n and row_scale.shape[0] == B
-            and row_scale.shape[1] == NH and row_scale.shape[2] == n
-            and NH >= 1 and C % NH == 0, "shapes do not match")
+            and row_scale.shape[1] == NH and row_scale.shape[2] == n, "shapes do not match")
     scratch = np.empty((2, ATT_BLOCK, n), np.float32)
     cdef float[:, :, ::1] work = scratch
     attention_backward(NULL, &dqkv[0, 0, 0], &work[0, 0, 0], &work[1, 0, 0], &dout[0, 0, 0],
                        &qkv[0, 0, 0], &row_max[0, 0, 0], &row_scale[0, 0, 0], B, n, C, NH,
-                       NULL, 0)
+                       num_kv_heads or NH, NULL, 0)
 
 
 def op_crossentropy_forward(const float[:, :, ::1] logits, const int[:, ::1] targets,

@@ -29,7 +29,7 @@ cdef int trained_tensor(const ModelConfig* c, const Lora* lo, int index, size_t*
         tensor_row(c, index, &row, &layer)
         offset[0] = tensor_offset(c, row, layer)
         size[0] = row_floats(c, row)
-        return PARAMETER_TABLE[row].cols != DIM_NONE
+        return table_row(c, row).cols != DIM_NONE
     for s in range(LORA_SITES):
         per_layer += 2 * lora_on(lo, s)
     if index >= c.L * per_layer:
