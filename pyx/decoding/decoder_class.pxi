@@ -28,9 +28,6 @@ cdef class Decoder:
         attention and everything else stay fp32 (load_bf16 first: prefill's products run on
         oneDNN)."""
         self.c = model_config(cfg)
-        if self.c.family != FAMILY_GPT2:
-            raise ValueError(f"generation is not available for the "
-                             f"{FAMILY_NAMES[self.c.family]} family yet")
         if params.shape[0] != model_size(&self.c):
             raise ValueError("parameter buffer does not match the config")
         if threads < 1:

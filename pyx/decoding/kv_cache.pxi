@@ -58,20 +58,25 @@ cdef struct DecodeCache:
     ModelConfig c
     const float* params
     int n               # positions cached (< T to take another)
-    float* qkv          # (L, T, 3C) every layer's qkv rows of the positions so far
+    float* qkv          # (L, T, W) every layer's qkv rows of the positions so far (Llama:
+                        # q and k turned by their positions)
     float* x            # (C,) the residual stream of the new position
     float* mid          # (C,) the stream between a block's two residual adds
     float* atty         # (C,)
-    float* fch          # (F,) gelu(c_fc(ln_2(mid)))
+    float* fch          # (FW,) gelu(c_fc(ln_2(mid))); Llama: gate, up, then silu(gate) * up
+                        # in the first F
     float* logits       # (V,)
     # prefill: up to T positions at once
     float* px           # (T, C)
     float* pmid         # (T, C)
     float* pln          # (T, C)
     float* patty        # (T, C)
-    float* pfch         # (T, F)
+    float* pfch         # (T, FW)
+    float* pact         # (T, F) Llama: silu(gate) * up; none in GPT-2
     float* pmean        # (T,)
     float* prstd        # (T,)
+    float* rope_cos     # (T, hs/2) Llama's rotary tables; none in GPT-2
+    float* rope_sin
     const int* ptokens  # the prompt's ids being prefilled, pn of them
     int pn
     # scoring (scoring.pxi): the last pk of the pn positions, their targets and results
@@ -108,16 +113,17 @@ cdef inline void decode_start(DecodeCache* d) noexcept nogil:
         pthread_barrier_wait(&d.barrier)
 
 
-cdef void decode_attention_head(float* out, float* scores, const float* qkv, int t, int C,
-                                int hs, int h, int T) noexcept nogil:
-    # out[hs] = causal attention of head h of position t over the cached qkv rows 0..t
+cdef void decode_attention_head(float* out, float* scores, const float* qkv, int t,
+                                const ModelConfig* c, int h) noexcept nogil:
+    # out[hs] = causal attention of query head h of position t over the cached qkv rows 0..t
+    # (its key/value head h / (NH / KVH))
+    cdef int hs = head_size(c), W = c.W
     cdef float scale = 1.0 / sqrtf(<float>hs)
     cdef float mx, s
-    attention_scores(NULL, scores, qkv + h * hs, qkv + C + h * hs, NULL, NULL, t, 1, T, 3 * C,
-                     hs, scale)
+    cdef const float* k = qkv + c.C + (h // (c.NH // c.KVH)) * hs
+    attention_scores(NULL, scores, qkv + h * hs, k, NULL, NULL, t, 1, c.T, W, hs, scale)
     attention_softmax_row(scores, t + 1, &mx, &s)
-    sgemm_rm(False, False, 1, hs, t + 1, 1.0, scores, T, qkv + 2 * C + h * hs, 3 * C,
-             0.0, out, C)
+    sgemm_rm(False, False, 1, hs, t + 1, 1.0, scores, c.T, k + c.KVH * hs, W, 0.0, out, c.C)
 
 
 cdef void decode_matvec(DecodeWorker* w, float* out, const float* W, const float* x, int r0,
@@ -132,15 +138,15 @@ cdef void decode_matvec(DecodeWorker* w, float* out, const float* W, const float
 
 
 cdef void decode_classify(DecodeCache* d, DecodeWorker* w, const float* x) noexcept nogil:
-    # logits rows of this worker: wte rows . ln_f(x), x the last position's stream
+    # logits rows of this worker: lm_head rows . norm_f(x), x the last position's stream
     cdef const ModelConfig* c = &d.c
     cdef ModelParams p
     cdef float mean, rstd
     cdef int r0, r1
     model_params(&p, <float*>d.params, c)
-    layernorm_forward(w.ln, &mean, &rstd, x, p.lnfw, p.lnfb, 1, c.C)
+    norm_forward(c, w.ln, &mean, &rstd, x, p.lnfw, p.lnfb, 1)
     rows_of(c.V, w.id, d.threads, &r0, &r1)
-    decode_matvec(w, d.logits + r0, p.wte, w.ln, r0, r1, c.C)
+    decode_matvec(w, d.logits + r0, p.lm_head, w.ln, r0, r1, c.C)
 
 
 cdef void decode_step(DecodeCache* d, DecodeWorker* w) noexcept nogil:
@@ -151,6 +157,9 @@ cdef void decode_step(DecodeCache* d, DecodeWorker* w) noexcept nogil:
     cdef LayerParams lp
     cdef float mean, rstd
     cdef float* qkv
+    if c.family == FAMILY_LLAMA:
+        llama_decode_step(d, w)
+        return
     for l in range(c.L):
         layer_params(&lp, <float*>d.params, c, l)
         qkv = d.qkv + <size_t>l * c.T * 3 * C
@@ -164,7 +173,7 @@ cdef void decode_step(DecodeCache* d, DecodeWorker* w) noexcept nogil:
         # attention, by heads
         rows_of(c.NH, w.id, d.threads, &r0, &r1)
         for r in range(r0, r1):
-            decode_attention_head(d.atty + r * hs, w.scores, qkv, t, C, hs, r, c.T)
+            decode_attention_head(d.atty + r * hs, w.scores, qkv, t, c, r)
         decode_sync(d, w)
         # mid = x + c_proj(atty), by rows (rounded as (x + bias) + product, as the engine's)
         rows_of(C, w.id, d.threads, &r0, &r1)
@@ -185,6 +194,60 @@ cdef void decode_step(DecodeCache* d, DecodeWorker* w) noexcept nogil:
         decode_matvec(w, d.x + r0, lp.fcprojw, d.fch, r0, r1, F)
         for r in range(r0, r1):
             d.x[r] = (d.mid[r] + lp.fcprojb[r]) + d.x[r]
+        decode_sync(d, w)
+    decode_classify(d, w, d.x)
+    decode_sync(d, w)
+
+
+cdef void llama_decode_step(DecodeCache* d, DecodeWorker* w) noexcept nogil:
+    # decode_step of the Llama form. The qkv rows are shared out by whole heads, so that each
+    # worker turns the q and k heads it computed; gate and up by the same rows of each, so that
+    # each worker applies silu(gate) * up to its own rows.
+    cdef const ModelConfig* c = &d.c
+    cdef int C = c.C, F = c.F, W = c.W, t = d.n, hs = head_size(c), half = hs // 2
+    cdef int l, r, r0, r1, h0, h1
+    cdef LayerParams lp
+    cdef float mean, rstd, g
+    cdef float* qkv
+    cdef float* row
+    for l in range(c.L):
+        layer_params(&lp, <float*>d.params, c, l)
+        qkv = d.qkv + <size_t>l * c.T * W
+        row = qkv + <size_t>t * W
+        # q, k, v heads of position t from rmsnorm_1(x); q and k turned by position t
+        norm_forward(c, w.ln, &mean, &rstd, d.x, lp.ln1w, NULL, 1)
+        rows_of(c.NH + 2 * c.KVH, w.id, d.threads, &h0, &h1)
+        decode_matvec(w, row + h0 * hs, lp.qkvw, w.ln, h0 * hs, h1 * hs, C)
+        if lp.qkvb != NULL:
+            for r in range(h0 * hs, h1 * hs):
+                row[r] += lp.qkvb[r]
+        rope_rotate_row(row, d.rope_cos + <size_t>t * half, d.rope_sin + <size_t>t * half, h0,
+                        min(h1, c.NH + c.KVH), hs, False)
+        decode_sync(d, w)
+        rows_of(c.NH, w.id, d.threads, &r0, &r1)
+        for r in range(r0, r1):
+            decode_attention_head(d.atty + r * hs, w.scores, qkv, t, c, r)
+        decode_sync(d, w)
+        # mid = x + o_proj(atty)
+        rows_of(C, w.id, d.threads, &r0, &r1)
+        decode_matvec(w, d.mid + r0, lp.attprojw, d.atty, r0, r1, C)
+        for r in range(r0, r1):
+            d.mid[r] = d.x[r] + d.mid[r]
+        decode_sync(d, w)
+        # fch[:F] = silu(gate_proj(u)) * up_proj(u), u = rmsnorm_2(mid)
+        norm_forward(c, w.ln, &mean, &rstd, d.mid, lp.ln2w, NULL, 1)
+        rows_of(F, w.id, d.threads, &r0, &r1)
+        decode_matvec(w, d.fch + r0, lp.fcw, w.ln, r0, r1, C)
+        decode_matvec(w, d.fch + F + r0, lp.fcw, w.ln, F + r0, F + r1, C)
+        for r in range(r0, r1):
+            g = d.fch[r]
+            d.fch[r] = g * sigmoidf(g) * d.fch[F + r]
+        decode_sync(d, w)
+        # x = mid + down_proj(fch)
+        rows_of(C, w.id, d.threads, &r0, &r1)
+        decode_matvec(w, d.x + r0, lp.fcprojw, d.fch, r0, r1, F)
+        for r in range(r0, r1):
+            d.x[r] = d.mid[r] + d.x[r]
         decode_sync(d, w)
     decode_classify(d, w, d.x)
     decode_sync(d, w)
@@ -219,10 +282,13 @@ cdef void decode_run(DecodeCache* d, int mode) noexcept nogil:
 
 
 cdef void decode_embed(DecodeCache* d, float* out, int token, int t) noexcept nogil:
-    # out[C] = wte[token] + wpe[t]
+    # out[C] = wte[token] + wpe[t] (Llama: wte[token])
     cdef ModelParams p
     cdef int i
     model_params(&p, <float*>d.params, &d.c)
+    if p.wpe == NULL:
+        memcpy(out, p.wte + <size_t>token * d.c.C, d.c.C * sizeof(float))
+        return
     for i in range(d.c.C):
         out[i] = p.wte[<size_t>token * d.c.C + i] + p.wpe[<size_t>t * d.c.C + i]
 
@@ -268,19 +334,24 @@ cdef int decode_cache_alloc(DecodeCache* d, const ModelConfig* c, const float* p
                             int threads, const uint16_t* bf16) noexcept nogil:
     # returns 0 on success, -1 when out of memory, -2 when a thread cannot be started;
     # bf16: NULL (fp32), or bf16(params), for products on bf16 weights and inputs
-    cdef size_t C = c.C, F = c.F, T = c.T
-    cdef size_t sizes[13]
-    cdef float** slots[13]
+    cdef size_t C = c.C, F = c.F, T = c.T, W = c.W, FW = c.FW
+    cdef bint llama = c.family == FAMILY_LLAMA
+    cdef size_t rope = T * (head_size(c) // 2) if llama else 0
+    cdef size_t sizes[16]
+    cdef float** slots[16]
     cdef int i
     memset(d, 0, sizeof(DecodeCache))
     d.c = c[0]
     d.params = params
     d.threads = threads
-    sizes[:] = [<size_t>c.L * T * 3 * C, C, C, C, F, <size_t>c.V,
-                T * C, T * C, T * C, T * C, T * F, T, T]
+    sizes[:] = [<size_t>c.L * T * W, C, C, C, FW, <size_t>c.V,
+                T * C, T * C, T * C, T * C, T * FW, T * F if llama else 0, T, T, rope, rope]
     slots[:] = [&d.qkv, &d.x, &d.mid, &d.atty, &d.fch, &d.logits,
-                &d.px, &d.pmid, &d.pln, &d.patty, &d.pfch, &d.pmean, &d.prstd]
-    d.memory = carve(slots, sizes, 13)
+                &d.px, &d.pmid, &d.pln, &d.patty, &d.pfch, &d.pact, &d.pmean, &d.prstd,
+                &d.rope_cos, &d.rope_sin]
+    d.memory = carve(slots, sizes, 16)
+    if d.memory != NULL and llama:
+        rope_tables(d.rope_cos, d.rope_sin, c.T, head_size(c), c.rope_theta)
     d.workers = <DecodeWorker*>calloc(threads, sizeof(DecodeWorker))
     if d.memory == NULL or d.workers == NULL:
         decode_cache_free(d)

@@ -2,7 +2,7 @@
 # of a given target at each of its last positions and whether that target is the argmax (the
 # loglikelihood requests of zero-shot task evaluation).
 #
-# The scored rows run through ln_f (each worker its share of rows), then the classifier in
+# The scored rows run through the final norm (each worker its share of rows), then the classifier in
 # blocks of SCORE_ROWS rows: a block's logits [rows, V] are computed in fixed chunks of
 # SCORE_COLS vocabulary columns, each worker taking whole chunks (one sgemm each), and after a
 # barrier each worker reduces whole rows: max, first argmax, log of the sum of exponentials, as
@@ -43,9 +43,9 @@ cdef void decode_score_part(DecodeCache* d, DecodeWorker* w) noexcept nogil:
         return
     model_params(&p, <float*>d.params, c)
     rows_of(k, w.id, d.threads, &r0, &r1)
-    layernorm_forward(d.pln + <size_t>(first + r0) * C, d.pmean + first + r0,
-                      d.prstd + first + r0, d.px + <size_t>(first + r0) * C, p.lnfw, p.lnfb,
-                      r1 - r0, C)
+    norm_forward(c, d.pln + <size_t>(first + r0) * C, d.pmean + first + r0,
+                 d.prstd + first + r0, d.px + <size_t>(first + r0) * C, p.lnfw, p.lnfb,
+                 r1 - r0)
     decode_sync(d, w)
     rows_of(chunks, w.id, d.threads, &q0, &q1)
     for b in range((k + SCORE_ROWS - 1) // SCORE_ROWS):
@@ -54,7 +54,7 @@ cdef void decode_score_part(DecodeCache* d, DecodeWorker* w) noexcept nogil:
         for q in range(q0, q1):
             v0 = q * SCORE_COLS
             sgemm_rm(False, True, m, min(<int>SCORE_COLS, V - v0), C, 1.0,
-                     d.pln + <size_t>(first + a) * C, C, p.wte + <size_t>v0 * C, C, 0.0,
+                     d.pln + <size_t>(first + a) * C, C, p.lm_head + <size_t>v0 * C, C, 0.0,
                      d.slogits + v0, V)
         decode_sync(d, w)
         rows_of(m, w.id, d.threads, &r0, &r1)

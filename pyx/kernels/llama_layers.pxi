@@ -66,30 +66,35 @@ cdef void rope_tables(float* cos_t, float* sin_t, int T, int hs, double theta) n
             sin_t[<size_t>t * half + i] = <float>sin(angle)
 
 
-cdef void rope_rotate(float* qkv, const float* cos_t, const float* sin_t, int B, int n, int W,
-                      int heads, int hs, bint inverse) noexcept nogil:
-    # rotates the first `heads` heads of every qkv row (q, then k: they follow each other) in
-    # place, each head's two halves as pairs (x[i], x[i + hs/2]) at the row's position t:
+cdef inline void rope_rotate_row(float* x, const float* ct, const float* st, int h0, int h1,
+                                 int hs, bint inverse) noexcept nogil:
+    # heads h0 .. h1-1 of one row x (hs floats each) turned by the angles of its position (ct,
+    # st: that position's row of the tables), each head's two halves as pairs (x[i], x[i+hs/2]):
     #   x[i] <- x[i] cos - x[i + hs/2] sin,  x[i + hs/2] <- x[i + hs/2] cos + x[i] sin
     # inverse: by the opposite angle, the transpose, which carries a gradient back through it
-    cdef int b, t, h, i, half = hs // 2
+    cdef int h, i, half = hs // 2
     cdef float c, s, a, z
-    cdef float* x
-    cdef const float* ct
-    cdef const float* st
+    cdef float* v
+    for h in range(h0, h1):
+        v = x + h * hs
+        for i in range(half):
+            c = ct[i]
+            s = -st[i] if inverse else st[i]
+            a = v[i]
+            z = v[i + half]
+            v[i] = a * c - z * s
+            v[i + half] = z * c + a * s
+
+
+cdef void rope_rotate(float* qkv, const float* cos_t, const float* sin_t, int B, int n, int W,
+                      int heads, int hs, bint inverse) noexcept nogil:
+    # rope_rotate_row on the first `heads` heads (q, then k: they follow each other) of every
+    # qkv row [B*n, W], row b*n + t at position t
+    cdef int b, t, half = hs // 2
     for b in range(B):
         for t in range(n):
-            ct = cos_t + <size_t>t * half
-            st = sin_t + <size_t>t * half
-            for h in range(heads):
-                x = qkv + (<size_t>b * n + t) * W + h * hs
-                for i in range(half):
-                    c = ct[i]
-                    s = -st[i] if inverse else st[i]
-                    a = x[i]
-                    z = x[i + half]
-                    x[i] = a * c - z * s
-                    x[i + half] = z * c + a * s
+            rope_rotate_row(qkv + (<size_t>b * n + t) * W, cos_t + <size_t>t * half,
+                            sin_t + <size_t>t * half, 0, heads, hs, inverse)
 
 
 cdef inline float sigmoidf(float x) noexcept nogil:

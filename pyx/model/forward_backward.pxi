@@ -162,12 +162,8 @@ cdef bint classifier_forward(Activations* a, double* loss, int* counted, const M
         if stopped(stop):
             return False
         rows = min(a.cls_rows, N - r0)
-        if c.family == FAMILY_LLAMA:
-            rmsnorm_forward(a.lnf_rows, a.lnf_rstd, res + <size_t>r0 * C, p.lnfw, rows, C,
-                            c.norm_eps)
-        else:
-            layernorm_forward(a.lnf_rows, a.lnf_mean, a.lnf_rstd, res + <size_t>r0 * C, p.lnfw,
-                              p.lnfb, rows, C)
+        norm_forward(c, a.lnf_rows, a.lnf_mean, a.lnf_rstd, res + <size_t>r0 * C, p.lnfw,
+                     p.lnfb, rows)
         logits = logits_out + <size_t>r0 * V if logits_out != NULL else a.logits_rows
         linear_forward(a.bf16, logits, a.lnf_rows, p.lm_head, NULL, rows, C, V)
         if tgt != NULL:

@@ -6,6 +6,17 @@
 # Llama form's attention_dropout).
 
 
+cdef inline void norm_forward(const ModelConfig* c, float* out, float* mean, float* rstd,
+                              const float* x, const float* weight, const float* bias,
+                              int N) noexcept nogil:
+    # the family's norm of N rows: GPT-2's layer norm (mean, rstd kept), Llama's RMSNorm (rstd
+    # kept; no mean, no bias)
+    if c.family == FAMILY_LLAMA:
+        rmsnorm_forward(out, rstd, x, weight, N, c.C, c.norm_eps)
+    else:
+        layernorm_forward(out, mean, rstd, x, weight, bias, N, c.C)
+
+
 cdef void llama_block_forward(LayerActs* a, const float* res, const LayerParams* p, int B,
                               int n, const ModelConfig* c, const Dropout* d,
                               int l) noexcept nogil:
