@@ -1,0 +1,248 @@
+"""The Llama form (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM) against transformers:
+small random models made by transformers, with biases and norm weights moved off their initial
+values, read through our transformers import; logits, loss and every gradient compared; our
+exports read back by transformers; runs bit-identical across threads, processes and a resume;
+the decoder equal to the whole-sequence pass; what we cannot compute refused by name."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from helpers import ROOT, assert_one_error_line, call, sentences
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig as HFLlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from cllm_cli._engine import Decoder, forward_logits, loss_and_grads, parameter_layout
+from cllm_cli.cli.export import main as export_main
+from cllm_cli.cli.train import main as train_main
+from cllm_cli.formats.model_files import load_model_files
+from cllm_cli.model import LlamaConfig
+from cllm_cli.tokenizers import BPETokenizer
+
+MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+CLASSES = {"llama": (HFLlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+           "mistral": (MistralConfig, MistralForCausalLM)}
+# 4 query heads over 2 key/value heads; llama untied, qwen2 tied with q/k/v biases
+SHAPES = {"llama": dict(tie_word_embeddings=False, rope_theta=500.0),
+          "qwen2": dict(tie_word_embeddings=True, rope_theta=10000.0),
+          "mistral": dict(tie_word_embeddings=False, rope_theta=10000.0, sliding_window=None)}
+TINY = ["--tokenizer", "word", "--embed-dim", "32", "--num-layers", "2", "--num-heads", "4",
+        "--seq-len", "32", "--batch-size", "8", "--micro-batch", "2", "--max-steps", "12",
+        "--warmup-steps", "2", "--save-interval", "5", "--log-interval", "0",
+        "--eval-interval", "0", "--final-eval-tokens", "300", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def text():
+    return sentences(800, seed=11, punct=".,!?;")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, text):
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(text)
+    return path
+
+
+def hf_directory(path, kind, text, seed=0, capsys=None, **overrides):
+    """A small random transformers model of `kind` saved with a BPE tokenizer.json; every
+    parameter moved off its initial value."""
+    tok = BPETokenizer.train([text], 300)
+    config_class, model_class = CLASSES[kind]
+    settings = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=48,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    max_position_embeddings=48, rms_norm_eps=1e-5,
+                    bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    shape = dict(SHAPES[kind])
+    settings["rope_parameters"] = {"rope_type": "default", "rope_theta": shape.pop("rope_theta")}
+    settings.update(shape, **overrides)
+    torch.manual_seed(seed)
+    model = model_class(config_class(**settings)).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    if capsys is not None:
+        capsys.readouterr()         # transformers' progress bar, written while saving
+    return model
+
+
+def relative(ours, theirs):
+    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+
+
+@pytest.mark.parametrize("kind", sorted(CLASSES))
+def test_logits_loss_and_gradients_equal_transformers(kind, text, tmp_path):
+    hf = hf_directory(tmp_path / kind, kind, text)
+    cfg, flat, tok = load_model_files(tmp_path / kind)[:3]
+    assert isinstance(cfg, LlamaConfig) and cfg.hf_model_type == kind
+    assert (cfg.num_kv_heads, cfg.tie_embeddings, cfg.attention_bias) == \
+        (2, kind == "qwen2", kind == "qwen2")
+    rng = np.random.default_rng(1)
+    inputs = rng.integers(0, cfg.vocab_size, (3, 40)).astype(np.int32)
+    targets = rng.integers(0, cfg.vocab_size, (3, 40)).astype(np.int32)
+    grads = np.zeros_like(flat)
+    loss, counted = loss_and_grads(cfg, flat, inputs, targets, grads, pad_id=-1)
+    logits = np.zeros((3, 40, cfg.vocab_size), np.float32)
+    forward_logits(cfg, flat, inputs, logits)
+
+    theirs = hf(input_ids=torch.tensor(inputs, dtype=torch.long)).logits
+    their_loss = torch.nn.functional.cross_entropy(
+        theirs.reshape(-1, cfg.vocab_size), torch.tensor(targets, dtype=torch.long).reshape(-1),
+        reduction="sum")
+    their_loss.backward()
+    assert counted == 120
+    assert abs(loss - their_loss.item()) <= 1e-4 * abs(their_loss.item())
+    assert relative(logits, theirs.detach().numpy()) <= 1e-4
+    parameters = dict(hf.named_parameters())
+    for name, shape, offset in parameter_layout(cfg):
+        hf_name = name if name == "lm_head.weight" else "model." + name
+        want = parameters[hf_name].grad.numpy()
+        got = grads[offset:offset + int(np.prod(shape))].reshape(shape)
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max(), name
+
+
+def test_decoder_equals_the_whole_sequence_pass(text, tmp_path):
+    """Prefill, then one position at a time, and scoring give the logits of forward_logits,
+    bit-identical for 1, 2 and 3 decoding threads."""
+    hf_directory(tmp_path / "qwen2", "qwen2", text)
+    cfg, flat = load_model_files(tmp_path / "qwen2")[:2]
+    ids = np.random.default_rng(2).integers(0, cfg.vocab_size, 40).astype(np.int32)
+    want = np.zeros((1, 40, cfg.vocab_size), np.float32)
+    forward_logits(cfg, flat, ids[None], want)
+    runs = []
+    for threads in (1, 2, 3):
+        decoder = Decoder(cfg, flat, threads=threads)
+        got = [decoder.prefill(ids[:25])]
+        got += [decoder.feed(int(t)) for t in ids[25:]]
+        logp, _ = Decoder(cfg, flat, threads=threads).score(ids[:39], ids[1:])
+        runs.append((np.stack(got), logp))
+    for got, logp in runs:
+        assert np.array_equal(got, runs[0][0]) and np.array_equal(logp, runs[0][1])
+    assert relative(runs[0][0], want[0, 24:]) <= 1e-5
+    shifted = want[0, :39] - want[0, :39].max(-1, keepdims=True)
+    log_softmax = shifted - np.log(np.exp(shifted.astype(np.float64)).sum(-1, keepdims=True))
+    assert np.abs(runs[0][1] - log_softmax[np.arange(39), ids[1:]]).max() <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_export_is_read_by_transformers_as_its_class(kind, text, tmp_path, capsys):
+    hf_directory(tmp_path / "in", kind, text, capsys=capsys)
+    code, _, err = call(capsys, export_main, tmp_path / "in", tmp_path / "out")
+    assert code == 0, err
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == kind and config["num_key_value_heads"] == 2
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(model).__name__ == CLASSES[kind][1].__name__
+    cfg, flat = load_model_files(tmp_path / "in")[:2]
+    ids = np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 30)).astype(np.int32)
+    ours = np.zeros((2, 30, cfg.vocab_size), np.float32)
+    forward_logits(cfg, flat, ids, ours)
+    with torch.no_grad():
+        theirs = model(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    assert relative(ours, theirs) <= 1e-4
+    again, flat_again = load_model_files(tmp_path / "out")[:2]
+    assert again == cfg and np.array_equal(flat_again, flat)
+
+
+def train_command(ranks, threads, *argv):
+    line = [sys.executable, "-m", "cllm_cli.cli.train", *map(str, argv), "--threads",
+            str(threads)]
+    return [MPIEXEC, "-n", str(ranks), *line] if ranks > 1 else line
+
+
+@pytest.mark.slow
+def test_runs_are_bit_identical_across_threads_processes_and_resume(corpus, tmp_path):
+    """A Llama-form run from scratch (grouped-query, untied, with attention dropout) gives the
+    same final model for 1, 2 and 3 threads, under mpiexec -n 2, and resumed from step 10."""
+    args = [*TINY, "--arch", "llama", "--num-kv-heads", "2", "--no-tie-embeddings",
+            "--dropout", "0.1", corpus]
+    finals = []
+    for ranks, threads in ((1, 1), (1, 2), (1, 3), (2, 1)):
+        ckpt = tmp_path / f"r{ranks}t{threads}"
+        p = subprocess.run(train_command(ranks, threads, *args, "--checkpoint-dir", ckpt),
+                           cwd=ROOT, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        finals.append((ckpt / "final_model.cllm").read_bytes())
+    assert "llama, d 32, 2 layers, 4 heads over 2 key/value heads" in p.stdout
+    resumed = tmp_path / "r1t1"
+    (resumed / "final_model.cllm").unlink()
+    (resumed / "checkpoint_step_12.cllm").unlink(missing_ok=True)
+    p = subprocess.run(train_command(1, 2, "--resume", "--checkpoint-dir", resumed, corpus),
+                       cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "resum" in p.stdout.lower()
+    finals.append((resumed / "final_model.cllm").read_bytes())
+    assert all(f == finals[0] for f in finals)
+
+
+def test_fine_tuning_a_transformers_llama_continues_its_loss(text, corpus, tmp_path, capsys):
+    """--init-from a Qwen2 directory: the run takes its family and shape, and its first
+    loss is the transformers model's own loss on those windows (nothing was reinitialised)."""
+    hf_directory(tmp_path / "qwen2", "qwen2", text, capsys=capsys)
+    code, out, err = call(capsys, train_main, corpus, "--init-from", tmp_path / "qwen2",
+                          "--batch-size", "4", "--micro-batch", "2", "--max-steps", "3",
+                          "--seq-len", "24", "--checkpoint-dir", tmp_path / "run",
+                          "--log-interval", "1", "--eval-interval", "0",
+                          "--final-eval-tokens", "200", "--threads", "2")
+    assert code == 0, err
+    assert "qwen2, d 32, 2 layers, 4 heads over 2 key/value heads" in out
+    assert "tied output layer, q/k/v biases" in out
+    cfg = load_model_files(tmp_path / "run")[0]
+    assert isinstance(cfg, LlamaConfig) and cfg.seq_len == 24 and cfg.attention_bias
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_type 'linear'"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"mlp_bias": True}, "mlp_bias"),
+    ({"head_dim": 16}, "head_dim 16"),
+    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 4096},
+     "sliding_window 4096"),
+    ({"num_key_value_heads": 3}, "num_key_value_heads 3"),
+])
+def test_what_we_cannot_compute_is_refused_by_name(change, fragment, text, corpus, tmp_path,
+                                                   capsys):
+    hf_directory(tmp_path / "m", "llama", text, capsys=capsys)
+    path = tmp_path / "m" / "config.json"
+    config = json.loads(path.read_text())
+    config.update(change)
+    path.write_text(json.dumps(config))
+    code, _, err = call(capsys, train_main, corpus, "--init-from", tmp_path / "m",
+                        "--checkpoint-dir", tmp_path / "run")
+    assert_one_error_line(code, err, "train_model", fragment)
+
+
+def test_a_config_json_with_rope_theta_at_the_top_is_read(text, tmp_path):
+    """Files on the Hub (SmolLM2's, Qwen2.5's) keep rope_theta beside rope_scaling null."""
+    hf_directory(tmp_path / "m", "llama", text)
+    path = tmp_path / "m" / "config.json"
+    config = json.loads(path.read_text())
+    config.pop("rope_parameters", None)
+    config.update(rope_theta=500.0, rope_scaling=None)
+    path.write_text(json.dumps(config))
+    assert load_model_files(tmp_path / "m")[0].rope_theta == 500.0
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--num-kv-heads", "2"], "--num-kv-heads needs --arch llama"),
+    (["--arch", "llama", "--num-kv-heads", "3"], "--num-heads 4 is not divisible by --num-kv-heads 3"),
+    (["--arch", "llama", "--embed-dim", "12", "--num-heads", "4"], "must be even"),
+    (["--arch", "llama", "--rope-theta", "0.5"], "--rope-theta must be a number above 1"),
+])
+def test_from_scratch_options_are_checked(argv, fragment, corpus, tmp_path, capsys):
+    code, _, err = call(capsys, train_main, corpus, *TINY, *argv, "--checkpoint-dir",
+                        tmp_path / "run")
+    assert_one_error_line(code, err, "train_model", fragment)
