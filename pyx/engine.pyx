@@ -1,9 +1,10 @@
 """CLLM engine: the model's kernels and the ThreadedTrainingSystem, compiled as one module.
 
 # Design:
-# - Layouts. Every layout is defined once, here: a family's table (model/layout.pxi: GPT2_ROWS,
-#   LLAMA_ROWS) lists the model's parameter tensors in buffer order; offsets, the named views of the kernels
-#   (ModelParams, LayerParams), the optimiser's chunks and parameter_layout() derive from it.
+# - Layouts. Every layout is defined once, here: a family's table (model/layout.pxi:
+#   GPT2_ROWS, LLAMA_ROWS) lists the model's parameter tensors in buffer order; offsets, the
+#   named views of the kernels (ModelParams, LayerParams), the optimiser's chunks and
+#   parameter_layout() derive from it.
 #   fill_in_activation_sizes / ACTIVATION_NAMES do the same for a sphere's activations
 #   (LayerActs names one block's slices), PROFILE_BUCKET_NAMES for the profile. The engine
 #   takes the model config object itself and imports nothing from cllm_cli.
@@ -217,18 +218,23 @@ def optimizer_chunks(cfg):
     return out
 
 
-LORA_TARGETS = tuple(LORA_SITE_NAMES[k].decode() for k in range(LORA_SITES))  # bit k: site k
+# family name -> the linear layers of a block that can carry an adapter, in buffer order (bit
+# k of a targets mask: site k)
+ADAPTER_SITES = {
+    "gpt2": tuple(GPT2_LORA_SITES[k].decode() for k in range(4)),
+    "llama": tuple(LLAMA_LORA_SITES[k].decode() for k in range(LORA_SITES)),
+}
 
 
-cdef int lora_settings(Lora* lo, object lora) except -1:
-    # lo from (rank, targets, alpha, dropout): targets a bit mask over LORA_TARGETS; the
-    # adapters' buffer is the caller's to set
+cdef int lora_settings(Lora* lo, object lora, const ModelConfig* c) except -1:
+    # lo from (rank, targets, alpha, dropout): targets a bit mask over the family's sites
+    # (ADAPTER_SITES); the adapters' buffer is the caller's to set
     rank, targets, alpha, dropout = lora
     cdef Dropout d
     if not 1 <= rank < 2 ** 16:
         raise ValueError(f"LoRA rank must be in 1..65535, got {rank}")
-    if not 0 < targets < 1 << LORA_SITES:
-        raise ValueError(f"LoRA targets must be a non-empty mask of {len(LORA_TARGETS)} bits, "
+    if not 0 < targets < 1 << lora_sites(c):
+        raise ValueError(f"LoRA targets must be a non-empty mask of {lora_sites(c)} bits, "
                          f"got {targets}")
     if not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"LoRA alpha must be positive, got {alpha}")
@@ -241,18 +247,18 @@ cdef int lora_settings(Lora* lo, object lora) except -1:
 
 def adapter_layout(cfg, int rank, int targets):
     """[(name, shape, offset)] of the adapters of (rank, targets) in buffer order: per block,
-    per adapted site (LORA_TARGETS order), h.{l}.{site}.lora_A (rank, in) then lora_B
-    (out, rank)."""
+    per adapted site (ADAPTER_SITES order), {block}.{site}.lora_A (rank, in) then lora_B
+    (out, rank), {block} as the family's parameter names have it (h.{l}, layers.{l})."""
     cdef ModelConfig c = model_config(cfg)
     cdef Lora lo
-    check_lora_family(&c)
-    lora_settings(&lo, (rank, targets, 1.0, 0.0))
+    lora_settings(&lo, (rank, targets, 1.0, 0.0), &c)
+    prefix = family_table(&c).block_prefix.decode()
     layout = []
     for l in range(c.L):
-        for site in range(LORA_SITES):
+        for site in range(lora_sites(&c)):
             if lora_on(&lo, site):
                 offset = lora_offset(&lo, &c, l, site)
-                name = f"h.{l}.{LORA_TARGETS[site]}"
+                name = f"{prefix}{l}.{lora_site_name(&c, site).decode()}"
                 layout.append((name + ".lora_A", (rank, site_in(&c, site)), offset))
                 layout.append((name + ".lora_B", (site_out(&c, site), rank),
                                offset + rank * site_in(&c, site)))
@@ -263,24 +269,15 @@ def num_adapter_parameters(cfg, int rank, int targets):
     """Floats in the flat adapter buffer of (rank, targets)."""
     cdef ModelConfig c = model_config(cfg)
     cdef Lora lo
-    check_lora_family(&c)
-    lora_settings(&lo, (rank, targets, 1.0, 0.0))
+    lora_settings(&lo, (rank, targets, 1.0, 0.0), &c)
     return lora_size(&lo, &c)
-
-
-cdef int check_lora_family(const ModelConfig* c) except -1:
-    if c.family != FAMILY_GPT2:
-        raise ValueError(f"LoRA adapters are not available for the {FAMILY_NAMES[c.family]} "
-                         f"family yet")
-    return 0
 
 
 cdef int bind_lora(Lora* lo, const ModelConfig* c, object lora,
                    float[::1] adapters) except -1:
     # lo from lora = (rank, targets, alpha, dropout), pointing at `adapters`, whose size must
     # be that of the adapters of those settings
-    check_lora_family(c)
-    lora_settings(lo, lora)
+    lora_settings(lo, lora, c)
     if adapters is None or adapters.shape[0] != lora_size(lo, c):
         raise ValueError("adapter buffer does not match the LoRA settings")
     lo.params = &adapters[0]

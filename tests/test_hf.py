@@ -292,7 +292,7 @@ def edit_tensors(path, change):
 
 
 REFUSALS = {
-    "model_type": (lambda p: edit_config(p, model_type="llama"), "model_type"),
+    "model_type": (lambda p: edit_config(p, model_type="falcon"), "model_type"),
     "model_type not a name": (lambda p: edit_config(p, model_type=["gpt2"]), "model_type"),
     "architectures": (lambda p: edit_config(p, architectures=["GPT2ForSequenceClassification"]),
                       "architectures"),

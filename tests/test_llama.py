@@ -14,19 +14,36 @@ import torch
 from helpers import ROOT, assert_one_error_line, call, sentences
 from transformers import (
     AutoModelForCausalLM,
-    LlamaConfig as HFLlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+from transformers import (
+    LlamaConfig as HFLlamaConfig,
+)
 
-from cllm_cli._engine import Decoder, forward_logits, loss_and_grads, parameter_layout
+from cllm_cli._engine import (
+    ADAPTER_SITES,
+    Decoder,
+    forward_logits,
+    loss_and_grads,
+    parameter_layout,
+)
 from cllm_cli.cli.export import main as export_main
 from cllm_cli.cli.train import main as train_main
 from cllm_cli.formats.model_files import load_model_files
-from cllm_cli.model import LlamaConfig
+from cllm_cli.model import (
+    LlamaConfig,
+    LoraSpec,
+    adapter_views,
+    init_adapters,
+    merge_adapters,
+    named_views,
+    parse_targets,
+)
+from cllm_cli.model.llama import LLAMA
 from cllm_cli.tokenizers import BPETokenizer
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
@@ -246,3 +263,74 @@ def test_from_scratch_options_are_checked(argv, fragment, corpus, tmp_path, caps
     code, _, err = call(capsys, train_main, corpus, *TINY, *argv, "--checkpoint-dir",
                         tmp_path / "run")
     assert_one_error_line(code, err, "train_model", fragment)
+
+
+def test_lora_gradients_are_those_of_the_merged_weights(text, tmp_path):
+    """Adapters on every site of a Qwen2 block: the loss is the merged model's, and each
+    adapter's gradient is what the merged weight's gradient gives through W + s B A
+    (dA = s B^T dW, dB = s dW A^T)."""
+    hf_directory(tmp_path / "m", "qwen2", text)
+    cfg, flat = load_model_files(tmp_path / "m")[:2]
+    spec = LoraSpec(4, 8.0, 0.0, parse_targets("q_proj,k_proj,v_proj,o_proj,mlp", LLAMA))
+    assert spec.sites == ADAPTER_SITES["llama"]
+    rng = np.random.default_rng(5)
+    adapters = init_adapters(cfg, spec, 1)
+    adapters += rng.standard_normal(adapters.size).astype(np.float32) * np.float32(0.05)
+    inputs = rng.integers(0, cfg.vocab_size, (2, 30)).astype(np.int32)
+    targets = rng.integers(0, cfg.vocab_size, (2, 30)).astype(np.int32)
+    grads = np.zeros_like(adapters)
+    loss, _ = loss_and_grads(cfg, flat, inputs, targets, grads, pad_id=-1, adapters=adapters,
+                             lora=spec.engine_args)
+    merged = merge_adapters(cfg, flat, spec, adapters)
+    full = np.zeros_like(merged)
+    merged_loss, _ = loss_and_grads(cfg, merged, inputs, targets, full, pad_id=-1)
+    assert abs(loss - merged_loss) <= 1e-5 * abs(merged_loss)
+    weights = named_views(cfg, full)
+    views, got = adapter_views(cfg, spec, adapters), adapter_views(cfg, spec, grads)
+    for name, view in views.items():
+        site, kind = name.rsplit(".", 1)
+        dw = weights[site + ".weight"]
+        want = (spec.scale * views[site + ".lora_B"].T @ dw if kind == "lora_A"
+                else spec.scale * dw @ views[site + ".lora_A"].T)
+        assert np.abs(got[name] - want).max() <= 2e-3 * np.abs(want).max(), name
+
+
+@pytest.mark.slow
+def test_lora_run_bit_identical_and_loaded_by_peft(text, corpus, tmp_path, capsys):
+    """A LoRA run on a Llama directory (q_proj, v_proj and the MLP): the same adapters for 1
+    and 3 threads and under mpiexec -n 2; its PEFT export, loaded by PeftModel.from_pretrained
+    onto the transformers base, gives our logits."""
+    from peft import PeftModel
+    hf_directory(tmp_path / "base", "llama", text, capsys=capsys)
+    args = ["--init-from", tmp_path / "base", "--lora-rank", "4", "--lora-targets", "attn,mlp",
+            "--lora-dropout", "0.1", "--batch-size", "8", "--micro-batch", "2",
+            "--max-steps", "6", "--seq-len", "24", "--learning-rate", "0.01",
+            "--warmup-steps", "1", "--log-interval", "0", "--eval-interval", "0",
+            "--final-eval-tokens", "200", corpus]
+    finals = []
+    for ranks, threads in ((1, 1), (1, 3), (2, 1)):
+        ckpt = tmp_path / f"r{ranks}t{threads}"
+        p = subprocess.run(train_command(ranks, threads, *args, "--checkpoint-dir", ckpt),
+                           cwd=ROOT, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        finals.append((ckpt / "final_model.cllm").read_bytes())
+    assert finals[1] == finals[0] and finals[2] == finals[0]
+    final = tmp_path / "r1t1" / "final_model.cllm"
+    code, _, err = call(capsys, export_main, final, tmp_path / "adapter", "--format", "peft")
+    assert code == 0, err
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == {"self_attn.q_proj", "self_attn.v_proj",
+                                             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    cfg, flat = load_model_files(final)[:2]
+    ids = np.random.default_rng(4).integers(0, cfg.vocab_size, (2, 20)).astype(np.int32)
+    ours = np.zeros((2, 20, cfg.vocab_size), np.float32)
+    forward_logits(cfg, flat, ids, ours)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        theirs = model(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    assert relative(ours, theirs) <= 1e-4
+    base_cfg, base_flat = load_model_files(tmp_path / "base")[:2]
+    before = np.zeros_like(ours)
+    forward_logits(base_cfg, base_flat, ids, before)
+    assert np.abs(before - theirs).max() > 1e-3 * np.abs(theirs).max()    # the adapters act

@@ -15,8 +15,8 @@ from cllm_cli.model.config import (
 )
 from cllm_cli.model.family import FAMILIES, Family, family_of
 from cllm_cli.model.gpt2 import GPT2
-from cllm_cli.model.llama import LLAMA
 from cllm_cli.model.layout import named_views, shorten_positions, tensor_shapes
+from cllm_cli.model.llama import LLAMA
 from cllm_cli.model.lora import (
     MAX_LORA_SCALE,
     LoraSpec,

@@ -72,8 +72,9 @@ class CLLMConfig:
         """The config of to_dict's JSON (ValueError, one line, when it cannot make a model)."""
         family = d.get("family", CLLMConfig.family)
         if family == LlamaConfig.family:
-            extra = {k: d[k] for k in LLAMA_FIELDS if k in d}
-            return LlamaConfig(**{k: int(d[k]) for k in MODEL_FIELDS}, **extra)
+            fields: dict[str, Any] = {k: int(d[k]) for k in MODEL_FIELDS}
+            fields.update((k, d[k]) for k in LLAMA_FIELDS if k in d)
+            return LlamaConfig(**fields)
         if family != CLLMConfig.family:
             raise ValueError(f"family {family!r} is not a model family "
                              f"({CLLMConfig.family}, {LlamaConfig.family})")

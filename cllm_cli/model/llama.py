@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, NoReturn
 
 import numpy as np
 
+from cllm_cli._engine import ADAPTER_SITES
 from cllm_cli.model.config import (
     LLAMA_MODEL_TYPES,
     CLLMConfig,
@@ -29,6 +30,7 @@ from cllm_cli.model.config import (
 )
 from cllm_cli.model.family import Family
 
+LLAMA_SITES = ADAPTER_SITES["llama"]      # the engine's adapter sites, in buffer order
 HF_PREFIX = "model."
 HF_HEAD = "lm_head.weight"
 HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -195,7 +197,9 @@ LLAMA = Family(
     init_parameters=init_parameters,
     embedding="embed_tokens.weight",
     position_table=None,
-    lora_targets={},
+    lora_targets={"attn": ("self_attn.q_proj", "self_attn.v_proj"),
+                  **{name.split(".")[1]: (name,) for name in LLAMA_SITES},
+                  "mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")},
     hf_architectures=tuple(HF_CLASSES.values()),
     hf_model_types=LLAMA_MODEL_TYPES,
     hf_name=hf_name,
@@ -209,6 +213,6 @@ LLAMA = Family(
     gguf_name=gguf_name,
     gguf_hparams=gguf_hparams,
     gguf_output="output.weight",
-    peft_prefix="base_model.model.",
+    peft_prefix="base_model.model." + HF_PREFIX,
     peft_fan_in_fan_out=False,
 )

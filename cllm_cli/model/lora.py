@@ -3,12 +3,12 @@ initialisation, and merging them into a model's parameters.
 
 An adapter on a linear layer W (out, in) of every block adds scale * B A, A (rank, in) and
 B (out, rank), scale = alpha / rank, to W; only the adapters train. The flat buffer is laid
-out as the engine's adapter_layout: per block, per adapted layer (site) in the order
-attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj, its lora_A then its lora_B.
+out as the engine's adapter_layout: per block, per adapted layer (site) in the family's order
+(ADAPTER_SITES: GPT-2's attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj; Llama's
+self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj), its lora_A then its lora_B.
 
 --lora-targets names groups of sites, which the model family declares (Family.lora_targets;
-for GPT-2 ``attn``: the attention's c_attn, PEFT's default for GPT-2, ``proj``: the attention's
-c_proj, ``mlp``: the MLP's c_fc and c_proj).
+``attn`` is PEFT's default in both: GPT-2's c_attn, Llama's q_proj and v_proj).
 """
 from __future__ import annotations
 
@@ -20,13 +20,12 @@ from typing import Any, Mapping
 import numpy as np
 from numpy.typing import NDArray
 
-from cllm_cli._engine import LORA_TARGETS, adapter_layout
+from cllm_cli._engine import ADAPTER_SITES, adapter_layout
 from cllm_cli._engine import num_adapter_parameters as engine_adapter_parameters
 from cllm_cli.model.config import CLLMConfig
-from cllm_cli.model.family import Family, family_of
+from cllm_cli.model.family import FAMILIES, Family, family_of
 from cllm_cli.model.layout import named_views
 
-SITES = LORA_TARGETS       # every site, in buffer order
 # the largest scale alpha / rank: far above the common 1 to 16, low enough that trained
 # adapters stay far from float32's range
 MAX_LORA_SCALE = 1024.0
@@ -38,22 +37,34 @@ def target_groups(family: Family | None = None) -> dict[str, tuple[str, ...]]:
 
 
 def parse_targets(text: object, family: Family | None = None) -> tuple[str, ...]:
-    """The sites of a --lora-targets value such as "attn,mlp", in buffer order (ValueError
-    naming the unknown group)."""
-    groups = target_groups(family)
-    sites: set[str] = set()
-    for group in (part.strip() for part in str(text).split(",")):
-        if group not in groups:
-            raise ValueError(f"unknown LoRA target {group!r} (choose from "
-                             f"{', '.join(groups)}, comma-separated)")
-        sites.update(groups[group])
-    return tuple(site for site in SITES if site in sites)
+    """The sites of a --lora-targets value such as "attn,mlp" in a model of `family`, in its
+    buffer order (ValueError naming the unknown group). Without a family: in whichever family
+    knows every group named (the value's check before the model is known)."""
+    groups = [part.strip() for part in str(text).split(",")]
+    families = [family] if family is not None else list(FAMILIES.values())
+    for candidate in families:
+        known = candidate.lora_targets
+        if all(group in known for group in groups):
+            sites = {site for group in groups for site in known[group]}
+            return tuple(site for site in ADAPTER_SITES[candidate.name] if site in sites)
+    unknown = next(g for g in groups if g not in families[0].lora_targets)
+    choices = ", ".join(dict.fromkeys(g for f in families for g in f.lora_targets))
+    raise ValueError(f"unknown LoRA target {unknown!r} (choose from {choices}, "
+                     f"comma-separated)")
+
+
+def _family_sites(sites: tuple[str, ...]) -> tuple[str, ...]:
+    """The site list of the family whose sites these are (ValueError when none has them all)."""
+    for names in ADAPTER_SITES.values():
+        if all(site in names for site in sites):
+            return names
+    raise ValueError(f"bad LoRA sites {list(sites)!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
-    """Adapters of `rank` on `sites` (SITES names), scaled by alpha / rank, their inputs
-    dropped with probability `dropout` in training."""
+    """Adapters of `rank` on `sites` (one family's ADAPTER_SITES names, in its order), scaled
+    by alpha / rank, their inputs dropped with probability `dropout` in training."""
     rank: int
     alpha: float
     dropout: float
@@ -61,7 +72,8 @@ class LoraSpec:
 
     @property
     def mask(self) -> int:
-        return sum(1 << SITES.index(site) for site in self.sites)
+        names = _family_sites(self.sites)
+        return sum(1 << names.index(site) for site in self.sites)
 
     @property
     def scale(self) -> float:
@@ -92,10 +104,12 @@ class LoraSpec:
                              f"rank {rank})")
         if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
             raise ValueError(f"bad LoRA dropout {dropout!r}")
-        if not sites or any(site not in SITES for site in sites) or len(set(sites)) != len(sites):
+        if not sites or not all(isinstance(site, str) for site in sites) \
+                or len(set(sites)) != len(sites):
             raise ValueError(f"bad LoRA sites {list(sites)!r}")
+        names = _family_sites(sites)
         return cls(rank, float(alpha), float(dropout),
-                   tuple(site for site in SITES if site in sites))
+                   tuple(site for site in names if site in sites))
 
 
 def adapter_shapes(cfg: CLLMConfig, spec: LoraSpec) -> dict[str, tuple[int, ...]]:

@@ -15,9 +15,11 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 from cllm_cli.corpus.files import ENCODING_ERRORS
 from cllm_cli.errors import UsageError
 from cllm_cli.model import (
+    FAMILIES,
     MAX_LORA_SCALE,
     MODEL_FIELDS,
     CLLMConfig,
+    Family,
     LlamaConfig,
     LoraSpec,
     llama_config_problem,
@@ -110,8 +112,11 @@ class TrainConfig:
     lora_dropout: float = option(0.0, "fine-tuning", "dropout on the adapters' inputs, in "
                                  "training only", fixed=True, metavar="P")
     lora_targets: str = option("attn", "fine-tuning", "the layers with adapters, comma-separated "
-                               "groups: " + ", ".join(f"{group} ({', '.join(layers)})" for
-                                                      group, layers in target_groups().items()),
+                               "groups of the model's family: " + "; ".join(
+                                   f"{family.name}: " + ", ".join(
+                                       f"{group} ({', '.join(layers)})" if layers != (group,)
+                                       else group for group, layers in family.lora_targets.items())
+                                   for family in FAMILIES.values()),
                                fixed=True, metavar=",".join(target_groups()))
     # optimisation
     optimizer: str = option("adamw", "optimisation", "adamw (with decoupled weight decay) or "
@@ -212,8 +217,9 @@ class TrainConfig:
 
     def model_config(self, vocab_size: int) -> CLLMConfig:
         """The config of a model from scratch of these options."""
-        sizes = dict(vocab_size=vocab_size, embed_dim=self.embed_dim, num_layers=self.num_layers,
-                     num_heads=self.num_heads, ff_dim=self.ff_dim, seq_len=self.seq_len)
+        sizes: Dict[str, Any] = dict(vocab_size=vocab_size, embed_dim=self.embed_dim,
+                                     num_layers=self.num_layers, num_heads=self.num_heads,
+                                     ff_dim=self.ff_dim, seq_len=self.seq_len)
         if self.arch == "llama":
             return LlamaConfig(**sizes, num_kv_heads=self.num_kv_heads,
                                rope_theta=self.rope_theta, tie_embeddings=self.tie_embeddings)
@@ -317,13 +323,17 @@ class TrainConfig:
                              f"(a scale alpha/R of at most {MAX_LORA_SCALE:g}), got "
                              f"{self.lora_alpha:g}")
 
-    def lora_spec(self) -> Optional[LoraSpec]:
-        """The adapters' LoraSpec, or None when every weight trains."""
+    def lora_spec(self, family: Family) -> Optional[LoraSpec]:
+        """The adapters' LoraSpec in a model of `family`, or None when every weight trains
+        (UsageError when --lora-targets names a group the family does not have)."""
         if not self.lora_rank:
             return None
         alpha = 2.0 * self.lora_rank if self.lora_alpha is None else float(self.lora_alpha)
-        return LoraSpec(self.lora_rank, alpha, float(self.lora_dropout),
-                        parse_targets(self.lora_targets))
+        try:
+            sites = parse_targets(self.lora_targets, family)
+        except ValueError as e:
+            raise UsageError(f"--lora-targets: {e} in a {family.name} model") from None
+        return LoraSpec(self.lora_rank, alpha, float(self.lora_dropout), sites)
 
 
 def flag(name: str) -> str:

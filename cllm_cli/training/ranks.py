@@ -20,7 +20,7 @@ from cllm_cli.corpus import dataset_header, load_dataset
 from cllm_cli.distributed import on_all_ranks
 from cllm_cli.errors import AllRanksStop, CheckpointError, DataError
 from cllm_cli.formats import check_vocabulary, checkpoint_path
-from cllm_cli.model import CLLMConfig, num_adapter_parameters
+from cllm_cli.model import MODEL_FIELDS, CLLMConfig, family_of, num_adapter_parameters
 from cllm_cli.tokenizers import Tokenizer, tokenizer_class
 from cllm_cli.training.config import TrainConfig
 from cllm_cli.training.engine_settings import EngineSettings
@@ -128,12 +128,16 @@ class FollowerTrainer(Trainer):
         except CheckpointError as e:
             raise DataError(f"{e}{hint}") from None
         tokens = load_dataset(bin_path)
+        # the options' sizes must be the model's; what only a model file holds (a Llama
+        # form's norm epsilon, q/k/v biases) comes with rank 0's config
         config = self.cfg.model_config(len(self.tokenizer))
-        if config != plan.model_config:
+        if any(getattr(config, f) != getattr(plan.model_config, f) for f in MODEL_FIELDS) \
+                or config.family != plan.model_config.family:
             raise DataError(f"model config {config} differs from rank 0's {plan.model_config}")
+        config = plan.model_config
         self.model = CLLMModel.from_flat(config, np.zeros(num_parameters(config),
                                                           dtype=np.float32))
-        self.lora = self.cfg.lora_spec()
+        self.lora = self.cfg.lora_spec(family_of(config))
         if self.lora is not None:
             self.adapters = np.zeros(num_adapter_parameters(config, self.lora), dtype=np.float32)
         self.adam_m = np.zeros_like(self.trained)

@@ -53,6 +53,7 @@ from cllm_cli.model import (
     LoraSpec,
     content_hash,
     default_ff_dim,
+    family_of,
     init_adapters,
     merge_adapters,
     parse_targets,
@@ -173,7 +174,7 @@ class Trainer:
             self.model = CLLMModel(cfg.model_config(len(self.tokenizer)), cfg.seed)
         else:
             self.model = CLLMModel.from_flat(start.config, start.flat)
-        self.lora = cfg.lora_spec()
+        self.lora = cfg.lora_spec(family_of(self.model.config))
         if self.lora is not None:
             self.adapters = init_adapters(self.model.config, self.lora, cfg.seed)
             self.base = {"base_sha256": content_hash(self.model.flat),
@@ -238,9 +239,6 @@ class Trainer:
             self._take("num_kv_heads", mcfg.num_kv_heads, given, source)
             self._take("rope_theta", mcfg.rope_theta, given, source)
             self._take("tie_embeddings", mcfg.tie_embeddings, given, source)
-            if cfg.lora_rank:
-                raise UsageError("--lora-rank: LoRA adapters are not available for the llama "
-                                 "family yet")
         self._take("tokenizer", tokenizer.kind, given, source)
         cfg.validate(resuming=False)
         return Pretrained(mcfg, flat, tokenizer)

@@ -58,13 +58,14 @@ cdef struct DecodeCache:
     ModelConfig c
     const float* params
     int n               # positions cached (< T to take another)
-    float* qkv          # (L, T, W) every layer's qkv rows of the positions so far (Llama:
-                        # q and k turned by their positions)
+    # (L, T, W) every layer's qkv rows of the positions so far (Llama: q and k turned by
+    # their positions)
+    float* qkv
     float* x            # (C,) the residual stream of the new position
     float* mid          # (C,) the stream between a block's two residual adds
     float* atty         # (C,)
-    float* fch          # (FW,) gelu(c_fc(ln_2(mid))); Llama: gate, up, then silu(gate) * up
-                        # in the first F
+    # (FW,) gelu(c_fc(ln_2(mid))); Llama: gate, up, then silu(gate) * up in the first F
+    float* fch
     float* logits       # (V,)
     # prefill: up to T positions at once
     float* px           # (T, C)

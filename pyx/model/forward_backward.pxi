@@ -44,7 +44,7 @@ cdef void adapted_residual_forward(LayerActs* a, float* out, const float* res, c
     # with an adapter, added onto the residual stream
     cdef size_t i, size = <size_t>N * OC
     linear_forward(a.bf16, out, inp, weight, bias, N, C, OC)
-    lora_forward(a.lora, c, out, site_h(a, site, N), a.lora_x, inp, N, d, l, site)
+    lora_forward(a.lora, c, out, OC, site_h(a, site, N), a.lora_x, inp, N, d, l, site)
     if dropout_on(d):
         dropout_apply(out, out, size, d, dropout_key(d, l, drop_site), 0)
     for i in range(size):
@@ -61,7 +61,8 @@ cdef void block_forward(LayerActs* a, const float* res, const LayerParams* p, in
     layernorm_forward(a.ln, a.ln1_mean, a.ln1_rstd, res, p.ln1w, p.ln1b, N, C)
     linear_forward(a.bf16, a.qkv, a.ln, p.qkvw, p.qkvb, N, C, 3 * C)
     if lora_on(a.lora, LORA_QKV):
-        lora_forward(a.lora, c, a.qkv, site_h(a, LORA_QKV, N), a.lora_x, a.ln, N, d, l, LORA_QKV)
+        lora_forward(a.lora, c, a.qkv, 3 * C, site_h(a, LORA_QKV, N), a.lora_x, a.ln, N, d, l,
+                     LORA_QKV)
     attention_forward(a.bf16, a.atty, a.att_max, a.att_scale, a.att_probs, a.qkv, B, n, C, c.NH,
                       c.NH, d, l)
     if lora_on(a.lora, LORA_ATTPROJ):
@@ -76,7 +77,8 @@ cdef void block_forward(LayerActs* a, const float* res, const LayerParams* p, in
     layernorm_forward(a.ln, a.ln2_mean, a.ln2_rstd, a.residual2, p.ln2w, p.ln2b, N, C)
     linear_forward(a.bf16, a.fch, a.ln, p.fcw, p.fcb, N, C, F)
     if lora_on(a.lora, LORA_FC):
-        lora_forward(a.lora, c, a.fch, site_h(a, LORA_FC, N), a.lora_x, a.ln, N, d, l, LORA_FC)
+        lora_forward(a.lora, c, a.fch, F, site_h(a, LORA_FC, N), a.lora_x, a.ln, N, d, l,
+                     LORA_FC)
     gelu_forward(a.fch_gelu, a.fch, <size_t>N * F)
     if lora_on(a.lora, LORA_FCPROJ):
         adapted_residual_forward(a, a.residual3, a.residual2, a.fch_gelu, p.fcprojw, p.fcprojb,
@@ -89,11 +91,12 @@ cdef void block_forward(LayerActs* a, const float* res, const LayerParams* p, in
 
 
 cdef inline void site_backward(const LayerActs* la, const ModelConfig* c, float* lora_grads,
-                               float* dx, const float* dy, const float* x, int N,
+                               float* dx, const float* dy, int ldy, const float* x, int N,
                                const Dropout* d, int l, int site) noexcept nogil:
-    # the adapter of `site` (if it has one): its gradients into lora_grads, its part of d(x)
+    # the adapter of `site` (if it has one): its gradients into lora_grads, its part of d(x);
+    # dy: the gradient of the site's output columns, rows ldy apart
     if lora_on(la.lora, site):
-        lora_backward(la.lora, c, lora_grads, dx, dy, site_h(la, site, N), la.lora_dh,
+        lora_backward(la.lora, c, lora_grads, dx, dy, ldy, site_h(la, site, N), la.lora_dh,
                       la.lora_x, x, N, d, l, site)
 
 
@@ -114,13 +117,13 @@ cdef void block_backward(Activations* a, const LayerActs* la, const float* res, 
     gelu_forward(la.fch_gelu, la.fch, <size_t>N * F)
     clear(a.dwide, <size_t>N * F)
     linear_backward(a.bf16, a.dwide, g.fcprojw, g.fcprojb, a.dresidual, la.fch_gelu, p.fcprojw, N, F, C)
-    site_backward(la, c, lora_grads, a.dwide, a.dresidual, la.fch_gelu, N, d, l, LORA_FCPROJ)
+    site_backward(la, c, lora_grads, a.dwide, a.dresidual, C, la.fch_gelu, N, d, l, LORA_FCPROJ)
     clear(a.dfch, <size_t>N * F)
     gelu_backward(a.dfch, la.fch, a.dwide, <size_t>N * F)
     layernorm_apply(la.ln, la.residual2, la.ln2_mean, la.ln2_rstd, p.ln2w, p.ln2b, N, C)
     clear(a.dnarrow, NC)
     linear_backward(a.bf16, a.dnarrow, g.fcw, g.fcb, a.dfch, la.ln, p.fcw, N, C, F)
-    site_backward(la, c, lora_grads, a.dnarrow, a.dfch, la.ln, N, d, l, LORA_FC)
+    site_backward(la, c, lora_grads, a.dnarrow, a.dfch, F, la.ln, N, d, l, LORA_FC)
     layernorm_backward(a.dresidual_mid, g.ln2w, g.ln2b, a.dnarrow, la.residual2, p.ln2w,
                        la.ln2_mean, la.ln2_rstd, N, C)
     # residual2 = res + dropout(c_proj(attention(c_attn(ln_1(res)))))
@@ -132,14 +135,15 @@ cdef void block_backward(Activations* a, const LayerActs* la, const float* res, 
     clear(a.dnarrow, NC)
     linear_backward(a.bf16, a.dnarrow, g.attprojw, g.attprojb, a.dresidual_mid, la.atty, p.attprojw,
                     N, C, C)
-    site_backward(la, c, lora_grads, a.dnarrow, a.dresidual_mid, la.atty, N, d, l, LORA_ATTPROJ)
+    site_backward(la, c, lora_grads, a.dnarrow, a.dresidual_mid, C, la.atty, N, d, l,
+                  LORA_ATTPROJ)
     clear(a.dwide, NC * 3)
     attention_backward(a.bf16, a.dwide, la.att_probs, la.att_dprobs, a.dnarrow, la.qkv, la.att_max,
                        la.att_scale, B, n, C, c.NH, c.NH, d, l)
     layernorm_apply(la.ln, res, la.ln1_mean, la.ln1_rstd, p.ln1w, p.ln1b, N, C)
     clear(a.dnarrow, NC)
     linear_backward(a.bf16, a.dnarrow, g.qkvw, g.qkvb, a.dwide, la.ln, p.qkvw, N, C, 3 * C)
-    site_backward(la, c, lora_grads, a.dnarrow, a.dwide, la.ln, N, d, l, LORA_QKV)
+    site_backward(la, c, lora_grads, a.dnarrow, a.dwide, 3 * C, la.ln, N, d, l, LORA_QKV)
     layernorm_backward(a.dresidual, g.ln1w, g.ln1b, a.dnarrow, res, p.ln1w, la.ln1_mean,
                        la.ln1_rstd, N, C)
 
@@ -279,7 +283,7 @@ cdef void model_backward(float* grads, Activations* a, float* params, const Mode
             res = la.residual3                 # the block's input: the previous output
         layer_acts(&la, a, c, l)
         if c.family == FAMILY_LLAMA:
-            llama_block_backward(a, &la, res, &lp, &lg, c, d, l)
+            llama_block_backward(a, &la, res, &lp, &lg, lora_grads, c, d, l)
         else:
             block_backward(a, &la, res, &lp, &lg, lora_grads, c, d, l)
         tock(timers, PROFILE_BLOCK_BACKWARD, &t)

@@ -30,13 +30,13 @@ cdef int trained_tensor(const ModelConfig* c, const Lora* lo, int index, size_t*
         offset[0] = tensor_offset(c, row, layer)
         size[0] = row_floats(c, row)
         return table_row(c, row).cols != DIM_NONE
-    for s in range(LORA_SITES):
+    for s in range(lora_sites(c)):
         per_layer += 2 * lora_on(lo, s)
     if index >= c.L * per_layer:
         return -1
     layer = index // per_layer
     k = index % per_layer
-    for s in range(LORA_SITES):
+    for s in range(lora_sites(c)):
         if not lora_on(lo, s):
             continue
         if k < 2:
