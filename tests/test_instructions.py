@@ -319,3 +319,25 @@ def test_messages_need_the_chat_extra(tmp_path):
                           text=True)
     assert_one_error_line(done.returncode, done.stderr, "train_model", "jinja2",
                           "cllm[chat]")
+
+
+def test_export_carries_the_runs_chat_template(tmp_path, chat_file, capsys):
+    """transformers reads the exported tokenizer_config.json's chat_template and renders a
+    conversation as the run does."""
+    from transformers import AutoTokenizer
+
+    from cllm_cli.cli.export import main as export_main
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}[assistant]{% endif %}", encoding="utf-8")
+    run = tmp_path / "run"
+    code, _, err = call(capsys, train_main, chat_file, "--checkpoint-dir", run, *SMALL,
+                        "--max-steps", "1", "--chat-template", template)
+    assert code == 0, err
+    code, _, err = call(capsys, export_main, run, tmp_path / "hf")
+    assert code == 0, err
+    messages = [{"role": "user", "content": "reverse a b ="}]
+    hf = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ours = ChatTemplate.of(run / "chat_template.jinja")
+    assert hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        ours.render(messages, add_generation_prompt=True) == "[user] reverse a b =\n[assistant]"
