@@ -221,7 +221,7 @@ class Instructions:
                     continue
                 ids, trained = ids[over:], trained[over:]
                 cut += 1
-            row = np.full(2 * width, IGNORE_TARGET, dtype=np.int32)
+            row: NDArray[np.int32] = np.full(2 * width, IGNORE_TARGET, dtype=np.int32)
             row[:width] = tokenizer.eos_id
             row[:len(ids)] = ids
             labels = np.where(trained, ids, IGNORE_TARGET)

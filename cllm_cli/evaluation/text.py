@@ -23,13 +23,17 @@ from numpy.typing import NDArray
 
 from cllm_cli._engine import Engine
 from cllm_cli.api import CLLMModel
-from cllm_cli.corpus import dataset_header, eval_windows, load_dataset, split_stream, stream_key
 from cllm_cli.corpus import (
     INSTRUCTIONS_FILE,
     Instructions,
+    dataset_header,
+    eval_windows,
+    load_dataset,
     load_instructions,
     read_records,
     split_records,
+    split_stream,
+    stream_key,
 )
 from cllm_cli.corpus.files import read_text
 from cllm_cli.corpus.instructions import no_records_error, template_tokens

@@ -33,18 +33,19 @@ from numpy.typing import NDArray
 from cllm_cli.api import CLLMModel
 from cllm_cli.corpus import (
     collect_files,
-    is_instruction_data,
-    prepare_instructions,
-    split_records,
     epoch_order,
     eval_windows,
     gather_windows,
+    is_instruction_data,
     num_windows,
     prepare_dataset,
+    prepare_instructions,
+    split_records,
     split_stream,
     spread_windows,
 )
 from cllm_cli.errors import CheckpointError, ConversionError, DataError, TrainingError, UsageError
+from cllm_cli.fileio import atomic_file
 from cllm_cli.formats import (
     check_vocabulary,
     checkpoint_path,
@@ -66,7 +67,6 @@ from cllm_cli.model import (
     parse_targets,
     shorten_positions,
 )
-from cllm_cli.fileio import atomic_file
 from cllm_cli.tokenizers import BPETokenizer, Tokenizer, tokenizer_class
 from cllm_cli.tokenizers.chat_template import DEFAULT_TEMPLATE, TEMPLATE_FILE, ChatTemplate
 from cllm_cli.training.config import TrainConfig
