@@ -49,6 +49,7 @@ from typing import Any, Callable, Iterable, List, Sequence, Tuple
 import numpy as np
 from numpy.typing import NDArray
 
+from cllm_cli._engine import IGNORE_TARGET
 from cllm_cli.errors import DataError, UsageError
 from cllm_cli.fileio import atomic_file, open_regular, reason
 from cllm_cli.jsonfile import JSONError, loads
@@ -57,7 +58,6 @@ from cllm_cli.tokenizers.chat_template import ChatTemplate, ChatTemplateError
 
 SUFFIX = ".jsonl"
 INSTRUCTIONS_FILE = "instructions.npy"
-IGNORE_TARGET = -1
 ROLES = ("system", "user", "assistant")
 
 ALPACA_PROMPT = (
