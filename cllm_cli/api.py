@@ -55,7 +55,9 @@ class CLLMModel:
     def num_params(self) -> int:
         return self.flat.size
 
-    def _tokens(self, array: ArrayLike, name: str) -> NDArray[np.int32]:
+    def _tokens(self, array: ArrayLike, name: str, labels: bool = False) -> NDArray[np.int32]:
+        """`array` as int32 [B, n] ids (with `labels`, a negative value is allowed too: a
+        target that is not counted)."""
         a = np.asarray(array)
         if a.ndim == 1:
             a = a[None, :]
@@ -63,7 +65,7 @@ class CLLMModel:
             raise ValueError(f"{name} must have shape [B, n] with n >= 1")
         if a.shape[1] > self.config.seq_len:
             raise ValueError(f"{name}: sequence length {a.shape[1]} exceeds seq_len {self.config.seq_len}")
-        if a.size and (a.min() < 0 or a.max() >= self.config.vocab_size):
+        if a.size and ((a.min() < 0 and not labels) or a.max() >= self.config.vocab_size):
             raise ValueError(f"{name} hold ids outside [0, {self.config.vocab_size})")
         return np.ascontiguousarray(a, dtype=np.int32)
 
@@ -72,10 +74,11 @@ class CLLMModel:
         """Mean loss over the counted targets and its gradient for every parameter.
 
         pad_id: the id whose targets are left out (the tokenizer's pad_id; -1 or None: every
-        target counts; no id is assumed to be a pad, GPT-2's id 0 is "!").
+        target counts; no id is assumed to be a pad, GPT-2's id 0 is "!"). A negative target
+        is never counted (as PyTorch's ignore_index).
         Returns (loss, {name: gradient}); with no counted target the loss is 0 and so are the
         gradients."""
-        input_ids, target_ids = self._tokens(inputs, "inputs"), self._tokens(targets, "targets")
+        input_ids, target_ids = self._tokens(inputs, "inputs"), self._tokens(targets, "targets", labels=True)
         if input_ids.shape != target_ids.shape:
             raise ValueError("inputs and targets must have the same shape")
         grads = np.empty_like(self.flat)     # the engine writes every element

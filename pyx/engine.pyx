@@ -337,6 +337,17 @@ def _check_tokens(const int[:, ::1] tokens, int V, str what):
             raise ValueError(f"{what} hold ids outside [0, {V})")
 
 
+def _check_labels(const int[:, ::1] labels, int V):
+    # targets: ids, or any negative value for a target that does not count
+    if labels.shape[0] and labels.shape[1] and np.asarray(labels).max() >= V:
+        raise ValueError(f"labels hold ids outside [0, {V}) (negative: not counted)")
+
+
+# the label of a target that is not counted (the engine skips every negative one), as
+# PyTorch's ignore_index -100 and transformers' labels
+IGNORE_TARGET = -1
+
+
 DROPOUT_SITES = ("embedding", "attention", "attn_proj", "mlp_proj")   # site numbers 0..3
 
 

@@ -18,6 +18,10 @@ Choices written down here:
   text: the loss in bits per token, spread over the bytes the tokens stand for. For files the
   bytes are the UTF-8 bytes read; for a split of a run they are the corpus's bytes per token,
   as train_model reports it. It compares models whatever their tokenizer.
+- .jsonl DATA are records (train_model's instruction data): each one window, the loss on
+  the answers' tokens only, the messages rendered with the run's chat template; `--split`
+  of an instruction run evaluates its held-out (or training) records, so it reproduces
+  train_model's validation loss too. Bits per byte are not reported for records.
 - The batch size and micro-batch (how the loss is grouped) are the checkpoint's training
   settings; --threads only changes speed.
 - The matrix products run in the precision the model was trained in (--precision to choose),
@@ -45,7 +49,7 @@ from cllm_cli.cli.common import (
     threads_option,
     warn_threads,
 )
-from cllm_cli.corpus import collect_files
+from cllm_cli.corpus import collect_files, is_instruction_data
 from cllm_cli.corpus.files import ENCODING_ERRORS
 from cllm_cli.errors import UsageError
 from cllm_cli.evaluation import (
@@ -53,7 +57,9 @@ from cllm_cli.evaluation import (
     TextLoss,
     evaluate_stream,
     evaluate_task,
+    evaluate_windows,
     read_items,
+    records_of_run,
     split_of_run,
     text_stream,
 )
@@ -160,6 +166,9 @@ def run(args: argparse.Namespace, out: TextIO) -> None:
                          else "nothing to evaluate: give DATA files or --split val")
     model, tokenizer, _ = load_model(args.checkpoint, args.vocab)
     config = (model.meta or {}).get("train_config") or {}
+    files = collect_files(args.data, args.glob) if args.data else []
+    if (model.meta or {}).get("records") and args.split or is_instruction_data(files):
+        return run_records(args, out, model, tokenizer, files, config)
     if args.split:
         if not model.meta:
             raise UsageError(f"--split evaluates a training run's own split, and "
@@ -168,7 +177,6 @@ def run(args: argparse.Namespace, out: TextIO) -> None:
                                                tokenizer, args.split)
         what, n_files = f"{args.split} split", None
     else:
-        files = collect_files(args.data, args.glob)
         stream, size = text_stream(tokenizer, files, args.encoding_errors)
         bytes_per_token = size / len(stream)
         what, n_files = f"{len(files)} {plural(len(files), 'file')}", len(files)
@@ -188,6 +196,31 @@ def run(args: argparse.Namespace, out: TextIO) -> None:
         bpb = 'n/a' if result.bpb is None else f'{result.bpb:.4f}'
         out.write(f"{what:<14} {result.tokens:>10,} {n_windows:>8,} {fmt_loss(result.loss):>8} "
                   f"{result.ppl:>10.2f} {bpb:>9}\n")
+    out.flush()
+
+
+def run_records(args: argparse.Namespace, out: TextIO, model: Any, tokenizer: Any,
+                files: Sequence[Any], config: Mapping[str, Any]) -> None:
+    """The masked loss of records: .jsonl DATA, or an instruction run's --split."""
+    windows = records_of_run(resolve_checkpoint(args.checkpoint) if args.split
+                             else args.checkpoint, model, tokenizer, args.split, files)
+    products = args.precision or config.get("precision", "fp32")
+    precision.require(products)
+    loss_sum, counted, n_windows = evaluate_windows(
+        model, windows, args.threads or default_threads(), int(config.get("batch_size", 32)),
+        int(config.get("micro_batch", 4)), tokenizer.pad_id, products, labelled=True)
+    what = (f"{args.split} split" if args.split
+            else f"{len(files)} {plural(len(files), 'file')}")
+    tokens = int((windows[:, windows.shape[1] // 2:] >= 0).sum())
+    result = TextLoss.of(what, None if args.split else len(files), tokens, loss_sum, counted,
+                         n_windows, None)
+    if args.json:
+        write_json(out, {**dataclasses.asdict(result), "records": n_windows})
+    else:
+        out.write(f"{'evaluated':<14} {'records':>8} {'answer tokens':>14} {'loss':>8} "
+                  f"{'ppl':>10}\n")
+        out.write(f"{what:<14} {n_windows:>8,} {counted:>14,} {fmt_loss(result.loss):>8} "
+                  f"{result.ppl:>10.2f}\n")
     out.flush()
 
 

@@ -168,7 +168,8 @@ def run(args: argparse.Namespace) -> None:
         if _inside(source, args.out):
             raise UsageError(f"{args.out} holds {source}: choose another OUT")
     if args.format == "hf":
-        stale = export_pretrained(cfg, flat, tokenizer, args.out, force=args.force)
+        stale = export_pretrained(cfg, flat, tokenizer, args.out, force=args.force,
+                                  chat_template=files.meta.get("chat_template"))
         if stale:
             named = ", ".join(f"{path.name} ({done}, pid {pid})" for path, pid, done in stale)
             print(f"{PROG}: cleaned up {len(stale)} temporary director"

@@ -60,11 +60,13 @@ def eval_windows(tokens: np.ndarray, T: int) -> NDArray[np.int32]:
     return gather_windows(tokens, np.arange(num_windows(n, T)), T)
 
 
-def spread_windows(windows: NDArray[np.int32], tokens: int) -> NDArray[np.int32]:
+def spread_windows(windows: NDArray[np.int32], tokens: int,
+                   per_window: int | None = None) -> NDArray[np.int32]:
     """The validation windows an evaluation of about `tokens` tokens uses: that many windows'
     worth, evenly spread over the split (fixed, so every evaluation sees the same ones); all
-    of them for 0 or more tokens than the split holds."""
-    per_window = max(1, windows.shape[1] - 1)
+    of them for 0 or more tokens than the split holds. per_window: the tokens a window
+    stands for (None: its length - 1; labelled windows say T)."""
+    per_window = max(1, windows.shape[1] - 1 if per_window is None else per_window)
     wanted = -(-tokens // per_window)
     if tokens == 0 or wanted >= len(windows):
         return windows

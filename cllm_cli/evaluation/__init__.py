@@ -16,9 +16,17 @@ from cllm_cli.evaluation.tasks import (
     read_items,
     task_named,
 )
-from cllm_cli.evaluation.text import TextLoss, evaluate_stream, split_of_run, text_stream
+from cllm_cli.evaluation.text import (
+    TextLoss,
+    evaluate_stream,
+    evaluate_windows,
+    records_of_run,
+    split_of_run,
+    text_stream,
+)
 
 __all__ = ["TASKS", "Figure", "HellaSwag", "HellaSwagItem", "Lambada", "LambadaItem", "Scorer",
            "Task", "TaskResult", "TextLoss", "encode_pair", "evaluate_stream", "evaluate_task",
+           "evaluate_windows", "records_of_run",
            "mean_stderr", "read_hellaswag", "read_items", "read_lambada", "split_of_run",
            "task_named", "text_stream"]

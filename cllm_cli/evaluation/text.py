@@ -6,7 +6,9 @@
 
     text_stream      files -> (token stream, bytes read)
     split_of_run     a checkpoint's run -> (its val or train split, the corpus's bytes per token)
+    records_of_run   an instruction run's split, or .jsonl files -> labelled windows
     evaluate_stream  a token stream -> (summed loss, counted targets, windows)
+    evaluate_windows windows (or labelled windows) -> the same
     TextLoss         the figures cllm_eval reports: loss, perplexity, bits per byte
 """
 from __future__ import annotations
@@ -21,11 +23,24 @@ from numpy.typing import NDArray
 
 from cllm_cli._engine import Engine
 from cllm_cli.api import CLLMModel
-from cllm_cli.corpus import dataset_header, eval_windows, load_dataset, split_stream, stream_key
+from cllm_cli.corpus import (
+    INSTRUCTIONS_FILE,
+    Instructions,
+    dataset_header,
+    eval_windows,
+    load_dataset,
+    load_instructions,
+    read_records,
+    split_records,
+    split_stream,
+    stream_key,
+)
 from cllm_cli.corpus.files import read_text
+from cllm_cli.corpus.instructions import no_records_error, template_tokens
 from cllm_cli.errors import DataError, UsageError
 from cllm_cli.progress import ItemProgress, perplexity, plural
 from cllm_cli.tokenizers import Tokenizer
+from cllm_cli.tokenizers.chat_template import ChatTemplate
 
 
 def text_stream(tokenizer: Tokenizer, files: Sequence[str | os.PathLike],
@@ -66,6 +81,44 @@ def split_of_run(checkpoint_path: str | os.PathLike, model: CLLMModel, tokenizer
     return part, bytes_per_token
 
 
+def records_of_run(checkpoint_path: str | os.PathLike, model: CLLMModel, tokenizer: Tokenizer,
+                   split: str | None, files: Sequence[str | os.PathLike] = ()
+                   ) -> NDArray[np.int32]:
+    """Labelled windows: of the run's `split` (val or train, from the instructions.npy next
+    to the checkpoint, cut as train_model cuts it), or, with split None, of the records in
+    `files`, rendered with the run's chat template (a transformers directory's own, else the
+    default) and cut to the model's seq_len."""
+    meta = model.meta or {}
+    if split is not None:
+        path = os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), INSTRUCTIONS_FILE)
+        if not os.path.isfile(path):
+            raise UsageError(f"--split: no {INSTRUCTIONS_FILE} next to {checkpoint_path}")
+        config = meta.get("train_config") or {}
+        train_part, val_part = split_records(load_instructions(path),
+                                             config.get("val_fraction", 0.05))
+        if train_part.shape[1] != 2 * (model.config.seq_len + 1):
+            raise UsageError(f"--split: {path} does not hold {checkpoint_path}'s windows")
+        return np.ascontiguousarray(val_part if split == "val" else train_part)
+    source = meta.get("chat_template")
+    if source is None and os.path.isdir(checkpoint_path):
+        found = ChatTemplate.find(checkpoint_path)
+        source = found[0] if found else None
+    bos, eos = template_tokens(tokenizer)
+    chosen: list[ChatTemplate] = []
+
+    def template() -> ChatTemplate:
+        if not chosen:
+            chosen.append(ChatTemplate(source, bos, eos) if source
+                          else ChatTemplate.default(bos, eos))
+        return chosen[0]
+
+    records, _ = read_records(files, template)
+    instructions = Instructions.build(records, tokenizer, model.config.seq_len)
+    if len(instructions.windows) == 0:
+        raise no_records_error(files, instructions)
+    return instructions.windows
+
+
 def evaluate_stream(model: CLLMModel, stream: np.ndarray, threads: int, batch_size: int,
                     micro_batch: int, pad_id: int, precision: str = "fp32") -> tuple[float, int, int]:
     """(summed loss, counted targets, windows) of the validation windows of `stream`. The
@@ -76,9 +129,17 @@ def evaluate_stream(model: CLLMModel, stream: np.ndarray, threads: int, batch_si
     if len(windows) == 0:
         raise DataError(f"too little text: {len(stream)} {plural(len(stream), 'token')}, need "
                         f"at least 2")
+    return evaluate_windows(model, windows, threads, batch_size, micro_batch, pad_id, precision)
+
+
+def evaluate_windows(model: CLLMModel, windows: NDArray[np.int32], threads: int,
+                     batch_size: int, micro_batch: int, pad_id: int, precision: str = "fp32",
+                     labelled: bool = False) -> tuple[float, int, int]:
+    """(summed loss, counted targets, windows) of `windows` (labelled: the engine's labelled
+    windows of records, ids then labels), as evaluate_stream sums them."""
     loss_sum, counted = 0.0, 0
     with Engine(model.config, model.flat, threads, min(micro_batch, batch_size),
-                        batch_size, pad_id=pad_id, precision=precision) as engine, \
+                batch_size, pad_id=pad_id, precision=precision, labelled=labelled) as engine, \
             ItemProgress("evaluating", len(windows), unit="window") as progress:
         for start in range(0, len(windows), engine.max_windows):
             part = windows[start:start + engine.max_windows]

@@ -109,8 +109,10 @@ def _json_bytes(obj: object) -> bytes:
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def tokenizer_files(tokenizer: Tokenizer, model_max_length: int) -> dict[str, bytes]:
-    """{file name: bytes}: tokenizer.json, tokenizer_config.json, special_tokens_map.json."""
+def tokenizer_files(tokenizer: Tokenizer, model_max_length: int,
+                    chat_template: str | None = None) -> dict[str, bytes]:
+    """{file name: bytes}: tokenizer.json, tokenizer_config.json (with the run's
+    chat_template, when it has one), special_tokens_map.json."""
     tokenizer_json = tokenizer.tokenizer_json()
     specials = {f"{key}_token": tokenizer.id_to_token(i)
                 for key, i in _special_ids(tokenizer).items() if i >= 0}
@@ -121,15 +123,18 @@ def tokenizer_files(tokenizer: Tokenizer, model_max_length: int) -> dict[str, by
         "add_bos_token": False,
         "add_eos_token": False,
         **specials,
+        **({"chat_template": chat_template} if chat_template else {}),
     }
     return {"tokenizer.json": tokenizer_json,
             "tokenizer_config.json": _json_bytes(config),
             "special_tokens_map.json": _json_bytes(specials)}
 
 
-def hf_files(cfg: CLLMConfig, flat: NDArray[np.float32], tokenizer: Tokenizer) -> dict[str, FileContent]:
+def hf_files(cfg: CLLMConfig, flat: NDArray[np.float32], tokenizer: Tokenizer,
+             chat_template: str | None = None) -> dict[str, FileContent]:
     """{file name: bytes, or a function writing the file to an open file} of the
-    transformers directory of a model."""
+    transformers directory of a model; chat_template: the run's, written into
+    tokenizer_config.json."""
     if len(tokenizer) > cfg.vocab_size:
         raise ConversionError(f"the tokenizer has {len(tokenizer)} tokens but the model only "
                               f"{cfg.vocab_size}")
@@ -139,7 +144,7 @@ def hf_files(cfg: CLLMConfig, flat: NDArray[np.float32], tokenizer: Tokenizer) -
         "model.safetensors": lambda f: write_safetensors(f, to_hf_state(cfg, flat),
                                                          {"format": "pt"}),
     }
-    files.update(tokenizer_files(tokenizer, cfg.seq_len))
+    files.update(tokenizer_files(tokenizer, cfg.seq_len, chat_template))
     return files
 
 
@@ -306,8 +311,10 @@ def write_directory(outdir: str | os.PathLike, files: Mapping[str, FileContent],
 
 
 def export_pretrained(cfg: CLLMConfig, flat: NDArray[np.float32], tokenizer: Tokenizer,
-                      outdir: str | os.PathLike, force: bool = False) -> list[tuple[Path, int, str]]:
-    """Writes the transformers directory of a model (see the module docstring); returns
-    the leftovers of killed exports it cleaned up (remove_stale)."""
-    return write_directory(outdir, hf_files(cfg, flat, tokenizer), force)
+                      outdir: str | os.PathLike, force: bool = False,
+                      chat_template: str | None = None) -> list[tuple[Path, int, str]]:
+    """Writes the transformers directory of a model (see the module docstring), with the
+    run's chat_template in tokenizer_config.json when given; returns the leftovers of killed
+    exports it cleaned up (remove_stale)."""
+    return write_directory(outdir, hf_files(cfg, flat, tokenizer, chat_template), force)
 

@@ -187,6 +187,15 @@ class Tokenizer:
         """encode(text) followed by <eos>."""
         return np.append(self.encode(text), np.int64(EOS))
 
+    def encode_marked(self, text: str) -> NDArray[np.int64]:
+        """Ids of `text` in which the tokenizer's special tokens written out (a chat
+        template writes them so: "<eos>") stand for their ids; encode() reads them as text.
+        Here the names of SPECIALS; bpe: its special (added) tokens."""
+        parts = re.split("(" + "|".join(map(re.escape, SPECIALS)) + ")", text)
+        ids = [np.array([SPECIALS.index(part)], dtype=np.int64) if i % 2 else self.encode(part)
+               for i, part in enumerate(parts) if part]
+        return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+
     def decode(self, ids: ArrayLike) -> str:
         """Ids -> readable text; ValueError for an id outside the vocabulary."""
         raise NotImplementedError

@@ -272,6 +272,15 @@ class BPETokenizer(Tokenizer):
         """encode(text) followed by the end-of-text id."""
         return np.append(self.encode(text), np.int64(self.eos_id))
 
+    def encode_marked(self, text: str) -> NDArray[np.int64]:
+        """Ids of `text` with the tokenizer's added tokens written in it (a chat model's
+        <|im_start|>) read as their ids, as transformers' tokenizer reads them."""
+        marked = getattr(self, "_marked", None)
+        if marked is None:
+            marked = self._marked = tokenizers.Tokenizer.from_str(self._json.decode("utf-8"))
+        text = replace_undecodable(text)[0]
+        return np.asarray(marked.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
     def unknown_pieces(self, text: str) -> list[str]:
         """The pieces of `text` read as <unk>, in order (byte-level: none)."""
         if self.unk_id < 0:

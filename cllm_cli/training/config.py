@@ -73,7 +73,13 @@ class TrainConfig:
     glob: str = option("*.txt", "data", "file pattern inside directories", fixed=True)
     encoding_errors: str = option("strict", "data", "refuse non-UTF-8 or binary files, or replace "
                                   "bad bytes with U+FFFD", choices=ENCODING_ERRORS, fixed=True)
-    val_fraction: float = option(0.05, "data", "share of the token stream held out for validation", fixed=True)
+    chat_template: str = option("", "data", "Jinja chat template (a .jinja file, or a "
+                                "tokenizer_config.json) that renders the {\"messages\": ...} "
+                                "records of .jsonl DATA (default: the --init-from model's "
+                                "chat_template, else ChatML); stored with the run",
+                                fixed=True, metavar="FILE")
+    val_fraction: float = option(0.05, "data", "share of the token stream (of .jsonl DATA: of "
+                                 "the records, whole) held out for validation", fixed=True)
     # model
     init_from: str = option("", "model", "start from a Hugging Face GPT-2-family directory "
                             "(config.json, model.safetensors, tokenizer.json or vocab.json + "

@@ -25,14 +25,16 @@ class EngineSettings:
     dropout: float
     seed: int
     precision: str
+    labelled: bool = False        # windows carry labels (instruction data)
 
     @classmethod
-    def of_run(cls, cfg: TrainConfig, pad_id: int) -> EngineSettings:
+    def of_run(cls, cfg: TrainConfig, pad_id: int, labelled: bool = False) -> EngineSettings:
         """The settings of a run whose options set-up has resolved (`cfg`), whose tokenizer's
-        padding id is `pad_id`."""
+        padding id is `pad_id`; labelled: its windows carry labels (records of .jsonl files)."""
         return cls(micro_batch=cfg.micro_batch, batch_size=cfg.batch_size,
                    lock_mode=cfg.lock_mode, debug_locks=cfg.debug_locks, pad_id=pad_id,
-                   dropout=cfg.dropout, seed=cfg.seed, precision=cfg.precision)
+                   dropout=cfg.dropout, seed=cfg.seed, precision=cfg.precision,
+                   labelled=labelled)
 
     def engine(self, trainer: Any, threads: int, engine_class: type = Engine) -> Any:
         """The run's Engine (an engine_class) of `threads` spheres over the trainer's model
@@ -40,4 +42,5 @@ class EngineSettings:
         return engine_class(trainer.mcfg, trainer.model.flat, threads, self.micro_batch,
                             self.batch_size, self.lock_mode, self.debug_locks, self.pad_id,
                             self.dropout, self.seed, self.precision, adapters=trainer.adapters,
-                            lora=trainer.lora and trainer.lora.engine_args)
+                            lora=trainer.lora and trainer.lora.engine_args,
+                            labelled=self.labelled)

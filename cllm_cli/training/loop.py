@@ -191,7 +191,7 @@ def threaded_train_epoch(trainer, engine, log, stop, run):
             run.last_train_loss = result.loss
         else:
             st.bad_steps += 1
-        tokens = windows.shape[0] * (windows.shape[1] - 1)
+        tokens = windows.shape[0] * trainer.mcfg.seq_len
         run.tokens_seen += tokens
         tps = tokens / (time.perf_counter() - t0)
         log.record(step=st.step, epoch=st.epoch + 1, loss=result.loss, lr=lr,

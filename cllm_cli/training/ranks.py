@@ -7,6 +7,7 @@ vocabulary and memory-maps dataset.bin from the same checkpoint directory, check
 rank 0's dataset key, vocabulary and model config, and receives the weights and AdamW state
 from rank 0. A rank that sees something else stops every rank (one line naming it).
 """
+import hashlib
 import os
 import socket
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import numpy as np
 
 from cllm_cli._engine import num_parameters
 from cllm_cli.api import CLLMModel
-from cllm_cli.corpus import dataset_header, load_dataset
+from cllm_cli.corpus import INSTRUCTIONS_FILE, dataset_header, load_dataset, load_instructions
 from cllm_cli.distributed import on_all_ranks
 from cllm_cli.errors import AllRanksStop, CheckpointError, DataError
 from cllm_cli.formats import check_vocabulary, checkpoint_path
@@ -87,13 +88,21 @@ class FollowerPlan:
 
 def follower_plan(trainer):
     """The FollowerPlan of rank 0's trainer."""
-    bin_path = os.path.join(trainer.ckpt_dir, "dataset.bin")
     return FollowerPlan(cfg=trainer.cfg, engine_settings=trainer.engine_settings,
                         state=trainer.state, changed=trainer.changed,
                         resumed_from=trainer.resumed_from, data_info=trainer.data_info,
                         model_config=trainer.mcfg, vocab_hash=trainer.tokenizer.vocab_hash,
-                        stream_key=dataset_header(bin_path)["key"],
+                        stream_key=data_key(trainer.ckpt_dir, trainer.instruct),
                         final_model_ok=trainer.final_model_ok())
+
+
+def data_key(ckpt_dir, instruct):
+    """The key of the data every rank trains on: dataset.bin's stream key, or the sha256 of
+    the records' labelled windows."""
+    if instruct:
+        windows = load_instructions(os.path.join(ckpt_dir, INSTRUCTIONS_FILE))
+        return hashlib.sha256(np.ascontiguousarray(windows).tobytes()).hexdigest()
+    return dataset_header(os.path.join(ckpt_dir, "dataset.bin"))["key"]
 
 
 def describe_layout(world, threads):
@@ -116,10 +125,12 @@ class FollowerTrainer(Trainer):
         self._final_model_ok = plan.final_model_ok
         hint = f" (is {self.ckpt_dir} on a filesystem every rank shares?)"
         vocab_path = os.path.join(self.ckpt_dir, tokenizer_class(self.cfg.tokenizer).file_name)
-        bin_path = os.path.join(self.ckpt_dir, "dataset.bin")
+        self.instruct = plan.engine_settings.labelled
+        bin_path = os.path.join(self.ckpt_dir, INSTRUCTIONS_FILE if self.instruct
+                                else "dataset.bin")
         if not os.path.isfile(bin_path) or not os.path.isfile(vocab_path):
             raise DataError(f"{bin_path} or {vocab_path} is missing here{hint}")
-        if dataset_header(bin_path)["key"] != plan.stream_key:
+        if data_key(self.ckpt_dir, self.instruct) != plan.stream_key:
             raise DataError(f"{bin_path} has another dataset key than rank 0's{hint}")
         self.tokenizer = Tokenizer.load(vocab_path, self.cfg.tokenizer)
         try:
@@ -127,7 +138,7 @@ class FollowerTrainer(Trainer):
                              "rank 0's run")
         except CheckpointError as e:
             raise DataError(f"{e}{hint}") from None
-        tokens = load_dataset(bin_path)
+        tokens = load_instructions(bin_path) if self.instruct else load_dataset(bin_path)
         # the options' sizes must be the model's; what only a model file holds (a Llama
         # form's norm epsilon, q/k/v biases) comes with rank 0's config
         config = self.cfg.model_config(len(self.tokenizer))

@@ -127,7 +127,9 @@ def print_header(trainer: Trainer, log: RunLog) -> None:
                 f"from {trainer.ckpt_dir}")
     log.say(f"corpus: {info['files']} {plural(info['files'], 'file')}, {info['bytes'] / 1e6:.2f} MB, "
             f"{info['tokens']:,} {plural(info['tokens'], 'token')}"
-            f" ({'reused' if info['reused'] else 'tokenized'}: {trainer.ckpt_dir}/dataset.bin)")
+            f" ({'reused' if info['reused'] else 'tokenized'}: {trainer.ckpt_dir}/{info.get('file', 'dataset.bin')})")
+    if info.get("records"):
+        log.say(f"records: {info['records']}")
     if info.get("rebuilt_reason"):
         log.warn(f"{trainer.ckpt_dir}/dataset.bin was rebuilt: {info['rebuilt_reason']}")
     log.say(f"vocab: {m.vocab_size:,} {vocabulary_name(cfg, trainer.tokenizer)} tokens | model: "

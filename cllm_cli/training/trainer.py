@@ -7,6 +7,13 @@ change are applied, the others refused), and plans the run: the splits, windows 
 A set-up that fails leaves the directory as it was (RunDirectory.discard). It saves
 checkpoints; the loop (loop.py) only calls it.
 
+DATA of .jsonl files are records (corpus/instructions.py): each is one labelled window, the
+epochs shuffle records as they shuffle windows of text, validation holds out the last
+records, and the engine counts only the answers' targets. The chat template that renders
+their messages (--chat-template, else the --init-from model's, else the default) is kept with
+the run: chat_template.jinja in the checkpoint directory and `chat_template` in every
+checkpoint's metadata, where --resume, cllm_eval and the exports take it from.
+
 With --lora-rank the --init-from model is the frozen base and the adapters are what trains
 (`trained`, with the optimiser state): checkpoints hold the adapters and name the base by
 the sha256 of its parameters and by its path; --resume reads the base from there again.
@@ -29,12 +36,16 @@ from cllm_cli.corpus import (
     epoch_order,
     eval_windows,
     gather_windows,
+    is_instruction_data,
     num_windows,
     prepare_dataset,
+    prepare_instructions,
+    split_records,
     split_stream,
     spread_windows,
 )
 from cllm_cli.errors import CheckpointError, ConversionError, DataError, TrainingError, UsageError
+from cllm_cli.fileio import atomic_file
 from cllm_cli.formats import (
     check_vocabulary,
     checkpoint_path,
@@ -60,6 +71,7 @@ from cllm_cli.model import (
     shorten_positions,
 )
 from cllm_cli.tokenizers import BPETokenizer, Tokenizer, tokenizer_class
+from cllm_cli.tokenizers.chat_template import DEFAULT_TEMPLATE, TEMPLATE_FILE, ChatTemplate
 from cllm_cli.training.config import TrainConfig
 from cllm_cli.training.engine_settings import EngineSettings
 from cllm_cli.training.rundir import RunDirectory, remove_leftovers
@@ -93,6 +105,8 @@ class Trainer:
     adapters: NDArray[np.float32] | None = None    # their flat buffer
     base: dict[str, str] | None = None     # the lora metadata naming the base (base_sha256, base_path)
     init_path: str = ""                    # the local path of --init-from (a Hub name's cache)
+    instruct = False                       # DATA are .jsonl records (labelled windows)
+    chat_template: str | None = None       # the Jinja text the run renders messages with
 
     def __init__(self, data_paths: str | os.PathLike | Iterable[str | os.PathLike], cfg: TrainConfig,
                  given: Iterable[str] = ()) -> None:
@@ -103,6 +117,7 @@ class Trainer:
         self.changed: list[str] = []          # options a resumed run changed: "--name old -> new"
         self.resumed_from: str | os.PathLike | None = None
         files = collect_files(data_paths, cfg.glob, exclude_dir=self.ckpt_dir)
+        self.instruct = is_instruction_data(files)
         self.run_dir = RunDirectory(self.ckpt_dir)
         try:
             self.leftovers = remove_leftovers(self.ckpt_dir)
@@ -111,14 +126,18 @@ class Trainer:
         except BaseException:
             self.run_dir.discard()       # a run that never started leaves the directory as it was
             raise
-        self.engine_settings = EngineSettings.of_run(self.cfg, self.tokenizer.pad_id)
+        self.engine_settings = EngineSettings.of_run(self.cfg, self.tokenizer.pad_id,
+                                                     labelled=self.instruct)
 
     def plan(self, tokens: np.ndarray) -> None:
         """The splits, windows and run length, from the token stream and the settings."""
         cfg = self.cfg
         self.mcfg = self.model.config
-        self.train_tokens, self.val_tokens = split_stream(tokens, cfg.val_fraction)
         T = self.mcfg.seq_len
+        if self.instruct:
+            self.plan_records(tokens)
+            return
+        self.train_tokens, self.val_tokens = split_stream(tokens, cfg.val_fraction)
         self.n_windows = num_windows(len(self.train_tokens), T)
         if self.n_windows == 0:
             raise DataError(f"corpus too short: {len(self.train_tokens)} training tokens, "
@@ -135,6 +154,55 @@ class Trainer:
                                            else cfg.eval_tokens)
         self.val_final = spread_windows(self.val, cfg.final_eval_tokens)
         self._order: tuple[int | None, Any] = (None, None)     # (epoch, its window order)
+
+    def plan_records(self, windows: NDArray[np.int32]) -> None:
+        """plan() for labelled windows, one per record: the last records are held out."""
+        cfg, T = self.cfg, self.mcfg.seq_len
+        self.train_windows, self.val = split_records(windows, cfg.val_fraction)
+        # the ids of each split, for the header's counts (<unk> share)
+        self.train_tokens = self.train_windows[:, :T + 1].reshape(-1)
+        self.val_tokens = self.val[:, :T + 1].reshape(-1)
+        self.n_windows = len(self.train_windows)
+        self.steps_per_epoch = math.ceil(self.n_windows / cfg.batch_size)
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        if self.state.step > self.total_steps:
+            raise UsageError(f"the checkpoint is at step {self.state.step}, past the "
+                             f"{self.total_steps} steps of the run as given (--max-steps, "
+                             f"--epochs); give more steps, or start a new run")
+        every = cfg.eval_interval * cfg.batch_size * T // 4
+        self.val_periodic = spread_windows(self.val, every if cfg.eval_tokens is None
+                                           else cfg.eval_tokens, T)
+        self.val_final = spread_windows(self.val, cfg.final_eval_tokens, T)
+        self._order = (None, None)
+
+    def _prepare(self, files: list[Path], tokenizer: Tokenizer | None) -> np.ndarray:
+        """The data step: text into dataset.bin (a token stream), or records into labelled
+        windows; sets tokenizer and data_info and returns the stream or the windows."""
+        cfg = self.cfg
+        if not self.instruct:
+            self.tokenizer, tokens, self.data_info = prepare_dataset(
+                files, self.ckpt_dir, cfg.tokenizer, cfg.vocab_size, cfg.encoding_errors,
+                tokenizer=tokenizer)
+            return tokens
+        if self.chat_template is None:
+            self.chat_template = self._find_template()
+        self.tokenizer, instructions, self.data_info = prepare_instructions(
+            files, self.ckpt_dir, cfg.tokenizer, cfg.vocab_size, cfg.seq_len,
+            tokenizer=tokenizer, template_text=self.chat_template)
+        with atomic_file(os.path.join(self.ckpt_dir, TEMPLATE_FILE), DataError) as f:
+            f.write(self.chat_template.encode("utf-8"))
+        return instructions.windows
+
+    def _find_template(self) -> str:
+        """The Jinja text of --chat-template, else of the --init-from directory, else the
+        default's."""
+        if self.cfg.chat_template:
+            return ChatTemplate.of(self.cfg.chat_template).source
+        if self.init_path and os.path.isdir(self.init_path):
+            found = ChatTemplate.find(self.init_path)
+            if found is not None:
+                return found[0]
+        return DEFAULT_TEMPLATE
 
     def __enter__(self) -> Trainer:
         return self
@@ -167,9 +235,7 @@ class Trainer:
         elif cfg.tokenizer_file:
             tokenizer = self._tokenizer_file(given)
         self._remove_previous_run(previous)
-        self.tokenizer, tokens, self.data_info = prepare_dataset(
-            files, self.ckpt_dir, cfg.tokenizer, cfg.vocab_size, cfg.encoding_errors,
-            tokenizer=tokenizer)
+        tokens = self._prepare(files, tokenizer)
         if start is None:
             self.model = CLLMModel(cfg.model_config(len(self.tokenizer)), cfg.seed)
         else:
@@ -309,9 +375,9 @@ class Trainer:
         vocab_path = os.path.join(self.ckpt_dir, tokenizer_class(self.cfg.tokenizer).file_name)
         self.tokenizer = Tokenizer.load(vocab_path, self.cfg.tokenizer)
         check_vocabulary(self.tokenizer.vocab_hash, vocab_path, vocab_hash, path)
-        self.tokenizer, tokens, self.data_info = prepare_dataset(
-            files, self.ckpt_dir, self.cfg.tokenizer, self.cfg.vocab_size,
-            self.cfg.encoding_errors, tokenizer=self.tokenizer)
+        if self.instruct:
+            self.chat_template = meta.get("chat_template") or DEFAULT_TEMPLATE
+        tokens = self._prepare(files, self.tokenizer)
         if self.data_info["key"] != dataset_key:
             raise DataError("the corpus differs from the one the checkpoint was trained on; "
                             "resume with the same files or start a new --checkpoint-dir")
@@ -335,6 +401,8 @@ class Trainer:
         if self._order[0] != epoch:
             self._order = (epoch, epoch_order(self.cfg.seed, epoch, self.n_windows))
         ids = self._order[1][index * self.cfg.batch_size:(index + 1) * self.cfg.batch_size]
+        if self.instruct:
+            return np.ascontiguousarray(self.train_windows[ids])
         return gather_windows(self.train_tokens, ids, self.mcfg.seq_len)
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -354,7 +422,9 @@ class Trainer:
                 "corpus_tokens": self.data_info["tokens"],
                 "generator": {"kind": "numpy default_rng([seed, epoch]) permutation",
                               "seed": self.cfg.seed, "epoch": self.state.epoch,
-                              "batch_in_epoch": self.state.batch_in_epoch}}
+                              "batch_in_epoch": self.state.batch_in_epoch},
+                **({"chat_template": self.chat_template, "records": self.data_info["records"]}
+                   if self.instruct else {})}
 
     def save(self, path: str | os.PathLike | None = None, prune: bool = True) -> str | os.PathLike:
         """Writes a checkpoint (atomically) and prunes old step checkpoints; a failure to

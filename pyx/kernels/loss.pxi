@@ -7,7 +7,8 @@ cdef void crossentropy_forward_backward(float* logits, double* total, int* count
                                         bint want_grad) noexcept nogil:
     # logits[rows, V] of rows r0 .. r0+rows-1 of the micro-batch (row r is position r % n of
     # sequence r / n, whose targets are `stride` apart): total += -log softmax[target] and
-    # counted += 1 for each target != pad_id (pad_id -1: all count), row after row. The logits
+    # counted += 1 for each target that is neither negative (IGNORE_TARGET, masked out) nor
+    # pad_id (pad_id -1: every id counts), row after row. The logits
     # are overwritten: with want_grad by d(sum)/dlogits = softmax - onehot (0 on rows that do
     # not count)
     cdef int r, i, tgt
@@ -17,7 +18,7 @@ cdef void crossentropy_forward_backward(float* logits, double* total, int* count
     for r in range(rows):
         row = logits + <size_t>r * V
         tgt = targets[<size_t>((r0 + r) // n) * stride + (r0 + r) % n]
-        if tgt == pad_id:
+        if tgt < 0 or tgt == pad_id:
             if want_grad:
                 memset(row, 0, V * sizeof(float))
             continue

@@ -9,7 +9,8 @@ def loss_and_grads(cfg, const float[::1] params,                # IN
                    int pad_id=0, int block_rows=0, double dropout=0.0,
                    unsigned long long seed=0, long long step=0, long long microbatch=0,
                    str precision="fp32", float[::1] adapters=None, lora=None):
-    """Summed loss over targets != pad_id (-1: every target counts) and its gradient, written
+    """Summed loss over the targets that are neither negative (IGNORE_TARGET) nor pad_id
+    (-1: every id counts) and its gradient, written
     into grads; returns (loss_sum, counted). block_rows: rows per block of the
     classifier and the loss (0: the engine's choice, classifier_block_rows). With dropout > 0
     (or the adapters' dropout) the inputs are one training micro-batch: the masks of (seed,
@@ -35,7 +36,7 @@ def loss_and_grads(cfg, const float[::1] params,                # IN
         raise ValueError("gradient buffer does not match what is trained")
     check_pad_id(pad_id, c.V)
     _check_tokens(inputs, c.V, "inputs")
-    _check_tokens(targets, c.V, "targets")
+    _check_labels(targets, c.V)
     if block_rows < 0:
         raise ValueError("block_rows must be >= 0")
     cdef bint bf16 = check_precision(precision)

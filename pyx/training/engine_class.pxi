@@ -51,11 +51,13 @@ cdef class Engine:
     cdef object work_ref        # keeps the current windows alive while spheres read them
     cdef object layout          # [(name, shape, offset)] of the trained buffer
     cdef readonly int num_spheres, micro_batch, max_windows, pad_id
+    cdef readonly bint labelled
 
     def __init__(self, cfg, float[::1] params, int num_spheres, int micro_batch,
                  int max_windows, str lock_mode="shared", bint debug_locks=False,
                  int pad_id=0, double dropout=0.0, unsigned long long seed=0,
-                 str precision="fp32", float[::1] adapters=None, lora=None):
+                 str precision="fp32", float[::1] adapters=None, lora=None,
+                 bint labelled=False):
         """cfg: the model config (CLLMConfig); params: its flat buffer, updated in place by the
         optimiser; max_windows: the most windows one call hands the spheres; pad_id: targets
         equal to it are not counted (-1: every target counts); dropout: its probability in
@@ -63,7 +65,11 @@ cdef class Engine:
         precision: "fp32", or "bf16" (every matrix product on bf16 inputs; load_bf16 first).
         lora: None, or (rank, targets, alpha, dropout) of `adapters` (adapter_layout): then
         the optimiser updates the adapters, and params stay frozen; gradients, optimiser
-        state and kept rows are the adapters' size (gradient_size)."""
+        state and kept rows are the adapters' size (gradient_size).
+        labelled: every window handed over is 2 (n + 1) ints, n + 1 token ids followed by
+        their labels, as transformers' labels: position k is trained on label k + 1, and a
+        negative label (IGNORE_TARGET) or pad_id is not counted; otherwise a window is n + 1
+        ids and the targets are the ids shifted by one."""
         cdef ModelConfig c = model_config(cfg)
         cdef Lora lo
         cdef Lora* lora_ptr = NULL
@@ -90,11 +96,13 @@ cdef class Engine:
         self.micro_batch = micro_batch
         self.max_windows = max_windows
         self.pad_id = pad_id
+        self.labelled = labelled
         cdef int mode = LOCK_EXCLUSIVE if lock_mode == "exclusive" else LOCK_SHARED
         cdef int max_mb = (max_windows + micro_batch - 1) // micro_batch
         with nogil:
             self.system = threaded_system_create(c, &params[0], num_spheres, micro_batch, max_mb,
-                                                 mode, debug_locks, pad_id, bf16, lora_ptr)
+                                                 mode, debug_locks, pad_id, labelled, bf16,
+                                                 lora_ptr)
         if self.system == NULL:
             raise MemoryError("cannot allocate or start the training spheres")
         self.system.dropout = d
@@ -126,14 +134,16 @@ cdef class Engine:
         # micro-batch) and starts the spheres on them
         cdef ThreadedTrainingSystem* s = self.live()
         cdef int nw = windows.shape[0], stride = windows.shape[1]
+        cdef int width = stride // 2 if s.labelled else stride
         cdef int n_micro = (nw + s.micro_batch - 1) // s.micro_batch
         cdef float[:, :] rows = None
         cdef float* kept_start = NULL
         cdef size_t kept_stride = 0
         if nw < 1 or n_micro > s.max_microbatches:
             raise ValueError(f"cannot run {nw} windows at once")
-        if stride < 2 or stride - 1 > s.cfg.T:
-            raise ValueError(f"windows must hold 2..{s.cfg.T + 1} tokens")
+        if width < 2 or width - 1 > s.cfg.T or (s.labelled and stride % 2):
+            raise ValueError(f"windows must hold 2..{s.cfg.T + 1} tokens"
+                             + (" and as many labels" if s.labelled else ""))
         if first_microbatch < 0:
             raise ValueError("first_microbatch must be >= 0")
         if kept is not None:
@@ -144,7 +154,12 @@ cdef class Engine:
                                  f"({n_micro}, {s.gradient_size}) rows")
             kept_start = &rows[0, 0]
             kept_stride = rows.strides[0] // sizeof(float)
-        _check_tokens(windows, s.cfg.V, "windows")
+        if s.labelled:
+            halves = np.asarray(windows)
+            _check_tokens(np.ascontiguousarray(halves[:, :width]), s.cfg.V, "windows")
+            _check_labels(np.ascontiguousarray(halves[:, width:]), s.cfg.V)
+        else:
+            _check_tokens(windows, s.cfg.V, "windows")
         self.work_ref = (windows, kept)
         s.step_counter = step
         with nogil:

@@ -55,10 +55,11 @@ cdef void sphere_process_batch(SphereTrainingContext* ctx, int mb) noexcept nogi
     cdef ThreadedTrainingSystem* s = ctx.system
     cdef int first = mb * s.micro_batch
     cdef int B = s.batch_windows - first
-    cdef int n = s.stride - 1
+    cdef int n = (s.stride // 2 if s.labelled else s.stride) - 1
     cdef int counted = 0
     cdef bint train = s.work_kind == WORK_TRAIN
     cdef const int* windows = s.batch + <size_t>first * s.stride
+    cdef const int* targets = windows + (n + 2 if s.labelled else 1)
     cdef MicroBatchResult* r = &s.results[mb]
     cdef double* timers = ctx.profile_seconds if s.profile else NULL
     cdef float* grads = ctx.local_gradients
@@ -75,7 +76,7 @@ cdef void sphere_process_batch(SphereTrainingContext* ctx, int mb) noexcept nogi
         d = &drop
     ctx.current_microbatch = mb
     model_lock_acquire(s, s.lock_mode == LOCK_EXCLUSIVE)
-    loss = model_forward(&ctx.acts, &counted, s.params, &s.cfg, windows, windows + 1,
+    loss = model_forward(&ctx.acts, &counted, s.params, &s.cfg, windows, targets,
                          s.stride, B, n, s.pad_id, grads if train else NULL,
                          NULL, d, timers, &s.abort_step)
     if train:

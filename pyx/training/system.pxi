@@ -48,7 +48,8 @@ cdef ThreadedTrainingSystem* threaded_system_create(ModelConfig cfg, float* para
                                                     int num_spheres, int micro_batch,
                                                     int max_microbatches, int lock_mode,
                                                     int debug_locks, int pad_id,
-                                                    bint bf16, const Lora* lora) noexcept nogil:
+                                                    bint labelled, bint bf16,
+                                                    const Lora* lora) noexcept nogil:
     # allocates the system and its spheres and starts one pthread per sphere; NULL on failure.
     # bf16: the spheres' weight products take bf16 inputs (oneDNN must be loaded); lora: NULL,
     # or adapters to train while params stay frozen
@@ -68,6 +69,7 @@ cdef ThreadedTrainingSystem* threaded_system_create(ModelConfig cfg, float* para
     s.num_chunks = count_optimizer_chunks(&s.cfg, trained_lora(s))
     s.micro_batch = micro_batch
     s.pad_id = pad_id
+    s.labelled = labelled
     s.max_microbatches = max_microbatches
     s.lock_mode = lock_mode
     s.debug_locks = debug_locks

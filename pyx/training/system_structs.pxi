@@ -121,7 +121,10 @@ cdef struct ThreadedTrainingSystem:
     # batch iterator: the current step's windows, cut into micro-batches
     const int* batch              # (batch_windows, stride) token windows
     int batch_windows
-    int stride                    # window length: n + 1
+    int stride                    # window length: n + 1, or 2 (n + 1) when labelled
+    # 1: each window is n + 1 token ids followed by their n + 1 labels, and position k's
+    # target is label k + 1 (negative ones not counted); 0: the targets are the ids shifted
+    int labelled
     int micro_batch
     int num_microbatches
     int next_microbatch           # claimed atomically
