@@ -57,8 +57,9 @@ def test_llama_config_json_reads_back_as_the_same_config(cfg):
 
 @pytest.mark.parametrize("cfg", LLAMAS, ids=["llama", "qwen2"])
 def test_gguf_names_are_llama_cpps_llama_and_qwen2_tensors(cfg):
-    architecture = "qwen2" if cfg.hf_model_type == "qwen2" else "llama"
-    arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == architecture)
+    assert LLAMA.gguf_architecture(cfg) == ("qwen2" if cfg.hf_model_type == "qwen2" else "llama")
+    arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items()
+                if name == LLAMA.gguf_architecture(cfg))
     known = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[arch]}
     names = [LLAMA.gguf_name(name) for name in tensor_shapes(cfg)]
     for name in names:
@@ -91,7 +92,8 @@ def test_gpt2_config_json_reads_back_as_the_same_config():
 
 
 def test_gguf_names_are_llama_cpps_gpt2_tensors():
-    arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == GPT2.gguf_architecture)
+    arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items()
+                if name == GPT2.gguf_architecture(CFG))
     known = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[arch]}
     names = [GPT2.gguf_name(name) for name in tensor_shapes(CFG)]
     for name in names:

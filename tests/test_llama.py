@@ -334,3 +334,35 @@ def test_lora_run_bit_identical_and_loaded_by_peft(text, corpus, tmp_path, capsy
     before = np.zeros_like(ours)
     forward_logits(base_cfg, base_flat, ids, before)
     assert np.abs(before - theirs).max() > 1e-3 * np.abs(theirs).max()    # the adapters act
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_gguf_export_reads_back_in_llama_cpps_layout(kind, text, tmp_path, capsys):
+    """gguf's reader finds llama.cpp's architecture and settings, every tensor under its name,
+    q and k reordered within each head in the llama architecture (the reverse order gives
+    ours back), the output layer of an untied model, and the tokenizer's pre-tokenizer."""
+    import gguf
+    hf_directory(tmp_path / "m", kind, text, capsys=capsys)
+    out = tmp_path / "model.gguf"
+    code, _, err = call(capsys, export_main, tmp_path / "m", out, "--format", "gguf")
+    assert code == 0, err
+    reader = gguf.GGUFReader(str(out))
+    field = lambda key: reader.fields[key].contents()   # noqa: E731
+    cfg, flat = load_model_files(tmp_path / "m")[:2]
+    assert field("general.architecture") == kind
+    assert (field(f"{kind}.attention.head_count"), field(f"{kind}.attention.head_count_kv"),
+            field(f"{kind}.feed_forward_length"), field(f"{kind}.rope.freq_base")) == \
+        (4, 2, 48, pytest.approx(cfg.rope_theta))
+    assert field(f"{kind}.attention.layer_norm_rms_epsilon") == pytest.approx(cfg.rms_norm_eps)
+    assert field("tokenizer.ggml.pre") == "gpt-2"
+    tensors = {t.name: np.asarray(t.data).reshape(tuple(reversed(t.shape.tolist())))
+               for t in reader.tensors}
+    ours = named_views(cfg, flat)
+    assert ("output.weight" in tensors) and len(tensors) == len(ours) + cfg.tie_embeddings
+    hs = cfg.embed_dim // cfg.num_heads
+    for name, view in ours.items():
+        got = tensors[LLAMA.gguf_name(name)]
+        heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}.get(name.split(".")[-2])
+        if kind == "llama" and heads:       # pairs (2i, 2i+1) back to halves (i, i + hs/2)
+            got = got.reshape(heads, hs // 2, 2, *got.shape[1:]).swapaxes(1, 2).reshape(got.shape)
+        assert np.array_equal(got, view), name

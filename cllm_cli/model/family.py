@@ -9,8 +9,8 @@ A Family holds, for one family:
 - transformers: the architectures read and written, model_type, each tensor's checkpoint
   name and whether transformers stores it transposed, config.json's model fields both ways,
   the output layer's name (tied to the embedding) and the prefix files may leave out;
-- GGUF: llama.cpp's architecture, its settings and tensor names, and the output layer (a
-  copy of the tied embedding);
+- GGUF: llama.cpp's architecture, its settings, tensor names and layout, and the output
+  layer (a copy of the tied embedding);
 - PEFT: the adapters' name prefix and fan_in_fan_out.
 The parameter table itself (names, shapes, order of the flat buffer) and the block's ops are
 the engine's for the family (pyx/, model/layout.py reads the table from it).
@@ -49,9 +49,11 @@ class Family:
     hf_head: str                    # the output layer's checkpoint name (tied: not written)
     hf_prefix: str                  # the prefix of the base model's names, optional in files
     hf_ignored: tuple[str, ...]     # name endings of buffers that are not parameters
-    gguf_architecture: str
+    gguf_architecture: Callable[[CLLMConfig], str]     # llama.cpp's architecture of a model
     gguf_name: Callable[[str], str]            # our tensor name -> llama.cpp's
     gguf_hparams: Callable[[Any, CLLMConfig], None]   # (GGUFWriter, config): its settings
+    # (config, our tensor name, its array) -> the array as llama.cpp reads it
+    gguf_tensor: Callable[[CLLMConfig, str, np.ndarray], np.ndarray]
     gguf_output: str                # llama.cpp's name of the output layer (the embedding's copy)
     peft_prefix: str                # PEFT's prefix of an adapted layer's name
     peft_fan_in_fan_out: bool       # the adapted layers store W as [in, out]

@@ -11,7 +11,8 @@ Weights are [out, in] as in transformers' nn.Linear. The q/k/v biases exist wher
 has attention_bias (Qwen2 always has them).
 - llama.cpp (architecture `llama`, or `qwen2` for a Qwen2 model): `token_embd`,
   `blk.{l}.attn_norm`, `blk.{l}.attn_{q,k,v,output}`, `blk.{l}.ffn_norm`,
-  `blk.{l}.ffn_{gate,up,down}`, `output_norm`, `output`.
+  `blk.{l}.ffn_{gate,up,down}`, `output_norm`, `output`; in the llama architecture the rows
+  of q and k are reordered within each head (gguf_tensor).
 """
 from __future__ import annotations
 
@@ -178,6 +179,29 @@ def gguf_name(name: str) -> str:
     return f"blk.{layer}.{GGUF_BLOCK[module]}.{kind}"
 
 
+def gguf_architecture(config: CLLMConfig) -> str:
+    """llama.cpp's architecture of a model: qwen2 for a Qwen2 model, llama for the others."""
+    assert isinstance(config, LlamaConfig)
+    return "qwen2" if config.hf_model_type == "qwen2" else "llama"
+
+
+def gguf_tensor(config: CLLMConfig, name: str, array: np.ndarray) -> np.ndarray:
+    """The tensor as llama.cpp reads it. Its llama architecture turns each head's pairs
+    (x[2i], x[2i+1]) where transformers turns (x[i], x[i + hs/2]): the rows of q_proj and
+    k_proj (weights and biases) are reordered within each head to match, as llama.cpp's own
+    converter does. Everything else (and a qwen2 model, which turns halves) is as it is."""
+    assert isinstance(config, LlamaConfig)
+    if gguf_architecture(config) != "llama" or not name.endswith(("q_proj.weight",
+                                                                   "q_proj.bias",
+                                                                   "k_proj.weight",
+                                                                   "k_proj.bias")):
+        return array
+    heads = config.num_heads if ".q_proj." in name else config.num_kv_heads
+    rows = array.shape[0]
+    return (array.reshape(heads, 2, rows // heads // 2, *array.shape[1:])
+            .swapaxes(1, 2).reshape(array.shape))
+
+
 def gguf_hparams(writer: Any, config: CLLMConfig) -> None:
     """llama.cpp's llama / qwen2 settings of a model, on a gguf.GGUFWriter."""
     assert isinstance(config, LlamaConfig)
@@ -209,9 +233,10 @@ LLAMA = Family(
     hf_head=HF_HEAD,
     hf_prefix=HF_PREFIX,
     hf_ignored=("rotary_emb.inv_freq",),        # a buffer older files carry
-    gguf_architecture="llama",
+    gguf_architecture=gguf_architecture,
     gguf_name=gguf_name,
     gguf_hparams=gguf_hparams,
+    gguf_tensor=gguf_tensor,
     gguf_output="output.weight",
     peft_prefix="base_model.model." + HF_PREFIX,
     peft_fan_in_fan_out=False,
