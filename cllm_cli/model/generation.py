@@ -9,7 +9,7 @@ streamed to a terminal as the tokens arrive.
 """
 from __future__ import annotations
 
-from typing import Container, Iterable, Iterator, Protocol, Sequence, TextIO
+from typing import Container, Generator, Iterable, Iterator, Protocol, Sequence, TextIO
 
 import numpy as np
 from numpy.typing import NDArray
@@ -83,7 +83,8 @@ class CachedDecoder:
 
     def generate(self, prompt_ids: Sequence[int], max_tokens: int, temperature: float,
                  top_k: int, top_p: float, rng: np.random.Generator,
-                 stop_ids: Container[int] = (), num_tokens: int | None = None) -> Iterator[int]:
+                 stop_ids: Container[int] = (), num_tokens: int | None = None
+                 ) -> Generator[int, None, None]:
         """Yields sampled ids after prompt_ids (at least one id), as generate_ids does; the
         cached positions that agree with the prompt's are kept, at most all but its last
         (whose logits the sampler needs). Stopping early (close(), an exception) leaves the
