@@ -280,8 +280,9 @@ def converse(chat: Chat, stdin: TextIO, out: TextIO, terminal: bool) -> None:
         try:
             message = read_message(stdin, out, terminal)
         except KeyboardInterrupt:
-            out.write("\n")
-            out.flush()
+            if terminal:                # the terminal shows ^C at the end of the line
+                out.write("\n")
+                out.flush()
             if interrupted_at_prompt:
                 return
             interrupted_at_prompt = True
