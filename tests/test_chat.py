@@ -242,14 +242,19 @@ def test_piped_messages_keep_the_history_within_the_context(run):
                         "128 tokens: its oldest messages are dropped\n"), p.stderr
 
 
-def test_the_runs_own_template_and_its_end_of_turn(run, tmp_path):
-    """A template stored with the run (chat_template.jinja) that ends a turn with a newline:
-    every reply is one line."""
+@pytest.mark.parametrize("stored", ["file", "metadata"])
+def test_the_runs_own_template_and_its_end_of_turn(run, tmp_path, stored):
+    """A template stored with the run (chat_template.jinja, or in the checkpoint's metadata)
+    that ends a turn with a newline: every reply is one line."""
     ck = tmp_path / "ck"
     shutil.copytree(run[0], ck)
-    (ck / "chat_template.jinja").write_text(
-        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}assistant:{% endif %}")
+    template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant:{% endif %}")
+    if stored == "file":
+        (ck / "chat_template.jinja").write_text(template)
+    else:
+        model = run[1]
+        model.save(ck / "final_model.cllm", meta={**model.meta, "chat_template": template})
 
     def plain(messages):
         return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"

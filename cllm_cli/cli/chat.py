@@ -6,9 +6,12 @@
 Choices written down here:
 
 - RUN is what cllm_inference reads (a .cllm file, a run directory, a transformers
-  directory). The chat template is the one stored with the model (its directory's
-  tokenizer_config.json or chat_template.jinja; for a .cllm file the directory it is in), or
-  --template; without one, ChatML (the default of the chat template module).
+  directory). The chat template is --template, else the one stored with the model: in the
+  checkpoint's metadata (a run trained on messages), else in its directory
+  (tokenizer_config.json or chat_template.jinja; for a .cllm file the directory it is in);
+  without one, ChatML (the default of the chat template module). The rendered conversation
+  is encoded as training on messages encodes it: special tokens the template writes are
+  their ids where the tokenizer reads them so.
 - Input is read a line at a time: each line is one user message; a line ending in a
   backslash goes on on the next line (one message of several lines). Empty lines are skipped.
   The lines "/reset" and "/exit" are commands. On a terminal a prompt "> " (and "... " for a
@@ -48,7 +51,7 @@ import sys
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import Dict, Iterator, Sequence, TextIO
+from typing import Any, Dict, Iterator, Mapping, Sequence, TextIO
 
 import numpy as np
 
@@ -114,14 +117,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def model_template(run: str | os.PathLike, template: str | os.PathLike | None,
-                   tokenizer: Tokenizer) -> ChatTemplate:
-    """The chat template of --template, else of the model's directory (that of a .cllm
-    file: the one it is in), rendered with the tokenizer's begin and end-of-text strings."""
-    where = Path(template if template is not None else run)
-    if template is None and not where.is_dir():
-        where = where.parent
-    return ChatTemplate.of(where, tokenizer.id_to_token(tokenizer.bos_id) or "",
-                           tokenizer.id_to_token(tokenizer.eos_id) or "")
+                   tokenizer: Tokenizer, meta: Mapping[str, Any]) -> ChatTemplate:
+    """The chat template of --template, else the one the checkpoint's metadata holds (a run
+    trained on messages keeps it there), else its directory's (that of a .cllm file: the one
+    it is in), else ChatML; rendered with the tokenizer's begin and end-of-text strings."""
+    bos = tokenizer.id_to_token(tokenizer.bos_id) or ""
+    eos = tokenizer.id_to_token(tokenizer.eos_id) or ""
+    if template is not None:
+        return ChatTemplate.of(template, bos, eos)
+    stored = meta.get("chat_template")
+    if isinstance(stored, str) and stored:
+        return ChatTemplate(stored, bos, eos, f"{run}: its chat template")
+    where = Path(run)
+    return ChatTemplate.of(where if where.is_dir() else where.parent, bos, eos)
+
+
+def encode_rendered(tokenizer: Tokenizer, text: str) -> list[int]:
+    """The ids of a rendered conversation: the tokenizer's special tokens the template writes
+    (a chat model's <|im_start|>, <eos>) read as their ids, as training on messages reads
+    them, by a tokenizer that can (encode_marked); by others as text."""
+    encode = getattr(tokenizer, "encode_marked", tokenizer.encode)
+    return [int(i) for i in encode(text)]
 
 
 def end_of_turn(template: ChatTemplate) -> str:
@@ -152,7 +168,7 @@ class Chat:
         self.turns: list[Message] = []          # user and assistant messages, in order
         self.marker = end_of_turn(template)
         self.stop_ids = {tokenizer.eos_id}
-        marker_ids = [int(i) for i in tokenizer.encode(self.marker)] if self.marker else []
+        marker_ids = encode_rendered(tokenizer, self.marker) if self.marker else []
         if len(marker_ids) == 1:                # a token of its own, perhaps one that
             self.stop_ids.add(marker_ids[0])    # decodes to nothing
         self.said_dropped = False
@@ -175,7 +191,7 @@ class Chat:
         room = min(self.args.max_new_tokens, T // 2)
         while True:
             text = self.template.render(self.messages(), add_generation_prompt=True)
-            ids = [int(i) for i in self.tokenizer.encode(text)]
+            ids = encode_rendered(self.tokenizer, text)
             if len(ids) + room <= T or len(self.turns) <= 1:
                 break
             dropped = 2 if len(self.turns) > 2 and self.turns[1]["role"] == "assistant" else 1
@@ -313,7 +329,7 @@ def run(args: argparse.Namespace) -> None:
     warn_threads(PROG, args.threads)
     model, tokenizer, _ = load_model(args.run, args.vocab)
     products = products_precision(args, model.meta)
-    template = model_template(args.run, args.template, tokenizer)
+    template = model_template(args.run, args.template, tokenizer, model.meta)
     chat = Chat(model, tokenizer, template, args, products)
     stdin = sys.stdin
     if stdin is None:                   # started with file descriptor 0 closed: no input
