@@ -280,6 +280,7 @@ def test_a_backslash_continues_a_message_on_the_next_line(run):
 
 @pytest.mark.parametrize("argv, fragments", [
     (["{missing}"], ["no such file or directory"]),
+    (["{garbage}"], ["cannot load checkpoint", "{garbage}"]),
     (["{run}", "--temperature", "-1"], ["--temperature"]),
     (["{run}", "--max-new-tokens", "0"], ["--max-new-tokens", "from 1 to 2147483647"]),
     (["{run}", "--top-p", "0"], ["--top-p"]),
@@ -288,7 +289,8 @@ def test_a_backslash_continues_a_message_on_the_next_line(run):
 ])
 def test_bad_input_is_one_line_and_status_2(run, tmp_path, capsys, argv, fragments):
     bad = write(tmp_path / "bad.jinja", "{% for m in messages %}")
-    names = {"run": run[0], "missing": tmp_path / "none", "bad": bad}
+    garbage = write(tmp_path / "garbage.cllm", "not a checkpoint\n")
+    names = {"run": run[0], "missing": tmp_path / "none", "bad": bad, "garbage": garbage}
     code, out, err = call(capsys, chat.main, *(a.format(**names) for a in argv))
     assert_one_error_line(code, err, "cllm_chat", *(f.format(**names) for f in fragments))
     assert out == ""
