@@ -98,6 +98,8 @@ man-pages:
 		--description "loss, perplexity and bits per byte of a CLLM model on any text; zero-shot HellaSwag and LAMBADA" --output $(MAN_DIR)/cllm_eval.1
 	$(MANPAGE) --module cllm_cli.cli.export --prog cllm_export \
 		--description "convert a CLLM checkpoint for Hugging Face transformers or llama.cpp" --output $(MAN_DIR)/cllm_export.1
+	$(MANPAGE) --module cllm_cli.cli.chat --prog cllm_chat \
+		--description "talk with a trained CLLM model in the terminal, through its chat template" --output $(MAN_DIR)/cllm_chat.1
 
 train: build
 	$(VENV)/bin/train_model data/corpus.txt --checkpoint-dir checkpoints --overwrite \

@@ -184,3 +184,34 @@ def test_a_decoder_refuses_bad_threads_and_an_overfull_prefill():
         decoder.prefill([1, CFG.vocab_size])
     with pytest.raises(ValueError, match="at least one"):
         decoder.prefill([])
+
+
+def test_a_cached_decoder_runs_only_the_positions_after_those_it_holds():
+    """Turns of a conversation through one CachedDecoder: each turn's tokens are those of
+    generation without a cache on the whole context, and the positions already cached are
+    not run again (shown by changing the weights in place between turns: a fresh decoder on
+    the new weights gives other tokens than the one whose cache holds the old weights' keys
+    and values)."""
+    from cllm_cli.model.generation import CachedDecoder
+    model = peaked_model(CFG_D, seed=8)
+    rng = np.random.default_rng(11)
+    context = rng.integers(0, CFG_D.vocab_size, 12).tolist()
+    weights = model.flat.copy()
+    cached = CachedDecoder(CFG_D, weights)
+    for turn in range(3):
+        got = list(cached.generate(context, 8, 0.0, 0, 1.0, np.random.default_rng(0)))
+        assert got == generate_without_cache(model, context, 8, 0, 0, 1.0, 0), turn
+        assert cached.cached_ids() == context + got[:-1]
+        context += got + rng.integers(0, CFG_D.vocab_size, 4).tolist()
+    other = peaked_model(CFG_D, seed=9)
+    weights[:] = other.flat
+    reused = list(cached.generate(context, 20, 0.0, 0, 1.0, np.random.default_rng(0)))
+    assert reused != generate_without_cache(other, context, 20, 0, 0, 1.0, 0)
+    cached.reset()
+    assert cached.cached_ids() == []
+    fresh = list(cached.generate(context, 20, 0.0, 0, 1.0, np.random.default_rng(0)))
+    assert fresh == generate_without_cache(other, context, 20, 0, 0, 1.0, 0)
+    sliding = context + rng.integers(0, CFG_D.vocab_size, CFG_D.seq_len).tolist()
+    got = list(cached.generate(sliding, 5, 0.0, 0, 1.0, np.random.default_rng(0)))
+    assert got == generate_without_cache(other, sliding, 5, 0, 0, 1.0, 0)
+    assert cached.cached_ids() == (sliding + got[:-1])[-CFG_D.seq_len:]

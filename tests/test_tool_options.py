@@ -11,11 +11,11 @@ import sys
 import pytest
 from helpers import assert_one_error_line, call, read_terminal, sentences, write
 
-from cllm_cli.cli import evaluate, export, inference, plot, tokenize, train
+from cllm_cli.cli import chat, evaluate, export, inference, plot, tokenize, train
 from cllm_cli.threads import MAX_THREADS
 
 TOOLS = {"train_model": train, "cllm_inference": inference, "cllm_eval": evaluate,
-         "cllm_export": export, "cllm_tokenize": tokenize, "cllm_plot": plot}
+         "cllm_export": export, "cllm_tokenize": tokenize, "cllm_plot": plot, "cllm_chat": chat}
 TINY = ["--tokenizer", "word", "--vocab-size", "200", "--embed-dim", "16", "--num-layers", "1",
         "--num-heads", "2", "--seq-len", "16", "--batch-size", "4", "--max-steps", "1",
         "--warmup-steps", "0", "--eval-interval", "0", "--threads", "1", "--quiet"]

@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import errno
 import importlib.metadata
+import math
 import os
 import select
 import signal
@@ -14,9 +15,10 @@ import stat
 import sys
 import threading
 from types import FrameType
-from typing import Any, Callable, Iterable, NoReturn, TextIO, TypeVar
+from typing import Any, Callable, Iterable, Mapping, NoReturn, TextIO, TypeVar
 
-from cllm_cli.errors import STATUSES, Interrupted, Statuses
+from cllm_cli.errors import STATUSES, Interrupted, Statuses, UsageError
+from cllm_cli.model import precision
 from cllm_cli.threads import MAX_THREADS, threads_warning
 
 INT_MAX = 2**31 - 1         # the largest value of a C int, which the engine's counts are
@@ -242,6 +244,59 @@ def int_option(minimum: int, maximum: int | None = INT_MAX) -> Callable[[str], i
 
 # --threads of every tool: the spheres or decoding threads, at most MAX_THREADS
 threads_option = int_option(1, MAX_THREADS)
+
+
+def add_seed_option(group: argparse._ActionsContainer) -> None:
+    """--seed of the tools that sample (cllm_inference, cllm_chat)."""
+    group.add_argument("--seed", metavar="N", type=int_option(0, None), default=0,
+                       help="seed of the sampler; the same seed gives the same text "
+                            "(default: %(default)s)")
+
+
+def add_sampling_options(group: argparse._ActionsContainer) -> None:
+    """The options of the tools that sample from a model (cllm_inference, cllm_chat):
+    --temperature, --top-k, --top-p, --threads, --precision. check_sampling_options checks
+    what argparse cannot."""
+    group.add_argument("--temperature", metavar="T", type=float, default=0.8,
+                       help="divides the logits; lower is more conservative, 0 is greedy "
+                            "(default: %(default)s)")
+    group.add_argument("--top-k", metavar="K", type=int_option(0), default=40,
+                       help="sample among the k most likely tokens only (0: all) "
+                            "(default: %(default)s)")
+    group.add_argument("--top-p", metavar="P", type=float, default=0.95,
+                       help="sample among the most likely tokens whose probabilities add up "
+                            "to p (nucleus sampling; 1: all) (default: %(default)s)")
+    group.add_argument("--threads", metavar="N", type=threads_option, default=None,
+                       help="threads that share each token's work, 1 to %d (default: all "
+                            "cores); the text does not depend on it" % MAX_THREADS)
+    group.add_argument("--precision", choices=precision.PRECISIONS, default=None,
+                       help="the weights as products read them: fp32, or their bf16 copy (half "
+                            "the bytes to read per token; needs the bf16 extra) (default: the "
+                            "precision the model was trained in)")
+
+
+def add_vocab_option(group: argparse._ActionsContainer) -> None:
+    """--vocab of the tools that read a model with its tokenizer."""
+    group.add_argument("--vocab", metavar="PATH", default=None,
+                       help="tokenizer file (vocab.txt or tokenizer.json; for bpe also GPT-2's "
+                            "vocab.json with merges.txt next to it, or their directory) the "
+                            "model was trained with (default: the one next to the checkpoint)")
+
+
+def check_sampling_options(args: argparse.Namespace) -> None:
+    """UsageError for a --temperature or --top-p out of range (add_sampling_options)."""
+    if not (args.temperature >= 0 and math.isfinite(args.temperature)):
+        raise UsageError(f"--temperature must be a number >= 0 (0: greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+
+
+def products_precision(args: argparse.Namespace, meta: Mapping[str, Any]) -> str:
+    """The precision of the products (--precision, else the one the model, whose meta is
+    given, was trained in), loaded: PrecisionError when this machine cannot run it."""
+    products = args.precision or meta.get("train_config", {}).get("precision", "fp32")
+    precision.require(products)
+    return str(products)
 
 
 def warn_threads(prog: str, threads: int | None, ranks: int = 1) -> None:

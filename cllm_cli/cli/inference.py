@@ -27,7 +27,6 @@ Choices written down here:
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from typing import Sequence
 
@@ -35,16 +34,18 @@ from cllm_cli.api import load_model
 from cllm_cli.cli.common import (
     HelpFormatter,
     Parser,
+    add_sampling_options,
+    add_seed_option,
+    add_vocab_option,
+    check_sampling_options,
     int_option,
     name_defaults,
+    products_precision,
     run_main,
-    threads_option,
     warn_threads,
 )
-from cllm_cli.errors import UsageError
-from cllm_cli.model import precision
 from cllm_cli.model.generation import stream
-from cllm_cli.threads import MAX_THREADS, default_threads
+from cllm_cli.threads import default_threads
 
 PROG = "cllm_inference"
 MAX_LISTED_UNKNOWN = 8      # unknown prompt words named in the warning
@@ -68,39 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-tokens", metavar="N", type=int_option(1), default=50,
                    help="tokens to generate at most; generation also stops at <eos> "
                         "(default: %(default)s)")
-    g.add_argument("--seed", metavar="N", type=int_option(0, None), default=0,
-                   help="seed of the sampler; the same seed gives the same text "
-                        "(default: %(default)s)")
-    g = p.add_argument_group("sampling")
-    g.add_argument("--temperature", metavar="T", type=float, default=0.8,
-                   help="divides the logits; lower is more conservative, 0 is greedy "
-                        "(default: %(default)s)")
-    g.add_argument("--top-k", metavar="K", type=int_option(0), default=40,
-                   help="sample among the k most likely tokens only (0: all) "
-                        "(default: %(default)s)")
-    g.add_argument("--top-p", metavar="P", type=float, default=0.95,
-                   help="sample among the most likely tokens whose probabilities add up to p "
-                        "(nucleus sampling; 1: all) (default: %(default)s)")
-    g.add_argument("--threads", metavar="N", type=threads_option, default=None,
-                   help="threads that share each token's work, 1 to %d (default: all "
-                        "cores); the text does not depend on it" % MAX_THREADS)
-    g.add_argument("--precision", choices=("fp32", "bf16"), default=None,
-                   help="the weights as products read them: fp32, or their bf16 copy (half "
-                        "the bytes to read per token; needs the bf16 extra) (default: the "
-                        "precision the model was trained in)")
+    add_seed_option(g)
+    add_sampling_options(p.add_argument_group("sampling"))
     g = p.add_argument_group("files")
-    g.add_argument("--vocab", metavar="PATH", default=None,
-help="tokenizer file (vocab.txt or tokenizer.json; for bpe also GPT-2's "
-                        "vocab.json with merges.txt next to it, or their directory) the model "
-                        "was trained with (default: the one next to the checkpoint)")
+    add_vocab_option(g)
     return name_defaults(p)
-
-
-def check_options(args: argparse.Namespace) -> None:
-    if not (args.temperature >= 0 and math.isfinite(args.temperature)):
-        raise UsageError(f"--temperature must be a number >= 0 (0: greedy), got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
 
 
 def unknown_warning(unknown: Sequence[str]) -> str:
@@ -122,11 +95,10 @@ def replaced_warning(replaced: Sequence[str | bytes]) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
-    check_options(args)
+    check_sampling_options(args)
     warn_threads(PROG, args.threads)
     model, tokenizer, _ = load_model(args.checkpoint, args.vocab)
-    products = args.precision or model.meta.get("train_config", {}).get("precision", "fp32")
-    precision.require(products)
+    products = products_precision(args, model.meta)
     unknown = tokenizer.unknown_tokens(args.prompt)
     if unknown:
         print(unknown_warning(unknown), file=sys.stderr, flush=True)

@@ -3,11 +3,13 @@ engine's Decoder (a key/value cache filled by one batched pass over the prompt),
 streamed to a terminal as the tokens arrive.
 
     generate_ids   prompt ids -> sampled ids, one at a time (CLLMModel.generate)
+    CachedDecoder  the same, from a Decoder kept between calls: a prompt that starts with
+                   the ids its cache holds runs only its new positions (cllm_chat's turns)
     stream         prompt text -> its continuation written to a stream (cllm_inference)
 """
 from __future__ import annotations
 
-from typing import Container, Iterable, Iterator, Protocol, TextIO
+from typing import Container, Generator, Iterable, Iterator, Protocol, Sequence, TextIO
 
 import numpy as np
 from numpy.typing import NDArray
@@ -42,25 +44,76 @@ def generate_ids(config: CLLMConfig, flat: NDArray[np.float32], prompt_ids: Iter
             raise ValueError("an empty prompt needs start_id (the tokenizer's "
                              "end-of-text id)")
         ids = [int(start_id)]
-    if min(ids) < 0 or max(ids) >= config.vocab_size:
-        raise ValueError(f"prompt ids must be in [0, {config.vocab_size})")
-    rng = np.random.default_rng(seed)
-    T = config.seq_len
-    decoder = Decoder(config, flat, threads, precision)
-    for _ in range(max_tokens):
-        if len(ids) > T:
-            decoder.reset()
-            row = decoder.prefill(ids[-T:])
-        elif decoder.length == len(ids) - 1 and decoder.length:
-            row = decoder.feed(ids[-1])
-        else:
-            row = decoder.prefill(ids[decoder.length:])
-        next_id = sample_from_logits(row.astype(np.float64), temperature, top_k, top_p, rng,
-                                     num_tokens)
-        ids.append(next_id)
-        yield next_id
-        if next_id in stop_ids:
-            return
+    decoder = CachedDecoder(config, flat, threads, precision)
+    yield from decoder.generate(ids, max_tokens, temperature, top_k, top_p,
+                                np.random.default_rng(seed), stop_ids, num_tokens)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the longest common prefix of a and b."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+class CachedDecoder:
+    """A Decoder that knows which ids its cache holds, so that generate() from a prompt that
+    starts with them runs only the positions after them: the next turn of a conversation runs
+    the new message, not the whole history again.
+
+    The cache's positions 0..length-1 hold self._ids[self._start:], computed as that
+    sequence's first positions; a window that slid past seq_len starts at self._start > 0.
+    Sampling draws from the generator the caller gives, so that a conversation's turns
+    continue one stream of random numbers."""
+
+    def __init__(self, config: CLLMConfig, flat: NDArray[np.float32], threads: int = 1,
+                 precision: str = "fp32") -> None:
+        self.config = config
+        self.decoder = Decoder(config, flat, threads, precision)
+        self._ids: list[int] = []
+        self._start = 0
+
+    def cached_ids(self) -> list[int]:
+        """The ids whose positions the cache holds, in order from position 0."""
+        return self._ids[self._start:self._start + self.decoder.length]
+
+    def reset(self) -> None:
+        """Empties the cache: the next prompt runs whole."""
+        self.decoder.reset()
+        self._ids, self._start = [], 0
+
+    def generate(self, prompt_ids: Sequence[int], max_tokens: int, temperature: float,
+                 top_k: int, top_p: float, rng: np.random.Generator,
+                 stop_ids: Container[int] = (), num_tokens: int | None = None
+                 ) -> Generator[int, None, None]:
+        """Yields sampled ids after prompt_ids (at least one id), as generate_ids does; the
+        cached positions that agree with the prompt's are kept, at most all but its last
+        (whose logits the sampler needs). Stopping early (close(), an exception) leaves the
+        cache holding the positions run so far, which the next call can reuse."""
+        ids = [int(i) for i in prompt_ids]
+        if not ids:
+            raise ValueError("generation needs at least one prompt id")
+        if min(ids) < 0 or max(ids) >= self.config.vocab_size:
+            raise ValueError(f"prompt ids must be in [0, {self.config.vocab_size})")
+        T = self.config.seq_len
+        keep = min(common_prefix(self.cached_ids(), ids), len(ids) - 1)
+        self.decoder.truncate(keep)
+        self._ids, self._start = ids, 0
+        decoder = self.decoder
+        for _ in range(max_tokens):
+            if len(ids) > T:
+                decoder.reset()
+                self._start = len(ids) - T
+                row = decoder.prefill(ids[-T:])
+            elif decoder.length == len(ids) - 1 and decoder.length:
+                row = decoder.feed(ids[-1])
+            else:
+                row = decoder.prefill(ids[decoder.length:])
+            next_id = sample_from_logits(row.astype(np.float64), temperature, top_k, top_p, rng,
+                                         num_tokens)
+            ids.append(next_id)
+            yield next_id
+            if next_id in stop_ids:
+                return
 
 
 def stream(model: IdGenerator, tokenizer: Tokenizer, prompt: str, out: TextIO, max_tokens: int,
