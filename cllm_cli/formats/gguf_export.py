@@ -34,7 +34,6 @@ from cllm_cli.fileio import atomic_path
 from cllm_cli.model import CLLMConfig, family_of, named_views
 from cllm_cli.tokenizers import BPETokenizer, Tokenizer
 
-
 # the splitting regular expressions of byte-level BPE tokenizers, by llama.cpp's name of them
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
                 r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -65,7 +64,8 @@ def _pre_tokenizer(pre: Any) -> str | None:
         return "smollm"
     pattern = (step.get("pattern") or {}).get("Regex")
     if step.get("type") == "Split" and not last.get("use_regex", True) \
-            and step.get("behavior") == "Isolated" and not step.get("invert"):
+            and step.get("behavior") == "Isolated" and not step.get("invert") \
+            and isinstance(pattern, str):
         return {_QWEN2_SPLIT: "qwen2", _LLAMA3_SPLIT: "llama-bpe"}.get(pattern)
     return None
 
