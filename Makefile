@@ -108,8 +108,10 @@ train: build
 # Training speed on configs S and D (python -m benchmarks.bench --help; extra options in
 # BENCH_ARGS), then bf16 against fp32 on D and GPT-2 small's shape (python -m
 # benchmarks.bf16 --help; options in BF16_BENCH_ARGS), then generation as llama-bench reports
-# it, pp512 and tg128 on D and G (python -m benchmarks.generate --help; GENERATE_BENCH_ARGS).
-# PyTorch, pinned to the CPU build's version, is only for the comparison: when it cannot be
+# it, pp512 and tg128 on D and G (python -m benchmarks.generate --help; GENERATE_BENCH_ARGS),
+# the LoRA step, and the Llama form at SmolLM2-135M's shape against PyTorch, and against
+# llama-finetune and llama-bench with LLAMA_BENCH_ARGS="--llama-cpp DIR" (python -m
+# benchmarks.llama --help; tools/llama_cpp_check.py builds llama.cpp). PyTorch, pinned to the CPU build's version, is only for the comparison: when it cannot be
 # installed the benchmark runs without it.
 bench: test-build $(DEPS)
 	@$(PY) -m pip install -q torch==2.13.0 || echo "bench: torch==2.13.0 not installed, PyTorch comparison skipped"
@@ -117,6 +119,7 @@ bench: test-build $(DEPS)
 	$(PY) -m benchmarks.bf16 $(BF16_BENCH_ARGS)
 	$(PY) -m benchmarks.generate $(GENERATE_BENCH_ARGS)
 	$(PY) -m benchmarks.lora $(LORA_BENCH_ARGS)
+	$(PY) -m benchmarks.llama $(LLAMA_BENCH_ARGS)
 
 # ThreadSanitizer over a short multi-sphere training of a TSan build kept in build/tsan, the
 # testing extension's NaN injection included (no suppressions are needed: the interpreter

@@ -6,10 +6,12 @@
 - Training: steps of 4 windows of T 512 (2,048 tokens), AdamW (lr 1e-3, weight decay 0.01,
   gradient clipping 1.0), --threads threads; burn-in steps, then timed steps, each side in a
   process of its own (peak RSS is its VmHWM):
-    cllm       the engine, micro-batches of 1 window
+    cllm       the engine, micro-batches of 1 window (and cllm-bf16: --precision bf16, on
+               a CPU with bf16)
     lora       the engine training rank-8 adapters on q_proj and v_proj (PEFT's default)
     torch      transformers' LlamaForCausalLM (its default attention) + torch.optim.AdamW,
-               eager, torch.set_num_threads(threads)
+               eager, torch.set_num_threads(threads) (and torch-bf16: the forward and the
+               loss under torch.autocast bf16, on a CPU with bf16)
     finetune   llama.cpp's llama-finetune on our GGUF export of the same model (f32, -c 512,
                -b 512, -ub 512), tokens per second from its own progress line; with
                --llama-cpp DIR (the bin directory of a llama.cpp build:
@@ -53,6 +55,7 @@ SHAPES = {
 BATCH = 4
 LR, WEIGHT_DECAY, GRAD_CLIP = 1e-3, 0.01, 1.0
 MARK = "LLAMA-BENCH "
+FINETUNE_CHARS = 12_000      # llama-finetune's text: about 3,000 tokens, a dozen windows
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -96,8 +99,12 @@ def train_cllm(spec):
     trained = flat if adapters is None else adapters
     m, v = np.zeros_like(trained), np.zeros_like(trained)
     data = batches(cfg, spec["warmup"] + spec["steps"])
+    precision = spec.get("precision", "fp32")
+    if precision == "bf16":
+        from cllm_cli.model.precision import require
+        require("bf16")
     engine = Engine(cfg, flat, spec["threads"], 1, BATCH, adapters=adapters,
-                    lora=lora and lora.engine_args)
+                    lora=lora and lora.engine_args, precision=precision)
     try:
         timed = burn_in_and_time(
             lambda i: engine.train_step(data[i], i, m, v, adamw=True, lr=LR,
@@ -130,11 +137,14 @@ def train_torch(spec):
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     data = [torch.from_numpy(b.astype(np.int64)) for b in batches(cfg, spec["warmup"] + spec["steps"])]
 
+    autocast = spec.get("precision") == "bf16"     # torch.autocast: bf16 products on CPU
+
     def step(i):
         opt.zero_grad(set_to_none=True)
-        out = model(input_ids=data[i][:, :-1], labels=None)
-        loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, cfg.vocab_size),
-                                                 data[i][:, 1:].reshape(-1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(input_ids=data[i][:, :-1], labels=None)
+            loss = torch.nn.functional.cross_entropy(
+                out.logits.float().reshape(-1, cfg.vocab_size), data[i][:, 1:].reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         opt.step()
@@ -169,7 +179,8 @@ def generate_cllm(spec):
     return out
 
 
-WORKERS = {"cllm": train_cllm, "lora": train_cllm, "torch": train_torch,
+WORKERS = {"cllm": train_cllm, "lora": train_cllm, "cllm-bf16": train_cllm, "torch": train_torch,
+           "torch-bf16": train_torch,
            "generate": generate_cllm}
 
 
@@ -197,8 +208,8 @@ def export_gguf(shape, work):
     path = work / "model.gguf"
     write_gguf(cfg, parameters(cfg), tokenizer, path)
     sample = work / "finetune.txt"
-    sample.write_text(text[:40_000], encoding="utf-8")
-    return path, sample, len(tokenizer.encode(text[:40_000]))
+    sample.write_text(text[:FINETUNE_CHARS], encoding="utf-8")
+    return path, sample
 
 
 def finetune(bins, gguf, sample, threads):
@@ -263,9 +274,16 @@ def main(argv=None):
           f"batch {BATCH} x {cfg.seq_len}, {flops / 1e6:.0f} MFLOP per token, "
           f"{args.threads} threads")
     base = dict(shape=args.shape, threads=args.threads, warmup=args.warmup, steps=args.steps)
+    from cllm_cli.model.precision import cpu_has_bf16, library_path
+    bf16 = cpu_has_bf16() and library_path() is not None
+    impls = ["cllm", "lora"] + ([] if args.no_torch else ["torch"])
+    if bf16:
+        impls[1:1] = ["cllm-bf16"]
+        impls += [] if args.no_torch else ["torch-bf16"]
     results = {}
-    for impl in ("cllm", "lora") + (() if args.no_torch else ("torch",)):
-        row = run_worker(dict(base, impl=impl))
+    for impl in impls:
+        row = run_worker(dict(base, impl=impl, precision="bf16" if impl.endswith("bf16")
+                              else "fp32"))
         if "error" not in row:
             row["tokens_per_s"] = BATCH * cfg.seq_len / statistics.median(row["times"])
         results[impl] = row
@@ -274,7 +292,7 @@ def main(argv=None):
     llama = {}
     if args.llama_cpp:
         with tempfile.TemporaryDirectory() as tmp:
-            gguf, sample, _ = export_gguf(args.shape, Path(tmp))
+            gguf, sample = export_gguf(args.shape, Path(tmp))
             llama["finetune"] = finetune(args.llama_cpp, gguf, sample, args.threads)
             llama["bench"] = {t: llama_bench(args.llama_cpp, gguf, t)
                               for t in sorted({1, args.threads})}
@@ -292,25 +310,27 @@ def report(cfg, flops, ceil, threads, results, gen, llama):
 
     print(f"\ntraining, {threads} threads     tokens/s   peak RSS    share")
     ours = results["cllm"].get("tokens_per_s")
-    names = {"cllm": "CLLM", "lora": "CLLM LoRA r8 (q,v)", "torch": "PyTorch eager"}
+    names = {"cllm": "CLLM", "cllm-bf16": "CLLM bf16", "lora": "CLLM LoRA r8 (q,v)",
+             "torch": "PyTorch eager", "torch-bf16": "PyTorch eager, bf16 autocast"}
     for impl, row in results.items():
         if "error" in row:
-            print(f"  {names[impl]:<24} failed: {row['error']}")
+            print(f"  {names[impl]:<28} failed: {row['error']}")
             continue
         rss = row["peak_rss_bytes"] / 2**30
-        print(f"  {names[impl]:<24} {row['tokens_per_s']:9.1f}  {rss:6.2f} GiB  "
-              f"{share(row['tokens_per_s'], threads) if impl != 'lora' else ''}")
+        shown = share(row['tokens_per_s'], threads) if impl in ("cllm", "torch") else ""
+        print(f"  {names[impl]:<28} {row['tokens_per_s']:9.1f}  {rss:6.2f} GiB  {shown}")
     fine = llama.get("finetune")
     if fine and "error" not in fine:
-        print(f"  {'llama-finetune':<24} {fine['tokens_per_s']:9.1f}        -   "
+        print(f"  {'llama-finetune':<28} {fine['tokens_per_s']:9.1f}        -   "
               f"{share(fine['tokens_per_s'], threads)} ({fine['windows']} windows in "
               f"{fine['seconds']} s)")
     elif fine:
-        print(f"  llama-finetune           failed: {fine['error']}")
-    if ours and "tokens_per_s" in results.get("torch", {}):
-        t = results["torch"]
-        print(f"  CLLM / PyTorch eager: {ours / t['tokens_per_s']:.2f}x tokens/s, "
-              f"{results['cllm']['peak_rss_bytes'] / t['peak_rss_bytes']:.2f}x peak RSS")
+        print(f"  {'llama-finetune':<28} failed: {fine['error']}")
+    for mine, theirs in (("cllm", "torch"), ("cllm-bf16", "torch-bf16"), ("cllm-bf16", "torch")):
+        a, t = results.get(mine, {}), results.get(theirs, {})
+        if "tokens_per_s" in a and "tokens_per_s" in t:
+            print(f"  {names[mine]} / {names[theirs]}: {a['tokens_per_s'] / t['tokens_per_s']:.2f}x "
+                  f"tokens/s, {a['peak_rss_bytes'] / t['peak_rss_bytes']:.2f}x peak RSS")
     if ours and fine and "error" not in fine:
         print(f"  CLLM / llama-finetune: {ours / fine['tokens_per_s']:.2f}x tokens/s")
     print("\ngeneration     pp512 tok/s   tg128 tok/s   (llama-bench pp512, tg128)")
