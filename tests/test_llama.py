@@ -366,3 +366,75 @@ def test_gguf_export_reads_back_in_llama_cpps_layout(kind, text, tmp_path, capsy
         if kind == "llama" and heads:       # pairs (2i, 2i+1) back to halves (i, i + hs/2)
             got = got.reshape(heads, hs // 2, 2, *got.shape[1:]).swapaxes(1, 2).reshape(got.shape)
         assert np.array_equal(got, view), name
+
+
+def metaspace_tokenizer(path, text):
+    """A Llama-2-style tokenizer.json: BPE with byte fallback (<0x00> .. <0xFF> in the
+    vocabulary), the Metaspace pre-tokenizer, <unk> <s> </s> as its special tokens."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    specials = ["<unk>", "<s>", "</s>"]
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=400, show_progress=False,
+                                  special_tokens=specials + [f"<0x{i:02X}>" for i in range(256)])
+    tok.train_from_iterator([text], trainer)
+    spec = json.loads(tok.to_str())
+    # the byte tokens are ordinary vocabulary entries, as in Llama 2's file
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in specials]
+    path.write_text(json.dumps(spec))
+    return tokenizers.Tokenizer.from_file(str(path))
+
+
+def test_a_llama_2_style_tokenizer_reads_and_round_trips(text, corpus, tmp_path, capsys):
+    """A Llama directory whose tokenizer.json is Metaspace + byte-fallback BPE: our ids are
+    the tokenizers library's (no special token added), text outside the vocabulary comes
+    back byte for byte, --init-from trains on it, and GGUF export refuses it by name."""
+    hf_directory(tmp_path / "m", "llama", text, capsys=capsys, vocab_size=512)
+    theirs = metaspace_tokenizer(tmp_path / "m" / "tokenizer.json", text)
+    cfg, _, tok = load_model_files(tmp_path / "m")[:3]
+    sample = "The miller's cat, na\u00efve: 12 apples \u2603 \U0001F600!"
+    ids = tok.encode(sample)
+    assert ids.tolist() == theirs.encode(sample, add_special_tokens=False).ids
+    assert any(theirs.id_to_token(int(i)).startswith("<0x") for i in ids)
+    assert tok.decode(ids.tolist()) == sample
+    assert (tok.bos_id, tok.eos_id, tok.unk_id) == (1, 2, 0)
+    code, _, err = call(capsys, train_main, corpus, "--init-from", tmp_path / "m",
+                        "--batch-size", "4", "--micro-batch", "2", "--max-steps", "2",
+                        "--seq-len", "24", "--checkpoint-dir", tmp_path / "run",
+                        "--log-interval", "0", "--eval-interval", "0",
+                        "--final-eval-tokens", "100", "--threads", "2")
+    assert code == 0, err
+    code, _, err = call(capsys, export_main, tmp_path / "run", tmp_path / "m.gguf",
+                        "--format", "gguf")
+    assert_one_error_line(code, err, "cllm_export", "byte-level BPE")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.bf16
+def test_bf16_products_in_the_llama_form(text, corpus, tmp_path):
+    """--precision bf16 on a Llama-form model: the loss within bf16's rounding of fp32's,
+    and a run's final model bit-identical for 1 and 2 threads."""
+    hf_directory(tmp_path / "m", "qwen2", text)
+    cfg, flat = load_model_files(tmp_path / "m")[:2]
+    rng = np.random.default_rng(6)
+    inputs = rng.integers(0, cfg.vocab_size, (2, 40)).astype(np.int32)
+    targets = rng.integers(0, cfg.vocab_size, (2, 40)).astype(np.int32)
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        grads = np.zeros_like(flat)
+        losses[precision], _ = loss_and_grads(cfg, flat, inputs, targets, grads, pad_id=-1,
+                                              precision=precision)
+    assert losses["bf16"] != losses["fp32"]
+    assert abs(losses["bf16"] - losses["fp32"]) <= 2e-2 * abs(losses["fp32"])
+    args = [*TINY, "--arch", "llama", "--num-kv-heads", "2", "--precision", "bf16", corpus]
+    finals = []
+    for threads in (1, 2):
+        p = subprocess.run(train_command(1, threads, *args, "--checkpoint-dir",
+                                         tmp_path / f"t{threads}"),
+                           cwd=ROOT, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        finals.append((tmp_path / f"t{threads}" / "final_model.cllm").read_bytes())
+    assert finals[0] == finals[1]
