@@ -438,3 +438,16 @@ def test_bf16_products_in_the_llama_form(text, corpus, tmp_path):
         assert p.returncode == 0, p.stderr
         finals.append((tmp_path / f"t{threads}" / "final_model.cllm").read_bytes())
     assert finals[0] == finals[1]
+
+
+def test_a_gpt2_text_run_stores_what_it_stored_before_families(corpus, tmp_path, capsys):
+    """The settings of the Llama form and of chat templates are stored only by runs that use
+    them, so that a GPT-2 run on text writes the checkpoint bytes it wrote before them."""
+    from cllm_cli.formats.checkpoint_load import load_checkpoint
+    code, _, err = call(capsys, train_main, corpus, *TINY, "--max-steps", "2",
+                        "--checkpoint-dir", tmp_path / "run")
+    assert code == 0, err
+    ckpt = load_checkpoint(tmp_path / "run" / "final_model.cllm")
+    stored = ckpt.meta["train_config"]
+    assert not {"arch", "num_kv_heads", "rope_theta", "tie_embeddings", "chat_template"} & set(stored)
+    assert "family" not in ckpt.config.to_dict()

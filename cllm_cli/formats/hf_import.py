@@ -6,9 +6,10 @@ layout and the config's meaning are the family's. Loading refuses, with one line
 setting, what our model cannot compute exactly: a model_type or architecture of no family,
 what the family refuses (for GPT-2: another activation, layer_norm_epsilon other than 1e-5,
 scale_attn_weights false, scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn,
-cross-attention, n_ctx != n_positions), model sizes CLLMConfig refuses, an output layer that
-differs from the embedding (one equal to it is taken as tied), a missing tensor (GPT-2
-without biases), an unexpected one, float64 weights (float16 and bfloat16 widen to float32
+cross-attention, n_ctx != n_positions; for the Llama form: rope scaling, a sliding window,
+another activation, MLP biases, another head_dim), model sizes the config refuses, a GPT-2
+output layer that differs from the embedding (one equal to it is taken as tied; the Llama
+form's may be a tensor of its own), a missing tensor (GPT-2 without biases), an unexpected one, float64 weights (float16 and bfloat16 widen to float32
 exactly), a tensor holding NaN or Inf (named), and weights only in pytorch_model.bin (not
 read: unpickling can run code). Tensor names may lack the family's prefix (GPT-2's
 "transformer.": files saved from GPT2Model, as GPT-2's own), sharded files
@@ -187,20 +188,20 @@ def load_transformers_directory(directory: str | os.PathLike,
                                   f"trained or run")
         view[...] = t.T if family.hf_transposed(name) else t
     views = named_views(cfg, flat)
+    # an output layer of its own is a tensor of the model, read above; a tied one may still
+    # be in the file, as a copy of the embedding
     untied = any(family.hf_name(name) == family.hf_head for name in views)
     head = None if untied else files.pop(family.hf_head, None)
     embedding = views[family.embedding]
     tied = _setting(config, "tie_word_embeddings", True)
-    if untied:
-        pass            # the output layer is a tensor of the model, read above
-    elif head is not None:
+    if head is not None:
         full, path, entry = head
         if (entry[1] != embedding.shape
                 or not np.array_equal(_read_tensor(path, full, entry), embedding)):
             raise ConversionError(f"{path}: {family.hf_head} differs from "
                                   f"{family.hf_name(family.embedding)} (untied output layer is "
                                   f"not supported)")
-    elif not tied:
+    elif not tied and not untied:
         raise ConversionError(f"{config_path}: tie_word_embeddings false and no "
                               f"{family.hf_head} (untied output layer is not supported)")
     if files:

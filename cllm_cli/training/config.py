@@ -214,12 +214,15 @@ class TrainConfig:
         return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["fixed"])
 
     def result_fields(self) -> Dict[str, Any]:
-        """The fields that shape the result: stored in checkpoints (the LoRA settings only
-        when adapters train, so that a full run's checkpoint is what it was before them)."""
+        """The fields that shape the result: stored in checkpoints. The settings of a later
+        feature are stored only when it is used (the LoRA settings when adapters train, the
+        Llama form's with --arch llama, --chat-template when given), so that a checkpoint of
+        a run without them is what it was before them."""
         run = self.run_fields()
         return {k: v for k, v in dataclasses.asdict(self).items()
                 if k not in run and (self.lora_rank or not k.startswith("lora_"))
-                and (self.arch == "llama" or k not in LLAMA_OPTIONS)}
+                and (self.arch == "llama" or k not in LLAMA_OPTIONS)
+                and (self.chat_template or k != "chat_template")}
 
     def model_config(self, vocab_size: int) -> CLLMConfig:
         """The config of a model from scratch of these options."""

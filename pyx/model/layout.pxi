@@ -79,14 +79,22 @@ cdef struct FamilyTable:
 
 
 cdef enum:
-    # GPT-2's rows outside the blocks
+    # GPT-2's rows outside the blocks, and the first of a block
     PT_WTE = 0
     PT_WPE = 1
+    PT_LN1W = 2
     PT_LNFW = 14
     PT_LNFB = 15
     NUM_GPT2_ROWS = 16
-    # Llama's
+    # Llama's: the embedding, the block's rows this file names, the final norm and the head
     LT_EMBED = 0
+    LT_LN1 = 1
+    LT_Q = 2            # q_proj.weight, then k_proj's and v_proj's: one [W, C] weight
+    LT_Q_BIAS = 5       # q_proj.bias, then k_proj's and v_proj's (absent without biases)
+    LT_O = 8
+    LT_LN2 = 9
+    LT_GATE = 10        # gate_proj.weight, then up_proj's: one [2F, C] weight
+    LT_DOWN = 12
     LT_NORM = 13
     LT_HEAD = 14
     NUM_LLAMA_ROWS = 15
@@ -291,17 +299,17 @@ cdef inline void layer_params(LayerParams* p, float* base, const ModelConfig* c,
     cdef int k
     if c.family == FAMILY_LLAMA:
         memset(p, 0, sizeof(LayerParams))
-        p.ln1w = block_tensor(base, c, 1, l)
-        p.qkvw = block_tensor(base, c, 2, l)
-        p.qkvb = block_tensor(base, c, 5, l)
-        p.attprojw = block_tensor(base, c, 8, l)
-        p.ln2w = block_tensor(base, c, 9, l)
-        p.fcw = block_tensor(base, c, 10, l)
-        p.fcprojw = block_tensor(base, c, 12, l)
+        p.ln1w = block_tensor(base, c, LT_LN1, l)
+        p.qkvw = block_tensor(base, c, LT_Q, l)
+        p.qkvb = block_tensor(base, c, LT_Q_BIAS, l)
+        p.attprojw = block_tensor(base, c, LT_O, l)
+        p.ln2w = block_tensor(base, c, LT_LN2, l)
+        p.fcw = block_tensor(base, c, LT_GATE, l)
+        p.fcprojw = block_tensor(base, c, LT_DOWN, l)
         return
     slots[:] = [&p.ln1w, &p.ln1b, &p.qkvw, &p.qkvb, &p.attprojw, &p.attprojb,
                 &p.ln2w, &p.ln2b, &p.fcw, &p.fcb, &p.fcprojw, &p.fcprojb]
-    q = base + tensor_offset(c, 2, l)
+    q = base + tensor_offset(c, PT_LN1W, l)
     for k in range(TENSORS_PER_BLOCK):
         slots[k][0] = q
-        q += row_floats(c, 2 + k)
+        q += row_floats(c, PT_LN1W + k)
