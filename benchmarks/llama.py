@@ -103,7 +103,8 @@ def train_cllm(spec):
     if precision == "bf16":
         from cllm_cli.model.precision import require
         require("bf16")
-    engine = Engine(cfg, flat, spec["threads"], 1, BATCH, adapters=adapters,
+    engine = Engine(cfg, flat, spec["threads"], micro_batch(spec["threads"]), BATCH,
+                    adapters=adapters,
                     lora=lora and lora.engine_args, precision=precision)
     try:
         timed = burn_in_and_time(
