@@ -111,7 +111,9 @@ train: build
 # it, pp512 and tg128 on D and G (python -m benchmarks.generate --help; GENERATE_BENCH_ARGS),
 # the LoRA step, and the Llama form at SmolLM2-135M's shape against PyTorch, and against
 # llama-finetune and llama-bench with LLAMA_BENCH_ARGS="--llama-cpp DIR" (python -m
-# benchmarks.llama --help; tools/llama_cpp_check.py builds llama.cpp). PyTorch, pinned to the CPU build's version, is only for the comparison: when it cannot be
+# benchmarks.llama --help; tools/llama_cpp_check.py builds llama.cpp), and the kernels of the
+# fp32 products at the engine's shapes, --matmul blas against onednn (benchmarks.kernels).
+# PyTorch, pinned to the CPU build's version, is only for the comparison: when it cannot be
 # installed the benchmark runs without it.
 bench: test-build $(DEPS)
 	@$(PY) -m pip install -q torch==2.13.0 || echo "bench: torch==2.13.0 not installed, PyTorch comparison skipped"
@@ -120,6 +122,7 @@ bench: test-build $(DEPS)
 	$(PY) -m benchmarks.generate $(GENERATE_BENCH_ARGS)
 	$(PY) -m benchmarks.lora $(LORA_BENCH_ARGS)
 	$(PY) -m benchmarks.llama $(LLAMA_BENCH_ARGS)
+	$(PY) -m benchmarks.kernels
 
 # ThreadSanitizer over a short multi-sphere training of a TSan build kept in build/tsan, the
 # testing extension's NaN injection included (no suppressions are needed: the interpreter

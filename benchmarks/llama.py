@@ -6,7 +6,7 @@
 - Training: steps of 4 windows of T 512 (2,048 tokens), AdamW (lr 1e-3, weight decay 0.01,
   gradient clipping 1.0), --threads threads; burn-in steps, then timed steps, each side in a
   process of its own (peak RSS is its VmHWM):
-    cllm       the engine, micro-batches of 1 window (and cllm-bf16: --precision bf16, on
+    cllm       the engine, one micro-batch per thread (and cllm-bf16: --precision bf16, on
                a CPU with bf16)
     lora       the engine training rank-8 adapters on q_proj and v_proj (PEFT's default)
     torch      transformers' LlamaForCausalLM (its default attention) + torch.optim.AdamW,
@@ -63,6 +63,11 @@ def config(shape):
     return LlamaConfig(**SHAPES[shape], tie_embeddings=True)
 
 
+def micro_batch(threads):
+    """Windows per micro-batch: one micro-batch per sphere."""
+    return max(1, BATCH // threads)
+
+
 def flops_per_token(cfg):
     hs = cfg.embed_dim // cfg.num_heads
     d, width = cfg.embed_dim, cfg.embed_dim + 2 * cfg.num_kv_heads * hs
@@ -104,8 +109,7 @@ def train_cllm(spec):
         from cllm_cli.model.precision import require
         require("bf16")
     engine = Engine(cfg, flat, spec["threads"], micro_batch(spec["threads"]), BATCH,
-                    adapters=adapters,
-                    lora=lora and lora.engine_args, precision=precision)
+                    adapters=adapters, lora=lora and lora.engine_args, precision=precision)
     try:
         timed = burn_in_and_time(
             lambda i: engine.train_step(data[i], i, m, v, adamw=True, lr=LR,

@@ -400,6 +400,18 @@ cdef bint check_precision(str precision) except -1:
     return precision == "bf16"
 
 
+MATMUL_KERNELS = ("blas", "onednn")     # the kernels of the fp32 weight products
+
+
+cdef bint check_matmul(str matmul, bint bf16) except -1:
+    # True for oneDNN's fp32 matmul; bf16 products are oneDNN's whatever the kernel
+    if matmul not in MATMUL_KERNELS:
+        raise ValueError(f"matmul must be one of {', '.join(MATMUL_KERNELS)}, not {matmul!r}")
+    if matmul == "onednn" and not bf16_library_loaded():
+        raise RuntimeError("matmul onednn needs oneDNN: call load_bf16 first")
+    return matmul == "onednn" and not bf16
+
+
 class ProductError(RuntimeError):
     """A bf16 matrix product failed in oneDNN (its output was NaN): the engine is unusable."""
 
@@ -421,9 +433,15 @@ cdef class _Bf16Weights:
 
 
 cdef int use_precision(Activations* a, const ModelConfig* c, const float* params,
-                       _Bf16Weights w, bint bf16) except -1:
-    # after activations_alloc: a's products in bf16 when asked (w keeps the rounded weights)
+                       _Bf16Weights w, bint bf16, bint onednn_fp32=False) except -1:
+    # after activations_alloc: a's products in bf16 when asked (w keeps the rounded weights),
+    # or its fp32 weight products on oneDNN's kernel
     cdef size_t size = model_size(c)
+    if onednn_fp32:
+        if activations_use_onednn_fp32(a) != 0:
+            activations_free(a)
+            raise MemoryError("cannot start oneDNN")
+        return 0
     if not bf16:
         return 0
     w.data = <uint16_t*>malloc(size * sizeof(uint16_t))

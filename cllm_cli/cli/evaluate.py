@@ -25,7 +25,8 @@ Choices written down here:
 - The batch size and micro-batch (how the loss is grouped) are the checkpoint's training
   settings; --threads only changes speed.
 - The matrix products run in the precision the model was trained in (--precision to choose),
-  so a bf16 run's `--split val` is its validation loss too.
+  and on the kernel it was trained with (its --matmul), so a bf16 or oneDNN run's
+  `--split val` is its validation loss too.
 - --task scores in fp32 (the Decoder's precision) whatever the model was trained in, and
   takes exactly one file; what is scored and how is written down in cllm_cli/evaluation. The
   progress line (stderr, only on a terminal) counts items, and without --task the windows
@@ -183,9 +184,10 @@ def run(args: argparse.Namespace, out: TextIO) -> None:
     threads = args.threads or default_threads()
     products = args.precision or config.get("precision", "fp32")
     precision.require(products)
+    kernel = run_kernel(config)
     loss_sum, counted, n_windows = evaluate_stream(
         model, stream, threads, int(config.get("batch_size", 32)),
-        int(config.get("micro_batch", 4)), tokenizer.pad_id, products)
+        int(config.get("micro_batch", 4)), tokenizer.pad_id, products, kernel)
     result = TextLoss.of(what, n_files, len(stream), loss_sum, counted, n_windows,
                          bytes_per_token)
     if args.json:
@@ -199,6 +201,14 @@ def run(args: argparse.Namespace, out: TextIO) -> None:
     out.flush()
 
 
+def run_kernel(config: Mapping[str, Any]) -> str:
+    """The kernel of the fp32 weight products the run trained with (its stored --matmul), made
+    runnable: evaluation computes as training did."""
+    kernel = str(config.get("matmul", "blas"))
+    precision.require_matmul(kernel)
+    return kernel
+
+
 def run_records(args: argparse.Namespace, out: TextIO, model: Any, tokenizer: Any,
                 files: Sequence[Any], config: Mapping[str, Any]) -> None:
     """The masked loss of records: .jsonl DATA, or an instruction run's --split."""
@@ -208,7 +218,8 @@ def run_records(args: argparse.Namespace, out: TextIO, model: Any, tokenizer: An
     precision.require(products)
     loss_sum, counted, n_windows = evaluate_windows(
         model, windows, args.threads or default_threads(), int(config.get("batch_size", 32)),
-        int(config.get("micro_batch", 4)), tokenizer.pad_id, products, labelled=True)
+        int(config.get("micro_batch", 4)), tokenizer.pad_id, products, labelled=True,
+        matmul=run_kernel(config))
     what = (f"{args.split} split" if args.split
             else f"{len(files)} {plural(len(files), 'file')}")
     tokens = int((windows[:, windows.shape[1] // 2:] >= 0).sum())

@@ -120,7 +120,8 @@ def records_of_run(checkpoint_path: str | os.PathLike, model: CLLMModel, tokeniz
 
 
 def evaluate_stream(model: CLLMModel, stream: np.ndarray, threads: int, batch_size: int,
-                    micro_batch: int, pad_id: int, precision: str = "fp32") -> tuple[float, int, int]:
+                    micro_batch: int, pad_id: int, precision: str = "fp32",
+                    matmul: str = "blas") -> tuple[float, int, int]:
     """(summed loss, counted targets, windows) of the validation windows of `stream`. The
     windows go to the engine a batch at a time, as Engine.evaluate hands them out, and the
     micro-batch losses are added up in the same order, so the sum is Engine.evaluate's to
@@ -129,17 +130,19 @@ def evaluate_stream(model: CLLMModel, stream: np.ndarray, threads: int, batch_si
     if len(windows) == 0:
         raise DataError(f"too little text: {len(stream)} {plural(len(stream), 'token')}, need "
                         f"at least 2")
-    return evaluate_windows(model, windows, threads, batch_size, micro_batch, pad_id, precision)
+    return evaluate_windows(model, windows, threads, batch_size, micro_batch, pad_id, precision,
+                            matmul=matmul)
 
 
 def evaluate_windows(model: CLLMModel, windows: NDArray[np.int32], threads: int,
                      batch_size: int, micro_batch: int, pad_id: int, precision: str = "fp32",
-                     labelled: bool = False) -> tuple[float, int, int]:
+                     labelled: bool = False, matmul: str = "blas") -> tuple[float, int, int]:
     """(summed loss, counted targets, windows) of `windows` (labelled: the engine's labelled
     windows of records, ids then labels), as evaluate_stream sums them."""
     loss_sum, counted = 0.0, 0
     with Engine(model.config, model.flat, threads, min(micro_batch, batch_size),
-                batch_size, pad_id=pad_id, precision=precision, labelled=labelled) as engine, \
+                batch_size, pad_id=pad_id, precision=precision, labelled=labelled,
+                matmul=matmul) as engine, \
             ItemProgress("evaluating", len(windows), unit="window") as progress:
         for start in range(0, len(windows), engine.max_windows):
             part = windows[start:start + engine.max_windows]

@@ -52,6 +52,24 @@ def library_path() -> str | None:
     return candidate if os.path.exists(candidate) else None
 
 
+MATMUL_KERNELS = ("blas", "onednn")
+
+
+def require_matmul(kernel: str) -> None:
+    """Makes the fp32 weight products' kernel runnable: loads oneDNN for "onednn" (any x86-64
+    CPU); PrecisionError with one line when it cannot."""
+    if kernel != "onednn":
+        return
+    path = library_path()
+    if path is None:
+        raise PrecisionError(f"--matmul onednn needs oneDNN: pip install '.[bf16]' "
+                             f"({DISTRIBUTION}==2023.2.0)")
+    try:
+        load_bf16(path)
+    except OSError as e:
+        raise PrecisionError(f"--matmul onednn: cannot load oneDNN from {path}: {e}") from None
+
+
 def require(precision: str) -> None:
     """Makes `precision` runnable: loads oneDNN for bf16; PrecisionError with one line when
     it cannot."""

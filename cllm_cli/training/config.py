@@ -150,6 +150,10 @@ class TrainConfig:
     precision: str = option("fp32", "optimisation", "the inputs of every matrix product: fp32, "
                             "or bf16 rounded (fp32 sums, master weights and optimiser; needs "
                             "the bf16 extra)", choices=("fp32", "bf16"), fixed=True)
+    matmul: str = option("blas", "optimisation", "the kernel of the fp32 weight products: "
+                         "blas (scipy's OpenBLAS) or onednn (oneDNN's fp32 matmul; needs the "
+                         "bf16 extra); each gives its own bits, the same for any --threads",
+                         choices=("blas", "onednn"), fixed=True)
     max_bad_steps: int = option(3, "optimisation", "stop after this many consecutive steps "
                                 "skipped for NaN/Inf", minimum=1)
     # threads
@@ -216,13 +220,14 @@ class TrainConfig:
     def result_fields(self) -> Dict[str, Any]:
         """The fields that shape the result: stored in checkpoints. The settings of a later
         feature are stored only when it is used (the LoRA settings when adapters train, the
-        Llama form's with --arch llama, --chat-template when given), so that a checkpoint of
-        a run without them is what it was before them."""
+        Llama form's with --arch llama, --chat-template when given, --matmul other than blas),
+        so that a checkpoint of a run without them is what it was before them."""
         run = self.run_fields()
         return {k: v for k, v in dataclasses.asdict(self).items()
                 if k not in run and (self.lora_rank or not k.startswith("lora_"))
                 and (self.arch == "llama" or k not in LLAMA_OPTIONS)
-                and (self.chat_template or k != "chat_template")}
+                and (self.chat_template or k != "chat_template")
+                and (self.matmul != "blas" or k != "matmul")}
 
     def model_config(self, vocab_size: int) -> CLLMConfig:
         """The config of a model from scratch of these options."""

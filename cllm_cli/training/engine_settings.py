@@ -26,6 +26,7 @@ class EngineSettings:
     seed: int
     precision: str
     labelled: bool = False        # windows carry labels (instruction data)
+    matmul: str = "blas"          # the kernel of the fp32 weight products
 
     @classmethod
     def of_run(cls, cfg: TrainConfig, pad_id: int, labelled: bool = False) -> EngineSettings:
@@ -34,7 +35,7 @@ class EngineSettings:
         return cls(micro_batch=cfg.micro_batch, batch_size=cfg.batch_size,
                    lock_mode=cfg.lock_mode, debug_locks=cfg.debug_locks, pad_id=pad_id,
                    dropout=cfg.dropout, seed=cfg.seed, precision=cfg.precision,
-                   labelled=labelled)
+                   labelled=labelled, matmul=cfg.matmul)
 
     def engine(self, trainer: Any, threads: int, engine_class: type = Engine) -> Any:
         """The run's Engine (an engine_class) of `threads` spheres over the trainer's model
@@ -43,4 +44,4 @@ class EngineSettings:
                             self.batch_size, self.lock_mode, self.debug_locks, self.pad_id,
                             self.dropout, self.seed, self.precision, adapters=trainer.adapters,
                             lora=trainer.lora and trainer.lora.engine_args,
-                            labelled=self.labelled)
+                            labelled=self.labelled, matmul=self.matmul)

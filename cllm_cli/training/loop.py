@@ -91,6 +91,7 @@ def train(data, engine_hook=None, world=None, engine_class=Engine, **options):
     if cfg.threads is None:
         cfg.threads = max(1, min(MAX_THREADS, default_threads() // world.local_size))
     precision.require(cfg.precision)   # fail now, not after tokenizing
+    precision.require_matmul(cfg.matmul)
     if cfg.plot:
         require_matplotlib()     # fail now, not after a long run
         if not cfg.metrics_file:
@@ -106,6 +107,7 @@ def train(data, engine_hook=None, world=None, engine_class=Engine, **options):
         stop = rank_stop(world, local_stop)
         stop.defer()             # from here on a signal ends the run after the current step
         precision.require(trainer.cfg.precision)     # a resumed run's may be the checkpoint's
+        precision.require_matmul(trainer.engine_settings.matmul)
         with rank_log(world, trainer) as log, \
                 trainer.engine_settings.engine(trainer, cfg.threads, engine_class) as engine:
             if engine_hook is not None:

@@ -152,7 +152,8 @@ def print_header(trainer: Trainer, log: RunLog) -> None:
             f"{m.seq_len} tokens, "
             f"{trainer.layout or spheres}, micro-batch {cfg.micro_batch}, "
             f"lock mode {cfg.lock_mode}" + (f", dropout {cfg.dropout:g}" if cfg.dropout else "")
-            + (f", precision {cfg.precision}" if cfg.precision != "fp32" else ""))
+            + (f", precision {cfg.precision}" if cfg.precision != "fp32" else "")
+            + (f", matmul {cfg.matmul}" if cfg.matmul != "blas" else ""))
     if len(trainer.val):
         n = len(trainer.val)
         periodic = len(trainer.val_periodic)

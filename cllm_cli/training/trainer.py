@@ -342,6 +342,7 @@ class Trainer:
         try:
             saved = dict(meta["train_config"])
             saved.setdefault("precision", "fp32")     # checkpoints from before --precision
+            saved.setdefault("matmul", "blas")        # stored only when it is another kernel
             state = TrainState(**meta["state"])
             vocab_hash, dataset_key = meta["vocab_hash"], meta["dataset_key"]
         except (KeyError, TypeError) as e:

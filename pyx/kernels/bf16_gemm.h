@@ -174,9 +174,10 @@ static void bf16_round_rows(uint16_t* dst, const float* src, size_t rows, size_t
     }
 }
 
-/* one product shape with its primitive and the memory objects it runs on */
+/* one product shape (and input type: bf16, or f32 for the fp32 kernel) with its primitive and
+ * the memory objects it runs on */
 typedef struct {
-    int trans_a, trans_b, M, N, K, lda, ldb, ldc, accumulate;
+    int type, trans_a, trans_b, M, N, K, lda, ldb, ldc, accumulate;
     cllm_dnnl_handle primitive, a, b, c, scratchpad;
     size_t scratchpad_bytes;
 } bf16_plan;
@@ -238,8 +239,8 @@ static cllm_dnnl_status bf16_plan_create(bf16_context* g, bf16_plan* p) {
     cllm_dnnl_handle a_md = NULL, b_md = NULL, c_md = NULL, attr = NULL, ops = NULL, desc = NULL;
     cllm_dnnl_handle s_md;
     cllm_dnnl_status st;
-    st = bf16_matrix_desc(&a_md, p->M, p->K, p->lda, p->trans_a, CLLM_DNNL_BF16);
-    if (st == 0) st = bf16_matrix_desc(&b_md, p->K, p->N, p->ldb, p->trans_b, CLLM_DNNL_BF16);
+    st = bf16_matrix_desc(&a_md, p->M, p->K, p->lda, p->trans_a, p->type);
+    if (st == 0) st = bf16_matrix_desc(&b_md, p->K, p->N, p->ldb, p->trans_b, p->type);
     if (st == 0) st = bf16_matrix_desc(&c_md, p->M, p->N, p->ldc, 0, CLLM_DNNL_F32);
     if (st == 0) st = cllm_dnnl.attr_create(&attr);
     if (st == 0) st = cllm_dnnl.attr_set_scratchpad_mode(attr, CLLM_DNNL_SCRATCHPAD_USER);
@@ -268,14 +269,15 @@ static cllm_dnnl_status bf16_plan_create(bf16_context* g, bf16_plan* p) {
     return st;
 }
 
-static bf16_plan* bf16_plan_for(bf16_context* g, int trans_a, int trans_b, int M, int N, int K,
-                                int lda, int ldb, int ldc, int accumulate) {
+static bf16_plan* bf16_plan_for(bf16_context* g, int type, int trans_a, int trans_b, int M,
+                                int N, int K, int lda, int ldb, int ldc, int accumulate) {
     int i;
     bf16_plan* p;
     cllm_dnnl_status st;
     for (i = 0; i < g->num_plans; i++) {
         p = &g->plans[i];
-        if (p->trans_a == trans_a && p->trans_b == trans_b && p->M == M && p->N == N
+        if (p->type == type && p->trans_a == trans_a && p->trans_b == trans_b && p->M == M
+                && p->N == N
                 && p->K == K && p->lda == lda && p->ldb == ldb && p->ldc == ldc
                 && p->accumulate == accumulate)
             return p;
@@ -292,7 +294,7 @@ static bf16_plan* bf16_plan_for(bf16_context* g, int trans_a, int trans_b, int M
     }
     p = &g->plans[g->num_plans];
     memset(p, 0, sizeof(*p));
-    p->trans_a = trans_a; p->trans_b = trans_b; p->M = M; p->N = N; p->K = K;
+    p->type = type; p->trans_a = trans_a; p->trans_b = trans_b; p->M = M; p->N = N; p->K = K;
     p->lda = lda; p->ldb = ldb; p->ldc = ldc; p->accumulate = accumulate;
     st = bf16_plan_create(g, p);
     if (st == 0 && p->scratchpad_bytes > g->scratchpad_bytes) {
@@ -318,9 +320,10 @@ static bf16_plan* bf16_plan_for(bf16_context* g, int trans_a, int trans_b, int M
 }
 
 /* C[M,N] = op(A)[M,K] @ op(B)[K,N] (+ C when accumulate), all row-major as in sgemm_rm:
- * A and B bf16, C fp32. On failure C is set to NaN and g->status keeps the reason. */
-static void bf16_gemm(bf16_context* g, int trans_a, int trans_b, int M, int N, int K,
-                      const uint16_t* A, int lda, const uint16_t* B, int ldb, int accumulate,
+ * A and B of `type` (bf16 or f32), C fp32. On failure C is set to NaN and g->status keeps
+ * the reason. */
+static void dnnl_gemm(bf16_context* g, int type, int trans_a, int trans_b, int M, int N, int K,
+                      const void* A, int lda, const void* B, int ldb, int accumulate,
                       float* C, int ldc) {
     bf16_plan* p;
     cllm_dnnl_exec_arg args[4];
@@ -328,7 +331,8 @@ static void bf16_gemm(bf16_context* g, int trans_a, int trans_b, int M, int N, i
     cllm_dnnl_status st;
     if (cllm_dnnl.omp_get_max_threads() != 1)
         cllm_dnnl.omp_set_num_threads(1);   /* per calling thread: one library thread per sphere */
-    p = g->status == 0 ? bf16_plan_for(g, trans_a, trans_b, M, N, K, lda, ldb, ldc, accumulate)
+    p = g->status == 0 ? bf16_plan_for(g, type, trans_a, trans_b, M, N, K, lda, ldb, ldc,
+                                       accumulate)
                        : NULL;
     if (p != NULL) {
         cllm_dnnl.memory_set_data_handle(p->a, (void*)A);
@@ -352,6 +356,20 @@ static void bf16_gemm(bf16_context* g, int trans_a, int trans_b, int M, int N, i
     for (i = 0; i < M; i++)
         for (j = 0; j < N; j++)
             C[(size_t)i * ldc + j] = NAN;
+}
+
+/* dnnl_gemm on bf16 inputs (--precision bf16) */
+static void bf16_gemm(bf16_context* g, int trans_a, int trans_b, int M, int N, int K,
+                      const uint16_t* A, int lda, const uint16_t* B, int ldb, int accumulate,
+                      float* C, int ldc) {
+    dnnl_gemm(g, CLLM_DNNL_BF16, trans_a, trans_b, M, N, K, A, lda, B, ldb, accumulate, C, ldc);
+}
+
+/* dnnl_gemm on fp32 inputs: oneDNN's fp32 matmul (--matmul onednn) */
+static void f32_gemm(bf16_context* g, int trans_a, int trans_b, int M, int N, int K,
+                     const float* A, int lda, const float* B, int ldb, int accumulate,
+                     float* C, int ldc) {
+    dnnl_gemm(g, CLLM_DNNL_F32, trans_a, trans_b, M, N, K, A, lda, B, ldb, accumulate, C, ldc);
 }
 
 /* the name of the implementation oneDNN picked for plan `index`, or NULL */

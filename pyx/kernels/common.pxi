@@ -48,12 +48,19 @@ cdef extern from "kernels/bf16_gemm.h" nogil:
     void bf16_gemm(bf16_context* g, int trans_a, int trans_b, int M, int N, int K,
                    const uint16_t* A, int lda, const uint16_t* B, int ldb, int accumulate,
                    float* C, int ldc)
+    void f32_gemm(bf16_context* g, int trans_a, int trans_b, int M, int N, int K,
+                  const float* A, int lda, const float* B, int ldb, int accumulate,
+                  float* C, int ldc)
     const char* bf16_plan_impl(bf16_context* g, int index)
 
 
 cdef struct Bf16Products:
-    # a sphere's state for --precision bf16: every matrix product takes bf16 inputs
+    # a sphere's oneDNN state for its weight products: bf16 inputs (--precision bf16: every
+    # matrix product takes bf16 inputs), or with fp32 set oneDNN's fp32 matmul on the fp32
+    # inputs (--matmul onednn: the weight products only; attention and adapters stay on the
+    # BLAS, and the bf16 fields below are unused)
     bf16_context ctx
+    bint fp32
     const float* master         # the parameters whose rounded copy `weights` is
     const uint16_t* weights     # bf16(master), same offsets: shared, read-only while spheres run
     uint16_t* inputs            # scratch: one product's activation input, rounded
@@ -64,6 +71,12 @@ cdef struct Bf16Products:
 
 cdef inline const uint16_t* bf16_weight(const Bf16Products* b, const float* w) noexcept nogil:
     return b.weights + (w - b.master)
+
+
+cdef inline Bf16Products* bf16_products(Bf16Products* b) noexcept nogil:
+    # b when its products take bf16 inputs, NULL for fp32 ones (the BLAS's, or oneDNN's fp32
+    # kernel, which only the weight products use): what attention takes
+    return b if b != NULL and not b.fp32 else NULL
 
 
 cdef double now_seconds() noexcept nogil:

@@ -114,10 +114,14 @@ cdef void layernorm_backward(float* dinp, float* dweight, float* dbias, const fl
 cdef inline void weight_product(Bf16Products* b, float* out, const float* inp,
                                 const float* weight, int N, int C, int OC,
                                 bint accumulate) noexcept nogil:
-    # out[N,OC] (+)= inp[N,C] @ weight[OC,C]^T, in fp32 (b NULL) or on bf16 inputs
+    # out[N,OC] (+)= inp[N,C] @ weight[OC,C]^T, in fp32 (b NULL: the BLAS; b.fp32: oneDNN) or
+    # on bf16 inputs
     if b == NULL:
         sgemm_rm(False, True, N, OC, C, 1.0, inp, C, weight, C, 1.0 if accumulate else 0.0,
                  out, OC)
+        return
+    if b.fp32:
+        f32_gemm(&b.ctx, False, True, N, OC, C, inp, C, weight, C, accumulate, out, OC)
         return
     bf16_round_rows(b.inputs, inp, N, C, C)
     bf16_gemm(&b.ctx, False, True, N, OC, C, b.inputs, C, bf16_weight(b, weight), C,
@@ -152,6 +156,10 @@ cdef void linear_backward(Bf16Products* b, float* dinp, float* dweight, float* d
         sgemm_rm(False, False, N, C, OC, 1.0, dout, OC, weight, C, 1.0, dinp, C)
         if dweight != NULL:
             sgemm_rm(True, False, OC, C, N, 1.0, dout, OC, inp, C, 1.0, dweight, C)
+    elif b.fp32:
+        f32_gemm(&b.ctx, False, False, N, C, OC, dout, OC, weight, C, True, dinp, C)
+        if dweight != NULL:
+            f32_gemm(&b.ctx, True, False, OC, C, N, dout, OC, inp, C, True, dweight, C)
     else:
         bf16_round_rows(b.grads, dout, N, OC, OC)
         bf16_gemm(&b.ctx, False, False, N, C, OC, b.grads, OC, bf16_weight(b, weight), C,

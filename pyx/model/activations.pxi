@@ -211,6 +211,20 @@ cdef int activations_use_bf16(Activations* a, const ModelConfig* c, const float*
     return 0
 
 
+cdef int activations_use_onednn_fp32(Activations* a) noexcept nogil:
+    # switches a's weight products to oneDNN's fp32 matmul; 0 on success, -1 when out of
+    # memory or oneDNN cannot start
+    cdef Bf16Products* b = <Bf16Products*>calloc(1, sizeof(Bf16Products))
+    if b == NULL:
+        return -1
+    if bf16_context_init(&b.ctx) != 0:
+        free(b)
+        return -1
+    b.fp32 = True
+    a.bf16 = b
+    return 0
+
+
 cdef void activations_free(Activations* a) noexcept nogil:
     free(a.memory)
     a.memory = NULL

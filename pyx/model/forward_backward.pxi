@@ -63,8 +63,8 @@ cdef void block_forward(LayerActs* a, const float* res, const LayerParams* p, in
     if lora_on(a.lora, LORA_QKV):
         lora_forward(a.lora, c, a.qkv, 3 * C, site_h(a, LORA_QKV, N), a.lora_x, a.ln, N, d, l,
                      LORA_QKV)
-    attention_forward(a.bf16, a.atty, a.att_max, a.att_scale, a.att_probs, a.qkv, B, n, C, c.NH,
-                      c.NH, d, l)
+    attention_forward(bf16_products(a.bf16), a.atty, a.att_max, a.att_scale, a.att_probs, a.qkv,
+                      B, n, C, c.NH, c.NH, d, l)
     if lora_on(a.lora, LORA_ATTPROJ):
         adapted_residual_forward(a, a.residual2, res, a.atty, p.attprojw, p.attprojb, N, C, C,
                                  c, d, l, LORA_ATTPROJ, DROP_ATTN_PROJ)
@@ -138,8 +138,8 @@ cdef void block_backward(Activations* a, const LayerActs* la, const float* res, 
     site_backward(la, c, lora_grads, a.dnarrow, a.dresidual_mid, C, la.atty, N, d, l,
                   LORA_ATTPROJ)
     clear(a.dwide, NC * 3)
-    attention_backward(a.bf16, a.dwide, la.att_probs, la.att_dprobs, a.dnarrow, la.qkv, la.att_max,
-                       la.att_scale, B, n, C, c.NH, c.NH, d, l)
+    attention_backward(bf16_products(a.bf16), a.dwide, la.att_probs, la.att_dprobs, a.dnarrow,
+                       la.qkv, la.att_max, la.att_scale, B, n, C, c.NH, c.NH, d, l)
     layernorm_apply(la.ln, res, la.ln1_mean, la.ln1_rstd, p.ln1w, p.ln1b, N, C)
     clear(a.dnarrow, NC)
     linear_backward(a.bf16, a.dnarrow, g.qkvw, g.qkvb, a.dwide, la.ln, p.qkvw, N, C, 3 * C)

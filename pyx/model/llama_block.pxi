@@ -52,7 +52,7 @@ cdef void llama_block_forward(LayerActs* a, const float* res, const LayerParams*
     linear_forward(a.bf16, a.qkv, a.ln, p.qkvw, p.qkvb, N, C, c.W)
     llama_adapters_forward(a, c, a.qkv, c.W, a.ln, N, d, l, LORA_Q, LORA_V)
     rope_rotate(a.qkv, a.rope_cos, a.rope_sin, B, n, c.W, c.NH + c.KVH, hs, False)
-    attention_forward(a.bf16, a.atty, a.att_max, a.att_scale, a.att_probs, a.qkv, B, n, C,
+    attention_forward(bf16_products(a.bf16), a.atty, a.att_max, a.att_scale, a.att_probs, a.qkv, B, n, C,
                       c.NH, c.KVH, d, l)
     llama_projection_forward(a, c, a.residual2, res, a.atty, p.attprojw, N, C, d, l, LORA_O)
     rmsnorm_forward(a.ln, a.ln2_rstd, a.residual2, p.ln2w, N, C, c.norm_eps)
@@ -106,7 +106,7 @@ cdef void llama_block_backward(Activations* a, const LayerActs* la, const float*
                     N, C, C)
     site_backward(la, c, lora_grads, a.dnarrow, a.dresidual_mid, C, la.atty, N, d, l, LORA_O)
     clear(a.dwide, <size_t>N * c.W)
-    attention_backward(a.bf16, a.dwide, la.att_probs, la.att_dprobs, a.dnarrow, la.qkv,
+    attention_backward(bf16_products(a.bf16), a.dwide, la.att_probs, la.att_dprobs, a.dnarrow, la.qkv,
                        la.att_max, la.att_scale, B, n, C, c.NH, c.KVH, d, l)
     rope_rotate(a.dwide, la.rope_cos, la.rope_sin, B, n, c.W, c.NH + c.KVH, hs, True)
     rmsnorm_apply(la.ln, res, la.ln1_rstd, p.ln1w, N, C)

@@ -8,14 +8,16 @@ def loss_and_grads(cfg, const float[::1] params,                # IN
                    float[::1] grads,                             # OUT (overwritten)
                    int pad_id=0, int block_rows=0, double dropout=0.0,
                    unsigned long long seed=0, long long step=0, long long microbatch=0,
-                   str precision="fp32", float[::1] adapters=None, lora=None):
+                   str precision="fp32", float[::1] adapters=None, lora=None,
+                   str matmul="blas"):
     """Summed loss over the targets that are neither negative (IGNORE_TARGET) nor pad_id
     (-1: every id counts) and its gradient, written
     into grads; returns (loss_sum, counted). block_rows: rows per block of the
     classifier and the loss (0: the engine's choice, classifier_block_rows). With dropout > 0
     (or the adapters' dropout) the inputs are one training micro-batch: the masks of (seed,
     step, microbatch). precision: as Engine's. lora: None, or (rank, targets, alpha, dropout)
-    of `adapters`; then the parameters are frozen and grads is the adapters' gradient."""
+    of `adapters`; then the parameters are frozen and grads is the adapters' gradient.
+    matmul: the kernel of the fp32 weight products, as Engine's."""
     cdef ModelConfig c = model_config(cfg)
     cdef Activations acts
     cdef Lora lo
@@ -40,10 +42,11 @@ def loss_and_grads(cfg, const float[::1] params,                # IN
     if block_rows < 0:
         raise ValueError("block_rows must be >= 0")
     cdef bint bf16 = check_precision(precision)
+    cdef bint onednn_fp32 = check_matmul(matmul, bf16)
     cdef _Bf16Weights w = _Bf16Weights()
     if activations_alloc(&acts, &c, B, classifier_rows(&c, B, block_rows)) != 0:
         raise MemoryError("cannot allocate activations")
-    use_precision(&acts, &c, &params[0], w, bf16)
+    use_precision(&acts, &c, &params[0], w, bf16, onednn_fp32)
     use_lora(&acts, &c, &lo, lora, adapters)
     with nogil:
         loss = model_forward(&acts, &counted, <float*>&params[0], &c, &inputs[0, 0],

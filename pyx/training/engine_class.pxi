@@ -57,7 +57,7 @@ cdef class Engine:
                  int max_windows, str lock_mode="shared", bint debug_locks=False,
                  int pad_id=0, double dropout=0.0, unsigned long long seed=0,
                  str precision="fp32", float[::1] adapters=None, lora=None,
-                 bint labelled=False):
+                 bint labelled=False, str matmul="blas"):
         """cfg: the model config (CLLMConfig); params: its flat buffer, updated in place by the
         optimiser; max_windows: the most windows one call hands the spheres; pad_id: targets
         equal to it are not counted (-1: every target counts); dropout: its probability in
@@ -69,7 +69,10 @@ cdef class Engine:
         labelled: every window handed over is 2 (n + 1) ints, n + 1 token ids followed by
         their labels, as transformers' labels: position k is trained on label k + 1, and a
         negative label (IGNORE_TARGET) or pad_id is not counted; otherwise a window is n + 1
-        ids and the targets are the ids shifted by one."""
+        ids and the targets are the ids shifted by one.
+        matmul: the kernel of the fp32 weight products, "blas" (scipy's BLAS) or "onednn"
+        (oneDNN's fp32 matmul; load_bf16 first); every kernel gives its own bits, the same
+        for any sphere count."""
         cdef ModelConfig c = model_config(cfg)
         cdef Lora lo
         cdef Lora* lora_ptr = NULL
@@ -83,6 +86,7 @@ cdef class Engine:
             raise ValueError("parameter buffer does not match the config")
         check_pad_id(pad_id, c.V)
         cdef bint bf16 = check_precision(precision)
+        cdef bint onednn_fp32 = check_matmul(matmul, bf16)
         if lora is not None:
             bind_lora(&lo, &c, lora, adapters)
             lora_ptr = &lo
@@ -102,7 +106,7 @@ cdef class Engine:
         with nogil:
             self.system = threaded_system_create(c, &params[0], num_spheres, micro_batch, max_mb,
                                                  mode, debug_locks, pad_id, labelled, bf16,
-                                                 lora_ptr)
+                                                 onednn_fp32, lora_ptr)
         if self.system == NULL:
             raise MemoryError("cannot allocate or start the training spheres")
         self.system.dropout = d

@@ -49,10 +49,12 @@ cdef ThreadedTrainingSystem* threaded_system_create(ModelConfig cfg, float* para
                                                     int max_microbatches, int lock_mode,
                                                     int debug_locks, int pad_id,
                                                     bint labelled, bint bf16,
+                                                    bint onednn_fp32,
                                                     const Lora* lora) noexcept nogil:
     # allocates the system and its spheres and starts one pthread per sphere; NULL on failure.
-    # bf16: the spheres' weight products take bf16 inputs (oneDNN must be loaded); lora: NULL,
-    # or adapters to train while params stay frozen
+    # bf16: the spheres' weight products take bf16 inputs (oneDNN must be loaded);
+    # onednn_fp32: they run on oneDNN's fp32 matmul instead of the BLAS (oneDNN loaded too);
+    # lora: NULL, or adapters to train while params stay frozen
     cdef ThreadedTrainingSystem* s = <ThreadedTrainingSystem*>calloc(1, sizeof(ThreadedTrainingSystem))
     cdef SphereTrainingContext* ctx
     cdef int i
@@ -111,6 +113,9 @@ cdef ThreadedTrainingSystem* threaded_system_create(ModelConfig cfg, float* para
             threaded_system_destroy(s)
             return NULL
         if bf16 and activations_use_bf16(&ctx.acts, &s.cfg, s.params, s.bf16_weights) != 0:
+            threaded_system_destroy(s)
+            return NULL
+        if onednn_fp32 and activations_use_onednn_fp32(&ctx.acts) != 0:
             threaded_system_destroy(s)
             return NULL
         if lora != NULL and activations_use_lora(&ctx.acts, &s.cfg, &s.lora) != 0:
