@@ -236,6 +236,8 @@ def test_cllm_eval_reports_the_training_sides_masked_loss(tmp_path, chat_file, c
                           tmp_path / "m.jsonl", "--val-fraction", "0.25")
     assert code == 0, err
     val = [json.loads(line) for line in open(tmp_path / "m.jsonl") if "val_loss" in line][-1]
+    # no bits per byte: the loss counts the answers' tokens, the files' bytes are JSON
+    assert val["val_bpb"] is None and "bpb" not in out and "bits/byte" not in out
     code, out, err = call(capsys, eval_main, run, "--split", "val", "--json")
     assert code == 0, err
     assert json.loads(out)["loss"] == val["val_loss"]

@@ -81,20 +81,23 @@ def final_share(used: Sized, windows: Sized) -> float:
     return len(used) / len(windows) if len(windows) else 1.0
 
 
-def report_val(log: RunLog, step: int, val_loss: float | None, bytes_per_token: float,
+def report_val(log: RunLog, step: int, val_loss: float | None, bytes_per_token: float | None,
                share: float | None = None) -> None:
-    """The validation line; `share` (the final evaluation's) is named when it is not all."""
+    """The validation line; `share` (the final evaluation's) is named when it is not all.
+    Without bytes_per_token (records) there are no bits per byte: the line leaves them out
+    and the record holds null."""
     if val_loss is None:
         return
-    bpb = bits_per_byte(val_loss, bytes_per_token)
+    bpb = None if bytes_per_token is None else bits_per_byte(val_loss, bytes_per_token)
     part = f" | on {share:.1%} of the validation split" if share is not None and share < 1 else ""
-    log.say(f"step {step} | val loss {fmt_loss(val_loss)} | val ppl {fmt_ppl(val_loss)} | val bpb "
-            f"{bpb:.4f}{part}")
+    shown = "" if bpb is None else f" | val bpb {bpb:.4f}"
+    log.say(f"step {step} | val loss {fmt_loss(val_loss)} | val ppl {fmt_ppl(val_loss)}"
+            f"{shown}{part}")
     log.record(step=step, val_loss=val_loss, val_ppl=perplexity(val_loss), val_bpb=bpb)
 
 
-def val_bpb_text(val_loss: float | None, bytes_per_token: float) -> str:
-    if val_loss is None or not math.isfinite(val_loss):
+def val_bpb_text(val_loss: float | None, bytes_per_token: float | None) -> str:
+    if val_loss is None or not math.isfinite(val_loss) or bytes_per_token is None:
         return ""
     return f", {bits_per_byte(val_loss, bytes_per_token):.4f} bits/byte"
 

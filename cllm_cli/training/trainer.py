@@ -408,8 +408,11 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     @property
-    def bytes_per_token(self) -> float:
-        """UTF-8 bytes of the corpus per token: turns a loss per token into bits per byte."""
+    def bytes_per_token(self) -> float | None:
+        """UTF-8 bytes of the corpus per token: turns a loss per token into bits per byte.
+        None for records: the loss counts the answers' tokens only, the files' bytes are JSON."""
+        if self.instruct:
+            return None
         return self.data_info["bytes"] / self.data_info["tokens"]
 
     @property
