@@ -25,12 +25,18 @@ BPE_RUN = [{"word": "bpe", "120": "300"}.get(a, a) for a in TINY_RUN]
 TOLERANCE = 1e-5
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A 4-step bpe run (seq_len 16, 300 tokens) on 200 seeded sentences."""
+# each family: GPT-2, and the Llama form (2 query heads over 1 key/value head, untied)
+FAMILY_ARGS = {"gpt2": [], "llama": ["--arch", "llama", "--num-kv-heads", "1",
+                                     "--no-tie-embeddings"]}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILY_ARGS))
+def run(request, tmp_path_factory):
+    """A 4-step bpe run (seq_len 16, 300 tokens) on 200 seeded sentences, of each family."""
     d = tmp_path_factory.mktemp("lm_eval_run")
     (d / "corpus.txt").write_text(corpus_text(200), encoding="utf-8")
-    assert train_main([str(d / "corpus.txt"), "--checkpoint-dir", str(d / "run"), *BPE_RUN]) == 0
+    assert train_main([str(d / "corpus.txt"), "--checkpoint-dir", str(d / "run"), *BPE_RUN,
+                       *FAMILY_ARGS[request.param]]) == 0
     return d / "run"
 
 
@@ -139,7 +145,9 @@ def test_loglikelihood_rolling_scores_each_token_once_in_windows_of_seq_len(run)
 def test_generate_until_is_greedy_generation_cut_at_the_first_stop_string(run):
     model, tokenizer, _ = load_model(run)
     context = "The old miller"
-    ids = list(model.generate(tokenizer.encode(context), max_tokens=12, temperature=0,
+    # the context cut on the left to max_length - max_gen_toks ids, as lm-eval's hf model cuts it
+    prompt = tokenizer.encode(context)[-(model.config.seq_len - 12):]
+    ids = list(model.generate(prompt, max_tokens=12, temperature=0,
                               stop_ids=(tokenizer.eos_id,)))
     ids = ids[:-1] if ids[-1] == tokenizer.eos_id else ids
     full = tokenizer.decode(ids)
