@@ -304,6 +304,8 @@ def main(argv=None):
     load = os.getloadavg()[0]   # before the sgemm ceiling adds its own
     print(f"CLLM benchmark: {info['cpu']}, {cores} cores, Python {info['python']}, "
           f"numpy {info['numpy']}, torch {tv or ('skipped' if args.no_torch else 'not installed')}")
+    print(f"kernel of the fp32 products: --matmul blas ({info['blas']}); "
+          f"python -m benchmarks.kernels compares it with onednn")
     print(f"{FLOP_FORMULA}  ("
           + ", ".join(f"{c}: {flops_per_token(model_config(c)) / 1e6:.2f} MFLOP" for c in configs) + ")")
     t0 = time.perf_counter()

@@ -111,7 +111,8 @@ def main(argv=None):
         print(MARK + json.dumps(training(json.loads(args.worker))), flush=True)
         return 0
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    print(f"host: {machine_info()['cpu']}, {os.cpu_count()} cores")
+    info = machine_info()
+    print(f"host: {info['cpu']}, {os.cpu_count()} cores; blas: {info['blas']}")
     print("\none-thread float32 products, GFLOPS   blas   torch.mm   torch / blas")
     for name, row in products().items():
         extra = (f"{row['torch']:9.1f}   {row['torch'] / row['blas']:5.2f}x" if "torch" in row

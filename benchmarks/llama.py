@@ -272,7 +272,9 @@ def main(argv=None):
     flops = flops_per_token(cfg)
     ceiling = sgemm_ceiling(args.threads)
     ceil = ceiling["ceiling_gflops"]
-    print(f"host: {machine_info()['cpu']}, {os.cpu_count()} cores; fp32 sgemm ceiling "
+    info = machine_info()
+    print(f"host: {info['cpu']}, {os.cpu_count()} cores; kernel of the fp32 products: "
+          f"--matmul blas ({info['blas']}); fp32 sgemm ceiling "
           f"{ceiling['single_core_gflops']:.1f} GFLOPS per core")
     print(f"model: {args.shape} (V {cfg.vocab_size}, d {cfg.embed_dim}, L {cfg.num_layers}, "
           f"{cfg.num_heads}/{cfg.num_kv_heads} heads, ff {cfg.ff_dim}, T {cfg.seq_len}), "

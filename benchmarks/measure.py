@@ -269,7 +269,18 @@ def machine_info():
     except OSError:
         pass
     return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
-            "numpy": np.__version__, "platform": platform.platform()}
+            "numpy": np.__version__, "platform": platform.platform(), "blas": blas_name()}
+
+
+def blas_name():
+    """scipy's BLAS, the engine's default kernel of the fp32 products (--matmul blas), as its
+    build names it: "scipy-openblas 0.3.30", or "unknown"."""
+    try:
+        import scipy
+        blas = scipy.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        return f"{blas['name']} {blas['version']}"
+    except (AttributeError, KeyError, TypeError):
+        return "unknown"
 
 
 def torch_version():
