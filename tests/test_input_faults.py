@@ -300,3 +300,17 @@ def test_a_previous_export_moved_aside_by_a_killed_writer_is_put_back(tmp_path):
     assert sorted(what for _, _, what in done) == ["put back", "removed"]
     assert (tmp_path / "exported" / "config.json").exists()
     assert leftovers(tmp_path, "exported") == [other_host.name]     # another host's: kept
+
+
+def test_a_vocabulary_of_another_kind_is_named_as_such(trained, tmp_path, capsys):
+    """--vocab with another kind's file (a bpe tokenizer.json for a word run) says which kind
+    each is, instead of a parse error of the file as the wrong kind."""
+    from cllm_cli.tokenizers import BPETokenizer
+    other = tmp_path / "tokenizer.json"
+    BPETokenizer.train([sentences(200, seed=1, punct=".,")], 300).save(str(other))
+    code, _, err = call(capsys, inference_main, trained, "--vocab", other, "--prompt", "the")
+    assert_one_error_line(code, err, "cllm_inference", f"--vocab {other} is a bpe tokenizer's",
+                          "trained with a word tokenizer", "vocab.txt")
+    code, out, err = call(capsys, inference_main, trained, "--vocab", trained / "vocab.txt",
+                          "--prompt", "the", "--max-tokens", "3")
+    assert code == 0, err

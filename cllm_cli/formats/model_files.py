@@ -31,6 +31,7 @@ from cllm_cli.model import CLLMConfig, content_hash, merge_adapters, named_views
 from cllm_cli.tokenizers import (
     TOKENIZER_KINDS,
     Tokenizer,
+    detect_kind,
     load_tokenizer,
     tokenizer_class,
     tokenizer_source,
@@ -88,6 +89,11 @@ def load_with_tokenizer(path: str | os.PathLike, tokenizer_path: str | os.PathLi
         if not tokenizer_path.exists():
             raise UsageError(f"no {name} next to {path} (looked for {tokenizer_path}); give "
                              f"the training run's {name} with --vocab")
+    else:
+        given = detect_kind(tokenizer_path, "--vocab")
+        if given is not None and given != kind:
+            raise UsageError(f"--vocab {tokenizer_path} is a {given} tokenizer's file, but "
+                             f"{path} was trained with a {kind} tokenizer: give its {name}")
     tokenizer = load_tokenizer(tokenizer_path, kind, "vocabulary")
     if meta.get("vocab_hash") is not None:      # files saved without one are taken as they are
         check_vocabulary(tokenizer.vocab_hash, tokenizer_path, meta["vocab_hash"], path)

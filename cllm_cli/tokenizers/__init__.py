@@ -8,6 +8,7 @@ the data's path: files -> tokenizers -> dataset -> batches.
     TOKENIZERS         kind name -> class; TOKENIZER_KINDS are its keys, in order
     tokenizer_class    the class of a kind, DataError for an unknown one
     load_tokenizer     a tokenizer file of a given kind, or of the kind that recognises it
+    detect_kind        the kind of a tokenizer file
     tokenizer_source   where a BPE tokenizer's files are: tokenizer.json, or vocab.json + merges.txt
     token_stats        token counts of texts (stats.py)
     replace_undecodable  text with the bytes that are not UTF-8 (lone surrogates) -> U+FFFD
@@ -24,6 +25,7 @@ from cllm_cli.tokenizers.base import (
     TOKENIZERS,
     UNK,
     Tokenizer,
+    detect_kind,
     load_tokenizer,
     replace_undecodable,
     tokenizer_class,
@@ -41,5 +43,5 @@ TOKENIZER_KINDS = tuple(TOKENIZERS)
 __all__ = [
     "BOS", "EOS", "PAD", "SPECIALS", "UNK", "TOKENIZERS", "TOKENIZER_KINDS",
     "BPETokenizer", "CharTokenizer", "Tokenizer", "VocabTokenizer", "WordTokenizer",
-    "load_tokenizer", "replace_undecodable", "token_stats", "tokenizer_class", "tokenizer_source",
+    "detect_kind", "load_tokenizer", "replace_undecodable", "token_stats", "tokenizer_class", "tokenizer_source",
 ]

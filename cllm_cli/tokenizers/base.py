@@ -64,13 +64,19 @@ def replace_undecodable(text: str) -> tuple[str, Sequence[str | bytes]]:
     return fixed, bad
 
 
+def detect_kind(path: str | os.PathLike, what: str = "--vocab") -> str | None:
+    """The kind of the tokenizer file in `path`: the first kind, by detect_rank, that
+    recognises it, or None."""
+    ranked = sorted(TOKENIZERS.values(), key=lambda c: c.detect_rank)
+    return next((c.kind for c in ranked if c.recognises(path, what)), None)
+
+
 def load_tokenizer(path: str | os.PathLike, kind: str = "auto", what: str = "--vocab") -> Tokenizer:
     """The tokenizer in `path` (a file, or a directory where a kind reads one): of `kind`, or
-    with "auto" of the first kind, by detect_rank, that recognises it. One line (DataError,
-    UsageError naming `what`) when it cannot be read."""
+    with "auto" of the kind detect_kind finds. One line (DataError, UsageError naming `what`)
+    when it cannot be read."""
     if kind == "auto":
-        ranked = sorted(TOKENIZERS.values(), key=lambda c: c.detect_rank)
-        found = next((c.kind for c in ranked if c.recognises(path, what)), None)
+        found = detect_kind(path, what)
         if found is None:
             raise DataError(f"{what} {path}: not a tokenizer file of any kind "
                             f"({', '.join(TOKENIZERS)})")
