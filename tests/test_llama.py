@@ -229,6 +229,12 @@ def test_fine_tuning_a_transformers_llama_continues_its_loss(text, corpus, tmp_p
     ({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 4096},
      "sliding_window 4096"),
     ({"num_key_value_heads": 3}, "num_key_value_heads 3"),
+    ({"head_dim": {}}, "head_dim {}"),
+    ({"tie_word_embeddings": "false"}, 'tie_word_embeddings "false" is not true or false'),
+    ({"mlp_bias": "false"}, 'mlp_bias "false" is not true or false'),
+    ({"architectures": "LlamaForCausalLM"}, "is not a list of class names"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+     "rope_parameters per attention layer type"),
 ])
 def test_what_we_cannot_compute_is_refused_by_name(change, fragment, text, corpus, tmp_path,
                                                    capsys):
@@ -451,3 +457,30 @@ def test_a_gpt2_text_run_stores_what_it_stored_before_families(corpus, tmp_path,
     stored = ckpt.meta["train_config"]
     assert not {"arch", "num_kv_heads", "rope_theta", "tie_embeddings", "chat_template"} & set(stored)
     assert "family" not in ckpt.config.to_dict()
+
+
+def test_llama_options_on_a_gpt2_base_are_refused(corpus, tmp_path, capsys):
+    """--num-kv-heads (or another option of the Llama form) with --init-from of a GPT-2 model
+    is one line, not dropped in silence."""
+    code, _, err = call(capsys, train_main, corpus, *TINY, "--checkpoint-dir", tmp_path / "g2")
+    assert code == 0, err
+    code, _, err = call(capsys, train_main, corpus, "--init-from", tmp_path / "g2" / "final_model.cllm",
+                        "--num-kv-heads", "2", "--checkpoint-dir", tmp_path / "run")
+    assert_one_error_line(code, err, "train_model", "--num-kv-heads needs a Llama-form model",
+                          "is gpt2")
+
+
+def test_an_output_layer_that_differs_while_tied_says_so(text, tmp_path, capsys):
+    """A Llama config that ties the output layer, with an lm_head in the file that differs
+    from the embedding: the line names the tie, not a lack of support for untied layers."""
+    from safetensors.numpy import load_file, save_file
+    hf_directory(tmp_path / "m", "llama", text, capsys=capsys)      # untied, lm_head its own
+    path = tmp_path / "m" / "config.json"
+    config = json.loads(path.read_text())
+    config["tie_word_embeddings"] = True
+    path.write_text(json.dumps(config))
+    weights = load_file(tmp_path / "m" / "model.safetensors")
+    save_file(weights, tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(Exception, match="lm_head.weight differs from model.embed_tokens.weight "
+                                        r"\(tie_word_embeddings is true\)"):
+        load_model_files(tmp_path / "m")

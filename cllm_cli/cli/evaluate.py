@@ -52,7 +52,7 @@ from cllm_cli.cli.common import (
 )
 from cllm_cli.corpus import collect_files, is_instruction_data
 from cllm_cli.corpus.files import ENCODING_ERRORS
-from cllm_cli.errors import UsageError
+from cllm_cli.errors import PrecisionError, UsageError
 from cllm_cli.evaluation import (
     TASKS,
     TextLoss,
@@ -205,7 +205,10 @@ def run_kernel(config: Mapping[str, Any]) -> str:
     """The kernel of the fp32 weight products the run trained with (its stored --matmul), made
     runnable: evaluation computes as training did."""
     kernel = str(config.get("matmul", "blas"))
-    precision.require_matmul(kernel)
+    try:
+        precision.require_matmul(kernel)
+    except PrecisionError as e:
+        raise PrecisionError(f"the model was trained with --matmul {kernel}; {e}") from None
     return kernel
 
 

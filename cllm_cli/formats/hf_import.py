@@ -18,6 +18,7 @@ masks in old files) are left out. The tokenizer is the directory's tokenizer.jso
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import struct
@@ -144,7 +145,10 @@ def _check_config(path: str | os.PathLike,
     if not isinstance(model_type, str) or model_type not in families:
         refuse(f"model_type {model_type!r} is not supported (only {', '.join(families)})")
     family = families[model_type]
-    for arch in config.get("architectures") or []:
+    architectures = config.get("architectures") or []
+    if not isinstance(architectures, list):
+        refuse(f"architectures {json.dumps(architectures)} is not a list of class names")
+    for arch in architectures:
         if arch not in family.hf_architectures:
             refuse(f"architectures {arch!r} is not supported (only "
                    f"{family.hf_architectures[0]})")
@@ -198,9 +202,12 @@ def load_transformers_directory(directory: str | os.PathLike,
         full, path, entry = head
         if (entry[1] != embedding.shape
                 or not np.array_equal(_read_tensor(path, full, entry), embedding)):
+            # a family with a tie setting reads an output layer of its own when the config
+            # says so; GPT-2's is always the embedding
+            why = ("tie_word_embeddings is true" if hasattr(cfg, "tie_embeddings")
+                   else "untied output layer is not supported")
             raise ConversionError(f"{path}: {family.hf_head} differs from "
-                                  f"{family.hf_name(family.embedding)} (untied output layer is "
-                                  f"not supported)")
+                                  f"{family.hf_name(family.embedding)} ({why})")
     elif not tied and not untied:
         raise ConversionError(f"{config_path}: tie_word_embeddings false and no "
                               f"{family.hf_head} (untied output layer is not supported)")

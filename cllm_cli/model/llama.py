@@ -107,6 +107,9 @@ def _rope_theta(config: Mapping[str, Any], refuse: Callable[[str], NoReturn]) ->
     transformers 5 writes it); anything but plain rotary positions refused by name."""
     params = config.get("rope_parameters")
     scaling = config.get("rope_scaling")
+    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+        refuse("rope_parameters per attention layer type is not supported (one rotary "
+               "setting for every layer only)")
     for what, value in (("rope_scaling", scaling), ("rope_parameters", params)):
         if value is None:
             continue
@@ -121,6 +124,16 @@ def _rope_theta(config: Mapping[str, Any], refuse: Callable[[str], NoReturn]) ->
     return _setting(config, "rope_theta", 10000.0)
 
 
+def _flag(config: Mapping[str, Any], key: str, default: bool,
+          refuse: Callable[[str], NoReturn]) -> bool:
+    """A true/false setting of config.json (absent or null: the default); anything but a JSON
+    boolean is refused by name (a string "false" is not false)."""
+    value = _setting(config, key, default)
+    if not isinstance(value, bool):
+        refuse(f"{key} {json.dumps(value)} is not true or false")
+    return value
+
+
 def config_from_hf(config: Mapping[str, Any],
                    refuse: Callable[[str], NoReturn]) -> CLLMConfig:
     """The LlamaConfig of a transformers Llama, Qwen2 or Mistral config.json (dict);
@@ -131,7 +144,7 @@ def config_from_hf(config: Mapping[str, Any],
     act = _setting(config, "hidden_act", "silu")
     if act != "silu":
         refuse(f"hidden_act {act!r} is not supported (only silu)")
-    if _setting(config, "mlp_bias", False):
+    if _flag(config, "mlp_bias", False, refuse):
         refuse("mlp_bias true is not supported")
     if model_type == "qwen2":
         window = config.get("sliding_window") if config.get("use_sliding_window") else None
@@ -145,9 +158,9 @@ def config_from_hf(config: Mapping[str, Any],
     values["num_kv_heads"] = _setting(config, "num_key_value_heads", values["num_heads"])
     values["rms_norm_eps"] = _setting(config, "rms_norm_eps", 1e-6)
     values["seq_len"] = _setting(config, "max_position_embeddings", 2048)
-    values["tie_embeddings"] = bool(_setting(config, "tie_word_embeddings", False))
-    values["attention_bias"] = (model_type == "qwen2"
-                                or bool(_setting(config, "attention_bias", False)))
+    values["tie_embeddings"] = _flag(config, "tie_word_embeddings", False, refuse)
+    values["attention_bias"] = (_flag(config, "attention_bias", False, refuse)
+                                or model_type == "qwen2")
     values["hf_model_type"] = model_type
     names = {**HF_SIZES, "tie_embeddings": "tie_word_embeddings",
              "attention_bias": "attention_bias", "hf_model_type": "model_type"}
@@ -158,8 +171,10 @@ def config_from_hf(config: Mapping[str, Any],
     if problem:
         refuse(f"model size not supported: {problem}")
     head_dim = config.get("head_dim")
-    if head_dim is not None and head_dim * values["num_heads"] != values["embed_dim"]:
-        refuse(f"head_dim {head_dim} is not supported (only hidden_size / num_attention_heads)")
+    if head_dim is not None and (isinstance(head_dim, bool) or not isinstance(head_dim, int)
+                                 or head_dim * values["num_heads"] != values["embed_dim"]):
+        refuse(f"head_dim {json.dumps(head_dim)} is not supported (only hidden_size / "
+               f"num_attention_heads)")
     try:
         return LlamaConfig(**values)
     except (TypeError, ValueError) as e:

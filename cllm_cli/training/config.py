@@ -81,13 +81,14 @@ class TrainConfig:
     val_fraction: float = option(0.05, "data", "share of the token stream (of .jsonl DATA: of "
                                  "the records, whole) held out for validation", fixed=True)
     # model
-    init_from: str = option("", "model", "start from a Hugging Face GPT-2-family directory "
-                            "(config.json, model.safetensors, tokenizer.json or vocab.json + "
-                            "merges.txt), a model on the Hugging Face Hub by name (gpt2, "
-                            "ORG/NAME: the `hub` extra, its cache and HF_HUB_OFFLINE) or a "
-                            ".cllm file: its weights, shape and tokenizer are taken, the optimiser "
-                            "starts afresh; --seq-len may shorten its position table (default: "
-                            "none: random weights)", fixed=True, metavar="DIR")
+    init_from: str = option("", "model", "start from a Hugging Face directory of a GPT-2, Llama, "
+                            "Qwen2 or Mistral model (config.json, model.safetensors, "
+                            "tokenizer.json or vocab.json + merges.txt), a model on the Hugging "
+                            "Face Hub by name (gpt2, ORG/NAME: the `hub` extra, its cache and "
+                            "HF_HUB_OFFLINE) or a .cllm file: its family, weights, shape and "
+                            "tokenizer are taken, the optimiser starts afresh; a smaller "
+                            "--seq-len shortens the context (and GPT-2's position table) "
+                            "(default: none: random weights)", fixed=True, metavar="DIR")
     revision: str = option("", "model", "with --init-from a Hub name: its branch, tag or commit "
                            "(default: none: the repository's main)", run=True, metavar="REV")
     arch: str = option("gpt2", "model", "the model family of a model from scratch: gpt2, or "
@@ -295,11 +296,15 @@ class TrainConfig:
             raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         self._validate_lora(bool(self.resume) if resuming is None else resuming)
 
+    def llama_options_given(self) -> list[str]:
+        """The flags of the Llama form's own options set to other than their defaults."""
+        return [flag(name) for name in LLAMA_OPTIONS[1:]
+                if getattr(self, name) != TrainConfig.__dataclass_fields__[name].default]
+
     def _validate_architecture(self) -> None:
         """The Llama form's options: given only with --arch llama, and a model they can make."""
         if self.arch != "llama":
-            given = [flag(name) for name in LLAMA_OPTIONS[1:]
-                     if getattr(self, name) != TrainConfig.__dataclass_fields__[name].default]
+            given = self.llama_options_given()
             if given and not self.init_from:
                 raise UsageError(f"{given[0]} needs --arch llama")
             return

@@ -299,6 +299,9 @@ class Trainer:
         if "seq_len" in given and cfg.seq_len < mcfg.seq_len:
             mcfg, flat = shorten_positions(mcfg, flat, cfg.seq_len)
         self._take("arch", mcfg.family, given, source)
+        if not isinstance(mcfg, LlamaConfig) and cfg.llama_options_given():
+            raise UsageError(f"{cfg.llama_options_given()[0]} needs a Llama-form model; "
+                             f"{source} is {mcfg.family}")
         for name in ("embed_dim", "num_layers", "num_heads", "ff_dim", "seq_len", "vocab_size"):
             self._take(name, getattr(mcfg, name), given, source)
         if isinstance(mcfg, LlamaConfig):
