@@ -89,7 +89,9 @@ def load_with_tokenizer(path: str | os.PathLike, tokenizer_path: str | os.PathLi
         if not tokenizer_path.exists():
             raise UsageError(f"no {name} next to {path} (looked for {tokenizer_path}); give "
                              f"the training run's {name} with --vocab")
-    else:
+    elif Path(tokenizer_path).is_file():
+        # a regular file of another kind is named as such; anything else (a directory, a
+        # FIFO) is left to the kind's own checks
         given = detect_kind(tokenizer_path, "--vocab")
         if given is not None and given != kind:
             raise UsageError(f"--vocab {tokenizer_path} is a {given} tokenizer's file, but "
