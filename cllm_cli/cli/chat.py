@@ -63,6 +63,7 @@ from cllm_cli.cli.common import (
     add_seed_option,
     add_vocab_option,
     check_sampling_options,
+    end_line,
     int_option,
     name_defaults,
     products_precision,
@@ -336,12 +337,6 @@ def run(args: argparse.Namespace) -> None:
     if hasattr(stdin, "reconfigure"):   # bytes that are not UTF-8 are read as U+FFFD
         stdin.reconfigure(encoding="utf-8", errors="replace")
     converse(chat, stdin, sys.stdout, stdin.isatty())
-
-
-def end_line() -> None:
-    """After Ctrl-C outside a reply and the prompt: ends the line."""
-    sys.stdout.write("\n")
-    sys.stdout.flush()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -106,6 +106,12 @@ def _say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+def end_line() -> None:
+    """On Ctrl-C of a tool that streams text to stdout: ends the line written so far."""
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
 def run_main(prog: str, command: Callable[[], object],
              statuses: Statuses | None = None,
              interrupts: tuple[type[BaseException], ...] = (),

@@ -38,6 +38,7 @@ from cllm_cli.cli.common import (
     add_seed_option,
     add_vocab_option,
     check_sampling_options,
+    end_line,
     int_option,
     name_defaults,
     products_precision,
@@ -107,12 +108,6 @@ def run(args: argparse.Namespace) -> None:
         print(f"{PROG}: warning: {replaced_warning(replaced)}", file=sys.stderr, flush=True)
     stream(model, tokenizer, args.prompt, sys.stdout, args.max_tokens, args.temperature,
            args.top_k, args.top_p, args.seed, args.threads or default_threads(), products)
-
-
-def end_line() -> None:
-    """After Ctrl-C: ends the line of text streamed so far."""
-    sys.stdout.write("\n")
-    sys.stdout.flush()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

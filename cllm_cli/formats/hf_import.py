@@ -172,7 +172,8 @@ def load_transformers_directory(directory: str | os.PathLike,
             continue
         files[short] = (name, *where)
     flat = np.empty(num_parameters(cfg), dtype=np.float32)
-    for name, view in named_views(cfg, flat).items():
+    views = named_views(cfg, flat)
+    for name, view in views.items():
         shape = view.shape
         hf_name = family.hf_name(name)
         key = hf_name[len(prefix):] if hf_name.startswith(prefix) else hf_name
@@ -191,7 +192,6 @@ def load_transformers_directory(directory: str | os.PathLike,
             raise ConversionError(f"{path}: {bad}; a model with NaN or Inf weights cannot be "
                                   f"trained or run")
         view[...] = t.T if family.hf_transposed(name) else t
-    views = named_views(cfg, flat)
     # an output layer of its own is a tensor of the model, read above; a tied one may still
     # be in the file, as a copy of the embedding
     untied = any(family.hf_name(name) == family.hf_head for name in views)

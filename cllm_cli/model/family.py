@@ -59,6 +59,14 @@ class Family:
     peft_fan_in_fan_out: bool       # the adapted layers store W as [in, out]
 
 
+def gguf_block_name(name: str, modules: Mapping[str, str]) -> str:
+    """llama.cpp's name of a block tensor "<block>.<l>.<module>.<kind>": blk.<l>.<its
+    module's llama.cpp name>.<kind>, `modules` mapping our module names to llama.cpp's."""
+    _, layer, rest = name.split(".", 2)
+    module, kind = rest.rsplit(".", 1)
+    return f"blk.{layer}.{modules[module]}.{kind}"
+
+
 def family_of(config: CLLMConfig | type[CLLMConfig]) -> Family:
     """The Family of a model config (its `family` name)."""
     return FAMILIES[config.family]

@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, NoReturn
 import numpy as np
 
 from cllm_cli.model.config import CLLMConfig, model_config_problem
-from cllm_cli.model.family import Family
+from cllm_cli.model.family import Family, gguf_block_name
 
 LAYER_NORM_EPS = 1e-5       # the engine's layer-norm epsilon; GPT-2's default too
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
@@ -132,9 +132,7 @@ def gguf_name(name: str) -> str:
         return "position_embd.weight"
     if name.startswith("ln_f."):
         return "output_norm." + name.split(".")[-1]
-    _, layer, rest = name.split(".", 2)
-    module, kind = rest.rsplit(".", 1)
-    return f"blk.{layer}.{GGUF_BLOCK[module]}.{kind}"
+    return gguf_block_name(name, GGUF_BLOCK)
 
 
 def gguf_hparams(writer: Any, config: CLLMConfig) -> None:

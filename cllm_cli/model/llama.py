@@ -29,7 +29,7 @@ from cllm_cli.model.config import (
     llama_config_problem,
     model_config_problem,
 )
-from cllm_cli.model.family import Family
+from cllm_cli.model.family import Family, gguf_block_name
 
 LLAMA_SITES = ADAPTER_SITES["llama"]      # the engine's adapter sites, in buffer order
 HF_PREFIX = "model."
@@ -189,9 +189,7 @@ def gguf_name(name: str) -> str:
         return "output_norm.weight"
     if name == HF_HEAD:
         return "output.weight"
-    _, layer, rest = name.split(".", 2)
-    module, kind = rest.rsplit(".", 1)
-    return f"blk.{layer}.{GGUF_BLOCK[module]}.{kind}"
+    return gguf_block_name(name, GGUF_BLOCK)
 
 
 def gguf_architecture(config: CLLMConfig) -> str:

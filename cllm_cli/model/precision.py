@@ -58,16 +58,21 @@ MATMUL_KERNELS = ("blas", "onednn")
 def require_matmul(kernel: str) -> None:
     """Makes the fp32 weight products' kernel runnable: loads oneDNN for "onednn" (any x86-64
     CPU); PrecisionError with one line when it cannot."""
-    if kernel != "onednn":
-        return
+    if kernel == "onednn":
+        load_onednn("--matmul onednn")
+
+
+def load_onednn(option: str) -> None:
+    """Loads the installed oneDNN into the engine; PrecisionError naming `option` (what
+    needs it) when it is not installed or cannot be loaded."""
     path = library_path()
     if path is None:
-        raise PrecisionError(f"--matmul onednn needs oneDNN: pip install '.[bf16]' "
+        raise PrecisionError(f"{option} needs oneDNN: pip install '.[bf16]' "
                              f"({DISTRIBUTION}==2023.2.0)")
     try:
         load_bf16(path)
     except OSError as e:
-        raise PrecisionError(f"--matmul onednn: cannot load oneDNN from {path}: {e}") from None
+        raise PrecisionError(f"{option}: cannot load oneDNN from {path}: {e}") from None
 
 
 def require(precision: str) -> None:
@@ -79,11 +84,4 @@ def require(precision: str) -> None:
         hidden = f" ({HIDE_SWITCH} is set)" if bf16_hidden() else ""
         raise PrecisionError("--precision bf16 needs a CPU with bf16 instructions "
                              f"({' or '.join(CPU_FLAGS)}); this one has neither{hidden}: use fp32")
-    path = library_path()
-    if path is None:
-        raise PrecisionError(f"--precision bf16 needs oneDNN: pip install '.[bf16]' "
-                             f"({DISTRIBUTION}==2023.2.0)")
-    try:
-        load_bf16(path)
-    except OSError as e:
-        raise PrecisionError(f"--precision bf16: cannot load oneDNN from {path}: {e}") from None
+    load_onednn("--precision bf16")

@@ -142,18 +142,24 @@ class Trainer:
         if self.n_windows == 0:
             raise DataError(f"corpus too short: {len(self.train_tokens)} training tokens, "
                             f"a window needs {T + 1} (lower --seq-len or add text)")
-        self.steps_per_epoch = math.ceil(self.n_windows / cfg.batch_size)
-        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
-        if self.state.step > self.total_steps:
-            raise UsageError(f"the checkpoint is at step {self.state.step}, past the "
-                             f"{self.total_steps} steps of the run as given (--max-steps, "
-                             f"--epochs); give more steps, or start a new run")
+        self._plan_length()
         self.val = eval_windows(self.val_tokens, T)
         every = cfg.eval_interval * cfg.batch_size * T // 4
         self.val_periodic = spread_windows(self.val, every if cfg.eval_tokens is None
                                            else cfg.eval_tokens)
         self.val_final = spread_windows(self.val, cfg.final_eval_tokens)
         self._order: tuple[int | None, Any] = (None, None)     # (epoch, its window order)
+
+    def _plan_length(self) -> None:
+        """Steps per epoch and of the run, of n_windows training windows; a checkpoint past
+        the run's end is refused."""
+        cfg = self.cfg
+        self.steps_per_epoch = math.ceil(self.n_windows / cfg.batch_size)
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        if self.state.step > self.total_steps:
+            raise UsageError(f"the checkpoint is at step {self.state.step}, past the "
+                             f"{self.total_steps} steps of the run as given (--max-steps, "
+                             f"--epochs); give more steps, or start a new run")
 
     def plan_records(self, windows: NDArray[np.int32]) -> None:
         """plan() for labelled windows, one per record: the last records are held out."""
@@ -163,12 +169,7 @@ class Trainer:
         self.train_tokens = self.train_windows[:, :T + 1].reshape(-1)
         self.val_tokens = self.val[:, :T + 1].reshape(-1)
         self.n_windows = len(self.train_windows)
-        self.steps_per_epoch = math.ceil(self.n_windows / cfg.batch_size)
-        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
-        if self.state.step > self.total_steps:
-            raise UsageError(f"the checkpoint is at step {self.state.step}, past the "
-                             f"{self.total_steps} steps of the run as given (--max-steps, "
-                             f"--epochs); give more steps, or start a new run")
+        self._plan_length()
         every = cfg.eval_interval * cfg.batch_size * T // 4
         self.val_periodic = spread_windows(self.val, every if cfg.eval_tokens is None
                                            else cfg.eval_tokens, T)
@@ -299,8 +300,9 @@ class Trainer:
         if "seq_len" in given and cfg.seq_len < mcfg.seq_len:
             mcfg, flat = shorten_positions(mcfg, flat, cfg.seq_len)
         self._take("arch", mcfg.family, given, source)
-        if not isinstance(mcfg, LlamaConfig) and cfg.llama_options_given():
-            raise UsageError(f"{cfg.llama_options_given()[0]} needs a Llama-form model; "
+        llama_only = cfg.llama_options_given()
+        if not isinstance(mcfg, LlamaConfig) and llama_only:
+            raise UsageError(f"{llama_only[0]} needs a Llama-form model; "
                              f"{source} is {mcfg.family}")
         for name in ("embed_dim", "num_layers", "num_heads", "ff_dim", "seq_len", "vocab_size"):
             self._take(name, getattr(mcfg, name), given, source)
