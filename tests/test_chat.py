@@ -10,6 +10,7 @@ import select
 import shutil
 import subprocess
 import sys
+import termios
 
 import pytest
 from helpers import assert_one_error_line, call, sentences, write
@@ -67,6 +68,11 @@ class Terminal:
 
     def __init__(self, *argv):
         self.master, slave = os.openpty()
+        # NOFLSH: Ctrl-C must not make the line discipline drop the reply's text still queued
+        # for this side to read (what was shown is what the test compares)
+        attrs = termios.tcgetattr(slave)
+        attrs[3] |= termios.NOFLSH
+        termios.tcsetattr(slave, termios.TCSANOW, attrs)
         self.proc = subprocess.Popen([sys.executable, "-c", ON_TERMINAL, *map(str, argv)],
                                      stdin=slave, stdout=slave, stderr=subprocess.PIPE,
                                      start_new_session=True)
