@@ -2,9 +2,7 @@
  * with the input vector, summed in 16 fixed lanes (a GCC vector type: the loop vectorises
  * without the compiler reassociating anything) which are then added in a fixed order. A row's
  * result therefore depends only on its weights and the input, never on which other rows are
- * computed with it or by which thread: generation gives the same bits for any thread count.
- * Four rows go through together, so that each load of the input serves four weight rows and
- * the weights stream through the cache once, in the order they are laid out. */
+ * computed with it or by which thread: generation gives the same bits for any thread count. */
 #ifndef CLLM_DECODE_MATH_H
 #define CLLM_DECODE_MATH_H
 #include <string.h>
@@ -25,29 +23,29 @@ static inline float cllm_dlanes(cllm_dv16 lane, const float *w, const float *x, 
     return s;
 }
 
-/* out[r - r0] = dot(W[r, :], x) for the rows r0 <= r < r1 of the row-major W[., n] */
+/* Generation reads every weight once per position, so its speed is the memory's: a core keeps
+ * only so many cache-line requests in flight, and the hardware prefetcher starts each short
+ * row anew. Asking for the line CLLM_PREFETCH_BYTES ahead (past the row's end: the next rows
+ * follow in memory) keeps the stream going; on an Intel Xeon it raised one core's rate from
+ * about 17 to 19.5 GB/s. A prefetch changes no result. */
+#define CLLM_PREFETCH_BYTES 4096
+
+static inline void cllm_prefetch_ahead(const void *p) {
+    __builtin_prefetch((const char *)p + CLLM_PREFETCH_BYTES, 0, 3);
+}
+
+/* out[r - r0] = dot(W[r, :], x) for the rows r0 <= r < r1 of the row-major W[., n], one row
+ * after another, as the weights are laid out */
 static inline void cllm_matvec_rows(float *out, const float *W, const float *x, int r0, int r1,
                                     int n) {
-    int r = r0, i;
-    for (; r + 4 <= r1; r += 4) {
-        const float *w0 = W + (size_t)r * n, *w1 = w0 + n, *w2 = w1 + n, *w3 = w2 + n;
-        cllm_dv16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-        for (i = 0; i + 16 <= n; i += 16) {
-            cllm_dv16 v = cllm_dload16(x + i);
-            a0 += cllm_dload16(w0 + i) * v;
-            a1 += cllm_dload16(w1 + i) * v;
-            a2 += cllm_dload16(w2 + i) * v;
-            a3 += cllm_dload16(w3 + i) * v;
-        }
-        out[r - r0] = cllm_dlanes(a0, w0, x, i, n);
-        out[r - r0 + 1] = cllm_dlanes(a1, w1, x, i, n);
-        out[r - r0 + 2] = cllm_dlanes(a2, w2, x, i, n);
-        out[r - r0 + 3] = cllm_dlanes(a3, w3, x, i, n);
-    }
-    for (; r < r1; r++) {
+    int r, i;
+    for (r = r0; r < r1; r++) {
         const float *w = W + (size_t)r * n;
         cllm_dv16 a = {0};
-        for (i = 0; i + 16 <= n; i += 16) a += cllm_dload16(w + i) * cllm_dload16(x + i);
+        for (i = 0; i + 16 <= n; i += 16) {
+            cllm_prefetch_ahead(w + i);
+            a += cllm_dload16(w + i) * cllm_dload16(x + i);
+        }
         out[r - r0] = cllm_dlanes(a, w, x, i, n);
     }
 }
@@ -109,28 +107,15 @@ static inline float cllm_dlanes_bf16(cllm_dv16 lane, const unsigned short *w, co
  * xs = cllm_bf16_split(x) */
 static inline void cllm_matvec_rows_bf16(float *out, const unsigned short *W, const float *xs,
                                          int r0, int r1, int n) {
-    int r = r0, i;
-    for (; r + 4 <= r1; r += 4) {
-        const unsigned short *w0 = W + (size_t)r * n, *w1 = w0 + n, *w2 = w1 + n, *w3 = w2 + n;
-        cllm_dv16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-        for (i = 0; i + 32 <= n; i += 32) {
-            cllm_dv16 xe = cllm_dload16(xs + i), xo = cllm_dload16(xs + i + 16);
-            CLLM_BF16_TERM(a0, cllm_dload32_bf16(w0 + i), xe, xo);
-            CLLM_BF16_TERM(a1, cllm_dload32_bf16(w1 + i), xe, xo);
-            CLLM_BF16_TERM(a2, cllm_dload32_bf16(w2 + i), xe, xo);
-            CLLM_BF16_TERM(a3, cllm_dload32_bf16(w3 + i), xe, xo);
-        }
-        out[r - r0] = cllm_dlanes_bf16(a0, w0, xs, i, n);
-        out[r - r0 + 1] = cllm_dlanes_bf16(a1, w1, xs, i, n);
-        out[r - r0 + 2] = cllm_dlanes_bf16(a2, w2, xs, i, n);
-        out[r - r0 + 3] = cllm_dlanes_bf16(a3, w3, xs, i, n);
-    }
-    for (; r < r1; r++) {
+    int r, i;
+    for (r = r0; r < r1; r++) {
         const unsigned short *w = W + (size_t)r * n;
         cllm_dv16 a = {0};
-        for (i = 0; i + 32 <= n; i += 32)
+        for (i = 0; i + 32 <= n; i += 32) {
+            cllm_prefetch_ahead(w + i);
             CLLM_BF16_TERM(a, cllm_dload32_bf16(w + i), cllm_dload16(xs + i),
                            cllm_dload16(xs + i + 16));
+        }
         out[r - r0] = cllm_dlanes_bf16(a, w, xs, i, n);
     }
 }
