@@ -109,19 +109,21 @@ train: build
 # BENCH_ARGS), then bf16 against fp32 on D and GPT-2 small's shape (python -m
 # benchmarks.bf16 --help; options in BF16_BENCH_ARGS), then generation as llama-bench reports
 # it, pp512 and tg128 on D and G (python -m benchmarks.generate --help; GENERATE_BENCH_ARGS),
-# the LoRA step, and the Llama form at SmolLM2-135M's shape against PyTorch, and against
-# llama-finetune and llama-bench with LLAMA_BENCH_ARGS="--llama-cpp DIR" (python -m
-# benchmarks.llama --help; tools/llama_cpp_check.py builds llama.cpp), and the kernels of the
+# the LoRA step, and the Llama form at SmolLM2-135M's shape against PyTorch (python -m
+# benchmarks.llama --help; LLAMA_BENCH_ARGS), and the kernels of the
 # fp32 products at the engine's shapes, --matmul blas against onednn (benchmarks.kernels).
 # PyTorch, pinned to the CPU build's version, is only for the comparison: when it cannot be
-# installed the benchmark runs without it.
+# installed the benchmark runs without it. LLAMA_CPP=DIR, the bin directory of a llama.cpp build
+# (tools/llama_cpp_check.py builds one), adds llama-bench to the generation figures and
+# llama-finetune and llama-bench to the Llama form's.
+LLAMA_CPP_ARGS = $(if $(LLAMA_CPP),--llama-cpp $(LLAMA_CPP))
 bench: test-build $(DEPS)
 	@$(PY) -m pip install -q torch==2.13.0 || echo "bench: torch==2.13.0 not installed, PyTorch comparison skipped"
 	$(PY) -m benchmarks.bench $(BENCH_ARGS)
 	$(PY) -m benchmarks.bf16 $(BF16_BENCH_ARGS)
-	$(PY) -m benchmarks.generate $(GENERATE_BENCH_ARGS)
+	$(PY) -m benchmarks.generate $(LLAMA_CPP_ARGS) $(GENERATE_BENCH_ARGS)
 	$(PY) -m benchmarks.lora $(LORA_BENCH_ARGS)
-	$(PY) -m benchmarks.llama $(LLAMA_BENCH_ARGS)
+	$(PY) -m benchmarks.llama $(LLAMA_CPP_ARGS) $(LLAMA_BENCH_ARGS)
 	$(PY) -m benchmarks.kernels
 
 # ThreadSanitizer over a short multi-sphere training of a TSan build kept in build/tsan, the

@@ -10,8 +10,12 @@
   against a 4-token one (D, T 512, greedy, at the largest thread count).
 - --precision bf16: the weights' bf16 copy (Decoder precision "bf16"), 2 bytes per parameter
   read per decoded token.
+- With --llama-cpp DIR (the bin directory of a llama.cpp build; tools/llama_cpp_check.py
+  builds one): llama-bench -p 512 -n 128 on our GGUF export of the same weights, at the same
+  thread counts, and our figures' ratio to its.
 - Ceilings of this host, so that figures from two hosts compare: the memory bandwidth of a
-  streaming read (numpy sum of a 512 MB array, one process per thread, at once) against the
+  streaming read (numpy's max of a 512 MB array, one process per thread, at once: the
+  fastest of numpy's reductions, where its sum is bound by its pairwise adds) against the
   bytes a decoded token reads (every weight once: 4 bytes per parameter, 2 in bf16), and the fp32 sgemm
   rate (one 2048^3 product per thread) against the FLOPs of a prompt token (2 per weight of
   the blocks, attention aside).
@@ -20,10 +24,13 @@ import argparse
 import multiprocessing
 import os
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
+from benchmarks.llama_cpp import export_gguf, llama_bench
 from cllm_cli import _engine
 from cllm_cli.api import CLLMModel
 from cllm_cli.model import CLLMConfig
@@ -37,10 +44,10 @@ PROMPT, GENERATED = 512, 128
 
 def _read_bandwidth(_):
     data = np.ones(128 << 20, dtype=np.float32)          # 512 MB
-    data.sum()
+    data.max()
     t0 = time.perf_counter()
     for _ in range(3):
-        data.sum()
+        data.max()
     return 3 * data.nbytes / (time.perf_counter() - t0)
 
 
@@ -92,6 +99,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--no-prompt-cost", action="store_true")
+    ap.add_argument("--llama-cpp", type=Path, metavar="DIR",
+                    help="bin directory of a llama.cpp build: compare with llama-bench")
     args = ap.parse_args(argv)
     if args.precision == "bf16":
         from cllm_cli.model.precision import require
@@ -105,20 +114,39 @@ def main(argv=None):
         print(f"ceilings at {n} thread(s): streaming read {bandwidth[n] / 1e9:.1f} GB/s, "
               f"fp32 sgemm {sgemm[n] / 1e9:.1f} GFLOPS")
     print(f"{'cfg':<4}{'thr':>4}{'pp512 tok/s':>13}{'% sgemm':>9}{'tg128 tok/s':>13}"
-          f"{'GB/s read':>11}{'% bandwidth':>13}")
+          f"{'GB/s read':>11}{'% bandwidth':>13}"
+          + ("   llama-bench pp512, tg128 (ours / theirs)" if args.llama_cpp else ""))
     for name in args.configs.split(","):
         cfg = CONFIGS[name]
+        theirs = against_llama_cpp(args.llama_cpp, cfg, threads) if args.llama_cpp else {}
         for n in threads:
             pp, tg, params = measure(cfg, n, args.repeats, args.precision)
             flops = 2 * block_weights(cfg) * pp
             read = (2 if args.precision == "bf16" else 4) * params * tg
             print(f"{name:<4}{n:>4}{pp:>13,.1f}{flops / sgemm[n]:>9.0%}{tg:>13,.1f}"
-                  f"{read / 1e9:>11.1f}{read / bandwidth[n]:>13.0%}", flush=True)
+                  f"{read / 1e9:>11.1f}{read / bandwidth[n]:>13.0%}"
+                  + compared(theirs.get(n), pp, tg), flush=True)
     if args.no_prompt_cost:
         return
     short, long = prompt_cost(max(threads), args.repeats)
     print(f"D, {max(threads)} thread(s): 100 tokens after a 4-token prompt {short:.2f} s, after "
           f"a 393-token prompt {long:.2f} s ({long / short:.2f}x)")
+
+
+def against_llama_cpp(bins, cfg, threads):
+    """{threads: llama-bench's figures} on a GGUF export of measure()'s weights."""
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf = export_gguf(cfg, CLLMModel(cfg, seed=0).flat, Path(tmp) / "model.gguf")
+        return {n: llama_bench(bins, gguf, n) for n in threads}
+
+
+def compared(theirs, pp, tg):
+    if not theirs:
+        return ""
+    if "error" in theirs:
+        return f"   llama-bench failed: {theirs['error']}"
+    return (f"   {theirs['pp512']:,.1f}, {theirs['tg128']:,.1f} "
+            f"({pp / theirs['pp512']:.2f}x, {tg / theirs['tg128']:.2f}x)")
 
 
 def prompt_cost(threads, repeats):

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.llama_cpp import export_gguf, llama_bench
 from benchmarks.measure import (
     burn_in_and_time,
     machine_info,
@@ -202,17 +203,12 @@ def run_worker(spec):
 
 # --- llama.cpp -----------------------------------------------------------------------------
 
-def export_gguf(shape, work):
-    """A GGUF file of the model (random weights, a BPE tokenizer of its vocabulary size
-    learned from data/corpus.txt) for llama.cpp's tools, and a text file for llama-finetune."""
-    from cllm_cli.formats.gguf_export import write_gguf
-    from cllm_cli.tokenizers import BPETokenizer
+def export_finetune_files(shape, work):
+    """A GGUF file of the model and a text file for llama-finetune."""
     cfg = config(shape)
-    text = (ROOT / "data" / "corpus.txt").read_text(encoding="utf-8")
-    tokenizer = BPETokenizer.train([text[:4_000_000]], cfg.vocab_size)
-    path = work / "model.gguf"
-    write_gguf(cfg, parameters(cfg), tokenizer, path)
+    path = export_gguf(cfg, parameters(cfg), work / "model.gguf")
     sample = work / "finetune.txt"
+    text = (ROOT / "data" / "corpus.txt").read_text(encoding="utf-8")
     sample.write_text(text[:FINETUNE_CHARS], encoding="utf-8")
     return path, sample
 
@@ -234,20 +230,6 @@ def finetune(bins, gguf, sample, threads):
     seconds = 3600 * h + 60 * m + s
     return {"tokens_per_s": windows * 512 / seconds, "windows": windows, "seconds": seconds,
             "peak_rss_bytes": None}
-
-
-def llama_bench(bins, gguf, threads):
-    done = subprocess.run([str(bins / "llama-bench"), "-m", str(gguf), "-p", "512", "-n", "128",
-                           "-t", str(threads), "-r", "3", "-o", "json"],
-                          capture_output=True, text=True, errors="replace")
-    if done.returncode != 0:
-        return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1][:200]}
-    rows = json.loads(done.stdout[done.stdout.index("["):])
-    out = {}
-    for row in rows:
-        key = "pp512" if row.get("n_prompt") == 512 else "tg128"
-        out[key] = row["avg_ts"]
-    return out
 
 
 # --- the report ----------------------------------------------------------------------------
@@ -299,7 +281,7 @@ def main(argv=None):
     llama = {}
     if args.llama_cpp:
         with tempfile.TemporaryDirectory() as tmp:
-            gguf, sample = export_gguf(args.shape, Path(tmp))
+            gguf, sample = export_finetune_files(args.shape, Path(tmp))
             llama["finetune"] = finetune(args.llama_cpp, gguf, sample, args.threads)
             llama["bench"] = {t: llama_bench(args.llama_cpp, gguf, t)
                               for t in sorted({1, args.threads})}
