@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.llama_cpp import export_gguf, llama_bench
+from benchmarks.measure import machine_info
 from cllm_cli import _engine
 from cllm_cli.api import CLLMModel
 from cllm_cli.model import CLLMConfig
@@ -106,8 +107,9 @@ def main(argv=None):
         from cllm_cli.model.precision import require
         require("bf16")
     threads = [int(t) for t in args.threads.split(",")]
-    print(f"CLLM generation benchmark ({args.precision}): {os.cpu_count()} cores, load average "
-          f"{os.getloadavg()[0]:.2f}")
+    info = machine_info()
+    print(f"CLLM generation benchmark ({args.precision}): {info['cpu']}, {os.cpu_count()} cores, "
+          f"prompt products on {info['blas']}, load average {os.getloadavg()[0]:.2f}")
     bandwidth = {n: ceiling(_read_bandwidth, n) for n in threads}
     sgemm = {n: ceiling(_sgemm_rate, n) for n in threads}
     for n in threads:

@@ -258,16 +258,31 @@ def measure(spec):
 
 # --- what ran where, and the tokenizer's speed ----------------------------------------------
 
+# the instruction sets that decide the kernels' speed, as /proc/cpuinfo flags name them
+ISA_FLAGS = (("avx512f", "AVX-512"), ("avx512_bf16", "AVX-512 bf16"), ("amx_bf16", "AMX"),
+             ("avx2", "AVX2"))
+
+
 def machine_info():
-    model = platform.processor()
+    """The host: "cpu" is the model name and its vector instructions (a virtual machine's model
+    name is often only "Intel(R) Xeon(R) Processor")."""
+    model, flags = platform.processor(), set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
                     model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                if model and flags:
                     break
     except OSError:
         pass
+    isa = [name for flag, name in ISA_FLAGS if flag in flags]
+    if "AVX-512" in isa and "AVX2" in isa:
+        isa.remove("AVX2")
+    if isa:
+        model = f"{model} ({', '.join(isa)})"
     return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
             "numpy": np.__version__, "platform": platform.platform(), "blas": blas_name()}
 
