@@ -21,10 +21,11 @@ cdef long long validate_gradients(const float* g, size_t size) noexcept nogil:
 cdef void accumulate_gradients(SphereTrainingContext* ctx, int mb, const MicroBatchResult* r,
                                double* timers) noexcept nogil:
     # Adds local_gradients into accumulated_gradients in micro-batch order, whichever sphere
-    # finished first.
+    # finished first. The first valid gradient is not copied: the two buffers trade places
+    # (the sphere's next forward pass clears its new local buffer).
     cdef ThreadedTrainingSystem* s = ctx.system
     cdef size_t i, size = s.gradient_size
-    cdef float* acc = s.accumulated_gradients
+    cdef float* acc
     cdef float* loc = ctx.local_gradients
     cdef bint valid = r.valid
     cdef double t = now_seconds() if timers != NULL else 0.0
@@ -35,8 +36,11 @@ cdef void accumulate_gradients(SphereTrainingContext* ctx, int mb, const MicroBa
     if s.abort_step:             # the step is discarded: no sum, no turn to keep
         gradient_lock_release(s)
         return
+    acc = s.accumulated_gradients
     if valid and not s.accumulated_any:
-        memcpy(acc, loc, size * sizeof(float))
+        s.accumulated_gradients = loc
+        ctx.local_gradients = acc
+        acc = loc
         s.accumulated_any = 1
     elif valid:
         for i in range(size):
