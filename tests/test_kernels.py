@@ -146,6 +146,63 @@ def test_gelu():
           "gelu_backward")
 
 
+def test_swiglu():
+    rng = np.random.default_rng(6)
+    N, F = 3, 37            # two vectors of 16 units and a tail of 5 per row
+    gate_up = f32(rng.standard_normal((N, 2 * F)) * 3)
+    g, u = gate_up[:, :F].astype(np.float64), gate_up[:, F:].astype(np.float64)
+    sig = 1.0 / (1.0 + np.exp(-g))
+    check(_engine_testing.op_swiglu_forward(gate_up), g * sig * u, "swiglu_forward")
+    dout = f32(rng.standard_normal((N, F)))
+    d0 = prefilled(rng, (N, 2 * F))
+    d = d0.copy()
+    _engine_testing.op_swiglu_backward(d, gate_up, dout)
+    dd = dout.astype(np.float64)
+    expected = np.concatenate([dd * u * sig * (1.0 + g * (1.0 - sig)), dd * g * sig], axis=1)
+    check(added(d, d0), expected, "swiglu_backward")
+
+
+def lanes_and_tail(values, apply):
+    """apply() of values, a multiple of 16 (as the vector lanes see them), and of the same
+    values one at a time in the scalar tail (after 16 others), as bits."""
+    lanes = apply(f32(values))
+    tail = np.array([apply(f32(np.append(values[:16], v)))[-1] for v in values],
+                    dtype=np.float32)
+    return lanes.view(np.uint32), tail.view(np.uint32)
+
+
+@pytest.mark.parametrize("kernel", ["gelu_forward", "gelu_backward", "exp", "swiglu_forward",
+                                    "swiglu_backward_gate", "swiglu_backward_up"])
+def test_element_wise_kernels_give_a_value_the_same_bits_in_a_vector_lane_and_in_the_tail(kernel):
+    """The element-wise kernels run 16 lanes at a time and finish with a scalar tail; both must
+    compute the same float operations, or a value's result would depend on its position in the
+    row (and on the row's length)."""
+    rng = np.random.default_rng(11)
+    values = np.concatenate([[0.0, -0.0, 1e-30, -90.0, 90.0, 20.0, -20.0, 0.5, -3.25],
+                             rng.standard_normal(311) * 4])
+
+    def apply(x):
+        n = x.size
+        same = f32(np.full(n, 0.375))       # the other operands: equal in every position
+        if kernel == "gelu_forward":
+            return _engine_testing.op_gelu_forward(x)
+        if kernel == "gelu_backward":
+            _engine_testing.op_gelu_backward(same, x, f32(np.full(n, -1.5)))
+            return same
+        if kernel == "exp":
+            y = x.copy()
+            _engine_testing.op_row_exp_scale(y, 0.5, 0.25)
+            return y
+        gate_up = f32(np.concatenate([x, np.full(n, 1.5)])[None, :])
+        if kernel == "swiglu_forward":
+            return _engine_testing.op_swiglu_forward(gate_up)[0]
+        d = f32(np.full((1, 2 * n), 0.375))
+        _engine_testing.op_swiglu_backward(d, gate_up, f32(np.full((1, n), -0.75)))
+        return d[0, :n] if kernel == "swiglu_backward_gate" else d[0, n:]
+    lanes, tail = lanes_and_tail(values, apply)
+    np.testing.assert_array_equal(lanes, tail)
+
+
 # ----------------------------------------------------------------------------------------
 # causal attention (blocks of 32 query rows: n 40 and 70 take several). The forward keeps
 # each row's max score and 1/sum only; the backward recomputes the probabilities from them.

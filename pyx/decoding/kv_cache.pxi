@@ -208,7 +208,7 @@ cdef void llama_decode_step(DecodeCache* d, DecodeWorker* w) noexcept nogil:
     cdef int C = c.C, F = c.F, W = c.W, t = d.n, hs = head_size(c), half = hs // 2
     cdef int l, r, r0, r1, h0, h1
     cdef LayerParams lp
-    cdef float mean, rstd, g
+    cdef float mean, rstd
     cdef float* qkv
     cdef float* row
     for l in range(c.L):
@@ -240,9 +240,7 @@ cdef void llama_decode_step(DecodeCache* d, DecodeWorker* w) noexcept nogil:
         rows_of(F, w.id, d.threads, &r0, &r1)
         decode_matvec(w, d.fch + r0, lp.fcw, w.ln, r0, r1, C)
         decode_matvec(w, d.fch + F + r0, lp.fcw, w.ln, F + r0, F + r1, C)
-        for r in range(r0, r1):
-            g = d.fch[r]
-            d.fch[r] = g * sigmoidf(g) * d.fch[F + r]
+        cllm_swiglu_row(d.fch + r0, d.fch + r0, d.fch + F + r0, r1 - r0)
         decode_sync(d, w)
         # x = mid + down_proj(fch)
         rows_of(C, w.id, d.threads, &r0, &r1)

@@ -136,8 +136,7 @@ cdef void attention_probs(Bf16Products* bp, float* probs, const float* q, const 
         row = probs + <size_t>(t1 - r0) * n
         mx = row_max[t1]
         sc = row_scale[t1]
-        for t2 in range(t1 + 1):
-            row[t2] = cllm_expf(row[t2] - mx) * sc
+        cllm_row_exp_scale(row, t1 + 1, mx, sc)
         for t2 in range(t1 + 1, r0 + rows):
             row[t2] = 0.0
 

@@ -18,6 +18,7 @@ cdef extern from "kernels/deterministic_math.h" nogil:
     float cllm_expf(float x)
     float cllm_tanhf(float x)
     float cllm_row_max(const float* x, int n)
+    void cllm_row_exp_scale(float* x, int n, float shift, float scale)
     double cllm_row_exp_sum(float* x, int n, float shift)
     float cllm_nonfinite_probe(const float* x, size_t n)
     double cllm_divide_sumsq(float* g, size_t n, float c)
@@ -25,6 +26,14 @@ cdef extern from "kernels/deterministic_math.h" nogil:
     float cllm_row_sq_dev(const float* x, int n, float shift)
     void cllm_ln_backward_sums(const float* x, const float* d, const float* w, int n,
                                float mean, float rstd, float* sum_wd, float* sum_wd_norm)
+
+cdef extern from "kernels/activations.h" nogil:
+    void cllm_gelu_forward(float* out, const float* inp, size_t n)
+    void cllm_gelu_backward(float* dinp, const float* inp, const float* dout, size_t n)
+    float cllm_sigmoid(float x)
+    void cllm_swiglu_row(float* out, const float* gate, const float* up, int f)
+    void cllm_swiglu_row_backward(float* dgate, float* dup, const float* gate, const float* up,
+                                  const float* dout, int f)
 from libc.string cimport memset, memcpy
 from libc.stdint cimport uint16_t, uint32_t, uint64_t, int64_t
 

@@ -34,9 +34,9 @@ static inline float cllm_tanhf(float x) {
     return 1.0f - 2.0f / (cllm_expf(2.0f * x) + 1.0f);
 }
 
-/* Row helpers for softmax. Reductions run in 16 fixed lanes (a GCC vector type), combined in
- * a fixed order: they vectorise without letting the compiler reassociate, and give the same
- * bits on every run. */
+/* 16 lanes at once (a GCC vector type): reductions run in fixed lanes, combined in a fixed
+ * order, so they vectorise without letting the compiler reassociate and give the same bits
+ * on every run. */
 typedef float cllm_v16 __attribute__((vector_size(64)));
 typedef int32_t cllm_i16 __attribute__((vector_size(64)));
 
@@ -44,6 +44,44 @@ static inline cllm_v16 cllm_load16(const float *p) {
     cllm_v16 v;
     memcpy(&v, p, sizeof v);
     return v;
+}
+
+static inline void cllm_store16(float *p, cllm_v16 v) {
+    memcpy(p, &v, sizeof v);
+}
+
+/* where `take`, a, else b (take: -1 or 0 per lane, as a vector comparison gives) */
+static inline cllm_v16 cllm_select16(cllm_i16 take, cllm_v16 a, cllm_v16 b) {
+    return (cllm_v16)(((cllm_i16)a & take) | ((cllm_i16)b & ~take));
+}
+
+/* cllm_expf of 16 lanes: the same float operations in the same order, lane by lane, so each
+ * lane has cllm_expf's bits; written as whole vectors, where the compiler turns the scalar
+ * function's branches into masked work */
+static inline cllm_v16 cllm_expf16(cllm_v16 x) {
+    const cllm_v16 round_magic = (cllm_v16){0} + 12582912.0f;
+    cllm_v16 k, r, p, scale;
+    cllm_i16 bits;
+    x = cllm_select16(x < -87.0f, (cllm_v16){0} - 87.0f, x);
+    x = cllm_select16(x > 88.0f, (cllm_v16){0} + 88.0f, x);
+    k = (x * 1.44269504088896341f + round_magic) - round_magic;
+    k = cllm_select16(k != k, (cllm_v16){0}, k);
+    r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
+    p = (cllm_v16){0} + 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    bits = (__builtin_convertvector(k, cllm_i16) + 127) << 23;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+static inline cllm_v16 cllm_tanhf16(cllm_v16 x) {
+    return 1.0f - 2.0f / (cllm_expf16(2.0f * x) + 1.0f);
 }
 
 static inline float cllm_row_max(const float *x, int n) {
@@ -67,11 +105,20 @@ static inline double cllm_row_exp_sum(float *x, int n, float shift) {
     cllm_v16 lane = {0};
     double s = 0.0;
     int i, j;
-    for (i = 0; i < n; i++) x[i] = cllm_expf(x[i] - shift);
+    for (i = 0; i + 16 <= n; i += 16) cllm_store16(x + i, cllm_expf16(cllm_load16(x + i) - shift));
+    for (; i < n; i++) x[i] = cllm_expf(x[i] - shift);
     for (i = 0; i + 16 <= n; i += 16) lane += cllm_load16(x + i);
     for (j = 0; j < 16; j++) s += lane[j];
     for (; i < n; i++) s += x[i];
     return s;
+}
+
+/* x[i] = e^(x[i] - shift) * scale in place */
+static inline void cllm_row_exp_scale(float *x, int n, float shift, float scale) {
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        cllm_store16(x + i, cllm_expf16(cllm_load16(x + i) - shift) * scale);
+    for (; i < n; i++) x[i] = cllm_expf(x[i] - shift) * scale;
 }
 
 /* NaN when some x[i] is NaN or infinite (x * 0 is NaN exactly then), else 0 */

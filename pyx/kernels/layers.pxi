@@ -3,7 +3,6 @@
 
 
 cdef float LN_EPS = 1e-5
-cdef float GELU_SCALE = 0.7978845608028654  # sqrt(2/pi)
 
 
 cdef void encoder_forward(float* out, const int* inp, int stride, const float* wte,
@@ -216,28 +215,16 @@ cdef void residual_backward(float* dres, const float* dout, size_t size) noexcep
         dres[i] += dout[i]
 
 
-# float constants: a bare literal would be a C double and drag the loops into double math
-cdef float GELU_CUBE = 0.044715
-cdef float GELU_CUBE3 = 3.0 * 0.044715
-cdef float HALF = 0.5
+# a float constant: a bare literal would be a C double and drag the loops into double math
 cdef float ONE = 1.0
 
 
-cdef void gelu_forward(float* out, const float* inp, size_t N) noexcept nogil:
-    # out[N] = gelu(inp), tanh approximation
-    cdef size_t i
-    cdef float x
-    for i in range(N):
-        x = inp[i]
-        out[i] = HALF * x * (ONE + cllm_tanhf(GELU_SCALE * (x + GELU_CUBE * x * x * x)))
+cdef inline void gelu_forward(float* out, const float* inp, size_t N) noexcept nogil:
+    # out[N] = gelu(inp), tanh approximation (out may be inp)
+    cllm_gelu_forward(out, inp, N)
 
 
-cdef void gelu_backward(float* dinp, const float* inp, const float* dout, size_t N) noexcept nogil:
+cdef inline void gelu_backward(float* dinp, const float* inp, const float* dout,
+                               size_t N) noexcept nogil:
     # dinp[N] += dout * gelu'(inp); dinp must not alias dout
-    cdef size_t i
-    cdef float x, th
-    for i in range(N):
-        x = inp[i]
-        th = cllm_tanhf(GELU_SCALE * (x + GELU_CUBE * x * x * x))
-        dinp[i] += dout[i] * (HALF * (ONE + th)
-                              + HALF * x * (ONE - th * th) * GELU_SCALE * (ONE + GELU_CUBE3 * x * x))
+    cllm_gelu_backward(dinp, inp, dout, N)

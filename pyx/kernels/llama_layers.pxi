@@ -97,40 +97,23 @@ cdef void rope_rotate(float* qkv, const float* cos_t, const float* sin_t, int B,
                             sin_t + <size_t>t * half, 0, heads, hs, inverse)
 
 
-cdef inline float sigmoidf(float x) noexcept nogil:
-    return ONE / (ONE + cllm_expf(-x))
-
-
 cdef void swiglu_forward(float* out, const float* gate_up, int N, int F) noexcept nogil:
     # out[N,F] = silu(gate) * up, gate_up[N, 2F] rows [gate | up]; silu(x) = x * sigmoid(x)
-    cdef int r, i
-    cdef float g
+    cdef int r
     cdef const float* gu
-    cdef float* o
     for r in range(N):
         gu = gate_up + <size_t>r * 2 * F
-        o = out + <size_t>r * F
-        for i in range(F):
-            g = gu[i]
-            o[i] = g * sigmoidf(g) * gu[F + i]
+        cllm_swiglu_row(out + <size_t>r * F, gu, gu + F, F)
 
 
 cdef void swiglu_backward(float* dgate_up, const float* gate_up, const float* dout, int N,
                           int F) noexcept nogil:
     # dgate_up[N, 2F] += the gradient through swiglu_forward: d(up) = dout * silu(gate),
     # d(gate) = dout * up * sigmoid(gate) * (1 + gate * (1 - sigmoid(gate)))
-    cdef int r, i
-    cdef float g, sg, d
+    cdef int r
     cdef const float* gu
-    cdef const float* dr
     cdef float* dgu
     for r in range(N):
         gu = gate_up + <size_t>r * 2 * F
-        dr = dout + <size_t>r * F
         dgu = dgate_up + <size_t>r * 2 * F
-        for i in range(F):
-            g = gu[i]
-            sg = sigmoidf(g)
-            d = dr[i]
-            dgu[i] += d * gu[F + i] * sg * (ONE + g * (ONE - sg))
-            dgu[F + i] += d * g * sg
+        cllm_swiglu_row_backward(dgu, dgu + F, gu, gu + F, dout + <size_t>r * F, F)

@@ -133,6 +133,34 @@ def op_gelu_backward(float[::1] dinp, const float[::1] inp, const float[::1] dou
     gelu_backward(&dinp[0], &inp[0], &dout[0], inp.shape[0])
 
 
+def op_row_exp_scale(float[::1] x, float shift, float scale):
+    """x = e^(x - shift) * scale in place (attention's probabilities from saved max and
+    1/sum)."""
+    _expect(x.shape[0] >= 1, "empty input")
+    cllm_row_exp_scale(&x[0], x.shape[0], shift, scale)
+
+
+def op_swiglu_forward(const float[:, ::1] gate_up):
+    """silu(gate) * up of rows [gate | up] (N, 2F) -> (N, F)."""
+    _expect(gate_up.shape[0] >= 1 and gate_up.shape[1] >= 2 and gate_up.shape[1] % 2 == 0,
+            "shapes do not match")
+    cdef int F = gate_up.shape[1] // 2
+    out = np.empty((gate_up.shape[0], F), np.float32)
+    cdef float[:, ::1] o = out
+    swiglu_forward(&o[0, 0], &gate_up[0, 0], gate_up.shape[0], F)
+    return out
+
+
+def op_swiglu_backward(float[:, ::1] dgate_up, const float[:, ::1] gate_up,
+                       const float[:, ::1] dout):
+    """dgate_up (N, 2F) += the gradient through op_swiglu_forward."""
+    _expect(dgate_up.shape[0] == gate_up.shape[0] == dout.shape[0] >= 1
+            and dgate_up.shape[1] == gate_up.shape[1] == 2 * dout.shape[1] >= 2,
+            "shapes do not match")
+    swiglu_backward(&dgate_up[0, 0], &gate_up[0, 0], &dout[0, 0], gate_up.shape[0],
+                    dout.shape[1])
+
+
 cdef int attention_width(int W, int NH, int KVH) except -1:
     # C of qkv rows W wide with NH query heads over KVH key/value heads (KVH 0: NH)
     KVH = KVH or NH
