@@ -181,7 +181,8 @@ def run(args: argparse.Namespace) -> None:
         except ImportError as e:
             raise MissingDependency(f"--format gguf needs the gguf package ({e}): "
                                     f"pip install gguf") from None
-        write_gguf(cfg, flat, tokenizer, args.out, force=args.force)
+        for note in write_gguf(cfg, flat, tokenizer, args.out, force=args.force):
+            print(f"{PROG}: warning: {note}", file=sys.stderr, flush=True)
     sys.stdout.write(how_to_load(fmt, args.out, cfg))
     sys.stdout.flush()
 
