@@ -611,6 +611,9 @@ def _plain_added(spec):
      f"token 'a{SPACE}' has a '{SPACE}' after its first character"),
     ([SPACE, "a", "b", "ab"], [("a", "b")], _drop_byte, True, "1 of the 256 byte tokens"),
     ([SPACE, "a", "b", "c", "abc"], [], _plain_added, True, "added token 'abc' is not special"),
+    ([SPACE, "a", "b"], [], lambda s: s["added_tokens"].append(
+        {"id": 262, "content": "c", "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": True}), True, "added token 'c' is not in its BPE model's"),
     ([SPACE, "a", "b"], [], lambda s: s.update(decoder={"type": "Metaspace", "replacement": SPACE,
                                                           "prepend_scheme": "first", "split": True}),
      True, "its decoder (Metaspace) is not"),

@@ -19,7 +19,8 @@ models are refused (llama.cpp has no word-level tokenizer).
   tokens, NORMAL for the rest. add_space_prefix says whether a "▁" is put first;
   add_bos_token / add_eos_token whether the post-processor (TemplateProcessing) puts the
   bos / eos token around a text (no post-processor: neither). Added tokens that are not
-  special are refused (llama.cpp matches them in text with other spaces around them).
+  special are refused (llama.cpp matches them in text with other spaces around them), and so
+  are those the BPE model does not hold (llama.cpp would build them from text).
 
 How llama.cpp's SPM tokenizer splits a text, and why these scores give the library's ids:
 llama.cpp puts " " first (add_space_prefix), writes every space as "▁", cuts the whole text
@@ -368,6 +369,13 @@ def _spm_vocabulary(tokenizer: Tokenizer, spec: dict[str, Any], bpe: tokenizers.
     if plain:
         raise _refuse(f"added token {plain[0]!r} is not special (the library and llama.cpp "
                       f"find it in text, and put spaces around it differently)")
+    # llama.cpp builds a text's pieces into any token of the file, the library only into
+    # those of its BPE model
+    vocab = model.get("vocab") or {}
+    outside = [t.get("content") for t in added if vocab.get(t.get("content")) != t.get("id")]
+    if outside:
+        raise _refuse(f"added token {outside[0]!r} is not in its BPE model's vocabulary, and "
+                      f"llama.cpp would make it from text")
     prepend, split, notes = _spaces(spec)
     _check_decoder(spec, prepend)
     add_bos, add_eos, bos_id = _bos_eos(spec, tokenizer)
@@ -378,14 +386,15 @@ def _spm_vocabulary(tokenizer: Tokenizer, spec: dict[str, Any], bpe: tokenizers.
         raise _refuse(f"{len(missing)} of the 256 byte tokens <0x00> .. <0xFF> are missing "
                       f"({missing[0]} first), and llama.cpp writes every character it has no "
                       f"token for as them")
+
     def own_split(text: str) -> list[str]:
         return [t.value for t in bpe.tokenize(text)]
 
     scores = _scores((t for t in rows if t is not None), _merge_pairs(model), split, own_split)
     lowest = -1.0 - len(model.get("merges") or [])
     unk = model.get("unk_token")
-    unk_id = next((i for i, t in enumerate(rows) if t is not None and t == unk), -1) \
-        if unk is not None else tokenizer.unk_id
+    unk_id = vocab.get(unk, -1) if unk is not None else tokenizer.unk_id
+    byte_tokens = set(BYTE_TOKENS)
     special = {t["id"] for t in added if t.get("special")}
     tokens: list[str] = []
     types: list[int] = []
@@ -395,7 +404,7 @@ def _spm_vocabulary(tokenizer: Tokenizer, spec: dict[str, Any], bpe: tokenizers.
             types.append(gguf.TokenType.UNUSED)
             continue
         tokens.append(token)
-        types.append(gguf.TokenType.BYTE if token in BYTE_TOKENS
+        types.append(gguf.TokenType.BYTE if token in byte_tokens
                      else gguf.TokenType.UNKNOWN if i == unk_id
                      else gguf.TokenType.CONTROL if i in special
                      else gguf.TokenType.NORMAL)
