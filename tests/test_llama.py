@@ -5,6 +5,7 @@ exports read back by transformers; runs bit-identical across threads, processes 
 the decoder equal to the whole-sequence pass; what we cannot compute refused by name."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -397,7 +398,8 @@ def metaspace_tokenizer(path, text):
 def test_a_llama_2_style_tokenizer_reads_and_round_trips(text, corpus, tmp_path, capsys):
     """A Llama directory whose tokenizer.json is Metaspace + byte-fallback BPE: our ids are
     the tokenizers library's (no special token added), text outside the vocabulary comes
-    back byte for byte, --init-from trains on it, and GGUF export refuses it by name."""
+    back byte for byte, --init-from trains on it, and the run exports as GGUF with llama.cpp's
+    SPM tokenizer, warning in one line of the text llama.cpp reads with one "\u2581" more."""
     hf_directory(tmp_path / "m", "llama", text, capsys=capsys, vocab_size=512)
     theirs = metaspace_tokenizer(tmp_path / "m" / "tokenizer.json", text)
     cfg, _, tok = load_model_files(tmp_path / "m")[:3]
@@ -415,7 +417,237 @@ def test_a_llama_2_style_tokenizer_reads_and_round_trips(text, corpus, tmp_path,
     assert code == 0, err
     code, _, err = call(capsys, export_main, tmp_path / "run", tmp_path / "m.gguf",
                         "--format", "gguf")
-    assert_one_error_line(code, err, "cllm_export", "byte-level BPE")
+    assert code == 0 and err.startswith("cllm_export: warning: ") and err.count("\n") == 1, err
+    assert "starts with a space" in err
+    import gguf
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
+    assert reader.fields["tokenizer.ggml.tokens"].contents()[:len(tok)] == \
+        [tok.id_to_token(i) for i in range(len(tok))]
+
+
+# --- GGUF: a byte-fallback tokenizer as llama.cpp's SPM tokenizer ----------------------------
+
+SPACE = "\u2581"
+# ASCII, runs of spaces, tabs and newlines, a leading and a trailing space, "▁" typed in the
+# text, and characters the vocabulary has no token for (bytes then)
+SPM_TEXTS = ["The miller's cat walked to the old bridge.", "two  spaces,   three\tand a tab",
+             "line one\nline two\n\n", " a leading space", "a trailing space ",
+             f"the {SPACE}marker typed in", "na\u00efve caf\u00e9 \u00fcber",
+             "\u2603 snow, \U0001F600 \u4e2d\u6587 \u0416\u0443\u043a", "ZQXJ 3.14159 #@!", ""]
+
+
+def spm_form(path, form):
+    """Rewrites the tokenizer.json of metaspace_tokenizer in another of the forms llama.cpp's
+    SPM tokenizer reads: "metaspace" leaves it (a "▁" first unless the text starts with a
+    space, split at each "▁"), "never" puts no "▁" first and does not split, "normalizer" is
+    Llama 2's own form (Prepend and Replace normalizers, no pre-tokenizer) with <s> put
+    before each text by its post-processor."""
+    import tokenizers
+    from tokenizers import decoders, normalizers, pre_tokenizers, processors
+    tok = tokenizers.Tokenizer.from_file(str(path))
+    if form == "never":
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="never",
+                                                     split=False)
+        tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(),
+                                         decoders.Fuse()])
+    elif form == "normalizer":
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE),
+                                               normalizers.Replace(" ", SPACE)])
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    spec = json.loads(tok.to_str())
+    if form == "normalizer":
+        spec["pre_tokenizer"] = None
+    path.write_text(json.dumps(spec))
+
+
+@pytest.mark.parametrize("form", ["metaspace", "never", "normalizer"])
+def test_gguf_export_of_a_byte_fallback_tokenizer_splits_as_ours(form, text, tmp_path, capsys):
+    """A Llama directory with a Metaspace / byte-fallback tokenizer.json exports as GGUF with
+    llama.cpp's SPM tokenizer ("llama"): gguf's reader finds our tokens, the types (BYTE,
+    UNKNOWN, CONTROL, UNUSED rows), scores in the order of the merges that make the tokens,
+    the special ids and whether a "▁" and <s> are put first; transformers' GGUF loader
+    rebuilds from them a tokenizer that gives our ids for every text, and the model's
+    logits."""
+    import gguf
+    from transformers import AutoTokenizer
+    hf_directory(tmp_path / "m", "llama", text, capsys=capsys, vocab_size=512)
+    metaspace_tokenizer(tmp_path / "m" / "tokenizer.json", text)
+    spm_form(tmp_path / "m" / "tokenizer.json", form)
+    cfg, flat, tok = load_model_files(tmp_path / "m")[:3]
+    (tmp_path / "g").mkdir()
+    code, _, err = call(capsys, export_main, tmp_path / "m", tmp_path / "g" / "m.gguf")
+    lines = err.splitlines()
+    assert code == 0 and len(lines) == (form == "metaspace"), err
+    assert all(ln.startswith("cllm_export: warning: ") and f"one '{SPACE}' more" in ln for ln in lines)
+
+    reader = gguf.GGUFReader(str(tmp_path / "g" / "m.gguf"))
+    field = lambda key: reader.fields[key].contents()   # noqa: E731
+    spec = json.loads(tok.json_bytes)
+    assert (field("tokenizer.ggml.model"), field("tokenizer.ggml.pre")) == ("llama", "default")
+    tokens, types, scores = (field(f"tokenizer.ggml.{k}") for k in ("tokens", "token_type", "scores"))
+    assert len(tokens) == len(types) == len(scores) == cfg.vocab_size > len(tok)
+    assert tokens == [tok.id_to_token(i) for i in range(len(tok))] + \
+        [f"[PAD{i}]" for i in range(len(tok), cfg.vocab_size)]
+    special = {t["id"] for t in spec["added_tokens"] if t["special"]}
+    T = gguf.TokenType
+    assert types == [T.UNUSED if i >= len(tok) else T.BYTE if t in [f"<0x{b:02X}>" for b in range(256)]
+                     else T.UNKNOWN if i == tok.unk_id else T.CONTROL if i in special else T.NORMAL
+                     for i, t in enumerate(tokens)]
+    assert types.count(T.BYTE) == 256 and types.count(T.CONTROL) == 2
+    score = dict(zip(tokens, scores))
+    made = list(dict.fromkeys("".join(m) for m in spec["model"]["merges"]))   # by first merge
+    assert sorted(made, key=lambda t: -score[t]) == made and len({score[t] for t in made}) == len(made)
+    assert max(s for t, s in score.items() if t not in made) < min(score[t] for t in made)
+    assert (field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id"),
+            field("tokenizer.ggml.unknown_token_id")) == (tok.bos_id, tok.eos_id, tok.unk_id)
+    assert "tokenizer.ggml.padding_token_id" not in reader.fields and tok.pad_id == -1
+    assert (field("tokenizer.ggml.add_bos_token"), field("tokenizer.ggml.add_eos_token"),
+            field("tokenizer.ggml.add_space_prefix")) == (form == "normalizer", False, form != "never")
+
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "g", gguf_file="m.gguf")
+    rng = np.random.default_rng(4)
+    starts = rng.integers(0, len(text) - 300, 60)
+    texts = SPM_TEXTS + [text[a:a + n] for a, n in zip(starts, rng.integers(1, 300, 60))]
+    # transformers' GGUF loader puts a "▁" first by Metaspace's rule whatever the file says:
+    # one "▁" fewer than Llama 2's normalizer before a text that starts with a space, and
+    # one more than a tokenizer that puts none (llama.cpp reads add_space_prefix:
+    # tools/llama_cpp_check.py); for that one its ids are ours of the text after a space
+    if form != "metaspace":
+        texts = [t for t in texts if not t.startswith(" ")]
+    bytes_seen = 0
+    for t in texts:
+        ours = tok.encode(t).tolist()
+        after_space = tok.encode(" " * bool(t) + t).tolist() if form == "never" else ours
+        assert theirs.encode(t, add_special_tokens=False) == after_space, t
+        assert theirs.encode(t) == [tok.bos_id] * (form == "normalizer") + after_space, t
+        bytes_seen += sum(types[i] == T.BYTE for i in ours)
+    assert bytes_seen > 10        # text outside the vocabulary was read as bytes
+
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "g", gguf_file="m.gguf",
+                                                 dtype=torch.float32).eval()
+    ids = tok.encode(" ".join(SPM_TEXTS))[None, :cfg.seq_len].astype(np.int32)
+    ours = np.zeros((1, ids.shape[1], cfg.vocab_size), np.float32)
+    forward_logits(cfg, flat, ids, ours)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    assert np.abs(ours - logits).max() <= 1e-4
+
+
+BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
+
+
+def tiny_spm(pieces, merges, edit=None, split=True):
+    """A BPETokenizer of a byte-fallback BPE tokenizer.json made here: <unk> <s> </s>, the 256
+    byte tokens, then `pieces`, with `merges`; Metaspace ("▁" first, split at each "▁" unless
+    not split); edit(spec) changes the JSON before it is read."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *BYTE_TOKENS, *pieces])}
+    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>",
+                                          byte_fallback=True, fuse_unk=True))
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="first", split=split)
+    tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    spec = json.loads(tok.to_str())
+    if edit is not None:
+        edit(spec)
+    return BPETokenizer(json.dumps(spec).encode())
+
+
+def write_tiny_gguf(tok, path):
+    """A GGUF file of a small Llama-form model (zero weights) with `tok`."""
+    from cllm_cli.formats.gguf_export import write_gguf
+    cfg = LlamaConfig(vocab_size=len(tok), embed_dim=8, num_layers=1, num_heads=2, seq_len=8)
+    flat = np.zeros(sum(int(np.prod(s)) for _, s, _ in parameter_layout(cfg)), np.float32)
+    return write_gguf(cfg, flat, tok, path)
+
+
+def test_a_token_several_merges_make_splits_as_ours(tmp_path):
+    """'abc' made by two merges (a list converted from a sentencepiece model has every split),
+    'bca' built by a merge the library never uses ('b' + 'ca': 'bca' is split into 'bc' +
+    'a' first), both accepted: transformers' GGUF loader gives our ids."""
+    from transformers import AutoTokenizer
+    pieces = [SPACE, "a", "b", "c", "ab", "bc", "ca", "abc", f"{SPACE}abc", "bca"]
+    merges = [("a", "b"), ("b", "c"), ("c", "a"), ("ab", "c"), ("a", "bc"), (SPACE, "abc"),
+              ("bc", "a")]
+    tok = tiny_spm(pieces, merges)
+    notes = write_tiny_gguf(tok, tmp_path / "t.gguf")
+    assert len(notes) == 1 and f"one '{SPACE}' more" in notes[0]
+    theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file="t.gguf")
+    texts = ["abc", "abcabc", "bcab cabc", "aabcc bca", "cabca", "bcabca abcbca", "ab c a"]
+    made = {tok.id_to_token(int(i)) for t in texts for i in tok.encode(t)}
+    assert {"abc", f"{SPACE}abc", "bca"} <= made
+    for t in texts:
+        assert theirs.encode(t, add_special_tokens=False) == tok.encode(t).tolist(), t
+
+
+def _drop_byte(spec):
+    del spec["model"]["vocab"]["<0x41>"]
+
+
+def _plain_added(spec):
+    spec["added_tokens"].append({"id": spec["model"]["vocab"]["abc"], "content": "abc", "single_word": False, "lstrip": False,
+                                 "rstrip": False, "normalized": False, "special": False})
+
+
+@pytest.mark.parametrize("pieces, merges, edit, split, fragment", [
+    # llama.cpp joins 'a' + 'bc' in "abc"; the library splits it 'a' + 'bc' and stops
+    ([SPACE, "a", "b", "c", "ab", "bc", "abc"], [("b", "c"), ("a", "b"), ("ab", "c")], None, True,
+     "would join 'a' + 'bc' into 'abc', which no merge does"),
+    # of 'a', 'aa', 'a' llama.cpp joins the left pair, the library 'aa' + 'a' first
+    ([SPACE, "a", "aa", "aaa"], [("a", "a"), ("aa", "a"), ("a", "aa")], None, True,
+     "both make 'aaa', the right one first"),
+    ([SPACE, "a", "b", "c", "d", "ab", "bc", "abc", "abcd"],
+     [("a", "b"), ("b", "c"), ("abc", "d"), ("ab", "c"), ("a", "bc")], None, True,
+     "can build 'abcd' from 'abc', which several merges make"),
+    ([SPACE, "a", "b", "c", "ab", "bc", "cb", "abc"],
+     [("a", "b"), ("b", "c"), ("ab", "c"), ("c", "b"), ("a", "bc")], None, True,
+     "the merges that make 'abc' are not next to each other"),
+    ([SPACE, "a", f"a{SPACE}"], [("a", SPACE)], None, True,
+     f"token 'a{SPACE}' has a '{SPACE}' after its first character"),
+    ([SPACE, "a", "b", "ab"], [("a", "b")], _drop_byte, True, "1 of the 256 byte tokens"),
+    ([SPACE, "a", "b", "c", "abc"], [], _plain_added, True, "added token 'abc' is not special"),
+    ([SPACE, "a", "b"], [], lambda s: s["added_tokens"].append(
+        {"id": 262, "content": "c", "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": True}), True, "added token 'c' is not in its BPE model's"),
+    ([SPACE, "a", "b"], [], lambda s: s.update(decoder={"type": "Metaspace", "replacement": SPACE,
+                                                          "prepend_scheme": "first", "split": True}),
+     True, "its decoder (Metaspace) is not"),
+    ([SPACE, "a", "b"], [], lambda s: s.update(normalizer={"type": "NFKC"}), True,
+     "it has the normalizer NFKC and the pre-tokenizer Metaspace"),
+    ([SPACE, "a", "b"], [], lambda s: s.update(post_processor={
+        "type": "TemplateProcessing", "single": [{"Sequence": {"id": "A", "type_id": 0}},
+                                                 {"SpecialToken": {"id": "<s>", "type_id": 0}}],
+        "pair": [], "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}),
+     True, "puts id 1 after a text"),
+])
+def test_what_llama_cpps_spm_tokenizer_would_split_differently_is_refused(
+        pieces, merges, edit, split, fragment, tmp_path):
+    from cllm_cli.errors import ConversionError
+    from cllm_cli.formats.gguf_vocab import gguf_vocabulary
+    tok = tiny_spm(pieces, merges, edit, split)
+    with pytest.raises(ConversionError, match=re.escape(fragment)):
+        gguf_vocabulary(tok, len(tok))
+
+
+def test_gguf_export_refusal_is_one_line(text, tmp_path, capsys):
+    """A token llama.cpp would build where no merge does: one line naming it, no file."""
+    hf_directory(tmp_path / "m", "llama", text, capsys=capsys, vocab_size=512)
+    metaspace_tokenizer(tmp_path / "m" / "tokenizer.json", text)
+    spec = json.loads((tmp_path / "m" / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    words = [t for t in vocab if t.startswith(SPACE) and len(t) > 2]
+    tails = [t for t in vocab if SPACE not in t and len(t) > 1 and not t.startswith("<")]
+    joined = max(words, key=len) + max(tails, key=len)
+    assert joined not in vocab
+    vocab[joined] = max(vocab.values()) + 1
+    (tmp_path / "m" / "tokenizer.json").write_text(json.dumps(spec))
+    code, _, err = call(capsys, export_main, tmp_path / "m", tmp_path / "m.gguf")
+    assert_one_error_line(code, err, "cllm_export", f"into '{joined}', which no merge does")
     assert not (tmp_path / "m.gguf").exists()
 
 

