@@ -35,22 +35,25 @@ and refused otherwise, naming the token or merge):
   splits U's own text into U (the neighbours a text becomes are those its own text would be
   split into);
 - a token that several merges make (a list converted from a sentencepiece model has every
-  split of a token) is made from every pair of pieces llama.cpp could join into it; its
-  merges are next to each other in the list; of two that overlap (x + y and y + z) the left
-  one comes first; and every token llama.cpp can build from it ranks after all of them:
-  then their order among themselves never changes a split;
+  split of a token) is made from every pair of pieces llama.cpp could join into it, and its
+  merges are next to each other in the list;
 - no token is a <0xNN> token joined to another piece: llama.cpp holds a byte it has no
   token for as that byte, not as the text <0xNN>;
 - with Metaspace's split, no token llama.cpp can build has a "▁" after its first
   character (the library never joins across a "▁"; llama.cpp would).
-A tokenizer the library's BpeTrainer made (one merge per token) meets them. Llama 2's own
-tokenizer.json, converted from its sentencepiece model, does not ('-' + '---' and '---' +
-'-' both make '----', the right one first) and is refused.
+The order of a token's several merges never changes a split when, of two that overlap
+(x + y and y + z), the left one comes first, and every token llama.cpp can build from it
+ranks after all of them. A tokenizer the library's BpeTrainer made (one merge per token)
+meets that too. Llama 2's own tokenizer.json, converted from its sentencepiece model, does
+not ('-' + '---' and '---' + '-' both make '----', the right one first): there llama.cpp
+joins as the sentencepiece model does, by score, and a rare text may split otherwise than
+the library splits it (none of 6,000 texts did, on a rebuild of that file). Such a file is
+written, with a note counting the merge orders llama.cpp does not follow.
 transformers' GGUF reader rebuilds a BPE model from the scores (every split of a token a
 merge, by score), which the same conditions make split text as the tokenizer.json does.
 
-One difference stays, and is returned as a note: the Metaspace pre-tokenizer puts no "▁"
-before a text that starts with a space (or "▁"), while llama.cpp always puts " " first; so
+One more difference is returned as a note: the Metaspace pre-tokenizer puts no "▁" before
+a text that starts with a space (or "▁"), while llama.cpp always puts " " first; so
 llama.cpp reads such a text with one "▁" more. The normalizer form has no such exception in
 llama.cpp; transformers' GGUF reader always takes Metaspace's rule.
 """
@@ -279,10 +282,11 @@ def _bos_eos(spec: dict[str, Any], tokenizer: Tokenizer) -> tuple[bool, bool, in
 
 
 def _scores(tokens: Iterable[str], merges: list[tuple[str, str]], split: bool,
-            own_split: Callable[[str], list[str]]) -> dict[str, float]:
-    """{token: score} for the tokens some merge makes (the module's docstring says how, and
-    what is checked); own_split(text) is the BPE model's split of a text. ConversionError
-    naming the first token or merge that breaks a condition."""
+            own_split: Callable[[str], list[str]]) -> tuple[dict[str, float], list[str]]:
+    """({token: score} for the tokens some merge makes, notes) (the module's docstring says
+    how, and what is checked); own_split(text) is the BPE model's split of a text.
+    ConversionError naming the first token or merge that breaks a condition; the merge orders
+    llama.cpp does not follow are counted in a note."""
     if len(merges) >= MAX_SCORED_MERGES:
         raise _refuse(f"it has {len(merges):,} merges, more than float32 scores can order "
                       f"({MAX_SCORED_MERGES:,})")
@@ -320,6 +324,7 @@ def _scores(tokens: Iterable[str], merges: list[tuple[str, str]], split: bool,
                           f"merge does, and the merges split {token!r} itself into "
                           f"{' + '.join(map(repr, own_split(token)))}")
     live.sort()
+    unfollowed: list[str] = []
     first: dict[str, int] = {}
     last: dict[str, int] = {}
     for i, (_, token, _, _) in enumerate(live):
@@ -343,18 +348,22 @@ def _scores(tokens: Iterable[str], merges: list[tuple[str, str]], split: bool,
         lefts = {left: (r, right) for r, _, left, right in group}
         for r, _, left, right in group:
             if right in lefts and lefts[right][0] < r:
-                raise _refuse(f"merges {left!r} + {right!r} and {right!r} + "
-                              f"{lefts[right][1]!r} both make {token!r}, the right one first: "
-                              f"llama.cpp joins the left pair of {left + token!r} first")
+                unfollowed.append(f"merges {left!r} + {right!r} and {right!r} + "
+                                  f"{lefts[right][1]!r} both make {token!r}, the right one "
+                                  f"first")
     # what is built from a token that several merges make comes after all of them (every
     # token built here has a merge by now: its own text is split into it)
     for token, splits in built.items():
         for part in {p for pair in splits for p in pair}:
             if part in first and first[part] != last[part] \
                     and live[first[token]][0] <= live[last[part]][0]:
-                raise _refuse(f"llama.cpp can build {token!r} from {part!r}, which several "
-                              f"merges make, and {token!r} ranks before the last of them")
-    return {token: -1.0 - live[i][0] for token, i in first.items()}
+                unfollowed.append(f"{token!r} is built from {part!r}, which several merges "
+                                  f"make, and ranks before the last of them")
+    notes = [f"llama.cpp's tokenizer, which joins by score as sentencepiece does, cannot "
+             f"follow {len(unfollowed):,} of the merges' orders (as in a tokenizer.json "
+             f"converted from a sentencepiece model; first: {unfollowed[0]}), so it may split "
+             f"a rare text otherwise"] if unfollowed else []
+    return {token: -1.0 - live[i][0] for token, i in first.items()}, notes
 
 
 def _spm_vocabulary(tokenizer: Tokenizer, spec: dict[str, Any], bpe: tokenizers.models.Model,
@@ -390,7 +399,9 @@ def _spm_vocabulary(tokenizer: Tokenizer, spec: dict[str, Any], bpe: tokenizers.
     def own_split(text: str) -> list[str]:
         return [t.value for t in bpe.tokenize(text)]
 
-    scores = _scores((t for t in rows if t is not None), _merge_pairs(model), split, own_split)
+    scores, unfollowed = _scores((t for t in rows if t is not None), _merge_pairs(model), split,
+                                 own_split)
+    notes += unfollowed
     lowest = -1.0 - len(model.get("merges") or [])
     unk = model.get("unk_token")
     unk_id = vocab.get(unk, -1) if unk is not None else tokenizer.unk_id
