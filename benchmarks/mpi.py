@@ -15,6 +15,10 @@ section of `python -m benchmarks.bench` (`make bench`).
       step(K) = compute / K + (K - 1 + S) x (l + s / b) + 2 (K - 1) / K x 4P / b + log2(K) l
   with S = ceil(P / SEGMENT_FLOATS) segments of s = 4 x SEGMENT_FLOATS bytes, link latency l
   and bandwidth b; its predictions for 4, 16 and 64 nodes on 10 and 100 Gb/s are printed.
+- Memory (--memory CONFIG alone; config G in the report): each rank's peak RSS (VmHWM) over
+  two training steps on 2 ranks x 1 thread, as train_model's ranks hold their state, with
+  the bytes of each part (weights, AdamW state, gradient buffers, activations); the baseline
+  is the rank's RSS before the model is built.
 """
 import argparse
 import json
@@ -27,7 +31,17 @@ import time
 
 import numpy as np
 
-from benchmarks.measure import CONFIGS, GRAD_CLIP, LR, SEED, WEIGHT_DECAY, make_batches, model_config
+from benchmarks.measure import (
+    CONFIGS,
+    GRAD_CLIP,
+    LR,
+    SEED,
+    WEIGHT_DECAY,
+    make_batches,
+    model_config,
+    peak_rss_bytes,
+    rss_now_bytes,
+)
 from cllm_cli.api import CLLMModel
 
 MARK = "BENCH-MPI "
@@ -40,8 +54,8 @@ NODES = (4, 16, 64)
 def worker(config, threads, warmup, steps, micro_batch):
     """One layout's measurement, on every rank of the job; rank 0 prints the figures."""
     from cllm_cli import _engine
+    from cllm_cli.distributed import step as parallel
     from cllm_cli.distributed import world as distributed
-    from cllm_cli.distributed.world import step as parallel
     world = distributed.world()
     cfg = model_config(config)
     batch = CONFIGS[config]["batch"]
@@ -93,6 +107,57 @@ def exchange_worker(config, micro_batch, repeats):
                                  "seconds": max(gathered)}), flush=True)
 
 
+def memory_worker(config, threads, micro_batch, steps):
+    """A rank's memory in training: every rank holds what a rank of train_model holds (the
+    weights, AdamW's m and v, the DataParallelEngine's gradient buffers, its spheres'
+    activations) and runs `steps` steps; rank 0 prints each rank's peak RSS (VmHWM) and the
+    bytes of each part."""
+    from cllm_cli import _engine
+    from cllm_cli.distributed import step as parallel
+    from cllm_cli.distributed import world as distributed
+    world = distributed.world()
+    baseline = rss_now_bytes()
+    cfg = model_config(config)
+    batch = CONFIGS[config]["batch"]
+    batches = make_batches(config, steps)
+    flat = CLLMModel(cfg, SEED).flat
+    adam_m, adam_v = np.zeros_like(flat), np.zeros_like(flat)
+    for buffer in (adam_m, adam_v):                 # as train_model's set-up sends them
+        world.share(buffer)
+    with _engine.Engine(cfg, flat, threads, micro_batch, batch) as solo:
+        engine = parallel.DataParallelEngine(solo, world, cfg, batch)
+        for i in range(steps):
+            engine.train_step(batches[i], i, adam_m, adam_v, adamw=True, lr=LR,
+                              weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP, t=i + 1)
+        parts = {"weights": flat.nbytes, "adam_m_v": adam_m.nbytes + adam_v.nbytes,
+                 "kept_rows": engine.kept.shape[0] * engine.kept.shape[1] * 4,
+                 "folded_total": engine.total.nbytes,
+                 "activations": threads * 4 * _engine.activation_allocation(cfg, micro_batch)}
+    figures = world.allgather({"peak_bytes": peak_rss_bytes(), "baseline_bytes": baseline,
+                               "parts": parts})
+    if world.is_root:
+        print(MARK + json.dumps({"config": config, "ranks": world.size, "threads": threads,
+                                 "micro_batch": micro_batch, "per_rank": figures}), flush=True)
+
+
+def memory_report(config="G", ranks=2, threads=1, micro_batch=4, steps=2):
+    """Prints each rank's peak RSS in a training step at `config` and its parts; returns the
+    figures. Two steps: the second runs with the AdamW state the first one wrote."""
+    fig = launch(ranks, "--memory-worker", config, threads, micro_batch, steps)
+    if "error" in fig:
+        print(f"    memory, config {config}, {ranks} ranks: failed ({fig['error']})")
+        return fig
+    mib = 1 << 20
+    for rank, r in enumerate(fig["per_rank"]):
+        other = r["peak_bytes"] - r["baseline_bytes"] - sum(r["parts"].values())
+        print(f"    memory, config {config}, {ranks} ranks x {threads} thread(s), micro-batch "
+              f"{micro_batch}: rank {rank} peak RSS {r['peak_bytes'] / mib:,.0f} MiB = baseline "
+              f"{r['baseline_bytes'] / mib:,.0f} + " + " + ".join(
+                  f"{name.replace('_', ' ')} {n / mib:,.0f}" for name, n in r["parts"].items())
+              + f" + other {other / mib:,.0f}", flush=True)
+    return fig
+
+
 def launch(ranks, *argv, timeout=1800):
     """Runs this module under mpiexec; the figures rank 0 printed, or {"error": ...}."""
     line = [MPIEXEC, "-n", str(ranks), sys.executable, "-m", "benchmarks.mpi", *map(str, argv)]
@@ -129,7 +194,8 @@ def scaling_limit(compute, params, bandwidth, latency):
     return k
 
 
-def report(config="D", micro_batch=4, rounds=3, warmup=None, steps=None, repeats=5):
+def report(config="D", micro_batch=4, rounds=3, warmup=None, steps=None, repeats=5,
+           memory_config="G"):
     """Prints the section and returns its figures."""
     if not os.path.exists(MPIEXEC):
         print("MPI: no mpiexec next to the interpreter (pip install .[mpi]): skipped")
@@ -163,6 +229,7 @@ def report(config="D", micro_batch=4, rounds=3, warmup=None, steps=None, repeats
                "identical_losses": identical}
     exchange = {k: launch(k, "--exchange", config, micro_batch, repeats) for k in (2, 3, 4)}
     figures["exchange_only"] = exchange
+    figures["memory"] = memory_report(memory_config, micro_batch=micro_batch)
     print("    ordered fold alone (P floats): " + ", ".join(
         f"{k} ranks {1000 * e['seconds']:.1f} ms" if "error" not in e else f"{k} ranks failed"
         for k, e in exchange.items()) + " (3 and 4 ranks oversubscribe the cores)")
@@ -195,9 +262,13 @@ def main(argv=None):
     ap.add_argument("--config", default="D", choices=sorted(CONFIGS))
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--memory", metavar="CONFIG", choices=sorted(CONFIGS),
+                    help="only each rank's peak RSS in a step of CONFIG, on 2 ranks x 1 thread")
     ap.add_argument("--worker", nargs=5, metavar=("CONFIG", "THREADS", "WARMUP", "STEPS", "MB"),
                     help=argparse.SUPPRESS)
     ap.add_argument("--exchange", nargs=3, metavar=("CONFIG", "MB", "REPEATS"),
+                    help=argparse.SUPPRESS)
+    ap.add_argument("--memory-worker", nargs=4, metavar=("CONFIG", "THREADS", "MB", "STEPS"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -206,6 +277,11 @@ def main(argv=None):
     elif args.exchange:
         c, *numbers = args.exchange
         exchange_worker(c, *map(int, numbers))
+    elif args.memory_worker:
+        c, *numbers = args.memory_worker
+        memory_worker(c, *map(int, numbers))
+    elif args.memory:
+        memory_report(args.memory, micro_batch=args.micro_batch)
     else:
         report(args.config, args.micro_batch, args.rounds)
     return 0
