@@ -23,8 +23,8 @@ worker processes, timing, the sgemm ceiling, RSS) is in measure.py.
   median of the per-round ratios. The summary marks each against the project's speed targets (TARGETS).
 - PyTorch (torch_model.py) is skipped when torch is not installed or with --no-torch.
 - Many processes (mpi.py): 2 ranks x 1 thread against 1 rank x 2 threads, the exchange
-  on 2, 3 and 4 ranks and the cost model's predictions, on D (else the first config); skipped
-  without mpiexec or with --no-mpi.
+  on 2, 3 and 4 ranks and the cost model's predictions, on D (else the first config), and
+  each rank's peak RSS on 2 ranks at G; skipped without mpiexec or with --no-mpi.
 """
 import argparse
 import json

@@ -42,8 +42,13 @@
 #   micro-batches with first_microbatch, their global index within the step (dropout, the
 #   testing extension's inject_nan and anything keyed per micro-batch use
 #   first_microbatch + mb), and kept_gradients: each micro-batch's backward then writes into
-#   a row of its own and nothing is accumulated; the ranks fold the rows in order, and
-#   optimizer_step(gradients=) applies the folded sum.
+#   a row of its own and nothing is accumulated; the ranks fold the rows in order, each
+#   receiving its share of the sum: a contiguous run of the optimiser's chunks. The step
+#   then runs in the halves of the spheres' optimiser work, on the share's chunks only:
+#   mean_gradient_sumsq (the mean gradient and each chunk's sum of squares), then, once the
+#   ranks have gathered every chunk's sum, optimizer_update (the norm added up in chunk
+#   order, the clipping factor, the update of the share's weights and AdamW state: the
+#   share's m and v only). Every element sees the float operations of one process's step.
 # - Dropout (training steps only). A micro-batch's masks are a pure function of (seed, step,
 #   its index in the global batch, layer, site, element) (kernels/dropout.h, a counter-based
 #   hash), drawn again in backward rather than stored, so they never depend on which sphere runs
@@ -208,13 +213,20 @@ def tensor_at(cfg, index):
             return name
 
 
-def optimizer_chunks(cfg):
-    """int64 [k, 3] rows (offset, size, decay) covering the buffer: the optimiser's units of
-    work, every tensor cut into pieces of at most 16384 floats, decay on 2-D tensors."""
+def optimizer_chunks(cfg, lora=None):
+    """int64 [k, 3] rows (offset, size, decay) covering the trained buffer in order: the
+    optimiser's units of work, every tensor cut into pieces of at most 16384 floats, decay on
+    2-D tensors. The buffer is the parameters', or with lora = (rank, targets, alpha,
+    dropout), as an Engine takes it, the adapters'."""
     cdef ModelConfig c = model_config(cfg)
-    out = np.empty((count_optimizer_chunks(&c, NULL), 3), dtype=np.int64)
+    cdef Lora lo
+    cdef Lora* lora_ptr = NULL
+    if lora is not None:
+        lora_settings(&lo, lora, &c)
+        lora_ptr = &lo
+    out = np.empty((count_optimizer_chunks(&c, lora_ptr), 3), dtype=np.int64)
     cdef long long[:, ::1] rows = out
-    fill_in_optimizer_chunks(&rows[0, 0], &c, NULL)
+    fill_in_optimizer_chunks(&rows[0, 0], &c, lora_ptr)
     return out
 
 

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from cllm_cli._engine import parameter_layout
 from cllm_cli.errors import CheckpointError
 from cllm_cli.formats import checkpoint as ck
+from cllm_cli.formats import tensorfile
 from cllm_cli.formats.checkpoint import (
     FORMAT_VERSION,
     checkpoint_path,
@@ -113,6 +114,46 @@ def test_round_trip_without_adam(tmp_path):
     assert out.meta == {"step": 7}
     with safe_open(str(path), framework="numpy") as f:
         assert not any(k.startswith("adam.") for k in f.keys())
+
+
+class ArrayPieces:
+    """FlatPieces over an array (as a rank's shares are read), recording each piece read."""
+
+    def __init__(self, values):
+        self.values, self.size, self.reads = values, values.size, []
+
+    def read(self, start, stop):
+        self.reads.append((start, stop))
+        return self.values[start:stop].copy()
+
+    def count_non_finite(self, start, stop):
+        return ck.count_non_finite(self.values[start:stop])
+
+
+def test_moments_read_in_pieces_write_the_file_of_the_whole_buffers(tmp_path, monkeypatch):
+    monkeypatch.setattr(tensorfile, "CHUNK_BYTES", 64)
+    params, m, v = flat_buffer(1), flat_buffer(2), np.abs(flat_buffer(3))
+    whole, pieces = tmp_path / "whole.cllm", tmp_path / "pieces.cllm"
+    save_checkpoint(whole, CFG, params, m, v, make_meta())
+    m_pieces, v_pieces = ArrayPieces(m), ArrayPieces(v)
+    save_checkpoint(pieces, CFG, params, m_pieces, v_pieces, make_meta())
+    assert pieces.read_bytes() == whole.read_bytes()
+    for read in (m_pieces.reads, v_pieces.reads):
+        assert max(stop - start for start, stop in read) == 16
+        covered = sorted(read)          # every value read once, in pieces of a tensor
+        assert covered[0][0] == 0 and covered[-1][1] == N_PARAMS
+        assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
+
+
+def test_a_non_finite_moment_in_pieces_is_refused_by_name(tmp_path):
+    params, m, v = flat_buffer(1), flat_buffer(2), np.abs(flat_buffer(3))
+    name, shape, offset = parameter_layout(CFG)[3]
+    v[offset + 1] = np.nan
+    v[offset + 2] = np.inf
+    path = tmp_path / "bad.cllm"
+    with pytest.raises(CheckpointError, match=rf"'adam\.v\.{name}'.*1 NaN, 1 Inf"):
+        save_checkpoint(path, CFG, params, ArrayPieces(m), ArrayPieces(v), make_meta())
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_params_are_not_views_of_each_other(saved):

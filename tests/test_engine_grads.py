@@ -335,6 +335,24 @@ def test_optimizer_chunks_cut_every_tensor_in_pieces():
     assert chunks[-1, 0] + chunks[-1, 1] == _engine.num_parameters(cfg)
 
 
+def test_optimizer_chunks_of_adapters_cover_their_buffer_in_order():
+    """With adapters the chunks cut the adapter buffer, tensor after tensor without a gap
+    (the shares of many processes are contiguous ranges of chunks); every adapter decays."""
+    cfg = CLLMConfig(vocab_size=300, embed_dim=64, num_layers=2, num_heads=4, seq_len=16)
+    lora = (96, 0b11, 192.0, 0.0)            # c_attn's A (96 x 64) and B (192 x 96) ...
+    chunks = _engine.optimizer_chunks(cfg, lora)
+    expected = []
+    for _, shape, off in _engine.adapter_layout(cfg, lora[0], lora[1]):
+        size = math.prod(shape)
+        for start in range(0, size, 16384):
+            expected.append((off + start, min(16384, size - start), 1))
+    assert [tuple(r) for r in chunks.tolist()] == expected
+    assert any(size == 16384 for _, size, _ in expected), "no tensor takes two chunks"
+    ends = chunks[:, 0] + chunks[:, 1]
+    assert chunks[0, 0] == 0 and (chunks[1:, 0] == ends[:-1]).all()
+    assert ends[-1] == _engine.num_adapter_parameters(cfg, lora[0], lora[1])
+
+
 def test_activation_layout_and_allocation():
     cfg = CLLMConfig(vocab_size=50, embed_dim=16, num_layers=3, num_heads=4, ff_dim=40,
                      seq_len=10)

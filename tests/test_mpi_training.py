@@ -1,7 +1,8 @@
 """train_model on many processes, under the mpich wheel's mpiexec:
-bit-identical checkpoints for every layout K ranks x N threads, resumed with another layout,
-NaN decisions taken globally, one writer, refused set-ups, a failing and a killed rank, and the
-missing-mpi4py message. Two cores are oversubscribed: the runs are tiny."""
+bit-identical checkpoints for every layout K ranks x N threads (with clipping active, with
+LoRA adapters), resumed with another layout, NaN decisions taken globally, each rank holding
+AdamW's state of its share only, one writer, refused set-ups, a failing and a killed rank,
+and the missing-mpi4py message. Two cores are oversubscribed: the runs are tiny."""
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import pytest
 from helpers import ROOT, assert_bit_identical, assert_one_error_line, call, finish, sentences
 
 from cllm_cli.cli.train import main
+from cllm_cli.distributed import block_of
 from cllm_cli.formats.checkpoint_load import load_checkpoint
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
@@ -29,6 +31,7 @@ BIG = ["--embed-dim", "96", "--num-layers", "2", "--num-heads", "2", "--seq-len"
        "--batch-size", "384", "--micro-batch", "4", "--max-steps", "12", "--warmup-steps", "3",
        "--tokenizer", "word", "--vocab-size", "120", "--eval-interval", "0", "--log-interval", "1", "--seed", "5"]
 HOOKED = os.path.join(ROOT, "tests", "mpi", "train_hooked.py")
+SAVED = ("checkpoint_step_2.cllm", "checkpoint_step_4.cllm", "final_model.cllm")
 
 
 def command(ranks, threads, *argv, hook=None):
@@ -130,6 +133,99 @@ def assert_2x1_equals_1x2(long_corpus, one_process, tmp_path, *options):
         f"{options} should change the run"
 
 
+def assert_layouts_alike(corpus, tmp_path, layouts, *options, base=TINY):
+    """`base` with `options` on each (ranks, threads) of `layouts`: every one ends on the
+    first one's checkpoints (weights and AdamW state) and figures. Their directories by
+    layout."""
+    out = {}
+    for ranks, threads in layouts:
+        ck = tmp_path / f"ck{ranks}x{threads}"
+        p = run(ranks, threads, corpus, *base, *options, "--checkpoint-dir", ck,
+                "--metrics-file", ck / "m.jsonl")
+        assert p.returncode == 0, p.stderr
+        out[ranks, threads] = ck
+    first = out[layouts[0]]
+    for layout in layouts[1:]:
+        for name in SAVED:
+            assert_bit_identical(first / name, out[layout] / name)
+        assert results(out[layout] / "m.jsonl") == results(first / "m.jsonl")
+    return out
+
+
+def test_with_clipping_active_2_and_3_ranks_give_the_checkpoints_of_one_process(
+        long_corpus, one_process, tmp_path):
+    """--grad-clip 0.3 is below every step's norm: each step is scaled by the factor the
+    ranks compute from every share's sums of squares."""
+    out = assert_layouts_alike(long_corpus, tmp_path, [(1, 1), (2, 1), (3, 1)], "--grad-clip",
+                               "0.3")
+    norms = [r["grad_norm"] for r in metrics(out[1, 1] / "m.jsonl") if "grad_norm" in r]
+    assert len(norms) == 5 and min(norms) > 0.3, f"clipping is not active: {norms}"
+    assert results(out[1, 1] / "m.jsonl") != results(one_process / "m.jsonl")
+
+
+def test_lora_adapters_train_alike_on_1_2_and_3_ranks_and_resume_on_another_count(
+        long_corpus, one_process, tmp_path):
+    """The trained buffer is then the adapters: their shares, AdamW state and checkpoints
+    are those of one process; a checkpoint of 3 ranks resumes on 2."""
+    lora = ["--init-from", one_process / "final_model.cllm", "--lora-rank", "2",
+            "--learning-rate", "1e-2"]
+    at = TINY.index("--vocab-size")                 # the vocabulary is the base model's
+    base = TINY[:at] + TINY[at + 2:]
+    out = assert_layouts_alike(long_corpus, tmp_path, [(1, 1), (2, 1), (3, 1)], *lora,
+                               base=base)
+    assert load_checkpoint(out[1, 1] / "final_model.cllm").lora is not None
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    for name in ("vocab.txt", "dataset.bin", "checkpoint_step_2.cllm"):
+        shutil.copyfile(out[3, 1] / name, resumed / name)
+    p = run(2, 1, long_corpus, *base, *lora, "--checkpoint-dir", resumed, "--resume",
+            "--quiet")
+    assert p.returncode == 0, p.stderr
+    for name in SAVED[1:]:
+        assert_bit_identical(out[1, 1] / name, resumed / name)
+
+
+@pytest.mark.parametrize("saved_on, resumed_on", [(3, 2), (2, 3), (3, 1)])
+def test_a_checkpoint_of_k_ranks_resumes_on_another_count_as_the_straight_run(
+        long_corpus, one_process, tmp_path, saved_on, resumed_on):
+    """Step 2's checkpoint of a run on saved_on ranks (rank 0 gathered every rank's share of
+    m and v into it), resumed on resumed_on ranks (each reads its share): the later
+    checkpoints are the straight one-process run's."""
+    saved, resumed = tmp_path / "saved", tmp_path / "resumed"
+    p = run(saved_on, 1, long_corpus, *TINY, "--checkpoint-dir", saved)
+    assert p.returncode == 0, p.stderr
+    resumed.mkdir()
+    for name in ("vocab.txt", "dataset.bin", "checkpoint_step_2.cllm"):
+        shutil.copyfile(saved / name, resumed / name)
+    p = run(resumed_on, 1, long_corpus, *TINY, "--checkpoint-dir", resumed, "--resume",
+            "--quiet")
+    assert p.returncode == 0, p.stderr
+    for name in SAVED[1:]:
+        assert_bit_identical(one_process / name, resumed / name)
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_each_rank_holds_adamw_state_of_its_share_only(long_corpus, tmp_path, ranks):
+    """The AdamW state a rank is handed, and its trainer keeps, is m and v of its share of
+    the trained values; the shares cover them once, in rank order; the rank's engine holds
+    no other whole-size buffer than the weights and one gradient row per micro-batch of its
+    block (the sum is folded into the first)."""
+    ck = tmp_path / "ck"
+    p = run(ranks, 1, long_corpus, *TINY, "--checkpoint-dir", ck, hook="shares:0:0")
+    assert p.returncode == 0, p.stderr
+    found = [json.loads(path.read_text()) for path in sorted(ck.glob("shares.*.json"))]
+    assert [r["rank"] for r in found] == list(range(ranks)), found
+    size = found[0]["gradient_size"]
+    assert found[0]["start"] == 0 and found[-1]["stop"] == size
+    assert all(a["stop"] == b["start"] for a, b in zip(found, found[1:]))
+    for r in found:
+        share = r["stop"] - r["start"]
+        assert 0 < share < size
+        assert r["m"] == r["v"] == r["trainer_m"] == r["trainer_v"] == share, r
+        first, end = block_of(r["rank"], ranks, 5)        # 9 windows, micro-batches of 2
+        assert r["held"] == {"trained": [size], "kept": [end - first, size]}, r
+
+
 def test_dropout_masks_follow_the_global_micro_batch_on_every_layout(long_corpus, one_process,
                                                                       tmp_path):
     """With --dropout 0.1, rank 1 of 2 runs global micro-batches 3 and 4 as its local 0 and 1:
@@ -175,14 +271,16 @@ def test_a_nan_is_left_out_by_every_rank_alike(long_corpus, tmp_path):
     """Global micro-batch 3 of step 1 is poisoned on whichever rank owns it; the step's sum
     leaves it out on every rank, as one process does."""
     out = {}
-    for ranks, threads in ((1, 2), (3, 1)):
+    for ranks, threads in ((1, 2), (2, 1), (3, 1)):
         ck = tmp_path / f"ck{ranks}"
         p = run(ranks, threads, long_corpus, *TINY, "--checkpoint-dir", ck, hook="nan:1:3")
         assert p.returncode == 0, p.stderr
         warnings = [line for line in p.stderr.splitlines() if "micro-batch 3" in line]
         assert len(warnings) == 1 and "step 2:" in warnings[0], p.stderr
         out[ranks] = ck
-    assert_bit_identical(out[1] / "final_model.cllm", out[3] / "final_model.cllm")
+    for ranks in (2, 3):
+        for name in SAVED:
+            assert_bit_identical(out[1] / name, out[ranks] / name)
 
 
 @pytest.fixture(scope="module")
@@ -244,6 +342,26 @@ def test_an_exception_on_one_rank_stops_every_rank_with_one_line_naming_it(long_
     assert saved and saved[0].name == "checkpoint_step_1.cllm", saved
     for path in saved:                  # rank 0 may have been ended while writing step 3's
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("hook, line", [
+    ("fold:1:2", "rank 1 of 3: RuntimeError: injected failure in the exchange of step 2"),
+    ("save:2:1", "rank 2 of 3: RuntimeError: injected failure in checkpoint 1"),
+])
+def test_a_rank_failing_mid_exchange_stops_every_rank_with_one_line(long_corpus, ckpt_dir, hook,
+                                                                     line):
+    """In the middle of a step's exchange (the others wait in the gather of the chunks'
+    sums), or while rank 0 reads the failing rank's share of m and v into a checkpoint (rank
+    0 waits for that piece): one line naming the rank, status 1, no rank left waiting."""
+    p = subprocess.run(command(3, 1, long_corpus, *TINY, "--checkpoint-dir", ckpt_dir,
+                               "--save-interval", "1", hook=hook),
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1, p.stderr
+    ours = [x for x in p.stderr.splitlines() if x.startswith("train_model: error:")]
+    assert ours == [f"train_model: error: {line}"], p.stderr
+    assert "Traceback" not in p.stderr
+    for path in ckpt_dir.glob("checkpoint_step_*.cllm"):
+        load_checkpoint(path)              # whatever was written is whole
 
 
 def test_a_rank_that_sees_another_directory_stops_every_rank(long_corpus, tmp_path):

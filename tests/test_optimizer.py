@@ -403,6 +403,88 @@ def test_non_finite_summed_gradient_skips_the_step():
 
 
 # ----------------------------------------------------------------------------------------
+# the step in shares of the chunks, as the ranks of many processes run it
+
+# wte (300 x 64 = 19200 floats) is two chunks: a share may end inside a tensor
+SHARD_CFG = CLLMConfig(vocab_size=300, embed_dim=64, num_layers=2, num_heads=4, seq_len=8)
+
+
+def sharded_step(engine, gradient, count, m, v, cuts, **settings):
+    """optimizer_update over the shares [cuts[i], cuts[i + 1]) of the chunks, each share's
+    mean gradient and chunk sums first (mean_gradient_sumsq), then every chunk's sums
+    together, as the ranks do; (norm, applied) of each share."""
+    chunks = _engine.optimizer_chunks(SHARD_CFG)
+    starts = [int(chunks[k, 0]) if k < len(chunks) else gradient.size for k in cuts]
+    spans = list(zip(cuts, cuts[1:], starts, starts[1:]))
+    sums = [engine.mean_gradient_sumsq(gradient[a:b], count, first, end)
+            for first, end, a, b in spans]
+    every = np.concatenate(sums)
+    assert every.size == len(chunks)
+    return [engine.optimizer_update(gradient[a:b], m[a:b], v[a:b], first, end, every,
+                                    **settings)
+            for first, end, a, b in spans]
+
+
+@pytest.mark.parametrize("adamw, grad_clip, overflow", [
+    (True, 0.05, False), (True, 0.0, False), (False, 0.05, False), (True, 0.05, True)])
+@pytest.mark.parametrize("cuts", [(0, None), (0, 1, None), (0, 1, 1, 7, None), (0, 5, 9, None)])
+def test_an_optimizer_step_in_shares_is_the_whole_step(adamw, grad_clip, overflow, cuts):
+    """The step in shares of the chunks (a share ending inside wte, an empty share) gives
+    the whole step's weights, moments, norm and decision, bit for bit: with clipping active,
+    without it, SGD, and a gradient holding Inf (the step skipped on every share)."""
+    flat = make_params(SHARD_CFG, seed=61, std=0.1 if overflow else 0.3)
+    windows = make_windows(SHARD_CFG, 3, 8, seed=63)
+    if overflow:            # two micro-batches whose gradients sum to -Inf in wte, as in
+        views = ref.unflatten(flat, SHARD_CFG)      # test_non_finite_summed_gradient_...
+        views["wte"][:, 2] = 0.0
+        views["ln_f.bias"][2] = np.float32(2.5e38)
+        windows = windows[:2].copy()
+        windows[:, 1:] = 0
+        windows[:, 3] = 5
+    rng = np.random.default_rng(62)
+    m0 = rng.standard_normal(flat.size).astype(np.float32) * np.float32(1e-3)
+    v0 = np.abs(rng.standard_normal(flat.size)).astype(np.float32) * np.float32(1e-5)
+    settings = dict(adamw=adamw, lr=1e-2, weight_decay=0.1, grad_clip=grad_clip, t=3)
+    cuts = [len(_engine.optimizer_chunks(SHARD_CFG)) if k is None else k for k in cuts]
+    whole_p, whole_m, whole_v = flat.copy(), m0.copy(), v0.copy()
+    with engine_for(SHARD_CFG, whole_p, micro_batch=1 if overflow else 2) as engine:
+        results = run(engine, windows)
+        count = sum(r[1] for r in results)
+        gradient = engine.accumulated_gradients()
+        assert np.isfinite(gradient).all() != overflow
+        norm, applied = engine.optimizer_step(count, whole_m, whole_v, **settings)
+    assert applied != overflow
+    if grad_clip and not overflow:
+        assert norm > 2 * grad_clip, "clipping is not active in this case"
+    parts_p, parts_m, parts_v = flat.copy(), m0.copy(), v0.copy()
+    with engine_for(SHARD_CFG, parts_p) as engine:
+        shares = sharded_step(engine, gradient, count, parts_m, parts_v, cuts, **settings)
+    assert all(n == norm or (math.isnan(n) and math.isnan(norm)) for n, _ in shares), shares
+    assert all(a == applied for _, a in shares)
+    assert parts_p.tobytes() == whole_p.tobytes()
+    assert parts_m.tobytes() == whole_m.tobytes() and parts_v.tobytes() == whole_v.tobytes()
+    assert (whole_p.tobytes() == flat.tobytes()) == overflow, "the step changed nothing"
+
+
+def test_a_share_refuses_buffers_of_another_size():
+    flat = make_params(SHARD_CFG, seed=64)
+    chunks = _engine.optimizer_chunks(SHARD_CFG)
+    span = int(chunks[1, 0] + chunks[1, 1] - chunks[0, 0])
+    g = np.zeros(span, np.float32)
+    with engine_for(SHARD_CFG, flat) as engine:
+        with pytest.raises(ValueError, match="gradients do not match"):
+            engine.mean_gradient_sumsq(g[1:], 1, 0, 2)
+        with pytest.raises(ValueError, match="not within"):
+            engine.mean_gradient_sumsq(g, 1, 1, len(chunks) + 1)
+        with pytest.raises(ValueError, match="optimizer state"):
+            engine.optimizer_update(g, g[1:], g, 0, 2, np.zeros(len(chunks)), adamw=True,
+                                    lr=1e-2, weight_decay=0.0, grad_clip=0.0, t=1)
+        with pytest.raises(ValueError, match="all"):
+            engine.optimizer_update(g, g, g, 0, 2, np.zeros(2), adamw=True, lr=1e-2,
+                                    weight_decay=0.0, grad_clip=0.0, t=1)
+
+
+# ----------------------------------------------------------------------------------------
 # determinism: threads and lock mode change nothing
 
 @pytest.mark.parametrize("micro_batch", [1, 2])

@@ -6,23 +6,31 @@ these pieces in place of the single-process ones:
 - DataParallelEngine: the Engine's train_step / evaluate for one rank. A step's micro-batches
   are split in contiguous blocks (world.block_of); the rank runs its block through its
   spheres with each gradient kept in a row of its own (the engine's kept_gradients), under
-  the micro-batches' global indices; the per-micro-batch results are gathered on every rank;
-  the gradients are folded across the ranks in micro-batch order (World.ordered_fold); every
-  rank then ends the step with the engine's own apply_step on the same results and sum, so
-  every rank takes the same NaN/Inf decisions and holds the same weights.
+  the micro-batches' global indices; the per-micro-batch results are gathered on every rank
+  and added up by the engine's sum_results (the same loss, tokens and left-out micro-batches
+  everywhere). The gradients are folded across the ranks in micro-batch order, each rank
+  receiving its share of the sum (World.fold_and_scatter; shares.py: ZeRO stage 1, each rank
+  holds AdamW's m and v of its share only). The optimiser step then runs in two halves, as
+  one process runs it over the same chunks: each rank divides its share and sums the squares
+  per chunk (Engine.mean_gradient_sumsq), the ranks gather every chunk's sum, and each adds
+  them up in chunk order (Engine.optimizer_update): the same norm bits, clipping factor and
+  applied/skipped decision on every rank; each updates the weights of its share, and the
+  ranks exchange the updated shares (World.allgather_shares).
 - AgreedStop: a stop signal counts from the step at which the ranks learn of it (sent with
   the step's results), so every rank stops after the same step; rank 0 saves.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable, Iterable
 
 import numpy as np
 from numpy.typing import NDArray
 
+from cllm_cli._engine import StepResult
+from cllm_cli.distributed.shares import MomentShares
 from cllm_cli.distributed.world import World, block_of
-from cllm_cli.model import CLLMConfig
 
 WAIT_SLICE = 0.1       # seconds between waits on the spheres (Python signal handlers run)
 ALIGN_FLOATS = 16      # kept gradient rows start on 64-byte boundaries, as the spheres' own
@@ -69,16 +77,18 @@ def exchange_stop(should_stop: Callable[[], bool] | None,
 
 class DataParallelEngine:
     """An Engine's training step and evaluation spread over the ranks of `world`, with the
-    results of one process (see the module docstring). Delegates everything else."""
+    results of one process (see the module docstring). Delegates everything else.
+    trained: the buffer the optimiser updates (the engine's parameters, or its adapters);
+    moments: this rank's share of AdamW's state."""
 
-    def __init__(self, engine: Any, world: World, model_config: CLLMConfig,
-                 batch_size: int) -> None:
-        self.engine, self.world, self.model_config = engine, world, model_config
+    def __init__(self, engine: Any, world: World, trained: NDArray[np.float32],
+                 moments: MomentShares, batch_size: int) -> None:
+        self.engine, self.world, self.trained, self.moments = engine, world, trained, moments
         n_micro = -(-batch_size // engine.micro_batch)
-        first, end = block_of(0, world.size, n_micro)          # rank 0's block is the longest
-        size = engine.gradient_size
-        self.kept = aligned_rows(end - first, size)
-        self.total = np.empty(size, dtype=np.float32)
+        first, end = block_of(world.rank, world.size, n_micro)   # a full batch's block
+        # one row per micro-batch of the block; the sum is folded into the first one
+        self.kept = aligned_rows(max(1, end - first), engine.gradient_size)
+        self.chunk_counts = [s.end_chunk - s.first_chunk for s in moments.shares]
         self.epoch_loss, self.epoch_tokens, self.total_batches = 0.0, 0, 0
         self.exchange: dict[str, float] = {}
 
@@ -98,12 +108,14 @@ class DataParallelEngine:
     def train_step(self, windows: NDArray[np.int32], step: int, adam_m: NDArray[np.float32],
                    adam_v: NDArray[np.float32], *, adamw: bool, lr: float, weight_decay: float,
                    grad_clip: float, t: int, should_stop: Callable[[], bool] | None = None) -> Any:
-        """Engine.train_step over every rank: the same StepResult and weights on each. A stop
-        signal does not abandon the step; it is agreed with the step's results."""
+        """Engine.train_step over every rank: the same StepResult and weights on each;
+        adam_m, adam_v: this rank's share of AdamW's state. A stop signal does not abandon
+        the step; it is agreed with the step's results."""
         mb, rank = self.engine.micro_batch, self.world.rank
         n_micro = -(-len(windows) // mb)
         first, end = block_of(rank, self.world.size, n_micro)
         mine = self._run(windows[first * mb:end * mb], True, step, first)
+        self.world.begin_exchange()
         t0 = time.perf_counter()
         pending = should_stop.pending() if isinstance(should_stop, AgreedStop) else None
         gathered = self.world.allgather((mine, pending))
@@ -113,20 +125,39 @@ class DataParallelEngine:
         results = [(loss, counted, owner * threads + sphere, ok, bad_index)
                    for owner, (block, _) in enumerate(gathered)
                    for loss, counted, sphere, ok, bad_index in block]
-        valid = [r[3] for r in results]
-        self.world.ordered_fold(self.kept[:end - first], valid[first:end], any(valid[:first]),
-                                self.total)
         for loss, counted, _, ok, _ in results:
             if ok:
                 self.epoch_loss += loss
                 self.epoch_tokens += counted
         self.total_batches += n_micro
-        result = self.engine.apply_step(step, results, adam_m, adam_v, adamw=adamw, lr=lr,
-                                        weight_decay=weight_decay, grad_clip=grad_clip, t=t,
-                                        gradients=self.total)
+        loss_sum, tokens, bad = self.engine.sum_results(step, results)
+        norm, applied = math.nan, False
+        if tokens:                  # else no optimiser step: nothing to fold
+            valid = [r[3] for r in results]
+            gradient = self.world.fold_and_scatter(self.kept, valid[first:end],
+                                                   any(valid[:first]), self.moments.bounds)
+            norm, applied = self._optimizer_step(gradient, tokens, adam_m, adam_v, adamw=adamw,
+                                                 lr=lr, weight_decay=weight_decay,
+                                                 grad_clip=grad_clip, t=t)
         self.exchange = {"exchange_bytes": self.world.bytes_sent + self.world.bytes_received,
                          "exchange_seconds": gather_seconds + self.world.seconds}
-        return result
+        return StepResult(loss_sum, tokens, len(results), norm, applied, bad)
+
+    def _optimizer_step(self, gradient: NDArray[np.float32], tokens: int,
+                        adam_m: NDArray[np.float32], adam_v: NDArray[np.float32],
+                        **settings: Any) -> tuple[float, bool]:
+        """The optimiser step of this rank's share, `gradient` its part of the summed
+        gradient; then every rank's updated weights on every rank. (norm, applied)."""
+        share = self.moments.share
+        sums = self.engine.mean_gradient_sumsq(gradient, tokens, share.first_chunk,
+                                               share.end_chunk)
+        every = self.world.allgather_array(sums, self.chunk_counts)
+        norm, applied = self.engine.optimizer_update(gradient, adam_m, adam_v,
+                                                     share.first_chunk, share.end_chunk,
+                                                     every, **settings)
+        if applied:
+            self.world.allgather_shares(self.trained, self.moments.bounds)
+        return norm, applied
 
     def evaluate(self, windows: NDArray[np.int32],
                  should_stop: Callable[[], bool] | None = None) -> tuple[float, int]:

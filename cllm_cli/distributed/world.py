@@ -2,19 +2,22 @@
 
 Each process ("rank") runs a ThreadedTrainingSystem of its own. The micro-batches of a global
 batch are split over the ranks in contiguous blocks (block_of); each rank keeps the gradient
-of each of its micro-batches, and the step's gradient is folded across the ranks in
-micro-batch order, exactly as one process folds it:
+of each of its micro-batches in a row of its own, and the step's gradient is folded across
+the ranks in micro-batch order, exactly as one process folds it, in place in the rank's first
+row (fold_and_scatter):
 
     rank 0:  S = g0;  S = S + g1; ...           (its own micro-batches)     -> rank 1
     rank r:  S = S_received + g_a; S = S + g_a+1; ...                       -> rank r+1
-    the last rank holds (((g0 + g1) + g2) + ...) and broadcasts it.
+    the last rank holds (((g0 + g1) + g2) + ...) and sends each rank its share of it.
 
 The buffer is cut into segments, and each segment travels down the chain on its own, so that
 sending segment k overlaps adding segment k+1 (a pipeline: the chain costs about
-(K - 1 + segments) segment times, then one broadcast). A plain MPI_Allreduce(SUM) would not do:
-its order of additions depends on its algorithm and on K. The additions are numpy float32
-adds, element by element, the same IEEE operation the engine's ordered accumulation performs,
-so the result is the same bit for bit.
+(K - 1 + segments) segment times); the last rank sends each finished segment's parts on to
+the ranks that own them (a reduce-scatter in a fixed order). A plain MPI_Allreduce(SUM) would
+not do: its order of additions depends on its algorithm and on K. The additions are numpy
+float32 adds, element by element, the same IEEE operation the engine's ordered accumulation
+performs, so the result is the same bit for bit. Each rank then updates the weights of its
+share, and allgather_shares gives every rank all of them.
 
 Rank and size come from the communicator. Launcher variables are only used to notice that a
 launcher started us while mpi4py is missing (one line says how to install it).
@@ -39,7 +42,7 @@ import os
 import socket
 import sys
 import time
-from typing import Any, Callable, Iterable, NoReturn, Sequence, TypeVar, cast
+from typing import Any, Callable, NoReturn, Sequence, TypeVar, cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -92,17 +95,26 @@ def block_of(rank: int, size: int, n_micro: int) -> tuple[int, int]:
     return first, first + base + (1 if rank < extra else 0)
 
 
-def fold_into(acc: NDArray[np.float32], grads: Iterable[np.ndarray], valid: Iterable[bool],
-              started: bool) -> None:
-    """acc = (((acc + g_a) + g_a+1) + ...) over the valid grads, in order; when not `started`
-    the first valid one is copied (nothing valid leaves acc as it is, zeros if it was)."""
-    for g, ok in zip(grads, valid):
-        if not ok:
+def fold_segment(acc: NDArray[np.float32], received: NDArray[np.float32] | None,
+                 grads: Sequence[np.ndarray], valid: Sequence[bool]) -> None:
+    """acc = (((received + g_a) + g_a+1) + ...) over the valid grads, in order, where grads[0]
+    (when there is one) is acc itself, overwritten. received is None when no earlier
+    micro-batch entered the sum: then the first valid gradient starts it, and without any
+    the sum is zeros."""
+    started = received is not None
+    if started:
+        if grads and valid[0]:
+            np.add(received, acc, out=acc)     # received + g_a, the order of one process
+        else:
+            acc[...] = received
+    for j in range(1 if started else 0, len(grads)):
+        if not valid[j]:
             continue
         if started:
-            np.add(acc, g, out=acc)
+            np.add(acc, grads[j], out=acc)
         else:
-            acc[...] = g
+            if j:
+                acc[...] = grads[j]
             started = True
     if not started:
         acc[...] = 0.0
@@ -125,10 +137,6 @@ class Solo:
     def allgather(self, obj: _T) -> list[_T]:
         return [obj]
 
-    def ordered_fold(self, grads: Sequence[np.ndarray], valid: Sequence[bool], first_valid_before: bool,
-                     out: NDArray[np.float32]) -> None:
-        fold_into(out, grads, valid, started=False)
-
 
 class World:
     """The ranks of one MPI job. Small control messages are pickled (lower-case mpi4py calls);
@@ -140,9 +148,11 @@ class World:
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.is_root = self.rank == 0
         self.local_size = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size()   # on this host
-        self.bytes_sent = 0             # gradient bytes this rank sent in the last fold
-        self.bytes_received = 0
-        self.seconds = 0.0              # time spent in the last fold (waiting included)
+        # the step's exchange so far (since begin_exchange): bytes of gradients and weights
+        # this rank sent and received, seconds spent in it (waiting included)
+        self.bytes_sent = self.bytes_received = 0
+        self.seconds = 0.0
+        self.incoming = np.empty(0, dtype=np.float32)   # a segment received down the chain
         self.parent = os.getppid()      # the launcher's process that started this rank
         self.root_host, self.root_pid = comm.bcast((socket.gethostname(), os.getpid()), root=0)
         self.root_visible = (self.root_host == socket.gethostname()
@@ -187,33 +197,90 @@ class World:
         self.comm.Abort(status)
         os._exit(status)
 
-    def ordered_fold(self, grads: Sequence[np.ndarray], valid: Sequence[bool], first_valid_before: bool,
-                     out: NDArray[np.float32]) -> None:
-        """The step's gradient (((g0 + g1) + g2) + ...) over every rank's micro-batches, into
-        `out` on every rank. grads: this rank's micro-batch gradients (float32, in order);
+    def send(self, array: np.ndarray, dest: int, tag: int) -> None:
+        self.comm.Send(array, dest=dest, tag=tag)
+
+    def recv(self, array: np.ndarray, source: int, tag: int) -> None:
+        self.comm.Recv(array, source=source, tag=tag)
+
+    def gather(self, obj: _T) -> list[_T] | None:
+        """Every rank's obj, in rank order, on rank 0 (None elsewhere)."""
+        return self.comm.gather(obj, root=0)
+
+    def begin_exchange(self) -> None:
+        """Starts counting a step's exchange (bytes_sent, bytes_received, seconds)."""
+        self.bytes_sent = self.bytes_received = 0
+        self.seconds = 0.0
+
+    def fold_and_scatter(self, rows: NDArray[np.float32], valid: Sequence[bool],
+                         first_valid_before: bool,
+                         shares: Sequence[tuple[int, int]]) -> NDArray[np.float32]:
+        """This rank's share of the step's gradient (((g0 + g1) + g2) + ...) over every rank's
+        micro-batches: rows[0][start:stop] for its share (start, stop) in `shares` (every
+        rank's, in rank order), where the sum is folded in place. rows: float32 (n, size)
+        with n >= 1, the first len(valid) of them this rank's micro-batch gradients in order;
         valid: which of them enter the sum; first_valid_before: whether any micro-batch of a
         lower rank entered it (then this rank adds to what it receives, else it starts from
-        its first valid gradient). Returns nothing; counts bytes and seconds."""
+        its first valid gradient). Counts bytes and seconds."""
+        from mpi4py import MPI
         t0 = time.perf_counter()
-        size, left, right = out.size, self.rank - 1, self.rank + 1
-        self.bytes_sent = self.bytes_received = 0
+        acc, own = rows[0], list(rows[:len(valid)])
+        last, left, right = self.size - 1, self.rank - 1, self.rank + 1
+        if left >= 0 and self.incoming.size < min(SEGMENT_FLOATS, acc.size):
+            self.incoming = np.empty(min(SEGMENT_FLOATS, acc.size), dtype=np.float32)
         pending = []
-        for seg, start in enumerate(range(0, size, SEGMENT_FLOATS)):
-            piece = out[start:start + SEGMENT_FLOATS]
+        for seg, start in enumerate(range(0, acc.size, SEGMENT_FLOATS)):
+            stop = min(start + SEGMENT_FLOATS, acc.size)
+            received = None
             if left >= 0:
-                self.comm.Recv(piece, source=left, tag=seg)
-                self.bytes_received += piece.nbytes
-            fold_into(piece, [g[start:start + SEGMENT_FLOATS] for g in grads], valid,
-                      first_valid_before)
-            if right < self.size:
-                pending.append(self.comm.Isend(piece, dest=right, tag=seg))
-                self.bytes_sent += piece.nbytes
-        for request in pending:
-            request.Wait()
-        self.comm.Bcast(out, root=self.size - 1)
-        if self.rank != self.size - 1:
-            self.bytes_received += out.nbytes
-        self.seconds = time.perf_counter() - t0
+                self.comm.Recv(self.incoming[:stop - start], source=left, tag=seg)
+                self.bytes_received += 4 * (stop - start)
+                if first_valid_before:
+                    received = self.incoming[:stop - start]
+            fold_segment(acc[start:stop], received, [g[start:stop] for g in own], valid)
+            if right <= last:
+                pending.append(self.comm.Isend(acc[start:stop], dest=right, tag=seg))
+                self.bytes_sent += 4 * (stop - start)
+                continue
+            for owner, (a, b) in enumerate(shares[:last]):    # the sum's segment is final
+                lo, hi = max(a, start), min(b, stop)
+                if lo < hi:
+                    pending.append(self.comm.Isend(acc[lo:hi], dest=owner, tag=seg))
+                    self.bytes_sent += 4 * (hi - lo)
+        MPI.Request.Waitall(pending)
+        a, b = shares[self.rank]
+        if self.rank != last:               # this rank's share, as the last rank sent it
+            for seg, start in enumerate(range(0, acc.size, SEGMENT_FLOATS)):
+                lo, hi = max(a, start), min(b, start + SEGMENT_FLOATS)
+                if lo < hi:
+                    self.comm.Recv(acc[lo:hi], source=last, tag=seg)
+                    self.bytes_received += 4 * (hi - lo)
+        self.seconds += time.perf_counter() - t0
+        return acc[a:b]
+
+    def allgather_array(self, mine: np.ndarray, counts: Sequence[int]) -> np.ndarray:
+        """Every rank's `mine` (counts[r] values on rank r, float64), one after another in
+        rank order, on every rank."""
+        from mpi4py import MPI
+        t0 = time.perf_counter()
+        out: np.ndarray = np.empty(sum(counts), dtype=np.float64)
+        self.comm.Allgatherv(mine, [out, list(counts), MPI.DOUBLE])
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    def allgather_shares(self, buffer: NDArray[np.float32],
+                         shares: Sequence[tuple[int, int]]) -> None:
+        """buffer[start:stop] of each rank's share, from that rank into every rank's
+        buffer (in place). Counts bytes and seconds."""
+        from mpi4py import MPI
+        t0 = time.perf_counter()
+        counts = [b - a for a, b in shares]
+        displacements = [a for a, _ in shares]
+        self.comm.Allgatherv(MPI.IN_PLACE, [buffer, counts, displacements, MPI.FLOAT])
+        mine = counts[self.rank]
+        self.bytes_sent += 4 * mine * (self.size - 1)
+        self.bytes_received += 4 * (buffer.size - mine)
+        self.seconds += time.perf_counter() - t0
 
 
 def _process_alive(pid: int) -> bool:

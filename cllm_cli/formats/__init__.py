@@ -4,6 +4,7 @@ directories, GGUF files, PEFT adapters, the one loader of a model named by a use
 from cllm_cli.formats.checkpoint import (
     FORMAT_VERSION,
     checkpoint_path,
+    count_non_finite,
     latest_checkpoint,
     list_checkpoints,
     prune_checkpoints,
@@ -22,6 +23,6 @@ from cllm_cli.formats.model_files import (
 from cllm_cli.formats.peft_export import export_peft
 
 __all__ = ["FORMAT_VERSION", "Checkpoint", "ModelFiles", "check_vocabulary", "checkpoint_params", "checkpoint_path",
-           "export_peft", "export_pretrained", "latest_checkpoint", "list_checkpoints",
+           "count_non_finite", "export_peft", "export_pretrained", "latest_checkpoint", "list_checkpoints",
            "load_checkpoint", "load_lora_base", "load_model_files", "model_source", "prune_checkpoints",
            "resolve_checkpoint", "save_checkpoint"]

@@ -31,7 +31,8 @@ A `.cllm` file is a plain safetensors file:
 The file is streamed from the caller's buffers tensor by tensor (tensorfile.py), in the
 layout of safetensors' own serializer, so saving adds no copy of the state to memory; its
 header is written first with placeholder checksums and rewritten once the tensor bytes have
-been hashed on their way out. Writes are atomic (:func:`cllm_cli.fileio.atomic_file`): the
+been hashed on their way out. The AdamW moments may also come as FlatPieces, read piece by
+piece as they are written (a many-process run, where each rank holds a share of them). Writes are atomic (:func:`cllm_cli.fileio.atomic_file`): the
 bytes go to a temporary file in the destination directory (``.<final name>.<random>.tmp``),
 which is flushed, fsync'ed and renamed over the final name, after which the directory is
 fsync'ed. A missing directory is created. A failed write (full disk, a parent that is not a
@@ -45,18 +46,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Mapping
+from typing import Any, BinaryIO, Callable, Mapping, Union
 
 import numpy as np
 from numpy.typing import NDArray
 
+from cllm_cli._engine import adapter_layout, parameter_layout
 from cllm_cli.errors import CheckpointError
 from cllm_cli.fileio import atomic_file
 from cllm_cli.fileio import reason as _reason
-from cllm_cli.formats.tensorfile import safetensors_header, write_tensors
+from cllm_cli.formats.tensorfile import FlatPieces, PieceTensor, Tensor, safetensors_header, write_tensors
 from cllm_cli.model import CLLMConfig, LoraSpec, adapter_views, named_views
 
 FORMAT_VERSION = 1
@@ -88,24 +91,36 @@ def header_digest(metadata: Mapping[str, Any], tensors: Mapping[str, Mapping[str
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _flat_views(what: str, flat: NDArray[np.float32], cfg: CLLMConfig,
-                spec: LoraSpec | None) -> dict[str, np.ndarray]:
-    """{name: view} of a flat float32 buffer (a contiguous copy when it is not contiguous):
-    the parameters', or with spec (a LoraSpec) the adapters'."""
-    if isinstance(flat, np.ndarray) and not flat.flags.c_contiguous:
+Moments = Union[NDArray[np.float32], FlatPieces]
+
+
+def _flat_views(what: str, flat: Moments, cfg: CLLMConfig,
+                spec: LoraSpec | None) -> dict[str, Tensor]:
+    """{name: view} of a flat float32 buffer (a contiguous copy when it is not contiguous),
+    or {name: PieceTensor} of FlatPieces: the parameters', or with spec (a LoraSpec) the
+    adapters'."""
+    if not isinstance(flat, np.ndarray):
+        layout = parameter_layout(cfg) if spec is None else adapter_layout(cfg, spec.rank,
+                                                                            spec.mask)
+        total = sum(math.prod(shape) for _, shape, _ in layout)
+        if flat.size != total:
+            raise ValueError(f"{what} has {flat.size} values, the model config needs {total}")
+        return {name: PieceTensor(flat, offset, shape) for name, shape, offset in layout}
+    if not flat.flags.c_contiguous:
         flat = np.ascontiguousarray(flat)
-    if spec is not None:
-        return adapter_views(cfg, spec, flat, what)
-    return named_views(cfg, flat, what, np.float32)
+    views: dict[str, Tensor] = dict(adapter_views(cfg, spec, flat, what) if spec is not None
+                                    else named_views(cfg, flat, what, np.float32))
+    return views
 
 
-def save_checkpoint(path: str | os.PathLike, cfg: CLLMConfig, params: NDArray[np.float32], adam_m: NDArray[np.float32] | None,
-                    adam_v: NDArray[np.float32] | None, meta: dict[str, Any],
+def save_checkpoint(path: str | os.PathLike, cfg: CLLMConfig, params: NDArray[np.float32],
+                    adam_m: Moments | None, adam_v: Moments | None, meta: dict[str, Any],
                     lora: dict[str, Any] | None = None) -> None:
     """Write a `.cllm` file atomically.
 
     ``params``, ``adam_m``, ``adam_v`` are flat float32 buffers laid out as
-    ``parameter_layout(cfg)``; ``adam_m`` / ``adam_v`` may be None (then they are not stored).
+    ``parameter_layout(cfg)``; ``adam_m`` / ``adam_v`` may be None (then they are not stored),
+    or FlatPieces (read in pieces while the file is written).
     ``meta`` is any JSON-serialisable dict (numpy scalars and arrays are converted).
     ``lora``: None, or the ``lora`` metadata of a LoRA run (LoraSpec.to_dict() with
     ``base_sha256`` and ``base_path``); then the buffers are the adapters'.
@@ -167,17 +182,25 @@ def save_checkpoint(path: str | os.PathLike, cfg: CLLMConfig, params: NDArray[np
     _atomic_write(path, write)
 
 
-def first_non_finite(tensors: Mapping[str, np.ndarray]) -> str | None:
-    """Text naming the first tensor of {name: array} holding NaN or Inf, or None. Looks at
-    _FINITE_CHUNK values at a time, so that no temporary is as large as a tensor."""
+def count_non_finite(values: np.ndarray) -> tuple[int, int]:
+    """(NaN count, Inf count) of an array, _FINITE_CHUNK values at a time, so that no
+    temporary is as large as the array."""
+    flat = values.reshape(-1)
+    nan = inf = 0
+    for start in range(0, flat.size, _FINITE_CHUNK):
+        part = flat[start:start + _FINITE_CHUNK]
+        if not np.isfinite(part).all():
+            nan += int(np.isnan(part).sum())
+            inf += int(np.isinf(part).sum())
+    return nan, inf
+
+
+def first_non_finite(tensors: Mapping[str, Tensor]) -> str | None:
+    """Text naming the first tensor of {name: array or PieceTensor} holding NaN or Inf, or
+    None."""
     for name, values in tensors.items():
-        flat = values.reshape(-1)
-        nan = inf = 0
-        for start in range(0, flat.size, _FINITE_CHUNK):
-            part = flat[start:start + _FINITE_CHUNK]
-            if not np.isfinite(part).all():
-                nan += int(np.isnan(part).sum())
-                inf += int(np.isinf(part).sum())
+        nan, inf = (values.count_non_finite() if isinstance(values, PieceTensor)
+                    else count_non_finite(values))
         if nan or inf:
             return (f"tensor {name!r} holds non-finite values ({nan} NaN, {inf} Inf of "
                     f"{values.size})")

@@ -5,6 +5,9 @@ checkpoints (checkpoint.py) and the model.safetensors of an export (hf_export.py
     write_tensors        the tensors' bytes in file order to an open file, through at most
                          one small buffer (only for an array that is not contiguous)
     tensor_chunks        those bytes as a sequence of buffers (hashing, writing)
+    PieceTensor          a tensor of a flat buffer that is not held whole (FlatPieces: the
+                         AdamW moments shared out over the ranks of a many-process run),
+                         read piece by piece as it is written
 
 The layout is the one safetensors' own serializer writes (safetensors.numpy.save), so that a
 file written here equals one written there byte for byte: 8 bytes of little-endian header
@@ -17,8 +20,9 @@ run to the next); here they keep the order of the caller's dict.
 from __future__ import annotations
 
 import json
+import math
 import struct
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, Union
 
 import numpy as np
 from numpy.typing import NDArray
@@ -27,7 +31,40 @@ DTYPES: dict[np.dtype, str] = {np.dtype("<f4"): "F32", np.dtype("<f2"): "F16", n
 CHUNK_BYTES = 1 << 23       # the buffer a non-contiguous array is copied through
 
 
-def safetensors_header(tensors: Mapping[str, np.ndarray],
+class FlatPieces(Protocol):
+    """A flat float32 buffer of `size` values that is read in pieces rather than held whole."""
+    size: int
+
+    def read(self, start: int, stop: int) -> NDArray[np.float32]:
+        """Values [start, stop), valid until the next read."""
+
+    def count_non_finite(self, start: int, stop: int) -> tuple[int, int]:
+        """(NaN count, Inf count) of values [start, stop)."""
+
+
+class PieceTensor:
+    """The tensor of `shape` at `offset` in a FlatPieces: its bytes come in pieces of at most
+    CHUNK_BYTES."""
+    dtype: np.dtype = np.dtype("<f4")
+
+    def __init__(self, pieces: FlatPieces, offset: int, shape: Sequence[int]) -> None:
+        self.pieces, self.offset, self.shape = pieces, offset, tuple(shape)
+        self.size = math.prod(self.shape)
+
+    def chunks(self) -> Iterator[NDArray[np.uint8]]:
+        step = CHUNK_BYTES // self.dtype.itemsize
+        for start in range(self.offset, self.offset + self.size, step):
+            stop = min(start + step, self.offset + self.size)
+            yield self.pieces.read(start, stop).view(np.uint8)
+
+    def count_non_finite(self) -> tuple[int, int]:
+        return self.pieces.count_non_finite(self.offset, self.offset + self.size)
+
+
+Tensor = Union[np.ndarray, PieceTensor]
+
+
+def safetensors_header(tensors: Mapping[str, Tensor],
                        metadata: Mapping[str, str] | None = None) -> tuple[bytes, list[str]]:
     """(header bytes with its 8-byte length in front, names in file order) for {name: array}."""
     names = sorted(tensors)
@@ -46,9 +83,12 @@ def safetensors_header(tensors: Mapping[str, np.ndarray],
     return struct.pack("<Q", len(text)) + text, names
 
 
-def tensor_chunks(array: np.ndarray) -> Iterator[NDArray[np.uint8]]:
+def tensor_chunks(array: Tensor) -> Iterator[NDArray[np.uint8]]:
     """The bytes of `array` in C order: the array itself when contiguous, else copies of a few
-    rows at a time (at most about CHUNK_BYTES)."""
+    rows at a time (at most about CHUNK_BYTES); a PieceTensor's pieces."""
+    if isinstance(array, PieceTensor):
+        yield from array.chunks()
+        return
     if array.flags.c_contiguous:
         yield array.reshape(-1).view(np.uint8)
         return
@@ -58,7 +98,7 @@ def tensor_chunks(array: np.ndarray) -> Iterator[NDArray[np.uint8]]:
         yield np.ascontiguousarray(array[start:start + step]).reshape(-1).view(np.uint8)
 
 
-def write_tensors(f: BinaryIO, tensors: Mapping[str, np.ndarray], names: Iterable[str],
+def write_tensors(f: BinaryIO, tensors: Mapping[str, Tensor], names: Iterable[str],
                   update: Callable[[NDArray[np.uint8]], object] | None = None) -> None:
     """Writes the bytes of tensors[name] for each name in order; update(chunk) sees each
     chunk as it is written (a hash)."""

@@ -263,7 +263,8 @@ def rank_log(world, trainer):
 def rank_engine(world, engine, trainer):
     if world.size == 1:
         return engine
-    return DataParallelEngine(engine, world, trainer.mcfg, trainer.cfg.batch_size)
+    return DataParallelEngine(engine, world, trainer.trained, trainer.moments,
+                              trainer.cfg.batch_size)
 
 
 def run_on_ranks(world, body):

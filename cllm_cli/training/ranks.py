@@ -4,8 +4,10 @@ open_trainer: rank 0 sets the run up alone (directory lock, tokenizing, resuming
 sends what it decided (world.from_root: the others wait without spinning a core and stop the
 job if rank 0 dies meanwhile); every other rank becomes a FollowerTrainer that reads the
 vocabulary and memory-maps dataset.bin from the same checkpoint directory, checks that it sees
-rank 0's dataset key, vocabulary and model config, and receives the weights and AdamW state
-from rank 0. A rank that sees something else stops every rank (one line naming it).
+rank 0's dataset key, vocabulary and model config, and receives the weights from rank 0, and
+its share of AdamW's state (distributed.MomentShares: each rank holds m and v of its share of
+the trained values only; rank 0 writes the whole of them into checkpoints, every rank taking
+part in each save). A rank that sees something else stops every rank (one line naming it).
 """
 import hashlib
 import os
@@ -15,10 +17,10 @@ from typing import Optional
 
 import numpy as np
 
-from cllm_cli._engine import num_parameters
+from cllm_cli._engine import num_parameters, optimizer_chunks
 from cllm_cli.api import CLLMModel
 from cllm_cli.corpus import INSTRUCTIONS_FILE, dataset_header, load_dataset, load_instructions
-from cllm_cli.distributed import on_all_ranks
+from cllm_cli.distributed import MomentShares, on_all_ranks
 from cllm_cli.errors import AllRanksStop, CheckpointError, DataError
 from cllm_cli.formats import check_vocabulary, checkpoint_path
 from cllm_cli.model import MODEL_FIELDS, CLLMConfig, family_of, num_adapter_parameters
@@ -63,8 +65,12 @@ def open_trainer(world, make_trainer, checkpoint_dir, exit_status):
             rank, why = refused[0]
             raise on_all_ranks(RankRefused(f"rank {rank} of {world.size}: {why}"))
         raise on_all_ranks(AllRanksStop(2))
-    for buffer in (trainer.model.flat, trainer.trained, trainer.adam_m, trainer.adam_v):
-        world.share(buffer)
+    world.share(trainer.model.flat)
+    if trainer.lora is not None:
+        world.share(trainer.trained)
+    chunks = optimizer_chunks(trainer.mcfg, trainer.lora and trainer.lora.engine_args)
+    trainer.moments = MomentShares.scatter(world, chunks, trainer.adam_m, trainer.adam_v)
+    trainer.adam_m, trainer.adam_v = trainer.moments.m, trainer.moments.v   # the whole dropped
     trainer.layout = describe_layout(world, trainer.cfg.threads)
     return trainer
 
@@ -151,15 +157,15 @@ class FollowerTrainer(Trainer):
         self.lora = self.cfg.lora_spec(family_of(config))
         if self.lora is not None:
             self.adapters = np.zeros(num_adapter_parameters(config, self.lora), dtype=np.float32)
-        self.adam_m = np.zeros_like(self.trained)
-        self.adam_v = np.zeros_like(self.trained)
+        self.adam_m = self.adam_v = None        # this rank's share comes from rank 0
         self.plan(tokens)
 
     def close(self):
         pass
 
     def save(self, path=None, prune=True):
-        """Rank 0 writes; the path it writes to."""
+        """Rank 0 writes, reading this rank's share of AdamW's state; the path it writes to."""
+        self.moments.serve()
         return path or checkpoint_path(self.ckpt_dir, self.state.step)
 
     def final_model_ok(self):

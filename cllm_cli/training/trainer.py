@@ -107,6 +107,9 @@ class Trainer:
     init_path: str = ""                    # the local path of --init-from (a Hub name's cache)
     instruct = False                       # DATA are .jsonl records (labelled windows)
     chat_template: str | None = None       # the Jinja text the run renders messages with
+    # on many processes: this rank's share of AdamW's state (adam_m, adam_v are its m and v),
+    # through which save() reads the whole of them (distributed.MomentShares)
+    moments: Any = None
 
     def __init__(self, data_paths: str | os.PathLike | Iterable[str | os.PathLike], cfg: TrainConfig,
                  given: Iterable[str] = ()) -> None:
@@ -439,13 +442,18 @@ class Trainer:
         """Writes a checkpoint (atomically) and prunes old step checkpoints; a failure to
         write is a runtime error."""
         path = path or checkpoint_path(self.ckpt_dir, self.state.step)
+        adam_m, adam_v = (self.adam_m, self.adam_v) if self.moments is None \
+            else self.moments.whole()
         try:
-            save_checkpoint(path, self.mcfg, self.trained, self.adam_m, self.adam_v, self.meta(),
+            save_checkpoint(path, self.mcfg, self.trained, adam_m, adam_v, self.meta(),
                             lora=self.lora_metadata())
             if prune and path != self.final_path:
                 prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
         except CheckpointError as e:
             raise TrainingError(str(e)) from None
+        finally:
+            if self.moments is not None:
+                self.moments.done()
         return path
 
     def final_model_ok(self) -> bool:

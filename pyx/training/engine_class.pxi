@@ -225,20 +225,22 @@ cdef class Engine:
         self.run(windows, WORK_TRAIN, step, should_stop, first_microbatch)
         memset(&totals, 0, sizeof(totals))
         tally_results(s, &totals)           # the epoch's and the spheres' statistics
-        return self.apply_step(step, self.results(), adam_m, adam_v, adamw=adamw, lr=lr,
-                               weight_decay=weight_decay, grad_clip=grad_clip, t=t)
+        results = self.results()
+        loss_sum, tokens, bad = self.sum_results(step, results)
+        norm, applied = math.nan, False
+        if tokens:
+            norm, applied = self.optimizer_step(tokens, adam_m, adam_v, adamw=adamw, lr=lr,
+                                                weight_decay=weight_decay,
+                                                grad_clip=grad_clip, t=t)
+        return StepResult(loss_sum, tokens, len(results), norm, applied, bad)
 
-    def apply_step(self, long long step, list results, float[::1] adam_m, float[::1] adam_v,
-                   *, bint adamw, double lr, double weight_decay, double grad_clip,
-                   long long t, float[::1] gradients=None):
-        """The end of every training step, of one process or of a rank of many: `results`,
-        one (loss_sum, counted, sphere, valid, bad_index) per micro-batch in micro-batch
-        order, added up over the valid ones; the others reported as BadMicroBatch; then the
-        optimiser on the summed gradient (the accumulated one, or `gradients`) divided by
-        the counted tokens, when there are any. Returns the StepResult."""
-        cdef double loss_sum = 0.0, norm = math.nan
+    def sum_results(self, long long step, list results):
+        """(loss_sum, tokens, bad) of a training step's `results`, one (loss_sum, counted,
+        sphere, valid, bad_index) per micro-batch in micro-batch order (of one process, or
+        gathered from every rank of many): the valid ones added up in order, the others
+        reported as BadMicroBatch. The optimiser runs when tokens > 0."""
+        cdef double loss_sum = 0.0
         cdef long long tokens = 0
-        cdef bint applied = False
         bad = []
         for index, (loss, counted, sphere, valid, bad_index) in enumerate(results):
             if not valid:
@@ -248,11 +250,7 @@ cdef class Engine:
                 continue
             loss_sum += loss
             tokens += counted
-        if tokens:
-            norm, applied = self.optimizer_step(tokens, adam_m, adam_v, adamw=adamw, lr=lr,
-                                                weight_decay=weight_decay,
-                                                grad_clip=grad_clip, t=t, gradients=gradients)
-        return StepResult(loss_sum, tokens, len(results), norm, applied, bad)
+        return loss_sum, tokens, bad
 
     @property
     def gradient_size(self):
@@ -330,36 +328,101 @@ cdef class Engine:
 
     def optimizer_step(self, long long count, float[::1] m, float[::1] v, *, bint adamw,
                        double lr, double weight_decay, double grad_clip, long long t,
-                       double beta1=0.9, double beta2=0.95, double eps=1e-8,
-                       float[::1] gradients=None):
-        """Applies a summed gradient divided by count: the accumulated gradient, or
-        `gradients` (the step's sum over many processes; divided in place). Returns
+                       double beta1=0.9, double beta2=0.95, double eps=1e-8):
+        """Applies the accumulated gradient divided by count (in place). Returns
         (grad_norm, applied)."""
         cdef ThreadedTrainingSystem* s = self.live()
         cdef OptimizerSettings o
         cdef double norm = 0.0
         cdef int applied
-        cdef float* g = s.accumulated_gradients
         if count < 1:
             raise ValueError("count must be >= 1")
-        if gradients is not None:
-            if gradients.shape[0] != s.gradient_size:
-                raise ValueError("gradients do not match the parameters")
-            g = &gradients[0]
         if adamw and (m.shape[0] != s.gradient_size or v.shape[0] != s.gradient_size):
             raise ValueError("optimizer state does not match the parameters")
-        o.adamw = adamw
-        o.lr = lr
-        o.weight_decay = weight_decay
-        o.grad_clip = grad_clip
-        o.beta1 = beta1
-        o.beta2 = beta2
-        o.eps = eps
-        o.t = t
+        optimizer_settings(&o, adamw, lr, weight_decay, grad_clip, beta1, beta2, eps, t)
         with nogil:
-            applied = threaded_optimizer_step(s, g, count, &m[0] if adamw else NULL,
-                                              &v[0] if adamw else NULL, &o, &norm)
+            applied = threaded_optimizer_work(s, OPT_WHOLE, 0, s.num_chunks,
+                                              s.accumulated_gradients, count,
+                                              &m[0] if adamw else NULL,
+                                              &v[0] if adamw else NULL, &o, NULL, &norm)
         return norm, bool(applied)
+
+    # -- the optimiser step on a share of the chunks (a rank of many processes) -------------
+
+    def mean_gradient_sumsq(self, float[::1] gradients, long long count, int first_chunk,
+                            int end_chunk):
+        """The first half of optimizer_step over chunks [first_chunk, end_chunk) of the
+        trained buffer (optimizer_chunks), a rank's share: `gradients`, the step's summed
+        gradient over those chunks (their floats from the first one's offset on), is divided
+        by count in place. Returns each chunk's sum of squares of the result (float64, one
+        per chunk), as optimizer_step computes it."""
+        cdef ThreadedTrainingSystem* s = self.live()
+        cdef OptimizerSettings o
+        cdef double norm = 0.0
+        cdef float* g = NULL
+        if count < 1:
+            raise ValueError("count must be >= 1")
+        if gradients.shape[0] != self.check_chunks(first_chunk, end_chunk):
+            raise ValueError("gradients do not match the chunks")
+        if gradients.shape[0]:
+            g = &gradients[0]
+        optimizer_settings(&o, False, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1)
+        with nogil:
+            threaded_optimizer_work(s, OPT_NORM, first_chunk, end_chunk, g, count, NULL,
+                                    NULL, &o, NULL, &norm)
+        out = np.empty(end_chunk - first_chunk, dtype=np.float64)
+        cdef double[::1] sums = out
+        if end_chunk > first_chunk:
+            memcpy(&sums[0], s.chunk_sumsq + first_chunk,
+                   (end_chunk - first_chunk) * sizeof(double))
+        return out
+
+    def optimizer_update(self, float[::1] gradients, float[::1] m, float[::1] v,
+                         int first_chunk, int end_chunk, const double[::1] chunk_sumsq, *,
+                         bint adamw, double lr, double weight_decay, double grad_clip,
+                         long long t, double beta1=0.9, double beta2=0.95, double eps=1e-8):
+        """The second half of optimizer_step over chunks [first_chunk, end_chunk): the mean
+        gradient's norm from chunk_sumsq (every chunk's sum of squares, as
+        mean_gradient_sumsq returned them on each share, in chunk order), the clipping
+        factor, then AdamW (m, v: those chunks' moments, updated in place) or SGD on the
+        trained values of the chunks with `gradients` (divided by mean_gradient_sumsq).
+        Nothing changes when the norm is not finite. Returns (grad_norm, applied), the same
+        on every share."""
+        cdef ThreadedTrainingSystem* s = self.live()
+        cdef OptimizerSettings o
+        cdef double norm = 0.0
+        cdef int applied
+        cdef size_t span = self.check_chunks(first_chunk, end_chunk)
+        cdef float* g = NULL
+        cdef float* mp = NULL
+        cdef float* vp = NULL
+        if gradients.shape[0] != span:
+            raise ValueError("gradients do not match the chunks")
+        if adamw and (m.shape[0] != span or v.shape[0] != span):
+            raise ValueError("optimizer state does not match the chunks")
+        if chunk_sumsq.shape[0] != s.num_chunks:
+            raise ValueError(f"chunk_sumsq must hold all {s.num_chunks} chunks' sums")
+        if span:
+            g = &gradients[0]
+            if adamw:
+                mp, vp = &m[0], &v[0]
+        optimizer_settings(&o, adamw, lr, weight_decay, grad_clip, beta1, beta2, eps, t)
+        with nogil:
+            applied = threaded_optimizer_work(s, OPT_UPDATE, first_chunk, end_chunk, g, 1, mp,
+                                              vp, &o, &chunk_sumsq[0], &norm)
+        return norm, bool(applied)
+
+    cdef size_t check_chunks(self, int first_chunk, int end_chunk) except? 0:
+        # floats of chunks [first_chunk, end_chunk), which must lie within the table
+        cdef ThreadedTrainingSystem* s = self.live()
+        cdef const long long* last
+        if not 0 <= first_chunk <= end_chunk <= s.num_chunks:
+            raise ValueError(f"chunks [{first_chunk}, {end_chunk}) are not within the "
+                             f"{s.num_chunks} optimiser chunks")
+        if first_chunk == end_chunk:
+            return 0
+        last = s.chunks + 3 * (end_chunk - 1)
+        return <size_t>(last[0] + last[1] - s.chunks[3 * first_chunk])
 
     # -- state and statistics ------------------------------------------------------------------
 

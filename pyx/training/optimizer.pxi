@@ -18,6 +18,19 @@ cdef enum:
     OPTIMIZER_CHUNK = 16384     # floats per unit of optimiser work (64 KiB)
 
 
+cdef void optimizer_settings(OptimizerSettings* o, bint adamw, double lr, double weight_decay,
+                             double grad_clip, double beta1, double beta2, double eps,
+                             long long t) noexcept:
+    o.adamw = adamw
+    o.lr = lr
+    o.weight_decay = weight_decay
+    o.grad_clip = grad_clip
+    o.beta1 = beta1
+    o.beta2 = beta2
+    o.eps = eps
+    o.t = t
+
+
 cdef int trained_tensor(const ModelConfig* c, const Lora* lo, int index, size_t* offset,
                         size_t* size) noexcept nogil:
     # offset and size of the index-th trained tensor: the parameters' (lo NULL) or the
@@ -78,6 +91,22 @@ cdef void fill_in_optimizer_chunks(long long* chunks, const ModelConfig* c,
             chunks += 3
             start += OPTIMIZER_CHUNK
         i += 1
+
+
+cdef bint optimizer_clip(const double* chunk_sumsq, int num_chunks, double grad_clip,
+                         double* norm, float* scale) noexcept nogil:
+    # the mean gradient's norm from every chunk's sum of squares, added in chunk order (so it
+    # depends neither on the thread count nor on how the chunks are shared out), and the
+    # clipping factor; returns whether the step applies (the norm is finite)
+    cdef double sumsq = 0.0
+    cdef int k
+    for k in range(num_chunks):
+        sumsq += chunk_sumsq[k]
+    norm[0] = sqrt(sumsq)
+    scale[0] = 1.0
+    if grad_clip > 0 and norm[0] > grad_clip:
+        scale[0] = <float>(grad_clip / norm[0])
+    return isfinite(norm[0])
 
 
 cdef inline double mean_gradient_sumsq(float* g, size_t size, long long count) noexcept nogil:

@@ -109,40 +109,38 @@ cdef void sphere_process_batch(SphereTrainingContext* ctx, int mb) noexcept nogi
 
 
 cdef void sphere_optimizer_phase(SphereTrainingContext* ctx) noexcept nogil:
-    # Every sphere takes part: (1) mean gradient and sum of squares per chunk, (2) one sphere
-    # adds the chunk sums in chunk order (the norm does not depend on the thread count) and
-    # sets the clipping factor, (3) AdamW/SGD update per chunk.
+    # Every sphere takes part, over chunks [opt_first_chunk, opt_end_chunk): (1) mean gradient
+    # and sum of squares per chunk, (2) in a whole step, one sphere adds the chunk sums in
+    # chunk order (the norm does not depend on the thread count) and sets the clipping
+    # factor, (3) AdamW/SGD update per chunk. A rank of many processes runs (1) and (3) on
+    # its share as two works; (2) runs on the main thread in between, over every rank's sums.
     cdef ThreadedTrainingSystem* s = ctx.system
     cdef double* timers = ctx.profile_seconds if s.profile else NULL
     cdef double t = now_seconds() if timers != NULL else 0.0
-    cdef double sumsq
     cdef int k
+    cdef size_t at
     cdef const long long* c
-    while True:
-        k = cllm_claim(&s.next_chunk)
-        if k >= s.num_chunks:
+    while s.opt_phase & OPT_NORM:
+        k = s.opt_first_chunk + cllm_claim(&s.next_chunk)
+        if k >= s.opt_end_chunk:
             break
         c = s.chunks + 3 * k
-        s.chunk_sumsq[k] = mean_gradient_sumsq(s.opt_gradients + c[0], <size_t>c[1],
-                                               s.opt_count)
-    if pthread_barrier_wait(&s.batch_barrier) == PTHREAD_BARRIER_SERIAL_THREAD:
-        sumsq = 0.0
-        for k in range(s.num_chunks):
-            sumsq += s.chunk_sumsq[k]
-        s.opt_norm = sqrt(sumsq)
-        s.opt_apply = isfinite(s.opt_norm)
-        s.opt_scale = 1.0
-        if s.opt.grad_clip > 0 and s.opt_norm > s.opt.grad_clip:
-            s.opt_scale = <float>(s.opt.grad_clip / s.opt_norm)
-    pthread_barrier_wait(&s.batch_barrier)
-    while s.opt_apply:
-        k = cllm_claim(&s.next_update_chunk)
-        if k >= s.num_chunks:
+        s.chunk_sumsq[k] = mean_gradient_sumsq(s.opt_gradients + (c[0] - s.opt_base),
+                                               <size_t>c[1], s.opt_count)
+    if s.opt_phase == OPT_WHOLE:
+        if pthread_barrier_wait(&s.batch_barrier) == PTHREAD_BARRIER_SERIAL_THREAD:
+            s.opt_apply = optimizer_clip(s.chunk_sumsq, s.num_chunks, s.opt.grad_clip,
+                                         &s.opt_norm, &s.opt_scale)
+        pthread_barrier_wait(&s.batch_barrier)
+    while s.opt_phase & OPT_UPDATE and s.opt_apply:
+        k = s.opt_first_chunk + cllm_claim(&s.next_update_chunk)
+        if k >= s.opt_end_chunk:
             break
         c = s.chunks + 3 * k
-        optimizer_update(s.trained + c[0], s.opt_gradients + c[0],
-                         s.adam_m + c[0] if s.opt.adamw else NULL,
-                         s.adam_v + c[0] if s.opt.adamw else NULL,
+        at = c[0] - s.opt_base
+        optimizer_update(s.trained + c[0], s.opt_gradients + at,
+                         s.adam_m + at if s.opt.adamw else NULL,
+                         s.adam_v + at if s.opt.adamw else NULL,
                          <size_t>c[1], c[2] != 0, s.opt_scale, &s.opt)
     tock(timers, PROFILE_OPTIMIZER, &t)
 

@@ -230,24 +230,42 @@ cdef void tally_results(ThreadedTrainingSystem* s, StepTotals* totals) noexcept 
         totals.tokens += r.counted
 
 
-cdef int threaded_optimizer_step(ThreadedTrainingSystem* s, float* gradients, long long count,
-                                 float* m, float* v, const OptimizerSettings* o,
-                                 double* norm) noexcept nogil:
-    # Applies a summed gradient over `count` tokens (accumulated_gradients, or the sum of a
-    # step shared by many processes), divided in place, with every sphere working on its
-    # chunks, under model_lock (write) then gradient_lock. Returns 1 when applied, 0 when
-    # skipped because the norm is not finite.
+cdef int threaded_optimizer_work(ThreadedTrainingSystem* s, int phase, int first_chunk,
+                                 int end_chunk, float* gradients, long long count, float* m,
+                                 float* v, const OptimizerSettings* o,
+                                 const double* chunk_sumsq, double* norm) noexcept nogil:
+    # An optimiser work over chunks [first_chunk, end_chunk) of the trained buffer, every
+    # sphere working on its chunks, under model_lock (write) then gradient_lock. gradients
+    # (the summed gradient over `count` tokens, divided in place), m and v hold those
+    # chunks' floats from the first one's offset on.
+    # OPT_WHOLE: the whole step; returns 1 when applied, 0 when skipped because the norm is
+    # not finite. OPT_NORM: the mean gradient and each chunk's sum of squares (into
+    # s.chunk_sumsq); returns 0. OPT_UPDATE: the norm and clipping factor from chunk_sumsq
+    # (every chunk's sum of squares), then the update when the norm is finite; returns 1
+    # when applied.
+    cdef int applied = 0
     model_lock_acquire(s, True)
     gradient_lock_acquire(s)
     s.opt = o[0]
+    s.opt_phase = phase
+    s.opt_first_chunk = first_chunk
+    s.opt_end_chunk = end_chunk
+    s.opt_base = <size_t>s.chunks[3 * first_chunk] if first_chunk < s.num_chunks else 0
     s.opt_count = count
     s.opt_gradients = gradients
     s.adam_m = m
     s.adam_v = v
-    threaded_start_work(s, WORK_OPTIMIZE)
-    while not threaded_wait_work(s, 1.0):
-        pass
-    norm[0] = s.opt_norm
+    if phase == OPT_UPDATE:
+        memcpy(s.chunk_sumsq, chunk_sumsq, s.num_chunks * sizeof(double))
+        s.opt_apply = optimizer_clip(s.chunk_sumsq, s.num_chunks, o.grad_clip, &s.opt_norm,
+                                     &s.opt_scale)
+    if first_chunk < end_chunk or phase == OPT_WHOLE:
+        threaded_start_work(s, WORK_OPTIMIZE)
+        while not threaded_wait_work(s, 1.0):
+            pass
+    if phase != OPT_NORM:
+        norm[0] = s.opt_norm
+        applied = s.opt_apply
     gradient_lock_release(s)
     model_lock_release(s)
-    return s.opt_apply
+    return applied

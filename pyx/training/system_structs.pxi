@@ -67,6 +67,9 @@ cdef enum:
     WORK_TRAIN = 0
     WORK_EVAL = 1
     WORK_OPTIMIZE = 2
+    OPT_NORM = 1         # an optimiser work's phases: mean gradient and sums of squares,
+    OPT_UPDATE = 2       # the update,
+    OPT_WHOLE = 3        # or both with the norm in between
     MODEL_LOCK = 0
     GRADIENT_LOCK = 1
 
@@ -155,6 +158,10 @@ cdef struct ThreadedTrainingSystem:
     double* chunk_sumsq               # (num_chunks,)
     int next_chunk                    # phase 1 (mean and norm) claims chunks here
     int next_update_chunk             # phase 3 (update) here
+    int opt_phase                     # OPT_NORM, OPT_UPDATE or OPT_WHOLE
+    int opt_first_chunk               # the work covers chunks [opt_first_chunk, opt_end_chunk):
+    int opt_end_chunk                 # all of them in one process, a rank's share on many
+    size_t opt_base                   # offset in trained of opt_gradients[0], adam_m[0], adam_v[0]
     OptimizerSettings opt
     long long opt_count               # counted tokens behind the summed gradient
     float* opt_gradients              # the summed gradient the step applies (divided in place)
