@@ -8,6 +8,12 @@
 #include <stdint.h>
 #include <string.h>
 
+/* e^r for |r| <= ln2/2 by Horner's rule on its Taylor polynomial of degree 7; r a float or a
+ * vector of floats (the same operations either way) */
+#define CLLM_EXP_TAYLOR(r) \
+    ((((((((1.0f / 5040.0f) * (r) + 1.0f / 720.0f) * (r) + 1.0f / 120.0f) * (r) \
+         + 1.0f / 24.0f) * (r) + 1.0f / 6.0f) * (r) + 0.5f) * (r) + 1.0f) * (r) + 1.0f)
+
 static inline float cllm_expf(float x) {
     const float round_magic = 12582912.0f;          /* 1.5 * 2^23: adds round-to-nearest */
     x = x < -87.0f ? -87.0f : x;                    /* keeps 2^k a normal number; NaN passes */
@@ -15,14 +21,7 @@ static inline float cllm_expf(float x) {
     float k = (x * 1.44269504088896341f + round_magic) - round_magic;
     k = k != k ? 0.0f : k;                          /* NaN: keep the int conversion defined */
     float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;   /* Cody-Waite ln2 = hi + lo */
-    float p = 1.0f / 5040.0f;
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
+    float p = CLLM_EXP_TAYLOR(r);
     int32_t bits = ((int32_t)k + 127) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof scale);
@@ -67,14 +66,7 @@ static inline cllm_v16 cllm_expf16(cllm_v16 x) {
     k = (x * 1.44269504088896341f + round_magic) - round_magic;
     k = cllm_select16(k != k, (cllm_v16){0}, k);
     r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
-    p = (cllm_v16){0} + 1.0f / 5040.0f;
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
+    p = CLLM_EXP_TAYLOR(r);
     bits = (__builtin_convertvector(k, cllm_i16) + 127) << 23;
     memcpy(&scale, &bits, sizeof scale);
     return p * scale;
