@@ -4,7 +4,7 @@
 # --- activations: one table of sizes ---------------------------------------------------------
 
 cdef enum:
-    NUM_ACTIVATION_TENSORS = 27
+    NUM_ACTIVATION_TENSORS = 24
     ALIGN_BYTES = 64            # every tensor starts on a 64-byte boundary
     ALIGN_FLOATS = 16
     CLASSIFIER_FLOATS = 1 << 23  # logits of one row block of the classifier: at most 32 MB
@@ -15,8 +15,8 @@ cdef const char* ACTIVATION_NAMES[NUM_ACTIVATION_TENSORS]
 ACTIVATION_NAMES[:] = [
     b"encoded", b"ln1_mean", b"ln1_rstd", b"qkv", b"atty", b"att_max", b"att_scale",
     b"residual2", b"ln2_mean", b"ln2_rstd", b"fch", b"residual3", b"lnf_rows", b"lnf_mean",
-    b"lnf_rstd", b"logits_rows", b"ln", b"fch_gelu", b"dresidual", b"dresidual_mid",
-    b"dnarrow", b"dwide", b"dfch", b"att_probs", b"att_dprobs", b"rope_cos", b"rope_sin",
+    b"lnf_rstd", b"shared", b"ln", b"dresidual", b"dresidual_mid", b"dnarrow", b"att_probs",
+    b"att_dprobs", b"rope_cos", b"rope_sin",
 ]
 
 
@@ -53,6 +53,10 @@ cdef struct Activations:
     float* dnarrow      # (N, C) at a layer norm's output or at the attention's output
     float* dwide        # (N, max(W, F)) at gelu's output, then at qkv
     float* dfch         # (N, FW) at c_fc's output
+    # logits_rows, fch_gelu, dwide and dfch live in one tensor, "shared": the classifier's
+    # logits are dead before a block's backward starts and the blocks' scratch is dead while
+    # the classifier runs; dfch is fch_gelu's place (its last reader, c_proj's backward, is
+    # done when dfch is cleared), dwide follows it (shared_layout)
     # attention: one block of query rows' probabilities and their gradient, (ATT_BLOCK, T)
     float* att_probs
     float* att_dprobs
@@ -79,13 +83,24 @@ cdef inline int classifier_rows(const ModelConfig* c, int maxB, int requested) n
     return <int>(rows if rows < N else N)
 
 
+cdef inline size_t shared_wide_at(const ModelConfig* c, size_t N) noexcept nogil:
+    # where dwide starts in the shared tensor: after fch_gelu = dfch (N, FW), aligned
+    return (N * c.FW + ALIGN_FLOATS - 1) & ~(<size_t>ALIGN_FLOATS - 1)
+
+
+cdef inline size_t shared_floats(const ModelConfig* c, size_t N, size_t R) noexcept nogil:
+    # the shared tensor: the classifier's logits block, or fch_gelu = dfch and then dwide
+    cdef size_t wide = c.W if c.W > c.F else c.F
+    cdef size_t blocks = shared_wide_at(c, N) + N * wide
+    return R * c.V if R * c.V > blocks else blocks
+
+
 cdef void fill_in_activation_sizes(size_t* sizes, const ModelConfig* c, int maxB,
                                    int cls_rows) noexcept nogil:
     # floats of each activation tensor for micro-batches of up to maxB sequences of T tokens
     # and classifier blocks of cls_rows rows (classifier_rows)
     cdef size_t N = <size_t>maxB * c.T, C = c.C, L = c.L, F = c.F, R = cls_rows
     cdef size_t W = c.W, FW = c.FW
-    cdef size_t wide = W if W > F else F
     cdef size_t rope = <size_t>c.T * (head_size(c) // 2) if c.family == FAMILY_LLAMA else 0
     sizes[0] = N * C                                 # encoded
     sizes[1] = L * N; sizes[2] = L * N               # ln1_mean, ln1_rstd
@@ -97,12 +112,12 @@ cdef void fill_in_activation_sizes(size_t* sizes, const ModelConfig* c, int maxB
     sizes[10] = L * N * FW                           # fch
     sizes[11] = L * N * C                            # residual3
     sizes[12] = R * C; sizes[13] = R; sizes[14] = R  # lnf_rows, mean, rstd
-    sizes[15] = R * c.V                              # logits_rows
-    sizes[16] = N * C; sizes[17] = N * F             # ln, fch_gelu
-    sizes[18] = N * C; sizes[19] = N * C             # dresidual, dresidual_mid
-    sizes[20] = N * C; sizes[21] = N * wide; sizes[22] = N * FW   # dnarrow, dwide, dfch
-    sizes[23] = <size_t>ATT_BLOCK * c.T; sizes[24] = <size_t>ATT_BLOCK * c.T  # att_(d)probs
-    sizes[25] = rope; sizes[26] = rope               # rope_cos, rope_sin
+    sizes[15] = shared_floats(c, N, R)               # logits_rows | fch_gelu = dfch, dwide
+    sizes[16] = N * C                                # ln
+    sizes[17] = N * C; sizes[18] = N * C             # dresidual, dresidual_mid
+    sizes[19] = N * C                                # dnarrow
+    sizes[20] = <size_t>ATT_BLOCK * c.T; sizes[21] = <size_t>ATT_BLOCK * c.T  # att_(d)probs
+    sizes[22] = rope; sizes[23] = rope               # rope_cos, rope_sin
 
 
 cdef inline size_t aligned_floats(size_t n) noexcept nogil:
@@ -149,12 +164,15 @@ cdef int activations_alloc(Activations* a, const ModelConfig* c, int maxB,
     fill_in_activation_sizes(sizes, c, maxB, cls_rows)
     slots[:] = [&a.encoded, &a.ln1_mean, &a.ln1_rstd, &a.qkv, &a.atty, &a.att_max,
                 &a.att_scale, &a.residual2, &a.ln2_mean, &a.ln2_rstd, &a.fch, &a.residual3,
-                &a.lnf_rows, &a.lnf_mean, &a.lnf_rstd, &a.logits_rows, &a.ln, &a.fch_gelu,
-                &a.dresidual, &a.dresidual_mid, &a.dnarrow, &a.dwide, &a.dfch, &a.att_probs,
+                &a.lnf_rows, &a.lnf_mean, &a.lnf_rstd, &a.logits_rows, &a.ln,
+                &a.dresidual, &a.dresidual_mid, &a.dnarrow, &a.att_probs,
                 &a.att_dprobs, &a.rope_cos, &a.rope_sin]
     a.memory = carve(slots, sizes, NUM_ACTIVATION_TENSORS)
     if a.memory == NULL:
         return -1
+    a.fch_gelu = a.logits_rows
+    a.dfch = a.logits_rows
+    a.dwide = a.logits_rows + shared_wide_at(c, <size_t>maxB * c.T)
     if c.family == FAMILY_LLAMA:
         rope_tables(a.rope_cos, a.rope_sin, c.T, head_size(c), c.rope_theta)
     a.maxB = maxB
