@@ -30,8 +30,9 @@ def bf16_ceiling(n=CEILING_N, repeats=5):
     """GFLOPS of one n^3 bf16 product (fp32 output) on one core through op_bf16_gemm, best of
     `repeats` (each call also builds its primitive, so this slightly under-states the peak)."""
     from cllm_cli import _engine_testing
-    from cllm_cli.model.precision import require
+    from cllm_cli.model.precision import library_path, require
     require("bf16")
+    _engine_testing.load_bf16(library_path())     # the testing extension loads its own
     rng = np.random.default_rng(0)
     a = _engine_testing.op_bf16_round(rng.standard_normal(n * n).astype(np.float32)).reshape(n, n)
     b = _engine_testing.op_bf16_round(rng.standard_normal(n * n).astype(np.float32)).reshape(n, n)
