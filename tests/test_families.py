@@ -55,19 +55,27 @@ def test_llama_config_json_reads_back_as_the_same_config(cfg):
     assert refused == []
 
 
-@pytest.mark.parametrize("cfg", LLAMAS, ids=["llama", "qwen2"])
-def test_gguf_names_are_llama_cpps_llama_and_qwen2_tensors(cfg):
-    assert LLAMA.gguf_architecture(cfg) == ("qwen2" if cfg.hf_model_type == "qwen2" else "llama")
+def llama_cpp_tensor_names(family, cfg):
+    """(llama.cpp's tensor names of the family's GGUF architecture for cfg, with "{bid}" for
+    the block number; our GGUF names of cfg's tensors), each of ours checked to be one of
+    them and to be unique."""
     arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items()
-                if name == LLAMA.gguf_architecture(cfg))
+                if name == family.gguf_architecture(cfg))
     known = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[arch]}
-    names = [LLAMA.gguf_name(name) for name in tensor_shapes(cfg)]
+    names = [family.gguf_name(name) for name in tensor_shapes(cfg)]
     for name in names:
         base = name.rsplit(".", 1)[0]
         if base.startswith("blk."):
             base = "blk.{bid}." + base.split(".", 2)[2]
         assert base in known, name
     assert len(set(names)) == len(names)
+    return known, names
+
+
+@pytest.mark.parametrize("cfg", LLAMAS, ids=["llama", "qwen2"])
+def test_gguf_names_are_llama_cpps_llama_and_qwen2_tensors(cfg):
+    assert LLAMA.gguf_architecture(cfg) == ("qwen2" if cfg.hf_model_type == "qwen2" else "llama")
+    llama_cpp_tensor_names(LLAMA, cfg)
 
 
 def test_gpt2_names_and_layout_are_those_of_transformers():
@@ -92,18 +100,8 @@ def test_gpt2_config_json_reads_back_as_the_same_config():
 
 
 def test_gguf_names_are_llama_cpps_gpt2_tensors():
-    arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items()
-                if name == GPT2.gguf_architecture(CFG))
-    known = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[arch]}
-    names = [GPT2.gguf_name(name) for name in tensor_shapes(CFG)]
-    for name in names:
-        base = name.rsplit(".", 1)[0]
-        if base.startswith("blk."):
-            _, _, rest = base.split(".", 2)
-            base = "blk.{bid}." + rest
-        assert base in known, name
+    known, _ = llama_cpp_tensor_names(GPT2, CFG)
     assert GPT2.gguf_output.rsplit(".", 1)[0] in known
-    assert len(set(names)) == len(names)
 
 
 def string_constants(path):

@@ -206,15 +206,22 @@ def test_runs_are_bit_identical_across_threads_processes_and_resume(corpus, tmp_
     assert all(f == finals[0] for f in finals)
 
 
+def fine_tune(capsys, corpus, source, run, steps, log_interval, final_eval_tokens):
+    """train_model --init-from source into run: windows of 24 tokens, batches of 4 in
+    micro-batches of 2, 2 threads, no evaluation during the run; (status, stdout, stderr)."""
+    return call(capsys, train_main, corpus, "--init-from", source, "--batch-size", "4",
+                "--micro-batch", "2", "--max-steps", str(steps), "--seq-len", "24",
+                "--checkpoint-dir", run, "--log-interval", str(log_interval),
+                "--eval-interval", "0", "--final-eval-tokens", str(final_eval_tokens),
+                "--threads", "2")
+
+
 def test_fine_tuning_a_transformers_llama_continues_its_loss(text, corpus, tmp_path, capsys):
     """--init-from a Qwen2 directory: the run takes its family and shape, and its first
     loss is the transformers model's own loss on those windows (nothing was reinitialised)."""
     hf_directory(tmp_path / "qwen2", "qwen2", text, capsys=capsys)
-    code, out, err = call(capsys, train_main, corpus, "--init-from", tmp_path / "qwen2",
-                          "--batch-size", "4", "--micro-batch", "2", "--max-steps", "3",
-                          "--seq-len", "24", "--checkpoint-dir", tmp_path / "run",
-                          "--log-interval", "1", "--eval-interval", "0",
-                          "--final-eval-tokens", "200", "--threads", "2")
+    code, out, err = fine_tune(capsys, corpus, tmp_path / "qwen2", tmp_path / "run", steps=3,
+                               log_interval=1, final_eval_tokens=200)
     assert code == 0, err
     assert "qwen2, d 32, 2 layers, 4 heads over 2 key/value heads" in out
     assert "tied output layer, q/k/v biases" in out
@@ -409,11 +416,8 @@ def test_a_llama_2_style_tokenizer_reads_and_round_trips(text, corpus, tmp_path,
     assert any(theirs.id_to_token(int(i)).startswith("<0x") for i in ids)
     assert tok.decode(ids.tolist()) == sample
     assert (tok.bos_id, tok.eos_id, tok.unk_id) == (1, 2, 0)
-    code, _, err = call(capsys, train_main, corpus, "--init-from", tmp_path / "m",
-                        "--batch-size", "4", "--micro-batch", "2", "--max-steps", "2",
-                        "--seq-len", "24", "--checkpoint-dir", tmp_path / "run",
-                        "--log-interval", "0", "--eval-interval", "0",
-                        "--final-eval-tokens", "100", "--threads", "2")
+    code, _, err = fine_tune(capsys, corpus, tmp_path / "m", tmp_path / "run", steps=2,
+                             log_interval=0, final_eval_tokens=100)
     assert code == 0, err
     code, _, err = call(capsys, export_main, tmp_path / "run", tmp_path / "m.gguf",
                         "--format", "gguf")
