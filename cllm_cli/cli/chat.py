@@ -233,7 +233,7 @@ class Chat:
             generated.close()
             self.turns.append({"role": "assistant", "content": text})
         shown = show(out, shown, text)
-        if not shown.endswith("\n"):
+        if not shown.endswith("\n") or stop.is_set():     # after Ctrl-C the terminal shows ^C
             out.write("\n")
         out.flush()
         return text
