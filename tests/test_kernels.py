@@ -203,6 +203,26 @@ def test_element_wise_kernels_give_a_value_the_same_bits_in_a_vector_lane_and_in
     np.testing.assert_array_equal(lanes, tail)
 
 
+@pytest.mark.parametrize("rows, len0", [(32, 1), (32, 40), (20, 7), (9, 3), (1, 0)])
+def test_row_dots_are_each_rows_serial_sum(rows, len0):
+    """Attention backward's dot products of a block's rows run 16 rows side by side (a row per
+    lane) and the rest one by one: each must be its row's products, rounded, added in order
+    from 0, whichever way it ran (rows 16 to 19 of 20, and 9 rows, are the one-by-one path)."""
+    rng = np.random.default_rng(rows + len0)
+    n = len0 + rows + 5
+    a, d = f32(rng.random((rows, n))), f32(rng.standard_normal((rows, n)) * 3)
+    got = _engine_testing.op_row_dots(a, d, len0)
+    serial = np.zeros(rows, np.float32)
+    for j in range(rows):
+        for t in range(len0 + j):
+            serial[j] = serial[j] + a[j, t] * d[j, t]       # float32 operations
+    np.testing.assert_array_equal(got.view(np.uint32), serial.view(np.uint32))
+    pairwise = np.array([np.dot(a[j, :len0 + j], d[j, :len0 + j]) for j in range(rows)],
+                        np.float32)
+    if rows > 1 and len0 > 8:
+        assert (pairwise != serial).any(), "the case cannot tell a reordered sum apart"
+
+
 # ----------------------------------------------------------------------------------------
 # causal attention (blocks of 32 query rows: n 40 and 70 take several). The forward keeps
 # each row's max score and 1/sum only; the backward recomputes the probabilities from them.

@@ -174,6 +174,7 @@ cdef void attention_backward(Bf16Products* bp, float* dqkv, float* probs, float*
     cdef const uint16_t* v16 = NULL
     cdef const uint16_t* dout16 = NULL
     cdef const uint16_t* blk
+    cdef float dots[ATT_BLOCK]
     if bp != NULL:      # bf16: q, k, v and the output gradient rounded once
         bf16_round_rows(bp.grads, qkv, 1, <size_t>B * n * W, <size_t>B * n * W)
         bf16_round_rows(bp.inputs, dout, 1, <size_t>B * n * C, <size_t>B * n * C)
@@ -219,12 +220,11 @@ cdef void attention_backward(Bf16Products* bp, float* dqkv, float* probs, float*
                 if drop:
                     attention_dropout_rows(dprobs, dprobs, b, h, r0, rows, n, NH, d, key)
                 # softmax backward, scaled: dpre = scale * att * (datt - sum(att * datt))
+                cllm_row_dots(dots, probs, dprobs, rows, n, r0 + 1)
                 for t1 in range(r0, cols):
                     arow = probs + <size_t>(t1 - r0) * n
                     drow = dprobs + <size_t>(t1 - r0) * n
-                    dot = 0.0
-                    for t2 in range(t1 + 1):
-                        dot += arow[t2] * drow[t2]
+                    dot = dots[t1 - r0]
                     for t2 in range(t1 + 1):
                         drow[t2] = scale * arow[t2] * (drow[t2] - dot)
                     for t2 in range(t1 + 1, cols):

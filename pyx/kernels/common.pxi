@@ -22,6 +22,7 @@ cdef extern from "kernels/deterministic_math.h" nogil:
     double cllm_row_exp_sum(float* x, int n, float shift)
     float cllm_nonfinite_probe(const float* x, size_t n)
     double cllm_divide_sumsq(float* g, size_t n, float c)
+    void cllm_row_dots(float* dots, const float* a, const float* d, int rows, int n, int len0)
     float cllm_row_sum(const float* x, int n)
     float cllm_row_sq_dev(const float* x, int n, float shift)
     void cllm_ln_backward_sums(const float* x, const float* d, const float* w, int n,

@@ -7,6 +7,9 @@
 #define CLLM_DETERMINISTIC_MATH_H
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 /* e^r for |r| <= ln2/2 by Horner's rule on its Taylor polynomial of degree 7; r a float or a
  * vector of floats (the same operations either way) */
@@ -197,5 +200,45 @@ static inline void cllm_ln_backward_sums(const float *x, const float *d, const f
     }
     *sum_wd = sa;
     *sum_wd_norm = sb;
+}
+
+/* dots[j] = a[j] . d[j] for rows j = 0 .. rows-1 of two [rows, ld n] blocks, row j over its
+ * first len0 + j elements (a causal block's rows): each product rounded, then added in order
+ * from +0, the serial sum of one row. With AVX-512, 16 rows run side by side, one per lane
+ * (their elements gathered), so the sums' latency overlaps; each lane does its row's serial
+ * sum, the bits are the same. */
+static inline void cllm_row_dots(float *dots, const float *a, const float *d, int rows, int n,
+                                 int len0)
+{
+    int j = 0, t;
+#if defined(__AVX512F__)
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (; j + 16 <= rows; j += 16) {
+        const float *aj = a + (size_t)j * n, *dj = d + (size_t)j * n;
+        __m512i at = _mm512_mullo_epi32(lane, _mm512_set1_epi32(n));
+        __m512 dot = _mm512_setzero_ps();
+        int common = len0 + j;          /* every lane's row is at least this long */
+        for (t = 0; t < common; t++) {
+            __m512 p = _mm512_mul_ps(_mm512_i32gather_ps(at, aj + t, 4),
+                                     _mm512_i32gather_ps(at, dj + t, 4));
+            dot = _mm512_add_ps(dot, p);
+        }
+        for (; t < common + 15; t++) {  /* lane i runs to common + i */
+            __mmask16 live = _mm512_cmpgt_epi32_mask(lane, _mm512_set1_epi32(t - common));
+            __m512 none = _mm512_setzero_ps();
+            __m512 p = _mm512_mul_ps(_mm512_mask_i32gather_ps(none, live, at, aj + t, 4),
+                                     _mm512_mask_i32gather_ps(none, live, at, dj + t, 4));
+            dot = _mm512_mask_add_ps(dot, live, dot, p);
+        }
+        _mm512_storeu_ps(dots + j, dot);
+    }
+#endif
+    for (; j < rows; j++) {
+        const float *aj = a + (size_t)j * n, *dj = d + (size_t)j * n;
+        float dot = 0.0f;
+        for (t = 0; t < len0 + j; t++)
+            dot = dot + aj[t] * dj[t];
+        dots[j] = dot;
+    }
 }
 #endif

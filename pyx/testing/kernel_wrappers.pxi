@@ -140,6 +140,17 @@ def op_row_exp_scale(float[::1] x, float shift, float scale):
     cllm_row_exp_scale(&x[0], x.shape[0], shift, scale)
 
 
+def op_row_dots(const float[:, ::1] a, const float[:, ::1] d, int len0):
+    """dots[j] = a[j] . d[j] over row j's first len0 + j elements (attention backward's sums
+    of a causal block's rows)."""
+    _expect(a.shape[0] == d.shape[0] >= 1 and a.shape[1] == d.shape[1] and len0 >= 0
+            and len0 + a.shape[0] - 1 <= a.shape[1], "shapes do not match")
+    out = np.empty(a.shape[0], np.float32)
+    cdef float[::1] dots = out
+    cllm_row_dots(&dots[0], &a[0, 0], &d[0, 0], a.shape[0], a.shape[1], len0)
+    return out
+
+
 def op_swiglu_forward(const float[:, ::1] gate_up):
     """silu(gate) * up of rows [gate | up] (N, 2F) -> (N, F)."""
     _expect(gate_up.shape[0] >= 1 and gate_up.shape[1] >= 2 and gate_up.shape[1] % 2 == 0,
