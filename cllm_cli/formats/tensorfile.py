@@ -28,7 +28,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 DTYPES: dict[np.dtype, str] = {np.dtype("<f4"): "F32", np.dtype("<f2"): "F16", np.dtype("<u2"): "U16"}
-CHUNK_BYTES = 1 << 23       # the buffer a non-contiguous array is copied through
+CHUNK_BYTES = 1 << 20       # the buffer a non-contiguous array is copied through
 
 
 class FlatPieces(Protocol):
