@@ -363,3 +363,29 @@ def test_a_shard_index_naming_no_file_is_one_line(shard, text, tmp_path, capsys)
     assert_one_error_line(code, err, "cllm_inference", "model.safetensors.index.json",
                           "'lm_head'", "not a file name")
     assert out == ""
+
+
+# --- an instruction record with nothing to train --------------------------------------------
+
+def test_a_record_of_no_tokens_is_named_by_its_line(corpus, tmp_path, capsys):
+    """A prompt-completion record whose prompt and completion are both empty is its end of
+    text alone, the first token of its window, which nothing predicts: it was a window without
+    a target, silently trained on (a file of such records had every step skipped 'for
+    non-finite values', status 1) and cllm_eval printed loss n/a, ppl nan for it. Now both
+    tools name the record's line."""
+    from cllm_cli.cli.evaluate import main as eval_main
+    records = write(tmp_path / "chat.jsonl", '{"prompt": "the old miller", "completion": " sang"}\n'
+                                             '{"prompt": "", "completion": ""}\n')
+    ck = tmp_path / "ck"
+    code, out, err = call(capsys, train_main, records, "--tokenizer", "word", "--embed-dim", "16",
+                          "--num-layers", "1", "--num-heads", "2", "--seq-len", "16",
+                          "--checkpoint-dir", ck, "--max-steps", "4", *TINY_RUN)
+    assert_one_error_line(code, err, "train_model", f"{records}:2", "no answer token")
+    assert not ck.exists()
+    code, out, err = call(capsys, train_main, corpus, "--tokenizer", "word", "--embed-dim", "16",
+                          "--num-layers", "1", "--num-heads", "2", "--seq-len", "16",
+                          "--checkpoint-dir", ck, "--max-steps", "1", *TINY_RUN)
+    assert code == 0, err
+    code, out, err = call(capsys, eval_main, ck, records)
+    assert_one_error_line(code, err, "cllm_eval", f"{records}:2", "no answer token")
+    assert out == ""
