@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import assert_one_error_line, call, gpt2_directory, sentences, write
+from helpers import ROOT, assert_one_error_line, call, gpt2_directory, sentences, write
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cllm_cli import CLLMModel
@@ -389,3 +389,23 @@ def test_a_record_of_no_tokens_is_named_by_its_line(corpus, tmp_path, capsys):
     code, out, err = call(capsys, eval_main, ck, records)
     assert_one_error_line(code, err, "cllm_eval", f"{records}:2", "no answer token")
     assert out == ""
+
+
+# --- a chat template that renders nothing ---------------------------------------------------
+
+def test_a_chat_template_that_renders_nothing_is_refused(corpus, tmp_path, capsys):
+    """cllm_chat --template of a file that renders no text (an empty file): refused in one
+    line before the first prompt; it once took the message, then stopped with a ValueError
+    traceback ('generation needs at least one prompt id')."""
+    ck = tmp_path / "ck"
+    code, out, err = call(capsys, train_main, corpus, "--vocab-size", "300", "--embed-dim", "16",
+                          "--num-layers", "1", "--num-heads", "2", "--seq-len", "16",
+                          "--checkpoint-dir", ck, "--max-steps", "1", *TINY_RUN)
+    assert code == 0, err
+    empty = write(tmp_path / "empty.jinja", "")
+    result = subprocess.run([sys.executable, "-m", "cllm_cli.cli.chat", str(ck), "--template",
+                             str(empty), "--threads", "1"], input="hello there\n", cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert_one_error_line(result.returncode, result.stderr, "cllm_chat", str(empty),
+                          "renders a conversation as no tokens")
+    assert result.stdout == ""
