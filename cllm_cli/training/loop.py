@@ -96,11 +96,11 @@ def train(data, engine_hook=None, world=None, engine_class=Engine, **options):
         require_matplotlib()     # fail now, not after a long run
         if not cfg.metrics_file:
             cfg.metrics_file = os.path.join(cfg.checkpoint_dir, "metrics.jsonl")
-        if world.is_root:       # only rank 0 draws it
-            check_plot_output(cfg.plot, cfg.metrics_file,
-                              lambda text: UsageError(f"--plot {text}"), cfg.checkpoint_dir)
 
     def set_up():                # rank 0's, on many processes
+        if cfg.plot:             # rank 0 draws it: fail now, not after the run
+            check_plot_output(cfg.plot, cfg.metrics_file,
+                              lambda text: UsageError(f"--plot {text}"), cfg.checkpoint_dir)
         if cfg.tensorboard:
             check_tensorboard(cfg.tensorboard)     # fail now, not after tokenizing
         return Trainer(data, cfg, given=options)

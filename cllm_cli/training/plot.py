@@ -8,8 +8,9 @@ the curve of the run that went on. A skipped step (loss NaN) leaves a gap in the
 matplotlib is an optional dependency, imported only when a plot is drawn; without it
 plot_metrics raises PlotError("matplotlib is not installed: pip install matplotlib").
 An existing file at the PNG's path is replaced only when it is a PNG image (an earlier
-plot), never when it is a model, the metrics or anything else. The PNG is written atomically (cllm_cli.fileio: a temporary file next to the destination,
-renamed over it), so a failed plot never leaves a damaged file.
+plot), never when it is a model, the metrics or anything else. The PNG is written atomically
+(cllm_cli.fileio: a temporary file next to the destination, renamed over it), so a failed
+plot never leaves a damaged file.
 """
 from __future__ import annotations
 
@@ -55,9 +56,9 @@ def check_plot_output(out: str | os.PathLike, metrics_path: str | os.PathLike,
     if os.path.abspath(out) == os.path.abspath(metrics_path):
         raise error(f"{out} is the metrics file itself; choose another")
     parent = os.path.dirname(os.path.abspath(out))
-    if made is not None and parent == os.path.abspath(made):
-        return
     if not os.path.isdir(parent):
+        if made is not None and parent == os.path.abspath(made):
+            return              # the run creates it: nothing in it yet to replace
         raise error(f"{out}: cannot write (its directory {parent} does not exist)")
     if not os.path.lexists(out):
         return
