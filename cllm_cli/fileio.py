@@ -4,6 +4,7 @@ Atomic writes: the bytes go to a temporary file in the destination directory (``
 which is flushed, fsync'ed and renamed over the final name, after which the directory is
 fsync'ed. A failure at any point removes the temporary file, so the final name holds either
 the previous complete file (if there was one) or the new complete file, never a partial one.
+A path that is a FIFO, a device or a socket is never replaced (the write is refused).
 A failure of the storage itself (no space, quota, file too large, I/O error) may be raised as
 its own class (storage_error), as the work could not go on; other failures (no permission, not
 a directory) are the path's fault.
@@ -85,6 +86,20 @@ def writable_directory(path: str | os.PathLike) -> None:
     os.remove(probe)
 
 
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def special_kind(path: str | os.PathLike) -> str | None:
+    """"a FIFO", "a character device", ... when `path` itself (not a link's target) is a
+    FIFO, a device or a socket; None for anything else, or nothing."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return None
+    return next((name for test, name in _KINDS if test(mode)), None)
+
+
 @contextlib.contextmanager
 def _replacing(path: str | os.PathLike, error: Callable[[str], Exception], message: str,
                storage_error: Callable[[str], Exception] | None,
@@ -96,6 +111,10 @@ def _replacing(path: str | os.PathLike, error: Callable[[str], Exception], messa
     appeared meanwhile is never replaced. OSError -> error(message) (storage_error(message)
     for a storage failure, when given); the temporary file is gone either way."""
     directory = os.path.dirname(os.fspath(path)) or os.curdir
+    kind = special_kind(path)
+    if kind is not None:        # renamed over, /dev/null would become a regular file
+        raise error(message.format(path=path, reason=f"it is {kind}, which a written file "
+                                                     f"never replaces"))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
     claimed = renamed = False
     try:
@@ -163,10 +182,6 @@ def atomic_file(path: str | os.PathLike, error: Callable[[str], Exception],
 class NotRegularFile(OSError):
     """A path the user gave is a FIFO, a device or a socket: reading it could block forever
     or never end."""
-
-
-_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
 def open_regular(path: str | os.PathLike) -> io.BufferedReader:

@@ -3,6 +3,7 @@ resumed run shortened below its step, a damaged dataset.bin on --resume, and sto
 cllm_eval. Real processes where the fault is a process's (pipes, signals)."""
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -127,3 +128,60 @@ def test_cllm_eval_interrupted_says_so(tiny_run, tmp_path, signum):
     out, err = p.communicate()
     assert p.returncode == 128 + signum, err
     assert err.strip() == f"cllm_eval: interrupted by {signal.Signals(signum).name}"
+
+
+# --- outputs that must not be replaced ------------------------------------------------------
+
+METRICS = "".join(f'{{"step": {s}, "loss": {5 - s / 10}}}\n' for s in range(1, 7)) + \
+    '{"step": 6, "val_loss": 4.5}\n'
+
+
+def test_a_fifo_or_device_at_an_output_is_never_replaced(tmp_path, capsys):
+    """cllm_export --force to a GGUF OUT and cllm_plot -o that is a FIFO (or /dev/null): one
+    line, the FIFO left as it is (the atomic rename once put a regular file in its place,
+    which for root's /dev/null broke every program that writes there)."""
+    from helpers import call, gpt2_directory
+
+    from cllm_cli.cli.export import main as export_main
+    from cllm_cli.cli.plot import main as plot_main
+    src = gpt2_directory(tmp_path / "src", sentences(200, 3, ".,"))
+    capsys.readouterr()
+    fifo = tmp_path / "out.gguf"
+    os.mkfifo(fifo)
+    code, out, err = call(capsys, export_main, src, fifo, "--force")
+    assert_one_error_line(code, err, "cllm_export", str(fifo), "a FIFO", "never replaces")
+    metrics = write(tmp_path / "metrics.jsonl", METRICS)
+    code, out, err = call(capsys, plot_main, metrics, "-o", fifo)
+    assert_one_error_line(code, err, "cllm_plot", str(fifo), "a FIFO")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "out.gguf", "src"]
+
+
+def test_a_plot_replaces_only_an_earlier_plot(tiny_run, tmp_path, capsys):
+    """cllm_plot -o and train_model --plot at an existing file that is not a PNG (a model, the
+    metrics) refuse in one line and leave it as it was (they once wrote the PNG over it:
+    --plot RUN/final_model.cllm replaced the model just trained); an earlier plot is replaced.
+    train_model refuses a --plot it cannot write before training, not after it."""
+    from helpers import call
+
+    from cllm_cli.cli.plot import main as plot_main
+    corpus, ckpt = tiny_run
+    metrics = write(tmp_path / "metrics.jsonl", METRICS)
+    model = tmp_path / "model.cllm"
+    model.write_bytes((ckpt / "final_model.cllm").read_bytes())
+    code, out, err = call(capsys, plot_main, metrics, "-o", model)
+    assert_one_error_line(code, err, "cllm_plot", str(model), "not a PNG image")
+    png = tmp_path / "loss.png"
+    for _ in range(2):
+        code, out, err = call(capsys, plot_main, metrics, "-o", png)
+        assert code == 0 and err == "", err
+    assert png.read_bytes().startswith(b"\x89PNG")
+
+    for plot, fragment in [(model, "not a PNG image"), (tmp_path, "it is a directory"),
+                           (tmp_path / "run" / "metrics.jsonl", "the metrics file itself"),
+                           (tmp_path / "none" / "loss.png", "does not exist")]:
+        code, out, err = call(capsys, train_main, corpus, *TINY, "--max-steps", "2",
+                              "--checkpoint-dir", tmp_path / "run", "--plot", plot)
+        assert_one_error_line(code, err, "train_model", f"--plot {plot}", fragment)
+        assert not (tmp_path / "run").exists()
+    assert model.read_bytes() == (ckpt / "final_model.cllm").read_bytes()

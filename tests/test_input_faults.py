@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import assert_one_error_line, call, gpt2_directory, sentences, write
+from helpers import ROOT, assert_one_error_line, call, gpt2_directory, sentences, write
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cllm_cli import CLLMModel
@@ -314,3 +314,98 @@ def test_a_vocabulary_of_another_kind_is_named_as_such(trained, tmp_path, capsys
     code, out, err = call(capsys, inference_main, trained, "--vocab", trained / "vocab.txt",
                           "--prompt", "the", "--max-tokens", "3")
     assert code == 0, err
+
+
+# --- a damaged safetensors header or shard index in a transformers directory ---------------
+
+def _rewrite_header(path, change):
+    """Rewrites the safetensors header of `path` with change(header, entry of the embedding)."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    change(header, header["transformer.wte.weight"])
+    packed = json.dumps(header).encode()
+    packed += b" " * (-len(packed) % 8)
+    path.write_bytes(len(packed).to_bytes(8, "little") + packed + raw[8 + n:])
+
+
+@pytest.mark.parametrize("change", [
+    lambda h, e: e.update(dtype=["F32"]),
+    lambda h, e: e.update(shape=[1e400, 32]),
+    lambda h, e: e.update(shape=[300.5, 32]),
+    lambda h, e: e.update(data_offsets=[10**30, 10**30 + 300 * 32 * 4]),
+], ids=["dtype a list", "shape infinite", "shape a fraction", "offset past a C long"])
+def test_a_damaged_safetensors_header_entry_is_one_line(change, corpus, text, tmp_path, capsys):
+    """--init-from a directory whose model.safetensors names a tensor with a dtype that is not
+    a string, or a shape or offsets that are not whole numbers inside the file: one line
+    naming the file and the tensor, not a traceback, nor a shape of 300.5 read as 300."""
+    src = gpt2_directory(tmp_path / "src", text)
+    capsys.readouterr()
+    _rewrite_header(src / "model.safetensors", change)
+    ck = tmp_path / "ck"
+    code, _, err = call(capsys, train_main, corpus, "--init-from", src, "--checkpoint-dir", ck,
+                        "--max-steps", "2", *TINY_RUN)
+    assert_one_error_line(code, err, "train_model", f"{src}/model.safetensors",
+                          "malformed header entry", "transformer.wte.weight")
+    assert not ck.exists()
+
+
+@pytest.mark.parametrize("shard", [["model-1.safetensors"], 5, ""])
+def test_a_shard_index_naming_no_file_is_one_line(shard, text, tmp_path, capsys):
+    """A model.safetensors.index.json whose weight_map gives a tensor a list, a number or an
+    empty name instead of a file name: one line naming the index and the tensor."""
+    src = gpt2_directory(tmp_path / "src", text)
+    capsys.readouterr()
+    (src / "model.safetensors").rename(src / "model-1.safetensors")
+    write(src / "model.safetensors.index.json", json.dumps(
+        {"weight_map": {"transformer.wte.weight": "model-1.safetensors", "lm_head": shard}}))
+    code, out, err = call(capsys, inference_main, src, "--prompt", "The", "--max-tokens", "3")
+    assert_one_error_line(code, err, "cllm_inference", "model.safetensors.index.json",
+                          "'lm_head'", "not a file name")
+    assert out == ""
+
+
+# --- an instruction record with nothing to train --------------------------------------------
+
+def test_a_record_of_no_tokens_is_named_by_its_line(corpus, tmp_path, capsys):
+    """A prompt-completion record whose prompt and completion are both empty is its end of
+    text alone, the first token of its window, which nothing predicts: it was a window without
+    a target, silently trained on (a file of such records had every step skipped 'for
+    non-finite values', status 1) and cllm_eval printed loss n/a, ppl nan for it. Now both
+    tools name the record's line."""
+    from cllm_cli.cli.evaluate import main as eval_main
+    records = write(tmp_path / "chat.jsonl", '{"prompt": "the old miller", "completion": " sang"}\n'
+                                             '{"prompt": "", "completion": ""}\n')
+    ck = tmp_path / "ck"
+    code, out, err = call(capsys, train_main, records, "--tokenizer", "word", "--embed-dim", "16",
+                          "--num-layers", "1", "--num-heads", "2", "--seq-len", "16",
+                          "--checkpoint-dir", ck, "--max-steps", "4", *TINY_RUN)
+    assert_one_error_line(code, err, "train_model", f"{records}:2", "no answer token")
+    assert not ck.exists()
+    code, out, err = call(capsys, train_main, corpus, "--tokenizer", "word", "--embed-dim", "16",
+                          "--num-layers", "1", "--num-heads", "2", "--seq-len", "16",
+                          "--checkpoint-dir", ck, "--max-steps", "1", *TINY_RUN)
+    assert code == 0, err
+    code, out, err = call(capsys, eval_main, ck, records)
+    assert_one_error_line(code, err, "cllm_eval", f"{records}:2", "no answer token")
+    assert out == ""
+
+
+# --- a chat template that renders nothing ---------------------------------------------------
+
+def test_a_chat_template_that_renders_nothing_is_refused(corpus, tmp_path, capsys):
+    """cllm_chat --template of a file that renders no text (an empty file): refused in one
+    line before the first prompt; it once took the message, then stopped with a ValueError
+    traceback ('generation needs at least one prompt id')."""
+    ck = tmp_path / "ck"
+    code, out, err = call(capsys, train_main, corpus, "--vocab-size", "300", "--embed-dim", "16",
+                          "--num-layers", "1", "--num-heads", "2", "--seq-len", "16",
+                          "--checkpoint-dir", ck, "--max-steps", "1", *TINY_RUN)
+    assert code == 0, err
+    empty = write(tmp_path / "empty.jinja", "")
+    result = subprocess.run([sys.executable, "-m", "cllm_cli.cli.chat", str(ck), "--template",
+                             str(empty), "--threads", "1"], input="hello there\n", cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert_one_error_line(result.returncode, result.stderr, "cllm_chat", str(empty),
+                          "renders a conversation as no tokens")
+    assert result.stdout == ""

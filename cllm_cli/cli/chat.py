@@ -73,7 +73,7 @@ from cllm_cli.cli.common import (
 from cllm_cli.model.generation import CachedDecoder
 from cllm_cli.threads import default_threads
 from cllm_cli.tokenizers import Tokenizer
-from cllm_cli.tokenizers.chat_template import ChatTemplate
+from cllm_cli.tokenizers.chat_template import ChatTemplate, ChatTemplateError
 
 PROG = "cllm_chat"
 PROMPT = "> "
@@ -167,6 +167,10 @@ class Chat:
         self.rng = np.random.default_rng(args.seed)
         self.turns: list[Message] = []          # user and assistant messages, in order
         self.marker = end_of_turn(template)
+        if not encode_rendered(tokenizer, template.render([{"role": "user", "content": "hello"}],
+                                                          add_generation_prompt=True)):
+            raise ChatTemplateError(f"{template.origin}: renders a conversation as no tokens, "
+                                    f"so the model would read nothing of it")
         self.stop_ids = {tokenizer.eos_id}
         marker_ids = encode_rendered(tokenizer, self.marker) if self.marker else []
         if len(marker_ids) == 1:                # a token of its own, perhaps one that
@@ -191,7 +195,9 @@ class Chat:
         room = min(self.args.max_new_tokens, T // 2)
         while True:
             text = self.template.render(self.messages(), add_generation_prompt=True)
-            ids = encode_rendered(self.tokenizer, text)
+            # a message of no tokens under a template that writes only the messages: the
+            # start of a new text, as cllm_inference reads an empty prompt
+            ids = encode_rendered(self.tokenizer, text) or [self.tokenizer.eos_id]
             if len(ids) + room <= T or len(self.turns) <= 1:
                 break
             dropped = 2 if len(self.turns) > 2 and self.turns[1]["role"] == "assistant" else 1

@@ -44,6 +44,7 @@ from typing import Sequence
 
 from cllm_cli.cli.common import HelpFormatter, Parser, name_defaults, run_main
 from cllm_cli.errors import CheckpointError, ConversionError, DataError, MissingDependency, UsageError
+from cllm_cli.fileio import special_kind
 from cllm_cli.formats import (
     export_peft,
     export_pretrained,
@@ -97,9 +98,15 @@ def _inside(path: str | os.PathLike, directory: str | os.PathLike) -> bool:
 
 def check_out_kind(fmt: str, out: str) -> None:
     """UsageError when OUT exists as the other kind of path than `fmt` writes (--force
-    replaces only a directory by a directory, a file by a file)."""
+    replaces only a directory by a directory, a regular file by a file), or as a device,
+    pipe or socket, which no export replaces (renaming a file over /dev/null would put a
+    file in its place)."""
     if not os.path.lexists(out):
         return
+    kind = special_kind(out)
+    if kind is not None:
+        raise UsageError(f"{out} is {kind}, not a file or directory: an export never "
+                         f"replaces it, --force or not; choose another OUT")
     if fmt == "gguf" and os.path.isdir(out):
         raise UsageError(f"{out} is a directory: --format gguf writes a file, and --force "
                          f"replaces only a file")

@@ -7,7 +7,6 @@ import sys
 from typing import Sequence
 
 from cllm_cli.cli.common import HelpFormatter, Parser, name_defaults, run_main
-from cllm_cli.errors import PlotError
 from cllm_cli.training.plot import plot_metrics
 
 PROG = "cllm_plot"
@@ -35,8 +34,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.output or os.path.splitext(args.metrics)[0] + ".png"
 
     def command() -> None:
-        if os.path.abspath(out) == os.path.abspath(args.metrics):
-            raise PlotError(f"the output {out} is the metrics file itself; choose another -o")
         plot_metrics(args.metrics, out, args.title)
         print(f"wrote {out}")
 

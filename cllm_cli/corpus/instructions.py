@@ -36,7 +36,9 @@ elsewhere; the engine (labelled windows) trains position k on label k + 1, so th
 token of a window is never a target. A record longer than T + 1 tokens loses tokens from the
 left of its prompt (what precedes the first trained token), keeping at least one of them;
 one whose trained part (from its first trained token to the end) does not fit so is refused.
-Both are counted and reported. Windows never hold two records.
+Both are counted and reported. A record whose prompt and answer give no tokens at all (its
+end of text alone, the first token of its window, which nothing predicts) is refused with
+its line: it has nothing to train or score. Windows never hold two records.
 """
 from __future__ import annotations
 
@@ -226,6 +228,9 @@ class Instructions:
             row[:len(ids)] = ids
             labels = np.where(trained, ids, IGNORE_TARGET)
             labels[0] = IGNORE_TARGET                   # nothing predicts the first token
+            if len(ids) == 1:           # the end of text alone, which nothing predicts
+                raise DataError(f"{record.where}: no answer token: the prompt and the answer "
+                                f"give no tokens (at least one of them must hold text)")
             row[width:width + len(ids)] = labels
             rows.append(row)
             where.append(record.where)

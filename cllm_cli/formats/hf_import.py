@@ -76,12 +76,19 @@ def _safetensors_index(path: str | os.PathLike) -> dict[str, _Entry]:
     header.pop("__metadata__", None)
     index: dict[str, _Entry] = {}
     for name, info in header.items():
-        try:
-            begin, end = info["data_offsets"]
-            index[name] = (info["dtype"], tuple(int(s) for s in info["shape"]), 8 + n + begin,
-                           end - begin)
-        except (KeyError, TypeError, ValueError):
-            raise ConversionError(f"{path}: malformed header entry for {name!r}") from None
+        # a dtype that is a string, a shape and two offsets of whole non-negative numbers,
+        # the offsets inside the data section: anything else would reach numpy as a float,
+        # an infinity, a list or an offset beyond what a C long holds
+        if (not isinstance(info, dict) or not isinstance(info.get("dtype"), str)
+                or not isinstance(info.get("shape"), list)
+                or not isinstance(info.get("data_offsets"), list)
+                or len(info["data_offsets"]) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                           for x in info["shape"] + info["data_offsets"])
+                or not info["data_offsets"][0] <= info["data_offsets"][1] <= size - 8 - n):
+            raise ConversionError(f"{path}: malformed header entry for {name!r}")
+        begin, end = info["data_offsets"]
+        index[name] = (info["dtype"], tuple(info["shape"]), 8 + n + begin, end - begin)
     return index
 
 
@@ -116,6 +123,10 @@ def _weight_files(directory: Path) -> dict[str, tuple[Path, _Entry]]:
         weight_map = _read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ConversionError(f"{index_path}: no weight_map")
+        for name, shard in weight_map.items():
+            if not isinstance(shard, str) or not shard:
+                raise ConversionError(f"{index_path}: weight_map gives {name!r} the file "
+                                      f"{json.dumps(shard)}, not a file name")
         found: dict[str, tuple[Path, _Entry]] = {}
         for shard in sorted(set(weight_map.values())):
             for name, e in _safetensors_index(directory / shard).items():

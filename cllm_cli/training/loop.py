@@ -27,13 +27,13 @@ from typing import Optional
 from cllm_cli import errors
 from cllm_cli._engine import Engine, StepAborted
 from cllm_cli.distributed import AgreedStop, DataParallelEngine, Solo, on_all_ranks, run_rank
-from cllm_cli.errors import Interrupted, PlotError, TrainingError
+from cllm_cli.errors import Interrupted, PlotError, TrainingError, UsageError
 from cllm_cli.model import precision
 from cllm_cli.progress import duration, fmt_loss, ppl_text
 from cllm_cli.threads import MAX_THREADS, default_threads
 from cllm_cli.training.config import TrainConfig
 from cllm_cli.training.log import Log, SilentLog
-from cllm_cli.training.plot import plot_metrics, require_matplotlib
+from cllm_cli.training.plot import check_plot_output, plot_metrics, require_matplotlib
 from cllm_cli.training.ranks import open_trainer
 from cllm_cli.training.report import (
     check_not_diverged,
@@ -98,6 +98,9 @@ def train(data, engine_hook=None, world=None, engine_class=Engine, **options):
             cfg.metrics_file = os.path.join(cfg.checkpoint_dir, "metrics.jsonl")
 
     def set_up():                # rank 0's, on many processes
+        if cfg.plot:             # rank 0 draws it: fail now, not after the run
+            check_plot_output(cfg.plot, cfg.metrics_file,
+                              lambda text: UsageError(f"--plot {text}"), cfg.checkpoint_dir)
         if cfg.tensorboard:
             check_tensorboard(cfg.tensorboard)     # fail now, not after tokenizing
         return Trainer(data, cfg, given=options)

@@ -7,14 +7,16 @@ the curve of the run that went on. A skipped step (loss NaN) leaves a gap in the
 
 matplotlib is an optional dependency, imported only when a plot is drawn; without it
 plot_metrics raises PlotError("matplotlib is not installed: pip install matplotlib").
-The PNG is written atomically (cllm_cli.fileio: a temporary file next to the destination,
-renamed over it), so a failed plot never leaves a damaged file.
+An existing file at the PNG's path is replaced only when it is a PNG image (an earlier
+plot), never when it is a model, the metrics or anything else. The PNG is written atomically
+(cllm_cli.fileio: a temporary file next to the destination, renamed over it), so a failed
+plot never leaves a damaged file.
 """
 from __future__ import annotations
 
 import math
 import os
-from typing import TYPE_CHECKING, List, Sequence, Tuple, TypeVar
+from typing import TYPE_CHECKING, Callable, List, Sequence, Tuple, TypeVar
 
 from cllm_cli.errors import MissingDependency, PlotError
 from cllm_cli.fileio import atomic_file, open_regular
@@ -38,6 +40,38 @@ def require_matplotlib() -> None:
         import matplotlib  # noqa: F401
     except ImportError:
         raise MissingDependency(MISSING_MATPLOTLIB) from None
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_plot_output(out: str | os.PathLike, metrics_path: str | os.PathLike,
+                      error: Callable[[str], Exception] = PlotError,
+                      made: str | os.PathLike | None = None) -> None:
+    """Raises error(...) when the PNG `out` cannot or must not be written: it is the metrics
+    file, a directory or below no directory (other than `made`, one the caller will create),
+    or an existing file other than an earlier plot (a PNG image), which the plot would
+    replace (a model, say). train_model calls it before training starts, and the plot again
+    before it writes."""
+    if os.path.abspath(out) == os.path.abspath(metrics_path):
+        raise error(f"{out} is the metrics file itself; choose another")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        if made is not None and parent == os.path.abspath(made):
+            return              # the run creates it: nothing in it yet to replace
+        raise error(f"{out}: cannot write (its directory {parent} does not exist)")
+    if not os.path.lexists(out):
+        return
+    if os.path.isdir(out):
+        raise error(f"{out}: cannot write (it is a directory)")
+    try:
+        with open_regular(out) as f:
+            signature = f.read(len(PNG_SIGNATURE))
+    except OSError as e:
+        raise error(f"{out}: cannot write ({e.strerror or e})") from None
+    if signature != PNG_SIGNATURE:
+        raise error(f"{out} exists and is not a PNG image: a plot replaces only an earlier "
+                    f"plot; remove it or choose another")
 
 
 def read_metrics(path: str | os.PathLike) -> tuple[Curve, Curve]:
@@ -126,5 +160,6 @@ def plot_metrics(metrics_path: str | os.PathLike, out_png: _Path,
     a train_model --metrics-file into the PNG out_png. Raises PlotError (MissingDependency
     without matplotlib; the metrics are read first, so bad input is reported either way)."""
     train, val = read_metrics(metrics_path)
+    check_plot_output(out_png, metrics_path)
     draw(train, val, out_png, title or f"CLLM training: {os.path.basename(str(metrics_path))}")
     return out_png
