@@ -47,6 +47,7 @@ from cllm_cli.formats.checkpoint import (
     first_non_finite,
     header_digest,
 )
+from cllm_cli.formats.tensorfile import well_formed_entry
 from cllm_cli.jsonfile import JSONError, loads
 from cllm_cli.model import (
     MODEL_FIELDS,
@@ -180,12 +181,7 @@ def _load(f: io.BufferedReader, path: Path, fail: Callable[[object], CheckpointE
     data_len = file_size - 8 - header_len
     spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
-        if (not isinstance(info, dict) or not isinstance(info.get("dtype"), str)
-                or not isinstance(info.get("shape"), list)
-                or not isinstance(info.get("data_offsets"), list)
-                or len(info["data_offsets"]) != 2
-                or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
-                           for x in info["shape"] + info["data_offsets"])):
+        if not well_formed_entry(info, data_len):
             raise fail(f"malformed header entry for tensor {name!r}")
         begin, end = info["data_offsets"]
         if info["dtype"] not in _DTYPE_BYTES:

@@ -32,6 +32,7 @@ from cllm_cli._engine import num_parameters
 from cllm_cli.errors import ConversionError, DataError
 from cllm_cli.fileio import reason
 from cllm_cli.formats.checkpoint import first_non_finite
+from cllm_cli.formats.tensorfile import well_formed_entry
 from cllm_cli.jsonfile import JSONError, loads, read_json
 from cllm_cli.model import FAMILIES, CLLMConfig, Family, named_views
 from cllm_cli.tokenizers import BPETokenizer, tokenizer_source
@@ -76,16 +77,7 @@ def _safetensors_index(path: str | os.PathLike) -> dict[str, _Entry]:
     header.pop("__metadata__", None)
     index: dict[str, _Entry] = {}
     for name, info in header.items():
-        # a dtype that is a string, a shape and two offsets of whole non-negative numbers,
-        # the offsets inside the data section: anything else would reach numpy as a float,
-        # an infinity, a list or an offset beyond what a C long holds
-        if (not isinstance(info, dict) or not isinstance(info.get("dtype"), str)
-                or not isinstance(info.get("shape"), list)
-                or not isinstance(info.get("data_offsets"), list)
-                or len(info["data_offsets"]) != 2
-                or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
-                           for x in info["shape"] + info["data_offsets"])
-                or not info["data_offsets"][0] <= info["data_offsets"][1] <= size - 8 - n):
+        if not well_formed_entry(info, size - 8 - n):
             raise ConversionError(f"{path}: malformed header entry for {name!r}")
         begin, end = info["data_offsets"]
         index[name] = (info["dtype"], tuple(info["shape"]), 8 + n + begin, end - begin)

@@ -8,6 +8,8 @@ checkpoints (checkpoint.py) and the model.safetensors of an export (hf_export.py
     PieceTensor          a tensor of a flat buffer that is not held whole (FlatPieces: the
                          AdamW moments shared out over the ranks of a many-process run),
                          read piece by piece as it is written
+    well_formed_entry    whether a header's entry for a tensor has the layout's form (the
+                         readers: checkpoint_load.py, hf_import.py)
 
 The layout is the one safetensors' own serializer writes (safetensors.numpy.save), so that a
 file written here equals one written there byte for byte: 8 bytes of little-endian header
@@ -29,6 +31,21 @@ from numpy.typing import NDArray
 
 DTYPES: dict[np.dtype, str] = {np.dtype("<f4"): "F32", np.dtype("<f2"): "F16", np.dtype("<u2"): "U16"}
 CHUNK_BYTES = 1 << 20       # the buffer a non-contiguous array is copied through
+
+
+def well_formed_entry(info: object, data_bytes: int) -> bool:
+    """Whether a header entry read from a file is {"dtype": a string, "shape": whole numbers
+    >= 0, "data_offsets": [begin, end]} with begin <= end <= data_bytes (the size of the data
+    section): anything else would reach numpy as a float, an infinity, a list or an offset
+    beyond the file (or beyond what a C long holds)."""
+    if not isinstance(info, dict):
+        return False
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    return (isinstance(info.get("dtype"), str) and isinstance(shape, list)
+            and isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                    for x in shape + offsets)
+            and offsets[0] <= offsets[1] <= data_bytes)
 
 
 class FlatPieces(Protocol):
