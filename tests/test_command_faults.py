@@ -1,6 +1,7 @@
 """Faults at the command line, each as a user meets it: help, a reader that goes away, a
 resumed run shortened below its step, a damaged dataset.bin on --resume, and stop signals to
 cllm_eval. Real processes where the fault is a process's (pipes, signals)."""
+import json
 import os
 import signal
 import stat
@@ -185,3 +186,39 @@ def test_a_plot_replaces_only_an_earlier_plot(tiny_run, tmp_path, capsys):
         assert_one_error_line(code, err, "train_model", f"--plot {plot}", fragment)
         assert not (tmp_path / "run").exists()
     assert model.read_bytes() == (ckpt / "final_model.cllm").read_bytes()
+
+
+def test_a_metrics_file_replaces_only_earlier_metrics(tiny_run, tmp_path, capsys):
+    """--metrics-file at an existing file that train_model did not write (the corpus itself, a
+    model) is refused in one line before anything is read, and the file is left as it was (a
+    new run once truncated it, a resumed one appended JSON lines to the model); an earlier
+    run's metrics, or an empty file, are written as before."""
+    from helpers import call
+    corpus, ckpt = tiny_run
+    copy = write(tmp_path / "corpus.txt", corpus.read_text(encoding="utf-8"))
+    code, out, err = call(capsys, train_main, copy, *TINY, "--max-steps", "2",
+                          "--checkpoint-dir", tmp_path / "run", "--metrics-file", copy)
+    assert_one_error_line(code, err, "train_model", f"--metrics-file {copy}", "not a metrics file")
+    assert copy.read_text(encoding="utf-8") == corpus.read_text(encoding="utf-8")
+    assert not (tmp_path / "run").exists()
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    for path in ckpt.iterdir():
+        if not path.name.startswith("."):
+            (resumed / path.name).write_bytes(path.read_bytes())
+    model = resumed / "final_model.cllm"
+    before = model.read_bytes()
+    code, out, err = call(capsys, train_main, corpus, *TINY, "--max-steps", "8", "--resume",
+                          "--checkpoint-dir", resumed, "--metrics-file", model)
+    assert_one_error_line(code, err, "train_model", "not a metrics file")
+    assert model.read_bytes() == before
+
+    for name, content in [("earlier.jsonl", METRICS), ("empty.jsonl", "")]:
+        metrics = write(tmp_path / name, content)
+        code, out, err = call(capsys, train_main, corpus, *TINY, "--max-steps", "2",
+                              "--checkpoint-dir", tmp_path / name.replace(".", "_"),
+                              "--metrics-file", metrics)
+        assert code == 0, err
+        steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+        assert steps == [1, 2, 2], steps

@@ -382,6 +382,38 @@ def test_full_disk_on_stdout_is_one_line(model_dir, tmp_path, module):
                           "No space left on device", status=1)
 
 
+def stdout_on_small_tmpfs(tmp_path, size, module, *argv):
+    """`python -m cllm_cli.cli.<module> argv > MNT/out` with a tmpfs of `size` at MNT, mounted
+    in a mount namespace of its own; (the completed process, the bytes of out). Skips when no
+    tmpfs can be mounted (a user namespace is not allowed here)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    script = ('mount -t tmpfs -o size="$SIZE" cllm-test "$MNT" || exit 99\n'
+              '"$@" >"$MNT/out"; status=$?\n'
+              'cp "$MNT/out" "$MNT/../out"\n'
+              'exit $status\n')
+    p = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script,
+                        "sh", sys.executable, "-m", f"cllm_cli.cli.{module}", *map(str, argv)],
+                       cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                       env={**os.environ, "MNT": str(mnt), "SIZE": size})
+    if p.returncode == 99:
+        pytest.skip(f"cannot mount a tmpfs in a user namespace here: {p.stderr.strip()}")
+    return p, (tmp_path / "out").read_bytes()
+
+
+def test_a_disk_that_fills_during_one_long_write_is_one_line(model_dir, tmp_path):
+    """One JSON line far longer than the space left: the first write takes what fits and
+    returns a short count, the error comes only with the next write, which must be made."""
+    text = tmp_path / "text.txt"
+    text.write_text(sentences(6000, seed=2, punct=".!?"), encoding="utf-8")
+    p, out = stdout_on_small_tmpfs(tmp_path, "64k", "tokenize", text, "--json",
+                                   "--vocab", model_dir / "vocab.txt")
+    # premise: the output is one line much longer than the tmpfs holds
+    assert out.count(b"\n") == 0 and len(out) == 64 << 10, len(out)
+    assert_one_error_line(p.returncode, p.stderr, "cllm_tokenize", "cannot write output",
+                          "No space left on device", status=1)
+
+
 @pytest.mark.parametrize("module", ["inference", "tokenize"])
 def test_closed_pipe_ends_quietly(model_dir, tmp_path, module):
     _, argv = tool_argv(model_dir, tmp_path)[module]

@@ -47,7 +47,11 @@ class _GuardedStdout:
         self.lost: OSError | None = None        # the OSError that lost the output
 
     def write(self, text: str) -> int:
-        self._call("write", text)
+        if len(text) > _LONG_TEXT and hasattr(self.stream, "buffer"):
+            self._call("flush")
+            self._call("write_all", text)
+        else:
+            self._call("write", text)
         return len(text)
 
     def writelines(self, lines: Iterable[str]) -> None:
@@ -68,7 +72,10 @@ class _GuardedStdout:
             try:
                 if self.stream is None:         # started with file descriptor 1 closed
                     raise OSError(errno.EBADF, os.strerror(errno.EBADF))
-                getattr(self.stream, method)(*args)
+                if method == "write_all":
+                    _write_all(self.stream, *args)
+                else:
+                    getattr(self.stream, method)(*args)
                 return
             except OSError as e:
                 self._lose(e)
@@ -84,6 +91,24 @@ class _GuardedStdout:
         if not self.stop:
             _say(f"{self.prog}: warning: cannot write to standard output "
                  f"({error.strerror or error}); going on without it")
+
+
+# A text stream hands a text longer than its chunk straight to its byte buffer, and the buffer
+# may write only part of it (a disk that fills up midway) and return the short count, which the
+# text stream ignores: the rest would be lost without an error. Such texts go to the buffer here.
+_LONG_TEXT = 4096
+
+
+def _write_all(stream: TextIO, text: str) -> None:
+    """Writes `text` through stream's byte buffer until every byte is written; a write that
+    cannot go on raises OSError (the short write's cause, such as ENOSPC)."""
+    data = memoryview(text.encode(stream.encoding, stream.errors or "strict"))
+    while data:
+        written = stream.buffer.write(data)
+        if not written:
+            raise OSError(errno.EIO, "the output took no more bytes")
+        data = data[written:]
+    stream.buffer.flush()
 
 
 def _reader_gone(stream: TextIO) -> bool:

@@ -32,7 +32,7 @@ from cllm_cli.model import precision
 from cllm_cli.progress import duration, fmt_loss, ppl_text
 from cllm_cli.threads import MAX_THREADS, default_threads
 from cllm_cli.training.config import TrainConfig
-from cllm_cli.training.log import Log, SilentLog
+from cllm_cli.training.log import Log, SilentLog, check_metrics_output
 from cllm_cli.training.plot import check_plot_output, plot_metrics, require_matplotlib
 from cllm_cli.training.ranks import open_trainer
 from cllm_cli.training.report import (
@@ -98,6 +98,8 @@ def train(data, engine_hook=None, world=None, engine_class=Engine, **options):
             cfg.metrics_file = os.path.join(cfg.checkpoint_dir, "metrics.jsonl")
 
     def set_up():                # rank 0's, on many processes
+        if cfg.metrics_file:     # fail now, before a corpus or a model given for it is replaced
+            check_metrics_output(cfg.metrics_file)
         if cfg.plot:             # rank 0 draws it: fail now, not after the run
             check_plot_output(cfg.plot, cfg.metrics_file,
                               lambda text: UsageError(f"--plot {text}"), cfg.checkpoint_dir)
