@@ -11,6 +11,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -220,6 +221,41 @@ def test_ctrl_c_exits_130_quietly(capsys, run_dir, monkeypatch):
     code, _, err = generate(capsys, run_dir)
     assert code == 130
     assert err == ""
+
+
+SECOND_SIGNAL = """
+import os, signal, sys
+from cllm_cli.cli.common import run_main
+
+def command():
+    raise KeyboardInterrupt                  # the first Ctrl-C
+
+def on_interrupt():
+    os.kill(os.getpid(), signal.SIGINT)      # a second one while the first is handled
+    print("handled", flush=True)
+
+status = run_main("tool", command, on_interrupt=on_interrupt, command_line=COMMAND_LINE)
+os.kill(os.getpid(), signal.SIGINT)          # a third one while the process ends
+print("ending", status, signal.getsignal(signal.SIGINT) == signal.SIG_IGN, flush=True)
+sys.exit(status)
+"""
+
+
+@pytest.mark.parametrize("command_line", [True, False])
+def test_a_second_ctrl_c_while_the_first_is_handled_changes_nothing(command_line):
+    """Ctrl-C pressed twice: the second signal reaches the tool while it handles the first
+    (here: sent from the interrupt's own handling) and must not turn the clean exit into a
+    traceback. On the command line the stop signals stay ignored until the process ends (a
+    third Ctrl-C changes nothing either); a caller in the same process gets its handlers back
+    (the third then interrupts the caller, as it should)."""
+    p = subprocess.run([sys.executable, "-c",
+                        SECOND_SIGNAL.replace("COMMAND_LINE", str(command_line))],
+                       cwd=ROOT, capture_output=True, text=True)
+    if command_line:
+        assert (p.returncode, p.stdout, p.stderr) == (130, "handled\nending 130 True\n", "")
+    else:
+        assert p.stdout == "handled\n"
+        assert p.returncode == -signal.SIGINT and p.stderr.rstrip().endswith("KeyboardInterrupt")
 
 
 def test_real_process_bad_input_is_one_line(tmp_path):

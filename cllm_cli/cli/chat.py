@@ -347,7 +347,8 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_main(PROG, lambda: run(args), on_interrupt=end_line, stop_without_output=True)
+    return run_main(PROG, lambda: run(args), on_interrupt=end_line, stop_without_output=True,
+                    command_line=argv is None)
 
 
 if __name__ == "__main__":

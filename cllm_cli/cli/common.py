@@ -141,7 +141,7 @@ def run_main(prog: str, command: Callable[[], object],
              statuses: Statuses | None = None,
              interrupts: tuple[type[BaseException], ...] = (),
              on_interrupt: Callable[[], object] | None = None, stop_without_output: bool = False,
-             announce_signals: bool = False) -> int:
+             announce_signals: bool = False, command_line: bool = False) -> int:
     """Runs command() as the body of a tool's main() and returns the exit status: 0 when it
     returns.
 
@@ -158,10 +158,16 @@ def run_main(prog: str, command: Callable[[], object],
 
     With announce_signals, SIGINT, SIGTERM and SIGHUP end the command with the line
     "prog: interrupted by SIGxxx" and status 128 + the signal's number.
+
+    Once a stop signal is being handled, SIGINT, SIGTERM and SIGHUP are ignored, so a second
+    one (Ctrl-C pressed twice) cannot interrupt the handling with a traceback. command_line
+    (main() running the process's own command line) keeps them ignored until the process
+    exits; otherwise (a caller in the same process, the tests) they are restored.
     """
     real_stdout = sys.stdout
     sys.stdout = out = _GuardedStdout(prog, real_stdout, stop_without_output)
     previous = _raise_on_signals() if announce_signals else {}
+    stopping = False
     try:
         command()
         out.flush()
@@ -172,6 +178,8 @@ def run_main(prog: str, command: Callable[[], object],
             _say(f"{prog}: error: cannot write output: {e}")
         return 1
     except (KeyboardInterrupt, Interrupted, *interrupts) as e:      # type: ignore[misc]
+        stopping = True
+        previous = {**_ignore_stop_signals(), **previous}
         if announce_signals:
             signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
             _say(f"{prog}: interrupted by {signal.Signals(signum).name}")
@@ -191,8 +199,9 @@ def run_main(prog: str, command: Callable[[], object],
         raise
     finally:
         sys.stdout = real_stdout
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        if not (stopping and command_line):
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
     return 0
 
 
@@ -204,6 +213,14 @@ def _raise_on_signals() -> dict[int, Any]:
     if threading.current_thread() is not threading.main_thread():
         return {}
     return {signum: signal.signal(signum, interrupted) for signum in (signal.SIGTERM, signal.SIGHUP)}
+
+
+def _ignore_stop_signals() -> dict[int, Any]:
+    """SIGINT, SIGTERM and SIGHUP ignored from now on; returns the handlers they had."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.signal(signum, signal.SIG_IGN)
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
 
 
 def package_version() -> str:

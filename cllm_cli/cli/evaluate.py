@@ -242,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # intermixed: DATA may follow options (cllm_eval MODEL --task lambada FILE)
     args = build_parser().parse_intermixed_args(argv)
     return run_main(PROG, lambda: run(args, sys.stdout), stop_without_output=True,
-                    announce_signals=True)
+                    announce_signals=True, command_line=argv is None)
 
 
 if __name__ == "__main__":

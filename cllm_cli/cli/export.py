@@ -200,7 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_main(PROG, lambda: run(args),
                     {(UsageError, DataError, CheckpointError, ConversionError): 2,
-                     MissingDependency: 1}, stop_without_output=True, announce_signals=True)
+                     MissingDependency: 1}, stop_without_output=True, announce_signals=True,
+                    command_line=argv is None)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plot_metrics(args.metrics, out, args.title)
         print(f"wrote {out}")
 
-    return run_main(PROG, command, stop_without_output=True)
+    return run_main(PROG, command, stop_without_output=True, command_line=argv is None)
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except AllRanksStop as e:
             stopped["status"] = e.status      # rank 0 said why
 
-    status = run_main("train_model", command, STATUSES)
+    status = run_main("train_model", command, STATUSES, command_line=argv is None)
     return stopped.get("status", status)
 
 
