@@ -389,6 +389,13 @@ def test_a_set_up_refused_on_rank_0_ends_every_rank_with_its_status(tmp_path):
     assert_one_error_line(p.returncode, p.stderr, "train_model", "missing.txt", status=2)
 
 
+def test_a_bad_option_on_many_processes_is_one_line(tmp_path):
+    """Every rank parses the same command line; only rank 0 says what is wrong."""
+    p = run(2, 0, tmp_path / "c.txt", *TINY, "--checkpoint-dir", tmp_path / "ck")
+    assert_one_error_line(p.returncode, p.stderr, "train_model", "--threads", status=2)
+    assert not (tmp_path / "ck").exists()
+
+
 def test_a_launcher_without_mpi4py_says_how_to_install_it(long_corpus, ckpt_dir, monkeypatch, capsys):
     monkeypatch.setenv("PMI_SIZE", "2")
     monkeypatch.setitem(sys.modules, "mpi4py", None)          # import mpi4py fails

@@ -17,6 +17,7 @@ import threading
 from types import FrameType
 from typing import Any, Callable, Iterable, Mapping, NoReturn, TextIO, TypeVar
 
+from cllm_cli.distributed.world import launcher_rank
 from cllm_cli.errors import STATUSES, Interrupted, Statuses, UsageError
 from cllm_cli.model import precision
 from cllm_cli.threads import MAX_THREADS, threads_warning
@@ -241,6 +242,10 @@ class Parser(argparse.ArgumentParser):
                           help="print the tool's name and CLLM's version, and exit")
 
     def error(self, message: str) -> NoReturn:
+        # under an MPI launcher every rank reads the same command line: rank 0 says what is
+        # wrong, the others only exit with the same status
+        if launcher_rank() != 0:
+            self.exit(2)
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 

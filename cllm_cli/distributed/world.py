@@ -72,6 +72,21 @@ def launched_by_mpi() -> bool:
     return int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1
 
 
+RANK_VARS = ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK")
+
+
+def launcher_rank() -> int:
+    """This process's rank as its MPI launcher (or srun) numbered it, before MPI is set up;
+    0 when not launched by one."""
+    if not launched_by_mpi():
+        return 0
+    for name in (*RANK_VARS, "SLURM_PROCID"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 def world() -> Solo | World:
     """The MPI world when launched by an MPI launcher with more than one process, else Solo."""
     if not launched_by_mpi():
