@@ -59,10 +59,12 @@ class CLLMModel:
         """`array` as int32 [B, n] ids (with `labels`, a negative value is allowed too: a
         target that is not counted)."""
         a = np.asarray(array)
+        if a.size and a.dtype.kind not in "iu":     # a float id would be cut to an integer silently
+            raise TypeError(f"{name} must be integer token ids, not {a.dtype}")
         if a.ndim == 1:
             a = a[None, :]
-        if a.ndim != 2 or a.shape[1] < 1:
-            raise ValueError(f"{name} must have shape [B, n] with n >= 1")
+        if a.ndim != 2 or a.shape[0] < 1 or a.shape[1] < 1:
+            raise ValueError(f"{name} must have shape [B, n] with B >= 1 and n >= 1")
         if a.shape[1] > self.config.seq_len:
             raise ValueError(f"{name}: sequence length {a.shape[1]} exceeds seq_len {self.config.seq_len}")
         if a.size and ((a.min() < 0 and not labels) or a.max() >= self.config.vocab_size):

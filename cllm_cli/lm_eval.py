@@ -11,7 +11,7 @@ import sys
 from typing import Sequence
 
 from cllm_cli.cli.common import run_main
-from cllm_cli.errors import MissingExtra
+from cllm_cli.errors import MissingExtra, UsageError
 
 PROG = "cllm_cli.lm_eval"
 
@@ -39,6 +39,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.argv = [PROG, *(sys.argv[1:] if argv is None else argv)]
         try:
             cli_evaluate()
+        except ValueError as e:
+            # lm-eval's refusal of task names it has not got, raised out of its command line
+            if str(e).startswith("Tasks not found:"):
+                raise UsageError(f"{e} (python -m cllm_cli.lm_eval ls tasks lists them; "
+                                 f"--include_path adds a "
+                                 f"directory of task files)") from None
+            raise
         except SystemExit as stop:
             status = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
 

@@ -215,3 +215,24 @@ def test_a_cached_decoder_runs_only_the_positions_after_those_it_holds():
     got = list(cached.generate(sliding, 5, 0.0, 0, 1.0, np.random.default_rng(0)))
     assert got == generate_without_cache(other, sliding, 5, 0, 0, 1.0, 0)
     assert cached.cached_ids() == (sliding + got[:-1])[-CFG_D.seq_len:]
+
+
+def test_api_misuse_is_refused_with_a_clear_exception(tiny_model):
+    # ids that are not integers were cut to integers (1.7 read as 1) and a negative
+    # max_tokens gave no tokens without a word
+    V = tiny_model.config.vocab_size
+    for bad in (np.array([1.7, 2.0]), ["a", "b"], [True, False], [None]):
+        with pytest.raises(TypeError, match="integer token ids"):
+            tiny_model.logits(bad)
+        with pytest.raises(TypeError, match="integer token ids"):
+            tiny_model.loss_and_grads(bad, [1, 2])
+    for bad in ([], np.zeros((0, 3), dtype=np.int64)):
+        with pytest.raises(ValueError, match="B >= 1 and n >= 1"):
+            tiny_model.logits(bad)
+    with pytest.raises(TypeError, match="integer token ids"):
+        list(tiny_model.generate([1.7], max_tokens=2))
+    with pytest.raises(ValueError, match="max_tokens must be at least 0"):
+        list(tiny_model.generate([1], max_tokens=-1))
+    assert list(tiny_model.generate([1], max_tokens=0)) == []
+    assert tiny_model.logits(np.array([[1, V - 1]], dtype=np.uint8)).shape == (1, 2, V)
+    assert len(list(tiny_model.generate(np.array([1, 2], dtype=np.int16), max_tokens=2))) == 2

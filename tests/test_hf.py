@@ -459,3 +459,29 @@ def test_gguf_lists_rows_beyond_the_tokenizer_as_unused(text, tmp_path, capsys):
     assert len(tokens) == cfg.vocab_size
     assert tokens[-3:] == [f"[PAD{i}]" for i in range(len(tok), len(tok) + 3)]
     assert types[-4:] == [1, 5, 5, 5]
+
+
+def test_gguf_added_tokens_that_are_not_special(text, tmp_path, capsys):
+    # the library finds a plain added token in text before its BPE runs; llama.cpp (and
+    # transformers' GGUF reader, which follows it) does that for USER_DEFINED tokens only
+    import gguf
+    tk = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = tokenizers.decoders.ByteLevel()
+    tk.train_from_iterator([text], tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    tk.add_tokens(["zebra", "quiet"])
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "tokenizer.json").write_text(tk.to_str(), encoding="utf-8")
+    tok = BPETokenizer.read(ckpt / "tokenizer.json")
+    cfg = CLLMConfig(vocab_size=len(tok), embed_dim=16, num_layers=1, num_heads=2, seq_len=16)
+    CLLMModel(cfg, seed=0).save(ckpt / "final_model.cllm",
+                                {"tokenizer": "bpe", "vocab_hash": tok.vocab_hash})
+    assert call(capsys, export_main, ckpt, tmp_path / "m.gguf")[0] == 0
+    types = gguf.GGUFReader(str(tmp_path / "m.gguf")).fields["tokenizer.ggml.token_type"].contents()
+    assert {types[tk.token_to_id(t)] for t in ("zebra", "quiet")} == {gguf.TokenType.USER_DEFINED}
+    theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    for sample in ("a zebra, the quiet river", "zebrazebra quietly", text[:200]):
+        assert theirs(sample, add_special_tokens=False)["input_ids"] == tok.encode(sample).tolist()

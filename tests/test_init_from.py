@@ -286,3 +286,34 @@ def test_streaming_holds_back_partial_characters(text):
     assert out.getvalue() == "Say: " + reply + "\n"
     assert not any("\ufffd" in p for p in out.pieces), out.pieces
     assert len(out.pieces) > 3, "tokens are shown as they come, not all at the end"
+
+
+def test_a_given_vocabulary_smaller_than_a_trained_bpe(unicode_corpus, tmp_path, text, capsys):
+    # a word model exported by cllm_export (a WordLevel tokenizer.json of a few dozen ids),
+    # and a Metaspace BPE without byte tokens: their sizes are their own, not a --vocab-size
+    # that a trained byte-level BPE must reach
+    from cllm_cli.cli.export import main as export_main
+    word_run = tmp_path / "word"
+    code, _, err = call(capsys, train_main, unicode_corpus, "--tokenizer", "word", "--vocab-size",
+                        "40", "--checkpoint-dir", word_run, *TINY_MODEL, *TINY_RUN)
+    assert code == 0, err
+    code, _, err = call(capsys, export_main, word_run, tmp_path / "hf")
+    assert code == 0, err
+    code, _, err = call(capsys, train_main, unicode_corpus, "--init-from", tmp_path / "hf",
+                        "--checkpoint-dir", tmp_path / "from-hf", *TINY_RUN)
+    assert code == 0, err
+    assert CLLMModel.load(tmp_path / "from-hf" / "final_model.cllm").config.vocab_size == 40
+
+    tk = HFTokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace()
+    tk.decoder = decoders.Metaspace()
+    tk.train_from_iterator([text], trainers.BpeTrainer(vocab_size=120, show_progress=False,
+                                                       special_tokens=["<unk>", "</s>"]))
+    small = write(tmp_path / "metaspace.json", tk.to_str())
+    for given in (small, tmp_path / "hf" / "tokenizer.json"):
+        run = tmp_path / f"given-{given.stem}"
+        code, _, err = call(capsys, train_main, unicode_corpus, "--tokenizer-file", given,
+                            "--checkpoint-dir", run, *TINY_MODEL, *TINY_RUN)
+        assert code == 0, err
+        code, out, err = call(capsys, inference_main, run, "--prompt", "the", "--max-tokens", "3")
+        assert code == 0 and out.startswith("the"), err

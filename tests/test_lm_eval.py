@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import TINY_RUN, assert_one_error_line, call, corpus_text
+from helpers import ROOT, TINY_RUN, assert_one_error_line, call, corpus_text
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import TemplateLM
 
@@ -253,8 +253,10 @@ def task_dir(tmp_path):
 
 
 def harness(tmp_path, *argv, module="cllm_cli.lm_eval"):
+    # the package of this checkout, whichever one an editable install points at
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
-               HF_HOME=str(tmp_path / "hf_home"), TOKENIZERS_PARALLELISM="false")
+               HF_HOME=str(tmp_path / "hf_home"), TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([ROOT, *filter(None, [os.environ.get("PYTHONPATH")])]))
     return subprocess.run([sys.executable, "-m", module, *map(str, argv)], env=env,
                           capture_output=True, text=True, cwd=tmp_path)
 
@@ -342,14 +344,17 @@ def test_command_line_without_lm_eval_says_how_to_install_it(tmp_path):
                           "pip install '.[lm-eval]'")
 
 
-@pytest.mark.parametrize("model_args, fragment", [("pretrained={missing}", "{missing}"),
-                                                  ("pretrained={run},threads=two", "threads")])
+@pytest.mark.parametrize("model_args, fragment, task", [
+    ("pretrained={missing}", "{missing}", "cllm_tiny_choice"),
+    ("pretrained={run},threads=two", "threads", "cllm_tiny_choice"),
+    ("pretrained={run},therads=2", "therads", "cllm_tiny_choice"),
+    ("pretrained={run}", "no_such_task", "no_such_task")])
 def test_a_model_that_cannot_be_read_ends_the_run_in_one_line(run, task_dir, tmp_path,
-                                                              model_args, fragment):
+                                                              model_args, fragment, task):
     """lm-eval logs its own progress on stderr; the run ends with our one line, no traceback."""
     names = {"missing": tmp_path / "no-such-run", "run": run}
     proc = harness(tmp_path, "run", "--model", "cllm", "--model_args", model_args.format(**names),
-                   "--tasks", "cllm_tiny_choice", "--include_path", task_dir)
+                   "--tasks", task, "--include_path", task_dir)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]

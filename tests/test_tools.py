@@ -523,3 +523,27 @@ def test_man_pages_are_up_to_date(tmp_path):
              if normalised((tmp_path / name).read_text(encoding="utf-8"))
              != normalised(open(os.path.join(committed, name), encoding="utf-8").read())]
     assert not stale, f"man pages out of date (run `make man`): {', '.join(stale)}"
+
+
+def test_char_vocabulary_of_a_text_without_white_space(capsys, tmp_path):
+    # a char run on a text with no space or line break: its vocab.txt lists single
+    # characters only, which the tools must still read as a char vocabulary
+    from cllm_cli.cli.train import main as train_main
+    corpus = tmp_path / "abc.txt"
+    corpus.write_text("abcab" * 40, encoding="utf-8")
+    run = tmp_path / "run"
+    code, _, err = call(capsys, train_main, corpus, "--checkpoint-dir", run, "--tokenizer", "char",
+                        "--embed-dim", "8", "--num-layers", "1", "--num-heads", "2",
+                        "--seq-len", "8", "--batch-size", "2", "--micro-batch", "1",
+                        "--max-steps", "1", "--threads", "1", "--quiet")
+    assert code == 0, err
+    vocab = run / "vocab.txt"
+    tokenizer = Tokenizer.load(vocab, "char")
+    code, out, err = call(capsys, tokenize_cli.main, corpus, "--vocab", vocab)
+    assert code == 0, err
+    assert [int(i) for i in out.split()] == tokenizer.encode("abcab" * 40).tolist()
+    assert UNK not in [int(i) for i in out.split()]
+    for main, argv in ((inference.main, ["--prompt", "ab", "--max-tokens", "2"]),
+                       (evaluate_cli.main, [corpus])):
+        code, out, err = call(capsys, main, run, "--vocab", vocab, "--threads", "1", *argv)
+        assert code == 0, err

@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", choices=("auto",) + TOKENIZER_KINDS, default="auto",
                    help="tokenizer the vocabulary was built with; auto: bpe for a JSON file "
                         "(tokenizer.json, vocab.json) or a directory, char when the vocabulary holds a white-space token "
-                        "(a word vocabulary never does), else word (default: %(default)s)")
+                        "(a word vocabulary never does) or only single characters in code-point "
+                        "order, else word (default: %(default)s)")
     g = p.add_argument_group("mode")
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--decode", action="store_true",

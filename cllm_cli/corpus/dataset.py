@@ -224,7 +224,8 @@ def prepare_dataset(files: Iterable[str | os.PathLike], out_dir: str | os.PathLi
     if tokenizer is not None:
         kind = tokenizer.kind
     cls = tokenizer_class(kind)
-    cls.check_vocab_size(vocab_size)
+    if tokenizer is None:           # a given tokenizer has the size it has
+        cls.check_vocab_size(vocab_size)
     check_encoding_errors(encoding_errors)
     if not paths:
         raise DataError("corpus is empty: no input files")

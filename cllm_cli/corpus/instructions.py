@@ -294,7 +294,8 @@ def prepare_instructions(files: Sequence[str | os.PathLike], out_dir: str | os.P
     if tokenizer is not None:
         kind = tokenizer.kind
     cls = tokenizer_class(kind)
-    cls.check_vocab_size(vocab_size)
+    if tokenizer is None:           # a given tokenizer has the size it has
+        cls.check_vocab_size(vocab_size)
     bos, eos = template_tokens(tokenizer)
     compiled: list[ChatTemplate] = []
 

@@ -50,8 +50,12 @@ class HarnessModel(LM):
                  max_length: int | str | None = None,
                  max_gen_toks: int | str = DEFAULT_MAX_GEN_TOKS, seed: int | str = 0,
                  vocab: str | None = None, batch_size: Any = None, max_batch_size: Any = None,
-                 device: Any = None) -> None:
+                 device: Any = None, **unknown: Any) -> None:
         super().__init__()
+        if unknown:
+            raise UsageError(f"--model_args {', '.join(sorted(unknown))}: not an argument of "
+                             f"the cllm model (pretrained, threads, max_length, max_gen_toks, "
+                             f"seed, vocab)")
         self.threads = _whole(threads, "threads")
         self.model, self.tokenizer, _ = load_model(str(pretrained), vocab)
         seq_len = self.model.config.seq_len

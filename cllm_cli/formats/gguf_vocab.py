@@ -162,7 +162,12 @@ def _byte_level_vocabulary(tokenizer: Tokenizer, spec: dict[str, Any], n_rows: i
     pre = _pre_tokenizer(spec.get("pre_tokenizer"))
     if model.get("type") != "BPE" or pre is None or spec.get("normalizer") is not None:
         raise ConversionError(f"--format gguf needs {WHAT_IS_READ}")
-    special = {t["id"] for t in spec.get("added_tokens") or [] if t.get("special")}
+    added = spec.get("added_tokens") or []
+    special = {t["id"] for t in added if t.get("special")}
+    # an added token that is not special is found in text by the library before the BPE
+    # runs; llama.cpp does that for USER_DEFINED tokens only (a NORMAL one it reaches by
+    # merges alone, and decodes as byte-level text)
+    plain = {t["id"] for t in added if not t.get("special")}
     tokens: list[str] = []
     types: list[int] = []
     for i, token in enumerate(_rows(tokenizer, n_rows)):
@@ -171,7 +176,9 @@ def _byte_level_vocabulary(tokenizer: Tokenizer, spec: dict[str, Any], n_rows: i
             types.append(gguf.TokenType.UNUSED)
         else:
             tokens.append(token)
-            types.append(gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL)
+            types.append(gguf.TokenType.CONTROL if i in special
+                         else gguf.TokenType.USER_DEFINED if i in plain
+                         else gguf.TokenType.NORMAL)
     ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "unk": tokenizer.unk_id,
            "pad": tokenizer.pad_id}
     return GGUFVocab(model="gpt2", pre=pre, tokens=tokens, types=types,

@@ -23,7 +23,7 @@ from typing import Any, Mapping, NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
-from cllm_cli.errors import CheckpointError, ConversionError, UsageError
+from cllm_cli.errors import CheckpointError, ConversionError, DataError, UsageError
 from cllm_cli.formats.checkpoint import first_non_finite, latest_checkpoint
 from cllm_cli.formats.checkpoint_load import Checkpoint, check_vocabulary, load_checkpoint
 from cllm_cli.formats.hf_import import load_transformers_directory
@@ -93,7 +93,8 @@ def load_with_tokenizer(path: str | os.PathLike, tokenizer_path: str | os.PathLi
         # a regular file of another kind is named as such; anything else (a directory, a
         # FIFO) is left to the kind's own checks
         given = detect_kind(tokenizer_path, "--vocab")
-        if given is not None and given != kind:
+        if given is not None and given != kind and not _is_vocabulary(tokenizer_path, kind,
+                                                                       meta.get("vocab_hash")):
             raise UsageError(f"--vocab {tokenizer_path} is a {given} tokenizer's file, but "
                              f"{path} was trained with a {kind} tokenizer: give its {name}")
     tokenizer = load_tokenizer(tokenizer_path, kind, "vocabulary")
@@ -103,6 +104,18 @@ def load_with_tokenizer(path: str | os.PathLike, tokenizer_path: str | os.PathLi
         raise UsageError(f"{tokenizer_path} has {len(tokenizer)} tokens but the model in {path} "
                          f"has a vocabulary of {cfg.vocab_size}")
     return ModelFiles(cfg, checkpoint_params(ckpt, path), tokenizer, meta, tokenizer_path)
+
+
+def _is_vocabulary(path: str | os.PathLike, kind: str, vocab_hash: str | None) -> bool:
+    """Whether the file in `path`, read as a `kind` tokenizer, is the vocabulary whose hash
+    a checkpoint records: a file that may be of two kinds (a vocab.txt of single characters)
+    is the run's own when it is."""
+    if vocab_hash is None:
+        return False
+    try:
+        return load_tokenizer(path, kind, "vocabulary").vocab_hash == vocab_hash
+    except (DataError, UsageError):
+        return False
 
 
 def checkpoint_params(ckpt: Checkpoint, path: str | os.PathLike) -> NDArray[np.float32]:

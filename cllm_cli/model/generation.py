@@ -9,6 +9,7 @@ streamed to a terminal as the tokens arrive.
 """
 from __future__ import annotations
 
+import operator
 from typing import Container, Generator, Iterable, Iterator, Protocol, Sequence, TextIO
 
 import numpy as np
@@ -38,7 +39,9 @@ def generate_ids(config: CLLMConfig, flat: NDArray[np.float32], prompt_ids: Iter
     each argument does."""
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
         raise ValueError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
-    ids = [int(i) for i in prompt_ids]
+    if operator.index(max_tokens) < 0:
+        raise ValueError(f"max_tokens must be at least 0, got {max_tokens}")
+    ids = _ids(prompt_ids)
     if not ids:
         if start_id is None:
             raise ValueError("an empty prompt needs start_id (the tokenizer's "
@@ -47,6 +50,15 @@ def generate_ids(config: CLLMConfig, flat: NDArray[np.float32], prompt_ids: Iter
     decoder = CachedDecoder(config, flat, threads, precision)
     yield from decoder.generate(ids, max_tokens, temperature, top_k, top_p,
                                 np.random.default_rng(seed), stop_ids, num_tokens)
+
+
+def _ids(prompt_ids: Iterable[int]) -> list[int]:
+    """The prompt as ints; TypeError for an id that is not an integer (1.7 would be cut to
+    1 silently, a str read as digits)."""
+    try:
+        return [operator.index(i) for i in prompt_ids]
+    except TypeError:
+        raise TypeError("prompt ids must be integer token ids") from None
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -27,7 +27,7 @@ class CharTokenizer(VocabTokenizer):
     """Every distinct character, in code-point order; no lower-casing."""
 
     kind = "char"
-    detect_rank = 1         # a vocab.txt that lists white space as tokens
+    detect_rank = 1         # a vocab.txt of white space or of single characters in order
 
     def __init__(self, itos: Sequence[str], counts: Sequence[int]) -> None:
         super().__init__(itos, counts)
@@ -43,7 +43,15 @@ class CharTokenizer(VocabTokenizer):
             vocabulary = cls.read(path)
         except DataError:
             return False
-        return any(token.isspace() for token in vocabulary.itos)
+        # A word vocabulary never holds white space, and lists its tokens by frequency; a
+        # char vocabulary of a text without white space still lists single characters in
+        # code-point order. (A word vocabulary of single characters that happen to be in
+        # code-point order reads as char here; the tools that know the run's kind take its
+        # own file whatever this says.)
+        tokens = vocabulary.itos[len(SPECIALS):]
+        return (any(token.isspace() for token in tokens)
+                or (all(len(token) == 1 for token in tokens)
+                    and all(a < b for a, b in zip(tokens, tokens[1:]))))
 
     def tokenizer_json(self) -> bytes:
         tk = word_level_pipeline(self)
