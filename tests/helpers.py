@@ -72,6 +72,13 @@ def call(capsys, main, *argv):
     return code, out, err
 
 
+
+def checkout_env(**extra):
+    """os.environ with this checkout's package first on PYTHONPATH (for processes run outside
+    ROOT, which would otherwise load the package an editable install points at), and extra."""
+    path = os.pathsep.join([ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
 def assert_one_error_line(code, err, prog, *fragments, status=2):
     """The exit status is `status` and stderr is exactly one line "<prog>: error: <message>",
     no traceback, naming every fragment. Returns the line."""

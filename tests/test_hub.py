@@ -2,12 +2,19 @@
 (HF_HOME of the test's own) and read offline (HF_HUB_OFFLINE=1): the cached snapshot of the
 repository's main or of a --revision is what trains, nothing cached is one line, and a local
 directory of the same name wins over the Hub."""
-import os
 import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, assert_bit_identical, assert_one_error_line, gpt2_directory, sentences, write
+from helpers import (
+    ROOT,
+    assert_bit_identical,
+    assert_one_error_line,
+    checkout_env,
+    gpt2_directory,
+    sentences,
+    write,
+)
 
 REPO = "cllm-test/tiny-gpt2"
 MAIN, TAGGED = "a" * 40, "b" * 40       # the commits refs/main and refs/v1 point at
@@ -29,7 +36,7 @@ def hub(tmp_path_factory):
 
 
 def train(tmp_path, hub_home, *argv, cwd=None):
-    env = {**os.environ, "HF_HOME": str(hub_home), "HF_HUB_OFFLINE": "1"}
+    env = checkout_env(HF_HOME=str(hub_home), HF_HUB_OFFLINE="1")
     env.pop("HF_HUB_CACHE", None)
     return subprocess.run([sys.executable, "-m", "cllm_cli.cli.train", *map(str, argv), *TRAIN],
                           cwd=cwd or ROOT, env=env, capture_output=True, text=True)

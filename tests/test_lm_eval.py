@@ -6,13 +6,12 @@ command line end to end on a local multiple-choice task, offline, against lm-eva
 model on the run's transformers export."""
 import glob
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from helpers import ROOT, TINY_RUN, assert_one_error_line, call, corpus_text
+from helpers import TINY_RUN, assert_one_error_line, call, checkout_env, corpus_text
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import TemplateLM
 
@@ -253,10 +252,8 @@ def task_dir(tmp_path):
 
 
 def harness(tmp_path, *argv, module="cllm_cli.lm_eval"):
-    # the package of this checkout, whichever one an editable install points at
-    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
-               HF_HOME=str(tmp_path / "hf_home"), TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join([ROOT, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    env = checkout_env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
+                       HF_HOME=str(tmp_path / "hf_home"), TOKENIZERS_PARALLELISM="false")
     return subprocess.run([sys.executable, "-m", module, *map(str, argv)], env=env,
                           capture_output=True, text=True, cwd=tmp_path)
 
