@@ -152,10 +152,13 @@ def test_a_fifo_or_device_at_an_output_is_never_replaced(tmp_path, capsys):
     code, out, err = call(capsys, export_main, src, fifo, "--force")
     assert_one_error_line(code, err, "cllm_export", str(fifo), "a FIFO", "never replaces")
     metrics = write(tmp_path / "metrics.jsonl", METRICS)
-    code, out, err = call(capsys, plot_main, metrics, "-o", fifo)
-    assert_one_error_line(code, err, "cllm_plot", str(fifo), "a FIFO")
-    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "out.gguf", "src"]
+    plot_fifo = tmp_path / "loss.png"
+    os.mkfifo(plot_fifo)
+    code, out, err = call(capsys, plot_main, metrics, "-o", plot_fifo)
+    assert_one_error_line(code, err, "cllm_plot", str(plot_fifo), "a FIFO")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and stat.S_ISFIFO(os.lstat(plot_fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "metrics.jsonl",
+                                                          "out.gguf", "src"]
 
 
 def test_a_plot_replaces_only_an_earlier_plot(tiny_run, tmp_path, capsys):
@@ -171,14 +174,21 @@ def test_a_plot_replaces_only_an_earlier_plot(tiny_run, tmp_path, capsys):
     model = tmp_path / "model.cllm"
     model.write_bytes((ckpt / "final_model.cllm").read_bytes())
     code, out, err = call(capsys, plot_main, metrics, "-o", model)
-    assert_one_error_line(code, err, "cllm_plot", str(model), "not a PNG image")
+    assert_one_error_line(code, err, "cllm_plot", str(model), "ending in .png")
+    fake = write(tmp_path / "notes.png", "not an image")
+    code, out, err = call(capsys, plot_main, metrics, "-o", fake)
+    assert_one_error_line(code, err, "cllm_plot", str(fake), "not a PNG image")
+    assert fake.read_text() == "not an image"
     png = tmp_path / "loss.png"
     for _ in range(2):
         code, out, err = call(capsys, plot_main, metrics, "-o", png)
         assert code == 0 and err == "", err
     assert png.read_bytes().startswith(b"\x89PNG")
 
-    for plot, fragment in [(model, "not a PNG image"), (tmp_path, "it is a directory"),
+    # a new run's own final model does not exist yet: refused by its name
+    for plot, fragment in [(model, "ending in .png"), (fake, "not a PNG image"),
+                           (tmp_path / "run" / "final_model.cllm", "ending in .png"),
+                           (tmp_path, "it is a directory"),
                            (tmp_path / "run" / "metrics.jsonl", "the metrics file itself"),
                            (tmp_path / "none" / "loss.png", "does not exist")]:
         code, out, err = call(capsys, train_main, corpus, *TINY, "--max-steps", "2",

@@ -49,12 +49,17 @@ def check_plot_output(out: str | os.PathLike, metrics_path: str | os.PathLike,
                       error: Callable[[str], Exception] = PlotError,
                       made: str | os.PathLike | None = None) -> None:
     """Raises error(...) when the PNG `out` cannot or must not be written: it is the metrics
-    file, a directory or below no directory (other than `made`, one the caller will create),
-    or an existing file other than an earlier plot (a PNG image), which the plot would
-    replace (a model, say). train_model calls it before training starts, and the plot again
-    before it writes."""
+    file, a directory, a name not ending in .png (so never a model, metrics or tokenizer file
+    a run writes later, whose name the check cannot know in advance), below no directory
+    (other than `made`, one the caller will create), or an existing file other than an
+    earlier plot (a PNG image), which the plot would replace. train_model calls it before
+    training starts, and the plot again before it writes."""
     if os.path.abspath(out) == os.path.abspath(metrics_path):
         raise error(f"{out} is the metrics file itself; choose another")
+    if os.path.isdir(out):
+        raise error(f"{out}: cannot write (it is a directory)")
+    if os.path.splitext(os.fspath(out))[1].lower() != ".png":
+        raise error(f"{out}: a plot is a PNG image; give a name ending in .png")
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         if made is not None and parent == os.path.abspath(made):
@@ -62,8 +67,6 @@ def check_plot_output(out: str | os.PathLike, metrics_path: str | os.PathLike,
         raise error(f"{out}: cannot write (its directory {parent} does not exist)")
     if not os.path.lexists(out):
         return
-    if os.path.isdir(out):
-        raise error(f"{out}: cannot write (it is a directory)")
     try:
         with open_regular(out) as f:
             signature = f.read(len(PNG_SIGNATURE))
