@@ -288,6 +288,15 @@ def test_tokenize_prints_ids_per_file(capsys, run_dir, tokenizer, text_file, tmp
     assert [int(i) for i in lines[1].split()] == tokenizer.encode("the river").tolist()
 
 
+def test_tokenize_takes_a_word_runs_directory_for_its_vocabulary(capsys, run_dir, tokenizer,
+                                                                text_file):
+    """--vocab RUN (a word run's checkpoint directory) reads RUN/vocab.txt, as --vocab RUN of
+    a bpe run reads its tokenizer.json (it was refused: "a directory ... and it holds none")."""
+    code, out, err = call(capsys, tokenize_cli.main, text_file, "--vocab", run_dir)
+    assert code == 0, err
+    assert [int(i) for i in out.split()] == tokenizer.encode(TEXT).tolist()
+
+
 def test_tokenize_reads_directories_like_train_model(capsys, run_dir, tokenizer, tmp_path):
     d = tmp_path / "docs"
     (d / "sub").mkdir(parents=True)

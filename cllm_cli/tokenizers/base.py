@@ -75,6 +75,7 @@ def load_tokenizer(path: str | os.PathLike, kind: str = "auto", what: str = "--v
     """The tokenizer in `path` (a file, or a directory where a kind reads one): of `kind`, or
     with "auto" of the kind detect_kind finds. One line (DataError, UsageError naming `what`)
     when it cannot be read."""
+    path = _vocabulary_in(path)
     if kind == "auto":
         found = detect_kind(path, what)
         if found is None:
@@ -84,6 +85,16 @@ def load_tokenizer(path: str | os.PathLike, kind: str = "auto", what: str = "--v
     cls = tokenizer_class(kind)
     cls.check_files(path, what)
     return cls.read(path)
+
+
+def _vocabulary_in(path: str | os.PathLike) -> str | os.PathLike:
+    """A run directory of a word or char tokenizer read as its vocab.txt (one that holds a
+    BPE tokenizer's files is read by the bpe kind itself); any other path as it is."""
+    if (os.path.isdir(path) and os.path.isfile(os.path.join(path, "vocab.txt"))
+            and not any(os.path.exists(os.path.join(path, name))
+                        for name in ("tokenizer.json", "vocab.json"))):
+        return os.path.join(path, "vocab.txt")
+    return path
 
 
 class Tokenizer:
