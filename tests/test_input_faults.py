@@ -140,6 +140,13 @@ def test_absurd_bpe_vocab_size_is_refused_before_training(corpus, tmp_path):
     assert "1,000,000" in run_tool("train_model", "--help").stdout.replace("\n", " ")
 
 
+def test_a_bpe_vocab_size_below_its_bytes_names_the_option(corpus, tmp_path, capsys):
+    code, _, err = call(capsys, train_main, corpus, "--vocab-size", "100", "--checkpoint-dir",
+                        tmp_path / "ck", "--max-steps", "1", *TINY_RUN)
+    assert_one_error_line(code, err, "train_model", "--vocab-size must be at least 260", "100")
+    assert not (tmp_path / "ck").exists()
+
+
 def test_bpe_vocab_size_bound_in_the_tokenizer_itself(text):
     from cllm_cli.errors import DataError
     with pytest.raises(DataError, match="at most 1,000,000"):

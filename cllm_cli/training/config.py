@@ -285,11 +285,16 @@ class TrainConfig:
         if self.tokenizer_file and self.init_from:
             raise UsageError("--tokenizer-file and --init-from cannot be combined (--init-from "
                              "takes the model's own tokenizer)")
-        if (self.tokenizer == "bpe" and not (self.tokenizer_file or self.init_from)
-                and self.vocab_size > BPETokenizer.max_vocab_size):
-            raise UsageError(f"--vocab-size must be at most {BPETokenizer.max_vocab_size:,} for "
-                             f"--tokenizer bpe (the tokenizers library reserves memory in "
-                             f"proportion to it), got {self.vocab_size:,}")
+        if self.tokenizer == "bpe" and not (self.tokenizer_file or self.init_from):
+            if self.vocab_size > BPETokenizer.max_vocab_size:
+                raise UsageError(f"--vocab-size must be at most "
+                                 f"{BPETokenizer.max_vocab_size:,} for --tokenizer bpe (the "
+                                 f"tokenizers library reserves memory in proportion to it), "
+                                 f"got {self.vocab_size:,}")
+            if self.vocab_size < BPETokenizer.min_vocab_size:
+                raise UsageError(f"--vocab-size must be at least {BPETokenizer.min_vocab_size} "
+                                 f"for --tokenizer bpe (4 special ids + 256 bytes), got "
+                                 f"{self.vocab_size}")
         if not 0 <= self.dropout < 1:
             raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.val_fraction < 1:
