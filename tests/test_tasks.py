@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from helpers import call
 from task_cases import (
+    EOT,
     N_POSITIONS,
     harness_pair,
     load,
@@ -21,6 +22,7 @@ from task_cases import (
     reference_hellaswag,
     reference_lambada,
     reference_score,
+    torch_logits,
     words,
     write_task_files,
 )
@@ -149,6 +151,20 @@ def test_hellaswag_labels_as_digit_strings_are_read_as_numbers(task_files, tmp_p
                                + "\n" for line in lines), encoding="utf-8")
     assert [(i.context, i.endings, i.label) for i in read_hellaswag(strings)] == \
         [(i.context, i.endings, i.label) for i in read_hellaswag(task_files[0])]
+
+
+def test_a_context_of_white_space_only_is_the_start_of_a_text(hf_model, tmp_path):
+    """ctx "  ": its white space goes to the continuation, as for any context, and nothing is
+    left before it: scored after <|endoftext|>, as an empty context is (was an IndexError)."""
+    path = tmp_path / "blank_ctx.jsonl"
+    path.write_text(json.dumps({"ctx": "  ", "endings": ["the king.", "a bird"], "label": 1})
+                    + "\n", encoding="utf-8")
+    model, tokenizer = load(hf_model[0])
+    result = TASKS["hellaswag"].score(model, tokenizer, read_hellaswag(path))
+    _, torch_model, tok = hf_model
+    expected = [reference_score(torch_logits(torch_model), [EOT], tok.encode("   " + e),
+                                N_POSITIONS)[0] for e in ("the king.", "a bird")]
+    np.testing.assert_allclose(result.loglikelihoods, [expected], rtol=0, atol=TOLERANCE)
 
 
 def test_results_are_the_same_bits_for_every_thread_count(hf_model, task_files):
