@@ -3,6 +3,7 @@ acc and acc_norm against the reference of task_cases.py (a random GPT-2 with GPT
 vocabulary, transformers and torch), the harness's pair split and standard errors, the same
 bits for every thread count, the JSON and the text report, a model trained by train_model.
 Bad input: test_task_faults.py; the Decoder's scoring itself: test_decoder_score.py."""
+import dataclasses
 import json
 import os
 import random
@@ -165,6 +166,27 @@ def test_a_context_of_white_space_only_is_the_start_of_a_text(hf_model, tmp_path
     expected = [reference_score(torch_logits(torch_model), [EOT], tok.encode("   " + e),
                                 N_POSITIONS)[0] for e in ("the king.", "a bird")]
     np.testing.assert_allclose(result.loglikelihoods, [expected], rtol=0, atol=TOLERANCE)
+
+
+def test_a_byte_order_mark_at_the_start_of_a_task_file_is_not_text(hf_model, task_files,
+                                                                  tmp_path):
+    """A file saved with a UTF-8 byte order mark (as Windows editors save) reads as without
+    it: JSON lines stay JSON lines (LAMBADA read them as passages of JSON text, scoring
+    '"}' as the target), a passage does not start with U+FEFF."""
+    lines = task_files[1].read_text(encoding="utf-8").splitlines()
+    jsonl = tmp_path / "lambada_test.txt"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps({"text": t}) + "\n"
+                                                for t in lines).encode())
+    plain = tmp_path / "lambada.txt"
+    plain.write_bytes(b"\xef\xbb\xbf" + task_files[1].read_bytes())
+    expected = [(i.context, i.word) for i in read_lambada(task_files[1])]
+    assert [(i.context, i.word) for i in read_lambada(jsonl)] == expected
+    assert [(i.context, i.word) for i in read_lambada(plain)] == expected
+    hellaswag = tmp_path / "hellaswag.jsonl"
+    hellaswag.write_bytes(b"\xef\xbb\xbf" + task_files[0].read_bytes())
+    assert read_hellaswag(hellaswag) == [
+        dataclasses.replace(i, where=i.where.replace(str(task_files[0]), str(hellaswag)))
+        for i in read_hellaswag(task_files[0])]
 
 
 def test_results_are_the_same_bits_for_every_thread_count(hf_model, task_files):
