@@ -13,7 +13,7 @@ import sys
 import termios
 
 import pytest
-from helpers import assert_one_error_line, call, sentences, write
+from helpers import assert_one_error_line, call, gpt2_directory, sentences, write
 
 from cllm_cli.api import load_model
 from cllm_cli.cli import chat, train
@@ -300,3 +300,26 @@ def test_bad_input_is_one_line_and_status_2(run, tmp_path, capsys, argv, fragmen
     code, out, err = call(capsys, chat.main, *(a.format(**names) for a in argv))
     assert_one_error_line(code, err, "cllm_chat", *(f.format(**names) for f in fragments))
     assert out == ""
+
+
+def test_a_template_that_refuses_the_system_message_is_refused_before_the_first_prompt(
+        tmp_path):
+    """Templates such as Gemma's raise on a system role: with --system, cllm_chat says so at
+    once, before it reads a message (it read the first one, then stopped)."""
+    model = gpt2_directory(tmp_path / "gpt2", sentences(200, 4, "."))
+    template = write(tmp_path / "no_system.jinja",
+                     "{% if messages[0]['role'] == 'system' %}"
+                     "{{ raise_exception('System role not supported') }}{% endif %}"
+                     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                     "{% if add_generation_prompt %}assistant:{% endif %}")
+    p = subprocess.run([sys.executable, "-m", "cllm_cli.cli.chat", str(model), "--template",
+                        str(template), "--system", "be brief", "--threads", "1"],
+                       input="", capture_output=True, text=True, timeout=GUARD)
+    assert_one_error_line(p.returncode, p.stderr, "cllm_chat", str(template),
+                          "System role not supported")
+    assert p.stdout == ""
+    # without --system the template is fine: a message gets its reply
+    p = subprocess.run([sys.executable, "-m", "cllm_cli.cli.chat", str(model), "--template",
+                        str(template), "--threads", "1", "--max-new-tokens", "3"],
+                       input="hello\n", capture_output=True, text=True, timeout=GUARD)
+    assert p.returncode == 0 and p.stdout.endswith("\n") and p.stderr == "", p.stderr

@@ -3,6 +3,7 @@ acc and acc_norm against the reference of task_cases.py (a random GPT-2 with GPT
 vocabulary, transformers and torch), the harness's pair split and standard errors, the same
 bits for every thread count, the JSON and the text report, a model trained by train_model.
 Bad input: test_task_faults.py; the Decoder's scoring itself: test_decoder_score.py."""
+import dataclasses
 import json
 import os
 import random
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 from helpers import call
 from task_cases import (
+    EOT,
     N_POSITIONS,
     harness_pair,
     load,
@@ -21,6 +23,7 @@ from task_cases import (
     reference_hellaswag,
     reference_lambada,
     reference_score,
+    torch_logits,
     words,
     write_task_files,
 )
@@ -149,6 +152,41 @@ def test_hellaswag_labels_as_digit_strings_are_read_as_numbers(task_files, tmp_p
                                + "\n" for line in lines), encoding="utf-8")
     assert [(i.context, i.endings, i.label) for i in read_hellaswag(strings)] == \
         [(i.context, i.endings, i.label) for i in read_hellaswag(task_files[0])]
+
+
+def test_a_context_of_white_space_only_is_the_start_of_a_text(hf_model, tmp_path):
+    """ctx "  ": its white space goes to the continuation, as for any context, and nothing is
+    left before it: scored after <|endoftext|>, as an empty context is (was an IndexError)."""
+    path = tmp_path / "blank_ctx.jsonl"
+    path.write_text(json.dumps({"ctx": "  ", "endings": ["the king.", "a bird"], "label": 1})
+                    + "\n", encoding="utf-8")
+    model, tokenizer = load(hf_model[0])
+    result = TASKS["hellaswag"].score(model, tokenizer, read_hellaswag(path))
+    _, torch_model, tok = hf_model
+    expected = [reference_score(torch_logits(torch_model), [EOT], tok.encode("   " + e),
+                                N_POSITIONS)[0] for e in ("the king.", "a bird")]
+    np.testing.assert_allclose(result.loglikelihoods, [expected], rtol=0, atol=TOLERANCE)
+
+
+def test_a_byte_order_mark_at_the_start_of_a_task_file_is_not_text(hf_model, task_files,
+                                                                  tmp_path):
+    """A file saved with a UTF-8 byte order mark (as Windows editors save) reads as without
+    it: JSON lines stay JSON lines (LAMBADA read them as passages of JSON text, scoring
+    '"}' as the target), a passage does not start with U+FEFF."""
+    lines = task_files[1].read_text(encoding="utf-8").splitlines()
+    jsonl = tmp_path / "lambada_test.txt"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps({"text": t}) + "\n"
+                                                for t in lines).encode())
+    plain = tmp_path / "lambada.txt"
+    plain.write_bytes(b"\xef\xbb\xbf" + task_files[1].read_bytes())
+    expected = [(i.context, i.word) for i in read_lambada(task_files[1])]
+    assert [(i.context, i.word) for i in read_lambada(jsonl)] == expected
+    assert [(i.context, i.word) for i in read_lambada(plain)] == expected
+    hellaswag = tmp_path / "hellaswag.jsonl"
+    hellaswag.write_bytes(b"\xef\xbb\xbf" + task_files[0].read_bytes())
+    assert read_hellaswag(hellaswag) == [
+        dataclasses.replace(i, where=i.where.replace(str(task_files[0]), str(hellaswag)))
+        for i in read_hellaswag(task_files[0])]
 
 
 def test_results_are_the_same_bits_for_every_thread_count(hf_model, task_files):

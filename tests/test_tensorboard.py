@@ -250,6 +250,21 @@ def test_an_unwritable_directory_is_refused_before_the_corpus_is_read(corpus, tm
     assert afile.read_text() == "a regular file\n"
 
 
+@pytest.mark.parametrize("inside", [True, False], ids=["in the checkpoint dir", "apart"])
+def test_a_run_refused_during_set_up_leaves_no_tensorboard_directory(tmp_path, capsys, inside):
+    """The directories --tensorboard would make are not left behind by a run refused after
+    the check (here an empty corpus): with DIR inside a new --checkpoint-dir, that directory
+    too is removed as a refused run's is; the existing parent is kept."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    ck = tmp_path / "ck"
+    tb = ck / "tb" if inside else tmp_path / "tb" / "a" / "b"
+    code, _, err = call(capsys, main, empty, "--checkpoint-dir", ck, *TINY_RUN,
+                        "--tensorboard", tb)
+    assert_one_error_line(code, err, "train_model", "corpus is empty", status=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt"]
+
+
 # --- resuming --------------------------------------------------------------------------------------
 
 def test_a_resumed_run_continues_at_its_step_in_a_file_of_its_own(corpus, tmp_path, capsys):

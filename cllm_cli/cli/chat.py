@@ -167,8 +167,10 @@ class Chat:
         self.rng = np.random.default_rng(args.seed)
         self.turns: list[Message] = []          # user and assistant messages, in order
         self.marker = end_of_turn(template)
-        if not encode_rendered(tokenizer, template.render([{"role": "user", "content": "hello"}],
-                                                          add_generation_prompt=True)):
+        # a template that refuses the --system message says so before the first prompt
+        if not encode_rendered(tokenizer, template.render(
+                self.messages() + [{"role": "user", "content": "hello"}],
+                add_generation_prompt=True)):
             raise ChatTemplateError(f"{template.origin}: renders a conversation as no tokens, "
                                     f"so the model would read nothing of it")
         self.stop_ids = {tokenizer.eos_id}

@@ -70,6 +70,8 @@ def _lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
             data = f.read()
     except OSError as e:
         raise DataError(f"{path}: cannot read ({reason(e)})") from None
+    if data.startswith(b"\xef\xbb\xbf"):        # a byte order mark, as Windows editors write
+        data = data[3:]
     for number, raw in enumerate(data.split(b"\n"), 1):
         try:
             line = raw.decode("utf-8")

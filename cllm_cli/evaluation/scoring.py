@@ -37,9 +37,10 @@ from cllm_cli.tokenizers import Tokenizer
 def encode_pair(tokenizer: Tokenizer, context: str,
                 continuation: str) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) as lists of ints."""
-    if context == "":
-        return [int(tokenizer.eos_id)], [int(i) for i in tokenizer.encode(continuation)]
     stripped = context.rstrip()
+    if stripped == "":
+        # no text before the continuation (white space goes with it): the start of a text
+        return [int(tokenizer.eos_id)], [int(i) for i in tokenizer.encode(context + continuation)]
     if len(stripped) < len(context):
         context, continuation = stripped, context[len(stripped):] + continuation
     context_ids = [int(i) for i in tokenizer.encode(context)]

@@ -31,6 +31,7 @@ from typing import Any, Mapping
 
 from cllm_cli.errors import DataError, MissingExtra
 from cllm_cli.fileio import reason, writable_directory
+from cllm_cli.training.rundir import _first_missing
 
 INSTALL = "pip install '.[tensorboard]' in CLLM's source (or pip install tensorboardX)"
 
@@ -47,15 +48,28 @@ def require_tensorboardx() -> ModuleType:
 
 def check_tensorboard(directory: str | os.PathLike) -> None:
     """Before the corpus is read: tensorboardX can be imported and a file can be created in
-    `directory` (made if missing). MissingExtra or DataError with one line when not."""
+    `directory`. MissingExtra or DataError with one line when not. The directories made for
+    the check are removed again, so that a run refused later leaves none; the run's event
+    writer makes them."""
     require_tensorboardx()
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise DataError(f"cannot write --tensorboard {directory}: it is a file, not a "
                         f"directory")
+    created = _first_missing(str(directory))
     try:
         writable_directory(directory)
     except OSError as e:
         raise DataError(f"cannot write --tensorboard {directory}: {reason(e)}") from None
+    finally:
+        path = str(directory)
+        while created is not None:
+            try:
+                os.rmdir(path)
+            except OSError:
+                break
+            if path == created:
+                break
+            path = os.path.dirname(path)
 
 
 def tag(key: str) -> str:
@@ -91,8 +105,9 @@ class EventWriter:
         from tensorboardX import summary
         from tensorboardX.proto.event_pb2 import Event, SessionLog
         self._summary, self._event = summary, Event
-        self.path = event_file_name(directory)
         try:
+            os.makedirs(directory, exist_ok=True)
+            self.path = event_file_name(directory)
             self._records = tensorboardX.RecordWriter(self.path)
         except OSError as e:
             raise DataError(f"cannot write --tensorboard {directory}: {reason(e)}") from None
