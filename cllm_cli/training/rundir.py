@@ -107,7 +107,7 @@ class RunDirectory:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.created = _first_missing(path)      # the topmost directory this run creates
+        self.created = first_missing(path)      # the topmost directory this run creates
         try:
             writable_directory(path)
         except OSError as e:
@@ -157,7 +157,7 @@ class RunDirectory:
             path = os.path.dirname(path)
 
 
-def _first_missing(path: str) -> str | None:
+def first_missing(path: str) -> str | None:
     """The topmost directory on the way to `path` (itself included) that does not exist, or
     None when `path` exists."""
     missing = None

@@ -31,7 +31,7 @@ from typing import Any, Mapping
 
 from cllm_cli.errors import DataError, MissingExtra
 from cllm_cli.fileio import reason, writable_directory
-from cllm_cli.training.rundir import _first_missing
+from cllm_cli.training.rundir import first_missing
 
 INSTALL = "pip install '.[tensorboard]' in CLLM's source (or pip install tensorboardX)"
 
@@ -55,7 +55,7 @@ def check_tensorboard(directory: str | os.PathLike) -> None:
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise DataError(f"cannot write --tensorboard {directory}: it is a file, not a "
                         f"directory")
-    created = _first_missing(str(directory))
+    created = first_missing(str(directory))
     try:
         writable_directory(directory)
     except OSError as e:
