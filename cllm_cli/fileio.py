@@ -90,14 +90,18 @@ _KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
+def _special(mode: int) -> str | None:
+    """"a FIFO", "a character device", ... for a file mode of such a kind, else None."""
+    return next((name for test, name in _KINDS if test(mode)), None)
+
+
 def special_kind(path: str | os.PathLike) -> str | None:
     """"a FIFO", "a character device", ... when `path` itself (not a link's target) is a
     FIFO, a device or a socket; None for anything else, or nothing."""
     try:
-        mode = os.lstat(path).st_mode
+        return _special(os.lstat(path).st_mode)
     except OSError:
         return None
-    return next((name for test, name in _KINDS if test(mode)), None)
 
 
 @contextlib.contextmanager
@@ -194,13 +198,21 @@ def open_regular(path: str | os.PathLike) -> io.BufferedReader:
         if stat.S_ISDIR(mode):
             raise IsADirectoryError(errno.EISDIR, "it is a directory, not a file")
         if not stat.S_ISREG(mode):
-            kind = next((name for test, name in _KINDS if test(mode)), "a special file")
-            raise NotRegularFile(errno.EINVAL, f"it is {kind}, not a regular file")
+            raise NotRegularFile(errno.EINVAL,
+                                 f"it is {_special(mode) or 'a special file'}, not a regular file")
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
+
+
+def file_start(path: str | os.PathLike, count: int) -> bytes:
+    """The first `count` bytes of the regular file `path` (fewer when it is shorter): what a
+    check reads to tell an earlier output of its own from a file that is not. OSError as
+    open_regular raises it."""
+    with open_regular(path) as f:
+        return f.read(count)
 
 
 def check_regular(path: str | os.PathLike, what: str) -> None:

@@ -11,6 +11,7 @@ import time
 from typing import Any, Union
 
 from cllm_cli.errors import DataError, UsageError
+from cllm_cli.fileio import file_start, reason
 from cllm_cli.training.config import TrainConfig
 from cllm_cli.training.tensorboard import EventWriter
 
@@ -27,10 +28,9 @@ def check_metrics_output(path: str | os.PathLike) -> None:
     if not os.path.isfile(path):
         return
     try:
-        with open(path, "rb") as f:
-            start = f.read(len(METRICS_START))
+        start = file_start(path, len(METRICS_START))
     except OSError as e:
-        raise UsageError(f"cannot write --metrics-file {path}: {e.strerror or e}") from None
+        raise UsageError(f"cannot write --metrics-file {path}: {reason(e)}") from None
     if start and start != METRICS_START:
         raise UsageError(f"--metrics-file {path} exists and is not a metrics file (its lines "
                          f"do not start with {METRICS_START.decode()}...): a run writes only over "

@@ -19,7 +19,7 @@ import os
 from typing import TYPE_CHECKING, Callable, List, Sequence, Tuple, TypeVar
 
 from cllm_cli.errors import MissingDependency, PlotError
-from cllm_cli.fileio import atomic_file, open_regular
+from cllm_cli.fileio import atomic_file, file_start, open_regular, reason
 from cllm_cli.jsonfile import JSONError, loads
 from cllm_cli.progress import fmt_ppl
 
@@ -68,10 +68,9 @@ def check_plot_output(out: str | os.PathLike, metrics_path: str | os.PathLike,
     if not os.path.lexists(out):
         return
     try:
-        with open_regular(out) as f:
-            signature = f.read(len(PNG_SIGNATURE))
+        signature = file_start(out, len(PNG_SIGNATURE))
     except OSError as e:
-        raise error(f"{out}: cannot write ({e.strerror or e})") from None
+        raise error(f"{out}: cannot write ({reason(e)})") from None
     if signature != PNG_SIGNATURE:
         raise error(f"{out} exists and is not a PNG image: a plot replaces only an earlier "
                     f"plot; remove it or choose another")
