@@ -298,6 +298,8 @@ REFUSALS = {
                       "architectures"),
     "activation": (lambda p: edit_config(p, activation_function="relu"), "activation_function"),
     "exact gelu": (lambda p: edit_config(p, activation_function="gelu"), "activation_function"),
+    "null activation": (lambda p: edit_config(p, activation_function=None),
+                        "activation_function null"),
     "epsilon": (lambda p: edit_config(p, layer_norm_epsilon=1e-6), "layer_norm_epsilon"),
     "inverse layer idx": (lambda p: edit_config(p, scale_attn_by_inverse_layer_idx=True),
                           "scale_attn_by_inverse_layer_idx"),

@@ -231,7 +231,8 @@ def test_fine_tuning_a_transformers_llama_continues_its_loss(text, corpus, tmp_p
 
 @pytest.mark.parametrize("change, fragment", [
     ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_type 'linear'"),
-    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"hidden_act": "gelu"}, 'hidden_act "gelu"'),
+    ({"hidden_act": None}, "hidden_act null"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"head_dim": 16}, "head_dim 16"),
     ({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 4096},

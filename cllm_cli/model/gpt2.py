@@ -97,9 +97,9 @@ def config_from_hf(config: Mapping[str, Any],
     """The CLLMConfig of a transformers GPT-2 config.json (dict); refuse(message) for what our
     model cannot compute exactly (another activation, epsilon, attention scaling, cross
     attention, n_ctx != n_positions, sizes CLLMConfig refuses)."""
-    act = _setting(config, "activation_function", "gelu_new")
+    act = config.get("activation_function", "gelu_new")    # null names no activation
     if act not in GELU_TANH:
-        refuse(f"activation_function {act!r} is not supported (only tanh GELU: "
+        refuse(f"activation_function {json.dumps(act)} is not supported (only tanh GELU: "
                f"{', '.join(GELU_TANH)})")
     eps = _setting(config, "layer_norm_epsilon", LAYER_NORM_EPS)
     if eps != LAYER_NORM_EPS:

@@ -141,9 +141,9 @@ def config_from_hf(config: Mapping[str, Any],
     scaling, a sliding window, MLP biases, a head_dim other than hidden_size / heads, sizes
     the config refuses)."""
     model_type = config.get("model_type")
-    act = _setting(config, "hidden_act", "silu")
+    act = config.get("hidden_act", "silu")       # null names no activation: not the default
     if act != "silu":
-        refuse(f"hidden_act {act!r} is not supported (only silu)")
+        refuse(f"hidden_act {json.dumps(act)} is not supported (only silu)")
     if _flag(config, "mlp_bias", False, refuse):
         refuse("mlp_bias true is not supported")
     if model_type == "qwen2":
