@@ -23,7 +23,8 @@ Choices written down here:
   the export is refused then, the other's files left as they are. For --format
   gguf OUT is a file, written atomically, refused when it exists unless --force. --force
   replaces a directory by a directory and a file by a file only: an OUT of the other kind is
-  refused whatever --force says. OUT may never hold the checkpoint or its tokenizer.
+  refused whatever --force says. OUT may never hold the checkpoint or its tokenizer, nor a
+  LoRA checkpoint's base model (the adapters cannot be read without it).
 - A temporary directory left by an export killed outright (kill -9) next to OUT is removed
   by the next export of OUT, saying so in one line on stderr (hf_export.remove_stale).
 - A LoRA checkpoint exports as its base with the adapters merged in (hf, gguf), or as the
@@ -148,6 +149,14 @@ def how_to_load(fmt: str, out: str, cfg: CLLMConfig, base: str | None = None) ->
             f"AutoTokenizer.from_pretrained({str(out)!r})\n")
 
 
+def check_base_outside(base: str, out: str) -> None:
+    """UsageError when OUT holds the base model of a LoRA checkpoint: --force would replace
+    it, and the checkpoint's adapters would have nothing to apply to."""
+    if _inside(base, out):
+        raise UsageError(f"{out} holds {base}, the base model of the LoRA checkpoint: "
+                         f"choose another OUT")
+
+
 def run_peft(args: argparse.Namespace) -> None:
     """--format peft: the adapters of a LoRA checkpoint."""
     if is_transformers_directory(args.checkpoint):
@@ -160,6 +169,7 @@ def run_peft(args: argparse.Namespace) -> None:
                          f"--format hf or gguf exports the whole model")
     if _inside(path, args.out):
         raise UsageError(f"{args.out} holds {path}: choose another OUT")
+    check_base_outside(ckpt.lora["base_path"], args.out)
     load_lora_base(ckpt.lora, ckpt.config, path)    # the base the adapters name is there
     export_peft(ckpt.config, ckpt.lora, ckpt.params, args.out, force=args.force)
     sys.stdout.write(how_to_load("peft", args.out, ckpt.config, ckpt.lora["base_path"]))
@@ -176,6 +186,8 @@ def run(args: argparse.Namespace) -> None:
     for source in (args.checkpoint, files.tokenizer_path):
         if _inside(source, args.out):
             raise UsageError(f"{args.out} holds {source}: choose another OUT")
+    if files.lora_base is not None:
+        check_base_outside(files.lora_base, args.out)
     if args.format == "hf":
         stale = export_pretrained(cfg, flat, tokenizer, args.out, force=args.force,
                                   chat_template=files.meta.get("chat_template"))
