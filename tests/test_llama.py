@@ -158,8 +158,9 @@ def test_decoder_equals_the_whole_sequence_pass(text, tmp_path):
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_export_is_read_by_transformers_as_its_class(kind, text, tmp_path, capsys):
     hf_directory(tmp_path / "in", kind, text, capsys=capsys)
-    code, _, err = call(capsys, export_main, tmp_path / "in", tmp_path / "out")
+    code, out, err = call(capsys, export_main, tmp_path / "in", tmp_path / "out")
     assert code == 0, err
+    assert f"wrote a transformers {CLASSES[kind][1].__name__} directory" in out
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == kind and config["num_key_value_heads"] == 2
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()

@@ -55,7 +55,7 @@ from cllm_cli.formats import (
     resolve_checkpoint,
 )
 from cllm_cli.formats.model_files import is_transformers_directory
-from cllm_cli.model import CLLMConfig
+from cllm_cli.model import CLLMConfig, family_of
 
 PROG = "cllm_export"
 FORMATS = ("hf", "gguf", "peft")
@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog=PROG,
         description="Convert a model trained by train_model into a Hugging Face transformers "
-                    "GPT-2 directory (config.json, model.safetensors, tokenizer.json, ...) that "
+                    "directory of the model's class (config.json, model.safetensors, "
+                    "tokenizer.json, ...) that "
                     "AutoModelForCausalLM and AutoTokenizer load, or into a GGUF file for "
                     "llama.cpp.",
         epilog="Example: cllm_export checkpoints/final_model.cllm my-model; then in Python: "
@@ -77,10 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT",
                    help="directory to create (--format hf or peft), or file (--format gguf)")
     p.add_argument("--format", choices=FORMATS, default=None,
-                   help="hf: a transformers GPT-2 directory (a LoRA run's adapters merged "
-                        "in); gguf: one file for llama.cpp (bpe tokenizer only); peft: a LoRA "
-                        "run's adapters alone, as a PEFT adapter directory. Default: gguf when "
-                        "OUT ends in .gguf, else hf")
+                   help="hf: a transformers directory of the model's class (a LoRA run's "
+                        "adapters merged in); gguf: one file for llama.cpp (bpe tokenizer "
+                        "only); peft: a LoRA run's adapters alone, as a PEFT adapter directory. "
+                        "Default: gguf when OUT ends in .gguf, else hf")
     p.add_argument("--force", action="store_true",
                    help="replace an existing OUT of the kind the format writes: a directory "
                         "(--format hf or peft; a non-empty one too) or a file (--format gguf). "
@@ -141,8 +142,9 @@ def how_to_load(fmt: str, out: str, cfg: CLLMConfig, base: str | None = None) ->
     if fmt == "gguf":
         return (f"wrote a GGUF file (llama.cpp) to {out}; context length {cfg.seq_len} tokens\n"
                 f"run it with: llama-completion -m {out} -c {cfg.seq_len} -no-cnv -p '...'\n")
-    return (f"wrote a transformers GPT-2 directory to {out}; context length {cfg.seq_len} "
-            f"tokens (n_positions)\n"
+    model_class = family_of(cfg).hf_config(cfg)["architectures"][0]
+    return (f"wrote a transformers {model_class} directory to {out}; context length "
+            f"{cfg.seq_len} tokens\n"
             f"load it in Python with:\n"
             f"  from transformers import AutoModelForCausalLM, AutoTokenizer\n"
             f"  model, tokenizer = AutoModelForCausalLM.from_pretrained({str(out)!r}), "
