@@ -301,6 +301,8 @@ REFUSALS = {
     "null activation": (lambda p: edit_config(p, activation_function=None),
                         "activation_function null"),
     "epsilon": (lambda p: edit_config(p, layer_norm_epsilon=1e-6), "layer_norm_epsilon"),
+    "null epsilon": (lambda p: edit_config(p, layer_norm_epsilon=None), "layer_norm_epsilon null"),
+    "null scaling": (lambda p: edit_config(p, scale_attn_weights=None), "scale_attn_weights null"),
     "inverse layer idx": (lambda p: edit_config(p, scale_attn_by_inverse_layer_idx=True),
                           "scale_attn_by_inverse_layer_idx"),
     "reorder": (lambda p: edit_config(p, reorder_and_upcast_attn=True), "reorder_and_upcast_attn"),
