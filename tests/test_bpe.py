@@ -126,6 +126,24 @@ def test_load_refuses_bad_files(tmp_path):
         BPETokenizer.load(path)
 
 
+
+def test_llama_3s_begin_and_end_of_text_are_found(tmp_path):
+    """Llama 3's tokenizer.json names them <|begin_of_text|> and <|end_of_text|>; the ids are
+    the file's, wherever they are."""
+    tk = tokenizers.Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.train_from_iterator(["some text to learn a few merges from, some text"],
+                           trainers.BpeTrainer(vocab_size=300, special_tokens=[],
+                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                               show_progress=False))
+    tk.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>"])
+    path = tmp_path / "tokenizer.json"
+    path.write_text(tk.to_str())
+    tok = BPETokenizer.load(path)
+    assert (tok.bos_id, tok.eos_id) == (tk.token_to_id("<|begin_of_text|>"),
+                                        tk.token_to_id("<|end_of_text|>"))
+    assert tok.encode_document("some text")[-1] == tok.eos_id
+
 def gpt2_layout(awkward_text, path):
     """A tokenizer.json laid out as GPT-2's: byte-level BPE, <|endoftext|> its only special."""
     tk = tokenizers.Tokenizer(models.BPE())

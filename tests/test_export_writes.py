@@ -101,7 +101,7 @@ def test_two_exports_to_one_out_at_once(run_dir, tmp_path):
     first = stopped_export(run_dir, out)
     code, stdout, err = export(run_dir, out)            # the second one, run to its end
     assert code == 0, err
-    assert "wrote a transformers GPT-2 directory" in stdout
+    assert "wrote a transformers GPT2LMHeadModel directory" in stdout
     second = snapshot(out)
     assert "model.safetensors" in second
     code, _, err = resume(first)

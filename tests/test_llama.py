@@ -158,8 +158,9 @@ def test_decoder_equals_the_whole_sequence_pass(text, tmp_path):
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_export_is_read_by_transformers_as_its_class(kind, text, tmp_path, capsys):
     hf_directory(tmp_path / "in", kind, text, capsys=capsys)
-    code, _, err = call(capsys, export_main, tmp_path / "in", tmp_path / "out")
+    code, out, err = call(capsys, export_main, tmp_path / "in", tmp_path / "out")
     assert code == 0, err
+    assert f"wrote a transformers {CLASSES[kind][1].__name__} directory" in out
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == kind and config["num_key_value_heads"] == 2
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
@@ -231,7 +232,12 @@ def test_fine_tuning_a_transformers_llama_continues_its_loss(text, corpus, tmp_p
 
 @pytest.mark.parametrize("change, fragment", [
     ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_type 'linear'"),
-    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"hidden_act": "gelu"}, 'hidden_act "gelu"'),
+    ({"hidden_act": None}, "hidden_act null"),
+    ({"rms_norm_eps": None}, "rms_norm_eps must be a number in (0, 1), got None"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": None}},
+     "rope_theta must be a number above 1, got None"),
+    ({"rope_parameters": None, "rope_theta": None}, "rope_theta must be a number above 1, got None"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"head_dim": 16}, "head_dim 16"),
     ({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 4096},

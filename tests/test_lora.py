@@ -90,7 +90,7 @@ def random_adapters(cfg, spec, seed):
 
 
 def test_adapter_gradients_equal_peft_on_transformers(base_dir):
-    cfg, flat, tok, _, _ = load_model_files(base_dir)
+    cfg, flat, tok, _, _ = load_model_files(base_dir)[:5]
     spec = LoraSpec(rank=3, alpha=5.0, dropout=0.0, sites=ALL_SITES)
     adapters = random_adapters(cfg, spec, seed=1)
     rng = np.random.default_rng(2)
@@ -241,7 +241,7 @@ def test_a_lora_checkpoint_is_small_and_names_its_base(lora_run, base_dir):
     final = lora_run / "final_model.cllm"
     ckpt = load_checkpoint(final)
     assert ckpt.lora["spec"] == LoraSpec(4, 8.0, 0.1, ALL_SITES)
-    base_cfg, base_flat, _, _, _ = load_model_files(base_dir)
+    base_cfg, base_flat, _, _, _ = load_model_files(base_dir)[:5]
     assert ckpt.lora["base_sha256"] == content_hash(base_flat)
     assert ckpt.lora["base_path"] == str(base_dir)
     assert set(tensors(final)) == {prefix + name for prefix in ("", "adam.m.", "adam.v.")
@@ -431,6 +431,36 @@ def test_a_changed_or_missing_base_is_refused(capsys, tmp_path, lora_run, base_d
         shutil.rmtree(base_dir, ignore_errors=True)
         shutil.copytree(moved, base_dir)
 
+
+
+@pytest.mark.parametrize("fmt", ["hf", "peft", "gguf"])
+def test_an_export_never_replaces_the_base_of_the_lora_run(capsys, tmp_path, corpus, base_dir,
+                                                            fmt):
+    """--force replaces OUT, but never with the base a LoRA run's adapters need: the run
+    could not be read any more (and the base may be the only copy of a downloaded model)."""
+    base = tmp_path / ("base.gguf" if fmt == "gguf" else "base")
+    if fmt == "gguf":        # a base file at OUT: a full .cllm model named like an export
+        code, _, err = call(capsys, train_main, corpus, "--init-from", base_dir,
+                            "--checkpoint-dir", tmp_path / "full", "--max-steps", "1", "--quiet")
+        assert code == 0, err
+        shutil.copyfile(tmp_path / "full" / "final_model.cllm", base)
+        shutil.copyfile(tmp_path / "full" / "tokenizer.json", tmp_path / "tokenizer.json")
+    else:
+        shutil.copytree(base_dir, base)
+    run = train(capsys, corpus, base, tmp_path / "run")
+    before = snapshot_files(base)
+    code, _, err = call(capsys, export_main, run, base, "--format", fmt, "--force")
+    assert_one_error_line(code, err, "cllm_export", f"{base} holds", "base model")
+    assert snapshot_files(base) == before
+    code, _, err = call(capsys, inference_main, run, "--max-tokens", "2")
+    assert code == 0, err
+
+
+def snapshot_files(path):
+    """{relative name: bytes} of a file or of the files below a directory."""
+    if path.is_file():
+        return {"": path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))}
 
 def renamed_base(run, base_path):
     """Every checkpoint of `run` rewritten to name `base_path` as its base (the same hash)."""

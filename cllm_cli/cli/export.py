@@ -23,7 +23,8 @@ Choices written down here:
   the export is refused then, the other's files left as they are. For --format
   gguf OUT is a file, written atomically, refused when it exists unless --force. --force
   replaces a directory by a directory and a file by a file only: an OUT of the other kind is
-  refused whatever --force says. OUT may never hold the checkpoint or its tokenizer.
+  refused whatever --force says. OUT may never hold the checkpoint or its tokenizer, nor a
+  LoRA checkpoint's base model (the adapters cannot be read without it).
 - A temporary directory left by an export killed outright (kill -9) next to OUT is removed
   by the next export of OUT, saying so in one line on stderr (hf_export.remove_stale).
 - A LoRA checkpoint exports as its base with the adapters merged in (hf, gguf), or as the
@@ -54,7 +55,7 @@ from cllm_cli.formats import (
     resolve_checkpoint,
 )
 from cllm_cli.formats.model_files import is_transformers_directory
-from cllm_cli.model import CLLMConfig
+from cllm_cli.model import CLLMConfig, family_of
 
 PROG = "cllm_export"
 FORMATS = ("hf", "gguf", "peft")
@@ -64,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog=PROG,
         description="Convert a model trained by train_model into a Hugging Face transformers "
-                    "GPT-2 directory (config.json, model.safetensors, tokenizer.json, ...) that "
+                    "directory of the model's class (config.json, model.safetensors, "
+                    "tokenizer.json, ...) that "
                     "AutoModelForCausalLM and AutoTokenizer load, or into a GGUF file for "
                     "llama.cpp.",
         epilog="Example: cllm_export checkpoints/final_model.cllm my-model; then in Python: "
@@ -76,10 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT",
                    help="directory to create (--format hf or peft), or file (--format gguf)")
     p.add_argument("--format", choices=FORMATS, default=None,
-                   help="hf: a transformers GPT-2 directory (a LoRA run's adapters merged "
-                        "in); gguf: one file for llama.cpp (bpe tokenizer only); peft: a LoRA "
-                        "run's adapters alone, as a PEFT adapter directory. Default: gguf when "
-                        "OUT ends in .gguf, else hf")
+                   help="hf: a transformers directory of the model's class (a LoRA run's "
+                        "adapters merged in); gguf: one file for llama.cpp (bpe tokenizer "
+                        "only); peft: a LoRA run's adapters alone, as a PEFT adapter directory. "
+                        "Default: gguf when OUT ends in .gguf, else hf")
     p.add_argument("--force", action="store_true",
                    help="replace an existing OUT of the kind the format writes: a directory "
                         "(--format hf or peft; a non-empty one too) or a file (--format gguf). "
@@ -140,12 +142,21 @@ def how_to_load(fmt: str, out: str, cfg: CLLMConfig, base: str | None = None) ->
     if fmt == "gguf":
         return (f"wrote a GGUF file (llama.cpp) to {out}; context length {cfg.seq_len} tokens\n"
                 f"run it with: llama-completion -m {out} -c {cfg.seq_len} -no-cnv -p '...'\n")
-    return (f"wrote a transformers GPT-2 directory to {out}; context length {cfg.seq_len} "
-            f"tokens (n_positions)\n"
+    model_class = family_of(cfg).hf_config(cfg)["architectures"][0]
+    return (f"wrote a transformers {model_class} directory to {out}; context length "
+            f"{cfg.seq_len} tokens\n"
             f"load it in Python with:\n"
             f"  from transformers import AutoModelForCausalLM, AutoTokenizer\n"
             f"  model, tokenizer = AutoModelForCausalLM.from_pretrained({str(out)!r}), "
             f"AutoTokenizer.from_pretrained({str(out)!r})\n")
+
+
+def check_base_outside(base: str, out: str) -> None:
+    """UsageError when OUT holds the base model of a LoRA checkpoint: --force would replace
+    it, and the checkpoint's adapters would have nothing to apply to."""
+    if _inside(base, out):
+        raise UsageError(f"{out} holds {base}, the base model of the LoRA checkpoint: "
+                         f"choose another OUT")
 
 
 def run_peft(args: argparse.Namespace) -> None:
@@ -160,6 +171,7 @@ def run_peft(args: argparse.Namespace) -> None:
                          f"--format hf or gguf exports the whole model")
     if _inside(path, args.out):
         raise UsageError(f"{args.out} holds {path}: choose another OUT")
+    check_base_outside(ckpt.lora["base_path"], args.out)
     load_lora_base(ckpt.lora, ckpt.config, path)    # the base the adapters name is there
     export_peft(ckpt.config, ckpt.lora, ckpt.params, args.out, force=args.force)
     sys.stdout.write(how_to_load("peft", args.out, ckpt.config, ckpt.lora["base_path"]))
@@ -176,6 +188,8 @@ def run(args: argparse.Namespace) -> None:
     for source in (args.checkpoint, files.tokenizer_path):
         if _inside(source, args.out):
             raise UsageError(f"{args.out} holds {source}: choose another OUT")
+    if files.lora_base is not None:
+        check_base_outside(files.lora_base, args.out)
     if args.format == "hf":
         stale = export_pretrained(cfg, flat, tokenizer, args.out, force=args.force,
                                   chat_template=files.meta.get("chat_template"))

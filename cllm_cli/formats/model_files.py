@@ -40,13 +40,15 @@ from cllm_cli.tokenizers import (
 
 class ModelFiles(NamedTuple):
     """What load_model_files read: the model's config and flat float32 parameters, the
-    tokenizer it was trained with, the checkpoint's metadata ({} for a transformers directory)
-    and the file the tokenizer came from."""
+    tokenizer it was trained with, the checkpoint's metadata ({} for a transformers directory),
+    the file the tokenizer came from, and for a LoRA checkpoint the base model its adapters
+    were merged into."""
     config: CLLMConfig
     flat: np.ndarray
     tokenizer: Tokenizer
     meta: dict[str, Any]
     tokenizer_path: str | os.PathLike      # a Path, or the one the caller gave
+    lora_base: str | None = None           # the base_path a LoRA checkpoint records
 
 
 def is_transformers_directory(path: str | os.PathLike) -> bool:
@@ -103,7 +105,8 @@ def load_with_tokenizer(path: str | os.PathLike, tokenizer_path: str | os.PathLi
     if len(tokenizer) > cfg.vocab_size:
         raise UsageError(f"{tokenizer_path} has {len(tokenizer)} tokens but the model in {path} "
                          f"has a vocabulary of {cfg.vocab_size}")
-    return ModelFiles(cfg, checkpoint_params(ckpt, path), tokenizer, meta, tokenizer_path)
+    return ModelFiles(cfg, checkpoint_params(ckpt, path), tokenizer, meta, tokenizer_path,
+                      ckpt.lora["base_path"] if ckpt.lora is not None else None)
 
 
 def _is_vocabulary(path: str | os.PathLike, kind: str, vocab_hash: str | None) -> bool:

@@ -97,16 +97,17 @@ def config_from_hf(config: Mapping[str, Any],
     """The CLLMConfig of a transformers GPT-2 config.json (dict); refuse(message) for what our
     model cannot compute exactly (another activation, epsilon, attention scaling, cross
     attention, n_ctx != n_positions, sizes CLLMConfig refuses)."""
-    act = _setting(config, "activation_function", "gelu_new")
+    act = config.get("activation_function", "gelu_new")    # null names no activation
     if act not in GELU_TANH:
-        refuse(f"activation_function {act!r} is not supported (only tanh GELU: "
+        refuse(f"activation_function {json.dumps(act)} is not supported (only tanh GELU: "
                f"{', '.join(GELU_TANH)})")
-    eps = _setting(config, "layer_norm_epsilon", LAYER_NORM_EPS)
+    # absent settings take GPT-2's values; a null one names none (transformers refuses it)
+    eps = config.get("layer_norm_epsilon", LAYER_NORM_EPS)
     if eps != LAYER_NORM_EPS:
-        refuse(f"layer_norm_epsilon {eps} is not supported (only {LAYER_NORM_EPS})")
+        refuse(f"layer_norm_epsilon {json.dumps(eps)} is not supported (only {LAYER_NORM_EPS})")
     for key, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
                       ("reorder_and_upcast_attn", False), ("add_cross_attention", False)):
-        value = _setting(config, key, want)
+        value = config.get(key, want)
         if value != want:
             refuse(f"{key} {json.dumps(value)} is not supported (only {json.dumps(want)})")
     n_positions = _setting(config, "n_positions", 1024)

@@ -119,9 +119,10 @@ def _rope_theta(config: Mapping[str, Any], refuse: Callable[[str], NoReturn]) ->
         if kind != "default":
             refuse(f"{what} of rope_type {kind!r} is not supported (only plain rotary "
                    f"positions)")
-    if isinstance(params, dict) and params.get("rope_theta") is not None:
+    # absent: transformers' default; null names no base and is refused as a bad value
+    if isinstance(params, dict) and "rope_theta" in params:
         return params["rope_theta"]
-    return _setting(config, "rope_theta", 10000.0)
+    return config.get("rope_theta", 10000.0)
 
 
 def _flag(config: Mapping[str, Any], key: str, default: bool,
@@ -141,9 +142,9 @@ def config_from_hf(config: Mapping[str, Any],
     scaling, a sliding window, MLP biases, a head_dim other than hidden_size / heads, sizes
     the config refuses)."""
     model_type = config.get("model_type")
-    act = _setting(config, "hidden_act", "silu")
+    act = config.get("hidden_act", "silu")       # null names no activation: not the default
     if act != "silu":
-        refuse(f"hidden_act {act!r} is not supported (only silu)")
+        refuse(f"hidden_act {json.dumps(act)} is not supported (only silu)")
     if _flag(config, "mlp_bias", False, refuse):
         refuse("mlp_bias true is not supported")
     if model_type == "qwen2":
@@ -156,7 +157,7 @@ def config_from_hf(config: Mapping[str, Any],
     values: dict[str, Any] = {field: config.get(key) for field, key in HF_SIZES.items()}
     values["rope_theta"] = _rope_theta(config, refuse)
     values["num_kv_heads"] = _setting(config, "num_key_value_heads", values["num_heads"])
-    values["rms_norm_eps"] = _setting(config, "rms_norm_eps", 1e-6)
+    values["rms_norm_eps"] = config.get("rms_norm_eps", 1e-6)     # null: refused as a bad value
     values["seq_len"] = _setting(config, "max_position_embeddings", 2048)
     values["tie_embeddings"] = _flag(config, "tie_word_embeddings", False, refuse)
     values["attention_bias"] = (_flag(config, "attention_bias", False, refuse)

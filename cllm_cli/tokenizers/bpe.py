@@ -65,8 +65,8 @@ Choices written down here:
   (Unigram, WordPiece) is refused, naming it: its pieces joined as bpe joins them would give
   wrong text ("T o   b e ,").
 - A loaded tokenizer.json may lack <pad> or name its end of text differently: pad_id is the
-  id of <pad> (-1 if none), eos_id that of <eos>, <|endoftext|> or </s> (GPT-2: 50256),
-  bos_id that of <bos> or <s>, else eos_id. A file without an end-of-text token is refused,
+  id of <pad> (-1 if none), eos_id that of <eos>, <|endoftext|>, </s> or <|end_of_text|>
+  (GPT-2: 50256), bos_id that of <bos>, <s> or <|begin_of_text|>, else eos_id. A file without an end-of-text token is refused,
   since documents end in one. vocab_hash is the sha256 of the file's bytes, and save() writes
   those same bytes back.
 - Decoding skips <pad> and <bos> (when it differs from <eos>) and turns the end-of-text token

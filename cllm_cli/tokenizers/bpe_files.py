@@ -14,8 +14,10 @@ from tokenizers import decoders, models, pre_tokenizers
 from cllm_cli.errors import DataError
 from cllm_cli.jsonfile import parse_json
 
-BOS_NAMES = ("<bos>", "<s>")
-EOS_NAMES = ("<eos>", "<|endoftext|>", "</s>")
+# the names of the begin- and end-of-text tokens, first found first: ours, GPT-2's (and
+# Qwen's), sentencepiece's (Llama 2, Mistral), Llama 3's
+BOS_NAMES = ("<bos>", "<s>", "<|begin_of_text|>")
+EOS_NAMES = ("<eos>", "<|endoftext|>", "</s>", "<|end_of_text|>")
 # what a path that holds no tokenizer lacks (tokenizer_source)
 MISSING = "a tokenizer is a tokenizer.json, or a vocab.json with merges.txt next to it"
 
