@@ -145,5 +145,5 @@ def reference_lambada(hf_model, path):
 
 
 def load(directory):
-    cfg, flat, tokenizer, meta, _ = load_model_files(directory)[:5]
+    cfg, flat, tokenizer, meta, *_ = load_model_files(directory)
     return CLLMModel.from_flat(cfg, flat, meta), tokenizer

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import assert_one_error_line, finish, sentences, write
+from helpers import assert_one_error_line, checkout_env, finish, sentences, write
 
 from cllm_cli import CLLMConfig, CLLMModel
 from cllm_cli.tokenizers import BPETokenizer
@@ -45,7 +45,7 @@ def state(pid):
 def stopped_export(run_dir, out, *options):
     """An export of run_dir to out, stopped (SIGSTOP) as soon as its temporary directory
     exists: it has looked at OUT and not yet renamed anything into place."""
-    proc = subprocess.Popen([EXPORT, str(run_dir), str(out), *options],
+    proc = subprocess.Popen([EXPORT, str(run_dir), str(out), *options], env=checkout_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while proc.poll() is None and not temporaries(out.parent, out.name):
         pass
@@ -64,7 +64,8 @@ def resume(proc):
 
 
 def export(run_dir, out, *options):
-    p = subprocess.run([EXPORT, str(run_dir), str(out), *options], capture_output=True, text=True)
+    p = subprocess.run([EXPORT, str(run_dir), str(out), *options], capture_output=True,
+                       text=True, env=checkout_env())
     return p.returncode, p.stdout, p.stderr
 
 
@@ -174,7 +175,7 @@ def on_small_tmpfs(tmp_path, size, *command):
               'exit $status\n')
     p = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
                         script, "sh", *map(str, command)], stderr=subprocess.PIPE, text=True,
-                       env={**os.environ, "MNT": str(mnt), "SIZE": size, "LEFT": str(left)})
+                       env=checkout_env(MNT=str(mnt), SIZE=size, LEFT=str(left)))
     assert p.returncode != 99, f"could not mount a tmpfs: {p.stderr}"
     return p.returncode, p.stderr, left.read_text().split()
 

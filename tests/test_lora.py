@@ -90,7 +90,7 @@ def random_adapters(cfg, spec, seed):
 
 
 def test_adapter_gradients_equal_peft_on_transformers(base_dir):
-    cfg, flat, tok, _, _ = load_model_files(base_dir)[:5]
+    cfg, flat, tok, *_ = load_model_files(base_dir)
     spec = LoraSpec(rank=3, alpha=5.0, dropout=0.0, sites=ALL_SITES)
     adapters = random_adapters(cfg, spec, seed=1)
     rng = np.random.default_rng(2)
@@ -241,7 +241,7 @@ def test_a_lora_checkpoint_is_small_and_names_its_base(lora_run, base_dir):
     final = lora_run / "final_model.cllm"
     ckpt = load_checkpoint(final)
     assert ckpt.lora["spec"] == LoraSpec(4, 8.0, 0.1, ALL_SITES)
-    base_cfg, base_flat, _, _, _ = load_model_files(base_dir)[:5]
+    base_cfg, base_flat, *_ = load_model_files(base_dir)
     assert ckpt.lora["base_sha256"] == content_hash(base_flat)
     assert ckpt.lora["base_path"] == str(base_dir)
     assert set(tensors(final)) == {prefix + name for prefix in ("", "adam.m.", "adam.v.")

@@ -152,7 +152,7 @@ def gpt2_run(gpt2_files, tmp_path_factory):
 
 def test_train_with_gpt2_vocab_json(gpt2_run, gpt2):
     ck, corpus = gpt2_run
-    cfg, flat, tok, meta, tok_path = load_model_files(ck)[:5]
+    cfg, flat, tok, meta, tok_path, _ = load_model_files(ck)
     assert cfg.vocab_size == 50257 and tok.pad_id == -1 and tok.eos_id == 50256
     assert tok.vocab_hash == gpt2.vocab_hash and tok_path.name == "tokenizer.json"
     # the loss counts "!" (id 0): every target counts
@@ -179,7 +179,7 @@ def test_vocab_json_for_inference_eval_export(gpt2_run, gpt2_files, tmp_path, ca
 
 def test_empty_prompt_starts_from_eos(gpt2_run, capsys):
     ck, _ = gpt2_run
-    cfg, flat, tok, meta, _ = load_model_files(ck)[:5]
+    cfg, flat, tok, meta, *_ = load_model_files(ck)
     model = CLLMModel.from_flat(cfg, flat, meta)
     from_eos = list(model.generate([50256], max_tokens=6, temperature=0))
     assert list(model.generate([], max_tokens=6, temperature=0, start_id=tok.eos_id)) == from_eos
@@ -197,7 +197,7 @@ def test_export_gpt2_model_to_transformers(gpt2_run, tmp_path, capsys):
     code, stdout, err = call(capsys, export_main, ck, out)
     assert code == 0, err
     assert "AutoModelForCausalLM.from_pretrained" in stdout and str(out) in stdout
-    cfg, flat, tok, meta, _ = load_model_files(ck)[:5]
+    cfg, flat, tok, meta, *_ = load_model_files(ck)
     model = CLLMModel.from_flat(cfg, flat, meta)
     config = json.loads((out / "config.json").read_text())
     assert config["n_positions"] == cfg.seq_len == 16
@@ -264,7 +264,7 @@ def test_init_from_directory_without_tokenizer_json(gpt2_run, gpt2_files, tmp_pa
     os.remove(out / "tokenizer.json")
     shutil.copyfile(gpt2_files / "vocab.json", out / "vocab.json")
     shutil.copyfile(gpt2_files / "merges.txt", out / "merges.txt")
-    cfg, flat, tok, _, path = load_model_files(out)[:5]
+    _, _, tok, _, path, _ = load_model_files(out)
     assert len(tok) == 50257 and tok.eos_id == 50256 and path.name == "vocab.json"
     code, _, err = call(capsys, train_main, corpus, "--checkpoint-dir", tmp_path / "ft",
                         "--init-from", out, "--batch-size", "4", "--micro-batch", "2",

@@ -66,8 +66,8 @@ Choices written down here:
   wrong text ("T o   b e ,").
 - A loaded tokenizer.json may lack <pad> or name its end of text differently: pad_id is the
   id of <pad> (-1 if none), eos_id that of <eos>, <|endoftext|>, </s> or <|end_of_text|>
-  (GPT-2: 50256), bos_id that of <bos>, <s> or <|begin_of_text|>, else eos_id. A file without an end-of-text token is refused,
-  since documents end in one. vocab_hash is the sha256 of the file's bytes, and save() writes
+  (GPT-2: 50256), bos_id that of <bos>, <s> or <|begin_of_text|>, else eos_id. A file
+  without an end-of-text token is refused, since documents end in one. vocab_hash is the sha256 of the file's bytes, and save() writes
   those same bytes back.
 - Decoding skips <pad> and <bos> (when it differs from <eos>) and turns the end-of-text token
   into a newline, as the other kinds do. Ids that stop inside a multi-byte UTF-8 character
