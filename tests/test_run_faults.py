@@ -178,8 +178,10 @@ def test_resume_extends_a_finished_run_and_names_the_change(corpus, trained_ever
 
 @pytest.mark.parametrize("option, value", [("--embed-dim", "32"), ("--tokenizer", "char"),
                                            ("--seq-len", "8"), ("--batch-size", "4"),
-                                           ("--seed", "99")])
+                                           ("--seed", "99"), ("--arch", "llama")])
 def test_resume_refuses_options_that_cannot_change(corpus, trained_every_step, capsys, option, value):
+    """--arch llama too, which a GPT-2 run's checkpoint does not store (it holds the Llama
+    form's settings only when the run has them)."""
     before = {p.name: p.read_bytes() for p in trained_every_step.iterdir() if p.is_file()}
     code, _, err = cli(capsys, corpus, *TINY, "--checkpoint-dir", trained_every_step, "--resume",
                        option, value)

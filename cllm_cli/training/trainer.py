@@ -349,8 +349,12 @@ class Trainer:
         meta = ckpt.meta
         try:
             saved = dict(meta["train_config"])
-            saved.setdefault("precision", "fp32")     # checkpoints from before --precision
-            saved.setdefault("matmul", "blas")        # stored only when it is another kernel
+            # a setting the checkpoint lacks is at its default: a feature's settings are
+            # stored only when the run uses it (--arch llama, --matmul onednn, ...), and
+            # checkpoints from before a feature have none of its settings
+            for f in dataclasses.fields(TrainConfig):
+                if not f.metadata["run"]:
+                    saved.setdefault(f.name, f.default)
             state = TrainState(**meta["state"])
             vocab_hash, dataset_key = meta["vocab_hash"], meta["dataset_key"]
         except (KeyError, TypeError) as e:
