@@ -162,6 +162,25 @@ def test_resume_finishes_a_run_whose_final_model_is_missing(corpus, trained_ever
     assert code == 0 and "already complete" in out, out
 
 
+def test_resume_replaces_a_final_model_of_an_earlier_step(corpus, trained_every_step, tmp_path,
+                                                          capsys):
+    """A finished run extended with --resume and stopped before its end keeps the final model
+    of the shorter run; --resume with --max-steps at the checkpoint's step writes the final
+    model of that step, not 'already complete'."""
+    shorter = tmp_path / "shorter.cllm"
+    shorter.write_bytes((trained_every_step / "final_model.cllm").read_bytes())
+    argv = [*TINY, "--checkpoint-dir", trained_every_step, "--resume", "--save-interval", "1"]
+    argv[argv.index("--max-steps") + 1] = "6"
+    code, _, err = cli(capsys, corpus, *argv)
+    assert code == 0, err
+    os.replace(shorter, trained_every_step / "final_model.cllm")    # stopped before its end
+    code, out, err = cli(capsys, corpus, *argv)
+    assert code == 0, err
+    assert "already complete" not in out, out
+    assert_bit_identical(trained_every_step / "checkpoint_step_6.cllm",
+                         trained_every_step / "final_model.cllm")
+
+
 def test_resume_extends_a_finished_run_and_names_the_change(corpus, trained_every_step, capsys):
     argv = [a for a in TINY if a != "--quiet"]
     i = argv.index("--max-steps")

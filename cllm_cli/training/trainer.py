@@ -461,12 +461,14 @@ class Trainer:
         return path
 
     def final_model_ok(self) -> bool:
-        """final_model.cllm exists and loads (a kill while writing it leaves none)."""
+        """final_model.cllm exists, loads (a kill while writing it leaves none) and holds the
+        run's current state (a run extended by --resume and stopped before its end leaves the
+        final model of the shorter run)."""
         try:
-            load_checkpoint(self.final_path)
+            final = load_checkpoint(self.final_path)
         except CheckpointError:
             return False
-        return True
+        return final.meta.get("state") == dataclasses.asdict(self.state)
 
 
 def _inside(path: str | os.PathLike, directory: str | os.PathLike) -> bool:
