@@ -181,6 +181,24 @@ def test_resume_replaces_a_final_model_of_an_earlier_step(corpus, trained_every_
                          trained_every_step / "final_model.cllm")
 
 
+def test_resume_continues_from_the_final_model_when_no_step_checkpoint_is_left(
+        corpus, trained_every_step, tmp_path, capsys):
+    """final_model.cllm holds the run's whole state: with the step checkpoints deleted,
+    --resume (and --resume auto, which a new run in the directory points to) continues from
+    it as from the last step checkpoint."""
+    cleaned = tmp_path / "cleaned"
+    cleaned.mkdir()
+    for name in ("final_model.cllm", "vocab.txt", "dataset.bin"):
+        (cleaned / name).write_bytes((trained_every_step / name).read_bytes())
+    argv = [*TINY, "--resume"]
+    argv[argv.index("--max-steps") + 1] = "6"
+    code, _, err = cli(capsys, corpus, *argv, "--checkpoint-dir", trained_every_step)
+    assert code == 0, err
+    code, _, err = cli(capsys, corpus, *argv, "auto", "--checkpoint-dir", cleaned)
+    assert code == 0, err
+    assert_bit_identical(trained_every_step / "final_model.cllm", cleaned / "final_model.cllm")
+
+
 def test_resume_extends_a_finished_run_and_names_the_change(corpus, trained_every_step, capsys):
     argv = [a for a in TINY if a != "--quiet"]
     i = argv.index("--max-steps")

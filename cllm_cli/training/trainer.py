@@ -220,9 +220,10 @@ class Trainer:
 
     def _start_or_resume(self, files: list[Path], given: set[str]) -> np.ndarray:
         cfg = self.cfg
-        resume_from = latest_checkpoint(self.ckpt_dir) if cfg.resume else None
+        resume_from = self._newest_state() if cfg.resume else None
         if cfg.resume is True and resume_from is None:
-            raise UsageError(f"--resume: no checkpoint_step_<N>.cllm in {self.ckpt_dir}")
+            raise UsageError(f"--resume: no checkpoint_step_<N>.cllm or final_model.cllm in "
+                             f"{self.ckpt_dir}")
         if resume_from is not None:
             return self._restore(resume_from, files, given)
         cfg.validate(resuming=False)
@@ -316,6 +317,15 @@ class Trainer:
         self._take("tokenizer", tokenizer.kind, given, source)
         cfg.validate(resuming=False)
         return Pretrained(mcfg, flat, tokenizer)
+
+    def _newest_state(self) -> Path | None:
+        """The checkpoint --resume continues from: the newest step checkpoint, else
+        final_model.cllm (it holds the whole state of the last step too, and is all that is
+        left when the step checkpoints were deleted), else None."""
+        newest = latest_checkpoint(self.ckpt_dir)
+        if newest is None and os.path.isfile(self.final_path):
+            return Path(self.final_path)
+        return newest
 
     def _previous_run(self) -> list[str | Path]:
         """The model files of an earlier run in the directory, which a new run must not mix
