@@ -12,6 +12,7 @@ from helpers import ROOT, TINY_RUN, assert_bit_identical, assert_one_error_line,
 
 from cllm_cli import _engine_testing
 from cllm_cli.cli.train import main
+from cllm_cli.errors import Interrupted
 from cllm_cli.formats.checkpoint import save_checkpoint
 from cllm_cli.formats.checkpoint_load import load_checkpoint
 from cllm_cli.training.loop import train
@@ -92,6 +93,21 @@ def test_term_and_hup_save_and_resume_matches_a_straight_run(big_straight, ckpt_
                        "--resume", "--quiet")
     assert code == 0, err
     assert_bit_identical(straight / "final_model.cllm", ck / "final_model.cllm")
+
+
+def test_a_second_signal_keeps_the_first_ones_status(corpus, ckpt_dir, capsys):
+    """SIGTERM (a scheduler's stop) and then Ctrl-C before the step ends: the run ends as
+    SIGTERM asked (143), as every rank of a many-process run agrees on the first signal."""
+    def stop_twice(engine):          # called once signals are deferred, before the first step
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted) as stopped:
+        train([str(corpus)], engine_hook=stop_twice, checkpoint_dir=str(ckpt_dir),
+              max_steps=4, threads=1, quiet=True, embed_dim=16, num_layers=2, num_heads=2,
+              seq_len=16, batch_size=8, micro_batch=2, tokenizer="word", vocab_size=120)
+    assert stopped.value.signum == signal.SIGTERM
+    assert "interrupted (SIGTERM): saved step 0" in capsys.readouterr().out
 
 
 def test_signal_during_set_up_stops_cleanly(tmp_path):
