@@ -149,6 +149,18 @@ def test_second_run_on_a_directory_is_refused_and_a_dead_holder_does_not_block(c
     assert code == 0, err
 
 
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_a_lock_path_that_is_not_a_file_is_one_line(corpus, ckpt_dir, capsys, kind):
+    """A .lock that is a directory (a script's own `mkdir .lock` mutex) or a FIFO: refused
+    with one line naming it, the directory left as it was."""
+    ckpt_dir.mkdir()
+    lock = ckpt_dir / ".lock"
+    lock.mkdir() if kind == "directory" else os.mkfifo(lock)
+    code, _, err = cli(capsys, corpus, *TINY, "--checkpoint-dir", ckpt_dir)
+    assert_one_error_line(code, err, "train_model", str(lock), "not a regular file")
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == [".lock"]
+
+
 def test_leftover_temporary_files_are_removed(corpus, ckpt_dir, capsys):
     ck = ckpt_dir
     ck.mkdir()

@@ -17,10 +17,11 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import stat
 import time
 
 from cllm_cli.errors import DataError, UsageError
-from cllm_cli.fileio import writable_directory
+from cllm_cli.fileio import reason, writable_directory
 
 LOCK_NAME = ".lock"
 _held: set[DirectoryLock] = set()          # the DirectoryLocks this process holds
@@ -79,16 +80,30 @@ class DirectoryLock:
 
 
 def _open_lock_file(path: str) -> tuple[int, bool]:
-    """(descriptor, created) of the lock file at `path`, created when missing."""
+    """(descriptor, created) of the lock file at `path`, created when missing; DataError when
+    `path` is something else (a directory, a FIFO) or cannot be opened."""
     while True:
         try:
             return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
         except FileExistsError:
             pass
         try:
-            return os.open(path, os.O_RDWR), False
+            fd = os.open(path, os.O_RDWR)
         except FileNotFoundError:
             continue                 # removed between the two opens: create it
+        except IsADirectoryError:
+            raise _not_a_lock_file(path) from None
+        except OSError as e:
+            raise DataError(f"{path}: cannot open the run's lock file ({reason(e)})") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise _not_a_lock_file(path)
+        return fd, False
+
+
+def _not_a_lock_file(path: str) -> DataError:
+    return DataError(f"{path} is not a regular file, so it cannot be the run's lock file; "
+                     f"remove it or use another --checkpoint-dir")
 
 
 def _same_file(fd: int, path: str) -> bool:
