@@ -105,6 +105,7 @@ class Trainer:
     adapters: NDArray[np.float32] | None = None    # their flat buffer
     base: dict[str, str] | None = None     # the lora metadata naming the base (base_sha256, base_path)
     init_path: str = ""                    # the local path of --init-from (a Hub name's cache)
+    previous: list[str | Path] = []        # an earlier run's model files --overwrite deletes
     instruct = False                       # DATA are .jsonl records (labelled windows)
     chat_template: str | None = None       # the Jinja text the run renders messages with
     # on many processes: this rank's share of AdamW's state (adam_m, adam_v are its m and v),
@@ -126,6 +127,8 @@ class Trainer:
             self.leftovers = remove_leftovers(self.ckpt_dir)
             tokens = self._start_or_resume(files, set(given))
             self.plan(tokens)
+            self._remove_previous_run()
+            self.run_dir.drop_set_aside()
         except BaseException:
             self.run_dir.discard()       # a run that never started leaves the directory as it was
             raise
@@ -231,7 +234,9 @@ class Trainer:
             self.init_path = model_source(cfg.init_from, cfg.revision)
         elif cfg.revision:
             raise UsageError("--revision needs --init-from with a Hugging Face Hub name")
-        previous = self._previous_run()
+        self.previous = self._previous_run()
+        if self.previous:        # removed once the set-up succeeded; until then restorable
+            self.run_dir.set_aside()
         tokenizer: Tokenizer | None = None
         start: Pretrained | None = None
         if cfg.init_from:
@@ -239,7 +244,6 @@ class Trainer:
             tokenizer = start.tokenizer
         elif cfg.tokenizer_file:
             tokenizer = self._tokenizer_file(given)
-        self._remove_previous_run(previous)
         tokens = self._prepare(files, tokenizer)
         if start is None:
             self.model = CLLMModel(cfg.model_config(len(self.tokenizer)), cfg.seed)
@@ -330,7 +334,8 @@ class Trainer:
     def _previous_run(self) -> list[str | Path]:
         """The model files of an earlier run in the directory, which a new run must not mix
         its checkpoints with: refused, unless --overwrite (then _remove_previous_run deletes
-        them), and never when the --init-from model is among what would be deleted."""
+        them once the new run is set up), and never when the --init-from model is among what
+        would be deleted."""
         previous: list[str | Path] = [p for _, p in list_checkpoints(self.ckpt_dir)]
         final = os.path.join(self.ckpt_dir, "final_model.cllm")
         if os.path.exists(final):
@@ -345,8 +350,8 @@ class Trainer:
                              f"another --checkpoint-dir")
         return previous
 
-    def _remove_previous_run(self, previous: Iterable[str | Path]) -> None:
-        for path in previous:
+    def _remove_previous_run(self) -> None:
+        for path in self.previous:
             try:
                 os.remove(path)
             except OSError as e:
