@@ -335,6 +335,26 @@ def test_new_run_refuses_a_directory_holding_an_earlier_run(corpus, trained, cap
     assert snapshot(trained) == before
 
 
+@pytest.mark.parametrize("refused, fragment", [
+    ("empty", "corpus is empty"),
+    ("short", "corpus too short"),           # tokenized (a new vocab.txt) before it is refused
+])
+def test_overwrite_refused_during_set_up_keeps_the_earlier_run(corpus, trained, tmp_path,
+                                                                 capsys, refused, fragment):
+    """--overwrite with a corpus that set-up then refuses: the earlier run (checkpoints, final
+    model and the vocabulary and dataset they need) is left as it was, and still resumes."""
+    other = tmp_path / "other.txt"
+    other.write_text("" if refused == "empty" else "A few other words here.\n" * 2)
+    before = snapshot(trained)
+    code, _, err = cli(capsys, other, "--checkpoint-dir", trained, *TINY, "--overwrite")
+    assert_one_error_line(code, err, "train_model", fragment)
+    assert snapshot(trained) == before
+    argv = [*TINY, "--resume"]
+    argv[argv.index("--max-steps") + 1] = "5"
+    code, _, err = cli(capsys, corpus, "--checkpoint-dir", trained, *argv)
+    assert code == 0, err
+
+
 def test_overwrite_starts_over(corpus, trained, tmp_path, capsys):
     code, _, err = cli(capsys, corpus, "--checkpoint-dir", trained, *TINY, "--seed", "7",
                        "--max-steps", "3", "--overwrite")

@@ -12,6 +12,7 @@ from helpers import ROOT, TINY_RUN, assert_bit_identical, assert_one_error_line,
 
 from cllm_cli import _engine_testing
 from cllm_cli.cli.train import main
+from cllm_cli.errors import Interrupted
 from cllm_cli.formats.checkpoint import save_checkpoint
 from cllm_cli.formats.checkpoint_load import load_checkpoint
 from cllm_cli.training.loop import train
@@ -94,6 +95,21 @@ def test_term_and_hup_save_and_resume_matches_a_straight_run(big_straight, ckpt_
     assert_bit_identical(straight / "final_model.cllm", ck / "final_model.cllm")
 
 
+def test_a_second_signal_keeps_the_first_ones_status(corpus, ckpt_dir, capsys):
+    """SIGTERM (a scheduler's stop) and then Ctrl-C before the step ends: the run ends as
+    SIGTERM asked (143), as every rank of a many-process run agrees on the first signal."""
+    def stop_twice(engine):          # called once signals are deferred, before the first step
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted) as stopped:
+        train([str(corpus)], engine_hook=stop_twice, checkpoint_dir=str(ckpt_dir),
+              max_steps=4, threads=1, quiet=True, embed_dim=16, num_layers=2, num_heads=2,
+              seq_len=16, batch_size=8, micro_batch=2, tokenizer="word", vocab_size=120)
+    assert stopped.value.signum == signal.SIGTERM
+    assert "interrupted (SIGTERM): saved step 0" in capsys.readouterr().out
+
+
 def test_signal_during_set_up_stops_cleanly(tmp_path):
     """SIGTERM while a large corpus is tokenized: exit 143 at once, one line, and the
     directory the run created is gone again (no temporary file, no partial stream)."""
@@ -133,6 +149,18 @@ def test_second_run_on_a_directory_is_refused_and_a_dead_holder_does_not_block(c
     assert code == 0, err
 
 
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_a_lock_path_that_is_not_a_file_is_one_line(corpus, ckpt_dir, capsys, kind):
+    """A .lock that is a directory (a script's own `mkdir .lock` mutex) or a FIFO: refused
+    with one line naming it, the directory left as it was."""
+    ckpt_dir.mkdir()
+    lock = ckpt_dir / ".lock"
+    lock.mkdir() if kind == "directory" else os.mkfifo(lock)
+    code, _, err = cli(capsys, corpus, *TINY, "--checkpoint-dir", ckpt_dir)
+    assert_one_error_line(code, err, "train_model", str(lock), "not a regular file")
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == [".lock"]
+
+
 def test_leftover_temporary_files_are_removed(corpus, ckpt_dir, capsys):
     ck = ckpt_dir
     ck.mkdir()
@@ -162,6 +190,43 @@ def test_resume_finishes_a_run_whose_final_model_is_missing(corpus, trained_ever
     assert code == 0 and "already complete" in out, out
 
 
+def test_resume_replaces_a_final_model_of_an_earlier_step(corpus, trained_every_step, tmp_path,
+                                                          capsys):
+    """A finished run extended with --resume and stopped before its end keeps the final model
+    of the shorter run; --resume with --max-steps at the checkpoint's step writes the final
+    model of that step, not 'already complete'."""
+    shorter = tmp_path / "shorter.cllm"
+    shorter.write_bytes((trained_every_step / "final_model.cllm").read_bytes())
+    argv = [*TINY, "--checkpoint-dir", trained_every_step, "--resume", "--save-interval", "1"]
+    argv[argv.index("--max-steps") + 1] = "6"
+    code, _, err = cli(capsys, corpus, *argv)
+    assert code == 0, err
+    os.replace(shorter, trained_every_step / "final_model.cllm")    # stopped before its end
+    code, out, err = cli(capsys, corpus, *argv)
+    assert code == 0, err
+    assert "already complete" not in out, out
+    assert_bit_identical(trained_every_step / "checkpoint_step_6.cllm",
+                         trained_every_step / "final_model.cllm")
+
+
+def test_resume_continues_from_the_final_model_when_no_step_checkpoint_is_left(
+        corpus, trained_every_step, tmp_path, capsys):
+    """final_model.cllm holds the run's whole state: with the step checkpoints deleted,
+    --resume (and --resume auto, which a new run in the directory points to) continues from
+    it as from the last step checkpoint."""
+    cleaned = tmp_path / "cleaned"
+    cleaned.mkdir()
+    for name in ("final_model.cllm", "vocab.txt", "dataset.bin"):
+        (cleaned / name).write_bytes((trained_every_step / name).read_bytes())
+    argv = [*TINY, "--resume"]
+    argv[argv.index("--max-steps") + 1] = "6"
+    code, _, err = cli(capsys, corpus, *argv, "--checkpoint-dir", trained_every_step)
+    assert code == 0, err
+    code, _, err = cli(capsys, corpus, *argv, "auto", "--checkpoint-dir", cleaned)
+    assert code == 0, err
+    assert_bit_identical(trained_every_step / "final_model.cllm", cleaned / "final_model.cllm")
+
+
 def test_resume_extends_a_finished_run_and_names_the_change(corpus, trained_every_step, capsys):
     argv = [a for a in TINY if a != "--quiet"]
     i = argv.index("--max-steps")
@@ -178,8 +243,10 @@ def test_resume_extends_a_finished_run_and_names_the_change(corpus, trained_ever
 
 @pytest.mark.parametrize("option, value", [("--embed-dim", "32"), ("--tokenizer", "char"),
                                            ("--seq-len", "8"), ("--batch-size", "4"),
-                                           ("--seed", "99")])
+                                           ("--seed", "99"), ("--arch", "llama")])
 def test_resume_refuses_options_that_cannot_change(corpus, trained_every_step, capsys, option, value):
+    """--arch llama too, which a GPT-2 run's checkpoint does not store (it holds the Llama
+    form's settings only when the run has them)."""
     before = {p.name: p.read_bytes() for p in trained_every_step.iterdir() if p.is_file()}
     code, _, err = cli(capsys, corpus, *TINY, "--checkpoint-dir", trained_every_step, "--resume",
                        option, value)

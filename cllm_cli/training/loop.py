@@ -136,7 +136,8 @@ def train_loop(trainer, engine, log, stop):
         return {"step": st.step, "train_loss": None, "val_loss": None, "final_model": final,
                 "spheres": [], "seconds": 0.0}
     if st.step >= trainer.total_steps:
-        log.say("the run's steps are done but final_model.cllm is missing: finishing it")
+        log.say("the run's steps are done but final_model.cllm is missing or of an earlier "
+                "step: finishing it")
     run = RunProgress(t_start=time.perf_counter())
     try:
         while st.step < trainer.total_steps:

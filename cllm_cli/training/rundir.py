@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import fcntl
 import os
+import secrets
 import socket
+import stat
 import time
 
 from cllm_cli.errors import DataError, UsageError
-from cllm_cli.fileio import writable_directory
+from cllm_cli.fileio import reason, writable_directory
 
 LOCK_NAME = ".lock"
 _held: set[DirectoryLock] = set()          # the DirectoryLocks this process holds
@@ -79,16 +81,30 @@ class DirectoryLock:
 
 
 def _open_lock_file(path: str) -> tuple[int, bool]:
-    """(descriptor, created) of the lock file at `path`, created when missing."""
+    """(descriptor, created) of the lock file at `path`, created when missing; DataError when
+    `path` is something else (a directory, a FIFO) or cannot be opened."""
     while True:
         try:
             return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
         except FileExistsError:
             pass
         try:
-            return os.open(path, os.O_RDWR), False
+            fd = os.open(path, os.O_RDWR)
         except FileNotFoundError:
             continue                 # removed between the two opens: create it
+        except IsADirectoryError:
+            raise _not_a_lock_file(path) from None
+        except OSError as e:
+            raise DataError(f"{path}: cannot open the run's lock file ({reason(e)})") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise _not_a_lock_file(path)
+        return fd, False
+
+
+def _not_a_lock_file(path: str) -> DataError:
+    return DataError(f"{path} is not a regular file, so it cannot be the run's lock file; "
+                     f"remove it or use another --checkpoint-dir")
 
 
 def _same_file(fd: int, path: str) -> bool:
@@ -103,7 +119,8 @@ def _same_file(fd: int, path: str) -> bool:
 class RunDirectory:
     """The checkpoint directory `path` taken for a run: created when missing (DataError when
     it cannot be created or written), locked (DirectoryLock), and what it held then noted.
-    discard() takes back what the run added, for a run whose set-up failed; close() keeps it."""
+    discard() takes back what the run added, and puts back the files set aside (set_aside)
+    that it replaced, for a run whose set-up failed; close() keeps it."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -116,15 +133,49 @@ class RunDirectory:
                             f"{e.strerror or e}") from None
         self.lock = DirectoryLock(path)
         self.found = set(os.listdir(path))
+        self.kept: dict[str, str] = {}          # name -> the hard link keeping its content
+
+    def set_aside(self) -> None:
+        """Keeps what the files found hold now (hard links under temporary names, which a
+        later run removes as leftovers when this one is killed), for discard() to put back
+        when the set-up replaces them and then fails; a file system without hard links keeps
+        nothing."""
+        for name in sorted(self.found):
+            path = os.path.join(self.path, name)
+            if name.startswith(".") or not os.path.isfile(path) or os.path.islink(path):
+                continue
+            kept = os.path.join(self.path, f".{name}.{secrets.token_hex(6)}.tmp")
+            try:
+                os.link(path, kept)
+            except OSError:
+                continue
+            self.kept[name] = kept
+
+    def drop_set_aside(self) -> None:
+        """Removes the hard links of set_aside(): the set-up succeeded."""
+        for kept in self.kept.values():
+            try:
+                os.unlink(kept)
+            except OSError:
+                pass
+        self.kept = {}
 
     def close(self) -> None:
         """Releases the directory."""
+        self.drop_set_aside()
         self.lock.close()
 
     def discard(self) -> None:
-        """Removes the files added since the directory was taken, the lock file and the
-        directories when this run created them (and they are empty), and releases it."""
+        """Puts back the files set aside, removes the files added since the directory was
+        taken, the lock file and the directories when this run created them (and they are
+        empty), and releases it."""
         if self.lock.fd is not None:             # files are removed only under the lock
+            for name, kept in self.kept.items():
+                try:
+                    os.replace(kept, os.path.join(self.path, name))
+                except OSError:
+                    pass
+            self.kept = {}
             try:
                 added = set(os.listdir(self.path)) - self.found
             except OSError:

@@ -15,7 +15,8 @@ class StopSignals:
     """SIGINT, SIGTERM and SIGHUP. Until defer() a signal raises Interrupted at once (set-up:
     nothing to save, and the atomic writes remove their temporary files); after it, a signal
     only sets the flag that calling this object returns, and the loop stops after the current
-    step. Installed only on the main thread (signal handlers cannot be set elsewhere)."""
+    step; the first signal is the one the run ends with. Installed only on the main thread
+    (signal handlers cannot be set elsewhere)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -34,7 +35,8 @@ class StopSignals:
             raise Interrupted(self.signum)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self.signum = signum
+        if self.signum is None:          # a second signal does not change how the run ends
+            self.signum = signum
         if not self.deferred:
             raise Interrupted(signum)
 

@@ -105,6 +105,7 @@ class Trainer:
     adapters: NDArray[np.float32] | None = None    # their flat buffer
     base: dict[str, str] | None = None     # the lora metadata naming the base (base_sha256, base_path)
     init_path: str = ""                    # the local path of --init-from (a Hub name's cache)
+    previous: list[str | Path] = []        # an earlier run's model files --overwrite deletes
     instruct = False                       # DATA are .jsonl records (labelled windows)
     chat_template: str | None = None       # the Jinja text the run renders messages with
     # on many processes: this rank's share of AdamW's state (adam_m, adam_v are its m and v),
@@ -126,6 +127,8 @@ class Trainer:
             self.leftovers = remove_leftovers(self.ckpt_dir)
             tokens = self._start_or_resume(files, set(given))
             self.plan(tokens)
+            self._remove_previous_run()
+            self.run_dir.drop_set_aside()
         except BaseException:
             self.run_dir.discard()       # a run that never started leaves the directory as it was
             raise
@@ -220,9 +223,10 @@ class Trainer:
 
     def _start_or_resume(self, files: list[Path], given: set[str]) -> np.ndarray:
         cfg = self.cfg
-        resume_from = latest_checkpoint(self.ckpt_dir) if cfg.resume else None
+        resume_from = self._newest_state() if cfg.resume else None
         if cfg.resume is True and resume_from is None:
-            raise UsageError(f"--resume: no checkpoint_step_<N>.cllm in {self.ckpt_dir}")
+            raise UsageError(f"--resume: no checkpoint_step_<N>.cllm or final_model.cllm in "
+                             f"{self.ckpt_dir}")
         if resume_from is not None:
             return self._restore(resume_from, files, given)
         cfg.validate(resuming=False)
@@ -230,7 +234,9 @@ class Trainer:
             self.init_path = model_source(cfg.init_from, cfg.revision)
         elif cfg.revision:
             raise UsageError("--revision needs --init-from with a Hugging Face Hub name")
-        previous = self._previous_run()
+        self.previous = self._previous_run()
+        if self.previous:        # removed once the set-up succeeded; until then restorable
+            self.run_dir.set_aside()
         tokenizer: Tokenizer | None = None
         start: Pretrained | None = None
         if cfg.init_from:
@@ -238,7 +244,6 @@ class Trainer:
             tokenizer = start.tokenizer
         elif cfg.tokenizer_file:
             tokenizer = self._tokenizer_file(given)
-        self._remove_previous_run(previous)
         tokens = self._prepare(files, tokenizer)
         if start is None:
             self.model = CLLMModel(cfg.model_config(len(self.tokenizer)), cfg.seed)
@@ -317,10 +322,20 @@ class Trainer:
         cfg.validate(resuming=False)
         return Pretrained(mcfg, flat, tokenizer)
 
+    def _newest_state(self) -> Path | None:
+        """The checkpoint --resume continues from: the newest step checkpoint, else
+        final_model.cllm (it holds the whole state of the last step too, and is all that is
+        left when the step checkpoints were deleted), else None."""
+        newest = latest_checkpoint(self.ckpt_dir)
+        if newest is None and os.path.isfile(self.final_path):
+            return Path(self.final_path)
+        return newest
+
     def _previous_run(self) -> list[str | Path]:
         """The model files of an earlier run in the directory, which a new run must not mix
         its checkpoints with: refused, unless --overwrite (then _remove_previous_run deletes
-        them), and never when the --init-from model is among what would be deleted."""
+        them once the new run is set up), and never when the --init-from model is among what
+        would be deleted."""
         previous: list[str | Path] = [p for _, p in list_checkpoints(self.ckpt_dir)]
         final = os.path.join(self.ckpt_dir, "final_model.cllm")
         if os.path.exists(final):
@@ -335,8 +350,8 @@ class Trainer:
                              f"another --checkpoint-dir")
         return previous
 
-    def _remove_previous_run(self, previous: Iterable[str | Path]) -> None:
-        for path in previous:
+    def _remove_previous_run(self) -> None:
+        for path in self.previous:
             try:
                 os.remove(path)
             except OSError as e:
@@ -349,8 +364,12 @@ class Trainer:
         meta = ckpt.meta
         try:
             saved = dict(meta["train_config"])
-            saved.setdefault("precision", "fp32")     # checkpoints from before --precision
-            saved.setdefault("matmul", "blas")        # stored only when it is another kernel
+            # a setting the checkpoint lacks is at its default: a feature's settings are
+            # stored only when the run uses it (--arch llama, --matmul onednn, ...), and
+            # checkpoints from before a feature have none of its settings
+            for f in dataclasses.fields(TrainConfig):
+                if not f.metadata["run"]:
+                    saved.setdefault(f.name, f.default)
             state = TrainState(**meta["state"])
             vocab_hash, dataset_key = meta["vocab_hash"], meta["dataset_key"]
         except (KeyError, TypeError) as e:
@@ -457,12 +476,14 @@ class Trainer:
         return path
 
     def final_model_ok(self) -> bool:
-        """final_model.cllm exists and loads (a kill while writing it leaves none)."""
+        """final_model.cllm exists, loads (a kill while writing it leaves none) and holds the
+        run's current state (a run extended by --resume and stopped before its end leaves the
+        final model of the shorter run)."""
         try:
-            load_checkpoint(self.final_path)
+            final = load_checkpoint(self.final_path)
         except CheckpointError:
             return False
-        return True
+        return final.meta.get("state") == dataclasses.asdict(self.state)
 
 
 def _inside(path: str | os.PathLike, directory: str | os.PathLike) -> bool:
