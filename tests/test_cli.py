@@ -355,6 +355,27 @@ def test_overwrite_refused_during_set_up_keeps_the_earlier_run(corpus, trained, 
     assert code == 0, err
 
 
+@pytest.mark.parametrize("resume", [[], ["auto"]])
+def test_resume_with_overwrite_is_refused(corpus, trained, capsys, resume):
+    """--resume keeps the run, --overwrite deletes it: together they are refused, the run
+    left as it was."""
+    before = snapshot(trained)
+    code, _, err = cli(capsys, corpus, "--checkpoint-dir", trained, *TINY, "--resume", *resume,
+                       "--overwrite")
+    assert_one_error_line(code, err, "train_model", "--resume", "--overwrite")
+    assert snapshot(trained) == before
+
+
+def test_chat_template_on_plain_text_is_refused(corpus, tmp_path, capsys):
+    """A template renders .jsonl messages; given with plain text it would do nothing."""
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    run = tmp_path / "run"
+    code, _, err = cli(capsys, corpus, "--checkpoint-dir", run, *TINY, "--chat-template", template)
+    assert_one_error_line(code, err, "train_model", "--chat-template", "plain text")
+    assert not run.exists()
+
+
 def test_overwrite_starts_over(corpus, trained, tmp_path, capsys):
     code, _, err = cli(capsys, corpus, "--checkpoint-dir", trained, *TINY, "--seed", "7",
                        "--max-steps", "3", "--overwrite")

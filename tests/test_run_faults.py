@@ -270,6 +270,44 @@ def test_resume_accepts_a_restated_value_and_shows_an_empty_one(corpus, trained_
     assert code == 0, err
 
 
+def test_resume_accepts_the_init_from_file_in_another_spelling(corpus, trained_every_step,
+                                                               tmp_path, capsys):
+    """The same --init-from file, named another way (relative, with ./ and ..), is no change:
+    the run resumes, bit-identical to a straight run."""
+    base = trained_every_step / "final_model.cllm"
+    options = ["--seq-len", "16", "--batch-size", "8", "--micro-batch", "2", "--threads", "2",
+               "--eval-interval", "0", "--warmup-steps", "1", "--quiet"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    code, _, err = cli(capsys, corpus, *options, "--init-from", base, "--max-steps", "3",
+                       "--checkpoint-dir", straight)
+    assert code == 0, err
+    code, _, err = cli(capsys, corpus, *options, "--init-from", base, "--max-steps", "2",
+                       "--checkpoint-dir", resumed)
+    assert code == 0, err
+    other_spelling = os.path.relpath(base.parent / ".." / base.parent.name / base.name)
+    code, _, err = cli(capsys, corpus, *options, "--init-from", other_spelling, "--max-steps",
+                       "3", "--checkpoint-dir", resumed, "--resume")
+    assert code == 0, err
+    assert_bit_identical(straight / "final_model.cllm", resumed / "final_model.cllm")
+
+
+def test_resume_refuses_epochs_that_would_not_act(corpus, trained_every_step, capsys):
+    """The run's length is its --max-steps: a new --epochs alone would change nothing, and is
+    refused rather than reported as a change; with --max-steps 0 it acts."""
+    before = {p.name: p.read_bytes() for p in trained_every_step.iterdir() if p.is_file()}
+    i = TINY.index("--max-steps")
+    without_length = [*TINY[:i], *TINY[i + 2:]]
+    code, _, err = cli(capsys, corpus, *without_length, "--checkpoint-dir", trained_every_step,
+                       "--resume", "--epochs", "3")
+    assert_one_error_line(code, err, "train_model", "--epochs", "--max-steps 4")
+    assert {p.name: p.read_bytes() for p in trained_every_step.iterdir() if p.is_file()} == before
+    code, _, err = cli(capsys, corpus, *without_length, "--checkpoint-dir", trained_every_step,
+                       "--resume", "--epochs", "2", "--max-steps", "0")
+    assert code == 0, err
+    meta = load_checkpoint(trained_every_step / "final_model.cllm").meta
+    assert meta["state"]["step"] > 4 and meta["train_config"]["epochs"] == 2
+
+
 @pytest.mark.parametrize("option", [["--lora-rank", "2"], ["--lora-alpha", "4"]])
 def test_resume_refuses_to_switch_lora_on(corpus, trained_every_step, capsys, option):
     before = {p.name: p.read_bytes() for p in trained_every_step.iterdir() if p.is_file()}

@@ -259,6 +259,9 @@ class TrainConfig:
                     raise UsageError(f"{option_flag} is too large: {value}")
         if self.resume not in (False, True, "auto"):
             raise UsageError(f"--resume takes no value or 'auto', got {self.resume!r}")
+        if self.resume and self.overwrite:
+            raise UsageError("--resume continues the run in --checkpoint-dir and --overwrite "
+                             "deletes it: give one of them")
         if self.micro_batch > self.batch_size:
             self.micro_batch = self.batch_size      # a micro-batch never exceeds the batch
         # the model sizes given (ff_dim 0 stands for 4 x embed-dim), in the model's own check

@@ -122,6 +122,9 @@ class Trainer:
         self.resumed_from: str | os.PathLike | None = None
         files = collect_files(data_paths, cfg.glob, exclude_dir=self.ckpt_dir)
         self.instruct = is_instruction_data(files)
+        if cfg.chat_template and not self.instruct:
+            raise UsageError("--chat-template renders the messages of .jsonl DATA; these DATA "
+                             "are plain text")
         self.run_dir = RunDirectory(self.ckpt_dir)
         try:
             self.leftovers = remove_leftovers(self.ckpt_dir)
@@ -398,6 +401,10 @@ class Trainer:
                 self.changed.append(f"{flag} {_shown(value)} -> {_shown(mine)}")
                 continue
             setattr(self.cfg, name, value)
+        if ("epochs" in given and "max_steps" not in given and self.cfg.max_steps
+                and self.cfg.epochs != saved["epochs"]):
+            raise UsageError(f"--epochs has no effect on this run: its length is --max-steps "
+                             f"{self.cfg.max_steps}; give --max-steps too (0: run --epochs)")
         self.cfg.validate()
         self.state = state
         vocab_path = os.path.join(self.ckpt_dir, tokenizer_class(self.cfg.tokenizer).file_name)
@@ -507,9 +514,16 @@ def _check_lora_kept(lora: Mapping[str, Any] | None, cfg: TrainConfig, given: It
                          f"to train every weight of the adapted model")
 
 
+# settings naming a file or directory, which a resumed run may spell another way
+PATH_SETTINGS = ("init_from", "tokenizer_file", "chat_template")
+
+
 def _acting(name: str, value: Any, settings: Mapping[str, Any]) -> Any:
     """A setting's value as it acts, given the run's `settings`: --lora-alpha's default as 2R,
-    --lora-targets as the sites it names (in any order), --ff-dim 0 as 4 x embed-dim."""
+    --lora-targets as the sites it names (in any order), --ff-dim 0 as 4 x embed-dim, a file
+    that exists (--init-from, --tokenizer-file, --chat-template) as its real path."""
+    if name in PATH_SETTINGS and value and os.path.exists(value):
+        return os.path.realpath(value)
     if name == "lora_alpha" and value is None and "lora_rank" in settings:
         return 2.0 * settings["lora_rank"]
     if name == "lora_targets":
