@@ -177,6 +177,14 @@ def test_empty_corpus_with_bpe_says_so(layout, tmp_path, capsys):
     assert not ck.exists()           # the run's directory is gone again, with everything in it
 
 
+def test_a_corpus_of_one_byte_without_tokens_is_counted_in_the_singular(tmp_path, capsys):
+    data = tmp_path / "newline.txt"
+    data.write_bytes(b"\n")
+    code, _, err = call(capsys, train_main, data, "--checkpoint-dir", tmp_path / "ck",
+                        "--tokenizer", "word", *TINY_RUN)
+    assert_one_error_line(code, err, "train_model", "no tokens in 1 file (1 byte)")
+
+
 def test_empty_corpus_with_a_given_tokenizer_leaves_no_file(text, tmp_path, capsys):
     BPETokenizer.train([text], 300).save(tmp_path / "given.json")
     (tmp_path / "empty.txt").write_bytes(b"")

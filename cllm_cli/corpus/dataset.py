@@ -61,7 +61,7 @@ from cllm_cli.corpus.files import BLOCK_BYTES, check_encoding_errors, read_block
 from cllm_cli.corpus.workers import BlockRunner
 from cllm_cli.errors import DataError, WriteFailed
 from cllm_cli.fileio import atomic_file, write_error
-from cllm_cli.progress import ByteProgress
+from cllm_cli.progress import ByteProgress, plural
 from cllm_cli.tokenizers import EOS, Tokenizer, tokenizer_class
 from cllm_cli.tokenizers.vocab import Scanner
 
@@ -321,8 +321,9 @@ class _Corpus:
 def _check_not_empty(n_words: int, corpus: _Corpus) -> None:
     if n_words == 0:
         n = len(corpus.files)
-        raise DataError(f"corpus is empty: no tokens in {n} file{'s' if n != 1 else ''} "
-                        f"({corpus.bytes} bytes), first {corpus.files[0]}")
+        raise DataError(f"corpus is empty: no tokens in {n} {plural(n, 'file')} "
+                        f"({corpus.bytes} {plural(corpus.bytes, 'byte')}), first "
+                        f"{corpus.files[0]}")
 
 
 def _pack_header(dtype: np.dtype, n_tokens: int, key: bytes, tokenizer: Tokenizer,
