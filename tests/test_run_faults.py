@@ -110,6 +110,34 @@ def test_a_second_signal_keeps_the_first_ones_status(corpus, ckpt_dir, capsys):
     assert "interrupted (SIGTERM): saved step 0" in capsys.readouterr().out
 
 
+def test_a_stop_right_after_a_periodic_save_writes_the_step_once(corpus, ckpt_dir, capsys,
+                                                                   monkeypatch):
+    """SIGTERM while step 1's periodic checkpoint is written: the run stops with step 1 saved,
+    written once (a second write of a big checkpoint would double the stop's time), and the
+    run resumes from it to the straight run's end."""
+    written = []
+
+    def save_and_stop(path, *args, **kw):
+        save_checkpoint(path, *args, **kw)
+        written.append(os.path.basename(path))
+        if len(written) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)     # deferred: the loop stops after this step
+
+    monkeypatch.setattr("cllm_cli.training.trainer.save_checkpoint", save_and_stop)
+    options = dict(checkpoint_dir=str(ckpt_dir), max_steps=3, save_interval=1, threads=1,
+                   quiet=True, embed_dim=16, num_layers=2, num_heads=2, seq_len=16,
+                   batch_size=8, micro_batch=2, tokenizer="word", vocab_size=120)
+    with pytest.raises(Interrupted):
+        train([str(corpus)], **options)
+    assert written == ["checkpoint_step_1.cllm"]
+    assert "interrupted (SIGTERM): saved step 1" in capsys.readouterr().out
+    monkeypatch.undo()
+    train([str(corpus)], resume=True, **options)
+    straight = ckpt_dir.parent / "straight"
+    train([str(corpus)], **{**options, "checkpoint_dir": str(straight)})
+    assert_bit_identical(straight / "final_model.cllm", ckpt_dir / "final_model.cllm")
+
+
 def test_signal_during_set_up_stops_cleanly(tmp_path):
     """SIGTERM while a large corpus is tokenized: exit 143 at once, one line, and the
     directory the run created is gone again (no temporary file, no partial stream)."""

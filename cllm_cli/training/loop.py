@@ -144,13 +144,13 @@ def train_loop(trainer, engine, log, stop):
             epoch_loss = threaded_train_epoch(trainer, engine, log, stop, run)
             if st.batch_in_epoch >= trainer.steps_per_epoch:
                 log.say(f"epoch {st.epoch + 1} done: mean train loss {fmt_loss(epoch_loss)}")
-        trainer.save()
+        save_step(trainer, run)
         trainer.save(final)              # before the final evaluation: a stop there loses nothing
         run.val_loss = evaluate(engine, trainer.val_final, stop)
         report_val(log, st.step, run.val_loss, trainer.bytes_per_token,
                    final_share(trainer.val_final, trainer.val))
     except (Interrupted, StepAborted):
-        path = trainer.save()
+        path = save_step(trainer, run)
         log.say(f"interrupted ({stop.name()}): saved step {st.step} to {path}; --resume "
                 f"continues", always=True)
         raise on_all_ranks(Interrupted(stop.signum)) from None
@@ -172,6 +172,18 @@ class RunProgress:
     tokens_seen: int = 0
     last_train_loss: Optional[float] = None
     val_loss: Optional[float] = None
+    saved_step: Optional[int] = None         # the step whose checkpoint this run last wrote
+    saved_path: Optional[str] = None
+
+
+def save_step(trainer, run):
+    """The current step's checkpoint, written once: a stop or the run's end right after a
+    periodic save does not write it again (on every rank alike: they save together).
+    Returns its path."""
+    if run.saved_step != trainer.state.step:
+        run.saved_path = trainer.save()
+        run.saved_step = trainer.state.step
+    return run.saved_path
 
 
 def threaded_train_epoch(trainer, engine, log, stop, run):
@@ -223,7 +235,7 @@ def threaded_train_epoch(trainer, engine, log, stop, run):
                                cfg.seed + st.step)
             log.sample(st.step, text)
         if cfg.save_interval and st.step % cfg.save_interval == 0:
-            trainer.save()
+            save_step(trainer, run)
         if stop():
             raise Interrupted(stop.signum)
     loss_sum, tokens, _ = engine.epoch_stats()
