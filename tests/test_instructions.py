@@ -277,6 +277,8 @@ def test_lora_on_records(tmp_path, chat_file, capsys):
      '"content" must be a string'),
     ('{"instruction": "a"}', '"output" must be a string'),
     ('{"text": "a"}', "not a record"),
+    # half of a UTF-16 pair, as a text cut inside an emoji escapes it: no character at all
+    ('{"prompt": "a \\ud83d", "completion": "b"}', "\\ud83d is half of a UTF-16 surrogate pair"),
 ])
 def test_malformed_record_is_one_line_naming_file_and_line(tmp_path, capsys, line, fragment):
     good = json.dumps(reverse_records(1, seed=0)[0])
