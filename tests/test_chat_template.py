@@ -164,3 +164,17 @@ def test_of_finds_the_template(tmp_path):
         ChatTemplate.of(tmp_path)
     with pytest.raises(DataError, match="cannot read the chat template"):
         ChatTemplate.of(tmp_path / "missing.jinja")
+
+
+def test_named_templates_without_a_default_are_refused(tmp_path):
+    """As transformers: a list of named templates without one named "default" gives no
+    template to render with (never the default ChatML in its place)."""
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(json.dumps({"chat_template": [{"name": "tool_use", "template": INST},
+                                                    {"name": "rag", "template": AS_JSON}]}),
+                      encoding="utf-8")
+    (tmp_path / "chat_template.jinja").write_text(CHATML_SYSTEM, encoding="utf-8")
+    for where in (tmp_path, config):
+        with pytest.raises(DataError, match=r"tokenizer_config\.json: chat_template names "
+                                            r"templates rag, tool_use, none of them \"default\""):
+            ChatTemplate.of(where)
