@@ -138,6 +138,11 @@ def test_sandbox_and_template_faults_are_one_line():
         ChatTemplate("{% for m in messages %}")
     with pytest.raises(ChatTemplateError, match="strftime_now"):
         ChatTemplate("{{ strftime_now('%d') }}").render(CONVERSATIONS[0])
+    # a filter given a value of another kind, and a filter's own check of its arguments
+    with pytest.raises(ChatTemplateError, match="AttributeError: 'list' object has no attribute"):
+        ChatTemplate("{{ messages|xmlattr }}").render(CONVERSATIONS[0])
+    with pytest.raises(ChatTemplateError, match="AssertionError: expected length >= 3"):
+        ChatTemplate("{{ 'text'|truncate(-1) }}").render(CONVERSATIONS[0])
     for fault in (ChatTemplateError, DataError):
         try:
             ChatTemplate("{{ raise_exception('bad\nthing') }}").render([])

@@ -191,7 +191,11 @@ class ChatTemplate:
                 bos_token=self.bos_token, eos_token=self.eos_token))
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"{self.origin}: {_one_line(e) or type(e).__name__}") from None
-        except (TypeError, ValueError, ArithmeticError, LookupError, RecursionError) as e:
+        except (TypeError, ValueError, ArithmeticError, LookupError, RecursionError,
+                AttributeError, AssertionError) as e:
+            # what Python raises inside the template: a method or filter given values it does
+            # not take ({{ messages|xmlattr }}: AttributeError), Jinja's own checks of a
+            # filter's arguments (truncate(-1): AssertionError)
             raise ChatTemplateError(f"{self.origin}: fails on this conversation "
                                     f"({type(e).__name__}: {_one_line(e)})") from None
 
