@@ -251,6 +251,28 @@ def test_cllm_eval_reports_the_training_sides_masked_loss(tmp_path, chat_file, c
     assert result["loss"] == val["val_loss"]
 
 
+def test_cllm_eval_reports_the_records_it_cut_or_left_out(tmp_path, capsys):
+    """Records whose answer does not fit in the model's context are not evaluated, and long
+    prompts are cut: cllm_eval says how many of each, never scoring a subset silently."""
+    records = reverse_records(8, seed=4)
+    run = tmp_path / "run"
+    code, _, err = call(capsys, train_main, write_jsonl(tmp_path / "train.jsonl", records),
+                        "--checkpoint-dir", run, *SMALL, "--max-steps", "1")
+    assert code == 0, err
+    long_prompt = {"prompt": "reverse " + "a b " * 10 + "=", "completion": " b a"}
+    long_answer = {"prompt": "reverse a b =", "completion": " b a" * 10}
+    data = write_jsonl(tmp_path / "eval.jsonl", records[:3] + [long_prompt, long_answer])
+    code, out, err = call(capsys, eval_main, run, data, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert (result["records"], result["cut"], result["refused"]) == (4, 1, 1)
+    assert err.strip() == ("cllm_eval: warning: of 5 records, 1 left out (answer longer than "
+                           "the model's context of 16 tokens), 1 cut from the left of the prompt")
+    code, out, err = call(capsys, eval_main, run, write_jsonl(tmp_path / "fit.jsonl",
+                                                              records[:3]))
+    assert code == 0 and err == "", err
+
+
 def test_lora_on_records(tmp_path, chat_file, capsys):
     base = tmp_path / "base"
     code, _, err = call(capsys, train_main, chat_file, "--checkpoint-dir", base, *SMALL,
