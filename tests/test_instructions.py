@@ -313,6 +313,17 @@ def test_malformed_record_is_one_line_naming_file_and_line(tmp_path, capsys, lin
     assert code == 2 and "Traceback" not in err
 
 
+def test_a_byte_order_mark_before_the_first_record_is_not_part_of_it(tmp_path):
+    """A file saved with a UTF-8 byte order mark (as Windows editors write it) holds the
+    same records as without it."""
+    plain = write_jsonl(tmp_path / "plain.jsonl", reverse_records(3, seed=6))
+    marked = tmp_path / "marked.jsonl"
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    template = ChatTemplate.default
+    assert read_records([marked], template)[0][0].pieces == \
+        read_records([plain], template)[0][0].pieces
+
+
 def test_no_usable_record_and_mixed_data_are_one_line(tmp_path, capsys):
     data = write_jsonl(tmp_path / "long.jsonl",
                        [{"prompt": "a", "completion": " b" * 40}] * 3)
