@@ -8,7 +8,8 @@ files, checkpoint headers, files of ids).
     read_json(path, error)          parse_json of a regular file's bytes
 
 A fault is one line: text that is not UTF-8, invalid JSON (the parser's message and column; a
-number too long for Python to convert), or a document nested so deeply that Python's parser cannot follow it (a line of 100,000 "["):
+number too long for Python to convert; a \\u escape of half a UTF-16 surrogate pair, which
+Python's parser takes but no UTF-8 text holds), or a document nested so deeply that Python's parser cannot follow it (a line of 100,000 "["):
 that one names the line where the nesting is deepest, instead of a RecursionError.
 """
 from __future__ import annotations
@@ -25,6 +26,10 @@ from cllm_cli.fileio import open_regular, reason
 _LONG_NUMBER = re.compile(r"\d{4301,}")
 # a JSON string (escapes included) or one bracket: what the nesting depth is counted over
 _STRING_OR_BRACKET = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
+# a \u escape of a UTF-16 surrogate (preceded by an even number of backslashes, so a real
+# escape): a high one with its low one is one character, anything shorter half of one
+_SURROGATE_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*(\\u[dD][89abAB][0-9a-fA-F]{2}"
+                               r"(?:\\u[dD][c-fC-F][0-9a-fA-F]{2})?|\\u[dD][c-fC-F][0-9a-fA-F]{2})")
 
 
 class JSONError(ValueError):
@@ -62,7 +67,7 @@ def loads(text: str | bytes | bytearray | memoryview) -> Any:
             raise JSONError(f"not UTF-8 text (byte 0x{data[e.start]:02x} at column {column})",
                             line) from None
     try:
-        return json.loads(text)
+        document = json.loads(text)
     except json.JSONDecodeError as e:
         raise JSONError(f"not valid JSON ({e.msg} at column {e.colno})", e.lineno) from None
     except RecursionError:
@@ -72,6 +77,21 @@ def loads(text: str | bytes | bytearray | memoryview) -> Any:
         long_number = _LONG_NUMBER.search(text)
         line = text.count("\n", 0, long_number.start()) + 1 if long_number else 1
         raise JSONError(f"not valid JSON ({e})", line) from None
+    half = _half_surrogate(text)
+    if half is not None:
+        start = half.start(1)
+        column = start - (text.rfind("\n", 0, start) + 1) + 1
+        raise JSONError(f"not valid JSON ({half.group(1)} is half of a UTF-16 surrogate pair, "
+                        f"not a character, at column {column})", text.count("\n", 0, start) + 1)
+    return document
+
+
+def _half_surrogate(text: str) -> re.Match[str] | None:
+    """The first \\u escape in `text` of half a surrogate pair (which no UTF-8 text holds),
+    or None."""
+    if "\\ud" not in text and "\\uD" not in text:        # most documents: no scan
+        return None
+    return next((m for m in _SURROGATE_ESCAPE.finditer(text) if len(m.group(1)) == 6), None)
 
 
 def parse_json(text: str | bytes, name: str | os.PathLike,

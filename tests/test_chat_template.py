@@ -138,6 +138,11 @@ def test_sandbox_and_template_faults_are_one_line():
         ChatTemplate("{% for m in messages %}")
     with pytest.raises(ChatTemplateError, match="strftime_now"):
         ChatTemplate("{{ strftime_now('%d') }}").render(CONVERSATIONS[0])
+    # a filter given a value of another kind, and a filter's own check of its arguments
+    with pytest.raises(ChatTemplateError, match="AttributeError: 'list' object has no attribute"):
+        ChatTemplate("{{ messages|xmlattr }}").render(CONVERSATIONS[0])
+    with pytest.raises(ChatTemplateError, match="AssertionError: expected length >= 3"):
+        ChatTemplate("{{ 'text'|truncate(-1) }}").render(CONVERSATIONS[0])
     for fault in (ChatTemplateError, DataError):
         try:
             ChatTemplate("{{ raise_exception('bad\nthing') }}").render([])
@@ -164,3 +169,17 @@ def test_of_finds_the_template(tmp_path):
         ChatTemplate.of(tmp_path)
     with pytest.raises(DataError, match="cannot read the chat template"):
         ChatTemplate.of(tmp_path / "missing.jinja")
+
+
+def test_named_templates_without_a_default_are_refused(tmp_path):
+    """As transformers: a list of named templates without one named "default" gives no
+    template to render with (never the default ChatML in its place)."""
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(json.dumps({"chat_template": [{"name": "tool_use", "template": INST},
+                                                    {"name": "rag", "template": AS_JSON}]}),
+                      encoding="utf-8")
+    (tmp_path / "chat_template.jinja").write_text(CHATML_SYSTEM, encoding="utf-8")
+    for where in (tmp_path, config):
+        with pytest.raises(DataError, match=r"tokenizer_config\.json: chat_template names "
+                                            r"templates rag, tool_use, none of them \"default\""):
+            ChatTemplate.of(where)

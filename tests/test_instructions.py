@@ -251,6 +251,28 @@ def test_cllm_eval_reports_the_training_sides_masked_loss(tmp_path, chat_file, c
     assert result["loss"] == val["val_loss"]
 
 
+def test_cllm_eval_reports_the_records_it_cut_or_left_out(tmp_path, capsys):
+    """Records whose answer does not fit in the model's context are not evaluated, and long
+    prompts are cut: cllm_eval says how many of each, never scoring a subset silently."""
+    records = reverse_records(8, seed=4)
+    run = tmp_path / "run"
+    code, _, err = call(capsys, train_main, write_jsonl(tmp_path / "train.jsonl", records),
+                        "--checkpoint-dir", run, *SMALL, "--max-steps", "1")
+    assert code == 0, err
+    long_prompt = {"prompt": "reverse " + "a b " * 10 + "=", "completion": " b a"}
+    long_answer = {"prompt": "reverse a b =", "completion": " b a" * 10}
+    data = write_jsonl(tmp_path / "eval.jsonl", records[:3] + [long_prompt, long_answer])
+    code, out, err = call(capsys, eval_main, run, data, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert (result["records"], result["cut"], result["refused"]) == (4, 1, 1)
+    assert err.strip() == ("cllm_eval: warning: of 5 records, 1 left out (answer longer than "
+                           "the model's context of 16 tokens), 1 cut from the left of the prompt")
+    code, out, err = call(capsys, eval_main, run, write_jsonl(tmp_path / "fit.jsonl",
+                                                              records[:3]))
+    assert code == 0 and err == "", err
+
+
 def test_lora_on_records(tmp_path, chat_file, capsys):
     base = tmp_path / "base"
     code, _, err = call(capsys, train_main, chat_file, "--checkpoint-dir", base, *SMALL,
@@ -277,6 +299,8 @@ def test_lora_on_records(tmp_path, chat_file, capsys):
      '"content" must be a string'),
     ('{"instruction": "a"}', '"output" must be a string'),
     ('{"text": "a"}', "not a record"),
+    # half of a UTF-16 pair, as a text cut inside an emoji escapes it: no character at all
+    ('{"prompt": "a \\ud83d", "completion": "b"}', "\\ud83d is half of a UTF-16 surrogate pair"),
 ])
 def test_malformed_record_is_one_line_naming_file_and_line(tmp_path, capsys, line, fragment):
     good = json.dumps(reverse_records(1, seed=0)[0])
@@ -287,6 +311,17 @@ def test_malformed_record_is_one_line_naming_file_and_line(tmp_path, capsys, lin
     assert_one_error_line(code, err, "train_model", f"{data}:4:", fragment)
     code, _, err = call(capsys, eval_main, tmp_path / "missing.cllm", data)
     assert code == 2 and "Traceback" not in err
+
+
+def test_a_byte_order_mark_before_the_first_record_is_not_part_of_it(tmp_path):
+    """A file saved with a UTF-8 byte order mark (as Windows editors write it) holds the
+    same records as without it."""
+    plain = write_jsonl(tmp_path / "plain.jsonl", reverse_records(3, seed=6))
+    marked = tmp_path / "marked.jsonl"
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    template = ChatTemplate.default
+    assert read_records([marked], template)[0][0].pieces == \
+        read_records([plain], template)[0][0].pieces
 
 
 def test_no_usable_record_and_mixed_data_are_one_line(tmp_path, capsys):

@@ -64,6 +64,12 @@ def test_loads_names_the_line_of_each_fault():
         loads(b'{"a":\n "\xff"}')
     assert binary.value.line == 2
     assert loads('["[", "{", "\\"["]') == ["[", "{", '"[']
+    with pytest.raises(JSONError, match=r"\\udc00 is half of a UTF-16 surrogate pair, not a "
+                                        r"character, at column 17") as half:
+        loads('{"a":\n "x\\ud83d\\ude00 \\udc00"}')
+    assert half.value.line == 2
+    # a pair is one character; an escaped backslash before "ud800" is no escape of it
+    assert loads('["\\ud83d\\ude00", "\\\\ud800"]') == ["\U0001f600", "\\ud800"]
     with pytest.raises(DataError, match=r"^f\.json:2: JSON nested too deeply"):
         parse_json("{\"a\":\n" + DEEP, "f.json")
 

@@ -119,6 +119,15 @@ def test_loglikelihood_equals_numpy_log_softmax_with_the_harness_split(run):
         assert greedy == ref_greedy
 
 
+def test_a_context_of_white_space_only_is_the_start_of_a_text(run):
+    """Its white space moves to the continuation, leaving no context: scored as an empty
+    context (after the begin-of-text id) with that white space leading the continuation."""
+    lm = HarnessModel(str(run))
+    pairs = [("  ", "The baker"), ("", "  The baker"), ("\n", " sang"), ("", "\n sang")]
+    got = lm.loglikelihood([request("loglikelihood", *pair) for pair in pairs])
+    assert got[0] == got[1] and got[2] == got[3]
+
+
 def test_greedy_flag_is_true_for_the_greedy_continuation(run):
     model, tokenizer, _ = load_model(run)
     prompt = tokenizer.encode("The old miller")

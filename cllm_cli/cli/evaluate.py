@@ -21,7 +21,9 @@ Choices written down here:
 - .jsonl DATA are records (train_model's instruction data): each one window, the loss on
   the answers' tokens only, the messages rendered with the run's chat template; `--split`
   of an instruction run evaluates its held-out (or training) records, so it reproduces
-  train_model's validation loss too. Bits per byte are not reported for records.
+  train_model's validation loss too. Bits per byte are not reported for records. Records
+  of files are cut to the model's context as train_model cuts them; how many were cut, and
+  left out (an answer longer than the context), is one warning on stderr and in --json.
 - The batch size and micro-batch (how the loss is grouped) are the checkpoint's training
   settings; --threads only changes speed.
 - The matrix products run in the precision the model was trained in (--precision to choose),
@@ -215,8 +217,15 @@ def run_kernel(config: Mapping[str, Any]) -> str:
 def run_records(args: argparse.Namespace, out: TextIO, model: Any, tokenizer: Any,
                 files: Sequence[Any], config: Mapping[str, Any]) -> None:
     """The masked loss of records: .jsonl DATA, or an instruction run's --split."""
-    windows = records_of_run(resolve_checkpoint(args.checkpoint) if args.split
-                             else args.checkpoint, model, tokenizer, args.split, files)
+    windows, instructions = records_of_run(resolve_checkpoint(args.checkpoint) if args.split
+                                           else args.checkpoint, model, tokenizer, args.split,
+                                           files)
+    cut = refused = 0
+    if instructions is not None and (instructions.cut or instructions.refused):
+        cut, refused = instructions.cut, instructions.refused
+        print(f"{PROG}: warning: of {len(windows) + refused:,} records, {refused:,} left out "
+              f"(answer longer than the model's context of {model.config.seq_len} tokens), "
+              f"{cut:,} cut from the left of the prompt", file=sys.stderr, flush=True)
     products = args.precision or config.get("precision", "fp32")
     precision.require(products)
     loss_sum, counted, n_windows = evaluate_windows(
@@ -229,7 +238,8 @@ def run_records(args: argparse.Namespace, out: TextIO, model: Any, tokenizer: An
     result = TextLoss.of(what, None if args.split else len(files), tokens, loss_sum, counted,
                          n_windows, None)
     if args.json:
-        write_json(out, {**dataclasses.asdict(result), "records": n_windows})
+        write_json(out, {**dataclasses.asdict(result), "records": n_windows, "cut": cut,
+                         "refused": refused})
     else:
         out.write(f"{'evaluated':<14} {'records':>8} {'answer tokens':>14} {'loss':>8} "
                   f"{'ppl':>10}\n")

@@ -8,7 +8,8 @@ on the answer only. Used by train_model and cllm_eval for files whose name ends 
     split_records         (train, val) windows: the last records are held out, whole
     INSTRUCTIONS_FILE     where a run keeps its windows (ranks of a many-process run map it)
 
-Records, one JSON object per line (blank lines skipped):
+Records, one JSON object per line (blank lines skipped; a UTF-8 byte order mark at the start
+of a file is not part of its first record):
 
 - {"prompt": P, "completion": C}: the text P + C; C is trained.
 - {"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]}: rendered by
@@ -172,6 +173,8 @@ def read_records(files: Sequence[str | os.PathLike],
         except OSError as e:
             raise DataError(f"{path}: cannot read ({reason(e)})") from None
         size += len(data)
+        if data.startswith(b"\xef\xbb\xbf"):     # a byte order mark, as Windows editors write
+            data = data[3:]
         for number, line in enumerate(data.split(b"\n"), 1):
             if not line.strip():
                 continue

@@ -10,8 +10,11 @@ Choices written down here:
   with white space at the end of the context moved to the continuation, the continuation's
   ids being those of encode(context + continuation) after the first len(encode(context)); an
   empty context is the begin-of-text id, or the end-of-text id for a tokenizer without one
-  (or, when the continuation starts with that id, its first id), as the `hf` model takes it. Contexts are cut on the left so that every continuation token is scored with at
-  most max_length positions (the model's seq_len unless smaller).
+  (or, when the continuation starts with that id, its first id), as the `hf` model takes it.
+  A context of white space only is taken as empty, its white space leading the continuation
+  (the `hf` model would be left with no context id at all). Contexts are cut on the left so
+  that every continuation token is scored with at most max_length positions (the model's
+  seq_len unless smaller).
 - Requests are scored one at a time in the order of their context ids, so that requests of
   one context follow each other and reuse the context's cached positions (Scorer); the
   answers come back in the requests' order. They do not depend on `threads`.
@@ -76,12 +79,13 @@ class HarnessModel(LM):
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """(context ids, continuation ids) as the harness's causal models split a pair."""
-        if context == "":
-            ids = self.tok_encode(continuation)
+        stripped = context.rstrip()
+        if stripped == "":
+            # no text before the continuation (white space goes with it): the start of a text
+            ids = self.tok_encode(context + continuation)
             if ids and ids[0] == self.prefix_token_id:
                 return ids[:1], ids[1:]
             return [self.prefix_token_id], ids
-        stripped = context.rstrip()
         context, continuation = stripped, context[len(stripped):] + continuation
         context_ids = self.tok_encode(context)
         return context_ids, self.tok_encode(context + continuation)[len(context_ids):]

@@ -83,11 +83,12 @@ def split_of_run(checkpoint_path: str | os.PathLike, model: CLLMModel, tokenizer
 
 def records_of_run(checkpoint_path: str | os.PathLike, model: CLLMModel, tokenizer: Tokenizer,
                    split: str | None, files: Sequence[str | os.PathLike] = ()
-                   ) -> NDArray[np.int32]:
-    """Labelled windows: of the run's `split` (val or train, from the instructions.npy next
-    to the checkpoint, cut as train_model cuts it), or, with split None, of the records in
-    `files`, rendered with the run's chat template (a transformers directory's own, else the
-    default) and cut to the model's seq_len."""
+                   ) -> tuple[NDArray[np.int32], Instructions | None]:
+    """(labelled windows, the Instructions of `files` or None for a split): of the run's
+    `split` (val or train, from the instructions.npy next to the checkpoint, cut as
+    train_model cuts it), or, with split None, of the records in `files`, rendered with the
+    run's chat template (a transformers directory's own, else the default) and cut to the
+    model's seq_len (Instructions counts the records cut and left out)."""
     meta = model.meta or {}
     if split is not None:
         path = os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), INSTRUCTIONS_FILE)
@@ -98,7 +99,7 @@ def records_of_run(checkpoint_path: str | os.PathLike, model: CLLMModel, tokeniz
                                              config.get("val_fraction", 0.05))
         if train_part.shape[1] != 2 * (model.config.seq_len + 1):
             raise UsageError(f"--split: {path} does not hold {checkpoint_path}'s windows")
-        return np.ascontiguousarray(val_part if split == "val" else train_part)
+        return np.ascontiguousarray(val_part if split == "val" else train_part), None
     source = meta.get("chat_template")
     if source is None and os.path.isdir(checkpoint_path):
         found = ChatTemplate.find(checkpoint_path)
@@ -116,7 +117,7 @@ def records_of_run(checkpoint_path: str | os.PathLike, model: CLLMModel, tokeniz
     instructions = Instructions.build(records, tokenizer, model.config.seq_len)
     if len(instructions.windows) == 0:
         raise no_records_error(files, instructions)
-    return instructions.windows
+    return instructions.windows, instructions
 
 
 def evaluate_stream(model: CLLMModel, stream: np.ndarray, threads: int, batch_size: int,

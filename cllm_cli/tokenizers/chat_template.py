@@ -21,8 +21,9 @@ calls anything else (strftime_now: today's date would make the data depend on th
 with ChatTemplateError naming the fault.
 
 Where a template comes from (ChatTemplate.of): `chat_template` in a tokenizer_config.json (a
-string, or a list of {"name", "template"} of which the one named "default"), else a
-chat_template.jinja file beside it (as transformers saves it since 4.47), else the default.
+string, or a list of {"name", "template"} of which the one named "default"; a list without
+one is refused, as transformers refuses it), else a chat_template.jinja file beside it (as
+transformers saves it since 4.47), else the default.
 
 DEFAULT_TEMPLATE is ChatML written as text:
 
@@ -190,7 +191,11 @@ class ChatTemplate:
                 bos_token=self.bos_token, eos_token=self.eos_token))
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"{self.origin}: {_one_line(e) or type(e).__name__}") from None
-        except (TypeError, ValueError, ArithmeticError, LookupError, RecursionError) as e:
+        except (TypeError, ValueError, ArithmeticError, LookupError, RecursionError,
+                AttributeError, AssertionError) as e:
+            # what Python raises inside the template: a method or filter given values it does
+            # not take ({{ messages|xmlattr }}: AttributeError), Jinja's own checks of a
+            # filter's arguments (truncate(-1): AssertionError)
             raise ChatTemplateError(f"{self.origin}: fails on this conversation "
                                     f"({type(e).__name__}: {_one_line(e)})") from None
 
@@ -233,7 +238,12 @@ def _config_template(config: Path) -> str | None:
     found = data.get("chat_template") if isinstance(data, dict) else None
     if isinstance(found, list):
         named = {t.get("name"): t.get("template") for t in found if isinstance(t, dict)}
-        found = named.get("default")
+        if "default" not in named:          # transformers has no template to render either
+            names = ", ".join(sorted(map(str, named))) or "(none)"
+            raise DataError(f"{config}: chat_template names templates {names}, none of them "
+                            f"\"default\" (the one rendered): save the one to use in a "
+                            f".jinja file and give that file")
+        found = named["default"]
     if found is not None and not isinstance(found, str):
         raise DataError(f"{config}: chat_template is not a string")
     return found
