@@ -23,6 +23,7 @@ from cllm_cli.corpus.instructions import (
     Instructions,
     Record,
     encode_pieces,
+    is_instruction_data,
     read_records,
 )
 from cllm_cli.model import CLLMConfig
@@ -313,6 +314,13 @@ def test_malformed_record_is_one_line_naming_file_and_line(tmp_path, capsys, lin
     assert code == 2 and "Traceback" not in err
 
 
+def test_a_json_array_saved_as_jsonl_says_one_object_per_line(tmp_path, capsys):
+    data = tmp_path / "array.jsonl"
+    data.write_text(json.dumps(reverse_records(2, seed=0), indent=2), encoding="utf-8")
+    code, _, err = call(capsys, train_main, data, "--checkpoint-dir", tmp_path / "run", *SMALL)
+    assert_one_error_line(code, err, "train_model", f"{data}:1:", "one JSON object per line")
+
+
 def test_a_byte_order_mark_before_the_first_record_is_not_part_of_it(tmp_path):
     """A file saved with a UTF-8 byte order mark (as Windows editors write it) holds the
     same records as without it."""
@@ -334,6 +342,15 @@ def test_no_usable_record_and_mixed_data_are_one_line(tmp_path, capsys):
     code, _, err = call(capsys, train_main, data, text, "--checkpoint-dir", tmp_path / "r2",
                         *SMALL)
     assert_one_error_line(code, err, "train_model", "mixes .jsonl")
+
+
+def test_a_records_file_named_in_capitals_is_records(tmp_path):
+    """PC.JSONL holds records as pc.jsonl does: never trained on as plain text."""
+    rows = [{"prompt": "a", "completion": " b"}]
+    upper = write_jsonl(tmp_path / "PC.JSONL", rows)
+    assert is_instruction_data([upper])
+    assert read_records([upper], ChatTemplate.default)[0][0].pieces == \
+        read_records([write_jsonl(tmp_path / "pc.jsonl", rows)], ChatTemplate.default)[0][0].pieces
 
 
 def test_alpaca_prompt_is_the_documented_template(tmp_path):

@@ -18,6 +18,7 @@ from lm_eval.api.model import TemplateLM
 from cllm_cli.api import load_model
 from cllm_cli.cli.export import main as export_main
 from cllm_cli.cli.train import main as train_main
+from cllm_cli.errors import UsageError
 from cllm_cli.evaluation.harness import HarnessModel
 
 BPE_RUN = [{"word": "bpe", "120": "300"}.get(a, a) for a in TINY_RUN]
@@ -146,7 +147,7 @@ def test_loglikelihood_rolling_scores_each_token_once_in_windows_of_seq_len(run)
     requests = [request("loglikelihood_rolling", t) for t in (text, "The baker", "")]
     ours = HarnessModel(str(run)).loglikelihood_rolling(requests)
     reference = Reference(model, tokenizer).loglikelihood_rolling(requests)
-    assert ours[2] == 0.0
+    assert ours[2] == 0.0 and isinstance(ours[2], float)     # lm-eval sums floats
     assert np.allclose(ours, reference, rtol=TOLERANCE, atol=TOLERANCE)
 
 
@@ -168,6 +169,13 @@ def test_generate_until_is_greedy_generation_cut_at_the_first_stop_string(run):
         request("generate_until", context, {"until": ["\u2603"], "max_gen_toks": 12,
                                             "do_sample": False, "temperature": 0.7}),
     ]) == [expected, full]
+
+
+@pytest.mark.parametrize("value", [-1, "many"])
+def test_a_task_asking_for_a_bad_number_of_tokens_is_one_error(run, value):
+    with pytest.raises(UsageError, match="max_gen_toks must be a whole number of at least 0"):
+        HarnessModel(str(run)).generate_until([
+            request("generate_until", "The old", {"until": ["."], "max_gen_toks": value})])
 
 
 def answers(lm):

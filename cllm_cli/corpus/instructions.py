@@ -83,9 +83,9 @@ class Record:
 
 
 def is_instruction_data(files: Sequence[str | os.PathLike]) -> bool:
-    """True when every file's name ends in .jsonl, False when none does; UsageError for a
-    mix (a run trains on text or on records, not both)."""
-    jsonl = [str(f).endswith(SUFFIX) for f in files]
+    """True when every file's name ends in .jsonl (in any case: .JSONL too), False when none
+    does; UsageError for a mix (a run trains on text or on records, not both)."""
+    jsonl = [str(f).lower().endswith(SUFFIX) for f in files]
     if any(jsonl) and not all(jsonl):
         raise UsageError("DATA mixes .jsonl record files and text files: train on one kind "
                          "at a time")
@@ -182,7 +182,10 @@ def read_records(files: Sequence[str | os.PathLike],
             try:
                 value = loads(line)
             except JSONError as e:
-                raise DataError(f"{where}: {e}") from None
+                # a JSON array, or an object spread over lines, as json.dump(indent=...) writes
+                spread = line.strip() in (b"[", b"{") or line.lstrip().startswith(b"[")
+                hint = " (a .jsonl file holds one JSON object per line)" if spread else ""
+                raise DataError(f"{where}: {e}{hint}") from None
             records.append(Record(record_pieces(value, where, template), where))
     return records, size
 

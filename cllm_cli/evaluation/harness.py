@@ -109,7 +109,7 @@ class HarnessModel(LM):
             windows = [make_disjoint_window(window) for window in get_rolling_token_windows(
                 token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
                 max_seq_len=self.max_length, context_len=1)]
-            totals.append(sum(logp for logp, _ in self.score_pairs(windows)))
+            totals.append(float(sum(logp for logp, _ in self.score_pairs(windows))))
         return totals
 
     def generate_until(self, requests: Iterable[Any], disable_tqdm: bool = False) -> list[str]:
@@ -119,8 +119,8 @@ class HarnessModel(LM):
         """The text generated after `context`, cut at the first stop string."""
         until = gen_kwargs.get("until") or []
         stops = [s for s in ([until] if isinstance(until, str) else until) if s]
-        max_gen_toks = int(gen_kwargs.get("max_gen_toks", gen_kwargs.get("max_new_tokens",
-                                                                         self.max_gen_toks)))
+        max_gen_toks = _whole(gen_kwargs.get("max_gen_toks", gen_kwargs.get(
+            "max_new_tokens", self.max_gen_toks)), "max_gen_toks", minimum=0, what="a task's")
         temperature = float(gen_kwargs.get("temperature", 0.0))
         if gen_kwargs.get("do_sample") is False:
             temperature = 0.0
@@ -145,14 +145,14 @@ class HarnessModel(LM):
         return text
 
 
-def _whole(value: int | str, name: str, minimum: int = 1) -> int:
-    """A --model_args value that must be a whole number of at least `minimum` (UsageError
-    otherwise)."""
+def _whole(value: int | str, name: str, minimum: int = 1, what: str = "--model_args") -> int:
+    """A --model_args value (or, with `what`, a task's generation setting) that must be a
+    whole number of at least `minimum` (UsageError otherwise)."""
     try:
         number = int(value)
     except (TypeError, ValueError):
         number = minimum - 1
     if number < minimum:
-        raise UsageError(f"--model_args {name} must be a whole number of at least {minimum}, "
+        raise UsageError(f"{what} {name} must be a whole number of at least {minimum}, "
                          f"not {value}")
     return number
