@@ -460,6 +460,20 @@ def test_metrics_reading(tmp_path):
     assert val_curve == [(2, 4.5)]
 
 
+def test_plot_draws_a_run_with_a_skipped_step(capsys, tmp_path):
+    # train_model writes the loss of a skipped step as null (JSON has no NaN): a gap
+    p = tmp_path / "m.jsonl"
+    rows = [{"step": 1, "loss": 5.0, "grad_norm": 1.0}, {"step": 2, "loss": None, "grad_norm": None},
+            {"step": 3, "loss": 4.0, "grad_norm": 1.0}, {"step": 3, "val_loss": None}]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    train_curve, val_curve = plot.read_metrics(p)
+    assert [step for step, _ in train_curve] == [1, 2, 3] and math.isnan(train_curve[1][1])
+    assert len(val_curve) == 1 and math.isnan(val_curve[0][1])
+    code, _, err = call(capsys, plot_cli.main, p, "-o", tmp_path / "x.png")
+    assert code == 0, err
+    assert (tmp_path / "x.png").read_bytes()[:4] == b"\x89PNG"
+
+
 @pytest.mark.parametrize("content, fragment", [
     ("", "no training or validation loss"),
     ('{"step": 1, "loss": 2.0}\nnot json\n', ":2:"),

@@ -3,7 +3,8 @@
 The metrics file holds JSON lines: one per optimiser step ({"step", "loss", ...}) and one per
 evaluation ({"step", "val_loss", ...}). A file that a resumed run appended to may repeat
 steps (those after the checkpoint it resumed from); the last record of a step wins, which is
-the curve of the run that went on. A skipped step (loss NaN) leaves a gap in the line.
+the curve of the run that went on. A skipped step (its loss written as null, or NaN) leaves a
+gap in the line.
 
 matplotlib is an optional dependency, imported only when a plot is drawn; without it
 plot_metrics raises PlotError("matplotlib is not installed: pip install matplotlib").
@@ -99,9 +100,11 @@ def read_metrics(path: str | os.PathLike) -> tuple[Curve, Curve]:
         step = int(record["step"])
         for key, curve in (("loss", train), ("val_loss", val)):
             if key in record:
-                if not _number(record[key]):
+                value = record[key]
+                if value is not None and not _number(value):
                     raise PlotError(f"{path}:{k}: \"{key}\" is not a number")
-                curve[step] = float(record[key])
+                # null is a skipped step's loss (JSON has no NaN): a gap in the line
+                curve[step] = math.nan if value is None else float(value)
     if not train and not val:
         raise PlotError(f"{path}: no training or validation loss records "
                         f"(is it a train_model --metrics-file?)")
