@@ -476,6 +476,9 @@ def test_plot_draws_a_run_with_a_skipped_step(capsys, tmp_path):
 
 @pytest.mark.parametrize("content, fragment", [
     ("", "no training or validation loss"),
+    ('{"step": NaN, "loss": 2.0}\n', ":1: expected an object with a whole \"step\" number"),
+    ('{"step": Infinity, "loss": 2.0}\n', ":1: expected an object with a whole \"step\" number"),
+    ('{"step": 1.5, "loss": 2.0}\n', ":1: expected an object with a whole \"step\" number"),
     ('{"step": 1, "loss": 2.0}\nnot json\n', ":2:"),
     ('{"loss": 2.0}\n', "step"),
     ('{"step": 1, "loss": "low"}\n', "loss"),

@@ -95,8 +95,8 @@ def read_metrics(path: str | os.PathLike) -> tuple[Curve, Curve]:
             record = loads(line)
         except JSONError as e:
             raise PlotError(f"{path}:{k}: {e}") from None
-        if not isinstance(record, dict) or not _number(record.get("step")):
-            raise PlotError(f"{path}:{k}: expected an object with a \"step\" number")
+        if not isinstance(record, dict) or not _whole(record.get("step")):
+            raise PlotError(f"{path}:{k}: expected an object with a whole \"step\" number")
         step = int(record["step"])
         for key, curve in (("loss", train), ("val_loss", val)):
             if key in record:
@@ -113,6 +113,11 @@ def read_metrics(path: str | os.PathLike) -> tuple[Curve, Curve]:
 
 def _number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _whole(x: object) -> bool:
+    """A step: an integer, or a float that holds one (not NaN or infinite)."""
+    return _number(x) and (isinstance(x, int) or x.is_integer())  # type: ignore[union-attr]
 
 
 def smoothed(values: Sequence[float], window: int) -> np.ndarray:
