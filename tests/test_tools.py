@@ -474,6 +474,18 @@ def test_plot_draws_a_run_with_a_skipped_step(capsys, tmp_path):
     assert (tmp_path / "x.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.parametrize("title", ["loss at lr $\\foo$", None])
+def test_plot_title_is_plain_text(capsys, tmp_path, title):
+    # dollar signs are text, not matplotlib's mathtext ("$\foo$" failed to parse); the
+    # default title is the metrics file's name, which may hold them too
+    p = tmp_path / "run_$\\x$.jsonl"
+    p.write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n', encoding="utf-8")
+    argv = [p, "-o", tmp_path / "x.png"] + (["--title", title] if title else [])
+    code, _, err = call(capsys, plot_cli.main, *argv)
+    assert code == 0, err
+    assert (tmp_path / "x.png").read_bytes()[:4] == b"\x89PNG"
+
+
 @pytest.mark.parametrize("content, fragment", [
     ("", "no training or validation loss"),
     ('{"step": NaN, "loss": 2.0}\n', ":1: expected an object with a whole \"step\" number"),

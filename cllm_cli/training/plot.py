@@ -157,7 +157,7 @@ def draw(train: Curve, val: Curve, out_png: str | os.PathLike, title: str) -> No
                 label=f"validation loss (last {last:.3f}{ppl})")
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("cross-entropy loss (nats per token)")
-    ax.set_title(title)
+    ax.set_title(title, parse_math=False)     # a "$" in a file name or title is text
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper right")
     with atomic_file(out_png, PlotError) as f:
