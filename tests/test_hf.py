@@ -6,6 +6,7 @@ reader. Every model is built here, small and random; nothing is downloaded."""
 import copy
 import json
 import os
+import shlex
 import shutil
 
 import numpy as np
@@ -444,6 +445,17 @@ def test_gguf_export_reads_back(text, tmp_path, capsys):
                         "--format", "gguf")
     assert_one_error_line(code, err, "cllm_export", "bpe tokenizer")
     assert not os.path.exists(tmp_path / "w.gguf")
+
+
+def test_the_printed_commands_quote_paths_for_the_shell(text, tmp_path, capsys):
+    # the llama-completion line runs as printed, whatever the path holds
+    make_checkpoint(tmp_path / "ckpt", "bpe", text)
+    out = tmp_path / "my model's.gguf"
+    code, stdout, err = call(capsys, export_main, tmp_path / "ckpt", out)
+    assert code == 0, err
+    line = next(line for line in stdout.splitlines() if "llama-completion" in line)
+    command = shlex.split(line.split("run it with: ", 1)[1])
+    assert command[:3] == ["llama-completion", "-m", str(out)]
 
 
 def test_gguf_lists_rows_beyond_the_tokenizer_as_unused(text, tmp_path, capsys):

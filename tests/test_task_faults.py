@@ -57,6 +57,9 @@ HELLASWAG_FAULTS = {
                      "label must be an integer"),
     "label a string out of range": (b'{"ctx": "a", "endings": ["b", "c"], "label": "2"}', 2,
                                     "label 2 is not the index"),
+    "label of more digits than Python converts": (
+        b'{"ctx": "a", "endings": ["b", "c"], "label": "' + b"9" * 5000 + b'"}', 2,
+        "label '999"),
     "label a float": (b'{"ctx": "a", "endings": ["b", "c"], "label": 1.0}', 2,
                       "label must be an integer"),
     "label a boolean": (b'{"ctx": "a", "endings": ["b", "c"], "label": true}', 2,

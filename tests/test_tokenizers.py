@@ -161,6 +161,7 @@ def test_vocab_hash_depends_on_content():
     ("<pad>\t0\n<unk>\t0\n<bos>\t0\n<eos>\t0\nw\t1\nw\t2\n", 6),       # duplicate
     ("<pad>\t0\n<unk>\t0\n<bos>\t0\n<eos>\t0\na\t1\n\nb\t1\n", 6),     # empty line
     ("<pad>\t0\n<unk>\t0\n<bos>\t0\n<eos>\t0\na\t1\t2\n", 5),          # two tabs
+    ("<pad>\t0\n<unk>\t0\n<bos>\t0\n<eos>\t0\na\t" + "9" * 5000 + "\n", 5),  # 5000 digits
 ])
 def test_vocab_load_malformed_names_line(tmp_path, content, line):
     path = write(tmp_path / "vocab.txt", content)

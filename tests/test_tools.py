@@ -460,8 +460,37 @@ def test_metrics_reading(tmp_path):
     assert val_curve == [(2, 4.5)]
 
 
+def test_plot_draws_a_run_with_a_skipped_step(capsys, tmp_path):
+    # train_model writes the loss of a skipped step as null (JSON has no NaN): a gap
+    p = tmp_path / "m.jsonl"
+    rows = [{"step": 1, "loss": 5.0, "grad_norm": 1.0}, {"step": 2, "loss": None, "grad_norm": None},
+            {"step": 3, "loss": 4.0, "grad_norm": 1.0}, {"step": 3, "val_loss": None}]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    train_curve, val_curve = plot.read_metrics(p)
+    assert [step for step, _ in train_curve] == [1, 2, 3] and math.isnan(train_curve[1][1])
+    assert len(val_curve) == 1 and math.isnan(val_curve[0][1])
+    code, _, err = call(capsys, plot_cli.main, p, "-o", tmp_path / "x.png")
+    assert code == 0, err
+    assert (tmp_path / "x.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("title", ["loss at lr $\\foo$", None])
+def test_plot_title_is_plain_text(capsys, tmp_path, title):
+    # dollar signs are text, not matplotlib's mathtext ("$\foo$" failed to parse); the
+    # default title is the metrics file's name, which may hold them too
+    p = tmp_path / "run_$\\x$.jsonl"
+    p.write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n', encoding="utf-8")
+    argv = [p, "-o", tmp_path / "x.png"] + (["--title", title] if title else [])
+    code, _, err = call(capsys, plot_cli.main, *argv)
+    assert code == 0, err
+    assert (tmp_path / "x.png").read_bytes()[:4] == b"\x89PNG"
+
+
 @pytest.mark.parametrize("content, fragment", [
     ("", "no training or validation loss"),
+    ('{"step": NaN, "loss": 2.0}\n', ":1: expected an object with a whole \"step\" number"),
+    ('{"step": Infinity, "loss": 2.0}\n', ":1: expected an object with a whole \"step\" number"),
+    ('{"step": 1.5, "loss": 2.0}\n', ":1: expected an object with a whole \"step\" number"),
     ('{"step": 1, "loss": 2.0}\nnot json\n', ":2:"),
     ('{"loss": 2.0}\n', "step"),
     ('{"step": 1, "loss": "low"}\n', "loss"),

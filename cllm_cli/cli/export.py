@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -132,7 +133,7 @@ def how_to_load(fmt: str, out: str, cfg: CLLMConfig, base: str | None = None) ->
         hf_base = base if is_transformers_directory(base) else "BASE-HF"   # type: ignore[arg-type]
         first = "" if hf_base == base else (
             f"its base {base} is a .cllm model: export it first with\n"
-            f"  cllm_export {base} BASE-HF\n")
+            f"  cllm_export {shlex.quote(str(base))} BASE-HF\n")
         return (f"wrote a PEFT LoRA adapter directory to {out}\n{first}"
                 f"load it in Python with:\n"
                 f"  from transformers import AutoModelForCausalLM\n"
@@ -141,7 +142,8 @@ def how_to_load(fmt: str, out: str, cfg: CLLMConfig, base: str | None = None) ->
                 f"AutoModelForCausalLM.from_pretrained({hf_base!r}), {str(out)!r})\n")
     if fmt == "gguf":
         return (f"wrote a GGUF file (llama.cpp) to {out}; context length {cfg.seq_len} tokens\n"
-                f"run it with: llama-completion -m {out} -c {cfg.seq_len} -no-cnv -p '...'\n")
+                f"run it with: llama-completion -m {shlex.quote(str(out))} -c {cfg.seq_len} "
+                f"-no-cnv -p '...'\n")
     model_class = family_of(cfg).hf_config(cfg)["architectures"][0]
     return (f"wrote a transformers {model_class} directory to {out}; context length "
             f"{cfg.seq_len} tokens\n"

@@ -118,7 +118,11 @@ def hellaswag_item(line: str, where: str) -> HellaSwagItem:
             raise DataError(f"{where}: ending {i} is {'empty' if isinstance(ending, str) else 'not a string'}"
                             f" ({_short(json.dumps(ending))})")
     if isinstance(label, str) and label.isascii() and label.isdigit():
-        label = int(label)
+        try:
+            label = int(label)
+        except ValueError:      # more digits than Python converts (4,300): no index either
+            raise DataError(f"{where}: label {_short(label)} is not the index of one of the "
+                            f"{len(endings)} {plural(len(endings), 'ending')}") from None
     if isinstance(label, bool) or not isinstance(label, int):
         raise DataError(f"{where}: label must be an integer (the index of the right ending), "
                         f"got {_short(json.dumps(label))}")

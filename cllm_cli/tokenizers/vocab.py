@@ -160,6 +160,11 @@ class VocabTokenizer(Tokenizer):
                 raise DataError(f"{where}: empty token or bad escape sequence")
             if not count.isdigit() or not count.isascii():
                 raise DataError(f"{where}: count is not a non-negative integer: {count!r}")
+            try:
+                number = int(count)
+            except ValueError:      # more digits than Python converts (4,300)
+                raise DataError(f"{where}: count of {len(count):,} digits is too long to "
+                                f"read") from None
             token = _unescape(field)
             if k <= len(SPECIALS) and token != SPECIALS[k - 1]:
                 raise DataError(f"{where}: expected special token {SPECIALS[k - 1]}, got {token!r}")
@@ -170,7 +175,7 @@ class VocabTokenizer(Tokenizer):
                 raise DataError(f"{where}: duplicate token {token!r}")
             seen.add(token)
             itos.append(token)
-            counts.append(int(count))
+            counts.append(number)
         if len(itos) < len(SPECIALS):
             raise DataError(f"{path}: vocabulary has {len(itos)} {plural(len(itos), 'line')}, "
                             f"needs at least the {len(SPECIALS)} special tokens")

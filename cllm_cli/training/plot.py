@@ -3,7 +3,8 @@
 The metrics file holds JSON lines: one per optimiser step ({"step", "loss", ...}) and one per
 evaluation ({"step", "val_loss", ...}). A file that a resumed run appended to may repeat
 steps (those after the checkpoint it resumed from); the last record of a step wins, which is
-the curve of the run that went on. A skipped step (loss NaN) leaves a gap in the line.
+the curve of the run that went on. A skipped step (its loss written as null, or NaN) leaves a
+gap in the line.
 
 matplotlib is an optional dependency, imported only when a plot is drawn; without it
 plot_metrics raises PlotError("matplotlib is not installed: pip install matplotlib").
@@ -94,14 +95,16 @@ def read_metrics(path: str | os.PathLike) -> tuple[Curve, Curve]:
             record = loads(line)
         except JSONError as e:
             raise PlotError(f"{path}:{k}: {e}") from None
-        if not isinstance(record, dict) or not _number(record.get("step")):
-            raise PlotError(f"{path}:{k}: expected an object with a \"step\" number")
+        if not isinstance(record, dict) or not _whole(record.get("step")):
+            raise PlotError(f"{path}:{k}: expected an object with a whole \"step\" number")
         step = int(record["step"])
         for key, curve in (("loss", train), ("val_loss", val)):
             if key in record:
-                if not _number(record[key]):
+                value = record[key]
+                if value is not None and not _number(value):
                     raise PlotError(f"{path}:{k}: \"{key}\" is not a number")
-                curve[step] = float(record[key])
+                # null is a skipped step's loss (JSON has no NaN): a gap in the line
+                curve[step] = math.nan if value is None else float(value)
     if not train and not val:
         raise PlotError(f"{path}: no training or validation loss records "
                         f"(is it a train_model --metrics-file?)")
@@ -110,6 +113,11 @@ def read_metrics(path: str | os.PathLike) -> tuple[Curve, Curve]:
 
 def _number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _whole(x: object) -> bool:
+    """A step: an integer, or a float that holds one (not NaN or infinite)."""
+    return _number(x) and (isinstance(x, int) or x.is_integer())  # type: ignore[union-attr]
 
 
 def smoothed(values: Sequence[float], window: int) -> np.ndarray:
@@ -149,7 +157,7 @@ def draw(train: Curve, val: Curve, out_png: str | os.PathLike, title: str) -> No
                 label=f"validation loss (last {last:.3f}{ppl})")
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("cross-entropy loss (nats per token)")
-    ax.set_title(title)
+    ax.set_title(title, parse_math=False)     # a "$" in a file name or title is text
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper right")
     with atomic_file(out_png, PlotError) as f:
