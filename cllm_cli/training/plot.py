@@ -117,7 +117,7 @@ def _number(x: object) -> bool:
 
 def _whole(x: object) -> bool:
     """A step: an integer, or a float that holds one (not NaN or infinite)."""
-    return _number(x) and (isinstance(x, int) or x.is_integer())  # type: ignore[union-attr]
+    return isinstance(x, int) and not isinstance(x, bool) or isinstance(x, float) and x.is_integer()
 
 
 def smoothed(values: Sequence[float], window: int) -> np.ndarray:
