@@ -209,6 +209,22 @@ def test_checkpoint_directory_inside_the_data_directory(tmp_path, capsys):
 
 # --- metrics file -----------------------------------------------------------------------------
 
+def test_resume_appends_after_a_metrics_record_cut_mid_write(corpus, tmp_path, capsys):
+    """A run stopped while writing a record (a full disk, kill -9) leaves it without its
+    newline: the resumed run drops that piece, so that every line stays one record."""
+    metrics, ck = tmp_path / "m.jsonl", tmp_path / "ck"
+    code, _, err = cli(capsys, corpus, "--checkpoint-dir", ck, *with_option("--max-steps", "2"),
+                       "--metrics-file", metrics)
+    assert code == 0, err
+    with open(metrics, "a") as f:
+        f.write('{"step": 3, "epoch": 1, "lo')
+    code, _, err = cli(capsys, corpus, "--checkpoint-dir", ck, *TINY, "--resume",
+                       "--metrics-file", metrics)
+    assert code == 0, err
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+
+
 def test_metrics_file_keys(corpus, tmp_path, capsys):
     metrics = tmp_path / "m.jsonl"
     code, _, err = cli(capsys, corpus, "--checkpoint-dir", tmp_path / "ck",

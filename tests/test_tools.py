@@ -474,6 +474,18 @@ def test_plot_draws_a_run_with_a_skipped_step(capsys, tmp_path):
     assert (tmp_path / "x.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_plot_leaves_out_a_last_record_cut_mid_write(capsys, tmp_path):
+    # a disk that filled while train_model wrote the record: the run went on without metrics
+    p = tmp_path / "m.jsonl"
+    p.write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n{"step": 3, "lo',
+                 encoding="utf-8")
+    train_curve, _ = plot.read_metrics(p)
+    assert train_curve == [(1, 5.0), (2, 4.0)]
+    p.write_text('{"step": 1, "lo\n{"step": 2, "loss": 4.0}\n', encoding="utf-8")
+    code, _, err = call(capsys, plot_cli.main, p, "-o", tmp_path / "x.png")
+    assert_one_error_line(code, err, "cllm_plot", f"{p}:1:")     # not the last line: damaged
+
+
 @pytest.mark.parametrize("title", ["loss at lr $\\foo$", None])
 def test_plot_title_is_plain_text(capsys, tmp_path, title):
     # dollar signs are text, not matplotlib's mathtext ("$\foo$" failed to parse); the

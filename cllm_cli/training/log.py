@@ -37,6 +37,25 @@ def check_metrics_output(path: str | os.PathLike) -> None:
                          f"an earlier run's metrics; remove it or choose another")
 
 
+def drop_cut_line(path: str | os.PathLike) -> None:
+    """Truncates the metrics file a resumed run appends to (when it is a regular file) to its
+    last whole line: a run stopped mid-write (a full disk, kill -9) may have left a record
+    without its newline, which the next record would otherwise continue."""
+    if not os.path.isfile(path):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+            return
+        tail = os.pread(fd, min(size, 1 << 16), max(0, size - (1 << 16)))
+        cut = tail.rfind(b"\n")
+        if cut >= 0 or len(tail) == size:      # a record is far shorter than 64 KiB
+            os.ftruncate(fd, size - len(tail) + cut + 1)
+    finally:
+        os.close(fd)
+
+
 class Log:
     """Human output on stdout (unless quiet) and JSON lines in the metrics file. On a terminal
     progress is one line rewritten in place (a few times a second); elsewhere it is a plain
@@ -53,6 +72,8 @@ class Log:
         self.stdout_lost = False
         self.last_draw = 0.0
         try:
+            if cfg.metrics_file and append:
+                drop_cut_line(cfg.metrics_file)
             self.metrics = open(cfg.metrics_file, "a" if append else "w") if cfg.metrics_file else None
         except OSError as e:
             raise DataError(f"cannot write --metrics-file {cfg.metrics_file}: {e.strerror or e}") from None

@@ -81,7 +81,8 @@ def read_metrics(path: str | os.PathLike) -> tuple[Curve, Curve]:
     """(train, val): lists of (step, value) sorted by step, from a metrics JSON-lines file."""
     try:
         with open_regular(path) as f:
-            lines = f.read().decode("utf-8").splitlines()
+            data = f.read()
+        lines = data.decode("utf-8").splitlines()
     except OSError as e:
         raise PlotError(f"{path}: cannot read ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
@@ -94,6 +95,8 @@ def read_metrics(path: str | os.PathLike) -> tuple[Curve, Curve]:
         try:
             record = loads(line)
         except JSONError as e:
+            if k == len(lines) and not data.endswith(b"\n"):
+                break        # a last record cut mid-write (a full disk, a kill): left out
             raise PlotError(f"{path}:{k}: {e}") from None
         if not isinstance(record, dict) or not _whole(record.get("step")):
             raise PlotError(f"{path}:{k}: expected an object with a whole \"step\" number")
