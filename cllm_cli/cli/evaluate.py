@@ -84,9 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                "cllm_eval gpt2/ --task hellaswag hellaswag_val.jsonl",
         formatter_class=HelpFormatter)
     p.add_argument("checkpoint", metavar="CHECKPOINT",
-                   help="a .cllm file, a checkpoint directory (its final_model.cllm, else "
-                        "its newest checkpoint_step_<N>.cllm) or a transformers GPT-2 "
-                        "directory")
+                   help="a .cllm file (a LoRA run's: its base with the adapters), a "
+                        "checkpoint directory (its final_model.cllm, else its newest "
+                        "checkpoint_step_<N>.cllm) or a transformers directory (GPT-2, Llama, "
+                        "Qwen2, Mistral)")
     p.add_argument("data", nargs="*", metavar="DATA",
                    help="text files, or directories (every file matching --glob below them); "
                         "with --task, the one task file")

@@ -61,8 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                "--max-tokens 40 --seed 7",
         formatter_class=HelpFormatter)
     p.add_argument("checkpoint", metavar="CHECKPOINT",
-                   help="a .cllm file, or a checkpoint directory (its final_model.cllm, else "
-                        "its newest checkpoint_step_<N>.cllm)")
+                   help="a .cllm file (a LoRA run's: its base with the adapters), a "
+                        "checkpoint directory (its final_model.cllm, else its newest "
+                        "checkpoint_step_<N>.cllm) or a transformers directory (GPT-2, Llama, "
+                        "Qwen2, Mistral)")
     g = p.add_argument_group("generation")
     g.add_argument("--prompt", metavar="TEXT", default="",
                    help="text the model continues (default: empty: the start of a new "

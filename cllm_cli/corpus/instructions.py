@@ -245,10 +245,11 @@ class Instructions:
         return cls(windows, where, cut, refused, tokens)
 
     def summary(self) -> str:
-        """'R records (c cut from the left, r refused: answer longer than the window)'."""
-        n = len(self.windows)
+        """'R records (c cut from the left, r refused: answer longer than the context)'."""
+        n, context = len(self.windows), self.windows.shape[1] // 2 - 1
         return (f"{n:,} record{'s' if n != 1 else ''} ({self.cut:,} cut from the left of the "
-                f"prompt, {self.refused:,} refused: answer longer than --seq-len)")
+                f"prompt, {self.refused:,} refused: answer longer than the context of "
+                f"{context:,} tokens)")
 
 
 def split_records(windows: NDArray[np.int32], val_fraction: float) -> tuple[NDArray[np.int32],
