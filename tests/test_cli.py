@@ -8,6 +8,7 @@ need a real process (signals, what a user's terminal shows) run it as a subproce
 import importlib.util
 import json
 import math
+import os
 import re
 import signal
 import subprocess
@@ -261,11 +262,45 @@ def test_real_process_bad_input_is_one_line(tmp_path):
 
 
 def test_console_script_entry_bad_input_is_one_line(tmp_path):
-    """The installed train_model script calls cllm_cli.cli.train:main and exits with its value."""
-    code = "import sys; from cllm_cli.cli.train import main; sys.exit(main())"
+    """Every installed command is cllm_launch's function of its name, which calls the main()
+    of its cllm_cli.cli module; train_model exits with main's value."""
+    import tomllib
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    assert scripts and all(target == f"cllm_launch:{name}" for name, target in scripts.items())
+    code = "import sys, cllm_launch; sys.exit(cllm_launch.train_model())"
     p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "missing.txt"),
                         "--threads", "0"], cwd=ROOT, capture_output=True, text=True)
     assert_one_error_line(p.returncode, p.stderr, "train_model")
+
+
+# a command module that takes Ctrl-C while it loads (as one may, in the few tenths of a second
+# numpy, scipy and the engine take), and once more when its main() runs
+SLOW_TO_LOAD = """import os, signal
+os.kill(os.getpid(), signal.SIGINT)
+print("loaded", flush=True)
+
+def main():
+    os.kill(os.getpid(), signal.SIGINT)
+    return 0
+"""
+
+
+def test_ctrl_c_while_a_command_loads_ends_it_quietly(tmp_path):
+    """Ctrl-C before the command's module is loaded: the process ends at once as the signal
+    ends it (status 130 in a shell), with no traceback; in main() Ctrl-C is Python's
+    KeyboardInterrupt again, for the command's own handling."""
+    (tmp_path / "slow_to_load.py").write_text(SLOW_TO_LOAD)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import cllm_launch; "
+            "cllm_launch._command('slow_to_load')")
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert (p.returncode, p.stdout, p.stderr) == (-signal.SIGINT, "", "")
+    (tmp_path / "slow_to_load.py").write_text(SLOW_TO_LOAD.replace(
+        'os.kill(os.getpid(), signal.SIGINT)\nprint', 'print', 1))
+    p = subprocess.run([sys.executable, "-c", code + "()", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert p.stdout == "loaded\n" and p.stderr.rstrip().endswith("KeyboardInterrupt")
 
 
 # Steps of ~0.3 s (longer than the 0.1 s the main thread waits on the spheres between checks
