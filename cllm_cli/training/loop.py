@@ -99,7 +99,7 @@ def train(data, engine_hook=None, world=None, engine_class=Engine, **options):
 
     def set_up():                # rank 0's, on many processes
         if cfg.metrics_file:     # fail now, before a corpus or a model given for it is replaced
-            check_metrics_output(cfg.metrics_file)
+            check_metrics_output(cfg.metrics_file, cfg.checkpoint_dir)
         if cfg.plot:             # rank 0 draws it: fail now, not after the run
             check_plot_output(cfg.plot, cfg.metrics_file,
                               lambda text: UsageError(f"--plot {text}"), cfg.checkpoint_dir)
