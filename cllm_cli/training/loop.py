@@ -104,7 +104,7 @@ def train(data, engine_hook=None, world=None, engine_class=Engine, **options):
             check_plot_output(cfg.plot, cfg.metrics_file,
                               lambda text: UsageError(f"--plot {text}"), cfg.checkpoint_dir)
         if cfg.tensorboard:
-            check_tensorboard(cfg.tensorboard)     # fail now, not after tokenizing
+            check_tensorboard(cfg.tensorboard, cfg.checkpoint_dir)     # fail now, not after tokenizing
         return Trainer(data, cfg, given=options)
 
     with StopSignals() as local_stop, \
