@@ -98,6 +98,7 @@ def train(data, engine_hook=None, world=None, engine_class=Engine, **options):
             cfg.metrics_file = os.path.join(cfg.checkpoint_dir, "metrics.jsonl")
 
     def set_up():                # rank 0's, on many processes
+        cfg.validate()           # the options' types and values, before any path is looked at
         if cfg.metrics_file:     # fail now, before a corpus or a model given for it is replaced
             check_metrics_output(cfg.metrics_file, cfg.checkpoint_dir)
         if cfg.plot:             # rank 0 draws it: fail now, not after the run
