@@ -178,6 +178,16 @@ def test_train_takes_none_where_an_option_means_none(corpus, ckpt_dir):
     assert result["step"] == 1 and not (ckpt_dir / "metrics.jsonl").exists()
 
 
+def test_an_empty_data_path_is_refused(corpus, tmp_path, capsys, monkeypatch):
+    """DATA "" (a shell variable that is not set, "$CORPUS") names no file: it is refused,
+    not read as the current directory, whose every *.txt was trained on."""
+    monkeypatch.chdir(corpus.parent)
+    ckpt_dir = tmp_path / "ck"
+    code, _, err = cli(capsys, "", "--checkpoint-dir", ckpt_dir, *TINY)
+    assert_one_error_line(code, err, "train_model", "empty path")
+    assert not ckpt_dir.exists()
+
+
 @pytest.mark.parametrize("argv", [["--no-such-option"], ["--threads", "two"],
                                   ["--tokenizer", "bpe"]])
 def test_argparse_errors_exit_2(corpus, ckpt_dir, capsys, argv):
