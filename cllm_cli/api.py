@@ -69,6 +69,8 @@ class CLLMModel:
             raise ValueError(f"{name}: sequence length {a.shape[1]} exceeds seq_len {self.config.seq_len}")
         if a.size and ((a.min() < 0 and not labels) or a.max() >= self.config.vocab_size):
             raise ValueError(f"{name} hold ids outside [0, {self.config.vocab_size})")
+        if labels and a.dtype.kind == "i":
+            a = np.maximum(a, -1)     # so that a target below int32's range stays negative
         return np.ascontiguousarray(a, dtype=np.int32)
 
     def loss_and_grads(self, inputs: ArrayLike, targets: ArrayLike,

@@ -141,6 +141,54 @@ def test_impossible_option_values(corpus, ckpt_dir, capsys, option, value, names
     assert not ckpt_dir.exists()
 
 
+@pytest.mark.parametrize("option, value, names", [
+    ("max_steps", 2.5, "--max-steps must be an integer, got 2.5"),
+    ("micro_batch", 2.5, "--micro-batch must be an integer"),
+    ("batch_size", 8.0, "--batch-size must be an integer"),
+    ("threads", 2.0, "--threads must be an integer"),
+    ("seed", True, "--seed must be an integer"),
+    ("learning_rate", "0.1", "--learning-rate must be a number"),
+    ("grad_clip", None, None),
+    ("dropout", "0.1", "--dropout must be a number"),
+    ("quiet", "no", "--quiet must be true or false"),
+    ("metrics_file", 3, "--metrics-file must be a string"),
+])
+def test_train_refuses_keywords_of_the_wrong_type(corpus, ckpt_dir, option, value, names):
+    """train()'s keywords are TrainConfig's types: a float step count (which ran 3 steps for
+    2.5), a bool seed, a string number are refused with the UsageError naming the option
+    before anything is written, not taken as another value or failed on deep inside."""
+    from cllm_cli.errors import UsageError
+    from cllm_cli.training import train
+    options = dict(checkpoint_dir=str(ckpt_dir), tokenizer="word", vocab_size=120, embed_dim=16,
+                   num_layers=2, num_heads=2, seq_len=16, batch_size=8, micro_batch=2,
+                   max_steps=2, threads=2, quiet=True)
+    options[option] = value
+    if names is None:           # None is the default of an option with none only
+        names = f"--{option.replace('_', '-')} must be a number, got None"
+    with pytest.raises(UsageError, match=re.escape(names)):
+        train([str(corpus)], **options)
+    assert not ckpt_dir.exists()
+
+
+def test_train_takes_none_where_an_option_means_none(corpus, ckpt_dir):
+    from cllm_cli.training import train
+    result = train([str(corpus)], checkpoint_dir=str(ckpt_dir), tokenizer="word", vocab_size=120,
+                   embed_dim=16, num_layers=2, num_heads=2, seq_len=16, batch_size=8,
+                   micro_batch=2, max_steps=1, threads=2, quiet=True, metrics_file=None,
+                   tensorboard=None, eval_tokens=None)
+    assert result["step"] == 1 and not (ckpt_dir / "metrics.jsonl").exists()
+
+
+def test_an_empty_data_path_is_refused(corpus, tmp_path, capsys, monkeypatch):
+    """DATA "" (a shell variable that is not set, "$CORPUS") names no file: it is refused,
+    not read as the current directory, whose every *.txt was trained on."""
+    monkeypatch.chdir(corpus.parent)
+    ckpt_dir = tmp_path / "ck"
+    code, _, err = cli(capsys, "", "--checkpoint-dir", ckpt_dir, *TINY)
+    assert_one_error_line(code, err, "train_model", "empty path")
+    assert not ckpt_dir.exists()
+
+
 @pytest.mark.parametrize("argv", [["--no-such-option"], ["--threads", "two"],
                                   ["--tokenizer", "bpe"]])
 def test_argparse_errors_exit_2(corpus, ckpt_dir, capsys, argv):

@@ -232,3 +232,20 @@ def test_a_metrics_file_replaces_only_earlier_metrics(tiny_run, tmp_path, capsys
         assert code == 0, err
         steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
         assert steps == [1, 2, 2], steps
+
+
+@pytest.mark.parametrize("name", ["dataset.bin", "vocab.txt", "final_model.cllm",
+                                  "checkpoint_step_2.cllm", ".lock"])
+def test_a_metrics_file_is_never_one_of_the_runs_own_files(tiny_run, tmp_path, capsys, name):
+    """--metrics-file naming a file the run itself writes in --checkpoint-dir, before it
+    exists, is refused in one line before anything is read: the metrics once replaced the
+    tokenizer (the run directory no longer loaded), truncated the mapped dataset.bin (the run
+    died of SIGBUS), or were replaced by the model."""
+    from helpers import call
+    corpus, _ = tiny_run
+    run = tmp_path / "run"
+    code, out, err = call(capsys, train_main, corpus, *TINY, "--max-steps", "2",
+                          "--checkpoint-dir", run, "--metrics-file", run / name)
+    assert_one_error_line(code, err, "train_model", f"--metrics-file {run / name}",
+                          "the run writes")
+    assert not run.exists()

@@ -178,6 +178,17 @@ def test_model_loss_with_no_counted_target_is_zero():
     assert loss == 0 and all(not np.any(g) for g in grads.values())
 
 
+def test_model_negative_targets_beyond_int32_are_not_counted():
+    """A negative target is not counted, however far below 0: -2**32 + 5 once became
+    target 5 when the int64 labels were cut to int32."""
+    cfg = CFG_A
+    model = CLLMModel(cfg, seed=1)
+    inputs, _ = make_batch(cfg, 2, 4, seed=42)
+    for far in (-2**31 - 1, -2**32, -2**32 + 5, np.iinfo(np.int64).min):
+        loss, grads = model.loss_and_grads(inputs, np.full(inputs.shape, far, dtype=np.int64))
+        assert loss == 0 and all(not np.any(g) for g in grads.values()), far
+
+
 def test_model_accepts_1d_and_int64_inputs():
     cfg = CFG_B
     model = CLLMModel(cfg, seed=2)

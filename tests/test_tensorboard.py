@@ -250,6 +250,20 @@ def test_an_unwritable_directory_is_refused_before_the_corpus_is_read(corpus, tm
     assert afile.read_text() == "a regular file\n"
 
 
+@pytest.mark.parametrize("name", ["vocab.txt", "dataset.bin", "final_model.cllm"])
+def test_a_directory_named_as_one_of_the_runs_own_files_is_refused(corpus, tmp_path, capsys,
+                                                                    name):
+    """--tensorboard naming a file the run writes in --checkpoint-dir is refused before the
+    corpus is read: the event directory once took the name first, and the run failed after
+    tokenizing or, at final_model.cllm, after all its training."""
+    ck = tmp_path / "ck"
+    tb = ck / name
+    code, _, err = call(capsys, main, corpus, "--checkpoint-dir", ck, *TINY_RUN, "--tensorboard", tb)
+    assert_one_error_line(code, err, "train_model", f"--tensorboard {tb}", "the run writes",
+                          status=2)
+    assert not ck.exists(), "refused before the checkpoint directory is made"
+
+
 @pytest.mark.parametrize("inside", [True, False], ids=["in the checkpoint dir", "apart"])
 def test_a_run_refused_during_set_up_leaves_no_tensorboard_directory(tmp_path, capsys, inside):
     """The directories --tensorboard would make are not left behind by a run refused after

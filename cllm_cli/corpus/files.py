@@ -56,6 +56,9 @@ def collect_files(paths: str | os.PathLike | Iterable[str | os.PathLike], patter
             files.append(path)
 
     for raw in given:
+        if not os.fspath(raw):       # pathlib reads "" as ".": a path left unset, not a choice
+            raise DataError("an empty path names no file or directory (give . for the current "
+                            "directory)")
         path = pathlib.Path(raw)
         if not path.exists():
             raise DataError(f"no such file or directory: {raw}")

@@ -9,6 +9,8 @@ replace the stored value.
 """
 import dataclasses
 import math
+import numbers
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -246,11 +248,14 @@ class TrainConfig:
         not restate (None: not known yet; it may when --resume is given)."""
         for f in dataclasses.fields(self):
             value, option_flag, meta = getattr(self, f.name), flag(f.name), f.metadata
-            if value is None:
+            if value is None and f.default in (None, ""):
+                setattr(self, f.name, f.default)     # None: the option's "none"
                 continue
+            if f.name != "resume" and not of_type(value, f.type):    # train()'s keywords
+                raise UsageError(f"{option_flag} must be {TYPE_NAMES[f.type]}, got {value!r}")
             if meta["choices"] is not None and value not in meta["choices"]:
                 raise UsageError(f"{option_flag} must be one of {', '.join(meta['choices'])}")
-            if f.type is int and not isinstance(value, bool) and isinstance(value, int):
+            if f.type is int:
                 if meta["minimum"] is not None and value < meta["minimum"]:
                     raise UsageError(f"{option_flag} must be at least {meta['minimum']}, got {value}")
                 if meta["maximum"] is not None and value > meta["maximum"]:
@@ -361,6 +366,21 @@ class TrainConfig:
         except ValueError as e:
             raise UsageError(f"--lora-targets: {e} in a {family.name} model") from None
         return LoraSpec(self.lora_rank, alpha, float(self.lora_dropout), sites)
+
+
+TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def of_type(value: Any, kind: type) -> bool:
+    """Whether `value` is a value of a field of type `kind`: a numpy integer is an integer too,
+    a path a string, an integer a number; a bool is no number."""
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is str:
+        return isinstance(value, (str, os.PathLike))
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, numbers.Integral if kind is int else numbers.Real)
 
 
 def flag(name: str) -> str:

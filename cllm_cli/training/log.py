@@ -13,28 +13,35 @@ from typing import Any, Union
 from cllm_cli.errors import DataError, UsageError
 from cllm_cli.fileio import file_start, reason
 from cllm_cli.training.config import TrainConfig
+from cllm_cli.training.rundir import run_file
 from cllm_cli.training.tensorboard import EventWriter
 
 # How every line train_model writes into a metrics file starts
 METRICS_START = b'{"step": '
 
 
-def check_metrics_output(path: str | os.PathLike) -> None:
+def check_metrics_output(path: str | os.PathLike, run_dir: str | os.PathLike) -> None:
     """Raises UsageError when --metrics-file names an existing file that a run would damage:
     a new run replaces the file and a resumed one appends to it, which is right only for an
     earlier run's metrics (an empty file, or one that starts as train_model writes them), not
-    for a corpus or a model given by mistake. Paths that are not regular files are left to
-    the open."""
-    if not os.path.isfile(path):
-        return
-    try:
-        start = file_start(path, len(METRICS_START))
-    except OSError as e:
-        raise UsageError(f"cannot write --metrics-file {path}: {reason(e)}") from None
-    if start and start != METRICS_START:
-        raise UsageError(f"--metrics-file {path} exists and is not a metrics file (its lines "
-                         f"do not start with {METRICS_START.decode()}...): a run writes only over "
-                         f"an earlier run's metrics; remove it or choose another")
+    for a corpus or a model given by mistake; or a file of the run in `run_dir` (its
+    tokenizer, dataset.bin, a checkpoint), which the run writes there later, destroying the
+    metrics or being destroyed by them. Paths that are not regular files are left to the
+    open."""
+    if os.path.isfile(path):
+        try:
+            start = file_start(path, len(METRICS_START))
+        except OSError as e:
+            raise UsageError(f"cannot write --metrics-file {path}: {reason(e)}") from None
+        if start and start != METRICS_START:
+            raise UsageError(f"--metrics-file {path} exists and is not a metrics file (its "
+                             f"lines do not start with {METRICS_START.decode()}...): a run "
+                             f"writes only over an earlier run's metrics; remove it or choose "
+                             f"another")
+    name = run_file(path, run_dir)
+    if name:
+        raise UsageError(f"--metrics-file {path} is {name}, a file the run writes in its "
+                         f"--checkpoint-dir; choose another name")
 
 
 def drop_cut_line(path: str | os.PathLike) -> None:

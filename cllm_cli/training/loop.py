@@ -98,13 +98,14 @@ def train(data, engine_hook=None, world=None, engine_class=Engine, **options):
             cfg.metrics_file = os.path.join(cfg.checkpoint_dir, "metrics.jsonl")
 
     def set_up():                # rank 0's, on many processes
+        cfg.validate()           # the options' types and values, before any path is looked at
         if cfg.metrics_file:     # fail now, before a corpus or a model given for it is replaced
-            check_metrics_output(cfg.metrics_file)
+            check_metrics_output(cfg.metrics_file, cfg.checkpoint_dir)
         if cfg.plot:             # rank 0 draws it: fail now, not after the run
             check_plot_output(cfg.plot, cfg.metrics_file,
                               lambda text: UsageError(f"--plot {text}"), cfg.checkpoint_dir)
         if cfg.tensorboard:
-            check_tensorboard(cfg.tensorboard)     # fail now, not after tokenizing
+            check_tensorboard(cfg.tensorboard, cfg.checkpoint_dir)     # fail now, not after tokenizing
         return Trainer(data, cfg, given=options)
 
     with StopSignals() as local_stop, \

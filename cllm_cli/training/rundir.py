@@ -21,8 +21,11 @@ import socket
 import stat
 import time
 
+from cllm_cli.corpus.instructions import INSTRUCTIONS_FILE
 from cllm_cli.errors import DataError, UsageError
 from cllm_cli.fileio import reason, writable_directory
+from cllm_cli.tokenizers import TOKENIZERS
+from cllm_cli.tokenizers.chat_template import TEMPLATE_FILE
 
 LOCK_NAME = ".lock"
 _held: set[DirectoryLock] = set()          # the DirectoryLocks this process holds
@@ -206,6 +209,19 @@ class RunDirectory:
             if path == self.created:
                 return
             path = os.path.dirname(path)
+
+
+def run_file(path: str | os.PathLike, directory: str | os.PathLike) -> str | None:
+    """The name of `path` when it is one of the files a run in `directory` writes there (its
+    lock, token stream, tokenizer, chat template, checkpoints), which no other output of the
+    run may be; otherwise None."""
+    where = os.path.realpath(path)
+    if os.path.dirname(where) != os.path.realpath(directory):
+        return None
+    name = os.path.basename(where)
+    own = {LOCK_NAME, "dataset.bin", INSTRUCTIONS_FILE, TEMPLATE_FILE,
+           *(kind.file_name for kind in TOKENIZERS.values())}
+    return name if name in own or name.endswith(".cllm") else None
 
 
 def first_missing(path: str) -> str | None:

@@ -29,9 +29,9 @@ import time
 from types import ModuleType
 from typing import Any, Mapping
 
-from cllm_cli.errors import DataError, MissingExtra
+from cllm_cli.errors import DataError, MissingExtra, UsageError
 from cllm_cli.fileio import reason, writable_directory
-from cllm_cli.training.rundir import first_missing
+from cllm_cli.training.rundir import first_missing, run_file
 
 INSTALL = "pip install '.[tensorboard]' in CLLM's source (or pip install tensorboardX)"
 
@@ -46,12 +46,17 @@ def require_tensorboardx() -> ModuleType:
     return tensorboardX
 
 
-def check_tensorboard(directory: str | os.PathLike) -> None:
-    """Before the corpus is read: tensorboardX can be imported and a file can be created in
-    `directory`. MissingExtra or DataError with one line when not. The directories made for
-    the check are removed again, so that a run refused later leaves none; the run's event
-    writer makes them."""
+def check_tensorboard(directory: str | os.PathLike, run_dir: str | os.PathLike) -> None:
+    """Before the corpus is read: tensorboardX can be imported, `directory` is not named as a
+    file the run in `run_dir` writes there (its tokenizer, a checkpoint: the run would fail
+    to write it), and a file can be created in `directory`. MissingExtra, UsageError or
+    DataError with one line when not. The directories made for the check are removed again,
+    so that a run refused later leaves none; the run's event writer makes them."""
     require_tensorboardx()
+    name = run_file(directory, run_dir)
+    if name:
+        raise UsageError(f"--tensorboard {directory} is {name}, a file the run writes in its "
+                         f"--checkpoint-dir; choose another directory")
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise DataError(f"cannot write --tensorboard {directory}: it is a file, not a "
                         f"directory")
