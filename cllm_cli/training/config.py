@@ -12,7 +12,7 @@ import math
 import numbers
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, cast
 
 from cllm_cli.corpus.files import ENCODING_ERRORS
 from cllm_cli.errors import UsageError
@@ -251,8 +251,9 @@ class TrainConfig:
             if value is None and f.default in (None, ""):
                 setattr(self, f.name, f.default)     # None: the option's "none"
                 continue
-            if f.name != "resume" and not of_type(value, f.type):    # train()'s keywords
-                raise UsageError(f"{option_flag} must be {TYPE_NAMES[f.type]}, got {value!r}")
+            kind = cast(type, f.type)       # every field's type is a plain class
+            if f.name != "resume" and not of_type(value, kind):    # train()'s keywords
+                raise UsageError(f"{option_flag} must be {TYPE_NAMES[kind]}, got {value!r}")
             if meta["choices"] is not None and value not in meta["choices"]:
                 raise UsageError(f"{option_flag} must be one of {', '.join(meta['choices'])}")
             if f.type is int:
