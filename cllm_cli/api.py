@@ -5,6 +5,7 @@ its tokenizer from whatever a user names (a .cllm file, a run directory, a trans
 directory), as every command reads one."""
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Any, Container, Iterable, Iterator, Mapping, NamedTuple
 
@@ -85,10 +86,16 @@ class CLLMModel:
         input_ids, target_ids = self._tokens(inputs, "inputs"), self._tokens(targets, "targets", labels=True)
         if input_ids.shape != target_ids.shape:
             raise ValueError("inputs and targets must have the same shape")
+        if pad_id is None:
+            pad_id = -1
+        elif (isinstance(pad_id, bool) or not isinstance(pad_id, numbers.Integral)
+                or not -1 <= pad_id < self.config.vocab_size):     # 2.5 would be cut to 2
+            raise ValueError(f"pad_id must be an id in [0, {self.config.vocab_size}), or -1 "
+                             f"or None for none, not {pad_id!r}")
         grads = np.empty_like(self.flat)     # the engine writes every element
         loss_sum, counted = loss_and_grads(self.config, self.flat,
                                                    input_ids, target_ids, grads,
-                                                   pad_id=-1 if pad_id is None else int(pad_id))
+                                                   pad_id=int(pad_id))
         if counted:
             grads /= np.float32(counted)
             loss_sum /= counted

@@ -236,3 +236,15 @@ def test_api_misuse_is_refused_with_a_clear_exception(tiny_model):
     assert list(tiny_model.generate([1], max_tokens=0)) == []
     assert tiny_model.logits(np.array([[1, V - 1]], dtype=np.uint8)).shape == (1, 2, V)
     assert len(list(tiny_model.generate(np.array([1, 2], dtype=np.int16), max_tokens=2))) == 2
+
+
+def test_a_pad_id_that_is_no_id_is_refused(tiny_model):
+    # 2.5 was cut to 2 (a real id, whose targets were then left out); 2**40 overflowed
+    V = tiny_model.config.vocab_size
+    for bad in (2.5, 2 ** 40, V, -2, True, "1"):
+        with pytest.raises(ValueError, match="pad_id must be an id"):
+            tiny_model.loss_and_grads([[1, 2]], [[2, 1]], pad_id=bad)
+    counted_all, _ = tiny_model.loss_and_grads([[1, 2]], [[2, 1]], pad_id=np.int64(-1))
+    assert counted_all == tiny_model.loss_and_grads([[1, 2]], [[2, 1]])[0]
+    padded, _ = tiny_model.loss_and_grads([[1, 2]], [[2, 1]], pad_id=np.int32(2))
+    assert padded == tiny_model.loss_and_grads([[1, 2]], [[-1, 1]])[0]     # target 2 left out
