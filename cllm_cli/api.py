@@ -16,6 +16,7 @@ from cllm_cli._engine import forward_logits, loss_and_grads, num_parameters
 from cllm_cli.formats import checkpoint_params, load_checkpoint, load_model_files, save_checkpoint
 from cllm_cli.model import CLLMConfig, family_of, named_views
 from cllm_cli.model.generation import generate_ids
+from cllm_cli.model.precision import require as require_precision
 from cllm_cli.tokenizers import Tokenizer
 
 
@@ -120,12 +121,14 @@ class CLLMModel:
         num_tokens (the tokenizer's size, when the model's vocabulary is padded beyond it):
         no id >= num_tokens is ever yielded (their logits count as -inf).
         precision: "fp32", or "bf16" (the weights' bf16 copy, bf16-rounded product inputs,
-        fp32 sums; load it first with model.precision.require("bf16")).
+        fp32 sums; oneDNN, the bf16 extra, is loaded on first use: PrecisionError when the
+        CPU or the installation cannot run it).
 
         The prompt runs as one batched pass that fills a key/value cache (Decoder),
         then each new token runs the model on its position only. Once the context no longer
         fits in seq_len, the window slides: every position moves, so no cached key or value is
         valid any more, and each token runs the whole window again as one batched pass."""
+        require_precision(precision)
         return generate_ids(self.config, self.flat, prompt_ids, max_tokens, temperature, top_k,
                             top_p, seed, stop_ids, start_id, threads, num_tokens, precision)
 

@@ -8,8 +8,12 @@ that it handles in a group of 4 to 16 rows (the full pass's rows) differently fr
 (the cache's one new position), in the last bits. The full pass itself gives a
 position different bits depending on how many positions follow it. So the tests below check
 the logits to float32 rounding and the tokens exactly."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
+from helpers import ROOT, checkout_env
 
 from cllm_cli import _engine
 from cllm_cli.api import CLLMModel
@@ -248,3 +252,30 @@ def test_a_pad_id_that_is_no_id_is_refused(tiny_model):
     assert counted_all == tiny_model.loss_and_grads([[1, 2]], [[2, 1]])[0]
     padded, _ = tiny_model.loss_and_grads([[1, 2]], [[2, 1]], pad_id=np.int32(2))
     assert padded == tiny_model.loss_and_grads([[1, 2]], [[-1, 1]])[0]     # target 2 left out
+
+
+GENERATE_BF16 = """
+from cllm_cli import CLLMConfig, CLLMModel
+from cllm_cli.errors import PrecisionError
+model = CLLMModel(CLLMConfig(vocab_size=40, embed_dim=16, num_layers=1, num_heads=2, seq_len=8), 1)
+try:
+    print(len(list(model.generate([1, 2], max_tokens=3, temperature=0, precision="bf16"))))
+except PrecisionError as e:
+    print(e)
+"""
+
+
+@pytest.mark.parametrize("hidden", [True, pytest.param(False, marks=pytest.mark.bf16)])
+def test_generate_in_bf16_loads_what_it_needs(hidden):
+    """A fresh process: generate(precision="bf16") loads oneDNN itself (no internal call
+    first), or says in one PrecisionError why this host cannot (CLLM_NO_BF16 hides bf16)."""
+    env = checkout_env(CLLM_NO_BF16="1")
+    if not hidden:
+        del env["CLLM_NO_BF16"]
+    p = subprocess.run([sys.executable, "-c", GENERATE_BF16], env=env, cwd=ROOT,
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    if hidden:
+        assert p.stdout.startswith("--precision bf16 needs a CPU with bf16 instructions"), p.stdout
+    else:
+        assert p.stdout == "3\n"
