@@ -319,6 +319,19 @@ def test_resume_accepts_the_init_from_file_in_another_spelling(corpus, trained_e
     assert_bit_identical(straight / "final_model.cllm", resumed / "final_model.cllm")
 
 
+def test_a_given_option_that_clashes_with_a_stored_one_says_where_that_one_is(
+        corpus, tmp_path, capsys):
+    """--learning-rate 10 needs a --weight-decay below 1/10; the run's stored 0.5 is not: the
+    line says that the value it names is the checkpoint's."""
+    code, _, err = cli(capsys, corpus, *TINY, "--checkpoint-dir", tmp_path, "--weight-decay",
+                       "0.5")
+    assert code == 0, err
+    code, _, err = cli(capsys, corpus, *TINY, "--checkpoint-dir", tmp_path, "--resume",
+                       "--learning-rate", "10")
+    assert_one_error_line(code, err, "train_model", "--weight-decay", "got 0.5",
+                          "checkpoint_step_4.cllm")
+
+
 def test_resume_refuses_epochs_that_would_not_act(corpus, trained_every_step, capsys):
     """The run's length is its --max-steps: a new --epochs alone would change nothing, and is
     refused rather than reported as a change; with --max-steps 0 it acts."""

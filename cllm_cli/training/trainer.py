@@ -405,7 +405,11 @@ class Trainer:
                 and self.cfg.epochs != saved["epochs"]):
             raise UsageError(f"--epochs has no effect on this run: its length is --max-steps "
                              f"{self.cfg.max_steps}; give --max-steps too (0: run --epochs)")
-        self.cfg.validate()
+        try:
+            self.cfg.validate()
+        except UsageError as e:      # an option given against one the checkpoint keeps
+            raise UsageError(f"{e} (the options not given are the checkpoint's: "
+                             f"{path.name})") from None
         self.state = state
         vocab_path = os.path.join(self.ckpt_dir, tokenizer_class(self.cfg.tokenizer).file_name)
         self.tokenizer = Tokenizer.load(vocab_path, self.cfg.tokenizer)
