@@ -15,7 +15,7 @@ import safetensors.numpy
 import tokenizers
 import torch
 from helpers import assert_one_error_line, call, sentences
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
@@ -126,13 +126,15 @@ def test_export_loads_in_transformers(kind, text, tmp_path, capsys):
 
 WORD_PIECES = ["the", "The", "OLD", "don't", "'", "''", "x'y", "é", "E\u0301", "\u0301", "ß", "İ",
                "汉字", "🙂", "12", "3.5", "_", "a_b", "-", ".", ",", '"', "(", " ", "  ", "\t", "\n",
-               "\r\n", "\u00a0", "\u3000"]
+               "\r\n", "\u00a0", "\u3000", "\x1c", "\x1f", "\x85"]
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.sampled_from(WORD_PIECES), max_size=40).map("".join))
+@example("the\x1cold\x1fthe")
 def test_word_and_char_pipelines_give_our_ids(text):
-    """The exported WordLevel pipelines split and map text exactly as our tokenizers do."""
+    """The exported WordLevel pipelines split and map text exactly as our tokenizers do; the
+    separators \\x1c..\\x1f too, which Python's \\s holds and the library's does not."""
     corpus = " ".join(WORD_PIECES[::2])       # half of the pieces known, the rest <unk>
     for kind in ("word", "char"):
         ours = Tokenizer.build([corpus], kind=kind, vocab_size=100)
