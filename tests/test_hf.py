@@ -156,6 +156,20 @@ def test_the_word_pipeline_decodes_as_we_do(ids):
     assert tokenizers.Tokenizer.from_str(ours.tokenizer_json().decode("utf-8")).decode(ids, skip_special_tokens=False) == ours.decode(ids)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 11), max_size=40))
+@example([5, 3, 0, 6, 2, 1, 3])
+@example([6, 8, 9, 10, 7, 3])
+def test_the_char_pipeline_decodes_as_we_do(ids):
+    """Any ids, the special ones too (<eos> a line end, <pad> and <bos> skipped, <unk> as
+    written), and characters that spell a special token's name: the exported decoder gives
+    our decode's text."""
+    ours = Tokenizer.build(["<eos> x\n"], kind="char", vocab_size=100)
+    assert len(ours) == 12
+    exported = tokenizers.Tokenizer.from_str(ours.tokenizer_json().decode("utf-8"))
+    assert exported.decode(ids, skip_special_tokens=False) == ours.decode(ids)
+
+
 def test_exported_config_and_layout(text, tmp_path, capsys):
     model, _ = make_checkpoint(tmp_path / "ckpt", "word", text)
     out = tmp_path / "out"
