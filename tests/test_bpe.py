@@ -221,6 +221,41 @@ def test_every_block_cut_of_a_file_encodes_as_the_whole_file(tok, text):
         assert tok.encode(head).tolist() + tok.encode(tail).tolist() == whole
 
 
+SPACED = st.sampled_from(["слово", "汉字", "é", "🙂", "«", "»", ",", "a", "7", "'s", " ", "  ",
+                          "\u00a0", "\u2028", "\u3000", "\x85", "\x1c", "\t", "\u0301"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(SPACED, max_size=60).map("".join))
+def test_every_word_cut_of_a_line_encodes_as_the_whole_line(tok, text):
+    """A line cut at any end of a word that cut_points or block_cut may choose (white space of
+    every kind around, letters that are not ASCII): the parts encode to the whole line's ids."""
+    whole = tokenizers.Tokenizer.from_str(tok.json_bytes.decode("utf-8"))
+    whole.encode_special_tokens = True
+    ids = whole.encode(text, add_special_tokens=False).ids
+    for m in bpe_cuts.WORD_CUT.finditer(text):
+        head, tail = text[:m.end()], text[m.end():]
+        assert tok.encode(head).tolist() + tok.encode(tail).tolist() == ids
+    data = text.encode("utf-8")
+    for m in bpe_cuts.BLOCK_WORD_CUT.finditer(data):
+        head, tail = decode_block("f", data[:m.end()]), decode_block("f", data[m.end():], m.end())
+        assert tok.encode(head).tolist() + tok.encode(tail).tolist() == ids
+
+
+def test_a_long_line_of_words_without_ascii_letters_is_cut(tok, monkeypatch):
+    """A line of words in another script, spaced, with no newline: cut into pieces and blocks
+    of bounded size at the ends of its words, so the library never encodes it in one call
+    (6.9 MB of Russian took 1 GB)."""
+    line = " ".join(["слово", "汉字", "«да»", "🙂", "ещё,"] * 4000)
+    monkeypatch.setattr(bpe_cuts, "LINE_CHARS", 1000)
+    assert len(bpe_cuts.cut_points(line, 1000)) > 50
+    data = line.encode("utf-8")
+    assert 0 < tok.block_cut(data[:5000]) <= 5000
+    whole = tokenizers.Tokenizer.from_str(tok.json_bytes.decode("utf-8"))
+    monkeypatch.setattr(bpe, "CHUNK_CHARS", 1000)
+    assert tok.encode(line).tolist() == whole.encode(line, add_special_tokens=False).ids
+
+
 def test_a_tokenizer_that_cannot_be_cut_reads_files_whole(tok):
     spec = json.loads(tok.json_bytes)
     spec["normalizer"] = {"type": "Lowercase"}

@@ -41,6 +41,17 @@ def test_collect_glob_pattern(tmp_path):
     assert [p.name for p in files] == ["b.md", "c.md"]
 
 
+@pytest.mark.parametrize("pattern", ["/etc/*", "../*.txt", "**/../*.txt", "sub/../../*"])
+def test_collect_glob_pattern_stays_below_the_directory(tmp_path, pattern):
+    """A pattern that is absolute or climbs out with '..' is refused in one line: pathlib
+    raises NotImplementedError for the one, and reads files outside the directory for the
+    other."""
+    write(tmp_path / "outside.txt", "x")
+    write(tmp_path / "corpus" / "sub" / "a.txt", "x")
+    with pytest.raises(DataError, match="pattern of file names below the directory"):
+        collect_files([tmp_path / "corpus"], pattern=pattern)
+
+
 def test_collect_excludes_checkpoint_dir(tmp_path):
     write(tmp_path / "a.txt", "x")
     write(tmp_path / "checkpoints" / "vocab.txt", "<pad>\t0\n")

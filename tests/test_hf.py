@@ -15,7 +15,7 @@ import safetensors.numpy
 import tokenizers
 import torch
 from helpers import assert_one_error_line, call, sentences
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
@@ -126,13 +126,15 @@ def test_export_loads_in_transformers(kind, text, tmp_path, capsys):
 
 WORD_PIECES = ["the", "The", "OLD", "don't", "'", "''", "x'y", "é", "E\u0301", "\u0301", "ß", "İ",
                "汉字", "🙂", "12", "3.5", "_", "a_b", "-", ".", ",", '"', "(", " ", "  ", "\t", "\n",
-               "\r\n", "\u00a0", "\u3000"]
+               "\r\n", "\u00a0", "\u3000", "\x1c", "\x1f", "\x85"]
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.sampled_from(WORD_PIECES), max_size=40).map("".join))
+@example("the\x1cold\x1fthe")
 def test_word_and_char_pipelines_give_our_ids(text):
-    """The exported WordLevel pipelines split and map text exactly as our tokenizers do."""
+    """The exported WordLevel pipelines split and map text exactly as our tokenizers do; the
+    separators \\x1c..\\x1f too, which Python's \\s holds and the library's does not."""
     corpus = " ".join(WORD_PIECES[::2])       # half of the pieces known, the rest <unk>
     for kind in ("word", "char"):
         ours = Tokenizer.build([corpus], kind=kind, vocab_size=100)
@@ -152,6 +154,20 @@ def test_the_word_pipeline_decodes_as_we_do(ids):
     ours = Tokenizer.build([" ".join(DECODED_PIECES)], kind="word", vocab_size=100)
     assert len(ours) == len(DECODED_PIECES) + 4
     assert tokenizers.Tokenizer.from_str(ours.tokenizer_json().decode("utf-8")).decode(ids, skip_special_tokens=False) == ours.decode(ids)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 11), max_size=40))
+@example([5, 3, 0, 6, 2, 1, 3])
+@example([6, 8, 9, 10, 7, 3])
+def test_the_char_pipeline_decodes_as_we_do(ids):
+    """Any ids, the special ones too (<eos> a line end, <pad> and <bos> skipped, <unk> as
+    written), and characters that spell a special token's name: the exported decoder gives
+    our decode's text."""
+    ours = Tokenizer.build(["<eos> x\n"], kind="char", vocab_size=100)
+    assert len(ours) == 12
+    exported = tokenizers.Tokenizer.from_str(ours.tokenizer_json().decode("utf-8"))
+    assert exported.decode(ids, skip_special_tokens=False) == ours.decode(ids)
 
 
 def test_exported_config_and_layout(text, tmp_path, capsys):

@@ -393,6 +393,25 @@ def test_a_refused_set_up_leaves_the_directory_as_it_was(corpus, tmp_path, capsy
     assert files_in(top) == before
 
 
+@pytest.mark.parametrize("name", ["vocab.txt", "tokenizer.json", "dataset.bin", ".lock"])
+def test_a_data_file_the_run_would_write_is_refused(corpus, ckpt_dir, capsys, name):
+    """A DATA file that is one of the files the run writes in its --checkpoint-dir (read
+    there as text, then written over by the vocabulary, the stream, the lock) is refused
+    before anything is written, and keeps its text; another file of that directory is
+    read as any other."""
+    ckpt_dir.mkdir()
+    data = ckpt_dir / name
+    data.write_bytes(corpus.read_bytes())
+    code, _, err = cli(capsys, data, *TINY, "--checkpoint-dir", ckpt_dir)
+    assert_one_error_line(code, err, "train_model", str(data), "--checkpoint-dir")
+    assert data.read_bytes() == corpus.read_bytes()
+    assert os.listdir(ckpt_dir) == [name]
+    own = ckpt_dir / "corpus.txt"
+    own.write_bytes(corpus.read_bytes())
+    code, _, err = cli(capsys, own, *TINY, "--checkpoint-dir", ckpt_dir)
+    assert code == 0, err
+
+
 def test_resume_auto_starts_then_continues(corpus, ckpt_dir, capsys):
     ck = ckpt_dir
     code, _, err = cli(capsys, corpus, *TINY, "--checkpoint-dir", ck, "--resume", "auto")

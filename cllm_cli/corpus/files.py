@@ -42,7 +42,8 @@ def collect_files(paths: str | os.PathLike | Iterable[str | os.PathLike], patter
     A file is taken whatever its name. A directory stands for every file below it whose name
     matches `pattern` (searched recursively), sorted by path components, leaving out anything
     inside `exclude_dir` (the checkpoint directory, which holds vocab.txt). A file reached
-    twice is kept at its first place.
+    twice is kept at its first place. A pattern that would reach outside the directory is
+    refused (check_pattern).
     """
     given: Iterable[str | os.PathLike] = [paths] if isinstance(paths, (str, os.PathLike)) else paths
     excluded = pathlib.Path(exclude_dir).resolve() if exclude_dir is not None else None
@@ -65,6 +66,7 @@ def collect_files(paths: str | os.PathLike | Iterable[str | os.PathLike], patter
         if path.is_file():
             add(path)
         elif path.is_dir():
+            check_pattern(pattern)
             found: list[pathlib.Path] = []
             for match in path.rglob(pattern):
                 if not match.is_file():
@@ -81,6 +83,15 @@ def collect_files(paths: str | os.PathLike | Iterable[str | os.PathLike], patter
         else:
             raise DataError(f"{raw}: not a regular file or directory")
     return files
+
+
+def check_pattern(pattern: str) -> None:
+    """DataError unless `pattern` names files below a directory: not an absolute path, no
+    '..' part (pathlib refuses the one and climbs out of the directory with the other)."""
+    pure = pathlib.PurePath(pattern)
+    if pure.is_absolute() or ".." in pure.parts:
+        raise DataError(f"glob pattern {pattern!r} is not a pattern of file names below the "
+                        f"directory (no absolute path, no '..'), such as '*.txt'")
 
 
 def check_encoding_errors(encoding_errors: str) -> None:

@@ -48,12 +48,13 @@ Choices written down here:
 - Long lines: where no such newline comes within LINE_CHARS characters (a file without line
   breaks), a piece or a block is cut right after an ASCII letter followed by an ASCII
   character that is not a letter, or after an ASCII digit followed by an ASCII character that
-  is not a digit (the end of a word or a number: "dog| ran", "dog|, ", "42| ", "x|9"). GPT-2's
+  is not a digit, or before a single space between two characters that are not white space
+  (the end of a word or a number: "dog| ran", "dog|, ", "42| ", "x|9", "слово| мир"). GPT-2's
   regex ends a piece there whatever follows, and BPE never merges across its pieces, so these
   cuts do not change the ids either. So a line of any length is encoded in pieces of bounded
   size (memory: the library needed 12 GB for one call on a 50 MB line), block by block, and a
   stop signal acts between two blocks. Text with no such place (one "word" of non-ASCII
-  letters megabytes long) is still encoded whole. A tokenizer.json with added tokens that
+  letters megabytes long, or no single space between words) is still encoded whole. A tokenizer.json with added tokens that
   are not special (the library matches them in text, across any cut) is not cut.
 - Bounded memory: the library's trainer holds every distinct word of what it learns from, with
   its pairs (12 MB of generated text: 0.8 GB; 120 MB: 20 GB). So the vocabulary is learned

@@ -5,7 +5,8 @@
   (ties: lower code point first), still listed in code-point order; the rest map to <unk>.
 - Decoding skips <pad> and <bos>, turns <eos> into a newline and writes <unk> as "<unk>".
 - As a tokenizer.json (tokenizer_json): a `tokenizers` WordLevel pipeline in which every
-  character is a token; a Fuse decoder gives the text back unchanged.
+  character is a token; its decoder gives the text our decode gives: the special tokens
+  replaced as above (<eos> a newline, <pad> and <bos> nothing), then the tokens joined.
 """
 from __future__ import annotations
 
@@ -56,7 +57,11 @@ class CharTokenizer(VocabTokenizer):
     def tokenizer_json(self) -> bytes:
         tk = word_level_pipeline(self)
         tk.pre_tokenizer = pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), behavior="isolated")
-        tk.decoder = decoders.Fuse()
+        # each special token as our decode writes it (a token is replaced whole, so the
+        # characters "<", "e", ... of a text that spells "<eos>" stay as they are), then joined
+        tk.decoder = decoders.Sequence([decoders.Replace(SPECIALS[EOS], "\n"),
+                                        decoders.Replace(SPECIALS[PAD], ""),
+                                        decoders.Replace(SPECIALS[BOS], ""), decoders.Fuse()])
         return tk.to_str().encode("utf-8")
 
     @classmethod

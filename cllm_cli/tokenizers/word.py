@@ -12,10 +12,11 @@
 - As a tokenizer.json (tokenizer_json, for a transformers directory): a `tokenizers`
   WordLevel pipeline giving our ids, with <unk> for what the vocabulary lacks: a Lowercase
   normalizer, then a Split pre-tokenizer keeping `[\\p{L}\\p{N}_]+(?:'[\\p{L}\\p{N}_]+)*|
-  [^\\p{L}\\p{N}_\\s]` (Python's `\\w+(?:'\\w+)*|[^\\w\\s]`; the library's own `\\w` would also
-  take combining marks); a decoder that gives the text our decode gives (WORD_DECODING: the
-  tokens joined by single spaces, then the spaces our rules leave out removed by regular
-  expressions; clean_up_tokenization_spaces is off, as it would undo some). Its quote rule
+  [^\\p{L}\\p{N}_\\s\\x1c-\\x1f]` (Python's `\\w+(?:'\\w+)*|[^\\w\\s]`; the library's own `\\w`
+  would also take combining marks, and its `\\s` lacks the separators \\x1c..\\x1f); a
+  decoder that gives the text our decode gives (WORD_DECODING: the tokens joined by single
+  spaces, then the spaces our rules leave out removed by regular expressions;
+  clean_up_tokenization_spaces is off, as it would undo some). Its quote rule
   counts the quotes before each one on the line, a cost that grows with the square of a
   line's length (a line of 20 KB decodes in about 0.1 s). The library lower-cases one
   character at a time, so a final capital sigma becomes σ where Python writes ς.
@@ -42,7 +43,8 @@ _NO_SPACE_AFTER = frozenset("([{")
 _JOINERS = frozenset("-/")          # no space on either side: "well-known", "and/or"
 
 # Python's \w is letters, digits (numeric characters) and "_"; [^\w\s] every other non-space.
-WORD_PATTERN = r"[\p{L}\p{N}_]+(?:'[\p{L}\p{N}_]+)*|[^\p{L}\p{N}_\s]"
+# Python's \s also holds the separators \x1c..\x1f, which the library's \s does not.
+WORD_PATTERN = r"[\p{L}\p{N}_]+(?:'[\p{L}\p{N}_]+)*|[^\p{L}\p{N}_\s\x1c-\x1f]"
 
 # The word tokenizer's decoding (tokenizers/word.py) as replacements in the text of the tokens
 # joined by single spaces. No token holds a space, so every space lies between two tokens and

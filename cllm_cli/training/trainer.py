@@ -74,7 +74,7 @@ from cllm_cli.tokenizers import BPETokenizer, Tokenizer, tokenizer_class
 from cllm_cli.tokenizers.chat_template import DEFAULT_TEMPLATE, TEMPLATE_FILE, ChatTemplate
 from cllm_cli.training.config import TrainConfig
 from cllm_cli.training.engine_settings import EngineSettings
-from cllm_cli.training.rundir import RunDirectory, remove_leftovers
+from cllm_cli.training.rundir import RunDirectory, remove_leftovers, run_file
 
 
 @dataclass
@@ -121,6 +121,12 @@ class Trainer:
         self.changed: list[str] = []          # options a resumed run changed: "--name old -> new"
         self.resumed_from: str | os.PathLike | None = None
         files = collect_files(data_paths, cfg.glob, exclude_dir=self.ckpt_dir)
+        for path in files:
+            name = run_file(path, self.ckpt_dir)
+            if name:
+                raise UsageError(f"DATA {path} is {name}, a file the run writes in its "
+                                 f"--checkpoint-dir {self.ckpt_dir}; move the text elsewhere "
+                                 f"or choose another --checkpoint-dir")
         self.instruct = is_instruction_data(files)
         if cfg.chat_template and not self.instruct:
             raise UsageError("--chat-template renders the messages of .jsonl DATA; these DATA "
