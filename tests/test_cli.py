@@ -258,6 +258,18 @@ def test_checkpoint_directory_inside_the_data_directory(tmp_path, capsys):
 
 # --- metrics file -----------------------------------------------------------------------------
 
+def test_a_validation_share_too_small_for_one_window_is_said(corpus, tmp_path, capsys):
+    code, _, err = cli(capsys, corpus, "--checkpoint-dir", tmp_path / "ck",
+                       *with_option("--val-fraction", "0.0002"))
+    assert code == 0, err
+    assert err.splitlines() == ["train_model: warning: --val-fraction 0.0002 holds out no whole "
+                                "window of this corpus: the run has no validation loss; raise it "
+                                "(or give 0 to say so)"]
+    code, _, err = cli(capsys, corpus, "--checkpoint-dir", tmp_path / "ck0",
+                       *with_option("--val-fraction", "0"))
+    assert code == 0 and err == "", err
+
+
 def test_resume_appends_after_a_metrics_record_cut_mid_write(corpus, tmp_path, capsys):
     """A run stopped while writing a record (a full disk, kill -9) leaves it without its
     newline: the resumed run drops that piece, so that every line stays one record."""

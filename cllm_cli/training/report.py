@@ -168,6 +168,9 @@ def print_header(trainer: Trainer, log: RunLog) -> None:
         log.say(f"validation: {len(trainer.val_tokens):,} {plural(len(trainer.val_tokens), 'token')} "
                 f"in {n:,} {plural(n, 'window')}; evaluated "
                 f"{when} on {what}, at the end on {final}")
+    elif cfg.val_fraction > 0:
+        log.warn(f"--val-fraction {cfg.val_fraction:g} holds out no whole window of this corpus: "
+                 f"the run has no validation loss; raise it (or give 0 to say so)")
     if cfg.init_from and not trainer.resumed_from:
         cached = f" (from {trainer.init_path})" if trainer.init_path != cfg.init_from else ""
         log.say(f"initialised from {cfg.init_from}{cached} (AdamW state starts at zero)")
