@@ -19,6 +19,19 @@ def test_collect_directory_recursive_sorted(tmp_path):
     assert rel == ["a.txt", "b.txt", "sub/c.txt", "sub/deeper/a.txt", "z.txt"]
 
 
+def test_collect_leaves_out_hidden_files_and_directories(tmp_path):
+    """As a shell's * does: .git and the ._ files macOS writes beside a copy are no text;
+    a pattern that names hidden files takes them, and a hidden DATA directory is read."""
+    for name in ["a.txt", "._a.txt", ".git/notes.txt", "sub/.cache/b.txt", "sub/b.txt"]:
+        write(tmp_path / ".corpus" / name, "x")
+    rel = [p.relative_to(tmp_path / ".corpus").as_posix()
+           for p in collect_files([tmp_path / ".corpus"])]
+    assert rel == ["a.txt", "sub/b.txt"]
+    assert [p.name for p in collect_files([tmp_path / ".corpus"], pattern="._*")] == ["._a.txt"]
+    hidden = write(tmp_path / ".given.txt", "x")
+    assert collect_files([hidden]) == [hidden]        # a file given by name is taken
+
+
 def test_collect_file_taken_whatever_its_name(tmp_path):
     md = write(tmp_path / "notes.md", "x")
     noext = write(tmp_path / "README", "x")

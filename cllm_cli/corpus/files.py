@@ -41,7 +41,9 @@ def collect_files(paths: str | os.PathLike | Iterable[str | os.PathLike], patter
 
     A file is taken whatever its name. A directory stands for every file below it whose name
     matches `pattern` (searched recursively), sorted by path components, leaving out anything
-    inside `exclude_dir` (the checkpoint directory, which holds vocab.txt). A file reached
+    inside `exclude_dir` (the checkpoint directory, which holds vocab.txt) and hidden files
+    and directories (a name starting with ".", as a shell's * leaves them out: .git, the ._
+    files macOS writes beside copies) unless the pattern names them. A file reached
     twice is kept at its first place. A pattern that would reach outside the directory is
     refused (check_pattern).
     """
@@ -69,7 +71,7 @@ def collect_files(paths: str | os.PathLike | Iterable[str | os.PathLike], patter
             check_pattern(pattern)
             found: list[pathlib.Path] = []
             for match in path.rglob(pattern):
-                if not match.is_file():
+                if not match.is_file() or _hidden_below(match, path, pattern):
                     continue
                 resolved = match.resolve()
                 if excluded is not None and (resolved == excluded or excluded in resolved.parents):
@@ -83,6 +85,15 @@ def collect_files(paths: str | os.PathLike | Iterable[str | os.PathLike], patter
         else:
             raise DataError(f"{raw}: not a regular file or directory")
     return files
+
+
+def _hidden_below(match: pathlib.Path, directory: pathlib.Path, pattern: str) -> bool:
+    """Whether a part of `match` below `directory` is hidden (starts with ".") where the
+    pattern's part at that depth from the end does not start with "." itself."""
+    parts = match.relative_to(directory).parts
+    wanted = pathlib.PurePath(pattern).parts
+    return any(part.startswith(".") and not (k < len(wanted) and wanted[-1 - k].startswith("."))
+               for k, part in enumerate(reversed(parts)))
 
 
 def check_pattern(pattern: str) -> None:
