@@ -286,6 +286,25 @@ def test_resume_appends_after_a_metrics_record_cut_mid_write(corpus, tmp_path, c
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("where, fragment", [
+    ("no-dir/m.jsonl", "its directory {tmp}/no-dir does not exist"),
+    ("a-dir", "it is a directory"),
+    ("notes.txt/m.jsonl", "{tmp}/notes.txt is not a directory"),
+])
+def test_a_metrics_file_that_cannot_be_written_is_refused_before_the_corpus_is_read(
+        corpus, tmp_path, capsys, where, fragment):
+    """Refused with one line before tokenizing, so the run leaves nothing behind: no
+    checkpoint directory (the run would have created it), no dataset.bin."""
+    (tmp_path / "a-dir").mkdir()
+    (tmp_path / "notes.txt").write_text("not a directory\n")
+    ck = tmp_path / "ck"
+    code, _, err = cli(capsys, corpus, *TINY, "--checkpoint-dir", ck,
+                       "--metrics-file", tmp_path / where)
+    assert_one_error_line(code, err, "train_model", f"cannot write --metrics-file {tmp_path / where}",
+                          fragment.format(tmp=tmp_path))
+    assert not ck.exists()
+
+
 def test_metrics_file_keys(corpus, tmp_path, capsys):
     metrics = tmp_path / "m.jsonl"
     code, _, err = cli(capsys, corpus, "--checkpoint-dir", tmp_path / "ck",

@@ -12,6 +12,7 @@ from cllm_cli import _engine
 from cllm_cli.distributed.shares import shares_of
 from cllm_cli.distributed.world import Solo, block_of, world
 from cllm_cli.model import CLLMConfig
+from cllm_cli.training.ranks import describe_layout
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 
@@ -30,6 +31,19 @@ def test_blocks_are_contiguous_and_cover_every_micro_batch(size, n_micro):
     assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
     lengths = [e - f for f, e in blocks]
     assert max(lengths) - min(lengths) <= 1 and lengths == sorted(lengths, reverse=True)
+
+
+
+@pytest.mark.parametrize("threads, spheres", [(1, "1 sphere"), (2, "2 spheres")])
+def test_the_layout_names_the_spheres_of_a_rank_in_the_singular_or_plural(threads, spheres):
+    class TwoRanks(Solo):
+        size = 2
+
+        def allgather(self, obj):
+            return [obj, obj.replace("rank 0", "rank 1")]
+
+    layout = describe_layout(TwoRanks(), threads)
+    assert layout.startswith(f"2 ranks x {spheres} (rank 0 pid "), layout
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 3, 4, 7])

@@ -111,7 +111,7 @@ def test_every_layout_gives_the_checkpoints_of_one_process(long_corpus, one_proc
     assert results(ck / "m.jsonl") == results(one_process / "m.jsonl")
     assert p.stdout.count("corpus: ") == 1, "one rank prints"
     if ranks > 1:
-        assert f"{ranks} ranks x {threads} sphere(s)" in p.stdout
+        assert f"{ranks} ranks x {threads} sphere{'s' if threads > 1 else ''} (" in p.stdout
         assert all("exchange_bytes" in r and "exchange_seconds" in r
                    for r in metrics(ck / "m.jsonl") if "loss" in r)
 

@@ -2,6 +2,8 @@
 trained parameters; a corpus with many <unk> tokens warns; a word model exported to a
 transformers directory and read back is named for what its tokenizer.json holds, and decodes
 as the .cllm does."""
+import json
+
 import numpy as np
 import pytest
 from helpers import TINY_RUN, call, corpus_text, gpt2_directory, write
@@ -60,6 +62,25 @@ def test_many_unknown_tokens_warn_once(capsys, tmp_path, text, vocab_size, warns
     else:
         assert lines == []
     assert not [line for line in out.splitlines() if line.startswith("lora:")]    # not LoRA
+
+
+@pytest.mark.parametrize("warmup, warns", [(2, False), (3, True)])
+def test_the_warm_up_warning_only_for_a_run_that_never_reaches_the_peak(capsys, tmp_path, text,
+                                                                         warmup, warns):
+    """The warm-up of N steps reaches the peak learning rate at its N-th step (lr x N / N), so a
+    run of N steps reaches it and only a shorter run is warned about."""
+    corpus = write(tmp_path / "corpus.txt", text)
+    metrics = tmp_path / "m.jsonl"
+    code, out, err = call(capsys, train_main, corpus, "--checkpoint-dir", tmp_path / "run",
+                          "--tokenizer", "word", "--embed-dim", "16", "--num-layers", "1",
+                          "--num-heads", "2", "--seq-len", "16", "--batch-size", "4",
+                          "--max-steps", "2", "--warmup-steps", warmup, "--learning-rate", "0.002",
+                          "--eval-interval", "0", "--threads", "1", "--metrics-file", metrics)
+    assert code == 0, err
+    lrs = [json.loads(line)["lr"] for line in metrics.read_text().splitlines()
+           if '"lr"' in line]
+    assert (lrs[-1] < 0.002) == warns                   # premise: whether the peak is reached
+    assert ("never reaches its peak" in err) == warns, err
 
 
 def test_an_exported_word_model_reads_back_as_what_it_is(capsys, tmp_path, text):

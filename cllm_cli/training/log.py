@@ -26,8 +26,18 @@ def check_metrics_output(path: str | os.PathLike, run_dir: str | os.PathLike) ->
     earlier run's metrics (an empty file, or one that starts as train_model writes them), not
     for a corpus or a model given by mistake; or a file of the run in `run_dir` (its
     tokenizer, dataset.bin, a checkpoint), which the run writes there later, destroying the
-    metrics or being destroyed by them. Paths that are not regular files are left to the
-    open."""
+    metrics or being destroyed by them; or a path that cannot be created (a directory, below
+    a missing directory other than `run_dir` or its parents, which the run creates, or below
+    a file). Other paths that are not regular files are left to the open."""
+    if os.path.isdir(path):
+        raise UsageError(f"cannot write --metrics-file {path}: it is a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    run_dir_or_above = os.path.commonpath([parent, os.path.abspath(run_dir)]) == parent
+    if os.path.lexists(parent) and not os.path.isdir(parent):
+        raise UsageError(f"cannot write --metrics-file {path}: {parent} is not a directory")
+    if not os.path.lexists(parent) and not run_dir_or_above:
+        raise UsageError(f"cannot write --metrics-file {path}: its directory {parent} does not "
+                         f"exist")
     if os.path.isfile(path):
         try:
             start = file_start(path, len(METRICS_START))

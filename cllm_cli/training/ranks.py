@@ -24,6 +24,7 @@ from cllm_cli.distributed import MomentShares, on_all_ranks
 from cllm_cli.errors import AllRanksStop, CheckpointError, DataError
 from cllm_cli.formats import check_vocabulary, checkpoint_path
 from cllm_cli.model import MODEL_FIELDS, CLLMConfig, family_of, num_adapter_parameters
+from cllm_cli.progress import plural
 from cllm_cli.tokenizers import Tokenizer, tokenizer_class
 from cllm_cli.training.config import TrainConfig
 from cllm_cli.training.engine_settings import EngineSettings
@@ -112,10 +113,10 @@ def data_key(ckpt_dir, instruct):
 
 
 def describe_layout(world, threads):
-    """'K ranks x N sphere(s)' and where each rank runs (the launcher names a rank that dies
+    """'K ranks x N spheres' and where each rank runs (the launcher names a rank that dies
     by its pid)."""
     where = world.allgather(f"rank {world.rank} pid {os.getpid()} on {socket.gethostname()}")
-    return f"{world.size} ranks x {threads} sphere(s) ({', '.join(where)})"
+    return f"{world.size} ranks x {threads} {plural(threads, 'sphere')} ({', '.join(where)})"
 
 
 class FollowerTrainer(Trainer):

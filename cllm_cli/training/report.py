@@ -187,7 +187,7 @@ def print_header(trainer: Trainer, log: RunLog) -> None:
     if replaced:
         log.warn("--prompt holds bytes that are not UTF-8, read as U+FFFD: "
                  + ", ".join(repr(b) for b in replaced[:8]) + (" ..." if len(replaced) > 8 else ""))
-    if cfg.warmup_steps >= trainer.total_steps:
+    if cfg.warmup_steps > trainer.total_steps:     # lr_at's warm-up is at the peak at its last step
         log.warn(f"--warmup-steps {cfg.warmup_steps} covers the whole run of "
                  f"{trainer.total_steps} {plural(trainer.total_steps, 'step')}: the learning "
                  f"rate never reaches its peak")
