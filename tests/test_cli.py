@@ -258,6 +258,29 @@ def test_checkpoint_directory_inside_the_data_directory(tmp_path, capsys):
 
 # --- metrics file -----------------------------------------------------------------------------
 
+def test_a_metrics_fifo_is_written_only_while_a_process_reads_it(corpus, tmp_path, capsys):
+    """A FIFO nothing reads is refused before the corpus is read (opening it would wait for a
+    reader, and no stop signal ends that wait); one that a process reads gets the records."""
+    fifo = tmp_path / "metrics.fifo"
+    os.mkfifo(fifo)
+    code, _, err = cli(capsys, corpus, "--checkpoint-dir", tmp_path / "ck", *TINY,
+                       "--metrics-file", fifo)
+    assert_one_error_line(code, err, "train_model", str(fifo), "no process reads")
+    assert not (tmp_path / "ck").exists()
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)      # the reader, started first
+    try:
+        code, _, err = cli(capsys, corpus, "--checkpoint-dir", tmp_path / "ck", *TINY,
+                           "--metrics-file", fifo)
+        assert code == 0, err
+        received = b""
+        while chunk := os.read(reader, 1 << 16):
+            received += chunk
+    finally:
+        os.close(reader)
+    rows = [json.loads(line) for line in received.decode().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+
+
 def test_a_validation_share_too_small_for_one_window_is_said(corpus, tmp_path, capsys):
     code, _, err = cli(capsys, corpus, "--checkpoint-dir", tmp_path / "ck",
                        *with_option("--val-fraction", "0.0002"))

@@ -3,12 +3,14 @@ of --metrics-file and the TensorBoard events of --tensorboard."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import stat
 import sys
 import time
-from typing import Any, Union
+from typing import Any, TextIO, Union
 
 from cllm_cli.errors import DataError, UsageError
 from cllm_cli.fileio import file_start, reason
@@ -38,6 +40,12 @@ def check_metrics_output(path: str | os.PathLike, run_dir: str | os.PathLike) ->
     if not os.path.lexists(parent) and not run_dir_or_above:
         raise UsageError(f"cannot write --metrics-file {path}: its directory {parent} does not "
                          f"exist")
+    if stat.S_ISFIFO(os.stat(path).st_mode if os.path.exists(path) else 0):
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError as e:
+            what = NO_READER if e.errno == errno.ENXIO else reason(e)
+            raise UsageError(f"cannot write --metrics-file {path}: {what}") from None
     if os.path.isfile(path):
         try:
             start = file_start(path, len(METRICS_START))
@@ -52,6 +60,20 @@ def check_metrics_output(path: str | os.PathLike, run_dir: str | os.PathLike) ->
     if name:
         raise UsageError(f"--metrics-file {path} is {name}, a file the run writes in its "
                          f"--checkpoint-dir; choose another name")
+
+
+# what opening a FIFO for writing without waiting says (ENXIO) when no process reads it
+NO_READER = "it is a FIFO that no process reads (start the reader first)"
+
+
+def open_metrics(path: str | os.PathLike, append: bool) -> TextIO:
+    """The metrics file open for writing (appending, on --resume). A FIFO is opened without
+    waiting for a reader, which stop signals could not interrupt: OSError ENXIO when it has
+    none."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | (os.O_APPEND if append else os.O_TRUNC)
+    fd = os.open(path, flags, 0o644)
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "a" if append else "w")
 
 
 def drop_cut_line(path: str | os.PathLike) -> None:
@@ -91,9 +113,10 @@ class Log:
         try:
             if cfg.metrics_file and append:
                 drop_cut_line(cfg.metrics_file)
-            self.metrics = open(cfg.metrics_file, "a" if append else "w") if cfg.metrics_file else None
+            self.metrics = open_metrics(cfg.metrics_file, append) if cfg.metrics_file else None
         except OSError as e:
-            raise DataError(f"cannot write --metrics-file {cfg.metrics_file}: {e.strerror or e}") from None
+            what = NO_READER if e.errno == errno.ENXIO else e.strerror or e
+            raise DataError(f"cannot write --metrics-file {cfg.metrics_file}: {what}") from None
         self.events: EventWriter | None = None
         if cfg.tensorboard:
             try:
