@@ -292,7 +292,9 @@ def test_lora_on_records(tmp_path, chat_file, capsys):
     ("[1, 2]", "a record is a JSON object, got a list"),
     ('{"prompt": "a"}', '"completion" must be a string, got missing'),
     ('{"prompt": "a", "completion": 3}', '"completion" must be a string, got a number'),
-    ('{"prompt": "a", "completion": "b", "extra": 1}', 'has no field "extra"'),
+    ('{"prompt": "a", "completion": "b", "extra": 1}', 'a prompt-completion record has no field '
+                                                      '"extra"'),
+    ('{"instruction": "a", "output": "b", "x": 1}', 'an Alpaca record has no field "x"'),
     ('{"messages": []}', "non-empty list"),
     ('{"messages": [{"role": "robot", "content": "x"}]}', "role 'robot'"),
     ('{"messages": [{"role": "user", "content": "x"}]}', "no assistant message"),

@@ -139,8 +139,9 @@ def test_a_malformed_item_in_a_real_process(model_dir, tmp_path):
 @pytest.mark.parametrize("extra, fragment", [
     (["second.txt"], "takes one task file, got 2"),
     (["--split", "val"], "--split does not apply with --task"),
-    (["--precision", "fp32"], "--precision does not apply"),
-    (["--glob", "*.md"], "--glob does not apply"),
+    (["--precision", "fp32"], "--precision does not apply with --task (tasks are scored in fp32)"),
+    (["--glob", "*.md"], "--glob does not apply with --task (a task reads one file, not a "
+                         "directory)"),
     (["--threads", "0"], "--threads: must be an integer from 1"),
 ])
 def test_task_usage_errors(model_dir, passages, capsys, extra, fragment):

@@ -126,13 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
 def check_task_options(args: argparse.Namespace) -> None:
     if len(args.data) != 1:
         raise UsageError(f"--task {args.task} takes one task file, got {len(args.data)}")
-    given = [name for name, value, default in (
-        ("--split", args.split, None), ("--glob", args.glob, "*.txt"),
-        ("--encoding-errors", args.encoding_errors, "strict"),
-        ("--precision", args.precision, None)) if value != default]
+    # what each option is about, which a task does not have: it scores one UTF-8 file in fp32
+    given = [(name, why) for name, value, default, why in (
+        ("--split", args.split, None, "a task scores its own items, not a run's split"),
+        ("--glob", args.glob, "*.txt", "a task reads one file, not a directory"),
+        ("--encoding-errors", args.encoding_errors, "strict", "task files are UTF-8"),
+        ("--precision", args.precision, None, "tasks are scored in fp32")) if value != default]
     if given:
-        raise UsageError(f"{given[0]} does not apply with --task (task files are UTF-8 and "
-                         f"scored in fp32)")
+        raise UsageError(f"{given[0][0]} does not apply with --task ({given[0][1]})")
 
 
 def write_json(out: TextIO, record: Mapping[str, Any]) -> None:

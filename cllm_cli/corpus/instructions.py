@@ -110,7 +110,8 @@ def _json_type(value: object) -> str:
 def _check_fields(record: dict[str, Any], allowed: Iterable[str], what: str, where: str) -> None:
     extra = sorted(set(record) - set(allowed))
     if extra:
-        raise DataError(f"{where}: a {what} record has no field \"{extra[0]}\"")
+        article = "an" if what[0] in "AEIOUaeiou" else "a"
+        raise DataError(f"{where}: {article} {what} record has no field \"{extra[0]}\"")
 
 
 def _messages(record: dict[str, Any], where: str) -> list[dict[str, str]]:

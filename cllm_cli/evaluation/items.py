@@ -24,7 +24,6 @@ from typing import Any, Iterator, Sequence, TypeVar
 from cllm_cli.errors import DataError
 from cllm_cli.fileio import open_regular, reason
 from cllm_cli.jsonfile import JSONError, loads
-from cllm_cli.progress import plural
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,14 +120,13 @@ def hellaswag_item(line: str, where: str) -> HellaSwagItem:
         try:
             label = int(label)
         except ValueError:      # more digits than Python converts (4,300): no index either
-            raise DataError(f"{where}: label {_short(label)} is not the index of one of the "
-                            f"{len(endings)} {plural(len(endings), 'ending')}") from None
+            raise DataError(f"{where}: label {_short(label)} is not the index of one of its "
+                            f"endings (0 to {len(endings) - 1})") from None
     if isinstance(label, bool) or not isinstance(label, int):
         raise DataError(f"{where}: label must be an integer (the index of the right ending), "
                         f"got {_short(json.dumps(label))}")
     if not 0 <= label < len(endings):
-        raise DataError(f"{where}: label {label} is not the index of one of the "
-                        f"{len(endings)} {plural(len(endings), 'ending')} (0 to "
+        raise DataError(f"{where}: label {label} is not the index of one of its endings (0 to "
                         f"{len(endings) - 1})")
     return HellaSwagItem(context, tuple(endings), label, where)
 
