@@ -313,6 +313,7 @@ def test_resume_appends_after_a_metrics_record_cut_mid_write(corpus, tmp_path, c
     ("no-dir/m.jsonl", "its directory {tmp}/no-dir does not exist"),
     ("a-dir", "it is a directory"),
     ("notes.txt/m.jsonl", "{tmp}/notes.txt is not a directory"),
+    ("ck", "it is a directory (the --checkpoint-dir)"),      # which the run is to create
 ])
 def test_a_metrics_file_that_cannot_be_written_is_refused_before_the_corpus_is_read(
         corpus, tmp_path, capsys, where, fragment):
@@ -326,6 +327,15 @@ def test_a_metrics_file_that_cannot_be_written_is_refused_before_the_corpus_is_r
     assert_one_error_line(code, err, "train_model", f"cannot write --metrics-file {tmp_path / where}",
                           fragment.format(tmp=tmp_path))
     assert not ck.exists()
+
+
+def test_tensorboard_and_metrics_file_at_one_path_are_refused_before_the_corpus_is_read(
+        corpus, tmp_path, capsys):
+    ck, both = tmp_path / "ck", tmp_path / "out"
+    code, _, err = cli(capsys, corpus, *TINY, "--checkpoint-dir", ck, "--metrics-file", both,
+                       "--tensorboard", both)
+    assert_one_error_line(code, err, "train_model", f"--tensorboard {both} is the --metrics-file")
+    assert not ck.exists() and not both.exists()
 
 
 def test_metrics_file_keys(corpus, tmp_path, capsys):

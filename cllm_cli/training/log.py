@@ -31,8 +31,9 @@ def check_metrics_output(path: str | os.PathLike, run_dir: str | os.PathLike) ->
     metrics or being destroyed by them; or a path that cannot be created (a directory, below
     a missing directory other than `run_dir` or its parents, which the run creates, or below
     a file). Other paths that are not regular files are left to the open."""
-    if os.path.isdir(path):
-        raise UsageError(f"cannot write --metrics-file {path}: it is a directory")
+    if os.path.isdir(path) or os.path.realpath(path) == os.path.realpath(run_dir):
+        raise UsageError(f"cannot write --metrics-file {path}: it is a directory"
+                         + ("" if os.path.isdir(path) else " (the --checkpoint-dir)"))
     parent = os.path.dirname(os.path.abspath(path))
     run_dir_or_above = os.path.commonpath([parent, os.path.abspath(run_dir)]) == parent
     if os.path.lexists(parent) and not os.path.isdir(parent):

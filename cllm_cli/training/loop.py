@@ -105,6 +105,10 @@ def train(data, engine_hook=None, world=None, engine_class=Engine, **options):
             check_plot_output(cfg.plot, cfg.metrics_file,
                               lambda text: UsageError(f"--plot {text}"), cfg.checkpoint_dir)
         if cfg.tensorboard:
+            if cfg.metrics_file and os.path.realpath(cfg.tensorboard) == \
+                    os.path.realpath(cfg.metrics_file):
+                raise UsageError(f"--tensorboard {cfg.tensorboard} is the --metrics-file: the "
+                                 f"events need a directory of their own")
             check_tensorboard(cfg.tensorboard, cfg.checkpoint_dir)     # fail now, not after tokenizing
         return Trainer(data, cfg, given=options)
 
