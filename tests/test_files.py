@@ -1,4 +1,6 @@
 """Tests of cllm_cli/files.py: which files a corpus is made of, and reading their text."""
+import os
+
 import pytest
 from helpers import write
 
@@ -44,6 +46,13 @@ def test_collect_keeps_argument_order_and_removes_duplicates(tmp_path):
     c = write(tmp_path / "c.txt", "x")
     files = collect_files([c, tmp_path / "d", a, str(tmp_path / "d" / ".." / "c.txt")])
     assert files == [c, a, b]
+
+
+def test_collect_reads_a_file_with_two_hard_links_once(tmp_path):
+    a = write(tmp_path / "d" / "a.txt", "x")
+    os.link(a, tmp_path / "d" / "b.txt")
+    assert collect_files([tmp_path / "d"]) == [a]
+    assert collect_files([tmp_path / "d" / "b.txt", a]) == [tmp_path / "d" / "b.txt"]
 
 
 def test_collect_glob_pattern(tmp_path):

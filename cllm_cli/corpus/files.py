@@ -43,17 +43,18 @@ def collect_files(paths: str | os.PathLike | Iterable[str | os.PathLike], patter
     matches `pattern` (searched recursively), sorted by path components, leaving out anything
     inside `exclude_dir` (the checkpoint directory, which holds vocab.txt) and hidden files
     and directories (a name starting with ".", as a shell's * leaves them out: .git, the ._
-    files macOS writes beside copies) unless the pattern names them. A file reached
-    twice is kept at its first place. A pattern that would reach outside the directory is
-    refused (check_pattern).
+    files macOS writes beside copies) unless the pattern names them. A file reached twice (by
+    another path, or as a hard link) is kept at its first place. A pattern that would reach
+    outside the directory is refused (check_pattern).
     """
     given: Iterable[str | os.PathLike] = [paths] if isinstance(paths, (str, os.PathLike)) else paths
     excluded = pathlib.Path(exclude_dir).resolve() if exclude_dir is not None else None
     files: list[pathlib.Path] = []
-    seen: set[pathlib.Path] = set()
+    seen: set[tuple[int, int]] = set()
 
     def add(path: pathlib.Path) -> None:
-        key = path.resolve()
+        info = path.stat()       # one file by any path: a link, another spelling, a hard link
+        key = (info.st_dev, info.st_ino)
         if key not in seen:
             seen.add(key)
             files.append(path)
