@@ -323,3 +323,19 @@ def test_a_template_that_refuses_the_system_message_is_refused_before_the_first_
                         str(template), "--threads", "1", "--max-new-tokens", "3"],
                        input="hello\n", capture_output=True, text=True, timeout=GUARD)
     assert p.returncode == 0 and p.stdout.endswith("\n") and p.stderr == "", p.stderr
+
+
+def test_a_template_that_needs_the_system_message_is_read_with_it(tmp_path):
+    """A template that raises without a system message first works with --system: its end of
+    turn is found on a conversation that starts with the system message too."""
+    model = gpt2_directory(tmp_path / "gpt2", sentences(200, 4, "."))
+    template = write(tmp_path / "system_first.jinja",
+                     "{% if messages[0]['role'] != 'system' %}"
+                     "{{ raise_exception('A system message must come first') }}{% endif %}"
+                     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                     "{% if add_generation_prompt %}assistant:{% endif %}")
+    p = subprocess.run([sys.executable, "-m", "cllm_cli.cli.chat", str(model), "--template",
+                        str(template), "--system", "x", "--threads", "1",
+                        "--max-new-tokens", "3"],
+                       input="hi\n", capture_output=True, text=True, timeout=GUARD)
+    assert p.returncode == 0 and p.stdout.endswith("\n") and p.stderr == "", p.stderr

@@ -432,6 +432,18 @@ def test_a_changed_or_missing_base_is_refused(capsys, tmp_path, lora_run, base_d
         shutil.copytree(moved, base_dir)
 
 
+def test_a_base_whose_config_changed_is_named_by_what_changed(capsys, tmp_path, corpus, text):
+    """The same weights under another config.json are another model: the line names the
+    config value that differs, not a weights hash that is the same."""
+    base = gpt2_directory(tmp_path / "base", text)
+    run = train(capsys, corpus, base, tmp_path / "run")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "n_head": 2}))
+    code, _, err = call(capsys, eval_main, run, corpus)
+    assert_one_error_line(code, err, "cllm_eval", "num_heads 2", "not 4")
+    assert "sha256" not in err
+
+
 
 @pytest.mark.parametrize("fmt", ["hf", "peft", "gguf"])
 def test_an_export_never_replaces_the_base_of_the_lora_run(capsys, tmp_path, corpus, base_dir,

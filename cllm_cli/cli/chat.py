@@ -140,10 +140,12 @@ def encode_rendered(tokenizer: Tokenizer, text: str) -> list[int]:
     return [int(i) for i in tokenizer.encode_marked(text)]
 
 
-def end_of_turn(template: ChatTemplate) -> str:
+def end_of_turn(template: ChatTemplate, system: Sequence[Message] = ()) -> str:
     """What the template writes after an assistant message ("<|im_end|>" for ChatML), white
-    space around it left out (unless that is all it writes); empty when it writes nothing."""
-    shown = template.render([{"role": "user", "content": "hello"},
+    space around it left out (unless that is all it writes); empty when it writes nothing.
+    `system`: the session's system message, if any, rendered first as in every turn (a
+    template may require one)."""
+    shown = template.render([*system, {"role": "user", "content": "hello"},
                              {"role": "assistant", "content": SENTINEL}])
     after = shown[shown.rfind(SENTINEL) + len(SENTINEL):] if SENTINEL in shown else ""
     return after.strip() or after
@@ -166,8 +168,8 @@ class Chat:
                                      products)
         self.rng = np.random.default_rng(args.seed)
         self.turns: list[Message] = []          # user and assistant messages, in order
-        self.marker = end_of_turn(template)
         # a template that refuses the --system message says so before the first prompt
+        self.marker = end_of_turn(template, self.messages())
         if not encode_rendered(tokenizer, template.render(
                 self.messages() + [{"role": "user", "content": "hello"}],
                 add_generation_prompt=True)):

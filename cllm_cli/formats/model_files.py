@@ -151,7 +151,17 @@ def load_lora_base(lora: Mapping[str, Any], cfg: CLLMConfig,
     base_cfg, flat = base_model.config, base_model.flat
     if base_cfg.seq_len > cfg.seq_len:
         base_cfg, flat = shorten_positions(base_cfg, flat, cfg.seq_len)
-    if base_cfg != cfg or content_hash(flat) != lora["base_sha256"]:
+    if base_cfg != cfg:
+        # the same weights may be read under another config (a config.json edited since)
+        if base_cfg.family != cfg.family:
+            diffs = f"family {base_cfg.family}, not {cfg.family}"
+        else:
+            theirs = base_cfg.to_dict()
+            diffs = ", ".join(f"{k} {theirs[k]}, not {v}" for k, v in cfg.to_dict().items()
+                              if theirs[k] != v)
+        raise CheckpointError(f"{checkpoint} holds LoRA adapters for another model than its "
+                              f"base {base} is now: the base has {diffs}")
+    if content_hash(flat) != lora["base_sha256"]:
         raise CheckpointError(f"{checkpoint} holds LoRA adapters for a base with sha256 "
                               f"{lora['base_sha256'][:12]}, but {base} is another model "
                               f"(sha256 {content_hash(flat)[:12]})")
