@@ -396,6 +396,36 @@ def test_a_bad_option_on_many_processes_is_one_line(tmp_path):
     assert not (tmp_path / "ck").exists()
 
 
+def test_a_precision_no_rank_can_run_is_one_line(long_corpus, tmp_path, monkeypatch):
+    """--precision bf16 where no rank's CPU has bf16 (CLLM_NO_BF16 hides it): rank 0 says so
+    once, as one process does, and nothing is written."""
+    monkeypatch.setenv("CLLM_NO_BF16", "1")
+    p = run(2, 1, long_corpus, *TINY, "--precision", "bf16", "--checkpoint-dir", tmp_path / "ck")
+    assert_one_error_line(p.returncode, p.stderr, "train_model", "--precision bf16", status=2)
+    assert "rank" not in p.stderr
+    assert not (tmp_path / "ck").exists()
+
+
+@pytest.mark.bf16
+def test_a_bf16_checkpoint_resumed_where_one_rank_cannot_run_it_is_one_line(long_corpus,
+                                                                              tmp_path):
+    """Resumed with 2 ranks, of which rank 1 alone lacks bf16 (as on a host with another
+    CPU): one line naming rank 1, and the checkpoint stays as it was."""
+    ck = tmp_path / "ck"
+    p = run(1, 1, long_corpus, *TINY, "--precision", "bf16", "--checkpoint-dir", ck,
+            "--max-steps", "2")
+    assert p.returncode == 0, p.stderr
+    before = sorted(ck.iterdir())
+    again = command(1, 1, long_corpus, "--checkpoint-dir", ck, "--resume", "--max-steps", "4")
+    p = subprocess.run([MPIEXEC, "-n", "1", *again, ":", "-n", "1", "-env", "CLLM_NO_BF16", "1",
+                        *again], cwd=ROOT, capture_output=True, text=True)
+    ours = [line for line in p.stderr.splitlines() if line.startswith("train_model: error:")]
+    assert p.returncode == 2 and len(ours) == 1, p.stderr
+    assert ours[0].startswith("train_model: error: rank 1 of 2: ") and "bf16" in ours[0], ours
+    assert "Traceback" not in p.stderr
+    assert sorted(ck.iterdir()) == before
+
+
 def test_a_launcher_without_mpi4py_says_how_to_install_it(long_corpus, ckpt_dir, monkeypatch, capsys):
     monkeypatch.setenv("PMI_SIZE", "2")
     monkeypatch.setitem(sys.modules, "mpi4py", None)          # import mpi4py fails

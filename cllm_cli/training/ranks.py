@@ -76,6 +76,24 @@ def open_trainer(world, make_trainer, checkpoint_dir, exit_status):
     return trainer
 
 
+def check_every_rank(world, check, exit_status):
+    """check() on every rank: what each host must offer (bf16 instructions, an installed
+    package). Failing on every rank, rank 0 raises its error (one line, as one process
+    says it) and the others stop with its status; failing on some ranks only, each of those
+    raises its own (a line naming the rank, which ends the job) and the others stop."""
+    try:
+        check()
+        failure = None
+    except Exception as e:
+        failure = e
+    statuses = world.allgather(None if failure is None else exit_status(failure))
+    if failure is not None:
+        raise on_all_ranks(failure) if None not in statuses else failure
+    failed = [status for status in statuses if status is not None]
+    if failed:
+        raise on_all_ranks(AllRanksStop(failed[0]))
+
+
 @dataclass(frozen=True)
 class FollowerPlan:
     """What rank 0 decided in set-up that the other ranks take as it is: the run's resolved
