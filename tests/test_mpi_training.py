@@ -310,6 +310,26 @@ def test_a_signal_to_mpiexec_saves_and_resumes_with_another_layout(long_corpus, 
     assert_bit_identical(big_straight / "final_model.cllm", ck / "final_model.cllm")
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_mpiexec_during_set_up_stops_every_rank_as_one_process(long_corpus,
+                                                                             tmp_path, sig):
+    """Every rank gets the signal while rank 0 sets the run up: rank 0 stops it and removes
+    what it wrote, the others wait for its word; one line, the signal's status."""
+    ck = tmp_path / "ck"
+    proc = subprocess.Popen(command(2, 1, long_corpus, *TINY, "--checkpoint-dir", ck,
+                                    hook="setup:0:0"),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    marker = tmp_path / "ck.setting-up"
+    while not marker.exists():                 # rank 0 has locked the directory
+        assert proc.poll() is None, finish(proc)
+        time.sleep(0.05)
+    proc.send_signal(sig)                      # mpiexec passes it to every rank
+    out, err = finish(proc)
+    assert proc.returncode == 128 + sig, err
+    assert err.splitlines() == [f"train_model: interrupted by {sig.name}"], err
+    assert not ck.exists()
+
+
 def test_a_killed_rank_stops_every_rank_and_the_last_checkpoint_stays_usable(long_corpus, ckpt_dir):
     ck = ckpt_dir
     proc = start(3, 1, long_corpus, *BIG, "--checkpoint-dir", ck, "--save-interval", "1")

@@ -52,7 +52,7 @@ class AgreedStop:
         return self.signum is not None
 
     def defer(self) -> None:
-        self.local.defer()
+        self.local.hold()       # a signal of the set-up goes out with the first step's results
 
     def name(self) -> str:
         self.local.signum = self.signum

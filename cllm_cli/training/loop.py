@@ -115,9 +115,14 @@ def train(data, engine_hook=None, world=None, engine_class=Engine, **options):
                 raise UsageError(f"--tensorboard {cfg.tensorboard} is the --metrics-file: the "
                                  f"events need a directory of their own")
             check_tensorboard(cfg.tensorboard, cfg.checkpoint_dir)     # fail now, not after tokenizing
-        return Trainer(data, cfg, given=options)
+        trainer = Trainer(data, cfg, given=options)
+        if world.size > 1:       # set up: a signal now waits for the first step, as the others'
+            local_stop.hold()
+        return trainer
 
-    with StopSignals() as local_stop, \
+    # on many processes a signal stops rank 0's set-up at once (it removes what it wrote and
+    # tells the others); the other ranks, which write nothing, hold it
+    with StopSignals(deferred=not world.is_root) as local_stop, \
             open_rank_trainer(world, set_up, cfg.checkpoint_dir) as trainer:
         stop = rank_stop(world, local_stop)
         stop.defer()             # from here on a signal ends the run after the current step
