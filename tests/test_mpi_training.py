@@ -238,6 +238,23 @@ def test_bf16_runs_alike_on_every_layout(long_corpus, one_process, tmp_path):
     assert_2x1_equals_1x2(long_corpus, one_process, tmp_path, "--precision", "bf16")
 
 
+def test_ranks_of_their_own_thread_counts_are_named_so_and_train_alike(long_corpus, one_process,
+                                                                       tmp_path):
+    """--threads is each rank's own: rank 0 with 2 spheres and rank 1 with 1 give the
+    checkpoints of one process, the header names each rank's count, and the sphere table
+    numbers the 3 spheres 0, 1, 2."""
+    ck = tmp_path / "ck"
+    args = [long_corpus, *TINY, "--checkpoint-dir", ck]
+    p = subprocess.run([MPIEXEC, "-n", "1", *command(1, 2, *args), ":", "-n", "1",
+                        *command(1, 1, *args)], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "2 ranks x 2/1 spheres (rank 0 pid " in p.stdout, p.stdout
+    table = p.stdout.split("sphere  group  micro-batches  mean loss  busy\n")[1].splitlines()
+    assert [int(line.split()[0]) for line in table[:3]] == [0, 1, 2], p.stdout
+    for name in SAVED:
+        assert_bit_identical(one_process / name, ck / name)
+
+
 def test_a_resume_on_many_processes_takes_the_runs_settings_from_the_checkpoint(long_corpus,
                                                                                 tmp_path):
     """Resumed under mpiexec with only --resume, every rank trains with the settings stored in

@@ -123,7 +123,7 @@ def train(data, engine_hook=None, world=None, engine_class=Engine, **options):
     # on many processes a signal stops rank 0's set-up at once (it removes what it wrote and
     # tells the others); the other ranks, which write nothing, hold it
     with StopSignals(deferred=not world.is_root) as local_stop, \
-            open_rank_trainer(world, set_up, cfg.checkpoint_dir) as trainer:
+            open_rank_trainer(world, set_up, cfg.checkpoint_dir, cfg.threads) as trainer:
         stop = rank_stop(world, local_stop)
         stop.defer()             # from here on a signal ends the run after the current step
 
@@ -281,10 +281,10 @@ def exit_status(error):
     return errors.exit_status(error, {**STATUSES, **errors.STATUSES})
 
 
-def open_rank_trainer(world, make_trainer, checkpoint_dir):
+def open_rank_trainer(world, make_trainer, checkpoint_dir, threads):
     if world.size == 1:
         return make_trainer()
-    return open_trainer(world, make_trainer, checkpoint_dir, exit_status)
+    return open_trainer(world, make_trainer, checkpoint_dir, threads, exit_status)
 
 
 def rank_check(world, check):
