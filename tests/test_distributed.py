@@ -40,7 +40,7 @@ def test_the_layout_names_the_spheres_of_a_rank_in_the_singular_or_plural(thread
         size = 2
 
         def allgather(self, obj):
-            return [obj, obj.replace("rank 0", "rank 1")]
+            return [obj, (obj[0], obj[1].replace("rank 0", "rank 1"))]
 
     layout = describe_layout(TwoRanks(), threads)
     assert layout.startswith(f"2 ranks x {spheres} (rank 0 pid "), layout

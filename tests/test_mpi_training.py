@@ -238,6 +238,23 @@ def test_bf16_runs_alike_on_every_layout(long_corpus, one_process, tmp_path):
     assert_2x1_equals_1x2(long_corpus, one_process, tmp_path, "--precision", "bf16")
 
 
+def test_ranks_of_their_own_thread_counts_are_named_so_and_train_alike(long_corpus, one_process,
+                                                                       tmp_path):
+    """--threads is each rank's own: rank 0 with 2 spheres and rank 1 with 1 give the
+    checkpoints of one process, the header names each rank's count, and the sphere table
+    numbers the 3 spheres 0, 1, 2."""
+    ck = tmp_path / "ck"
+    args = [long_corpus, *TINY, "--checkpoint-dir", ck]
+    p = subprocess.run([MPIEXEC, "-n", "1", *command(1, 2, *args), ":", "-n", "1",
+                        *command(1, 1, *args)], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "2 ranks x 2/1 spheres (rank 0 pid " in p.stdout, p.stdout
+    table = p.stdout.split("sphere  group  micro-batches  mean loss  busy\n")[1].splitlines()
+    assert [int(line.split()[0]) for line in table[:3]] == [0, 1, 2], p.stdout
+    for name in SAVED:
+        assert_bit_identical(one_process / name, ck / name)
+
+
 def test_a_resume_on_many_processes_takes_the_runs_settings_from_the_checkpoint(long_corpus,
                                                                                 tmp_path):
     """Resumed under mpiexec with only --resume, every rank trains with the settings stored in
@@ -308,6 +325,26 @@ def test_a_signal_to_mpiexec_saves_and_resumes_with_another_layout(long_corpus, 
     p = run(*resume_layout, long_corpus, *BIG, "--checkpoint-dir", ck, "--resume", "--quiet")
     assert p.returncode == 0, p.stderr
     assert_bit_identical(big_straight / "final_model.cllm", ck / "final_model.cllm")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_mpiexec_during_set_up_stops_every_rank_as_one_process(long_corpus,
+                                                                             tmp_path, sig):
+    """Every rank gets the signal while rank 0 sets the run up: rank 0 stops it and removes
+    what it wrote, the others wait for its word; one line, the signal's status."""
+    ck = tmp_path / "ck"
+    proc = subprocess.Popen(command(2, 1, long_corpus, *TINY, "--checkpoint-dir", ck,
+                                    hook="setup:0:0"),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    marker = tmp_path / "ck.setting-up"
+    while not marker.exists():                 # rank 0 has locked the directory
+        assert proc.poll() is None, finish(proc)
+        time.sleep(0.05)
+    proc.send_signal(sig)                      # mpiexec passes it to every rank
+    out, err = finish(proc)
+    assert proc.returncode == 128 + sig, err
+    assert err.splitlines() == [f"train_model: interrupted by {sig.name}"], err
+    assert not ck.exists()
 
 
 def test_a_killed_rank_stops_every_rank_and_the_last_checkpoint_stays_usable(long_corpus, ckpt_dir):
@@ -394,6 +431,36 @@ def test_a_bad_option_on_many_processes_is_one_line(tmp_path):
     p = run(2, 0, tmp_path / "c.txt", *TINY, "--checkpoint-dir", tmp_path / "ck")
     assert_one_error_line(p.returncode, p.stderr, "train_model", "--threads", status=2)
     assert not (tmp_path / "ck").exists()
+
+
+def test_a_precision_no_rank_can_run_is_one_line(long_corpus, tmp_path, monkeypatch):
+    """--precision bf16 where no rank's CPU has bf16 (CLLM_NO_BF16 hides it): rank 0 says so
+    once, as one process does, and nothing is written."""
+    monkeypatch.setenv("CLLM_NO_BF16", "1")
+    p = run(2, 1, long_corpus, *TINY, "--precision", "bf16", "--checkpoint-dir", tmp_path / "ck")
+    assert_one_error_line(p.returncode, p.stderr, "train_model", "--precision bf16", status=2)
+    assert "rank" not in p.stderr
+    assert not (tmp_path / "ck").exists()
+
+
+@pytest.mark.bf16
+def test_a_bf16_checkpoint_resumed_where_one_rank_cannot_run_it_is_one_line(long_corpus,
+                                                                              tmp_path):
+    """Resumed with 2 ranks, of which rank 1 alone lacks bf16 (as on a host with another
+    CPU): one line naming rank 1, and the checkpoint stays as it was."""
+    ck = tmp_path / "ck"
+    p = run(1, 1, long_corpus, *TINY, "--precision", "bf16", "--checkpoint-dir", ck,
+            "--max-steps", "2")
+    assert p.returncode == 0, p.stderr
+    before = sorted(ck.iterdir())
+    again = command(1, 1, long_corpus, "--checkpoint-dir", ck, "--resume", "--max-steps", "4")
+    p = subprocess.run([MPIEXEC, "-n", "1", *again, ":", "-n", "1", "-env", "CLLM_NO_BF16", "1",
+                        *again], cwd=ROOT, capture_output=True, text=True)
+    ours = [line for line in p.stderr.splitlines() if line.startswith("train_model: error:")]
+    assert p.returncode == 2 and len(ours) == 1, p.stderr
+    assert ours[0].startswith("train_model: error: rank 1 of 2: ") and "bf16" in ours[0], ours
+    assert "Traceback" not in p.stderr
+    assert sorted(ck.iterdir()) == before
 
 
 def test_a_launcher_without_mpi4py_says_how_to_install_it(long_corpus, ckpt_dir, monkeypatch, capsys):

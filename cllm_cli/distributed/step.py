@@ -52,7 +52,7 @@ class AgreedStop:
         return self.signum is not None
 
     def defer(self) -> None:
-        self.local.defer()
+        self.local.hold()       # a signal of the set-up goes out with the first step's results
 
     def name(self) -> str:
         self.local.signum = self.signum
@@ -91,6 +91,9 @@ class DataParallelEngine:
         self.chunk_counts = [s.end_chunk - s.first_chunk for s in moments.shares]
         self.epoch_loss, self.epoch_tokens, self.total_batches = 0.0, 0, 0
         self.exchange: dict[str, float] = {}
+        # spheres are numbered across the ranks in rank order, each rank with its own count
+        counts = world.allgather(engine.num_spheres)
+        self.first_sphere = [sum(counts[:rank]) for rank in range(world.size)]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.engine, name)
@@ -121,8 +124,7 @@ class DataParallelEngine:
         gathered = self.world.allgather((mine, pending))
         gather_seconds = time.perf_counter() - t0
         exchange_stop(should_stop, gathered)
-        threads = self.engine.num_spheres
-        results = [(loss, counted, owner * threads + sphere, ok, bad_index)
+        results = [(loss, counted, self.first_sphere[owner] + sphere, ok, bad_index)
                    for owner, (block, _) in enumerate(gathered)
                    for loss, counted, sphere, ok, bad_index in block]
         for loss, counted, _, ok, _ in results:
@@ -192,11 +194,11 @@ class DataParallelEngine:
         return self.epoch_loss, self.epoch_tokens, self.total_batches
 
     def sphere_stats(self) -> list[dict[str, Any]]:
-        """Every rank's spheres, numbered rank x threads + sphere."""
-        threads = self.engine.num_spheres
+        """Every rank's spheres, numbered across the ranks in rank order."""
         stats: list[dict[str, Any]] = []
         for rank, mine in enumerate(self.world.allgather(self.engine.sphere_stats())):
-            stats += [dict(s, sphere=rank * threads + s["sphere"], rank=rank) for s in mine]
+            stats += [dict(s, sphere=self.first_sphere[rank] + s["sphere"], rank=rank)
+                      for s in mine]
         return stats
 
 

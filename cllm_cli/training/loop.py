@@ -34,7 +34,7 @@ from cllm_cli.threads import MAX_THREADS, default_threads
 from cllm_cli.training.config import TrainConfig
 from cllm_cli.training.log import Log, SilentLog, check_metrics_output
 from cllm_cli.training.plot import check_plot_output, plot_metrics, require_matplotlib
-from cllm_cli.training.ranks import open_trainer
+from cllm_cli.training.ranks import check_every_rank, open_trainer
 from cllm_cli.training.report import (
     check_not_diverged,
     final_share,
@@ -90,10 +90,15 @@ def train(data, engine_hook=None, world=None, engine_class=Engine, **options):
     world = world or Solo()
     if cfg.threads is None:
         cfg.threads = max(1, min(MAX_THREADS, default_threads() // world.local_size))
-    precision.require(cfg.precision)   # fail now, not after tokenizing
-    precision.require_matmul(cfg.matmul)
+
+    def require_extras():        # what this host must offer: fail now, not after tokenizing
+        precision.require(cfg.precision)
+        precision.require_matmul(cfg.matmul)
+        if cfg.plot:
+            require_matplotlib()     # not only after a long run
+
+    rank_check(world, require_extras)
     if cfg.plot:
-        require_matplotlib()     # fail now, not after a long run
         if not cfg.metrics_file:
             cfg.metrics_file = os.path.join(cfg.checkpoint_dir, "metrics.jsonl")
 
@@ -110,14 +115,23 @@ def train(data, engine_hook=None, world=None, engine_class=Engine, **options):
                 raise UsageError(f"--tensorboard {cfg.tensorboard} is the --metrics-file: the "
                                  f"events need a directory of their own")
             check_tensorboard(cfg.tensorboard, cfg.checkpoint_dir)     # fail now, not after tokenizing
-        return Trainer(data, cfg, given=options)
+        trainer = Trainer(data, cfg, given=options)
+        if world.size > 1:       # set up: a signal now waits for the first step, as the others'
+            local_stop.hold()
+        return trainer
 
-    with StopSignals() as local_stop, \
-            open_rank_trainer(world, set_up, cfg.checkpoint_dir) as trainer:
+    # on many processes a signal stops rank 0's set-up at once (it removes what it wrote and
+    # tells the others); the other ranks, which write nothing, hold it
+    with StopSignals(deferred=not world.is_root) as local_stop, \
+            open_rank_trainer(world, set_up, cfg.checkpoint_dir, cfg.threads) as trainer:
         stop = rank_stop(world, local_stop)
         stop.defer()             # from here on a signal ends the run after the current step
-        precision.require(trainer.cfg.precision)     # a resumed run's may be the checkpoint's
-        precision.require_matmul(trainer.engine_settings.matmul)
+
+        def require_run_extras():    # a resumed run's precision may be the checkpoint's
+            precision.require(trainer.cfg.precision)
+            precision.require_matmul(trainer.engine_settings.matmul)
+
+        rank_check(world, require_run_extras)
         with rank_log(world, trainer) as log, \
                 trainer.engine_settings.engine(trainer, cfg.threads, engine_class) as engine:
             if engine_hook is not None:
@@ -267,10 +281,17 @@ def exit_status(error):
     return errors.exit_status(error, {**STATUSES, **errors.STATUSES})
 
 
-def open_rank_trainer(world, make_trainer, checkpoint_dir):
+def open_rank_trainer(world, make_trainer, checkpoint_dir, threads):
     if world.size == 1:
         return make_trainer()
-    return open_trainer(world, make_trainer, checkpoint_dir, exit_status)
+    return open_trainer(world, make_trainer, checkpoint_dir, threads, exit_status)
+
+
+def rank_check(world, check):
+    if world.size == 1:
+        check()
+    else:
+        check_every_rank(world, check, exit_status)
 
 
 def rank_stop(world, stop):

@@ -35,10 +35,10 @@ class RankRefused(DataError):
     """A rank other than 0 does not see the run rank 0 set up (exit status 2)."""
 
 
-def open_trainer(world, make_trainer, checkpoint_dir, exit_status):
-    """The run's Trainer on this rank (see the module docstring); checkpoint_dir: this rank's
-    --checkpoint-dir. exit_status(exception) gives the status every rank ends with when rank
-    0's set-up fails."""
+def open_trainer(world, make_trainer, checkpoint_dir, threads, exit_status):
+    """The run's Trainer on this rank (see the module docstring); checkpoint_dir, threads:
+    this rank's --checkpoint-dir and spheres. exit_status(exception) gives the status every
+    rank ends with when rank 0's set-up fails."""
     if world.size == 1:
         return make_trainer()
     if world.is_root:
@@ -72,8 +72,26 @@ def open_trainer(world, make_trainer, checkpoint_dir, exit_status):
     chunks = optimizer_chunks(trainer.mcfg, trainer.lora and trainer.lora.engine_args)
     trainer.moments = MomentShares.scatter(world, chunks, trainer.adam_m, trainer.adam_v)
     trainer.adam_m, trainer.adam_v = trainer.moments.m, trainer.moments.v   # the whole dropped
-    trainer.layout = describe_layout(world, trainer.cfg.threads)
+    trainer.layout = describe_layout(world, threads)
     return trainer
+
+
+def check_every_rank(world, check, exit_status):
+    """check() on every rank: what each host must offer (bf16 instructions, an installed
+    package). Failing on every rank, rank 0 raises its error (one line, as one process
+    says it) and the others stop with its status; failing on some ranks only, each of those
+    raises its own (a line naming the rank, which ends the job) and the others stop."""
+    try:
+        check()
+        failure = None
+    except Exception as e:
+        failure = e
+    statuses = world.allgather(None if failure is None else exit_status(failure))
+    if failure is not None:
+        raise on_all_ranks(failure) if None not in statuses else failure
+    failed = [status for status in statuses if status is not None]
+    if failed:
+        raise on_all_ranks(AllRanksStop(failed[0]))
 
 
 @dataclass(frozen=True)
@@ -113,10 +131,15 @@ def data_key(ckpt_dir, instruct):
 
 
 def describe_layout(world, threads):
-    """'K ranks x N spheres' and where each rank runs (the launcher names a rank that dies
-    by its pid)."""
-    where = world.allgather(f"rank {world.rank} pid {os.getpid()} on {socket.gethostname()}")
-    return f"{world.size} ranks x {threads} {plural(threads, 'sphere')} ({', '.join(where)})"
+    """'K ranks x N spheres' ('x 2/1 spheres' when the ranks' own --threads differ, in rank
+    order) and where each rank runs (the launcher names a rank that dies by its pid);
+    threads: this rank's spheres."""
+    ranks = world.allgather((threads, f"rank {world.rank} pid {os.getpid()} on "
+                                      f"{socket.gethostname()}"))
+    counts = [n for n, _ in ranks]
+    spheres = f"{threads} {plural(threads, 'sphere')}" if len(set(counts)) == 1 \
+        else f"{'/'.join(map(str, counts))} spheres"
+    return f"{world.size} ranks x {spheres} ({', '.join(where for _, where in ranks)})"
 
 
 class FollowerTrainer(Trainer):

@@ -18,9 +18,10 @@ class StopSignals:
     step; the first signal is the one the run ends with. Installed only on the main thread
     (signal handlers cannot be set elsewhere)."""
 
-    def __init__(self) -> None:
+    def __init__(self, deferred: bool = False) -> None:
+        """deferred: a signal only sets the flag from the start."""
         self.signum: int | None = None
-        self.deferred = False
+        self.deferred = deferred
         self.previous: dict[int, Any] = {}
 
     def __call__(self) -> bool:
@@ -29,8 +30,12 @@ class StopSignals:
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else "stopped"
 
-    def defer(self) -> None:
+    def hold(self) -> None:
+        """From now on a signal only sets the flag; one that came before stays pending."""
         self.deferred = True
+
+    def defer(self) -> None:
+        self.hold()
         if self.signum is not None:          # arrived between set-up and now
             raise Interrupted(self.signum)
 

@@ -7,6 +7,9 @@ argv: HOOK TRAIN_MODEL_ARGS...; HOOK is
                    gradients folded and scattered, the chunks' sums about to be gathered
   save:RANK:N      rank RANK (not 0) raises RuntimeError while rank 0 reads its share of
                    AdamW's state into the N-th checkpoint (its first piece)
+  setup:0:0        rank 0, in set-up (the checkpoint directory locked, before tokenizing),
+                   writes CHECKPOINT_DIR.setting-up next to the directory and waits (at most
+                   60 s) until it is removed, or for a signal
   shares:0:0       each rank writes, at its first step, shares.RANK.json into the checkpoint
                    directory: the sizes of the AdamW state it is handed and holds, its
                    share, and the shape of every numpy array its DataParallelEngine holds
@@ -15,12 +18,13 @@ import functools
 import json
 import os
 import sys
+import time
 
 import numpy as np
 
 from cllm_cli import _engine_testing
 from cllm_cli.cli import train as train_cli
-from cllm_cli.training import loop
+from cllm_cli.training import loop, trainer
 
 kind, a, b = sys.argv[1].split(":")
 a, b = int(a), int(b)
@@ -76,6 +80,19 @@ def hooked(world, engine, run):
         wrapped.train_step = reporting_step
     return wrapped
 
+
+if kind == "setup":
+    prepare = trainer.prepare_dataset
+
+    def waiting_prepare(files, ckpt_dir, *args, **kw):
+        marker = f"{ckpt_dir}.setting-up"
+        open(marker, "w").close()
+        for _ in range(1200):
+            if not os.path.exists(marker):
+                break
+            time.sleep(0.05)
+        return prepare(files, ckpt_dir, *args, **kw)
+    trainer.prepare_dataset = waiting_prepare
 
 loop.rank_engine = hooked
 train_cli.train = functools.partial(loop.train, engine_class=_engine_testing.Engine)
