@@ -11,36 +11,22 @@ from typing import Callable
 
 
 def _command(module: str) -> Callable[[], int]:
-    """The main() of cllm_cli.cli.`module`, loaded with Ctrl-C ending the process quietly."""
+    """The main() of `module`, loaded with Ctrl-C ending the process quietly."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     main: Callable[[], int] = importlib.import_module(module).main
     signal.signal(signal.SIGINT, signal.default_int_handler)
     return main
 
 
-def train_model() -> int:
-    return _command("cllm_cli.cli.train")()
+def _entry(module: str) -> Callable[[], int]:
+    """A console script: loads cllm_cli.cli.`module` as _command does and runs its main()."""
+    return lambda: _command(f"cllm_cli.cli.{module}")()
 
 
-def cllm_inference() -> int:
-    return _command("cllm_cli.cli.inference")()
-
-
-def cllm_tokenize() -> int:
-    return _command("cllm_cli.cli.tokenize")()
-
-
-def cllm_plot() -> int:
-    return _command("cllm_cli.cli.plot")()
-
-
-def cllm_eval() -> int:
-    return _command("cllm_cli.cli.evaluate")()
-
-
-def cllm_export() -> int:
-    return _command("cllm_cli.cli.export")()
-
-
-def cllm_chat() -> int:
-    return _command("cllm_cli.cli.chat")()
+train_model = _entry("train")
+cllm_inference = _entry("inference")
+cllm_tokenize = _entry("tokenize")
+cllm_plot = _entry("plot")
+cllm_eval = _entry("evaluate")
+cllm_export = _entry("export")
+cllm_chat = _entry("chat")

@@ -302,26 +302,35 @@ def test_bad_input_is_one_line_and_status_2(run, tmp_path, capsys, argv, fragmen
     assert out == ""
 
 
+def role_template(path, raise_when, message):
+    """A plain template (role: content lines) that raises `message` when the Jinja test
+    `raise_when` on the first message holds."""
+    return write(path, f"{{% if messages[0]['role'] {raise_when} %}}"
+                       f"{{{{ raise_exception('{message}') }}}}{{% endif %}}"
+                       "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                       "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def chat_process(model, template, *options, input):
+    """cllm_chat on `model` with `template` as a real process, `input` on its stdin."""
+    return subprocess.run([sys.executable, "-m", "cllm_cli.cli.chat", str(model), "--template",
+                           str(template), "--threads", "1", *options],
+                          input=input, capture_output=True, text=True, timeout=GUARD)
+
+
 def test_a_template_that_refuses_the_system_message_is_refused_before_the_first_prompt(
         tmp_path):
     """Templates such as Gemma's raise on a system role: with --system, cllm_chat says so at
     once, before it reads a message (it read the first one, then stopped)."""
     model = gpt2_directory(tmp_path / "gpt2", sentences(200, 4, "."))
-    template = write(tmp_path / "no_system.jinja",
-                     "{% if messages[0]['role'] == 'system' %}"
-                     "{{ raise_exception('System role not supported') }}{% endif %}"
-                     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                     "{% if add_generation_prompt %}assistant:{% endif %}")
-    p = subprocess.run([sys.executable, "-m", "cllm_cli.cli.chat", str(model), "--template",
-                        str(template), "--system", "be brief", "--threads", "1"],
-                       input="", capture_output=True, text=True, timeout=GUARD)
+    template = role_template(tmp_path / "no_system.jinja", "== 'system'",
+                             "System role not supported")
+    p = chat_process(model, template, "--system", "be brief", input="")
     assert_one_error_line(p.returncode, p.stderr, "cllm_chat", str(template),
                           "System role not supported")
     assert p.stdout == ""
     # without --system the template is fine: a message gets its reply
-    p = subprocess.run([sys.executable, "-m", "cllm_cli.cli.chat", str(model), "--template",
-                        str(template), "--threads", "1", "--max-new-tokens", "3"],
-                       input="hello\n", capture_output=True, text=True, timeout=GUARD)
+    p = chat_process(model, template, "--max-new-tokens", "3", input="hello\n")
     assert p.returncode == 0 and p.stdout.endswith("\n") and p.stderr == "", p.stderr
 
 
@@ -329,13 +338,7 @@ def test_a_template_that_needs_the_system_message_is_read_with_it(tmp_path):
     """A template that raises without a system message first works with --system: its end of
     turn is found on a conversation that starts with the system message too."""
     model = gpt2_directory(tmp_path / "gpt2", sentences(200, 4, "."))
-    template = write(tmp_path / "system_first.jinja",
-                     "{% if messages[0]['role'] != 'system' %}"
-                     "{{ raise_exception('A system message must come first') }}{% endif %}"
-                     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                     "{% if add_generation_prompt %}assistant:{% endif %}")
-    p = subprocess.run([sys.executable, "-m", "cllm_cli.cli.chat", str(model), "--template",
-                        str(template), "--system", "x", "--threads", "1",
-                        "--max-new-tokens", "3"],
-                       input="hi\n", capture_output=True, text=True, timeout=GUARD)
+    template = role_template(tmp_path / "system_first.jinja", "!= 'system'",
+                             "A system message must come first")
+    p = chat_process(model, template, "--system", "x", "--max-new-tokens", "3", input="hi\n")
     assert p.returncode == 0 and p.stdout.endswith("\n") and p.stderr == "", p.stderr

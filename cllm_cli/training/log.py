@@ -7,7 +7,6 @@ import errno
 import json
 import math
 import os
-import stat
 import sys
 import time
 from typing import Any, TextIO, Union
@@ -31,9 +30,11 @@ def check_metrics_output(path: str | os.PathLike, run_dir: str | os.PathLike) ->
     metrics or being destroyed by them; or a path that cannot be created (a directory, below
     a missing directory other than `run_dir` or its parents, which the run creates, or below
     a file). Other paths that are not regular files are left to the open."""
-    if os.path.isdir(path) or os.path.realpath(path) == os.path.realpath(run_dir):
-        raise UsageError(f"cannot write --metrics-file {path}: it is a directory"
-                         + ("" if os.path.isdir(path) else " (the --checkpoint-dir)"))
+    if os.path.isdir(path):
+        raise UsageError(f"cannot write --metrics-file {path}: it is a directory")
+    if os.path.realpath(path) == os.path.realpath(run_dir):     # one the run is to create
+        raise UsageError(f"cannot write --metrics-file {path}: it is a directory (the "
+                         f"--checkpoint-dir)")
     parent = os.path.dirname(os.path.abspath(path))
     run_dir_or_above = os.path.commonpath([parent, os.path.abspath(run_dir)]) == parent
     if os.path.lexists(parent) and not os.path.isdir(parent):
@@ -41,12 +42,11 @@ def check_metrics_output(path: str | os.PathLike, run_dir: str | os.PathLike) ->
     if not os.path.lexists(parent) and not run_dir_or_above:
         raise UsageError(f"cannot write --metrics-file {path}: its directory {parent} does not "
                          f"exist")
-    if stat.S_ISFIFO(os.stat(path).st_mode if os.path.exists(path) else 0):
+    if os.path.exists(path) and not os.path.isfile(path):     # a FIFO, a device: open it now
         try:
             os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
         except OSError as e:
-            what = NO_READER if e.errno == errno.ENXIO else reason(e)
-            raise UsageError(f"cannot write --metrics-file {path}: {what}") from None
+            raise UsageError(f"cannot write --metrics-file {path}: {open_failure(e)}") from None
     if os.path.isfile(path):
         try:
             start = file_start(path, len(METRICS_START))
@@ -63,8 +63,12 @@ def check_metrics_output(path: str | os.PathLike, run_dir: str | os.PathLike) ->
                          f"--checkpoint-dir; choose another name")
 
 
-# what opening a FIFO for writing without waiting says (ENXIO) when no process reads it
-NO_READER = "it is a FIFO that no process reads (start the reader first)"
+def open_failure(e: OSError) -> str:
+    """Why the metrics file did not open: opening a FIFO for writing without waiting fails
+    with ENXIO when no process reads it."""
+    if e.errno == errno.ENXIO:
+        return "it is a FIFO that no process reads (start the reader first)"
+    return reason(e)
 
 
 def open_metrics(path: str | os.PathLike, append: bool) -> TextIO:
@@ -116,8 +120,8 @@ class Log:
                 drop_cut_line(cfg.metrics_file)
             self.metrics = open_metrics(cfg.metrics_file, append) if cfg.metrics_file else None
         except OSError as e:
-            what = NO_READER if e.errno == errno.ENXIO else e.strerror or e
-            raise DataError(f"cannot write --metrics-file {cfg.metrics_file}: {what}") from None
+            raise DataError(f"cannot write --metrics-file {cfg.metrics_file}: "
+                            f"{open_failure(e)}") from None
         self.events: EventWriter | None = None
         if cfg.tensorboard:
             try:

@@ -109,12 +109,8 @@ def train(data, engine_hook=None, world=None, engine_class=Engine, **options):
         if cfg.plot:             # rank 0 draws it: fail now, not after the run
             check_plot_output(cfg.plot, cfg.metrics_file,
                               lambda text: UsageError(f"--plot {text}"), cfg.checkpoint_dir)
-        if cfg.tensorboard:
-            if cfg.metrics_file and os.path.realpath(cfg.tensorboard) == \
-                    os.path.realpath(cfg.metrics_file):
-                raise UsageError(f"--tensorboard {cfg.tensorboard} is the --metrics-file: the "
-                                 f"events need a directory of their own")
-            check_tensorboard(cfg.tensorboard, cfg.checkpoint_dir)     # fail now, not after tokenizing
+        if cfg.tensorboard:      # fail now, not after tokenizing
+            check_tensorboard(cfg.tensorboard, cfg.checkpoint_dir, cfg.metrics_file)
         trainer = Trainer(data, cfg, given=options)
         if world.size > 1:       # set up: a signal now waits for the first step, as the others'
             local_stop.hold()

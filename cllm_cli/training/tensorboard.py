@@ -46,13 +46,18 @@ def require_tensorboardx() -> ModuleType:
     return tensorboardX
 
 
-def check_tensorboard(directory: str | os.PathLike, run_dir: str | os.PathLike) -> None:
-    """Before the corpus is read: tensorboardX can be imported, `directory` is not named as a
-    file the run in `run_dir` writes there (its tokenizer, a checkpoint: the run would fail
-    to write it), and a file can be created in `directory`. MissingExtra, UsageError or
-    DataError with one line when not. The directories made for the check are removed again,
-    so that a run refused later leaves none; the run's event writer makes them."""
+def check_tensorboard(directory: str | os.PathLike, run_dir: str | os.PathLike,
+                      metrics_file: str | os.PathLike | None = None) -> None:
+    """Before the corpus is read: tensorboardX can be imported, `directory` is not named as
+    another output of the run (a file the run in `run_dir` writes there, such as its tokenizer
+    or a checkpoint, or its `metrics_file`), and a file can be created in `directory`.
+    MissingExtra, UsageError or DataError with one line when not. The directories made for
+    the check are removed again, so that a run refused later leaves none; the run's event
+    writer makes them."""
     require_tensorboardx()
+    if metrics_file and os.path.realpath(directory) == os.path.realpath(metrics_file):
+        raise UsageError(f"--tensorboard {directory} is the --metrics-file: the events need a "
+                         f"directory of their own")
     name = run_file(directory, run_dir)
     if name:
         raise UsageError(f"--tensorboard {directory} is {name}, a file the run writes in its "

@@ -25,7 +25,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Container, Iterable, Mapping
+from typing import Any, Container, Iterable, Mapping, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
@@ -105,7 +105,7 @@ class Trainer:
     adapters: NDArray[np.float32] | None = None    # their flat buffer
     base: dict[str, str] | None = None     # the lora metadata naming the base (base_sha256, base_path)
     init_path: str = ""                    # the local path of --init-from (a Hub name's cache)
-    previous: list[str | Path] = []        # an earlier run's model files --overwrite deletes
+    previous: Sequence[str | Path] = ()    # an earlier run's model files --overwrite deletes
     instruct = False                       # DATA are .jsonl records (labelled windows)
     chat_template: str | None = None       # the Jinja text the run renders messages with
     # on many processes: this rank's share of AdamW's state (adam_m, adam_v are its m and v),
